@@ -1,0 +1,4 @@
+# `python -m pgguard` is the `pgguard` command.
+from .cli import main
+
+raise SystemExit(main())

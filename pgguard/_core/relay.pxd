@@ -1,0 +1,42 @@
+# Layout of the relay scan: walks a stream of typed Postgres messages chunk by chunk,
+# forwarding by default and handing whole "interesting" messages to Python.
+
+from libc.stdint cimport uint8_t, uint32_t
+
+
+cdef class MessageScan:
+    # per type byte: 1 = deliver whole to Python, 0 = forward untouched
+    cdef uint8_t _interest[256]
+    # per type byte: 1 = a type the peer may send (others: FrameError)
+    cdef uint8_t _valid[256]
+    # per type byte: 1 = counted in .count (e.g. Query/Sync/FunctionCall, ReadyForQuery)
+    cdef uint8_t _counted[256]
+    # True: interesting messages are withheld from the forward stream and Python
+    # decides what to send (frontend); False: they are forwarded and copied (backend)
+    cdef bint _withhold
+    cdef Py_ssize_t _max_len
+
+    # a header split across chunks: its bytes so far (_hdr_fill of 5)
+    cdef char _hdr[5]
+    cdef int _hdr_fill
+    # body bytes of the current message still to come (0 = at a header)
+    cdef Py_ssize_t _remain
+    cdef uint8_t _cur_type
+    # collecting the current message whole into _hold (it is interesting)
+    cdef bint _collect
+    # the current message is a ReadyForQuery whose status byte is still to come
+    cdef bint _want_status
+    cdef bytearray _hold
+
+    # counters Python reads after feed(): messages of counted types seen, and the
+    # transaction status byte of the last ReadyForQuery ('I', 'T', 'E')
+    cdef public long long count
+    cdef public int status
+    # total bytes and messages seen, for metrics
+    cdef public long long bytes_seen
+    cdef public long long messages
+
+    cpdef list feed(self, bytes data)
+    cdef int _begin(self, uint8_t t, uint32_t length) except -1
+    cdef _finish_collect(self, list out)
+    cpdef set_interest(self, bytes types, bint on)

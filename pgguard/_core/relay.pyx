@@ -1,0 +1,183 @@
+# Relay scan: decide from each 5-byte header whether a message is forwarded untouched
+# or delivered whole to Python; no Python object per forwarded message.
+# cython: language_level=3
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from libc.stdint cimport uint32_t, uint8_t
+from libc.string cimport memset
+
+from .framing import FrameError
+
+
+cdef inline uint32_t _be32(const char* p) noexcept nogil:
+    return ((<uint32_t><uint8_t>p[0]) << 24) | ((<uint32_t><uint8_t>p[1]) << 16) | \
+           ((<uint32_t><uint8_t>p[2]) << 8) | (<uint32_t><uint8_t>p[3])
+
+
+cdef class MessageScan:
+    """Walks a message stream chunk by chunk.
+
+    ``feed(chunk)`` returns a list whose items are, in stream order, either ``bytes``
+    (forward as is) or ``(type, message)`` with the whole message, header included.
+    With ``withhold=True`` such messages are not in the forwarded bytes; with False
+    they are (and the tuple is a copy for inspection). A chunk with nothing of
+    interest comes back as ``[chunk]``, the same object.
+
+    Example::
+
+        scan = MessageScan(interest=b"QP", valid=b"BCdcfDEHFPQSX", counted=b"QSF")
+        for item in scan.feed(data): ...
+    """
+
+    def __cinit__(self, bytes interest=b"", bytes valid=None, bytes counted=b"",
+                  bint withhold=True, Py_ssize_t max_len=64 * 1024 * 1024):
+        cdef int i
+        memset(self._interest, 0, 256)
+        memset(self._counted, 0, 256)
+        if valid is None:
+            memset(self._valid, 1, 256)
+        else:
+            memset(self._valid, 0, 256)
+            for i in range(len(valid)):
+                self._valid[<uint8_t>valid[i]] = 1
+        for i in range(len(interest)):
+            self._interest[<uint8_t>interest[i]] = 1
+        for i in range(len(counted)):
+            self._counted[<uint8_t>counted[i]] = 1
+        self._withhold = withhold
+        self._max_len = max_len
+        self._hdr_fill = 0
+        self._remain = 0
+        self._collect = False
+        self._want_status = False
+        self._hold = bytearray()
+        self.count = 0
+        self.status = 0
+        self.bytes_seen = 0
+        self.messages = 0
+
+    cpdef set_interest(self, bytes types, bint on):
+        cdef int i
+        for i in range(len(types)):
+            self._interest[<uint8_t>types[i]] = 1 if on else 0
+
+    @property
+    def at_boundary(self):
+        """True when no message is partly read."""
+        return self._hdr_fill == 0 and self._remain == 0
+
+    cpdef list feed(self, bytes data):
+        cdef const char* p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t run = 0        # start of the pending forward run in data
+        cdef Py_ssize_t take, need
+        cdef int i
+        cdef uint8_t t
+        cdef list out = []
+
+        self.bytes_seen += n
+        while pos < n:
+            if self._remain:
+                # inside a message body
+                take = self._remain if self._remain <= n - pos else n - pos
+                if self._want_status:
+                    self.status = <uint8_t>p[pos]
+                    self._want_status = False
+                if self._collect:
+                    self._hold += data[pos:pos + take]
+                pos += take
+                self._remain -= take
+                if self._collect:
+                    if self._withhold:
+                        run = pos
+                    if self._remain == 0:
+                        self._finish_collect(out)
+                continue
+
+            if self._hdr_fill or n - pos < 5:
+                # a header split across chunks: stash it; forward nothing of it before
+                # we know whether the message is withheld
+                if self._hdr_fill == 0 and pos > run:
+                    out.append(data[run:pos])
+                take = 5 - self._hdr_fill
+                if take > n - pos:
+                    take = n - pos
+                for i in range(take):
+                    self._hdr[self._hdr_fill + i] = p[pos + i]
+                self._hdr_fill += take
+                pos += take
+                run = pos
+                if self._hdr_fill < 5:
+                    break
+                self._hdr_fill = 0
+                self._begin(<uint8_t>self._hdr[0], _be32(self._hdr + 1))
+                hdr = PyBytes_FromStringAndSize(self._hdr, 5)
+                if self._collect:
+                    self._hold += hdr
+                    if not self._withhold:
+                        out.append(hdr)
+                    if self._remain == 0:
+                        self._finish_collect(out)
+                else:
+                    out.append(hdr)
+                continue
+
+            # a whole header inside this chunk: the common case
+            t = <uint8_t>p[pos]
+            self._begin(t, _be32(p + pos + 1))
+            if not self._collect:
+                pos += 5
+                continue
+            need = 5 + self._remain
+            if need <= n - pos:
+                # the whole message is here: one slice, nothing collected
+                self._collect = False
+                self._remain = 0
+                if t == 90:
+                    self._want_status = False
+                    if need > 5:
+                        self.status = <uint8_t>p[pos + 5]
+                if self._withhold:
+                    if pos > run:
+                        out.append(data[run:pos])
+                    run = pos + need
+                out.append((t, data[pos:pos + need]))
+                pos += need
+                continue
+            if self._withhold:
+                if pos > run:
+                    out.append(data[run:pos])
+                run = pos + 5
+            self._hold += data[pos:pos + 5]
+            pos += 5
+
+        if n > run:
+            out.append(data if run == 0 else data[run:])
+        return out
+
+    cdef int _begin(self, uint8_t t, uint32_t length) except -1:
+        if not self._valid[t]:
+            raise FrameError(f"invalid message type {t!r} ({chr(t)!r})" if 32 < t < 127
+                             else f"invalid message type {t}")
+        if length < 4:
+            raise FrameError(f"invalid message length {length} for message type {chr(t)!r}")
+        if length > <uint32_t>self._max_len:
+            raise FrameError(
+                f"message length {length} exceeds the limit of {self._max_len} bytes")
+        self.messages += 1
+        if self._counted[t]:
+            self.count += 1
+        self._cur_type = t
+        self._remain = length - 4
+        self._collect = self._interest[t]
+        self._want_status = t == 90      # 'Z' ReadyForQuery: keep its status byte
+        if self._collect:
+            del self._hold[:]
+        return 0
+
+    cdef _finish_collect(self, list out):
+        cdef bytes msg = bytes(self._hold)
+        del self._hold[:]
+        self._collect = False
+        out.append((self._cur_type, msg))

@@ -1,0 +1,114 @@
+# The `pgguard` command: argparse front; each subcommand lives with its concern.
+"""pgguard — a Postgres proxy that guards a production database from AI agents.
+
+Examples::
+
+    pgguard demo
+    pgguard serve -c pgguard.toml --workers 2
+    pgguard check -c pgguard.toml
+    pgguard explain -c pgguard.toml --identity ci-agent "DROP INDEX orders_pkey"
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import PgguardError
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-c", "--config", required=required, metavar="FILE",
+                   help="the pgguard TOML config file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgguard", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="embedded Postgres + sample data + sample policy + proxy")
+    p.add_argument("--port", type=int, default=6432, help="proxy port (default 6432)")
+    p.add_argument("--dir", default=None,
+                   help="where the demo keeps its database and files (default: ./pgguard-demo)")
+
+    p = sub.add_parser("serve", help="run the proxy")
+    _add_config(p)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+
+    p = sub.add_parser("check", help="validate a config; errors name the key path")
+    _add_config(p)
+
+    p = sub.add_parser("explain", help="show how a statement is classified and decided")
+    _add_config(p)
+    p.add_argument("--identity", default=None, help="decide as this identity")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("sql", help="the SQL text")
+
+    p = sub.add_parser("token", help="issue or revoke short-lived agent tokens")
+    p.add_argument("action", choices=["issue", "revoke"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("approvals", help="list, approve or deny held statements")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("audit", help="query and verify the audit log (DuckDB)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from . import config
+    cfg = config.load(args.config)
+    print(f"{args.config}: ok ({len(cfg.identities)} identities, {len(cfg.rules)} rules, "
+          f"{len(cfg.masks)} masks)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from . import config, server
+    cfg = config.load(args.config)
+    return server.run(cfg, workers=args.workers)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    return demo.main(port=args.port, directory=args.dir)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .policy import explain
+    return explain.main(args)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import cli as audit_cli
+    return audit_cli.main(args.rest)
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    raise PgguardError(f"'pgguard {args.command}' is not available in this build yet")
+
+
+_COMMANDS = {
+    "check": _cmd_check,
+    "serve": _cmd_serve,
+    "demo": _cmd_demo,
+    "explain": _cmd_explain,
+    "audit": _cmd_audit,
+    "token": _not_yet,
+    "approvals": _not_yet,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except PgguardError as e:
+        print(f"pgguard {args.command}: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

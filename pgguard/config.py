@@ -1,0 +1,269 @@
+# The TOML configuration: typed msgspec Structs, loading, validation with key paths.
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from ``"250ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"`` or a number of seconds."""
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(text)
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 250ms, 30s, 5m, 2h, 7d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Listen(_Base):
+    address: str = "127.0.0.1"
+    port: int = 6432
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # allow a cleartext password (tokens) from loopback clients without TLS
+    allow_cleartext_loopback: bool = True
+    backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+
+
+class Admin(_Base):
+    address: str = "127.0.0.1"
+    port: int = 6480
+    token_env: str = "PGGUARD_ADMIN_TOKEN"
+    groups: list[str] = msgspec.field(default_factory=lambda: ["dba"])
+
+
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+class Upstream(_Base):
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password_env: str | None = None
+    password_file: str | None = None
+    sslmode: SslMode = "prefer"
+    sslrootcert: str | None = None
+    databases: list[str] | None = None
+    connect_timeout: str = "10s"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ValueError("port must be between 1 and 65535")
+        parse_duration(self.connect_timeout)
+        if self.sslmode in ("verify-ca", "verify-full") and not self.sslrootcert:
+            raise ValueError(f"sslmode = {self.sslmode!r} needs sslrootcert")
+
+
+class Auth(_Base):
+    token_secret_env: str = "PGGUARD_TOKEN_SECRET"
+
+
+class Identity(_Base):
+    kind: Literal["agent", "human"] = "agent"
+    groups: list[str] = msgspec.field(default_factory=list)
+    password_env: str | None = None
+    password_file: str | None = None
+    databases: list[str] | None = None
+
+
+class Policy(_Base):
+    agents: Literal["guarded", "allow", "block"] = "guarded"
+    humans: Literal["guarded", "allow", "block"] = "allow"
+
+
+class When(_Base):
+    identity: list[str] | None = None
+    kind: Literal["agent", "human"] | None = None
+    groups: list[str] | None = None
+    databases: list[str] | None = None
+    statements: list[str] | None = None
+    flags: list[Literal["destructive", "privilege", "escape", "opaque", "write"]] | None = None
+    relations: list[str] | None = None
+    functions: list[str] | None = None
+
+
+class Rule(_Base):
+    name: str
+    action: Literal["allow", "block", "approve"]
+    when: When = msgspec.field(default_factory=When)
+    timeout: str | None = None
+    approvers: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None:
+            parse_duration(self.timeout)
+
+
+class Mask(_Base):
+    column: str
+    strategy: Literal["redact", "partial", "email", "hash", "null"] = "redact"
+    keep: int = 4
+    replacement: str = "****"
+    except_groups: list[str] = msgspec.field(default_factory=list)
+    except_identities: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.column.count(".") != 2:
+            raise ValueError(f"column {self.column!r} must be schema.table.column")
+
+
+class CustomDetector(_Base):
+    name: str
+    pattern: str
+
+
+class Detectors(_Base):
+    builtin: list[str] = msgspec.field(default_factory=list)
+    custom: list[CustomDetector] = msgspec.field(default_factory=list)
+
+
+class AuditConfig(_Base):
+    dir: str = "audit"
+    durability: Literal["batched", "strict"] = "batched"
+    capture_literals: bool = False
+    flush_interval: str = "50ms"
+    queue_max: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        parse_duration(self.flush_interval)
+
+
+class Limits(_Base):
+    # largest message a client may send (Postgres itself allows 1 GiB - 1)
+    max_message_size: int = 64 * 1024 * 1024
+    max_client_connections: int = 1000
+    startup_timeout: str = "15s"
+    shutdown_timeout: str = "30s"
+
+    def __post_init__(self) -> None:
+        parse_duration(self.startup_timeout)
+        parse_duration(self.shutdown_timeout)
+        if self.max_message_size < 1024:
+            raise ValueError("max_message_size must be at least 1024")
+
+
+class Config(_Base, dict=True):
+    listen: Listen = msgspec.field(default_factory=Listen)
+    admin: Admin = msgspec.field(default_factory=Admin)
+    upstream: Upstream = msgspec.field(default_factory=Upstream)
+    auth: Auth = msgspec.field(default_factory=Auth)
+    identities: dict[str, Identity] = msgspec.field(default_factory=dict)
+    policy: Policy = msgspec.field(default_factory=Policy)
+    rules: list[Rule] = msgspec.field(default_factory=list)
+    masks: list[Mask] = msgspec.field(default_factory=list)
+    detectors: Detectors = msgspec.field(default_factory=Detectors)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    limits: Limits = msgspec.field(default_factory=Limits)
+
+    # set by load(): where the config file lives; relative paths resolve against it
+    base_dir = "."
+
+
+def _path_of(msg: str) -> str:
+    m = re.search(r" - at `\$(.*)`$", msg)
+    if not m:
+        return ""
+    path = m.group(1)
+    path = re.sub(r"\[(\d+)\]", r"[\1]", path).lstrip(".")
+    return path
+
+
+def _friendly(err: msgspec.ValidationError) -> str:
+    msg = str(err)
+    path = _path_of(msg)
+    text = re.sub(r" - at `\$.*`$", "", msg)
+    m = re.match(r"Object contains unknown field `(.+)`", text)
+    if m:
+        key = f"{path}.{m.group(1)}" if path else m.group(1)
+        return f"{key}: unknown key"
+    m = re.match(r"Object missing required field `(.+)`", text)
+    if m:
+        key = f"{path}.{m.group(1)}" if path else m.group(1)
+        return f"{key}: required key is missing"
+    return f"{path or '(top level)'}: {text}"
+
+
+def loads(text: str, *, base_dir: str = ".", source: str = "<config>") -> Config:
+    """Decode and validate TOML text; raise ConfigError naming the key path."""
+    try:
+        cfg = msgspec.toml.decode(text.encode(), type=Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {_friendly(e)}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    cfg.base_dir = base_dir
+    _check_references(cfg, source)
+    return cfg
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Load a config file. Example: ``cfg = load("pgguard.toml")``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    return loads(text, base_dir=str(p.resolve().parent), source=str(p))
+
+
+def _check_references(cfg: Config, source: str) -> None:
+    for i, rule in enumerate(cfg.rules):
+        if rule.when.identity:
+            for name in rule.when.identity:
+                if name not in cfg.identities:
+                    raise ConfigError(
+                        f"{source}: rules[{i}].when.identity: unknown identity {name!r}")
+    names = [r.name for r in cfg.rules]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{source}: rules[{i}].name: duplicate rule name {name!r}")
+    for name, ident in cfg.identities.items():
+        if ident.password_env and ident.password_file:
+            raise ConfigError(
+                f"{source}: identities.{name}: password_env and password_file exclude each other")
+    if cfg.upstream.password_env and cfg.upstream.password_file:
+        raise ConfigError(
+            f"{source}: upstream: password_env and password_file exclude each other")
+
+
+def read_secret(cfg: Config, env: str | None, file: str | None, key_path: str) -> str | None:
+    """A secret from an environment variable or a file named in the config."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"{key_path}: environment variable {env} is not set")
+        return value
+    if file:
+        p = Path(file)
+        if not p.is_absolute():
+            p = Path(cfg.base_dir) / p
+        try:
+            return p.read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"{key_path}: cannot read secret file {p}: {e.strerror}") from None
+    return None
+
+
+def duration(cfg_value: str | None, default: float) -> float:
+    return default if cfg_value is None else parse_duration(cfg_value)
