@@ -17,11 +17,12 @@ cdef inline uint32_t _be32(const char* p) noexcept nogil:
 cdef class MessageScan:
     """Walks a message stream chunk by chunk.
 
-    ``feed(chunk)`` returns a list whose items are, in stream order, either ``bytes``
-    (forward as is) or ``(type, message)`` with the whole message, header included.
-    With ``withhold=True`` such messages are not in the forwarded bytes; with False
-    they are (and the tuple is a copy for inspection). A chunk with nothing of
-    interest comes back as ``[chunk]``, the same object.
+    ``feed(chunk)`` returns a list. With ``withhold=True`` (client to server) its items
+    are, in stream order, ``bytes`` to forward as they are, or ``(type, message)``
+    holding an interesting message whole (header included), which is not forwarded:
+    Python decides. A chunk with nothing of interest comes back as ``[chunk]``, the
+    same object. With ``withhold=False`` (server to client) the caller forwards every
+    chunk itself and the list holds only the ``(type, message)`` copies.
 
     Example::
 
@@ -98,7 +99,7 @@ cdef class MessageScan:
             if self._hdr_fill or n - pos < 5:
                 # a header split across chunks: stash it; forward nothing of it before
                 # we know whether the message is withheld
-                if self._hdr_fill == 0 and pos > run:
+                if self._withhold and self._hdr_fill == 0 and pos > run:
                     out.append(data[run:pos])
                 take = 5 - self._hdr_fill
                 if take > n - pos:
@@ -115,11 +116,9 @@ cdef class MessageScan:
                 hdr = PyBytes_FromStringAndSize(self._hdr, 5)
                 if self._collect:
                     self._hold += hdr
-                    if not self._withhold:
-                        out.append(hdr)
                     if self._remain == 0:
                         self._finish_collect(out)
-                else:
+                elif self._withhold:
                     out.append(hdr)
                 continue
 
@@ -152,7 +151,7 @@ cdef class MessageScan:
             self._hold += data[pos:pos + 5]
             pos += 5
 
-        if n > run:
+        if self._withhold and n > run:
             out.append(data if run == 0 else data[run:])
         return out
 

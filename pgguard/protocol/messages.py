@@ -1,0 +1,133 @@
+# Postgres protocol constants, builders for the messages the proxy itself sends,
+# and parsers for the few it reads (ErrorResponse fields, startup packets).
+from __future__ import annotations
+
+import struct
+
+from .._core import WriteBuffer
+
+# startup packet codes
+PROTOCOL_3_0 = 196608
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+
+# authentication request codes (AuthenticationXXX, message 'R')
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+# message types a client may send once authenticated
+FRONTEND_TYPES = b"BCdcfDEHFPQSX"
+# messages a client sends during authentication
+FRONTEND_AUTH_TYPES = b"pX"
+# frontend messages each answered by exactly one ReadyForQuery
+FRONTEND_SYNC_TYPES = b"QSF"
+
+_ERR_FIELDS = {
+    "severity": b"S", "severity_nl": b"V", "sqlstate": b"C", "message": b"M",
+    "detail": b"D", "hint": b"H", "position": b"P",
+}
+
+
+def error_response(sqlstate: str, message: str, *, severity: str = "ERROR",
+                   detail: str | None = None, hint: str | None = None,
+                   notice: bool = False) -> bytes:
+    """An ErrorResponse ('E') or, with notice=True, a NoticeResponse ('N')."""
+    buf = WriteBuffer()
+    buf.new_message(ord("N" if notice else "E"))
+    for code, value in ((b"S", severity), (b"V", severity), (b"C", sqlstate),
+                        (b"M", message), (b"D", detail), (b"H", hint)):
+        if value is not None:
+            buf.write_byte(code[0])
+            buf.write_cstr(value.replace("\0", "").encode())
+    buf.write_byte(0)
+    buf.end_message()
+    return buf.take()
+
+
+def ready_for_query(status: int = ord("I")) -> bytes:
+    return b"Z\x00\x00\x00\x05" + bytes((status,))
+
+
+def auth_request(code: int, data: bytes = b"") -> bytes:
+    return b"R" + struct.pack("!II", 8 + len(data), code) + data
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    buf = WriteBuffer()
+    buf.new_message(ord("S"))
+    buf.write_str(name)
+    buf.write_str(value)
+    buf.end_message()
+    return buf.take()
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return b"K" + struct.pack("!III", 12, pid & 0xFFFFFFFF, secret & 0xFFFFFFFF)
+
+
+def negotiate_protocol_version(minor: int, unrecognized: list[str]) -> bytes:
+    buf = WriteBuffer()
+    buf.new_message(ord("v"))
+    buf.write_int32(minor)
+    buf.write_int32(len(unrecognized))
+    for name in unrecognized:
+        buf.write_str(name)
+    buf.end_message()
+    return buf.take()
+
+
+def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+    body = struct.pack("!I", version)
+    for k, v in params.items():
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    return struct.pack("!IIII", 16, CANCEL_REQUEST, pid & 0xFFFFFFFF, secret & 0xFFFFFFFF)
+
+
+def password_message(data: bytes) -> bytes:
+    return b"p" + struct.pack("!I", len(data) + 4) + data
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    body = mechanism.encode() + b"\0" + struct.pack("!i", len(data)) + data
+    return b"p" + struct.pack("!I", len(body) + 4) + body
+
+
+TERMINATE = b"X\x00\x00\x00\x04"
+
+
+def parse_startup_params(payload: bytes) -> dict[str, str]:
+    """Key/value pairs of a StartupMessage payload after the version int32."""
+    parts = payload.split(b"\0")
+    # the list ends with an empty name; a trailing "" pair comes from the final NULs
+    params: dict[str, str] = {}
+    i = 0
+    while i + 1 < len(parts) and parts[i]:
+        params[parts[i].decode("utf-8", "replace")] = parts[i + 1].decode("utf-8", "replace")
+        i += 2
+    if i >= len(parts) or parts[i] != b"":
+        raise ValueError("startup packet is not NUL-terminated key/value pairs")
+    return params
+
+
+def parse_error_fields(payload: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse payload (after the 5-byte header)."""
+    out: dict[str, str] = {}
+    for part in payload.split(b"\0"):
+        if part:
+            out[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return out
+
+
+def parse_cstr(payload: bytes, pos: int = 0) -> tuple[str, int]:
+    end = payload.index(b"\0", pos)
+    return payload[pos:end].decode("utf-8", "replace"), end + 1

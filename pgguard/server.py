@@ -1,0 +1,282 @@
+# Listeners, worker processes, signals and graceful shutdown.
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+import sys
+from pathlib import Path
+
+from .cancel import CancelKeyCipher
+from .config import Config, parse_duration, read_secret
+from .errors import ConfigError, TooManyConnections
+from .protocol import messages as m
+
+log = logging.getLogger("pgguard.server")
+
+
+class Server:
+    """Everything sessions share inside one worker process."""
+
+    def __init__(self, cfg: Config, *, cancel_key: bytes | None = None,
+                 worker: int = 0) -> None:
+        from .auth.scram import ScramVerifier
+        self.cfg = cfg
+        self.worker = worker
+        self.sessions: set = set()
+        self._ids = itertools.count(1)
+        self.cancel_cipher = CancelKeyCipher(cancel_key)
+        self.startup_timeout = parse_duration(cfg.limits.startup_timeout)
+        self.shutdown_timeout = parse_duration(cfg.limits.shutdown_timeout)
+        self.upstream_connect_timeout = parse_duration(cfg.upstream.connect_timeout)
+        self.upstream_password = read_secret(
+            cfg, cfg.upstream.password_env, cfg.upstream.password_file, "upstream")
+        self._fake_secret = secrets.token_bytes(32)
+        self._verifiers: dict[str, ScramVerifier] = {}
+        for name, ident in cfg.identities.items():
+            pw = read_secret(cfg, ident.password_env, ident.password_file,
+                             f"identities.{name}")
+            if pw is not None:
+                self._verifiers[name] = ScramVerifier.from_password(pw)
+        self.client_ssl = self._client_ssl()
+        self.shutting_down = False
+        self._servers: list[asyncio.base_events.Server] = []
+        self._idle = asyncio.Event()
+
+    def resolve_path(self, p: str) -> str:
+        path = Path(p)
+        return str(path if path.is_absolute() else Path(self.cfg.base_dir) / path)
+
+    def _client_ssl(self) -> ssl.SSLContext | None:
+        lc = self.cfg.listen
+        if not lc.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.resolve_path(lc.tls_cert), self.resolve_path(lc.tls_key))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"listen.tls_cert: cannot load certificate/key: {e}") from None
+        return ctx
+
+    # -- identities
+    def verifier_for(self, name: str):
+        from .auth.scram import ScramVerifier
+        v = self._verifiers.get(name)
+        if v is None:
+            # same shape and cost as a real one: no user enumeration
+            v = ScramVerifier.fake(name, self._fake_secret)
+        return v
+
+    def has_secret(self, name: str) -> bool:
+        return name in self._verifiers
+
+    async def auth_failed(self, session) -> None:
+        log.info("authentication failed for %r from %s", session.identity_name,
+                 session.client_addr)
+
+    # -- sessions
+    def next_session_id(self) -> str:
+        return f"{os.getpid():x}-{next(self._ids):x}"
+
+    def admit(self, session) -> bool:
+        if self.shutting_down:
+            session.fail(TooManyConnections("the database system is shutting down",
+                                            sqlstate="57P03"))
+            return False
+        if len(self.sessions) >= self.cfg.limits.max_client_connections:
+            session.fail(TooManyConnections("sorry, too many clients already"))
+            return False
+        self.sessions.add(session)
+        self._idle.clear()
+        return True
+
+    def forget(self, session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
+
+    async def forward_cancel(self, pid: int, secret: int) -> None:
+        try:
+            upid, usecret = self.cancel_cipher.decode(pid, secret)
+        except ValueError:
+            return
+        up = self.cfg.upstream
+        try:
+            async with asyncio.timeout(self.upstream_connect_timeout):
+                reader, writer = await asyncio.open_connection(up.host, up.port)
+                writer.write(m.cancel_request(upid, usecret))
+                await writer.drain()
+                # the server closes the connection once it has read the request
+                await reader.read()
+                writer.close()
+        except (OSError, TimeoutError) as e:
+            log.warning("could not forward a cancel request upstream: %s", e)
+
+    # -- listening and shutdown
+    async def start(self, sock: socket.socket | None = None) -> None:
+        from .session import ClientProtocol
+        loop = asyncio.get_running_loop()
+        socks = [sock] if sock is not None else listen_sockets(self.cfg)
+        for s in socks:
+            srv = await loop.create_server(lambda: ClientProtocol(self), sock=s,
+                                           backlog=self.cfg.listen.backlog)
+            self._servers.append(srv)
+        self._idle.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting; let statements in flight finish, then terminate (57P01)."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        for srv in self._servers:
+            srv.close()
+        for s in list(self.sessions):
+            s.begin_drain()
+        try:
+            async with asyncio.timeout(self.shutdown_timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            from .errors import ShuttingDown
+            for s in list(self.sessions):
+                s.terminate(ShuttingDown("terminating connection due to administrator command"))
+        await asyncio.sleep(0)
+
+
+def listen_sockets(cfg: Config) -> list[socket.socket]:
+    """Bound, listening sockets for [listen] (SO_REUSEPORT so workers share them)."""
+    lc = cfg.listen
+    socks = []
+    try:
+        infos = socket.getaddrinfo(lc.address, lc.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"listen.address: cannot resolve {lc.address!r}: {e}") from None
+    seen = set()
+    for family, type_, proto, _, addr in infos:
+        if (family, addr) in seen:
+            continue
+        seen.add((family, addr))
+        s = socket.socket(family, type_, proto)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            s.close()
+            raise ConfigError(f"listen: cannot bind {lc.address}:{lc.port}: {e.strerror}") \
+                from None
+        s.listen(lc.backlog)
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:      # pragma: no cover - uvloop is a hard dependency
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
+                 ready_fd: int | None = None) -> int:
+    server = Server(cfg, cancel_key=cancel_key, worker=worker)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("pgguard worker %d (pid %d) listening on %s:%d, upstream %s:%d", worker,
+             os.getpid(), cfg.listen.address, cfg.listen.port, cfg.upstream.host,
+             cfg.upstream.port)
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    await stop.wait()
+    log.info("pgguard worker %d shutting down", worker)
+    await server.shutdown()
+    return 0
+
+
+def setup_logging() -> None:
+    level = os.environ.get("PGGUARD_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+
+
+def run(cfg: Config, workers: int = 1) -> int:
+    """Run the proxy until SIGTERM/SIGINT. Example: ``run(config.load("pgguard.toml"))``."""
+    setup_logging()
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    # fail before forking on anything a worker would trip over
+    Server(cfg)
+    listen_sockets(cfg)[0].close()
+    cancel_key = secrets.token_bytes(32)
+    _install_uvloop()
+    if workers == 1:
+        return asyncio.run(_serve(cfg, cancel_key, 0))
+    return _run_workers(cfg, workers, cancel_key)
+
+
+def _run_workers(cfg: Config, workers: int, cancel_key: bytes) -> int:
+    children: dict[int, int] = {}
+    for i in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent()
+            code = 1
+            try:
+                code = asyncio.run(_serve(cfg, cancel_key, i))
+            finally:
+                os._exit(code)
+        children[pid] = i
+
+    def forward(sig, _frame):
+        for pid in children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(st)
+        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            log.error("worker pid %d exited with %d", pid, code)
+            status = 1
+    return status
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)       # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def derive_key(secret: bytes, label: str) -> bytes:
+    return hmac.new(secret, label.encode(), hashlib.sha256).digest()

@@ -1,0 +1,271 @@
+# The link to the real database: connect, TLS per sslmode, log in with the proxy's
+# own credentials, then relay backend chunks to the client.
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import struct
+from typing import TYPE_CHECKING
+
+from ._core import FrameError, FrameReader, MessageScan
+from .errors import PgguardError, UpstreamUnavailable
+from .protocol import messages as m
+
+if TYPE_CHECKING:
+    from .server import Server
+    from .session import Session
+
+log = logging.getLogger("pgguard.upstream")
+
+PH_STARTUP = 0
+PH_RELAY = 1
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The upstream socket. In relay every chunk goes to the client as it is; the
+    backend scan only keeps counters (ReadyForQuery, status) and hands over the
+    messages the session asked to see."""
+
+    __slots__ = ("session", "transport", "phase", "reader", "raw", "waiter", "bscan",
+                 "client_transport", "_lost")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport = None
+        self.phase = PH_STARTUP
+        self.reader: FrameReader | None = None   # typed messages during login
+        self.raw = bytearray()                    # before login (the SSL answer)
+        self.waiter: asyncio.Future | None = None
+        self.bscan: MessageScan | None = None
+        self.client_transport = None
+        self._lost = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == PH_RELAY:
+            self.client_transport.write(data)
+            events = self.bscan.feed(data)
+            if events:
+                self.session.backend_events(events)
+            if self.session.draining:
+                self.session.backend_idle()
+            return
+        if self.reader is not None:
+            self.reader.feed(data)
+        else:
+            self.raw += data
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._lost = True
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_exception(ConnectionResetError("upstream closed the connection"))
+        self.session.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        # upstream reads slower than the client sends (COPY IN): stop reading the client
+        t = self.session.client.transport
+        if t is not None:
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.session.client.transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+    async def _wait(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("upstream closed the connection")
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def read_byte(self) -> int:
+        while not self.raw:
+            await self._wait()
+        b = self.raw[0]
+        del self.raw[:1]
+        return b
+
+    async def read_message(self):
+        while True:
+            msg = self.reader.next_message()
+            if msg is not None:
+                return msg
+            await self._wait()
+
+
+def _ssl_context(server: Server) -> ssl.SSLContext | None:
+    up = server.cfg.upstream
+    if up.sslmode in ("disable", "allow"):
+        return None
+    if up.sslmode in ("verify-ca", "verify-full"):
+        ctx = ssl.create_default_context(cafile=server.resolve_path(up.sslrootcert))
+        ctx.check_hostname = up.sslmode == "verify-full"
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def connect_upstream(session: Session, server: Server, database: str,
+                           params: dict[str, str]):
+    """Open and log in an upstream connection for a session.
+
+    Returns (protocol, [ParameterStatus messages to pass on], (pid, secret)).
+    Errors become UpstreamUnavailable (08006) or the upstream's own error when it
+    is about the client's request (unknown database, too many connections).
+    """
+    cfg = server.cfg.upstream
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(server.upstream_connect_timeout):
+            transport, proto = await loop.create_connection(
+                lambda: UpstreamProtocol(session), cfg.host, cfg.port)
+    except (OSError, TimeoutError) as e:
+        log.warning("upstream %s:%s unreachable: %s", cfg.host, cfg.port, e)
+        raise UpstreamUnavailable(
+            "could not connect to the upstream database",
+            detail=f"connection to {cfg.host}:{cfg.port} failed") from None
+    session.up = proto
+    try:
+        return await _login(proto, server, database, params)
+    except (ConnectionError, OSError) as e:
+        transport.close()
+        raise UpstreamUnavailable("the upstream database closed the connection during login",
+                                  detail=str(e)) from None
+    except BaseException:
+        transport.close()
+        raise
+
+
+async def _login(proto: UpstreamProtocol, server: Server, database: str,
+                 params: dict[str, str]):
+    cfg = server.cfg.upstream
+    ctx = _ssl_context(server)
+    if ctx is not None:
+        proto.transport.write(struct.pack("!II", 8, m.SSL_REQUEST))
+        answer = await proto.read_byte()
+        if answer == ord("S"):
+            if proto.raw:
+                raise UpstreamUnavailable("upstream sent unencrypted data after SSL response")
+            loop = asyncio.get_running_loop()
+            try:
+                proto.transport = await loop.start_tls(
+                    proto.transport, proto, ctx,
+                    server_hostname=cfg.host if cfg.sslmode == "verify-full" else None)
+            except (ssl.SSLError, OSError) as e:
+                log.warning("upstream TLS failed: %s", e)
+                raise UpstreamUnavailable("TLS handshake with the upstream database failed",
+                                          detail=str(e)) from None
+        elif answer == ord("N"):
+            if cfg.sslmode not in ("prefer",):
+                raise UpstreamUnavailable("the upstream database does not support TLS",
+                                          detail=f"sslmode={cfg.sslmode}")
+        else:
+            raise UpstreamUnavailable("unexpected answer to SSLRequest from upstream")
+    proto.reader = FrameReader(True, 0x7FFFFFFF)
+    start = {"user": cfg.user, "database": database}
+    start.update(params)
+    proto.transport.write(m.startup_message(start))
+    status: list[bytes] = []
+    key = (0, 0)
+    scram_client = None
+    while True:
+        t, payload = await proto.read_message()
+        if t == ord("R"):
+            (code,) = struct.unpack_from("!I", payload)
+            if code == m.AUTH_OK:
+                continue
+            scram_client = _answer_auth(proto, server, code, payload[4:], scram_client)
+        elif t == ord("S"):
+            status.append(b"S" + struct.pack("!I", len(payload) + 4) + payload)
+        elif t == ord("K"):
+            key = struct.unpack_from("!II", payload)
+        elif t == ord("Z"):
+            return proto, status, key
+        elif t == ord("E"):
+            raise _upstream_error(m.parse_error_fields(payload))
+        elif t == ord("N"):
+            continue
+        elif t == ord("v"):
+            continue     # NegotiateProtocolVersion: we asked for 3.0, nothing to do
+        else:
+            raise UpstreamUnavailable(f"unexpected message {chr(t)!r} from upstream at login")
+
+
+def _answer_auth(proto: UpstreamProtocol, server: Server, code: int, data: bytes, scram_client):
+    from .auth import scram
+    password = server.upstream_password
+    user = server.cfg.upstream.user
+    try:
+        if code == m.AUTH_CLEARTEXT:
+            _need(password)
+            proto.transport.write(m.password_message(password.encode() + b"\0"))
+        elif code == m.AUTH_MD5:
+            _need(password)
+            proto.transport.write(m.password_message(
+                scram.md5_password(user, password, data[:4]) + b"\0"))
+        elif code == m.AUTH_SASL:
+            _need(password)
+            mech = scram.choose_mechanism(scram.parse_sasl_mechanisms(data))
+            scram_client = scram.ScramClient(password)
+            mech, first = scram_client.initial()
+            proto.transport.write(m.sasl_initial_response(mech, first))
+        elif code == m.AUTH_SASL_CONTINUE:
+            proto.transport.write(m.password_message(scram_client.handle_continue(data)))
+        elif code == m.AUTH_SASL_FINAL:
+            scram_client.handle_final(data)
+        else:
+            raise UpstreamUnavailable(
+                f"the upstream database asks for an authentication method pgguard "
+                f"does not support (code {code})")
+    except scram.ScramError as e:
+        log.warning("upstream SCRAM failed: %s", e)
+        raise UpstreamUnavailable("upstream authentication failed") from None
+    return scram_client
+
+
+def _need(password: str | None) -> None:
+    if password is None:
+        raise UpstreamUnavailable(
+            "the upstream database asks for a password and none is configured",
+            hint="set [upstream] password_env or password_file")
+
+
+# upstream errors that are about the client's request, passed on as they are
+_PASS_ON = {"3D000", "53300", "57P03", "42501", "28000", "0A000", "55000", "22023", "42704"}
+
+
+def _upstream_error(fields: dict[str, str]) -> PgguardError:
+    code = fields.get("C", "08006")
+    msg = fields.get("M", "upstream error")
+    if code.startswith("28"):
+        # never tell the client about the proxy's own credentials
+        log.warning("upstream authentication failed: %s", msg)
+        return UpstreamUnavailable("upstream authentication failed",
+                                   hint="the proxy's [upstream] credentials were refused")
+    if code in _PASS_ON or code.startswith("57"):
+        return PgguardError(msg, sqlstate=code, severity="FATAL",
+                            detail=fields.get("D"), hint=fields.get("H"))
+    log.warning("upstream refused the connection: %s %s", code, msg)
+    return UpstreamUnavailable(msg)
