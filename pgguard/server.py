@@ -112,7 +112,12 @@ class Server:
         up = self.cfg.upstream
         try:
             async with asyncio.timeout(self.upstream_connect_timeout):
-                reader, writer = await asyncio.open_connection(up.host, up.port)
+                if up.host.startswith("/"):
+                    from .upstream import unix_socket_path
+                    reader, writer = await asyncio.open_unix_connection(
+                        unix_socket_path(up.host, up.port))
+                else:
+                    reader, writer = await asyncio.open_connection(up.host, up.port)
                 writer.write(m.cancel_request(upid, usecret))
                 await writer.drain()
                 # the server closes the connection once it has read the request

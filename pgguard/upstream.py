@@ -113,9 +113,13 @@ class UpstreamProtocol(asyncio.Protocol):
             await self._wait()
 
 
+def unix_socket_path(directory: str, port: int) -> str:
+    return f"{directory.rstrip('/')}/.s.PGSQL.{port}"
+
+
 def _ssl_context(server: Server) -> ssl.SSLContext | None:
     up = server.cfg.upstream
-    if up.sslmode in ("disable", "allow"):
+    if up.sslmode in ("disable", "allow") or up.host.startswith("/"):
         return None
     if up.sslmode in ("verify-ca", "verify-full"):
         ctx = ssl.create_default_context(cafile=server.resolve_path(up.sslrootcert))
@@ -139,8 +143,13 @@ async def connect_upstream(session: Session, server: Server, database: str,
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(server.upstream_connect_timeout):
-            transport, proto = await loop.create_connection(
-                lambda: UpstreamProtocol(session), cfg.host, cfg.port)
+            if cfg.host.startswith("/"):
+                # a directory: the server's unix socket, as libpq reads host
+                transport, proto = await loop.create_unix_connection(
+                    lambda: UpstreamProtocol(session), unix_socket_path(cfg.host, cfg.port))
+            else:
+                transport, proto = await loop.create_connection(
+                    lambda: UpstreamProtocol(session), cfg.host, cfg.port)
     except (OSError, TimeoutError) as e:
         log.warning("upstream %s:%s unreachable: %s", cfg.host, cfg.port, e)
         raise UpstreamUnavailable(
