@@ -204,12 +204,26 @@ def _friendly(err: msgspec.ValidationError) -> str:
     return f"{path or '(top level)'}: {text}"
 
 
+def _name_identity(text: str, msg: str) -> str:
+    """msgspec says identities[...] for a dict key; find which identity it was."""
+    raw = msgspec.toml.decode(text.encode())
+    for name, value in (raw.get("identities") or {}).items():
+        try:
+            msgspec.convert(value, type=Identity)
+        except msgspec.ValidationError:
+            return msg.replace("identities[...]", f"identities.{name}", 1)
+    return msg
+
+
 def loads(text: str, *, base_dir: str = ".", source: str = "<config>") -> Config:
     """Decode and validate TOML text; raise ConfigError naming the key path."""
     try:
         cfg = msgspec.toml.decode(text.encode(), type=Config)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{source}: {_friendly(e)}") from None
+        msg = _friendly(e)
+        if msg.startswith("identities[...]"):
+            msg = _name_identity(text, msg)
+        raise ConfigError(f"{source}: {msg}") from None
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
     cfg.base_dir = base_dir

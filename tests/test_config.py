@@ -1,0 +1,99 @@
+# `pgguard check`: a valid config passes; every mistake names its key path.
+import subprocess
+import sys
+
+import pytest
+
+from pgguard import config
+from pgguard.errors import ConfigError
+
+
+def check(tmp_path, text):
+    f = tmp_path / "pgguard.toml"
+    f.write_text(text)
+    return subprocess.run([sys.executable, "-m", "pgguard", "check", "-c", str(f)],
+                          capture_output=True, text=True)
+
+
+def test_design_sample_config_is_valid(tmp_path):
+    r = check(tmp_path, """
+[listen]
+address = "127.0.0.1"
+port = 6432
+[admin]
+port = 6480
+token_env = "PGGUARD_ADMIN_TOKEN"
+groups = ["dba"]
+[upstream]
+host = "127.0.0.1"
+port = 5432
+user = "app"
+password_env = "PGGUARD_UPSTREAM_PASSWORD"
+sslmode = "prefer"
+[auth]
+token_secret_env = "PGGUARD_TOKEN_SECRET"
+[identities.ci-agent]
+kind = "agent"
+groups = ["agents"]
+[identities.alice]
+kind = "human"
+groups = ["dba"]
+password_env = "ALICE_PASSWORD"
+[policy]
+agents = "guarded"
+humans = "allow"
+[[rules]]
+name = "no-destructive"
+when = { flags = ["destructive", "privilege"] }
+action = "block"
+[[rules]]
+name = "agent-writes-to-orders-need-approval"
+when = { kind = "agent", statements = ["insert", "update", "delete"], relations = ["public.orders"] }
+action = "approve"
+timeout = "5m"
+[[masks]]
+column = "public.customers.email"
+strategy = "email"
+except_groups = ["dba"]
+[detectors]
+builtin = ["email", "ssn", "credit_card", "aws_access_key", "jwt"]
+custom = [{ name = "employee_id", pattern = 'EMP-\\d{6}' }]
+[audit]
+dir = "audit"
+durability = "batched"
+""")
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[listen]\nport = \"x\"\n", "listen.port: Expected `int`, got `str`"),
+    ("[listen]\nprot = 1\n", "listen.prot: unknown key"),
+    ("[upstream]\nsslmode = \"sometimes\"\n", "upstream.sslmode: Invalid enum value 'sometimes'"),
+    ("[[rules]]\nname = \"a\"\naction = \"block\"\nwhen = { flags = [\"explosive\"] }\n",
+     "rules[0].when.flags[0]: Invalid enum value 'explosive'"),
+    ("[[rules]]\naction = \"block\"\n", "rules[0].name: required key is missing"),
+    ("[[rules]]\nname = \"a\"\naction = \"approve\"\ntimeout = \"5 parsecs\"\n",
+     "rules[0]: invalid duration '5 parsecs'"),
+    ("[identities.bob]\nkind = \"robot\"\n", "identities.bob.kind: Invalid enum value 'robot'"),
+    ("[[masks]]\ncolumn = \"email\"\n", "masks[0]: column 'email' must be schema.table.column"),
+    ("[listen]\nport = 1\n[listen]\nport = 2\n", "invalid TOML"),
+    ("[upstream]\nsslmode = \"verify-full\"\n", "upstream: sslmode = 'verify-full' needs sslrootcert"),
+])
+def test_errors_name_the_key_path(tmp_path, text, message):
+    r = check(tmp_path, text)
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_file(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pgguard", "check", "-c",
+                        str(tmp_path / "nope.toml")], capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot read config" in r.stderr
+
+
+def test_secret_env_missing_is_reported_at_serve(tmp_path):
+    cfg = config.loads('[upstream]\npassword_env = "PGGUARD_TEST_UNSET_VAR"\n')
+    with pytest.raises(ConfigError, match="upstream: environment variable PGGUARD_TEST_UNSET_VAR"):
+        config.read_secret(cfg, cfg.upstream.password_env, None, "upstream")
