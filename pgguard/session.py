@@ -8,7 +8,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from ._core import FrameError, FrameReader, MessageScan
+from ._core import FrameError, FrameReader, MessageScan, Pipe
 from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
 from .protocol import messages as m
@@ -32,11 +32,10 @@ PH_CLOSED = 2
 
 
 class ClientProtocol(asyncio.Protocol):
-    """The client's socket. Startup bytes go to the session's handshake; in relay
-    the frontend scan forwards chunks to the upstream transport as they arrive."""
+    """The client's socket until the session relays; then a compiled Pipe takes over
+    (``transport.set_protocol``)."""
 
-    __slots__ = ("server", "session", "transport", "phase", "reader", "waiter",
-                 "fscan", "up_transport", "_lost")
+    __slots__ = ("server", "session", "transport", "phase", "reader", "waiter", "_lost")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -45,8 +44,6 @@ class ClientProtocol(asyncio.Protocol):
         self.phase = PH_STARTUP
         self.reader = FrameReader(False, MAX_STARTUP_PACKET)
         self.waiter: asyncio.Future | None = None
-        self.fscan: MessageScan | None = None
-        self.up_transport = None
         self._lost = False
 
     # -- asyncio callbacks
@@ -62,17 +59,7 @@ class ClientProtocol(asyncio.Protocol):
         self.session.start()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == PH_RELAY:
-            try:
-                items = self.fscan.feed(data)
-            except FrameError as e:
-                self.session.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
-                return
-            if len(items) == 1 and items[0].__class__ is bytes:
-                self.up_transport.write(items[0])
-            else:
-                self.session.client_items(items)
-        elif self.phase == PH_STARTUP:
+        if self.phase == PH_STARTUP:
             self.reader.feed(data)
             w = self.waiter
             if w is not None and not w.done():
@@ -88,15 +75,6 @@ class ClientProtocol(asyncio.Protocol):
             w.set_exception(ConnectionResetError("client closed the connection"))
         if self.session is not None:
             self.session.client_gone()
-
-    def pause_writing(self) -> None:
-        # the client reads slower than the upstream sends: stop reading upstream
-        if self.up_transport is not None:
-            self.up_transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.up_transport is not None and not self.up_transport.is_closing():
-            self.up_transport.resume_reading()
 
     # -- handshake helpers
     async def read_message(self):
@@ -123,6 +101,10 @@ class Session:
         self.server = server
         self.client = client
         self.up: UpstreamProtocol | None = None
+        self.fscan: MessageScan | None = None
+        self.bscan: MessageScan | None = None
+        self.client_pipe: Pipe | None = None
+        self.up_pipe: Pipe | None = None
         self.task: asyncio.Task | None = None
         self.id = server.next_session_id()
         peer = client.transport.get_extra_info("peername")
@@ -294,28 +276,30 @@ class Session:
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
         limits = self.server.cfg.limits
-        c.fscan = MessageScan(interest=b"X", valid=m.FRONTEND_TYPES,
-                              counted=m.FRONTEND_SYNC_TYPES, withhold=True,
-                              max_len=limits.max_message_size)
-        up.bscan = MessageScan(interest=b"", counted=b"Z", withhold=False,
-                               max_len=0x7FFFFFFF)
-        up.bscan.status = ord("I")
-        c.up_transport = up.transport
-        up.client_transport = c.transport
+        self.fscan = MessageScan(interest=b"X", valid=m.FRONTEND_TYPES,
+                                 counted=m.FRONTEND_SYNC_TYPES, withhold=True,
+                                 max_len=limits.max_message_size)
+        self.bscan = MessageScan(interest=b"", counted=b"Z", withhold=False,
+                                 max_len=0x7FFFFFFF)
+        self.bscan.status = ord("I")
+        self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
+        self.up_pipe = Pipe(self.bscan, up.transport, c.transport, self, False)
         rest = c.reader.take_rest()
         c.phase = PH_RELAY
         up.phase = PH_RELAY
+        c.transport.set_protocol(self.client_pipe)
+        up.transport.set_protocol(self.up_pipe)
         log.debug("session %s: %s@%s relaying", self.id, self.identity_name, self.database)
         if self.draining:
             self.terminate(ShuttingDown("terminating connection due to administrator command"))
             return
         if rest:
-            c.data_received(rest)
+            self.client_pipe.data_received(rest)
 
-    # -- relay events
+    # -- relay hooks (called by the compiled pipes)
     def client_items(self, items: list) -> None:
         """Frontend scan output with withheld messages (Terminate here)."""
-        up = self.client.up_transport
+        up = self.up.transport
         for it in items:
             if it.__class__ is bytes:
                 up.write(it)
@@ -326,16 +310,19 @@ class Session:
             else:
                 up.write(it[1])
 
+    def frame_error(self, e: FrameError) -> None:
+        self.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
+
     def backend_events(self, events: list) -> None:
         """Whole backend messages the session asked to see (none yet)."""
 
-    def in_flight(self) -> int:
-        return self.client.fscan.count - self.up.bscan.count
-
-    def backend_idle(self) -> None:
-        """Called after a backend chunk when draining: close once idle."""
-        if self.draining and self.up.bscan.status == 73 and self.in_flight() <= 0:
+    def backend_chunk(self) -> None:
+        """After each backend chunk while draining: close once idle."""
+        if self.bscan.status == 73 and self.in_flight() <= 0:
             self.terminate(ShuttingDown("terminating connection due to administrator command"))
+
+    def in_flight(self) -> int:
+        return self.fscan.count - self.bscan.count
 
     # -- shutdown and errors
     def begin_drain(self) -> None:
@@ -344,14 +331,13 @@ class Session:
             if self.task is not None and self.client.phase == PH_STARTUP:
                 self.fail(ShuttingDown("the database system is shutting down"))
             return
-        if self.up.phase == PH_RELAY:
-            self.backend_idle()
+        self.up_pipe.notify_chunks = True
+        self.backend_chunk()
 
     def upstream_lost(self, exc) -> None:
         if self.closed or self.client.phase == PH_STARTUP:
             return      # during login the startup task sees the error itself
-        if self.client.phase == PH_RELAY and self.up.bscan is not None \
-                and self.up.bscan.at_boundary:
+        if self.client.phase == PH_RELAY and self.bscan.at_boundary:
             err = UpstreamUnavailable("server closed the connection unexpectedly",
                                       detail="the upstream database connection was lost")
             self._send_error(err)

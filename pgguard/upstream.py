@@ -9,7 +9,7 @@ import ssl
 import struct
 from typing import TYPE_CHECKING
 
-from ._core import FrameError, FrameReader, MessageScan
+from ._core import FrameReader
 from .errors import PgguardError, UpstreamUnavailable
 from .protocol import messages as m
 
@@ -24,12 +24,9 @@ PH_RELAY = 1
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """The upstream socket. In relay every chunk goes to the client as it is; the
-    backend scan only keeps counters (ReadyForQuery, status) and hands over the
-    messages the session asked to see."""
+    """The upstream socket while logging in; then a compiled Pipe takes over."""
 
-    __slots__ = ("session", "transport", "phase", "reader", "raw", "waiter", "bscan",
-                 "client_transport", "_lost")
+    __slots__ = ("session", "transport", "phase", "reader", "raw", "waiter", "_lost")
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -38,8 +35,6 @@ class UpstreamProtocol(asyncio.Protocol):
         self.reader: FrameReader | None = None   # typed messages during login
         self.raw = bytearray()                    # before login (the SSL answer)
         self.waiter: asyncio.Future | None = None
-        self.bscan: MessageScan | None = None
-        self.client_transport = None
         self._lost = False
 
     def connection_made(self, transport) -> None:
@@ -52,14 +47,6 @@ class UpstreamProtocol(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == PH_RELAY:
-            self.client_transport.write(data)
-            events = self.bscan.feed(data)
-            if events:
-                self.session.backend_events(events)
-            if self.session.draining:
-                self.session.backend_idle()
-            return
         if self.reader is not None:
             self.reader.feed(data)
         else:
@@ -77,17 +64,6 @@ class UpstreamProtocol(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_exception(ConnectionResetError("upstream closed the connection"))
         self.session.upstream_lost(exc)
-
-    def pause_writing(self) -> None:
-        # upstream reads slower than the client sends (COPY IN): stop reading the client
-        t = self.session.client.transport
-        if t is not None:
-            t.pause_reading()
-
-    def resume_writing(self) -> None:
-        t = self.session.client.transport
-        if t is not None and not t.is_closing():
-            t.resume_reading()
 
     async def _wait(self) -> None:
         if self._lost:

@@ -1,0 +1,20 @@
+# Layout of the relay-phase asyncio protocol: one per direction of a session.
+
+from .relay cimport MessageScan
+
+
+cdef class Pipe:
+    # the scan over what this side receives
+    cdef readonly MessageScan scan
+    # True on the client side: interesting messages are withheld and handed to
+    # hooks.client_items(); False on the upstream side: every chunk is forwarded first
+    cdef bint _client_side
+    # the transport we read from, and the one we forward to (and its bound write)
+    cdef public object transport
+    cdef public object peer
+    cdef object _peer_write
+    # the Python session: client_items, backend_events, backend_chunk, frame_error,
+    # client_gone, upstream_lost
+    cdef object _hooks
+    # call hooks.backend_chunk() after every upstream chunk (set while draining)
+    cdef public bint notify_chunks
