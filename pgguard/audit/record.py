@@ -1,0 +1,410 @@
+# The audit record: DESIGN §6 columns as a msgspec Struct, their Arrow schema, statement
+# normalization and secret scrubbing, and the canonical bytes the hash chain covers.
+"""One audit event and everything that defines its stored form.
+
+The columns (DESIGN §6) are stable; their order is the Parquet column order::
+
+    event_id  ts  session_id  identity  identity_kind  client_addr  application_name
+    database  upstream_user  event  statement  fingerprint  statement_kind  relations
+    flags  decision  rule  approver  rows  bytes_out  masked_cells  duration_us
+    sqlstate  error  prev_hash  hash
+
+Canonical form and chain (what ``pgguard audit verify`` recomputes)::
+
+    content  = msgspec JSON of the record without prev_hash and hash, fields in schema
+               order, fields that are null omitted, ts as RFC 3339 UTC ("...Z", µs)
+    hash     = sha256_hex(prev_hash + "\\n" + content)
+    prev_hash of the first record of a stream = "0" * 64
+
+Example::
+
+    >>> from datetime import datetime, timezone
+    >>> r = AuditRecord(session_id="s1", event="statement", identity="ci-agent",
+    ...                 statement="SELECT * FROM t WHERE id = $1", rows=1,
+    ...                 ts=datetime(2024, 5, 1, tzinfo=timezone.utc), event_id="01HX")
+    >>> chain_hash(GENESIS, content_bytes(r))[:12]
+    '6a2c1e1f0d0b'
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from typing import Annotated
+
+import msgspec
+import pyarrow as pa
+
+UTC = timezone.utc
+GENESIS = "0" * 64
+
+# event values (DESIGN §6; "audit_dropped" marks records the batched queue had to drop)
+EVENT_CONNECT = "connect"          # authenticated connection established (auth ok)
+EVENT_AUTH_FAILED = "auth_failed"
+EVENT_STATEMENT = "statement"
+EVENT_DISCONNECT = "disconnect"
+EVENT_AUDIT_DROPPED = "audit_dropped"
+EVENTS = (EVENT_CONNECT, EVENT_AUTH_FAILED, EVENT_STATEMENT, EVENT_DISCONNECT,
+          EVENT_AUDIT_DROPPED)
+
+DECISIONS = ("allowed", "blocked", "approved", "denied", "timed_out", "error")
+
+# a statement longer than this is stored truncated, with a marker saying how long it was
+MAX_STATEMENT_CHARS = 1 << 20
+
+_I64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+
+
+class AuditRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """One audit event. Build it on the event loop, hand it to ``AuditLog.log``.
+
+    ``session_id`` and ``event`` are required; everything else may stay ``None``.
+    The writer owns the record once logged: it sets ``event_id`` (time-sortable, unique),
+    stamps ``ts`` if it is ``None`` (pass ``datetime.now(timezone.utc)`` for the real event
+    time), normalizes ``statement`` (literals become ``$n``) unless raw capture is
+    configured, and computes the chain (``prev_hash``, ``hash``: set in the stored file,
+    never on this object). Pass plain ``str``/``int`` values and tuples or lists of
+    ``str``; anything else is coerced (slowly) and noted in ``error``.
+
+    Example::
+
+        rec = AuditRecord(session_id=sid, event="statement", identity="ci-agent",
+                          identity_kind="agent", statement=sql, statement_kind="select",
+                          relations=("public.orders",), decision="allowed",
+                          rows=12, bytes_out=900, masked_cells=0, duration_us=420,
+                          ts=datetime.now(timezone.utc))
+        audit.log(rec)
+    """
+
+    event_id: str = ""
+    ts: datetime | None = None
+    session_id: str
+    identity: str | None = None
+    identity_kind: str | None = None       # agent | human
+    client_addr: str | None = None
+    application_name: str | None = None
+    database: str | None = None
+    upstream_user: str | None = None
+    event: str                             # connect | auth_failed | statement | disconnect
+    statement: str | None = None
+    fingerprint: str | None = None
+    statement_kind: str | None = None
+    relations: list[str] | None = None
+    flags: list[str] | None = None
+    decision: str | None = None            # allowed | blocked | approved | denied | ...
+    rule: str | None = None
+    approver: str | None = None
+    rows: int | None = None
+    bytes_out: int | None = None
+    masked_cells: int | None = None
+    duration_us: int | None = None
+    sqlstate: str | None = None
+    error: str | None = None
+    prev_hash: str = ""
+    hash: str = ""
+
+
+class _Content(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False,
+               forbid_unknown_fields=True):
+    # the hashed part of a record, with exact types: the writer validates each encoded
+    # line against it before hashing, so every hashed line round-trips through Parquet
+    event_id: str
+    ts: datetime
+    session_id: str
+    identity: str | None = None
+    identity_kind: str | None = None
+    client_addr: str | None = None
+    application_name: str | None = None
+    database: str | None = None
+    upstream_user: str | None = None
+    event: str
+    statement: str | None = None
+    fingerprint: str | None = None
+    statement_kind: str | None = None
+    relations: list[str] | None = None
+    flags: list[str] | None = None
+    decision: str | None = None
+    rule: str | None = None
+    approver: str | None = None
+    rows: _I64 | None = None
+    bytes_out: _I64 | None = None
+    masked_cells: _I64 | None = None
+    duration_us: _I64 | None = None
+    sqlstate: str | None = None
+    error: str | None = None
+
+
+FIELDS: tuple[str, ...] = AuditRecord.__struct_fields__
+CONTENT_FIELDS: tuple[str, ...] = _Content.__struct_fields__
+_INT_FIELDS = ("rows", "bytes_out", "masked_cells", "duration_us")
+_LIST_FIELDS = ("relations", "flags")
+_REQUIRED = ("event_id", "ts", "session_id", "event", "prev_hash", "hash")
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    if name == "ts":
+        return pa.timestamp("us", tz="UTC")
+    if name in _INT_FIELDS:
+        return pa.int64()
+    if name in _LIST_FIELDS:
+        return pa.list_(pa.string())
+    return pa.string()
+
+
+SCHEMA: pa.Schema = pa.schema(
+    [pa.field(n, _arrow_type(n), nullable=n not in _REQUIRED) for n in FIELDS])
+"""The Parquet/Arrow schema of the audit files (stable; DESIGN §6)."""
+
+CONTENT_SCHEMA: pa.Schema = pa.schema([SCHEMA.field(n) for n in CONTENT_FIELDS])
+
+_encoder = msgspec.json.Encoder()
+_content_decoder = msgspec.json.Decoder(_Content)
+
+
+def content_bytes(record: AuditRecord | dict) -> bytes:
+    """The canonical bytes of a record (see module docstring); ``prev_hash``/``hash`` ignored.
+
+    Example: ``content_bytes(AuditRecord(session_id="s", event="connect", ...))``.
+    """
+    if isinstance(record, dict):
+        record = _Content(**{k: record.get(k) for k in CONTENT_FIELDS
+                             if record.get(k) is not None})
+    elif isinstance(record, AuditRecord) and (record.prev_hash or record.hash):
+        record = msgspec.structs.replace(record, prev_hash="", hash="")
+    return _encoder.encode(record)
+
+
+def chain_hash(prev_hash: str, content: bytes) -> str:
+    """``sha256_hex(prev_hash + "\\n" + content)``. Example: ``chain_hash(GENESIS, b"{}")``."""
+    return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + content).hexdigest()
+
+
+def validate_lines(blob: bytes) -> None:
+    """Raise ``msgspec.ValidationError`` unless every line of *blob* is valid content."""
+    _content_decoder.decode_lines(blob)
+
+
+# -- coercion of malformed records (slow path; never taken for well-typed records) ------
+
+def _as_text(v: object) -> str:
+    s = v if isinstance(v, str) else str(v)
+    # lone surrogates (e.g. from surrogateescape) cannot be stored as UTF-8
+    return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def _as_utc(ts: datetime) -> datetime:
+    if ts.tzinfo is None:
+        return ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC)
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, list):
+        return len(a) == len(b) and all(type(x) is str and x == y for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def sanitize(record: AuditRecord, now: datetime) -> AuditRecord:
+    """A copy of *record* with every field coerced to its declared type.
+
+    Fields that had to change are named in ``error`` so an auditor sees the record was
+    repaired by the writer, not by someone after the fact.
+    """
+    fixed: dict[str, object] = {}
+    changed: list[str] = []
+    for name in CONTENT_FIELDS:
+        v = getattr(record, name, None)
+        out: object
+        if v is None:
+            out = None
+        elif name == "ts":
+            out = _as_utc(v) if isinstance(v, datetime) else None
+        elif name in _INT_FIELDS:
+            if type(v) is int and -(1 << 63) <= v < (1 << 63):
+                out = v
+            else:
+                try:
+                    out = int(v) if not isinstance(v, (bool, str, bytes)) else None
+                    if out is not None and not -(1 << 63) <= out < (1 << 63):
+                        out = None
+                except (TypeError, ValueError, OverflowError):
+                    out = None
+        elif name in _LIST_FIELDS:
+            if isinstance(v, (str, bytes)):
+                out = [_as_text(v)]
+            else:
+                try:
+                    out = [_as_text(x) for x in v]  # type: ignore[union-attr]
+                except TypeError:
+                    out = [_as_text(v)]
+        else:
+            out = _as_text(v)
+        if out is None and name in ("session_id", "event", "event_id"):
+            out = ""
+        if out is None and name == "ts":
+            out = now
+        if not _same(v, out):
+            changed.append(name)
+        fixed[name] = out
+    if changed:
+        note = "audit: coerced " + ", ".join(changed)
+        err = fixed.get("error")
+        fixed["error"] = f"{err}; {note}" if err else note
+    return AuditRecord(**fixed)  # type: ignore[arg-type]
+
+
+# -- statement normalization -----------------------------------------------------------
+#
+# A regex tokenizer does the common case in C; pglast's scanner (the real Postgres lexer)
+# is the fallback for anything the regex declines (nested comments, unterminated quotes)
+# and the oracle the tests compare against.
+
+_IDENT_CHAR = r"[\w$]"
+_CONT = r"(?:[ \t\f\r]*\n\s*)"     # string continuation: whitespace with a newline
+_TOKEN = re.compile(
+    r"""
+      (?P<skip> --[^\n\r]*                         # line comment
+              | /\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/   # block comment (not nested)
+              | "(?:[^"]|"")*"                     # quoted identifier
+              | \$\d+                              # parameter: stays
+      )
+    | (?P<lit>  (?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'(?:""" + _CONT + r"""'(?:[^'\\]|\\.|'')*')*
+              | (?<![\w$])[BbXx]'[^']*'(?:""" + _CONT + r"""'[^']*')*
+              | (?<![\w$])[Uu]&'(?:[^']|'')*'
+              | '(?:[^']|'')*'(?:""" + _CONT + r"""'(?:[^']|'')*')*
+              | (?<![\w$])\$(?P<tag>(?:[A-Za-z_\x80-\uffff][\w\x80-\uffff]*)?)\$.*?\$(?P=tag)\$
+              | (?<![\w$.])0[xX][0-9A-Fa-f_]+
+              | (?<![\w$.])0[oO][0-7_]+
+              | (?<![\w$.])0[bB][01_]+
+              | (?<![\w$.])(?:\d[\d_]*(?:\.(?:\d[\d_]*)?)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?
+      )
+    | (?P<bad>  /\* | ['"] | (?<![\w$])\$(?:[A-Za-z_\x80-\uffff][\w\x80-\uffff]*)?\$ )
+    """,
+    re.X | re.S,
+)
+_PARAM = re.compile(r"\$(\d+)")
+_HAS_LITERAL = re.compile(r"['\d$]")
+_LITERAL_TOKENS = frozenset(("SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"))
+
+
+class _Declined(Exception):
+    pass
+
+
+def _normalize_regex(sql: str) -> str:
+    spans: list[tuple[int, int]] = []
+    max_param = 0
+    for m in _TOKEN.finditer(sql):
+        kind = m.lastgroup
+        if kind == "lit" or kind == "tag":
+            spans.append(m.span())
+        elif kind == "skip":
+            text = m.group()
+            if text[0] == "$" and text[1:].isdigit():
+                max_param = max(max_param, int(text[1:]))
+        else:
+            raise _Declined
+    return _splice(sql, spans, max_param)
+
+
+def _normalize_scanner(sql: str) -> str:
+    from pglast import parser  # the real Postgres lexer (libpg_query)
+
+    spans: list[tuple[int, int]] = []
+    max_param = 0
+    for tok in parser.scan(sql):
+        if tok.name in _LITERAL_TOKENS:
+            spans.append((tok.start, tok.end + 1))
+        elif tok.name == "PARAM":
+            max_param = max(max_param, int(sql[tok.start + 1:tok.end + 1]))
+    return _splice(sql, spans, max_param)
+
+
+def _splice(sql: str, spans: list[tuple[int, int]], first: int) -> str:
+    if not spans:
+        return sql
+    out: list[str] = []
+    last = 0
+    n = first
+    for start, end in spans:
+        n += 1
+        out.append(sql[last:start])
+        out.append(f"${n}")
+        last = end
+    out.append(sql[last:])
+    return "".join(out)
+
+
+def normalize(sql: str) -> str:
+    """Replace every literal (strings, numbers, bit strings, dollar quotes) with ``$n``.
+
+    Numbering continues after the highest ``$n`` already in the text, as in
+    pg_stat_statements. Comments and identifiers are kept. Text the Postgres lexer cannot
+    tokenize is not stored at all: a placeholder says how long it was.
+
+    Example::
+
+        >>> normalize("SELECT * FROM users WHERE email = 'bob@x.com' AND id > 42")
+        'SELECT * FROM users WHERE email = $1 AND id > $2'
+    """
+    if not _HAS_LITERAL.search(sql):
+        return sql
+    try:
+        return _normalize_regex(sql)
+    except _Declined:
+        pass
+    try:
+        return _normalize_scanner(sql)
+    except Exception:  # pglast.parser.ParseError and anything odd: never log the text
+        return f"<statement not normalizable: {len(sql)} chars>"
+
+
+_SECRET_QUOTED = re.compile(
+    r"""(?ix)
+    (\bpassword \s* (?: = | \bto\b )? \s*)
+    ( ''(?=[^\s'),;])(?:[^']|'''')*''   # nested in a quoted SQL string: ''secret''
+    | [Ee]?'(?:[^'\\]|\\.|'')*'        # 'secret', E'secret'
+    | \$(?P<t>(?:[A-Za-z_]\w*)?)\$.*?\$(?P=t)\$ )   # $$secret$$
+    """,
+    re.S,
+)
+_SECRET_CONNINFO = re.compile(r"(?i)(\bpassword\s*=\s*)(?!')([^\s',;)]+)")
+_MASK = "'********'"
+
+
+def scrub_secrets(sql: str) -> str:
+    """Mask passwords in SQL kept verbatim (``capture_literals = true``).
+
+    Covers ``CREATE/ALTER ROLE|USER ... [ENCRYPTED] PASSWORD '...'``, user-mapping
+    ``OPTIONS (password '...')``, SQL nested in strings or dollar quotes (DO bodies), and
+    ``password=...`` inside connection strings (dblink).
+
+    Example::
+
+        >>> scrub_secrets("ALTER ROLE app PASSWORD 'hunter2' VALID UNTIL '2030-01-01'")
+        "ALTER ROLE app PASSWORD '********' VALID UNTIL '2030-01-01'"
+    """
+    if "assword" not in sql and "ASSWORD" not in sql and not re.search("(?i)password", sql):
+        return sql
+    sql = _SECRET_QUOTED.sub(
+        lambda m: m.group(1) + ("''********''" if m.group(2)[:2] == "''" else _MASK), sql)
+    return _SECRET_CONNINFO.sub(lambda m: m.group(1) + "********", sql)
+
+
+def prepare_statement(sql: str, capture_literals: bool) -> str:
+    """What the log stores for *sql*: normalized, or verbatim with secrets scrubbed.
+
+    Example: ``prepare_statement("SELECT 1", capture_literals=False) == "SELECT $1"``.
+    """
+    if len(sql) > MAX_STATEMENT_CHARS:
+        sql = sql[:MAX_STATEMENT_CHARS]
+        suffix = f" …[truncated: statement longer than {MAX_STATEMENT_CHARS} chars]"
+        # a cut can leave an unterminated quote; normalize() then fails closed
+        out = scrub_secrets(normalize(sql)) if not capture_literals else scrub_secrets(sql)
+        return out + suffix
+    if capture_literals:
+        return scrub_secrets(sql)
+    # normalized text has no literals left; a password can only hide in a comment
+    return scrub_secrets(normalize(sql))

@@ -1,0 +1,469 @@
+# On-disk layout of the audit log: WAL segments, Parquet files, the chain head anchor,
+# and the conversion of hashed NDJSON lines into Arrow tables.
+"""Where audit records live and in which formats.
+
+Layout under ``[audit] dir``::
+
+    dt=2024-05-01/w0-000000000007.parquet      sealed files (zstd), one per WAL segment
+    dt=2024-05-01/.w0-000000000008.parquet.tmp being written; renamed when complete
+    _wal/w0/000000000008.wal                   write-ahead log of the open segment
+    _wal/w0/lock                               flock held by the writing process
+    _chain/w0.json                             head anchor: last sealed seq and hash
+
+``w0`` is the *stream*: one writer (one worker process) appends to one hash chain;
+``seq`` numbers its segments 1, 2, 3 ... with no gaps.
+
+A WAL segment is a header then frames; each frame is one group commit::
+
+    header  b"PGGWAL01" u32 len  JSON {"stream", "seq", "prev_hash", "created"}
+    frame   u32 body_len  u32 count  u32 crc32(body)  32-byte sha256 of the last record
+            body: ``count`` records, canonical JSON content, one per line
+
+A frame is durable once fdatasync returns; a torn frame at the tail (crash mid-write)
+fails its length or CRC check and is dropped: it was never acknowledged.
+"""
+from __future__ import annotations
+
+import array
+import binascii
+import hashlib
+import json
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from ..errors import PgguardError
+from .record import CONTENT_FIELDS, CONTENT_SCHEMA, GENESIS, SCHEMA, UTC, _Content
+
+WAL_DIR = "_wal"
+CHAIN_DIR = "_chain"
+WAL_MAGIC = b"PGGWAL01"
+FRAME = struct.Struct("<III32s")
+FORMAT_VERSION = "1"
+ROW_GROUP_ROWS = 128 * 1024
+STREAM_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_PARQUET_RE = re.compile(r"^(?P<stream>[A-Za-z0-9_]{1,64})-(?P<seq>\d{12})\.parquet$")
+_WAL_RE = re.compile(r"^(?P<seq>\d{12})\.wal$")
+_NL = b"\n"
+
+
+class AuditError(PgguardError):
+    """The audit log cannot be written or read as expected."""
+
+
+# -- names -----------------------------------------------------------------------------
+
+def check_stream(stream: str) -> str:
+    if not STREAM_RE.match(stream):
+        raise AuditError(f"invalid audit stream name {stream!r} (letters, digits, _)")
+    return stream
+
+
+def parquet_name(stream: str, seq: int) -> str:
+    return f"{stream}-{seq:012d}.parquet"
+
+
+def parquet_path(root: Path, dt: str, stream: str, seq: int) -> Path:
+    return root / f"dt={dt}" / parquet_name(stream, seq)
+
+
+def tmp_path(final: Path) -> Path:
+    # never ends in .parquet, so read_parquet('<dir>/**/*.parquet') cannot see it
+    return final.parent / f".{final.name}.tmp"
+
+
+def wal_dir(root: Path, stream: str) -> Path:
+    return root / WAL_DIR / stream
+
+
+def wal_path(root: Path, stream: str, seq: int) -> Path:
+    return wal_dir(root, stream) / f"{seq:012d}.wal"
+
+
+def head_path(root: Path, stream: str) -> Path:
+    return root / CHAIN_DIR / f"{stream}.json"
+
+
+@dataclass(frozen=True, order=True)
+class ParquetFile:
+    stream: str
+    seq: int
+    path: Path = field(compare=False)
+    dt: str = field(compare=False)
+
+
+def list_parquet(root: Path) -> tuple[dict[str, list[ParquetFile]], list[Path]]:
+    """Sealed files by stream (sorted by seq), and ``.parquet`` files that are not ours."""
+    streams: dict[str, list[ParquetFile]] = {}
+    foreign: list[Path] = []
+    if not root.is_dir():
+        return streams, foreign
+    for path in root.rglob("*.parquet"):
+        rel = path.relative_to(root).parts
+        m = _PARQUET_RE.match(path.name)
+        if not m or len(rel) != 2 or not rel[0].startswith("dt="):
+            foreign.append(path)
+            continue
+        pf = ParquetFile(m["stream"], int(m["seq"]), path, rel[0][3:])
+        streams.setdefault(pf.stream, []).append(pf)
+    for files in streams.values():
+        files.sort()
+    return streams, sorted(foreign)
+
+
+def list_wal(root: Path, stream: str) -> list[tuple[int, Path]]:
+    d = wal_dir(root, stream)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _WAL_RE.match(p.name)
+        if m:
+            out.append((int(m["seq"]), p))
+    return sorted(out)
+
+
+def list_wal_streams(root: Path) -> list[str]:
+    d = root / WAL_DIR
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and STREAM_RE.match(p.name))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write *data* to *path* so a reader sees the old or the new content, never half."""
+    tmp = path.parent / f".{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# -- head anchor -----------------------------------------------------------------------
+
+class Head(msgspec.Struct, kw_only=True):
+    """The last sealed file of a stream: lets verify see a deleted last file or a
+    truncated tail, which the chain alone cannot show."""
+
+    stream: str
+    seq: int
+    last_hash: str
+    records: int          # records in the chain up to and including seq
+    file: str             # relative path of the file seq
+    updated: str
+
+
+def read_head(root: Path, stream: str) -> Head | None:
+    p = head_path(root, stream)
+    try:
+        return msgspec.json.decode(p.read_bytes(), type=Head)
+    except FileNotFoundError:
+        return None
+    except (OSError, msgspec.DecodeError) as e:
+        raise AuditError(f"{p}: unreadable chain head: {e}") from None
+
+
+def list_heads(root: Path) -> dict[str, Head]:
+    d = root / CHAIN_DIR
+    out: dict[str, Head] = {}
+    if d.is_dir():
+        for p in sorted(d.glob("*.json")):
+            if STREAM_RE.match(p.stem):
+                h = read_head(root, p.stem)
+                if h is not None:
+                    out[p.stem] = h
+    return out
+
+
+def write_head(root: Path, head: Head) -> None:
+    (root / CHAIN_DIR).mkdir(parents=True, exist_ok=True)
+    write_atomic(head_path(root, head.stream), msgspec.json.encode(head) + b"\n")
+
+
+# -- hashing ---------------------------------------------------------------------------
+
+def chain_lines(prev: bytes, lines: list[bytes]) -> list[bytes]:
+    """Hex hashes (bytes) of consecutive content lines chained from *prev* (hex bytes)."""
+    sha = hashlib.sha256
+    hexlify = binascii.hexlify
+    out = []
+    append = out.append
+    for line in lines:
+        prev = hexlify(sha(prev + _NL + line).digest())
+        append(prev)
+    return out
+
+
+def split_lines(blob: bytes) -> list[bytes]:
+    lines = blob.split(_NL)
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+# -- WAL -------------------------------------------------------------------------------
+
+def wal_header(stream: str, seq: int, prev_hash: str, created: datetime) -> bytes:
+    meta = json.dumps({"stream": stream, "seq": seq, "prev_hash": prev_hash,
+                       "created": created.isoformat(), "format": FORMAT_VERSION},
+                      separators=(",", ":")).encode()
+    return WAL_MAGIC + struct.pack("<I", len(meta)) + meta
+
+
+def wal_frame_header(body: bytes, count: int, last_hash_hex: bytes) -> bytes:
+    return FRAME.pack(len(body), count, zlib.crc32(body), binascii.unhexlify(last_hash_hex))
+
+
+@dataclass
+class WalSegment:
+    path: Path
+    stream: str
+    seq: int
+    prev_hash: str
+    created: datetime
+    bodies: list[bytes]
+    counts: list[int]
+    digests: list[bytes]
+    torn: bool            # bytes after the last complete frame (a crash mid-write)
+
+    @property
+    def records(self) -> int:
+        return sum(self.counts)
+
+
+def read_wal(path: Path) -> WalSegment:
+    """Parse a WAL segment up to its last complete frame. Safe on a segment being written."""
+    data = path.read_bytes()
+    if len(data) < len(WAL_MAGIC) + 4 or not data.startswith(WAL_MAGIC):
+        raise AuditError(f"{path}: not a pgguard WAL segment")
+    (hlen,) = struct.unpack_from("<I", data, len(WAL_MAGIC))
+    pos = len(WAL_MAGIC) + 4
+    try:
+        meta = json.loads(data[pos:pos + hlen])
+        created = datetime.fromisoformat(meta["created"]).astimezone(UTC)
+        seg = WalSegment(path, meta["stream"], int(meta["seq"]), meta["prev_hash"], created,
+                         [], [], [], False)
+    except (ValueError, KeyError, TypeError) as e:
+        raise AuditError(f"{path}: damaged WAL header: {e}") from None
+    pos += hlen
+    n = len(data)
+    while pos < n:
+        if pos + FRAME.size > n:
+            seg.torn = True
+            break
+        blen, count, crc, digest = FRAME.unpack_from(data, pos)
+        start = pos + FRAME.size
+        body = data[start:start + blen]
+        if blen == 0 or len(body) < blen or zlib.crc32(body) != crc:
+            seg.torn = True
+            break
+        seg.bodies.append(body)
+        seg.counts.append(count)
+        seg.digests.append(digest)
+        pos = start + blen
+    return seg
+
+
+def rehash_segment(seg: WalSegment) -> tuple[list[bytes], bool]:
+    """Recompute the chain over a segment from its header's prev_hash.
+
+    Returns the hex hashes and whether they agree with the digests the writer stored
+    in each frame (they disagree only if the WAL was altered).
+    """
+    prev = seg.prev_hash.encode("ascii")
+    hashes: list[bytes] = []
+    agree = True
+    for body, count, digest in zip(seg.bodies, seg.counts, seg.digests):
+        lines = split_lines(body)
+        hx = chain_lines(prev, lines)
+        if len(lines) != count or not hx or binascii.unhexlify(hx[-1]) != digest:
+            agree = False
+        if hx:
+            prev = hx[-1]
+        hashes.extend(hx)
+    return hashes, agree
+
+
+# -- Arrow conversion ------------------------------------------------------------------
+
+_READ_OPTS = pajson.ParseOptions(explicit_schema=CONTENT_SCHEMA,
+                                 unexpected_field_behavior="error")
+_content_lines = msgspec.json.Decoder(_Content)
+
+
+def _fixed_strings(data: bytes, n: int, width: int = 64) -> pa.Array:
+    offsets = array.array("i", range(0, width * (n + 1), width))
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _content_table_slow(body: bytes) -> pa.Table:
+    # exact (msgspec-validated) values column by column; used only if Arrow's JSON
+    # reader refuses input that msgspec accepted
+    recs = _content_lines.decode_lines(body)
+    cols = list(zip(*(msgspec.structs.astuple(r) for r in recs))) if recs else \
+        [[] for _ in CONTENT_FIELDS]
+    arrays = [pa.array(list(c), type=f.type) for c, f in zip(cols, CONTENT_SCHEMA)]
+    return pa.Table.from_arrays(arrays, schema=CONTENT_SCHEMA)
+
+
+def content_table(body: bytes) -> pa.Table:
+    """Arrow table of canonical content lines (NDJSON). Runs without the GIL."""
+    ro = pajson.ReadOptions(use_threads=False, block_size=max(len(body) + 1, 1 << 16))
+    try:
+        t = pajson.read_json(pa.BufferReader(body), read_options=ro, parse_options=_READ_OPTS)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return _content_table_slow(body)
+    if t.schema != CONTENT_SCHEMA:
+        t = t.select(list(CONTENT_FIELDS)).cast(CONTENT_SCHEMA)
+    return t
+
+
+def build_table(body: bytes, hashes: bytes, first_prev: bytes) -> pa.Table:
+    """The full-schema table for content lines *body* with their chain hashes.
+
+    *hashes*: the hex hashes of the lines concatenated (64 bytes each); *first_prev*:
+    the hex hash before the first line.
+    """
+    t = content_table(body)
+    n = t.num_rows
+    if len(hashes) != 64 * n:
+        raise AuditError(f"hash count {len(hashes) // 64} does not match {n} records")
+    prev = _fixed_strings(first_prev + hashes[:-64] if n else b"", n)
+    cur = _fixed_strings(hashes, n)
+    return pa.Table.from_arrays(t.columns + [prev, cur], schema=SCHEMA)
+
+
+class ParquetSink:
+    """One Parquet file being written under a temporary name; ``seal()`` publishes it."""
+
+    def __init__(self, root: Path, stream: str, seq: int, dt: str, first_prev: str) -> None:
+        self.final = parquet_path(root, dt, stream, seq)
+        self.tmp = tmp_path(self.final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.stream, self.seq, self.dt, self.first_prev = stream, seq, dt, first_prev
+        self.records = 0
+        self.last_hash = first_prev
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.records += table.num_rows
+        self.last_hash = table.column("hash")[-1].as_py()
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.tmp, SCHEMA, compression="zstd", write_statistics=True)
+        table = pa.concat_tables(self._pending)
+        self._pending.clear()
+        self._pending_rows = 0
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+
+    def seal(self) -> Path:
+        """Flush, fsync, rename to the final name, fsync the directory."""
+        self._flush()
+        if self._writer is None:
+            raise AuditError("cannot seal an empty audit file")
+        self._writer.add_key_value_metadata({
+            "pgguard.format": FORMAT_VERSION, "pgguard.stream": self.stream,
+            "pgguard.seq": str(self.seq), "pgguard.records": str(self.records),
+            "pgguard.first_prev_hash": self.first_prev, "pgguard.last_hash": self.last_hash})
+        self._writer.close()
+        self._writer = None
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return self.final
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def segment_to_parquet(root: Path, seg: WalSegment) -> tuple[Path | None, str, int]:
+    """Convert a (recovered) WAL segment to its Parquet file; returns (path, last hash, n)."""
+    hashes, _ = rehash_segment(seg)
+    if not hashes:
+        return None, seg.prev_hash, 0
+    sink = ParquetSink(root, seg.stream, seg.seq, seg.created.strftime("%Y-%m-%d"),
+                       seg.prev_hash)
+    try:
+        prev = seg.prev_hash.encode("ascii")
+        i = 0
+        for body, count in zip(seg.bodies, seg.counts):
+            hx = hashes[i:i + count]
+            sink.add(build_table(body, b"".join(hx), prev))
+            prev = hx[-1]
+            i += count
+        path = sink.seal()
+    except BaseException:
+        sink.abort()
+        raise
+    return path, hashes[-1].decode("ascii"), len(hashes)
+
+
+def wal_table(seg: WalSegment) -> pa.Table:
+    """The records of a WAL segment not yet sealed, as a table (for queries and tail)."""
+    hashes, _ = rehash_segment(seg)
+    if not hashes:
+        return SCHEMA.empty_table()
+    return build_table(b"".join(seg.bodies), b"".join(hashes), seg.prev_hash.encode("ascii"))
+
+
+def last_hash_of(path: Path) -> tuple[str, int]:
+    """(hash of the last record, number of records) of a sealed file."""
+    f = pq.ParquetFile(path)
+    n = f.metadata.num_rows
+    if n == 0:
+        return GENESIS, 0
+    rg = f.metadata.num_row_groups - 1
+    col = f.read_row_group(rg, columns=["hash"]).column("hash")
+    return col[-1].as_py(), n
+
+
+def content_of_row(row: dict) -> bytes:
+    """Canonical content of a row read back from Parquet (verify)."""
+    kw = {k: row[k] for k in CONTENT_FIELDS if row.get(k) is not None}
+    return msgspec.json.encode(_Content(**kw))
