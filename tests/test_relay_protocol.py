@@ -293,3 +293,42 @@ def test_human_identity_and_psql(proxy, psql_bin):
                  "SELECT 'hello ' || 'alice'")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "hello alice"
+
+
+def test_notices_pass_through(proxy):
+    got = []
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: got.append((d.severity, d.message_primary)))
+        conn.execute("DO $$BEGIN RAISE NOTICE 'look: %', 42; RAISE WARNING 'careful'; END$$")
+    assert got == [("NOTICE", "look: 42"), ("WARNING", "careful")]
+
+
+def test_function_call_message(proxy):
+    """FunctionCall ('F'), the legacy fast-path libpq's large objects use."""
+    from pgguard.auth.scram import ScramClient
+    s = _raw(proxy)
+    s.sendall(_startup())
+    hdr = s.recv(5)
+    s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
+    client = ScramClient(AGENT_PASSWORD)
+    mech, first = client.initial()
+    payload = mech.encode() + b"\0" + struct.pack("!i", len(first)) + first
+    s.sendall(b"p" + struct.pack("!I", len(payload) + 4) + payload)
+    hdr = s.recv(5)
+    body = s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
+    final = client.handle_continue(body[4:])
+    s.sendall(b"p" + struct.pack("!I", len(final) + 4) + final)
+    buf = b""
+    while not buf.endswith(b"Z\x00\x00\x00\x05I"):
+        buf += s.recv(65536)
+    # int4pl(40, 2): function OID 177, two binary int4 arguments, binary result
+    args = struct.pack("!IhhhIiIi", 177, 1, 1, 2, 4, 40, 4, 2) + struct.pack("!h", 1)
+    s.sendall(b"F" + struct.pack("!I", len(args) + 4) + args)
+    reply = b""
+    while not reply.endswith(b"Z\x00\x00\x00\x05I"):
+        reply += s.recv(65536)
+    assert reply[:1] == b"V"
+    (n,) = struct.unpack_from("!i", reply, 5)
+    assert n == 4 and struct.unpack_from("!i", reply, 9) == (42,)
+    s.sendall(b"X\x00\x00\x00\x04")
+    assert _read_all(s) == b""
