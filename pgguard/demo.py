@@ -1,0 +1,514 @@
+# `pgguard demo`: an embedded Postgres with sample PII data, a sample policy, and the proxy.
+"""Everything needed to see pgguard at work, in one command.
+
+Examples::
+
+    pgguard demo                              # files in ./pgguard-demo, proxy on 127.0.0.1:6432
+    pgguard demo --port 7432 --dir /tmp/pgg
+
+What it does:
+
+1. starts an embedded Postgres from the ``pgserver`` wheel in ``<dir>/pgdata`` (reused on
+   the next run). It listens on a unix socket only. As root, pgserver runs it as the
+   unprivileged OS user ``pgserver``, which it creates.
+2. creates the role ``app`` and the database ``shop`` it owns, then loads the sample shop
+   from :mod:`pgguard.demo_data`: ``customers`` with PII, ``orders``, a few indexes.
+   If the data has changed since it was loaded (say a ``DELETE`` tried through the
+   proxy), the next start loads it again.
+3. writes ``<dir>/pgguard.toml``: the identities ``ci-agent`` (an agent) and ``alice``
+   (a human in group ``dba``) with generated passwords in ``<dir>/secrets/``, the sample
+   rules, masks and detectors, and the audit log in ``<dir>/audit``. The file is
+   rewritten on every start unless you have edited it; then your version is kept
+   (delete it to get the generated one back).
+4. prints ready ``psql`` commands and what to try, then runs the proxy in this process.
+   Ctrl-C (or SIGTERM) stops the proxy, then the embedded Postgres, and exits 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import demo_data
+from .errors import PgguardError
+
+DEFAULT_DIR = "pgguard-demo"
+LISTEN_ADDRESS = "127.0.0.1"
+DATABASE = "shop"
+UPSTREAM_ROLE = "app"
+AGENT = "ci-agent"
+HUMAN = "alice"
+CONFIG_NAME = "pgguard.toml"
+
+
+class DemoError(PgguardError):
+    """The demo cannot start; the message is the one line the user sees."""
+
+
+# -- what the banner suggests -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Try:
+    """One suggestion in the banner. ``effect`` is what pgguard does with it; while
+    ``ready`` is False the banner says that this is still to come and what ``today``
+    happens instead. ``{config}`` in ``what`` becomes the config file's path."""
+
+    what: str
+    effect: str
+    ready: bool = False
+    today: str = "runs unguarded for now"
+    shell: bool = False       # a shell command, not SQL for the psql prompt
+
+
+# The only list the banner's "what to try" comes from. When a feature lands, set
+# `ready=True` on its entries (and fix the wording); add new ones here.
+TRIES: tuple[Try, ...] = (
+    Try("SELECT * FROM customers LIMIT 5;",
+        "email, ssn and card_number come back masked for ci-agent; alice (dba) sees them",
+        today="returns the stored values for now (masking is not built yet)"),
+    Try("SELECT id, notes FROM customers WHERE notes LIKE '%AKIA%' OR notes LIKE '%@%';",
+        "detectors mask the emails and AWS keys inside free text",
+        today="returns the stored text for now (detectors are not built yet)"),
+    Try("DROP INDEX orders_created_at_idx;",
+        "refused by rule no-destructive (SQLSTATE 42501); the connection stays usable",
+        today="drops the index for now (policy is not built yet)"),
+    Try("UPDATE orders SET status = 'refunded' WHERE id = 42;",
+        "waits until a human approves it: pgguard approvals list / approve ID -c {config}",
+        today="updates the row for now (approvals are not built yet)"),
+    Try("DELETE FROM orders;",
+        "refused: a DELETE without WHERE is destructive",
+        today="deletes every order for now (policy is not built yet)"),
+    Try('pgguard audit sql -c {config} '
+        '"SELECT ts, identity, decision, rule, statement FROM audit ORDER BY ts DESC LIMIT 10"',
+        "every statement above in the audit log, with its decision and rule",
+        today="not available yet (the audit log is not built yet)", shell=True),
+)
+
+# One line on what the proxy does already; later issues extend it.
+WORKS_TODAY = ("SCRAM login for ci-agent and alice, and every statement relayed to "
+               "Postgres (simple and extended protocol, COPY, LISTEN/NOTIFY, cancel).")
+
+
+# -- the embedded Postgres ------------------------------------------------------------------
+
+class Embedded:
+    """The pgserver-managed Postgres in ``pgdata``, reached over its unix socket."""
+
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata
+        self.srv = None
+        self.pgserver = None
+
+    def start(self) -> None:
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI): harmless
+                warnings.simplefilter("ignore")
+                import pgserver
+        except ImportError:
+            raise DemoError("the demo needs the pgserver wheel: pip install 'pgguard[demo]'") \
+                from None
+        self.pgserver = pgserver
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_handles()
+        try:
+            self.srv = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        except BaseException as e:
+            self._stop_orphan()
+            if not isinstance(e, Exception):    # Ctrl-C, SIGTERM
+                raise
+            # pgserver raises whatever initdb / pg_ctl raised
+            raise DemoError(f"could not start the embedded Postgres in {self.pgdata}: "
+                            f"{_one_line(e)} (see {self.pgdata / 'log'})") from None
+
+    def _stop_orphan(self) -> None:
+        # interrupted inside get_server: pg_ctl may have started the server before
+        # pgserver recorded our handle, so its cleanup would never stop it
+        if not (self.pgdata / "postmaster.pid").exists():
+            return
+        self._forget_dead_handles()
+        try:
+            others = json.loads((self.pgdata / ".handle_pids.json").read_text())
+        except (OSError, ValueError):
+            others = []
+        if [p for p in others if p != os.getpid()]:
+            return
+        user = "pgserver" if os.geteuid() == 0 else None     # as pgserver runs it
+        quiet = logging.getLogger("pgserver")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)        # a stale pid file makes pg_ctl complain
+        try:
+            self.pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user,
+                                 timeout=60)
+        except Exception:
+            pass
+        finally:
+            quiet.setLevel(level)
+
+    def _forget_dead_handles(self) -> None:
+        # pgserver counts the processes using a data dir in .handle_pids.json and stops
+        # the server only when the last one exits; a demo killed with SIGKILL leaves its
+        # pid there, and the server would then never be stopped again.
+        handles = self.pgdata / ".handle_pids.json"
+        if not handles.exists():
+            return
+        import psutil
+        with self.pgserver.PostgresServer._lock:
+            try:
+                pids = json.loads(handles.read_text())
+            except (OSError, ValueError):
+                pids = []
+            alive = [p for p in pids if isinstance(p, int) and self._alive(psutil, p)]
+            if alive != pids:
+                handles.write_text(json.dumps(alive))
+
+    @staticmethod
+    def _alive(psutil, pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    @property
+    def socket_dir(self) -> str:
+        return str(self.srv.get_postmaster_info().socket_dir)
+
+    @property
+    def port(self) -> int:
+        return self.srv.get_postmaster_info().port or 5432
+
+    def psql(self, sql: str, *, database: str = "postgres", user: str = "postgres",
+             args: tuple[str, ...] = ()) -> str:
+        """Run a psql script over the unix socket (trust auth); stdout, unaligned."""
+        exe = Path(self.pgserver.__file__).parent / "pginstall" / "bin" / "psql"
+        cmd = [str(exe), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
+               "-h", self.socket_dir, "-p", str(self.port), "-U", user, "-d", database, *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        r = subprocess.run(cmd, input=sql, capture_output=True, text=True, env=env,
+                           timeout=120)
+        if r.returncode != 0:
+            raise DemoError(f"psql on the embedded Postgres failed: {_one_line(r.stderr)}")
+        return r.stdout.strip()
+
+    def stop(self) -> str | None:
+        """Stop the server (pgserver's cleanup); a note when it is left running."""
+        if self.srv is None:
+            return None
+        info = self.srv.get_postmaster_info()
+        self.srv.cleanup()
+        self.srv = None
+        # pgserver stops it (pg_ctl -w stop, else kill) unless another live process
+        # holds a handle on the same data dir; then it keeps running for that one
+        import psutil
+        if self._alive(psutil, info.pid):       # (a zombie nobody reaped yet is stopped)
+            return (f"the embedded Postgres (pid {info.pid}) keeps running: another "
+                    f"process uses {self.pgdata}")
+        return None
+
+
+def _one_line(e: object) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+# -- sample data and secrets ------------------------------------------------------------------
+
+def prepare_database(pg: Embedded, home: Path, app_password: str) -> str:
+    """Role ``app``, database ``shop`` and the sample rows; says what it did."""
+    pg.psql(
+        f"SELECT 'CREATE ROLE {UPSTREAM_ROLE}' WHERE NOT EXISTS "
+        f"(SELECT FROM pg_roles WHERE rolname = '{UPSTREAM_ROLE}') \\gexec\n"
+        f"ALTER ROLE {UPSTREAM_ROLE} LOGIN NOSUPERUSER PASSWORD '{app_password}';\n"
+        f"SELECT 'CREATE DATABASE {DATABASE} OWNER {UPSTREAM_ROLE}' WHERE NOT EXISTS "
+        f"(SELECT FROM pg_database WHERE datname = '{DATABASE}') \\gexec\n")
+    stamp = home / ".sample-data"
+    expected = stamp.read_text().strip() if stamp.exists() else None
+    try:
+        current = f"{demo_data.DATA_VERSION} {_fingerprint(pg)}"
+    except DemoError:
+        current = None          # no tables yet (or not the ones we made)
+    if expected is not None and current == expected:
+        return "sample data in place"
+    pg.psql(demo_data.load_script(), database=DATABASE, user=UPSTREAM_ROLE, args=("-1",))
+    stamp.write_text(f"{demo_data.DATA_VERSION} {_fingerprint(pg)}\n")
+    what = (f"{demo_data.N_CUSTOMERS} customers and {demo_data.N_ORDERS} orders")
+    if expected is None:
+        return f"loaded the sample data: {what}"
+    return f"the sample data had changed since it was loaded; loaded it again: {what}"
+
+
+def _fingerprint(pg: Embedded) -> str:
+    return pg.psql(demo_data.FINGERPRINT_SQL, database=DATABASE, user=UPSTREAM_ROLE)
+
+
+def ensure_passwords(home: Path) -> dict[str, Path]:
+    """A generated password file per name, kept across runs (mode 0600)."""
+    d = home / "secrets"
+    d.mkdir(mode=0o700, exist_ok=True)
+    files = {}
+    for name in (AGENT, HUMAN, UPSTREAM_ROLE):
+        p = d / f"{name}.password"
+        if not p.exists() or not p.read_text().strip():
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(15) + "\n")
+        files[name] = p
+    return files
+
+
+def read_password(p: Path) -> str:
+    return p.read_text().strip()
+
+
+# -- the config -------------------------------------------------------------------------------
+
+def config_text(*, port: int, socket_dir: str, upstream_port: int) -> str:
+    """The demo's pgguard.toml (DESIGN §8), paths relative to the file."""
+    admin_port = port + 48 if port + 48 <= 65535 else port - 48
+    return f'''\
+# pgguard demo config, written by `pgguard demo` (rewritten on every start until you edit
+# it; then your version is kept and only [listen] port and [upstream] follow the demo).
+# Check it with: pgguard check -c {CONFIG_NAME}
+
+[listen]
+address = "{LISTEN_ADDRESS}"
+port = {port}
+
+[admin]
+address = "{LISTEN_ADDRESS}"
+port = {admin_port}
+groups = ["dba"]
+
+[upstream]
+# the embedded Postgres: its unix socket directory (libpq convention), trust auth
+host = "{socket_dir}"
+port = {upstream_port}
+user = "{UPSTREAM_ROLE}"
+password_file = "secrets/{UPSTREAM_ROLE}.password"
+databases = ["{DATABASE}"]
+
+[identities.{AGENT}]
+kind = "agent"
+groups = ["agents"]
+password_file = "secrets/{AGENT}.password"
+
+[identities.{HUMAN}]
+kind = "human"
+groups = ["dba"]
+password_file = "secrets/{HUMAN}.password"
+
+[policy]
+agents = "guarded"       # no rule matched: block destructive, privilege, escape, opaque
+humans = "allow"
+
+[[rules]]
+name = "no-destructive"
+when = {{ kind = "agent", flags = ["destructive", "privilege"] }}
+action = "block"
+
+[[rules]]
+name = "agent-writes-to-orders-need-approval"
+action = "approve"
+timeout = "5m"
+[rules.when]             # the same as an inline table: when = {{ kind = "agent", ... }}
+kind = "agent"
+statements = ["insert", "update", "delete"]
+relations = ["public.orders"]
+
+[[masks]]
+column = "public.customers.email"
+strategy = "email"
+except_groups = ["dba"]
+
+[[masks]]
+column = "public.customers.ssn"
+strategy = "partial"
+keep = 4
+except_groups = ["dba"]
+
+[[masks]]
+column = "public.customers.card_number"
+strategy = "partial"
+keep = 4
+except_groups = ["dba"]
+
+[detectors]
+builtin = ["email", "ssn", "credit_card", "aws_access_key", "jwt"]
+custom = [{{ name = "employee_id", pattern = 'EMP-\\d{{6}}' }}]
+
+[audit]
+dir = "audit"
+durability = "batched"
+
+[limits]
+shutdown_timeout = "5s"  # Ctrl-C waits at most this long for statements in flight
+'''
+
+
+def write_config(home: Path, text: str) -> tuple[Path, bool]:
+    """Write the generated config unless the user edited the last one we wrote.
+    Returns the path and whether the user's own version was kept."""
+    path = home / CONFIG_NAME
+    stamp = home / f".{CONFIG_NAME}.sha256"
+    if path.exists():
+        ours = stamp.read_text().strip() if stamp.exists() else None
+        if ours != hashlib.sha256(path.read_bytes()).hexdigest():
+            return path, True
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    stamp.write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
+    return path, False
+
+
+# -- banner -----------------------------------------------------------------------------------
+
+def dsn(user: str, password: str, port: int) -> str:
+    return f"postgresql://{user}:{password}@{LISTEN_ADDRESS}:{port}/{DATABASE}"
+
+
+def banner(*, port: int, passwords: dict[str, str], config_path: Path, pgdata: Path,
+           pg_version: str, psql: str) -> str:
+    cfg = str(config_path)
+    out = [
+        "",
+        f"pgguard demo: the proxy listens on {LISTEN_ADDRESS}:{port}, in front of an "
+        f"embedded Postgres {pg_version} (database {DATABASE!r})",
+        f"  config: {cfg}",
+        f"  data:   {pgdata}",
+        "",
+        f"Connect as the AI agent {AGENT} (kind agent, guarded):",
+        f"  {psql} '{dsn(AGENT, passwords[AGENT], port)}'",
+        f"Connect as {HUMAN} (kind human, group dba):",
+        f"  {psql} '{dsn(HUMAN, passwords[HUMAN], port)}'",
+        "",
+        f"Works today: {WORKS_TODAY}",
+    ]
+    if not all(t.ready for t in TRIES):
+        out.append("Still to come (marked 'later'): until then those statements run as written; "
+                   "the demo reloads its sample data at the next start if they changed it.")
+    out += ["", f"What to try as {AGENT}:"]
+    for t in TRIES:
+        what = t.what.format(config=cfg)
+        out.append(f"  {'$ ' if t.shell else ''}{what}")
+        if t.ready:
+            out.append(f"      -> {t.effect.format(config=cfg)}")
+        else:
+            out.append(f"      later: {t.effect.format(config=cfg)}")
+            out.append(f"      today: {t.today}")
+    out += ["", "Ctrl-C stops the proxy and the embedded Postgres.", ""]
+    return "\n".join(out)
+
+
+def _psql_command(pg: Embedded) -> str:
+    if shutil.which("psql"):
+        return "psql"
+    return str(Path(pg.pgserver.__file__).parent / "pginstall" / "bin" / "psql")
+
+
+def _announce_when_listening(port: int, text: str, done: threading.Event) -> None:
+    # server.run has no "ready" callback: print once the listener accepts connections
+    deadline = time.monotonic() + 60
+    while not done.is_set() and time.monotonic() < deadline:
+        try:
+            socket.create_connection((LISTEN_ADDRESS, port), timeout=0.5).close()
+        except OSError:
+            done.wait(0.05)
+            continue
+        print(text, flush=True)
+        return
+
+
+def port_problem(port: int) -> str | None:
+    """Why the proxy could not listen on the port, or None when it is free."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # no SO_REUSEPORT here: a pgguard that already listens with it must count as busy
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((LISTEN_ADDRESS, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        s.close()
+    return None
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(port: int = 6432, directory: str | None = None) -> int:
+    """Run the demo until Ctrl-C. Example: ``main(port=6432, directory="pgguard-demo")``."""
+    from . import config, server
+
+    if not 1 <= port <= 65535:
+        raise DemoError("--port must be between 1 and 65535")
+    problem = port_problem(port)
+    if problem:
+        raise DemoError(f"cannot listen on {LISTEN_ADDRESS}:{port}: {problem}; "
+                        "pick another port with --port")
+    home = Path(directory or DEFAULT_DIR).expanduser().resolve()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"cannot create {home}: {e.strerror}") from None
+
+    pg = Embedded(home / "pgdata")
+    old_term = signal.signal(signal.SIGTERM, _interrupt)   # setup: SIGTERM cleans up too
+    done = threading.Event()
+    code = 0
+    try:
+        print(f"Starting the embedded Postgres in {pg.pgdata} ...", flush=True)
+        pg.start()
+        files = ensure_passwords(home)
+        passwords = {name: read_password(p) for name, p in files.items()}
+        print(prepare_database(pg, home, passwords[UPSTREAM_ROLE]), flush=True)
+        version = pg.psql("SHOW server_version")
+        text = config_text(port=port, socket_dir=pg.socket_dir, upstream_port=pg.port)
+        config_path, kept = write_config(home, text)
+        cfg = config.load(config_path)
+        if kept:
+            print(f"Using your edited {config_path} (delete it to get the generated one)",
+                  flush=True)
+            cfg.listen.address, cfg.listen.port = LISTEN_ADDRESS, port
+            cfg.upstream.host, cfg.upstream.port = pg.socket_dir, pg.port
+        text = banner(port=port, passwords=passwords, config_path=config_path,
+                      pgdata=pg.pgdata, pg_version=version, psql=_psql_command(pg))
+        threading.Thread(target=_announce_when_listening, args=(port, text, done),
+                         name="pgguard-demo-banner", daemon=True).start()
+        try:
+            code = server.run(cfg)
+        except KeyboardInterrupt:       # before the proxy's own signal handlers were in
+            code = 0
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        done.set()
+        # a second Ctrl-C must not cut pg_ctl stop short (children inherit SIG_IGN)
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if pg.srv is not None:
+                print("Stopping the embedded Postgres ...", flush=True)
+            note = pg.stop()
+            if note:
+                print(f"pgguard demo: {note}", file=sys.stderr, flush=True)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+    return code

@@ -1,0 +1,266 @@
+# `pgguard demo` end to end: a real subprocess, a real embedded Postgres, a real client.
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pgguard import config, demo, demo_data
+
+pytest.importorskip("pgserver")
+psycopg = pytest.importorskip("psycopg")
+psutil = pytest.importorskip("psutil")
+
+START_TIMEOUT = 180.0       # the first start runs initdb and loads the sample data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Demo:
+    """`python -m pgguard demo` as a subprocess; stdout read line by line."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.dir = directory
+        self.port = port
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pgguard", "demo", "--port", str(port),
+             "--dir", str(directory)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines),
+                         daemon=True).start()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, q) -> None:
+        for line in stream:
+            q.put(line)
+        q.put(None)
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.err.append(line)
+
+    def output(self) -> str:
+        return "".join(self.out) + "\n--- stderr ---\n" + "".join(self.err)
+
+    def wait_banner(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait(10)
+                pytest.fail(f"demo exited with {self.proc.returncode}:\n{self.output()}")
+            self.out.append(line)
+            if line.startswith("Ctrl-C stops"):
+                return "".join(self.out)
+        pytest.fail(f"no banner within {START_TIMEOUT}s:\n{self.output()}")
+
+    def dsn(self, user: str) -> str:
+        m = re.search(rf"'(postgresql://{re.escape(user)}:[^']+)'", "".join(self.out))
+        assert m, self.output()
+        return m.group(1)
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        time.sleep(0.2)     # let the stdout pump finish
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.out.append(line)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _postgres_for(pgdata: Path) -> list:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(pgdata) in arg for arg in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _stop_leftovers(pgdata: Path) -> None:
+    for p in _postgres_for(pgdata):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _assert_postgres_stopped(pgdata: Path) -> None:
+    deadline = time.monotonic() + 10
+    while _postgres_for(pgdata) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _postgres_for(pgdata) == [], "the embedded Postgres is still running"
+
+
+def _counts(dsn: str) -> tuple[int, int]:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn = psycopg.connect(dsn, connect_timeout=5)
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    with conn:
+        customers = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+        orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+    return customers, orders
+
+
+@pytest.fixture
+def demo_dir(tmp_path):
+    d = tmp_path / "demo"
+    yield d
+    _stop_leftovers(d / "pgdata")
+
+
+def test_demo_runs_and_stops_cleanly(demo_dir):
+    port = _free_port()
+    d = Demo(demo_dir, port)
+    try:
+        text = d.wait_banner()
+        agent = d.dsn(demo.AGENT)
+        assert agent.startswith("postgresql://ci-agent:") and \
+            agent.endswith(f"@127.0.0.1:{port}/shop"), text
+        assert d.dsn(demo.HUMAN).endswith(f"@127.0.0.1:{port}/shop")
+        for t in demo.TRIES:
+            assert t.what.split()[0] in text
+        assert _counts(agent) == (demo_data.N_CUSTOMERS, demo_data.N_ORDERS)
+        # the password the banner shows is the one in the demo's secrets
+        assert (demo_dir / "secrets" / "ci-agent.password").read_text().strip() in agent
+        # the written config validates
+        config.load(demo_dir / "pgguard.toml")
+        code = d.interrupt()
+        assert code == 0, d.output()
+        assert "Stopping the embedded Postgres" in "".join(d.out)
+    finally:
+        d.kill()
+    _assert_postgres_stopped(demo_dir / "pgdata")
+
+
+def test_demo_restart_reuses_the_dir_and_restores_changed_data(demo_dir):
+    port = _free_port()
+    d = Demo(demo_dir, port)
+    try:
+        d.wait_banner()
+        alice = d.dsn(demo.HUMAN)
+        with psycopg.connect(alice, autocommit=True) as conn:
+            conn.execute("DELETE FROM orders WHERE id > 10")
+            conn.execute("DROP INDEX orders_created_at_idx")
+        assert _counts(alice) == (demo_data.N_CUSTOMERS, 10)
+        assert d.interrupt() == 0, d.output()
+    finally:
+        d.kill()
+    _assert_postgres_stopped(demo_dir / "pgdata")
+    password = (demo_dir / "secrets" / "alice.password").read_text()
+
+    d = Demo(demo_dir, _free_port())
+    try:
+        text = d.wait_banner()
+        assert "loaded it again" in text, text
+        assert (demo_dir / "secrets" / "alice.password").read_text() == password
+        assert _counts(d.dsn(demo.HUMAN)) == (demo_data.N_CUSTOMERS, demo_data.N_ORDERS)
+        assert d.interrupt() == 0, d.output()
+    finally:
+        d.kill()
+    _assert_postgres_stopped(demo_dir / "pgdata")
+
+    d = Demo(demo_dir, _free_port())
+    try:
+        assert "sample data in place" in d.wait_banner()
+        assert d.interrupt() == 0, d.output()
+    finally:
+        d.kill()
+    _assert_postgres_stopped(demo_dir / "pgdata")
+
+
+def test_demo_busy_port_is_one_line_and_exit_1(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "pgguard", "demo", "--port", str(port),
+             "--dir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and str(port) in r.stderr, r.stderr
+    assert not (tmp_path / "demo").exists()      # nothing started, nothing written
+
+
+def test_demo_config_validates(tmp_path):
+    text = demo.config_text(port=6432, socket_dir="/tmp/sock", upstream_port=5432)
+    cfg = config.loads(text, base_dir=str(tmp_path))
+    assert cfg.listen.port == 6432 and cfg.upstream.host == "/tmp/sock"
+    assert cfg.identities["ci-agent"].kind == "agent"
+    assert cfg.identities["alice"].groups == ["dba"]
+    assert [r.name for r in cfg.rules] == ["no-destructive",
+                                           "agent-writes-to-orders-need-approval"]
+    assert {m.column for m in cfg.masks} == {
+        "public.customers.email", "public.customers.ssn", "public.customers.card_number"}
+
+
+def test_demo_config_kept_when_edited(tmp_path):
+    path, kept = demo.write_config(tmp_path, "# one\n")
+    assert not kept and path.read_text() == "# one\n"
+    path, kept = demo.write_config(tmp_path, "# two\n")
+    assert not kept and path.read_text() == "# two\n"
+    path.write_text("# mine\n")
+    path, kept = demo.write_config(tmp_path, "# three\n")
+    assert kept and path.read_text() == "# mine\n"
+
+
+def test_sample_data_is_deterministic_and_plausible():
+    customers = demo_data.customers()
+    assert customers == demo_data.customers()
+    assert len(customers) == demo_data.N_CUSTOMERS
+    assert len({c[2] for c in customers}) == len(customers)          # unique emails
+    for _, name, email, ssn, card, phone, _notes in customers:
+        assert re.fullmatch(r"[a-z0-9._]+@[a-z.]+\.(com|org|net|example|test)", email)
+        assert re.fullmatch(r"\d{3}-\d{2}-\d{4}", ssn) and not ssn.startswith(("000", "666", "9"))
+        assert demo_data.luhn_ok(card) and len(card) in (15, 16)
+        assert re.fullmatch(r"\(\d{3}\) 555-01\d{2}", phone)
+    notes = [c[6] for c in customers if c[6]]
+    assert any(re.search(r"AKIA[A-Z2-7]{16}", n) for n in notes)
+    assert any("@" in n for n in notes)
+    orders = demo_data.orders()
+    assert len(orders) == demo_data.N_ORDERS
+    assert all(1 <= o[1] <= demo_data.N_CUSTOMERS for o in orders)
+    assert demo_data.luhn_ok("4111111111111111") and not demo_data.luhn_ok("4111111111111112")
