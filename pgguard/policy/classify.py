@@ -1,0 +1,1691 @@
+# Statement classification: pglast's JSON parse tree -> kind, relations, functions and flags.
+"""Classify SQL text the way Postgres will run it.
+
+Every statement of a text is parsed by pglast (libpg_query, the real Postgres parser,
+through its fast JSON output) and becomes one :class:`Statement`::
+
+    >>> [s.kind for s in classify("SELECT 'DROP TABLE x'; DELETE FROM t WHERE 1 = 1")]
+    ['select', 'delete']
+    >>> classify("DELETE FROM t WHERE 1 = 1")[0].flags
+    ('destructive', 'write')
+
+Flags (DESIGN.md section 4):
+
+``destructive``
+    DROP of any object, TRUNCATE, DELETE/UPDATE with no WHERE or a WHERE that is true for
+    every row (``true``, ``1 = 1``, ``'a' = 'a'``, ``NOT false``, ``x = x``, ``1 = 1 OR x``,
+    or a WHERE that does not depend on the row at all, such as ``$1`` or ``now() > '2000-1-1'``),
+    ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, MERGE ... WHEN MATCHED THEN DELETE with
+    no condition of its own (``AND ...``), MERGE ... WHEN NOT MATCHED BY SOURCE THEN DELETE
+    or UPDATE, MERGE ... THEN UPDATE whose join is true for every row (``ON true``, or the
+    target merged with itself), DROP OWNED, and any of these inside a data-modifying CTE, EXPLAIN ANALYZE,
+    PREPARE, SQL EXECUTE, a DO block, a function body or a rule action.
+``privilege``
+    GRANT, REVOKE, CREATE/ALTER/DROP ROLE, SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION,
+    ``set_config('role', ...)``, DISCARD ALL (it resets the session authorization),
+    ALTER ... OWNER TO, REASSIGN OWNED, ALTER DEFAULT PRIVILEGES, row-level security
+    (CREATE/ALTER POLICY, ALTER TABLE ... DISABLE ROW LEVEL SECURITY), SECURITY DEFINER
+    functions, ``session_replication_role``.
+``escape``
+    reaching outside the database: COPY TO/FROM PROGRAM or a server file, pg_read_file and
+    the other server-file functions, lo_import/lo_export, dblink*, pg_terminate_backend,
+    pg_cancel_backend, pg_reload_conf, ALTER SYSTEM, CREATE/ALTER EXTENSION, LOAD, untrusted
+    or C language functions, foreign servers, user mappings and subscriptions, and settings
+    that would make pgguard's parser read the text differently from the server
+    (``standard_conforming_strings = off``, a client_encoding other than UTF8).
+``opaque``
+    SQL the proxy cannot see into: EXECUTE of a string in PL/pgSQL, CALL, DO blocks and
+    functions in languages other than plpgsql and sql, SQL EXECUTE of a statement this
+    session was not seen preparing, query_to_xml() and other functions that run SQL text.
+``write``
+    INSERT, UPDATE, DELETE, MERGE, COPY FROM, TRUNCATE.
+
+Statement kinds are lowercase: ``select`` (also VALUES and TABLE), ``insert``, ``update``,
+``delete``, ``merge``, ``copy``, ``create`` (every CREATE ..., CREATE TABLE AS, SELECT INTO,
+IMPORT FOREIGN SCHEMA), ``alter`` (every ALTER ..., RENAME, ALTER SYSTEM), ``drop``,
+``truncate``, ``grant``, ``revoke``, ``comment``, ``security_label``, ``set``, ``reset``,
+``show``, ``discard``, ``explain``, ``do``, ``call``, ``prepare``, ``execute``,
+``deallocate``, ``begin``, ``commit``, ``rollback``, ``savepoint``, ``release``,
+``prepare_transaction``, ``commit_prepared``, ``rollback_prepared``, ``declare``, ``fetch``,
+``move``, ``close``, ``lock``, ``vacuum``, ``analyze``, ``cluster``, ``reindex``,
+``refresh``, ``checkpoint``, ``listen``, ``unlisten``, ``notify``, ``load``, ``reassign``.
+``Statement.kinds`` adds the kinds of statements run inside this one (a data-modifying CTE,
+EXPLAIN ANALYZE, PREPARE/EXECUTE, DO and function bodies): rules match on all of them.
+
+Relation names are schema-qualified (``public.orders``). An unqualified name is reported
+as ``public.<name>`` (``pg_temp.<name>`` for CREATE TEMP TABLE): pgguard does not know the
+session's ``search_path``, so a session that changes it can make ``orders`` mean another
+schema's table. Rules that must hold whatever the search_path should name the table
+without a schema (``relations = ["orders"]`` matches ``orders`` in any schema).
+Function names are schema-qualified when the SQL qualifies them, else the bare name.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from pglast import ast as _pgast
+from pglast import parser as _pg
+
+from ..errors import PgguardError
+
+__all__ = [
+    "FLAGS", "DEFAULT_MAX_LENGTH", "Reason", "Statement", "PreparedMemory",
+    "PolicyParseError", "StatementTooLong", "classify",
+]
+
+FLAGS = ("destructive", "privilege", "escape", "opaque", "write")
+DEFAULT_MAX_LENGTH = 1 << 20
+
+
+class PolicyParseError(PgguardError):
+    """The SQL could not be parsed; pgguard refuses what it cannot read (fail closed).
+
+    ``position`` is the 1-based character position the parser pointed at, or None.
+    """
+
+    sqlstate = "42601"
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class StatementTooLong(PolicyParseError):
+    """The text is longer than the policy's limit (default 1 MiB)."""
+
+    sqlstate = "54000"
+
+
+class Reason(msgspec.Struct, frozen=True):
+    """Why a flag is set, in words fit for an error DETAIL."""
+
+    flag: str
+    text: str
+
+
+class Statement(msgspec.Struct, frozen=True, kw_only=True):
+    """One classified statement.
+
+    Example::
+
+        >>> s = classify("WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d")[0]
+        >>> s.kind, s.kinds, s.relations_written, s.flags
+        ('select', ('select', 'delete'), ('public.orders',), ('destructive', 'write'))
+    """
+
+    kind: str
+    text: str = ""
+    # this kind first, then every statement kind run inside it
+    kinds: tuple[str, ...] = ()
+    relations_written: tuple[str, ...] = ()
+    relations_read: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
+    # the classification looked at a literal's value (constant WHERE, set_config's
+    # setting name, a DO body...): never share it with a text that differs in literals
+    literal_dependent: bool = False
+    # prepared-statement name of PREPARE / EXECUTE / DEALLOCATE (None: DEALLOCATE ALL)
+    name: str | None = None
+    # changes no data, schema, privileges or server state
+    readonly: bool = False
+
+    def reasons_for(self, flag: str) -> list[str]:
+        """The reason texts of one flag."""
+        return [r.text for r in self.reasons if r.flag == flag]
+
+
+# --------------------------------------------------------------------------- tables
+
+# server-side functions that reach outside the database or act on other sessions
+_ESCAPE_FUNCS = {
+    "pg_read_file": "reads a file on the database server",
+    "pg_read_binary_file": "reads a file on the database server",
+    "pg_stat_file": "inspects a file on the database server",
+    "pg_ls_dir": "lists a directory on the database server",
+    "lo_import": "reads a server file into a large object",
+    "lo_export": "writes a large object to a server file",
+    "pg_terminate_backend": "terminates another session",
+    "pg_cancel_backend": "cancels another session's query",
+    "pg_reload_conf": "reloads the server configuration",
+    "pg_rotate_logfile": "rotates the server log",
+    "pg_promote": "promotes a standby server",
+    "pg_switch_wal": "forces a WAL switch",
+    "pg_create_restore_point": "creates a WAL restore point",
+    "pg_backup_start": "starts a base backup",
+    "pg_backup_stop": "stops a base backup",
+    "pg_start_backup": "starts a base backup",
+    "pg_stop_backup": "stops a base backup",
+    "pg_create_physical_replication_slot": "creates a replication slot",
+    "pg_create_logical_replication_slot": "creates a replication slot",
+    "pg_drop_replication_slot": "drops a replication slot",
+    "pg_copy_physical_replication_slot": "creates a replication slot",
+    "pg_copy_logical_replication_slot": "creates a replication slot",
+    "pg_logical_emit_message": "writes a message into the WAL",
+    "pg_log_backend_memory_contexts": "signals another backend",
+    "pg_wal_replay_pause": "pauses WAL replay",
+    "pg_wal_replay_resume": "resumes WAL replay",
+    "pg_import_system_collations": "imports operating-system collations",
+}
+_ESCAPE_PREFIXES = ("dblink", "pg_read_", "pg_ls_", "pg_file_", "pg_logdir_",
+                    "pg_replication_origin_")
+_ESCAPE_PREFIX_WHY = "reaches outside the database (server files, other servers or sessions)"
+
+# functions that run SQL given as text: pgguard cannot see what they run
+_OPAQUE_FUNCS = {
+    name: "runs SQL given as text, which pgguard cannot see into" for name in (
+        "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+        "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+        "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
+        "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+        "ts_stat", "ts_rewrite")
+}
+
+# functions that change state (for Statement.readonly)
+_WRITING_FUNCS = frozenset({
+    "nextval", "setval", "lo_create", "lo_creat", "lo_unlink", "lo_put", "lo_from_bytea",
+    "lo_truncate", "lo_truncate64", "pg_notify", "pg_stat_reset", "pg_advisory_lock",
+    "pg_advisory_xact_lock", "txid_current", "pg_current_xact_id",
+})
+
+# settings whose change is a privilege or escape concern (SET, set_config, ALTER ... SET)
+_PRIVILEGE_SETTINGS = {
+    "role": "changes the role the session acts as",
+    "session_authorization": "changes the session's user",
+    "session_replication_role": "disables triggers and foreign-key checks",
+}
+_ESCAPE_SETTINGS = {
+    "session_preload_libraries": "loads server libraries",
+    "local_preload_libraries": "loads server libraries",
+    "shared_preload_libraries": "loads server libraries",
+    "dynamic_library_path": "changes where server libraries are loaded from",
+}
+_UTF8_NAMES = frozenset({"utf8", "utf-8", "unicode"})
+_ON_VALUES = frozenset({"on", "true", "yes", "1", "t", "y"})
+_OFF_VALUES = frozenset({"off", "false", "no", "0", "f", "n"})
+
+# languages whose bodies pgguard reads
+_TRUSTED_SQL_LANGS = frozenset({"sql", "plpgsql"})
+_UNTRUSTED_LANGS = frozenset({"c", "internal", "plpythonu", "plpython2u", "plpython3u",
+                              "plperlu", "pltclu", "plsh", "pljavau", "plv8u", "plrustu"})
+
+_READONLY_KINDS = frozenset({
+    "select", "explain", "show", "begin", "commit", "rollback", "savepoint", "release",
+    "declare", "fetch", "move", "close", "set", "reset", "deallocate", "prepare",
+    "execute", "listen", "unlisten", "discard", "do", "copy",
+})
+
+_DROP_LABEL = {
+    "OBJECT_TABLE": "TABLE", "OBJECT_INDEX": "INDEX", "OBJECT_VIEW": "VIEW",
+    "OBJECT_MATVIEW": "MATERIALIZED VIEW", "OBJECT_SEQUENCE": "SEQUENCE",
+    "OBJECT_FOREIGN_TABLE": "FOREIGN TABLE",
+}
+_REL_OBJECTS = frozenset(_DROP_LABEL)
+
+_TXN_KINDS = {
+    "TRANS_STMT_BEGIN": "begin", "TRANS_STMT_START": "begin",
+    "TRANS_STMT_COMMIT": "commit", "TRANS_STMT_ROLLBACK": "rollback",
+    "TRANS_STMT_SAVEPOINT": "savepoint", "TRANS_STMT_RELEASE": "release",
+    "TRANS_STMT_ROLLBACK_TO": "rollback", "TRANS_STMT_PREPARE": "prepare_transaction",
+    "TRANS_STMT_COMMIT_PREPARED": "commit_prepared",
+    "TRANS_STMT_ROLLBACK_PREPARED": "rollback_prepared",
+}
+
+_KIND_OVERRIDES = {
+    "IndexStmt": "create", "ViewStmt": "create", "RuleStmt": "create",
+    "DefineStmt": "create", "CompositeTypeStmt": "create", "CreatedbStmt": "create",
+    "ImportForeignSchemaStmt": "create", "CreateTableAsStmt": "create",
+    "RenameStmt": "alter", "ReplicaIdentityStmt": "alter",
+    "CommentStmt": "comment", "SecLabelStmt": "security_label", "LockStmt": "lock",
+    "CheckPointStmt": "checkpoint", "ClusterStmt": "cluster", "ReindexStmt": "reindex",
+    "RefreshMatViewStmt": "refresh", "DiscardStmt": "discard", "ListenStmt": "listen",
+    "UnlistenStmt": "unlisten", "NotifyStmt": "notify", "LoadStmt": "load",
+    "ReassignOwnedStmt": "reassign", "DeclareCursorStmt": "declare",
+    "ClosePortalStmt": "close", "VariableShowStmt": "show", "ConstraintsSetStmt": "set",
+    "DeallocateStmt": "deallocate", "CallStmt": "call", "DoStmt": "do",
+    "ReturnStmt": "return", "PLAssignStmt": "assign", "CopyStmt": "copy",
+    "TruncateStmt": "truncate", "ExplainStmt": "explain", "PrepareStmt": "prepare",
+    "ExecuteStmt": "execute", "SelectStmt": "select", "InsertStmt": "insert",
+    "UpdateStmt": "update", "DeleteStmt": "delete", "MergeStmt": "merge",
+}
+
+# utility statements that always carry a flag: tag -> (flag, reason)
+_UTILITY_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "CreateRoleStmt": (("privilege", "CREATE ROLE creates a role"),),
+    "AlterRoleStmt": (("privilege", "ALTER ROLE changes a role"),),
+    "AlterRoleSetStmt": (("privilege", "ALTER ROLE ... SET changes a role's settings"),),
+    "DropRoleStmt": (("privilege", "DROP ROLE removes a role"),
+                     ("destructive", "DROP ROLE removes a role")),
+    "DropOwnedStmt": (("destructive", "DROP OWNED drops every object a role owns"),
+                      ("privilege", "DROP OWNED revokes a role's privileges")),
+    "ReassignOwnedStmt": (("privilege", "REASSIGN OWNED changes object owners"),),
+    "AlterOwnerStmt": (("privilege", "ALTER ... OWNER TO changes an object's owner"),),
+    "AlterDefaultPrivilegesStmt": (
+        ("privilege", "ALTER DEFAULT PRIVILEGES changes future grants"),),
+    "CreatePolicyStmt": (("privilege", "CREATE POLICY changes row-level security"),),
+    "AlterPolicyStmt": (("privilege", "ALTER POLICY changes row-level security"),),
+    "SecLabelStmt": (("privilege", "SECURITY LABEL changes a security label"),),
+    "AlterSystemStmt": (("escape", "ALTER SYSTEM rewrites the server configuration"),),
+    "CreateExtensionStmt": (("escape", "CREATE EXTENSION installs server code"),),
+    "AlterExtensionStmt": (("escape", "ALTER EXTENSION changes installed server code"),),
+    "AlterExtensionContentsStmt": (
+        ("escape", "ALTER EXTENSION changes installed server code"),),
+    "LoadStmt": (("escape", "LOAD loads a shared library into the server"),),
+    "CreatePLangStmt": (("escape", "CREATE LANGUAGE installs a procedural language"),),
+    "CreateFdwStmt": (("escape", "CREATE FOREIGN DATA WRAPPER installs a connector"),),
+    "AlterFdwStmt": (("escape", "ALTER FOREIGN DATA WRAPPER changes a connector"),),
+    "CreateForeignServerStmt": (("escape", "CREATE SERVER connects to another server"),),
+    "AlterForeignServerStmt": (("escape", "ALTER SERVER changes a remote connection"),),
+    "CreateUserMappingStmt": (("escape", "CREATE USER MAPPING stores remote credentials"),),
+    "AlterUserMappingStmt": (("escape", "ALTER USER MAPPING changes remote credentials"),),
+    "ImportForeignSchemaStmt": (("escape", "IMPORT FOREIGN SCHEMA reads another server"),),
+    "CreateSubscriptionStmt": (("escape", "CREATE SUBSCRIPTION connects to another server"),),
+    "AlterSubscriptionStmt": (("escape", "ALTER SUBSCRIPTION changes a remote connection"),),
+    "DropdbStmt": (("destructive", "DROP DATABASE"),),
+    "DropTableSpaceStmt": (("destructive", "DROP TABLESPACE"),),
+    "DropSubscriptionStmt": (("destructive", "DROP SUBSCRIPTION"),),
+    "DropUserMappingStmt": (("destructive", "DROP USER MAPPING"),),
+}
+
+_T_TRUE, _T_FALSE, _T_CONST, _T_ROW = 1, 2, 3, 4
+
+
+def _utility_kind(tag: str) -> str:
+    kind = _KIND_OVERRIDES.get(tag)
+    if kind is not None:
+        return kind
+    for prefix in ("Create", "Alter", "Drop"):
+        if tag.startswith(prefix):
+            return prefix.lower()
+    return tag[:-4].lower() if tag.endswith("Stmt") else tag.lower()
+
+
+# --------------------------------------------------------------------------- accumulator
+
+class _Acc:
+    """Everything seen while walking one statement's tree."""
+
+    __slots__ = ("kind", "kinds", "writes", "reads", "funcs", "flags", "reasons", "literal",
+                 "ctes", "rvwrite", "utility", "ctx", "text", "name", "prepared",
+                 "writing_funcs", "sub_kind")
+
+    def __init__(self, text: str = "", prepared: Mapping[str, Statement] | None = None):
+        self.kind: str | None = None
+        self.kinds: dict[str, None] = {}
+        self.writes: dict[str, None] = {}
+        self.reads: dict[str, None] = {}
+        self.funcs: dict[str, None] = {}
+        self.flags: set[str] = set()
+        self.reasons: list[tuple[str, str]] = []
+        self.literal = False
+        self.ctes: list[frozenset[str]] = []   # CTE names in scope, innermost last
+        self.rvwrite = False                   # a RangeVar met now is a written object
+        self.utility = False                   # inside a utility statement's own fields
+        self.ctx = ""                          # prefix for reasons ("in a WITH query: ")
+        self.text = text
+        self.name: str | None = None
+        self.prepared = prepared
+        self.writing_funcs = False
+        self.sub_kind = False                  # next statement entered counts in kinds
+
+    def flag(self, flag: str, why: str) -> None:
+        self.flags.add(flag)
+        self.reasons.append((flag, self.ctx + why))
+
+    def enter(self, kind: str) -> None:
+        if self.kind is None:
+            self.kind = kind
+            self.kinds[kind] = None
+        elif kind != "select" or self.sub_kind:
+            self.kinds[kind] = None
+        self.sub_kind = False
+
+    def merge(self, st: Statement, ctx: str, *, executes: bool = True,
+              kinds: tuple[str, ...] | None = None) -> None:
+        """Fold a classified inner statement into this one."""
+        if executes:
+            for k in (st.kinds if kinds is None else kinds):
+                self.kinds[k] = None
+            for r in st.relations_written:
+                self.writes[r] = None
+            for r in st.relations_read:
+                self.reads[r] = None
+            for r in st.reasons:
+                self.flags.add(r.flag)
+                self.reasons.append((r.flag, ctx + r.text))
+            if not st.readonly:
+                self.writing_funcs = True
+        else:
+            # seen but not run: relations count as read, only non-execution flags stay
+            for r in st.relations_written:
+                self.reads[r] = None
+            for r in st.relations_read:
+                self.reads[r] = None
+            for r in st.reasons:
+                if r.flag not in ("write", "destructive"):
+                    self.flags.add(r.flag)
+                    self.reasons.append((r.flag, ctx + r.text))
+        for f in st.functions:
+            self.funcs[f] = None
+        if st.literal_dependent:
+            self.literal = True
+
+    def build(self, text: str) -> Statement:
+        flags = tuple(f for f in FLAGS if f in self.flags)
+        kinds = tuple(self.kinds)
+        readonly = (not flags and not self.writes and not self.writing_funcs
+                    and all(k in _READONLY_KINDS for k in kinds))
+        seen: set[tuple[str, str]] = set()
+        reasons = []
+        for r in self.reasons:
+            if r not in seen:
+                seen.add(r)
+                reasons.append(Reason(r[0], r[1]))
+        return Statement(
+            kind=self.kind or "unknown", text=text, kinds=kinds,
+            relations_written=tuple(self.writes), relations_read=tuple(self.reads),
+            functions=tuple(self.funcs), flags=flags, reasons=tuple(reasons),
+            literal_dependent=self.literal, name=self.name, readonly=readonly)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _sval(node: Any) -> str:
+    # {"String": {"sval": "x"}} -> "x"
+    if type(node) is dict:
+        inner = node.get("String")
+        if type(inner) is dict:
+            return inner.get("sval", "")
+    return ""
+
+
+def _dotted(names: list | None) -> str:
+    return ".".join(_sval(n) for n in names or ())
+
+
+def _relname(rv: dict) -> str:
+    schema = rv.get("schemaname")
+    if schema is None:
+        schema = "pg_temp" if rv.get("relpersistence") == "t" else "public"
+    return schema + "." + rv.get("relname", "")
+
+
+def _walk(acc: _Acc, node: Any) -> None:
+    # generic descent: typed nodes go to their handler, everything else is searched
+    if type(node) is dict:
+        if "relname" in node:                       # a RangeVar stored without its tag
+            _rangevar(acc, node)
+            return
+        if "funcformat" in node and "funcname" in node:   # a FuncCall without its tag
+            _funccall(acc, node)
+            return
+        for k, v in node.items():
+            h = _NODE.get(k)
+            if h is not None:
+                h(acc, v)
+            elif type(v) is dict:
+                _walk(acc, v)
+            elif type(v) is list:
+                for x in v:
+                    if type(x) is dict or type(x) is list:
+                        _walk(acc, x)
+    elif type(node) is list:
+        for v in node:
+            if type(v) is dict or type(v) is list:
+                _walk(acc, v)
+
+
+def _walk_except(acc: _Acc, body: dict, skip: tuple[str, ...]) -> None:
+    for k, v in body.items():
+        if k in skip:
+            continue
+        h = _NODE.get(k)
+        if h is not None:
+            h(acc, v)
+        elif type(v) is dict or type(v) is list:
+            _walk(acc, v)
+
+
+def _noop(acc: _Acc, body: Any) -> None:
+    pass
+
+
+def _rangevar(acc: _Acc, rv: dict) -> None:
+    if type(rv) is not dict:
+        return
+    if acc.rvwrite:
+        acc.writes[_relname(rv)] = None
+        return
+    if acc.ctes and "schemaname" not in rv:
+        name = rv.get("relname")
+        for scope in acc.ctes:
+            if name in scope:
+                return
+    acc.reads[_relname(rv)] = None
+
+
+def _func_class(bare: str) -> tuple[str, str] | None:
+    why = _ESCAPE_FUNCS.get(bare)
+    if why is not None:
+        return "escape", why
+    if bare.startswith(_ESCAPE_PREFIXES):
+        return "escape", _ESCAPE_PREFIX_WHY
+    why = _OPAQUE_FUNCS.get(bare)
+    if why is not None:
+        return "opaque", why
+    return None
+
+
+def _funccall(acc: _Acc, fc: dict) -> None:
+    names = fc.get("funcname") or ()
+    if len(names) == 1:
+        name = bare = _sval(names[0])
+    else:
+        name = _dotted(names)
+        bare = _sval(names[-1]) if names else ""
+    acc.funcs[name] = None
+    cls = _func_class(bare)
+    if cls is not None:
+        acc.flag(cls[0], f"{name}() {cls[1]}")
+    elif bare == "set_config":
+        _set_config(acc, fc.get("args"))
+    elif bare in _WRITING_FUNCS:
+        acc.writing_funcs = True
+    for k, v in fc.items():
+        if k != "funcname" and (type(v) is dict or type(v) is list):
+            _walk(acc, v)
+
+
+def _set_config(acc: _Acc, args: list | None) -> None:
+    acc.literal = True
+    first = args[0] if args else None
+    name = None
+    if type(first) is dict:
+        c = first.get("A_Const")
+        if type(c) is dict and "sval" in c:
+            name = c["sval"].get("sval", "")
+    if name is None:
+        acc.flag("privilege", "set_config() with a computed setting name may change the role")
+        return
+    _setting_flags(acc, name.strip().lower(), None, "set_config()", from_set_config=True,
+                   args=args)
+
+
+def _setting_flags(acc: _Acc, name: str, stmt: dict | None, how: str, *,
+                   from_set_config: bool = False, args: list | None = None) -> None:
+    why = _PRIVILEGE_SETTINGS.get(name)
+    if why is not None:
+        acc.flag("privilege", f"{how} {name} {why}")
+        return
+    why = _ESCAPE_SETTINGS.get(name)
+    if why is not None:
+        acc.flag("escape", f"{how} {name} {why}")
+        return
+    if name not in ("standard_conforming_strings", "client_encoding", "names"):
+        return
+    acc.literal = True
+    value: str | None = None
+    resetting = False
+    if from_set_config:
+        second = args[1] if args and len(args) > 1 else None
+        c = second.get("A_Const") if type(second) is dict else None
+        if type(c) is dict and "sval" in c:
+            value = c["sval"].get("sval", "")
+    elif stmt is not None:
+        if stmt.get("kind") in ("VAR_RESET", "VAR_RESET_ALL", "VAR_SET_DEFAULT"):
+            resetting = True
+        else:
+            vals = stmt.get("args") or ()
+            if len(vals) == 1 and type(vals[0]) is dict:
+                c = vals[0].get("A_Const")
+                if type(c) is dict:
+                    if "sval" in c:
+                        value = c["sval"].get("sval", "")
+                    elif "boolval" in c:
+                        value = "on" if c["boolval"].get("boolval") else "off"
+                    elif "ival" in c:
+                        value = str(c["ival"].get("ival", 0))
+    if resetting:
+        return
+    v = (value or "").strip().lower()
+    if name == "standard_conforming_strings":
+        if v not in _ON_VALUES:
+            acc.flag("escape", f"{how} standard_conforming_strings to {value or '?'} changes "
+                     "how string literals are read; pgguard's parser assumes it is on")
+    elif v not in _UTF8_NAMES:
+        acc.flag("escape", f"{how} client_encoding to {value or '?'}: encodings other than "
+                 "UTF8 can hide quotes from pgguard's parser")
+
+
+# --------------------------------------------------------------------------- WHERE analysis
+
+def _has_colref(node: Any) -> bool:
+    if type(node) is dict:
+        for k, v in node.items():
+            if k == "ColumnRef" or k == "CurrentOfExpr":
+                return True
+            if (type(v) is dict or type(v) is list) and _has_colref(v):
+                return True
+    elif type(node) is list:
+        for v in node:
+            if _has_colref(v):
+                return True
+    return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is dict:
+        if type(b) is not dict:
+            return False
+        ka = [k for k in a if k != "location"]
+        kb = [k for k in b if k != "location"]
+        if ka != kb:
+            return False
+        return all(_same(a[k], b[k]) for k in ka)
+    if type(a) is list:
+        return type(b) is list and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+_NOVAL = object()
+_BOOL_TYPES = frozenset({"bool", "boolean"})
+_INT_TYPES = frozenset({"int2", "int4", "int8", "integer", "smallint", "bigint", "int"})
+_NUM_TYPES = frozenset({"numeric", "decimal", "float4", "float8", "real"})
+_TEXT_TYPES = frozenset({"text", "varchar", "bpchar", "char", "name"})
+
+
+def _const_value(acc: _Acc, node: Any) -> Any:
+    """The value of a literal (optionally cast), or _NOVAL."""
+    if type(node) is not dict:
+        return _NOVAL
+    c = node.get("A_Const")
+    if type(c) is dict:
+        acc.literal = True
+        if c.get("isnull"):
+            return None
+        if "ival" in c:
+            return c["ival"].get("ival", 0)
+        if "sval" in c:
+            return c["sval"].get("sval", "")
+        if "boolval" in c:
+            return bool(c["boolval"].get("boolval", False))
+        if "fval" in c:
+            try:
+                return float(c["fval"].get("fval", "0"))
+            except ValueError:
+                return _NOVAL
+        return _NOVAL
+    tc = node.get("TypeCast")
+    if type(tc) is dict:
+        v = _const_value(acc, tc.get("arg"))
+        if v is _NOVAL or v is None:
+            return v
+        tn = (tc.get("typeName") or {}).get("names") or ()
+        t = _sval(tn[-1]) if tn else ""
+        try:
+            if t in _BOOL_TYPES:
+                if isinstance(v, bool):
+                    return v
+                if isinstance(v, int):
+                    return v != 0
+                s = str(v).strip().lower()
+                if s and any(w.startswith(s) for w in ("true", "yes")) or s in ("on", "1"):
+                    return True
+                if s and any(w.startswith(s) for w in ("false", "no")) or s in ("off", "of", "0"):
+                    return False
+                return _NOVAL
+            if t in _INT_TYPES:
+                return int(str(v).strip()) if not isinstance(v, bool) else _NOVAL
+            if t in _NUM_TYPES:
+                return float(str(v).strip()) if not isinstance(v, bool) else _NOVAL
+            if t in _TEXT_TYPES:
+                return str(v) if not isinstance(v, bool) else ("true" if v else "false")
+        except ValueError:
+            return _NOVAL
+    return _NOVAL
+
+
+_CMP = {
+    "=": lambda a, b: a == b, "<>": lambda a, b: a != b, "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b, ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
+}
+
+
+def _compare(op: str, a: Any, b: Any) -> int:
+    if a is None or b is None:
+        return _T_FALSE                      # NULL comparison: no row passes
+    if isinstance(a, bool) != isinstance(b, bool):
+        return _T_CONST
+    if isinstance(a, str) != isinstance(b, str):
+        # an untyped literal is coerced to the other side's type
+        try:
+            if isinstance(a, str):
+                a = float(a)
+            else:
+                b = float(b)
+        except ValueError:
+            return _T_CONST
+    try:
+        return _T_TRUE if _CMP[op](a, b) else _T_FALSE
+    except TypeError:
+        return _T_CONST
+
+
+def _truth(acc: _Acc, node: Any) -> int:
+    """TRUE / FALSE for every row, CONST (same for every row, unknown), or ROW."""
+    if type(node) is not dict or len(node) != 1:
+        return _T_ROW if _has_colref(node) else _T_CONST
+    tag, b = next(iter(node.items()))
+    if tag == "BoolExpr":
+        vals = [_truth(acc, a) for a in b.get("args") or ()]
+        op = b.get("boolop")
+        if op == "NOT_EXPR":
+            v = vals[0] if vals else _T_CONST
+            return _T_FALSE if v == _T_TRUE else _T_TRUE if v == _T_FALSE else v
+        if op == "AND_EXPR":
+            if _T_FALSE in vals:
+                return _T_FALSE
+            if _T_ROW in vals:
+                return _T_ROW
+            return _T_TRUE if all(v == _T_TRUE for v in vals) else _T_CONST
+        if _T_TRUE in vals:
+            return _T_TRUE
+        if _T_CONST in vals:
+            return _T_CONST
+        return _T_ROW if _T_ROW in vals else _T_FALSE
+    if tag == "A_Const" or tag == "TypeCast":
+        v = _const_value(acc, node)
+        if v is None:
+            return _T_FALSE
+        if isinstance(v, bool):
+            return _T_TRUE if v else _T_FALSE
+        return _T_ROW if _has_colref(node) else _T_CONST
+    if tag == "A_Expr" and b.get("kind") == "AEXPR_OP":
+        names = b.get("name") or ()
+        op = _sval(names[-1]) if names else ""
+        left, right = b.get("lexpr"), b.get("rexpr")
+        if op in _CMP and left is not None and right is not None:
+            if not _has_colref(left) and not _has_colref(right):
+                lv, rv = _const_value(acc, left), _const_value(acc, right)
+                if lv is not _NOVAL and rv is not _NOVAL:
+                    return _compare(op, lv, rv)
+                return _T_CONST
+            if _same(left, right):
+                # a column compared with itself: true (or false) on every non-null row
+                return _T_TRUE if op in ("=", "<=", ">=") else _T_FALSE
+        return _T_ROW if _has_colref(node) else _T_CONST
+    if tag == "NullTest":
+        arg = b.get("arg")
+        if not _has_colref(arg):
+            v = _const_value(acc, arg)
+            if v is _NOVAL:
+                return _T_CONST
+            isnull = v is None
+            want_null = b.get("nulltesttype") == "IS_NULL"
+            return _T_TRUE if isnull == want_null else _T_FALSE
+        return _T_ROW
+    if tag == "BooleanTest":
+        arg = b.get("arg")
+        if not _has_colref(arg):
+            v = _truth(acc, arg)
+            t = b.get("booltesttype", "")
+            if v in (_T_TRUE, _T_FALSE):
+                is_true = v == _T_TRUE
+                if t in ("IS_TRUE", "IS_NOT_FALSE"):
+                    return _T_TRUE if is_true else _T_FALSE
+                if t in ("IS_FALSE", "IS_NOT_TRUE"):
+                    return _T_FALSE if is_true else _T_TRUE
+            return _T_CONST
+        return _T_ROW
+    if tag == "CurrentOfExpr" or tag == "ColumnRef":
+        return _T_ROW
+    return _T_ROW if _has_colref(node) else _T_CONST
+
+
+def _where_check(acc: _Acc, verb: str, target: str, where: Any) -> None:
+    if where is None:
+        acc.flag("destructive", f"{verb} on {target} has no WHERE clause: every row")
+        return
+    v = _truth(acc, where)
+    if v == _T_TRUE:
+        acc.flag("destructive", f"{verb} on {target} has a WHERE clause that is true for "
+                 "every row")
+    elif v == _T_CONST:
+        acc.flag("destructive", f"{verb} on {target} has a WHERE clause that does not "
+                 "depend on the row: it matches every row or none")
+
+
+# --------------------------------------------------------------------------- statements
+
+def _push_ctes(acc: _Acc, with_clause: Any) -> bool:
+    if type(with_clause) is not dict:
+        return False
+    ctes = with_clause.get("ctes") or ()
+    names = frozenset(c["CommonTableExpr"].get("ctename", "") for c in ctes
+                      if type(c) is dict and "CommonTableExpr" in c)
+    acc.ctes.append(names)
+    saved = acc.ctx
+    acc.ctx = saved + "in a WITH query: "
+    for c in ctes:
+        cte = c.get("CommonTableExpr") if type(c) is dict else None
+        if type(cte) is dict:
+            _walk(acc, cte.get("ctequery"))
+    acc.ctx = saved
+    return True
+
+
+def _select(acc: _Acc, b: dict) -> None:
+    into = b.get("intoClause")
+    acc.enter("create" if into is not None and acc.kind is None else "select")
+    saved_w, saved_u = acc.rvwrite, acc.utility
+    acc.rvwrite = acc.utility = False
+    pushed = _push_ctes(acc, b.get("withClause"))
+    if type(into) is dict:
+        rel = into.get("rel")
+        if type(rel) is dict:
+            acc.writes[_relname(rel)] = None
+    _walk_except(acc, b, ("withClause", "intoClause"))
+    if pushed:
+        acc.ctes.pop()
+    acc.rvwrite, acc.utility = saved_w, saved_u
+
+
+def _dml_target(acc: _Acc, b: dict) -> str:
+    rel = b.get("relation")
+    if type(rel) is not dict:
+        return "?"
+    name = _relname(rel)
+    acc.writes[name] = None
+    return name
+
+
+def _insert(acc: _Acc, b: dict) -> None:
+    acc.enter("insert")
+    saved_w, saved_u = acc.rvwrite, acc.utility
+    acc.rvwrite = acc.utility = False
+    pushed = _push_ctes(acc, b.get("withClause"))
+    target = _dml_target(acc, b)
+    acc.flag("write", f"INSERT into {target}")
+    _walk_except(acc, b, ("withClause", "relation"))
+    if pushed:
+        acc.ctes.pop()
+    acc.rvwrite, acc.utility = saved_w, saved_u
+
+
+def _update_or_delete(acc: _Acc, b: dict, verb: str) -> None:
+    acc.enter(verb.lower())
+    saved_w, saved_u = acc.rvwrite, acc.utility
+    acc.rvwrite = acc.utility = False
+    pushed = _push_ctes(acc, b.get("withClause"))
+    target = _dml_target(acc, b)
+    acc.flag("write", f"{verb} on {target}")
+    _where_check(acc, verb, target, b.get("whereClause"))
+    _walk_except(acc, b, ("withClause", "relation"))
+    if pushed:
+        acc.ctes.pop()
+    acc.rvwrite, acc.utility = saved_w, saved_u
+
+
+def _update(acc: _Acc, b: dict) -> None:
+    _update_or_delete(acc, b, "UPDATE")
+
+
+def _delete(acc: _Acc, b: dict) -> None:
+    _update_or_delete(acc, b, "DELETE")
+
+
+def _merge(acc: _Acc, b: dict) -> None:
+    acc.enter("merge")
+    saved_w, saved_u = acc.rvwrite, acc.utility
+    acc.rvwrite = acc.utility = False
+    pushed = _push_ctes(acc, b.get("withClause"))
+    target = _dml_target(acc, b)
+    acc.flag("write", f"MERGE into {target}")
+    src = b.get("sourceRelation")
+    src_rv = src.get("RangeVar") if type(src) is dict else None
+    self_join = type(src_rv) is dict and _relname(src_rv) == target
+    jc = b.get("joinCondition")
+    join = _truth(acc, jc) if jc is not None else _T_TRUE
+    every_match = join in (_T_TRUE, _T_CONST) or self_join
+    for w in b.get("mergeWhenClauses") or ():
+        wc = w.get("MergeWhenClause") if type(w) is dict else None
+        if type(wc) is not dict:
+            continue
+        cmd = wc.get("commandType")
+        if cmd not in ("CMD_DELETE", "CMD_UPDATE"):
+            continue
+        verb = "DELETE" if cmd == "CMD_DELETE" else "UPDATE"
+        cond = wc.get("condition")
+        all_cond = cond is None or _truth(acc, cond) in (_T_TRUE, _T_CONST)
+        match = wc.get("matchKind")
+        if match == "MERGE_WHEN_MATCHED" and every_match and all_cond:
+            why = ("the source is the target itself" if self_join
+                   else "the join condition is true for every row")
+            acc.flag("destructive", f"MERGE into {target} ... THEN {verb} reaches every row: "
+                     f"{why}")
+        elif match == "MERGE_WHEN_MATCHED" and verb == "DELETE" and all_cond:
+            acc.flag("destructive", f"MERGE into {target} WHEN MATCHED THEN DELETE deletes "
+                     "every row the source matches, with no condition of its own")
+        elif match == "MERGE_WHEN_NOT_MATCHED_BY_SOURCE" and all_cond:
+            acc.flag("destructive", f"MERGE into {target} WHEN NOT MATCHED BY SOURCE THEN "
+                     f"{verb} reaches every target row missing from the source")
+    _walk_except(acc, b, ("withClause", "relation"))
+    if pushed:
+        acc.ctes.pop()
+    acc.rvwrite, acc.utility = saved_w, saved_u
+
+
+def _copy(acc: _Acc, b: dict) -> None:
+    acc.enter("copy")
+    is_from = bool(b.get("is_from"))
+    fname = b.get("filename")
+    rel = b.get("relation")
+    name = _relname(rel) if type(rel) is dict else None
+    what = name or "a query"
+    if b.get("is_program"):
+        acc.flag("escape", f"COPY {'FROM' if is_from else 'TO'} PROGRAM runs a shell command "
+                 "on the database server")
+    elif fname is not None:
+        acc.flag("escape", f"COPY {'FROM' if is_from else 'TO'} a server file reads or writes "
+                 "files on the database server")
+    if is_from:
+        if name:
+            acc.writes[name] = None
+        acc.flag("write", f"COPY FROM into {what}")
+    elif name:
+        acc.reads[name] = None
+    q = b.get("query")
+    if q is not None:
+        acc.sub_kind = True
+        saved = acc.ctx
+        acc.ctx = saved + "COPY runs: "
+        _walk(acc, q)
+        acc.ctx = saved
+        acc.sub_kind = False
+    saved_u = acc.utility
+    acc.utility = False
+    _walk_except(acc, b, ("relation", "query"))
+    acc.utility = saved_u
+
+
+def _explain_analyze(acc: _Acc, options: list | None) -> bool:
+    analyze = False
+    for o in options or ():
+        d = o.get("DefElem") if type(o) is dict else None
+        if type(d) is not dict or d.get("defname") != "analyze":
+            continue
+        arg = d.get("arg")
+        if arg is None:
+            analyze = True
+            continue
+        acc.literal = True
+        value: Any = None
+        if type(arg) is dict:
+            if "String" in arg:
+                value = arg["String"].get("sval", "").strip().lower()
+            elif "Integer" in arg:
+                value = str(arg["Integer"].get("ival", 0))
+            elif "Boolean" in arg:
+                value = "true" if arg["Boolean"].get("boolval") else "false"
+        # anything not clearly false runs the statement (fail closed)
+        analyze = value not in _OFF_VALUES
+    return analyze
+
+
+def _explain(acc: _Acc, b: dict) -> None:
+    acc.enter("explain")
+    q = b.get("query")
+    if _explain_analyze(acc, b.get("options")):
+        saved = acc.ctx
+        acc.ctx = saved + "EXPLAIN ANALYZE runs it: "
+        acc.sub_kind = True
+        _walk(acc, q)
+        acc.sub_kind = False
+        acc.ctx = saved
+    else:
+        inner = _Acc(acc.text, acc.prepared)
+        _walk(inner, q)
+        acc.merge(inner.build(""), acc.ctx + "plain EXPLAIN only plans it: ", executes=False)
+
+
+def _prepare(acc: _Acc, b: dict) -> None:
+    acc.enter("prepare")
+    acc.name = b.get("name", "")
+    saved = acc.ctx
+    acc.ctx = saved + f'PREPARE {acc.name} AS: '
+    acc.sub_kind = True
+    _walk(acc, b.get("query"))
+    acc.sub_kind = False
+    acc.ctx = saved
+    _walk(acc, b.get("argtypes"))
+
+
+def _execute(acc: _Acc, b: dict) -> None:
+    acc.enter("execute")
+    name = b.get("name", "")
+    acc.name = name
+    body = acc.prepared.get(name) if acc.prepared is not None else None
+    if body is None:
+        acc.flag("opaque", f'EXECUTE {name}: pgguard has not seen "{name}" prepared in this '
+                 "session")
+    else:
+        acc.merge(body, acc.ctx + f"EXECUTE {name} runs: ")
+    _walk(acc, b.get("params"))
+
+
+def _deallocate(acc: _Acc, b: dict) -> None:
+    acc.enter("deallocate")
+    acc.name = None if b.get("isall") else b.get("name", "")
+
+
+def _transaction(acc: _Acc, b: dict) -> None:
+    acc.enter(_TXN_KINDS.get(b.get("kind", ""), "transaction"))
+
+
+def _varset(acc: _Acc, b: dict) -> None:
+    kind = b.get("kind", "")
+    acc.enter("reset" if kind in ("VAR_RESET", "VAR_RESET_ALL") else "set")
+    acc.literal = True
+    name = (b.get("name") or "").lower()
+    if kind == "VAR_RESET_ALL" or not name:
+        return
+    how = "RESET" if kind == "VAR_RESET" else "SET"
+    _setting_flags(acc, name, b, how)
+    _walk(acc, b.get("args"))
+
+
+def _setstmt_of(acc: _Acc, b: dict, how: str) -> None:
+    s = b.get("setstmt")
+    if type(s) is dict and s.get("name"):
+        _setting_flags(acc, s["name"].lower(), s, how)
+
+
+def _discard(acc: _Acc, b: dict) -> None:
+    acc.enter("discard")
+    if b.get("target") == "DISCARD_ALL":
+        acc.flag("privilege", "DISCARD ALL resets the session authorization and role")
+
+
+def _grant(acc: _Acc, b: dict) -> None:
+    is_grant = bool(b.get("is_grant"))
+    acc.enter("grant" if is_grant else "revoke")
+    acc.flag("privilege", f"{'GRANT' if is_grant else 'REVOKE'} changes privileges")
+    _utility_walk(acc, b)
+
+
+def _drop(acc: _Acc, b: dict) -> None:
+    acc.enter("drop")
+    rtype = b.get("removeType", "")
+    label = _DROP_LABEL.get(rtype) or rtype.replace("OBJECT_", "").replace("_", " ")
+    names = []
+    for o in b.get("objects") or ():
+        if type(o) is dict and "List" in o:
+            parts = [_sval(x) for x in o["List"].get("items") or ()]
+        elif type(o) is dict and "ObjectWithArgs" in o:
+            parts = [_sval(x) for x in o["ObjectWithArgs"].get("objname") or ()]
+        elif type(o) is dict and "String" in o:
+            parts = [_sval(o)]
+        elif type(o) is dict and "TypeName" in o:
+            parts = [_sval(x) for x in o["TypeName"].get("names") or ()]
+        else:
+            parts = []
+        if rtype in _REL_OBJECTS and parts:
+            full = ".".join(parts) if len(parts) > 1 else "public." + parts[0]
+            acc.writes[full] = None
+            names.append(full)
+        elif parts:
+            names.append(".".join(parts))
+    acc.flag("destructive", f"DROP {label} {', '.join(names)}".rstrip())
+    if rtype == "OBJECT_POLICY":
+        acc.flag("privilege", "DROP POLICY changes row-level security")
+    if rtype in ("OBJECT_EXTENSION", "OBJECT_FDW", "OBJECT_FOREIGN_SERVER"):
+        acc.flag("escape", f"DROP {label} changes installed connectors or server code")
+    _utility_walk(acc, b, ("objects",))
+
+
+def _truncate(acc: _Acc, b: dict) -> None:
+    acc.enter("truncate")
+    _utility_walk(acc, b)
+    names = ", ".join(acc.writes) or "?"
+    acc.flag("destructive", f"TRUNCATE {names} removes every row")
+    acc.flag("write", f"TRUNCATE {names}")
+
+
+def _alter_table(acc: _Acc, b: dict) -> None:
+    acc.enter("alter")
+    rel = b.get("relation")
+    target = _relname(rel) if type(rel) is dict else "?"
+    for c in b.get("cmds") or ():
+        cmd = c.get("AlterTableCmd") if type(c) is dict else None
+        if type(cmd) is not dict:
+            continue
+        sub = cmd.get("subtype", "")
+        col = cmd.get("name") or ""
+        if sub == "AT_DropColumn":
+            acc.flag("destructive", f"ALTER TABLE {target} DROP COLUMN {col}".rstrip())
+        elif sub == "AT_DropConstraint":
+            acc.flag("destructive", f"ALTER TABLE {target} DROP CONSTRAINT {col}".rstrip())
+        elif sub == "AT_ChangeOwner":
+            acc.flag("privilege", f"ALTER TABLE {target} OWNER TO changes the owner")
+        elif sub in ("AT_DisableRowSecurity", "AT_NoForceRowSecurity"):
+            acc.flag("privilege", f"ALTER TABLE {target} weakens row-level security")
+        elif sub == "AT_AlterColumnType" and _has_using(cmd):
+            acc.flag("write", f"ALTER TABLE {target} ALTER COLUMN {col} TYPE ... USING "
+                     "rewrites the column's data")
+    _utility_walk(acc, b)
+
+
+def _has_using(cmd: dict) -> bool:
+    d = cmd.get("def")
+    cd = d.get("ColumnDef") if type(d) is dict else None
+    return type(cd) is dict and cd.get("raw_default") is not None
+
+
+def _rename(acc: _Acc, b: dict) -> None:
+    acc.enter("alter")
+    if b.get("renameType") == "OBJECT_ROLE":
+        acc.flag("privilege", "ALTER ROLE ... RENAME changes a role")
+    _utility_walk(acc, b)
+
+
+def _alter_setting(acc: _Acc, b: dict, tag: str) -> None:
+    acc.enter("alter")
+    for flag, why in _UTILITY_FLAGS.get(tag, ()):
+        acc.flag(flag, why)
+    _setstmt_of(acc, b, "ALTER ... SET")
+    _utility_walk(acc, b, ("setstmt",))
+
+
+def _alter_role_set(acc: _Acc, b: dict) -> None:
+    _alter_setting(acc, b, "AlterRoleSetStmt")
+
+
+def _alter_db_set(acc: _Acc, b: dict) -> None:
+    _alter_setting(acc, b, "AlterDatabaseSetStmt")
+
+
+def _alter_system(acc: _Acc, b: dict) -> None:
+    _alter_setting(acc, b, "AlterSystemStmt")
+
+
+def _call(acc: _Acc, b: dict) -> None:
+    acc.enter("call")
+    fc = b.get("funccall")
+    name = _dotted(fc.get("funcname")) if type(fc) is dict else "?"
+    acc.flag("opaque", f"CALL {name}: pgguard cannot see what a procedure runs")
+    saved_u = acc.utility
+    acc.utility = False
+    _walk(acc, b)
+    acc.utility = saved_u
+
+
+def _create_trigger(acc: _Acc, b: dict) -> None:
+    acc.enter("create")
+    fn = _dotted(b.get("funcname"))
+    if fn:
+        acc.funcs[fn] = None
+        cls = _func_class(fn.rsplit(".", 1)[-1])
+        if cls is not None:
+            acc.flag(cls[0], f"trigger function {fn}() {cls[1]}")
+    _utility_walk(acc, b, ("funcname",))
+
+
+def _query_holder(kind_rel_key: str) -> Any:
+    """CREATE VIEW / CREATE TABLE AS / DECLARE CURSOR: an object plus a query."""
+    def handler(acc: _Acc, b: dict, _key: str = kind_rel_key) -> None:
+        tag = _key
+        acc.enter(_utility_kind(tag))
+        saved_w, saved_u = acc.rvwrite, acc.utility
+        acc.rvwrite, acc.utility = True, True
+        for k in ("view", "into"):
+            v = b.get(k)
+            if type(v) is dict:
+                _walk(acc, v)
+        acc.rvwrite, acc.utility = False, False
+        _walk(acc, b.get("query"))
+        acc.rvwrite, acc.utility = saved_w, saved_u
+        _utility_walk(acc, b, ("view", "into", "query"))
+    return handler
+
+
+def _rule(acc: _Acc, b: dict) -> None:
+    acc.enter("create")
+    rel = b.get("relation")
+    if type(rel) is dict:
+        acc.writes[_relname(rel)] = None
+    saved = acc.ctx
+    acc.ctx = saved + "rule action: "
+    saved_w, saved_u = acc.rvwrite, acc.utility
+    acc.rvwrite = acc.utility = False
+    _walk(acc, b.get("actions"))
+    _walk(acc, b.get("whereClause"))
+    acc.rvwrite, acc.utility = saved_w, saved_u
+    acc.ctx = saved
+
+
+def _defelems(options: list | None) -> dict[str, Any]:
+    out = {}
+    for o in options or ():
+        d = o.get("DefElem") if type(o) is dict else None
+        if type(d) is dict:
+            out[d.get("defname", "")] = d.get("arg")
+    return out
+
+
+def _do(acc: _Acc, b: dict) -> None:
+    acc.enter("do")
+    acc.literal = True
+    opts = _defelems(b.get("args"))
+    lang = _sval(opts.get("language")).lower() or "plpgsql"
+    _body_by_language(acc, lang, "DO block", sql_body=None)
+
+
+def _create_function(acc: _Acc, b: dict) -> None:
+    acc.enter("create")
+    acc.literal = True
+    opts = _defelems(b.get("options"))
+    what = "procedure" if b.get("is_procedure") else "function"
+    name = _dotted(b.get("funcname"))
+    sec = opts.get("security")
+    if type(sec) is dict and sec.get("Boolean", {}).get("boolval"):
+        acc.flag("privilege", f"SECURITY DEFINER {what} {name} runs with its owner's "
+                 "privileges")
+    lang = _sval(opts.get("language")).lower()
+    if not lang:
+        lang = "sql" if b.get("sql_body") is not None else "?"
+    body: str | None = None
+    as_ = opts.get("as")
+    if type(as_) is dict and "List" in as_:
+        items = as_["List"].get("items") or ()
+        if items:
+            body = _sval(items[0])
+    _body_by_language(acc, lang, f"{what} {name}", sql_body=b.get("sql_body"),
+                      sql_text=body)
+    _utility_walk(acc, b, ("options", "sql_body", "funcname"))
+
+
+def _alter_function(acc: _Acc, b: dict) -> None:
+    acc.enter("alter")
+    for a in b.get("actions") or ():
+        d = a.get("DefElem") if type(a) is dict else None
+        if type(d) is dict and d.get("defname") == "security":
+            arg = d.get("arg")
+            if type(arg) is dict and arg.get("Boolean", {}).get("boolval"):
+                acc.flag("privilege", "ALTER FUNCTION ... SECURITY DEFINER makes it run with "
+                         "its owner's privileges")
+    _utility_walk(acc, b, ("actions",))
+
+
+def _body_by_language(acc: _Acc, lang: str, what: str, *, sql_body: Any,
+                      sql_text: str | None = None) -> None:
+    saved = acc.ctx
+    acc.ctx = saved + f"{what} body: "
+    try:
+        if lang == "plpgsql":
+            _plpgsql(acc, acc.text, what)
+        elif lang == "sql":
+            if sql_body is not None:
+                saved_w, saved_u = acc.rvwrite, acc.utility
+                acc.rvwrite = acc.utility = False
+                acc.sub_kind = True
+                _walk(acc, sql_body)
+                acc.sub_kind = False
+                acc.rvwrite, acc.utility = saved_w, saved_u
+            elif sql_text is not None:
+                _embedded(acc, sql_text)
+        elif lang in _UNTRUSTED_LANGS or lang.endswith("u"):
+            acc.ctx = saved
+            acc.flag("escape", f"{what} in language {lang} runs code on the database server")
+            acc.flag("opaque", f"{what} in language {lang}: pgguard cannot see inside")
+        else:
+            acc.ctx = saved
+            acc.flag("opaque", f"{what} in language {lang}: pgguard cannot see inside")
+    finally:
+        acc.ctx = saved
+
+
+def _utility(tag: str, acc: _Acc, b: dict) -> None:
+    acc.enter(_utility_kind(tag))
+    for flag, why in _UTILITY_FLAGS.get(tag, ()):
+        acc.flag(flag, why)
+    _utility_walk(acc, b)
+
+
+def _utility_walk(acc: _Acc, b: dict, skip: tuple[str, ...] = ()) -> None:
+    # a RangeVar among a utility statement's own fields is the object it changes
+    saved_w, saved_u = acc.rvwrite, acc.utility
+    acc.rvwrite = acc.utility = True
+    if skip:
+        _walk_except(acc, b, skip)
+    else:
+        _walk(acc, b)
+    acc.rvwrite, acc.utility = saved_w, saved_u
+
+
+def _string(acc: _Acc, b: Any) -> None:
+    # inside utility statements, functions are named by plain strings (CREATE OPERATOR,
+    # CREATE CAST, GRANT EXECUTE ...): catch the dangerous ones there too
+    if acc.utility and type(b) is dict:
+        s = b.get("sval")
+        if s:
+            cls = _func_class(s)
+            if cls is not None:
+                acc.flag(cls[0], f"names {s}(), which {cls[1]}")
+
+
+def _nested(tag: str) -> Any:
+    h = _STMT.get(tag)
+    if h is not None:
+        return h
+    return lambda acc, b, _t=tag: _utility(_t, acc, b)
+
+
+# --------------------------------------------------------------------------- PL/pgSQL
+
+_PL_DYNAMIC = {
+    "PLpgSQL_stmt_dynexecute": "EXECUTE of a string",
+    "PLpgSQL_stmt_dynfors": "FOR ... IN EXECUTE of a string",
+}
+
+_json = msgspec.json.Decoder()
+
+
+def _plpgsql(acc: _Acc, text: str, what: str) -> None:
+    try:
+        tree = _json.decode(_pg.parse_plpgsql_json(text))
+    except _pg.ParseError as e:
+        acc.flag("opaque", f"the PL/pgSQL body could not be parsed ({e.args[0]})")
+        return
+    if not tree:
+        acc.flag("opaque", "pgguard found no PL/pgSQL body to read")
+        return
+    _plwalk(acc, tree)
+
+
+def _plwalk(acc: _Acc, node: Any) -> None:
+    if type(node) is dict:
+        for k, v in node.items():
+            if k == "PLpgSQL_expr" and type(v) is dict:
+                _plexpr(acc, v)
+                continue
+            dyn = _PL_DYNAMIC.get(k)
+            if dyn is None and type(v) is dict and "dynquery" in v:
+                dyn = "OPEN/RETURN QUERY ... EXECUTE of a string"
+            if dyn is not None:
+                acc.flag("opaque", f"{dyn}: pgguard cannot see the SQL it runs")
+                q = v.get("query") if k in _PL_DYNAMIC else v.get("dynquery")
+                if type(q) is dict and type(q.get("PLpgSQL_expr")) is dict:
+                    _constant_sql(acc, q["PLpgSQL_expr"].get("query", ""))
+            if type(v) is dict or type(v) is list:
+                _plwalk(acc, v)
+    elif type(node) is list:
+        for v in node:
+            _plwalk(acc, v)
+
+
+def _constant_sql(acc: _Acc, expr: str) -> None:
+    """EXECUTE 'constant': classify the constant's text too (it is what will run)."""
+    try:
+        tree = _json.decode(_pg.parse_sql_json("SELECT " + expr))
+        stmts = tree.get("stmts") or ()
+        t = stmts[0]["stmt"]["SelectStmt"]["targetList"]
+        if len(stmts) != 1 or len(t) != 1:
+            return
+        c = t[0]["ResTarget"]["val"]["A_Const"]
+        sql = c["sval"]["sval"]
+    except (_pg.ParseError, KeyError, IndexError, TypeError):
+        return
+    saved = acc.ctx
+    acc.ctx = saved + "EXECUTE of a constant string: "
+    _embedded(acc, sql)
+    acc.ctx = saved
+
+
+def _assign_rhs(q: str) -> str | None:
+    """The expression of a PL/pgSQL assignment ``target := expr``."""
+    depth = 0
+    for tok in _pg.scan(q):
+        if tok.name in ("ASCII_40", "ASCII_91"):
+            depth += 1
+        elif tok.name in ("ASCII_41", "ASCII_93"):
+            depth -= 1
+        elif depth == 0 and tok.name in ("COLON_EQUALS", "ASCII_61"):
+            return q[tok.end + 1:]          # scan() reports character offsets
+    return None
+
+
+def _plexpr(acc: _Acc, e: dict) -> None:
+    q = e.get("query", "")
+    mode = e.get("parseMode", 0)
+    if mode == 0:
+        sql: str | None = q
+    elif mode == 2:
+        sql = "SELECT " + q
+    elif mode in (3, 4, 5):
+        rhs = _assign_rhs(q)
+        sql = None if rhs is None else "SELECT " + rhs
+    else:
+        sql = None
+    if sql is None:
+        acc.flag("opaque", "a PL/pgSQL expression pgguard could not read")
+        return
+    _embedded(acc, sql)
+
+
+def _embedded(acc: _Acc, sql: str) -> None:
+    """Classify SQL embedded in a body and fold it into ``acc``."""
+    try:
+        inner = _classify(sql, None, None, acc.ctx)
+    except PolicyParseError as e:
+        acc.flag("opaque", f"embedded SQL could not be parsed ({e.message})")
+        return
+    for st in inner:
+        acc.merge(st, "")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+_STMT: dict[str, Any] = {
+    "SelectStmt": _select, "InsertStmt": _insert, "UpdateStmt": _update,
+    "DeleteStmt": _delete, "MergeStmt": _merge, "CopyStmt": _copy,
+    "ExplainStmt": _explain, "PrepareStmt": _prepare, "ExecuteStmt": _execute,
+    "DeallocateStmt": _deallocate, "TransactionStmt": _transaction,
+    "VariableSetStmt": _varset, "DiscardStmt": _discard, "GrantStmt": _grant,
+    "GrantRoleStmt": _grant, "DropStmt": _drop, "TruncateStmt": _truncate,
+    "AlterTableStmt": _alter_table, "RenameStmt": _rename,
+    "AlterRoleSetStmt": _alter_role_set, "AlterDatabaseSetStmt": _alter_db_set,
+    "AlterSystemStmt": _alter_system, "CallStmt": _call, "CreateTrigStmt": _create_trigger,
+    "ViewStmt": _query_holder("ViewStmt"), "CreateTableAsStmt": _query_holder("CreateTableAsStmt"),
+    "DeclareCursorStmt": _query_holder("DeclareCursorStmt"), "RuleStmt": _rule,
+    "DoStmt": _do, "CreateFunctionStmt": _create_function,
+    "AlterFunctionStmt": _alter_function,
+}
+
+_NODE: dict[str, Any] = {
+    "RangeVar": _rangevar, "FuncCall": _funccall,
+    # leaves with nothing to find
+    "ColumnRef": _noop, "A_Const": _noop, "ParamRef": _noop, "A_Star": _noop,
+    "String": _string,
+}
+for _tag in dir(_pgast):
+    if _tag.endswith("Stmt") and _tag not in ("RawStmt", "SetOperationStmt"):
+        _NODE[_tag] = _nested(_tag)
+del _tag
+
+
+def _slices(sql: str, stmts: list) -> list[str]:
+    if sql.isascii():
+        src: Any = sql
+    else:
+        src = sql.encode()
+    out = []
+    for raw in stmts:
+        start = raw.get("stmt_location", 0)
+        length = raw.get("stmt_len", 0)
+        piece = src[start:start + length] if length else src[start:]
+        if type(piece) is bytes:
+            piece = piece.decode(errors="replace")
+        out.append(piece.strip())
+    return out
+
+
+# Fast path for the hot case, a lone SELECT with no subquery, CTE, INTO or flagged
+# function: read relations and functions straight from the JSON text. Safe because a
+# JSON string escapes every '"' it holds, so '"relname":"' can only be a real key; every
+# RangeVar and FuncCall must be matched (counts compared) or the slow path runs. The
+# result is identical to the slow path's (tests/test_policy_corpus.py checks).
+_SELECT_HEAD = _pg.parse_sql_json("SELECT")
+_SELECT_HEAD = _SELECT_HEAD[:_SELECT_HEAD.index('"SelectStmt":') + 13]
+_HEAD_END = len(_SELECT_HEAD)
+# (each pattern starts with a literal, which keeps Python's re on its fast scan)
+_FAST_RV = re.compile(r'"relname":"([^"\\]*)"(?:,"inh":true)?,"relpersistence":"(\w)"')
+_FAST_FC = re.compile(r'"FuncCall":\{"funcname":\[((?:\{"String":\{"sval":"(?:[^"\\]|\\.)*"\}\},?)+)\]')
+_FAST_SVAL = re.compile(r'"sval":"((?:[^"\\]|\\.)*)"')
+_SELECT_KINDS = ("select",)
+_USE_FAST = True       # tests turn it off to compare with the slow path
+
+
+def _jstr(s: str) -> str:
+    return _json.decode('"' + s + '"') if "\\" in s else s
+
+
+def _fast_select(sql: str, js: str) -> Statement | None:
+    # one statement, nothing nested (a WITH query always nests one), no SELECT INTO
+    # (intoClause comes before targetList in a SelectStmt)
+    if not js.startswith(_SELECT_HEAD) or js.find('Stmt"', _HEAD_END) >= 0:
+        return None
+    t = js.find('"targetList":', _HEAD_END)
+    if js.find('"intoClause":', _HEAD_END, t if t > 0 else len(js)) >= 0:
+        return None
+    reads: dict[str, None] = {}
+    i = js.find('"relname":"')
+    while i >= 0:
+        m = _FAST_RV.match(js, i)
+        if m is None:
+            return None
+        if js.startswith('",', i - 2):
+            # the field before relname is schemaname (catalogname comes before that)
+            k = js.rfind('"schemaname":"', 0, i)
+            schema = js[k + 14:i - 2]
+            if k < 0 or '"' in schema or "\\" in schema:
+                return None
+        else:
+            schema = "pg_temp" if m.group(2) == "t" else "public"
+        reads[schema + "." + m.group(1)] = None
+        i = js.find('"relname":"', m.end())
+    funcs: dict[str, None] = {}
+    readonly = True
+    if '"funcname":' in js:
+        n = 0
+        for m in _FAST_FC.finditer(js):
+            parts = [_jstr(x) for x in _FAST_SVAL.findall(m.group(1))]
+            bare = parts[-1]
+            if bare == "set_config" or _func_class(bare) is not None:
+                return None
+            if bare in _WRITING_FUNCS:
+                readonly = False
+            funcs[".".join(parts)] = None
+            n += 1
+        if n != js.count('"funcname":'):
+            return None
+    # a lone statement: its RawStmt closes the JSON with stmt_location/stmt_len, if any
+    tail = js[-48:]
+    start = length = 0
+    k = tail.rfind('"stmt_len":')
+    if k >= 0:
+        length = int(tail[k + 11:].rstrip("}]"))
+    k = tail.rfind('"stmt_location":')
+    if k >= 0:
+        start = int(tail[k + 16:].split(",", 1)[0].rstrip("}]"))
+    if start or length:
+        text = _slices(sql, [{"stmt_location": start, "stmt_len": length}])[0]
+    else:
+        text = sql.strip()
+    return Statement(kind="select", text=text, kinds=_SELECT_KINDS,
+                     relations_read=tuple(reads), functions=tuple(funcs), readonly=readonly)
+
+
+def _classify(sql: str, prepared: Mapping[str, Statement] | None, max_length: int | None,
+              ctx: str = "") -> list[Statement]:
+    if max_length is not None and len(sql) > max_length:
+        raise StatementTooLong(
+            f"statement text is {len(sql)} characters; pgguard refuses texts longer than "
+            f"{max_length}")
+    if "\x00" in sql:
+        raise PolicyParseError("statement text contains a NUL character")
+    try:
+        js = _pg.parse_sql_json(sql)
+    except _pg.ParseError as e:
+        pos = e.args[1] + 1 if len(e.args) > 1 and isinstance(e.args[1], int) else None
+        msg = str(e.args[0]) if e.args else str(e)
+        raise PolicyParseError(msg, pos) from None
+    if _USE_FAST:
+        st = _fast_select(sql, js)
+        if st is not None:
+            return [st]
+    stmts = _json.decode(js).get("stmts") or ()
+    texts = _slices(sql, stmts)
+    out = []
+    local: dict[str, Statement | None] = {}
+    for raw, text in zip(stmts, texts):
+        node = raw.get("stmt")
+        if type(node) is not dict or len(node) != 1:
+            raise PolicyParseError("unexpected parse tree")
+        tag, body = next(iter(node.items()))
+        view: Mapping[str, Statement] | None = prepared
+        if local:
+            view = _Overlay(local, prepared)
+        acc = _Acc(text, view)
+        acc.ctx = ctx
+        handler = _STMT.get(tag)
+        if handler is not None:
+            handler(acc, body)
+        else:
+            _utility(tag, acc, body)
+        st = acc.build(text)
+        out.append(st)
+        if st.kind == "prepare" and st.name is not None:
+            body = _body_of_prepare(st)
+            existing = view.get(st.name) if view is not None else None
+            local[st.name] = body if existing is None else _union(existing, body)
+        elif st.kind == "deallocate":
+            if st.name is None:
+                local.clear()
+                prepared = None
+            else:
+                local[st.name] = None
+        elif st.kind == "discard" and "privilege" in st.flags:
+            local.clear()
+            prepared = None
+    return out
+
+
+class _Overlay(Mapping):
+    """Prepared statements of this text first (None: deallocated), then the session's."""
+
+    def __init__(self, local: dict, base: Mapping | None) -> None:
+        self.local, self.base = local, base
+
+    def __getitem__(self, k: str) -> Statement:
+        if k in self.local:
+            v = self.local[k]
+            if v is None:
+                raise KeyError(k)
+            return v
+        if self.base is None:
+            raise KeyError(k)
+        return self.base[k]
+
+    def __iter__(self):  # pragma: no cover - unused
+        return iter(self.local)
+
+    def __len__(self) -> int:  # pragma: no cover - unused
+        return len(self.local)
+
+
+def _body_of_prepare(st: Statement) -> Statement:
+    """What EXECUTE of a PREPARE'd name runs: the inner statement's classification."""
+    kinds = st.kinds[1:] or ("unknown",)
+    prefix = f"PREPARE {st.name} AS: "
+    reasons = tuple(Reason(r.flag, r.text[len(prefix):] if r.text.startswith(prefix)
+                           else r.text) for r in st.reasons)
+    return msgspec.structs.replace(st, kind=kinds[0], kinds=kinds, reasons=reasons,
+                                   name=st.name)
+
+
+def classify(sql: str, *, prepared: Mapping[str, Statement] | None = None,
+             max_length: int | None = DEFAULT_MAX_LENGTH) -> list[Statement]:
+    """Classify every statement of ``sql``; raise :class:`PolicyParseError` if it does not parse.
+
+    ``prepared`` maps prepared-statement names to what they run (a
+    :class:`PreparedMemory` or any mapping), so that SQL ``EXECUTE name`` is classified as
+    the statement it runs; an unknown name is ``opaque``. A PREPARE earlier in the same
+    text is seen by a later EXECUTE.
+
+    Example::
+
+        >>> [(s.kind, s.flags) for s in classify("PREPARE p AS DELETE FROM t; EXECUTE p")]
+        [('prepare', ('destructive', 'write')), ('execute', ('destructive', 'write'))]
+        >>> classify("select 1 from")
+        Traceback (most recent call last):
+        pgguard.policy.classify.PolicyParseError: syntax error at end of input
+    """
+    return _classify(sql, prepared, max_length)
+
+
+class PreparedMemory(Mapping):
+    """One session's prepared statements, as pgguard saw them prepared.
+
+    Feed it what the session ran (``observe``) and protocol-level named Parse messages
+    (``record``); pass it as ``prepared=`` to :func:`classify` or
+    ``PolicyEngine.decide``. A name prepared twice keeps the union of both
+    classifications (Postgres keeps the first and fails the second; pgguard may not know
+    which one failed), so the memory never under-states what ``EXECUTE name`` runs.
+
+    Example::
+
+        >>> mem = PreparedMemory()
+        >>> mem.observe(classify("PREPARE p AS DELETE FROM t WHERE id = $1"))
+        >>> classify("EXECUTE p(5)", prepared=mem)[0].kinds
+        ('execute', 'delete')
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._by_name: dict[str, Statement] = {}
+        self.limit = limit
+
+    def __getitem__(self, name: str) -> Statement:
+        return self._by_name[name]
+
+    def __iter__(self):
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def record(self, name: str, statement: Statement) -> None:
+        """Remember what ``name`` runs (a PREPARE statement or a Parse'd statement)."""
+        body = _body_of_prepare(statement) if statement.kind == "prepare" else statement
+        old = self._by_name.get(name)
+        if old is not None:
+            body = _union(old, body)
+        elif len(self._by_name) >= self.limit:
+            # forgetting makes a later EXECUTE opaque: refused for agents, never allowed blind
+            self._by_name.pop(next(iter(self._by_name)))
+        self._by_name[name] = body
+
+    def forget(self, name: str | None) -> None:
+        """DEALLOCATE name (None: DEALLOCATE ALL) or a protocol Close of a statement."""
+        if name is None:
+            self._by_name.clear()
+        else:
+            self._by_name.pop(name, None)
+
+    def observe(self, statements: list[Statement] | tuple[Statement, ...]) -> None:
+        """Update from statements the session ran: PREPARE, DEALLOCATE, DISCARD ALL."""
+        for st in statements:
+            if st.kind == "prepare" and st.name is not None:
+                self.record(st.name, st)
+            elif st.kind == "deallocate":
+                self.forget(st.name)
+            elif st.kind == "discard" and "privilege" in st.flags:
+                self.forget(None)
+
+
+def _union(a: Statement, b: Statement) -> Statement:
+    def merged(x: tuple, y: tuple) -> tuple:
+        return tuple(dict.fromkeys(x + y))
+    flags = set(a.flags) | set(b.flags)
+    return Statement(
+        kind=a.kind, text=a.text, kinds=merged(a.kinds, b.kinds),
+        relations_written=merged(a.relations_written, b.relations_written),
+        relations_read=merged(a.relations_read, b.relations_read),
+        functions=merged(a.functions, b.functions),
+        flags=tuple(f for f in FLAGS if f in flags),
+        reasons=merged(a.reasons, b.reasons),
+        literal_dependent=a.literal_dependent or b.literal_dependent,
+        name=a.name, readonly=a.readonly and b.readonly)
