@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import PgguardError
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_check(args: argparse.Namespace) -> int:
     from . import config
     cfg = config.load(args.config)
+    # secret files must exist; unset env vars are only a warning (they may be set
+    # where the proxy runs, not where the config is checked)
+    secrets = [("upstream", cfg.upstream.password_env, cfg.upstream.password_file)]
+    secrets += [(f"identities.{n}", i.password_env, i.password_file)
+                for n, i in cfg.identities.items()]
+    for key, env, file in secrets:
+        if file:
+            config.read_secret(cfg, None, file, key)
+        elif env and env not in os.environ:
+            print(f"pgguard check: warning: {key}: environment variable {env} is not set",
+                  file=sys.stderr)
     print(f"{args.config}: ok ({len(cfg.identities)} identities, {len(cfg.rules)} rules, "
           f"{len(cfg.masks)} masks)")
     return 0

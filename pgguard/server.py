@@ -156,8 +156,9 @@ class Server:
         await asyncio.sleep(0)
 
 
-def listen_sockets(cfg: Config) -> list[socket.socket]:
-    """Bound, listening sockets for [listen] (SO_REUSEPORT so workers share them)."""
+def listen_sockets(cfg: Config, *, reuseport: bool = True) -> list[socket.socket]:
+    """Bound, listening sockets for [listen] (SO_REUSEPORT so workers share them;
+    reuseport=False probes that no other process holds the port)."""
     lc = cfg.listen
     socks = []
     try:
@@ -172,7 +173,7 @@ def listen_sockets(cfg: Config) -> list[socket.socket]:
         seen.add((family, addr))
         s = socket.socket(family, type_, proto)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
+        if reuseport and hasattr(socket, "SO_REUSEPORT"):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -227,9 +228,11 @@ def run(cfg: Config, workers: int = 1) -> int:
     setup_logging()
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    # fail before forking on anything a worker would trip over
+    # fail before forking on anything a worker would trip over; the probe binds
+    # without SO_REUSEPORT, so a port another pgguard already serves is refused
     Server(cfg)
-    listen_sockets(cfg)[0].close()
+    for s in listen_sockets(cfg, reuseport=False):
+        s.close()
     cancel_key = secrets.token_bytes(32)
     _install_uvloop()
     if workers == 1:

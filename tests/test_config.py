@@ -97,3 +97,25 @@ def test_secret_env_missing_is_reported_at_serve(tmp_path):
     cfg = config.loads('[upstream]\npassword_env = "PGGUARD_TEST_UNSET_VAR"\n')
     with pytest.raises(ConfigError, match="upstream: environment variable PGGUARD_TEST_UNSET_VAR"):
         config.read_secret(cfg, cfg.upstream.password_env, None, "upstream")
+
+
+def test_missing_secret_file_is_an_error(tmp_path):
+    r = check(tmp_path, '[identities.bot]\npassword_file = "nope.txt"\n')
+    assert r.returncode == 1
+    assert "identities.bot: cannot read secret file" in r.stderr
+
+
+def test_serve_refuses_a_port_another_process_holds(tmp_path):
+    import socket
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    f = tmp_path / "p.toml"
+    f.write_text(f"[listen]\nport = {port}\n[upstream]\nsslmode = \"disable\"\n")
+    r = subprocess.run([sys.executable, "-m", "pgguard", "serve", "-c", str(f)],
+                       capture_output=True, text=True, timeout=30)
+    holder.close()
+    assert r.returncode == 1
+    assert f"listen: cannot bind 127.0.0.1:{port}" in r.stderr
