@@ -1,0 +1,298 @@
+# Verify the audit hash chain over every file in order and name the first thing that is
+# modified, deleted, reordered, inserted or missing.
+"""Tamper evidence: ``pgguard audit verify``.
+
+Each stream (one writer process) is one chain: ``hash = sha256(prev_hash + "\\n" +
+content)`` over every record, in file order (``seq`` 1, 2, 3 ...) then row order, the
+first ``prev_hash`` being 64 zeros. Pending WAL segments (not yet sealed into Parquet)
+are checked as the tail of the chain.
+
+What is detected:
+
+- a **modified** record: its content no longer hashes to its ``hash``;
+- a **deleted**, **inserted** or **replaced** record: the next record's ``prev_hash``
+  does not match (a record modified *and* re-hashed shows up here, at its successor);
+- **reordered** records: a ``prev_hash`` that belongs to a record further on;
+- a **missing file** in the middle or at the start: a gap in the ``seq`` numbers, and a
+  chain break at the next file;
+- a **deleted last file** or **truncated tail**: the head anchor ``_chain/<stream>.json``
+  names a later seq or a different last hash;
+- a **renamed** file (its stored seq differs from its name) and **foreign** ``.parquet``
+  files (not part of any chain, but visible to ``read_parquet('**/*.parquet')``).
+
+What cannot be detected from the files alone: someone with write access to the directory
+who rewrites a whole suffix of the chain *and* the head anchor consistently, or deletes a
+stream entirely (files and head). Keep a copy of the head hashes elsewhere (``verify
+--json`` prints them; ship them to a log the proxy host cannot rewrite) to close that gap.
+Pruning old days on purpose breaks the start of the chain; ``allow_pruned`` accepts a
+chain that starts at a later seq.
+
+Example::
+
+    result = verify(Path("audit"))
+    if not result.ok:
+        print(result.problems[0].message)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .record import FIELDS, GENESIS, chain_hash, content_bytes
+
+_BATCH = 65_536
+
+
+@dataclass
+class Problem:
+    kind: str            # modified | deleted | reordered | missing_file | missing_tail |
+    #                      renamed | foreign_file | unreadable | wal_damaged
+    stream: str
+    message: str
+    file: str | None = None
+    row: int | None = None
+    event_id: str | None = None
+
+
+@dataclass
+class StreamReport:
+    stream: str
+    files: int = 0
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    last_hash: str | None = None
+    head_seq: int | None = None
+    head_hash: str | None = None
+    pending_wal_records: int = 0
+
+
+@dataclass
+class VerifyResult:
+    streams: list[StreamReport] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def records(self) -> int:
+        return sum(s.records + s.pending_wal_records for s in self.streams)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "records": self.records,
+                "streams": [asdict(s) for s in self.streams],
+                "problems": [asdict(p) for p in self.problems]}
+
+
+class _Checker:
+    def __init__(self, root: Path, result: VerifyResult, stream: str, max_problems: int):
+        self.root = root
+        self.result = result
+        self.stream = stream
+        self.max_problems = max_problems
+        self.expected: str | None = GENESIS
+        self.expected_seq = 1
+        self.report = StreamReport(stream)
+        self.prev_name = "the start of the chain"
+        self.full = False
+        self.link_broken = False    # the previous row broke the chain (reported once)
+
+    def problem(self, kind: str, message: str, **kw: object) -> None:
+        if len([p for p in self.result.problems if p.stream == self.stream]) >= self.max_problems:
+            self.full = True
+            return
+        self.result.problems.append(Problem(kind, self.stream, message, **kw))  # type: ignore[arg-type]
+
+    def rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def check_rows(self, name: str, table: pa.Table, boundary: bool) -> None:
+        """Check the chain over *table*'s rows; *boundary*: the first row starts a file."""
+        hashes = table.column("hash").to_pylist()
+        position = {h: i for i, h in enumerate(hashes)}
+        i = 0
+        for batch in table.to_batches(_BATCH):
+            for row in batch.to_pylist():
+                self._check_row(name, i, row, position, boundary and i == 0)
+                i += 1
+                if self.full:
+                    return
+
+    def _check_row(self, name: str, i: int, row: dict, position: dict, first: bool) -> None:
+        eid = row.get("event_id")
+        stored, prev = row.get("hash"), row.get("prev_hash")
+        where = f"{name} record {i + 1} (event_id {eid})"
+        try:
+            h = chain_hash(prev or "", content_bytes(row))
+        except Exception:
+            h = None
+        if h != stored:
+            self.problem("modified", f"modified: {where} does not hash to its stored hash",
+                         file=name, row=i + 1, event_id=eid)
+        broken = self.expected is not None and prev != self.expected
+        if broken and self.link_broken and not first:
+            pass    # the same disorder as the row before (a swap breaks 2-3 links)
+        elif broken:
+            j = position.get(prev)
+            if j is not None and j != i - 1:
+                self.problem("reordered",
+                             f"reordered: {where} should follow record {j + 1} of {name}",
+                             file=name, row=i + 1, event_id=eid)
+            elif first:
+                self.problem("deleted",
+                             f"deleted: chain break between {self.prev_name} and {where}: "
+                             f"records at the end of the previous file or the start of "
+                             f"this one are missing or were modified",
+                             file=name, row=i + 1, event_id=eid)
+            else:
+                self.problem("deleted",
+                             f"deleted: {where} does not follow the record before it: a "
+                             f"record in between was deleted, or the one before it was "
+                             f"modified and re-hashed", file=name, row=i + 1, event_id=eid)
+        self.link_broken = broken
+        self.report.records += 1
+        self.expected = stored if isinstance(stored, str) else None
+
+    def check_file(self, pf: storage.ParquetFile) -> None:
+        name = self.rel(pf.path)
+        if pf.seq > self.expected_seq:
+            missing = (f"seq {self.expected_seq}" if pf.seq == self.expected_seq + 1
+                       else f"seqs {self.expected_seq}..{pf.seq - 1}")
+            self.problem("missing_file",
+                         f"missing file: {self.stream} {missing} "
+                         f"(between {self.prev_name} and {name})", file=name)
+        self.expected_seq = pf.seq + 1
+        try:
+            f = pq.ParquetFile(pf.path)
+            meta = f.metadata.metadata or {}
+            table = f.read()
+        except Exception as e:
+            self.problem("unreadable", f"unreadable: {name}: {e}", file=name)
+            self.expected = None
+            self.prev_name = name
+            return
+        missing_cols = [c for c in FIELDS if c not in table.column_names]
+        if missing_cols:
+            self.problem("modified", f"modified: {name} lacks columns {missing_cols}",
+                         file=name)
+            self.expected = None
+            self.prev_name = name
+            return
+        stored_seq = meta.get(b"pgguard.seq")
+        if stored_seq is not None and stored_seq.decode() != str(pf.seq):
+            self.problem("renamed", f"renamed: {name} was written as seq "
+                                    f"{stored_seq.decode()}", file=name)
+        written = meta.get(b"pgguard.records")
+        self.report.files += 1
+        if self.report.first_seq is None:
+            self.report.first_seq = pf.seq
+        self.report.last_seq = pf.seq
+        before = len(self.result.problems)
+        self.check_rows(name, table, boundary=True)
+        if (written is not None and int(written) != table.num_rows
+                and len(self.result.problems) == before):
+            self.problem("deleted", f"deleted: {name} holds {table.num_rows} records, "
+                                    f"{int(written)} were written", file=name)
+        self.prev_name = name
+        self.report.last_hash = self.expected
+
+    def check_wal(self, seg: storage.WalSegment) -> None:
+        name = self.rel(seg.path)
+        if seg.seq > self.expected_seq:
+            self.problem("missing_file", f"missing file: {self.stream} seqs "
+                                         f"{self.expected_seq}..{seg.seq - 1} before {name}",
+                         file=name)
+        self.expected_seq = seg.seq + 1
+        hashes, agree = storage.rehash_segment(seg)
+        if not agree:
+            self.problem("wal_damaged", f"modified: pending WAL {name} does not match the "
+                                        f"hashes written with it", file=name)
+        if self.expected is not None and seg.prev_hash != self.expected and hashes:
+            self.problem("deleted", f"deleted: chain break between {self.prev_name} and "
+                                    f"pending WAL {name}", file=name)
+        self.report.pending_wal_records += len(hashes)
+        if hashes:
+            self.expected = hashes[-1].decode()
+        self.prev_name = name
+
+
+def verify(root: Path | str, *, allow_pruned: bool = False,
+           max_problems: int = 20) -> VerifyResult:
+    """Check every stream's chain under *root*; problems in chain order.
+
+    Example: ``verify("audit").ok``.
+    """
+    root = Path(root)
+    result = VerifyResult()
+    if not root.is_dir():
+        result.problems.append(Problem("missing_file", "", f"no audit directory at {root}"))
+        return result
+    # WAL first, then Parquet: a segment sealed meanwhile shows up at least once
+    wal = {s: storage.list_wal(root, s) for s in storage.list_wal_streams(root)}
+    streams, foreign = storage.list_parquet(root)
+    heads = storage.list_heads(root)
+    for path in foreign:
+        result.problems.append(Problem(
+            "foreign_file", "", f"foreign file: {path.relative_to(root)} is not part of any "
+                                f"audit chain (but DuckDB queries over **/*.parquet read it)",
+            file=str(path.relative_to(root))))
+    for stream in sorted(set(streams) | set(heads) | {s for s, w in wal.items() if w}):
+        files = streams.get(stream, [])
+        c = _Checker(root, result, stream, max_problems)
+        if allow_pruned and files and files[0].seq > 1:
+            c.expected = None
+            c.expected_seq = files[0].seq
+        seen: set[int] = set()
+        for pf in files:
+            if pf.seq in seen:
+                c.problem("foreign_file", f"duplicate: a second file for {stream} seq "
+                                          f"{pf.seq}: {c.rel(pf.path)}", file=c.rel(pf.path))
+                continue
+            seen.add(pf.seq)
+            c.check_file(pf)
+            if c.full:
+                break
+        head = heads.get(stream)
+        if head is not None:
+            c.report.head_seq, c.report.head_hash = head.seq, head.last_hash
+            last = c.report.last_seq or 0
+            if head.seq > last and not _sealed_since(root, stream, last, head.seq):
+                c.problem("missing_file",
+                          f"missing file: {stream} seq {last + 1}"
+                          f"{'' if head.seq == last + 1 else f'..{head.seq}'} named by the "
+                          f"head anchor: the last file(s) were deleted",
+                          file=head.file)
+            elif head.seq == last and c.expected is not None and head.last_hash != c.expected:
+                c.problem("missing_tail",
+                          f"deleted: {c.prev_name} does not end with the record the head "
+                          f"anchor names: records at its end were deleted or modified",
+                          file=c.prev_name)
+        for seq, path in wal.get(stream, []):
+            if seq in seen:
+                continue            # sealed while we looked
+            try:
+                seg = storage.read_wal(path)
+            except FileNotFoundError:
+                continue
+            except storage.AuditError as e:
+                c.problem("wal_damaged", str(e), file=c.rel(path))
+                continue
+            c.check_wal(seg)
+        result.streams.append(c.report)
+    return result
+
+
+def _sealed_since(root: Path, stream: str, after: int, upto: int) -> bool:
+    # a live writer may have sealed more files after we listed them
+    streams, _ = storage.list_parquet(root)
+    seqs = {f.seq for f in streams.get(stream, [])}
+    return all(s in seqs for s in range(after + 1, upto + 1))
