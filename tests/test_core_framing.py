@@ -114,3 +114,52 @@ def test_write_buffer_fills_lengths():
     assert b.take() == b"Z\x00\x00\x00\x05IS\x00\x00\x00\x08a\x00b\x00"
     with pytest.raises(ValueError):
         b.write_cstr(b"a\x00b")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(message(), max_size=25), st.lists(st.integers(0, 10_000), max_size=20),
+       st.sampled_from([b"Q", b"QP", b"BCdcfDEHFPQSXZTN"]))
+def test_stop_after_each_withheld_message_loses_nothing(msgs, cuts, interest):
+    stream = b"".join(msgs)
+    scan = MessageScan(interest=interest, counted=b"QSF", withhold=True)
+    scan.stop_after = True
+    got = []
+    for chunk in split(stream, cuts):
+        items = scan.feed(chunk)
+        while True:
+            got.extend(items)
+            rest = scan.take_rest()
+            if rest is None:
+                break
+            # never more than one withheld message per feed
+            assert sum(1 for it in items if isinstance(it, tuple)) == 1
+            items = scan.feed(rest)
+    want, count, _ = reference_scan(stream, interest, True, b"QSF")
+    assert merge_runs(got) == merge_runs(want)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(message(), max_size=25), st.lists(st.integers(0, 10_000), max_size=20),
+       st.lists(st.booleans(), min_size=25, max_size=25))
+def test_backend_mode_switches_forward_every_byte_once(msgs, cuts, toggles):
+    """The upstream pipe forwards raw chunks, or (diverted) what the withholding scan
+    returns; switching between the two anywhere must neither lose nor repeat a byte."""
+    stream = b"".join(msgs)
+    scan = MessageScan(interest=b"", counted=b"Z", withhold=False)
+    out = bytearray()
+    for i, chunk in enumerate(split(stream, cuts)):
+        if toggles[i % len(toggles)]:
+            if scan.withhold:
+                if scan.set_withhold(False):
+                    scan.set_interest(TYPES, False)
+            else:
+                scan.set_interest(TYPES, True)
+                assert scan.set_withhold(True)
+        items = scan.feed(chunk)
+        if not scan.withhold:
+            out += chunk
+        else:
+            for it in items:
+                out += it if isinstance(it, bytes) else it[1]
+    assert bytes(out) == stream
+    assert scan.count == sum(1 for m in msgs if m[0] == ord("Z"))

@@ -18,3 +18,6 @@ cdef class Pipe:
     cdef object _hooks
     # call hooks.backend_chunk() after every upstream chunk (set while draining)
     cdef public bint notify_chunks
+    # client side: every chunk's items go to hooks.client_items (held or discarded);
+    # upstream side: the scan withholds and hooks.backend_items forwards (rewriting)
+    cdef public bint divert

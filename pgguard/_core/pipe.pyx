@@ -23,6 +23,7 @@ cdef class Pipe:
         self._hooks = hooks
         self._client_side = client_side
         self.notify_chunks = False
+        self.divert = False
 
     def set_peer(self, peer):
         self.peer = peer
@@ -39,10 +40,13 @@ cdef class Pipe:
             except FrameError as e:
                 self._hooks.frame_error(e)
                 return
-            if len(items) == 1 and type(items[0]) is bytes:
+            if not self.divert and len(items) == 1 and type(items[0]) is bytes:
                 self._peer_write(items[0])
             else:
                 self._hooks.client_items(items)
+            return
+        if self.divert:
+            self._hooks.backend_items(self.scan.feed(data))
             return
         # upstream: the client gets the bytes first, the scan only reads them
         self._peer_write(data)

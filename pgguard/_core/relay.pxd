@@ -24,6 +24,10 @@ cdef class MessageScan:
     cdef uint8_t _cur_type
     # collecting the current message whole into _hold (it is interesting)
     cdef bint _collect
+    # a header split across chunks whose first _hdr_sent bytes were already
+    # forwarded raw (the scan switched to withhold mode in between): the message
+    # stays raw, and only the rest of its header is emitted
+    cdef int _hdr_sent
     # the current message is a ReadyForQuery whose status byte is still to come
     cdef bint _want_status
     cdef bytearray _hold
@@ -36,7 +40,13 @@ cdef class MessageScan:
     cdef public long long bytes_seen
     cdef public long long messages
 
+    # withhold mode: stop after each withheld message; the unscanned rest waits in
+    # .rest so Python can change the interest before the next byte is read
+    cdef public bint stop_after
+    cdef public object rest
+
     cpdef list feed(self, bytes data)
+    cpdef bint set_withhold(self, bint on)
     cdef int _begin(self, uint8_t t, uint32_t length) except -1
     cdef _finish_collect(self, list out)
     cpdef set_interest(self, bytes types, bint on)

@@ -51,7 +51,10 @@ cdef class MessageScan:
         self._remain = 0
         self._collect = False
         self._want_status = False
+        self._hdr_sent = 0
         self._hold = bytearray()
+        self.stop_after = False
+        self.rest = None
         self.count = 0
         self.status = 0
         self.bytes_seen = 0
@@ -61,6 +64,35 @@ cdef class MessageScan:
         cdef int i
         for i in range(len(types)):
             self._interest[<uint8_t>types[i]] = 1 if on else 0
+
+    cpdef bint set_withhold(self, bint on):
+        """Switch between withholding (Python forwards) and forwarding (the caller
+        forwards whole chunks). Leaving withhold mode is refused (False) unless at a
+        message boundary; entering it mid-message keeps that message raw."""
+        if on == self._withhold:
+            return True
+        if not on:
+            if self._hdr_fill or self._remain:
+                return False
+            self._withhold = False
+            return True
+        if self._hdr_fill:
+            self._hdr_sent = self._hdr_fill
+        elif self._remain and self._collect:
+            # its start was already forwarded: finish it raw, without an event
+            self._collect = False
+            del self._hold[:]
+        self._withhold = True
+        return True
+
+    @property
+    def withhold(self):
+        return self._withhold
+
+    def take_rest(self):
+        r = self.rest
+        self.rest = None
+        return r
 
     @property
     def at_boundary(self):
@@ -94,6 +126,9 @@ cdef class MessageScan:
                         run = pos
                     if self._remain == 0:
                         self._finish_collect(out)
+                        if self.stop_after and self._withhold and pos < n:
+                            self.rest = data[pos:]
+                            return out
                 continue
 
             if self._hdr_fill or n - pos < 5:
@@ -113,11 +148,22 @@ cdef class MessageScan:
                     break
                 self._hdr_fill = 0
                 self._begin(<uint8_t>self._hdr[0], _be32(self._hdr + 1))
+                if self._hdr_sent:
+                    # begun raw before the switch: emit the rest of the header, and
+                    # its body stays raw too
+                    out.append(PyBytes_FromStringAndSize(self._hdr + self._hdr_sent,
+                                                         5 - self._hdr_sent))
+                    self._hdr_sent = 0
+                    self._collect = False
+                    continue
                 hdr = PyBytes_FromStringAndSize(self._hdr, 5)
                 if self._collect:
                     self._hold += hdr
                     if self._remain == 0:
                         self._finish_collect(out)
+                        if self.stop_after and self._withhold and pos < n:
+                            self.rest = data[pos:]
+                            return out
                 elif self._withhold:
                     out.append(hdr)
                 continue
@@ -143,6 +189,9 @@ cdef class MessageScan:
                     run = pos + need
                 out.append((t, data[pos:pos + need]))
                 pos += need
+                if self.stop_after and self._withhold and pos < n:
+                    self.rest = data[pos:]
+                    return out
                 continue
             if self._withhold:
                 if pos > run:
