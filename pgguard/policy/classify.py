@@ -1520,8 +1520,11 @@ def _classify(sql: str, prepared: Mapping[str, Statement] | None, max_length: in
     try:
         js = _pg.parse_sql_json(sql)
     except _pg.ParseError as e:
+        # pglast reports a 0-based character index; ErrorResponse 'P' is 1-based
         pos = e.args[1] + 1 if len(e.args) > 1 and isinstance(e.args[1], int) else None
         msg = str(e.args[0]) if e.args else str(e)
+        if pos is not None and pos > len(sql):
+            pos = len(sql) or None
         raise PolicyParseError(msg, pos) from None
     if _USE_FAST:
         st = _fast_select(sql, js)
