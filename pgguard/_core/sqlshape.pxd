@@ -1,0 +1,3 @@
+# The shape of a SQL text: literals replaced by '?', everything else verbatim.
+
+cpdef bytes shape(bytes sql)
