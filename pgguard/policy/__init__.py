@@ -3,17 +3,19 @@
 
 Example::
 
-    >>> from pgguard.policy import PolicyEngine, classify
+    >>> from pgguard.policy.classify import classify
     >>> classify("DROP INDEX orders_pkey")[0].flags
     ('destructive',)
+
+(``pgguard.policy.classify`` is the module; the function lives in it, so that the
+module stays importable under its own name.)
 """
 from .cache import DecisionCache, shape_key
 from .classify import (FLAGS, PolicyParseError, PreparedMemory, Reason, Statement,
-                       StatementTooLong, classify)
+                       StatementTooLong)
 from .rules import Decision, PolicyEngine, Verdict
 
 __all__ = [
     "FLAGS", "Decision", "DecisionCache", "PolicyEngine", "PolicyParseError",
-    "PreparedMemory", "Reason", "Statement", "StatementTooLong", "Verdict", "classify",
-    "shape_key",
+    "PreparedMemory", "Reason", "Statement", "StatementTooLong", "Verdict", "shape_key",
 ]

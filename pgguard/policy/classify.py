@@ -982,6 +982,15 @@ def _deallocate(acc: _Acc, b: dict) -> None:
     acc.name = None if b.get("isall") else b.get("name", "")
 
 
+def _vacuum(acc: _Acc, b: dict) -> None:
+    acc.enter("vacuum" if b.get("is_vacuumcmd") else "analyze")
+    _utility_walk(acc, b)
+
+
+def _fetch(acc: _Acc, b: dict) -> None:
+    acc.enter("move" if b.get("ismove") else "fetch")
+
+
 def _transaction(acc: _Acc, b: dict) -> None:
     acc.enter(_TXN_KINDS.get(b.get("kind", ""), "transaction"))
 
@@ -1402,7 +1411,7 @@ _STMT: dict[str, Any] = {
     "ViewStmt": _query_holder("ViewStmt"), "CreateTableAsStmt": _query_holder("CreateTableAsStmt"),
     "DeclareCursorStmt": _query_holder("DeclareCursorStmt"), "RuleStmt": _rule,
     "DoStmt": _do, "CreateFunctionStmt": _create_function,
-    "AlterFunctionStmt": _alter_function,
+    "AlterFunctionStmt": _alter_function, "VacuumStmt": _vacuum, "FetchStmt": _fetch,
 }
 
 _NODE: dict[str, Any] = {

