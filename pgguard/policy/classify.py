@@ -208,7 +208,6 @@ _ON_VALUES = frozenset({"on", "true", "yes", "1", "t", "y"})
 _OFF_VALUES = frozenset({"off", "false", "no", "0", "f", "n"})
 
 # languages whose bodies pgguard reads
-_TRUSTED_SQL_LANGS = frozenset({"sql", "plpgsql"})
 _UNTRUSTED_LANGS = frozenset({"c", "internal", "plpythonu", "plpython2u", "plpython3u",
                               "plperlu", "pltclu", "plsh", "pljavau", "plv8u", "plrustu"})
 
@@ -1143,11 +1142,12 @@ def _create_trigger(acc: _Acc, b: dict) -> None:
     _utility_walk(acc, b, ("funcname",))
 
 
-def _query_holder(kind_rel_key: str) -> Any:
+def _query_holder(tag: str) -> Any:
     """CREATE VIEW / CREATE TABLE AS / DECLARE CURSOR: an object plus a query."""
-    def handler(acc: _Acc, b: dict, _key: str = kind_rel_key) -> None:
-        tag = _key
-        acc.enter(_utility_kind(tag))
+    kind = _utility_kind(tag)
+
+    def handler(acc: _Acc, b: dict) -> None:
+        acc.enter(kind)
         saved_w, saved_u = acc.rvwrite, acc.utility
         acc.rvwrite, acc.utility = True, True
         for k in ("view", "into"):

@@ -444,6 +444,13 @@ class PolicyEngine:
 
     def _internal_error(self, e: BaseException) -> Decision:
         what = type(e).__name__
+        if isinstance(e, RecursionError):
+            return Decision(
+                action="block", rule="internal-error",
+                message='pgguard: statement refused by rule "internal-error": it is nested '
+                        "too deeply for pgguard to classify",
+                detail="RecursionError while walking the parse tree.",
+                hint="Flatten the expression (fewer nested NOT/parentheses/subqueries).")
         return Decision(
             action="block", rule="internal-error",
             message=f'pgguard: statement refused by rule "internal-error": pgguard could not '
