@@ -22,6 +22,9 @@ from .protocol import messages as m
 
 log = logging.getLogger("pgguard.server")
 
+# bound of each decision map (by message, by shape) per identity and database
+DECISIONS_PER_IDENTITY = 10_000
+
 
 class Server:
     """Everything sessions share inside one worker process."""
@@ -47,6 +50,9 @@ class Server:
             if pw is not None:
                 self._verifiers[name] = ScramVerifier.from_password(pw)
         self.client_ssl = self._client_ssl()
+        from .policy.rules import PolicyEngine
+        self.policy = PolicyEngine(cfg)
+        self._decisions: dict[tuple[str, str], tuple[dict, dict]] = {}
         self.shutting_down = False
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()
@@ -82,6 +88,43 @@ class Server:
     async def auth_failed(self, session) -> None:
         log.info("authentication failed for %r from %s", session.identity_name,
                  session.client_addr)
+
+    # -- policy
+    def policy_inspects(self, identity_name: str, identity, database: str) -> bool:
+        """False when nothing could refuse this identity's statements: the default for
+        its kind is allow and no block/approve rule applies to it."""
+        pol = self.cfg.policy
+        mode = pol.agents if identity.kind == "agent" else pol.humans
+        if mode != "allow":
+            return True
+        rules = self.policy._rules_for(identity_name, identity, database)
+        return any(r.action != "allow" for r in rules)
+
+    def decision_cache(self, identity_name: str, database: str) -> tuple[dict, dict]:
+        """(by raw message, by shape) decision maps shared by one identity's sessions
+        on one database."""
+        key = (identity_name, database)
+        c = self._decisions.get(key)
+        if c is None:
+            c = self._decisions[key] = ({}, {})
+        return c
+
+    @staticmethod
+    def remember_decision(cache: tuple[dict, dict], msg: bytes, key: bytes | None, d) -> None:
+        from .policy.cache import SHAREABLE_KINDS
+        if d.rule == "internal-error" or any(
+                s.kind == "execute" or "execute" in s.kinds for s in d.statements):
+            return
+        exact, shapes = cache
+        if len(exact) >= DECISIONS_PER_IDENTITY:
+            exact.clear()
+        exact[msg] = d
+        if key is not None and d.statements and all(
+                s.kind in SHAREABLE_KINDS and not s.literal_dependent
+                and all(k in SHAREABLE_KINDS for k in s.kinds) for s in d.statements):
+            if len(shapes) >= DECISIONS_PER_IDENTITY:
+                shapes.clear()
+            shapes[key] = d
 
     # -- sessions
     def next_session_id(self) -> str:

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import struct
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from ._core import FrameError, FrameReader, MessageScan, Pipe
+from ._core.sqlshape import shape
 from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
 from .protocol import messages as m
@@ -24,6 +27,15 @@ MAX_STARTUP_PACKET = 10000
 MAX_AUTH_MESSAGE = 65536
 # startup parameters a client may not set: they would change who the session is
 FORBIDDEN_PARAMS = frozenset({"role", "session_authorization", "replication"})
+# startup settings the policy's parser depends on: only these values pass
+PINNED_PARAMS = {"standard_conforming_strings": ("on", "true", "1", "yes"),
+                 "client_encoding": ("utf8", "unicode")}
+
+ALL_TYPES = bytes(range(256))
+# a refusal reaches the upstream as a statement that raises this SQLSTATE, so the
+# upstream transaction fails exactly where the client is told; the backend path
+# turns that error into the client's 42501
+REFUSAL_MARKER = "PGG42"
 
 # session phases
 PH_STARTUP = 0
@@ -119,6 +131,14 @@ class Session:
         self.draining = False
         self.closed = False
         self.started = time.monotonic()
+        # policy state
+        self.policy = None              # the engine, when statements are inspected
+        self.prepared = None            # PREPARE / named Parse memory for EXECUTE
+        self.discarding = False         # after a refused Parse: drop until Sync
+        self.sync_adjust = 0            # upstream sync points minus fscan.count
+        self.refusals: deque = deque()  # injected refusals awaiting their answer
+        self.drop_next_z = False
+        self.z_count = 0
 
     # -- lifecycle
     def start(self) -> None:
@@ -209,13 +229,26 @@ class Session:
             if k.lower() in FORBIDDEN_PARAMS:
                 raise PgguardError(f"startup parameter \"{k}\" is not allowed through pgguard",
                                    sqlstate="42501", severity="FATAL")
+        settings = {k.lower(): v for k, v in params.items()}
         opts = params.get("options")
         if opts:
-            for name in _option_names(opts):
-                if name.lower().replace("-", "_") in FORBIDDEN_PARAMS:
+            for name, value in _options(opts):
+                key = name.lower().replace("-", "_")
+                if key in FORBIDDEN_PARAMS:
                     raise PgguardError(
                         f"startup option \"{name}\" is not allowed through pgguard",
                         sqlstate="42501", severity="FATAL")
+                settings[key] = value
+        for key, allowed in PINNED_PARAMS.items():
+            value = settings.get(key)
+            if value is not None and \
+                    value.strip().strip("'\"").lower().replace("-", "").replace("_", "") \
+                    not in allowed:
+                raise PgguardError(
+                    f"startup setting {key}={value!r} is not allowed through pgguard",
+                    detail="pgguard reads statements as a server with "
+                           "standard_conforming_strings=on and client_encoding=UTF8 would",
+                    sqlstate="42501", severity="FATAL")
 
     async def _authenticate(self) -> None:
         from .auth import scram
@@ -276,9 +309,15 @@ class Session:
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
         limits = self.server.cfg.limits
-        self.fscan = MessageScan(interest=b"X", valid=m.FRONTEND_TYPES,
-                                 counted=m.FRONTEND_SYNC_TYPES, withhold=True,
-                                 max_len=limits.max_message_size)
+        if self.server.policy_inspects(self.identity_name, self.identity, self.database):
+            from .policy.classify import PreparedMemory
+            self.policy = self.server.policy
+            self.prepared = PreparedMemory()
+            self._cache = self.server.decision_cache(self.identity_name, self.database)
+        self.fscan = MessageScan(interest=b"QPX" if self.policy else b"X",
+                                 valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
+                                 withhold=True, max_len=limits.max_message_size)
+        self.fscan.stop_after = True
         self.bscan = MessageScan(interest=b"", counted=b"Z", withhold=False,
                                  max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
@@ -298,17 +337,158 @@ class Session:
 
     # -- relay hooks (called by the compiled pipes)
     def client_items(self, items: list) -> None:
-        """Frontend scan output with withheld messages (Terminate here)."""
-        up = self.up.transport
+        """Frontend messages the scan withheld (Query, Parse, Terminate) with the
+        forwarded runs around them; everything while discarding after a refusal."""
+        out: list[bytes] = []
+        scan = self.fscan
+        while True:
+            for it in items:
+                if it.__class__ is bytes:
+                    if not self.discarding:
+                        out.append(it)
+                    continue
+                t, msg = it
+                if self.discarding:
+                    # Postgres ignores everything after an error until Sync
+                    if t == 83:                 # 'S' Sync: ends the discarding
+                        self.discarding = False
+                        scan.set_interest(ALL_TYPES, False)
+                        scan.set_interest(b"QPX", True)
+                        out.append(msg)
+                    elif t == 88:               # 'X' Terminate
+                        self._terminate_from_client(out, msg)
+                        return
+                    elif t in (81, 70):         # a dropped Query/FunctionCall: no Z
+                        self.sync_adjust -= 1
+                    continue
+                if t == 81:                     # 'Q' simple Query
+                    self._on_query(msg, out)
+                elif t == 80:                   # 'P' Parse
+                    self._on_parse(msg, out)
+                elif t == 88:                   # 'X' Terminate
+                    self._terminate_from_client(out, msg)
+                    return
+                else:
+                    out.append(msg)
+            rest = scan.take_rest()
+            if rest is None:
+                break
+            items = scan.feed(rest)
+        if out:
+            self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _terminate_from_client(self, out: list, msg: bytes) -> None:
+        out.append(msg)
+        self.up.transport.write(b"".join(out))
+        self.close()
+
+    def _decide(self, msg: bytes, text_start: int, text_end: int):
+        """The policy decision for the SQL text msg[text_start:text_end], cached by
+        the raw bytes and by the literal-insensitive shape."""
+        exact, shapes = self._cache
+        d = exact.get(msg)
+        if d is not None:
+            return d
+        raw = msg[text_start:text_end]
+        key = shape(raw)
+        if key is not None:
+            d = shapes.get(key)
+            if d is not None:
+                return d
+        try:
+            sql = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            from .policy.rules import Decision
+            return Decision(action="block", rule="encoding",
+                            message='pgguard: statement refused by rule "encoding": the '
+                                    "statement is not valid UTF-8",
+                            hint="Send statements in UTF-8 (client_encoding = UTF8).")
+        d = self.policy.decide(sql, self.identity_name, self.identity, self.database,
+                               self.prepared)
+        self.server.remember_decision(self._cache, msg, key, d)
+        return d
+
+    def _on_query(self, msg: bytes, out: list) -> None:
+        d = self._decide(msg, 5, len(msg) - 1)
+        if d.action == "allow":
+            out.append(msg)
+            if self.prepared is not None and d.statements and _touches_prepared(d):
+                self.prepared.observe(d.statements)
+            return
+        # the client's Query is replaced by one that fails upstream: same Z count
+        self._inject_refusal(d, out, extended=False)
+
+    def _on_parse(self, msg: bytes, out: list) -> None:
+        try:
+            name, pos = m.parse_cstr(msg, 5)
+            end = msg.index(b"\0", pos)
+        except ValueError:
+            self.fail(ProtocolViolation("invalid Parse message"))
+            return
+        d = self._decide(msg, pos, end)
+        if d.action == "allow":
+            out.append(msg)
+            if name and self.prepared is not None and d.statements:
+                self.prepared.record(name, d.statements[0])
+            return
+        # a Query mid-pipeline aborts the implicit transaction (exactly as the Parse
+        # error would) and answers with E + Z; the client's own Sync is forwarded later
+        self.sync_adjust += 1
+        self._inject_refusal(d, out, extended=True)
+        self.discarding = True
+        self.fscan.set_interest(ALL_TYPES, True)
+
+    def _inject_refusal(self, d, out: list, extended: bool) -> None:
+        log.info("session %s: %s refused by rule %s", self.id, self.identity_name, d.rule)
+        out.append(_refusal_query(d))
+        target = self.fscan.count + self.sync_adjust
+        self.refusals.append([target, d, extended, False])
+        self._divert_backend(True)
+
+    def _divert_backend(self, on: bool) -> None:
+        pipe, scan = self.up_pipe, self.bscan
+        if on:
+            if pipe.divert:
+                return
+            self.z_count = scan.count
+            scan.set_interest(ALL_TYPES, True)
+            scan.set_withhold(True)
+            pipe.divert = True
+        elif pipe.divert and scan.set_withhold(False):
+            scan.set_interest(ALL_TYPES, False)
+            pipe.divert = False
+
+    def backend_items(self, items: list) -> None:
+        """Diverted backend messages: rewrite our refusal errors, drop the extra
+        ReadyForQuery a refused Parse leaves, forward the rest."""
+        out: list[bytes] = []
+        refusals = self.refusals
         for it in items:
             if it.__class__ is bytes:
-                up.write(it)
-            elif it[0] == 88:        # 'X' Terminate: pass it on, then close both
-                up.write(it[1])
-                self.close()
-                return
+                out.append(it)
+                continue
+            t, msg = it
+            if t == 90:                                  # 'Z' ReadyForQuery
+                self.z_count += 1
+                if refusals and self.z_count >= refusals[0][0]:
+                    target, d, extended, seen = refusals.popleft()
+                    if seen and extended:
+                        continue                         # answered our injected Query
+                out.append(msg)
+            elif t == 69 and refusals and _is_marker(msg):  # 'E' ours
+                r = refusals[0]
+                r[3] = True
+                d = r[1]
+                out.append(m.error_response("42501", d.message, detail=d.detail or None,
+                                            hint=d.hint or None))
             else:
-                up.write(it[1])
+                out.append(msg)
+        if out:
+            self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if not refusals:
+            self._divert_backend(False)
+        if self.draining:
+            self.backend_chunk()
 
     def frame_error(self, e: FrameError) -> None:
         self.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
@@ -386,8 +566,8 @@ class Session:
         self.server.forget(self)
 
 
-def _option_names(options: str) -> list[str]:
-    """Names set by `-c name=value` / `--name=value` in a startup `options` string."""
+def _options(options: str) -> list[tuple[str, str | None]]:
+    """(name, value) set by `-c name=value` / `--name=value` in a startup `options`."""
     tokens: list[str] = []
     cur, esc = [], False
     for ch in options:
@@ -404,20 +584,25 @@ def _option_names(options: str) -> list[str]:
             cur.append(ch)
     if cur:
         tokens.append("".join(cur))
-    names = []
+    out: list[tuple[str, str | None]] = []
+
+    def add(setting: str) -> None:
+        name, eq, value = setting.partition("=")
+        out.append((name, value if eq else None))
+
     i = 0
     while i < len(tokens):
         tok = tokens[i]
         if tok == "-c" and i + 1 < len(tokens):
-            names.append(tokens[i + 1].split("=", 1)[0])
+            add(tokens[i + 1])
             i += 2
             continue
         if tok.startswith("-c"):
-            names.append(tok[2:].split("=", 1)[0])
+            add(tok[2:])
         elif tok.startswith("--"):
-            names.append(tok[2:].split("=", 1)[0])
+            add(tok[2:])
         i += 1
-    return names
+    return out
 
 
 def _fmt_addr(peer) -> str:
@@ -431,3 +616,25 @@ def _is_loopback(peer) -> bool:
         return True     # unix socket
     host = peer[0]
     return host.startswith("127.") or host == "::1"
+
+
+def _is_marker(msg: bytes) -> bool:
+    return b"\0C" + REFUSAL_MARKER.encode() + b"\0" in msg
+
+
+def _touches_prepared(d) -> bool:
+    return any(st.kind in ("prepare", "deallocate", "discard") for st in d.statements)
+
+
+def _refusal_query(d) -> bytes:
+    """A Query that fails upstream with the refusal marker. The message rides along
+    for the upstream's own log only (the client gets pgguard's 42501), so it is cut
+    down to characters that need no quoting."""
+    safe = _UNSAFE.sub("", d.message)[:200]
+    sql = (f"DO $pgguard$BEGIN RAISE EXCEPTION USING ERRCODE = '{REFUSAL_MARKER}', "
+           f"MESSAGE = '{safe}'; END$pgguard$")
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!I", len(body) + 4) + body
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9 _.,:;()=<>*/+\"-]")
