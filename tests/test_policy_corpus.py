@@ -122,6 +122,9 @@ REFUSE = [
     ("create function h() returns void language plpython3u as 'import os'", "create",
      "escape opaque", B),
     ("ALTER FUNCTION f() SECURITY DEFINER", "alter", "privilege", B),
+    ("ALTER FUNCTION f() SET role = admin", "alter", "privilege", B),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET role = admin AS 'select 1'", "create",
+     "privilege", B),
     ("CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM u", "create",
      "destructive write", B),
     # COPY forms that reach the server's files or shell
@@ -234,6 +237,8 @@ REFUSE = [
     ("PREPARE p AS SELECT pg_read_file('x')", "prepare", "escape", B),
     ("PREPARE p AS DELETE FROM t; EXECUTE p", "prepare,execute", "destructive write", B),
     ("EXECUTE unknown_stmt", "execute", "opaque", B),
+    ("EXPLAIN EXECUTE unknown_stmt", "explain", "opaque", B),
+    ("CREATE TABLE x AS EXECUTE unknown_stmt", "create", "opaque", B),
     ("PREPARE p AS SELECT 1; DEALLOCATE p; EXECUTE p", "prepare,deallocate,execute",
      "opaque", B),
     ("CALL do_everything()", "call", "opaque", B, {"functions": ["do_everything"]}),

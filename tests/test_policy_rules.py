@@ -384,6 +384,13 @@ def test_prepare_then_execute_in_one_text():
     assert stmts[1].kinds == ("execute", "delete") and stmts[1].flags == ("write",)
 
 
+def test_explain_execute_is_not_cached(engine):
+    mem = PreparedMemory()
+    assert decide(engine, "EXPLAIN EXECUTE p", prepared=mem).action == "block"
+    mem.observe(classify("PREPARE p AS SELECT 1"))
+    assert decide(engine, "EXPLAIN EXECUTE p", prepared=mem).action == "allow"
+
+
 def test_execute_decisions_are_not_cached(engine):
     mem = PreparedMemory()
     mem.observe(classify("PREPARE p AS SELECT 1"))

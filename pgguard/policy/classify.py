@@ -130,6 +130,8 @@ class Statement(msgspec.Struct, frozen=True, kw_only=True):
     literal_dependent: bool = False
     # prepared-statement name of PREPARE / EXECUTE / DEALLOCATE (None: DEALLOCATE ALL)
     name: str | None = None
+    # looked up the session's prepared statements (SQL EXECUTE): never cache the decision
+    session_dependent: bool = False
     # changes no data, schema, privileges or server state
     readonly: bool = False
 
@@ -207,7 +209,7 @@ _UTF8_NAMES = frozenset({"utf8", "utf-8", "unicode"})
 _ON_VALUES = frozenset({"on", "true", "yes", "1", "t", "y"})
 _OFF_VALUES = frozenset({"off", "false", "no", "0", "f", "n"})
 
-# languages whose bodies pgguard reads
+# languages that run arbitrary code on the server (the "u" suffix is the untrusted convention)
 _UNTRUSTED_LANGS = frozenset({"c", "internal", "plpythonu", "plpython2u", "plpython3u",
                               "plperlu", "pltclu", "plsh", "pljavau", "plv8u", "plrustu"})
 
@@ -309,7 +311,7 @@ class _Acc:
 
     __slots__ = ("kind", "kinds", "writes", "reads", "funcs", "flags", "reasons", "literal",
                  "ctes", "rvwrite", "utility", "ctx", "text", "name", "prepared",
-                 "writing_funcs", "sub_kind")
+                 "writing_funcs", "sub_kind", "session")
 
     def __init__(self, text: str = "", prepared: Mapping[str, Statement] | None = None):
         self.kind: str | None = None
@@ -329,6 +331,7 @@ class _Acc:
         self.prepared = prepared
         self.writing_funcs = False
         self.sub_kind = False                  # next statement entered counts in kinds
+        self.session = False                   # consulted the prepared statements
 
     def flag(self, flag: str, why: str) -> None:
         self.flags.add(flag)
@@ -371,23 +374,25 @@ class _Acc:
             self.funcs[f] = None
         if st.literal_dependent:
             self.literal = True
+        if st.session_dependent:
+            self.session = True
 
     def build(self, text: str) -> Statement:
-        flags = tuple(f for f in FLAGS if f in self.flags)
         kinds = tuple(self.kinds)
-        readonly = (not flags and not self.writes and not self.writing_funcs
-                    and all(k in _READONLY_KINDS for k in kinds))
-        seen: set[tuple[str, str]] = set()
-        reasons = []
-        for r in self.reasons:
-            if r not in seen:
-                seen.add(r)
-                reasons.append(Reason(r[0], r[1]))
+        if self.flags:
+            flags = tuple(f for f in FLAGS if f in self.flags)
+            reasons = tuple(Reason(f, t) for f, t in dict.fromkeys(self.reasons))
+            readonly = False
+        else:
+            flags = reasons = ()
+            readonly = (not self.writes and not self.writing_funcs
+                        and _READONLY_KINDS.issuperset(kinds))
         return Statement(
             kind=self.kind or "unknown", text=text, kinds=kinds,
             relations_written=tuple(self.writes), relations_read=tuple(self.reads),
-            functions=tuple(self.funcs), flags=flags, reasons=tuple(reasons),
-            literal_dependent=self.literal, name=self.name, readonly=readonly)
+            functions=tuple(self.funcs), flags=flags, reasons=reasons,
+            literal_dependent=self.literal, name=self.name, readonly=readonly,
+            session_dependent=self.session)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -412,44 +417,78 @@ def _relname(rv: dict) -> str:
     return schema + "." + rv.get("relname", "")
 
 
+_MISSING = object()
+
+
 def _walk(acc: _Acc, node: Any) -> None:
-    # generic descent: typed nodes go to their handler, everything else is searched
-    if type(node) is dict:
-        if "relname" in node:                       # a RangeVar stored without its tag
-            _rangevar(acc, node)
-            return
-        if "funcformat" in node and "funcname" in node:   # a FuncCall without its tag
-            _funccall(acc, node)
-            return
-        for k, v in node.items():
-            h = _NODE.get(k)
-            if h is not None:
+    # Generic descent. A list holds tagged nodes ({"Tag": {...}}); they are dispatched
+    # here, without a call per element: a handler for known tags (None: nothing to find
+    # below), a generic descent for the others. A RangeVar or FuncCall stored without its
+    # tag (a field typed as such, like InsertStmt.relation) is recognised by its keys.
+    get = _NODE.get
+    for x in (node if type(node) is list else (node,)):
+        if type(x) is not dict:
+            if type(x) is list:
+                _walk(acc, x)
+            continue
+        if "relname" in x:
+            _rangevar(acc, x)
+            continue
+        if "funcformat" in x and "funcname" in x:
+            _funccall(acc, x)
+            continue
+        for k, v in x.items():
+            h = get(k, _MISSING)
+            if h is _MISSING:
+                if type(v) is dict or type(v) is list:
+                    _walk(acc, v)
+            elif h is not None:
                 h(acc, v)
-            elif type(v) is dict:
-                _walk(acc, v)
-            elif type(v) is list:
-                for x in v:
-                    if type(x) is dict or type(x) is list:
-                        _walk(acc, x)
-    elif type(node) is list:
-        for v in node:
-            if type(v) is dict or type(v) is list:
-                _walk(acc, v)
 
 
 def _walk_except(acc: _Acc, body: dict, skip: tuple[str, ...]) -> None:
+    get = _NODE.get
     for k, v in body.items():
         if k in skip:
             continue
-        h = _NODE.get(k)
-        if h is not None:
+        h = get(k, _MISSING)
+        if h is _MISSING:
+            if type(v) is dict or type(v) is list:
+                _walk(acc, v)
+        elif h is not None:
             h(acc, v)
-        elif type(v) is dict or type(v) is list:
-            _walk(acc, v)
 
 
-def _noop(acc: _Acc, body: Any) -> None:
-    pass
+# The commonest expression nodes, walked field by field: skipping their scalar fields
+# and one level of generic descent is most of the cost of a DML statement's walk.
+def _res_target(acc: _Acc, b: dict) -> None:
+    v = b.get("val")
+    if v is not None:
+        _walk(acc, v)
+    v = b.get("indirection")
+    if v is not None:
+        _walk(acc, v)
+
+
+def _a_expr(acc: _Acc, b: dict) -> None:
+    v = b.get("lexpr")
+    if v is not None:
+        _walk(acc, v)
+    v = b.get("rexpr")
+    if v is not None:
+        _walk(acc, v)
+
+
+def _args_node(acc: _Acc, b: dict) -> None:
+    v = b.get("args")
+    if v is not None:
+        _walk(acc, v)
+
+
+def _list_node(acc: _Acc, b: dict) -> None:
+    v = b.get("items")
+    if v is not None:
+        _walk(acc, v)
 
 
 def _rangevar(acc: _Acc, rv: dict) -> None:
@@ -965,6 +1004,7 @@ def _prepare(acc: _Acc, b: dict) -> None:
 
 def _execute(acc: _Acc, b: dict) -> None:
     acc.enter("execute")
+    acc.session = True
     name = b.get("name", "")
     acc.name = name
     body = acc.prepared.get(name) if acc.prepared is not None else None
@@ -1214,7 +1254,8 @@ def _create_function(acc: _Acc, b: dict) -> None:
             body = _sval(items[0])
     _body_by_language(acc, lang, f"{what} {name}", sql_body=b.get("sql_body"),
                       sql_text=body)
-    _utility_walk(acc, b, ("options", "sql_body", "funcname"))
+    # parameters, return type, SET clauses (the body string names no function by itself)
+    _utility_walk(acc, b, ("sql_body", "funcname"))
 
 
 def _alter_function(acc: _Acc, b: dict) -> None:
@@ -1226,7 +1267,7 @@ def _alter_function(acc: _Acc, b: dict) -> None:
             if type(arg) is dict and arg.get("Boolean", {}).get("boolval"):
                 acc.flag("privilege", "ALTER FUNCTION ... SECURITY DEFINER makes it run with "
                          "its owner's privileges")
-    _utility_walk(acc, b, ("actions",))
+    _utility_walk(acc, b)
 
 
 def _body_by_language(acc: _Acc, lang: str, what: str, *, sql_body: Any,
@@ -1417,8 +1458,9 @@ _STMT: dict[str, Any] = {
 _NODE: dict[str, Any] = {
     "RangeVar": _rangevar, "FuncCall": _funccall,
     # leaves with nothing to find
-    "ColumnRef": _noop, "A_Const": _noop, "ParamRef": _noop, "A_Star": _noop,
-    "String": _string,
+    "ColumnRef": None, "A_Const": None, "ParamRef": None, "A_Star": None,
+    "SQLValueFunction": None, "String": _string,
+    "ResTarget": _res_target, "A_Expr": _a_expr, "BoolExpr": _args_node, "List": _list_node,
 }
 for _tag in dir(_pgast):
     if _tag.endswith("Stmt") and _tag not in ("RawStmt", "SetOperationStmt"):
@@ -1700,4 +1742,5 @@ def _union(a: Statement, b: Statement) -> Statement:
         flags=tuple(f for f in FLAGS if f in flags),
         reasons=merged(a.reasons, b.reasons),
         literal_dependent=a.literal_dependent or b.literal_dependent,
-        name=a.name, readonly=a.readonly and b.readonly)
+        name=a.name, readonly=a.readonly and b.readonly,
+        session_dependent=a.session_dependent or b.session_dependent)

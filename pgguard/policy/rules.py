@@ -295,7 +295,8 @@ class PolicyEngine:
 
         ``prepared`` is the session's :class:`~pgguard.policy.classify.PreparedMemory`
         (or any name -> Statement mapping) so that SQL ``EXECUTE name`` is judged as what
-        it runs; decisions that involve EXECUTE are never cached.
+        it runs; decisions that consult it (``Statement.session_dependent``) are never
+        cached.
         """
         key = (sql, identity_name, database)
         d = self._exact.get(key)
@@ -317,7 +318,7 @@ class PolicyEngine:
             cache.misses += 1
             d = self._decide(sql, identity_name, identity, database, prepared)
             if d.rule != "internal-error" and len(sql) <= cache.max_text and not any(
-                    s.kind == "execute" or "execute" in s.kinds for s in d.statements):
+                    s.session_dependent for s in d.statements):
                 self._exact.put(key, d, len(sql))
                 if skey is not None and d.statements and all(
                         s.kind in SHAREABLE_KINDS and not s.literal_dependent
