@@ -287,6 +287,17 @@ class PolicyEngine:
         self._exact = self.cache.exact
         self._applicable: dict[tuple[str, str, str], list[_CompiledRule]] = {}
 
+    def inspects(self, identity_name: str, identity: Identity, database: str) -> bool:
+        """False when nothing could refuse this identity's statements on this database:
+        its kind's default is ``allow`` and no block/approve rule applies to it (the
+        session may then skip the policy entirely)."""
+        pol = self.cfg.policy
+        mode = pol.agents if identity.kind == "agent" else pol.humans
+        if mode != "allow":
+            return True
+        return any(r.action != "allow"
+                   for r in self._rules_for(identity_name, identity, database))
+
     # -- hot path -----------------------------------------------------------------------
 
     def decide(self, sql: str, identity_name: str, identity: Identity | None, database: str,
@@ -306,7 +317,7 @@ class PolicyEngine:
         try:
             cache = self.cache
             skey = None
-            if len(sql) <= cache.max_text:
+            if len(sql) <= cache.max_text and cache.shape.maxsize > 0:
                 skey = shape_key(sql)
                 if skey is not None:
                     d = cache.shape.get((skey, identity_name, database))
