@@ -441,3 +441,17 @@ def test_explain_parse_error(tmp_path, capsys):
     rc, out, _ = _explain(tmp_path, capsys, "SELEC 1", as_json=True)
     report = json.loads(out)
     assert rc == EXIT_BLOCK and report["rule"] == "parse-error" and report["position"] == 1
+
+
+# --------------------------------------------------------------------------- docs
+
+@pytest.mark.parametrize("module", ["pgguard.policy", "pgguard.policy.classify",
+                                    "pgguard.policy.cache", "pgguard.policy.rules",
+                                    "pgguard.policy.explain"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS
+                             | doctest.IGNORE_EXCEPTION_DETAIL)
+    assert result.failed == 0

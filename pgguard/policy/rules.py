@@ -271,8 +271,9 @@ class PolicyEngine:
 
     Example::
 
-        >>> engine = PolicyEngine(cfg)                                   # doctest: +SKIP
-        >>> engine.decide("SELECT 1", "ci-agent", cfg.identities["ci-agent"], "app").action
+        >>> from pgguard.config import Identity, loads
+        >>> engine = PolicyEngine(loads(""))
+        >>> engine.decide("SELECT 1", "ci-agent", Identity(kind="agent"), "app").action
         'allow'
     """
 
