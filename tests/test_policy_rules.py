@@ -48,7 +48,8 @@ action = "block"
 
 [[rules]]
 name = "orders-approval"
-when = { kind = "agent", statements = ["insert", "update", "delete"], relations = ["public.orders"] }
+when = { kind = "agent", statements = ["insert", "update", "delete"], \
+         relations = ["public.orders"] }
 action = "approve"
 timeout = "5m"
 approvers = ["alice"]
@@ -273,7 +274,8 @@ def test_empty_text_is_allowed(engine):
 
 def test_shape_key():
     assert shape_key("SELECT * FROM t WHERE a = 1") == shape_key("SELECT * FROM t WHERE a = 22")
-    assert shape_key("SELECT * FROM t WHERE a = 'x'") == shape_key("SELECT * FROM t WHERE a = 'it''s'")
+    assert (shape_key("SELECT * FROM t WHERE a = 'x'")
+            == shape_key("SELECT * FROM t WHERE a = 'it''s'"))
     assert shape_key("SELECT * FROM t1") != shape_key("SELECT * FROM t2")
     assert shape_key('SELECT * FROM "t 1"') != shape_key('SELECT * FROM "t 2"')
     assert shape_key("SELECT * FROM public.t") != shape_key("SELECT * FROM secret.t")

@@ -18,8 +18,8 @@ Flags (DESIGN.md section 4):
     ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, MERGE ... WHEN MATCHED THEN DELETE with
     no condition of its own (``AND ...``), MERGE ... WHEN NOT MATCHED BY SOURCE THEN DELETE
     or UPDATE, MERGE ... THEN UPDATE whose join is true for every row (``ON true``, or the
-    target merged with itself), DROP OWNED, and any of these inside a data-modifying CTE, EXPLAIN ANALYZE,
-    PREPARE, SQL EXECUTE, a DO block, a function body or a rule action.
+    target merged with itself), DROP OWNED, and any of these inside a data-modifying CTE,
+    EXPLAIN ANALYZE, PREPARE, SQL EXECUTE, a DO block, a function body or a rule action.
 ``privilege``
     GRANT, REVOKE, CREATE/ALTER/DROP ROLE, SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION,
     ``set_config('role', ...)``, DISCARD ALL (it resets the session authorization),
@@ -1494,7 +1494,8 @@ _SELECT_HEAD = _SELECT_HEAD[:_SELECT_HEAD.index('"SelectStmt":') + 13]
 _HEAD_END = len(_SELECT_HEAD)
 # (each pattern starts with a literal, which keeps Python's re on its fast scan)
 _FAST_RV = re.compile(r'"relname":"([^"\\]*)"(?:,"inh":true)?,"relpersistence":"(\w)"')
-_FAST_FC = re.compile(r'"FuncCall":\{"funcname":\[((?:\{"String":\{"sval":"(?:[^"\\]|\\.)*"\}\},?)+)\]')
+_FAST_FC = re.compile(
+    r'"FuncCall":\{"funcname":\[((?:\{"String":\{"sval":"(?:[^"\\]|\\.)*"\}\},?)+)\]')
 _FAST_SVAL = re.compile(r'"sval":"((?:[^"\\]|\\.)*)"')
 _SELECT_KINDS = ("select",)
 _USE_FAST = True       # tests turn it off to compare with the slow path

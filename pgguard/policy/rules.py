@@ -43,8 +43,9 @@ Example::
     >>> d = engine.decide("DROP INDEX orders_pkey", "ci-agent", Identity(kind="agent"), "app")
     >>> d.action, d.rule
     ('block', 'guarded-default')
-    >>> print(d.message)
-    pgguard: statement refused by rule "guarded-default": DROP INDEX public.orders_pkey is destructive
+    >>> print(d.message)  # doctest: +NORMALIZE_WHITESPACE
+    pgguard: statement refused by rule "guarded-default":
+    DROP INDEX public.orders_pkey is destructive
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
 
     Example::
 
-        >>> d = engine.decide("DELETE FROM t WHERE 1 = 1", "bot", Identity(), "app")  # doctest: +SKIP
-        >>> d.allowed, d.hint                                                         # doctest: +SKIP
+        >>> from pgguard.config import Identity, loads
+        >>> d = PolicyEngine(loads("")).decide("DELETE FROM t WHERE 1 = 1", "bot",
+        ...                                    Identity(), "app")
+        >>> d.allowed, d.hint
         (False, 'Add a WHERE clause that selects only the rows you mean to change.')
     """
 
