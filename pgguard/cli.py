@@ -42,9 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config; errors name the key path")
     _add_config(p)
 
-    p = sub.add_parser("explain", help="show how a statement is classified and decided")
+    from .policy import explain as _explain
+    p = sub.add_parser("explain", help="show how a statement is classified and decided",
+                       description=_explain.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config(p)
     p.add_argument("--identity", default=None, help="decide as this identity")
+    p.add_argument("--database", default=None, help="decide for this database")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("sql", help="the SQL text")
 

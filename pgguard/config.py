@@ -90,6 +90,8 @@ class Identity(_Base):
 class Policy(_Base):
     agents: Literal["guarded", "allow", "block"] = "guarded"
     humans: Literal["guarded", "allow", "block"] = "allow"
+    # longest statement text the parser is asked to read (characters); longer: refused
+    max_statement_size: int = 1_048_576
 
 
 class When(_Base):

@@ -50,8 +50,10 @@ class Server:
             if pw is not None:
                 self._verifiers[name] = ScramVerifier.from_password(pw)
         self.client_ssl = self._client_ssl()
+        from .policy.cache import DecisionCache
         from .policy.rules import PolicyEngine
-        self.policy = PolicyEngine(cfg)
+        # the session keeps its own caches (raw message, shape) in front of the engine
+        self.policy = PolicyEngine(cfg, cache=DecisionCache(0))
         self._decisions: dict[tuple[str, str], tuple[dict, dict]] = {}
         self.shutting_down = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -93,12 +95,7 @@ class Server:
     def policy_inspects(self, identity_name: str, identity, database: str) -> bool:
         """False when nothing could refuse this identity's statements: the default for
         its kind is allow and no block/approve rule applies to it."""
-        pol = self.cfg.policy
-        mode = pol.agents if identity.kind == "agent" else pol.humans
-        if mode != "allow":
-            return True
-        rules = self.policy._rules_for(identity_name, identity, database)
-        return any(r.action != "allow" for r in rules)
+        return self.policy.inspects(identity_name, identity, database)
 
     def decision_cache(self, identity_name: str, database: str) -> tuple[dict, dict]:
         """(by raw message, by shape) decision maps shared by one identity's sessions
@@ -112,8 +109,7 @@ class Server:
     @staticmethod
     def remember_decision(cache: tuple[dict, dict], msg: bytes, key: bytes | None, d) -> None:
         from .policy.cache import SHAREABLE_KINDS
-        if d.rule == "internal-error" or any(
-                s.kind == "execute" or "execute" in s.kinds for s in d.statements):
+        if d.rule == "internal-error" or any(s.session_dependent for s in d.statements):
             return
         exact, shapes = cache
         if len(exact) >= DECISIONS_PER_IDENTITY:

@@ -1,3 +1,3 @@
-# The shape of a SQL text: literals replaced by '?', everything else verbatim.
+# The shape of a SQL text: literals replaced by NUL, everything else verbatim.
 
 cpdef bytes shape(bytes sql)

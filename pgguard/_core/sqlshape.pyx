@@ -1,5 +1,5 @@
 # Literal-insensitive cache key for SQL text: numbers and single-quoted strings become
-# '?'; identifiers, keywords, comments, parameters and dollar-quoted bodies stay
+# a NUL byte (which no SQL text contains: `?` is an operator); identifiers, keywords, comments, parameters and dollar-quoted bodies stay
 # verbatim (a dollar-quoted body is code for DO / CREATE FUNCTION, so it is part of
 # the shape). Two texts with one shape differ only in literal values.
 # cython: language_level=3
@@ -23,13 +23,18 @@ cdef inline bint _digit(unsigned char c) noexcept nogil:
 
 cpdef bytes shape(bytes sql):
     """``shape(b"SELECT * FROM t WHERE id = 42 AND n = 'x'")`` is
-    ``b"SELECT * FROM t WHERE id = ? AND n = ?"``; None when the text does not
-    scan cleanly (unterminated quote or comment): such text is never shared."""
+    ``b"SELECT * FROM t WHERE id = \\0 AND n = \\0"``; None when the text does not
+    scan cleanly (unterminated quote or comment) or uses U& escapes: such text is
+    never shared."""
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(sql)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(sql)
     cdef Py_ssize_t i = 0, j, k, start, tag_len, depth
     cdef unsigned char c, prev = 32
     cdef bint escapes
+    if b"U&" in sql or b"u&" in sql or b"\0" in sql:
+        # U& identifiers and strings take their escape character from a UESCAPE
+        # literal: blanking that literal could merge two different names
+        return None
     out = bytearray()
     start = 0                      # start of the pending verbatim run
     while i < n:
@@ -55,7 +60,7 @@ cpdef bytes shape(bytes sql):
                     break
                 j += 1
             out += sql[start:i]
-            out += b"?"
+            out += b"\0"
             i = j + 1
             start = i
             prev = 63
@@ -156,7 +161,7 @@ cpdef bytes shape(bytes sql):
                 prev = 97
                 continue
             out += sql[start:i]
-            out += b"?"
+            out += b"\0"
             i = j
             start = i
             prev = 63
