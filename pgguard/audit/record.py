@@ -13,7 +13,7 @@ Canonical form and chain (what ``pgguard audit verify`` recomputes)::
 
     content  = msgspec JSON of the record without prev_hash and hash, fields in schema
                order, fields that are null omitted, ts as RFC 3339 UTC ("...Z", µs)
-    hash     = sha256_hex(prev_hash + "\\n" + content)
+    hash     = hex(sha256(unhex(prev_hash) + content))
     prev_hash of the first record of a stream = "0" * 64
 
 Example::
@@ -22,8 +22,10 @@ Example::
     >>> r = AuditRecord(session_id="s1", event="statement", identity="ci-agent",
     ...                 statement="SELECT * FROM t WHERE id = $1", rows=1,
     ...                 ts=datetime(2024, 5, 1, tzinfo=timezone.utc), event_id="01HX")
+    >>> content_bytes(r)[:60]
+    b'{"event_id":"01HX","ts":"2024-05-01T00:00:00Z","session_id":'
     >>> chain_hash(GENESIS, content_bytes(r))[:12]
-    '6a2c1e1f0d0b'
+    '4a4b7b329b31'
 """
 from __future__ import annotations
 
@@ -175,13 +177,31 @@ def content_bytes(record: AuditRecord | dict) -> bytes:
 
 
 def chain_hash(prev_hash: str, content: bytes) -> str:
-    """``sha256_hex(prev_hash + "\\n" + content)``. Example: ``chain_hash(GENESIS, b"{}")``."""
-    return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + content).hexdigest()
+    """``hex(sha256(unhex(prev_hash) + content))``. Example: ``chain_hash(GENESIS, b"{}")``.
+
+    Raises ``ValueError`` if *prev_hash* is not 64 hex digits.
+    """
+    prev = bytes.fromhex(prev_hash)
+    if len(prev) != 32:
+        raise ValueError("prev_hash must be 64 hex digits")
+    return hashlib.sha256(prev + content).hexdigest()
 
 
 def validate_lines(blob: bytes) -> None:
     """Raise ``msgspec.ValidationError`` unless every line of *blob* is valid content."""
     _content_decoder.decode_lines(blob)
+
+
+_CONTENT_LIST = list[_Content]
+
+
+def to_content(records: list[AuditRecord]) -> list[_Content]:
+    """The hashed part of *records*, type-checked (``msgspec.ValidationError`` if not).
+
+    The writer hashes the JSON of these validated objects, never of the caller's, so
+    what is hashed is exactly what Parquet can hold and give back.
+    """
+    return msgspec.convert(records, _CONTENT_LIST, from_attributes=True)
 
 
 # -- coercion of malformed records (slow path; never taken for well-typed records) ------
@@ -262,13 +282,15 @@ def sanitize(record: AuditRecord, now: datetime) -> AuditRecord:
 # and the oracle the tests compare against.
 
 _IDENT_CHAR = r"[\w$]"
-_CONT = r"(?:[ \t\f\r]*\n\s*)"     # string continuation: whitespace with a newline
+# string continuation (scan.l whitespace_with_newline): spaces or -- comments, a newline,
+# then spaces or whole -- comment lines
+_CONT = r"(?:(?:[ \t\f\v]|--[^\n\r]*)*[\n\r](?:[ \t\n\r\f\v]+|--[^\n\r]*[\n\r])*)"
 _TOKEN = re.compile(
     r"""
       (?P<skip> --[^\n\r]*                         # line comment
               | /\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/   # block comment (not nested)
               | "(?:[^"]|"")*"                     # quoted identifier
-              | \$\d+                              # parameter: stays
+              | (?<![\w$])\$\d+                    # parameter: stays
       )
     | (?P<lit>  (?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'(?:""" + _CONT + r"""'(?:[^'\\]|\\.|'')*')*
               | (?<![\w$])[BbXx]'[^']*'(?:""" + _CONT + r"""'[^']*')*
@@ -398,13 +420,12 @@ def prepare_statement(sql: str, capture_literals: bool) -> str:
 
     Example: ``prepare_statement("SELECT 1", capture_literals=False) == "SELECT $1"``.
     """
-    if len(sql) > MAX_STATEMENT_CHARS:
-        sql = sql[:MAX_STATEMENT_CHARS]
-        suffix = f" …[truncated: statement longer than {MAX_STATEMENT_CHARS} chars]"
-        # a cut can leave an unterminated quote; normalize() then fails closed
-        out = scrub_secrets(normalize(sql)) if not capture_literals else scrub_secrets(sql)
-        return out + suffix
-    if capture_literals:
-        return scrub_secrets(sql)
+    n = len(sql)
+    # a cut can leave an unterminated quote; normalize() then fails closed
+    cut = sql[:MAX_STATEMENT_CHARS] if n > MAX_STATEMENT_CHARS else sql
     # normalized text has no literals left; a password can only hide in a comment
-    return scrub_secrets(normalize(sql))
+    out = scrub_secrets(cut if capture_literals else normalize(cut))
+    if n > MAX_STATEMENT_CHARS or len(out) > MAX_STATEMENT_CHARS:
+        out = (out[:MAX_STATEMENT_CHARS]
+               + f" …[truncated: statement of {n} chars, stored up to {MAX_STATEMENT_CHARS}]")
+    return out

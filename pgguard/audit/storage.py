@@ -13,14 +13,18 @@ Layout under ``[audit] dir``::
 ``w0`` is the *stream*: one writer (one worker process) appends to one hash chain;
 ``seq`` numbers its segments 1, 2, 3 ... with no gaps.
 
-A WAL segment is a header then frames; each frame is one group commit::
+A WAL segment is a header then frames of up to 256 records; a group commit writes
+several frames and fdatasyncs once::
 
     header  b"PGGWAL01" u32 len  JSON {"stream", "seq", "prev_hash", "created"}
-    frame   u32 body_len  u32 count  u32 crc32(body)  32-byte sha256 of the last record
+    frame   u32 body_len  u32 count  32-byte chain hash of the frame's last record
             body: ``count`` records, canonical JSON content, one per line
 
-A frame is durable once fdatasync returns; a torn frame at the tail (crash mid-write)
-fails its length or CRC check and is dropped: it was never acknowledged.
+Reading a segment recomputes the chain from the header's ``prev_hash``; a frame whose
+length runs past the end of the file, or whose recomputed last hash differs from the one
+stored, ends the valid part. That is a torn write at the tail after a crash (the frame
+was never acknowledged: acknowledgement follows fdatasync), or damage if more frames
+follow it.
 """
 from __future__ import annotations
 
@@ -31,7 +35,6 @@ import json
 import os
 import re
 import struct
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,7 +50,7 @@ from .record import CONTENT_FIELDS, CONTENT_SCHEMA, GENESIS, SCHEMA, UTC, _Conte
 WAL_DIR = "_wal"
 CHAIN_DIR = "_chain"
 WAL_MAGIC = b"PGGWAL01"
-FRAME = struct.Struct("<III32s")
+FRAME = struct.Struct("<II32s")
 FORMAT_VERSION = "1"
 ROW_GROUP_ROWS = 128 * 1024
 STREAM_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -204,13 +207,12 @@ def write_head(root: Path, head: Head) -> None:
 # -- hashing ---------------------------------------------------------------------------
 
 def chain_lines(prev: bytes, lines: list[bytes]) -> list[bytes]:
-    """Hex hashes (bytes) of consecutive content lines chained from *prev* (hex bytes)."""
+    """Raw sha256 digests of consecutive content lines chained from *prev* (32 bytes)."""
     sha = hashlib.sha256
-    hexlify = binascii.hexlify
     out = []
     append = out.append
     for line in lines:
-        prev = hexlify(sha(prev + _NL + line).digest())
+        prev = sha(prev + line).digest()
         append(prev)
     return out
 
@@ -231,8 +233,8 @@ def wal_header(stream: str, seq: int, prev_hash: str, created: datetime) -> byte
     return WAL_MAGIC + struct.pack("<I", len(meta)) + meta
 
 
-def wal_frame_header(body: bytes, count: int, last_hash_hex: bytes) -> bytes:
-    return FRAME.pack(len(body), count, zlib.crc32(body), binascii.unhexlify(last_hash_hex))
+def wal_frame_header(body: bytes, count: int, last_digest: bytes) -> bytes:
+    return FRAME.pack(len(body), count, last_digest)
 
 
 @dataclass
@@ -242,18 +244,25 @@ class WalSegment:
     seq: int
     prev_hash: str
     created: datetime
-    bodies: list[bytes]
-    counts: list[int]
-    digests: list[bytes]
-    torn: bool            # bytes after the last complete frame (a crash mid-write)
+    bodies: list[bytes]       # valid frames, in order
+    digests: list[bytes]      # raw chain digests of every record of those frames
+    tail_bytes: int = 0       # bytes after the valid frames (torn or in progress)
+    damaged: bool = False     # a complete frame failed its check and more data follows
 
     @property
     def records(self) -> int:
-        return sum(self.counts)
+        return len(self.digests)
+
+    @property
+    def last_hash(self) -> str:
+        return self.digests[-1].hex() if self.digests else self.prev_hash
 
 
 def read_wal(path: Path) -> WalSegment:
-    """Parse a WAL segment up to its last complete frame. Safe on a segment being written."""
+    """Parse a WAL segment up to its last valid frame, recomputing the chain.
+
+    Safe on a segment being written (a frame in progress counts as ``tail_bytes``).
+    """
     data = path.read_bytes()
     if len(data) < len(WAL_MAGIC) + 4 or not data.startswith(WAL_MAGIC):
         raise AuditError(f"{path}: not a pgguard WAL segment")
@@ -263,46 +272,31 @@ def read_wal(path: Path) -> WalSegment:
         meta = json.loads(data[pos:pos + hlen])
         created = datetime.fromisoformat(meta["created"]).astimezone(UTC)
         seg = WalSegment(path, meta["stream"], int(meta["seq"]), meta["prev_hash"], created,
-                         [], [], [], False)
+                         [], [])
+        prev = bytes.fromhex(seg.prev_hash)
     except (ValueError, KeyError, TypeError) as e:
         raise AuditError(f"{path}: damaged WAL header: {e}") from None
     pos += hlen
     n = len(data)
     while pos < n:
         if pos + FRAME.size > n:
-            seg.torn = True
             break
-        blen, count, crc, digest = FRAME.unpack_from(data, pos)
+        blen, count, digest = FRAME.unpack_from(data, pos)
         start = pos + FRAME.size
+        if blen == 0 or start + blen > n:
+            break
         body = data[start:start + blen]
-        if blen == 0 or len(body) < blen or zlib.crc32(body) != crc:
-            seg.torn = True
+        lines = split_lines(body)
+        digests = chain_lines(prev, lines)
+        if len(lines) != count or not digests or digests[-1] != digest:
+            seg.damaged = start + blen < n
             break
         seg.bodies.append(body)
-        seg.counts.append(count)
-        seg.digests.append(digest)
+        seg.digests.extend(digests)
+        prev = digests[-1]
         pos = start + blen
+    seg.tail_bytes = n - pos
     return seg
-
-
-def rehash_segment(seg: WalSegment) -> tuple[list[bytes], bool]:
-    """Recompute the chain over a segment from its header's prev_hash.
-
-    Returns the hex hashes and whether they agree with the digests the writer stored
-    in each frame (they disagree only if the WAL was altered).
-    """
-    prev = seg.prev_hash.encode("ascii")
-    hashes: list[bytes] = []
-    agree = True
-    for body, count, digest in zip(seg.bodies, seg.counts, seg.digests):
-        lines = split_lines(body)
-        hx = chain_lines(prev, lines)
-        if len(lines) != count or not hx or binascii.unhexlify(hx[-1]) != digest:
-            agree = False
-        if hx:
-            prev = hx[-1]
-        hashes.extend(hx)
-    return hashes, agree
 
 
 # -- Arrow conversion ------------------------------------------------------------------
@@ -312,9 +306,26 @@ _READ_OPTS = pajson.ParseOptions(explicit_schema=CONTENT_SCHEMA,
 _content_lines = msgspec.json.Decoder(_Content)
 
 
-def _fixed_strings(data: bytes, n: int, width: int = 64) -> pa.Array:
-    offsets = array.array("i", range(0, width * (n + 1), width))
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+_OFFSETS_N = 1 << 16
+_OFFSETS = pa.py_buffer(array.array("i", range(0, 64 * (_OFFSETS_N + 1), 64)))
+
+HashParts = list[tuple[bytes, bytes, int]]
+"""Chain hashes of consecutive rows, in pieces: (hex hashes concatenated, hex hash of
+the row before the piece, rows)."""
+
+
+def _hex_strings(data: bytes, n: int) -> pa.Array:
+    # n fixed-width (64) hex strings straight from one buffer: no Python object per row
+    if n <= _OFFSETS_N:
+        offsets = _OFFSETS.slice(0, 4 * (n + 1))
+    else:
+        offsets = pa.py_buffer(array.array("i", range(0, 64 * (n + 1), 64)))
+    return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(data))
+
+
+def hash_parts(digests: bytes, first_prev: bytes) -> HashParts:
+    """HashParts from raw 32-byte digests (recovery, WAL reads)."""
+    return [(binascii.hexlify(digests), binascii.hexlify(first_prev), len(digests) // 32)]
 
 
 def _content_table_slow(body: bytes) -> pa.Table:
@@ -339,19 +350,21 @@ def content_table(body: bytes) -> pa.Table:
     return t
 
 
-def build_table(body: bytes, hashes: bytes, first_prev: bytes) -> pa.Table:
-    """The full-schema table for content lines *body* with their chain hashes.
+def with_hashes(content: pa.Table, parts: HashParts) -> pa.Table:
+    """The full-schema table: *content* rows plus their ``prev_hash``/``hash`` columns."""
+    n = content.num_rows
+    if sum(p[2] for p in parts) != n:
+        raise AuditError(f"{sum(p[2] for p in parts)} hashes for {n} records")
+    prev = pa.chunked_array([_hex_strings(fp + hx[:-64], k) for hx, fp, k in parts if k],
+                            type=pa.string())
+    cur = pa.chunked_array([_hex_strings(hx, k) for hx, _, k in parts if k],
+                           type=pa.string())
+    return pa.Table.from_arrays(content.columns + [prev, cur], schema=SCHEMA)
 
-    *hashes*: the hex hashes of the lines concatenated (64 bytes each); *first_prev*:
-    the hex hash before the first line.
-    """
-    t = content_table(body)
-    n = t.num_rows
-    if len(hashes) != 64 * n:
-        raise AuditError(f"hash count {len(hashes) // 64} does not match {n} records")
-    prev = _fixed_strings(first_prev + hashes[:-64] if n else b"", n)
-    cur = _fixed_strings(hashes, n)
-    return pa.Table.from_arrays(t.columns + [prev, cur], schema=SCHEMA)
+
+def build_table(body: bytes, parts: HashParts) -> pa.Table:
+    """The full-schema table for content lines *body* and their chain hashes."""
+    return with_hashes(content_table(body), parts)
 
 
 class ParquetSink:
@@ -422,34 +435,35 @@ class ParquetSink:
             pass
 
 
-def segment_to_parquet(root: Path, seg: WalSegment) -> tuple[Path | None, str, int]:
-    """Convert a (recovered) WAL segment to its Parquet file; returns (path, last hash, n)."""
-    hashes, _ = rehash_segment(seg)
-    if not hashes:
-        return None, seg.prev_hash, 0
+def segment_to_parquet(root: Path, seg: WalSegment) -> Path | None:
+    """Convert the valid frames of a (recovered) WAL segment to its Parquet file."""
+    if not seg.records:
+        return None
     sink = ParquetSink(root, seg.stream, seg.seq, seg.created.strftime("%Y-%m-%d"),
                        seg.prev_hash)
     try:
-        prev = seg.prev_hash.encode("ascii")
+        prev = bytes.fromhex(seg.prev_hash)
         i = 0
-        for body, count in zip(seg.bodies, seg.counts):
-            hx = hashes[i:i + count]
-            sink.add(build_table(body, b"".join(hx), prev))
-            prev = hx[-1]
-            i += count
-        path = sink.seal()
+        step = 16       # frames per conversion (≈4096 records)
+        for f in range(0, len(seg.bodies), step):
+            body = b"".join(seg.bodies[f:f + step])
+            n = body.count(_NL)
+            digests = b"".join(seg.digests[i:i + n])
+            sink.add(build_table(body, hash_parts(digests, prev)))
+            prev = seg.digests[i + n - 1]
+            i += n
+        return sink.seal()
     except BaseException:
         sink.abort()
         raise
-    return path, hashes[-1].decode("ascii"), len(hashes)
 
 
 def wal_table(seg: WalSegment) -> pa.Table:
     """The records of a WAL segment not yet sealed, as a table (for queries and tail)."""
-    hashes, _ = rehash_segment(seg)
-    if not hashes:
+    if not seg.records:
         return SCHEMA.empty_table()
-    return build_table(b"".join(seg.bodies), b"".join(hashes), seg.prev_hash.encode("ascii"))
+    return build_table(b"".join(seg.bodies),
+                       hash_parts(b"".join(seg.digests), bytes.fromhex(seg.prev_hash)))
 
 
 def last_hash_of(path: Path) -> tuple[str, int]:
@@ -463,7 +477,3 @@ def last_hash_of(path: Path) -> tuple[str, int]:
     return col[-1].as_py(), n
 
 
-def content_of_row(row: dict) -> bytes:
-    """Canonical content of a row read back from Parquet (verify)."""
-    kw = {k: row[k] for k in CONTENT_FIELDS if row.get(k) is not None}
-    return msgspec.json.encode(_Content(**kw))

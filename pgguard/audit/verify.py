@@ -2,8 +2,8 @@
 # modified, deleted, reordered, inserted or missing.
 """Tamper evidence: ``pgguard audit verify``.
 
-Each stream (one writer process) is one chain: ``hash = sha256(prev_hash + "\\n" +
-content)`` over every record, in file order (``seq`` 1, 2, 3 ...) then row order, the
+Each stream (one writer process) is one chain: ``hash = hex(sha256(unhex(prev_hash) +
+content))`` over every record, in file order (``seq`` 1, 2, 3 ...) then row order, the
 first ``prev_hash`` being 64 zeros. Pending WAL segments (not yet sealed into Parquet)
 are checked as the tail of the chain.
 
@@ -212,16 +212,16 @@ class _Checker:
                                          f"{self.expected_seq}..{seg.seq - 1} before {name}",
                          file=name)
         self.expected_seq = seg.seq + 1
-        hashes, agree = storage.rehash_segment(seg)
-        if not agree:
-            self.problem("wal_damaged", f"modified: pending WAL {name} does not match the "
-                                        f"hashes written with it", file=name)
-        if self.expected is not None and seg.prev_hash != self.expected and hashes:
+        if seg.damaged:
+            self.problem("wal_damaged", f"modified: pending WAL {name}: a frame after record "
+                                        f"{seg.records} does not match the hash written "
+                                        f"with it", file=name, row=seg.records + 1)
+        if self.expected is not None and seg.prev_hash != self.expected and seg.records:
             self.problem("deleted", f"deleted: chain break between {self.prev_name} and "
                                     f"pending WAL {name}", file=name)
-        self.report.pending_wal_records += len(hashes)
-        if hashes:
-            self.expected = hashes[-1].decode()
+        self.report.pending_wal_records += seg.records
+        if seg.records:
+            self.expected = seg.last_hash
         self.prev_name = name
 
 

@@ -33,6 +33,7 @@ After a crash, ``start()`` turns the leftover WAL into Parquet before accepting 
 from __future__ import annotations
 
 import asyncio
+from binascii import hexlify
 import concurrent.futures
 import fcntl
 import logging
@@ -47,12 +48,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import AuditConfig, parse_duration
 from . import storage
-from .record import (EVENT_AUDIT_DROPPED, GENESIS, UTC, AuditRecord, _as_text,
-                     prepare_statement, sanitize, validate_lines)
+from .record import (CONTENT_SCHEMA, EVENT_AUDIT_DROPPED, GENESIS, UTC, AuditRecord, _as_text,
+                     prepare_statement, sanitize, to_content)
 from .storage import AuditError
 
 log = logging.getLogger("pgguard.audit")
@@ -169,17 +173,18 @@ def recover(root: Path, stream: str) -> _Tip:
         seg = storage.read_wal(path)
         if seg.stream != stream or seg.seq != seq:
             raise AuditError(f"{path}: WAL header names {seg.stream}/{seg.seq}")
-        hashes, agree = storage.rehash_segment(seg)
-        if not agree:
-            log.error("audit: %s: recomputed hashes differ from those written; the WAL was "
-                      "altered; converting it as found (verify will show the break)", path)
-        out, last, n = storage.segment_to_parquet(root, seg)
+        if seg.damaged:
+            log.error("audit: %s: a frame in the middle fails its hash check; the records "
+                      "after it (%d bytes) cannot be trusted and are not converted", path,
+                      seg.tail_bytes)
+        out = storage.segment_to_parquet(root, seg)
         if out is not None:
-            records += n
-            head = set_head(seq, last, out, records)
+            records += seg.records
+            head = set_head(seq, seg.last_hash, out, records)
             files[seq] = storage.ParquetFile(stream, seq, out, out.parent.name[3:])
-            log.warning("audit: recovered %d records from %s%s", n, path.name,
-                        " (torn tail dropped)" if seg.torn else "")
+            log.warning("audit: recovered %d records from %s%s", seg.records, path.name,
+                        f" ({seg.tail_bytes} bytes of an unacknowledged write dropped)"
+                        if seg.tail_bytes and not seg.damaged else "")
         path.unlink()
         storage.fsync_dir(path.parent)
 
@@ -242,7 +247,7 @@ class AuditLog:
         self._lock_fd: int | None = None
         self._roll_req: list[concurrent.futures.Future] = []
         # writer-thread state
-        self._prev = GENESIS.encode()
+        self._prev = bytes(32)          # raw chain digest after the last durable record
         self._next_seq = 1
         self._seg_fd: int | None = None
         self._seg_seq = 0
@@ -301,7 +306,7 @@ class AuditLog:
                             os.close(fd)
         except OSError as e:
             raise AuditError(f"audit directory {self.root}: {e.strerror or e}") from None
-        self._prev = tip.hash.encode("ascii")
+        self._prev = bytes.fromhex(tip.hash)
         self._next_seq = tip.seq + 1
         self._total_records = tip.records
         self._head_total = tip.records
@@ -543,11 +548,12 @@ class AuditLog:
                 continue
             blob = self._encode(recs, now)
             lines = storage.split_lines(blob)
-            hx = storage.chain_lines(prev, lines)
-            frames.append(storage.wal_frame_header(blob, len(lines), hx[-1]))
+            ds = storage.chain_lines(prev, lines)
+            last = ds[-1]
+            frames.append(storage.wal_frame_header(blob, len(lines), last))
             frames.append(blob)
-            handoff.append((blob, b"".join(hx), prev))
-            prev = hx[-1]
+            handoff.append((blob, hexlify(b"".join(ds)), hexlify(prev), len(lines)))
+            prev = last
             count += len(lines)
         self._commit(frames, handoff, prev, count, waiters)
         for fut in rolls:
@@ -569,26 +575,26 @@ class AuditLog:
         return None
 
     def _encode(self, recs: list[AuditRecord], now: datetime) -> bytes:
+        # canonical JSON lines of the type-checked content of *recs*
         enc = _encoder
         try:
-            blob = enc.encode_lines(recs)
-            validate_lines(blob)
-            return blob
+            return enc.encode_lines(to_content(recs))
         except Exception:
             pass
-        fixed = []
+        out = []
+        bad = 0
         for r in recs:
             try:
-                validate_lines(enc.encode(r))
-                fixed.append(r)
+                out.append(enc.encode(to_content([r])[0]))
             except Exception:
-                self._coerced += 1
-                fixed.append(sanitize(r, now))
-                if not self.capture_literals and fixed[-1].statement is not None:
-                    fixed[-1].statement = prepare_statement(fixed[-1].statement, False)
-        log.warning("audit: %d malformed record(s) coerced (see their error column)",
-                    sum(1 for a, b in zip(recs, fixed) if a is not b))
-        return enc.encode_lines(fixed)
+                bad += 1
+                fixed = sanitize(r, now)
+                if not self.capture_literals and fixed.statement is not None:
+                    fixed.statement = prepare_statement(fixed.statement, False)
+                out.append(enc.encode(to_content([fixed])[0]))
+        self._coerced += bad
+        log.warning("audit: %d malformed record(s) coerced (see their error column)", bad)
+        return b"\n".join(out) + b"\n"
 
     def _commit(self, frames: list[bytes], handoff: list, prev: bytes, count: int,
                 waiters: list) -> None:
@@ -662,7 +668,7 @@ class AuditLog:
         path = storage.wal_path(self.root, self.stream, seq)
         now = datetime.now(UTC)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
-        header = storage.wal_header(self.stream, seq, self._prev.decode(), now)
+        header = storage.wal_header(self.stream, seq, self._prev.hex(), now)
         os.write(fd, header)
         os.fdatasync(fd)
         storage.fsync_dir(path.parent)
@@ -673,7 +679,7 @@ class AuditLog:
         self._seg_opened = time.monotonic()
         self._seg_date = now.strftime("%Y-%m-%d")
         self._next_seq = seq + 1
-        self._sq.put(("open", seq, self._seg_date, self._prev.decode(), path))
+        self._sq.put(("open", seq, self._seg_date, self._prev.hex(), path))
 
     def _abandon_segment(self) -> None:
         if self._seg_fd is not None:
@@ -703,6 +709,7 @@ class AuditLog:
     # -- sealer thread --------------------------------------------------------------
 
     def _run_sealer(self) -> None:
+        conv = _Converter(storage.wal_dir(self.root, self.stream) / ".convert.ndjson")
         sink: storage.ParquetSink | None = None
         wal_path: Path | None = None
         failed = False
@@ -715,9 +722,9 @@ class AuditLog:
             try:
                 if kind == "data":
                     chunks = list(item[2])
-                    size = sum(len(c[0]) for c in chunks)
-                    # gather more hand-offs into one Arrow conversion (≈1 MB of JSON)
-                    while size < (1 << 20):
+                    n = sum(c[3] for c in chunks)
+                    # gather hand-offs into one conversion: fewer, larger DuckDB scans
+                    while n < 65_536:
                         try:
                             nxt = self._sq.get_nowait()
                         except queue.Empty:
@@ -726,19 +733,9 @@ class AuditLog:
                             pushback = nxt
                             break
                         chunks.extend(nxt[2])
-                        size += sum(len(c[0]) for c in nxt[2])
-                    n = 0
+                        n += sum(c[3] for c in nxt[2])
                     if sink is not None and not failed:
-                        for i in range(0, len(chunks), 8):
-                            # ≈1 MB per conversion: the join below holds the GIL
-                            part = chunks[i:i + 8]
-                            body = b"".join(c[0] for c in part)
-                            hashes = b"".join(c[1] for c in part)
-                            t = storage.build_table(body, hashes, part[0][2])
-                            sink.add(t)
-                            n += t.num_rows
-                    else:
-                        n = sum(len(c[1]) // 64 for c in chunks)
+                        sink.add(conv.table(chunks, n))
                     with self._sealer_cond:
                         self._sealed_n += n
                         self._sealer_cond.notify_all()
@@ -769,6 +766,7 @@ class AuditLog:
                 elif kind == "stop":
                     if sink is not None:
                         sink.abort()
+                    conv.close()
                     return
             except Exception as e:
                 # the WAL segment stays on disk and is sealed at the next start
@@ -780,7 +778,7 @@ class AuditLog:
                 failed = True
                 if kind == "data":
                     with self._sealer_cond:
-                        self._sealed_n += sum(len(c[1]) // 64 for c in item[2])
+                        self._sealed_n += sum(c[3] for c in item[2])
                         self._sealer_cond.notify_all()
                 if kind == "seal":
                     sink = None
@@ -791,6 +789,73 @@ class AuditLog:
 
 
 _encoder = msgspec.json.Encoder()
+
+
+def _duck_type(f: pa.Field) -> str:
+    if pa.types.is_timestamp(f.type):
+        return "TIMESTAMPTZ"
+    if pa.types.is_integer(f.type):
+        return "BIGINT"
+    if pa.types.is_list(f.type):
+        return "VARCHAR[]"
+    return "VARCHAR"
+
+
+class _Converter:
+    """Hashed content lines -> Arrow, in the sealer thread.
+
+    DuckDB's JSON reader parses ~4x faster than Arrow's and runs without the GIL; it
+    reads from a scratch file (no fsync: it lives for one conversion). The lines were
+    validated against the exact schema before they were hashed, so parsing cannot
+    change a value. Arrow's reader is the fallback.
+    """
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.con: duckdb.DuckDBPyConnection | None = None
+        cols = ", ".join(f"'{f.name}': '{_duck_type(f)}'" for f in CONTENT_SCHEMA)
+        self.sql = (f"SELECT * FROM read_json(?, format = 'newline_delimited', "
+                    f"columns = {{{cols}}}, maximum_object_size = 268435456)")
+
+    def table(self, chunks: list[tuple[bytes, bytes, bytes, int]], n: int) -> pa.Table:
+        blobs = [c[0] for c in chunks]
+        content = None
+        try:
+            content = self._duckdb(blobs, n)
+        except Exception as e:   # DuckDB missing or refusing: Arrow's reader, exact too
+            log.debug("audit: DuckDB conversion failed (%s); using Arrow's JSON reader", e)
+        if content is None:
+            parts = [storage.content_table(b"".join(blobs[i:i + 8]))
+                     for i in range(0, len(blobs), 8)]
+            content = pa.concat_tables(parts)
+        return storage.with_hashes(content, [(c[1], c[2], c[3]) for c in chunks])
+
+    def _duckdb(self, blobs: list[bytes], n: int) -> pa.Table | None:
+        if self.con is None:
+            self.con = duckdb.connect(":memory:")
+            self.con.execute("SET TimeZone = 'UTC'")
+            self.con.execute("SET preserve_insertion_order = true")
+        fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, blobs)
+        finally:
+            os.close(fd)
+        t = self.con.sql(self.sql, params=[str(self.scratch)]).to_arrow_table()
+        if t.num_rows != n:
+            return None
+        t = pa.Table.from_arrays([c.cast(f.type) for c, f in zip(t.columns, CONTENT_SCHEMA)],
+                                 schema=CONTENT_SCHEMA)
+        ids = t.column("event_id")
+        # event ids strictly increase within a stream: a cheap proof rows kept their order
+        if n > 1 and not pc.all(pc.less(ids.slice(0, n - 1), ids.slice(1))).as_py():
+            return None
+        return t
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        self.scratch.unlink(missing_ok=True)
 
 
 def _fix_ts(ts: object) -> object:
