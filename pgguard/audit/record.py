@@ -207,7 +207,10 @@ def to_content(records: list[AuditRecord]) -> list[_Content]:
 # -- coercion of malformed records (slow path; never taken for well-typed records) ------
 
 def _as_text(v: object) -> str:
-    s = v if isinstance(v, str) else str(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        s = bytes(v).decode("utf-8", "replace")     # never str(b"..."): b"'x'" hides 'x'
+    else:
+        s = v if isinstance(v, str) else str(v)
     # lone surrogates (e.g. from surrogateescape) cannot be stored as UTF-8
     return s.encode("utf-8", "replace").decode("utf-8")
 
