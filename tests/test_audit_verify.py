@@ -1,0 +1,227 @@
+# Audit tamper evidence: verify names the first modified, deleted, reordered or inserted
+# record, a missing file in the middle or at the end, a truncated tail, foreign files.
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pgguard.audit import AuditLog, AuditRecord, storage
+from pgguard.audit.cli import main as cli_main
+from pgguard.audit.record import chain_hash, content_bytes
+from pgguard.audit.verify import verify
+from pgguard.config import AuditConfig
+
+UTC = timezone.utc
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """Three sealed files of 100 records each (seq 1..3), chain and head intact."""
+    root = tmp_path_factory.mktemp("pristine") / "audit"
+    for run in range(3):
+        with AuditLog(AuditConfig(dir=str(root), flush_interval="5ms")) as log:
+            for i in range(100):
+                log.log(AuditRecord(ts=datetime(2024, 5, 1, 12, run, i % 60, tzinfo=UTC),
+                                    session_id=f"s{run}", event="statement",
+                                    identity="ci-agent", statement="SELECT $1",
+                                    decision="allowed", rows=i))
+    assert verify(root).ok
+    return root
+
+
+@pytest.fixture
+def log_copy(pristine, tmp_path) -> Path:
+    dst = tmp_path / "audit"
+    shutil.copytree(pristine, dst)
+    return dst
+
+
+def files(root: Path) -> list[Path]:
+    streams, _ = storage.list_parquet(root)
+    return [f.path for f in streams["w0"]]
+
+
+def rewrite(path: Path, fn) -> None:
+    """Apply fn to the rows of a file and write it back (metadata kept)."""
+    f = pq.ParquetFile(path)
+    meta = f.metadata.metadata
+    rows = f.read().to_pylist()
+    rows = fn(rows)
+    t = pa.Table.from_pylist(rows, schema=storage.SCHEMA).replace_schema_metadata(meta)
+    pq.write_table(t, path)
+
+
+def first(root: Path, **kw):
+    res = verify(root, **kw)
+    assert not res.ok, "tampering went unnoticed"
+    return res.problems[0]
+
+
+def test_pristine_is_ok(pristine):
+    res = verify(pristine)
+    assert res.ok and res.records == 300
+    assert [(s.first_seq, s.last_seq, s.head_seq) for s in res.streams] == [(1, 3, 3)]
+
+
+def test_modified_record(log_copy):
+    f = files(log_copy)[1]
+
+    def change(rows):
+        rows[41]["rows"] = 999_999
+        return rows
+    rewrite(f, change)
+    p = first(log_copy)
+    assert p.kind == "modified" and p.row == 42 and p.file.endswith(f.name)
+    assert "record 42" in p.message and p.event_id
+
+
+def test_modified_and_rehashed_record_is_caught_at_its_successor(log_copy):
+    f = files(log_copy)[0]
+
+    def forge(rows):
+        r = rows[10]
+        r["decision"] = "approved"
+        r["hash"] = chain_hash(r["prev_hash"], content_bytes(r))
+        return rows
+    rewrite(f, forge)
+    p = first(log_copy)
+    assert p.kind == "deleted" and p.row == 12
+
+
+def test_deleted_record(log_copy):
+    f = files(log_copy)[1]
+    rewrite(f, lambda rows: rows[:30] + rows[31:])
+    p = first(log_copy)
+    assert p.kind == "deleted" and p.row == 31 and "does not follow" in p.message
+
+
+def test_reordered_records(log_copy):
+    f = files(log_copy)[2]
+
+    def swap(rows):
+        rows[5], rows[6] = rows[6], rows[5]
+        return rows
+    rewrite(f, swap)
+    res = verify(log_copy)
+    p = res.problems[0]
+    assert p.kind == "reordered" and p.row == 6
+    assert len([x for x in res.problems if x.kind == "reordered"]) == 1   # one report
+
+
+def test_inserted_record(log_copy):
+    f = files(log_copy)[0]
+
+    def insert(rows):
+        fake = dict(rows[3])
+        fake["event_id"] = fake["event_id"][:-1] + "Z"
+        fake["statement"] = "SELECT 'harmless'"
+        return rows[:4] + [fake] + rows[4:]
+    rewrite(f, insert)
+    p = first(log_copy)
+    assert p.row == 5 and p.kind in ("modified", "deleted", "reordered")
+
+
+def test_missing_middle_file(log_copy):
+    files(log_copy)[1].unlink()
+    p = first(log_copy)
+    assert p.kind == "missing_file" and "seq 2" in p.message
+
+
+def test_missing_first_file_and_allow_pruned(log_copy):
+    files(log_copy)[0].unlink()
+    p = first(log_copy)
+    assert p.kind == "missing_file" and "seq 1" in p.message
+    assert verify(log_copy, allow_pruned=True).ok
+
+
+def test_deleted_last_file_caught_by_head(log_copy):
+    files(log_copy)[2].unlink()
+    p = first(log_copy)
+    assert p.kind == "missing_file" and "seq 3" in p.message and "head" in p.message
+
+
+def test_truncated_tail_caught_by_head(log_copy):
+    f = files(log_copy)[2]
+    rewrite(f, lambda rows: rows[:-3])
+    p = first(log_copy)
+    assert p.kind in ("missing_tail", "deleted")
+    res = verify(log_copy)
+    assert any(x.kind == "missing_tail" for x in res.problems)
+
+
+def test_renamed_file(log_copy):
+    f1, f2, _ = files(log_copy)
+    tmp = f1.with_name("x.tmp")
+    f1.rename(tmp)
+    f2.rename(f1)
+    tmp.rename(f2)
+    res = verify(log_copy)
+    assert not res.ok and {"renamed"} <= {p.kind for p in res.problems}
+
+
+def test_foreign_file(log_copy):
+    shutil.copy(files(log_copy)[0], files(log_copy)[0].parent / "injected.parquet")
+    p = first(log_copy)
+    assert p.kind == "foreign_file" and "injected.parquet" in p.message
+
+
+def test_what_cannot_be_detected_without_an_external_anchor(log_copy):
+    # documented limit: rewriting the whole tail of the chain and the head consistently
+    f = files(log_copy)[2]
+
+    def forge_tail(rows):
+        prev = rows[0]["prev_hash"]
+        for r in rows:
+            r["decision"] = "blocked"
+            r["prev_hash"] = prev
+            r["hash"] = prev = chain_hash(prev, content_bytes(r))
+        return rows
+    rewrite(f, forge_tail)
+    head = storage.read_head(log_copy, "w0")
+    forged = pq.read_table(f).column("hash")[-1].as_py()
+    storage.write_head(log_copy, storage.Head(
+        stream="w0", seq=head.seq, last_hash=forged, records=head.records, file=head.file,
+        updated=head.updated))
+    assert verify(log_copy).ok
+    # ...but an exported copy of the old head hash exposes it
+    assert forged != head.last_hash
+
+
+def test_damaged_pending_wal(tmp_path):
+    root = tmp_path / "audit"
+    log = AuditLog(AuditConfig(dir=str(root), flush_interval="5ms"), roll_seconds=3600)
+    log.start()
+    for i in range(600):
+        log.log(AuditRecord(session_id="s", event="statement", rows=i))
+        if i % 100 == 0:
+            log.flush()
+    log.flush()
+    _, wal = storage.list_wal(root, "w0")[0]
+    data = bytearray(wal.read_bytes())
+    at = data.index(b'"rows":150')
+    data[at + 8] = ord("9")        # 150 -> 190 inside a committed frame
+    wal.write_bytes(bytes(data))
+    res = verify(root)
+    assert not res.ok and res.problems[0].kind == "wal_damaged"
+    log._stopping = True
+    log._closed = True
+    log._sq.put(("stop",))
+
+
+def test_cli_verify_exit_codes(log_copy, capsys):
+    assert cli_main(["--dir", str(log_copy), "verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verified: 300 records in 3 file(s)" in out
+    files(log_copy)[1].unlink()
+    assert cli_main(["--dir", str(log_copy), "verify"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pgguard audit verify: missing file")
+    assert cli_main(["--dir", str(log_copy), "verify", "--json"]) == 1
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["problems"][0]["kind"] == "missing_file"
