@@ -133,7 +133,10 @@ def test_tail_follow(tmp_path):
     th = threading.Thread(target=reader, daemon=True)
     th.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:     # tail is up and following
+            time.sleep(0.02)
+        assert got and got[0]["identity"] == "first"
         for i in range(30):
             log.log(AuditRecord(session_id="s1", event="statement", identity="agent",
                                 statement=f"SELECT {i}", rows=i))
