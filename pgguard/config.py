@@ -48,9 +48,42 @@ class Listen(_Base):
 
 class Admin(_Base):
     address: str = "127.0.0.1"
-    port: int = 6480
+    port: int = 6480                 # 0: pick a free port (tests)
     token_env: str = "PGGUARD_ADMIN_TOKEN"
     groups: list[str] = msgspec.field(default_factory=lambda: ["dba"])
+    # the console's address as people reach it (links in notices and webhooks);
+    # default http://<address>:<port>
+    public_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+
+
+class Approvals(_Base):
+    # SQLite store shared by every worker on this machine; relative to the config's dir
+    state_dir: str = "pgguard-state"
+    # how long a held statement waits when its rule sets no timeout
+    default_timeout: str = "5m"
+    # longest just-in-time window an approver may grant
+    max_window: str = "8h"
+    # how often a waiting session looks for a decision made in another process
+    poll_interval: str = "100ms"
+    # decided requests and expired grants older than this are pruned
+    retention: str = "30d"
+    # POSTed JSON (Slack-compatible "text" + fields) on each request and decision
+    webhook_url: str | None = None
+    webhook_timeout: str = "5s"
+    webhook_retries: int = 5
+
+    def __post_init__(self) -> None:
+        for value in (self.default_timeout, self.max_window, self.poll_interval,
+                      self.retention, self.webhook_timeout):
+            parse_duration(value)
+        if parse_duration(self.poll_interval) <= 0:
+            raise ValueError("poll_interval must be positive")
+        if self.webhook_retries < 0:
+            raise ValueError("webhook_retries cannot be negative")
 
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -177,6 +210,7 @@ class Config(_Base, dict=True):
     detectors: Detectors = msgspec.field(default_factory=Detectors)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     limits: Limits = msgspec.field(default_factory=Limits)
+    approvals: Approvals = msgspec.field(default_factory=Approvals)
 
     # set by load(): where the config file lives; relative paths resolve against it
     base_dir = "."
