@@ -62,6 +62,7 @@ from .storage import AuditError
 log = logging.getLogger("pgguard.audit")
 
 CHUNK = 256                 # records per WAL frame; bounds each GIL-holding C call
+SEALER_NICE = 10            # CPU niceness of the sealer thread (and DuckDB's threads)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _T2 = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
 _STMT_CACHE_MAX = 20_000
@@ -709,6 +710,13 @@ class AuditLog:
     # -- sealer thread --------------------------------------------------------------
 
     def _run_sealer(self) -> None:
+        # background work: lower this thread's CPU priority (Linux: per thread; DuckDB's
+        # worker threads, created from here, inherit it) so the event loop wins the CPU.
+        # Not the writer: it holds the GIL, and a starved GIL holder stalls the loop.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SEALER_NICE)
+        except (OSError, AttributeError):
+            pass
         conv = _Converter(storage.wal_dir(self.root, self.stream) / ".convert.ndjson")
         sink: storage.ParquetSink | None = None
         wal_path: Path | None = None
@@ -832,7 +840,7 @@ class _Converter:
 
     def _duckdb(self, blobs: list[bytes], n: int) -> pa.Table | None:
         if self.con is None:
-            self.con = duckdb.connect(":memory:")
+            self.con = duckdb.connect(":memory:", config={"threads": 1})
             self.con.execute("SET TimeZone = 'UTC'")
             self.con.execute("SET preserve_insertion_order = true")
         fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
