@@ -108,8 +108,76 @@ class Upstream(_Base):
             raise ValueError(f"sslmode = {self.sslmode!r} needs sslrootcert")
 
 
+_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384"]
+
+
+class AuthOidc(_Base):
+    """``[auth.oidc]``: a JWT presented as the password (see pgguard.auth.oidc)."""
+    issuer: str
+    audience: str | list[str]
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    jwks_cache: str = "10m"          # how long a fetched jwks_url stays fresh
+    jwks_timeout: str = "5s"
+    # first claim present wins; dotted names reach into objects (realm_access.roles)
+    identity_claim: str | list[str] = "sub"
+    groups_claim: str | list[str] = "groups"
+    group_map: dict[str, str] = msgspec.field(default_factory=dict)
+    kind: Literal["agent", "human"] = "agent"
+    scope: Literal["readonly", "readwrite"] = "readwrite"
+    algorithms: list[JwtAlgorithm] = msgspec.field(default_factory=lambda: ["RS256", "ES256"])
+    leeway: str = "30s"
+    require_known_identity: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("set exactly one of jwks_file and jwks_url")
+        if self.jwks_url is not None and not self.jwks_url.startswith("https://"):
+            host = re.match(r"^http://([^/:]+|\[[^\]]+\])", self.jwks_url)
+            if not host or host.group(1) not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError("jwks_url must be https:// (http:// only for loopback)")
+        if not self.algorithms:
+            raise ValueError("algorithms cannot be empty")
+        for d in (self.jwks_cache, self.jwks_timeout, self.leeway):
+            parse_duration(d)
+
+
 class Auth(_Base):
-    token_secret_env: str = "PGGUARD_TOKEN_SECRET"
+    # the key with id "k0"; "" disables it (after a rotation, see token_keys)
+    token_secret_env: str | None = "PGGUARD_TOKEN_SECRET"
+    # more signing keys, key id -> environment variable; every configured key verifies
+    token_keys: dict[str, str] = msgspec.field(default_factory=dict)
+    token_key_id: str | None = None      # the key that signs new tokens (default "k0")
+    default_ttl: str = "15m"
+    max_ttl: str = "24h"                 # no token lives longer, whatever it says
+    state_dir: str = "pgguard-state"     # revocations; relative to the config file
+    throttle_after: int = 5              # failures per source address before delays start
+    throttle_window: str = "10m"
+    throttle_delay: str = "1s"           # first delay; doubles per further failure
+    throttle_max_delay: str = "30s"
+    oidc: AuthOidc | None = None
+
+    def key_ids(self) -> list[str]:
+        """The configured token key ids: ``["k0", "k2"]``."""
+        ids = ["k0"] if self.token_secret_env else []
+        return ids + list(self.token_keys)
+
+    def __post_init__(self) -> None:
+        for kid in self.token_keys:
+            if not _KEY_ID.match(kid):
+                raise ValueError(f"token_keys: key id {kid!r} must be 1-32 letters, digits, '-'")
+            if kid == "k0" and self.token_secret_env:
+                raise ValueError("token_keys: k0 is the key id of token_secret_env")
+        if self.token_key_id is not None and self.token_key_id not in self.key_ids():
+            raise ValueError(f"token_key_id {self.token_key_id!r} is not a configured key "
+                             f"(have: {', '.join(self.key_ids()) or 'none'})")
+        if self.throttle_after < 0:
+            raise ValueError("throttle_after cannot be negative")
+        for d in (self.throttle_window, self.throttle_delay, self.throttle_max_delay):
+            parse_duration(d)
+        if not 0 < parse_duration(self.default_ttl) <= parse_duration(self.max_ttl):
+            raise ValueError("default_ttl must be positive and at most max_ttl")
 
 
 class Identity(_Base):
