@@ -109,7 +109,11 @@ class Server:
     @staticmethod
     def remember_decision(cache: tuple[dict, dict], msg: bytes, key: bytes | None, d) -> None:
         from .policy.cache import SHAREABLE_KINDS
-        if d.rule == "internal-error" or any(s.session_dependent for s in d.statements):
+        # not cached: anything the session's prepared-statement memory must see or
+        # depends on (the compiled fast path forwards cache hits without Python)
+        if d.rule == "internal-error" or any(
+                s.session_dependent or s.kind in ("prepare", "deallocate", "discard")
+                for s in d.statements):
             return
         exact, shapes = cache
         if len(exact) >= DECISIONS_PER_IDENTITY:

@@ -322,6 +322,8 @@ class Session:
                                  max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
+        if self.policy is not None:
+            self.client_pipe.exact, self.client_pipe.shapes = self._cache
         self.up_pipe = Pipe(self.bscan, up.transport, c.transport, self, False)
         rest = c.reader.take_rest()
         c.phase = PH_RELAY

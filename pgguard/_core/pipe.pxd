@@ -21,3 +21,16 @@ cdef class Pipe:
     # client side: every chunk's items go to hooks.client_items (held or discarded);
     # upstream side: the scan withholds and hooks.backend_items forwards (rewriting)
     cdef public bint divert
+    # client side: the session's decision maps (raw message -> decision, shape ->
+    # decision); a Query or unnamed Parse whose cached decision allows it is
+    # forwarded here without Python. None: every Query/Parse goes to the hooks
+    cdef public dict exact
+    cdef public dict shapes
+    # when not None, (message, decision, monotonic ns) of each fast-forwarded
+    # statement is appended for the audit
+    cdef public list fast_log
+    cdef long long _fast
+
+    cdef object _cached_allow(self, bytes msg)
+    cdef _client_chunk(self, list items)
+    cdef _flush(self, list out)

@@ -2,8 +2,19 @@
 # after the compiled scan; Python hooks run only for messages the session asked for.
 # cython: language_level=3
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memchr
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
 from .framing import FrameError
 from .relay cimport MessageScan
+from .sqlshape cimport shape_buf
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef class Pipe:
@@ -24,6 +35,42 @@ cdef class Pipe:
         self._client_side = client_side
         self.notify_chunks = False
         self.divert = False
+        self.exact = None
+        self.shapes = None
+        self.fast_log = None
+        self._fast = 0
+
+    @property
+    def fast_forwarded(self):
+        """Statements forwarded by the compiled fast path."""
+        return self._fast
+
+    cdef object _cached_allow(self, bytes msg):
+        # the cached decision when it allows this Query / unnamed Parse, else None
+        cdef const char* p = PyBytes_AS_STRING(msg)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+        cdef const char* q
+        cdef const char* e
+        d = self.exact.get(msg)
+        if d is None:
+            if p[0] == 81:                       # 'Q': text up to the final NUL
+                key = shape_buf(<const unsigned char*>p + 5, n - 6)
+            else:                                # 'P': "" name, then the text
+                if n < 7 or p[5] != 0:
+                    return None
+                q = p + 6
+                e = <const char*>memchr(q, 0, n - 6)
+                if e == NULL:
+                    return None
+                key = shape_buf(<const unsigned char*>q, e - q)
+            if key is None:
+                return None
+            d = self.shapes.get(key)
+            if d is None:
+                return None
+        if d.action != "allow":
+            return None
+        return d
 
     def set_peer(self, peer):
         self.peer = peer
@@ -40,10 +87,10 @@ cdef class Pipe:
             except FrameError as e:
                 self._hooks.frame_error(e)
                 return
-            if not self.divert and len(items) == 1 and type(items[0]) is bytes:
-                self._peer_write(items[0])
-            else:
+            if self.divert:
                 self._hooks.client_items(items)
+                return
+            self._client_chunk(items)
             return
         if self.divert:
             self._hooks.backend_items(self.scan.feed(data))
@@ -55,6 +102,46 @@ cdef class Pipe:
             self._hooks.backend_events(items)
         if self.notify_chunks:
             self._hooks.backend_chunk()
+
+    cdef _client_chunk(self, list items):
+        # forward runs and cache-allowed statements; hand the rest (from the first
+        # message Python must see) to hooks.client_items, which takes scan.rest too
+        cdef list out = []
+        cdef Py_ssize_t i, n
+        while True:
+            n = len(items)
+            for i in range(n):
+                it = items[i]
+                if type(it) is bytes:
+                    out.append(it)
+                    continue
+                t = (<tuple>it)[0]
+                d = None
+                if self.exact is not None and (t == 81 or t == 80):
+                    msg = (<tuple>it)[1]
+                    d = self._cached_allow(msg)
+                if d is None:
+                    self._flush(out)
+                    self._hooks.client_items(items if i == 0 else items[i:])
+                    return
+                out.append(msg)
+                self._fast += 1
+                if self.fast_log is not None:
+                    self.fast_log.append((msg, d, _now_ns()))
+            rest = self.scan.rest
+            if rest is None:
+                break
+            self.scan.rest = None
+            items = self.scan.feed(rest)
+        self._flush(out)
+
+    cdef _flush(self, list out):
+        if not out:
+            return
+        if len(out) == 1:
+            self._peer_write(out[0])
+        else:
+            self._peer_write(b"".join(out))
 
     def eof_received(self):
         return False

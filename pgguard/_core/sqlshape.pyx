@@ -4,8 +4,13 @@
 # the shape). Two texts with one shape differ only in literal values.
 # cython: language_level=3
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memcmp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdlib cimport free, malloc
+from libc.string cimport memchr, memcmp, memcpy
+
+
+cdef extern from "string.h" nogil:
+    void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
 
 
 cdef inline bint _ident_char(unsigned char c) noexcept nogil:
@@ -26,16 +31,28 @@ cpdef bytes shape(bytes sql):
     ``b"SELECT * FROM t WHERE id = \\0 AND n = \\0"``; None when the text does not
     scan cleanly (unterminated quote or comment) or uses U& escapes: such text is
     never shared."""
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(sql)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(sql)
-    cdef Py_ssize_t i = 0, j, k, start, tag_len, depth
+    return shape_buf(<const unsigned char*>PyBytes_AS_STRING(sql), PyBytes_GET_SIZE(sql))
+
+
+cdef bytes shape_buf(const unsigned char* p, Py_ssize_t n):
+    cdef unsigned char* out = <unsigned char*>malloc(n + 1)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        return _shape(p, n, out)
+    finally:
+        free(out)
+
+
+cdef bytes _shape(const unsigned char* p, Py_ssize_t n, unsigned char* out):
+    cdef Py_ssize_t i = 0, j, k, start, tag_len, depth, o = 0
     cdef unsigned char c, prev = 32
     cdef bint escapes
-    if b"U&" in sql or b"u&" in sql or b"\0" in sql:
+    if memmem(p, n, b"U&", 2) != NULL or memmem(p, n, b"u&", 2) != NULL \
+            or memchr(p, 0, n) != NULL:
         # U& identifiers and strings take their escape character from a UESCAPE
         # literal: blanking that literal could merge two different names
         return None
-    out = bytearray()
     start = 0                      # start of the pending verbatim run
     while i < n:
         c = p[i]
@@ -59,8 +76,10 @@ cpdef bytes shape(bytes sql):
                         continue
                     break
                 j += 1
-            out += sql[start:i]
-            out += b"\0"
+            memcpy(out + o, p + start, i - start)
+            o += i - start
+            out[o] = 0
+            o += 1
             i = j + 1
             start = i
             prev = 63
@@ -160,15 +179,16 @@ cpdef bytes shape(bytes sql):
                 i = j
                 prev = 97
                 continue
-            out += sql[start:i]
-            out += b"\0"
+            memcpy(out + o, p + start, i - start)
+            o += i - start
+            out[o] = 0
+            o += 1
             i = j
             start = i
             prev = 63
             continue
         prev = c
         i += 1
-    if start == 0:
-        return sql
-    out += sql[start:]
-    return bytes(out)
+    memcpy(out + o, p + start, n - start)
+    o += n - start
+    return PyBytes_FromStringAndSize(<char*>out, o)
