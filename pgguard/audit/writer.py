@@ -337,7 +337,7 @@ class AuditLog:
         self._writer_thread.join(timeout)
         self._sealer_thread.join(timeout)
         leftover = self._q
-        self._q = _ClosedQueue()
+        closed = self._q = _ClosedQueue()
         if self._writer_thread.is_alive() or self._sealer_thread.is_alive():
             log.error("audit: close timed out; unsealed records stay in the WAL and are "
                       "recovered at the next start")
@@ -345,6 +345,8 @@ class AuditLog:
         for item in list(leftover):
             if isinstance(item, (asyncio.Future, concurrent.futures.Future)):
                 self._settle([(item, err)])
+            else:       # logged after the writer's last drain: counted, never silent
+                closed.append(item)
         if self._lock_fd is not None and not self._writer_thread.is_alive():
             os.close(self._lock_fd)
             self._lock_fd = None
