@@ -29,7 +29,6 @@ import orjson
 
 from ..config import parse_duration
 from ..errors import PgguardError
-from . import storage
 from .query import fetch, open_audit, rows_as_dicts, take_snapshot
 from .record import UTC
 

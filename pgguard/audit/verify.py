@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
-from .record import CONTENT_FIELDS, FIELDS, GENESIS, _Content, content_bytes
+from .record import CONTENT_FIELDS, FIELDS, GENESIS, content_bytes
 
 _BATCH = 65_536
 _sha = hashlib.sha256
@@ -151,7 +151,8 @@ class _Checker:
         if len([p for p in self.result.problems if p.stream == self.stream]) >= self.max_problems:
             self.full = True
             return
-        self.result.problems.append(Problem(kind, self.stream, message, **kw))  # type: ignore[arg-type]
+        self.result.problems.append(
+            Problem(kind, self.stream, message, **kw))  # type: ignore[arg-type]
 
     def rel(self, path: Path) -> str:
         try:
