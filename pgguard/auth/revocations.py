@@ -152,8 +152,8 @@ class RevocationWatcher:
     """The set of revoked token ids, kept current by stat-ing the store.
 
     ``poll()`` costs one ``os.stat`` when nothing changed; ``start(loop)`` polls every
-    0.25 s from the event loop. ``is_revoked`` polls first when the last poll is older
-    than the interval, so a connect-time check is fresh even without ``start``.
+    0.25 s from the event loop. ``is_revoked`` polls first, so a connect-time check is
+    current even without ``start``.
     Listeners (``add_listener``) get the set of newly revoked ids; ``watch(jti, cb)``
     calls ``cb(jti)`` once if that id becomes revoked.
 
@@ -166,14 +166,12 @@ class RevocationWatcher:
         stop()        # session over
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, interval: float = POLL_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: str | os.PathLike[str], *,
+                 interval: float = POLL_INTERVAL) -> None:
         self.path = Path(path)
         self.interval = interval
-        self._clock = clock
         self._revoked: frozenset[str] = frozenset()
         self._sig: tuple[int, int, int] | None = None
-        self._last_poll = float("-inf")
         self._listeners: list[Callable[[frozenset[str]], None]] = []
         self._watches: dict[str, list[Callable[[str], None]]] = {}
         self._handle: asyncio.TimerHandle | None = None
@@ -190,9 +188,13 @@ class RevocationWatcher:
         """Every revoked id as of the last poll."""
         return self._revoked
 
-    def is_revoked(self, token_id: str) -> bool:
-        """True if ``token_id`` is revoked: ``w.is_revoked(claims.token_id)``."""
-        if self._clock() - self._last_poll >= self.interval:
+    def is_revoked(self, token_id: str, *, fresh: bool = True) -> bool:
+        """True if ``token_id`` is revoked: ``w.is_revoked(claims.token_id)``.
+
+        ``fresh`` (the default, for connect time) polls first: one ``os.stat`` when
+        nothing changed. ``fresh=False`` answers from the last poll.
+        """
+        if fresh:
             self.poll()
         return token_id in self._revoked
 
@@ -201,7 +203,6 @@ class RevocationWatcher:
 
         Example: ``new = w.poll()`` (empty when nothing changed).
         """
-        self._last_poll = self._clock()
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
