@@ -325,3 +325,28 @@ def test_recovery_of_an_unlocked_other_stream(tmp_path):
     assert not storage.list_wal(root, "w3")
     assert query(root, "SELECT count(*) FROM AUDIT") == [(21,)]
     assert verify(root).ok
+
+
+def test_read_wal_resumes_where_it_stopped(tmp_path):
+    root = tmp_path / "audit"
+    log = make_log(root, roll_seconds=3600)
+    log.start()
+    for i in range(300):
+        log.log(rec(i))
+    log.flush()
+    _, path = storage.list_wal(root, "w0")[0]
+    first = storage.read_wal(path)
+    assert first.records == 300
+    for i in range(300, 420):
+        log.log(rec(i))
+    log.flush()
+    more = storage.read_wal(path, resume=first)
+    assert more.records == 120 and more.prev_hash == first.last_hash
+    whole = storage.read_wal(path)
+    assert whole.digests == first.digests + more.digests
+    t = storage.wal_table(more)
+    assert t.column("rows").to_pylist() == list(range(300, 420))
+    assert t.column("prev_hash")[0].as_py() == first.last_hash
+    again = storage.read_wal(path, resume=more)
+    assert again.records == 0 and again.end_offset == more.end_offset
+    log.close()

@@ -29,7 +29,8 @@ import orjson
 
 from ..config import parse_duration
 from ..errors import PgguardError
-from .query import fetch, open_audit, rows_as_dicts, take_snapshot
+from . import storage
+from .query import fetch, open_audit, rows_as_dicts
 from .record import UTC
 
 
@@ -262,38 +263,57 @@ def _cmd_tail(args: argparse.Namespace, root: Path, out: TextIO) -> int:
     _emit(rows, args, out)
     if not args.follow:
         return 0
-    # what has been seen: sealed files by (stream, seq); WAL segments by records printed
+    # what has been seen: sealed files by (stream, seq); open WAL segments by how far
+    # they were read (a growing segment is read from there on, not from the start)
     seen_files = {(f.stream, f.seq) for f in snap.files}
     wal_printed = {(s, q): t.num_rows for s, q, t in snap.wal}
+    wal_pos: dict[tuple[str, int], storage.WalSegment] = {}
     try:
         while True:
             time.sleep(args.interval)
-            new = _follow_poll(root, seen_files, wal_printed)
+            new = _follow_poll(root, seen_files, wal_printed, wal_pos)
             new.sort(key=lambda r: (r["ts"], r["event_id"]))
             _emit(new, args, out)
     except KeyboardInterrupt:
         return 0
 
 
-def _follow_poll(root: Path, seen_files: set, wal_printed: dict) -> list[dict]:
+def _follow_poll(root: Path, seen_files: set, wal_printed: dict, wal_pos: dict) -> list[dict]:
     import pyarrow.parquet as pq
 
-    snap = take_snapshot(root)
     new: list[dict] = []
-    for stream, seq, table in snap.wal:
-        done = wal_printed.get((stream, seq), 0)
-        if table.num_rows > done:
-            new.extend(table.slice(done).select(list(_TAIL_COLS)).to_pylist())
-            wal_printed[(stream, seq)] = table.num_rows
-    for f in snap.files:
-        key = (f.stream, f.seq)
-        if key in seen_files:
-            continue
-        seen_files.add(key)
-        done = wal_printed.pop(key, 0)
-        t = pq.read_table(f.path, columns=list(_TAIL_COLS))
-        if t.num_rows > done:
-            new.extend(t.slice(done).to_pylist())
+    for stream in storage.list_wal_streams(root):
+        for seq, path in storage.list_wal(root, stream):
+            key = (stream, seq)
+            if key in seen_files:
+                continue
+            prev = wal_pos.get(key)
+            try:
+                # a segment seen before is read on from where we stopped
+                seg = storage.read_wal(path, resume=prev)
+            except (FileNotFoundError, storage.AuditError):
+                continue            # sealed meanwhile: picked up as a file below
+            wal_pos[key] = seg
+            if not seg.records:
+                continue
+            t = storage.wal_table(seg)
+            done = wal_printed.get(key, 0) if prev is None else 0
+            if t.num_rows > done:
+                new.extend(t.slice(done).select(list(_TAIL_COLS)).to_pylist())
+            wal_printed[key] = (max(done, t.num_rows) if prev is None
+                                else wal_printed.get(key, 0) + t.num_rows)
+    streams, _ = storage.list_parquet(root)
+    for files in streams.values():
+        for f in files:
+            key = (f.stream, f.seq)
+            if key in seen_files:
+                continue
+            seen_files.add(key)
+            wal_pos.pop(key, None)
+            done = wal_printed.pop(key, 0)
+            t = pq.read_table(f.path, columns=list(_TAIL_COLS))
+            if t.num_rows > done:
+                new.extend(t.slice(done).to_pylist())
     return new
 
 

@@ -248,6 +248,7 @@ class WalSegment:
     digests: list[bytes]      # raw chain digests of every record of those frames
     tail_bytes: int = 0       # bytes after the valid frames (torn or in progress)
     damaged: bool = False     # a complete frame failed its check and more data follows
+    end_offset: int = 0       # file offset after the last valid frame
 
     @property
     def records(self) -> int:
@@ -258,25 +259,35 @@ class WalSegment:
         return self.digests[-1].hex() if self.digests else self.prev_hash
 
 
-def read_wal(path: Path) -> WalSegment:
+def read_wal(path: Path, resume: WalSegment | None = None) -> WalSegment:
     """Parse a WAL segment up to its last valid frame, recomputing the chain.
 
     Safe on a segment being written (a frame in progress counts as ``tail_bytes``).
+    With *resume* (an earlier result for the same file), only frames after it are read
+    and returned (``bodies``/``digests`` hold the new records; ``prev_hash`` is the hash
+    before them) — what ``tail -f`` needs on a large, growing segment.
     """
-    data = path.read_bytes()
-    if len(data) < len(WAL_MAGIC) + 4 or not data.startswith(WAL_MAGIC):
-        raise AuditError(f"{path}: not a pgguard WAL segment")
-    (hlen,) = struct.unpack_from("<I", data, len(WAL_MAGIC))
-    pos = len(WAL_MAGIC) + 4
-    try:
-        meta = json.loads(data[pos:pos + hlen])
-        created = datetime.fromisoformat(meta["created"]).astimezone(UTC)
-        seg = WalSegment(path, meta["stream"], int(meta["seq"]), meta["prev_hash"], created,
-                         [], [])
-        prev = bytes.fromhex(seg.prev_hash)
-    except (ValueError, KeyError, TypeError) as e:
-        raise AuditError(f"{path}: damaged WAL header: {e}") from None
-    pos += hlen
+    with open(path, "rb") as f:
+        head = f.read(len(WAL_MAGIC) + 4)
+        if len(head) < len(WAL_MAGIC) + 4 or not head.startswith(WAL_MAGIC):
+            raise AuditError(f"{path}: not a pgguard WAL segment")
+        (hlen,) = struct.unpack_from("<I", head, len(WAL_MAGIC))
+        try:
+            meta = json.loads(f.read(hlen))
+            created = datetime.fromisoformat(meta["created"]).astimezone(UTC)
+            seg = WalSegment(path, meta["stream"], int(meta["seq"]), meta["prev_hash"],
+                             created, [], [])
+            prev = bytes.fromhex(seg.prev_hash)
+        except (ValueError, KeyError, TypeError) as e:
+            raise AuditError(f"{path}: damaged WAL header: {e}") from None
+        base = len(WAL_MAGIC) + 4 + hlen
+        if resume is not None:
+            base = resume.end_offset
+            seg.prev_hash = resume.last_hash
+            prev = bytes.fromhex(seg.prev_hash)
+            f.seek(base)
+        data = f.read()
+    pos = 0
     n = len(data)
     while pos < n:
         if pos + FRAME.size > n:
@@ -296,6 +307,7 @@ def read_wal(path: Path) -> WalSegment:
         prev = digests[-1]
         pos = start + blen
     seg.tail_bytes = n - pos
+    seg.end_offset = base + pos
     return seg
 
 
