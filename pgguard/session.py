@@ -317,7 +317,7 @@ class Session:
         self.fscan = MessageScan(interest=b"QPX" if self.policy else b"X",
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, max_len=limits.max_message_size)
-        self.fscan.stop_after = True
+        self.fscan.set_stop(b"QP", True)
         self.bscan = MessageScan(interest=b"", counted=b"Z", withhold=False,
                                  max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")

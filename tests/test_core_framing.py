@@ -122,7 +122,7 @@ def test_write_buffer_fills_lengths():
 def test_stop_after_each_withheld_message_loses_nothing(msgs, cuts, interest):
     stream = b"".join(msgs)
     scan = MessageScan(interest=interest, counted=b"QSF", withhold=True)
-    scan.stop_after = True
+    scan.set_stop(TYPES, True)
     got = []
     for chunk in split(stream, cuts):
         items = scan.feed(chunk)

@@ -40,9 +40,9 @@ cdef class MessageScan:
     cdef public long long bytes_seen
     cdef public long long messages
 
-    # withhold mode: stop after each withheld message; the unscanned rest waits in
-    # .rest so Python can change the interest before the next byte is read
-    cdef public bint stop_after
+    # withhold mode: per type byte, stop after such a withheld message; the unscanned
+    # rest waits in .rest so Python can change the interest before the next byte
+    cdef uint8_t _stop[256]
     cdef public object rest
 
     cpdef list feed(self, bytes data)
@@ -50,3 +50,4 @@ cdef class MessageScan:
     cdef int _begin(self, uint8_t t, uint32_t length) except -1
     cdef _finish_collect(self, list out)
     cpdef set_interest(self, bytes types, bint on)
+    cpdef set_stop(self, bytes types, bint on)

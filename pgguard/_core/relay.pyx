@@ -35,6 +35,7 @@ cdef class MessageScan:
         cdef int i
         memset(self._interest, 0, 256)
         memset(self._counted, 0, 256)
+        memset(self._stop, 0, 256)
         if valid is None:
             memset(self._valid, 1, 256)
         else:
@@ -53,7 +54,6 @@ cdef class MessageScan:
         self._want_status = False
         self._hdr_sent = 0
         self._hold = bytearray()
-        self.stop_after = False
         self.rest = None
         self.count = 0
         self.status = 0
@@ -64,6 +64,11 @@ cdef class MessageScan:
         cdef int i
         for i in range(len(types)):
             self._interest[<uint8_t>types[i]] = 1 if on else 0
+
+    cpdef set_stop(self, bytes types, bint on):
+        cdef int i
+        for i in range(len(types)):
+            self._stop[<uint8_t>types[i]] = 1 if on else 0
 
     cpdef bint set_withhold(self, bint on):
         """Switch between withholding (Python forwards) and forwarding (the caller
@@ -126,7 +131,7 @@ cdef class MessageScan:
                         run = pos
                     if self._remain == 0:
                         self._finish_collect(out)
-                        if self.stop_after and self._withhold and pos < n:
+                        if self._stop[self._cur_type] and self._withhold and pos < n:
                             self.rest = data[pos:]
                             return out
                 continue
@@ -161,7 +166,7 @@ cdef class MessageScan:
                     self._hold += hdr
                     if self._remain == 0:
                         self._finish_collect(out)
-                        if self.stop_after and self._withhold and pos < n:
+                        if self._stop[self._cur_type] and self._withhold and pos < n:
                             self.rest = data[pos:]
                             return out
                 elif self._withhold:
@@ -189,7 +194,7 @@ cdef class MessageScan:
                     run = pos + need
                 out.append((t, data[pos:pos + need]))
                 pos += need
-                if self.stop_after and self._withhold and pos < n:
+                if self._stop[t] and self._withhold and pos < n:
                     self.rest = data[pos:]
                     return out
                 continue
