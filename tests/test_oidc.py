@@ -1,4 +1,4 @@
-# OIDC: JWTs signed by a test key set (RSA, EC) accepted or refused; claim mapping; JWKS file and URL.
+# OIDC: JWTs signed by a test key set (RSA, EC) accepted or refused; claim mapping; JWKS sources.
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-# Failed-auth throttling: free until the threshold, then doubling delays, capped; per address; bounded.
+# Failed-auth throttling: free until the threshold, then doubling delays, capped; bounded memory.
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-# Revocations: persisted by one process, seen by every other "worker" within a second; pruning; guard_session.
+# Revocations: written by one process, seen by every other worker within a second; guard_session.
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-# OIDC: a JWT presented as the password, verified (PyJWT) against a JWKS file or URL; claims -> identity.
+# OIDC: a JWT as the password, checked (PyJWT) against a JWKS file or URL; claims -> identity.
 """Verify an identity provider's JWT and map its claims to a pgguard identity.
 
 Configured under ``[auth.oidc]``::
@@ -112,7 +112,10 @@ def jwt_token_id(token: str, claims: dict[str, Any] | None = None) -> str:
 
 
 def peek_jwt(token: str) -> dict[str, Any]:
-    """A JWT's claims WITHOUT verification (for ``token revoke``); TokenMalformed if not a JWT."""
+    """A JWT's claims WITHOUT verification (for ``token revoke``); TokenMalformed if not a JWT.
+
+    Example: ``peek_jwt(t)["exp"]``. Never use the result to grant anything.
+    """
     try:
         return jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
@@ -363,5 +366,8 @@ class OidcVerifier:
 
 
 def from_config(cfg: Config) -> OidcVerifier | None:
-    """An OidcVerifier if ``[auth.oidc]`` is configured, else None."""
+    """An OidcVerifier if ``[auth.oidc]`` is configured, else None.
+
+    Example: ``verifier = oidc.from_config(cfg)`` once per worker.
+    """
     return None if cfg.auth.oidc is None else OidcVerifier(cfg)

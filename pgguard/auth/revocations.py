@@ -60,7 +60,10 @@ _decoder = msgspec.json.Decoder(Revocation)
 
 
 def state_dir(cfg: Config) -> Path:
-    """``[auth] state_dir`` resolved against the config file's directory."""
+    """``[auth] state_dir`` resolved against the config file's directory.
+
+    Example: ``state_dir(cfg) -> Path("/etc/pgguard/pgguard-state")``.
+    """
     p = Path(cfg.auth.state_dir)
     return p if p.is_absolute() else Path(cfg.base_dir) / p
 
@@ -95,7 +98,10 @@ def _parse(data: bytes) -> list[Revocation]:
 
 
 def read(path: str | os.PathLike[str]) -> list[Revocation]:
-    """Every record in a revocations file (none if it does not exist)."""
+    """Every record in a revocations file (none if it does not exist).
+
+    Example: ``[r.jti for r in read(store_path(cfg))]``.
+    """
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -242,7 +248,10 @@ class RevocationWatcher:
                     log.exception("revocation watch callback failed")
 
     def add_listener(self, cb: Callable[[frozenset[str]], None]) -> Callable[[], None]:
-        """Call ``cb(new_ids)`` on each poll that finds new revocations; returns a remover."""
+        """Call ``cb(new_ids)`` on each poll that finds new revocations; returns a remover.
+
+        Example: ``remove = w.add_listener(lambda ids: log.info("revoked %s", ids))``.
+        """
         self._listeners.append(cb)
 
         def remove() -> None:
@@ -254,6 +263,8 @@ class RevocationWatcher:
         """Call ``cb(token_id)`` once when ``token_id`` gets revoked; returns a remover.
 
         If it is already revoked, ``cb`` runs at once.
+
+        Example: ``stop = w.watch(p.token_id, lambda jti: session.close())``.
         """
         if token_id in self._revoked:
             cb(token_id)
@@ -270,7 +281,10 @@ class RevocationWatcher:
         return remove
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Poll every ``interval`` seconds on ``loop`` (default: the running loop)."""
+        """Poll every ``interval`` seconds on ``loop`` (default: the running loop).
+
+        Example: ``w.start(asyncio.get_running_loop())`` once per worker.
+        """
         self.stop()
         self._loop = loop or asyncio.get_running_loop()
         self._handle = self._loop.call_later(self.interval, self._tick)
@@ -284,7 +298,7 @@ class RevocationWatcher:
             self._handle = self._loop.call_later(self.interval, self._tick)
 
     def stop(self) -> None:
-        """Stop polling (``start`` again to resume)."""
+        """Stop polling (``start`` again to resume). Example: ``w.stop()`` at shutdown."""
         if self._handle is not None:
             self._handle.cancel()
         self._handle = None

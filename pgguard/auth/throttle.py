@@ -112,6 +112,8 @@ class Throttle:
 
         Reserves the slot: concurrent attempts from one throttled address get
         increasing delays (each capped at ``max_delay``). 0.0 when not throttled.
+
+        Example: ``await asyncio.sleep(t.delay_for(peer))``.
         """
         now = self._clock() if now is None else now
         key = address_key(addr)
@@ -128,7 +130,7 @@ class Throttle:
         return start - now
 
     def record_failure(self, addr: object, *, now: float | None = None) -> None:
-        """Count a failed authentication from ``addr``."""
+        """Count a failed authentication from ``addr``: ``t.record_failure(peer)``."""
         now = self._clock() if now is None else now
         key = address_key(addr)
         e = self._get(key, now)
@@ -143,11 +145,11 @@ class Throttle:
         e.not_before = max(e.not_before, now + self._penalty(e.failures))
 
     def record_success(self, addr: object) -> None:
-        """Forget the failures of ``addr`` after it authenticated."""
+        """Forget the failures of ``addr`` after it authenticated: ``t.record_success(peer)``."""
         self._entries.pop(address_key(addr), None)
 
     def failures(self, addr: object) -> int:
-        """Failures counted for ``addr`` (for tests and metrics)."""
+        """Failures counted for ``addr`` (tests, metrics): ``t.failures("10.0.0.7") -> 3``."""
         e = self._entries.get(address_key(addr))
         return 0 if e is None else e.failures
 
