@@ -210,6 +210,9 @@ class RevocationWatcher:
         Example: ``new = w.poll()`` (empty when nothing changed).
         """
         try:
+            st = os.stat(self.path)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == self._sig:
+                return frozenset()          # the common case: one stat, nothing to do
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             sig = None
