@@ -104,6 +104,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return audit_cli.main(args.rest)
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    from .auth import cli as token_cli
+    return token_cli.main(args.action, args.rest)
+
+
 def _not_yet(args: argparse.Namespace) -> int:
     raise PgguardError(f"'pgguard {args.command}' is not available in this build yet")
 
@@ -114,7 +119,7 @@ _COMMANDS = {
     "demo": _cmd_demo,
     "explain": _cmd_explain,
     "audit": _cmd_audit,
-    "token": _not_yet,
+    "token": _cmd_token,
     "approvals": _not_yet,
 }
 

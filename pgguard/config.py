@@ -242,6 +242,7 @@ class Detectors(_Base):
 
 
 class AuditConfig(_Base):
+    enabled: bool = True
     dir: str = "audit"
     durability: Literal["batched", "strict"] = "batched"
     capture_literals: bool = False

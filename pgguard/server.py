@@ -55,6 +55,8 @@ class Server:
         # the session keeps its own caches (raw message, shape) in front of the engine
         self.policy = PolicyEngine(cfg, cache=DecisionCache(0))
         self._decisions: dict[tuple[str, str], tuple[dict, dict]] = {}
+        self.audit = None          # the AuditLog, once start_audit() ran
+        self.audit_strict = cfg.audit.durability == "strict"
         self.shutting_down = False
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()
@@ -169,6 +171,18 @@ class Server:
         except (OSError, TimeoutError) as e:
             log.warning("could not forward a cancel request upstream: %s", e)
 
+    def start_audit(self) -> None:
+        """Open this worker's audit stream (recovering leftover WAL first)."""
+        if not self.cfg.audit.enabled:
+            return
+        from .audit.writer import AuditLog
+        self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}")
+        self.audit.start()
+
+    def close_audit(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+
     # -- listening and shutdown
     async def start(self, sock: socket.socket | None = None) -> None:
         from .session import ClientProtocol
@@ -243,6 +257,7 @@ def _install_uvloop() -> None:
 async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
                  ready_fd: int | None = None) -> int:
     server = Server(cfg, cancel_key=cancel_key, worker=worker)
+    server.start_audit()
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -257,6 +272,7 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
     await stop.wait()
     log.info("pgguard worker %d shutting down", worker)
     await server.shutdown()
+    server.close_audit()
     return 0
 
 

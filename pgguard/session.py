@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 from collections import deque
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ._core import FrameError, FrameReader, MessageScan, Pipe
@@ -139,6 +140,11 @@ class Session:
         self.refusals: deque = deque()  # injected refusals awaiting their answer
         self.drop_next_z = False
         self.z_count = 0
+        self.watch = b"X"
+        self.tracker = None             # audit: statements in flight
+        self.held = None                # strict audit: messages waiting for durability
+        self.held_items = None
+        self.connected_at = 0.0
 
     # -- lifecycle
     def start(self) -> None:
@@ -284,6 +290,7 @@ class Session:
         except scram.ScramError as e:
             raise ProtocolViolation(f"malformed SCRAM message: {e}") from None
         if final is None or identity is None or not self.server.has_secret(name):
+            self._audit_event("auth_failed", error="password authentication failed")
             await self.server.auth_failed(self)
             raise AuthFailed(f'password authentication failed for user "{name}"')
         c.transport.write(m.auth_request(m.AUTH_SASL_FINAL, final))
@@ -305,6 +312,8 @@ class Session:
         out.append(m.backend_key_data(cpid, csecret))
         out.append(m.ready_for_query(ord("I")))
         self.client.transport.write(b"".join(out))
+        self.connected_at = time.monotonic()
+        self._audit_event("connect")
 
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
@@ -314,16 +323,24 @@ class Session:
             self.policy = self.server.policy
             self.prepared = PreparedMemory()
             self._cache = self.server.decision_cache(self.identity_name, self.database)
-        self.fscan = MessageScan(interest=b"QPX" if self.policy else b"X",
+        audit = self.server.audit
+        if audit is not None:
+            from .tracking import StatementTracker
+            self.tracker = StatementTracker(self, audit)
+        self.watch = (b"QP" if self.policy is not None else b"") + \
+            (b"QPBESF" if audit is not None else b"") + b"X"
+        self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, max_len=limits.max_message_size)
         self.fscan.set_stop(b"QP", True)
-        self.bscan = MessageScan(interest=b"", counted=b"Z", withhold=False,
-                                 max_len=0x7FFFFFFF)
+        self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
+                                 counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
-        if self.policy is not None:
+        if self.policy is not None and not self.server.audit_strict:
             self.client_pipe.exact, self.client_pipe.shapes = self._cache
+        if self.tracker is not None:
+            self.client_pipe.fast_log = self.tracker.flog
         self.up_pipe = Pipe(self.bscan, up.transport, c.transport, self, False)
         rest = c.reader.take_rest()
         c.phase = PH_RELAY
@@ -339,12 +356,17 @@ class Session:
 
     # -- relay hooks (called by the compiled pipes)
     def client_items(self, items: list) -> None:
-        """Frontend messages the scan withheld (Query, Parse, Terminate) with the
-        forwarded runs around them; everything while discarding after a refusal."""
+        """Frontend messages the scan withheld (Query, Parse, Terminate, and for the
+        audit Bind/Execute/Sync) with the forwarded runs around them; everything while
+        discarding after a refusal or holding for a durable audit record."""
+        if self.held is not None:
+            self._hold_more(items)
+            return
         out: list[bytes] = []
         scan = self.fscan
+        strict = self.server.audit_strict and self.tracker is not None
         while True:
-            for it in items:
+            for i, it in enumerate(items):
                 if it.__class__ is bytes:
                     if not self.discarding:
                         out.append(it)
@@ -355,8 +377,10 @@ class Session:
                     if t == 83:                 # 'S' Sync: ends the discarding
                         self.discarding = False
                         scan.set_interest(ALL_TYPES, False)
-                        scan.set_interest(b"QPX", True)
+                        scan.set_interest(self.watch, True)
                         out.append(msg)
+                        if self.tracker is not None:
+                            self.tracker.flog.append((msg, None, 0))
                     elif t == 88:               # 'X' Terminate
                         self._terminate_from_client(out, msg)
                         return
@@ -364,20 +388,68 @@ class Session:
                         self.sync_adjust -= 1
                     continue
                 if t == 81:                     # 'Q' simple Query
+                    n = len(out)
                     self._on_query(msg, out)
+                    if strict and len(out) > n and out[-1] is msg:
+                        self._hold_for_record(out, items[i + 1:])
+                        return
                 elif t == 80:                   # 'P' Parse
                     self._on_parse(msg, out)
                 elif t == 88:                   # 'X' Terminate
                     self._terminate_from_client(out, msg)
                     return
-                else:
+                else:                           # Bind / Execute / Sync / FunctionCall
                     out.append(msg)
+                    if self.tracker is not None:
+                        self.tracker.flog.append((msg, None, time.monotonic_ns()))
+                        if strict and t == 69:  # Execute: durable record first
+                            self._hold_for_record(out, items[i + 1:])
+                            return
             rest = scan.take_rest()
             if rest is None:
                 break
             items = scan.feed(rest)
         if out:
             self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    # -- strict audit: a statement goes upstream only once its record is on disk
+    def _hold_for_record(self, out: list, later: list) -> None:
+        """out[-1] is a Query or Execute: write what precedes it, log its record with
+        log_strict, and hold it and everything after until the record is durable."""
+        msg = out.pop()
+        if out:
+            self.up.transport.write(b"".join(out))
+        rec = self.tracker.strict_record(msg)
+        self.held = [msg]
+        self.held_items = []
+        self._hold_more(later)
+        self.client_pipe.divert = True
+        fut = self.server.audit.log_strict(rec)
+        fut.add_done_callback(self._record_durable)
+
+    def _hold_more(self, items: list) -> None:
+        self.held_items.extend(items)
+        scan = self.fscan
+        rest = scan.take_rest()
+        while rest is not None:         # keep stream order: nothing may be scanned ahead
+            self.held_items.extend(scan.feed(rest))
+            rest = scan.take_rest()
+
+    def _record_durable(self, fut) -> None:
+        if self.closed:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            err = fut.exception() if not fut.cancelled() else "cancelled"
+            log.error("session %s: audit record not written (%s); closing", self.id, err)
+            self.fail(PgguardError("the audit log is not available; statement not run",
+                                   sqlstate="58030", severity="FATAL"))
+            return
+        held, items = self.held, self.held_items
+        self.held = self.held_items = None
+        self.client_pipe.divert = False
+        self.up.transport.write(b"".join(held))
+        if items:
+            self.client_items(items)
 
     def _terminate_from_client(self, out: list, msg: bytes) -> None:
         out.append(msg)
@@ -411,14 +483,17 @@ class Session:
         return d
 
     def _on_query(self, msg: bytes, out: list) -> None:
-        d = self._decide(msg, 5, len(msg) - 1)
-        if d.action == "allow":
+        d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None
+        if d is None or d.action == "allow":
             out.append(msg)
-            if self.prepared is not None and d.statements and _touches_prepared(d):
+            if self.tracker is not None:
+                self.tracker.flog.append((msg, d, time.monotonic_ns()))
+            if d is not None and self.prepared is not None and d.statements \
+                    and _touches_prepared(d):
                 self.prepared.observe(d.statements)
             return
         # the client's Query is replaced by one that fails upstream: same Z count
-        self._inject_refusal(d, out, extended=False)
+        self._inject_refusal(d, out, extended=False, sql=msg[5:-1])
 
     def _on_parse(self, msg: bytes, out: list) -> None:
         try:
@@ -427,22 +502,31 @@ class Session:
         except ValueError:
             self.fail(ProtocolViolation("invalid Parse message"))
             return
-        d = self._decide(msg, pos, end)
-        if d.action == "allow":
+        d = self._decide(msg, pos, end) if self.policy is not None else None
+        if d is None or d.action == "allow":
             out.append(msg)
-            if name and self.prepared is not None and d.statements:
+            if self.tracker is not None:
+                self.tracker.flog.append((msg, d, 0))
+            if name and d is not None and self.prepared is not None and d.statements:
                 self.prepared.record(name, d.statements[0])
             return
         # a Query mid-pipeline aborts the implicit transaction (exactly as the Parse
         # error would) and answers with E + Z; the client's own Sync is forwarded later
         self.sync_adjust += 1
-        self._inject_refusal(d, out, extended=True)
+        self._inject_refusal(d, out, extended=True, sql=msg[pos:end])
         self.discarding = True
         self.fscan.set_interest(ALL_TYPES, True)
 
-    def _inject_refusal(self, d, out: list, extended: bool) -> None:
+    def _inject_refusal(self, d, out: list, extended: bool, sql: bytes = b"") -> None:
         log.info("session %s: %s refused by rule %s", self.id, self.identity_name, d.rule)
         out.append(_refusal_query(d))
+        if self.tracker is not None:
+            from .tracking import REFUSAL_SYNC, statement_record
+            rec = statement_record(self, sql, d, "blocked", _now())
+            rec.sqlstate = "42501"
+            rec.error = d.message
+            self.server.audit.log(rec)
+            self.tracker.flog.append((REFUSAL_SYNC, None, 0))
         target = self.fscan.count + self.sync_adjust
         self.refusals.append([target, d, extended, False])
         self._divert_backend(True)
@@ -458,6 +542,8 @@ class Session:
             pipe.divert = True
         elif pipe.divert and scan.set_withhold(False):
             scan.set_interest(ALL_TYPES, False)
+            if self.tracker is not None:
+                scan.set_interest(b"CEIsZ", True)
             pipe.divert = False
 
     def backend_items(self, items: list) -> None:
@@ -472,11 +558,16 @@ class Session:
             t, msg = it
             if t == 90:                                  # 'Z' ReadyForQuery
                 self.z_count += 1
+                drop = False
                 if refusals and self.z_count >= refusals[0][0]:
                     target, d, extended, seen = refusals.popleft()
-                    if seen and extended:
-                        continue                         # answered our injected Query
-                out.append(msg)
+                    if not seen and self.tracker is not None:
+                        self.tracker.refusal_ignored()
+                    drop = seen and extended             # answered our injected Query
+                if self.tracker is not None:
+                    self.tracker.on_backend(t, msg)
+                if not drop:
+                    out.append(msg)
             elif t == 69 and refusals and _is_marker(msg):  # 'E' ours
                 r = refusals[0]
                 r[3] = True
@@ -485,6 +576,8 @@ class Session:
                                             hint=d.hint or None))
             else:
                 out.append(msg)
+                if self.tracker is not None and t in _TRACKED:
+                    self.tracker.on_backend(t, msg)
         if out:
             self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if not refusals:
@@ -496,7 +589,11 @@ class Session:
         self.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
 
     def backend_events(self, events: list) -> None:
-        """Whole backend messages the session asked to see (none yet)."""
+        """Copies of backend messages the session watches (completions for the audit)."""
+        tracker = self.tracker
+        if tracker is not None:
+            for t, msg in events:
+                tracker.on_backend(t, msg)
 
     def backend_chunk(self) -> None:
         """After each backend chunk while draining: close once idle."""
@@ -547,10 +644,27 @@ class Session:
     def client_gone(self) -> None:
         self.close()
 
+    def _audit_event(self, event: str, **fields) -> None:
+        audit = self.server.audit
+        if audit is None:
+            return
+        from .audit.record import AuditRecord
+        ident = self.identity
+        audit.log(AuditRecord(
+            session_id=self.id, event=event, ts=_now(), identity=self.identity_name,
+            identity_kind=ident.kind if ident is not None else None,
+            client_addr=self.client_addr,
+            application_name=self.params.get("application_name"), database=self.database,
+            upstream_user=self.server.cfg.upstream.user if event != "auth_failed" else None,
+            **fields))
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.connected_at:
+            self._audit_event("disconnect",
+                              duration_us=int((time.monotonic() - self.connected_at) * 1e6))
         self.client.phase = PH_CLOSED
         if self.task is not None and not self.task.done() \
                 and self.task is not asyncio.current_task():
@@ -618,6 +732,14 @@ def _is_loopback(peer) -> bool:
         return True     # unix socket
     host = peer[0]
     return host.startswith("127.") or host == "::1"
+
+
+# backend messages the statement tracker pairs with statements
+_TRACKED = frozenset(b"CEIsZ")
+
+
+def _now():
+    return datetime.now(timezone.utc)
 
 
 def _is_marker(msg: bytes) -> bool:
