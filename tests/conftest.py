@@ -50,12 +50,14 @@ class Proxy:
     def __init__(self, pg: PgCluster, tmp: Path, *, upstream_user: str = UPSTREAM_USER,
                  upstream_password: str | None = UPSTREAM_PASSWORD, sslmode: str = "disable",
                  extra: str = "", listen_extra: str = "", upstream_extra: str = "",
+                 audit_extra: str = "",
                  workers: int = 1, port: int | None = None, env: dict | None = None) -> None:
         self.pg = pg
         self.port = port or free_port()
         self.dir = tmp
         self.config = tmp / f"pgguard-{self.port}.toml"
         self.log = tmp / f"pgguard-{self.port}.log"
+        self.audit_dir = tmp / f"audit-{self.port}"
         self.workers = workers
         self.config.write_text(f"""
 [listen]
@@ -88,6 +90,10 @@ password_env = "TEST_HUMAN_PASSWORD"
 [policy]
 agents = "allow"
 humans = "allow"
+
+[audit]
+dir = "{self.audit_dir}"
+{audit_extra}
 
 {extra}
 """)

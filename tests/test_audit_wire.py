@@ -21,7 +21,7 @@ action = "block"
 
 def audit_rows(proxy, sql):
     con = duckdb.connect()
-    files = f"{proxy.dir}/audit/**/*.parquet"
+    files = f"{proxy.audit_dir}/**/*.parquet"
     con.execute(f"CREATE VIEW audit AS SELECT * FROM read_parquet('{files}', "
                 "hive_partitioning = true, union_by_name = true)")
     return con.execute(sql).fetchall()
@@ -75,7 +75,7 @@ def test_auth_failures_are_audited_without_the_password(pg, make_proxy):
     proxy.stop()
     rows = audit_rows(proxy, "SELECT event, identity FROM audit WHERE event = 'auth_failed'")
     assert rows == [("auth_failed", "ci-agent")]
-    blob = b"".join(p.read_bytes() for p in (proxy.dir / "audit").rglob("*") if p.is_file())
+    blob = b"".join(p.read_bytes() for p in proxy.audit_dir.rglob("*") if p.is_file())
     assert b"guess-Xy12" not in blob and AGENT_PASSWORD.encode() not in blob
 
 
@@ -90,7 +90,7 @@ def test_literals_and_passwords_never_reach_the_log(pg, make_proxy, table):
         cur.execute("ALTER ROLE aud_pw_probe PASSWORD 'NewSecret98'")
         cur.execute("DROP ROLE aud_pw_probe")
     proxy.stop()
-    blob = b"".join(p.read_bytes() for p in (proxy.dir / "audit").rglob("*") if p.is_file())
+    blob = b"".join(p.read_bytes() for p in proxy.audit_dir.rglob("*") if p.is_file())
     for secret in (b"hunter3", b"hunter4", b"NewSecret99", b"NewSecret98"):
         assert secret not in blob
 
@@ -117,7 +117,7 @@ def test_strict_kill_9_under_pgbench_loses_no_committed_transaction(pg, make_pro
         pg.execute("CREATE DATABASE strictdb OWNER app")
     pg.execute("CREATE TABLE IF NOT EXISTS marks (n int PRIMARY KEY)", dbname="strictdb")
     pg.execute("TRUNCATE marks", dbname="strictdb")
-    proxy = make_proxy(extra='[audit]\ndurability = "strict"\ncapture_literals = true\n')
+    proxy = make_proxy(audit_extra='durability = "strict"\ncapture_literals = true\n')
     script = tmp_path / "mark.sql"
     # each transaction inserts a unique number; committed ones are in the table
     script.write_text("\\set n random(1, 2000000000)\n"
