@@ -28,6 +28,8 @@ import asyncio
 import json
 import os
 import shutil
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -115,11 +117,11 @@ def bench_sustained(root: Path, n: int) -> dict:
 async def _lag_run(log_fn, seconds: float, rate: int, spin: bool) -> dict:
     """Event-loop responsiveness while *log_fn* is called *rate* times per second.
 
-    spin=False (idle loop, the usual proxy): a probe thread wakes the loop every 0.5 ms
-    with call_soon_threadsafe (like a packet arriving); lateness = time until the
-    callback runs. spin=True (saturated proxy): the loop never sleeps; a call_soon
-    chain measures the longest gap between iterations. perf_counter throughout (the
-    loops' own clocks have 1 ms granularity).
+    spin=False (idle loop, the usual proxy): another *process* writes its clock into a
+    pipe every 0.5 ms, like packets arriving; lateness = time until the loop's reader
+    callback runs (perf_counter is CLOCK_MONOTONIC, shared by processes). spin=True
+    (saturated proxy): the loop never sleeps; a call_soon chain measures the longest gap
+    between iterations. The loops' own clocks have 1 ms granularity: not used.
     """
     loop = asyncio.get_running_loop()
     now_ts = datetime.now(UTC)
@@ -141,14 +143,25 @@ async def _lag_run(log_fn, seconds: float, rate: int, spin: bool) -> dict:
                 loop.call_soon(chain)
         loop.call_soon(chain)
     else:
-        def arrived(t_sent: float) -> None:
-            samples.append(time.perf_counter() - t_sent)
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        sender = subprocess.Popen(
+            [sys.executable, "-c", _SENDER, str(wfd), str(seconds + 0.2)], pass_fds=(wfd,))
+        os.close(wfd)
+        pending = b""
 
-        def prober() -> None:
-            while not finished.is_set():
-                loop.call_soon_threadsafe(arrived, time.perf_counter())
-                time.sleep(0.0005)
-        threading.Thread(target=prober, daemon=True).start()
+        def arrived() -> None:
+            nonlocal pending
+            now = time.perf_counter()
+            try:
+                data = pending + os.read(rfd, 65536)
+            except BlockingIOError:
+                return
+            k = len(data) // 8
+            for (t_sent,) in struct.iter_unpack("d", data[:8 * k]):
+                samples.append(now - t_sent)
+            pending = data[8 * k:]
+        loop.add_reader(rfd, arrived)
 
     batch = max(1, rate // 1000)      # one burst per millisecond
     i = 0
@@ -169,6 +182,10 @@ async def _lag_run(log_fn, seconds: float, rate: int, spin: bool) -> dict:
         await asyncio.sleep(0.001)
     finished.set()
     await asyncio.sleep(0.01)
+    if not spin:
+        loop.remove_reader(rfd)
+        sender.wait()
+        os.close(rfd)
     samples.sort()
     n = len(samples)
     return {"samples": n, "max_ms": samples[-1] * 1e3,
@@ -201,6 +218,16 @@ def bench_loop_lag(root: Path, seconds: float, rate: int, spin: bool) -> dict:
     log.close()
     return {"baseline": base, "audit": audited, "rate": rate,
             "switch_interval_ms": sys.getswitchinterval() * 1e3}
+
+
+_SENDER = """
+import os, struct, sys, time
+fd, secs = int(sys.argv[1]), float(sys.argv[2])
+end = time.perf_counter() + secs
+while time.perf_counter() < end:
+    os.write(fd, struct.pack("d", time.perf_counter()))
+    time.sleep(0.0005)
+"""
 
 
 # -- 3. strict -------------------------------------------------------------------------
@@ -311,83 +338,100 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write results")
+    ap.add_argument("--only", default="drain,sustained,lag,strict,duckdb",
+                    help="comma-separated parts to run (default: all)")
     args = ap.parse_args()
     n = args.records or (300_000 if args.quick else 2_000_000)
     n_duck = args.duckdb_records or (1_000_000 if args.quick else 10_000_000)
     lag_s = 3.0 if args.quick else 8.0
     work = Path(args.dir or tempfile.mkdtemp(prefix="pgguard-bench-audit-"))
     work.mkdir(parents=True, exist_ok=True)
+    parts = set(args.only.split(","))
     res: dict = {"cpus": os.cpu_count(), "load": os.getloadavg()}
     try:
         print(f"work dir {work}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}",
               flush=True)
-        res["drain"] = bench_drain(work / "drain", n)
-        print(f"drain: {res['drain']}", flush=True)
-        res["sustained"] = bench_sustained(work / "sustained", n)
-        print(f"sustained: {res['sustained']}", flush=True)
-        res["lag_idle"] = bench_loop_lag(work / "lag1", lag_s, 50_000, spin=False)
-        print(f"loop lag (idle loop): {res['lag_idle']}", flush=True)
-        res["lag_spin"] = bench_loop_lag(work / "lag2", lag_s, 50_000, spin=True)
-        print(f"loop lag (spinning loop): {res['lag_spin']}", flush=True)
-        res["strict"] = [bench_strict(work / f"strict{c}", c, 2.0 if args.quick else 4.0)
-                         for c in (1, 16, 64)]
-        for s in res["strict"]:
-            print(f"strict: {s}", flush=True)
-        duck_dir = work / "duck"
-        res["duck_write"] = write_many(duck_dir, n_duck)
-        print(f"write for duckdb: {res['duck_write']}", flush=True)
-        res["duckdb"] = bench_duckdb(duck_dir)
-        print(f"duckdb: {res['duckdb']}", flush=True)
+        if "drain" in parts:
+            res["drain"] = bench_drain(work / "drain", n)
+            print(f"drain: {res['drain']}", flush=True)
+        if "sustained" in parts:
+            res["sustained"] = bench_sustained(work / "sustained", n)
+            print(f"sustained: {res['sustained']}", flush=True)
+        if "lag" in parts:
+            res["lag_idle"] = bench_loop_lag(work / "lag1", lag_s, 50_000, spin=False)
+            print(f"loop lag (idle loop): {res['lag_idle']}", flush=True)
+            res["lag_spin"] = bench_loop_lag(work / "lag2", lag_s, 50_000, spin=True)
+            print(f"loop lag (spinning loop): {res['lag_spin']}", flush=True)
+        if "strict" in parts:
+            res["strict"] = [bench_strict(work / f"strict{c}", c, 2.0 if args.quick else 4.0)
+                             for c in (1, 16, 64)]
+            for st in res["strict"]:
+                print(f"strict: {st}", flush=True)
+        if "duckdb" in parts:
+            duck_dir = work / "duck"
+            res["duck_write"] = write_many(duck_dir, n_duck)
+            print(f"write for duckdb: {res['duck_write']}", flush=True)
+            res["duckdb"] = bench_duckdb(duck_dir)
+            print(f"duckdb: {res['duckdb']}", flush=True)
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    d, s, li, ls = res["drain"], res["sustained"], res["lag_idle"], res["lag_spin"]
-    dk, dw = res["duckdb"], res["duck_write"]
-    rows = [
-        ("writer: queue -> Parquet (records/s)", f"{d['parquet_per_s']:,.0f}", ">= 300,000",
-         d["parquet_per_s"] / 300_000),
-        ("writer: queue -> WAL fsynced (records/s)", f"{d['wal_per_s']:,.0f}", ">= 300,000",
-         d["wal_per_s"] / 300_000),
-        ("writer: CPU per record, all threads (us)", f"{d['cpu_us_per_record']:.2f}", "", None),
-        ("sustained, producer + writer (records/s)", f"{s['per_s']:,.0f}", ">= 300,000",
-         s["per_s"] / 300_000),
-        (f"sustained {dw['records'] // 1_000_000}M records (records/s)", f"{dw['per_s']:,.0f}",
-         ">= 300,000", dw["per_s"] / 300_000),
-        ("log() + building the record, mean (us)",
-         f"{li['audit']['log_call_mean_us']:.2f} / {li['baseline']['log_call_mean_us']:.2f}"
-         " no-op", "", None),
-    ]
-    for label, lg in (("idle loop, wake-up", li), ("busy loop, iteration gap", ls)):
-        a, b = lg["audit"], lg["baseline"]
+    rows: list[tuple[str, str, str, float | None]] = []
+    if "drain" in res:
+        d = res["drain"]
         rows += [
-            (f"{label} p99.9: audit / no audit (ms)",
-             f"{a['p999_ms']:.2f} / {b['p999_ms']:.2f}", "< 1 ms",
-             1.0 / max(a["p999_ms"], 1e-3)),
-            (f"{label} p99.99: audit / no audit (ms)",
-             f"{a['p9999_ms']:.2f} / {b['p9999_ms']:.2f}", "< 1 ms",
-             1.0 / max(a["p9999_ms"], 1e-3)),
-            (f"{label} max: audit / no audit (ms)",
-             f"{a['max_ms']:.2f} / {b['max_ms']:.2f}", "< 1 ms", 1.0 / max(a["max_ms"], 1e-3)),
-            (f"{label} > 1 ms: audit / no audit (count)",
-             f"{a['over_1ms']} / {b['over_1ms']}", "", None),
-        ]
-    for st in res["strict"]:
+            ("writer: queue -> Parquet (records/s)", f"{d['parquet_per_s']:,.0f}",
+             ">= 300,000", d["parquet_per_s"] / 300_000),
+            ("writer: queue -> WAL fsynced (records/s)", f"{d['wal_per_s']:,.0f}",
+             ">= 300,000", d["wal_per_s"] / 300_000),
+            ("writer: CPU per record, all threads (us)", f"{d['cpu_us_per_record']:.2f}", "",
+             None)]
+    if "sustained" in res:
+        s = res["sustained"]
+        rows.append(("sustained, producer + writer (records/s)", f"{s['per_s']:,.0f}",
+                     ">= 300,000", s["per_s"] / 300_000))
+    if "duck_write" in res:
+        dw = res["duck_write"]
+        rows.append((f"sustained {dw['records'] / 1e6:g}M records (records/s)",
+                     f"{dw['per_s']:,.0f}", ">= 300,000", dw["per_s"] / 300_000))
+    if "lag_idle" in res:
+        li, ls = res["lag_idle"], res["lag_spin"]
+        rows.append(("log() + building the record, mean (us)",
+                     f"{li['audit']['log_call_mean_us']:.2f} / "
+                     f"{li['baseline']['log_call_mean_us']:.2f} no-op", "", None))
+        for label, lg in (("idle loop, wake-up", li), ("busy loop, iteration gap", ls)):
+            a, b = lg["audit"], lg["baseline"]
+            rows += [
+                (f"{label} p99.9: audit / no audit (ms)",
+                 f"{a['p999_ms']:.2f} / {b['p999_ms']:.2f}", "< 1 ms",
+                 1.0 / max(a["p999_ms"], 1e-3)),
+                (f"{label} p99.99: audit / no audit (ms)",
+                 f"{a['p9999_ms']:.2f} / {b['p9999_ms']:.2f}", "< 1 ms",
+                 1.0 / max(a["p9999_ms"], 1e-3)),
+                (f"{label} max: audit / no audit (ms)",
+                 f"{a['max_ms']:.2f} / {b['max_ms']:.2f}", "< 1 ms",
+                 1.0 / max(a["max_ms"], 1e-3)),
+                (f"{label} > 1 ms: audit / no audit (count)",
+                 f"{a['over_1ms']} / {b['over_1ms']}", "", None),
+            ]
+    for st in res.get("strict", []):
         rows.append((f"strict, {st['concurrency']} sessions (records/s)",
                      f"{st['per_s']:,.0f}", f"p99 {st['p99_ms']:.1f} ms, "
                      f"{st['records_per_fsync']:.1f}/fsync", None))
-    rows += [
-        (f"DuckDB group-by {dk['records'] / 1e6:.0f}M records, warm (s)", f"{dk['warm_s']:.3f}",
-         "<= 0.1 s", 0.1 / dk["warm_s"]),
-        (f"DuckDB group-by {dk['records'] / 1e6:.0f}M records, cold (s)", f"{dk['cold_s']:.3f}",
-         "", None),
-        ("Parquet bytes per record", f"{dk['bytes'] / max(dk['records'], 1):.1f}", "", None),
-    ]
+    if "duckdb" in res:
+        dk = res["duckdb"]
+        rows += [
+            (f"DuckDB group-by {dk['records'] / 1e6:g}M records, warm (s)",
+             f"{dk['warm_s']:.3f}", "<= 0.1 s", 0.1 / dk["warm_s"]),
+            (f"DuckDB group-by {dk['records'] / 1e6:g}M records, cold (s)",
+             f"{dk['cold_s']:.3f}", "", None),
+            ("Parquet bytes per record", f"{dk['bytes'] / max(dk['records'], 1):.1f}", "",
+             None)]
     print()
     print(table(rows))
-    print(f"\n{os.cpu_count()} CPUs, load average at start {res['load'][0]:.1f}; "
-          f"switch interval {li['switch_interval_ms']:.2f} ms; DuckDB threads "
-          f"{dk['threads']}; {dk['files']} Parquet files")
+    print(f"\n{os.cpu_count()} CPUs, load average at start {res['load'][0]:.1f}, at end "
+          f"{os.getloadavg()[0]:.1f}; switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0

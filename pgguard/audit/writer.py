@@ -48,21 +48,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import msgspec
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..config import AuditConfig, parse_duration
 from . import storage
-from .record import (CONTENT_SCHEMA, EVENT_AUDIT_DROPPED, GENESIS, UTC, AuditRecord, _as_text,
+from .record import (EVENT_AUDIT_DROPPED, GENESIS, UTC, AuditRecord, _as_text,
                      prepare_statement, sanitize, to_content)
 from .storage import AuditError
 
 log = logging.getLogger("pgguard.audit")
 
 CHUNK = 256                 # records per WAL frame; bounds each GIL-holding C call
-SEALER_NICE = 10            # CPU niceness of the sealer thread (and DuckDB's threads)
+SEALER_NICE = 10            # CPU niceness of the sealer thread
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _T2 = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
 _STMT_CACHE_MAX = 20_000
@@ -712,8 +710,8 @@ class AuditLog:
     # -- sealer thread --------------------------------------------------------------
 
     def _run_sealer(self) -> None:
-        # background work: lower this thread's CPU priority (Linux: per thread; DuckDB's
-        # worker threads, created from here, inherit it) so the event loop wins the CPU.
+        # background work: lower this thread's CPU priority (Linux: per thread; threads
+        # it starts inherit it) so the event loop wins the CPU.
         # Not the writer: it holds the GIL, and a starved GIL holder stalls the loop.
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SEALER_NICE)
@@ -801,71 +799,29 @@ class AuditLog:
 _encoder = msgspec.json.Encoder()
 
 
-def _duck_type(f: pa.Field) -> str:
-    if pa.types.is_timestamp(f.type):
-        return "TIMESTAMPTZ"
-    if pa.types.is_integer(f.type):
-        return "BIGINT"
-    if pa.types.is_list(f.type):
-        return "VARCHAR[]"
-    return "VARCHAR"
-
-
 class _Converter:
     """Hashed content lines -> Arrow, in the sealer thread.
 
-    DuckDB's JSON reader parses ~4x faster than Arrow's and runs without the GIL; it
-    reads from a scratch file (no fsync: it lives for one conversion). The lines were
-    validated against the exact schema before they were hashed, so parsing cannot
-    change a value. Arrow's reader is the fallback.
+    Arrow's JSON reader parses without holding the GIL, so the event loop keeps running
+    while a batch converts. (DuckDB's reader parses ~4x faster, but its Python API holds
+    the GIL for the whole call: a 64k-record batch stalled the loop ~90 ms.) The lines
+    were validated against the exact schema before they were hashed, so parsing cannot
+    change a value.
     """
 
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch
-        self.con: duckdb.DuckDBPyConnection | None = None
-        cols = ", ".join(f"'{f.name}': '{_duck_type(f)}'" for f in CONTENT_SCHEMA)
-        self.sql = (f"SELECT * FROM read_json(?, format = 'newline_delimited', "
-                    f"columns = {{{cols}}}, maximum_object_size = 268435456)")
 
     def table(self, chunks: list[tuple[bytes, bytes, bytes, int]], n: int) -> pa.Table:
-        blobs = [c[0] for c in chunks]
-        content = None
-        try:
-            content = self._duckdb(blobs, n)
-        except Exception as e:   # DuckDB missing or refusing: Arrow's reader, exact too
-            log.debug("audit: DuckDB conversion failed (%s); using Arrow's JSON reader", e)
-        if content is None:
-            parts = [storage.content_table(b"".join(blobs[i:i + 8]))
-                     for i in range(0, len(blobs), 8)]
-            content = pa.concat_tables(parts)
+        parts = []
+        for i in range(0, len(chunks), 8):
+            # ≈1 MB per parse: the join holds the GIL, the parse does not
+            parts.append(storage.content_table(b"".join(c[0] for c in chunks[i:i + 8])))
+        content = pa.concat_tables(parts)
         return storage.with_hashes(content, [(c[1], c[2], c[3]) for c in chunks])
 
-    def _duckdb(self, blobs: list[bytes], n: int) -> pa.Table | None:
-        if self.con is None:
-            self.con = duckdb.connect(":memory:", config={"threads": 1})
-            self.con.execute("SET TimeZone = 'UTC'")
-            self.con.execute("SET preserve_insertion_order = true")
-        fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _write_all(fd, blobs)
-        finally:
-            os.close(fd)
-        t = self.con.sql(self.sql, params=[str(self.scratch)]).to_arrow_table()
-        if t.num_rows != n:
-            return None
-        t = pa.Table.from_arrays([c.cast(f.type) for c, f in zip(t.columns, CONTENT_SCHEMA)],
-                                 schema=CONTENT_SCHEMA)
-        ids = t.column("event_id")
-        # event ids strictly increase within a stream: a cheap proof rows kept their order
-        if n > 1 and not pc.all(pc.less(ids.slice(0, n - 1), ids.slice(1))).as_py():
-            return None
-        return t
-
     def close(self) -> None:
-        if self.con is not None:
-            self.con.close()
-            self.con = None
-        self.scratch.unlink(missing_ok=True)
+        pass
 
 
 def _fix_ts(ts: object) -> object:
