@@ -1,0 +1,1311 @@
+# DataRow / CopyData rewriter: applies a mask plan to a backend message stream in C;
+# every other message, and every row with nothing to mask, passes byte-identical.
+# cython: language_level=3
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcmp, memcpy, memset
+
+import hashlib
+
+from .framing import FrameError
+
+# what a plan knows of the column types (the Python side resolves kinds: strategies.py)
+ACTION_NONE = ACT_NONE
+ACTION_STRATEGY = ACT_STRATEGY
+ACTION_NULL = ACT_NULL
+ACTION_DETECT = ACT_DETECT
+STRATEGY_REDACT = STRAT_REDACT
+STRATEGY_PARTIAL = STRAT_PARTIAL
+STRATEGY_EMAIL = STRAT_EMAIL
+STRATEGY_HASH = STRAT_HASH
+CELL_OTHER = KIND_OTHER
+CELL_TEXT = KIND_TEXT
+CELL_JSON = KIND_JSON
+CELL_JSONB_BINARY = KIND_JSONB_BIN
+
+cdef enum:
+    MAX_DETECTORS = 64
+
+cdef char _HEX[17]
+memcpy(_HEX, b"0123456789abcdef", 17)
+
+
+# -- small helpers ------------------------------------------------------------------
+
+cdef inline uint32_t _be32(const char* p) noexcept nogil:
+    return ((<uint32_t><uint8_t>p[0]) << 24) | ((<uint32_t><uint8_t>p[1]) << 16) | \
+           ((<uint32_t><uint8_t>p[2]) << 8) | (<uint32_t><uint8_t>p[3])
+
+
+cdef inline void _put32(char* p, uint32_t v) noexcept nogil:
+    p[0] = <char>(v >> 24)
+    p[1] = <char>(v >> 16)
+    p[2] = <char>(v >> 8)
+    p[3] = <char>v
+
+
+cdef int _grow(Buf* b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap = b.cap if b.cap else 4096
+    cdef char* np
+    while cap < b.len + extra:
+        cap *= 2
+    np = <char*>realloc(b.p, cap)
+    if np == NULL:
+        raise MemoryError()
+    b.p = np
+    b.cap = cap
+    return 0
+
+
+cdef inline int _put(Buf* b, const char* s, Py_ssize_t n) except -1:
+    if b.len + n > b.cap:
+        _grow(b, n)
+    if n:
+        memcpy(b.p + b.len, s, n)
+    b.len += n
+    return 0
+
+
+cdef inline int _putc(Buf* b, char c) except -1:
+    if b.len + 1 > b.cap:
+        _grow(b, 1)
+    b.p[b.len] = c
+    b.len += 1
+    return 0
+
+
+cdef void _shrink(Buf* b, Py_ssize_t keep) noexcept:
+    # give back a buffer a huge row grew, so an idle session stays small
+    if b.cap > keep and b.len == 0:
+        free(b.p)
+        b.p = NULL
+        b.cap = 0
+
+
+# -- SHA-256 / HMAC (FIPS 180-4, RFC 2104) -------------------------------------------
+
+cdef uint32_t _K[64]
+_K_INIT = (
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2)
+for _i in range(64):
+    _K[_i] = _K_INIT[_i]
+
+cdef uint32_t _IV[8]
+_IV_INIT = (0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c,
+            0x1f83d9ab, 0x5be0cd19)
+for _i in range(8):
+    _IV[_i] = _IV_INIT[_i]
+
+
+cdef inline uint32_t _rotr(uint32_t x, int n) noexcept nogil:
+    return (x >> n) | (x << (32 - n))
+
+
+cdef void _sha_block(uint32_t* h, const char* blk) noexcept nogil:
+    cdef uint32_t w[64]
+    cdef uint32_t a, b, c, d, e, f, g, hh, t1, t2, s0, s1
+    cdef int i
+    for i in range(16):
+        w[i] = _be32(blk + 4 * i)
+    for i in range(16, 64):
+        s0 = _rotr(w[i - 15], 7) ^ _rotr(w[i - 15], 18) ^ (w[i - 15] >> 3)
+        s1 = _rotr(w[i - 2], 17) ^ _rotr(w[i - 2], 19) ^ (w[i - 2] >> 10)
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1
+    a = h[0]; b = h[1]; c = h[2]; d = h[3]; e = h[4]; f = h[5]; g = h[6]; hh = h[7]
+    for i in range(64):
+        t1 = hh + (_rotr(e, 6) ^ _rotr(e, 11) ^ _rotr(e, 25)) + ((e & f) ^ (~e & g)) \
+            + _K[i] + w[i]
+        t2 = (_rotr(a, 2) ^ _rotr(a, 13) ^ _rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))
+        hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d
+    h[4] += e; h[5] += f; h[6] += g; h[7] += hh
+
+
+cdef void _sha_finish(uint32_t* h, const char* msg, Py_ssize_t n,
+                      uint64_t prefix) noexcept nogil:
+    # hash msg[0:n] into h, which already absorbed `prefix` bytes (whole blocks)
+    cdef char blk[128]
+    cdef Py_ssize_t r
+    cdef uint64_t bits = (prefix + <uint64_t>n) * 8
+    cdef int i, last
+    while n >= 64:
+        _sha_block(h, msg)
+        msg += 64
+        n -= 64
+    r = n
+    memcpy(blk, msg, r)
+    blk[r] = <char>0x80
+    last = 64 if r < 56 else 128
+    memset(blk + r + 1, 0, last - r - 1)
+    for i in range(8):
+        blk[last - 1 - i] = <char>(bits >> (8 * i))
+    _sha_block(h, blk)
+    if last == 128:
+        _sha_block(h, blk + 64)
+
+
+cdef void _hmac_init(HmacKey* k, const char* key, Py_ssize_t klen) noexcept nogil:
+    # klen <= 64 (longer keys are hashed first, on the Python side)
+    cdef char ipad[64]
+    cdef char opad[64]
+    cdef int i
+    memset(ipad, 0, 64)
+    memcpy(ipad, key, klen)
+    memcpy(opad, ipad, 64)
+    for i in range(64):
+        ipad[i] ^= 0x36
+        opad[i] ^= 0x5c
+    memcpy(k.inner, _IV, 32)
+    memcpy(k.outer, _IV, 32)
+    _sha_block(k.inner, ipad)
+    _sha_block(k.outer, opad)
+
+
+cdef void _hmac(const HmacKey* k, const char* msg, Py_ssize_t n, char* out) noexcept nogil:
+    cdef uint32_t h[8]
+    cdef char digest[32]
+    cdef int i
+    memcpy(h, k.inner, 32)
+    _sha_finish(h, msg, n, 64)
+    for i in range(8):
+        _put32(digest + 4 * i, h[i])
+    memcpy(h, k.outer, 32)
+    _sha_finish(h, digest, 32, 64)
+    for i in range(8):
+        _put32(out + 4 * i, h[i])
+
+
+def hmac_sha256(bytes key, bytes msg):
+    """HMAC-SHA256 as the ``hash`` strategy computes it (for tests)."""
+    cdef HmacKey k
+    cdef char out[32]
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    _hmac_init(&k, PyBytes_AS_STRING(key), len(key))
+    _hmac(&k, PyBytes_AS_STRING(msg), len(msg), out)
+    return PyBytes_FromStringAndSize(out, 32)
+
+
+# -- strategies -----------------------------------------------------------------------
+
+cdef int _strategy(const ColPlan* col, const HmacKey* keys, const char* v, Py_ssize_t n,
+                   Buf* dst) except -1:
+    cdef Py_ssize_t k, cnt, at, j
+    cdef char mac[32]
+    cdef int i
+    if col.strategy == STRAT_REDACT:
+        _put(dst, col.repl, col.repl_len)
+    elif col.strategy == STRAT_PARTIAL:
+        # the last `keep` code points (UTF-8 lead bytes), if the value has more
+        k = n
+        cnt = 0
+        while k > 0 and cnt < col.keep:
+            k -= 1
+            if (<uint8_t>v[k] & 0xC0) != 0x80:
+                cnt += 1
+        if cnt == col.keep:
+            # keep them only if something is left to hide before them
+            j = k - 1
+            while j >= 0 and (<uint8_t>v[j] & 0xC0) == 0x80:
+                j -= 1
+            if j < 0:
+                k = n
+        else:
+            k = n
+        _put(dst, col.repl, col.repl_len)
+        _put(dst, v + k, n - k)
+    elif col.strategy == STRAT_EMAIL:
+        at = n - 1
+        while at >= 0 and v[at] != c'@':
+            at -= 1
+        if at <= 0 or at == n - 1:
+            _put(dst, col.repl, col.repl_len)
+        else:
+            j = 1
+            while j < at and (<uint8_t>v[j] & 0xC0) == 0x80:
+                j += 1
+            _put(dst, v, j)
+            _put(dst, b"***@", 4)
+            _put(dst, v + at + 1, n - at - 1)
+    else:
+        _hmac(&keys[col.key], v, n, mac)
+        if dst.len + 18 > dst.cap:
+            _grow(dst, 18)
+        dst.p[dst.len] = c'h'
+        dst.p[dst.len + 1] = c'_'
+        for i in range(8):
+            dst.p[dst.len + 2 + 2 * i] = _HEX[(<uint8_t>mac[i]) >> 4]
+            dst.p[dst.len + 3 + 2 * i] = _HEX[(<uint8_t>mac[i]) & 15]
+        dst.len += 18
+    return 0
+
+
+cdef int _json_quote(const char* v, Py_ssize_t n, Buf* dst) except -1:
+    cdef Py_ssize_t i
+    cdef uint8_t c
+    _putc(dst, c'"')
+    for i in range(n):
+        c = <uint8_t>v[i]
+        if c == 34 or c == 92:
+            _putc(dst, c'\\')
+            _putc(dst, <char>c)
+        elif c < 0x20:
+            _put(dst, b"\\u00", 4)
+            _putc(dst, _HEX[c >> 4])
+            _putc(dst, _HEX[c & 15])
+        else:
+            _putc(dst, <char>c)
+    _putc(dst, c'"')
+    return 0
+
+
+cdef int _copy_text_escape(const char* v, Py_ssize_t n, char delim, Buf* dst) except -1:
+    cdef Py_ssize_t i
+    cdef char c
+    for i in range(n):
+        c = v[i]
+        if c == c'\\':
+            _put(dst, b"\\\\", 2)
+        elif c == c'\n':
+            _put(dst, b"\\n", 2)
+        elif c == c'\r':
+            _put(dst, b"\\r", 2)
+        elif c == c'\t':
+            _put(dst, b"\\t", 2)
+        elif c == c'\b':
+            _put(dst, b"\\b", 2)
+        elif c == c'\f':
+            _put(dst, b"\\f", 2)
+        elif c == c'\v':
+            _put(dst, b"\\v", 2)
+        elif c == delim:
+            _putc(dst, c'\\')
+            _putc(dst, c)
+        else:
+            _putc(dst, c)
+    return 0
+
+
+cdef int _copy_csv_escape(const char* v, Py_ssize_t n, MaskPlan plan, Buf* dst) except -1:
+    cdef Py_ssize_t i
+    cdef char c
+    cdef bint q = n == 0
+    cdef Py_ssize_t nl = PyBytes_GET_SIZE(plan.null_str)
+    if n == nl and memcmp(v, PyBytes_AS_STRING(plan.null_str), n) == 0:
+        q = True
+    if n == 2 and v[0] == c'\\' and v[1] == c'.':
+        q = True
+    i = 0
+    while not q and i < n:
+        c = v[i]
+        if c == plan.delim or c == plan.quote or c == plan.escape or c == c'\n' or c == c'\r':
+            q = True
+        i += 1
+    if not q:
+        return _put(dst, v, n)
+    _putc(dst, plan.quote)
+    for i in range(n):
+        c = v[i]
+        if c == plan.quote or c == plan.escape:
+            _putc(dst, plan.escape)
+        _putc(dst, c)
+    _putc(dst, plan.quote)
+    return 0
+
+
+# -- the plan -------------------------------------------------------------------------
+
+cdef class MaskPlan:
+    """What to do with each column of one result, as C arrays.
+
+    ``columns``: one entry per result column with attributes ``action`` (0 none,
+    1 strategy, 2 NULL, 3 detectors), ``strategy`` (0 redact, 1 partial, 2 email,
+    3 hash), ``kind`` (0 other, 1 text-like, 2 JSON, 3 binary jsonb), ``keep`` (int),
+    ``replacement`` (bytes), ``key`` (bytes, hash only). Build them with
+    :func:`pgguard.masking.strategies.column_mask`; a strategy on a column of kind
+    other becomes NULL, detectors on it become none.
+    ``detectors``: a :class:`pgguard.masking.detectors.DetectorSet` or None.
+    ``copy``: None for DataRow; for COPY TO STDOUT an object with ``format`` ("text" or
+    "csv"), ``delimiter``, ``quote``, ``escape``, ``null`` (bytes) and ``header`` (bool)
+    (:class:`pgguard.masking.strategies.CopyFormat`).
+
+    Example::
+
+        plan = MaskPlan([column_mask(None), column_mask(mask, oid=25)], detectors)
+    """
+
+    def __cinit__(self):
+        self.cols = NULL
+        self.act = NULL
+        self._keys = NULL
+        self.ncols = 0
+        self.nact = 0
+        self._nkeys = 0
+
+    def __dealloc__(self):
+        free(self.cols)
+        free(self.act)
+        free(self._keys)
+
+    def __init__(self, columns, detectors=None, copy=None):
+        cdef int i, n
+        cdef ColPlan* col
+        cdef bytes repl, key
+        cols = tuple(columns)
+        n = len(cols)
+        if n > 65535:
+            raise ValueError("a result has at most 65535 columns")
+        self.columns = cols
+        self.copy = copy
+        self.detectors = detectors
+        self._refs = []
+        if copy is None:
+            self.mode = MODE_ROWS
+        else:
+            if copy.format == "text":
+                self.mode = MODE_COPY_TEXT
+            elif copy.format == "csv":
+                self.mode = MODE_COPY_CSV
+            else:
+                raise ValueError(f"COPY format {copy.format!r} cannot be masked")
+            for name in ("delimiter", "quote", "escape"):
+                if len(getattr(copy, name)) != 1:
+                    raise ValueError(f"COPY {name} must be one byte")
+            self.delim = (<bytes>copy.delimiter)[0]
+            self.quote = (<bytes>copy.quote)[0]
+            self.escape = (<bytes>copy.escape)[0]
+            self.null_str = bytes(copy.null)
+            self.header = bool(copy.header)
+        if detectors is not None:
+            if len(detectors.names) > MAX_DETECTORS:
+                raise ValueError(f"at most {MAX_DETECTORS} detectors")
+            self._scan = detectors.db.scan
+            self._mask_cell = detectors.mask_cell
+        self.cols = <ColPlan*>calloc(n if n else 1, sizeof(ColPlan))
+        self.act = <int*>calloc(n if n else 1, sizeof(int))
+        if self.cols == NULL or self.act == NULL:
+            raise MemoryError()
+        self.ncols = n
+        keys = {}
+        for i in range(n):
+            c = cols[i]
+            col = &self.cols[i]
+            col.action = int(c.action)
+            col.strategy = int(c.strategy)
+            col.kind = int(c.kind)
+            col.keep = int(c.keep)
+            if col.action > ACT_DETECT or col.strategy > STRAT_HASH or col.kind > KIND_JSONB_BIN:
+                raise ValueError(f"column {i}: invalid action, strategy or kind")
+            if col.keep < 0:
+                raise ValueError(f"column {i}: keep must not be negative")
+            if self.mode != MODE_ROWS and col.kind == KIND_JSONB_BIN:
+                col.kind = KIND_JSON
+            if col.action == ACT_STRATEGY and col.kind == KIND_OTHER:
+                col.action = ACT_NULL
+            if col.action == ACT_DETECT and (col.kind == KIND_OTHER or detectors is None):
+                col.action = ACT_NONE
+            repl = bytes(c.replacement)
+            self._refs.append(repl)
+            col.repl = PyBytes_AS_STRING(repl)
+            col.repl_len = PyBytes_GET_SIZE(repl)
+            col.key = -1
+            if col.action == ACT_STRATEGY and col.strategy == STRAT_HASH:
+                key = bytes(c.key or b"")
+                if not key:
+                    raise ValueError(f"column {i}: the hash strategy needs a key")
+                if len(key) > 64:
+                    key = hashlib.sha256(key).digest()
+                if key not in keys:
+                    keys[key] = len(keys)
+                col.key = keys[key]
+            if col.action != ACT_NONE:
+                self.act[self.nact] = i
+                self.nact += 1
+                if col.action == ACT_DETECT:
+                    self.has_detect = True
+        self._keys = <HmacKey*>calloc(len(keys) if keys else 1, sizeof(HmacKey))
+        if self._keys == NULL:
+            raise MemoryError()
+        for key, i in keys.items():
+            _hmac_init(&self._keys[i], PyBytes_AS_STRING(key), len(key))
+        self._nkeys = len(keys)
+
+    @property
+    def ncolumns(self):
+        return self.ncols
+
+    @property
+    def actions(self):
+        """The resolved action of each column (what the core will do)."""
+        return [self.cols[i].action for i in range(self.ncols)]
+
+    @property
+    def kinds(self):
+        return [self.cols[i].kind for i in range(self.ncols)]
+
+    @property
+    def masks_anything(self):
+        return self.nact > 0
+
+
+cdef class _Hits:
+    def __cinit__(self):
+        self.to = NULL
+        self.ids = NULL
+        self.n = 0
+        self.cap = 0
+
+    def __dealloc__(self):
+        free(self.to)
+        free(self.ids)
+
+    cdef int add(self, uint32_t id, uint64_t to) except -1:
+        cdef Py_ssize_t cap
+        cdef void* p
+        if self.n == self.cap:
+            cap = self.cap * 2 if self.cap else 256
+            p = realloc(self.to, cap * sizeof(uint64_t))
+            if p == NULL:
+                raise MemoryError()
+            self.to = <uint64_t*>p
+            p = realloc(self.ids, cap * sizeof(uint32_t))
+            if p == NULL:
+                raise MemoryError()
+            self.ids = <uint32_t*>p
+            self.cap = cap
+        self.to[self.n] = to
+        self.ids[self.n] = id
+        self.n += 1
+        return 0
+
+
+def _on_match(unsigned int id, unsigned long long frm, unsigned long long to,
+              unsigned int flags, _Hits hits):
+    # Hyperscan match callback: record (id, end); None lets the scan go on
+    hits.add(id, to)
+
+
+# -- the rewriter ---------------------------------------------------------------------
+
+cdef inline bint _cell_changed(const ColPlan* col, const Cell* c) noexcept nogil:
+    if col.action == ACT_DETECT:
+        return c.repl >= 0
+    return c.val_len >= 0
+
+
+cdef class RowRewriter:
+    """Applies a :class:`MaskPlan` to a stream of backend messages, chunk by chunk.
+
+    ``feed(chunk)`` returns what to send to the client. ``set_plan(plan)`` arms a plan
+    from the current message boundary; CommandComplete, ErrorResponse,
+    EmptyQueryResponse, PortalSuspended and ReadyForQuery passing through clear it
+    (``clear_plan()`` does it by hand, e.g. when the session withholds those).
+    ``take_counts()`` returns and resets the masked cells per plan column and per
+    detector.
+
+    Example::
+
+        rw = RowRewriter()
+        rw.set_plan(plan)            # after the RowDescription
+        transport.write(rw.feed(chunk))
+    """
+
+    def __cinit__(self, Py_ssize_t max_len=1024 * 1024 * 1024):
+        self._max_len = max_len
+        self._plan = None
+        self._hold_plan = None
+        self._hdr_fill = 0
+        self._hdr_raw = 0
+        self._remain = 0
+        self._holding = False
+        self._hold_need = 0
+        self._copy_header = False
+        memset(&self._hold, 0, sizeof(Buf))
+        memset(&self._out, 0, sizeof(Buf))
+        memset(&self._tmp, 0, sizeof(Buf))
+        memset(&self._tmp2, 0, sizeof(Buf))
+        memset(&self._arena, 0, sizeof(Buf))
+        self._rows = NULL
+        self._nrows = self._rows_cap = 0
+        self._recs = NULL
+        self._nrecs = self._recs_cap = 0
+        self._cells = NULL
+        self._ncells = self._cells_cap = 0
+        self._dcells = NULL
+        self._ndcells = self._dcells_cap = 0
+        self._repls = []
+        self._hits = _Hits()
+        self._counts = NULL
+        self._counts_cap = self._counts_n = 0
+        memset(self._det_counts, 0, sizeof(self._det_counts))
+        self._det_n = 0
+        self.masked_cells = 0
+        self.rows_rewritten = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def __dealloc__(self):
+        free(self._hold.p)
+        free(self._out.p)
+        free(self._tmp.p)
+        free(self._tmp2.p)
+        free(self._arena.p)
+        free(self._rows)
+        free(self._recs)
+        free(self._cells)
+        free(self._dcells)
+        free(self._counts)
+
+    # -- plan ---------------------------------------------------------------------
+
+    cpdef set_plan(self, MaskPlan plan):
+        """Mask the rows of the current result with ``plan`` (None: pass-through)."""
+        cdef int64_t* p
+        if plan is None:
+            self._plan = None
+            return
+        if plan.ncols > self._counts_cap:
+            p = <int64_t*>realloc(self._counts, plan.ncols * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError()
+            memset(p + self._counts_cap, 0, (plan.ncols - self._counts_cap) * sizeof(int64_t))
+            self._counts = p
+            self._counts_cap = plan.ncols
+        if plan.ncols > self._counts_n:
+            self._counts_n = plan.ncols
+        if plan.detectors is not None and len(plan.detectors.names) > self._det_n:
+            self._det_n = len(plan.detectors.names)
+        self._plan = plan
+        self._copy_header = plan.header and plan.mode != MODE_ROWS
+
+    cpdef clear_plan(self):
+        """Back to pass-through from the next message on."""
+        self._plan = None
+
+    @property
+    def plan(self):
+        return self._plan
+
+    @property
+    def at_boundary(self):
+        """True when no message is partly seen (held, stashed or streaming)."""
+        return not (self._hdr_fill or self._remain or self._holding)
+
+    @property
+    def pending(self):
+        """Bytes held back for the next feed (a split header or one partial row)."""
+        return self._hold.len if self._holding else (self._hdr_fill - self._hdr_raw)
+
+    def take_counts(self):
+        """``(per plan column, per detector id)`` masked cells since the last call."""
+        cols = [self._counts[i] for i in range(self._counts_n)]
+        dets = [self._det_counts[i] for i in range(self._det_n)]
+        if self._counts_n:
+            memset(self._counts, 0, self._counts_cap * sizeof(int64_t))
+        memset(self._det_counts, 0, sizeof(self._det_counts))
+        self._counts_n = self._plan.ncols if self._plan is not None else 0
+        self._det_n = 0
+        if self._plan is not None and self._plan.detectors is not None:
+            self._det_n = len(self._plan.detectors.names)
+        return cols, dets
+
+    # -- the stream ---------------------------------------------------------------
+
+    cdef int _begin_raw(self, uint8_t t, Py_ssize_t length) except -1:
+        # a message that passes through untouched; results end at C, E, I, s, Z
+        if length < 4:
+            raise FrameError(f"invalid message length {length} for message type {t}")
+        self._remain = length - 4
+        if t == 67 or t == 69 or t == 73 or t == 115 or t == 90:
+            self._plan = None
+        return 0
+
+    cdef int _add_row(self, const char* msg, Py_ssize_t length, Py_ssize_t off) except -1:
+        cdef Py_ssize_t cap
+        cdef void* p
+        cdef RowRef* r
+        if self._nrows == self._rows_cap:
+            cap = self._rows_cap * 2 if self._rows_cap else 64
+            p = realloc(self._rows, cap * sizeof(RowRef))
+            if p == NULL:
+                raise MemoryError()
+            self._rows = <RowRef*>p
+            self._rows_cap = cap
+        r = &self._rows[self._nrows]
+        r.msg = msg
+        r.len = length
+        r.off = off
+        r.rec0 = 0
+        r.nrec = 0
+        r.cell0 = 0
+        r.changed = False
+        self._nrows += 1
+        return 0
+
+    cpdef bytes feed(self, bytes data):
+        """The bytes to send for ``data`` (``data`` itself when nothing changes)."""
+        cdef const char* p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t pos = 0, run = 0, end = n, take, length, total, i
+        cdef uint8_t t, want
+        cdef MaskPlan plan
+        cdef RowRef* r
+        cdef bytes result
+        self.bytes_in += n
+
+        if self._plan is None and not self._holding and self._hdr_fill == self._hdr_raw:
+            # no plan: only follow the message boundaries
+            if self._hdr_fill:
+                take = 5 - self._hdr_fill
+                if take > n:
+                    take = n
+                memcpy(self._hdr + self._hdr_fill, p, take)
+                self._hdr_fill += take
+                self._hdr_raw += take
+                pos = take
+                if self._hdr_fill < 5:
+                    self.bytes_out += n
+                    return data
+                self._hdr_fill = self._hdr_raw = 0
+                self._begin_raw(<uint8_t>self._hdr[0], _be32(self._hdr + 1))
+            while True:
+                if self._remain:
+                    take = self._remain if self._remain <= n - pos else n - pos
+                    pos += take
+                    self._remain -= take
+                if pos >= n:
+                    break
+                if n - pos < 5:
+                    memcpy(self._hdr, p + pos, n - pos)
+                    self._hdr_fill = self._hdr_raw = <int>(n - pos)
+                    break
+                self._begin_raw(<uint8_t>p[pos], _be32(p + pos + 1))
+                pos += 5
+            self.bytes_out += n
+            return data
+
+        self._out.len = 0
+        # (a) a header split across feeds
+        if self._hdr_fill:
+            take = 5 - self._hdr_fill
+            if take > n:
+                take = n
+            memcpy(self._hdr + self._hdr_fill, p, take)
+            self._hdr_fill += take
+            pos = take
+            if self._hdr_raw:
+                self._hdr_raw += take
+            if self._hdr_fill < 5:
+                if self._hdr_raw:
+                    self.bytes_out += n
+                    return data
+                return b""
+            self._hdr_fill = 0
+            t = <uint8_t>self._hdr[0]
+            length = _be32(self._hdr + 1)
+            if self._hdr_raw:
+                # begun raw without a plan: its header bytes so far are already out
+                self._hdr_raw = 0
+                self._begin_raw(t, length)
+            elif self._plan is not None and t == (68 if self._plan.mode == MODE_ROWS else 100):
+                self._start_hold(self._hdr, 5, length)
+                run = pos
+            else:
+                _put(&self._out, self._hdr, 5)
+                self._begin_raw(t, length)
+                run = pos
+
+        # (b) finish the held row, alone, under the plan it began with
+        if self._holding:
+            take = self._hold_need - self._hold.len
+            if take > n - pos:
+                take = n - pos
+            _put(&self._hold, p + pos, take)
+            pos += take
+            run = pos
+            if self._hold.len < self._hold_need:
+                result = PyBytes_FromStringAndSize(self._out.p, self._out.len)
+                self._out.len = 0
+                self.bytes_out += len(result)
+                return result
+            self._holding = False
+            plan = self._hold_plan
+            self._hold_plan = None
+            self._nrows = 0
+            self._add_row(self._hold.p, self._hold.len, -1)
+            self._process(plan)
+            r = &self._rows[0]
+            if r.changed:
+                if plan.mode == MODE_ROWS:
+                    self._emit_row(plan, r)
+                else:
+                    self._emit_copy(plan, r)
+            else:
+                _put(&self._out, r.msg, r.len)
+            self._hold.len = 0
+            _shrink(&self._hold, 1 << 20)
+
+        # (c) the rest of a pass-through body
+        if self._remain:
+            take = self._remain if self._remain <= n - pos else n - pos
+            pos += take
+            self._remain -= take
+
+        # (d) whole messages of this chunk; rows of the plan are batched
+        plan = self._plan
+        want = 0
+        if plan is not None:
+            want = 68 if plan.mode == MODE_ROWS else 100
+        self._nrows = 0
+        while pos < n:
+            if n - pos < 5:
+                memcpy(self._hdr, p + pos, n - pos)
+                self._hdr_fill = <int>(n - pos)
+                self._hdr_raw = 0
+                end = pos
+                break
+            t = <uint8_t>p[pos]
+            length = _be32(p + pos + 1)
+            if t == want and self._plan is not None:
+                total = length + 1
+                if length < 4 or total > self._max_len:
+                    raise FrameError(f"invalid message length {length} for a row")
+                if total <= n - pos:
+                    self._add_row(p + pos, total, pos)
+                    pos += total
+                else:
+                    self._start_hold(p + pos, n - pos, length)
+                    end = pos
+                    break
+            else:
+                self._begin_raw(t, length)
+                pos += 5
+                take = self._remain if self._remain <= n - pos else n - pos
+                pos += take
+                self._remain -= take
+        if self._nrows:
+            self._process(plan)
+
+        if self._out.len == 0:
+            for i in range(self._nrows):
+                if self._rows[i].changed:
+                    break
+            else:
+                # nothing rewritten: the chunk itself (or the part not held back)
+                self.bytes_out += end - run
+                if run == 0 and end == n:
+                    return data
+                return PyBytes_FromStringAndSize(p + run, end - run)
+        for i in range(self._nrows):
+            r = &self._rows[i]
+            if not r.changed:
+                continue
+            _put(&self._out, p + run, r.off - run)
+            if plan.mode == MODE_ROWS:
+                self._emit_row(plan, r)
+            else:
+                self._emit_copy(plan, r)
+            run = r.off + r.len
+        _put(&self._out, p + run, end - run)
+        result = PyBytes_FromStringAndSize(self._out.p, self._out.len)
+        self._out.len = 0
+        self._arena.len = 0
+        _shrink(&self._out, 4 << 20)
+        _shrink(&self._arena, 4 << 20)
+        self.bytes_out += len(result)
+        return result
+
+    cdef int _start_hold(self, const char* s, Py_ssize_t n, Py_ssize_t length) except -1:
+        if length < 4 or length + 1 > self._max_len:
+            raise FrameError(f"invalid message length {length} for a row")
+        self._hold.len = 0
+        _put(&self._hold, s, n)
+        self._hold_need = length + 1
+        self._holding = True
+        self._hold_plan = self._plan
+        return 0
+
+    # -- a batch: parse, detect, decide --------------------------------------------
+
+    cdef int _process(self, MaskPlan plan) except -1:
+        cdef Py_ssize_t i, j, k, total = 0
+        cdef RowRef* r
+        cdef Rec* rec
+        cdef Cell* c
+        self._ncells = 0
+        self._nrecs = 0
+        if plan.mode == MODE_ROWS:
+            for i in range(self._nrows):
+                self._parse_datarow(plan, &self._rows[i])
+        else:
+            for i in range(self._nrows):
+                total += self._rows[i].len
+            self._arena.len = 0
+            if total > self._arena.cap:
+                _grow(&self._arena, total)
+            for i in range(self._nrows):
+                self._parse_copy(plan, i)
+        if plan.has_detect:
+            self._detect(plan)
+        for i in range(self._nrows):
+            r = &self._rows[i]
+            if plan.mode == MODE_ROWS:
+                for j in range(plan.nact):
+                    if _cell_changed(&plan.cols[plan.act[j]], &self._cells[r.cell0 + j]):
+                        r.changed = True
+                        break
+            else:
+                for k in range(r.rec0, r.rec0 + r.nrec):
+                    rec = &self._recs[k]
+                    if rec.skip:
+                        continue
+                    for j in range(plan.nact):
+                        if _cell_changed(&plan.cols[plan.act[j]], &self._cells[rec.cell0 + j]):
+                            rec.changed = True
+                            r.changed = True
+                            break
+        return 0
+
+    cdef int _need_cells(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t cap
+        cdef void* p
+        if self._ncells + extra > self._cells_cap:
+            cap = self._cells_cap * 2 if self._cells_cap else 256
+            while cap < self._ncells + extra:
+                cap *= 2
+            p = realloc(self._cells, cap * sizeof(Cell))
+            if p == NULL:
+                raise MemoryError()
+            self._cells = <Cell*>p
+            self._cells_cap = cap
+        return 0
+
+    cdef int _parse_datarow(self, MaskPlan plan, RowRef* r) except -1:
+        cdef const char* msg = r.msg
+        cdef Py_ssize_t L = r.len, q = 7, raw
+        cdef int nc, i, j = 0, nexta
+        cdef int32_t clen
+        cdef Cell* c
+        if L < 7:
+            raise FrameError("DataRow too short")
+        nc = ((<uint8_t>msg[5]) << 8) | (<uint8_t>msg[6])
+        if nc != plan.ncols:
+            raise FrameError(f"DataRow has {nc} columns; the mask plan has {plan.ncols}")
+        self._need_cells(plan.nact)
+        r.cell0 = self._ncells
+        r.nrec = 1
+        nexta = plan.act[0] if plan.nact else -1
+        for i in range(nc):
+            if q + 4 > L:
+                raise FrameError("DataRow ends inside a column length")
+            clen = <int32_t>_be32(msg + q)
+            if clen < -1:
+                raise FrameError(f"DataRow column length {clen}")
+            raw = 4 if clen < 0 else 4 + <Py_ssize_t>clen
+            if q + raw > L:
+                raise FrameError("DataRow column runs past the message")
+            if i == nexta:
+                c = &self._cells[self._ncells]
+                c.raw_off = q
+                c.raw_len = raw
+                c.val = msg + q + 4 if clen >= 0 else NULL
+                c.val_len = clen
+                c.repl = -1
+                self._ncells += 1
+                j += 1
+                nexta = plan.act[j] if j < plan.nact else -1
+            q += raw
+        if q != L:
+            raise FrameError("DataRow has bytes after its last column")
+        return 0
+
+    cdef int _parse_copy(self, MaskPlan plan, Py_ssize_t ri) except -1:
+        cdef RowRef* r = &self._rows[ri]
+        cdef const char* msg = r.msg
+        cdef Py_ssize_t L = r.len, q = 5, f0, fend, cap
+        cdef int i, j, nexta
+        cdef bint text = plan.mode == MODE_COPY_TEXT, special, quoted, inq, last
+        cdef char ch, delim = plan.delim, quote = plan.quote, esc = plan.escape
+        cdef Rec* rec
+        cdef Cell* c
+        cdef void* p
+        cdef const char* nul = PyBytes_AS_STRING(plan.null_str)
+        cdef Py_ssize_t nul_len = PyBytes_GET_SIZE(plan.null_str)
+        r.rec0 = self._nrecs
+        r.nrec = 0
+        r.cell0 = self._ncells
+        while q < L:
+            if self._nrecs == self._recs_cap:
+                cap = self._recs_cap * 2 if self._recs_cap else 64
+                p = realloc(self._recs, cap * sizeof(Rec))
+                if p == NULL:
+                    raise MemoryError()
+                self._recs = <Rec*>p
+                self._recs_cap = cap
+            self._need_cells(plan.nact)
+            rec = &self._recs[self._nrecs]
+            self._nrecs += 1
+            r.nrec += 1
+            rec.start = q
+            rec.cell0 = self._ncells
+            rec.skip = self._copy_header
+            rec.changed = False
+            self._copy_header = False
+            i = 0
+            j = 0
+            nexta = plan.act[0] if plan.nact else -1
+            while True:
+                # one field: [f0, fend); q stops on its delimiter or terminator
+                f0 = q
+                special = False
+                quoted = False
+                if text:
+                    while q < L:
+                        ch = msg[q]
+                        if ch == c'\\':
+                            special = True
+                            q += 2
+                            continue
+                        if ch == delim or ch == c'\n':
+                            break
+                        q += 1
+                    if q > L:
+                        q = L
+                else:
+                    inq = False
+                    while q < L:
+                        ch = msg[q]
+                        if inq:
+                            if ch == esc and q + 1 < L and (msg[q + 1] == quote or (
+                                    esc != quote and msg[q + 1] == esc)):
+                                q += 2
+                                continue
+                            if ch == quote:
+                                inq = False
+                            q += 1
+                            continue
+                        if ch == delim or ch == c'\n':
+                            break
+                        if ch == quote:
+                            inq = True
+                            quoted = True
+                        q += 1
+                fend = q
+                last = q >= L or msg[q] == c'\n'
+                if last and q < L and fend > f0 and msg[fend - 1] == c'\r':
+                    fend -= 1
+                if i >= plan.ncols:
+                    raise FrameError(f"COPY row has more than {plan.ncols} fields")
+                if i == nexta:
+                    c = &self._cells[self._ncells]
+                    self._ncells += 1
+                    c.raw_off = f0
+                    c.raw_len = fend - f0
+                    c.repl = -1
+                    if not quoted and fend - f0 == nul_len and \
+                            memcmp(msg + f0, nul, nul_len) == 0:
+                        c.val = NULL
+                        c.val_len = -1
+                    elif text and special:
+                        c.val = self._arena.p + self._arena.len
+                        c.val_len = _unescape_text(msg + f0, fend - f0,
+                                                   self._arena.p + self._arena.len)
+                        self._arena.len += c.val_len
+                    elif quoted:
+                        c.val = self._arena.p + self._arena.len
+                        c.val_len = _unescape_csv(msg + f0, fend - f0, quote, esc,
+                                                  self._arena.p + self._arena.len)
+                        self._arena.len += c.val_len
+                    else:
+                        c.val = msg + f0
+                        c.val_len = fend - f0
+                    j += 1
+                    nexta = plan.act[j] if j < plan.nact else -1
+                i += 1
+                if last:
+                    rec.end = fend
+                    rec.term = (q + 1 if q < L else q) - fend
+                    q = q + 1 if q < L else q
+                    break
+                q += 1      # the delimiter
+            if i != plan.ncols:
+                raise FrameError(f"COPY row has {i} fields; the mask plan has {plan.ncols}")
+        return 0
+
+    cdef int _detect(self, MaskPlan plan) except -1:
+        cdef Py_ssize_t i, j, k, total = 0, lo, hi, mid, skip, cap
+        cdef Py_ssize_t nrows = self._nrows
+        cdef RowRef* r
+        cdef Rec* rec
+        cdef Cell* c
+        cdef ColPlan* col
+        cdef DetCell* d
+        cdef char* b
+        cdef uint64_t to, bits
+        cdef void* p
+        cdef bytes buf
+        cdef _Hits hits = self._hits
+        self._ndcells = 0
+        self._repls = []
+        # the detector cells of the batch, in stream order
+        for i in range(self._nrecs if plan.mode != MODE_ROWS else nrows):
+            if plan.mode == MODE_ROWS:
+                k = self._rows[i].cell0
+            else:
+                rec = &self._recs[i]
+                if rec.skip:
+                    continue
+                k = rec.cell0
+            for j in range(plan.nact):
+                col = &plan.cols[plan.act[j]]
+                if col.action != ACT_DETECT:
+                    continue
+                c = &self._cells[k + j]
+                skip = 1 if col.kind == KIND_JSONB_BIN else 0
+                if c.val_len <= skip:
+                    continue
+                if self._ndcells == self._dcells_cap:
+                    cap = self._dcells_cap * 2 if self._dcells_cap else 256
+                    p = realloc(self._dcells, cap * sizeof(DetCell))
+                    if p == NULL:
+                        raise MemoryError()
+                    self._dcells = <DetCell*>p
+                    self._dcells_cap = cap
+                d = &self._dcells[self._ndcells]
+                self._ndcells += 1
+                d.cell = k + j
+                d.scan_off = total
+                d.bits = 0
+                total += c.val_len - skip + 1
+        if self._ndcells == 0:
+            return 0
+        # one scan over all of them, joined by "\n"
+        buf = PyBytes_FromStringAndSize(NULL, total)
+        b = PyBytes_AS_STRING(buf)
+        for i in range(self._ndcells):
+            d = &self._dcells[i]
+            c = &self._cells[d.cell]
+            skip = 1 if plan.cols[plan.act[d.cell % plan.nact]].kind == KIND_JSONB_BIN else 0
+            memcpy(b + d.scan_off, c.val + skip, c.val_len - skip)
+            b[d.scan_off + c.val_len - skip] = c'\n'
+        hits.n = 0
+        plan._scan(buf, _on_match, 0, hits)
+        for i in range(hits.n):
+            # the cell holding the last byte of the match
+            to = hits.to[i] - 1
+            lo = 0
+            hi = self._ndcells - 1
+            while lo < hi:
+                mid = (lo + hi + 1) >> 1
+                if <uint64_t>self._dcells[mid].scan_off <= to:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            self._dcells[lo].bits |= (<uint64_t>1) << hits.ids[i]
+        hits.n = 0
+        for i in range(self._ndcells):
+            d = &self._dcells[i]
+            if not d.bits:
+                continue
+            c = &self._cells[d.cell]
+            col = &plan.cols[plan.act[d.cell % plan.nact]]
+            skip = 1 if col.kind == KIND_JSONB_BIN else 0
+            res = plan._mask_cell(PyBytes_FromStringAndSize(c.val + skip, c.val_len - skip),
+                                  d.bits, col.kind != KIND_TEXT)
+            if res is None:
+                continue
+            c.repl = len(self._repls)
+            self._repls.append(<bytes?>res[0])
+            bits = <uint64_t>res[1]
+            j = 0
+            while bits:
+                if bits & 1:
+                    self._det_counts[j] += 1
+                bits >>= 1
+                j += 1
+        return 0
+
+    # -- output ---------------------------------------------------------------------
+
+    cdef int _masked_value(self, MaskPlan plan, ColPlan* col, Cell* c, Buf* dst) except -1:
+        # the masked value in wire form (DataRow) or before COPY escaping
+        cdef const char* v = c.val
+        cdef Py_ssize_t n = c.val_len
+        cdef bytes repl
+        if col.kind == KIND_JSONB_BIN:
+            _putc(dst, v[0] if n > 0 else <char>1)
+            if n > 0:
+                v += 1
+                n -= 1
+        if col.action == ACT_DETECT:
+            repl = <bytes>self._repls[c.repl]
+            return _put(dst, PyBytes_AS_STRING(repl), PyBytes_GET_SIZE(repl))
+        if col.kind == KIND_TEXT:
+            return _strategy(col, plan._keys, v, n, dst)
+        self._tmp.len = 0
+        _strategy(col, plan._keys, v, n, &self._tmp)
+        return _json_quote(self._tmp.p, self._tmp.len, dst)
+
+    cdef int _emit_row(self, MaskPlan plan, RowRef* r) except -1:
+        cdef Py_ssize_t start = self._out.len, cursor = 5, lenpos, j
+        cdef Cell* c
+        cdef ColPlan* col
+        cdef Buf* out = &self._out
+        _put(out, r.msg, 5)
+        for j in range(plan.nact):
+            col = &plan.cols[plan.act[j]]
+            c = &self._cells[r.cell0 + j]
+            if not _cell_changed(col, c):
+                continue
+            _put(out, r.msg + cursor, c.raw_off - cursor)
+            lenpos = out.len
+            _put(out, b"\xff\xff\xff\xff", 4)
+            if col.action != ACT_NULL:
+                self._masked_value(plan, col, c, out)
+                _put32(out.p + lenpos, <uint32_t>(out.len - lenpos - 4))
+            cursor = c.raw_off + c.raw_len
+            self._counts[plan.act[j]] += 1
+            self.masked_cells += 1
+        _put(out, r.msg + cursor, r.len - cursor)
+        _put32(out.p + start + 1, <uint32_t>(out.len - start - 1))
+        self.rows_rewritten += 1
+        return 0
+
+    cdef int _emit_copy(self, MaskPlan plan, RowRef* r) except -1:
+        cdef Py_ssize_t start = self._out.len, cursor, k, j
+        cdef Rec* rec
+        cdef Cell* c
+        cdef ColPlan* col
+        cdef Buf* out = &self._out
+        _put(out, r.msg, 5)
+        for k in range(r.rec0, r.rec0 + r.nrec):
+            rec = &self._recs[k]
+            if not rec.changed:
+                _put(out, r.msg + rec.start, rec.end + rec.term - rec.start)
+                continue
+            cursor = rec.start
+            for j in range(plan.nact):
+                col = &plan.cols[plan.act[j]]
+                c = &self._cells[rec.cell0 + j]
+                if not _cell_changed(col, c):
+                    continue
+                _put(out, r.msg + cursor, c.raw_off - cursor)
+                if col.action == ACT_NULL:
+                    _put(out, PyBytes_AS_STRING(plan.null_str), PyBytes_GET_SIZE(plan.null_str))
+                else:
+                    self._tmp2.len = 0
+                    self._masked_value(plan, col, c, &self._tmp2)
+                    if plan.mode == MODE_COPY_TEXT:
+                        _copy_text_escape(self._tmp2.p, self._tmp2.len, plan.delim, out)
+                    else:
+                        _copy_csv_escape(self._tmp2.p, self._tmp2.len, plan, out)
+                cursor = c.raw_off + c.raw_len
+                self._counts[plan.act[j]] += 1
+                self.masked_cells += 1
+            _put(out, r.msg + cursor, rec.end + rec.term - cursor)
+        _put32(out.p + start + 1, <uint32_t>(out.len - start - 1))
+        self.rows_rewritten += 1
+        return 0
+
+
+# -- COPY unescaping (into a buffer at least as long as the raw field) ----------------
+
+cdef inline int _hexval(char c) noexcept nogil:
+    if c'0' <= c <= c'9':
+        return c - c'0'
+    if c'a' <= c <= c'f':
+        return c - c'a' + 10
+    if c'A' <= c <= c'F':
+        return c - c'A' + 10
+    return -1
+
+
+cdef Py_ssize_t _unescape_text(const char* s, Py_ssize_t n, char* out) noexcept nogil:
+    cdef Py_ssize_t i = 0, k = 0
+    cdef int v, d, cnt
+    cdef char c
+    while i < n:
+        c = s[i]
+        if c != c'\\' or i + 1 >= n:
+            out[k] = c
+            k += 1
+            i += 1
+            continue
+        i += 1
+        c = s[i]
+        if c'0' <= c <= c'7':
+            v = 0
+            cnt = 0
+            while cnt < 3 and i < n and c'0' <= s[i] <= c'7':
+                v = v * 8 + (s[i] - c'0')
+                i += 1
+                cnt += 1
+            out[k] = <char>(v & 0xFF)
+        elif c == c'x' and i + 1 < n and _hexval(s[i + 1]) >= 0:
+            i += 1
+            v = _hexval(s[i])
+            i += 1
+            if i < n:
+                d = _hexval(s[i])
+                if d >= 0:
+                    v = v * 16 + d
+                    i += 1
+            out[k] = <char>v
+        else:
+            if c == c'b':
+                out[k] = c'\b'
+            elif c == c'f':
+                out[k] = c'\f'
+            elif c == c'n':
+                out[k] = c'\n'
+            elif c == c'r':
+                out[k] = c'\r'
+            elif c == c't':
+                out[k] = c'\t'
+            elif c == c'v':
+                out[k] = c'\v'
+            else:
+                out[k] = c
+            i += 1
+        k += 1
+    return k
+
+
+cdef Py_ssize_t _unescape_csv(const char* s, Py_ssize_t n, char quote, char esc,
+                              char* out) noexcept nogil:
+    cdef Py_ssize_t i = 0, k = 0
+    cdef bint inq = False
+    cdef char c
+    while i < n:
+        c = s[i]
+        if inq:
+            if c == esc and i + 1 < n and (s[i + 1] == quote or (esc != quote and s[i + 1] == esc)):
+                out[k] = s[i + 1]
+                k += 1
+                i += 2
+                continue
+            if c == quote:
+                inq = False
+            else:
+                out[k] = c
+                k += 1
+            i += 1
+            continue
+        if c == quote:
+            inq = True
+        else:
+            out[k] = c
+            k += 1
+        i += 1
+    return k

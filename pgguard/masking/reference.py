@@ -1,0 +1,417 @@
+# Pure-Python reference of the compiled DataRow/CopyData rewriter: the test oracle.
+"""Same interface and output as :class:`pgguard._core.rowmask.RowRewriter`, written for
+clarity, not speed: messages are collected whole and rewritten one by one, strategies
+use :mod:`hmac`, and detectors run their ``re`` locators on every scanned cell (no
+Hyperscan). Only the concatenated output is comparable: this one holds back every
+partial message, the compiled one streams what it can.
+
+Example::
+
+    ref = ReferenceRewriter()
+    ref.set_plan(plan)                 # a MaskPlan; its .columns/.copy/.detectors are read
+    out = ref.feed(chunk)
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+from .strategies import (ACTION_DETECT, ACTION_NONE, ACTION_NULL, ACTION_STRATEGY,
+                         KIND_JSONB_BINARY, KIND_OTHER, KIND_TEXT)
+
+__all__ = ["ReferenceRewriter", "apply_strategy"]
+
+_ENDS_RESULT = frozenset(b"CEIsZ")
+
+
+def _is_cont(b: int) -> bool:
+    return (b & 0xC0) == 0x80
+
+
+def apply_strategy(strategy: int, value: bytes, keep: int, repl: bytes, key: bytes) -> bytes:
+    """A strategy on a text value (0 redact, 1 partial, 2 email, 3 hash)."""
+    if strategy == 0:
+        return repl
+    if strategy == 1:
+        starts = [i for i, b in enumerate(value) if not _is_cont(b)]
+        if len(starts) > keep:
+            return repl + (value[starts[-keep]:] if keep else b"")
+        return repl
+    if strategy == 2:
+        at = value.rfind(b"@")
+        if at <= 0 or at == len(value) - 1:
+            return repl
+        j = 1
+        while j < at and _is_cont(value[j]):
+            j += 1
+        return value[:j] + b"***@" + value[at + 1:]
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    return b"h_" + hmac.new(key, value, hashlib.sha256).digest()[:8].hex().encode()
+
+
+def _json_quote(v: bytes) -> bytes:
+    out = bytearray(b'"')
+    for c in v:
+        if c in (34, 92):
+            out += bytes((92, c))
+        elif c < 0x20:
+            out += b"\\u%04x" % c
+        else:
+            out.append(c)
+    out += b'"'
+    return bytes(out)
+
+
+class _Col:
+    """A plan column with the same resolution the compiled plan applies."""
+
+    def __init__(self, c: object, copy: bool, has_detectors: bool) -> None:
+        self.action = int(c.action)
+        self.strategy = int(c.strategy)
+        self.kind = int(c.kind)
+        if copy and self.kind == KIND_JSONB_BINARY:
+            self.kind = 2
+        if self.action == ACTION_STRATEGY and self.kind == KIND_OTHER:
+            self.action = ACTION_NULL
+        if self.action == ACTION_DETECT and (self.kind == KIND_OTHER or not has_detectors):
+            self.action = ACTION_NONE
+        self.keep = int(c.keep)
+        self.repl = bytes(c.replacement)
+        self.key = bytes(c.key or b"")
+
+
+class ReferenceRewriter:
+    def __init__(self, max_len: int = 1024 * 1024 * 1024) -> None:
+        self._buf = bytearray()
+        self._plan = None
+        self._cols: list[_Col] = []
+        self._copy = None
+        self._det = None
+        self._header = False
+        self._counts: list[int] = []
+        self._det_counts: list[int] = []
+        self.masked_cells = 0
+        self.rows_rewritten = 0
+
+    # -- plan ---------------------------------------------------------------------
+
+    def set_plan(self, plan: object | None) -> None:
+        if plan is None:
+            self._plan = None
+            return
+        self._plan = plan
+        self._copy = plan.copy
+        self._det = plan.detectors
+        self._cols = [_Col(c, plan.copy is not None, plan.detectors is not None)
+                      for c in plan.columns]
+        if len(self._counts) < len(self._cols):
+            self._counts += [0] * (len(self._cols) - len(self._counts))
+        if self._det is not None and len(self._det_counts) < len(self._det.names):
+            self._det_counts += [0] * (len(self._det.names) - len(self._det_counts))
+        self._header = plan.copy is not None and bool(plan.copy.header)
+
+    def clear_plan(self) -> None:
+        self._plan = None
+
+    def take_counts(self) -> tuple[list[int], list[int]]:
+        out = (self._counts, self._det_counts)
+        self._counts = [0] * (len(self._cols) if self._plan is not None else 0)
+        self._det_counts = [0] * (len(self._det.names) if self._plan is not None
+                                  and self._det is not None else 0)
+        return out
+
+    # -- stream -------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes:
+        self._buf += data
+        out = bytearray()
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= 5:
+            t = buf[pos]
+            (length,) = struct.unpack_from("!I", buf, pos + 1)
+            if len(buf) - pos < length + 1:
+                break
+            msg = bytes(buf[pos:pos + 1 + length])
+            pos += 1 + length
+            want = None
+            if self._plan is not None:
+                want = ord("D") if self._copy is None else ord("d")
+            if t == want:
+                out += self._rewrite_row(msg) if self._copy is None else self._rewrite_copy(msg)
+            else:
+                out += msg
+                if t in _ENDS_RESULT:
+                    self._plan = None
+        del buf[:pos]
+        return bytes(out)
+
+    # -- values -------------------------------------------------------------------
+
+    def _masked(self, col: _Col, value: bytes) -> bytes | None:
+        """The masked value (wire form for rows, unescaped for COPY), None: unchanged."""
+        prefix = b""
+        if col.kind == KIND_JSONB_BINARY:
+            prefix, value = (value[:1], value[1:]) if value else (b"\x01", b"")
+        if col.action == ACTION_DETECT:
+            if not value:
+                return None
+            got = self._det.mask_cell(value, self._det.all_bits, col.kind != KIND_TEXT)
+            if got is None:
+                return None
+            new, hit = got
+            i = 0
+            while hit:
+                if hit & 1:
+                    self._det_counts[i] += 1
+                hit >>= 1
+                i += 1
+            return prefix + new
+        v = apply_strategy(col.strategy, value, col.keep, col.repl, col.key)
+        if col.kind != KIND_TEXT:
+            v = _json_quote(v)
+        return prefix + v
+
+    # -- DataRow ------------------------------------------------------------------
+
+    def _rewrite_row(self, msg: bytes) -> bytes:
+        (n,) = struct.unpack_from("!h", msg, 5)
+        if n != len(self._cols):
+            raise ValueError("column count")
+        pos = 7
+        cells: list[bytes | None] = []
+        for _ in range(n):
+            (ln,) = struct.unpack_from("!i", msg, pos)
+            pos += 4
+            if ln < 0:
+                cells.append(None)
+            else:
+                cells.append(msg[pos:pos + ln])
+                pos += ln
+        masked: list[int] = []
+        new: list[bytes | None] = []
+        for i, (col, cell) in enumerate(zip(self._cols, cells)):
+            out = cell
+            if cell is not None and col.action != ACTION_NONE:
+                if col.action == ACTION_NULL:
+                    out = None
+                    masked.append(i)
+                else:
+                    m = self._masked(col, cell)
+                    if m is not None:
+                        out = m
+                        masked.append(i)
+            new.append(out)
+        if not masked:
+            return msg
+        for i in masked:
+            self._counts[i] += 1
+            self.masked_cells += 1
+        body = bytearray(struct.pack("!h", n))
+        for cell in new:
+            if cell is None:
+                body += b"\xff\xff\xff\xff"
+            else:
+                body += struct.pack("!i", len(cell)) + cell
+        self.rows_rewritten += 1
+        return b"D" + struct.pack("!I", len(body) + 4) + bytes(body)
+
+    # -- CopyData -----------------------------------------------------------------
+
+    def _rewrite_copy(self, msg: bytes) -> bytes:
+        payload = msg[5:]
+        out = bytearray()
+        changed = False
+        pos = 0
+        while pos < len(payload):
+            nl = self._line_end(payload, pos)
+            end = nl
+            term_end = nl + 1 if nl < len(payload) else nl
+            if nl < len(payload) and nl > pos and payload[nl - 1] == 13:
+                end = nl - 1
+            line = payload[pos:end]
+            term = payload[end:term_end]
+            pos = term_end
+            if self._header:
+                self._header = False
+                out += line + term
+                continue
+            new = self._rewrite_line(line)
+            if new is not None:
+                changed = True
+                out += new + term
+            else:
+                out += line + term
+        if not changed:
+            return msg
+        self.rows_rewritten += 1
+        return b"d" + struct.pack("!I", len(out) + 4) + bytes(out)
+
+    def _line_end(self, p: bytes, i: int) -> int:
+        """Index of the line's "\\n" (or len(p)), honouring escapes and quotes."""
+        c = self._copy
+        if c.format == "text":
+            while i < len(p):
+                if p[i] == 92:
+                    i += 2
+                    continue
+                if p[i] == 10:
+                    return i
+                i += 1
+            return len(p)
+        q, e = c.quote[0], c.escape[0]
+        inq = False
+        while i < len(p):
+            ch = p[i]
+            if inq:
+                if ch == e and i + 1 < len(p) and (p[i + 1] == q or (e != q and p[i + 1] == e)):
+                    i += 2
+                    continue
+                if ch == q:
+                    inq = False
+            elif ch == 10:
+                return i
+            elif ch == q:
+                inq = True
+            i += 1
+        return len(p)
+
+    def _fields(self, line: bytes) -> list[tuple[bytes, bytes | None]]:
+        """(raw, value or None for NULL) of each field of one line."""
+        c = self._copy
+        d = c.delimiter[0]
+        fields: list[tuple[bytes, bytes | None]] = []
+        i = 0
+        start = 0
+        if c.format == "text":
+            while True:
+                while i < len(line) and line[i] != d:
+                    i += 2 if line[i] == 92 else 1
+                i = min(i, len(line))
+                raw = line[start:i]
+                fields.append((raw, None if raw == c.null else _text_unescape(raw)))
+                if i >= len(line):
+                    return fields
+                i += 1
+                start = i
+        q, e = c.quote[0], c.escape[0]
+        while True:
+            inq = False
+            quoted = False
+            val = bytearray()
+            while i < len(line):
+                ch = line[i]
+                if inq:
+                    if ch == e and i + 1 < len(line) and (
+                            line[i + 1] == q or (e != q and line[i + 1] == e)):
+                        val.append(line[i + 1])
+                        i += 2
+                        continue
+                    if ch == q:
+                        inq = False
+                    else:
+                        val.append(ch)
+                    i += 1
+                    continue
+                if ch == d:
+                    break
+                if ch == q:
+                    inq = quoted = True
+                else:
+                    val.append(ch)
+                i += 1
+            raw = line[start:i]
+            fields.append((raw, None if (not quoted and raw == c.null) else bytes(val)))
+            if i >= len(line):
+                return fields
+            i += 1
+            start = i
+
+    def _rewrite_line(self, line: bytes) -> bytes | None:
+        c = self._copy
+        fields = self._fields(line)
+        if len(fields) != len(self._cols):
+            raise ValueError("field count")
+        out: list[bytes] = []
+        changed = False
+        for i, (col, (raw, val)) in enumerate(zip(self._cols, fields)):
+            new = raw
+            hit = False
+            if val is not None and col.action != ACTION_NONE:
+                if col.action == ACTION_NULL:
+                    new = c.null
+                    hit = True
+                else:
+                    m = self._masked(col, val)
+                    if m is not None:
+                        new = _text_escape(m, c.delimiter) if c.format == "text" \
+                            else _csv_escape(m, c)
+                        hit = True
+                if hit:
+                    changed = True
+                    self._counts[i] += 1
+                    self.masked_cells += 1
+            out.append(new)
+        return c.delimiter.join(out) if changed else None
+
+
+_TEXT_ESC = {92: b"\\\\", 10: b"\\n", 13: b"\\r", 9: b"\\t", 8: b"\\b", 12: b"\\f", 11: b"\\v"}
+_TEXT_UNESC = {ord("b"): 8, ord("f"): 12, ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("v"): 11}
+_HEXDIG = b"0123456789abcdefABCDEF"
+
+
+def _text_unescape(raw: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    n = len(raw)
+    while i < n:
+        ch = raw[i]
+        if ch != 92 or i + 1 >= n:
+            out.append(ch)
+            i += 1
+            continue
+        i += 1
+        ch = raw[i]
+        if 48 <= ch <= 55:
+            j = i
+            while j < n and j < i + 3 and 48 <= raw[j] <= 55:
+                j += 1
+            out.append(int(raw[i:j], 8) & 0xFF)
+            i = j
+        elif ch == ord("x") and i + 1 < n and raw[i + 1] in _HEXDIG:
+            j = i + 1
+            while j < n and j < i + 3 and raw[j] in _HEXDIG:
+                j += 1
+            out.append(int(raw[i + 1:j], 16))
+            i = j
+        else:
+            out.append(_TEXT_UNESC.get(ch, ch))
+            i += 1
+    return bytes(out)
+
+
+def _text_escape(v: bytes, delim: bytes) -> bytes:
+    out = bytearray()
+    for ch in v:
+        if ch in _TEXT_ESC:
+            out += _TEXT_ESC[ch]
+        elif ch == delim[0]:
+            out += bytes((92, ch))
+        else:
+            out.append(ch)
+    return bytes(out)
+
+
+def _csv_escape(v: bytes, c: object) -> bytes:
+    special = {c.delimiter[0], c.quote[0], c.escape[0], 10, 13}
+    if not (v == b"" or v == c.null or v == b"\\." or any(ch in special for ch in v)):
+        return v
+    out = bytearray(c.quote)
+    for ch in v:
+        if ch == c.quote[0] or ch == c.escape[0]:
+            out += c.escape
+        out.append(ch)
+    out += c.quote
+    return bytes(out)

@@ -1,0 +1,179 @@
+# Mask plan building: [[masks]] strategies and column types -> the compiled core's MaskPlan.
+"""Turn config and result shapes into :class:`~pgguard._core.rowmask.MaskPlan` objects.
+
+The session knows, for each column of a result, which ``[[masks]]`` entry applies (if
+any), its type OID and its format code; whether detectors scan it follows from the
+config. :func:`column_mask` turns that into one plan entry, :func:`build_plan` compiles
+the entries (once per result shape; plans are immutable and can be cached).
+
+Strategies (``replacement`` defaults to ``"****"``):
+
+==========  ==========================================================================
+redact      the replacement
+partial     the replacement + the last ``keep`` characters (code points), when the
+            value has more than ``keep`` of them; else the replacement alone
+email       first character of the local part + ``***@`` + the domain
+            (``jane@example.com`` -> ``j***@example.com``); not an email: the replacement
+hash        ``h_`` + 16 hex digits of HMAC-SHA256(key, value): the same value gives the
+            same token under one key, so joins and GROUP BY still work
+null        SQL NULL
+==========  ==========================================================================
+
+Types: values stay decodable by the client. Text-like columns (text, varchar, bpchar,
+name, unknown) get the strategy's text, in text and binary format alike (their binary
+form is the text). json and jsonb get it as a JSON string (``"****"``; binary jsonb keeps
+its version byte). Every other type (numbers, dates, uuid, bytea...) becomes NULL,
+whatever the strategy: no other value would decode as that type. Detectors scan only
+text-like and JSON columns.
+
+Example::
+
+    cols = [column_mask(None, oid=23),
+            column_mask(Mask(column="public.c.email", strategy="email"), oid=25)]
+    plan = build_plan(cols)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import msgspec
+
+from .._core.rowmask import MaskPlan
+from ..config import Mask
+
+__all__ = [
+    "ACTION_NONE", "ACTION_STRATEGY", "ACTION_NULL", "ACTION_DETECT",
+    "KIND_OTHER", "KIND_TEXT", "KIND_JSON", "KIND_JSONB_BINARY",
+    "STRATEGIES", "TEXT_LIKE_OIDS", "ColumnMask", "CopyFormat",
+    "cell_kind", "column_mask", "build_plan", "copy_format", "counts_by_rule",
+]
+
+ACTION_NONE = 0        # the cell passes as it is
+ACTION_STRATEGY = 1    # the whole value is replaced per the strategy
+ACTION_NULL = 2        # the cell becomes NULL
+ACTION_DETECT = 3      # detectors mask the spans they find
+
+STRATEGIES = {"redact": 0, "partial": 1, "email": 2, "hash": 3}
+
+KIND_OTHER = 0
+KIND_TEXT = 1
+KIND_JSON = 2
+KIND_JSONB_BINARY = 3
+
+# text, varchar, bpchar, name, unknown; 0: no type known (COPY): treated as text
+TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19, 705, 0})
+JSON_OID = 114
+JSONB_OID = 3802
+
+
+def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> int:
+    """How the core may rewrite a cell of this type and format. ``textlike=True``
+    declares an extension type whose text and binary forms are its text (citext)."""
+    if textlike or (textlike is None and oid in TEXT_LIKE_OIDS):
+        return KIND_TEXT
+    if oid == JSON_OID:
+        return KIND_JSON              # binary json is its text
+    if oid == JSONB_OID:
+        return KIND_JSONB_BINARY if binary else KIND_JSON
+    return KIND_OTHER
+
+
+class ColumnMask(msgspec.Struct, frozen=True):
+    """One column of a plan. ``rule`` names what masks it (for per-rule counts)."""
+
+    action: int = ACTION_NONE
+    strategy: int = 0
+    kind: int = KIND_TEXT
+    keep: int = 4
+    replacement: bytes = b"****"
+    key: bytes = b""
+    rule: str | None = None
+
+
+PASS = ColumnMask()
+
+
+def column_mask(mask: Mask | None, *, oid: int = 25, binary: bool = False,
+                textlike: bool | None = None, detect: bool = False,
+                hash_key: bytes | str | None = None) -> ColumnMask:
+    """The plan entry of one result column.
+
+    ``mask`` is the ``[[masks]]`` entry that applies (None: no column rule; then
+    ``detect=True`` lets the detectors scan it). ``hash_key`` is required for the
+    hash strategy.
+    """
+    kind = cell_kind(oid, binary, textlike)
+    if mask is None:
+        if detect and kind != KIND_OTHER:
+            return ColumnMask(ACTION_DETECT, kind=kind, rule="detectors")
+        return ColumnMask(kind=kind)
+    repl = mask.replacement.encode()
+    if mask.strategy == "null" or kind == KIND_OTHER:
+        return ColumnMask(ACTION_NULL, kind=kind, replacement=repl, rule=mask.column)
+    key = b""
+    if mask.strategy == "hash":
+        if not hash_key:
+            raise ValueError(f"masks: {mask.column}: the hash strategy needs a key")
+        key = hash_key.encode() if isinstance(hash_key, str) else bytes(hash_key)
+    return ColumnMask(ACTION_STRATEGY, STRATEGIES[mask.strategy], kind, mask.keep, repl,
+                      key, mask.column)
+
+
+class CopyFormat(msgspec.Struct):
+    """The options of a ``COPY ... TO STDOUT`` being masked (one byte each)."""
+
+    format: Literal["text", "csv"] = "text"
+    delimiter: bytes = b"\t"
+    quote: bytes = b'"'
+    escape: bytes = b'"'
+    null: bytes = b"\\N"
+    header: bool = False
+
+
+def copy_format(format: Literal["text", "csv"] = "text", *, delimiter: str | bytes | None = None,
+                quote: str | bytes | None = None, escape: str | bytes | None = None,
+                null: str | bytes | None = None, header: bool = False) -> CopyFormat:
+    """A :class:`CopyFormat` with Postgres's defaults: text: tab and ``\\N``; csv:
+    comma, ``"`` (escape = quote) and the empty string for NULL.
+
+    >>> copy_format("csv", delimiter=";").null
+    b''
+    """
+    def b(v: str | bytes | None, default: bytes) -> bytes:
+        if v is None:
+            return default
+        return v.encode() if isinstance(v, str) else bytes(v)
+
+    if format == "text":
+        return CopyFormat("text", b(delimiter, b"\t"), b'"', b'"', b(null, b"\\N"), header)
+    if format == "csv":
+        q = b(quote, b'"')
+        return CopyFormat("csv", b(delimiter, b","), q, b(escape, q), b(null, b""), header)
+    raise ValueError(f"COPY format {format!r} cannot be masked (binary COPY is refused)")
+
+
+def build_plan(columns: Sequence[ColumnMask], detectors: object | None = None,
+               copy: CopyFormat | None = None) -> MaskPlan:
+    """Compile plan entries (one per result column, in order) into a MaskPlan."""
+    uses_detectors = any(c.action == ACTION_DETECT for c in columns)
+    return MaskPlan(columns, detectors if uses_detectors else None, copy)
+
+
+def counts_by_rule(plan: MaskPlan, column_counts: Iterable[int],
+                   detector_counts: Iterable[int] = ()) -> dict[str, int]:
+    """Masked cells by rule: ``[[masks]]`` column pattern, or ``detector:<name>``,
+    from ``RowRewriter.take_counts()``."""
+    out: dict[str, int] = {}
+    cols = plan.columns
+    for i, n in enumerate(column_counts):
+        if n and i < len(cols):
+            rule = cols[i].rule or f"column {i}"
+            if rule != "detectors":
+                out[rule] = out.get(rule, 0) + n
+    names = plan.detectors.names if plan.detectors is not None else ()
+    for i, n in enumerate(detector_counts):
+        if n and i < len(names):
+            key = f"detector:{names[i]}"
+            out[key] = out.get(key, 0) + n
+    return out
