@@ -60,7 +60,8 @@ def test_approve_deny_and_history(store):
     assert [r[0] for r in hist.rows] == [str(c.id), str(b.id)]
     assert dict(zip(hist.columns, hist.rows[0]))["state"] == "denied"
     (grants,) = console.execute("SHOW GRANTS", ALICE)
-    assert len(grants.rows) == 1 and dict(zip(grants.columns, grants.rows[0]))["approver"] == "alice"
+    assert len(grants.rows) == 1
+    assert dict(zip(grants.columns, grants.rows[0]))["approver"] == "alice"
     gid = grants.rows[0][0]
     (rev,) = console.execute(f"REVOKE GRANT {gid}", ALICE)
     assert rev.tag == "REVOKE" and store.grants() == []

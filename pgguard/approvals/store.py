@@ -435,7 +435,8 @@ class ApprovalStore:
         return req
 
     def get(self, request_id: int) -> Request:
-        """The request with this id (raises :class:`NotFound`). Example: ``store.get(17).state``."""
+        """The request with this id (raises :class:`NotFound`).
+        Example: ``store.get(17).state``."""
         row = self._conn().execute(
             f"SELECT {_REQ_COLS} FROM requests WHERE id = ?", (int(request_id),)).fetchone()
         if row is None:

@@ -60,7 +60,7 @@ from . import page
 from .hold import admin_url
 from .metrics import Registry, SharedMetrics
 from .notify import Notifier
-from .store import STATES, ApprovalError, ApprovalStore, InvalidInput, NotAllowed, NotFound
+from .store import STATES, ApprovalError, ApprovalStore, InvalidInput, NotAllowed
 
 log = logging.getLogger("pgguard.approvals.web")
 
