@@ -153,6 +153,8 @@ def recover(root: Path, stream: str) -> _Tip:
     files = {f.seq: f for f in streams.get(stream, [])}
     for f in root.glob(f"dt=*/.{stream}-*.parquet.tmp"):   # a seal interrupted by a crash
         f.unlink(missing_ok=True)
+    for f in storage.wal_dir(root, stream).glob(".*.wal.tmp"):   # a segment being created
+        f.unlink(missing_ok=True)
     head = storage.read_head(root, stream)
     records = head.records if head else 0
     if head is None and files:
@@ -668,11 +670,19 @@ class AuditLog:
         seq = self._next_seq
         path = storage.wal_path(self.root, self.stream, seq)
         now = datetime.now(UTC)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
-        header = storage.wal_header(self.stream, seq, self._prev.hex(), now)
-        os.write(fd, header)
-        os.fdatasync(fd)
-        storage.fsync_dir(path.parent)
+        # header first, under a name no reader lists, then rename: a segment is never
+        # seen without its header
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        try:
+            header = storage.wal_header(self.stream, seq, self._prev.hex(), now)
+            os.write(fd, header)
+            os.fdatasync(fd)
+            os.rename(tmp, path)
+            storage.fsync_dir(path.parent)
+        except BaseException:
+            os.close(fd)
+            raise
         self._seg_fd = fd
         self._seg_seq = seq
         self._seg_records = 0
