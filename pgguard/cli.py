@@ -104,6 +104,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return audit_cli.main(args.rest)
 
 
+def _cmd_approvals(args: argparse.Namespace) -> int:
+    from .approvals import cli as approvals_cli
+    return approvals_cli.main(args.rest)
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from .auth import cli as token_cli
     return token_cli.main(args.action, args.rest)
@@ -120,12 +125,20 @@ _COMMANDS = {
     "explain": _cmd_explain,
     "audit": _cmd_audit,
     "token": _cmd_token,
-    "approvals": _not_yet,
+    "approvals": _cmd_approvals,
 }
 
 
+# subcommands that parse their own options (so `pgguard audit -c FILE sql ...` works)
+_PASS_THROUGH = {"audit", "approvals"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _PASS_THROUGH and not {"-h", "--help"} & set(argv[:1]):
+        args = argparse.Namespace(command=argv[0], rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except PgguardError as e:
