@@ -50,11 +50,24 @@ class Server:
             if pw is not None:
                 self._verifiers[name] = ScramVerifier.from_password(pw)
         self.client_ssl = self._client_ssl()
+        # bearer credentials: pgguard tokens (when a signing key is configured) and OIDC
+        from .auth import oidc, tokens
+        from .auth.revocations import RevocationWatcher
+        from .auth.throttle import Throttle
+        self.tokens_enabled = any(
+            os.environ.get(env) for env in
+            [cfg.auth.token_secret_env or ""] + list((cfg.auth.token_keys or {}).values()))
+        if self.tokens_enabled:
+            tokens.check_keys(cfg)
+        self.oidc = oidc.from_config(cfg)
+        self.bearer_enabled = self.tokens_enabled or self.oidc is not None
+        self.throttle = Throttle.from_config(cfg)
+        self.revocations = RevocationWatcher.from_config(cfg) if self.bearer_enabled else None
         from .policy.cache import DecisionCache
         from .policy.rules import PolicyEngine
         # the session keeps its own caches (raw message, shape) in front of the engine
         self.policy = PolicyEngine(cfg, cache=DecisionCache(0))
-        self._decisions: dict[tuple[str, str], tuple[dict, dict]] = {}
+        self._decisions: dict[tuple[str, str, str], tuple[dict, dict]] = {}
         self.audit = None          # the AuditLog, once start_audit() ran
         self.audit_strict = cfg.audit.durability == "strict"
         self.shutting_down = False
@@ -89,9 +102,10 @@ class Server:
     def has_secret(self, name: str) -> bool:
         return name in self._verifiers
 
-    async def auth_failed(self, session) -> None:
-        log.info("authentication failed for %r from %s", session.identity_name,
-                 session.client_addr)
+    async def auth_failed(self, session, reason: str = "") -> None:
+        log.info("authentication failed for %r from %s%s", session.identity_name,
+                 session.client_addr, f": {reason}" if reason else "")
+        self.throttle.record_failure(session.peer)
 
     # -- policy
     def policy_inspects(self, identity_name: str, identity, database: str) -> bool:
@@ -99,10 +113,11 @@ class Server:
         its kind is allow and no block/approve rule applies to it."""
         return self.policy.inspects(identity_name, identity, database)
 
-    def decision_cache(self, identity_name: str, database: str) -> tuple[dict, dict]:
+    def decision_cache(self, identity_name: str, database: str,
+                       scope: str = "readwrite") -> tuple[dict, dict]:
         """(by raw message, by shape) decision maps shared by one identity's sessions
-        on one database."""
-        key = (identity_name, database)
+        on one database with one token scope."""
+        key = (identity_name, database, scope)
         c = self._decisions.get(key)
         if c is None:
             c = self._decisions[key] = ({}, {})
@@ -258,6 +273,8 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
                  ready_fd: int | None = None) -> int:
     server = Server(cfg, cancel_key=cancel_key, worker=worker)
     server.start_audit()
+    if server.revocations is not None:
+        server.revocations.start(asyncio.get_running_loop())
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -121,6 +121,7 @@ class Session:
         self.task: asyncio.Task | None = None
         self.id = server.next_session_id()
         peer = client.transport.get_extra_info("peername")
+        self.peer = peer
         self.client_addr = _fmt_addr(peer)
         self.loopback = _is_loopback(peer)
         self.tls = False
@@ -144,6 +145,9 @@ class Session:
         self.tracker = None             # audit: statements in flight
         self.held = None                # strict audit: messages waiting for durability
         self.held_items = None
+        self.principal = None           # token / OIDC login: who, scope, expiry
+        self.readonly = False
+        self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
 
     # -- lifecycle
@@ -257,22 +261,46 @@ class Session:
                     sqlstate="42501", severity="FATAL")
 
     async def _authenticate(self) -> None:
-        from .auth import scram
         c = self.client
         # auth replies are typed messages; keep whatever already arrived
         rest = c.reader.take_rest()
         c.reader = FrameReader(True, MAX_AUTH_MESSAGE)
         if rest:
             c.reader.feed(rest)
+        server = self.server
         name = self.identity_name
-        identity = self.server.cfg.identities.get(name)
-        verifier = self.server.verifier_for(name)   # a fake one for unknown names
-        c.transport.write(m.auth_request(m.AUTH_SASL, scram.MECHANISM.encode() + b"\0\0"))
-        t, payload = await c.read_message()
+        delay = server.throttle.delay_for(self.peer)
+        if delay:
+            await asyncio.sleep(delay)
+        if server.has_secret(name) or not server.bearer_enabled:
+            await self._scram(name)
+        else:
+            await self._bearer(name)
+        identity = self.identity
+        allowed = server.cfg.upstream.databases
+        if (allowed is not None and self.database not in allowed) or (
+                identity.databases is not None and self.database not in identity.databases):
+            raise AuthRejected(
+                f'database "{self.database}" is not allowed for identity "{name}"')
+        server.throttle.record_success(self.peer)
+
+    async def _read_password_message(self) -> bytes:
+        t, payload = await self.client.read_message()
         if t == ord("X"):
             raise ConnectionResetError("client quit during authentication")
         if t != ord("p"):
-            raise ProtocolViolation(f"expected SASL response, got message type {chr(t)!r}")
+            raise ProtocolViolation(f"expected a password message, got type {chr(t)!r}")
+        return payload
+
+    async def _scram(self, name: str) -> None:
+        """SCRAM-SHA-256 against the identity's static secret (a fake verifier of the
+        same shape for unknown names: no user enumeration)."""
+        from .auth import scram
+        c = self.client
+        identity = self.server.cfg.identities.get(name)
+        verifier = self.server.verifier_for(name)
+        c.transport.write(m.auth_request(m.AUTH_SASL, scram.MECHANISM.encode() + b"\0\0"))
+        payload = await self._read_password_message()
         try:
             mech, pos = m.parse_cstr(payload)
             (n,) = struct.unpack_from("!i", payload, pos)
@@ -282,9 +310,7 @@ class Session:
         except (ValueError, struct.error, scram.ScramError) as e:
             raise ProtocolViolation(f"malformed SCRAM message: {e}") from None
         c.transport.write(m.auth_request(m.AUTH_SASL_CONTINUE, first))
-        t, payload = await c.read_message()
-        if t != ord("p"):
-            raise ProtocolViolation(f"expected SASL response, got message type {chr(t)!r}")
+        payload = await self._read_password_message()
         try:
             final = server.handle_final(payload)
         except scram.ScramError as e:
@@ -295,15 +321,40 @@ class Session:
             raise AuthFailed(f'password authentication failed for user "{name}"')
         c.transport.write(m.auth_request(m.AUTH_SASL_FINAL, final))
         self.identity = identity
-        allowed = self.server.cfg.upstream.databases
-        if (allowed is not None and self.database not in allowed) or (
-                identity.databases is not None and self.database not in identity.databases):
-            raise AuthRejected(
-                f'database "{self.database}" is not allowed for identity "{name}"')
+
+    async def _bearer(self, name: str) -> None:
+        """A pgguard token or an OIDC JWT as a cleartext password: only over TLS, or
+        from loopback when [listen] allow_cleartext_loopback."""
+        from .auth import tokens
+        cfg = self.server.cfg
+        if not (self.tls or (self.loopback and cfg.listen.allow_cleartext_loopback)):
+            raise AuthRejected("token authentication requires TLS",
+                               hint="connect with sslmode=require")
+        self.client.transport.write(m.auth_request(m.AUTH_CLEARTEXT))
+        password = await self._read_password_message()
+        try:
+            p = tokens.authenticate_password(
+                cfg, name, password, database=self.database,
+                revocations=self.server.revocations, oidc=self.server.oidc)
+        except tokens.TokenInvalid as e:
+            self._audit_event("auth_failed", error=e.reason)
+            await self.server.auth_failed(self, e.reason)
+            raise AuthFailed(e.message) from None
+        self.principal = p
+        self.identity_name = p.identity
+        self.identity = p.identity_config
+        self.readonly = p.readonly
 
     async def _connect_upstream(self) -> None:
         params = {k: v for k, v in self.params.items() if k not in ("user", "database")}
+        client_app = self.params.get("application_name", "")
+        # the upstream's own logs and pg_stat_activity name who is acting
+        params["application_name"] = _app_name(self.identity_name, client_app)
+        if self.readonly:
+            opts = params.get("options", "")
+            params["options"] = (opts + " -c default_transaction_read_only=on").strip()
         self.up, status, key = await connect_upstream(self, self.server, self.database, params)
+        status = [_client_app_status(st, client_app) for st in status]
         pid, secret = key
         self.upstream_key = key
         cpid, csecret = self.server.cancel_cipher.encode(pid, secret)
@@ -318,11 +369,20 @@ class Session:
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
         limits = self.server.cfg.limits
-        if self.server.policy_inspects(self.identity_name, self.identity, self.database):
+        if self.readonly or self.server.policy_inspects(self.identity_name, self.identity,
+                                                        self.database):
             from .policy.classify import PreparedMemory
             self.policy = self.server.policy
             self.prepared = PreparedMemory()
-            self._cache = self.server.decision_cache(self.identity_name, self.database)
+            self._cache = self.server.decision_cache(
+                self.identity_name, self.database,
+                "readonly" if self.readonly else "readwrite")
+        if self.principal is not None:
+            from .auth.revocations import guard_session
+            p = self.principal
+            self._unguard = guard_session(asyncio.get_running_loop(), self.server.revocations,
+                                          p.identity, p.token_id, p.expires_at,
+                                          self._end_by_token)
         audit = self.server.audit
         if audit is not None:
             from .tracking import StatementTracker
@@ -479,6 +539,8 @@ class Session:
                             hint="Send statements in UTF-8 (client_encoding = UTF8).")
         d = self.policy.decide(sql, self.identity_name, self.identity, self.database,
                                self.prepared)
+        if self.readonly and d.action == "allow" and not _reads_only(d):
+            d = _readonly_refusal(d)
         self.server.remember_decision(self._cache, msg, key, d)
         return d
 
@@ -658,10 +720,19 @@ class Session:
             upstream_user=self.server.cfg.upstream.user if event != "auth_failed" else None,
             **fields))
 
+    def _end_by_token(self, err) -> None:
+        """The token expired or was revoked: FATAL at a message boundary, then close."""
+        log.info("session %s: %s", self.id, err.message)
+        if self.bscan is None or self.bscan.at_boundary:
+            self._send_error(err)
+        self.close()
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self._unguard is not None:
+            self._unguard()
         if self.connected_at:
             self._audit_event("disconnect",
                               duration_us=int((time.monotonic() - self.connected_at) * 1e6))
@@ -736,6 +807,45 @@ def _is_loopback(peer) -> bool:
 
 # backend messages the statement tracker pairs with statements
 _TRACKED = frozenset(b"CEIsZ")
+
+
+_WRITE_FLAGS = frozenset({"write", "destructive", "privilege", "escape"})
+_CHANGING_KINDS = frozenset({
+    "insert", "update", "delete", "merge", "create", "alter", "drop", "truncate", "grant",
+    "revoke", "comment", "security_label", "reassign", "refresh", "vacuum", "cluster",
+    "reindex", "lock", "call", "do", "copy"})
+
+
+def _changes(st) -> bool:
+    return bool(_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds))
+
+
+def _reads_only(d) -> bool:
+    return not any(_changes(st) for st in d.statements)
+
+
+def _readonly_refusal(d):
+    from .policy.rules import Decision
+    st = next(st for st in d.statements if _changes(st))
+    return Decision(
+        action="block", rule="readonly-scope",
+        message=f'pgguard: statement refused by rule "readonly-scope": {st.kind.upper()} '
+                "changes the database and this session's token is read-only",
+        detail=f"statement kind: {st.kind}; flags: {', '.join(st.flags) or 'none'}",
+        hint="Ask for a token with --scope readwrite.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _app_name(identity: str, client_app: str) -> str:
+    name = f"pgguard:{identity}" + (f" {client_app}" if client_app else "")
+    return name.encode()[:63].decode("utf-8", "ignore")
+
+
+def _client_app_status(msg: bytes, client_app: str) -> bytes:
+    """The upstream's application_name ParameterStatus shows the client its own name."""
+    if not msg.startswith(b"S") or b"application_name\0" not in msg[5:22]:
+        return msg
+    return m.parameter_status("application_name", client_app)
 
 
 def _now():
