@@ -93,6 +93,8 @@ ctypedef struct DetCell:
     Py_ssize_t cell      # index into the batch's Cells
     Py_ssize_t scan_off  # where its value starts in the joined scan buffer
     uint64_t bits        # detectors (ids) whose prefilter ended inside it
+    Py_ssize_t lo        # first and last such end offset, from the value's start
+    Py_ssize_t hi
 
 
 cdef class MaskPlan:

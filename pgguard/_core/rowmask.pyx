@@ -1112,7 +1112,15 @@ cdef class RowRewriter:
                     lo = mid
                 else:
                     hi = mid - 1
-            self._dcells[lo].bits |= (<uint64_t>1) << hits.ids[i]
+            d = &self._dcells[lo]
+            mid = <Py_ssize_t>(hits.to[i] - <uint64_t>d.scan_off)
+            if not d.bits:
+                d.lo = d.hi = mid
+            elif mid < d.lo:
+                d.lo = mid
+            elif mid > d.hi:
+                d.hi = mid
+            d.bits |= (<uint64_t>1) << hits.ids[i]
         hits.n = 0
         for i in range(self._ndcells):
             d = &self._dcells[i]
@@ -1122,7 +1130,7 @@ cdef class RowRewriter:
             col = &plan.cols[plan.act[d.cell % plan.nact]]
             skip = 1 if col.kind == KIND_JSONB_BIN else 0
             res = plan._mask_cell(PyBytes_FromStringAndSize(c.val + skip, c.val_len - skip),
-                                  d.bits, col.kind != KIND_TEXT)
+                                  d.bits, col.kind != KIND_TEXT, d.lo, d.hi)
             if res is None:
                 continue
             c.repl = len(self._repls)
@@ -1183,7 +1191,7 @@ cdef class RowRewriter:
         return 0
 
     cdef int _emit_copy(self, MaskPlan plan, RowRef* r) except -1:
-        cdef Py_ssize_t start = self._out.len, cursor, k, j
+        cdef Py_ssize_t start = self._out.len, cursor, k, j, mark
         cdef Rec* rec
         cdef Cell* c
         cdef ColPlan* col
@@ -1207,7 +1215,18 @@ cdef class RowRewriter:
                     self._tmp2.len = 0
                     self._masked_value(plan, col, c, &self._tmp2)
                     if plan.mode == MODE_COPY_TEXT:
+                        mark = out.len
                         _copy_text_escape(self._tmp2.p, self._tmp2.len, plan.delim, out)
+                        if out.len - mark == PyBytes_GET_SIZE(plan.null_str) and out.len > mark \
+                                and memcmp(out.p + mark, PyBytes_AS_STRING(plan.null_str),
+                                           out.len - mark) == 0:
+                            # a value that reads as the NULL string: its first byte in octal
+                            out.len = mark
+                            _putc(out, c'\\')
+                            _putc(out, <char>(c'0' + ((<uint8_t>self._tmp2.p[0]) >> 6)))
+                            _putc(out, <char>(c'0' + (((<uint8_t>self._tmp2.p[0]) >> 3) & 7)))
+                            _putc(out, <char>(c'0' + ((<uint8_t>self._tmp2.p[0]) & 7)))
+                            _copy_text_escape(self._tmp2.p + 1, self._tmp2.len - 1, plan.delim, out)
                     else:
                         _copy_csv_escape(self._tmp2.p, self._tmp2.len, plan, out)
                 cursor = c.raw_off + c.raw_len

@@ -346,8 +346,13 @@ class ReferenceRewriter:
                 else:
                     m = self._masked(col, val)
                     if m is not None:
-                        new = _text_escape(m, c.delimiter) if c.format == "text" \
-                            else _csv_escape(m, c)
+                        if c.format == "text":
+                            new = _text_escape(m, c.delimiter)
+                            if new == c.null and new:
+                                # would read back as NULL: write its first byte in octal
+                                new = b"\\%03o" % m[0] + _text_escape(m[1:], c.delimiter)
+                        else:
+                            new = _csv_escape(m, c)
                         hit = True
                 if hit:
                     changed = True
