@@ -108,6 +108,62 @@ for _i in range(8):
     _IV[_i] = _IV_INIT[_i]
 
 
+cdef extern from *:
+    """
+    /* SHA-256 compression with the x86 SHA extensions (SHA-NI), chosen at run time */
+    #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    #include <cpuid.h>
+    #include <immintrin.h>
+    static int pgg_sha_ni_available(void) {
+        unsigned a, b, c, d;
+        if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 19))) return 0;   /* SSE4.1 */
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+        return (b >> 29) & 1;                                                 /* SHA */
+    }
+    __attribute__((target("sha,sse4.1")))
+    static void pgg_sha256_ni(uint32_t *h, const char *blk, const uint32_t *k) {
+        const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+        __m128i dcba = _mm_loadu_si128((const __m128i *)h);
+        __m128i hgfe = _mm_loadu_si128((const __m128i *)(h + 4));
+        __m128i cdab = _mm_shuffle_epi32(dcba, 0xB1);
+        __m128i efgh = _mm_shuffle_epi32(hgfe, 0x1B);
+        __m128i abef = _mm_alignr_epi8(cdab, efgh, 8);
+        __m128i cdgh = _mm_blend_epi16(efgh, cdab, 0xF0);
+        __m128i abef0 = abef, cdgh0 = cdgh, w[16], m;
+        int g;
+        for (g = 0; g < 16; g++) {
+            if (g < 4) {
+                w[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(blk + 16 * g)), bswap);
+            } else {
+                m = _mm_sha256msg1_epu32(w[g - 4], w[g - 3]);
+                m = _mm_add_epi32(m, _mm_alignr_epi8(w[g - 1], w[g - 2], 4));
+                w[g] = _mm_sha256msg2_epu32(m, w[g - 1]);
+            }
+            m = _mm_add_epi32(w[g], _mm_loadu_si128((const __m128i *)(k + 4 * g)));
+            cdgh = _mm_sha256rnds2_epu32(cdgh, abef, m);
+            abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(m, 0x0E));
+        }
+        abef = _mm_add_epi32(abef, abef0);
+        cdgh = _mm_add_epi32(cdgh, cdgh0);
+        __m128i feba = _mm_shuffle_epi32(abef, 0x1B);
+        __m128i dchg = _mm_shuffle_epi32(cdgh, 0xB1);
+        _mm_storeu_si128((__m128i *)h, _mm_blend_epi16(feba, dchg, 0xF0));
+        _mm_storeu_si128((__m128i *)(h + 4), _mm_alignr_epi8(dchg, feba, 8));
+    }
+    #else
+    static int pgg_sha_ni_available(void) { return 0; }
+    static void pgg_sha256_ni(uint32_t *h, const char *blk, const uint32_t *k) {}
+    #endif
+    """
+    int pgg_sha_ni_available() noexcept nogil
+    void pgg_sha256_ni(uint32_t* h, const char* blk, const uint32_t* k) noexcept nogil
+
+
+cdef bint _sha_ni = pgg_sha_ni_available()
+# whether the hash strategy runs on the CPU's SHA extensions
+SHA_NI = bool(_sha_ni)
+
+
 cdef inline uint32_t _rotr(uint32_t x, int n) noexcept nogil:
     return (x >> n) | (x << (32 - n))
 
@@ -116,6 +172,9 @@ cdef void _sha_block(uint32_t* h, const char* blk) noexcept nogil:
     cdef uint32_t w[64]
     cdef uint32_t a, b, c, d, e, f, g, hh, t1, t2, s0, s1
     cdef int i
+    if _sha_ni:
+        pgg_sha256_ni(h, blk, _K)
+        return
     for i in range(16):
         w[i] = _be32(blk + 4 * i)
     for i in range(16, 64):
@@ -186,14 +245,22 @@ cdef void _hmac(const HmacKey* k, const char* msg, Py_ssize_t n, char* out) noex
         _put32(out + 4 * i, h[i])
 
 
-def hmac_sha256(bytes key, bytes msg):
-    """HMAC-SHA256 as the ``hash`` strategy computes it (for tests)."""
+def hmac_sha256(bytes key, bytes msg, bint portable=False):
+    """HMAC-SHA256 as the ``hash`` strategy computes it (for tests; ``portable``
+    bypasses the SHA extensions)."""
+    global _sha_ni
+    cdef bint saved = _sha_ni
     cdef HmacKey k
     cdef char out[32]
     if len(key) > 64:
         key = hashlib.sha256(key).digest()
-    _hmac_init(&k, PyBytes_AS_STRING(key), len(key))
-    _hmac(&k, PyBytes_AS_STRING(msg), len(msg), out)
+    if portable:
+        _sha_ni = False
+    try:
+        _hmac_init(&k, PyBytes_AS_STRING(key), len(key))
+        _hmac(&k, PyBytes_AS_STRING(msg), len(msg), out)
+    finally:
+        _sha_ni = saved
     return PyBytes_FromStringAndSize(out, 32)
 
 
