@@ -69,6 +69,14 @@ class Server:
         self.policy = PolicyEngine(cfg, cache=DecisionCache(0))
         self._decisions: dict[tuple[str, str, str], tuple[dict, dict]] = {}
         self.audit = None          # the AuditLog, once start_audit() ran
+        # approvals: the shared store, when some rule can hold a statement or an admin
+        # token is configured; the admin HTTP server runs on the worker's loop
+        self.approvals = None
+        self.admin = None
+        self.admin_token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
+        if self.admin_token or any(r.action == "approve" for r in cfg.rules):
+            from .approvals.store import ApprovalStore
+            self.approvals = ApprovalStore.from_config(cfg)
         self.audit_strict = cfg.audit.durability == "strict"
         self.shutting_down = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -169,6 +177,9 @@ class Server:
             upid, usecret = self.cancel_cipher.decode(pid, secret)
         except ValueError:
             return
+        if self.approvals is not None and self.approvals.withdraw_cancel_key(
+                (pid << 32) | secret):
+            return      # the statement was held for approval: withdrawn, nothing upstream
         up = self.cfg.upstream
         try:
             async with asyncio.timeout(self.upstream_connect_timeout):
@@ -199,6 +210,25 @@ class Server:
             self.audit.close()
 
     # -- listening and shutdown
+    def sessions_info(self) -> list[dict]:
+        """What SHOW SESSIONS and /api/sessions list, for this worker."""
+        out = []
+        for s in self.sessions:
+            out.append({"session_id": s.id, "identity": s.identity_name,
+                        "database": s.database, "client_addr": s.client_addr,
+                        "application_name": s.params.get("application_name"),
+                        "connected_at": s.started_wall, "state":
+                            "relay" if s.bscan is not None else "startup",
+                        "waiting_approval": s.approval[1] if s.approval else None})
+        return out
+
+    async def start_admin(self) -> None:
+        if self.approvals is None:
+            return
+        from .approvals.web import start_admin
+        self.admin = await start_admin(self.cfg, self.approvals, sessions=self.sessions_info,
+                                       token=self.admin_token)
+
     async def start(self, sock: socket.socket | None = None) -> None:
         from .session import ClientProtocol
         loop = asyncio.get_running_loop()
@@ -276,6 +306,7 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
     if server.revocations is not None:
         server.revocations.start(asyncio.get_running_loop())
     await server.start()
+    await server.start_admin()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -289,6 +320,8 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
     await stop.wait()
     log.info("pgguard worker %d shutting down", worker)
     await server.shutdown()
+    if server.admin is not None:
+        await server.admin.close()
     server.close_audit()
     return 0
 

@@ -133,6 +133,7 @@ class Session:
         self.draining = False
         self.closed = False
         self.started = time.monotonic()
+        self.started_wall = time.time()
         # policy state
         self.policy = None              # the engine, when statements are inspected
         self.prepared = None            # PREPARE / named Parse memory for EXECUTE
@@ -146,6 +147,8 @@ class Session:
         self.held = None                # strict audit: messages waiting for durability
         self.held_items = None
         self.principal = None           # token / OIDC login: who, scope, expiry
+        self.cancel_key = 0
+        self.approval = None            # (task, request id) while a statement is held
         self.readonly = False
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
@@ -358,6 +361,7 @@ class Session:
         pid, secret = key
         self.upstream_key = key
         cpid, csecret = self.server.cancel_cipher.encode(pid, secret)
+        self.cancel_key = (cpid << 32) | csecret
         out = [m.auth_request(m.AUTH_OK)]
         out.extend(status)
         out.append(m.backend_key_data(cpid, csecret))
@@ -472,6 +476,87 @@ class Session:
         if out:
             self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
+    # -- approvals: a statement held until a human decides
+    def _hold_for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,
+                           name: bytes = b"") -> None:
+        store = self.server.approvals
+        if store is None:
+            from .policy.rules import Decision
+            self._refuse_any(Decision(
+                action="block", rule=d.rule, message=d.message, detail=d.detail,
+                hint="Approvals are not enabled on this pgguard (set [admin] token_env "
+                     "and start it with the token set)."), out, extended, sql)
+            return
+        if out:
+            self.up.transport.write(b"".join(out))
+            out.clear()
+        self.held = []
+        self.held_items = []
+        self._hold_more([])
+        self.client_pipe.divert = True
+        task = asyncio.get_running_loop().create_task(
+            self._await_approval(store, d, msg, extended, sql, name))
+        self.approval = [task, None]
+
+    async def _await_approval(self, store, d, msg, extended, sql, name) -> None:
+        from .approvals import hold
+        from .tracking import fast_normalize
+        text = sql.decode("utf-8", "replace")
+        fp = fast_normalize(sql)
+        grant = store.check_grant(self.identity_name, self.database, fp)
+        approver = grant.approver if grant is not None else None
+        req = None
+        if grant is None:
+            req = store.request(identity=self.identity_name, database=self.database,
+                                statement=text, fingerprint=fp,
+                                classification=hold.summarize(d), rule=d.rule,
+                                approvers=d.approvers, timeout_s=d.timeout,
+                                session_id=self.id, cancel_key=self.cancel_key)
+            self.approval[1] = req.id
+            f = hold.notice_fields(req, hold.admin_url(self.server.cfg))
+            self.client.transport.write(m.error_response(
+                "01000", f["message"], severity="NOTICE", detail=f["detail"],
+                hint=f["hint"], notice=True))
+            req = await store.wait_decision(req.id)
+            approver = req.approver
+        self.approval = None
+        if self.closed:
+            return
+        out: list[bytes] = []
+        if req is None or req.state == "approved":
+            log.info("session %s: statement approved by %s", self.id, approver)
+            out.append(msg)
+            if self.tracker is not None:
+                from .tracking import Approved
+                self.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
+            if name and self.prepared is not None and d.statements:
+                self.prepared.record(name, d.statements[0])
+        else:
+            err = hold.refusal(req)
+            from .policy.rules import Decision
+            refused = Decision(action="block", rule=d.rule, message=err.message,
+                               detail=err.detail or "", hint=err.hint or "",
+                               statements=d.statements)
+            outcome = {"denied": "denied", "timed_out": "timed_out"}.get(req.state, "error")
+            self._refuse_any(refused, out, extended, sql, outcome=outcome,
+                             approver=req.approver, sqlstate=err.sqlstate)
+        held = self.held_items
+        self.held = self.held_items = None
+        self.client_pipe.divert = False
+        if out:
+            self.up.transport.write(b"".join(out))
+        if held:
+            self.client_items(held)
+
+    def _refuse_any(self, d, out: list, extended: bool, sql: bytes, **kw) -> None:
+        if extended:
+            self.sync_adjust += 1
+            self._inject_refusal(d, out, extended=True, sql=sql, **kw)
+            self.discarding = True
+            self.fscan.set_interest(ALL_TYPES, True)
+        else:
+            self._inject_refusal(d, out, extended=False, sql=sql, **kw)
+
     # -- strict audit: a statement goes upstream only once its record is on disk
     def _hold_for_record(self, out: list, later: list) -> None:
         """out[-1] is a Query or Execute: write what precedes it, log its record with
@@ -554,6 +639,9 @@ class Session:
                     and _touches_prepared(d):
                 self.prepared.observe(d.statements)
             return
+        if d.action == "approve":
+            self._hold_for_approval(d, msg, out, extended=False, sql=msg[5:-1])
+            return
         # the client's Query is replaced by one that fails upstream: same Z count
         self._inject_refusal(d, out, extended=False, sql=msg[5:-1])
 
@@ -572,25 +660,26 @@ class Session:
             if name and d is not None and self.prepared is not None and d.statements:
                 self.prepared.record(name, d.statements[0])
             return
-        # a Query mid-pipeline aborts the implicit transaction (exactly as the Parse
-        # error would) and answers with E + Z; the client's own Sync is forwarded later
-        self.sync_adjust += 1
-        self._inject_refusal(d, out, extended=True, sql=msg[pos:end])
-        self.discarding = True
-        self.fscan.set_interest(ALL_TYPES, True)
+        if d.action == "approve":
+            self._hold_for_approval(d, msg, out, extended=True, sql=msg[pos:end], name=name)
+            return
+        self._refuse_any(d, out, True, msg[pos:end])
 
-    def _inject_refusal(self, d, out: list, extended: bool, sql: bytes = b"") -> None:
+    def _inject_refusal(self, d, out: list, extended: bool, sql: bytes = b"",
+                        outcome: str = "blocked", approver: str | None = None,
+                        sqlstate: str = "42501") -> None:
         log.info("session %s: %s refused by rule %s", self.id, self.identity_name, d.rule)
         out.append(_refusal_query(d))
         if self.tracker is not None:
             from .tracking import REFUSAL_SYNC, statement_record
-            rec = statement_record(self, sql, d, "blocked", _now())
-            rec.sqlstate = "42501"
+            rec = statement_record(self, sql, d, outcome, _now())
+            rec.approver = approver
+            rec.sqlstate = sqlstate
             rec.error = d.message
             self.server.audit.log(rec)
             self.tracker.flog.append((REFUSAL_SYNC, None, 0))
         target = self.fscan.count + self.sync_adjust
-        self.refusals.append([target, d, extended, False])
+        self.refusals.append([target, d, extended, False, sqlstate])
         self._divert_backend(True)
 
     def _divert_backend(self, on: bool) -> None:
@@ -622,7 +711,7 @@ class Session:
                 self.z_count += 1
                 drop = False
                 if refusals and self.z_count >= refusals[0][0]:
-                    target, d, extended, seen = refusals.popleft()
+                    target, d, extended, seen, _ = refusals.popleft()
                     if not seen and self.tracker is not None:
                         self.tracker.refusal_ignored()
                     drop = seen and extended             # answered our injected Query
@@ -634,7 +723,7 @@ class Session:
                 r = refusals[0]
                 r[3] = True
                 d = r[1]
-                out.append(m.error_response("42501", d.message, detail=d.detail or None,
+                out.append(m.error_response(r[4], d.message, detail=d.detail or None,
                                             hint=d.hint or None))
             else:
                 out.append(msg)
@@ -733,6 +822,11 @@ class Session:
         self.closed = True
         if self._unguard is not None:
             self._unguard()
+        if self.approval is not None:
+            task, req_id = self.approval
+            task.cancel()
+            if req_id is not None and self.server.approvals is not None:
+                self.server.approvals.withdraw(req_id)
         if self.connected_at:
             self._audit_event("disconnect",
                               duration_us=int((time.monotonic() - self.connected_at) * 1e6))

@@ -19,6 +19,18 @@ _UTC = timezone.utc
 # frontend entries the session hands over (besides the fast path's Query / Parse)
 REFUSAL_SYNC = 0        # the Query a refusal injected: answered by a ReadyForQuery
 
+class Approved:
+    """A decision a human approved (or a grant covered): the statement's record says
+    ``approved`` and names the approver."""
+
+    __slots__ = ("rule", "statements", "approver")
+
+    def __init__(self, decision, approver: str | None) -> None:
+        self.rule = decision.rule
+        self.statements = decision.statements
+        self.approver = approver
+
+
 # pending-statement fields
 _SQL, _DEC, _T0, _ROWS, _STATE, _ERR, _SYNC, _DONE = range(8)
 
@@ -158,8 +170,12 @@ class StatementTracker:
         now = time.monotonic_ns()
         seen = s.bscan.bytes_seen
         out, self.bytes_mark = seen - self.bytes_mark, seen
-        rec = statement_record(s, e[_SQL], e[_DEC], "allowed" if e[_STATE] is None
-                               else "error", self._wall(e[_T0]))
+        dec = e[_DEC]
+        approved = dec.__class__ is Approved
+        rec = statement_record(s, e[_SQL], dec, "error" if e[_STATE] is not None
+                               else "approved" if approved else "allowed", self._wall(e[_T0]))
+        if approved:
+            rec.approver = dec.approver
         rec.rows = e[_ROWS]
         rec.bytes_out = out
         rec.duration_us = (now - e[_T0]) // 1000 if e[_T0] else None

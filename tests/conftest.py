@@ -22,6 +22,7 @@ AGENT = "ci-agent"
 AGENT_PASSWORD = "agent-pw-7f3"
 HUMAN = "alice"
 HUMAN_PASSWORD = "alice-pw-1c8"
+ADMIN_TOKEN = "admin-token-for-tests-5d1"
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -54,6 +55,7 @@ class Proxy:
                  workers: int = 1, port: int | None = None, env: dict | None = None) -> None:
         self.pg = pg
         self.port = port or free_port()
+        self.admin_port = free_port()
         self.dir = tmp
         self.config = tmp / f"pgguard-{self.port}.toml"
         self.log = tmp / f"pgguard-{self.port}.log"
@@ -64,6 +66,14 @@ class Proxy:
 address = "127.0.0.1"
 port = {self.port}
 {listen_extra}
+
+[admin]
+address = "127.0.0.1"
+port = {self.admin_port}
+token_env = "TEST_ADMIN_TOKEN"
+
+[approvals]
+state_dir = "{tmp}/state-{self.port}"
 
 [upstream]
 host = "127.0.0.1"
@@ -98,6 +108,7 @@ dir = "{self.audit_dir}"
 {extra}
 """)
         self.env = dict(os.environ, TEST_AGENT_PASSWORD=AGENT_PASSWORD,
+                        TEST_ADMIN_TOKEN=ADMIN_TOKEN,
                         TEST_HUMAN_PASSWORD=HUMAN_PASSWORD, PGGUARD_LOG_LEVEL="INFO")
         if upstream_password is not None:
             self.env["TEST_UPSTREAM_PASSWORD"] = upstream_password

@@ -18,6 +18,7 @@ action = "block"
 name = "orders-need-approval"
 when = { kind = "agent", statements = ["update"], relations = ["public.orders"] }
 action = "approve"
+timeout = "1s"
 """
 
 
@@ -156,11 +157,12 @@ def test_asyncpg_refusals_and_statement_cache(pg, guarded):
     assert index_exists(pg)
 
 
-def test_approve_rule_refuses_until_approvals_exist(pg, guarded):
+def test_unanswered_approval_times_out_and_session_stays_usable(pg, guarded):
     with psycopg.connect(guarded.dsn(dbname="appdb"), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
             conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1")
-        assert "orders-need-approval" in str(e.value)
+        assert "timed out" in str(e.value) and "orders-need-approval" in str(e.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
     assert pg.execute("SELECT status FROM orders", dbname="appdb") == [("new",)]
 
 

@@ -1,0 +1,187 @@
+# Approvals through the proxy: the agent's statement waits inline, reaches Postgres only
+# once a human approves it, and is refused (42501) when denied, withdrawn on cancel.
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import psycopg
+import pytest
+
+from conftest import ADMIN_TOKEN
+
+RULES = """
+[[rules]]
+name = "orders-need-approval"
+when = { kind = "agent", statements = ["update", "delete"], relations = ["public.orders"] }
+action = "approve"
+timeout = "30s"
+"""
+
+
+@pytest.fixture
+def aproxy(make_proxy):
+    return make_proxy(extra=RULES)
+
+
+@pytest.fixture(autouse=True)
+def orders(pg):
+    pg.execute("DROP TABLE IF EXISTS orders CASCADE; CREATE TABLE orders (id int, status text);"
+               "INSERT INTO orders VALUES (1, 'new'), (2, 'new')", dbname="appdb")
+
+
+def status(pg, oid=1):
+    return pg.execute("SELECT status FROM orders WHERE id = %s", [oid], dbname="appdb")[0][0]
+
+
+def cli(proxy, *args):
+    return subprocess.run([sys.executable, "-m", "pgguard", "approvals", *args, "-c",
+                           str(proxy.config)], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, TEST_ADMIN_TOKEN=ADMIN_TOKEN))
+
+
+def api(proxy, method, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{proxy.admin_port}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def pending_ids(proxy, want=1, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            items = api(proxy, "GET", "/api/approvals?state=pending")
+        except urllib.error.URLError:       # the admin server is still starting
+            time.sleep(0.05)
+            continue
+        items = items.get("approvals", items) if isinstance(items, dict) else items
+        if len(items) >= want:
+            return [i["id"] for i in items]
+        time.sleep(0.05)
+    raise AssertionError("no pending approval appeared")
+
+
+def audit_decisions(proxy):
+    import duckdb
+    return duckdb.sql(
+        f"SELECT statement, decision, approver FROM read_parquet('{proxy.audit_dir}/**/"
+        "*.parquet', hive_partitioning = true) WHERE event = 'statement' "
+        "ORDER BY event_id").fetchall()
+
+
+def run_in_thread(fn):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except Exception as e:      # noqa: BLE001 - handed to the test
+            box["error"] = e
+    t = threading.Thread(target=target)
+    t.start()
+    return t, box
+
+
+def test_held_until_approved_by_cli_then_real_result(pg, aproxy):
+    notices = []
+
+    def agent():
+        with psycopg.connect(aproxy.dsn(dbname="appdb"), autocommit=True) as conn:
+            conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+            cur = conn.execute("UPDATE orders SET status = 'refunded' WHERE id = 1")
+            return cur.statusmessage
+
+    t, box = run_in_thread(agent)
+    (rid,) = pending_ids(aproxy)
+    time.sleep(0.3)
+    assert status(pg) == "new", "the held statement reached Postgres before approval"
+    r = cli(aproxy, "list", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    assert listed[0]["id"] == rid and "UPDATE orders" in listed[0]["statement"]
+    assert {"id", "identity", "database", "statement", "rule", "requested_at",
+            "expires_at"} <= set(listed[0])
+    r = cli(aproxy, "approve", str(rid), "--as", "alice")
+    assert r.returncode == 0, r.stderr
+    t.join(15)
+    assert box.get("result") == "UPDATE 1", box
+    assert status(pg) == "refunded"
+    assert notices and f"waiting for approval #{rid}" in notices[0]
+    aproxy.stop()
+    assert audit_decisions(aproxy) == [("UPDATE orders SET status = $1 WHERE id = $2",
+                                        "approved", "alice")]
+
+
+def test_denied_with_reason_and_nobody_approves_their_own(pg, aproxy):
+    def agent():
+        with psycopg.connect(aproxy.dsn(dbname="appdb"), autocommit=True) as conn:
+            conn.execute("DELETE FROM orders WHERE id = %s", [2], prepare=True)  # extended
+
+    t, box = run_in_thread(agent)
+    (rid,) = pending_ids(aproxy)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        api(aproxy, "POST", f"/api/approvals/{rid}/approve", {"approver": "ci-agent"})
+    assert e.value.code == 403
+    api(aproxy, "POST", f"/api/approvals/{rid}/deny",
+        {"approver": "alice", "reason": "not during the freeze"})
+    t.join(15)
+    err = box.get("error")
+    assert isinstance(err, psycopg.errors.InsufficientPrivilege), box
+    assert "not during the freeze" in str(err) and "alice" in str(err)
+    assert pg.execute("SELECT count(*) FROM orders", dbname="appdb") == [(2,)]
+    aproxy.stop()
+    assert audit_decisions(aproxy) == [("DELETE FROM orders WHERE id = $1", "denied", "alice")]
+
+
+def test_cancel_withdraws_the_request(pg, aproxy):
+    conn = psycopg.connect(aproxy.dsn(dbname="appdb"), autocommit=True)
+
+    def agent():
+        conn.execute("UPDATE orders SET status = 'x' WHERE id = 2")
+
+    t, box = run_in_thread(agent)
+    (rid,) = pending_ids(aproxy)
+    conn.cancel()
+    t.join(15)
+    assert isinstance(box.get("error"), psycopg.errors.QueryCanceled), box
+    assert api(aproxy, "GET", f"/api/approvals/{rid}")["state"] == "withdrawn"
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert status(pg, 2) == "new"
+    conn.close()
+
+
+def test_jit_window_lets_repeats_through(pg, aproxy):
+    def agent(oid):
+        with psycopg.connect(aproxy.dsn(dbname="appdb"), autocommit=True) as conn:
+            return conn.execute(f"UPDATE orders SET status = 'paid' WHERE id = {oid}"
+                                ).statusmessage
+
+    t, box = run_in_thread(lambda: agent(1))
+    (rid,) = pending_ids(aproxy)
+    r = cli(aproxy, "approve", str(rid), "--as", "alice", "--window", "5m")
+    assert r.returncode == 0, r.stderr
+    t.join(15)
+    assert box.get("result") == "UPDATE 1"
+    # same statement shape, new literal: no new request
+    assert agent(2) == "UPDATE 1"
+    assert status(pg, 2) == "paid"
+
+
+def test_many_pending_at_once(pg, aproxy):
+    n = 12
+    threads = [run_in_thread(lambda i=i: psycopg.connect(
+        aproxy.dsn(dbname="appdb"), autocommit=True).execute(
+        f"UPDATE orders SET status = 's{i}' WHERE id = 1").statusmessage) for i in range(n)]
+    ids = pending_ids(aproxy, want=n, timeout=20)
+    for rid in ids:
+        api(aproxy, "POST", f"/api/approvals/{rid}/approve", {"approver": "alice"})
+    for t, box in threads:
+        t.join(20)
+        assert box.get("result") == "UPDATE 1", box
