@@ -678,7 +678,7 @@ cdef class RowRewriter:
         """``(per plan column, per detector id)`` masked cells since the last call."""
         cols = [self._counts[i] for i in range(self._counts_n)]
         dets = [self._det_counts[i] for i in range(self._det_n)]
-        if self._counts_n:
+        if self._counts_cap:
             memset(self._counts, 0, self._counts_cap * sizeof(int64_t))
         memset(self._det_counts, 0, sizeof(self._det_counts))
         self._counts_n = self._plan.ncols if self._plan is not None else 0
