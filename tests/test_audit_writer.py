@@ -306,19 +306,28 @@ def test_duckdb_reads_while_writer_writes(tmp_path):
 
 
 def test_recovery_of_an_unlocked_other_stream(tmp_path):
-    # a worker (stream w3) crashed and is not restarted: the next start seals its WAL
+    # a worker (stream w3) is killed and not restarted: the next start seals its WAL
+    import signal
+    import subprocess
+    import sys
     root = tmp_path / "audit"
-    w3 = make_log(root, stream="w3")
-    w3.start()
-    for i in range(20):
-        w3.log(rec(i))
-    w3.flush()
-    # simulate the crash: stop the threads without sealing, release the lock
-    w3._stopping = True
-    w3._closed = True
-    w3._sq.put(("stop",))
-    import os
-    os.close(w3._lock_fd)
+    code = (
+        "import sys\n"
+        "from pgguard.audit import AuditLog, AuditRecord\n"
+        "from pgguard.config import AuditConfig\n"
+        f"log = AuditLog(AuditConfig(dir={str(root)!r}), stream='w3', roll_seconds=3600)\n"
+        "log.start()\n"
+        "for i in range(20):\n"
+        "    log.log(AuditRecord(session_id='s', event='statement', rows=i))\n"
+        "log.flush()\n"
+        "print('ready', flush=True)\n"
+        "import time; time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert storage.list_wal(root, "w3")
     with make_log(root, stream="w0") as log:
         log.log(rec(99))
