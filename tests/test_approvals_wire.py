@@ -185,3 +185,28 @@ def test_many_pending_at_once(pg, aproxy):
     for t, box in threads:
         t.join(20)
         assert box.get("result") == "UPDATE 1", box
+
+
+def test_psql_admin_console(pg, aproxy, psql_bin):
+    from conftest import HUMAN, HUMAN_PASSWORD, run_psql
+
+    t, box = run_in_thread(lambda: psycopg.connect(
+        aproxy.dsn(dbname="appdb"), autocommit=True).execute(
+        "UPDATE orders SET status = 'console' WHERE id = 1").statusmessage)
+    (rid,) = pending_ids(aproxy)
+    console = aproxy.dsn(user=HUMAN, password=HUMAN_PASSWORD, dbname="pgguard")
+    r = run_psql(psql_bin, console, "-c", "SHOW APPROVALS")
+    assert r.returncode == 0, r.stderr
+    assert str(rid) in r.stdout and "UPDATE orders" in r.stdout
+    r = run_psql(psql_bin, console, "-c", f"APPROVE {rid}")
+    assert r.returncode == 0, r.stderr
+    t.join(15)
+    assert box.get("result") == "UPDATE 1", box
+    assert status(pg) == "console"
+    r = run_psql(psql_bin, console, "-c", "SHOW SESSIONS")
+    assert r.returncode == 0 and "alice" in r.stdout
+    r = run_psql(psql_bin, console, "-c", "DROP TABLE orders")
+    assert r.returncode != 0 and "SHOW HELP" in r.stderr
+    # agents may not use the console
+    r = run_psql(psql_bin, aproxy.dsn(dbname="pgguard"), "-c", "SHOW APPROVALS")
+    assert r.returncode != 0 and "may not use the admin console" in r.stderr

@@ -131,3 +131,50 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
 def parse_cstr(payload: bytes, pos: int = 0) -> tuple[str, int]:
     end = payload.index(b"\0", pos)
     return payload[pos:end].decode("utf-8", "replace"), end + 1
+
+
+TEXT_OID = 25
+
+
+def row_description(columns: list[str]) -> bytes:
+    """RowDescription of text columns (no table, text format)."""
+    buf = WriteBuffer()
+    buf.new_message(ord("T"))
+    buf.write_int16(len(columns))
+    for name in columns:
+        buf.write_str(name)
+        buf.write_int32(0)          # table OID
+        buf.write_int16(0)          # attribute number
+        buf.write_int32(TEXT_OID)
+        buf.write_int16(-1)         # type size
+        buf.write_int32(-1)         # type modifier
+        buf.write_int16(0)          # text format
+    buf.end_message()
+    return buf.take()
+
+
+def data_row(values: list[str | None]) -> bytes:
+    buf = WriteBuffer()
+    buf.new_message(ord("D"))
+    buf.write_int16(len(values))
+    for v in values:
+        if v is None:
+            buf.write_int32(-1)
+        else:
+            raw = str(v).encode()
+            buf.write_int32(len(raw))
+            buf.write_bytes(raw)
+    buf.end_message()
+    return buf.take()
+
+
+def command_complete(tag: str) -> bytes:
+    buf = WriteBuffer()
+    buf.new_message(ord("C"))
+    buf.write_str(tag)
+    buf.end_message()
+    return buf.take()
+
+
+def empty_query_response() -> bytes:
+    return b"I\x00\x00\x00\x04"
