@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -649,6 +650,15 @@ def test_prefilter_never_misses_what_the_locator_finds(values):
             for i in hits:
                 bits |= 1 << i
             assert DETECTORS.mask_cell(v, bits, json_kind) == want
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from([b"@", b"a", b".", b"-", b" ", b"x" * 70, b"b.c", b"co", b"_",
+                                 b"\xc3\xa9", b"bob@example.com", b"@@", b"1"]),
+                max_size=30).map(b"".join))
+def test_email_fast_locator_equals_the_regex(cell):
+    regex = re.compile(BUILTIN["email"].locator)
+    assert BUILTIN["email"].locate(cell) == [m.span() for m in regex.finditer(cell)]
 
 
 def test_custom_pattern_errors_name_the_key():
