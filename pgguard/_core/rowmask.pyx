@@ -5,7 +5,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 import hashlib
 
@@ -1000,9 +1000,10 @@ cdef class RowRewriter:
     cdef int _parse_copy(self, MaskPlan plan, Py_ssize_t ri) except -1:
         cdef RowRef* r = &self._rows[ri]
         cdef const char* msg = r.msg
-        cdef Py_ssize_t L = r.len, q = 5, f0, fend, cap
+        cdef Py_ssize_t L = r.len, q = 5, f0, fend, cap, line_end
         cdef int i, j, nexta
-        cdef bint text = plan.mode == MODE_COPY_TEXT, special, quoted, inq, last
+        cdef bint text = plan.mode == MODE_COPY_TEXT, special, quoted, inq, last, plain
+        cdef const char* hit
         cdef char ch, delim = plan.delim, quote = plan.quote, esc = plan.escape
         cdef Rec* rec
         cdef Cell* c
@@ -1032,12 +1033,20 @@ cdef class RowRewriter:
             i = 0
             j = 0
             nexta = plan.act[0] if plan.nact else -1
+            # fast path: a line with no backslash (text) or no quote (csv) before its
+            # first newline ends there, and its fields end at each delimiter
+            hit = <const char*>memchr(msg + q, c'\n', L - q)
+            line_end = (hit - msg) if hit != NULL else L
+            plain = memchr(msg + q, c'\\' if text else quote, line_end - q) == NULL
             while True:
                 # one field: [f0, fend); q stops on its delimiter or terminator
                 f0 = q
                 special = False
                 quoted = False
-                if text:
+                if plain:
+                    hit = <const char*>memchr(msg + q, delim, line_end - q)
+                    q = (hit - msg) if hit != NULL else line_end
+                elif text:
                     while q < L:
                         ch = msg[q]
                         if ch == c'\\':
