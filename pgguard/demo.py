@@ -83,22 +83,25 @@ TRIES: tuple[Try, ...] = (
         today="returns the stored text for now (detectors are not built yet)"),
     Try("DROP INDEX orders_created_at_idx;",
         "refused by rule no-destructive (SQLSTATE 42501); the connection stays usable",
-        today="drops the index for now (policy is not built yet)"),
+        ready=True),
     Try("UPDATE orders SET status = 'refunded' WHERE id = 42;",
-        "waits until a human approves it: pgguard approvals list / approve ID -c {config}",
-        today="updates the row for now (approvals are not built yet)"),
+        "waits inline until a human decides; from another terminal, as alice: "
+        "psql '{console}' -c 'SHOW APPROVALS' then -c 'APPROVE <id>' (or the web console "
+        "{admin_url} with the admin token, or pgguard approvals approve <id> --as alice "
+        "-c {config})",
+        ready=True),
     Try("DELETE FROM orders;",
-        "refused: a DELETE without WHERE is destructive",
-        today="deletes every order for now (policy is not built yet)"),
+        "refused: a DELETE without WHERE is destructive", ready=True),
     Try('pgguard audit sql -c {config} '
         '"SELECT ts, identity, decision, rule, statement FROM audit ORDER BY ts DESC LIMIT 10"',
-        "every statement above in the audit log, with its decision and rule",
-        today="not available yet (the audit log is not built yet)", shell=True),
+        "every statement above in the audit log, with its decision and rule "
+        "(written in batches: give it a second)", ready=True, shell=True),
 )
 
 # One line on what the proxy does already; later issues extend it.
-WORKS_TODAY = ("SCRAM login for ci-agent and alice, and every statement relayed to "
-               "Postgres (simple and extended protocol, COPY, LISTEN/NOTIFY, cancel).")
+WORKS_TODAY = ("SCRAM and 15-minute tokens, the full protocol relayed, destructive and "
+               "privilege statements refused, approvals held inline, every event in the "
+               "Parquet audit log.")
 
 
 # -- the embedded Postgres ------------------------------------------------------------------
@@ -259,12 +262,13 @@ def ensure_passwords(home: Path) -> dict[str, Path]:
     d = home / "secrets"
     d.mkdir(mode=0o700, exist_ok=True)
     files = {}
-    for name in (AGENT, HUMAN, UPSTREAM_ROLE):
+    for name in (HUMAN, UPSTREAM_ROLE, "token-secret", "admin-token"):
         p = d / f"{name}.password"
         if not p.exists() or not p.read_text().strip():
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(15) + "\n")
+                long = name in ("token-secret", "admin-token")
+                f.write(secrets.token_urlsafe(36 if long else 15) + "\n")
         files[name] = p
     return files
 
@@ -291,6 +295,14 @@ port = {port}
 address = "{LISTEN_ADDRESS}"
 port = {admin_port}
 groups = ["dba"]
+token_env = "PGGUARD_ADMIN_TOKEN"   # the demo sets it from secrets/admin-token.password
+
+[auth]
+token_secret_env = "PGGUARD_TOKEN_SECRET"   # the demo sets it from secrets/token-secret.password
+state_dir = "state"
+
+[approvals]
+state_dir = "state"
 
 [upstream]
 # the embedded Postgres: its unix socket directory (libpq convention), trust auth
@@ -300,10 +312,9 @@ user = "{UPSTREAM_ROLE}"
 password_file = "secrets/{UPSTREAM_ROLE}.password"
 databases = ["{DATABASE}"]
 
-[identities.{AGENT}]
+[identities.{AGENT}]              # no static secret: it logs in with short-lived tokens
 kind = "agent"
 groups = ["agents"]
-password_file = "secrets/{AGENT}.password"
 
 [identities.{HUMAN}]
 kind = "human"
@@ -381,8 +392,10 @@ def dsn(user: str, password: str, port: int) -> str:
 
 
 def banner(*, port: int, passwords: dict[str, str], config_path: Path, pgdata: Path,
-           pg_version: str, psql: str) -> str:
+           pg_version: str, psql: str, agent_token: str = "", admin_url: str = "") -> str:
     cfg = str(config_path)
+    fmt = {"config": cfg, "admin_url": admin_url,
+           "console": f"postgresql://{HUMAN}:{passwords[HUMAN]}@{LISTEN_ADDRESS}:{port}/pgguard"}
     out = [
         "",
         f"pgguard demo: the proxy listens on {LISTEN_ADDRESS}:{port}, in front of an "
@@ -390,10 +403,14 @@ def banner(*, port: int, passwords: dict[str, str], config_path: Path, pgdata: P
         f"  config: {cfg}",
         f"  data:   {pgdata}",
         "",
-        f"Connect as the AI agent {AGENT} (kind agent, guarded):",
-        f"  {psql} '{dsn(AGENT, passwords[AGENT], port)}'",
+        f"Connect as the AI agent {AGENT} (kind agent, guarded) with a 15-minute token:",
+        f"  {psql} '{dsn(AGENT, agent_token, port)}'",
+        "  a fresh token, from another terminal:",
+        f"  PGGUARD_TOKEN_SECRET=$(cat {Path(cfg).parent}/secrets/token-secret.password) "
+        f"pgguard token issue -c {cfg} --identity {AGENT}",
         f"Connect as {HUMAN} (kind human, group dba):",
         f"  {psql} '{dsn(HUMAN, passwords[HUMAN], port)}'",
+        f"Admin console (web: {admin_url}, token: {passwords.get('admin-token', '')})",
         "",
         f"Works today: {WORKS_TODAY}",
     ]
@@ -402,12 +419,12 @@ def banner(*, port: int, passwords: dict[str, str], config_path: Path, pgdata: P
                    "the demo reloads its sample data at the next start if they changed it.")
     out += ["", f"What to try as {AGENT}:"]
     for t in TRIES:
-        what = t.what.format(config=cfg)
+        what = t.what.format(**fmt)
         out.append(f"  {'$ ' if t.shell else ''}{what}")
         if t.ready:
-            out.append(f"      -> {t.effect.format(config=cfg)}")
+            out.append(f"      -> {t.effect.format(**fmt)}")
         else:
-            out.append(f"      later: {t.effect.format(config=cfg)}")
+            out.append(f"      later: {t.effect.format(**fmt)}")
             out.append(f"      today: {t.today}")
     out += ["", "Ctrl-C stops the proxy and the embedded Postgres.", ""]
     return "\n".join(out)
@@ -487,8 +504,15 @@ def main(port: int = 6432, directory: str | None = None) -> int:
                   flush=True)
             cfg.listen.address, cfg.listen.port = LISTEN_ADDRESS, port
             cfg.upstream.host, cfg.upstream.port = pg.socket_dir, pg.port
+        # the proxy reads these two secrets from the environment, as in production
+        os.environ["PGGUARD_TOKEN_SECRET"] = passwords["token-secret"]
+        os.environ["PGGUARD_ADMIN_TOKEN"] = passwords["admin-token"]
+        from .approvals.hold import admin_url
+        from .auth import tokens
+        agent_token, _ = tokens.issue(cfg, AGENT, "15m", [DATABASE], "readwrite")
         text = banner(port=port, passwords=passwords, config_path=config_path,
-                      pgdata=pg.pgdata, pg_version=version, psql=_psql_command(pg))
+                      pgdata=pg.pgdata, pg_version=version, psql=_psql_command(pg),
+                      agent_token=agent_token, admin_url=admin_url(cfg))
         threading.Thread(target=_announce_when_listening, args=(port, text, done),
                          name="pgguard-demo-banner", daemon=True).start()
         try:

@@ -289,8 +289,9 @@ class Session:
             await self._bearer(name)
         identity = self.identity
         allowed = server.cfg.upstream.databases
-        if (allowed is not None and self.database not in allowed) or (
-                identity.databases is not None and self.database not in identity.databases):
+        if self.database != CONSOLE_DB and (
+                (allowed is not None and self.database not in allowed) or
+                (identity.databases is not None and self.database not in identity.databases)):
             raise AuthRejected(
                 f'database "{self.database}" is not allowed for identity "{name}"')
         server.throttle.record_success(self.peer)

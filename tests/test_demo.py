@@ -164,8 +164,8 @@ def test_demo_runs_and_stops_cleanly(demo_dir):
         for t in demo.TRIES:
             assert t.what.split()[0] in text
         assert _counts(agent) == (demo_data.N_CUSTOMERS, demo_data.N_ORDERS)
-        # the password the banner shows is the one in the demo's secrets
-        assert (demo_dir / "secrets" / "ci-agent.password").read_text().strip() in agent
+        # the agent holds a pgguard token, not a password
+        assert ":pgg_" in agent
         # the written config validates
         config.load(demo_dir / "pgguard.toml")
         code = d.interrupt()
