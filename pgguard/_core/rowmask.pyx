@@ -429,6 +429,8 @@ cdef class MaskPlan:
         cdef int i, n
         cdef ColPlan* col
         cdef bytes repl, key
+        if self.cols != NULL:
+            raise TypeError("a MaskPlan is immutable")
         cols = tuple(columns)
         n = len(cols)
         if n > 65535:
