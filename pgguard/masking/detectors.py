@@ -8,7 +8,8 @@ Each detector has two patterns over bytes:
   reports only end offsets, which is all the hot path needs to know *which* cells
   hold something);
 - a *locator*, a Python :mod:`re` pattern run only on the few cells the prefilter
-  flagged, which finds the spans to mask (plus a validator: Luhn for credit cards).
+  flagged, and there only in a window around the prefilter's end offsets, which finds
+  the spans to mask (plus a validator: Luhn for credit cards, SSN ranges).
 
 The contract between the two: every locator match inside a cell contains a prefilter
 match inside the same cell. Then "Hyperscan flags the cell, ``re`` finds the spans"
@@ -36,9 +37,9 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from re import _parser as _sre_parser
 
 import hyperscan
-from re import _parser as _sre_parser
 
 from ..errors import ConfigError
 
