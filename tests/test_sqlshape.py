@@ -32,7 +32,10 @@ def test_string_bodies_of_do_keep_their_words_apart():
     assert shape(b"DO $$BEGIN NULL; END$$") != shape(b"DO $$BEGIN DROP TABLE t; END$$")
 
 
-@given(st.lists(st.one_of(st.integers(0, 10**12), st.text(max_size=20)), max_size=5))
+# SQL text never holds a NUL byte (the protocol ends strings with it)
+@given(st.lists(st.one_of(st.integers(0, 10**12),
+                          st.text(st.characters(blacklist_characters="\x00"), max_size=20)),
+                max_size=5))
 def test_same_shape_for_different_literals(values):
     def render(vals):
         parts = []
