@@ -2,6 +2,7 @@
 # Execute, Sync) with what the server answered, and emits one audit record each.
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import deque
@@ -217,17 +218,33 @@ def fast_normalize(sql: bytes) -> str:
     return norm
 
 
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def fingerprint(normalized: str) -> str:
+    """A short stable id of a normalized statement (its literal-free shape)."""
+    fp = _FINGERPRINTS.get(normalized)
+    if fp is None:
+        if len(_FINGERPRINTS) >= 10_000:
+            _FINGERPRINTS.clear()
+        fp = _FINGERPRINTS[normalized] = hashlib.blake2b(
+            normalized.encode(), digest_size=8).hexdigest()
+    return fp
+
+
 def statement_record(s: Session, sql, d, decision: str, ts: datetime) -> AuditRecord:
     """An audit record for one statement of session ``s`` (``sql`` bytes or str)."""
+    fp = None
     if isinstance(sql, bytes):
-        sql = sql.decode("utf-8", "replace") if s.server.cfg.audit.capture_literals \
-            else fast_normalize(sql)
+        norm = fast_normalize(sql)
+        fp = fingerprint(norm)
+        sql = sql.decode("utf-8", "replace") if s.server.cfg.audit.capture_literals else norm
     rec = AuditRecord(
         session_id=s.id, event="statement", ts=ts, identity=s.identity_name,
         identity_kind=s.identity.kind if s.identity is not None else None,
         client_addr=s.client_addr, application_name=s.params.get("application_name"),
         database=s.database, upstream_user=s.server.cfg.upstream.user,
-        statement=sql, decision=decision)
+        statement=sql, fingerprint=fp, decision=decision)
     if d is not None:
         rec.rule = d.rule
         sts = d.statements
