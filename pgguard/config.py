@@ -99,8 +99,14 @@ class Upstream(_Base):
     sslrootcert: str | None = None
     databases: list[str] | None = None
     connect_timeout: str = "10s"
+    # ephemeral roles: per session, pgguard creates a LOGIN role IN ROLE template_role,
+    # VALID UNTIL the credential's expiry, logs in as it and drops it at disconnect
+    provision: bool = False
+    template_role: str | None = None
 
     def __post_init__(self) -> None:
+        if self.provision and not self.template_role:
+            raise ValueError("provision = true needs template_role")
         if not 0 < self.port <= 65535:
             raise ValueError("port must be between 1 and 65535")
         parse_duration(self.connect_timeout)
@@ -186,6 +192,12 @@ class Identity(_Base):
     password_env: str | None = None
     password_file: str | None = None
     databases: list[str] | None = None
+    # log in upstream as this role instead of [upstream] user (its secret from env/file)
+    upstream_user: str | None = None
+    upstream_password_env: str | None = None
+    upstream_password_file: str | None = None
+    # SET ROLE to this role at session start; the client cannot change it afterwards
+    role: str | None = None
 
 
 class Policy(_Base):

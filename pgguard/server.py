@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from pathlib import Path
 
 from .cancel import CancelKeyCipher
@@ -80,6 +81,7 @@ class Server:
         self.audit_strict = cfg.audit.durability == "strict"
         self.shutting_down = False
         self._servers: list[asyncio.base_events.Server] = []
+        self._background: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
 
     def resolve_path(self, p: str) -> str:
@@ -114,6 +116,37 @@ class Server:
         log.info("authentication failed for %r from %s%s", session.identity_name,
                  session.client_addr, f": {reason}" if reason else "")
         self.throttle.record_failure(session.peer)
+
+    # -- background work that must finish before exit (dropping ephemeral roles)
+    def background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def janitor(self) -> None:
+        """Drop ephemeral roles a crash left behind: pgguard_* roles older than a minute
+        with no session."""
+        if not self.cfg.upstream.provision:
+            return
+        from . import sideconn
+        db = (self.cfg.upstream.databases or ["postgres"])[0]
+        try:
+            rows = (await sideconn.run(self, db, [
+                "SELECT rolname, coalesce(rolvaliduntil < now(), false) FROM pg_roles r "
+                "WHERE rolname LIKE 'pgguard\\_%' AND NOT EXISTS (SELECT 1 FROM "
+                "pg_stat_activity a WHERE a.usename = r.rolname)"]))[0]
+        except Exception as e:      # noqa: BLE001 - the janitor must not stop the proxy
+            log.warning("janitor: cannot list ephemeral roles: %s", e)
+            return
+        now = time.time()
+        for name, expired in rows:
+            parts = name.split("_")
+            # a young role may belong to a session another instance is opening right now
+            if expired != "t" and len(parts) >= 4 and parts[-2].isdigit() \
+                    and now - int(parts[-2]) < 60:
+                continue
+            log.info("janitor: dropping leftover ephemeral role %s", name)
+            await sideconn.drop_role(self, db, name, self.cfg.upstream.template_role)
 
     # -- policy
     def policy_inspects(self, identity_name: str, identity, database: str) -> bool:
@@ -307,6 +340,8 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
         server.revocations.start(asyncio.get_running_loop())
     await server.start()
     await server.start_admin()
+    if worker == 0:
+        server.background(server.janitor())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -320,6 +355,8 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
     await stop.wait()
     log.info("pgguard worker %d shutting down", worker)
     await server.shutdown()
+    if server._background:
+        await asyncio.wait(list(server._background), timeout=10)
     if server.admin is not None:
         await server.admin.close()
     server.close_audit()

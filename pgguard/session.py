@@ -150,6 +150,8 @@ class Session:
         self.held_items = None
         self.principal = None           # token / OIDC login: who, scope, expiry
         self.cancel_key = 0
+        self.provisioned = None         # ephemeral upstream role to drop at disconnect
+        self.pinned_role = False        # the upstream role is chosen by pgguard
         self.approval = None            # (task, request id) while a statement is held
         self.readonly = False
         self._unguard = None            # cancels the token expiry/revocation guard
@@ -436,8 +438,19 @@ class Session:
         if self.readonly:
             opts = params.get("options", "")
             params["options"] = (opts + " -c default_transaction_read_only=on").strip()
-        self.up, status, key = await connect_upstream(self, self.server, self.database, params)
+        user, password = await self._upstream_role()
+        self.up, status, key = await connect_upstream(self, self.server, self.database, params,
+                                                      user=user, password=password)
         status = [_client_app_status(st, client_app) for st in status]
+        role = self.identity.role if self.identity is not None else None
+        if role:
+            from .sideconn import UpstreamError, execute, ident
+            try:
+                await execute(self.up, f"SET ROLE {ident(role)}")
+            except UpstreamError as e:
+                raise UpstreamUnavailable(f'pgguard could not assume role "{role}"',
+                                          detail=e.message) from None
+            self.pinned_role = True
         pid, secret = key
         self.upstream_key = key
         cpid, csecret = self.server.cancel_cipher.encode(pid, secret)
@@ -450,17 +463,53 @@ class Session:
         self.connected_at = time.monotonic()
         self._audit_event("connect")
 
+    async def _upstream_role(self) -> tuple[str | None, str | None]:
+        """The upstream login for this session: an ephemeral role when [upstream]
+        provision is on, the identity's upstream_user, or the proxy's own (None)."""
+        from .config import parse_duration, read_secret
+        cfg = self.server.cfg
+        ident = self.identity
+        if cfg.upstream.provision:
+            import secrets as _secrets
+
+            from . import sideconn
+            safe = re.sub(r"[^a-z0-9]", "", self.identity_name.lower())[:16] or "x"
+            name = f"pgguard_{safe}_{int(time.time())}_{_secrets.token_hex(3)}"
+            password = _secrets.token_urlsafe(24)
+            until = self.principal.expires_at if self.principal is not None else \
+                time.time() + parse_duration(cfg.auth.max_ttl)
+            until_text = datetime.fromtimestamp(until, timezone.utc).isoformat()
+            try:
+                await sideconn.run(self.server, self.database, [
+                    f"CREATE ROLE {sideconn.ident(name)} LOGIN PASSWORD "
+                    f"{sideconn.literal(password)} VALID UNTIL {sideconn.literal(until_text)} "
+                    f"IN ROLE {sideconn.ident(cfg.upstream.template_role)}"])
+            except sideconn.UpstreamError as e:
+                log.error("provisioning %s failed: %s", name, e.message)
+                raise UpstreamUnavailable("pgguard could not provision an upstream role",
+                                          detail=e.message) from None
+            self.provisioned = name
+            self.pinned_role = True
+            return name, password
+        if ident is not None and ident.upstream_user:
+            pw = read_secret(cfg, ident.upstream_password_env, ident.upstream_password_file,
+                             f"identities.{self.identity_name}")
+            self.pinned_role = True
+            return ident.upstream_user, pw
+        return None, None
+
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
         limits = self.server.cfg.limits
-        if self.readonly or self.server.policy_inspects(self.identity_name, self.identity,
-                                                        self.database):
+        if self.readonly or self.pinned_role or self.server.policy_inspects(
+                self.identity_name, self.identity, self.database):
             from .policy.classify import PreparedMemory
             self.policy = self.server.policy
             self.prepared = PreparedMemory()
             self._cache = self.server.decision_cache(
                 self.identity_name, self.database,
-                "readonly" if self.readonly else "readwrite")
+                ("readonly" if self.readonly else "readwrite")
+                + (":pinned" if self.pinned_role else ""))
         if self.principal is not None:
             from .auth.revocations import guard_session
             p = self.principal
@@ -706,6 +755,8 @@ class Session:
                                self.prepared)
         if self.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
+        if self.pinned_role and d.action == "allow" and _changes_role(d):
+            d = _pinned_refusal(d)
         self.server.remember_decision(self._cache, msg, key, d)
         return d
 
@@ -889,6 +940,12 @@ class Session:
             upstream_user=self.server.cfg.upstream.user if event != "auth_failed" else None,
             **fields))
 
+    async def _drop_provisioned(self, role: str) -> None:
+        from .sideconn import drop_role
+        await asyncio.sleep(0.05)       # let the upstream backend see the Terminate
+        await drop_role(self.server, self.database, role,
+                        self.server.cfg.upstream.template_role)
+
     def _end_by_token(self, err) -> None:
         """The token expired or was revoked: FATAL at a message boundary, then close."""
         log.info("session %s: %s", self.id, err.message)
@@ -902,6 +959,9 @@ class Session:
         self.closed = True
         if self._unguard is not None:
             self._unguard()
+        if self.provisioned is not None:
+            self.server.background(self._drop_provisioned(self.provisioned))
+            self.provisioned = None
         if self.approval is not None:
             task, req_id = self.approval
             task.cancel()
@@ -996,6 +1056,26 @@ def _changes(st) -> bool:
 
 def _reads_only(d) -> bool:
     return not any(_changes(st) for st in d.statements)
+
+
+_ROLE_KINDS = frozenset({"set", "reset", "discard"})
+
+
+def _changes_role(d) -> bool:
+    return any("privilege" in st.flags and (_ROLE_KINDS.intersection(st.kinds) or any(
+        f.endswith("set_config") for f in st.functions)) for st in d.statements)
+
+
+def _pinned_refusal(d):
+    from .policy.rules import Decision
+    return Decision(
+        action="block", rule="pinned-role",
+        message='pgguard: statement refused by rule "pinned-role": this session\'s '
+                "upstream role is set by pgguard and cannot be changed",
+        detail="SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION, DISCARD ALL and "
+               "set_config('role', ...) are refused in this session",
+        hint="Connect as the identity whose role you need.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
 def _readonly_refusal(d):

@@ -108,7 +108,8 @@ def _ssl_context(server: Server) -> ssl.SSLContext | None:
 
 
 async def connect_upstream(session: Session, server: Server, database: str,
-                           params: dict[str, str]):
+                           params: dict[str, str], *, user: str | None = None,
+                           password: str | None = None):
     """Open and log in an upstream connection for a session.
 
     Returns (protocol, [ParameterStatus messages to pass on], (pid, secret)).
@@ -133,7 +134,7 @@ async def connect_upstream(session: Session, server: Server, database: str,
             detail=f"connection to {cfg.host}:{cfg.port} failed") from None
     session.up = proto
     try:
-        return await _login(proto, server, database, params)
+        return await _login(proto, server, database, params, user, password)
     except (ConnectionError, OSError) as e:
         transport.close()
         raise UpstreamUnavailable("the upstream database closed the connection during login",
@@ -144,8 +145,12 @@ async def connect_upstream(session: Session, server: Server, database: str,
 
 
 async def _login(proto: UpstreamProtocol, server: Server, database: str,
-                 params: dict[str, str]):
+                 params: dict[str, str], user: str | None = None,
+                 password: str | None = None):
     cfg = server.cfg.upstream
+    user = user or cfg.user
+    if password is None and user == cfg.user:
+        password = server.upstream_password
     ctx = _ssl_context(server)
     if ctx is not None:
         proto.transport.write(struct.pack("!II", 8, m.SSL_REQUEST))
@@ -169,7 +174,7 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
         else:
             raise UpstreamUnavailable("unexpected answer to SSLRequest from upstream")
     proto.reader = FrameReader(True, 0x7FFFFFFF)
-    start = {"user": cfg.user, "database": database}
+    start = {"user": user, "database": database}
     start.update(params)
     proto.transport.write(m.startup_message(start))
     status: list[bytes] = []
@@ -181,7 +186,8 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
             (code,) = struct.unpack_from("!I", payload)
             if code == m.AUTH_OK:
                 continue
-            scram_client = _answer_auth(proto, server, code, payload[4:], scram_client)
+            scram_client = _answer_auth(proto, user, password, code, payload[4:],
+                                        scram_client)
         elif t == ord("S"):
             status.append(b"S" + struct.pack("!I", len(payload) + 4) + payload)
         elif t == ord("K"):
@@ -198,10 +204,9 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
             raise UpstreamUnavailable(f"unexpected message {chr(t)!r} from upstream at login")
 
 
-def _answer_auth(proto: UpstreamProtocol, server: Server, code: int, data: bytes, scram_client):
+def _answer_auth(proto: UpstreamProtocol, user: str, password: str | None, code: int,
+                 data: bytes, scram_client):
     from .auth import scram
-    password = server.upstream_password
-    user = server.cfg.upstream.user
     try:
         if code == m.AUTH_CLEARTEXT:
             _need(password)
