@@ -109,3 +109,33 @@ def test_readonly_scope(pg, tproxy):
             conn.execute("INSERT INTO ro VALUES (2)")
         assert "readonly-scope" in str(e.value)
     assert pg.execute("SELECT count(*) FROM ro", dbname="appdb") == [(1,)]
+
+
+def test_oidc_jwt_as_password(pg, make_proxy, tmp_path):
+    from test_oidc import AUDIENCE, DEFAULT_JWKS, ISSUER, RSA_OTHER, make_token
+    (tmp_path / "jwks.json").write_text(DEFAULT_JWKS)
+    proxy = make_proxy(extra=f"""
+[auth]
+state_dir = "{tmp_path}/state"
+
+[auth.oidc]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+jwks_file = "{tmp_path}/jwks.json"
+identity_claim = ["preferred_username", "sub"]
+groups_claim = "groups"
+""")
+    good = make_token(sub="u-1", preferred_username="okta-bot", groups=["agents"])
+    with psycopg.connect(proxy.dsn(user="okta-bot", password=good, dbname="appdb")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        apps = pg.execute("SELECT application_name FROM pg_stat_activity "
+                          "WHERE application_name LIKE 'pgguard:okta-bot%'")
+        assert apps
+    for bad in (make_token(sub="u-1", preferred_username="okta-bot", iss="https://evil"),
+                make_token(sub="u-1", preferred_username="okta-bot", aud="other"),
+                make_token(sub="u-1", preferred_username="okta-bot",
+                           exp=int(time.time()) - 120),
+                make_token(RSA_OTHER, sub="u-1", preferred_username="okta-bot"),
+                make_token(sub="u-1", preferred_username="someone-else")):
+        state, msg = connect_error(proxy.dsn(user="okta-bot", password=bad, dbname="appdb"))
+        assert state == "28P01", msg
