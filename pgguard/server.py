@@ -82,6 +82,7 @@ class Server:
         self.shutting_down = False
         self._servers: list[asyncio.base_events.Server] = []
         self._background: set[asyncio.Task] = set()
+        self._setup_metrics()
         self._idle = asyncio.Event()
 
     def resolve_path(self, p: str) -> str:
@@ -116,6 +117,38 @@ class Server:
         log.info("authentication failed for %r from %s%s", session.identity_name,
                  session.client_addr, f": {reason}" if reason else "")
         self.throttle.record_failure(session.peer)
+
+    # -- metrics (served on the admin port's /metrics, summed across workers)
+    def _setup_metrics(self) -> None:
+        from .approvals.metrics import Registry
+        m = self.metrics = Registry()
+        self.m_sessions = m.gauge("pgguard_sessions", "client sessions open")
+        self.m_statements = m.counter("pgguard_statements_total",
+                                      "statements by decision", labels=("decision",))
+        self.m_masked = m.counter("pgguard_masked_cells_total", "cells masked in results")
+        m.gauge("pgguard_audit_queue_depth", "audit records waiting to be written",
+                fn=lambda: self.audit.stats().queue_depth if self.audit is not None else 0)
+        m.counter("pgguard_audit_dropped_total", "audit records dropped (batched mode)",
+                  fn=lambda: self.audit.stats().dropped if self.audit is not None else 0)
+
+    def count_statement(self, decision: str, n: int = 1) -> None:
+        self.m_statements.inc(n, decision=decision)
+
+    def _report_fast(self, session) -> None:
+        pipe = session.client_pipe
+        if pipe is None:
+            return
+        n = pipe.fast_forwarded - session.fast_reported
+        if n:
+            session.fast_reported += n
+            self.count_statement("allowed", n)
+
+    async def _metrics_tick(self) -> None:
+        # statements the compiled fast path forwarded, folded into the counter
+        while True:
+            await asyncio.sleep(1.0)
+            for s in list(self.sessions):
+                self._report_fast(s)
 
     # -- background work that must finish before exit (dropping ephemeral roles)
     def background(self, coro) -> None:
@@ -197,10 +230,14 @@ class Server:
             session.fail(TooManyConnections("sorry, too many clients already"))
             return False
         self.sessions.add(session)
+        self.m_sessions.inc()
         self._idle.clear()
         return True
 
     def forget(self, session) -> None:
+        if session in self.sessions:
+            self.m_sessions.dec()
+            self._report_fast(session)
         self.sessions.discard(session)
         if not self.sessions:
             self._idle.set()
@@ -259,8 +296,9 @@ class Server:
         if self.approvals is None:
             return
         from .approvals.web import start_admin
-        self.admin = await start_admin(self.cfg, self.approvals, sessions=self.sessions_info,
-                                       token=self.admin_token)
+        self.admin = await start_admin(self.cfg, self.approvals, self.metrics,
+                                       sessions=self.sessions_info, token=self.admin_token)
+        self.background(self._metrics_tick())
 
     async def start(self, sock: socket.socket | None = None) -> None:
         from .session import ClientProtocol
@@ -355,6 +393,9 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
     await stop.wait()
     log.info("pgguard worker %d shutting down", worker)
     await server.shutdown()
+    for t in list(server._background):
+        if t.get_coro().__name__ == "_metrics_tick":
+            t.cancel()
     if server._background:
         await asyncio.wait(list(server._background), timeout=10)
     if server.admin is not None:

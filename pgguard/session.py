@@ -150,6 +150,7 @@ class Session:
         self.held_items = None
         self.principal = None           # token / OIDC login: who, scope, expiry
         self.cancel_key = 0
+        self.fast_reported = 0          # fast-path statements already counted in metrics
         self.provisioned = None         # ephemeral upstream role to drop at disconnect
         self.pinned_role = False        # the upstream role is chosen by pgguard
         self.approval = None            # (task, request id) while a statement is held
@@ -655,6 +656,7 @@ class Session:
         if req is None or req.state == "approved":
             log.info("session %s: statement approved by %s", self.id, approver)
             out.append(msg)
+            self.server.count_statement("approved")
             if self.tracker is not None:
                 from .tracking import Approved
                 self.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
@@ -764,6 +766,7 @@ class Session:
         d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None
         if d is None or d.action == "allow":
             out.append(msg)
+            self.server.count_statement("allowed")
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, time.monotonic_ns()))
             if d is not None and self.prepared is not None and d.statements \
@@ -801,6 +804,7 @@ class Session:
                         sqlstate: str = "42501") -> None:
         log.info("session %s: %s refused by rule %s", self.id, self.identity_name, d.rule)
         out.append(_refusal_query(d))
+        self.server.count_statement(outcome)
         if self.tracker is not None:
             from .tracking import REFUSAL_SYNC, statement_record
             rec = statement_record(self, sql, d, outcome, _now())

@@ -210,3 +210,49 @@ def test_psql_admin_console(pg, aproxy, psql_bin):
     # agents may not use the console
     r = run_psql(psql_bin, aproxy.dsn(dbname="pgguard"), "-c", "SHOW APPROVALS")
     assert r.returncode != 0 and "may not use the admin console" in r.stderr
+
+
+def test_approval_inside_a_transaction(pg, aproxy):
+    def agent(decide):
+        with psycopg.connect(aproxy.dsn(dbname="appdb")) as conn:       # BEGIN implicit
+            conn.execute("INSERT INTO orders VALUES (3, 'tx')")
+            try:
+                conn.execute("UPDATE orders SET status = 'in-tx' WHERE id = 1")
+            except psycopg.errors.InsufficientPrivilege:
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+                conn.rollback()
+                return "refused"
+            conn.commit()
+            return "committed"
+
+    t, box = run_in_thread(lambda: agent("approve"))
+    (rid,) = pending_ids(aproxy)
+    api(aproxy, "POST", f"/api/approvals/{rid}/approve", {"approver": "alice"})
+    t.join(15)
+    assert box.get("result") == "committed", box
+    assert status(pg) == "in-tx"
+    t, box = run_in_thread(lambda: agent("deny"))
+    (rid,) = pending_ids(aproxy)
+    api(aproxy, "POST", f"/api/approvals/{rid}/deny", {"approver": "alice"})
+    t.join(15)
+    assert box.get("result") == "refused", box
+    # the refused transaction's INSERT was rolled back with it
+    assert pg.execute("SELECT count(*) FROM orders WHERE id = 3", dbname="appdb") == [(1,)]
+
+
+def test_metrics_and_healthz(pg, aproxy):
+    with psycopg.connect(aproxy.dsn(dbname="appdb"), autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute("SELECT 1")
+        time.sleep(1.3)          # the fast path's counts are folded in every second
+        with urllib.request.urlopen(f"http://127.0.0.1:{aproxy.admin_port}/metrics",
+                                    timeout=10) as r:
+            text = r.read().decode()
+    assert "pgguard_sessions 1" in text
+    allowed = [line for line in text.splitlines()
+               if line.startswith('pgguard_statements_total{decision="allowed"}')]
+    assert allowed and float(allowed[0].split()[-1]) >= 3
+    assert "pgguard_audit_queue_depth" in text and "pgguard_approvals" in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{aproxy.admin_port}/healthz",
+                                timeout=10) as r:
+        assert r.status == 200
