@@ -30,7 +30,7 @@ def roles(pg):
 
 
 def test_identity_upstream_user_and_pinned_role(make_proxy):
-    proxy = make_proxy(extra=f"""
+    proxy = make_proxy(extra="""
 [identities.reporter]
 kind = "human"
 password_env = "TEST_HUMAN_PASSWORD"

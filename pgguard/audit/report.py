@@ -51,7 +51,7 @@ def gather(con: duckdb.DuckDBPyConnection, since: datetime, until: datetime,
         f"AND ts < '{until.isoformat()}'::TIMESTAMPTZ")
     refused = ", ".join(f"'{d}'" for d in REFUSED)
     p: list = []
-    summary = _rows(con, f"""
+    summary = _rows(con, """
         SELECT count(*) FILTER (event = 'statement') AS statements,
                count(*) FILTER (decision = 'allowed') AS allowed,
                count(*) FILTER (decision = 'blocked') AS blocked,
@@ -158,7 +158,7 @@ def _period(d: ReportData) -> str:
 def to_markdown(d: ReportData) -> str:
     """The report as Markdown (GitHub tables)."""
     s = d.summary
-    lines = [f"# pgguard audit report", "",
+    lines = ["# pgguard audit report", "",
              f"Period: {_period(d)}  ", f"Source: `{d.source}`  "]
     if d.chain:
         lines.append(f"Hash chain: {d.chain}  ")

@@ -1,0 +1,89 @@
+# The psql admin console: database "pgguard" answered by pgguard itself (PgBouncer
+# style) for humans in [admin] groups: SHOW APPROVALS, APPROVE, DENY, SHOW SESSIONS.
+from __future__ import annotations
+
+import time
+
+from ._core import FrameReader
+from .errors import AuthRejected, PgguardError
+from .protocol import messages as m
+
+# the virtual database of the admin console
+CONSOLE_DB = "pgguard"
+
+
+class ConsoleSession:
+    """Session mixin: the admin console instead of an upstream link."""
+
+    # -- the psql admin console: database "pgguard", answered by pgguard itself
+    def _console_start(self) -> None:
+        cfg = self.server.cfg
+        ident = self.identity
+        if self.server.approvals is None:
+            raise AuthRejected('the admin console (database "pgguard") is not enabled',
+                               hint="set [admin] token_env and run pgguard with it set")
+        if ident is None or ident.kind != "human" or not set(ident.groups) & set(
+                cfg.admin.groups):
+            raise AuthRejected(f'identity "{self.identity_name}" may not use the admin '
+                               'console (database "pgguard")',
+                               hint=f"it is for humans in [admin] groups {cfg.admin.groups}")
+        from .approvals.console import AdminConsole
+        self._console = AdminConsole(self.server.approvals, admin_groups=cfg.admin.groups,
+                                     sessions=self.server.sessions_info)
+        out = [m.auth_request(m.AUTH_OK)]
+        for k, v in (("server_version", "16.0 (pgguard admin console)"),
+                     ("server_encoding", "UTF8"), ("client_encoding", "UTF8"),
+                     ("DateStyle", "ISO, MDY"), ("integer_datetimes", "on"),
+                     ("standard_conforming_strings", "on"),
+                     ("application_name", self.params.get("application_name", ""))):
+            out.append(m.parameter_status(k, v))
+        out.append(m.backend_key_data(0, 0))
+        out.append(m.ready_for_query(ord("I")))
+        self.client.transport.write(b"".join(out))
+        self._audit_event("connect")
+        self.connected_at = time.monotonic()
+
+
+    async def _console_loop(self) -> None:
+        c = self.client
+        rest = c.reader.take_rest()
+        c.reader = FrameReader(True, self.server.cfg.limits.max_message_size)
+        if rest:
+            c.reader.feed(rest)
+        who = (self.identity_name, tuple(self.identity.groups))
+        while not self.closed:
+            try:
+                t, payload = await c.read_message()
+            except (ConnectionError, PgguardError):
+                break
+            if t == ord("X"):
+                break
+            out: list[bytes] = []
+            if t != ord("Q"):
+                out.append(m.error_response(
+                    "0A000", "the admin console speaks the simple query protocol only"))
+                if t in (ord("S"), ord("F")):
+                    out.append(m.ready_for_query(ord("I")))
+                c.transport.write(b"".join(out))
+                continue
+            sql = payload.rstrip(b"\0").decode("utf-8", "replace")
+            try:
+                results = await self._console.aexecute(sql, who)
+            except PgguardError as e:
+                out.append(m.error_response(e.sqlstate, e.message, detail=e.detail,
+                                            hint=e.hint))
+                results = []
+            for r in results:
+                if r.notice:
+                    out.append(m.error_response("00000", r.notice, severity="NOTICE",
+                                                notice=True))
+                if r.columns:
+                    out.append(m.row_description(r.columns))
+                    out.extend(m.data_row(row) for row in r.rows)
+                out.append(m.command_complete(r.tag))
+            if not results and not out:
+                out.append(m.empty_query_response())
+            out.append(m.ready_for_query(ord("I")))
+            c.transport.write(b"".join(out))
+        self.close()
+

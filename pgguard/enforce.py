@@ -1,0 +1,327 @@
+# What a session does with each statement it watches: policy decisions (cached, with a
+# compiled fast path), refusals that keep Postgres' transaction semantics exactly, and
+# the backend rewrite that turns a refusal's upstream error into the client's 42501.
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import time
+from datetime import datetime, timezone
+
+from ._core.sqlshape import shape
+from .errors import ProtocolViolation
+from .protocol import messages as m
+
+log = logging.getLogger("pgguard.session")
+
+ALL_TYPES = bytes(range(256))
+# a refusal reaches the upstream as a statement that raises this SQLSTATE, so the
+# upstream transaction fails exactly where the client is told; the backend path
+# turns that error into the client's 42501
+REFUSAL_MARKER = "PGG42"
+
+
+class Enforcement:
+    """Session mixin: the relay hooks for watched frontend messages and diverted
+    backend messages. Expects the Session's state (fscan, bscan, pipes, policy,
+    tracker, refusals...)."""
+
+    # -- relay hooks (called by the compiled pipes)
+    def client_items(self, items: list) -> None:
+        """Frontend messages the scan withheld (Query, Parse, Terminate, and for the
+        audit Bind/Execute/Sync) with the forwarded runs around them; everything while
+        discarding after a refusal or holding for a durable audit record."""
+        if self.held is not None:
+            self._hold_more(items)
+            return
+        out: list[bytes] = []
+        scan = self.fscan
+        strict = self.server.audit_strict and self.tracker is not None
+        while True:
+            for i, it in enumerate(items):
+                if it.__class__ is bytes:
+                    if not self.discarding:
+                        out.append(it)
+                    continue
+                t, msg = it
+                if self.discarding:
+                    # Postgres ignores everything after an error until Sync
+                    if t == 83:                 # 'S' Sync: ends the discarding
+                        self.discarding = False
+                        scan.set_interest(ALL_TYPES, False)
+                        scan.set_interest(self.watch, True)
+                        out.append(msg)
+                        if self.tracker is not None:
+                            self.tracker.flog.append((msg, None, 0))
+                    elif t == 88:               # 'X' Terminate
+                        self._terminate_from_client(out, msg)
+                        return
+                    elif t in (81, 70):         # a dropped Query/FunctionCall: no Z
+                        self.sync_adjust -= 1
+                    continue
+                if t == 81:                     # 'Q' simple Query
+                    n = len(out)
+                    self._on_query(msg, out)
+                    if strict and len(out) > n and out[-1] is msg:
+                        self._hold_for_record(out, items[i + 1:])
+                        return
+                elif t == 80:                   # 'P' Parse
+                    self._on_parse(msg, out)
+                elif t == 88:                   # 'X' Terminate
+                    self._terminate_from_client(out, msg)
+                    return
+                else:                           # Bind / Execute / Sync / FunctionCall
+                    out.append(msg)
+                    if self.tracker is not None:
+                        self.tracker.flog.append((msg, None, time.monotonic_ns()))
+                        if strict and t == 69:  # Execute: durable record first
+                            self._hold_for_record(out, items[i + 1:])
+                            return
+            rest = scan.take_rest()
+            if rest is None:
+                break
+            items = scan.feed(rest)
+        if out:
+            self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+
+    def _terminate_from_client(self, out: list, msg: bytes) -> None:
+        out.append(msg)
+        self.up.transport.write(b"".join(out))
+        self.close()
+
+
+    def _decide(self, msg: bytes, text_start: int, text_end: int):
+        """The policy decision for the SQL text msg[text_start:text_end], cached by
+        the raw bytes and by the literal-insensitive shape."""
+        exact, shapes = self._cache
+        d = exact.get(msg)
+        if d is not None:
+            return d
+        raw = msg[text_start:text_end]
+        key = shape(raw)
+        if key is not None:
+            d = shapes.get(key)
+            if d is not None:
+                return d
+        try:
+            sql = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            from .policy.rules import Decision
+            return Decision(action="block", rule="encoding",
+                            message='pgguard: statement refused by rule "encoding": the '
+                                    "statement is not valid UTF-8",
+                            hint="Send statements in UTF-8 (client_encoding = UTF8).")
+        d = self.policy.decide(sql, self.identity_name, self.identity, self.database,
+                               self.prepared)
+        if self.readonly and d.action == "allow" and not _reads_only(d):
+            d = _readonly_refusal(d)
+        if self.pinned_role and d.action == "allow" and _changes_role(d):
+            d = _pinned_refusal(d)
+        self.server.remember_decision(self._cache, msg, key, d)
+        return d
+
+
+    def _on_query(self, msg: bytes, out: list) -> None:
+        d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None
+        if d is None or d.action == "allow":
+            out.append(msg)
+            self.server.count_statement("allowed")
+            if self.tracker is not None:
+                self.tracker.flog.append((msg, d, time.monotonic_ns()))
+            if d is not None and self.prepared is not None and d.statements \
+                    and _touches_prepared(d):
+                self.prepared.observe(d.statements)
+            return
+        if d.action == "approve":
+            self._hold_for_approval(d, msg, out, extended=False, sql=msg[5:-1])
+            return
+        # the client's Query is replaced by one that fails upstream: same Z count
+        self._inject_refusal(d, out, extended=False, sql=msg[5:-1])
+
+
+    def _on_parse(self, msg: bytes, out: list) -> None:
+        try:
+            name, pos = m.parse_cstr(msg, 5)
+            end = msg.index(b"\0", pos)
+        except ValueError:
+            self.fail(ProtocolViolation("invalid Parse message"))
+            return
+        d = self._decide(msg, pos, end) if self.policy is not None else None
+        if d is None or d.action == "allow":
+            out.append(msg)
+            if self.tracker is not None:
+                self.tracker.flog.append((msg, d, 0))
+            if name and d is not None and self.prepared is not None and d.statements:
+                self.prepared.record(name, d.statements[0])
+            return
+        if d.action == "approve":
+            self._hold_for_approval(d, msg, out, extended=True, sql=msg[pos:end], name=name)
+            return
+        self._refuse_any(d, out, True, msg[pos:end])
+
+
+    def _refuse_any(self, d, out: list, extended: bool, sql: bytes, **kw) -> None:
+        if extended:
+            self.sync_adjust += 1
+            self._inject_refusal(d, out, extended=True, sql=sql, **kw)
+            self.discarding = True
+            self.fscan.set_interest(ALL_TYPES, True)
+        else:
+            self._inject_refusal(d, out, extended=False, sql=sql, **kw)
+
+
+    def _inject_refusal(self, d, out: list, extended: bool, sql: bytes = b"",
+                        outcome: str = "blocked", approver: str | None = None,
+                        sqlstate: str = "42501") -> None:
+        log.info("session %s: %s refused by rule %s", self.id, self.identity_name, d.rule)
+        out.append(_refusal_query(d))
+        self.server.count_statement(outcome)
+        if self.tracker is not None:
+            from .tracking import REFUSAL_SYNC, statement_record
+            rec = statement_record(self, sql, d, outcome, _now())
+            rec.approver = approver
+            rec.sqlstate = sqlstate
+            rec.error = d.message
+            self.server.audit.log(rec)
+            self.tracker.flog.append((REFUSAL_SYNC, None, 0))
+        target = self.fscan.count + self.sync_adjust
+        self.refusals.append([target, d, extended, False, sqlstate])
+        self._divert_backend(True)
+
+
+    def _divert_backend(self, on: bool) -> None:
+        pipe, scan = self.up_pipe, self.bscan
+        if on:
+            if pipe.divert:
+                return
+            self.z_count = scan.count
+            scan.set_interest(ALL_TYPES, True)
+            scan.set_withhold(True)
+            pipe.divert = True
+        elif pipe.divert and scan.set_withhold(False):
+            scan.set_interest(ALL_TYPES, False)
+            if self.tracker is not None:
+                scan.set_interest(b"CEIsZ", True)
+            pipe.divert = False
+
+
+    def backend_items(self, items: list) -> None:
+        """Diverted backend messages: rewrite our refusal errors, drop the extra
+        ReadyForQuery a refused Parse leaves, forward the rest."""
+        out: list[bytes] = []
+        refusals = self.refusals
+        for it in items:
+            if it.__class__ is bytes:
+                out.append(it)
+                continue
+            t, msg = it
+            if t == 90:                                  # 'Z' ReadyForQuery
+                self.z_count += 1
+                drop = False
+                if refusals and self.z_count >= refusals[0][0]:
+                    target, d, extended, seen, _ = refusals.popleft()
+                    if not seen and self.tracker is not None:
+                        self.tracker.refusal_ignored()
+                    drop = seen and extended             # answered our injected Query
+                if self.tracker is not None:
+                    self.tracker.on_backend(t, msg)
+                if not drop:
+                    out.append(msg)
+            elif t == 69 and refusals and _is_marker(msg):  # 'E' ours
+                r = refusals[0]
+                r[3] = True
+                d = r[1]
+                out.append(m.error_response(r[4], d.message, detail=d.detail or None,
+                                            hint=d.hint or None))
+            else:
+                out.append(msg)
+                if self.tracker is not None and t in _TRACKED:
+                    self.tracker.on_backend(t, msg)
+        if out:
+            self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if not refusals:
+            self._divert_backend(False)
+        if self.draining:
+            self.backend_chunk()
+
+
+
+# backend messages the statement tracker pairs with statements
+_TRACKED = frozenset(b"CEIsZ")
+
+
+_WRITE_FLAGS = frozenset({"write", "destructive", "privilege", "escape"})
+
+
+_CHANGING_KINDS = frozenset({
+    "insert", "update", "delete", "merge", "create", "alter", "drop", "truncate", "grant",
+    "revoke", "comment", "security_label", "reassign", "refresh", "vacuum", "cluster",
+    "reindex", "lock", "call", "do", "copy"})
+
+
+_ROLE_KINDS = frozenset({"set", "reset", "discard"})
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9 _.,:;()=<>*/+\"-]")
+
+
+def _changes(st) -> bool:
+    return bool(_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds))
+
+
+def _reads_only(d) -> bool:
+    return not any(_changes(st) for st in d.statements)
+
+
+def _changes_role(d) -> bool:
+    return any("privilege" in st.flags and (_ROLE_KINDS.intersection(st.kinds) or any(
+        f.endswith("set_config") for f in st.functions)) for st in d.statements)
+
+
+def _pinned_refusal(d):
+    from .policy.rules import Decision
+    return Decision(
+        action="block", rule="pinned-role",
+        message='pgguard: statement refused by rule "pinned-role": this session\'s '
+                "upstream role is set by pgguard and cannot be changed",
+        detail="SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION, DISCARD ALL and "
+               "set_config('role', ...) are refused in this session",
+        hint="Connect as the identity whose role you need.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _readonly_refusal(d):
+    from .policy.rules import Decision
+    st = next(st for st in d.statements if _changes(st))
+    return Decision(
+        action="block", rule="readonly-scope",
+        message=f'pgguard: statement refused by rule "readonly-scope": {st.kind.upper()} '
+                "changes the database and this session's token is read-only",
+        detail=f"statement kind: {st.kind}; flags: {', '.join(st.flags) or 'none'}",
+        hint="Ask for a token with --scope readwrite.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _now():
+    return datetime.now(timezone.utc)
+
+
+def _is_marker(msg: bytes) -> bool:
+    return b"\0C" + REFUSAL_MARKER.encode() + b"\0" in msg
+
+
+def _touches_prepared(d) -> bool:
+    return any(st.kind in ("prepare", "deallocate", "discard") for st in d.statements)
+
+
+def _refusal_query(d) -> bytes:
+    """A Query that fails upstream with the refusal marker. The message rides along
+    for the upstream's own log only (the client gets pgguard's 42501), so it is cut
+    down to characters that need no quoting."""
+    safe = _UNSAFE.sub("", d.message)[:200]
+    sql = (f"DO $pgguard$BEGIN RAISE EXCEPTION USING ERRCODE = '{REFUSAL_MARKER}', "
+           f"MESSAGE = '{safe}'; END$pgguard$")
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!I", len(body) + 4) + body

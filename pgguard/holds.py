@@ -1,0 +1,134 @@
+# Statements held back on their way upstream: until a human approves them, or until
+# their audit record is durable (strict durability). Nothing after them is scanned
+# ahead while they wait, so the stream's order is kept.
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .errors import PgguardError
+from .protocol import messages as m
+
+log = logging.getLogger("pgguard.session")
+
+
+class Holds:
+    """Session mixin: approval holds and strict-audit holds."""
+
+    # -- approvals: a statement held until a human decides
+    def _hold_for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,
+                           name: bytes = b"") -> None:
+        store = self.server.approvals
+        if store is None:
+            from .policy.rules import Decision
+            self._refuse_any(Decision(
+                action="block", rule=d.rule, message=d.message, detail=d.detail,
+                hint="Approvals are not enabled on this pgguard (set [admin] token_env "
+                     "and start it with the token set)."), out, extended, sql)
+            return
+        if out:
+            self.up.transport.write(b"".join(out))
+            out.clear()
+        self.held = []
+        self.held_items = []
+        self._hold_more([])
+        self.client_pipe.divert = True
+        task = asyncio.get_running_loop().create_task(
+            self._await_approval(store, d, msg, extended, sql, name))
+        self.approval = [task, None]
+
+
+    async def _await_approval(self, store, d, msg, extended, sql, name) -> None:
+        from .approvals import hold
+        from .tracking import fast_normalize
+        text = sql.decode("utf-8", "replace")
+        fp = fast_normalize(sql)
+        grant = store.check_grant(self.identity_name, self.database, fp)
+        approver = grant.approver if grant is not None else None
+        req = None
+        if grant is None:
+            req = store.request(identity=self.identity_name, database=self.database,
+                                statement=text, fingerprint=fp,
+                                classification=hold.summarize(d), rule=d.rule,
+                                approvers=d.approvers, timeout_s=d.timeout,
+                                session_id=self.id, cancel_key=self.cancel_key)
+            self.approval[1] = req.id
+            f = hold.notice_fields(req, hold.admin_url(self.server.cfg))
+            self.client.transport.write(m.error_response(
+                "01000", f["message"], severity="NOTICE", detail=f["detail"],
+                hint=f["hint"], notice=True))
+            req = await store.wait_decision(req.id)
+            approver = req.approver
+        self.approval = None
+        if self.closed:
+            return
+        out: list[bytes] = []
+        if req is None or req.state == "approved":
+            log.info("session %s: statement approved by %s", self.id, approver)
+            out.append(msg)
+            self.server.count_statement("approved")
+            if self.tracker is not None:
+                from .tracking import Approved
+                self.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
+            if name and self.prepared is not None and d.statements:
+                self.prepared.record(name, d.statements[0])
+        else:
+            err = hold.refusal(req)
+            from .policy.rules import Decision
+            refused = Decision(action="block", rule=d.rule, message=err.message,
+                               detail=err.detail or "", hint=err.hint or "",
+                               statements=d.statements)
+            outcome = {"denied": "denied", "timed_out": "timed_out"}.get(req.state, "error")
+            self._refuse_any(refused, out, extended, sql, outcome=outcome,
+                             approver=req.approver, sqlstate=err.sqlstate)
+        held = self.held_items
+        self.held = self.held_items = None
+        self.client_pipe.divert = False
+        if out:
+            self.up.transport.write(b"".join(out))
+        if held:
+            self.client_items(held)
+
+
+    # -- strict audit: a statement goes upstream only once its record is on disk
+    def _hold_for_record(self, out: list, later: list) -> None:
+        """out[-1] is a Query or Execute: write what precedes it, log its record with
+        log_strict, and hold it and everything after until the record is durable."""
+        msg = out.pop()
+        if out:
+            self.up.transport.write(b"".join(out))
+        rec = self.tracker.strict_record(msg)
+        self.held = [msg]
+        self.held_items = []
+        self._hold_more(later)
+        self.client_pipe.divert = True
+        fut = self.server.audit.log_strict(rec)
+        fut.add_done_callback(self._record_durable)
+
+
+    def _hold_more(self, items: list) -> None:
+        self.held_items.extend(items)
+        scan = self.fscan
+        rest = scan.take_rest()
+        while rest is not None:         # keep stream order: nothing may be scanned ahead
+            self.held_items.extend(scan.feed(rest))
+            rest = scan.take_rest()
+
+
+    def _record_durable(self, fut) -> None:
+        if self.closed:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            err = fut.exception() if not fut.cancelled() else "cancelled"
+            log.error("session %s: audit record not written (%s); closing", self.id, err)
+            self.fail(PgguardError("the audit log is not available; statement not run",
+                                   sqlstate="58030", severity="FATAL"))
+            return
+        held, items = self.held, self.held_items
+        self.held = self.held_items = None
+        self.client_pipe.divert = False
+        self.up.transport.write(b"".join(held))
+        if items:
+            self.client_items(items)
+
