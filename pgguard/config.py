@@ -251,6 +251,13 @@ class CustomDetector(_Base):
 class Detectors(_Base):
     builtin: list[str] = msgspec.field(default_factory=list)
     custom: list[CustomDetector] = msgspec.field(default_factory=list)
+    # identities in these groups see text cells unscanned
+    except_groups: list[str] = msgspec.field(default_factory=list)
+
+
+class Masking(_Base):
+    # key of the hash strategy's keyed HMAC (stable tokens, joins still work)
+    hash_key_env: str = "PGGUARD_MASK_KEY"
 
 
 class AuditConfig(_Base):
@@ -289,6 +296,7 @@ class Config(_Base, dict=True):
     rules: list[Rule] = msgspec.field(default_factory=list)
     masks: list[Mask] = msgspec.field(default_factory=list)
     detectors: Detectors = msgspec.field(default_factory=Detectors)
+    masking: Masking = msgspec.field(default_factory=Masking)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     limits: Limits = msgspec.field(default_factory=Limits)
     approvals: Approvals = msgspec.field(default_factory=Approvals)

@@ -71,8 +71,10 @@ class Enforcement:
                 elif t == 88:                   # 'X' Terminate
                     self._terminate_from_client(out, msg)
                     return
-                else:                           # Bind / Execute / Sync / FunctionCall
+                else:                           # Bind / Describe / Execute / Sync / ...
                     out.append(msg)
+                    if self.masking is not None:
+                        self.masking.frontend(t, msg)
                     if self.tracker is not None:
                         self.tracker.flog.append((msg, None, time.monotonic_ns()))
                         if strict and t == 69:  # Execute: durable record first
@@ -126,6 +128,8 @@ class Enforcement:
     def _on_query(self, msg: bytes, out: list) -> None:
         d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None
         if d is None or d.action == "allow":
+            if self.masking is not None and not self._mask_query(d, msg, out):
+                return
             out.append(msg)
             self.server.count_statement("allowed")
             if self.tracker is not None:
@@ -141,6 +145,30 @@ class Enforcement:
         self._inject_refusal(d, out, extended=False, sql=msg[5:-1])
 
 
+    def _mask_query(self, d, msg: bytes, out: list) -> bool:
+        """Bookkeeping for a Query about to run under masking; False when it is refused
+        instead (a COPY of masked data pgguard cannot mask)."""
+        mask = self.masking
+        reads = _reads_masked(self, d)
+        copy = d is not None and any(st.kind == "copy" for st in d.statements) and reads
+        if copy:
+            why = _prepare_copy(mask, msg[5:-1].decode("utf-8", "replace"))
+            if why:
+                from .policy.rules import Decision
+                self._inject_refusal(Decision(
+                    action="block", rule="masking",
+                    message=f'pgguard: statement refused by rule "masking": {why}',
+                    hint="Use SELECT, or COPY <table> [(columns)] TO STDOUT in text or csv "
+                         "format: masked columns are masked there.",
+                    statements=d.statements), out, extended=False, sql=msg[5:-1])
+                return False
+        if d is not None and any(st.kind in ("create", "alter", "drop")
+                                 for st in d.statements):
+            self.server.catalog_changed(self.database)
+        mask.frontend(81, msg, reads)
+        mask.fseg += 1
+        return True
+
     def _on_parse(self, msg: bytes, out: list) -> None:
         try:
             name, pos = m.parse_cstr(msg, 5)
@@ -151,6 +179,8 @@ class Enforcement:
         d = self._decide(msg, pos, end) if self.policy is not None else None
         if d is None or d.action == "allow":
             out.append(msg)
+            if self.masking is not None:
+                out.append(self.masking.frontend(80, msg, _reads_masked(self, d)))
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, 0))
             if name and d is not None and self.prepared is not None and d.statements:
@@ -177,6 +207,8 @@ class Enforcement:
                         sqlstate: str = "42501") -> None:
         log.info("session %s: %s refused by rule %s", self.id, self.identity_name, d.rule)
         out.append(_refusal_query(d))
+        if self.masking is not None:
+            self.masking.fseg += 1
         self.server.count_statement(outcome)
         if self.tracker is not None:
             from .tracking import REFUSAL_SYNC, statement_record
@@ -200,6 +232,10 @@ class Enforcement:
             scan.set_interest(ALL_TYPES, True)
             scan.set_withhold(True)
             pipe.divert = True
+        elif self.masking is not None:
+            if scan.at_boundary:
+                scan.set_interest(ALL_TYPES, False)
+                scan.set_interest(b"Ttn2HCEIsZ", True)
         elif pipe.divert and scan.set_withhold(False):
             scan.set_interest(ALL_TYPES, False)
             if self.tracker is not None:
@@ -212,8 +248,11 @@ class Enforcement:
         ReadyForQuery a refused Parse leaves, forward the rest."""
         out: list[bytes] = []
         refusals = self.refusals
+        mask = self.masking
         for it in items:
             if it.__class__ is bytes:
+                if mask is not None:
+                    it = mask.feed(0, it, False)
                 out.append(it)
                 continue
             t, msg = it
@@ -224,10 +263,14 @@ class Enforcement:
                     target, d, extended, seen, _ = refusals.popleft()
                     if not seen and self.tracker is not None:
                         self.tracker.refusal_ignored()
+                    if not seen and mask is not None:
+                        mask.fseg -= 1                   # its Query got no ReadyForQuery
                     drop = seen and extended             # answered our injected Query
                 if self.tracker is not None:
                     self.tracker.on_backend(t, msg)
-                if not drop:
+                if mask is not None:
+                    msg = mask.feed(t, msg, True)
+                if not drop and msg is not None:
                     out.append(msg)
             elif t == 69 and refusals and _is_marker(msg):  # 'E' ours
                 r = refusals[0]
@@ -236,9 +279,12 @@ class Enforcement:
                 out.append(m.error_response(r[4], d.message, detail=d.detail or None,
                                             hint=d.hint or None))
             else:
-                out.append(msg)
                 if self.tracker is not None and t in _TRACKED:
                     self.tracker.on_backend(t, msg)
+                if mask is not None:
+                    msg = mask.feed(t, msg, True)
+                if msg is not None:
+                    out.append(msg)
         if out:
             self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if not refusals:
@@ -265,6 +311,12 @@ _ROLE_KINDS = frozenset({"set", "reset", "discard"})
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9 _.,:;()=<>*/+\"-]")
+
+
+def _reads_masked(session, d) -> bool:
+    names = session.masking.catalog.names
+    return d is not None and any(r in names for st in d.statements
+                                 for r in st.relations_read + st.relations_written)
 
 
 def _changes(st) -> bool:
@@ -325,3 +377,38 @@ def _refusal_query(d) -> bytes:
            f"MESSAGE = '{safe}'; END$pgguard$")
     body = sql.encode() + b"\0"
     return b"Q" + struct.pack("!I", len(body) + 4) + body
+
+
+def _prepare_copy(mask, sql: str) -> str | None:
+    """Plan a COPY ... TO STDOUT of a masked table; the reason it cannot be masked
+    otherwise (binary format, COPY (query))."""
+    import orjson
+    from pglast import parser
+    try:
+        stmt = orjson.loads(parser.parse_sql_json(sql))["stmts"][0]["stmt"]["CopyStmt"]
+    except Exception:       # noqa: BLE001 - unreadable here: refuse rather than leak
+        return "this COPY could not be analysed for masked columns"
+    if stmt.get("is_from"):
+        return None
+    opts = {}
+    fmt = "text"
+    for o in stmt.get("options", []):
+        de = o["DefElem"]
+        val = de.get("arg", {})
+        text = val.get("String", {}).get("sval") if isinstance(val, dict) else None
+        if de["defname"] == "format":
+            fmt = text or "text"
+        elif de["defname"] in ("delimiter", "quote", "escape", "null") and text is not None:
+            opts[de["defname"]] = text
+        elif de["defname"] == "header":
+            opts["header"] = True
+    if fmt not in ("text", "csv"):
+        return f"COPY in {fmt} format of a table with masked columns"
+    if "query" in stmt:
+        return "COPY (query) TO STDOUT reading masked columns is not supported"
+    rel = stmt.get("relation", {})
+    name = f"{rel.get('schemaname', 'public')}.{rel.get('relname')}"
+    oid = next((o for o, (n, _) in mask.catalog.tables.items() if n == name), None)
+    cols = [c["String"]["sval"] for c in stmt.get("attlist", [])] or None
+    mask.prepare_copy(oid, cols, fmt, opts)
+    return None

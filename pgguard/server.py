@@ -83,6 +83,12 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self._background: set[asyncio.Task] = set()
         self._setup_metrics()
+        # masking: detectors compiled once; catalogs per database, refreshed on a TTL
+        from .masking.detectors import DetectorSet
+        from .masking.wire import hash_key
+        self.detectors = DetectorSet.from_config(cfg.detectors.builtin, cfg.detectors.custom)
+        self.mask_key = hash_key(cfg)
+        self._catalogs: dict[str, object] = {}
         self._idle = asyncio.Event()
 
     def resolve_path(self, p: str) -> str:
@@ -117,6 +123,19 @@ class Server:
         log.info("authentication failed for %r from %s%s", session.identity_name,
                  session.client_addr, f": {reason}" if reason else "")
         self.throttle.record_failure(session.peer)
+
+    async def mask_catalog(self, database: str):
+        """The masked columns of a database (cached for CATALOG_TTL; None: stale)."""
+        from .masking.wire import CATALOG_TTL, load_catalog
+        cat = self._catalogs.get(database)
+        if cat is None or time.monotonic() - cat.loaded > CATALOG_TTL:
+            cat = await load_catalog(self, database)
+            self._catalogs[database] = cat
+        return cat
+
+    def catalog_changed(self, database: str) -> None:
+        """DDL passed through: resolve mask globs again at the next session."""
+        self._catalogs.pop(database, None)
 
     # -- metrics (served on the admin port's /metrics, summed across workers)
     def _setup_metrics(self) -> None:

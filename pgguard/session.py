@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgguard.session")
 
+# backend messages the masking pairs with statements (plus the tracker's)
+MASK_BACKEND = b"Ttn2HCEIsZ"
 # startup packets are small; Postgres caps them at 10000 bytes
 MAX_STARTUP_PACKET = 10000
 MAX_AUTH_MESSAGE = 65536
@@ -144,6 +146,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.held = None                # strict audit: messages waiting for durability
         self.held_items = None
         self.principal = None           # token / OIDC login: who, scope, expiry
+        self.masking = None             # MaskState when masks or detectors apply
         self.cancel_key = 0
         self.fast_reported = 0          # fast-path statements already counted in metrics
         self.provisioned = None         # ephemeral upstream role to drop at disconnect
@@ -170,6 +173,7 @@ class Session(Enforcement, Holds, ConsoleSession):
                     self._console_start()
                 else:
                     await self._connect_upstream()
+                    await self._setup_masking()
             if self.database == CONSOLE_DB:
                 await self._console_loop()
                 return
@@ -423,10 +427,32 @@ class Session(Enforcement, Holds, ConsoleSession):
             return ident.upstream_user, pw
         return None, None
 
+    async def _setup_masking(self) -> None:
+        """Masking for this identity: masks it is not exempt from, detectors unless its
+        groups are exempt. None when nothing applies (the relay stays pass-through)."""
+        from .masking.wire import MaskState, applies
+        cfg, ident = self.server.cfg, self.identity
+        masks_on = any(applies(mk, self.identity_name, ident) for mk in cfg.masks)
+        dets = self.server.detectors
+        if dets is not None and set(cfg.detectors.except_groups) & set(ident.groups):
+            dets = None
+        if not masks_on and dets is None:
+            return
+        from .sideconn import UpstreamError
+        try:
+            catalog = await self.server.mask_catalog(self.database)
+        except (UpstreamError, PgguardError, OSError) as e:
+            # fail closed: no way to know which columns to mask
+            raise UpstreamUnavailable("pgguard could not read the upstream catalog to "
+                                      "apply masks", detail=str(e)) from None
+        self.masking = MaskState(self, catalog, masks_on and bool(catalog.columns), dets,
+                                 self.server.mask_key)
+
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
         limits = self.server.cfg.limits
-        if self.readonly or self.pinned_role or self.server.policy_inspects(
+        if self.readonly or self.pinned_role or self.masking is not None or \
+                self.server.policy_inspects(
                 self.identity_name, self.identity, self.database):
             from .policy.classify import PreparedMemory
             self.policy = self.server.policy
@@ -446,7 +472,8 @@ class Session(Enforcement, Holds, ConsoleSession):
             from .tracking import StatementTracker
             self.tracker = StatementTracker(self, audit)
         self.watch = (b"QP" if self.policy is not None else b"") + \
-            (b"QPBESF" if audit is not None else b"") + b"X"
+            (b"QPBESF" if audit is not None else b"") + \
+            (b"QPBDES" if self.masking is not None else b"") + b"X"
         self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, max_len=limits.max_message_size)
@@ -455,11 +482,16 @@ class Session(Enforcement, Holds, ConsoleSession):
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
-        if self.policy is not None and not self.server.audit_strict:
+        if self.policy is not None and not self.server.audit_strict and self.masking is None:
             self.client_pipe.exact, self.client_pipe.shapes = self._cache
         if self.tracker is not None:
             self.client_pipe.fast_log = self.tracker.flog
         self.up_pipe = Pipe(self.bscan, up.transport, c.transport, self, False)
+        if self.masking is not None:
+            # every result goes through the rewriter, message boundaries known
+            self.bscan.set_interest(MASK_BACKEND, True)
+            self.bscan.set_withhold(True)
+            self.up_pipe.divert = True
         rest = c.reader.take_rest()
         c.phase = PH_RELAY
         up.phase = PH_RELAY
