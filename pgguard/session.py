@@ -504,6 +504,16 @@ class Session(Enforcement, Holds, ConsoleSession):
         if rest:
             self.client_pipe.data_received(rest)
 
+    def take_masked_cells(self) -> int:
+        """Cells masked since the last call (for the audit record and /metrics)."""
+        if self.masking is None:
+            return 0
+        cols, dets = self.masking.rw.take_counts()
+        n = sum(cols) + sum(dets)
+        if n:
+            self.server.m_masked.inc(n)
+        return n
+
     def frame_error(self, e: FrameError) -> None:
         self.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
 

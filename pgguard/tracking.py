@@ -182,6 +182,7 @@ class StatementTracker:
         rec.duration_us = (now - e[_T0]) // 1000 if e[_T0] else None
         rec.sqlstate = e[_STATE]
         rec.error = e[_ERR]
+        rec.masked_cells = s.take_masked_cells()
         self.audit.log(rec)
 
     def _wall(self, mono_ns: int) -> datetime:

@@ -168,3 +168,15 @@ def test_upstream_sees_the_real_data(pg, mproxy):
     direct = psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, "appdb"))
     assert direct.execute("SELECT email FROM cust WHERE id = 1").fetchone() == (EMAILS[0],)
     direct.close()
+
+
+def test_masked_cells_are_audited(pg, make_proxy):
+    import duckdb
+    proxy = make_proxy(extra=MASKS)
+    got = rows(proxy.dsn(dbname="appdb"), "SELECT email, ssn, name FROM cust")
+    assert leaked(got) == []
+    proxy.stop()
+    rec = duckdb.sql(f"SELECT statement, masked_cells, rows FROM read_parquet("
+                     f"'{proxy.audit_dir}/**/*.parquet', hive_partitioning = true) "
+                     "WHERE event = 'statement'").fetchall()
+    assert rec == [("SELECT email, ssn, name FROM cust", 4, 2)]
