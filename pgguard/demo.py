@@ -77,10 +77,11 @@ class Try:
 TRIES: tuple[Try, ...] = (
     Try("SELECT * FROM customers LIMIT 5;",
         "email, ssn and card_number come back masked for ci-agent; alice (dba) sees them",
-        today="returns the stored values for now (masking is not built yet)"),
+        ready=True),
     Try("SELECT id, notes FROM customers WHERE notes LIKE '%AKIA%' OR notes LIKE '%@%';",
-        "detectors mask the emails and AWS keys inside free text",
-        today="returns the stored text for now (detectors are not built yet)"),
+        "detectors mask the emails and AWS keys inside free text", ready=True),
+    Try("SELECT lower(email), row_to_json(c) FROM customers c LIMIT 2;",
+        "values derived from masked columns are masked as a whole", ready=True),
     Try("DROP INDEX orders_created_at_idx;",
         "refused by rule no-destructive (SQLSTATE 42501); the connection stays usable",
         ready=True),
@@ -100,8 +101,8 @@ TRIES: tuple[Try, ...] = (
 
 # One line on what the proxy does already; later issues extend it.
 WORKS_TODAY = ("SCRAM and 15-minute tokens, the full protocol relayed, destructive and "
-               "privilege statements refused, approvals held inline, every event in the "
-               "Parquet audit log.")
+               "privilege statements refused, approvals held inline, PII masked in results, "
+               "every event in the Parquet audit log.")
 
 
 # -- the embedded Postgres ------------------------------------------------------------------
@@ -358,6 +359,7 @@ except_groups = ["dba"]
 
 [detectors]
 builtin = ["email", "ssn", "credit_card", "aws_access_key", "jwt"]
+except_groups = ["dba"]
 custom = [{{ name = "employee_id", pattern = 'EMP-\\d{{6}}' }}]
 
 [audit]
