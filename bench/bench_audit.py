@@ -1,30 +1,41 @@
-# Audit benchmark: writer throughput, event-loop stalls from log(), strict group commit,
-# DuckDB group-by over millions of records; prints a table against the targets.
+# Audit benchmark: writer throughput, the proxy's CPU per record, event-loop stalls from
+# log(), strict group commit, DuckDB group-by; a table against the targets, optionally
+# side by side with the AuditLog of another git revision.
 """Benchmark the audit log (pgguard.audit) in isolation.
 
     python bench/bench_audit.py                 # full run (10M records for DuckDB)
-    python bench/bench_audit.py --quick         # smaller sizes, ~30 s
+    python bench/bench_audit.py --quick         # smaller sizes, ~1 minute
+    python bench/bench_audit.py --quick --baseline 97fbefc   # also the in-process writer
     python bench/bench_audit.py --json out.json
+
+``AuditLog`` runs its writer in a child process (``pgguard.audit.writerproc``); the
+process that calls ``log()`` (the proxy worker) only encodes records and pipes them.
+So CPU is reported twice: *proxy* (this process: ``log()`` calls, the sender and ack
+threads) and *writer* (the child, read from ``/proc/<pid>/stat``).
 
 Measures:
 
-1. writer throughput: records/s from a full queue to sealed Parquet (writer thread +
-   sealer thread), and sustained with a producer enqueuing concurrently;
+1. writer throughput: records/s from a full queue to sealed Parquet, and sustained with
+   a producer logging concurrently; CPU per record in the proxy and in the writer;
 2. event-loop stall: an asyncio loop logs at a steady rate while a probe scheduled every
    0.5 ms records its lateness; the same run without auditing is the baseline. Two
    loop states: idle between events (timers, the usual proxy) and spinning (a
-   saturated proxy: the loop never sleeps, so the writer only gets the GIL at forced
+   saturated proxy: the loop never sleeps, so helper threads only get the GIL at forced
    switches);
 3. strict durability: awaited ``log_strict`` from N concurrent tasks (group commit);
 4. DuckDB: ``GROUP BY identity, decision`` over the Parquet files (cold and warm).
 
-Numbers are noisy on shared machines: the table shows each measurement, its target,
-and a ratio where >= 1.0 means the target is met.
+``--baseline REV`` loads ``pgguard/audit/writer.py`` of that git revision (e.g. the
+in-process writer threads, ``97fbefc``) and runs parts 1-3 with it too, interleaved,
+so both are measured under the same load. Numbers are noisy on shared machines: run
+several times and compare medians. The table shows each measurement, its target, and a
+ratio where >= 1.0 means the target is met.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -67,36 +78,74 @@ def cfg(d: Path, **kw) -> AuditConfig:
     return AuditConfig(dir=str(d), **kw)
 
 
+def load_audit_log(rev: str | None) -> type:
+    """AuditLog of this checkout, or of git revision *rev* (loaded as a module of the
+    pgguard.audit package, so its relative imports resolve to today's record/storage)."""
+    if rev is None:
+        return AuditLog
+    src = subprocess.run(["git", "show", f"{rev}:pgguard/audit/writer.py"],
+                         cwd=Path(__file__).resolve().parent.parent, check=True,
+                         capture_output=True, text=True).stdout
+    name = f"pgguard.audit._bench_writer_{rev}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "pgguard.audit"
+    sys.modules[name] = mod
+    exec(compile(src, f"{rev}:pgguard/audit/writer.py", "exec"), mod.__dict__)
+    return mod.AuditLog
+
+
+def _writer_cpu(log) -> float:
+    # CPU seconds of the log's writer process so far (0 for an in-process writer)
+    proc = getattr(log, "_proc", None)
+    if proc is None:
+        return 0.0
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 # -- 1. throughput -----------------------------------------------------------------------
 
-def bench_drain(root: Path, n: int) -> dict:
-    """Queue n records, then start the writer: records/s until all are in Parquet."""
-    log = AuditLog(cfg(root, queue_max=n + 1), roll_records=1_000_000)
+def bench_drain(cls: type, root: Path, n: int) -> dict:
+    """Queue n records, then start the writer: records/s until all are in Parquet.
+
+    The proxy's CPU includes the log() calls (made before the clock starts)."""
+    log = cls(cfg(root, queue_max=n + 1), roll_records=1_000_000)
     now = datetime.now(UTC)
     pool = [make_record(i, now) for i in range(min(n, 200_000))]
-    # the same object may be queued again once it is 200k records back: the writer
-    # encodes each record within its 256-record chunk, so reuse is safe
+    # the same object may be queued again: the current AuditLog encodes it in log(),
+    # the in-process writer within its 256-record chunk, so reuse is safe
+    c0 = time.process_time()
     for i in range(n):
         log.log(pool[i % len(pool)])
-    c0 = time.process_time()
-    t0 = time.perf_counter()
     log.start()
+    w0 = _writer_cpu(log)
+    t0 = time.perf_counter()
     log.flush()
     t_wal = time.perf_counter() - t0
     log.roll()
     t_all = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    wcpu = _writer_cpu(log) - w0
     log.close()
     return {"records": n, "wal_per_s": n / t_wal, "parquet_per_s": n / t_all,
-            "cpu_us_per_record": cpu / n * 1e6}
+            "proxy_cpu_us_per_record": cpu / n * 1e6,
+            "writer_cpu_us_per_record": wcpu / n * 1e6}
 
 
-def bench_sustained(root: Path, n: int) -> dict:
-    """A producer thread enqueues while the writer writes: end-to-end records/s."""
-    log = AuditLog(cfg(root), roll_records=1_000_000)
+def bench_sustained(cls: type, root: Path, n: int) -> dict:
+    """The producer logs while the writer writes: end-to-end records/s, CPU per record
+    in the producing (proxy) process and in the writer process."""
+    log = cls(cfg(root), roll_records=1_000_000)
     log.start()
     now = datetime.now(UTC)
     pool = [make_record(i, now) for i in range(100_000)]
+    w0 = _writer_cpu(log)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     sent = 0
     while sent < n:
@@ -107,9 +156,13 @@ def bench_sustained(root: Path, n: int) -> dict:
             time.sleep(0.0005)
     log.roll()
     t = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    wcpu = _writer_cpu(log) - w0
     st = log.stats()
     log.close()
-    return {"records": sent, "per_s": sent / t, "dropped": st.dropped}
+    return {"records": sent, "per_s": sent / t, "dropped": st.dropped,
+            "proxy_cpu_us_per_record": cpu / sent * 1e6,
+            "writer_cpu_us_per_record": wcpu / sent * 1e6}
 
 
 # -- 2. event-loop stall -----------------------------------------------------------------
@@ -165,6 +218,7 @@ async def _lag_run(log_fn, seconds: float, rate: int, spin: bool) -> dict:
 
     batch = max(1, rate // 1000)      # one burst per millisecond
     i = 0
+    c0 = time.process_time()
     while time.perf_counter() < stop_at:
         t0 = time.perf_counter()
         for _ in range(batch):
@@ -186,9 +240,10 @@ async def _lag_run(log_fn, seconds: float, rate: int, spin: bool) -> dict:
         loop.remove_reader(rfd)
         sender.wait()
         os.close(rfd)
+    cpu = time.process_time() - c0
     samples.sort()
     n = len(samples)
-    return {"samples": n, "max_ms": samples[-1] * 1e3,
+    return {"samples": n, "cpu_s": cpu, "max_ms": samples[-1] * 1e3,
             "p999_ms": samples[int(n * 0.999)] * 1e3,
             "p9999_ms": samples[int(n * 0.9999)] * 1e3,
             "over_1ms": sum(1 for x in samples if x > 0.001),
@@ -196,7 +251,7 @@ async def _lag_run(log_fn, seconds: float, rate: int, spin: bool) -> dict:
             "log_call_mean_us": in_log / max(i, 1) * 1e6}
 
 
-def bench_loop_lag(root: Path, seconds: float, rate: int, spin: bool) -> dict:
+def bench_loop_lag(cls: type, root: Path, seconds: float, rate: int, spin: bool) -> dict:
     """The probe without auditing (baseline), then with AuditLog.log (uvloop)."""
     try:
         import uvloop
@@ -211,10 +266,15 @@ def bench_loop_lag(root: Path, seconds: float, rate: int, spin: bool) -> dict:
         finally:
             loop.close()
 
-    log = AuditLog(cfg(root), roll_records=200_000, roll_seconds=2.0)
+    log = cls(cfg(root), roll_records=200_000, roll_seconds=2.0)
     log.start()         # sets the switch interval for both runs
     base = run(lambda rec: None)
+    w0 = _writer_cpu(log)
+    c0 = time.process_time()
     audited = run(log.log)
+    audited["proxy_cpu_s"] = time.process_time() - c0
+    audited["writer_cpu_s"] = _writer_cpu(log) - w0
+    audited["base_cpu_s"] = base["cpu_s"]
     log.close()
     return {"baseline": base, "audit": audited, "rate": rate,
             "switch_interval_ms": sys.getswitchinterval() * 1e3}
@@ -232,8 +292,8 @@ while time.perf_counter() < end:
 
 # -- 3. strict -------------------------------------------------------------------------
 
-def bench_strict(root: Path, concurrency: int, seconds: float) -> dict:
-    log = AuditLog(cfg(root, durability="strict"), roll_records=1_000_000)
+def bench_strict(cls: type, root: Path, concurrency: int, seconds: float) -> dict:
+    log = cls(cfg(root, durability="strict"), roll_records=1_000_000)
     log.start()
     lat: list[float] = []
     now = datetime.now(UTC)
@@ -252,13 +312,19 @@ def bench_strict(root: Path, concurrency: int, seconds: float) -> dict:
     async def main() -> int:
         return sum(await asyncio.gather(*(session(k) for k in range(concurrency))))
 
+    w0 = _writer_cpu(log)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     total = asyncio.run(main())
     t = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    wcpu = _writer_cpu(log) - w0
     st = log.stats()
     log.close()
     lat.sort()
     return {"concurrency": concurrency, "per_s": total / t, "fsyncs": st.fsyncs,
+            "proxy_cpu_us_per_record": cpu / max(total, 1) * 1e6,
+            "writer_cpu_us_per_record": wcpu / max(total, 1) * 1e6,
             "records_per_fsync": total / max(st.fsyncs, 1),
             "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
 
@@ -340,6 +406,8 @@ def main() -> int:
     ap.add_argument("--json", default=None, metavar="FILE", help="also write results")
     ap.add_argument("--only", default="drain,sustained,lag,strict,duckdb",
                     help="comma-separated parts to run (default: all)")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also run parts 1-3 with the AuditLog of this git revision")
     args = ap.parse_args()
     n = args.records or (300_000 if args.quick else 2_000_000)
     n_duck = args.duckdb_records or (1_000_000 if args.quick else 10_000_000)
@@ -347,26 +415,28 @@ def main() -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="pgguard-bench-audit-"))
     work.mkdir(parents=True, exist_ok=True)
     parts = set(args.only.split(","))
-    res: dict = {"cpus": os.cpu_count(), "load": os.getloadavg()}
+    variants = {"now": AuditLog}
+    if args.baseline:
+        variants[args.baseline] = load_audit_log(args.baseline)
+    res: dict = {"cpus": os.cpu_count(), "load": os.getloadavg(),
+                 "variants": list(variants)}
     try:
-        print(f"work dir {work}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}",
-              flush=True)
-        if "drain" in parts:
-            res["drain"] = bench_drain(work / "drain", n)
-            print(f"drain: {res['drain']}", flush=True)
-        if "sustained" in parts:
-            res["sustained"] = bench_sustained(work / "sustained", n)
-            print(f"sustained: {res['sustained']}", flush=True)
-        if "lag" in parts:
-            res["lag_idle"] = bench_loop_lag(work / "lag1", lag_s, 50_000, spin=False)
-            print(f"loop lag (idle loop): {res['lag_idle']}", flush=True)
-            res["lag_spin"] = bench_loop_lag(work / "lag2", lag_s, 50_000, spin=True)
-            print(f"loop lag (spinning loop): {res['lag_spin']}", flush=True)
-        if "strict" in parts:
-            res["strict"] = [bench_strict(work / f"strict{c}", c, 2.0 if args.quick else 4.0)
-                             for c in (1, 16, 64)]
-            for st in res["strict"]:
-                print(f"strict: {st}", flush=True)
+        print(f"work dir {work}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}; "
+              f"variants {', '.join(variants)}", flush=True)
+        for part, run in (
+                ("drain", lambda c, d: bench_drain(c, d, n)),
+                ("sustained", lambda c, d: bench_sustained(c, d, n)),
+                ("lag_idle", lambda c, d: bench_loop_lag(c, d, lag_s, 50_000, spin=False)),
+                ("lag_spin", lambda c, d: bench_loop_lag(c, d, lag_s, 50_000, spin=True)),
+                ("strict", lambda c, d: [bench_strict(c, d / f"s{k}", k,
+                                                      2.0 if args.quick else 4.0)
+                                         for k in (1, 16, 64)])):
+            if part.split("_")[0] not in parts:
+                continue
+            res[part] = {}
+            for name, cls in variants.items():
+                res[part][name] = run(cls, work / f"{part}-{name}")
+                print(f"{part} [{name}]: {res[part][name]}", flush=True)
         if "duckdb" in parts:
             duck_dir = work / "duck"
             res["duck_write"] = write_many(duck_dir, n_duck)
@@ -377,48 +447,72 @@ def main() -> int:
         if not args.keep and not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 
+    def each(part: str, fmt, key=None) -> str:
+        return " / ".join(fmt(res[part][v] if key is None else key(res[part][v]))
+                          for v in variants)
+
+    def now(part: str) -> dict:
+        return res[part]["now"]
+
+    vs = " / ".join(variants)
     rows: list[tuple[str, str, str, float | None]] = []
     if "drain" in res:
-        d = res["drain"]
         rows += [
-            ("writer: queue -> Parquet (records/s)", f"{d['parquet_per_s']:,.0f}",
-             ">= 300,000", d["parquet_per_s"] / 300_000),
-            ("writer: queue -> WAL fsynced (records/s)", f"{d['wal_per_s']:,.0f}",
-             ">= 300,000", d["wal_per_s"] / 300_000),
-            ("writer: CPU per record, all threads (us)", f"{d['cpu_us_per_record']:.2f}", "",
-             None)]
+            (f"writer: queue -> Parquet (records/s) [{vs}]",
+             each("drain", lambda d: f"{d['parquet_per_s']:,.0f}"), ">= 300,000",
+             now("drain")["parquet_per_s"] / 300_000),
+            (f"writer: queue -> WAL fsynced (records/s) [{vs}]",
+             each("drain", lambda d: f"{d['wal_per_s']:,.0f}"), ">= 300,000",
+             now("drain")["wal_per_s"] / 300_000),
+            (f"drain: proxy CPU per record (us) [{vs}]",
+             each("drain", lambda d: f"{d['proxy_cpu_us_per_record']:.2f}"), "<= 1 us",
+             1.0 / max(now("drain")["proxy_cpu_us_per_record"], 1e-3)),
+            (f"drain: writer process CPU per record (us) [{vs}]",
+             each("drain", lambda d: f"{d['writer_cpu_us_per_record']:.2f}"), "", None)]
     if "sustained" in res:
-        s = res["sustained"]
-        rows.append(("sustained, producer + writer (records/s)", f"{s['per_s']:,.0f}",
-                     ">= 300,000", s["per_s"] / 300_000))
+        rows += [
+            (f"sustained, producer + writer (records/s) [{vs}]",
+             each("sustained", lambda d: f"{d['per_s']:,.0f}"), ">= 300,000",
+             now("sustained")["per_s"] / 300_000),
+            (f"sustained: proxy CPU per record (us) [{vs}]",
+             each("sustained", lambda d: f"{d['proxy_cpu_us_per_record']:.2f}"), "<= 1 us",
+             1.0 / max(now("sustained")["proxy_cpu_us_per_record"], 1e-3)),
+            (f"sustained: writer process CPU per record (us) [{vs}]",
+             each("sustained", lambda d: f"{d['writer_cpu_us_per_record']:.2f}"), "", None)]
     if "duck_write" in res:
         dw = res["duck_write"]
         rows.append((f"sustained {dw['records'] / 1e6:g}M records (records/s)",
                      f"{dw['per_s']:,.0f}", ">= 300,000", dw["per_s"] / 300_000))
     if "lag_idle" in res:
-        li, ls = res["lag_idle"], res["lag_spin"]
-        rows.append(("log() + building the record, mean (us)",
-                     f"{li['audit']['log_call_mean_us']:.2f} / "
-                     f"{li['baseline']['log_call_mean_us']:.2f} no-op", "", None))
-        for label, lg in (("idle loop, wake-up", li), ("busy loop, iteration gap", ls)):
-            a, b = lg["audit"], lg["baseline"]
-            rows += [
-                (f"{label} p99.9: audit / no audit (ms)",
-                 f"{a['p999_ms']:.2f} / {b['p999_ms']:.2f}", "< 1 ms",
-                 1.0 / max(a["p999_ms"], 1e-3)),
-                (f"{label} p99.99: audit / no audit (ms)",
-                 f"{a['p9999_ms']:.2f} / {b['p9999_ms']:.2f}", "< 1 ms",
-                 1.0 / max(a["p9999_ms"], 1e-3)),
-                (f"{label} max: audit / no audit (ms)",
-                 f"{a['max_ms']:.2f} / {b['max_ms']:.2f}", "< 1 ms",
-                 1.0 / max(a["max_ms"], 1e-3)),
-                (f"{label} > 1 ms: audit / no audit (count)",
-                 f"{a['over_1ms']} / {b['over_1ms']}", "", None),
-            ]
-    for st in res.get("strict", []):
-        rows.append((f"strict, {st['concurrency']} sessions (records/s)",
-                     f"{st['per_s']:,.0f}", f"p99 {st['p99_ms']:.1f} ms, "
-                     f"{st['records_per_fsync']:.1f}/fsync", None))
+        li = now("lag_idle")
+        rows.append((f"log() + building the record, mean (us) [{vs}; no-op]",
+                     each("lag_idle", lambda d: f"{d['audit']['log_call_mean_us']:.2f}")
+                     + f"; {li['baseline']['log_call_mean_us']:.2f}", "", None))
+        rows.append((f"lag run: proxy CPU for auditing per record (us) [{vs}]",
+                     each("lag_idle", lambda d: "{:.2f}".format(
+                         (d["audit"]["proxy_cpu_s"] - d["audit"]["base_cpu_s"])
+                         / d["audit"]["records"] * 1e6)), "<= 1 us", None))
+        for label, part in (("idle loop, wake-up", "lag_idle"),
+                            ("busy loop, iteration gap", "lag_spin")):
+            b = now(part)["baseline"]
+            for q, key in (("p99.9", "p999_ms"), ("p99.99", "p9999_ms"), ("max", "max_ms")):
+                rows.append((f"{label} {q}: audit [{vs}] / no audit (ms)",
+                             each(part, lambda d: f"{d['audit'][key]:.2f}")
+                             + f" / {b[key]:.2f}", "< 1 ms",
+                             1.0 / max(now(part)["audit"][key], 1e-3)))
+            rows.append((f"{label} > 1 ms: audit [{vs}] / no audit (count)",
+                         each(part, lambda d: f"{d['audit']['over_1ms']}")
+                         + f" / {b['over_1ms']}", "", None))
+    if "strict" in res:
+        for i, k in enumerate((1, 16, 64)):
+            st = now("strict")[i]
+            rows.append((f"strict, {k} sessions (records/s) [{vs}]",
+                         each("strict", lambda d: f"{d[i]['per_s']:,.0f}"),
+                         f"p99 {st['p99_ms']:.1f} ms, {st['records_per_fsync']:.1f}/fsync",
+                         None))
+        rows.append((f"strict, 64 sessions: proxy / writer CPU per record (us) [{vs}]",
+                     each("strict", lambda d: f"{d[2]['proxy_cpu_us_per_record']:.1f}+"
+                          f"{d[2]['writer_cpu_us_per_record']:.1f}"), "", None))
     if "duckdb" in res:
         dk = res["duckdb"]
         rows += [
@@ -431,7 +525,8 @@ def main() -> int:
     print()
     print(table(rows))
     print(f"\n{os.cpu_count()} CPUs, load average at start {res['load'][0]:.1f}, at end "
-          f"{os.getloadavg()[0]:.1f}; switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
+          f"{os.getloadavg()[0]:.1f}; switch interval {sys.getswitchinterval() * 1e3:.2f} ms"
+          + ("; ratios are for 'now'" if len(variants) > 1 else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0

@@ -338,7 +338,8 @@ class AuditLog:
 
     # -- event loop side (hot: keep these tiny) --------------------------------------
 
-    def log(self, record: AuditRecord) -> None:
+    def log(self, record: AuditRecord, _rec: type = AuditRecord,
+            _astuple: Any = _astuple) -> None:
         """Enqueue *record*. O(1), never blocks, callable from any thread.
 
         Batched mode with a full queue (``queue_max``): the record is dropped and
@@ -349,7 +350,7 @@ class AuditLog:
         if n >= self._limit:
             self._overflow()
             return
-        if record.__class__ is AuditRecord:
+        if record.__class__ is _rec:
             try:
                 q.append(self._enc(_astuple(record)))
             except Exception:
