@@ -175,11 +175,11 @@ def test_jit_window_lets_repeats_through(pg, aproxy):
 
 
 def test_many_pending_at_once(pg, aproxy):
-    n = 12
+    n = 50
     threads = [run_in_thread(lambda i=i: psycopg.connect(
         aproxy.dsn(dbname="appdb"), autocommit=True).execute(
         f"UPDATE orders SET status = 's{i}' WHERE id = 1").statusmessage) for i in range(n)]
-    ids = pending_ids(aproxy, want=n, timeout=20)
+    ids = pending_ids(aproxy, want=n, timeout=60)
     for rid in ids:
         api(aproxy, "POST", f"/api/approvals/{rid}/approve", {"approver": "alice"})
     for t, box in threads:
