@@ -153,6 +153,12 @@ class Enforcement:
         copy = d is not None and any(st.kind == "copy" for st in d.statements) and reads
         if copy:
             why = _prepare_copy(mask, msg[5:-1].decode("utf-8", "replace"))
+            if isinstance(why, tuple):          # COPY (query): learn its columns first
+                query, fmt, opts = why
+                mask.frontend(81, msg, reads)
+                mask.fseg += 1
+                self._hold_for_copy_plan(msg, out, query, fmt, opts)
+                return False
             if why:
                 from .policy.rules import Decision
                 self._inject_refusal(Decision(
@@ -405,10 +411,23 @@ def _prepare_copy(mask, sql: str) -> str | None:
     if fmt not in ("text", "csv"):
         return f"COPY in {fmt} format of a table with masked columns"
     if "query" in stmt:
-        return "COPY (query) TO STDOUT reading masked columns is not supported"
+        text = _copy_query_text(sql)
+        if text is None:
+            return "this COPY (query) could not be analysed for masked columns"
+        return (text, fmt, opts)
     rel = stmt.get("relation", {})
     name = f"{rel.get('schemaname', 'public')}.{rel.get('relname')}"
     oid = next((o for o, (n, _) in mask.catalog.tables.items() if n == name), None)
     cols = [c["String"]["sval"] for c in stmt.get("attlist", [])] or None
     mask.prepare_copy(oid, cols, fmt, opts)
     return None
+
+
+def _copy_query_text(copy_sql: str) -> str | None:
+    """The query of COPY (query) TO ..., rendered back to SQL by pglast."""
+    from pglast import parse_sql
+    from pglast.stream import RawStream
+    try:
+        return RawStream()(parse_sql(copy_sql)[0].stmt.query)
+    except Exception:       # noqa: BLE001
+        return None

@@ -91,6 +91,48 @@ class Holds:
             self.client_items(held)
 
 
+    # -- COPY (query) under masking: learn the query's columns before it runs
+    def _hold_for_copy_plan(self, msg: bytes, out: list, query: str, fmt: str,
+                            opts: dict) -> None:
+        if out:
+            self.up.transport.write(b"".join(out))
+            out.clear()
+        self.held = [msg]
+        self.held_items = []
+        self._hold_more([])
+        self.client_pipe.divert = True
+        task = asyncio.get_running_loop().create_task(
+            self._copy_plan(msg, query, fmt, opts))
+        self.approval = [task, None]
+
+    async def _copy_plan(self, msg: bytes, query: str, fmt: str, opts: dict) -> None:
+        from .sideconn import describe
+        out: list[bytes] = []
+        try:
+            desc = await describe(self.server, self.database,
+                                  f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
+            self.masking.prepare_copy_query(desc, fmt, opts)
+            out.append(msg)
+        except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
+            from .policy.rules import Decision
+            self.masking.fseg -= 1  # the injected refusal counts its own ReadyForQuery
+            self._inject_refusal(Decision(
+                action="block", rule="masking",
+                message='pgguard: statement refused by rule "masking": pgguard could not '
+                        "work out which columns of this COPY (query) to mask",
+                detail=str(e)[:300], hint="Use SELECT instead."), out, extended=False,
+                sql=msg[5:-1])
+        self.approval = None
+        if self.closed:
+            return
+        held = self.held_items
+        self.held = self.held_items = None
+        self.client_pipe.divert = False
+        if out:
+            self.up.transport.write(b"".join(out))
+        if held:
+            self.client_items(held)
+
     # -- strict audit: a statement goes upstream only once its record is on disk
     def _hold_for_record(self, out: list, later: list) -> None:
         """out[-1] is a Query or Execute: write what precedes it, log its record with

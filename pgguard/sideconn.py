@@ -63,6 +63,34 @@ async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, .
     return rows
 
 
+async def describe(server: Server, database: str, sql: str) -> bytes | None:
+    """The RowDescription message of a query run on a side connection (None: no rows).
+    Raises UpstreamError when it fails there."""
+    owner = _Owner()
+    proto, _, _ = await connect_upstream(owner, server, database,
+                                         {"application_name": "pgguard:internal"})
+    try:
+        body = sql.encode() + b"\0"
+        proto.transport.write(b"Q" + struct.pack("!I", len(body) + 4) + body)
+        desc, err = None, None
+        while True:
+            t, payload = await proto.read_message()
+            if t == ord("T"):
+                desc = b"T" + struct.pack("!I", len(payload) + 4) + payload
+            elif t == ord("E"):
+                err = m.parse_error_fields(payload)
+            elif t == ord("Z"):
+                break
+        if err is not None:
+            raise UpstreamError(err.get("M", "upstream error"), sqlstate=err.get("C", "XX000"))
+        return desc
+    finally:
+        try:
+            proto.transport.write(m.TERMINATE)
+        finally:
+            proto.transport.close()
+
+
 async def run(server: Server, database: str, statements: list[str]) -> list[list[tuple]]:
     """Run statements on a fresh connection with the proxy's upstream credentials.
 

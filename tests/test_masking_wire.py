@@ -133,7 +133,9 @@ def test_asyncpg_statement_cache(mproxy):
 
 def test_copy_masked_and_unsupported_forms_refused(mproxy):
     with psycopg.connect(mproxy.dsn(dbname="appdb"), autocommit=True) as conn:
-        for sql in ("COPY cust TO STDOUT", "COPY cust (id, email, ssn) TO STDOUT (FORMAT csv)"):
+        for sql in ("COPY cust TO STDOUT", "COPY cust (id, email, ssn) TO STDOUT (FORMAT csv)",
+                    "COPY (SELECT id, email, lower(ssn), notes FROM cust) TO STDOUT",
+                    "COPY (SELECT * FROM cust_view) TO STDOUT (FORMAT csv, HEADER)"):
             buf = bytearray()
             with conn.cursor().copy(sql) as cp:
                 for chunk in cp:
@@ -141,7 +143,7 @@ def test_copy_masked_and_unsupported_forms_refused(mproxy):
             assert b"Ada" in buf or b"1," in buf or b"1\t" in buf
             assert leaked(bytes(buf).decode()) == [], (sql, bytes(buf))
         for sql in ("COPY cust TO STDOUT (FORMAT binary)",
-                    "COPY (SELECT email FROM cust) TO STDOUT"):
+                    "COPY (SELECT email FROM cust) TO STDOUT (FORMAT binary)"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 with conn.cursor().copy(sql) as cp:
                     for _ in cp:
@@ -180,3 +182,12 @@ def test_masked_cells_are_audited(pg, make_proxy):
                      f"'{proxy.audit_dir}/**/*.parquet', hive_partitioning = true) "
                      "WHERE event = 'statement'").fetchall()
     assert rec == [("SELECT email, ssn, name FROM cust", 4, 2)]
+
+
+def test_psql_sees_masked_values(mproxy, psql_bin):
+    from conftest import run_psql
+    r = run_psql(psql_bin, mproxy.dsn(dbname="appdb"), "-c", "SELECT * FROM cust",
+                 "-c", "\\copy cust to stdout")
+    assert r.returncode == 0, r.stderr
+    assert "a***@example.com" in r.stdout and "****6789" in r.stdout
+    assert leaked(r.stdout) == []

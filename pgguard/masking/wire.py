@@ -269,6 +269,15 @@ class MaskState:
             return          # binary COPY is refused before it runs; unknown: detectors only
         self.rw.set_plan(build_plan(cols, self.detectors, fmt))
 
+    def prepare_copy_query(self, rowdesc: bytes | None, fmt: str, options: dict) -> None:
+        """Plan entries for a COPY (query) TO STDOUT from the query's RowDescription."""
+        if rowdesc is None:
+            self.copy_cols, self.copy_fmt = None, None
+            return
+        self.copy_cols = [self._entry(t, a, typ, 0)
+                          for t, a, typ, _ in parse_row_description(rowdesc)]
+        self.copy_fmt = copy_format(fmt, **options)
+
     def prepare_copy(self, table_oid: int | None, columns: list[str] | None, fmt: str,
                      options: dict) -> None:
         """Plan entries for a COPY <table> [(cols)] TO STDOUT about to run."""
