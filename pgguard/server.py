@@ -144,6 +144,7 @@ class Server:
         self.m_sessions = m.gauge("pgguard_sessions", "client sessions open")
         self.m_statements = m.counter("pgguard_statements_total",
                                       "statements by decision", labels=("decision",))
+        self._stmt_children: dict = {}
         self.m_masked = m.counter("pgguard_masked_cells_total", "cells masked in results")
         m.gauge("pgguard_audit_queue_depth", "audit records waiting to be written",
                 fn=lambda: self.audit.stats().queue_depth if self.audit is not None else 0)
@@ -151,7 +152,11 @@ class Server:
                   fn=lambda: self.audit.stats().dropped if self.audit is not None else 0)
 
     def count_statement(self, decision: str, n: int = 1) -> None:
-        self.m_statements.inc(n, decision=decision)
+        child = self._stmt_children.get(decision)
+        if child is None:
+            child = self._stmt_children[decision] = self.m_statements.labels(
+                decision=decision)
+        child.inc(n)
 
     def _report_fast(self, session) -> None:
         pipe = session.client_pipe
