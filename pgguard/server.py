@@ -301,7 +301,8 @@ class Server:
 
     def close_audit(self) -> None:
         if self.audit is not None:
-            self.audit.close()
+            # bounded: what is not written by then stays in the WAL for the next start
+            self.audit.close(timeout=15)
 
     # -- listening and shutdown
     def sessions_info(self) -> list[dict]:
