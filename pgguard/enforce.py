@@ -40,6 +40,9 @@ class Enforcement:
         strict = self.server.audit_strict and self.tracker is not None
         while True:
             for i, it in enumerate(items):
+                if self.held is not None:       # a hold began: keep the rest, in order
+                    self._hold_more(items[i:])
+                    return
                 if it.__class__ is bytes:
                     if not self.discarding:
                         out.append(it)

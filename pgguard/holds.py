@@ -16,6 +16,29 @@ log = logging.getLogger("pgguard.session")
 class Holds:
     """Session mixin: approval holds and strict-audit holds."""
 
+    def _begin_hold(self, out: list, held: list, later: list = ()) -> None:
+        """Write what came before the held message, then keep the client's stream
+        (``later``: the rest of the batch, then anything scanned or arriving) until
+        _release_hold."""
+        if out:
+            self.up.transport.write(b"".join(out))
+            out.clear()
+        self.held = held
+        self.held_items = []
+        self._hold_more(list(later))
+        self.client_pipe.divert = True
+
+    def _release_hold(self, out: list) -> None:
+        """Send ``out`` (the held message, or what replaces it), then go on with what
+        the client sent meanwhile."""
+        items = self.held_items
+        self.held = self.held_items = None
+        self.client_pipe.divert = False
+        if out:
+            self.up.transport.write(b"".join(out))
+        if items:
+            self.client_items(items)
+
     # -- approvals: a statement held until a human decides
     def _hold_for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,
                            name: bytes = b"") -> None:
@@ -27,44 +50,50 @@ class Holds:
                 hint="Approvals are not enabled on this pgguard (set [admin] token_env "
                      "and start it with the token set)."), out, extended, sql)
             return
-        if out:
-            self.up.transport.write(b"".join(out))
-            out.clear()
-        self.held = []
-        self.held_items = []
-        self._hold_more([])
-        self.client_pipe.divert = True
+        self._begin_hold(out, [])
         task = asyncio.get_running_loop().create_task(
             self._await_approval(store, d, msg, extended, sql, name))
         self.approval = [task, None]
-
 
     async def _await_approval(self, store, d, msg, extended, sql, name) -> None:
         from .approvals import hold
         from .tracking import fast_normalize
         text = sql.decode("utf-8", "replace")
         fp = fast_normalize(sql)
-        grant = store.check_grant(self.identity_name, self.database, fp)
-        approver = grant.approver if grant is not None else None
-        req = None
-        if grant is None:
-            req = store.request(identity=self.identity_name, database=self.database,
-                                statement=text, fingerprint=fp,
-                                classification=hold.summarize(d), rule=d.rule,
-                                approvers=d.approvers, timeout_s=d.timeout,
-                                session_id=self.id, cancel_key=self.cancel_key)
-            self.approval[1] = req.id
-            f = hold.notice_fields(req, hold.admin_url(self.server.cfg))
-            self.client.transport.write(m.error_response(
-                "01000", f["message"], severity="NOTICE", detail=f["detail"],
-                hint=f["hint"], notice=True))
-            req = await store.wait_decision(req.id)
-            approver = req.approver
+        req = failure = None
+        try:
+            grant = store.check_grant(self.identity_name, self.database, fp)
+            approver = grant.approver if grant is not None else None
+            if grant is None:
+                req = store.request(identity=self.identity_name, database=self.database,
+                                    statement=text, fingerprint=fp,
+                                    classification=hold.summarize(d), rule=d.rule,
+                                    approvers=d.approvers, timeout_s=d.timeout,
+                                    session_id=self.id, cancel_key=self.cancel_key)
+                self.approval[1] = req.id
+                f = hold.notice_fields(req, hold.admin_url(self.server.cfg))
+                self.client.transport.write(m.error_response(
+                    "01000", f["message"], severity="NOTICE", detail=f["detail"],
+                    hint=f["hint"], notice=True))
+                req = await store.wait_decision(req.id)
+                approver = req.approver
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:      # noqa: BLE001 - the store failed: refuse, fail closed
+            log.error("session %s: approval store failed: %s", self.id, e)
+            failure = e
         self.approval = None
         if self.closed:
             return
         out: list[bytes] = []
-        if req is None or req.state == "approved":
+        if failure is not None:
+            from .policy.rules import Decision
+            self._refuse_any(Decision(
+                action="block", rule=d.rule,
+                message=f'pgguard: statement refused by rule "{d.rule}": the approval '
+                        "could not be requested", detail=str(failure)[:300],
+                statements=d.statements), out, extended, sql, outcome="error")
+        elif req is None or req.state == "approved":
             log.info("session %s: statement approved by %s", self.id, approver)
             out.append(msg)
             self.server.count_statement("approved")
@@ -82,25 +111,13 @@ class Holds:
             outcome = {"denied": "denied", "timed_out": "timed_out"}.get(req.state, "error")
             self._refuse_any(refused, out, extended, sql, outcome=outcome,
                              approver=req.approver, sqlstate=err.sqlstate)
-        held = self.held_items
-        self.held = self.held_items = None
-        self.client_pipe.divert = False
-        if out:
-            self.up.transport.write(b"".join(out))
-        if held:
-            self.client_items(held)
+        self._release_hold(out)
 
 
     # -- COPY (query) under masking: learn the query's columns before it runs
     def _hold_for_copy_plan(self, msg: bytes, out: list, query: str, fmt: str,
                             opts: dict) -> None:
-        if out:
-            self.up.transport.write(b"".join(out))
-            out.clear()
-        self.held = [msg]
-        self.held_items = []
-        self._hold_more([])
-        self.client_pipe.divert = True
+        self._begin_hold(out, [])
         task = asyncio.get_running_loop().create_task(
             self._copy_plan(msg, query, fmt, opts))
         self.approval = [task, None]
@@ -125,29 +142,17 @@ class Holds:
         self.approval = None
         if self.closed:
             return
-        held = self.held_items
-        self.held = self.held_items = None
-        self.client_pipe.divert = False
-        if out:
-            self.up.transport.write(b"".join(out))
-        if held:
-            self.client_items(held)
+        self._release_hold(out)
 
     # -- strict audit: a statement goes upstream only once its record is on disk
     def _hold_for_record(self, out: list, later: list) -> None:
         """out[-1] is a Query or Execute: write what precedes it, log its record with
         log_strict, and hold it and everything after until the record is durable."""
         msg = out.pop()
-        if out:
-            self.up.transport.write(b"".join(out))
         rec = self.tracker.strict_record(msg)
-        self.held = [msg]
-        self.held_items = []
-        self._hold_more(later)
-        self.client_pipe.divert = True
+        self._begin_hold(out, [msg], later)
         fut = self.server.audit.log_strict(rec)
         fut.add_done_callback(self._record_durable)
-
 
     def _hold_more(self, items: list) -> None:
         self.held_items.extend(items)
@@ -156,7 +161,6 @@ class Holds:
         while rest is not None:         # keep stream order: nothing may be scanned ahead
             self.held_items.extend(scan.feed(rest))
             rest = scan.take_rest()
-
 
     def _record_durable(self, fut) -> None:
         if self.closed:
@@ -167,10 +171,5 @@ class Holds:
             self.fail(PgguardError("the audit log is not available; statement not run",
                                    sqlstate="58030", severity="FATAL"))
             return
-        held, items = self.held, self.held_items
-        self.held = self.held_items = None
-        self.client_pipe.divert = False
-        self.up.transport.write(b"".join(held))
-        if items:
-            self.client_items(items)
+        self._release_hold(self.held)
 
