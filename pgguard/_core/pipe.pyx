@@ -90,6 +90,9 @@ cdef class Pipe:
             if self.divert:
                 self._hooks.client_items(items)
                 return
+            if len(items) == 1 and type(items[0]) is bytes and self.scan.rest is None:
+                self._peer_write(items[0])      # nothing watched in this chunk
+                return
             self._client_chunk(items)
             return
         if self.divert:
