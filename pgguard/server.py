@@ -299,6 +299,20 @@ class Server:
         self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}")
         self.audit.start()
 
+    async def stop_services(self) -> None:
+        """Background tasks, the admin server, the revocation watcher and the audit
+        log, in that order; each bounded."""
+        for t in list(self._background):
+            if t.get_coro().__name__ == "_metrics_tick":
+                t.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=10)
+        if self.admin is not None:
+            await self.admin.close()
+        if self.revocations is not None:
+            self.revocations.stop()
+        self.close_audit()
+
     def close_audit(self) -> None:
         if self.audit is not None:
             # bounded: what is not written by then stays in the WAL for the next start
@@ -397,35 +411,31 @@ def _install_uvloop() -> None:
 
 async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
                  ready_fd: int | None = None) -> int:
-    server = Server(cfg, cancel_key=cancel_key, worker=worker)
-    server.start_audit()
-    if server.revocations is not None:
-        server.revocations.start(asyncio.get_running_loop())
-    await server.start()
-    await server.start_admin()
-    if worker == 0:
-        server.background(server.janitor())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # first of all: a signal during startup must still shut everything down in order
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("pgguard worker %d (pid %d) listening on %s:%d, upstream %s:%d", worker,
-             os.getpid(), cfg.listen.address, cfg.listen.port, cfg.upstream.host,
-             cfg.upstream.port)
-    if ready_fd is not None:
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
-    await stop.wait()
-    log.info("pgguard worker %d shutting down", worker)
-    await server.shutdown()
-    for t in list(server._background):
-        if t.get_coro().__name__ == "_metrics_tick":
-            t.cancel()
-    if server._background:
-        await asyncio.wait(list(server._background), timeout=10)
-    if server.admin is not None:
-        await server.admin.close()
-    server.close_audit()
+    server = Server(cfg, cancel_key=cancel_key, worker=worker)
+    try:
+        server.start_audit()
+        if server.revocations is not None:
+            server.revocations.start(loop)
+        await server.start()
+        await server.start_admin()
+        if worker == 0:
+            server.background(server.janitor())
+        log.info("pgguard worker %d (pid %d) listening on %s:%d, upstream %s:%d", worker,
+                 os.getpid(), cfg.listen.address, cfg.listen.port, cfg.upstream.host,
+                 cfg.upstream.port)
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        await stop.wait()
+        log.info("pgguard worker %d shutting down", worker)
+        await server.shutdown()
+    finally:
+        await server.stop_services()
     return 0
 
 
