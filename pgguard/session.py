@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 import struct
 import time
 from collections import deque
@@ -61,12 +60,7 @@ class ClientProtocol(asyncio.Protocol):
     # -- asyncio callbacks
     def connection_made(self, transport) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        m.set_nodelay(transport)
         self.session = Session(self.server, self)
         self.session.start()
 

@@ -135,6 +135,28 @@ def _startup(user=AGENT, db="postgres", version=196608):
     return struct.pack("!I", len(body) + 4) + body
 
 
+def _logged_in_socket(proxy):
+    """A raw socket through the proxy, logged in as the agent with SCRAM done by hand."""
+    from pgguard.auth.scram import ScramClient
+    s = _raw(proxy)
+    s.sendall(_startup())
+    hdr = s.recv(5)
+    body = s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
+    assert hdr[:1] == b"R" and struct.unpack("!I", body[:4])[0] == 10
+    client = ScramClient(AGENT_PASSWORD)
+    mech, first = client.initial()
+    payload = mech.encode() + b"\0" + struct.pack("!i", len(first)) + first
+    s.sendall(b"p" + struct.pack("!I", len(payload) + 4) + payload)
+    hdr = s.recv(5)
+    body = s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
+    final = client.handle_continue(body[4:])
+    s.sendall(b"p" + struct.pack("!I", len(final) + 4) + final)
+    buf = b""
+    while not buf.endswith(b"Z\x00\x00\x00\x05I"):
+        buf += s.recv(65536)
+    return s
+
+
 def _read_all(s) -> bytes:
     out = b""
     try:
@@ -153,25 +175,8 @@ def _read_all(s) -> bytes:
     (b"Q\x7f\x00\x00\x00select", "exceeds the limit"),
 ])
 def test_malformed_frames_get_08P01_and_others_keep_working(proxy, frame, what):
-    from pgguard.auth.scram import ScramClient
     other = psycopg.connect(proxy.dsn(), autocommit=True)
-    s = _raw(proxy)
-    s.sendall(_startup())
-    # SCRAM by hand, so the raw socket is logged in
-    hdr = s.recv(5)
-    body = s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
-    assert hdr[:1] == b"R" and struct.unpack("!I", body[:4])[0] == 10
-    client = ScramClient(AGENT_PASSWORD)
-    mech, first = client.initial()
-    payload = mech.encode() + b"\0" + struct.pack("!i", len(first)) + first
-    s.sendall(b"p" + struct.pack("!I", len(payload) + 4) + payload)
-    hdr = s.recv(5)
-    body = s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
-    final = client.handle_continue(body[4:])
-    s.sendall(b"p" + struct.pack("!I", len(final) + 4) + final)
-    buf = b""
-    while not buf.endswith(b"Z\x00\x00\x00\x05I"):
-        buf += s.recv(65536)
+    s = _logged_in_socket(proxy)
     s.sendall(frame)
     reply = _read_all(s)
     s.close()
@@ -305,22 +310,7 @@ def test_notices_pass_through(proxy):
 
 def test_function_call_message(proxy):
     """FunctionCall ('F'), the legacy fast-path libpq's large objects use."""
-    from pgguard.auth.scram import ScramClient
-    s = _raw(proxy)
-    s.sendall(_startup())
-    hdr = s.recv(5)
-    s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
-    client = ScramClient(AGENT_PASSWORD)
-    mech, first = client.initial()
-    payload = mech.encode() + b"\0" + struct.pack("!i", len(first)) + first
-    s.sendall(b"p" + struct.pack("!I", len(payload) + 4) + payload)
-    hdr = s.recv(5)
-    body = s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
-    final = client.handle_continue(body[4:])
-    s.sendall(b"p" + struct.pack("!I", len(final) + 4) + final)
-    buf = b""
-    while not buf.endswith(b"Z\x00\x00\x00\x05I"):
-        buf += s.recv(65536)
+    s = _logged_in_socket(proxy)
     # int4pl(40, 2): function OID 177, two binary int4 arguments, binary result
     args = struct.pack("!IhhhIiIi", 177, 1, 1, 2, 4, 40, 4, 2) + struct.pack("!h", 1)
     s.sendall(b"F" + struct.pack("!I", len(args) + 4) + args)

@@ -2,6 +2,7 @@
 # and parsers for the few it reads (ErrorResponse fields, startup packets).
 from __future__ import annotations
 
+import socket
 import struct
 
 from .._core import WriteBuffer
@@ -178,3 +179,13 @@ def command_complete(tag: str) -> bytes:
 
 def empty_query_response() -> bytes:
     return b"I\x00\x00\x00\x04"
+
+
+def set_nodelay(transport) -> None:
+    """TCP_NODELAY on a TCP transport: messages go out as written, not coalesced."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
