@@ -252,30 +252,41 @@ async def _lag_run(log_fn, seconds: float, rate: int, spin: bool) -> dict:
 
 
 def bench_loop_lag(cls: type, root: Path, seconds: float, rate: int, spin: bool) -> dict:
-    """The probe without auditing (baseline), then with AuditLog.log (uvloop)."""
+    """The probe without auditing (baseline), then with AuditLog.log (uvloop).
+
+    As in the proxy, the AuditLog starts and closes on the event loop it serves (the
+    current AuditLog then sends from the loop itself; an in-process writer does not
+    care). The baseline runs with the log's switch interval."""
     try:
         import uvloop
         new_loop = uvloop.new_event_loop
     except ImportError:     # pragma: no cover
         new_loop = asyncio.new_event_loop
 
-    def run(log_fn) -> dict:
+    log = cls(cfg(root), roll_records=200_000, roll_seconds=2.0)
+
+    async def audited_run() -> dict:
+        log.start()
+        w0 = _writer_cpu(log)
+        c0 = time.process_time()
+        out = await _lag_run(log.log, seconds, rate, spin)
+        out["proxy_cpu_s"] = time.process_time() - c0
+        out["writer_cpu_s"] = _writer_cpu(log) - w0
+        log.close()
+        return out
+
+    def run(coro) -> dict:
         loop = new_loop()
         try:
-            return loop.run_until_complete(_lag_run(log_fn, seconds, rate, spin))
+            return loop.run_until_complete(coro)
         finally:
             loop.close()
 
-    log = cls(cfg(root), roll_records=200_000, roll_seconds=2.0)
-    log.start()         # sets the switch interval for both runs
-    base = run(lambda rec: None)
-    w0 = _writer_cpu(log)
-    c0 = time.process_time()
-    audited = run(log.log)
-    audited["proxy_cpu_s"] = time.process_time() - c0
-    audited["writer_cpu_s"] = _writer_cpu(log) - w0
+    if log.switch_interval is not None:
+        sys.setswitchinterval(min(sys.getswitchinterval(), log.switch_interval))
+    base = run(_lag_run(lambda rec: None, seconds, rate, spin))
+    audited = run(audited_run())
     audited["base_cpu_s"] = base["cpu_s"]
-    log.close()
     return {"baseline": base, "audit": audited, "rate": rate,
             "switch_interval_ms": sys.getswitchinterval() * 1e3}
 

@@ -79,6 +79,7 @@ class WriterConfig(msgspec.Struct, kw_only=True):
     roll_records: int
     roll_seconds: float
     group_records: int
+    flush_interval: float
     data_fd: int
     ack_fd: int
     parent_pid: int

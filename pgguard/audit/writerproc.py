@@ -44,7 +44,7 @@ import threading
 import time
 from binascii import hexlify
 from datetime import datetime
-from itertools import starmap
+from itertools import islice, starmap
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,9 @@ log = logging.getLogger("pgguard.audit")
 
 FRAME_RECORDS = 4096        # records per WAL frame
 READ_BYTES = 4 << 20        # most bytes read from the data pipe per group
-SEALER_NICE = 10            # CPU niceness of the sealer thread
+WRITER_NICE = 10            # CPU niceness of the main thread in batched mode (see run)
+SEALER_NICE = 15            # CPU niceness of the sealer thread
+POLL_SLEEP = 0.002          # batched mode: pause between looks at an empty pipe
 SEAL_BATCH = 65_536         # records per conversion to Arrow
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _T2 = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
@@ -308,6 +310,16 @@ class Writer:
         # no reference cycles are made per record: automatic collection would only
         # rescan the decoded rows (~0.4 µs a record); a full pass runs after each seal
         gc.disable()
+        # Batched mode: the worker's event loop comes first. This thread runs at a
+        # lower priority, and it sleeps between looks at the pipe instead of blocking
+        # on it: a blocking reader is woken by each write the loop makes, onto the
+        # loop's CPU, and measured to keep the loop off the CPU for milliseconds
+        # (perf sched). Strict mode: sessions wait for this thread; it blocks on the
+        # pipe and keeps the default priority.
+        strict = self.cfg.strict
+        if not strict:
+            _nice(WRITER_NICE)
+        pause = 0.0
         self._sealer.start()
         fd = self.cfg.data_fd
         inbuf = bytearray()
@@ -354,8 +366,20 @@ class Writer:
             if self._seg_fd is not None and self.roll_seconds:
                 timeout = max(1, int((self._seg_opened + self.roll_seconds
                                       - time.monotonic()) * 1000) + 1)
-            if poller.poll(timeout):
+            if strict:
+                if poller.poll(timeout):
+                    eof = self._read(fd, inbuf, poller)
+                continue
+            if poller.poll(0):
                 eof = self._read(fd, inbuf, poller)
+                pause = 0.0
+                continue
+            # nothing there: look again soon, later and later while idle (at most a
+            # quarter of the flush interval, the loss window batched mode promises)
+            pause = min(max(pause * 2, POLL_SLEEP), self.cfg.flush_interval / 4)
+            if timeout >= 0:
+                pause = min(pause, timeout / 1000)
+            time.sleep(pause)
         self._finish(clean=closing and self._retry is None)
         return 0
 
@@ -701,10 +725,7 @@ class Writer:
     # -- sealer thread --------------------------------------------------------------
 
     def _run_sealer(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SEALER_NICE)
-        except (OSError, AttributeError):
-            pass
+        _nice(SEALER_NICE)
         conv = _Converter(storage.wal_dir(self.root, self.stream) / ".convert.ndjson")
         conv.prepare()          # imports DuckDB while nothing waits for it
         sink: storage.ParquetSink | None = None
@@ -868,6 +889,14 @@ class _Converter:
             self.scratch.unlink()
         except OSError:
             pass
+
+
+def _nice(n: int) -> None:
+    # the calling thread's niceness (Linux: per thread; threads it starts inherit it)
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), n)
+    except (OSError, AttributeError):
+        pass
 
 
 def _fix_ts(ts: object) -> object:
