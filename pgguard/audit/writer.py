@@ -555,7 +555,13 @@ class AuditLog:
                 [sys.executable or "python3", "-c", _WRITER_MAIN,
                  msgspec.json.encode(cfg).decode()],
                 pass_fds=(data_r, ack_w), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+                stdout=subprocess.DEVNULL, env=env,
+                # its own process group (a terminal's ^C is not for it; it stops when
+                # its input ends), but the worker's session: Linux's autogroup
+                # scheduling shares the CPU between sessions, and a session of its
+                # own would make the writer an equal of the whole proxy, whatever its
+                # niceness
+                process_group=0)
         except OSError as e:
             for fd in (data_r, data_w, ack_r, ack_w):
                 os.close(fd)
