@@ -44,7 +44,7 @@ import threading
 import time
 from binascii import hexlify
 from datetime import datetime
-from itertools import islice, starmap
+from itertools import starmap
 from pathlib import Path
 from typing import Any
 
