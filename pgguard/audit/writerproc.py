@@ -290,6 +290,7 @@ class Writer:
         self._durable = 0               # highest seq acknowledged as durable
         self._dropped_seen = 0
         self._group: _Group | None = None
+        self._scratch = memoryview(bytearray(1 << 20))      # read buffer: a pipe's worth
         # event ids
         self._ctr = 0
         self._last_ms = 0
@@ -386,14 +387,17 @@ class Writer:
     def _read(self, fd: int, inbuf: bytearray, poller: select.poll) -> bool:
         # all that is available now, up to READ_BYTES; a frame cut by the pipe's
         # capacity is completed with blocking reads (the worker writes frames whole)
+        # (os.readv into one reused buffer: os.read would allocate, and the kernel zero,
+        # a fresh buffer of the size asked for at every call)
+        scratch = self._scratch
         while len(inbuf) < READ_BYTES:
             try:
-                chunk = os.read(fd, READ_BYTES - len(inbuf))
+                n = os.readv(fd, [scratch])
             except InterruptedError:
                 continue
-            if not chunk:
+            if not n:
                 return True
-            inbuf += chunk
+            inbuf += scratch[:n]
             if not poller.poll(0) and _complete(inbuf):
                 break
         return False
