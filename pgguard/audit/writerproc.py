@@ -63,6 +63,7 @@ READ_BYTES = 4 << 20        # most bytes read from the data pipe per group
 WRITER_NICE = 10            # CPU niceness of the main thread in batched mode (see run)
 SEALER_NICE = 15            # CPU niceness of the sealer thread
 POLL_SLEEP = 0.002          # batched mode: pause between looks at an empty pipe
+BATCH_PAUSE = 0.005         # batched mode: pause after a read that was not a full one
 SEAL_BATCH = 65_536         # records per conversion to Arrow
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _T2 = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
@@ -320,7 +321,7 @@ class Writer:
         strict = self.cfg.strict
         if not strict:
             _nice(WRITER_NICE)
-        pause = 0.0
+        pause = busy_pause = 0.0
         self._sealer.start()
         fd = self.cfg.data_fd
         inbuf = bytearray()
@@ -371,8 +372,15 @@ class Writer:
                 if poller.poll(timeout):
                     eof = self._read(fd, inbuf, poller)
                 continue
+            if busy_pause:
+                # let more arrive: one group commit (one fdatasync) then covers several
+                # of the worker's writes, not one each
+                time.sleep(busy_pause)
+                busy_pause = 0.0
             if poller.poll(0):
                 eof = self._read(fd, inbuf, poller)
+                if len(inbuf) < READ_BYTES // 2:
+                    busy_pause = min(BATCH_PAUSE, self.cfg.flush_interval / 4)
                 pause = 0.0
                 continue
             # nothing there: look again soon, later and later while idle (at most a
