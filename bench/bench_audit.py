@@ -1,6 +1,4 @@
-# Audit benchmark: writer throughput, the proxy's CPU per record, event-loop stalls from
-# log(), strict group commit, DuckDB group-by; a table against the targets, optionally
-# side by side with the AuditLog of another git revision.
+# Audit benchmark: writer throughput, proxy CPU per record, loop stalls, strict, DuckDB.
 """Benchmark the audit log (pgguard.audit) in isolation.
 
     python bench/bench_audit.py                 # full run (10M records for DuckDB)

@@ -1,6 +1,4 @@
-# Audit writer process: loop mode and thread mode, the writer outliving a killed worker,
-# a dead writer restarted, no proxy sockets inherited, canonical bytes and exact
-# conversion in the writer, coercion of values msgpack cannot carry.
+# Audit writer process: loop/thread mode, surviving a killed worker, restarts, exact bytes.
 from __future__ import annotations
 
 import asyncio

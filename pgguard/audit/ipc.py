@@ -1,5 +1,4 @@
-# The pipe protocol between a worker's AuditLog and its audit writer process: frames,
-# the wire form of a record, the writer's answers and its configuration.
+# The pipe protocol between a worker's AuditLog and its audit writer process.
 """Two pipes connect a proxy worker (``AuditLog``) to its writer process (``writerproc``).
 
 Every message on either pipe is a frame::

@@ -1,5 +1,4 @@
-# The audit log as a proxy worker sees it: log() encodes a record into a queue; the event
-# loop (or a sender thread) pipes batches to this worker's audit writer process.
+# The worker's side of the audit log: log() encodes records; batches go by pipe to a writer process.
 """Write audit records durably without stalling the event loop.
 
 Where the work happens:

@@ -1,5 +1,4 @@
-# The audit writer process: one per proxy worker; validates, stamps and hash-chains the
-# records its worker sends, group-commits them to the WAL, seals segments into Parquet.
+# The audit writer process (one per worker): hash-chains records into the WAL, seals Parquet.
 """The process behind ``AuditLog`` (run as ``python -m pgguard.audit.writerproc CONFIG``).
 
 Everything that costs CPU per record happens here, so the proxy's event loop never
