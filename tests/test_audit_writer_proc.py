@@ -297,3 +297,35 @@ def test_values_msgpack_cannot_carry_are_coerced(tmp_path):
     assert t[4]["rows"] == 5 and t[4]["error"] is None
     assert log.stats().coerced == 2
     assert verify(root).ok
+
+
+def test_close_is_bounded_when_the_writer_is_stuck(tmp_path):
+    root = tmp_path / "audit"
+    n = 100_000
+
+    async def main() -> tuple[AuditLog, float]:
+        log = make_log(root)
+        log.start()
+        child = log._conn.proc
+        child.send_signal(signal.SIGSTOP)           # a writer that stopped writing
+        try:
+            for i in range(n):
+                log.log(rec(i))
+                if i % 1000 == 0:
+                    await asyncio.sleep(0)          # the loop fills the pipe, then waits
+            t0 = time.monotonic()
+            log.close(timeout=1)
+            took = time.monotonic() - t0
+        finally:
+            child.send_signal(signal.SIGCONT)
+        return log, took
+
+    log, took = asyncio.run(main())
+    assert took < 5
+    dropped = log.stats().dropped
+    assert 0 < dropped < n                          # what never left us is counted
+    # the writer commits what reached the pipe, and the next start seals it
+    with make_log(root) as again:
+        again.log(rec(n, session_id="later"))
+    assert count(root, "session_id <> 'later'") == n - dropped
+    assert verify(root).ok

@@ -222,6 +222,7 @@ class AuditLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_tid = 0
         self._out: list = []            # frame parts the pipe did not take yet
+        self._out_frames: deque = deque()   # [bytes left, records] of each frame in _out
         self._writing = False           # add_writer is registered
         self._pump_soon = False         # a _pump callback is scheduled
         self._timer: asyncio.TimerHandle | None = None
@@ -439,7 +440,7 @@ class AuditLog:
             # the loop cannot serve us while we block it (or it is not running): do
             # the I/O here
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._send_sync()
+            self._send_sync(deadline)
             self._answers_sync(fut.done, deadline)
             if not fut.done():
                 raise TimeoutError("audit: the writer did not answer in time")
@@ -772,6 +773,7 @@ class AuditLog:
         assert self._loop is not None
         self._reset_for(conn)
         self._out.clear()
+        self._out_frames.clear()
         self._writing = False
         os.set_blocking(conn.data_fd, False)
         os.set_blocking(conn.ack_fd, False)
@@ -805,7 +807,7 @@ class AuditLog:
             if not self._more():
                 return
             for parts in self._take():
-                self._out.extend(parts)
+                self._push(parts)
             if not self._write_out():
                 return
         if self._more() and not self._pump_soon:
@@ -818,25 +820,10 @@ class AuditLog:
         assert conn is not None
         out = self._out
         try:
-            while out:
-                chunk = out[:1024]
-                want = sum(map(len, chunk))
-                try:
-                    done = os.writev(conn.data_fd, chunk)
-                except BlockingIOError:
-                    break
-                if done == want:
-                    del out[:len(chunk)]
-                    continue
-                i = 0
-                while done >= len(out[i]):
-                    done -= len(out[i])
-                    i += 1
-                del out[:i]
-                out[0] = memoryview(out[0])[done:]
-                break
+            self._sent_bytes(_writev_some(conn.data_fd, out))
         except OSError as e:            # EPIPE: the writer process is gone
             out.clear()
+            self._out_frames.clear()
             if self._dead is None:
                 self._dead = f"cannot send records: {e.strerror or e}"
         if out and not self._writing:
@@ -846,6 +833,31 @@ class AuditLog:
             self._loop.remove_writer(conn.data_fd)          # type: ignore[union-attr]
             self._writing = False
         return not out
+
+    def _push(self, parts: list) -> None:
+        # a frame into _out; its records are counted until its last byte is written
+        n = 0
+        if parts[0][4] == ipc.K_RECORDS:
+            n = ipc.RECS.unpack_from(parts[0], ipc.HEAD.size)[1]
+        self._out.extend(parts)
+        self._out_frames.append([sum(map(len, parts)), n])
+
+    def _sent_bytes(self, done: int) -> None:
+        frames = self._out_frames
+        while done and frames:
+            f = frames[0]
+            k = min(done, f[0])
+            f[0] -= k
+            done -= k
+            if not f[0]:
+                frames.popleft()
+
+    def _unsent_records(self) -> int:
+        # records of frames not (completely) written: the writer never gets them
+        n = sum(f[1] for f in self._out_frames)
+        self._out.clear()
+        self._out_frames.clear()
+        return n
 
     def _on_writable(self) -> None:
         if not self._stopping and self._write_out():
@@ -863,7 +875,7 @@ class AuditLog:
             if self._writing:
                 self._loop.remove_writer(conn.data_fd)      # type: ignore[union-attr]
                 self._writing = False
-            self._out.clear()
+            self._unsent_records()      # counted by _writer_died (sent, not durable)
             self._conn_ended(conn)
             return
         conn.buf += data
@@ -949,34 +961,40 @@ class AuditLog:
 
     # -- blocking I/O on the calling thread (loop mode: close, flush on the loop) ----
 
-    def _send_sync(self) -> None:
+    def _send_sync(self, deadline: float | None = None) -> bool:
+        # loop mode, on the calling thread: write what is pending and queued, waiting
+        # for room in the pipe until deadline at most; False when out of time
         conn = self._conn
         if conn is None or self._dead is not None:
             if self._dead is not None:
                 self._discard()
-            return
+            return True
         fd = conn.data_fd
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        out = self._out
         try:
-            os.set_blocking(fd, True)
-            out = self._out
-            while out:
-                _writev_all(fd, out[:1024])
-                del out[:1024]
-            while self._more():
-                for parts in self._take():
-                    _writev_all(fd, parts)
+            while True:
+                if not out:
+                    if not self._more():
+                        break
+                    for parts in self._take():
+                        self._push(parts)
+                self._sent_bytes(_writev_some(fd, out))
+                if out:
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        return False
+                    poller.poll(None if left is None else int(left * 1000) + 1)
         except OSError as e:
-            self._out.clear()
+            self._unsent_records()      # counted when the writer is found dead
             if self._dead is None:
                 self._dead = f"cannot send records: {e.strerror or e}"
         finally:
-            try:
-                os.set_blocking(fd, False)
-            except OSError:
-                pass
-        if self._writing and self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_writer(fd)
-            self._writing = False
+            if self._writing and self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_writer(fd)
+                self._writing = False
+        return True
 
     def _answers_sync(self, until: Any, deadline: float | None) -> None:
         # read and handle answers here until until() is true or the writer exits
@@ -1008,23 +1026,25 @@ class AuditLog:
         # close in loop mode: send the rest and C, then read answers until the writer
         # has sealed and exited
         conn = self._conn
-        self._send_sync()
+        sent = self._send_sync(deadline)
         if conn is None:
             return
-        if self._dead is None and not self._abandoned:
-            try:
-                os.set_blocking(conn.data_fd, True)
-                _writev_all(conn.data_fd, [ipc.frame(ipc.K_CLOSE)])
-            except OSError:
-                pass
+        if sent and self._dead is None and not self._abandoned:
+            # without C (out of time, or abandoned) the writer commits what it has and
+            # leaves the open segment to the next start
+            self._push([ipc.frame(ipc.K_CLOSE)])
+            self._send_sync(deadline)
+        unsent = self._unsent_records()
         try:
             os.close(conn.data_fd)
         except OSError:
             pass
         self._answers_sync(conn.exited.is_set, deadline)
         if not conn.exited.is_set():
-            log.error("audit: close timed out; unsealed records stay in the WAL and are "
-                      "recovered at the next start")
+            # still writing: it commits what it received, not what we could not send
+            self._lost += unsent
+            log.error("audit: close timed out (%d records not handed over); unsealed "
+                      "records stay in the WAL and are recovered at the next start", unsent)
 
 
 class _StopHook:
@@ -1069,6 +1089,30 @@ def _writev_all(fd: int, parts: list) -> None:
         done = 0
         while mv:
             mv = mv[os.write(fd, mv):]
+
+
+def _writev_some(fd: int, out: list) -> int:
+    # as much of out as a non-blocking fd takes now, removed from out; bytes written
+    total = 0
+    while out:
+        chunk = out[:1024]
+        want = sum(map(len, chunk))
+        try:
+            done = os.writev(fd, chunk)
+        except BlockingIOError:
+            return total
+        total += done
+        if done == want:
+            del out[:len(chunk)]
+            continue
+        i = 0
+        while done >= len(out[i]):
+            done -= len(out[i])
+            i += 1
+        del out[:i]
+        out[0] = memoryview(out[0])[done:]
+        return total
+    return total
 
 
 def _frames(buf: bytearray) -> list[tuple[int, bytes]]:

@@ -107,11 +107,12 @@ def _parent_of(pid: int) -> int | None:
 
 
 def _worth_waiting(holder: dict | None, since: float) -> bool:
-    # a writer whose worker died drains and exits; a recovery by another worker ends
-    # soon; an unknown or live holder means the stream is in use
+    # a writer whose worker died, or that was told to close, drains and exits; a
+    # recovery by another worker ends soon; an unknown or live holder means the stream
+    # is in use
     if holder is None:
         return time.monotonic() - since < 1.0       # it may not have written its name yet
-    if holder.get("role") == "recover":
+    if holder.get("role") in ("recover", "draining"):
         return True
     pid, parent = holder.get("pid"), holder.get("parent")
     if not isinstance(pid, int) or not isinstance(parent, int):
@@ -145,10 +146,15 @@ def lock_stream(root: Path, stream: str, *, role: str, parent: int,
                 os.close(fd)
                 return None
             time.sleep(0.02)
+    set_role(fd, role, parent)
+    return fd
+
+
+def set_role(fd: int, role: str, parent: int) -> None:
+    """Say in the lock file who holds it and why (read by ``_worth_waiting``)."""
     me = json.dumps({"pid": os.getpid(), "parent": parent, "role": role}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, me, 0)
-    return fd
 
 
 # -- recovery --------------------------------------------------------------------------
@@ -264,8 +270,10 @@ class _Group:
 
 
 class Writer:
-    def __init__(self, cfg: ipc.WriterConfig, answers: _Answers, tip: Tip) -> None:
+    def __init__(self, cfg: ipc.WriterConfig, answers: _Answers, tip: Tip,
+                 lock_fd: int = -1) -> None:
         self.cfg = cfg
+        self._lock_fd = lock_fd
         self.root = Path(cfg.root)
         self.stream = cfg.stream
         self.raw = cfg.capture_literals
@@ -355,6 +363,7 @@ class Writer:
             if ctl is not None:
                 if ctl < 0:
                     closing = True
+                    self._draining()
                     break
                 self._roll_segment(ctl)
                 continue
@@ -391,6 +400,14 @@ class Writer:
         self._finish(clean=closing and self._retry is None)
         return 0
 
+    def _draining(self) -> None:
+        # no more input will come: a new writer for the stream may wait for us
+        if self._lock_fd >= 0:
+            try:
+                set_role(self._lock_fd, "draining", self.cfg.parent_pid)
+            except OSError:
+                pass
+
     def _read(self, fd: int, inbuf: bytearray, poller: select.poll) -> bool:
         # all that is available now, up to READ_BYTES; a frame cut by the pipe's
         # capacity is completed with blocking reads (the worker writes frames whole)
@@ -403,6 +420,7 @@ class Writer:
             except InterruptedError:
                 continue
             if not n:
+                self._draining()
                 return True
             inbuf += scratch[:n]
             if not poller.poll(0) and _complete(inbuf):
@@ -942,7 +960,7 @@ def _write_all(fd: int, bufs: list[bytes]) -> None:
 
 # -- process entry ---------------------------------------------------------------------
 
-def _start(cfg: ipc.WriterConfig, answers: _Answers) -> Tip | None:
+def _start(cfg: ipc.WriterConfig, answers: _Answers) -> tuple[Tip, int] | None:
     root = Path(cfg.root)
     me = cfg.parent_pid
     try:
@@ -971,7 +989,7 @@ def _start(cfg: ipc.WriterConfig, answers: _Answers) -> Tip | None:
         log.exception("audit: the writer cannot start")
         answers.send(ipc.A_ERROR, [f"audit writer cannot start: {type(e).__name__}: {e}"])
         return None
-    return tip
+    return tip, fd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -983,10 +1001,11 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("PGGUARD_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     answers = _Answers(cfg.ack_fd)
-    tip = _start(cfg, answers)
-    if tip is None:
+    started = _start(cfg, answers)
+    if started is None:
         return 1
-    writer = Writer(cfg, answers, tip)
+    tip, lock_fd = started
+    writer = Writer(cfg, answers, tip, lock_fd)
     answers.send(ipc.A_STARTED, ipc.Started(os.getpid(), tip.seq, tip.records))
     return writer.run()
 
