@@ -1,9 +1,12 @@
 # The audit writer process (one per worker): hash-chains records into the WAL, seals Parquet.
-"""The process behind ``AuditLog`` (run as ``python -m pgguard.audit.writerproc CONFIG``).
+"""The process behind ``AuditLog`` (``AuditLog.start`` runs ``main`` with a JSON
+``ipc.WriterConfig``; pass it the read end of the data pipe and the write end of the
+ack pipe).
 
 Everything that costs CPU per record happens here, so the proxy's event loop never
 waits for it: the worker only encodes each record (msgpack) and writes batches into a
-pipe (see ``ipc``).
+pipe (see ``ipc``). About 5 µs of CPU per record (2.5 in the main thread, the rest in
+the sealer), against ~1 µs left in the worker.
 
 Threads:
 
@@ -12,6 +15,9 @@ Threads:
   canonical JSON lines, chains the hashes, appends them to the open WAL segment and
   ``fdatasync``s once per group of frames read together (group commit), then answers
   the worker with the highest durable seq and the event ids its strict records wait for.
+  In batched mode it runs at nice 10 and looks at the pipe every few milliseconds
+  rather than blocking on it (see ``Writer.run``); in strict mode it blocks, at the
+  default priority.
 - *sealer*: turns the committed lines into Arrow (DuckDB's JSON reader, without the
   GIL; Arrow's as a fallback), writes the segment's Parquet file under a temporary
   name, and when the segment closes (``roll_records``, ``roll_seconds``, a new UTC day,
@@ -867,6 +873,7 @@ class _Converter:
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch
         self._con: Any = None
+        self._fd = -1
         self._query = ""
         self._duck_ok = True        # until DuckDB fails once
 
@@ -893,11 +900,20 @@ class _Converter:
 
     def _duck(self, blobs: list[bytes], n: int) -> pa.Table | None:
         try:
-            fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, blobs)
-            finally:
-                os.close(fd)
+            # overwritten in place, then cut to size: truncating to zero first frees
+            # every page of the file only to allocate it again (measured: 40% more
+            # system time)
+            if self._fd < 0:
+                self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT, 0o600)
+            size = 0
+            for i in range(0, len(blobs), 1024):
+                part = blobs[i:i + 1024]
+                want = sum(map(len, part))
+                done = os.pwritev(self._fd, part, size)
+                if done != want:
+                    raise OSError(f"short write to {self.scratch}")
+                size += want
+            os.ftruncate(self._fd, size)
             t = self._con.sql(self._query).to_arrow_table()
             if t.num_rows != n:
                 raise AuditError(f"DuckDB read {t.num_rows} of {n} records")
@@ -914,6 +930,9 @@ class _Converter:
         if self._con is not None:
             self._con.close()
             self._con = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
             self.scratch.unlink()
         except OSError:
