@@ -13,8 +13,10 @@ threads) and *writer* (the child, read from ``/proc/<pid>/stat``).
 
 Measures:
 
-1. writer throughput: records/s from a full queue to sealed Parquet, and sustained with
-   a producer logging concurrently; CPU per record in the proxy and in the writer;
+1. writer throughput: records/s from a full queue to sealed Parquet (the log started
+   without a loop: thread mode), and sustained with a producer coroutine logging on the
+   loop that started the log (loop mode, as in the proxy); CPU per record in the proxy
+   and in the writer;
 2. event-loop stall: an asyncio loop logs at a steady rate while a probe scheduled every
    0.5 ms records its lateness; the same run without auditing is the baseline. Two
    loop states: idle between events (timers, the usual proxy) and spinning (a
