@@ -12,13 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import pgserver  # noqa: F401 - the demo's embedded Postgres: a test dependency
+import psutil
+import psycopg
 import pytest
 
 from pgguard import config, demo, demo_data
-
-pytest.importorskip("pgserver")
-psycopg = pytest.importorskip("psycopg")
-psutil = pytest.importorskip("psutil")
 
 START_TIMEOUT = 180.0       # the first start runs initdb and loads the sample data
 
