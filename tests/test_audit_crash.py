@@ -2,6 +2,7 @@
 # leftover WAL into Parquet and every acknowledged record is there, chain intact.
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -77,7 +78,26 @@ def run_and_kill(root: Path, durability: str, acks_wanted: int, roll: int) -> li
         proc.kill()
         proc.wait()
     assert len(acks) >= acks_wanted, proc.stderr.read() if proc.stderr else ""
+    wait_writer_gone(root)
     return acks
+
+
+def wait_writer_gone(root: Path, timeout: float = 30.0) -> None:
+    # the writer is a child process: when its parent is killed it drains what it was
+    # handed and exits, releasing the stream's lock; only then is the WAL at rest
+    fd = os.open(storage.wal_dir(root, "w0") / "lock", os.O_RDWR)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "audit writer still running"
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
 
 
 def recover(root: Path) -> None:
