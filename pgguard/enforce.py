@@ -54,6 +54,7 @@ class Enforcement:
                         self.discarding = False
                         scan.set_interest(ALL_TYPES, False)
                         scan.set_interest(self.watch, True)
+                        self.fast_path(True)
                         out.append(msg)
                         if self.tracker is not None:
                             self.tracker.flog.append((msg, None, 0))
@@ -207,6 +208,7 @@ class Enforcement:
             self._inject_refusal(d, out, extended=True, sql=sql, **kw)
             self.discarding = True
             self.fscan.set_interest(ALL_TYPES, True)
+            self.fast_path(False)       # each message to client_items until Sync
         else:
             self._inject_refusal(d, out, extended=False, sql=sql, **kw)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import hashlib
 import hmac
 import itertools
@@ -428,6 +429,10 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
         log.info("pgguard worker %d (pid %d) listening on %s:%d, upstream %s:%d", worker,
                  os.getpid(), cfg.listen.address, cfg.listen.port, cfg.upstream.host,
                  cfg.upstream.port)
+        # what startup built (modules, parsers, the policy) lives as long as the
+        # process: out of the collector's sight, full collections stay short
+        gc.collect()
+        gc.freeze()
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)

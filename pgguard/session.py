@@ -465,6 +465,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         if audit is not None:
             from .tracking import StatementTracker
             self.tracker = StatementTracker(self, audit)
+            self.backend_events = self.tracker.on_events    # no Python loop per chunk
         self.watch = (b"QP" if self.policy is not None else b"") + \
             (b"QPBESF" if audit is not None else b"") + \
             (b"QPBDES" if self.masking is not None else b"") + b"X"
@@ -476,8 +477,7 @@ class Session(Enforcement, Holds, ConsoleSession):
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
-        if self.policy is not None and not self.server.audit_strict and self.masking is None:
-            self.client_pipe.exact, self.client_pipe.shapes = self._cache
+        self.fast_path(True)
         if self.tracker is not None:
             self.client_pipe.fast_log = self.tracker.flog
         self.up_pipe = Pipe(self.bscan, up.transport, c.transport, self, False)
@@ -497,6 +497,23 @@ class Session(Enforcement, Holds, ConsoleSession):
             return
         if rest:
             self.client_pipe.data_received(rest)
+
+    def fast_path(self, on: bool) -> None:
+        """Let the compiled client pipe forward what needs no Python (off while
+        discarding after a refusal): statements the policy's cached decision allows,
+        or all of them without a policy; with the audit, the extended-protocol messages
+        the tracker pairs too. Masking and the strict audit see each message in Python."""
+        pipe = self.client_pipe
+        if not on or self.server.audit_strict or self.masking is not None:
+            pipe.exact = pipe.shapes = pipe.log_types = None
+            pipe.allow_all = False
+            return
+        if self.policy is not None:
+            pipe.exact, pipe.shapes = self._cache
+        else:
+            pipe.allow_all = True
+        if self.tracker is not None:
+            pipe.log_types = b"BESF"
 
     def take_masked_cells(self) -> int:
         """Cells masked since the last call (for the audit record and /metrics)."""

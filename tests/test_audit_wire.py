@@ -68,6 +68,51 @@ def test_duckdb_sees_exactly_what_ran(pg, make_proxy, table):
     assert all(r[7] == "auditprobe" and r[8] == "ci-agent" and r[9] == "agent" for r in stmts)
 
 
+@pytest.mark.parametrize("rules", ["", RULES], ids=["no-policy", "policy"])
+def test_pipeline_records_through_the_compiled_path(pg, make_proxy, table, rules):
+    # Bind/Execute/Sync (and, without a policy, every Parse) are forwarded and logged by
+    # the compiled client pipe; an error mid-pipeline marks the rest as not executed,
+    # and a refused Parse (policy) makes the proxy drop what follows until Sync
+    proxy = make_proxy(extra=rules)
+    with psycopg.connect(proxy.dsn(dbname="appdb"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with conn.pipeline():
+                conn.execute("SELECT id FROM aud WHERE id <= %s", [2])
+                conn.execute("SELECT %s::int / 0", [1])
+                conn.execute("SELECT id FROM aud WHERE id <= %s", [5])
+        for n in (1, 3):
+            assert len(conn.execute("SELECT id FROM aud WHERE id <= %s", [n]).fetchall()) == n
+        if rules:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                with conn.pipeline():
+                    conn.execute("SELECT id FROM aud WHERE id <= %s", [4])
+                    conn.execute("DELETE FROM aud")
+                    conn.execute("SELECT id FROM aud WHERE id <= %s", [5])
+            assert conn.execute("SELECT count(*) FROM aud").fetchone() == (5,)
+    assert proxy.stop() == 0
+    got = audit_rows(proxy, """
+        SELECT statement, decision, rows, sqlstate, error FROM audit
+        WHERE event = 'statement' ORDER BY event_id""")
+    sel = "SELECT id FROM aud WHERE id <= $1"
+    want = [
+        (sel, "allowed", 2, None, None),
+        ("SELECT $1::int / $2", "error", 0, "22012", "division by zero"),
+        (sel, "allowed", 0, None, "not executed: an earlier message of the pipeline failed"),
+        (sel, "allowed", 1, None, None),
+        (sel, "allowed", 3, None, None),
+    ]
+    assert got[:5] == want
+    # the refusal is logged when it is decided, before the SELECT ahead of it completes
+    rest = sorted(got[5:], key=lambda r: r[0])
+    if rules:
+        assert rest[0][:4] == ("DELETE FROM aud", "blocked", None, "42501")
+        assert "no-destructive" in rest[0][4]
+        assert rest[1:] == [("SELECT count(*) FROM aud", "allowed", 1, None, None),
+                            (sel, "allowed", 4, None, None)]
+    else:
+        assert rest == []
+
+
 def test_auth_failures_are_audited_without_the_password(pg, make_proxy):
     proxy = make_proxy()
     with pytest.raises(psycopg.OperationalError):

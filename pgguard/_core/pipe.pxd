@@ -26,6 +26,12 @@ cdef class Pipe:
     # forwarded here without Python. None: every Query/Parse goes to the hooks
     cdef public dict exact
     cdef public dict shapes
+    # client side, no policy: every well-formed Query / Parse is forwarded here (with
+    # decision None) when exact is None
+    cdef public bint allow_all
+    # client side: frontend message types forwarded here and logged with decision None
+    # (the audit's Bind / Execute / Sync / FunctionCall); None: they go to the hooks
+    cdef public bytes log_types
     # when not None, (message, decision, monotonic ns) of each fast-forwarded
     # statement is appended for the audit
     cdef public list fast_log

@@ -8,6 +8,12 @@ class Pipe:
     transport: Any
     peer: Any
     notify_chunks: bool
+    divert: bool
+    exact: dict | None
+    shapes: dict | None
+    allow_all: bool
+    log_types: bytes | None
+    fast_log: list | None
     def __init__(self, scan: MessageScan, transport: Any, peer: Any, hooks: Any,
                  client_side: bool) -> None: ...
     def set_peer(self, peer: Any) -> None: ...

@@ -17,6 +17,19 @@ cdef inline long long _now_ns() noexcept nogil:
     return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline bint _well_formed(bytes msg):
+    # a Query: text ending in its NUL; a Parse: name and text, each NUL-terminated
+    cdef const char* p = PyBytes_AS_STRING(msg)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+    cdef const char* e
+    if n < 6 or p[n - 1] != 0:
+        return False
+    if p[0] == 81:
+        return True
+    e = <const char*>memchr(p + 5, 0, n - 5)
+    return e != NULL and memchr(e + 1, 0, n - (e + 1 - p)) != NULL
+
+
 cdef class Pipe:
     """One direction of an established session, installed with ``set_protocol``.
 
@@ -37,6 +50,8 @@ cdef class Pipe:
         self.divert = False
         self.exact = None
         self.shapes = None
+        self.allow_all = False
+        self.log_types = None
         self.fast_log = None
         self._fast = 0
 
@@ -111,6 +126,8 @@ cdef class Pipe:
         # message Python must see) to hooks.client_items, which takes scan.rest too
         cdef list out = []
         cdef Py_ssize_t i, n
+        cdef bint ok
+        cdef int t
         while True:
             n = len(items)
             for i in range(n):
@@ -119,16 +136,25 @@ cdef class Pipe:
                     out.append(it)
                     continue
                 t = (<tuple>it)[0]
+                msg = (<tuple>it)[1]
                 d = None
-                if self.exact is not None and (t == 81 or t == 80):
-                    msg = (<tuple>it)[1]
-                    d = self._cached_allow(msg)
-                if d is None:
+                if t == 81 or t == 80:
+                    if self.exact is not None:
+                        d = self._cached_allow(msg)
+                        ok = d is not None
+                    else:
+                        ok = self.allow_all and _well_formed(msg)
+                    if ok:
+                        self._fast += 1
+                else:
+                    ok = self.log_types is not None and \
+                        memchr(PyBytes_AS_STRING(self.log_types), <int>t,
+                               PyBytes_GET_SIZE(self.log_types)) != NULL
+                if not ok:
                     self._flush(out)
                     self._hooks.client_items(items if i == 0 else items[i:])
                     return
                 out.append(msg)
-                self._fast += 1
                 if self.fast_log is not None:
                     self.fast_log.append((msg, d, _now_ns()))
             rest = self.scan.rest

@@ -65,7 +65,7 @@ import msgspec
 
 from ..config import AuditConfig, parse_duration
 from . import ipc, storage
-from .record import AuditRecord
+from .record import FIELDS, AuditRecord
 from .storage import AuditError
 from .writerproc import Tip as _Tip, _fix_ts, recover  # noqa: F401  (re-exported)
 
@@ -340,6 +340,22 @@ class AuditLog:
                 self._append_slow(record, None)
         else:
             self._append_other(record, None)
+        if n == self._wake_n:
+            self._kick()
+
+    def log_row(self, row: tuple) -> None:
+        """``log`` for a record given as its fields in order (what
+        ``msgspec.structs.astuple`` of an ``AuditRecord`` gives): the statement path
+        builds rows from cached parts instead of building records."""
+        q = self._q
+        n = len(q)
+        if n >= self._limit:
+            self._overflow()
+            return
+        try:
+            q.append(self._enc(row))
+        except Exception:
+            self._append_slow(AuditRecord(**dict(zip(FIELDS, row))), None)
         if n == self._wake_n:
             self._kick()
 

@@ -1,0 +1,306 @@
+# The audit's statement tracker, compiled: pairs what the client sent with what the
+# server answered and emits one audit row per statement (see pgguard.tracking).
+# cython: language_level=3
+
+from collections import deque
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.datetime cimport import_datetime, timedelta_new
+from libc.string cimport memchr
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from .sqlshape cimport shape_buf
+
+import_datetime()
+
+# a frontend entry for an injected refusal Query (answered by a ReadyForQuery)
+REFUSAL_SYNC = 0
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef class _Pending:
+    # one statement (sql is not None) or sync point (sync), oldest first
+    cdef object sql         # bytes, or None for a sync marker
+    cdef object dec         # the policy decision (or Approved), or None
+    cdef long long t0       # monotonic ns when forwarded (0: unknown)
+    cdef long long rows
+    cdef object state       # SQLSTATE of its error
+    cdef object err
+    cdef bint sync          # a Query (answered by its own ReadyForQuery) or a Sync
+    cdef bint done
+
+    def __cinit__(self, sql, dec, long long t0, bint sync, bint done):
+        self.sql = sql
+        self.dec = dec
+        self.t0 = t0
+        self.sync = sync
+        self.done = done
+
+
+cdef bytes _cstr(bytes msg, Py_ssize_t pos, Py_ssize_t* after):
+    # the NUL-terminated string at pos; after: the position behind its NUL
+    cdef const char* p = PyBytes_AS_STRING(msg)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+    cdef const char* e
+    if pos >= n:
+        raise ValueError("truncated message")
+    e = <const char*>memchr(p + pos, 0, n - pos)
+    if e == NULL:
+        raise ValueError("unterminated string")
+    after[0] = e - p + 1
+    return msg[pos:e - p]
+
+
+cdef long long _rows(bytes msg):
+    # CommandComplete tag: "SELECT 5", "INSERT 0 1", "UPDATE 3", "COPY 10", "CREATE TABLE"
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(msg)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(msg) - 1         # the tag's NUL
+    cdef Py_ssize_t i = end
+    cdef long long v = 0
+    while i > 5 and 48 <= p[i - 1] <= 57:
+        i -= 1
+    if i == end or (i > 5 and p[i - 1] != 32) or end - i > 18:
+        return 0
+    while i < end:
+        v = v * 10 + (p[i] - 48)
+        i += 1
+    return v
+
+
+cdef class StatementTracker:
+    """Turns the session's frontend log and backend events into audit records.
+
+    The client side appends to ``flog``, in the order it forwards them, ``(message,
+    decision, monotonic_ns)`` for each Query / Parse / Bind / Execute / Sync /
+    FunctionCall (the compiled fast path appends its own), and ``(REFUSAL_SYNC, None,
+    0)`` for an injected refusal Query. The backend side calls :meth:`on_backend` (or
+    :meth:`on_events`) with each CommandComplete, EmptyQueryResponse, PortalSuspended,
+    ErrorResponse and ReadyForQuery in order. A completion pairs with the oldest
+    unfinished statement; ReadyForQuery closes everything up to its sync point.
+
+    ``helpers`` is the Python side (``pgguard.tracking``): ``statement_record``,
+    ``statement_part``, ``session_columns``, ``Approved`` and ``parse_error_fields``.
+    """
+
+    cdef readonly object session
+    cdef readonly object audit
+    cdef readonly list flog
+    cdef readonly object pending
+    cdef dict stmts             # statement name -> (sql, decision)
+    cdef dict portals           # portal -> statement name
+    cdef bint segment_error
+    cdef long long bytes_mark
+    cdef readonly bint strict   # records are written before forwarding: emit nothing
+    cdef bint raw               # literals are kept: no per-shape statement columns
+    cdef object _base           # wall clock at monotonic _mono0
+    cdef long long _mono0
+    cdef tuple _fixed           # session columns, set at the first record
+    cdef dict _parts            # shape -> (decision, statement columns)
+    cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
+    cdef object _bscan
+
+    def __init__(self, session, audit, helpers, base, long long mono0):
+        self.session = session
+        self.audit = audit
+        self.flog = []
+        self.pending = deque()
+        self.stmts = {}
+        self.portals = {}
+        self.strict = session.server.audit_strict
+        self.raw = session.server.cfg.audit.capture_literals
+        self._base = base
+        self._mono0 = mono0
+        self._fixed = None
+        self._parts = {}
+        (self._h_record, self._h_part, self._h_session, self._approved,
+         self._error_fields) = helpers
+        self._log_row = audit.log_row
+        self._bscan = None
+
+    # -- frontend
+    cdef _drain(self):
+        cdef list flog = self.flog
+        cdef Py_ssize_t after, pos
+        cdef bytes msg, name, portal
+        cdef int t
+        if not flog:
+            return
+        pending = self.pending
+        for item in flog:
+            m = (<tuple>item)[0]
+            if m.__class__ is not bytes:                 # REFUSAL_SYNC
+                pending.append(_Pending(None, None, (<tuple>item)[2], True, False))
+                continue
+            msg = <bytes>m
+            t = <unsigned char>PyBytes_AS_STRING(msg)[0]
+            if t == 81:                                  # Query
+                pending.append(_Pending(msg[5:PyBytes_GET_SIZE(msg) - 1], (<tuple>item)[1],
+                                        (<tuple>item)[2], True, False))
+            elif t == 80:                                # Parse: remember the text
+                try:
+                    name = _cstr(msg, 5, &pos)
+                    self.stmts[name] = (_cstr(msg, pos, &after), (<tuple>item)[1])
+                except ValueError:
+                    pass
+            elif t == 66:                                # Bind: portal -> statement
+                try:
+                    portal = _cstr(msg, 5, &pos)
+                    self.portals[portal] = _cstr(msg, pos, &after)
+                except ValueError:
+                    pass
+            elif t == 69:                                # Execute
+                try:
+                    portal = _cstr(msg, 5, &after)
+                except ValueError:
+                    portal = b""
+                sql, dec = self.stmts.get(self.portals.get(portal, b""), (b"", None))
+                pending.append(_Pending(sql, dec, (<tuple>item)[2], False, False))
+            elif t == 83 or t == 70:                     # Sync / FunctionCall
+                pending.append(_Pending(None, None, (<tuple>item)[2], True, True))
+        flog.clear()
+
+    def refusal_ignored(self):
+        """An injected refusal Query the server skipped (an earlier error in the same
+        pipeline): its sync marker will see no ReadyForQuery."""
+        cdef _Pending e
+        self._drain()
+        for i, x in enumerate(self.pending):
+            e = <_Pending>x
+            if e.sql is None and e.sync and not e.done:
+                del self.pending[i]
+                return
+
+    # -- backend
+    def on_events(self, list events):
+        """on_backend for each (type, message) of a relay chunk."""
+        for ev in events:
+            self.on_backend((<tuple>ev)[0], (<tuple>ev)[1])
+
+    def on_backend(self, int t, bytes msg):
+        cdef _Pending e
+        self._drain()
+        pending = self.pending
+        if t == 90:                                      # ReadyForQuery
+            while pending:
+                e = <_Pending>pending.popleft()
+                if e.sql is not None and not e.done:
+                    if not e.sync and e.state is None and self.segment_error:
+                        e.err = "not executed: an earlier message of the pipeline failed"
+                    self._emit(e)
+                if e.sync:
+                    break
+            self.segment_error = False
+            return
+        e = self._current()
+        if t == 69:                                      # ErrorResponse
+            fields = self._error_fields(msg[5:])
+            if e is None:
+                self.segment_error = True
+                return
+            e.state = fields.get("C")
+            e.err = fields.get("M")
+            if not e.sync:
+                self._emit(e)
+                e.done = True
+                self.segment_error = True
+            return
+        if e is None:
+            return
+        if t == 67:                                      # CommandComplete
+            e.rows += _rows(msg)
+            if not e.sync:
+                self._emit(e)
+                e.done = True
+        elif t == 73 or t == 115:                        # EmptyQuery / PortalSuspended
+            if not e.sync:
+                self._emit(e)
+                e.done = True
+
+    cdef _Pending _current(self):
+        cdef _Pending e
+        for x in self.pending:
+            e = <_Pending>x
+            if not e.done and e.sql is not None:
+                return e
+            if e.sync and e.sql is None:
+                return None
+        return None
+
+    def strict_record(self, bytes msg):
+        """The record of a Query or Execute about to be forwarded (strict mode)."""
+        cdef Py_ssize_t after
+        self._drain()
+        if msg[0] == 81:
+            # (no negative indices here: the core is compiled with wraparound off)
+            sql = msg[5:PyBytes_GET_SIZE(msg) - 1]
+            d = (<_Pending>self.pending[len(self.pending) - 1]).dec
+        else:
+            portal = _cstr(msg, 5, &after)
+            sql, d = self.stmts.get(self.portals.get(portal, b""), (b"", None))
+        return self._h_record(self.session, sql, d, "allowed", self.wall(0))
+
+    cpdef wall(self, long long mono_ns):
+        """The wall-clock time (UTC) of a monotonic_ns reading (0: now)."""
+        if mono_ns == 0:
+            mono_ns = _now_ns()
+        return self._base + timedelta_new(0, 0, (mono_ns - self._mono0) // 1000)
+
+    cdef _emit(self, _Pending e):
+        cdef long long now, seen, out
+        cdef tuple part, fixed
+        if self.strict:
+            return
+        s = self.session
+        now = _now_ns()
+        if self._bscan is None:
+            self._bscan = s.bscan
+        seen = self._bscan.bytes_seen
+        out = seen - self.bytes_mark
+        self.bytes_mark = seen
+        dec = e.dec
+        if dec is not None and dec.__class__ is self._approved:
+            decision, approver = "approved", dec.approver
+        else:
+            decision, approver = "allowed", None
+        if e.state is not None:
+            decision = "error"
+        duration = (now - e.t0) // 1000 if e.t0 else None
+        part = self._part(e.sql, dec) if e.sql.__class__ is bytes and not self.raw else None
+        if part is None:            # text from elsewhere, or literals are captured
+            rec = self._h_record(s, e.sql, dec, decision, self.wall(e.t0))
+            rec.approver = approver
+            rec.rows = e.rows
+            rec.bytes_out = out
+            rec.duration_us = duration
+            rec.sqlstate = e.state
+            rec.error = e.err
+            rec.masked_cells = s.take_masked_cells()
+            self.audit.log(rec)
+            return
+        fixed = self._fixed
+        if fixed is None:
+            fixed = self._fixed = self._h_session(s)
+        # the wire row: AuditRecord's fields in order (see pgguard.audit.ipc)
+        self._log_row(("", self.wall(e.t0)) + fixed + part + (
+            decision, dec.rule if dec is not None else None, approver, e.rows, out,
+            s.take_masked_cells(), duration, e.state, e.err, "", ""))
+
+    cdef tuple _part(self, bytes sql, dec):
+        # the statement columns (statement .. flags), cached per literal-insensitive
+        # shape while the same decision object covers it
+        key = shape_buf(<const unsigned char*>PyBytes_AS_STRING(sql), PyBytes_GET_SIZE(sql))
+        if key is not None:
+            hit = self._parts.get(key)
+            if hit is not None and (<tuple>hit)[0] is dec:
+                return (<tuple>hit)[1]
+        part, cacheable = self._h_part(sql, dec, key)
+        if cacheable:
+            if len(self._parts) >= 1024:
+                self._parts.clear()
+            self._parts[key] = (dec, part)
+        return part
