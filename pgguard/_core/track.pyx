@@ -103,6 +103,7 @@ cdef class StatementTracker:
     cdef dict _parts            # shape -> (decision, statement columns)
     cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
     cdef object _bscan
+    cdef bint _masking          # the session masks (counts masked cells per record)
 
     def __init__(self, session, audit, helpers, base, long long mono0):
         self.session = session
@@ -259,6 +260,7 @@ cdef class StatementTracker:
         now = _now_ns()
         if self._bscan is None:
             self._bscan = s.bscan
+            self._masking = s.masking is not None
         seen = self._bscan.bytes_seen
         out = seen - self.bytes_mark
         self.bytes_mark = seen
@@ -288,7 +290,8 @@ cdef class StatementTracker:
         # the wire row: AuditRecord's fields in order (see pgguard.audit.ipc)
         self._log_row(("", self.wall(e.t0)) + fixed + part + (
             decision, dec.rule if dec is not None else None, approver, e.rows, out,
-            s.take_masked_cells(), duration, e.state, e.err, "", ""))
+            s.take_masked_cells() if self._masking else 0, duration, e.state, e.err,
+            "", ""))
 
     cdef tuple _part(self, bytes sql, dec):
         # the statement columns (statement .. flags), cached per literal-insensitive
