@@ -21,7 +21,10 @@ Measures:
    0.5 ms records its lateness; the same run without auditing is the baseline. Two
    loop states: idle between events (timers, the usual proxy) and spinning (a
    saturated proxy: the loop never sleeps, so helper threads only get the GIL at forced
-   switches);
+   switches). Also the longest single stretch the loop spends in the log's own code
+   (one ``log()`` call, or one of its callbacks: sending, timer, answers): the stall
+   auditing causes itself, as opposed to wake-up lateness, which on a 2-CPU machine
+   also includes the OS running the writer process instead of the loop;
 3. strict durability: awaited ``log_strict`` from N concurrent tasks (group commit);
 4. DuckDB: ``GROUP BY identity, decision`` over the Parquet files (cold and warm).
 
@@ -283,6 +286,23 @@ def bench_loop_lag(cls: type, root: Path, seconds: float, rate: int, spin: bool)
 
     log = cls(cfg(root), roll_records=200_000, roll_seconds=2.0)
 
+    # the loop's time inside the log's own callbacks (sending, timers, answers): the
+    # stall auditing itself causes, apart from the OS scheduling the writer process
+    spans: list[float] = []
+
+    def timed(fn):
+        def run(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                spans.append(time.perf_counter() - t0)
+        return run
+
+    for name in ("_pump", "_tick", "_on_writable", "_on_readable"):
+        if hasattr(log, name):
+            setattr(log, name, timed(getattr(log, name)))
+
     async def audited_run() -> dict:
         log.start()
         w0 = _writer_cpu(log)
@@ -291,6 +311,10 @@ def bench_loop_lag(cls: type, root: Path, seconds: float, rate: int, spin: bool)
         out["proxy_cpu_s"] = time.process_time() - c0
         out["writer_cpu_s"] = _writer_cpu(log) - w0
         log.close()
+        spans.sort()
+        out["callback_calls"] = len(spans)
+        out["callback_max_ms"] = spans[-1] * 1e3 if spans else 0.0
+        out["callback_over_1ms"] = sum(1 for x in spans if x > 0.001)
         return out
 
     def run(coro) -> dict:
@@ -521,6 +545,15 @@ def main() -> int:
                      each("lag_idle", lambda d: "{:.2f}".format(
                          (d["audit"]["proxy_cpu_s"] - d["audit"]["base_cpu_s"])
                          / d["audit"]["records"] * 1e6)), "<= 1 us", None))
+        for label, part in (("idle loop", "lag_idle"), ("busy loop", "lag_spin")):
+            rows.append((f"{label}: longest audit callback or log() (ms) [{vs}]",
+                         each(part, lambda d: "{:.2f}".format(max(
+                             d["audit"].get("callback_max_ms", 0.0),
+                             d["audit"]["log_call_max_us"] / 1e3))),
+                         "< 1 ms", 1.0 / max(max(
+                             now(part)["audit"].get("callback_max_ms", 0.0),
+                             now(part)["audit"]["log_call_max_us"] / 1e3),
+                             1e-3)))
         for label, part in (("idle loop, wake-up", "lag_idle"),
                             ("busy loop, iteration gap", "lag_spin")):
             b = now(part)["baseline"]
