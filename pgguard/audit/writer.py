@@ -328,18 +328,14 @@ class AuditLog:
         Batched mode with a full queue (``queue_max``): the record is dropped and
         counted. The record is encoded at once; the caller may reuse it afterwards.
         """
-        q = self._q
-        n = len(q)
+        if record.__class__ is _rec:
+            self.log_row(_astuple(record))
+            return
+        n = len(self._q)
         if n >= self._limit:
             self._overflow()
             return
-        if record.__class__ is _rec:
-            try:
-                q.append(self._enc(_astuple(record)))
-            except Exception:
-                self._append_slow(record, None)
-        else:
-            self._append_other(record, None)
+        self._append_other(record, None)
         if n == self._wake_n:
             self._kick()
 
