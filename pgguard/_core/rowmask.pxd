@@ -43,11 +43,7 @@ cdef enum PlanMode:
     MODE_COPY_CSV = 2    # CopyData 'd', csv format
 
 
-ctypedef struct Buf:
-    # a growable byte buffer owned by the rewriter (malloc)
-    char* p
-    Py_ssize_t len
-    Py_ssize_t cap
+from .cbuf cimport Buf     # a growable byte buffer owned by the rewriter (malloc)
 
 ctypedef struct HmacKey:
     uint32_t inner[8]    # SHA-256 state after the (key xor ipad) block

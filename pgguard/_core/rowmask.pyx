@@ -9,6 +9,7 @@ from libc.string cimport memchr, memcmp, memcpy, memset
 
 import hashlib
 
+from .cbuf cimport _grow, _put, _putc
 from .framing import FrameError
 
 # what a plan knows of the column types (the Python side resolves kinds: strategies.py)
@@ -44,36 +45,6 @@ cdef inline void _put32(char* p, uint32_t v) noexcept nogil:
     p[1] = <char>(v >> 16)
     p[2] = <char>(v >> 8)
     p[3] = <char>v
-
-
-cdef int _grow(Buf* b, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t cap = b.cap if b.cap else 4096
-    cdef char* np
-    while cap < b.len + extra:
-        cap *= 2
-    np = <char*>realloc(b.p, cap)
-    if np == NULL:
-        raise MemoryError()
-    b.p = np
-    b.cap = cap
-    return 0
-
-
-cdef inline int _put(Buf* b, const char* s, Py_ssize_t n) except -1:
-    if b.len + n > b.cap:
-        _grow(b, n)
-    if n:
-        memcpy(b.p + b.len, s, n)
-    b.len += n
-    return 0
-
-
-cdef inline int _putc(Buf* b, char c) except -1:
-    if b.len + 1 > b.cap:
-        _grow(b, 1)
-    b.p[b.len] = c
-    b.len += 1
-    return 0
 
 
 cdef void _shrink(Buf* b, Py_ssize_t keep) noexcept:

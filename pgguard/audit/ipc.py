@@ -57,13 +57,14 @@ ARRAY32 = b"\xdd"                    # msgpack array with a big-endian u32 lengt
 
 _I64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 _TS = Annotated[datetime, msgspec.Meta(tz=True)]   # naive datetimes take the slow path
-_TYPES: dict[str, object] = {
+TYPES: dict[str, object] = {
     "event_id": str, "ts": Optional[_TS], "session_id": str, "event": str,
     "relations": Optional[list[str]], "flags": Optional[list[str]],
     "rows": Optional[_I64], "bytes_out": Optional[_I64], "masked_cells": Optional[_I64],
     "duration_us": Optional[_I64], "prev_hash": str, "hash": str,
 }
-WireRow = tuple[tuple(_TYPES.get(f, Optional[str]) for f in FIELDS)]  # type: ignore[misc]
+"""The type of each wire field (``Optional[str]`` where not listed)."""
+WireRow = tuple[tuple(TYPES.get(f, Optional[str]) for f in FIELDS)]  # type: ignore[misc]
 """One record as the writer accepts it without coercion: the exact types of the
 canonical content (so what is hashed round-trips through Parquet)."""
 

@@ -71,8 +71,8 @@ from .writerproc import Tip as _Tip, _fix_ts, recover  # noqa: F401  (re-exporte
 
 log = logging.getLogger("pgguard.audit")
 
-FRAME_RECORDS = 1000            # most records per frame (one writev: at most IOV_MAX parts)
-PUMP_FRAMES = 8                 # most frames the loop writes per callback
+FRAME_RECORDS = 256             # most records per frame (one writev: at most IOV_MAX parts)
+PUMP_FRAMES = 1                 # most frames the loop writes per callback (~0.1 ms each)
 PIPE_BYTES = 1 << 20            # data pipe capacity asked for (Linux F_SETPIPE_SZ)
 _PKG_ROOT = str(Path(__file__).resolve().parents[2])
 _astuple = msgspec.structs.astuple

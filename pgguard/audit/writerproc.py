@@ -56,6 +56,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
+from .._core.auditline import Transcoder, event_id
 from . import ipc, storage
 from .record import (CONTENT_FIELDS, CONTENT_SCHEMA, EVENT_AUDIT_DROPPED, FIELDS, GENESIS,
                      UTC, AuditRecord, prepare_statement, sanitize)
@@ -85,6 +86,33 @@ _ROWS = msgspec.msgpack.Decoder(list[ipc.WireRow])        # type: ignore[valid-t
 _ANY = msgspec.msgpack.Decoder()
 _lines = msgspec.json.Encoder().encode_lines
 assert FIELDS[:len(CONTENT_FIELDS)] == CONTENT_FIELDS
+
+
+def _wire_spec() -> bytes:
+    # what each wire field is, for the compiled transcoder (see auditline.Transcoder)
+    kinds = []
+    for name in FIELDS:
+        t = ipc.TYPES.get(name)
+        if name == "event_id":
+            kinds.append("E")
+        elif name == "ts":
+            kinds.append("T")
+        elif name not in CONTENT_FIELDS:
+            kinds.append("X")
+        elif name == "statement":
+            kinds.append("Q")
+        elif t is str:
+            kinds.append("R")
+        elif t is None:
+            kinds.append("s")
+        elif name in ("relations", "flags"):
+            kinds.append("L")
+        else:
+            kinds.append("I")
+    return "".join(kinds).encode()
+
+
+WIRE_SPEC = _wire_spec()
 
 
 def _b32(n: int, width: int) -> str:
@@ -310,6 +338,7 @@ class Writer:
         self._last_ms = 0
         self._rand = _b32(secrets.randbits(40), 8)
         self._stmt_cache: dict[Any, Any] = {None: None}
+        self._tx = Transcoder(WIRE_SPEC, FIELDS, self._prepare, _STMT_CACHE_MAX)
         # sealer hand-off
         self._sq: queue.SimpleQueue = queue.SimpleQueue()
         self._handed = 0
@@ -481,10 +510,17 @@ class Writer:
         if not count:
             return
         self._seq = first + count - 1
-        rows = self._decode(body[off:], count)
         g = self._group
         if g is None:
             g = self._group = _Group(self._prev, self._durable)
+        got = self._encode_wire(body[off:], count, g)
+        if got is not None:
+            pre, base = got
+            g.last_seq = self._seq
+            for i in strict:
+                g.eids.append((first + i, event_id(pre, base + i + 1)))
+            return
+        rows = self._decode(body[off:], count)
         if len(rows) != count:          # undecodable frame: nothing to stamp
             g.failed.extend(first + i for i in strict)
             g.last_seq = self._seq
@@ -549,6 +585,29 @@ class Writer:
             log.warning("audit: %d malformed record(s) coerced (see their error column)", bad)
         return out
 
+    def _encode_wire(self, payload: memoryview, count: int,
+                     g: _Group) -> tuple[bytes, int] | None:
+        # the compiled path of _decode + _encode, straight from the worker's msgpack:
+        # None when some value needs the checks and coercions of the msgspec path;
+        # otherwise (event id prefix, counter before the first row)
+        pre = self._eid_prefix().encode()
+        chunks = self._tx.lines(payload, count, pre, self._ctr, time.time_ns() // 1000,
+                                g.prev, FRAME_RECORDS)
+        if chunks is None:
+            return None
+        prev = g.prev
+        for blob, digests, n in chunks:
+            last = digests[len(digests) - 32:]
+            g.frames.append(storage.wal_frame_header(blob, n, last))
+            g.frames.append(blob)
+            g.handoff.append((blob, hexlify(digests), hexlify(prev), n))
+            prev = last
+        g.prev = prev
+        g.count += count
+        base = self._ctr
+        self._ctr += count
+        return pre, base
+
     def _encode(self, rows: list, g: _Group) -> list[str]:
         # stamp, normalize and hash *rows* into group g; return their event ids
         n = len(rows)
@@ -596,13 +655,17 @@ class Writer:
         cache[s] = ns
         return ns
 
-    def _event_ids(self, n: int) -> list[str]:
-        # time-sortable, unique: 10 chars of ms, 8 random (this writer), 8 of a counter
+    def _eid_prefix(self) -> str:
+        # event ids are time-sortable and unique: 10 chars of ms, 8 random (this
+        # writer), 8 of a counter
         ms = time.time_ns() // 1_000_000
         if ms < self._last_ms:
             ms = self._last_ms          # the clock stepped back: ids stay monotonic
         self._last_ms = ms
-        pre = _b32(ms, 10) + self._rand
+        return _b32(ms, 10) + self._rand
+
+    def _event_ids(self, n: int) -> list[str]:
+        pre = self._eid_prefix()
         T2 = _T2
         c = self._ctr
         end = c + n

@@ -1,0 +1,13 @@
+from typing import Callable
+
+OPENSSL: str | None
+
+def use_hashlib(on: bool) -> None: ...
+def event_id(eid_prefix: bytes, x: int) -> str: ...
+
+class Transcoder:
+    def __init__(self, spec: bytes, names: tuple[str, ...] | list[str],
+                 prepare: Callable[[str], str | None], cache_max: int = ...) -> None: ...
+    def lines(self, payload: bytes | bytearray | memoryview, count: int, eid_prefix: bytes,
+              ctr: int, now_us: int, prev: bytes,
+              per_frame: int) -> list[tuple[bytes, bytes, int]] | None: ...
