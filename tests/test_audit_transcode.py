@@ -7,12 +7,13 @@ import hashlib
 from datetime import datetime, timedelta, timezone
 
 import msgspec
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgguard._core import auditline
-from pgguard.audit import ipc
+from pgguard.audit import ipc, storage
 from pgguard.audit.record import (FIELDS, GENESIS, AuditRecord, chain_hash, content_bytes,
                                   prepare_statement)
 from pgguard.audit.writerproc import WIRE_SPEC
@@ -49,10 +50,17 @@ def reference(records: list[AuditRecord], ctr: int, prev: str = GENESIS):
     return lines, hashes
 
 
-def run(records: list[AuditRecord], ctr: int = 0, per_frame: int = 4096, rows=None):
-    tx = auditline.Transcoder(WIRE_SPEC, FIELDS, prepare)
+def run(records: list[AuditRecord], ctr: int = 0, per_frame: int = 4096, rows=None,
+        tx=None):
+    tx = tx or auditline.Transcoder(WIRE_SPEC, FIELDS, prepare)
     rows = rows if rows is not None else [msgspec.structs.astuple(r) for r in records]
     return tx.lines(payload(rows), len(rows), PREFIX, ctr, NOW_US, bytes(32), per_frame)
+
+
+def columns(tx) -> pa.Table:
+    t = storage.columns_table(*tx.take())
+    t.validate(full=True)
+    return t
 
 
 def flat(chunks):
@@ -89,12 +97,16 @@ records = st.builds(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(records, min_size=1, max_size=12), st.integers(0, (1 << 40) - 100),
        st.integers(1, 5))
-def test_lines_and_chain_are_the_canonical_ones(recs, ctr, per_frame):
-    chunks = run(recs, ctr, per_frame)
+def test_lines_chain_and_columns_are_the_canonical_ones(recs, ctr, per_frame):
+    tx = auditline.Transcoder(WIRE_SPEC, FIELDS, prepare)
+    chunks = run(recs, ctr, per_frame, tx=tx)
     assert chunks is not None
     assert [c[2] for c in chunks] == [min(per_frame, len(recs) - i)
                                       for i in range(0, len(recs), per_frame)]
     assert flat(chunks) == reference(recs, ctr)
+    # the Arrow columns hold exactly what the lines say
+    blob = b"".join(c[0] for c in chunks)
+    assert columns(tx).equals(storage.content_table(blob))
 
 
 def test_hashlib_fallback_gives_the_same_chain():
@@ -144,7 +156,16 @@ def row_with(**kw) -> tuple:
     dict(hash=None),
 ])
 def test_values_the_msgspec_path_must_judge_give_none(bad):
-    assert run([], rows=[row_with(), row_with(**bad)]) is None
+    tx = auditline.Transcoder(WIRE_SPEC, FIELDS, prepare)
+    good = [row_with(identity=f"ok{i}", relations=["a"] * i, rows=i or None)
+            for i in range(11)]
+    assert run([], rows=good, tx=tx) is not None
+    assert run([], rows=[row_with(), row_with(**bad)], tx=tx) is None
+    # the refused frame left no trace in the columns
+    t = columns(tx)
+    assert t.num_rows == 11 and t.column("identity").to_pylist() == [
+        f"ok{i}" for i in range(11)]
+    assert t.column("relations").to_pylist() == [["a"] * i for i in range(11)]
 
 
 def test_invalid_utf8_and_sub_microsecond_timestamps_give_none():

@@ -23,8 +23,8 @@ mostly OpenSSL 3's EVP setup, not hashing); ``hashlib`` when they cannot be foun
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 from .cbuf cimport Buf, _grow, _put, _putc
@@ -417,18 +417,81 @@ cdef enum:
     K_TAIL = 88         # X: str, not part of the line
 
 
+cdef struct Col:
+    # one content column being built, in Arrow's layout: values (string bytes or
+    # int64s), int32 offsets (strings; lists), a validity bitmap, and for a list of
+    # strings its child's offsets and bytes
+    Buf data
+    Buf offs
+    Buf valid
+    Buf coffs
+    Buf cdata
+    Py_ssize_t nulls
+
+
+cdef struct ColMark:
+    Py_ssize_t data, offs, valid, coffs, cdata, nulls
+
+
+cdef inline int _off(Buf *o, Py_ssize_t v) except -1:
+    cdef int32_t x
+    if v > 0x7fffffff:
+        raise OverflowError("audit column over 2 GiB")
+    x = <int32_t>v
+    return _put(o, <const char *>&x, 4)
+
+
+cdef inline int _bit(Col *c, Py_ssize_t row, bint valid) except -1:
+    if (row & 7) == 0:
+        _putc(&c.valid, 0)
+    if valid:
+        c.valid.p[row >> 3] |= <char>(1 << (row & 7))
+    else:
+        c.nulls += 1
+    return 0
+
+
+cdef inline int _col_str(Col *c, Py_ssize_t row, const char *s, Py_ssize_t n) except -1:
+    _put(&c.data, s, n)
+    _off(&c.offs, c.data.len)
+    return _bit(c, row, True)
+
+
+cdef inline int _col_null(Col *c, Py_ssize_t row, uint8_t kind) except -1:
+    cdef int64_t zero = 0
+    if kind == K_INT:
+        _put(&c.data, <const char *>&zero, 8)
+    elif kind == K_LIST:
+        _off(&c.offs, c.coffs.len // 4 - 1)
+    else:
+        _off(&c.offs, c.data.len)
+    return _bit(c, row, False)
+
+
+cdef inline int _col_int(Col *c, Py_ssize_t row, int64_t v) except -1:
+    _put(&c.data, <const char *>&v, 8)
+    return _bit(c, row, True)
+
+
 cdef class Transcoder:
-    """Rows -> canonical lines and chain digests. *spec*: one letter per wire field
-    (see the K_* letters); *names*: the line's key of each content field;
-    *prepare(str) -> str | None* normalizes statements."""
+    """Rows -> canonical lines, chain digests and Arrow columns. *spec*: one letter per
+    wire field (see the K_* letters); *names*: the wire fields' names; *prepare(str) ->
+    str | None* normalizes statements.
+
+    ``lines`` also appends each row's values to Arrow column buffers, which ``take``
+    hands over (and empties): the values the lines say, parsed by nobody."""
 
     cdef bytes spec
     cdef list keys          # b'"name":' for each field (None for tail fields)
     cdef object prepare
-    cdef dict cache         # raw statement bytes -> JSON string bytes (or None)
+    cdef dict cache         # raw statement -> (JSON string bytes, UTF-8) or None
     cdef Py_ssize_t cache_max
     cdef Buf out
     cdef Buf stmt
+    cdef Col *cols          # one per wire field (tail fields' stay empty)
+    cdef ColMark *marks
+    cdef Py_ssize_t ncols
+    cdef Py_ssize_t nrows   # rows in the column buffers
 
     def __cinit__(self, bytes spec, names, prepare, Py_ssize_t cache_max=20000):
         self.spec = spec
@@ -439,13 +502,98 @@ cdef class Transcoder:
         self.prepare = prepare
         self.cache = {}
         self.cache_max = cache_max
+        self.ncols = len(spec)
+        self.cols = <Col *>calloc(self.ncols, sizeof(Col))
+        self.marks = <ColMark *>calloc(self.ncols, sizeof(ColMark))
+        if self.cols == NULL or self.marks == NULL:
+            raise MemoryError()
+        self._reset()
 
     def __dealloc__(self):
+        cdef Py_ssize_t f
         free(self.out.p)
         free(self.stmt.p)
+        if self.cols != NULL:
+            for f in range(self.ncols):
+                free(self.cols[f].data.p)
+                free(self.cols[f].offs.p)
+                free(self.cols[f].valid.p)
+                free(self.cols[f].coffs.p)
+                free(self.cols[f].cdata.p)
+            free(self.cols)
+        free(self.marks)
+
+    cdef int _reset(self) except -1:
+        cdef Py_ssize_t f
+        cdef Col *c
+        self.nrows = 0
+        for f in range(self.ncols):
+            c = &self.cols[f]
+            c.data.len = c.offs.len = c.valid.len = c.coffs.len = c.cdata.len = 0
+            c.nulls = 0
+            _off(&c.offs, 0)
+            _off(&c.coffs, 0)
+        return 0
+
+    cdef void _mark(self) noexcept:
+        cdef Py_ssize_t f
+        for f in range(self.ncols):
+            self.marks[f].data = self.cols[f].data.len
+            self.marks[f].offs = self.cols[f].offs.len
+            self.marks[f].valid = self.cols[f].valid.len
+            self.marks[f].coffs = self.cols[f].coffs.len
+            self.marks[f].cdata = self.cols[f].cdata.len
+            self.marks[f].nulls = self.cols[f].nulls
+
+    cdef void _rewind(self, Py_ssize_t nrows) noexcept:
+        # back to the state _mark saved, when the columns held nrows rows
+        cdef Py_ssize_t f
+        cdef Col *c
+        for f in range(self.ncols):
+            c = &self.cols[f]
+            c.data.len = self.marks[f].data
+            c.offs.len = self.marks[f].offs
+            c.valid.len = self.marks[f].valid
+            c.coffs.len = self.marks[f].coffs
+            c.cdata.len = self.marks[f].cdata
+            c.nulls = self.marks[f].nulls
+            if (nrows & 7) and c.valid.len > (nrows >> 3):
+                c.valid.p[nrows >> 3] &= <char>((1 << (nrows & 7)) - 1)
+        self.nrows = nrows
+
+    def take(self):
+        """``(rows, columns)``: everything ``lines`` added since the last ``take``, one
+        entry per content field, in order: ``(validity bitmap | None, null count,
+        offsets | None, values, child offsets | None, child values | None)`` (bytes;
+        see Arrow's columnar format). The buffers are emptied."""
+        cdef Py_ssize_t f
+        cdef Col *c
+        cdef uint8_t kind
+        cols = []
+        for f in range(self.ncols):
+            kind = <uint8_t>self.spec[f]
+            if kind == K_TAIL:
+                continue
+            c = &self.cols[f]
+            valid = (PyBytes_FromStringAndSize(c.valid.p, c.valid.len)
+                     if c.nulls else None)
+            if kind == K_LIST:
+                cols.append((valid, c.nulls, PyBytes_FromStringAndSize(c.offs.p, c.offs.len),
+                             None, PyBytes_FromStringAndSize(c.coffs.p, c.coffs.len),
+                             PyBytes_FromStringAndSize(c.cdata.p, c.cdata.len)))
+            elif kind == K_INT or kind == K_TS:
+                cols.append((valid, c.nulls, None,
+                             PyBytes_FromStringAndSize(c.data.p, c.data.len), None, None))
+            else:
+                cols.append((valid, c.nulls, PyBytes_FromStringAndSize(c.offs.p, c.offs.len),
+                             PyBytes_FromStringAndSize(c.data.p, c.data.len), None, None))
+        n = self.nrows
+        self._reset()
+        return n, cols
 
     cdef object _statement(self, const uint8_t *s, Py_ssize_t n):
-        # the normalized statement as JSON string bytes, None to omit, False if invalid
+        # the normalized statement as (JSON string bytes, UTF-8 bytes), None to omit,
+        # False if it is not valid text
         key = PyBytes_FromStringAndSize(<const char *>s, n)
         got = self.cache.get(key, False)
         if got is not False:
@@ -463,7 +611,7 @@ cdef class Transcoder:
             if _put_str(&self.stmt, <const uint8_t *>PyBytes_AS_STRING(raw),
                         PyBytes_GET_SIZE(raw)) < 0:
                 return False
-            frag = PyBytes_FromStringAndSize(self.stmt.p, self.stmt.len)
+            frag = (PyBytes_FromStringAndSize(self.stmt.p, self.stmt.len), raw)
         else:
             return False
         if len(self.cache) >= self.cache_max:
@@ -473,7 +621,8 @@ cdef class Transcoder:
 
     def lines(self, payload, Py_ssize_t count, bytes eid_prefix, uint64_t ctr,
               int64_t now_us, bytes prev, Py_ssize_t per_frame):
-        """``[(lines, digests, n), ...]``, one per *per_frame* rows, or ``None``.
+        """``[(lines, digests, n), ...]``, one per *per_frame* rows, or ``None`` (and
+        no column changed).
 
         *payload*: the msgpack array of *count* rows; event ids are *eid_prefix* (18
         chars) + the counter ``ctr + 1, ctr + 2, ...`` in 8 base-32 digits; rows whose
@@ -482,13 +631,14 @@ cdef class Transcoder:
         cdef Rd r
         cdef Buf *b = &self.out
         cdef Buf dig
-        cdef Py_ssize_t row, f, nf, k, j, start, done = 0, rows_in = 0
+        cdef Col *c
+        cdef Py_ssize_t row, f, nf, k, j, start, rows_in = 0, nrow0 = self.nrows, at
         cdef const char *spec = PyBytes_AS_STRING(self.spec)
         cdef Py_ssize_t nspec = PyBytes_GET_SIZE(self.spec)
         cdef const char *pre = PyBytes_AS_STRING(eid_prefix)
         cdef uint8_t kind
         cdef int64_t iv, sec, usec
-        cdef bint first
+        cdef bint first, ok = False
         cdef uint64_t x
         cdef unsigned char last[32]
         cdef char eid[28]
@@ -496,6 +646,8 @@ cdef class Transcoder:
             raise ValueError("bad event id prefix or previous digest")
         if per_frame < 1:
             raise ValueError("per_frame must be positive")
+        if nspec != self.ncols:
+            raise ValueError("spec changed")
         memcpy(last, PyBytes_AS_STRING(prev), 32)
         r.p = &view[0] if view.shape[0] else NULL
         r.i = 0
@@ -503,11 +655,12 @@ cdef class Transcoder:
         if _array(&r) != count:
             return None
         out = []
-        dig.p = <char *>malloc(32 * (per_frame if per_frame < count else count) + 32)
-        dig.len = 0
         dig.cap = 32 * (per_frame if per_frame < count else count) + 32
+        dig.p = <char *>malloc(dig.cap)
+        dig.len = 0
         if dig.p == NULL:
             raise MemoryError()
+        self._mark()
         try:
             b.len = 0
             eid[0] = 34
@@ -516,11 +669,13 @@ cdef class Transcoder:
             for row in range(count):
                 if _array(&r) != nspec:
                     return None
+                at = self.nrows
                 start = b.len
                 _putc(b, 123)
                 first = True
                 for f in range(nspec):
                     kind = <uint8_t>spec[f]
+                    c = &self.cols[f]
                     if kind == K_EVENT_ID or kind == K_TAIL or kind == K_REQ:
                         k = _str(&r)
                         if k < 0:
@@ -540,9 +695,11 @@ cdef class Transcoder:
                             for j in range(8):
                                 eid[19 + j] = _B32[(x >> (35 - 5 * j)) & 31]
                             _put(b, eid, 28)
+                            _col_str(c, at, eid + 1, 26)
                         else:
                             if _put_str(b, r.p + r.i, k) < 0:
                                 return None
+                            _col_str(c, at, <const char *>r.p + r.i, k)
                             r.i += k
                         continue
                     if kind == K_TS:
@@ -555,8 +712,10 @@ cdef class Transcoder:
                         first = False
                         if _put_ts(b, sec, usec) < 0:
                             return None
+                        _col_int(c, at, sec * 1000000 + usec)
                         continue
                     if _nil(&r):
+                        _col_null(c, at, kind)
                         continue
                     if kind == K_STMT:
                         k = _str(&r)
@@ -567,10 +726,14 @@ cdef class Transcoder:
                         if frag is False:
                             return None
                         if frag is None:
+                            _col_null(c, at, kind)
                             continue
                         _key(b, self.keys[f], first)
                         first = False
-                        _put(b, PyBytes_AS_STRING(frag), PyBytes_GET_SIZE(frag))
+                        _put(b, PyBytes_AS_STRING((<tuple>frag)[0]),
+                             PyBytes_GET_SIZE((<tuple>frag)[0]))
+                        _col_str(c, at, PyBytes_AS_STRING((<tuple>frag)[1]),
+                                 PyBytes_GET_SIZE((<tuple>frag)[1]))
                         continue
                     _key(b, self.keys[f], first)
                     first = False
@@ -578,11 +741,13 @@ cdef class Transcoder:
                         k = _str(&r)
                         if k < 0 or _put_str(b, r.p + r.i, k) < 0:
                             return None
+                        _col_str(c, at, <const char *>r.p + r.i, k)
                         r.i += k
                     elif kind == K_INT:
                         if not _int(&r, &iv):
                             return None
                         _put_int(b, iv)
+                        _col_int(c, at, iv)
                     elif kind == K_LIST:
                         nf = _array(&r)
                         if nf < 0:
@@ -594,12 +759,17 @@ cdef class Transcoder:
                             k = _str(&r)
                             if k < 0 or _put_str(b, r.p + r.i, k) < 0:
                                 return None
+                            _put(&c.cdata, <const char *>r.p + r.i, k)
+                            _off(&c.coffs, c.cdata.len)
                             r.i += k
                         _putc(b, 93)
+                        _off(&c.offs, c.coffs.len // 4 - 1)
+                        _bit(c, at, True)
                     else:
                         raise ValueError(f"unknown field kind {chr(kind)!r}")
                 _putc(b, 125)
                 _putc(b, 10)
+                self.nrows += 1
                 _digest(last, b.p + start, b.len - start - 1, last)
                 memcpy(dig.p + dig.len, last, 32)
                 dig.len += 32
@@ -612,9 +782,12 @@ cdef class Transcoder:
                     rows_in = 0
             if r.i != r.n:
                 return None
+            ok = True
             return out
         finally:
             free(dig.p)
+            if not ok:
+                self._rewind(nrow0)
 
 
 cdef inline int _key(Buf *b, bytes key, bint first) except -1:

@@ -362,6 +362,27 @@ def content_table(body: bytes) -> pa.Table:
     return t
 
 
+def columns_table(n: int, cols: list[tuple]) -> pa.Table:
+    """The content table of *n* rows from column buffers in Arrow's layout (what
+    ``auditline.Transcoder.take`` returns: per content field, validity, null count,
+    offsets, values, child offsets, child values)."""
+    arrays = []
+    for field, (valid, nulls, offs, data, coffs, cdata) in zip(CONTENT_SCHEMA, cols):
+        vb = pa.py_buffer(valid) if valid is not None else None
+        t = field.type
+        if pa.types.is_list(t):
+            child = pa.Array.from_buffers(t.value_type, len(coffs) // 4 - 1,
+                                          [None, pa.py_buffer(coffs), pa.py_buffer(cdata)])
+            arrays.append(pa.Array.from_buffers(t, n, [vb, pa.py_buffer(offs)], nulls,
+                                                children=[child]))
+        elif offs is None:
+            arrays.append(pa.Array.from_buffers(t, n, [vb, pa.py_buffer(data)], nulls))
+        else:
+            arrays.append(pa.Array.from_buffers(t, n, [vb, pa.py_buffer(offs),
+                                                       pa.py_buffer(data)], nulls))
+    return pa.Table.from_arrays(arrays, schema=CONTENT_SCHEMA)
+
+
 def with_hashes(content: pa.Table, parts: HashParts) -> pa.Table:
     """The full-schema table: *content* rows plus their ``prev_hash``/``hash`` columns."""
     n = content.num_rows

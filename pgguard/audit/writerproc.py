@@ -5,23 +5,27 @@ ack pipe).
 
 Everything that costs CPU per record happens here, so the proxy's event loop never
 waits for it: the worker only encodes each record (msgpack) and writes batches into a
-pipe (see ``ipc``). About 5 µs of CPU per record (2.5 in the main thread, the rest in
-the sealer), against ~1 µs left in the worker.
+pipe (see ``ipc``). About 3 µs of CPU per record (1.5 in the main thread, the rest in
+the sealer), against ~1.5 µs left in the worker.
 
 Threads:
 
-- *main*: reads frames from the data pipe; decodes and validates the rows (msgspec),
-  stamps ``event_id`` (and ``ts`` when missing), normalizes statements, encodes the
-  canonical JSON lines, chains the hashes, appends them to the open WAL segment and
-  ``fdatasync``s once per group of frames read together (group commit), then answers
-  the worker with the highest durable seq and the event ids its strict records wait for.
-  In batched mode it runs at nice 10 and looks at the pipe every few milliseconds
-  rather than blocking on it (see ``Writer.run``); in strict mode it blocks, at the
-  default priority.
-- *sealer*: turns the committed lines into Arrow (DuckDB's JSON reader, without the
-  GIL; Arrow's as a fallback), writes the segment's Parquet file under a temporary
-  name, and when the segment closes (``roll_records``, ``roll_seconds``, a new UTC day,
-  a roll request) publishes it in ``dt=YYYY-MM-DD/``, moves the chain head, and deletes
+- *main*: reads frames from the data pipe. The compiled transcoder
+  (``pgguard._core.auditline``) checks each row's types, stamps ``event_id`` (and
+  ``ts`` when missing), normalizes the statement (cached), writes the canonical JSON
+  line, chains its hash, and appends the values to Arrow column buffers, in one pass;
+  a frame holding anything it will not judge (a type to coerce, invalid text) goes
+  through msgspec instead (``_decode``/``_encode``), which coerces and reports. The
+  lines go to the open WAL segment, ``fdatasync``ed once per group of frames read
+  together (group commit), then the worker is answered with the highest durable seq
+  and the event ids its strict records wait for. In batched mode it runs at nice 10
+  and looks at the pipe every few milliseconds rather than blocking on it (see
+  ``Writer.run``); in strict mode it blocks, at the default priority.
+- *sealer*: turns the committed records into Arrow tables (the transcoder's columns as
+  they are; the msgspec path's lines through DuckDB's JSON reader, without the GIL,
+  or Arrow's as a fallback), writes the segment's Parquet file under a temporary name,
+  and when the segment closes (``roll_records``, ``roll_seconds``, a new UTC day, a
+  roll request) publishes it in ``dt=YYYY-MM-DD/``, moves the chain head, and deletes
   the WAL segment.
 
 Lifetime: the process holds the stream's lock (``_wal/<stream>/lock``) from before
@@ -295,7 +299,7 @@ class _Group:
 
     def __init__(self, prev: bytes, last_seq: int) -> None:
         self.frames: list[bytes] = []
-        self.handoff: list[tuple[bytes, bytes, bytes, int]] = []
+        self.handoff: list[tuple] = []      # for the sealer: see _Converter.tables
         self.prev = prev                # chain digest after the group's last record
         self.count = 0
         self.last_seq = last_seq        # highest worker seq covered by the group
@@ -339,6 +343,7 @@ class Writer:
         self._rand = _b32(secrets.randbits(40), 8)
         self._stmt_cache: dict[Any, Any] = {None: None}
         self._tx = Transcoder(WIRE_SPEC, FIELDS, self._prepare, _STMT_CACHE_MAX)
+        self._tx_parts: list[tuple[bytes, bytes, int]] = []    # hashes of its columns
         # sealer hand-off
         self._sq: queue.SimpleQueue = queue.SimpleQueue()
         self._handed = 0
@@ -596,11 +601,12 @@ class Writer:
         if chunks is None:
             return None
         prev = g.prev
+        parts = self._tx_parts
         for blob, digests, n in chunks:
             last = digests[len(digests) - 32:]
             g.frames.append(storage.wal_frame_header(blob, n, last))
             g.frames.append(blob)
-            g.handoff.append((blob, hexlify(digests), hexlify(prev), n))
+            parts.append((hexlify(digests), hexlify(prev), n))
             prev = last
         g.prev = prev
         g.count += count
@@ -608,8 +614,17 @@ class Writer:
         self._ctr += count
         return pre, base
 
+    def _take_columns(self, g: _Group) -> None:
+        # what the transcoder built since the last take goes to the sealer as columns
+        # (in order with the lines of the msgspec path)
+        if self._tx_parts:
+            n, cols = self._tx.take()
+            g.handoff.append(("cols", n, cols, self._tx_parts))
+            self._tx_parts = []
+
     def _encode(self, rows: list, g: _Group) -> list[str]:
         # stamp, normalize and hash *rows* into group g; return their event ids
+        self._take_columns(g)
         n = len(rows)
         lines = list(starmap(_Line, map(_CONTENT_OF, rows)))
         ts = list(map(_TS_OF, rows))
@@ -638,7 +653,8 @@ class Writer:
             ds = storage.chain_lines(prev, parts)
             g.frames.append(storage.wal_frame_header(blob, len(parts), ds[-1]))
             g.frames.append(blob)
-            g.handoff.append((blob, hexlify(b"".join(ds)), hexlify(prev), len(parts)))
+            g.handoff.append(("lines", len(parts), blob, hexlify(b"".join(ds)),
+                              hexlify(prev)))
             prev = ds[-1]
         g.prev = prev
         g.count += n
@@ -694,6 +710,7 @@ class Writer:
             self._group = None
             if g is None:
                 return
+            self._take_columns(g)
             if self._seg_fd is not None and g.count and (
                     self._seg_records >= self.roll_records
                     or datetime.now(UTC).strftime("%Y-%m-%d") != self._seg_date):
@@ -825,13 +842,12 @@ class Writer:
     def _run_sealer(self) -> None:
         _nice(SEALER_NICE)
         conv = _Converter(storage.wal_dir(self.root, self.stream) / ".convert.ndjson")
-        conv.prepare()          # imports DuckDB while nothing waits for it
         sink: storage.ParquetSink | None = None
         wal_path: Path | None = None
         failed = False
-        # committed lines wait here until a batch is worth a conversion (a conversion has
-        # a fixed cost of about a millisecond) or the segment is sealed
-        pending: list[tuple[bytes, bytes, bytes, int]] = []
+        # committed records wait here until a batch is worth a conversion (a conversion
+        # of lines has a fixed cost of about a millisecond) or the segment is sealed
+        pending: list[tuple] = []
         pending_n = 0
 
         def convert() -> None:
@@ -840,7 +856,8 @@ class Writer:
             pending, pending_n = [], 0
             try:
                 if n and sink is not None and not failed:
-                    sink.add(conv.table(chunks, n))
+                    for table in conv.tables(chunks):
+                        sink.add(table)
             except Exception:
                 failed = True
                 raise
@@ -855,7 +872,7 @@ class Writer:
             try:
                 if kind == "data":
                     pending.extend(item[2])
-                    pending_n += sum(c[3] for c in item[2])
+                    pending_n += sum(c[1] for c in item[2])
                     if pending_n >= SEAL_BATCH:
                         convert()
                 elif kind == "open":
@@ -955,11 +972,32 @@ class _Converter:
                        f"compression = 'none', maximum_object_size = 268435456, "
                        f"columns = {{{cols}}})")
 
-    def table(self, chunks: list[tuple[bytes, bytes, bytes, int]], n: int) -> pa.Table:
-        content = self._duck([c[0] for c in chunks], n) if self._duck_ok else None
-        if content is None:
-            content = storage.content_table(b"".join(c[0] for c in chunks))
-        return storage.with_hashes(content, [(c[1], c[2], c[3]) for c in chunks])
+    def tables(self, items: list[tuple]) -> list[pa.Table]:
+        """Full-schema tables of the committed *items*, in order. An item is
+        ``("cols", n, columns, hash parts)`` (the transcoder's Arrow buffers: nothing to
+        parse) or ``("lines", n, lines, hex hashes, hex hash before)`` (the msgspec path's
+        lines, parsed here)."""
+        out = []
+        i = 0
+        while i < len(items):
+            if items[i][0] == "cols":
+                _, n, cols, parts = items[i]
+                out.append(storage.with_hashes(storage.columns_table(n, cols), parts))
+                i += 1
+                continue
+            j = i
+            while j < len(items) and items[j][0] == "lines":
+                j += 1
+            run = items[i:j]
+            n = sum(c[1] for c in run)
+            if self._con is None and self._duck_ok:
+                self.prepare()          # DuckDB is imported only when lines need it
+            content = self._duck([c[2] for c in run], n) if self._duck_ok else None
+            if content is None:
+                content = storage.content_table(b"".join(c[2] for c in run))
+            out.append(storage.with_hashes(content, [(c[3], c[4], c[1]) for c in run]))
+            i = j
+        return out
 
     def _duck(self, blobs: list[bytes], n: int) -> pa.Table | None:
         try:
