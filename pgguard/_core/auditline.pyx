@@ -417,6 +417,9 @@ cdef enum:
     K_TAIL = 88         # X: str, not part of the line
 
 
+cdef Py_ssize_t CACHE_TEXT_MAX = 8192     # longest statement (bytes) the cache keeps
+
+
 cdef struct Col:
     # one content column being built, in Arrow's layout: values (string bytes or
     # int64s), int32 offsets (strings; lists), a validity bitmap, and for a list of
@@ -614,9 +617,10 @@ cdef class Transcoder:
             frag = (PyBytes_FromStringAndSize(self.stmt.p, self.stmt.len), raw)
         else:
             return False
-        if len(self.cache) >= self.cache_max:
-            self.cache.clear()
-        self.cache[key] = frag
+        if n <= CACHE_TEXT_MAX:     # a long text is likely unique: the cache stays small
+            if len(self.cache) >= self.cache_max:
+                self.cache.clear()
+            self.cache[key] = frag
         return frag
 
     def lines(self, payload, Py_ssize_t count, bytes eid_prefix, uint64_t ctr,

@@ -665,10 +665,11 @@ class Writer:
         if s in cache:
             return cache[s]
         ns = prepare_statement(s, self.raw)
-        if len(cache) >= _STMT_CACHE_MAX:
-            cache.clear()
-            cache[None] = None
-        cache[s] = ns
+        if len(s) <= 8192:          # a long text is likely unique: the cache stays small
+            if len(cache) >= _STMT_CACHE_MAX:
+                cache.clear()
+                cache[None] = None
+            cache[s] = ns
         return ns
 
     def _eid_prefix(self) -> str:
