@@ -367,9 +367,9 @@ def columns_table(n: int, cols: list[tuple]) -> pa.Table:
     ``auditline.Transcoder.take`` returns: per content field, validity, null count,
     offsets, values, child offsets, child values)."""
     arrays = []
-    for field, (valid, nulls, offs, data, coffs, cdata) in zip(CONTENT_SCHEMA, cols):
+    for f, (valid, nulls, offs, data, coffs, cdata) in zip(CONTENT_SCHEMA, cols):
         vb = pa.py_buffer(valid) if valid is not None else None
-        t = field.type
+        t = f.type
         if pa.types.is_list(t):
             child = pa.Array.from_buffers(t.value_type, len(coffs) // 4 - 1,
                                           [None, pa.py_buffer(coffs), pa.py_buffer(cdata)])
