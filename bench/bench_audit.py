@@ -292,15 +292,20 @@ def bench_loop_lag(cls: type, root: Path, seconds: float, rate: int, spin: bool)
 
     # the loop's time inside the log's own callbacks (sending, timers, answers): the
     # stall auditing itself causes, apart from the OS scheduling the writer process
+    # (wall time, and the loop thread's CPU time: a wall time far above it means the
+    # OS ran something else meanwhile)
     spans: list[float] = []
+    cpu_spans: list[float] = []
 
     def timed(fn):
         def run(*a):
             t0 = time.perf_counter()
+            c0 = time.thread_time()
             try:
                 return fn(*a)
             finally:
                 spans.append(time.perf_counter() - t0)
+                cpu_spans.append(time.thread_time() - c0)
         return run
 
     for name in ("_pump", "_tick", "_on_writable", "_on_readable"):
@@ -319,6 +324,7 @@ def bench_loop_lag(cls: type, root: Path, seconds: float, rate: int, spin: bool)
         out["callback_calls"] = len(spans)
         out["callback_max_ms"] = spans[-1] * 1e3 if spans else 0.0
         out["callback_over_1ms"] = sum(1 for x in spans if x > 0.001)
+        out["callback_cpu_max_ms"] = max(cpu_spans, default=0.0) * 1e3
         return out
 
     def run(coro) -> dict:
@@ -562,6 +568,9 @@ def main() -> int:
                              now(part)["audit"].get("callback_max_ms", 0.0),
                              now(part)["audit"]["log_call_max_us"] / 1e3),
                              1e-3)))
+            rows.append((f"{label}: longest audit callback, loop thread CPU (ms) [{vs}]",
+                         each(part, lambda d: "{:.2f}".format(
+                             d["audit"].get("callback_cpu_max_ms", 0.0))), "", None))
         for label, part in (("idle loop, wake-up", "lag_idle"),
                             ("busy loop, iteration gap", "lag_spin")):
             b = now(part)["baseline"]
