@@ -88,12 +88,15 @@ def use_hashlib(bint on):
 
 cdef int _digest(const unsigned char *prev, const char *data, Py_ssize_t n,
                  unsigned char *out) except -1:
+    global _sha_init, OPENSSL
     cdef unsigned char ctx[512]     # SHA256_CTX is 112 bytes
     if _sha_init != NULL:
-        if (not _sha_init(ctx) or not _sha_update(ctx, prev, 32)
-                or not _sha_update(ctx, data, <size_t>n) or not _sha_final(out, ctx)):
-            raise RuntimeError("OpenSSL SHA256 failed")
-        return 0
+        if (_sha_init(ctx) and _sha_update(ctx, prev, 32)
+                and _sha_update(ctx, data, <size_t>n) and _sha_final(out, ctx)):
+            return 0
+        # refused (a FIPS provider, say): hashlib from now on
+        _sha_init = NULL
+        OPENSSL = None
     h = _sha256(PyBytes_FromStringAndSize(<const char *>prev, 32))
     h.update(PyBytes_FromStringAndSize(data, n))
     d = h.digest()
