@@ -32,16 +32,8 @@ from typing import Any, TextIO
 
 import orjson
 
+from ..cliparse import Parser as _Parser, UsageError as _UsageError
 from ..errors import PgguardError
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
 
 
 def _build_parser() -> argparse.ArgumentParser:

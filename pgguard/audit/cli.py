@@ -28,19 +28,11 @@ import duckdb
 import orjson
 
 from ..config import parse_duration
+from ..cliparse import Parser as _Parser, UsageError as _UsageError
 from ..errors import PgguardError
 from . import storage
 from .query import fetch, open_audit, rows_as_dicts
 from .record import UTC
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -291,17 +291,8 @@ class AuditLog:
             self._finish_sync(deadline)
         err = AuditError("the audit log closed before this record was written")
         # what was not sent (logged during close) is counted, never silent
-        rest = []
-        q = self._q
-        while q:
-            it = q.popleft()
-            if it.__class__ is bytes:
-                self._late += 1
-            elif it.__class__ is tuple:
-                self._late += 1
-                rest.append((it[1], err))
-            elif isinstance(it, _Flush):
-                rest.append((it.future, err))
+        n, rest = self._empty_queue(err)
+        self._late += n
         with self._wlock:
             rest += [(w[1], err) for w in self._waiters]
             self._waiters.clear()
@@ -765,19 +756,27 @@ class AuditLog:
     def _discard(self) -> None:
         # the writer is gone and cannot be restarted now: what is queued is lost
         # (counted); strict and flush waiters fail
-        q = self._q
         err = AuditError(f"the audit writer is not running: {self._dead}")
-        failed = []
+        n, failed = self._empty_queue(err)
+        self._lost += n
+        self._settle(failed)
+
+    def _empty_queue(self, err: Exception) -> tuple[int, list[tuple[Any, Any]]]:
+        # take everything queued: how many records it held, and its waiters (strict
+        # records, flushes, rolls) paired with err
+        q = self._q
+        n = 0
+        failed: list[tuple[Any, Any]] = []
         while q:
             it = q.popleft()
             if it.__class__ is bytes:
-                self._lost += 1
+                n += 1
             elif it.__class__ is tuple:
-                self._lost += 1
+                n += 1
                 failed.append((it[1], err))
             elif isinstance(it, _Flush):
                 failed.append((it.future, err))
-        self._settle(failed)
+        return n, failed
 
     # -- loop mode ----------------------------------------------------------------------
 
