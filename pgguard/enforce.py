@@ -10,6 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from ._core.sqlshape import shape
+from .blast import has_txn_control, plan_for
 from .errors import ProtocolViolation
 from .protocol import messages as m
 
@@ -66,7 +67,7 @@ class Enforcement:
                     continue
                 if t == 81:                     # 'Q' simple Query
                     n = len(out)
-                    self._on_query(msg, out)
+                    self._on_query(msg, out, items[i + 1:])
                     if strict and len(out) > n and out[-1] is msg:
                         self._hold_for_record(out, items[i + 1:])
                         return
@@ -76,14 +77,32 @@ class Enforcement:
                     self._terminate_from_client(out, msg)
                     return
                 else:                           # Bind / Describe / Execute / Sync / ...
-                    out.append(msg)
+                    guard = self.guard
+                    plan = None
+                    if guard is not None and guard.watching:
+                        if t == 66:             # 'B' Bind: the portal inherits the guard
+                            guard.on_bind(msg)
+                        elif t == 67:           # 'C' Close
+                            guard.on_close(msg)
+                            self._guard_watch()
+                        elif t == 69:           # 'E' Execute
+                            plan = guard.portal_plan(msg)
+                        elif t == 83 and guard.owe is not None:
+                            guard.before_sync(out, msg, items[i + 1:])
+                            self._guard_watch()
+                            msg = None
+                    if msg is not None and plan is None:
+                        out.append(msg)
                     if self.masking is not None:
-                        self.masking.frontend(t, msg)
+                        self.masking.frontend(t, it[1])
                     if self.tracker is not None:
-                        self.tracker.flog.append((msg, None, time.monotonic_ns()))
-                        if strict and t == 69:  # Execute: durable record first
+                        self.tracker.flog.append((it[1], None, time.monotonic_ns()))
+                        if strict and t == 69 and plan is None:  # durable record first
                             self._hold_for_record(out, items[i + 1:])
                             return
+                    if plan is not None:        # runs under the row limit
+                        guard.start_execute(it[1], plan, out, items[i + 1:])
+                        return
             rest = scan.take_rest()
             if rest is None:
                 break
@@ -125,16 +144,30 @@ class Enforcement:
             d = _readonly_refusal(d)
         if self.pinned_role and d.action == "allow" and _changes_role(d):
             d = _pinned_refusal(d)
-        self.server.remember_decision(self._cache, msg, key, d)
+        if self.guard is None or d.action != "allow" or plan_for(d, self.identity) is None:
+            # guarded statements never take the compiled fast path
+            self.server.remember_decision(self._cache, msg, key, d)
         return d
 
 
-    def _on_query(self, msg: bytes, out: list) -> None:
+    def _on_query(self, msg: bytes, out: list, later: list = ()) -> None:
         d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None
         if d is None or d.action == "allow":
+            plan = None
+            if self.guard is not None:
+                self.guard.on_query()
+                plan = plan_for(d, self.identity)
+                if plan is not None and len(d.statements) > 1 and has_txn_control(d):
+                    self._inject_refusal(_mixed_txn_refusal(d), out, extended=False,
+                                         sql=msg[5:-1])
+                    return
             if self.masking is not None and not self._mask_query(d, msg, out):
                 return
-            out.append(msg)
+            if plan is not None:
+                self.guard.start_query(msg, plan, out, list(later))
+                self._guard_watch()
+            else:
+                out.append(msg)
             self.server.count_statement("allowed")
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, time.monotonic_ns()))
@@ -195,6 +228,10 @@ class Enforcement:
                 self.tracker.flog.append((msg, d, 0))
             if name and d is not None and self.prepared is not None and d.statements:
                 self.prepared.record(name, d.statements[0])
+            if self.guard is not None:
+                self.guard.on_parse(name.encode() if isinstance(name, str) else name,
+                                    plan_for(d, self.identity))
+                self._guard_watch()
             return
         if d.action == "approve":
             self._hold_for_approval(d, msg, out, extended=True, sql=msg[pos:end], name=name)
@@ -254,13 +291,65 @@ class Enforcement:
             pipe.divert = False
 
 
+    def _routed(self, items: list):
+        """The backend items after the blast-radius guard took its own answers out
+        (one at a time: a guard step may release held client messages, which read the
+        ReadyForQuery count as of that item)."""
+        guard = self.guard
+        for it in items:
+            if not guard.chain:
+                yield it
+                continue
+            yield from guard.route(it)
+
+    def _divert_all(self) -> None:
+        """Every backend message to backend_items (the guard reads them all)."""
+        pipe, scan = self.up_pipe, self.bscan
+        if not pipe.divert:
+            self.z_count = scan.count
+        scan.set_interest(ALL_TYPES, True)
+        scan.set_withhold(True)
+        pipe.divert = True
+
+    def visible_z(self) -> int:
+        """ReadyForQuery messages the client has been sent (or is being sent)."""
+        if not self.up_pipe.divert:
+            return self.bscan.count
+        g = self.guard
+        return self.z_count + (sum(1 for it in g.out if it.__class__ is tuple
+                                   and it[0] == 90) if g is not None else 0)
+
+    def visible_status(self) -> int:
+        """The transaction status of the last ReadyForQuery the client gets."""
+        g = self.guard
+        if g is not None:
+            for it in reversed(g.out):
+                if it.__class__ is tuple and it[0] == 90:
+                    return it[1][5]
+        return self.bscan.status
+
+    def _guard_watch(self) -> None:
+        """Bind/Execute/Close/Sync reach Python while a guarded statement or portal
+        exists (and no statement takes the compiled fast path meanwhile)."""
+        on = self.guard.watching
+        if on == self._guarding:
+            return
+        self._guarding = on
+        self.watch = self._base_watch + (b"BECS" if on else b"")
+        if not self.discarding:
+            scan = self.fscan
+            scan.set_interest(ALL_TYPES, False)
+            scan.set_interest(self.watch, True)
+            self.fast_path(not on)
+
     def backend_items(self, items: list) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
         out: list[bytes] = []
         refusals = self.refusals
         mask = self.masking
-        for it in items:
+        guard = self.guard
+        for it in (items if guard is None or not guard.chain else self._routed(items)):
             if it.__class__ is bytes:
                 if mask is not None:
                     it = mask.feed(0, it, False)
@@ -269,6 +358,7 @@ class Enforcement:
             t, msg = it
             if t == 90:                                  # 'Z' ReadyForQuery
                 self.z_count += 1
+                self.bscan.status = msg[5]
                 drop = False
                 if refusals and self.z_count >= refusals[0][0]:
                     target, d, extended, seen, _ = refusals.popleft()
@@ -298,7 +388,7 @@ class Enforcement:
                     out.append(msg)
         if out:
             self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if not refusals:
+        if not refusals and (guard is None or not guard.chain):
             self._divert_backend(False)
         if self.draining:
             self.backend_chunk()
@@ -364,6 +454,19 @@ def _readonly_refusal(d):
                 "changes the database and this session's token is read-only",
         detail=f"statement kind: {st.kind}; flags: {', '.join(st.flags) or 'none'}",
         hint="Ask for a token with --scope readwrite.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _mixed_txn_refusal(d):
+    from .policy.rules import Decision
+    return Decision(
+        action="block", rule="blast-radius",
+        message='pgguard: statement refused by rule "blast-radius": a query text that both '
+                "changes rows and controls the transaction (BEGIN/COMMIT/ROLLBACK/SAVEPOINT)",
+        detail="pgguard measures how many rows each row-changing statement changes and "
+               "rolls it back past the limit; it cannot do that when the same query text "
+               "also commits or rolls back",
+        hint="Send BEGIN, COMMIT and the like as statements of their own.",
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 

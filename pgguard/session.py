@@ -16,6 +16,7 @@ from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
 from .protocol import messages as m
 from .console import CONSOLE_DB, ConsoleSession
 from .enforce import Enforcement, _now
+from .blast import Guard
 from .holds import Holds
 from .upstream import UpstreamProtocol, connect_upstream
 
@@ -147,6 +148,9 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.pinned_role = False        # the upstream role is chosen by pgguard
         self.approval = None            # (task, request id) while a statement is held
         self.readonly = False
+        self.guard = None               # the blast-radius guard, under a policy
+        self._guarding = False          # Bind/Execute/Close/Sync watched for it
+        self._base_watch = b"X"
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
 
@@ -469,6 +473,9 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.watch = (b"QP" if self.policy is not None else b"") + \
             (b"QPBESF" if audit is not None else b"") + \
             (b"QPBDES" if self.masking is not None else b"") + b"X"
+        self._base_watch = self.watch
+        if self.policy is not None:
+            self.guard = Guard(self)
         self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, max_len=limits.max_message_size)
@@ -504,7 +511,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         or all of them without a policy; with the audit, the extended-protocol messages
         the tracker pairs too. Masking and the strict audit see each message in Python."""
         pipe = self.client_pipe
-        if not on or self.server.audit_strict or self.masking is not None:
+        if not on or self.server.audit_strict or self.masking is not None or self._guarding:
             pipe.exact = pipe.shapes = pipe.log_types = None
             pipe.allow_all = False
             return

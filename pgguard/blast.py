@@ -1,0 +1,554 @@
+# The blast-radius guard: a row-changing statement of an identity under a policy runs
+# inside a savepoint (or a transaction pgguard opens); its measured row count decides
+# whether it is kept, or rolled back and refused with 42501.
+"""How a guarded statement runs.
+
+Simple Query (one Query is one unit): the guard waits until every earlier statement has
+been answered, so the transaction status is known exactly, then sends ``BEGIN`` (idle) or
+``SAVEPOINT pgguard_guard`` (in a transaction block) before the statement. When its
+result is in, the count decides: ``COMMIT`` / ``RELEASE SAVEPOINT`` and the client gets
+the result, or ``ROLLBACK`` / ``ROLLBACK TO SAVEPOINT`` plus a failing statement (so a
+transaction block ends up failed, as it would after an error) and the client gets 42501.
+
+Extended protocol (Execute of a portal bound to a guarded statement): earlier messages of
+the same pipeline may still be unanswered and the block state unknown, so the guard sends
+a marker query (its one-row result tells where the earlier answers end), then ``BEGIN``
+(a WARNING 25001 answers it inside a block: that is how the guard learns the state) and
+``SAVEPOINT``, then the client's Execute and a Flush, and holds the client's stream until
+the count is in. When it opened the block itself, it commits just before the client's
+next Sync (and rolls back after it when anything failed), so the client sees Postgres'
+implicit-transaction semantics.
+
+The count is the command tag's when the tag counts every changed row (a plain UPDATE,
+DELETE, MERGE or INSERT ... ON CONFLICT DO UPDATE); otherwise (CTEs, DO blocks, function
+calls, several statements) it is the change of the transaction's own updated + deleted
+tuple counters (``pg_stat_get_xact_tuples_*``) across the statement.
+
+All of the guard's own messages use names of its own (statements and portals
+``pgguard_g<N>``), so the client's unnamed statement and portal are never touched. Every
+backend message passes through a chain of small generators, one per guard step in stream
+order; what they do not consume goes on to the session's normal backend path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections import deque
+
+from .protocol import messages as m
+
+log = logging.getLogger("pgguard.session")
+
+SAVEPOINT = "pgguard_guard"
+# the transaction's own count of updated + deleted tuples, over every table
+_SNAPSHOT = (b"SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_updated(c.oid) + "
+             b"pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)), 0)::int8 "
+             b"FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 't', 'm')")
+# fails the transaction block, as the refused statement's error would have
+_FAIL_SQL = (b"DO $pgguard$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', "
+             b"MESSAGE = 'pgguard: blast-radius limit exceeded, rolled back'; END$pgguard$")
+_ROW_KINDS = frozenset({"update", "delete", "merge"})
+_TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release",
+                        "prepare_transaction", "commit_prepared", "rollback_prepared"})
+# a RETURNING result held while its count is unknown: beyond this, refuse (fail closed)
+MAX_HELD_BYTES = 32 << 20
+
+_Z = ord("Z")
+_E = ord("E")
+_C = ord("C")
+_D = ord("D")
+_N = ord("N")
+_s = ord("s")
+_I = ord("I")
+_IDLE, _INBLOCK, _FAILED = ord("I"), ord("T"), ord("E")
+
+
+class Plan:
+    """What a decision asks of the guard: the row limit, the rule it comes from, and
+    whether the command tag counts every changed row."""
+
+    __slots__ = ("limit", "rule", "by_tag")
+
+    def __init__(self, limit: int, rule: str, by_tag: bool) -> None:
+        self.limit = limit
+        self.rule = rule
+        self.by_tag = by_tag
+
+
+def _changes_rows(st) -> bool:
+    v = getattr(st, "changes_rows", None)
+    if v is not None:
+        return v
+    return bool(_ROW_KINDS.intersection(st.kinds or (st.kind,)))
+
+
+def _by_tag(st) -> bool:
+    v = getattr(st, "counted_by_tag", None)
+    if v is not None:
+        return v
+    return st.kind in _ROW_KINDS and len(st.kinds) <= 1 and not st.functions
+
+
+def plan_for(d, identity) -> Plan | None:
+    """The guard's plan for an allowed decision, or None when it changes no rows or no
+    limit applies."""
+    sts = [st for st in d.statements if _changes_rows(st)]
+    if not sts:
+        return None
+    limit = getattr(d, "max_rows", None)
+    if not hasattr(d, "max_rows"):
+        limit = 1000 if identity is not None and identity.kind == "agent" else None
+    if not limit:
+        return None
+    by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
+    return Plan(limit, d.rule or "blast-radius", by_tag)
+
+
+def has_txn_control(d) -> bool:
+    return any(_TXN_KINDS.intersection(st.kinds or (st.kind,)) for st in d.statements)
+
+
+def _tag_rows(msg: bytes) -> int:
+    tag = msg[5:-1].rsplit(b" ", 1)
+    try:
+        return int(tag[-1]) if len(tag) == 2 else 0
+    except ValueError:
+        return 0
+
+
+def _frame(t: bytes, body: bytes) -> bytes:
+    return t + struct.pack("!I", len(body) + 4) + body
+
+
+def _query(sql: bytes) -> bytes:
+    return _frame(b"Q", sql + b"\0")
+
+
+def _group(name: bytes, sql: bytes) -> bytes:
+    """Run ``sql`` through the extended protocol under names of the guard's own:
+    answered by ParseComplete, BindComplete, [rows,] CommandComplete, CloseComplete x2."""
+    return (_frame(b"P", name + b"\0" + sql + b"\0\0\0")
+            + _frame(b"B", name + b"\0" + name + b"\0\0\0\0\0\0\0")
+            + _frame(b"E", name + b"\0\0\0\0\0")
+            + _frame(b"C", b"P" + name + b"\0")
+            + _frame(b"C", b"S" + name + b"\0"))
+
+
+_FLUSH = _frame(b"H", b"")
+_DEBUG = bool(os.environ.get("PGGUARD_GUARD_DEBUG"))
+_SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
+
+
+def _z(status: int) -> tuple[int, bytes]:
+    return (_Z, b"Z\0\0\0\x05" + bytes((status,)))
+
+
+def _code(msg: bytes) -> str:
+    i = msg.find(b"\0C", 4)
+    if i < 0:
+        return ""
+    return msg[i + 2:msg.index(b"\0", i + 2)].decode("ascii", "replace")
+
+
+def _one_value(msg: bytes) -> int:
+    (n,) = struct.unpack_from("!h", msg, 5)
+    (ln,) = struct.unpack_from("!i", msg, 7)
+    return int(msg[11:11 + ln]) if n == 1 and ln > 0 else 0
+
+
+class Guard:
+    """A session's blast-radius guard: which prepared statements and portals are
+    guarded, and the chain of steps that reads the backend stream while it works."""
+
+    __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z")
+
+    def __init__(self, session) -> None:
+        self.s = session
+        self.stmts: dict[bytes, Plan] = {}      # guarded prepared statements by name
+        self.portals: dict[bytes, Plan] = {}    # guarded portals by name
+        self.chain: deque = deque()             # steps reading backend messages, in order
+        self.seq = 0
+        # the guard opened a transaction block that the client's next Sync must end:
+        # None, "commit" (COMMIT before the Sync) or "rollback" (it already failed)
+        self.owe: str | None = None
+        self.out: list = []
+        # the ReadyForQuery count when an error of the current extended-protocol
+        # pipeline was seen: until the next one, Postgres skips everything up to the
+        # Sync, so a guard step would wait for nothing
+        self._skip_z = -1
+
+    # -- frontend bookkeeping: state belongs to the statement and portal
+    @property
+    def watching(self) -> bool:
+        """Bind/Execute/Close must reach Python (a guarded statement or portal exists,
+        or a Sync owes the end of a block the guard opened)."""
+        return bool(self.stmts or self.portals or self.owe)
+
+    def on_parse(self, name: bytes, plan: Plan | None) -> None:
+        if plan is None:
+            self.stmts.pop(name, None)
+        else:
+            self.stmts[name] = plan
+
+    def on_bind(self, msg: bytes) -> None:
+        end = msg.index(b"\0", 5)
+        portal = msg[5:end]
+        stmt = msg[end + 1:msg.index(b"\0", end + 1)]
+        plan = self.stmts.get(stmt)
+        if plan is None:
+            self.portals.pop(portal, None)
+        else:
+            self.portals[portal] = plan
+
+    def on_close(self, msg: bytes) -> None:
+        name = msg[6:msg.index(b"\0", 6)]
+        (self.stmts if msg[5] == 83 else self.portals).pop(name, None)
+
+    def on_query(self) -> None:
+        # a simple Query drops the unnamed statement and portal
+        self.stmts.pop(b"", None)
+        self.portals.pop(b"", None)
+
+    def _skipping(self) -> None:
+        self._skip_z = self.s.visible_z()
+
+    def portal_plan(self, msg: bytes) -> Plan | None:
+        """The plan of the Execute ``msg``'s portal, unless Postgres is skipping to the
+        next Sync after an error (the Execute will not run)."""
+        if not self.portals or self._skip_z == self.s.visible_z():
+            return None
+        return self.portals.get(msg[5:msg.index(b"\0", 5)])
+
+    # -- backend: every message while a step is pending
+    @property
+    def busy(self) -> bool:
+        return bool(self.chain)
+
+    def route(self, item) -> list:
+        """The messages that go on to the session's normal backend path for ``item``
+        (a (type, message) pair, or raw bytes of messages nobody watches)."""
+        out = self.out = []
+        t, msg = (None, item) if item.__class__ is bytes else item
+
+        if _DEBUG:
+            log.warning("guard route %r %r chain=%d", t and chr(t), msg[:60], len(self.chain))
+        while self.chain:
+            step = self.chain[0]
+            try:
+                step.send((t, msg))
+                break
+            except StopIteration:
+                self.chain.popleft()
+                break
+        else:
+            out.append(item)
+        return out
+
+    def _start(self, gen) -> None:
+        # queued before it runs: whatever its first steps release queues behind it
+        self.chain.append(gen)
+        self.s._divert_all()
+        try:
+            next(gen)
+        except StopIteration:
+            self.chain.remove(gen)
+
+    def _pass(self, t, msg) -> None:
+        self.out.append(msg if t is None else (t, msg))
+
+    def _swallow_z(self) -> None:
+        self.s.bscan.count -= 1
+
+    def _unanswered(self, later: list) -> int:
+        """Sync points (Query, Sync, FunctionCall) sent upstream and not yet answered:
+        the scan has counted those in ``later`` too, which are not sent yet."""
+        s = self.s
+        ahead = sum(1 for it in later if it.__class__ is tuple and it[0] in _SYNC_TYPES)
+        return s.fscan.count + s.sync_adjust - ahead - s.visible_z()
+
+    def _name(self) -> bytes:
+        self.seq += 1
+        return b"pgguard_g%d" % self.seq
+
+    # -- simple Query
+    def start_query(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
+        """``msg`` (a Query) runs under the guard; ``out`` holds what precedes it,
+        ``later`` the rest of the batch."""
+        s = self.s
+        need = self._unanswered(later) - 1
+        s._begin_hold(out, [])          # client_items holds the rest of the batch
+        self._start(self._query_steps(msg, plan, need))
+
+    def _query_steps(self, msg: bytes, plan: Plan, need: int):
+        s = self.s
+        status = s.visible_status()
+        while need > 0:                      # earlier statements still unanswered
+            t, data = yield
+            self._pass(t, data)
+            if t == _Z:
+                need -= 1
+                status = data[5]
+        if status == _FAILED:                # it fails anyway, as Postgres would have it
+            s.up.transport.write(msg)
+            s._release_hold([])
+            return
+        opened = status == _IDLE
+        pre = _query(b"BEGIN" if opened else b"SAVEPOINT " + SAVEPOINT.encode())
+        snap = b"" if plan.by_tag else _query(_SNAPSHOT)
+        s.up.transport.write(pre + snap + msg + snap)
+        yield from self._swallow_query()
+        before = (yield from self._swallow_query())[0] if snap else 0
+        buf, count, err, z = yield from self._hold_result(plan, simple=True)
+        if snap:
+            after = (yield from self._swallow_query())[0]
+            if err is None:
+                count = after - before
+        if err is not None:
+            if opened:
+                s.up.transport.write(_query(b"ROLLBACK"))
+                self.out.extend(buf)
+                self.out.append(_z(_IDLE))
+                s._release_hold([])
+                yield from self._swallow_query()
+            else:
+                self.out.extend(buf)
+                self.out.append((_Z, z))
+                s._release_hold([])
+            return
+        if count > plan.limit:
+            self._log_over(plan, count)
+            if opened:
+                s.up.transport.write(_query(b"ROLLBACK"))
+            else:
+                s.up.transport.write(_query(b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
+                                     + _query(_FAIL_SQL))
+            self.out.append(self._refusal(plan, count))
+            self.out.append(_z(_IDLE if opened else _FAILED))
+            s._release_hold([])
+            yield from self._swallow_query()
+            if not opened:
+                yield from self._swallow_query()
+            return
+        if opened:
+            s.up.transport.write(_query(b"COMMIT"))
+            self.out.extend(buf)
+            self._swallow_z()                # the statement's own Z: COMMIT's answers
+            s._release_hold([])
+            while True:
+                t, data = yield
+                if t == _Z:
+                    self._pass(t, data)
+                    return
+                if t == _E:                  # a deferred constraint, a serialization error
+                    self._pass(t, data)
+        else:
+            s.up.transport.write(_query(b"RELEASE SAVEPOINT " + SAVEPOINT.encode()))
+            self.out.extend(buf)
+            self.out.append((_Z, z))
+            s._release_hold([])
+            yield from self._swallow_query()
+
+    def _swallow_query(self):
+        """Swallow one injected Query's answers up to its ReadyForQuery: (the first
+        column of its last row as int, its error message or None)."""
+        value, err = 0, None
+        while True:
+            t, data = yield
+            if t == _Z:
+                self._swallow_z()
+                return value, err
+            if t == _D:
+                value = _one_value(data)
+            elif t == _E:
+                err = data
+
+    def _hold_result(self, plan: Plan, simple: bool):
+        """Hold the guarded statement's answers: (messages, tag count, error, Z)."""
+        buf: list = []
+        count = 0
+        err = None
+        held = 0
+        while True:
+            t, data = yield
+            if t is None:
+                buf.append(data)
+                continue
+            if simple and t == _Z:
+                return buf, count, err, data
+            if t == _C:
+                count += _tag_rows(data)
+            elif t == _E:
+                err = data
+            held += len(data)
+            if held <= MAX_HELD_BYTES:
+                buf.append((t, data))
+            elif err is None:
+                count = max(count, plan.limit + 1)     # too much to hold: refuse
+            if not simple and t in (_C, _E, _s, _I):
+                return buf, count, err, None
+
+    # -- extended protocol
+    def start_execute(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
+        """The client's Execute ``msg`` of a guarded portal; ``out`` holds what precedes
+        it, ``later`` the rest of the batch."""
+        s = self.s
+        need = self._unanswered(later)
+        nonce = os.urandom(8).hex().encode()
+        by_tag = plan.by_tag and struct.unpack_from("!i", msg, len(msg) - 4)[0] == 0
+        snap = b"" if by_tag else _group(self._name(), _SNAPSHOT)
+        out.append(_group(self._name(), b"SELECT '" + nonce + b"'")
+                   + _group(self._name(), b"BEGIN")
+                   + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
+                   + snap + msg + (_group(self._name(), _SNAPSHOT) if snap else b"")
+                   + _FLUSH)
+        s._begin_hold(out, [], later)
+        self._start(self._execute_steps(plan, need, nonce, bool(snap)))
+
+    def _find_marker(self, need: int, nonce: bytes):
+        """Pass earlier answers on until the marker query's row: None when found, else
+        the ErrorResponse or ReadyForQuery of the current pipeline that came first
+        (after an error Postgres skips to the Sync, the marker too), not yet passed."""
+        lag: list = []
+        want = b"\0\x01" + struct.pack("!i", len(nonce)) + nonce
+        while True:
+            t, data = yield
+            if t == _D and data[5:] == want:
+                break
+            if t is None or t == _Z or t == _E:
+                for it in lag:
+                    self._pass(*it)
+                lag.clear()
+                if need <= 0 and t is not None:
+                    return (t, data)
+                self._pass(t, data)
+                if t == _Z:
+                    need -= 1
+                continue
+            lag.append((t, data))
+            if len(lag) > 2:
+                self._pass(*lag.pop(0))
+        for _ in range(3):                   # the marker's CommandComplete, CloseComplete x2
+            yield
+        return None
+
+    def _swallow_group(self):
+        """One injected group's answers: (first value of its row, notices' SQLSTATEs,
+        its error or None). After an error Postgres skips the group's remaining messages."""
+        value, notices = 0, []
+        closes = 0
+        while True:
+            t, data = yield
+            if t == _D:
+                value = _one_value(data)
+            elif t == _N:
+                notices.append(_code(data))
+            elif t == _E:
+                return value, notices, data
+            elif t == 51:                    # '3' CloseComplete
+                closes += 1
+                if closes == 2:
+                    return value, notices, None
+
+    def _execute_steps(self, plan: Plan, need: int, nonce: bytes, snap: bool):
+        s = self.s
+        first = yield from self._find_marker(need, nonce)
+        if first is not None:                # skipped up to the Sync, like the Execute
+            if first[0] == _E:
+                self._skipping()
+            self._pass(*first)
+            s._release_hold([])
+            return
+        _, notices, err = yield from self._swallow_group()           # BEGIN
+        if err is not None:                  # a failed block: what the Execute would get
+            self._skipping()
+            self._pass(_E, err)
+            s._release_hold([])
+            return
+        opened = "25001" not in notices
+        yield from self._swallow_group()                              # SAVEPOINT
+        before = (yield from self._swallow_group())[0] if snap else 0
+        buf, count, err, _ = yield from self._hold_result(plan, simple=False)
+        if snap and err is None:
+            count = (yield from self._swallow_group())[0] - before
+        if err is not None:
+            self._skipping()
+            self.out.extend(buf)
+            if opened:
+                self.owe = "rollback"
+            s._release_hold([])
+            return
+        if count > plan.limit:
+            self._log_over(plan, count)
+            s.up.transport.write(
+                _group(self._name(), b"ROLLBACK" if opened else
+                       b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
+                + _group(self._name(), _FAIL_SQL))
+            self._skipping()
+            if opened:
+                self.owe = None              # rolled back already
+            self.out.append(self._refusal(plan, count))
+            s._release_hold([])
+            yield from self._swallow_group()
+            yield from self._swallow_group()
+            return
+        self.out.extend(buf)
+        if opened:
+            self.owe = "commit"
+            s._release_hold([])
+            return
+        s.up.transport.write(_group(self._name(), b"RELEASE SAVEPOINT " + SAVEPOINT.encode()))
+        s._release_hold([])
+        yield from self._swallow_group()
+
+    def before_sync(self, out: list, sync: bytes, later: list) -> bool:
+        """The client's Sync while the guard owes the end of a block it opened: commit
+        (or find it failed) before the Sync, roll back after it, and show the client the
+        idle status its implicit transaction would have ended in. True: handled."""
+        owe, self.owe = self.owe, None
+        if owe is None:
+            return False
+        need = self._unanswered(later) - 1
+        nonce = os.urandom(8).hex().encode() if owe == "commit" else b""
+        if owe == "commit":
+            out.append(_group(self._name(), b"SELECT '" + nonce + b"'")
+                       + _group(self._name(), b"COMMIT"))
+        out.append(sync)
+        out.append(_query(b"ROLLBACK"))
+        self._start(self._sync_steps(need, nonce))
+        return True
+
+    def _sync_steps(self, need: int, nonce: bytes):
+        first = None
+        if nonce:
+            first = yield from self._find_marker(need, nonce)
+            if first is None:
+                _, _, err = yield from self._swallow_group()         # COMMIT
+                if err is not None:
+                    self._pass(_E, err)
+        while True:                          # the Sync's ReadyForQuery
+            t, data = first if first is not None else (yield)
+            first = None
+            if t == _Z:
+                self.out.append(_z(_IDLE))
+                break
+            self._pass(t, data)
+        yield from self._swallow_query()                              # ROLLBACK
+
+    # -- refusals
+    def _log_over(self, plan: Plan, count: int) -> None:
+        s = self.s
+        log.info("session %s: %s changed %d rows, limit %d: rolled back", s.id,
+                 s.identity_name, count, plan.limit)
+        s.server.count_statement("blocked")
+
+    @staticmethod
+    def _refusal(plan: Plan, count: int):
+        return (_E, m.error_response(
+            "42501",
+            f'pgguard: statement refused by rule "blast-radius": it changed {count} rows, '
+            f"more than the limit of {plan.limit}; its changes were rolled back",
+            detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "
+                   f'"{plan.rule}" or the policy default)',
+            hint="Change fewer rows per statement (a narrower WHERE clause, or batches "
+                 "within the limit), or ask a DBA for a rule with a higher max_rows."))

@@ -1,0 +1,241 @@
+# The blast-radius guard: no identity under a policy changes more rows than its limit,
+# whatever its WHERE clause says; judged by the rows upstream.
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import psycopg
+import pytest
+
+import rawpg
+from conftest import AGENT, AGENT_PASSWORD, run_psql
+
+ROWS = 1500
+
+
+@pytest.fixture(scope="module")
+def gproxy(pg, tmp_path_factory):
+    from conftest import Proxy
+    p = Proxy(pg, tmp_path_factory.mktemp("blast"))
+    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture()
+def table(pg):
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS blast_t")
+        c.execute("CREATE TABLE blast_t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+        c.execute(f"INSERT INTO blast_t SELECT g, 0 FROM generate_series(1, {ROWS}) g")
+        c.execute("GRANT ALL ON blast_t TO PUBLIC")
+    yield
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS blast_t")
+
+
+def truth(pg) -> tuple[int, int]:
+    """(rows, sum of v) of blast_t, read directly upstream."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        return c.execute("SELECT count(*), coalesce(sum(v), 0) FROM blast_t").fetchone()
+
+
+# statements true for every row in ways no classifier can see
+EVERY_ROW = [
+    "UPDATE blast_t SET v = v + 1 WHERE id > 0",
+    "DELETE FROM blast_t WHERE id IN (SELECT id FROM blast_t)",
+    "UPDATE blast_t SET v = 7 WHERE v >= 0 AND id < 100000",
+    "DELETE FROM blast_t WHERE id = ANY (ARRAY(SELECT generate_series(1, 100000)))",
+    "WITH d AS (DELETE FROM blast_t WHERE id > 0 RETURNING id) SELECT count(*) FROM d",
+    "DO $$BEGIN FOR i IN 1..2000 LOOP UPDATE blast_t SET v = v + 1 WHERE id = i; "
+    "END LOOP; END$$",
+    "UPDATE blast_t SET v = v + 1 WHERE id > 0 RETURNING id, v",
+    "INSERT INTO blast_t SELECT g, 0 FROM generate_series(1, 100000) g "
+    "ON CONFLICT (id) DO UPDATE SET v = excluded.v + 5",
+]
+
+
+def _refused_42501(err: str | None) -> bool:
+    return err is not None and "blast-radius" in err
+
+
+@pytest.mark.parametrize("sql", EVERY_ROW)
+def test_every_row_refused_autocommit_psycopg(gproxy, pg, table, sql):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+            c.execute(sql)
+        assert "blast-radius" in str(ei.value)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert truth(pg) == before
+
+
+@pytest.mark.parametrize("sql", EVERY_ROW[:4])
+def test_every_row_refused_psql(gproxy, pg, table, psql_bin, sql):
+    before = truth(pg)
+    r = run_psql(psql_bin, gproxy.dsn(), "-c", sql)
+    assert r.returncode != 0 and "blast-radius" in r.stderr
+    assert truth(pg) == before
+
+
+@pytest.mark.parametrize("sql", EVERY_ROW[:4])
+def test_every_row_refused_asyncpg_and_prepared(gproxy, pg, table, sql):
+    before = truth(pg)
+
+    async def go():
+        c = await asyncpg.connect(gproxy.dsn())
+        try:
+            for _ in range(3):          # statement cache: the 2nd and 3rd run are prepared
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await c.execute(sql.replace(" 0", " $1") if False else sql)
+            # a parameterized prepared form, three executions
+            stmt = await c.prepare("UPDATE blast_t SET v = v + 1 WHERE id > $1")
+            for _ in range(3):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await stmt.fetch(0)
+            assert await c.fetchval("SELECT 41 + 1") == 42
+        finally:
+            await c.close()
+    asyncio.run(go())
+    assert truth(pg) == before
+
+
+def test_prepared_psycopg_three_times(gproxy, pg, table):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("DELETE FROM blast_t WHERE id > %s", (0,), prepare=True)
+        for i in range(3):          # small writes through the same prepared shape pass
+            c.execute("UPDATE blast_t SET v = v + 1 WHERE id <= %s", (5,), prepare=True)
+    assert truth(pg) == (before[0], before[1] + 15)
+
+
+def test_small_writes_pass_everywhere(gproxy, pg, table, psql_bin):
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        cur = c.execute("UPDATE blast_t SET v = v + 1 WHERE id <= 10")
+        assert cur.rowcount == 10
+        cur = c.execute("UPDATE blast_t SET v = v + 1 WHERE id <= 10 RETURNING id")
+        assert sorted(r[0] for r in cur.fetchall()) == list(range(1, 11))
+    r = run_psql(psql_bin, gproxy.dsn(), "-c", "DELETE FROM blast_t WHERE id > 1490")
+    assert r.returncode == 0 and "DELETE 10" in r.stdout
+
+    async def go():
+        c = await asyncpg.connect(gproxy.dsn())
+        try:
+            assert await c.execute("UPDATE blast_t SET v = v + 1 WHERE id <= $1", 10) \
+                == "UPDATE 10"
+        finally:
+            await c.close()
+    asyncio.run(go())
+    assert truth(pg) == (ROWS - 10, 30)
+
+
+def test_inside_transaction_block(gproxy, pg, table):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn()) as c:            # psycopg opens BEGIN itself
+        c.execute("UPDATE blast_t SET v = 1 WHERE id <= 3")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("UPDATE blast_t SET v = 2 WHERE id > 0")
+        # the block is failed, exactly as after an error
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("SELECT 1")
+        c.rollback()
+        c.execute("UPDATE blast_t SET v = 5 WHERE id <= 4")
+        c.commit()
+    assert truth(pg) == (before[0], 20)
+
+
+def test_savepoint_kept_for_small_writes_in_block(gproxy, pg, table):
+    with psycopg.connect(gproxy.dsn()) as c:
+        for i in range(1, 6):
+            c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (i,))
+        c.execute("SAVEPOINT mine")
+        c.execute("UPDATE blast_t SET v = v + 100 WHERE id = 1")
+        c.execute("ROLLBACK TO SAVEPOINT mine")
+        c.commit()
+    assert truth(pg) == (ROWS, 5)
+
+
+def test_raw_pipeline_rolls_back_the_whole_implicit_transaction(gproxy, pg, table):
+    before = truth(pg)
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        c.send(rawpg.parse("UPDATE blast_t SET v = 9 WHERE id = 1"), rawpg.bind(),
+               rawpg.execute(),
+               rawpg.parse("UPDATE blast_t SET v = 9 WHERE id > $1", "big"),
+               rawpg.bind("big", [b"0"]), rawpg.execute(),
+               rawpg.parse("UPDATE blast_t SET v = 9 WHERE id = 2"), rawpg.bind(),
+               rawpg.execute(), rawpg.SYNC)
+        msgs = c.until_ready()
+        errs = rawpg.errors(msgs)
+        assert len(errs) == 1 and errs[0]["C"] == "42501" and "blast-radius" in errs[0]["M"]
+        assert rawpg.tags(msgs) == ["UPDATE 1"]
+        assert c.status == b"I"
+        # Parse+Sync now, Bind/Execute later: the statement keeps its guard
+        c.send(rawpg.parse("DELETE FROM blast_t WHERE v >= $1", "del"), rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.bind("del", [b"0"]), rawpg.execute(), rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.errors(msgs)[0]["C"] == "42501" and c.status == b"I"
+        c.send(rawpg.bind("del", [b"0"], portal="p1"), rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.execute("p1"), rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.errors(msgs) and c.status == b"I"
+        # a small write in the same session still works
+        c.send(rawpg.parse("UPDATE blast_t SET v = v + 1 WHERE id = $1"),
+               rawpg.bind("", [b"3"]), rawpg.execute(), rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.tags(msgs) == ["UPDATE 1"] and not rawpg.errors(msgs)
+    finally:
+        c.close()
+    assert truth(pg) == (before[0], 1)
+
+
+def test_raw_pipeline_inside_block(gproxy, pg, table):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        c.send(rawpg.parse("BEGIN"), rawpg.bind(), rawpg.execute(),
+               rawpg.parse("UPDATE blast_t SET v = 1 WHERE id <= 2"), rawpg.bind(),
+               rawpg.execute(), rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.tags(msgs) == ["BEGIN", "UPDATE 2"] and c.status == b"T"
+        c.send(rawpg.parse("DELETE FROM blast_t"), rawpg.bind(), rawpg.execute(),
+               rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.errors(msgs) and c.status == b"E"
+        c.send(rawpg.query("ROLLBACK"))
+        c.until_ready()
+        c.send(rawpg.parse("BEGIN"), rawpg.bind(), rawpg.execute(),
+               rawpg.parse("UPDATE blast_t SET v = 1 WHERE id <= 2"), rawpg.bind(),
+               rawpg.execute(), rawpg.parse("COMMIT"), rawpg.bind(), rawpg.execute(),
+               rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.tags(msgs) == ["BEGIN", "UPDATE 2", "COMMIT"] and c.status == b"I"
+    finally:
+        c.close()
+    assert truth(pg) == (ROWS, 2)
+
+
+def test_multi_statement_with_transaction_control_refused(gproxy, pg, table, psql_bin):
+    before = truth(pg)
+    r = run_psql(psql_bin, gproxy.dsn(), "-c",
+                 "BEGIN; UPDATE blast_t SET v = 1 WHERE id > 0; COMMIT")
+    assert r.returncode != 0 and "blast-radius" in r.stderr
+    assert truth(pg) == before
+    r = run_psql(psql_bin, gproxy.dsn(), "-c",
+                 "UPDATE blast_t SET v = 1 WHERE id = 1; UPDATE blast_t SET v = 1 WHERE id > 1")
+    assert r.returncode != 0 and "blast-radius" in r.stderr
+    assert truth(pg) == before
+
+
+def test_humans_without_limit_and_inserts_unguarded(gproxy, pg, table):
+    from conftest import HUMAN, HUMAN_PASSWORD
+    with psycopg.connect(gproxy.dsn(HUMAN, HUMAN_PASSWORD), autocommit=True) as c:
+        assert c.execute("UPDATE blast_t SET v = 1 WHERE id > 0").rowcount == ROWS
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        c.execute("INSERT INTO blast_t SELECT g, 0 FROM generate_series(10001, 13000) g")
+    assert truth(pg) == (ROWS + 3000, ROWS)
