@@ -177,7 +177,7 @@ def test_rule_without_when_matches_everything():
     ("guarded", "SELECT 1", "allow"),
     ("guarded", "INSERT INTO t VALUES (1)", "allow"),
     ("guarded", "DROP TABLE t", "block"),
-    ("guarded", "SET ROLE postgres", "block"),
+    ("guarded", "GRANT ALL ON t TO bob", "block"),
     ("guarded", "COPY t TO PROGRAM 'x'", "block"),
     ("guarded", "CALL p()", "block"),
     ("allow", "DROP TABLE t", "allow"),
@@ -295,11 +295,17 @@ def test_shape_cache_hits_for_new_literals(engine):
 
 
 @pytest.mark.parametrize("first,second", [
-    ("DELETE FROM t WHERE 1 = 2", "DELETE FROM t WHERE 1 = 1"),
-    ("DELETE FROM t WHERE 'a' = 'b'", "DELETE FROM t WHERE 'a' = 'a'"),
-    ("UPDATE t SET a = 1 WHERE id = 3 OR 1 = 2", "UPDATE t SET a = 1 WHERE id = 3 OR 1 = 1"),
     ("SELECT set_config('work_mem', '1MB', false)", "SELECT set_config('role', 'x', false)"),
-    ("DELETE FROM t WHERE 'f'::boolean", "DELETE FROM t WHERE 't'::boolean"),
+    ("SELECT set_config('application_name', 'bot', false)",
+     "SELECT set_config('application_name', 'pgguard:alice', false)"),
+    ("SELECT set_config('transaction_read_only', 'on', false)",
+     "SELECT set_config('transaction_read_only', 'off', false)"),
+    ("UPDATE t SET a = set_config('statement_timeout', '1s', false) WHERE id = 1",
+     "UPDATE t SET a = set_config('search_path', '1s', false) WHERE id = 1"),
+    ("INSERT INTO t SELECT set_config('timezone', 'UTC', true)",
+     "INSERT INTO t SELECT set_config('row_security', 'UTC', true)"),
+    ("SELECT set_config('lock_timeout', '1s', false) FROM t WHERE id = 2",
+     "SELECT set_config('session_replication_role', 'replica', false) FROM t WHERE id = 2"),
 ])
 def test_literal_dependent_decisions_are_never_shared(engine, first, second):
     assert shape_key(first) == shape_key(second)
@@ -310,6 +316,53 @@ def test_literal_dependent_decisions_are_never_shared(engine, first, second):
     e2 = PolicyEngine(engine.cfg)
     assert decide(e2, second).action == "block"
     assert decide(e2, first).action == "allow"
+
+
+@pytest.mark.parametrize("first,second", [
+    ("DELETE FROM t WHERE 1 = 2", "DELETE FROM t WHERE 1 = 1"),
+    ("DELETE FROM t WHERE 'a' = 'b'", "DELETE FROM t WHERE 'a' = 'a'"),
+    ("UPDATE t SET a = 1 WHERE id = 3 OR 1 = 2", "UPDATE t SET a = 1 WHERE id = 3 OR 1 = 1"),
+    ("DELETE FROM t WHERE 'f'::boolean", "DELETE FROM t WHERE 't'::boolean"),
+])
+def test_constant_where_is_every_row_whatever_its_value(engine, first, second):
+    # issue 11: constants are no longer evaluated, so no literal decides a WHERE clause
+    a, b = decide(engine, first), decide(engine, second)
+    assert (a.action, a.rule, b.action, b.rule) == ("block", "guarded-default") * 2
+    assert "does not depend on the target" in a.message
+    assert a.statements[0].literal_free and b.statements[0].literal_free
+
+
+def test_shape_sharing_needs_proof_of_no_literal_read(engine):
+    # a Statement built without a walk (default) is never shareable: fail closed
+    from pgguard.policy.cache import shareable
+    from pgguard.policy.classify import Statement
+    from pgguard.policy.rules import Decision
+    assert not Statement(kind="select").literal_free
+    assert not shareable(Decision(action="allow", rule="x",
+                                  statements=(Statement(kind="select", kinds=("select",)),)))
+    d = decide(engine, "SELECT * FROM t WHERE id = 1")
+    assert shareable(d)
+    for sql in ("SELECT set_config('work_mem', '1MB', false)",
+                "DO $$ BEGIN PERFORM 1; END $$", "SET work_mem = '1MB'"):
+        assert not shareable(decide(engine, sql)), sql
+
+
+def test_only_the_literal_accessor_reads_constants():
+    # every read of a constant's value in classify.py goes through _lit(), which marks
+    # the statement literal-dependent: no other code may look inside an A_Const
+    import ast
+    import inspect
+    src = inspect.getsource(classify_mod)
+    tree = ast.parse(src)
+    readers = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Constant) and node.value in (
+                        "A_Const", "sval", "ival", "fval", "boolval", "bsval"):
+                    readers.add(fn.name)
+    # _sval reads identifiers ({"String": {"sval"}}), _lit reads literals
+    assert readers <= {"_lit", "_sval", "_fast_select"}, readers
 
 
 def test_schema_is_part_of_the_shape(engine):
