@@ -123,7 +123,7 @@ class Enforcement:
                                self.prepared)
         if self.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
-        if self.pinned_role and d.action == "allow" and _changes_role(d):
+        if self.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         self.server.remember_decision(self._cache, msg, key, d)
         return d

@@ -1079,6 +1079,9 @@ def _merge(acc: _Acc, b: dict) -> None:
 
 def _copy(acc: _Acc, b: dict) -> None:
     acc.enter("copy")
+    # the file name is a literal, and pglast's JSON drops an empty one ('' reads like
+    # STDIN here; Postgres refuses an empty path): the decision depends on a literal
+    acc.literal = True
     is_from = bool(b.get("is_from"))
     fname = b.get("filename")
     rel = b.get("relation")
