@@ -486,6 +486,20 @@ def test_explain_json(tmp_path, capsys):
     assert rc == EXIT_APPROVE and json.loads(out)["rule"] == "orders-approval"
 
 
+def test_explain_shows_settings_rows_and_limit(tmp_path, capsys):
+    rc, out, _ = _explain(tmp_path, capsys, "UPDATE t SET a = 1 WHERE id = 1", as_json=True)
+    report = json.loads(out)
+    assert rc == EXIT_ALLOW and report["max_rows"] == 1000
+    st = report["statements"][0]
+    assert (st["changes_rows"], st["counted_by_tag"], st["settings"]) == (True, True, [])
+    rc, out, err = _explain(tmp_path, capsys, "SET search_path = evil", "ci-agent")
+    assert rc == EXIT_BLOCK and 'decision: BLOCK (rule "settings")' in out
+    assert "settings   search_path = evil" in out
+    rc, out, _ = _explain(tmp_path, capsys, "DELETE FROM t WHERE id = 2", "ci-agent")
+    assert "changes rows, counted by the command tag" in out
+    assert "row limit: 1000 rows" in out
+
+
 def test_explain_unknown_identity(tmp_path, capsys):
     from pgguard.errors import PgguardError
     with pytest.raises(PgguardError, match="unknown identity"):

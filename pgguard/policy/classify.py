@@ -12,20 +12,37 @@ through its fast JSON output) and becomes one :class:`Statement`::
 Flags (DESIGN.md section 4):
 
 ``destructive``
-    DROP of any object, TRUNCATE, DELETE/UPDATE with no WHERE or a WHERE that is true for
-    every row (``true``, ``1 = 1``, ``'a' = 'a'``, ``NOT false``, ``x = x``, ``1 = 1 OR x``,
-    or a WHERE that does not depend on the row at all, such as ``$1`` or ``now() > '2000-1-1'``),
-    ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, MERGE ... WHEN MATCHED THEN DELETE with
-    no condition of its own (``AND ...``), MERGE ... WHEN NOT MATCHED BY SOURCE THEN DELETE
-    or UPDATE, MERGE ... THEN UPDATE whose join is true for every row (``ON true``, or the
-    target merged with itself), DROP OWNED, and any of these inside a data-modifying CTE,
-    EXPLAIN ANALYZE, PREPARE, SQL EXECUTE, a DO block, a function body or a rule action.
+    DROP of any object, TRUNCATE, DELETE/UPDATE with no WHERE or a WHERE that reaches every
+    row (below), ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, ALTER COLUMN ... TYPE (with
+    or without USING: the conversion may lose data), CREATE OR REPLACE of a function,
+    procedure, view, rule or trigger (pgguard cannot know whether one exists, so it is
+    taken as replacing one), lo_unlink / lo_put / lo_truncate(64) / lowrite, MERGE ... WHEN
+    MATCHED THEN DELETE with no condition of its own (``AND ...``), MERGE ... WHEN NOT
+    MATCHED BY SOURCE THEN DELETE or UPDATE, MERGE ... THEN UPDATE/DELETE whose join does
+    not narrow the target's rows (``ON true``, ``ON s.id = 1``, the target merged with
+    itself), DROP OWNED, and any of these inside a data-modifying CTE, EXPLAIN ANALYZE,
+    PREPARE, SQL EXECUTE, a DO block, a function body or a rule action.
+
+    Which rows a WHERE reaches is judged by syntax, never by evaluating constants (Python
+    and Postgres disagree on NaN, bpchar blanks, float4 rounding, transform_null_equals).
+    "Every row" is a WHERE that references no column of the target row (constants,
+    parameters, functions of them, other tables' columns as in ``DELETE ... USING o WHERE
+    o.id = 1``, subqueries that ignore the target, PL/pgSQL variables and SQL function
+    parameters: so ``WHERE false`` and ``WHERE 1 = 2`` count too), a comparison of a value
+    with itself (``x = x``, ``t.id = id``, ``x IS NOT DISTINCT FROM x``, ``NOT (x <> x)``),
+    ``col IS NOT NULL`` / ``NOT (col IS NULL)``, and an OR with such a branch. When unsure
+    (an unqualified name may be the target's column), a condition counts as every row only
+    if it cannot reference the target at all: ``WHERE id > 0`` passes, and only the
+    run-time row limit (``Decision.max_rows``) bounds it.
 ``privilege``
     GRANT, REVOKE, CREATE/ALTER/DROP ROLE, SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION,
-    ``set_config('role', ...)``, DISCARD ALL (it resets the session authorization),
-    ALTER ... OWNER TO, REASSIGN OWNED, ALTER DEFAULT PRIVILEGES, row-level security
-    (CREATE/ALTER POLICY, ALTER TABLE ... DISABLE ROW LEVEL SECURITY), SECURITY DEFINER
-    functions, ``session_replication_role``.
+    ``set_config('role', ...)`` (or with a name pgguard cannot read), DISCARD ALL (it
+    resets the session authorization), ALTER ... OWNER TO, REASSIGN OWNED, ALTER DEFAULT
+    PRIVILEGES, row-level security (CREATE/ALTER POLICY, ALTER TABLE ... DISABLE ROW LEVEL
+    SECURITY), SECURITY DEFINER functions, ``session_replication_role``, and any write to a
+    system catalog relation (``pg_catalog``, ``information_schema``, ``pg_toast``; an
+    unqualified ``pg_*`` name is pg_catalog's, which is searched first): INSERT, UPDATE,
+    DELETE, MERGE, TRUNCATE, COPY FROM, ALTER, DROP, and CREATE/DROP TRIGGER or RULE on it.
 ``escape``
     reaching outside the database: COPY TO/FROM PROGRAM or a server file, pg_read_file and
     the other server-file functions, lo_import/lo_export, dblink*, pg_terminate_backend,
@@ -52,11 +69,25 @@ IMPORT FOREIGN SCHEMA), ``alter`` (every ALTER ..., RENAME, ALTER SYSTEM), ``dro
 ``Statement.kinds`` adds the kinds of statements run inside this one (a data-modifying CTE,
 EXPLAIN ANALYZE, PREPARE/EXECUTE, DO and function bodies): rules match on all of them.
 
+``Statement.settings`` lists every run-time setting the statement changes for the session
+(SET / SET LOCAL / RESET name, set_config() anywhere the classifier looks, BEGIN / SET
+TRANSACTION ... READ WRITE as ``transaction_read_only``, SET SESSION CHARACTERISTICS as
+``default_transaction_*``, SET ROLE / SESSION AUTHORIZATION as ``role`` /
+``session_authorization``), as (lowercase name, literal value or None); RESET ALL changes
+nothing pgguard did not choose. ALTER ROLE / DATABASE ... SET is persistent and stays a
+``privilege`` flag. ``Statement.changes_rows`` says the statement updates or deletes rows
+(UPDATE, DELETE, MERGE with an UPDATE/DELETE action, INSERT ... ON CONFLICT DO UPDATE,
+anywhere inside), ``Statement.counted_by_tag`` that its command tag counts all of them.
+``Statement.literal_free`` is True only when the walk read no literal's value (every such
+read goes through one accessor): only then may a decision be shared by shape.
+
 Relation names are schema-qualified (``public.orders``). An unqualified name is reported
 as ``public.<name>`` (``pg_temp.<name>`` for CREATE TEMP TABLE): pgguard does not know the
 session's ``search_path``, so a session that changes it can make ``orders`` mean another
-schema's table. Rules that must hold whatever the search_path should name the table
-without a schema (``relations = ["orders"]`` matches ``orders`` in any schema).
+schema's table (search_path is outside the default settings allow-list for this reason).
+Rules that must hold whatever the search_path should name the table without a schema
+(``relations = ["orders"]`` matches ``orders`` in any schema). An unqualified ``pg_*`` name
+is reported as ``pg_catalog.<name>``.
 Function names are schema-qualified when the SQL qualifies them, else the bare name.
 """
 from __future__ import annotations
@@ -287,6 +318,8 @@ _UTILITY_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "CreateRoleStmt": (("privilege", "CREATE ROLE creates a role"),),
     "AlterRoleStmt": (("privilege", "ALTER ROLE changes a role"),),
     "AlterRoleSetStmt": (("privilege", "ALTER ROLE ... SET changes a role's settings"),),
+    "AlterDatabaseSetStmt": (("privilege", "ALTER DATABASE ... SET changes the settings of "
+                                           "every later session"),),
     "DropRoleStmt": (("privilege", "DROP ROLE removes a role"),
                      ("destructive", "DROP ROLE removes a role")),
     "DropOwnedStmt": (("destructive", "DROP OWNED drops every object a role owns"),

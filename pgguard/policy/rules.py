@@ -30,6 +30,17 @@ statement flagged destructive, privilege, escape or opaque (rule name
 but transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE), so that a client
 can always end a transaction (``block-default``).
 
+Before the rules, a built-in check (rule name ``settings``) refuses a statement that
+changes a run-time setting outside the allow-list (:class:`SettingsPolicy`:
+:data:`pgguard.config.DEFAULT_SETTINGS` plus ``[policy] settings``); no rule can open
+role, session_authorization, session_replication_role, row_security, the parser's
+settings, server libraries or read-only mode being turned off.
+
+An allowed (or approved) text whose statements update or delete rows
+(``Statement.changes_rows``) carries ``Decision.max_rows``: the smallest ``max_rows`` of
+the rules that allowed those statements, else ``[policy] agents_max_rows`` (default 1000)
+or ``humans_max_rows`` (default 0: no limit); the session enforces it at run time.
+
 A text of several statements is refused as a whole when any statement is refused: the
 first blocked statement decides, else the first that needs approval. Unparseable text is
 blocked by rule ``parse-error``, over-long text by ``statement-too-long``, and any failure
@@ -62,7 +73,7 @@ from .cache import DecisionCache, shape_key, shareable
 from .classify import (DEFAULT_MAX_LENGTH, PolicyParseError, Statement, StatementTooLong,
                        classify)
 
-__all__ = ["Decision", "Verdict", "PolicyEngine", "GUARDED_FLAGS"]
+__all__ = ["Decision", "Verdict", "PolicyEngine", "SettingsPolicy", "GUARDED_FLAGS"]
 
 GUARDED_FLAGS = ("destructive", "privilege", "escape", "opaque")
 _TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release"})
