@@ -10,14 +10,13 @@ import psycopg
 import pytest
 
 import rawpg
-from conftest import AGENT, AGENT_PASSWORD, Proxy
+from conftest import AGENT, AGENT_PASSWORD
+from test_policy_guard_settings import guarded_proxy
 
 
 @pytest.fixture(scope="module")
 def guarded(pg, tmp_path_factory):
-    p = Proxy(pg, tmp_path_factory.mktemp("gcache"))
-    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
-    p.start()
+    p = guarded_proxy(pg, tmp_path_factory.mktemp("gcache"))
     yield p
     p.stop()
 

@@ -20,12 +20,26 @@ action = "block"
 
 
 def guarded_proxy(pg, tmp, *, settings: str = "", extra: str = HUMAN_RULES) -> Proxy:
+    """A started pgguard whose agents are under the default "guarded" policy (shared by
+    the test_policy_guard_* files); ``settings`` extends [policy] settings."""
     p = Proxy(pg, tmp, extra=extra)
     text = p.config.read_text().replace('agents = "allow"', 'agents = "guarded"')
     if settings:
         text = text.replace('humans = "allow"\n', f'humans = "allow"\nsettings = {settings}\n')
     p.config.write_text(text)
     return p.start()
+
+
+def refused(proxy, sql: str):
+    """Send ``sql`` as a simple Query from the agent; it must be refused with 42501.
+    Returns the error's diagnostics."""
+    with psycopg.connect(proxy.dsn(dbname="appdb"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            psycopg.ClientCursor(conn).execute(sql)
+    diag = e.value.diag
+    assert diag.message_primary.startswith("pgguard: statement refused by rule")
+    assert diag.message_detail and diag.message_hint
+    return diag
 
 
 @pytest.fixture(scope="module")
