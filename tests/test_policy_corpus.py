@@ -318,6 +318,8 @@ LOSSY = [
     ("CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS 'SELECT 1'", "create",
      "destructive", B),
     ("DO $$ BEGIN CREATE OR REPLACE VIEW v AS SELECT 2; END $$", "do", "destructive", B),
+    ("CREATE OR REPLACE AGGREGATE a(int) (sfunc = int4pl, stype = int)", "create",
+     "destructive", B),
     ("select lo_unlink(1234)", "select", "destructive", B),
     ("SELECT pg_catalog.lo_unlink(oid) FROM pg_largeobject_metadata", "select",
      "destructive", B, {"read": ["pg_catalog.pg_largeobject_metadata"]}),

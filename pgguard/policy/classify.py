@@ -104,7 +104,7 @@ from ..errors import PgguardError
 
 __all__ = [
     "FLAGS", "DEFAULT_MAX_LENGTH", "Reason", "Statement", "PreparedMemory",
-    "PolicyParseError", "StatementTooLong", "classify",
+    "PolicyParseError", "StatementTooLong", "classify", "is_system_relation",
 ]
 
 FLAGS = ("destructive", "privilege", "escape", "opaque", "write")
@@ -507,8 +507,16 @@ def _default_schema(name: str, temp: bool = False) -> str:
     return "pg_catalog" if name.startswith("pg_") else "public"
 
 
-def _system_rel(name: str) -> bool:
-    """A relation of the system catalogs (pg_catalog, information_schema, pg_toast...)."""
+def is_system_relation(name: str) -> bool:
+    """A schema-qualified relation of the system catalogs (pg_catalog, information_schema,
+    pg_toast...): any write to it is ``privilege``. For callers that resolve views to
+    their base tables after classification.
+
+    Example::
+
+        >>> is_system_relation("pg_catalog.pg_authid"), is_system_relation("public.t")
+        (True, False)
+    """
     schema = name.split(".", 1)[0]
     return schema in ("pg_catalog", "information_schema") or (
         schema.startswith("pg_") and not schema.startswith("pg_temp"))
@@ -523,7 +531,7 @@ _MAINTENANCE_KINDS = frozenset({"vacuum", "analyze", "lock", "reindex", "cluster
 def _written(acc: _Acc, name: str) -> None:
     """Record a relation this statement writes (rows, definition, triggers or rules)."""
     acc.writes[name] = None
-    if _system_rel(name) and acc.kind not in _MAINTENANCE_KINDS:
+    if is_system_relation(name) and acc.kind not in _MAINTENANCE_KINDS:
         acc.flag("privilege", f"{_CATALOG_WHY}{name}: only administrators change the "
                  "catalogs")
 
@@ -919,7 +927,11 @@ def _cond(node: Any, tgt: _Target, neg: bool = False) -> int:
         if _TRUE in vals:
             return _TRUE
         return _ROW if _ROW in vals else _FALSE
-    if not _refs_target(node, tgt):
+    # (the common `col = value`: its left side names the target, no walk needed)
+    left = b.get("lexpr")
+    if not (type(left) is dict and type(left.get("ColumnRef")) is dict
+            and _target_col(left["ColumnRef"], tgt) is not None) \
+            and not _refs_target(node, tgt):
         return _INDEP
     if tag == "A_Expr":
         kind = b.get("kind")
@@ -1573,6 +1585,8 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
     acc.enter(_utility_kind(tag))
     for flag, why in _UTILITY_FLAGS.get(tag, ()):
         acc.flag(flag, why)
+    if b.get("replace"):                   # CREATE OR REPLACE AGGREGATE, TRANSFORM, ...
+        _replace_check(acc, b, tag[6:-4].upper() if tag.startswith("Create") else tag)
     _utility_walk(acc, b)
 
 

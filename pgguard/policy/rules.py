@@ -468,7 +468,8 @@ class PolicyEngine:
         verdicts = []
         causes = []
         for st in stmts:
-            v, cause = self._settings_verdict(st) or self._verdict(st, rules, mode)
+            v, cause = (st.settings and self._settings_verdict(st)) or \
+                self._verdict(st, rules, mode)
             verdicts.append(v)
             causes.append(cause)
         idx = next((i for i, v in enumerate(verdicts) if v.action == "block"), -1)
@@ -507,9 +508,11 @@ class PolicyEngine:
     def _row_limit(self, stmts: tuple[Statement, ...], causes: list[Any],
                    identity: Identity) -> int | None:
         """The smallest blast-radius limit over the statements that change rows."""
+        limit = None
+        if not any(st.changes_rows for st in stmts):
+            return limit
         pol = self.cfg.policy
         default = pol.agents_max_rows if identity.kind == "agent" else pol.humans_max_rows
-        limit = None
         for st, cause in zip(stmts, causes):
             if not st.changes_rows:
                 continue
