@@ -248,7 +248,7 @@ _DESTRUCTIVE_FUNCS = {
 # functions that change state (for Statement.readonly)
 _WRITING_FUNCS = frozenset({
     "nextval", "setval", "lo_create", "lo_creat", "lo_unlink", "lo_put", "lo_from_bytea",
-    "lo_truncate", "lo_truncate64", "lowrite", "lo_open", "pg_notify", "pg_stat_reset",
+    "lo_truncate", "lo_truncate64", "lowrite", "pg_notify", "pg_stat_reset",
     "pg_advisory_lock", "pg_advisory_xact_lock", "txid_current", "pg_current_xact_id",
 })
 
@@ -354,7 +354,6 @@ _UTILITY_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-
 def _utility_kind(tag: str) -> str:
     kind = _KIND_OVERRIDES.get(tag)
     if kind is not None:
@@ -384,7 +383,8 @@ class _Acc:
         self.funcs: dict[str, None] = {}
         self.flags: set[str] = set()
         self.reasons: list[tuple[str, str]] = []
-        self.literal = False                   # set only by _lit(): a literal was read
+        self.literal = False                   # a literal's value was read (_lit(), or a
+                                               # DO / function body, a COPY file name)
         self.ctes: list[frozenset[str]] = []   # CTE names in scope, innermost last
         self.rvwrite = False                   # a RangeVar met now is a written object
         self.utility = False                   # inside a utility statement's own fields
