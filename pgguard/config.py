@@ -1,10 +1,11 @@
 # The TOML configuration: typed msgspec Structs, loading, validation with key paths.
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -200,11 +201,74 @@ class Identity(_Base):
     role: str | None = None
 
 
+RowLimit = Annotated[int, msgspec.Meta(ge=0)]
+
+# Run-time settings an identity under a policy may change in its session (SET, RESET,
+# set_config, BEGIN ... READ WRITE ...): client-side presentation, timeouts, memory and
+# planner knobs. None changes how SQL is parsed, who the session is, what is written or
+# which code is loaded. Globs allowed. search_path is not here: pgguard reports an
+# unqualified name as public.<name>, which a changed search_path would make a lie.
+DEFAULT_SETTINGS = (
+    "application_name", "datestyle", "timezone", "intervalstyle", "extra_float_digits",
+    "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
+    "idle_session_timeout", "transaction_timeout", "bytea_output", "client_min_messages",
+    "work_mem", "maintenance_work_mem", "hash_mem_multiplier", "temp_buffers",
+    "transaction_isolation", "default_transaction_isolation", "transaction_deferrable",
+    "default_transaction_deferrable", "transaction_read_only",
+    "default_transaction_read_only", "enable_*", "jit", "jit_above_cost",
+    "jit_inline_above_cost", "jit_optimize_above_cost", "random_page_cost",
+    "seq_page_cost", "cpu_tuple_cost", "cpu_index_tuple_cost", "cpu_operator_cost",
+    "parallel_setup_cost", "parallel_tuple_cost", "effective_cache_size",
+    "effective_io_concurrency", "max_parallel_workers_per_gather",
+    "min_parallel_table_scan_size", "min_parallel_index_scan_size", "from_collapse_limit",
+    "join_collapse_limit", "geqo", "geqo_threshold", "default_statistics_target",
+    "cursor_tuple_fraction", "constraint_exclusion", "plan_cache_mode",
+    "recursive_worktable_factor", "lc_monetary", "lc_numeric", "lc_time",
+)
+
+# Settings no configuration can open: they change how pgguard's parser must read the
+# text, who the session is, whether triggers and row security apply, which server code
+# is loaded, or whether read-only mode holds. (transaction_read_only and
+# default_transaction_read_only may be set "on", never "off", whatever the config says;
+# client_encoding and standard_conforming_strings only to the values pgguard pins.)
+NEVER_SETTINGS = {
+    "standard_conforming_strings": "pgguard's parser reads string literals as the server "
+                                   "does only while it is on",
+    "client_encoding": "encodings other than UTF8 can hide quotes from pgguard's parser",
+    "backslash_quote": "it changes how string literals are read",
+    "transform_null_equals": "it changes what `= NULL` means",
+    "role": "it changes who the session acts as",
+    "session_authorization": "it changes the session's user",
+    "session_replication_role": "it disables triggers and foreign-key checks",
+    "row_security": "it changes whether row-level security applies",
+    "allow_system_table_mods": "it lets the catalogs be rewritten",
+    "session_preload_libraries": "it loads server libraries",
+    "local_preload_libraries": "it loads server libraries",
+    "shared_preload_libraries": "it loads server libraries",
+    "dynamic_library_path": "it changes where server libraries are loaded from",
+    "*": "pgguard cannot read the setting's name",
+}
+
+
+def never_setting(name: str) -> str | None:
+    """Why ``name`` can never be opened to change, or None."""
+    why = NEVER_SETTINGS.get(name)
+    if why is None and name.endswith("_preload_libraries"):
+        why = "it loads server libraries"
+    return why
+
+
 class Policy(_Base):
     agents: Literal["guarded", "allow", "block"] = "guarded"
     humans: Literal["guarded", "allow", "block"] = "allow"
     # longest statement text the parser is asked to read (characters); longer: refused
     max_statement_size: int = 1_048_576
+    # more settings (GUC names, globs) sessions may change, beyond DEFAULT_SETTINGS
+    settings: list[str] = msgspec.field(default_factory=list)
+    # blast-radius limit on rows one statement may update or delete, for what a rule
+    # without max_rows allows; 0: no limit
+    agents_max_rows: RowLimit = 1000
+    humans_max_rows: RowLimit = 0
 
 
 class When(_Base):
@@ -224,6 +288,9 @@ class Rule(_Base):
     when: When = msgspec.field(default_factory=When)
     timeout: str | None = None
     approvers: list[str] | None = None
+    # rows one statement this rule allows may update or delete (0: no limit; unset: the
+    # [policy] default for the identity's kind)
+    max_rows: RowLimit | None = None
 
     def __post_init__(self) -> None:
         if self.timeout is not None:
@@ -366,7 +433,23 @@ def load(path: str | os.PathLike[str]) -> Config:
     return loads(text, base_dir=str(p.resolve().parent), source=str(p))
 
 
+def _check_policy(cfg: Config, source: str) -> None:
+    for i, raw in enumerate(cfg.policy.settings):
+        pattern = raw.strip().lower()
+        if not pattern:
+            raise ConfigError(f"{source}: policy.settings[{i}]: empty setting name")
+        # the name itself, or a glob that would cover a setting that must stay closed
+        hit = next((n for n in (*NEVER_SETTINGS, "any_preload_libraries")
+                    if fnmatch.fnmatchcase(n, pattern)), None)
+        if hit is not None:
+            raise ConfigError(
+                f"{source}: policy.settings[{i}]: {raw!r} would allow "
+                f"{'every setting' if hit == '*' else hit}, which pgguard never lets a "
+                f"session change: {never_setting(hit)}")
+
+
 def _check_references(cfg: Config, source: str) -> None:
+    _check_policy(cfg, source)
     for i, rule in enumerate(cfg.rules):
         if rule.when.identity:
             for name in rule.when.identity:

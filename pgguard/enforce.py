@@ -142,7 +142,7 @@ class Enforcement:
                                self.prepared)
         if self.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
-        if self.pinned_role and d.action == "allow" and _changes_role(d):
+        if self.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         if self.guard is None or d.action != "allow" or plan_for(d, self.identity) is None:
             # guarded statements never take the compiled fast path
@@ -421,7 +421,13 @@ def _reads_masked(session, d) -> bool:
 
 
 def _changes(st) -> bool:
-    return bool(_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds))
+    # writes, or turns read-only mode off (a setting read-only may not be turned off to,
+    # or a setting whose name pgguard cannot read)
+    return bool(_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)
+                or any(n == "*" or (n.endswith("transaction_read_only") and (
+                    v is None or v.strip().lower() not in
+                    ("on", "true", "yes", "1", "t", "tr", "tru", "y", "ye")))
+                    for n, v in st.settings))
 
 
 def _reads_only(d) -> bool:
@@ -429,12 +435,28 @@ def _reads_only(d) -> bool:
 
 
 def _changes_role(d) -> bool:
-    return any("privilege" in st.flags and (_ROLE_KINDS.intersection(st.kinds) or any(
-        f.endswith("set_config") for f in st.functions)) for st in d.statements)
+    # a role change pgguard can see, or SQL it cannot see into (EXECUTE 'SET ROLE ' || x
+    # inside DO, a procedure): refused in a pinned-role session whatever the policy says
+    return any("opaque" in st.flags
+               or any(n in ("role", "session_authorization", "*") for n, _ in st.settings)
+               or ("privilege" in st.flags and (_ROLE_KINDS.intersection(st.kinds) or any(
+                   f.endswith("set_config") for f in st.functions)))
+               for st in d.statements)
 
 
 def _pinned_refusal(d):
     from .policy.rules import Decision
+    st = next((st for st in d.statements if "opaque" in st.flags), None)
+    if st is not None:
+        why = next((r.text for r in st.reasons if r.flag == "opaque"), "")
+        return Decision(
+            action="block", rule="pinned-role",
+            message='pgguard: statement refused by rule "pinned-role": this session\'s '
+                    "upstream role is set by pgguard, and pgguard cannot see whether this "
+                    "statement changes it",
+            detail=f"opaque: {why}" if why else "the statement runs SQL pgguard cannot see",
+            hint="Send the SQL statements themselves rather than dynamic SQL or procedures.",
+            statements=d.statements, verdicts=d.verdicts, index=d.index)
     return Decision(
         action="block", rule="pinned-role",
         message='pgguard: statement refused by rule "pinned-role": this session\'s '
@@ -448,11 +470,16 @@ def _pinned_refusal(d):
 def _readonly_refusal(d):
     from .policy.rules import Decision
     st = next(st for st in d.statements if _changes(st))
+    what = "changes the database"
+    if not (_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)):
+        what = "would turn read-only mode off"
     return Decision(
         action="block", rule="readonly-scope",
         message=f'pgguard: statement refused by rule "readonly-scope": {st.kind.upper()} '
-                "changes the database and this session's token is read-only",
-        detail=f"statement kind: {st.kind}; flags: {', '.join(st.flags) or 'none'}",
+                f"{what} and this session's token is read-only",
+        detail=f"statement kind: {st.kind}; flags: {', '.join(st.flags) or 'none'}"
+               + (f"; settings: {', '.join(f'{n} = {v}' for n, v in st.settings)}"
+                  if st.settings else ""),
         hint="Ask for a token with --scope readwrite.",
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 

@@ -4,7 +4,15 @@
 Each entry: (sql, kinds, flags, decision[, extra]) where ``kinds`` is the statement kind
 (comma-separated for a multi-statement text), ``flags`` the union of flags (space
 separated, "" for none), ``decision`` what a generic agent gets under the default policy
-(``agents = "guarded"``), and ``extra`` optional expectations on relations and functions.
+(``agents = "guarded"``), and ``extra`` optional expectations on relations, functions,
+``settings`` (the (name, value) pairs changed), ``rows`` (changes_rows), ``counted``
+(counted_by_tag) and ``literal_free``.
+
+Changed by issue 11 (deliberately): ``delete from t where false`` and ``delete from t
+where 1 = 2`` were allowed because pgguard evaluated the constant; constants are no longer
+evaluated, and a WHERE that does not depend on the target's rows is "every row or none"
+(destructive). ``CREATE OR REPLACE`` is destructive. ``SET search_path`` is refused by the
+settings allow-list.
 """
 from __future__ import annotations
 
@@ -110,7 +118,7 @@ REFUSE = [
     ("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN DROP TABLE t; END $$",
      "create", "destructive", B),
     ("CREATE OR REPLACE PROCEDURE p() LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'x'; END $$",
-     "create", "opaque", B),
+     "create", "destructive opaque", B),
     ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'DELETE FROM t RETURNING 1'", "create",
      "destructive write", B),
     ("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC; DELETE FROM t; SELECT 1; END",
@@ -192,6 +200,11 @@ REFUSE = [
     ("ALTER ROLE bob RENAME TO robert", "alter", "privilege", B),
     ("ALTER ROLE bob SET role = 'admin'", "alter", "privilege", B),
     ("ALTER DATABASE app SET role = 'postgres'", "alter", "privilege", B),
+    ("ALTER DATABASE app SET search_path = evil, public", "alter", "privilege", B,
+     {"settings": []}),
+    ("ALTER DATABASE app RESET ALL", "alter", "privilege", B),
+    ("ALTER ROLE app IN DATABASE app SET default_transaction_read_only = off", "alter",
+     "privilege", B, {"settings": []}),
     ("ALTER TABLE t OWNER TO bob", "alter", "privilege", B),
     ("ALTER FUNCTION f() OWNER TO bob", "alter", "privilege", B),
     ("ALTER SCHEMA s OWNER TO bob", "alter", "privilege", B),
@@ -250,6 +263,150 @@ REFUSE = [
     ("select 1;;; select 2; truncate t", "select,select,truncate", "destructive write", B),
 ]
 
+# system catalogs: any write is a privilege concern (an unqualified pg_* name is the
+# catalog's: pg_catalog is searched first)
+CATALOG = [
+    ("UPDATE pg_authid SET rolsuper = true WHERE rolname = 'app'", "update",
+     "privilege write", B, {"written": ["pg_catalog.pg_authid"], "rows": True}),
+    ("DELETE FROM pg_proc WHERE proname = 'f'", "delete", "privilege write", B,
+     {"written": ["pg_catalog.pg_proc"]}),
+    ("delete from pg_catalog.pg_class where oid = 1", "delete", "privilege write", B,
+     {"written": ["pg_catalog.pg_class"]}),
+    ("INSERT INTO pg_catalog.pg_namespace (nspname) VALUES ('x')", "insert",
+     "privilege write", B),
+    ("insert into information_schema.sql_features values ('x')", "insert",
+     "privilege write", B, {"written": ["information_schema.sql_features"]}),
+    ("UPDATE pg_toast.pg_toast_1259 SET chunk_seq = 0 WHERE chunk_id = 1", "update",
+     "privilege write", B),
+    ("TRUNCATE pg_largeobject", "truncate", "destructive privilege write", B),
+    ("COPY pg_authid FROM STDIN", "copy", "privilege write", B),
+    ("MERGE INTO pg_class c USING t ON c.oid = t.id WHEN MATCHED THEN UPDATE SET relname = t.n",
+     "merge", "privilege write", B),
+    ("WITH d AS (DELETE FROM pg_depend WHERE objid = 1 RETURNING 1) SELECT * FROM d",
+     "select", "privilege write", B),
+    ("UPDATE pg_settings SET setting = 'off' WHERE name = 'row_security'", "update",
+     "privilege write", B),
+    ("CREATE TRIGGER tr BEFORE INSERT ON pg_class FOR EACH ROW EXECUTE FUNCTION f()",
+     "create", "privilege", B),
+    ("CREATE RULE r AS ON INSERT TO pg_catalog.pg_proc DO INSTEAD NOTHING", "create",
+     "privilege", B),
+    ("ALTER TABLE pg_class ENABLE ROW LEVEL SECURITY", "alter", "privilege", B),
+    ("DROP TRIGGER tr ON pg_class", "drop", "destructive privilege", B,
+     {"written": ["pg_catalog.pg_class"]}),
+    ("DROP RULE r ON pg_catalog.pg_proc", "drop", "destructive privilege", B),
+    ("ALTER TRIGGER tr ON pg_proc RENAME TO x", "alter", "privilege", B),
+    ("DO $$ BEGIN UPDATE pg_authid SET rolsuper = true WHERE rolname = 'app'; END $$", "do",
+     "privilege write", B),
+    ("PREPARE p AS DELETE FROM pg_catalog.pg_shdepend WHERE refobjid = $1", "prepare",
+     "privilege write", B),
+]
+
+# DDL that can lose data, and large-object functions that destroy it
+LOSSY = [
+    ("ALTER TABLE t ALTER COLUMN a TYPE int", "alter", "destructive", B),
+    ("alter table t alter column a type text using null", "alter", "destructive", B),
+    ("ALTER TABLE t ALTER a SET DATA TYPE varchar(2)", "alter", "destructive", B),
+    ("ALTER TABLE t ADD COLUMN b int, ALTER COLUMN a TYPE numeric(3, 0) USING a / 1000",
+     "alter", "destructive", B),
+    ("CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "create",
+     "destructive", B),
+    ("CREATE OR REPLACE VIEW v AS SELECT * FROM t", "create", "destructive", B),
+    ("CREATE OR REPLACE RULE r AS ON INSERT TO t DO INSTEAD NOTHING", "create",
+     "destructive", B),
+    ("CREATE OR REPLACE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
+     "create", "destructive", B),
+    ("CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS 'SELECT 1'", "create",
+     "destructive", B),
+    ("DO $$ BEGIN CREATE OR REPLACE VIEW v AS SELECT 2; END $$", "do", "destructive", B),
+    ("CREATE OR REPLACE AGGREGATE a(int) (sfunc = int4pl, stype = int)", "create",
+     "destructive", B),
+    ("select lo_unlink(1234)", "select", "destructive", B),
+    ("SELECT pg_catalog.lo_unlink(oid) FROM pg_largeobject_metadata", "select",
+     "destructive", B, {"read": ["pg_catalog.pg_largeobject_metadata"]}),
+    ("select lo_put(1234, 0, 'x')", "select", "destructive", B),
+    ("select lo_truncate(lo_open(1234, 131072), 0)", "select", "destructive", B),
+    ("select lowrite(lo_open(1234, 131072), 'x')", "select", "destructive", B),
+    ("DO $$ BEGIN PERFORM lo_unlink(1234); END $$", "do", "destructive", B),
+]
+
+# WHERE clauses that reach every row although they name a column or a constant that
+# looks selective: judged by syntax, never by evaluating constants
+EVERY_ROW = [
+    ("delete from t where false", "delete", "destructive write", B),
+    ("delete from t where 1 = 2", "delete", "destructive write", B),
+    ("DELETE FROM t WHERE 'NaN'::float8 = 'NaN'::float8", "delete", "destructive write", B),
+    ("delete from t where 'a '::char(2) = 'a'", "delete", "destructive write", B),
+    ("delete from t where 0.1::float4 = 0.1", "delete", "destructive write", B),
+    ("delete from t where null = null", "delete", "destructive write", B),
+    ("delete from t where t.id = id", "delete", "destructive write", B),
+    ("DELETE FROM t x WHERE x.id = x.id", "delete", "destructive write", B),
+    ("delete from t where id is not distinct from t.id", "delete", "destructive write", B),
+    ("delete from t where (id = id) is true", "delete", "destructive write", B),
+    ("update t set a = 1 where not (id <> id)", "update", "destructive write", B),
+    ("delete from t where col is not null", "delete", "destructive write", B),
+    ("delete from t where not (col is null)", "delete", "destructive write", B),
+    ("delete from t where col = col or id = 1", "delete", "destructive write", B),
+    ("delete from t where true or id = 1", "delete", "destructive write", B),
+    ("delete from t where id = 1 or exists (select 1 from u)", "delete",
+     "destructive write", B),
+    ("delete from t where exists (select 1 from u)", "delete", "destructive write", B),
+    ("delete from t where exists (select 1 from u where u.x = 1)", "delete",
+     "destructive write", B),
+    ("DELETE FROM t WHERE EXISTS (SELECT 1 FROM t WHERE t.id > 0)", "delete",
+     "destructive write", B),
+    ("DELETE FROM t USING other WHERE other.id = 1", "delete", "destructive write", B),
+    ("UPDATE t SET a = 1 FROM u WHERE u.id = 5", "update", "destructive write", B),
+    ("DO $$ DECLARE v int := 1; BEGIN DELETE FROM t WHERE v = 1; END $$", "do",
+     "destructive write", B),
+    ("DO $$ DECLARE r record; BEGIN FOR r IN SELECT 1 AS id LOOP "
+     "DELETE FROM t WHERE r.id = 1; END LOOP; END $$", "do", "destructive write", B),
+    ("CREATE FUNCTION f(k int) RETURNS void LANGUAGE sql AS 'DELETE FROM t WHERE k > 0'",
+     "create", "destructive write", B),
+    ("MERGE INTO t USING s ON s.id = 1 WHEN MATCHED THEN UPDATE SET a = 1", "merge",
+     "destructive write", B),
+    ("MERGE INTO t USING s ON t.id = t.id WHEN MATCHED AND s.x = 1 THEN UPDATE SET a = 1",
+     "merge", "destructive write", B),
+]
+
+# settings a session may not change (the built-in "settings" rule refuses them)
+SETTINGS_REFUSED = [
+    ("SET search_path = app, public", "set", "", B,
+     {"settings": [("search_path", "app, public")]}),
+    ("RESET search_path", "reset", "", B, {"settings": [("search_path", None)]}),
+    ("SET default_transaction_read_only = off", "set", "", B,
+     {"settings": [("default_transaction_read_only", "off")]}),
+    ("BEGIN READ WRITE", "begin", "", B, {"settings": [("transaction_read_only", "off")]}),
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE", "begin", "", B,
+     {"settings": [("transaction_isolation", "serializable"),
+                   ("transaction_read_only", "off")]}),
+    ("SET TRANSACTION READ WRITE", "set", "", B,
+     {"settings": [("transaction_read_only", "off")]}),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE", "set", "", B,
+     {"settings": [("default_transaction_read_only", "off")]}),
+    ("SET application_name = 'pgguard:alice psql'", "set", "", B),
+    ("select set_config('application_name', 'pgguard:alice', false)", "select", "", B,
+     {"settings": [("application_name", "pgguard:alice")], "literal_free": False}),
+    ("SET row_security = off", "set", "", B),
+    ("SET myapp.tenant = '7'", "set", "", B, {"settings": [("myapp.tenant", "7")]}),
+    ("SET transform_null_equals = on", "set", "", B),
+    ("SET LOCAL backslash_quote = on", "set", "", B),
+    ("SET TRANSACTION SNAPSHOT '00000003-1'", "set", "", B,
+     {"settings": [("transaction_snapshot", "00000003-1")]}),
+    ("select set_config('transaction_read_only', 'off', false)", "select", "", B),
+    ("WITH s AS (SELECT set_config('search_path', 'x', false)) SELECT * FROM s", "select",
+     "", B),
+    ("PREPARE p AS SELECT set_config('default_transaction_read_only', 'off', false)",
+     "prepare", "", B),
+    ("DO $$ BEGIN SET LOCAL search_path = evil; END $$", "do", "", B,
+     {"settings": [("search_path", "evil")]}),
+    ("DO $$ BEGIN PERFORM set_config('row_security', 'off', false); END $$", "do", "", B),
+    ("EXPLAIN ANALYZE SELECT set_config('search_path', 'x', false)", "explain", "", B),
+    ("select set_config(current_user, 'x', false)", "select", "privilege", B,
+     {"settings": [("*", None)]}),
+    ("UPDATE t SET a = set_config('search_path', a, false) WHERE id = 1", "update", "write",
+     B, {"settings": [("search_path", None)]}),
+]
+
 ALLOW = [
     # keywords inside literals, comments, quoted identifiers
     ("SELECT 'DROP TABLE x'", "select", "", A),
@@ -279,25 +436,62 @@ ALLOW = [
     ("EXPLAIN ANALYZE SELECT * FROM orders", "explain", "", A),
     ("explain (verbose, format json) truncate t", None, "", B),  # not explainable: parse error
     # DELETE / UPDATE with a real WHERE
-    ("DELETE FROM t WHERE id = 5", "delete", "write", A),
+    ("DELETE FROM t WHERE id = 5", "delete", "write", A,
+     {"rows": True, "counted": True, "literal_free": True}),
+    ("DELETE FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.tid = t.id)", "delete", "write",
+     A, {"rows": True, "counted": True}),
+    ("delete from t x where x.id = 5", "delete", "write", A),
+    ("UPDATE t SET a = 1 WHERE col IS NULL", "update", "write", A),
+    ("delete from t where id > 0", "delete", "write", A, {"rows": True}),
+    ("DELETE FROM t WHERE id = ANY($1)", "delete", "write", A),
+    ("delete from t where id in (select id from u)", "delete", "write", A,
+     {"rows": True, "counted": True}),
+    ("delete from t where (id = 1) is true", "delete", "write", A),
+    ("DO $$ DECLARE v int := 1; BEGIN DELETE FROM t WHERE id = v; END $$", "do", "write", A,
+     {"rows": True, "counted": False}),
+    ("CREATE FUNCTION f(k int) RETURNS void LANGUAGE sql AS 'DELETE FROM t WHERE id = k'",
+     "create", "write", A, {"rows": True, "counted": False}),
     ("delete from orders where created_at < now() - interval '1 year'", "delete", "write", A),
-    ("UPDATE accounts SET balance = balance - 10 WHERE id = 42", "update", "write", A),
+    ("UPDATE accounts SET balance = balance - 10 WHERE id = 42", "update", "write", A,
+     {"rows": True, "counted": True, "literal_free": True}),
+    ("UPDATE t SET a = 1 WHERE id = 1 RETURNING *", "update", "write", A,
+     {"rows": True, "counted": True}),
+    ("UPDATE t SET a = lower(b) WHERE id = 1", "update", "write", A,
+     {"rows": True, "counted": False}),
+    ("UPDATE t SET a = (SELECT max(b) FROM u) WHERE id = 1", "update", "write", A,
+     {"rows": True, "counted": False}),
+    ("UPDATE t SET a = a OPERATOR(public.##) 1 WHERE id = 1", "update", "write", A,
+     {"rows": True, "counted": False}),
+    ("WITH d AS (DELETE FROM t WHERE id = 1 RETURNING id) UPDATE u SET a = 1 "
+     "WHERE id IN (SELECT id FROM d)", "update", "write", A, {"rows": True, "counted": False}),
+    ("EXPLAIN ANALYZE UPDATE t SET a = 1 WHERE id = 1", "explain", "write", A,
+     {"rows": True, "counted": False}),
+    ("EXPLAIN UPDATE t SET a = 1", "explain", "", A, {"rows": False}),
+    ("CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'UPDATE t SET a = 1 WHERE id = 2'",
+     "create", "write", A, {"rows": True, "counted": False}),
+    ("UPDATE v SET a = 1 WHERE id = 1", "update", "write", A,
+     {"written": ["public.v"], "rows": True}),
+    ("DELETE FROM app.v WHERE id = 1", "delete", "write", A, {"written": ["app.v"]}),
+    ("INSERT INTO v (a) VALUES (1)", "insert", "write", A,
+     {"written": ["public.v"], "rows": False, "counted": False}),
+    ("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING", "insert", "write", A,
+     {"rows": False, "counted": False}),
     ("update t set a = 1 where id in (1, 2, 3)", "update", "write", A),
     ("delete from t where id = 1 and 1 = 1", "delete", "write", A),
-    ("delete from t where false", "delete", "write", A),
-    ("delete from t where 1 = 2", "delete", "write", A),
     ("delete from t where id = $1", "delete", "write", A),
     ("update t set a = a + 1 where id = $1", "update", "write", A),
     ("UPDATE t SET a = 1 WHERE CURRENT OF c", "update", "write", A),
     ("DELETE FROM t USING u WHERE t.id = u.id", "delete", "write", A),
-    ("with x as (delete from t where id = 1 returning *) select * from x", "select", "write", A),
+    ("with x as (delete from t where id = 1 returning *) select * from x", "select", "write", A,
+     {"rows": True, "counted": False}),
     ("WITH ins AS (INSERT INTO t VALUES (1) RETURNING id) SELECT * FROM ins", "select",
      "write", A),
     # harmless DO blocks and functions
     ("DO $$ BEGIN RAISE NOTICE 'hello'; END $$", "do", "", A),
     ("DO $$ DECLARE n int; BEGIN SELECT count(*) INTO n FROM orders; RAISE NOTICE '%', n; "
      "END $$", "do", "", A),
-    ("DO $$ BEGIN UPDATE t SET a = 1 WHERE id = 3; END $$", "do", "write", A),
+    ("DO $$ BEGIN UPDATE t SET a = 1 WHERE id = 3; END $$", "do", "write", A,
+     {"rows": True, "counted": False, "literal_free": False}),
     ("do $$ begin perform 'drop table t'; end $$", "do", "", A),
     ("do $$ declare x int; begin x := 1 + 2; end $$", "do", "", A),
     ("CREATE FUNCTION add(a int, b int) RETURNS int LANGUAGE sql AS 'SELECT a + b'", "create",
@@ -311,12 +505,27 @@ ALLOW = [
     ("COPY (SELECT * FROM t) TO STDOUT WITH CSV", "copy", "", A),
     ("copy t (a, b) from stdin with (format csv)", "copy", "write", A),
     # settings and session
-    ("SET search_path = app, public", "set", "", A),
-    ("SET statement_timeout = '5s'", "set", "", A),
+    ("SET statement_timeout = '5s'", "set", "", A,
+     {"settings": [("statement_timeout", "5s")], "literal_free": False}),
     ("SET standard_conforming_strings = on", "set", "", A),
     ("set client_encoding = 'UTF8'", "set", "", A),
-    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "set", "", A),
-    ("RESET ALL", "reset", "", A),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "set", "", A,
+     {"settings": [("transaction_isolation", "serializable")]}),
+    ("RESET ALL", "reset", "", A, {"settings": []}),
+    ("SET application_name = 'my-agent'", "set", "", A,
+     {"settings": [("application_name", "my-agent")]}),
+    ("SET TIME ZONE 'UTC'", "set", "", A, {"settings": [("timezone", "UTC")]}),
+    ("SET LOCAL work_mem = '64MB'", "set", "", A, {"settings": [("work_mem", "64MB")]}),
+    ("SET DateStyle = ISO, DMY", "set", "", A, {"settings": [("datestyle", "iso, dmy")]}),
+    ("RESET statement_timeout", "reset", "", A, {"settings": [("statement_timeout", None)]}),
+    ("SET enable_seqscan = off", "set", "", A),
+    ("BEGIN READ ONLY", "begin", "", A, {"settings": [("transaction_read_only", "on")]}),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "set", "", A),
+    ("SET default_transaction_read_only = on", "set", "", A),
+    ("select set_config('statement_timeout', '1s', true)", "select", "", A,
+     {"settings": [("statement_timeout", "1s")]}),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = pg_catalog "
+     "AS 'select 1'", "create", "", A, {"settings": []}),
     ("SHOW search_path", "show", "", A),
     ("DISCARD PLANS", "discard", "", A),
     ("BEGIN", "begin", "", A),
@@ -329,7 +538,8 @@ ALLOW = [
     ("end", "commit", "", A),
     # prepared statements
     ("PREPARE p AS SELECT * FROM t WHERE id = $1", "prepare", "", A),
-    ("PREPARE q (int) AS UPDATE t SET a = 1 WHERE id = $1", "prepare", "write", A),
+    ("PREPARE q (int) AS UPDATE t SET a = 1 WHERE id = $1", "prepare", "write", A,
+     {"rows": True, "counted": False}),
     ("PREPARE p2 AS SELECT 1; EXECUTE p2", "prepare,execute", "", A),
     ("DEALLOCATE p", "deallocate", "", A),
     ("DEALLOCATE ALL", "deallocate", "", A),
@@ -366,17 +576,25 @@ ALLOW = [
     ("select lower(name) from users where id = 1", "select", "", A,
      {"functions": ["lower"], "read": ["public.users"]}),
     ("SELECT abalance FROM pgbench_accounts WHERE aid = 42", "select", "", A,
-     {"read": ["public.pgbench_accounts"]}),
+     {"read": ["public.pgbench_accounts"], "literal_free": True, "rows": False}),
     ("select a.x, b.y from s.a a join b on a.id = b.id join c using (k)", "select", "", A,
      {"read": ["s.a", "public.b", "public.c"]}),
     ("select * from t where id in (select id from u where u.x > 3)", "select", "", A,
      {"read": ["public.t", "public.u"]}),
     ("INSERT INTO t (a) SELECT b FROM u ON CONFLICT (a) DO UPDATE SET a = excluded.a",
-     "insert", "write", A, {"written": ["public.t"], "read": ["public.u"]}),
+     "insert", "write", A, {"written": ["public.t"], "read": ["public.u"], "rows": True,
+                            "counted": True}),
+    ("INSERT INTO t VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET a = 0 WHERE t.a > 5",
+     "insert", "write", A, {"rows": True, "counted": True}),
     ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.deleted THEN DELETE", "merge",
      "write", A),
     ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = s.a "
-     "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.a)", "merge", "write", A),
+     "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.a)", "merge", "write", A,
+     {"rows": True, "counted": True}),
+    ("MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED THEN INSERT VALUES (s.id)",
+     "merge", "write", A, {"rows": False, "counted": False}),
+    ("select * from pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace",
+     "select", "", A, {"read": ["pg_catalog.pg_class", "pg_catalog.pg_namespace"]}),
     ("select 1; select 2", "select,select", "", A),
     ("SELECT 'é' AS \"ü\"; SELECT 2", "select,select", "", A),
 ]
@@ -391,7 +609,7 @@ PARSE_ERRORS = [
     "DO $$ BEGIN $$ $$",
 ]
 
-CORPUS = REFUSE + ALLOW
+CORPUS = REFUSE + CATALOG + LOSSY + EVERY_ROW + SETTINGS_REFUSED + ALLOW
 
 
 def test_corpus_is_large_enough():
@@ -434,6 +652,14 @@ def test_classification(entry):
             assert list(st.functions) == extra["functions"]
         if "kinds" in extra:
             assert list(st.kinds) == extra["kinds"]
+        if "settings" in extra:
+            assert list(st.settings) == extra["settings"]
+        if "rows" in extra:
+            assert st.changes_rows is extra["rows"]
+        if "counted" in extra:
+            assert st.counted_by_tag is extra["counted"]
+        if "literal_free" in extra:
+            assert st.literal_free is extra["literal_free"]
 
 
 @pytest.mark.parametrize("entry", CORPUS, ids=_ids(CORPUS))
@@ -442,7 +668,9 @@ def test_default_agent_decision(engine, entry):
     d = engine.decide(sql, "agent-x", Identity(kind="agent"), "app")
     assert d.action == decision, d
     if decision == "block":
-        assert d.rule in ("guarded-default", "parse-error")
+        assert d.rule in ("guarded-default", "parse-error", "settings")
+        if entry in SETTINGS_REFUSED:
+            assert d.rule == "settings", d
         assert d.rule in d.message
         assert d.detail and d.hint
     again = engine.decide(sql, "agent-x", Identity(kind="agent"), "app")
@@ -476,7 +704,14 @@ def test_parse_errors_are_refused(engine, sql):
 
 
 def test_humans_allowed_by_default(engine):
+    # ... except for settings outside the allow-list, which no default opens
     human = Identity(kind="human")
+    settings = engine.settings
     for sql, kinds, *_ in CORPUS:
         d = engine.decide(sql, "alice", human, "app")
-        assert d.action == ("block" if kinds is None else "allow"), (sql, d)
+        if kinds is None:
+            assert d.action == "block", (sql, d)
+            continue
+        refused = any(settings.refusal(n, v) for st in classify(sql) for n, v in st.settings)
+        assert (d.action, d.rule == "settings") == (
+            ("block", True) if refused else ("allow", False)), (sql, d)

@@ -152,6 +152,57 @@ def test_shape_cache_never_shares_literal_dependent_decisions(template, a, b, s,
     assert (d.action, d.rule) == (u.action, u.rule), (warm, sql)
 
 
+ODD_LITERALS = ["0", "1", "2", "-1", "1e308", "0.1", "'role'", "'search_path'", "'off'",
+                "'on'", "'NaN'", "'a '", "''", "'pgguard:alice'", "'DROP TABLE t'",
+                "'session_replication_role'", "'default_transaction_read_only'"]
+
+
+def _literal_free_texts():
+    from pgguard.policy.cache import shape_key
+    out = []
+    for entry in CORPUS:
+        sql = entry[0]
+        if entry[1] is None or shape_key(sql) is None or shape_key(sql) == sql:
+            continue
+        if all(s.literal_free for s in classify(sql)):
+            out.append(sql)
+    return out
+
+
+LITERAL_FREE = _literal_free_texts()
+
+
+def _essence(stmts):
+    import msgspec
+    return [msgspec.structs.replace(s, text="") for s in stmts]
+
+
+def test_literal_free_texts_exist():
+    # the property below must have something to chew on: pgbench-like DML and SELECTs
+    assert len(LITERAL_FREE) >= 40
+    assert "DELETE FROM t WHERE id = 5" in LITERAL_FREE
+
+
+@SETTINGS
+@given(st.sampled_from(LITERAL_FREE), st.data())
+def test_literal_free_classification_ignores_every_literal(sql, data):
+    # what the classifier proved literal-free classifies the same whatever the literals:
+    # this is what lets its decision answer for every text of the same shape
+    from pgguard.policy.cache import _LITERALS, shape_key
+    variant = _LITERALS.sub(
+        lambda m: m.group(1) or data.draw(st.sampled_from(ODD_LITERALS)), sql)
+    if shape_key(variant) != shape_key(sql):
+        return                  # "-1" next to an operator: another shape, another entry
+    try:
+        got = classify(variant)
+    except classify_mod.PolicyParseError:
+        return                  # a literal of the wrong kind for its place
+    assert _essence(got) == _essence(classify(sql)), (sql, variant)
+    e = PolicyEngine(CONFIG, cache=DecisionCache(0))
+    a, b = e.decide(sql, "f", AGENT, "app"), e.decide(variant, "f", AGENT, "app")
+    assert (a.action, a.rule, a.max_rows) == (b.action, b.rule, b.max_rows), (sql, variant)
+
+
 @SETTINGS
 @given(st.lists(st.sampled_from([
     "PREPARE p AS SELECT 1", "PREPARE p AS DELETE FROM t", "PREPARE q AS SELECT 2",

@@ -177,7 +177,7 @@ def test_rule_without_when_matches_everything():
     ("guarded", "SELECT 1", "allow"),
     ("guarded", "INSERT INTO t VALUES (1)", "allow"),
     ("guarded", "DROP TABLE t", "block"),
-    ("guarded", "SET ROLE postgres", "block"),
+    ("guarded", "GRANT ALL ON t TO bob", "block"),
     ("guarded", "COPY t TO PROGRAM 'x'", "block"),
     ("guarded", "CALL p()", "block"),
     ("allow", "DROP TABLE t", "allow"),
@@ -295,11 +295,17 @@ def test_shape_cache_hits_for_new_literals(engine):
 
 
 @pytest.mark.parametrize("first,second", [
-    ("DELETE FROM t WHERE 1 = 2", "DELETE FROM t WHERE 1 = 1"),
-    ("DELETE FROM t WHERE 'a' = 'b'", "DELETE FROM t WHERE 'a' = 'a'"),
-    ("UPDATE t SET a = 1 WHERE id = 3 OR 1 = 2", "UPDATE t SET a = 1 WHERE id = 3 OR 1 = 1"),
     ("SELECT set_config('work_mem', '1MB', false)", "SELECT set_config('role', 'x', false)"),
-    ("DELETE FROM t WHERE 'f'::boolean", "DELETE FROM t WHERE 't'::boolean"),
+    ("SELECT set_config('application_name', 'bot', false)",
+     "SELECT set_config('application_name', 'pgguard:alice', false)"),
+    ("SELECT set_config('transaction_read_only', 'on', false)",
+     "SELECT set_config('transaction_read_only', 'off', false)"),
+    ("UPDATE t SET a = set_config('statement_timeout', '1s', false) WHERE id = 1",
+     "UPDATE t SET a = set_config('search_path', '1s', false) WHERE id = 1"),
+    ("INSERT INTO t SELECT set_config('timezone', 'UTC', true)",
+     "INSERT INTO t SELECT set_config('row_security', 'UTC', true)"),
+    ("SELECT set_config('lock_timeout', '1s', false) FROM t WHERE id = 2",
+     "SELECT set_config('session_replication_role', 'replica', false) FROM t WHERE id = 2"),
 ])
 def test_literal_dependent_decisions_are_never_shared(engine, first, second):
     assert shape_key(first) == shape_key(second)
@@ -310,6 +316,53 @@ def test_literal_dependent_decisions_are_never_shared(engine, first, second):
     e2 = PolicyEngine(engine.cfg)
     assert decide(e2, second).action == "block"
     assert decide(e2, first).action == "allow"
+
+
+@pytest.mark.parametrize("first,second", [
+    ("DELETE FROM t WHERE 1 = 2", "DELETE FROM t WHERE 1 = 1"),
+    ("DELETE FROM t WHERE 'a' = 'b'", "DELETE FROM t WHERE 'a' = 'a'"),
+    ("UPDATE t SET a = 1 WHERE id = 3 OR 1 = 2", "UPDATE t SET a = 1 WHERE id = 3 OR 1 = 1"),
+    ("DELETE FROM t WHERE 'f'::boolean", "DELETE FROM t WHERE 't'::boolean"),
+])
+def test_constant_where_is_every_row_whatever_its_value(engine, first, second):
+    # issue 11: constants are no longer evaluated, so no literal decides a WHERE clause
+    a, b = decide(engine, first), decide(engine, second)
+    assert (a.action, a.rule, b.action, b.rule) == ("block", "guarded-default") * 2
+    assert "does not depend on the target" in a.message
+    assert a.statements[0].literal_free and b.statements[0].literal_free
+
+
+def test_shape_sharing_needs_proof_of_no_literal_read(engine):
+    # a Statement built without a walk (default) is never shareable: fail closed
+    from pgguard.policy.cache import shareable
+    from pgguard.policy.classify import Statement
+    from pgguard.policy.rules import Decision
+    assert not Statement(kind="select").literal_free
+    assert not shareable(Decision(action="allow", rule="x",
+                                  statements=(Statement(kind="select", kinds=("select",)),)))
+    d = decide(engine, "SELECT * FROM t WHERE id = 1")
+    assert shareable(d)
+    for sql in ("SELECT set_config('work_mem', '1MB', false)",
+                "DO $$ BEGIN PERFORM 1; END $$", "SET work_mem = '1MB'"):
+        assert not shareable(decide(engine, sql)), sql
+
+
+def test_only_the_literal_accessor_reads_constants():
+    # every read of a constant's value in classify.py goes through _lit(), which marks
+    # the statement literal-dependent: no other code may look inside an A_Const
+    import ast
+    import inspect
+    src = inspect.getsource(classify_mod)
+    tree = ast.parse(src)
+    readers = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Constant) and node.value in (
+                        "A_Const", "sval", "ival", "fval", "boolval", "bsval"):
+                    readers.add(fn.name)
+    # _sval reads identifiers ({"String": {"sval"}}), _lit reads literals
+    assert readers <= {"_lit", "_sval", "_fast_select"}, readers
 
 
 def test_schema_is_part_of_the_shape(engine):
@@ -433,6 +486,20 @@ def test_explain_json(tmp_path, capsys):
     assert rc == EXIT_APPROVE and json.loads(out)["rule"] == "orders-approval"
 
 
+def test_explain_shows_settings_rows_and_limit(tmp_path, capsys):
+    rc, out, _ = _explain(tmp_path, capsys, "UPDATE t SET a = 1 WHERE id = 1", as_json=True)
+    report = json.loads(out)
+    assert rc == EXIT_ALLOW and report["max_rows"] == 1000
+    st = report["statements"][0]
+    assert (st["changes_rows"], st["counted_by_tag"], st["settings"]) == (True, True, [])
+    rc, out, err = _explain(tmp_path, capsys, "SET search_path = evil", "ci-agent")
+    assert rc == EXIT_BLOCK and 'decision: BLOCK (rule "settings")' in out
+    assert "settings   search_path = evil" in out
+    rc, out, _ = _explain(tmp_path, capsys, "DELETE FROM t WHERE id = 2", "ci-agent")
+    assert "changes rows, counted by the command tag" in out
+    assert "row limit: 1000 rows" in out
+
+
 def test_explain_unknown_identity(tmp_path, capsys):
     from pgguard.errors import PgguardError
     with pytest.raises(PgguardError, match="unknown identity"):
@@ -457,3 +524,174 @@ def test_docstring_examples(module):
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS
                              | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0
+
+
+# --------------------------------------------------------------------------- settings
+
+def test_settings_check_runs_before_the_rules():
+    # even an allow-everything rule does not open a setting outside the allow-list
+    e = PolicyEngine(loads('[[rules]]\nname = "anything"\naction = "allow"\n'))
+    for sql in ("SET search_path = evil", "SELECT set_config('role', 'postgres', false)",
+                "BEGIN READ WRITE", "SET application_name = 'pgguard:alice'",
+                "SET session_replication_role = replica"):
+        for ident in (AGENT, HUMAN):
+            d = e.decide(sql, "x", ident, "db")
+            assert (d.action, d.rule) == ("block", "settings"), (sql, d)
+            assert d.message.startswith('pgguard: statement refused by rule "settings"')
+            assert "Settings changed:" in d.detail
+            assert "application_name" in d.hint
+    assert e.decide("SET work_mem = '64MB'", "x", AGENT, "db").action == "allow"
+
+
+def test_settings_messages_name_the_setting_and_how_to_allow_it():
+    e = PolicyEngine(loads(""))
+    d = e.decide("SET myapp.tenant = '7'", "x", AGENT, "db")
+    assert "myapp.tenant to '7'" in d.message and "not in the settings allow-list" in d.message
+    assert '[policy] settings = ["myapp.tenant"]' in d.hint
+    d = e.decide("SET row_security = off", "x", AGENT, "db")
+    assert "row-level security" in d.message and "cannot be changed" in d.hint
+    d = e.decide("SELECT set_config(current_user, 'x', false)", "x", AGENT, "db")
+    assert "name is computed" in d.message
+    d = e.decide("RESET search_path", "x", AGENT, "db")
+    assert "resets search_path" in d.message
+
+
+@pytest.mark.parametrize("name,value,ok", [
+    ("work_mem", "1GB", True), ("enable_hashjoin", "off", True), ("jit", None, True),
+    ("application_name", "bot", True), ("application_name", None, False),
+    ("application_name", " PgGuard:x", False), ("transaction_read_only", "on", True),
+    ("transaction_read_only", "tru", True), ("transaction_read_only", "off", False),
+    ("default_transaction_read_only", None, False), ("default_transaction_read_only", "0",
+                                                     False),
+    ("client_encoding", "utf8", True), ("client_encoding", "LATIN1", False),
+    ("client_encoding", None, False), ("standard_conforming_strings", "on", True),
+    ("standard_conforming_strings", "off", False), ("role", "none", False),
+    ("session_authorization", None, False), ("shared_preload_libraries", "x", False),
+    ("my_preload_libraries", "x", False), ("*", None, False), ("search_path", "a", False),
+    ("transaction_snapshot", "x", False), ("myapp.tenant", "1", False),
+])
+def test_settings_policy_defaults(name, value, ok):
+    from pgguard.policy.rules import SettingsPolicy
+    assert (SettingsPolicy().refusal(name, value) is None) is ok
+
+
+def test_settings_policy_config_extension():
+    from pgguard.policy.rules import SettingsPolicy
+    p = SettingsPolicy(["search_path", "myapp.*", "Geqo_Effort"])
+    assert p.refusal("search_path", "x") is None
+    assert p.refusal("myapp.tenant", "1") is None
+    assert p.refusal("geqo_effort", "3") is None
+    assert p.refusal("other.tenant", "1") is not None
+    assert p.refusal("role", "x") is not None                 # never, whatever the list
+    e = PolicyEngine(loads('[policy]\nsettings = ["search_path"]\n'))
+    assert e.decide("SET search_path = app", "x", AGENT, "db").action == "allow"
+
+
+@pytest.mark.parametrize("toml,path", [
+    ('[policy]\nsettings = ["role"]\n', "policy.settings[0]"),
+    ('[policy]\nsettings = ["work_mem", "session_*"]\n', "policy.settings[1]"),
+    ('[policy]\nsettings = ["*"]\n', "policy.settings[0]"),
+    ('[policy]\nsettings = ["*_preload_libraries"]\n', "policy.settings[0]"),
+    ('[policy]\nsettings = ["Client_Encoding"]\n', "policy.settings[0]"),
+    ('[policy]\nsettings = [" "]\n', "policy.settings[0]"),
+    ('[policy]\nagents_max_rows = -1\n', "policy.agents_max_rows"),
+    ('[policy]\nhumans_max_rows = "x"\n', "policy.humans_max_rows"),
+    ('[[rules]]\nname = "a"\naction = "allow"\n[[rules]]\nname = "b"\naction = "allow"\n'
+     'max_rows = -3\n', "rules[1].max_rows"),
+    ('[[rules]]\nname = "a"\naction = "allow"\nmax_rows = 1.5\n', "rules[0].max_rows"),
+])
+def test_policy_config_errors_name_the_key_path(toml, path):
+    from pgguard.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        loads(toml)
+    assert f": {path}:" in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------- max_rows
+
+MAX_ROWS_CONFIG = """
+[identities.ci-agent]
+kind = "agent"
+
+[identities.etl]
+kind = "agent"
+
+[identities.alice]
+kind = "human"
+
+[identities.bob]
+kind = "human"
+
+[policy]
+agents_max_rows = 500
+humans_max_rows = 0
+
+[[rules]]
+name = "etl-bulk"
+when = { identity = ["etl"] }
+action = "allow"
+max_rows = 100000
+
+[[rules]]
+name = "orders-small"
+when = { relations = ["public.orders"], statements = ["update", "delete"] }
+action = "allow"
+max_rows = 10
+
+[[rules]]
+name = "audit-unlimited"
+when = { relations = ["audit.*"] }
+action = "allow"
+max_rows = 0
+
+[[rules]]
+name = "bob-limited"
+when = { identity = ["bob"], statements = ["update", "delete", "merge", "insert"] }
+action = "allow"
+max_rows = 50
+
+[[rules]]
+name = "approve-archive"
+when = { relations = ["archive"] }
+action = "approve"
+max_rows = 7
+"""
+
+
+@pytest.mark.parametrize("who,sql,action,limit", [
+    ("ci-agent", "UPDATE t SET a = 1 WHERE id = 1", "allow", 500),       # kind default
+    ("ci-agent", "SELECT * FROM t", "allow", None),                      # changes no rows
+    ("ci-agent", "INSERT INTO t VALUES (1)", "allow", None),
+    ("ci-agent", "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = 2", "allow",
+     500),
+    ("ci-agent", "DELETE FROM orders WHERE id = 3", "allow", 10),         # per relation
+    ("ci-agent", "UPDATE orders SET a = 1 WHERE id = 1; UPDATE t SET a = 1 WHERE id = 1",
+     "allow", 10),                                                        # min over stmts
+    ("ci-agent", "DELETE FROM audit.log WHERE id = 1", "allow", None),    # 0: no limit
+    ("ci-agent", "DELETE FROM audit.log WHERE id = 1; DELETE FROM t WHERE id = 2", "allow",
+     500),
+    ("etl", "UPDATE orders SET a = 1 WHERE id = 1", "allow", 100000),    # first match wins
+    ("alice", "UPDATE t SET a = 1 WHERE id = 1", "allow", None),          # humans default 0
+    ("alice", "DELETE FROM orders WHERE id = 1", "allow", 10),
+    ("bob", "WITH d AS (DELETE FROM t WHERE id = 1 RETURNING 1) SELECT * FROM d", "allow",
+     None),                                                              # kinds select+delete
+    ("bob", "DELETE FROM t WHERE id = 1", "allow", 50),
+    ("ci-agent", "DO $$ BEGIN UPDATE t SET a = 1 WHERE id = 1; END $$", "allow", 500),
+    ("ci-agent", "UPDATE archive SET a = 1 WHERE id = 1", "approve", 7),
+    ("ci-agent", "DELETE FROM t", "block", None),
+])
+def test_decision_max_rows(who, sql, action, limit):
+    e = PolicyEngine(loads(MAX_ROWS_CONFIG))
+    d = e.decide(sql, who, e.cfg.identities[who], "db")
+    assert (d.action, d.max_rows) == (action, limit), d
+    # cached decisions carry the same limit
+    assert e.decide(sql, who, e.cfg.identities[who], "db").max_rows == limit
+
+
+def test_max_rows_default_is_1000_for_agents():
+    e = PolicyEngine(loads(""))
+    assert e.decide("UPDATE t SET a = 1 WHERE id = 1", "x", AGENT, "db").max_rows == 1000
+    assert e.decide("UPDATE t SET a = 1 WHERE id = 1", "h", HUMAN, "db").max_rows is None
+    e = PolicyEngine(loads("[policy]\nhumans_max_rows = 25\n"))
+    assert e.decide("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.x THEN DELETE",
+                    "x", HUMAN, "db").max_rows == 25

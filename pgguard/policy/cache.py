@@ -6,10 +6,12 @@ Two bounded LRU maps, both keyed with the identity name and the database:
 - **exact**: the statement text as received. A hit costs one dict lookup.
 - **shape**: the text with its string and numeric literals blanked out, so traffic
   like pgbench's (the same statement with new literals each time) hits too. Only
-  decisions that cannot depend on a literal are stored here: every statement must be a
-  plain SELECT/INSERT/UPDATE/DELETE/MERGE whose classification never looked at a
-  literal's value (``Statement.literal_dependent``). ``DELETE FROM t WHERE 1 = 1`` and
-  ``DELETE FROM t WHERE 1 = 2`` therefore never share an entry.
+  decisions proven not to depend on a literal are stored here (:func:`shareable`, fail
+  closed): every statement must be a plain SELECT/INSERT/UPDATE/DELETE/MERGE whose
+  classification provably read no literal's value (``Statement.literal_free``: every
+  such read in the classifier goes through one accessor, which clears it). So
+  ``SELECT set_config('application_name', 'x', false)`` never answers for
+  ``SELECT set_config('role', 'x', false)``, nor a DO body for another.
 
 Why not pglast's ``fingerprint`` as the shape key: it also ignores schema names
 (``SELECT * FROM public.t`` and ``SELECT * FROM secret.t`` have the same fingerprint),
@@ -35,12 +37,21 @@ import re
 from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 
-__all__ = ["LRU", "DecisionCache", "shape_key", "SHAREABLE_KINDS"]
+__all__ = ["LRU", "DecisionCache", "shape_key", "shareable", "SHAREABLE_KINDS"]
 
 V = TypeVar("V")
 
 # statement kinds whose decision may be shared across literal values
 SHAREABLE_KINDS = frozenset({"select", "insert", "update", "delete", "merge"})
+
+def shareable(d: Any) -> bool:
+    """May this decision answer for every text of the same shape? Only when each of its
+    statements is of a shareable kind (all kinds run inside it too) and provably read no
+    literal's value; anything else is cached by exact text only."""
+    return bool(d.statements) and all(
+        s.literal_free and s.kind in SHAREABLE_KINDS and SHAREABLE_KINDS.issuperset(s.kinds)
+        for s in d.statements)
+
 
 # Literals become a NUL, which no SQL text can contain. Texts with quoted identifiers go
 # through the full scanner (an identifier is kept, followed by a marker, so that "t 1" and

@@ -12,20 +12,37 @@ through its fast JSON output) and becomes one :class:`Statement`::
 Flags (DESIGN.md section 4):
 
 ``destructive``
-    DROP of any object, TRUNCATE, DELETE/UPDATE with no WHERE or a WHERE that is true for
-    every row (``true``, ``1 = 1``, ``'a' = 'a'``, ``NOT false``, ``x = x``, ``1 = 1 OR x``,
-    or a WHERE that does not depend on the row at all, such as ``$1`` or ``now() > '2000-1-1'``),
-    ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, MERGE ... WHEN MATCHED THEN DELETE with
-    no condition of its own (``AND ...``), MERGE ... WHEN NOT MATCHED BY SOURCE THEN DELETE
-    or UPDATE, MERGE ... THEN UPDATE whose join is true for every row (``ON true``, or the
-    target merged with itself), DROP OWNED, and any of these inside a data-modifying CTE,
-    EXPLAIN ANALYZE, PREPARE, SQL EXECUTE, a DO block, a function body or a rule action.
+    DROP of any object, TRUNCATE, DELETE/UPDATE with no WHERE or a WHERE that reaches every
+    row (below), ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, ALTER COLUMN ... TYPE (with
+    or without USING: the conversion may lose data), CREATE OR REPLACE of a function,
+    procedure, view, rule or trigger (pgguard cannot know whether one exists, so it is
+    taken as replacing one), lo_unlink / lo_put / lo_truncate(64) / lowrite, MERGE ... WHEN
+    MATCHED THEN DELETE with no condition of its own (``AND ...``), MERGE ... WHEN NOT
+    MATCHED BY SOURCE THEN DELETE or UPDATE, MERGE ... THEN UPDATE/DELETE whose join does
+    not narrow the target's rows (``ON true``, ``ON s.id = 1``, the target merged with
+    itself), DROP OWNED, and any of these inside a data-modifying CTE, EXPLAIN ANALYZE,
+    PREPARE, SQL EXECUTE, a DO block, a function body or a rule action.
+
+    Which rows a WHERE reaches is judged by syntax, never by evaluating constants (Python
+    and Postgres disagree on NaN, bpchar blanks, float4 rounding, transform_null_equals).
+    "Every row" is a WHERE that references no column of the target row (constants,
+    parameters, functions of them, other tables' columns as in ``DELETE ... USING o WHERE
+    o.id = 1``, subqueries that ignore the target, PL/pgSQL variables and SQL function
+    parameters: so ``WHERE false`` and ``WHERE 1 = 2`` count too), a comparison of a value
+    with itself (``x = x``, ``t.id = id``, ``x IS NOT DISTINCT FROM x``, ``NOT (x <> x)``),
+    ``col IS NOT NULL`` / ``NOT (col IS NULL)``, and an OR with such a branch. When unsure
+    (an unqualified name may be the target's column), a condition counts as every row only
+    if it cannot reference the target at all: ``WHERE id > 0`` passes, and only the
+    run-time row limit (``Decision.max_rows``) bounds it.
 ``privilege``
     GRANT, REVOKE, CREATE/ALTER/DROP ROLE, SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION,
-    ``set_config('role', ...)``, DISCARD ALL (it resets the session authorization),
-    ALTER ... OWNER TO, REASSIGN OWNED, ALTER DEFAULT PRIVILEGES, row-level security
-    (CREATE/ALTER POLICY, ALTER TABLE ... DISABLE ROW LEVEL SECURITY), SECURITY DEFINER
-    functions, ``session_replication_role``.
+    ``set_config('role', ...)`` (or with a name pgguard cannot read), DISCARD ALL (it
+    resets the session authorization), ALTER ... OWNER TO, REASSIGN OWNED, ALTER DEFAULT
+    PRIVILEGES, row-level security (CREATE/ALTER POLICY, ALTER TABLE ... DISABLE ROW LEVEL
+    SECURITY), SECURITY DEFINER functions, ``session_replication_role``, and any write to a
+    system catalog relation (``pg_catalog``, ``information_schema``, ``pg_toast``; an
+    unqualified ``pg_*`` name is pg_catalog's, which is searched first): INSERT, UPDATE,
+    DELETE, MERGE, TRUNCATE, COPY FROM, ALTER, DROP, and CREATE/DROP TRIGGER or RULE on it.
 ``escape``
     reaching outside the database: COPY TO/FROM PROGRAM or a server file, pg_read_file and
     the other server-file functions, lo_import/lo_export, dblink*, pg_terminate_backend,
@@ -52,11 +69,25 @@ IMPORT FOREIGN SCHEMA), ``alter`` (every ALTER ..., RENAME, ALTER SYSTEM), ``dro
 ``Statement.kinds`` adds the kinds of statements run inside this one (a data-modifying CTE,
 EXPLAIN ANALYZE, PREPARE/EXECUTE, DO and function bodies): rules match on all of them.
 
+``Statement.settings`` lists every run-time setting the statement changes for the session
+(SET / SET LOCAL / RESET name, set_config() anywhere the classifier looks, BEGIN / SET
+TRANSACTION ... READ WRITE as ``transaction_read_only``, SET SESSION CHARACTERISTICS as
+``default_transaction_*``, SET ROLE / SESSION AUTHORIZATION as ``role`` /
+``session_authorization``), as (lowercase name, literal value or None); RESET ALL changes
+nothing pgguard did not choose. ALTER ROLE / DATABASE ... SET is persistent and stays a
+``privilege`` flag. ``Statement.changes_rows`` says the statement updates or deletes rows
+(UPDATE, DELETE, MERGE with an UPDATE/DELETE action, INSERT ... ON CONFLICT DO UPDATE,
+anywhere inside), ``Statement.counted_by_tag`` that its command tag counts all of them.
+``Statement.literal_free`` is True only when the walk read no literal's value (every such
+read goes through one accessor): only then may a decision be shared by shape.
+
 Relation names are schema-qualified (``public.orders``). An unqualified name is reported
 as ``public.<name>`` (``pg_temp.<name>`` for CREATE TEMP TABLE): pgguard does not know the
 session's ``search_path``, so a session that changes it can make ``orders`` mean another
-schema's table. Rules that must hold whatever the search_path should name the table
-without a schema (``relations = ["orders"]`` matches ``orders`` in any schema).
+schema's table (search_path is outside the default settings allow-list for this reason).
+Rules that must hold whatever the search_path should name the table without a schema
+(``relations = ["orders"]`` matches ``orders`` in any schema). An unqualified ``pg_*`` name
+is reported as ``pg_catalog.<name>``.
 Function names are schema-qualified when the SQL qualifies them, else the bare name.
 """
 from __future__ import annotations
@@ -73,7 +104,7 @@ from ..errors import PgguardError
 
 __all__ = [
     "FLAGS", "DEFAULT_MAX_LENGTH", "Reason", "Statement", "PreparedMemory",
-    "PolicyParseError", "StatementTooLong", "classify",
+    "PolicyParseError", "StatementTooLong", "classify", "is_system_relation",
 ]
 
 FLAGS = ("destructive", "privilege", "escape", "opaque", "write")
@@ -125,15 +156,32 @@ class Statement(msgspec.Struct, frozen=True, kw_only=True):
     functions: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
     reasons: tuple[Reason, ...] = ()
-    # the classification looked at a literal's value (constant WHERE, set_config's
-    # setting name, a DO body...): never share it with a text that differs in literals
-    literal_dependent: bool = False
+    # True only when the walk PROVED it consulted no literal's value (every such read goes
+    # through one accessor that clears it): only then may the decision be shared with a
+    # text that differs in literals. The default is the fail-closed False.
+    literal_free: bool = False
     # prepared-statement name of PREPARE / EXECUTE / DEALLOCATE (None: DEALLOCATE ALL)
     name: str | None = None
     # looked up the session's prepared statements (SQL EXECUTE): never cache the decision
     session_dependent: bool = False
     # changes no data, schema, privileges or server state
     readonly: bool = False
+    # every run-time setting (GUC) this statement changes for the session: (lowercase
+    # name, literal value); value None when it is not a literal (or a RESET / DEFAULT);
+    # name "*" when the name itself is not a literal (set_config(expr, ...))
+    settings: tuple[tuple[str, str | None], ...] = ()
+    # updates or deletes rows: UPDATE, DELETE, MERGE with an UPDATE/DELETE action,
+    # INSERT ... ON CONFLICT DO UPDATE, here or anywhere the classifier sees into
+    changes_rows: bool = False
+    # the top-level command is one of those and its command tag counts every row it
+    # changes: no data-modifying CTE, no function (or unusual operator) call, no nested
+    # statement. Triggers and rules on the target are beyond what the text shows.
+    counted_by_tag: bool = False
+
+    @property
+    def literal_dependent(self) -> bool:
+        """The decision may depend on a literal's value (not provably literal-free)."""
+        return not self.literal_free
 
     def reasons_for(self, flag: str) -> list[str]:
         """The reason texts of one flag."""
@@ -186,11 +234,22 @@ _OPAQUE_FUNCS = {
         "ts_stat", "ts_rewrite")
 }
 
+# functions that destroy data with no WHERE to narrow them (large objects live in
+# pg_largeobject, outside any table a rule names). lo_from_bytea / lo_create / lo_import
+# with an OID in use fail ("duplicate key"), so they cannot overwrite one.
+_DESTRUCTIVE_FUNCS = {
+    "lo_unlink": "deletes a large object",
+    "lo_put": "overwrites part of an existing large object",
+    "lo_truncate": "truncates an existing large object",
+    "lo_truncate64": "truncates an existing large object",
+    "lowrite": "overwrites part of an existing large object",
+}
+
 # functions that change state (for Statement.readonly)
 _WRITING_FUNCS = frozenset({
     "nextval", "setval", "lo_create", "lo_creat", "lo_unlink", "lo_put", "lo_from_bytea",
-    "lo_truncate", "lo_truncate64", "pg_notify", "pg_stat_reset", "pg_advisory_lock",
-    "pg_advisory_xact_lock", "txid_current", "pg_current_xact_id",
+    "lo_truncate", "lo_truncate64", "lowrite", "pg_notify", "pg_stat_reset",
+    "pg_advisory_lock", "pg_advisory_xact_lock", "txid_current", "pg_current_xact_id",
 })
 
 # settings whose change is a privilege or escape concern (SET, set_config, ALTER ... SET)
@@ -225,6 +284,7 @@ _DROP_LABEL = {
     "OBJECT_FOREIGN_TABLE": "FOREIGN TABLE",
 }
 _REL_OBJECTS = frozenset(_DROP_LABEL)
+_ON_REL_OBJECTS = frozenset({"OBJECT_TRIGGER", "OBJECT_RULE", "OBJECT_POLICY"})
 
 _TXN_KINDS = {
     "TRANS_STMT_BEGIN": "begin", "TRANS_STMT_START": "begin",
@@ -258,6 +318,8 @@ _UTILITY_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "CreateRoleStmt": (("privilege", "CREATE ROLE creates a role"),),
     "AlterRoleStmt": (("privilege", "ALTER ROLE changes a role"),),
     "AlterRoleSetStmt": (("privilege", "ALTER ROLE ... SET changes a role's settings"),),
+    "AlterDatabaseSetStmt": (("privilege", "ALTER DATABASE ... SET changes the settings of "
+                                           "every later session"),),
     "DropRoleStmt": (("privilege", "DROP ROLE removes a role"),
                      ("destructive", "DROP ROLE removes a role")),
     "DropOwnedStmt": (("destructive", "DROP OWNED drops every object a role owns"),
@@ -291,8 +353,6 @@ _UTILITY_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "DropUserMappingStmt": (("destructive", "DROP USER MAPPING"),),
 }
 
-_T_TRUE, _T_FALSE, _T_CONST, _T_ROW = 1, 2, 3, 4
-
 
 def _utility_kind(tag: str) -> str:
     kind = _KIND_OVERRIDES.get(tag)
@@ -311,9 +371,11 @@ class _Acc:
 
     __slots__ = ("kind", "kinds", "writes", "reads", "funcs", "flags", "reasons", "literal",
                  "ctes", "rvwrite", "utility", "ctx", "text", "name", "prepared",
-                 "writing_funcs", "sub_kind", "session")
+                 "writing_funcs", "sub_kind", "session", "settings", "changes_rows",
+                 "counted", "entered", "odd_ops", "plvars", "scoped_set")
 
-    def __init__(self, text: str = "", prepared: Mapping[str, Statement] | None = None):
+    def __init__(self, text: str = "", prepared: Mapping[str, Statement] | None = None,
+                 plvars: frozenset[str] = frozenset()):
         self.kind: str | None = None
         self.kinds: dict[str, None] = {}
         self.writes: dict[str, None] = {}
@@ -321,7 +383,8 @@ class _Acc:
         self.funcs: dict[str, None] = {}
         self.flags: set[str] = set()
         self.reasons: list[tuple[str, str]] = []
-        self.literal = False
+        self.literal = False                   # a literal's value was read (_lit(), or a
+                                               # DO / function body, a COPY file name)
         self.ctes: list[frozenset[str]] = []   # CTE names in scope, innermost last
         self.rvwrite = False                   # a RangeVar met now is a written object
         self.utility = False                   # inside a utility statement's own fields
@@ -332,12 +395,21 @@ class _Acc:
         self.writing_funcs = False
         self.sub_kind = False                  # next statement entered counts in kinds
         self.session = False                   # consulted the prepared statements
+        self.settings: list[tuple[str, str | None]] = []
+        self.changes_rows = False
+        self.counted = False                   # the top command's tag counts its rows
+        self.entered = 0                       # statements entered, SELECTs aside
+        self.odd_ops = False                   # an operator that may run user code
+        self.plvars = plvars                   # PL/pgSQL variables / function parameters
+        self.scoped_set = False                # SET clauses of CREATE/ALTER FUNCTION
 
     def flag(self, flag: str, why: str) -> None:
         self.flags.add(flag)
         self.reasons.append((flag, self.ctx + why))
 
     def enter(self, kind: str) -> None:
+        if kind != "select":
+            self.entered += 1
         if self.kind is None:
             self.kind = kind
             self.kinds[kind] = None
@@ -360,6 +432,10 @@ class _Acc:
                 self.reasons.append((r.flag, ctx + r.text))
             if not st.readonly:
                 self.writing_funcs = True
+            self.settings.extend(st.settings)
+            if st.changes_rows:
+                self.changes_rows = True
+            self.entered += 1
         else:
             # seen but not run: relations count as read, only non-execution flags stay
             for r in st.relations_written:
@@ -367,12 +443,13 @@ class _Acc:
             for r in st.relations_read:
                 self.reads[r] = None
             for r in st.reasons:
-                if r.flag not in ("write", "destructive"):
+                if r.flag not in ("write", "destructive") and not (
+                        r.flag == "privilege" and _CATALOG_WHY in r.text):
                     self.flags.add(r.flag)
                     self.reasons.append((r.flag, ctx + r.text))
         for f in st.functions:
             self.funcs[f] = None
-        if st.literal_dependent:
+        if not st.literal_free:
             self.literal = True
         if st.session_dependent:
             self.session = True
@@ -391,8 +468,12 @@ class _Acc:
             kind=self.kind or "unknown", text=text, kinds=kinds,
             relations_written=tuple(self.writes), relations_read=tuple(self.reads),
             functions=tuple(self.funcs), flags=flags, reasons=reasons,
-            literal_dependent=self.literal, name=self.name, readonly=readonly,
-            session_dependent=self.session)
+            literal_free=not self.literal, name=self.name, readonly=readonly,
+            session_dependent=self.session,
+            settings=tuple(dict.fromkeys(self.settings)),
+            changes_rows=self.changes_rows,
+            counted_by_tag=(self.counted and self.changes_rows and self.entered == 1
+                            and not self.funcs and not self.odd_ops))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -412,9 +493,94 @@ def _dotted(names: list | None) -> str:
 
 def _relname(rv: dict) -> str:
     schema = rv.get("schemaname")
+    name = rv.get("relname", "")
     if schema is None:
-        schema = "pg_temp" if rv.get("relpersistence") == "t" else "public"
-    return schema + "." + rv.get("relname", "")
+        schema = _default_schema(name, rv.get("relpersistence") == "t")
+    return schema + "." + name
+
+
+def _default_schema(name: str, temp: bool = False) -> str:
+    # pg_catalog is searched before the search_path (unless the path names it later,
+    # which the settings allow-list refuses) and every catalog relation is named pg_*
+    if temp:
+        return "pg_temp"
+    return "pg_catalog" if name.startswith("pg_") else "public"
+
+
+def is_system_relation(name: str) -> bool:
+    """A schema-qualified relation of the system catalogs (pg_catalog, information_schema,
+    pg_toast...): any write to it is ``privilege``. For callers that resolve views to
+    their base tables after classification.
+
+    Example::
+
+        >>> is_system_relation("pg_catalog.pg_authid"), is_system_relation("public.t")
+        (True, False)
+    """
+    schema = name.split(".", 1)[0]
+    return schema in ("pg_catalog", "information_schema") or (
+        schema.startswith("pg_") and not schema.startswith("pg_temp"))
+
+
+_CATALOG_WHY = "writes to the system catalog relation "
+# statement kinds that name a relation without changing what it holds or defines
+_MAINTENANCE_KINDS = frozenset({"vacuum", "analyze", "lock", "reindex", "cluster",
+                                "refresh", "comment", "security_label"})
+
+
+def _written(acc: _Acc, name: str) -> None:
+    """Record a relation this statement writes (rows, definition, triggers or rules)."""
+    acc.writes[name] = None
+    if is_system_relation(name) and acc.kind not in _MAINTENANCE_KINDS:
+        acc.flag("privilege", f"{_CATALOG_WHY}{name}: only administrators change the "
+                 "catalogs")
+
+
+_NOVAL = object()
+_TEXT_CASTS = frozenset({"text", "varchar", "name"})
+
+
+def _lit(acc: _Acc, node: Any) -> Any:
+    """The value of a literal node as text (None for NULL), or _NOVAL if it is not one.
+
+    EVERY read of a constant's value in this module goes through here: it marks the
+    statement literal-dependent, so that its decision is never shared with a text that
+    differs only in literals (tests/test_policy_rules.py checks that no other function
+    reads A_Const). Reads of identifiers (names) do not count.
+    """
+    acc.literal = True
+    if type(node) is not dict:
+        return _NOVAL
+    c = node.get("A_Const")
+    if type(c) is dict:
+        if c.get("isnull"):
+            return None
+        for key in ("sval", "ival", "fval", "boolval", "bsval"):
+            v = c.get(key)
+            if type(v) is dict:
+                x = v.get(key, 0 if key == "ival" else False if key == "boolval" else "")
+                if key == "boolval":
+                    return "true" if x else "false"
+                return str(x)
+        return _NOVAL
+    tc = node.get("TypeCast")
+    if type(tc) is dict:
+        # only a cast to an unbounded text type keeps the literal's text as it is
+        tn = tc.get("typeName") or {}
+        names = tn.get("names") or ()
+        if names and _sval(names[-1]) in _TEXT_CASTS and not tn.get("typmods") \
+                and not tn.get("arrayBounds"):
+            return _lit(acc, tc.get("arg"))
+        return _NOVAL
+    # option values of utility statements (DefElem args): String, Integer, Float, Boolean
+    for key, field in (("String", "sval"), ("Integer", "ival"), ("Float", "fval")):
+        v = node.get(key)
+        if type(v) is dict:
+            return str(v.get(field, 0 if key == "Integer" else ""))
+    v = node.get("Boolean")
+    if type(v) is dict:
+        return "true" if v.get("boolval") else "false"
+    return _NOVAL
 
 
 _MISSING = object()
@@ -470,7 +636,21 @@ def _res_target(acc: _Acc, b: dict) -> None:
         _walk(acc, v)
 
 
+# operators of the built-in types: any other may call a user function, which may change
+# rows the command tag does not count (Statement.counted_by_tag)
+_STD_OPS = frozenset({
+    "=", "<>", "!=", "<", ">", "<=", ">=", "+", "-", "*", "/", "%", "^", "||", "~~", "!~~",
+    "~~*", "!~~*", "~", "!~", "~*", "!~*", "@>", "<@", "&&", "&", "|", "#", "<<", ">>",
+    "@", "|/", "||/", "->", "->>", "#>", "#>>", "?", "?|", "?&", "@?", "@@", "#-", "-|-",
+    "&<", "&>", "<<=", ">>=", "<->", "~=", "BETWEEN", "NOT BETWEEN", "BETWEEN SYMMETRIC",
+    "NOT BETWEEN SYMMETRIC",
+})
+
+
 def _a_expr(acc: _Acc, b: dict) -> None:
+    names = b.get("name")
+    if names is not None and (len(names) != 1 or _sval(names[0]) not in _STD_OPS):
+        acc.odd_ops = True
     v = b.get("lexpr")
     if v is not None:
         _walk(acc, v)
@@ -495,7 +675,7 @@ def _rangevar(acc: _Acc, rv: dict) -> None:
     if type(rv) is not dict:
         return
     if acc.rvwrite:
-        acc.writes[_relname(rv)] = None
+        _written(acc, _relname(rv))
         return
     if acc.ctes and "schemaname" not in rv:
         name = rv.get("relname")
@@ -514,6 +694,9 @@ def _func_class(bare: str) -> tuple[str, str] | None:
     why = _OPAQUE_FUNCS.get(bare)
     if why is not None:
         return "opaque", why
+    why = _DESTRUCTIVE_FUNCS.get(bare)
+    if why is not None:
+        return "destructive", why
     return None
 
 
@@ -528,6 +711,8 @@ def _funccall(acc: _Acc, fc: dict) -> None:
     cls = _func_class(bare)
     if cls is not None:
         acc.flag(cls[0], f"{name}() {cls[1]}")
+        if bare in _WRITING_FUNCS:
+            acc.writing_funcs = True
     elif bare == "set_config":
         _set_config(acc, fc.get("args"))
     elif bare in _WRITING_FUNCS:
@@ -538,22 +723,25 @@ def _funccall(acc: _Acc, fc: dict) -> None:
 
 
 def _set_config(acc: _Acc, args: list | None) -> None:
-    acc.literal = True
-    first = args[0] if args else None
-    name = None
-    if type(first) is dict:
-        c = first.get("A_Const")
-        if type(c) is dict and "sval" in c:
-            name = c["sval"].get("sval", "")
-    if name is None:
+    # set_config(name, value, is_local): a session setting like SET (or SET LOCAL)
+    acc.writing_funcs = True
+    first = _lit(acc, args[0]) if args else _NOVAL
+    if type(first) is not str:
+        acc.settings.append(("*", None))
         acc.flag("privilege", "set_config() with a computed setting name may change the role")
         return
-    _setting_flags(acc, name.strip().lower(), None, "set_config()", from_set_config=True,
-                   args=args)
+    second = _lit(acc, args[1]) if len(args) > 1 else _NOVAL
+    _setting(acc, first.strip().lower(), second if type(second) is str else None,
+             "set_config()", resetting=second is None)
 
 
-def _setting_flags(acc: _Acc, name: str, stmt: dict | None, how: str, *,
-                   from_set_config: bool = False, args: list | None = None) -> None:
+def _setting(acc: _Acc, name: str, value: str | None, how: str, *,
+             resetting: bool = False, session: bool = True) -> None:
+    """A setting the statement changes: recorded for the allow-list (``session``: for
+    the session, not only inside a function) and flagged when it is a privilege or
+    escape concern whatever the allow-list says."""
+    if session:
+        acc.settings.append((name, value))
     why = _PRIVILEGE_SETTINGS.get(name)
     if why is not None:
         acc.flag("privilege", f"{how} {name} {why}")
@@ -562,31 +750,7 @@ def _setting_flags(acc: _Acc, name: str, stmt: dict | None, how: str, *,
     if why is not None:
         acc.flag("escape", f"{how} {name} {why}")
         return
-    if name not in ("standard_conforming_strings", "client_encoding", "names"):
-        return
-    acc.literal = True
-    value: str | None = None
-    resetting = False
-    if from_set_config:
-        second = args[1] if args and len(args) > 1 else None
-        c = second.get("A_Const") if type(second) is dict else None
-        if type(c) is dict and "sval" in c:
-            value = c["sval"].get("sval", "")
-    elif stmt is not None:
-        if stmt.get("kind") in ("VAR_RESET", "VAR_RESET_ALL", "VAR_SET_DEFAULT"):
-            resetting = True
-        else:
-            vals = stmt.get("args") or ()
-            if len(vals) == 1 and type(vals[0]) is dict:
-                c = vals[0].get("A_Const")
-                if type(c) is dict:
-                    if "sval" in c:
-                        value = c["sval"].get("sval", "")
-                    elif "boolval" in c:
-                        value = "on" if c["boolval"].get("boolval") else "off"
-                    elif "ival" in c:
-                        value = str(c["ival"].get("ival", 0))
-    if resetting:
+    if resetting or name not in ("standard_conforming_strings", "client_encoding"):
         return
     v = (value or "").strip().lower()
     if name == "standard_conforming_strings":
@@ -598,203 +762,226 @@ def _setting_flags(acc: _Acc, name: str, stmt: dict | None, how: str, *,
                  "UTF8 can hide quotes from pgguard's parser")
 
 
-# --------------------------------------------------------------------------- WHERE analysis
+def _set_value(acc: _Acc, args: list | None) -> str | None:
+    """The literal value of SET name = v[, v...] (None when any part is not a literal)."""
+    parts = []
+    for a in args or ():
+        v = _lit(acc, a)
+        if type(v) is not str:
+            return None
+        parts.append(v)
+    return ", ".join(parts) if parts else None
 
-def _has_colref(node: Any) -> bool:
+
+# --------------------------------------------------------------------------- WHERE analysis
+#
+# Which rows a WHERE clause reaches is judged syntactically, never by evaluating
+# constants (Python's rules differ from Postgres': NaN, bpchar blanks, float4 rounding,
+# transform_null_equals). A condition is
+#   _INDEP  when it references no column of the target row: the same for every row, so
+#           it matches every row or none (constants, parameters, functions of them,
+#           columns of other relations, uncorrelated subqueries, PL/pgSQL variables);
+#   _TRUE   when it is true for every (non-null) row: x = x, t.id = id, col IS NOT NULL;
+#   _FALSE  when it is false for every row (x <> x);
+#   _ROW    otherwise: it may narrow the rows (WHERE id > 0 may not; the run-time row
+#           limit catches what no syntax can).
+# An unqualified name may be the target's column, so it counts as a reference to the
+# target (unless it is a PL/pgSQL variable): when unsure, a condition is "every row"
+# only if it has no reference to the target at all.
+
+_INDEP, _TRUE, _FALSE, _ROW = 1, 2, 3, 4
+_FLIP = {_TRUE: _FALSE, _FALSE: _TRUE, _INDEP: _INDEP, _ROW: _ROW}
+_SELF_TRUE_OPS = frozenset({"=", "<=", ">="})
+_SELF_FALSE_OPS = frozenset({"<>", "!=", "<", ">"})
+_NEGATED_OP = {"=": "<>", "<>": "=", "!=": "=", "<": ">=", ">=": "<", ">": "<=", "<=": ">"}
+
+
+class _Target:
+    """The names that mean the target row in a condition: the table's alias (or its name
+    when it has none), plus the source's for MERGE ... WHEN conditions."""
+
+    __slots__ = ("plvars", "quals")
+
+    def __init__(self, quals: frozenset[str], plvars: frozenset[str]) -> None:
+        self.quals = quals
+        self.plvars = plvars
+
+
+def _rel_quals(node: Any) -> frozenset[str]:
+    """How a FROM item is referred to: its alias, else the relation's name."""
+    if type(node) is not dict:
+        return frozenset()
+    if "relname" not in node:          # a tagged node: RangeVar, RangeSubselect, ...
+        if len(node) != 1:
+            return frozenset()
+        node = next(iter(node.values()))
+        if type(node) is not dict:
+            return frozenset()
+    alias = node.get("alias")
+    if type(alias) is dict and alias.get("aliasname"):
+        return frozenset((alias["aliasname"],))
+    name = node.get("relname")
+    return frozenset((name,)) if name else frozenset()
+
+
+def _from_names(node: Any, out: set[str]) -> None:
+    # every alias and relation name of a FROM list (more names only shadow more)
     if type(node) is dict:
         for k, v in node.items():
-            if k == "ColumnRef" or k == "CurrentOfExpr":
-                return True
-            if (type(v) is dict or type(v) is list) and _has_colref(v):
-                return True
+            if (k == "aliasname" or k == "relname") and type(v) is str:
+                out.add(v)
+            elif type(v) is dict or type(v) is list:
+                _from_names(v, out)
     elif type(node) is list:
         for v in node:
-            if _has_colref(v):
+            _from_names(v, out)
+
+
+def _target_col(cr: dict, tgt: _Target, shadow: frozenset[str] = frozenset()) -> Any:
+    """The target column a ColumnRef may name ("" for the whole row), or None."""
+    fields = cr.get("fields") or ()
+    n = len(fields)
+    if n == 1:
+        name = _sval(fields[0])
+        if name and name in tgt.plvars:
+            return None
+        return name
+    if n == 0:
+        return None
+    qual = _sval(fields[n - 2])
+    if qual in shadow or qual not in tgt.quals:
+        return None
+    return _sval(fields[n - 1])
+
+
+# fields that name things (operators, types, functions) and hold no column reference
+_NO_COLUMNS = frozenset({"name", "typeName", "funcname"})
+
+
+def _refs_target(node: Any, tgt: _Target, shadow: frozenset[str] = frozenset()) -> bool:
+    if type(node) is dict:
+        fc = node.get("fromClause")
+        if fc is not None:                 # a subquery: its FROM names hide the target's
+            names: set[str] = set()
+            _from_names(fc, names)
+            shadow = shadow | names
+        for k, v in node.items():
+            if k == "ColumnRef":
+                if type(v) is dict and _target_col(v, tgt, shadow) is not None:
+                    return True
+            elif k == "CurrentOfExpr" or (
+                    (type(v) is dict or type(v) is list) and k not in _NO_COLUMNS
+                    and _refs_target(v, tgt, shadow)):
+                return True
+        return False
+    if type(node) is list:
+        for v in node:
+            if _refs_target(v, tgt, shadow):
                 return True
     return False
 
 
-def _same(a: Any, b: Any) -> bool:
-    if type(a) is dict:
-        if type(b) is not dict:
-            return False
-        ka = [k for k in a if k != "location"]
-        kb = [k for k in b if k != "location"]
-        if ka != kb:
-            return False
-        return all(_same(a[k], b[k]) for k in ka)
-    if type(a) is list:
-        return type(b) is list and len(a) == len(b) and all(map(_same, a, b))
-    return a == b
+def _same(a: Any, b: Any, tgt: _Target) -> bool:
+    """The same expression on both sides (target columns named either way)."""
+    if type(a) is not dict or type(b) is not dict or a.keys() != b.keys():
+        return False
+    return _canon(a, tgt) == _canon(b, tgt)
 
 
-_NOVAL = object()
-_BOOL_TYPES = frozenset({"bool", "boolean"})
-_INT_TYPES = frozenset({"int2", "int4", "int8", "integer", "smallint", "bigint", "int"})
-_NUM_TYPES = frozenset({"numeric", "decimal", "float4", "float8", "real"})
-_TEXT_TYPES = frozenset({"text", "varchar", "bpchar", "char", "name"})
+def _canon(node: Any, tgt: _Target) -> Any:
+    # the expression with locations dropped and target columns named alike (t.id, id)
+    if type(node) is dict:
+        cr = node.get("ColumnRef")
+        if type(cr) is dict and len(node) == 1:
+            col = _target_col(cr, tgt)
+            if col is not None:
+                return ("@target", col)
+        return tuple((k, _canon(v, tgt)) for k, v in node.items() if k != "location")
+    if type(node) is list:
+        return tuple(_canon(v, tgt) for v in node)
+    return node
 
 
-def _const_value(acc: _Acc, node: Any) -> Any:
-    """The value of a literal (optionally cast), or _NOVAL."""
-    if type(node) is not dict:
-        return _NOVAL
-    c = node.get("A_Const")
-    if type(c) is dict:
-        acc.literal = True
-        if c.get("isnull"):
-            return None
-        if "ival" in c:
-            return c["ival"].get("ival", 0)
-        if "sval" in c:
-            return c["sval"].get("sval", "")
-        if "boolval" in c:
-            return bool(c["boolval"].get("boolval", False))
-        if "fval" in c:
-            try:
-                return float(c["fval"].get("fval", "0"))
-            except ValueError:
-                return _NOVAL
-        return _NOVAL
-    tc = node.get("TypeCast")
-    if type(tc) is dict:
-        v = _const_value(acc, tc.get("arg"))
-        if v is _NOVAL or v is None:
-            return v
-        tn = (tc.get("typeName") or {}).get("names") or ()
-        t = _sval(tn[-1]) if tn else ""
-        try:
-            if t in _BOOL_TYPES:
-                if isinstance(v, bool):
-                    return v
-                if isinstance(v, int):
-                    return v != 0
-                s = str(v).strip().lower()
-                if s and any(w.startswith(s) for w in ("true", "yes")) or s in ("on", "1"):
-                    return True
-                if s and any(w.startswith(s) for w in ("false", "no")) or s in ("off", "of", "0"):
-                    return False
-                return _NOVAL
-            if t in _INT_TYPES:
-                return int(str(v).strip()) if not isinstance(v, bool) else _NOVAL
-            if t in _NUM_TYPES:
-                return float(str(v).strip()) if not isinstance(v, bool) else _NOVAL
-            if t in _TEXT_TYPES:
-                return str(v) if not isinstance(v, bool) else ("true" if v else "false")
-        except ValueError:
-            return _NOVAL
-    return _NOVAL
-
-
-_CMP = {
-    "=": lambda a, b: a == b, "<>": lambda a, b: a != b, "!=": lambda a, b: a != b,
-    "<": lambda a, b: a < b, ">": lambda a, b: a > b,
-    "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
-}
-
-
-def _compare(op: str, a: Any, b: Any) -> int:
-    if a is None or b is None:
-        return _T_FALSE                      # NULL comparison: no row passes
-    if isinstance(a, bool) != isinstance(b, bool):
-        return _T_CONST
-    if isinstance(a, str) != isinstance(b, str):
-        # an untyped literal is coerced to the other side's type
-        try:
-            if isinstance(a, str):
-                a = float(a)
-            else:
-                b = float(b)
-        except ValueError:
-            return _T_CONST
-    try:
-        return _T_TRUE if _CMP[op](a, b) else _T_FALSE
-    except TypeError:
-        return _T_CONST
-
-
-def _truth(acc: _Acc, node: Any) -> int:
-    """TRUE / FALSE for every row, CONST (same for every row, unknown), or ROW."""
+def _cond(node: Any, tgt: _Target, neg: bool = False) -> int:
+    """_INDEP / _TRUE / _FALSE / _ROW for a condition (``neg``: under a NOT)."""
     if type(node) is not dict or len(node) != 1:
-        return _T_ROW if _has_colref(node) else _T_CONST
+        return _ROW if _refs_target(node, tgt) else _INDEP
     tag, b = next(iter(node.items()))
+    if type(b) is not dict:
+        return _INDEP
     if tag == "BoolExpr":
-        vals = [_truth(acc, a) for a in b.get("args") or ()]
         op = b.get("boolop")
+        args = b.get("args") or ()
         if op == "NOT_EXPR":
-            v = vals[0] if vals else _T_CONST
-            return _T_FALSE if v == _T_TRUE else _T_TRUE if v == _T_FALSE else v
-        if op == "AND_EXPR":
-            if _T_FALSE in vals:
-                return _T_FALSE
-            if _T_ROW in vals:
-                return _T_ROW
-            return _T_TRUE if all(v == _T_TRUE for v in vals) else _T_CONST
-        if _T_TRUE in vals:
-            return _T_TRUE
-        if _T_CONST in vals:
-            return _T_CONST
-        return _T_ROW if _T_ROW in vals else _T_FALSE
-    if tag == "A_Const" or tag == "TypeCast":
-        v = _const_value(acc, node)
-        if v is None:
-            return _T_FALSE
-        if isinstance(v, bool):
-            return _T_TRUE if v else _T_FALSE
-        return _T_ROW if _has_colref(node) else _T_CONST
-    if tag == "A_Expr" and b.get("kind") == "AEXPR_OP":
+            return _cond(args[0], tgt, not neg) if args else _INDEP
+        vals = [_cond(a, tgt, neg) for a in args]
+        if (op == "AND_EXPR") != neg:      # AND, or an OR under NOT (De Morgan)
+            if _FALSE in vals:
+                return _FALSE
+            if _ROW in vals:
+                return _ROW
+            return _TRUE if all(v == _TRUE for v in vals) else _INDEP
+        # OR: one branch that does not depend on the row may be true for every row
+        if _INDEP in vals:
+            return _INDEP
+        if _TRUE in vals:
+            return _TRUE
+        return _ROW if _ROW in vals else _FALSE
+    # (the common `col = value`: its left side names the target, no walk needed)
+    left = b.get("lexpr")
+    if not (type(left) is dict and type(left.get("ColumnRef")) is dict
+            and _target_col(left["ColumnRef"], tgt) is not None) \
+            and not _refs_target(node, tgt):
+        return _INDEP
+    if tag == "A_Expr":
+        kind = b.get("kind")
         names = b.get("name") or ()
         op = _sval(names[-1]) if names else ""
         left, right = b.get("lexpr"), b.get("rexpr")
-        if op in _CMP and left is not None and right is not None:
-            if not _has_colref(left) and not _has_colref(right):
-                lv, rv = _const_value(acc, left), _const_value(acc, right)
-                if lv is not _NOVAL and rv is not _NOVAL:
-                    return _compare(op, lv, rv)
-                return _T_CONST
-            if _same(left, right):
-                # a column compared with itself: true (or false) on every non-null row
-                return _T_TRUE if op in ("=", "<=", ">=") else _T_FALSE
-        return _T_ROW if _has_colref(node) else _T_CONST
+        if left is None or right is None:
+            return _ROW
+        if kind == "AEXPR_OP" and len(names) == 1 and (
+                op in _SELF_TRUE_OPS or op in _SELF_FALSE_OPS):
+            if neg:
+                op = _NEGATED_OP[op]
+            if _same(left, right, tgt):
+                # a value compared with itself: true (or false) on every non-null row
+                return _TRUE if op in _SELF_TRUE_OPS else _FALSE
+        elif kind in ("AEXPR_DISTINCT", "AEXPR_NOT_DISTINCT") and _same(left, right, tgt):
+            return _TRUE if (kind == "AEXPR_NOT_DISTINCT") != neg else _FALSE
+        return _ROW
     if tag == "NullTest":
         arg = b.get("arg")
-        if not _has_colref(arg):
-            v = _const_value(acc, arg)
-            if v is _NOVAL:
-                return _T_CONST
-            isnull = v is None
-            want_null = b.get("nulltesttype") == "IS_NULL"
-            return _T_TRUE if isnull == want_null else _T_FALSE
-        return _T_ROW
+        is_null = (b.get("nulltesttype") == "IS_NULL") != neg
+        if not is_null and type(arg) is dict and "ColumnRef" in arg:
+            return _TRUE                   # col IS NOT NULL: every row that has a value
+        return _ROW
     if tag == "BooleanTest":
-        arg = b.get("arg")
-        if not _has_colref(arg):
-            v = _truth(acc, arg)
-            t = b.get("booltesttype", "")
-            if v in (_T_TRUE, _T_FALSE):
-                is_true = v == _T_TRUE
-                if t in ("IS_TRUE", "IS_NOT_FALSE"):
-                    return _T_TRUE if is_true else _T_FALSE
-                if t in ("IS_FALSE", "IS_NOT_TRUE"):
-                    return _T_FALSE if is_true else _T_TRUE
-            return _T_CONST
-        return _T_ROW
-    if tag == "CurrentOfExpr" or tag == "ColumnRef":
-        return _T_ROW
-    return _T_ROW if _has_colref(node) else _T_CONST
+        t = b.get("booltesttype", "")
+        if t in ("IS_TRUE", "IS_NOT_FALSE"):
+            return _cond(b.get("arg"), tgt, neg)
+        if t in ("IS_FALSE", "IS_NOT_TRUE"):
+            return _cond(b.get("arg"), tgt, not neg)
+        return _ROW
+    return _ROW
 
 
-def _where_check(acc: _Acc, verb: str, target: str, where: Any) -> None:
+def _where_check(acc: _Acc, verb: str, target: str, where: Any, tgt: _Target) -> None:
     if where is None:
         acc.flag("destructive", f"{verb} on {target} has no WHERE clause: every row")
         return
-    v = _truth(acc, where)
-    if v == _T_TRUE:
+    v = _cond(where, tgt)
+    if v == _TRUE:
         acc.flag("destructive", f"{verb} on {target} has a WHERE clause that is true for "
                  "every row")
-    elif v == _T_CONST:
+    elif v == _INDEP:
         acc.flag("destructive", f"{verb} on {target} has a WHERE clause that does not "
-                 "depend on the row: it matches every row or none")
+                 "depend on the target's rows (constants, parameters, other tables): it "
+                 "matches every row or none")
+
+
+def _dml_quals(acc: _Acc, b: dict) -> _Target:
+    return _Target(_rel_quals(b.get("relation")), acc.plvars)
 
 
 # --------------------------------------------------------------------------- statements
@@ -825,7 +1012,7 @@ def _select(acc: _Acc, b: dict) -> None:
     if type(into) is dict:
         rel = into.get("rel")
         if type(rel) is dict:
-            acc.writes[_relname(rel)] = None
+            _written(acc, _relname(rel))
     _walk_except(acc, b, ("withClause", "intoClause"))
     if pushed:
         acc.ctes.pop()
@@ -837,11 +1024,21 @@ def _dml_target(acc: _Acc, b: dict) -> str:
     if type(rel) is not dict:
         return "?"
     name = _relname(rel)
-    acc.writes[name] = None
+    _written(acc, name)
     return name
 
 
+def _changes_rows(acc: _Acc) -> None:
+    # an UPDATE / DELETE / MERGE / upsert: the top command's tag counts its own rows
+    if acc.kind is None:
+        acc.counted = True
+    acc.changes_rows = True
+
+
 def _insert(acc: _Acc, b: dict) -> None:
+    occ = b.get("onConflictClause")
+    if type(occ) is dict and occ.get("action") == "ONCONFLICT_UPDATE":
+        _changes_rows(acc)
     acc.enter("insert")
     saved_w, saved_u = acc.rvwrite, acc.utility
     acc.rvwrite = acc.utility = False
@@ -855,13 +1052,14 @@ def _insert(acc: _Acc, b: dict) -> None:
 
 
 def _update_or_delete(acc: _Acc, b: dict, verb: str) -> None:
+    _changes_rows(acc)
     acc.enter(verb.lower())
     saved_w, saved_u = acc.rvwrite, acc.utility
     acc.rvwrite = acc.utility = False
     pushed = _push_ctes(acc, b.get("withClause"))
     target = _dml_target(acc, b)
     acc.flag("write", f"{verb} on {target}")
-    _where_check(acc, verb, target, b.get("whereClause"))
+    _where_check(acc, verb, target, b.get("whereClause"), _dml_quals(acc, b))
     _walk_except(acc, b, ("withClause", "relation"))
     if pushed:
         acc.ctes.pop()
@@ -877,6 +1075,10 @@ def _delete(acc: _Acc, b: dict) -> None:
 
 
 def _merge(acc: _Acc, b: dict) -> None:
+    clauses = [w.get("MergeWhenClause") for w in b.get("mergeWhenClauses") or ()
+               if type(w) is dict and type(w.get("MergeWhenClause")) is dict]
+    if any(wc.get("commandType") in ("CMD_DELETE", "CMD_UPDATE") for wc in clauses):
+        _changes_rows(acc)
     acc.enter("merge")
     saved_w, saved_u = acc.rvwrite, acc.utility
     acc.rvwrite = acc.utility = False
@@ -886,29 +1088,32 @@ def _merge(acc: _Acc, b: dict) -> None:
     src = b.get("sourceRelation")
     src_rv = src.get("RangeVar") if type(src) is dict else None
     self_join = type(src_rv) is dict and _relname(src_rv) == target
+    tgt = _dml_quals(acc, b)
+    # WHEN ... AND conditions may narrow by the source row as well as the target's
+    pair = _Target(tgt.quals | _rel_quals(src), acc.plvars)
     jc = b.get("joinCondition")
-    join = _truth(acc, jc) if jc is not None else _T_TRUE
-    every_match = join in (_T_TRUE, _T_CONST) or self_join
-    for w in b.get("mergeWhenClauses") or ():
-        wc = w.get("MergeWhenClause") if type(w) is dict else None
-        if type(wc) is not dict:
-            continue
+    join = _cond(jc, tgt) if jc is not None else _TRUE
+    every_match = join in (_TRUE, _INDEP) or self_join
+    for wc in clauses:
         cmd = wc.get("commandType")
         if cmd not in ("CMD_DELETE", "CMD_UPDATE"):
             continue
         verb = "DELETE" if cmd == "CMD_DELETE" else "UPDATE"
         cond = wc.get("condition")
-        all_cond = cond is None or _truth(acc, cond) in (_T_TRUE, _T_CONST)
+        # whether the clause's own condition leaves every target row it is given: by the
+        # target alone when the join matches every target row, else by the matched pair
+        all_rows = cond is None or _cond(cond, tgt) in (_TRUE, _INDEP)
+        all_cond = cond is None or _cond(cond, pair) in (_TRUE, _INDEP)
         match = wc.get("matchKind")
-        if match == "MERGE_WHEN_MATCHED" and every_match and all_cond:
+        if match == "MERGE_WHEN_MATCHED" and every_match and all_rows:
             why = ("the source is the target itself" if self_join
-                   else "the join condition is true for every row")
+                   else "the join condition does not narrow the target's rows")
             acc.flag("destructive", f"MERGE into {target} ... THEN {verb} reaches every row: "
                      f"{why}")
         elif match == "MERGE_WHEN_MATCHED" and verb == "DELETE" and all_cond:
             acc.flag("destructive", f"MERGE into {target} WHEN MATCHED THEN DELETE deletes "
                      "every row the source matches, with no condition of its own")
-        elif match == "MERGE_WHEN_NOT_MATCHED_BY_SOURCE" and all_cond:
+        elif match == "MERGE_WHEN_NOT_MATCHED_BY_SOURCE" and all_rows:
             acc.flag("destructive", f"MERGE into {target} WHEN NOT MATCHED BY SOURCE THEN "
                      f"{verb} reaches every target row missing from the source")
     _walk_except(acc, b, ("withClause", "relation"))
@@ -919,6 +1124,9 @@ def _merge(acc: _Acc, b: dict) -> None:
 
 def _copy(acc: _Acc, b: dict) -> None:
     acc.enter("copy")
+    # the file name is a literal, and pglast's JSON drops an empty one ('' reads like
+    # STDIN here; Postgres refuses an empty path): the decision depends on a literal
+    acc.literal = True
     is_from = bool(b.get("is_from"))
     fname = b.get("filename")
     rel = b.get("relation")
@@ -932,7 +1140,7 @@ def _copy(acc: _Acc, b: dict) -> None:
                  "files on the database server")
     if is_from:
         if name:
-            acc.writes[name] = None
+            _written(acc, name)
         acc.flag("write", f"COPY FROM into {what}")
     elif name:
         acc.reads[name] = None
@@ -960,17 +1168,9 @@ def _explain_analyze(acc: _Acc, options: list | None) -> bool:
         if arg is None:
             analyze = True
             continue
-        acc.literal = True
-        value: Any = None
-        if type(arg) is dict:
-            if "String" in arg:
-                value = arg["String"].get("sval", "").strip().lower()
-            elif "Integer" in arg:
-                value = str(arg["Integer"].get("ival", 0))
-            elif "Boolean" in arg:
-                value = "true" if arg["Boolean"].get("boolval") else "false"
+        value = _lit(acc, arg)
         # anything not clearly false runs the statement (fail closed)
-        analyze = value not in _OFF_VALUES
+        analyze = type(value) is not str or value.strip().lower() not in _OFF_VALUES
     return analyze
 
 
@@ -985,7 +1185,7 @@ def _explain(acc: _Acc, b: dict) -> None:
         acc.sub_kind = False
         acc.ctx = saved
     else:
-        inner = _Acc(acc.text, acc.prepared)
+        inner = _Acc(acc.text, acc.prepared, acc.plvars)
         _walk(inner, q)
         acc.merge(inner.build(""), acc.ctx + "plain EXPLAIN only plans it: ", executes=False)
 
@@ -1032,24 +1232,69 @@ def _fetch(acc: _Acc, b: dict) -> None:
 
 def _transaction(acc: _Acc, b: dict) -> None:
     acc.enter(_TXN_KINDS.get(b.get("kind", ""), "transaction"))
+    _txn_modes(acc, b.get("options"), "transaction_", "BEGIN")
+
+
+# BEGIN / SET TRANSACTION / SET SESSION CHARACTERISTICS: DefElem name -> setting suffix
+_TXN_MODES = {"transaction_isolation": "transaction_isolation",
+              "transaction_read_only": "transaction_read_only",
+              "transaction_deferrable": "transaction_deferrable"}
+
+
+def _txn_modes(acc: _Acc, options: list | None, prefix: str, how: str) -> None:
+    for o in options or ():
+        d = o.get("DefElem") if type(o) is dict else None
+        if type(d) is not dict:
+            continue
+        mode = _TXN_MODES.get(d.get("defname", ""))
+        if mode is None:
+            continue
+        value = _lit(acc, d.get("arg"))
+        if type(value) is not str:
+            value = None
+        elif mode != "transaction_isolation":
+            value = "on" if value not in ("0", "false", "off") else "off"
+        name = mode if prefix == "transaction_" else "default_" + mode
+        _setting(acc, name, value, how)
 
 
 def _varset(acc: _Acc, b: dict) -> None:
     kind = b.get("kind", "")
     acc.enter("reset" if kind in ("VAR_RESET", "VAR_RESET_ALL") else "set")
-    acc.literal = True
     name = (b.get("name") or "").lower()
+    # RESET ALL returns every setting to the session's start (pgguard chose those) and
+    # leaves role and session_authorization alone (GUC_NO_RESET_ALL)
     if kind == "VAR_RESET_ALL" or not name:
         return
+    session = not acc.scoped_set
+    if kind == "VAR_SET_MULTI":
+        if name == "transaction":
+            _txn_modes(acc, b.get("args"), "transaction_", "SET TRANSACTION")
+        elif name == "session characteristics":
+            _txn_modes(acc, b.get("args"), "default_",
+                       "SET SESSION CHARACTERISTICS AS TRANSACTION")
+        else:
+            # TRANSACTION SNAPSHOT and whatever a later Postgres adds
+            _setting(acc, name.replace(" ", "_"), _set_value(acc, b.get("args")),
+                     "SET", session=session)
+        return
     how = "RESET" if kind == "VAR_RESET" else "SET"
-    _setting_flags(acc, name, b, how)
+    value = _set_value(acc, b.get("args")) if kind == "VAR_SET_VALUE" else None
+    _setting(acc, name, value, how, resetting=kind in ("VAR_RESET", "VAR_SET_DEFAULT"),
+             session=session)
     _walk(acc, b.get("args"))
 
 
 def _setstmt_of(acc: _Acc, b: dict, how: str) -> None:
-    s = b.get("setstmt")
-    if type(s) is dict and s.get("name"):
-        _setting_flags(acc, s["name"].lower(), s, how)
+    # ALTER ROLE / DATABASE / SYSTEM ... SET: persistent, flagged as such by the caller;
+    # the setting itself is flagged as a SET would be, not recorded as a session change
+    st = b.get("setstmt")
+    if type(st) is dict and st.get("name"):
+        value = _set_value(acc, st.get("args")) if st.get("kind") == "VAR_SET_VALUE" \
+            else None
+        _setting(acc, st["name"].lower(), value, how, session=False,
+                 resetting=st.get("kind") in ("VAR_RESET", "VAR_RESET_ALL",
+                                              "VAR_SET_DEFAULT"))
 
 
 def _discard(acc: _Acc, b: dict) -> None:
@@ -1082,9 +1327,16 @@ def _drop(acc: _Acc, b: dict) -> None:
         else:
             parts = []
         if rtype in _REL_OBJECTS and parts:
-            full = ".".join(parts) if len(parts) > 1 else "public." + parts[0]
-            acc.writes[full] = None
+            full = ".".join(parts) if len(parts) > 1 else _default_schema(parts[0]) + "." \
+                + parts[0]
+            _written(acc, full)
             names.append(full)
+        elif rtype in _ON_REL_OBJECTS and len(parts) > 1:
+            # DROP TRIGGER / RULE / POLICY name ON [schema.]table
+            rel = parts[:-1]
+            full = ".".join(rel) if len(rel) > 1 else _default_schema(rel[0]) + "." + rel[0]
+            _written(acc, full)
+            names.append(f"{parts[-1]} ON {full}")
         elif parts:
             names.append(".".join(parts))
     acc.flag("destructive", f"DROP {label} {', '.join(names)}".rstrip())
@@ -1121,9 +1373,11 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             acc.flag("privilege", f"ALTER TABLE {target} OWNER TO changes the owner")
         elif sub in ("AT_DisableRowSecurity", "AT_NoForceRowSecurity"):
             acc.flag("privilege", f"ALTER TABLE {target} weakens row-level security")
-        elif sub == "AT_AlterColumnType" and _has_using(cmd):
-            acc.flag("write", f"ALTER TABLE {target} ALTER COLUMN {col} TYPE ... USING "
-                     "rewrites the column's data")
+        elif sub == "AT_AlterColumnType":
+            using = " ... USING" if _has_using(cmd) else ""
+            acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} TYPE{using} "
+                     "rewrites every value of the column (a lossy conversion or USING "
+                     "can destroy it)")
     _utility_walk(acc, b)
 
 
@@ -1131,6 +1385,13 @@ def _has_using(cmd: dict) -> bool:
     d = cmd.get("def")
     cd = d.get("ColumnDef") if type(d) is dict else None
     return type(cd) is dict and cd.get("raw_default") is not None
+
+
+def _replace_check(acc: _Acc, b: dict, what: str) -> None:
+    # pgguard cannot know whether the object exists: treat it as replacing one
+    if b.get("replace"):
+        acc.flag("destructive", f"CREATE OR REPLACE {what} replaces the existing "
+                 "definition, if there is one")
 
 
 def _rename(acc: _Acc, b: dict) -> None:
@@ -1173,6 +1434,7 @@ def _call(acc: _Acc, b: dict) -> None:
 
 def _create_trigger(acc: _Acc, b: dict) -> None:
     acc.enter("create")
+    _replace_check(acc, b, f"TRIGGER {b.get('trigname', '')}".rstrip())
     fn = _dotted(b.get("funcname"))
     if fn:
         acc.funcs[fn] = None
@@ -1188,6 +1450,8 @@ def _query_holder(tag: str) -> Any:
 
     def handler(acc: _Acc, b: dict) -> None:
         acc.enter(kind)
+        if tag == "ViewStmt":
+            _replace_check(acc, b, "VIEW " + _relname(b.get("view") or {}))
         saved_w, saved_u = acc.rvwrite, acc.utility
         acc.rvwrite, acc.utility = True, True
         for k in ("view", "into"):
@@ -1203,9 +1467,10 @@ def _query_holder(tag: str) -> Any:
 
 def _rule(acc: _Acc, b: dict) -> None:
     acc.enter("create")
+    _replace_check(acc, b, f"RULE {b.get('rulename', '')}".rstrip())
     rel = b.get("relation")
     if type(rel) is dict:
-        acc.writes[_relname(rel)] = None
+        _written(acc, _relname(rel))
     saved = acc.ctx
     acc.ctx = saved + "rule action: "
     saved_w, saved_u = acc.rvwrite, acc.utility
@@ -1227,23 +1492,25 @@ def _defelems(options: list | None) -> dict[str, Any]:
 
 def _do(acc: _Acc, b: dict) -> None:
     acc.enter("do")
-    acc.literal = True
+    acc.literal = True                     # the body is a literal: never shared by shape
     opts = _defelems(b.get("args"))
-    lang = _sval(opts.get("language")).lower() or "plpgsql"
+    lang = _lit(acc, opts["language"]) if "language" in opts else "plpgsql"
+    lang = lang.lower() if type(lang) is str else "?"
     _body_by_language(acc, lang, "DO block", sql_body=None)
 
 
 def _create_function(acc: _Acc, b: dict) -> None:
     acc.enter("create")
-    acc.literal = True
+    acc.literal = True                     # the body is a literal: never shared by shape
     opts = _defelems(b.get("options"))
     what = "procedure" if b.get("is_procedure") else "function"
     name = _dotted(b.get("funcname"))
-    sec = opts.get("security")
-    if type(sec) is dict and sec.get("Boolean", {}).get("boolval"):
+    _replace_check(acc, b, f"{what.upper()} {name}")
+    if "security" in opts and _lit(acc, opts["security"]) == "true":
         acc.flag("privilege", f"SECURITY DEFINER {what} {name} runs with its owner's "
                  "privileges")
-    lang = _sval(opts.get("language")).lower()
+    lang = _lit(acc, opts["language"]) if "language" in opts else ""
+    lang = lang.lower() if type(lang) is str else "?"
     if not lang:
         lang = "sql" if b.get("sql_body") is not None else "?"
     body: str | None = None
@@ -1251,42 +1518,58 @@ def _create_function(acc: _Acc, b: dict) -> None:
     if type(as_) is dict and "List" in as_:
         items = as_["List"].get("items") or ()
         if items:
-            body = _sval(items[0])
+            v = _lit(acc, items[0])
+            body = v if type(v) is str else None
+    params = frozenset(
+        p["FunctionParameter"]["name"] for p in b.get("parameters") or ()
+        if type(p) is dict and type(p.get("FunctionParameter")) is dict
+        and p["FunctionParameter"].get("name"))
     _body_by_language(acc, lang, f"{what} {name}", sql_body=b.get("sql_body"),
-                      sql_text=body)
-    # parameters, return type, SET clauses (the body string names no function by itself)
+                      sql_text=body, params=params)
+    # parameters, return type, SET clauses (the body string names no function by itself);
+    # a SET clause applies while the function runs: flagged, not a session setting
+    saved = acc.scoped_set
+    acc.scoped_set = True
     _utility_walk(acc, b, ("sql_body", "funcname"))
+    acc.scoped_set = saved
 
 
 def _alter_function(acc: _Acc, b: dict) -> None:
     acc.enter("alter")
     for a in b.get("actions") or ():
         d = a.get("DefElem") if type(a) is dict else None
-        if type(d) is dict and d.get("defname") == "security":
-            arg = d.get("arg")
-            if type(arg) is dict and arg.get("Boolean", {}).get("boolval"):
-                acc.flag("privilege", "ALTER FUNCTION ... SECURITY DEFINER makes it run with "
-                         "its owner's privileges")
+        if type(d) is dict and d.get("defname") == "security" and \
+                _lit(acc, d.get("arg")) == "true":
+            acc.flag("privilege", "ALTER FUNCTION ... SECURITY DEFINER makes it run with "
+                     "its owner's privileges")
+    saved = acc.scoped_set
+    acc.scoped_set = True
     _utility_walk(acc, b)
+    acc.scoped_set = saved
 
 
 def _body_by_language(acc: _Acc, lang: str, what: str, *, sql_body: Any,
-                      sql_text: str | None = None) -> None:
+                      sql_text: str | None = None,
+                      params: frozenset[str] = frozenset()) -> None:
     saved = acc.ctx
     acc.ctx = saved + f"{what} body: "
     try:
         if lang == "plpgsql":
             _plpgsql(acc, acc.text, what)
         elif lang == "sql":
+            # a parameter's name stands for a value, like a PL/pgSQL variable (where it
+            # is also a column's, the column wins: treating it as a value only makes a
+            # WHERE look less narrow, never more)
             if sql_body is not None:
-                saved_w, saved_u = acc.rvwrite, acc.utility
+                saved_w, saved_u, saved_v = acc.rvwrite, acc.utility, acc.plvars
                 acc.rvwrite = acc.utility = False
+                acc.plvars = saved_v | params
                 acc.sub_kind = True
                 _walk(acc, sql_body)
                 acc.sub_kind = False
-                acc.rvwrite, acc.utility = saved_w, saved_u
+                acc.rvwrite, acc.utility, acc.plvars = saved_w, saved_u, saved_v
             elif sql_text is not None:
-                _embedded(acc, sql_text)
+                _embedded(acc, sql_text, acc.plvars | params)
         elif lang in _UNTRUSTED_LANGS or lang.endswith("u"):
             acc.ctx = saved
             acc.flag("escape", f"{what} in language {lang} runs code on the database server")
@@ -1302,6 +1585,8 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
     acc.enter(_utility_kind(tag))
     for flag, why in _UTILITY_FLAGS.get(tag, ()):
         acc.flag(flag, why)
+    if b.get("replace"):                   # CREATE OR REPLACE AGGREGATE, TRANSFORM, ...
+        _replace_check(acc, b, tag[6:-4].upper() if tag.startswith("Create") else tag)
     _utility_walk(acc, b)
 
 
@@ -1320,7 +1605,8 @@ def _string(acc: _Acc, b: Any) -> None:
     # inside utility statements, functions are named by plain strings (CREATE OPERATOR,
     # CREATE CAST, GRANT EXECUTE ...): catch the dangerous ones there too
     if acc.utility and type(b) is dict:
-        s = b.get("sval")
+        # a String node may be a literal (an option's value): read through the accessor
+        s = _lit(acc, {"String": b})
         if s:
             cls = _func_class(s)
             if cls is not None:
@@ -1353,7 +1639,19 @@ def _plpgsql(acc: _Acc, text: str, what: str) -> None:
     if not tree:
         acc.flag("opaque", "pgguard found no PL/pgSQL body to read")
         return
-    _plwalk(acc, tree)
+    names = set()
+    for fn in tree if type(tree) is list else (tree,):
+        f = fn.get("PLpgSQL_function") if type(fn) is dict else None
+        for d in (f.get("datums") or ()) if type(f) is dict else ():
+            for v in d.values() if type(d) is dict else ():
+                if type(v) is dict and type(v.get("refname")) is str:
+                    names.add(v["refname"])
+    saved = acc.plvars
+    acc.plvars = saved | names
+    try:
+        _plwalk(acc, tree)
+    finally:
+        acc.plvars = saved
 
 
 def _plwalk(acc: _Acc, node: Any) -> None:
@@ -1385,13 +1683,14 @@ def _constant_sql(acc: _Acc, expr: str) -> None:
         t = stmts[0]["stmt"]["SelectStmt"]["targetList"]
         if len(stmts) != 1 or len(t) != 1:
             return
-        c = t[0]["ResTarget"]["val"]["A_Const"]
-        sql = c["sval"]["sval"]
+        sql = _lit(acc, t[0]["ResTarget"]["val"])
     except (_pg.ParseError, KeyError, IndexError, TypeError):
+        return
+    if type(sql) is not str:
         return
     saved = acc.ctx
     acc.ctx = saved + "EXECUTE of a constant string: "
-    _embedded(acc, sql)
+    _embedded(acc, sql, frozenset())     # dynamic SQL sees no PL/pgSQL variable
     acc.ctx = saved
 
 
@@ -1423,13 +1722,13 @@ def _plexpr(acc: _Acc, e: dict) -> None:
     if sql is None:
         acc.flag("opaque", "a PL/pgSQL expression pgguard could not read")
         return
-    _embedded(acc, sql)
+    _embedded(acc, sql, acc.plvars)
 
 
-def _embedded(acc: _Acc, sql: str) -> None:
+def _embedded(acc: _Acc, sql: str, plvars: frozenset[str]) -> None:
     """Classify SQL embedded in a body and fold it into ``acc``."""
     try:
-        inner = _classify(sql, None, None, acc.ctx)
+        inner = _classify(sql, None, None, acc.ctx, plvars)
     except PolicyParseError as e:
         acc.flag("opaque", f"embedded SQL could not be parsed ({e.message})")
         return
@@ -1526,7 +1825,9 @@ def _fast_select(sql: str, js: str) -> Statement | None:
             if k < 0 or '"' in schema or "\\" in schema:
                 return None
         else:
-            schema = "pg_temp" if m.group(2) == "t" else "public"
+            name = m.group(1)
+            schema = "pg_temp" if m.group(2) == "t" else \
+                "pg_catalog" if name.startswith("pg_") else "public"
         reads[schema + "." + m.group(1)] = None
         i = js.find('"relname":"', m.end())
     funcs: dict[str, None] = {}
@@ -1557,12 +1858,14 @@ def _fast_select(sql: str, js: str) -> Statement | None:
         text = _slices(sql, [{"stmt_location": start, "stmt_len": length}])[0]
     else:
         text = sql.strip()
+    # no literal was read on this path: set_config and the flagged functions leave it
     return Statement(kind="select", text=text, kinds=_SELECT_KINDS,
-                     relations_read=tuple(reads), functions=tuple(funcs), readonly=readonly)
+                     relations_read=tuple(reads), functions=tuple(funcs), readonly=readonly,
+                     literal_free=True)
 
 
 def _classify(sql: str, prepared: Mapping[str, Statement] | None, max_length: int | None,
-              ctx: str = "") -> list[Statement]:
+              ctx: str = "", plvars: frozenset[str] = frozenset()) -> list[Statement]:
     if max_length is not None and len(sql) > max_length:
         raise StatementTooLong(
             f"statement text is {len(sql)} characters; pgguard refuses texts longer than "
@@ -1594,7 +1897,7 @@ def _classify(sql: str, prepared: Mapping[str, Statement] | None, max_length: in
         view: Mapping[str, Statement] | None = prepared
         if local:
             view = _Overlay(local, prepared)
-        acc = _Acc(text, view)
+        acc = _Acc(text, view, plvars)
         acc.ctx = ctx
         handler = _STMT.get(tag)
         if handler is not None:
@@ -1742,6 +2045,9 @@ def _union(a: Statement, b: Statement) -> Statement:
         functions=merged(a.functions, b.functions),
         flags=tuple(f for f in FLAGS if f in flags),
         reasons=merged(a.reasons, b.reasons),
-        literal_dependent=a.literal_dependent or b.literal_dependent,
+        literal_free=a.literal_free and b.literal_free,
         name=a.name, readonly=a.readonly and b.readonly,
-        session_dependent=a.session_dependent or b.session_dependent)
+        session_dependent=a.session_dependent or b.session_dependent,
+        settings=merged(a.settings, b.settings),
+        changes_rows=a.changes_rows or b.changes_rows,
+        counted_by_tag=False)

@@ -16,9 +16,11 @@ is the first of ``[upstream] databases`` when the config lists some (else none),
 ``--database`` when the command line offers it.
 
 ``--json`` prints one JSON object: ``sql``, ``identity``, ``database``, ``decision``
-(allow | block | approve), ``rule``, ``message``, ``detail``, ``hint`` and ``statements``
-(each with ``kind``, ``kinds``, ``text``, ``relations_written``, ``relations_read``,
-``functions``, ``flags``, ``reasons`` [{flag, text}], ``rule``, ``action``).
+(allow | block | approve), ``rule``, ``message``, ``detail``, ``hint``, ``max_rows`` (the
+blast-radius limit, null for none) and ``statements`` (each with ``kind``, ``kinds``,
+``text``, ``relations_written``, ``relations_read``, ``functions``, ``flags``, ``reasons``
+[{flag, text}], ``settings`` [[name, value]], ``changes_rows``, ``counted_by_tag``,
+``rule``, ``action``).
 
 Exit status: 0 the text would be allowed; 3 it would be blocked (including parse errors);
 4 it would wait for an approval; 1 the command itself failed (bad config, unknown
@@ -76,12 +78,14 @@ def explain(engine: PolicyEngine, sql: str, identity_name: str | None,
             "relations_read": list(st.relations_read), "functions": list(st.functions),
             "flags": list(st.flags),
             "reasons": [{"flag": r.flag, "text": r.text} for r in st.reasons],
+            "settings": [list(x) for x in st.settings], "changes_rows": st.changes_rows,
+            "counted_by_tag": st.counted_by_tag,
             "rule": v.rule if v else d.rule, "action": v.action if v else d.action,
         })
     report = {
         "sql": sql, "identity": name, "identity_kind": ident.kind, "database": database,
         "decision": d.action, "rule": d.rule, "message": d.message, "detail": d.detail,
-        "hint": d.hint, "statements": stmts,
+        "hint": d.hint, "max_rows": d.max_rows, "statements": stmts,
     }
     if d.position is not None:
         report["position"] = d.position
@@ -104,6 +108,11 @@ def _print_table(report: dict[str, Any], out: TextIO) -> None:
             ("reads", ", ".join(st["relations_read"]) or "-"),
             ("functions", ", ".join(st["functions"]) or "-"),
             ("flags", ", ".join(st["flags"]) or "-"),
+            ("settings", ", ".join(n if v is None else f"{n} = {v}"
+                                   for n, v in st["settings"]) or "-"),
+            ("rows", ("changes rows" + (", counted by the command tag"
+                                        if st["counted_by_tag"] else ""))
+             if st["changes_rows"] else "-"),
         ]
         for label, value in rows:
             w(f"  {label:<10} {value}\n")
@@ -114,6 +123,8 @@ def _print_table(report: dict[str, Any], out: TextIO) -> None:
     w("\n")
     action = report["decision"].upper()
     w(f"decision: {action} (rule \"{report['rule']}\")\n")
+    if report.get("max_rows") is not None:
+        w(f"  row limit: {report['max_rows']} rows per statement that updates or deletes\n")
     if report["message"]:
         w(f"  ERROR:  {report['message']}\n")
         if report["detail"]:

@@ -30,6 +30,17 @@ statement flagged destructive, privilege, escape or opaque (rule name
 but transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE), so that a client
 can always end a transaction (``block-default``).
 
+Before the rules, a built-in check (rule name ``settings``) refuses a statement that
+changes a run-time setting outside the allow-list (:class:`SettingsPolicy`:
+:data:`pgguard.config.DEFAULT_SETTINGS` plus ``[policy] settings``); no rule can open
+role, session_authorization, session_replication_role, row_security, the parser's
+settings, server libraries or read-only mode being turned off.
+
+An allowed (or approved) text whose statements update or delete rows
+(``Statement.changes_rows``) carries ``Decision.max_rows``: the smallest ``max_rows`` of
+the rules that allowed those statements, else ``[policy] agents_max_rows`` (default 1000)
+or ``humans_max_rows`` (default 0: no limit); the session enforces it at run time.
+
 A text of several statements is refused as a whole when any statement is refused: the
 first blocked statement decides, else the first that needs approval. Unparseable text is
 blocked by rule ``parse-error``, over-long text by ``statement-too-long``, and any failure
@@ -56,13 +67,13 @@ from typing import Any
 
 import msgspec
 
-from ..config import Config, Identity, Rule, parse_duration
+from ..config import DEFAULT_SETTINGS, Config, Identity, Rule, never_setting, parse_duration
 from ..errors import PolicyRefusal
-from .cache import SHAREABLE_KINDS, DecisionCache, shape_key
+from .cache import DecisionCache, shape_key, shareable
 from .classify import (DEFAULT_MAX_LENGTH, PolicyParseError, Statement, StatementTooLong,
                        classify)
 
-__all__ = ["Decision", "Verdict", "PolicyEngine", "GUARDED_FLAGS"]
+__all__ = ["Decision", "Verdict", "PolicyEngine", "SettingsPolicy", "GUARDED_FLAGS"]
 
 GUARDED_FLAGS = ("destructive", "privilege", "escape", "opaque")
 _TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release"})
@@ -84,7 +95,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     (SQLSTATE 42501); ``statements`` and ``verdicts`` give each statement's classification
     and verdict; ``index`` is the statement that decided a refusal (-1 otherwise);
     ``position`` the 1-based character a parse error points at; ``timeout`` (seconds) and
-    ``approvers`` come from an ``approve`` rule.
+    ``approvers`` come from an ``approve`` rule; ``max_rows`` is the blast-radius limit of
+    the statements that update or delete rows.
 
     A decision served from the shape cache was computed for another text of the same
     shape: its ``statements[i].text`` is that text's, not necessarily yours.
@@ -109,6 +121,11 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     position: int | None = None
     timeout: float | None = None
     approvers: tuple[str, ...] = ()
+    # blast-radius limit for the statements of this text that update or delete rows
+    # (Statement.changes_rows): the smallest max_rows of the rules that allowed them, else
+    # [policy] agents_max_rows / humans_max_rows; None when nothing changes rows or there
+    # is no limit. Set on allow and approve decisions.
+    max_rows: int | None = None
 
     @property
     def allowed(self) -> bool:
@@ -129,12 +146,14 @@ class _CompiledRule:
     """One [[rules]] entry with its globs compiled."""
 
     __slots__ = ("name", "action", "timeout", "approvers", "identity", "kind", "groups",
-                 "databases", "statements", "flags", "relations", "functions", "any")
+                 "databases", "statements", "flags", "relations", "functions", "any",
+                 "max_rows")
 
     def __init__(self, rule: Rule) -> None:
         w = rule.when
         self.name = rule.name
         self.action = rule.action
+        self.max_rows = rule.max_rows
         self.timeout = parse_duration(rule.timeout) if rule.timeout else None
         self.approvers = tuple(rule.approvers or ())
         self.identity = frozenset(w.identity) if w.identity is not None else None
@@ -190,6 +209,76 @@ class _CompiledRule:
         if self.any:
             return any(hit(n) for n in items)
         return bool(items) and all(hit(n) for n in items)
+
+
+# --------------------------------------------------------------------------- settings
+
+_ON_WORDS = frozenset({"on", "true", "yes", "1", "t", "tr", "tru", "y", "ye"})
+_PINNED = {"client_encoding": frozenset({"utf8", "utf-8", "unicode"}),
+           "standard_conforming_strings": _ON_WORDS}
+_READ_ONLY = frozenset({"transaction_read_only", "default_transaction_read_only"})
+
+
+class SettingsPolicy:
+    """Which run-time settings a session under a policy may change.
+
+    The allow-list is :data:`pgguard.config.DEFAULT_SETTINGS` plus ``[policy] settings``
+    (names or globs). Whatever the config says: the settings of
+    :data:`pgguard.config.NEVER_SETTINGS` never change (client_encoding and
+    standard_conforming_strings may only be set to the values pgguard pins), read-only
+    mode may be turned on but never off, and application_name may not be computed or
+    start with ``pgguard:`` (it would pass for another identity in pg_stat_activity).
+
+    Example::
+
+        >>> p = SettingsPolicy(["search_path"])
+        >>> p.refusal("work_mem", "64MB"), p.refusal("search_path", "app")
+        (None, None)
+        >>> p.refusal("role", "postgres")
+        'it changes who the session acts as'
+    """
+
+    def __init__(self, extra: list[str] | tuple[str, ...] = ()) -> None:
+        names = [n.strip().lower() for n in (*DEFAULT_SETTINGS, *extra)]
+        self.names = tuple(dict.fromkeys(names))
+        self.exact = frozenset(n for n in self.names if not _is_glob(n))
+        globs = [n for n in self.names if _is_glob(n)]
+        self.globs = _glob(globs) if globs else None
+
+    def refusal(self, name: str, value: str | None) -> str | None:
+        """Why changing ``name`` to ``value`` is refused (None: allowed)."""
+        v = value.strip().lower() if value is not None else None
+        pinned = _PINNED.get(name)
+        if pinned is not None and v in pinned:
+            return None                          # sets what pgguard pins: no change
+        why = never_setting(name)
+        if why is not None:
+            return why
+        if name in _READ_ONLY:
+            return None if v in _ON_WORDS else "read-only mode may be turned on, never off"
+        if name == "application_name":
+            if value is None:
+                return "pgguard cannot read the new application_name"
+            if v.startswith("pgguard:"):
+                return ("an application_name starting with pgguard: would pass for another "
+                        "identity in pg_stat_activity")
+            return None
+        if name in self.exact or (self.globs is not None and self.globs.match(name)):
+            return None
+        return "it is not in the settings allow-list"
+
+
+def _is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+class _SettingCause:
+    """Why the built-in "settings" check refused a statement."""
+
+    __slots__ = ("name", "value", "why", "never")
+
+    def __init__(self, name: str, value: str | None, why: str, never: bool) -> None:
+        self.name, self.value, self.why, self.never = name, value, why, never
 
 
 # --------------------------------------------------------------------------- messages
@@ -284,6 +373,7 @@ class PolicyEngine:
                  max_statement_size: int | None = None) -> None:
         self.cfg = cfg
         self.rules = [_CompiledRule(r) for r in cfg.rules]
+        self.settings = SettingsPolicy(getattr(cfg.policy, "settings", ()))
         if max_statement_size is None:
             max_statement_size = getattr(cfg.policy, "max_statement_size", None)
         self.max_length = max_statement_size or DEFAULT_MAX_LENGTH
@@ -335,10 +425,7 @@ class PolicyEngine:
             if d.rule != "internal-error" and len(sql) <= cache.max_text and not any(
                     s.session_dependent for s in d.statements):
                 self._exact.put(key, d, len(sql))
-                if skey is not None and d.statements and all(
-                        s.kind in SHAREABLE_KINDS and not s.literal_dependent
-                        and all(k in SHAREABLE_KINDS for k in s.kinds)
-                        for s in d.statements):
+                if skey is not None and shareable(d):
                     cache.shape.put((skey, identity_name, database), d, len(skey))
             return d
         except Exception as e:  # noqa: BLE001 - fail closed, whatever went wrong
@@ -381,7 +468,8 @@ class PolicyEngine:
         verdicts = []
         causes = []
         for st in stmts:
-            v, cause = self._verdict(st, rules, mode)
+            v, cause = (st.settings and self._settings_verdict(st)) or \
+                self._verdict(st, rules, mode)
             verdicts.append(v)
             causes.append(cause)
         idx = next((i for i, v in enumerate(verdicts) if v.action == "block"), -1)
@@ -390,8 +478,11 @@ class PolicyEngine:
         vt = tuple(verdicts)
         if idx < 0:
             return Decision(action="allow", rule=verdicts[0].rule, statements=stmts,
-                            verdicts=vt)
-        return self._refusal(stmts, vt, idx, causes[idx])
+                            verdicts=vt, max_rows=self._row_limit(stmts, causes, identity))
+        d = self._refusal(stmts, vt, idx, causes[idx])
+        if d.action == "approve":
+            d = msgspec.structs.replace(d, max_rows=self._row_limit(stmts, causes, identity))
+        return d
 
     def _rules_for(self, identity_name: str, identity: Identity,
                    database: str) -> list[_CompiledRule]:
@@ -403,6 +494,34 @@ class PolicyEngine:
                 self._applicable.clear()
             self._applicable[key] = rules
         return rules
+
+    def _settings_verdict(self, st: Statement) -> tuple[Verdict, _SettingCause] | None:
+        """The built-in check that runs before the rules: every setting the statement
+        changes must be in the allow-list."""
+        for name, value in st.settings:
+            why = self.settings.refusal(name, value)
+            if why is not None:
+                return Verdict("block", "settings"), _SettingCause(
+                    name, value, why, never_setting(name) is not None)
+        return None
+
+    def _row_limit(self, stmts: tuple[Statement, ...], causes: list[Any],
+                   identity: Identity) -> int | None:
+        """The smallest blast-radius limit over the statements that change rows."""
+        limit = None
+        if not any(st.changes_rows for st in stmts):
+            return limit
+        pol = self.cfg.policy
+        default = pol.agents_max_rows if identity.kind == "agent" else pol.humans_max_rows
+        for st, cause in zip(stmts, causes):
+            if not st.changes_rows:
+                continue
+            n = default
+            if isinstance(cause, _CompiledRule) and cause.max_rows is not None:
+                n = cause.max_rows
+            if n and (limit is None or n < limit):
+                limit = n
+        return limit
 
     def _verdict(self, st: Statement, rules: list[_CompiledRule],
                  mode: str) -> tuple[Verdict, Any]:
@@ -423,6 +542,8 @@ class PolicyEngine:
         st = stmts[idx]
         v = verdicts[idx]
         detail = _detail(stmts, idx)
+        if isinstance(cause, _SettingCause):
+            return self._settings_refusal(stmts, verdicts, idx, cause, detail)
         if isinstance(cause, tuple):                 # guarded default: the flags found
             flags = cause
             fr = _first_reason(st, flags)
@@ -456,6 +577,29 @@ class PolicyEngine:
         return Decision(action="block", rule=v.rule, message=message, detail=detail,
                         hint="This identity may only run what a [[rules]] entry allows; ask "
                              "an administrator for a rule.",
+                        statements=stmts, verdicts=verdicts, index=idx)
+
+    def _settings_refusal(self, stmts: tuple[Statement, ...], verdicts: tuple[Verdict, ...],
+                          idx: int, c: _SettingCause, detail: str) -> Decision:
+        if c.name == "*":
+            what = "it changes a setting whose name is computed"
+        elif c.value is None:
+            what = f"it changes or resets {c.name} (to a value pgguard cannot read)"
+        else:
+            what = f"it changes {c.name} to {c.value!r}"
+        message = f'pgguard: statement refused by rule "settings": {what}: {c.why}'
+        changes = ", ".join(n if v is None else f"{n} = {v!r}"
+                            for n, v in stmts[idx].settings)
+        allowed = ", ".join(self.settings.names)
+        if c.never or c.name in _READ_ONLY or c.name == "application_name":
+            hint = (f"{c.name} cannot be changed that way through pgguard. Settings a "
+                    f"session may change: {allowed}.")
+        else:
+            hint = (f"Settings a session may change: {allowed}. A database administrator "
+                    f'can allow another with [policy] settings = ["{c.name}"] in the '
+                    "pgguard configuration.")
+        return Decision(action="block", rule="settings", message=message,
+                        detail=f"{detail} Settings changed: {changes}.", hint=hint,
                         statements=stmts, verdicts=verdicts, index=idx)
 
     def _internal_error(self, e: BaseException) -> Decision:
