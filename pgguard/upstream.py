@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ._core import FrameReader
 from .errors import PgguardError, UpstreamUnavailable
 from .protocol import messages as m
+from .startup import PACKET_KEYS as _PACKET_KEYS
 
 if TYPE_CHECKING:
     from .server import Server
@@ -168,8 +169,13 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
         else:
             raise UpstreamUnavailable("unexpected answer to SSLRequest from upstream")
     proto.reader = FrameReader(True, 0x7FFFFFFF)
-    start = {"user": user, "database": database}
-    start.update(params)
+    # pgguard chooses who and where; params are settings only (pgguard.startup built
+    # them), never a key Postgres reads as something else
+    bad = [k for k in params if k in _PACKET_KEYS or k.startswith("_pq_.")]
+    if bad:
+        raise PgguardError(f"internal error: startup parameter {bad[0]!r} is not a setting",
+                           severity="FATAL")
+    start = {"user": user, "database": database, **params}
     proto.transport.write(m.startup_message(start))
     status: list[bytes] = []
     key = (0, 0)
