@@ -364,9 +364,10 @@ class Session(Enforcement, Holds, ConsoleSession):
         tag = cfg.upstream.application_name == "tag"
         if tag:
             # the upstream's own logs and pg_stat_activity name who is acting
-            params["application_name"] = tagged_app_name(self.identity_name, client_app)
+            params.append(("application_name", tagged_app_name(self.identity_name,
+                                                                client_app)))
         elif client_app is not None:
-            params["application_name"] = client_app
+            params.append(("application_name", client_app))
         user, password = await self._upstream_role()
         self.up, status, key = await connect_upstream(self, self.server, self.database, params,
                                                       user=user, password=password)

@@ -22,8 +22,8 @@ Example::
 
     settings = client_settings({"user": "a", "options": "-c DateStyle=ISO"})
     params, app = upstream_params(settings, guarded=True, readonly=False)
-    # params == {"datestyle": "ISO", "client_encoding": "UTF8",
-    #            "standard_conforming_strings": "on"}, app is None
+    # params == [("datestyle", "ISO"), ("client_encoding", "UTF8"),
+    #            ("standard_conforming_strings", "on")], app is None
 """
 from __future__ import annotations
 
@@ -185,13 +185,15 @@ def client_settings(params: dict[str, str]) -> list[Setting]:
 
 
 def upstream_params(settings: list[Setting], *, guarded: bool,
-                    readonly: bool) -> tuple[dict[str, str], str | None]:
+                    readonly: bool) -> tuple[list[tuple[str, str]], str | None]:
     """Judge the client's settings; return the parameters of the upstream StartupMessage
-    besides user, database and application_name, and the client's own
-    application_name (None if it set none). Raises a FATAL 42501 for the first setting
-    not allowed (``guarded``: the session is under a policy, see :func:`under_policy`).
+    besides user, database and application_name, in the client's order (a name may
+    repeat: Postgres applies them one after the other, and DateStyle merges), then
+    pgguard's pins; and the client's own application_name (None if it set none).
+    Raises a FATAL 42501 for the first setting not allowed (``guarded``: the session is
+    under a policy, see :func:`under_policy`).
     """
-    params: dict[str, str] = {}
+    params: list[tuple[str, str]] = []
     app: str | None = None
     for s in settings:
         if s.name in PACKET_KEYS or s.name in FORBIDDEN or s.name.startswith("_pq_."):
@@ -209,11 +211,11 @@ def upstream_params(settings: list[Setting], *, guarded: bool,
         if guarded:
             _judge(s)
         if s.name:          # an ignored switch (-T, -n ...) sets nothing
-            params[s.name] = s.value
+            params.append((s.name, s.value))
     if guarded:
-        params.update(PINNED)
+        params.extend(PINNED.items())
     if readonly:
-        params["default_transaction_read_only"] = "on"
+        params.append(("default_transaction_read_only", "on"))
     return params, app
 
 

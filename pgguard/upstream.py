@@ -103,10 +103,12 @@ def _ssl_context(server: Server) -> ssl.SSLContext | None:
 
 
 async def connect_upstream(session: Session, server: Server, database: str,
-                           params: dict[str, str], *, user: str | None = None,
+                           params: list[tuple[str, str]], *, user: str | None = None,
                            password: str | None = None):
     """Open and log in an upstream connection for a session.
 
+    ``params`` are the settings of the StartupMessage besides user and database, in the
+    order Postgres applies them (pgguard.startup.upstream_params).
     Returns (protocol, [ParameterStatus messages to pass on], (pid, secret)).
     Errors become UpstreamUnavailable (08006) or the upstream's own error when it
     is about the client's request (unknown database, too many connections).
@@ -140,7 +142,7 @@ async def connect_upstream(session: Session, server: Server, database: str,
 
 
 async def _login(proto: UpstreamProtocol, server: Server, database: str,
-                 params: dict[str, str], user: str | None = None,
+                 params: list[tuple[str, str]], user: str | None = None,
                  password: str | None = None):
     cfg = server.cfg.upstream
     user = user or cfg.user
@@ -171,11 +173,11 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
     proto.reader = FrameReader(True, 0x7FFFFFFF)
     # pgguard chooses who and where; params are settings only (pgguard.startup built
     # them), never a key Postgres reads as something else
-    bad = [k for k in params if k in _PACKET_KEYS or k.startswith("_pq_.")]
+    bad = [k for k, _ in params if k in _PACKET_KEYS or k.startswith("_pq_.")]
     if bad:
         raise PgguardError(f"internal error: startup parameter {bad[0]!r} is not a setting",
                            severity="FATAL")
-    start = {"user": user, "database": database, **params}
+    start = [("user", user), ("database", database), *params]
     proto.transport.write(m.startup_message(start))
     status: list[bytes] = []
     key = (0, 0)
