@@ -103,17 +103,19 @@ def _ssl_context(server: Server) -> ssl.SSLContext | None:
 
 
 async def connect_upstream(session: Session, server: Server, database: str,
-                           params: list[tuple[str, str]], *, user: str | None = None,
+                           params: dict[str, str] | list[tuple[str, str]], *,
+                           user: str | None = None,
                            password: str | None = None):
     """Open and log in an upstream connection for a session.
 
-    ``params`` are the settings of the StartupMessage besides user and database, in the
-    order Postgres applies them (pgguard.startup.upstream_params).
+    ``params`` are the settings of the StartupMessage besides user and database: a dict,
+    or pairs in the order Postgres applies them (pgguard.startup.upstream_params).
     Returns (protocol, [ParameterStatus messages to pass on], (pid, secret)).
     Errors become UpstreamUnavailable (08006) or the upstream's own error when it
     is about the client's request (unknown database, too many connections).
     """
     cfg = server.cfg.upstream
+    pairs = list(params.items()) if isinstance(params, dict) else list(params)
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(server.upstream_connect_timeout):
@@ -131,7 +133,7 @@ async def connect_upstream(session: Session, server: Server, database: str,
             detail=f"connection to {cfg.host}:{cfg.port} failed") from None
     session.up = proto
     try:
-        return await _login(proto, server, database, params, user, password)
+        return await _login(proto, server, database, pairs, user, password)
     except (ConnectionError, OSError) as e:
         transport.close()
         raise UpstreamUnavailable("the upstream database closed the connection during login",
