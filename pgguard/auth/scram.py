@@ -163,7 +163,8 @@ class ScramVerifier:
         """True if a cleartext password is the one this verifier was made from (the same
         PBKDF2 work for every input, a fake verifier included; constant-time compare).
 
-        >>> v = ScramVerifier.from_password("pw"); v.verify_password(b"pw"), v.verify_password("no")
+        >>> v = ScramVerifier.from_password("pw")
+        >>> v.verify_password(b"pw"), v.verify_password("no")
         (True, False)
         """
         _, server_key = _salted_keys(password, self.salt, self.iterations)
