@@ -256,7 +256,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         # exist, and which have a static secret, is not for a client to learn
         if server.bearer_enabled and (
                 self.tls or (self.loopback and server.cfg.listen.allow_cleartext_loopback)):
-            await self._bearer(name)
+            await self._cleartext(name)
         else:
             await self._scram(name)
         identity = self.identity
@@ -306,7 +306,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         c.transport.write(m.auth_request(m.AUTH_SASL_FINAL, final))
         self.identity = identity
 
-    async def _bearer(self, name: str) -> None:
+    async def _cleartext(self, name: str) -> None:
         """A cleartext password, over TLS or from loopback when [listen]
         allow_cleartext_loopback, asked of every name once bearer credentials are on: a
         pgguard token or an OIDC JWT, or else the identity's static secret. A failure

@@ -1,15 +1,10 @@
 # Identity hygiene: a client cannot make the upstream show another identity, and names
 # that exist, names with a static secret, token-only names and unknown names get the same
 # authentication exchange and the same failure (code, message, audit record, timing class).
-import asyncio
-import socket
-import ssl
 import statistics
 import struct
-import subprocess
 import time
 
-import asyncpg
 import psycopg
 import pytest
 from psycopg import sql as pgsql
@@ -18,7 +13,7 @@ from certs import make_test_pki
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, UPSTREAM_USER, Proxy
 from rawpg import LoginError, RawClient, cstr, frame, rows, startup_packet
 from test_audit_wire import audit_rows
-from test_policy_startup import SECRET, marker, token, upstream_logins, via
+from test_policy_startup import SECRET, marker, raw_socket, token, upstream_logins, via
 
 INTL_PASSWORD = "päss\u00a0wörd \u2168"      # NBSP maps to a space, Ⅸ to IX (SASLprep)
 IDENTITIES = """
@@ -73,15 +68,7 @@ def proxies(pg, pki, tmp_path_factory):
 
 
 def _socket(proxy, tls: bool):
-    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    if not tls:
-        return s
-    s.sendall(struct.pack("!II", 8, 80877103))
-    assert s.recv(1) == b"S"
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx.wrap_socket(s)
+    return raw_socket(proxy.port, tls)
 
 
 def first_request(proxy, user, tls):
@@ -207,53 +194,9 @@ def test_static_secrets_log_in_on_every_exchange(pg, proxies, which, sslmode, cl
     mark = marker()
     sql = ("SELECT current_user, (SELECT application_name FROM pg_stat_activity "
            "WHERE pid = pg_backend_pid())")
-    if sslmode == "require":
-        out = _tls_login(client, proxy, AGENT, AGENT_PASSWORD, mark, sql)
-    else:
-        out = via(client, proxy, app=mark, sql=sql)
+    out = via(client, proxy, app=mark, sql=sql, tls=sslmode == "require")
     assert out == ("ok", [UPSTREAM_USER, f"pgguard:{AGENT} {mark}"])
     assert upstream_logins(pg, mark) == 1
-
-
-def _tls_login(client, proxy, user, password, app, sql):
-    dsn = proxy.dsn(user=user, password=password, sslmode="require", application_name=app)
-    if client == "psql":
-        r = subprocess.run(["/usr/bin/psql", "-X", "-A", "-t", "-F", "|", "-c", sql, dsn],
-                           capture_output=True, text=True, timeout=60)
-        return ("ok", r.stdout.strip().split("|")) if r.returncode == 0 else \
-            ("refused", None, r.stderr)
-    if client == "psycopg":
-        try:
-            with psycopg.connect(dsn) as conn:
-                assert conn.pgconn.ssl_in_use
-                return "ok", [str(v) for v in conn.execute(sql).fetchone()]
-        except psycopg.OperationalError as e:
-            return "refused", None, str(e)
-    if client == "asyncpg":
-        async def go():
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            try:
-                conn = await asyncpg.connect(proxy.dsn(user=user, password=password),
-                                             ssl=ctx, server_settings={"application_name": app})
-            except asyncpg.PostgresError as e:
-                return "refused", e.sqlstate, f"{e} {e.hint or ''}"
-            try:
-                return "ok", [str(v) for v in await conn.fetchrow(sql)]
-            finally:
-                await conn.close()
-        return asyncio.run(go())
-    c = RawClient(_socket(proxy, True))
-    try:
-        c.login(user, password, {"user": user, "database": "postgres",
-                                 "application_name": app})
-    except LoginError as e:
-        return "refused", e.fields.get("C"), e.fields.get("M", "") + e.fields.get("H", "")
-    try:
-        return "ok", [v.decode() for v in rows(c.run(sql))[0]]
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize("which, tls", [("loop", False), ("loop", True), ("strict", True)])
@@ -266,8 +209,7 @@ def test_tokens_log_in_also_for_identities_with_a_static_secret(pg, proxies, whi
     tok = token(proxy, identity)
     sql = ("SELECT (SELECT application_name FROM pg_stat_activity "
            "WHERE pid = pg_backend_pid())")
-    out = _tls_login(client, proxy, identity, tok, mark, sql) if tls else \
-        via(client, proxy, user=identity, password=tok, app=mark, sql=sql)
+    out = via(client, proxy, user=identity, password=tok, app=mark, sql=sql, tls=tls)
     assert out == ("ok", [f"pgguard:{identity} {mark}"])
     assert upstream_logins(pg, mark) == 1
 

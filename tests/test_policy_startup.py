@@ -5,6 +5,7 @@
 import asyncio
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import uuid
@@ -75,14 +76,33 @@ def token(proxy, identity="bot", scope="readwrite"):
         return issue(load(proxy.config), identity, 600, scope=scope)[0]
 
 
+def raw_socket(port: int, tls: bool = False) -> socket.socket:
+    """A socket to ``port``, after an SSLRequest and a TLS handshake if ``tls``."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if not tls:
+        return s
+    s.sendall(struct.pack("!II", 8, 80877103))
+    assert s.recv(1) == b"S"
+    return _no_verify().wrap_socket(s)
+
+
+def _no_verify() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def via(client, proxy, *, user=AGENT, password=AGENT_PASSWORD, options=None,
-        params=None, sql=CHECK, app=None, psql_bin="/usr/bin/psql"):
-    """Connect with ``client`` (psql, psycopg, asyncpg, raw), asking for ``options`` and
-    startup ``params``; run ``sql``. Returns ("ok", [first row as strings]) or
-    ("refused", sqlstate or None when the client does not expose it, full message)."""
+        params=None, sql=CHECK, app=None, tls=False):
+    """Connect with ``client`` (psql, psycopg, asyncpg, raw), over TLS if ``tls``, asking
+    for ``options`` and startup ``params``; run ``sql``. Returns ("ok", [first row as
+    strings]) or ("refused", sqlstate or None when the client does not expose it, the
+    message with its detail and hint)."""
     params = dict(params or {})
     if app is not None:
         params["application_name"] = app
+    dsn = proxy.dsn(user=user, password=password, sslmode="require" if tls else "disable")
     if client == "psql":
         env = dict(os.environ)
         env.pop("PGCLIENTENCODING", None)
@@ -93,8 +113,7 @@ def via(client, proxy, *, user=AGENT, password=AGENT_PASSWORD, options=None,
         for k, v in params.items():
             env[names[k]] = v       # psql can send no other startup parameter
         r = subprocess.run(["/usr/bin/psql", "-X", "-A", "-t", "-F", "|", "-v",
-                            "ON_ERROR_STOP=1", "-c", sql,
-                            proxy.dsn(user=user, password=password)],
+                            "ON_ERROR_STOP=1", "-c", sql, dsn],
                            capture_output=True, text=True, env=env, timeout=60)
         if r.returncode:
             return "refused", None, r.stderr
@@ -104,8 +123,8 @@ def via(client, proxy, *, user=AGENT, password=AGENT_PASSWORD, options=None,
         if options is not None:
             kw["options"] = options
         try:
-            with psycopg.connect(proxy.dsn(user=user, password=password), autocommit=True,
-                                 **kw) as conn:
+            with psycopg.connect(dsn, autocommit=True, **kw) as conn:
+                assert conn.pgconn.ssl_in_use == tls
                 return "ok", [str(v) for v in conn.execute(sql).fetchone()]
         except psycopg.OperationalError as e:
             return "refused", None, str(e)
@@ -117,7 +136,8 @@ def via(client, proxy, *, user=AGENT, password=AGENT_PASSWORD, options=None,
         async def go():
             try:
                 conn = await asyncpg.connect(proxy.dsn(user=user, password=password),
-                                             ssl=False, server_settings=settings)
+                                             ssl=_no_verify() if tls else False,
+                                             server_settings=settings)
             except asyncpg.PostgresError as e:
                 return "refused", e.sqlstate, f"{e} {e.detail or ''} {e.hint or ''}"
             try:
@@ -128,9 +148,11 @@ def via(client, proxy, *, user=AGENT, password=AGENT_PASSWORD, options=None,
     assert client == "raw"
     if options is not None:
         params["options"] = options
+    c = RawClient(raw_socket(proxy.port, tls))
     try:
-        c = RawClient.connect(proxy.port, user, password, **params)
+        c.login(user, password, {"user": user, "database": "postgres", **params})
     except LoginError as e:
+        c.sock.close()
         f = e.fields
         return "refused", f.get("C"), " ".join(f.get(k, "") for k in "MDH")
     try:
