@@ -250,6 +250,9 @@ def _switch(flag: str, arg: str) -> list[Setting]:
         if not eq:
             raise PgguardError(f"{'-c ' if flag == 'c' else '--'}{arg} requires a value",
                                sqlstate="42601", severity="FATAL")
+        if not name:
+            # no such setting in Postgres; and an empty name would end a StartupMessage
+            raise _invalid(f"-c {arg}" if flag == "c" else f"--{arg}")
         seen = f'options "-c {arg}"' if flag == "c" else f'options "--{arg}"'
         return [Setting(name.replace("-", "_").lower(), value, seen)]
     seen = f'options "-{flag}{" " + arg if arg else ""}"'

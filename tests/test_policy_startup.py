@@ -418,6 +418,8 @@ def test_unguarded_identity_cannot_change_who_it_is(pg, gproxy, client, options,
     ("-Z 1", "invalid command-line argument for server process: -Z"),
     ("-- -c role=postgres", "invalid command-line argument for server process: -c"),
     ("-fq", "invalid command-line argument for server process: -fq"),
+    ("-c =off", "invalid command-line argument for server process: -c =off"),
+    ("--=x", "invalid command-line argument for server process: --=x"),
 ])
 def test_malformed_options_fail_as_postgres_would(pg, gproxy, client, options, words):
     for user, pw in ((AGENT, AGENT_PASSWORD), (HUMAN, HUMAN_PASSWORD)):
@@ -441,7 +443,7 @@ OPTIONS_CORPUS = [
     r"-c application_name=a\\b\ c",
     "-Tn -c lock_timeout=3",
     r"-c\ session_replication_role=replica",
-    "-c", "x", "-c statement_timeout", "-Z", "-- -c x=1", "-fq", "-tx",
+    "-c", "x", "-c statement_timeout", "-Z", "-- -c x=1", "-fq", "-tx", "-c =1", "--=1",
 ]
 
 
