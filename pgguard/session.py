@@ -8,7 +8,7 @@ import struct
 import time
 from collections import deque
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ._core import FrameError, FrameReader, MessageScan, Pipe
 from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
@@ -338,7 +338,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             await self._login_failed(bearer_reason or "password authentication failed")
         self.identity = identity
 
-    async def _login_failed(self, reason: str, hint: str | None = None):
+    async def _login_failed(self, reason: str, hint: str | None = None) -> NoReturn:
         """The one answer to every failed login, whatever the name: 28P01, the same
         message, an auth_failed audit record, a throttled address."""
         self._audit_event("auth_failed", error=reason)
