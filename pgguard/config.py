@@ -104,6 +104,10 @@ class Upstream(_Base):
     # VALID UNTIL the credential's expiry, logs in as it and drops it at disconnect
     provision: bool = False
     template_role: str | None = None
+    # what the upstream sees as application_name: "tag" = "pgguard:<identity> <client's
+    # name>" (who is acting, in pg_stat_activity and the server log); "client" = the
+    # client's own name unchanged. Either way a client name starting "pgguard:" is refused.
+    application_name: Literal["tag", "client"] = "tag"
 
     def __post_init__(self) -> None:
         if self.provision and not self.template_role:

@@ -8,7 +8,7 @@ import struct
 import time
 from collections import deque
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ._core import FrameError, FrameReader, MessageScan, Pipe
 from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
@@ -18,6 +18,7 @@ from .console import CONSOLE_DB, ConsoleSession
 from .enforce import Enforcement, _now
 from .blast import Guard
 from .holds import Holds
+from .startup import client_settings, tagged_app_name, under_policy, upstream_params
 from .upstream import UpstreamProtocol, connect_upstream
 
 if TYPE_CHECKING:
@@ -30,11 +31,6 @@ MASK_BACKEND = b"Ttn2HCEIsZ"
 # startup packets are small; Postgres caps them at 10000 bytes
 MAX_STARTUP_PACKET = 10000
 MAX_AUTH_MESSAGE = 65536
-# startup parameters a client may not set: they would change who the session is
-FORBIDDEN_PARAMS = frozenset({"role", "session_authorization", "replication"})
-# startup settings the policy's parser depends on: only these values pass
-PINNED_PARAMS = {"standard_conforming_strings": ("on", "true", "1", "yes"),
-                 "client_encoding": ("utf8", "unicode")}
 
 
 # session phases
@@ -241,35 +237,12 @@ class Session(Enforcement, Holds, ConsoleSession):
             return True
 
     def _check_params(self, params: dict[str, str]) -> None:
+        # who and where; the settings are judged once the identity is known (_connect_upstream)
         user = params.get("user")
         if not user:
             raise AuthRejected("no user name specified in the startup packet")
         self.identity_name = user
         self.database = params.get("database") or user
-        for k in params:
-            if k.lower() in FORBIDDEN_PARAMS:
-                raise PgguardError(f"startup parameter \"{k}\" is not allowed through pgguard",
-                                   sqlstate="42501", severity="FATAL")
-        settings = {k.lower(): v for k, v in params.items()}
-        opts = params.get("options")
-        if opts:
-            for name, value in _options(opts):
-                key = name.lower().replace("-", "_")
-                if key in FORBIDDEN_PARAMS:
-                    raise PgguardError(
-                        f"startup option \"{name}\" is not allowed through pgguard",
-                        sqlstate="42501", severity="FATAL")
-                settings[key] = value
-        for key, allowed in PINNED_PARAMS.items():
-            value = settings.get(key)
-            if value is not None and \
-                    value.strip().strip("'\"").lower().replace("-", "").replace("_", "") \
-                    not in allowed:
-                raise PgguardError(
-                    f"startup setting {key}={value!r} is not allowed through pgguard",
-                    detail="pgguard reads statements as a server with "
-                           "standard_conforming_strings=on and client_encoding=UTF8 would",
-                    sqlstate="42501", severity="FATAL")
 
     async def _authenticate(self) -> None:
         c = self.client
@@ -283,10 +256,13 @@ class Session(Enforcement, Holds, ConsoleSession):
         delay = server.throttle.delay_for(self.peer)
         if delay:
             await asyncio.sleep(delay)
-        if server.has_secret(name) or not server.bearer_enabled:
-            await self._scram(name)
+        # the exchange depends on the connection only, never on the name: which names
+        # exist, and which have a static secret, is not for a client to learn
+        if server.bearer_enabled and (
+                self.tls or (self.loopback and server.cfg.listen.allow_cleartext_loopback)):
+            await self._cleartext(name)
         else:
-            await self._bearer(name)
+            await self._scram(name)
         identity = self.identity
         allowed = server.cfg.upstream.databases
         if self.database != CONSOLE_DB and (
@@ -328,47 +304,79 @@ class Session(Enforcement, Holds, ConsoleSession):
         except scram.ScramError as e:
             raise ProtocolViolation(f"malformed SCRAM message: {e}") from None
         if final is None or identity is None or not self.server.has_secret(name):
-            self._audit_event("auth_failed", error="password authentication failed")
-            await self.server.auth_failed(self)
-            raise AuthFailed(f'password authentication failed for user "{name}"')
+            hint = "pgguard tokens are accepted only over TLS (sslmode=require)" \
+                if self.server.bearer_enabled else None
+            await self._login_failed("password authentication failed", hint)
         c.transport.write(m.auth_request(m.AUTH_SASL_FINAL, final))
         self.identity = identity
 
-    async def _bearer(self, name: str) -> None:
-        """A pgguard token or an OIDC JWT as a cleartext password: only over TLS, or
-        from loopback when [listen] allow_cleartext_loopback."""
+    async def _cleartext(self, name: str) -> None:
+        """A cleartext password, over TLS or from loopback when [listen]
+        allow_cleartext_loopback, asked of every name once bearer credentials are on: a
+        pgguard token or an OIDC JWT, or else the identity's static secret. A failure
+        costs the same checks whatever the name (the secret's PBKDF2 runs against a fake
+        verifier for names without one)."""
         from .auth import tokens
-        cfg = self.server.cfg
-        if not (self.tls or (self.loopback and cfg.listen.allow_cleartext_loopback)):
-            raise AuthRejected("token authentication requires TLS",
-                               hint="connect with sslmode=require")
+        server = self.server
         self.client.transport.write(m.auth_request(m.AUTH_CLEARTEXT))
-        password = await self._read_password_message()
+        password = (await self._read_password_message()).rstrip(b"\0")
         try:
             p = tokens.authenticate_password(
-                cfg, name, password, database=self.database,
-                revocations=self.server.revocations, oidc=self.server.oidc)
+                server.cfg, name, password, database=self.database,
+                revocations=server.revocations, oidc=server.oidc)
         except tokens.TokenInvalid as e:
-            self._audit_event("auth_failed", error=e.reason)
-            await self.server.auth_failed(self, e.reason)
-            raise AuthFailed(e.message) from None
-        self.principal = p
-        self.identity_name = p.identity
-        self.identity = p.identity_config
-        self.readonly = p.readonly
+            # a token-shaped password keeps its reason (expired, revoked ...) for the
+            # audit; it does not depend on whether the name exists
+            bearer_reason = e.reason if _bearer_shaped(password) else None
+        else:
+            self.principal = p
+            self.identity_name = p.identity
+            self.identity = p.identity_config
+            self.readonly = p.readonly
+            return
+        verifier = server.verifier_for(name)
+        ok = await asyncio.get_running_loop().run_in_executor(
+            None, verifier.verify_password, password)
+        identity = server.cfg.identities.get(name)
+        if not ok or identity is None or not server.has_secret(name):
+            await self._login_failed(bearer_reason or "password authentication failed")
+        self.identity = identity
+
+    async def _login_failed(self, reason: str, hint: str | None = None) -> NoReturn:
+        """The one answer to every failed login, whatever the name: 28P01, the same
+        message, an auth_failed audit record, a throttled address."""
+        self._audit_event("auth_failed", error=reason)
+        await self.server.auth_failed(self, reason)
+        raise AuthFailed(f'password authentication failed for user "{self.identity_name}"',
+                         hint=hint)
 
     async def _connect_upstream(self) -> None:
-        params = {k: v for k, v in self.params.items() if k not in ("user", "database")}
-        client_app = self.params.get("application_name", "")
-        # the upstream's own logs and pg_stat_activity name who is acting
-        params["application_name"] = _app_name(self.identity_name, client_app)
-        if self.readonly:
-            opts = params.get("options", "")
-            params["options"] = (opts + " -c default_transaction_read_only=on").strip()
+        # judge the client's settings now that the identity is known, before anything
+        # happens upstream (no connection, no provisioned role for a refused session)
+        cfg = self.server.cfg
+        guarded = under_policy(self.server, self.identity_name, self.identity,
+                               self.database, self.readonly)
+        try:
+            params, client_app = upstream_params(client_settings(self.params),
+                                                 guarded=guarded, readonly=self.readonly)
+        except PgguardError as e:
+            self._audit_event("auth_failed", error=e.message, sqlstate=e.sqlstate,
+                              decision="blocked", rule="startup-settings")
+            raise
+        if client_app is not None:
+            self.params["application_name"] = client_app    # what the audit shows
+        tag = cfg.upstream.application_name == "tag"
+        if tag:
+            # the upstream's own logs and pg_stat_activity name who is acting
+            params.append(("application_name", tagged_app_name(self.identity_name,
+                                                                client_app)))
+        elif client_app is not None:
+            params.append(("application_name", client_app))
         user, password = await self._upstream_role()
         self.up, status, key = await connect_upstream(self, self.server, self.database, params,
                                                       user=user, password=password)
-        status = [_client_app_status(st, client_app) for st in status]
+        if tag:
+            status = [_client_app_status(st, client_app or "") for st in status]
         role = self.identity.role if self.identity is not None else None
         if role:
             from .sideconn import UpstreamError, execute, ident
@@ -652,45 +660,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.server.forget(self)
 
 
-def _options(options: str) -> list[tuple[str, str | None]]:
-    """(name, value) set by `-c name=value` / `--name=value` in a startup `options`."""
-    tokens: list[str] = []
-    cur, esc = [], False
-    for ch in options:
-        if esc:
-            cur.append(ch)
-            esc = False
-        elif ch == "\\":
-            esc = True
-        elif ch.isspace():
-            if cur:
-                tokens.append("".join(cur))
-                cur = []
-        else:
-            cur.append(ch)
-    if cur:
-        tokens.append("".join(cur))
-    out: list[tuple[str, str | None]] = []
-
-    def add(setting: str) -> None:
-        name, eq, value = setting.partition("=")
-        out.append((name, value if eq else None))
-
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok == "-c" and i + 1 < len(tokens):
-            add(tokens[i + 1])
-            i += 2
-            continue
-        if tok.startswith("-c"):
-            add(tok[2:])
-        elif tok.startswith("--"):
-            add(tok[2:])
-        i += 1
-    return out
-
-
 def _fmt_addr(peer) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
@@ -704,9 +673,10 @@ def _is_loopback(peer) -> bool:
     return host.startswith("127.") or host == "::1"
 
 
-def _app_name(identity: str, client_app: str) -> str:
-    name = f"pgguard:{identity}" + (f" {client_app}" if client_app else "")
-    return name.encode()[:63].decode("utf-8", "ignore")
+def _bearer_shaped(password: bytes) -> bool:
+    # a pgguard token or what could be a JWT: its refusal reason is worth auditing
+    return password.startswith(b"pgg_") or (password.startswith(b"eyJ")
+                                            and password.count(b".") == 2)
 
 
 def _client_app_status(msg: bytes, client_app: str) -> bytes:

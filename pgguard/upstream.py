@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ._core import FrameReader
 from .errors import PgguardError, UpstreamUnavailable
 from .protocol import messages as m
+from .startup import PACKET_KEYS as _PACKET_KEYS
 
 if TYPE_CHECKING:
     from .server import Server
@@ -102,15 +103,19 @@ def _ssl_context(server: Server) -> ssl.SSLContext | None:
 
 
 async def connect_upstream(session: Session, server: Server, database: str,
-                           params: dict[str, str], *, user: str | None = None,
+                           params: dict[str, str] | list[tuple[str, str]], *,
+                           user: str | None = None,
                            password: str | None = None):
     """Open and log in an upstream connection for a session.
 
+    ``params`` are the settings of the StartupMessage besides user and database: a dict,
+    or pairs in the order Postgres applies them (pgguard.startup.upstream_params).
     Returns (protocol, [ParameterStatus messages to pass on], (pid, secret)).
     Errors become UpstreamUnavailable (08006) or the upstream's own error when it
     is about the client's request (unknown database, too many connections).
     """
     cfg = server.cfg.upstream
+    pairs = list(params.items()) if isinstance(params, dict) else list(params)
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(server.upstream_connect_timeout):
@@ -128,7 +133,7 @@ async def connect_upstream(session: Session, server: Server, database: str,
             detail=f"connection to {cfg.host}:{cfg.port} failed") from None
     session.up = proto
     try:
-        return await _login(proto, server, database, params, user, password)
+        return await _login(proto, server, database, pairs, user, password)
     except (ConnectionError, OSError) as e:
         transport.close()
         raise UpstreamUnavailable("the upstream database closed the connection during login",
@@ -139,7 +144,7 @@ async def connect_upstream(session: Session, server: Server, database: str,
 
 
 async def _login(proto: UpstreamProtocol, server: Server, database: str,
-                 params: dict[str, str], user: str | None = None,
+                 params: list[tuple[str, str]], user: str | None = None,
                  password: str | None = None):
     cfg = server.cfg.upstream
     user = user or cfg.user
@@ -168,8 +173,13 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
         else:
             raise UpstreamUnavailable("unexpected answer to SSLRequest from upstream")
     proto.reader = FrameReader(True, 0x7FFFFFFF)
-    start = {"user": user, "database": database}
-    start.update(params)
+    # pgguard chooses who and where; params are settings only (pgguard.startup built
+    # them), never a key Postgres reads as something else
+    bad = [k for k, _ in params if k in _PACKET_KEYS or k.startswith("_pq_.")]
+    if bad:
+        raise PgguardError(f"internal error: startup parameter {bad[0]!r} is not a setting",
+                           severity="FATAL")
+    start = [("user", user), ("database", database), *params]
     proto.transport.write(m.startup_message(start))
     status: list[bytes] = []
     key = (0, 0)

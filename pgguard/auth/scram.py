@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import hmac
 import secrets
+import stringprep
+import unicodedata
 
 from pgguard.errors import ProtocolViolation
 
@@ -63,11 +65,51 @@ def _new_nonce() -> str:
     return _b64(secrets.token_bytes(_NONCE_BYTES))
 
 
-def _salted_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    # No SASLprep: we use the raw UTF-8 bytes. Postgres falls back to raw bytes when
-    # SASLprep fails and SASLprep is the identity on printable ASCII, so the two agree
-    # there; a non-ASCII password that SASLprep would rewrite (NFKC, odd spaces) differs.
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+def saslprep(password: str) -> str | None:
+    """The password as SCRAM hashes it (RFC 4013 SASLprep, stored-string rules), or None
+    when SASLprep refuses it: Postgres (and libpq) then hash the raw bytes instead.
+
+    >>> saslprep("pw"), saslprep("I\u00adX"), saslprep("\u2168"), saslprep("a\u0007\u00e9")
+    ('pw', 'IX', 'IX', None)
+    """
+    if password.isascii():
+        return password         # Postgres' shortcut: ASCII passes as it is, controls too
+    mapped = "".join(" " if stringprep.in_table_c12(ch) else ch for ch in password
+                     if not stringprep.in_table_b1(ch))
+    if not mapped:
+        return None
+    out = unicodedata.normalize("NFKC", mapped)
+    for ch in out:
+        if (stringprep.in_table_c12(ch) or stringprep.in_table_c21_c22(ch)
+                or stringprep.in_table_c3(ch) or stringprep.in_table_c4(ch)
+                or stringprep.in_table_c5(ch) or stringprep.in_table_c6(ch)
+                or stringprep.in_table_c7(ch) or stringprep.in_table_c8(ch)
+                or stringprep.in_table_c9(ch) or stringprep.in_table_a1(ch)):
+            return None
+    if any(stringprep.in_table_d1(ch) for ch in out):
+        # right-to-left text: no left-to-right characters, and RandALCat at both ends
+        if any(stringprep.in_table_d2(ch) for ch in out) or not (
+                stringprep.in_table_d1(out[0]) and stringprep.in_table_d1(out[-1])):
+            return None
+    return out
+
+
+def _password_bytes(password: str | bytes) -> bytes:
+    # what PBKDF2 hashes: the SASLprep'd UTF-8, or the raw bytes where SASLprep refuses
+    # (or the bytes are not UTF-8), as Postgres' pg_saslprep callers do
+    if isinstance(password, bytes):
+        try:
+            text = password.decode("utf-8")
+        except UnicodeDecodeError:
+            return password
+    else:
+        text = password
+    prepped = saslprep(text)
+    return text.encode("utf-8", "surrogatepass") if prepped is None else prepped.encode("utf-8")
+
+
+def _salted_keys(password: str | bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    salted = hashlib.pbkdf2_hmac("sha256", _password_bytes(password), salt, iterations)
     client_key = _hmac(salted, b"Client Key")
     return client_key, _hmac(salted, b"Server Key")
 
@@ -116,6 +158,17 @@ class ScramVerifier:
         def derive(label: bytes) -> bytes:
             return _hmac(secret, b"pgguard-scram-fake\0" + label + b"\0" + username.encode())
         return cls(derive(b"salt")[:_SALT_BYTES], 4096, derive(b"stored"), derive(b"server"))
+
+    def verify_password(self, password: str | bytes) -> bool:
+        """True if a cleartext password is the one this verifier was made from (the same
+        PBKDF2 work for every input, a fake verifier included; constant-time compare).
+
+        >>> v = ScramVerifier.from_password("pw")
+        >>> v.verify_password(b"pw"), v.verify_password("no")
+        (True, False)
+        """
+        _, server_key = _salted_keys(password, self.salt, self.iterations)
+        return hmac.compare_digest(server_key, self.server_key)
 
     def __str__(self) -> str:
         return (f"{MECHANISM}${self.iterations}:{_b64(self.salt)}"

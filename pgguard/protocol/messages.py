@@ -82,9 +82,11 @@ def negotiate_protocol_version(minor: int, unrecognized: list[str]) -> bytes:
     return buf.take()
 
 
-def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+def startup_message(params: dict[str, str] | list[tuple[str, str]],
+                    version: int = PROTOCOL_3_0) -> bytes:
+    # a list may repeat a name: Postgres applies the parameters in order
     body = struct.pack("!I", version)
-    for k, v in params.items():
+    for k, v in (params.items() if isinstance(params, dict) else params):
         body += k.encode() + b"\0" + v.encode() + b"\0"
     body += b"\0"
     return struct.pack("!I", len(body) + 4) + body
