@@ -143,8 +143,9 @@ class Enforcement:
                    for k in st.kinds):
             return
         self.server.catalog_changed(self.database)
-        if self.views.learn(d.statements) and not self.own_cache:
-            # this session's view knowledge differs from its peers': own decisions
+        if self.views.learn(d.statements):
+            # this session's view knowledge differs from its peers' (and from what its
+            # cached decisions saw): decide again, in a cache of its own
             self.own_cache = True
             self._cache = ({}, {})
             pipe = self.client_pipe

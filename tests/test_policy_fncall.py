@@ -475,3 +475,66 @@ def test_pipelined_extended_refusal_behind_a_lookup_keeps_the_protocol(pg, guard
         and "TRUNCATE" in errs[2]["M"], errs
     still_usable(c)
     c.close()
+
+
+def test_bytes_arriving_during_a_lookup_are_read_in_order(pg, guarded):
+    """A FunctionCall, then a Query split across writes while the function is looked
+    up: nothing is read ahead or out of order."""
+    c = agent(guarded)
+    oid = oid_of(pg, "pg_ls_archive_statusdir()")
+    q = query("SELECT 5")
+    c.send(function_call(oid) + q[:7])
+    time.sleep(0.02)
+    c.send(q[7:] + function_call(177, [b"2", b"3"]) + query("SELECT 6"))
+    msgs = c.until_ready(4)
+    assert "pg_ls_archive_statusdir" in errors(msgs)[0]["M"]
+    assert rows(msgs) == [[b"5"], [b"6"]] and value(msgs) == b"5"
+    still_usable(c)
+    c.close()
+
+
+MASK = """
+[[masks]]
+column = "public.fncall_cust.email"
+strategy = "redact"
+"""
+
+
+def test_masked_session_function_calls_keep_results_masked(pg, make_proxy):
+    """Masking pairs results with statements: a FunctionCall between them (answered by
+    its own ReadyForQuery) must not shift the pairing."""
+    pg.execute("DROP TABLE IF EXISTS fncall_cust; CREATE TABLE fncall_cust (id int, "
+               "email text); INSERT INTO fncall_cust VALUES (1, 'ada@example.com')",
+               dbname=DB)
+    p = make_proxy(extra=MASK)
+    c = agent(p)
+    for _ in range(3):
+        assert value(call(c, 177, [b"1", b"2"])) == b"3"
+    c.send(function_call(177, [b"2", b"2"]), query("SELECT email FROM fncall_cust"),
+           function_call(177, [b"3", b"3"]), query("SELECT id, email FROM fncall_cust"))
+    msgs = c.until_ready(4)
+    assert errors(msgs) == []
+    assert len(rows(msgs)) == 2
+    assert b"ada@example.com" not in b"".join(m for _, m in msgs)
+    c.close()
+
+
+def test_strict_audit_records_function_calls_before_they_run(pg, make_proxy):
+    p = make_proxy(audit_extra='durability = "strict"\n')
+    p.config.write_text(p.config.read_text().replace('agents = "allow"',
+                                                     'agents = "guarded"'))
+    p.stop()
+    p.start()
+    c = agent(p)
+    c.send(function_call(177, [b"40", b"2"]), query("SELECT 1"),
+           function_call(oid_of(pg, "pg_read_file(text)"), [b"postgresql.conf"]))
+    msgs = c.until_ready(3)
+    assert value(msgs) == b"42" and rows(msgs) == [[b"1"]]
+    assert "pg_read_file" in errors(msgs)[0]["M"]
+    c.close()
+    assert p.stop() == 0
+    recs = audit(p, "SELECT statement, decision FROM audit WHERE event = 'statement' "
+                    "ORDER BY event_id")
+    assert recs == [("SELECT pg_catalog.int4pl($1::integer, $2::integer)", "allowed"),
+                    ("SELECT $1", "allowed"),
+                    ("SELECT pg_catalog.pg_read_file($1)", "blocked")]

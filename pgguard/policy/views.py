@@ -22,10 +22,10 @@ Where the edges come from:
   committed, before the catalog does.
 
 Names are the classifier's: schema-qualified, an unqualified name is ``public.<name>``.
-A TEMP view is known as ``pg_temp.<name>`` and as ``public.<name>`` (an unqualified
-name reaches the session's temporary schema first); views found in another session's
-temporary schema (``pg_temp_N``) are known under those names too, which can only make a
-statement match more rules, never fewer.
+A TEMP view the session creates is known to it as ``pg_temp.<name>`` and as
+``public.<name>`` (an unqualified name reaches the session's temporary schema first);
+the catalog's temporary schemas (``pg_temp_N``) belong to sessions pgguard cannot tell
+apart, so their views are known only under those names.
 
 Example::
 
@@ -147,11 +147,10 @@ class ViewMap:
 
 
 def _aliases(schema: str, name: str) -> tuple[str, ...]:
-    # a temporary relation is reached unqualified (the classifier says public.<name>)
+    # the session's temporary relation is reached unqualified (the classifier says
+    # public.<name> then)
     if schema == "pg_temp":
         return (f"pg_temp.{name}", f"public.{name}")
-    if schema.startswith("pg_temp_"):
-        return (f"{schema}.{name}", f"pg_temp.{name}", f"public.{name}")
     return (f"{schema}.{name}",)
 
 
