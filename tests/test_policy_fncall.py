@@ -13,7 +13,8 @@ import pytest
 
 from conftest import (ADMIN_TOKEN, AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD,
                       UPSTREAM_USER, Proxy)
-from rawpg import SYNC, RawClient, bind, errors, execute, function_call, parse, query, rows
+from rawpg import (SYNC, RawClient, bind, describe, errors, execute, function_call, parse,
+                   query, rows)
 
 RULES = """
 [[rules]]
@@ -513,8 +514,14 @@ def test_masked_session_function_calls_keep_results_masked(pg, make_proxy):
     c.send(function_call(177, [b"2", b"2"]), query("SELECT email FROM fncall_cust"),
            function_call(177, [b"3", b"3"]), query("SELECT id, email FROM fncall_cust"))
     msgs = c.until_ready(4)
+    # the extended protocol pairs by sync points: Parse/Bind/Describe after the calls
+    c.send(parse("SELECT email FROM fncall_cust WHERE id = $1"), bind(params=[b"1"]),
+           describe("P"), execute(), SYNC)
+    ext = c.until_ready()
+    assert [t for t, _ in ext] == [b"1", b"2", b"T", b"D", b"C", b"Z"], ext
+    msgs += ext
     assert errors(msgs) == []
-    assert len(rows(msgs)) == 2
+    assert len(rows(msgs)) == 3
     assert b"ada@example.com" not in b"".join(m for _, m in msgs)
     c.close()
 

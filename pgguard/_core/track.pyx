@@ -162,7 +162,7 @@ cdef class StatementTracker:
                     portal = b""
                 sql, dec = self.stmts.get(self.portals.get(portal, b""), (b"", None))
                 pending.append(_Pending(sql, dec, (<tuple>item)[2], False, False))
-            elif t == 70 and (<tuple>item)[1] is not None:
+            elif t == 70 and (<tuple>item)[1] is not None and (<tuple>item)[1].statements:
                 # FunctionCall judged by the policy: recorded as the SQL it stands for
                 # (the decision's statement text), answered by its own ReadyForQuery
                 dec = (<tuple>item)[1]
