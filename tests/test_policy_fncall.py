@@ -1,18 +1,17 @@
 # FunctionCall ('F') under a policy: resolved by OID, judged as the SQL it stands for,
 # refused with 42501 (the truth checked upstream), audited; legitimate calls still work.
-import json
 import os
 import struct
 import threading
 import time
-import urllib.request
 
 import duckdb
 import psycopg
 import pytest
 
-from conftest import (ADMIN_TOKEN, AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD,
-                      UPSTREAM_USER, Proxy)
+from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_USER
+from guarded import guarded_proxy
+from test_approvals_wire import api, pending_ids
 from rawpg import (SYNC, RawClient, bind, describe, errors, execute, function_call, parse,
                    query, rows)
 
@@ -27,17 +26,10 @@ timeout = "30s"
 DB = "appdb"
 
 
-def _guarded(pg, tmp, **kw):
-    p = Proxy(pg, tmp, extra=RULES, **kw)
-    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
-    return p.start()
-
-
 @pytest.fixture(scope="module")
 def guarded(pg, tmp_path_factory):
-    p = _guarded(pg, tmp_path_factory.mktemp("fncall"))
-    yield p
-    p.stop()
+    with guarded_proxy(pg, tmp_path_factory.mktemp("fncall"), RULES) as p:
+        yield p
 
 
 @pytest.fixture(autouse=True)
@@ -288,22 +280,18 @@ def test_function_call_after_a_refused_parse_is_discarded_until_sync(pg, guarded
     c.close()
 
 
-def test_approval_rule_holds_the_call_until_it_times_out(pg, make_proxy):
-    p = make_proxy(extra=RULES.replace('"30s"', '"1s"'))
-    p.config.write_text(p.config.read_text().replace('agents = "allow"',
-                                                     'agents = "guarded"'))
+def test_approval_rule_holds_the_call_until_it_times_out(pg, tmp_path):
     loid = pg.execute("SELECT lo_from_bytea(0, 'keep me')", dbname=DB)[0][0]
     try:
-        p.stop()
-        p.start()
-        c = agent(p)
-        t0 = time.monotonic()
-        msgs = call(c, oid_of(pg, "lo_unlink(oid)"), [str(loid).encode()])
-        assert time.monotonic() - t0 >= 0.9
-        assert "waiting for approval" in msgs[0][1].decode()
-        assert "timed out" in assert_refused(msgs, "lo-unlink-needs-approval")["M"]
-        still_usable(c)
-        c.close()
+        with guarded_proxy(pg, tmp_path, RULES.replace('"30s"', '"1s"')) as p:
+            c = agent(p)
+            t0 = time.monotonic()
+            msgs = call(c, oid_of(pg, "lo_unlink(oid)"), [str(loid).encode()])
+            assert time.monotonic() - t0 >= 0.9
+            assert "waiting for approval" in msgs[0][1].decode()
+            assert "timed out" in assert_refused(msgs, "lo-unlink-needs-approval")["M"]
+            still_usable(c)
+            c.close()
         assert pg.execute(f"SELECT count(*) FROM pg_largeobject_metadata WHERE oid = {loid}",
                           dbname=DB)[0][0] == 1
     finally:
@@ -311,49 +299,27 @@ def test_approval_rule_holds_the_call_until_it_times_out(pg, make_proxy):
                    dbname=DB)
 
 
-def api(proxy, method, path, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{proxy.admin_port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
-                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def test_approved_call_runs_and_is_audited_as_approved(pg, make_proxy):
-    p = make_proxy(extra=RULES)
-    p.config.write_text(p.config.read_text().replace('agents = "allow"',
-                                                     'agents = "guarded"'))
-    p.stop()
-    p.start()
+def test_approved_call_runs_and_is_audited_as_approved(pg, tmp_path):
     loid = pg.execute("SELECT lo_from_bytea(0, 'drop me')", dbname=DB)[0][0]
-    c = agent(p)
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault(
-        "msgs", call(c, oid_of(pg, "lo_unlink(oid)"), [str(loid).encode()])))
-    t.start()
-    deadline = time.monotonic() + 10
-    pending = []
-    while not pending and time.monotonic() < deadline:
-        try:
-            items = api(p, "GET", "/api/approvals?state=pending")
-        except OSError:
-            items = []
-        items = items.get("approvals", items) if isinstance(items, dict) else items
-        pending = [i for i in items if "lo_unlink" in i["statement"]]
-        time.sleep(0.05)
-    assert pending, "no approval was requested"
-    assert pg.execute(f"SELECT count(*) FROM pg_largeobject_metadata WHERE oid = {loid}",
-                      dbname=DB)[0][0] == 1, "the held call ran before approval"
-    api(p, "POST", f"/api/approvals/{pending[0]['id']}/approve", {"approver": HUMAN})
-    t.join(10)
-    msgs = box["msgs"]
-    assert errors(msgs) == [] and value(msgs) == b"1"
-    still_usable(c)
-    c.close()
-    assert pg.execute(f"SELECT count(*) FROM pg_largeobject_metadata WHERE oid = {loid}",
-                      dbname=DB)[0][0] == 0
-    assert p.stop() == 0
+    with guarded_proxy(pg, tmp_path, RULES) as p:
+        c = agent(p)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault(
+            "msgs", call(c, oid_of(pg, "lo_unlink(oid)"), [str(loid).encode()])))
+        t.start()
+        (rid,) = pending_ids(p)
+        assert pg.execute(f"SELECT count(*) FROM pg_largeobject_metadata WHERE oid = {loid}",
+                          dbname=DB)[0][0] == 1, "the held call ran before approval"
+        assert "lo_unlink" in api(p, "GET", f"/api/approvals/{rid}")["statement"]
+        api(p, "POST", f"/api/approvals/{rid}/approve", {"approver": HUMAN})
+        t.join(10)
+        msgs = box["msgs"]
+        assert errors(msgs) == [] and value(msgs) == b"1"
+        still_usable(c)
+        c.close()
+        assert pg.execute(f"SELECT count(*) FROM pg_largeobject_metadata WHERE oid = {loid}",
+                          dbname=DB)[0][0] == 0
+        assert p.stop() == 0
     recs = audit(p, "SELECT statement, decision, approver FROM audit "
                     "WHERE statement LIKE '%lo_unlink%'")
     assert recs == [("SELECT pg_catalog.lo_unlink($1::oid)", "approved", HUMAN)]
@@ -368,16 +334,9 @@ def audit(proxy, sql):
     return con.execute(sql).fetchall()
 
 
-def test_every_function_call_has_an_audit_record(pg, make_proxy, other_role):
-    p = make_proxy()
-    p.config.write_text(p.config.read_text().replace('agents = "allow"',
-                                                     'agents = "guarded"'))
-    p.stop()
-    p.start()
-    c = agent(p)
-    conf = str(pg.datadir / "postgresql.conf")
+def test_every_function_call_has_an_audit_record(pg, tmp_path, other_role):
     calls = [
-        ("pg_read_file(text)", [conf.encode()], "blocked"),
+        ("pg_read_file(text)", [str(pg.datadir / "postgresql.conf").encode()], "blocked"),
         ("pg_ls_dir(text)", [b"."], "blocked"),
         ("lo_export(oid, text)", [b"1", b"/tmp/x"], "blocked"),
         ("pg_terminate_backend(integer, bigint)", [b"1", b"0"], "blocked"),
@@ -385,11 +344,13 @@ def test_every_function_call_has_an_audit_record(pg, make_proxy, other_role):
         ("pg_reload_conf()", [], "blocked"),
         ("int4pl(integer, integer)", [b"40", b"2"], "allowed"),
     ]
-    for sig, args, _ in calls:
-        call(c, oid_of(pg, sig), args)
-    call(c, 4_000_000_001, [])
-    c.close()
-    assert p.stop() == 0
+    with guarded_proxy(pg, tmp_path) as p:
+        c = agent(p)
+        for sig, args, _ in calls:
+            call(c, oid_of(pg, sig), args)
+        call(c, 4_000_000_001, [])
+        c.close()
+        assert p.stop() == 0
     recs = audit(p, "SELECT statement, decision, rule, sqlstate, statement_kind FROM audit "
                     "WHERE event = 'statement' ORDER BY event_id")
     assert len(recs) == len(calls) + 1
@@ -526,20 +487,16 @@ def test_masked_session_function_calls_keep_results_masked(pg, make_proxy):
     c.close()
 
 
-def test_strict_audit_records_function_calls_before_they_run(pg, make_proxy):
-    p = make_proxy(audit_extra='durability = "strict"\n')
-    p.config.write_text(p.config.read_text().replace('agents = "allow"',
-                                                     'agents = "guarded"'))
-    p.stop()
-    p.start()
-    c = agent(p)
-    c.send(function_call(177, [b"40", b"2"]), query("SELECT 1"),
-           function_call(oid_of(pg, "pg_read_file(text)"), [b"postgresql.conf"]))
-    msgs = c.until_ready(3)
-    assert value(msgs) == b"42" and rows(msgs) == [[b"1"]]
-    assert "pg_read_file" in errors(msgs)[0]["M"]
-    c.close()
-    assert p.stop() == 0
+def test_strict_audit_records_function_calls_before_they_run(pg, tmp_path):
+    with guarded_proxy(pg, tmp_path, audit_extra='durability = "strict"\n') as p:
+        c = agent(p)
+        c.send(function_call(177, [b"40", b"2"]), query("SELECT 1"),
+               function_call(oid_of(pg, "pg_read_file(text)"), [b"postgresql.conf"]))
+        msgs = c.until_ready(3)
+        assert value(msgs) == b"42" and rows(msgs) == [[b"1"]]
+        assert "pg_read_file" in errors(msgs)[0]["M"]
+        c.close()
+        assert p.stop() == 0
     recs = audit(p, "SELECT statement, decision FROM audit WHERE event = 'statement' "
                     "ORDER BY event_id")
     assert recs == [("SELECT pg_catalog.int4pl($1::integer, $2::integer)", "allowed"),

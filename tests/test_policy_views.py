@@ -8,8 +8,9 @@ import duckdb
 import psycopg
 import pytest
 
-from conftest import AGENT, AGENT_PASSWORD, Proxy, run_psql
-from rawpg import RawClient, errors, query, rows
+from conftest import AGENT, AGENT_PASSWORD, run_psql
+from guarded import guarded_proxy
+from rawpg import RawClient, errors, rows
 
 DB = "appdb"
 
@@ -48,12 +49,6 @@ CREATE VIEW ledger_v AS SELECT * FROM ledger;
 """
 
 
-def _start(pg, tmp):
-    p = Proxy(pg, tmp, extra=RULES)
-    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
-    return p.start()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def schema(pg):
     pg.execute(SCHEMA, dbname=DB)
@@ -65,9 +60,8 @@ def schema(pg):
 @pytest.fixture(scope="module")
 def guarded(pg, schema, tmp_path_factory):
     """Started after the views exist: they come from the upstream catalog."""
-    p = _start(pg, tmp_path_factory.mktemp("views"))
-    yield p
-    p.stop()
+    with guarded_proxy(pg, tmp_path_factory.mktemp("views"), RULES) as p:
+        yield p
 
 
 ORDERS = [(1, "new"), (2, "new"), (3, "shipped")]
@@ -311,17 +305,13 @@ def test_writes_through_unrelated_views_are_allowed(guarded, pg):
                    dbname=DB)
 
 
-def test_audit_names_the_view_and_the_base(pg, make_proxy):
-    p = make_proxy(extra=RULES)
-    p.config.write_text(p.config.read_text().replace('agents = "allow"',
-                                                     'agents = "guarded"'))
-    p.stop()
-    p.start()
-    with conn(p) as c:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            c.execute("UPDATE orders_vv SET status = 'hacked' WHERE id = 1")
-        c.execute("SELECT * FROM orders_v")
-    assert p.stop() == 0
+def test_audit_names_the_view_and_the_base(pg, tmp_path):
+    with guarded_proxy(pg, tmp_path, RULES) as p:
+        with conn(p) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("UPDATE orders_vv SET status = 'hacked' WHERE id = 1")
+            c.execute("SELECT * FROM orders_v")
+        assert p.stop() == 0
     con = duckdb.connect()
     recs = con.execute(
         f"SELECT decision, rule, relations FROM read_parquet('{p.audit_dir}/**/*.parquet', "
