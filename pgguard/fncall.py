@@ -303,8 +303,6 @@ class FunctionCalls:
             return
         transport = s.client.transport
         transport.set_protocol(s.client_pipe)
-        if wait.paused:
-            transport.resume_reading()
         out: list[bytes] = []
         self._judge(msg, call, info, out, failure)
         # go on in stream order: messages read after it, the scan's unread rest, then
@@ -318,6 +316,8 @@ class FunctionCalls:
             s.client_items(later)
         if wait.data and not s.closed:
             transport.get_protocol().data_received(b"".join(wait.data))
+        if wait.paused and not s.closed:
+            transport.resume_reading()
 
     def _judge(self, msg: bytes, call: Call, info: FunctionInfo | None, out: list,
                failure: Exception | None = None) -> None:

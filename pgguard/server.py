@@ -20,6 +20,7 @@ from pathlib import Path
 from .cancel import CancelKeyCipher
 from .config import Config, parse_duration, read_secret
 from .errors import ConfigError, TooManyConnections
+from .policy.views import ViewMap
 from .protocol import messages as m
 
 log = logging.getLogger("pgguard.server")
@@ -105,7 +106,6 @@ class Server:
         # functions by OID for FunctionCall (oid -> (FunctionInfo, loaded at))
         self._views: dict[str, _ViewState] = {}
         self._functions: dict[str, dict[int, tuple[object, float]]] = {}
-        from .policy.views import ViewMap
         self._no_views = ViewMap()
         self._idle = asyncio.Event()
 
@@ -203,7 +203,6 @@ class Server:
     def views_published(self, database: str, edges: dict) -> None:
         """A session sent statements that create views others may see: they count for
         every session at once, before the catalog shows them."""
-        from .policy.views import ViewMap
         st = self._views.setdefault(database, _ViewState())
         now = time.monotonic()
         for name, behind in edges.items():
@@ -221,7 +220,7 @@ class Server:
                 exact.clear()
                 shapes.clear()
         for s in self.sessions:
-            if s.database == database and getattr(s, "own_cache", False):
+            if s.database == database and s.own_cache:
                 s._cache[0].clear()
                 s._cache[1].clear()
 
@@ -236,7 +235,6 @@ class Server:
 
     async def _read_views(self, database: str, st: _ViewState) -> None:
         from . import sideconn
-        from .policy.views import ViewMap
         started = time.monotonic()
         st.stale = False
         try:

@@ -317,8 +317,8 @@ class PolicyEngine:
         it runs; decisions that consult it (``Statement.session_dependent``) are never
         cached. ``views`` (a :class:`~pgguard.policy.views.ViewMap`) adds the relations
         behind each view to the relations a statement reads and writes before any rule
-        matches; a decision made with a map is not cached here (the map
-        changes under it).
+        matches; a decision made with a map is not cached here (the map changes under
+        it: the caller's caches must be emptied when it does).
         """
         if views is not None:
             return self.decide_uncached(sql, identity_name, identity, database, prepared,
