@@ -11,6 +11,8 @@ import pytest
 
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_USER
 from guarded import guarded_proxy
+from pgguard.fncall import MAX_INLINE, Call, FunctionInfo, Unrenderable, parse_call, render
+from pgguard.policy.classify import classify
 from test_approvals_wire import api, pending_ids
 from rawpg import (SYNC, RawClient, bind, describe, errors, execute, function_call, parse,
                    query, rows)
@@ -91,6 +93,77 @@ def text_or_binary(fmt, *values):
         else:
             out.append(v.encode())
     return out
+
+
+# ---------------------------------------------------------------- rendering (no server)
+
+def _info(schema="pg_catalog", name="f", types=(), names=(), kind="f"):
+    return FunctionInfo(oid=1, schema=schema, name=name, kind=kind, retset=False,
+                        argtypes=tuple(types), argtype_names=tuple(names))
+
+
+def test_render_quotes_names_and_values_so_the_text_is_one_call():
+    info = _info("My Schema", "select", (25, 23, 1043), ("text", "integer",
+                                                        "character varying"))
+    sql = render(info, Call(1, (0,), (b"it's", b"1); DROP TABLE items; --", None)))
+    assert sql == ('SELECT "My Schema"."select"(\'it\'\'s\', '
+                   "'1); DROP TABLE items; --'::integer, NULL::character varying)")
+    (st,) = classify(sql)
+    assert st.kind == "select" and st.kinds == ("select",) and not st.flags
+    assert render(_info(kind="p"), Call(1, (), ())) == "CALL pg_catalog.f()"
+
+
+def test_render_decodes_common_binary_types_and_hides_the_rest():
+    types = (21, 23, 20, 26, 16, 701, 701, 17, 25, 1700)
+    names = ("smallint", "integer", "bigint", "oid", "boolean", "double precision",
+             "double precision", "bytea", "text", "numeric")
+    args = (struct.pack("!h", -2), struct.pack("!i", 7), struct.pack("!q", 1 << 40),
+            struct.pack("!I", 4_000_000_000), b"\x01", struct.pack("!d", float("nan")),
+            struct.pack("!d", 1.5), b"\x00\xff", "é".encode(), b"\x00\x01")
+    sql = render(_info(types=types, names=names), Call(1, (1,), args))
+    assert sql == ("SELECT pg_catalog.f('-2'::smallint, '7'::integer, '1099511627776'::bigint, "
+                   "'4000000000'::oid, 'true'::boolean, 'NaN'::double precision, "
+                   "'1.5'::double precision, '\\x00ff'::bytea, 'é', NULL::numeric)")
+    # a value of the wrong length, or too long to inline, is unknown: a typed NULL
+    sql = render(_info(types=(23, 25), names=("integer", "text")),
+                 Call(1, (1, 0), (b"\x00\x01", b"x" * (MAX_INLINE + 1))))
+    assert sql == "SELECT pg_catalog.f(NULL::integer, NULL::text)"
+
+
+@pytest.mark.parametrize("call_, why", [
+    (Call(1, (0,), (b"a\x00b",)), "NUL"),
+    (Call(1, (0,), (b"\xff",)), "UTF-8"),
+    (Call(1, (1,), (b"\xff",)), "UTF-8"),
+    (Call(1, (0,), ()), "argument"),
+    (Call(1, (0,), (b"a", b"b")), "argument"),
+    (Call(1, (2,), (b"a",)), "format code"),
+    (Call(1, (0, 0), (b"a",)), "format codes"),
+])
+def test_render_refuses_what_it_cannot_trust(call_, why):
+    with pytest.raises(Unrenderable, match=why):
+        render(_info(types=(25,), names=("text",)), call_)
+
+
+# one argument of 99 bytes announced, none there (the frame itself is well formed)
+BAD_CALL = b"F" + struct.pack("!IIhhih", 18, 177, 0, 1, 99, 0)
+
+
+@pytest.mark.parametrize("msg", [
+    function_call(177, [b"1"])[:-1],                    # truncated
+    function_call(177, [b"1"]) + b"x",                 # trailing byte
+    b"F\0\0\0\x0c\0\0\0\xb1\xff\xff",                # negative format count
+    BAD_CALL,                                           # argument runs past the end
+])
+def test_malformed_function_call_messages(msg):
+    with pytest.raises(ValueError):
+        parse_call(msg)
+
+
+def test_malformed_function_call_closes_with_08p01(guarded):
+    c = agent(guarded)
+    c.send(BAD_CALL)
+    msgs = c.read_all()
+    assert errors(msgs)[0]["C"] == "08P01"
 
 
 # ---------------------------------------------------------------- refused, by class

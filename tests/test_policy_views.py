@@ -10,6 +10,8 @@ import pytest
 
 from conftest import AGENT, AGENT_PASSWORD, run_psql
 from guarded import guarded_proxy
+from pgguard.policy.classify import classify
+from pgguard.policy.views import ViewMap, learned
 from rawpg import RawClient, errors, rows
 
 DB = "appdb"
@@ -93,6 +95,48 @@ def refused(e, rule="orders-writes-blocked"):
     assert e.value.diag.sqlstate == "42501"
     assert f'"{rule}"' in e.value.diag.message_primary
     return e.value.diag
+
+
+# ---------------------------------------------------------------- the map (no server)
+
+def test_map_resolves_views_of_views_and_survives_cycles():
+    vm = ViewMap.from_rows([("public", "a", "public", "b"), ("public", "b", "public", "a"),
+                            ("public", "b", "s", "t"), ("pg_temp_3", "x", "public", "t")])
+    assert vm.bases("public.a") == ("public.b", "s.t")
+    assert vm.bases("public.t") == ()
+    # another session's temporary view does not shadow this session's names
+    assert "public.x" not in vm and "pg_temp_3.x" in vm
+    (st,) = vm.expand(classify("DELETE FROM a WHERE id = 1"))
+    assert st.relations_written == ("public.a", "public.b", "s.t")
+
+
+@pytest.mark.parametrize("sql, edges", [
+    ("CREATE VIEW v AS SELECT * FROM orders o JOIN notes n USING (id)",
+     {"public.v": {"public.orders", "public.notes"}}),
+    ("CREATE OR REPLACE TEMP VIEW v AS SELECT * FROM s2.o",
+     {"pg_temp.v": {"s2.o"}, "public.v": {"s2.o"}}),
+    ("CREATE RULE r AS ON INSERT TO v DO INSTEAD INSERT INTO orders VALUES (NEW.id)",
+     {"public.v": {"public.orders"}}),
+    ("CREATE SCHEMA s3 CREATE VIEW v AS SELECT * FROM orders",
+     {"s3.v": {"public.v", "public.orders"}}),
+    ("CREATE MATERIALIZED VIEW mv AS SELECT * FROM orders", {"public.mv": {"public.orders"}}),
+    ("CREATE TABLE t AS SELECT * FROM orders", {}),
+    ("CREATE TABLE t (id int)", {}),
+    ("UPDATE orders SET status = 'x' WHERE id = 1", {}),
+])
+def test_learned_from_the_sessions_own_statements(sql, edges):
+    (st,) = classify(sql)
+    assert learned(st) == {k: frozenset(v) for k, v in edges.items()}
+
+
+def test_renames_and_moves_of_a_known_view_are_followed():
+    known = ViewMap({"public.v": frozenset({"public.orders"})})
+    for sql, name in [("ALTER VIEW v RENAME TO w", "public.w"),
+                      ("ALTER TABLE v RENAME TO w", "public.w"),
+                      ("ALTER VIEW v SET SCHEMA s9", "s9.v")]:
+        assert learned(classify(sql)[0], known) == {name: frozenset({"public.orders"})}
+    assert learned(classify("ALTER TABLE t RENAME TO u")[0], known) == {}
+    assert learned(classify("ALTER VIEW v RENAME COLUMN a TO b")[0], known) == {}
 
 
 # ---------------------------------------------------------------- views made before
