@@ -135,6 +135,18 @@ WHERE vn.nspname NOT IN ('pg_catalog', 'information_schema')
   AND vn.nspname NOT LIKE 'pg\\_toast%'
 """
 
+# the functions INSTEAD OF triggers run (tgtype bit 6: TRIGGER_TYPE_INSTEAD)
+INSTEAD_TRIGGERS_SQL = """
+SELECT n.nspname, c.relname, l.lanname, p.prosrc
+FROM pg_catalog.pg_trigger t
+JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE NOT t.tgisinternal AND (t.tgtype & 64) <> 0
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
 
 async def function_rows(server: Server, database: str, oid: int) -> list[tuple]:
     """The function with ``oid``: one row per declared argument (schema, name, kind,
@@ -143,10 +155,12 @@ async def function_rows(server: Server, database: str, oid: int) -> list[tuple]:
     return (await run(server, database, [FUNCTION_SQL.format(oid=int(oid))]))[0]
 
 
-async def rewrite_rows(server: Server, database: str) -> list[tuple]:
+async def rewrite_rows(server: Server, database: str) -> tuple[list[tuple], list[tuple]]:
     """(schema, relation, base schema, base relation) for every relation with rewrite
-    rules (views, INSTEAD/ALSO rules) and each relation those rules use."""
-    return (await run(server, database, [REWRITE_MAP_SQL]))[0]
+    rules (views, INSTEAD/ALSO rules) and each relation those rules use; and (schema,
+    view, language, source) of the functions of INSTEAD OF triggers."""
+    rules, triggers = await run(server, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL])
+    return rules, triggers
 
 
 def ident(name: str) -> str:

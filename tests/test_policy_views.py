@@ -13,6 +13,7 @@ from guarded import guarded_proxy
 from pgguard.policy.classify import classify
 from pgguard.policy.views import ViewMap, learned
 from rawpg import RawClient, errors, rows
+from test_approvals_wire import api, pending_ids, run_in_thread
 
 DB = "appdb"
 
@@ -32,6 +33,7 @@ timeout = "1s"
 SCHEMA = """
 DROP SCHEMA IF EXISTS s2 CASCADE;
 DROP TABLE IF EXISTS orders, ledger, notes, swap CASCADE;
+DROP VIEW IF EXISTS orders_trg CASCADE;
 DROP VIEW IF EXISTS swap CASCADE;
 CREATE TABLE orders (id int PRIMARY KEY, status text);
 INSERT INTO orders VALUES (1, 'new'), (2, 'new'), (3, 'shipped');
@@ -46,6 +48,22 @@ CREATE VIEW s2.o AS SELECT id, status FROM public.orders;
 CREATE VIEW orders_ro AS SELECT 1 AS id, 'x'::text AS status;
 CREATE RULE orders_ro_upd AS ON UPDATE TO orders_ro
     DO INSTEAD UPDATE orders SET status = NEW.status WHERE id = OLD.id;
+CREATE VIEW orders_trg AS SELECT 1 AS id, 'x'::text AS status;
+CREATE OR REPLACE FUNCTION orders_trg_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE orders SET status = NEW.status WHERE id = OLD.id;
+    RETURN NEW;
+END$$;
+CREATE TRIGGER orders_trg_t INSTEAD OF UPDATE ON orders_trg
+    FOR EACH ROW EXECUTE FUNCTION orders_trg_fn();
+CREATE VIEW orders_sql_trg AS SELECT DISTINCT id, status FROM s2.o;
+CREATE OR REPLACE FUNCTION orders_sql_trg_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM orders WHERE id = OLD.id;
+    RETURN OLD;
+END$$;
+CREATE TRIGGER orders_sql_trg_t INSTEAD OF DELETE ON orders_sql_trg
+    FOR EACH ROW EXECUTE FUNCTION orders_sql_trg_fn();
 CREATE VIEW notes_v AS SELECT * FROM notes;
 CREATE VIEW ledger_v AS SELECT * FROM ledger;
 """
@@ -56,7 +74,8 @@ def schema(pg):
     pg.execute(SCHEMA, dbname=DB)
     yield
     pg.execute("DROP SCHEMA IF EXISTS s2 CASCADE; DROP TABLE IF EXISTS ledger, notes, swap "
-               "CASCADE; DROP VIEW IF EXISTS orders_v, orders_ro CASCADE", dbname=DB)
+               "CASCADE; DROP VIEW IF EXISTS orders_v, orders_ro, orders_trg CASCADE; "
+               "DROP FUNCTION IF EXISTS orders_trg_fn, orders_sql_trg_fn", dbname=DB)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +117,17 @@ def refused(e, rule="orders-writes-blocked"):
 
 
 # ---------------------------------------------------------------- the map (no server)
+
+def test_instead_of_trigger_functions_are_read_from_the_catalog():
+    body = "BEGIN UPDATE orders SET status = NEW.status WHERE id = OLD.id; RETURN NEW; END"
+    vm = ViewMap.from_rows([], [("public", "v", "plpgsql", body),
+                                ("public", "w", "sql", "DELETE FROM s.t WHERE id = 1"),
+                                ("public", "x", "c", "some_symbol"),
+                                ("public", "y", "plpgsql", "not plpgsql at all (")])
+    assert vm.bases("public.v") == ("public.orders",)
+    assert vm.bases("public.w") == ("s.t",)
+    assert "public.x" not in vm and "public.y" not in vm
+
 
 def test_map_resolves_views_of_views_and_survives_cycles():
     vm = ViewMap.from_rows([("public", "a", "public", "b"), ("public", "b", "public", "a"),
@@ -209,6 +239,18 @@ def test_view_with_an_instead_rule(guarded):
     c.close()
 
 
+def test_views_with_instead_of_triggers(guarded):
+    """orders_trg reads nothing, but its INSTEAD OF trigger's function updates orders;
+    orders_sql_trg is not updatable by itself (DISTINCT) and reads orders via s2.o."""
+    with conn(guarded) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute("UPDATE orders_trg SET status = 'hacked' WHERE id = 1")
+        refused(e)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute("DELETE FROM orders_sql_trg WHERE id = 1")
+        refused(e)
+
+
 def test_approval_rule_through_a_view_times_out(guarded):
     with conn(guarded) as c:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
@@ -282,6 +324,40 @@ def test_view_and_rule_created_inside_a_transaction(guarded):
             c.execute("UPDATE txn_v3 SET status = 'hacked' WHERE id = 1")
         refused(e)
         c.rollback()
+
+
+APPROVE_LEDGER = """
+[[rules]]
+name = "ledger-writes-need-approval"
+when = { kind = "agent", statements = ["insert", "update", "delete"], relations = ["public.ledger"] }
+action = "approve"
+timeout = "30s"
+"""
+
+
+def test_instead_of_trigger_made_in_the_session_with_an_approved_function(pg, tmp_path):
+    """A human approved a function that writes ledger; an INSTEAD OF trigger running it
+    on a view that reads nothing still makes each write through the view wait."""
+    with guarded_proxy(pg, tmp_path, APPROVE_LEDGER) as p, conn(p) as c:
+        t, box = run_in_thread(lambda: c.execute(
+            "CREATE FUNCTION lfn() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN "
+            "UPDATE ledger SET amount = NEW.amount WHERE id = OLD.id; RETURN NEW; END$$"))
+        (rid,) = pending_ids(p)
+        api(p, "POST", f"/api/approvals/{rid}/approve", {"approver": "alice"})
+        t.join(10)
+        assert "error" not in box, box
+        try:
+            c.execute("CREATE VIEW lv AS SELECT 1 AS id, 0 AS amount")
+            c.execute("CREATE TRIGGER lt INSTEAD OF UPDATE ON lv FOR EACH ROW "
+                      "EXECUTE FUNCTION lfn()")
+            t, box = run_in_thread(lambda: c.execute("UPDATE lv SET amount = 0 WHERE id = 1"))
+            (rid,) = pending_ids(p, want=1)
+            assert "UPDATE lv" in api(p, "GET", f"/api/approvals/{rid}")["statement"]
+            api(p, "POST", f"/api/approvals/{rid}/deny", {"approver": "alice"})
+            t.join(10)
+            assert isinstance(box.get("error"), psycopg.errors.InsufficientPrivilege)
+        finally:
+            pg.execute("DROP VIEW IF EXISTS lv; DROP FUNCTION IF EXISTS lfn()", dbname=DB)
 
 
 def test_swapping_a_table_for_a_view_is_not_served_from_the_cache(guarded, pg):

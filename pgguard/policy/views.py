@@ -11,15 +11,22 @@ record name the view and the base relations both.
 
 Where the edges come from:
 
-- the upstream catalog (``pg_rewrite`` joined to ``pg_depend``, read by the proxy per
-  database: ``pgguard.sideconn.rewrite_rows``, turned into a map by
-  :meth:`ViewMap.from_rows`);
+- the upstream catalog (``pg_rewrite`` joined to ``pg_depend``, and the bodies of
+  plpgsql / SQL functions of INSTEAD OF triggers, read by the proxy per database:
+  ``pgguard.sideconn.rewrite_rows``, turned into a map by :meth:`ViewMap.from_rows`);
 - the session's own statements (:func:`learned`): ``CREATE [OR REPLACE] [TEMP] VIEW``,
   ``CREATE RULE``, ``CREATE MATERIALIZED VIEW``, ``CREATE SCHEMA ... CREATE VIEW``,
-  renames and ``SET SCHEMA`` of a known view, and DO blocks that create relations
-  (read coarsely: every relation the block writes counts as a view over everything it
-  touches). A session sees its TEMP views, and views of a transaction not yet
-  committed, before the catalog does.
+  ``CREATE TRIGGER ... INSTEAD OF`` with a function the session created, renames and
+  ``SET SCHEMA`` of a known view, and DO blocks that create relations (read coarsely:
+  every relation the block writes counts as a view over everything it touches). A
+  session sees its TEMP views, and views of a transaction not yet committed, before the
+  catalog does.
+
+Not seen: what functions in languages other than plpgsql and SQL touch, views and
+triggers created by code pgguard cannot read (dynamic SQL, functions called by name)
+until the catalog shows them, and views made outside this pgguard process (directly
+upstream, or through another worker) until its map is read again (``VIEW_MAP_TTL``, or
+the next DDL through it).
 
 Names are the classifier's: schema-qualified, an unqualified name is ``public.<name>``.
 A TEMP view the session creates is known to it as ``pg_temp.<name>`` and as
@@ -43,7 +50,7 @@ import msgspec
 import orjson
 from pglast import parser as _pg
 
-from .classify import Statement
+from .classify import Statement, classify
 
 __all__ = ["ViewMap", "SessionViews", "learned"]
 
@@ -61,8 +68,11 @@ class ViewMap:
         self._closure: dict[str, tuple[str, ...]] = {}
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple[Any, ...]]) -> ViewMap:
-        """Rows of (schema, relation with rewrite rules, schema, relation they use)."""
+    def from_rows(cls, rows: Iterable[tuple[Any, ...]],
+                  triggers: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
+        """Rows of (schema, relation with rewrite rules, schema, relation they use), and
+        of (schema, view, language, function source) for INSTEAD OF triggers: the
+        relations a plpgsql or SQL trigger function touches are behind the view too."""
         edges: dict[str, set[str]] = {}
         for vs, vn, bs, bn in rows:
             if None in (vs, vn, bs, bn):
@@ -70,7 +80,12 @@ class ViewMap:
             base = f"{bs}.{bn}"
             for name in _aliases(vs, vn):
                 edges.setdefault(name, set()).add(base)
-        return cls({k: frozenset(v) for k, v in edges.items()})
+        for vs, vn, lang, src in triggers:
+            if vs is None or vn is None:
+                continue
+            for name in _aliases(vs, vn):
+                edges.setdefault(name, set()).update(_body_relations(lang, src))
+        return cls({k: frozenset(v) for k, v in edges.items() if v})
 
     def __bool__(self) -> bool:
         return bool(self.edges)
@@ -142,7 +157,8 @@ class ViewMap:
         for n in names:
             out[n] = None
             for b in self.bases(n):
-                out[b] = None
+                if not b.startswith(_FUNCTION):
+                    out[b] = None
         return tuple(out)
 
 
@@ -152,6 +168,22 @@ def _aliases(schema: str, name: str) -> tuple[str, ...]:
     if schema == "pg_temp":
         return (f"pg_temp.{name}", f"public.{name}")
     return (f"{schema}.{name}",)
+
+
+def _body_relations(lang: str | None, src: str | None) -> frozenset[str]:
+    """The relations a trigger function's body touches, as the classifier reads a
+    function body (plpgsql and SQL only: other languages cannot be seen into)."""
+    if lang not in ("plpgsql", "sql") or not src:
+        return _EMPTY
+    tag = "$pgguard_body$"
+    while tag in src:
+        tag = tag[:-1] + "_$"
+    try:
+        stmts = classify(f"CREATE FUNCTION pgguard_trigger() RETURNS trigger LANGUAGE {lang} "
+                         f"AS {tag}{src}{tag}")
+    except Exception:   # noqa: BLE001 - a body pgguard cannot read adds nothing it knows
+        return _EMPTY
+    return frozenset(r for st in stmts for r in st.relations_written + st.relations_read)
 
 
 def _rv_names(rv: Any, default_schema: str | None = None) -> tuple[str, ...]:
@@ -166,6 +198,17 @@ def _rv_names(rv: Any, default_schema: str | None = None) -> tuple[str, ...]:
     if rv.get("relpersistence") == "t":
         return _aliases("pg_temp", name)
     return _aliases(schema, name)
+
+
+# a function's body, as a node of the map: a trigger's relation -> function -> relations
+# (never shown as a relation itself)
+_FUNCTION = "function:"
+_TRIGGER_INSTEAD = 64
+
+
+def _qualified(names: Any) -> str:
+    parts = [n.get("String", {}).get("sval", "") for n in names or () if type(n) is dict]
+    return ".".join(parts) if len(parts) > 1 else "public." + "".join(parts)
 
 
 _RELATION_OBJECTS = frozenset({"OBJECT_VIEW", "OBJECT_TABLE", "OBJECT_MATVIEW",
@@ -218,6 +261,12 @@ def learned(st: Statement, known: ViewMap | None = None) -> dict[str, frozenset[
         else:
             new = _aliases(body.get("newschema") or "public", rv.get("relname", ""))
         return {n: behind for n in new}
+    elif tag == "CreateFunctionStmt":
+        # what its body touches, for an INSTEAD OF trigger that may run it later
+        return {_FUNCTION + _qualified(body.get("funcname")): touched} if touched else {}
+    elif tag == "CreateTrigStmt" and body.get("timing") == _TRIGGER_INSTEAD:
+        fn = frozenset({_FUNCTION + _qualified(body.get("funcname"))})
+        return {n: fn for n in _rv_names(body.get("relation"))}
     elif tag == "DoStmt" and "create" in st.kinds:
         # a DO block that creates relations (pgguard does not tell views from tables
         # there): each relation it writes may be a view over everything it touches
