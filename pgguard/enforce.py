@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from ._core.sqlshape import shape
 from .errors import ProtocolViolation
+from .policy.views import CATALOG_KINDS
 from .protocol import messages as m
 
 log = logging.getLogger("pgguard.session")
@@ -139,8 +140,7 @@ class Enforcement:
         """DDL let through: the catalog caches are stale; views it creates count for
         this session's next statements at once (and for other sessions when not
         temporary). Such decisions are never cached, so each one gets here."""
-        if not any(k in ("create", "alter", "drop") for st in d.statements
-                   for k in st.kinds):
+        if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
         self.server.catalog_changed(self.database)
         if self.views.learn(d.statements):

@@ -20,7 +20,7 @@ from pathlib import Path
 from .cancel import CancelKeyCipher
 from .config import Config, parse_duration, read_secret
 from .errors import ConfigError, TooManyConnections
-from .policy.views import ViewMap
+from .policy.views import CATALOG_KINDS, ViewMap
 from .protocol import messages as m
 
 log = logging.getLogger("pgguard.server")
@@ -35,9 +35,6 @@ FUNCTION_TTL = 60.0
 LEARNED_TTL = 600.0
 # after a failed background read of the view map, wait this long before the next try
 VIEW_MAP_RETRY = 5.0
-# statement kinds whose decisions are never cached: they change the catalog, so every
-# one of them must reach the session's Python side (view learning, catalog_changed)
-_CATALOG_KINDS = frozenset({"create", "alter", "drop"})
 
 
 class Server:
@@ -351,7 +348,7 @@ class Server:
         # DDL (the session learns views from it; functions and views change)
         if d.rule == "internal-error" or any(
                 s.session_dependent or s.kind in ("prepare", "deallocate", "discard")
-                or not _CATALOG_KINDS.isdisjoint(s.kinds) for s in d.statements):
+                or not CATALOG_KINDS.isdisjoint(s.kinds) for s in d.statements):
             return
         exact, shapes = cache
         if len(exact) >= DECISIONS_PER_IDENTITY:

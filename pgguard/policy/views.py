@@ -52,7 +52,11 @@ from pglast import parser as _pg
 
 from .classify import Statement, classify
 
-__all__ = ["ViewMap", "SessionViews", "learned"]
+__all__ = ["ViewMap", "SessionViews", "learned", "CATALOG_KINDS"]
+
+# statement kinds that change the catalog: their decisions are never cached, so that
+# each one reaches the session (view learning, catalog caches dropped)
+CATALOG_KINDS = frozenset({"create", "alter", "drop"})
 
 _EMPTY: frozenset[str] = frozenset()
 
