@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from ._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
 from .errors import ProtocolViolation
+from .policy.views import CATALOG_KINDS
 from .protocol import messages as m
 
 log = logging.getLogger("pgguard.session")
@@ -76,6 +77,9 @@ class Enforcement:
                 elif t == 88:                   # 'X' Terminate
                     self._terminate_from_client(out, msg)
                     return
+                elif t == 70 and self.fncalls is not None:  # 'F' FunctionCall
+                    if self.fncalls.on_message(msg, out, items[i + 1:]):
+                        return          # its function is looked up: the stream waits
                 else:                           # Bind / Describe / Execute / Sync / ...
                     guard = self.guard
                     plan = None
@@ -139,16 +143,35 @@ class Enforcement:
                                     "statement is not valid UTF-8",
                             hint="Send statements in UTF-8 (client_encoding = UTF8).")
         d = self.policy.decide(sql, self.identity_name, self.identity, self.database,
-                               self.prepared)
+                               self.prepared, views=self.views.current()
+                               if self.views is not None else None)
         if self.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
         if self.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
+        if d.action != "block" and self.views is not None:
+            self._catalog_effects(d)
         if self.guard is None or d.action != "allow" or plan_for(d, self.identity) is None:
             # guarded statements never take the compiled fast path
             self.server.remember_decision(self._cache, msg, key, d)
         return d
 
+
+    def _catalog_effects(self, d) -> None:
+        """DDL let through: the catalog caches are stale; views it creates count for
+        this session's next statements at once (and for other sessions when not
+        temporary). Such decisions are never cached, so each one gets here."""
+        if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
+            return
+        self.server.catalog_changed(self.database)
+        if self.views.learn(d.statements):
+            # this session's view knowledge differs from its peers' (and from what its
+            # cached decisions saw): decide again, in a cache of its own
+            self.own_cache = True
+            self._cache = ({}, {})
+            pipe = self.client_pipe
+            if pipe is not None and pipe.exact is not None:
+                pipe.exact, pipe.shapes = self._cache
 
     def _on_query(self, msg: bytes, out: list, later: list = ()) -> None:
         d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None

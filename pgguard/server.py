@@ -20,12 +20,21 @@ from pathlib import Path
 from .cancel import CancelKeyCipher
 from .config import Config, parse_duration, read_secret
 from .errors import ConfigError, TooManyConnections
+from .policy.views import CATALOG_KINDS, ViewMap
 from .protocol import messages as m
 
 log = logging.getLogger("pgguard.server")
 
 # bound of each decision map (by message, by shape) per identity and database
 DECISIONS_PER_IDENTITY = 10_000
+# catalog knowledge of the policy, per database: the view map is read again after
+# VIEW_MAP_TTL (or DDL), a function found by OID is kept FUNCTION_TTL (or until DDL);
+# views a session announced stay in the map LEARNED_TTL whatever the catalog says
+VIEW_MAP_TTL = 30.0
+FUNCTION_TTL = 60.0
+LEARNED_TTL = 600.0
+# after a failed background read of the view map, wait this long before the next try
+VIEW_MAP_RETRY = 5.0
 
 
 class Server:
@@ -90,6 +99,11 @@ class Server:
         self.detectors = DetectorSet.from_config(cfg.detectors.builtin, cfg.detectors.custom)
         self.mask_key = hash_key(cfg)
         self._catalogs: dict[str, object] = {}
+        # policy catalog knowledge per database: views (ViewMap and its refresh state),
+        # functions by OID for FunctionCall (oid -> (FunctionInfo, loaded at))
+        self._views: dict[str, _ViewState] = {}
+        self._functions: dict[str, dict[int, tuple[object, float]]] = {}
+        self._no_views = ViewMap()
         self._idle = asyncio.Event()
 
     def resolve_path(self, p: str) -> str:
@@ -135,8 +149,112 @@ class Server:
         return cat
 
     def catalog_changed(self, database: str) -> None:
-        """DDL passed through: resolve mask globs again at the next session."""
+        """DDL passed through: resolve mask globs again at the next session, look
+        functions up again, read the view map again soon."""
         self._catalogs.pop(database, None)
+        self._functions.pop(database, None)
+        st = self._views.get(database)
+        if st is not None:
+            st.stale = True
+
+    # -- policy catalog: functions by OID (FunctionCall), views (rules see through them)
+    def cached_function(self, database: str, oid: int):
+        """The FunctionInfo of ``oid`` when known and fresh, else None."""
+        hit = self._functions.get(database, {}).get(oid)
+        if hit is None or time.monotonic() - hit[1] > FUNCTION_TTL:
+            return None
+        return hit[0]
+
+    async def resolve_function(self, database: str, oid: int):
+        """The FunctionInfo of ``oid`` read from the upstream catalog (None: no such
+        function); raises when the catalog cannot be read."""
+        from . import sideconn
+        from .fncall import function_info
+        info = function_info(oid, await sideconn.function_rows(self, database, oid))
+        if info is not None:
+            funcs = self._functions.setdefault(database, {})
+            if len(funcs) >= 10_000:
+                funcs.clear()
+            funcs[oid] = (info, time.monotonic())
+        return info
+
+    async def ready_views(self, database: str) -> None:
+        """Make sure a fresh view map of ``database`` is at hand (a session under a
+        policy starts only once it is); raises when the catalog cannot be read."""
+        st = self._views.get(database)
+        if st is None or st.map is None or st.stale or \
+                time.monotonic() - st.loaded > VIEW_MAP_TTL:
+            await self._load_views(database)
+
+    def view_map(self, database: str):
+        """The view map decisions expand with (refreshed in the background when stale)."""
+        st = self._views.get(database)
+        if st is None or st.map is None:
+            return self._no_views
+        now = time.monotonic()
+        if st.task is None and (st.stale or now - st.loaded > VIEW_MAP_TTL) \
+                and now - st.failed_at > VIEW_MAP_RETRY:
+            self._refresh_views(database, st)
+        return st.map
+
+    def views_published(self, database: str, edges: dict) -> None:
+        """A session sent statements that create views others may see: they count for
+        every session at once, before the catalog shows them."""
+        st = self._views.setdefault(database, _ViewState())
+        now = time.monotonic()
+        for name, behind in edges.items():
+            old = st.learned.get(name)
+            st.learned[name] = ((old[0] | behind) if old else behind, now)
+        st.map = (st.map or ViewMap()).merged(edges)
+        st.stale = True
+        self.forget_decisions(database)
+
+    def forget_decisions(self, database: str) -> None:
+        """Empty every decision cache of ``database`` (the view map changed under them);
+        the compiled pipes hold the same dicts, so they miss from now on."""
+        for (_, db, _), (exact, shapes) in self._decisions.items():
+            if db == database:
+                exact.clear()
+                shapes.clear()
+        for s in self.sessions:
+            if s.database == database and s.own_cache:
+                s._cache[0].clear()
+                s._cache[1].clear()
+
+    def _refresh_views(self, database: str, st: _ViewState) -> asyncio.Task:
+        st.task = asyncio.get_running_loop().create_task(self._read_views(database, st))
+        return st.task
+
+    async def _load_views(self, database: str) -> None:
+        st = self._views.setdefault(database, _ViewState())
+        task = st.task if st.task is not None else self._refresh_views(database, st)
+        await asyncio.shield(task)
+
+    async def _read_views(self, database: str, st: _ViewState) -> None:
+        from . import sideconn
+        started = time.monotonic()
+        st.stale = False
+        try:
+            rows, triggers = await sideconn.rewrite_rows(self, database)
+        except BaseException as e:
+            st.stale = True
+            st.failed_at = time.monotonic()
+            if not isinstance(e, Exception) or st.map is None:
+                raise
+            log.warning("reading the views of %s failed: %s", database, e)
+            return
+        finally:
+            st.task = None
+        learned = {k: v for k, (v, at) in st.learned.items()
+                   if started - at < LEARNED_TTL}
+        st.learned = {k: st.learned[k] for k in learned}
+        new = ViewMap.from_rows(rows, triggers).merged(learned)
+        st.loaded = started
+        if st.map is None:
+            st.map = new
+        elif new != st.map:
+            st.map = new
+            self.forget_decisions(database)
 
     # -- metrics (served on the admin port's /metrics, summed across workers)
     def _setup_metrics(self) -> None:
@@ -226,10 +344,11 @@ class Server:
     def remember_decision(cache: tuple[dict, dict], msg: bytes, key: bytes | None, d) -> None:
         from .policy.cache import SHAREABLE_KINDS
         # not cached: anything the session's prepared-statement memory must see or
-        # depends on (the compiled fast path forwards cache hits without Python)
+        # depends on (the compiled fast path forwards cache hits without Python), and
+        # DDL (the session learns views from it; functions and views change)
         if d.rule == "internal-error" or any(
                 s.session_dependent or s.kind in ("prepare", "deallocate", "discard")
-                for s in d.statements):
+                or not CATALOG_KINDS.isdisjoint(s.kinds) for s in d.statements):
             return
         exact, shapes = cache
         if len(exact) >= DECISIONS_PER_IDENTITY:
@@ -367,6 +486,21 @@ class Server:
             for s in list(self.sessions):
                 s.terminate(ShuttingDown("terminating connection due to administrator command"))
         await asyncio.sleep(0)
+
+
+class _ViewState:
+    """The view map of one database and its refresh state."""
+
+    __slots__ = ("map", "loaded", "stale", "task", "failed_at", "learned")
+
+    def __init__(self) -> None:
+        self.map = None             # ViewMap once read (plus views sessions announced)
+        self.loaded = 0.0           # monotonic time the last read began
+        self.stale = False          # DDL went by since: read again
+        self.task: asyncio.Task | None = None     # the read in flight
+        self.failed_at = -VIEW_MAP_RETRY
+        # views sessions announced: name -> (relations behind it, monotonic time)
+        self.learned: dict[str, tuple[frozenset, float]] = {}
 
 
 def listen_sockets(cfg: Config, *, reuseport: bool = True) -> list[socket.socket]:

@@ -17,6 +17,7 @@ from .protocol import messages as m
 from .console import CONSOLE_DB, ConsoleSession
 from .enforce import Enforcement, _now
 from .blast import Guard
+from .fncall import FunctionCalls
 from .holds import Holds
 from .startup import client_settings, tagged_app_name, under_policy, upstream_params
 from .upstream import UpstreamProtocol, connect_upstream
@@ -147,6 +148,9 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.guard = None               # the blast-radius guard, under a policy
         self._guarding = False          # Bind/Execute/Close/Sync watched for it
         self._base_watch = b"X"
+        self.views = None               # SessionViews under a policy
+        self.own_cache = False          # decisions cached for this session alone
+        self.fncalls = None             # FunctionCall judge under a policy
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
 
@@ -168,6 +172,8 @@ class Session(Enforcement, Holds, ConsoleSession):
                 else:
                     await self._connect_upstream()
                     await self._setup_masking()
+                    if self._under_policy():
+                        await self._setup_views()
             if self.database == CONSOLE_DB:
                 await self._console_loop()
                 return
@@ -454,19 +460,37 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.masking = MaskState(self, catalog, masks_on and bool(catalog.columns), dets,
                                  self.server.mask_key)
 
+    def _under_policy(self) -> bool:
+        """Whether this session's statements are judged (else the relay forwards them)."""
+        return self.readonly or self.pinned_role or self.masking is not None or \
+            self.server.policy_inspects(self.identity_name, self.identity, self.database)
+
+    async def _setup_views(self) -> None:
+        """The database's view map, for rules that see through views (fail closed: no
+        session under a policy without it)."""
+        from .sideconn import UpstreamError
+        try:
+            await self.server.ready_views(self.database)
+        except (UpstreamError, PgguardError, OSError) as e:
+            raise UpstreamUnavailable("pgguard could not read the upstream catalog's "
+                                      "views", detail=str(e)) from None
+
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
         limits = self.server.cfg.limits
-        if self.readonly or self.pinned_role or self.masking is not None or \
-                self.server.policy_inspects(
-                self.identity_name, self.identity, self.database):
+        if self._under_policy():
             from .policy.classify import PreparedMemory
+            from .policy.views import SessionViews
             self.policy = self.server.policy
             self.prepared = PreparedMemory()
             self._cache = self.server.decision_cache(
                 self.identity_name, self.database,
                 ("readonly" if self.readonly else "readwrite")
                 + (":pinned" if self.pinned_role else ""))
+            server, db = self.server, self.database
+            self.views = SessionViews(lambda: server.view_map(db),
+                                      lambda edges: server.views_published(db, edges))
+            self.fncalls = FunctionCalls(self)
         if self.principal is not None:
             from .auth.revocations import guard_session
             p = self.principal
@@ -478,7 +502,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             from .tracking import StatementTracker
             self.tracker = StatementTracker(self, audit)
             self.backend_events = self.tracker.on_events    # no Python loop per chunk
-        self.watch = (b"QP" if self.policy is not None else b"") + \
+        self.watch = (b"QPF" if self.policy is not None else b"") + \
             (b"QPBESF" if audit is not None else b"") + \
             (b"QPBDES" if self.masking is not None else b"") + b"X"
         self._base_watch = self.watch
@@ -487,7 +511,8 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, max_len=limits.max_message_size)
-        self.fscan.set_stop(b"QP", True)
+        # a FunctionCall under a policy stops the scan too: it may hold the stream
+        self.fscan.set_stop(b"QPF" if self.policy is not None else b"QP", True)
         self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
@@ -528,7 +553,8 @@ class Session(Enforcement, Holds, ConsoleSession):
         else:
             pipe.allow_all = True
         if self.tracker is not None:
-            pipe.log_types = b"BESF"
+            # a FunctionCall is judged under a policy: never forwarded here then
+            pipe.log_types = b"BES" if self.policy is not None else b"BESF"
 
     def take_masked_cells(self) -> int:
         """Cells masked since the last call (for the audit record and /metrics)."""

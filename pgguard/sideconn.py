@@ -1,6 +1,6 @@
 # The proxy's own upstream connections: simple statements outside any client session
-# (ephemeral role provisioning and its janitor), and simple statements run on a
-# session's upstream link before the client sees it (SET ROLE).
+# (ephemeral role provisioning and its janitor, catalog lookups for the policy), and
+# simple statements run on a session's upstream link before the client sees it (SET ROLE).
 from __future__ import annotations
 
 import asyncio
@@ -106,6 +106,61 @@ async def run(server: Server, database: str, statements: list[str]) -> list[list
             proto.transport.write(m.TERMINATE)
         finally:
             proto.transport.close()
+
+
+# the function behind an OID, one row per declared argument (none for no arguments)
+FUNCTION_SQL = """
+SELECT n.nspname, p.proname, p.prokind, p.proretset, a.typ,
+       pg_catalog.format_type(a.typ, NULL)
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+LEFT JOIN LATERAL pg_catalog.unnest(p.proargtypes) WITH ORDINALITY AS a(typ, ord) ON true
+WHERE p.oid = {oid}
+ORDER BY a.ord
+"""
+
+# one row per (relation with rewrite rules, relation those rules depend on); system
+# schemas are left out (writes to them are flagged by the classifier itself)
+REWRITE_MAP_SQL = """
+SELECT DISTINCT vn.nspname, v.relname, bn.nspname, b.relname
+FROM pg_catalog.pg_rewrite r
+JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
+JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace
+JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+     AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+     AND d.refobjid <> r.ev_class
+JOIN pg_catalog.pg_class b ON b.oid = d.refobjid
+JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace
+WHERE vn.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND vn.nspname NOT LIKE 'pg\\_toast%'
+"""
+
+# the functions INSTEAD OF triggers run (tgtype bit 6: TRIGGER_TYPE_INSTEAD)
+INSTEAD_TRIGGERS_SQL = """
+SELECT n.nspname, c.relname, l.lanname, p.prosrc
+FROM pg_catalog.pg_trigger t
+JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE NOT t.tgisinternal AND (t.tgtype & 64) <> 0
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
+async def function_rows(server: Server, database: str, oid: int) -> list[tuple]:
+    """The function with ``oid``: one row per declared argument (schema, name, kind,
+    returns a set, argument type OID, type name), one with NULL type for a function of
+    no arguments, none when no function has that OID."""
+    return (await run(server, database, [FUNCTION_SQL.format(oid=int(oid))]))[0]
+
+
+async def rewrite_rows(server: Server, database: str) -> tuple[list[tuple], list[tuple]]:
+    """(schema, relation, base schema, base relation) for every relation with rewrite
+    rules (views, INSTEAD/ALSO rules) and each relation those rules use; and (schema,
+    view, language, source) of the functions of INSTEAD OF triggers."""
+    rules, triggers = await run(server, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL])
+    return rules, triggers
 
 
 def ident(name: str) -> str:

@@ -78,7 +78,8 @@ cdef class StatementTracker:
     The client side appends to ``flog``, in the order it forwards them, ``(message,
     decision, monotonic_ns)`` for each Query / Parse / Bind / Execute / Sync /
     FunctionCall (the compiled fast path appends its own), and ``(REFUSAL_SYNC, None,
-    0)`` for an injected refusal Query. The backend side calls :meth:`on_backend` (or
+    0)`` for an injected refusal Query. A FunctionCall with a decision (judged by the
+    policy) is recorded as the text of the decision's first statement. The backend side calls :meth:`on_backend` (or
     :meth:`on_events`) with each CommandComplete, EmptyQueryResponse, PortalSuspended,
     ErrorResponse and ReadyForQuery in order. A completion pairs with the oldest
     unfinished statement; ReadyForQuery closes everything up to its sync point.
@@ -161,6 +162,12 @@ cdef class StatementTracker:
                     portal = b""
                 sql, dec = self.stmts.get(self.portals.get(portal, b""), (b"", None))
                 pending.append(_Pending(sql, dec, (<tuple>item)[2], False, False))
+            elif t == 70 and (<tuple>item)[1] is not None and (<tuple>item)[1].statements:
+                # FunctionCall judged by the policy: recorded as the SQL it stands for
+                # (the decision's statement text), answered by its own ReadyForQuery
+                dec = (<tuple>item)[1]
+                pending.append(_Pending(dec.statements[0].text.encode(), dec,
+                                        (<tuple>item)[2], True, False))
             elif t == 83 or t == 70:                     # Sync / FunctionCall
                 pending.append(_Pending(None, None, (<tuple>item)[2], True, True))
         flog.clear()

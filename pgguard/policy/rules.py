@@ -63,7 +63,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -72,6 +72,9 @@ from ..errors import PolicyRefusal
 from .cache import DecisionCache, shape_key, shareable
 from .classify import (DEFAULT_MAX_LENGTH, PolicyParseError, Statement, StatementTooLong,
                        classify)
+
+if TYPE_CHECKING:
+    from .views import ViewMap
 
 __all__ = ["Decision", "Verdict", "PolicyEngine", "SettingsPolicy", "GUARDED_FLAGS"]
 
@@ -395,14 +398,21 @@ class PolicyEngine:
     # -- hot path -----------------------------------------------------------------------
 
     def decide(self, sql: str, identity_name: str, identity: Identity | None, database: str,
-               prepared: Mapping[str, Statement] | None = None) -> Decision:
+               prepared: Mapping[str, Statement] | None = None, *,
+               views: ViewMap | None = None) -> Decision:
         """Decide ``sql`` for this identity and database; cached; never raises.
 
         ``prepared`` is the session's :class:`~pgguard.policy.classify.PreparedMemory`
         (or any name -> Statement mapping) so that SQL ``EXECUTE name`` is judged as what
         it runs; decisions that consult it (``Statement.session_dependent``) are never
-        cached.
+        cached. ``views`` (a :class:`~pgguard.policy.views.ViewMap`) adds the relations
+        behind each view to the relations a statement reads and writes before any rule
+        matches; a decision made with a map is not cached here (the map changes under
+        it: the caller's caches must be emptied when it does).
         """
+        if views is not None:
+            return self.decide_uncached(sql, identity_name, identity, database, prepared,
+                                        views=views)
         key = (sql, identity_name, database)
         d = self._exact.get(key)
         if d is not None:
@@ -432,18 +442,20 @@ class PolicyEngine:
             return self._internal_error(e)
 
     def decide_uncached(self, sql: str, identity_name: str, identity: Identity | None,
-                        database: str, prepared: Mapping[str, Statement] | None = None
-                        ) -> Decision:
+                        database: str, prepared: Mapping[str, Statement] | None = None, *,
+                        views: ViewMap | None = None) -> Decision:
         """Like :meth:`decide` without the cache (``pgguard explain``, tests)."""
         try:
-            return self._decide(sql, identity_name, identity, database, prepared)
+            return self._decide(sql, identity_name, identity, database, prepared,
+                                views=views)
         except Exception as e:  # noqa: BLE001
             return self._internal_error(e)
 
     # -- decision -----------------------------------------------------------------------
 
     def _decide(self, sql: str, identity_name: str, identity: Identity | None,
-                database: str, prepared: Mapping[str, Statement] | None) -> Decision:
+                database: str, prepared: Mapping[str, Statement] | None, *,
+                views: ViewMap | None = None) -> Decision:
         if identity is None:
             identity = _GENERIC_AGENT
         try:
@@ -463,6 +475,8 @@ class PolicyEngine:
                 hint="pgguard refuses SQL it cannot parse; check the syntax.")
         if not stmts:
             return Decision(action="allow", rule="empty")
+        if views is not None:
+            stmts = views.expand(stmts)
         rules = self._rules_for(identity_name, identity, database)
         mode = self.cfg.policy.agents if identity.kind == "agent" else self.cfg.policy.humans
         verdicts = []
