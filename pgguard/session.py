@@ -145,6 +145,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.pinned_role = False        # the upstream role is chosen by pgguard
         self.approval = None            # (task, request id) while a statement is held
         self.readonly = False
+        self.guarded = False            # statements judged (startup.under_policy)
         self.guard = None               # the blast-radius guard, under a policy
         self._guarding = False          # Bind/Execute/Close/Sync watched for it
         self._base_watch = b"X"
@@ -360,8 +361,8 @@ class Session(Enforcement, Holds, ConsoleSession):
         # judge the client's settings now that the identity is known, before anything
         # happens upstream (no connection, no provisioned role for a refused session)
         cfg = self.server.cfg
-        guarded = under_policy(self.server, self.identity_name, self.identity,
-                               self.database, self.readonly)
+        guarded = self.guarded = under_policy(self.server, self.identity_name,
+                                              self.identity, self.database, self.readonly)
         try:
             params, client_app = upstream_params(client_settings(self.params),
                                                  guarded=guarded, readonly=self.readonly)
@@ -461,9 +462,10 @@ class Session(Enforcement, Holds, ConsoleSession):
                                  self.server.mask_key)
 
     def _under_policy(self) -> bool:
-        """Whether this session's statements are judged (else the relay forwards them)."""
-        return self.readonly or self.pinned_role or self.masking is not None or \
-            self.server.policy_inspects(self.identity_name, self.identity, self.database)
+        """Whether this session's statements are judged (else the relay forwards them):
+        one answer, given by startup.under_policy when the startup settings were judged,
+        so the settings pinned upstream and the judging always go together."""
+        return self.guarded
 
     async def _setup_views(self) -> None:
         """The database's view map, for rules that see through views (fail closed: no
