@@ -365,7 +365,8 @@ class Session(Enforcement, Holds, ConsoleSession):
                                               self.identity, self.database, self.readonly)
         try:
             params, client_app = upstream_params(client_settings(self.params),
-                                                 guarded=guarded, readonly=self.readonly)
+                                                 guarded=guarded, readonly=self.readonly,
+                                                 allow=cfg.policy.settings)
         except PgguardError as e:
             self._audit_event("auth_failed", error=e.message, sqlstate=e.sqlstate,
                               decision="blocked", rule="startup-settings")
