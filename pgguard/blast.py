@@ -35,6 +35,7 @@ import logging
 import os
 import struct
 from collections import deque
+from datetime import datetime, timezone
 
 from .protocol import messages as m
 
@@ -68,12 +69,15 @@ class Plan:
     """What a decision asks of the guard: the row limit, the rule it comes from, and
     whether the command tag counts every changed row."""
 
-    __slots__ = ("limit", "rule", "by_tag")
+    __slots__ = ("limit", "rule", "by_tag", "decision", "sql")
 
-    def __init__(self, limit: int, rule: str, by_tag: bool) -> None:
+    def __init__(self, limit: int, rule: str, by_tag: bool, decision=None,
+                 sql: bytes = b"") -> None:
         self.limit = limit
         self.rule = rule
         self.by_tag = by_tag
+        self.decision = decision
+        self.sql = sql              # the statement's text, for the audit
 
 
 def _changes_rows(st) -> bool:
@@ -90,7 +94,7 @@ def _by_tag(st) -> bool:
     return st.kind in _ROW_KINDS and len(st.kinds) <= 1 and not st.functions
 
 
-def plan_for(d, identity) -> Plan | None:
+def plan_for(d, identity, sql: bytes = b"") -> Plan | None:
     """The guard's plan for an allowed decision, or None when it changes no rows or no
     limit applies."""
     sts = [st for st in d.statements if _changes_rows(st)]
@@ -102,7 +106,7 @@ def plan_for(d, identity) -> Plan | None:
     if not limit:
         return None
     by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
-    return Plan(limit, d.rule or "blast-radius", by_tag)
+    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql)
 
 
 def has_txn_control(d) -> bool:
@@ -276,9 +280,28 @@ class Guard:
         """``msg`` (a Query) runs under the guard; ``out`` holds what precedes it,
         ``later`` the rest of the batch."""
         s = self.s
-        need = self._unanswered(later) - 1
         s._begin_hold(out, [])          # client_items holds the rest of the batch
-        self._start(self._query_steps(msg, plan, need))
+        self._after_record(msg, lambda: self._start(self._query_steps(
+            msg, plan, self._unanswered(later if s.held_items is None
+                                        else s.held_items) - 1)), later)
+
+    def _after_record(self, msg: bytes, fire, later: list) -> None:
+        """``fire`` now, or under strict durability once the statement's audit record
+        is on disk (the held stream waits meanwhile)."""
+        s = self.s
+        if not (s.server.audit_strict and s.tracker is not None):
+            fire()
+            return
+        fut = s.server.audit.log_strict(s.tracker.strict_record(msg))
+
+        def durable(f) -> None:
+            if s.closed:
+                return
+            if f.cancelled() or f.exception() is not None:
+                s._record_durable(f)            # closes the session, saying why
+                return
+            fire()
+        fut.add_done_callback(durable)
 
     def _query_steps(self, msg: bytes, plan: Plan, need: int):
         s = self.s
@@ -393,17 +416,21 @@ class Guard:
         """The client's Execute ``msg`` of a guarded portal; ``out`` holds what precedes
         it, ``later`` the rest of the batch."""
         s = self.s
-        need = self._unanswered(later)
         nonce = os.urandom(8).hex().encode()
         by_tag = plan.by_tag and struct.unpack_from("!i", msg, len(msg) - 4)[0] == 0
         snap = b"" if by_tag else _group(self._name(), _SNAPSHOT)
-        out.append(_group(self._name(), b"SELECT '" + nonce + b"'")
-                   + _group(self._name(), b"BEGIN")
-                   + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
-                   + snap + msg + (_group(self._name(), _SNAPSHOT) if snap else b"")
-                   + _FLUSH)
+        run = (_group(self._name(), b"SELECT '" + nonce + b"'")
+               + _group(self._name(), b"BEGIN")
+               + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
+               + snap + msg + (_group(self._name(), _SNAPSHOT) if snap else b"")
+               + _FLUSH)
         s._begin_hold(out, [], later)
-        self._start(self._execute_steps(plan, need, nonce, bool(snap)))
+
+        def fire() -> None:
+            need = self._unanswered(s.held_items or [])
+            s.up.transport.write(run)
+            self._start(self._execute_steps(plan, need, nonce, bool(snap)))
+        self._after_record(msg, fire, later)
 
     def _find_marker(self, need: int, nonce: bytes):
         """Pass earlier answers on until the marker query's row: None when found, else
@@ -541,13 +568,25 @@ class Guard:
         log.info("session %s: %s changed %d rows, limit %d: rolled back", s.id,
                  s.identity_name, count, plan.limit)
         s.server.count_statement("blocked")
+        if s.tracker is not None and s.server.audit_strict:
+            # strict records were written before the statement ran: add its outcome
+            from .tracking import statement_record
+            rec = statement_record(s, plan.sql, plan.decision, "blocked",
+                                   datetime.now(timezone.utc))
+            rec.rule = "blast-radius"
+            rec.sqlstate = "42501"
+            rec.rows = count
+            rec.error = self._refusal_text(plan, count)
+            s.server.audit.log(rec)
 
     @staticmethod
-    def _refusal(plan: Plan, count: int):
+    def _refusal_text(plan: Plan, count: int) -> str:
+        return (f'pgguard: statement refused by rule "blast-radius": it changed {count} '
+                f"rows, more than the limit of {plan.limit}; its changes were rolled back")
+
+    def _refusal(self, plan: Plan, count: int):
         return (_E, m.error_response(
-            "42501",
-            f'pgguard: statement refused by rule "blast-radius": it changed {count} rows, '
-            f"more than the limit of {plan.limit}; its changes were rolled back",
+            "42501", self._refusal_text(plan, count),
             detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "
                    f'"{plan.rule}" or the policy default)',
             hint="Change fewer rows per statement (a narrower WHERE clause, or batches "

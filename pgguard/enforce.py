@@ -179,21 +179,21 @@ class Enforcement:
             plan = None
             if self.guard is not None:
                 self.guard.on_query()
-                plan = plan_for(d, self.identity)
+                plan = plan_for(d, self.identity, msg[5:-1])
                 if plan is not None and len(d.statements) > 1 and has_txn_control(d):
                     self._inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
             if self.masking is not None and not self._mask_query(d, msg, out):
                 return
-            if plan is not None:
-                self.guard.start_query(msg, plan, out, list(later))
-                self._guard_watch()
-            else:
+            if plan is None:
                 out.append(msg)
             self.server.count_statement("allowed")
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, time.monotonic_ns()))
+            if plan is not None:
+                self.guard.start_query(msg, plan, out, list(later))
+                self._guard_watch()
             if d is not None and self.prepared is not None and d.statements \
                     and _touches_prepared(d):
                 self.prepared.observe(d.statements)
@@ -253,7 +253,7 @@ class Enforcement:
                 self.prepared.record(name, d.statements[0])
             if self.guard is not None:
                 self.guard.on_parse(name.encode() if isinstance(name, str) else name,
-                                    plan_for(d, self.identity))
+                                    plan_for(d, self.identity, msg[pos:end]))
                 self._guard_watch()
             return
         if d.action == "approve":

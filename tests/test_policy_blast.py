@@ -239,3 +239,37 @@ def test_humans_without_limit_and_inserts_unguarded(gproxy, pg, table):
     with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
         c.execute("INSERT INTO blast_t SELECT g, 0 FROM generate_series(10001, 13000) g")
     assert truth(pg) == (ROWS + 3000, ROWS)
+
+
+def test_strict_audit_records_guarded_statements(pg, table, tmp_path):
+    """Under strict durability a guarded statement runs only once its record is on disk,
+    and every one of them (refused by the limit or not) is in the audit."""
+    from conftest import Proxy
+    p = Proxy(pg, tmp_path, audit_extra='durability = "strict"')
+    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
+    p.start()
+    try:
+        with psycopg.connect(p.dsn(), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id > 0")
+            c.execute("UPDATE blast_t SET v = v + 1 WHERE id <= %s", (3,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("DELETE FROM blast_t WHERE id > %s", (0,))
+        assert p.stop() == 0
+    finally:
+        p.stop()
+    assert truth(pg) == (ROWS, 3)
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pgguard", "audit", "sql", "--dir",
+                          str(p.audit_dir), "--json",
+                          "SELECT decision, rule, sqlstate, rows FROM audit WHERE event = "
+                          "'statement' AND statement LIKE '%blast_t%' ORDER BY event_id"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    import json
+    recs = [tuple(r.values()) for r in json.loads(out.stdout)]
+    # each statement's record (written before it ran), and each refusal's outcome
+    assert [r for r in recs if r[0] == "allowed"].__len__() == 3, recs
+    assert [r for r in recs if r[0] == "blocked"] == [
+        ("blocked", "blast-radius", "42501", ROWS), ("blocked", "blast-radius", "42501", ROWS)]
