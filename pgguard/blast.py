@@ -94,18 +94,24 @@ def _by_tag(st) -> bool:
     return st.kind in _ROW_KINDS and len(st.kinds) <= 1 and not st.functions
 
 
-def plan_for(d, identity, sql: bytes = b"") -> Plan | None:
+def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
+             user_function=None) -> Plan | None:
     """The guard's plan for an allowed decision, or None when it changes no rows or no
-    limit applies."""
-    sts = [st for st in d.statements if _changes_rows(st)]
-    if not sts:
+    limit applies. A statement that calls a function pgguard cannot see into (not a
+    built-in: ``user_function(name)`` says) may change rows too: it runs under the
+    guard as well, counted by the transaction's own tuple counters."""
+    if d is None:
         return None
-    limit = getattr(d, "max_rows", None)
-    if not hasattr(d, "max_rows"):
-        limit = 1000 if identity is not None and identity.kind == "agent" else None
+    if any(_changes_rows(st) for st in d.statements):
+        limit = d.max_rows
+        by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
+    elif user_function is not None and default_limit and any(
+            user_function(f) for st in d.statements for f in st.functions):
+        limit, by_tag = default_limit, False
+    else:
+        return None
     if not limit:
         return None
-    by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
     return Plan(limit, d.rule or "blast-radius", by_tag, d, sql)
 
 

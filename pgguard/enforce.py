@@ -151,7 +151,7 @@ class Enforcement:
             d = _pinned_refusal(d)
         if d.action != "block" and self.views is not None:
             self._catalog_effects(d)
-        if self.guard is None or d.action != "allow" or plan_for(d, self.identity) is None:
+        if self.guard is None or d.action != "allow" or self._plan(d) is None:
             # guarded statements never take the compiled fast path
             self.server.remember_decision(self._cache, msg, key, d)
         return d
@@ -179,7 +179,7 @@ class Enforcement:
             plan = None
             if self.guard is not None:
                 self.guard.on_query()
-                plan = plan_for(d, self.identity, msg[5:-1])
+                plan = self._plan(d, msg[5:-1])
                 if plan is not None and len(d.statements) > 1 and has_txn_control(d):
                     self._inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
@@ -253,7 +253,7 @@ class Enforcement:
                 self.prepared.record(name, d.statements[0])
             if self.guard is not None:
                 self.guard.on_parse(name.encode() if isinstance(name, str) else name,
-                                    plan_for(d, self.identity, msg[pos:end]))
+                                    self._plan(d, msg[pos:end]))
                 self._guard_watch()
             return
         if d.action == "approve":
@@ -313,6 +313,17 @@ class Enforcement:
                 scan.set_interest(b"CEIsZ", True)
             pipe.divert = False
 
+
+    def _plan(self, d, sql: bytes = b""):
+        """The blast-radius guard's plan for decision ``d`` of this session (None: not
+        guarded)."""
+        if d is None:
+            return None
+        cfg = self.server.cfg.policy
+        default = cfg.agents_max_rows if self.identity.kind == "agent" else \
+            cfg.humans_max_rows
+        return plan_for(d, self.identity, sql, default,
+                        self.server.user_function_test(self.database))
 
     def _routed(self, items: list):
         """The backend items after the blast-radius guard took its own answers out

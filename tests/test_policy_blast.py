@@ -273,3 +273,47 @@ def test_strict_audit_records_guarded_statements(pg, table, tmp_path):
     assert [r for r in recs if r[0] == "allowed"].__len__() == 3, recs
     assert [r for r in recs if r[0] == "blocked"] == [
         ("blocked", "blast-radius", "42501", ROWS), ("blocked", "blast-radius", "42501", ROWS)]
+
+
+FUNCTION_WRITES = [
+    # a function the agent creates, its body narrowed in a way no classifier can judge
+    ["CREATE FUNCTION pg_temp.bump() RETURNS void LANGUAGE sql AS "
+     "'UPDATE blast_t SET v = v + 1 WHERE id > 0'", "SELECT pg_temp.bump()"],
+    ["CREATE FUNCTION pg_temp.wipe(n int) RETURNS int LANGUAGE plpgsql AS "
+     "$$BEGIN DELETE FROM blast_t WHERE id > n; RETURN 1; END$$", "SELECT pg_temp.wipe(0)"],
+    # a function that already exists upstream (its body is not in the session at all)
+    ["SELECT public.blast_bump_all()"],
+    ["SELECT count(*) FROM (SELECT public.blast_bump_all()) x"],
+    ["WITH x AS (SELECT public.blast_bump_all()) SELECT * FROM x"],
+]
+
+
+@pytest.fixture()
+def upstream_function(pg, table):
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("CREATE OR REPLACE FUNCTION public.blast_bump_all() RETURNS int "
+                  "LANGUAGE sql AS 'UPDATE blast_t SET v = v + 1 WHERE v >= 0 RETURNING 1'")
+    yield
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP FUNCTION IF EXISTS public.blast_bump_all()")
+
+
+@pytest.mark.parametrize("stmts", FUNCTION_WRITES)
+def test_functions_that_change_rows_are_measured(gproxy, pg, table, upstream_function, stmts):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        for sql in stmts[:-1]:
+            c.execute(sql)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+            c.execute(stmts[-1])
+        assert "blast-radius" in str(ei.value)
+    assert truth(pg) == before
+
+
+def test_small_function_writes_and_builtins_pass(gproxy, pg, table):
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        c.execute("CREATE FUNCTION pg_temp.bump3() RETURNS void LANGUAGE sql AS "
+                  "'UPDATE blast_t SET v = v + 1 WHERE id <= 3'")
+        c.execute("SELECT pg_temp.bump3()")
+        assert c.execute("SELECT lower('A'), count(*) FROM blast_t").fetchone() == ("a", ROWS)
+    assert truth(pg) == (ROWS, 3)
