@@ -171,7 +171,8 @@ class Guard:
     """A session's blast-radius guard: which prepared statements and portals are
     guarded, and the chain of steps that reads the backend stream while it works."""
 
-    __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z")
+    __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
+                 "seg_known", "seg_exec")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -187,6 +188,10 @@ class Guard:
         # pipeline was seen: until the next one, Postgres skips everything up to the
         # Sync, so a guard step would wait for nothing
         self._skip_z = -1
+        # every message of the current extended-protocol segment (since the last Sync)
+        # went through Python, and how many of them executed something
+        self.seg_known = False
+        self.seg_exec = 0
 
     # -- frontend bookkeeping: state belongs to the statement and portal
     @property
@@ -216,9 +221,17 @@ class Guard:
         (self.stmts if msg[5] == 83 else self.portals).pop(name, None)
 
     def on_query(self) -> None:
-        # a simple Query drops the unnamed statement and portal
+        # a simple Query drops the unnamed statement and portal, and ends the implicit
+        # transaction of any extended-protocol messages before it
         self.stmts.pop(b"", None)
         self.portals.pop(b"", None)
+        self.seg_known, self.seg_exec = True, 0
+
+    def on_sync(self) -> None:
+        self.seg_known, self.seg_exec = True, 0
+
+    def on_execute(self) -> None:
+        self.seg_exec += 1
 
     def _skipping(self) -> None:
         self._skip_z = self.s.visible_z()
@@ -422,8 +435,11 @@ class Guard:
         """The client's Execute ``msg`` of a guarded portal; ``out`` holds what precedes
         it, ``later`` the rest of the batch."""
         s = self.s
-        nonce = os.urandom(8).hex().encode()
         by_tag = plan.by_tag and struct.unpack_from("!i", msg, len(msg) - 4)[0] == 0
+        if by_tag and self._in_block_now(later):
+            self._start_in_block(msg, plan, out, later)
+            return
+        nonce = os.urandom(8).hex().encode()
         snap = b"" if by_tag else _group(self._name(), _SNAPSHOT)
         run = (_group(self._name(), b"SELECT '" + nonce + b"'")
                + _group(self._name(), b"BEGIN")
@@ -437,6 +453,55 @@ class Guard:
             s.up.transport.write(run)
             self._start(self._execute_steps(plan, need, nonce, bool(snap)))
         self._after_record(msg, fire, later)
+
+    def _in_block_now(self, later: list) -> bool:
+        """Is the transaction status exactly known to be an open block here, with the
+        Execute alone in its segment and its Sync right behind it? (Every earlier
+        statement answered, nothing else executed since the last Sync, no guard step
+        pending, no strict audit record to wait for.)"""
+        s = self.s
+        return (self.seg_known and self.seg_exec == 0 and not self.chain
+                and s.visible_status() == _INBLOCK and self._unanswered(later) == 0
+                and bool(later) and later[0].__class__ is tuple and later[0][0] == 83
+                and not (s.server.audit_strict and s.tracker is not None))
+
+    def _start_in_block(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
+        """Inside a block, a statement the command tag counts needs nothing extra: it
+        runs with its Sync as sent; its answers are held until the count is known, and
+        past the limit a failing statement aborts the block before the client can
+        commit it (as the statement's own error would have)."""
+        s = self.s
+        sync = later[0][1]
+        out.append(msg)
+        out.append(sync)
+        if s.masking is not None:
+            s.masking.frontend(83, sync)
+        if s.tracker is not None:
+            s.tracker.flog.append((sync, None, 0))
+        self.on_sync()
+        s._begin_hold(out, [], later[1:])
+        self._start(self._in_block_steps(plan))
+
+    def _in_block_steps(self, plan: Plan):
+        s = self.s
+        buf, count, err, _ = yield from self._hold_result(plan, simple=False)
+        while True:                          # up to the Sync's ReadyForQuery
+            t, data = yield
+            if t == _Z:
+                z = data
+                break
+            buf.append(data if t is None else (t, data))
+        if err is None and count > plan.limit:
+            self._log_over(plan, count)
+            s.up.transport.write(_query(_FAIL_SQL))
+            self.out.append(self._refusal(plan, count))
+            self.out.append(_z(_FAILED))
+            s._release_hold([])
+            yield from self._swallow_query()
+            return
+        self.out.extend(buf)
+        self.out.append((_Z, z))
+        s._release_hold([])
 
     def _find_marker(self, need: int, nonce: bytes):
         """Pass earlier answers on until the marker query's row: None when found, else

@@ -91,10 +91,14 @@ class Enforcement:
                             self._guard_watch()
                         elif t == 69:           # 'E' Execute
                             plan = guard.portal_plan(msg)
-                        elif t == 83 and guard.owe is not None:
-                            guard.before_sync(out, msg, items[i + 1:])
-                            self._guard_watch()
-                            msg = None
+                            if plan is None:
+                                guard.on_execute()
+                        elif t == 83:           # 'S' Sync
+                            if guard.owe is not None:
+                                guard.before_sync(out, msg, items[i + 1:])
+                                self._guard_watch()
+                                msg = None
+                            guard.on_sync()
                     if msg is not None and plan is None:
                         out.append(msg)
                     if self.masking is not None:
@@ -369,6 +373,7 @@ class Enforcement:
         if on == self._guarding:
             return
         self._guarding = on
+        self.guard.seg_known = False    # earlier messages of this segment went unseen
         self.watch = self._base_watch + (b"BECS" if on else b"")
         if not self.discarding:
             scan = self.fscan
