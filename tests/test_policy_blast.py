@@ -317,3 +317,27 @@ def test_small_function_writes_and_builtins_pass(gproxy, pg, table):
         c.execute("SELECT pg_temp.bump3()")
         assert c.execute("SELECT lower('A'), count(*) FROM blast_t").fetchone() == ("a", ROWS)
     assert truth(pg) == (ROWS, 3)
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE pgg_cat_view SET rolconnlimit = 1",
+    "UPDATE pgg_cat_view SET rolconnlimit = 1 WHERE rolname = 'app'",
+    "DELETE FROM pgg_cat_view WHERE rolname = 'nobody_here'",
+])
+def test_catalog_writes_through_a_view_are_privilege(gproxy, pg, sql):
+    """A view over a system catalog does not launder a catalog write."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("CREATE OR REPLACE VIEW pgg_cat_view AS "
+                  "SELECT rolname, rolconnlimit FROM pg_catalog.pg_authid")
+        before = c.execute("SELECT rolname, rolconnlimit FROM pg_authid ORDER BY 1").fetchall()
+    try:
+        with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+                c.execute(sql)
+            assert "system catalog" in str(ei.value) or "every row" in str(ei.value)
+        with psycopg.connect(pg.dsn(), autocommit=True) as c:
+            assert c.execute("SELECT rolname, rolconnlimit FROM pg_authid ORDER BY 1"
+                             ).fetchall() == before
+    finally:
+        with psycopg.connect(pg.dsn(), autocommit=True) as c:
+            c.execute("DROP VIEW IF EXISTS pgg_cat_view")
