@@ -341,3 +341,26 @@ def test_catalog_writes_through_a_view_are_privilege(gproxy, pg, sql):
     finally:
         with psycopg.connect(pg.dsn(), autocommit=True) as c:
             c.execute("DROP VIEW IF EXISTS pgg_cat_view")
+
+
+def test_psycopg_pipeline(gproxy, pg, table):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with c.pipeline():
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (1,))
+                c.execute("SELECT count(*) FROM blast_t WHERE id > %s", (0,))
+                c.execute("DELETE FROM blast_t WHERE id > %s", (0,))
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (2,))
+        assert truth(pg) == before          # the whole implicit transaction rolled back
+        with c.pipeline():
+            for i in range(1, 6):
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (i,))
+            cur = c.execute("SELECT sum(v) FROM blast_t")
+        assert cur.fetchone() == (5,)
+    with psycopg.connect(gproxy.dsn()) as c:             # in a transaction block
+        with c.pipeline():
+            for i in range(1, 4):
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (i,))
+        c.commit()
+    assert truth(pg) == (ROWS, 8)
