@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from ._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
 from .errors import ProtocolViolation
+from .masking import parking
 from .policy.views import CATALOG_KINDS
 from .protocol import messages as m
 
@@ -149,6 +150,8 @@ class Enforcement:
             d = _readonly_refusal(d)
         if self.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
+        if d.action != "block" and self.masking is not None and self.masking.masks_on:
+            d = parking.judge(self, d, sql)     # no parking of masked values
         if d.action != "block" and self.views is not None:
             self._catalog_effects(d)
         if self.guard is None or d.action != "allow" or plan_for(d, self.identity) is None:
