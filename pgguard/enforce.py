@@ -368,20 +368,27 @@ class Enforcement:
             scan.set_interest(self.watch, True)
             self.fast_path(not on)
 
-    def backend_items(self, items: list) -> None:
+    def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
         out: list[bytes] = []
         refusals = self.refusals
         mask = self.masking
         guard = self.guard
-        for it in (items if guard is None or not guard.chain else self._routed(items)):
+        if mask is not None and mask.holding(items):
+            return                      # rows wait for the mask catalog: keep order
+        seq = iter(items if routed or guard is None or not guard.chain
+                   else self._routed(items))
+        for it in seq:
             if it.__class__ is bytes:
                 if mask is not None:
                     it = mask.feed(0, it, False)
                 out.append(it)
                 continue
             t, msg = it
+            if t == 84 and mask is not None and mask.stale(msg):
+                mask.hold_rows(out, [it, *seq])     # unknown table: read the catalog
+                return
             if t == 90:                                  # 'Z' ReadyForQuery
                 self.z_count += 1
                 self.bscan.status = msg[5]
