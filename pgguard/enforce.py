@@ -59,6 +59,8 @@ class Enforcement:
                         scan.set_interest(self.watch, True)
                         self.fast_path(True)
                         out.append(msg)
+                        if self.masking is not None:    # its ReadyForQuery pairs too
+                            self.masking.frontend(83, msg)
                         if self.tracker is not None:
                             self.tracker.flog.append((msg, None, 0))
                     elif t == 88:               # 'X' Terminate
