@@ -152,7 +152,7 @@ class Enforcement:
             d = _readonly_refusal(d)
         if self.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
-        if d.action != "block" and self.masking is not None and self.masking.masks_on:
+        if d.action != "block" and self.masking is not None:
             d = parking.judge(self, d, sql)     # no parking of masked values
         if d.action != "block" and self.views is not None:
             self._catalog_effects(d)

@@ -175,3 +175,25 @@ def test_ddl_through_one_worker_reaches_the_other(pg, make_proxy, change):
     finally:
         for c in conns:
             c.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("stmt", [
+    "CREATE TABLE fr_sink_{tag} AS SELECT ssn FROM {t}",
+    "CREATE TABLE fr_sink_{tag} AS SELECT * FROM {t}",
+    "SELECT set_config('application_name', ssn, false) FROM {t}",
+    "CREATE VIEW fr_sink_{tag} AS SELECT n.ssn FROM {t} n",
+    "SELECT lo_from_bytea(0, ssn::bytea) FROM {t}",
+])
+def test_no_parking_from_a_table_created_since_the_catalog_was_read(pg, fr, client, stmt):
+    tag = f"pk_{client}_{abs(zlib.crc32(stmt.encode()))}"
+    t = f"fr_new_{tag}"
+    read(client, fr, "SELECT 1")                # the catalog is read before the table
+    make(pg, t, ssn(tag))
+    lo_before = pg.execute("SELECT count(*) FROM pg_largeobject_metadata", dbname="appdb")
+    err, _ = run_client(client, fr, stmt.format(t=t, tag=tag))
+    assert err is not None and err[0] == "42501", err
+    assert pg.execute(f"SELECT count(*) FROM pg_class WHERE relname = 'fr_sink_{tag}'",
+                      dbname="appdb") == [(0,)]
+    assert pg.execute("SELECT count(*) FROM pg_largeobject_metadata",
+                      dbname="appdb") == lo_before

@@ -31,6 +31,8 @@ the other statistics (``null_frac``, ``n_distinct``, ``correlation``...) stay re
 """
 from __future__ import annotations
 
+import fnmatch
+
 import orjson
 from pglast import parser as _pg
 
@@ -239,9 +241,42 @@ _HINT = ("Masked columns may only be read straight back to the client, where the
          "or large objects, or keep cursors; or ask an identity exempt from the mask.")
 
 
-def check(d, sql: str, masked: dict[str, frozenset[str]]):
+class _ColumnGlobs:
+    """The masked columns of a table the catalog does not know yet (created since it was
+    read): every column name a mask's column glob matches."""
+
+    def __init__(self, globs: tuple[str, ...]) -> None:
+        self.globs = globs
+
+    def __contains__(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in self.globs)
+
+    def __iter__(self):
+        return iter(self.globs)
+
+
+def _by_glob(d, masked: dict, globs) -> dict:
+    """``masked`` plus the relations this text names that match a mask's table glob but
+    the catalog has not seen (the catalog is read again only when their rows come)."""
+    extra: dict[str, list[str]] = {}
+    for st in d.statements:
+        for r in st.relations_read + st.relations_written:
+            if r in masked:
+                continue
+            for table_glob, col_glob in globs:
+                if fnmatch.fnmatchcase(r, table_glob):
+                    extra.setdefault(r, []).append(col_glob)
+    if not extra:
+        return masked
+    return {**masked, **{r: _ColumnGlobs(tuple(g)) for r, g in extra.items()}}
+
+
+def check(d, sql: str, masked: dict[str, frozenset[str]], globs=()):
     """A refusal Decision when the allowed decision ``d`` for ``sql`` would park values
-    of masked columns (or read statistics sample values); None when it may run."""
+    of masked columns (or read statistics sample values); None when it may run.
+    ``globs``: (table glob, column glob) of the masks that apply, for tables created
+    since the catalog was read."""
+    masked = _by_glob(d, masked, globs)
     names = set(masked)
     bare = {t.split(".", 1)[1] for t in names}
     if not any(r in names or r.split(".", 1)[-1] in bare or r.split(".", 1)[-1] in
@@ -310,5 +345,10 @@ def _creates_code(raw) -> bool:
 def judge(session, d, sql: str):
     """``d``, or the refusal that replaces it for this session's masked identity."""
     mask = session.masking
-    masked = masked_names(mask.catalog, session.identity_name, session.identity)
-    return check(d, sql, masked) or d
+    if not mask.masks_apply():
+        return d
+    name, ident = session.identity_name, session.identity
+    masked = masked_names(mask.catalog, name, ident)
+    globs = [tuple(mk.column.rsplit(".", 1)) for mk in session.server.cfg.masks
+             if applies(mk, name, ident) and mk.column.count(".") >= 2]
+    return check(d, sql, masked, globs) or d

@@ -274,11 +274,8 @@ class MaskState:
 
     def stale(self, rowdesc: bytes) -> bool:
         """True when the catalog must be read again before this result's rows leave."""
-        if self._apply is None:
-            self._apply = any(applies(mk, self.s.identity_name, self.s.identity)
-                              for mk in self.s.server.cfg.masks)
         cat = self.catalog
-        if not self._apply or getattr(cat, "known", None) is None:
+        if not self.masks_apply() or getattr(cat, "known", None) is None:
             return False
         if cat.generation != self.s.server.catalog_signal.generation():
             return True
@@ -295,6 +292,13 @@ class MaskState:
             fresh.add(rowdesc)
             return False
         return True
+
+    def masks_apply(self) -> bool:
+        """Some configured mask applies to this identity (whatever the catalog holds)."""
+        if self._apply is None:
+            self._apply = any(applies(mk, self.s.identity_name, self.s.identity)
+                              for mk in self.s.server.cfg.masks)
+        return self._apply
 
     def holding(self, items: list) -> bool:
         """Keep backend items that arrive while rows wait for the catalog."""
