@@ -168,7 +168,7 @@ class Enforcement:
         temporary). Such decisions are never cached, so each one gets here."""
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
-        self.server.catalog_changed(self.database)
+        self.server.catalog_changed(self.database, self)
         if self.views.learn(d.statements):
             # this session's view knowledge differs from its peers' (and from what its
             # cached decisions saw): decide again, in a cache of its own
@@ -235,7 +235,7 @@ class Enforcement:
                 return False
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
-            self.server.catalog_changed(self.database)
+            self.server.catalog_changed(self.database, self)
         mask.frontend(81, msg, reads)
         mask.fseg += 1
         return True
@@ -404,6 +404,9 @@ class Enforcement:
                     drop = seen and extended             # answered our injected Query
                 if self.tracker is not None:
                     self.tracker.on_backend(t, msg)
+                if mask is not None and mask.ddl_pending and msg[5] == 73:    # idle
+                    mask.ddl_pending = False    # its DDL is committed (or rolled back)
+                    self.server.catalog_changed(self.database)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if not drop and msg is not None:

@@ -266,11 +266,14 @@ class Server:
             self.forget_decisions(database)     # parking decisions name masked tables
         return cat
 
-    def catalog_changed(self, database: str) -> None:
+    def catalog_changed(self, database: str, session=None) -> None:
         """DDL passed through: every worker reads the mask catalog again before the
         next rows leave (the shared generation), functions are looked up again, the
-        view map read again soon."""
+        view map read again soon. With the ``session`` that sends the DDL: once more
+        when its transaction ends (a catalog read in between saw the old state)."""
         self.catalog_signal.bump()
+        if session is not None and session.masking is not None:
+            session.masking.ddl_pending = True
         self._catalogs.pop(database, None)
         self._functions.pop(database, None)
         st = self._views.get(database)

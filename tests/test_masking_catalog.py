@@ -197,3 +197,23 @@ def test_no_parking_from_a_table_created_since_the_catalog_was_read(pg, fr, clie
                       dbname="appdb") == [(0,)]
     assert pg.execute("SELECT count(*) FROM pg_largeobject_metadata",
                       dbname="appdb") == lo_before
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("move", ["rename", "set-schema"])
+def test_table_moved_into_a_mask_in_a_transaction(pg, fr, client, move):
+    """The DDL's own bump comes before it commits; a catalog read by another session
+    in between saw the old state: the commit makes every catalog stale again."""
+    tag = f"tx_{move.replace('-', '_')}_{client}"
+    value = ssn(tag)
+    if move == "rename":
+        make(pg, f"plain_{tag}", value)
+        ddl, target = f"ALTER TABLE plain_{tag} RENAME TO fr_{tag}", f"fr_{tag}"
+    else:
+        make(pg, f"fr_other.fr_{tag}", value)
+        ddl, target = f"ALTER TABLE fr_other.fr_{tag} SET SCHEMA public", f"fr_{tag}"
+    with psycopg.connect(fr.dsn(dbname="appdb")) as mover:
+        mover.execute(ddl)                              # open transaction
+        read(client, fr, "SELECT 1")                    # catalog read before the commit
+        mover.commit()
+    assert_masked(pg, client, fr, f"SELECT id, ssn FROM {target}", value)

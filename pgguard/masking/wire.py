@@ -271,6 +271,7 @@ class MaskState:
     _fresh = None                   # RowDescriptions checked against this catalog
     _resolved = frozenset()         # OIDs still unknown after a fresh read: not masked
     _apply = None                   # some mask applies to this identity
+    ddl_pending = False             # DDL sent: the catalog is stale again at commit
 
     def stale(self, rowdesc: bytes) -> bool:
         """True when the catalog must be read again before this result's rows leave."""
