@@ -217,3 +217,42 @@ def test_table_moved_into_a_mask_in_a_transaction(pg, fr, client, move):
         read(client, fr, "SELECT 1")                    # catalog read before the commit
         mover.commit()
     assert_masked(pg, client, fr, f"SELECT id, ssn FROM {target}", value)
+
+
+@pytest.mark.parametrize("client", ["psycopg", "raw"])
+def test_rows_of_an_unknown_table_never_leave_when_the_catalog_cannot_be_read(
+        pg, make_proxy, client):
+    from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_USER
+    from rawpg import RawClient
+    p = make_proxy(extra=MASKS)
+    tag = f"fail_{client}"
+    value = ssn(tag)
+    make(pg, f"fr_{tag}", "000-00-0000")
+    if client == "psycopg":
+        conn = psycopg.connect(p.dsn(dbname="appdb"), autocommit=True)
+        conn.execute(f"SELECT * FROM fr_{tag}").fetchall()
+    else:
+        conn = RawClient.connect(p.port, AGENT, AGENT_PASSWORD, database="appdb")
+        conn.run(f"SELECT * FROM fr_{tag}")
+    try:
+        make(pg, f"fr_{tag}", value)                 # a new table OID
+        pg.execute(f"ALTER ROLE {UPSTREAM_USER} NOLOGIN")   # no side connection now
+        if client == "psycopg":
+            with pytest.raises(psycopg.Error) as e:
+                conn.execute(f"SELECT id, ssn FROM fr_{tag}").fetchall()
+            got = str(e.value)
+        else:
+            from rawpg import query
+            conn.send(query(f"SELECT id, ssn FROM fr_{tag}"))
+            msgs = []
+            try:
+                while True:                 # until the proxy closes the connection
+                    msgs.append(conn.read())
+            except (OSError, EOFError, ConnectionError):
+                pass
+            got = repr(msgs)
+            assert [t for t, _ in msgs] == [b"E"], msgs
+        assert value not in got and "catalog" in got, got
+    finally:
+        pg.execute(f"ALTER ROLE {UPSTREAM_USER} LOGIN")
+        conn.close()
