@@ -196,7 +196,9 @@ def stats_reads(reads: _Reads) -> list[str]:
     hits: set[str] = set()
     rels = set(scope.values())
     for fields in reads.refs:
-        last = fields[-1] if fields else ""
+        if not fields:
+            continue
+        last = fields[-1]
         tables = rels if len(fields) == 1 else {scope[fields[-2]]} \
             if fields[-2] in scope else set()
         if len(fields) == 1 and last in scope:
@@ -298,7 +300,7 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=()):
         reads = _Reads()
         reads.walk(raw.get("stmt"))
         stats = stats_reads(reads)
-        if stats and names:
+        if stats and (names or globs):
             return _refusal(
                 d, st, "planner statistics hold sample values of masked columns",
                 f"reads {', '.join(stats)}",
