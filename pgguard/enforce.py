@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from ._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
 from .errors import ProtocolViolation
+from .masking import parking
 from .policy.views import CATALOG_KINDS
 from .protocol import messages as m
 
@@ -58,6 +59,8 @@ class Enforcement:
                         scan.set_interest(self.watch, True)
                         self.fast_path(True)
                         out.append(msg)
+                        if self.masking is not None:    # its ReadyForQuery pairs too
+                            self.masking.frontend(83, msg)
                         if self.tracker is not None:
                             self.tracker.flog.append((msg, None, 0))
                     elif t == 88:               # 'X' Terminate
@@ -153,6 +156,8 @@ class Enforcement:
             d = _readonly_refusal(d)
         if self.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
+        if d.action != "block" and self.masking is not None:
+            d = parking.judge(self, d, sql)     # no parking of masked values
         if d.action != "block" and self.views is not None:
             self._catalog_effects(d)
         if self.guard is None or d.action != "allow" or self._plan(d) is None:
@@ -167,7 +172,7 @@ class Enforcement:
         temporary). Such decisions are never cached, so each one gets here."""
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
-        self.server.catalog_changed(self.database)
+        self.server.catalog_changed(self.database, self)
         if self.views.learn(d.statements):
             # this session's view knowledge differs from its peers' (and from what its
             # cached decisions saw): decide again, in a cache of its own
@@ -234,7 +239,7 @@ class Enforcement:
                 return False
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
-            self.server.catalog_changed(self.database)
+            self.server.catalog_changed(self.database, self)
         mask.frontend(81, msg, reads)
         mask.fseg += 1
         return True
@@ -381,20 +386,27 @@ class Enforcement:
             scan.set_interest(self.watch, True)
             self.fast_path(not on)
 
-    def backend_items(self, items: list) -> None:
+    def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
         out: list[bytes] = []
         refusals = self.refusals
         mask = self.masking
         guard = self.guard
-        for it in (items if guard is None or not guard.chain else self._routed(items)):
+        if mask is not None and mask.holding(items):
+            return                      # rows wait for the mask catalog: keep order
+        seq = iter(items if routed or guard is None or not guard.chain
+                   else self._routed(items))
+        for it in seq:
             if it.__class__ is bytes:
                 if mask is not None:
                     it = mask.feed(0, it, False)
                 out.append(it)
                 continue
             t, msg = it
+            if t == 84 and mask is not None and mask.stale(msg):
+                mask.hold_rows(out, [it, *seq])     # unknown table: read the catalog
+                return
             if t == 90:                                  # 'Z' ReadyForQuery
                 self.z_count += 1
                 self.bscan.status = msg[5]
@@ -408,6 +420,9 @@ class Enforcement:
                     drop = seen and extended             # answered our injected Query
                 if self.tracker is not None:
                     self.tracker.on_backend(t, msg)
+                if mask is not None and mask.ddl_pending and msg[5] == 73:    # idle
+                    mask.ddl_pending = False    # its DDL is committed (or rolled back)
+                    self.server.catalog_changed(self.database)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if not drop and msg is not None:
