@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", default=None, help="decide as this identity")
     p.add_argument("--database", default=None, help="decide for this database")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--check", action="store_true",
+                   help="exit 3 when the text would be blocked, 4 when held for approval "
+                        "(CI gating); without it the exit status is 0 once explained")
     p.add_argument("sql", help="the SQL text")
 
     p = sub.add_parser("token", help="issue or revoke short-lived agent tokens")
