@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from ._core.sqlshape import shape
 from ._core.track import REFUSAL_SYNC, StatementTracker as _Tracker  # noqa: F401 (re-exported)
-from .audit.record import AuditRecord, normalize
+from .audit.record import INTROSPECTION, AuditRecord, normalize
+from .policy.classify import is_system_relation
 from .protocol import messages as m
 
 if TYPE_CHECKING:
@@ -86,8 +87,21 @@ def session_columns(s: Session) -> tuple:
             s.server.cfg.upstream.user, "statement")
 
 
+def is_introspection(st) -> bool:
+    """A statement that only reads the system catalogs (psql's ``\\d`` queries, ORM schema
+    discovery): a SELECT with no flags, reading only pg_catalog / information_schema
+    relations and calling only schema-qualified functions of those schemas (an unqualified
+    name could be anyone's function).
+
+    Example: ``SELECT c.relname FROM pg_catalog.pg_class c`` is; ``SELECT 1`` is not."""
+    return (st.kind == "select" and not st.flags and not st.relations_written
+            and bool(st.relations_read) and all(map(is_system_relation, st.relations_read))
+            and all("." in f and is_system_relation(f) for f in st.functions))
+
+
 def statement_columns(d) -> tuple:
-    """Record columns statement_kind, relations, flags of a statement decided by ``d``."""
+    """Record columns statement_kind, relations, flags of a statement decided by ``d``;
+    flags ends with ``introspection`` when every statement is one (is_introspection)."""
     sts = d.statements if d is not None else None
     if not sts:
         return (None, None, None)
@@ -100,6 +114,8 @@ def statement_columns(d) -> tuple:
         for f in st.flags:
             if f not in flags:
                 flags.append(f)
+    if not flags and all(map(is_introspection, sts)):
+        flags.append(INTROSPECTION)
     return (sts[0].kind, rels, flags)
 
 
