@@ -87,16 +87,31 @@ def session_columns(s: Session) -> tuple:
             s.server.cfg.upstream.user, "statement")
 
 
+# unqualified built-in functions that catalog queries (psql's among them) call; any other
+# unqualified name could be a user's function, so its statement is not introspection
+_CATALOG_BUILTINS = frozenset((
+    "array_agg array_length array_lower array_to_string array_upper coalesce col_description "
+    "concat count current_database current_schema current_schemas format format_type "
+    "generate_series has_schema_privilege has_table_privilege left length lower max min "
+    "obj_description quote_ident regexp_replace shobj_description string_agg "
+    "string_to_array substring unnest upper version").split())
+
+
+def _catalog_function(name: str) -> bool:
+    if "." in name:
+        return is_system_relation(name)
+    return name.startswith("pg_") or name in _CATALOG_BUILTINS
+
+
 def is_introspection(st) -> bool:
     """A statement that only reads the system catalogs (psql's ``\\d`` queries, ORM schema
     discovery): a SELECT with no flags, reading only pg_catalog / information_schema
-    relations and calling only schema-qualified functions of those schemas (an unqualified
-    name could be anyone's function).
+    relations, calling only functions of those schemas (qualified, or a known built-in).
 
     Example: ``SELECT c.relname FROM pg_catalog.pg_class c`` is; ``SELECT 1`` is not."""
     return (st.kind == "select" and not st.flags and not st.relations_written
             and bool(st.relations_read) and all(map(is_system_relation, st.relations_read))
-            and all("." in f and is_system_relation(f) for f in st.functions))
+            and all(map(_catalog_function, st.functions)))
 
 
 def statement_columns(d) -> tuple:

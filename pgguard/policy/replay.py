@@ -22,9 +22,9 @@ What the replay cannot know, so it says so rather than guess:
   was recorded with ``[audit] capture_literals = true``; then the raw text is decided.
   From normalized text, decisions that depend on a literal can differ from what the
   proxy decided: a constant-true ``WHERE 1 = 1`` (destructive) reads as ``WHERE $1 = $2``,
-  ``set_config('role', ...)`` and ``SET name = value`` lose their value. Those records
-  are counted and listed apart (``literal_dependent``) when the old and new outcomes
-  differ and the statement holds a ``$n``.
+  ``set_config('role', ...)`` and ``SET name = value`` lose their value. A changed
+  record is counted as ``literal_dependent`` when its text holds a ``$n`` and the
+  classifier could not prove that its decision reads no literal's value.
 - Refusals made at run time, not by the rules: ``blast-radius`` (a measured row count),
   ``readonly-scope`` (a token's scope), ``pinned-role``, ``masking``, ``encoding``. Their
   records are counted (``not_replayed``) and left out of the comparison.
@@ -120,7 +120,7 @@ def replay(cfg: Config, records: list[dict[str, Any]], *, examples: int = 3,
         'allowed -> blocked'
     """
     engine = PolicyEngine(cfg)
-    cache: dict[tuple, tuple[str, str]] = {}
+    cache: dict[tuple, tuple[str, str, bool]] = {}
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     unknown: dict[str, int] = defaultdict(int)
     not_replayed: dict[str, int] = defaultdict(int)
@@ -142,13 +142,15 @@ def replay(cfg: Config, records: list[dict[str, Any]], *, examples: int = 3,
         hit = cache.get(key)
         if hit is None:
             d = engine.decide_uncached(r["statement"], name, ident, key[1])
-            hit = cache[key] = (_ACTION_OUTCOME.get(d.action, "blocked"), d.rule)
-        new, new_rule = hit
+            looked = any(st.literal_dependent for st in d.statements)
+            hit = cache[key] = (_ACTION_OUTCOME.get(d.action, "blocked"), d.rule, looked)
+        new, new_rule, looked = hit
         replayed += 1
         if new == old:
             unchanged += 1
             continue
-        dependent = not captured and bool(_PARAM.search(r["statement"]))
+        # a normalized text whose classification may have read a literal's value
+        dependent = not captured and looked and bool(_PARAM.search(r["statement"]))
         literal_dependent += dependent
         transition = f"{old} -> {new}"
         rule = (r.get("rule") or "(none)") if new == "allowed" else new_rule
