@@ -224,9 +224,3 @@ def test_approval_denial(pg, rproxy):
     assert upstream(pg, "SELECT count(*) FROM rt_held") == [(1,)]
     assert ADMIN_TOKEN
 
-
-@pytest.mark.parametrize("raw", [b"SELECT '\xff'", b"SELECT 1 -- \xc3\x28",
-                                 b"SELECT '\xe2\x82'", b"SELECT \xf0\x28\x8c\xbc",
-                                 b"SELECT 'ok', '\xed\xa0\x80'"])
-def test_encoding(rproxy, raw):
-    meets_standard(the_error(run(agent(rproxy), raw)), "encoding", ["offset"])

@@ -25,6 +25,8 @@ What the replay cannot know, so it says so rather than guess:
   ``set_config('role', ...)`` and ``SET name = value`` lose their value. A changed
   record is counted as ``literal_dependent`` when its text holds a ``$n`` and the
   classifier could not prove that its decision reads no literal's value.
+- A normalized text that no longer parses (a ``$n`` where Postgres takes no
+  parameter) is counted under ``not_replayed`` rather than reported as a new refusal.
 - Refusals made at run time, not by the rules: ``blast-radius`` (a measured row count),
   ``readonly-scope`` (a token's scope), ``pinned-role``, ``masking``, ``encoding``. Their
   records are counted (``not_replayed``) and left out of the comparison.
@@ -60,6 +62,7 @@ UTC = timezone.utc
 # rules the proxy applies at run time, outside PolicyEngine.decide: not replayable
 RUNTIME_RULES = frozenset({"blast-radius", "readonly-scope", "pinned-role", "masking",
                            "encoding"})
+UNPARSEABLE = "normalized text does not parse"
 _HELD = frozenset({"approved", "denied", "timed_out", "withdrawn"})
 _PARAM = re.compile(r"\$\d+")
 _ACTION_OUTCOME = {"allow": "allowed", "block": "blocked", "approve": "approval"}
@@ -145,6 +148,11 @@ def replay(cfg: Config, records: list[dict[str, Any]], *, examples: int = 3,
             looked = any(st.literal_dependent for st in d.statements)
             hit = cache[key] = (_ACTION_OUTCOME.get(d.action, "blocked"), d.rule, looked)
         new, new_rule, looked = hit
+        if new_rule == "parse-error" and old != "blocked" and not captured \
+                and _PARAM.search(r["statement"]):
+            # a $n where Postgres takes no parameter: an artifact of normalizing
+            not_replayed[UNPARSEABLE] += 1
+            continue
         replayed += 1
         if new == old:
             unchanged += 1
@@ -197,8 +205,10 @@ def _print(rep: dict[str, Any], out: TextIO, since: datetime, until: datetime) -
           "differ from the proxy's; record with [audit] capture_literals = true to "
           "replay the raw text\n")
     if rep["not_replayed"]:
-        parts = ", ".join(f"{n} by {k}" for k, n in sorted(rep["not_replayed"].items()))
-        w(f"not replayed (refused at run time, not by the rules): {parts}\n")
+        parts = ", ".join(f"{n} {'' if k == UNPARSEABLE else 'refused by '}{k}"
+                          for k, n in sorted(rep["not_replayed"].items()))
+        w(f"not replayed (decided at run time, not by the rules, or unparseable once "
+          f"normalized): {parts}\n")
     if rep["unknown_identities"]:
         parts = ", ".join(f"{k} ({n})" for k, n in sorted(rep["unknown_identities"].items()))
         w(f"not replayed (identity not in the candidate config): {parts}\n")
