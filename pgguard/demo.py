@@ -325,7 +325,9 @@ class SystemPostgres:
                           "-U", "postgres", "--encoding=UTF8", "--locale=C.UTF-8",
                           "--no-instructions")
             if r.returncode != 0:
-                raise DemoError(f"initdb in {self.pgdata} failed: {_one_line(r.stderr)}")
+                raise DemoError(f"initdb in {self.pgdata} failed: {_first_error(r.stderr)}"
+                                + (f" (it runs as the OS user {self.os_user!r}: every parent "
+                                   "directory must let it through)" if self.os_user else ""))
         if self._running():
             raise DemoError(f"a Postgres already runs on {self.pgdata} (another demo?); "
                             "stop it or pick another --dir")
@@ -353,6 +355,13 @@ class SystemPostgres:
         if r.returncode != 0 and self._running():
             return f"could not stop {self.what} in {self.pgdata}: {_one_line(r.stderr)}"
         return None
+
+
+def _first_error(text: str) -> str:
+    for ln in text.splitlines():
+        if "error" in ln.lower() or "fatal" in ln.lower():
+            return ln.strip()
+    return _one_line(text)
 
 
 def _major(version_text: str) -> str | None:
