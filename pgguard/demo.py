@@ -371,8 +371,11 @@ def _major(version_text: str) -> str | None:
 
 def choose_postgres(home: Path) -> Embedded | SystemPostgres:
     """Debian's server when one of the same major as ``psql`` on the PATH is installed
-    (``PGGUARD_DEMO_PGBIN`` names a bin directory to use instead), else the wheel's."""
+    (``PGGUARD_DEMO_PGBIN`` names a bin directory to use instead, or ``pgserver`` for the
+    wheel's), else the wheel's."""
     forced = os.environ.get("PGGUARD_DEMO_PGBIN")
+    if forced == "pgserver":
+        return Embedded(home / "pgdata")
     if forced:
         bindir = Path(forced)
         if not (bindir / "postgres").is_file():
