@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import re
 import secrets
 import shlex
@@ -289,7 +290,6 @@ class SystemPostgres:
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         kw: dict = {}
         if self.os_user:
-            import pwd
             pw = pwd.getpwnam(self.os_user)
             kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -300,7 +300,6 @@ class SystemPostgres:
         # the server's OS user owns what it writes and can traverse every parent
         if not self.os_user:
             return
-        import pwd
         pw = pwd.getpwnam(self.os_user)
         os.chown(path, pw.pw_uid, pw.pw_gid)
         for parent in path.parents:
@@ -311,7 +310,6 @@ class SystemPostgres:
     def start(self) -> None:
         try:
             if self.os_user:
-                import pwd
                 pwd.getpwnam(self.os_user)
         except KeyError:
             raise DemoError(f"{self.bindir} is installed but the OS user {self.os_user!r} "

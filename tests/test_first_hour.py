@@ -34,6 +34,8 @@ import psycopg
 import pytest
 
 from pgguard import demo_data
+from pgguard.policy.classify import classify
+from pgguard.tracking import statement_columns
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -407,3 +409,50 @@ def test_dev_says_before_building_and_passes_through(tmp_path):
     r = subprocess.run([*env, "bash", "-c", f"{REPO}/dev pgguard --version"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.stderr == "" and log.read_text().count("pip install") == 1
+
+
+# -- the introspection flag -------------------------------------------------------------------
+
+INTROSPECTION = [
+    "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c LEFT JOIN "
+    "pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE "
+    "pg_catalog.pg_table_is_visible(c.oid)",
+    "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+    "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) "
+    "FROM pg_catalog.pg_attribute a WHERE a.attrelid = 16384",
+    "SELECT string_agg(attname, ',') FROM pg_attribute",
+    "SELECT count(*) FROM pg_class; SELECT * FROM pg_namespace",
+    "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_catalog.pg_attrdef d",
+]
+NOT_INTROSPECTION = [
+    "SELECT 1",
+    "SELECT * FROM customers",
+    "SELECT c.relname, o.id FROM pg_class c, orders o",
+    "SELECT public.evil() FROM pg_catalog.pg_class",
+    "SELECT evil(oid) FROM pg_class",                       # unqualified: could be anyone's
+    "SELECT pg_read_file('/etc/passwd') FROM pg_class",     # escape
+    "UPDATE pg_catalog.pg_class SET relname = 'x' WHERE false",
+    "SELECT * FROM pg_class; DELETE FROM orders WHERE id = 1",
+    "SELECT set_config('search_path', 'x', false) FROM pg_class",
+    "SHOW search_path",
+]
+
+
+@pytest.mark.parametrize("sql", INTROSPECTION)
+def test_introspection_flag(sql):
+    class D:
+        statements = tuple(classify(sql))
+    assert statement_columns(D)[2] == ["introspection"]
+
+
+@pytest.mark.parametrize("sql", NOT_INTROSPECTION)
+def test_not_introspection(sql):
+    class D:
+        statements = tuple(classify(sql))
+    assert "introspection" not in (statement_columns(D)[2] or [])
+
+
+def test_audit_report_counts_introspection(shell, demo):
+    r = shell.run(demo.sub("./dev pgguard audit report -c pgguard-demo/pgguard.toml "
+                           "--since 1d"))
+    assert r.returncode == 0 and "only read the system catalogs" in r.stdout, r.stderr
