@@ -124,7 +124,34 @@ WORKS_TODAY = ("SCRAM and 15-minute tokens, the full protocol relayed, destructi
 
 # -- the embedded Postgres ------------------------------------------------------------------
 
-class Embedded:
+class _DemoPostgres:
+    """What the demo asks of its Postgres: ``start()``, ``stop()`` (a note when it keeps
+    running), ``socket_dir``/``port``/``psql_path``, and the helpers below."""
+
+    what = "a Postgres"
+    pgdata: Path
+    socket_dir: str
+    port: int
+    psql_path: str
+
+    @property
+    def first_start(self) -> bool:
+        return not (self.pgdata / "PG_VERSION").exists()
+
+    def psql(self, sql: str, *, database: str = "postgres", user: str = "postgres",
+             args: tuple[str, ...] = ()) -> str:
+        """Run a psql script over the unix socket (trust auth); stdout, unaligned."""
+        cmd = [self.psql_path, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
+               "-h", self.socket_dir, "-p", str(self.port), "-U", user, "-d", database, *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        r = subprocess.run(cmd, input=sql, capture_output=True, text=True, env=env,
+                           timeout=120)
+        if r.returncode != 0:
+            raise DemoError(f"psql on the demo's Postgres failed: {_one_line(r.stderr)}")
+        return r.stdout.strip()
+
+
+class Embedded(_DemoPostgres):
     """The pgserver-managed Postgres in ``pgdata``, reached over its unix socket."""
 
     what = "the embedded Postgres (pgserver wheel)"
@@ -133,10 +160,6 @@ class Embedded:
         self.pgdata = pgdata
         self.srv = None
         self.pgserver = None
-
-    @property
-    def first_start(self) -> bool:
-        return not (self.pgdata / "PG_VERSION").exists()
 
     @property
     def psql_path(self) -> str:
@@ -221,11 +244,6 @@ class Embedded:
     def port(self) -> int:
         return self.srv.get_postmaster_info().port or 5432
 
-    def psql(self, sql: str, *, database: str = "postgres", user: str = "postgres",
-             args: tuple[str, ...] = ()) -> str:
-        """Run a psql script over the unix socket (trust auth); stdout, unaligned."""
-        return _run_psql(self.psql_path, self.socket_dir, self.port, sql, database, user, args)
-
     def stop(self) -> str | None:
         """Stop the server (pgserver's cleanup); a note when it is left running."""
         if self.srv is None:
@@ -242,18 +260,7 @@ class Embedded:
         return None
 
 
-def _run_psql(exe: str, host: str, port: int, sql: str, database: str, user: str,
-              args: tuple[str, ...]) -> str:
-    cmd = [exe, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
-           "-h", host, "-p", str(port), "-U", user, "-d", database, *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    r = subprocess.run(cmd, input=sql, capture_output=True, text=True, env=env, timeout=120)
-    if r.returncode != 0:
-        raise DemoError(f"psql on the demo's Postgres failed: {_one_line(r.stderr)}")
-    return r.stdout.strip()
-
-
-class SystemPostgres:
+class SystemPostgres(_DemoPostgres):
     """Debian's Postgres server (``/usr/lib/postgresql/<major>/bin``) in ``pgdata``, on a
     unix socket only, started and stopped with its ``pg_ctl``; as root it runs as the OS
     user ``postgres`` (the package creates it). Same interface as :class:`Embedded`."""
@@ -270,10 +277,6 @@ class SystemPostgres:
         if len(str(self._sock)) > 80:     # sun_path holds 107 bytes
             tag = hashlib.sha256(str(pgdata).encode()).hexdigest()[:12]
             self._sock = Path("/tmp") / f"pgguard-demo-{tag}"
-
-    @property
-    def first_start(self) -> bool:
-        return not (self.pgdata / "PG_VERSION").exists()
 
     @property
     def psql_path(self) -> str:
@@ -341,10 +344,6 @@ class SystemPostgres:
     def _running(self) -> bool:
         return self._run(self.bindir / "pg_ctl", "-D", self.pgdata, "status").returncode == 0
 
-    def psql(self, sql: str, *, database: str = "postgres", user: str = "postgres",
-             args: tuple[str, ...] = ()) -> str:
-        return _run_psql(self.psql_path, self.socket_dir, self.port, sql, database, user, args)
-
     def stop(self) -> str | None:
         if self.srv is None:
             return None
@@ -367,7 +366,7 @@ def _major(version_text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def choose_postgres(home: Path) -> Embedded | SystemPostgres:
+def choose_postgres(home: Path) -> _DemoPostgres:
     """Debian's server when one of the same major as ``psql`` on the PATH is installed
     (``PGGUARD_DEMO_PGBIN`` names a bin directory to use instead, or ``pgserver`` for the
     wheel's), else the wheel's."""
@@ -400,7 +399,7 @@ def _one_line(e: object) -> str:
 
 # -- sample data and secrets ------------------------------------------------------------------
 
-def prepare_database(pg: Embedded, home: Path, app_password: str) -> str:
+def prepare_database(pg: _DemoPostgres, home: Path, app_password: str) -> str:
     """Role ``app``, database ``shop`` and the sample rows; says what it did."""
     pg.psql(
         f"SELECT 'CREATE ROLE {UPSTREAM_ROLE}' WHERE NOT EXISTS "
@@ -424,7 +423,7 @@ def prepare_database(pg: Embedded, home: Path, app_password: str) -> str:
     return f"the sample data had changed since it was loaded; loaded it again: {what}"
 
 
-def _fingerprint(pg: Embedded) -> str:
+def _fingerprint(pg: _DemoPostgres) -> str:
     return pg.psql(demo_data.FINGERPRINT_SQL, database=DATABASE, user=UPSTREAM_ROLE)
 
 
@@ -617,7 +616,7 @@ def banner(*, port: int, passwords: dict[str, str], config_path: Path, pgdata: P
     return "\n".join(out)
 
 
-def _psql_command(pg: Embedded | SystemPostgres) -> str:
+def _psql_command(pg: _DemoPostgres) -> str:
     if isinstance(pg, SystemPostgres) or shutil.which("psql"):
         return "psql"       # the same major as the server (choose_postgres)
     return pg.psql_path

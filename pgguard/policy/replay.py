@@ -45,13 +45,13 @@ import argparse
 import re
 import sys
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
 
-from ..config import Config, load, parse_duration
+from ..config import Config, load
 from ..errors import PgguardError
 from .rules import PolicyEngine
 
@@ -80,22 +80,9 @@ def outcome_of_record(decision: str | None, approver: str | None) -> str | None:
     return None
 
 
-def _when(text: str, now: datetime) -> datetime:
-    try:
-        return now - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise PgguardError(f"invalid time {text!r} (use a duration like 7d or a date "
-                           "like 2024-05-01)") from None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
 def _records(root: Path, since: datetime, until: datetime,
              identity: str | None) -> list[dict[str, Any]]:
-    # duckdb and pyarrow are heavy: loaded only by the audit commands
+    # duckdb and pyarrow are heavy: loaded only when the log is read
     from ..audit.query import open_audit, rows_as_dicts
     if not root.is_dir():
         raise PgguardError(f"no audit log at {root}")
@@ -231,11 +218,13 @@ def _print(rep: dict[str, Any], out: TextIO, since: datetime, until: datetime) -
 
 def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Entry point of ``pgguard policy replay``; see the module docstring."""
+    # duckdb and pyarrow are heavy: loaded only when the log is read
+    from ..audit.query import parse_when
     out = out or sys.stdout
     cfg = load(args.config)
     now = datetime.now(UTC)
-    since = _when(args.since, now)
-    until = _when(args.until, now) if getattr(args, "until", None) else now
+    since = parse_when(args.since, now)
+    until = parse_when(args.until, now) if getattr(args, "until", None) else now
     if since >= until:
         raise PgguardError("--since must be before --until")
     root = Path(args.audit_dir) if getattr(args, "audit_dir", None) else Path(cfg.audit.dir)
