@@ -106,8 +106,8 @@ TRIES: tuple[Try, ...] = (
         "the phone detector masks phone numbers, in the phone column and inside the notes",
         ready=True),
     Try('{pgguard} audit sql -c {config} "SELECT ts, identity, decision, rule, statement '
-        'FROM audit WHERE NOT list_contains(flags, \'introspection\') ORDER BY ts DESC '
-        'LIMIT 10"',
+        'FROM audit WHERE event = \'statement\' AND NOT coalesce(list_contains(flags, '
+        '\'introspection\'), false) ORDER BY ts DESC LIMIT 10"',
         "every statement above in the audit log, with its decision and rule, without "
         "psql's catalog queries (written in batches: give it a second)", ready=True,
         shell=True),
