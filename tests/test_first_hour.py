@@ -456,3 +456,44 @@ def test_audit_report_counts_introspection(shell, demo):
     r = shell.run(demo.sub("./dev pgguard audit report -c pgguard-demo/pgguard.toml "
                            "--since 1d"))
     assert r.returncode == 0 and "only read the system catalogs" in r.stdout, r.stderr
+
+
+def test_dev_test_says_before_it_installs_debian_packages(tmp_path):
+    """As root with a package missing (chromium, here: not on this PATH), ./dev test says
+    which Debian packages it is about to install, then runs apt-get; PGGUARD_NO_APT=1 skips
+    it. apt-get and the virtualenv's python are stand-ins that record their calls."""
+    if os.geteuid() != 0:
+        pytest.fail("./dev installs Debian packages only as root: run this suite as root")
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    for tool in ("bash", "dirname", "cat", "cksum", "id", "ls", "sh"):
+        (fakebin / tool).symlink_to(shutil.which(tool, path="/usr/bin:/bin"))
+    log = tmp_path / "calls"
+    for name in ("apt-get",):
+        f = fakebin / name
+        f.write_text(f"#!/bin/sh\necho \"apt-get $*\" >> {log}\n")
+        f.chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    py = venv / "bin" / "python"
+    py.write_text(f"#!/bin/sh\necho \"python $*\" >> {log}\n")
+    py.chmod(0o755)
+    inputs = subprocess.run(
+        ["bash", "-c", "cat pyproject.toml setup.py pgguard/_core/*.pyx pgguard/_core/*.pxd "
+         "| cksum"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    (venv / ".pgguard-test,bench,demo").write_text(inputs)
+    env = ["env", "-i", f"PATH={fakebin}", f"HOME={tmp_path}", f"PGGUARD_VENV={venv}"]
+    r = subprocess.run([*env, str(fakebin / "bash"), str(REPO / "dev"), "test"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    said = r.stderr.index("about to install Debian packages")
+    assert "chromium" in r.stderr[said:].splitlines()[0], r.stderr
+    assert calls[0].startswith("apt-get update") and "install" in calls[1], calls
+    assert calls[-1] == "python -m pytest -q"     # then the suite
+    log.unlink()
+    r = subprocess.run([*env, "PGGUARD_NO_APT=1", str(fakebin / "bash"), str(REPO / "dev"),
+                        "test"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "PGGUARD_NO_APT" in r.stderr, r.stderr
+    assert log.read_text().splitlines() == ["python -m pytest -q"]
