@@ -82,7 +82,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 
 def test_replay_groups_each_transition_by_rule(recorded):
-    cand, audit = recorded
+    cand, _ = recorded
     r = cli("-c", str(cand), "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)

@@ -27,7 +27,6 @@ from typing import Any, TextIO
 import duckdb
 import orjson
 
-from ..config import parse_duration
 from ..cliparse import Parser as _Parser, UsageError as _UsageError
 from ..errors import PgguardError
 from . import storage

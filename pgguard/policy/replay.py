@@ -55,7 +55,7 @@ from ..config import Config, load
 from ..errors import PgguardError
 from .rules import PolicyEngine
 
-__all__ = ["main", "replay", "outcome_of_record", "RUNTIME_RULES"]
+__all__ = ["RUNTIME_RULES", "main", "outcome_of_record", "replay"]
 
 UTC = timezone.utc
 
