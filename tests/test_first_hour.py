@@ -393,7 +393,8 @@ def test_dev_says_before_building_and_passes_through(tmp_path):
     (venv / "bin").mkdir(parents=True)
     log = tmp_path / "calls"
     py = venv / "bin" / "python"
-    py.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    # a build that takes 16 s: ./dev says it is still at it meanwhile
+    py.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nsleep 16\n")
     py.chmod(0o755)
     pg = venv / "bin" / "pgguard"
     pg.write_text("#!/bin/sh\necho \"pgguard $* in $PWD\"\n")
@@ -403,6 +404,7 @@ def test_dev_says_before_building_and_passes_through(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "building the compiled core" in r.stderr and "2 minutes" in r.stderr
+    assert "still installing and compiling (15s)" in r.stderr, r.stderr
     assert "-m pip install" in log.read_text()
     assert r.stdout.strip() == f"pgguard check -c x.toml in {tmp_path}"
     # up to date now: no build, no message
