@@ -148,6 +148,8 @@ class Enforcement:
             return Decision(action="block", rule="encoding",
                             message='pgguard: statement refused by rule "encoding": the '
                                     "statement is not valid UTF-8",
+                            detail=f"the bytes at offset {_bad_utf8_offset(raw)} do not "
+                                   "decode as UTF-8",
                             hint="Send statements in UTF-8 (client_encoding = UTF8).")
         d = self.policy.decide(sql, self.identity_name, self.identity, self.database,
                                self.prepared, views=self.views.current()
@@ -233,6 +235,10 @@ class Enforcement:
                 self._inject_refusal(Decision(
                     action="block", rule="masking",
                     message=f'pgguard: statement refused by rule "masking": {why}',
+                    detail="statement: copy; reads "
+                           + (", ".join(r for st in d.statements for r in st.relations_read)
+                              if d is not None and d.statements else "a masked table")
+                           + "; masked columns cannot leave in this form",
                     hint="Use SELECT, or COPY <table> [(columns)] TO STDOUT in text or csv "
                          "format: masked columns are masked there.",
                     statements=d.statements), out, extended=False, sql=msg[5:-1])
@@ -549,6 +555,14 @@ def _mixed_txn_refusal(d):
                "also commits or rolls back",
         hint="Send BEGIN, COMMIT and the like as statements of their own.",
         statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _bad_utf8_offset(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start
+    return 0
 
 
 def _now():

@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 from .cancel import CancelKeyCipher
-from .config import Config, parse_duration, read_secret
+from .config import Config, admin_token, parse_duration, read_secret
 from .errors import ConfigError, TooManyConnections
 from .policy.views import CATALOG_KINDS, ViewMap
 from .protocol import messages as m
@@ -153,7 +153,7 @@ class Server:
         # token is configured; the admin HTTP server runs on the worker's loop
         self.approvals = None
         self.admin = None
-        self.admin_token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
+        self.admin_token = admin_token(cfg)
         if self.admin_token or any(r.action == "approve" for r in cfg.rules):
             from .approvals.store import ApprovalStore
             self.approvals = ApprovalStore.from_config(cfg)

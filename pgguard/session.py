@@ -368,6 +368,9 @@ class Session(Enforcement, Holds, ConsoleSession):
                                                  guarded=guarded, readonly=self.readonly,
                                                  allow=cfg.policy.settings)
         except PgguardError as e:
+            if e.sqlstate == "42501" and 'rule "' not in e.message:
+                # every refusal names its rule (what an agent reads first)
+                e.message = f'pgguard: connection refused by rule "startup-settings": {e.message}'
             self._audit_event("auth_failed", error=e.message, sqlstate=e.sqlstate,
                               decision="blocked", rule="startup-settings")
             raise
