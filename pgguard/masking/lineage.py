@@ -83,6 +83,16 @@ _QUALIFIED = re.compile(rf"({_IDENT})\.({_IDENT}|\*)(\s*\()?")
 _PARAM = re.compile(r"\$\d+")
 _SUBPLAN = re.compile(r"\b(?:SubPlan|InitPlan) \d+")
 _COUNT = re.compile(r"count\(")
+_WORD = re.compile(_IDENT)
+_CALL = re.compile(rf"({_IDENT})\s*\(")
+_OPERATOR = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
+# names of functions and operators outside pg_catalog (user-defined, extensions): calls
+# of them are not seen into, so an output that calls one is masked
+_OPAQUE_SQL = ("SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace NOT IN "
+               "('pg_catalog'::pg_catalog.regnamespace, "
+               "'information_schema'::pg_catalog.regnamespace) UNION "
+               "SELECT o.oprname FROM pg_catalog.pg_operator o WHERE o.oprnamespace <> "
+               "'pg_catalog'::pg_catalog.regnamespace")
 # node fields whose expressions feed the node's output columns
 _EXPR_FIELDS = ("Output", "Function Call", "Table Function Call")
 
@@ -114,7 +124,9 @@ def _exprs(node: dict) -> list[str]:
 class _Taint:
     """What in one plan carries masked values (see the module docstring)."""
 
-    def __init__(self, root: dict, masked_rel: dict) -> None:
+    def __init__(self, root: dict, masked_rel: dict, opaque: frozenset = frozenset()) -> None:
+        self.opaque = opaque                          # names of functions/operators not
+        #                                               in pg_catalog: not seen into
         self.pairs: set[tuple[str, str]] = set()     # (alias, column) of masked columns
         self.rows: set[str] = set()                   # aliases of relations with masks
         self.aliases: set[str] = set()                # every column of the alias
@@ -132,6 +144,8 @@ class _Taint:
                 self.reads = True
                 self.rows.add(alias)
                 self.pairs.update((alias, c) for c in cols)
+        # a plan over one relation prints its columns without the alias
+        self.bare = {c for _, c in self.pairs}
         for _ in range(len(self.nodes) + 2):          # to a fixed point
             if not self._spread():
                 break
@@ -150,10 +164,37 @@ class _Taint:
                     return True
             elif (a, _unquote(c)) in self.pairs:
                 return True
+        if self.bare and self._bare(text):
+            return True
+        if self.opaque and self._calls_opaque(text):
+            return True
         if self.tokens and (any(p in self.tokens for p in _PARAM.findall(text))
                             or any(s in self.tokens for s in _SUBPLAN.findall(text))):
             return True
         return False
+
+    def _bare(self, text: str) -> bool:
+        n = len(text)
+        for mo in _WORD.finditer(text):
+            name = _unquote(mo.group(0))
+            if name not in self.bare:
+                continue
+            i, j = mo.start(), mo.end()
+            if i and text[i - 1] == "." or text[max(0, i - 2):i] == "::":
+                continue                              # qualified, or a type name
+            while j < n and text[j] == " ":
+                j += 1
+            if j < n and text[j] in "(.":
+                continue                              # a function or a qualifier
+            return True
+        return False
+
+    def _calls_opaque(self, text: str) -> bool:
+        for mo in _CALL.finditer(text):
+            if _unquote(mo.group(1)) in self.opaque:
+                return True
+        ops = _OPERATOR.findall(text)
+        return any(op in self.opaque for op in ops)
 
     def _subtree(self, node: dict) -> bool:
         return any(self.expr(e) for e in _exprs(node)) or any(
@@ -240,12 +281,13 @@ def _closing(text: str, start: int) -> int:
 
 def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
                     base_tables: set[int], masked_rel: dict,
-                    masked_cols: set[tuple[int, int]]) -> Lineage:
+                    masked_cols: set[tuple[int, int]],
+                    opaque: frozenset = frozenset()) -> Lineage:
     """The lineage of a statement from its EXPLAIN (VERBOSE, FORMAT JSON) output, its
     RowDescription fields (table OID, attnum, type, format) and which of those table OIDs
     are base tables."""
     root = plan_json[0]["Plan"]
-    taint = _Taint(root, masked_rel)
+    taint = _Taint(root, masked_rel, opaque)
     n = len(fields)
     outs = taint.outputs(root, n) if n else []
     masked = []
@@ -323,7 +365,7 @@ async def analyse(server: Server, database: str, sql: bytes, param_oids: tuple[i
                 _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
                          role), 10.0)
         except Exception as e:      # noqa: BLE001 - fail closed: everything derived masked
-            log.debug("lineage: %s", e)
+            log.debug("lineage: %r", e)
             _drop(link)
             return UNRESOLVED
 
@@ -377,28 +419,32 @@ async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_c
         return UNRESOLVED
     tables = sorted({t for t, a, _, _ in fields if t and a > 0})
     args = ", ".join(["NULL"] * nparams)
-    explain = (f"SET LOCAL search_path = ''; SET LOCAL plan_cache_mode = force_generic_plan; "
+    explain = ("SET LOCAL plan_cache_mode = force_generic_plan; "
                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {_STMT.decode()}"
                + (f"({args})" if nparams else "")
                + "; SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relkind IN ('r','p','f')"
-               f" AND c.oid IN ({', '.join(str(t) for t in tables) or '0'})")
+               f" AND c.oid IN ({', '.join(str(t) for t in tables) or '0'}); " + _OPAQUE_SQL)
     proto.transport.write(_query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
                           + _frame(b"S", b"") + _query("ROLLBACK"))
     got = await _until_ready(proto, 3)
-    rows = []
+    sets: list[list[bytes]] = []
     for t, payload in got:
         if t == 69:
+            log.debug("lineage: EXPLAIN failed: %r", payload[:200])
             return UNRESOLVED
-        if t == 68:
+        if t == 84:
+            sets.append([])
+        elif t == 68 and sets:
             (ln,) = struct.unpack_from("!i", payload, 2)
-            rows.append(payload[6:6 + ln])
+            sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
     if not fields:
         return Lineage((), False)
-    if not rows:
+    if len(sets) != 3 or not sets[0]:
         return UNRESOLVED
-    plan = orjson.loads(rows[0])
-    base = {int(r) for r in rows[1:]}
-    return columns_tainted(plan, fields, base, masked_rel, masked_cols)
+    plan = orjson.loads(sets[0][0])
+    base = {int(r) for r in sets[1]}
+    opaque = frozenset(r.decode("utf-8", "replace") for r in sets[2])
+    return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque)
 
 
 def forget() -> None:
