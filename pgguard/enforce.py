@@ -218,6 +218,7 @@ class Enforcement:
         mask = self.masking
         reads = _reads_masked(self, d)
         lin = mask.lineage_now(msg[5:-1], d)
+        rows_reads = reads or _rows_unseen(d)
         copy = d is not None and any(st.kind == "copy" for st in d.statements) and reads
         if copy:
             why = _prepare_copy(mask, msg[5:-1].decode("utf-8", "replace"))
@@ -240,7 +241,7 @@ class Enforcement:
                                  for st in d.statements):
             self.server.catalog_changed(self.database)
             mask.forget_lineage()
-        mask.frontend(81, msg, reads, None if lin is PENDING else lin)
+        mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
         mask.fseg += 1
         return True
 
@@ -282,7 +283,7 @@ class Enforcement:
                 lin = self.masking.lineage_now(msg[pos:end], d, oids)
             out.append(msg)
             if self.masking is not None:
-                out.append(self.masking.frontend(80, msg, _reads_masked(self, d), lin))
+                out.append(self.masking.frontend(80, msg, _reads_masked(self, d, True), lin))
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, 0))
             if name and d is not None and self.prepared is not None and d.statements:
@@ -480,10 +481,23 @@ def _param_oids(msg: bytes, pos: int) -> tuple:
         return ()
 
 
-def _reads_masked(session, d) -> bool:
+def _reads_masked(session, d, rows: bool = False) -> bool:
+    """Whether the statement reads a relation with masked columns (the classifier's
+    view); ``rows``: or returns rows whose sources it cannot see."""
     names = session.masking.catalog.names
     return d is not None and any(r in names for st in d.statements
-                                 for r in st.relations_read + st.relations_written)
+                                 for r in st.relations_read + st.relations_written) or (
+        rows and _rows_unseen(d))
+
+
+# statements whose result rows come from SQL the classifier does not see (a procedure's
+# OUT parameters, a prepared statement run by name): their computed columns are masked
+_UNSEEN_ROWS = frozenset({"call", "execute"})
+
+
+def _rows_unseen(d) -> bool:
+    return d is not None and (len(d.statements) > 1 or any(
+        st.kind in _UNSEEN_ROWS for st in d.statements))
 
 
 def _changes(st) -> bool:

@@ -30,12 +30,13 @@ class Catalog:
     name, and every column of those tables in order (for COPY)."""
 
     def __init__(self, columns: dict, tables: dict, loaded: float,
-                 views: frozenset = frozenset()) -> None:
+                 views: frozenset = frozenset(), types: dict | None = None) -> None:
         self.columns: dict[tuple[int, int], Mask] = columns
         self.tables: dict[int, tuple[str, list[tuple[int, str]]]] = tables
         self.names = frozenset(name for name, _ in tables.values())
         self.loaded = loaded
         self.views = views          # OIDs in tables that are views (their columns derive)
+        self.types = types or {}    # type OID -> table OID whose whole rows it carries
 
 
 def _like(glob: str) -> str:
@@ -105,7 +106,39 @@ async def load_catalog(server: Server, database: str) -> Catalog:
             if cat in ("S", "U") and key not in columns:     # string and JSON-ish types
                 columns[key] = _Mask(column=f"{vname}.{attname}", strategy="redact")
                 frontier.add(key)
-    return Catalog(columns, tables, time.monotonic(), frozenset(views))
+    types = await _masked_types(server, database, {o for o, _ in columns})
+    return Catalog(columns, tables, time.monotonic(), frozenset(views), types)
+
+
+async def _masked_types(server: Server, database: str, oids: set[int]) -> dict[int, int]:
+    """Types whose values carry whole rows of tables with masked columns: the row types,
+    their arrays and domains, and composite types with such a field (and so on):
+    type OID -> the table OID."""
+    from ..sideconn import run
+    if not oids:
+        return {}
+    rows = (await run(server, database, [
+        "SELECT c.reltype, c.oid FROM pg_class c WHERE c.reltype <> 0 AND c.oid IN ("
+        + ", ".join(str(o) for o in sorted(oids)) + ")"]))[0]
+    types = {int(t): int(o) for t, o in rows}
+    frontier = dict(types)
+    for _ in range(6):
+        if not frontier:
+            break
+        inlist = ", ".join(str(t) for t in sorted(frontier))
+        rows = (await run(server, database, [
+            "SELECT x.oid, COALESCE(NULLIF(x.typelem, 0), NULLIF(x.typbasetype, 0), "
+            "(SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = x.typrelid AND "
+            f"a.atttypid IN ({inlist}) AND NOT a.attisdropped LIMIT 1)) FROM pg_type x "
+            f"WHERE x.typelem IN ({inlist}) OR x.typbasetype IN ({inlist}) OR x.typrelid IN "
+            "(SELECT a.attrelid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            f"WHERE a.atttypid IN ({inlist}) AND NOT a.attisdropped AND c.relkind = 'c')"]))[0]
+        frontier = {}
+        for t, via in rows:
+            t = int(t)
+            if t not in types and via is not None and int(via) in types:
+                types[t] = frontier[t] = types[int(via)]
+    return types
 
 
 def applies(mask: Mask, identity_name: str, identity: Identity) -> bool:
@@ -205,6 +238,9 @@ class MaskState:
         self._ready = 0
         self.lineage_keys: dict = {}        # lineage analysed in this session
         self._masked_rel, self._masked_cols = self._masked_names()
+        tables = {o for o, _ in self._masked_cols}
+        self._masked_types = frozenset(t for t, o in getattr(catalog, "types", {}).items()
+                                       if o in tables)
 
     # -- which columns are masked for this identity
     def _masked_names(self):
@@ -300,7 +336,9 @@ class MaskState:
         mk = self.catalog.columns.get((table, attnum)) if self.masks_on else None
         if mk is not None and not applies(mk, self.s.identity_name, self.s.identity):
             mk = None
-        if derived is None:           # no lineage: only plain unmasked table columns pass
+        if typ in self._masked_types:
+            derived = True            # a whole row (or rows) of a table with masked columns
+        elif derived is None:         # no lineage: only plain unmasked table columns pass
             derived = self.masks_on and not (
                 table and attnum > 0 and table in self.catalog.tables
                 and table not in getattr(self.catalog, "views", ()))
@@ -376,8 +414,8 @@ class MaskState:
         return None
 
     def _reads(self, lineage, reads_masked: bool) -> bool:
-        if lineage is not None and lineage.masked is not None:
-            return lineage.reads
+        if lineage is not None:       # analysed: its answer; not analysable: fail closed
+            return lineage.reads if lineage.masked is not None else True
         return reads_masked or (self.masks_on and self.s.policy is None)
 
     def _obj(self, sql: bytes, lineage, reads_masked: bool) -> ObjPlan:
