@@ -37,6 +37,8 @@ class Catalog:
         self.loaded = loaded
         self.views = views          # OIDs in tables that are views (their columns derive)
         self.types = types or {}    # type OID -> table OID whose whole rows it carries
+        self.typed: list = []       # (schema, relation, column, type) of such types
+        self.derived: frozenset = frozenset()   # view columns masked for their sources
 
 
 def _like(glob: str) -> str:
@@ -84,6 +86,7 @@ async def load_catalog(server: Server, database: str) -> Catalog:
     from ..config import Mask as _Mask
     frontier = set(columns)
     views: set[int] = set()
+    derived: set[tuple[int, int]] = set()
     for _ in range(4):
         if not frontier:
             break
@@ -106,17 +109,22 @@ async def load_catalog(server: Server, database: str) -> Catalog:
             if cat in ("S", "U") and key not in columns:     # string and JSON-ish types
                 columns[key] = _Mask(column=f"{vname}.{attname}", strategy="redact")
                 frontier.add(key)
-    types = await _masked_types(server, database, {o for o, _ in columns})
-    return Catalog(columns, tables, time.monotonic(), frozenset(views), types)
+                derived.add(key)
+    types, typed = await _masked_types(server, database, {o for o, _ in columns})
+    cat = Catalog(columns, tables, time.monotonic(), frozenset(views), types)
+    cat.derived = frozenset(derived)
+    cat.typed = typed
+    return cat
 
 
-async def _masked_types(server: Server, database: str, oids: set[int]) -> dict[int, int]:
+async def _masked_types(server: Server, database: str, oids: set[int]):
     """Types whose values carry whole rows of tables with masked columns: the row types,
     their arrays and domains, and composite types with such a field (and so on):
-    type OID -> the table OID."""
+    type OID -> the table OID; and the columns of such types in relations:
+    (schema, relation, column, type OID)."""
     from ..sideconn import run
     if not oids:
-        return {}
+        return {}, []
     rows = (await run(server, database, [
         "SELECT c.reltype, c.oid FROM pg_class c WHERE c.reltype <> 0 AND c.oid IN ("
         + ", ".join(str(o) for o in sorted(oids)) + ")"]))[0]
@@ -138,7 +146,13 @@ async def _masked_types(server: Server, database: str, oids: set[int]) -> dict[i
             t = int(t)
             if t not in types and via is not None and int(via) in types:
                 types[t] = frontier[t] = types[int(via)]
-    return types
+    inlist = ", ".join(str(t) for t in sorted(types))
+    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await run(server, database, [
+        "SELECT n.nspname, c.relname, a.attname, a.atttypid FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE a.atttypid IN ({inlist}) AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"]))[0]]
+    return types, typed
 
 
 def applies(mask: Mask, identity_name: str, identity: Identity) -> bool:
@@ -259,6 +273,10 @@ class MaskState:
             schema, _, name = table.partition(".")
             rel.setdefault((schema, name), set()).update(
                 n for a, n in attrs if a == attnum or oid in views)
+        types = getattr(self.catalog, "types", {})
+        for schema, name, att, typ in getattr(self.catalog, "typed", ()):
+            if types.get(typ) in {o for o, _ in cols}:      # holds masked rows
+                rel.setdefault((schema, name), set()).add(att)
         for oid in views:       # a materialized view over masked columns: all of it
             table, attrs = self.catalog.tables[oid]
             schema, _, name = table.partition(".")
@@ -336,6 +354,9 @@ class MaskState:
         mk = self.catalog.columns.get((table, attnum)) if self.masks_on else None
         if mk is not None and not applies(mk, self.s.identity_name, self.s.identity):
             mk = None
+        if mk is not None and derived is not None and (table, attnum) in getattr(
+                self.catalog, "derived", ()):
+            mk = None                 # a view column: its lineage says what it carries
         if typ in self._masked_types:
             derived = True            # a whole row (or rows) of a table with masked columns
         elif derived is None:         # no lineage: only plain unmasked table columns pass
