@@ -447,6 +447,15 @@ async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_c
     return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque)
 
 
+def normalized(sql: bytes) -> bytes | None:
+    """The statement with its literals as parameters ($n after its own), or None."""
+    from pglast import parser
+    try:
+        return parser.normalize(sql.decode("utf-8")).encode()
+    except Exception:       # noqa: BLE001 - not parseable here: analyse the text itself
+        return None
+
+
 def forget() -> None:
     _CACHE.clear()
 

@@ -251,6 +251,7 @@ class MaskState:
         self._next: ObjPlan | None = None   # the plan of the Query being forwarded
         self._ready = 0
         self.lineage_keys: dict = {}        # lineage analysed in this session
+        self._lkey: tuple | None = None
         self._masked_rel, self._masked_cols = self._masked_names()
         tables = {o for o, _ in self._masked_cols}
         self._masked_types = frozenset(t for t, o in getattr(catalog, "types", {}).items()
@@ -287,36 +288,61 @@ class MaskState:
     def lineage_now(self, sql: bytes, d, param_oids: tuple = ()):
         """The lineage the plan of ``sql`` is made with: a Lineage, None (not needed:
         no masks, or a statement the planner cannot explain) or PENDING (ask first:
-        :meth:`lineage_load`)."""
+        :meth:`lineage_load`). Known by the exact text, or by its literal-insensitive
+        shape when the shape's analysis (literals as parameters) succeeded."""
         if not self.masks_on:
             return None
         from . import lineage as lg
         query = lg.statement_query(sql, d)
         if query is None:
             return None
-        key = self._lineage_key(query, param_oids)
-        lin = self.lineage_keys.get(key)
-        if lin is None:
-            lin = lg.cached(key)
-        return PENDING if lin is None else lin
+        for key in self._lineage_keys(query, param_oids):
+            lin = self.lineage_keys.get(key)
+            if lin is None:
+                lin = lg.cached(key)
+            if lin is not None:
+                return lin
+        return PENDING
 
     async def lineage_load(self, sql: bytes, d, param_oids: tuple = ()) -> None:
-        """Ask the planner (never raises: UNRESOLVED when it cannot answer)."""
+        """Ask the planner (never raises: UNRESOLVED when it cannot answer): first the
+        statement with its literals turned into parameters (valid for every text of
+        its shape: no value can fold a column reference away), else the text itself."""
         from . import lineage as lg
         query = lg.statement_query(sql, d)
         if query is None:
             return
-        key = self._lineage_key(query, param_oids)
-        lin = await lg.analyse(self.s.server, self.s.database, query, param_oids,
-                               self._masked_rel, self._masked_cols, self._role())
+        keys = self._lineage_keys(query, param_oids)
+        args = (self._masked_rel, self._masked_cols, self._role())
+        server, db = self.s.server, self.s.database
+        if len(keys) == 2:
+            norm = lg.normalized(query)
+            if norm is not None:
+                lin = await lg.analyse(server, db, norm, param_oids, *args)
+                if lin.masked is not None:
+                    self._learn(keys[1], lin)
+                    return
+                if norm == query:       # no literals: the text's own answer
+                    self._learn(keys[0], lin)
+                    return
+        self._learn(keys[0], await lg.analyse(server, db, query, param_oids, *args))
+
+    def _learn(self, key: tuple, lin) -> None:
+        from . import lineage as lg
         lg.remember(key, lin)
         if len(self.lineage_keys) > 4096:
             self.lineage_keys.clear()
         self.lineage_keys[key] = lin
 
-    def _lineage_key(self, query: bytes, param_oids: tuple) -> tuple:
-        return (id(self.s.server), self.s.database, self.catalog.loaded,
-                frozenset(self._masked_cols), self._role(), query, param_oids)
+    def _lineage_keys(self, query: bytes, param_oids: tuple) -> tuple:
+        from .._core.sqlshape import shape
+        base = self._lkey
+        if base is None:
+            base = self._lkey = (id(self.s.server), self.s.database, self.catalog.loaded,
+                                 frozenset(self._masked_cols), self._role())
+        key = shape(query)
+        exact = base + (b"x", query, param_oids)
+        return (exact,) if key is None else (exact, base + (b"s", key, param_oids))
 
     def _role(self) -> str | None:
         s = self.s
