@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgguard.masking")
 
 __all__ = ["Lineage", "UNRESOLVED", "analyse", "columns_tainted", "needs_lineage",
-           "statement_query", "cursor_statement", "cached", "remember", "forget"]
+           "statement_query", "named_statement", "cached", "remember", "forget"]
 
 
 class Lineage(NamedTuple):
@@ -460,7 +460,7 @@ def forget() -> None:
     _CACHE.clear()
 
 
-# -- cursors ---------------------------------------------------------------------------
+# -- cursors and SQL prepared statements ---------------------------------------------------------------------------
 
 def _one_statement(sql: str) -> dict | None:
     from pglast import parser
@@ -471,18 +471,24 @@ def _one_statement(sql: str) -> dict | None:
     return stmts[0]["stmt"] if len(stmts) == 1 else None
 
 
-def cursor_statement(sql: str) -> tuple[str, str | None] | None:
-    """("declare" | "fetch" | "close", cursor name (None: CLOSE ALL)) for a DECLARE,
-    FETCH/MOVE or CLOSE statement; None for anything else or unreadable SQL."""
+_NAMED = {"DeclareCursorStmt": ("declare", "portalname"),
+          "FetchStmt": ("fetch", "portalname"),
+          "ClosePortalStmt": ("close", "portalname"),
+          "PrepareStmt": ("prepare", "name"),
+          "ExecuteStmt": ("execute", "name"),
+          "DeallocateStmt": ("deallocate", "name")}
+
+
+def named_statement(sql: str) -> tuple[str, str | None] | None:
+    """(kind, name) of a statement about a SQL cursor or prepared statement: "declare",
+    "fetch" (and MOVE), "close", "prepare", "execute", "deallocate"; name None for
+    CLOSE ALL / DEALLOCATE ALL. None for anything else or unreadable SQL."""
     st = _one_statement(sql)
     if st is None:
         return None
-    if "DeclareCursorStmt" in st:
-        return "declare", st["DeclareCursorStmt"].get("portalname")
-    if "FetchStmt" in st:
-        return "fetch", st["FetchStmt"].get("portalname")
-    if "ClosePortalStmt" in st:
-        return "close", st["ClosePortalStmt"].get("portalname")
+    for tag, (kind, field) in _NAMED.items():
+        if tag in st:
+            return kind, st[tag].get(field)
     return None
 
 
@@ -491,8 +497,10 @@ def statement_query(sql: bytes, d) -> bytes | None:
     DECLARE; None when the planner is not asked (utility statements, several
     statements in one Query)."""
     kind = d.statements[0].kind if d is not None and len(d.statements) == 1 else None
-    if kind == "declare" or (d is None and _FIRST_WORD.match(sql) is not None
-                             and _FIRST_WORD.match(sql).group(1).lower() == b"declare"):
+    if d is None:
+        mo = _FIRST_WORD.match(sql)
+        kind = mo.group(1).lower().decode() if mo is not None else None
+    if kind in ("declare", "prepare"):
         from pglast import parse_sql
         from pglast.stream import RawStream
         try:

@@ -195,7 +195,9 @@ def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
 # entries are popped when the next watched message arrives.
 K_PARSE, K_PDESC, K_DESC_S, K_DESC_P, K_BIND, K_EXEC, K_CLOSE, K_SYNC, K_READY = range(9)
 _UNSEEN = (K_PARSE, K_CLOSE)
-_CURSOR_SQL = re.compile(rb"\s*(declare|fetch|move|close)\b", re.I)
+_CURSOR_SQL = re.compile(rb"\s*(declare|fetch|move|close|prepare|execute|deallocate)\b",
+                         re.I)
+_UNKNOWN = ("cursor", "\0unknown")
 
 
 class ObjPlan:
@@ -207,13 +209,15 @@ class ObjPlan:
 
     __slots__ = ("rowdesc", "lineage", "reads", "fetch", "declare")
 
-    def __init__(self, lineage=None, reads: bool = True, fetch: str | None = None,
+    def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
                  declare: tuple | None = None) -> None:
         self.rowdesc: bytes | None = None
         self.lineage = lineage
         self.reads = reads
         self.fetch = fetch
-        self.declare = declare      # (cursor name, its ObjPlan) when this is a DECLARE
+        # ("cursor" | "prepared", name, its ObjPlan) for DECLARE / PREPARE; fetch: the
+        # (kind, name) whose plan a FETCH / EXECUTE gets
+        self.declare = declare
 
 
 PENDING = object()      # lineage_now: ask the planner first
@@ -244,6 +248,7 @@ class MaskState:
         self.stmts: dict[bytes, ObjPlan] = {}       # prepared statements (committed)
         self.portals: dict[bytes, tuple[ObjPlan, bytes | None]] = {}
         self.cursors: dict[str, ObjPlan] = {}       # SQL cursors (DECLARE)
+        self.sql_prepared: dict[str, ObjPlan] = {}  # SQL PREPARE (run with EXECUTE)
         self.expect: deque = deque()                # what the backend answers next
         self.swallow_t = False
         self.copy_cols: list | None = None  # the next COPY TO STDOUT's columns (plan entries)
@@ -399,7 +404,9 @@ class MaskState:
 
     def plan_for(self, rowdesc: bytes, formats: bytes | None = None, obj: ObjPlan | None = None):
         if obj is not None and obj.fetch is not None:
-            obj = self.cursors.get(obj.fetch) or ObjPlan()
+            kind, name = obj.fetch
+            obj = (self.cursors if kind == "cursor" else self.sql_prepared).get(name) \
+                or ObjPlan()
         lin = obj.lineage if obj is not None else None
         reads = obj.reads if obj is not None else True
         key = (rowdesc, formats, lin, reads)
@@ -466,29 +473,30 @@ class MaskState:
         return reads_masked or (self.masks_on and self.s.policy is None)
 
     def _obj(self, sql: bytes, lineage, reads_masked: bool) -> ObjPlan:
-        """The plan of a statement about to be parsed or run. DECLARE carries its
-        query's lineage for the cursor (registered when it has run), FETCH names the
-        cursor whose plan its rows get; CLOSE forgets cursors (an unknown cursor's rows
-        are masked as unresolved)."""
+        """The plan of a statement about to be parsed or run. DECLARE and PREPARE carry
+        their query's lineage for the cursor or prepared statement (registered once they
+        have run); FETCH and EXECUTE name the one whose plan their rows get; CLOSE and
+        DEALLOCATE forget (rows of an unknown one are masked as unresolved)."""
         reads = self._reads(lineage, reads_masked)
         mo = _CURSOR_SQL.match(sql)
         if mo is None:
             return ObjPlan(lineage, reads)
-        verb = mo.group(1).lower()
-        from .lineage import cursor_statement
-        got = cursor_statement(sql.decode("utf-8", "replace"))
+        from .lineage import named_statement
+        got = named_statement(sql.decode("utf-8", "replace"))
         if got is None:
-            return ObjPlan(None, True, "\0unknown" if verb in (b"fetch", b"move") else None)
+            return ObjPlan(None, True, _UNKNOWN)
         kind, name = got
-        if kind == "declare":
-            return ObjPlan(None, reads, None, (name, ObjPlan(lineage, reads)))
-        if kind == "close":
+        table = "cursor" if kind in ("declare", "fetch", "close") else "prepared"
+        if kind in ("declare", "prepare"):
+            return ObjPlan(None, reads, None, (table, name, ObjPlan(lineage, reads)))
+        if kind in ("close", "deallocate"):
+            objs = self.cursors if table == "cursor" else self.sql_prepared
             if name is None:
-                self.cursors.clear()
+                objs.clear()
             else:
-                self.cursors.pop(name, None)
+                objs.pop(name, None)
             return ObjPlan(None, reads)
-        return ObjPlan(None, reads, name)
+        return ObjPlan(None, reads, (table, name))
 
     def _push(self, entry: tuple) -> None:
         q = self.expect
@@ -606,9 +614,10 @@ class MaskState:
         return out
 
     def _declared(self, obj: ObjPlan, complete: bytes) -> None:
-        if obj.declare is not None and complete[5:].startswith(b"DECLARE CURSOR"):
-            name, plan = obj.declare
-            self.cursors[name] = plan
+        if obj.declare is not None and complete[5:].startswith((b"DECLARE CURSOR",
+                                                                 b"PREPARE")):
+            table, name, plan = obj.declare
+            (self.cursors if table == "cursor" else self.sql_prepared)[name] = plan
 
     def _copy_plan(self, msg: bytes) -> None:
         cols, fmt = self.copy_cols, self.copy_fmt
