@@ -95,10 +95,14 @@ class Enforcement:
                             self._guard_watch()
                         elif t == 69:           # 'E' Execute
                             plan = guard.portal_plan(msg)
-                        elif t == 83 and guard.owe is not None:
-                            guard.before_sync(out, msg, items[i + 1:])
-                            self._guard_watch()
-                            msg = None
+                            if plan is None:
+                                guard.on_execute()
+                        elif t == 83:           # 'S' Sync
+                            if guard.owe is not None:
+                                guard.before_sync(out, msg, items[i + 1:])
+                                self._guard_watch()
+                                msg = None
+                            guard.on_sync()
                     if msg is not None and plan is None:
                         out.append(msg)
                     if self.masking is not None:
@@ -155,7 +159,7 @@ class Enforcement:
             d = _pinned_refusal(d)
         if d.action != "block" and self.views is not None:
             self._catalog_effects(d)
-        if self.guard is None or d.action != "allow" or plan_for(d, self.identity) is None:
+        if self.guard is None or d.action != "allow" or self._plan(d) is None:
             # guarded statements never take the compiled fast path
             self.server.remember_decision(self._cache, msg, key, d)
         return d
@@ -186,21 +190,21 @@ class Enforcement:
             plan = None
             if self.guard is not None:
                 self.guard.on_query()
-                plan = plan_for(d, self.identity)
+                plan = self._plan(d, msg[5:-1])
                 if plan is not None and len(d.statements) > 1 and has_txn_control(d):
                     self._inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
             if self.masking is not None and not self._mask_query(d, msg, out):
                 return
-            if plan is not None:
-                self.guard.start_query(msg, plan, out, list(later))
-                self._guard_watch()
-            else:
+            if plan is None:
                 out.append(msg)
             self.server.count_statement("allowed")
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, time.monotonic_ns()))
+            if plan is not None:
+                self.guard.start_query(msg, plan, out, list(later))
+                self._guard_watch()
             if d is not None and self.prepared is not None and d.statements \
                     and _touches_prepared(d):
                 self.prepared.observe(d.statements)
@@ -290,7 +294,7 @@ class Enforcement:
                 self.prepared.record(name, d.statements[0])
             if self.guard is not None:
                 self.guard.on_parse(name.encode() if isinstance(name, str) else name,
-                                    plan_for(d, self.identity))
+                                    self._plan(d, msg[pos:end]))
                 self._guard_watch()
             return
         if d.action == "approve":
@@ -351,6 +355,17 @@ class Enforcement:
             pipe.divert = False
 
 
+    def _plan(self, d, sql: bytes = b""):
+        """The blast-radius guard's plan for decision ``d`` of this session (None: not
+        guarded)."""
+        if d is None:
+            return None
+        cfg = self.server.cfg.policy
+        default = cfg.agents_max_rows if self.identity.kind == "agent" else \
+            cfg.humans_max_rows
+        return plan_for(d, self.identity, sql, default,
+                        self.server.user_function_test(self.database))
+
     def _routed(self, items: list):
         """The backend items after the blast-radius guard took its own answers out
         (one at a time: a guard step may release held client messages, which read the
@@ -395,6 +410,7 @@ class Enforcement:
         if on == self._guarding:
             return
         self._guarding = on
+        self.guard.seg_known = False    # earlier messages of this segment went unseen
         self.watch = self._base_watch + (b"BECS" if on else b"")
         if not self.discarding:
             scan = self.fscan

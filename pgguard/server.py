@@ -31,10 +31,18 @@ DECISIONS_PER_IDENTITY = 10_000
 # VIEW_MAP_TTL (or DDL), a function found by OID is kept FUNCTION_TTL (or until DDL);
 # views a session announced stay in the map LEARNED_TTL whatever the catalog says
 VIEW_MAP_TTL = 30.0
+# every function name, and whether it is a built-in (pg_catalog) one
+FUNCTION_NAMES_SQL = ("SELECT p.proname, p.pronamespace = 'pg_catalog'::regnamespace "
+                      "FROM pg_catalog.pg_proc p WHERE p.pronamespace <> "
+                      "'information_schema'::regnamespace")
 FUNCTION_TTL = 60.0
 LEARNED_TTL = 600.0
 # after a failed background read of the view map, wait this long before the next try
 VIEW_MAP_RETRY = 5.0
+
+
+def _every_function(name: str) -> bool:
+    return True
 
 
 class Server:
@@ -104,6 +112,8 @@ class Server:
         self._views: dict[str, _ViewState] = {}
         self._functions: dict[str, dict[int, tuple[object, float]]] = {}
         self._no_views = ViewMap()
+        # database -> [built-in names, other names, stale, loaded at, test]
+        self._fn_names: dict[str, list] = {}
         self._idle = asyncio.Event()
 
     def resolve_path(self, p: str) -> str:
@@ -153,9 +163,56 @@ class Server:
         functions up again, read the view map again soon."""
         self._catalogs.pop(database, None)
         self._functions.pop(database, None)
+        names = self._fn_names.get(database)
+        if names is not None:
+            names[2] = True
         st = self._views.get(database)
         if st is not None:
             st.stale = True
+
+    # -- function names: which calls the blast-radius guard must measure
+    async def ready_function_names(self, database: str) -> None:
+        """Load (or refresh) the names of built-in and other functions of ``database``;
+        raises when the catalog cannot be read (the session is then refused)."""
+        hit = self._fn_names.get(database)
+        if hit is not None and not hit[2] and time.monotonic() - hit[3] < VIEW_MAP_TTL:
+            return
+        await self._load_function_names(database)
+
+    async def _load_function_names(self, database: str) -> None:
+        from .sideconn import run
+        rows = (await run(self, database, [FUNCTION_NAMES_SQL]))[0]
+        builtin = frozenset(r[0] for r in rows if r[1] == "t")
+        other = frozenset(r[0] for r in rows if r[1] != "t")
+        self._fn_names[database] = [builtin, other, False, time.monotonic()]
+
+    def user_function_test(self, database: str):
+        """A test ``name -> bool``: may this call run code pgguard cannot see into (a
+        function outside pg_catalog, or one unknown when the names were read)? Fail
+        closed: with no names read, every function counts."""
+        hit = self._fn_names.get(database)
+        if hit is None:
+            return _every_function
+        test = hit[4] if len(hit) > 4 else None
+        if test is None:
+            builtin, other = hit[0], hit[1]
+
+            def test(name: str) -> bool:
+                schema, dot, bare = name.rpartition(".")
+                if dot:
+                    return schema != "pg_catalog"
+                return bare not in builtin or bare in other
+            hit.append(test)
+        if hit[2] or time.monotonic() - hit[3] > VIEW_MAP_TTL:
+            hit[2], hit[3] = False, time.monotonic()    # one refresh at a time
+            self.background(self._refresh_function_names(database))
+        return test
+
+    async def _refresh_function_names(self, database: str) -> None:
+        try:
+            await self._load_function_names(database)
+        except Exception as e:      # noqa: BLE001 - keep the old names, say why
+            log.warning("could not re-read function names of %s: %s", database, e)
 
     # -- policy catalog: functions by OID (FunctionCall), views (rules see through them)
     def cached_function(self, database: str, oid: int):
