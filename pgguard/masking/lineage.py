@@ -379,8 +379,17 @@ def _drop(link: _Link) -> None:
     link.proto = None
 
 
+def _param_count(sql: bytes) -> int:
+    """The highest $n of the text outside string literals (too high only makes the
+    EXPLAIN fail: unresolved, masked)."""
+    text = _LITERAL.sub("''", sql.decode("utf-8", "replace"))
+    return max((int(n[1:]) for n in _PARAM.findall(text)), default=0)
+
+
 async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
                    role) -> Lineage:
+    """One round trip: prepare (under the role, read only), describe, EXPLAIN the generic
+    plan, list the views and the functions/operators outside pg_catalog, roll back."""
     from ..sideconn import _Owner, ident
     from ..upstream import connect_upstream
     if link.proto is None or link.proto.transport.is_closing():
@@ -390,59 +399,48 @@ async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_c
     setup = "BEGIN READ ONLY; SET LOCAL statement_timeout = '5s'"
     if role and role not in link.no_role:
         setup += f"; SET LOCAL ROLE {ident(role)}"
+    nparams = max(_param_count(sql), len(param_oids))
     body = _STMT + b"\0" + sql + b"\0" + struct.pack(f"!h{len(param_oids)}I",
                                                      len(param_oids), *param_oids)
+    explain = ("SET LOCAL plan_cache_mode = force_generic_plan; "
+               f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {_STMT.decode()}"
+               + (f"({', '.join(['NULL'] * nparams)})" if nparams else "")
+               + "; SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relkind IN ('v', 'm'); "
+               + _OPAQUE_SQL)
     proto.transport.write(_query(setup) + _frame(b"P", body)
-                          + _frame(b"D", b"S" + _STMT + b"\0") + _frame(b"S", b""))
-    got = await _until_ready(proto, 2)
-    first_error = next((i for i, (t, _) in enumerate(got) if t == 69), None)
-    z1 = next(i for i, (t, _) in enumerate(got) if t == 90)
-    if first_error is not None and first_error < z1 and role:
+                          + _frame(b"D", b"S" + _STMT + b"\0") + _frame(b"S", b"")
+                          + _query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
+                          + _frame(b"S", b"") + _query("ROLLBACK"))
+    got = await _until_ready(proto, 5)
+    zs = [i for i, (t, _) in enumerate(got) if t == 90]
+    if role and any(t == 69 for t, _ in got[:zs[0]]):
         # the role cannot be assumed from here: plan without it (still read only)
         link.no_role.add(role)
-        proto.transport.write(_query("ROLLBACK"))
-        await _until_ready(proto, 1)
         return await _analyse(server, database, link, sql, param_oids, masked_rel,
                               masked_cols, None)
-    nparams, fields, failed = 0, None, first_error is not None
-    for t, payload in got[z1 + 1:]:
-        if t == 116:
-            (nparams,) = struct.unpack_from("!h", payload)
-        elif t == 84:
+    if any(t == 69 for t, _ in got[:zs[2]]):
+        log.debug("lineage: %r", next(p for t, p in got if t == 69)[:200])
+        return UNRESOLVED
+    fields = None
+    for t, payload in got[zs[0] + 1:zs[1]]:
+        if t == 84:
             fields = _row_fields(payload)
         elif t == 110:
             fields = []
-    if failed or fields is None:
-        proto.transport.write(_frame(b"C", b"S" + _STMT + b"\0") + _frame(b"S", b"")
-                              + _query("ROLLBACK"))
-        await _until_ready(proto, 2)
-        return UNRESOLVED
-    tables = sorted({t for t, a, _, _ in fields if t and a > 0})
-    args = ", ".join(["NULL"] * nparams)
-    explain = ("SET LOCAL plan_cache_mode = force_generic_plan; "
-               f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {_STMT.decode()}"
-               + (f"({args})" if nparams else "")
-               + "; SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relkind IN ('r','p','f')"
-               f" AND c.oid IN ({', '.join(str(t) for t in tables) or '0'}); " + _OPAQUE_SQL)
-    proto.transport.write(_query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
-                          + _frame(b"S", b"") + _query("ROLLBACK"))
-    got = await _until_ready(proto, 3)
     sets: list[list[bytes]] = []
-    for t, payload in got:
-        if t == 69:
-            log.debug("lineage: EXPLAIN failed: %r", payload[:200])
-            return UNRESOLVED
+    for t, payload in got[zs[1] + 1:zs[2]]:
         if t == 84:
             sets.append([])
         elif t == 68 and sets:
             (ln,) = struct.unpack_from("!i", payload, 2)
             sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
+    if fields is None or len(sets) != 3 or not sets[0]:
+        return UNRESOLVED
     if not fields:
         return Lineage((), False)
-    if len(sets) != 3 or not sets[0]:
-        return UNRESOLVED
     plan = orjson.loads(sets[0][0])
-    base = {int(r) for r in sets[1]}
+    views = {int(r) for r in sets[1]}
+    base = {t for t, _, _, _ in fields if t} - views
     opaque = frozenset(r.decode("utf-8", "replace") for r in sets[2])
     return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque)
 
