@@ -324,3 +324,31 @@ def test_first_execution_matches_direct_for_clean_columns(pg, lproxy):
     assert [r[:5] for r in got] == [r[:5] for r in truth]
     assert [r[5] for r in got] == ["z***@example.com", "m***@example.org", "t***@example.net"]
     assert CUSTOMERS[0][2] == truth[0][5]
+
+
+def test_partitions_carry_the_masks(pg, tmp_path_factory):
+    from conftest import Proxy
+    pg.execute("""
+        DROP TABLE IF EXISTS pcust CASCADE;
+        CREATE TABLE pcust (id int, ssn text) PARTITION BY RANGE (id);
+        CREATE TABLE pcust_a PARTITION OF pcust FOR VALUES FROM (0) TO (2);
+        CREATE TABLE pcust_b PARTITION OF pcust FOR VALUES FROM (2) TO (10);
+        INSERT INTO pcust VALUES (1, '732-19-4856'), (2, '618-27-3940'), (3, '504-83-1276');
+    """, dbname=DB)
+    p = Proxy(pg, tmp_path_factory.mktemp("mask-parts"), extra="""
+[[masks]]
+column = "public.pcust.ssn"
+strategy = "redact"
+""").start()
+    try:
+        with agent(p) as conn:
+            for sql in ("SELECT ssn, id FROM pcust ORDER BY id",
+                        "SELECT replace(q.ssn, '-', ''), q.id FROM pcust q ORDER BY id",
+                        "SELECT ssn, ascii(ssn), id FROM pcust_b ORDER BY id",
+                        "SELECT p, id FROM pcust_a p"):
+                got = conn.execute(sql).fetchall()
+                assert got and leaks(got) == [], (sql, got)
+                assert all(r[-1] is not None for r in got)     # ids pass
+                assert all(v is None or v == "****" for r in got for v in r[:-1]), got
+    finally:
+        p.stop()

@@ -84,6 +84,7 @@ _PARAM = re.compile(r"\$\d+")
 _SUBPLAN = re.compile(r"\b(?:SubPlan|InitPlan) \d+")
 _COUNT = re.compile(r"count\(")
 _WORD = re.compile(_IDENT)
+_CHILD_ALIAS = re.compile(r"^(.+)_\d+$", re.S)
 _CALL = re.compile(rf"({_IDENT})\s*\(")
 _OPERATOR = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
 # names of functions and operators outside pg_catalog (user-defined, extensions): calls
@@ -142,8 +143,15 @@ class _Taint:
             if cols:
                 alias = n.get("Alias", rel)
                 self.reads = True
-                self.rows.add(alias)
-                self.pairs.update((alias, c) for c in cols)
+                names = {alias}
+                mo = _CHILD_ALIAS.match(alias)
+                if mo is not None:
+                    # a partition or child scanned for its parent: the plan above it
+                    # names the parent's alias (the child's without the _n EXPLAIN adds)
+                    names.add(mo.group(1))
+                for a in names:
+                    self.rows.add(a)
+                    self.pairs.update((a, c) for c in cols)
         # a plan over one relation prints its columns without the alias
         self.bare = {c for _, c in self.pairs}
         for _ in range(len(self.nodes) + 2):          # to a fixed point

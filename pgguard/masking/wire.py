@@ -81,6 +81,7 @@ async def load_catalog(server: Server, database: str) -> Catalog:
             if fnmatch.fnmatchcase(full, mk.column):
                 columns[(oid, attnum)] = mk
                 break
+    await _descendants(server, database, columns, tables)
     # views (and views of views) over masked columns: RowDescription names the view's
     # own column, so every text-like column of such a view is masked as a whole
     from ..config import Mask as _Mask
@@ -115,6 +116,34 @@ async def load_catalog(server: Server, database: str) -> Catalog:
     cat.derived = frozenset(derived)
     cat.typed = typed
     return cat
+
+
+async def _descendants(server: Server, database: str, columns: dict, tables: dict) -> None:
+    """Partitions and inheritance children of tables with masked columns carry the same
+    values: their columns of the same names get the same masks (a plan scans them by
+    their own names, and a client can name them)."""
+    from ..sideconn import run
+    parents = sorted({o for o, _ in columns})
+    if not parents:
+        return
+    rows = (await run(server, database, [
+        "WITH RECURSIVE d(child, top) AS ("
+        f"SELECT i.inhrelid, i.inhparent FROM pg_inherits i WHERE i.inhparent IN "
+        f"({', '.join(str(o) for o in parents)}) UNION "
+        "SELECT i.inhrelid, d.top FROM pg_inherits i JOIN d ON i.inhparent = d.child) "
+        "SELECT d.child, d.top, n.nspname || '.' || c.relname, a.attnum, a.attname "
+        "FROM d JOIN pg_class c ON c.oid = d.child JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = d.child "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY d.child, a.attnum"]))[0]
+    for child, top, name, attnum, attname in rows:
+        child, top, attnum = int(child), int(top), int(attnum)
+        if child in tables and (attnum, attname) in tables[child][1]:
+            continue
+        tables.setdefault(child, (name, []))[1].append((attnum, attname))
+        by_name = {n: a for a, n in tables.get(top, ("", []))[1]}
+        mk = columns.get((top, by_name.get(attname, -1)))
+        if mk is not None:
+            columns[(child, attnum)] = mk
 
 
 async def _masked_types(server: Server, database: str, oids: set[int]):
@@ -501,8 +530,13 @@ class MaskState:
     def _push(self, entry: tuple) -> None:
         q = self.expect
         q.append(entry)
-        if entry[0] == K_EXEC and all(e[0] in _UNSEEN for e in list(q)[:-1]):
-            self._arm()        # nothing before it answers with rows: its plan now
+        if entry[0] == K_EXEC:
+            for e in q:
+                if e is entry:
+                    self._arm()     # nothing before it answers with rows: its plan now
+                    break
+                if e[0] not in _UNSEEN:
+                    break
 
     def _arm(self) -> None:
         """The plan of the next Execute's rows, when it is the next answer with rows."""
