@@ -133,6 +133,7 @@ class _Taint:
         self.aliases: set[str] = set()                # every column of the alias
         self.tokens: set[str] = set()                 # $n, SubPlan n, InitPlan n
         self.reads = False
+        self.written = False                          # a write fed from masked values
         self.root = root
         self.nodes = _nodes(root, [])
         for n in self.nodes:
@@ -215,6 +216,13 @@ class _Taint:
             if alias is not None and "Relation Name" not in n and alias not in self.aliases \
                     and self._subtree(n):
                 self.aliases.add(alias)             # a subquery, function, VALUES ... scan
+                changed = True
+            if n.get("Node Type") == "ModifyTable" and not self.written and any(
+                    self._subtree(c) for c in n.get("Plans", ())):
+                # rows written from masked values and returned: the target's columns
+                # carry them (RETURNING, ON CONFLICT ... RETURNING, data-modifying CTEs)
+                self.written = True
+                self.aliases.add(n.get("Alias", n.get("Relation Name", "")))
                 changed = True
             sub = n.get("Subplan Name")
             if sub is None or not self._subtree(n):
@@ -300,7 +308,9 @@ def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
     outs = taint.outputs(root, n) if n else []
     masked = []
     for i, (table, attnum, _typ, _fmt) in enumerate(fields):
-        if table and attnum > 0 and table in base_tables:
+        if taint.written:
+            masked.append(True)     # rows written from masked values: all they return
+        elif table and attnum > 0 and table in base_tables:
             masked.append((table, attnum) in masked_cols)    # a stored value, as it is
         else:
             masked.append(True if outs is None else outs[i])
