@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import psycopg  # noqa: E402
+import psycopg
 
 MASKS = """
 [[masks]]
@@ -48,17 +48,17 @@ strategy = "redact"
 TEMPLATES = [
     "SELECT id, replace(ssn, '-', '') AS c{i} FROM customers WHERE id < {n}",
     "SELECT id AS c{i}, name, upper(email) FROM customers WHERE id < {n} ORDER BY id",
-    "WITH x{i} AS (SELECT id, email FROM customers) SELECT id, lower(email) FROM x{i} "
-    "WHERE id < {n}",
+    ("WITH x{i} AS (SELECT id, email FROM customers) SELECT id, lower(email) FROM x{i} "
+     "WHERE id < {n}"),
     "SELECT count(*) AS c{i}, max(length(ssn)) FROM customers WHERE id < {n}",
-    "SELECT c{i}.id, o.total FROM customers c{i} JOIN orders o ON o.cust_id = c{i}.id "
-    "WHERE c{i}.id < {n}",
+    ("SELECT c{i}.id, o.total FROM customers c{i} JOIN orders o ON o.cust_id = c{i}.id "
+     "WHERE c{i}.id < {n}"),
 ]
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def summary(xs: list[float]) -> dict:

@@ -8,7 +8,7 @@ import logging
 import re
 import struct
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
@@ -594,7 +594,7 @@ def _mixed_txn_refusal(d):
 
 
 def _now():
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _is_marker(msg: bytes) -> bool:

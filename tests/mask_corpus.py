@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import asyncpg
 import psycopg
-
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER, run_psql
 

@@ -10,7 +10,6 @@ import struct
 import asyncpg
 import psycopg
 import pytest
-
 import rawpg
 from conftest import HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER, run_psql
 from mask_corpus import CUSTOMERS, DB, MASKS, leaks, raw_connect, seed
@@ -357,10 +356,10 @@ strategy = "redact"
 @pytest.mark.parametrize("sql", [
     "UPDATE customers SET score = score WHERE id <= 3 RETURNING id, replace(ssn, '-', '')",
     "UPDATE customers c SET score = c.score RETURNING c.id, c, get_byte(c.ssn::bytea, 0)",
-    "WITH u AS (UPDATE customers SET score = score RETURNING id, email) "
-    "SELECT id, upper(email) FROM u",
-    "INSERT INTO orders SELECT 100 + id, id, length(ssn), ssn FROM customers "
-    "ON CONFLICT (id) DO UPDATE SET note = orders.note RETURNING id, note, note || ''",
+    ("WITH u AS (UPDATE customers SET score = score RETURNING id, email) "
+     "SELECT id, upper(email) FROM u"),
+    ("INSERT INTO orders SELECT 100 + id, id, length(ssn), ssn FROM customers "
+     "ON CONFLICT (id) DO UPDATE SET note = orders.note RETURNING id, note, note || ''"),
     "DELETE FROM orders WHERE id > 1000 RETURNING id, note",
 ])
 def test_row_changing_statements_returning_under_the_guard(pg, lproxy, sql):

@@ -5,11 +5,16 @@
 # statement cache three times and cursor; raw Parse+Sync then Bind/Execute later;
 # pipelines with interleaved portals and a re-Parse), checked against Postgres itself.
 import pytest
-
-import rawpg
-from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER
-from mask_corpus import (CLEAN, DB, MASKS, MODES, SHAPES, check, direct_mode, leaks,
-                         raw_connect, run_mode, seed)
+from mask_corpus import (
+    CLEAN,
+    MASKS,
+    MODES,
+    SHAPES,
+    check,
+    direct_mode,
+    run_mode,
+    seed,
+)
 
 
 @pytest.fixture(scope="module")

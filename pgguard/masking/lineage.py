@@ -45,8 +45,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgguard.masking")
 
-__all__ = ["Lineage", "UNRESOLVED", "analyse", "columns_tainted", "needs_lineage",
-           "statement_query", "named_statement", "cached", "remember", "forget"]
+__all__ = [
+    "UNRESOLVED",
+    "Lineage",
+    "analyse",
+    "cached",
+    "columns_tainted",
+    "forget",
+    "named_statement",
+    "needs_lineage",
+    "remember",
+    "statement_query",
+]
 
 
 class Lineage(NamedTuple):
@@ -58,7 +68,7 @@ UNRESOLVED = Lineage(None, True)
 
 # statement kinds whose result columns EXPLAIN can explain
 _EXPLAINABLE = frozenset({"select", "insert", "update", "delete", "merge"})
-_FIRST_WORD = re.compile(rb"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.S)
+_FIRST_WORD = re.compile(rb"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.DOTALL)
 _WORD_KINDS = {b"select": "select", b"with": "select", b"values": "select",
                b"table": "select", b"insert": "insert", b"update": "update",
                b"delete": "delete", b"merge": "merge"}
@@ -84,7 +94,7 @@ _PARAM = re.compile(r"\$\d+")
 _SUBPLAN = re.compile(r"\b(?:SubPlan|InitPlan) \d+")
 _COUNT = re.compile(r"count\(")
 _WORD = re.compile(_IDENT)
-_CHILD_ALIAS = re.compile(r"^(.+)_\d+$", re.S)
+_CHILD_ALIAS = re.compile(r"^(.+)_\d+$", re.DOTALL)
 _CALL = re.compile(rf"({_IDENT})\s*\(")
 _OPERATOR = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
 # names of functions and operators outside pg_catalog (user-defined, extensions): calls
@@ -177,10 +187,8 @@ class _Taint:
             return True
         if self.opaque and self._calls_opaque(text):
             return True
-        if self.tokens and (any(p in self.tokens for p in _PARAM.findall(text))
-                            or any(s in self.tokens for s in _SUBPLAN.findall(text))):
-            return True
-        return False
+        return bool(self.tokens) and (any(p in self.tokens for p in _PARAM.findall(text))
+                                      or any(s in self.tokens for s in _SUBPLAN.findall(text)))
 
     def _bare(self, text: str) -> bool:
         n = len(text)
@@ -392,8 +400,8 @@ def _drop(link: _Link) -> None:
     if link.proto is not None:
         try:
             link.proto.transport.close()
-        except Exception:       # noqa: BLE001
-            pass
+        except Exception as e:       # noqa: BLE001 - closing a broken link
+            log.debug("lineage: closing the side connection: %s", e)
     link.proto = None
 
 

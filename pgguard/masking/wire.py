@@ -126,7 +126,7 @@ async def _descendants(server: Server, database: str, columns: dict, tables: dic
     parents = sorted({o for o, _ in columns})
     if not parents:
         return
-    rows = (await run(server, database, [
+    rows = (await run(server, database, [(
         "WITH RECURSIVE d(child, top) AS ("
         f"SELECT i.inhrelid, i.inhparent FROM pg_inherits i WHERE i.inhparent IN "
         f"({', '.join(str(o) for o in parents)}) UNION "
@@ -134,7 +134,7 @@ async def _descendants(server: Server, database: str, columns: dict, tables: dic
         "SELECT d.child, d.top, n.nspname || '.' || c.relname, a.attnum, a.attname "
         "FROM d JOIN pg_class c ON c.oid = d.child JOIN pg_namespace n "
         "ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = d.child "
-        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY d.child, a.attnum"]))[0]
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY d.child, a.attnum")]))[0]
     for child, top, name, attnum, attname in rows:
         child, top, attnum = int(child), int(top), int(attnum)
         if child in tables and (attnum, attname) in tables[child][1]:
@@ -163,24 +163,24 @@ async def _masked_types(server: Server, database: str, oids: set[int]):
         if not frontier:
             break
         inlist = ", ".join(str(t) for t in sorted(frontier))
-        rows = (await run(server, database, [
+        rows = (await run(server, database, [(
             "SELECT x.oid, COALESCE(NULLIF(x.typelem, 0), NULLIF(x.typbasetype, 0), "
             "(SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = x.typrelid AND "
             f"a.atttypid IN ({inlist}) AND NOT a.attisdropped LIMIT 1)) FROM pg_type x "
             f"WHERE x.typelem IN ({inlist}) OR x.typbasetype IN ({inlist}) OR x.typrelid IN "
             "(SELECT a.attrelid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-            f"WHERE a.atttypid IN ({inlist}) AND NOT a.attisdropped AND c.relkind = 'c')"]))[0]
+            f"WHERE a.atttypid IN ({inlist}) AND NOT a.attisdropped AND c.relkind = 'c')")]))[0]
         frontier = {}
         for t, via in rows:
             t = int(t)
             if t not in types and via is not None and int(via) in types:
                 types[t] = frontier[t] = types[int(via)]
     inlist = ", ".join(str(t) for t in sorted(types))
-    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await run(server, database, [
+    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await run(server, database, [(
         "SELECT n.nspname, c.relname, a.attname, a.atttypid FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE a.atttypid IN ({inlist}) AND a.attnum > 0 AND NOT a.attisdropped "
-        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"]))[0]]
+        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")]))[0]]
     return types, typed
 
 
@@ -225,7 +225,7 @@ def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
 K_PARSE, K_PDESC, K_DESC_S, K_DESC_P, K_BIND, K_EXEC, K_CLOSE, K_SYNC, K_READY = range(9)
 _UNSEEN = (K_PARSE, K_CLOSE)
 _CURSOR_SQL = re.compile(rb"\s*(declare|fetch|move|close|prepare|execute|deallocate)\b",
-                         re.I)
+                         re.IGNORECASE)
 _UNKNOWN = ("cursor", "\0unknown")
 
 
@@ -236,7 +236,7 @@ class ObjPlan:
     whether it reads masked data, and the cursor a FETCH reads (its plan is the
     cursor's)."""
 
-    __slots__ = ("rowdesc", "lineage", "reads", "fetch", "declare")
+    __slots__ = ("declare", "fetch", "lineage", "reads", "rowdesc")
 
     def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
                  declare: tuple | None = None) -> None:
@@ -279,7 +279,6 @@ class MaskState:
         self.cursors: dict[str, ObjPlan] = {}       # SQL cursors (DECLARE)
         self.sql_prepared: dict[str, ObjPlan] = {}  # SQL PREPARE (run with EXECUTE)
         self.expect: deque = deque()                # what the backend answers next
-        self.swallow_t = False
         self.copy_cols: list | None = None  # the next COPY TO STDOUT's columns (plan entries)
         self.copy_fmt = None
         self._next: ObjPlan | None = None   # the plan of the Query being forwarded
