@@ -263,6 +263,20 @@ def psycopg_mode(proxy, sql, binary=False, prepare=None, times=1):
     return got, blob
 
 
+def psycopg_pipeline(proxy, sql):
+    """psycopg's pipeline mode: the statement three times (prepared from the second on)
+    with another statement between, all answered after one Sync."""
+    with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as conn:
+        with conn.pipeline():
+            curs = []
+            for i in range(3):
+                curs.append(conn.cursor())
+                curs[-1].execute(sql, prepare=i > 0)
+                conn.cursor().execute("SELECT 42")
+        got = [_cells(c.fetchall()) for c in curs]
+    return got, got
+
+
 def psycopg_named(proxy, sql):
     with psycopg.connect(proxy.dsn(dbname=DB)) as conn:
         with conn.cursor(name="pgg_named") as cur:
@@ -343,6 +357,7 @@ def raw_pipeline(port, sql, user=AGENT, password=AGENT_PASSWORD):
 
 
 MODES = ["psql", "psycopg-text", "psycopg-binary", "psycopg-prepared", "psycopg-named",
+         "psycopg-pipeline",
          "asyncpg-fetch", "asyncpg-cursor", "raw-later", "raw-pipeline"]
 
 
@@ -358,6 +373,8 @@ def run_mode(mode, proxy, sql, psql_bin=None):
         return psycopg_mode(proxy, sql, prepare=True, times=3)
     if mode == "psycopg-named":
         return psycopg_named(proxy, sql)
+    if mode == "psycopg-pipeline":
+        return psycopg_pipeline(proxy, sql)
     if mode == "asyncpg-fetch":
         return asyncpg_mode(proxy, sql)
     if mode == "asyncpg-cursor":
@@ -372,7 +389,7 @@ def run_mode(mode, proxy, sql, psql_bin=None):
 def direct_mode(pg, mode, sql):
     """The same statement straight to Postgres, decoded the way ``mode`` decodes."""
     dsn = pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB)
-    if mode in ("psycopg-text", "psycopg-prepared", "psycopg-named"):
+    if mode in ("psycopg-text", "psycopg-prepared", "psycopg-named", "psycopg-pipeline"):
         with psycopg.connect(dsn, autocommit=True) as conn:
             return _cells(conn.execute(sql).fetchall())
     if mode == "psycopg-binary":
