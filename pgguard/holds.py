@@ -128,7 +128,8 @@ class Holds:
         try:
             desc = await describe(self.server, self.database,
                                   f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
-            self.masking.prepare_copy_query(desc, fmt, opts)
+            await self.masking.lineage_load(query.encode(), None)
+            self.masking.prepare_copy_query(desc, fmt, opts, query)
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
             from .policy.rules import Decision

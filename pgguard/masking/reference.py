@@ -17,8 +17,15 @@ import hashlib
 import hmac
 import struct
 
-from .strategies import (ACTION_DETECT, ACTION_NONE, ACTION_NULL, ACTION_STRATEGY,
-                         KIND_JSONB_BINARY, KIND_OTHER, KIND_TEXT)
+from .strategies import (
+    ACTION_DETECT,
+    ACTION_NONE,
+    ACTION_NULL,
+    ACTION_STRATEGY,
+    KIND_JSONB_BINARY,
+    KIND_OTHER,
+    KIND_TEXT,
+)
 
 __all__ = ["ReferenceRewriter", "apply_strategy"]
 
