@@ -38,6 +38,7 @@ class Holds:
             self.up.transport.write(b"".join(out))
         if items:
             self.client_items(items)
+        self.flush_poison()
 
     # -- approvals: a statement held until a human decides
     def _hold_for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,

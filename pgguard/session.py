@@ -29,8 +29,8 @@ log = logging.getLogger("pgguard.session")
 
 # backend messages the masking pairs with statements (plus the tracker's)
 MASK_BACKEND = b"Ttn2HCEIsZ"
-# startup packets are small; Postgres caps them at 10000 bytes
-MAX_STARTUP_PACKET = 10000
+# startup packets are small; Postgres caps their body (after the length) at 10000 bytes
+MAX_STARTUP_PACKET = 10000 + 4
 MAX_AUTH_MESSAGE = 65536
 
 
@@ -38,6 +38,11 @@ MAX_AUTH_MESSAGE = 65536
 PH_STARTUP = 0
 PH_RELAY = 1
 PH_CLOSED = 2
+
+
+class SilentClose(Exception):
+    """Bytes Postgres drops the connection on without a word (a startup packet of
+    impossible length, a frame of impossible length): log, close, answer nothing."""
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -86,7 +91,12 @@ class ClientProtocol(asyncio.Protocol):
             try:
                 msg = self.reader.next_message()
             except FrameError as e:
-                raise ProtocolViolation(f"invalid startup packet: {e.args[0]}") from None
+                if self.phase == PH_STARTUP and self.session is not None \
+                        and self.session.params == {}:
+                    # ProcessStartupPacket: a bad length is logged, never answered
+                    raise SilentClose(f"invalid length of startup packet: {e.args[0]}") \
+                        from None
+                raise ProtocolViolation(f"invalid frontend message: {e.args[0]}") from None
             if msg is not None:
                 return msg
             if self._lost:
@@ -154,6 +164,11 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.fncalls = None             # FunctionCall judge under a policy
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
+        # a malformed frame from the client: None (none), False (Postgres answers it),
+        # or the error pgguard sends once the upstream closed; _poison: its header,
+        # waiting for a hold to end before it goes upstream
+        self.violation = None
+        self._poison = None
 
     # -- lifecycle
     def start(self) -> None:
@@ -181,6 +196,9 @@ class Session(Enforcement, Holds, ConsoleSession):
             self._enter_relay()
         except PgguardError as e:
             self.fail(e)
+        except SilentClose as e:
+            log.info("session %s from %s: %s", self.id, self.client_addr, e)
+            self.close()
         except TimeoutError:
             self.fail(PgguardError("canceling authentication due to timeout",
                                    sqlstate="57014", severity="FATAL"))
@@ -200,7 +218,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         while True:
             _, payload = await c.read_message()
             if len(payload) < 4:
-                raise ProtocolViolation("invalid startup packet length")
+                raise SilentClose("invalid length of startup packet")
             (code,) = struct.unpack_from("!I", payload)
             if code == m.SSL_REQUEST:
                 if c.reader.buffered:
@@ -220,16 +238,25 @@ class Session(Enforcement, Holds, ConsoleSession):
                 c.transport.write(b"N")
                 continue
             if code == m.CANCEL_REQUEST:
-                if len(payload) >= 12:
+                # a request of another length is dropped unanswered, as Postgres does
+                if len(payload) == 12:
                     pid, secret = struct.unpack_from("!II", payload, 4)
                     await self.server.forward_cancel(pid, secret)
                 self.close()
                 return False
             major, minor = code >> 16, code & 0xFFFF
+            if 1 <= major < 3:
+                # answered in the old protocol's error format, as Postgres does
+                c.transport.write(b"EFATAL:  unsupported frontend protocol %d.%d: server "
+                                  b"supports 3.0 to 3.0\n\0" % (major, minor))
+                raise SilentClose(f"unsupported frontend protocol {major}.{minor}")
             if major != 3:
                 raise PgguardError(
                     f"unsupported frontend protocol {major}.{minor}: "
                     "server supports 3.0 to 3.0", sqlstate="0A000", severity="FATAL")
+            if not _pg_startup_layout(payload[4:]):
+                raise ProtocolViolation("invalid startup packet layout: expected terminator "
+                                        "as last byte")
             try:
                 params = m.parse_startup_params(payload[4:])
             except ValueError as e:
@@ -568,8 +595,46 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.server.m_masked.inc(n)
         return n
 
-    def frame_error(self, e: FrameError) -> None:
-        self.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
+    def client_items(self, items: list) -> None:
+        Enforcement.client_items(self, items)
+        scan = self.fscan
+        if scan.error is not None and self.violation is None:
+            # met while a hook fed the scan's rest (the compiled pipe sees the others)
+            self.frame_error(scan.error, scan.bad)
+
+    def frame_error(self, e: FrameError, bad: bytes) -> None:
+        """A malformed frame behind whatever came before it in the stream: that went
+        its way; the frame's header goes upstream too, so Postgres itself answers it
+        (08P01 FATAL for a type it does not know, a silent close for a length it
+        refuses) after answering the messages before it. A frame only pgguard's own
+        bound refuses reaches Postgres as a length it refuses too, and the client gets
+        pgguard's 08P01 once the upstream closed. Nothing the client sends later is
+        read (Postgres reads no further either)."""
+        if self.violation is not None or self.closed:
+            return
+        kind = e.args[1] if len(e.args) > 1 else "length"
+        log.info("session %s from %s: invalid frontend message: %s", self.id,
+                 self.client_addr, e.args[0])
+        if kind == "limit":
+            self.violation = ProtocolViolation(
+                f"invalid frontend message: {e.args[0]}",
+                hint="Raise [limits] max_message_size, or send smaller statements.")
+            poison = bad[:1] + b"\xff\xff\xff\xff"
+        else:
+            self.violation = False      # Postgres' own answer (or silence) is the answer
+            poison = bad
+        self.client.transport.pause_reading()
+        self._poison = poison
+        self.flush_poison()
+
+    def flush_poison(self) -> None:
+        """Send the malformed frame's header upstream once nothing is held before it."""
+        if self._poison is None or self.held is not None or self.closed:
+            return
+        poison, self._poison = self._poison, None
+        t = self.up.transport
+        if t is not None and not t.is_closing():
+            t.write(poison)
 
     def backend_events(self, events: list) -> None:
         """Copies of backend messages the session watches (completions for the audit)."""
@@ -597,12 +662,19 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.backend_chunk()
 
     def upstream_lost(self, exc) -> None:
+        """The upstream closed. After its own FATAL (the last message it sent, relayed
+        already) or after a malformed frame the client sent, Postgres has said all it
+        says: nothing more. Otherwise (lost without a word) the client learns 08006."""
         if self.closed or self.client.phase == PH_STARTUP:
             return      # during login the startup task sees the error itself
         if self.client.phase == PH_RELAY and self.bscan.at_boundary:
-            err = UpstreamUnavailable("server closed the connection unexpectedly",
-                                      detail="the upstream database connection was lost")
-            self._send_error(err)
+            if self.violation is not None:
+                if self.violation:
+                    self._send_error(self.violation)
+            elif self.bscan.last_type != 69:        # not after its own 'E' FATAL
+                err = UpstreamUnavailable("server closed the connection unexpectedly",
+                                          detail="the upstream database connection was lost")
+                self._send_error(err)
         self.close()
 
     def fail(self, err: PgguardError) -> None:
@@ -686,6 +758,19 @@ class Session(Enforcement, Holds, ConsoleSession):
         if t is not None and not t.is_closing():
             t.close()
         self.server.forget(self)
+
+
+def _pg_startup_layout(body: bytes) -> bool:
+    """Postgres' own walk of the startup parameters: name/value pairs, then one NUL
+    that must be the packet's last byte."""
+    n, off = len(body), 0
+    while off < n and body[off]:
+        val = body.find(b"\0", off) + 1
+        if val <= 0 or val >= n:
+            return False
+        end = body.find(b"\0", val)
+        off = (n if end < 0 else end) + 1
+    return off == n - 1
 
 
 def _fmt_addr(peer) -> str:

@@ -45,9 +45,19 @@ cdef class MessageScan:
     cdef uint8_t _stop[256]
     cdef public object rest
 
+    # withhold mode: the first malformed frame ends the stream. feed() returns what
+    # came before it; .error says why (a FrameError), .bad holds its 5 header bytes,
+    # and every later feed() returns nothing
+    cdef public object error
+    cdef public bytes bad
+    # the type of the last message begun (e.g. 'E' when a backend's last word was an
+    # ErrorResponse)
+    cdef public int last_type
+
     cpdef list feed(self, bytes data)
     cpdef bint set_withhold(self, bint on)
     cdef int _begin(self, uint8_t t, uint32_t length) except -1
     cdef _finish_collect(self, list out)
+    cdef list _malformed(self, object err, bytes hdr, list out)
     cpdef set_interest(self, bytes types, bint on)
     cpdef set_stop(self, bytes types, bint on)

@@ -55,6 +55,9 @@ cdef class MessageScan:
         self._hdr_sent = 0
         self._hold = bytearray()
         self.rest = None
+        self.error = None
+        self.bad = None
+        self.last_type = 0
         self.count = 0
         self.status = 0
         self.bytes_seen = 0
@@ -114,6 +117,8 @@ cdef class MessageScan:
         cdef uint8_t t
         cdef list out = []
 
+        if self.error is not None:
+            return out
         self.bytes_seen += n
         while pos < n:
             if self._remain:
@@ -150,9 +155,21 @@ cdef class MessageScan:
                 pos += take
                 run = pos
                 if self._hdr_fill < 5:
+                    if self._withhold and not self._valid[<uint8_t>self._hdr[0]]:
+                        # Postgres judges the type byte before it waits for a length
+                        t = <uint8_t>self._hdr[0]
+                        self._hdr_fill = 0
+                        return self._malformed(
+                            FrameError(f"invalid message type {t}", "type"),
+                            PyBytes_FromStringAndSize(self._hdr, 1), out)
                     break
                 self._hdr_fill = 0
-                self._begin(<uint8_t>self._hdr[0], _be32(self._hdr + 1))
+                try:
+                    self._begin(<uint8_t>self._hdr[0], _be32(self._hdr + 1))
+                except FrameError as e:
+                    if not self._withhold:
+                        raise
+                    return self._malformed(e, PyBytes_FromStringAndSize(self._hdr, 5), out)
                 if self._hdr_sent:
                     # begun raw before the switch: emit the rest of the header, and
                     # its body stays raw too
@@ -175,7 +192,14 @@ cdef class MessageScan:
 
             # a whole header inside this chunk: the common case
             t = <uint8_t>p[pos]
-            self._begin(t, _be32(p + pos + 1))
+            try:
+                self._begin(t, _be32(p + pos + 1))
+            except FrameError as e:
+                if not self._withhold:
+                    raise
+                if pos > run:
+                    out.append(data[run:pos])
+                return self._malformed(e, data[pos:pos + 5], out)
             if not self._collect:
                 pos += 5
                 continue
@@ -212,13 +236,16 @@ cdef class MessageScan:
     cdef int _begin(self, uint8_t t, uint32_t length) except -1:
         if not self._valid[t]:
             raise FrameError(f"invalid message type {t!r} ({chr(t)!r})" if 32 < t < 127
-                             else f"invalid message type {t}")
+                             else f"invalid message type {t}", "type")
         if length < 4:
-            raise FrameError(f"invalid message length {length} for message type {chr(t)!r}")
+            raise FrameError(f"invalid message length {length} for message type {chr(t)!r}",
+                             "length")
         if length > <uint32_t>self._max_len:
             raise FrameError(
-                f"message length {length} exceeds the limit of {self._max_len} bytes")
+                f"message length {length} exceeds the limit of {self._max_len} bytes",
+                "limit")
         self.messages += 1
+        self.last_type = t
         if self._counted[t]:
             self.count += 1
         self._cur_type = t
@@ -228,6 +255,15 @@ cdef class MessageScan:
         if self._collect:
             del self._hold[:]
         return 0
+
+    cdef list _malformed(self, object err, bytes hdr, list out):
+        self.error = err
+        self.bad = hdr
+        self.rest = None
+        self._remain = 0
+        self._hdr_fill = 0
+        self._collect = False
+        return out
 
     cdef _finish_collect(self, list out):
         cdef bytes msg = bytes(self._hold)
