@@ -601,20 +601,36 @@ def run(cfg: Config, workers: int = 1) -> int:
     return _run_workers(cfg, workers, cancel_key)
 
 
+# a worker that dies is replaced; one dying again sooner than this after its start waits
+# this long first (a crash loop must not spin)
+RESPAWN_BACKOFF = 1.0
+
+
 def _run_workers(cfg: Config, workers: int, cancel_key: bytes) -> int:
-    children: dict[int, int] = {}
-    for i in range(workers):
+    """Fork the workers and supervise them: forward SIGTERM/SIGINT, and replace a
+    worker that dies (a crash, kill -9) until the proxy is told to stop."""
+    children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started)
+    stopping = False
+
+    def spawn(i: int) -> None:
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
             code = 1
             try:
                 code = asyncio.run(_serve(cfg, cancel_key, i))
             finally:
                 os._exit(code)
-        children[pid] = i
+        children[pid] = (i, time.monotonic())
+
+    for i in range(workers):
+        spawn(i)
 
     def forward(sig, _frame):
+        nonlocal stopping
+        stopping = True
         for pid in children:
             try:
                 os.kill(pid, sig)
@@ -631,11 +647,21 @@ def _run_workers(cfg: Config, workers: int, cancel_key: bytes) -> int:
             break
         except InterruptedError:
             continue
-        children.pop(pid, None)
+        entry = children.pop(pid, None)
+        if entry is None:
+            continue
         code = os.waitstatus_to_exitcode(st)
-        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-            log.error("worker pid %d exited with %d", pid, code)
-            status = 1
+        if stopping:
+            if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                log.error("worker pid %d exited with %d", pid, code)
+                status = 1
+            continue
+        i, started = entry
+        log.error("worker %d (pid %d) exited with %d; starting a new one", i, pid, code)
+        if time.monotonic() - started < RESPAWN_BACKOFF:
+            time.sleep(RESPAWN_BACKOFF)
+        if not stopping:
+            spawn(i)
     return status
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NoReturn
 
 from ._core import FrameError, FrameReader, MessageScan, Pipe
+from ._core.relay import StreamedPrefix
 from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
 from .protocol import messages as m
@@ -32,6 +33,10 @@ MASK_BACKEND = b"Ttn2HCEIsZ"
 # startup packets are small; Postgres caps their body (after the length) at 10000 bytes
 MAX_STARTUP_PACKET = 10000 + 4
 MAX_AUTH_MESSAGE = 65536
+# Postgres' own bound on a frontend message (PQ_LARGE_MESSAGE_LIMIT, length included)
+PG_MAX_MESSAGE = 0x3FFFFFFE
+# of a message streamed past [limits] max_message_size, what the audit keeps
+STREAM_KEEP = 1 << 20
 
 
 # session phases
@@ -537,11 +542,24 @@ class Session(Enforcement, Holds, ConsoleSession):
         self._base_watch = self.watch
         if self.policy is not None:
             self.guard = Guard(self)
+        # [limits] max_message_size bounds what something parses (policy, masking, the
+        # audit's normalizer) and holds whole; a session where nothing does streams
+        # every message, and only Postgres' own bound applies
+        # (the batched audit keeps a prefix of longer ones: the statement runs as sent)
+        parsed = self.policy is not None or self.masking is not None or \
+            self.server.audit_strict
         self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
-                                 withhold=True, max_len=limits.max_message_size)
+                                 withhold=True,
+                                 max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
         # a FunctionCall under a policy stops the scan too: it may hold the stream
         self.fscan.set_stop(b"QPF" if self.policy is not None else b"QP", True)
+        if not parsed:
+            # nothing here changes the scan's interest mid-chunk: no stops, so no item
+            # of a streamed message ever waits in the scan's rest
+            self.fscan.set_stop(b"QP", False)
+            self.fscan.stream_over = limits.max_message_size
+            self.fscan.stream_keep = min(limits.max_message_size, STREAM_KEEP)
         self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
@@ -596,10 +614,34 @@ class Session(Enforcement, Holds, ConsoleSession):
         return n
 
     def client_items(self, items: list) -> None:
-        Enforcement.client_items(self, items)
         scan = self.fscan
+        if scan.stream_over and any(it.__class__ is tuple and it[1].__class__ is
+                                    StreamedPrefix for it in items):
+            self._streamed_items(items)
+        else:
+            Enforcement.client_items(self, items)
+            if scan.error is not None and self.violation is None:
+                # met while a hook fed the scan's rest (the compiled pipe sees the others)
+                self.frame_error(scan.error, scan.bad)
+
+    def _streamed_items(self, items: list) -> None:
+        """Items with messages streamed as they came (forwarded already): the others
+        go their usual way, each streamed one is logged for the audit in its place."""
+        scan = self.fscan
+        rest = scan.take_rest()         # scanned on only after every item here
+        start = 0
+        for i, it in enumerate(items):
+            if it.__class__ is tuple and it[1].__class__ is StreamedPrefix:
+                if i > start:
+                    Enforcement.client_items(self, items[start:i])
+                if self.closed:
+                    return
+                if self.tracker is not None:
+                    self.tracker.flog.append((bytes(it[1]), None, time.monotonic_ns()))
+                start = i + 1
+        scan.rest = rest
+        Enforcement.client_items(self, items[start:])
         if scan.error is not None and self.violation is None:
-            # met while a hook fed the scan's rest (the compiled pipe sees the others)
             self.frame_error(scan.error, scan.bad)
 
     def frame_error(self, e: FrameError, bad: bytes) -> None:
@@ -615,7 +657,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         kind = e.args[1] if len(e.args) > 1 else "length"
         log.info("session %s from %s: invalid frontend message: %s", self.id,
                  self.client_addr, e.args[0])
-        if kind == "limit":
+        if kind == "limit" and self.fscan is not None and self.fscan.max_len < PG_MAX_MESSAGE:
             self.violation = ProtocolViolation(
                 f"invalid frontend message: {e.args[0]}",
                 hint="Raise [limits] max_message_size, or send smaller statements.")

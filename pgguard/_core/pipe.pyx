@@ -8,6 +8,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from .framing import FrameError
 from .relay cimport MessageScan
+from .relay import StreamedPrefix
 from .sqlshape cimport shape_buf
 
 
@@ -139,6 +140,11 @@ cdef class Pipe:
                     continue
                 t = (<tuple>it)[0]
                 msg = (<tuple>it)[1]
+                if type(msg) is StreamedPrefix:
+                    # forwarded already, as it came: only the audit hears of it
+                    if self.fast_log is not None:
+                        self.fast_log.append((bytes(msg), None, _now_ns()))
+                    continue
                 d = None
                 if t == 81 or t == 80:
                     if self.exact is not None:

@@ -54,10 +54,18 @@ cdef class MessageScan:
     # ErrorResponse)
     cdef public int last_type
 
+    # withhold mode: a message of an interesting type longer than stream_over (0: never)
+    # is not held whole but forwarded as it comes; its header and first stream_keep body
+    # bytes come back, after its bytes, as (type, StreamedPrefix) for the audit
+    cdef public Py_ssize_t stream_over
+    cdef public Py_ssize_t stream_keep
+    cdef bint _streaming
+
     cpdef list feed(self, bytes data)
     cpdef bint set_withhold(self, bint on)
     cdef int _begin(self, uint8_t t, uint32_t length) except -1
     cdef _finish_collect(self, list out)
     cdef list _malformed(self, object err, bytes hdr, list out)
+    cdef object _streamed(self)
     cpdef set_interest(self, bytes types, bint on)
     cpdef set_stop(self, bytes types, bint on)

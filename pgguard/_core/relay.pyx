@@ -3,10 +3,16 @@
 # cython: language_level=3
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdint cimport uint32_t, uint8_t
 from libc.string cimport memset
 
 from .framing import FrameError
+
+
+class StreamedPrefix(bytes):
+    """The start of a message forwarded as it came (too long to hold whole): its
+    header, its first body bytes, a note of its full size, and a final NUL."""
 
 
 cdef inline uint32_t _be32(const char* p) noexcept nogil:
@@ -58,6 +64,9 @@ cdef class MessageScan:
         self.error = None
         self.bad = None
         self.last_type = 0
+        self.stream_over = 0
+        self.stream_keep = 0
+        self._streaming = False
         self.count = 0
         self.status = 0
         self.bytes_seen = 0
@@ -103,6 +112,11 @@ cdef class MessageScan:
         return r
 
     @property
+    def max_len(self):
+        """The longest message accepted (length field included)."""
+        return self._max_len
+
+    @property
     def at_boundary(self):
         """True when no message is partly read."""
         return self._hdr_fill == 0 and self._remain == 0
@@ -129,8 +143,16 @@ cdef class MessageScan:
                     self._want_status = False
                 if self._collect:
                     self._hold += data[pos:pos + take]
+                elif self._streaming and PyByteArray_GET_SIZE(self._hold) < self.stream_keep + 5:
+                    self._hold += data[pos:pos + min(take, self.stream_keep + 5 -
+                                                     PyByteArray_GET_SIZE(self._hold))]
                 pos += take
                 self._remain -= take
+                if self._streaming and self._remain == 0:
+                    if self._withhold and pos > run:
+                        out.append(data[run:pos])
+                    run = pos
+                    out.append((self._cur_type, self._streamed()))
                 if self._collect:
                     if self._withhold:
                         run = pos
@@ -177,8 +199,11 @@ cdef class MessageScan:
                                                          5 - self._hdr_sent))
                     self._hdr_sent = 0
                     self._collect = False
+                    self._streaming = False
                     continue
                 hdr = PyBytes_FromStringAndSize(self._hdr, 5)
+                if self._streaming:
+                    self._hold += hdr
                 if self._collect:
                     self._hold += hdr
                     if self._remain == 0:
@@ -201,6 +226,8 @@ cdef class MessageScan:
                     out.append(data[run:pos])
                 return self._malformed(e, data[pos:pos + 5], out)
             if not self._collect:
+                if self._streaming:
+                    self._hold += data[pos:pos + 5]
                 pos += 5
                 continue
             need = 5 + self._remain
@@ -252,8 +279,12 @@ cdef class MessageScan:
         self._remain = length - 4
         self._collect = self._interest[t]
         self._want_status = t == 90      # 'Z' ReadyForQuery: keep its status byte
+        self._streaming = False
         if self._collect:
             del self._hold[:]
+            if self.stream_over and self._withhold and length - 4 > self.stream_over:
+                self._collect = False
+                self._streaming = True
         return 0
 
     cdef list _malformed(self, object err, bytes hdr, list out):
@@ -264,6 +295,15 @@ cdef class MessageScan:
         self._hdr_fill = 0
         self._collect = False
         return out
+
+    cdef object _streamed(self):
+        cdef Py_ssize_t size = PyByteArray_GET_SIZE(self._hold)
+        note = b" ... [pgguard: message of %d bytes, first %d kept]" % (
+            _be32(PyByteArray_AS_STRING(self._hold) + 1) + 1, size - 5)
+        msg = StreamedPrefix(bytes(self._hold) + note + b"\0")
+        del self._hold[:]
+        self._streaming = False
+        return msg
 
     cdef _finish_collect(self, list out):
         cdef bytes msg = bytes(self._hold)
