@@ -454,7 +454,7 @@ class Writer:
         # (os.readv into one reused buffer: os.read would allocate, and the kernel zero,
         # a fresh buffer of the size asked for at every call)
         scratch = self._scratch
-        while len(inbuf) < READ_BYTES:
+        while len(inbuf) < _read_limit(inbuf):
             try:
                 n = os.readv(fd, [scratch])
             except InterruptedError:
@@ -925,6 +925,21 @@ class Writer:
                     if item[2] is not None:
                         self.answers.send(ipc.A_ROLLED, ipc.Rolled(
                             item[2], None, self.stats.last_error, self.stats))
+
+
+def _read_limit(buf: bytearray) -> int:
+    # READ_BYTES, or the end of the first frame not yet whole in buf when that lies
+    # beyond: a frame larger than READ_BYTES (one long statement, a burst of them) is
+    # read to its end, never left waiting for bytes the reader will not ask for
+    pos = 0
+    n = len(buf)
+    head = ipc.HEAD
+    while pos + head.size <= n:
+        end = pos + head.size + head.unpack_from(buf, pos)[0]
+        if end > n:
+            return max(READ_BYTES, end)
+        pos = end
+    return max(READ_BYTES, pos + head.size) if pos < n else READ_BYTES
 
 
 def _complete(buf: bytearray) -> bool:
