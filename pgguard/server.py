@@ -595,6 +595,9 @@ def run(cfg: Config, workers: int = 1) -> int:
     for s in listen_sockets(cfg, reuseport=False):
         s.close()
     cancel_key = secrets.token_bytes(32)
+    # one login-throttling table for every worker (and every worker started later)
+    from .auth import throttle
+    throttle.share()
     _install_uvloop()
     if workers == 1:
         return asyncio.run(_serve(cfg, cancel_key, 0))

@@ -293,8 +293,20 @@ class Session(Enforcement, Holds, ConsoleSession):
         server = self.server
         name = self.identity_name
         delay = server.throttle.delay_for(self.peer)
+        if delay is None:
+            raise AuthRejected(
+                "too many failed authentication attempts from this address",
+                detail="Attempts from one address are answered one per throttle delay; "
+                       "this one would have waited longer than [auth] throttle_max_delay.",
+                hint="Wait, then try again with the right credentials.")
         if delay:
-            await asyncio.sleep(delay)
+            # nothing the client sends meanwhile is read (or buffered)
+            c.transport.pause_reading()
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                if not c.transport.is_closing():
+                    c.transport.resume_reading()
         # the exchange depends on the connection only, never on the name: which names
         # exist, and which have a static secret, is not for a client to learn
         if server.bearer_enabled and (
