@@ -25,8 +25,12 @@ from .protocol import messages as m
 
 log = logging.getLogger("pgguard.server")
 
-# bound of each decision map (by message, by shape) per identity and database
+# bound of each decision map (by message, by shape) per identity and database: entries,
+# and bytes of the keys (statement texts); a text longer than DECISION_TEXT_MAX is
+# judged each time rather than kept (likely unique, and each would cost its size)
 DECISIONS_PER_IDENTITY = 10_000
+DECISION_BYTES = 16 << 20
+DECISION_TEXT_MAX = 64 * 1024
 # catalog knowledge of the policy, per database: the view map is read again after
 # VIEW_MAP_TTL (or DDL), a function found by OID is kept FUNCTION_TTL (or until DDL);
 # views a session announced stay in the map LEARNED_TTL whatever the catalog says
@@ -351,15 +355,13 @@ class Server:
                 or not CATALOG_KINDS.isdisjoint(s.kinds) for s in d.statements):
             return
         exact, shapes = cache
-        if len(exact) >= DECISIONS_PER_IDENTITY:
-            exact.clear()
-        exact[msg] = d
+        if len(msg) > DECISION_TEXT_MAX:
+            return
+        _bounded_put(exact, msg, d, len(msg))
         if key is not None and d.statements and all(
                 s.kind in SHAREABLE_KINDS and not s.literal_dependent
                 and all(k in SHAREABLE_KINDS for k in s.kinds) for s in d.statements):
-            if len(shapes) >= DECISIONS_PER_IDENTITY:
-                shapes.clear()
-            shapes[key] = d
+            _bounded_put(shapes, key, d, len(key))
 
     # -- sessions
     def next_session_id(self) -> str:
@@ -486,6 +488,24 @@ class Server:
             for s in list(self.sessions):
                 s.terminate(ShuttingDown("terminating connection due to administrator command"))
         await asyncio.sleep(0)
+
+
+# bytes of the keys held by each decision map (by id: the maps are plain dicts, shared
+# with the compiled pipes, and live as long as the process)
+_map_bytes: dict[int, int] = {}
+
+
+def _bounded_put(d: dict, key: bytes, value, size: int) -> None:
+    """d[key] = value within DECISIONS_PER_IDENTITY entries and DECISION_BYTES of keys
+    (past either, the map starts over)."""
+    if len(_map_bytes) > 100_000:
+        _map_bytes.clear()          # per-session maps come and go: only accounting lost
+    used = _map_bytes.get(id(d), 0) + size + 120
+    if len(d) >= DECISIONS_PER_IDENTITY or used > DECISION_BYTES:
+        d.clear()
+        used = size + 120
+    _map_bytes[id(d)] = used
+    d[key] = value
 
 
 class _ViewState:

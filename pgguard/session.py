@@ -152,6 +152,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.tracker = None             # audit: statements in flight
         self.held = None                # strict audit: messages waiting for durability
         self.held_items = None
+        self.held_bytes = 0             # bytes the client sent while held (holds.py)
         self.principal = None           # token / OIDC login: who, scope, expiry
         self.masking = None             # MaskState when masks or detectors apply
         self.cancel_key = 0

@@ -78,6 +78,10 @@ SEAL_BATCH = 65_536         # records per conversion to Arrow
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _T2 = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
 _STMT_CACHE_MAX = 20_000
+# the statement caches hold texts of at most 8 KiB; bound them by bytes too: the
+# Transcoder's by entries (its texts are as short), ours by the bytes it holds
+_TX_CACHE_MAX = 2048
+_STMT_CACHE_BYTES = 16 << 20
 
 # a row's canonical content: the first 24 wire fields, positionally; None is omitted,
 # so it encodes to exactly the bytes of record._Content
@@ -342,7 +346,8 @@ class Writer:
         self._last_ms = 0
         self._rand = _b32(secrets.randbits(40), 8)
         self._stmt_cache: dict[Any, Any] = {None: None}
-        self._tx = Transcoder(WIRE_SPEC, FIELDS, self._prepare, _STMT_CACHE_MAX)
+        self._stmt_bytes = 0
+        self._tx = Transcoder(WIRE_SPEC, FIELDS, self._prepare, _TX_CACHE_MAX)
         self._tx_parts: list[tuple[bytes, bytes, int]] = []    # hashes of its columns
         # sealer hand-off
         self._sq: queue.SimpleQueue = queue.SimpleQueue()
@@ -666,9 +671,11 @@ class Writer:
             return cache[s]
         ns = prepare_statement(s, self.raw)
         if len(s) <= 8192:          # a long text is likely unique: the cache stays small
-            if len(cache) >= _STMT_CACHE_MAX:
+            self._stmt_bytes += len(s) + len(ns) + 120
+            if len(cache) >= _STMT_CACHE_MAX or self._stmt_bytes > _STMT_CACHE_BYTES:
                 cache.clear()
                 cache[None] = None
+                self._stmt_bytes = len(s) + len(ns) + 120
             cache[s] = ns
         return ns
 
