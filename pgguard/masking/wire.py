@@ -148,12 +148,20 @@ class MaskState:
         self.rw = RowRewriter()
         self.plans: dict[tuple[bytes, bytes | None], object] = {}
         self.stmt_desc: dict[bytes, bytes | None] = {}      # statement -> RowDescription
-        self.binds: deque = deque()        # (segment, portal, statement, formats) per Bind
-        self.describes: deque = deque()    # (segment, statement or None, swallow) per Describe
+        # (segment, portal, statement, formats, reads) per Bind
+        self.binds: deque = deque()
+        # (segment, statement or None, swallow, reads) per Describe
+        self.describes: deque = deque()
         self.fseg = 0                       # frontend Sync count
         self.bseg = 0                       # backend ReadyForQuery count
         self.swallow_t = False              # dropping an injected Describe's 't'
-        self.masked_reads = 0               # statements in flight that read a masked table
+        # whether a statement reads a masked table, known in frontend order and paired
+        # with its own results: simple Queries by segment, prepared statements and
+        # portals by name; `reads` is the one whose results flow now
+        self.q_reads: dict[int, bool] = {}
+        self.stmt_reads: dict[bytes, bool] = {}
+        self.portal_reads: dict[bytes, bool] = {}
+        self.reads = False
         self.copy_cols: list | None = None  # the next COPY TO STDOUT's columns (plan entries)
         self.copy_fmt = None
 
@@ -162,7 +170,7 @@ class MaskState:
         mk = self.catalog.columns.get((table, attnum)) if self.masks_on else None
         if mk is not None and not applies(mk, self.s.identity_name, self.s.identity):
             mk = None
-        derived = (table == 0 and self.masked_reads > 0 and typ not in _SCALAR_OIDS)
+        derived = (table == 0 and self.reads and typ not in _SCALAR_OIDS)
         if mk is None and derived:
             # computed from what may be a masked column: masked as a whole
             from ..config import Mask
@@ -171,7 +179,7 @@ class MaskState:
         return column_mask(mk, oid=typ, binary=fmt == 1, detect=detect, hash_key=self.key)
 
     def plan_for(self, rowdesc: bytes, formats: bytes | None = None):
-        key = (rowdesc, formats, self.masked_reads > 0)
+        key = (rowdesc, formats, self.reads)
         plan = self.plans.get(key)
         if plan is None:
             fields = parse_row_description(rowdesc)
@@ -191,22 +199,24 @@ class MaskState:
             name, pos = _cstr(msg, 5)
             self.stmt_desc.pop(name, None)
             # learn its row shape now, in case the client executes without Describe
-            self.describes.append((self.fseg, name, True))
-            if reads_masked:
-                self.masked_reads += 1
+            self.describes.append((self.fseg, name, True, reads_masked))
+            self.stmt_reads[name] = reads_masked
             return _describe_statement(name)
         if t == 66:                                          # Bind
             portal, pos = _cstr(msg, 5)
             stmt, pos = _cstr(msg, pos)
-            self.binds.append((self.fseg, portal, stmt, _result_formats(msg, pos)))
+            reads = self.stmt_reads.get(stmt, True)
+            self.portal_reads[portal] = reads
+            self.binds.append((self.fseg, portal, stmt, _result_formats(msg, pos), reads))
         elif t == 68:                                        # Describe (the client's own)
             kind = msg[5]
             name, _ = _cstr(msg, 6)
-            self.describes.append((self.fseg, name if kind == 83 else None, False))
+            reads = (self.stmt_reads if kind == 83 else self.portal_reads).get(name, True)
+            self.describes.append((self.fseg, name if kind == 83 else None, False, reads))
         elif t == 83:                                        # Sync
             self.fseg += 1
-        elif t == 81 and reads_masked:                       # Query
-            self.masked_reads += 1
+        elif t == 81:                                        # Query: its own segment
+            self.q_reads[self.fseg] = reads_masked
         return None
 
     # -- backend: every message in order; returns what the client gets
@@ -222,7 +232,7 @@ class MaskState:
         if t == 84 or t == 110:                              # 'T' RowDescription / NoData
             if self.describes and self.describes[0][0] == self.bseg and (
                     self.swallow_t or not self._simple_result()):
-                seg, name, swallow = self.describes.popleft()
+                seg, name, swallow, self.reads = self.describes.popleft()
                 self.swallow_t = False
                 if name is not None:
                     self.stmt_desc[name] = data if t == 84 else None
@@ -234,12 +244,13 @@ class MaskState:
                 return out
             out = rw.feed(data)
             if t == 84:
+                self.reads = self.q_reads.get(self.bseg, True)     # unknown: fail closed
                 rw.set_plan(self.plan_for(data))            # simple Query result
             return out
         if t == 50:                                          # '2' BindComplete
             out = rw.feed(data)
             if self.binds:
-                seg, portal, stmt, formats = self.binds.popleft()
+                seg, portal, stmt, formats, self.reads = self.binds.popleft()
                 desc = self.stmt_desc.get(stmt)
                 if desc is not None:
                     rw.set_plan(self.plan_for(desc, formats))
@@ -255,9 +266,8 @@ class MaskState:
                 self.describes.popleft()
             self.swallow_t = False
         elif t == 90:                                        # 'Z'
+            self.q_reads.pop(self.bseg, None)
             self.bseg += 1
-            if self.s.in_flight() <= 0:
-                self.masked_reads = 0
         return rw.feed(data)
 
     def _simple_result(self) -> bool:
