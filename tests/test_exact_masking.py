@@ -95,3 +95,39 @@ def test_error_then_skipped_until_sync_keeps_pairing(xproxy):
 
 def test_direct_truth_the_secret_is_there(pg, xproxy):
     assert pg.execute("SELECT lower(secret) FROM xm", dbname="appdb") == [(SECRET,)]
+
+
+def _frame(t: bytes, body: bytes) -> bytes:
+    import struct
+    return t + struct.pack("!I", len(body) + 4) + body
+
+
+TRUNCATED = [
+    _frame(b"B", b""),                                  # nothing at all
+    _frame(b"B", b"portal"),                            # name without its NUL
+    _frame(b"B", b"\0\0\0"),                            # counts missing
+    _frame(b"B", b"\0\0\0\x01\0\0"),                    # format count, no formats
+    _frame(b"B", b"\0\0\0\0\0\x01\0\0\0\x10ab"),        # a value shorter than said
+    _frame(b"D", b"S"),                                 # Describe without a name
+    _frame(b"B", b"\0nosuch\0\0\0\0\0\0\0"),         # a statement that does not exist
+]
+
+
+def _shape(msgs):
+    from rawpg import errors
+    return [(t, errors([(t, p)])[0]["C"] if t == b"E" else b"") for t, p in msgs]
+
+
+@pytest.mark.parametrize("bad", TRUNCATED)
+def test_truncated_messages_under_masking_answered_like_postgres(pg, xproxy, bad):
+    got = []
+    for port, user, pw in ((xproxy.port, AGENT, AGENT_PASSWORD),
+                           (pg.port, "app", "app-secret-Zq9")):
+        c = RawClient.connect(port, user, pw, database="appdb")
+        c.send(parse("SELECT 1"), bad, execute(), SYNC, query("SELECT 'still'"))
+        msgs = c.until_ready(2)
+        got.append(_shape(msgs))
+        assert _values(msgs)[-1] == "still"
+        c.close()
+    assert got[0] == got[1]
+    assert "Traceback" not in xproxy.output()

@@ -203,14 +203,23 @@ class MaskState:
             self.stmt_reads[name] = reads_masked
             return _describe_statement(name)
         if t == 66:                                          # Bind
-            portal, pos = _cstr(msg, 5)
-            stmt, pos = _cstr(msg, pos)
+            try:
+                portal, pos = _cstr(msg, 5)
+                stmt, pos = _cstr(msg, pos)
+                formats = _result_formats(msg, pos)
+            except (ValueError, struct.error):
+                # malformed: Postgres answers it with an error (its entry goes with the
+                # segment); nothing here may fail on it
+                portal, stmt, formats = b"", b"\0", None
             reads = self.stmt_reads.get(stmt, True)
             self.portal_reads[portal] = reads
-            self.binds.append((self.fseg, portal, stmt, _result_formats(msg, pos), reads))
+            self.binds.append((self.fseg, portal, stmt, formats, reads))
         elif t == 68:                                        # Describe (the client's own)
-            kind = msg[5]
-            name, _ = _cstr(msg, 6)
+            try:
+                kind = msg[5]
+                name, _ = _cstr(msg, 6)
+            except (ValueError, IndexError):
+                kind, name = 83, b"\0"                      # malformed: an error answers it
             reads = (self.stmt_reads if kind == 83 else self.portal_reads).get(name, True)
             self.describes.append((self.fseg, name if kind == 83 else None, False, reads))
         elif t == 83:                                        # Sync
