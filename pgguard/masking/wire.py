@@ -384,6 +384,7 @@ class MaskState:
         if rowdesc is None:
             self.copy_cols, self.copy_fmt = None, None
             return
+        self.reads = self.q_reads.get(self.fseg - 1, True)     # the COPY's own Query
         self.copy_cols = [self._entry(t, a, typ, 0)
                           for t, a, typ, _ in parse_row_description(rowdesc)]
         self.copy_fmt = copy_format(fmt, **options)
