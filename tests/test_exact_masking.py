@@ -131,3 +131,19 @@ def test_truncated_messages_under_masking_answered_like_postgres(pg, xproxy, bad
         c.close()
     assert got[0] == got[1]
     assert "Traceback" not in xproxy.output()
+
+
+@pytest.mark.parametrize("skipped", ["SELECT lower(secret) FROM xm", "SELECT 'harmless'"])
+def test_query_skipped_after_extended_error_never_shifts_masking(xproxy, skipped):
+    # P/B/E fails, so Postgres skips the Query behind it until Sync: one ReadyForQuery
+    # for both. Later statements must still be masked by their own reads.
+    c = _client(xproxy)
+    c.send(parse("SELECT 1/0"), bind(), execute(), query(skipped), SYNC)
+    c.until_ready()
+    for _ in range(3):
+        c.send(query("SELECT 'x'"))
+        c.until_ready()
+        c.send(query("SELECT lower(secret) FROM xm"))
+        got = _values(c.until_ready())
+        assert SECRET not in got[0], got
+    c.close()

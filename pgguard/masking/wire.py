@@ -162,6 +162,14 @@ class MaskState:
         self.stmt_reads: dict[bytes, bool] = {}
         self.portal_reads: dict[bytes, bool] = {}
         self.reads = False
+        # Postgres skips everything after an extended-protocol error until Sync, a Query
+        # too: a segment whose Query follows extended messages may get no ReadyForQuery
+        # of its own. The wire cannot tell which (an error of the Query looks the same),
+        # so after an error there every result counts as reading a masked table until
+        # the pipeline is empty (fail closed), when the segment counts meet again
+        self.ext_open = False               # extended messages since the last boundary
+        self.q_after_ext: set[int] = set()  # segments ended by a Query after such
+        self.uncertain = False
         self.copy_cols: list | None = None  # the next COPY TO STDOUT's columns (plan entries)
         self.copy_fmt = None
 
@@ -195,6 +203,8 @@ class MaskState:
 
     # -- frontend (in forwarding order); returns bytes to inject after the message
     def frontend(self, t: int, msg: bytes, reads_masked: bool = False) -> bytes | None:
+        if t in (80, 66, 68, 69):
+            self.ext_open = True
         if t == 80:                                          # Parse
             name, pos = _cstr(msg, 5)
             self.stmt_desc.pop(name, None)
@@ -224,8 +234,11 @@ class MaskState:
             self.describes.append((self.fseg, name if kind == 83 else None, False, reads))
         elif t == 83:                                        # Sync
             self.fseg += 1
+            self.ext_open = False
         elif t == 81:                                        # Query: its own segment
             self.q_reads[self.fseg] = reads_masked
+            if self.ext_open:
+                self.q_after_ext.add(self.fseg)
         return None
 
     # -- backend: every message in order; returns what the client gets
@@ -241,7 +254,8 @@ class MaskState:
         if t == 84 or t == 110:                              # 'T' RowDescription / NoData
             if self.describes and self.describes[0][0] == self.bseg and (
                     self.swallow_t or not self._simple_result()):
-                seg, name, swallow, self.reads = self.describes.popleft()
+                seg, name, swallow, reads = self.describes.popleft()
+                self.reads = reads or self.uncertain
                 self.swallow_t = False
                 if name is not None:
                     self.stmt_desc[name] = data if t == 84 else None
@@ -253,13 +267,14 @@ class MaskState:
                 return out
             out = rw.feed(data)
             if t == 84:
-                self.reads = self.q_reads.get(self.bseg, True)     # unknown: fail closed
+                self.reads = self.uncertain or self.q_reads.get(self.bseg, True)
                 rw.set_plan(self.plan_for(data))            # simple Query result
             return out
         if t == 50:                                          # '2' BindComplete
             out = rw.feed(data)
             if self.binds:
-                seg, portal, stmt, formats, self.reads = self.binds.popleft()
+                seg, portal, stmt, formats, reads = self.binds.popleft()
+                self.reads = reads or self.uncertain
                 desc = self.stmt_desc.get(stmt)
                 if desc is not None:
                     rw.set_plan(self.plan_for(desc, formats))
@@ -274,9 +289,18 @@ class MaskState:
             while self.describes and self.describes[0][0] == self.bseg:
                 self.describes.popleft()
             self.swallow_t = False
+            if self.bseg in self.q_after_ext:
+                self.uncertain = True
         elif t == 90:                                        # 'Z'
             self.q_reads.pop(self.bseg, None)
+            self.q_after_ext.discard(self.bseg)
             self.bseg += 1
+            if self.uncertain and self.s.in_flight() <= 0:
+                # nothing in flight: the counts meet again
+                self.uncertain = False
+                self.bseg = self.fseg
+                self.q_reads.clear()
+                self.q_after_ext.clear()
         return rw.feed(data)
 
     def _simple_result(self) -> bool:
