@@ -5,20 +5,11 @@ import signal
 import threading
 import time
 
-import duckdb
 import psycopg
 import pytest
-
 from conftest import AGENT, AGENT_PASSWORD
+from exactlib import audit_rows
 from rawpg import RawClient, query, tags
-
-
-def audit_rows(proxy, sql):
-    con = duckdb.connect()
-    files = f"{proxy.audit_dir}/**/*.parquet"
-    con.execute(f"CREATE VIEW audit AS SELECT * FROM read_parquet('{files}', "
-                "hive_partitioning = true, union_by_name = true)")
-    return con.execute(sql).fetchall()
 
 
 def _descendants(pid: int) -> set[int]:

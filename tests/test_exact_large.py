@@ -1,14 +1,10 @@
 # Messages past [limits] max_message_size pass for identities nothing parses (up to
 # Postgres' own 1 GB bound), streamed rather than held whole; the audit keeps a prefix.
 # Where something parses (a policy), the bound stays.
-import struct
-import time
 
-import duckdb
-import psycopg
 import pytest
-
 from conftest import AGENT, AGENT_PASSWORD
+from exactlib import audit_rows, rss_kb
 from rawpg import SYNC, RawClient, bind, errors, execute, parse, query, rows, tags
 
 SMALL_LIMIT = ""
@@ -32,19 +28,8 @@ def make_proxy(pg, tmp_path):
         p.stop()
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
-def audit_rows(proxy, sql):
-    con = duckdb.connect()
-    con.execute(f"CREATE VIEW audit AS SELECT * FROM read_parquet('{proxy.audit_dir}/**/"
-                "*.parquet', hive_partitioning = true, union_by_name = true)")
-    return con.execute(sql).fetchall()
 
 
 def _streamed(text: str) -> bool:
@@ -98,38 +83,28 @@ def test_rss_bounded_while_long_messages_stream(pg, make_proxy):
     pid = proxy.proc.pid
     c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD)
     c.run("SELECT 1")
-    base = _rss_kb(pid)
+    base = rss_kb(pid)
     peak = base
     for i in range(4):
         c.send(parse("SELECT length($1::text)"), bind(params=[b"w" * (24 << 20)]),
                execute(), SYNC)
         assert rows(c.until_ready()) == [[str(24 << 20).encode()]]
-        peak = max(peak, _rss_kb(pid))
+        peak = max(peak, rss_kb(pid))
     c.close()
     assert peak - base < 20 * 1024, f"RSS grew {(peak - base) // 1024} MiB"
 
 
-def test_policy_keeps_the_bound(pg, make_proxy):
-    proxy = make_proxy(extra=SMALL_LIMIT + """
+@pytest.mark.parametrize("kw", [
+    {"extra": """
 [[rules]]
 name = "no-destructive"
 when = { flags = ["destructive"] }
 action = "block"
-""")
-    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD)
-    c.send(query("SELECT 'first'"), query(f"SELECT length('{'q' * (2 << 20)}')"))
-    msgs = []
-    try:
-        while True:
-            msgs.append(c.read())
-    except (ConnectionError, OSError):
-        pass
-    assert rows(msgs) == [[b"first"]]
-    assert [e["C"] for e in errors(msgs)] == ["08P01"]
-
-
-def test_strict_audit_keeps_the_bound(pg, make_proxy):
-    proxy = make_proxy(extra=SMALL_LIMIT, audit_extra='durability = "strict"\n')
+"""},
+    {"audit_extra": 'durability = "strict"\n'},
+], ids=["policy", "strict-audit"])
+def test_the_bound_stays_where_something_parses(pg, make_proxy, kw):
+    proxy = make_proxy(**kw)
     c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD)
     c.send(query("SELECT 'first'"), query(f"SELECT length('{'q' * (2 << 20)}')"))
     msgs = []

@@ -1,9 +1,8 @@
 # Masking pairs each result with its own statement, whatever the pipelining: a harmless
 # statement ahead of a masked read is not masked, the masked read is (issue 13).
 import pytest
-
 from conftest import AGENT, AGENT_PASSWORD, Proxy
-from rawpg import SYNC, RawClient, bind, describe, execute, parse, query, rows
+from rawpg import SYNC, RawClient, bind, execute, parse, query, rows
 
 SECRET = "top-secret-value-77"
 MASKS = """

@@ -2,16 +2,14 @@
 # for an approval are not buffered past a budget, and caches keyed by statement text
 # are bounded by bytes.
 import json
-import socket
-import threading
 import time
 import urllib.request
 
 import psycopg
 import pytest
-
 from conftest import ADMIN_TOKEN, AGENT, AGENT_PASSWORD
-from rawpg import RawClient, query, tags
+from exactlib import rss_kb
+from rawpg import RawClient, query
 
 RULES = """
 [[rules]]
@@ -22,12 +20,6 @@ timeout = "60s"
 """
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def _deny_all(proxy):
@@ -61,7 +53,7 @@ def test_flood_while_held_for_approval_is_not_buffered(pg, make_proxy, mem_order
     # wait for the NOTICE that it is held
     t, _ = c.read()
     assert t == b"N"
-    base = _rss_kb(pid)
+    base = rss_kb(pid)
     unit = {"queries": query("SELECT 1"),
             "copydata": b"d\x00\x04\x00\x04" + b"x" * (256 << 10),
             "binds": b"H\x00\x00\x00\x04"}[payload] * 2048
@@ -73,9 +65,9 @@ def test_flood_while_held_for_approval_is_not_buffered(pg, make_proxy, mem_order
     while time.monotonic() - t0 < 4:
         try:
             sent += c.sock.send(unit)
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             pass
-    grown = _rss_kb(pid) - base
+    grown = rss_kb(pid) - base
     print("sent", sent, "grown", grown)
     assert grown < 24 * 1024, f"RSS grew {grown} KiB after {sent} bytes"
     assert sent < 48 << 20, sent
@@ -96,12 +88,12 @@ action = "block"
     pid = proxy.proc.pid
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT 1")
-        base = _rss_kb(pid)
+        base = rss_kb(pid)
         for i in range(40):
             big = f"SELECT {i} AS n, '{'y' * (900 << 10)}' AS pad"
             assert conn.execute(big).fetchone()[0] == i
     time.sleep(0.5)
-    grown = _rss_kb(pid) - base
+    grown = rss_kb(pid) - base
     # 40 distinct 900 KiB statements (36 MB): none kept
     assert grown < 40 * 1024, f"RSS grew {grown} KiB"
 

@@ -1,15 +1,14 @@
 # Login throttling per source address holds across parallel attempts and across
 # workers, and a throttled login's bytes are not buffered.
-import os
 import socket
 import threading
 import time
 
 import psycopg
 import pytest
-
-from conftest import AGENT, AGENT_PASSWORD
-from rawpg import RawClient, LoginError
+from conftest import AGENT
+from exactlib import rss_kb
+from rawpg import LoginError, RawClient
 
 THROTTLE = """
 [auth]
@@ -74,19 +73,13 @@ def test_right_password_after_the_throttle_still_works(make_proxy):
             time.sleep(0.5)
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def test_bytes_sent_while_throttled_are_not_buffered(make_proxy):
     proxy = make_proxy(extra=THROTTLE.replace('"4s"', '"8s"').replace('"1s"', '"4s"'))
     for _ in range(2):
         _burst(proxy.port, 1)
-    base = _rss_kb(proxy.proc.pid)
+    base = rss_kb(proxy.proc.pid)
     from rawpg import startup_packet
     s = socket.create_connection(("127.0.0.1", proxy.port))
     s.sendall(startup_packet({"user": AGENT, "database": "postgres"}))
@@ -98,11 +91,11 @@ def test_bytes_sent_while_throttled_are_not_buffered(make_proxy):
     while time.monotonic() - t0 < 2.5:
         try:
             sent += s.send(chunk)
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             pass
         except OSError:
             break
-    grown = _rss_kb(proxy.proc.pid) - base
+    grown = rss_kb(proxy.proc.pid) - base
     s.close()
     # the kernel's socket buffers take a few MB; the proxy takes nothing more
     assert sent < 64 << 20, sent

@@ -10,34 +10,20 @@ import time
 import asyncpg
 import psycopg
 import pytest
-
 from conftest import AGENT, AGENT_PASSWORD
-from rawpg import (SYNC, RawClient, bind, errors, execute, parse, query, rows,
-                   startup_packet, tags)
-
-
-def _read_all_raw(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    sock.settimeout(timeout)
-    out = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
-    except socket.timeout:
-        raise AssertionError(f"the connection stayed open; received {out!r}")
-    except ConnectionResetError:
-        return out
-
-
-def _messages(raw: bytes) -> list[tuple[bytes, bytes]]:
-    out = []
-    while len(raw) >= 5:
-        (n,) = struct.unpack_from("!I", raw, 1)
-        out.append((raw[:1], raw[5:n + 1]))
-        raw = raw[n + 1:]
-    return out
+from exactlib import messages, read_until_closed
+from rawpg import (
+    SYNC,
+    RawClient,
+    bind,
+    errors,
+    execute,
+    parse,
+    query,
+    rows,
+    startup_packet,
+    tags,
+)
 
 
 # -- 1. the real backend pid in BackendKeyData
@@ -122,7 +108,7 @@ def test_forged_cancel_keys_cancel_nothing(pg, proxy):
         for secret in (0, 1, 0xFFFFFFFF, 12345, 0x7FFFFFFF):
             s = socket.create_connection(("127.0.0.1", proxy.port))
             s.sendall(struct.pack("!IIII", 16, 80877102, pid, secret))
-            _read_all_raw(s)
+            read_until_closed(s)
             s.close()
         th.join(10)
         assert done and done[0][1] == "ok"
@@ -162,7 +148,7 @@ def test_nothing_after_backend_fatal(pg, proxy, how):
             c.send(query("SELECT 1"))
         except OSError:
             pass
-    msgs = _messages(_read_all_raw(c.sock))
+    msgs = messages(read_until_closed(c.sock))
     errs = [m for m in msgs if m[0] == b"E"]
     assert len(errs) == 1, msgs
     f = errors(errs)[0]
@@ -178,7 +164,7 @@ def test_upstream_lost_without_a_word_still_says_08006(pg, proxy):
     import os
     import signal
     os.kill(pid, signal.SIGKILL)
-    msgs = _messages(_read_all_raw(c.sock))
+    msgs = messages(read_until_closed(c.sock))
     errs = errors([m for m in msgs if m[0] == b"E"])
     # Postgres' crash recovery sends its own FATAL to other backends only; this one
     # died silently: one 08006 from the proxy
@@ -210,12 +196,12 @@ SILENT_STARTUPS = [
 def test_malformed_startup_is_closed_silently(pg, proxy, packet):
     s = socket.create_connection(("127.0.0.1", proxy.port))
     s.sendall(packet)
-    assert _read_all_raw(s) == b""
+    assert read_until_closed(s) == b""
     s.close()
     # the same bytes against Postgres itself: silence too
     d = socket.create_connection(("127.0.0.1", pg.port))
     d.sendall(packet)
-    assert _read_all_raw(d) == b""
+    assert read_until_closed(d) == b""
     d.close()
 
 
@@ -225,7 +211,7 @@ def test_old_protocol_answered_in_its_own_format(pg, proxy):
         for port in (proxy.port, pg.port):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(startup_packet({"user": AGENT}, version=v))
-            got.append(_read_all_raw(s))
+            got.append(read_until_closed(s))
             s.close()
         assert got[0] == got[1] and got[0].startswith(b"EFATAL:  unsupported"), got
 
@@ -243,7 +229,7 @@ def test_malformed_startup_answered_like_postgres(pg, proxy, packet, code):
     for port in (proxy.port, pg.port):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(packet)
-        msgs = _messages(_read_all_raw(s))
+        msgs = messages(read_until_closed(s))
         s.close()
         assert [errors([m])[0]["C"] for m in msgs if m[0] == b"E"] == [code], (port, msgs)
 
@@ -252,7 +238,7 @@ def test_node_postgres_immediate_end_then_normal_login(proxy):
     for _ in range(5):
         s = socket.create_connection(("127.0.0.1", proxy.port))
         s.sendall(b"X\0\0\0\x04" + startup_packet({"user": AGENT}))
-        assert _read_all_raw(s) == b""
+        assert read_until_closed(s) == b""
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert "Traceback" not in proxy.output()
@@ -265,7 +251,7 @@ def _direct_and_proxied(pg, proxy, payload: bytes):
                                                                  "app-secret-Zq9")):
         c = RawClient.connect(port, user, pw)
         c.send(payload)
-        out.append(_messages(_read_all_raw(c.sock)))
+        out.append(messages(read_until_closed(c.sock)))
     return out
 
 
@@ -309,7 +295,7 @@ def test_malformed_frame_with_the_login_answered_like_postgres(pg, proxy, payloa
         orig(data)
     c.send = send
     c.auth(AGENT, AGENT_PASSWORD)
-    msgs = _messages(c.buf + _read_all_raw(s))
+    msgs = messages(c.buf + read_until_closed(s))
     codes = [errors([m])[0]["C"] for m in msgs if m[0] == b"E"]
     assert "XX000" not in codes
     assert b"C" in [t for t, _ in msgs], msgs
@@ -329,7 +315,7 @@ def test_malformed_frame_beyond_the_limit_is_08p01_after_answers(make_proxy):
     p = make_proxy(extra=GUARDED)
     c = RawClient.connect(p.port, AGENT, AGENT_PASSWORD)
     c.send(query("SELECT 11") + b"Q" + struct.pack("!I", 0x7FFFFFF0))
-    msgs = _messages(_read_all_raw(c.sock))
+    msgs = messages(read_until_closed(c.sock))
     assert tags(msgs) == ["SELECT 1"]
     codes = [errors([m])[0]["C"] for m in msgs if m[0] == b"E"]
     assert codes == ["08P01"], msgs

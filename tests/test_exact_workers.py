@@ -5,7 +5,6 @@ import signal
 import time
 
 import psycopg
-
 from conftest import AGENT, AGENT_PASSWORD
 
 
