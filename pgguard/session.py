@@ -96,12 +96,10 @@ class ClientProtocol(asyncio.Protocol):
             try:
                 msg = self.reader.next_message()
             except FrameError as e:
-                if self.phase == PH_STARTUP and self.session is not None \
-                        and self.session.params == {}:
-                    # ProcessStartupPacket: a bad length is logged, never answered
-                    raise SilentClose(f"invalid length of startup packet: {e.args[0]}") \
-                        from None
-                raise ProtocolViolation(f"invalid frontend message: {e.args[0]}") from None
+                # a length Postgres refuses: a startup packet's is logged and the
+                # connection closed without a word (a password message's: see
+                # Session._read_password_message)
+                raise SilentClose(f"invalid message length: {e.args[0]}") from None
             if msg is not None:
                 return msg
             if self._lost:
@@ -325,7 +323,11 @@ class Session(Enforcement, Holds, ConsoleSession):
         server.throttle.record_success(self.peer)
 
     async def _read_password_message(self) -> bytes:
-        t, payload = await self.client.read_message()
+        try:
+            t, payload = await self.client.read_message()
+        except SilentClose:
+            # Postgres reads no password from it: a failed login (28P01), as there
+            await self._login_failed("invalid password message length")
         if t == ord("X"):
             raise ConnectionResetError("client quit during authentication")
         if t != ord("p"):

@@ -319,3 +319,19 @@ def test_malformed_frame_beyond_the_limit_is_08p01_after_answers(make_proxy):
     assert tags(msgs) == ["SELECT 1"]
     codes = [errors([m])[0]["C"] for m in msgs if m[0] == b"E"]
     assert codes == ["08P01"], msgs
+
+
+@pytest.mark.parametrize("bad", [b"p\0\0\0\x02", b"p\0\0\0\0", b"p\x7f\xff\xff\xff"])
+def test_password_message_of_impossible_length_fails_the_login(pg, proxy, bad):
+    for port, user in ((proxy.port, AGENT), (pg.port, "app")):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(startup_packet({"user": user, "database": "postgres"}))
+        s.settimeout(5)
+        first = s.recv(65536)
+        assert first[:1] == b"R"            # asked for a password (SCRAM)
+        s.sendall(bad)
+        msgs = messages(read_until_closed(s))
+        s.close()
+        assert [errors([m])[0]["C"] for m in msgs] == ["28P01"], (port, msgs)
+        assert f'password authentication failed for user "{user}"' in \
+            errors(msgs)[0]["M"]
