@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from conftest import AGENT, AGENT_PASSWORD
 from exactlib import audit_rows
-from rawpg import RawClient, query, tags
+from rawpg import SYNC, RawClient, bind, execute, parse, query, tags
 
 
 def _descendants(pid: int) -> set[int]:
@@ -137,3 +137,30 @@ def test_several_long_records_in_strict_from_parallel_sessions(pg, make_proxy, n
     assert proxy.stop() == 0
     got = audit_rows(proxy, "SELECT count(*) FROM audit WHERE statement LIKE '%truncated: statement of%'")
     assert got[0][0] == n
+
+
+@pytest.mark.parametrize("behind", [
+    [query("SELECT 777")],
+    [query("SELECT 777"), query("SELECT 778")],
+    [query("SELECT 777"), parse("SELECT 779"), bind(), execute()],
+])
+def test_audit_pairing_when_postgres_skips_queries_after_an_error(pg, make_proxy, behind):
+    proxy = make_proxy()
+    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD)
+    # the Execute fails: Postgres skips everything behind it until Sync, Queries too;
+    # one ReadyForQuery answers the lot
+    c.send(parse("SELECT 1/0"), bind(), execute(), *behind, SYNC)
+    msgs = c.until_ready()
+    assert [t for t, _ in msgs].count(b"Z") == 1
+    for i in range(3):
+        assert tags(c.run(f"SELECT {880 + i}, 'after'")) == ["SELECT 1"]
+    c.close()
+    assert proxy.stop() == 0
+    got = audit_rows(proxy, "SELECT statement, sqlstate, error, rows FROM audit "
+                     "WHERE event = 'statement' ORDER BY event_id")
+    assert got[0][:2] == ("SELECT $1/$2", "22012")
+    skipped = [r for r in got if r[0] == "SELECT $1"]
+    assert skipped and all(r[2] and r[2].startswith("not executed") for r in skipped), got
+    after = [r for r in got if r[0] == "SELECT $1, $2"]
+    # each later statement paired with its own result: one row, no error
+    assert [(r[1], r[2], r[3]) for r in after] == [(None, None, 1)] * 3, got
