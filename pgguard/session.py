@@ -35,6 +35,9 @@ MAX_STARTUP_PACKET = 10000 + 4
 MAX_AUTH_MESSAGE = 65536
 # Postgres' own bound on a frontend message (PQ_LARGE_MESSAGE_LIMIT, length included)
 PG_MAX_MESSAGE = 0x3FFFFFFE
+# after a malformed frame, how long the upstream has to answer what came before it
+# and close (it always does: Postgres ends the connection on such bytes)
+VIOLATION_GRACE = 30.0
 # of a message streamed past [limits] max_message_size, what the audit keeps
 STREAM_KEEP = 1 << 20
 
@@ -686,6 +689,16 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.client.transport.pause_reading()
         self._poison = poison
         self.flush_poison()
+        # Postgres closes on these bytes; should it not, the session ends all the same
+        asyncio.get_running_loop().call_later(VIOLATION_GRACE, self._violation_expired, e)
+
+    def _violation_expired(self, e: FrameError) -> None:
+        if self.closed or self._poison is not None:
+            return
+        if self.in_flight() > 0:        # still answering what came before: wait on
+            asyncio.get_running_loop().call_later(VIOLATION_GRACE, self._violation_expired, e)
+            return
+        self.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
 
     def flush_poison(self) -> None:
         """Send the malformed frame's header upstream once nothing is held before it."""
