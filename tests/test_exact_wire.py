@@ -84,17 +84,7 @@ def test_terminate_own_backend_by_key_pid(pg, proxy):
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_cancel_by_client_key_with_workers(make_proxy, workers):
-    proxy = make_proxy(workers=workers)
-    for _ in range(4):
-        with psycopg.connect(proxy.dsn()) as conn:
-            timer = threading.Timer(0.3, conn.cancel)
-            timer.start()
-            t0 = time.monotonic()
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(20)")
-            assert time.monotonic() - t0 < 10
+# cancel through the client's key: tests/test_relay_protocol.py (one worker and two)
 
 
 def test_forged_cancel_keys_cancel_nothing(pg, proxy):
