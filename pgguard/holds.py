@@ -12,6 +12,11 @@ from .protocol import messages as m
 
 log = logging.getLogger("pgguard.session")
 
+# what a session may send while a statement of it is held (waiting for an approval, a
+# durable audit record, a catalog lookup): past this, its socket is not read until the
+# hold ends (the kernel's buffers, then the client, wait)
+HOLD_BYTES = 1 << 20
+
 
 class Holds:
     """Session mixin: approval holds and strict-audit holds."""
@@ -25,6 +30,7 @@ class Holds:
             out.clear()
         self.held = held
         self.held_items = []
+        self.held_bytes = 0
         self._hold_more(list(later))
         self.client_pipe.divert = True
 
@@ -34,10 +40,16 @@ class Holds:
         items = self.held_items
         self.held = self.held_items = None
         self.client_pipe.divert = False
+        if self.held_bytes > HOLD_BYTES:
+            t = self.client.transport
+            if t is not None and not t.is_closing() and self.violation is None:
+                t.resume_reading()
+        self.held_bytes = 0
         if out:
             self.up.transport.write(b"".join(out))
         if items:
             self.client_items(items)
+        self.flush_poison()
 
     # -- approvals: a statement held until a human decides
     def _hold_for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,
@@ -156,12 +168,27 @@ class Holds:
         fut.add_done_callback(self._record_durable)
 
     def _hold_more(self, items: list) -> None:
-        self.held_items.extend(items)
+        held = self.held_items
+        n = len(held)
+        held.extend(items)
         scan = self.fscan
         rest = scan.take_rest()
         while rest is not None:         # keep stream order: nothing may be scanned ahead
-            self.held_items.extend(scan.feed(rest))
+            held.extend(scan.feed(rest))
             rest = scan.take_rest()
+        self._count_held(held, n)
+
+    def _count_held(self, held: list, start: int) -> None:
+        """The one place that bounds what a session buffers while held: past
+        HOLD_BYTES, its socket is not read until the hold ends."""
+        size = 0
+        for it in held[start:]:
+            size += len(it) if it.__class__ is bytes else len(it[1])
+        self.held_bytes += size
+        if self.held_bytes > HOLD_BYTES:        # (again: a drained upstream resumes it)
+            t = self.client.transport
+            if t is not None and not t.is_closing():
+                t.pause_reading()
 
     def _record_durable(self, fut) -> None:
         if self.closed:
