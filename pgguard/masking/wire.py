@@ -261,6 +261,23 @@ def _refuse_rows():
     return _REFUSE_ROWS
 
 
+def _frontend_entry(t: int, msg: bytes) -> tuple:
+    """The response-queue entry of a Bind, Describe, Execute or Close (ValueError when
+    the message is malformed)."""
+    if t == 66:                                              # Bind
+        portal, pos = _cstr(msg, 5)
+        stmt, pos = _cstr(msg, pos)
+        return (K_BIND, portal, stmt, _result_formats(msg, pos))
+    if t == 68:                                              # Describe (the client's own)
+        name, _ = _cstr(msg, 6)
+        return (K_DESC_S if msg[5] == 83 else K_DESC_P, name)
+    if t == 69:                                              # Execute
+        portal, _ = _cstr(msg, 5)
+        return (K_EXEC, portal)
+    name, _ = _cstr(msg, 6)                                  # Close
+    return (K_CLOSE, msg[5], name)
+
+
 class MaskState:
     """One session's masking: the rewriter, the plans of its statements, portals and
     cursors, and the pairing of responses with the messages they answer. Every
@@ -474,19 +491,15 @@ class MaskState:
             # learn its row shape now, in case the client executes without Describe
             self._push((K_PDESC, name, obj))
             return _describe_statement(name)
-        if t == 66:                                          # Bind
-            portal, pos = _cstr(msg, 5)
-            stmt, pos = _cstr(msg, pos)
-            self._push((K_BIND, portal, stmt, _result_formats(msg, pos)))
-        elif t == 68:                                        # Describe (the client's own)
-            name, _ = _cstr(msg, 6)
-            self._push((K_DESC_S if msg[5] == 83 else K_DESC_P, name))
-        elif t == 69:                                        # Execute
-            portal, _ = _cstr(msg, 5)
-            self._push((K_EXEC, portal))
-        elif t == 67:                                        # Close
-            name, _ = _cstr(msg, 6)
-            self._push((K_CLOSE, msg[5], name))
+        if t in (66, 68, 69, 67):
+            try:
+                entry = _frontend_entry(t, msg)
+            except (ValueError, IndexError, struct.error):
+                # a malformed message: Postgres answers it with an error (then skips to
+                # Sync); queue what it stands for, with names no object has
+                entry = {66: (K_BIND, None, None, ()), 68: (K_DESC_P, None),
+                         69: (K_EXEC, None), 67: (K_CLOSE, 0, None)}[t]
+            self._push(entry)
         elif t == 83:                                        # Sync
             self._push((K_SYNC,))
         elif t == 81:                                        # Query: fseg += 1 queues it
