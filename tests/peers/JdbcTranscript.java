@@ -39,9 +39,19 @@ public class JdbcTranscript {
         return e.getClass().getSimpleName();
     }
 
+    static Connection current;   // the main connection: a failed section leaves it usable
+
     static void section(String name, Section s) {
         out("== " + name);
-        try { s.run(); } catch (Throwable e) { out("! " + name + " " + state(e)); }
+        try { s.run(); } catch (Throwable e) {
+            out("! " + name + " " + state(e));
+            try {
+                if (current != null && !current.getAutoCommit()) {
+                    current.rollback();
+                    current.setAutoCommit(true);
+                }
+            } catch (SQLException e2) { out("! rollback " + e2.getSQLState()); }
+        }
         System.out.flush();
     }
 
@@ -97,6 +107,7 @@ public class JdbcTranscript {
         base.setProperty("options", "-c TimeZone=UTC");
 
         try (Connection c = connect()) {
+            current = c;
             Statement st = c.createStatement();
 
             section("identity", () -> {
