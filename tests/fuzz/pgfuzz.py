@@ -37,6 +37,9 @@ from rawpg import (RawClient, bind, close, cstr, describe, error_fields, execute
                    frame, parse, query, startup_packet)
 
 MARKER = "fuzz-marker-7q"
+# how long a case's answer may take before the client closes its side (a server waiting for
+# the rest of a frame must then close); the full timeout applies after that
+FIRST_WAIT = 1.0
 SYNC = frame(b"S", b"")
 FLUSH = frame(b"H", b"")
 MASKED_TABLE = "fz_cust"
@@ -253,7 +256,7 @@ def run_case(target: Target, case: Case, split_seed: int, timeout: float) -> tup
                 if t != b"R":
                     return ("unexpected-" + t.decode("latin1"),)
             _send_split(sock, case.data, rng)
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + min(FIRST_WAIT, timeout)
             states, ending = _collect(c, deadline, want_marker=False)
             if ending == "hang":
                 # the server may be waiting for more bytes: a client that closes its side
@@ -269,7 +272,7 @@ def run_case(target: Target, case: Case, split_seed: int, timeout: float) -> tup
             return (ending, *states)
         c = RawClient.connect(target.port, target.user, target.password, timeout=timeout)
         _send_split(c.sock, case.data + tail, rng)
-        states, ending = _collect(c, time.monotonic() + timeout, want_marker=True)
+        states, ending = _collect(c, time.monotonic() + min(FIRST_WAIT, timeout), want_marker=True)
         if ending == "hang":
             try:
                 c.sock.shutdown(socket.SHUT_WR)
