@@ -255,7 +255,10 @@ def run_case(target: Target, case: Case, split_seed: int, timeout: float) -> tup
                 t, p = c.read()
                 if t != b"R":
                     return ("unexpected-" + t.decode("latin1"),)
-            _send_split(sock, case.data, rng)
+            try:
+                _send_split(sock, case.data, rng)
+            except (BrokenPipeError, ConnectionResetError):
+                pass                   # the server closed early: read what it said
             deadline = time.monotonic() + min(FIRST_WAIT, timeout)
             states, ending = _collect(c, deadline, want_marker=False)
             if ending == "hang":
@@ -271,7 +274,10 @@ def run_case(target: Target, case: Case, split_seed: int, timeout: float) -> tup
             sock.close()
             return (ending, *states)
         c = RawClient.connect(target.port, target.user, target.password, timeout=timeout)
-        _send_split(c.sock, case.data + tail, rng)
+        try:
+            _send_split(c.sock, case.data + tail, rng)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         states, ending = _collect(c, time.monotonic() + min(FIRST_WAIT, timeout), want_marker=True)
         if ending == "hang":
             try:
