@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 from pglast import keywords as _kw
 
+from .enforce import _reads_masked
 from .errors import ProtocolViolation
 from .policy.rules import Decision
 from .tracking import statement_record
@@ -358,7 +359,7 @@ class FunctionCalls:
         s = self.s
         out.append(msg)
         if s.masking is not None:
-            s.masking.frontend(70, msg)
+            s.masking.frontend(70, msg, _reads_masked(s, d))
             s.masking.fseg += 1                 # answered by its own ReadyForQuery
         s.server.count_statement("allowed")
         if s.tracker is None:

@@ -115,24 +115,31 @@ class Holds:
 
 
     # -- COPY (query) under masking: learn the query's columns before it runs
-    def _hold_for_copy_plan(self, msg: bytes, out: list, query: str, fmt: str,
-                            opts: dict) -> None:
+    def _hold_for_copy_plan(self, msg: bytes, out: list, seg: int, specs: list) -> None:
+        """specs: enforce._copy_specs of the Query msg (segment seg); its COPY (query)
+        entries are resolved on the side connection, then the Query goes upstream."""
         self._begin_hold(out, [])
-        task = asyncio.get_running_loop().create_task(
-            self._copy_plan(msg, query, fmt, opts))
+        task = asyncio.get_running_loop().create_task(self._copy_plan(msg, seg, specs))
         self.approval = [task, None]
 
-    async def _copy_plan(self, msg: bytes, query: str, fmt: str, opts: dict) -> None:
+    async def _copy_plan(self, msg: bytes, seg: int, specs: list) -> None:
         from .sideconn import describe
         out: list[bytes] = []
+        mask = self.masking
         try:
-            desc = await describe(self.server, self.database,
-                                  f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
-            self.masking.prepare_copy_query(desc, fmt, opts)
+            done = []
+            for sp in specs:
+                if sp[0] == "query":
+                    _, query, fmt, opts = sp
+                    desc = await describe(self.server, self.database,
+                                          f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
+                    sp = mask.copy_query_spec(desc, fmt, opts)
+                done.append(sp)
+            mask.copy_queue.extend((seg, sp) for sp in done)
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
             from .policy.rules import Decision
-            self.masking.fseg -= 1  # the injected refusal counts its own ReadyForQuery
+            mask.fseg -= 1          # the injected refusal counts its own ReadyForQuery
             self._inject_refusal(Decision(
                 action="block", rule="masking",
                 message='pgguard: statement refused by rule "masking": pgguard could not '

@@ -36,6 +36,9 @@ cdef enum CellKind:
     KIND_TEXT = 1        # text-like: the same bytes in text and binary format
     KIND_JSON = 2        # json (text, binary), jsonb (text): masked values are JSON strings
     KIND_JSONB_BIN = 3   # jsonb binary: one version byte, then JSON text
+    KIND_WHOLE = 4       # arrays, composites, records, xml (any format): detectors scan
+                         # the raw value; a validated match makes the whole cell NULL
+                         # (always decodable); strategies make it NULL
 
 cdef enum PlanMode:
     MODE_ROWS = 0        # DataRow 'D'

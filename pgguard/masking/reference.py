@@ -18,7 +18,7 @@ import hmac
 import struct
 
 from .strategies import (ACTION_DETECT, ACTION_NONE, ACTION_NULL, ACTION_STRATEGY,
-                         KIND_JSONB_BINARY, KIND_OTHER, KIND_TEXT)
+                         KIND_JSONB_BINARY, KIND_OTHER, KIND_TEXT, KIND_WHOLE)
 
 __all__ = ["ReferenceRewriter", "apply_strategy"]
 
@@ -73,7 +73,7 @@ class _Col:
         self.kind = int(c.kind)
         if copy and self.kind == KIND_JSONB_BINARY:
             self.kind = 2
-        if self.action == ACTION_STRATEGY and self.kind == KIND_OTHER:
+        if self.action == ACTION_STRATEGY and self.kind in (KIND_OTHER, KIND_WHOLE):
             self.action = ACTION_NULL
         if self.action == ACTION_DETECT and (self.kind == KIND_OTHER or not has_detectors):
             self.action = ACTION_NONE
@@ -158,7 +158,8 @@ class ReferenceRewriter:
         if col.action == ACTION_DETECT:
             if not value:
                 return None
-            got = self._det.mask_cell(value, self._det.all_bits, col.kind != KIND_TEXT)
+            got = self._det.mask_cell(value, self._det.all_bits,
+                                      col.kind not in (KIND_TEXT, KIND_WHOLE))
             if got is None:
                 return None
             new, hit = got
@@ -201,7 +202,7 @@ class ReferenceRewriter:
                 else:
                     m = self._masked(col, cell)
                     if m is not None:
-                        out = m
+                        out = None if col.kind == KIND_WHOLE else m
                         masked.append(i)
             new.append(out)
         if not masked:
@@ -345,7 +346,10 @@ class ReferenceRewriter:
                     hit = True
                 else:
                     m = self._masked(col, val)
-                    if m is not None:
+                    if m is not None and col.kind == KIND_WHOLE:
+                        new = c.null
+                        hit = True
+                    elif m is not None:
                         if c.format == "text":
                             new = _text_escape(m, c.delimiter)
                             if new == c.null and new:

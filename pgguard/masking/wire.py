@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from .._core.rowmask import RowRewriter
 from ..errors import ConfigError
-from .strategies import build_plan, column_mask, copy_format
+from .channels import Channels
+from .strategies import ACTION_DETECT, ColumnMask, build_plan, column_mask, copy_format
 
 if TYPE_CHECKING:
     from ..config import Config, Identity, Mask
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgguard.masking")
 
 CATALOG_TTL = 30.0
+# backend messages other than rows that carry text: ErrorResponse, NoticeResponse,
+# NotificationResponse, ParameterStatus, FunctionCallResponse (see channels.py)
+CHANNEL_TYPES = b"ENASV"
+# every backend message the session hands to MaskState.feed whole
+MASK_BACKEND = b"Ttn2HCEIsZ" + b"NASV"
 # types whose values cannot carry a masked string out (count(email), length(ssn) ...)
 _SCALAR_OIDS = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1184, 1186})
 
@@ -153,8 +159,14 @@ class MaskState:
         self.bseg = 0                       # backend ReadyForQuery count
         self.swallow_t = False              # dropping an injected Describe's 't'
         self.masked_reads = 0               # statements in flight that read a masked table
-        self.copy_cols: list | None = None  # the next COPY TO STDOUT's columns (plan entries)
-        self.copy_fmt = None
+        # -- other channels and COPY (channels.py; _channel, _copy_*)
+        self.channels = Channels(detectors)
+        self.txn_tainted = False            # this transaction ran a masked read
+        # (segment, (plan entries or None, CopyFormat)) per COPY TO STDOUT of the Queries
+        # sent, and per Bind of a prepared COPY; the prepared COPY statements by name
+        self.copy_queue: deque = deque()
+        self.copy_bound: deque = deque()
+        self.copy_stmts: dict[bytes, tuple | None] = {}
 
     # -- planning
     def _entry(self, table: int, attnum: int, typ: int, fmt: int):
@@ -191,21 +203,25 @@ class MaskState:
             self.stmt_desc.pop(name, None)
             # learn its row shape now, in case the client executes without Describe
             self.describes.append((self.fseg, name, True))
+            self.copy_stmts.pop(name, None)
             if reads_masked:
                 self.masked_reads += 1
+                self.txn_tainted = True
             return _describe_statement(name)
         if t == 66:                                          # Bind
             portal, pos = _cstr(msg, 5)
             stmt, pos = _cstr(msg, pos)
             self.binds.append((self.fseg, portal, stmt, _result_formats(msg, pos)))
+            self._copy_bind(stmt)
         elif t == 68:                                        # Describe (the client's own)
             kind = msg[5]
             name, _ = _cstr(msg, 6)
             self.describes.append((self.fseg, name if kind == 83 else None, False))
         elif t == 83:                                        # Sync
             self.fseg += 1
-        elif t == 81 and reads_masked:                       # Query
+        elif (t == 81 or t == 70) and reads_masked:          # Query / FunctionCall
             self.masked_reads += 1
+            self.txn_tainted = True
         return None
 
     # -- backend: every message in order; returns what the client gets
@@ -213,6 +229,8 @@ class MaskState:
         rw = self.rw
         if not whole:
             return rw.feed(data)
+        if t in CHANNEL_TYPES:
+            data = self._channel(t, data)
         if t == 116:                                         # 't' ParameterDescription
             if self.describes and self.describes[0][2]:
                 self.swallow_t = True
@@ -255,40 +273,84 @@ class MaskState:
             self.swallow_t = False
         elif t == 90:                                        # 'Z'
             self.bseg += 1
+            self._copy_segment_end()
             if self.s.in_flight() <= 0:
                 self.masked_reads = 0
+                if data[5] == 73:                           # idle: the transaction ended
+                    self.txn_tainted = False
         return rw.feed(data)
 
     def _simple_result(self) -> bool:
         return False
 
+    # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
+    #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing
+    def tainted(self) -> bool:
+        """Whether the statements in flight read a relation with masked columns."""
+        return self.masks_on and self.masked_reads > 0
+
+    def _channel(self, t: int, data: bytes) -> bytes:
+        ch = self.channels
+        if t == 69 or t == 78:                              # 'E' / 'N'
+            return ch.error(data, self.tainted())
+        if t == 65:                                         # 'A' NotificationResponse
+            key = getattr(self.s, "upstream_key", None)
+            own = key[0] if key and self.masks_on and (
+                self.txn_tainted or self.masked_reads > 0) else None
+            return ch.notification(data, own)
+        if t == 83:                                         # 'S' ParameterStatus
+            return ch.parameter_status(data, self.tainted())
+        return ch.function_result(data, self.tainted())    # 'V' FunctionCallResponse
+
+    # -- COPY TO STDOUT: the plan of each COPY, in the order their CopyOutResponse come
+    def _copy_bind(self, stmt: bytes) -> None:
+        if stmt in self.copy_stmts:
+            self.copy_bound.append((self.fseg, self.copy_stmts[stmt]))
+
+    def _copy_segment_end(self) -> None:
+        # an error skips the rest of a Query or of an extended-protocol segment
+        for q in (self.copy_queue, self.copy_bound):
+            while q and q[0][0] < self.bseg:
+                q.popleft()
+
     def _copy_plan(self, msg: bytes) -> None:
-        cols, fmt = self.copy_cols, self.copy_fmt
-        self.copy_cols = self.copy_fmt = None
-        if msg[5] != 0 or cols is None:
-            return          # binary COPY is refused before it runs; unknown: detectors only
-        self.rw.set_plan(build_plan(cols, self.detectors, fmt))
-
-    def prepare_copy_query(self, rowdesc: bytes | None, fmt: str, options: dict) -> None:
-        """Plan entries for a COPY (query) TO STDOUT from the query's RowDescription."""
-        if rowdesc is None:
-            self.copy_cols, self.copy_fmt = None, None
+        spec = None
+        for q in (self.copy_bound, self.copy_queue):
+            if q and q[0][0] == self.bseg:
+                spec = q.popleft()[1]
+                break
+        if msg[5] != 0:
+            return          # binary COPY of masked data is refused before it runs
+        if spec is None or spec[0] is None:
+            if self.detectors is None:
+                return
+            # a source without masked columns: the detectors scan every column
+            (n,) = struct.unpack_from("!h", msg, 6)
+            fmt = spec[1] if spec is not None and spec[1] is not None else copy_format()
+            cols = [ColumnMask(ACTION_DETECT, kind=1, rule="detectors")] * n
+            self.rw.set_plan(build_plan(cols, self.detectors, fmt))
             return
-        self.copy_cols = [self._entry(t, a, typ, 0)
-                          for t, a, typ, _ in parse_row_description(rowdesc)]
-        self.copy_fmt = copy_format(fmt, **options)
+        self.rw.set_plan(build_plan(spec[0], self.detectors, spec[1]))
 
-    def prepare_copy(self, table_oid: int | None, columns: list[str] | None, fmt: str,
-                     options: dict) -> None:
-        """Plan entries for a COPY <table> [(cols)] TO STDOUT about to run."""
+    def copy_spec(self, table_oid: int | None, columns: list[str] | None, fmt: str,
+                  options: dict) -> tuple:
+        """(plan entries or None, CopyFormat) of a COPY <table> [(cols)] TO STDOUT."""
+        cf = copy_format(fmt, **options)
         if table_oid is None or table_oid not in self.catalog.tables:
-            self.copy_cols, self.copy_fmt = None, None
-            return
+            return (None, cf)
         _, attrs = self.catalog.tables[table_oid]
         names = columns or [name for _, name in attrs]
         by_name = {name: num for num, name in attrs}
-        self.copy_cols = [self._entry(table_oid, by_name.get(n, 0), 25, 0) for n in names]
-        self.copy_fmt = copy_format(fmt, **options)
+        return ([self._entry(table_oid, by_name.get(n, 0), 25, 0) for n in names], cf)
+
+    def copy_query_spec(self, rowdesc: bytes | None, fmt: str, options: dict) -> tuple:
+        """(plan entries, CopyFormat) of a COPY (query) TO STDOUT from the query's
+        RowDescription."""
+        cf = copy_format(fmt, **options)
+        if rowdesc is None:
+            return (None, cf)
+        return ([self._entry(t, a, typ, 0) for t, a, typ, _ in
+                 parse_row_description(rowdesc)], cf)
 
 
 def _cstr(msg: bytes, pos: int) -> tuple[bytes, int]:
