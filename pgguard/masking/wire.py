@@ -93,22 +93,43 @@ async def load_catalog(server: Server, database: str) -> Catalog:
         pairs = ", ".join(f"({o}, {a})" for o, a in sorted(frontier))
         vrows = (await run(server, database, [
             "SELECT DISTINCT v.oid, n.nspname || '.' || v.relname, a.attnum, a.attname, "
-            "t.typcategory FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
+            "t.typcategory, d.refobjid, d.refobjsubid "
+            "FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
             "JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm') "
             "JOIN pg_namespace n ON n.oid = v.relnamespace "
             "JOIN pg_attribute a ON a.attrelid = v.oid AND a.attnum > 0 "
             "AND NOT a.attisdropped JOIN pg_type t ON t.oid = a.atttypid "
             f"WHERE (d.refobjid, d.refobjsubid) IN (VALUES {pairs})"]))[0]
         frontier = set()
-        for void, vname, attnum, attname, cat in vrows:
+        # a view column is exempt for whoever is exempt from every masked column the
+        # view reads (pg_depend knows the view's sources, not which column uses which)
+        sources: dict[int, list] = {}
+        for void, _, _, _, _, roid, rsub in vrows:
+            src = columns.get((int(roid), int(rsub)))
+            if src is not None:
+                sources.setdefault(int(void), []).append(src)
+        for void, vname, attnum, attname, cat, _, _ in vrows:
             key = (int(void), int(attnum))
             tables.setdefault(int(void), (vname, []))
             if (int(attnum), attname) not in tables[int(void)][1]:
                 tables[int(void)][1].append((int(attnum), attname))
             if cat in ("S", "U") and key not in columns:     # string and JSON-ish types
-                columns[key] = _Mask(column=f"{vname}.{attname}", strategy="redact")
+                srcs = sources.get(int(void), [])
+                columns[key] = _Mask(
+                    column=f"{vname}.{attname}", strategy="redact",
+                    except_groups=_common([mk.except_groups for mk in srcs]),
+                    except_identities=_common([mk.except_identities for mk in srcs]))
                 frontier.add(key)
     return Catalog(columns, tables, time.monotonic())
+
+
+def _common(lists: list) -> list[str]:
+    if not lists:
+        return []
+    out = set(lists[0])
+    for names in lists[1:]:
+        out &= set(names)
+    return sorted(out)
 
 
 def applies(mask: Mask, identity_name: str, identity: Identity) -> bool:
@@ -167,18 +188,22 @@ class MaskState:
         self.copy_queue: deque = deque()
         self.copy_bound: deque = deque()
         self.copy_stmts: dict[bytes, tuple | None] = {}
+        self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
 
     # -- planning
     def _entry(self, table: int, attnum: int, typ: int, fmt: int):
-        mk = self.catalog.columns.get((table, attnum)) if self.masks_on else None
-        if mk is not None and not applies(mk, self.s.identity_name, self.s.identity):
+        mk = self.catalog.columns.get((table, attnum))
+        # exempt from this column's mask: clear values, the detectors do not rescan it
+        exempt = mk is not None and (not self.masks_on or not applies(
+            mk, self.s.identity_name, self.s.identity))
+        if exempt:
             mk = None
         derived = (table == 0 and self.masked_reads > 0 and typ not in _SCALAR_OIDS)
         if mk is None and derived:
             # computed from what may be a masked column: masked as a whole
             from ..config import Mask
             mk = Mask(column="derived.value.column", strategy="redact")
-        detect = self.detectors is not None and mk is None
+        detect = self.detectors is not None and mk is None and not exempt
         return column_mask(mk, oid=typ, binary=fmt == 1, detect=detect, hash_key=self.key)
 
     def plan_for(self, rowdesc: bytes, formats: bytes | None = None):
@@ -205,6 +230,10 @@ class MaskState:
             self.describes.append((self.fseg, name, True))
             self.copy_stmts.pop(name, None)
             if reads_masked:
+                self.reading_stmts.add(name)
+            else:
+                self.reading_stmts.discard(name)
+            if reads_masked:
                 self.masked_reads += 1
                 self.txn_tainted = True
             return _describe_statement(name)
@@ -213,6 +242,9 @@ class MaskState:
             stmt, pos = _cstr(msg, pos)
             self.binds.append((self.fseg, portal, stmt, _result_formats(msg, pos)))
             self._copy_bind(stmt)
+            if stmt in self.reading_stmts:      # its executions read masked relations
+                self.masked_reads += 1
+                self.txn_tainted = True
         elif t == 68:                                        # Describe (the client's own)
             kind = msg[5]
             name, _ = _cstr(msg, 6)

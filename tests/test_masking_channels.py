@@ -1,0 +1,423 @@
+# Masking of every backend message that is not a row: ErrorResponse and NoticeResponse
+# of statements that read masked columns (scrubbed, then scanned), NotificationResponse,
+# ParameterStatus and FunctionCallResponse; in every client mode, every message checked
+# for the clear values and their hex, base64, reversed, case and digits-only forms.
+import asyncio
+import struct
+import subprocess
+
+import asyncpg
+import psycopg
+import pytest
+
+import rawpg
+from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD, \
+    UPSTREAM_USER, Proxy
+from masking_tap import DB, EMAILS, MASKS, SSNS, Tap, leaks, seed, types_seen
+
+
+@pytest.fixture(scope="module")
+def env(pg, tmp_path_factory):
+    seed(pg)
+    p = Proxy(pg, tmp_path_factory.mktemp("mask2ch"), extra=MASKS).start()
+    tap = Tap(p.port)
+    yield p, tap
+    tap.close()
+    p.stop()
+
+
+def upstream(pg, sql):
+    with psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB), autocommit=True) as c:
+        cur = c.execute(sql)
+        return cur.fetchall() if cur.description is not None else None
+
+
+# -- running one statement in a client mode; every backend message comes from the tap
+
+def run_psycopg(dsn, sql, binary=False, prepare=None, times=1):
+    errs = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: None)
+        for _ in range(times):
+            try:
+                conn.cursor(binary=binary).execute(sql, prepare=prepare).fetchall()
+            except psycopg.Error as e:
+                errs.append(e.sqlstate)
+    return errs
+
+
+def run_asyncpg(dsn, sql, times=3):
+    async def go():
+        conn = await asyncpg.connect(dsn)
+        errs = []
+        try:
+            for _ in range(times):
+                try:
+                    await conn.fetch(sql)
+                except asyncpg.PostgresError as e:
+                    errs.append(e.sqlstate)
+        finally:
+            await conn.close()
+        return errs
+    return asyncio.run(go())
+
+
+def run_psql(psql_bin, dsn, sql):
+    r = subprocess.run([psql_bin, "-X", "-d", dsn, "-c", sql], capture_output=True,
+                       text=True, timeout=60)
+    return [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
+
+
+def run_raw(port, sql, extended=False, later=False):
+    c = rawpg.RawClient.connect(port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        if not extended:
+            return c.run(sql)
+        if later:                   # Parse with its own Sync; Bind/Execute afterwards
+            c.send(rawpg.parse(sql, "s1"), rawpg.SYNC)
+            out = c.until_ready()
+            c.send(rawpg.bind("s1"), rawpg.execute(), rawpg.SYNC)
+            return out + c.until_ready()
+        c.send(rawpg.parse(sql), rawpg.bind(), rawpg.describe(), rawpg.execute(),
+               rawpg.SYNC)
+        return c.until_ready()
+    finally:
+        c.close()
+
+
+MODES = ["raw-simple", "raw-extended", "raw-parse-sync-later", "psycopg-text",
+         "psycopg-binary", "psycopg-prepared-x3", "asyncpg-x3", "psql"]
+
+
+def run_mode(mode, env, sql, psql_bin):
+    proxy, tap = env
+    tap.reset()
+    if mode == "raw-simple":
+        msgs = run_raw(proxy.port, sql)
+        codes = [e["C"] for e in rawpg.errors(msgs)]
+        return msgs, codes
+    if mode.startswith("raw-"):
+        msgs = run_raw(proxy.port, sql, extended=True, later=mode == "raw-parse-sync-later")
+        return msgs, [e["C"] for e in rawpg.errors(msgs)]
+    if mode == "psycopg-text":
+        codes = run_psycopg(tap.dsn(), sql)
+    elif mode == "psycopg-binary":
+        codes = run_psycopg(tap.dsn(), sql, binary=True)
+    elif mode == "psycopg-prepared-x3":
+        codes = run_psycopg(tap.dsn(), sql, prepare=True, times=3)
+    elif mode == "asyncpg-x3":
+        codes = run_asyncpg(tap.dsn(), sql)
+    else:
+        codes = run_psql(psql_bin, tap.dsn(), sql)
+    return tap.messages(), codes
+
+
+# -- ErrorResponse / NoticeResponse of statements that read masked columns
+
+ERRORS = [
+    ("SELECT email::int FROM customers", "22P02"),
+    ("SELECT ssn::date FROM customers ORDER BY id", "22008"),
+    ("SELECT email::jsonb FROM customers", "22P02"),
+    ("SELECT replace(email, '.', '_')::regclass FROM customers", "42P01"),
+    ("SELECT to_date(ssn, 'YYYY-MM-DD') FROM customers", None),
+    ("SELECT convert_from(decode(replace(ssn, '-', ''), 'hex'), 'UTF8') FROM customers",
+     None),
+    ("UPDATE customers SET email = (SELECT email FROM customers WHERE id = 2) WHERE id = 1",
+     None),
+    ("SELECT 1 / (length(email) - length(email)) FROM customers", "22012"),
+    ("SELECT email::numeric FROM customers WHERE id = 3", "22P02"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sql,code", ERRORS)
+def test_errors_of_masked_reads_are_scrubbed(env, pg, psql_bin, mode, sql, code):
+    msgs, codes = run_mode(mode, env, sql, psql_bin)
+    assert leaks(msgs) == [], (mode, sql, [m for m in msgs if m[0] in b"EN"])
+    assert codes, (mode, sql)                       # the error did reach the client
+    if code is not None and not mode.startswith("psql"):
+        assert set(codes) == {code}, codes
+    # the data did not change upstream (the UPDATE failed)
+    assert upstream(pg, "SELECT email FROM customers ORDER BY id") == [(e,) for e in EMAILS]
+
+
+def test_scrubbed_error_keeps_sqlstate_and_names_the_error(env):
+    proxy, _ = env
+    msgs = run_raw(proxy.port, "SELECT email::int FROM customers")
+    (err,) = rawpg.errors(msgs)
+    assert err["C"] == "22P02"
+    assert err["M"] == 'invalid input syntax for type integer: "***"'
+    msgs = run_raw(proxy.port, "UPDATE customers SET email = 'wvbravo.4419@example.org' "
+                               "WHERE id = 1")
+    (err,) = rawpg.errors(msgs)
+    assert err["C"] in ("23505", "42501"), err
+    if err["C"] == "23505":
+        assert err["D"] == "Key (***)=(***) already exists.", err
+        assert err["n"] == "customers_email_key"
+
+
+RAISES = [
+    "DO $$ BEGIN RAISE EXCEPTION '%', (SELECT email FROM customers WHERE id = 1); END $$",
+    "DO $$ BEGIN RAISE EXCEPTION 'x' USING DETAIL = (SELECT ssn FROM customers "
+    "WHERE id = 2); END $$",
+    "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = (SELECT upper(email) "
+    "FROM customers WHERE id = 3); END $$",
+    "DO $$ DECLARE r record; BEGIN FOR r IN SELECT email, ssn FROM customers LOOP "
+    "RAISE NOTICE 'row % %', r.email, r.ssn; END LOOP; END $$",
+    "DO $$ BEGIN RAISE WARNING '%', (SELECT reverse(ssn) FROM customers WHERE id = 1); END $$",
+    "DO $$ BEGIN RAISE EXCEPTION 'h' USING HINT = (SELECT encode(email::bytea, 'hex') "
+    "FROM customers WHERE id = 1); END $$",
+    "DO $$ BEGIN RAISE EXCEPTION 'c' USING COLUMN = (SELECT email FROM customers "
+    "WHERE id = 2); END $$",
+]
+
+
+@pytest.mark.parametrize("mode", ["raw-simple", "raw-extended", "psycopg-text",
+                                  "asyncpg-x3", "psql"])
+@pytest.mark.parametrize("sql", RAISES)
+def test_raise_exception_and_notice_with_masked_values(env, mode, sql, psql_bin):
+    msgs, _ = run_mode(mode, env, sql, psql_bin)
+    assert leaks(msgs) == [], (mode, sql, [m for m in msgs if m[0] in b"EN"])
+    assert types_seen(msgs) & {"E", "N"}, msgs     # the error or notice did arrive
+
+
+UNMASKED_ERRORS = [
+    "SELECT 1/0",
+    "SELECT 'abc'::int",
+    "SELECT nosuchcolumn FROM plain_notes",
+    "SELECT * FROM no_such_table",
+    "SELECT body::int FROM plain_notes WHERE id = 3",
+    "DO $$ BEGIN RAISE EXCEPTION 'plain text % here', 42; END $$",
+]
+
+
+@pytest.mark.parametrize("sql", UNMASKED_ERRORS)
+def test_errors_of_unmasked_statements_are_byte_identical(env, pg, sql):
+    proxy, _ = env
+    got = [p for t, p in run_raw(proxy.port, sql) if t == b"E"]
+    c = rawpg.RawClient.connect(pg.port, UPSTREAM_USER, UPSTREAM_PASSWORD, database=DB)
+    try:
+        want = [p for t, p in c.run(sql) if t == b"E"]
+    finally:
+        c.close()
+    assert len(got) == 1 and got == want
+
+
+@pytest.mark.parametrize("sql", [
+    "DO $$ BEGIN RAISE EXCEPTION 'contact zqalpha.7731@example.com'; END $$",
+    "DO $$ BEGIN RAISE NOTICE 'ssn 219-43-6571'; END $$",
+    "SELECT body::int FROM plain_notes WHERE id = 1",
+    "SELECT body::int FROM plain_notes WHERE id = 2",
+    "DO $$ BEGIN RAISE EXCEPTION 'x' USING DETAIL = 'mail wvbravo.4419@example.org'; END $$",
+])
+def test_detectors_scan_errors_of_unmasked_statements(env, sql):
+    proxy, _ = env
+    msgs = run_raw(proxy.port, sql)
+    assert types_seen(msgs) & {"E", "N"}
+    assert leaks(msgs) == [], msgs
+    text = b"".join(p for t, p in msgs if t in (b"E", b"N"))
+    assert b"[email]" in text or b"[ssn]" in text
+
+
+def test_refusals_stay_intact(env, pg, make_proxy):
+    # pgguard's own 42501 (a binary COPY of masked data) keeps its message and hint
+    proxy, _ = env
+    msgs = run_raw(proxy.port, "COPY customers TO STDOUT (FORMAT binary)")
+    (err,) = rawpg.errors(msgs)
+    assert err["C"] == "42501" and err["M"].startswith('pgguard: statement refused by rule '
+                                                       '"masking"')
+    assert "HINT" not in err and err.get("H", "").startswith("Use SELECT")
+
+
+# -- NotificationResponse
+
+NOTIFIES = [
+    "SELECT pg_notify('chan', email) FROM customers WHERE id = 1",
+    "SELECT pg_notify('chan', ssn) FROM customers WHERE id = 2",
+    "SELECT pg_notify('chan', upper(email)) FROM customers WHERE id = 3",
+    "SELECT pg_notify('chan', 'v=' || replace(ssn, '-', '')) FROM customers WHERE id = 1",
+    "SELECT pg_notify('chan', encode(email::bytea, 'base64')) FROM customers WHERE id = 2",
+    "SELECT pg_notify('chan', reverse(email)) FROM customers WHERE id = 1",
+]
+
+
+@pytest.mark.parametrize("txn", [False, True])
+@pytest.mark.parametrize("sql", NOTIFIES)
+def test_notification_payloads_of_masked_reads(env, sql, txn):
+    proxy, _ = env
+    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        msgs = c.run("LISTEN chan")
+        if txn:
+            msgs += c.run("BEGIN") + c.run(sql) + c.run("COMMIT")
+        else:
+            msgs += c.run(sql)
+    finally:
+        c.close()
+    notes = [p for t, p in msgs if t == b"A"]
+    assert len(notes) == 1, msgs                    # it was delivered
+    assert leaks(msgs) == [], msgs
+    assert notes[0].endswith(b"chan\0****\0")
+
+
+def test_notification_from_another_session_is_scanned(env, pg):
+    proxy, _ = env
+    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        c.run("LISTEN chan2")
+        upstream(pg, "SELECT pg_notify('chan2', 'mail zqalpha.7731@example.com ssn "
+                     "219-43-6571 end')")
+        upstream(pg, "SELECT pg_notify('chan2', 'plain payload')")
+        msgs = c.run("SELECT 1")
+    finally:
+        c.close()
+    notes = [p for t, p in msgs if t == b"A"]
+    assert len(notes) == 2 and leaks(msgs) == []
+    assert notes[0].endswith(b"chan2\0mail [email] ssn [ssn] end\0")
+    assert notes[1].endswith(b"chan2\0plain payload\0")
+
+
+# -- ParameterStatus
+
+SETTINGS = [
+    "SELECT set_app(email) FROM customers WHERE id = 1",
+    "SELECT set_app(ssn) FROM customers WHERE id = 2",
+    "SELECT set_app(lower(email)) FROM customers WHERE id = 3",
+    "SELECT set_app(reverse(ssn)) FROM customers WHERE id = 1",
+    "SELECT set_app(encode(email::bytea, 'hex')) FROM customers WHERE id = 2",
+    "SELECT set_app(encode(ssn::bytea, 'base64')) FROM customers WHERE id = 3",
+]
+
+
+@pytest.mark.parametrize("extended", [False, True])
+@pytest.mark.parametrize("sql", SETTINGS)
+def test_parameter_status_of_masked_reads(env, pg, sql, extended):
+    proxy, _ = env
+    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        if extended:
+            c.send(rawpg.parse(sql, "p"), rawpg.SYNC)
+            msgs = c.until_ready()
+            c.send(rawpg.bind("p"), rawpg.execute(), rawpg.SYNC)
+            msgs += c.until_ready()
+        else:
+            msgs = c.run(sql)
+        # the truth upstream: the session's application_name is the clear value now
+        apps = upstream(pg, "SELECT application_name FROM pg_stat_activity WHERE "
+                            "application_name ~ '[@0-9]'")
+        assert len(apps) == 1, apps
+    finally:
+        c.close()
+    assert leaks(msgs) == [], msgs
+    statuses = [p for t, p in msgs if t == b"S"]
+    assert statuses == [b"application_name\0****\0"], msgs
+
+
+def test_parameter_status_of_unmasked_statements_untouched(env):
+    proxy, _ = env
+    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        msgs = c.run("SELECT set_app('my-tool')")
+        msgs += c.run("SELECT set_app('mail zqalpha.7731@example.com')")
+    finally:
+        c.close()
+    statuses = [p for t, p in msgs if t == b"S"]
+    assert statuses == [b"application_name\0my-tool\0",
+                        b"application_name\0mail [email]\0"], msgs
+
+
+# -- FunctionCallResponse
+
+def _fn_oid(pg, name):
+    return upstream(pg, f"SELECT '{name}'::regproc::oid")[0][0]
+
+
+@pytest.mark.parametrize("fn,arg,clear", [
+    ("cust_email(int)", b"1", EMAILS[0]),
+    ("cust_email(int)", b"2", EMAILS[1]),
+    ("cust_ssn(int)", b"1", SSNS[0]),
+    ("cust_ssn(int)", b"3", SSNS[2]),
+    ("cust_email(int)", b"3", EMAILS[2]),
+    ("cust_hex(int)", b"1", EMAILS[0].encode().hex()),
+    ("cust_hex(int)", b"2", EMAILS[1].encode().hex()),
+])
+def test_function_call_results(env, pg, fn, arg, clear):
+    proxy, _ = env
+    oid = upstream(pg, f"SELECT 'public.{fn}'::regprocedure::oid")[0][0]
+    # the truth upstream: the function returns the clear value
+    assert upstream(pg, f"SELECT public.{fn.replace('(int)', '')}({arg.decode()})") == \
+        [(clear,)]
+    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        c.send(rawpg.function_call(oid, [arg]))
+        msgs = c.until_ready()
+    finally:
+        c.close()
+    assert leaks(msgs) == [], msgs
+    results = [p for t, p in msgs if t == b"V"]
+    assert len(results) == 1, msgs
+    for p in results:
+        (n,) = struct.unpack_from("!i", p)
+        assert p[4:] == b"****", p
+
+
+# -- exempt identities see clear values in the channels too
+
+def test_exempt_identity_errors_untouched(env, pg):
+    proxy, _ = env
+    c = rawpg.RawClient.connect(proxy.port, HUMAN, HUMAN_PASSWORD, database=DB)
+    try:
+        msgs = c.run("SELECT email::int FROM customers WHERE id = 1")
+    finally:
+        c.close()
+    (err,) = rawpg.errors(msgs)
+    # alice is exempt from the masks, not from the detectors: the message is not
+    # scrubbed, the email detector still labels the value
+    assert err["M"] == 'invalid input syntax for type integer: "[email]"'
+
+
+@pytest.mark.parametrize("fn,arg,want", [
+    ("pg_catalog.reverse(text)", b"abc", b"cba"),
+    ("pg_catalog.quote_literal(text)", b"x", b"'x'"),
+    ("pg_catalog.md5(text)", b"a", b"0cc175b9c0f1b6a831c399e269772661"),
+    ("pg_catalog.length(text)", b"hello", b"5"),
+    ("pg_catalog.btrim(text)", b"  pad  ", b"pad"),
+])
+def test_function_call_of_builtins_untouched(env, pg, fn, arg, want):
+    proxy, _ = env
+    oid = upstream(pg, f"SELECT '{fn}'::regprocedure::oid")[0][0]
+    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        c.send(rawpg.function_call(oid, [arg]))
+        msgs = c.until_ready()
+    finally:
+        c.close()
+    assert [p[4:] for t, p in msgs if t == b"V"] == [want], msgs
+
+
+def test_channels_unit():
+    # the scrubbing itself, message by message
+    from pgguard.masking.channels import Channels, build_fields, error_fields
+    from pgguard.masking.detectors import DetectorSet
+    ch = Channels(DetectorSet.from_config(["email", "ssn"], []))
+    own = build_fields(ord("E"), [(ord("S"), b"ERROR"), (ord("C"), b"42501"),
+                                  (ord("M"), b"pgguard: refused 219-43-6571")])
+    assert ch.error(own, True) is own                   # no 'F': pgguard's own
+    pg_err = build_fields(ord("E"), [
+        (ord("S"), b"ERROR"), (ord("C"), b"22P02"),
+        (ord("M"), b'invalid input syntax for type integer: "a"b@x.io"'),
+        (ord("W"), b"SQL function f"), (ord("F"), b"numutils.c"), (ord("L"), b"1"),
+        (ord("R"), b"pg_strtoint32_safe")])
+    got = dict(error_fields(ch.error(pg_err, True)))
+    assert got[ord("M")] == b'invalid input syntax for type integer: "***"'
+    assert ord("W") not in got and got[ord("C")] == b"22P02"
+    assert ch.error(pg_err, False) != pg_err            # the detectors still label it
+    raise_err = build_fields(ord("E"), [
+        (ord("S"), b"ERROR"), (ord("C"), b"P0001"), (ord("M"), b"kxcharlie"),
+        (ord("c"), b"secret"), (ord("F"), b"pl_exec.c"), (ord("R"), b"exec_stmt_raise")])
+    got = dict(error_fields(ch.error(raise_err, True)))
+    assert got[ord("M")].startswith(b"plpgsql_error: message withheld")
+    assert ord("c") not in got
+    plain = build_fields(ord("N"), [(ord("S"), b"NOTICE"), (ord("C"), b"00000"),
+                                    (ord("M"), b"hello"), (ord("F"), b"x.c")])
+    assert ch.error(plain, False) is plain
