@@ -198,7 +198,8 @@ class MaskState:
             mk, self.s.identity_name, self.s.identity))
         if exempt:
             mk = None
-        derived = (table == 0 and self.masked_reads > 0 and typ not in _SCALAR_OIDS)
+        derived = (table == 0 and self.masks_on and self.masked_reads > 0
+                   and typ not in _SCALAR_OIDS)
         if mk is None and derived:
             # computed from what may be a masked column: masked as a whole
             from ..config import Mask
