@@ -238,15 +238,17 @@ class Enforcement:
         """A COPY prepared through Parse: its plan is kept by statement name for every
         Bind/Execute of it; False when it is refused instead."""
         mask = self.masking
-        specs = _copy_specs(mask, sql.decode("utf-8", "replace"), _reads_masked(self, d))
-        if not isinstance(specs, str) and any(sp[0] == "query" for sp in specs):
-            specs = ("COPY (query) of masked columns through the extended protocol (pgguard "
-                     "learns such a query's columns before it runs only for a simple Query)")
+        reads = _reads_masked(self, d)
+        specs = _copy_specs(mask, sql.decode("utf-8", "replace"), reads)
         if isinstance(specs, str):
             self._refuse_any(_copy_refusal(specs, d), out, True, sql)
             return False
+        if specs and specs[0][0] == "query":
+            # COPY (query): the stream waits while pgguard learns its columns
+            self._hold_for_copy_parse(msg, out, name, specs[0], reads, d)
+            return True
         out.append(msg)
-        out.append(mask.frontend(80, msg, _reads_masked(self, d)))
+        out.append(mask.frontend(80, msg, reads))
         mask.copy_stmts[name] = specs[0] if specs else None
         return True
 

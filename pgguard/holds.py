@@ -151,6 +151,42 @@ class Holds:
             return
         self._release_hold(out)
 
+    def _hold_for_copy_parse(self, msg: bytes, out: list, name: bytes, spec: tuple,
+                             reads: bool, d) -> None:
+        """A Parse of COPY (query) of masked data: its plan is learnt before the Parse
+        goes upstream; what the client sends meanwhile waits."""
+        self._begin_hold(out, [])
+        task = asyncio.get_running_loop().create_task(
+            self._copy_parse_plan(msg, name, spec, reads, d))
+        self.approval = [task, None]
+
+    async def _copy_parse_plan(self, msg: bytes, name: bytes, spec: tuple, reads: bool,
+                               d) -> None:
+        from .sideconn import describe
+        out: list[bytes] = []
+        mask = self.masking
+        _, query, fmt, opts = spec
+        try:
+            desc = await describe(self.server, self.database,
+                                  f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
+            # its read counts first: a computed column of masked data is masked whole
+            injected = mask.frontend(80, msg, reads)
+            mask.copy_stmts[name] = mask.copy_query_spec(desc, fmt, opts)
+            out.append(msg)
+            out.append(injected)
+        except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
+            from .policy.rules import Decision
+            self._refuse_any(Decision(
+                action="block", rule="masking",
+                message='pgguard: statement refused by rule "masking": pgguard could not '
+                        "work out which columns of this COPY (query) to mask",
+                detail=str(e)[:300], hint="Use SELECT instead."), out, True,
+                msg[5:-1])
+        self.approval = None
+        if self.closed:
+            return
+        self._release_hold(out)
+
     # -- strict audit: a statement goes upstream only once its record is on disk
     def _hold_for_record(self, out: list, later: list) -> None:
         """out[-1] is a Query or Execute: write what precedes it, log its record with

@@ -82,6 +82,10 @@ COPIES = [
     ("COPY customers TO STDOUT WITH CSV HEADER", {2, 3}, True),
     ("COPY customers (ssn) TO STDOUT (FORMAT text, HEADER off)", {0}, False),
     ("COPY customers TO STDOUT (FORMAT csv, HEADER 1, DELIMITER '|')", {2, 3}, True),
+    ("COPY (SELECT id, email, ssn, city FROM customers ORDER BY id) TO STDOUT", {1, 2},
+     False),
+    ("COPY (SELECT name, upper(email), city FROM customers ORDER BY id) TO STDOUT "
+     "(FORMAT csv, HEADER)", {1}, True),
 ]
 
 
@@ -212,7 +216,7 @@ def test_every_copy_of_a_multi_statement_query(env, psql_bin, how, sql):
     (rawpg.query("SELECT 1; COPY customers (ssn) TO STDOUT (FORMAT binary)"),),
     extended("COPY customers TO STDOUT (FORMAT binary)"),
     extended("COPY customers (email) TO STDOUT WITH BINARY"),
-    extended("COPY (SELECT email FROM customers) TO STDOUT"),
+    extended("COPY (SELECT email FROM customers) TO STDOUT (FORMAT binary)"),
 ])
 def test_unmaskable_copies_refused(env, pg, frames):
     proxy, _ = env
