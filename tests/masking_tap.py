@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import socket
 import struct
+import subprocess
 import threading
 
-from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_USER
+import pytest
+
+import rawpg
+from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_USER, Proxy
 
 DB = "mask2db"
 
@@ -199,3 +203,35 @@ class Tap:
 
 def types_seen(messages) -> set[str]:
     return {t.decode("latin-1") for t, _ in messages}
+
+
+def env_fixture(name: str, setup: str | None = None):
+    """A module fixture: the seeded database, a pgguard with MASKS in front of it and a
+    Tap in front of that, as (proxy, tap)."""
+    @pytest.fixture(scope="module")
+    def env(pg, tmp_path_factory):
+        seed(pg)
+        if setup:
+            pg.execute(setup, dbname=DB)
+        p = Proxy(pg, tmp_path_factory.mktemp(name), extra=MASKS).start()
+        tap = Tap(p.port)
+        yield p, tap
+        tap.close()
+        p.stop()
+    return env
+
+
+def connect(port: int, human: bool = False) -> rawpg.RawClient:
+    user, pw = (HUMAN, HUMAN_PASSWORD) if human else (AGENT, AGENT_PASSWORD)
+    return rawpg.RawClient.connect(port, user, pw, database=DB)
+
+
+def psql_messages(psql_bin: str, tap: Tap, sql: str, human: bool = False,
+                  check: bool = True) -> list[tuple[bytes, bytes]]:
+    """Run psql -c sql through the tap; every backend message it got."""
+    tap.reset()
+    r = subprocess.run([psql_bin, "-X", "-d", tap.dsn(human=human), "-c", sql],
+                       capture_output=True, timeout=60)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return tap.messages()

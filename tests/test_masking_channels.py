@@ -4,26 +4,18 @@
 # for the clear values and their hex, base64, reversed, case and digits-only forms.
 import asyncio
 import struct
-import subprocess
 
 import asyncpg
 import psycopg
 import pytest
 
 import rawpg
-from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD, \
-    UPSTREAM_USER, Proxy
-from masking_tap import DB, EMAILS, MASKS, SSNS, Tap, leaks, seed, types_seen
+from conftest import UPSTREAM_PASSWORD, UPSTREAM_USER
+from masking_tap import DB, EMAILS, SSNS, connect, env_fixture, leaks, psql_messages, \
+    types_seen
 
 
-@pytest.fixture(scope="module")
-def env(pg, tmp_path_factory):
-    seed(pg)
-    p = Proxy(pg, tmp_path_factory.mktemp("mask2ch"), extra=MASKS).start()
-    tap = Tap(p.port)
-    yield p, tap
-    tap.close()
-    p.stop()
+env = env_fixture("mask2ch")
 
 
 def upstream(pg, sql):
@@ -62,14 +54,8 @@ def run_asyncpg(dsn, sql, times=3):
     return asyncio.run(go())
 
 
-def run_psql(psql_bin, dsn, sql):
-    r = subprocess.run([psql_bin, "-X", "-d", dsn, "-c", sql], capture_output=True,
-                       text=True, timeout=60)
-    return [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
-
-
 def run_raw(port, sql, extended=False, later=False):
-    c = rawpg.RawClient.connect(port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(port)
     try:
         if not extended:
             return c.run(sql)
@@ -108,7 +94,8 @@ def run_mode(mode, env, sql, psql_bin):
     elif mode == "asyncpg-x3":
         codes = run_asyncpg(tap.dsn(), sql)
     else:
-        codes = run_psql(psql_bin, tap.dsn(), sql)
+        msgs = psql_messages(psql_bin, tap, sql, check=False)
+        return msgs, [e["C"] for e in rawpg.errors(msgs)]
     return tap.messages(), codes
 
 
@@ -245,7 +232,7 @@ NOTIFIES = [
 @pytest.mark.parametrize("sql", NOTIFIES)
 def test_notification_payloads_of_masked_reads(env, sql, txn):
     proxy, _ = env
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(proxy.port)
     try:
         msgs = c.run("LISTEN chan")
         if txn:
@@ -262,7 +249,7 @@ def test_notification_payloads_of_masked_reads(env, sql, txn):
 
 def test_notification_from_another_session_is_scanned(env, pg):
     proxy, _ = env
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(proxy.port)
     try:
         c.run("LISTEN chan2")
         upstream(pg, "SELECT pg_notify('chan2', 'mail zqalpha.7731@example.com ssn "
@@ -293,7 +280,7 @@ SETTINGS = [
 @pytest.mark.parametrize("sql", SETTINGS)
 def test_parameter_status_of_masked_reads(env, pg, sql, extended):
     proxy, _ = env
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(proxy.port)
     try:
         if extended:
             c.send(rawpg.parse(sql, "p"), rawpg.SYNC)
@@ -315,7 +302,7 @@ def test_parameter_status_of_masked_reads(env, pg, sql, extended):
 
 def test_parameter_status_of_unmasked_statements_untouched(env):
     proxy, _ = env
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(proxy.port)
     try:
         msgs = c.run("SELECT set_app('my-tool')")
         msgs += c.run("SELECT set_app('mail zqalpha.7731@example.com')")
@@ -347,7 +334,7 @@ def test_function_call_results(env, pg, fn, arg, clear):
     # the truth upstream: the function returns the clear value
     assert upstream(pg, f"SELECT public.{fn.replace('(int)', '')}({arg.decode()})") == \
         [(clear,)]
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(proxy.port)
     try:
         c.send(rawpg.function_call(oid, [arg]))
         msgs = c.until_ready()
@@ -358,14 +345,14 @@ def test_function_call_results(env, pg, fn, arg, clear):
     assert len(results) == 1, msgs
     for p in results:
         (n,) = struct.unpack_from("!i", p)
-        assert p[4:] == b"****", p
+        assert n == 4 and p[4:] == b"****", p
 
 
 # -- exempt identities see clear values in the channels too
 
 def test_exempt_identity_errors_untouched(env, pg):
     proxy, _ = env
-    c = rawpg.RawClient.connect(proxy.port, HUMAN, HUMAN_PASSWORD, database=DB)
+    c = connect(proxy.port, human=True)
     try:
         msgs = c.run("SELECT email::int FROM customers WHERE id = 1")
     finally:
@@ -386,7 +373,7 @@ def test_exempt_identity_errors_untouched(env, pg):
 def test_function_call_of_builtins_untouched(env, pg, fn, arg, want):
     proxy, _ = env
     oid = upstream(pg, f"SELECT '{fn}'::regprocedure::oid")[0][0]
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(proxy.port)
     try:
         c.send(rawpg.function_call(oid, [arg]))
         msgs = c.until_ready()

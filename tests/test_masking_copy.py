@@ -4,25 +4,17 @@
 # over COPY of unmasked sources; unmasked columns byte-identical to the upstream's COPY.
 import csv
 import io
-import subprocess
 
 import psycopg
 import pytest
 
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD, \
-    UPSTREAM_USER, Proxy
-from masking_tap import DB, EMAILS, MASKS, SSNS, Tap, leaks, seed
+    UPSTREAM_USER
+from masking_tap import DB, EMAILS, connect, env_fixture, leaks, psql_messages
 
 
-@pytest.fixture(scope="module")
-def env(pg, tmp_path_factory):
-    seed(pg)
-    p = Proxy(pg, tmp_path_factory.mktemp("mask2copy"), extra=MASKS).start()
-    tap = Tap(p.port)
-    yield p, tap
-    tap.close()
-    p.stop()
+env = env_fixture("mask2copy")
 
 
 def copy_data(msgs) -> list[bytes]:
@@ -119,7 +111,7 @@ def run_copy(env, mode, sql, psql_bin):
         datas = copy_data(msgs)
         assert len(datas) == 3 and datas[0] == datas[1] == datas[2]
     elif mode == "parse-sync-later":
-        c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+        c = connect(proxy.port)
         try:
             c.send(rawpg.parse(sql, "c2"), rawpg.describe("S", "c2"), rawpg.SYNC)
             msgs = c.until_ready()
@@ -145,11 +137,7 @@ def run_copy(env, mode, sql, psql_bin):
                     pass
         msgs = tap.messages()
     else:
-        tap.reset()
-        r = subprocess.run([psql_bin, "-X", "-d", tap.dsn(), "-c", sql],
-                           capture_output=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        msgs = tap.messages()
+        msgs = psql_messages(psql_bin, tap, sql)
     assert not rawpg.errors(msgs), rawpg.errors(msgs)
     return msgs, copy_data(msgs)[0]
 
@@ -198,11 +186,7 @@ def test_every_copy_of_a_multi_statement_query(env, psql_bin, how, sql):
     if how == "raw":
         msgs = run_raw(proxy.port, rawpg.query(sql))
     else:
-        tap.reset()
-        r = subprocess.run([psql_bin, "-X", "-d", tap.dsn(), "-c", sql],
-                           capture_output=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        msgs = tap.messages()
+        msgs = psql_messages(psql_bin, tap, sql)
     assert not rawpg.errors(msgs)
     datas = copy_data(msgs)
     assert len(datas) == sql.count("COPY"), datas
@@ -220,7 +204,7 @@ def test_every_copy_of_a_multi_statement_query(env, psql_bin, how, sql):
 ])
 def test_unmaskable_copies_refused(env, pg, frames):
     proxy, _ = env
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    c = connect(proxy.port)
     try:
         c.send(*frames)
         msgs = c.until_ready()
@@ -281,5 +265,3 @@ def upstream(pg):
     with psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB), autocommit=True) as c:
         return c.execute("SELECT email FROM customers ORDER BY id").fetchall()
 
-
-_ = SSNS

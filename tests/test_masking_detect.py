@@ -3,7 +3,6 @@
 # columns they are exempt from (the detectors do not rescan them) and the detectors
 # everywhere else.
 import asyncio
-import subprocess
 
 import asyncpg
 import psycopg
@@ -11,21 +10,13 @@ import pytest
 
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD, \
-    UPSTREAM_USER, Proxy
-from masking_tap import DB, EMAILS, MASKS, SSNS, Tap, leaks, seed
+    UPSTREAM_USER
+from masking_tap import DB, EMAILS, SSNS, env_fixture, leaks, psql_messages
 
 VIEW = "CREATE OR REPLACE VIEW cust_v AS SELECT id, email, city FROM customers"
 
 
-@pytest.fixture(scope="module")
-def env(pg, tmp_path_factory):
-    seed(pg)
-    pg.execute(VIEW, dbname=DB)
-    p = Proxy(pg, tmp_path_factory.mktemp("mask2det"), extra=MASKS).start()
-    tap = Tap(p.port)
-    yield p, tap
-    tap.close()
-    p.stop()
+env = env_fixture("mask2det", VIEW)
 
 
 def upstream_raw(pg, sql, fmt=0):
@@ -100,9 +91,7 @@ def run_client(mode, tap, sql, human=False):
                 await conn.close()
         asyncio.run(go())
     else:
-        r = subprocess.run(["psql", "-X", "-d", dsn, "-c", sql], capture_output=True,
-                           timeout=60)
-        assert r.returncode == 0, r.stderr
+        return psql_messages("psql", tap, sql, human=human)
     return tap.messages()
 
 
