@@ -128,6 +128,33 @@ def test_errors_of_masked_reads_are_scrubbed(env, pg, psql_bin, mode, sql, code)
     assert upstream(pg, "SELECT email FROM customers ORDER BY id") == [(e,) for e in EMAILS]
 
 
+SEQUENCES = [
+    ["BEGIN", "DECLARE cc CURSOR FOR SELECT encode(email::bytea, 'hex')::int FROM customers",
+     "FETCH cc", "ROLLBACK"],
+    ["BEGIN", "DECLARE cd CURSOR FOR SELECT reverse(ssn)::int FROM customers",
+     "FETCH 2 cd", "ROLLBACK"],
+    ["BEGIN", "SELECT count(*) FROM customers",
+     "DO $$ BEGIN RAISE EXCEPTION '%', (SELECT encode(email::bytea, 'base64') "
+     "FROM customers LIMIT 1); END $$", "ROLLBACK"],
+    ["PREPARE pp AS SELECT encode(email::bytea, 'hex')::int FROM customers", "EXECUTE pp",
+     "DEALLOCATE pp"],
+    ["BEGIN", "DECLARE ce CURSOR FOR SELECT upper(email)::date FROM customers",
+     "MOVE 1 ce", "FETCH ce", "ROLLBACK"],
+]
+
+
+@pytest.mark.parametrize("seq", SEQUENCES)
+def test_errors_of_later_statements_that_carry_masked_values(env, seq):
+    proxy, _ = env
+    c = connect(proxy.port)
+    try:
+        msgs = [m for sql in seq for m in c.run(sql)]
+    finally:
+        c.close()
+    assert rawpg.errors(msgs), msgs
+    assert [m for m in leaks(msgs) if m[0] != "D"] == [], msgs
+
+
 def test_scrubbed_error_keeps_sqlstate_and_names_the_error(env):
     proxy, _ = env
     msgs = run_raw(proxy.port, "SELECT email::int FROM customers")

@@ -319,8 +319,10 @@ class MaskState:
     # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
     #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing
     def tainted(self) -> bool:
-        """Whether the statements in flight read a relation with masked columns."""
-        return self.masks_on and self.masked_reads > 0
+        """Whether the statements in flight, or the transaction they run in, read a
+        relation with masked columns (a cursor or a prepared statement of the
+        transaction may carry masked values into a later statement's messages)."""
+        return self.masks_on and (self.masked_reads > 0 or self.txn_tainted)
 
     def _channel(self, t: int, data: bytes) -> bytes:
         ch = self.channels
