@@ -26,10 +26,12 @@ def upstream(pg, sql):
 
 # -- running one statement in a client mode; every backend message comes from the tap
 
-def run_psycopg(dsn, sql, binary=False, prepare=None, times=1):
+def run_psycopg(dsn, sql, binary=False, prepare=None, times=1, pre=()):
     errs = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.add_notice_handler(lambda d: None)
+        for p in pre:
+            conn.execute(p)
         for _ in range(times):
             try:
                 conn.cursor(binary=binary).execute(sql, prepare=prepare).fetchall()
@@ -38,11 +40,13 @@ def run_psycopg(dsn, sql, binary=False, prepare=None, times=1):
     return errs
 
 
-def run_asyncpg(dsn, sql, times=3):
+def run_asyncpg(dsn, sql, times=3, pre=()):
     async def go():
         conn = await asyncpg.connect(dsn)
         errs = []
         try:
+            for p in pre:
+                await conn.execute(p)
             for _ in range(times):
                 try:
                     await conn.fetch(sql)
@@ -54,19 +58,20 @@ def run_asyncpg(dsn, sql, times=3):
     return asyncio.run(go())
 
 
-def run_raw(port, sql, extended=False, later=False):
+def run_raw(port, sql, extended=False, later=False, pre=()):
     c = connect(port)
     try:
+        out = [m for p in pre for m in c.run(p)]
         if not extended:
-            return c.run(sql)
+            return out + c.run(sql)
         if later:                   # Parse with its own Sync; Bind/Execute afterwards
             c.send(rawpg.parse(sql, "s1"), rawpg.SYNC)
-            out = c.until_ready()
+            out += c.until_ready()
             c.send(rawpg.bind("s1"), rawpg.execute(), rawpg.SYNC)
             return out + c.until_ready()
         c.send(rawpg.parse(sql), rawpg.bind(), rawpg.describe(), rawpg.execute(),
                rawpg.SYNC)
-        return c.until_ready()
+        return out + c.until_ready()
     finally:
         c.close()
 
@@ -75,27 +80,24 @@ MODES = ["raw-simple", "raw-extended", "raw-parse-sync-later", "psycopg-text",
          "psycopg-binary", "psycopg-prepared-x3", "asyncpg-x3", "psql"]
 
 
-def run_mode(mode, env, sql, psql_bin):
+def run_mode(mode, env, sql, psql_bin, pre=()):
+    """Every backend message of running sql (after pre, in the same session) in a client
+    mode, and the SQLSTATEs of the errors the client got."""
     proxy, tap = env
     tap.reset()
-    if mode == "raw-simple":
-        msgs = run_raw(proxy.port, sql)
-        codes = [e["C"] for e in rawpg.errors(msgs)]
-        return msgs, codes
     if mode.startswith("raw-"):
-        msgs = run_raw(proxy.port, sql, extended=True, later=mode == "raw-parse-sync-later")
+        msgs = run_raw(proxy.port, sql, extended=mode != "raw-simple",
+                       later=mode == "raw-parse-sync-later", pre=pre)
         return msgs, [e["C"] for e in rawpg.errors(msgs)]
-    if mode == "psycopg-text":
-        codes = run_psycopg(tap.dsn(), sql)
-    elif mode == "psycopg-binary":
-        codes = run_psycopg(tap.dsn(), sql, binary=True)
-    elif mode == "psycopg-prepared-x3":
-        codes = run_psycopg(tap.dsn(), sql, prepare=True, times=3)
-    elif mode == "asyncpg-x3":
-        codes = run_asyncpg(tap.dsn(), sql)
+    if mode == "psql":
+        msgs = psql_messages(psql_bin, tap, "; ".join([*pre, sql]), check=False)
+        return msgs, [e["C"] for e in rawpg.errors(msgs)]
+    if mode == "asyncpg-x3":
+        codes = run_asyncpg(tap.dsn(), sql, pre=pre)
     else:
-        msgs = psql_messages(psql_bin, tap, sql, check=False)
-        return msgs, [e["C"] for e in rawpg.errors(msgs)]
+        codes = run_psycopg(tap.dsn(), sql, binary=mode == "psycopg-binary",
+                            prepare=True if mode == "psycopg-prepared-x3" else None,
+                            times=3 if mode == "psycopg-prepared-x3" else 1, pre=pre)
     return tap.messages(), codes
 
 
@@ -274,6 +276,17 @@ def test_notification_payloads_of_masked_reads(env, sql, txn):
     assert notes[0].endswith(b"chan\0****\0")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sql", NOTIFIES[:3] + NOTIFIES[4:])
+def test_notification_payloads_in_client_modes(env, psql_bin, mode, sql):
+    msgs, codes = run_mode(mode, env, sql, psql_bin, pre=["LISTEN chan"])
+    assert not codes
+    notes = [p for t, p in msgs if t == b"A"]
+    assert notes, msgs                              # delivered (once per execution)
+    assert leaks(msgs) == [], msgs
+    assert all(p.endswith(b"chan\0****\0") for p in notes), notes
+
+
 def test_notification_from_another_session_is_scanned(env, pg):
     proxy, _ = env
     c = connect(proxy.port)
@@ -325,6 +338,18 @@ def test_parameter_status_of_masked_reads(env, pg, sql, extended):
     assert leaks(msgs) == [], msgs
     statuses = [p for t, p in msgs if t == b"S"]
     assert statuses == [b"application_name\0****\0"], msgs
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sql", SETTINGS[:5])
+def test_parameter_status_in_client_modes(env, psql_bin, mode, sql):
+    msgs, codes = run_mode(mode, env, sql, psql_bin)
+    assert not codes
+    statuses = [p for t, p in msgs if t == b"S" and p.startswith(b"application_name\0")]
+    assert statuses, msgs
+    assert leaks(msgs) == [], msgs
+    # the startup's own report first (unless the client sets none), then ours masked
+    assert statuses[-1] == b"application_name\0****\0", statuses
 
 
 def test_parameter_status_of_unmasked_statements_untouched(env):
