@@ -150,6 +150,25 @@ def test_copy_masked_in_every_mode(env, pg, psql_bin, mode, sql, masked, header)
     check_against_upstream(pg, sql, data, masked, header)
 
 
+def test_portals_executed_out_of_bind_order(env, pg):
+    # COPY portals bound, executed in another order (and one never executed)
+    proxy, _ = env
+    a, b = "COPY customers (id, email) TO STDOUT", "COPY plain_notes (id, body) TO STDOUT"
+    msgs = run_raw(proxy.port, rawpg.parse(a, "a"), rawpg.parse(b, "b"),
+                   rawpg.bind("a", portal="pa"), rawpg.bind("b", portal="pb"),
+                   rawpg.execute("pb"), rawpg.execute("pa"),
+                   rawpg.bind("b", portal="pc"), rawpg.bind("a", portal="pd"),
+                   rawpg.bind("b", portal="pa2"),
+                   rawpg.execute("pc"), rawpg.execute("pd"), rawpg.SYNC)
+    assert not rawpg.errors(msgs), rawpg.errors(msgs)
+    datas = copy_data(msgs)
+    assert len(datas) == 4 and leaks(msgs) == []
+    want_b = upstream_copy(pg, b)[0]
+    assert datas[0].count(b"\n") == datas[2].count(b"\n") == want_b.count(b"\n")
+    assert b"***@example.com" in datas[1] and b"***@example.com" in datas[3]
+    assert b"[email]" in datas[0] and b"nothing to see here" in datas[0]
+
+
 @pytest.mark.parametrize("sql", [
     "COPY customers TO STDOUT (FORMAT csv, HEADER false)",
     "COPY customers (email) TO STDOUT (HEADER false)",

@@ -188,6 +188,7 @@ class MaskState:
         self.copy_queue: deque = deque()
         self.copy_bound: deque = deque()
         self.copy_stmts: dict[bytes, tuple | None] = {}
+        self.copy_portals: dict[bytes, tuple | None] = {}
         self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
 
     # -- planning
@@ -242,7 +243,7 @@ class MaskState:
             portal, pos = _cstr(msg, 5)
             stmt, pos = _cstr(msg, pos)
             self.binds.append((self.fseg, portal, stmt, _result_formats(msg, pos)))
-            self._copy_bind(stmt)
+            self._copy_bind(portal, stmt)
             if stmt in self.reading_stmts:      # its executions read masked relations
                 self.masked_reads += 1
                 self.txn_tainted = True
@@ -250,6 +251,8 @@ class MaskState:
             kind = msg[5]
             name, _ = _cstr(msg, 6)
             self.describes.append((self.fseg, name if kind == 83 else None, False))
+        elif t == 69:                                        # Execute
+            self._copy_execute(msg)
         elif t == 83:                                        # Sync
             self.fseg += 1
         elif (t == 81 or t == 70) and reads_masked:          # Query / FunctionCall
@@ -338,9 +341,18 @@ class MaskState:
         return ch.function_result(data, self.tainted())    # 'V' FunctionCallResponse
 
     # -- COPY TO STDOUT: the plan of each COPY, in the order their CopyOutResponse come
-    def _copy_bind(self, stmt: bytes) -> None:
+    def _copy_bind(self, portal: bytes, stmt: bytes) -> None:
         if stmt in self.copy_stmts:
-            self.copy_bound.append((self.fseg, self.copy_stmts[stmt]))
+            self.copy_portals[portal] = self.copy_stmts[stmt]
+        else:
+            self.copy_portals.pop(portal, None)
+
+    def _copy_execute(self, msg: bytes) -> None:
+        # CopyOutResponses come in the order of the Executes of COPY portals
+        if self.copy_portals:
+            portal, _ = _cstr(msg, 5)
+            if portal in self.copy_portals:
+                self.copy_bound.append((self.fseg, self.copy_portals[portal]))
 
     def _copy_segment_end(self) -> None:
         # an error skips the rest of a Query or of an extended-protocol segment
