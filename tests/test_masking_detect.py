@@ -161,3 +161,47 @@ def test_exempt_identity_still_gets_detectors_elsewhere(env, pg, sql):
         assert b"[email]" in first[0]                   # the note: scanned
     else:
         assert first[0] is None or b"[email]" in first[0] or b"[ssn]" in first[0], first
+
+
+@pytest.mark.parametrize("sql,want", [
+    ("SELECT tags FROM docs WHERE id = 1", b"{vip,[email]}"),
+    ("SELECT who FROM docs WHERE id = 1", b"(home,[email],1)"),
+    ("SELECT whos FROM docs WHERE id = 1", b'{"(w,[email],2)"}'),
+    ("SELECT x FROM docs WHERE id = 1", b"<p>mail [email]</p>"),
+    ("SELECT metas FROM docs WHERE id = 1", b'{"{\\"ssn\\": \\"[ssn]\\"}"}'),
+    ("SELECT grid FROM docs WHERE id = 1", b"{{a,[ssn]},{b,c}}"),
+])
+def test_text_literals_labelled_in_place(env, sql, want):
+    # text format: the labels go inside the literal, which stays valid (clients parse it)
+    proxy, tap = env
+    got = rawpg.rows(raw(proxy.port, sql, 0))
+    assert got == [[want]]
+    tap.reset()
+    with psycopg.connect(tap.dsn(), autocommit=True) as conn:
+        (value,) = conn.execute(sql).fetchone()
+    assert value is not None and leaks(tap.messages()) == []
+
+
+def test_literal_spans_that_touch_syntax_make_the_cell_null():
+    # the compiled core and the reference agree: labels in place, or NULL when a span
+    # covers the literal's syntax (a custom detector that matches across a comma)
+    from pgguard._core.rowmask import RowRewriter
+    from pgguard.masking.detectors import DetectorSet
+    from pgguard.masking.reference import ReferenceRewriter
+    from pgguard.masking.strategies import KIND_LITERAL, build_plan, cell_kind, column_mask
+    import struct
+    ds = DetectorSet.from_config(["email"], [{"name": "pair", "pattern": r"k1,k2"}])
+    cols = [column_mask(None, oid=1009, detect=True)]
+    assert cols[0].kind == KIND_LITERAL == cell_kind(1009)
+
+    def row(v):
+        body = struct.pack("!hi", 1, len(v)) + v
+        return b"D" + struct.pack("!I", len(body) + 4) + body
+    stream = row(b"{a@b.io,x}") + row(b"{k1,k2}") + row(b"{plain}")
+    outs = []
+    for rw in (RowRewriter(), ReferenceRewriter()):
+        rw.set_plan(build_plan(cols, ds))
+        outs.append(rw.feed(stream))
+    assert outs[0] == outs[1]
+    assert outs[0] == row(b"{[email],x}") + b"D\0\0\0\x0a\0\x01\xff\xff\xff\xff" + \
+        row(b"{plain}")

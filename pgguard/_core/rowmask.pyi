@@ -15,6 +15,7 @@ CELL_TEXT: int
 CELL_JSON: int
 CELL_JSONB_BINARY: int
 CELL_WHOLE: int
+CELL_LITERAL: int
 
 class _Column(Protocol):
     action: int

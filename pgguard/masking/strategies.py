@@ -25,8 +25,9 @@ form is the text). json and jsonb get it as a JSON string (``"****"``; binary js
 its version byte). Every other type (numbers, dates, uuid, bytea...) becomes NULL,
 whatever the strategy: no other value would decode as that type. Detectors scan
 text-like and JSON columns span by span, and every type that may carry text (arrays,
-composites, records, xml, bytea, extension types) as a whole raw value, in text and
-binary format: a match makes that cell NULL.
+composites, records, xml, bytea, extension types): in binary format as a whole raw
+value, a match making that cell NULL; in text format span by span, the labels in place
+where they keep the literal valid, else NULL.
 
 Example::
 
@@ -46,7 +47,7 @@ from ..config import Mask
 
 __all__ = [
     "ACTION_NONE", "ACTION_STRATEGY", "ACTION_NULL", "ACTION_DETECT",
-    "KIND_OTHER", "KIND_TEXT", "KIND_JSON", "KIND_JSONB_BINARY", "KIND_WHOLE",
+    "KIND_OTHER", "KIND_TEXT", "KIND_JSON", "KIND_JSONB_BINARY", "KIND_WHOLE", "KIND_LITERAL",
     "STRATEGIES", "TEXT_LIKE_OIDS", "ColumnMask", "CopyFormat",
     "cell_kind", "column_mask", "build_plan", "copy_format", "counts_by_rule",
 ]
@@ -62,7 +63,8 @@ KIND_OTHER = 0
 KIND_TEXT = 1
 KIND_JSON = 2
 KIND_JSONB_BINARY = 3
-KIND_WHOLE = 4         # arrays, composites, records, xml: scanned raw, NULL on a match
+KIND_WHOLE = 4         # arrays, composites, records, xml (binary): scanned raw, NULL on a match
+KIND_LITERAL = 5       # the same in text format: labels in place when they fit, else NULL
 
 # text, varchar, bpchar, name, unknown; 0: no type known (COPY): treated as text
 TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19, 705, 0})
@@ -80,8 +82,10 @@ def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> i
     """How the core may rewrite a cell of this type and format. ``textlike=True``
     declares an extension type whose text and binary forms are its text (citext).
     Every other type that may hold text (arrays, composites, records, xml, domains,
-    extension types: anything not a known scalar) is KIND_WHOLE: the detectors scan its
-    raw value and a match makes the cell NULL, the one value that decodes as any type."""
+    extension types: anything not a known scalar) is KIND_WHOLE in binary format: the
+    detectors scan its raw value and a match makes the cell NULL, the one value that
+    decodes as any type; in text format KIND_LITERAL: the labels go in place when no
+    span touches the literal's syntax, else the cell is NULL."""
     if textlike or (textlike is None and oid in TEXT_LIKE_OIDS):
         return KIND_TEXT
     if oid == JSON_OID:
@@ -90,7 +94,7 @@ def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> i
         return KIND_JSONB_BINARY if binary else KIND_JSON
     if oid in SCALAR_OIDS:
         return KIND_OTHER
-    return KIND_WHOLE
+    return KIND_WHOLE if binary else KIND_LITERAL
 
 
 class ColumnMask(msgspec.Struct, frozen=True):
@@ -123,7 +127,7 @@ def column_mask(mask: Mask | None, *, oid: int = 25, binary: bool = False,
             return ColumnMask(ACTION_DETECT, kind=kind, rule="detectors")
         return ColumnMask(kind=kind)
     repl = mask.replacement.encode()
-    if mask.strategy == "null" or kind in (KIND_OTHER, KIND_WHOLE):
+    if mask.strategy == "null" or kind in (KIND_OTHER, KIND_WHOLE, KIND_LITERAL):
         return ColumnMask(ACTION_NULL, kind=kind, replacement=repl, rule=mask.column)
     key = b""
     if mask.strategy == "hash":
