@@ -460,3 +460,50 @@ def test_channels_unit():
     plain = build_fields(ord("N"), [(ord("S"), b"NOTICE"), (ord("C"), b"00000"),
                                     (ord("M"), b"hello"), (ord("F"), b"x.c")])
     assert ch.error(plain, False) is plain
+
+
+def test_approval_notice_and_timeout_refusal_intact(pg, make_proxy):
+    # the approval notice and the timed-out refusal are pgguard's own: not scrubbed,
+    # although the held statement reads a masked table
+    from masking_tap import MASKS, seed
+    seed(pg)
+    p = make_proxy(extra=MASKS + """
+[[rules]]
+name = "customers-need-approval"
+when = { kind = "agent", statements = ["update"], relations = ["public.customers"] }
+action = "approve"
+timeout = "1s"
+""")
+    c = connect(p.port)
+    try:
+        msgs = c.run("UPDATE customers SET city = 'Paris' WHERE id = 1")
+    finally:
+        c.close()
+    notices = [rawpg.error_fields(pl) for t, pl in msgs if t == b"N"]
+    assert notices and "waiting for approval #" in notices[0]["M"], msgs
+    (err,) = rawpg.errors(msgs)
+    assert err["C"] == "42501" and "***" not in err["M"], err
+    assert "timed out" in err["M"] and "customers-need-approval" in err["M"], err
+    assert upstream(pg, "SELECT city FROM customers WHERE id = 1") == [("London",)]
+
+
+def test_blast_radius_refusal_intact(pg, make_proxy):
+    from masking_tap import MASKS, seed
+    seed(pg)
+    p = make_proxy(extra=MASKS + """
+[[rules]]
+name = "customers-small-updates"
+when = { kind = "agent", statements = ["update"], relations = ["public.customers"] }
+action = "allow"
+max_rows = 1
+""")
+    c = connect(p.port)
+    try:
+        msgs = c.run("UPDATE customers SET city = upper(city) WHERE email LIKE '%@%'")
+    finally:
+        c.close()
+    (err,) = rawpg.errors(msgs)
+    assert err["C"] == "42501" and "blast-radius" in err["M"], err
+    assert "it changed 3 rows" in err["M"] and "customers-small-updates" in err["D"], err
+    assert upstream(pg, "SELECT city FROM customers ORDER BY id") == [
+        ("London",), ("New York",), ("Austin",)]
