@@ -284,3 +284,25 @@ def upstream(pg):
     with psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB), autocommit=True) as c:
         return c.execute("SELECT email FROM customers ORDER BY id").fetchall()
 
+
+
+@pytest.mark.parametrize("frames", [
+    (rawpg.query("COPY customers TO STDOUT (FORMAT csv, HEADER match)"),),
+    extended("COPY customers TO STDOUT (FORMAT csv, HEADER match)"),
+    (rawpg.query("COPY customers (email) TO STDOUT (HEADER match)"),),
+    (rawpg.query("COPY customers TO STDOUT (HEADER maybe)"),),
+    extended("COPY customers (ssn) TO STDOUT (FORMAT csv, HEADER 2)"),
+])
+def test_header_values_postgres_rejects(env, frames):
+    # HEADER match (COPY FROM only) and invalid values: Postgres' own error, nothing sent
+    proxy, _ = env
+    c = connect(proxy.port)
+    try:
+        c.send(*frames)
+        msgs = c.until_ready()
+        (err,) = rawpg.errors(msgs)
+        assert err["C"] in ("0A000", "22023", "42601"), err
+        assert not copy_data(msgs) and leaks(msgs) == []
+        assert rawpg.rows(c.run("SELECT 1")) == [[b"1"]]
+    finally:
+        c.close()
