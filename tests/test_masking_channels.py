@@ -462,12 +462,16 @@ def test_channels_unit():
     assert ch.error(plain, False) is plain
 
 
+def masked_proxy(pg, make_proxy, rules: str):
+    from masking_tap import MASKS, seed
+    seed(pg)
+    return make_proxy(extra=MASKS + rules)
+
+
 def test_approval_notice_and_timeout_refusal_intact(pg, make_proxy):
     # the approval notice and the timed-out refusal are pgguard's own: not scrubbed,
     # although the held statement reads a masked table
-    from masking_tap import MASKS, seed
-    seed(pg)
-    p = make_proxy(extra=MASKS + """
+    p = masked_proxy(pg, make_proxy, """
 [[rules]]
 name = "customers-need-approval"
 when = { kind = "agent", statements = ["update"], relations = ["public.customers"] }
@@ -488,9 +492,7 @@ timeout = "1s"
 
 
 def test_blast_radius_refusal_intact(pg, make_proxy):
-    from masking_tap import MASKS, seed
-    seed(pg)
-    p = make_proxy(extra=MASKS + """
+    p = masked_proxy(pg, make_proxy, """
 [[rules]]
 name = "customers-small-updates"
 when = { kind = "agent", statements = ["update"], relations = ["public.customers"] }
