@@ -53,7 +53,7 @@ DBNAME = "bench"
 PG_USER = "postgres"              # superuser of the bench cluster (trust auth on loopback)
 PGGUARD_IDENTITY = "bench"        # identity clients name when connecting through pgguard
 BUILTIN_TARGETS = ("direct", "pgbouncer", "pgguard")
-TESTS = ("simple", "prepared", "select", "copy")
+TESTS = ("simple", "prepared", "select", "copy", "tpcb")
 # what the tables show: metric name -> (test, sample key, column title, decimals)
 METRICS = {
     "simple": ("simple", "value", "simple tps", 0),
@@ -61,6 +61,7 @@ METRICS = {
     "select": ("select", "value", "select MB/s", 1),     # execute + fetch all rows (psycopg)
     "xfer": ("select", "xfer", "xfer MB/s", 1),          # execute only: libpq holds the result
     "copy": ("copy", "value", "copy MB/s", 1),
+    "tpcb": ("tpcb", "value", "tpcb tps", 0),          # pgbench TPC-B-like, -M prepared
 }
 MB = 1e6                           # MB/s means 10^6 bytes per second
 
@@ -646,8 +647,10 @@ _LATENCY = re.compile(r"^latency average = ([\d.]+) ms", re.M)
 
 def run_pgbench(pgbench: Path, t: Target, mode: str, args: argparse.Namespace,
                 duration: int) -> dict[str, Any]:
-    cmd = [str(pgbench), "-n", "-S", "-c", str(args.clients), "-j", str(args.threads),
-           "-T", str(duration), "-M", mode, "-h", "127.0.0.1", "-p", str(t.port), "-U", t.user,
+    # tpcb: the built-in TPC-B-like script (three guarded UPDATEs per transaction)
+    workload = ["-M", "prepared"] if mode == "tpcb" else ["-S", "-M", mode]
+    cmd = [str(pgbench), "-n", *workload, "-c", str(args.clients), "-j", str(args.threads),
+           "-T", str(duration), "-h", "127.0.0.1", "-p", str(t.port), "-U", t.user,
            DBNAME]
     cpu0 = t.cpu()
     try:
@@ -916,7 +919,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(BUILTIN_TARGETS),
                    help="comma-separated built-in targets: direct,pgbouncer,pgguard "
                         "(variants always run)")
-    p.add_argument("--tests", default=",".join(TESTS),
+    p.add_argument("--tests", default="simple,prepared,select,copy",
                    help="comma-separated subset of simple,prepared,select,copy")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
                    help="one more pgguard process, its config = the base config merged with "
@@ -1079,7 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
         for test in tests:
             for t in order:
                 done += 1
-                if test in ("simple", "prepared"):
+                if test in ("simple", "prepared", "tpcb"):
                     res = run_pgbench(pgbench, t, test, args, args.duration)
                     shown = f"{fmt_num(res.get('value'))} tps"
                 else:

@@ -35,6 +35,7 @@ import logging
 import os
 import struct
 from collections import deque
+from datetime import datetime, timezone
 
 from .protocol import messages as m
 
@@ -68,12 +69,15 @@ class Plan:
     """What a decision asks of the guard: the row limit, the rule it comes from, and
     whether the command tag counts every changed row."""
 
-    __slots__ = ("limit", "rule", "by_tag")
+    __slots__ = ("limit", "rule", "by_tag", "decision", "sql")
 
-    def __init__(self, limit: int, rule: str, by_tag: bool) -> None:
+    def __init__(self, limit: int, rule: str, by_tag: bool, decision=None,
+                 sql: bytes = b"") -> None:
         self.limit = limit
         self.rule = rule
         self.by_tag = by_tag
+        self.decision = decision
+        self.sql = sql              # the statement's text, for the audit
 
 
 def _changes_rows(st) -> bool:
@@ -90,19 +94,25 @@ def _by_tag(st) -> bool:
     return st.kind in _ROW_KINDS and len(st.kinds) <= 1 and not st.functions
 
 
-def plan_for(d, identity) -> Plan | None:
+def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
+             user_function=None) -> Plan | None:
     """The guard's plan for an allowed decision, or None when it changes no rows or no
-    limit applies."""
-    sts = [st for st in d.statements if _changes_rows(st)]
-    if not sts:
+    limit applies. A statement that calls a function pgguard cannot see into (not a
+    built-in: ``user_function(name)`` says) may change rows too: it runs under the
+    guard as well, counted by the transaction's own tuple counters."""
+    if d is None:
         return None
-    limit = getattr(d, "max_rows", None)
-    if not hasattr(d, "max_rows"):
-        limit = 1000 if identity is not None and identity.kind == "agent" else None
+    if any(_changes_rows(st) for st in d.statements):
+        limit = d.max_rows
+        by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
+    elif user_function is not None and default_limit and any(
+            user_function(f) for st in d.statements for f in st.functions):
+        limit, by_tag = default_limit, False
+    else:
+        return None
     if not limit:
         return None
-    by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
-    return Plan(limit, d.rule or "blast-radius", by_tag)
+    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql)
 
 
 def has_txn_control(d) -> bool:
@@ -161,7 +171,8 @@ class Guard:
     """A session's blast-radius guard: which prepared statements and portals are
     guarded, and the chain of steps that reads the backend stream while it works."""
 
-    __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z")
+    __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
+                 "seg_known", "seg_exec")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -177,6 +188,10 @@ class Guard:
         # pipeline was seen: until the next one, Postgres skips everything up to the
         # Sync, so a guard step would wait for nothing
         self._skip_z = -1
+        # every message of the current extended-protocol segment (since the last Sync)
+        # went through Python, and how many of them executed something
+        self.seg_known = False
+        self.seg_exec = 0
 
     # -- frontend bookkeeping: state belongs to the statement and portal
     @property
@@ -206,9 +221,17 @@ class Guard:
         (self.stmts if msg[5] == 83 else self.portals).pop(name, None)
 
     def on_query(self) -> None:
-        # a simple Query drops the unnamed statement and portal
+        # a simple Query drops the unnamed statement and portal, and ends the implicit
+        # transaction of any extended-protocol messages before it
         self.stmts.pop(b"", None)
         self.portals.pop(b"", None)
+        self.seg_known, self.seg_exec = True, 0
+
+    def on_sync(self) -> None:
+        self.seg_known, self.seg_exec = True, 0
+
+    def on_execute(self) -> None:
+        self.seg_exec += 1
 
     def _skipping(self) -> None:
         self._skip_z = self.s.visible_z()
@@ -276,9 +299,28 @@ class Guard:
         """``msg`` (a Query) runs under the guard; ``out`` holds what precedes it,
         ``later`` the rest of the batch."""
         s = self.s
-        need = self._unanswered(later) - 1
         s._begin_hold(out, [])          # client_items holds the rest of the batch
-        self._start(self._query_steps(msg, plan, need))
+        self._after_record(msg, lambda: self._start(self._query_steps(
+            msg, plan, self._unanswered(later if s.held_items is None
+                                        else s.held_items) - 1)), later)
+
+    def _after_record(self, msg: bytes, fire, later: list) -> None:
+        """``fire`` now, or under strict durability once the statement's audit record
+        is on disk (the held stream waits meanwhile)."""
+        s = self.s
+        if not (s.server.audit_strict and s.tracker is not None):
+            fire()
+            return
+        fut = s.server.audit.log_strict(s.tracker.strict_record(msg))
+
+        def durable(f) -> None:
+            if s.closed:
+                return
+            if f.cancelled() or f.exception() is not None:
+                s._record_durable(f)            # closes the session, saying why
+                return
+            fire()
+        fut.add_done_callback(durable)
 
     def _query_steps(self, msg: bytes, plan: Plan, need: int):
         s = self.s
@@ -393,17 +435,73 @@ class Guard:
         """The client's Execute ``msg`` of a guarded portal; ``out`` holds what precedes
         it, ``later`` the rest of the batch."""
         s = self.s
-        need = self._unanswered(later)
-        nonce = os.urandom(8).hex().encode()
         by_tag = plan.by_tag and struct.unpack_from("!i", msg, len(msg) - 4)[0] == 0
+        if by_tag and self._in_block_now(later):
+            self._start_in_block(msg, plan, out, later)
+            return
+        nonce = os.urandom(8).hex().encode()
         snap = b"" if by_tag else _group(self._name(), _SNAPSHOT)
-        out.append(_group(self._name(), b"SELECT '" + nonce + b"'")
-                   + _group(self._name(), b"BEGIN")
-                   + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
-                   + snap + msg + (_group(self._name(), _SNAPSHOT) if snap else b"")
-                   + _FLUSH)
+        run = (_group(self._name(), b"SELECT '" + nonce + b"'")
+               + _group(self._name(), b"BEGIN")
+               + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
+               + snap + msg + (_group(self._name(), _SNAPSHOT) if snap else b"")
+               + _FLUSH)
         s._begin_hold(out, [], later)
-        self._start(self._execute_steps(plan, need, nonce, bool(snap)))
+
+        def fire() -> None:
+            need = self._unanswered(s.held_items or [])
+            s.up.transport.write(run)
+            self._start(self._execute_steps(plan, need, nonce, bool(snap)))
+        self._after_record(msg, fire, later)
+
+    def _in_block_now(self, later: list) -> bool:
+        """Is the transaction status exactly known to be an open block here, with the
+        Execute alone in its segment and its Sync right behind it? (Every earlier
+        statement answered, nothing else executed since the last Sync, no guard step
+        pending, no strict audit record to wait for.)"""
+        s = self.s
+        return (self.seg_known and self.seg_exec == 0 and not self.chain
+                and s.visible_status() == _INBLOCK and self._unanswered(later) == 0
+                and bool(later) and later[0].__class__ is tuple and later[0][0] == 83
+                and not (s.server.audit_strict and s.tracker is not None))
+
+    def _start_in_block(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
+        """Inside a block, a statement the command tag counts needs nothing extra: it
+        runs with its Sync as sent; its answers are held until the count is known, and
+        past the limit a failing statement aborts the block before the client can
+        commit it (as the statement's own error would have)."""
+        s = self.s
+        sync = later[0][1]
+        out.append(msg)
+        out.append(sync)
+        if s.masking is not None:
+            s.masking.frontend(83, sync)
+        if s.tracker is not None:
+            s.tracker.flog.append((sync, None, 0))
+        self.on_sync()
+        s._begin_hold(out, [], later[1:])
+        self._start(self._in_block_steps(plan))
+
+    def _in_block_steps(self, plan: Plan):
+        s = self.s
+        buf, count, err, _ = yield from self._hold_result(plan, simple=False)
+        while True:                          # up to the Sync's ReadyForQuery
+            t, data = yield
+            if t == _Z:
+                z = data
+                break
+            buf.append(data if t is None else (t, data))
+        if err is None and count > plan.limit:
+            self._log_over(plan, count)
+            s.up.transport.write(_query(_FAIL_SQL))
+            self.out.append(self._refusal(plan, count))
+            self.out.append(_z(_FAILED))
+            s._release_hold([])
+            yield from self._swallow_query()
+            return
+        self.out.extend(buf)
+        self.out.append((_Z, z))
+        s._release_hold([])
 
     def _find_marker(self, need: int, nonce: bytes):
         """Pass earlier answers on until the marker query's row: None when found, else
@@ -541,13 +639,25 @@ class Guard:
         log.info("session %s: %s changed %d rows, limit %d: rolled back", s.id,
                  s.identity_name, count, plan.limit)
         s.server.count_statement("blocked")
+        if s.tracker is not None and s.server.audit_strict:
+            # strict records were written before the statement ran: add its outcome
+            from .tracking import statement_record
+            rec = statement_record(s, plan.sql, plan.decision, "blocked",
+                                   datetime.now(timezone.utc))
+            rec.rule = "blast-radius"
+            rec.sqlstate = "42501"
+            rec.rows = count
+            rec.error = self._refusal_text(plan, count)
+            s.server.audit.log(rec)
 
     @staticmethod
-    def _refusal(plan: Plan, count: int):
+    def _refusal_text(plan: Plan, count: int) -> str:
+        return (f'pgguard: statement refused by rule "blast-radius": it changed {count} '
+                f"rows, more than the limit of {plan.limit}; its changes were rolled back")
+
+    def _refusal(self, plan: Plan, count: int):
         return (_E, m.error_response(
-            "42501",
-            f'pgguard: statement refused by rule "blast-radius": it changed {count} rows, '
-            f"more than the limit of {plan.limit}; its changes were rolled back",
+            "42501", self._refusal_text(plan, count),
             detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "
                    f'"{plan.rule}" or the policy default)',
             hint="Change fewer rows per statement (a narrower WHERE clause, or batches "

@@ -7,6 +7,9 @@ Examples::
     pgguard serve -c pgguard.toml --workers 2
     pgguard check -c pgguard.toml
     pgguard explain -c pgguard.toml --identity ci-agent "DROP INDEX orders_pkey"
+    pgguard policy replay -c candidate.toml --since 7d
+
+Without an active virtualenv, run it from a clone as ./dev pgguard ... (same arguments).
 """
 from __future__ import annotations
 
@@ -50,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", default=None, help="decide as this identity")
     p.add_argument("--database", default=None, help="decide for this database")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--check", action="store_true",
+                   help="exit 3 when the text would be blocked, 4 when held for approval "
+                        "(CI gating); without it the exit status is 0 once explained")
     p.add_argument("sql", help="the SQL text")
+
+    from .policy import replay as _replay
+    _replay.add_parser(sub)
 
     p = sub.add_parser("token", help="issue or revoke short-lived agent tokens")
     p.add_argument("action", choices=["issue", "revoke"])
@@ -99,6 +108,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return explain.main(args)
 
 
+def _cmd_policy(args: argparse.Namespace) -> int:
+    from .policy import replay
+    return replay.main(args)
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit import cli as audit_cli
     return audit_cli.main(args.rest)
@@ -123,6 +137,7 @@ _COMMANDS = {
     "serve": _cmd_serve,
     "demo": _cmd_demo,
     "explain": _cmd_explain,
+    "policy": _cmd_policy,
     "audit": _cmd_audit,
     "token": _cmd_token,
     "approvals": _cmd_approvals,

@@ -51,6 +51,9 @@ class Admin(_Base):
     address: str = "127.0.0.1"
     port: int = 6480                 # 0: pick a free port (tests)
     token_env: str = "PGGUARD_ADMIN_TOKEN"
+    # a file holding the token (relative to the config's dir), read when the variable
+    # named by token_env is not set: how `pgguard approvals` finds it in a new terminal
+    token_file: str | None = None
     groups: list[str] = msgspec.field(default_factory=lambda: ["dba"])
     # the console's address as people reach it (links in notices and webhooks);
     # default http://<address>:<port>
@@ -488,6 +491,18 @@ def read_secret(cfg: Config, env: str | None, file: str | None, key_path: str) -
             return p.read_text().rstrip("\r\n")
         except OSError as e:
             raise ConfigError(f"{key_path}: cannot read secret file {p}: {e.strerror}") from None
+    return None
+
+
+def admin_token(cfg: Config) -> str | None:
+    """The admin token: the variable named by ``[admin] token_env`` when it is set, else
+    the contents of ``[admin] token_file`` (ConfigError when that file is unreadable),
+    else None (no admin API). Example: ``admin_token(load("pgguard.toml"))``."""
+    a = cfg.admin
+    if a.token_env and os.environ.get(a.token_env):
+        return os.environ[a.token_env]
+    if a.token_file:
+        return read_secret(cfg, None, a.token_file, "admin.token_file") or None
     return None
 
 

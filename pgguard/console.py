@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 from ._core import FrameReader
 from .errors import AuthRejected, PgguardError
@@ -29,7 +30,7 @@ class ConsoleSession:
                                hint=f"it is for humans in [admin] groups {cfg.admin.groups}")
         from .approvals.console import AdminConsole
         self._console = AdminConsole(self.server.approvals, admin_groups=cfg.admin.groups,
-                                     sessions=self.server.sessions_info)
+                                     sessions=self._console_sessions)
         out = [m.auth_request(m.AUTH_OK)]
         for k, v in (("server_version", "16.0 (pgguard admin console)"),
                      ("server_encoding", "UTF8"), ("client_encoding", "UTF8"),
@@ -43,6 +44,22 @@ class ConsoleSession:
         self._audit_event("connect")
         self.connected_at = time.monotonic()
 
+
+    def _console_sessions(self) -> list[dict]:
+        """The worker's sessions for SHOW SESSIONS: connected_at as an ISO timestamp (UTC,
+        seconds) and admin console sessions, this one included, in state ``console``."""
+        consoles = {s.id for s in self.server.sessions if getattr(s, "_console", None)}
+        out = []
+        for row in self.server.sessions_info():
+            row = dict(row)
+            at = row.get("connected_at")
+            if isinstance(at, (int, float)):
+                row["connected_at"] = datetime.fromtimestamp(at, timezone.utc).strftime(
+                    "%Y-%m-%d %H:%M:%S+00")
+            if row.get("session_id") in consoles:
+                row["state"] = "console"
+            out.append(row)
+        return out
 
     async def _console_loop(self) -> None:
         c = self.client

@@ -8,19 +8,25 @@ Examples::
 
 What it does:
 
-1. starts an embedded Postgres from the ``pgserver`` wheel in ``<dir>/pgdata`` (reused on
-   the next run). It listens on a unix socket only. As root, pgserver runs it as the
-   unprivileged OS user ``pgserver``, which it creates.
+1. starts a Postgres of its own, on a unix socket only: Debian's server
+   (``/usr/lib/postgresql/<major>/bin``) when one of the same major version as the
+   ``psql`` on the PATH is installed, in ``<dir>/pgdata-<major>`` (so psql does not warn
+   about a version mismatch); otherwise the one in the ``pgserver`` wheel, in
+   ``<dir>/pgdata``. Both are reused on the next run. As root the server runs as an
+   unprivileged OS user (``postgres`` for Debian's, ``pgserver`` for the wheel's).
 2. creates the role ``app`` and the database ``shop`` it owns, then loads the sample shop
    from :mod:`pgguard.demo_data`: ``customers`` with PII, ``orders``, a few indexes.
    If the data has changed since it was loaded (say a ``DELETE`` tried through the
    proxy), the next start loads it again.
 3. writes ``<dir>/pgguard.toml``: the identities ``ci-agent`` (an agent) and ``alice``
    (a human in group ``dba``) with generated passwords in ``<dir>/secrets/``, the sample
-   rules, masks and detectors, and the audit log in ``<dir>/audit``. The file is
+   rules, masks and detectors (phone numbers included), the admin token file the
+   ``pgguard approvals`` command reads, and the audit log in ``<dir>/audit``. The file is
    rewritten on every start unless you have edited it; then your version is kept
    (delete it to get the generated one back).
-4. prints ready ``psql`` commands and what to try, then runs the proxy in this process.
+4. prints ready ``psql`` commands and what to try (``pgguard`` commands with the absolute
+   path of this installation's ``pgguard``, so they work in any new terminal), then runs
+   the proxy in this process.
    Ctrl-C (or SIGTERM) stops the proxy, then the embedded Postgres, and exits 0.
 """
 from __future__ import annotations
@@ -29,7 +35,10 @@ import hashlib
 import json
 import logging
 import os
+import pwd
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -88,15 +97,23 @@ TRIES: tuple[Try, ...] = (
     Try("UPDATE orders SET status = 'refunded' WHERE id = 42;",
         "waits inline until a human decides; from another terminal, as alice: "
         "psql '{console}' -c 'SHOW APPROVALS' then -c 'APPROVE <id>' (or the web console "
-        "{admin_url} with the admin token, or pgguard approvals approve <id> --as alice "
-        "-c {config})",
+        "{admin_url} with the admin token, or {pgguard} approvals -c {config} approve <id> "
+        "--as alice)",
         ready=True),
     Try("DELETE FROM orders;",
         "refused: a DELETE without WHERE is destructive", ready=True),
-    Try('pgguard audit sql -c {config} '
-        '"SELECT ts, identity, decision, rule, statement FROM audit ORDER BY ts DESC LIMIT 10"',
-        "every statement above in the audit log, with its decision and rule "
-        "(written in batches: give it a second)", ready=True, shell=True),
+    Try("SELECT id, name, phone, notes FROM customers WHERE notes LIKE '%phone%' LIMIT 3;",
+        "the phone detector masks phone numbers, in the phone column and inside the notes",
+        ready=True),
+    Try('{pgguard} audit sql -c {config} "SELECT ts, identity, decision, rule, statement '
+        'FROM audit WHERE event = \'statement\' AND NOT coalesce(list_contains(flags, '
+        '\'introspection\'), false) ORDER BY ts DESC LIMIT 10"',
+        "every statement above in the audit log, with its decision and rule, without "
+        "psql's catalog queries (written in batches: give it a second)", ready=True,
+        shell=True),
+    Try("{pgguard} policy replay -c {config} --since 1d",
+        "what a changed policy would have decided differently over the recorded traffic "
+        "(edit a copy of the config and pass it with -c)", ready=True, shell=True),
 )
 
 # One line on what the proxy does already; later issues extend it.
@@ -107,13 +124,46 @@ WORKS_TODAY = ("SCRAM and 15-minute tokens, the full protocol relayed, destructi
 
 # -- the embedded Postgres ------------------------------------------------------------------
 
-class Embedded:
+class _DemoPostgres:
+    """What the demo asks of its Postgres: ``start()``, ``stop()`` (a note when it keeps
+    running), ``socket_dir``/``port``/``psql_path``, and the helpers below."""
+
+    what = "a Postgres"
+    pgdata: Path
+    socket_dir: str
+    port: int
+    psql_path: str
+
+    @property
+    def first_start(self) -> bool:
+        return not (self.pgdata / "PG_VERSION").exists()
+
+    def psql(self, sql: str, *, database: str = "postgres", user: str = "postgres",
+             args: tuple[str, ...] = ()) -> str:
+        """Run a psql script over the unix socket (trust auth); stdout, unaligned."""
+        cmd = [self.psql_path, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
+               "-h", self.socket_dir, "-p", str(self.port), "-U", user, "-d", database, *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        r = subprocess.run(cmd, input=sql, capture_output=True, text=True, env=env,
+                           timeout=120)
+        if r.returncode != 0:
+            raise DemoError(f"psql on the demo's Postgres failed: {_one_line(r.stderr)}")
+        return r.stdout.strip()
+
+
+class Embedded(_DemoPostgres):
     """The pgserver-managed Postgres in ``pgdata``, reached over its unix socket."""
+
+    what = "the embedded Postgres (pgserver wheel)"
 
     def __init__(self, pgdata: Path) -> None:
         self.pgdata = pgdata
         self.srv = None
         self.pgserver = None
+
+    @property
+    def psql_path(self) -> str:
+        return str(Path(self.pgserver.__file__).parent / "pginstall" / "bin" / "psql")
 
     def start(self) -> None:
         try:
@@ -194,19 +244,6 @@ class Embedded:
     def port(self) -> int:
         return self.srv.get_postmaster_info().port or 5432
 
-    def psql(self, sql: str, *, database: str = "postgres", user: str = "postgres",
-             args: tuple[str, ...] = ()) -> str:
-        """Run a psql script over the unix socket (trust auth); stdout, unaligned."""
-        exe = Path(self.pgserver.__file__).parent / "pginstall" / "bin" / "psql"
-        cmd = [str(exe), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
-               "-h", self.socket_dir, "-p", str(self.port), "-U", user, "-d", database, *args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        r = subprocess.run(cmd, input=sql, capture_output=True, text=True, env=env,
-                           timeout=120)
-        if r.returncode != 0:
-            raise DemoError(f"psql on the embedded Postgres failed: {_one_line(r.stderr)}")
-        return r.stdout.strip()
-
     def stop(self) -> str | None:
         """Stop the server (pgserver's cleanup); a note when it is left running."""
         if self.srv is None:
@@ -223,6 +260,138 @@ class Embedded:
         return None
 
 
+class SystemPostgres(_DemoPostgres):
+    """Debian's Postgres server (``/usr/lib/postgresql/<major>/bin``) in ``pgdata``, on a
+    unix socket only, started and stopped with its ``pg_ctl``; as root it runs as the OS
+    user ``postgres`` (the package creates it). Same interface as :class:`Embedded`."""
+
+    what = "Debian's Postgres"
+    PORT = 5432         # only names the socket file, in a directory of our own
+
+    def __init__(self, bindir: Path, pgdata: Path) -> None:
+        self.bindir = bindir
+        self.pgdata = pgdata
+        self.srv = None             # True while we run it (the name Embedded uses)
+        self.os_user = "postgres" if os.geteuid() == 0 else None
+        self._sock = pgdata.parent / "run"
+        if len(str(self._sock)) > 80:     # sun_path holds 107 bytes
+            tag = hashlib.sha256(str(pgdata).encode()).hexdigest()[:12]
+            self._sock = Path("/tmp") / f"pgguard-demo-{tag}"
+
+    @property
+    def psql_path(self) -> str:
+        return str(self.bindir / "psql")
+
+    @property
+    def socket_dir(self) -> str:
+        return str(self._sock)
+
+    @property
+    def port(self) -> int:
+        return self.PORT
+
+    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        kw: dict = {}
+        if self.os_user:
+            pw = pwd.getpwnam(self.os_user)
+            kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        return subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd="/", **kw)
+
+    def _give(self, path: Path) -> None:
+        # the server's OS user owns what it writes and can traverse every parent
+        if not self.os_user:
+            return
+        pw = pwd.getpwnam(self.os_user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+        for parent in path.parents:
+            mode = parent.stat().st_mode
+            if mode & 0o011 != 0o011:
+                parent.chmod(mode | 0o011)
+
+    def start(self) -> None:
+        try:
+            if self.os_user:
+                pwd.getpwnam(self.os_user)
+        except KeyError:
+            raise DemoError(f"{self.bindir} is installed but the OS user {self.os_user!r} "
+                            "is missing") from None
+        self._sock.mkdir(mode=0o700, exist_ok=True)
+        self._give(self._sock)
+        if self.first_start:
+            self.pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._give(self.pgdata)
+            r = self._run(self.bindir / "initdb", "-D", self.pgdata, "--auth=trust",
+                          "-U", "postgres", "--encoding=UTF8", "--locale=C.UTF-8",
+                          "--no-instructions")
+            if r.returncode != 0:
+                raise DemoError(f"initdb in {self.pgdata} failed: {_first_error(r.stderr)}"
+                                + (f" (it runs as the OS user {self.os_user!r}: every parent "
+                                   "directory must let it through)" if self.os_user else ""))
+        if self._running():
+            raise DemoError(f"a Postgres already runs on {self.pgdata} (another demo?); "
+                            "stop it or pick another --dir")
+        log = self.pgdata / "log"
+        r = self._run(self.bindir / "pg_ctl", "-w", "-t", "60", "-D", self.pgdata, "-l", log,
+                      "-o", f"-c listen_addresses='' -c unix_socket_directories='{self._sock}' "
+                      f"-p {self.PORT}", "start")
+        if r.returncode != 0:
+            raise DemoError(f"could not start {self.what} in {self.pgdata}: "
+                            f"{_one_line(r.stderr or r.stdout)} (see {log})")
+        self.srv = True
+
+    def _running(self) -> bool:
+        return self._run(self.bindir / "pg_ctl", "-D", self.pgdata, "status").returncode == 0
+
+    def stop(self) -> str | None:
+        if self.srv is None:
+            return None
+        self.srv = None
+        r = self._run(self.bindir / "pg_ctl", "-w", "-m", "fast", "-D", self.pgdata, "stop")
+        if r.returncode != 0 and self._running():
+            return f"could not stop {self.what} in {self.pgdata}: {_one_line(r.stderr)}"
+        return None
+
+
+def _first_error(text: str) -> str:
+    for ln in text.splitlines():
+        if "error" in ln.lower() or "fatal" in ln.lower():
+            return ln.strip()
+    return _one_line(text)
+
+
+def _major(version_text: str) -> str | None:
+    m = re.search(r"\b(\d+)(?:\.\d+)?", version_text)
+    return m.group(1) if m else None
+
+
+def choose_postgres(home: Path) -> _DemoPostgres:
+    """Debian's server when one of the same major as ``psql`` on the PATH is installed
+    (``PGGUARD_DEMO_PGBIN`` names a bin directory to use instead, or ``pgserver`` for the
+    wheel's), else the wheel's."""
+    forced = os.environ.get("PGGUARD_DEMO_PGBIN")
+    if forced == "pgserver":
+        return Embedded(home / "pgdata")
+    if forced:
+        bindir = Path(forced)
+        if not (bindir / "postgres").is_file():
+            raise DemoError(f"PGGUARD_DEMO_PGBIN={forced}: no postgres there")
+        return SystemPostgres(bindir, home / f"pgdata-{bindir.parent.name}")
+    psql = shutil.which("psql")
+    if psql:
+        try:
+            out = subprocess.run([psql, "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        major = _major(out.split(")", 1)[-1]) if out else None
+        bindir = Path(f"/usr/lib/postgresql/{major}/bin") if major else None
+        if bindir and all((bindir / t).is_file() for t in ("postgres", "initdb", "pg_ctl")):
+            return SystemPostgres(bindir, home / f"pgdata-{major}")
+    return Embedded(home / "pgdata")
+
+
 def _one_line(e: object) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
@@ -230,7 +399,7 @@ def _one_line(e: object) -> str:
 
 # -- sample data and secrets ------------------------------------------------------------------
 
-def prepare_database(pg: Embedded, home: Path, app_password: str) -> str:
+def prepare_database(pg: _DemoPostgres, home: Path, app_password: str) -> str:
     """Role ``app``, database ``shop`` and the sample rows; says what it did."""
     pg.psql(
         f"SELECT 'CREATE ROLE {UPSTREAM_ROLE}' WHERE NOT EXISTS "
@@ -254,7 +423,7 @@ def prepare_database(pg: Embedded, home: Path, app_password: str) -> str:
     return f"the sample data had changed since it was loaded; loaded it again: {what}"
 
 
-def _fingerprint(pg: Embedded) -> str:
+def _fingerprint(pg: _DemoPostgres) -> str:
     return pg.psql(demo_data.FINGERPRINT_SQL, database=DATABASE, user=UPSTREAM_ROLE)
 
 
@@ -296,7 +465,8 @@ port = {port}
 address = "{LISTEN_ADDRESS}"
 port = {admin_port}
 groups = ["dba"]
-token_env = "PGGUARD_ADMIN_TOKEN"   # the demo sets it from secrets/admin-token.password
+token_env = "PGGUARD_ADMIN_TOKEN"   # when set, wins over token_file
+token_file = "secrets/admin-token.password"   # `pgguard approvals -c ...` reads it too
 
 [auth]
 token_secret_env = "PGGUARD_TOKEN_SECRET"   # the demo sets it from secrets/token-secret.password
@@ -358,7 +528,7 @@ keep = 4
 except_groups = ["dba"]
 
 [detectors]
-builtin = ["email", "ssn", "credit_card", "aws_access_key", "jwt"]
+builtin = ["email", "ssn", "credit_card", "phone", "aws_access_key", "jwt"]
 except_groups = ["dba"]
 custom = [{{ name = "employee_id", pattern = 'EMP-\\d{{6}}' }}]
 
@@ -393,26 +563,40 @@ def dsn(user: str, password: str, port: int) -> str:
     return f"postgresql://{user}:{password}@{LISTEN_ADDRESS}:{port}/{DATABASE}"
 
 
+def pgguard_command() -> str:
+    """How to run this installation's ``pgguard`` from any terminal: the absolute path
+    of the script next to this Python (a virtualenv's bin), else ``python -m pgguard``."""
+    script = Path(sys.executable).parent / "pgguard"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script.absolute()))
+    return f"{shlex.quote(sys.executable)} -m pgguard"
+
+
 def banner(*, port: int, passwords: dict[str, str], config_path: Path, pgdata: Path,
-           pg_version: str, psql: str, agent_token: str = "", admin_url: str = "") -> str:
-    cfg = str(config_path)
-    fmt = {"config": cfg, "admin_url": admin_url,
+           pg_version: str, psql: str, agent_token: str = "", admin_url: str = "",
+           pg_what: str = "an embedded Postgres") -> str:
+    cfg = shlex.quote(str(config_path))
+    pgguard = pgguard_command()
+    fmt = {"config": cfg, "admin_url": admin_url, "pgguard": pgguard,
            "console": f"postgresql://{HUMAN}:{passwords[HUMAN]}@{LISTEN_ADDRESS}:{port}/pgguard"}
     out = [
         "",
-        f"pgguard demo: the proxy listens on {LISTEN_ADDRESS}:{port}, in front of an "
-        f"embedded Postgres {pg_version} (database {DATABASE!r})",
+        f"pgguard demo: the proxy listens on {LISTEN_ADDRESS}:{port}, in front of "
+        f"{pg_what} {pg_version} (database {DATABASE!r})",
         f"  config: {cfg}",
         f"  data:   {pgdata}",
         "",
         f"Connect as the AI agent {AGENT} (kind agent, guarded) with a 15-minute token:",
         f"  {psql} '{dsn(AGENT, agent_token, port)}'",
         "  a fresh token, from another terminal:",
-        f"  PGGUARD_TOKEN_SECRET=$(cat {Path(cfg).parent}/secrets/token-secret.password) "
-        f"pgguard token issue -c {cfg} --identity {AGENT}",
+        f"  PGGUARD_TOKEN_SECRET=$(cat "
+        f"{shlex.quote(str(config_path.parent / 'secrets' / 'token-secret.password'))}) "
+        f"{pgguard} token issue -c {cfg} --identity {AGENT}",
         f"Connect as {HUMAN} (kind human, group dba):",
         f"  {psql} '{dsn(HUMAN, passwords[HUMAN], port)}'",
         f"Admin console (web: {admin_url}, token: {passwords.get('admin-token', '')})",
+        f"The pgguard command of this installation (not on your PATH unless the virtualenv "
+        f"is active): {pgguard}",
         "",
         f"Works today: {WORKS_TODAY}",
     ]
@@ -428,14 +612,14 @@ def banner(*, port: int, passwords: dict[str, str], config_path: Path, pgdata: P
         else:
             out.append(f"      later: {t.effect.format(**fmt)}")
             out.append(f"      today: {t.today}")
-    out += ["", "Ctrl-C stops the proxy and the embedded Postgres.", ""]
+    out += ["", "Ctrl-C stops the proxy and the demo's Postgres.", ""]
     return "\n".join(out)
 
 
-def _psql_command(pg: Embedded) -> str:
-    if shutil.which("psql"):
-        return "psql"
-    return str(Path(pg.pgserver.__file__).parent / "pginstall" / "bin" / "psql")
+def _psql_command(pg: _DemoPostgres) -> str:
+    if isinstance(pg, SystemPostgres) or shutil.which("psql"):
+        return "psql"       # the same major as the server (choose_postgres)
+    return pg.psql_path
 
 
 def _announce_when_listening(port: int, text: str, done: threading.Event) -> None:
@@ -487,12 +671,15 @@ def main(port: int = 6432, directory: str | None = None) -> int:
     except OSError as e:
         raise DemoError(f"cannot create {home}: {e.strerror}") from None
 
-    pg = Embedded(home / "pgdata")
+    pg = choose_postgres(home)
     old_term = signal.signal(signal.SIGTERM, _interrupt)   # setup: SIGTERM cleans up too
     done = threading.Event()
     code = 0
     try:
-        print(f"Starting the embedded Postgres in {pg.pgdata} ...", flush=True)
+        first = pg.first_start
+        print(f"Starting {pg.what} in {pg.pgdata}"
+              + (" (first start: initdb, then the sample data; about half a minute)"
+                 if first else "") + " ...", flush=True)
         pg.start()
         files = ensure_passwords(home)
         passwords = {name: read_password(p) for name, p in files.items()}
@@ -514,7 +701,7 @@ def main(port: int = 6432, directory: str | None = None) -> int:
         agent_token, _ = tokens.issue(cfg, AGENT, "15m", [DATABASE], "readwrite")
         text = banner(port=port, passwords=passwords, config_path=config_path,
                       pgdata=pg.pgdata, pg_version=version, psql=_psql_command(pg),
-                      agent_token=agent_token, admin_url=admin_url(cfg))
+                      agent_token=agent_token, admin_url=admin_url(cfg), pg_what=pg.what)
         threading.Thread(target=_announce_when_listening, args=(port, text, done),
                          name="pgguard-demo-banner", daemon=True).start()
         try:
@@ -530,7 +717,7 @@ def main(port: int = 6432, directory: str | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             if pg.srv is not None:
-                print("Stopping the embedded Postgres ...", flush=True)
+                print(f"Stopping {pg.what} ...", flush=True)
             note = pg.stop()
             if note:
                 print(f"pgguard demo: {note}", file=sys.stderr, flush=True)

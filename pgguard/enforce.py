@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from ._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
 from .errors import ProtocolViolation
+from .masking import parking
 from .masking.wire import MASK_BACKEND
 from .policy.views import CATALOG_KINDS
 from .protocol import messages as m
@@ -59,6 +60,8 @@ class Enforcement:
                         scan.set_interest(self.watch, True)
                         self.fast_path(True)
                         out.append(msg)
+                        if self.masking is not None:    # its ReadyForQuery pairs too
+                            self.masking.frontend(83, msg)
                         if self.tracker is not None:
                             self.tracker.flog.append((msg, None, 0))
                     elif t == 88:               # 'X' Terminate
@@ -92,10 +95,14 @@ class Enforcement:
                             self._guard_watch()
                         elif t == 69:           # 'E' Execute
                             plan = guard.portal_plan(msg)
-                        elif t == 83 and guard.owe is not None:
-                            guard.before_sync(out, msg, items[i + 1:])
-                            self._guard_watch()
-                            msg = None
+                            if plan is None:
+                                guard.on_execute()
+                        elif t == 83:           # 'S' Sync
+                            if guard.owe is not None:
+                                guard.before_sync(out, msg, items[i + 1:])
+                                self._guard_watch()
+                                msg = None
+                            guard.on_sync()
                     if msg is not None and plan is None:
                         out.append(msg)
                     if self.masking is not None:
@@ -142,6 +149,8 @@ class Enforcement:
             return Decision(action="block", rule="encoding",
                             message='pgguard: statement refused by rule "encoding": the '
                                     "statement is not valid UTF-8",
+                            detail=f"the bytes at offset {_bad_utf8_offset(raw)} do not "
+                                   "decode as UTF-8",
                             hint="Send statements in UTF-8 (client_encoding = UTF8).")
         d = self.policy.decide(sql, self.identity_name, self.identity, self.database,
                                self.prepared, views=self.views.current()
@@ -150,9 +159,11 @@ class Enforcement:
             d = _readonly_refusal(d)
         if self.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
+        if d.action != "block" and self.masking is not None:
+            d = parking.judge(self, d, sql)     # no parking of masked values
         if d.action != "block" and self.views is not None:
             self._catalog_effects(d)
-        if self.guard is None or d.action != "allow" or plan_for(d, self.identity) is None:
+        if self.guard is None or d.action != "allow" or self._plan(d) is None:
             # guarded statements never take the compiled fast path
             self.server.remember_decision(self._cache, msg, key, d)
         return d
@@ -164,7 +175,7 @@ class Enforcement:
         temporary). Such decisions are never cached, so each one gets here."""
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
-        self.server.catalog_changed(self.database)
+        self.server.catalog_changed(self.database, self)
         if self.views.learn(d.statements):
             # this session's view knowledge differs from its peers' (and from what its
             # cached decisions saw): decide again, in a cache of its own
@@ -180,21 +191,21 @@ class Enforcement:
             plan = None
             if self.guard is not None:
                 self.guard.on_query()
-                plan = plan_for(d, self.identity)
+                plan = self._plan(d, msg[5:-1])
                 if plan is not None and len(d.statements) > 1 and has_txn_control(d):
                     self._inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
             if self.masking is not None and not self._mask_query(d, msg, out):
                 return
-            if plan is not None:
-                self.guard.start_query(msg, plan, out, list(later))
-                self._guard_watch()
-            else:
+            if plan is None:
                 out.append(msg)
             self.server.count_statement("allowed")
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, time.monotonic_ns()))
+            if plan is not None:
+                self.guard.start_query(msg, plan, out, list(later))
+                self._guard_watch()
             if d is not None and self.prepared is not None and d.statements \
                     and _touches_prepared(d):
                 self.prepared.observe(d.statements)
@@ -229,7 +240,7 @@ class Enforcement:
             return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
-            self.server.catalog_changed(self.database)
+            self.server.catalog_changed(self.database, self)
         mask.frontend(81, msg, reads)
         mask.fseg += 1
         return True
@@ -276,7 +287,7 @@ class Enforcement:
                 self.prepared.record(name, d.statements[0])
             if self.guard is not None:
                 self.guard.on_parse(name.encode() if isinstance(name, str) else name,
-                                    plan_for(d, self.identity))
+                                    self._plan(d, msg[pos:end]))
                 self._guard_watch()
             return
         if d.action == "approve":
@@ -337,6 +348,17 @@ class Enforcement:
             pipe.divert = False
 
 
+    def _plan(self, d, sql: bytes = b""):
+        """The blast-radius guard's plan for decision ``d`` of this session (None: not
+        guarded)."""
+        if d is None:
+            return None
+        cfg = self.server.cfg.policy
+        default = cfg.agents_max_rows if self.identity.kind == "agent" else \
+            cfg.humans_max_rows
+        return plan_for(d, self.identity, sql, default,
+                        self.server.user_function_test(self.database))
+
     def _routed(self, items: list):
         """The backend items after the blast-radius guard took its own answers out
         (one at a time: a guard step may release held client messages, which read the
@@ -381,6 +403,7 @@ class Enforcement:
         if on == self._guarding:
             return
         self._guarding = on
+        self.guard.seg_known = False    # earlier messages of this segment went unseen
         self.watch = self._base_watch + (b"BECS" if on else b"")
         if not self.discarding:
             scan = self.fscan
@@ -388,20 +411,27 @@ class Enforcement:
             scan.set_interest(self.watch, True)
             self.fast_path(not on)
 
-    def backend_items(self, items: list) -> None:
+    def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
         out: list[bytes] = []
         refusals = self.refusals
         mask = self.masking
         guard = self.guard
-        for it in (items if guard is None or not guard.chain else self._routed(items)):
+        if mask is not None and mask.holding(items):
+            return                      # rows wait for the mask catalog: keep order
+        seq = iter(items if routed or guard is None or not guard.chain
+                   else self._routed(items))
+        for it in seq:
             if it.__class__ is bytes:
                 if mask is not None:
                     it = mask.feed(0, it, False)
                 out.append(it)
                 continue
             t, msg = it
+            if t == 84 and mask is not None and mask.stale(msg):
+                mask.hold_rows(out, [it, *seq])     # unknown table: read the catalog
+                return
             if t == 90:                                  # 'Z' ReadyForQuery
                 self.z_count += 1
                 self.bscan.status = msg[5]
@@ -415,6 +445,9 @@ class Enforcement:
                     drop = seen and extended             # answered our injected Query
                 if self.tracker is not None:
                     self.tracker.on_backend(t, msg)
+                if mask is not None and mask.ddl_pending and msg[5] == 73:    # idle
+                    mask.ddl_pending = False    # its DDL is committed (or rolled back)
+                    self.server.catalog_changed(self.database)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if not drop and msg is not None:
@@ -543,6 +576,14 @@ def _mixed_txn_refusal(d):
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
+def _bad_utf8_offset(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start
+    return 0
+
+
 def _now():
     return datetime.now(timezone.utc)
 
@@ -647,8 +688,10 @@ def _copy_refusal(why: str, d):
     return Decision(
         action="block", rule="masking",
         message=f'pgguard: statement refused by rule "masking": {why}',
-        detail="masked columns leave pgguard only masked; pgguard masks COPY TO STDOUT "
-               "in text and csv format",
+        detail="statement: copy; reads "
+               + (", ".join(r for st in d.statements for r in st.relations_read)
+                  if d is not None and d.statements else "a masked table")
+               + "; masked columns cannot leave in this form",
         hint="Use SELECT, or COPY <table> [(columns)] TO STDOUT in text or csv "
              "format: masked columns are masked there.",
         statements=d.statements if d is not None else [])

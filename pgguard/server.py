@@ -8,17 +8,20 @@ import hashlib
 import hmac
 import itertools
 import logging
+import mmap
 import os
 import secrets
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from .cancel import CancelKeyCipher
-from .config import Config, parse_duration, read_secret
+from .config import Config, admin_token, parse_duration, read_secret
 from .errors import ConfigError, TooManyConnections
 from .policy.views import CATALOG_KINDS, ViewMap
 from .protocol import messages as m
@@ -31,20 +34,86 @@ DECISIONS_PER_IDENTITY = 10_000
 # VIEW_MAP_TTL (or DDL), a function found by OID is kept FUNCTION_TTL (or until DDL);
 # views a session announced stay in the map LEARNED_TTL whatever the catalog says
 VIEW_MAP_TTL = 30.0
+# every function name, and whether it is a built-in (pg_catalog) one
+FUNCTION_NAMES_SQL = ("SELECT p.proname, p.pronamespace = 'pg_catalog'::regnamespace "
+                      "FROM pg_catalog.pg_proc p WHERE p.pronamespace <> "
+                      "'information_schema'::regnamespace")
 FUNCTION_TTL = 60.0
 LEARNED_TTL = 600.0
 # after a failed background read of the view map, wait this long before the next try
 VIEW_MAP_RETRY = 5.0
+# masked columns each worker remembers by table OID (so renames keep their mask)
+STICKY_PER_WORKER = 8192
+
+
+class CatalogSignal:
+    """Catalog freshness shared by the worker processes: an anonymous MAP_SHARED
+    mapping made before they fork. Offset 0 holds a generation counter that DDL seen by
+    any worker bumps (every worker's mask catalog is stale once it moved); then, per
+    worker, a count and a region of (database hash, table OID, attnum, mask index)
+    records of the masked columns that worker found, so a masked table renamed or moved
+    to another schema stays masked in every worker. One writer per region: no lock."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = max(1, workers)
+        self._counts = 8
+        self._records = 8 + 4 * self.workers
+        self.mm = mmap.mmap(-1, self._records + self.workers * STICKY_PER_WORKER * 12,
+                            flags=mmap.MAP_SHARED)
+        self._written: set[tuple[int, int, int]] = set()
+
+    def generation(self) -> int:
+        return struct.unpack_from("!Q", self.mm, 0)[0]
+
+    def bump(self) -> None:
+        # a lost race between two workers still moves the value: all that matters
+        struct.pack_into("!Q", self.mm, 0, self.generation() + 1)
+
+    def remember(self, worker: int, database: str, columns: dict) -> None:
+        """Record masked (table OID, attnum) -> mask index for ``database``."""
+        slot = worker % self.workers
+        db = zlib.crc32(database.encode())
+        (n,) = struct.unpack_from("!I", self.mm, self._counts + 4 * slot)
+        base = self._records + slot * STICKY_PER_WORKER * 12
+        for (oid, attnum), idx in columns.items():
+            if (db, oid, attnum) in self._written:
+                continue
+            if n >= STICKY_PER_WORKER:
+                log.warning("masked-column memory full: renamed tables may lose masks")
+                break
+            struct.pack_into("!IIhH", self.mm, base + 12 * n, db, oid, attnum, idx)
+            n += 1
+            self._written.add((db, oid, attnum))
+        struct.pack_into("!I", self.mm, self._counts + 4 * slot, n)
+
+    def sticky(self, database: str) -> dict[tuple[int, int], int]:
+        """(table OID, attnum) -> mask index, as any worker recorded them."""
+        db = zlib.crc32(database.encode())
+        out: dict[tuple[int, int], int] = {}
+        for slot in range(self.workers):
+            (n,) = struct.unpack_from("!I", self.mm, self._counts + 4 * slot)
+            base = self._records + slot * STICKY_PER_WORKER * 12
+            for i in range(min(n, STICKY_PER_WORKER)):
+                h, oid, attnum, idx = struct.unpack_from("!IIhH", self.mm, base + 12 * i)
+                if h == db:
+                    out.setdefault((oid, attnum), idx)
+        return out
+
+
+def _every_function(name: str) -> bool:
+    return True
 
 
 class Server:
     """Everything sessions share inside one worker process."""
 
     def __init__(self, cfg: Config, *, cancel_key: bytes | None = None,
-                 worker: int = 0) -> None:
+                 worker: int = 0, catalog_signal: CatalogSignal | None = None) -> None:
         from .auth.scram import ScramVerifier
         self.cfg = cfg
         self.worker = worker
+        # DDL seen by any worker, and masked columns any worker found (shared mapping)
+        self.catalog_signal = catalog_signal or CatalogSignal(1)
         self.sessions: set = set()
         self._ids = itertools.count(1)
         self.cancel_cipher = CancelKeyCipher(cancel_key)
@@ -84,7 +153,7 @@ class Server:
         # token is configured; the admin HTTP server runs on the worker's loop
         self.approvals = None
         self.admin = None
-        self.admin_token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
+        self.admin_token = admin_token(cfg)
         if self.admin_token or any(r.action == "approve" for r in cfg.rules):
             from .approvals.store import ApprovalStore
             self.approvals = ApprovalStore.from_config(cfg)
@@ -99,11 +168,14 @@ class Server:
         self.detectors = DetectorSet.from_config(cfg.detectors.builtin, cfg.detectors.custom)
         self.mask_key = hash_key(cfg)
         self._catalogs: dict[str, object] = {}
+        self._catalog_loads: dict[str, asyncio.Task] = {}
         # policy catalog knowledge per database: views (ViewMap and its refresh state),
         # functions by OID for FunctionCall (oid -> (FunctionInfo, loaded at))
         self._views: dict[str, _ViewState] = {}
         self._functions: dict[str, dict[int, tuple[object, float]]] = {}
         self._no_views = ViewMap()
+        # database -> [built-in names, other names, stale, loaded at, test]
+        self._fn_names: dict[str, list] = {}
         self._idle = asyncio.Event()
 
     def resolve_path(self, p: str) -> str:
@@ -139,23 +211,131 @@ class Server:
                  session.client_addr, f": {reason}" if reason else "")
         self.throttle.record_failure(session.peer)
 
-    async def mask_catalog(self, database: str):
-        """The masked columns of a database (cached for CATALOG_TTL; None: stale)."""
-        from .masking.wire import CATALOG_TTL, load_catalog
+    async def mask_catalog(self, database: str, need=()):
+        """The masked columns of a database. Read again when DDL went through any
+        worker since (the shared generation), after CATALOG_TTL, or when a table OID
+        in ``need`` is not one it knows; concurrent callers share one read."""
+        from .masking.wire import CATALOG_TTL
         cat = self._catalogs.get(database)
-        if cat is None or time.monotonic() - cat.loaded > CATALOG_TTL:
-            cat = await load_catalog(self, database)
+        if cat is not None and cat.generation == self.catalog_signal.generation() \
+                and time.monotonic() - cat.loaded <= CATALOG_TTL \
+                and all(o in cat.known for o in need):
+            return cat
+        task = self._catalog_loads.get(database)
+        if task is None:
+            task = self._catalog_loads[database] = asyncio.get_running_loop().create_task(
+                self._read_mask_catalog(database))
+            task.add_done_callback(lambda _t: self._catalog_loads.pop(database, None))
+        return await asyncio.shield(task)
+
+    async def _read_mask_catalog(self, database: str):
+        from .config import Mask
+        from .masking.wire import load_catalog
+        from .sideconn import run
+        sig = self.catalog_signal
+        gen = sig.generation()          # a bump while reading makes this read stale
+        old = self._catalogs.get(database)
+        cat = await load_catalog(self, database)
+        cat.known, cat.generation = frozenset(), gen
+        if not self.cfg.masks:
             self._catalogs[database] = cat
+            return cat
+        # columns masked before keep their mask wherever their table went (a rename,
+        # SET SCHEMA, RENAME COLUMN): by table OID and attribute number, in any worker
+        sticky = sig.sticky(database)
+        oids = sorted({o for o, _ in sticky})
+        stmts = ["SELECT oid FROM pg_catalog.pg_class WHERE relkind NOT IN ('i', 'I')"]
+        if oids:
+            stmts.append(
+                "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname, a.attname "
+                "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c "
+                "ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE a.attnum > 0 AND NOT a.attisdropped "
+                f"AND c.oid IN ({', '.join(map(str, oids))}) ORDER BY 1, 2")
+        res = await run(self, database, stmts)
+        masks = self.cfg.masks
+        added: dict[int, tuple[str, list]] = {}
+        for oid, attnum, table, attname in (res[1] if oids else ()):
+            oid, attnum = int(oid), int(attnum)
+            if oid not in cat.tables or oid in added:
+                added.setdefault(oid, (table, []))[1].append((attnum, attname))
+            idx = sticky.get((oid, attnum))
+            if idx is not None and (oid, attnum) not in cat.columns:
+                cat.columns[(oid, attnum)] = masks[idx] if idx < len(masks) else Mask(
+                    column=f"{table}.{attname}", strategy="redact")
+        cat.tables.update(added)
+        cat.names = frozenset(name for name, _ in cat.tables.values())
+        cat.known = frozenset(int(r[0]) for r in res[0])
+        cat.generation = gen
+        sig.remember(self.worker, database, {
+            k: next((i for i, mk in enumerate(masks) if mk is v), 0xFFFF)
+            for k, v in cat.columns.items()})
+        self._catalogs[database] = cat
+        if old is not None and (old.columns.keys() != cat.columns.keys()
+                                or old.names != cat.names):
+            self.forget_decisions(database)     # parking decisions name masked tables
         return cat
 
-    def catalog_changed(self, database: str) -> None:
-        """DDL passed through: resolve mask globs again at the next session, look
-        functions up again, read the view map again soon."""
+    def catalog_changed(self, database: str, session=None) -> None:
+        """DDL passed through: every worker reads the mask catalog again before the
+        next rows leave (the shared generation), functions are looked up again, the
+        view map read again soon. With the ``session`` that sends the DDL: once more
+        when its transaction ends (a catalog read in between saw the old state)."""
+        self.catalog_signal.bump()
+        if session is not None and session.masking is not None:
+            session.masking.ddl_pending = True
         self._catalogs.pop(database, None)
         self._functions.pop(database, None)
+        names = self._fn_names.get(database)
+        if names is not None:
+            names[2] = True
         st = self._views.get(database)
         if st is not None:
             st.stale = True
+
+    # -- function names: which calls the blast-radius guard must measure
+    async def ready_function_names(self, database: str) -> None:
+        """Load (or refresh) the names of built-in and other functions of ``database``;
+        raises when the catalog cannot be read (the session is then refused)."""
+        hit = self._fn_names.get(database)
+        if hit is not None and not hit[2] and time.monotonic() - hit[3] < VIEW_MAP_TTL:
+            return
+        await self._load_function_names(database)
+
+    async def _load_function_names(self, database: str) -> None:
+        from .sideconn import run
+        rows = (await run(self, database, [FUNCTION_NAMES_SQL]))[0]
+        builtin = frozenset(r[0] for r in rows if r[1] == "t")
+        other = frozenset(r[0] for r in rows if r[1] != "t")
+        self._fn_names[database] = [builtin, other, False, time.monotonic()]
+
+    def user_function_test(self, database: str):
+        """A test ``name -> bool``: may this call run code pgguard cannot see into (a
+        function outside pg_catalog, or one unknown when the names were read)? Fail
+        closed: with no names read, every function counts."""
+        hit = self._fn_names.get(database)
+        if hit is None:
+            return _every_function
+        test = hit[4] if len(hit) > 4 else None
+        if test is None:
+            builtin, other = hit[0], hit[1]
+
+            def test(name: str) -> bool:
+                schema, dot, bare = name.rpartition(".")
+                if dot:
+                    return schema != "pg_catalog"
+                return bare not in builtin or bare in other
+            hit.append(test)
+        if hit[2] or time.monotonic() - hit[3] > VIEW_MAP_TTL:
+            hit[2], hit[3] = False, time.monotonic()    # one refresh at a time
+            self.background(self._refresh_function_names(database))
+        return test
+
+    async def _refresh_function_names(self, database: str) -> None:
+        try:
+            await self._load_function_names(database)
+        except Exception as e:      # noqa: BLE001 - keep the old names, say why
+            log.warning("could not re-read function names of %s: %s", database, e)
 
     # -- policy catalog: functions by OID (FunctionCall), views (rules see through them)
     def cached_function(self, database: str, oid: int):
@@ -545,13 +725,15 @@ def _install_uvloop() -> None:
 
 
 async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
-                 ready_fd: int | None = None) -> int:
+                 ready_fd: int | None = None,
+                 catalog_signal: CatalogSignal | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # first of all: a signal during startup must still shut everything down in order
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = Server(cfg, cancel_key=cancel_key, worker=worker)
+    server = Server(cfg, cancel_key=cancel_key, worker=worker,
+                    catalog_signal=catalog_signal)
     try:
         server.start_audit()
         if server.revocations is not None:
@@ -596,12 +778,14 @@ def run(cfg: Config, workers: int = 1) -> int:
         s.close()
     cancel_key = secrets.token_bytes(32)
     _install_uvloop()
+    signal_map = CatalogSignal(workers)     # shared by the workers forked below
     if workers == 1:
-        return asyncio.run(_serve(cfg, cancel_key, 0))
-    return _run_workers(cfg, workers, cancel_key)
+        return asyncio.run(_serve(cfg, cancel_key, 0, catalog_signal=signal_map))
+    return _run_workers(cfg, workers, cancel_key, signal_map)
 
 
-def _run_workers(cfg: Config, workers: int, cancel_key: bytes) -> int:
+def _run_workers(cfg: Config, workers: int, cancel_key: bytes,
+                 catalog_signal: CatalogSignal) -> int:
     children: dict[int, int] = {}
     for i in range(workers):
         pid = os.fork()
@@ -609,7 +793,8 @@ def _run_workers(cfg: Config, workers: int, cancel_key: bytes) -> int:
             _die_with_parent()
             code = 1
             try:
-                code = asyncio.run(_serve(cfg, cancel_key, i))
+                code = asyncio.run(_serve(cfg, cancel_key, i,
+                                          catalog_signal=catalog_signal))
             finally:
                 os._exit(code)
         children[pid] = i

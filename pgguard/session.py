@@ -364,8 +364,12 @@ class Session(Enforcement, Holds, ConsoleSession):
                                               self.identity, self.database, self.readonly)
         try:
             params, client_app = upstream_params(client_settings(self.params),
-                                                 guarded=guarded, readonly=self.readonly)
+                                                 guarded=guarded, readonly=self.readonly,
+                                                 allow=cfg.policy.settings)
         except PgguardError as e:
+            if e.sqlstate == "42501" and 'rule "' not in e.message:
+                # every refusal names its rule (what an agent reads first)
+                e.message = f'pgguard: connection refused by rule "startup-settings": {e.message}'
             self._audit_event("auth_failed", error=e.message, sqlstate=e.sqlstate,
                               decision="blocked", rule="startup-settings")
             raise
@@ -467,11 +471,13 @@ class Session(Enforcement, Holds, ConsoleSession):
         return self.guarded
 
     async def _setup_views(self) -> None:
-        """The database's view map, for rules that see through views (fail closed: no
-        session under a policy without it)."""
+        """The database's view map, for rules that see through views, and its function
+        names, for the blast-radius guard (fail closed: no session under a policy
+        without them)."""
         from .sideconn import UpstreamError
         try:
             await self.server.ready_views(self.database)
+            await self.server.ready_function_names(self.database)
         except (UpstreamError, PgguardError, OSError) as e:
             raise UpstreamUnavailable("pgguard could not read the upstream catalog's "
                                       "views", detail=str(e)) from None

@@ -133,6 +133,20 @@ JOIN pg_catalog.pg_class b ON b.oid = d.refobjid
 JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace
 WHERE vn.nspname NOT IN ('pg_catalog', 'information_schema')
   AND vn.nspname NOT LIKE 'pg\\_toast%'
+UNION
+-- system catalogs are pinned: pg_depend records no dependency on them, so read the
+-- relation ids the rules' query trees name
+SELECT DISTINCT vn.nspname, v.relname, bn.nspname, b.relname
+FROM pg_catalog.pg_rewrite r
+JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
+JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace
+CROSS JOIN LATERAL pg_catalog.regexp_matches(r.ev_action::pg_catalog.text,
+                                             ':relid (\\d+)', 'g') AS m(id)
+JOIN pg_catalog.pg_class b ON b.oid = m.id[1]::pg_catalog.oid AND b.oid <> r.ev_class
+JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace
+WHERE vn.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND vn.nspname NOT LIKE 'pg\\_toast%'
+  AND (bn.nspname IN ('pg_catalog', 'information_schema') OR bn.nspname LIKE 'pg\\_toast%')
 """
 
 # the functions INSTEAD OF triggers run (tgtype bit 6: TRIGGER_TYPE_INSTEAD)

@@ -27,6 +27,8 @@ Example::
 """
 from __future__ import annotations
 
+import fnmatch
+
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -52,7 +54,7 @@ ALLOWED = frozenset({
     "application_name", "client_encoding", "standard_conforming_strings",
     "datestyle", "timezone", "intervalstyle", "extra_float_digits", "bytea_output",
     "lc_monetary", "lc_numeric", "lc_time", "xmlbinary", "xmloption",
-    "client_min_messages", "search_path",
+    "client_min_messages",
     "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
     "idle_session_timeout", "transaction_timeout",
     "default_transaction_isolation", "default_transaction_deferrable",
@@ -184,14 +186,16 @@ def client_settings(params: dict[str, str]) -> list[Setting]:
     return out
 
 
-def upstream_params(settings: list[Setting], *, guarded: bool,
-                    readonly: bool) -> tuple[list[tuple[str, str]], str | None]:
+def upstream_params(settings: list[Setting], *, guarded: bool, readonly: bool,
+                    allow: tuple[str, ...] | list[str] = ()
+                    ) -> tuple[list[tuple[str, str]], str | None]:
     """Judge the client's settings; return the parameters of the upstream StartupMessage
     besides user, database and application_name, in the client's order (a name may
     repeat: Postgres applies them one after the other, and DateStyle merges), then
     pgguard's pins; and the client's own application_name (None if it set none).
     Raises a FATAL 42501 for the first setting not allowed (``guarded``: the session is
-    under a policy, see :func:`under_policy`).
+    under a policy, see :func:`under_policy`). ``allow``: the config's ``[policy]
+    settings`` (names or globs), which open a setting at startup as in the session.
     """
     params: list[tuple[str, str]] = []
     app: str | None = None
@@ -209,7 +213,7 @@ def upstream_params(settings: list[Setting], *, guarded: bool,
             app = s.value
             continue
         if guarded:
-            _judge(s)
+            _judge(s, allow)
         if s.name:          # an ignored switch (-T, -n ...) sets nothing
             params.append((s.name, s.value))
     if guarded:
@@ -303,7 +307,7 @@ def _atoi(text: str) -> int:
     return sign * int(digits) if digits else 0
 
 
-def _judge(s: Setting) -> None:
+def _judge(s: Setting, allow) -> None:
     """The allow-list, for a session under a policy."""
     if s.switch is not None:
         raise PolicyRefusal(
@@ -311,7 +315,8 @@ def _judge(s: Setting) -> None:
             detail=f"{s.seen}: for identities under a policy pgguard reads only settings "
                    "(-c name=value, --name=value) in options",
             hint="write the setting as -c name=value", severity="FATAL")
-    if s.name not in ALLOWED:
+    if s.name not in ALLOWED and not any(fnmatch.fnmatchcase(s.name, p.lower())
+                                         for p in allow):
         raise _refused(s, "it is not on pgguard's list of startup settings for "
                           "identities under a policy")
     if s.name == "client_encoding" and _encoding_key(s.value) not in _UTF8_NAMES:

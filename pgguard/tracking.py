@@ -9,8 +9,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ._core.sqlshape import shape
-from ._core.track import REFUSAL_SYNC, StatementTracker as _Tracker  # noqa: F401 (re-exported)
-from .audit.record import AuditRecord, normalize
+from ._core.track import REFUSAL_SYNC  # noqa: F401 (re-exported)
+from ._core.track import StatementTracker as _Tracker
+from .audit.record import INTROSPECTION, AuditRecord, normalize
+from .policy.classify import is_system_relation
 from .protocol import messages as m
 
 if TYPE_CHECKING:
@@ -86,8 +88,36 @@ def session_columns(s: Session) -> tuple:
             s.server.cfg.upstream.user, "statement")
 
 
+# unqualified built-in functions that catalog queries (psql's among them) call; any other
+# unqualified name could be a user's function, so its statement is not introspection
+_CATALOG_BUILTINS = frozenset((
+    "array_agg array_length array_lower array_to_string array_upper coalesce col_description "
+    "concat count current_database current_schema current_schemas format format_type "
+    "generate_series has_schema_privilege has_table_privilege left length lower max min "
+    "obj_description quote_ident regexp_replace shobj_description string_agg "
+    "string_to_array substring unnest upper version").split())
+
+
+def _catalog_function(name: str) -> bool:
+    if "." in name:
+        return is_system_relation(name)
+    return name.startswith("pg_") or name in _CATALOG_BUILTINS
+
+
+def is_introspection(st) -> bool:
+    """A statement that only reads the system catalogs (psql's ``\\d`` queries, ORM schema
+    discovery): a SELECT with no flags, reading only pg_catalog / information_schema
+    relations, calling only functions of those schemas (qualified, or a known built-in).
+
+    Example: ``SELECT c.relname FROM pg_catalog.pg_class c`` is; ``SELECT 1`` is not."""
+    return (st.kind == "select" and not st.flags and not st.relations_written
+            and bool(st.relations_read) and all(map(is_system_relation, st.relations_read))
+            and all(map(_catalog_function, st.functions)))
+
+
 def statement_columns(d) -> tuple:
-    """Record columns statement_kind, relations, flags of a statement decided by ``d``."""
+    """Record columns statement_kind, relations, flags of a statement decided by ``d``;
+    flags ends with ``introspection`` when every statement is one (is_introspection)."""
     sts = d.statements if d is not None else None
     if not sts:
         return (None, None, None)
@@ -100,6 +130,8 @@ def statement_columns(d) -> tuple:
         for f in st.flags:
             if f not in flags:
                 flags.append(f)
+    if not flags and all(map(is_introspection, sts)):
+        flags.append(INTROSPECTION)
     return (sts[0].kind, rels, flags)
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,10 +33,11 @@ def _free_port() -> int:
 class Demo:
     """`python -m pgguard demo` as a subprocess; stdout read line by line."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, **extra_env: str) -> None:
         self.dir = directory
         self.port = port
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(extra_env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pgguard", "demo", "--port", str(port),
              "--dir", str(directory)],
@@ -145,10 +148,23 @@ def _counts(dsn: str) -> tuple[int, int]:
 
 
 @pytest.fixture
-def demo_dir(tmp_path):
-    d = tmp_path / "demo"
+def demo_dir():
+    # not under pytest's basetemp: pytest resets its root to mode 0700 whenever a run
+    # starts, and as root the demo's Postgres runs as another OS user that must get in
+    base = Path(tempfile.mkdtemp(prefix="pgguard-demo-test-", dir="/tmp"))
+    base.chmod(0o755)
+    d = base / "demo"
     yield d
-    _stop_leftovers(d / "pgdata")
+    _stop_leftovers(d)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _psql_major() -> str | None:
+    psql = shutil.which("psql")
+    if not psql:
+        return None
+    out = subprocess.run([psql, "--version"], capture_output=True, text=True).stdout
+    return demo._major(out.split(")", 1)[-1])
 
 
 def test_demo_runs_and_stops_cleanly(demo_dir):
@@ -161,7 +177,7 @@ def test_demo_runs_and_stops_cleanly(demo_dir):
             agent.endswith(f"@127.0.0.1:{port}/shop"), text
         assert d.dsn(demo.HUMAN).endswith(f"@127.0.0.1:{port}/shop")
         for t in demo.TRIES:
-            assert t.what.split()[0] in text
+            assert t.what.split()[0].format(pgguard=demo.pgguard_command()) in text
         assert _counts(agent) == (demo_data.N_CUSTOMERS, demo_data.N_ORDERS)
         # the agent holds a pgguard token, not a password
         assert ":pgg_" in agent
@@ -169,15 +185,24 @@ def test_demo_runs_and_stops_cleanly(demo_dir):
         config.load(demo_dir / "pgguard.toml")
         code = d.interrupt()
         assert code == 0, d.output()
-        assert "Stopping the embedded Postgres" in "".join(d.out)
+        major = _psql_major()
+        if major and Path(f"/usr/lib/postgresql/{major}/bin/postgres").is_file():
+            # the server psql matches: no major-version warning from psql
+            assert f"in front of Debian's Postgres {major}." in text, text
+            assert "Stopping Debian's Postgres" in "".join(d.out)
+            assert (demo_dir / f"pgdata-{major}" / "PG_VERSION").read_text().strip() == major
+        else:
+            assert "Stopping the embedded Postgres" in "".join(d.out)
     finally:
         d.kill()
-    _assert_postgres_stopped(demo_dir / "pgdata")
+    _assert_postgres_stopped(demo_dir)
 
 
 def test_demo_restart_reuses_the_dir_and_restores_changed_data(demo_dir):
+    # the pgserver wheel's Postgres (the fallback), so both kinds run in this file
+    wheel = {"PGGUARD_DEMO_PGBIN": "pgserver"}
     port = _free_port()
-    d = Demo(demo_dir, port)
+    d = Demo(demo_dir, port, **wheel)
     try:
         d.wait_banner()
         alice = d.dsn(demo.HUMAN)
@@ -188,10 +213,10 @@ def test_demo_restart_reuses_the_dir_and_restores_changed_data(demo_dir):
         assert d.interrupt() == 0, d.output()
     finally:
         d.kill()
-    _assert_postgres_stopped(demo_dir / "pgdata")
+    _assert_postgres_stopped(demo_dir)
     password = (demo_dir / "secrets" / "alice.password").read_text()
 
-    d = Demo(demo_dir, _free_port())
+    d = Demo(demo_dir, _free_port(), **wheel)
     try:
         text = d.wait_banner()
         assert "loaded it again" in text, text
@@ -200,15 +225,15 @@ def test_demo_restart_reuses_the_dir_and_restores_changed_data(demo_dir):
         assert d.interrupt() == 0, d.output()
     finally:
         d.kill()
-    _assert_postgres_stopped(demo_dir / "pgdata")
+    _assert_postgres_stopped(demo_dir)
 
-    d = Demo(demo_dir, _free_port())
+    d = Demo(demo_dir, _free_port(), **wheel)
     try:
         assert "sample data in place" in d.wait_banner()
         assert d.interrupt() == 0, d.output()
     finally:
         d.kill()
-    _assert_postgres_stopped(demo_dir / "pgdata")
+    _assert_postgres_stopped(demo_dir)
 
 
 def test_demo_busy_port_is_one_line_and_exit_1(tmp_path):
@@ -234,6 +259,64 @@ def test_demo_config_validates(tmp_path):
                                            "agent-writes-to-orders-need-approval"]
     assert {m.column for m in cfg.masks} == {
         "public.customers.email", "public.customers.ssn", "public.customers.card_number"}
+    assert "phone" in cfg.detectors.builtin
+    # the admin token is found through the config, as the approvals CLI needs it
+    assert cfg.admin.token_file == "secrets/admin-token.password"
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "admin-token.password").write_text("tok-from-file\n")
+    env = os.environ.pop(cfg.admin.token_env, None)
+    try:
+        assert config.admin_token(cfg) == "tok-from-file"
+        os.environ[cfg.admin.token_env] = "tok-from-env"
+        assert config.admin_token(cfg) == "tok-from-env"        # the variable wins
+    finally:
+        os.environ.pop(cfg.admin.token_env, None)
+        if env is not None:
+            os.environ[cfg.admin.token_env] = env
+
+
+def test_phone_detector_masks_every_demo_phone_number():
+    from pgguard.masking.detectors import DetectorSet
+    cfg = config.loads(demo.config_text(port=6432, socket_dir="/s", upstream_port=5432))
+    dets = DetectorSet.from_config(cfg.detectors.builtin, cfg.detectors.custom)
+    phones = [c[5] for c in demo_data.customers()]
+    notes = [c[6] for c in demo_data.customers() if c[6] and "phone" in c[6]]
+    assert len(phones) == demo_data.N_CUSTOMERS and len(notes) >= 5
+    for cell in phones + notes:
+        masked = dets.mask_cell(cell.encode(), dets.all_bits, False)[0].decode()
+        assert re.search(r"555-01\d\d", masked) is None, masked
+        assert "[phone]" in masked
+    # what is not a phone number stays
+    for cell in ("order 12345 shipped", "2024-05-01", "version 1.2.3"):
+        assert dets.mask_cell(cell.encode(), dets.all_bits, False) is None      # untouched
+
+
+def test_postgres_choice(tmp_path, monkeypatch):
+    """Debian's server of psql's major; else the wheel's: no psql, another major, none
+    installed of that major; PGGUARD_DEMO_PGBIN decides when set."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    monkeypatch.setenv("PATH", str(bin_))
+    monkeypatch.delenv("PGGUARD_DEMO_PGBIN", raising=False)
+    assert isinstance(demo.choose_postgres(tmp_path), demo.Embedded)      # no psql
+    fake = bin_ / "psql"
+    for version in ("99.1", "3.0 (Debian 3.0-1)", "garbage"):
+        fake.write_text(f"#!/bin/sh\necho 'psql (PostgreSQL) {version}'\n")
+        fake.chmod(0o755)
+        assert isinstance(demo.choose_postgres(tmp_path), demo.Embedded), version
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    assert installed, "this test needs a Debian Postgres server package"
+    major = installed[-1].parent.parent.name
+    fake.write_text(f"#!/bin/sh\necho 'psql (PostgreSQL) {major}.3 (Debian {major}.3-1)'\n")
+    pg = demo.choose_postgres(tmp_path)
+    assert isinstance(pg, demo.SystemPostgres) and pg.pgdata == tmp_path / f"pgdata-{major}"
+    assert pg.bindir == installed[-1].parent
+    monkeypatch.setenv("PGGUARD_DEMO_PGBIN", "pgserver")
+    assert isinstance(demo.choose_postgres(tmp_path), demo.Embedded)
+    monkeypatch.setenv("PGGUARD_DEMO_PGBIN", str(tmp_path))
+    with pytest.raises(demo.DemoError):
+        demo.choose_postgres(tmp_path)
+
 
 
 def test_demo_config_kept_when_edited(tmp_path):

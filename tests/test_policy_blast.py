@@ -239,3 +239,128 @@ def test_humans_without_limit_and_inserts_unguarded(gproxy, pg, table):
     with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
         c.execute("INSERT INTO blast_t SELECT g, 0 FROM generate_series(10001, 13000) g")
     assert truth(pg) == (ROWS + 3000, ROWS)
+
+
+def test_strict_audit_records_guarded_statements(pg, table, tmp_path):
+    """Under strict durability a guarded statement runs only once its record is on disk,
+    and every one of them (refused by the limit or not) is in the audit."""
+    from conftest import Proxy
+    p = Proxy(pg, tmp_path, audit_extra='durability = "strict"')
+    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
+    p.start()
+    try:
+        with psycopg.connect(p.dsn(), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id > 0")
+            c.execute("UPDATE blast_t SET v = v + 1 WHERE id <= %s", (3,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("DELETE FROM blast_t WHERE id > %s", (0,))
+        assert p.stop() == 0
+    finally:
+        p.stop()
+    assert truth(pg) == (ROWS, 3)
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pgguard", "audit", "sql", "--dir",
+                          str(p.audit_dir), "--json",
+                          "SELECT decision, rule, sqlstate, rows FROM audit WHERE event = "
+                          "'statement' AND statement LIKE '%blast_t%' ORDER BY event_id"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    import json
+    recs = [tuple(r.values()) for r in json.loads(out.stdout)]
+    # each statement's record (written before it ran), and each refusal's outcome
+    assert [r for r in recs if r[0] == "allowed"].__len__() == 3, recs
+    assert [r for r in recs if r[0] == "blocked"] == [
+        ("blocked", "blast-radius", "42501", ROWS), ("blocked", "blast-radius", "42501", ROWS)]
+
+
+FUNCTION_WRITES = [
+    # a function the agent creates, its body narrowed in a way no classifier can judge
+    ["CREATE FUNCTION pg_temp.bump() RETURNS void LANGUAGE sql AS "
+     "'UPDATE blast_t SET v = v + 1 WHERE id > 0'", "SELECT pg_temp.bump()"],
+    ["CREATE FUNCTION pg_temp.wipe(n int) RETURNS int LANGUAGE plpgsql AS "
+     "$$BEGIN DELETE FROM blast_t WHERE id > n; RETURN 1; END$$", "SELECT pg_temp.wipe(0)"],
+    # a function that already exists upstream (its body is not in the session at all)
+    ["SELECT public.blast_bump_all()"],
+    ["SELECT count(*) FROM (SELECT public.blast_bump_all()) x"],
+    ["WITH x AS (SELECT public.blast_bump_all()) SELECT * FROM x"],
+]
+
+
+@pytest.fixture()
+def upstream_function(pg, table):
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("CREATE OR REPLACE FUNCTION public.blast_bump_all() RETURNS int "
+                  "LANGUAGE sql AS 'UPDATE blast_t SET v = v + 1 WHERE v >= 0 RETURNING 1'")
+    yield
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP FUNCTION IF EXISTS public.blast_bump_all()")
+
+
+@pytest.mark.parametrize("stmts", FUNCTION_WRITES)
+def test_functions_that_change_rows_are_measured(gproxy, pg, table, upstream_function, stmts):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        for sql in stmts[:-1]:
+            c.execute(sql)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+            c.execute(stmts[-1])
+        assert "blast-radius" in str(ei.value)
+    assert truth(pg) == before
+
+
+def test_small_function_writes_and_builtins_pass(gproxy, pg, table):
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        c.execute("CREATE FUNCTION pg_temp.bump3() RETURNS void LANGUAGE sql AS "
+                  "'UPDATE blast_t SET v = v + 1 WHERE id <= 3'")
+        c.execute("SELECT pg_temp.bump3()")
+        assert c.execute("SELECT lower('A'), count(*) FROM blast_t").fetchone() == ("a", ROWS)
+    assert truth(pg) == (ROWS, 3)
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE pgg_cat_view SET rolconnlimit = 1",
+    "UPDATE pgg_cat_view SET rolconnlimit = 1 WHERE rolname = 'app'",
+    "DELETE FROM pgg_cat_view WHERE rolname = 'nobody_here'",
+])
+def test_catalog_writes_through_a_view_are_privilege(gproxy, pg, sql):
+    """A view over a system catalog does not launder a catalog write."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("CREATE OR REPLACE VIEW pgg_cat_view AS "
+                  "SELECT rolname, rolconnlimit FROM pg_catalog.pg_authid")
+        before = c.execute("SELECT rolname, rolconnlimit FROM pg_authid ORDER BY 1").fetchall()
+    try:
+        with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+                c.execute(sql)
+            assert "system catalog" in str(ei.value) or "every row" in str(ei.value)
+        with psycopg.connect(pg.dsn(), autocommit=True) as c:
+            assert c.execute("SELECT rolname, rolconnlimit FROM pg_authid ORDER BY 1"
+                             ).fetchall() == before
+    finally:
+        with psycopg.connect(pg.dsn(), autocommit=True) as c:
+            c.execute("DROP VIEW IF EXISTS pgg_cat_view")
+
+
+def test_psycopg_pipeline(gproxy, pg, table):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with c.pipeline():
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (1,))
+                c.execute("SELECT count(*) FROM blast_t WHERE id > %s", (0,))
+                c.execute("DELETE FROM blast_t WHERE id > %s", (0,))
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (2,))
+        assert truth(pg) == before          # the whole implicit transaction rolled back
+        with c.pipeline():
+            for i in range(1, 6):
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (i,))
+            cur = c.execute("SELECT sum(v) FROM blast_t")
+        assert cur.fetchone() == (5,)
+    with psycopg.connect(gproxy.dsn()) as c:             # in a transaction block
+        with c.pipeline():
+            for i in range(1, 4):
+                c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (i,))
+        c.commit()
+    assert truth(pg) == (ROWS, 8)

@@ -457,10 +457,11 @@ def test_execute_decisions_are_not_cached(engine):
 
 # --------------------------------------------------------------------------- explain
 
-def _explain(tmp_path, capsys, sql, identity=None, as_json=False):
+def _explain(tmp_path, capsys, sql, identity=None, as_json=False, check=True):
     path = tmp_path / "pgguard.toml"
     path.write_text(CONFIG)
-    args = argparse.Namespace(config=str(path), identity=identity, json=as_json, sql=sql)
+    args = argparse.Namespace(config=str(path), identity=identity, json=as_json, sql=sql,
+                              check=check)
     rc = explain_main(args)
     out, err = capsys.readouterr()
     return rc, out, err
@@ -473,7 +474,14 @@ def test_explain_table(tmp_path, capsys):
     assert "destructive: DROP INDEX public.orders_pkey" in out
     assert 'decision: BLOCK (rule "guarded-default")' in out
     assert "HINT:" in out
-    assert "guarded-default" in err
+    assert err == ""        # a refusal is the answer, not a failure of the command
+
+
+def test_explain_exits_0_once_explained_unless_check(tmp_path, capsys):
+    for sql, ident in (("DROP INDEX orders_pkey", "ci-agent"), ("SELEC 1", None),
+                       ("DELETE FROM orders WHERE id = 1", None), ("SELECT 1", None)):
+        rc, out, err = _explain(tmp_path, capsys, sql, ident, check=False)
+        assert rc == EXIT_ALLOW and "decision:" in out and err == ""
 
 
 def test_explain_json(tmp_path, capsys):

@@ -176,7 +176,7 @@ def assert_refused(pg, out, mark, *words, sqlstate="42501"):
 SMUGGLED = [
     ("-c standard_conforming_strings=off", "standard_conforming_strings=off"),
     ("--standard-conforming-strings=off", "standard_conforming_strings=off"),
-    ("-c search_path=public -ec standard_conforming_strings=off", "startup option -e"),
+    ("-c statement_timeout=5 -ec standard_conforming_strings=off", "startup option -e"),
     (r"-c sess\ion_replication_role=replica", "startup setting session_replication_role"),
     ("-cSESSION_REPLICATION_ROLE=replica", "startup setting session_replication_role"),
     ("-c\tsession_preload_libraries=auto_explain", "startup setting session_preload_libraries"),
@@ -325,20 +325,19 @@ def test_default_startup_of_each_client_connects(pg, gproxy, client):
 def test_allowed_settings_in_options_reach_the_backend(gproxy, client):
     out = via(client, gproxy,
               options=r"-c statement_timeout=1234 --lock-timeout=4321 "
-                      r"-c search_path=pg_catalog,\ public -cDateStyle=SQL,DMY "
+                      r"-cDateStyle=SQL,DMY "
                       r"-c client_encoding=UTF-8 -c standard_conforming_strings=true",
               sql="SELECT current_setting('statement_timeout'), "
-                  "current_setting('lock_timeout'), current_setting('search_path'), "
+                  "current_setting('lock_timeout'), "
                   "current_setting('DateStyle'), current_setting('client_encoding'), "
                   "current_setting('standard_conforming_strings')")
-    assert out == ("ok", ["1234ms", "4321ms", "pg_catalog, public", "SQL, DMY", "UTF8", "on"])
+    assert out == ("ok", ["1234ms", "4321ms", "SQL, DMY", "UTF8", "on"])
 
 
 DRIVERS = {
     # pgjdbc 42.x getParametersForStartup (assumeMinServerVersion >= 9.0, currentSchema)
     "pgjdbc": {"client_encoding": "UTF8", "DateStyle": "ISO", "TimeZone": "Europe/Berlin",
-               "extra_float_digits": "3", "application_name": "PostgreSQL JDBC Driver",
-               "search_path": "public"},
+               "extra_float_digits": "3", "application_name": "PostgreSQL JDBC Driver"},
     "pgjdbc-old": {"client_encoding": "UTF8", "DateStyle": "ISO", "TimeZone": "GMT-05:00",
                    "extra_float_digits": "2"},
     # node-postgres: its timeouts, then client_encoding (UTF8; older versions 'utf-8')

@@ -3,7 +3,8 @@
 
 Talks to the running proxy's admin API (``[admin] address``/``port``, or ``--url``)
 with the token from the environment variable named by ``[admin] token_env``
-(default ``PGGUARD_ADMIN_TOKEN``).
+(default ``PGGUARD_ADMIN_TOKEN``), else from the file ``[admin] token_file`` (the demo
+writes one, so these commands work in any terminal).
 
 Examples::
 
@@ -13,8 +14,8 @@ Examples::
     pgguard approvals -c pgguard.toml approve 17 --as alice --window 10m
     pgguard approvals -c pgguard.toml deny 17 --as alice --reason "not during the freeze"
 
-``--as`` names the approver (an identity in the config; default: $PGGUARD_APPROVER,
-else your login name). Nobody approves their own request; the approver must be in one
+``--as NAME`` names the approver, an identity in the config. It may be left out only
+when $PGGUARD_APPROVER names one, or your login name is one. Nobody approves their own request; the approver must be in one
 of the rule's ``approvers`` groups, or in ``[admin] groups`` when the rule names none.
 """
 from __future__ import annotations
@@ -71,8 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("id", type=int, help="the approval number (from list)")
         s.add_argument("--as", dest="approver", metavar="NAME", default=None,
-                       help="approve as this identity (default $PGGUARD_APPROVER or your "
-                            "login name)")
+                       help=f"{name} as this identity of the config (default "
+                            "$PGGUARD_APPROVER, else your login name when it is one)")
         s.add_argument("--reason", metavar="TEXT", default=None,
                        help="why (the client sees it when denied)")
         if name == "approve":
@@ -84,15 +85,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 class _Client:
-    def __init__(self, url: str, token: str | None, token_env: str) -> None:
+    def __init__(self, url: str, token: str | None, token_env: str,
+                 token_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.token_env = token_env
+        self.token_file = token_file
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         if not self.token:
-            raise PgguardError(f"environment variable {self.token_env} is not set "
-                               "(the admin token)")
+            where = f"environment variable {self.token_env} is not set"
+            if self.token_file is None:
+                where += " and the config names no [admin] token_file"
+            raise PgguardError(f"no admin token: {where}")
         data = None if body is None else orjson.dumps(body)
         req = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Accept": "application/json",
@@ -116,20 +121,23 @@ class _Client:
 
 def _client(args: argparse.Namespace) -> _Client:
     token_env = "PGGUARD_ADMIN_TOKEN"
+    token = os.environ.get(token_env)
+    token_file = None
     url = getattr(args, "url", None)
     cfg_path = getattr(args, "config", None)
     if cfg_path is None and url is None and os.path.exists("pgguard.toml"):
         cfg_path = "pgguard.toml"
     if cfg_path is not None:
-        from ..config import load
+        from ..config import admin_token, load
         from .hold import admin_url
         cfg = load(cfg_path)
-        token_env = cfg.admin.token_env
+        token_env, token_file = cfg.admin.token_env, cfg.admin.token_file
+        token = admin_token(cfg)
         if url is None:
             url = admin_url(cfg)
     if url is None:
         raise PgguardError("say where the proxy is: -c pgguard.toml or --url URL")
-    return _Client(url, os.environ.get(token_env), token_env)
+    return _Client(url, token, token_env, token_file)
 
 
 def _approver(args: argparse.Namespace) -> str:
@@ -232,7 +240,13 @@ def _cmd_decide(args: argparse.Namespace, api: _Client, out: TextIO) -> int:
         body["reason"] = args.reason
     if getattr(args, "window", None):
         body["window"] = args.window
-    r = api.call("POST", f"/api/approvals/{args.id}/{args.cmd}", body)
+    try:
+        r = api.call("POST", f"/api/approvals/{args.id}/{args.cmd}", body)
+    except PgguardError as e:
+        if args.approver or "unknown approver" not in e.message:
+            raise
+        raise PgguardError(f"{e.message} (without --as the approver is $PGGUARD_APPROVER, "
+                           "else your login name; pass --as NAME)") from None
     if args.json:
         out.write(orjson.dumps(r).decode() + "\n")
         return 0

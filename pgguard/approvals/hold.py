@@ -66,7 +66,7 @@ def notice_fields(req: Request, console_url: str | None = None) -> dict[str, str
     Example: ``notice_fields(req)["message"]`` ->
     ``"waiting for approval #17 (rule orders-need-approval); times out in 5m"``.
     """
-    hint = f"An approver runs: pgguard approvals approve {req.id}"
+    hint = f"An approver runs: pgguard approvals approve {req.id} --as NAME -c CONFIG"
     if console_url:
         hint += f", or uses the web console {console_url}#{req.id}"
     hint += f", or APPROVE {req.id} in the psql admin console (database pgguard)."

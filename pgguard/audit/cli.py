@@ -27,11 +27,10 @@ from typing import Any, TextIO
 import duckdb
 import orjson
 
-from ..config import parse_duration
 from ..cliparse import Parser as _Parser, UsageError as _UsageError
 from ..errors import PgguardError
 from . import storage
-from .query import fetch, open_audit, rows_as_dicts
+from .query import fetch, open_audit, parse_when, rows_as_dicts
 from .record import UTC
 
 
@@ -134,17 +133,7 @@ def _existing(root: Path) -> Path:
     return root
 
 
-def _when(text: str, now: datetime) -> datetime:
-    try:
-        return now - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise PgguardError(f"invalid time {text!r} (use a duration like 7d or a date "
-                           f"like 2024-05-01)") from None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+_when = parse_when
 
 
 def _fmt(v: Any) -> str:

@@ -20,13 +20,16 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
+from ..config import parse_duration
+from ..errors import PgguardError
 from . import storage
-from .record import SCHEMA
+from .record import SCHEMA, UTC
 
 WAL_VIEW_TABLE = "_audit_wal"
 
@@ -115,3 +118,18 @@ def rows_as_dicts(con: duckdb.DuckDBPyConnection, sql: str,
                   params: list | None = None) -> list[dict]:
     names, rows = fetch(con, sql, params)
     return [dict(zip(names, r)) for r in rows]
+
+
+def parse_when(text: str, now: datetime) -> datetime:
+    """``--since`` / ``--until``: a duration back from ``now`` (``7d``, ``12h``) or a date
+    or ISO time (UTC unless it says otherwise). Example: ``parse_when("7d", now)``."""
+    try:
+        return now - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise PgguardError(f"invalid time {text!r} (use a duration like 7d or a date "
+                           f"like 2024-05-01)") from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)

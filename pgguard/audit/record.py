@@ -38,6 +38,11 @@ import msgspec
 import pyarrow as pa
 
 UTC = timezone.utc
+
+# the value in ``flags`` of a statement that only read the system catalogs (psql's \\d
+# queries): audit queries and reports leave such records out with
+# ``NOT coalesce(list_contains(flags, 'introspection'), false)``
+INTROSPECTION = "introspection"
 GENESIS = "0" * 64
 
 # event values (DESIGN §6; "audit_dropped" marks records the batched queue had to drop)

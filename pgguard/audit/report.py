@@ -53,6 +53,7 @@ def gather(con: duckdb.DuckDBPyConnection, since: datetime, until: datetime,
     p: list = []
     summary = _rows(con, """
         SELECT count(*) FILTER (event = 'statement') AS statements,
+               count(*) FILTER (list_contains(flags, 'introspection')) AS introspection,
                count(*) FILTER (decision = 'allowed') AS allowed,
                count(*) FILTER (decision = 'blocked') AS blocked,
                count(*) FILTER (decision = 'approved') AS approved,
@@ -113,6 +114,11 @@ def gather(con: duckdb.DuckDBPyConnection, since: datetime, until: datetime,
         FROM a GROUP BY 1 ORDER BY 1""", p)
     data = ReportData(since, until, source, summary, identities, refusals, approvals, masked,
                       auth, daily)
+    if summary.get("introspection"):
+        data.notes.append(f"{summary['introspection']} of the statements only read the system "
+                          "catalogs (psql's \\d and the like; flag 'introspection'): leave "
+                          "them out of your own queries with NOT coalesce(list_contains("
+                          "flags, 'introspection'), false)")
     if summary.get("dropped_records"):
         data.notes.append(f"{summary['dropped_records']} records were dropped by a full "
                           f"audit queue (batched durability); see event = 'audit_dropped'")

@@ -3,6 +3,7 @@
 # responses so rows of a statement executed without Describe are masked too.
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
 import os
@@ -359,6 +360,96 @@ class MaskState:
         for q in (self.copy_queue, self.copy_bound):
             while q and q[0][0] < self.bseg:
                 q.popleft()
+
+    # -- catalog freshness: rows of a table the catalog does not know (created, or
+    # dropped and created again, since it was read), or read after DDL went through any
+    # worker, wait until the catalog is read again; the session fails if it cannot be
+    held = None                     # backend items (already routed) waiting for it
+    held_raw = None                 # backend items that arrived meanwhile
+    _fresh = None                   # RowDescriptions checked against this catalog
+    _resolved = frozenset()         # OIDs still unknown after a fresh read: not masked
+    _apply = None                   # some mask applies to this identity
+    ddl_pending = False             # DDL sent: the catalog is stale again at commit
+
+    def stale(self, rowdesc: bytes) -> bool:
+        """True when the catalog must be read again before this result's rows leave."""
+        cat = self.catalog
+        if not self.masks_apply() or getattr(cat, "known", None) is None:
+            return False
+        if cat.generation != self.s.server.catalog_signal.generation():
+            return True
+        fresh = self._fresh
+        if fresh is None:
+            fresh = self._fresh = set()
+        elif rowdesc in fresh:
+            return False
+        known, resolved = cat.known, self._resolved
+        if all(t == 0 or t in known or t in resolved
+               for t, _, _, _ in parse_row_description(rowdesc)):
+            if len(fresh) > 2048:
+                fresh.clear()
+            fresh.add(rowdesc)
+            return False
+        return True
+
+    def masks_apply(self) -> bool:
+        """Some configured mask applies to this identity (whatever the catalog holds)."""
+        if self._apply is None:
+            self._apply = any(applies(mk, self.s.identity_name, self.s.identity)
+                              for mk in self.s.server.cfg.masks)
+        return self._apply
+
+    def holding(self, items: list) -> bool:
+        """Keep backend items that arrive while rows wait for the catalog."""
+        if self.held is None:
+            return False
+        self.held_raw.extend(items)
+        return True
+
+    def hold_rows(self, out: list, held: list) -> None:
+        """Send ``out``, keep ``held`` (a stale RowDescription and what follows it) and
+        stop reading the upstream until the catalog is read again."""
+        s = self.s
+        if out:
+            s.client.transport.write(b"".join(out))
+            out.clear()
+        self.held, self.held_raw = held, []
+        s.up.transport.pause_reading()
+        self._resolving = asyncio.get_running_loop().create_task(
+            self._resolve(held[0][1]))
+
+    async def _resolve(self, rowdesc: bytes) -> None:
+        s = self.s
+        need = [t for t, _, _, _ in parse_row_description(rowdesc) if t]
+        try:
+            cat = await s.server.mask_catalog(s.database, need)
+        except Exception as e:      # noqa: BLE001 - fail closed: these rows never leave
+            log.warning("session %s: mask catalog not read (%s); closing", s.id, e)
+            from ..errors import UpstreamUnavailable
+            s.fail(UpstreamUnavailable("pgguard could not read the upstream catalog to "
+                                       "apply masks", detail=str(e)[:300]))
+            return
+        if s.closed:
+            return
+        if cat is not self.catalog:
+            self.catalog = cat
+            self.masks_on = self._apply and bool(cat.columns)
+            self.plans.clear()
+            self._fresh = None
+        if cat.generation == s.server.catalog_signal.generation():
+            # read after every DDL so far and still unknown: created in a transaction
+            # not committed yet, or dropped again; no mask applies to it
+            self._resolved = self._resolved | {o for o in need if o not in cat.known}
+        routed, raw = self.held, self.held_raw
+        self.held = self.held_raw = None
+        s.backend_items(routed, True)
+        if self.held is not None:           # the next result waits again
+            self.held_raw.extend(raw)
+            return
+        if raw:
+            s.backend_items(raw)
+        if self.held is None and not s.closed:
+            s.up.transport.resume_reading()
 
     def _copy_plan(self, msg: bytes) -> None:
         spec = None

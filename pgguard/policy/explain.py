@@ -3,7 +3,7 @@
 
 Usage::
 
-    pgguard explain -c pgguard.toml [--identity NAME] [--json] "SQL"
+    pgguard explain -c pgguard.toml [--identity NAME] [--json] [--check] "SQL"
 
 For every statement: its kind (and the kinds it runs inside), relations written and
 read, functions called, flags with the reason for each, the rule that matched and its
@@ -22,13 +22,14 @@ blast-radius limit, null for none) and ``statements`` (each with ``kind``, ``kin
 [{flag, text}], ``settings`` [[name, value]], ``changes_rows``, ``counted_by_tag``,
 ``rule``, ``action``).
 
-Exit status: 0 the text would be allowed; 3 it would be blocked (including parse errors);
-4 it would wait for an approval; 1 the command itself failed (bad config, unknown
-identity). Examples::
+Exit status: 0 when it explained, whatever the decision (a refusal is an answer, not a
+failure); 1 the command itself failed (bad config, unknown identity). With ``--check``
+(for CI gating) the decision sets it: 0 the text would be allowed; 3 it would be blocked
+(including parse errors); 4 it would wait for an approval. Examples::
 
     $ pgguard explain -c pgguard.toml --identity ci-agent "DROP INDEX orders_pkey"
     $ pgguard explain -c pgguard.toml --json "DELETE FROM orders WHERE 1 = 1" | jq .rule
-    $ pgguard explain -c pgguard.toml "SELECT * FROM orders" && echo allowed
+    $ pgguard explain -c pgguard.toml --check "SELECT * FROM orders" && echo allowed
 """
 from __future__ import annotations
 
@@ -147,7 +148,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         _print_table(report, sys.stdout)
     sys.stdout.flush()
-    if d.action == "allow":
+    if d.action == "allow" or not getattr(args, "check", False):
         return EXIT_ALLOW
-    print(f"pgguard explain: {d.message}", file=sys.stderr)
     return EXIT_APPROVE if d.action == "approve" else EXIT_BLOCK

@@ -50,7 +50,7 @@ import msgspec
 import orjson
 from pglast import parser as _pg
 
-from .classify import Statement, classify
+from .classify import FLAGS, Reason, Statement, classify, is_system_relation
 
 __all__ = ["ViewMap", "SessionViews", "learned", "CATALOG_KINDS"]
 
@@ -149,9 +149,17 @@ class ViewMap:
         r = self._names(st.relations_read)
         if w is None and r is None:
             return st
+        changes = {}
+        # a write that reaches a system catalog through a view is a catalog write
+        hidden = [n for n in (w or ()) if n not in st.relations_written
+                  and is_system_relation(n)]
+        if hidden and "privilege" not in st.flags:
+            changes["flags"] = tuple(f for f in FLAGS if f in st.flags or f == "privilege")
+            changes["reasons"] = st.reasons + (Reason(
+                "privilege", f"writes {hidden[0]} (a system catalog) through a view"),)
         return msgspec.structs.replace(
             st, relations_written=st.relations_written if w is None else w,
-            relations_read=st.relations_read if r is None else r)
+            relations_read=st.relations_read if r is None else r, **changes)
 
     def _names(self, names: tuple[str, ...]) -> tuple[str, ...] | None:
         edges = self.edges

@@ -1,0 +1,356 @@
+# No parking: which masked columns a statement reads (pglast parse tree against the mask
+# catalog), refusing statements that would move them anywhere but straight to the client.
+"""Column-level read analysis for masked identities.
+
+A masked column may leave the database only in a result row, where the wire masks it.
+A statement that reads one and puts what it read somewhere else (a table, a view, a
+setting, a large object, a cursor kept past the transaction, a function body, a server
+file) would let a later plain read return it in clear, so it is refused::
+
+    INSERT INTO t SELECT ssn FROM customers           -- refused: parks ssn in t
+    CREATE TEMP TABLE t AS SELECT * FROM customers    -- refused: * reads ssn
+    SELECT set_config('x.y', ssn, false) FROM customers
+    INSERT INTO t SELECT id, name FROM customers      -- passes: no masked column read
+
+Reading is judged by syntax, over the whole tree (subqueries, CTEs, PREPARE, EXPLAIN):
+a ColumnRef naming a masked column (qualified by a masked table's name or alias, or
+unqualified), ``*`` / ``alias.*`` over a masked table, a whole-row reference to one
+(``SELECT c FROM customers c``, ``row_to_json(c)``), ``JOIN ... USING (ssn)`` and
+NATURAL JOIN. Any reference counts, wherever it is (a WHERE that selects rows by a
+masked value copies it a bit at a time). Names are compared conservatively: scopes are
+not separated, an unqualified column named like a masked one counts as masked, and a
+table named without a schema counts as the masked table of that name in any schema.
+Bodies that cannot be read column by column (DO blocks, function bodies) and dynamic
+SQL (the ``opaque`` flag) are refused when they read a masked table at all, or could.
+
+Planner statistics keep sample values of every analysed column (``pg_stats``:
+``most_common_vals``, ``histogram_bounds``, ``most_common_elems``; the extended and
+raw forms alike). A result row of pg_stats does not say on the wire which table it
+describes, so reading those value columns is refused to masked identities outright;
+the other statistics (``null_frac``, ``n_distinct``, ``correlation``...) stay readable.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import orjson
+from pglast import parser as _pg
+
+from .wire import applies
+
+# functions that keep their argument in the session or the database
+SINK_FUNCS = frozenset({"set_config", "lo_from_bytea", "lo_put", "lowrite", "lo_import",
+                        "lo_export", "dblink_exec", "dblink", "pg_logical_emit_message"})
+# DECLARE ... WITH HOLD (CURSOR_OPT_HOLD): the result is materialized and kept
+_CURSOR_OPT_HOLD = 0x0020
+# statements whose target relation is a plain field, not a RangeVar node
+_TARGETED = frozenset({"UpdateStmt", "DeleteStmt", "MergeStmt", "InsertStmt"})
+# value-carrying columns of the statistics relations (pg_catalog)
+STATS_VALUES = {
+    "pg_stats": frozenset({"most_common_vals", "histogram_bounds", "most_common_elems"}),
+    "pg_stats_ext": frozenset({"most_common_vals", "most_common_val_nulls"}),
+    "pg_stats_ext_exprs": frozenset({"most_common_vals", "histogram_bounds",
+                                     "most_common_elems", "expr"}),
+    "pg_statistic": frozenset({f"stavalues{i}" for i in range(1, 6)}),
+    "pg_statistic_ext_data": frozenset({"stxdmcv", "stxdexpr"}),
+}
+
+
+def masked_names(catalog, identity_name: str, identity) -> dict[str, frozenset[str]]:
+    """{schema.table: masked column names} of the masks that apply to this identity
+    (cached on the catalog object, which is replaced when it is read again)."""
+    memo = catalog.__dict__.setdefault("_parking", {})
+    hit = memo.get(identity_name)
+    if hit is None:
+        cols: dict[str, set[str]] = {}
+        for (oid, attnum), mk in catalog.columns.items():
+            if not applies(mk, identity_name, identity):
+                continue
+            table, attrs = catalog.tables.get(oid, (None, ()))
+            name = next((n for a, n in attrs if a == attnum), None)
+            if table is not None and name is not None:
+                cols.setdefault(table, set()).add(name)
+        hit = memo[identity_name] = {t: frozenset(c) for t, c in cols.items()}
+    return hit
+
+
+class _Reads:
+    """What one parse tree reads: range variables, column references, USING lists."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[str | None, str, str | None]] = []   # schema, rel, alias
+        self.refs: list[list[str]] = []        # ColumnRef fields, "*" for A_Star
+        self.using: list[str] = []
+        self.natural = False
+        self.funcs: set[str] = set()
+        self.hold = False
+        self.rule_on: list[tuple[str | None, str]] = []   # CREATE RULE/TRIGGER relation
+
+    @staticmethod
+    def only_rules(reads: _Reads) -> _Reads:
+        r = _Reads()
+        r.rule_on = reads.rule_on
+        return r
+
+    def walk(self, node) -> None:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, list):
+                stack.extend(n)
+                continue
+            if not isinstance(n, dict):
+                continue
+            for k, v in n.items():
+                if k == "RangeVar":
+                    alias = v.get("alias", {}).get("aliasname")
+                    self.ranges.append((v.get("schemaname"), v["relname"], alias))
+                elif k == "ColumnRef":
+                    self.refs.append([f["String"]["sval"] if "String" in f else "*"
+                                      for f in v.get("fields", [])])
+                elif k == "JoinExpr":
+                    self.natural |= bool(v.get("isNatural"))
+                    self.using.extend(u["String"]["sval"] for u in v.get("usingClause", [])
+                                      if "String" in u)
+                elif k == "FuncCall":
+                    names = v.get("funcname", [])
+                    if names and "String" in names[-1]:
+                        self.funcs.add(names[-1]["String"]["sval"].lower())
+                elif k == "DeclareCursorStmt":
+                    self.hold |= bool(v.get("options", 0) & _CURSOR_OPT_HOLD)
+                elif k in _TARGETED and "relation" in v:     # the target's columns too
+                    rel = v["relation"]
+                    alias = rel.get("alias", {}).get("aliasname")
+                    self.ranges.append((rel.get("schemaname"), rel.get("relname", ""), alias))
+                if k in ("RuleStmt", "CreateTrigStmt"):
+                    rel = v.get("relation", {})
+                    self.rule_on.append((rel.get("schemaname"), rel.get("relname", "")))
+                stack.append(v)
+
+
+def _masked_scope(reads: _Reads, masked: dict[str, frozenset[str]]):
+    """{name or alias a masked table goes by here: (table, its masked columns)}."""
+    by_rel: dict[str, list[str]] = {}
+    for table in masked:
+        by_rel.setdefault(table.split(".", 1)[1], []).append(table)
+    scope: dict[str, list[str]] = {}
+    for schema, rel, alias in reads.ranges:
+        tables = [f"{schema}.{rel}"] if schema else by_rel.get(rel, [])
+        tables = [t for t in tables if t in masked]
+        for t in tables:
+            for name in {alias, rel, f"{schema}.{rel}" if schema else None} - {None}:
+                scope.setdefault(name, []).append(t)
+    for schema, rel in reads.rule_on:          # NEW / OLD of a rule or trigger on it
+        tables = [f"{schema}.{rel}"] if schema else by_rel.get(rel, [])
+        for t in (t for t in tables if t in masked):
+            for name in ("new", "old"):
+                scope.setdefault(name, []).append(t)
+    return scope
+
+
+def masked_reads(reads: _Reads, masked: dict[str, frozenset[str]]) -> list[str]:
+    """schema.table.column of every masked column the tree reads (sorted)."""
+    scope = _masked_scope(reads, masked)
+    if not scope:
+        return []
+    in_scope = {t for ts in scope.values() for t in ts}
+    hits: set[str] = set()
+
+    def every(tables) -> None:
+        hits.update(f"{t}.{c}" for t in tables for c in masked[t])
+
+    for fields in reads.refs:
+        if not fields:
+            continue
+        last = fields[-1]
+        if len(fields) == 1:
+            if last == "*":
+                every(in_scope)
+            elif last in scope:                 # a whole row: SELECT c FROM customers c
+                every(scope[last])
+            else:
+                hits.update(f"{t}.{last}" for t in in_scope if last in masked[t])
+            continue
+        qual = ".".join(fields[:-1])
+        tables = scope.get(qual) or scope.get(fields[-2], [])
+        if last == "*":
+            every(tables)
+        else:
+            hits.update(f"{t}.{last}" for t in tables if last in masked[t])
+    for name in reads.using:
+        hits.update(f"{t}.{name}" for t in in_scope if name in masked[t])
+    if reads.natural:
+        every(in_scope)
+    return sorted(hits)
+
+
+def stats_reads(reads: _Reads) -> list[str]:
+    """Value columns of the planner statistics the tree reads."""
+    scope: dict[str, str] = {}
+    for schema, rel, alias in reads.ranges:
+        if rel in STATS_VALUES and schema in (None, "pg_catalog"):
+            for name in {alias, rel} - {None}:
+                scope[name] = rel
+    if not scope:
+        return []
+    hits: set[str] = set()
+    rels = set(scope.values())
+    for fields in reads.refs:
+        if not fields:
+            continue
+        last = fields[-1]
+        tables = rels if len(fields) == 1 else {scope[fields[-2]]} \
+            if fields[-2] in scope else set()
+        if len(fields) == 1 and last in scope:
+            tables, last = {scope[last]}, "*"
+        for rel in tables:
+            if last == "*":
+                hits.update(f"pg_catalog.{rel}.{c}" for c in STATS_VALUES[rel])
+            elif last in STATS_VALUES[rel]:
+                hits.add(f"pg_catalog.{rel}.{last}")
+    if reads.natural:
+        hits.update(f"pg_catalog.{rel}.*" for rel in rels)
+    return sorted(hits)
+
+
+def _sink(st, reads: _Reads) -> str | None:
+    """Where this statement puts what it reads, other than the client (None: nowhere)."""
+    if st.relations_written:
+        return "writes " + ", ".join(st.relations_written)
+    if "create" in st.kinds:
+        return "creates an object that keeps what it reads"
+    funcs = sorted(reads.funcs & SINK_FUNCS)
+    if funcs:
+        return "calls " + ", ".join(f"{f}()" for f in funcs)
+    if reads.hold:
+        return "declares a cursor WITH HOLD (its rows outlive the transaction)"
+    if "escape" in st.flags:
+        return "sends data outside the database"
+    return None
+
+
+def _refusal(d, st, what: str, detail: str, hint: str):
+    from ..policy.rules import Decision
+    return Decision(action="block", rule="masking",
+                    message=f'pgguard: statement refused by rule "masking": {what}',
+                    detail=detail, hint=hint, statements=d.statements,
+                    verdicts=d.verdicts, index=d.statements.index(st) if st in
+                    d.statements else -1)
+
+
+_HINT = ("Masked columns may only be read straight back to the client, where they are "
+         "masked. Leave them out of statements that write, create objects, set settings "
+         "or large objects, or keep cursors; or ask an identity exempt from the mask.")
+
+
+class _ColumnGlobs:
+    """The masked columns of a table the catalog does not know yet (created since it was
+    read): every column name a mask's column glob matches."""
+
+    def __init__(self, globs: tuple[str, ...]) -> None:
+        self.globs = globs
+
+    def __contains__(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in self.globs)
+
+    def __iter__(self):
+        return iter(self.globs)
+
+
+def _by_glob(d, masked: dict, globs) -> dict:
+    """``masked`` plus the relations this text names that match a mask's table glob but
+    the catalog has not seen (the catalog is read again only when their rows come)."""
+    extra: dict[str, list[str]] = {}
+    for st in d.statements:
+        for r in st.relations_read + st.relations_written:
+            if r in masked:
+                continue
+            for table_glob, col_glob in globs:
+                if fnmatch.fnmatchcase(r, table_glob):
+                    extra.setdefault(r, []).append(col_glob)
+    if not extra:
+        return masked
+    return {**masked, **{r: _ColumnGlobs(tuple(g)) for r, g in extra.items()}}
+
+
+def check(d, sql: str, masked: dict[str, frozenset[str]], globs=()):
+    """A refusal Decision when the allowed decision ``d`` for ``sql`` would park values
+    of masked columns (or read statistics sample values); None when it may run.
+    ``globs``: (table glob, column glob) of the masks that apply, for tables created
+    since the catalog was read."""
+    masked = _by_glob(d, masked, globs)
+    names = set(masked)
+    bare = {t.split(".", 1)[1] for t in names}
+    if not any(r in names or r.split(".", 1)[-1] in bare or r.split(".", 1)[-1] in
+               STATS_VALUES or "opaque" in st.flags
+               for st in d.statements
+               for r in st.relations_read + st.relations_written + ("",)):
+        return None                 # reads nothing masked: nothing to park
+    try:
+        stmts = orjson.loads(_pg.parse_sql_json(sql)).get("stmts", [])
+    except Exception:       # noqa: BLE001 - the policy parsed it; never let it pass unread
+        stmts = None
+    if stmts is None or len(stmts) != len(d.statements):
+        if any(r in names for st in d.statements for r in st.relations_read):
+            return _refusal(d, None, "pgguard could not analyse which masked columns "
+                            "this statement reads", "the statement reads a table with "
+                            "masked columns", _HINT)
+        return None
+    for st, raw in zip(d.statements, stmts):
+        reads = _Reads()
+        reads.walk(raw.get("stmt"))
+        stats = stats_reads(reads)
+        if stats and (names or globs):
+            return _refusal(
+                d, st, "planner statistics hold sample values of masked columns",
+                f"reads {', '.join(stats)}",
+                "Read the statistics without their values (null_frac, n_distinct, "
+                "correlation, avg_width), or ask an identity exempt from the masks.")
+        if not names:
+            continue
+        touched = sorted(r for r in st.relations_read + st.relations_written
+                         if r in names or r.split(".", 1)[-1] in bare and
+                         r.startswith("public."))
+        opaque = "opaque" in st.flags
+        if opaque or touched and (st.kind in ("do", "call") or _creates_code(raw)):
+            seen = ", ".join(touched) or "SQL pgguard cannot see into"
+            return _refusal(
+                d, st, f"{st.kind.upper()} runs code whose data flow pgguard cannot "
+                "follow, over tables with masked columns",
+                f"statement kind: {st.kind}; reads {seen}"
+                + ("; opaque: " + "; ".join(st.reasons_for("opaque")) if opaque else ""),
+                "Run the SELECT itself: DO blocks, procedures, functions and dynamic SQL "
+                "may not read tables with masked columns for a masked identity.")
+        if _masked_scope(_Reads.only_rules(reads), masked):
+            return _refusal(
+                d, st, "a trigger or rule on a table with masked columns sees every "
+                "masked value", f"statement kind: {st.kind}; on "
+                + ", ".join(f"{s or 'public'}.{r}" for s, r in reads.rule_on), _HINT)
+        sink = _sink(st, reads)
+        if sink is None:
+            continue
+        cols = masked_reads(reads, masked)
+        if cols:
+            return _refusal(
+                d, st, f"{st.kind.upper()} would move values of masked column "
+                f"{cols[0]} out of reach of masking",
+                f"statement kind: {st.kind}; reads masked column(s) {', '.join(cols)}; "
+                f"{sink}", _HINT)
+    return None
+
+
+def _creates_code(raw) -> bool:
+    s = raw.get("stmt", {})
+    return any(k in s for k in ("CreateFunctionStmt", "DoStmt", "CallStmt"))
+
+
+def judge(session, d, sql: str):
+    """``d``, or the refusal that replaces it for this session's masked identity."""
+    mask = session.masking
+    if not mask.masks_apply():
+        return d
+    name, ident = session.identity_name, session.identity
+    masked = masked_names(mask.catalog, name, ident)
+    globs = [tuple(mk.column.rsplit(".", 1)) for mk in session.server.cfg.masks
+             if applies(mk, name, ident) and mk.column.count(".") >= 2]
+    return check(d, sql, masked, globs) or d
