@@ -501,7 +501,7 @@ max_rows = 1
 """)
     c = connect(p.port)
     try:
-        msgs = c.run("UPDATE customers SET city = upper(city) WHERE email LIKE '%@%'")
+        msgs = c.run("UPDATE customers SET city = upper(city) WHERE id > 0")
     finally:
         c.close()
     (err,) = rawpg.errors(msgs)
