@@ -3,17 +3,18 @@
 # the backend rewrite that turns a refusal's upstream error into the client's 42501.
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import struct
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
 from .errors import ProtocolViolation
 from .masking import parking
-from .masking.wire import MASK_BACKEND
+from .masking.wire import MASK_BACKEND, PENDING
 from .policy.views import CATALOG_KINDS
 from .protocol import messages as m
 
@@ -188,6 +189,9 @@ class Enforcement:
     def _on_query(self, msg: bytes, out: list, later: list = ()) -> None:
         d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None
         if d is None or d.action == "allow":
+            if self.masking is not None and self._lineage_wait(d, msg, 5, len(msg) - 1, (),
+                                                               out):
+                return
             plan = None
             if self.guard is not None:
                 self.guard.on_query()
@@ -223,25 +227,28 @@ class Enforcement:
         the columns of a COPY (query)."""
         mask = self.masking
         reads = _reads_masked(self, d)
+        lin = mask.lineage_now(msg[5:-1], d)
+        rows_reads = reads or _rows_unseen(d)
         if d is not None and any(st.kind == "copy" for st in d.statements):
             specs = _copy_specs(mask, msg[5:-1].decode("utf-8", "replace"), reads)
             if isinstance(specs, str):
                 self._inject_refusal(_copy_refusal(specs, d), out, extended=False,
                                      sql=msg[5:-1])
                 return False
-            seg = mask.fseg
-            mask.frontend(81, msg, reads)
+            mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
+            mask.query_copies(specs)
             mask.fseg += 1
             if any(sp[0] == "query" for sp in specs):
-                # COPY (query): learn its columns first (side connection), then run it
-                self._hold_for_copy_plan(msg, out, seg, specs)
+                # COPY (query): learn its columns first (side connection), then run it;
+                # the specs are completed in place (the Query's plan holds the list)
+                self._hold_for_copy_plan(msg, out, specs)
                 return False
-            mask.copy_queue.extend((seg, sp) for sp in specs)
             return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
             self.server.catalog_changed(self.database, self)
-        mask.frontend(81, msg, reads)
+            mask.forget_lineage()
+        mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
         mask.fseg += 1
         return True
 
@@ -259,9 +266,30 @@ class Enforcement:
             self._hold_for_copy_parse(msg, out, name, specs[0], reads, d)
             return True
         out.append(msg)
-        out.append(mask.frontend(80, msg, reads))
-        mask.copy_stmts[name] = specs[0] if specs else None
+        out.append(mask.frontend(80, msg, _reads_masked(self, d, True)))
+        mask.parsed_copy(specs[0] if specs else None)
         return True
+
+    def _lineage_wait(self, d, msg: bytes, start: int, end: int, oids: tuple,
+                      out: list) -> bool:
+        """Masking needs the planner's lineage of a statement it has not seen: hold the
+        stream (what came before goes on) until it is known, then take the message up
+        again. False when it is known already (or not needed)."""
+        if self.masking.lineage_now(msg[start:end], d, oids) is not PENDING:
+            return False
+        self._begin_hold(out, [])
+        task = asyncio.get_running_loop().create_task(
+            self._lineage_then(d, msg, start, end, oids))
+        self.approval = [task, None]
+        return True
+
+    async def _lineage_then(self, d, msg: bytes, start: int, end: int, oids: tuple) -> None:
+        await self.masking.lineage_load(msg[start:end], d, oids)
+        self.approval = None
+        if self.closed:
+            return
+        self.held_items.insert(0, (msg[0], msg))
+        self._release_hold([])
 
     def _on_parse(self, msg: bytes, out: list) -> None:
         try:
@@ -272,15 +300,23 @@ class Enforcement:
             return
         d = self._decide(msg, pos, end) if self.policy is not None else None
         if d is None or d.action == "allow":
-            if self.masking is None:
-                out.append(msg)
-            elif d is not None and any(st.kind == "copy" for st in d.statements):
+            lin = None
+            if self.masking is not None and d is not None and any(
+                    st.kind == "copy" for st in d.statements):
+                # a COPY: its plan is the COPY's spec (no lineage of its own)
                 if not self._mask_parse_copy(d, msg, name.encode() if isinstance(name, str)
                                              else name, msg[pos:end], out):
                     return
             else:
+                if self.masking is not None:
+                    oids = _param_oids(msg, end + 1)
+                    if self._lineage_wait(d, msg, pos, end, oids, out):
+                        return
+                    lin = self.masking.lineage_now(msg[pos:end], d, oids)
                 out.append(msg)
-                out.append(self.masking.frontend(80, msg, _reads_masked(self, d)))
+                if self.masking is not None:
+                    out.append(self.masking.frontend(80, msg, _reads_masked(self, d, True),
+                                                     lin))
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, 0))
             if name and d is not None and self.prepared is not None and d.statements:
@@ -440,8 +476,6 @@ class Enforcement:
                     target, d, extended, seen, _ = refusals.popleft()
                     if not seen and self.tracker is not None:
                         self.tracker.refusal_ignored()
-                    if not seen and mask is not None:
-                        mask.fseg -= 1                   # its Query got no ReadyForQuery
                     drop = seen and extended             # answered our injected Query
                 if self.tracker is not None:
                     self.tracker.on_backend(t, msg)
@@ -493,10 +527,32 @@ _ROLE_KINDS = frozenset({"set", "reset", "discard"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9 _.,:;()=<>*/+\"-]")
 
 
-def _reads_masked(session, d) -> bool:
+def _param_oids(msg: bytes, pos: int) -> tuple:
+    """The parameter type OIDs a Parse declares (after its query string)."""
+    try:
+        (n,) = struct.unpack_from("!h", msg, pos)
+        return struct.unpack_from(f"!{n}I", msg, pos + 2) if n > 0 else ()
+    except struct.error:
+        return ()
+
+
+def _reads_masked(session, d, rows: bool = False) -> bool:
+    """Whether the statement reads a relation with masked columns (the classifier's
+    view); ``rows``: or returns rows whose sources it cannot see."""
     names = session.masking.catalog.names
     return d is not None and any(r in names for st in d.statements
-                                 for r in st.relations_read + st.relations_written)
+                                 for r in st.relations_read + st.relations_written) or (
+        rows and _rows_unseen(d))
+
+
+# statements whose result rows come from SQL the classifier does not see (a procedure's
+# OUT parameters, a prepared statement run by name): their computed columns are masked
+_UNSEEN_ROWS = frozenset({"call", "execute"})
+
+
+def _rows_unseen(d) -> bool:
+    return d is not None and (len(d.statements) > 1 or any(
+        st.kind in _UNSEEN_ROWS for st in d.statements))
 
 
 def _changes(st) -> bool:
@@ -585,7 +641,7 @@ def _bad_utf8_offset(raw: bytes) -> int:
 
 
 def _now():
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _is_marker(msg: bytes) -> bool:

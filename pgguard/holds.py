@@ -12,6 +12,11 @@ from .protocol import messages as m
 
 log = logging.getLogger("pgguard.session")
 
+# what a session may send while a statement of it is held (waiting for an approval, a
+# durable audit record, a catalog lookup): past this, its socket is not read until the
+# hold ends (the kernel's buffers, then the client, wait)
+HOLD_BYTES = 1 << 20
+
 
 class Holds:
     """Session mixin: approval holds and strict-audit holds."""
@@ -25,6 +30,7 @@ class Holds:
             out.clear()
         self.held = held
         self.held_items = []
+        self.held_bytes = 0
         self._hold_more(list(later))
         self.client_pipe.divert = True
 
@@ -34,10 +40,16 @@ class Holds:
         items = self.held_items
         self.held = self.held_items = None
         self.client_pipe.divert = False
+        if self.held_bytes > HOLD_BYTES:
+            t = self.client.transport
+            if t is not None and not t.is_closing() and self.violation is None:
+                t.resume_reading()
+        self.held_bytes = 0
         if out:
             self.up.transport.write(b"".join(out))
         if items:
             self.client_items(items)
+        self.flush_poison()
 
     # -- approvals: a statement held until a human decides
     def _hold_for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,
@@ -115,27 +127,27 @@ class Holds:
 
 
     # -- COPY (query) under masking: learn the query's columns before it runs
-    def _hold_for_copy_plan(self, msg: bytes, out: list, seg: int, specs: list) -> None:
-        """specs: enforce._copy_specs of the Query msg (segment seg); its COPY (query)
-        entries are resolved on the side connection, then the Query goes upstream."""
+    def _hold_for_copy_plan(self, msg: bytes, out: list, specs: list) -> None:
+        """specs: enforce._copy_specs of the Query msg (the list its queued plan holds);
+        its COPY (query) entries are resolved on the side connection, then the Query goes
+        upstream."""
         self._begin_hold(out, [])
-        task = asyncio.get_running_loop().create_task(self._copy_plan(msg, seg, specs))
+        task = asyncio.get_running_loop().create_task(self._copy_plan(msg, specs))
         self.approval = [task, None]
 
-    async def _copy_plan(self, msg: bytes, seg: int, specs: list) -> None:
+    async def _copy_plan(self, msg: bytes, specs: list) -> None:
         from .sideconn import describe
         out: list[bytes] = []
         mask = self.masking
         try:
-            done = []
-            for sp in specs:
+            for i, sp in enumerate(specs):
                 if sp[0] == "query":
                     _, query, fmt, opts = sp
                     desc = await describe(self.server, self.database,
                                           f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
-                    sp = mask.copy_query_spec(desc, fmt, opts)
-                done.append(sp)
-            mask.copy_queue.extend((seg, sp) for sp in done)
+                    await mask.lineage_load(query.encode(), None)
+                    # in place: the Query's plan (queued already) holds this list
+                    specs[i] = mask.copy_query_spec(desc, fmt, opts, query)
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
             from .policy.rules import Decision
@@ -169,9 +181,10 @@ class Holds:
         try:
             desc = await describe(self.server, self.database,
                                   f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
+            await mask.lineage_load(query.encode(), None)
             # its read counts first: a computed column of masked data is masked whole
             injected = mask.frontend(80, msg, reads)
-            mask.copy_stmts[name] = mask.copy_query_spec(desc, fmt, opts)
+            mask.parsed_copy(mask.copy_query_spec(desc, fmt, opts, query))
             out.append(msg)
             out.append(injected)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
@@ -198,12 +211,27 @@ class Holds:
         fut.add_done_callback(self._record_durable)
 
     def _hold_more(self, items: list) -> None:
-        self.held_items.extend(items)
+        held = self.held_items
+        n = len(held)
+        held.extend(items)
         scan = self.fscan
         rest = scan.take_rest()
         while rest is not None:         # keep stream order: nothing may be scanned ahead
-            self.held_items.extend(scan.feed(rest))
+            held.extend(scan.feed(rest))
             rest = scan.take_rest()
+        self._count_held(held, n)
+
+    def _count_held(self, held: list, start: int) -> None:
+        """The one place that bounds what a session buffers while held: past
+        HOLD_BYTES, its socket is not read until the hold ends."""
+        size = 0
+        for it in held[start:]:
+            size += len(it) if it.__class__ is bytes else len(it[1])
+        self.held_bytes += size
+        if self.held_bytes > HOLD_BYTES:        # (again: a drained upstream resumes it)
+            t = self.client.transport
+            if t is not None and not t.is_closing():
+                t.pause_reading()
 
     def _record_durable(self, fut) -> None:
         if self.closed:

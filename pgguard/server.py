@@ -28,8 +28,12 @@ from .protocol import messages as m
 
 log = logging.getLogger("pgguard.server")
 
-# bound of each decision map (by message, by shape) per identity and database
+# bound of each decision map (by message, by shape) per identity and database: entries,
+# and bytes of the keys (statement texts); a text longer than DECISION_TEXT_MAX is
+# judged each time rather than kept (likely unique, and each would cost its size)
 DECISIONS_PER_IDENTITY = 10_000
+DECISION_BYTES = 16 << 20
+DECISION_TEXT_MAX = 64 * 1024
 # catalog knowledge of the policy, per database: the view map is read again after
 # VIEW_MAP_TTL (or DDL), a function found by OID is kept FUNCTION_TTL (or until DDL);
 # views a session announced stay in the map LEARNED_TTL whatever the catalog says
@@ -531,15 +535,13 @@ class Server:
                 or not CATALOG_KINDS.isdisjoint(s.kinds) for s in d.statements):
             return
         exact, shapes = cache
-        if len(exact) >= DECISIONS_PER_IDENTITY:
-            exact.clear()
-        exact[msg] = d
+        if len(msg) > DECISION_TEXT_MAX:
+            return
+        _bounded_put(exact, msg, d, len(msg))
         if key is not None and d.statements and all(
                 s.kind in SHAREABLE_KINDS and not s.literal_dependent
                 and all(k in SHAREABLE_KINDS for k in s.kinds) for s in d.statements):
-            if len(shapes) >= DECISIONS_PER_IDENTITY:
-                shapes.clear()
-            shapes[key] = d
+            _bounded_put(shapes, key, d, len(key))
 
     # -- sessions
     def next_session_id(self) -> str:
@@ -668,6 +670,24 @@ class Server:
         await asyncio.sleep(0)
 
 
+# bytes of the keys held by each decision map (by id: the maps are plain dicts, shared
+# with the compiled pipes, and live as long as the process)
+_map_bytes: dict[int, int] = {}
+
+
+def _bounded_put(d: dict, key: bytes, value, size: int) -> None:
+    """d[key] = value within DECISIONS_PER_IDENTITY entries and DECISION_BYTES of keys
+    (past either, the map starts over)."""
+    if len(_map_bytes) > 100_000:
+        _map_bytes.clear()          # per-session maps come and go: only accounting lost
+    used = _map_bytes.get(id(d), 0) + size + 120
+    if len(d) >= DECISIONS_PER_IDENTITY or used > DECISION_BYTES:
+        d.clear()
+        used = size + 120
+    _map_bytes[id(d)] = used
+    d[key] = value
+
+
 class _ViewState:
     """The view map of one database and its refresh state."""
 
@@ -777,6 +797,9 @@ def run(cfg: Config, workers: int = 1) -> int:
     for s in listen_sockets(cfg, reuseport=False):
         s.close()
     cancel_key = secrets.token_bytes(32)
+    # one login-throttling table for every worker (and every worker started later)
+    from .auth import throttle
+    throttle.share()
     _install_uvloop()
     signal_map = CatalogSignal(workers)     # shared by the workers forked below
     if workers == 1:
@@ -784,12 +807,23 @@ def run(cfg: Config, workers: int = 1) -> int:
     return _run_workers(cfg, workers, cancel_key, signal_map)
 
 
+# a worker that dies is replaced; one dying again sooner than this after its start waits
+# this long first (a crash loop must not spin)
+RESPAWN_BACKOFF = 1.0
+
+
 def _run_workers(cfg: Config, workers: int, cancel_key: bytes,
                  catalog_signal: CatalogSignal) -> int:
-    children: dict[int, int] = {}
-    for i in range(workers):
+    """Fork the workers and supervise them: forward SIGTERM/SIGINT, and replace a
+    worker that dies (a crash, kill -9) until the proxy is told to stop."""
+    children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started)
+    stopping = False
+
+    def spawn(i: int) -> None:
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
             code = 1
             try:
@@ -797,9 +831,14 @@ def _run_workers(cfg: Config, workers: int, cancel_key: bytes,
                                           catalog_signal=catalog_signal))
             finally:
                 os._exit(code)
-        children[pid] = i
+        children[pid] = (i, time.monotonic())
+
+    for i in range(workers):
+        spawn(i)
 
     def forward(sig, _frame):
+        nonlocal stopping
+        stopping = True
         for pid in children:
             try:
                 os.kill(pid, sig)
@@ -816,11 +855,21 @@ def _run_workers(cfg: Config, workers: int, cancel_key: bytes,
             break
         except InterruptedError:
             continue
-        children.pop(pid, None)
+        entry = children.pop(pid, None)
+        if entry is None:
+            continue
         code = os.waitstatus_to_exitcode(st)
-        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-            log.error("worker pid %d exited with %d", pid, code)
-            status = 1
+        if stopping:
+            if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                log.error("worker pid %d exited with %d", pid, code)
+                status = 1
+            continue
+        i, started = entry
+        log.error("worker %d (pid %d) exited with %d; starting a new one", i, pid, code)
+        if time.monotonic() - started < RESPAWN_BACKOFF:
+            time.sleep(RESPAWN_BACKOFF)
+        if not stopping:
+            spawn(i)
     return status
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NoReturn
 
 from ._core import FrameError, FrameReader, MessageScan, Pipe
+from ._core.relay import StreamedPrefix
 from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
 from .protocol import messages as m
@@ -28,15 +29,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgguard.session")
 
-# startup packets are small; Postgres caps them at 10000 bytes
-MAX_STARTUP_PACKET = 10000
+# startup packets are small; Postgres caps their body (after the length) at 10000 bytes
+MAX_STARTUP_PACKET = 10000 + 4
 MAX_AUTH_MESSAGE = 65536
+# Postgres' own bound on a frontend message (PQ_LARGE_MESSAGE_LIMIT, length included)
+PG_MAX_MESSAGE = 0x3FFFFFFE
+# after a malformed frame, how long the upstream has to answer what came before it
+# and close (it always does: Postgres ends the connection on such bytes)
+VIOLATION_GRACE = 30.0
+# of a message streamed past [limits] max_message_size, what the audit keeps
+STREAM_KEEP = 1 << 20
 
 
 # session phases
 PH_STARTUP = 0
 PH_RELAY = 1
 PH_CLOSED = 2
+
+
+class SilentClose(Exception):
+    """Bytes Postgres drops the connection on without a word (a startup packet of
+    impossible length, a frame of impossible length): log, close, answer nothing."""
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -85,7 +98,10 @@ class ClientProtocol(asyncio.Protocol):
             try:
                 msg = self.reader.next_message()
             except FrameError as e:
-                raise ProtocolViolation(f"invalid startup packet: {e.args[0]}") from None
+                # a length Postgres refuses: a startup packet's is logged and the
+                # connection closed without a word (a password message's: see
+                # Session._read_password_message)
+                raise SilentClose(f"invalid message length: {e.args[0]}") from None
             if msg is not None:
                 return msg
             if self._lost:
@@ -136,6 +152,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.tracker = None             # audit: statements in flight
         self.held = None                # strict audit: messages waiting for durability
         self.held_items = None
+        self.held_bytes = 0             # bytes the client sent while held (holds.py)
         self.principal = None           # token / OIDC login: who, scope, expiry
         self.masking = None             # MaskState when masks or detectors apply
         self.cancel_key = 0
@@ -153,6 +170,11 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.fncalls = None             # FunctionCall judge under a policy
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
+        # a malformed frame from the client: None (none), False (Postgres answers it),
+        # or the error pgguard sends once the upstream closed; _poison: its header,
+        # waiting for a hold to end before it goes upstream
+        self.violation = None
+        self._poison = None
 
     # -- lifecycle
     def start(self) -> None:
@@ -180,6 +202,9 @@ class Session(Enforcement, Holds, ConsoleSession):
             self._enter_relay()
         except PgguardError as e:
             self.fail(e)
+        except SilentClose as e:
+            log.info("session %s from %s: %s", self.id, self.client_addr, e)
+            self.close()
         except TimeoutError:
             self.fail(PgguardError("canceling authentication due to timeout",
                                    sqlstate="57014", severity="FATAL"))
@@ -199,7 +224,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         while True:
             _, payload = await c.read_message()
             if len(payload) < 4:
-                raise ProtocolViolation("invalid startup packet length")
+                raise SilentClose("invalid length of startup packet")
             (code,) = struct.unpack_from("!I", payload)
             if code == m.SSL_REQUEST:
                 if c.reader.buffered:
@@ -219,16 +244,25 @@ class Session(Enforcement, Holds, ConsoleSession):
                 c.transport.write(b"N")
                 continue
             if code == m.CANCEL_REQUEST:
-                if len(payload) >= 12:
+                # a request of another length is dropped unanswered, as Postgres does
+                if len(payload) == 12:
                     pid, secret = struct.unpack_from("!II", payload, 4)
                     await self.server.forward_cancel(pid, secret)
                 self.close()
                 return False
             major, minor = code >> 16, code & 0xFFFF
+            if 1 <= major < 3:
+                # answered in the old protocol's error format, as Postgres does
+                c.transport.write(b"EFATAL:  unsupported frontend protocol %d.%d: server "
+                                  b"supports 3.0 to 3.0\n\0" % (major, minor))
+                raise SilentClose(f"unsupported frontend protocol {major}.{minor}")
             if major != 3:
                 raise PgguardError(
                     f"unsupported frontend protocol {major}.{minor}: "
                     "server supports 3.0 to 3.0", sqlstate="0A000", severity="FATAL")
+            if not _pg_startup_layout(payload[4:]):
+                raise ProtocolViolation("invalid startup packet layout: expected terminator "
+                                        "as last byte")
             try:
                 params = m.parse_startup_params(payload[4:])
             except ValueError as e:
@@ -260,8 +294,20 @@ class Session(Enforcement, Holds, ConsoleSession):
         server = self.server
         name = self.identity_name
         delay = server.throttle.delay_for(self.peer)
+        if delay is None:
+            raise AuthRejected(
+                "too many failed authentication attempts from this address",
+                detail="Attempts from one address are answered one per throttle delay; "
+                       "this one would have waited longer than [auth] throttle_max_delay.",
+                hint="Wait, then try again with the right credentials.")
         if delay:
-            await asyncio.sleep(delay)
+            # nothing the client sends meanwhile is read (or buffered)
+            c.transport.pause_reading()
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                if not c.transport.is_closing():
+                    c.transport.resume_reading()
         # the exchange depends on the connection only, never on the name: which names
         # exist, and which have a static secret, is not for a client to learn
         if server.bearer_enabled and (
@@ -279,7 +325,11 @@ class Session(Enforcement, Holds, ConsoleSession):
         server.throttle.record_success(self.peer)
 
     async def _read_password_message(self) -> bytes:
-        t, payload = await self.client.read_message()
+        try:
+            t, payload = await self.client.read_message()
+        except SilentClose:
+            # Postgres reads no password from it: a failed login (28P01), as there
+            await self._login_failed("invalid password message length")
         if t == ord("X"):
             raise ConnectionResetError("client quit during authentication")
         if t != ord("p"):
@@ -515,11 +565,24 @@ class Session(Enforcement, Holds, ConsoleSession):
         self._base_watch = self.watch
         if self.policy is not None:
             self.guard = Guard(self)
+        # [limits] max_message_size bounds what something parses (policy, masking, the
+        # audit's normalizer) and holds whole; a session where nothing does streams
+        # every message, and only Postgres' own bound applies
+        # (the batched audit keeps a prefix of longer ones: the statement runs as sent)
+        parsed = self.policy is not None or self.masking is not None or \
+            self.server.audit_strict
         self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
-                                 withhold=True, max_len=limits.max_message_size)
+                                 withhold=True,
+                                 max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
         # a FunctionCall under a policy stops the scan too: it may hold the stream
         self.fscan.set_stop(b"QPF" if self.policy is not None else b"QP", True)
+        if not parsed:
+            # nothing here changes the scan's interest mid-chunk: no stops, so no item
+            # of a streamed message ever waits in the scan's rest
+            self.fscan.set_stop(b"QP", False)
+            self.fscan.stream_over = limits.max_message_size
+            self.fscan.stream_keep = min(limits.max_message_size, STREAM_KEEP)
         self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
@@ -573,8 +636,80 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.server.m_masked.inc(n)
         return n
 
-    def frame_error(self, e: FrameError) -> None:
+    def client_items(self, items: list) -> None:
+        scan = self.fscan
+        if scan.stream_over and any(it.__class__ is tuple and it[1].__class__ is
+                                    StreamedPrefix for it in items):
+            self._streamed_items(items)
+        else:
+            Enforcement.client_items(self, items)
+            if scan.error is not None and self.violation is None:
+                # met while a hook fed the scan's rest (the compiled pipe sees the others)
+                self.frame_error(scan.error, scan.bad)
+
+    def _streamed_items(self, items: list) -> None:
+        """Items with messages streamed as they came (forwarded already): the others
+        go their usual way, each streamed one is logged for the audit in its place."""
+        scan = self.fscan
+        rest = scan.take_rest()         # scanned on only after every item here
+        start = 0
+        for i, it in enumerate(items):
+            if it.__class__ is tuple and it[1].__class__ is StreamedPrefix:
+                if i > start:
+                    Enforcement.client_items(self, items[start:i])
+                if self.closed:
+                    return
+                if self.tracker is not None:
+                    self.tracker.flog.append((bytes(it[1]), None, time.monotonic_ns()))
+                start = i + 1
+        scan.rest = rest
+        Enforcement.client_items(self, items[start:])
+        if scan.error is not None and self.violation is None:
+            self.frame_error(scan.error, scan.bad)
+
+    def frame_error(self, e: FrameError, bad: bytes) -> None:
+        """A malformed frame behind whatever came before it in the stream: that went
+        its way; the frame's header goes upstream too, so Postgres itself answers it
+        (08P01 FATAL for a type it does not know, a silent close for a length it
+        refuses) after answering the messages before it. A frame only pgguard's own
+        bound refuses reaches Postgres as a length it refuses too, and the client gets
+        pgguard's 08P01 once the upstream closed. Nothing the client sends later is
+        read (Postgres reads no further either)."""
+        if self.violation is not None or self.closed:
+            return
+        kind = e.args[1] if len(e.args) > 1 else "length"
+        log.info("session %s from %s: invalid frontend message: %s", self.id,
+                 self.client_addr, e.args[0])
+        if kind == "limit" and self.fscan is not None and self.fscan.max_len < PG_MAX_MESSAGE:
+            self.violation = ProtocolViolation(
+                f"invalid frontend message: {e.args[0]}",
+                hint="Raise [limits] max_message_size, or send smaller statements.")
+            poison = bad[:1] + b"\xff\xff\xff\xff"
+        else:
+            self.violation = False      # Postgres' own answer (or silence) is the answer
+            poison = bad
+        self.client.transport.pause_reading()
+        self._poison = poison
+        self.flush_poison()
+        # Postgres closes on these bytes; should it not, the session ends all the same
+        asyncio.get_running_loop().call_later(VIOLATION_GRACE, self._violation_expired, e)
+
+    def _violation_expired(self, e: FrameError) -> None:
+        if self.closed or self._poison is not None:
+            return
+        if self.in_flight() > 0:        # still answering what came before: wait on
+            asyncio.get_running_loop().call_later(VIOLATION_GRACE, self._violation_expired, e)
+            return
         self.fail(ProtocolViolation(f"invalid frontend message: {e.args[0]}"))
+
+    def flush_poison(self) -> None:
+        """Send the malformed frame's header upstream once nothing is held before it."""
+        if self._poison is None or self.held is not None or self.closed:
+            return
+        poison, self._poison = self._poison, None
+        t = self.up.transport
+        if t is not None and not t.is_closing():
+            t.write(poison)
 
     def backend_events(self, events: list) -> None:
         """Copies of backend messages the session watches (completions for the audit)."""
@@ -602,12 +737,19 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.backend_chunk()
 
     def upstream_lost(self, exc) -> None:
+        """The upstream closed. After its own FATAL (the last message it sent, relayed
+        already) or after a malformed frame the client sent, Postgres has said all it
+        says: nothing more. Otherwise (lost without a word) the client learns 08006."""
         if self.closed or self.client.phase == PH_STARTUP:
             return      # during login the startup task sees the error itself
         if self.client.phase == PH_RELAY and self.bscan.at_boundary:
-            err = UpstreamUnavailable("server closed the connection unexpectedly",
-                                      detail="the upstream database connection was lost")
-            self._send_error(err)
+            if self.violation is not None:
+                if self.violation:
+                    self._send_error(self.violation)
+            elif self.bscan.last_type != 69:        # not after its own 'E' FATAL
+                err = UpstreamUnavailable("server closed the connection unexpectedly",
+                                          detail="the upstream database connection was lost")
+                self._send_error(err)
         self.close()
 
     def fail(self, err: PgguardError) -> None:
@@ -691,6 +833,19 @@ class Session(Enforcement, Holds, ConsoleSession):
         if t is not None and not t.is_closing():
             t.close()
         self.server.forget(self)
+
+
+def _pg_startup_layout(body: bytes) -> bool:
+    """Postgres' own walk of the startup parameters: name/value pairs, then one NUL
+    that must be the packet's last byte."""
+    n, off = len(body), 0
+    while off < n and body[off]:
+        val = body.find(b"\0", off) + 1
+        if val <= 0 or val >= n:
+            return False
+        end = body.find(b"\0", val)
+        off = (n if end < 0 else end) + 1
+    return off == n - 1
 
 
 def _fmt_addr(peer) -> str:

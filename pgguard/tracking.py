@@ -41,7 +41,13 @@ def StatementTracker(session: Session, audit) -> _Tracker:
 
 _MISS = object()
 _PARAM = re.compile(rb"\$(\d+)")
+# the normalizer's and fingerprint caches are bounded by bytes, not entries: a text
+# longer than CACHE_TEXT_MAX is not kept (it is likely unique), and a cache whose
+# texts reach CACHE_BYTES starts over
+CACHE_TEXT_MAX = 8192
+CACHE_BYTES = 8 << 20
 _NORMALIZED: dict[bytes, str | None] = {}
+_sizes = {"normalized": 0, "fingerprints": 0}
 
 
 def fast_normalize(sql: bytes) -> str:
@@ -61,9 +67,12 @@ def fast_normalize(sql: bytes) -> str:
         n = max(params, default=0)
         parts = key.split(b"\0")
         filled = parts[0] + b"".join(b"$%d" % (n + i) + p for i, p in enumerate(parts[1:], 1))
-        if len(_NORMALIZED) >= 10_000:
-            _NORMALIZED.clear()
-        _NORMALIZED[key] = norm if filled.decode("utf-8", "replace") == norm else None
+        if len(key) <= CACHE_TEXT_MAX:
+            _sizes["normalized"] += 2 * len(key) + 100
+            if _sizes["normalized"] > CACHE_BYTES:
+                _NORMALIZED.clear()
+                _sizes["normalized"] = 2 * len(key) + 100
+            _NORMALIZED[key] = norm if filled.decode("utf-8", "replace") == norm else None
     return norm
 
 
@@ -74,10 +83,13 @@ def fingerprint(normalized: str) -> str:
     """A short stable id of a normalized statement (its literal-free shape)."""
     fp = _FINGERPRINTS.get(normalized)
     if fp is None:
-        if len(_FINGERPRINTS) >= 10_000:
-            _FINGERPRINTS.clear()
-        fp = _FINGERPRINTS[normalized] = hashlib.blake2b(
-            normalized.encode(), digest_size=8).hexdigest()
+        fp = hashlib.blake2b(normalized.encode(), digest_size=8).hexdigest()
+        if len(normalized) <= CACHE_TEXT_MAX:
+            _sizes["fingerprints"] += len(normalized) + 120
+            if _sizes["fingerprints"] > CACHE_BYTES:
+                _FINGERPRINTS.clear()
+                _sizes["fingerprints"] = len(normalized) + 120
+            _FINGERPRINTS[normalized] = fp
     return fp
 
 

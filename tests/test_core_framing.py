@@ -72,9 +72,17 @@ def test_pass_through_chunk_is_the_same_object():
     (b"Q\x7f\xff\xff\xff", "exceeds the limit"),
 ])
 def test_malformed_frames_are_refused(bad, reason):
+    # withholding (client side): what precedes comes back, the error is kept, and
+    # nothing after it is read; forwarding (server side): it raises
     scan = MessageScan(valid=b"BCdcfDEHFPQSX", max_len=1 << 20)
+    good = b"S\x00\x00\x00\x04"
+    assert scan.feed(good + bad + good) == [good]
+    assert isinstance(scan.error, FrameError) and reason in scan.error.args[0]
+    assert scan.bad == bad[:5]
+    assert scan.feed(good) == []
+    fwd = MessageScan(valid=b"BCdcfDEHFPQSX", max_len=1 << 20, withhold=False)
     with pytest.raises(FrameError, match=reason):
-        scan.feed(bad)
+        fwd.feed(bad)
 
 
 @settings(max_examples=300, deadline=None)

@@ -278,11 +278,18 @@ def test_exempt_identity_copies_clear_values(env, pg):
 
 def test_copy_from_still_works(env, pg):
     proxy, _ = env
-    with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as conn:
-        conn.execute("CREATE TEMP TABLE t_in (a int, b text)")
-        with conn.cursor().copy("COPY t_in FROM STDIN") as cp:
-            cp.write(b"1\tx\n2\ty\n")
-        assert conn.execute("SELECT count(*) FROM t_in").fetchone() == (2,)
+    # a regular table: computed columns over a temporary table are masked (the planner
+    # on the side connection cannot see it: unresolved lineage fails closed), count(*) too
+    try:
+        with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t_copy_in (a int, b text)")
+            with conn.cursor().copy("COPY t_copy_in FROM STDIN") as cp:
+                cp.write(b"1\tx\n2\ty\n")
+            assert conn.execute("SELECT count(*) FROM t_copy_in").fetchone() == (2,)
+    finally:
+        with psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB),
+                             autocommit=True) as c:
+            c.execute("DROP TABLE IF EXISTS t_copy_in")
     assert upstream(pg) == [(e,) for e in EMAILS]
 
 

@@ -170,9 +170,10 @@ def _read_all(s) -> bytes:
 
 
 @pytest.mark.parametrize("frame, what", [
-    (b"Q\x00\x00\x00\x02", "invalid message length"),
-    (b"!\x00\x00\x00\x08abcd", "invalid message type"),
-    (b"Q\x7f\x00\x00\x00select", "exceeds the limit"),
+    # as Postgres: a length it refuses closes the connection without a word
+    (b"Q\x00\x00\x00\x02", None),
+    (b"!\x00\x00\x00\x08abcd", "invalid frontend message type"),
+    (b"Q\x7f\x00\x00\x00select", None),
 ])
 def test_malformed_frames_get_08P01_and_others_keep_working(proxy, frame, what):
     other = psycopg.connect(proxy.dsn(), autocommit=True)
@@ -180,8 +181,11 @@ def test_malformed_frames_get_08P01_and_others_keep_working(proxy, frame, what):
     s.sendall(frame)
     reply = _read_all(s)
     s.close()
-    assert reply[:1] == b"E"
-    assert b"C08P01" in reply and what.encode() in reply
+    if what is None:
+        assert reply == b""
+    else:
+        assert reply[:1] == b"E"
+        assert b"C08P01" in reply and what.encode() in reply
     assert other.execute("SELECT 'fine'").fetchone() == ("fine",)
     other.close()
 
@@ -190,14 +194,15 @@ def test_protocol_v2_gets_clear_fatal(proxy):
     s = _raw(proxy)
     s.sendall(_startup(version=2 << 16))
     reply = _read_all(s)
-    assert b"C0A000" in reply and b"unsupported frontend protocol 2.0" in reply
+    # in the old protocol's format, as Postgres answers it
+    assert reply == b"EFATAL:  unsupported frontend protocol 2.0: server supports 3.0 to 3.0\n\0"
 
 
 def test_garbage_startup_packet(proxy):
     s = _raw(proxy)
     s.sendall(struct.pack("!I", 3) + b"xx")
     reply = _read_all(s)
-    assert b"C08P01" in reply
+    assert reply == b""         # Postgres logs it and closes without a word
 
 
 def test_ssl_request_answered_N_without_tls(proxy):

@@ -54,9 +54,14 @@ def test_concurrent_attempts_are_spaced(clock):
 
 
 def test_concurrent_delays_never_exceed_the_cap(clock):
+    # (issue 13) beyond the cap an attempt is refused, never admitted early: 50
+    # parallel connections get no more guesses than one every delay
     t = make(clock, after=1, delay=4.0, max_delay=8.0)
     t.record_failure("10.0.0.1")
-    assert max(t.delay_for("10.0.0.1") for _ in range(50)) <= 8.0
+    got = [t.delay_for("10.0.0.1") for _ in range(50)]
+    admitted = [d for d in got if d is not None]
+    assert admitted == [4.0, 8.0] and max(admitted) <= 8.0
+    assert got.count(None) == 48
 
 
 def test_addresses_are_independent(clock):
@@ -132,3 +137,51 @@ def test_disabled_with_zero_max_delay(clock):
     for _ in range(10):
         t.record_failure("10.0.0.1")
     assert t.delay_for("10.0.0.1") == 0.0
+
+
+# -- issue 13: across parallel attempts and across worker processes
+def test_shared_table_is_seen_by_forked_processes(clock):
+    import os
+    t = make(clock, after=1, delay=2.0, max_delay=30.0, shared=True)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            t.record_failure("10.0.0.9")
+            code = 0 if t.failures("10.0.0.9") == 1 else 1
+        finally:
+            os._exit(code)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    # the child's failure counts here; the attempts are spaced across both processes
+    assert t.failures("10.0.0.9") == 1
+    assert [t.delay_for("10.0.0.9") for _ in range(3)] == [2.0, 4.0, 6.0]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if t.delay_for("10.0.0.9") == 8.0 else 1)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    assert t.delay_for("10.0.0.9") == 10.0
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_and_local_behave_alike(clock, shared):
+    t = make(clock, shared=shared)
+    delays = []
+    for _ in range(8):
+        t.record_failure("10.0.0.1")
+        d = t.delay_for("10.0.0.1")
+        delays.append(d)
+        clock.t += d
+    assert delays == [0, 0, 1, 2, 4, 8, 8, 8]
+    t.record_success("10.0.0.1")
+    assert t.delay_for("10.0.0.1") == 0.0 and t.failures("10.0.0.1") == 0
+
+
+def test_shared_table_memory_is_fixed(clock):
+    t = make(clock, shared=True, max_entries=128)
+    for i in range(5000):
+        t.record_failure(f"10.1.{i >> 8 & 255}.{i & 255}")
+    assert len(t) <= 128
+    t.record_failure("10.9.9.9")
+    assert t.failures("10.9.9.9") == 1

@@ -36,6 +36,8 @@ cdef class Pipe:
     # statement is appended for the audit
     cdef public list fast_log
     cdef long long _fast
+    # client side: the scan met a malformed frame (reported once, nothing read after)
+    cdef bint _bad_seen
 
     cdef object _cached_allow(self, bytes msg)
     cdef _client_chunk(self, list items)

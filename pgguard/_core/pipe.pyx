@@ -8,6 +8,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from .framing import FrameError
 from .relay cimport MessageScan
+from .relay import StreamedPrefix
 from .sqlshape cimport shape_buf
 
 
@@ -54,6 +55,7 @@ cdef class Pipe:
         self.log_types = None
         self.fast_log = None
         self._fast = 0
+        self._bad_seen = False
 
     @property
     def fast_forwarded(self):
@@ -97,18 +99,19 @@ cdef class Pipe:
     def data_received(self, bytes data):
         cdef list items
         if self._client_side:
-            try:
-                items = self.scan.feed(data)
-            except FrameError as e:
-                self._hooks.frame_error(e)
-                return
+            if self._bad_seen:
+                return          # past a malformed frame: Postgres reads no further
+            items = self.scan.feed(data)
             if self.divert:
                 self._hooks.client_items(items)
-                return
-            if len(items) == 1 and type(items[0]) is bytes and self.scan.rest is None:
+            elif len(items) == 1 and type(items[0]) is bytes and self.scan.rest is None:
                 self._peer_write(items[0])      # nothing watched in this chunk
-                return
-            self._client_chunk(items)
+            else:
+                self._client_chunk(items)
+            if self.scan.error is not None:
+                # what came before the malformed frame went its way first
+                self._bad_seen = True
+                self._hooks.frame_error(self.scan.error, self.scan.bad)
             return
         if self.divert:
             self._hooks.backend_items(self.scan.feed(data))
@@ -137,6 +140,11 @@ cdef class Pipe:
                     continue
                 t = (<tuple>it)[0]
                 msg = (<tuple>it)[1]
+                if type(msg) is StreamedPrefix:
+                    # forwarded already, as it came: only the audit hears of it
+                    if self.fast_log is not None:
+                        self.fast_log.append((bytes(msg), None, _now_ns()))
+                    continue
                 d = None
                 if t == 81 or t == 80:
                     if self.exact is not None:

@@ -45,9 +45,27 @@ cdef class MessageScan:
     cdef uint8_t _stop[256]
     cdef public object rest
 
+    # withhold mode: the first malformed frame ends the stream. feed() returns what
+    # came before it; .error says why (a FrameError), .bad holds its 5 header bytes,
+    # and every later feed() returns nothing
+    cdef public object error
+    cdef public bytes bad
+    # the type of the last message begun (e.g. 'E' when a backend's last word was an
+    # ErrorResponse)
+    cdef public int last_type
+
+    # withhold mode: a message of an interesting type longer than stream_over (0: never)
+    # is not held whole but forwarded as it comes; its header and first stream_keep body
+    # bytes come back, after its bytes, as (type, StreamedPrefix) for the audit
+    cdef public Py_ssize_t stream_over
+    cdef public Py_ssize_t stream_keep
+    cdef bint _streaming
+
     cpdef list feed(self, bytes data)
     cpdef bint set_withhold(self, bint on)
     cdef int _begin(self, uint8_t t, uint32_t length) except -1
     cdef _finish_collect(self, list out)
+    cdef list _malformed(self, object err, bytes hdr, list out)
+    cdef object _streamed(self)
     cpdef set_interest(self, bytes types, bint on)
     cpdef set_stop(self, bytes types, bint on)

@@ -4,6 +4,10 @@ class MessageScan:
     status: int
     bytes_seen: int
     messages: int
+    error: Exception | None
+    bad: bytes | None
+    last_type: int
+    rest: bytes | None
     def __init__(self, interest: bytes = ..., valid: bytes | None = ..., counted: bytes = ...,
                  withhold: bool = ..., max_len: int = ...) -> None: ...
     def feed(self, data: bytes) -> list[bytes | tuple[int, bytes]]: ...

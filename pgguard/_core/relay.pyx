@@ -3,10 +3,16 @@
 # cython: language_level=3
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdint cimport uint32_t, uint8_t
 from libc.string cimport memset
 
 from .framing import FrameError
+
+
+class StreamedPrefix(bytes):
+    """The start of a message forwarded as it came (too long to hold whole): its
+    header, its first body bytes, a note of its full size, and a final NUL."""
 
 
 cdef inline uint32_t _be32(const char* p) noexcept nogil:
@@ -55,6 +61,12 @@ cdef class MessageScan:
         self._hdr_sent = 0
         self._hold = bytearray()
         self.rest = None
+        self.error = None
+        self.bad = None
+        self.last_type = 0
+        self.stream_over = 0
+        self.stream_keep = 0
+        self._streaming = False
         self.count = 0
         self.status = 0
         self.bytes_seen = 0
@@ -100,6 +112,11 @@ cdef class MessageScan:
         return r
 
     @property
+    def max_len(self):
+        """The longest message accepted (length field included)."""
+        return self._max_len
+
+    @property
     def at_boundary(self):
         """True when no message is partly read."""
         return self._hdr_fill == 0 and self._remain == 0
@@ -114,6 +131,8 @@ cdef class MessageScan:
         cdef uint8_t t
         cdef list out = []
 
+        if self.error is not None:
+            return out
         self.bytes_seen += n
         while pos < n:
             if self._remain:
@@ -124,8 +143,16 @@ cdef class MessageScan:
                     self._want_status = False
                 if self._collect:
                     self._hold += data[pos:pos + take]
+                elif self._streaming and PyByteArray_GET_SIZE(self._hold) < self.stream_keep + 5:
+                    self._hold += data[pos:pos + min(take, self.stream_keep + 5 -
+                                                     PyByteArray_GET_SIZE(self._hold))]
                 pos += take
                 self._remain -= take
+                if self._streaming and self._remain == 0:
+                    if self._withhold and pos > run:
+                        out.append(data[run:pos])
+                    run = pos
+                    out.append((self._cur_type, self._streamed()))
                 if self._collect:
                     if self._withhold:
                         run = pos
@@ -150,9 +177,21 @@ cdef class MessageScan:
                 pos += take
                 run = pos
                 if self._hdr_fill < 5:
+                    if self._withhold and not self._valid[<uint8_t>self._hdr[0]]:
+                        # Postgres judges the type byte before it waits for a length
+                        t = <uint8_t>self._hdr[0]
+                        self._hdr_fill = 0
+                        return self._malformed(
+                            FrameError(f"invalid message type {t}", "type"),
+                            PyBytes_FromStringAndSize(self._hdr, 1), out)
                     break
                 self._hdr_fill = 0
-                self._begin(<uint8_t>self._hdr[0], _be32(self._hdr + 1))
+                try:
+                    self._begin(<uint8_t>self._hdr[0], _be32(self._hdr + 1))
+                except FrameError as e:
+                    if not self._withhold:
+                        raise
+                    return self._malformed(e, PyBytes_FromStringAndSize(self._hdr, 5), out)
                 if self._hdr_sent:
                     # begun raw before the switch: emit the rest of the header, and
                     # its body stays raw too
@@ -160,8 +199,11 @@ cdef class MessageScan:
                                                          5 - self._hdr_sent))
                     self._hdr_sent = 0
                     self._collect = False
+                    self._streaming = False
                     continue
                 hdr = PyBytes_FromStringAndSize(self._hdr, 5)
+                if self._streaming:
+                    self._hold += hdr
                 if self._collect:
                     self._hold += hdr
                     if self._remain == 0:
@@ -175,8 +217,17 @@ cdef class MessageScan:
 
             # a whole header inside this chunk: the common case
             t = <uint8_t>p[pos]
-            self._begin(t, _be32(p + pos + 1))
+            try:
+                self._begin(t, _be32(p + pos + 1))
+            except FrameError as e:
+                if not self._withhold:
+                    raise
+                if pos > run:
+                    out.append(data[run:pos])
+                return self._malformed(e, data[pos:pos + 5], out)
             if not self._collect:
+                if self._streaming:
+                    self._hold += data[pos:pos + 5]
                 pos += 5
                 continue
             need = 5 + self._remain
@@ -212,22 +263,47 @@ cdef class MessageScan:
     cdef int _begin(self, uint8_t t, uint32_t length) except -1:
         if not self._valid[t]:
             raise FrameError(f"invalid message type {t!r} ({chr(t)!r})" if 32 < t < 127
-                             else f"invalid message type {t}")
+                             else f"invalid message type {t}", "type")
         if length < 4:
-            raise FrameError(f"invalid message length {length} for message type {chr(t)!r}")
+            raise FrameError(f"invalid message length {length} for message type {chr(t)!r}",
+                             "length")
         if length > <uint32_t>self._max_len:
             raise FrameError(
-                f"message length {length} exceeds the limit of {self._max_len} bytes")
+                f"message length {length} exceeds the limit of {self._max_len} bytes",
+                "limit")
         self.messages += 1
+        self.last_type = t
         if self._counted[t]:
             self.count += 1
         self._cur_type = t
         self._remain = length - 4
         self._collect = self._interest[t]
         self._want_status = t == 90      # 'Z' ReadyForQuery: keep its status byte
+        self._streaming = False
         if self._collect:
             del self._hold[:]
+            if self.stream_over and self._withhold and length - 4 > self.stream_over:
+                self._collect = False
+                self._streaming = True
         return 0
+
+    cdef list _malformed(self, object err, bytes hdr, list out):
+        self.error = err
+        self.bad = hdr
+        self.rest = None
+        self._remain = 0
+        self._hdr_fill = 0
+        self._collect = False
+        return out
+
+    cdef object _streamed(self):
+        cdef Py_ssize_t size = PyByteArray_GET_SIZE(self._hold)
+        note = b" ... [pgguard: message of %d bytes, first %d kept]" % (
+            _be32(PyByteArray_AS_STRING(self._hold) + 1) + 1, size - 5)
+        msg = StreamedPrefix(bytes(self._hold) + note + b"\0")
+        del self._hold[:]
+        self._streaming = False
+        return msg
 
     cdef _finish_collect(self, list out):
         cdef bytes msg = bytes(self._hold)

@@ -33,6 +33,9 @@ cdef class _Pending:
     cdef object err
     cdef bint sync          # a Query (answered by its own ReadyForQuery) or a Sync
     cdef bint done
+    # a Query or FunctionCall: Postgres skips it after an extended-protocol error until
+    # Sync (it gets no ReadyForQuery of its own then)
+    cdef bint skippable
 
     def __cinit__(self, sql, dec, long long t0, bint sync, bint done):
         self.sql = sql
@@ -40,6 +43,7 @@ cdef class _Pending:
         self.t0 = t0
         self.sync = sync
         self.done = done
+        self.skippable = False
 
 
 cdef bytes _cstr(bytes msg, Py_ssize_t pos, Py_ssize_t* after):
@@ -130,6 +134,7 @@ cdef class StatementTracker:
         cdef Py_ssize_t after, pos
         cdef bytes msg, name, portal
         cdef int t
+        cdef _Pending e
         if not flog:
             return
         pending = self.pending
@@ -141,8 +146,10 @@ cdef class StatementTracker:
             msg = <bytes>m
             t = <unsigned char>PyBytes_AS_STRING(msg)[0]
             if t == 81:                                  # Query
-                pending.append(_Pending(msg[5:PyBytes_GET_SIZE(msg) - 1], (<tuple>item)[1],
-                                        (<tuple>item)[2], True, False))
+                e = _Pending(msg[5:PyBytes_GET_SIZE(msg) - 1], (<tuple>item)[1],
+                             (<tuple>item)[2], True, False)
+                e.skippable = True
+                pending.append(e)
             elif t == 80:                                # Parse: remember the text
                 try:
                     name = _cstr(msg, 5, &pos)
@@ -166,10 +173,14 @@ cdef class StatementTracker:
                 # FunctionCall judged by the policy: recorded as the SQL it stands for
                 # (the decision's statement text), answered by its own ReadyForQuery
                 dec = (<tuple>item)[1]
-                pending.append(_Pending(dec.statements[0].text.encode(), dec,
-                                        (<tuple>item)[2], True, False))
+                e = _Pending(dec.statements[0].text.encode(), dec, (<tuple>item)[2], True,
+                             False)
+                e.skippable = True
+                pending.append(e)
             elif t == 83 or t == 70:                     # Sync / FunctionCall
-                pending.append(_Pending(None, None, (<tuple>item)[2], True, True))
+                e = _Pending(None, None, (<tuple>item)[2], True, True)
+                e.skippable = t == 70
+                pending.append(e)
         flog.clear()
 
     def refusal_ignored(self):
@@ -196,11 +207,14 @@ cdef class StatementTracker:
         if t == 90:                                      # ReadyForQuery
             while pending:
                 e = <_Pending>pending.popleft()
+                # after an extended-protocol error Postgres skips Queries and
+                # FunctionCalls too, until Sync: this ReadyForQuery is the Sync's
+                skipped = self.segment_error and e.skippable
                 if e.sql is not None and not e.done:
-                    if not e.sync and e.state is None and self.segment_error:
+                    if (not e.sync or skipped) and e.state is None and self.segment_error:
                         e.err = "not executed: an earlier message of the pipeline failed"
                     self._emit(e)
-                if e.sync:
+                if e.sync and not skipped:
                     break
             self.segment_error = False
             return

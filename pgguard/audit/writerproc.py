@@ -78,6 +78,10 @@ SEAL_BATCH = 65_536         # records per conversion to Arrow
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _T2 = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
 _STMT_CACHE_MAX = 20_000
+# the statement caches hold texts of at most 8 KiB; bound them by bytes too: the
+# Transcoder's by entries (its texts are as short), ours by the bytes it holds
+_TX_CACHE_MAX = 2048
+_STMT_CACHE_BYTES = 16 << 20
 
 # a row's canonical content: the first 24 wire fields, positionally; None is omitted,
 # so it encodes to exactly the bytes of record._Content
@@ -342,7 +346,8 @@ class Writer:
         self._last_ms = 0
         self._rand = _b32(secrets.randbits(40), 8)
         self._stmt_cache: dict[Any, Any] = {None: None}
-        self._tx = Transcoder(WIRE_SPEC, FIELDS, self._prepare, _STMT_CACHE_MAX)
+        self._stmt_bytes = 0
+        self._tx = Transcoder(WIRE_SPEC, FIELDS, self._prepare, _TX_CACHE_MAX)
         self._tx_parts: list[tuple[bytes, bytes, int]] = []    # hashes of its columns
         # sealer hand-off
         self._sq: queue.SimpleQueue = queue.SimpleQueue()
@@ -454,7 +459,7 @@ class Writer:
         # (os.readv into one reused buffer: os.read would allocate, and the kernel zero,
         # a fresh buffer of the size asked for at every call)
         scratch = self._scratch
-        while len(inbuf) < READ_BYTES:
+        while len(inbuf) < _read_limit(inbuf):
             try:
                 n = os.readv(fd, [scratch])
             except InterruptedError:
@@ -666,9 +671,11 @@ class Writer:
             return cache[s]
         ns = prepare_statement(s, self.raw)
         if len(s) <= 8192:          # a long text is likely unique: the cache stays small
-            if len(cache) >= _STMT_CACHE_MAX:
+            self._stmt_bytes += len(s) + len(ns) + 120
+            if len(cache) >= _STMT_CACHE_MAX or self._stmt_bytes > _STMT_CACHE_BYTES:
                 cache.clear()
                 cache[None] = None
+                self._stmt_bytes = len(s) + len(ns) + 120
             cache[s] = ns
         return ns
 
@@ -925,6 +932,21 @@ class Writer:
                     if item[2] is not None:
                         self.answers.send(ipc.A_ROLLED, ipc.Rolled(
                             item[2], None, self.stats.last_error, self.stats))
+
+
+def _read_limit(buf: bytearray) -> int:
+    # READ_BYTES, or the end of the first frame not yet whole in buf when that lies
+    # beyond: a frame larger than READ_BYTES (one long statement, a burst of them) is
+    # read to its end, never left waiting for bytes the reader will not ask for
+    pos = 0
+    n = len(buf)
+    head = ipc.HEAD
+    while pos + head.size <= n:
+        end = pos + head.size + head.unpack_from(buf, pos)[0]
+        if end > n:
+            return max(READ_BYTES, end)
+        pos = end
+    return max(READ_BYTES, pos + head.size) if pos < n else READ_BYTES
 
 
 def _complete(buf: bytearray) -> bool:

@@ -43,7 +43,7 @@ import hyperscan
 
 from ..errors import ConfigError
 
-__all__ = ["BUILTIN", "Detector", "DetectorSet", "luhn_ok", "MAX_DETECTORS"]
+__all__ = ["BUILTIN", "MAX_DETECTORS", "Detector", "DetectorSet", "luhn_ok"]
 
 # the compiled core keeps a 64-bit set of detector ids per cell
 MAX_DETECTORS = 64
@@ -304,8 +304,8 @@ class DetectorSet:
             if BUILTIN[name] not in dets:
                 dets.append(BUILTIN[name])
         for i, c in enumerate(custom):
-            name = c["name"] if isinstance(c, dict) else getattr(c, "name")
-            pattern = c["pattern"] if isinstance(c, dict) else getattr(c, "pattern")
+            name = c["name"] if isinstance(c, dict) else c.name
+            pattern = c["pattern"] if isinstance(c, dict) else c.pattern
             dets.append(_custom(i, name, pattern))
         return cls(dets) if dets else None
 
@@ -375,8 +375,7 @@ class DetectorSet:
         merged: list[list[int]] = []
         for s, e, i in spans:
             if merged and s < merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1][1] = e
+                merged[-1][1] = max(merged[-1][1], e)
             else:
                 merged.append([s, e, i])
         hit = 0
@@ -456,8 +455,7 @@ def _json_replace(cell: bytes, merged: list[list[int]], labels: Sequence[bytes])
     out = bytearray()
     pos = 0
     for s, e, lab in merged:
-        if s < pos:
-            s = pos             # a token widened over the previous span
+        s = max(s, pos)             # a token widened over the previous span
         if s >= e:
             continue
         zone = set(string[s:e])

@@ -17,8 +17,17 @@ import hashlib
 import hmac
 import struct
 
-from .strategies import (ACTION_DETECT, ACTION_NONE, ACTION_NULL, ACTION_STRATEGY,
-                         KIND_JSONB_BINARY, KIND_LITERAL, KIND_OTHER, KIND_TEXT, KIND_WHOLE)
+from .strategies import (
+    ACTION_DETECT,
+    ACTION_NONE,
+    ACTION_NULL,
+    ACTION_STRATEGY,
+    KIND_JSONB_BINARY,
+    KIND_LITERAL,
+    KIND_OTHER,
+    KIND_TEXT,
+    KIND_WHOLE,
+)
 
 __all__ = ["ReferenceRewriter", "apply_strategy"]
 

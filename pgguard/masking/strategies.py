@@ -46,10 +46,25 @@ from .._core.rowmask import MaskPlan
 from ..config import Mask
 
 __all__ = [
-    "ACTION_NONE", "ACTION_STRATEGY", "ACTION_NULL", "ACTION_DETECT",
-    "KIND_OTHER", "KIND_TEXT", "KIND_JSON", "KIND_JSONB_BINARY", "KIND_WHOLE", "KIND_LITERAL",
-    "STRATEGIES", "TEXT_LIKE_OIDS", "ColumnMask", "CopyFormat",
-    "cell_kind", "column_mask", "build_plan", "copy_format", "counts_by_rule",
+    "ACTION_DETECT",
+    "ACTION_NONE",
+    "ACTION_NULL",
+    "ACTION_STRATEGY",
+    "KIND_JSON",
+    "KIND_JSONB_BINARY",
+    "KIND_LITERAL",
+    "KIND_OTHER",
+    "KIND_TEXT",
+    "KIND_WHOLE",
+    "STRATEGIES",
+    "TEXT_LIKE_OIDS",
+    "ColumnMask",
+    "CopyFormat",
+    "build_plan",
+    "cell_kind",
+    "column_mask",
+    "copy_format",
+    "counts_by_rule",
 ]
 
 ACTION_NONE = 0        # the cell passes as it is

@@ -7,6 +7,7 @@ import asyncio
 import fnmatch
 import logging
 import os
+import re
 import struct
 import time
 from collections import deque
@@ -26,22 +27,26 @@ log = logging.getLogger("pgguard.masking")
 CATALOG_TTL = 30.0
 # backend messages other than rows that carry text: ErrorResponse, NoticeResponse,
 # NotificationResponse, ParameterStatus, FunctionCallResponse (see channels.py)
-CHANNEL_TYPES = b"ENASV"
-# every backend message the session hands to MaskState.feed whole
+CHANNEL_TYPES = frozenset(b"ENASV")
+# every backend message the session hands to MaskState.feed whole: the ones paired with
+# the frontend messages they answer (_PAIRED) and the other channels
 MASK_BACKEND = b"Ttn2HCEIsZ" + b"NASV"
-# types whose values cannot carry a masked string out (count(email), length(ssn) ...)
-_SCALAR_OIDS = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1184, 1186})
 
 
 class Catalog:
     """Masked columns of one database: (table OID, attnum) -> Mask, the masked tables by
     name, and every column of those tables in order (for COPY)."""
 
-    def __init__(self, columns: dict, tables: dict, loaded: float) -> None:
+    def __init__(self, columns: dict, tables: dict, loaded: float,
+                 views: frozenset = frozenset(), types: dict | None = None) -> None:
         self.columns: dict[tuple[int, int], Mask] = columns
         self.tables: dict[int, tuple[str, list[tuple[int, str]]]] = tables
         self.names = frozenset(name for name, _ in tables.values())
         self.loaded = loaded
+        self.views = views          # OIDs in tables that are views (their columns derive)
+        self.types = types or {}    # type OID -> table OID whose whole rows it carries
+        self.typed: list = []       # (schema, relation, column, type) of such types
+        self.derived: frozenset = frozenset()   # view columns masked for their sources
 
 
 def _like(glob: str) -> str:
@@ -84,10 +89,13 @@ async def load_catalog(server: Server, database: str) -> Catalog:
             if fnmatch.fnmatchcase(full, mk.column):
                 columns[(oid, attnum)] = mk
                 break
+    await _descendants(server, database, columns, tables)
     # views (and views of views) over masked columns: RowDescription names the view's
     # own column, so every text-like column of such a view is masked as a whole
     from ..config import Mask as _Mask
     frontier = set(columns)
+    views: set[int] = set()
+    derived: set[tuple[int, int]] = set()
     for _ in range(4):
         if not frontier:
             break
@@ -112,6 +120,7 @@ async def load_catalog(server: Server, database: str) -> Catalog:
         for void, vname, attnum, attname, cat, _, _ in vrows:
             key = (int(void), int(attnum))
             tables.setdefault(int(void), (vname, []))
+            views.add(int(void))
             if (int(attnum), attname) not in tables[int(void)][1]:
                 tables[int(void)][1].append((int(attnum), attname))
             if cat in ("S", "U") and key not in columns:     # string and JSON-ish types
@@ -121,7 +130,78 @@ async def load_catalog(server: Server, database: str) -> Catalog:
                     except_groups=_common([mk.except_groups for mk in srcs]),
                     except_identities=_common([mk.except_identities for mk in srcs]))
                 frontier.add(key)
-    return Catalog(columns, tables, time.monotonic())
+                derived.add(key)
+    types, typed = await _masked_types(server, database, {o for o, _ in columns})
+    cat = Catalog(columns, tables, time.monotonic(), frozenset(views), types)
+    cat.derived = frozenset(derived)
+    cat.typed = typed
+    return cat
+
+
+async def _descendants(server: Server, database: str, columns: dict, tables: dict) -> None:
+    """Partitions and inheritance children of tables with masked columns carry the same
+    values: their columns of the same names get the same masks (a plan scans them by
+    their own names, and a client can name them)."""
+    from ..sideconn import run
+    parents = sorted({o for o, _ in columns})
+    if not parents:
+        return
+    rows = (await run(server, database, [(
+        "WITH RECURSIVE d(child, top) AS ("
+        f"SELECT i.inhrelid, i.inhparent FROM pg_inherits i WHERE i.inhparent IN "
+        f"({', '.join(str(o) for o in parents)}) UNION "
+        "SELECT i.inhrelid, d.top FROM pg_inherits i JOIN d ON i.inhparent = d.child) "
+        "SELECT d.child, d.top, n.nspname || '.' || c.relname, a.attnum, a.attname "
+        "FROM d JOIN pg_class c ON c.oid = d.child JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = d.child "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY d.child, a.attnum")]))[0]
+    for child, top, name, attnum, attname in rows:
+        child, top, attnum = int(child), int(top), int(attnum)
+        if child in tables and (attnum, attname) in tables[child][1]:
+            continue
+        tables.setdefault(child, (name, []))[1].append((attnum, attname))
+        by_name = {n: a for a, n in tables.get(top, ("", []))[1]}
+        mk = columns.get((top, by_name.get(attname, -1)))
+        if mk is not None:
+            columns[(child, attnum)] = mk
+
+
+async def _masked_types(server: Server, database: str, oids: set[int]):
+    """Types whose values carry whole rows of tables with masked columns: the row types,
+    their arrays and domains, and composite types with such a field (and so on):
+    type OID -> the table OID; and the columns of such types in relations:
+    (schema, relation, column, type OID)."""
+    from ..sideconn import run
+    if not oids:
+        return {}, []
+    rows = (await run(server, database, [
+        "SELECT c.reltype, c.oid FROM pg_class c WHERE c.reltype <> 0 AND c.oid IN ("
+        + ", ".join(str(o) for o in sorted(oids)) + ")"]))[0]
+    types = {int(t): int(o) for t, o in rows}
+    frontier = dict(types)
+    for _ in range(6):
+        if not frontier:
+            break
+        inlist = ", ".join(str(t) for t in sorted(frontier))
+        rows = (await run(server, database, [(
+            "SELECT x.oid, COALESCE(NULLIF(x.typelem, 0), NULLIF(x.typbasetype, 0), "
+            "(SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = x.typrelid AND "
+            f"a.atttypid IN ({inlist}) AND NOT a.attisdropped LIMIT 1)) FROM pg_type x "
+            f"WHERE x.typelem IN ({inlist}) OR x.typbasetype IN ({inlist}) OR x.typrelid IN "
+            "(SELECT a.attrelid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            f"WHERE a.atttypid IN ({inlist}) AND NOT a.attisdropped AND c.relkind = 'c')")]))[0]
+        frontier = {}
+        for t, via in rows:
+            t = int(t)
+            if t not in types and via is not None and int(via) in types:
+                types[t] = frontier[t] = types[int(via)]
+    inlist = ", ".join(str(t) for t in sorted(types))
+    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await run(server, database, [(
+        "SELECT n.nspname, c.relname, a.attname, a.atttypid FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE a.atttypid IN ({inlist}) AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")]))[0]]
+    return types, typed
 
 
 def _common(lists: list) -> list[str]:
@@ -161,10 +241,64 @@ def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
     return out
 
 
+# -- masking plans that belong to objects ------------------------------------------------
+# Every frontend message that gets a response is queued (in forwarding order) with what it
+# means for masking; backend messages pop the queue. A prepared statement's plan (its
+# RowDescription, lineage and whether it reads masked data) is committed when Postgres
+# has accepted the Parse (our injected Describe answers), a portal's when BindComplete
+# arrives, and every Execute arms its own portal's plan just before that portal's rows,
+# whenever and in whatever order they come: after a Sync, in a pipeline, 2nd/3rd
+# execution, after DEALLOCATE/re-Parse. SQL cursors keep the plan of their query for
+# FETCH. ParseComplete and CloseComplete are not watched: they carry no rows, so their
+# entries are popped when the next watched message arrives.
+K_PARSE, K_PDESC, K_DESC_S, K_DESC_P, K_BIND, K_EXEC, K_CLOSE, K_SYNC, K_READY = range(9)
+_UNSEEN = (K_PARSE, K_CLOSE)
+_CURSOR_SQL = re.compile(rb"\s*(declare|fetch|move|close|prepare|execute|deallocate)\b",
+                         re.IGNORECASE)
+_UNKNOWN = ("cursor", "\0unknown")
+
+
+class ObjPlan:
+    """The masking plan of a prepared statement, SQL cursor or simple Query: its
+    RowDescription (None: none known yet), its lineage (None: not analysed, every
+    column that is not a plain unmasked column is masked when it reads masked data),
+    whether it reads masked data, and the cursor a FETCH reads (its plan is the
+    cursor's)."""
+
+    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc")
+
+    def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
+                 declare: tuple | None = None) -> None:
+        self.rowdesc: bytes | None = None
+        self.lineage = lineage
+        self.reads = reads
+        self.fetch = fetch
+        # ("cursor" | "prepared", name, its ObjPlan) for DECLARE / PREPARE; fetch: the
+        # (kind, name) whose plan a FETCH / EXECUTE gets
+        self.declare = declare
+        # COPY TO STDOUT: ``copies`` the specs (plan entries or None, CopyFormat) of the
+        # COPYs of a Query, in order (taken as their CopyOutResponses come); ``copy`` the
+        # spec of a prepared COPY statement (every Execute of it)
+        self.copies: list | None = None
+        self.copy: tuple | None = None
+
+
+PENDING = object()      # lineage_now: ask the planner first
+_REFUSE_ROWS = None     # a plan no DataRow fits: rows of an unknown portal end the session
+
+
+def _refuse_rows():
+    global _REFUSE_ROWS
+    if _REFUSE_ROWS is None:
+        _REFUSE_ROWS = build_plan([])
+    return _REFUSE_ROWS
+
+
 class MaskState:
-    """One session's masking: the rewriter, plans per result shape, and the pairing of
-    Parse/Bind/Describe responses. Every backend message goes through :meth:`feed` in
-    stream order; watched frontend messages through :meth:`frontend`."""
+    """One session's masking: the rewriter, the plans of its statements, portals and
+    cursors, and the pairing of responses with the messages they answer. Every
+    backend message goes through :meth:`feed` in stream order; watched frontend
+    messages through :meth:`frontend` (in forwarding order)."""
 
     def __init__(self, session, catalog: Catalog, masks_on: bool, detectors, key) -> None:
         self.s = session
@@ -173,51 +307,196 @@ class MaskState:
         self.detectors = detectors
         self.key = key
         self.rw = RowRewriter()
-        self.plans: dict[tuple[bytes, bytes | None], object] = {}
-        self.stmt_desc: dict[bytes, bytes | None] = {}      # statement -> RowDescription
-        self.binds: deque = deque()        # (segment, portal, statement, formats) per Bind
-        self.describes: deque = deque()    # (segment, statement or None, swallow) per Describe
-        self.fseg = 0                       # frontend Sync count
-        self.bseg = 0                       # backend ReadyForQuery count
-        self.swallow_t = False              # dropping an injected Describe's 't'
-        self.masked_reads = 0               # statements in flight that read a masked table
-        # -- other channels and COPY (channels.py; _channel, _copy_*)
+        self.plans: dict[tuple, object] = {}
+        self.stmts: dict[bytes, ObjPlan] = {}       # prepared statements (committed)
+        self.portals: dict[bytes, tuple[ObjPlan, bytes | None]] = {}
+        self.cursors: dict[str, ObjPlan] = {}       # SQL cursors (DECLARE)
+        self.sql_prepared: dict[str, ObjPlan] = {}  # SQL PREPARE (run with EXECUTE)
+        self.expect: deque = deque()                # what the backend answers next
+        # -- other channels (channels.py): what in flight, or in this transaction, read
+        # masked data (its errors, notices ... are scrubbed)
         self.channels = Channels(detectors)
+        self.masked_reads = 0               # statements in flight that read a masked table
         self.txn_tainted = False            # this transaction ran a masked read
-        # (segment, (plan entries or None, CopyFormat)) per COPY TO STDOUT of the Queries
-        # sent, and per Bind of a prepared COPY; the prepared COPY statements by name
-        self.copy_queue: deque = deque()
-        self.copy_bound: deque = deque()
-        self.copy_stmts: dict[bytes, tuple | None] = {}
-        self.copy_portals: dict[bytes, tuple | None] = {}
         self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
+        self._next: ObjPlan | None = None   # the plan of the Query being forwarded
+        self._ready = 0
+        self.lineage_keys: dict = {}        # lineage analysed in this session
+        self._lkey: tuple | None = None
+        self._masked_rel, self._masked_cols = self._masked_names()
+        tables = {o for o, _ in self._masked_cols}
+        self._masked_types = frozenset(t for t, o in getattr(catalog, "types", {}).items()
+                                       if o in tables)
+
+    # -- which columns are masked for this identity
+    def _masked_names(self):
+        rel: dict[tuple[str, str], set[str]] = {}
+        cols: set[tuple[int, int]] = set()
+        if not self.masks_on:
+            return {}, cols
+        views = getattr(self.catalog, "views", frozenset())
+        for (oid, attnum), mk in self.catalog.columns.items():
+            if not applies(mk, self.s.identity_name, self.s.identity):
+                continue
+            cols.add((oid, attnum))
+            if oid not in self.catalog.tables:
+                continue
+            table, attrs = self.catalog.tables[oid]
+            schema, _, name = table.partition(".")
+            rel.setdefault((schema, name), set()).update(
+                n for a, n in attrs if a == attnum or oid in views)
+        types = getattr(self.catalog, "types", {})
+        for schema, name, att, typ in getattr(self.catalog, "typed", ()):
+            if types.get(typ) in {o for o, _ in cols}:      # holds masked rows
+                rel.setdefault((schema, name), set()).add(att)
+        for oid in views:       # a materialized view over masked columns: all of it
+            table, attrs = self.catalog.tables[oid]
+            schema, _, name = table.partition(".")
+            rel.setdefault((schema, name), set()).update(n for _, n in attrs)
+        return {k: frozenset(v) for k, v in rel.items()}, cols
+
+    # -- lineage of statements (the planner's answer, cached by statement and shape)
+    def lineage_now(self, sql: bytes, d, param_oids: tuple = ()):
+        """The lineage the plan of ``sql`` is made with: a Lineage, None (not needed:
+        no masks, or a statement the planner cannot explain) or PENDING (ask first:
+        :meth:`lineage_load`). Known by the exact text, or by its literal-insensitive
+        shape when the shape's analysis (literals as parameters) succeeded."""
+        if not self.masks_on:
+            return None
+        from . import lineage as lg
+        query = lg.statement_query(sql, d)
+        if query is None:
+            return None
+        for key in self._lineage_keys(query, param_oids):
+            lin = self.lineage_keys.get(key)
+            if lin is None:
+                lin = lg.cached(key)
+            if lin is not None:
+                return lin
+        return PENDING
+
+    async def lineage_load(self, sql: bytes, d, param_oids: tuple = ()) -> None:
+        """Ask the planner (never raises: UNRESOLVED when it cannot answer): first the
+        statement with its literals turned into parameters (valid for every text of
+        its shape: no value can fold a column reference away), else the text itself."""
+        from . import lineage as lg
+        query = lg.statement_query(sql, d)
+        if query is None:
+            return
+        keys = self._lineage_keys(query, param_oids)
+        args = (self._masked_rel, self._masked_cols, self._role())
+        server, db = self.s.server, self.s.database
+        if len(keys) == 2:
+            norm = lg.normalized(query)
+            if norm is not None:
+                lin = await lg.analyse(server, db, norm, param_oids, *args)
+                if lin.masked is not None:
+                    self._learn(keys[1], lin)
+                    return
+                if norm == query:       # no literals: the text's own answer
+                    self._learn(keys[0], lin)
+                    return
+        self._learn(keys[0], await lg.analyse(server, db, query, param_oids, *args))
+
+    def _learn(self, key: tuple, lin) -> None:
+        from . import lineage as lg
+        lg.remember(key, lin)
+        if len(self.lineage_keys) > 4096:
+            self.lineage_keys.clear()
+        self.lineage_keys[key] = lin
+
+    def _lineage_keys(self, query: bytes, param_oids: tuple) -> tuple:
+        from .._core.sqlshape import shape
+        base = self._lkey
+        if base is None:
+            base = self._lkey = (id(self.s.server), self.s.database, self.catalog.loaded,
+                                 frozenset(self._masked_cols), self._role())
+        key = shape(query)
+        exact = base + (b"x", query, param_oids)
+        return (exact,) if key is None else (exact, base + (b"s", key, param_oids))
+
+    def _role(self) -> str | None:
+        s = self.s
+        ident = s.identity
+        return (getattr(ident, "role", None) or getattr(s, "provisioned", None)
+                or getattr(ident, "upstream_user", None))
+
+    def forget_lineage(self) -> None:
+        """DDL went through this session: views and functions may differ now."""
+        from . import lineage as lg
+        self.lineage_keys.clear()
+        lg.forget()
+
+    # -- the number of answers that end with ReadyForQuery (Query, FunctionCall, injected
+    # refusals): callers count them with fseg += 1 (and take one back with fseg -= 1)
+    @property
+    def fseg(self) -> int:
+        return self._ready
+
+    @fseg.setter
+    def fseg(self, value: int) -> None:
+        while value > self._ready:
+            self._ready += 1
+            plan, self._next = self._next, None
+            self._push((K_READY, plan if plan is not None else ObjPlan()))
+        while value < self._ready:
+            self._ready -= 1
+            for i in range(len(self.expect) - 1, -1, -1):
+                if self.expect[i][0] == K_READY:
+                    del self.expect[i]
+                    break
 
     # -- planning
-    def _entry(self, table: int, attnum: int, typ: int, fmt: int):
+    def _entry(self, table: int, attnum: int, typ: int, fmt: int, derived=None):
         mk = self.catalog.columns.get((table, attnum))
         # exempt from this column's mask: clear values, the detectors do not rescan it
         exempt = mk is not None and (not self.masks_on or not applies(
             mk, self.s.identity_name, self.s.identity))
         if exempt:
             mk = None
-        derived = (table == 0 and self.masks_on and self.masked_reads > 0
-                   and typ not in _SCALAR_OIDS)
-        if mk is None and derived:
-            # computed from what may be a masked column: masked as a whole
+        if mk is not None and derived is not None and (table, attnum) in getattr(
+                self.catalog, "derived", ()):
+            mk = None                 # a view column: its lineage says what it carries
+        if typ in self._masked_types:
+            derived = True            # a whole row (or rows) of a table with masked columns
+        elif derived is None:         # no lineage: only plain unmasked table columns pass
+            derived = self.masks_on and not (
+                table and attnum > 0 and table in self.catalog.tables
+                and table not in getattr(self.catalog, "views", ()))
+        if mk is None and derived and self.masks_on:
+            # computed from what may be a masked column: masked as a whole (text: the
+            # replacement; every other type, composites and arrays too: NULL)
             from ..config import Mask
             mk = Mask(column="derived.value.column", strategy="redact")
         detect = self.detectors is not None and mk is None and not exempt
         return column_mask(mk, oid=typ, binary=fmt == 1, detect=detect, hash_key=self.key)
 
-    def plan_for(self, rowdesc: bytes, formats: bytes | None = None):
-        key = (rowdesc, formats, self.masked_reads > 0)
+    def plan_for(self, rowdesc: bytes, formats: bytes | None = None, obj: ObjPlan | None = None):
+        if obj is not None and obj.fetch is not None:
+            kind, name = obj.fetch
+            obj = (self.cursors if kind == "cursor" else self.sql_prepared).get(name) \
+                or ObjPlan()
+        lin = obj.lineage if obj is not None else None
+        reads = obj.reads if obj is not None else True
+        key = (rowdesc, formats, lin, reads)
         plan = self.plans.get(key)
         if plan is None:
             fields = parse_row_description(rowdesc)
             if formats is not None:
                 fmts = _formats(formats, len(fields))
                 fields = [(t, a, o, f) for (t, a, o, _), f in zip(fields, fmts)]
-            cols = [self._entry(*f) for f in fields]
+            masked = lin.masked if lin is not None else None
+            if masked is not None and len(masked) != len(fields):
+                masked = None
+            cols = []
+            for i, f in enumerate(fields):
+                if masked is not None:
+                    derived = masked[i]
+                elif not reads:
+                    derived = False
+                else:
+                    derived = None
+                cols.append(self._entry(*f, derived=derived))
             plan = build_plan(cols, self.detectors) if any(c.action for c in cols) else None
             if len(self.plans) > 2048:
                 self.plans.clear()
@@ -225,100 +504,246 @@ class MaskState:
         return plan
 
     # -- frontend (in forwarding order); returns bytes to inject after the message
-    def frontend(self, t: int, msg: bytes, reads_masked: bool = False) -> bytes | None:
+    def frontend(self, t: int, msg: bytes, reads_masked: bool = False,
+                 lineage=None) -> bytes | None:
         if t == 80:                                          # Parse
             name, pos = _cstr(msg, 5)
-            self.stmt_desc.pop(name, None)
-            # learn its row shape now, in case the client executes without Describe
-            self.describes.append((self.fseg, name, True))
-            self.copy_stmts.pop(name, None)
+            sql, _ = _cstr(msg, pos)
+            obj = self._obj(sql, lineage, reads_masked)
             if reads_masked:
                 self.reading_stmts.add(name)
-            else:
-                self.reading_stmts.discard(name)
-            if reads_masked:
                 self.masked_reads += 1
                 self.txn_tainted = True
+            else:
+                self.reading_stmts.discard(name)
+            self._push((K_PARSE, name))
+            # learn its row shape now, in case the client executes without Describe
+            self._push((K_PDESC, name, obj))
             return _describe_statement(name)
         if t == 66:                                          # Bind
-            portal, pos = _cstr(msg, 5)
-            stmt, pos = _cstr(msg, pos)
-            self.binds.append((self.fseg, portal, stmt, _result_formats(msg, pos)))
-            self._copy_bind(portal, stmt)
+            try:
+                portal, pos = _cstr(msg, 5)
+                stmt, pos = _cstr(msg, pos)
+                formats = _result_formats(msg, pos)
+            except (ValueError, struct.error):
+                # malformed: Postgres answers it with an error (the queue skips to the
+                # Sync then); nothing here may fail on it
+                portal, stmt, formats = b"", b"\0", None
+            self._push((K_BIND, portal, stmt, formats))
             if stmt in self.reading_stmts:      # its executions read masked relations
                 self.masked_reads += 1
                 self.txn_tainted = True
         elif t == 68:                                        # Describe (the client's own)
-            kind = msg[5]
-            name, _ = _cstr(msg, 6)
-            self.describes.append((self.fseg, name if kind == 83 else None, False))
+            try:
+                kind = msg[5]
+                name, _ = _cstr(msg, 6)
+            except (ValueError, IndexError):
+                kind, name = 83, b"\0"                      # malformed: an error answers it
+            self._push((K_DESC_S if kind == 83 else K_DESC_P, name))
         elif t == 69:                                        # Execute
-            self._copy_execute(msg)
+            try:
+                portal, _ = _cstr(msg, 5)
+            except ValueError:
+                portal = b"\0"                              # malformed: an error answers it
+            self._push((K_EXEC, portal))
+        elif t == 67:                                        # Close
+            try:
+                kind = msg[5]
+                name, _ = _cstr(msg, 6)
+            except (ValueError, IndexError):
+                kind, name = 0, b"\0"                       # malformed: an error answers it
+            self._push((K_CLOSE, kind, name))
         elif t == 83:                                        # Sync
-            self.fseg += 1
-        elif (t == 81 or t == 70) and reads_masked:          # Query / FunctionCall
+            self._push((K_SYNC,))
+        elif t == 81:                                        # Query: fseg += 1 queues it
+            self.portals.pop(b"", None)
+            self.stmts.pop(b"", None)
+            sql = msg[5:-1]
+            self._next = self._obj(sql, lineage, reads_masked)
+            if reads_masked:
+                self.masked_reads += 1
+                self.txn_tainted = True
+        elif t == 70 and reads_masked:                       # FunctionCall
             self.masked_reads += 1
             self.txn_tainted = True
         return None
+
+    def query_copies(self, specs: list) -> None:
+        """The COPY TO STDOUT specs of the Query just given to :meth:`frontend` (before
+        ``fseg += 1`` queues it); the list may be completed in place before it runs."""
+        if self._next is None:
+            self._next = ObjPlan(None, True)
+        self._next.copies = specs
+
+    def parsed_copy(self, spec: tuple | None) -> None:
+        """The COPY TO STDOUT spec of the statement just parsed (:meth:`frontend` 80)."""
+        for e in reversed(self.expect):
+            if e[0] == K_PDESC:
+                e[2].copy = spec
+                return
+
+    def _reads(self, lineage, reads_masked: bool) -> bool:
+        if lineage is not None:       # analysed: its answer; not analysable: fail closed
+            return lineage.reads if lineage.masked is not None else True
+        return reads_masked or (self.masks_on and self.s.policy is None)
+
+    def _obj(self, sql: bytes, lineage, reads_masked: bool) -> ObjPlan:
+        """The plan of a statement about to be parsed or run. DECLARE and PREPARE carry
+        their query's lineage for the cursor or prepared statement (registered once they
+        have run); FETCH and EXECUTE name the one whose plan their rows get; CLOSE and
+        DEALLOCATE forget (rows of an unknown one are masked as unresolved)."""
+        reads = self._reads(lineage, reads_masked)
+        mo = _CURSOR_SQL.match(sql)
+        if mo is None:
+            return ObjPlan(lineage, reads)
+        from .lineage import named_statement
+        got = named_statement(sql.decode("utf-8", "replace"))
+        if got is None:
+            return ObjPlan(None, True, _UNKNOWN)
+        kind, name = got
+        table = "cursor" if kind in ("declare", "fetch", "close") else "prepared"
+        if kind in ("declare", "prepare"):
+            return ObjPlan(None, reads, None, (table, name, ObjPlan(lineage, reads)))
+        if kind in ("close", "deallocate"):
+            objs = self.cursors if table == "cursor" else self.sql_prepared
+            if name is None:
+                objs.clear()
+            else:
+                objs.pop(name, None)
+            return ObjPlan(None, reads)
+        return ObjPlan(None, reads, (table, name))
+
+    def _push(self, entry: tuple) -> None:
+        q = self.expect
+        q.append(entry)
+        if entry[0] == K_EXEC:
+            for e in q:
+                if e is entry:
+                    self._arm()     # nothing before it answers with rows: its plan now
+                    break
+                if e[0] not in _UNSEEN:
+                    break
+
+    def _arm(self) -> None:
+        """The plan of the next Execute's rows, when it is the next answer with rows."""
+        for e in self.expect:
+            k = e[0]
+            if k in _UNSEEN:
+                continue
+            if k == K_EXEC:
+                got = self.portals.get(e[1])
+                if got is None:
+                    self.rw.set_plan(_refuse_rows() if self.masks_on else None)
+                    return
+                obj, formats = got
+                if obj.rowdesc is not None:
+                    self.rw.set_plan(self.plan_for(obj.rowdesc, formats, obj))
+                else:       # no row shape known: rows (there should be none) end it
+                    self.rw.set_plan(_refuse_rows() if self.masks_on else None)
+            return
+
+    def _apply_unseen(self, e: tuple) -> None:
+        if e[0] == K_CLOSE:
+            (self.stmts if e[1] == 83 else self.portals).pop(e[2], None)
+
+    def _head(self) -> tuple | None:
+        q = self.expect
+        while q and q[0][0] in _UNSEEN:
+            self._apply_unseen(q.popleft())
+        return q[0] if q else None
 
     # -- backend: every message in order; returns what the client gets
     def feed(self, t: int, data: bytes, whole: bool) -> bytes | None:
         rw = self.rw
         if not whole:
             return rw.feed(data)
-        if t in CHANNEL_TYPES:
+        if t in CHANNEL_TYPES:      # scrubbed first; an ErrorResponse is paired below too
             data = self._channel(t, data)
+        if t not in _PAIRED:
+            return rw.feed(data)
+        h = self._head()
+        k = h[0] if h is not None else -1
         if t == 116:                                         # 't' ParameterDescription
-            if self.describes and self.describes[0][2]:
-                self.swallow_t = True
+            if k == K_PDESC:
                 return None
             return rw.feed(data)
         if t == 84 or t == 110:                              # 'T' RowDescription / NoData
-            if self.describes and self.describes[0][0] == self.bseg and (
-                    self.swallow_t or not self._simple_result()):
-                seg, name, swallow = self.describes.popleft()
-                self.swallow_t = False
-                if name is not None:
-                    self.stmt_desc[name] = data if t == 84 else None
-                if swallow:
-                    return None
-                out = rw.feed(data)
-                if t == 84 and name is None:
-                    rw.set_plan(self.plan_for(data))        # Describe(portal): rows follow
-                return out
+            desc = data if t == 84 else None
+            if k == K_PDESC:
+                self.expect.popleft()
+                obj = h[2]
+                obj.rowdesc = desc
+                self.stmts[h[1]] = obj
+                self._arm()
+                return None
             out = rw.feed(data)
-            if t == 84:
-                rw.set_plan(self.plan_for(data))            # simple Query result
+            if k == K_DESC_S:
+                self.expect.popleft()
+                obj = self.stmts.get(h[1])
+                if obj is not None:
+                    obj.rowdesc = desc
+                self._arm()
+            elif k == K_DESC_P:
+                self.expect.popleft()
+                self._arm()
+            elif t == 84:                                    # a Query's result
+                rw.set_plan(self.plan_for(data, None, h[1] if k == K_READY else None))
             return out
         if t == 50:                                          # '2' BindComplete
             out = rw.feed(data)
-            if self.binds:
-                seg, portal, stmt, formats = self.binds.popleft()
-                desc = self.stmt_desc.get(stmt)
-                if desc is not None:
-                    rw.set_plan(self.plan_for(desc, formats))
+            if k == K_BIND:
+                self.expect.popleft()
+                obj = self.stmts.get(h[2])
+                self.portals[h[1]] = (obj if obj is not None else ObjPlan(), h[3])
+                self._arm()
             return out
         if t == 72:                                          # 'H' CopyOutResponse
             out = rw.feed(data)
-            self._copy_plan(data)
+            self._copy_plan(data, h, k)
             return out
-        if t == 69:                                          # 'E': the rest of the segment is skipped
-            while self.binds and self.binds[0][0] == self.bseg:
-                self.binds.popleft()
-            while self.describes and self.describes[0][0] == self.bseg:
-                self.describes.popleft()
-            self.swallow_t = False
-        elif t == 90:                                        # 'Z'
-            self.bseg += 1
-            self._copy_segment_end()
-            if self.s.in_flight() <= 0:
-                self.masked_reads = 0
-                if data[5] == 73:                           # idle: the transaction ended
-                    self.txn_tainted = False
-        return rw.feed(data)
+        if t == 69:                                          # 'E'
+            out = rw.feed(data)
+            if k != K_READY and k != -1:
+                # Postgres skips the rest up to the Sync
+                q = self.expect
+                while q and q[0][0] != K_SYNC:
+                    e = q.popleft()
+                    if e[0] == K_READY:
+                        self._ready -= 1
+            return out
+        if t == 67 or t == 115 or t == 73:                   # C, s, I: an Execute ends
+            out = rw.feed(data)
+            if k == K_EXEC:
+                self.expect.popleft()
+                got = self.portals.get(h[1])
+                if t == 67 and got is not None:
+                    self._declared(got[0], data)
+                self._arm()
+            elif k == K_READY and t == 67:
+                self._declared(h[1], data)
+            return out
+        # 'Z'
+        out = rw.feed(data)
+        if self.s.in_flight() <= 0:
+            self.masked_reads = 0
+            if data[5] == 73:                               # idle: the transaction ended
+                self.txn_tainted = False
+        q = self.expect
+        while q:
+            e = q.popleft()
+            if e[0] == K_READY:
+                self._ready -= 1
+                break
+            if e[0] == K_SYNC:
+                break
+        self._arm()
+        return out
 
-    def _simple_result(self) -> bool:
-        return False
+    def _declared(self, obj: ObjPlan, complete: bytes) -> None:
+        if obj.declare is not None and complete[5:].startswith((b"DECLARE CURSOR",
+                                                                 b"PREPARE")):
+            table, name, plan = obj.declare
+            (self.cursors if table == "cursor" else self.sql_prepared)[name] = plan
 
     # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
     #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing
@@ -340,26 +765,6 @@ class MaskState:
         if t == 83:                                         # 'S' ParameterStatus
             return ch.parameter_status(data, self.tainted())
         return ch.function_result(data, self.tainted())    # 'V' FunctionCallResponse
-
-    # -- COPY TO STDOUT: the plan of each COPY, in the order their CopyOutResponse come
-    def _copy_bind(self, portal: bytes, stmt: bytes) -> None:
-        if stmt in self.copy_stmts:
-            self.copy_portals[portal] = self.copy_stmts[stmt]
-        else:
-            self.copy_portals.pop(portal, None)
-
-    def _copy_execute(self, msg: bytes) -> None:
-        # CopyOutResponses come in the order of the Executes of COPY portals
-        if self.copy_portals:
-            portal, _ = _cstr(msg, 5)
-            if portal in self.copy_portals:
-                self.copy_bound.append((self.fseg, self.copy_portals[portal]))
-
-    def _copy_segment_end(self) -> None:
-        # an error skips the rest of a Query or of an extended-protocol segment
-        for q in (self.copy_queue, self.copy_bound):
-            while q and q[0][0] < self.bseg:
-                q.popleft()
 
     # -- catalog freshness: rows of a table the catalog does not know (created, or
     # dropped and created again, since it was read), or read after DDL went through any
@@ -451,12 +856,18 @@ class MaskState:
         if self.held is None and not s.closed:
             s.up.transport.resume_reading()
 
-    def _copy_plan(self, msg: bytes) -> None:
+    # -- COPY TO STDOUT: a CopyOutResponse answers the head of the response queue: a
+    # Query (its COPYs' specs, in order) or an Execute (its portal's prepared COPY)
+    def _copy_plan(self, msg: bytes, h: tuple | None, k: int) -> None:
         spec = None
-        for q in (self.copy_bound, self.copy_queue):
-            if q and q[0][0] == self.bseg:
-                spec = q.popleft()[1]
-                break
+        if k == K_READY:
+            copies = h[1].copies
+            if copies:
+                spec = copies.pop(0)
+        elif k == K_EXEC:
+            got = self.portals.get(h[1])
+            if got is not None:
+                spec = got[0].copy
         if msg[5] != 0:
             return          # binary COPY of masked data is refused before it runs
         if spec is None or spec[0] is None:
@@ -479,16 +890,27 @@ class MaskState:
         _, attrs = self.catalog.tables[table_oid]
         names = columns or [name for _, name in attrs]
         by_name = {name: num for num, name in attrs}
-        return ([self._entry(table_oid, by_name.get(n, 0), 25, 0) for n in names], cf)
+        return ([self._entry(table_oid, by_name.get(n, 0), 25, 0, derived=False)
+                 for n in names], cf)
 
-    def copy_query_spec(self, rowdesc: bytes | None, fmt: str, options: dict) -> tuple:
+    def copy_query_spec(self, rowdesc: bytes | None, fmt: str, options: dict,
+                        query: str | None = None) -> tuple:
         """(plan entries, CopyFormat) of a COPY (query) TO STDOUT from the query's
-        RowDescription."""
+        RowDescription (and its lineage, when :meth:`lineage_load` has analysed
+        ``query``)."""
         cf = copy_format(fmt, **options)
         if rowdesc is None:
             return (None, cf)
-        return ([self._entry(t, a, typ, 0) for t, a, typ, _ in
-                 parse_row_description(rowdesc)], cf)
+        fields = parse_row_description(rowdesc)
+        lin = self.lineage_now(query.encode(), None) if query is not None else None
+        masked = lin.masked if lin is not None and lin is not PENDING else None
+        if masked is not None and len(masked) != len(fields):
+            masked = None
+        return ([self._entry(t, a, typ, 0, None if masked is None else masked[i])
+                 for i, (t, a, typ, _) in enumerate(fields)], cf)
+
+
+_PAIRED = frozenset(b"Ttn2HCEIsZ")
 
 
 def _cstr(msg: bytes, pos: int) -> tuple[bytes, int]:

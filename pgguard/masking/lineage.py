@@ -1,0 +1,534 @@
+# Lineage of result columns: which output columns of a statement depend on a masked
+# column. Postgres answers it: the statement is prepared on a side connection (inside a
+# READ ONLY transaction that is rolled back, under the session's role when it can be
+# assumed) and its generic plan read back with EXPLAIN (VERBOSE, FORMAT JSON), which
+# names every output expression with the scans it comes from, across views, CTEs,
+# subqueries, set operations and sub-plans. Fail closed: what cannot be analysed is None
+# (every derived column is masked by the caller).
+"""Per-output-column lineage of SQL statements, from the planner.
+
+:func:`analyse` returns a :class:`Lineage`: for each result column whether it may carry
+a value of a masked column (``masked``), and whether the statement reads a masked
+relation at all (``reads``). ``masked`` is None when the statement could not be
+analysed (unknown objects such as temporary tables, syntax EXPLAIN does not take, the
+side connection failing): callers mask every column they cannot prove clean.
+
+A column is clean when it is a plain column of a base table (RowDescription names the
+table and attribute, and the table is an ordinary, partitioned or foreign table) that
+is not masked, or when its output expression references nothing tainted. Tainted are
+masked columns of scanned relations, whole-row references of relations with masked
+columns, every column of a subquery, CTE, function scan or VALUES whose plan touches a
+tainted expression, the results of tainted sub-plans, and calls of functions outside
+pg_catalog (their bodies are not seen; the plan is printed with an empty search_path so
+such calls are schema-qualified). ``count(...)`` as a whole output expression is clean:
+it cannot carry a value (it can still count rows matching a condition: an oracle the
+README documents).
+
+Example::
+
+    lin = await analyse(server, "app", "SELECT id, lower(email) FROM c WHERE id > $1",
+                        (23,), {("public", "c"): frozenset({"email"})}, role=None)
+    lin.masked   # (False, True)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import struct
+from typing import TYPE_CHECKING, NamedTuple
+
+import orjson
+
+if TYPE_CHECKING:
+    from ..server import Server
+
+log = logging.getLogger("pgguard.masking")
+
+__all__ = [
+    "UNRESOLVED",
+    "Lineage",
+    "analyse",
+    "cached",
+    "columns_tainted",
+    "forget",
+    "named_statement",
+    "needs_lineage",
+    "remember",
+    "statement_query",
+]
+
+
+class Lineage(NamedTuple):
+    masked: tuple[bool, ...] | None    # per result column; None: could not be analysed
+    reads: bool                        # the statement reads a relation with masked columns
+
+
+UNRESOLVED = Lineage(None, True)
+
+# statement kinds whose result columns EXPLAIN can explain
+_EXPLAINABLE = frozenset({"select", "insert", "update", "delete", "merge"})
+_FIRST_WORD = re.compile(rb"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.DOTALL)
+_WORD_KINDS = {b"select": "select", b"with": "select", b"values": "select",
+               b"table": "select", b"insert": "insert", b"update": "update",
+               b"delete": "delete", b"merge": "merge"}
+
+
+def needs_lineage(d, sql: bytes) -> bool:
+    """Whether the statement's result columns are worth asking the planner about:
+    one statement of a kind EXPLAIN takes (from the policy decision, or from its
+    first word when no policy judges the session)."""
+    if d is not None:
+        return len(d.statements) == 1 and d.statements[0].kind in _EXPLAINABLE
+    mo = _FIRST_WORD.match(sql)
+    return mo is not None and mo.group(1).lower() in _WORD_KINDS and b";" not in sql.rstrip(
+        b"; \t\r\n\0")
+
+
+# -- reading a plan ----------------------------------------------------------------------
+
+_LITERAL = re.compile(r"'(?:[^']|'')*'")
+_IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_\u0080-\uffff][\w$\u0080-\uffff]*)'
+_QUALIFIED = re.compile(rf"({_IDENT})\.({_IDENT}|\*)(\s*\()?")
+_PARAM = re.compile(r"\$\d+")
+_SUBPLAN = re.compile(r"\b(?:SubPlan|InitPlan) \d+")
+_COUNT = re.compile(r"count\(")
+_WORD = re.compile(_IDENT)
+_CHILD_ALIAS = re.compile(r"^(.+)_\d+$", re.DOTALL)
+_CALL = re.compile(rf"({_IDENT})\s*\(")
+_OPERATOR = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
+# names of functions and operators outside pg_catalog (user-defined, extensions): calls
+# of them are not seen into, so an output that calls one is masked
+_OPAQUE_SQL = ("SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace NOT IN "
+               "('pg_catalog'::pg_catalog.regnamespace, "
+               "'information_schema'::pg_catalog.regnamespace) UNION "
+               "SELECT o.oprname FROM pg_catalog.pg_operator o WHERE o.oprnamespace <> "
+               "'pg_catalog'::pg_catalog.regnamespace")
+# node fields whose expressions feed the node's output columns
+_EXPR_FIELDS = ("Output", "Function Call", "Table Function Call")
+
+
+def _unquote(name: str) -> str:
+    if name.startswith('"'):
+        return name[1:-1].replace('""', '"')
+    return name
+
+
+def _nodes(plan: dict, out: list) -> list:
+    out.append(plan)
+    for child in plan.get("Plans", ()):
+        _nodes(child, out)
+    return out
+
+
+def _exprs(node: dict) -> list[str]:
+    out: list[str] = []
+    for f in _EXPR_FIELDS:
+        v = node.get(f)
+        if isinstance(v, list):
+            out.extend(x for x in v if isinstance(x, str))
+        elif isinstance(v, str):
+            out.append(v)
+    return out
+
+
+class _Taint:
+    """What in one plan carries masked values (see the module docstring)."""
+
+    def __init__(self, root: dict, masked_rel: dict, opaque: frozenset = frozenset()) -> None:
+        self.opaque = opaque                          # names of functions/operators not
+        #                                               in pg_catalog: not seen into
+        self.pairs: set[tuple[str, str]] = set()     # (alias, column) of masked columns
+        self.rows: set[str] = set()                   # aliases of relations with masks
+        self.aliases: set[str] = set()                # every column of the alias
+        self.tokens: set[str] = set()                 # $n, SubPlan n, InitPlan n
+        self.reads = False
+        self.written = False                          # a write fed from masked values
+        self.root = root
+        self.nodes = _nodes(root, [])
+        for n in self.nodes:
+            rel = n.get("Relation Name")
+            if rel is None:
+                continue
+            cols = masked_rel.get((n.get("Schema", "public"), rel))
+            if cols:
+                alias = n.get("Alias", rel)
+                self.reads = True
+                names = {alias}
+                mo = _CHILD_ALIAS.match(alias)
+                if mo is not None:
+                    # a partition or child scanned for its parent: the plan above it
+                    # names the parent's alias (the child's without the _n EXPLAIN adds)
+                    names.add(mo.group(1))
+                for a in names:
+                    self.rows.add(a)
+                    self.pairs.update((a, c) for c in cols)
+        # a plan over one relation prints its columns without the alias
+        self.bare = {c for _, c in self.pairs}
+        for _ in range(len(self.nodes) + 2):          # to a fixed point
+            if not self._spread():
+                break
+
+    def expr(self, text: str) -> bool:
+        """Whether an output expression may carry a masked value."""
+        text = _LITERAL.sub("''", text)
+        for mo in _QUALIFIED.finditer(text):
+            a, c = _unquote(mo.group(1)), mo.group(2)
+            if mo.group(3):                           # schema.function(: not seen into
+                return True
+            if a in self.aliases:
+                return True
+            if c == "*":
+                if a in self.rows:
+                    return True
+            elif (a, _unquote(c)) in self.pairs:
+                return True
+        if self.bare and self._bare(text):
+            return True
+        if self.opaque and self._calls_opaque(text):
+            return True
+        return bool(self.tokens) and (any(p in self.tokens for p in _PARAM.findall(text))
+                                      or any(s in self.tokens for s in _SUBPLAN.findall(text)))
+
+    def _bare(self, text: str) -> bool:
+        n = len(text)
+        for mo in _WORD.finditer(text):
+            name = _unquote(mo.group(0))
+            if name not in self.bare:
+                continue
+            i, j = mo.start(), mo.end()
+            if i and text[i - 1] == "." or text[max(0, i - 2):i] == "::":
+                continue                              # qualified, or a type name
+            while j < n and text[j] == " ":
+                j += 1
+            if j < n and text[j] in "(.":
+                continue                              # a function or a qualifier
+            return True
+        return False
+
+    def _calls_opaque(self, text: str) -> bool:
+        for mo in _CALL.finditer(text):
+            if _unquote(mo.group(1)) in self.opaque:
+                return True
+        ops = _OPERATOR.findall(text)
+        return any(op in self.opaque for op in ops)
+
+    def _subtree(self, node: dict) -> bool:
+        return any(self.expr(e) for e in _exprs(node)) or any(
+            self._subtree(c) for c in node.get("Plans", ()))
+
+    def _spread(self) -> bool:
+        changed = False
+        for n in self.nodes:
+            alias = n.get("Alias")
+            if alias is not None and "Relation Name" not in n and alias not in self.aliases \
+                    and self._subtree(n):
+                self.aliases.add(alias)             # a subquery, function, VALUES ... scan
+                changed = True
+            if n.get("Node Type") == "ModifyTable" and not self.written and any(
+                    self._subtree(c) for c in n.get("Plans", ())):
+                # rows written from masked values and returned: the target's columns
+                # carry them (RETURNING, ON CONFLICT ... RETURNING, data-modifying CTEs)
+                self.written = True
+                self.aliases.add(n.get("Alias", n.get("Relation Name", "")))
+                changed = True
+            sub = n.get("Subplan Name")
+            if sub is None or not self._subtree(n):
+                continue
+            new = set(_PARAM.findall(sub)) | set(_SUBPLAN.findall(sub))
+            if new - self.tokens:
+                self.tokens |= new                  # $n, SubPlan n, InitPlan n
+                changed = True
+            if sub.startswith("CTE "):
+                cte = _unquote(sub[4:].strip())
+                for x in self.nodes:
+                    a = x.get("Alias", cte)
+                    if x.get("CTE Name") == cte and a not in self.aliases:
+                        self.aliases.add(a)
+                        changed = True
+        return changed
+
+    def outputs(self, node: dict, n: int) -> list[bool] | None:
+        """Taint of the first n output columns of node (None: cannot tell)."""
+        out = node.get("Output")
+        if isinstance(out, list):
+            if len(out) < n:
+                return None
+            return [self._output(e) for e in out[:n]]
+        members = [c for c in node.get("Plans", ())
+                   if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
+        if not members:
+            return None
+        acc = [False] * n
+        for c in members:
+            got = self.outputs(c, n)
+            if got is None:
+                return None
+            acc = [a or b for a, b in zip(acc, got)]
+        return acc
+
+    def _output(self, text: str) -> bool:
+        t = text.strip()
+        while t.startswith("(") and _closing(t, 0) == len(t) - 1:
+            t = t[1:-1].strip()
+        if _COUNT.match(t) and _closing(t, 5) == len(t) - 1:
+            return False          # a count cannot carry the value
+        return self.expr(t)
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at ``start`` (literals skipped)."""
+    depth, i, n = 0, start, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "'":
+            j = text.find("'", i + 1)
+            while j != -1 and j + 1 < n and text[j + 1] == "'":
+                j = text.find("'", j + 2)
+            if j == -1:
+                return -1
+            i = j
+        elif ch == '"':
+            j = text.find('"', i + 1)
+            if j == -1:
+                return -1
+            i = j
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
+                    base_tables: set[int], masked_rel: dict,
+                    masked_cols: set[tuple[int, int]],
+                    opaque: frozenset = frozenset()) -> Lineage:
+    """The lineage of a statement from its EXPLAIN (VERBOSE, FORMAT JSON) output, its
+    RowDescription fields (table OID, attnum, type, format) and which of those table OIDs
+    are base tables."""
+    root = plan_json[0]["Plan"]
+    taint = _Taint(root, masked_rel, opaque)
+    n = len(fields)
+    outs = taint.outputs(root, n) if n else []
+    masked = []
+    for i, (table, attnum, _typ, _fmt) in enumerate(fields):
+        if taint.written:
+            masked.append(True)     # rows written from masked values: all they return
+        elif table and attnum > 0 and table in base_tables:
+            masked.append((table, attnum) in masked_cols)    # a stored value, as it is
+        else:
+            masked.append(True if outs is None else outs[i])
+    return Lineage(tuple(masked), taint.reads)
+
+
+# -- asking the upstream -----------------------------------------------------------------
+
+_CACHE: dict[tuple, Lineage] = {}
+_CACHE_MAX = 8192
+_STMT = b"pgguard_lineage"
+
+
+def cached(key: tuple) -> Lineage | None:
+    return _CACHE.get(key)
+
+
+def remember(key: tuple, lin: Lineage) -> None:
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[key] = lin
+
+
+class _Link:
+    """One persistent side connection per (server, database), used one call at a time."""
+
+    def __init__(self) -> None:
+        self.proto = None
+        self.lock = asyncio.Lock()
+        self.no_role: set[str] = set()
+
+
+_LINKS: dict[tuple[int, str], _Link] = {}
+
+
+def _frame(t: bytes, body: bytes) -> bytes:
+    return t + struct.pack("!I", len(body) + 4) + body
+
+
+def _query(sql: str) -> bytes:
+    return _frame(b"Q", sql.encode() + b"\0")
+
+
+async def _until_ready(proto, count: int) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    while count:
+        t, payload = await proto.read_message()
+        got.append((t, payload))
+        if t == 90:
+            count -= 1
+    return got
+
+
+def _row_fields(payload: bytes) -> list[tuple[int, int, int, int]]:
+    from .wire import parse_row_description
+    return parse_row_description(b"T" + struct.pack("!I", len(payload) + 4) + payload)
+
+
+async def analyse(server: Server, database: str, sql: bytes, param_oids: tuple[int, ...],
+                  masked_rel: dict, masked_cols: set[tuple[int, int]],
+                  role: str | None = None) -> Lineage:
+    """The lineage of one statement (see the module docstring); UNRESOLVED on failure."""
+    key = (id(server), database)
+    link = _LINKS.get(key)
+    if link is None:
+        link = _LINKS[key] = _Link()
+    async with link.lock:
+        try:
+            return await asyncio.wait_for(
+                _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
+                         role), 10.0)
+        except Exception as e:      # noqa: BLE001 - fail closed: everything derived masked
+            log.debug("lineage: %r", e)
+            _drop(link)
+            return UNRESOLVED
+
+
+def _drop(link: _Link) -> None:
+    if link.proto is not None:
+        try:
+            link.proto.transport.close()
+        except Exception as e:       # noqa: BLE001 - closing a broken link
+            log.debug("lineage: closing the side connection: %s", e)
+    link.proto = None
+
+
+def _param_count(sql: bytes) -> int:
+    """The highest $n of the text outside string literals (too high only makes the
+    EXPLAIN fail: unresolved, masked)."""
+    text = _LITERAL.sub("''", sql.decode("utf-8", "replace"))
+    return max((int(n[1:]) for n in _PARAM.findall(text)), default=0)
+
+
+async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
+                   role) -> Lineage:
+    """One round trip: prepare (under the role, read only), describe, EXPLAIN the generic
+    plan, list the views and the functions/operators outside pg_catalog, roll back."""
+    from ..sideconn import _Owner, ident
+    from ..upstream import connect_upstream
+    if link.proto is None or link.proto.transport.is_closing():
+        link.proto, _, _ = await connect_upstream(
+            _Owner(), server, database, {"application_name": "pgguard:lineage"})
+    proto = link.proto
+    setup = "BEGIN READ ONLY; SET LOCAL statement_timeout = '5s'"
+    if role and role not in link.no_role:
+        setup += f"; SET LOCAL ROLE {ident(role)}"
+    nparams = max(_param_count(sql), len(param_oids))
+    body = _STMT + b"\0" + sql + b"\0" + struct.pack(f"!h{len(param_oids)}I",
+                                                     len(param_oids), *param_oids)
+    explain = ("SET LOCAL plan_cache_mode = force_generic_plan; "
+               f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {_STMT.decode()}"
+               + (f"({', '.join(['NULL'] * nparams)})" if nparams else "")
+               + "; SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relkind IN ('v', 'm'); "
+               + _OPAQUE_SQL)
+    proto.transport.write(_query(setup) + _frame(b"P", body)
+                          + _frame(b"D", b"S" + _STMT + b"\0") + _frame(b"S", b"")
+                          + _query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
+                          + _frame(b"S", b"") + _query("ROLLBACK"))
+    got = await _until_ready(proto, 5)
+    zs = [i for i, (t, _) in enumerate(got) if t == 90]
+    if role and any(t == 69 for t, _ in got[:zs[0]]):
+        # the role cannot be assumed from here: plan without it (still read only)
+        link.no_role.add(role)
+        return await _analyse(server, database, link, sql, param_oids, masked_rel,
+                              masked_cols, None)
+    if any(t == 69 for t, _ in got[:zs[2]]):
+        log.debug("lineage: %r", next(p for t, p in got if t == 69)[:200])
+        return UNRESOLVED
+    fields = None
+    for t, payload in got[zs[0] + 1:zs[1]]:
+        if t == 84:
+            fields = _row_fields(payload)
+        elif t == 110:
+            fields = []
+    sets: list[list[bytes]] = []
+    for t, payload in got[zs[1] + 1:zs[2]]:
+        if t == 84:
+            sets.append([])
+        elif t == 68 and sets:
+            (ln,) = struct.unpack_from("!i", payload, 2)
+            sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
+    if fields is None or len(sets) != 3 or not sets[0]:
+        return UNRESOLVED
+    if not fields:
+        return Lineage((), False)
+    plan = orjson.loads(sets[0][0])
+    views = {int(r) for r in sets[1]}
+    base = {t for t, _, _, _ in fields if t} - views
+    opaque = frozenset(r.decode("utf-8", "replace") for r in sets[2])
+    return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque)
+
+
+def normalized(sql: bytes) -> bytes | None:
+    """The statement with its literals as parameters ($n after its own), or None."""
+    from pglast import parser
+    try:
+        return parser.normalize(sql.decode("utf-8")).encode()
+    except Exception:       # noqa: BLE001 - not parseable here: analyse the text itself
+        return None
+
+
+def forget() -> None:
+    _CACHE.clear()
+
+
+# -- cursors and SQL prepared statements ---------------------------------------------------------------------------
+
+def _one_statement(sql: str) -> dict | None:
+    from pglast import parser
+    try:
+        stmts = orjson.loads(parser.parse_sql_json(sql)).get("stmts", [])
+    except Exception:       # noqa: BLE001 - unreadable: the caller fails closed
+        return None
+    return stmts[0]["stmt"] if len(stmts) == 1 else None
+
+
+_NAMED = {"DeclareCursorStmt": ("declare", "portalname"),
+          "FetchStmt": ("fetch", "portalname"),
+          "ClosePortalStmt": ("close", "portalname"),
+          "PrepareStmt": ("prepare", "name"),
+          "ExecuteStmt": ("execute", "name"),
+          "DeallocateStmt": ("deallocate", "name")}
+
+
+def named_statement(sql: str) -> tuple[str, str | None] | None:
+    """(kind, name) of a statement about a SQL cursor or prepared statement: "declare",
+    "fetch" (and MOVE), "close", "prepare", "execute", "deallocate"; name None for
+    CLOSE ALL / DEALLOCATE ALL. None for anything else or unreadable SQL."""
+    st = _one_statement(sql)
+    if st is None:
+        return None
+    for tag, (kind, field) in _NAMED.items():
+        if tag in st:
+            return kind, st[tag].get(field)
+    return None
+
+
+def statement_query(sql: bytes, d) -> bytes | None:
+    """The query whose result columns matter: the statement itself, or the query of a
+    DECLARE; None when the planner is not asked (utility statements, several
+    statements in one Query)."""
+    kind = d.statements[0].kind if d is not None and len(d.statements) == 1 else None
+    if d is None:
+        mo = _FIRST_WORD.match(sql)
+        kind = mo.group(1).lower().decode() if mo is not None else None
+    if kind in ("declare", "prepare"):
+        from pglast import parse_sql
+        from pglast.stream import RawStream
+        try:
+            return RawStream()(parse_sql(sql.decode("utf-8"))[0].stmt.query).encode()
+        except Exception:       # noqa: BLE001 - unreadable: no lineage, masked as unresolved
+            return None
+    return sql if needs_lineage(d, sql) else None
