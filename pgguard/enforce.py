@@ -14,7 +14,7 @@ from ._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
 from .errors import ProtocolViolation
 from .masking import parking
-from .masking.wire import PENDING
+from .masking.wire import MASK_BACKEND, PENDING
 from .policy.views import CATALOG_KINDS
 from .protocol import messages as m
 
@@ -223,39 +223,51 @@ class Enforcement:
 
     def _mask_query(self, d, msg: bytes, out: list) -> bool:
         """Bookkeeping for a Query about to run under masking; False when it is refused
-        instead (a COPY of masked data pgguard cannot mask)."""
+        instead (a COPY of masked data pgguard cannot mask) or held while pgguard learns
+        the columns of a COPY (query)."""
         mask = self.masking
         reads = _reads_masked(self, d)
         lin = mask.lineage_now(msg[5:-1], d)
         rows_reads = reads or _rows_unseen(d)
-        copy = d is not None and any(st.kind == "copy" for st in d.statements) and reads
-        if copy:
-            why = _prepare_copy(mask, msg[5:-1].decode("utf-8", "replace"))
-            if isinstance(why, tuple):          # COPY (query): learn its columns first
-                query, fmt, opts = why
-                mask.frontend(81, msg, reads)
-                mask.fseg += 1
-                self._hold_for_copy_plan(msg, out, query, fmt, opts)
+        if d is not None and any(st.kind == "copy" for st in d.statements):
+            specs = _copy_specs(mask, msg[5:-1].decode("utf-8", "replace"), reads)
+            if isinstance(specs, str):
+                self._inject_refusal(_copy_refusal(specs, d), out, extended=False,
+                                     sql=msg[5:-1])
                 return False
-            if why:
-                from .policy.rules import Decision
-                self._inject_refusal(Decision(
-                    action="block", rule="masking",
-                    message=f'pgguard: statement refused by rule "masking": {why}',
-                    detail="statement: copy; reads "
-                           + (", ".join(r for st in d.statements for r in st.relations_read)
-                              if d is not None and d.statements else "a masked table")
-                           + "; masked columns cannot leave in this form",
-                    hint="Use SELECT, or COPY <table> [(columns)] TO STDOUT in text or csv "
-                         "format: masked columns are masked there.",
-                    statements=d.statements), out, extended=False, sql=msg[5:-1])
+            mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
+            mask.query_copies(specs)
+            mask.fseg += 1
+            if any(sp[0] == "query" for sp in specs):
+                # COPY (query): learn its columns first (side connection), then run it;
+                # the specs are completed in place (the Query's plan holds the list)
+                self._hold_for_copy_plan(msg, out, specs)
                 return False
+            return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
             self.server.catalog_changed(self.database, self)
             mask.forget_lineage()
         mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
         mask.fseg += 1
+        return True
+
+    def _mask_parse_copy(self, d, msg: bytes, name: bytes, sql: bytes, out: list) -> bool:
+        """A COPY prepared through Parse: its plan is kept by statement name for every
+        Bind/Execute of it; False when it is refused instead."""
+        mask = self.masking
+        reads = _reads_masked(self, d)
+        specs = _copy_specs(mask, sql.decode("utf-8", "replace"), reads)
+        if isinstance(specs, str):
+            self._refuse_any(_copy_refusal(specs, d), out, True, sql)
+            return False
+        if specs and specs[0][0] == "query":
+            # COPY (query): the stream waits while pgguard learns its columns
+            self._hold_for_copy_parse(msg, out, name, specs[0], reads, d)
+            return True
+        out.append(msg)
+        out.append(mask.frontend(80, msg, _reads_masked(self, d, True)))
+        mask.parsed_copy(specs[0] if specs else None)
         return True
 
     def _lineage_wait(self, d, msg: bytes, start: int, end: int, oids: tuple,
@@ -289,14 +301,22 @@ class Enforcement:
         d = self._decide(msg, pos, end) if self.policy is not None else None
         if d is None or d.action == "allow":
             lin = None
-            if self.masking is not None:
-                oids = _param_oids(msg, end + 1)
-                if self._lineage_wait(d, msg, pos, end, oids, out):
+            if self.masking is not None and d is not None and any(
+                    st.kind == "copy" for st in d.statements):
+                # a COPY: its plan is the COPY's spec (no lineage of its own)
+                if not self._mask_parse_copy(d, msg, name.encode() if isinstance(name, str)
+                                             else name, msg[pos:end], out):
                     return
-                lin = self.masking.lineage_now(msg[pos:end], d, oids)
-            out.append(msg)
-            if self.masking is not None:
-                out.append(self.masking.frontend(80, msg, _reads_masked(self, d, True), lin))
+            else:
+                if self.masking is not None:
+                    oids = _param_oids(msg, end + 1)
+                    if self._lineage_wait(d, msg, pos, end, oids, out):
+                        return
+                    lin = self.masking.lineage_now(msg[pos:end], d, oids)
+                out.append(msg)
+                if self.masking is not None:
+                    out.append(self.masking.frontend(80, msg, _reads_masked(self, d, True),
+                                                     lin))
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, 0))
             if name and d is not None and self.prepared is not None and d.statements:
@@ -356,7 +376,7 @@ class Enforcement:
         elif self.masking is not None:
             if scan.at_boundary:
                 scan.set_interest(ALL_TYPES, False)
-                scan.set_interest(b"Ttn2HCEIsZ", True)
+                scan.set_interest(MASK_BACKEND, True)
         elif pipe.divert and scan.set_withhold(False):
             scan.set_interest(ALL_TYPES, False)
             if self.tracker is not None:
@@ -643,49 +663,102 @@ def _refusal_query(d) -> bytes:
     return b"Q" + struct.pack("!I", len(body) + 4) + body
 
 
-def _prepare_copy(mask, sql: str) -> str | None:
-    """Plan a COPY ... TO STDOUT of a masked table; the reason it cannot be masked
-    otherwise (binary format, COPY (query))."""
+_TRUE_WORDS = frozenset({"t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"})
+
+
+def _copy_header(de: dict) -> bool:
+    """HEADER of COPY ... TO: true when Postgres reads it as true. Anything else
+    (false, 0, off, or a value COPY TO rejects) is False: the first line is then data and
+    masked like data, never passed as a header."""
+    arg = de.get("arg")
+    if arg is None:
+        return True
+    if "Boolean" in arg:
+        return bool(arg["Boolean"].get("boolval"))
+    if "Integer" in arg:
+        return arg["Integer"].get("ival", 0) == 1
+    if "String" in arg:
+        return arg["String"].get("sval", "").lower() in _TRUE_WORDS
+    return False
+
+
+def _copy_specs(mask, sql: str, reads: bool):
+    """The plan of every COPY ... TO STDOUT of a query text, in order: (plan entries or
+    None, CopyFormat) for a table (None: no masked column, the detectors scan it), or
+    ("query", text, fmt, options) for a COPY (query) of masked data whose columns pgguard
+    must learn first. A string: why the statement cannot be masked (refuse it)."""
     import orjson
     from pglast import parser
     try:
-        stmt = orjson.loads(parser.parse_sql_json(sql))["stmts"][0]["stmt"]["CopyStmt"]
+        stmts = orjson.loads(parser.parse_sql_json(sql))["stmts"]
     except Exception:       # noqa: BLE001 - unreadable here: refuse rather than leak
         return "this COPY could not be analysed for masked columns"
-    if stmt.get("is_from"):
-        return None
-    opts = {}
-    fmt = "text"
-    for o in stmt.get("options", []):
-        de = o["DefElem"]
-        val = de.get("arg", {})
-        text = val.get("String", {}).get("sval") if isinstance(val, dict) else None
-        if de["defname"] == "format":
-            fmt = text or "text"
-        elif de["defname"] in ("delimiter", "quote", "escape", "null") and text is not None:
-            opts[de["defname"]] = text
-        elif de["defname"] == "header":
-            opts["header"] = True
-    if fmt not in ("text", "csv"):
-        return f"COPY in {fmt} format of a table with masked columns"
-    if "query" in stmt:
-        text = _copy_query_text(sql)
-        if text is None:
-            return "this COPY (query) could not be analysed for masked columns"
-        return (text, fmt, opts)
-    rel = stmt.get("relation", {})
-    name = f"{rel.get('schemaname', 'public')}.{rel.get('relname')}"
-    oid = next((o for o, (n, _) in mask.catalog.tables.items() if n == name), None)
-    cols = [c["String"]["sval"] for c in stmt.get("attlist", [])] or None
-    mask.prepare_copy(oid, cols, fmt, opts)
-    return None
+    specs: list = []
+    for i, raw in enumerate(stmts):
+        stmt = raw["stmt"].get("CopyStmt")
+        if stmt is None or stmt.get("is_from") or "filename" in stmt                 or stmt.get("is_program"):
+            continue        # not a COPY TO STDOUT (a file or program: the policy's)
+        opts: dict = {}
+        fmt = "text"
+        for o in stmt.get("options", []):
+            de = o["DefElem"]
+            val = de.get("arg", {})
+            text = val.get("String", {}).get("sval") if isinstance(val, dict) else None
+            if de["defname"] == "format":
+                fmt = text or "text"
+            elif de["defname"] in ("delimiter", "quote", "escape", "null") \
+                    and text is not None:
+                opts[de["defname"]] = text
+            elif de["defname"] == "header":
+                opts["header"] = _copy_header(de)
+        if "query" in stmt:
+            masked = reads and mask.masks_on
+            if fmt not in ("text", "csv"):
+                if masked:
+                    return f"COPY (query) in {fmt} format of masked columns"
+                specs.append((None, None))
+                continue
+            if not masked:
+                specs.append(mask.copy_spec(None, None, fmt, opts))
+                continue
+            text = _copy_query_text(sql, i)
+            if text is None:
+                return "this COPY (query) could not be analysed for masked columns"
+            specs.append(("query", text, fmt, opts))
+            continue
+        rel = stmt.get("relation", {})
+        name = f"{rel.get('schemaname', 'public')}.{rel.get('relname')}"
+        oid = next((o for o, (n, _) in mask.catalog.tables.items() if n == name), None)
+        if fmt not in ("text", "csv"):
+            if oid is not None and mask.masks_on:
+                return f"COPY in {fmt} format of a table with masked columns"
+            specs.append((None, None))
+            continue
+        cols = [c["String"]["sval"] for c in stmt.get("attlist", [])] or None
+        specs.append(mask.copy_spec(oid, cols, fmt, opts))
+    return specs
 
 
-def _copy_query_text(copy_sql: str) -> str | None:
-    """The query of COPY (query) TO ..., rendered back to SQL by pglast."""
+def _copy_refusal(why: str, d):
+    from .policy.rules import Decision
+    return Decision(
+        action="block", rule="masking",
+        message=f'pgguard: statement refused by rule "masking": {why}',
+        detail="statement: copy; reads "
+               + (", ".join(r for st in d.statements for r in st.relations_read)
+                  if d is not None and d.statements else "a masked table")
+               + "; masked columns cannot leave in this form",
+        hint="Use SELECT, or COPY <table> [(columns)] TO STDOUT in text or csv "
+             "format: masked columns are masked there.",
+        statements=d.statements if d is not None else [])
+
+
+def _copy_query_text(copy_sql: str, index: int = 0) -> str | None:
+    """The query of the index-th statement, a COPY (query) TO ..., rendered back to SQL
+    by pglast."""
     from pglast import parse_sql
     from pglast.stream import RawStream
     try:
-        return RawStream()(parse_sql(copy_sql)[0].stmt.query)
+        return RawStream()(parse_sql(copy_sql)[index].stmt.query)
     except Exception:       # noqa: BLE001
         return None

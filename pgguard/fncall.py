@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 from pglast import keywords as _kw
 
+from .enforce import _reads_masked
 from .errors import ProtocolViolation
 from .policy.rules import Decision
 from .tracking import statement_record
@@ -358,7 +359,10 @@ class FunctionCalls:
         s = self.s
         out.append(msg)
         if s.masking is not None:
-            s.masking.frontend(70, msg)
+            # a function outside pg_catalog may read anything (its body is not judged
+            # here): its result is masked for a masked identity, like a masked read
+            s.masking.frontend(70, msg, _reads_masked(s, d)
+                               or not sql.startswith("SELECT pg_catalog."))
             s.masking.fseg += 1                 # answered by its own ReadyForQuery
         s.server.count_statement("allowed")
         if s.tracker is None:

@@ -127,31 +127,74 @@ class Holds:
 
 
     # -- COPY (query) under masking: learn the query's columns before it runs
-    def _hold_for_copy_plan(self, msg: bytes, out: list, query: str, fmt: str,
-                            opts: dict) -> None:
+    def _hold_for_copy_plan(self, msg: bytes, out: list, specs: list) -> None:
+        """specs: enforce._copy_specs of the Query msg (the list its queued plan holds);
+        its COPY (query) entries are resolved on the side connection, then the Query goes
+        upstream."""
         self._begin_hold(out, [])
-        task = asyncio.get_running_loop().create_task(
-            self._copy_plan(msg, query, fmt, opts))
+        task = asyncio.get_running_loop().create_task(self._copy_plan(msg, specs))
         self.approval = [task, None]
 
-    async def _copy_plan(self, msg: bytes, query: str, fmt: str, opts: dict) -> None:
+    async def _copy_plan(self, msg: bytes, specs: list) -> None:
         from .sideconn import describe
         out: list[bytes] = []
+        mask = self.masking
         try:
-            desc = await describe(self.server, self.database,
-                                  f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
-            await self.masking.lineage_load(query.encode(), None)
-            self.masking.prepare_copy_query(desc, fmt, opts, query)
+            for i, sp in enumerate(specs):
+                if sp[0] == "query":
+                    _, query, fmt, opts = sp
+                    desc = await describe(self.server, self.database,
+                                          f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
+                    await mask.lineage_load(query.encode(), None)
+                    # in place: the Query's plan (queued already) holds this list
+                    specs[i] = mask.copy_query_spec(desc, fmt, opts, query)
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
             from .policy.rules import Decision
-            self.masking.fseg -= 1  # the injected refusal counts its own ReadyForQuery
+            mask.fseg -= 1          # the injected refusal counts its own ReadyForQuery
             self._inject_refusal(Decision(
                 action="block", rule="masking",
                 message='pgguard: statement refused by rule "masking": pgguard could not '
                         "work out which columns of this COPY (query) to mask",
                 detail=str(e)[:300], hint="Use SELECT instead."), out, extended=False,
                 sql=msg[5:-1])
+        self.approval = None
+        if self.closed:
+            return
+        self._release_hold(out)
+
+    def _hold_for_copy_parse(self, msg: bytes, out: list, name: bytes, spec: tuple,
+                             reads: bool, d) -> None:
+        """A Parse of COPY (query) of masked data: its plan is learnt before the Parse
+        goes upstream; what the client sends meanwhile waits."""
+        self._begin_hold(out, [])
+        task = asyncio.get_running_loop().create_task(
+            self._copy_parse_plan(msg, name, spec, reads, d))
+        self.approval = [task, None]
+
+    async def _copy_parse_plan(self, msg: bytes, name: bytes, spec: tuple, reads: bool,
+                               d) -> None:
+        from .sideconn import describe
+        out: list[bytes] = []
+        mask = self.masking
+        _, query, fmt, opts = spec
+        try:
+            desc = await describe(self.server, self.database,
+                                  f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
+            await mask.lineage_load(query.encode(), None)
+            # its read counts first: a computed column of masked data is masked whole
+            injected = mask.frontend(80, msg, reads)
+            mask.parsed_copy(mask.copy_query_spec(desc, fmt, opts, query))
+            out.append(msg)
+            out.append(injected)
+        except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
+            from .policy.rules import Decision
+            self._refuse_any(Decision(
+                action="block", rule="masking",
+                message='pgguard: statement refused by rule "masking": pgguard could not '
+                        "work out which columns of this COPY (query) to mask",
+                detail=str(e)[:300], hint="Use SELECT instead."), out, True,
+                msg[5:-1])
         self.approval = None
         if self.closed:
             return

@@ -20,6 +20,7 @@ from .enforce import Enforcement, _now
 from .blast import Guard
 from .fncall import FunctionCalls
 from .holds import Holds
+from .masking.wire import MASK_BACKEND
 from .startup import client_settings, tagged_app_name, under_policy, upstream_params
 from .upstream import UpstreamProtocol, connect_upstream
 
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgguard.session")
 
-# backend messages the masking pairs with statements (plus the tracker's)
-MASK_BACKEND = b"Ttn2HCEIsZ"
 # startup packets are small; Postgres caps their body (after the length) at 10000 bytes
 MAX_STARTUP_PACKET = 10000 + 4
 MAX_AUTH_MESSAGE = 65536

@@ -36,6 +36,11 @@ cdef enum CellKind:
     KIND_TEXT = 1        # text-like: the same bytes in text and binary format
     KIND_JSON = 2        # json (text, binary), jsonb (text): masked values are JSON strings
     KIND_JSONB_BIN = 3   # jsonb binary: one version byte, then JSON text
+    KIND_WHOLE = 4       # arrays, composites, records, xml (any format): detectors scan
+                         # the raw value; a validated match makes the whole cell NULL
+                         # (always decodable); strategies make it NULL
+    KIND_LITERAL = 5     # the same types in text format (rows): the detectors' labels go
+                         # in place when no span touches the literal's syntax, else NULL
 
 cdef enum PlanMode:
     MODE_ROWS = 0        # DataRow 'D'
@@ -83,7 +88,8 @@ ctypedef struct Cell:
     Py_ssize_t raw_len   # DataRow: 4 + max(len, 0); COPY: raw (escaped, quoted) length
     const char* val      # the value (message, or the unescape arena for COPY)
     Py_ssize_t val_len   # -1: SQL NULL
-    Py_ssize_t repl      # index into the batch's detector replacements, -1: none
+    Py_ssize_t repl      # index into the batch's detector replacements, -1: none,
+                         # -2: the cell becomes NULL (KIND_LITERAL a label cannot go in)
 
 ctypedef struct DetCell:
     Py_ssize_t cell      # index into the batch's Cells

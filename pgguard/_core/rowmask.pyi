@@ -14,6 +14,8 @@ CELL_OTHER: int
 CELL_TEXT: int
 CELL_JSON: int
 CELL_JSONB_BINARY: int
+CELL_WHOLE: int
+CELL_LITERAL: int
 
 class _Column(Protocol):
     action: int

@@ -25,6 +25,8 @@ CELL_OTHER = KIND_OTHER
 CELL_TEXT = KIND_TEXT
 CELL_JSON = KIND_JSON
 CELL_JSONB_BINARY = KIND_JSONB_BIN
+CELL_WHOLE = KIND_WHOLE
+CELL_LITERAL = KIND_LITERAL
 
 cdef enum:
     MAX_DETECTORS = 64
@@ -369,10 +371,12 @@ cdef class MaskPlan:
 
     ``columns``: one entry per result column with attributes ``action`` (0 none,
     1 strategy, 2 NULL, 3 detectors), ``strategy`` (0 redact, 1 partial, 2 email,
-    3 hash), ``kind`` (0 other, 1 text-like, 2 JSON, 3 binary jsonb), ``keep`` (int),
+    3 hash), ``kind`` (0 other, 1 text-like, 2 JSON, 3 binary jsonb, 4 whole: array, composite,
+    record or xml, whose raw value the detectors scan and which becomes NULL when they
+    find something), ``keep`` (int),
     ``replacement`` (bytes), ``key`` (bytes, hash only). Build them with
     :func:`pgguard.masking.strategies.column_mask`; a strategy on a column of kind
-    other becomes NULL, detectors on it become none.
+    other, whole or literal becomes NULL, detectors on a column of kind other become none.
     ``detectors``: a :class:`pgguard.masking.detectors.DetectorSet` or None.
     ``copy``: None for DataRow; for COPY TO STDOUT an object with ``format`` ("text" or
     "csv"), ``delimiter``, ``quote``, ``escape``, ``null`` (bytes) and ``header`` (bool)
@@ -445,13 +449,16 @@ cdef class MaskPlan:
             col.strategy = int(c.strategy)
             col.kind = int(c.kind)
             col.keep = int(c.keep)
-            if col.action > ACT_DETECT or col.strategy > STRAT_HASH or col.kind > KIND_JSONB_BIN:
+            if col.action > ACT_DETECT or col.strategy > STRAT_HASH or col.kind > KIND_LITERAL:
                 raise ValueError(f"column {i}: invalid action, strategy or kind")
             if col.keep < 0:
                 raise ValueError(f"column {i}: keep must not be negative")
             if self.mode != MODE_ROWS and col.kind == KIND_JSONB_BIN:
                 col.kind = KIND_JSON
-            if col.action == ACT_STRATEGY and col.kind == KIND_OTHER:
+            if self.mode != MODE_ROWS and col.kind == KIND_LITERAL:
+                col.kind = KIND_TEXT
+            if col.action == ACT_STRATEGY and (col.kind == KIND_OTHER or col.kind == KIND_WHOLE
+                                               or col.kind == KIND_LITERAL):
                 col.action = ACT_NULL
             if col.action == ACT_DETECT and (col.kind == KIND_OTHER or detectors is None):
                 col.action = ACT_NONE
@@ -540,7 +547,7 @@ def _on_match(unsigned int id, unsigned long long frm, unsigned long long to,
 
 cdef inline bint _cell_changed(const ColPlan* col, const Cell* c) noexcept nogil:
     if col.action == ACT_DETECT:
-        return c.repl >= 0
+        return c.repl != -1
     return c.val_len >= 0
 
 
@@ -1178,12 +1185,18 @@ cdef class RowRewriter:
             c = &self._cells[d.cell]
             col = &plan.cols[plan.act[d.cell % plan.nact]]
             skip = 1 if col.kind == KIND_JSONB_BIN else 0
+            # mask_cell's third argument: 0 text, 1 JSON text, 2 array/composite literal
             res = plan._mask_cell(PyBytes_FromStringAndSize(c.val + skip, c.val_len - skip),
-                                  d.bits, col.kind != KIND_TEXT, d.lo, d.hi)
+                                  d.bits, 2 if col.kind == KIND_LITERAL else (
+                                      0 if col.kind == KIND_TEXT or col.kind == KIND_WHOLE
+                                      else 1), d.lo, d.hi)
             if res is None:
                 continue
-            c.repl = len(self._repls)
-            self._repls.append(<bytes?>res[0])
+            if res[0] is None:
+                c.repl = -2                 # no label fits the literal: NULL
+            else:
+                c.repl = len(self._repls)
+                self._repls.append(<bytes?>res[0])
             bits = <uint64_t>res[1]
             j = 0
             while bits:
@@ -1228,7 +1241,7 @@ cdef class RowRewriter:
             _put(out, r.msg + cursor, c.raw_off - cursor)
             lenpos = out.len
             _put(out, b"\xff\xff\xff\xff", 4)
-            if col.action != ACT_NULL:
+            if col.action != ACT_NULL and col.kind != KIND_WHOLE and c.repl != -2:
                 self._masked_value(plan, col, c, out)
                 _put32(out.p + lenpos, <uint32_t>(out.len - lenpos - 4))
             cursor = c.raw_off + c.raw_len
@@ -1258,7 +1271,7 @@ cdef class RowRewriter:
                 if not _cell_changed(col, c):
                     continue
                 _put(out, r.msg + cursor, c.raw_off - cursor)
-                if col.action == ACT_NULL:
+                if col.action == ACT_NULL or col.kind == KIND_WHOLE or c.repl == -2:
                     _put(out, PyBytes_AS_STRING(plan.null_str), PyBytes_GET_SIZE(plan.null_str))
                 else:
                     self._tmp2.len = 0

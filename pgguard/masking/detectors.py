@@ -351,10 +351,14 @@ class DetectorSet:
         spans.sort()
         return spans
 
-    def mask_cell(self, cell: bytes, bits: int, json: bool, lo: int = -1,
-                  hi: int = -1) -> tuple[bytes, int] | None:
-        """Mask what the detectors in ``bits`` find in ``cell`` (a text value, or JSON
-        text when ``json``). Returns ``(new cell, ids that masked something)`` or None.
+    def mask_cell(self, cell: bytes, bits: int, json: int, lo: int = -1,
+                  hi: int = -1) -> tuple[bytes | None, int] | None:
+        """Mask what the detectors in ``bits`` find in ``cell`` (a text value; JSON
+        text when ``json`` is 1 or True; the text form of an array, composite, record or
+        xml value when it is 2). Returns ``(new cell, ids that masked something)`` or
+        None. For 2 the new cell is None (the value must become NULL) when a span touches
+        the literal's syntax (braces, parentheses, commas, quotes, backslashes, angle
+        brackets): no label could go there and keep the literal valid.
 
         Span rules (the reference rewriter and the compiled core share this code):
         a span grows to whole UTF-8 characters; it takes in a backslash that escapes
@@ -377,7 +381,10 @@ class DetectorSet:
         hit = 0
         for _, _, i in merged:
             hit |= 1 << i
-        if json:
+        if json == 2:
+            if any(_LITERAL_SYNTAX.intersection(cell[s:e]) for s, e, _ in merged):
+                return None, hit
+        elif json:
             return _json_replace(cell, merged, self.labels), hit
         out = bytearray()
         pos = 0
@@ -387,6 +394,10 @@ class DetectorSet:
             pos = e
         out += cell[pos:]
         return bytes(out), hit
+
+
+# bytes with a meaning in array, composite and xml literals
+_LITERAL_SYNTAX = frozenset(b'{}(),"\\<>&')
 
 
 def _max_width(d: Detector) -> int | None:

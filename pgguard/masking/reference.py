@@ -23,13 +23,16 @@ from .strategies import (
     ACTION_NULL,
     ACTION_STRATEGY,
     KIND_JSONB_BINARY,
+    KIND_LITERAL,
     KIND_OTHER,
     KIND_TEXT,
+    KIND_WHOLE,
 )
 
 __all__ = ["ReferenceRewriter", "apply_strategy"]
 
 _ENDS_RESULT = frozenset(b"CEIsZ")
+_NULL = b"\xffNULL"   # _masked: the cell becomes NULL (a literal no label fits in)
 
 
 def _is_cont(b: int) -> bool:
@@ -80,7 +83,10 @@ class _Col:
         self.kind = int(c.kind)
         if copy and self.kind == KIND_JSONB_BINARY:
             self.kind = 2
-        if self.action == ACTION_STRATEGY and self.kind == KIND_OTHER:
+        if copy and self.kind == KIND_LITERAL:
+            self.kind = KIND_TEXT
+        if self.action == ACTION_STRATEGY and self.kind in (KIND_OTHER, KIND_WHOLE,
+                                                            KIND_LITERAL):
             self.action = ACTION_NULL
         if self.action == ACTION_DETECT and (self.kind == KIND_OTHER or not has_detectors):
             self.action = ACTION_NONE
@@ -165,7 +171,9 @@ class ReferenceRewriter:
         if col.action == ACTION_DETECT:
             if not value:
                 return None
-            got = self._det.mask_cell(value, self._det.all_bits, col.kind != KIND_TEXT)
+            mode = 2 if col.kind == KIND_LITERAL else int(col.kind not in (KIND_TEXT,
+                                                                         KIND_WHOLE))
+            got = self._det.mask_cell(value, self._det.all_bits, mode)
             if got is None:
                 return None
             new, hit = got
@@ -175,7 +183,7 @@ class ReferenceRewriter:
                     self._det_counts[i] += 1
                 hit >>= 1
                 i += 1
-            return prefix + new
+            return _NULL if new is None else prefix + new
         v = apply_strategy(col.strategy, value, col.keep, col.repl, col.key)
         if col.kind != KIND_TEXT:
             v = _json_quote(v)
@@ -208,7 +216,7 @@ class ReferenceRewriter:
                 else:
                     m = self._masked(col, cell)
                     if m is not None:
-                        out = m
+                        out = None if col.kind == KIND_WHOLE or m is _NULL else m
                         masked.append(i)
             new.append(out)
         if not masked:
@@ -352,7 +360,10 @@ class ReferenceRewriter:
                     hit = True
                 else:
                     m = self._masked(col, val)
-                    if m is not None:
+                    if m is not None and (col.kind == KIND_WHOLE or m is _NULL):
+                        new = c.null
+                        hit = True
+                    elif m is not None:
                         if c.format == "text":
                             new = _text_escape(m, c.delimiter)
                             if new == c.null and new:

@@ -23,8 +23,11 @@ Types: values stay decodable by the client. Text-like columns (text, varchar, bp
 name, unknown) get the strategy's text, in text and binary format alike (their binary
 form is the text). json and jsonb get it as a JSON string (``"****"``; binary jsonb keeps
 its version byte). Every other type (numbers, dates, uuid, bytea...) becomes NULL,
-whatever the strategy: no other value would decode as that type. Detectors scan only
-text-like and JSON columns.
+whatever the strategy: no other value would decode as that type. Detectors scan
+text-like and JSON columns span by span, and every type that may carry text (arrays,
+composites, records, xml, bytea, extension types): in binary format as a whole raw
+value, a match making that cell NULL; in text format span by span, the labels in place
+where they keep the literal valid, else NULL.
 
 Example::
 
@@ -49,8 +52,10 @@ __all__ = [
     "ACTION_STRATEGY",
     "KIND_JSON",
     "KIND_JSONB_BINARY",
+    "KIND_LITERAL",
     "KIND_OTHER",
     "KIND_TEXT",
+    "KIND_WHOLE",
     "STRATEGIES",
     "TEXT_LIKE_OIDS",
     "ColumnMask",
@@ -73,6 +78,8 @@ KIND_OTHER = 0
 KIND_TEXT = 1
 KIND_JSON = 2
 KIND_JSONB_BINARY = 3
+KIND_WHOLE = 4         # arrays, composites, records, xml (binary): scanned raw, NULL on a match
+KIND_LITERAL = 5       # the same in text format: labels in place when they fit, else NULL
 
 # text, varchar, bpchar, name, unknown; 0: no type known (COPY): treated as text
 TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19, 705, 0})
@@ -80,16 +87,29 @@ JSON_OID = 114
 JSONB_OID = 3802
 
 
+# types whose values hold no text the detectors could find (in either format): bool,
+# integers, oid, floats, numeric, money, date/time types, uuid, pg_lsn, tid, xid, cid
+SCALAR_OIDS = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 790, 1082, 1083, 1114, 1184,
+                         1186, 1266, 2950, 3220, 27, 28, 29, 5069})
+
+
 def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> int:
     """How the core may rewrite a cell of this type and format. ``textlike=True``
-    declares an extension type whose text and binary forms are its text (citext)."""
+    declares an extension type whose text and binary forms are its text (citext).
+    Every other type that may hold text (arrays, composites, records, xml, domains,
+    extension types: anything not a known scalar) is KIND_WHOLE in binary format: the
+    detectors scan its raw value and a match makes the cell NULL, the one value that
+    decodes as any type; in text format KIND_LITERAL: the labels go in place when no
+    span touches the literal's syntax, else the cell is NULL."""
     if textlike or (textlike is None and oid in TEXT_LIKE_OIDS):
         return KIND_TEXT
     if oid == JSON_OID:
         return KIND_JSON              # binary json is its text
     if oid == JSONB_OID:
         return KIND_JSONB_BINARY if binary else KIND_JSON
-    return KIND_OTHER
+    if oid in SCALAR_OIDS:
+        return KIND_OTHER
+    return KIND_WHOLE if binary else KIND_LITERAL
 
 
 class ColumnMask(msgspec.Struct, frozen=True):
@@ -122,7 +142,7 @@ def column_mask(mask: Mask | None, *, oid: int = 25, binary: bool = False,
             return ColumnMask(ACTION_DETECT, kind=kind, rule="detectors")
         return ColumnMask(kind=kind)
     repl = mask.replacement.encode()
-    if mask.strategy == "null" or kind == KIND_OTHER:
+    if mask.strategy == "null" or kind in (KIND_OTHER, KIND_WHOLE, KIND_LITERAL):
         return ColumnMask(ACTION_NULL, kind=kind, replacement=repl, rule=mask.column)
     key = b""
     if mask.strategy == "hash":

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from .._core.rowmask import RowRewriter
 from ..errors import ConfigError
-from .strategies import build_plan, column_mask, copy_format
+from .channels import Channels
+from .strategies import ACTION_DETECT, ColumnMask, build_plan, column_mask, copy_format
 
 if TYPE_CHECKING:
     from ..config import Config, Identity, Mask
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgguard.masking")
 
 CATALOG_TTL = 30.0
+# backend messages other than rows that carry text: ErrorResponse, NoticeResponse,
+# NotificationResponse, ParameterStatus, FunctionCallResponse (see channels.py)
+CHANNEL_TYPES = frozenset(b"ENASV")
+# every backend message the session hands to MaskState.feed whole: the ones paired with
+# the frontend messages they answer (_PAIRED) and the other channels
+MASK_BACKEND = b"Ttn2HCEIsZ" + b"NASV"
 
 
 class Catalog:
@@ -95,21 +102,33 @@ async def load_catalog(server: Server, database: str) -> Catalog:
         pairs = ", ".join(f"({o}, {a})" for o, a in sorted(frontier))
         vrows = (await run(server, database, [
             "SELECT DISTINCT v.oid, n.nspname || '.' || v.relname, a.attnum, a.attname, "
-            "t.typcategory FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
+            "t.typcategory, d.refobjid, d.refobjsubid "
+            "FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
             "JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm') "
             "JOIN pg_namespace n ON n.oid = v.relnamespace "
             "JOIN pg_attribute a ON a.attrelid = v.oid AND a.attnum > 0 "
             "AND NOT a.attisdropped JOIN pg_type t ON t.oid = a.atttypid "
             f"WHERE (d.refobjid, d.refobjsubid) IN (VALUES {pairs})"]))[0]
         frontier = set()
-        for void, vname, attnum, attname, cat in vrows:
+        # a view column is exempt for whoever is exempt from every masked column the
+        # view reads (pg_depend knows the view's sources, not which column uses which)
+        sources: dict[int, list] = {}
+        for void, _, _, _, _, roid, rsub in vrows:
+            src = columns.get((int(roid), int(rsub)))
+            if src is not None:
+                sources.setdefault(int(void), []).append(src)
+        for void, vname, attnum, attname, cat, _, _ in vrows:
             key = (int(void), int(attnum))
             tables.setdefault(int(void), (vname, []))
             views.add(int(void))
             if (int(attnum), attname) not in tables[int(void)][1]:
                 tables[int(void)][1].append((int(attnum), attname))
             if cat in ("S", "U") and key not in columns:     # string and JSON-ish types
-                columns[key] = _Mask(column=f"{vname}.{attname}", strategy="redact")
+                srcs = sources.get(int(void), [])
+                columns[key] = _Mask(
+                    column=f"{vname}.{attname}", strategy="redact",
+                    except_groups=_common([mk.except_groups for mk in srcs]),
+                    except_identities=_common([mk.except_identities for mk in srcs]))
                 frontier.add(key)
                 derived.add(key)
     types, typed = await _masked_types(server, database, {o for o, _ in columns})
@@ -185,6 +204,15 @@ async def _masked_types(server: Server, database: str, oids: set[int]):
     return types, typed
 
 
+def _common(lists: list) -> list[str]:
+    if not lists:
+        return []
+    out = set(lists[0])
+    for names in lists[1:]:
+        out &= set(names)
+    return sorted(out)
+
+
 def applies(mask: Mask, identity_name: str, identity: Identity) -> bool:
     return identity_name not in mask.except_identities and not (
         set(mask.except_groups) & set(identity.groups))
@@ -237,7 +265,7 @@ class ObjPlan:
     whether it reads masked data, and the cursor a FETCH reads (its plan is the
     cursor's)."""
 
-    __slots__ = ("declare", "fetch", "lineage", "reads", "rowdesc")
+    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc")
 
     def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
                  declare: tuple | None = None) -> None:
@@ -248,6 +276,11 @@ class ObjPlan:
         # ("cursor" | "prepared", name, its ObjPlan) for DECLARE / PREPARE; fetch: the
         # (kind, name) whose plan a FETCH / EXECUTE gets
         self.declare = declare
+        # COPY TO STDOUT: ``copies`` the specs (plan entries or None, CopyFormat) of the
+        # COPYs of a Query, in order (taken as their CopyOutResponses come); ``copy`` the
+        # spec of a prepared COPY statement (every Execute of it)
+        self.copies: list | None = None
+        self.copy: tuple | None = None
 
 
 PENDING = object()      # lineage_now: ask the planner first
@@ -259,23 +292,6 @@ def _refuse_rows():
     if _REFUSE_ROWS is None:
         _REFUSE_ROWS = build_plan([])
     return _REFUSE_ROWS
-
-
-def _frontend_entry(t: int, msg: bytes) -> tuple:
-    """The response-queue entry of a Bind, Describe, Execute or Close (ValueError when
-    the message is malformed)."""
-    if t == 66:                                              # Bind
-        portal, pos = _cstr(msg, 5)
-        stmt, pos = _cstr(msg, pos)
-        return (K_BIND, portal, stmt, _result_formats(msg, pos))
-    if t == 68:                                              # Describe (the client's own)
-        name, _ = _cstr(msg, 6)
-        return (K_DESC_S if msg[5] == 83 else K_DESC_P, name)
-    if t == 69:                                              # Execute
-        portal, _ = _cstr(msg, 5)
-        return (K_EXEC, portal)
-    name, _ = _cstr(msg, 6)                                  # Close
-    return (K_CLOSE, msg[5], name)
 
 
 class MaskState:
@@ -297,8 +313,12 @@ class MaskState:
         self.cursors: dict[str, ObjPlan] = {}       # SQL cursors (DECLARE)
         self.sql_prepared: dict[str, ObjPlan] = {}  # SQL PREPARE (run with EXECUTE)
         self.expect: deque = deque()                # what the backend answers next
-        self.copy_cols: list | None = None  # the next COPY TO STDOUT's columns (plan entries)
-        self.copy_fmt = None
+        # -- other channels (channels.py): what in flight, or in this transaction, read
+        # masked data (its errors, notices ... are scrubbed)
+        self.channels = Channels(detectors)
+        self.masked_reads = 0               # statements in flight that read a masked table
+        self.txn_tainted = False            # this transaction ran a masked read
+        self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
         self._next: ObjPlan | None = None   # the plan of the Query being forwarded
         self._ready = 0
         self.lineage_keys: dict = {}        # lineage analysed in this session
@@ -428,8 +448,11 @@ class MaskState:
 
     # -- planning
     def _entry(self, table: int, attnum: int, typ: int, fmt: int, derived=None):
-        mk = self.catalog.columns.get((table, attnum)) if self.masks_on else None
-        if mk is not None and not applies(mk, self.s.identity_name, self.s.identity):
+        mk = self.catalog.columns.get((table, attnum))
+        # exempt from this column's mask: clear values, the detectors do not rescan it
+        exempt = mk is not None and (not self.masks_on or not applies(
+            mk, self.s.identity_name, self.s.identity))
+        if exempt:
             mk = None
         if mk is not None and derived is not None and (table, attnum) in getattr(
                 self.catalog, "derived", ()):
@@ -445,7 +468,7 @@ class MaskState:
             # replacement; every other type, composites and arrays too: NULL)
             from ..config import Mask
             mk = Mask(column="derived.value.column", strategy="redact")
-        detect = self.detectors is not None and mk is None
+        detect = self.detectors is not None and mk is None and not exempt
         return column_mask(mk, oid=typ, binary=fmt == 1, detect=detect, hash_key=self.key)
 
     def plan_for(self, rowdesc: bytes, formats: bytes | None = None, obj: ObjPlan | None = None):
@@ -487,19 +510,49 @@ class MaskState:
             name, pos = _cstr(msg, 5)
             sql, _ = _cstr(msg, pos)
             obj = self._obj(sql, lineage, reads_masked)
+            if reads_masked:
+                self.reading_stmts.add(name)
+                self.masked_reads += 1
+                self.txn_tainted = True
+            else:
+                self.reading_stmts.discard(name)
             self._push((K_PARSE, name))
             # learn its row shape now, in case the client executes without Describe
             self._push((K_PDESC, name, obj))
             return _describe_statement(name)
-        if t in (66, 68, 69, 67):
+        if t == 66:                                          # Bind
             try:
-                entry = _frontend_entry(t, msg)
-            except (ValueError, IndexError, struct.error):
-                # a malformed message: Postgres answers it with an error (then skips to
-                # Sync); queue what it stands for, with names no object has
-                entry = {66: (K_BIND, None, None, ()), 68: (K_DESC_P, None),
-                         69: (K_EXEC, None), 67: (K_CLOSE, 0, None)}[t]
-            self._push(entry)
+                portal, pos = _cstr(msg, 5)
+                stmt, pos = _cstr(msg, pos)
+                formats = _result_formats(msg, pos)
+            except (ValueError, struct.error):
+                # malformed: Postgres answers it with an error (the queue skips to the
+                # Sync then); nothing here may fail on it
+                portal, stmt, formats = b"", b"\0", None
+            self._push((K_BIND, portal, stmt, formats))
+            if stmt in self.reading_stmts:      # its executions read masked relations
+                self.masked_reads += 1
+                self.txn_tainted = True
+        elif t == 68:                                        # Describe (the client's own)
+            try:
+                kind = msg[5]
+                name, _ = _cstr(msg, 6)
+            except (ValueError, IndexError):
+                kind, name = 83, b"\0"                      # malformed: an error answers it
+            self._push((K_DESC_S if kind == 83 else K_DESC_P, name))
+        elif t == 69:                                        # Execute
+            try:
+                portal, _ = _cstr(msg, 5)
+            except ValueError:
+                portal = b"\0"                              # malformed: an error answers it
+            self._push((K_EXEC, portal))
+        elif t == 67:                                        # Close
+            try:
+                kind = msg[5]
+                name, _ = _cstr(msg, 6)
+            except (ValueError, IndexError):
+                kind, name = 0, b"\0"                       # malformed: an error answers it
+            self._push((K_CLOSE, kind, name))
         elif t == 83:                                        # Sync
             self._push((K_SYNC,))
         elif t == 81:                                        # Query: fseg += 1 queues it
@@ -507,7 +560,27 @@ class MaskState:
             self.stmts.pop(b"", None)
             sql = msg[5:-1]
             self._next = self._obj(sql, lineage, reads_masked)
+            if reads_masked:
+                self.masked_reads += 1
+                self.txn_tainted = True
+        elif t == 70 and reads_masked:                       # FunctionCall
+            self.masked_reads += 1
+            self.txn_tainted = True
         return None
+
+    def query_copies(self, specs: list) -> None:
+        """The COPY TO STDOUT specs of the Query just given to :meth:`frontend` (before
+        ``fseg += 1`` queues it); the list may be completed in place before it runs."""
+        if self._next is None:
+            self._next = ObjPlan(None, True)
+        self._next.copies = specs
+
+    def parsed_copy(self, spec: tuple | None) -> None:
+        """The COPY TO STDOUT spec of the statement just parsed (:meth:`frontend` 80)."""
+        for e in reversed(self.expect):
+            if e[0] == K_PDESC:
+                e[2].copy = spec
+                return
 
     def _reads(self, lineage, reads_masked: bool) -> bool:
         if lineage is not None:       # analysed: its answer; not analysable: fail closed
@@ -584,6 +657,8 @@ class MaskState:
         rw = self.rw
         if not whole:
             return rw.feed(data)
+        if t in CHANNEL_TYPES:      # scrubbed first; an ErrorResponse is paired below too
+            data = self._channel(t, data)
         if t not in _PAIRED:
             return rw.feed(data)
         h = self._head()
@@ -624,7 +699,7 @@ class MaskState:
             return out
         if t == 72:                                          # 'H' CopyOutResponse
             out = rw.feed(data)
-            self._copy_plan(data)
+            self._copy_plan(data, h, k)
             return out
         if t == 69:                                          # 'E'
             out = rw.feed(data)
@@ -649,6 +724,10 @@ class MaskState:
             return out
         # 'Z'
         out = rw.feed(data)
+        if self.s.in_flight() <= 0:
+            self.masked_reads = 0
+            if data[5] == 73:                               # idle: the transaction ended
+                self.txn_tainted = False
         q = self.expect
         while q:
             e = q.popleft()
@@ -665,6 +744,27 @@ class MaskState:
                                                                  b"PREPARE")):
             table, name, plan = obj.declare
             (self.cursors if table == "cursor" else self.sql_prepared)[name] = plan
+
+    # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
+    #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing
+    def tainted(self) -> bool:
+        """Whether the statements in flight, or the transaction they run in, read a
+        relation with masked columns (a cursor or a prepared statement of the
+        transaction may carry masked values into a later statement's messages)."""
+        return self.masks_on and (self.masked_reads > 0 or self.txn_tainted)
+
+    def _channel(self, t: int, data: bytes) -> bytes:
+        ch = self.channels
+        if t == 69 or t == 78:                              # 'E' / 'N'
+            return ch.error(data, self.tainted())
+        if t == 65:                                         # 'A' NotificationResponse
+            key = getattr(self.s, "upstream_key", None)
+            own = key[0] if key and self.masks_on and (
+                self.txn_tainted or self.masked_reads > 0) else None
+            return ch.notification(data, own)
+        if t == 83:                                         # 'S' ParameterStatus
+            return ch.parameter_status(data, self.tainted())
+        return ch.function_result(data, self.tainted())    # 'V' FunctionCallResponse
 
     # -- catalog freshness: rows of a table the catalog does not know (created, or
     # dropped and created again, since it was read), or read after DDL went through any
@@ -756,41 +856,58 @@ class MaskState:
         if self.held is None and not s.closed:
             s.up.transport.resume_reading()
 
-    def _copy_plan(self, msg: bytes) -> None:
-        cols, fmt = self.copy_cols, self.copy_fmt
-        self.copy_cols = self.copy_fmt = None
-        if msg[5] != 0 or cols is None:
-            return          # binary COPY is refused before it runs; unknown: detectors only
-        self.rw.set_plan(build_plan(cols, self.detectors, fmt))
-
-    def prepare_copy_query(self, rowdesc: bytes | None, fmt: str, options: dict,
-                           query: str | None = None) -> None:
-        """Plan entries for a COPY (query) TO STDOUT from the query's RowDescription
-        (and its lineage, when :meth:`lineage_load` has analysed ``query``)."""
-        if rowdesc is None:
-            self.copy_cols, self.copy_fmt = None, None
+    # -- COPY TO STDOUT: a CopyOutResponse answers the head of the response queue: a
+    # Query (its COPYs' specs, in order) or an Execute (its portal's prepared COPY)
+    def _copy_plan(self, msg: bytes, h: tuple | None, k: int) -> None:
+        spec = None
+        if k == K_READY:
+            copies = h[1].copies
+            if copies:
+                spec = copies.pop(0)
+        elif k == K_EXEC:
+            got = self.portals.get(h[1])
+            if got is not None:
+                spec = got[0].copy
+        if msg[5] != 0:
+            return          # binary COPY of masked data is refused before it runs
+        if spec is None or spec[0] is None:
+            if self.detectors is None:
+                return
+            # a source without masked columns: the detectors scan every column
+            (n,) = struct.unpack_from("!h", msg, 6)
+            fmt = spec[1] if spec is not None and spec[1] is not None else copy_format()
+            cols = [ColumnMask(ACTION_DETECT, kind=1, rule="detectors")] * n
+            self.rw.set_plan(build_plan(cols, self.detectors, fmt))
             return
+        self.rw.set_plan(build_plan(spec[0], self.detectors, spec[1]))
+
+    def copy_spec(self, table_oid: int | None, columns: list[str] | None, fmt: str,
+                  options: dict) -> tuple:
+        """(plan entries or None, CopyFormat) of a COPY <table> [(cols)] TO STDOUT."""
+        cf = copy_format(fmt, **options)
+        if table_oid is None or table_oid not in self.catalog.tables:
+            return (None, cf)
+        _, attrs = self.catalog.tables[table_oid]
+        names = columns or [name for _, name in attrs]
+        by_name = {name: num for num, name in attrs}
+        return ([self._entry(table_oid, by_name.get(n, 0), 25, 0, derived=False)
+                 for n in names], cf)
+
+    def copy_query_spec(self, rowdesc: bytes | None, fmt: str, options: dict,
+                        query: str | None = None) -> tuple:
+        """(plan entries, CopyFormat) of a COPY (query) TO STDOUT from the query's
+        RowDescription (and its lineage, when :meth:`lineage_load` has analysed
+        ``query``)."""
+        cf = copy_format(fmt, **options)
+        if rowdesc is None:
+            return (None, cf)
         fields = parse_row_description(rowdesc)
         lin = self.lineage_now(query.encode(), None) if query is not None else None
         masked = lin.masked if lin is not None and lin is not PENDING else None
         if masked is not None and len(masked) != len(fields):
             masked = None
-        self.copy_cols = [self._entry(t, a, typ, 0, None if masked is None else masked[i])
-                          for i, (t, a, typ, _) in enumerate(fields)]
-        self.copy_fmt = copy_format(fmt, **options)
-
-    def prepare_copy(self, table_oid: int | None, columns: list[str] | None, fmt: str,
-                     options: dict) -> None:
-        """Plan entries for a COPY <table> [(cols)] TO STDOUT about to run."""
-        if table_oid is None or table_oid not in self.catalog.tables:
-            self.copy_cols, self.copy_fmt = None, None
-            return
-        _, attrs = self.catalog.tables[table_oid]
-        names = columns or [name for _, name in attrs]
-        by_name = {name: num for num, name in attrs}
-        self.copy_cols = [self._entry(table_oid, by_name.get(n, 0), 25, 0, derived=False)
-                          for n in names]
-        self.copy_fmt = copy_format(fmt, **options)
+        return ([self._entry(t, a, typ, 0, None if masked is None else masked[i])
+                 for i, (t, a, typ, _) in enumerate(fields)], cf)
 
 
 _PAIRED = frozenset(b"Ttn2HCEIsZ")
