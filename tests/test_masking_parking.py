@@ -223,6 +223,32 @@ def test_session_state_refused(pg, pk, client, sql, probe):
     assert upstream_one(pg, "SELECT count(*) FROM pk_sink") == 0
 
 
+NOTIFY = [
+    "SELECT pg_notify('pk_chan', ssn) FROM pk_cust",
+    "SELECT pg_notify('pk_chan', email) FROM pk_cust WHERE id = 1",
+    "SELECT pg_notify('pk_chan', (SELECT string_agg(ssn, ',') FROM pk_cust))",
+    "SELECT pg_notify('pk_chan', replace(c.ssn, '-', '')) FROM pk_cust c",
+    "WITH x AS (SELECT email FROM pk_cust) SELECT pg_notify('pk_chan', upper(email)) FROM x",
+]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("sql", NOTIFY)
+def test_notifications_refused(pg, pk, client, sql):
+    """A payload reaches every listening session (another session of the same agent
+    too): pg_notify of masked values is parking. Judged by a listener upstream."""
+    import psycopg
+    listener = psycopg.connect(pg.dsn(dbname="appdb"), autocommit=True)
+    try:
+        listener.execute("LISTEN pk_chan")
+        err, _ = run_client(client, pk, sql)
+        assert_refused(err)
+        got = [n.payload for n in listener.notifies(timeout=0.5, stop_after=1)]
+        assert got == [], got
+    finally:
+        listener.close()
+
+
 LARGE_OBJECTS = [
     "SELECT lo_from_bytea(0, ssn::bytea) FROM pk_cust",
     "SELECT lo_from_bytea(0, convert_to(email, 'UTF8')) FROM pk_cust WHERE id = 1",

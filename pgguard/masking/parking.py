@@ -39,8 +39,10 @@ from pglast import parser as _pg
 from .wire import applies
 
 # functions that keep their argument in the session or the database
+# (pg_notify: the payload reaches every listening session, the agent's others included)
 SINK_FUNCS = frozenset({"set_config", "lo_from_bytea", "lo_put", "lowrite", "lo_import",
-                        "lo_export", "dblink_exec", "dblink", "pg_logical_emit_message"})
+                        "lo_export", "dblink_exec", "dblink", "pg_logical_emit_message",
+                        "pg_notify"})
 # DECLARE ... WITH HOLD (CURSOR_OPT_HOLD): the result is materialized and kept
 _CURSOR_OPT_HOLD = 0x0020
 # statements whose target relation is a plain field, not a RangeVar node
