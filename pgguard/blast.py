@@ -49,7 +49,6 @@ _SNAPSHOT = (b"SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_updated(c.
 # fails the transaction block, as the refused statement's error would have
 _FAIL_SQL = (b"DO $pgguard$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', "
              b"MESSAGE = 'pgguard: blast-radius limit exceeded, rolled back'; END$pgguard$")
-_ROW_KINDS = frozenset({"update", "delete", "merge"})
 _TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release",
                         "prepare_transaction", "commit_prepared", "rollback_prepared"})
 # a RETURNING result held while its count is unknown: beyond this, refuse (fail closed)
@@ -81,17 +80,11 @@ class Plan:
 
 
 def _changes_rows(st) -> bool:
-    v = getattr(st, "changes_rows", None)
-    if v is not None:
-        return v
-    return bool(_ROW_KINDS.intersection(st.kinds or (st.kind,)))
+    return st.changes_rows
 
 
 def _by_tag(st) -> bool:
-    v = getattr(st, "counted_by_tag", None)
-    if v is not None:
-        return v
-    return st.kind in _ROW_KINDS and len(st.kinds) <= 1 and not st.functions
+    return st.counted_by_tag
 
 
 def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
@@ -146,7 +139,6 @@ def _group(name: bytes, sql: bytes) -> bytes:
 
 
 _FLUSH = _frame(b"H", b"")
-_DEBUG = bool(os.environ.get("PGGUARD_GUARD_DEBUG"))
 _SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
 
 
@@ -254,8 +246,6 @@ class Guard:
         out = self.out = []
         t, msg = (None, item) if item.__class__ is bytes else item
 
-        if _DEBUG:
-            log.warning("guard route %r %r chain=%d", t and chr(t), msg[:60], len(self.chain))
         while self.chain:
             step = self.chain[0]
             try:
