@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -341,9 +342,28 @@ class AuditConfig(_Base):
     capture_literals: bool = False
     flush_interval: str = "50ms"
     queue_max: int = 1_000_000
+    # optional object store for sealed Parquet (s3://bucket/prefix); the WAL stays in dir
+    store: str | None = None
 
     def __post_init__(self) -> None:
         parse_duration(self.flush_interval)
+
+
+class Instance(_Base):
+    # this instance's name in a fleet: its audit stream, heartbeat row and metrics label.
+    # Default: "<hostname>-<listen port>", stable across restarts of the same instance.
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):
+            raise ValueError("name must be 1-64 characters from A-Z a-z 0-9 . _ - "
+                             "(it names the audit stream in object storage)")
+
+
+class Control(_Base):
+    # shared state of a fleet (approvals, JIT windows, revocations, throttling) in Postgres
+    dsn_env: str = "PGGUARD_CONTROL_DSN"
+    schema: str = "pgguard_control"
 
 
 class Limits(_Base):
@@ -374,6 +394,8 @@ class Config(_Base, dict=True):
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     limits: Limits = msgspec.field(default_factory=Limits)
     approvals: Approvals = msgspec.field(default_factory=Approvals)
+    instance: Instance = msgspec.field(default_factory=Instance)
+    control: Control | None = None
 
     # set by load(): where the config file lives; relative paths resolve against it
     base_dir = "."
@@ -508,3 +530,11 @@ def admin_token(cfg: Config) -> str | None:
 
 def duration(cfg_value: str | None, default: float) -> float:
     return default if cfg_value is None else parse_duration(cfg_value)
+
+
+def instance_name(cfg: Config) -> str:
+    """This instance's name in a fleet ([instance] name, else hostname-port)."""
+    if cfg.instance.name:
+        return cfg.instance.name
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "pgguard"
+    return f"{host}-{cfg.listen.port}"
