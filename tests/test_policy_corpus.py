@@ -26,6 +26,28 @@ from pgguard.policy.classify import classify
 B, A = "block", "allow"
 
 REFUSE = [
+    # state that ROLLBACK does not restore, or that switches off what protects other sessions
+    # (added deliberately after issue 11: these were allowed for guarded agents)
+    ("SELECT setval('orders_id_seq', 1)", "select", "destructive", B),
+    ("SELECT pg_catalog.setval('app.s'::regclass, 1, false)", "select", "destructive", B),
+    ("SELECT id FROM orders WHERE setval('orders_id_seq', id) > 0", "select", "destructive", B),
+    ("ALTER SEQUENCE orders_id_seq RESTART", "alter", "destructive", B),
+    ("ALTER SEQUENCE app.s RESTART WITH 5 INCREMENT 2", "alter", "destructive", B),
+    ("ALTER TABLE orders ALTER COLUMN id RESTART WITH 1", "alter", "destructive", B),
+    ("ALTER TABLE orders SET UNLOGGED", "alter", "destructive", B),
+    ("CREATE RULE r AS ON INSERT TO orders DO INSTEAD NOTHING", "create", "destructive", B),
+    ("CREATE RULE r AS ON DELETE TO app.orders DO INSTEAD NOTHING", "create", "destructive", B),
+    ("ALTER TABLE orders DISABLE TRIGGER USER", "alter", "privilege", B),
+    ("ALTER TABLE orders DISABLE TRIGGER audit_trg", "alter", "privilege", B),
+    ("ALTER TABLE orders DISABLE TRIGGER ALL", "alter", "privilege", B),
+    ("ALTER TABLE orders DISABLE RULE r", "alter", "privilege", B),
+    ("ALTER VIEW v SET (security_barrier = false)", "alter", "privilege", B),
+    ("ALTER VIEW v RESET (security_invoker)", "alter", "privilege", B),
+    ("CREATE PUBLICATION p FOR TABLE orders", "create", "escape", B),
+    ("ALTER PUBLICATION p ADD TABLE customers", "alter", "escape", B),
+    ("SELECT pg_stat_reset()", "select", "escape", B),
+    ("SELECT pg_stat_reset_single_table_counters('orders'::regclass)", "select", "escape", B),
+    ("SELECT pg_stat_statements_reset()", "select", "escape", B),
     # DROP of anything
     ("DROP INDEX orders_pkey", "drop", "destructive", B,
      {"written": ["public.orders_pkey"]}),
@@ -289,7 +311,7 @@ CATALOG = [
     ("CREATE TRIGGER tr BEFORE INSERT ON pg_class FOR EACH ROW EXECUTE FUNCTION f()",
      "create", "privilege", B),
     ("CREATE RULE r AS ON INSERT TO pg_catalog.pg_proc DO INSTEAD NOTHING", "create",
-     "privilege", B),
+     "destructive privilege", B),
     ("ALTER TABLE pg_class ENABLE ROW LEVEL SECURITY", "alter", "privilege", B),
     ("DROP TRIGGER tr ON pg_class", "drop", "destructive privilege", B,
      {"written": ["pg_catalog.pg_class"]}),
@@ -408,6 +430,15 @@ SETTINGS_REFUSED = [
 ]
 
 ALLOW = [
+    # near neighbours of the state-changing refusals above that stay allowed
+    ("SELECT nextval('orders_id_seq')", "select", "", A),
+    ("SELECT currval('orders_id_seq'), lastval()", "select", "", A),
+    ("ALTER SEQUENCE orders_id_seq INCREMENT 2", "alter", "", A),
+    ("ALTER TABLE orders SET LOGGED", "alter", "", A),
+    ("ALTER TABLE orders ENABLE TRIGGER USER", "alter", "", A),
+    ("ALTER TABLE orders SET (autovacuum_enabled = false)", "alter", "", A),
+    ("CREATE RULE r AS ON INSERT TO v DO INSTEAD INSERT INTO t VALUES (NEW.id)", "create",
+     "write", A),
     # keywords inside literals, comments, quoted identifiers
     ("SELECT 'DROP TABLE x'", "select", "", A),
     ("SELECT 1 -- DROP TABLE x", "select", "", A),
