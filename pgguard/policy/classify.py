@@ -1051,9 +1051,12 @@ def _changes_rows(acc: _Acc) -> None:
 
 def _insert(acc: _Acc, b: dict) -> None:
     occ = b.get("onConflictClause")
-    if type(occ) is dict and occ.get("action") == "ONCONFLICT_UPDATE":
+    upsert = type(occ) is dict and occ.get("action") == "ONCONFLICT_UPDATE"
+    if upsert:
         _changes_rows(acc)
     acc.enter("insert")
+    if upsert:
+        acc.kinds["update"] = None          # it updates rows too: rules on "update" match
     saved_w, saved_u = acc.rvwrite, acc.utility
     acc.rvwrite = acc.utility = False
     pushed = _push_ctes(acc, b.get("withClause"))
@@ -1088,12 +1091,20 @@ def _delete(acc: _Acc, b: dict) -> None:
     _update_or_delete(acc, b, "DELETE")
 
 
+_MERGE_ACTIONS = {"CMD_INSERT": "insert", "CMD_UPDATE": "update", "CMD_DELETE": "delete"}
+
+
 def _merge(acc: _Acc, b: dict) -> None:
     clauses = [w.get("MergeWhenClause") for w in b.get("mergeWhenClauses") or ()
                if type(w) is dict and type(w.get("MergeWhenClause")) is dict]
     if any(wc.get("commandType") in ("CMD_DELETE", "CMD_UPDATE") for wc in clauses):
         _changes_rows(acc)
     acc.enter("merge")
+    # what the MERGE can do, so that a rule on "insert"/"update"/"delete" matches it too
+    for wc in clauses:
+        action = _MERGE_ACTIONS.get(wc.get("commandType"))
+        if action:
+            acc.kinds[action] = None
     saved_w, saved_u = acc.rvwrite, acc.utility
     acc.rvwrite = acc.utility = False
     pushed = _push_ctes(acc, b.get("withClause"))
@@ -1156,6 +1167,7 @@ def _copy(acc: _Acc, b: dict) -> None:
         if name:
             _written(acc, name)
         acc.flag("write", f"COPY FROM into {what}")
+        acc.kinds["insert"] = None          # it inserts rows: rules on "insert" match
     elif name:
         acc.reads[name] = None
     q = b.get("query")
