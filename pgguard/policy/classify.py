@@ -1406,6 +1406,8 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} RESTART moves "
                      "the identity sequence (not undone by ROLLBACK: later INSERTs can "
                      "collide with existing keys)")
+        elif sub in _INHERITANCE_SUBTYPES:
+            _inheritance_change(acc, target, sub, cmd.get("def"))
         elif sub == "AT_SetUnLogged":
             acc.flag("destructive", f"ALTER TABLE {target} SET UNLOGGED: an unlogged table is "
                      "emptied after a crash and is not replicated")
@@ -1429,6 +1431,37 @@ _DISABLING_SUBTYPES = {
     "AT_DisableRule": "DISABLE RULE switches a rule off",
 }
 _SECURITY_RELOPTIONS = frozenset({"security_barrier", "security_invoker", "check_option"})
+
+
+# ALTER TABLE sub-commands that move a whole table's rows into or out of another table
+_INHERITANCE_SUBTYPES = frozenset({"AT_AttachPartition", "AT_DetachPartition",
+                                   "AT_DetachPartitionFinalize", "AT_AddInherit",
+                                   "AT_DropInherit"})
+
+
+def _inheritance_change(acc: _Acc, target: str, sub: str, d: Any) -> None:
+    """ATTACH/DETACH PARTITION, [NO] INHERIT: every row of the partition or child table
+    appears in or disappears from the parent, so rules on the parent's inserts and
+    deletes match, and taking rows away is destructive."""
+    if type(d) is not dict:
+        return
+    pc = d.get("PartitionCmd")
+    rv = pc.get("name") if type(pc) is dict else d.get("RangeVar")
+    if type(rv) is not dict:
+        return
+    other = _relname(rv)
+    # ALTER TABLE parent ... PARTITION child; ALTER TABLE child [NO] INHERIT parent
+    parent, child = (target, other) if pc is not None else (other, target)
+    _written(acc, parent)
+    _written(acc, child)
+    if sub in ("AT_AttachPartition", "AT_AddInherit"):
+        acc.kinds["insert"] = None
+        acc.flag("write", f"every row of {child} becomes a row of {parent}")
+    else:
+        acc.kinds["delete"] = None
+        acc.flag("write", f"every row of {child} leaves {parent}")
+        acc.flag("destructive", f"ALTER TABLE ... {'DETACH PARTITION' if pc is not None else 'NO INHERIT'} "
+                 f"removes every row of {child} from {parent}")
 
 
 def _cmd_options(cmd: dict) -> dict[str, Any]:
