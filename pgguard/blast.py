@@ -68,15 +68,39 @@ class Plan:
     """What a decision asks of the guard: the row limit, the rule it comes from, and
     whether the command tag counts every changed row."""
 
-    __slots__ = ("limit", "rule", "by_tag", "decision", "sql")
+    __slots__ = ("limit", "rule", "by_tag", "decision", "sql", "target", "verb")
 
     def __init__(self, limit: int, rule: str, by_tag: bool, decision=None,
-                 sql: bytes = b"") -> None:
+                 sql: bytes = b"", target: str | None = None, verb: str = "") -> None:
         self.limit = limit
         self.rule = rule
         self.by_tag = by_tag
         self.decision = decision
         self.sql = sql              # the statement's text, for the audit
+        # a plain UPDATE / DELETE of one table: whether it reached every row is measured
+        self.target = target
+        self.verb = verb
+
+    def probe(self, count: int) -> bytes | None:
+        """After the statement changed ``count`` rows: a query whose one value tells
+        whether that was every row of the target (None: nothing to measure). One row
+        changed is never "every row": a one-row table may lose its row to a narrow
+        WHERE as easily as to none."""
+        if self.target is None or count < 2:
+            return None
+        schema, _, name = self.target.partition(".")
+        rel = _ident(schema) + b"." + _ident(name)
+        return (b"SELECT count(*) FROM (SELECT 1 FROM " + rel + b" LIMIT %d) pgguard_x"
+                % (count + 1))
+
+    def every_row(self, count: int, seen: int) -> bool:
+        """``seen`` rows are visible in the target after the statement changed ``count``:
+        a DELETE that left none, an UPDATE that changed all there are."""
+        return seen == 0 if self.verb == "delete" else seen <= count
+
+
+def _ident(name: str) -> bytes:
+    return b'"' + name.replace('"', '""').encode() + b'"'
 
 
 def _changes_rows(st) -> bool:
@@ -95,9 +119,17 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
     guard as well, counted by the transaction's own tuple counters."""
     if d is None:
         return None
+    target, verb = None, ""
     if any(_changes_rows(st) for st in d.statements):
         limit = d.max_rows
         by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
+        st = d.statements[0]
+        # one plain UPDATE / DELETE: its target is the first relation written (a view's
+        # base tables follow it); with functions or CTEs in it, only when it writes one
+        if (len(d.statements) == 1 and st.kind in ("update", "delete")
+                and (len(st.relations_written) == 1
+                     or (by_tag and st.relations_written))):
+            target, verb = st.relations_written[0], st.kind
     elif user_function is not None and default_limit and any(
             user_function(f) for st in d.statements for f in st.functions):
         limit, by_tag = default_limit, False
@@ -105,7 +137,7 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
         return None
     if not limit:
         return None
-    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql)
+    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql, target, verb)
 
 
 def has_txn_control(d) -> bool:
@@ -164,7 +196,7 @@ class Guard:
     guarded, and the chain of steps that reads the backend stream while it works."""
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
-                 "seg_known", "seg_exec")
+                 "seg_known", "seg_exec", "_skip_seg")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -176,10 +208,13 @@ class Guard:
         # None, "commit" (COMMIT before the Sync) or "rollback" (it already failed)
         self.owe: str | None = None
         self.out: list = []
-        # the ReadyForQuery count when an error of the current extended-protocol
-        # pipeline was seen: until the next one, Postgres skips everything up to the
-        # Sync, so a guard step would wait for nothing
-        self._skip_z = -1
+        # an error of the current extended-protocol segment was seen: Postgres skips
+        # every message up to the segment's Sync. Cleared when the client's Sync (or a
+        # Query) passes the frontend path: what the client sent after it runs normally
+        # and is guarded normally. (Once keyed on the backend's ReadyForQuery count,
+        # which lags the frontend: a pipelined second statement behind its own Sync ran
+        # unguarded.) A stale False is safe: the marker query finds a skipped segment.
+        self._skip_seg = False
         # every message of the current extended-protocol segment (since the last Sync)
         # went through Python, and how many of them executed something
         self.seg_known = False
@@ -218,20 +253,28 @@ class Guard:
         self.stmts.pop(b"", None)
         self.portals.pop(b"", None)
         self.seg_known, self.seg_exec = True, 0
+        self._skip_seg = False
 
     def on_sync(self) -> None:
         self.seg_known, self.seg_exec = True, 0
+        self._skip_seg = False
 
     def on_execute(self) -> None:
         self.seg_exec += 1
 
+    def segment_unseen(self) -> None:
+        """Messages of the current segment went by without Python: nothing is known of
+        it (an Execute is then guarded, and the marker query finds out what ran)."""
+        self.seg_known = False
+        self._skip_seg = False
+
     def _skipping(self) -> None:
-        self._skip_z = self.s.visible_z()
+        self._skip_seg = True
 
     def portal_plan(self, msg: bytes) -> Plan | None:
         """The plan of the Execute ``msg``'s portal, unless Postgres is skipping to the
         next Sync after an error (the Execute will not run)."""
-        if not self.portals or self._skip_z == self.s.visible_z():
+        if not self.portals or self._skip_seg:
             return None
         return self.portals.get(msg[5:msg.index(b"\0", 5)])
 
@@ -336,6 +379,12 @@ class Guard:
             after = (yield from self._swallow_query())[0]
             if err is None:
                 count = after - before
+        every = False
+        probe = plan.probe(count) if err is None and count <= plan.limit else None
+        if probe is not None:
+            s.up.transport.write(_query(probe))
+            seen, perr = yield from self._swallow_query()
+            every = perr is not None or plan.every_row(count, seen)
         if err is not None:
             if opened:
                 s.up.transport.write(_query(b"ROLLBACK"))
@@ -348,14 +397,14 @@ class Guard:
                 self.out.append((_Z, z))
                 s._release_hold([])
             return
-        if count > plan.limit:
-            self._log_over(plan, count)
+        if count > plan.limit or every:
+            self._log_over(plan, count, every)
             if opened:
                 s.up.transport.write(_query(b"ROLLBACK"))
             else:
                 s.up.transport.write(_query(b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
                                      + _query(_FAIL_SQL))
-            self.out.append(self._refusal(plan, count))
+            self.out.append(self._refusal(plan, count, every))
             self.out.append(_z(_IDLE if opened else _FAILED))
             s._release_hold([])
             yield from self._swallow_query()
@@ -481,10 +530,16 @@ class Guard:
                 z = data
                 break
             buf.append(data if t is None else (t, data))
-        if err is None and count > plan.limit:
-            self._log_over(plan, count)
+        every = False
+        probe = plan.probe(count) if err is None and count <= plan.limit else None
+        if probe is not None and z[5] == _INBLOCK:
+            s.up.transport.write(_query(probe))
+            seen, perr = yield from self._swallow_query()
+            every = perr is not None or plan.every_row(count, seen)
+        if err is None and (count > plan.limit or every):
+            self._log_over(plan, count, every)
             s.up.transport.write(_query(_FAIL_SQL))
-            self.out.append(self._refusal(plan, count))
+            self.out.append(self._refusal(plan, count, every))
             self.out.append(_z(_FAILED))
             s._release_hold([])
             yield from self._swallow_query()
@@ -559,6 +614,22 @@ class Guard:
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
         if snap and err is None:
             count = (yield from self._swallow_group())[0] - before
+        every = False
+        probe = plan.probe(count) if err is None and count <= plan.limit else None
+        if probe is not None:
+            s.up.transport.write(_group(self._name(), probe) + _FLUSH)
+            seen, _, perr = yield from self._swallow_group()
+            if perr is not None:
+                # the measurement failed (Postgres now skips to the Sync): nothing it
+                # changed may stay, and nothing more can run before the client's Sync
+                self._log_over(plan, count, True)
+                self._skipping()
+                if opened:
+                    self.owe = "rollback"
+                self.out.append(self._refusal(plan, count, True))
+                s._release_hold([])
+                return
+            every = plan.every_row(count, seen)
         if err is not None:
             self._skipping()
             self.out.extend(buf)
@@ -566,8 +637,8 @@ class Guard:
                 self.owe = "rollback"
             s._release_hold([])
             return
-        if count > plan.limit:
-            self._log_over(plan, count)
+        if count > plan.limit or every:
+            self._log_over(plan, count, every)
             s.up.transport.write(
                 _group(self._name(), b"ROLLBACK" if opened else
                        b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
@@ -575,7 +646,7 @@ class Guard:
             self._skipping()
             if opened:
                 self.owe = None              # rolled back already
-            self.out.append(self._refusal(plan, count))
+            self.out.append(self._refusal(plan, count, every))
             s._release_hold([])
             yield from self._swallow_group()
             yield from self._swallow_group()
@@ -624,10 +695,11 @@ class Guard:
         yield from self._swallow_query()                              # ROLLBACK
 
     # -- refusals
-    def _log_over(self, plan: Plan, count: int) -> None:
+    def _log_over(self, plan: Plan, count: int, every: bool = False) -> None:
         s = self.s
-        log.info("session %s: %s changed %d rows, limit %d: rolled back", s.id,
-                 s.identity_name, count, plan.limit)
+        log.info("session %s: %s changed %d rows (%s), limit %d: rolled back", s.id,
+                 s.identity_name, count, "every row" if every else "over the limit",
+                 plan.limit)
         s.server.count_statement("blocked")
         if s.tracker is not None and s.server.audit_strict:
             # strict records were written before the statement ran: add its outcome
@@ -637,15 +709,26 @@ class Guard:
             rec.rule = "blast-radius"
             rec.sqlstate = "42501"
             rec.rows = count
-            rec.error = self._refusal_text(plan, count)
+            rec.error = self._refusal_text(plan, count, every)
             s.server.audit.log(rec)
 
     @staticmethod
-    def _refusal_text(plan: Plan, count: int) -> str:
+    def _refusal_text(plan: Plan, count: int, every: bool = False) -> str:
+        if every:
+            done = "deleted" if plan.verb == "delete" else "updated"
+            return (f'pgguard: statement refused by rule "blast-radius": it {done} every row '
+                    f"of {plan.target} ({count} rows), as a {plan.verb.upper()} with no "
+                    "WHERE clause would; its changes were rolled back")
         return (f'pgguard: statement refused by rule "blast-radius": it changed {count} '
                 f"rows, more than the limit of {plan.limit}; its changes were rolled back")
 
-    def _refusal(self, plan: Plan, count: int):
+    def _refusal(self, plan: Plan, count: int, every: bool = False):
+        if every:
+            return (_E, m.error_response(
+                "42501", self._refusal_text(plan, count, every),
+                detail=f"rows changed: {count}; rows of {plan.target} left unchanged: none",
+                hint="Narrow the WHERE clause to the rows you mean to change; emptying or "
+                     "rewriting a whole table is for a DBA (or a rule that allows it)."))
         return (_E, m.error_response(
             "42501", self._refusal_text(plan, count),
             detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "

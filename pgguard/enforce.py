@@ -439,7 +439,7 @@ class Enforcement:
         if on == self._guarding:
             return
         self._guarding = on
-        self.guard.seg_known = False    # earlier messages of this segment went unseen
+        self.guard.segment_unseen()     # earlier messages of this segment went unseen
         self.watch = self._base_watch + (b"BECS" if on else b"")
         if not self.discarding:
             scan = self.fscan
