@@ -27,15 +27,18 @@ def gproxy(pg, tmp_path_factory):
 @pytest.fixture()
 def table(pg):
     with psycopg.connect(pg.dsn(), autocommit=True) as c:
-        c.execute('DROP TABLE IF EXISTS ber_t; DROP TABLE IF EXISTS "Ber ""Quoted"""')
+        c.execute('DROP TABLE IF EXISTS ber_t; DROP TABLE IF EXISTS "Ber ""Quoted"""; '
+                  "DROP TABLE IF EXISTS ber_log")
+        c.execute("CREATE TABLE ber_log (id int)")
         c.execute("CREATE TABLE ber_t (id int PRIMARY KEY, name text, v int NOT NULL DEFAULT 0)")
         c.execute(f"INSERT INTO ber_t SELECT g, 'n' || g, 0 FROM generate_series(1, {ROWS}) g")
         c.execute('CREATE TABLE "Ber ""Quoted""" (id int)')
         c.execute('INSERT INTO "Ber ""Quoted""" VALUES (1), (2), (3)')
-        c.execute('GRANT ALL ON ber_t, "Ber ""Quoted""" TO PUBLIC')
+        c.execute('GRANT ALL ON ber_t, ber_log, "Ber ""Quoted""" TO PUBLIC')
     yield
     with psycopg.connect(pg.dsn(), autocommit=True) as c:
-        c.execute('DROP TABLE IF EXISTS ber_t; DROP TABLE IF EXISTS "Ber ""Quoted"""')
+        c.execute('DROP TABLE IF EXISTS ber_t; DROP TABLE IF EXISTS "Ber ""Quoted"""; '
+                  "DROP TABLE IF EXISTS ber_log")
 
 
 def truth(pg):
@@ -59,6 +62,13 @@ EVERY_ROW = [
     "DELETE FROM ber_t WHERE id > 0 RETURNING *",
     "UPDATE ber_t SET v = 2 WHERE id > 0 RETURNING id",
     'DELETE FROM "Ber ""Quoted""" WHERE id > 0',
+    # measured by the per-table counters: CTEs, functions in the statement
+    "WITH d AS (DELETE FROM ber_t WHERE id > 0 RETURNING id) SELECT count(*) FROM d",
+    "WITH u AS (UPDATE ber_t SET v = 1 WHERE id > 0 RETURNING id) SELECT count(*) FROM u",
+    "WITH d AS (DELETE FROM ber_t WHERE id > 0 RETURNING *) "
+    "INSERT INTO ber_log SELECT id FROM d",
+    "DELETE FROM ber_t WHERE id > 0 AND random() >= 0",
+    "DO $$BEGIN DELETE FROM ber_t WHERE id > 0; END$$",
 ]
 
 
@@ -104,6 +114,27 @@ def test_asyncpg_three_times(gproxy, pg, table, sql):
         finally:
             await conn.close()
     asyncio.run(main())
+    assert truth(pg) == before
+
+
+MULTI = [
+    "SELECT 1; DELETE FROM ber_t WHERE id > 0",
+    "DELETE FROM ber_t WHERE id > 20; DELETE FROM ber_t WHERE id <= 20",
+    "UPDATE ber_t SET v = 1 WHERE id > 0; SELECT 2",
+    "SELECT 1; UPDATE ber_t SET name = 'x' WHERE id > 0; SELECT 3",
+    "DELETE FROM ber_log WHERE id > 0; DELETE FROM ber_t WHERE id > 0",
+]
+
+
+@pytest.mark.parametrize("sql", MULTI)
+def test_several_statements_in_one_query(gproxy, pg, table, sql, psql_bin):
+    before = truth(pg)
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            psycopg.ClientCursor(c).execute(sql)
+        assert "every row of public.ber_t" in e.value.diag.message_primary
+    r = run_psql(psql_bin, gproxy.dsn(), "-c", sql)
+    assert r.returncode != 0 and "every row" in r.stderr, r.stderr
     assert truth(pg) == before
 
 
