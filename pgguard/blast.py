@@ -451,14 +451,9 @@ class Guard:
             yield from self._swallow_query()
             before_row = self.last_row
         buf, count, err, z = yield from self._hold_result(plan, simple=True)
-        cands = []
         if snap:
             yield from self._swallow_query()
-            if err is None and before_row and self.last_row:
-                count = self.last_row[0] - before_row[0]
-                cands = plan.counter_candidates(before_row, self.last_row)
-        elif err is None:
-            cands = plan.by_tag_candidates(count)
+        count, cands = self._measured(plan, count, err, snap, before_row)
         every = None
         if err is None and cands and count <= plan.limit:
             s.up.transport.write(_query(plan.probe_sql(cands)))
@@ -508,6 +503,18 @@ class Guard:
             self.out.append((_Z, z))
             s._release_hold([])
             yield from self._swallow_query()
+
+    def _measured(self, plan: Plan, count: int, err, snapped, before: list[int]):
+        """(rows changed, tables to probe for "every row") once the statement's answers
+        and its after-snapshot (``self.last_row``, when ``snapped``) are in."""
+        if err is not None:
+            return count, []
+        if not snapped:
+            return count, plan.by_tag_candidates(count)
+        if not (before and self.last_row):
+            return count, []
+        return (self.last_row[0] - before[0],
+                plan.counter_candidates(before, self.last_row))
 
     def _swallow_query(self):
         """Swallow one injected Query's answers up to its ReadyForQuery: (the first
@@ -698,14 +705,9 @@ class Guard:
             yield from self._swallow_group()
             before_row = self.last_row
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
-        cands = []
         if snap and err is None:
             yield from self._swallow_group()
-            if before_row and self.last_row:
-                count = self.last_row[0] - before_row[0]
-                cands = plan.counter_candidates(before_row, self.last_row)
-        elif err is None:
-            cands = plan.by_tag_candidates(count)
+        count, cands = self._measured(plan, count, err, snap, before_row)
         every = None
         if err is None and cands and count <= plan.limit:
             s.up.transport.write(_group(self._name(), plan.probe_sql(cands)) + _FLUSH)
