@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 from .cancel import CancelKeyCipher
-from .config import Config, admin_token, parse_duration, read_secret
+from .config import Config, admin_token, instance_name, parse_duration, read_secret
 from .errors import ConfigError, TooManyConnections
 from .policy.views import CATALOG_KINDS, ViewMap
 from .protocol import messages as m
@@ -598,7 +598,9 @@ class Server:
         if not self.cfg.audit.enabled:
             return
         from .audit.writer import AuditLog
-        self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}")
+        self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}",
+                              roll_seconds=parse_duration(self.cfg.audit.seal_interval),
+                              instance=instance_name(self.cfg))
         self.audit.start()
 
     async def stop_services(self) -> None:

@@ -52,6 +52,7 @@ import fcntl
 import logging
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -170,10 +171,15 @@ class AuditLog:
                  stream: str = "w0", roll_records: int = 1_000_000,
                  roll_seconds: float = 60.0, group_records: int = 65_536,
                  wake_records: int = 8_192,
-                 switch_interval: float | None = 0.0002) -> None:
+                 switch_interval: float | None = 0.0002,
+                 instance: str | None = None, upload_drain: float = 10.0) -> None:
         d = Path(cfg.dir)
         self.root = d if d.is_absolute() else Path(base_dir) / d
         self.stream = storage.check_stream(stream)
+        # [audit] store: the writer uploads sealed files to <store>/<instance>/
+        self.store = cfg.store
+        self.instance = instance or socket.gethostname()
+        self.upload_drain = upload_drain
         self.strict = cfg.durability == "strict"
         self.capture_literals = cfg.capture_literals
         self.flush_interval = max(parse_duration(cfg.flush_interval), 0.001)
@@ -549,7 +555,9 @@ class AuditLog:
             root=str(self.root), stream=self.stream, strict=self.strict,
             capture_literals=self.capture_literals, roll_records=self.roll_records,
             roll_seconds=self.roll_seconds, group_records=self.group_records,
-            flush_interval=self.flush_interval, data_fd=data_r, ack_fd=ack_w, parent_pid=os.getpid())
+            flush_interval=self.flush_interval, data_fd=data_r, ack_fd=ack_w,
+            parent_pid=os.getpid(), store=self.store, instance=self.instance,
+            upload_drain=self.upload_drain)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
