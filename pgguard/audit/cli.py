@@ -165,8 +165,8 @@ def _resolve(args: argparse.Namespace) -> _Source:
     if cfg_path is None and Path("pgguard.toml").is_file():
         cfg_path = "pgguard.toml"
     if cfg_path is None:
-        raise PgguardError("no audit directory: give -c pgguard.toml, --dir DIR or "
-                           "--store URI")
+        raise PgguardError("no audit directory: give -c pgguard.toml or --dir DIR "
+                           "(or --store URI for an object store)")
     from .. import config
     cfg = config.load(cfg_path)
     d = Path(cfg.audit.dir)

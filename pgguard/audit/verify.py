@@ -235,7 +235,9 @@ class _Checker:
         remote = isinstance(pf, RemoteFile)
         name = self.rel(pf if remote else pf.path)
         if pf.seq > self.expected_seq:
-            missing = (f"seq {self.expected_seq}" if pf.seq == self.expected_seq + 1
+            missing = (f"seq {self.expected_seq} "
+                       f"({storage.parquet_name(self.stream, self.expected_seq)})"
+                       if pf.seq == self.expected_seq + 1
                        else f"seqs {self.expected_seq}..{pf.seq - 1}")
             self.problem("missing_file",
                          f"missing file: {self.stream} {missing} "
@@ -394,7 +396,7 @@ def _check_stream(c: _Checker, files: list, head: storage.Head | None, wal: list
             c.problem("missing_file",
                       f"missing file: {stream} seq {last + 1}"
                       f"{'' if head.seq == last + 1 else f'..{head.seq}'} named by the "
-                      f"head anchor: the last file(s) were deleted",
+                      f"head anchor ({head.file}): the last file(s) were deleted",
                       file=f"{c.instance}/{head.file}" if c.instance else head.file)
         elif head.seq == last and c.expected is not None and head.last_hash != c.expected:
             c.problem("missing_tail",
