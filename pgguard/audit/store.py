@@ -64,7 +64,7 @@ _FILE_RE = re.compile(r"^dt=(?P<dt>\d{4}-\d{2}-\d{2})/(?P<stream>[A-Za-z0-9_]{1,
                       r"(?P<seq>\d{12})\.parquet$")
 SCHEMES = ("s3", "gs", "gcs", "file")
 BACKOFF_MIN = 0.5           # seconds before the first retry of a failed upload
-BACKOFF_MAX = 30.0          # longest pause between retries
+BACKOFF_MAX = 15.0          # longest pause between retries
 
 
 @dataclass(frozen=True, order=True)
@@ -279,6 +279,7 @@ class Uploader:
         self._cond = threading.Condition()
         self._kicked = True
         self._stop = False
+        self._retry_at = 0.0            # monotonic time of the next try after a failure
         self._idle = threading.Event()
         self.uploaded = 0
         self.failures = 0
@@ -296,7 +297,10 @@ class Uploader:
             self._cond.notify()
 
     def drain(self, timeout: float) -> bool:
-        """Wait until nothing is left to upload (True) or *timeout* passes; then stop."""
+        """Try now (back-off or not) and wait until nothing is left to upload (True) or
+        *timeout* passes; then stop."""
+        with self._cond:
+            self._retry_at = 0.0
         self.kick()
         done = self._idle.wait(timeout)
         with self._cond:
@@ -309,11 +313,20 @@ class Uploader:
         delay = 0.0
         while True:
             with self._cond:
-                if not self._kicked and not self._stop:
-                    self._cond.wait(delay or None)
+                # a kick (a new seal) does not cut a back-off short: a store that is
+                # down is asked again after the delay, not at every seal
+                while not self._stop:
+                    wait = self._retry_at - time.monotonic() if self._retry_at else None
+                    if wait is not None and wait > 0:
+                        self._cond.wait(wait)
+                    elif self._kicked or self._retry_at:
+                        break
+                    else:
+                        self._cond.wait()
                 if self._stop:
                     return
                 self._kicked = False
+                self._retry_at = 0.0
             try:
                 left = self.pass_once()
             except Exception as e:          # the store refused or is unreachable
@@ -322,7 +335,8 @@ class Uploader:
                 delay = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
                 log.warning("audit: upload to %s failed (%s); retrying in %.1fs",
                             self.store.uri, self.last_error, delay)
-                self._kicked = False
+                with self._cond:
+                    self._retry_at = time.monotonic() + delay
                 continue
             delay = 0.0
             self.last_error = None
