@@ -61,8 +61,8 @@ def sql(moto, bucket: str, query: str) -> list[dict]:
 
 def store_proxy(pg, tmp: Path, moto, bucket: str, name: str, *, seal: str = "0.3s",
                 durability: str = "batched", endpoint: str | None = None,
-                port: int | None = None) -> Proxy:
-    return Proxy(pg, tmp, port=port, env=moto.env(endpoint),
+                port: int | None = None, workers: int = 1) -> Proxy:
+    return Proxy(pg, tmp, port=port, env=moto.env(endpoint), workers=workers,
                  audit_extra=f'store = "s3://{bucket}/{PREFIX}"\n'
                              f'seal_interval = "{seal}"\ndurability = "{durability}"\n',
                  extra=f'[instance]\nname = "{name}"\n')
@@ -154,6 +154,14 @@ def test_serve_uploads_whole_files_that_verify_and_count_once(pg, tmp_path, moto
     assert "chain solo/w0:" in r.stdout and "verified:" in r.stdout
     r = cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "report", "--since", "1d", "--verify")
     assert r.returncode == 0 and "verified:" in r.stdout, r.stderr
+    # the local dir alone would look like a chain with files deleted: said, not misread
+    r = cli(moto, "--dir", str(proxy.audit_dir), "verify")
+    assert r.returncode == 1 and f"--store s3://{bucket}/{PREFIX} --instance solo" in r.stderr
+    r = cli(moto, "--dir", str(proxy.audit_dir), "--store", f"s3://{bucket}/{PREFIX}", "verify")
+    assert r.returncode == 1 and "needs --instance" in r.stderr
+    r = cli(moto, "--dir", str(proxy.audit_dir), "--store", f"s3://{bucket}/{PREFIX}",
+            "--instance", "solo", "verify")
+    assert r.returncode == 0, r.stdout + r.stderr
     # -c reads the config's store (and this instance's local remainder)
     r = cli(moto, "-c", str(proxy.config), "sql", "--json",
             f"SELECT count(*) AS n FROM audit WHERE statement LIKE 'INSERT INTO {table} %'")
@@ -258,7 +266,9 @@ def test_three_instances_one_bucket(pg, tmp_path, moto, bucket, s3):
     names = ["api-1", "api-2", "api-3"]
     for n in names:
         (tmp_path / n).mkdir(exist_ok=True)
-    proxies = [store_proxy(pg, tmp_path / n, moto, bucket, n) for n in names]
+    # api-3 runs two workers: two streams (w0, w1), two chains, one instance
+    proxies = [store_proxy(pg, tmp_path / n, moto, bucket, n, workers=2 if n == "api-3" else 1)
+               for n in names]
     acked = {}
     with Watcher(s3, bucket, PREFIX) as w:
         for p in proxies:
@@ -266,8 +276,9 @@ def test_three_instances_one_bucket(pg, tmp_path, moto, bucket, s3):
         try:
             for k, (n, p) in enumerate(zip(names, proxies)):
                 acked[n] = inserts(p, table, n, 60 + 20 * k)
-            for n, p in zip(names, proxies):
-                acked[n] += inserts(p, table, n, 10)
+            for _ in range(4):          # several connections: both of api-3's workers
+                for n, p in zip(names, proxies):
+                    acked[n] += inserts(p, table, n, 5)
         finally:
             for p in proxies:
                 assert p.stop() == 0
@@ -281,7 +292,10 @@ def test_three_instances_one_bucket(pg, tmp_path, moto, bucket, s3):
     assert r.returncode == 0, r.stdout + r.stderr
     for n in names:
         assert f"chain {n}/w0:" in r.stdout
-    assert "3 chain(s)" in r.stdout
+    streams = {k.split("/")[1] + "/" + k.rsplit("/", 1)[1].split("-")[0]
+               for k in objects(s3, bucket, PREFIX) if k.endswith(".parquet")}
+    assert {"api-1/w0", "api-2/w0", "api-3/w0"} <= streams
+    assert f"{len(streams)} chain(s)" in r.stdout
     by = sql(moto, bucket, f"SELECT instance, count(*) AS n FROM audit WHERE statement LIKE "
                            f"'INSERT INTO {table} %' GROUP BY ALL ORDER BY 1")
     assert [(r["instance"], r["n"]) for r in by] == [(n, acked[n]) for n in names]

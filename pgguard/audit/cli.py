@@ -39,7 +39,7 @@ from ..errors import PgguardError
 from . import storage
 from .query import fetch, open_audit, parse_when, rows_as_dicts
 from .record import UTC
-from .store import Store
+from .store import UPLOADED_DIR, Store, read_uploaded
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -157,7 +157,10 @@ def _resolve(args: argparse.Namespace) -> _Source:
         if store_uri and not instance:
             raise PgguardError("--store with --dir needs --instance (whose dir it is), so "
                                "files both local and uploaded are counted once")
-        return _Source(Path(args.dir), Store.open(store_uri) if store_uri else None,
+        root = Path(args.dir)
+        if not store_uri:
+            _not_uploading(root)
+        return _Source(root, Store.open(store_uri) if store_uri else None,
                        instance if store_uri else None)
     cfg_path = getattr(args, "config", None)
     if cfg_path is None and store_uri:
@@ -175,6 +178,19 @@ def _resolve(args: argparse.Namespace) -> _Source:
     if not store_uri:
         return _Source(root)
     return _Source(root, Store.open(store_uri), instance or config.instance_name(cfg))
+
+
+def _not_uploading(root: Path) -> None:
+    # a dir whose sealed files go to a store holds only what is not uploaded yet: read
+    # alone, it would look like a chain with its files deleted
+    for p in sorted((root / UPLOADED_DIR).glob("*.json")):
+        try:
+            u = read_uploaded(root, p.stem)
+        except PgguardError:
+            continue
+        if u is not None:
+            raise PgguardError(f"{root} uploads its sealed files to {u.store}: read it with "
+                               f"--store {u.store} --instance {u.instance} (or -c)")
 
 
 def _existing(root: Path | None) -> Path:
