@@ -80,13 +80,14 @@ def upstream_count(pg, table: str, tag: str | None = None) -> int:
     return pg.execute(q)[0][0]
 
 
-def wait_for(pred, timeout: float = 60, what: str = "condition"):
+def wait_for(pred, timeout: float = 90, what: str = "condition", proxy: Proxy | None = None):
     deadline = time.monotonic() + timeout
     while True:
         got = pred()
         if got:
             return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, (
+            f"timed out waiting for {what}" + (f"\n{proxy.output()[-3000:]}" if proxy else ""))
         time.sleep(0.1)
 
 
@@ -134,7 +135,7 @@ def test_serve_uploads_whole_files_that_verify_and_count_once(pg, tmp_path, moto
         n += inserts(proxy, table, "psycopg2", 100)
         # uploads happen while the proxy runs (the watcher reads them as they appear)
         wait_for(lambda: len([k for k in objects(s3, bucket, PREFIX) if k.endswith(".parquet")])
-                 >= 2, what="uploads while serving")
+                 >= 2, what="uploads while serving", proxy=proxy)
         assert proxy.stop() == 0
         time.sleep(0.5)
     assert not w.bad, w.bad
@@ -325,7 +326,7 @@ def test_kill9_strict_loses_nothing_acknowledged_wal_uploads_on_restart(pg, tmp_
                         port=proxy.port)
     with again:
         wait_for(lambda: [k for k in objects(s3, bucket, PREFIX) if k.endswith(".parquet")],
-                 what="the recovered WAL in the store")
+                 what="the recovered WAL in the store", proxy=again)
         assert upstream_count(pg, table) == acked
         assert statement_count(moto, bucket, table) == acked
         r = cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify")
@@ -374,8 +375,8 @@ def test_store_unreachable_does_not_block_statements_backlog_uploads_later(pg, t
         wait_for(lambda: list(proxy.audit_dir.glob("dt=*/*.parquet")), what="a local backlog")
         assert statement_count(moto, bucket, table) < before + during
         hop.start()
-        wait_for(lambda: not list(proxy.audit_dir.glob("dt=*/*.parquet")), timeout=90,
-                 what="the backlog to upload")
+        wait_for(lambda: not list(proxy.audit_dir.glob("dt=*/*.parquet")),
+                 what="the backlog to upload", proxy=proxy)
         assert upstream_count(pg, table) == before + during
         assert statement_count(moto, bucket, table) == before + during
         r = cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify")

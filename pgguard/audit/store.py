@@ -92,54 +92,68 @@ class Uploaded(msgspec.Struct, kw_only=True):
     last_hash: str
 
 
-def _env_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+def _split(uri: str) -> tuple[str, str]:
+    """(scheme, base path in the filesystem) of a store URI, without any I/O."""
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
-    if scheme not in SCHEMES or (scheme != "file" and not parts.netloc):
+    if scheme not in SCHEMES or (scheme != "file" and not parts.netloc) or (
+            scheme == "file" and not parts.path.startswith("/")):
         raise AuditError(f"[audit] store {uri!r}: unsupported (use s3://bucket/prefix, "
                          f"gs://bucket/prefix or file:///path)")
-    if scheme == "s3":
-        # built here, not by FileSystem.from_uri: that asks the network for the
-        # bucket's region, and opening the store must not need the store (a writer
-        # starts while it is unreachable). pyarrow (>= 15) reads AWS_ENDPOINT_URL
-        # itself; passing it keeps an http:// endpoint (a local S3-compatible server)
-        # working on every build.
-        kw: dict[str, Any] = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            ep = urlsplit(endpoint)
-            kw["endpoint_override"] = ep.netloc or ep.path
-            kw["scheme"] = ep.scheme or "https"
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kw["region"] = region
-        try:
-            fs = pafs.S3FileSystem(**kw)
-        except (OSError, ValueError, TypeError) as e:
-            raise AuditError(f"[audit] store {uri!r}: {e}") from None
-        return fs, (parts.netloc + parts.path).rstrip("/")
+    if scheme == "file":
+        return scheme, parts.path.rstrip("/") or "/"
+    return scheme, (parts.netloc + parts.path).rstrip("/")
+
+
+def _make_fs(uri: str) -> pafs.FileSystem:
+    scheme, base = _split(uri)
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        if scheme == "s3":
+            # pyarrow (>= 15) reads AWS_ENDPOINT_URL itself; passing it keeps an
+            # http:// endpoint (a local S3-compatible server) working on every build.
+            # Without AWS_REGION the bucket's region is asked of S3 (what
+            # FileSystem.from_uri does too).
+            kw: dict[str, Any] = {}
+            endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
+                        or os.environ.get("AWS_ENDPOINT_URL"))
+            if endpoint:
+                ep = urlsplit(endpoint)
+                kw["endpoint_override"] = ep.netloc or ep.path
+                kw["scheme"] = ep.scheme or "https"
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if not region and not endpoint:
+                region = pafs.resolve_s3_region(base.split("/", 1)[0])
+            if region:
+                kw["region"] = region
+            return pafs.S3FileSystem(**kw)
+        return pafs.FileSystem.from_uri(uri)[0]
     except (OSError, ValueError, TypeError) as e:
-        raise AuditError(f"[audit] store {uri!r}: {e}") from None
-    return fs, path.rstrip("/")
+        raise AuditError(f"audit store {uri}: {e}") from None
 
 
 class Store:
-    """An audit store: a pyarrow filesystem and the base path in it."""
+    """An audit store: a pyarrow filesystem and the base path in it. The filesystem is
+    made at first use, so opening a store needs no network (a writer starts while the
+    store is unreachable; its uploads retry)."""
 
-    def __init__(self, uri: str, fs: pafs.FileSystem, base: str) -> None:
+    def __init__(self, uri: str, fs: pafs.FileSystem | None = None) -> None:
         self.uri = uri
-        self.fs = fs
-        self.base = base
+        self.scheme, self.base = _split(uri)
+        self._fs = fs
         # local filesystems show a half-written file: write aside, then rename
-        self.rename = isinstance(fs, pafs.LocalFileSystem)
+        self.rename = self.scheme == "file"
 
     @classmethod
     def open(cls, uri: str) -> Store:
-        """Example: ``Store.open("s3://bucket/prefix")``; raises ``AuditError``."""
-        fs, base = _env_fs(uri)
-        return cls(uri, fs, base)
+        """Example: ``Store.open("s3://bucket/prefix")``; raises ``AuditError`` for a
+        URI it cannot use."""
+        return cls(uri)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = _make_fs(self.uri)
+        return self._fs
 
     # -- keys ---------------------------------------------------------------------
 
@@ -235,13 +249,7 @@ def uploaded_path(root: Path, stream: str) -> Path:
 
 
 def read_uploaded(root: Path, stream: str) -> Uploaded | None:
-    p = uploaded_path(root, stream)
-    try:
-        return msgspec.json.decode(p.read_bytes(), type=Uploaded)
-    except FileNotFoundError:
-        return None
-    except (OSError, msgspec.DecodeError) as e:
-        raise AuditError(f"{p}: unreadable upload record: {e}") from None
+    return storage.read_json(uploaded_path(root, stream), Uploaded, "upload record")
 
 
 def uploaded_seq(root: Path, stream: str) -> int:
