@@ -453,6 +453,11 @@ class Server:
                 fn=lambda: self.audit.stats().queue_depth if self.audit is not None else 0)
         m.counter("pgguard_audit_dropped_total", "audit records dropped (batched mode)",
                   fn=lambda: self.audit.stats().dropped if self.audit is not None else 0)
+        m.gauge("pgguard_audit_upload_backlog",
+                "sealed audit files waiting for [audit] store (0 without a store)",
+                fn=lambda: self.audit.stats().upload_backlog if self.audit is not None else 0)
+        m.counter("pgguard_audit_uploaded_files_total", "audit files uploaded to [audit] store",
+                  fn=lambda: self.audit.stats().uploaded if self.audit is not None else 0)
 
     def count_statement(self, decision: str, n: int = 1) -> None:
         child = self._stmt_children.get(decision)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -371,8 +372,12 @@ def test_store_unreachable_does_not_block_statements_backlog_uploads_later(pg, t
         # statements never wait for the store
         assert slowest < 0.5, slowest
         assert during > 50
-        # sealed files pile up locally while the store is away
+        # sealed files pile up locally while the store is away, and /metrics says so
         wait_for(lambda: list(proxy.audit_dir.glob("dt=*/*.parquet")), what="a local backlog")
+        wait_for(lambda: metric(proxy, "pgguard_audit_upload_backlog") > 0,
+                 what="the backlog in /metrics")
+        uploaded = metric(proxy, "pgguard_audit_uploaded_files_total")
+        assert uploaded >= 1
         assert statement_count(moto, bucket, table) < before + during
         hop.start()
         wait_for(lambda: not list(proxy.audit_dir.glob("dt=*/*.parquet")),
@@ -381,7 +386,19 @@ def test_store_unreachable_does_not_block_statements_backlog_uploads_later(pg, t
         assert statement_count(moto, bucket, table) == before + during
         r = cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify")
         assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: metric(proxy, "pgguard_audit_upload_backlog") == 0,
+                 what="the backlog in /metrics to clear")
+        assert metric(proxy, "pgguard_audit_uploaded_files_total") > uploaded
     hop.stop()
+
+
+def metric(proxy: Proxy, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}/metrics",
+                                timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -417,3 +434,32 @@ def test_file_store_renames_into_place(tmp_path):
     out = io.StringIO()
     assert main(["--store", f"file://{store}", "verify"], out) == 0
     assert "chain disk-1/w0: 100 records" in out.getvalue()
+
+
+def test_a_reset_local_dir_never_overwrites_the_store(tmp_path, moto, bucket, s3, monkeypatch):
+    """A second chain under the same instance name (local dir lost, or a name shared by
+    two instances) must not replace a file in the store: its uploads stop with an error
+    naming the key, its files stay local, and the store's chain still verifies."""
+    for k, v in moto.env().items():
+        monkeypatch.setenv(k, v)
+    _log_files(tmp_path / "first", moto, bucket, "twin", files=2)
+    keys = {k: v for k, v in objects(s3, bucket, f"{PREFIX}/twin/").items()
+            if k.endswith(".parquet")}
+    etags = {k: s3.head_object(Bucket=bucket, Key=k)["ETag"] for k in keys}
+    log = AuditLog(AuditConfig(dir=str(tmp_path / "second"), flush_interval="2ms",
+                               store=f"s3://{bucket}/{PREFIX}"), instance="twin",
+                   upload_drain=3.0)
+    log.start()
+    for i in range(30):
+        log.log(AuditRecord(ts=datetime.now(timezone.utc), session_id="other",
+                            event="statement", statement=f"SELECT {i}"))
+    log.roll()
+    deadline = time.monotonic() + 30
+    while not log.stats().upload_error and time.monotonic() < deadline:
+        time.sleep(0.1)
+    err = log.stats().upload_error or ""
+    log.close()
+    assert "already holds a different" in err and "twin/dt=" in err, err
+    assert {k: s3.head_object(Bucket=bucket, Key=k)["ETag"] for k in keys} == etags
+    assert len(list((tmp_path / "second").glob("dt=*/*.parquet"))) == 1
+    assert cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify").returncode == 0

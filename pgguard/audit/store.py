@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from . import storage
 from .storage import AuditError
@@ -237,9 +238,14 @@ class Store:
         if self.rename:
             self.fs.move(target, key)
 
-    def size_of(self, key: str) -> int | None:
-        info = self.fs.get_file_info(key)
-        return info.size if info.type == pafs.FileType.File else None
+    def last_hash_of(self, key: str) -> str | None:
+        """The chain hash a stored file ends with (from its footer), None if there is
+        no such object."""
+        if self.fs.get_file_info(key).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_file(key) as f:
+            meta = pq.ParquetFile(f).metadata.metadata or {}
+        return meta.get(b"pgguard.last_hash", b"?").decode()
 
 
 # -- local bookkeeping ------------------------------------------------------------------
@@ -276,7 +282,7 @@ class Uploader:
     """
 
     def __init__(self, store: Store, root: Path, instance: str, stream: str,
-                 try_lock: Any = None) -> None:
+                 try_lock: Any = None, on_pass: Any = None) -> None:
         if not INSTANCE_RE.match(instance):
             raise AuditError(f"invalid instance name {instance!r} for the audit store")
         self.store = store
@@ -284,6 +290,7 @@ class Uploader:
         self.instance = instance
         self.stream = stream
         self._try_lock = try_lock       # stream -> fd | None (other, orphaned streams)
+        self._on_pass = on_pass         # called after each pass (the counters changed)
         self._cond = threading.Condition()
         self._kicked = True
         self._stop = False
@@ -345,12 +352,22 @@ class Uploader:
                             self.store.uri, self.last_error, delay)
                 with self._cond:
                     self._retry_at = time.monotonic() + delay
+                self.backlog = self._local()
+                self._passed()
                 continue
             delay = 0.0
             self.last_error = None
             self.backlog = left
+            self._passed()
             if not left:
                 self._idle.set()
+
+    def _passed(self) -> None:
+        if self._on_pass is not None:
+            try:
+                self._on_pass()
+            except Exception:
+                log.exception("audit: reporting upload counters failed")
 
     def pass_once(self) -> int:
         """Upload every sealed local file, oldest first; the number still local."""
@@ -368,7 +385,14 @@ class Uploader:
                 self._upload_stream(stream, storage.list_parquet(self.root)[0].get(stream, []))
             finally:
                 os.close(fd)
-        streams, _ = storage.list_parquet(self.root)
+        return self._local()
+
+    def _local(self) -> int:
+        # sealed files of our stream still on local disk
+        try:
+            streams, _ = storage.list_parquet(self.root)
+        except OSError:
+            return self.backlog
         return len(streams.get(self.stream, []))
 
     def _upload_stream(self, stream: str, files: list[storage.ParquetFile]) -> None:
@@ -387,15 +411,16 @@ class Uploader:
         data = pf.path.read_bytes()
         last, n = storage.last_hash_of(pf.path)
         key = self.store.file_key(self.instance, pf.dt, stream, pf.seq)
-        there = self.store.size_of(key)
-        if there is not None and there != len(data):
+        there = self.store.last_hash_of(key)
+        if there is not None and there != last:
             # never overwrite audit evidence: this key holds another chain's file (the
             # local directory was reset, or two instances share a name)
-            raise AuditError(f"the store already holds a different {key} "
-                             f"({there} bytes, ours {len(data)}): is [instance] name shared "
+            raise AuditError(f"the store already holds a different {key} (its chain ends "
+                             f"{there[:16]}…, ours {last[:16]}…): is [instance] name shared "
                              f"by two instances, or was the local audit dir reset?")
         if there is None:
             self.store.put(key, data)
+        # else: uploaded before a crash that came before our bookkeeping
         records = (done.records if done else 0) + n
         self.store.put(self.store.head_key(self.instance, stream), msgspec.json.encode(
             storage.Head(stream=stream, seq=pf.seq, last_hash=last, records=records,

@@ -97,6 +97,9 @@ class AuditStats(msgspec.Struct):
     last_error: str | None
     stream: str
     segment_seq: int
+    uploaded: int = 0               # files uploaded to [audit] store
+    upload_backlog: int = 0         # sealed files waiting for the store
+    upload_error: str | None = None     # the last upload failure, None once one works
 
 
 class _Flush:
@@ -466,7 +469,8 @@ class AuditLog:
             sealed_files=w.sealed_files, fsyncs=w.fsyncs, last_fsync_us=w.last_fsync_us,
             max_fsync_us=w.max_fsync_us, coerced=self._coerced + w.coerced,
             errors=self._errors + w.errors, last_error=w.last_error or self._last_error,
-            stream=self.stream, segment_seq=w.segment_seq)
+            stream=self.stream, segment_seq=w.segment_seq, uploaded=w.uploaded,
+            upload_backlog=w.upload_backlog, upload_error=w.upload_error)
 
     def health(self) -> str | None:
         """``None`` when healthy, else the last write error (for /healthz)."""

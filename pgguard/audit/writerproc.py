@@ -376,7 +376,8 @@ class Writer:
             self._uploader = objstore.Uploader(
                 objstore.Store.open(cfg.store), self.root, cfg.instance, self.stream,
                 try_lock=lambda s: lock_stream(self.root, s, role="recover", parent=me,
-                                               wait=0))
+                                               wait=0),
+                on_pass=self._report_uploads)
 
     # -- main loop --------------------------------------------------------------------
 
@@ -873,6 +874,11 @@ class Writer:
             self._upload_stats()
         if clean:
             self.answers.send(ipc.A_EXIT, self.stats)
+
+    def _report_uploads(self) -> None:
+        # from the uploader thread: counters to the worker (/metrics), durable 0
+        self._upload_stats()
+        self.answers.send(ipc.A_DURABLE, ipc.Ack(0, [], [], self.stats))
 
     def _upload_stats(self) -> None:
         u = self._uploader
