@@ -169,6 +169,12 @@ def test_serve_uploads_whole_files_that_verify_and_count_once(pg, tmp_path, moto
             f"SELECT count(*) AS n FROM audit WHERE statement LIKE 'INSERT INTO {table} %'")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["n"] == n
+    # policy replay with the same config reads the store too
+    r = subprocess.run([sys.executable, "-m", "pgguard", "policy", "replay", "-c",
+                        str(proxy.config), "--since", "1d", "--json"], capture_output=True,
+                       text=True, env=dict(os.environ, **moto.env()), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["records"] >= n
 
 
 # -- tampering, by class ------------------------------------------------------------------
