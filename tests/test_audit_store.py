@@ -469,3 +469,65 @@ def test_a_reset_local_dir_never_overwrites_the_store(tmp_path, moto, bucket, s3
     assert {k: s3.head_object(Bucket=bucket, Key=k)["ETag"] for k in keys} == etags
     assert len(list((tmp_path / "second").glob("dt=*/*.parquet"))) == 1
     assert cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify").returncode == 0
+
+
+def test_reading_the_store_needs_no_duckdb_extension(tmp_path, moto, bucket, monkeypatch):
+    """The store is read through pyarrow, so DuckDB never needs httpfs (which it would
+    download from the internet): with extension autoloading off, the view still reads
+    every record, and httpfs stays unloaded."""
+    import duckdb
+
+    from pgguard.audit.query import open_audit
+    from pgguard.audit.store import Store
+    for k, v in moto.env().items():
+        monkeypatch.setenv(k, v)
+    _log_files(tmp_path, moto, bucket, "offline", files=2)
+    con = duckdb.connect()
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con, snap = open_audit(None, store=Store.open(f"s3://{bucket}/{PREFIX}"), con=con)
+    assert len(snap.remote) == 2
+    assert con.sql("SELECT count(*), count(DISTINCT event_id), min(instance), "
+                   "min(dt) IS NOT NULL FROM audit").fetchall() == [(80, 80, "offline", True)]
+    # filters and projections reach the pyarrow dataset
+    assert con.sql("SELECT count(*) FROM audit WHERE statement = 'SELECT $1' "
+                   "AND session_id = 's1'").fetchall() == [(40,)]
+    loaded = con.sql("SELECT extension_name FROM duckdb_extensions() WHERE loaded").fetchall()
+    assert ("httpfs",) not in loaded
+
+
+def test_kill9_with_store_away_backlog_and_wal_upload_on_restart(pg, tmp_path, moto, bucket,
+                                                                 s3):
+    """Killed while the store is unreachable: sealed files not uploaded and the WAL tail
+    are both local; the next start seals the tail and uploads everything, once."""
+    table = "store_kill_away"
+    setup_table(pg, table)
+    hop = Hop(moto.port).start()
+    proxy = store_proxy(pg, tmp_path, moto, bucket, "away", seal="1s", durability="strict",
+                        endpoint=hop.endpoint)
+    proxy.start()
+    acked = inserts(proxy, table, "up", 30)
+    wait_for(lambda: [k for k in objects(s3, bucket, PREFIX) if k.endswith(".parquet")],
+             what="a first upload", proxy=proxy)
+    hop.stop()
+    acked += inserts(proxy, table, "away", 40)
+    wait_for(lambda: list(proxy.audit_dir.glob("dt=*/*.parquet")), what="a sealed backlog",
+             proxy=proxy)
+    acked += inserts(proxy, table, "tail", 15)
+    os.kill(proxy.proc.pid, signal.SIGKILL)
+    proxy.proc.wait()
+    wait_for(lambda: not _writer_alive(proxy.audit_dir), what="the writer to exit")
+    assert list(proxy.audit_dir.glob("dt=*/*.parquet"))
+    assert list((proxy.audit_dir / "_wal" / "w0").glob("*.wal"))
+    hop.start()
+    again = store_proxy(pg, tmp_path, moto, bucket, "away", seal="1s", durability="strict",
+                        endpoint=hop.endpoint, port=proxy.port)
+    with again:
+        assert upstream_count(pg, table) == acked
+        wait_for(lambda: statement_count(moto, bucket, table) == acked,
+                 what="every acknowledged statement in the store", proxy=again)
+        wait_for(lambda: not list(again.audit_dir.glob("dt=*/*.parquet")),
+                 what="the local backlog to go", proxy=again)
+        r = cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify")
+        assert r.returncode == 0, r.stdout + r.stderr
+    hop.stop()
