@@ -479,6 +479,7 @@ def bench_store_drain(root: Path, n: int, uri: str) -> dict:
         for i in range(n):
             log.log(pool[i % len(pool)])
         log.start()
+        w0 = _writer_cpu(log)
         t0 = time.perf_counter()
         log.flush()
         log.roll()
@@ -488,14 +489,20 @@ def bench_store_drain(root: Path, n: int, uri: str) -> dict:
             while not _store_keys(store, inst):
                 time.sleep(0.005)
             t_store = time.perf_counter() - t0
+        # CPU is steadier than wall time on a shared machine: the writer process's,
+        # sealing and (with a store) uploading included
+        wcpu = _writer_cpu(log) - w0
         log.close()
         out.setdefault(label.rstrip("2"), []).append(
             {"parquet_per_s": n / t_parquet,
-             "in_store_per_s": n / t_store if t_store else None})
+             "in_store_per_s": n / t_store if t_store else None,
+             "writer_cpu_us": wcpu / n * 1e6})
     best = {k: max(v, key=lambda d: d["parquet_per_s"]) for k, v in out.items()}
+    cpu = {k: min(d["writer_cpu_us"] for d in v) for k, v in out.items()}
     return {"records": n, "without_per_s": best["without"]["parquet_per_s"],
             "with_per_s": best["with"]["parquet_per_s"],
-            "in_store_per_s": best["with"]["in_store_per_s"]}
+            "in_store_per_s": best["with"]["in_store_per_s"],
+            "writer_cpu_us_without": cpu["without"], "writer_cpu_us_with": cpu["with"]}
 
 
 def bench_upload_lag(root: Path, uri: str, seconds: float, seal: float) -> dict:
@@ -713,6 +720,8 @@ def main() -> int:
              sd["with_per_s"] / 300_000),
             ("writer: queue -> file in the store (records/s)",
              f"{sd['in_store_per_s']:,.0f}", "", None),
+            ("writer process CPU per record, store set / not (us)",
+             f"{sd['writer_cpu_us_with']:.2f} / {sd['writer_cpu_us_without']:.2f}", "", None),
             (f"upload lag, ack -> visible in store, seal {lag.get('seal_s')} s: p50 / p99 (ms)",
              f"{lag.get('p50_ms', float('nan')):.0f} / {lag.get('p99_ms', float('nan')):.0f}",
              f"<= seal + 1 s ({lag['visible']}/{lag['records']} seen)",

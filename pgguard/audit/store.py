@@ -258,12 +258,6 @@ def read_uploaded(root: Path, stream: str) -> Uploaded | None:
     return storage.read_json(uploaded_path(root, stream), Uploaded, "upload record")
 
 
-def uploaded_seq(root: Path, stream: str) -> int:
-    """Highest seq of *stream* already in the store (0: none, or no store)."""
-    u = read_uploaded(root, stream)
-    return u.seq if u else 0
-
-
 def write_uploaded(root: Path, u: Uploaded, stream: str) -> None:
     (root / UPLOADED_DIR).mkdir(parents=True, exist_ok=True)
     storage.write_atomic(uploaded_path(root, stream), msgspec.json.encode(u) + b"\n")
