@@ -203,12 +203,14 @@ def _put_table(s3, bucket: str, key: str, table: pa.Table, meta: dict) -> None:
 
 def _get(s3, bucket: str, key: str) -> tuple[pa.Table, dict]:
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    t = pq.read_table(io.BytesIO(body))
-    return t, t.schema.metadata
+    meta = {k: v for k, v in pq.ParquetFile(io.BytesIO(body)).metadata.metadata.items()
+            if k.startswith(b"pgguard.")}       # the file's own: seq, records, hashes
+    assert meta[b"pgguard.seq"]
+    return pq.read_table(io.BytesIO(body)), meta
 
 
 TAMPER = ["modify_record", "delete_record", "delete_middle_file", "delete_last_file",
-          "reorder_records", "foreign_object", "rehash_modified_record"]
+          "reorder_records", "foreign_object", "rehash_modified_record", "truncate_last_file"]
 
 
 @pytest.mark.parametrize("kind", TAMPER)
@@ -251,6 +253,16 @@ def test_tampered_store_is_named_by_instance_and_file(tmp_path, moto, bucket, s3
         s3.delete_object(Bucket=bucket, Key=middle)
     elif kind == "delete_last_file":
         s3.delete_object(Bucket=bucket, Key=keys[2])
+        fname = keys[2].split("/")[-1]
+    elif kind == "truncate_last_file":
+        # the last file loses its last records, its footer rewritten to match: only the
+        # head object (the chain's end as uploaded) shows it
+        last, lmeta = _get(s3, bucket, keys[2])
+        cut = last.slice(0, last.num_rows - 3)
+        lmeta = dict(lmeta)
+        lmeta[b"pgguard.records"] = str(cut.num_rows).encode()
+        lmeta[b"pgguard.last_hash"] = cut.column("hash")[-1].as_py().encode()
+        _put_table(s3, bucket, keys[2], cut, lmeta)
         fname = keys[2].split("/")[-1]
     elif kind == "foreign_object":
         fname = "extra.parquet"
