@@ -85,6 +85,20 @@ def make_record(i: int, ts: datetime) -> AuditRecord:
         masked_cells=i % 3, duration_us=300 + i % 1000)
 
 
+def record_pool(n: int) -> list[AuditRecord]:
+    # at most 200k distinct records, queued again and again (log() encodes at once)
+    now = datetime.now(UTC)
+    return [make_record(i, now) for i in range(min(n, 200_000))]
+
+
+def queue_then_start(log, pool: list, n: int) -> tuple[float, float]:
+    """Queue n records from *pool*, start the writer: (its CPU so far, the clock)."""
+    for i in range(n):
+        log.log(pool[i % len(pool)])
+    log.start()
+    return _writer_cpu(log), time.perf_counter()
+
+
 def cfg(d: Path, **kw) -> AuditConfig:
     return AuditConfig(dir=str(d), **kw)
 
@@ -127,16 +141,11 @@ def bench_drain(cls: type, root: Path, n: int) -> dict:
 
     The proxy's CPU includes the log() calls (made before the clock starts)."""
     log = cls(cfg(root, queue_max=n + 1), roll_records=1_000_000)
-    now = datetime.now(UTC)
-    pool = [make_record(i, now) for i in range(min(n, 200_000))]
+    pool = record_pool(n)
     # the same object may be queued again: the current AuditLog encodes it in log(),
     # the in-process writer within its 256-record chunk, so reuse is safe
     c0 = time.process_time()
-    for i in range(n):
-        log.log(pool[i % len(pool)])
-    log.start()
-    w0 = _writer_cpu(log)
-    t0 = time.perf_counter()
+    w0, t0 = queue_then_start(log, pool, n)
     log.flush()
     t_wal = time.perf_counter() - t0
     log.roll()
@@ -474,13 +483,7 @@ def bench_store_drain(root: Path, n: int, uri: str) -> dict:
         kw = {"store": uri} if with_store else {}
         log = AuditLog(cfg(root / label, queue_max=n + 1, **kw), roll_records=1_000_000,
                        instance=inst)
-        now = datetime.now(UTC)
-        pool = [make_record(i, now) for i in range(min(n, 200_000))]
-        for i in range(n):
-            log.log(pool[i % len(pool)])
-        log.start()
-        w0 = _writer_cpu(log)
-        t0 = time.perf_counter()
+        w0, t0 = queue_then_start(log, record_pool(n), n)
         log.flush()
         log.roll()
         t_parquet = time.perf_counter() - t0
