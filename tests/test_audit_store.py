@@ -553,3 +553,36 @@ def test_kill9_with_store_away_backlog_and_wal_upload_on_restart(pg, tmp_path, m
         r = cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify")
         assert r.returncode == 0, r.stdout + r.stderr
     hop.stop()
+
+
+def test_a_stream_without_its_writer_is_uploaded_by_another(tmp_path, moto, bucket, s3,
+                                                          monkeypatch):
+    """Fewer workers after a restart: stream w1's sealed files, left local while the
+    store was away, are uploaded by w0's writer (under w1's lock), into w1's chain."""
+    hop = Hop(moto.port)            # never started: nothing listens there
+    for k, v in moto.env(hop.endpoint).items():
+        monkeypatch.setenv(k, v)
+    local = tmp_path / "audit"
+    conf = AuditConfig(dir=str(local), flush_interval="2ms", store=f"s3://{bucket}/{PREFIX}")
+    w1 = AuditLog(conf, stream="w1", instance="shrunk", upload_drain=1.0)
+    w1.start()
+    for i in range(25):
+        w1.log(AuditRecord(ts=datetime.now(timezone.utc), session_id="old", event="statement",
+                           statement=f"SELECT {i}"))
+    w1.roll()
+    w1.close()
+    assert len(list(local.glob("dt=*/w1-*.parquet"))) == 1
+    assert not objects(s3, bucket, PREFIX)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
+    w0 = AuditLog(conf, stream="w0", instance="shrunk")
+    w0.start()
+    deadline = time.monotonic() + 60
+    while list(local.glob("dt=*/w1-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    w0.close()
+    keys = objects(s3, bucket, f"{PREFIX}/shrunk/")
+    assert [k for k in keys if "/w1-" in k] and f"{PREFIX}/shrunk/_chain/w1.json" in keys
+    r = cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "sql", "--json",
+            "SELECT count(*) AS n FROM audit WHERE session_id = 'old'")
+    assert json.loads(r.stdout) == [{"n": 25}], r.stderr
+    assert cli(moto, "--store", f"s3://{bucket}/{PREFIX}", "verify").returncode == 0
