@@ -344,9 +344,16 @@ class AuditConfig(_Base):
     queue_max: int = 1_000_000
     # optional object store for sealed Parquet (s3://bucket/prefix); the WAL stays in dir
     store: str | None = None
+    # the open segment is sealed into Parquet (and uploaded to store) at least this often
+    seal_interval: str = "60s"
 
     def __post_init__(self) -> None:
         parse_duration(self.flush_interval)
+        if parse_duration(self.seal_interval) <= 0:
+            raise ValueError("seal_interval must be positive")
+        if self.store is not None and not re.match(r"^((s3|gs|gcs)://[^/]|file:///)", self.store):
+            raise ValueError("store must be s3://bucket/prefix, gs://bucket/prefix or "
+                             "file:///path")
 
 
 class Instance(_Base):

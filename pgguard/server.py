@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 from .cancel import CancelKeyCipher
-from .config import Config, admin_token, parse_duration, read_secret
+from .config import Config, admin_token, instance_name, parse_duration, read_secret
 from .errors import ConfigError, TooManyConnections
 from .policy.views import CATALOG_KINDS, ViewMap
 from .protocol import messages as m
@@ -453,6 +453,11 @@ class Server:
                 fn=lambda: self.audit.stats().queue_depth if self.audit is not None else 0)
         m.counter("pgguard_audit_dropped_total", "audit records dropped (batched mode)",
                   fn=lambda: self.audit.stats().dropped if self.audit is not None else 0)
+        m.gauge("pgguard_audit_upload_backlog",
+                "sealed audit files waiting for [audit] store (0 without a store)",
+                fn=lambda: self.audit.stats().upload_backlog if self.audit is not None else 0)
+        m.counter("pgguard_audit_uploaded_files_total", "audit files uploaded to [audit] store",
+                  fn=lambda: self.audit.stats().uploaded if self.audit is not None else 0)
 
     def count_statement(self, decision: str, n: int = 1) -> None:
         child = self._stmt_children.get(decision)
@@ -598,7 +603,9 @@ class Server:
         if not self.cfg.audit.enabled:
             return
         from .audit.writer import AuditLog
-        self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}")
+        self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}",
+                              roll_seconds=parse_duration(self.cfg.audit.seal_interval),
+                              instance=instance_name(self.cfg))
         self.audit.start()
 
     async def stop_services(self) -> None:
