@@ -84,7 +84,7 @@ def test_merge_and_upsert_match_the_action_rules(pg, guarded, table, sql):
         for prepare in (False, True):
             with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
                 c.execute(sql, prepare=prepare)
-            assert f'rule "no-' in e.value.diag.message_primary
+            assert 'rule "no-' in e.value.diag.message_primary
     assert contents(pg, table) == before
 
     async def via_asyncpg():
