@@ -391,6 +391,10 @@ class ApprovalStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # what a read-then-write transaction appends to its read: nothing under SQLite's
+    # BEGIN IMMEDIATE (one writer at a time); row locks on a server (see control)
+    _lock_rows = ""
+
     def _tx(self, conn: sqlite3.Connection) -> _write:
         # one write transaction (the Postgres store adds its wake-up notification)
         return _write(conn)
@@ -533,7 +537,7 @@ class ApprovalStore:
         conn = self._conn()
         with self._tx(conn):
             now = time.time()
-            row = conn.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = ?",
+            row = conn.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = ?{self._lock_rows}",
                                (int(request_id),)).fetchone()
             if row is None:
                 raise NotFound(f"no approval request #{request_id}")
@@ -597,7 +601,7 @@ class ApprovalStore:
             cmp = ">" if state == "withdrawn" else "<="
             rows = conn.execute(
                 f"SELECT {_REQ_COLS} FROM requests WHERE state = 'pending' "
-                f"AND expires_at {cmp} ? AND {where}", (now,) + params).fetchall()
+                f"AND expires_at {cmp} ? AND {where}{self._lock_rows}", (now,) + params).fetchall()
             if not rows:
                 return []
             # a timeout happened at the expiry, whenever it is swept
@@ -642,7 +646,7 @@ class ApprovalStore:
         conn = self._conn()
         with self._tx(conn):
             now = time.time()
-            row = conn.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE id = ?",
+            row = conn.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE id = ?{self._lock_rows}",
                                (int(grant_id),)).fetchone()
             if row is None:
                 raise NotFound(f"no grant #{grant_id}")

@@ -88,6 +88,10 @@ class PgApprovalStore(ApprovalStore):
 
     # -- the embedded store's hooks
 
+    # concurrent deciders on other instances: the second waits for the first's commit,
+    # then reads the row as decided (READ COMMITTED re-checks the locked row)
+    _lock_rows = " FOR UPDATE"
+
     def _conn(self) -> Conn:  # type: ignore[override]
         if os.getpid() != self._pid:
             self._pid = os.getpid()

@@ -71,16 +71,21 @@ class Conn:
     placeholders) turned into psycopg's (``%s``); connection failures become
     :class:`StoreUnavailable` and drop the connection."""
 
-    __slots__ = ("link", "raw")
+    __slots__ = ("link", "raw", "dirty")
 
     def __init__(self, link: ControlLink, raw: Any) -> None:
         self.link = link
         self.raw = raw
+        self.dirty = False      # a row changed in the open transaction
 
     def execute(self, sql: str, params: Any = ()) -> Any:
         psycopg = driver()
         try:
-            return self.raw.execute(sql.replace("?", "%s"), params)
+            cur = self.raw.execute(sql.replace("?", "%s"), params)
+            if cur.rowcount > 0 and sql.lstrip()[:6].upper() in ("INSERT", "UPDATE",
+                                                                  "DELETE"):
+                self.dirty = True
+            return cur
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             self.link.drop(self)
             raise unavailable(e) from None
@@ -90,6 +95,7 @@ class Conn:
         try:
             cur = self.raw.cursor()
             cur.executemany(sql.replace("?", "%s"), rows)
+            self.dirty = True
             return cur
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             self.link.drop(self)
@@ -98,8 +104,8 @@ class Conn:
 
 class Tx:
     """``with Tx(conn, channel):`` BEGIN ... (NOTIFY channel) COMMIT, ROLLBACK on error.
-    The notification goes out with the commit, so every instance's listener wakes after
-    the change is visible."""
+    The notification goes out with the commit (only when a row changed), so every
+    instance's listener wakes after the change is visible."""
 
     __slots__ = ("conn", "channel")
 
@@ -109,11 +115,12 @@ class Tx:
 
     def __enter__(self) -> Conn:
         self.conn.execute("BEGIN")
+        self.conn.dirty = False
         return self.conn
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
-            if self.channel is not None:
+            if self.channel is not None and self.conn.dirty:
                 self.conn.execute("SELECT pg_notify(?, '')", (self.channel,))
             self.conn.execute("COMMIT")
         elif not isinstance(rest[0], StoreUnavailable):
