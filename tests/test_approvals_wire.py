@@ -248,9 +248,12 @@ def test_metrics_and_healthz(pg, aproxy):
         with urllib.request.urlopen(f"http://127.0.0.1:{aproxy.admin_port}/metrics",
                                     timeout=10) as r:
             text = r.read().decode()
-    assert "pgguard_sessions 1" in text
+    # every series names this instance ([instance] name, default "<hostname>-<port>")
+    from pgguard.config import instance_name, load
+    inst = f'instance="{instance_name(load(aproxy.config))}"'
+    assert f"pgguard_sessions{{{inst}}} 1" in text
     allowed = [line for line in text.splitlines()
-               if line.startswith('pgguard_statements_total{decision="allowed"}')]
+               if line.startswith(f'pgguard_statements_total{{{inst},decision="allowed"}}')]
     assert allowed and float(allowed[0].split()[-1]) >= 3
     assert "pgguard_audit_queue_depth" in text and "pgguard_approvals" in text
     with urllib.request.urlopen(f"http://127.0.0.1:{aproxy.admin_port}/healthz",
