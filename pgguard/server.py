@@ -616,6 +616,9 @@ class Server:
             held = sum(1 for s in self.sessions if s.approval and s.approval[1])
             return len(self.sessions), held
 
+        self.metrics.gauge("pgguard_control_up",
+                           "1 while the fleet's control database is reachable",
+                           fn=lambda: 1 if self.control.up else 0)
         self.heartbeat = Heartbeat(
             self.control, self.cfg, worker=self.worker, stats=stats,
             on_fleet=self.throttle.set_fleet,

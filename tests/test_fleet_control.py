@@ -1,7 +1,6 @@
 # A fleet: three real `pgguard serve` processes sharing one control database (its own
 # Postgres, restarted mid-run): approvals, revocations, cancels and heartbeats across them.
 import json
-import os
 import subprocess
 import sys
 import threading

@@ -128,7 +128,11 @@ class Counter(_Metric):
     def samples(self) -> dict[LabelKey, Any]:
         if self.fn is None:
             return super().samples()
-        value = self.fn()
+        try:
+            value = self.fn()
+        except Exception:       # noqa: BLE001 - e.g. the control database is away:
+            return {}           # the other series still answer
+
         if isinstance(value, Mapping):
             return {tuple(zip(self.labelnames, map(str, k))): float(v)
                     for k, v in value.items()}

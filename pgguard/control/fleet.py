@@ -84,6 +84,10 @@ class Heartbeat:
 
     async def run(self) -> None:
         while True:
+            if not self.link.up:
+                # the listener reconnects (and says so in the log): nothing to add
+                await asyncio.sleep(self.interval)
+                continue
             try:
                 n = await asyncio.to_thread(self.beat)
             except StoreUnavailable as e:

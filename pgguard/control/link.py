@@ -199,6 +199,10 @@ class ControlLink:
             self._listen_conn = None
         c = getattr(self._local, "conn", None)
         if c is None or c.raw.closed or c.raw.broken:
+            if self._thread is not None and not self.up:
+                # the listener knows the database is away (and retries twice a second):
+                # fail now rather than wait out a connect timeout on the caller's thread
+                raise unavailable(self.last_error)
             c = self._local.conn = Conn(self, self._connect())
         return c
 
