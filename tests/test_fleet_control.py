@@ -644,3 +644,53 @@ def test_control_database_restart_mid_run(fleet, pg, control_pg):
     _wait(lambda: control_rows(
         control_pg, "SELECT count(*) FROM pgguard_control.requests WHERE state = 'pending'"
     ) == [(0,)], 10, "requests refused during the outage stayed pending")
+
+
+# ---------------------------------------------------------------- other clients, throttling
+
+def test_asyncpg_held_on_3_approved_from_psql_console_on_1(fleet, pg, psql_bin):
+    import asyncio
+
+    import asyncpg
+    i1, _, i3 = fleet
+
+    async def agent():
+        conn = await asyncpg.connect(i3.dsn(dbname="appdb"))
+        try:
+            return await conn.execute(
+                "UPDATE fleet_orders SET status = $1 WHERE id = $2", "async", 1)
+        finally:
+            await conn.close()
+    t, box = in_thread(lambda: asyncio.run(agent()))
+    (rid,) = pending(i1)
+    console = i1.dsn(user=HUMAN, password=HUMAN_PASSWORD, dbname="pgguard")
+    r = run_psql(psql_bin, console, "-c", f"APPROVE {rid}")
+    assert r.returncode == 0, r.stderr
+    t.join(10)
+    assert box.get("result") == "UPDATE 1", box
+    assert status(pg, 1) == "async"
+
+
+def _bad_login(port, source):
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                 source_address=(source, 0))
+    c = rawpg.RawClient(s)
+    t0 = time.monotonic()
+    with pytest.raises(rawpg.LoginError) as e:
+        c.login(AGENT, "wrong-password", {"user": AGENT, "database": "appdb"})
+    c.close()
+    assert e.value.fields.get("C") == "28P01", e.value.fields
+    return time.monotonic() - t0
+
+
+def test_login_throttle_is_this_instances_share_of_the_limit(fleet):
+    # three live instances, [auth] throttle_after = 5, throttle_delay = 1s: each instance
+    # delays from ceil(5/3) = 2 failures of a source on, by 3 x 1s
+    i1, i2, _ = fleet
+    took = [_bad_login(i2.port, "127.0.0.2") for _ in range(3)]
+    assert took[0] < 1.5 and took[1] < 1.5, took
+    assert took[2] >= 2.5, took
+    # another source is not affected; the same source on another instance counts alone
+    assert _bad_login(i2.port, "127.0.0.3") < 1.5
+    assert _bad_login(i1.port, "127.0.0.2") < 1.5
