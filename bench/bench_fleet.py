@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
 
-from conftest import (ADMIN_TOKEN, AGENT, AGENT_PASSWORD, HUMAN, UPSTREAM_PASSWORD,  # noqa: E402
+from conftest import (AGENT, AGENT_PASSWORD, HUMAN, UPSTREAM_PASSWORD,  # noqa: E402
                       UPSTREAM_USER, Proxy)
 from pgcluster import PgCluster, find_tool  # noqa: E402
 
@@ -60,15 +59,6 @@ TOKEN_SECRET = "bench-fleet-token-secret-0123456789abcdef"
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def api(proxy: Proxy, method: str, path: str, body: dict | None = None):
-    req = urllib.request.Request(f"http://127.0.0.1:{proxy.admin_port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
-                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def approval_round_trips(a: Proxy, b: Proxy, rounds: int) -> dict:
@@ -90,7 +80,7 @@ def approval_round_trips(a: Proxy, b: Proxy, rounds: int) -> dict:
         t = threading.Thread(target=agent)
         t.start()
         while True:
-            items = api(b, "GET", "/api/approvals?state=pending")
+            items = b.api("GET", "/api/approvals?state=pending")
             items = items.get("approvals", items) if isinstance(items, dict) else items
             if items:
                 break
@@ -98,7 +88,7 @@ def approval_round_trips(a: Proxy, b: Proxy, rounds: int) -> dict:
                 raise RuntimeError(f"the UPDATE was not held: {box}")
             time.sleep(0.001)
         seen = time.monotonic()
-        api(b, "POST", f"/api/approvals/{items[0]['id']}/approve", {"approver": HUMAN})
+        b.api("POST", f"/api/approvals/{items[0]['id']}/approve", {"approver": HUMAN})
         decided = time.monotonic()
         t.join(30)
         if "error" in box:

@@ -45,12 +45,7 @@ def cli(proxy, *args):
 
 
 def api(proxy, method, path, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{proxy.admin_port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
-                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    return proxy.api(method, path, body)
 
 
 def pending_ids(proxy, want=1, timeout=10):

@@ -11,7 +11,7 @@ import urllib.request
 import psycopg
 import pytest
 
-from conftest import ADMIN_TOKEN, AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, Proxy, run_psql
+from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, Proxy, run_psql
 from pgcluster import PgCluster
 import rawpg
 
@@ -96,12 +96,7 @@ def status(pg, oid=1):
 
 
 def api(proxy, method, path, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{proxy.admin_port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
-                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    return proxy.api(method, path, body)
 
 
 def pending(proxy, want=1, timeout=10, exclude=()):
@@ -165,13 +160,18 @@ def cli(proxy, *args, env_extra=None):
                           capture_output=True, text=True, timeout=60, env=env)
 
 
+def with_schema(p, schema):
+    """A copy of the proxy's config naming another control schema."""
+    alt = p.dir / f"{schema}.toml"
+    alt.write_text(p.config.read_text().replace('schema = "pgguard_control"',
+                                                f'schema = "{schema}"'))
+    return alt
+
+
 def test_control_init_is_idempotent_and_races_safely(fleet, control_pg):
     # a fresh schema, five concurrent inits: every one succeeds, the version is recorded once
     p = fleet[0]
-    cfg = p.config.read_text().replace('schema = "pgguard_control"',
-                                       'schema = "pgguard_init_race"')
-    alt = p.dir / "init-race.toml"
-    alt.write_text(cfg)
+    alt = with_schema(p, "pgguard_init_race")
     env = dict(p.env)
     procs = [subprocess.Popen([sys.executable, "-m", "pgguard", "control", "init", "-c",
                                str(alt), "--json"], stdout=subprocess.PIPE,
@@ -189,10 +189,7 @@ def test_control_init_is_idempotent_and_races_safely(fleet, control_pg):
 
 def test_control_refuses_a_newer_schema_and_a_missing_dsn(fleet, control_pg):
     p = fleet[0]
-    cfg = p.config.read_text().replace('schema = "pgguard_control"',
-                                       'schema = "pgguard_future"')
-    alt = p.dir / "future.toml"
-    alt.write_text(cfg)
+    alt = with_schema(p, "pgguard_future")
     control_pg.execute("CREATE SCHEMA IF NOT EXISTS pgguard_future AUTHORIZATION control;"
                        "CREATE TABLE IF NOT EXISTS pgguard_future.schema_version "
                        "(version int PRIMARY KEY, applied_at timestamptz DEFAULT now());"
