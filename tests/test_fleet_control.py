@@ -248,8 +248,10 @@ def test_metrics_carry_the_instance_label(fleet):
                                     timeout=10) as r:
             text = r.read().decode()
         series = [line for line in text.splitlines() if line and not line.startswith("#")]
-        assert series
         name = f"i{fleet.index(p) + 1}"
+        # the gauges read from the control database answer too
+        assert f'pgguard_approvals_pending{{instance="{name}"}} 0' in series, text
+        assert f'pgguard_control_up{{instance="{name}"}} 1' in series, text
         assert all(f'instance="{name}"' in line for line in series), \
             [line for line in series if f'instance="{name}"' not in line][:3]
 

@@ -601,7 +601,7 @@ class ApprovalStore:
             cmp = ">" if state == "withdrawn" else "<="
             rows = conn.execute(
                 f"SELECT {_REQ_COLS} FROM requests WHERE state = 'pending' "
-                f"AND expires_at {cmp} ? AND {where}{self._lock_rows}", (now,) + params).fetchall()
+                f"AND expires_at {cmp} ? AND {where} ORDER BY id{self._lock_rows}", (now,) + params).fetchall()
             if not rows:
                 return []
             # a timeout happened at the expiry, whenever it is swept

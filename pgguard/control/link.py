@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..approvals.store import StoreUnavailable
+from ..approvals.store import ApprovalError, StoreUnavailable
 from ..config import parse_duration
 from ..errors import ConfigError
 
@@ -87,8 +87,16 @@ class Conn:
                 self.dirty = True
             return cur
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            raise self._failed(e) from None
+
+    def _failed(self, e: Exception) -> Exception:
+        if self.raw.closed or self.raw.broken:
             self.link.drop(self)
-            raise unavailable(e) from None
+            return unavailable(e)
+        # the server answered (a deadlock, a serialization failure...): Tx rolls the
+        # transaction back, the connection stays
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return ApprovalError(f"control database error: {first[:200]}")
 
     def executemany(self, sql: str, rows: Any) -> Any:
         psycopg = driver()
@@ -98,8 +106,7 @@ class Conn:
             self.dirty = True
             return cur
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
-            self.link.drop(self)
-            raise unavailable(e) from None
+            raise self._failed(e) from None
 
 
 class Tx:
