@@ -415,7 +415,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load(args.config)
-        store = ApprovalStore.from_config(cfg)
+        # a fleet's control database when [control] says so (imported here: control
+        # builds on this package)
+        from ..control import approval_store, open_link
+        link = open_link(cfg, role="admin")
+        store = approval_store(cfg, link)
+        if link is not None:
+            link.start()
     except PgguardError as e:
         print(f"pgguard admin: {e.message}", file=sys.stderr)
         return 1

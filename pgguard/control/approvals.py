@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..approvals.store import _REQ_COLS, ApprovalStore, Request, StoreUnavailable, _request
+from ..approvals.store import (_REQ_COLS, ApprovalError, ApprovalStore, Request,
+                              StoreUnavailable, _request)
 from ..config import parse_duration
 from .link import Conn, ControlLink, Tx, unavailable
 
@@ -175,6 +176,10 @@ class PgApprovalStore(ApprovalStore):
             except StoreUnavailable as e:
                 self._fail_all(e)
                 await asyncio.sleep(0)
+                continue
+            except ApprovalError as e:
+                # answered with an error (rolled back): read again on the next tick
+                log.warning("control: reading decisions failed: %s", e.message)
                 continue
             for req in rows:
                 if not req.pending:
