@@ -84,6 +84,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     secrets = [("upstream", cfg.upstream.password_env, cfg.upstream.password_file)]
     secrets += [(f"identities.{n}", i.password_env, i.password_file)
                 for n, i in cfg.identities.items()]
+    if cfg.control is not None:
+        secrets.append(("control.dsn_env", cfg.control.dsn_env, None))
+    if cfg.listen.cancel_key_env:
+        secrets.append(("listen.cancel_key_env", cfg.listen.cancel_key_env, None))
     for key, env, file in secrets:
         if file:
             config.read_secret(cfg, None, file, key)
