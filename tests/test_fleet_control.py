@@ -693,3 +693,27 @@ def test_login_throttle_is_this_instances_share_of_the_limit(fleet):
     # another source is not affected; the same source on another instance counts alone
     assert _bad_login(i2.port, "127.0.0.3") < 1.5
     assert _bad_login(i1.port, "127.0.0.2") < 1.5
+
+
+def test_instance_with_two_workers_joins_the_fleet(fleet, pg, control_pg, tmp_path):
+    # the schema is migrated by the parent before it forks; every worker has its own
+    # link, listener and heartbeat row
+    five = Proxy(pg, tmp_path, extra=fleet_extra("i5"), env=fleet_env(control_pg),
+                 listen_extra='cancel_key_env = "TEST_CANCEL_KEY"', workers=2).start()
+    try:
+        _wait(lambda: any(x["instance"] == "i5" and x["workers"] == 2 for x in json.loads(
+            cli(five, "control", "status", "--json").stdout)["instances"]), 15,
+            "i5 did not report two workers")
+        # held on whichever worker each connection lands on, approved from i1
+        for n in range(4):
+            t, box = agent_update(five, f"UPDATE fleet_orders SET status = 'w{n}' WHERE id = 1")
+            (rid,) = pending(fleet[0])
+            api(fleet[0], "POST", f"/api/approvals/{rid}/approve", {"approver": HUMAN})
+            t.join(10)
+            assert box.get("result") == "UPDATE 1", box
+            assert status(pg) == f"w{n}"
+    finally:
+        five.stop()
+    # a clean stop removes its heartbeat rows
+    assert control_rows(control_pg, "SELECT count(*) FROM pgguard_control.instances "
+                        "WHERE instance = 'i5'") == [(0,)]
