@@ -290,7 +290,7 @@ class ControlLink:
                 self._set_state(True)
                 probed = time.monotonic()
                 while not self._stopping.is_set():
-                    for n in conn.notifies(timeout=0.2):
+                    for n in conn.notifies(timeout=PROBE_INTERVAL):
                         for cb in self._subs.get(n.channel, ()):
                             try:
                                 cb(n.payload)
