@@ -717,3 +717,28 @@ def test_instance_with_two_workers_joins_the_fleet(fleet, pg, control_pg, tmp_pa
     # a clean stop removes its heartbeat rows
     assert control_rows(control_pg, "SELECT count(*) FROM pgguard_control.instances "
                         "WHERE instance = 'i5'") == [(0,)]
+
+
+@pytest.mark.parametrize("dsn, words", [
+    ("postgresql://control@127.0.0.1:1/control?connect_timeout=2",
+     "control database unreachable"),
+    ("postgresql://nobody:wrong@127.0.0.1:{port}/control", "control database unreachable"),
+    ("postgresql://control:control-pw-81d@127.0.0.1:{port}/no_such_db",
+     "control database unreachable"),
+])
+def test_instance_refuses_to_start_without_its_control_database(pg, control_pg, tmp_path,
+                                                                 dsn, words):
+    env = dict(fleet_env(control_pg), PGGUARD_CONTROL_DSN=dsn.format(port=control_pg.port))
+    p = Proxy(pg, tmp_path, extra=fleet_extra("i9"), env=env)
+    with pytest.raises(RuntimeError) as e:
+        p.start()
+    assert "pgguard exited with 1" in str(e.value) and words in p.output(), p.output()
+
+
+def test_instance_refuses_to_start_without_the_dsn_variable(pg, control_pg, tmp_path):
+    env = {k: v for k, v in fleet_env(control_pg).items() if k != "PGGUARD_CONTROL_DSN"}
+    p = Proxy(pg, tmp_path, extra=fleet_extra("i9"), env=env)
+    p.env.pop("PGGUARD_CONTROL_DSN", None)
+    with pytest.raises(RuntimeError):
+        p.start()
+    assert "control.dsn_env" in p.output() and "PGGUARD_CONTROL_DSN" in p.output()
