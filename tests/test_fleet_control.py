@@ -604,6 +604,13 @@ def test_control_database_restart_mid_run(fleet, pg, control_pg):
             assert isinstance(box.get("error"), psycopg.errors.InsufficientPrivilege), box
             assert "control database is unreachable" in str(box["error"])
         assert status(pg, 10) == "new"
+        # /healthz stays 200 (the instance still relays; a balancer keeps it) and says why
+        for p in fleet:
+            with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/healthz",
+                                        timeout=10) as r:
+                h = json.loads(r.read())
+            assert r.status == 200 and h["status"] == "degraded" \
+                and h["control"] == "unreachable", h
         # the hot path does not need it
         for p in fleet:
             with psycopg.connect(p.dsn(dbname="appdb"), autocommit=True) as conn:
@@ -640,6 +647,8 @@ def test_control_database_restart_mid_run(fleet, pg, control_pg):
         t.join(10)
         assert box.get("result") == "UPDATE 1", box
     assert status(pg, 10) == "back"
+    with urllib.request.urlopen(f"http://127.0.0.1:{i2.admin_port}/healthz", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
     _wait(lambda: control_rows(
         control_pg, "SELECT count(*) FROM pgguard_control.requests WHERE state = 'pending'"
     ) == [(0,)], 10, "requests refused during the outage stayed pending")
