@@ -751,3 +751,30 @@ def test_instance_refuses_to_start_without_the_dsn_variable(pg, control_pg, tmp_
     with pytest.raises(RuntimeError):
         p.start()
     assert "control.dsn_env" in p.output() and "PGGUARD_CONTROL_DSN" in p.output()
+
+
+def test_the_hot_path_never_touches_the_control_database(fleet, control_pg):
+    # transactions on the control database over equal windows: idle, then 1000 statements
+    # (allowed, cached) through instance 1; heartbeats and probes are the same in both
+    def xacts():
+        time.sleep(1.2)         # backends flush their counters at most once a second
+        return control_pg.execute("SELECT xact_commit + xact_rollback FROM "
+                                  "pg_stat_database WHERE datname = 'control'")[0][0]
+
+    window = 4.0
+    a = xacts()
+    time.sleep(window)
+    idle = xacts() - a
+    b = xacts()
+    t0 = time.monotonic()
+    with psycopg.connect(fleet[0].dsn(dbname="appdb"), autocommit=True) as conn:
+        for n in range(1000):
+            conn.execute("SELECT status FROM fleet_orders WHERE id = 1" if n % 2
+                         else "SELECT 1")
+    took = time.monotonic() - t0
+    assert took < window, f"1000 statements took {took:.1f}s: the windows would differ"
+    time.sleep(window - took)
+    busy = xacts() - b
+    assert idle > 0, "the counters did not move: heartbeats should show"
+    assert idle > 0, "the counters did not move: heartbeats should show"
+    assert busy - idle < 100, (idle, busy)
