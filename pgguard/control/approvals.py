@@ -114,10 +114,33 @@ class PgApprovalStore(ApprovalStore):
     # -- waking the waiters of this process
 
     def _notified(self, _payload: str) -> None:
-        # listener thread: something changed somewhere in the fleet
-        loop, kick = self._poll_loop, self._kick
-        if loop is not None and kick is not None and not loop.is_closed():
+        # listener thread: something changed somewhere in the fleet. Read the waited
+        # rows right here (this thread has its own connection) and hand the decided
+        # ones to the loop: one hop, not loop -> executor -> loop
+        loop = self._poll_loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            ids = list(self._waiters.keys())
+        except RuntimeError:        # changed while copied: let the loop's reader do it
+            ids = None
+        if ids:
+            try:
+                rows = self._decided(ids)
+            except ApprovalError:
+                rows = None
+            if rows is not None:
+                done = [r for r in rows if not r.pending]
+                if done:
+                    loop.call_soon_threadsafe(self._resolve_all, done)
+                return
+        kick = self._kick
+        if kick is not None:
             loop.call_soon_threadsafe(kick.set)
+
+    def _resolve_all(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            self._resolve(req)
 
     def _state(self, up: bool) -> None:
         # listener thread: the database was lost (refuse every waiter) or is back
