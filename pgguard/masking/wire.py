@@ -355,6 +355,13 @@ class MaskState:
             rel.setdefault((schema, name), set()).update(n for _, n in attrs)
         return {k: frozenset(v) for k, v in rel.items()}, cols
 
+    def holds_masked_rows(self, name: str) -> bool:
+        """Whether relation ``schema.name`` has a column whose type carries whole rows of
+        a table with masked columns (for this identity)."""
+        schema, _, rel = name.partition(".")
+        return (schema, rel) in self._masked_rel and not any(
+            n == name for n, _ in self.catalog.tables.values())
+
     # -- lineage of statements (the planner's answer, cached by statement and shape)
     def lineage_now(self, sql: bytes, d, param_oids: tuple = ()):
         """The lineage the plan of ``sql`` is made with: a Lineage, None (not needed:
@@ -610,7 +617,10 @@ class MaskState:
                 objs.clear()
             else:
                 objs.pop(name, None)
-            return ObjPlan(None, reads)
+            # DEALLOCATE also drops a statement of that name parsed over the protocol
+            # (one namespace): _declared forgets its plan once it has run
+            return ObjPlan(None, reads, None, ("forget", name, None) if kind == "deallocate"
+                           else None)
         return ObjPlan(None, reads, (table, name))
 
     def _push(self, entry: tuple) -> None:
@@ -740,10 +750,28 @@ class MaskState:
         return out
 
     def _declared(self, obj: ObjPlan, complete: bytes) -> None:
-        if obj.declare is not None and complete[5:].startswith((b"DECLARE CURSOR",
-                                                                 b"PREPARE")):
+        tag = complete[5:]
+        if obj.declare is not None and obj.declare[0] != "forget" and tag.startswith(
+                (b"DECLARE CURSOR", b"PREPARE")):
             table, name, plan = obj.declare
             (self.cursors if table == "cursor" else self.sql_prepared)[name] = plan
+        if tag.startswith((b"PREPARE", b"DEALLOCATE")):
+            # SQL PREPARE / DEALLOCATE and the protocol's Parse / Close share one
+            # namespace: a protocol statement of that name is gone (or was never
+            # there), and its plan must not describe what a later Bind of the name
+            # runs. Which name, when the Query held several statements, is not known
+            # here: every named protocol statement is forgotten (a Bind of one then
+            # has no plan, and its rows end the session rather than leave).
+            d = obj.declare
+            if d is not None and d[0] in ("prepared", "forget") and d[1] is not None:
+                self._forget_stmt(d[1].encode())
+            else:
+                for name in [n for n in self.stmts if n]:
+                    self._forget_stmt(name)
+
+    def _forget_stmt(self, name: bytes) -> None:
+        self.stmts.pop(name, None)
+        self.reading_stmts.discard(name)
 
     # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
     #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing
