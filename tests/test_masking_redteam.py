@@ -112,8 +112,8 @@ assert len(NEW_SHAPES) >= 30
 SQL_TEXT = [
     "SELECT query_to_xml('SELECT ssn FROM customers', true, false, '')",
     "SELECT table_to_xml('customers', true, false, '')",
-    "SELECT xpath('/row/email/text()', query_to_xml('SELECT email FROM customers "
-    "WHERE id = 1', false, false, ''))",
+    ("SELECT xpath('/row/email/text()', query_to_xml('SELECT email FROM customers "
+     "WHERE id = 1', false, false, ''))"),
     "SELECT query_to_xml_and_xmlschema('SELECT email FROM customers', true, false, '')",
     "SELECT schema_to_xml('public', true, false, '')",
 ]
@@ -155,6 +155,9 @@ def rproxy(pg, tmp_path_factory):
     p = Proxy(pg, tmp_path_factory.mktemp("mask-redteam"), extra=MASKS).start()
     yield p
     p.stop()
+    # hstore's operators (||, ->, ?) live outside pg_catalog: the lineage treats every
+    # use of those names as opaque, which would mask 'a' || 'b' in later modules
+    pg.execute("DROP EXTENSION IF EXISTS hstore CASCADE", dbname=DB)
 
 
 def _run(mode, proxy, sql, psql_bin):
@@ -382,55 +385,56 @@ def test_portal_suspended_then_resumed_after_sync(rproxy, sql):
 RETURNING = [
     "UPDATE customers SET score = score WHERE id = 1 RETURNING ssn, email, phone",
     "UPDATE customers SET score = score RETURNING upper(email)",
-    "UPDATE customers c SET score = c.score FROM orders o WHERE o.cust_id = c.id "
-    "RETURNING c.*",
+    ("UPDATE customers c SET score = c.score FROM orders o WHERE o.cust_id = c.id "
+     "RETURNING c.*"),
     "DELETE FROM customers WHERE id = 2 RETURNING *",
     "WITH u AS (UPDATE customers SET score = score RETURNING ssn) SELECT ssn || '' FROM u",
 ]
 
 
-@pytest.mark.parametrize("sql", RETURNING)
-def test_returning_of_masked_columns(pg, rproxy, sql):
-    before = pg.execute("SELECT * FROM customers ORDER BY id", dbname=DB)
-    c = raw_connect(rproxy)
-    try:
+def _both_protocols(c, sql, in_txn):
+    """``sql`` as a Query and through Parse/Bind/Execute, each in a transaction rolled
+    back when ``in_txn``; every message received."""
+    if in_txn:
         msgs = _send(c, rawpg.query(f"BEGIN; {sql}; ROLLBACK"))
         msgs += _send(c, rawpg.query("BEGIN"))
-        msgs += _send(c, rawpg.parse(sql), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
+    else:
+        msgs = _send(c, rawpg.query(sql))
+    msgs += _send(c, rawpg.parse(sql), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
+    if in_txn:
         msgs += _send(c, rawpg.query("ROLLBACK"))
-        errs = rawpg.errors(msgs)
-        assert all(e["C"] in ("42501", "25P02") for e in errs), errs
-        assert leaks(msgs) == [], msgs
-    finally:
-        c.close()
-    assert pg.execute("SELECT * FROM customers ORDER BY id", dbname=DB) == before
+    return msgs
 
 
 MOVES = [
-    "MERGE INTO orders o USING customers c ON o.cust_id = c.id "
-    "WHEN MATCHED THEN UPDATE SET note = c.ssn",
-    "MERGE INTO orders o USING (SELECT id, email FROM customers) c ON o.cust_id = c.id "
-    "WHEN MATCHED THEN UPDATE SET note = upper(c.email)",
-    "MERGE INTO orders o USING customers c ON o.id = c.id + 100 "
-    "WHEN NOT MATCHED THEN INSERT VALUES (c.id + 100, c.id, 0, c.phone)",
+    ("MERGE INTO orders o USING customers c ON o.cust_id = c.id "
+     "WHEN MATCHED THEN UPDATE SET note = c.ssn"),
+    ("MERGE INTO orders o USING (SELECT id, email FROM customers) c ON o.cust_id = c.id "
+     "WHEN MATCHED THEN UPDATE SET note = upper(c.email)"),
+    ("MERGE INTO orders o USING customers c ON o.id = c.id + 100 "
+     "WHEN NOT MATCHED THEN INSERT VALUES (c.id + 100, c.id, 0, c.phone)"),
     "UPDATE orders o SET note = c.ssn FROM customers c WHERE c.id = o.cust_id",
     "INSERT INTO orders SELECT id + 200, id, 0, reverse(email) FROM customers",
 ]
 
 
-@pytest.mark.parametrize("sql", MOVES)
-def test_moving_masked_values_into_a_table_is_refused(pg, rproxy, sql):
-    before = pg.execute("SELECT * FROM orders ORDER BY id", dbname=DB)
+@pytest.mark.parametrize("sql, table, refused", [(q, "customers", False) for q in RETURNING]
+                         + [(q, "orders", True) for q in MOVES])
+def test_row_changing_statements(pg, rproxy, sql, table, refused):
+    # RETURNING of masked columns: masked or refused; moving masked values into a table:
+    # refused (no parking); either way the table is unchanged (truth: Postgres)
+    before = pg.execute(f"SELECT * FROM {table} ORDER BY id", dbname=DB)
     c = raw_connect(rproxy)
     try:
-        msgs = _send(c, rawpg.query(sql))
-        msgs += _send(c, rawpg.parse(sql), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
+        msgs = _both_protocols(c, sql, not refused)
         errs = rawpg.errors(msgs)
-        assert len(errs) == 2 and all(e["C"] == "42501" for e in errs), errs
-        assert leaks(msgs) == []
+        if refused:
+            assert len(errs) == 2 and all(e["C"] == "42501" for e in errs), errs
+        assert all(e["C"] in ("42501", "25P02") for e in errs), errs
+        assert leaks(msgs) == [], msgs
     finally:
         c.close()
-    assert pg.execute("SELECT * FROM orders ORDER BY id", dbname=DB) == before
+    assert pg.execute(f"SELECT * FROM {table} ORDER BY id", dbname=DB) == before
 
 
 # -- every message type, through the client libraries ----------------------------------
