@@ -298,6 +298,9 @@ SWAPS = [
                   rawpg.SYNC)],
     # DEALLOCATE PREPARE sw, in a pipeline with the PREPARE
     lambda sql: [(rawpg.query("DEALLOCATE PREPARE sw"), rawpg.query(f"PREPARE sw AS {sql}"))],
+    # DISCARD ALL, then PREPARE in a Query of two statements
+    lambda sql: [(rawpg.query("DISCARD ALL"),),
+                 (rawpg.query(f"SELECT 1; PREPARE sw AS {sql}"),)],
 ]
 
 
@@ -512,5 +515,34 @@ def test_cursor_read_inside_the_server_is_refused(rproxy, sql):
             msgs += _send(c, rawpg.query("ROLLBACK; BEGIN; DECLARE cx CURSOR FOR " + sql))
         msgs += _send(c, rawpg.query("FETCH ALL FROM cx"))
         assert len(rawpg.rows(msgs)) == 3 and leaks(msgs) == [], msgs
+    finally:
+        c.close()
+
+
+CURSOR_SWAPS = [
+    lambda sql: f"CLOSE pp; DECLARE pp CURSOR FOR {sql}",
+    lambda sql: f"CLOSE ALL; DECLARE pp CURSOR FOR {sql}",
+    lambda sql: f"CLOSE pp; DECLARE pp SCROLL CURSOR FOR {sql}",
+]
+
+
+@pytest.mark.parametrize("swap", range(len(CURSOR_SWAPS)))
+@pytest.mark.parametrize("sql", MASKED_SQL)
+def test_portal_name_swapped_by_sql_cursor(rproxy, sql, swap):
+    # a clean protocol portal, closed and re-declared in SQL under the same name over a
+    # masked read (portals and cursors share one namespace), then executed over the
+    # protocol: the clean portal's plan must not apply
+    c = raw_connect(rproxy)
+    try:
+        msgs, _ = _steps(c, [
+            (rawpg.query("BEGIN"),),
+            (rawpg.parse(CLEAN_SQL, name="cs"), rawpg.bind("cs", portal="pp"),
+             rawpg.execute("pp", 1), rawpg.SYNC),
+            (rawpg.query(CURSOR_SWAPS[swap](sql)),),
+            (rawpg.execute("pp", 2), rawpg.SYNC),
+            (rawpg.execute("pp"), rawpg.SYNC),
+            (rawpg.query("COMMIT"),)])
+        assert rawpg.rows(msgs)[0] == NAMES[0]
+        assert leaks(msgs) == [], msgs
     finally:
         c.close()

@@ -617,10 +617,9 @@ class MaskState:
                 objs.clear()
             else:
                 objs.pop(name, None)
-            # DEALLOCATE also drops a statement of that name parsed over the protocol
-            # (one namespace): _declared forgets its plan once it has run
-            return ObjPlan(None, reads, None, ("forget", name, None) if kind == "deallocate"
-                           else None)
+            # DEALLOCATE / CLOSE also drop a protocol statement / portal of that name
+            # (one namespace each): _declared forgets its plan once it has run
+            return ObjPlan(None, reads, None, ("forget", name, table))
         return ObjPlan(None, reads, (table, name))
 
     def _push(self, entry: tuple) -> None:
@@ -755,23 +754,27 @@ class MaskState:
                 (b"DECLARE CURSOR", b"PREPARE")):
             table, name, plan = obj.declare
             (self.cursors if table == "cursor" else self.sql_prepared)[name] = plan
-        if tag.startswith((b"PREPARE", b"DEALLOCATE")):
-            # SQL PREPARE / DEALLOCATE and the protocol's Parse / Close share one
-            # namespace: a protocol statement of that name is gone (or was never
-            # there), and its plan must not describe what a later Bind of the name
-            # runs. Which name, when the Query held several statements, is not known
-            # here: every named protocol statement is forgotten (a Bind of one then
-            # has no plan, and its rows end the session rather than leave).
+        if tag.startswith((b"PREPARE", b"DEALLOCATE", b"DECLARE CURSOR", b"CLOSE CURSOR",
+                           b"DISCARD ALL")):
+            # SQL PREPARE / DEALLOCATE share one namespace with the protocol's statements,
+            # SQL DECLARE / CLOSE with its portals: a protocol object of that name is gone
+            # (or was never there), and its plan must not describe what a later Bind or
+            # Execute of the name runs. Which name, when the Query held several statements
+            # (or DISCARD ALL), is not known here: every named one of that kind is
+            # forgotten (its rows then end the session rather than leave).
+            table = "prepared" if tag.startswith((b"PREPARE", b"DEALLOCATE")) else "cursor"
             d = obj.declare
-            if d is not None and d[0] in ("prepared", "forget") and d[1] is not None:
-                self._forget_stmt(d[1].encode())
-            else:
-                for name in [n for n in self.stmts if n]:
-                    self._forget_stmt(name)
-
-    def _forget_stmt(self, name: bytes) -> None:
-        self.stmts.pop(name, None)
-        self.reading_stmts.discard(name)
+            name = None
+            if d is not None and d[1] is not None and (
+                    d[0] == table or (d[0] == "forget" and d[2] == table)):
+                name = d[1].encode()
+            for kind in ("prepared", "cursor") if tag.startswith(b"DISCARD") else (table,):
+                objs = self.stmts if kind == "prepared" else self.portals
+                for n in [name] if name is not None and kind == table else \
+                        [n for n in objs if n]:
+                    objs.pop(n, None)
+                    if kind == "prepared":
+                        self.reading_stmts.discard(n)
 
     # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
     #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing
