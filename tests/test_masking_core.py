@@ -481,7 +481,7 @@ def _copy_values(ref: ReferenceRewriter, payload: bytes) -> list[list[bytes | No
     while pos < len(payload):
         nl = ref._line_end(payload, pos)
         end = nl - 1 if nl < len(payload) and nl > pos and payload[nl - 1] == 13 else nl
-        out.append([v for _, v in ref._fields(payload[pos:end])])
+        out.append([v for _, v in ref._fields(payload[pos:end], as_client=True)])
         pos = nl + 1
     return out
 
@@ -509,9 +509,13 @@ def test_copy_rewrite_matches_reference_and_decodes(case):
         values = values[1:]
     assert len(values) == len(rows)
     actions = plan.actions
+    # text format with a NULL string other than \N: a NULL reads like a value written as
+    # that string, so a masked column masks it as one
+    ambiguous = fmt.format == "text" and fmt.null != b"\\N"
     for sent, seen in zip(rows, values):
         for i, (a, b) in enumerate(zip(sent, seen)):
-            if a is None or actions[i] == ACTION_NONE:
+            if actions[i] == ACTION_NONE or a is None and not (
+                    ambiguous and actions[i] == ACTION_STRATEGY):
                 assert b == a
             elif actions[i] == ACTION_NULL:
                 assert b is None

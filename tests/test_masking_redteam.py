@@ -546,3 +546,37 @@ def test_portal_name_swapped_by_sql_cursor(rproxy, sql, swap):
         assert leaks(msgs) == [], msgs
     finally:
         c.close()
+
+
+# COPY options an attacker picks so the rewriter misreads the fields: delimiters and
+# quotes that occur inside the values, a NULL string equal to a value, forced quoting
+COPY_OPTIONS = [
+    "COPY customers TO STDOUT (DELIMITER '@')",
+    "COPY customers TO STDOUT (DELIMITER '-')",
+    "COPY customers TO STDOUT (FORMAT csv, DELIMITER '.', QUOTE '9')",
+    "COPY customers TO STDOUT (FORMAT csv, FORCE_QUOTE *)",
+    "COPY customers TO STDOUT (NULL '732-19-4856')",
+    "COPY customers (ssn, phone) TO STDOUT (NULL '+1-555-013-7702')",
+    "COPY customers TO STDOUT (FORMAT csv, QUOTE 'e', ESCAPE 'x')",
+    "COPY (SELECT email, ssn, phone FROM customers) TO STDOUT (DELIMITER '+')",
+    "COPY customers (email, ssn) TO STDOUT (FORMAT csv, HEADER true, DELIMITER '|')",
+    "COPY customers TO STDOUT (ENCODING 'LATIN1')",
+    "COPY customers TO STDOUT (FORMAT csv, NULL 'zephyr.quill81@example.com')",
+]
+
+
+@pytest.mark.parametrize("extended", [False, True])
+@pytest.mark.parametrize("sql", COPY_OPTIONS)
+def test_copy_options_chosen_to_confuse(rproxy, sql, extended):
+    c = raw_connect(rproxy)
+    try:
+        if extended:
+            msgs = _send(c, rawpg.parse(sql), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
+        else:
+            msgs = _send(c, rawpg.query(sql))
+        errs = rawpg.errors(msgs)
+        assert not errs or errs[0]["C"] == "42501", errs
+        assert errs or len([p for t, p in msgs if t == b"d"]) >= 3
+        assert leaks(msgs) == [], msgs
+    finally:
+        c.close()

@@ -116,6 +116,7 @@ cdef class MaskPlan:
     cdef char quote
     cdef char escape
     cdef bytes null_str
+    cdef bint null_ambiguous    # text format with a NULL string other than \N
     cdef bint header
     # detectors: a DetectorSet (db.scan, mask_cell) or None
     cdef readonly object detectors

@@ -433,6 +433,10 @@ cdef class MaskPlan:
             self.escape = (<bytes>copy.escape)[0]
             self.null_str = bytes(copy.null)
             self.header = bool(copy.header)
+            # text format writes values escaped but the NULL string as it is: a value
+            # can read the same as any NULL string but \N. Then every field is a value
+            # (masked as one), never a NULL that would let a matching value through
+            self.null_ambiguous = self.mode == MODE_COPY_TEXT and self.null_str != b"\\N"
         if detectors is not None:
             if len(detectors.names) > MAX_DETECTORS:
                 raise ValueError(f"at most {MAX_DETECTORS} detectors")
@@ -1583,8 +1587,8 @@ cdef class RowRewriter:
                     c.raw_off = f0
                     c.raw_len = fend - f0
                     c.repl = -1
-                    if not quoted and fend - f0 == nul_len and \
-                            memcmp(msg + f0, nul, nul_len) == 0:
+                    if not quoted and not plan.null_ambiguous and fend - f0 == nul_len \
+                            and memcmp(msg + f0, nul, nul_len) == 0:
                         c.val = NULL
                         c.val_len = -1
                     elif text and special:
