@@ -268,7 +268,7 @@ class Guard:
     guarded, and the chain of steps that reads the backend stream while it works."""
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
-                 "seg_known", "seg_exec", "_skip_seg", "last_row")
+                 "seg_known", "seg_exec", "_skip_seg", "last_row", "approved")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -288,6 +288,10 @@ class Guard:
         # unguarded.) A stale False is safe: the marker query finds a skipped segment.
         self._skip_seg = False
         self.last_row: list[int] = []          # the last injected query's row
+        # prepared statements a human approved: name -> [decision, sql, Parse message,
+        # Binds the approval still covers]. An approval covers one execution: every
+        # later Bind of the statement asks again (a grant window answers at once)
+        self.approved: dict[bytes, list] = {}
         # every message of the current extended-protocol segment (since the last Sync)
         # went through Python, and how many of them executed something
         self.seg_known = False
@@ -298,9 +302,28 @@ class Guard:
     def watching(self) -> bool:
         """Bind/Execute/Close must reach Python (a guarded statement or portal exists,
         or a Sync owes the end of a block the guard opened)."""
-        return bool(self.stmts or self.portals or self.owe)
+        return bool(self.stmts or self.portals or self.owe or self.approved)
+
+    def on_approved_parse(self, name: bytes, d, sql: bytes, parse: bytes) -> None:
+        self.stmts.pop(name, None)
+        self.approved[name] = [d, sql, parse, 1]
+
+    def bind_needs_approval(self, msg: bytes) -> list | None:
+        """The approval entry when the Bind ``msg`` needs a new approval (its statement
+        was approved, and that approval is used), else None."""
+        if not self.approved:
+            return None
+        end = msg.index(b"\0", 5)
+        entry = self.approved.get(msg[end + 1:msg.index(b"\0", end + 1)])
+        if entry is None:
+            return None
+        if entry[3] > 0:
+            entry[3] -= 1
+            return None
+        return entry
 
     def on_parse(self, name: bytes, plan: Plan | None) -> None:
+        self.approved.pop(name, None)
         if plan is None:
             self.stmts.pop(name, None)
         else:
@@ -319,12 +342,15 @@ class Guard:
     def on_close(self, msg: bytes) -> None:
         name = msg[6:msg.index(b"\0", 6)]
         (self.stmts if msg[5] == 83 else self.portals).pop(name, None)
+        if msg[5] == 83:
+            self.approved.pop(name, None)
 
     def on_query(self) -> None:
         # a simple Query drops the unnamed statement and portal, and ends the implicit
         # transaction of any extended-protocol messages before it
         self.stmts.pop(b"", None)
         self.portals.pop(b"", None)
+        self.approved.pop(b"", None)
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
 

@@ -91,6 +91,12 @@ class Enforcement:
                     if guard is not None and guard.watching:
                         if t == 66:             # 'B' Bind: the portal inherits the guard
                             guard.on_bind(msg)
+                            again = guard.bind_needs_approval(msg)
+                            if again is not None:   # an approval covers one execution
+                                self._hold_for_approval(
+                                    again[0], msg, out, extended=True, sql=again[1],
+                                    parse=again[2])
+                                continue
                         elif t == 67:           # 'C' Close
                             guard.on_close(msg)
                             self._guard_watch()

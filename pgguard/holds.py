@@ -53,7 +53,9 @@ class Holds:
 
     # -- approvals: a statement held until a human decides
     def _hold_for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,
-                           name: bytes = b"") -> None:
+                           name: bytes = b"", parse: bytes | None = None) -> None:
+        """Hold ``msg`` (a Query, a Parse, or a Bind of an approved statement, whose
+        Parse message is ``parse``) until a human decides."""
         store = self.server.approvals
         if store is None:
             from .policy.rules import Decision
@@ -64,10 +66,10 @@ class Holds:
             return
         self._begin_hold(out, [])
         task = asyncio.get_running_loop().create_task(
-            self._await_approval(store, d, msg, extended, sql, name))
+            self._await_approval(store, d, msg, extended, sql, name, parse))
         self.approval = [task, None]
 
-    async def _await_approval(self, store, d, msg, extended, sql, name) -> None:
+    async def _await_approval(self, store, d, msg, extended, sql, name, parse=None) -> None:
         from .approvals import hold
         from .tracking import fast_normalize
         text = sql.decode("utf-8", "replace")
@@ -126,7 +128,17 @@ class Holds:
             self.server.count_statement("approved")
             if self.tracker is not None:
                 from .tracking import Approved
+                if parse is not None:   # the statement's record names this approver
+                    self.tracker.flog.append((parse, Approved(d, approver), 0))
                 self.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
+            if parse is not None:       # a Bind: its masking pairs as forwarded now
+                if self.masking is not None:
+                    self.masking.frontend(66, msg)
+            elif extended and self.guard is not None:
+                # a Parse: each later Bind of it asks again
+                pname = name.encode() if isinstance(name, str) else (name or b"")
+                self.guard.on_approved_parse(pname, d, sql, msg)
+                self._guard_watch()
             if name and self.prepared is not None and d.statements:
                 self.prepared.record(name, d.statements[0])
         else:

@@ -1,0 +1,170 @@
+# An approval covers one execution. A prepared statement a human approved once must not
+# run again, with any parameters, without asking: psycopg prepares a statement by itself
+# after a few runs, asyncpg caches every statement, and a raw client may Bind a named
+# statement as often as it likes. Judged by the rows upstream.
+import asyncio
+import threading
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from conftest import AGENT, AGENT_PASSWORD
+from rawpg import SYNC, RawClient, bind, errors, execute, parse, tags
+from test_approvals_wire import RULES, api, cli, pending_ids
+
+DB = "appdb"
+
+
+@pytest.fixture
+def aproxy(make_proxy):
+    return make_proxy(extra=RULES)
+
+
+@pytest.fixture(autouse=True)
+def orders(pg):
+    pg.execute("DROP TABLE IF EXISTS orders CASCADE; CREATE TABLE orders (id int, status text);"
+               "INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 10) g", dbname=DB)
+
+
+class Approver(threading.Thread):
+    """Decides every pending request as it appears (approve, or deny those whose
+    statement parameters it was told to), counting them."""
+
+    def __init__(self, proxy, deny_after: int | None = None):
+        super().__init__(daemon=True)
+        self.proxy = proxy
+        self.deny_after = deny_after
+        self.decided: list[tuple[int, str]] = []
+        self.stop = False
+
+    def run(self):
+        while not self.stop:
+            try:
+                items = api(self.proxy, "GET", "/api/approvals?state=pending")
+            except Exception:       # noqa: BLE001 - the admin server is starting
+                time.sleep(0.05)
+                continue
+            items = items.get("approvals", items) if isinstance(items, dict) else items
+            for it in items:
+                verb = "approve"
+                if self.deny_after is not None and len(self.decided) >= self.deny_after:
+                    verb = "deny"
+                api(self.proxy, "POST", f"/api/approvals/{it['id']}/{verb}", {"approver": "alice"})
+                self.decided.append((it["id"], verb))
+            time.sleep(0.05)
+
+
+def statuses(pg):
+    return [r[0] for r in pg.execute("SELECT status FROM orders ORDER BY id", dbname=DB)]
+
+
+def test_psycopg_auto_prepared_statement_asks_every_time(pg, aproxy):
+    ap = Approver(aproxy)
+    ap.start()
+    try:
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            for i in range(1, 9):       # psycopg prepares it after the 5th run
+                c.execute("UPDATE orders SET status = %s WHERE id = %s", (f"s{i}", i))
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert len(ap.decided) == 8, ap.decided
+    assert statuses(pg)[:8] == [f"s{i}" for i in range(1, 9)]
+
+
+def test_psycopg_prepared_denied_execution_changes_nothing(pg, aproxy):
+    ap = Approver(aproxy, deny_after=7)
+    ap.start()
+    try:
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            for i in range(1, 8):
+                c.execute("UPDATE orders SET status = %s WHERE id = %s", ("ok", i),
+                          prepare=True)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("UPDATE orders SET status = %s WHERE id = %s", ("hacked", 8),
+                          prepare=True)
+            # the session goes on; the statement still asks
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("UPDATE orders SET status = %s WHERE id = %s", ("hacked", 9),
+                          prepare=True)
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert statuses(pg)[7:] == ["new", "new", "new"]
+    assert statuses(pg)[:7] == ["ok"] * 7
+
+
+def test_asyncpg_prepared_statement_asks_every_time(pg, aproxy):
+    ap = Approver(aproxy, deny_after=3)
+    ap.start()
+
+    async def main():
+        conn = await asyncpg.connect(aproxy.dsn(dbname=DB))
+        try:
+            stmt = await conn.prepare("UPDATE orders SET status = $1 WHERE id = $2")
+            for i in (1, 2, 3):
+                await stmt.fetch(f"a{i}", i)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await stmt.fetch("hacked", 4)
+            for _ in range(3):          # the statement cache of conn.execute
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute("UPDATE orders SET status = $1 WHERE id = $2", "x", 5)
+        finally:
+            await conn.close()
+    try:
+        asyncio.run(main())
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert statuses(pg)[:5] == ["a1", "a2", "a3", "new", "new"]
+
+
+def test_raw_named_statement_bound_again_later(pg, aproxy):
+    """Parse + Sync (approved once), then Bind/Execute of the name three times, in
+    separate pipelines and in one: the first Bind is covered, each later one asks."""
+    ap = Approver(aproxy, deny_after=3)
+    ap.start()
+    c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        sql = "UPDATE orders SET status = 'raw' || $1 WHERE id = $1::int"
+        c.send(parse(sql, name="st") + SYNC)
+        assert not errors(c.until_ready())
+        c.send(bind(stmt="st", params=[b"1"]) + execute() + SYNC)
+        assert "UPDATE 1" in tags(c.until_ready())
+        c.send(bind(stmt="st", params=[b"2"]) + execute() + SYNC)
+        assert "UPDATE 1" in tags(c.until_ready())
+        # the 4th decision is a denial: this one is refused, the next in the same
+        # pipeline is skipped by Postgres' rules (after an error, until Sync)
+        c.send(bind(stmt="st", params=[b"3"]) + execute()
+               + bind(stmt="st", params=[b"4"]) + execute() + SYNC)
+        msgs = c.until_ready()
+        assert [e["C"] for e in errors(msgs)] == ["42501"]
+        assert c.run("SELECT 1")[-1] == (b"Z", b"I")
+    finally:
+        c.close()
+        ap.stop = True
+        ap.join(5)
+    assert statuses(pg)[:4] == ["raw1", "raw2", "new", "new"]
+    assert [v for _, v in ap.decided] == ["approve", "approve", "approve", "deny"]
+
+
+def test_a_grant_window_lets_repeats_through_without_asking(pg, aproxy):
+    """A time-boxed grant (JIT window) still covers repeats of the same statement."""
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        done = []
+
+        def first():
+            c.execute("UPDATE orders SET status = %s WHERE id = %s", ("g1", 1), prepare=True)
+            done.append(1)
+        t = threading.Thread(target=first)
+        t.start()
+        (rid,) = pending_ids(aproxy)
+        r = cli(aproxy, "approve", str(rid), "--as", "alice", "--window", "5m")
+        assert r.returncode == 0, r.stderr
+        t.join(10)
+        assert done == [1]
+        for i in (2, 3, 4):
+            c.execute("UPDATE orders SET status = %s WHERE id = %s", (f"g{i}", i), prepare=True)
+    assert statuses(pg)[:4] == ["g1", "g2", "g3", "g4"]
