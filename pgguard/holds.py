@@ -141,6 +141,17 @@ class Holds:
                 self._guard_watch()
             if name and self.prepared is not None and d.statements:
                 self.prepared.record(name, d.statements[0])
+            if (not extended and self.server.audit_strict and self.tracker is not None
+                    and out and out[-1] is msg):
+                # strict: the approved Query goes upstream once its record is on disk
+                # (an Execute gets its record on its own way through the stream)
+                out.pop()
+                if out:
+                    self.up.transport.write(b"".join(out))
+                self.held = [msg]
+                fut = self.server.audit.log_strict(self.tracker.strict_record(msg))
+                fut.add_done_callback(self._record_durable)
+                return
         else:
             err = hold.refusal(req)
             from .policy.rules import Decision

@@ -168,3 +168,28 @@ def test_a_grant_window_lets_repeats_through_without_asking(pg, aproxy):
         for i in (2, 3, 4):
             c.execute("UPDATE orders SET status = %s WHERE id = %s", (f"g{i}", i), prepare=True)
     assert statuses(pg)[:4] == ["g1", "g2", "g3", "g4"]
+
+
+def test_strict_audit_records_every_approved_execution(pg, make_proxy):
+    """Under strict durability an approved statement is recorded (decision approved,
+    the approver named) before it runs: simple Query, extended, and a prepared
+    statement bound again. (The simple-Query case had no record at all.)"""
+    from test_audit_wire import audit_rows
+    proxy = make_proxy(extra=RULES, audit_extra='durability = "strict"\n')
+    ap = Approver(proxy)
+    ap.start()
+    try:
+        with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
+            psycopg.ClientCursor(c).execute("UPDATE orders SET status = 'q' WHERE id = 1")
+            c.execute("UPDATE orders SET status = %s WHERE id = %s", ("x", 2))
+            for i in (3, 4, 5):
+                c.execute("UPDATE orders SET status = %s WHERE id = %s", ("p", i),
+                          prepare=True)
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert len(ap.decided) == 5
+    proxy.stop()
+    got = audit_rows(proxy, "SELECT decision, approver FROM audit WHERE event = 'statement' "
+                            "AND statement LIKE 'UPDATE orders%'")
+    assert sorted(got) == [("approved", "alice")] * 5, got

@@ -264,6 +264,10 @@ cdef class StatementTracker:
         else:
             portal = _cstr(msg, 5, &after)
             sql, d = self.stmts.get(self.portals.get(portal, b""), (b"", None))
+        if d is not None and d.__class__ is self._approved:
+            rec = self._h_record(self.session, sql, d, "approved", self.wall(0))
+            rec.approver = d.approver
+            return rec
         return self._h_record(self.session, sql, d, "allowed", self.wall(0))
 
     cpdef wall(self, long long mono_ns):
