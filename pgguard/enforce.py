@@ -445,7 +445,7 @@ class Enforcement:
             scan = self.fscan
             scan.set_interest(ALL_TYPES, False)
             scan.set_interest(self.watch, True)
-            self.fast_path(not on)
+            self.fast_path(True)        # guard mode while on (see fast_path)
 
     def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra

@@ -2,7 +2,7 @@
 # after the compiled scan; Python hooks run only for messages the session asked for.
 # cython: language_level=3
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.string cimport memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -56,6 +56,8 @@ cdef class Pipe:
         self.fast_log = None
         self._fast = 0
         self._bad_seen = False
+        self._guard = None
+        self._g_stmts = self._g_portals = None
 
     @property
     def fast_forwarded(self):
@@ -88,6 +90,61 @@ cdef class Pipe:
         if d.action != "allow":
             return None
         return d
+
+    @property
+    def guard(self):
+        """The blast-radius Guard whose unguarded Bind/Execute/Close/Sync this pipe
+        forwards itself (None: they go to the hooks)."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, g):
+        self._guard = g
+        self._g_stmts = None if g is None else g.stmts
+        self._g_portals = None if g is None else g.portals
+
+    cdef bint _guard_passes(self, int t, bytes msg) except -1:
+        # True: nothing guarded in this Bind / Execute / Close / Sync (the guard's
+        # bookkeeping done here); False: the hooks must see it
+        cdef const char* p = PyBytes_AS_STRING(msg)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+        cdef const char* e
+        cdef const char* e2
+        if t == 83:                             # 'S' Sync
+            if self._guard.owe is not None:
+                return False
+            self._guard.seg_known = True
+            self._guard.seg_exec = 0
+            return True
+        if n < 7:
+            return False
+        if t == 66:                             # 'B' Bind: portal, statement
+            e = <const char*>memchr(p + 5, 0, n - 5)
+            if e == NULL:
+                return False
+            e2 = <const char*>memchr(e + 1, 0, n - (e + 1 - p))
+            if e2 == NULL:
+                return False
+            if self._g_portals and PyBytes_FromStringAndSize(p + 5, e - (p + 5)) \
+                    in self._g_portals:
+                return False
+            return PyBytes_FromStringAndSize(e + 1, e2 - (e + 1)) not in self._g_stmts
+        if t == 69:                             # 'E' Execute: portal, row limit
+            e = <const char*>memchr(p + 5, 0, n - 5)
+            if e == NULL:
+                return False
+            if self._g_portals and PyBytes_FromStringAndSize(p + 5, e - (p + 5)) \
+                    in self._g_portals:
+                return False
+            self._guard.seg_exec = self._guard.seg_exec + 1
+            return True
+        if t == 67:                             # 'C' Close: kind, name
+            e = <const char*>memchr(p + 6, 0, n - 6)
+            if e == NULL:
+                return False
+            return PyBytes_FromStringAndSize(p + 6, e - (p + 6)) not in (
+                self._g_stmts if p[5] == 83 else self._g_portals)
+        return False
 
     def set_peer(self, peer):
         self.peer = peer
@@ -154,6 +211,8 @@ cdef class Pipe:
                         ok = self.allow_all and _well_formed(msg)
                     if ok:
                         self._fast += 1
+                elif self._guard is not None and (t == 66 or t == 69 or t == 83 or t == 67):
+                    ok = self._guard_passes(t, msg)
                 else:
                     ok = self.log_types is not None and \
                         memchr(PyBytes_AS_STRING(self.log_types), <int>t,
