@@ -9,6 +9,10 @@ been answered, so the transaction status is known exactly, then sends ``BEGIN`` 
 result is in, the count decides: ``COMMIT`` / ``RELEASE SAVEPOINT`` and the client gets
 the result, or ``ROLLBACK`` / ``ROLLBACK TO SAVEPOINT`` plus a failing statement (so a
 transaction block ends up failed, as it would after an error) and the client gets 42501.
+Inside a block, a statement its command tag counts needs neither: it runs as sent, its
+answers are held until its ReadyForQuery, and past the limit a failing statement aborts
+the block before anything else of the client's reaches the server (the same in-block
+path as for Execute, below).
 
 Extended protocol (Execute of a portal bound to a guarded statement): earlier messages of
 the same pipeline may still be unanswered and the block state unknown, so the guard sends
@@ -325,6 +329,9 @@ class Guard:
             s.up.transport.write(msg)
             s._release_hold([])
             return
+        if status == _INBLOCK and plan.by_tag:
+            yield from self._query_in_block(msg, plan)
+            return
         opened = status == _IDLE
         pre = _query(b"BEGIN" if opened else b"SAVEPOINT " + SAVEPOINT.encode())
         snap = b"" if plan.by_tag else _query(_SNAPSHOT)
@@ -380,6 +387,28 @@ class Guard:
             self.out.append((_Z, z))
             s._release_hold([])
             yield from self._swallow_query()
+
+    def _query_in_block(self, msg: bytes, plan: Plan):
+        """A Query inside a block whose command tag counts its rows: no SAVEPOINT, no
+        RELEASE. It runs as sent; its answers are held until its ReadyForQuery, and
+        past the limit a failing statement aborts the block before the client can send
+        anything else (the client's stream is held meanwhile), so its changes can never
+        be committed, exactly as after the statement's own error (a savepoint of the
+        client's, taken before it, still rolls them back)."""
+        s = self.s
+        s.up.transport.write(msg)
+        buf, count, err, z = yield from self._hold_result(plan, simple=True)
+        if err is None and count > plan.limit:
+            self._log_over(plan, count)
+            s.up.transport.write(_query(_FAIL_SQL))
+            self.out.append(self._refusal(plan, count))
+            self.out.append(_z(_FAILED))
+            s._release_hold([])
+            yield from self._swallow_query()
+            return
+        self.out.extend(buf)
+        self.out.append((_Z, z))
+        s._release_hold([])
 
     def _swallow_query(self):
         """Swallow one injected Query's answers up to its ReadyForQuery: (the first

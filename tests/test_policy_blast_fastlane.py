@@ -258,3 +258,103 @@ def test_pgbench_tpcb_through_the_guard(gproxy, pg, pgbench_bin):
     finally:
         with psycopg.connect(pg.dsn(), autocommit=True) as c:
             c.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+# -- class 3: simple Query inside a block, counted by its tag: no SAVEPOINT / RELEASE --
+# (the statement runs as sent; past the limit the block is failed before the client
+# can commit it)
+
+def _q(c, sql):
+    c.send(rawpg.query(sql))
+    return c.until_ready()
+
+
+def _block_big_update(c):
+    _q(c, "BEGIN")
+    msgs = _q(c, "UPDATE fl_t SET v = v + 1 WHERE id > 0")
+    assert c.status == b"E"
+    assert rawpg.tags(_q(c, "COMMIT")) == ["ROLLBACK"]
+    return msgs, (ROWS, 0, 0)
+
+
+def _block_big_delete(c):
+    _q(c, "BEGIN")
+    _q(c, "INSERT INTO fl_log VALUES (1)")
+    msgs = _q(c, "DELETE FROM fl_t WHERE id IN (SELECT id FROM fl_t)")
+    assert c.status == b"E"
+    assert rawpg.tags(_q(c, "COMMIT")) == ["ROLLBACK"]
+    return msgs, (ROWS, 0, 0)
+
+
+def _client_savepoint_discards(c):
+    _q(c, "BEGIN")
+    _q(c, "UPDATE fl_t SET v = v + 1 WHERE id = 1")
+    _q(c, "SAVEPOINT mine")
+    msgs = _q(c, "UPDATE fl_t SET v = v + 100 WHERE id > 0")
+    assert c.status == b"E"
+    _q(c, "ROLLBACK TO SAVEPOINT mine")
+    assert c.status == b"T"
+    _q(c, "UPDATE fl_t SET v = v + 1 WHERE id = 2")
+    assert rawpg.tags(_q(c, "COMMIT")) == ["COMMIT"]
+    return msgs, (ROWS, 2, 0)
+
+
+def _returning_rows_not_leaked(c):
+    _q(c, "BEGIN")
+    msgs = _q(c, "UPDATE fl_t SET v = v + 1 WHERE id > 0 RETURNING id, v")
+    assert not rawpg.rows(msgs)         # held, then refused: no row reached the client
+    _q(c, "ROLLBACK")
+    return msgs, (ROWS, 0, 0)
+
+
+def _pipelined_commit_is_held(c):
+    c.send(rawpg.query("BEGIN"), rawpg.query("UPDATE fl_t SET v = 5 WHERE v = 0"),
+           rawpg.query("COMMIT"))
+    msgs = c.until_ready(3)
+    assert rawpg.tags(msgs) == ["BEGIN", "ROLLBACK"] and c.status == b"I"
+    return msgs, (ROWS, 0, 0)
+
+
+@pytest.mark.parametrize("scenario", [_block_big_update, _block_big_delete,
+                                      _client_savepoint_discards, _returning_rows_not_leaked,
+                                      _pipelined_commit_is_held])
+def test_simple_query_in_block_refused_past_limit(gproxy, pg, table, scenario):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        msgs, want = scenario(c)
+        assert refused(msgs), msgs
+        assert rawpg.rows(_q(c, "SELECT 1")) == [[b"1"]]
+    finally:
+        c.close()
+    assert truth(pg) == want
+
+
+def test_simple_query_in_block_small_writes_and_errors(gproxy, pg, table):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        _q(c, "BEGIN")
+        for i in range(1, 6):
+            assert rawpg.tags(_q(c, f"UPDATE fl_t SET v = v + 1 WHERE id = {i}")) == \
+                ["UPDATE 1"]
+            assert c.status == b"T"
+        msgs = _q(c, "UPDATE fl_t SET v = v + 1 WHERE id = 1 RETURNING id, v")
+        assert rawpg.rows(msgs) == [[b"1", b"2"]] and rawpg.tags(msgs) == ["UPDATE 1"]
+        assert rawpg.tags(_q(c, "COMMIT")) == ["COMMIT"]
+        _q(c, "BEGIN")                      # the statement's own error goes through
+        msgs = _q(c, "UPDATE fl_t SET v = v / 0 WHERE id = 1")
+        assert rawpg.errors(msgs)[0]["C"] == "22012" and c.status == b"E"
+        _q(c, "ROLLBACK")
+    finally:
+        c.close()
+    assert truth(pg) == (ROWS, 6, 0)
+
+
+def test_psql_script_block_refused_whole(gproxy, pg, table, psql_bin, tmp_path):
+    from conftest import run_psql
+    script = tmp_path / "s.sql"
+    script.write_text("BEGIN;\nUPDATE fl_t SET v = v + 1 WHERE id = 1;\n"
+                      "UPDATE fl_t SET v = v + 1 WHERE id > 0;\nCOMMIT;\n")
+    r = run_psql(psql_bin, gproxy.dsn(), "-f", str(script))
+    # ON_ERROR_STOP: psql ends there, the block never commits
+    assert r.returncode != 0 and "blast-radius" in r.stderr and "UPDATE 1" in r.stdout
+    assert truth(pg) == (ROWS, 0, 0)
