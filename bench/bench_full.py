@@ -29,6 +29,7 @@ Rows (the figure, what is divided by what, the issue's target):
   pass-through pgguard (``xfer``: until libpq holds the result; ``fetch``: every row as
   Python objects too);
 - ``tpcb``: ``pgbench -M prepared`` TPC-B-like as the agent, guard on / off;
+  ``tpcb-simple``: the same with ``-M simple``;
 - ``latency``: ``pgbench -n -S -c 1 -j 1 -M simple -l``: per-statement latency
   percentiles from the per-transaction log, pgguard with policy + masks + audit minus
   direct and minus PgBouncer;
@@ -65,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_relay as br  # noqa: E402
 
 PGBENCH_ROWS = ("simple", "prepared", "masks-simple", "masks-prepared", "unix-simple",
-                "unix-prepared", "stream", "tpcb", "latency", "workers-simple",
+                "unix-prepared", "stream", "tpcb", "tpcb-simple", "latency", "workers-simple",
                 "workers-prepared")
 
 MASKS_TOML = """
@@ -157,7 +158,8 @@ def run_pgbench(pgbench: Path, t: br.Target, mode: str, duration: int, clients: 
                 threads: int, logdir: Path | None = None) -> dict[str, Any]:
     """One pgbench run: tps, proxy CPU per transaction; with logdir, per-transaction
     latency percentiles (µs) from pgbench's -l log."""
-    workload = ["-M", "prepared"] if mode == "tpcb" else ["-S", "-M", mode]
+    workload = {"tpcb": ["-M", "prepared"], "tpcb-simple": ["-M", "simple"]}.get(
+        mode, ["-S", "-M", mode])
     cmd = [str(pgbench), "-n", *workload, "-c", str(clients), "-j", str(threads),
            "-T", str(duration), "-h", "127.0.0.1", "-p", str(t.port), "-U", t.user, br.DBNAME]
     prefix = None
@@ -263,6 +265,9 @@ def build_rows(wanted: list[str], n: int) -> list[Row]:
                       "1M-row stream, 2 masks + detectors / pass-through", 0.75),
         "tpcb": Row("tpcb", "tpcb", ["pgbouncer", "pgguard", "pgguard-noguard"], "pgguard",
                     "pgguard-noguard", "TPC-B (agent), blast-radius guard / no guard", 0.9),
+        "tpcb-simple": Row("tpcb-simple", "tpcb-simple",
+                           ["pgbouncer", "pgguard", "pgguard-noguard"], "pgguard",
+                           "pgguard-noguard", "TPC-B -M simple (agent), guard / no guard", 0.9),
         "latency": Row("latency", "latency", ["direct", "pgbouncer", "pgguard-masks"],
                        "pgguard-masks", "pgbouncer",
                        "added latency at -c 1 (policy + masks + audit), µs", 50.0),

@@ -168,7 +168,7 @@ class Guard:
     guarded, and the chain of steps that reads the backend stream while it works."""
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
-                 "seg_known", "seg_exec")
+                 "seg_known", "seg_exec", "lane")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -188,6 +188,8 @@ class Guard:
         # went through Python, and how many of them executed something
         self.seg_known = False
         self.seg_exec = 0
+        # the plan of an in-block Execute whose answers the upstream pipe holds
+        self.lane: Plan | None = None
 
     # -- frontend bookkeeping: state belongs to the statement and portal
     @property
@@ -499,6 +501,24 @@ class Guard:
             s.tracker.flog.append((sync, None, 0))
         self.on_sync()
         s._begin_hold(out, [], later[1:])
+        pipe = s.up_pipe
+        if s.masking is None and not s.refusals and not pipe.divert and not self.chain:
+            # the compiled lane: the upstream pipe holds the answers and counts the
+            # tag; Python hears of it again only past the limit or on an error
+            self.lane = plan
+            pipe.hold_count(plan.limit)
+            return
+        self._start(self._in_block_steps(plan))
+
+    def lane_done(self) -> None:
+        """The compiled lane forwarded the answers (within the limit): go on."""
+        self.lane = None
+        self.s._release_hold([])
+
+    def lane_fallback(self) -> None:
+        """The compiled lane met an error or a count past the limit: the answers it
+        held are read next by the Python steps, as if they had just come."""
+        plan, self.lane = self.lane, None
         self._start(self._in_block_steps(plan))
 
     def _in_block_steps(self, plan: Plan):

@@ -725,6 +725,14 @@ class Session(Enforcement, Holds, ConsoleSession):
             for t, msg in events:
                 tracker.on_backend(t, msg)
 
+    def hold_done(self) -> None:
+        """The upstream pipe's guard lane forwarded what it held (Guard.lane_done)."""
+        self.guard.lane_done()
+
+    def hold_fallback(self) -> None:
+        """The upstream pipe's guard lane hands its held answers to Python."""
+        self.guard.lane_fallback()
+
     def backend_chunk(self) -> None:
         """After each backend chunk while draining: close once idle."""
         if self.bscan.status == 73 and self.in_flight() <= 0:

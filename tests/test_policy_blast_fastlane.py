@@ -358,3 +358,73 @@ def test_psql_script_block_refused_whole(gproxy, pg, table, psql_bin, tmp_path):
     # ON_ERROR_STOP: psql ends there, the block never commits
     assert r.returncode != 0 and "blast-radius" in r.stderr and "UPDATE 1" in r.stdout
     assert truth(pg) == (ROWS, 0, 0)
+
+
+# -- class 4: the compiled in-block lane (Execute + Sync inside a block, counted by the
+# tag): the upstream pipe holds the answers; within the limit they go on untouched,
+# past it (or on an error) Python takes them over and refuses
+
+def _lane(c, sql, params=()):
+    c.send(rawpg.parse(sql), rawpg.SYNC)
+    assert not rawpg.errors(c.until_ready())
+    c.send(rawpg.bind("", list(params)), rawpg.describe("P"), rawpg.execute(), rawpg.SYNC)
+    return c.until_ready()
+
+
+LIMIT = 1000        # [policy] agents_max_rows, the default
+
+
+@pytest.mark.parametrize("sql,params,kept", [
+    ("UPDATE fl_t SET v = v + 1 WHERE id <= $1", [str(LIMIT).encode()], True),
+    ("UPDATE fl_t SET v = v + 1 WHERE id <= $1", [str(LIMIT + 1).encode()], False),
+    ("UPDATE fl_t SET v = v + 1 WHERE id > $1 RETURNING id, v, repeat('x', 200)", [b"0"],
+     False),
+    ("UPDATE fl_t SET v = v + 1 WHERE id <= $1 RETURNING id, v, repeat('x', 200)",
+     [b"900"], True),
+    ("DELETE FROM fl_t WHERE id > $1", [b"0"], False),
+    ("INSERT INTO fl_t SELECT g, 0 FROM generate_series(1, 1200) g "
+     "ON CONFLICT (id) DO UPDATE SET v = excluded.v + 1", [], False),
+    ("INSERT INTO fl_t SELECT g, 0 FROM generate_series(1, 10) g "
+     "ON CONFLICT (id) DO UPDATE SET v = excluded.v + 1", [], True),
+])
+def test_in_block_lane(gproxy, pg, table, sql, params, kept):
+    before = truth(pg)
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        _q(c, "BEGIN")
+        msgs = _lane(c, sql, params)
+        if kept:
+            assert not rawpg.errors(msgs) and c.status == b"T"
+            n = int(rawpg.tags(msgs)[0].rsplit(" ", 1)[1])
+            if "RETURNING" in sql:      # every row, whole, through the lane
+                got = rawpg.rows(msgs)
+                assert len(got) == n and all(r[2] == b"x" * 200 for r in got)
+            assert rawpg.tags(_q(c, "COMMIT")) == ["COMMIT"]
+        else:
+            assert refused(msgs), msgs
+            assert not rawpg.rows(msgs) and c.status == b"E"
+            assert rawpg.tags(_q(c, "COMMIT")) == ["ROLLBACK"]
+        assert rawpg.rows(_q(c, "SELECT 1")) == [[b"1"]]
+    finally:
+        c.close()
+    after = truth(pg)
+    if kept:
+        assert after != before and after[0] == before[0]
+    else:
+        assert after == before
+
+
+def test_in_block_lane_statement_error_passes(gproxy, pg, table):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        _q(c, "BEGIN")
+        msgs = _lane(c, "UPDATE fl_t SET v = v / $1 WHERE id <= 3", [b"0"])
+        assert rawpg.errors(msgs)[0]["C"] == "22012" and c.status == b"E"
+        _q(c, "ROLLBACK")
+        _q(c, "BEGIN")                  # the lane works again after the error
+        msgs = _lane(c, "UPDATE fl_t SET v = v + $1 WHERE id <= 3", [b"1"])
+        assert rawpg.tags(msgs) == ["UPDATE 3"]
+        _q(c, "COMMIT")
+    finally:
+        c.close()
+    assert truth(pg) == (ROWS, 3, 0)

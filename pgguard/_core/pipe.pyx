@@ -3,6 +3,8 @@
 # cython: language_level=3
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -10,6 +12,17 @@ from .framing import FrameError
 from .relay cimport MessageScan
 from .relay import StreamedPrefix
 from .sqlshape cimport shape_buf
+
+
+# the guard's in-block lane holds at most this much (blast.MAX_HELD_BYTES); beyond it
+# Python takes over (and refuses: too much to hold)
+cdef enum:
+    HOLD_MAX = 32 << 20
+
+
+cdef inline uint32_t _be32(const char* p) noexcept nogil:
+    return ((<uint32_t><uint8_t>p[0]) << 24) | ((<uint32_t><uint8_t>p[1]) << 16) | \
+           ((<uint32_t><uint8_t>p[2]) << 8) | (<uint32_t><uint8_t>p[3])
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -58,6 +71,8 @@ cdef class Pipe:
         self._bad_seen = False
         self._guard = None
         self._g_stmts = self._g_portals = None
+        self._hold_limit = -1
+        self._held = None
 
     @property
     def fast_forwarded(self):
@@ -146,6 +161,62 @@ cdef class Pipe:
                 self._g_stmts if p[5] == 83 else self._g_portals)
         return False
 
+    def hold_count(self, long long limit):
+        """Hold what the upstream sends next up to its ReadyForQuery, for the guard's
+        in-block lane (see the class layout)."""
+        self._hold_limit = limit
+        self._held = bytearray()
+        self._held_pos = 0
+        self._held_count = 0
+        self._held_counted = False
+
+    @property
+    def holding(self):
+        return self._hold_limit >= 0
+
+    cdef int _hold_scan(self) except -1:
+        # 0: wait for more; 1: its ReadyForQuery is in, within the limit, no error;
+        # 2: Python decides (an error, past the limit, a tag not read here, too much)
+        cdef const char* p = PyByteArray_AS_STRING(self._held)
+        cdef Py_ssize_t n = PyByteArray_GET_SIZE(self._held)
+        cdef Py_ssize_t pos = self._held_pos
+        cdef Py_ssize_t ln, i, sp
+        cdef long long v
+        cdef char t
+        while pos + 5 <= n:
+            t = p[pos]
+            ln = <Py_ssize_t>_be32(p + pos + 1)
+            if ln < 4:
+                return 2
+            if pos + 1 + ln > n:
+                break
+            if t == 69:                                 # 'E'
+                return 2
+            if t == 90:                                 # 'Z'
+                self._held_pos = pos + 1 + ln
+                return 1 if self._held_counted and self._held_count <= self._hold_limit \
+                    else 2
+            if not self._held_counted and (t == 67 or t == 73 or t == 115):
+                self._held_counted = True
+                if t == 67:                             # 'C': "TAG ... N\0"
+                    sp = -1
+                    for i in range(pos + 5, pos + ln):
+                        if p[i] == 32:
+                            sp = i
+                    v = 0
+                    if sp >= 0:
+                        if pos + ln - 1 - sp > 18 or pos + ln - 1 - sp < 1 or \
+                                p[pos + ln] != 0:
+                            return 2
+                        for i in range(sp + 1, pos + ln):
+                            if p[i] < 48 or p[i] > 57:
+                                return 2
+                            v = v * 10 + (p[i] - 48)
+                    self._held_count = v
+            pos += 1 + ln
+        self._held_pos = pos
+        return 2 if n > HOLD_MAX else 0
+
     def set_peer(self, peer):
         self.peer = peer
         self._peer_write = peer.write
@@ -170,6 +241,17 @@ cdef class Pipe:
                 self._bad_seen = True
                 self._hooks.frame_error(self.scan.error, self.scan.bad)
             return
+        cdef int r = 0
+        if self._hold_limit >= 0 and not self.divert:
+            self._held += data
+            r = self._hold_scan()
+            if r == 0:
+                return
+            data = bytes(self._held)
+            self._hold_limit = -1
+            self._held = None
+            if r == 2:
+                self._hooks.hold_fallback()     # diverts: Python reads it all
         if self.divert:
             self._hooks.backend_items(self.scan.feed(data))
             return
@@ -178,6 +260,8 @@ cdef class Pipe:
         items = self.scan.feed(data)
         if items:
             self._hooks.backend_events(items)
+        if r == 1:
+            self._hooks.hold_done()
         if self.notify_chunks:
             self._hooks.backend_chunk()
 
