@@ -428,3 +428,27 @@ def test_in_block_lane_statement_error_passes(gproxy, pg, table):
     finally:
         c.close()
     assert truth(pg) == (ROWS, 3, 0)
+
+
+# -- class 5: guarded decisions are cached (not decided again each time), still guarded
+
+@pytest.mark.parametrize("in_block", [False, True])
+def test_cached_guarded_decisions_still_measured(gproxy, pg, table, in_block):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        for sql, ok in [("UPDATE fl_t SET v = v + 1 WHERE id <= 900", True),   # decided
+                        ("UPDATE fl_t SET v = v + 1 WHERE id <= 900", True),   # exact hit
+                        ("UPDATE fl_t SET v = v + 1 WHERE id <= 1200", False),  # shape hit
+                        ("UPDATE fl_t SET v = v + 1 WHERE id <= 1200", False),  # exact hit
+                        ("UPDATE fl_t SET v = v + 1 WHERE id <= 5", True),
+                        ("DELETE FROM fl_t WHERE id > 0", False),
+                        ("DELETE FROM fl_t WHERE id > 0", False)]:
+            if in_block:
+                _q(c, "BEGIN")
+            msgs = _q(c, sql)
+            assert (not rawpg.errors(msgs)) if ok else refused(msgs), (sql, msgs)
+            if in_block:
+                _q(c, "COMMIT")
+    finally:
+        c.close()
+    assert truth(pg) == (ROWS, 1805, 0)
