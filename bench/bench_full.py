@@ -18,6 +18,7 @@ Targets:
   (``[upstream] host = <socket directory>``); ``pgguard-masks``: + 2 masks on
   ``bench_rows`` (a table pgbench does not read) + all built-in detectors;
   ``pgguard-noguard``: blast-radius guard off (``agents_max_rows = 0``);
+  ``pgguard-noaudit``: policy, audit off; ``pgguard-bare``: neither (the relay alone);
   ``pgguard-x2``: ``--workers`` N.
 
 Rows (the figure, what is divided by what, the issue's target):
@@ -82,6 +83,11 @@ builtin = ["email", "ssn", "credit_card", "phone", "ipv4", "aws_access_key", "jw
            "private_key", "bearer_token", "api_token"]
 """
 NOGUARD_TOML = "[policy]\nagents_max_rows = 0\n"
+NOAUDIT_TOML = "[audit]\nenabled = false\n"
+BARE_TOML = '[audit]\nenabled = false\n[policy]\nagents = "allow"\n'
+
+
+WHAT = {"pgguard-noaudit": "policy, no audit", "pgguard-bare": "no policy, no audit"}
 
 
 @dataclass
@@ -94,64 +100,8 @@ class Row:
     figure: str
     goal: float | None = None
     samples: dict[str, list] = field(default_factory=dict)
-
-
-class MultiTarget(br.Target):
-    """A target served by several processes (PgBouncer x N): CPU summed over all."""
-
-    def __init__(self, *a: Any, pids: list[int] | None = None, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.pids = pids or []
-
-    def cpu(self) -> float | None:
-        return sum(br.proc_tree_cpu(p) for p in self.pids) if self.pids else None
-
-
-def start_pgbouncers(exe: str, root: Path, pg: br.PostgresServer, name: str,
-                     upstream_host: str, n: int) -> br.Target:
-    """PgBouncer, n processes on one port (so_reuseport when n > 1)."""
-    d = root / name
-    d.mkdir(mode=0o755)
-    br.chown_pg(d)
-    port = br.free_port()
-    (d / "userlist.txt").write_text(f'"{br.PG_USER}" ""\n')
-    br.chown_pg(d / "userlist.txt")
-    procs = []
-    for i in range(n):
-        ini = d / f"pgbouncer{i}.ini"
-        ini.write_text(f"""\
-[databases]
-* = host={upstream_host} port={pg.port}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-so_reuseport = {1 if n > 1 else 0}
-auth_type = trust
-auth_file = {d / 'userlist.txt'}
-pool_mode = session
-max_client_conn = 500
-default_pool_size = 50
-ignore_startup_parameters = extra_float_digits
-logfile = {d / f'pgbouncer{i}.log'}
-pidfile = {d / f'pgbouncer{i}.pid'}
-admin_users = {br.PG_USER}
-log_connections = 0
-log_disconnections = 0
-""")
-        br.chown_pg(ini)
-        out = d / f"pgbouncer{i}.out"
-        out.touch()
-        br.chown_pg(out)
-        proc = br.spawn([exe, str(ini)], out, cwd=d, as_postgres=True)
-        procs.append(proc)
-        br.CLEANUP.push(f"{name}[{i}]", lambda p=proc: br.stop_process_group(p, name))
-    t = MultiTarget(name, "pgbouncer", port, br.PG_USER, proc=procs[0], cpu_pid=procs[0].pid,
-                    logfile=d / "pgbouncer0.log", config=d / "pgbouncer0.ini",
-                    pids=[p.pid for p in procs])
-    br.wait_ready(t, extra_log=d / "pgbouncer0.out")
-    return t
+    # more subjects shown against the same reference, without a goal (where the time goes)
+    also: list[str] = field(default_factory=list)
 
 
 def run_pgbench(pgbench: Path, t: br.Target, mode: str, duration: int, clients: int,
@@ -244,10 +194,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_rows(wanted: list[str], n: int) -> list[Row]:
     x = f"x{n}"
     rows = {
-        "simple": Row("simple", "simple", ["direct", "pgbouncer", "pgguard"], "pgguard",
-                      "pgbouncer", "-S simple, policy + audit / PgBouncer", 1.0),
-        "prepared": Row("prepared", "prepared", ["direct", "pgbouncer", "pgguard"], "pgguard",
-                        "pgbouncer", "-S prepared, policy + audit / PgBouncer", 1.0),
+        "simple": Row("simple", "simple", ["direct", "pgbouncer", "pgguard", "pgguard-noaudit",
+                                           "pgguard-bare"], "pgguard",
+                      "pgbouncer", "-S simple, policy + audit / PgBouncer", 1.0,
+                      also=["pgguard-noaudit", "pgguard-bare"]),
+        "prepared": Row("prepared", "prepared", ["direct", "pgbouncer", "pgguard",
+                                                 "pgguard-noaudit", "pgguard-bare"], "pgguard",
+                        "pgbouncer", "-S prepared, policy + audit / PgBouncer", 1.0,
+                        also=["pgguard-noaudit", "pgguard-bare"]),
         "masks-simple": Row("masks-simple", "simple", ["pgbouncer", "pgguard-masks"],
                             "pgguard-masks", "pgbouncer",
                             "-S simple, + masks + detectors / PgBouncer", 0.95),
@@ -321,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     extra_dir.mkdir()
     files = {}
     for name, text in (("unix", f'[upstream]\nhost = "{pg.sockdir}"\n'),
-                       ("masks", MASKS_TOML), ("noguard", NOGUARD_TOML)):
+                       ("masks", MASKS_TOML), ("noguard", NOGUARD_TOML),
+                       ("noaudit", NOAUDIT_TOML), ("bare", BARE_TOML)):
         files[name] = extra_dir / f"{name}.toml"
         files[name].write_text(text)
 
@@ -338,12 +293,14 @@ def main(argv: list[str] | None = None) -> int:
                               (f"pgbouncer-x{args.workers}", "127.0.0.1", args.workers)):
             if name in needed:
                 br.log(f"starting {name}")
-                targets[name] = start_pgbouncers(exe, root, pg, name, host, n)
+                targets[name] = br.start_pgbouncer(exe, root, pg, name, host, n)
                 br.log(f"{name} is up: pids {targets[name].pids}, port {targets[name].port}")
     password = secrets.token_urlsafe(18)
     for name, extras, workers in (("pgguard", [], 1), ("pgguard-unix", [files["unix"]], 1),
                                   ("pgguard-masks", [files["masks"]], 1),
                                   ("pgguard-noguard", [files["noguard"]], 1),
+                                  ("pgguard-noaudit", [files["noaudit"]], 1),
+                                  ("pgguard-bare", [files["bare"]], 1),
                                   (f"pgguard-x{args.workers}", [], args.workers)):
         if name in needed:
             br.log(f"starting {name}")
@@ -455,6 +412,19 @@ def report(meta: dict[str, Any], rows: list[Row], args: argparse.Namespace) -> d
                   f"{verdict}{extra}", file=out)
             table.append({"figure": fig, "subject": r.subject, "reference": r.reference,
                           "value": a, "reference_value": b, "ratio": ratio, "goal": r.goal})
+            for other in r.also:
+                o = median(r.samples.get(other, []), key)
+                co = median(r.samples.get(other, []), "cpu_us_per_txn")
+                cb = median(ref, "cpu_us_per_txn")
+                ratio_o = o / b if o is not None and b else None
+                label = f"  same, {other} ({WHAT.get(other, '')})"
+                print(f"{label:<54}{fmt(o) + ' tps':>22}{fmt(b) + ' tps':>22}"
+                      f"{fmt(ratio_o, 2):>8}{'':>9}  "
+                      + (f"  (proxy CPU {fmt(co, 1)} vs {fmt(cb, 1)} µs/txn)"
+                         if co is not None and cb is not None else ""), file=out)
+                table.append({"figure": f"{fig}: {other}", "subject": other,
+                              "reference": r.reference, "value": o, "reference_value": b,
+                              "ratio": ratio_o, "goal": None})
     print("  subject / reference: " + "; ".join(f"{r.name}: {r.subject} / {r.reference}"
                                                for r in rows), file=out)
     errors = [(r.name, n, s["error"]) for r in rows for n, ss in r.samples.items()

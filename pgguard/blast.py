@@ -397,9 +397,15 @@ class Guard:
         anything else (the client's stream is held meanwhile), so its changes can never
         be committed, exactly as after the statement's own error (a savepoint of the
         client's, taken before it, still rolls them back)."""
-        s = self.s
-        s.up.transport.write(msg)
+        self.s.up.transport.write(msg)
         buf, count, err, z = yield from self._hold_result(plan, simple=True)
+        yield from self._settle_in_block(plan, buf, count, err, z)
+
+    def _settle_in_block(self, plan: Plan, buf: list, count: int, err, z: bytes):
+        """The held answers of a statement run in a block without a savepoint: past
+        the limit a failing statement aborts the block and the client gets the refusal
+        (and a failed block's ReadyForQuery); else the answers go on as they came."""
+        s = self.s
         if err is None and count > plan.limit:
             self._log_over(plan, count)
             s.up.transport.write(_query(_FAIL_SQL))
@@ -522,7 +528,6 @@ class Guard:
         self._start(self._in_block_steps(plan))
 
     def _in_block_steps(self, plan: Plan):
-        s = self.s
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
         while True:                          # up to the Sync's ReadyForQuery
             t, data = yield
@@ -530,17 +535,7 @@ class Guard:
                 z = data
                 break
             buf.append(data if t is None else (t, data))
-        if err is None and count > plan.limit:
-            self._log_over(plan, count)
-            s.up.transport.write(_query(_FAIL_SQL))
-            self.out.append(self._refusal(plan, count))
-            self.out.append(_z(_FAILED))
-            s._release_hold([])
-            yield from self._swallow_query()
-            return
-        self.out.extend(buf)
-        self.out.append((_Z, z))
-        s._release_hold([])
+        yield from self._settle_in_block(plan, buf, count, err, z)
 
     def _find_marker(self, need: int, nonce: bytes):
         """Pass earlier answers on until the marker query's row: None when found, else

@@ -9,7 +9,6 @@ import time
 
 import psycopg
 import pytest
-
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD
 
