@@ -188,8 +188,9 @@ class Guard:
         # went through Python, and how many of them executed something
         self.seg_known = False
         self.seg_exec = 0
-        # the plan of an in-block Execute whose answers the upstream pipe holds
-        self.lane: Plan | None = None
+        # (plan, Python steps) of an in-block statement whose answers the upstream
+        # pipe holds (the steps take them over on an error or past the limit)
+        self.lane: tuple | None = None
 
     # -- frontend bookkeeping: state belongs to the statement and portal
     @property
@@ -296,6 +297,13 @@ class Guard:
         ``later`` the rest of the batch."""
         s = self.s
         s._begin_hold(out, [])          # client_items holds the rest of the batch
+        if plan.by_tag and self._lane_free() and s.visible_status() == _INBLOCK \
+                and self._unanswered(s.held_items) == 1:
+            # in a block, nothing else unanswered: _query_in_block, on the compiled lane
+            self.lane = (plan, self._held_query_steps)
+            s.up.transport.write(msg)
+            s.up_pipe.hold_count(plan.limit)
+            return
         self._after_record(msg, lambda: self._start(self._query_steps(
             msg, plan, self._unanswered(later if s.held_items is None
                                         else s.held_items) - 1)), later)
@@ -398,6 +406,9 @@ class Guard:
         be committed, exactly as after the statement's own error (a savepoint of the
         client's, taken before it, still rolls them back)."""
         self.s.up.transport.write(msg)
+        yield from self._held_query_steps(plan)
+
+    def _held_query_steps(self, plan: Plan):
         buf, count, err, z = yield from self._hold_result(plan, simple=True)
         yield from self._settle_in_block(plan, buf, count, err, z)
 
@@ -507,14 +518,21 @@ class Guard:
             s.tracker.flog.append((sync, None, 0))
         self.on_sync()
         s._begin_hold(out, [], later[1:])
-        pipe = s.up_pipe
-        if s.masking is None and not s.refusals and not pipe.divert and not self.chain:
+        if self._lane_free():
             # the compiled lane: the upstream pipe holds the answers and counts the
             # tag; Python hears of it again only past the limit or on an error
-            self.lane = plan
-            pipe.hold_count(plan.limit)
+            self.lane = (plan, self._in_block_steps)
+            s.up_pipe.hold_count(plan.limit)
             return
         self._start(self._in_block_steps(plan))
+
+    def _lane_free(self) -> bool:
+        """Whether the upstream pipe's compiled lane may hold the next answers: no
+        masking, refusal or guard step reads the backend stream meanwhile, and no
+        strict audit record is waited for."""
+        s = self.s
+        return (s.masking is None and not s.refusals and not s.up_pipe.divert
+                and not self.chain and not (s.server.audit_strict and s.tracker is not None))
 
     def lane_done(self) -> None:
         """The compiled lane forwarded the answers (within the limit): go on."""
@@ -524,8 +542,8 @@ class Guard:
     def lane_fallback(self) -> None:
         """The compiled lane met an error or a count past the limit: the answers it
         held are read next by the Python steps, as if they had just come."""
-        plan, self.lane = self.lane, None
-        self._start(self._in_block_steps(plan))
+        (plan, steps), self.lane = self.lane, None
+        self._start(steps(plan))
 
     def _in_block_steps(self, plan: Plan):
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
