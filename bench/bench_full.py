@@ -222,9 +222,11 @@ def build_rows(wanted: list[str], n: int) -> list[Row]:
         "tpcb-simple": Row("tpcb-simple", "tpcb-simple",
                            ["pgbouncer", "pgguard", "pgguard-noguard"], "pgguard",
                            "pgguard-noguard", "TPC-B -M simple (agent), guard / no guard", 0.9),
-        "latency": Row("latency", "latency", ["direct", "pgbouncer", "pgguard-masks"],
+        "latency": Row("latency", "latency", ["direct", "pgbouncer", "pgguard-masks",
+                                              "pgguard"],
                        "pgguard-masks", "pgbouncer",
-                       "added latency at -c 1 (policy + masks + audit), µs", 50.0),
+                       "added latency at -c 1 (policy + masks + audit), µs", 50.0,
+                       also=["pgguard"]),
         "workers-simple": Row("workers-simple", "simple", [f"pgbouncer-{x}", f"pgguard-{x}"],
                               f"pgguard-{x}", f"pgbouncer-{x}",
                               f"-S simple, {n} workers / {n} PgBouncers (so_reuseport)", 1.0),
@@ -386,6 +388,15 @@ def report(meta: dict[str, Any], rows: list[Row], args: argparse.Namespace) -> d
                 table.append({"figure": f"latency {label}", "pgguard_us": a,
                               "pgbouncer_us": b, "direct_us": d, "over_pgbouncer_us": over_b,
                               "over_direct_us": over_d, "goal": goal})
+                for other in r.also:        # the same without masks (policy + audit)
+                    o = median(r.samples.get(other, []), p)
+                    ob = o - b if o is not None and b is not None else None
+                    od = o - d if o is not None and d is not None else None
+                    print(f"{'  same, ' + other + ' (policy + audit, no masks)':<54}"
+                          f"{fmt(o) + ' µs':>22}{cell_b:>22}{fmt(ob):>8}{'':>9}  "
+                          f"  (+{fmt(od)} µs over direct)", file=out)
+                    table.append({"figure": f"latency {label}: {other}", "pgguard_us": o,
+                                  "over_pgbouncer_us": ob, "over_direct_us": od})
             continue
         keys = [("xfer", "xfer MB/s"), ("value", "fetch MB/s")] if r.test == "stream" \
             else [("value", "tps")]
