@@ -479,42 +479,62 @@ def find_or_install_pgbouncer(allow_install: bool) -> str | None:
     return which()
 
 
-def start_pgbouncer(exe: str, root: Path, pg: PostgresServer) -> Target:
-    d = root / "pgbouncer"
+class MultiTarget(Target):
+    """A target served by several processes (PgBouncer x N): CPU summed over all."""
+
+    def __init__(self, *a: Any, pids: list[int] | None = None, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.pids = pids or []
+
+    def cpu(self) -> float | None:
+        return sum(proc_tree_cpu(p) for p in self.pids) if self.pids else None
+
+
+def start_pgbouncer(exe: str, root: Path, pg: PostgresServer, name: str = "pgbouncer",
+                    upstream_host: str = "127.0.0.1", n: int = 1) -> Target:
+    """PgBouncer in session mode reaching Postgres at upstream_host (an address, or
+    the Unix socket directory); n processes on one port (so_reuseport) when n > 1."""
+    d = root / name
     d.mkdir(mode=0o755)
+    chown_pg(d)
     port = free_port()
     (d / "userlist.txt").write_text(f'"{PG_USER}" ""\n')
-    ini = d / "pgbouncer.ini"
-    ini.write_text(f"""\
+    chown_pg(d / "userlist.txt")
+    procs = []
+    for i in range(n):
+        ini = d / f"pgbouncer{i}.ini"
+        ini.write_text(f"""\
 [databases]
-* = host=127.0.0.1 port={pg.port}
+* = host={upstream_host} port={pg.port}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {port}
 unix_socket_dir =
+so_reuseport = {1 if n > 1 else 0}
 auth_type = trust
 auth_file = {d / 'userlist.txt'}
 pool_mode = session
 max_client_conn = 500
 default_pool_size = 50
 ignore_startup_parameters = extra_float_digits
-logfile = {d / 'pgbouncer.log'}
-pidfile = {d / 'pgbouncer.pid'}
+logfile = {d / f'pgbouncer{i}.log'}
+pidfile = {d / f'pgbouncer{i}.pid'}
 admin_users = {PG_USER}
 log_connections = 0
 log_disconnections = 0
 """)
-    for p in (d, d / "userlist.txt", ini):
-        chown_pg(p)
-    logfile = root / "pgbouncer.out"
-    logfile.touch()
-    chown_pg(logfile)
-    proc = spawn([exe, str(ini)], logfile, cwd=d, as_postgres=True)
-    t = Target("pgbouncer", "pgbouncer", port, PG_USER, proc=proc, cpu_pid=proc.pid,
-               logfile=d / "pgbouncer.log", config=ini)
-    CLEANUP.push("pgbouncer", lambda: stop_process_group(proc, "pgbouncer"))
-    wait_ready(t, extra_log=logfile)
+        chown_pg(ini)
+        out = d / f"pgbouncer{i}.out"
+        out.touch()
+        chown_pg(out)
+        proc = spawn([exe, str(ini)], out, cwd=d, as_postgres=True)
+        procs.append(proc)
+        CLEANUP.push(f"{name}[{i}]", lambda p=proc: stop_process_group(p, name))
+    t = MultiTarget(name, "pgbouncer", port, PG_USER, proc=procs[0], cpu_pid=procs[0].pid,
+                    logfile=d / "pgbouncer0.log", config=d / "pgbouncer0.ini",
+                    pids=[p.pid for p in procs])
+    wait_ready(t, extra_log=d / "pgbouncer0.out")
     return t
 
 

@@ -9,6 +9,10 @@ been answered, so the transaction status is known exactly, then sends ``BEGIN`` 
 result is in, the count decides: ``COMMIT`` / ``RELEASE SAVEPOINT`` and the client gets
 the result, or ``ROLLBACK`` / ``ROLLBACK TO SAVEPOINT`` plus a failing statement (so a
 transaction block ends up failed, as it would after an error) and the client gets 42501.
+Inside a block, a statement its command tag counts needs neither: it runs as sent, its
+answers are held until its ReadyForQuery, and past the limit a failing statement aborts
+the block before anything else of the client's reaches the server (the same in-block
+path as for Execute, below).
 
 Extended protocol (Execute of a portal bound to a guarded statement): earlier messages of
 the same pipeline may still be unanswered and the block state unknown, so the guard sends
@@ -93,6 +97,12 @@ class Plan:
             b", coalesce(pg_catalog.pg_stat_get_xact_tuples_%s(pg_catalog.to_regclass(%s)), 0)"
             % (kind, _literal(_qualified(t))) for t in self.tables for kind in (b"updated", b"deleted"))
         return _SNAPSHOT_TOTAL + cols + _SNAPSHOT_FROM
+
+    def lane_limit(self) -> int:
+        """The count up to which the compiled lane may forward answers unread by Python:
+        past 1 row a plain UPDATE / DELETE may have reached every row of its table, which
+        only the Python steps measure."""
+        return self.limit if self.target is None else min(self.limit, 1)
 
     def by_tag_candidates(self, count: int) -> list[tuple[str, int, int]]:
         """(table, rows changed, rows updated) to measure after a tag-counted statement."""
@@ -268,7 +278,7 @@ class Guard:
     guarded, and the chain of steps that reads the backend stream while it works."""
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
-                 "seg_known", "seg_exec", "_skip_seg", "last_row", "approved")
+                 "seg_known", "seg_exec", "_skip_seg", "last_row", "approved", "lane")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -296,6 +306,9 @@ class Guard:
         # went through Python, and how many of them executed something
         self.seg_known = False
         self.seg_exec = 0
+        # (plan, Python steps) of an in-block statement whose answers the upstream
+        # pipe holds (the steps take them over on an error or past the limit)
+        self.lane: tuple | None = None
 
     # -- frontend bookkeeping: state belongs to the statement and portal
     @property
@@ -432,6 +445,13 @@ class Guard:
         ``later`` the rest of the batch."""
         s = self.s
         s._begin_hold(out, [])          # client_items holds the rest of the batch
+        if plan.by_tag and self._lane_free() and s.visible_status() == _INBLOCK \
+                and self._unanswered(s.held_items) == 1:
+            # in a block, nothing else unanswered: _query_in_block, on the compiled lane
+            self.lane = (plan, self._held_query_steps)
+            s.up.transport.write(msg)
+            s.up_pipe.hold_count(plan.lane_limit())
+            return
         self._after_record(msg, lambda: self._start(self._query_steps(
             msg, plan, self._unanswered(later if s.held_items is None
                                         else s.held_items) - 1)), later)
@@ -466,6 +486,9 @@ class Guard:
         if status == _FAILED:                # it fails anyway, as Postgres would have it
             s.up.transport.write(msg)
             s._release_hold([])
+            return
+        if status == _INBLOCK and plan.by_tag:
+            yield from self._query_in_block(msg, plan)
             return
         opened = status == _IDLE
         pre = _query(b"BEGIN" if opened else b"SAVEPOINT " + SAVEPOINT.encode())
@@ -541,6 +564,43 @@ class Guard:
             return count, []
         return (self.last_row[0] - before[0],
                 plan.counter_candidates(before, self.last_row))
+
+    def _query_in_block(self, msg: bytes, plan: Plan):
+        """A Query inside a block whose command tag counts its rows: no SAVEPOINT, no
+        RELEASE. It runs as sent; its answers are held until its ReadyForQuery, and
+        past the limit a failing statement aborts the block before the client can send
+        anything else (the client's stream is held meanwhile), so its changes can never
+        be committed, exactly as after the statement's own error (a savepoint of the
+        client's, taken before it, still rolls them back)."""
+        self.s.up.transport.write(msg)
+        yield from self._held_query_steps(plan)
+
+    def _held_query_steps(self, plan: Plan):
+        buf, count, err, z = yield from self._hold_result(plan, simple=True)
+        yield from self._settle_in_block(plan, buf, count, err, z)
+
+    def _settle_in_block(self, plan: Plan, buf: list, count: int, err, z: bytes):
+        """The held answers of a statement run in a block without a savepoint: past
+        the limit a failing statement aborts the block and the client gets the refusal
+        (and a failed block's ReadyForQuery); else the answers go on as they came."""
+        s = self.s
+        every = None
+        cands = plan.by_tag_candidates(count) if err is None and count <= plan.limit else []
+        if cands and z[5] == _INBLOCK:      # did it reach every row of its table?
+            s.up.transport.write(_query(plan.probe_sql(cands)))
+            _, perr = yield from self._swallow_query()
+            every = cands[0][0] if perr is not None else plan.reached_whole(cands, self.last_row)
+        if err is None and (count > plan.limit or every):
+            self._log_over(plan, count, every)
+            s.up.transport.write(_query(_FAIL_SQL))
+            self.out.append(self._refusal(plan, count, every))
+            self.out.append(_z(_FAILED))
+            s._release_hold([])
+            yield from self._swallow_query()
+            return
+        self.out.extend(buf)
+        self.out.append((_Z, z))
+        s._release_hold([])
 
     def _swallow_query(self):
         """Swallow one injected Query's answers up to its ReadyForQuery: (the first
@@ -633,10 +693,34 @@ class Guard:
             s.tracker.flog.append((sync, None, 0))
         self.on_sync()
         s._begin_hold(out, [], later[1:])
+        if self._lane_free():
+            # the compiled lane: the upstream pipe holds the answers and counts the
+            # tag; Python hears of it again only past the limit or on an error
+            self.lane = (plan, self._in_block_steps)
+            s.up_pipe.hold_count(plan.lane_limit())
+            return
         self._start(self._in_block_steps(plan))
 
-    def _in_block_steps(self, plan: Plan):
+    def _lane_free(self) -> bool:
+        """Whether the upstream pipe's compiled lane may hold the next answers: no
+        masking, refusal or guard step reads the backend stream meanwhile, and no
+        strict audit record is waited for."""
         s = self.s
+        return (s.masking is None and not s.refusals and not s.up_pipe.divert
+                and not self.chain and not (s.server.audit_strict and s.tracker is not None))
+
+    def lane_done(self) -> None:
+        """The compiled lane forwarded the answers (within the limit): go on."""
+        self.lane = None
+        self.s._release_hold([])
+
+    def lane_fallback(self) -> None:
+        """The compiled lane met an error or a count past the limit: the answers it
+        held are read next by the Python steps, as if they had just come."""
+        (plan, steps), self.lane = self.lane, None
+        self._start(steps(plan))
+
+    def _in_block_steps(self, plan: Plan):
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
         while True:                          # up to the Sync's ReadyForQuery
             t, data = yield
@@ -644,23 +728,7 @@ class Guard:
                 z = data
                 break
             buf.append(data if t is None else (t, data))
-        every = None
-        cands = plan.by_tag_candidates(count) if err is None and count <= plan.limit else []
-        if cands and z[5] == _INBLOCK:
-            s.up.transport.write(_query(plan.probe_sql(cands)))
-            _, perr = yield from self._swallow_query()
-            every = cands[0][0] if perr is not None else plan.reached_whole(cands, self.last_row)
-        if err is None and (count > plan.limit or every):
-            self._log_over(plan, count, every)
-            s.up.transport.write(_query(_FAIL_SQL))
-            self.out.append(self._refusal(plan, count, every))
-            self.out.append(_z(_FAILED))
-            s._release_hold([])
-            yield from self._swallow_query()
-            return
-        self.out.extend(buf)
-        self.out.append((_Z, z))
-        s._release_hold([])
+        yield from self._settle_in_block(plan, buf, count, err, z)
 
     def _find_marker(self, need: int, nonce: bytes):
         """Pass earlier answers on until the marker query's row: None when found, else

@@ -27,6 +27,19 @@ ALL_TYPES = bytes(range(256))
 REFUSAL_MARKER = "PGG42"
 
 
+class Guarded:
+    """A cached allow decision of a statement the blast-radius guard runs: its action
+    is not "allow", so the compiled pipe hands it to Python, which unwraps it."""
+
+    __slots__ = ("decision", "action", "rule", "statements")
+
+    def __init__(self, d) -> None:
+        self.decision = d
+        self.action = "guarded"
+        self.rule = d.rule                  # what remember_decision reads
+        self.statements = d.statements
+
+
 class Enforcement:
     """Session mixin: the relay hooks for watched frontend messages and diverted
     backend messages. Expects the Session's state (fscan, bscan, pipes, policy,
@@ -142,13 +155,13 @@ class Enforcement:
         exact, shapes = self._cache
         d = exact.get(msg)
         if d is not None:
-            return d
+            return d.decision if d.__class__ is Guarded else d
         raw = msg[text_start:text_end]
         key = shape(raw)
         if key is not None:
             d = shapes.get(key)
             if d is not None:
-                return d
+                return d.decision if d.__class__ is Guarded else d
         try:
             sql = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -171,8 +184,11 @@ class Enforcement:
         if d.action != "block" and self.views is not None:
             self._catalog_effects(d)
         if self.guard is None or d.action != "allow" or self._plan(d) is None:
-            # guarded statements never take the compiled fast path
             self.server.remember_decision(self._cache, msg, key, d)
+        else:
+            # guarded statements never take the compiled fast path (its test is
+            # action == "allow"), but their decision is not made again each time
+            self.server.remember_decision(self._cache, msg, key, Guarded(d))
         return d
 
 
@@ -451,7 +467,7 @@ class Enforcement:
             scan = self.fscan
             scan.set_interest(ALL_TYPES, False)
             scan.set_interest(self.watch, True)
-            self.fast_path(not on)
+            self.fast_path(True)        # guard mode while on (see fast_path)
 
     def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra

@@ -617,7 +617,14 @@ class Session(Enforcement, Holds, ConsoleSession):
         if not on or self.server.audit_strict or self.masking is not None or self._guarding:
             pipe.exact = pipe.shapes = pipe.log_types = None
             pipe.allow_all = False
+            # while the blast-radius guard watches, Query/Parse go to Python, and only
+            # the Bind/Execute/Close/Sync that name nothing guarded are forwarded there
+            # (with the guard's bookkeeping): the unguarded statements of a session that
+            # prepared a guarded one pay no Python
+            pipe.guard = self.guard if on and self._guarding and not \
+                self.server.audit_strict and self.masking is None else None
             return
+        pipe.guard = None
         if self.policy is not None:
             pipe.exact, pipe.shapes = self._cache
         else:
@@ -717,6 +724,14 @@ class Session(Enforcement, Holds, ConsoleSession):
         if tracker is not None:
             for t, msg in events:
                 tracker.on_backend(t, msg)
+
+    def hold_done(self) -> None:
+        """The upstream pipe's guard lane forwarded what it held (Guard.lane_done)."""
+        self.guard.lane_done()
+
+    def hold_fallback(self) -> None:
+        """The upstream pipe's guard lane hands its held answers to Python."""
+        self.guard.lane_fallback()
 
     def backend_chunk(self) -> None:
         """After each backend chunk while draining: close once idle."""

@@ -35,10 +35,30 @@ cdef class Pipe:
     # when not None, (message, decision, monotonic ns) of each fast-forwarded
     # statement is appended for the audit
     cdef public list fast_log
+    # client side, while the blast-radius guard watches Bind/Execute/Close/Sync: the
+    # Guard (None otherwise; set through the guard property). A Bind, Execute or Close naming no guarded statement or
+    # portal, and a Sync that owes no end of block, are forwarded here with the guard's
+    # own bookkeeping (Guard.on_execute / on_sync); the others go to the hooks
+    cdef object _guard
+    cdef dict _g_stmts
+    cdef dict _g_portals
+    cdef dict _g_approved
     cdef long long _fast
+    # upstream side, the blast-radius guard's in-block lane (Guard._start_in_block):
+    # the answers to one Execute + Sync are held here until their ReadyForQuery; the
+    # first CommandComplete's row count within _hold_limit (-1: no hold) and no error:
+    # forwarded as usual and hooks.hold_done(); else hooks.hold_fallback() and Python
+    # reads them all (diverted) as if they had just come
+    cdef long long _hold_limit
+    cdef bytearray _held
+    cdef Py_ssize_t _held_pos
+    cdef long long _held_count
+    cdef bint _held_counted
     # client side: the scan met a malformed frame (reported once, nothing read after)
     cdef bint _bad_seen
 
     cdef object _cached_allow(self, bytes msg)
+    cdef bint _guard_passes(self, int t, bytes msg) except -1
+    cdef int _hold_scan(self) except -1
     cdef _client_chunk(self, list items)
     cdef _flush(self, list out)

@@ -2,7 +2,9 @@
 # after the compiled scan; Python hooks run only for messages the session asked for.
 # cython: language_level=3
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -10,6 +12,17 @@ from .framing import FrameError
 from .relay cimport MessageScan
 from .relay import StreamedPrefix
 from .sqlshape cimport shape_buf
+
+
+# the guard's in-block lane holds at most this much (blast.MAX_HELD_BYTES); beyond it
+# Python takes over (and refuses: too much to hold)
+cdef enum:
+    HOLD_MAX = 32 << 20
+
+
+cdef inline uint32_t _be32(const char* p) noexcept nogil:
+    return ((<uint32_t><uint8_t>p[0]) << 24) | ((<uint32_t><uint8_t>p[1]) << 16) | \
+           ((<uint32_t><uint8_t>p[2]) << 8) | (<uint32_t><uint8_t>p[3])
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -56,6 +69,10 @@ cdef class Pipe:
         self.fast_log = None
         self._fast = 0
         self._bad_seen = False
+        self._guard = None
+        self._g_stmts = self._g_portals = self._g_approved = None
+        self._hold_limit = -1
+        self._held = None
 
     @property
     def fast_forwarded(self):
@@ -89,6 +106,122 @@ cdef class Pipe:
             return None
         return d
 
+    @property
+    def guard(self):
+        """The blast-radius Guard whose unguarded Bind/Execute/Close/Sync this pipe
+        forwards itself (None: they go to the hooks)."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, g):
+        self._guard = g
+        self._g_stmts = None if g is None else g.stmts
+        self._g_portals = None if g is None else g.portals
+        self._g_approved = None if g is None else g.approved
+
+    cdef bint _guard_passes(self, int t, bytes msg) except -1:
+        # True: nothing guarded in this Bind / Execute / Close / Sync (the guard's
+        # bookkeeping done here); False: the hooks must see it
+        cdef const char* p = PyBytes_AS_STRING(msg)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+        cdef const char* e
+        cdef const char* e2
+        if t == 83:                             # 'S' Sync
+            if self._guard.owe is not None:
+                return False
+            self._guard.on_sync()               # segment bookkeeping, skip state ended
+            return True
+        if n < 7:
+            return False
+        if t == 66:                             # 'B' Bind: portal, statement
+            e = <const char*>memchr(p + 5, 0, n - 5)
+            if e == NULL:
+                return False
+            e2 = <const char*>memchr(e + 1, 0, n - (e + 1 - p))
+            if e2 == NULL:
+                return False
+            if self._g_portals and PyBytes_FromStringAndSize(p + 5, e - (p + 5)) \
+                    in self._g_portals:
+                return False
+            name = PyBytes_FromStringAndSize(e + 1, e2 - (e + 1))
+            # an approved statement's Bind asks again (Guard.bind_needs_approval)
+            return name not in self._g_stmts and not (self._g_approved and
+                                                      name in self._g_approved)
+        if t == 69:                             # 'E' Execute: portal, row limit
+            e = <const char*>memchr(p + 5, 0, n - 5)
+            if e == NULL:
+                return False
+            if self._g_portals and PyBytes_FromStringAndSize(p + 5, e - (p + 5)) \
+                    in self._g_portals:
+                return False
+            self._guard.seg_exec = self._guard.seg_exec + 1
+            return True
+        if t == 67:                             # 'C' Close: kind, name
+            e = <const char*>memchr(p + 6, 0, n - 6)
+            if e == NULL:
+                return False
+            name = PyBytes_FromStringAndSize(p + 6, e - (p + 6))
+            if p[5] == 83 and self._g_approved and name in self._g_approved:
+                return False
+            return name not in (self._g_stmts if p[5] == 83 else self._g_portals)
+        return False
+
+    def hold_count(self, long long limit):
+        """Hold what the upstream sends next up to its ReadyForQuery, for the guard's
+        in-block lane (see the class layout)."""
+        self._hold_limit = limit
+        self._held = bytearray()
+        self._held_pos = 0
+        self._held_count = 0
+        self._held_counted = False
+
+    @property
+    def holding(self):
+        return self._hold_limit >= 0
+
+    cdef int _hold_scan(self) except -1:
+        # 0: wait for more; 1: its ReadyForQuery is in, within the limit, no error;
+        # 2: Python decides (an error, past the limit, a tag not read here, too much)
+        cdef const char* p = PyByteArray_AS_STRING(self._held)
+        cdef Py_ssize_t n = PyByteArray_GET_SIZE(self._held)
+        cdef Py_ssize_t pos = self._held_pos
+        cdef Py_ssize_t ln, i, sp
+        cdef long long v
+        cdef char t
+        while pos + 5 <= n:
+            t = p[pos]
+            ln = <Py_ssize_t>_be32(p + pos + 1)
+            if ln < 4:
+                return 2
+            if pos + 1 + ln > n:
+                break
+            if t == 69:                                 # 'E'
+                return 2
+            if t == 90:                                 # 'Z'
+                self._held_pos = pos + 1 + ln
+                return 1 if self._held_counted and self._held_count <= self._hold_limit \
+                    else 2
+            if not self._held_counted and (t == 67 or t == 73 or t == 115):
+                self._held_counted = True
+                if t == 67:                             # 'C': "TAG ... N\0"
+                    sp = -1
+                    for i in range(pos + 5, pos + ln):
+                        if p[i] == 32:
+                            sp = i
+                    v = 0
+                    if sp >= 0:
+                        if pos + ln - 1 - sp > 18 or pos + ln - 1 - sp < 1 or \
+                                p[pos + ln] != 0:
+                            return 2
+                        for i in range(sp + 1, pos + ln):
+                            if p[i] < 48 or p[i] > 57:
+                                return 2
+                            v = v * 10 + (p[i] - 48)
+                    self._held_count = v
+            pos += 1 + ln
+        self._held_pos = pos
+        return 2 if n > HOLD_MAX else 0
+
     def set_peer(self, peer):
         self.peer = peer
         self._peer_write = peer.write
@@ -113,6 +246,17 @@ cdef class Pipe:
                 self._bad_seen = True
                 self._hooks.frame_error(self.scan.error, self.scan.bad)
             return
+        cdef int r = 0
+        if self._hold_limit >= 0 and not self.divert:
+            self._held += data
+            r = self._hold_scan()
+            if r == 0:
+                return
+            data = bytes(self._held)
+            self._hold_limit = -1
+            self._held = None
+            if r == 2:
+                self._hooks.hold_fallback()     # diverts: Python reads it all
         if self.divert:
             self._hooks.backend_items(self.scan.feed(data))
             return
@@ -121,6 +265,8 @@ cdef class Pipe:
         items = self.scan.feed(data)
         if items:
             self._hooks.backend_events(items)
+        if r == 1:
+            self._hooks.hold_done()
         if self.notify_chunks:
             self._hooks.backend_chunk()
 
@@ -154,6 +300,8 @@ cdef class Pipe:
                         ok = self.allow_all and _well_formed(msg)
                     if ok:
                         self._fast += 1
+                elif self._guard is not None and (t == 66 or t == 69 or t == 83 or t == 67):
+                    ok = self._guard_passes(t, msg)
                 else:
                     ok = self.log_types is not None and \
                         memchr(PyBytes_AS_STRING(self.log_types), <int>t,
