@@ -573,7 +573,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.server.audit_strict
         self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
-                                 withhold=True,
+                                 withhold=True, pg_limits=m.FRONTEND_PG_LIMITS,
                                  max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
         # a FunctionCall under a policy stops the scan too: it may hold the stream
         self.fscan.set_stop(b"QPF" if self.policy is not None else b"QP", True)
