@@ -537,11 +537,12 @@ class Server:
         exact, shapes = cache
         if len(msg) > DECISION_TEXT_MAX:
             return
-        _bounded_put(exact, msg, d, len(msg))
+        # what an entry holds: its key, and the decision's statements with their texts
+        _bounded_put(exact, msg, d, len(msg) + _decision_bytes(d))
         if key is not None and d.statements and all(
                 s.kind in SHAREABLE_KINDS and not s.literal_dependent
                 and all(k in SHAREABLE_KINDS for k in s.kinds) for s in d.statements):
-            _bounded_put(shapes, key, d, len(key))
+            _bounded_put(shapes, key, d, len(key) + _decision_bytes(d))
 
     # -- sessions
     def next_session_id(self) -> str:
@@ -673,6 +674,12 @@ class Server:
 # bytes of the keys held by each decision map (by id: the maps are plain dicts, shared
 # with the compiled pipes, and live as long as the process)
 _map_bytes: dict[int, int] = {}
+
+
+def _decision_bytes(d) -> int:
+    """What a cached decision keeps beyond its key: its statements' texts (UTF-8 size;
+    a str of them takes at least that) and a few hundred bytes of fields each."""
+    return sum(len(st.text) + 400 for st in d.statements)
 
 
 def _bounded_put(d: dict, key: bytes, value, size: int) -> None:
