@@ -103,6 +103,9 @@ cdef class StatementTracker:
     cdef dict stmts             # statement name -> (sql, decision)
     cdef dict portals           # portal -> statement name
     cdef bint segment_error
+    # Queries and FunctionCalls Postgres skipped (after an extended-protocol error, until
+    # Sync): forwarded and counted by the frontend scan, never answered by a ReadyForQuery
+    cdef public long long skipped
     cdef long long bytes_mark
     cdef readonly bint strict   # records are written before forwarding: emit nothing
     cdef bint raw               # literals are kept: no per-shape statement columns
@@ -129,6 +132,7 @@ cdef class StatementTracker:
         self._fixed = None
         self._parts = {}
         self._parts_bytes = 0
+        self.skipped = 0
         (self._h_record, self._h_part, self._h_session, self._approved,
          self._error_fields) = helpers
         self._log_row = audit.log_row
@@ -216,6 +220,8 @@ cdef class StatementTracker:
                 # after an extended-protocol error Postgres skips Queries and
                 # FunctionCalls too, until Sync: this ReadyForQuery is the Sync's
                 skipped = self.segment_error and e.skippable
+                if skipped:
+                    self.skipped += 1
                 if e.sql is not None and not e.done:
                     if (not e.sync or skipped) and e.state is None and self.segment_error:
                         e.err = "not executed: an earlier message of the pipeline failed"
