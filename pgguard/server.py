@@ -763,6 +763,10 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
                     catalog_signal=catalog_signal)
     try:
         server.start_audit()
+        if server.approvals is not None:
+            # this process's connection (schema, WAL) before any client: a CancelRequest
+            # looks its key up there, and must be answered as soon as Postgres would
+            server.approvals.open()
         if server.revocations is not None:
             server.revocations.start(loop)
         await server.start()

@@ -139,3 +139,29 @@ def test_pg_rejects_reads_fields_as_postgres_does():
     for bad in MALFORMED_STATEMENTS.values():
         first = bad[:struct.unpack("!I", bad[1:5])[0] + 1]
         assert _pg_rejects(first), first
+
+
+CANCELS = {f"cancel-{i}": struct.pack("!IIII", 16, 80877102, pid, key) for i, (pid, key) in
+           enumerate([(0xFE29BBDE, 0x8B20B700), (0xFFFFFFFF, 0xFFFFFFFF), (0x80000000, 0),
+                      (1, 0xFFFFFFFF), (0x7FFFFFFF, 0x80000001)])}
+
+
+def test_cancel_requests_with_any_key_close_silently(frames_upstream, target):
+    # a CancelRequest whose key matches nothing: Postgres closes without a word (the key's
+    # high bits once overflowed the approvals store's lookup: XX000 and a traceback)
+    diffs = []
+    for i, (name, data) in enumerate(sorted(CANCELS.items())):
+        case = pgfuzz.Case("startup", name, data)
+        want = pgfuzz.run_case(frames_upstream, case, i, 3.0)
+        have = pgfuzz.run_case(target, case, i, 3.0)
+        if want != have or have != ("closed",):
+            diffs.append(f"{name}: postgres {want} pgguard {have}")
+    assert not diffs, "\n".join(diffs)
+
+
+def test_approvals_store_takes_any_cancel_key(tmp_path):
+    from pgguard.approvals.store import _int64
+    assert _int64(5) == 5
+    assert _int64((1 << 64) - 1) == -1
+    assert _int64(1 << 63) == -(1 << 63)
+    assert len({_int64(k) for k in (0, 1 << 63, (1 << 64) - 1, (1 << 63) - 1)}) == 4
