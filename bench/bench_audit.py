@@ -26,7 +26,13 @@ Measures:
    auditing causes itself, as opposed to wake-up lateness, which on a 2-CPU machine
    also includes the OS running the writer process instead of the loop;
 3. strict durability: awaited ``log_strict`` from N concurrent tasks (group commit);
-4. DuckDB: ``GROUP BY identity, decision`` over the Parquet files (cold and warm).
+4. DuckDB: ``GROUP BY identity, decision`` over the Parquet files (cold and warm);
+5. ``[audit] store`` (``--only store``; moto's S3 server, started here, unless
+   ``--store URI`` names one, with the AWS_* variables set): writer records/s with a
+   store configured against the same run without, the time until the file is in the
+   store, and the upload lag: a strict record acknowledged -> its record readable in
+   the store, p50/p99, for a seal interval of ``--seal`` seconds (the lag is bounded
+   by the seal interval plus one upload: records are uploaded a sealed file at a time).
 
 ``--baseline REV`` loads ``pgguard/audit/writer.py`` of that git revision (e.g. the
 in-process writer threads, ``97fbefc``) and runs parts 1-3 with it too, interleaved,
@@ -79,6 +85,20 @@ def make_record(i: int, ts: datetime) -> AuditRecord:
         masked_cells=i % 3, duration_us=300 + i % 1000)
 
 
+def record_pool(n: int) -> list[AuditRecord]:
+    # at most 200k distinct records, queued again and again (log() encodes at once)
+    now = datetime.now(UTC)
+    return [make_record(i, now) for i in range(min(n, 200_000))]
+
+
+def queue_then_start(log, pool: list, n: int) -> tuple[float, float]:
+    """Queue n records from *pool*, start the writer: (its CPU so far, the clock)."""
+    for i in range(n):
+        log.log(pool[i % len(pool)])
+    log.start()
+    return _writer_cpu(log), time.perf_counter()
+
+
 def cfg(d: Path, **kw) -> AuditConfig:
     return AuditConfig(dir=str(d), **kw)
 
@@ -121,16 +141,11 @@ def bench_drain(cls: type, root: Path, n: int) -> dict:
 
     The proxy's CPU includes the log() calls (made before the clock starts)."""
     log = cls(cfg(root, queue_max=n + 1), roll_records=1_000_000)
-    now = datetime.now(UTC)
-    pool = [make_record(i, now) for i in range(min(n, 200_000))]
+    pool = record_pool(n)
     # the same object may be queued again: the current AuditLog encodes it in log(),
     # the in-process writer within its 256-record chunk, so reuse is safe
     c0 = time.process_time()
-    for i in range(n):
-        log.log(pool[i % len(pool)])
-    log.start()
-    w0 = _writer_cpu(log)
-    t0 = time.perf_counter()
+    w0, t0 = queue_then_start(log, pool, n)
     log.flush()
     t_wal = time.perf_counter() - t0
     log.roll()
@@ -449,6 +464,108 @@ def bench_duckdb(root: Path) -> dict:
 
 # -- report ----------------------------------------------------------------------------
 
+# -- 5. object store ------------------------------------------------------------------
+
+def _store_keys(store, instance: str) -> list[str]:
+    streams, _ = store.listing(instance)
+    return [f.key for files in streams.values() for f in files]
+
+
+def bench_store_drain(root: Path, n: int, uri: str) -> dict:
+    """bench_drain's run with [audit] store set and without, interleaved: records/s to
+    sealed Parquet, and with a store until the file is in it."""
+    from pgguard.audit.store import Store
+    store = Store.open(uri)
+    out: dict = {}
+    for label in ("without", "with", "without2", "with2"):
+        with_store = label.startswith("with") and not label.startswith("without")
+        inst = f"bench-{label}-{os.getpid()}"
+        kw = {"store": uri} if with_store else {}
+        log = AuditLog(cfg(root / label, queue_max=n + 1, **kw), roll_records=1_000_000,
+                       instance=inst)
+        w0, t0 = queue_then_start(log, record_pool(n), n)
+        log.flush()
+        log.roll()
+        t_parquet = time.perf_counter() - t0
+        t_store = None
+        if with_store:
+            while not _store_keys(store, inst):
+                time.sleep(0.005)
+            t_store = time.perf_counter() - t0
+        # CPU is steadier than wall time on a shared machine: the writer process's,
+        # sealing and (with a store) uploading included
+        wcpu = _writer_cpu(log) - w0
+        log.close()
+        out.setdefault(label.rstrip("2"), []).append(
+            {"parquet_per_s": n / t_parquet,
+             "in_store_per_s": n / t_store if t_store else None,
+             "writer_cpu_us": wcpu / n * 1e6})
+    best = {k: max(v, key=lambda d: d["parquet_per_s"]) for k, v in out.items()}
+    cpu = {k: min(d["writer_cpu_us"] for d in v) for k, v in out.items()}
+    return {"records": n, "without_per_s": best["without"]["parquet_per_s"],
+            "with_per_s": best["with"]["parquet_per_s"],
+            "in_store_per_s": best["with"]["in_store_per_s"],
+            "writer_cpu_us_without": cpu["without"], "writer_cpu_us_with": cpu["with"]}
+
+
+def bench_upload_lag(root: Path, uri: str, seconds: float, seal: float) -> dict:
+    """Strict records, one every 10 ms, each acknowledged (fsynced); a reader polls the
+    store and reads every new file: lag = first seen in the store - acknowledged."""
+    import pyarrow.parquet as pq
+
+    from pgguard.audit.store import Store
+    store = Store.open(uri)
+    inst = f"bench-lag-{os.getpid()}"
+    acked: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def reader() -> None:
+        read: set[str] = set()
+        while not done.is_set() or len(seen) < len(acked):
+            for key in _store_keys(store, inst):
+                if key in read:
+                    continue
+                read.add(key)
+                t = time.perf_counter()
+                with store.open_input(key) as f:
+                    for s in pq.read_table(f, columns=["session_id"]).column(0).to_pylist():
+                        seen.setdefault(s, t)
+            time.sleep(0.01)
+            if done.is_set() and time.perf_counter() > deadline:
+                break
+
+    log = AuditLog(cfg(root, durability="strict", store=uri, flush_interval="2ms"),
+                   roll_seconds=seal, instance=inst)
+    log.start()
+    deadline = float("inf")
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+
+    async def produce() -> None:
+        i = 0
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            text = f"lag-{i}"      # statements are normalized; session ids are not
+            rec = AuditRecord(ts=datetime.now(UTC), session_id=text, event="statement",
+                              statement="SELECT 1", decision="allowed")
+            await log.log_strict(rec)
+            acked[text] = time.perf_counter()
+            i += 1
+            await asyncio.sleep(0.01)
+    asyncio.run(produce())
+    deadline = time.perf_counter() + seal + 30
+    done.set()
+    th.join()
+    log.close()
+    lags = sorted((seen[k] - t) * 1e3 for k, t in acked.items() if k in seen)
+    if not lags:
+        return {"records": len(acked), "visible": 0}
+    return {"records": len(acked), "visible": len(lags), "seal_s": seal,
+            "p50_ms": lags[len(lags) // 2], "p99_ms": lags[int(len(lags) * 0.99)],
+            "max_ms": lags[-1]}
+
+
 def table(rows: list[tuple[str, str, str, float | None]]) -> str:
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -473,6 +590,10 @@ def main() -> int:
     ap.add_argument("--json", default=None, metavar="FILE", help="also write results")
     ap.add_argument("--only", default="drain,sustained,lag,strict,duckdb",
                     help="comma-separated parts to run (default: all)")
+    ap.add_argument("--store", default=None, metavar="URI",
+                    help="part 'store': this store (default: a moto S3 server started here)")
+    ap.add_argument("--seal", type=float, default=1.0, metavar="S",
+                    help="part 'store': seal interval for the upload lag (default 1 s)")
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="also run parts 1-3 with the AuditLog of this git revision")
     args = ap.parse_args()
@@ -504,6 +625,8 @@ def main() -> int:
             for name, cls in variants.items():
                 res[part][name] = run(cls, work / f"{part}-{name}")
                 print(f"{part} [{name}]: {res[part][name]}", flush=True)
+        if "store" in parts:
+            res.update(_run_store(args, work, n, lag_s))
         if "duckdb" in parts:
             duck_dir = work / "duck"
             res["duck_write"] = write_many(duck_dir, n_duck)
@@ -592,6 +715,20 @@ def main() -> int:
         rows.append((f"strict, 64 sessions: proxy / writer CPU per record (us) [{vs}]",
                      each("strict", lambda d: f"{d[2]['proxy_cpu_us_per_record']:.1f}+"
                           f"{d[2]['writer_cpu_us_per_record']:.1f}"), "", None))
+    if "store_drain" in res:
+        sd, lag = res["store_drain"], res["upload_lag"]
+        rows += [
+            ("writer: queue -> Parquet, [audit] store set / not (records/s)",
+             f"{sd['with_per_s']:,.0f} / {sd['without_per_s']:,.0f}", ">= 300,000",
+             sd["with_per_s"] / 300_000),
+            ("writer: queue -> file in the store (records/s)",
+             f"{sd['in_store_per_s']:,.0f}", "", None),
+            ("writer process CPU per record, store set / not (us)",
+             f"{sd['writer_cpu_us_with']:.2f} / {sd['writer_cpu_us_without']:.2f}", "", None),
+            (f"upload lag, ack -> visible in store, seal {lag.get('seal_s')} s: p50 / p99 (ms)",
+             f"{lag.get('p50_ms', float('nan')):.0f} / {lag.get('p99_ms', float('nan')):.0f}",
+             f"<= seal + 1 s ({lag['visible']}/{lag['records']} seen)",
+             (lag["seal_s"] * 1e3 + 1000) / lag["p99_ms"] if lag.get("p99_ms") else None)]
     if "duckdb" in res:
         dk = res["duckdb"]
         rows += [
@@ -609,6 +746,27 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0
+
+
+def _run_store(args: argparse.Namespace, work: Path, n: int, lag_s: float) -> dict:
+    moto = None
+    uri = args.store
+    if uri is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from s3lib import Moto
+        moto = Moto().start()
+        os.environ.update(moto.env())
+        moto.client().create_bucket(Bucket="pgguard-bench")
+        uri = "s3://pgguard-bench/audit"
+    try:
+        res = {"store_drain": bench_store_drain(work / "store", n, uri)}
+        print(f"store drain: {res['store_drain']}", flush=True)
+        res["upload_lag"] = bench_upload_lag(work / "lag", uri, max(lag_s, 5.0), args.seal)
+        print(f"upload lag: {res['upload_lag']}", flush=True)
+        return res
+    finally:
+        if moto is not None:
+            moto.stop()
 
 
 if __name__ == "__main__":

@@ -42,10 +42,6 @@ from .protocol import messages as m
 log = logging.getLogger("pgguard.session")
 
 SAVEPOINT = "pgguard_guard"
-# the transaction's own count of updated + deleted tuples, over every table
-_SNAPSHOT = (b"SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_updated(c.oid) + "
-             b"pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)), 0)::int8 "
-             b"FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 't', 'm')")
 # fails the transaction block, as the refused statement's error would have
 _FAIL_SQL = (b"DO $pgguard$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', "
              b"MESSAGE = 'pgguard: blast-radius limit exceeded, rolled back'; END$pgguard$")
@@ -66,17 +62,93 @@ _IDLE, _INBLOCK, _FAILED = ord("I"), ord("T"), ord("E")
 
 class Plan:
     """What a decision asks of the guard: the row limit, the rule it comes from, and
-    whether the command tag counts every changed row."""
+    whether the command tag counts every changed row.
 
-    __slots__ = ("limit", "rule", "by_tag", "decision", "sql")
+    "Every row" is measured too: after the statement, still inside its savepoint, a
+    table that lost or had changed two rows or more and has no other row left visible
+    was reached whole, as by a DELETE or UPDATE with no WHERE clause. One row changed
+    is never "every row" (a one-row table loses its row to a narrow WHERE as easily).
+    With the command tag's count, the target is the plain UPDATE / DELETE's own table;
+    otherwise each table the statement writes is measured by the transaction's own
+    per-table counters, read in the same snapshots as the total."""
+
+    __slots__ = ("limit", "rule", "by_tag", "decision", "sql", "target", "verb", "tables")
 
     def __init__(self, limit: int, rule: str, by_tag: bool, decision=None,
-                 sql: bytes = b"") -> None:
+                 sql: bytes = b"", target: str | None = None, verb: str = "",
+                 tables: tuple[str, ...] = ()) -> None:
         self.limit = limit
         self.rule = rule
         self.by_tag = by_tag
         self.decision = decision
         self.sql = sql              # the statement's text, for the audit
+        self.target = target        # a plain UPDATE / DELETE's table (tag count)
+        self.verb = verb
+        self.tables = tables        # the tables measured by their counters otherwise
+
+    def snapshot_sql(self) -> bytes:
+        """The transaction's total of updated + deleted tuples, then per measured table
+        its updated and its deleted count."""
+        cols = b"".join(
+            b", coalesce(pg_catalog.pg_stat_get_xact_tuples_%s(pg_catalog.to_regclass(%s)), 0)"
+            % (kind, _literal(_qualified(t))) for t in self.tables for kind in (b"updated", b"deleted"))
+        return _SNAPSHOT_TOTAL + cols + _SNAPSHOT_FROM
+
+    def by_tag_candidates(self, count: int) -> list[tuple[str, int, int]]:
+        """(table, rows changed, rows updated) to measure after a tag-counted statement."""
+        if self.target is None or count < 2:
+            return []
+        return [(self.target, count, count if self.verb == "update" else 0)]
+
+    def counter_candidates(self, before: list[int], after: list[int]) -> list[tuple[str, int, int]]:
+        """The same from the per-table counters of two snapshots."""
+        out = []
+        for i, t in enumerate(self.tables):
+            j = 1 + 2 * i
+            if j + 1 >= len(before) or j + 1 >= len(after):
+                break
+            upd = after[j] - before[j]
+            changed = upd + after[j + 1] - before[j + 1]
+            if changed >= 2:
+                out.append((t, changed, upd))
+        return out
+
+    @staticmethod
+    def probe_sql(cands: list[tuple[str, int, int]]) -> bytes:
+        """One row: per candidate table, its visible rows (counted up to changed + 1)."""
+        return b"SELECT " + b", ".join(
+            b"(SELECT count(*) FROM (SELECT 1 FROM %s LIMIT %d) pgguard_x)"
+            % (_qualified(t), changed + 1) for t, changed, _ in cands)
+
+    @staticmethod
+    def reached_whole(cands: list[tuple[str, int, int]], seen: list[int]) -> str | None:
+        """The first table with no row left that the statement did not change (a DELETE
+        left it empty, an UPDATE changed all its rows), or None."""
+        for (t, _, upd), n in zip(cands, seen):
+            if n <= upd:
+                return t
+        return None
+
+
+_SNAPSHOT_TOTAL = (b"SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_updated(c.oid) + "
+                   b"pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)), 0)::int8")
+_SNAPSHOT_FROM = b" FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 't', 'm')"
+# at most this many tables measured one by one per statement (the rest: the total only)
+_MAX_TABLES = 8
+
+
+def _qualified(name: str) -> bytes:
+    """A classifier relation name (schema.name) as a quoted SQL name."""
+    schema, _, rel = name.partition(".")
+    return _ident(schema) + b"." + _ident(rel)
+
+
+def _ident(name: str) -> bytes:
+    return b'"' + name.replace('"', '""').encode() + b'"'
+
+
+def _literal(sql: bytes) -> bytes:
+    return b"'" + sql.replace(b"'", b"''") + b"'"
 
 
 def _changes_rows(st) -> bool:
@@ -95,9 +167,24 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
     guard as well, counted by the transaction's own tuple counters."""
     if d is None:
         return None
+    target, verb = None, ""
+    tables: dict[str, None] = {}
     if any(_changes_rows(st) for st in d.statements):
         limit = d.max_rows
         by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
+        st = d.statements[0]
+        # a plain UPDATE / DELETE: its target is the first relation written (a view's
+        # base tables follow it)
+        if by_tag and st.kind in ("update", "delete") and st.relations_written:
+            target, verb = st.relations_written[0], st.kind
+        # every table written by a statement that changes rows, measured by counters
+        # when the tag does not count (CTEs, several statements, functions, portals
+        # run in parts)
+        for st in d.statements:
+            if st.changes_rows:
+                for t in st.relations_written:
+                    if len(tables) < _MAX_TABLES:
+                        tables[t] = None
     elif user_function is not None and default_limit and any(
             user_function(f) for st in d.statements for f in st.functions):
         limit, by_tag = default_limit, False
@@ -105,7 +192,7 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
         return None
     if not limit:
         return None
-    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql)
+    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql, target, verb, tuple(tables))
 
 
 def has_txn_control(d) -> bool:
@@ -154,9 +241,26 @@ def _code(msg: bytes) -> str:
 
 
 def _one_value(msg: bytes) -> int:
+    vals = _row_ints(msg)
+    return vals[0] if vals else 0
+
+
+def _row_ints(msg: bytes) -> list[int]:
+    """A DataRow's text columns as ints (NULL and anything else: 0)."""
     (n,) = struct.unpack_from("!h", msg, 5)
-    (ln,) = struct.unpack_from("!i", msg, 7)
-    return int(msg[11:11 + ln]) if n == 1 and ln > 0 else 0
+    out, pos = [], 7
+    for _ in range(n):
+        (ln,) = struct.unpack_from("!i", msg, pos)
+        pos += 4
+        if ln < 0:
+            out.append(0)
+            continue
+        try:
+            out.append(int(msg[pos:pos + ln]))
+        except ValueError:
+            out.append(0)
+        pos += ln
+    return out
 
 
 class Guard:
@@ -164,7 +268,7 @@ class Guard:
     guarded, and the chain of steps that reads the backend stream while it works."""
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
-                 "seg_known", "seg_exec")
+                 "seg_known", "seg_exec", "_skip_seg", "last_row")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -176,10 +280,14 @@ class Guard:
         # None, "commit" (COMMIT before the Sync) or "rollback" (it already failed)
         self.owe: str | None = None
         self.out: list = []
-        # the ReadyForQuery count when an error of the current extended-protocol
-        # pipeline was seen: until the next one, Postgres skips everything up to the
-        # Sync, so a guard step would wait for nothing
-        self._skip_z = -1
+        # an error of the current extended-protocol segment was seen: Postgres skips
+        # every message up to the segment's Sync. Cleared when the client's Sync (or a
+        # Query) passes the frontend path: what the client sent after it runs normally
+        # and is guarded normally. (Once keyed on the backend's ReadyForQuery count,
+        # which lags the frontend: a pipelined second statement behind its own Sync ran
+        # unguarded.) A stale False is safe: the marker query finds a skipped segment.
+        self._skip_seg = False
+        self.last_row: list[int] = []          # the last injected query's row
         # every message of the current extended-protocol segment (since the last Sync)
         # went through Python, and how many of them executed something
         self.seg_known = False
@@ -218,20 +326,28 @@ class Guard:
         self.stmts.pop(b"", None)
         self.portals.pop(b"", None)
         self.seg_known, self.seg_exec = True, 0
+        self._skip_seg = False
 
     def on_sync(self) -> None:
         self.seg_known, self.seg_exec = True, 0
+        self._skip_seg = False
 
     def on_execute(self) -> None:
         self.seg_exec += 1
 
+    def segment_unseen(self) -> None:
+        """Messages of the current segment went by without Python: nothing is known of
+        it (an Execute is then guarded, and the marker query finds out what ran)."""
+        self.seg_known = False
+        self._skip_seg = False
+
     def _skipping(self) -> None:
-        self._skip_z = self.s.visible_z()
+        self._skip_seg = True
 
     def portal_plan(self, msg: bytes) -> Plan | None:
         """The plan of the Execute ``msg``'s portal, unless Postgres is skipping to the
         next Sync after an error (the Execute will not run)."""
-        if not self.portals or self._skip_z == self.s.visible_z():
+        if not self.portals or self._skip_seg:
             return None
         return self.portals.get(msg[5:msg.index(b"\0", 5)])
 
@@ -327,15 +443,22 @@ class Guard:
             return
         opened = status == _IDLE
         pre = _query(b"BEGIN" if opened else b"SAVEPOINT " + SAVEPOINT.encode())
-        snap = b"" if plan.by_tag else _query(_SNAPSHOT)
+        snap = b"" if plan.by_tag else _query(plan.snapshot_sql())
         s.up.transport.write(pre + snap + msg + snap)
         yield from self._swallow_query()
-        before = (yield from self._swallow_query())[0] if snap else 0
+        before_row: list[int] = []
+        if snap:
+            yield from self._swallow_query()
+            before_row = self.last_row
         buf, count, err, z = yield from self._hold_result(plan, simple=True)
         if snap:
-            after = (yield from self._swallow_query())[0]
-            if err is None:
-                count = after - before
+            yield from self._swallow_query()
+        count, cands = self._measured(plan, count, err, snap, before_row)
+        every = None
+        if err is None and cands and count <= plan.limit:
+            s.up.transport.write(_query(plan.probe_sql(cands)))
+            _, perr = yield from self._swallow_query()
+            every = cands[0][0] if perr is not None else plan.reached_whole(cands, self.last_row)
         if err is not None:
             if opened:
                 s.up.transport.write(_query(b"ROLLBACK"))
@@ -348,14 +471,14 @@ class Guard:
                 self.out.append((_Z, z))
                 s._release_hold([])
             return
-        if count > plan.limit:
-            self._log_over(plan, count)
+        if count > plan.limit or every:
+            self._log_over(plan, count, every)
             if opened:
                 s.up.transport.write(_query(b"ROLLBACK"))
             else:
                 s.up.transport.write(_query(b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
                                      + _query(_FAIL_SQL))
-            self.out.append(self._refusal(plan, count))
+            self.out.append(self._refusal(plan, count, every))
             self.out.append(_z(_IDLE if opened else _FAILED))
             s._release_hold([])
             yield from self._swallow_query()
@@ -381,17 +504,31 @@ class Guard:
             s._release_hold([])
             yield from self._swallow_query()
 
+    def _measured(self, plan: Plan, count: int, err, snapped, before: list[int]):
+        """(rows changed, tables to probe for "every row") once the statement's answers
+        and its after-snapshot (``self.last_row``, when ``snapped``) are in."""
+        if err is not None:
+            return count, []
+        if not snapped:
+            return count, plan.by_tag_candidates(count)
+        if not (before and self.last_row):
+            return count, []
+        return (self.last_row[0] - before[0],
+                plan.counter_candidates(before, self.last_row))
+
     def _swallow_query(self):
         """Swallow one injected Query's answers up to its ReadyForQuery: (the first
         column of its last row as int, its error message or None)."""
         value, err = 0, None
+        self.last_row = []
         while True:
             t, data = yield
             if t == _Z:
                 self._swallow_z()
                 return value, err
             if t == _D:
-                value = _one_value(data)
+                self.last_row = _row_ints(data)
+                value = self.last_row[0] if self.last_row else 0
             elif t == _E:
                 err = data
 
@@ -430,11 +567,11 @@ class Guard:
             self._start_in_block(msg, plan, out, later)
             return
         nonce = os.urandom(8).hex().encode()
-        snap = b"" if by_tag else _group(self._name(), _SNAPSHOT)
+        snap = b"" if by_tag else _group(self._name(), plan.snapshot_sql())
         run = (_group(self._name(), b"SELECT '" + nonce + b"'")
                + _group(self._name(), b"BEGIN")
                + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
-               + snap + msg + (_group(self._name(), _SNAPSHOT) if snap else b"")
+               + snap + msg + (_group(self._name(), plan.snapshot_sql()) if snap else b"")
                + _FLUSH)
         s._begin_hold(out, [], later)
 
@@ -481,10 +618,16 @@ class Guard:
                 z = data
                 break
             buf.append(data if t is None else (t, data))
-        if err is None and count > plan.limit:
-            self._log_over(plan, count)
+        every = None
+        cands = plan.by_tag_candidates(count) if err is None and count <= plan.limit else []
+        if cands and z[5] == _INBLOCK:
+            s.up.transport.write(_query(plan.probe_sql(cands)))
+            _, perr = yield from self._swallow_query()
+            every = cands[0][0] if perr is not None else plan.reached_whole(cands, self.last_row)
+        if err is None and (count > plan.limit or every):
+            self._log_over(plan, count, every)
             s.up.transport.write(_query(_FAIL_SQL))
-            self.out.append(self._refusal(plan, count))
+            self.out.append(self._refusal(plan, count, every))
             self.out.append(_z(_FAILED))
             s._release_hold([])
             yield from self._swallow_query()
@@ -525,10 +668,12 @@ class Guard:
         its error or None). After an error Postgres skips the group's remaining messages."""
         value, notices = 0, []
         closes = 0
+        self.last_row = []
         while True:
             t, data = yield
             if t == _D:
-                value = _one_value(data)
+                self.last_row = _row_ints(data)
+                value = self.last_row[0] if self.last_row else 0
             elif t == _N:
                 notices.append(_code(data))
             elif t == _E:
@@ -555,10 +700,29 @@ class Guard:
             return
         opened = "25001" not in notices
         yield from self._swallow_group()                              # SAVEPOINT
-        before = (yield from self._swallow_group())[0] if snap else 0
+        before_row: list[int] = []
+        if snap:
+            yield from self._swallow_group()
+            before_row = self.last_row
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
         if snap and err is None:
-            count = (yield from self._swallow_group())[0] - before
+            yield from self._swallow_group()
+        count, cands = self._measured(plan, count, err, snap, before_row)
+        every = None
+        if err is None and cands and count <= plan.limit:
+            s.up.transport.write(_group(self._name(), plan.probe_sql(cands)) + _FLUSH)
+            _, _, perr = yield from self._swallow_group()
+            if perr is not None:
+                # the measurement failed (Postgres now skips to the Sync): nothing it
+                # changed may stay, and nothing more can run before the client's Sync
+                self._log_over(plan, count, cands[0][0])
+                self._skipping()
+                if opened:
+                    self.owe = "rollback"
+                self.out.append(self._refusal(plan, count, cands[0][0]))
+                s._release_hold([])
+                return
+            every = plan.reached_whole(cands, self.last_row)
         if err is not None:
             self._skipping()
             self.out.extend(buf)
@@ -566,8 +730,8 @@ class Guard:
                 self.owe = "rollback"
             s._release_hold([])
             return
-        if count > plan.limit:
-            self._log_over(plan, count)
+        if count > plan.limit or every:
+            self._log_over(plan, count, every)
             s.up.transport.write(
                 _group(self._name(), b"ROLLBACK" if opened else
                        b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
@@ -575,7 +739,7 @@ class Guard:
             self._skipping()
             if opened:
                 self.owe = None              # rolled back already
-            self.out.append(self._refusal(plan, count))
+            self.out.append(self._refusal(plan, count, every))
             s._release_hold([])
             yield from self._swallow_group()
             yield from self._swallow_group()
@@ -624,10 +788,11 @@ class Guard:
         yield from self._swallow_query()                              # ROLLBACK
 
     # -- refusals
-    def _log_over(self, plan: Plan, count: int) -> None:
+    def _log_over(self, plan: Plan, count: int, every: str | None = None) -> None:
         s = self.s
-        log.info("session %s: %s changed %d rows, limit %d: rolled back", s.id,
-                 s.identity_name, count, plan.limit)
+        log.info("session %s: %s changed %d rows (%s), limit %d: rolled back", s.id,
+                 s.identity_name, count, "every row" if every else "over the limit",
+                 plan.limit)
         s.server.count_statement("blocked")
         if s.tracker is not None and s.server.audit_strict:
             # strict records were written before the statement ran: add its outcome
@@ -637,15 +802,25 @@ class Guard:
             rec.rule = "blast-radius"
             rec.sqlstate = "42501"
             rec.rows = count
-            rec.error = self._refusal_text(plan, count)
+            rec.error = self._refusal_text(plan, count, every)
             s.server.audit.log(rec)
 
     @staticmethod
-    def _refusal_text(plan: Plan, count: int) -> str:
+    def _refusal_text(plan: Plan, count: int, every: str | None = None) -> str:
+        if every:
+            return (f'pgguard: statement refused by rule "blast-radius": it reached every '
+                    f"row of {every} ({count} rows changed), as an UPDATE or DELETE with no "
+                    "WHERE clause would; its changes were rolled back")
         return (f'pgguard: statement refused by rule "blast-radius": it changed {count} '
                 f"rows, more than the limit of {plan.limit}; its changes were rolled back")
 
-    def _refusal(self, plan: Plan, count: int):
+    def _refusal(self, plan: Plan, count: int, every: str | None = None):
+        if every:
+            return (_E, m.error_response(
+                "42501", self._refusal_text(plan, count, every),
+                detail=f"rows changed: {count}; rows of {every} left as they were: none",
+                hint="Narrow the WHERE clause to the rows you mean to change; emptying or "
+                     "rewriting a whole table is for a DBA (or a rule that allows it)."))
         return (_E, m.error_response(
             "42501", self._refusal_text(plan, count),
             detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("approvals", help="list, approve or deny held statements")
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
+    p = sub.add_parser("control", help="a fleet's control database: init | status")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("audit", help="query and verify the audit log (DuckDB)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -81,6 +84,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     secrets = [("upstream", cfg.upstream.password_env, cfg.upstream.password_file)]
     secrets += [(f"identities.{n}", i.password_env, i.password_file)
                 for n, i in cfg.identities.items()]
+    if cfg.control is not None:
+        secrets.append(("control.dsn_env", cfg.control.dsn_env, None))
+    if cfg.listen.cancel_key_env:
+        secrets.append(("listen.cancel_key_env", cfg.listen.cancel_key_env, None))
     for key, env, file in secrets:
         if file:
             config.read_secret(cfg, None, file, key)
@@ -123,6 +130,11 @@ def _cmd_approvals(args: argparse.Namespace) -> int:
     return approvals_cli.main(args.rest)
 
 
+def _cmd_control(args: argparse.Namespace) -> int:
+    from .control import cli as control_cli
+    return control_cli.main(args.rest)
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from .auth import cli as token_cli
     return token_cli.main(args.action, args.rest)
@@ -141,11 +153,12 @@ _COMMANDS = {
     "audit": _cmd_audit,
     "token": _cmd_token,
     "approvals": _cmd_approvals,
+    "control": _cmd_control,
 }
 
 
 # subcommands that parse their own options (so `pgguard audit -c FILE sql ...` works)
-_PASS_THROUGH = {"audit", "approvals"}
+_PASS_THROUGH = {"audit", "approvals", "control"}
 
 
 def main(argv: list[str] | None = None) -> int:

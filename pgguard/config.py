@@ -40,6 +40,10 @@ class Listen(_Base):
     # allow a cleartext password (tokens) from loopback clients without TLS
     allow_cleartext_loopback: bool = True
     backlog: int = 1024
+    # an environment variable holding the cancel-key secret (at least 16 bytes) that
+    # every instance of a fleet shares: a CancelRequest sent to any of them reaches the
+    # backend. Unset: a random key per start (cancels only reach this instance).
+    cancel_key_env: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -344,9 +348,16 @@ class AuditConfig(_Base):
     queue_max: int = 1_000_000
     # optional object store for sealed Parquet (s3://bucket/prefix); the WAL stays in dir
     store: str | None = None
+    # the open segment is sealed into Parquet (and uploaded to store) at least this often
+    seal_interval: str = "60s"
 
     def __post_init__(self) -> None:
         parse_duration(self.flush_interval)
+        if parse_duration(self.seal_interval) <= 0:
+            raise ValueError("seal_interval must be positive")
+        if self.store is not None and not re.match(r"^((s3|gs|gcs)://[^/]|file:///)", self.store):
+            raise ValueError("store must be s3://bucket/prefix, gs://bucket/prefix or "
+                             "file:///path")
 
 
 class Instance(_Base):
@@ -364,6 +375,27 @@ class Control(_Base):
     # shared state of a fleet (approvals, JIT windows, revocations, throttling) in Postgres
     dsn_env: str = "PGGUARD_CONTROL_DSN"
     schema: str = "pgguard_control"
+    # while the control database is unreachable, token logins are still checked against
+    # the last revocation list read for this long; after it they are refused
+    revocation_grace: str = "60s"
+    # each worker writes its heartbeat row this often; a row older than instance_ttl is
+    # a dead instance (left out of `control status` and of the throttle's fleet size)
+    heartbeat_interval: str = "2s"
+    instance_ttl: str = "15s"
+    # connecting to the control database gives up after this long (libpq: 2s at least)
+    connect_timeout: str = "2s"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.schema):
+            raise ValueError("schema must be a lower-case SQL identifier "
+                             "(a-z, 0-9, _; at most 63 characters)")
+        if not self.dsn_env:
+            raise ValueError("dsn_env must name an environment variable")
+        for d in (self.revocation_grace, self.heartbeat_interval, self.instance_ttl,
+                  self.connect_timeout):
+            parse_duration(d)
+        if parse_duration(self.instance_ttl) <= parse_duration(self.heartbeat_interval):
+            raise ValueError("instance_ttl must be longer than heartbeat_interval")
 
 
 class Limits(_Base):

@@ -457,7 +457,7 @@ class Enforcement:
         if on == self._guarding:
             return
         self._guarding = on
-        self.guard.seg_known = False    # earlier messages of this segment went unseen
+        self.guard.segment_unseen()     # earlier messages of this segment went unseen
         self.watch = self._base_watch + (b"BECS" if on else b"")
         if not self.discarding:
             scan = self.fscan
@@ -747,13 +747,16 @@ def _copy_specs(mask, sql: str, reads: bool):
             elif de["defname"] == "header":
                 opts["header"] = _copy_header(de)
         if "query" in stmt:
-            masked = reads and mask.masks_on
+            # under masks every COPY (query) is planned from its columns' types and
+            # lineage (side connection), not only one that names a masked table: a
+            # column of a masked table's row type (a composite stored elsewhere, a
+            # function returning such rows) carries clear values too
             if fmt not in ("text", "csv"):
-                if masked:
-                    return f"COPY (query) in {fmt} format of masked columns"
+                if mask.masks_on:
+                    return f"COPY (query) in {fmt} format for an identity with masks"
                 specs.append((None, None))
                 continue
-            if not masked:
+            if not mask.masks_on:
                 specs.append(mask.copy_spec(None, None, fmt, opts))
                 continue
             text = _copy_query_text(sql, i)
@@ -764,14 +767,27 @@ def _copy_specs(mask, sql: str, reads: bool):
         rel = stmt.get("relation", {})
         name = f"{rel.get('schemaname', 'public')}.{rel.get('relname')}"
         oid = next((o for o, (n, _) in mask.catalog.tables.items() if n == name), None)
+        # a table without masked columns of its own but with a column of a masked
+        # table's row type (or an array or domain of it)
+        typed = oid is None and mask.masks_on and mask.holds_masked_rows(name)
         if fmt not in ("text", "csv"):
-            if oid is not None and mask.masks_on:
+            if (oid is not None or typed) and mask.masks_on:
                 return f"COPY in {fmt} format of a table with masked columns"
             specs.append((None, None))
             continue
         cols = [c["String"]["sval"] for c in stmt.get("attlist", [])] or None
+        if typed:
+            specs.append(("query", "SELECT " + (", ".join(_quote_ident(c) for c in cols)
+                                                if cols else "*")
+                          + " FROM " + ".".join(_quote_ident(p) for p in name.split(".", 1)),
+                          fmt, opts))
+            continue
         specs.append(mask.copy_spec(oid, cols, fmt, opts))
     return specs
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _copy_refusal(why: str, d):

@@ -74,14 +74,18 @@ class Holds:
         fp = fast_normalize(sql)
         req = failure = None
         try:
-            grant = store.check_grant(self.identity_name, self.database, fp)
+            # off the loop: the store may be a fleet's control database
+            grant = await asyncio.to_thread(store.check_grant, self.identity_name,
+                                            self.database, fp)
             approver = grant.approver if grant is not None else None
             if grant is None:
-                req = store.request(identity=self.identity_name, database=self.database,
-                                    statement=text, fingerprint=fp,
-                                    classification=hold.summarize(d), rule=d.rule,
-                                    approvers=d.approvers, timeout_s=d.timeout,
-                                    session_id=self.id, cancel_key=self.cancel_key)
+                req = await asyncio.to_thread(
+                    lambda: store.request(identity=self.identity_name,
+                                          database=self.database, statement=text,
+                                          fingerprint=fp, classification=hold.summarize(d),
+                                          rule=d.rule, approvers=d.approvers,
+                                          timeout_s=d.timeout, session_id=self.id,
+                                          cancel_key=self.cancel_key))
                 self.approval[1] = req.id
                 f = hold.notice_fields(req, hold.admin_url(self.server.cfg))
                 self.client.transport.write(m.error_response(
@@ -99,12 +103,23 @@ class Holds:
             return
         out: list[bytes] = []
         if failure is not None:
+            from .approvals.store import StoreUnavailable
             from .policy.rules import Decision
-            self._refuse_any(Decision(
-                action="block", rule=d.rule,
-                message=f'pgguard: statement refused by rule "{d.rule}": the approval '
-                        "could not be requested", detail=str(failure)[:300],
-                statements=d.statements), out, extended, sql, outcome="error")
+            if isinstance(failure, StoreUnavailable):
+                # a fleet's control database is away: nothing can be approved (fail closed)
+                refused = Decision(
+                    action="block", rule=d.rule,
+                    message=f'pgguard: statement refused by rule "{d.rule}": the control '
+                            "database is unreachable, so no approval can be requested or "
+                            "decided", detail=failure.message[:300],
+                    hint=failure.hint or "", statements=d.statements)
+            else:
+                refused = Decision(
+                    action="block", rule=d.rule,
+                    message=f'pgguard: statement refused by rule "{d.rule}": the approval '
+                            "could not be requested", detail=str(failure)[:300],
+                    statements=d.statements)
+            self._refuse_any(refused, out, extended, sql, outcome="error")
         elif req is None or req.state == "approved":
             log.info("session %s: statement approved by %s", self.id, approver)
             out.append(msg)

@@ -21,7 +21,8 @@ import zlib
 from pathlib import Path
 
 from .cancel import CancelKeyCipher
-from .config import Config, admin_token, parse_duration, read_secret
+from .config import Config, admin_token, instance_name, parse_duration, read_secret
+from .control import approval_store, open_link, revocation_watcher
 from .errors import ConfigError, TooManyConnections
 from .policy.views import CATALOG_KINDS, ViewMap
 from .protocol import messages as m
@@ -136,8 +137,11 @@ class Server:
         self.client_ssl = self._client_ssl()
         # bearer credentials: pgguard tokens (when a signing key is configured) and OIDC
         from .auth import oidc, tokens
-        from .auth.revocations import RevocationWatcher
         from .auth.throttle import Throttle
+        # a fleet's shared state ([control]): one link per process, no connection yet
+        self.control = open_link(cfg)
+        self.heartbeat = None
+        self._heartbeat_task: asyncio.Task | None = None
         self.tokens_enabled = any(
             os.environ.get(env) for env in
             [cfg.auth.token_secret_env or ""] + list((cfg.auth.token_keys or {}).values()))
@@ -146,7 +150,8 @@ class Server:
         self.oidc = oidc.from_config(cfg)
         self.bearer_enabled = self.tokens_enabled or self.oidc is not None
         self.throttle = Throttle.from_config(cfg)
-        self.revocations = RevocationWatcher.from_config(cfg) if self.bearer_enabled else None
+        self.revocations = (revocation_watcher(cfg, self.control) if self.bearer_enabled
+                            else None)
         from .policy.cache import DecisionCache
         from .policy.rules import PolicyEngine
         # the session keeps its own caches (raw message, shape) in front of the engine
@@ -159,8 +164,7 @@ class Server:
         self.admin = None
         self.admin_token = admin_token(cfg)
         if self.admin_token or any(r.action == "approve" for r in cfg.rules):
-            from .approvals.store import ApprovalStore
-            self.approvals = ApprovalStore.from_config(cfg)
+            self.approvals = approval_store(cfg, self.control)
         self.audit_strict = cfg.audit.durability == "strict"
         self.shutting_down = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -443,7 +447,7 @@ class Server:
     # -- metrics (served on the admin port's /metrics, summed across workers)
     def _setup_metrics(self) -> None:
         from .approvals.metrics import Registry
-        m = self.metrics = Registry()
+        m = self.metrics = Registry(instance_name(self.cfg))
         self.m_sessions = m.gauge("pgguard_sessions", "client sessions open")
         self.m_statements = m.counter("pgguard_statements_total",
                                       "statements by decision", labels=("decision",))
@@ -453,6 +457,11 @@ class Server:
                 fn=lambda: self.audit.stats().queue_depth if self.audit is not None else 0)
         m.counter("pgguard_audit_dropped_total", "audit records dropped (batched mode)",
                   fn=lambda: self.audit.stats().dropped if self.audit is not None else 0)
+        m.gauge("pgguard_audit_upload_backlog",
+                "sealed audit files waiting for [audit] store (0 without a store)",
+                fn=lambda: self.audit.stats().upload_backlog if self.audit is not None else 0)
+        m.counter("pgguard_audit_uploaded_files_total", "audit files uploaded to [audit] store",
+                  fn=lambda: self.audit.stats().uploaded if self.audit is not None else 0)
 
     def count_statement(self, decision: str, n: int = 1) -> None:
         child = self._stmt_children.get(decision)
@@ -574,9 +583,17 @@ class Server:
             upid, usecret = self.cancel_cipher.decode(pid, secret)
         except ValueError:
             return
-        if self.approvals is not None and self.approvals.withdraw_cancel_key(
-                (pid << 32) | secret):
-            return      # the statement was held for approval: withdrawn, nothing upstream
+        if self.approvals is not None:
+            from .approvals.store import StoreUnavailable
+            try:
+                withdrawn = await asyncio.to_thread(self.approvals.withdraw_cancel_key,
+                                                    (pid << 32) | secret)
+            except StoreUnavailable as e:
+                # its waiter was refused already (fail closed); still cancel upstream
+                log.warning("cancel: %s", e.message)
+                withdrawn = 0
+            if withdrawn:
+                return  # the statement was held for approval: withdrawn, nothing upstream
         up = self.cfg.upstream
         try:
             async with asyncio.timeout(self.upstream_connect_timeout):
@@ -594,19 +611,43 @@ class Server:
         except (OSError, TimeoutError) as e:
             log.warning("could not forward a cancel request upstream: %s", e)
 
+    def start_control(self) -> None:
+        """Listen to the control database and beat (a fleet member): every worker."""
+        if self.control is None:
+            return
+        from .control.fleet import Heartbeat
+        self.control.start()
+
+        def stats() -> tuple[int, int]:
+            held = sum(1 for s in self.sessions if s.approval and s.approval[1])
+            return len(self.sessions), held
+
+        self.metrics.gauge("pgguard_control_up",
+                           "1 while the fleet's control database is reachable",
+                           fn=lambda: 1 if self.control.up else 0)
+        self.heartbeat = Heartbeat(
+            self.control, self.cfg, worker=self.worker, stats=stats,
+            on_fleet=self.throttle.set_fleet,
+            admin_url=lambda: self.admin.url if self.admin is not None else None)
+        self.background(self.heartbeat.run())
+        self._heartbeat_task = next(t for t in self._background
+                                    if t.get_coro().__name__ == "run")
+
     def start_audit(self) -> None:
         """Open this worker's audit stream (recovering leftover WAL first)."""
         if not self.cfg.audit.enabled:
             return
         from .audit.writer import AuditLog
-        self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}")
+        self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}",
+                              roll_seconds=parse_duration(self.cfg.audit.seal_interval),
+                              instance=instance_name(self.cfg))
         self.audit.start()
 
     async def stop_services(self) -> None:
         """Background tasks, the admin server, the revocation watcher and the audit
         log, in that order; each bounded."""
         for t in list(self._background):
-            if t.get_coro().__name__ == "_metrics_tick":
+            if t.get_coro().__name__ == "_metrics_tick" or t is self._heartbeat_task:
                 t.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
@@ -614,6 +655,10 @@ class Server:
             await self.admin.close()
         if self.revocations is not None:
             self.revocations.stop()
+        if self.heartbeat is not None:
+            await asyncio.to_thread(self.heartbeat.leave)
+        if self.control is not None:
+            await asyncio.to_thread(self.control.close)
         self.close_audit()
 
     def close_audit(self) -> None:
@@ -763,6 +808,7 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
                     catalog_signal=catalog_signal)
     try:
         server.start_audit()
+        server.start_control()
         if server.approvals is not None:
             # this process's connection (schema, WAL) before any client: a CancelRequest
             # looks its key up there, and must be answered as soon as Postgres would
@@ -807,7 +853,18 @@ def run(cfg: Config, workers: int = 1) -> int:
     Server(cfg)
     for s in listen_sockets(cfg, reuseport=False):
         s.close()
-    cancel_key = secrets.token_bytes(32)
+    if cfg.control is not None:
+        # the schema is there (created or migrated) before any worker serves; the
+        # link is closed again so no forked worker inherits its socket
+        from .control.schema import migrate
+        link = open_link(cfg)
+        try:
+            version = migrate(link)
+        finally:
+            link.close()
+        log.info("control database ready (schema %s, version %d)", cfg.control.schema,
+                 version)
+    cancel_key = shared_cancel_key(cfg) or secrets.token_bytes(32)
     # one login-throttling table for every worker (and every worker started later)
     from .auth import throttle
     throttle.share()
@@ -890,6 +947,19 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)       # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def shared_cancel_key(cfg: Config) -> bytes | None:
+    """The cancel-key cipher's key from ``[listen] cancel_key_env`` (every instance of a
+    fleet derives the same one, so a CancelRequest can land on any of them), or None."""
+    env = cfg.listen.cancel_key_env
+    if not env:
+        return None
+    secret = os.environ.get(env, "")
+    if len(secret.encode()) < 16:
+        raise ConfigError(f"listen.cancel_key_env: environment variable {env} must hold a "
+                          "secret of at least 16 bytes, the same on every instance")
+    return derive_key(secret.encode(), "pgguard-cancel-key")
 
 
 def derive_key(secret: bytes, label: str) -> bytes:

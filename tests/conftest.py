@@ -1,6 +1,7 @@
 # Fixtures: one real Postgres for the run, and real pgguard processes in front of it.
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,16 @@ dir = "{self.audit_dir}"
             auth += ":" + urllib.parse.quote(password, safe="")
         uri = f"postgresql://{auth}@127.0.0.1:{self.port}/{urllib.parse.quote(dbname)}"
         return uri + ("?" + urllib.parse.urlencode(params, quote_via=urllib.parse.quote) if params else "")
+
+    def api(self, method: str, path: str, body: dict | None = None):
+        """Call the admin HTTP API with the test admin token; the decoded JSON answer."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
 
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:

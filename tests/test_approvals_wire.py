@@ -45,12 +45,7 @@ def cli(proxy, *args):
 
 
 def api(proxy, method, path, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{proxy.admin_port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
-                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    return proxy.api(method, path, body)
 
 
 def pending_ids(proxy, want=1, timeout=10):
@@ -248,9 +243,12 @@ def test_metrics_and_healthz(pg, aproxy):
         with urllib.request.urlopen(f"http://127.0.0.1:{aproxy.admin_port}/metrics",
                                     timeout=10) as r:
             text = r.read().decode()
-    assert "pgguard_sessions 1" in text
+    # every series names this instance ([instance] name, default "<hostname>-<port>")
+    from pgguard.config import instance_name, load
+    inst = f'instance="{instance_name(load(aproxy.config))}"'
+    assert f"pgguard_sessions{{{inst}}} 1" in text
     allowed = [line for line in text.splitlines()
-               if line.startswith('pgguard_statements_total{decision="allowed"}')]
+               if line.startswith(f'pgguard_statements_total{{{inst},decision="allowed"}}')]
     assert allowed and float(allowed[0].split()[-1]) >= 3
     assert "pgguard_audit_queue_depth" in text and "pgguard_approvals" in text
     with urllib.request.urlopen(f"http://127.0.0.1:{aproxy.admin_port}/healthz",

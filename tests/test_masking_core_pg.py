@@ -83,8 +83,14 @@ def test_masked_copy_output_loads_back_into_postgres(conn, fmt, options, kw):
                 pos += 1 + n
         rows = cur.execute("SELECT id, email, ssn, note, doc FROM mask_dst ORDER BY id").fetchall()
     assert len(rows) == len(NOTES)
+    # text format with a NULL string other than \N: a value may be written as that string,
+    # so a masked column masks every field as a value (the NULL email comes back masked)
+    ambiguous = fmt == "text" and kw.get("null", "\\N") != "\\N"
     for (i, email, ssn, note, doc), orig in zip(rows, NOTES):
-        assert email == (None if i == 2 else "u***@example.com")
+        if i == 2:
+            assert email == ("****" if ambiguous else None)
+        else:
+            assert email == "u***@example.com"
         assert ssn == f"****{6700 + i}"
         want_note = orig
         if orig and "bob@example.com" in orig:
@@ -96,7 +102,8 @@ def test_masked_copy_output_loads_back_into_postgres(conn, fmt, options, kw):
         assert note == want_note
         assert doc["mail"] == "[email]"
     cols, _ = rw.take_counts()
-    assert cols[1] == len(NOTES) - 1 and cols[2] == len(NOTES) and cols[4] == len(NOTES)
+    assert cols[1] == len(NOTES) - (0 if ambiguous else 1) and cols[2] == len(NOTES) \
+        and cols[4] == len(NOTES)
 
 
 @pytest.mark.parametrize("binary", [False, True])

@@ -326,7 +326,9 @@ def test_reading_masked_columns_to_the_client_is_masked(pk, client):
     "UPDATE pk_cust SET ssn = 'x' WHERE false",
 ])
 def test_writes_that_read_no_masked_column_pass(pg, pk, client, sql):
-    pg.execute("TRUNCATE pk_sink; INSERT INTO pk_sink VALUES (1, 'a'), (2, 'b')",
+    # a third row no statement touches: an UPDATE that reached every row of pk_sink
+    # would be refused by the blast-radius guard's "every row" measure
+    pg.execute("TRUNCATE pk_sink; INSERT INTO pk_sink VALUES (1, 'a'), (2, 'b'), (3, 'c')",
                dbname="appdb")
     err, _ = run_client(client, pk, sql)
     assert err is None, err
@@ -335,7 +337,7 @@ def test_writes_that_read_no_masked_column_pass(pg, pk, client, sql):
                                 "('Ada', 'Grace')") == 2
     if sql.startswith("UPDATE pk_sink"):
         assert upstream_one(pg, "SELECT string_agg(v, ',' ORDER BY id) FROM pk_sink") \
-            == "Ada,Grace"
+            == "Ada,Grace,c"
 
 
 def test_cursor_without_hold_passes_and_is_masked(pk):

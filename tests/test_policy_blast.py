@@ -372,3 +372,25 @@ def test_psycopg_pipeline(gproxy, pg, table):
                 c.execute("UPDATE blast_t SET v = v + 1 WHERE id = %s", (i,))
         c.commit()
     assert truth(pg) == (ROWS, 8)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_raw_pipeline_of_segments_each_guarded(gproxy, pg, table, n):
+    """Each statement behind its own Sync is guarded, however many are pipelined in one
+    write (only the first was: the guard thought Postgres still skipped after the first
+    refusal, because the backend's ReadyForQuery lagged the client's Sync)."""
+    before = truth(pg)
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        sql = "UPDATE blast_t SET v = v + 1 WHERE id > 0"
+        c.send(*(rawpg.parse(sql) + rawpg.bind() + rawpg.execute() + rawpg.SYNC
+                 for _ in range(n)))
+        msgs = c.until_ready(n)
+        assert [e["C"] for e in rawpg.errors(msgs)] == ["42501"] * n
+        # and in one segment: the second is skipped by Postgres after the refusal
+        c.send(rawpg.parse(sql) + rawpg.bind() + rawpg.execute()
+               + rawpg.parse(sql) + rawpg.bind() + rawpg.execute() + rawpg.SYNC)
+        assert [e["C"] for e in rawpg.errors(c.until_ready())] == ["42501"]
+    finally:
+        c.close()
+    assert truth(pg) == before

@@ -335,9 +335,13 @@ timeout = "30s"
 """
 
 
-def test_instead_of_trigger_made_in_the_session_with_an_approved_function(pg, tmp_path):
-    """A human approved a function that writes ledger; an INSTEAD OF trigger running it
-    on a view that reads nothing still makes each write through the view wait."""
+def test_agent_may_not_plant_a_trigger_even_with_an_approved_function(pg, tmp_path):
+    """A human approved a function that writes ledger; the agent may still not create a
+    trigger that runs it: the trigger would run later, inside other sessions'
+    statements, where nothing judges it (opaque). (Changed deliberately: the agent
+    created an INSTEAD OF trigger itself before, and only its own session's writes
+    through the view were held.) Triggers created by a DBA are followed through the
+    catalog (orders_trg above)."""
     with guarded_proxy(pg, tmp_path, APPROVE_LEDGER) as p, conn(p) as c:
         t, box = run_in_thread(lambda: c.execute(
             "CREATE FUNCTION lfn() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN "
@@ -348,14 +352,17 @@ def test_instead_of_trigger_made_in_the_session_with_an_approved_function(pg, tm
         assert "error" not in box, box
         try:
             c.execute("CREATE VIEW lv AS SELECT 1 AS id, 0 AS amount")
-            c.execute("CREATE TRIGGER lt INSTEAD OF UPDATE ON lv FOR EACH ROW "
-                      "EXECUTE FUNCTION lfn()")
-            t, box = run_in_thread(lambda: c.execute("UPDATE lv SET amount = 0 WHERE id = 1"))
-            (rid,) = pending_ids(p, want=1)
-            assert "UPDATE lv" in api(p, "GET", f"/api/approvals/{rid}")["statement"]
-            api(p, "POST", f"/api/approvals/{rid}/deny", {"approver": "alice"})
-            t.join(10)
-            assert isinstance(box.get("error"), psycopg.errors.InsufficientPrivilege)
+            for sql in ("CREATE TRIGGER lt INSTEAD OF UPDATE ON lv FOR EACH ROW "
+                        "EXECUTE FUNCTION lfn()",
+                        "CREATE TRIGGER lt AFTER INSERT ON ledger FOR EACH ROW "
+                        "EXECUTE FUNCTION lfn()",
+                        "CREATE OR REPLACE TRIGGER lt BEFORE UPDATE ON orders FOR EACH ROW "
+                        "EXECUTE FUNCTION lfn()"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    c.execute(sql)
+                assert "opaque" in str(e.value.diag.message_detail)
+            assert pg.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'lt'",
+                              dbname=DB) == [(0,)]
         finally:
             pg.execute("DROP VIEW IF EXISTS lv; DROP FUNCTION IF EXISTS lfn()", dbname=DB)
 

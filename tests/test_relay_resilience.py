@@ -153,13 +153,19 @@ def test_sigterm_lets_statement_finish_then_57P01(make_proxy):
     assert proxy.proc.wait(10) == 0
 
 
-def test_sigterm_tells_idle_psql_why(make_proxy, psql_bin):
+def test_sigterm_tells_idle_psql_why(make_proxy, psql_bin, pg):
     proxy = make_proxy()
     p = subprocess.Popen([psql_bin, "-X", proxy.dsn()], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.stdin.write("SELECT 'first';\n")
     p.stdin.flush()
-    time.sleep(1.0)
+    # wait until psql's first statement has run and its session is idle upstream (a
+    # fixed sleep was too short on a loaded machine)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not pg.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'idle' "
+            "AND query = 'SELECT ''first'';'"):
+        time.sleep(0.1)
     proxy.signal(signal.SIGTERM)
     time.sleep(0.5)
     out, err = p.communicate("SELECT 'second';\n", timeout=20)

@@ -116,11 +116,21 @@ cdef class MaskPlan:
     cdef char quote
     cdef char escape
     cdef bytes null_str
+    cdef bint null_ambiguous    # text format with a NULL string other than \N
     cdef bint header
     # detectors: a DetectorSet (db.scan, mask_cell) or None
     cdef readonly object detectors
-    cdef object _scan
+    cdef object _scan           # Hyperscan over the prefilters not run in C (or None)
     cdef object _mask_cell
+    # built-ins run in C (ids, -1 when absent): prefilters (credit_card, phone) and
+    # locators with their validation (credit_card, ssn, email, phone); their labels by id
+    cdef int cc_id
+    cdef int phone_id
+    cdef int ssn_id
+    cdef int email_id
+    cdef uint64_t pre_bits
+    cdef uint64_t loc_bits
+    cdef list _labels
     # the Python description it was built from (the reference rewriter reads these)
     cdef readonly tuple columns
     cdef readonly object copy
@@ -196,6 +206,7 @@ cdef class RowRewriter:
     cdef int _parse_datarow(self, MaskPlan plan, RowRef* r) except -1
     cdef int _parse_copy(self, MaskPlan plan, Py_ssize_t ri) except -1
     cdef int _detect(self, MaskPlan plan) except -1
+    cdef int _count_dets(self, uint64_t bits) except -1
     cdef int _emit_row(self, MaskPlan plan, RowRef* r) except -1
     cdef int _emit_copy(self, MaskPlan plan, RowRef* r) except -1
     cdef int _masked_value(self, MaskPlan plan, ColPlan* col, Cell* c, Buf* dst) except -1

@@ -388,6 +388,8 @@ cdef class MaskPlan:
     """
 
     def __cinit__(self):
+        self.cc_id = self.phone_id = self.ssn_id = self.email_id = -1
+        self.pre_bits = self.loc_bits = 0
         self.cols = NULL
         self.act = NULL
         self._keys = NULL
@@ -431,11 +433,33 @@ cdef class MaskPlan:
             self.escape = (<bytes>copy.escape)[0]
             self.null_str = bytes(copy.null)
             self.header = bool(copy.header)
+            # text format writes values escaped but the NULL string as it is: a value
+            # can read the same as any NULL string but \N. Then every field is a value
+            # (masked as one), never a NULL that would let a matching value through
+            self.null_ambiguous = self.mode == MODE_COPY_TEXT and self.null_str != b"\\N"
         if detectors is not None:
             if len(detectors.names) > MAX_DETECTORS:
                 raise ValueError(f"at most {MAX_DETECTORS} detectors")
-            self._scan = detectors.db.scan
+            self._scan = detectors.hs_db.scan if detectors.hs_db is not None else None
             self._mask_cell = detectors.mask_cell
+            self._labels = list(detectors.labels)
+            native = detectors.native
+            self.cc_id = native.get("credit_card", -1)
+            self.phone_id = native.get("phone", -1)
+            self.ssn_id = native.get("ssn", -1)
+            self.email_id = native.get("email", -1)
+            self.pre_bits = 0
+            self.loc_bits = 0
+            if self.cc_id >= 0:
+                self.pre_bits |= (<uint64_t>1) << self.cc_id
+                self.loc_bits |= (<uint64_t>1) << self.cc_id
+            if self.phone_id >= 0:
+                self.pre_bits |= (<uint64_t>1) << self.phone_id
+                self.loc_bits |= (<uint64_t>1) << self.phone_id
+            if self.ssn_id >= 0:
+                self.loc_bits |= (<uint64_t>1) << self.ssn_id
+            if self.email_id >= 0:
+                self.loc_bits |= (<uint64_t>1) << self.email_id
         self.cols = <ColPlan*>calloc(n if n else 1, sizeof(ColPlan))
         self.act = <int*>calloc(n if n else 1, sizeof(int))
         if self.cols == NULL or self.act == NULL:
@@ -504,6 +528,500 @@ cdef class MaskPlan:
     @property
     def masks_anything(self):
         return self.nact > 0
+
+
+# -- built-in detectors in C ----------------------------------------------------------
+# The same results as detectors.py (the reference runs its re locators on every cell):
+# credit_card and phone prefilters as one digit automaton per cell (Hyperscan crawls
+# through digit-dense text on their bounded repeats); credit_card, ssn, email and phone
+# located and validated here (Luhn and digit groups, SSN ranges), for text cells. A
+# cell flagged by any other detector, or a JSON or literal cell, goes to
+# DetectorSet.mask_cell (Python re on that cell only).
+
+ctypedef struct _Span:
+    Py_ssize_t s
+    Py_ssize_t e
+    int id
+
+cdef enum:
+    _MAX_SPANS = 64
+
+
+cdef inline bint _isdigit(char c) noexcept nogil:
+    return c'0' <= c <= c'9'
+
+
+cdef inline bint _isword(char c) noexcept nogil:
+    # \\w of a bytes pattern: ASCII letters, digits, underscore
+    return (c'0' <= c <= c'9') or (c'a' <= c <= c'z') or (c'A' <= c <= c'Z') or c == c'_'
+
+
+cdef inline void _note(DetCell* d, int id, Py_ssize_t end) noexcept nogil:
+    # a prefilter match of detector `id` ends at `end` (from the value's start)
+    if not d.bits:
+        d.lo = d.hi = end
+    elif end < d.lo:
+        d.lo = end
+    elif end > d.hi:
+        d.hi = end
+    d.bits |= (<uint64_t>1) << id
+
+
+cdef extern from *:
+    """
+    /* eight bytes at a time (SWAR) for the digit prefilter */
+    static inline uint64_t pgg_ld64(const char *p) { uint64_t w; memcpy(&w, p, 8); return w; }
+    #define PGG_REP(c) (0x0101010101010101ULL * (uint64_t)(c))
+    static inline int pgg_has_zero(uint64_t y) {
+        return ((y - PGG_REP(1)) & ~y & PGG_REP(0x80)) != 0;
+    }
+    /* a space, dash or dot among the eight bytes */
+    static inline int pgg_has_sep(uint64_t w) {
+        return pgg_has_zero(w ^ PGG_REP(0x20)) | pgg_has_zero(w ^ PGG_REP(0x2d))
+            | pgg_has_zero(w ^ PGG_REP(0x2e));
+    }
+    /* bit j set: byte j is an ASCII digit (little-endian load) */
+    static inline unsigned pgg_digit_mask(uint64_t w) {
+        uint64_t x = w & PGG_REP(0x7f);
+        uint64_t d = (x + PGG_REP(0x50)) & ~(x + PGG_REP(0x46)) & ~w & PGG_REP(0x80);
+        return (unsigned)(((d >> 7) * 0x0102040810204080ULL) >> 56);
+    }
+    static inline int pgg_lead_ones(unsigned m) { return __builtin_ctz(~m); }
+    static inline int pgg_trail_ones(unsigned m) { return __builtin_clz((~m) & 0xFFu) - 24; }
+    """
+    uint64_t pgg_ld64(const char* p) noexcept nogil
+    int pgg_has_sep(uint64_t w) noexcept nogil
+    unsigned pgg_digit_mask(uint64_t w) noexcept nogil
+    int pgg_lead_ones(unsigned m) noexcept nogil
+    int pgg_trail_ones(unsigned m) noexcept nogil
+
+
+cdef void _digit_prefilter(const char* v, Py_ssize_t n, int cc, int ph,
+                           DetCell* d) noexcept nogil:
+    # every end offset of  \\d(?:[ -]?\\d){12}  (cc) and  \\d{3}[ .-]\\d{4}  (ph).
+    # Until the first separator (" ", "-", "."), only runs of digits count: phone needs
+    # a separator, a card is 13 digits in a row; hex and ids stay on this loop, eight
+    # bytes at a time, byte by byte only where a run may reach 13.
+    cdef Py_ssize_t i = 0, j
+    cdef uint32_t r = 0
+    cdef unsigned m
+    cdef uint64_t w
+    cdef uint8_t u
+    while i + 8 <= n:
+        w = pgg_ld64(v + i)
+        if pgg_has_sep(w):
+            _digit_chains(v, n, cc, ph, d)
+            return
+        m = pgg_digit_mask(w)
+        if m == 0:
+            r = 0
+        elif m == 0xFF and r + 8 < 13:
+            r += 8
+        elif m != 0xFF and r + <uint32_t>pgg_lead_ones(m) < 13:
+            r = <uint32_t>pgg_trail_ones(m)
+        else:
+            for j in range(8):
+                r = (r + 1) * ((m >> j) & 1)
+                if r >= 13 and cc >= 0:
+                    _note(d, cc, i + j + 1)
+        i += 8
+    while i < n:
+        u = <uint8_t>v[i]
+        if u == 32 or u == 45 or u == 46:
+            _digit_chains(v, n, cc, ph, d)
+            return
+        r = (r + 1) * (<uint8_t>(u - 48) <= 9)
+        i += 1
+        if r >= 13 and cc >= 0:
+            _note(d, cc, i)
+
+
+cdef void _digit_chains(const char* v, Py_ssize_t n, int cc, int ph,
+                        DetCell* d) noexcept nogil:
+    # _digit_prefilter's automaton with separators
+    cdef Py_ssize_t i = 0
+    cdef int chain, run, after
+    cdef bint sep
+    cdef char ch
+    while i < n:
+        # idle: skip to the next digit
+        while i < n and <uint8_t>(<uint8_t>v[i] - 48) > 9:
+            i += 1
+        chain = run = 0
+        after = -1
+        sep = False
+        while i < n:
+            ch = v[i]
+            i += 1
+            if c'0' <= ch <= c'9':
+                chain += 1
+                sep = False
+                run += 1
+                if after >= 0:
+                    after += 1
+                    if after == 4 and ph >= 0:
+                        _note(d, ph, i)
+                if chain >= 13 and cc >= 0:
+                    _note(d, cc, i)
+                continue
+            if ch == c' ' or ch == c'-':
+                if sep or chain == 0:
+                    chain = 0
+                    sep = False
+                else:
+                    sep = True
+                after = 0 if run >= 3 else -1
+            elif ch == c'.':
+                chain = 0
+                sep = False
+                after = 0 if run >= 3 else -1
+            else:
+                chain = 0
+                sep = False
+                after = -1
+            run = 0
+            if chain == 0 and after < 0:
+                break               # idle again
+
+
+cdef bint _luhn(const char* v, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    # the Luhn sum of the digits of v[a:b] (other bytes skipped)
+    cdef int total = 0, k = 0, dg
+    cdef Py_ssize_t i = b - 1
+    while i >= a:
+        if _isdigit(v[i]):
+            dg = v[i] - c'0'
+            if k & 1:
+                dg *= 2
+                if dg > 9:
+                    dg -= 9
+            total += dg
+            k += 1
+        i -= 1
+    return total % 10 == 0
+
+
+cdef int _ndigits(const char* v, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    cdef int k = 0
+    cdef Py_ssize_t i
+    for i in range(a, b):
+        if _isdigit(v[i]):
+            k += 1
+    return k
+
+
+cdef bint _card(const char* v, Py_ssize_t s, Py_ssize_t e, Py_ssize_t* os,
+                Py_ssize_t* oe) noexcept nogil:
+    # detectors._card: the whole run if it is 13..19 Luhn-valid digits; else the
+    # longest, leftmost run of whole digit groups that is
+    cdef Py_ssize_t gs[40]
+    cdef Py_ssize_t ge[40]
+    cdef int ng = 0, a, b, k
+    cdef Py_ssize_t i, j, ga, gb, best_s = -1, best_e = -1
+    k = _ndigits(v, s, e)
+    if 13 <= k <= 19 and _luhn(v, s, e):
+        os[0] = s
+        oe[0] = e
+        return True
+    i = s
+    while i < e and ng < 40:
+        j = i
+        while j < e and _isdigit(v[j]):
+            j += 1
+        gs[ng] = i
+        ge[ng] = j
+        ng += 1
+        i = j + 1
+    for a in range(ng):
+        b = ng - 1
+        while b >= a:
+            ga = gs[a]
+            gb = ge[b]
+            k = _ndigits(v, ga, gb)
+            if 13 <= k <= 19 and _luhn(v, ga, gb):
+                if best_s < 0 or gb - ga > best_e - best_s:
+                    best_s = ga
+                    best_e = gb
+                break
+            b -= 1
+    if best_s < 0:
+        return False
+    os[0] = best_s
+    oe[0] = best_e
+    return True
+
+
+cdef inline void _widen_span(const char* v, Py_ssize_t n, Py_ssize_t* ps,
+                             Py_ssize_t* pe) noexcept nogil:
+    # detectors._widen: whole UTF-8 characters, backslash escapes never cut
+    cdef Py_ssize_t s = ps[0], e = pe[0], k
+    while s > 0 and (<uint8_t>v[s] & 0xC0) == 0x80:
+        s -= 1
+    k = s
+    while k > 0 and v[k - 1] == c'\\':
+        k -= 1
+    if (s - k) & 1:
+        s -= 1
+    k = e
+    while k > 0 and v[k - 1] == c'\\':
+        k -= 1
+    if (e - k) & 1 and e < n:
+        e += 1
+    while e < n and (<uint8_t>v[e] & 0xC0) == 0x80:
+        e += 1
+    ps[0] = s
+    pe[0] = e
+
+
+cdef inline bint _add_span(_Span* sp, int* ns, const char* v, Py_ssize_t n, Py_ssize_t s,
+                           Py_ssize_t e, int id) noexcept nogil:
+    if ns[0] >= _MAX_SPANS:
+        return False
+    _widen_span(v, n, &s, &e)
+    sp[ns[0]].s = s
+    sp[ns[0]].e = e
+    sp[ns[0]].id = id
+    ns[0] += 1
+    return True
+
+
+cdef bint _cc_spans(const char* v, Py_ssize_t n, int id, _Span* sp, int* ns) noexcept nogil:
+    # finditer(rb"\\b\\d(?:[ -]?\\d){12,18}\\b") + _card; False: too many spans
+    cdef Py_ssize_t dpos[19]
+    cdef Py_ssize_t p = 0, q, e, found, s2, e2
+    cdef int k, kk
+    while p < n:
+        if _isdigit(v[p]) and (p == 0 or not _isword(v[p - 1])):
+            dpos[0] = p
+            k = 1
+            q = p + 1
+            while k < 19:
+                if q + 1 < n and (v[q] == c' ' or v[q] == c'-') and _isdigit(v[q + 1]):
+                    dpos[k] = q + 1
+                    q += 2
+                elif q < n and _isdigit(v[q]):
+                    dpos[k] = q
+                    q += 1
+                else:
+                    break
+                k += 1
+            found = -1
+            kk = k
+            while kk >= 13:
+                e = dpos[kk - 1] + 1
+                if e == n or not _isword(v[e]):
+                    found = e
+                    break
+                kk -= 1
+            if found >= 0:
+                if _card(v, p, found, &s2, &e2) and s2 < e2:
+                    if not _add_span(sp, ns, v, n, s2, e2, id):
+                        return False
+                p = found
+                continue
+        p += 1
+    return True
+
+
+cdef bint _ssn_spans(const char* v, Py_ssize_t n, int id, _Span* sp, int* ns) noexcept nogil:
+    # finditer(rb"\\b\\d{3}-\\d{2}-\\d{4}\\b") + _ssn (no 000/666/9xx area, 00 group,
+    # 0000 serial); False: too many spans
+    cdef Py_ssize_t p = 0
+    while p + 11 <= n:
+        if _isdigit(v[p]) and (p == 0 or not _isword(v[p - 1])) and _isdigit(v[p + 1]) \
+                and _isdigit(v[p + 2]) and v[p + 3] == c'-' and _isdigit(v[p + 4]) \
+                and _isdigit(v[p + 5]) and v[p + 6] == c'-' and _isdigit(v[p + 7]) \
+                and _isdigit(v[p + 8]) and _isdigit(v[p + 9]) and _isdigit(v[p + 10]) \
+                and (p + 11 == n or not _isword(v[p + 11])):
+            if not ((memcmp(v + p, b"000", 3) == 0 or memcmp(v + p, b"666", 3) == 0
+                     or v[p] == c'9' or memcmp(v + p + 4, b"00", 2) == 0
+                     or memcmp(v + p + 7, b"0000", 4) == 0)):
+                if not _add_span(sp, ns, v, n, p, p + 11, id):
+                    return False
+            p += 11
+            continue
+        p += 1
+    return True
+
+
+cdef inline bint _email_local(char c) noexcept nogil:
+    return _isword(c) or c == c'.' or c == c'%' or c == c'+' or c == c'-'
+
+
+cdef Py_ssize_t _email_domain(const char* v, Py_ssize_t n, Py_ssize_t q) noexcept nogil:
+    # re.match(rb"(?:[A-Za-z0-9-]{1,63}\\.){1,8}[A-Za-z]{2,24}\\b", v, q).end(), -1 if
+    # none. A label is a whole run of [A-Za-z0-9-] (a shorter one is followed by
+    # another label byte, not the dot), so the groups are fixed; backtracking only
+    # gives back whole groups, the last of which must then hold the top level domain.
+    cdef Py_ssize_t ends[9]
+    cdef Py_ssize_t p = q, r, m
+    cdef int k = 0
+    cdef char ch
+    ends[0] = q
+    while k < 8:
+        r = p
+        while r < n and (_isword(v[r]) and v[r] != c'_' or v[r] == c'-'):
+            r += 1
+        if r == p or r - p > 63 or r >= n or v[r] != c'.':
+            break
+        p = r + 1
+        k += 1
+        ends[k] = p
+    while k >= 1:
+        p = ends[k]
+        m = p
+        while m < n and ((c'a' <= v[m] <= c'z') or (c'A' <= v[m] <= c'Z')):
+            m += 1
+        if 2 <= m - p <= 24 and (m == n or not _isword(v[m])):
+            return m
+        k -= 1
+    return -1
+
+
+cdef bint _email_spans(const char* v, Py_ssize_t n, int id, _Span* sp, int* ns) noexcept nogil:
+    # detectors._email_spans: from each "@", the local part before it, the domain after
+    cdef Py_ssize_t floor = 0, at, s, e
+    cdef const char* hit = <const char*>memchr(v, c'@', n)
+    while hit != NULL:
+        at = hit - v
+        s = at
+        while s > floor and s > at - 64 and _email_local(v[s - 1]):
+            s -= 1
+        if s < at:
+            e = _email_domain(v, n, at + 1)
+            if e >= 0:
+                if not _add_span(sp, ns, v, n, s, e, id):
+                    return False
+                floor = e
+                hit = <const char*>memchr(v + e, c'@', n - e) if e < n else NULL
+                continue
+        hit = <const char*>memchr(v + at + 1, c'@', n - at - 1) if at + 1 < n else NULL
+    return True
+
+
+cdef inline bint _phone_sep(char c) noexcept nogil:
+    return c == c' ' or c == c'.' or c == c'-'
+
+
+cdef inline bint _digits_at(const char* v, Py_ssize_t n, Py_ssize_t q, int k) noexcept nogil:
+    cdef int i
+    if q + k > n:
+        return False
+    for i in range(k):
+        if not _isdigit(v[q + i]):
+            return False
+    return True
+
+
+cdef Py_ssize_t _phone_tail(const char* v, Py_ssize_t n, Py_ssize_t q) noexcept nogil:
+    # \\d{3}[ .-]\\d{4}\\b at q: its end, or -1
+    if _digits_at(v, n, q, 3) and q + 3 < n and _phone_sep(v[q + 3]) \
+            and _digits_at(v, n, q + 4, 4) and (q + 8 == n or not _isword(v[q + 8])):
+        return q + 8
+    return -1
+
+
+cdef Py_ssize_t _phone_area(const char* v, Py_ssize_t n, Py_ssize_t q) noexcept nogil:
+    # (?:\\(\\d{3}\\) ?|\\b\\d{3}[ .-]?) then the tail, in re's order of trying
+    cdef Py_ssize_t e, r
+    if q + 5 <= n and v[q] == c'(' and _digits_at(v, n, q + 1, 3) and v[q + 4] == c')':
+        r = q + 5
+        if r < n and v[r] == c' ':
+            e = _phone_tail(v, n, r + 1)
+            if e >= 0:
+                return e
+        e = _phone_tail(v, n, r)
+        if e >= 0:
+            return e
+    if _digits_at(v, n, q, 3) and (q == 0 or not _isword(v[q - 1])):
+        r = q + 3
+        if r < n and _phone_sep(v[r]):
+            e = _phone_tail(v, n, r + 1)
+            if e >= 0:
+                return e
+        return _phone_tail(v, n, r)
+    return -1
+
+
+cdef bint _phone_spans(const char* v, Py_ssize_t n, int id, _Span* sp, int* ns) noexcept nogil:
+    # finditer of the phone locator:
+    # (?:\\+\\d{1,3}[ .-]?)?(?:\\(\\d{3}\\) ?|\\b\\d{3}[ .-]?)\\d{3}[ .-]\\d{4}\\b
+    cdef Py_ssize_t p = 0, e, r
+    cdef int k
+    while p < n:
+        e = -1
+        if v[p] == c'+':
+            k = 0
+            while k < 3 and p + 1 + k < n and _isdigit(v[p + 1 + k]):
+                k += 1
+            while k >= 1 and e < 0:
+                r = p + 1 + k
+                if r < n and _phone_sep(v[r]):
+                    e = _phone_area(v, n, r + 1)
+                if e < 0:
+                    e = _phone_area(v, n, r)
+                k -= 1
+        if e < 0 and (v[p] == c'(' or _isdigit(v[p])):
+            e = _phone_area(v, n, p)
+        if e >= 0:
+            if not _add_span(sp, ns, v, n, p, e, id):
+                return False
+            p = e
+        else:
+            p += 1
+    return True
+
+
+cdef int _native_mask(MaskPlan plan, const char* v, Py_ssize_t n, uint64_t bits,
+                      Buf* out, uint64_t* hit) except -1:
+    # DetectorSet.mask_cell(v, bits, 0) for bits within plan.loc_bits: 1 and the new
+    # value in `out`, 0 when nothing is found, -2 when the spans overflow (use Python)
+    cdef _Span sp[_MAX_SPANS]
+    cdef _Span t
+    cdef int ns = 0, i, j, m
+    cdef Py_ssize_t pos
+    cdef bytes lab
+    if plan.cc_id >= 0 and bits & ((<uint64_t>1) << plan.cc_id):
+        if not _cc_spans(v, n, plan.cc_id, sp, &ns):
+            return -2
+    if plan.ssn_id >= 0 and bits & ((<uint64_t>1) << plan.ssn_id):
+        if not _ssn_spans(v, n, plan.ssn_id, sp, &ns):
+            return -2
+    if plan.email_id >= 0 and bits & ((<uint64_t>1) << plan.email_id):
+        if not _email_spans(v, n, plan.email_id, sp, &ns):
+            return -2
+    if plan.phone_id >= 0 and bits & ((<uint64_t>1) << plan.phone_id):
+        if not _phone_spans(v, n, plan.phone_id, sp, &ns):
+            return -2
+    if ns == 0:
+        return 0
+    for i in range(1, ns):             # by start, then end, then id
+        t = sp[i]
+        j = i - 1
+        while j >= 0 and (sp[j].s > t.s or (sp[j].s == t.s and (
+                sp[j].e > t.e or (sp[j].e == t.e and sp[j].id > t.id)))):
+            sp[j + 1] = sp[j]
+            j -= 1
+        sp[j + 1] = t
+    m = 0                              # overlapping spans merge; the first one's label
+    for i in range(ns):
+        if m and sp[i].s < sp[m - 1].e:
+            if sp[i].e > sp[m - 1].e:
+                sp[m - 1].e = sp[i].e
+        else:
+            sp[m] = sp[i]
+            m += 1
+    out.len = 0
+    pos = 0
+    hit[0] = 0
+    for i in range(m):
+        _put(out, v + pos, sp[i].s - pos)
+        lab = <bytes>plan._labels[sp[i].id]
+        _put(out, PyBytes_AS_STRING(lab), PyBytes_GET_SIZE(lab))
+        pos = sp[i].e
+        hit[0] |= (<uint64_t>1) << sp[i].id
+    _put(out, v + pos, n - pos)
+    return 1
 
 
 cdef class _Hits:
@@ -1069,8 +1587,8 @@ cdef class RowRewriter:
                     c.raw_off = f0
                     c.raw_len = fend - f0
                     c.repl = -1
-                    if not quoted and fend - f0 == nul_len and \
-                            memcmp(msg + f0, nul, nul_len) == 0:
+                    if not quoted and not plan.null_ambiguous and fend - f0 == nul_len \
+                            and memcmp(msg + f0, nul, nul_len) == 0:
                         c.val = NULL
                         c.val_len = -1
                     elif text and special:
@@ -1112,6 +1630,7 @@ cdef class RowRewriter:
         cdef void* p
         cdef bytes buf
         cdef _Hits hits = self._hits
+        cdef int got
         self._ndcells = 0
         self._repls = []
         # the detector cells of the batch, in stream order
@@ -1146,38 +1665,39 @@ cdef class RowRewriter:
                 total += c.val_len - skip + 1
         if self._ndcells == 0:
             return 0
-        # one scan over all of them, joined by "\n"
-        buf = PyBytes_FromStringAndSize(NULL, total)
-        b = PyBytes_AS_STRING(buf)
-        for i in range(self._ndcells):
-            d = &self._dcells[i]
-            c = &self._cells[d.cell]
-            skip = 1 if plan.cols[plan.act[d.cell % plan.nact]].kind == KIND_JSONB_BIN else 0
-            memcpy(b + d.scan_off, c.val + skip, c.val_len - skip)
-            b[d.scan_off + c.val_len - skip] = c'\n'
-        hits.n = 0
-        plan._scan(buf, _on_match, 0, hits)
-        for i in range(hits.n):
-            # the cell holding the last byte of the match
-            to = hits.to[i] - 1
-            lo = 0
-            hi = self._ndcells - 1
-            while lo < hi:
-                mid = (lo + hi + 1) >> 1
-                if <uint64_t>self._dcells[mid].scan_off <= to:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            d = &self._dcells[lo]
-            mid = <Py_ssize_t>(hits.to[i] - <uint64_t>d.scan_off)
-            if not d.bits:
-                d.lo = d.hi = mid
-            elif mid < d.lo:
-                d.lo = mid
-            elif mid > d.hi:
-                d.hi = mid
-            d.bits |= (<uint64_t>1) << hits.ids[i]
-        hits.n = 0
+        if plan.pre_bits:
+            # the digit prefilters, cell by cell, without a copy
+            for i in range(self._ndcells):
+                d = &self._dcells[i]
+                c = &self._cells[d.cell]
+                skip = 1 if plan.cols[plan.act[d.cell % plan.nact]].kind == KIND_JSONB_BIN else 0
+                _digit_prefilter(c.val + skip, c.val_len - skip, plan.cc_id, plan.phone_id, d)
+        if plan._scan is not None:
+            # one Hyperscan scan over the other prefilters: the cells joined by "\n"
+            buf = PyBytes_FromStringAndSize(NULL, total)
+            b = PyBytes_AS_STRING(buf)
+            for i in range(self._ndcells):
+                d = &self._dcells[i]
+                c = &self._cells[d.cell]
+                skip = 1 if plan.cols[plan.act[d.cell % plan.nact]].kind == KIND_JSONB_BIN else 0
+                memcpy(b + d.scan_off, c.val + skip, c.val_len - skip)
+                b[d.scan_off + c.val_len - skip] = c'\n'
+            hits.n = 0
+            plan._scan(buf, _on_match, 0, hits)
+            for i in range(hits.n):
+                # the cell holding the last byte of the match
+                to = hits.to[i] - 1
+                lo = 0
+                hi = self._ndcells - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) >> 1
+                    if <uint64_t>self._dcells[mid].scan_off <= to:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                d = &self._dcells[lo]
+                _note(d, hits.ids[i], <Py_ssize_t>(hits.to[i] - <uint64_t>d.scan_off))
+            hits.n = 0
         for i in range(self._ndcells):
             d = &self._dcells[i]
             if not d.bits:
@@ -1185,6 +1705,19 @@ cdef class RowRewriter:
             c = &self._cells[d.cell]
             col = &plan.cols[plan.act[d.cell % plan.nact]]
             skip = 1 if col.kind == KIND_JSONB_BIN else 0
+            if (d.bits & ~plan.loc_bits) == 0 and (col.kind == KIND_TEXT
+                                                     or col.kind == KIND_WHOLE):
+                # located and validated in C
+                got = _native_mask(plan, c.val + skip, c.val_len - skip, d.bits,
+                                   &self._tmp, &bits)
+                if got == 0:
+                    continue
+                if got == 1:
+                    c.repl = len(self._repls)
+                    self._repls.append(PyBytes_FromStringAndSize(self._tmp.p, self._tmp.len))
+                    self._tmp.len = 0
+                    self._count_dets(bits)
+                    continue
             # mask_cell's third argument: 0 text, 1 JSON text, 2 array/composite literal
             res = plan._mask_cell(PyBytes_FromStringAndSize(c.val + skip, c.val_len - skip),
                                   d.bits, 2 if col.kind == KIND_LITERAL else (
@@ -1197,13 +1730,16 @@ cdef class RowRewriter:
             else:
                 c.repl = len(self._repls)
                 self._repls.append(<bytes?>res[0])
-            bits = <uint64_t>res[1]
-            j = 0
-            while bits:
-                if bits & 1:
-                    self._det_counts[j] += 1
-                bits >>= 1
-                j += 1
+            self._count_dets(<uint64_t>res[1])
+        return 0
+
+    cdef int _count_dets(self, uint64_t bits) except -1:
+        cdef int j = 0
+        while bits:
+            if bits & 1:
+                self._det_counts[j] += 1
+            bits >>= 1
+            j += 1
         return 0
 
     # -- output ---------------------------------------------------------------------

@@ -128,7 +128,11 @@ class Counter(_Metric):
     def samples(self) -> dict[LabelKey, Any]:
         if self.fn is None:
             return super().samples()
-        value = self.fn()
+        try:
+            value = self.fn()
+        except Exception:       # noqa: BLE001 - e.g. the control database is away:
+            return {}           # the other series still answer
+
         if isinstance(value, Mapping):
             return {tuple(zip(self.labelnames, map(str, k))): float(v)
                     for k, v in value.items()}
@@ -205,9 +209,11 @@ class Registry:
     """Named metrics of one process; ``counter``/``gauge``/``histogram`` return the
     existing metric when the name is already registered (same kind)."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: str | None = None) -> None:
         self._metrics: dict[str, _Metric] = {}
         self._lock = threading.Lock()
+        # labels every rendered series carries (``instance``: this pgguard in a fleet)
+        self.const_labels: LabelKey = (("instance", instance),) if instance else ()
 
     def _get(self, cls: type, name: str, *args: Any, **kw: Any) -> Any:
         with self._lock:
@@ -270,12 +276,14 @@ class Registry:
                     target["samples"][key] = _merge(target["kind"],
                                                     target["samples"].get(key), value)
         lines: list[str] = []
+        const = self.const_labels
         for name in sorted(merged):
             e = merged[name]
             help_text = e["help"].replace("\\", "\\\\").replace("\n", "\\n")
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {e['kind']}")
             for key, value in sorted(e["samples"].items()):
+                key = const + key
                 if e["kind"] == "histogram":
                     counts, total, n = value
                     for bound, c in zip(e["buckets"], counts):

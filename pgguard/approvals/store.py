@@ -95,6 +95,14 @@ class InvalidInput(ApprovalError):
     http_status = 400
 
 
+class StoreUnavailable(ApprovalError):
+    """The shared store cannot be reached (the fleet's control database is down):
+    nothing can be requested or decided until it is back."""
+
+    sqlstate = "08006"
+    http_status = 503
+
+
 # --------------------------------------------------------------------------- records
 
 def iso(ts: float | None) -> str | None:
@@ -359,7 +367,7 @@ class ApprovalStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             if not self._schema_ready:
-                with _write(conn):
+                with self._tx(conn):
                     _create_schema(conn)
                 self._schema_ready = True
             self._local.conn = conn
@@ -386,6 +394,14 @@ class ApprovalStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # what a read-then-write transaction appends to its read: nothing under SQLite's
+    # BEGIN IMMEDIATE (one writer at a time); row locks on a server (see control)
+    _lock_rows = ""
+
+    def _tx(self, conn: sqlite3.Connection) -> _write:
+        # one write transaction (the Postgres store adds its wake-up notification)
+        return _write(conn)
 
     def _emit(self, event: str, req: Request) -> None:
         for listener in list(self.listeners):
@@ -422,15 +438,15 @@ class ApprovalStore:
                                f"not {timeout_s!r}")
         now = time.time()
         conn = self._conn()
-        with _write(conn):
-            cur = conn.execute(
+        with self._tx(conn):
+            rid = conn.execute(
                 "INSERT INTO requests (identity, database, statement, fingerprint, "
                 "classification, rule, approvers, session_id, cancel_key, requested_at, "
-                "expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 (identity, database, statement, fingerprint, classification, rule,
                  json.dumps(list(groups)), session_id,
-                 None if cancel_key is None else _int64(cancel_key), now, now + timeout))
-            rid = cur.lastrowid
+                 None if cancel_key is None else _int64(cancel_key), now,
+                 now + timeout)).fetchone()[0]
         req = Request(id=int(rid), identity=identity, database=database,  # type: ignore[arg-type]
                       statement=statement, fingerprint=fingerprint,
                       classification=classification, rule=rule, approvers=groups,
@@ -463,17 +479,17 @@ class ApprovalStore:
             raise InvalidInput(f"unknown state {state!r} (one of {', '.join(STATES[1:])})")
         now = time.time()
         # a pending row past its expiry is a timed-out one not yet swept
-        expired = "(state = 'pending' AND expires_at <= :now)"
+        expired = "(state = 'pending' AND expires_at <= ?)"
         if state is None:
-            where = f"(state != 'pending' OR {expired})"
+            where, params = f"(state != 'pending' OR {expired})", (now,)
         elif state == "timed_out":
-            where = f"(state = 'timed_out' OR {expired})"
+            where, params = f"(state = 'timed_out' OR {expired})", (now,)
         else:
-            where = "state = :state"
+            where, params = "state = ?", (state,)
         rows = self._conn().execute(
             f"SELECT {_REQ_COLS} FROM requests WHERE {where} "
-            "ORDER BY coalesce(decided_at, expires_at) DESC, id DESC LIMIT :n",
-            {"now": now, "state": state, "n": int(n)}).fetchall()
+            "ORDER BY coalesce(decided_at, expires_at) DESC, id DESC LIMIT ?",
+            params + (int(n),)).fetchall()
         return [_request(r, now) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -524,9 +540,9 @@ class ApprovalStore:
                                    f"([approvals] max_window)")
         state = "approved" if approve else "denied"
         conn = self._conn()
-        with _write(conn):
+        with self._tx(conn):
             now = time.time()
-            row = conn.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = ?",
+            row = conn.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = ?{self._lock_rows}",
                                (int(request_id),)).fetchone()
             if row is None:
                 raise NotFound(f"no approval request #{request_id}")
@@ -536,12 +552,12 @@ class ApprovalStore:
             self.may_decide(req, approver, groups)
             grant_id = None
             if approve and window_s:
-                cur = conn.execute(
+                grant_id = conn.execute(
                     "INSERT INTO grants (identity, database, fingerprint, rule, approver, "
-                    "request_id, granted_at, expires_at) VALUES (?,?,?,?,?,?,?,?)",
+                    "request_id, granted_at, expires_at) VALUES (?,?,?,?,?,?,?,?) "
+                    "RETURNING id",
                     (req.identity, req.database, req.fingerprint, req.rule, approver,
-                     req.id, now, now + window_s))
-                grant_id = cur.lastrowid
+                     req.id, now, now + window_s)).fetchone()[0]
             cur = conn.execute(
                 "UPDATE requests SET state = ?, decided_at = ?, approver = ?, reason = ?, "
                 "window_s = ?, grant_id = ? WHERE id = ? AND state = 'pending' "
@@ -585,12 +601,12 @@ class ApprovalStore:
     def _finish(self, state: str, where: str, params: tuple) -> list[Request]:
         # pending -> withdrawn (only while unexpired) or -> timed_out (only once expired)
         conn = self._conn()
-        with _write(conn):
+        with self._tx(conn):
             now = time.time()
             cmp = ">" if state == "withdrawn" else "<="
             rows = conn.execute(
                 f"SELECT {_REQ_COLS} FROM requests WHERE state = 'pending' "
-                f"AND expires_at {cmp} ? AND {where}", (now,) + params).fetchall()
+                f"AND expires_at {cmp} ? AND {where} ORDER BY id{self._lock_rows}", (now,) + params).fetchall()
             if not rows:
                 return []
             # a timeout happened at the expiry, whenever it is swept
@@ -633,9 +649,9 @@ class ApprovalStore:
     def revoke_grant(self, grant_id: int) -> Grant:
         """End a grant now (raises :class:`NotFound`). Example: ``store.revoke_grant(3)``."""
         conn = self._conn()
-        with _write(conn):
+        with self._tx(conn):
             now = time.time()
-            row = conn.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE id = ?",
+            row = conn.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE id = ?{self._lock_rows}",
                                (int(grant_id),)).fetchone()
             if row is None:
                 raise NotFound(f"no grant #{grant_id}")
@@ -650,7 +666,7 @@ class ApprovalStore:
         returns how many rows went. Example: ``store.prune(30 * 86400)``."""
         cutoff = time.time() - older_than_s
         conn = self._conn()
-        with _write(conn):
+        with self._tx(conn):
             n = conn.execute("DELETE FROM requests WHERE state != 'pending' "
                              "AND decided_at < ?", (cutoff,)).rowcount
             n += conn.execute("DELETE FROM grants WHERE expires_at < ? OR revoked_at < ?",
@@ -674,7 +690,7 @@ class ApprovalStore:
             if final.state == "approved":
                 ...  # forward the statement
         """
-        req = self.get(request_id)
+        req = await asyncio.to_thread(self.get, request_id)
         if not req.pending:
             return self._settle(req)
         loop = asyncio.get_running_loop()
@@ -689,7 +705,7 @@ class ApprovalStore:
                     return await asyncio.wait_for(asyncio.shield(fut), remaining)
                 except asyncio.TimeoutError:
                     continue        # the loop's clock may run a little ahead of time.time()
-            return self._settle(self.get(req.id))
+            return self._settle(await asyncio.to_thread(self.get, req.id))
         finally:
             futs = self._waiters.get(req.id)
             if futs is not None:
@@ -702,7 +718,7 @@ class ApprovalStore:
         if req.state == "timed_out" and req.approver is None:
             try:
                 self.expire([req.id])
-            except sqlite3.Error:
+            except (sqlite3.Error, StoreUnavailable):
                 pass
         return req
 

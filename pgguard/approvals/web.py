@@ -60,7 +60,8 @@ from . import page
 from .hold import admin_url
 from .metrics import Registry, SharedMetrics
 from .notify import Notifier
-from .store import STATES, ApprovalError, ApprovalStore, InvalidInput, NotAllowed
+from .store import (STATES, ApprovalError, ApprovalStore, InvalidInput, NotAllowed,
+                    StoreUnavailable)
 
 log = logging.getLogger("pgguard.approvals.web")
 
@@ -232,15 +233,20 @@ class AdminServer:
     async def _janitor(self) -> None:
         retention = parse_duration(self.cfg.approvals.retention)
         last_prune = 0.0
+        last_error = None
         while True:
             try:
-                await asyncio.to_thread(self.store.expire)
                 await asyncio.to_thread(self.shared.publish)
+                await asyncio.to_thread(self.store.expire)
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
                     await asyncio.to_thread(self.store.prune, retention)
             except Exception as e:          # keep going; the store may be busy a moment
-                log.warning("approvals janitor: %s", e)
+                if str(e) != last_error:    # once per cause, not every second
+                    log.warning("approvals janitor: %s", e)
+                last_error = str(e)
+            else:
+                last_error = None
             await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------------ pages
@@ -260,6 +266,11 @@ class AdminServer:
     async def healthz(self, request: web.Request) -> web.Response:
         try:
             pending = (await asyncio.to_thread(self.store.counts))["pending"]
+        except StoreUnavailable as e:
+            # a fleet's control database is away: this instance still relays (only
+            # approvals are refused), so a load balancer must keep sending it clients
+            return _json({"status": "degraded", "pid": os.getpid(),
+                          "control": "unreachable", "error": e.message})
         except Exception as e:
             return _json({"status": "error", "error": str(e)}, 503)
         return _json({"status": "ok", "pid": os.getpid(), "approvals_pending": pending})
@@ -415,7 +426,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load(args.config)
-        store = ApprovalStore.from_config(cfg)
+        # a fleet's control database when [control] says so (imported here: control
+        # builds on this package)
+        from ..control import approval_store, open_link
+        link = open_link(cfg, role="admin")
+        store = approval_store(cfg, link)
+        if link is not None:
+            link.start()
     except PgguardError as e:
         print(f"pgguard admin: {e.message}", file=sys.stderr)
         return 1

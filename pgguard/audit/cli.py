@@ -9,6 +9,12 @@ Examples::
     pgguard audit replay 3f9c2a
     pgguard audit verify
     pgguard audit report --since 7d --html report.html
+    pgguard audit --store s3://audit-bucket/pgguard verify     # the whole fleet
+
+With ``[audit] store`` in the config (or ``--store URI``), every command reads every
+instance's files in the object store, plus this instance's local files not uploaded yet
+and its WAL; the view gains a column ``instance``. The store's credentials come from the
+environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL).
 
 The view ``audit`` has every column of the audit schema plus ``dt`` (the UTC day of the
 file). Outside pgguard the same data is
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -32,6 +39,7 @@ from ..errors import PgguardError
 from . import storage
 from .query import fetch, open_audit, parse_when, rows_as_dicts
 from .record import UTC
+from .store import UPLOADED_DIR, Store, read_uploaded
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -40,6 +48,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="pgguard TOML config: uses [audit] dir")
     common.add_argument("--dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="the audit directory (instead of -c)")
+    common.add_argument("--store", metavar="URI", default=argparse.SUPPRESS,
+                        help="an audit store (s3://bucket/prefix, gs://..., file:///...): "
+                        "read every instance's files there (instead of -c's [audit] store)")
+    common.add_argument("--instance", metavar="NAME", default=argparse.SUPPRESS,
+                        help="with --store and --dir: the instance whose local dir that is")
     p = _Parser(prog="pgguard audit", parents=[common], description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -113,22 +126,75 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # -- helpers ---------------------------------------------------------------------------
 
-def _resolve_dir(args: argparse.Namespace) -> Path:
+@dataclass
+class _Source:
+    """What a command reads: a local audit dir, an object store, or both (then
+    *instance* names whose local dir it is)."""
+
+    root: Path | None
+    store: Store | None = None
+    instance: str | None = None
+
+    def open(self, include_wal: bool = True) -> tuple[duckdb.DuckDBPyConnection, Any]:
+        return open_audit(self.root if self.store is not None else _existing(self.root),
+                          include_wal=include_wal, store=self.store, instance=self.instance)
+
+    def verify(self, allow_pruned: bool = False) -> Any:
+        from .verify import verify, verify_store
+        if self.store is not None:
+            return verify_store(self.store, root=self.root, instance=self.instance,
+                                allow_pruned=allow_pruned)
+        return verify(_existing(self.root), allow_pruned=allow_pruned)
+
+    def describe(self) -> str:
+        return self.store.uri if self.store is not None else str(self.root)
+
+
+def _resolve(args: argparse.Namespace) -> _Source:
+    store_uri = getattr(args, "store", None)
+    instance = getattr(args, "instance", None)
     if getattr(args, "dir", None):
-        return Path(args.dir)
+        if store_uri and not instance:
+            raise PgguardError("--store with --dir needs --instance (whose dir it is), so "
+                               "files both local and uploaded are counted once")
+        root = Path(args.dir)
+        if not store_uri:
+            _not_uploading(root)
+        return _Source(root, Store.open(store_uri) if store_uri else None,
+                       instance if store_uri else None)
     cfg_path = getattr(args, "config", None)
+    if cfg_path is None and store_uri:
+        return _Source(None, Store.open(store_uri), None)
     if cfg_path is None and Path("pgguard.toml").is_file():
         cfg_path = "pgguard.toml"
     if cfg_path is None:
-        raise PgguardError("no audit directory: give -c pgguard.toml or --dir DIR")
+        raise PgguardError("no audit directory: give -c pgguard.toml or --dir DIR "
+                           "(or --store URI for an object store)")
     from .. import config
     cfg = config.load(cfg_path)
     d = Path(cfg.audit.dir)
-    return d if d.is_absolute() else Path(cfg.base_dir) / d
+    root = d if d.is_absolute() else Path(cfg.base_dir) / d
+    store_uri = store_uri or cfg.audit.store
+    if not store_uri:
+        return _Source(root)
+    return _Source(root, Store.open(store_uri), instance or config.instance_name(cfg))
 
 
-def _existing(root: Path) -> Path:
-    if not root.is_dir():
+def _not_uploading(root: Path) -> None:
+    # a dir whose sealed files go to a store holds only what is not uploaded yet: read
+    # alone, it would look like a chain with its files deleted
+    for p in sorted((root / UPLOADED_DIR).glob("*.json")):
+        try:
+            u = read_uploaded(root, p.stem)
+        except PgguardError:
+            continue
+        if u is not None:
+            raise PgguardError(f"{root} uploads its sealed files to {u.store}: read it with "
+                               f"--store {u.store} --instance {u.instance} (or -c)")
+
+
+def _existing(root: Path | None) -> Path:
+    if root is None or not root.is_dir():
         raise PgguardError(f"no audit log at {root}")
     return root
 
@@ -185,8 +251,8 @@ def _print_table(names: list[str], rows: list[tuple], out: TextIO, max_width: in
 
 # -- commands --------------------------------------------------------------------------
 
-def _cmd_sql(args: argparse.Namespace, root: Path, out: TextIO) -> int:
-    con, snap = open_audit(_existing(root), include_wal=not args.no_wal)
+def _cmd_sql(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
+    con, snap = src.open(include_wal=not args.no_wal)
     if snap.foreign:
         print(f"pgguard audit: warning: {len(snap.foreign)} .parquet file(s) that are not part "
               f"of any audit chain were left out (run `pgguard audit verify`)",
@@ -234,10 +300,12 @@ def _emit(rows: list[dict], args: argparse.Namespace, out: TextIO) -> None:
     out.flush()
 
 
-def _cmd_tail(args: argparse.Namespace, root: Path, out: TextIO) -> int:
-    root = _existing(root)
+def _cmd_tail(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
+    if args.follow and src.root is None:
+        raise PgguardError("tail -f follows a local audit dir (give -c or --dir)")
     cols = ", ".join(_TAIL_COLS)
-    con, snap = open_audit(root)
+    con, snap = src.open()
+    root = src.root
     rows = rows_as_dicts(con, f"SELECT {cols} FROM (SELECT {cols} FROM audit "
                               f"ORDER BY ts DESC, event_id DESC LIMIT {max(args.n, 0)}) "
                               f"ORDER BY ts, event_id")
@@ -298,8 +366,8 @@ def _follow_poll(root: Path, seen_files: set, wal_printed: dict, wal_pos: dict) 
     return new
 
 
-def _cmd_sessions(args: argparse.Namespace, root: Path, out: TextIO) -> int:
-    con, _ = open_audit(_existing(root))
+def _cmd_sessions(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
+    con, _ = src.open()
     where, params = [], []
     if args.since:
         where.append("ts >= ?")
@@ -328,8 +396,8 @@ def _cmd_sessions(args: argparse.Namespace, root: Path, out: TextIO) -> int:
     return 0
 
 
-def _cmd_replay(args: argparse.Namespace, root: Path, out: TextIO) -> int:
-    con, _ = open_audit(_existing(root))
+def _cmd_replay(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
+    con, _ = src.open()
     _, ids = fetch(con, "SELECT DISTINCT session_id FROM audit WHERE starts_with(session_id, ?) "
                         "ORDER BY 1 LIMIT 6", [args.session])
     exact = [i[0] for i in ids if i[0] == args.session]
@@ -378,17 +446,15 @@ def _verify_line(result: Any) -> str:
     return f"FAILED: {result.problems[0].message}"
 
 
-def _cmd_verify(args: argparse.Namespace, root: Path, out: TextIO) -> int:
-    from .verify import verify
-
-    result = verify(_existing(root), allow_pruned=args.allow_pruned)
+def _cmd_verify(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
+    result = src.verify(allow_pruned=args.allow_pruned)
     if args.json:
         out.write(_dumps(result.to_dict()).decode() + "\n")
         return 0 if result.ok else 1
     for s in result.streams:
         head = (f"head seq {s.head_seq} {s.head_hash[:16]}…" if s.head_hash
                 else "no head anchor")
-        out.write(f"chain {s.stream}: {s.records:,} records in {s.files} file(s) "
+        out.write(f"chain {s.instance + '/' if s.instance else ''}{s.stream}: {s.records:,} records in {s.files} file(s) "
                   f"(seq {s.first_seq or '-'}..{s.last_seq or '-'}), "
                   f"{s.pending_wal_records:,} pending in WAL; {head}\n")
     if result.ok:
@@ -400,20 +466,18 @@ def _cmd_verify(args: argparse.Namespace, root: Path, out: TextIO) -> int:
     return 1
 
 
-def _cmd_report(args: argparse.Namespace, root: Path, out: TextIO) -> int:
+def _cmd_report(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
     from . import report
 
-    root = _existing(root)
     now = datetime.now(UTC)
     since = _when(args.since, now)
     until = _when(args.until, now) if args.until else now
     if since >= until:
         raise PgguardError("--since must be before --until")
-    con, _ = open_audit(root)
-    data = report.gather(con, since, until, source=str(root))
+    con, _ = src.open()
+    data = report.gather(con, since, until, source=src.describe())
     if args.verify:
-        from .verify import verify
-        data.chain = _verify_line(verify(root))
+        data.chain = _verify_line(src.verify())
     out.write(report.to_markdown(data))
     if args.html:
         try:
@@ -443,8 +507,8 @@ def main(argv: list[str], out: TextIO | None = None) -> int:
     except SystemExit as e:     # --help
         return int(e.code or 0)
     try:
-        root = _resolve_dir(args)
-        return _COMMANDS[args.cmd](args, root, out)
+        src = _resolve(args)
+        return _COMMANDS[args.cmd](args, src, out)
     except PgguardError as e:
         print(f"pgguard audit {args.cmd}: {e.message}", file=sys.stderr)
         return 1

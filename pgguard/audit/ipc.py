@@ -84,6 +84,9 @@ class WriterConfig(msgspec.Struct, kw_only=True):
     ack_fd: int
     parent_pid: int
     orphan_wait: float = 60.0      # how long to wait for a dead worker's writer to drain
+    store: Optional[str] = None    # [audit] store: sealed files are uploaded there
+    instance: str = ""             # this instance's directory in the store
+    upload_drain: float = 10.0     # at a clean exit, wait this long for the last uploads
 
 
 class WriterStats(msgspec.Struct, array_like=True, gc=False):
@@ -97,6 +100,9 @@ class WriterStats(msgspec.Struct, array_like=True, gc=False):
     last_error: Optional[str] = None
     segment_seq: int = 0
     failing: bool = False          # a WAL write is failing and being retried
+    uploaded: int = 0              # files uploaded to [audit] store by this writer
+    upload_backlog: int = 0        # sealed files of this stream not yet in the store
+    upload_error: Optional[str] = None     # the last upload failure (None once one works)
 
 
 class Started(msgspec.Struct, array_like=True):

@@ -12,6 +12,14 @@ Outside pgguard, the same data is one line of DuckDB::
 
     SELECT * FROM read_parquet('audit/**/*.parquet', hive_partitioning = true);
 
+With ``[audit] store`` (``store=``), the view reads every instance's files in the store
+as well, with one more column, ``instance``: the store is listed after the local
+directory, and a file of this instance that is in both (uploaded meanwhile) is read from
+the store only. The store is read through pyarrow's filesystem (a pyarrow dataset
+registered with DuckDB: projections and filters are pushed down), not DuckDB's httpfs:
+no DuckDB extension to download, one set of credentials and one code path (s3, gs,
+file) for writing and reading.
+
 Example::
 
     con, snap = open_audit(Path("audit"))
@@ -25,11 +33,13 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from ..config import parse_duration
 from ..errors import PgguardError
 from . import storage
 from .record import SCHEMA, UTC
+from .store import RemoteFile, Store
 
 WAL_VIEW_TABLE = "_audit_wal"
 
@@ -39,14 +49,35 @@ class Snapshot:
     files: list[storage.ParquetFile] = field(default_factory=list)
     foreign: list[Path] = field(default_factory=list)
     wal: list[tuple[str, int, pa.Table]] = field(default_factory=list)   # stream, seq, rows
+    remote: list[RemoteFile] = field(default_factory=list)   # files in [audit] store
+    instance: str | None = None     # whose local files these are (store mode)
 
     @property
     def wal_records(self) -> int:
         return sum(t.num_rows for _, _, t in self.wal)
 
 
-def take_snapshot(root: Path, *, include_wal: bool = True) -> Snapshot:
-    snap = Snapshot()
+def take_snapshot(root: Path | None, *, include_wal: bool = True,
+                  store: Store | None = None, instance: str | None = None) -> Snapshot:
+    """Local files and WAL under *root* (if any), then the files in *store* (if any);
+    a local file of *instance* the store also holds is taken from the store only."""
+    snap = Snapshot(instance=instance)
+    if root is not None and root.is_dir():
+        _local_snapshot(snap, root, include_wal)
+    if store is None:
+        return snap
+    for inst in store.instances():
+        streams, _ = store.listing(inst)
+        for files in streams.values():
+            snap.remote.extend(files)
+    if instance is not None:
+        there = {(f.stream, f.seq) for f in snap.remote if f.instance == instance}
+        snap.files = [f for f in snap.files if (f.stream, f.seq) not in there]
+        snap.wal = [w for w in snap.wal if (w[0], w[1]) not in there]
+    return snap
+
+
+def _local_snapshot(snap: Snapshot, root: Path, include_wal: bool) -> None:
     wal_lists = ({s: storage.list_wal(root, s) for s in storage.list_wal_streams(root)}
                  if include_wal else {})
     streams, snap.foreign = storage.list_parquet(root)
@@ -68,18 +99,24 @@ def take_snapshot(root: Path, *, include_wal: bool = True) -> Snapshot:
             if t.num_rows:
                 dt = pa.array([seg.created.date()] * t.num_rows, type=pa.date32())
                 snap.wal.append((stream, seq, t.append_column("dt", dt)))
-    return snap
 
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def open_audit(root: Path, *, include_wal: bool = True,
-               con: duckdb.DuckDBPyConnection | None = None
+_DT = pads.partitioning(pa.schema([("dt", pa.date32())]), flavor="hive")
+
+
+def open_audit(root: Path | None, *, include_wal: bool = True,
+               con: duckdb.DuckDBPyConnection | None = None,
+               store: Store | None = None, instance: str | None = None
                ) -> tuple[duckdb.DuckDBPyConnection, Snapshot]:
-    """A DuckDB connection with the ``audit`` view, and the snapshot it reads."""
-    snap = take_snapshot(root, include_wal=include_wal)
+    """A DuckDB connection with the ``audit`` view, and the snapshot it reads.
+
+    *store* (with *instance*, this instance's name, when *root* is its local dir):
+    the whole fleet's files in the store too, and a column ``instance``."""
+    snap = take_snapshot(root, include_wal=include_wal, store=store, instance=instance)
     con = con or duckdb.connect(":memory:")
     try:
         con.execute("SET TimeZone = 'UTC'")
@@ -88,15 +125,25 @@ def open_audit(root: Path, *, include_wal: bool = True,
     empty = SCHEMA.empty_table().append_column("dt", pa.array([], type=pa.date32()))
     wal = pa.concat_tables([t for _, _, t in snap.wal]) if snap.wal else empty
     con.register(WAL_VIEW_TABLE, wal)
+    # the same column on every part in store mode: the instance that wrote the row
+    tag = "" if store is None else (
+        f", {_sql_str(instance)} AS instance" if instance else ", NULL::VARCHAR AS instance")
+    parts = [f"SELECT *{tag} FROM {WAL_VIEW_TABLE}"]
     if snap.files:
         files = ", ".join(_sql_str(str(f.path)) for f in snap.files)
-        con.execute(
-            f"CREATE OR REPLACE VIEW audit AS "
-            f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
-            f"union_by_name = true) "
-            f"UNION ALL BY NAME SELECT * FROM {WAL_VIEW_TABLE}")
-    else:
-        con.execute(f"CREATE OR REPLACE VIEW audit AS SELECT * FROM {WAL_VIEW_TABLE}")
+        parts.append(f"SELECT *{tag} FROM read_parquet([{files}], hive_partitioning = true, "
+                     f"union_by_name = true)")
+    if store is not None:
+        by_instance: dict[str, list[str]] = {}
+        for f in snap.remote:
+            by_instance.setdefault(f.instance, []).append(f.key)
+        for i, (inst, keys) in enumerate(sorted(by_instance.items())):
+            name = f"_audit_store_{i}"
+            con.register(name, pads.dataset(
+                keys, filesystem=store.fs, format="parquet", partitioning=_DT,
+                partition_base_dir=f"{store.base}/{inst}"))
+            parts.append(f"SELECT *, {_sql_str(inst)} AS instance FROM {name}")
+    con.execute("CREATE OR REPLACE VIEW audit AS " + " UNION ALL BY NAME ".join(parts))
     return con, snap
 
 

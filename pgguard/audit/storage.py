@@ -38,6 +38,7 @@ import struct
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pyarrow as pa
@@ -177,14 +178,19 @@ class Head(msgspec.Struct, kw_only=True):
     updated: str
 
 
-def read_head(root: Path, stream: str) -> Head | None:
-    p = head_path(root, stream)
+def read_json(p: Path, typ: type, what: str) -> Any:
+    """*p* decoded as *typ*; None if it does not exist, AuditError naming *what* if it
+    cannot be read."""
     try:
-        return msgspec.json.decode(p.read_bytes(), type=Head)
+        return msgspec.json.decode(p.read_bytes(), type=typ)
     except FileNotFoundError:
         return None
     except (OSError, msgspec.DecodeError) as e:
-        raise AuditError(f"{p}: unreadable chain head: {e}") from None
+        raise AuditError(f"{p}: unreadable {what}: {e}") from None
+
+
+def read_head(root: Path, stream: str) -> Head | None:
+    return read_json(head_path(root, stream), Head, "chain head")
 
 
 def list_heads(root: Path) -> dict[str, Head]:

@@ -27,6 +27,12 @@ stream entirely (files and head). Keep a copy of the head hashes elsewhere (``ve
 Pruning old days on purpose breaks the start of the chain; ``allow_pruned`` accepts a
 chain that starts at a later seq.
 
+With ``[audit] store`` every instance in the store is checked the same way, each of
+its streams one chain (files and head objects under ``<prefix>/<instance>/``); a
+problem names the instance and the file (``api-2/dt=2024-05-01/w0-000000000003.parquet``).
+This instance's files not yet uploaded, and its WAL, are checked as the tail of its
+chains.
+
 Example::
 
     result = verify(Path("audit"))
@@ -46,6 +52,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .record import CONTENT_FIELDS, FIELDS, GENESIS, content_bytes
+from .store import RemoteFile, Store
 
 _BATCH = 65_536
 _sha = hashlib.sha256
@@ -100,11 +107,13 @@ class Problem:
     file: str | None = None
     row: int | None = None
     event_id: str | None = None
+    instance: str | None = None     # store mode: the instance whose chain it is
 
 
 @dataclass
 class StreamReport:
     stream: str
+    instance: str | None = None
     files: int = 0
     records: int = 0
     first_seq: int | None = None
@@ -135,28 +144,41 @@ class VerifyResult:
 
 
 class _Checker:
-    def __init__(self, root: Path, result: VerifyResult, stream: str, max_problems: int):
+    def __init__(self, root: Path | None, result: VerifyResult, stream: str,
+                 max_problems: int, store: Store | None = None,
+                 instance: str | None = None):
         self.root = root
         self.result = result
         self.stream = stream
         self.max_problems = max_problems
+        self.store = store
+        self.instance = instance
+        self.label = f"{instance}/{stream}" if instance else stream
         self.expected: str | None = GENESIS
         self.expected_seq = 1
-        self.report = StreamReport(stream)
+        self.report = StreamReport(stream, instance)
         self.prev_name = "the start of the chain"
         self.full = False
         self.link_broken = False    # the previous row broke the chain (reported once)
 
     def problem(self, kind: str, message: str, **kw: object) -> None:
-        if len([p for p in self.result.problems if p.stream == self.stream]) >= self.max_problems:
+        mine = [p for p in self.result.problems
+                if p.stream == self.stream and p.instance == self.instance]
+        if len(mine) >= self.max_problems:
             self.full = True
             return
-        self.result.problems.append(
-            Problem(kind, self.stream, message, **kw))  # type: ignore[arg-type]
+        if self.instance:
+            message = f"instance {self.instance}: {message}"
+        self.result.problems.append(Problem(
+            kind, self.stream, message, instance=self.instance, **kw))  # type: ignore[arg-type]
 
-    def rel(self, path: Path) -> str:
+    def rel(self, path: Path | RemoteFile) -> str:
+        if isinstance(path, RemoteFile):
+            return path.name
+        if self.instance:   # a local file of this instance, not uploaded yet
+            return f"{self.instance}/{path.relative_to(self.root)} (local, not uploaded)"
         try:
-            return str(path.relative_to(self.root))
+            return str(path.relative_to(self.root))     # type: ignore[arg-type]
         except ValueError:
             return str(path)
 
@@ -209,17 +231,21 @@ class _Checker:
         self.report.records += 1
         self.expected = stored if isinstance(stored, str) else None
 
-    def check_file(self, pf: storage.ParquetFile) -> None:
-        name = self.rel(pf.path)
+    def check_file(self, pf: storage.ParquetFile | RemoteFile) -> None:
+        remote = isinstance(pf, RemoteFile)
+        name = self.rel(pf if remote else pf.path)
         if pf.seq > self.expected_seq:
-            missing = (f"seq {self.expected_seq}" if pf.seq == self.expected_seq + 1
+            missing = (f"seq {self.expected_seq} "
+                       f"({storage.parquet_name(self.stream, self.expected_seq)})"
+                       if pf.seq == self.expected_seq + 1
                        else f"seqs {self.expected_seq}..{pf.seq - 1}")
             self.problem("missing_file",
                          f"missing file: {self.stream} {missing} "
                          f"(between {self.prev_name} and {name})", file=name)
         self.expected_seq = pf.seq + 1
         try:
-            f = pq.ParquetFile(pf.path)
+            f = pq.ParquetFile(self.store.open_input(pf.key) if remote  # type: ignore[union-attr]
+                               else pf.path)
             meta = f.metadata.metadata or {}
             table = f.read()
         except Exception as e:
@@ -293,53 +319,104 @@ def verify(root: Path | str, *, allow_pruned: bool = False,
                                 f"audit chain (but DuckDB queries over **/*.parquet read it)",
             file=str(path.relative_to(root))))
     for stream in sorted(set(streams) | set(heads) | {s for s, w in wal.items() if w}):
-        files = streams.get(stream, [])
         c = _Checker(root, result, stream, max_problems)
-        if allow_pruned and files and files[0].seq > 1:
-            c.expected = None
-            c.expected_seq = files[0].seq
-        seen: set[int] = set()
-        for pf in files:
-            if pf.seq in seen:
-                c.problem("foreign_file", f"duplicate: a second file for {stream} seq "
-                                          f"{pf.seq}: {c.rel(pf.path)}", file=c.rel(pf.path))
-                continue
-            seen.add(pf.seq)
-            c.check_file(pf)
-            if c.full:
-                break
-        head = heads.get(stream)
-        if head is not None:
-            c.report.head_seq, c.report.head_hash = head.seq, head.last_hash
-            last = c.report.last_seq or 0
-            if head.seq > last and not _sealed_since(root, stream, last, head.seq):
-                c.problem("missing_file",
-                          f"missing file: {stream} seq {last + 1}"
-                          f"{'' if head.seq == last + 1 else f'..{head.seq}'} named by the "
-                          f"head anchor: the last file(s) were deleted",
-                          file=head.file)
-            elif head.seq == last and c.expected is not None and head.last_hash != c.expected:
-                c.problem("missing_tail",
-                          f"deleted: {c.prev_name} does not end with the record the head "
-                          f"anchor names: records at its end were deleted or modified",
-                          file=c.prev_name)
-        for seq, path in wal.get(stream, []):
-            if seq in seen:
-                continue            # sealed while we looked
-            try:
-                seg = storage.read_wal(path)
-            except FileNotFoundError:
-                continue
-            except storage.AuditError as e:
-                c.problem("wal_damaged", str(e), file=c.rel(path))
-                continue
-            c.check_wal(seg)
+        _check_stream(c, streams.get(stream, []), heads.get(stream), wal.get(stream, []),
+                      allow_pruned, lambda s=stream: _sealed_seqs(root, s))
         result.streams.append(c.report)
     return result
 
 
-def _sealed_since(root: Path, stream: str, after: int, upto: int) -> bool:
+def verify_store(store: Store, *, root: Path | str | None = None,
+                 instance: str | None = None, allow_pruned: bool = False,
+                 max_problems: int = 20) -> VerifyResult:
+    """Check every instance's chains in *store*; with *root* and *instance* (this
+    instance's local dir and name), its files not yet uploaded and its WAL too.
+
+    Example: ``verify_store(Store.open("s3://bucket/pgguard")).ok``.
+    """
+    result = VerifyResult()
+    local = Path(root) if root is not None and instance else None
+    wal: dict[str, list] = {}
+    local_files: dict[str, list[storage.ParquetFile]] = {}
+    if local is not None and local.is_dir():
+        # local first, then the store: a file uploaded meanwhile is seen at least once
+        wal = {s: storage.list_wal(local, s) for s in storage.list_wal_streams(local)}
+        local_files, _ = storage.list_parquet(local)
+    instances = store.instances()
+    if local is not None and instance not in instances and (wal or local_files):
+        instances.append(instance)      # nothing uploaded yet
+    for inst in sorted(instances):
+        streams, foreign = store.listing(inst)
+        heads = store.heads(inst)
+        for key in foreign:
+            result.problems.append(Problem(
+                "foreign_file", "", f"foreign file: {key} in the store is not part of any "
+                                    f"audit chain", file=key, instance=inst))
+        mine = inst == instance and local is not None
+        names = set(streams) | set(heads)
+        if mine:
+            names |= set(local_files) | {s for s, w in wal.items() if w}
+        for stream in sorted(names):
+            files: list = list(streams.get(stream, []))
+            if mine:
+                there = {f.seq for f in files}
+                files += [f for f in local_files.get(stream, []) if f.seq not in there]
+            c = _Checker(local, result, stream, max_problems, store=store, instance=inst)
+
+            def sealed(s: str = stream, i: str = inst, m: bool = mine) -> set[int]:
+                seqs = {f.seq for f in store.listing(i)[0].get(s, [])}
+                return seqs | (_sealed_seqs(local, s) if m and local else set())
+            _check_stream(c, files, heads.get(stream),
+                          wal.get(stream, []) if mine else [], allow_pruned, sealed)
+            result.streams.append(c.report)
+    return result
+
+
+def _check_stream(c: _Checker, files: list, head: storage.Head | None, wal: list,
+                  allow_pruned: bool, sealed_seqs) -> None:
+    stream = c.stream
+    if allow_pruned and files and files[0].seq > 1:
+        c.expected = None
+        c.expected_seq = files[0].seq
+    seen: set[int] = set()
+    for pf in files:
+        if pf.seq in seen:
+            name = c.rel(pf if isinstance(pf, RemoteFile) else pf.path)
+            c.problem("foreign_file", f"duplicate: a second file for {stream} seq "
+                                      f"{pf.seq}: {name}", file=name)
+            continue
+        seen.add(pf.seq)
+        c.check_file(pf)
+        if c.full:
+            break
+    if head is not None:
+        c.report.head_seq, c.report.head_hash = head.seq, head.last_hash
+        last = c.report.last_seq or 0
+        if head.seq > last and not set(range(last + 1, head.seq + 1)) <= sealed_seqs():
+            c.problem("missing_file",
+                      f"missing file: {stream} seq {last + 1}"
+                      f"{'' if head.seq == last + 1 else f'..{head.seq}'} named by the "
+                      f"head anchor ({head.file}): the last file(s) were deleted",
+                      file=f"{c.instance}/{head.file}" if c.instance else head.file)
+        elif head.seq == last and c.expected is not None and head.last_hash != c.expected:
+            c.problem("missing_tail",
+                      f"deleted: {c.prev_name} does not end with the record the head "
+                      f"anchor names: records at its end were deleted or modified",
+                      file=c.prev_name)
+    for seq, path in wal:
+        if seq in seen:
+            continue            # sealed while we looked
+        try:
+            seg = storage.read_wal(path)
+        except FileNotFoundError:
+            continue
+        except storage.AuditError as e:
+            c.problem("wal_damaged", str(e), file=c.rel(path))
+            continue
+        c.check_wal(seg)
+
+
+def _sealed_seqs(root: Path, stream: str) -> set[int]:
     # a live writer may have sealed more files after we listed them
     streams, _ = storage.list_parquet(root)
-    seqs = {f.seq for f in streams.get(stream, [])}
-    return all(s in seqs for s in range(after + 1, upto + 1))
+    return {f.seq for f in streams.get(stream, [])}

@@ -52,6 +52,7 @@ import fcntl
 import logging
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -96,6 +97,9 @@ class AuditStats(msgspec.Struct):
     last_error: str | None
     stream: str
     segment_seq: int
+    uploaded: int = 0               # files uploaded to [audit] store
+    upload_backlog: int = 0         # sealed files waiting for the store
+    upload_error: str | None = None     # the last upload failure, None once one works
 
 
 class _Flush:
@@ -170,10 +174,15 @@ class AuditLog:
                  stream: str = "w0", roll_records: int = 1_000_000,
                  roll_seconds: float = 60.0, group_records: int = 65_536,
                  wake_records: int = 8_192,
-                 switch_interval: float | None = 0.0002) -> None:
+                 switch_interval: float | None = 0.0002,
+                 instance: str | None = None, upload_drain: float = 10.0) -> None:
         d = Path(cfg.dir)
         self.root = d if d.is_absolute() else Path(base_dir) / d
         self.stream = storage.check_stream(stream)
+        # [audit] store: the writer uploads sealed files to <store>/<instance>/
+        self.store = cfg.store
+        self.instance = instance or socket.gethostname()
+        self.upload_drain = upload_drain
         self.strict = cfg.durability == "strict"
         self.capture_literals = cfg.capture_literals
         self.flush_interval = max(parse_duration(cfg.flush_interval), 0.001)
@@ -460,7 +469,8 @@ class AuditLog:
             sealed_files=w.sealed_files, fsyncs=w.fsyncs, last_fsync_us=w.last_fsync_us,
             max_fsync_us=w.max_fsync_us, coerced=self._coerced + w.coerced,
             errors=self._errors + w.errors, last_error=w.last_error or self._last_error,
-            stream=self.stream, segment_seq=w.segment_seq)
+            stream=self.stream, segment_seq=w.segment_seq, uploaded=w.uploaded,
+            upload_backlog=w.upload_backlog, upload_error=w.upload_error)
 
     def health(self) -> str | None:
         """``None`` when healthy, else the last write error (for /healthz)."""
@@ -549,7 +559,9 @@ class AuditLog:
             root=str(self.root), stream=self.stream, strict=self.strict,
             capture_literals=self.capture_literals, roll_records=self.roll_records,
             roll_seconds=self.roll_seconds, group_records=self.group_records,
-            flush_interval=self.flush_interval, data_fd=data_r, ack_fd=ack_w, parent_pid=os.getpid())
+            flush_interval=self.flush_interval, data_fd=data_r, ack_fd=ack_w,
+            parent_pid=os.getpid(), store=self.store, instance=self.instance,
+            upload_drain=self.upload_drain)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)

@@ -61,7 +61,7 @@ import msgspec
 import pyarrow as pa
 
 from .._core.auditline import Transcoder, event_id
-from . import ipc, storage
+from . import ipc, storage, store as objstore
 from .record import (CONTENT_FIELDS, CONTENT_SCHEMA, EVENT_AUDIT_DROPPED, FIELDS, GENESIS,
                      UTC, AuditRecord, prepare_statement, sanitize)
 from .storage import AuditError
@@ -221,9 +221,16 @@ def recover(root: Path, stream: str) -> Tip:
     for f in storage.wal_dir(root, stream).glob(".*.wal.tmp"):   # a segment being created
         f.unlink(missing_ok=True)
     head = storage.read_head(root, stream)
+    # with [audit] store, sealed files leave the local dir once uploaded: up to this
+    # seq the store has them
+    up = objstore.read_uploaded(root, stream)
+    up_seq = up.seq if up else 0
     records = head.records if head else 0
     if head is None and files:
         records = sum(storage.pq.read_metadata(f.path).num_rows for f in files.values())
+    if head is None and up is not None:
+        records = up.records + sum(storage.pq.read_metadata(f.path).num_rows
+                                   for f in files.values() if f.seq > up_seq)
 
     def set_head(seq: int, last: str, path: Path, total: int) -> storage.Head:
         h = storage.Head(stream=stream, seq=seq, last_hash=last, records=total,
@@ -233,7 +240,7 @@ def recover(root: Path, stream: str) -> Tip:
         return h
 
     for seq, path in storage.list_wal(root, stream):
-        if seq in files:
+        if seq in files or seq <= up_seq:
             path.unlink()
             continue
         seg = storage.read_wal(path)
@@ -255,8 +262,13 @@ def recover(root: Path, stream: str) -> Tip:
         storage.fsync_dir(path.parent)
 
     pmax = max(files) if files else 0
-    if head is not None and head.seq >= pmax:
-        if head.seq > pmax:
+    if head is None and up is not None and up_seq >= pmax:
+        # the local head was lost, the store's record of the chain was not
+        head = set_head(up_seq, up.last_hash, objstore.uploaded_path(root, stream),
+                        up.records)
+        return Tip(seq=up_seq, hash=up.last_hash, records=up.records)
+    if head is not None and head.seq >= max(pmax, up_seq):
+        if head.seq > max(pmax, up_seq):
             log.error("audit: stream %s: head names seq %d but the last file is seq %d; "
                       "files are missing (verify will name them)", stream, head.seq, pmax)
         return Tip(seq=head.seq, hash=head.last_hash, records=head.records)
@@ -357,6 +369,15 @@ class Writer:
         self._sealer_pending_max = 262_144
         self._sealer = threading.Thread(target=self._run_sealer, name="audit-sealer",
                                         daemon=True)
+        # [audit] store: uploads sealed files from its own thread (see store.Uploader)
+        self._uploader: objstore.Uploader | None = None
+        if cfg.store:
+            me = cfg.parent_pid
+            self._uploader = objstore.Uploader(
+                objstore.Store.open(cfg.store), self.root, cfg.instance, self.stream,
+                try_lock=lambda s: lock_stream(self.root, s, role="recover", parent=me,
+                                               wait=0),
+                on_pass=self._report_uploads)
 
     # -- main loop --------------------------------------------------------------------
 
@@ -375,6 +396,8 @@ class Writer:
             _nice(WRITER_NICE)
         pause = busy_pause = 0.0
         self._sealer.start()
+        if self._uploader is not None:
+            self._uploader.start()      # first: what recovery sealed, a backlog
         fd = self.cfg.data_fd
         inbuf = bytearray()
         poller = select.poll()
@@ -842,8 +865,27 @@ class Writer:
         self._sq.put(("stop",))
         self._sealer.join()
         self.stats.segment_seq = self._seg_seq
+        if self._uploader is not None and clean:
+            # best effort within upload_drain; what is left uploads at the next start
+            if not self._uploader.drain(self.cfg.upload_drain):
+                log.warning("audit: %d sealed file(s) not yet in %s; they upload at the "
+                            "next start", self._uploader.backlog or 1,
+                            self._uploader.store.uri)
+            self._upload_stats()
         if clean:
             self.answers.send(ipc.A_EXIT, self.stats)
+
+    def _report_uploads(self) -> None:
+        # from the uploader thread: counters to the worker (/metrics), durable 0
+        self._upload_stats()
+        self.answers.send(ipc.A_DURABLE, ipc.Ack(0, [], [], self.stats))
+
+    def _upload_stats(self) -> None:
+        u = self._uploader
+        if u is not None:
+            self.stats.uploaded = u.uploaded
+            self.stats.upload_backlog = u.backlog
+            self.stats.upload_error = u.last_error
 
     # -- sealer thread --------------------------------------------------------------
 
@@ -902,11 +944,14 @@ class Writer:
                             updated=datetime.now(UTC).isoformat()))
                         if wal_path is not None:
                             wal_path.unlink(missing_ok=True)
+                        if self._uploader is not None:
+                            self._uploader.kick()
                     elif sink is not None and not failed and wal_path is not None:
                         wal_path.unlink(missing_ok=True)
                     sink = None
                     wal_path = None
                     gc.collect()
+                    self._upload_stats()
                     if req is not None:
                         self.answers.send(ipc.A_ROLLED, ipc.Rolled(
                             req, str(out) if out else None, None, self.stats))
@@ -1148,7 +1193,11 @@ def main(argv: list[str] | None = None) -> int:
     if started is None:
         return 1
     tip, lock_fd = started
-    writer = Writer(cfg, answers, tip, lock_fd)
+    try:
+        writer = Writer(cfg, answers, tip, lock_fd)
+    except AuditError as e:         # [audit] store names nothing we can open
+        answers.send(ipc.A_ERROR, [str(e)])
+        return 1
     answers.send(ipc.A_STARTED, ipc.Started(os.getpid(), tip.seq, tip.records))
     return writer.run()
 

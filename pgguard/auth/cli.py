@@ -183,11 +183,16 @@ def _revoke(args: argparse.Namespace) -> int:
         note = "already expired; recorded anyway"
     else:
         note = "live sessions using it end within a second"
-    try:
-        rec = revocations.revoke(cfg, token_id, expires_at=expires_at)
-    except OSError as e:
-        raise PgguardError(f"cannot write {revocations.store_path(cfg)}: "
-                           f"{e.strerror or e}") from None
+    if cfg.control is not None:
+        # a fleet: the control database records it and wakes every instance
+        from ..control.revocations import revoke as revoke_shared
+        rec = revoke_shared(cfg, token_id, expires_at=expires_at)
+    else:
+        try:
+            rec = revocations.revoke(cfg, token_id, expires_at=expires_at)
+        except OSError as e:
+            raise PgguardError(f"cannot write {revocations.store_path(cfg)}: "
+                               f"{e.strerror or e}") from None
     if args.json:
         sys.stdout.write(orjson.dumps({"token_id": rec.jti, "revoked_at": _iso(rec.at),
                                        "forget_after": _iso(rec.exp)}).decode() + "\n")

@@ -243,11 +243,27 @@ class Throttle:
     def __len__(self) -> int:
         return len(self._table)
 
+    def set_fleet(self, instances: int) -> None:
+        """Share the limits with ``instances`` pgguard instances behind one load balancer
+        (the live count of the control database's heartbeats): each counts failures
+        alone, so each starts delaying after ``ceil(after / instances)`` failures and
+        spaces attempts ``instances`` times wider. A source spread over the fleet thus
+        gets about the attempts one instance would allow; a source pinned to one
+        instance gets fewer (stricter, never looser). Example: ``t.set_fleet(3)``."""
+        self.fleet = max(1, int(instances))
+
+    fleet = 1
+
+    def _threshold(self) -> int:
+        # failures before delays start, this instance's share of the fleet's limit
+        return -(-self.after // self.fleet)
+
     def _penalty(self, failures: int) -> float:
-        extra = failures - self.after
+        n = self.fleet
+        extra = failures - self._threshold()
         if extra < 0:
             return 0.0
-        return min(self.delay * (2.0 ** min(extra, 60)), self.max_delay)
+        return min(self.delay * n * (2.0 ** min(extra, 60)), self.max_delay)
 
     def _get(self, key: str, now: float) -> _Entry | None:
         e = self._table.get(key)
@@ -292,7 +308,7 @@ class Throttle:
             e = self._get(key, now)
             if e is None:
                 e = _Entry(now)
-            elif now - e.first > self.window and e.failures < self.after:
+            elif now - e.first > self.window and e.failures < self._threshold():
                 e.failures, e.first = 0, now    # old failures below the threshold expire
             e.failures += 1
             e.last = now

@@ -220,11 +220,11 @@ BUILTIN: dict[str, Detector] = {d.name: d for d in (
 )}
 
 
-def _compile_db(dets: Sequence[Detector]) -> hyperscan.Database:
+def _compile_db(dets: Sequence[Detector], ids: Sequence[int] | None = None) -> hyperscan.Database:
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     db.compile(
         expressions=[d.prefilter for d in dets],
-        ids=list(range(len(dets))),
+        ids=list(range(len(dets))) if ids is None else list(ids),
         elements=len(dets),
         flags=[d.hs_flags for d in dets],
     )
@@ -290,6 +290,18 @@ class DetectorSet:
         self._locate = tuple(d.locate for d in detectors)
         self.all_bits = (1 << len(detectors)) - 1
         self.db = _compile_db(detectors)
+        # the compiled core's split of the same work (same ids, same results):
+        # ``native`` maps the built-ins it prefilters and/or locates in C to their ids
+        # (credit_card, phone: a digit automaton instead of Hyperscan, which crawls
+        # through digit-dense text on their bounded repeats; all four: locator and
+        # validation in C for text cells); ``hs_db`` holds the other prefilters, with
+        # their ids in this set (None: none left)
+        self.native: dict[str, int] = {
+            d.name: i for i, d in enumerate(detectors)
+            if d.name in _NATIVE and BUILTIN.get(d.name) is d}
+        pre = {self.native[k] for k in _NATIVE_PREFILTER if k in self.native}
+        rest = [i for i in range(len(detectors)) if i not in pre]
+        self.hs_db = _compile_db([detectors[i] for i in rest], rest) if rest else None
 
     @classmethod
     def from_config(cls, builtin: Iterable[str], custom: Iterable[object]) -> DetectorSet | None:
@@ -395,6 +407,10 @@ class DetectorSet:
         out += cell[pos:]
         return bytes(out), hit
 
+
+# built-ins the compiled core handles itself (rowmask.pyx): prefilters, locators
+_NATIVE_PREFILTER = ("credit_card", "phone")
+_NATIVE = ("credit_card", "phone", "ssn", "email")
 
 # bytes with a meaning in array, composite and xml literals
 _LITERAL_SYNTAX = frozenset(b'{}(),"\\<>&')

@@ -43,6 +43,9 @@ from .wire import applies
 SINK_FUNCS = frozenset({"set_config", "lo_from_bytea", "lo_put", "lowrite", "lo_import",
                         "lo_export", "dblink_exec", "dblink", "pg_logical_emit_message",
                         "pg_notify"})
+# functions that read an open cursor's rows inside the server: the rows never pass the
+# wire as the cursor's own result, so its masking plan never applies to them
+CURSOR_READERS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
 # DECLARE ... WITH HOLD (CURSOR_OPT_HOLD): the result is materialized and kept
 _CURSOR_OPT_HOLD = 0x0020
 # statements whose target relation is a plain field, not a RangeVar node
@@ -283,6 +286,14 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=()):
     masked = _by_glob(d, masked, globs)
     names = set(masked)
     bare = {t.split(".", 1)[1] for t in names}
+    for st in d.statements:
+        readers = sorted({f.rsplit(".", 1)[-1] for f in st.functions} & CURSOR_READERS)
+        if readers and (names or globs):
+            return _refusal(
+                d, st, f"{readers[0]}() reads a cursor's rows inside the server, where "
+                "masking cannot follow them",
+                f"statement kind: {st.kind}; calls {', '.join(r + '()' for r in readers)}",
+                "FETCH from the cursor instead: its rows are masked on the way to you.")
     if not any(r in names or r.split(".", 1)[-1] in bare or r.split(".", 1)[-1] in
                STATS_VALUES or "opaque" in st.flags
                for st in d.statements

@@ -293,7 +293,7 @@ class ReferenceRewriter:
             i += 1
         return len(p)
 
-    def _fields(self, line: bytes) -> list[tuple[bytes, bytes | None]]:
+    def _fields(self, line: bytes, as_client: bool = False) -> list[tuple[bytes, bytes | None]]:
         """(raw, value or None for NULL) of each field of one line."""
         c = self._copy
         d = c.delimiter[0]
@@ -306,7 +306,10 @@ class ReferenceRewriter:
                     i += 2 if line[i] == 92 else 1
                 i = min(i, len(line))
                 raw = line[start:i]
-                fields.append((raw, None if raw == c.null else _text_unescape(raw)))
+                # a NULL string other than \N may also be a value written as it is:
+                # every field is then a value (see rowmask.MaskPlan.null_ambiguous)
+                fields.append((raw, None if raw == c.null and (as_client or c.null == b"\\N")
+                               else _text_unescape(raw)))
                 if i >= len(line):
                     return fields
                 i += 1

@@ -355,6 +355,13 @@ class MaskState:
             rel.setdefault((schema, name), set()).update(n for _, n in attrs)
         return {k: frozenset(v) for k, v in rel.items()}, cols
 
+    def holds_masked_rows(self, name: str) -> bool:
+        """Whether relation ``schema.name`` has a column whose type carries whole rows of
+        a table with masked columns (for this identity)."""
+        schema, _, rel = name.partition(".")
+        return (schema, rel) in self._masked_rel and not any(
+            n == name for n, _ in self.catalog.tables.values())
+
     # -- lineage of statements (the planner's answer, cached by statement and shape)
     def lineage_now(self, sql: bytes, d, param_oids: tuple = ()):
         """The lineage the plan of ``sql`` is made with: a Lineage, None (not needed:
@@ -614,7 +621,9 @@ class MaskState:
                 objs.clear()
             else:
                 objs.pop(name, None)
-            return ObjPlan(None, reads)
+            # DEALLOCATE / CLOSE also drop a protocol statement / portal of that name
+            # (one namespace each): _declared forgets its plan once it has run
+            return ObjPlan(None, reads, None, ("forget", name, table))
         return ObjPlan(None, reads, (table, name))
 
     def _push(self, entry: tuple) -> None:
@@ -744,10 +753,32 @@ class MaskState:
         return out
 
     def _declared(self, obj: ObjPlan, complete: bytes) -> None:
-        if obj.declare is not None and complete[5:].startswith((b"DECLARE CURSOR",
-                                                                 b"PREPARE")):
+        tag = complete[5:]
+        if obj.declare is not None and obj.declare[0] != "forget" and tag.startswith(
+                (b"DECLARE CURSOR", b"PREPARE")):
             table, name, plan = obj.declare
             (self.cursors if table == "cursor" else self.sql_prepared)[name] = plan
+        if tag.startswith((b"PREPARE", b"DEALLOCATE", b"DECLARE CURSOR", b"CLOSE CURSOR",
+                           b"DISCARD ALL")):
+            # SQL PREPARE / DEALLOCATE share one namespace with the protocol's statements,
+            # SQL DECLARE / CLOSE with its portals: a protocol object of that name is gone
+            # (or was never there), and its plan must not describe what a later Bind or
+            # Execute of the name runs. Which name, when the Query held several statements
+            # (or DISCARD ALL), is not known here: every named one of that kind is
+            # forgotten (its rows then end the session rather than leave).
+            table = "prepared" if tag.startswith((b"PREPARE", b"DEALLOCATE")) else "cursor"
+            d = obj.declare
+            name = None
+            if d is not None and d[1] is not None and (
+                    d[0] == table or (d[0] == "forget" and d[2] == table)):
+                name = d[1].encode()
+            for kind in ("prepared", "cursor") if tag.startswith(b"DISCARD") else (table,):
+                objs = self.stmts if kind == "prepared" else self.portals
+                for n in [name] if name is not None and kind == table else \
+                        [n for n in objs if n]:
+                    objs.pop(n, None)
+                    if kind == "prepared":
+                        self.reading_stmts.discard(n)
 
     # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
     #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing

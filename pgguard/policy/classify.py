@@ -16,7 +16,9 @@ Flags (DESIGN.md section 4):
     row (below), ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, ALTER COLUMN ... TYPE (with
     or without USING: the conversion may lose data), CREATE OR REPLACE of a function,
     procedure, view, rule or trigger (pgguard cannot know whether one exists, so it is
-    taken as replacing one), lo_unlink / lo_put / lo_truncate(64) / lowrite, MERGE ... WHEN
+    taken as replacing one), lo_unlink / lo_put / lo_truncate(64) / lowrite, state that
+    ROLLBACK does not restore (setval, ALTER SEQUENCE / identity column ... RESTART, SET
+    UNLOGGED), a DO INSTEAD NOTHING rule (it swallows every later write), MERGE ... WHEN
     MATCHED THEN DELETE with no condition of its own (``AND ...``), MERGE ... WHEN NOT
     MATCHED BY SOURCE THEN DELETE or UPDATE, MERGE ... THEN UPDATE/DELETE whose join does
     not narrow the target's rows (``ON true``, ``ON s.id = 1``, the target merged with
@@ -39,7 +41,8 @@ Flags (DESIGN.md section 4):
     ``set_config('role', ...)`` (or with a name pgguard cannot read), DISCARD ALL (it
     resets the session authorization), ALTER ... OWNER TO, REASSIGN OWNED, ALTER DEFAULT
     PRIVILEGES, row-level security (CREATE/ALTER POLICY, ALTER TABLE ... DISABLE ROW LEVEL
-    SECURITY), SECURITY DEFINER functions, ``session_replication_role``, and any write to a
+    SECURITY), DISABLE TRIGGER / RULE, a view's security_barrier / security_invoker /
+    check_option, SECURITY DEFINER functions, ``session_replication_role``, and any write to a
     system catalog relation (``pg_catalog``, ``information_schema``, ``pg_toast``; an
     unqualified ``pg_*`` name is pg_catalog's, which is searched first): INSERT, UPDATE,
     DELETE, MERGE, TRUNCATE, COPY FROM, ALTER, DROP, and CREATE/DROP TRIGGER or RULE on it.
@@ -47,11 +50,13 @@ Flags (DESIGN.md section 4):
     reaching outside the database: COPY TO/FROM PROGRAM or a server file, pg_read_file and
     the other server-file functions, lo_import/lo_export, dblink*, pg_terminate_backend,
     pg_cancel_backend, pg_reload_conf, ALTER SYSTEM, CREATE/ALTER EXTENSION, LOAD, untrusted
-    or C language functions, foreign servers, user mappings and subscriptions, and settings
+    or C language functions, foreign servers, user mappings, subscriptions and publications,
+    pg_stat_reset* / pg_stat_statements_reset, and settings
     that would make pgguard's parser read the text differently from the server
     (``standard_conforming_strings = off``, a client_encoding other than UTF8).
 ``opaque``
-    SQL the proxy cannot see into: EXECUTE of a string in PL/pgSQL, CALL, DO blocks and
+    SQL the proxy cannot see into: CREATE TRIGGER and CREATE RULE with actions (code that
+    runs later inside other sessions' statements), EXECUTE of a string in PL/pgSQL, CALL, DO blocks and
     functions in languages other than plpgsql and sql, SQL EXECUTE of a statement this
     session was not seen preparing, query_to_xml() and other functions that run SQL text.
 ``write``
@@ -219,6 +224,7 @@ _ESCAPE_FUNCS = {
     "pg_wal_replay_pause": "pauses WAL replay",
     "pg_wal_replay_resume": "resumes WAL replay",
     "pg_import_system_collations": "imports operating-system collations",
+    "pg_stat_statements_reset": "erases the server's statement statistics for every session",
 }
 _ESCAPE_PREFIXES = ("dblink", "pg_read_", "pg_ls_", "pg_file_", "pg_logdir_",
                     "pg_replication_origin_")
@@ -243,6 +249,9 @@ _DESTRUCTIVE_FUNCS = {
     "lo_truncate": "truncates an existing large object",
     "lo_truncate64": "truncates an existing large object",
     "lowrite": "overwrites part of an existing large object",
+    # not undone by ROLLBACK; moved back, later INSERTs collide with existing keys
+    "setval": "moves a sequence (not undone by ROLLBACK: later INSERTs can collide with "
+              "existing keys)",
 }
 
 # functions that change state (for Statement.readonly)
@@ -351,6 +360,10 @@ _UTILITY_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "DropTableSpaceStmt": (("destructive", "DROP TABLESPACE"),),
     "DropSubscriptionStmt": (("destructive", "DROP SUBSCRIPTION"),),
     "DropUserMappingStmt": (("destructive", "DROP USER MAPPING"),),
+    "CreatePublicationStmt": (("escape", "CREATE PUBLICATION sends table rows to subscribers "
+                                         "outside this database"),),
+    "AlterPublicationStmt": (("escape", "ALTER PUBLICATION changes which rows leave this "
+                                        "database for subscribers"),),
 }
 
 
@@ -689,6 +702,8 @@ def _func_class(bare: str) -> tuple[str, str] | None:
     why = _ESCAPE_FUNCS.get(bare)
     if why is not None:
         return "escape", why
+    if bare.startswith("pg_stat_reset"):
+        return "escape", "erases server statistics that every session and the DBA rely on"
     if bare.startswith(_ESCAPE_PREFIXES):
         return "escape", _ESCAPE_PREFIX_WHY
     why = _OPAQUE_FUNCS.get(bare)
@@ -1037,9 +1052,12 @@ def _changes_rows(acc: _Acc) -> None:
 
 def _insert(acc: _Acc, b: dict) -> None:
     occ = b.get("onConflictClause")
-    if type(occ) is dict and occ.get("action") == "ONCONFLICT_UPDATE":
+    upsert = type(occ) is dict and occ.get("action") == "ONCONFLICT_UPDATE"
+    if upsert:
         _changes_rows(acc)
     acc.enter("insert")
+    if upsert:
+        acc.kinds["update"] = None          # it updates rows too: rules on "update" match
     saved_w, saved_u = acc.rvwrite, acc.utility
     acc.rvwrite = acc.utility = False
     pushed = _push_ctes(acc, b.get("withClause"))
@@ -1074,12 +1092,20 @@ def _delete(acc: _Acc, b: dict) -> None:
     _update_or_delete(acc, b, "DELETE")
 
 
+_MERGE_ACTIONS = {"CMD_INSERT": "insert", "CMD_UPDATE": "update", "CMD_DELETE": "delete"}
+
+
 def _merge(acc: _Acc, b: dict) -> None:
     clauses = [w.get("MergeWhenClause") for w in b.get("mergeWhenClauses") or ()
                if type(w) is dict and type(w.get("MergeWhenClause")) is dict]
     if any(wc.get("commandType") in ("CMD_DELETE", "CMD_UPDATE") for wc in clauses):
         _changes_rows(acc)
     acc.enter("merge")
+    # what the MERGE can do, so that a rule on "insert"/"update"/"delete" matches it too
+    for wc in clauses:
+        action = _MERGE_ACTIONS.get(wc.get("commandType"))
+        if action:
+            acc.kinds[action] = None
     saved_w, saved_u = acc.rvwrite, acc.utility
     acc.rvwrite = acc.utility = False
     pushed = _push_ctes(acc, b.get("withClause"))
@@ -1142,6 +1168,7 @@ def _copy(acc: _Acc, b: dict) -> None:
         if name:
             _written(acc, name)
         acc.flag("write", f"COPY FROM into {what}")
+        acc.kinds["insert"] = None          # it inserts rows: rules on "insert" match
     elif name:
         acc.reads[name] = None
     q = b.get("query")
@@ -1373,12 +1400,77 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             acc.flag("privilege", f"ALTER TABLE {target} OWNER TO changes the owner")
         elif sub in ("AT_DisableRowSecurity", "AT_NoForceRowSecurity"):
             acc.flag("privilege", f"ALTER TABLE {target} weakens row-level security")
+        elif sub in _DISABLING_SUBTYPES:
+            acc.flag("privilege", f"ALTER TABLE {target} {_DISABLING_SUBTYPES[sub]} (they may "
+                     "enforce integrity or auditing for every session)")
+        elif sub == "AT_SetIdentity" and "restart" in _cmd_options(cmd):
+            acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} RESTART moves "
+                     "the identity sequence (not undone by ROLLBACK: later INSERTs can "
+                     "collide with existing keys)")
+        elif sub in _INHERITANCE_SUBTYPES:
+            _inheritance_change(acc, target, sub, cmd.get("def"))
+        elif sub == "AT_SetUnLogged":
+            acc.flag("destructive", f"ALTER TABLE {target} SET UNLOGGED: an unlogged table is "
+                     "emptied after a crash and is not replicated")
+        elif sub in ("AT_SetRelOptions", "AT_ResetRelOptions", "AT_ReplaceRelOptions"):
+            weakened = sorted(_cmd_options(cmd).keys() & _SECURITY_RELOPTIONS)
+            if weakened:
+                acc.flag("privilege", f"ALTER {target} changes {', '.join(weakened)}, which "
+                         "decides what leaks through a view")
         elif sub == "AT_AlterColumnType":
             using = " ... USING" if _has_using(cmd) else ""
             acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} TYPE{using} "
                      "rewrites every value of the column (a lossy conversion or USING "
                      "can destroy it)")
     _utility_walk(acc, b)
+
+
+_DISABLING_SUBTYPES = {
+    "AT_DisableTrig": "DISABLE TRIGGER switches a trigger off",
+    "AT_DisableTrigAll": "DISABLE TRIGGER ALL switches its triggers off",
+    "AT_DisableTrigUser": "DISABLE TRIGGER USER switches its triggers off",
+    "AT_DisableRule": "DISABLE RULE switches a rule off",
+}
+_SECURITY_RELOPTIONS = frozenset({"security_barrier", "security_invoker", "check_option"})
+
+
+# ALTER TABLE sub-commands that move a whole table's rows into or out of another table
+_INHERITANCE_SUBTYPES = frozenset({"AT_AttachPartition", "AT_DetachPartition",
+                                   "AT_DetachPartitionFinalize", "AT_AddInherit",
+                                   "AT_DropInherit"})
+
+
+def _inheritance_change(acc: _Acc, target: str, sub: str, d: Any) -> None:
+    """ATTACH/DETACH PARTITION, [NO] INHERIT: every row of the partition or child table
+    appears in or disappears from the parent, so rules on the parent's inserts and
+    deletes match, and taking rows away is destructive."""
+    if type(d) is not dict:
+        return
+    pc = d.get("PartitionCmd")
+    rv = pc.get("name") if type(pc) is dict else d.get("RangeVar")
+    if type(rv) is not dict:
+        return
+    other = _relname(rv)
+    # ALTER TABLE parent ... PARTITION child; ALTER TABLE child [NO] INHERIT parent
+    parent, child = (target, other) if pc is not None else (other, target)
+    _written(acc, parent)
+    _written(acc, child)
+    if sub in ("AT_AttachPartition", "AT_AddInherit"):
+        acc.kinds["insert"] = None
+        acc.flag("write", f"every row of {child} becomes a row of {parent}")
+    else:
+        acc.kinds["delete"] = None
+        acc.flag("write", f"every row of {child} leaves {parent}")
+        acc.flag("destructive", f"ALTER TABLE ... {'DETACH PARTITION' if pc is not None else 'NO INHERIT'} "
+                 f"removes every row of {child} from {parent}")
+
+
+def _cmd_options(cmd: dict) -> dict[str, Any]:
+    """The DefElem options of an ALTER TABLE sub-command (its def is a List node)."""
+    d = cmd.get("def")
+    if type(d) is dict and type(d.get("List")) is dict:
+        return _defelems(d["List"].get("items"))
+    return _defelems(d if type(d) is list else None)
 
 
 def _has_using(cmd: dict) -> bool:
@@ -1409,6 +1501,15 @@ def _alter_setting(acc: _Acc, b: dict, tag: str) -> None:
     _utility_walk(acc, b, ("setstmt",))
 
 
+def _alter_seq(acc: _Acc, b: dict) -> None:
+    acc.enter("alter")
+    if "restart" in _defelems(b.get("options")):
+        acc.flag("destructive", f"ALTER SEQUENCE {_relname(b.get('sequence') or {})} RESTART "
+                 "moves the sequence (not undone by ROLLBACK: later INSERTs can collide "
+                 "with existing keys)")
+    _utility_walk(acc, b)
+
+
 def _alter_role_set(acc: _Acc, b: dict) -> None:
     _alter_setting(acc, b, "AlterRoleSetStmt")
 
@@ -1432,9 +1533,23 @@ def _call(acc: _Acc, b: dict) -> None:
     acc.utility = saved_u
 
 
+def _deferred(acc: _Acc, what: str, rel: Any, events: str) -> None:
+    """A trigger or rule runs code later, inside other sessions' statements (the
+    application's too), where pgguard never judges it: opaque."""
+    name = _relname(rel) if type(rel) is dict else "?"
+    acc.flag("opaque", f"{what} makes every later {events} on {name}, in every session, run "
+             "code pgguard does not judge when it runs")
+
+
+_TRIGGER_EVENTS = ((4, "INSERT"), (8, "DELETE"), (16, "UPDATE"), (32, "TRUNCATE"))
+
+
 def _create_trigger(acc: _Acc, b: dict) -> None:
     acc.enter("create")
     _replace_check(acc, b, f"TRIGGER {b.get('trigname', '')}".rstrip())
+    ev = int(b.get("events") or 0)
+    _deferred(acc, f"CREATE TRIGGER {b.get('trigname', '')}", b.get("relation"),
+              "/".join(n for bit, n in _TRIGGER_EVENTS if ev & bit) or "write")
     fn = _dotted(b.get("funcname"))
     if fn:
         acc.funcs[fn] = None
@@ -1469,8 +1584,14 @@ def _rule(acc: _Acc, b: dict) -> None:
     acc.enter("create")
     _replace_check(acc, b, f"RULE {b.get('rulename', '')}".rstrip())
     rel = b.get("relation")
+    event = str(b.get("event", "")).removeprefix("CMD_").upper()
+    if b.get("actions"):
+        _deferred(acc, f"CREATE RULE {b.get('rulename', '')}", rel, event)
     if type(rel) is dict:
         _written(acc, _relname(rel))
+        if b.get("instead") and not b.get("actions"):
+            acc.flag("destructive", f"CREATE RULE ... DO INSTEAD NOTHING silently discards "
+                     f"every later {event} on {_relname(rel)}, for every session")
     saved = acc.ctx
     acc.ctx = saved + "rule action: "
     saved_w, saved_u = acc.rvwrite, acc.utility
@@ -1745,7 +1866,7 @@ _STMT: dict[str, Any] = {
     "DeallocateStmt": _deallocate, "TransactionStmt": _transaction,
     "VariableSetStmt": _varset, "DiscardStmt": _discard, "GrantStmt": _grant,
     "GrantRoleStmt": _grant, "DropStmt": _drop, "TruncateStmt": _truncate,
-    "AlterTableStmt": _alter_table, "RenameStmt": _rename,
+    "AlterTableStmt": _alter_table, "RenameStmt": _rename, "AlterSeqStmt": _alter_seq,
     "AlterRoleSetStmt": _alter_role_set, "AlterDatabaseSetStmt": _alter_db_set,
     "AlterSystemStmt": _alter_system, "CallStmt": _call, "CreateTrigStmt": _create_trigger,
     "ViewStmt": _query_holder("ViewStmt"), "CreateTableAsStmt": _query_holder("CreateTableAsStmt"),

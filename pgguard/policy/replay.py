@@ -8,7 +8,8 @@ Usage::
                           [--identity NAME] [--audit-dir DIR] [--examples N] [--json]
 
 The audit log read is the candidate's ``[audit] dir`` (a copy of the production config
-edited in place keeps it), or ``--audit-dir``. Every ``statement`` record in the period is
+edited in place keeps it), with its ``[audit] store`` when it names one (every
+instance's records), or ``--audit-dir``. Every ``statement`` record in the period is
 decided again, uncached, by the candidate's rules for the identity, kind, groups and
 database it was recorded with; the recorded outcome and the new one are compared as
 ``allowed`` (allowed, approved by a standing grant, or failed upstream), ``blocked`` and
@@ -51,7 +52,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from ..config import Config, load
+from ..config import Config, instance_name, load
 from ..errors import PgguardError
 from .rules import PolicyEngine
 
@@ -81,12 +82,15 @@ def outcome_of_record(decision: str | None, approver: str | None) -> str | None:
 
 
 def _records(root: Path, since: datetime, until: datetime,
-             identity: str | None) -> list[dict[str, Any]]:
+             identity: str | None, store: str | None = None,
+             instance: str | None = None) -> list[dict[str, Any]]:
     # duckdb and pyarrow are heavy: loaded only when the log is read
     from ..audit.query import open_audit, rows_as_dicts
-    if not root.is_dir():
+    from ..audit.store import Store
+    if store is None and not root.is_dir():
         raise PgguardError(f"no audit log at {root}")
-    con, _ = open_audit(root)
+    # with [audit] store: every instance's records in the store, and this one's local rest
+    con, _ = open_audit(root, store=Store.open(store) if store else None, instance=instance)
     params: list = [since, until]
     sql = ("SELECT ts, identity, database, statement, decision, rule, approver "
            "FROM audit WHERE event = 'statement' AND statement IS NOT NULL "
@@ -233,7 +237,8 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.identity is not None and args.identity not in cfg.identities:
         known = ", ".join(sorted(cfg.identities)) or "none configured"
         raise PgguardError(f"unknown identity {args.identity!r} (known: {known})")
-    records = _records(root, since, until, args.identity)
+    store = None if getattr(args, "audit_dir", None) else cfg.audit.store
+    records = _records(root, since, until, args.identity, store, instance_name(cfg))
     rep = replay(cfg, records, examples=args.examples)
     rep.update(since=since.isoformat(), until=until.isoformat(), audit_dir=str(root))
     if args.json:

@@ -1,8 +1,10 @@
 # Views and rewrite rules resolved to the relations they really touch, for rule matching.
-"""What a statement on a view really touches.
+"""What a statement on a view (or a partition) really touches.
 
 ``UPDATE my_view SET ...`` changes the tables behind ``my_view``; a rule on
-``public.orders`` must see that. A :class:`ViewMap` holds, for every relation that has
+``public.orders`` must see that. Likewise ``UPDATE orders_2024 ...`` changes rows of the
+partitioned ``orders`` (and a child of an inheritance parent holds the parent's rows): a
+partition or child has an edge to each parent. A :class:`ViewMap` holds, for every relation that has
 rewrite rules (a view's ``_RETURN`` rule, ``INSTEAD`` / ``ALSO`` rules), the relations
 those rules use, and resolves them transitively (views of views). The policy engine
 expands a statement's ``relations_written`` / ``relations_read`` with them before any
@@ -252,6 +254,11 @@ def learned(st: Statement, known: ViewMap | None = None) -> dict[str, frozenset[
         names = _rv_names(body.get("view"))
     elif tag == "RuleStmt":
         names = _rv_names(body.get("relation"))
+    elif tag == "CreateStmt" and body.get("inhRelations"):
+        # a partition or inheritance child holds rows of its parents: rules on them cover it
+        names = _rv_names(body.get("relation"))
+    elif tag == "AlterTableStmt":
+        names = _attached(body)
     elif tag == "CreateTableAsStmt" and body.get("objtype") == "OBJECT_MATVIEW":
         names = _rv_names((body.get("into") or {}).get("rel"))
     elif tag == "CreateSchemaStmt":
@@ -296,6 +303,20 @@ def learned(st: Statement, known: ViewMap | None = None) -> dict[str, frozenset[
         if behind:
             edges[n] = frozenset(behind)
     return edges
+
+
+def _attached(body: dict) -> tuple[str, ...]:
+    """The tables ALTER TABLE ... ATTACH PARTITION / INHERIT makes children of another."""
+    out: tuple[str, ...] = ()
+    for c in body.get("cmds") or ():
+        cmd = c.get("AlterTableCmd") if type(c) is dict else None
+        if type(cmd) is not dict or type(cmd.get("def")) is not dict:
+            continue
+        if cmd.get("subtype") == "AT_AttachPartition":
+            out += _rv_names((cmd["def"].get("PartitionCmd") or {}).get("name"))
+        elif cmd.get("subtype") == "AT_AddInherit":
+            out += _rv_names(body.get("relation"))
+    return out
 
 
 class SessionViews:
