@@ -84,7 +84,11 @@ class Enforcement:
                     elif t in (81, 70):         # a dropped Query/FunctionCall: no Z
                         self.sync_adjust -= 1
                     continue
-                if t == 81:                     # 'Q' simple Query
+                if (t == 81 or t == 80) and _pg_rejects(msg):
+                    # malformed as Postgres reads it: it runs nothing and answers
+                    # with its own 08P01 ERROR, so it goes upstream unjudged
+                    self._forward_rejected(t, msg, out)
+                elif t == 81:                   # 'Q' simple Query
                     n = len(out)
                     self._on_query(msg, out, items[i + 1:])
                     if strict and len(out) > n and out[-1] is msg:
@@ -142,6 +146,20 @@ class Enforcement:
         if out:
             self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
+
+    def _forward_rejected(self, t: int, msg: bytes, out: list) -> None:
+        """A Query or Parse that Postgres refuses as malformed (_pg_rejects): sent on
+        as it is, with the bookkeeping of a statement that fails (its error, then the
+        Query's ReadyForQuery or the skip to Sync)."""
+        out.append(msg)
+        mask = self.masking
+        if mask is not None:
+            if t == 81:
+                mask.fseg += 1
+            else:
+                mask.failed_parse()
+        if self.tracker is not None:
+            self.tracker.flog.append((msg, None, time.monotonic_ns()))
 
     def _terminate_from_client(self, out: list, msg: bytes) -> None:
         out.append(msg)
@@ -547,6 +565,23 @@ _ROLE_KINDS = frozenset({"set", "reset", "discard"})
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9 _.,:;()=<>*/+\"-]")
+
+
+def _pg_rejects(msg: bytes) -> bool:
+    """True for a Query or Parse Postgres refuses before running anything: its fields
+    read as postgres.c reads them (pq_getmsgstring: a NUL-terminated string;
+    pq_getmsgint(2) parameter count and its 4-byte OIDs) do not end exactly at the
+    message's end (pq_getmsgend)."""
+    n = len(msg)
+    first = msg.find(b"\0", 5)
+    if msg[0] == 81:                                # Query: one string, nothing after
+        return first != n - 1
+    if first < 0:                                   # Parse: name, text, count, OIDs
+        return True
+    second = msg.find(b"\0", first + 1)
+    if second < 0 or second + 3 > n:
+        return True
+    return second + 3 + 4 * int.from_bytes(msg[second + 1:second + 3], "big") != n
 
 
 def _param_oids(msg: bytes, pos: int) -> tuple:

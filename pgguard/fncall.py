@@ -43,7 +43,6 @@ import msgspec
 from pglast import keywords as _kw
 
 from .enforce import _reads_masked
-from .errors import ProtocolViolation
 from .policy.rules import Decision
 from .tracking import statement_record
 
@@ -271,9 +270,16 @@ class FunctionCalls:
         s = self.s
         try:
             call = parse_call(msg)
-        except ValueError as e:
-            s.fail(ProtocolViolation(f"invalid FunctionCall message: {e}"))
-            return True
+        except ValueError:
+            # malformed as Postgres reads it too: it calls nothing (it reads every
+            # argument and the message's end before the call) and answers with its own
+            # error (42883 for an unknown OID, 42501, 08P01), then ReadyForQuery
+            out.append(msg)
+            if s.masking is not None:
+                s.masking.fseg += 1             # answered by its own ReadyForQuery
+            if s.tracker is not None:
+                s.tracker.flog.append((msg, None, time.monotonic_ns()))
+            return False
         info = s.server.cached_function(s.database, call.oid)
         if info is not None:
             self._judge(msg, call, info, out)

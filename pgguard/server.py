@@ -546,11 +546,12 @@ class Server:
         exact, shapes = cache
         if len(msg) > DECISION_TEXT_MAX:
             return
-        _bounded_put(exact, msg, d, len(msg))
+        # what an entry holds: its key, and the decision's statements with their texts
+        _bounded_put(exact, msg, d, len(msg) + _decision_bytes(d))
         if key is not None and d.statements and all(
                 s.kind in SHAREABLE_KINDS and not s.literal_dependent
                 and all(k in SHAREABLE_KINDS for k in s.kinds) for s in d.statements):
-            _bounded_put(shapes, key, d, len(key))
+            _bounded_put(shapes, key, d, len(key) + _decision_bytes(d))
 
     # -- sessions
     def next_session_id(self) -> str:
@@ -720,6 +721,12 @@ class Server:
 _map_bytes: dict[int, int] = {}
 
 
+def _decision_bytes(d) -> int:
+    """What a cached decision keeps beyond its key: its statements' texts (UTF-8 size;
+    a str of them takes at least that) and a few hundred bytes of fields each."""
+    return sum(len(st.text) + 400 for st in d.statements)
+
+
 def _bounded_put(d: dict, key: bytes, value, size: int) -> None:
     """d[key] = value within DECISIONS_PER_IDENTITY entries and DECISION_BYTES of keys
     (past either, the map starts over)."""
@@ -802,6 +809,10 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
     try:
         server.start_audit()
         server.start_control()
+        if server.approvals is not None:
+            # this process's connection (schema, WAL) before any client: a CancelRequest
+            # looks its key up there, and must be answered as soon as Postgres would
+            server.approvals.open()
         if server.revocations is not None:
             server.revocations.start(loop)
         await server.start()

@@ -573,7 +573,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.server.audit_strict
         self.fscan = MessageScan(interest=self.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
-                                 withhold=True,
+                                 withhold=True, pg_limits=m.FRONTEND_PG_LIMITS,
                                  max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
         # a FunctionCall under a policy stops the scan too: it may hold the stream
         self.fscan.set_stop(b"QPF" if self.policy is not None else b"QP", True)
@@ -739,7 +739,13 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.terminate(ShuttingDown("terminating connection due to administrator command"))
 
     def in_flight(self) -> int:
-        return self.fscan.count - self.bscan.count
+        """ReadyForQuery messages the upstream still owes, by Postgres' rules: one per
+        Sync, Query and FunctionCall it was sent (the scan's count, with sync_adjust for
+        the ones pgguard dropped or injected), less the Queries and FunctionCalls it
+        skipped after an extended-protocol error until Sync (the audit's pairing
+        counts those)."""
+        skipped = self.tracker.skipped if self.tracker is not None else 0
+        return self.fscan.count + self.sync_adjust - self.bscan.count - skipped
 
     # -- shutdown and errors
     def begin_drain(self) -> None:

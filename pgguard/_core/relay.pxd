@@ -15,6 +15,10 @@ cdef class MessageScan:
     # decides what to send (frontend); False: they are forwarded and copied (backend)
     cdef bint _withhold
     cdef Py_ssize_t _max_len
+    # per type byte: the longest message Postgres itself reads (length field included;
+    # 0 = no bound of Postgres' own). A longer one is malformed as Postgres judges it
+    # ("length": it closes without a word); one only within _max_len is ours ("limit")
+    cdef uint32_t _pg_max[256]
 
     # a header split across chunks: its bytes so far (_hdr_fill of 5)
     cdef char _hdr[5]

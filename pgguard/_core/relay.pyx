@@ -37,8 +37,14 @@ cdef class MessageScan:
     """
 
     def __cinit__(self, bytes interest=b"", bytes valid=None, bytes counted=b"",
-                  bint withhold=True, Py_ssize_t max_len=64 * 1024 * 1024):
+                  bint withhold=True, Py_ssize_t max_len=64 * 1024 * 1024,
+                  dict pg_limits=None):
         cdef int i
+        memset(self._pg_max, 0, sizeof(self._pg_max))
+        if pg_limits:
+            for types, limit in pg_limits.items():
+                for i in range(len(types)):
+                    self._pg_max[<uint8_t>types[i]] = limit
         memset(self._interest, 0, 256)
         memset(self._counted, 0, 256)
         memset(self._stop, 0, 256)
@@ -264,7 +270,7 @@ cdef class MessageScan:
         if not self._valid[t]:
             raise FrameError(f"invalid message type {t!r} ({chr(t)!r})" if 32 < t < 127
                              else f"invalid message type {t}", "type")
-        if length < 4:
+        if length < 4 or (self._pg_max[t] and length > self._pg_max[t]):
             raise FrameError(f"invalid message length {length} for message type {chr(t)!r}",
                              "length")
         if length > <uint32_t>self._max_len:

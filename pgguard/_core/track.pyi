@@ -11,6 +11,7 @@ class StatementTracker:
     flog: list
     pending: deque
     strict: bool
+    skipped: int
     def __init__(self, session: Any, audit: Any, helpers: tuple, base: datetime,
                  mono0: int) -> None: ...
     def refusal_ignored(self) -> None: ...

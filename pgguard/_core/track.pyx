@@ -15,6 +15,10 @@ import_datetime()
 
 # a frontend entry for an injected refusal Query (answered by a ReadyForQuery)
 REFUSAL_SYNC = 0
+# the per-session cache of statement columns: what one entry's text may be, and what
+# all of them may keep (per session: a thousand sessions keep at most a thousand times it)
+cdef Py_ssize_t PART_TEXT_MAX = 8192
+cdef Py_ssize_t PARTS_BYTES = 1 << 20
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -99,6 +103,9 @@ cdef class StatementTracker:
     cdef dict stmts             # statement name -> (sql, decision)
     cdef dict portals           # portal -> statement name
     cdef bint segment_error
+    # Queries and FunctionCalls Postgres skipped (after an extended-protocol error, until
+    # Sync): forwarded and counted by the frontend scan, never answered by a ReadyForQuery
+    cdef public long long skipped
     cdef long long bytes_mark
     cdef readonly bint strict   # records are written before forwarding: emit nothing
     cdef bint raw               # literals are kept: no per-shape statement columns
@@ -106,6 +113,7 @@ cdef class StatementTracker:
     cdef long long _mono0
     cdef tuple _fixed           # session columns, set at the first record
     cdef dict _parts            # shape -> (decision, statement columns)
+    cdef Py_ssize_t _parts_bytes  # what _parts keeps, counted by its statements' size
     cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
     cdef object _bscan
     cdef bint _masking          # the session masks (counts masked cells per record)
@@ -123,6 +131,8 @@ cdef class StatementTracker:
         self._mono0 = mono0
         self._fixed = None
         self._parts = {}
+        self._parts_bytes = 0
+        self.skipped = 0
         (self._h_record, self._h_part, self._h_session, self._approved,
          self._error_fields) = helpers
         self._log_row = audit.log_row
@@ -210,6 +220,8 @@ cdef class StatementTracker:
                 # after an extended-protocol error Postgres skips Queries and
                 # FunctionCalls too, until Sync: this ReadyForQuery is the Sync's
                 skipped = self.segment_error and e.skippable
+                if skipped:
+                    self.skipped += 1
                 if e.sql is not None and not e.done:
                     if (not e.sync or skipped) and e.state is None and self.segment_error:
                         e.err = "not executed: an earlier message of the pipeline failed"
@@ -319,6 +331,7 @@ cdef class StatementTracker:
             "", ""))
 
     cdef tuple _part(self, bytes sql, dec):
+        cdef Py_ssize_t size
         # the statement columns (statement .. flags), cached per literal-insensitive
         # shape while the same decision object covers it
         key = shape_buf(<const unsigned char*>PyBytes_AS_STRING(sql), PyBytes_GET_SIZE(sql))
@@ -327,8 +340,14 @@ cdef class StatementTracker:
             if hit is not None and (<tuple>hit)[0] is dec:
                 return (<tuple>hit)[1]
         part, cacheable = self._h_part(sql, dec, key)
-        if cacheable:
-            if len(self._parts) >= 1024:
+        # bounded by bytes, not entries: an entry keeps its decision (the statements'
+        # texts) and its normalized text, about three times the statement's size; a
+        # statement longer than PART_TEXT_MAX is likely unique and is not kept
+        if cacheable and PyBytes_GET_SIZE(sql) <= PART_TEXT_MAX:
+            size = 3 * PyBytes_GET_SIZE(sql) + 300
+            if self._parts_bytes + size > PARTS_BYTES:
                 self._parts.clear()
+                self._parts_bytes = 0
             self._parts[key] = (dec, part)
+            self._parts_bytes += size
         return part

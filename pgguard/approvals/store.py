@@ -346,6 +346,10 @@ class ApprovalStore:
 
     # ------------------------------------------------------------------ connections
 
+    def open(self) -> None:
+        """Open this process's (and thread's) connection now rather than at first use."""
+        self._conn()
+
     def _conn(self) -> sqlite3.Connection:
         if os.getpid() != self._pid:
             # forked: the parent's connections must not be used (or closed) here
@@ -440,7 +444,8 @@ class ApprovalStore:
                 "classification, rule, approvers, session_id, cancel_key, requested_at, "
                 "expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 (identity, database, statement, fingerprint, classification, rule,
-                 json.dumps(list(groups)), session_id, cancel_key, now,
+                 json.dumps(list(groups)), session_id,
+                 None if cancel_key is None else _int64(cancel_key), now,
                  now + timeout)).fetchone()[0]
         req = Request(id=int(rid), identity=identity, database=database,  # type: ignore[arg-type]
                       statement=statement, fingerprint=fingerprint,
@@ -579,7 +584,7 @@ class ApprovalStore:
     def withdraw_cancel_key(self, cancel_key: int) -> int:
         """Withdraw the pending requests recorded with this cancel key (a CancelRequest
         that reached any worker); returns how many."""
-        return len(self._finish("withdrawn", "cancel_key = ?", (int(cancel_key),)))
+        return len(self._finish("withdrawn", "cancel_key = ?", (_int64(cancel_key),)))
 
     def expire(self, ids: Iterable[int] | None = None) -> list[Request]:
         """Persist ``timed_out`` for pending requests past their expiry (only ``ids`` when
@@ -809,3 +814,10 @@ def _human(seconds: float) -> str:
         if s >= size and s % size == 0:
             return f"{s // size}{unit}"
     return f"{s}s"
+
+
+def _int64(key: int) -> int:
+    """A 64-bit cancel key (process id and secret, any bits a client sent) as the signed
+    64-bit INTEGER SQLite stores: the same key always maps to the same value."""
+    key = int(key) & 0xFFFFFFFFFFFFFFFF
+    return key - (1 << 64) if key >= 1 << 63 else key

@@ -510,6 +510,10 @@ class MaskState:
             self.plans[key] = plan
         return plan
 
+    def failed_parse(self) -> None:
+        """A Parse Postgres answers with an error (malformed): it creates nothing."""
+        self._push((K_PARSE, b"\0"))
+
     # -- frontend (in forwarding order); returns bytes to inject after the message
     def frontend(self, t: int, msg: bytes, reads_masked: bool = False,
                  lineage=None) -> bytes | None:

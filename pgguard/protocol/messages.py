@@ -27,6 +27,10 @@ FRONTEND_TYPES = b"BCdcfDEHFPQSX"
 FRONTEND_AUTH_TYPES = b"pX"
 # frontend messages each answered by exactly one ReadyForQuery
 FRONTEND_SYNC_TYPES = b"QSF"
+# the longest frontend message Postgres reads, by type (postgres.c SocketBackend: its
+# PQ_SMALL_MESSAGE_LIMIT and PQ_LARGE_MESSAGE_LIMIT, length field included); past it
+# Postgres closes the connection without a word
+FRONTEND_PG_LIMITS = {b"CDEHSXcf": 10000, b"BFPQd": 0x3FFFFFFE}
 
 _ERR_FIELDS = {
     "severity": b"S", "severity_nl": b"V", "sqlstate": b"C", "message": b"M",

@@ -426,6 +426,8 @@ def run(direct: Target, proxied: Target, proxy_proc, proxy_log: Path, *, seed: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=600)
+    ap.add_argument("--cases", type=int, default=None,
+                    help="stop after this many cases per identity (a fixed seed set)")
     ap.add_argument("--seed", type=int, default=int(os.environ.get("PGFUZZ_SEED", "13")))
     ap.add_argument("--identity", choices=["allow", "guarded", "both"], default="both")
     ap.add_argument("--timeout", type=float, default=3.0, help="per reply, seconds")
@@ -461,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"[{n}] {case.name}: postgres {want} pgguard {got}", flush=True)
                 rep = run(direct, Target(proxy.port, AGENT, AGENT_PASSWORD), proxy.proc, proxy.log,
                           seed=args.seed, seconds=args.seconds / len(modes), guarded=mode == "guarded",
-                          timeout=args.timeout, on_case=cb)
+                          timeout=args.timeout, max_cases=args.cases, on_case=cb)
             finally:
                 proxy.stop()
             print(f"== {mode} identity (seed {args.seed}); proxy log {proxy.log}")
