@@ -157,6 +157,9 @@ class ControlLink:
         # monotonic time the database was last lost (or this link was made); None while up
         self.down_since: float | None = time.monotonic()
         self.last_error = "not connected yet"
+        # the listener finished a first attempt (until then, callers connect themselves:
+        # a worker asking right after start() must not be told the database is away)
+        self._attempted = False
 
     @classmethod
     def from_config(cls, cfg: Config, *, role: str = "serve") -> ControlLink:
@@ -204,9 +207,10 @@ class ControlLink:
             self._local = threading.local()
             self._thread = None
             self._listen_conn = None
+            self._attempted = False
         c = getattr(self._local, "conn", None)
         if c is None or c.raw.closed or c.raw.broken:
-            if self._thread is not None and not self.up:
+            if self._thread is not None and self._attempted and not self.up:
                 # the listener knows the database is away (and retries twice a second):
                 # fail now rather than wait out a connect timeout on the caller's thread
                 raise unavailable(self.last_error)
@@ -288,6 +292,7 @@ class ControlLink:
                 for ch in self._subs:
                     conn.execute(f'LISTEN "{ch}"')
                 self._set_state(True)
+                self._attempted = True
                 probed = time.monotonic()
                 while not self._stopping.is_set():
                     for n in conn.notifies(timeout=PROBE_INTERVAL):
@@ -300,6 +305,8 @@ class ControlLink:
                         conn.execute("SELECT 1")
                         probed = time.monotonic()
             except psycopg.Error as e:
+                self._attempted = True
+                self.last_error = str(e)
                 self._set_state(False, e)
             finally:
                 self._listen_conn = None
