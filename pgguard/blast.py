@@ -148,8 +148,13 @@ _MAX_TABLES = 8
 
 
 def _qualified(name: str) -> bytes:
-    """A classifier relation name (schema.name) as a quoted SQL name."""
+    """A classifier relation name (schema.name) as a quoted SQL name that reaches the
+    relation the statement did: the classifier says ``public.x`` for an unqualified
+    ``x``, which the session's search path may find in its temporary schema first, so
+    ``public`` names stay unqualified (resolved as the statement's were)."""
     schema, _, rel = name.partition(".")
+    if schema == "public":
+        return _ident(rel)
     return _ident(schema) + b"." + _ident(rel)
 
 

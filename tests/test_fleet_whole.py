@@ -20,7 +20,7 @@ def _agent_inserts(proxy, table, tag, n):
     return n
 
 
-def test_three_instances_control_and_store_together(pg, control_pg, moto, bucket, s3,
+def test_three_instances_control_and_store_together(pg, control_pg, moto, bucket, s3,  # noqa: F811
                                                     tmp_path):
     table = "whole_fleet"
     setup_table(pg, table)

@@ -200,3 +200,28 @@ def test_raw_pipeline_narrow_then_select_sees_its_result(gproxy, pg, table):
     finally:
         c.close()
     assert truth(pg)[0][1] == 8
+
+
+def test_temporary_table_named_without_schema(gproxy, pg, table):
+    """The classifier calls an unqualified name public.<name>; the measure must reach
+    the table the statement did (a TEMP table here), in both protocols (pgjdbc splits a
+    multi-statement string into extended-protocol statements)."""
+    with psycopg.connect(gproxy.dsn(), autocommit=True) as c:
+        c.execute("CREATE TEMP TABLE jt (id int PRIMARY KEY, val int)")
+        c.execute("INSERT INTO jt SELECT g, 0 FROM generate_series(1, 5) g")
+        c.execute("UPDATE jt SET val = val + 1 WHERE id <= 2", prepare=True)
+        psycopg.ClientCursor(c).execute("UPDATE jt SET val = val + 1 WHERE id <= 2")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DELETE FROM jt WHERE id > 0", prepare=True)
+        assert c.execute("SELECT sum(val), count(*) FROM jt").fetchone() == (4, 5)
+    r = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        r.run("CREATE TEMP TABLE jt (id int PRIMARY KEY, val int)")
+        r.run("INSERT INTO jt SELECT g, 0 FROM generate_series(1, 5) g")
+        r.send(parse("UPDATE jt SET val = val + 1 WHERE id <= 2") + bind() + execute()
+               + parse("SELECT count(*) FROM jt") + bind() + execute() + SYNC)
+        msgs = r.until_ready()
+        assert not errors(msgs), errors(msgs)
+        assert "UPDATE 2" in tags(msgs)
+    finally:
+        r.close()
