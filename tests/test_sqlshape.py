@@ -44,6 +44,11 @@ def test_same_shape_for_different_literals(values):
             parts.append(str(v) if isinstance(v, int) else "'" + v.replace("'", "''") + "'")
         return ("SELECT * FROM t WHERE " + " AND ".join(f"c = {p}" for p in parts)).encode()
     other = [0 if isinstance(v, int) else "x" for v in values]
+    if any("u&" in v.lower() for v in values if isinstance(v, str)):
+        # any text holding U& gets no shape at all (UESCAPE may change what follows):
+        # decided by exact text only, never shared (hypothesis found 'U&' as a value)
+        assert shape(render(values)) is None
+        return
     assert shape(render(values)) == shape(render(other))
 
 
