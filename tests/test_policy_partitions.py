@@ -183,3 +183,12 @@ def test_what_the_rules_allow_still_runs(pg, guarded, sql):
     with psycopg.connect(guarded.dsn(dbname=DB), autocommit=True) as c:
         c.execute(sql)
     pg.execute("ALTER TABLE pt_events_p1 DROP CONSTRAINT IF EXISTS pt_kind_ck", dbname=DB)
+
+
+def test_psql_through_partitions_and_detach(pg, guarded, psql_bin):
+    from conftest import run_psql
+    before = state(pg)
+    for sql in THROUGH_A_PARTITION[:5] + MOVING_ROWS_OUT[:3]:
+        r = run_psql(psql_bin, guarded.dsn(dbname=DB), "-c", sql)
+        assert r.returncode != 0 and "refused by rule" in r.stderr, (sql, r.stderr)
+    assert state(pg) == before

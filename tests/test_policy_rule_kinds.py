@@ -3,6 +3,7 @@
 # "writes to orders need approval" let COPY FROM STDIN and MERGE ... THEN UPDATE straight
 # through. Judged by the rows upstream.
 import asyncio
+import subprocess
 
 import asyncpg
 import psycopg
@@ -183,3 +184,17 @@ def test_other_actions_on_those_tables_still_pass(pg, guarded, table, sql, want)
         else:
             c.execute(sql)
     assert contents(pg, table) == want
+
+
+def test_psql_merge_upsert_and_copy_from_stdin(pg, guarded, psql_bin):
+    """psql: each bypass statement, and COPY FROM STDIN with data inline (\\. ends it)."""
+    from conftest import run_psql
+    before = {t: contents(pg, t) for t in ("rk_ins", "rk_upd", "rk_del")}
+    for _, sql in BYPASSES[:6]:
+        r = run_psql(psql_bin, guarded.dsn(dbname=DB), "-c", sql)
+        assert r.returncode != 0 and "42501" not in r.stdout and "refused" in r.stderr, r.stderr
+    r = subprocess.run([psql_bin, "-X", "-v", "ON_ERROR_STOP=1", guarded.dsn(dbname=DB)],
+                       input="COPY rk_ins FROM STDIN;\n3\tnew\n\\.\n", capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and 'rule "no-inserts-into-rk-ins"' in r.stderr, r.stderr
+    assert {t: contents(pg, t) for t in before} == before
