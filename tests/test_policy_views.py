@@ -8,7 +8,7 @@ import duckdb
 import psycopg
 import pytest
 
-from conftest import AGENT, AGENT_PASSWORD, run_psql
+from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, run_psql
 from guarded import guarded_proxy
 from pgguard.policy.classify import classify
 from pgguard.policy.views import ViewMap, learned
@@ -304,8 +304,12 @@ def test_view_made_in_a_do_block_then_renamed(guarded):
         == []
     e = errors(c.run("UPDATE dv SET status = 'hacked' WHERE id = 2"))
     assert e and "orders-writes-blocked" in e[0]["M"]
-    assert errors(c.run("ALTER VIEW dv RENAME TO dv2")) == []
+    # renaming is destructive for a guarded agent (the old name leaves every rule's reach)
+    e = errors(c.run("ALTER VIEW dv RENAME TO dv2"))
+    assert e and e[0]["C"] == "42501" and "RENAME of" in e[0].get("D", "") + e[0]["M"]
     e = errors(c.run("UPDATE dv2 SET status = 'hacked' WHERE id = 2"))
+    assert e and e[0]["C"] == "42P01"           # no such relation: the rename did not run
+    e = errors(c.run("UPDATE dv SET status = 'hacked' WHERE id = 2"))
     assert e and "orders-writes-blocked" in e[0]["M"]
     c.close()
 
@@ -378,7 +382,11 @@ def test_swapping_a_table_for_a_view_is_not_served_from_the_cache(guarded, pg):
         with conn(guarded) as c, conn(guarded) as other:
             c.execute(stmt)
             other.execute(stmt)          # served from the shared decision cache
-            c.execute("ALTER TABLE swap RENAME TO swap_old")
+            # a human moves the table away (an agent may not rename: destructive for
+            # it), the agent puts a view over orders in its place
+            with psycopg.connect(guarded.dsn(HUMAN, HUMAN_PASSWORD, dbname=DB),
+                                 autocommit=True) as human:
+                human.execute("ALTER TABLE swap RENAME TO swap_old")
             c.execute("CREATE VIEW swap AS SELECT * FROM orders")
             for cx in (c, other):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -1382,6 +1382,32 @@ def _truncate(acc: _Acc, b: dict) -> None:
     acc.flag("write", f"TRUNCATE {names}")
 
 
+_FK_ACTIONS = {"c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+
+
+def _referential_actions(acc: _Acc, target: str, d: Any) -> None:
+    """A foreign key added to an existing table with ON DELETE/UPDATE CASCADE, SET NULL or
+    SET DEFAULT: later DELETEs and UPDATEs of the referenced table, in every session,
+    change rows of ``target`` without naming it, where no rule on ``target`` sees them
+    (like a trigger): opaque."""
+    if type(d) is not dict:
+        return
+    cons = d.get("ColumnDef", {}).get("constraints") if "ColumnDef" in d else [d]
+    for c in cons or ():
+        c = c.get("Constraint") if type(c) is dict else None
+        if type(c) is not dict or c.get("contype") != "CONSTR_FOREIGN":
+            continue
+        acts = [f"ON {ev} {_FK_ACTIONS[c.get(key)]}"
+                for ev, key in (("DELETE", "fk_del_action"), ("UPDATE", "fk_upd_action"))
+                if c.get(key) in _FK_ACTIONS]
+        if acts:
+            pk = c.get("pktable")
+            ref = _relname(pk) if type(pk) is dict else "?"
+            acc.flag("opaque", f"ALTER TABLE {target} adds a foreign key {' '.join(acts)}: "
+                     f"later changes to {ref}, in every session, change rows of {target} "
+                     "without naming it")
+
+
 def _alter_table(acc: _Acc, b: dict) -> None:
     acc.enter("alter")
     rel = b.get("relation")
@@ -1392,6 +1418,8 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             continue
         sub = cmd.get("subtype", "")
         col = cmd.get("name") or ""
+        if sub == "AT_AddConstraint" or sub == "AT_AddColumn":
+            _referential_actions(acc, target, cmd.get("def"))
         if sub == "AT_DropColumn":
             acc.flag("destructive", f"ALTER TABLE {target} DROP COLUMN {col}".rstrip())
         elif sub == "AT_DropConstraint":
@@ -1486,10 +1514,62 @@ def _replace_check(acc: _Acc, b: dict, what: str) -> None:
                  "definition, if there is one")
 
 
+# renames and schema moves that take nothing out of a rule's or a mask's reach (pgguard's
+# rules, masks and views name none of these objects); every other one is destructive
+_HARMLESS_MOVES = frozenset({
+    "OBJECT_INDEX", "OBJECT_TABCONSTRAINT", "OBJECT_DOMCONSTRAINT", "OBJECT_TRIGGER",
+    "OBJECT_POLICY", "OBJECT_RULE", "OBJECT_STATISTIC_EXT",
+})
+
+
+def _moved_name(b: dict, kind: str) -> str:
+    rel = b.get("relation")
+    name = _relname(rel) if type(rel) is dict else ""
+    if kind == "OBJECT_COLUMN" or kind == "OBJECT_ATTRIBUTE":
+        return f"{name}.{b.get('subname') or '?'}"
+    if name:
+        return name
+    if b.get("subname"):
+        return str(b["subname"])
+    obj = b.get("object")
+    if type(obj) is dict:
+        owa = obj.get("ObjectWithArgs")
+        if type(owa) is dict:
+            return _dotted(owa.get("objname") or ())
+        if "String" in obj:
+            return _sval(obj)
+    if type(obj) is list:
+        return _dotted(obj)
+    return kind.removeprefix("OBJECT_").lower()
+
+
+def _moved(acc: _Acc, b: dict, kind: str, how: str) -> None:
+    """A rename or a SET SCHEMA: the old name stops existing. Rules, masks and the
+    relations pgguard knows behind views name objects, so a guarded identity renaming
+    one would move it out of their reach (rename ``orders`` to ``o2``, then write to
+    ``o2``; a later connection no longer knows the two are one): destructive, like a
+    DROP of the old name, except for the objects nothing in pgguard names."""
+    if kind in _HARMLESS_MOVES:
+        return
+    name = _moved_name(b, kind)
+    acc.flag("destructive", f"{how} {name}: the old name stops existing, so every statement, "
+             "rule and mask that names it no longer reaches it")
+
+
 def _rename(acc: _Acc, b: dict) -> None:
     acc.enter("alter")
-    if b.get("renameType") == "OBJECT_ROLE":
+    kind = b.get("renameType") or ""
+    if kind == "OBJECT_ROLE":
         acc.flag("privilege", "ALTER ROLE ... RENAME changes a role")
+    else:
+        _moved(acc, b, kind, "RENAME of")
+    _utility_walk(acc, b)
+
+
+def _set_schema(acc: _Acc, b: dict) -> None:
+    acc.enter("alter")
+    _moved(acc, b, b.get("objectType") or "",
+           f"SET SCHEMA {b.get('newschema') or '?'} moves")
     _utility_walk(acc, b)
 
 
@@ -1867,6 +1947,7 @@ _STMT: dict[str, Any] = {
     "VariableSetStmt": _varset, "DiscardStmt": _discard, "GrantStmt": _grant,
     "GrantRoleStmt": _grant, "DropStmt": _drop, "TruncateStmt": _truncate,
     "AlterTableStmt": _alter_table, "RenameStmt": _rename, "AlterSeqStmt": _alter_seq,
+    "AlterObjectSchemaStmt": _set_schema,
     "AlterRoleSetStmt": _alter_role_set, "AlterDatabaseSetStmt": _alter_db_set,
     "AlterSystemStmt": _alter_system, "CallStmt": _call, "CreateTrigStmt": _create_trigger,
     "ViewStmt": _query_holder("ViewStmt"), "CreateTableAsStmt": _query_holder("CreateTableAsStmt"),
