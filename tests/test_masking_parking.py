@@ -154,6 +154,32 @@ def test_tables_refused(pg, pk, client, sql):
     assert _clear_in(got) == []
 
 
+# a column kept by the table itself: a STORED generated column (or any ALTER TABLE whose
+# expressions read a masked column) copies the value in clear under a name no mask covers
+GENERATED = [
+    "ALTER TABLE pk_cust ADD COLUMN pk_g1 text GENERATED ALWAYS AS (ssn) STORED",
+    "ALTER TABLE pk_cust ADD COLUMN pk_g2 text GENERATED ALWAYS AS (upper(email)) STORED",
+    "ALTER TABLE public.pk_cust ADD COLUMN IF NOT EXISTS pk_g3 text "
+    "GENERATED ALWAYS AS (pk_cust.ssn || '') STORED",
+    "ALTER TABLE ONLY pk_cust ADD COLUMN pk_g4 text GENERATED ALWAYS AS "
+    "(reverse(ssn)) STORED, ADD COLUMN pk_g5 int",
+    "ALTER TABLE pk_cust ADD COLUMN pk_g6 int GENERATED ALWAYS AS (length(email) * 0 + "
+    "ascii(email)) STORED",
+    "ALTER TABLE pk_cust ADD COLUMN pk_g7 text GENERATED ALWAYS AS "
+    "(translate(ssn, '0123456789', 'abcdefghij')) STORED",
+]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("sql", GENERATED)
+def test_generated_columns_refused(pg, pk, client, sql):
+    err, _ = run_client(client, pk, sql)
+    assert_refused(err)
+    cols = pg.execute("SELECT attname FROM pg_attribute WHERE attrelid = 'pk_cust'::regclass "
+                      "AND attnum > 0 AND NOT attisdropped ORDER BY attnum", dbname="appdb")
+    assert cols == [("id",), ("name",), ("email",), ("ssn",)], cols
+
+
 CREATED = [
     ("CREATE TABLE pk_ctas AS SELECT * FROM pk_cust", "pk_ctas"),
     ("SELECT id, ssn INTO pk_into FROM pk_cust", "pk_into"),

@@ -49,7 +49,11 @@ CURSOR_READERS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
 # DECLARE ... WITH HOLD (CURSOR_OPT_HOLD): the result is materialized and kept
 _CURSOR_OPT_HOLD = 0x0020
 # statements whose target relation is a plain field, not a RangeVar node
-_TARGETED = frozenset({"UpdateStmt", "DeleteStmt", "MergeStmt", "InsertStmt"})
+# statements whose own target's columns are in scope of their expressions (ALTER TABLE:
+# a generated column or a CHECK reads the table's columns, and a STORED generated column
+# keeps a copy of the value in clear under a name no mask covers)
+_TARGETED = frozenset({"UpdateStmt", "DeleteStmt", "MergeStmt", "InsertStmt",
+                       "AlterTableStmt"})
 # value-carrying columns of the statistics relations (pg_catalog)
 STATS_VALUES = {
     "pg_stats": frozenset({"most_common_vals", "histogram_bounds", "most_common_elems"}),
