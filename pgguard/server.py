@@ -301,6 +301,35 @@ class Server:
         if st is not None:
             st.stale = True
 
+    def catalog_committed(self, database: str) -> None:
+        """A session's DDL is committed (pgguard saw its CommandComplete, then the
+        session idle): read the view map again now, not at the next miss, so decisions
+        cached before it (served with no Python, never asking for the map) are
+        forgotten as soon as the map differs; a read already in flight may predate the
+        commit, so another one follows it."""
+        self.catalog_changed(database)
+        st = self._views.get(database)
+        if st is None or st.map is None:
+            return
+        if st.task is None:
+            self._refresh_views(database, st)
+        else:
+            st.again = True
+
+    async def _views_tick(self) -> None:
+        # decisions served from the compiled caches never ask for the view map: read it
+        # again on schedule (DDL made directly upstream shows within VIEW_MAP_TTL)
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for database, st in list(self._views.items()):
+                if st.map is None or st.task is not None or \
+                        now - st.failed_at < VIEW_MAP_RETRY:
+                    continue
+                if st.stale or now - st.loaded > VIEW_MAP_TTL:
+                    if any(s.database == database for s in self.sessions):
+                        self._refresh_views(database, st)
+
     # -- function names: which calls the blast-radius guard must measure
     async def ready_function_names(self, database: str) -> None:
         """Load (or refresh) the names of built-in and other functions of ``database``;
@@ -433,6 +462,9 @@ class Server:
             return
         finally:
             st.task = None
+            if st.again:
+                st.again = False
+                st.stale = True
         learned = {k: v for k, (v, at) in st.learned.items()
                    if started - at < LEARNED_TTL}
         st.learned = {k: st.learned[k] for k in learned}
@@ -443,6 +475,8 @@ class Server:
         elif new != st.map:
             st.map = new
             self.forget_decisions(database)
+        if st.stale and st.task is None:        # a commit came during this read
+            self._refresh_views(database, st)
 
     # -- metrics (served on the admin port's /metrics, summed across workers)
     def _setup_metrics(self) -> None:
@@ -686,6 +720,7 @@ class Server:
         self.admin = await start_admin(self.cfg, self.approvals, self.metrics,
                                        sessions=self.sessions_info, token=self.admin_token)
         self.background(self._metrics_tick())
+        self.background(self._views_tick())
 
     async def start(self, sock: socket.socket | None = None) -> None:
         from .session import ClientProtocol
@@ -743,7 +778,7 @@ def _bounded_put(d: dict, key: bytes, value, size: int) -> None:
 class _ViewState:
     """The view map of one database and its refresh state."""
 
-    __slots__ = ("map", "loaded", "stale", "task", "failed_at", "learned")
+    __slots__ = ("map", "loaded", "stale", "task", "failed_at", "learned", "again")
 
     def __init__(self) -> None:
         self.map = None             # ViewMap once read (plus views sessions announced)
@@ -751,6 +786,7 @@ class _ViewState:
         self.stale = False          # DDL went by since: read again
         self.task: asyncio.Task | None = None     # the read in flight
         self.failed_at = -VIEW_MAP_RETRY
+        self.again = False          # a commit came while a read was in flight
         # views sessions announced: name -> (relations behind it, monotonic time)
         self.learned: dict[str, tuple[frozenset, float]] = {}
 

@@ -2,6 +2,7 @@
 # orders through a view (made before, in the session, TEMP, of a view, in another
 # schema, with INSTEAD rules), whatever the client; the truth is checked upstream.
 import asyncio
+import time
 
 import asyncpg
 import duckdb
@@ -393,6 +394,70 @@ def test_swapping_a_table_for_a_view_is_not_served_from_the_cache(guarded, pg):
                     cx.execute(stmt)
     finally:
         pg.execute("DROP VIEW IF EXISTS swap; DROP TABLE IF EXISTS swap_old", dbname=DB)
+
+
+@pytest.mark.parametrize("how", ["human", "human-in-transaction", "upstream"])
+def test_a_view_a_human_swaps_in_ends_cached_decisions(guarded, pg, how):
+    """The DDL of an identity nothing judges (a human, or a DBA directly upstream) still
+    ends the agents' cached decisions: through pgguard once the catalog read its commit
+    starts is done (milliseconds), directly upstream within the view map's refresh
+    interval (30 s). The agents probe inside transactions they roll back, so a probe
+    that lands before the read changes nothing."""
+    _drop_swap2(pg)
+    stmt = "UPDATE swap2 SET status = 'b' WHERE id = 1"
+    with psycopg.connect(guarded.dsn(HUMAN, HUMAN_PASSWORD, dbname=DB),
+                         autocommit=True) as human:
+        human.execute("CREATE TABLE swap2 (id int PRIMARY KEY, status text); "
+                      "INSERT INTO swap2 VALUES (1, 'a')")
+    swap = ["ALTER TABLE swap2 RENAME TO swap2_old",
+            "CREATE VIEW swap2 AS SELECT * FROM orders"]
+    try:
+        with psycopg.connect(guarded.dsn(dbname=DB)) as c, \
+                psycopg.connect(guarded.dsn(dbname=DB)) as other:
+            deadline = time.monotonic() + 5
+            while True:                 # the table is known (a swap2 of an earlier case
+                try:                    # was a view: the map is read after the DDL)
+                    c.execute(stmt)
+                    c.commit()
+                    break
+                except psycopg.errors.InsufficientPrivilege:
+                    c.rollback()
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            for _ in range(3):          # cached, and served from the compiled caches
+                for cx in (c, other):
+                    cx.execute(stmt)
+                    cx.commit()
+            if how == "upstream":
+                pg.execute("; ".join(swap), dbname=DB)
+            else:
+                with psycopg.connect(guarded.dsn(HUMAN, HUMAN_PASSWORD, dbname=DB),
+                                     autocommit=how == "human") as human:
+                    for sql in swap:
+                        human.execute(sql)
+                    human.commit()
+            deadline = time.monotonic() + (40 if how == "upstream" else 5)
+            for cx in (c, other):
+                while True:
+                    try:
+                        cx.execute(stmt)
+                    except psycopg.errors.InsufficientPrivilege as e:
+                        assert "orders-writes-blocked" in e.diag.message_primary
+                        cx.rollback()
+                        break
+                    cx.rollback()
+                    assert time.monotonic() < deadline, "the cached decision outlived it"
+                    time.sleep(0.1)
+        assert orders(pg) == ORDERS         # no write ever reached orders
+    finally:
+        _drop_swap2(pg)
+
+
+def _drop_swap2(pg):
+    kinds = dict(pg.execute("SELECT relname, relkind FROM pg_class WHERE relname IN "
+                            "('swap2', 'swap2_old')", dbname=DB))
+    for name, kind in kinds.items():
+        pg.execute(f"DROP {'VIEW' if kind == 'v' else 'TABLE'} {name} CASCADE", dbname=DB)
 
 
 def test_temp_view_shadowing_a_table_is_not_served_from_the_cache(guarded, pg):

@@ -27,6 +27,11 @@ cdef inline long long _now_ns() noexcept nogil:
     return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+# CommandComplete tags of statements that may change what the view map holds (views,
+# rules, triggers, partitions, renames; a DO block may do any of them)
+_DDL_TAGS = (b"CREATE ", b"ALTER ", b"DROP ", b"DO\x00", b"IMPORT FOREIGN SCHEMA")
+
+
 cdef class _Pending:
     # one statement (sql is not None) or sync point (sync), oldest first
     cdef object sql         # bytes, or None for a sync marker
@@ -117,6 +122,9 @@ cdef class StatementTracker:
     cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
     cdef object _bscan
     cdef bint _masking          # the session masks (counts masked cells per record)
+    # a DDL command completed in the session's current transaction: once it is idle,
+    # the proxy reads the view map again (Server.catalog_committed)
+    cdef bint ddl_seen
 
     def __init__(self, session, audit, helpers, base, long long mono0):
         self.session = session
@@ -215,6 +223,9 @@ cdef class StatementTracker:
         self._drain()
         pending = self.pending
         if t == 90:                                      # ReadyForQuery
+            if self.ddl_seen and PyBytes_GET_SIZE(msg) > 5 and msg[5] == 73:    # idle
+                self.ddl_seen = False
+                self.session.server.catalog_committed(self.session.database)
             while pending:
                 e = <_Pending>pending.popleft()
                 # after an extended-protocol error Postgres skips Queries and
@@ -230,6 +241,8 @@ cdef class StatementTracker:
                     break
             self.segment_error = False
             return
+        if t == 67 and not self.ddl_seen and msg.startswith(_DDL_TAGS, 5):
+            self.ddl_seen = True
         e = self._current()
         if t == 69:                                      # ErrorResponse
             fields = self._error_fields(msg[5:])
