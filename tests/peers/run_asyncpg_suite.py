@@ -182,40 +182,65 @@ def _base_env() -> dict:
     return env
 
 
+class Target:
+    """One run's server (used by the psycopg and node-postgres harnesses too): a fresh
+    Postgres whose superuser is the upstream user, and for kind "pgguard" a pgguard before
+    it (the agent identity, `[policy] agents = "allow"`); port/user/password name what the
+    suite connects to."""
+
+    def __init__(self, kind: str, where: Path, upstream_extra: str = "",
+                 database: str | None = None) -> None:
+        from conftest import (AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD,  # noqa
+                              UPSTREAM_USER, Proxy)
+        from pgcluster import PgCluster
+        self.cluster = PgCluster().start()
+        self.proxy = None
+        try:
+            self.cluster.create_role(UPSTREAM_USER, UPSTREAM_PASSWORD, "scram-sha-256")
+            self.cluster.execute(f"ALTER ROLE {UPSTREAM_USER} SUPERUSER")
+            if database:
+                self.cluster.execute(f"CREATE DATABASE {database} OWNER {UPSTREAM_USER}")
+            if kind == "direct":
+                self.port, self.user = self.cluster.port, UPSTREAM_USER
+                self.password = UPSTREAM_PASSWORD
+            else:
+                self.proxy = Proxy(self.cluster, where, upstream_extra=upstream_extra).start()
+                self.port, self.user, self.password = self.proxy.port, AGENT, AGENT_PASSWORD
+        except BaseException:
+            self.stop()
+            raise
+
+    def finish(self) -> dict:
+        """What the proxy left behind, for the report."""
+        log = self.proxy.output() if self.proxy else ""
+        return {"proxy_log": log,
+                "proxy_alive": self.proxy is None or self.proxy.proc.poll() is None,
+                "tracebacks": log.count("Traceback (most recent call last)")}
+
+    def stop(self) -> None:
+        if self.proxy:
+            self.proxy.stop()
+        self.cluster.stop()
+
+
 def run_one(kind: str, suite: Path, workdir: Path, modules: list[str], timeout: float) -> dict:
     """One run on its own Postgres: kind is "direct" or "pgguard"; modules are module
     names or node ids."""
-    from conftest import (AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER,  # noqa
-                          Proxy)
-    from pgcluster import PgCluster
-
     where = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
     run = _prepare_rundir(suite, where, modules)
-    cluster = PgCluster().start()
-    proxy = None
+    target = Target(kind, where)
     try:
-        cluster.create_role(UPSTREAM_USER, UPSTREAM_PASSWORD, "scram-sha-256")
-        cluster.execute(f"ALTER ROLE {UPSTREAM_USER} SUPERUSER")
         env = _base_env()
-        if kind == "direct":
-            env.update(PGPORT=str(cluster.port), PGUSER=UPSTREAM_USER,
-                       PGPASSWORD=UPSTREAM_PASSWORD)
-        else:
-            proxy = Proxy(cluster, where).start()
-            env.update(PGPORT=str(proxy.port), PGUSER=AGENT, PGPASSWORD=AGENT_PASSWORD)
+        env.update(PGPORT=str(target.port), PGUSER=target.user, PGPASSWORD=target.password)
         t0 = time.monotonic()
         junit, log = where / "junit.xml", where / "pytest.log"
         _run_pytest(run, env, modules, junit, log, timeout)
         elapsed = time.monotonic() - t0
-        proxy_log = proxy.output() if proxy else ""
-        alive = proxy is None or proxy.proc.poll() is None
+        left = target.finish()
     finally:
-        if proxy:
-            proxy.stop()
-        cluster.stop()
+        target.stop()
     return {"kind": kind, "results": parse_junit(junit), "seconds": round(elapsed, 1),
-            "log": str(log), "proxy_log": proxy_log, "proxy_alive": alive,
-            "tracebacks": proxy_log.count("Traceback (most recent call last)")}
+            "log": str(log), **left}
 
 
 def compare(direct: dict, through: dict) -> list[tuple[str, str]]:

@@ -42,25 +42,13 @@ _PASSED = re.compile(r"^\s{2}(.*?) ✔$", re.M)
 
 def run_one(kind: str, src: Path, workdir: Path, files: list[Path], timeout: float,
             packages: tuple = ()) -> dict:
-    from conftest import (AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER,  # noqa
-                          Proxy)
-    from pgcluster import PgCluster
-
     where = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
-    cluster = PgCluster().start()
-    proxy = None
     results: dict[str, dict] = {}
+    target = common.Target(kind, where, 'application_name = "client"', "nodepg")
     try:
-        cluster.create_role(UPSTREAM_USER, UPSTREAM_PASSWORD, "scram-sha-256")
-        cluster.execute(f"ALTER ROLE {UPSTREAM_USER} SUPERUSER")
-        cluster.execute(f"CREATE DATABASE nodepg OWNER {UPSTREAM_USER}")
         env = common._base_env()
-        if kind == "direct":
-            port, user, pw = cluster.port, UPSTREAM_USER, UPSTREAM_PASSWORD
-        else:
-            proxy = Proxy(cluster, where, upstream_extra='application_name = "client"').start()
-            port, user, pw = proxy.port, AGENT, AGENT_PASSWORD
-        env.update(PGPORT=str(port), PGUSER=user, PGPASSWORD=pw, PGDATABASE="nodepg")
+        env.update(PGPORT=str(target.port), PGUSER=target.user, PGPASSWORD=target.password,
+                   PGDATABASE="nodepg")
         pgdir = src / "packages" / "pg"
         t0 = time.monotonic()
         for f in files:
@@ -97,15 +85,10 @@ def run_one(kind: str, src: Path, workdir: Path, files: list[Path], timeout: flo
                                          "tail": (out + r.stderr)[-1500:] if code != -9 else
                                          "killed"}
         elapsed = time.monotonic() - t0
-        proxy_log = proxy.output() if proxy else ""
-        alive = proxy is None or proxy.proc.poll() is None
+        left = target.finish()
     finally:
-        if proxy:
-            proxy.stop()
-        cluster.stop()
-    return {"kind": kind, "results": results, "seconds": round(elapsed, 1),
-            "proxy_alive": alive, "proxy_log": proxy_log,
-            "tracebacks": proxy_log.count("Traceback (most recent call last)")}
+        target.stop()
+    return {"kind": kind, "results": results, "seconds": round(elapsed, 1), **left}
 
 
 def main(argv: list[str] | None = None) -> int:

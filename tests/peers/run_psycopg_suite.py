@@ -42,31 +42,18 @@ import run_asyncpg_suite as common  # noqa: E402  (junit parsing, comparison, en
 
 def run_one(kind: str, src: Path, python: str, workdir: Path, select: list[str],
             timeout: float) -> dict:
-    from conftest import (AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER,  # noqa
-                          Proxy)
-    from pgcluster import PgCluster
-
     where = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
     run = where / "suite"
     shutil.copytree(src / "tests", run / "tests")
-    for f in ("pyproject.toml",):
-        if (src / f).exists():
-            shutil.copy(src / f, run / f)
-    cluster = PgCluster().start()
-    proxy = None
+    if (src / "pyproject.toml").exists():
+        shutil.copy(src / "pyproject.toml", run / "pyproject.toml")
+    # psycopg's pool tests read back the application_name they set: pass it through
+    target = common.Target(kind, where, 'application_name = "client"', "psycopg_test")
     try:
-        cluster.create_role(UPSTREAM_USER, UPSTREAM_PASSWORD, "scram-sha-256")
-        cluster.execute(f"ALTER ROLE {UPSTREAM_USER} SUPERUSER")
-        cluster.execute(f"CREATE DATABASE psycopg_test OWNER {UPSTREAM_USER}")
         env = common._base_env()
-        if kind == "direct":
-            port, user, pw = cluster.port, UPSTREAM_USER, UPSTREAM_PASSWORD
-        else:
-            # psycopg's pool tests read back the application_name they set: pass it through
-            proxy = Proxy(cluster, where, upstream_extra='application_name = "client"').start()
-            port, user, pw = proxy.port, AGENT, AGENT_PASSWORD
-        env["PSYCOPG_TEST_DSN"] = (f"host=127.0.0.1 port={port} user={user} password={pw} "
-                                   "dbname=psycopg_test sslmode=disable")
+        env["PSYCOPG_TEST_DSN"] = (f"host=127.0.0.1 port={target.port} user={target.user} "
+                                   f"password={target.password} dbname=psycopg_test "
+                                   "sslmode=disable")
         junit, log = where / "junit.xml", where / "pytest.log"
         args = [python, "-m", "pytest", "-p", "no:randomly", "-q",
                 "--tb=line", f"--junitxml={junit}", "-m", "not slow and not mypy",
@@ -79,15 +66,11 @@ def run_one(kind: str, src: Path, python: str, workdir: Path, select: list[str],
             except subprocess.TimeoutExpired:
                 out.write(f"\n!! suite run killed after {timeout}s\n".encode())
         elapsed = time.monotonic() - t0
-        proxy_log = proxy.output() if proxy else ""
-        alive = proxy is None or proxy.proc.poll() is None
+        left = target.finish()
     finally:
-        if proxy:
-            proxy.stop()
-        cluster.stop()
+        target.stop()
     return {"kind": kind, "results": common.parse_junit(junit), "seconds": round(elapsed, 1),
-            "log": str(log), "proxy_log": proxy_log, "proxy_alive": alive,
-            "tracebacks": proxy_log.count("Traceback (most recent call last)")}
+            "log": str(log), **left}
 
 
 def node_id(tid: str) -> str:
