@@ -77,6 +77,7 @@ cdef class MessageScan:
         self.status = 0
         self.bytes_seen = 0
         self.messages = 0
+        self.model = None
 
     cpdef set_interest(self, bytes types, bint on):
         cdef int i
@@ -281,6 +282,8 @@ cdef class MessageScan:
         self.last_type = t
         if self._counted[t]:
             self.count += 1
+        if self.model is not None:
+            self.model.back(t)
         self._cur_type = t
         self._remain = length - 4
         self._collect = self._interest[t]

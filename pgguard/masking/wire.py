@@ -321,6 +321,12 @@ class MaskState:
         self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
         self._next: ObjPlan | None = None   # the plan of the Query being forwarded
         self._ready = 0
+        # after an extended-protocol error whose Sync was not yet forwarded: what is
+        # forwarded up to that Sync is skipped by Postgres, answered by nothing
+        self._skip = False
+        # the session's expected-answers model's queue for masking (Answers.listen):
+        # which message each ErrorResponse answers, the Syncs a COPY swallowed
+        self.answers = None
         self.lineage_keys: dict = {}        # lineage analysed in this session
         self._lkey: tuple | None = None
         self._masked_rel, self._masked_cols = self._masked_names()
@@ -442,6 +448,9 @@ class MaskState:
 
     @fseg.setter
     def fseg(self, value: int) -> None:
+        if self._skip:          # Postgres skips it up to the Sync: no ReadyForQuery
+            self._next = None
+            return
         while value > self._ready:
             self._ready += 1
             plan, self._next = self._next, None
@@ -627,6 +636,10 @@ class MaskState:
         return ObjPlan(None, reads, (table, name))
 
     def _push(self, entry: tuple) -> None:
+        if self._skip:
+            if entry[0] != K_SYNC:
+                return
+            self._skip = False
         q = self.expect
         q.append(entry)
         if entry[0] == K_EXEC:
@@ -716,13 +729,20 @@ class MaskState:
             return out
         if t == 69:                                          # 'E'
             out = rw.feed(data)
-            if k != K_READY and k != -1:
-                # Postgres skips the rest up to the Sync
+            got = self._answered(69)
+            if got is not None:         # the model: which message it answers
+                extended = got[1] in _EXTENDED
+            else:
+                extended = k != K_READY and k != -1
+            if extended:
+                # Postgres skips the rest up to the Sync, also what is forwarded later
                 q = self.expect
                 while q and q[0][0] != K_SYNC:
                     e = q.popleft()
                     if e[0] == K_READY:
                         self._ready -= 1
+                if not q:
+                    self._skip = True
             return out
         if t == 67 or t == 115 or t == 73:                   # C, s, I: an Execute ends
             out = rw.feed(data)
@@ -737,6 +757,8 @@ class MaskState:
             return out
         # 'Z'
         out = rw.feed(data)
+        got = self._answered(90)
+        swallowed = got[1] if got is not None else 0    # Syncs a COPY took
         if self.s.in_flight() <= 0:
             self.masked_reads = 0
             if data[5] == 73:                               # idle: the transaction ended
@@ -748,9 +770,21 @@ class MaskState:
                 self._ready -= 1
                 break
             if e[0] == K_SYNC:
+                if swallowed:
+                    swallowed -= 1
+                    continue
                 break
         self._arm()
         return out
+
+    def _answered(self, t: int) -> tuple | None:
+        # the model's word on this ErrorResponse / ReadyForQuery (None: no model)
+        q = self.answers
+        while q:
+            got = q.popleft()
+            if got[0] == t:
+                return got
+        return None
 
     def _declared(self, obj: ObjPlan, complete: bytes) -> None:
         tag = complete[5:]
@@ -946,6 +980,8 @@ class MaskState:
 
 
 _PAIRED = frozenset(b"Ttn2HCEIsZ")
+# an error answering one of these makes Postgres skip everything up to Sync
+_EXTENDED = frozenset(b"PBEDC")
 
 
 def _cstr(msg: bytes, pos: int) -> tuple[bytes, int]:

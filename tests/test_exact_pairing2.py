@@ -1,0 +1,211 @@
+# Message pairing by Postgres' own rules, for every consumer of it: after an error in an
+# extended-protocol message Postgres skips everything up to Sync (Query and FunctionCall
+# included), and a COPY FROM STDIN swallows a Sync sent inside it. Each shape runs raw
+# against Postgres itself and through pgguard (masking on, audit on and off), followed
+# by a harmless Query and a masked one, and is judged by
+#   (a) the reply sequence: the same as Postgres' own (types, SQLSTATEs, tags);
+#   (b) masking: the masked column is never in clear, the harmless values are;
+#   (c) the audit: each record names its statement with its own outcome;
+#   (d) drain: once everything is answered the session is idle, and a SIGTERM ends it
+#       at once (57P01), not at the shutdown timeout.
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER
+from exactlib import audit_rows
+from rawpg import (SYNC, RawClient, bind, data_row, describe, error_fields, execute, frame,
+                   function_call, parse, query)
+
+SECRET = "pairing-secret-4242"
+MASKS = """
+[[masks]]
+column = "public.xp.secret"
+strategy = "redact"
+except_groups = ["dba"]
+"""
+NOW_OID = 1299          # pg_catalog.now()
+BAD = "SELECT no_such_col_zz FROM xp"   # parses; fails at Parse (42703)
+
+
+def copy_data(b: bytes) -> bytes:
+    return frame(b"d", b)
+
+
+COPY_DONE = frame(b"c", b"")
+
+# name -> (pipeline, ReadyForQuery it gets, audit expectations): the expectations map
+# a piece of a statement's text to its outcome: a SQLSTATE, "ok" or "skipped" (not
+# executed: an earlier message of the pipeline failed)
+CASES = {
+    "parse-error-query": (
+        parse(BAD) + query("SELECT 1 AS skipped_q") + SYNC, 1,
+        {"no_such_col_zz": "42703", "skipped_q": "skipped"}),
+    "parse-error-two-queries": (
+        parse(BAD) + query("SELECT 1 AS skipped_q") + query("SELECT 2 AS skipped_r")
+        + SYNC, 1,
+        {"no_such_col_zz": "42703", "skipped_q": "skipped", "skipped_r": "skipped"}),
+    "bind-error-query": (
+        bind(stmt="no_such_stmt") + execute() + query("SELECT 1 AS skipped_q") + SYNC, 1,
+        {"": "26000", "skipped_q": "skipped"}),
+    "execute-error-functioncall": (
+        parse("SELECT 1/0 AS div_zero") + bind() + execute() + function_call(NOW_OID)
+        + SYNC, 1,
+        {"div_zero": "22012"}),
+    "parse-error-masked-statement": (
+        parse(BAD) + parse("SELECT secret AS skipped_secret FROM xp", name="m1")
+        + bind(stmt="m1") + execute() + SYNC, 1,
+        {"no_such_col_zz": "42703", "skipped_secret": "skipped"}),
+    "second-parse-error-masked-statement": (
+        parse("SELECT 1 AS first_ok", name="ok1") + parse(BAD)
+        + parse("SELECT secret AS skipped_secret FROM xp", name="m2") + bind(stmt="ok1")
+        + execute() + bind(stmt="m2") + execute() + SYNC, 1,
+        {"no_such_col_zz": "42703", "first_ok": "skipped", "skipped_secret": "skipped"}),
+    "describe-error-query": (
+        describe("S", "no_such_stmt") + query("SELECT 1 AS skipped_q") + SYNC, 1,
+        {"skipped_q": "skipped"}),
+    "execute-error-then-masked-after-sync": (
+        parse("SELECT 1/0 AS div_zero") + bind() + execute() + SYNC
+        + parse("SELECT secret AS run_secret, plain AS run_plain FROM xp") + bind()
+        + execute() + SYNC, 2,
+        {"div_zero": "22012", "run_secret": "ok"}),
+    "multi-statement-query-error": (
+        query("SELECT 1 AS before_err; SELECT 1/0 AS in_err; SELECT 2 AS never_run"), 1,
+        {"before_err": "22012"}),
+    "copy-error-simple": (
+        query("COPY xc FROM STDIN") + copy_data(b"1\n") + copy_data(b"not-an-int\n")
+        + COPY_DONE, 1,
+        {"COPY xc": "22P02"}),
+    "copy-extended-sync-inside": (
+        # libpq's way: Sync right behind the Execute (swallowed by the COPY), and one more
+        # after CopyDone
+        parse("COPY xc FROM STDIN") + bind() + execute() + SYNC + copy_data(b"7\n")
+        + COPY_DONE + SYNC, 1,
+        {"COPY xc": "ok"}),
+    "copy-extended-error": (
+        parse("COPY xc FROM STDIN") + bind() + execute() + SYNC
+        + copy_data(b"not-an-int\n") + COPY_DONE + SYNC, 1,
+        {"COPY xc": "22P02"}),
+}
+
+TRAILER = query("SELECT 'harmless-value' AS harmless") + \
+    query("SELECT secret, plain FROM xp")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tables(pg):
+    pg.execute(f"""
+        DROP TABLE IF EXISTS xp CASCADE;
+        DROP TABLE IF EXISTS xc CASCADE;
+        CREATE TABLE xp (id int, secret text, plain text);
+        INSERT INTO xp VALUES (1, '{SECRET}', 'open-value');
+        CREATE TABLE xc (id int);
+    """, dbname="appdb")
+
+
+def _run(port: int, user: str, password: str, data: bytes, zs: int):
+    """The replies to ``data`` + TRAILER: (sequence, rows, client)."""
+    c = RawClient.connect(port, user, password, database="appdb")
+    c.sock.settimeout(15)
+    c.send(data + TRAILER)
+    seq, rows, seen = [], [], 0
+    while seen < zs + 2:
+        t, p = c.read()
+        if t in (b"N", b"S", b"A"):
+            continue
+        if t == b"E":
+            seq.append(("E", error_fields(p)["C"]))
+        elif t == b"C":
+            seq.append(("C", p.rstrip(b"\0").decode()))
+        else:
+            seq.append((t.decode(), None))
+        if t == b"D":
+            rows.append([v.decode() if v is not None else None for v in data_row(p)])
+        elif t == b"Z":
+            seen += 1
+    return seq, rows, c
+
+
+@pytest.fixture(scope="module")
+def direct(pg):
+    """Postgres' own replies per case (cached)."""
+    got = {}
+
+    def run(name):
+        if name not in got:
+            data, zs, _ = CASES[name]
+            seq, rows, c = _run(pg.port, UPSTREAM_USER, UPSTREAM_PASSWORD, data, zs)
+            c.close()
+            got[name] = (seq, rows)
+        return got[name]
+    return run
+
+
+def _drained_at_once(proxy, c) -> None:
+    t0 = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    t, p = c.read()
+    waited = time.monotonic() - t0
+    assert (t, error_fields(p).get("C")) == (b"E", "57P01"), (t, p)
+    assert waited < 2.5, f"the idle session was closed only after {waited:.1f}s"
+
+
+@pytest.mark.parametrize("audit", ["audit", "noaudit"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_pairing_follows_postgres(pg, make_proxy, direct, name, audit):
+    data, zs, expect = CASES[name]
+    want_seq, want_rows = direct(name)
+    assert ("T", None) in want_seq and SECRET in sum(want_rows, [])
+    assert not any("skipped" in str(r) or "never_run" in str(r) for r in want_rows)
+    proxy = make_proxy(extra=MASKS, audit_extra="enabled = false" if audit == "noaudit"
+                       else "")
+    seq, rows, c = _run(proxy.port, AGENT, AGENT_PASSWORD, data, zs)
+    # (a) what Postgres itself answers
+    assert seq == want_seq
+    # (b) the masked column never in clear; every other value as Postgres sent it
+    assert len(rows) == len(want_rows) and ["harmless-value"] in rows
+    # (masking computes no lineage per statement of a multi-statement Query: it fails
+    # closed on its computed columns, a limit of its own and not pairing's)
+    checked = 2 if name == "multi-statement-query-error" else len(rows)
+    for got_row, want_row in zip(rows[-checked:], want_rows[-checked:]):
+        for g, w in zip(got_row, want_row, strict=True):
+            if w == SECRET:
+                assert g != SECRET and g is not None and g.strip("*") == "", rows
+            else:
+                assert g == w, (rows, want_rows)
+    # (d) everything answered: idle, a shutdown ends it at once
+    _drained_at_once(proxy, c)
+    assert proxy.stop() == 0
+    if audit == "noaudit":
+        return
+    # (c) the audit: each statement with its own outcome, in order
+    recs = audit_rows(proxy, "SELECT statement, sqlstate, error, rows FROM audit "
+                      "WHERE event = 'statement' ORDER BY ts")
+    want = dict(expect)
+    want["$1 AS harmless"] = "ok"
+    want["secret, plain FROM xp"] = "ok"
+    seen = set()
+    for stmt, state, err, nrows in recs:
+        keys = [k for k in want if (k in stmt if k else stmt == "")]
+        if not keys:
+            # anything else recorded (a FunctionCall judged as its SQL) fails nothing it
+            # did not run: no SQLSTATE of an error that was not its own
+            assert state is None, (stmt, state, err, recs)
+            continue
+        outcome = want[keys[0]]
+        seen.add("harmless" if keys[0] == "$1 AS harmless" else keys[0])
+        if outcome == "ok":
+            assert state is None and err is None, (stmt, state, err, recs)
+        elif outcome == "skipped":
+            assert state is None and err and err.startswith("not executed"), \
+                (stmt, state, err, recs)
+        else:
+            assert state == outcome, (stmt, state, err, recs)
+    missing = [k for k in expect if k not in seen]
+    assert not missing, (missing, recs)
+    assert "harmless" in seen and "secret, plain FROM xp" in seen, recs
+    masked = [r for r in recs if "secret, plain FROM xp" in r[0]]
+    assert len(masked) == 1 and masked[0][3] == 1, recs
