@@ -209,3 +209,97 @@ def test_pairing_follows_postgres(pg, make_proxy, direct, name, audit):
     assert "harmless" in seen and "secret, plain FROM xp" in seen, recs
     masked = [r for r in recs if "secret, plain FROM xp" in r[0]]
     assert len(masked) == 1 and masked[0][3] == 1, recs
+
+
+# -- the model itself (pgguard._core.answers.Answers), by Postgres' rules: frontend bytes
+# sent, then backend message types; what is owed after each step
+def _model_run(sent: bytes, backend: str, split: int = 0):
+    from pgguard._core.answers import Answers
+    a = Answers()
+    log = a.listen()
+    if split:
+        for i in range(0, len(sent), split):
+            a.sent(sent[i:i + split])
+    else:
+        a.sent(sent)
+    owed = [a.owed()]
+    for t in backend:
+        a.on_backend(ord(t))
+        owed.append(a.owed())
+    return a, owed, list(log)
+
+
+COPY = parse("COPY xc FROM STDIN") + bind() + execute()
+MODEL_CASES = {
+    # skipping after an extended-protocol error, up to Sync
+    "parse-error-query": (parse(BAD) + query("SELECT 1") + SYNC, "EZ", [2, 1, 0]),
+    "bind-error-two-queries": (bind(stmt="x") + execute() + query("SELECT 1")
+                               + query("SELECT 2") + SYNC, "EZ", [3, 1, 0]),
+    "execute-error-functioncall": (parse("SELECT 1/0") + bind() + execute()
+                                   + function_call(NOW_OID) + SYNC, "12EZ", [2, 2, 2, 1, 0]),
+    "describe-error-query": (describe("S", "x") + query("SELECT 1") + SYNC, "EZ", [2, 1, 0]),
+    "parse-error-fcall-query": (parse(BAD) + function_call(NOW_OID) + query("SELECT 1")
+                                + SYNC + query("SELECT 2"), "EZTDCZ",
+                                [4, 2, 1, 1, 1, 1, 0]),
+    # errors that start no skipping
+    "query-error-then-extended": (query("SELECT 1/0") + parse("SELECT 1") + bind()
+                                  + execute() + SYNC, "EZ12DCZ", [2, 2, 1, 1, 1, 1, 1, 0]),
+    "sync-error": (parse("SELECT 1") + bind() + execute() + SYNC + query("SELECT 2"),
+                   "12DCEZTDCZ", [2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 0]),
+    "functioncall-error": (function_call(0) + query("SELECT 1"), "EZTDCZ",
+                           [2, 2, 1, 1, 1, 1, 0]),
+    # what pairs with nothing
+    "async-messages": (query("SELECT 1") + SYNC, "NSTADCNZSZ",
+                       [2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 0]),
+    "describe-statement-and-portal": (parse("SELECT 1", name="s") + describe("S", "s")
+                                      + bind(stmt="s") + describe("P") + execute() + SYNC,
+                                      "1tT2TDCZ", [1, 1, 1, 1, 1, 1, 1, 1, 0]),
+    "flush-answers-nothing": (parse("SELECT 1") + frame(b"H", b"") + bind() + execute()
+                              + frame(b"H", b"") + SYNC, "12DCZ", [1, 1, 1, 1, 1, 0]),
+    # COPY FROM STDIN
+    "copy-simple": (query("COPY xc FROM STDIN") + copy_data(b"1\n") + COPY_DONE, "GCZ",
+                    [1, 1, 1, 0]),
+    "copy-simple-error": (query("COPY xc FROM STDIN") + copy_data(b"x\n") + COPY_DONE
+                          + query("SELECT 1"), "GEZTDCZ", [2, 2, 2, 1, 1, 1, 1, 0]),
+    "copy-extended-sync-inside": (COPY + SYNC + copy_data(b"1\n") + COPY_DONE + SYNC,
+                                  "12GCZ", [2, 2, 2, 1, 1, 0]),
+    "copy-extended-error": (COPY + SYNC + copy_data(b"x\n") + COPY_DONE + SYNC
+                            + query("SELECT 1"), "12GEZTDCZ",
+                            [3, 3, 3, 2, 2, 1, 1, 1, 1, 0]),
+    "copy-fail": (query("COPY xc FROM STDIN") + frame(b"f", b"no\0") + query("SELECT 1"),
+                  "GEZTDCZ", [2, 2, 2, 1, 1, 1, 1, 0]),
+    "copy-done-outside-copy": (COPY_DONE + copy_data(b"1\n") + query("SELECT 1"), "TDCZ",
+                               [1, 1, 1, 1, 0]),
+}
+
+
+@pytest.mark.parametrize("split", [0, 1, 3, 7])
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_answers_model_follows_postgres(name, split):
+    sent, backend, want = MODEL_CASES[name]
+    a, owed, _ = _model_run(sent, backend, split)
+    assert owed == want
+    assert a.pending == b""
+
+
+def test_answers_model_names_what_an_error_answers():
+    # the second Parse of the pipeline fails: (69, 'P', 1); the Sync's ReadyForQuery
+    # after a COPY that swallowed one Sync: (90, 1)
+    _, _, log = _model_run(parse("SELECT 1") + parse(BAD) + query("SELECT 1") + SYNC,
+                           "1EZ")
+    assert log == [(69, ord("P"), 1), (90, 0)]
+    _, _, log = _model_run(COPY + SYNC + copy_data(b"1\n") + COPY_DONE + SYNC, "12GCZ")
+    assert log == [(90, 1)]
+    _, _, log = _model_run(query("SELECT 1/0"), "EZ")
+    assert log == [(69, ord("Q"), 0), (90, 0)]
+    _, _, log = _model_run(b"", "E")
+    assert log == [(69, 0, 0)]
+
+
+def test_answers_model_ignores_frames_postgres_refuses():
+    # a header past Postgres' own length bound (pgguard's poison for a refused frame)
+    # is no message: nothing is owed for it
+    a, owed, _ = _model_run(b"Q\xff\xff\xff\xff", "")
+    assert owed == [0]
+    a, owed, _ = _model_run(b"S\x00\x01\x00\x00", "")
+    assert owed == [0]

@@ -23,9 +23,11 @@ DEF F_COPYFAIL = 102    # 'f'
 # backend types
 DEF B_ERROR = 69
 DEF B_READY = 90
-# the longest message Postgres reads (PQ_LARGE_MESSAGE_LIMIT, length field included):
-# a longer header (pgguard's poison for a frame it refused) is not a message
-DEF PG_MAX_LEN = 0x3fffffff
+# the longest message Postgres reads, length field included (postgres.c SocketBackend:
+# PQ_LARGE_MESSAGE_LIMIT; PQ_SMALL_MESSAGE_LIMIT for the small types): a longer header
+# (a frame pgguard or Postgres refuses) is no message, Postgres closes on it
+DEF PG_MAX_LEN = 0x3ffffffe
+DEF PG_SMALL_LEN = 10000
 
 
 cdef inline uint32_t _be32(const char* p) noexcept nogil:
@@ -37,6 +39,10 @@ cdef inline bint _extended(uint8_t t) noexcept nogil:
     # an error answering one of these makes Postgres skip everything up to Sync
     return t == F_PARSE or t == F_BIND or t == F_EXECUTE or t == F_DESCRIBE or \
         t == F_CLOSE
+
+
+cdef inline bint _large(uint8_t t) noexcept nogil:
+    return t == F_BIND or t == F_FCALL or t == F_PARSE or t == F_QUERY or t == 100
 
 
 cdef inline bint _readies(uint8_t t) noexcept nogil:
@@ -163,7 +169,7 @@ cdef class Answers:
             length = _be32(h + 1)
             if length < 4:
                 continue
-            if length <= PG_MAX_LEN:
+            if length <= (PG_MAX_LEN if _large(<uint8_t>h[0]) else PG_SMALL_LEN):
                 self.front(<uint8_t>h[0])
             self._remain = length - 4
         return 0
@@ -291,6 +297,8 @@ cdef class Answers:
     @property
     def pending(self):
         """The frontend message types still unanswered, oldest first (for tests)."""
+        if not self._started:
+            self._settle()
         return bytes([self._type[(self._head + i) % self._cap] for i in range(self._len)])
 
 
