@@ -17,8 +17,8 @@ import pytest
 
 from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER
 from exactlib import audit_rows
-from rawpg import (SYNC, RawClient, bind, data_row, describe, error_fields, execute, frame,
-                   function_call, parse, query)
+from rawpg import (SYNC, RawClient, bind, close, data_row, describe, error_fields, execute,
+                   frame, function_call, parse, query)
 
 SECRET = "pairing-secret-4242"
 MASKS = """
@@ -36,6 +36,7 @@ def copy_data(b: bytes) -> bytes:
 
 
 COPY_DONE = frame(b"c", b"")
+FLUSH = frame(b"H", b"")
 
 # name -> (pipeline, ReadyForQuery it gets, audit expectations): the expectations map
 # a piece of a statement's text to its outcome: a SQLSTATE, "ok" or "skipped" (not
@@ -89,6 +90,20 @@ CASES = {
         parse("COPY xc FROM STDIN") + bind() + execute() + SYNC
         + copy_data(b"not-an-int\n") + COPY_DONE + SYNC, 1,
         {"COPY xc": "22P02"}),
+    "describe-statement-and-portal-masked": (
+        parse("SELECT secret AS d_secret, plain AS d_plain FROM xp", name="ds")
+        + describe("S", "ds") + bind(stmt="ds") + describe("P") + execute() + SYNC, 1,
+        {"d_secret": "ok"}),
+    "close-and-reparse-masked": (
+        parse("SELECT 1 AS c_one", name="cs") + bind(stmt="cs") + execute()
+        + close("S", "cs")
+        + parse("SELECT secret AS c_secret, plain AS c_plain FROM xp", name="cs")
+        + bind(stmt="cs") + execute() + SYNC, 1,
+        {"c_one": "ok", "c_secret": "ok"}),
+    "flush-then-parse-error-query": (
+        parse("SELECT secret AS f_secret FROM xp") + bind() + execute() + FLUSH
+        + parse(BAD) + query("SELECT 1 AS skipped_q") + SYNC, 1,
+        {"f_secret": "ok", "no_such_col_zz": "42703", "skipped_q": "skipped"}),
 }
 
 TRAILER = query("SELECT 'harmless-value' AS harmless") + \
@@ -254,8 +269,8 @@ MODEL_CASES = {
     "describe-statement-and-portal": (parse("SELECT 1", name="s") + describe("S", "s")
                                       + bind(stmt="s") + describe("P") + execute() + SYNC,
                                       "1tT2TDCZ", [1, 1, 1, 1, 1, 1, 1, 1, 0]),
-    "flush-answers-nothing": (parse("SELECT 1") + frame(b"H", b"") + bind() + execute()
-                              + frame(b"H", b"") + SYNC, "12DCZ", [1, 1, 1, 1, 1, 0]),
+    "flush-answers-nothing": (parse("SELECT 1") + FLUSH + bind() + execute() + FLUSH
+                              + SYNC, "12DCZ", [1, 1, 1, 1, 1, 0]),
     # COPY FROM STDIN
     "copy-simple": (query("COPY xc FROM STDIN") + copy_data(b"1\n") + COPY_DONE, "GCZ",
                     [1, 1, 1, 0]),
