@@ -23,8 +23,8 @@ cdef class Answers:
     # Queries and FunctionCalls Postgres skipped after an extended-protocol error
     cdef public long long skipped
     # the listeners' queues (see listen()): per ErrorResponse (69, type of the message
-    # it answers or 0, its ordinal), per ReadyForQuery (90, Syncs a COPY swallowed
-    # since the last one)
+    # it answers or 0, its ordinal, the message), per ReadyForQuery (90, Syncs a COPY
+    # swallowed since the last one, 0, the message)
     cdef list _listeners
     cdef long long _swallowed
     # the writer side: a message header split across writes, body bytes still to come
@@ -38,3 +38,17 @@ cdef class Answers:
     cdef int _pop(self) except -1
     cdef int _tell(self, tuple item) except -1
     cpdef int sent(self, bytes data) except -1
+    cdef int note(self, object msg) except -1
+
+
+cdef inline Py_ssize_t stash_header(char* hdr, int fill, const char* p,
+                                    Py_ssize_t avail) noexcept nogil:
+    # a message header split across chunks: copy what is here of the rest of its 5 bytes
+    # (avail bytes at p) behind the fill already in hdr; returns how many it took
+    cdef Py_ssize_t take = 5 - fill
+    cdef Py_ssize_t i
+    if take > avail:
+        take = avail
+    for i in range(take):
+        hdr[fill + i] = p[i]
+    return take

@@ -142,7 +142,7 @@ cdef class Answers:
         """Frontend bytes written upstream (whole messages or pieces of them)."""
         cdef const char* p = PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-        cdef Py_ssize_t pos = 0, take, i
+        cdef Py_ssize_t pos = 0, take
         cdef uint32_t length
         cdef const char* h
         while pos < n:
@@ -152,11 +152,7 @@ cdef class Answers:
                 self._remain -= take
                 continue
             if self._hdr_fill or n - pos < 5:
-                take = 5 - self._hdr_fill
-                if take > n - pos:
-                    take = n - pos
-                for i in range(take):
-                    self._hdr[self._hdr_fill + i] = p[pos + i]
+                take = stash_header(self._hdr, self._hdr_fill, p + pos, n - pos)
                 self._hdr_fill += take
                 pos += take
                 if self._hdr_fill < 5:
@@ -214,15 +210,15 @@ cdef class Answers:
             self._settle()
         if self._len == 0:
             if t == B_ERROR and self._listeners:
-                self._tell((69, 0, 0))          # answers nothing (a FATAL of its own)
+                self._tell((69, 0, 0, None))    # answers nothing (a FATAL of its own)
             elif t == B_READY and self._listeners:
-                self._tell((90, self._swallowed))
+                self._tell((90, self._swallowed, 0, None))
                 self._swallowed = 0
             return 0
         h = self._type[self._head]
         if t == B_ERROR:
             if self._listeners:
-                self._tell((69, h, self._ord[self._head]))
+                self._tell((69, h, self._ord[self._head], None))
             if _extended(h):
                 self._pop()
                 self.skipping = True
@@ -231,7 +227,7 @@ cdef class Answers:
             return 0
         if t == B_READY:
             if self._listeners:
-                self._tell((90, self._swallowed))
+                self._tell((90, self._swallowed, 0, None))
             self._swallowed = 0
             while self._len:
                 h = self._type[self._head]
@@ -253,15 +249,25 @@ cdef class Answers:
             q.append(item)
         return 0
 
+    cdef int note(self, object msg) except -1:
+        # the scan's copy of the ErrorResponse / ReadyForQuery just told: listeners
+        # find their entry by it (see answer_for)
+        for q in self._listeners:
+            if q:
+                e = <tuple>q[len(q) - 1]
+                if e[3] is None:
+                    q[len(q) - 1] = (e[0], e[1], e[2], msg)
+        return 0
+
     def listen(self):
-        """A deque that gets, per backend ErrorResponse, ``(69, type, ordinal)``: the
-        type of the frontend message it answers (0: none) and that message's ordinal
-        among those of its type since the last Sync / Query / FunctionCall; per
-        ReadyForQuery ``(90, n)``: the Syncs a COPY swallowed since the last one (they
-        get no ReadyForQuery). The listener pops one entry per ErrorResponse and
-        ReadyForQuery it handles, in order."""
+        """A deque that gets, per backend ErrorResponse, ``(69, type, ordinal, msg)``:
+        the type of the frontend message it answers (0: none) and that message's
+        ordinal among those of its type since the last Sync / Query / FunctionCall; per
+        ReadyForQuery ``(90, n, 0, msg)``: the Syncs a COPY swallowed since the last one
+        (they get no ReadyForQuery). ``msg`` is the backend scan's copy of the message:
+        the listener takes its entry with :func:`answer_for`."""
         from collections import deque
-        q = deque()
+        q = deque(maxlen=LISTEN_MAX)
         self._listeners.append(q)
         return q
 
@@ -300,6 +306,31 @@ cdef class Answers:
         if not self._started:
             self._settle()
         return bytes([self._type[(self._head + i) % self._cap] for i in range(self._len)])
+
+
+# a listener's queue keeps at most this many entries (one per ErrorResponse and
+# ReadyForQuery not yet handled: those of a backend chunk, and those pgguard kept from
+# that listener, e.g. the answers to its own injected statements)
+LISTEN_MAX = 1 << 16
+
+
+def answer_for(q, msg):
+    """The entry of ``q`` (a listen() queue) for the backend message ``msg`` (the scan's
+    copy), dropping the older ones (messages this listener did not see); None when
+    there is none."""
+    cdef Py_ssize_t i = 0
+    if not q:
+        return None
+    for got in q:
+        if (<tuple>got)[3] is msg:
+            break
+        i += 1
+    else:
+        return None
+    while i:
+        q.popleft()
+        i -= 1
+    return q.popleft()
 
 
 cdef class AnswerWriter:

@@ -9,6 +9,7 @@ from cpython.datetime cimport import_datetime, timedelta_new
 from libc.string cimport memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from .answers import answer_for
 from .sqlshape cimport shape_buf
 
 import_datetime()
@@ -122,9 +123,6 @@ cdef class StatementTracker:
     cdef public object answers
     cdef int _seg_p, _seg_b     # Parses / Binds drained since the last sync point
     cdef bint segment_error
-    # Queries and FunctionCalls Postgres skipped (after an extended-protocol error, until
-    # Sync): forwarded and counted by the frontend scan, never answered by a ReadyForQuery
-    cdef public long long skipped
     cdef long long bytes_mark
     cdef readonly bint strict   # records are written before forwarding: emit nothing
     cdef bint raw               # literals are kept: no per-shape statement columns
@@ -151,7 +149,6 @@ cdef class StatementTracker:
         self._fixed = None
         self._parts = {}
         self._parts_bytes = 0
-        self.skipped = 0
         (self._h_record, self._h_part, self._h_session, self._approved,
          self._error_fields) = helpers
         self._log_row = audit.log_row
@@ -261,7 +258,8 @@ cdef class StatementTracker:
         cdef long long swallowed = 0
         self._drain()
         pending = self.pending
-        got = self._answered(t)
+        got = answer_for(self.answers, msg) if self.answers and (t == 69 or t == 90) \
+            else None
         if t == 90:                                      # ReadyForQuery
             if got is not None:
                 swallowed = (<tuple>got)[1]     # Syncs a COPY took: no ReadyForQuery
@@ -270,8 +268,6 @@ cdef class StatementTracker:
                 # after an extended-protocol error Postgres skips Queries and
                 # FunctionCalls too, until Sync: this ReadyForQuery is the Sync's
                 skipped = self.segment_error and e.skippable
-                if skipped:
-                    self.skipped += 1
                 if e.sql is not None and not e.done:
                     if (not e.sync or skipped) and e.state is None and self.segment_error:
                         e.err = "not executed: an earlier message of the pipeline failed"
@@ -311,17 +307,6 @@ cdef class StatementTracker:
             if not e.sync:
                 self._emit(e)
                 e.done = True
-
-    cdef object _answered(self, int t):
-        # the model's word on this ErrorResponse / ReadyForQuery (None: no model)
-        q = self.answers
-        if (t != 69 and t != 90) or not q:
-            return None
-        while q:
-            got = q.popleft()
-            if (<tuple>got)[0] == t:
-                return got
-        return None
 
     cdef _extended_error(self, bytes msg, int target, int ordinal):
         # an ErrorResponse answering a Parse, Bind, Describe, Close or Sync (0: nothing).

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from .._core.answers import answer_for
 from .._core.rowmask import RowRewriter
 from ..errors import ConfigError
 from .channels import Channels
@@ -683,6 +684,9 @@ class MaskState:
         rw = self.rw
         if not whole:
             return rw.feed(data)
+        # the model's word on an ErrorResponse / ReadyForQuery (None: no model)
+        got = answer_for(self.answers, data) if (t == 69 or t == 90) and self.answers \
+            else None
         if t in CHANNEL_TYPES:      # scrubbed first; an ErrorResponse is paired below too
             data = self._channel(t, data)
         if t not in _PAIRED:
@@ -729,7 +733,6 @@ class MaskState:
             return out
         if t == 69:                                          # 'E'
             out = rw.feed(data)
-            got = self._answered(69)
             if got is not None:         # the model: which message it answers
                 extended = got[1] in _EXTENDED
             else:
@@ -757,7 +760,6 @@ class MaskState:
             return out
         # 'Z'
         out = rw.feed(data)
-        got = self._answered(90)
         swallowed = got[1] if got is not None else 0    # Syncs a COPY took
         if self.s.in_flight() <= 0:
             self.masked_reads = 0
@@ -777,14 +779,6 @@ class MaskState:
         self._arm()
         return out
 
-    def _answered(self, t: int) -> tuple | None:
-        # the model's word on this ErrorResponse / ReadyForQuery (None: no model)
-        q = self.answers
-        while q:
-            got = q.popleft()
-            if got[0] == t:
-                return got
-        return None
 
     def _declared(self, obj: ObjPlan, complete: bytes) -> None:
         tag = complete[5:]
