@@ -177,6 +177,42 @@ def direct(pg):
     return run
 
 
+def _check_rows(rows, want_rows, checked: int) -> None:
+    """The last ``checked`` rows: the masked column never in clear, every other value as
+    Postgres sent it."""
+    assert len(rows) == len(want_rows)
+    for got_row, want_row in zip(rows[-checked:], want_rows[-checked:]):
+        for g, w in zip(got_row, want_row, strict=True):
+            if w == SECRET:
+                assert g != SECRET and g is not None and g.strip("*") == "", rows
+            else:
+                assert g == w, (rows, want_rows)
+
+
+def _check_records(recs, want: dict) -> set:
+    """Each audit record (statement, sqlstate, error, ...) against the outcome of the
+    first piece of ``want`` in its text ("" matches an empty statement); the pieces
+    matched."""
+    seen = set()
+    for stmt, state, err, *_ in recs:
+        keys = [k for k in want if (k in stmt if k else stmt == "")]
+        if not keys:
+            # anything else recorded (a FunctionCall judged as its SQL) fails nothing it
+            # did not run: no SQLSTATE of an error that was not its own
+            assert state is None, (stmt, state, err, recs)
+            continue
+        outcome = want[keys[0]]
+        seen.add(keys[0])
+        if outcome == "ok":
+            assert state is None and err is None, (stmt, state, err, recs)
+        elif outcome == "skipped":
+            assert state is None and err and err.startswith("not executed"), \
+                (stmt, state, err, recs)
+        else:
+            assert state == outcome, (stmt, state, err, recs)
+    return seen
+
+
 def _drained_at_once(proxy, c) -> None:
     t0 = time.monotonic()
     proxy.signal(signal.SIGTERM)
@@ -184,6 +220,14 @@ def _drained_at_once(proxy, c) -> None:
     waited = time.monotonic() - t0
     assert (t, error_fields(p).get("C")) == (b"E", "57P01"), (t, p)
     assert waited < 2.5, f"the idle session was closed only after {waited:.1f}s"
+    assert proxy.proc.wait(15) == 0      # (the SIGTERM ends it)
+
+
+def _through(make_proxy, audit: str, data: bytes, zs: int):
+    """A proxy with the masks (audit on or off) and _run of ``data`` through it."""
+    proxy = make_proxy(extra=MASKS, audit_extra="enabled = false" if audit == "noaudit"
+                       else "")
+    return proxy, _run(proxy.port, AGENT, AGENT_PASSWORD, data, zs)
 
 
 @pytest.mark.parametrize("audit", ["audit", "noaudit"])
@@ -193,25 +237,16 @@ def test_pairing_follows_postgres(pg, make_proxy, direct, name, audit):
     want_seq, want_rows = direct(name)
     assert ("T", None) in want_seq and any(SECRET in r for r in want_rows)
     assert not any("skipped" in str(r) or "never_run" in str(r) for r in want_rows)
-    proxy = make_proxy(extra=MASKS, audit_extra="enabled = false" if audit == "noaudit"
-                       else "")
-    seq, rows, c = _run(proxy.port, AGENT, AGENT_PASSWORD, data, zs)
+    proxy, (seq, rows, c) = _through(make_proxy, audit, data, zs)
     # (a) what Postgres itself answers
     assert seq == want_seq
     # (b) the masked column never in clear; every other value as Postgres sent it
-    assert len(rows) == len(want_rows) and ["harmless-value"] in rows
+    assert ["harmless-value"] in rows
     # (masking computes no lineage per statement of a multi-statement Query: it fails
     # closed on its computed columns, a limit of its own and not pairing's)
-    checked = 2 if name == "multi-statement-query-error" else len(rows)
-    for got_row, want_row in zip(rows[-checked:], want_rows[-checked:]):
-        for g, w in zip(got_row, want_row, strict=True):
-            if w == SECRET:
-                assert g != SECRET and g is not None and g.strip("*") == "", rows
-            else:
-                assert g == w, (rows, want_rows)
+    _check_rows(rows, want_rows, 2 if name == "multi-statement-query-error" else len(rows))
     # (d) everything answered: idle, a shutdown ends it at once
     _drained_at_once(proxy, c)
-    assert proxy.proc.wait(15) == 0      # (the SIGTERM above ends it)
     if audit == "noaudit":
         return
     # (c) the audit: each statement with its own outcome, in order
@@ -220,26 +255,9 @@ def test_pairing_follows_postgres(pg, make_proxy, direct, name, audit):
     want = dict(expect)
     want["$1 AS harmless"] = "ok"
     want["secret, plain FROM xp"] = "ok"
-    seen = set()
-    for stmt, state, err, nrows in recs:
-        keys = [k for k in want if (k in stmt if k else stmt == "")]
-        if not keys:
-            # anything else recorded (a FunctionCall judged as its SQL) fails nothing it
-            # did not run: no SQLSTATE of an error that was not its own
-            assert state is None, (stmt, state, err, recs)
-            continue
-        outcome = want[keys[0]]
-        seen.add("harmless" if keys[0] == "$1 AS harmless" else keys[0])
-        if outcome == "ok":
-            assert state is None and err is None, (stmt, state, err, recs)
-        elif outcome == "skipped":
-            assert state is None and err and err.startswith("not executed"), \
-                (stmt, state, err, recs)
-        else:
-            assert state == outcome, (stmt, state, err, recs)
-    missing = [k for k in expect if k not in seen]
+    seen = _check_records(recs, want)
+    missing = [k for k in want if k not in seen]
     assert not missing, (missing, recs)
-    assert "harmless" in seen and "secret, plain FROM xp" in seen, recs
     masked = [r for r in recs if "secret, plain FROM xp" in r[0]]
     assert len(masked) == 1 and masked[0][3] == 1, recs
 
@@ -257,37 +275,18 @@ def test_pairing_after_a_refusal(pg, make_proxy, direct, name, audit):
     is still Postgres' own."""
     data, zs, expect = CASES[name]
     want_seq, want_rows = direct(name)
-    proxy = make_proxy(extra=MASKS, audit_extra="enabled = false" if audit == "noaudit"
-                       else "")
-    seq, rows, c = _run(proxy.port, AGENT, AGENT_PASSWORD, REFUSED + data, zs + 1)
+    proxy, (seq, rows, c) = _through(make_proxy, audit, REFUSED + data, zs + 1)
     assert seq[:2] == [("E", "42501"), ("Z", None)]
     assert seq[2:] == want_seq
-    assert len(rows) == len(want_rows)
-    for got_row, want_row in zip(rows, want_rows):
-        for g, w in zip(got_row, want_row, strict=True):
-            assert (g != SECRET and g.strip("*") == "") if w == SECRET else g == w, rows
+    _check_rows(rows, want_rows, len(rows))
     _drained_at_once(proxy, c)
-    assert proxy.proc.wait(15) == 0      # (the SIGTERM above ends it)
     if audit == "noaudit":
         return
     recs = audit_rows(proxy, "SELECT statement, sqlstate, error, decision FROM audit "
                       "WHERE event = 'statement' ORDER BY ts")
-    for stmt, state, err, decision in recs:
-        if "xblocked" in stmt:
-            assert decision == "blocked", recs
-            continue
-        keys = [k for k in expect if (k in stmt if k else stmt == "")]
-        if not keys:        # (a FunctionCall judged as its SQL): no error not its own
-            assert state is None, (stmt, state, err, recs)
-            continue
-        outcome = expect[keys[0]]
-        if outcome == "ok":
-            assert state is None and err is None, (stmt, state, err, recs)
-        elif outcome == "skipped":
-            assert state is None and err and err.startswith("not executed"), \
-                (stmt, state, err, recs)
-        else:
-            assert state == outcome, (stmt, state, err, recs)
+    assert [r[3] for r in recs if "xblocked" in r[0]] == ["blocked"], recs
+    seen = _check_records([r for r in recs if "xblocked" not in r[0]], expect)
+    assert seen == set(expect), recs
 
 
 # -- the model itself (pgguard._core.answers.Answers), by Postgres' rules: frontend bytes

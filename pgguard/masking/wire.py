@@ -779,7 +779,6 @@ class MaskState:
         self._arm()
         return out
 
-
     def _declared(self, obj: ObjPlan, complete: bytes) -> None:
         tag = complete[5:]
         if obj.declare is not None and obj.declare[0] != "forget" and tag.startswith(
