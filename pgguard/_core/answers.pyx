@@ -211,9 +211,11 @@ cdef class Answers:
         if self._len == 0:
             if t == B_ERROR and self._listeners:
                 self._tell((69, 0, 0, None))    # answers nothing (a FATAL of its own)
-            elif t == B_READY and self._listeners:
-                self._tell((90, self._swallowed, 0, None))
+            elif t == B_READY:
+                if self._listeners:
+                    self._tell((90, self._swallowed, 0, None))
                 self._swallowed = 0
+                self.skipping = False
             return 0
         h = self._type[self._head]
         if t == B_ERROR:
