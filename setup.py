@@ -18,7 +18,8 @@ extensions = [
         define_macros=macros,
         extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
     )
-    for name in ("framing", "relay", "pipe", "sqlshape", "rowmask", "track", "auditline")
+    for name in ("framing", "answers", "relay", "pipe", "sqlshape", "rowmask", "track",
+                 "auditline")
 ]
 
 setup(

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NoReturn
 
 from ._core import FrameError, FrameReader, MessageScan, Pipe
+from ._core.answers import Answers, AnswerWriter
 from ._core.relay import StreamedPrefix
 from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
@@ -150,6 +151,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.z_count = 0
         self.watch = b"X"
         self.tracker = None             # audit: statements in flight
+        self.answers = None             # what the upstream still owes (Answers)
         self.held = None                # strict audit: messages waiting for durability
         self.held_items = None
         self.held_bytes = 0             # bytes the client sent while held (holds.py)
@@ -586,6 +588,16 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = ord("I")
+        # one model of what each message sent upstream is answered with (every write
+        # upstream is told to it, every backend message's type too): in_flight, the
+        # audit's pairing and masking follow it
+        self.answers = Answers()
+        up.transport = AnswerWriter(up.transport, self.answers)
+        self.bscan.model = self.answers
+        if self.tracker is not None:
+            self.tracker.answers = self.answers.listen()
+        if self.masking is not None:
+            self.masking.answers = self.answers.listen()
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
         self.fast_path(True)
         if self.tracker is not None:
@@ -739,13 +751,11 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.terminate(ShuttingDown("terminating connection due to administrator command"))
 
     def in_flight(self) -> int:
-        """ReadyForQuery messages the upstream still owes, by Postgres' rules: one per
-        Sync, Query and FunctionCall it was sent (the scan's count, with sync_adjust for
-        the ones pgguard dropped or injected), less the Queries and FunctionCalls it
-        skipped after an extended-protocol error until Sync (the audit's pairing
-        counts those)."""
-        skipped = self.tracker.skipped if self.tracker is not None else 0
-        return self.fscan.count + self.sync_adjust - self.bscan.count - skipped
+        """ReadyForQuery messages the upstream still owes, by Postgres' rules (the
+        session's Answers: one per Sync, Query and FunctionCall sent upstream, less the
+        ones Postgres skips after an extended-protocol error until Sync or swallows in a
+        COPY)."""
+        return self.answers.owed()
 
     # -- shutdown and errors
     def begin_drain(self) -> None:

@@ -3,6 +3,8 @@
 
 from libc.stdint cimport uint8_t, uint32_t
 
+from .answers cimport Answers
+
 
 cdef class MessageScan:
     # per type byte: 1 = deliver whole to Python, 0 = forward untouched
@@ -64,6 +66,10 @@ cdef class MessageScan:
     cdef public Py_ssize_t stream_over
     cdef public Py_ssize_t stream_keep
     cdef bint _streaming
+
+    # the backend scan: every message's type goes to the session's expected-answers
+    # model (None: none)
+    cdef public Answers model
 
     cpdef list feed(self, bytes data)
     cpdef bint set_withhold(self, bint on)

@@ -1,4 +1,5 @@
 # Type stubs for the compiled relay scan.
+from .answers import Answers
 class MessageScan:
     count: int
     status: int
@@ -7,6 +8,7 @@ class MessageScan:
     error: Exception | None
     bad: bytes | None
     last_type: int
+    model: Answers | None
     rest: bytes | None
     def __init__(self, interest: bytes = ..., valid: bytes | None = ..., counted: bytes = ...,
                  withhold: bool = ..., max_len: int = ...,

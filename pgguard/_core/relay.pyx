@@ -7,6 +7,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdint cimport uint32_t, uint8_t
 from libc.string cimport memset
 
+from .answers cimport stash_header
 from .framing import FrameError
 
 
@@ -77,6 +78,7 @@ cdef class MessageScan:
         self.status = 0
         self.bytes_seen = 0
         self.messages = 0
+        self.model = None
 
     cpdef set_interest(self, bytes types, bint on):
         cdef int i
@@ -174,11 +176,7 @@ cdef class MessageScan:
                 # we know whether the message is withheld
                 if self._withhold and self._hdr_fill == 0 and pos > run:
                     out.append(data[run:pos])
-                take = 5 - self._hdr_fill
-                if take > n - pos:
-                    take = n - pos
-                for i in range(take):
-                    self._hdr[self._hdr_fill + i] = p[pos + i]
+                take = stash_header(self._hdr, self._hdr_fill, p + pos, n - pos)
                 self._hdr_fill += take
                 pos += take
                 run = pos
@@ -249,7 +247,10 @@ cdef class MessageScan:
                     if pos > run:
                         out.append(data[run:pos])
                     run = pos + need
-                out.append((t, data[pos:pos + need]))
+                msg = data[pos:pos + need]
+                out.append((t, msg))
+                if self.model is not None and (t == 69 or t == 90):
+                    self.model.note(msg)
                 pos += need
                 if self._stop[t] and self._withhold and pos < n:
                     self.rest = data[pos:]
@@ -281,6 +282,8 @@ cdef class MessageScan:
         self.last_type = t
         if self._counted[t]:
             self.count += 1
+        if self.model is not None:
+            self.model.back(t)
         self._cur_type = t
         self._remain = length - 4
         self._collect = self._interest[t]
@@ -316,3 +319,5 @@ cdef class MessageScan:
         del self._hold[:]
         self._collect = False
         out.append((self._cur_type, msg))
+        if self.model is not None and (self._cur_type == 69 or self._cur_type == 90):
+            self.model.note(msg)

@@ -11,7 +11,7 @@ class StatementTracker:
     flog: list
     pending: deque
     strict: bool
-    skipped: int
+    answers: deque | None
     def __init__(self, session: Any, audit: Any, helpers: tuple, base: datetime,
                  mono0: int) -> None: ...
     def refusal_ignored(self) -> None: ...

@@ -9,6 +9,7 @@ from cpython.datetime cimport import_datetime, timedelta_new
 from libc.string cimport memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from .answers import answer_for
 from .sqlshape cimport shape_buf
 
 import_datetime()
@@ -45,6 +46,11 @@ cdef class _Pending:
     # a Query or FunctionCall: Postgres skips it after an extended-protocol error until
     # Sync (it gets no ReadyForQuery of its own then)
     cdef bint skippable
+    # K_STATEMENT (a Query, Execute, judged FunctionCall, or a marker), K_PARSE / K_BIND
+    # (recorded only when Postgres answers it with an error), K_SYNC (a Sync message)
+    cdef int kind
+    cdef int ordinal            # a Parse's / Bind's: among its type since the last sync
+    cdef _Pending src           # an Execute's Bind, a Bind's Parse (None: unknown)
 
     def __cinit__(self, sql, dec, long long t0, bint sync, bint done):
         self.sql = sql
@@ -53,6 +59,16 @@ cdef class _Pending:
         self.sync = sync
         self.done = done
         self.skippable = False
+        self.kind = K_STATEMENT
+        self.ordinal = 0
+        self.src = None
+
+
+cdef enum:
+    K_STATEMENT = 0
+    K_PARSE = 1
+    K_BIND = 2
+    K_SYNC = 3
 
 
 cdef bytes _cstr(bytes msg, Py_ssize_t pos, Py_ssize_t* after):
@@ -105,12 +121,13 @@ cdef class StatementTracker:
     cdef readonly object audit
     cdef readonly list flog
     cdef readonly object pending
-    cdef dict stmts             # statement name -> (sql, decision)
-    cdef dict portals           # portal -> statement name
+    cdef dict stmts             # statement name -> (sql, decision, its Parse entry)
+    cdef dict portals           # portal -> (statement name, its Bind entry)
+    # the session's expected-answers model's queue for this tracker (Answers.listen):
+    # which message each ErrorResponse answers, the Syncs a COPY swallowed
+    cdef public object answers
+    cdef int _seg_p, _seg_b     # Parses / Binds drained since the last sync point
     cdef bint segment_error
-    # Queries and FunctionCalls Postgres skipped (after an extended-protocol error, until
-    # Sync): forwarded and counted by the frontend scan, never answered by a ReadyForQuery
-    cdef public long long skipped
     cdef long long bytes_mark
     cdef readonly bint strict   # records are written before forwarding: emit nothing
     cdef bint raw               # literals are kept: no per-shape statement columns
@@ -140,11 +157,12 @@ cdef class StatementTracker:
         self._fixed = None
         self._parts = {}
         self._parts_bytes = 0
-        self.skipped = 0
         (self._h_record, self._h_part, self._h_session, self._approved,
          self._error_fields) = helpers
         self._log_row = audit.log_row
         self._bscan = None
+        self.answers = None
+        self._seg_p = self._seg_b = 0
 
     # -- frontend
     cdef _drain(self):
@@ -160,6 +178,7 @@ cdef class StatementTracker:
             m = (<tuple>item)[0]
             if m.__class__ is not bytes:                 # REFUSAL_SYNC
                 pending.append(_Pending(None, None, (<tuple>item)[2], True, False))
+                self._seg_p = self._seg_b = 0
                 continue
             msg = <bytes>m
             t = <unsigned char>PyBytes_AS_STRING(msg)[0]
@@ -168,16 +187,33 @@ cdef class StatementTracker:
                              (<tuple>item)[2], True, False)
                 e.skippable = True
                 pending.append(e)
+                self._seg_p = self._seg_b = 0
             elif t == 80:                                # Parse: remember the text
+                # (an entry of its own: recorded only if Postgres refuses it)
+                e = _Pending(b"", (<tuple>item)[1], (<tuple>item)[2], False, True)
+                e.kind = K_PARSE
+                e.ordinal = self._seg_p
+                self._seg_p += 1
+                pending.append(e)
                 try:
                     name = _cstr(msg, 5, &pos)
-                    self.stmts[name] = (_cstr(msg, pos, &after), (<tuple>item)[1])
+                    e.sql = _cstr(msg, pos, &after)
+                    self.stmts[name] = (e.sql, e.dec, e)
                 except ValueError:
                     pass
             elif t == 66:                                # Bind: portal -> statement
+                e = _Pending(b"", None, (<tuple>item)[2], False, True)
+                e.kind = K_BIND
+                e.ordinal = self._seg_b
+                self._seg_b += 1
+                pending.append(e)
                 try:
                     portal = _cstr(msg, 5, &pos)
-                    self.portals[portal] = _cstr(msg, pos, &after)
+                    name = _cstr(msg, pos, &after)
+                    got = self.stmts.get(name)
+                    if got is not None:
+                        e.sql, e.dec, e.src = got
+                    self.portals[portal] = (name, e)
                 except ValueError:
                     pass
             elif t == 69:                                # Execute
@@ -185,8 +221,11 @@ cdef class StatementTracker:
                     portal = _cstr(msg, 5, &after)
                 except ValueError:
                     portal = b""
-                sql, dec = self.stmts.get(self.portals.get(portal, b""), (b"", None))
-                pending.append(_Pending(sql, dec, (<tuple>item)[2], False, False))
+                name, b = self.portals.get(portal, (b"", None))
+                sql, dec, _ = self.stmts.get(name, (b"", None, None))
+                e = _Pending(sql, dec, (<tuple>item)[2], False, False)
+                e.src = b
+                pending.append(e)
             elif t == 70 and (<tuple>item)[1] is not None and (<tuple>item)[1].statements:
                 # FunctionCall judged by the policy: recorded as the SQL it stands for
                 # (the decision's statement text), answered by its own ReadyForQuery
@@ -195,10 +234,14 @@ cdef class StatementTracker:
                              False)
                 e.skippable = True
                 pending.append(e)
+                self._seg_p = self._seg_b = 0
             elif t == 83 or t == 70:                     # Sync / FunctionCall
                 e = _Pending(None, None, (<tuple>item)[2], True, True)
                 e.skippable = t == 70
+                if t == 83:
+                    e.kind = K_SYNC
                 pending.append(e)
+                self._seg_p = self._seg_b = 0
         flog.clear()
 
     def refusal_ignored(self):
@@ -220,29 +263,39 @@ cdef class StatementTracker:
 
     def on_backend(self, int t, bytes msg):
         cdef _Pending e
+        cdef long long swallowed = 0
         self._drain()
         pending = self.pending
+        got = answer_for(self.answers, msg) if self.answers and (t == 69 or t == 90) \
+            else None
         if t == 90:                                      # ReadyForQuery
             if self.ddl_seen and PyBytes_GET_SIZE(msg) > 5 and msg[5] == 73:    # idle
                 self.ddl_seen = False
                 self.session.server.catalog_committed(self.session.database)
+            if got is not None:
+                swallowed = (<tuple>got)[1]     # Syncs a COPY took: no ReadyForQuery
             while pending:
                 e = <_Pending>pending.popleft()
                 # after an extended-protocol error Postgres skips Queries and
                 # FunctionCalls too, until Sync: this ReadyForQuery is the Sync's
                 skipped = self.segment_error and e.skippable
-                if skipped:
-                    self.skipped += 1
                 if e.sql is not None and not e.done:
                     if (not e.sync or skipped) and e.state is None and self.segment_error:
                         e.err = "not executed: an earlier message of the pipeline failed"
                     self._emit(e)
                 if e.sync and not skipped:
+                    if swallowed and e.kind == K_SYNC:
+                        swallowed -= 1
+                        continue
                     break
             self.segment_error = False
             return
         if t == 67 and not self.ddl_seen and msg.startswith(_DDL_TAGS, 5):
             self.ddl_seen = True
+        if t == 69 and got is not None and (<tuple>got)[1] != 69 and \
+                (<tuple>got)[1] != 81 and (<tuple>got)[1] != 70:
+            self._extended_error(msg, (<tuple>got)[1], (<tuple>got)[2])
+            return
         e = self._current()
         if t == 69:                                      # ErrorResponse
             fields = self._error_fields(msg[5:])
@@ -268,6 +321,40 @@ cdef class StatementTracker:
                 self._emit(e)
                 e.done = True
 
+    cdef _extended_error(self, bytes msg, int target, int ordinal):
+        # an ErrorResponse answering a Parse, Bind, Describe, Close or Sync (0: nothing).
+        # A Parse's or Bind's: the statement it prepared is recorded with the error (as
+        # the Execute that would have run it, when one follows in the segment); the
+        # rest of the segment up to Sync is skipped (see on_backend's ReadyForQuery)
+        cdef _Pending e, failed = None
+        cdef int kind = K_PARSE if target == 80 else K_BIND if target == 66 else -1
+        cdef int n = 0
+        if target == 83 or target == 0:          # a Sync's (its commit) / a FATAL
+            return
+        self.segment_error = True
+        if kind < 0:                             # Describe / Close: no statement ran
+            return
+        for x in self.pending:
+            e = <_Pending>x
+            if e.sync:
+                break
+            if failed is None:
+                if e.kind == kind:
+                    if n == ordinal:
+                        failed = e
+                    n += 1
+            elif e.kind == K_STATEMENT and not e.done and e.src is not None and (
+                    e.src is failed or e.src.src is failed):
+                failed = e                       # the Execute it would have run
+                break
+        if failed is None or failed.done and failed.kind == K_STATEMENT:
+            return
+        fields = self._error_fields(msg[5:])
+        failed.state = fields.get("C")
+        failed.err = fields.get("M")
+        self._emit(failed)
+        failed.done = True
+
     cdef _Pending _current(self):
         cdef _Pending e
         for x in self.pending:
@@ -288,7 +375,8 @@ cdef class StatementTracker:
             d = (<_Pending>self.pending[len(self.pending) - 1]).dec
         else:
             portal = _cstr(msg, 5, &after)
-            sql, d = self.stmts.get(self.portals.get(portal, b""), (b"", None))
+            sql, d, _ = self.stmts.get(self.portals.get(portal, (b"", None))[0],
+                                       (b"", None, None))
         if d is not None and d.__class__ is self._approved:
             rec = self._h_record(self.session, sql, d, "approved", self.wall(0))
             rec.approver = d.approver

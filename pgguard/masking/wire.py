@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from .._core.answers import answer_for
 from .._core.rowmask import RowRewriter
 from ..errors import ConfigError
 from .channels import Channels
@@ -321,6 +322,12 @@ class MaskState:
         self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
         self._next: ObjPlan | None = None   # the plan of the Query being forwarded
         self._ready = 0
+        # after an extended-protocol error whose Sync was not yet forwarded: what is
+        # forwarded up to that Sync is skipped by Postgres, answered by nothing
+        self._skip = False
+        # the session's expected-answers model's queue for masking (Answers.listen):
+        # which message each ErrorResponse answers, the Syncs a COPY swallowed
+        self.answers = None
         self.lineage_keys: dict = {}        # lineage analysed in this session
         self._lkey: tuple | None = None
         self._masked_rel, self._masked_cols = self._masked_names()
@@ -442,6 +449,9 @@ class MaskState:
 
     @fseg.setter
     def fseg(self, value: int) -> None:
+        if self._skip:          # Postgres skips it up to the Sync: no ReadyForQuery
+            self._next = None
+            return
         while value > self._ready:
             self._ready += 1
             plan, self._next = self._next, None
@@ -627,6 +637,10 @@ class MaskState:
         return ObjPlan(None, reads, (table, name))
 
     def _push(self, entry: tuple) -> None:
+        if self._skip:
+            if entry[0] != K_SYNC:
+                return
+            self._skip = False
         q = self.expect
         q.append(entry)
         if entry[0] == K_EXEC:
@@ -670,6 +684,9 @@ class MaskState:
         rw = self.rw
         if not whole:
             return rw.feed(data)
+        # the model's word on an ErrorResponse / ReadyForQuery (None: no model)
+        got = answer_for(self.answers, data) if (t == 69 or t == 90) and self.answers \
+            else None
         if t in CHANNEL_TYPES:      # scrubbed first; an ErrorResponse is paired below too
             data = self._channel(t, data)
         if t not in _PAIRED:
@@ -716,13 +733,19 @@ class MaskState:
             return out
         if t == 69:                                          # 'E'
             out = rw.feed(data)
-            if k != K_READY and k != -1:
-                # Postgres skips the rest up to the Sync
+            if got is not None:         # the model: which message it answers
+                extended = got[1] in _EXTENDED
+            else:
+                extended = k != K_READY and k != -1
+            if extended:
+                # Postgres skips the rest up to the Sync, also what is forwarded later
                 q = self.expect
                 while q and q[0][0] != K_SYNC:
                     e = q.popleft()
                     if e[0] == K_READY:
                         self._ready -= 1
+                if not q:
+                    self._skip = True
             return out
         if t == 67 or t == 115 or t == 73:                   # C, s, I: an Execute ends
             out = rw.feed(data)
@@ -737,6 +760,7 @@ class MaskState:
             return out
         # 'Z'
         out = rw.feed(data)
+        swallowed = got[1] if got is not None else 0    # Syncs a COPY took
         if self.s.in_flight() <= 0:
             self.masked_reads = 0
             if data[5] == 73:                               # idle: the transaction ended
@@ -748,6 +772,9 @@ class MaskState:
                 self._ready -= 1
                 break
             if e[0] == K_SYNC:
+                if swallowed:
+                    swallowed -= 1
+                    continue
                 break
         self._arm()
         return out
@@ -946,6 +973,8 @@ class MaskState:
 
 
 _PAIRED = frozenset(b"Ttn2HCEIsZ")
+# an error answering one of these makes Postgres skip everything up to Sync
+_EXTENDED = frozenset(b"PBEDC")
 
 
 def _cstr(msg: bytes, pos: int) -> tuple[bytes, int]:
