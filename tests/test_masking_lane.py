@@ -282,6 +282,44 @@ class TestMaskedAfterLane:
         c.close()
 
 
+    def test_segment_mixing_safe_and_masked(self, lproxy):
+        # one Sync segment: a safe statement the lane would take, then a masked one;
+        # the lane hands the whole segment to Python (its bookkeeping included)
+        c = agent(lproxy)
+        one_prepared(c, "h", "SELECT n, note FROM lane_plain WHERE id = $1", [23])
+        one_prepared(c, "m", "SELECT email, ssn FROM lane_cust WHERE id = $1", [23])
+        for _ in range(3):
+            run_prepared(c, "h", [b"1"])
+        for fmt in (0, 1, 0):
+            c.send(r.bind("h", [b"2"], result_formats=[fmt]), r.describe("P"), r.execute(),
+                   r.bind("m", [b"1"], result_formats=[fmt]), r.describe("P"), r.execute(),
+                   r.bind("h", [b"3"], result_formats=[fmt]), r.execute(), r.SYNC)
+            msgs = c.until_ready()
+            rows = r.rows(msgs)
+            assert len(rows) == 3 and not r.errors(msgs)
+            assert rows[0][1] == rows[2][1].replace(b"3", b"2") == b"note 2"
+            assert not leaks(blob(msgs)), leaks(blob(msgs))
+        c.close()
+
+    def test_execute_without_describe(self, lproxy):
+        # asyncpg's way: Bind/Execute/Sync with no Describe (Python's path), between
+        # segments the lane takes, binary and text
+        c = agent(lproxy)
+        one_prepared(c, "h", "SELECT n, note FROM lane_plain WHERE id = $1", [23])
+        one_prepared(c, "m", "SELECT id, email, ssn FROM lane_cust WHERE id = $1", [23])
+        for i in range(6):
+            fmt = i % 2
+            c.send(r.bind("m", [b"2"], result_formats=[fmt]), r.execute(), r.SYNC)
+            msgs = c.until_ready()
+            assert len(r.rows(msgs)) == 1 and not leaks(blob(msgs))
+            msgs = run_prepared(c, "h", [b"7"], fmt)
+            assert r.rows(msgs)[0][1] == b"mail me: [email]"
+            c.send(r.bind("h", [b"8"], result_formats=[fmt]), r.execute(), r.SYNC)
+            msgs = c.until_ready()
+            assert r.rows(msgs)[0][1] == b"ssn [ssn] on file" and not leaks(blob(msgs))
+        c.close()
+
+
 # -- (c) derived expressions over a masked column stay masked ---------------------------
 
 DERIVED = [

@@ -466,6 +466,7 @@ cdef class Pipe:
                     out.append(msg)
                     lane.z += 1
                     lane.dirty |= 3
+                    lane.stmts.discard(b"")     # a Query replaces the unnamed statement
                     lane.forwarded += 1
                     self._fast += 1
                     if self.fast_log is not None:
@@ -474,11 +475,12 @@ cdef class Pipe:
                 if seg is None:
                     seg = []
                     seglog = []
-                seg.append(msg)
+                seg.append(it)                  # as scanned: Python may get it back
                 if logged:
                     seglog.append(msg)
                 if t == 83:                             # the segment is whole: it goes
-                    out.extend(seg)
+                    for x in seg:
+                        out.append(x if type(x) is bytes else (<tuple>x)[1])
                     seg = None
                     step = 0
                     lane.z += 1

@@ -131,8 +131,10 @@ class LaneState:
             self._copy_plan(data, None, -1)
         elif t == 90:
             self.fast_owed -= 1
-            if self.s.in_flight() <= 0 and data[5] == 73:
-                self.txn_tainted = False
+            if self.s.in_flight() <= 0:
+                self.masked_reads = 0
+                if data[5] == 73:           # idle: the transaction ended
+                    self.txn_tainted = False
             self.maybe_idle()
         return out
 
