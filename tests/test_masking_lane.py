@@ -38,7 +38,7 @@ builtin = ["email", "ssn", "credit_card", "phone"]
 def lproxy(pg, tmp_path_factory):
     from conftest import Proxy
     pg.execute("""
-        DROP TABLE IF EXISTS lane_cust, lane_plain CASCADE;
+        DROP TABLE IF EXISTS lane_cust, lane_plain, lane_nums CASCADE;
         CREATE TABLE lane_cust (id int PRIMARY KEY, name text, email text, ssn text);
         INSERT INTO lane_cust VALUES (1, 'Ada', 'ada.lovelace@example.com', '123-45-6789'),
                                      (2, 'Grace', 'grace.hopper@example.org', '987-65-4321');
@@ -47,6 +47,11 @@ def lproxy(pg, tmp_path_factory):
         UPDATE lane_plain SET note = 'mail me: carol.pii@example.net' WHERE id = 7;
         UPDATE lane_plain SET note = 'ssn 219-09-9999 on file' WHERE id = 8;
         UPDATE lane_plain SET note = 'card 4111 1111 1111 1111 ok' WHERE id = 9;
+        CREATE TABLE lane_nums (id int PRIMARY KEY, big bigint, num numeric, f8 float8,
+                                small int, f4 real);
+        INSERT INTO lane_nums VALUES (1, 4111111111111111, 123567.1234, 378282246310005,
+                                      2147483647, 1234567),
+                                     (2, 4111111111111112, 10.5, 1.5, 7, 2.5);
         CREATE VIEW lane_view AS SELECT id, lower(email) AS m FROM lane_cust;
         CREATE VIEW lane_v2 AS SELECT id, note FROM lane_plain;
     """, dbname="appdb")
@@ -371,3 +376,51 @@ def test_view_redefined_by_another_session(lproxy, pg):
         pg.execute("CREATE OR REPLACE VIEW lane_v2 AS SELECT id, note FROM lane_plain",
                    dbname="appdb")
         c.close()
+
+
+# -- numbers that spell a card or a phone number (text format) ---------------------------
+
+NUMS = "SELECT big, num, f8, small, f4 FROM lane_nums WHERE id = {}"
+
+
+@pytest.mark.parametrize("how", ["simple", "prepared-x3", "pipelined", "psycopg", "binary"])
+def test_numbers_scanned_in_text(lproxy, pg, how):
+    want = truth(pg, "SELECT big, num, f8, small, f4 FROM lane_nums ORDER BY id")
+    assert str(want[0][0]) == "4111111111111111"          # the truth upstream
+    c = agent(lproxy)
+    if how == "simple":
+        got = [r.rows(c.run(NUMS.format(i))) for i in (1, 2, 1, 2, 1)]
+    elif how == "pipelined":
+        c.send(*[r.query(NUMS.format(i)) for i in (1, 2, 1, 2, 1)])
+        msgs = c.until_ready(5)
+        got = [[row] for row in r.rows(msgs)]
+    elif how in ("prepared-x3", "binary"):
+        one_prepared(c, "n", NUMS.format("$1"), [23])
+        got = [r.rows(run_prepared(c, "n", [str(i).encode()], 1 if how == "binary" else 0))
+               for i in (1, 2, 1, 2, 1, 2)]
+    else:
+        c.close()
+        with psycopg.connect(lproxy.dsn(dbname="appdb"), autocommit=True) as conn:
+            got = []
+            for i in (1, 2, 1, 2, 1):
+                cur = conn.execute(NUMS.format("%s"), (i,), prepare=True)
+                got.append([[None if v is None else str(v).encode() for v in cur.fetchone()]])
+        got = [[[v if v is None else v.replace(b"Decimal('", b"").replace(b"')", b"")
+                 for v in row] for row in g] for g in got]
+    if how != "psycopg":
+        c.close()
+    for k, rows in enumerate(got):
+        row = rows[0]
+        if how == "binary":
+            # binary forms spell no digits: untouched, byte for byte
+            assert row[0] == (4111111111111111 if k % 2 == 0 else 4111111111111112) \
+                .to_bytes(8, "big")
+            continue
+        if k % 2 == 0:
+            # the card in an int8 and a float8, the phone-shaped numeric: NULL; an int4 and
+            # a float4 cannot spell either: untouched
+            assert row[0] is None and row[1] is None and row[2] is None, row
+            assert row[3] == b"2147483647" and row[4] in (b"1.234567e+06", b"1234567.0"), row
+        else:
+            # not Luhn-valid, not phone-shaped: untouched
+            assert row == [b"4111111111111112", b"10.5", b"1.5", b"7", b"2.5"], row

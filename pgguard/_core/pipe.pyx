@@ -528,18 +528,25 @@ cdef class Pipe:
         # ReadyForQuery goes to Python
         cdef MaskLane lane = self.mask
         cdef RowRewriter rw = lane.rw
-        cdef list items = self.scan.feed(data)
+        cdef list items
         cdef list out = []
         cdef list events = [] if lane.track else None
-        cdef Py_ssize_t i, n = len(items)
+        cdef Py_ssize_t i, n
         cdef long long nz = 0
         cdef int t
         cdef bint fallback = False
+        # the chunk began and ended at message boundaries and nothing in it changed:
+        # it goes as it came (no join)
+        cdef bint same = self.scan._hdr_fill == 0 and self.scan._remain == 0
         rest = None
+        items = self.scan.feed(data)
+        n = len(items)
         for i in range(n):
             it = items[i]
             if type(it) is bytes:
-                out.append(rw.feed(<bytes>it))
+                x = rw.feed(<bytes>it)
+                same = same and x is it
+                out.append(x)
                 continue
             t = (<tuple>it)[0]
             msg = (<tuple>it)[1]
@@ -549,14 +556,20 @@ cdef class Pipe:
                     fallback = True
                     rest = items[i:]
                     break
-                out.append(rw.feed(msg))
+                x = rw.feed(msg)
+                same = same and x is msg
+                out.append(x)
                 rw.set_plan(plan)
                 continue
             if t == 69 or t == 78 or t == 65 or t == 83 or t == 86:     # E N A S V
-                out.append(rw.feed(lane.state.fast_channel(t, msg)))
+                x = rw.feed(lane.state.fast_channel(t, msg))
+                same = same and x is msg
+                out.append(x)
             elif t == 67 or t == 73 or t == 115 or t == 90 or t == 110 or t == 50 \
                     or t == 116:
-                out.append(rw.feed(msg))
+                x = rw.feed(msg)
+                same = same and x is msg
+                out.append(x)
             else:                                       # COPY, or what the lane never sends
                 fallback = True
                 rest = items[i:]
@@ -571,7 +584,10 @@ cdef class Pipe:
                     if i + 1 < n:
                         rest = items[i + 1:]
                     break
-        self._flush(out)
+        if same and rest is None and self.scan._hdr_fill == 0 and self.scan._remain == 0:
+            self._peer_write(data)
+        else:
+            self._flush(out)
         if nz:
             self._hooks.z_count = self._hooks.z_count + nz
         if events:
