@@ -614,7 +614,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         read no masked column, and their answers, without Python."""
         from ._core.pipe import MaskLane
         mask = self.masking
-        lane = MaskLane(mask, mask.rw, self.server.catalog_signal.generation)
+        lane = MaskLane(mask, mask.rw, self.server.catalog_signal.mm)
         lane.track = self.tracker is not None
         mask.lane = lane
         self.client_pipe.mask = self.up_pipe.mask = lane

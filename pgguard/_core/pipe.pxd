@@ -1,6 +1,7 @@
 # Layout of the relay-phase asyncio protocol: one per direction of a session.
 
 from .relay cimport MessageScan
+from cpython.buffer cimport Py_buffer
 from .rowmask cimport RowRewriter
 
 
@@ -35,8 +36,12 @@ cdef class MaskLane:
     cdef long long _gen
     # the session's MaskState (fast_rowdesc, fast_channel, fast_fallback) and rewriter
     cdef public object state
-    cdef public object generation
     cdef RowRewriter rw
+    # the catalog generation: the first 8 bytes (big-endian) of this buffer
+    # (server.CatalogSignal.mm, shared by the workers), read per RowDescription
+    cdef Py_buffer _gbuf
+    cdef bint _has_gbuf
+    cdef long long _generation(self) noexcept
 
 
 cdef class Pipe:

@@ -17,7 +17,9 @@ class MaskLane:
     stmts: set
     plans: dict
     state: Any
-    generation: Any
+    @property
+    def generation(self) -> int: ...
+    # generation: a buffer whose first 8 bytes (big-endian) hold the catalog generation
     def __init__(self, state: Any, rw: Any, generation: Any) -> None: ...
     def forget(self) -> None: ...
 

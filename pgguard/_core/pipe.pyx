@@ -2,6 +2,7 @@
 # after the compiled scan; Python hooks run only for messages the session asked for.
 # cython: language_level=3
 
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t
@@ -23,14 +24,18 @@ cdef class MaskLane:
 
     Example::
 
-        lane = MaskLane(mask_state, mask_state.rw, server.catalog_signal.generation)
+        lane = MaskLane(mask_state, mask_state.rw, server.catalog_signal.mm)
         client_pipe.mask = up_pipe.mask = lane
     """
 
     def __cinit__(self, state, RowRewriter rw, generation):
         self.state = state
         self.rw = rw
-        self.generation = generation
+        self._has_gbuf = False
+        PyObject_GetBuffer(generation, &self._gbuf, PyBUF_SIMPLE)
+        self._has_gbuf = True
+        if self._gbuf.len < 8:
+            raise ValueError("the generation buffer holds fewer than 8 bytes")
         self.on = False
         self.idle = False
         self.track = False
@@ -42,6 +47,22 @@ cdef class MaskLane:
         self.stmts = set()
         self.plans = {}
         self._gen = -1
+
+    def __dealloc__(self):
+        if self._has_gbuf:
+            PyBuffer_Release(&self._gbuf)
+
+    cdef long long _generation(self) noexcept:
+        cdef const unsigned char* g = <const unsigned char*>self._gbuf.buf
+        cdef unsigned long long v = 0
+        cdef int i
+        for i in range(8):
+            v = (v << 8) | g[i]
+        return <long long>v
+
+    @property
+    def generation(self):
+        return self._generation()
 
     def forget(self):
         """Forget every safe statement and plan (the catalog or the lineage changed)."""
@@ -506,7 +527,7 @@ cdef class Pipe:
         # the detectors' plan for the rows after this RowDescription; False: Python
         # takes over (the catalog must be read again first)
         cdef MaskLane lane = self.mask
-        cdef long long g = lane.generation()
+        cdef long long g = lane._generation()
         if g != lane._gen:
             lane.plans.clear()
             lane._gen = g
