@@ -104,6 +104,10 @@ class LaneState:
         from .wire import ObjPlan
         return self.plan_for(rowdesc, None, ObjPlan(None, False))
 
+    def _owed_obj(self, rowdesc: bytes):
+        from .wire import ObjPlan
+        return ObjPlan(_owed_lineage(self.catalog, rowdesc), True)
+
     def fast_channel(self, t: int, data: bytes) -> bytes:
         return self._channel(t, data)
 
@@ -121,7 +125,7 @@ class LaneState:
         rw = self.rw
         out = rw.feed(data)
         if t == 84:
-            rw.set_plan(self.plan_for(data, None, None))
+            rw.set_plan(self.plan_for(data, None, self._owed_obj(data)))
         elif t == 72:
             if self.masks_on:
                 from ..errors import ProtocolViolation
@@ -137,6 +141,19 @@ class LaneState:
                     self.txn_tainted = False
             self.maybe_idle()
         return out
+
+
+def _owed_lineage(catalog, rowdesc: bytes):
+    """The lineage a lane answer Python finishes is planned with, from its RowDescription
+    and the catalog as read again: a direct column of a relation that is not a view over
+    masked columns carries what the relation holds (its own mask, if any, applies); any
+    other column (computed, or of such a view) is masked as derived. The lineage the lane
+    judged the statement with may be stale (DDL moved the catalog generation)."""
+    from .lineage import Lineage
+    from .wire import parse_row_description
+    views = getattr(catalog, "views", frozenset())
+    return Lineage(tuple(not (table and attnum > 0 and table not in views)
+                         for table, attnum, _, _ in parse_row_description(rowdesc)), True)
 
 
 def lineage_query(sql: bytes, d) -> bytes:
