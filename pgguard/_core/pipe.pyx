@@ -586,8 +586,8 @@ cdef class Pipe:
                 x = rw.feed(lane.state.fast_channel(t, msg))
                 same = same and x is msg
                 out.append(x)
-            elif t == 67 or t == 73 or t == 115 or t == 90 or t == 110 or t == 50 \
-                    or t == 116:
+            elif t == 68 or t == 67 or t == 73 or t == 115 or t == 90 or t == 110 \
+                    or t == 50 or t == 116:
                 x = rw.feed(msg)
                 same = same and x is msg
                 out.append(x)
