@@ -896,10 +896,6 @@ class MaskState(LaneState):
             self.masks_on = self._apply and bool(cat.columns)
             self.plans.clear()
             self._fresh = None
-            # the lineage was analysed against the old catalog (its keys carry the
-            # catalog's load time): analyse again
-            self._lkey = None
-            self.lineage_keys.clear()
             self.lane_forget()
         if cat.generation == s.server.catalog_signal.generation():
             # read after every DDL so far and still unknown: created in a transaction
