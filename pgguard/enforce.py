@@ -288,7 +288,7 @@ class Enforcement:
                                  for st in d.statements):
             self.server.catalog_changed(self.database, self)
             mask.forget_lineage()
-        mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
+        mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin, d)
         mask.fseg += 1
         return True
 
@@ -356,7 +356,7 @@ class Enforcement:
                 out.append(msg)
                 if self.masking is not None:
                     out.append(self.masking.frontend(80, msg, _reads_masked(self, d, True),
-                                                     lin))
+                                                     lin, d))
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, 0))
             if name and d is not None and self.prepared is not None and d.statements:

@@ -487,6 +487,9 @@ class Server:
                                       "statements by decision", labels=("decision",))
         self._stmt_children: dict = {}
         self.m_masked = m.counter("pgguard_masked_cells_total", "cells masked in results")
+        self.m_lane = m.counter("pgguard_masking_lane_total",
+                                "statements of masking sessions forwarded by the compiled "
+                                "lane (their results read no masked column)")
         m.gauge("pgguard_audit_queue_depth", "audit records waiting to be written",
                 fn=lambda: self.audit.stats().queue_depth if self.audit is not None else 0)
         m.counter("pgguard_audit_dropped_total", "audit records dropped (batched mode)",
@@ -512,6 +515,10 @@ class Server:
         if n:
             session.fast_reported += n
             self.count_statement("allowed", n)
+        lane = pipe.mask
+        if lane is not None and lane.forwarded != lane.reported:
+            self.m_lane.inc(lane.forwarded - lane.reported)
+            lane.reported = lane.forwarded
 
     async def _metrics_tick(self) -> None:
         # statements the compiled fast path forwarded, folded into the counter

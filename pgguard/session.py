@@ -608,6 +608,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.bscan.set_interest(MASK_BACKEND, True)
             self.bscan.set_withhold(True)
             self.up_pipe.divert = True
+            self._mask_lane()
         rest = c.reader.take_rest()
         c.phase = PH_RELAY
         up.phase = PH_RELAY
@@ -620,12 +621,35 @@ class Session(Enforcement, Holds, ConsoleSession):
         if rest:
             self.client_pipe.data_received(rest)
 
+    def _mask_lane(self) -> None:
+        """The compiled masking lane (pipe.MaskLane, masking/lane.py): statements that
+        read no masked column, and their answers, without Python."""
+        from ._core.pipe import MaskLane
+        mask = self.masking
+        lane = MaskLane(mask, mask.rw, self.server.catalog_signal.mm)
+        lane.track = self.tracker is not None
+        mask.lane = lane
+        self.client_pipe.mask = self.up_pipe.mask = lane
+        self.fast_path(True)
+
     def fast_path(self, on: bool) -> None:
         """Let the compiled client pipe forward what needs no Python (off while
         discarding after a refusal): statements the policy's cached decision allows,
         or all of them without a policy; with the audit, the extended-protocol messages
         the tracker pairs too. Masking and the strict audit see each message in Python."""
         pipe = self.client_pipe
+        lane = pipe.mask
+        if lane is not None:        # masking: the lane, for statements that read no mask
+            lane.on = on and not self.server.audit_strict and not self._guarding and \
+                self.policy is not None
+            lane.idle = False
+            if lane.on:
+                pipe.exact, pipe.shapes = self._cache
+                pipe.guard = None
+                pipe.allow_all = False
+                pipe.log_types = b"BES" if self.tracker is not None else None
+                self.masking.maybe_idle()
+                return
         if not on or self.server.audit_strict or self.masking is not None or self._guarding:
             pipe.exact = pipe.shapes = pipe.log_types = None
             pipe.allow_all = False

@@ -1,6 +1,47 @@
 # Layout of the relay-phase asyncio protocol: one per direction of a session.
 
 from .relay cimport MessageScan
+from cpython.buffer cimport Py_buffer
+from .rowmask cimport RowRewriter
+
+
+cdef class MaskLane:
+    # The compiled lane of a masking session (one per session, shared by both pipes):
+    # statements whose results read no masked column (masking/lane.py decides, once per
+    # statement text or shape, prepared statement) are forwarded by the client pipe, and
+    # their answers are rewritten by the upstream pipe with the detectors' plan of each
+    # RowDescription, without Python. Python and the lane never have answers in flight
+    # at once: the lane forwards only while ``idle`` (set by Python when nothing it
+    # forwarded is owed), and Python's own messages wait until ``z`` is 0.
+    # on: the session's fast path is on (off while discarding, guarding, strict audit)
+    cdef public bint on
+    cdef public bint idle
+    # the audit's tracker hears the lane's completions (hooks.backend_events)
+    cdef public bint track
+    # ReadyForQuery messages the upstream owes to segments the lane forwarded
+    cdef public long long z
+    # statements and segments forwarded here (reported: counted in /metrics)
+    cdef public long long forwarded
+    cdef public long long reported
+    # 1: a Query went through the lane (the unnamed statement and portal are gone);
+    # 2: a Bind did (the unnamed portal is another one): Python forgets its plans
+    cdef public int dirty
+    # safe Query texts and shapes (-> True), safe prepared statements (by name)
+    cdef public dict exact
+    cdef public dict shapes
+    cdef public set stmts
+    # RowDescription -> the detectors' MaskPlan (None: nothing to scan), for the
+    # catalog generation _gen
+    cdef public dict plans
+    cdef long long _gen
+    # the session's MaskState (fast_rowdesc, fast_channel, fast_fallback) and rewriter
+    cdef public object state
+    cdef RowRewriter rw
+    # the catalog generation: the first 8 bytes (big-endian) of this buffer
+    # (server.CatalogSignal.mm, shared by the workers), read per RowDescription
+    cdef Py_buffer _gbuf
+    cdef bint _has_gbuf
+    cdef long long _generation(self) noexcept
 
 
 cdef class Pipe:
@@ -56,9 +97,15 @@ cdef class Pipe:
     cdef bint _held_counted
     # client side: the scan met a malformed frame (reported once, nothing read after)
     cdef bint _bad_seen
+    # a masking session's compiled lane (None: no masking)
+    cdef public MaskLane mask
 
     cdef object _cached_allow(self, bytes msg)
     cdef bint _guard_passes(self, int t, bytes msg) except -1
     cdef int _hold_scan(self) except -1
     cdef _client_chunk(self, list items)
+    cdef _mask_chunk(self, list items)
+    cdef _mask_answers(self, bytes data)
+    cdef object _mask_plan(self, bytes msg)
+    cdef object _mask_query_ok(self, bytes msg)
     cdef _flush(self, list out)

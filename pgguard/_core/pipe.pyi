@@ -3,6 +3,26 @@ from typing import Any
 
 from .relay import MessageScan
 
+class MaskLane:
+    # the compiled lane of a masking session, shared by both pipes (see pipe.pxd)
+    on: bool
+    idle: bool
+    track: bool
+    z: int
+    forwarded: int
+    reported: int
+    dirty: int
+    exact: dict
+    shapes: dict
+    stmts: set
+    plans: dict
+    state: Any
+    @property
+    def generation(self) -> int: ...
+    # generation: a buffer whose first 8 bytes (big-endian) hold the catalog generation
+    def __init__(self, state: Any, rw: Any, generation: Any) -> None: ...
+    def forget(self) -> None: ...
+
 class Pipe:
     scan: MessageScan
     transport: Any
@@ -17,6 +37,8 @@ class Pipe:
     # client side: the blast-radius Guard whose unguarded Bind/Execute/Close/Sync the
     # pipe forwards itself (None: they go to the hooks)
     guard: Any
+    # a masking session's compiled lane (None: no masking)
+    mask: MaskLane | None
     @property
     def fast_forwarded(self) -> int: ...
     # upstream side: hold the answers up to the next ReadyForQuery for the guard's

@@ -2,6 +2,7 @@
 # after the compiled scan; Python hooks run only for messages the session asked for.
 # cython: language_level=3
 
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t
@@ -11,7 +12,64 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from .framing import FrameError
 from .relay cimport MessageScan
 from .relay import StreamedPrefix
+from .rowmask cimport RowRewriter
 from .sqlshape cimport shape_buf
+
+
+cdef object _MISSING = object()
+
+
+cdef class MaskLane:
+    """The compiled lane of a masking session (see the layout in pipe.pxd).
+
+    Example::
+
+        lane = MaskLane(mask_state, mask_state.rw, server.catalog_signal.mm)
+        client_pipe.mask = up_pipe.mask = lane
+    """
+
+    def __cinit__(self, state, RowRewriter rw, generation):
+        self.state = state
+        self.rw = rw
+        self._has_gbuf = False
+        PyObject_GetBuffer(generation, &self._gbuf, PyBUF_SIMPLE)
+        self._has_gbuf = True
+        if self._gbuf.len < 8:
+            raise ValueError("the generation buffer holds fewer than 8 bytes")
+        self.on = False
+        self.idle = False
+        self.track = False
+        self.z = 0
+        self.forwarded = self.reported = 0
+        self.dirty = 0
+        self.exact = {}
+        self.shapes = {}
+        self.stmts = set()
+        self.plans = {}
+        self._gen = -1
+
+    def __dealloc__(self):
+        if self._has_gbuf:
+            PyBuffer_Release(&self._gbuf)
+
+    cdef long long _generation(self) noexcept:
+        cdef const unsigned char* g = <const unsigned char*>self._gbuf.buf
+        cdef unsigned long long v = 0
+        cdef int i
+        for i in range(8):
+            v = (v << 8) | g[i]
+        return <long long>v
+
+    @property
+    def generation(self):
+        return self._generation()
+
+    def forget(self):
+        """Forget every safe statement and plan (the catalog or the lineage changed)."""
+        self.exact.clear()
+        self.shapes.clear()
+        self.stmts.clear()
+        self.plans.clear()
 
 
 # the guard's in-block lane holds at most this much (blast.MAX_HELD_BYTES); beyond it
@@ -73,6 +131,7 @@ cdef class Pipe:
         self._g_stmts = self._g_portals = self._g_approved = None
         self._hold_limit = -1
         self._held = None
+        self.mask = None
 
     @property
     def fast_forwarded(self):
@@ -236,9 +295,13 @@ cdef class Pipe:
                 return          # past a malformed frame: Postgres reads no further
             items = self.scan.feed(data)
             if self.divert:
+                if self.mask is not None:
+                    self.mask.idle = False
                 self._hooks.client_items(items)
             elif len(items) == 1 and type(items[0]) is bytes and self.scan.rest is None:
                 self._peer_write(items[0])      # nothing watched in this chunk
+            elif self.mask is not None and self.mask.on:
+                self._mask_chunk(items)
             else:
                 self._client_chunk(items)
             if self.scan.error is not None:
@@ -258,6 +321,9 @@ cdef class Pipe:
             if r == 2:
                 self._hooks.hold_fallback()     # diverts: Python reads it all
         if self.divert:
+            if self.mask is not None and self.mask.z > 0:
+                self._mask_answers(data)        # answers of the masking lane
+                return
             self._hooks.backend_items(self.scan.feed(data))
             return
         # upstream: the client gets the bytes first, the scan only reads them
@@ -308,6 +374,8 @@ cdef class Pipe:
                                PyBytes_GET_SIZE(self.log_types)) != NULL
                 if not ok:
                     self._flush(out)
+                    if self.mask is not None:
+                        self.mask.idle = False
                     self._hooks.client_items(items if i == 0 else items[i:])
                     return
                 out.append(msg)
@@ -319,6 +387,238 @@ cdef class Pipe:
             self.scan.rest = None
             items = self.scan.feed(rest)
         self._flush(out)
+
+    cdef object _mask_query_ok(self, bytes msg):
+        # the cached decision when it allows this Query and its text or shape is safe
+        # for the masking lane, else None
+        cdef MaskLane lane = self.mask
+        cdef const char* p = PyBytes_AS_STRING(msg)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+        if self.exact is None:
+            return None
+        d = self.exact.get(msg)
+        safe = msg in lane.exact
+        if d is None or not safe:
+            if not _well_formed(msg):
+                return None
+            key = shape_buf(<const unsigned char*>p + 5, n - 6)
+            if key is None:
+                return None
+            if d is None:
+                d = self.shapes.get(key)
+                if d is None:
+                    return None
+            if not safe and key not in lane.shapes:
+                return None
+        if d.action != "allow":
+            return None
+        return d
+
+    cdef _mask_chunk(self, list items):
+        # the masking lane, client side: a Query whose cached decision allows it and
+        # whose text or shape is safe, and whole extended segments (Bind of a safe
+        # prepared statement to the unnamed portal, Describe of that portal, Execute,
+        # ... Sync) are forwarded here while Python has nothing in flight. From the
+        # first message that is not, the rest (with the open segment) goes to
+        # hooks.client_items; so does a segment the chunk ends in the middle of.
+        cdef MaskLane lane = self.mask
+        cdef list out = []
+        cdef list seg = None           # the open segment's items, held back
+        cdef list seglog = None
+        cdef Py_ssize_t i, n, ln
+        cdef int t
+        cdef int step = 0              # in a segment: 1 bound, 2 described, 3 executed
+        cdef bint ok
+        cdef const char* p
+        cdef const char* e
+        cdef bint logged
+        while True:
+            n = len(items)
+            for i in range(n):
+                it = items[i]
+                if type(it) is bytes:
+                    if seg is not None:
+                        seg.append(it)
+                    else:
+                        out.append(it)
+                    continue
+                t = (<tuple>it)[0]
+                msg = (<tuple>it)[1]
+                ok = False
+                d = None
+                if lane.idle and type(msg) is bytes:
+                    p = PyBytes_AS_STRING(msg)
+                    ln = PyBytes_GET_SIZE(msg)
+                    if t == 81:                         # 'Q'
+                        if seg is None:
+                            d = self._mask_query_ok(msg)
+                            ok = d is not None
+                    elif t == 66:                       # 'B': unnamed portal, safe statement
+                        if (step == 0 or step == 3) and ln >= 7 and p[5] == 0:
+                            e = <const char*>memchr(p + 6, 0, ln - 6)
+                            if e != NULL and PyBytes_FromStringAndSize(p + 6, e - (p + 6)) \
+                                    in lane.stmts:
+                                ok = True
+                                step = 1
+                    elif t == 68:                       # 'D' of the unnamed portal
+                        if step == 1 and ln == 7 and p[5] == 80 and p[6] == 0:
+                            ok = True
+                            step = 2
+                    elif t == 69:                       # 'E' of the unnamed portal
+                        if step == 2 and ln >= 10 and p[5] == 0:
+                            ok = True
+                            step = 3
+                    elif t == 83:                       # 'S'
+                        ok = step == 3
+                if not ok:
+                    if seg is not None:
+                        seg.extend(items[i:])
+                        rest_items = seg
+                    else:
+                        rest_items = items if i == 0 else items[i:]
+                    self._flush(out)
+                    lane.idle = False
+                    self._hooks.client_items(rest_items)
+                    return
+                logged = self.fast_log is not None and self.log_types is not None and \
+                    memchr(PyBytes_AS_STRING(self.log_types), <int>t,
+                           PyBytes_GET_SIZE(self.log_types)) != NULL
+                if t == 81:
+                    out.append(msg)
+                    lane.z += 1
+                    lane.dirty |= 3
+                    lane.stmts.discard(b"")     # a Query replaces the unnamed statement
+                    lane.forwarded += 1
+                    self._fast += 1
+                    if self.fast_log is not None:
+                        self.fast_log.append((msg, d, _now_ns()))
+                    continue
+                if seg is None:
+                    seg = []
+                    seglog = []
+                seg.append(it)                  # as scanned: Python may get it back
+                if logged:
+                    seglog.append(msg)
+                if t == 83:                             # the segment is whole: it goes
+                    for x in seg:
+                        out.append(x if type(x) is bytes else (<tuple>x)[1])
+                    seg = None
+                    step = 0
+                    lane.z += 1
+                    lane.dirty |= 2
+                    lane.forwarded += 1
+                    if seglog:
+                        now = _now_ns()
+                        for m in seglog:
+                            self.fast_log.append((m, None, now))
+                    seglog = None
+            rest = self.scan.rest
+            if rest is None:
+                break
+            self.scan.rest = None
+            items = self.scan.feed(rest)
+        self._flush(out)
+        if seg is not None:
+            # the chunk ends inside a segment: Python takes it (and what follows)
+            lane.idle = False
+            self._hooks.client_items(seg)
+
+    cdef object _mask_plan(self, bytes msg):
+        # the detectors' plan for the rows after this RowDescription; False: Python
+        # takes over (the catalog must be read again first)
+        cdef MaskLane lane = self.mask
+        cdef long long g = lane._generation()
+        if g != lane._gen:
+            lane.plans.clear()
+            lane._gen = g
+        plan = lane.plans.get(msg, _MISSING)
+        if plan is _MISSING:
+            plan = lane.state.fast_rowdesc(msg)
+            if plan is False:
+                return False
+            if len(lane.plans) > 1024:
+                lane.plans.clear()
+            lane.plans[msg] = plan
+        return plan
+
+    cdef _mask_answers(self, bytes data):
+        # the masking lane, upstream side: the answers of what the lane forwarded,
+        # rows rewritten by the rewriter under the detectors' plan of their
+        # RowDescription; channels (errors, notices...) scrubbed by Python; anything
+        # else (COPY, a stale catalog) and everything after the lane's last
+        # ReadyForQuery goes to Python
+        cdef MaskLane lane = self.mask
+        cdef RowRewriter rw = lane.rw
+        cdef list items
+        cdef list out = []
+        cdef list events = [] if lane.track else None
+        cdef Py_ssize_t i, n
+        cdef long long nz = 0
+        cdef int t
+        cdef bint fallback = False
+        # the chunk began and ended at message boundaries and nothing in it changed:
+        # it goes as it came (no join)
+        cdef bint same = self.scan._hdr_fill == 0 and self.scan._remain == 0
+        rest = None
+        items = self.scan.feed(data)
+        n = len(items)
+        for i in range(n):
+            it = items[i]
+            if type(it) is bytes:
+                x = rw.feed(<bytes>it)
+                same = same and x is it
+                out.append(x)
+                continue
+            t = (<tuple>it)[0]
+            msg = (<tuple>it)[1]
+            if t == 84:                                 # 'T'
+                plan = self._mask_plan(msg)
+                if plan is False:
+                    fallback = True
+                    rest = items[i:]
+                    break
+                x = rw.feed(msg)
+                same = same and x is msg
+                out.append(x)
+                rw.set_plan(plan)
+                continue
+            if t == 69 or t == 78 or t == 65 or t == 83 or t == 86:     # E N A S V
+                x = rw.feed(lane.state.fast_channel(t, msg))
+                same = same and x is msg
+                out.append(x)
+            elif t == 68 or t == 67 or t == 73 or t == 115 or t == 90 or t == 110 \
+                    or t == 50 or t == 116:
+                x = rw.feed(msg)
+                same = same and x is msg
+                out.append(x)
+            else:                                       # COPY, or what the lane never sends
+                fallback = True
+                rest = items[i:]
+                break
+            if events is not None and (t == 67 or t == 69 or t == 73 or t == 115 or
+                                       t == 90):
+                events.append(it)
+            if t == 90:
+                nz += 1
+                lane.z -= 1
+                if lane.z == 0:
+                    if i + 1 < n:
+                        rest = items[i + 1:]
+                    break
+        if same and rest is None and self.scan._hdr_fill == 0 and self.scan._remain == 0:
+            self._peer_write(data)
+        else:
+            self._flush(out)
+        if nz:
+            self._hooks.z_count = self._hooks.z_count + nz
+        if events:
+            self._hooks.backend_events(events)
+        if fallback:
+            lane.state.fast_fallback(rest)
+        elif rest is not None:
+            self._hooks.backend_items(rest)
+        if self.notify_chunks:
+            self._hooks.backend_chunk()
 
     cdef _flush(self, list out):
         if not out:

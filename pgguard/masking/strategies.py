@@ -93,6 +93,16 @@ SCALAR_OIDS = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 790, 1082, 1083, 11
                          1186, 1266, 2950, 3220, 27, 28, 29, 5069})
 
 
+# scalar types whose text form can spell a detector match: credit_card's 13-19 digits fit
+# an int8, xid8, numeric or a float8 below 1e15 ("411111111111111"); phone's "123 567.1234"
+# shape is a numeric or float8 ("123567.1234"). In text format the detectors scan them and
+# a match makes the cell NULL (a label would not parse as the type); their binary forms
+# spell no digits. The other scalars cannot: int2/int4/oid/xid/cid have at most 10 digits
+# and no separator, float4 at most 9 significant digits, money groups digits with commas,
+# date/time types break digit runs with ':' and have at most 2-digit groups around them.
+DIGIT_TEXT_OIDS = frozenset({20, 1700, 701, 5069})
+
+
 def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> int:
     """How the core may rewrite a cell of this type and format. ``textlike=True``
     declares an extension type whose text and binary forms are its text (citext).
@@ -107,6 +117,8 @@ def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> i
         return KIND_JSON              # binary json is its text
     if oid == JSONB_OID:
         return KIND_JSONB_BINARY if binary else KIND_JSON
+    if oid in DIGIT_TEXT_OIDS and not binary:
+        return KIND_WHOLE
     if oid in SCALAR_OIDS:
         return KIND_OTHER
     return KIND_WHOLE if binary else KIND_LITERAL

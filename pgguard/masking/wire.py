@@ -17,6 +17,7 @@ from .._core.answers import answer_for
 from .._core.rowmask import RowRewriter
 from ..errors import ConfigError
 from .channels import Channels
+from .lane import LaneState
 from .strategies import ACTION_DETECT, ColumnMask, build_plan, column_mask, copy_format
 
 if TYPE_CHECKING:
@@ -266,7 +267,7 @@ class ObjPlan:
     whether it reads masked data, and the cursor a FETCH reads (its plan is the
     cursor's)."""
 
-    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc")
+    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc", "safe")
 
     def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
                  declare: tuple | None = None) -> None:
@@ -282,6 +283,7 @@ class ObjPlan:
         # spec of a prepared COPY statement (every Execute of it)
         self.copies: list | None = None
         self.copy: tuple | None = None
+        self.safe = False           # the masking lane may run it (LaneState.safe_statement)
 
 
 PENDING = object()      # lineage_now: ask the planner first
@@ -295,7 +297,7 @@ def _refuse_rows():
     return _REFUSE_ROWS
 
 
-class MaskState:
+class MaskState(LaneState):
     """One session's masking: the rewriter, the plans of its statements, portals and
     cursors, and the pairing of responses with the messages they answer. Every
     backend message goes through :meth:`feed` in stream order; watched frontend
@@ -440,6 +442,7 @@ class MaskState:
         from . import lineage as lg
         self.lineage_keys.clear()
         lg.forget()
+        self.lane_forget()
 
     # -- the number of answers that end with ReadyForQuery (Query, FunctionCall, injected
     # refusals): callers count them with fseg += 1 (and take one back with fseg -= 1)
@@ -526,11 +529,17 @@ class MaskState:
 
     # -- frontend (in forwarding order); returns bytes to inject after the message
     def frontend(self, t: int, msg: bytes, reads_masked: bool = False,
-                 lineage=None) -> bytes | None:
+                 lineage=None, d=None) -> bytes | None:
+        """``d``: the policy decision of a Query or Parse (the masking lane's test)."""
+        if self.lane is not None:
+            self.lane_dirty()
         if t == 80:                                          # Parse
             name, pos = _cstr(msg, 5)
             sql, _ = _cstr(msg, pos)
             obj = self._obj(sql, lineage, reads_masked)
+            self.lane_stmt(name, False)     # until Postgres accepted it
+            obj.safe = self.lane is not None and obj.fetch is None and \
+                obj.declare is None and self.safe_statement(d, lineage, reads_masked)
             if reads_masked:
                 self.reading_stmts.add(name)
                 self.masked_reads += 1
@@ -579,8 +588,11 @@ class MaskState:
         elif t == 81:                                        # Query: fseg += 1 queues it
             self.portals.pop(b"", None)
             self.stmts.pop(b"", None)
+            self.lane_stmt(b"", False)
             sql = msg[5:-1]
             self._next = self._obj(sql, lineage, reads_masked)
+            if d is not None and self._next.fetch is None and self._next.declare is None:
+                self.note_query(msg, d, lineage, reads_masked)
             if reads_masked:
                 self.masked_reads += 1
                 self.txn_tainted = True
@@ -672,6 +684,8 @@ class MaskState:
     def _apply_unseen(self, e: tuple) -> None:
         if e[0] == K_CLOSE:
             (self.stmts if e[1] == 83 else self.portals).pop(e[2], None)
+            if e[1] == 83:
+                self.lane_stmt(e[2], False)
 
     def _head(self) -> tuple | None:
         q = self.expect
@@ -691,6 +705,8 @@ class MaskState:
             data = self._channel(t, data)
         if t not in _PAIRED:
             return rw.feed(data)
+        if self.fast_owed:
+            return self.feed_owed(t, data)
         h = self._head()
         k = h[0] if h is not None else -1
         if t == 116:                                         # 't' ParameterDescription
@@ -704,6 +720,7 @@ class MaskState:
                 obj = h[2]
                 obj.rowdesc = desc
                 self.stmts[h[1]] = obj
+                self.lane_stmt(h[1], obj.safe)
                 self._arm()
                 return None
             out = rw.feed(data)
@@ -777,6 +794,7 @@ class MaskState:
                     continue
                 break
         self._arm()
+        self.maybe_idle()
         return out
 
     def _declared(self, obj: ObjPlan, complete: bytes) -> None:
@@ -799,6 +817,8 @@ class MaskState:
             if d is not None and d[1] is not None and (
                     d[0] == table or (d[0] == "forget" and d[2] == table)):
                 name = d[1].encode()
+            if self.lane is not None:
+                self.lane.stmts.clear()
             for kind in ("prepared", "cursor") if tag.startswith(b"DISCARD") else (table,):
                 objs = self.stmts if kind == "prepared" else self.portals
                 for n in [name] if name is not None and kind == table else \
@@ -903,6 +923,7 @@ class MaskState:
             self.masks_on = self._apply and bool(cat.columns)
             self.plans.clear()
             self._fresh = None
+            self.lane_forget()
         if cat.generation == s.server.catalog_signal.generation():
             # read after every DDL so far and still unknown: created in a transaction
             # not committed yet, or dropped again; no mask applies to it
