@@ -100,7 +100,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from . import config, server
+    from . import config
+    from .proxy import server
     cfg = config.load(args.config)
     return server.run(cfg, workers=args.workers)
 

@@ -657,7 +657,8 @@ def _interrupt(signum, frame):
 
 def main(port: int = 6432, directory: str | None = None) -> int:
     """Run the demo until Ctrl-C. Example: ``main(port=6432, directory="pgguard-demo")``."""
-    from . import config, server
+    from . import config
+    from .proxy import server
 
     if not 1 <= port <= 65535:
         raise DemoError("--port must be between 1 and 65535")

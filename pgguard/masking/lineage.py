@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import orjson
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..proxy.server import Server
 
 log = logging.getLogger("pgguard.masking")
 
@@ -416,8 +416,8 @@ async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_c
                    role) -> Lineage:
     """One round trip: prepare (under the role, read only), describe, EXPLAIN the generic
     plan, list the views and the functions/operators outside pg_catalog, roll back."""
-    from ..sideconn import _Owner, ident
-    from ..upstream import connect_upstream
+    from ..proxy.sideconn import _Owner, ident
+    from ..proxy.upstream import connect_upstream
     if link.proto is None or link.proto.transport.is_closing():
         link.proto, _, _ = await connect_upstream(
             _Owner(), server, database, {"application_name": "pgguard:lineage"})

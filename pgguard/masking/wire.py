@@ -20,7 +20,7 @@ from .strategies import ACTION_DETECT, ColumnMask, build_plan, column_mask, copy
 
 if TYPE_CHECKING:
     from ..config import Config, Identity, Mask
-    from ..server import Server
+    from ..proxy.server import Server
 
 log = logging.getLogger("pgguard.masking")
 
@@ -65,7 +65,7 @@ def _like(glob: str) -> str:
 
 async def load_catalog(server: Server, database: str) -> Catalog:
     """Resolve the config's mask globs against the upstream catalog (side connection)."""
-    from ..sideconn import literal, run
+    from ..proxy.sideconn import literal, run
     masks = server.cfg.masks
     if not masks:
         return Catalog({}, {}, time.monotonic())
@@ -142,7 +142,7 @@ async def _descendants(server: Server, database: str, columns: dict, tables: dic
     """Partitions and inheritance children of tables with masked columns carry the same
     values: their columns of the same names get the same masks (a plan scans them by
     their own names, and a client can name them)."""
-    from ..sideconn import run
+    from ..proxy.sideconn import run
     parents = sorted({o for o, _ in columns})
     if not parents:
         return
@@ -171,7 +171,7 @@ async def _masked_types(server: Server, database: str, oids: set[int]):
     their arrays and domains, and composite types with such a field (and so on):
     type OID -> the table OID; and the columns of such types in relations:
     (schema, relation, column, type OID)."""
-    from ..sideconn import run
+    from ..proxy.sideconn import run
     if not oids:
         return {}, []
     rows = (await run(server, database, [

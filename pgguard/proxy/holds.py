@@ -7,8 +7,8 @@ import asyncio
 import logging
 import time
 
-from .errors import PgguardError
-from .protocol import messages as m
+from ..errors import PgguardError
+from ..protocol import messages as m
 
 log = logging.getLogger("pgguard.session")
 
@@ -58,7 +58,7 @@ class Holds:
         Parse message is ``parse``) until a human decides."""
         store = self.server.approvals
         if store is None:
-            from .policy.rules import Decision
+            from ..policy.rules import Decision
             self._refuse_any(Decision(
                 action="block", rule=d.rule, message=d.message, detail=d.detail,
                 hint="Approvals are not enabled on this pgguard (set [admin] token_env "
@@ -70,7 +70,7 @@ class Holds:
         self.approval = [task, None]
 
     async def _await_approval(self, store, d, msg, extended, sql, name, parse=None) -> None:
-        from .approvals import hold
+        from ..approvals import hold
         from .tracking import fast_normalize
         text = sql.decode("utf-8", "replace")
         fp = fast_normalize(sql)
@@ -105,8 +105,8 @@ class Holds:
             return
         out: list[bytes] = []
         if failure is not None:
-            from .approvals.store import StoreUnavailable
-            from .policy.rules import Decision
+            from ..approvals.store import StoreUnavailable
+            from ..policy.rules import Decision
             if isinstance(failure, StoreUnavailable):
                 # a fleet's control database is away: nothing can be approved (fail closed)
                 refused = Decision(
@@ -154,7 +154,7 @@ class Holds:
                 return
         else:
             err = hold.refusal(req)
-            from .policy.rules import Decision
+            from ..policy.rules import Decision
             refused = Decision(action="block", rule=d.rule, message=err.message,
                                detail=err.detail or "", hint=err.hint or "",
                                statements=d.statements)
@@ -188,7 +188,7 @@ class Holds:
                     specs[i] = mask.copy_query_spec(desc, fmt, opts, query)
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
-            from .policy.rules import Decision
+            from ..policy.rules import Decision
             mask.fseg -= 1          # the injected refusal counts its own ReadyForQuery
             self._inject_refusal(Decision(
                 action="block", rule="masking",
@@ -226,7 +226,7 @@ class Holds:
             out.append(msg)
             out.append(injected)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
-            from .policy.rules import Decision
+            from ..policy.rules import Decision
             self._refuse_any(Decision(
                 action="block", rule="masking",
                 message='pgguard: statement refused by rule "masking": pgguard could not '

@@ -43,7 +43,7 @@ import msgspec
 from pglast import keywords as _kw
 
 from .enforce import _reads_masked
-from .policy.rules import Decision
+from ..policy.rules import Decision
 from .tracking import statement_record
 
 if TYPE_CHECKING:

@@ -10,13 +10,13 @@ import struct
 import time
 from datetime import UTC, datetime
 
-from ._core.sqlshape import shape
+from .._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
-from .errors import ProtocolViolation
-from .masking import parking
-from .masking.wire import MASK_BACKEND, PENDING
-from .policy.views import CATALOG_KINDS
-from .protocol import messages as m
+from ..errors import ProtocolViolation
+from ..masking import parking
+from ..masking.wire import MASK_BACKEND, PENDING
+from ..policy.views import CATALOG_KINDS
+from ..protocol import messages as m
 
 log = logging.getLogger("pgguard.session")
 
@@ -183,7 +183,7 @@ class Enforcement:
         try:
             sql = raw.decode("utf-8")
         except UnicodeDecodeError:
-            from .policy.rules import Decision
+            from ..policy.rules import Decision
             return Decision(action="block", rule="encoding",
                             message='pgguard: statement refused by rule "encoding": the '
                                     "statement is not valid UTF-8",
@@ -637,7 +637,7 @@ def _changes_role(d) -> bool:
 
 
 def _pinned_refusal(d):
-    from .policy.rules import Decision
+    from ..policy.rules import Decision
     st = next((st for st in d.statements if "opaque" in st.flags), None)
     if st is not None:
         why = next((r.text for r in st.reasons if r.flag == "opaque"), "")
@@ -660,7 +660,7 @@ def _pinned_refusal(d):
 
 
 def _readonly_refusal(d):
-    from .policy.rules import Decision
+    from ..policy.rules import Decision
     st = next(st for st in d.statements if _changes(st))
     what = "changes the database"
     if not (_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)):
@@ -677,7 +677,7 @@ def _readonly_refusal(d):
 
 
 def _mixed_txn_refusal(d):
-    from .policy.rules import Decision
+    from ..policy.rules import Decision
     return Decision(
         action="block", rule="blast-radius",
         message='pgguard: statement refused by rule "blast-radius": a query text that both '
@@ -813,7 +813,7 @@ def _quote_ident(name: str) -> str:
 
 
 def _copy_refusal(why: str, d):
-    from .policy.rules import Decision
+    from ..policy.rules import Decision
     return Decision(
         action="block", rule="masking",
         message=f'pgguard: statement refused by rule "masking": {why}',

@@ -41,7 +41,7 @@ import struct
 from collections import deque
 from datetime import datetime, timezone
 
-from .protocol import messages as m
+from ..protocol import messages as m
 
 log = logging.getLogger("pgguard.session")
 

@@ -8,9 +8,9 @@ import ssl
 import struct
 from typing import TYPE_CHECKING
 
-from ._core import FrameReader
-from .errors import PgguardError, UpstreamUnavailable
-from .protocol import messages as m
+from .._core import FrameReader
+from ..errors import PgguardError, UpstreamUnavailable
+from ..protocol import messages as m
 from .startup import PACKET_KEYS as _PACKET_KEYS
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
 
 def _answer_auth(proto: UpstreamProtocol, user: str, password: str | None, code: int,
                  data: bytes, scram_client):
-    from .auth import scram
+    from ..auth import scram
     try:
         if code == m.AUTH_CLEARTEXT:
             _need(password)

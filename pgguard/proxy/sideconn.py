@@ -8,8 +8,8 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from .errors import PgguardError
-from .protocol import messages as m
+from ..errors import PgguardError
+from ..protocol import messages as m
 from .upstream import connect_upstream
 
 if TYPE_CHECKING:

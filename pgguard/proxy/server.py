@@ -21,11 +21,11 @@ import zlib
 from pathlib import Path
 
 from .cancel import CancelKeyCipher
-from .config import Config, admin_token, instance_name, parse_duration, read_secret
-from .control import approval_store, open_link, revocation_watcher
-from .errors import ConfigError, TooManyConnections
-from .policy.views import CATALOG_KINDS, ViewMap
-from .protocol import messages as m
+from ..config import Config, admin_token, instance_name, parse_duration, read_secret
+from ..control import approval_store, open_link, revocation_watcher
+from ..errors import ConfigError, TooManyConnections
+from ..policy.views import CATALOG_KINDS, ViewMap
+from ..protocol import messages as m
 
 log = logging.getLogger("pgguard.server")
 
@@ -114,7 +114,7 @@ class Server:
 
     def __init__(self, cfg: Config, *, cancel_key: bytes | None = None,
                  worker: int = 0, catalog_signal: CatalogSignal | None = None) -> None:
-        from .auth.scram import ScramVerifier
+        from ..auth.scram import ScramVerifier
         self.cfg = cfg
         self.worker = worker
         # DDL seen by any worker, and masked columns any worker found (shared mapping)
@@ -136,8 +136,8 @@ class Server:
                 self._verifiers[name] = ScramVerifier.from_password(pw)
         self.client_ssl = self._client_ssl()
         # bearer credentials: pgguard tokens (when a signing key is configured) and OIDC
-        from .auth import oidc, tokens
-        from .auth.throttle import Throttle
+        from ..auth import oidc, tokens
+        from ..auth.throttle import Throttle
         # a fleet's shared state ([control]): one link per process, no connection yet
         self.control = open_link(cfg)
         self.heartbeat = None
@@ -152,8 +152,8 @@ class Server:
         self.throttle = Throttle.from_config(cfg)
         self.revocations = (revocation_watcher(cfg, self.control) if self.bearer_enabled
                             else None)
-        from .policy.cache import DecisionCache
-        from .policy.rules import PolicyEngine
+        from ..policy.cache import DecisionCache
+        from ..policy.rules import PolicyEngine
         # the session keeps its own caches (raw message, shape) in front of the engine
         self.policy = PolicyEngine(cfg, cache=DecisionCache(0))
         self._decisions: dict[tuple[str, str, str], tuple[dict, dict]] = {}
@@ -171,8 +171,8 @@ class Server:
         self._background: set[asyncio.Task] = set()
         self._setup_metrics()
         # masking: detectors compiled once; catalogs per database, refreshed on a TTL
-        from .masking.detectors import DetectorSet
-        from .masking.wire import hash_key
+        from ..masking.detectors import DetectorSet
+        from ..masking.wire import hash_key
         self.detectors = DetectorSet.from_config(cfg.detectors.builtin, cfg.detectors.custom)
         self.mask_key = hash_key(cfg)
         self._catalogs: dict[str, object] = {}
@@ -204,7 +204,7 @@ class Server:
 
     # -- identities
     def verifier_for(self, name: str):
-        from .auth.scram import ScramVerifier
+        from ..auth.scram import ScramVerifier
         v = self._verifiers.get(name)
         if v is None:
             # same shape and cost as a real one: no user enumeration
@@ -223,7 +223,7 @@ class Server:
         """The masked columns of a database. Read again when DDL went through any
         worker since (the shared generation), after CATALOG_TTL, or when a table OID
         in ``need`` is not one it knows; concurrent callers share one read."""
-        from .masking.wire import CATALOG_TTL
+        from ..masking.wire import CATALOG_TTL
         cat = self._catalogs.get(database)
         if cat is not None and cat.generation == self.catalog_signal.generation() \
                 and time.monotonic() - cat.loaded <= CATALOG_TTL \
@@ -237,8 +237,8 @@ class Server:
         return await asyncio.shield(task)
 
     async def _read_mask_catalog(self, database: str):
-        from .config import Mask
-        from .masking.wire import load_catalog
+        from ..config import Mask
+        from ..masking.wire import load_catalog
         from .sideconn import run
         sig = self.catalog_signal
         gen = sig.generation()          # a bump while reading makes this read stale
@@ -446,7 +446,7 @@ class Server:
 
     # -- metrics (served on the admin port's /metrics, summed across workers)
     def _setup_metrics(self) -> None:
-        from .approvals.metrics import Registry
+        from ..approvals.metrics import Registry
         m = self.metrics = Registry(instance_name(self.cfg))
         self.m_sessions = m.gauge("pgguard_sessions", "client sessions open")
         self.m_statements = m.counter("pgguard_statements_total",
@@ -535,7 +535,7 @@ class Server:
 
     @staticmethod
     def remember_decision(cache: tuple[dict, dict], msg: bytes, key: bytes | None, d) -> None:
-        from .policy.cache import SHAREABLE_KINDS
+        from ..policy.cache import SHAREABLE_KINDS
         # not cached: anything the session's prepared-statement memory must see or
         # depends on (the compiled fast path forwards cache hits without Python), and
         # DDL (the session learns views from it; functions and views change)
@@ -584,7 +584,7 @@ class Server:
         except ValueError:
             return
         if self.approvals is not None:
-            from .approvals.store import StoreUnavailable
+            from ..approvals.store import StoreUnavailable
             try:
                 withdrawn = await asyncio.to_thread(self.approvals.withdraw_cancel_key,
                                                     (pid << 32) | secret)
@@ -615,7 +615,7 @@ class Server:
         """Listen to the control database and beat (a fleet member): every worker."""
         if self.control is None:
             return
-        from .control.fleet import Heartbeat
+        from ..control.fleet import Heartbeat
         self.control.start()
 
         def stats() -> tuple[int, int]:
@@ -637,7 +637,7 @@ class Server:
         """Open this worker's audit stream (recovering leftover WAL first)."""
         if not self.cfg.audit.enabled:
             return
-        from .audit.writer import AuditLog
+        from ..audit.writer import AuditLog
         self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}",
                               roll_seconds=parse_duration(self.cfg.audit.seal_interval),
                               instance=instance_name(self.cfg))
@@ -682,7 +682,7 @@ class Server:
     async def start_admin(self) -> None:
         if self.approvals is None:
             return
-        from .approvals.web import start_admin
+        from ..approvals.web import start_admin
         self.admin = await start_admin(self.cfg, self.approvals, self.metrics,
                                        sessions=self.sessions_info, token=self.admin_token)
         self.background(self._metrics_tick())
@@ -710,7 +710,7 @@ class Server:
             async with asyncio.timeout(self.shutdown_timeout):
                 await self._idle.wait()
         except TimeoutError:
-            from .errors import ShuttingDown
+            from ..errors import ShuttingDown
             for s in list(self.sessions):
                 s.terminate(ShuttingDown("terminating connection due to administrator command"))
         await asyncio.sleep(0)
@@ -856,7 +856,7 @@ def run(cfg: Config, workers: int = 1) -> int:
     if cfg.control is not None:
         # the schema is there (created or migrated) before any worker serves; the
         # link is closed again so no forked worker inherits its socket
-        from .control.schema import migrate
+        from ..control.schema import migrate
         link = open_link(cfg)
         try:
             version = migrate(link)
@@ -866,7 +866,7 @@ def run(cfg: Config, workers: int = 1) -> int:
                  version)
     cancel_key = shared_cancel_key(cfg) or secrets.token_bytes(32)
     # one login-throttling table for every worker (and every worker started later)
-    from .auth import throttle
+    from ..auth import throttle
     throttle.share()
     _install_uvloop()
     signal_map = CatalogSignal(workers)     # shared by the workers forked below

@@ -10,17 +10,17 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NoReturn
 
-from ._core import FrameError, FrameReader, MessageScan, Pipe
-from ._core.relay import StreamedPrefix
-from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
+from .._core import FrameError, FrameReader, MessageScan, Pipe
+from .._core.relay import StreamedPrefix
+from ..errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
-from .protocol import messages as m
+from ..protocol import messages as m
 from .console import CONSOLE_DB, ConsoleSession
 from .enforce import Enforcement, _now
 from .blast import Guard
 from .fncall import FunctionCalls
 from .holds import Holds
-from .masking.wire import MASK_BACKEND
+from ..masking.wire import MASK_BACKEND
 from .startup import client_settings, tagged_app_name, under_policy, upstream_params
 from .upstream import UpstreamProtocol, connect_upstream
 
@@ -339,7 +339,7 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _scram(self, name: str) -> None:
         """SCRAM-SHA-256 against the identity's static secret (a fake verifier of the
         same shape for unknown names: no user enumeration)."""
-        from .auth import scram
+        from ..auth import scram
         c = self.client
         identity = self.server.cfg.identities.get(name)
         verifier = self.server.verifier_for(name)
@@ -372,7 +372,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         pgguard token or an OIDC JWT, or else the identity's static secret. A failure
         costs the same checks whatever the name (the secret's PBKDF2 runs against a fake
         verifier for names without one)."""
-        from .auth import tokens
+        from ..auth import tokens
         server = self.server
         self.client.transport.write(m.auth_request(m.AUTH_CLEARTEXT))
         password = (await self._read_password_message()).rstrip(b"\0")
@@ -461,7 +461,7 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _upstream_role(self) -> tuple[str | None, str | None]:
         """The upstream login for this session: an ephemeral role when [upstream]
         provision is on, the identity's upstream_user, or the proxy's own (None)."""
-        from .config import parse_duration, read_secret
+        from ..config import parse_duration, read_secret
         cfg = self.server.cfg
         ident = self.identity
         if cfg.upstream.provision:
@@ -496,7 +496,7 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _setup_masking(self) -> None:
         """Masking for this identity: masks it is not exempt from, detectors unless its
         groups are exempt. None when nothing applies (the relay stays pass-through)."""
-        from .masking.wire import MaskState, applies
+        from ..masking.wire import MaskState, applies
         cfg, ident = self.server.cfg, self.identity
         masks_on = any(applies(mk, self.identity_name, ident) for mk in cfg.masks)
         dets = self.server.detectors
@@ -536,8 +536,8 @@ class Session(Enforcement, Holds, ConsoleSession):
         c, up = self.client, self.up
         limits = self.server.cfg.limits
         if self._under_policy():
-            from .policy.classify import PreparedMemory
-            from .policy.views import SessionViews
+            from ..policy.classify import PreparedMemory
+            from ..policy.views import SessionViews
             self.policy = self.server.policy
             self.prepared = PreparedMemory()
             self._cache = self.server.decision_cache(
@@ -549,7 +549,7 @@ class Session(Enforcement, Holds, ConsoleSession):
                                       lambda edges: server.views_published(db, edges))
             self.fncalls = FunctionCalls(self)
         if self.principal is not None:
-            from .auth.revocations import guard_session
+            from ..auth.revocations import guard_session
             p = self.principal
             self._unguard = guard_session(asyncio.get_running_loop(), self.server.revocations,
                                           p.identity, p.token_id, p.expires_at,
@@ -799,7 +799,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         audit = self.server.audit
         if audit is None:
             return
-        from .audit.record import AuditRecord
+        from ..audit.record import AuditRecord
         ident = self.identity
         audit.log(AuditRecord(
             session_id=self.id, event=event, ts=_now(), identity=self.identity_name,

@@ -32,11 +32,11 @@ import fnmatch
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .errors import PgguardError, PolicyRefusal
-from .masking.wire import applies
+from ..errors import PgguardError, PolicyRefusal
+from ..masking.wire import applies
 
 if TYPE_CHECKING:
-    from .config import Identity
+    from ..config import Identity
     from .server import Server
 
 # StartupMessage keys Postgres reads as something other than a setting (matched exactly
