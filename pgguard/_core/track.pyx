@@ -10,6 +10,8 @@ from libc.string cimport memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from .sqlshape cimport shape_buf
+from .msgtypes cimport (BIND, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE,
+                        FUNCTION_CALL, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY, SYNC)
 
 import_datetime()
 
@@ -155,31 +157,32 @@ cdef class StatementTracker:
                 continue
             msg = <bytes>m
             t = <unsigned char>PyBytes_AS_STRING(msg)[0]
-            if t == 81:                                  # Query
+            if t == QUERY:
                 e = _Pending(msg[5:PyBytes_GET_SIZE(msg) - 1], (<tuple>item)[1],
                              (<tuple>item)[2], True, False)
                 e.skippable = True
                 pending.append(e)
-            elif t == 80:                                # Parse: remember the text
+            elif t == PARSE:                             # remember the text
                 try:
                     name = _cstr(msg, 5, &pos)
                     self.stmts[name] = (_cstr(msg, pos, &after), (<tuple>item)[1])
                 except ValueError:
                     pass
-            elif t == 66:                                # Bind: portal -> statement
+            elif t == BIND:                              # portal -> statement
                 try:
                     portal = _cstr(msg, 5, &pos)
                     self.portals[portal] = _cstr(msg, pos, &after)
                 except ValueError:
                     pass
-            elif t == 69:                                # Execute
+            elif t == EXECUTE:
                 try:
                     portal = _cstr(msg, 5, &after)
                 except ValueError:
                     portal = b""
                 sql, dec = self.stmts.get(self.portals.get(portal, b""), (b"", None))
                 pending.append(_Pending(sql, dec, (<tuple>item)[2], False, False))
-            elif t == 70 and (<tuple>item)[1] is not None and (<tuple>item)[1].statements:
+            elif (t == FUNCTION_CALL and (<tuple>item)[1] is not None
+                    and (<tuple>item)[1].statements):
                 # FunctionCall judged by the policy: recorded as the SQL it stands for
                 # (the decision's statement text), answered by its own ReadyForQuery
                 dec = (<tuple>item)[1]
@@ -187,9 +190,9 @@ cdef class StatementTracker:
                              False)
                 e.skippable = True
                 pending.append(e)
-            elif t == 83 or t == 70:                     # Sync / FunctionCall
+            elif t == SYNC or t == FUNCTION_CALL:
                 e = _Pending(None, None, (<tuple>item)[2], True, True)
-                e.skippable = t == 70
+                e.skippable = t == FUNCTION_CALL
                 pending.append(e)
         flog.clear()
 
@@ -214,7 +217,7 @@ cdef class StatementTracker:
         cdef _Pending e
         self._drain()
         pending = self.pending
-        if t == 90:                                      # ReadyForQuery
+        if t == READY_FOR_QUERY:
             while pending:
                 e = <_Pending>pending.popleft()
                 # after an extended-protocol error Postgres skips Queries and
@@ -231,7 +234,7 @@ cdef class StatementTracker:
             self.segment_error = False
             return
         e = self._current()
-        if t == 69:                                      # ErrorResponse
+        if t == ERROR_RESPONSE:
             fields = self._error_fields(msg[5:])
             if e is None:
                 self.segment_error = True
@@ -245,12 +248,12 @@ cdef class StatementTracker:
             return
         if e is None:
             return
-        if t == 67:                                      # CommandComplete
+        if t == COMMAND_COMPLETE:
             e.rows += _rows(msg)
             if not e.sync:
                 self._emit(e)
                 e.done = True
-        elif t == 73 or t == 115:                        # EmptyQuery / PortalSuspended
+        elif t == EMPTY_QUERY_RESPONSE or t == PORTAL_SUSPENDED:
             if not e.sync:
                 self._emit(e)
                 e.done = True
@@ -269,7 +272,7 @@ cdef class StatementTracker:
         """The record of a Query or Execute about to be forwarded (strict mode)."""
         cdef Py_ssize_t after
         self._drain()
-        if msg[0] == 81:
+        if msg[0] == QUERY:
             # (no negative indices here: the core is compiled with wraparound off)
             sql = msg[5:PyBytes_GET_SIZE(msg) - 1]
             d = (<_Pending>self.pending[len(self.pending) - 1]).dec

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
+from ..protocol import messages as m
 if TYPE_CHECKING:
     from ..proxy.server import Server
 
@@ -367,7 +368,7 @@ async def _until_ready(proto, count: int) -> list[tuple[int, bytes]]:
     while count:
         t, payload = await proto.read_message()
         got.append((t, payload))
-        if t == 90:
+        if t == m.READY_FOR_QUERY:
             count -= 1
     return got
 
@@ -438,26 +439,26 @@ async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_c
                           + _query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
                           + _frame(b"S", b"") + _query("ROLLBACK"))
     got = await _until_ready(proto, 5)
-    zs = [i for i, (t, _) in enumerate(got) if t == 90]
-    if role and any(t == 69 for t, _ in got[:zs[0]]):
+    zs = [i for i, (t, _) in enumerate(got) if t == m.READY_FOR_QUERY]
+    if role and any(t == m.ERROR_RESPONSE for t, _ in got[:zs[0]]):
         # the role cannot be assumed from here: plan without it (still read only)
         link.no_role.add(role)
         return await _analyse(server, database, link, sql, param_oids, masked_rel,
                               masked_cols, None)
-    if any(t == 69 for t, _ in got[:zs[2]]):
-        log.debug("lineage: %r", next(p for t, p in got if t == 69)[:200])
+    if any(t == m.ERROR_RESPONSE for t, _ in got[:zs[2]]):
+        log.debug("lineage: %r", next(p for t, p in got if t == m.ERROR_RESPONSE)[:200])
         return UNRESOLVED
     fields = None
     for t, payload in got[zs[0] + 1:zs[1]]:
-        if t == 84:
+        if t == m.ROW_DESCRIPTION:
             fields = _row_fields(payload)
-        elif t == 110:
+        elif t == m.NO_DATA:
             fields = []
     sets: list[list[bytes]] = []
     for t, payload in got[zs[1] + 1:zs[2]]:
-        if t == 84:
+        if t == m.ROW_DESCRIPTION:
             sets.append([])
-        elif t == 68 and sets:
+        elif t == m.DATA_ROW and sets:
             (ln,) = struct.unpack_from("!i", payload, 2)
             sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
     if fields is None or len(sets) != 3 or not sets[0]:

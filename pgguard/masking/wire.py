@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .._core.rowmask import RowRewriter
 from ..errors import ConfigError
+from ..protocol import messages as m
 from .channels import Channels
 from .strategies import ACTION_DETECT, ColumnMask, build_plan, column_mask, copy_format
 
@@ -517,7 +518,7 @@ class MaskState:
     # -- frontend (in forwarding order); returns bytes to inject after the message
     def frontend(self, t: int, msg: bytes, reads_masked: bool = False,
                  lineage=None) -> bytes | None:
-        if t == 80:                                          # Parse
+        if t == m.PARSE:
             name, pos = _cstr(msg, 5)
             sql, _ = _cstr(msg, pos)
             obj = self._obj(sql, lineage, reads_masked)
@@ -531,7 +532,7 @@ class MaskState:
             # learn its row shape now, in case the client executes without Describe
             self._push((K_PDESC, name, obj))
             return _describe_statement(name)
-        if t == 66:                                          # Bind
+        if t == m.BIND:
             try:
                 portal, pos = _cstr(msg, 5)
                 stmt, pos = _cstr(msg, pos)
@@ -544,29 +545,29 @@ class MaskState:
             if stmt in self.reading_stmts:      # its executions read masked relations
                 self.masked_reads += 1
                 self.txn_tainted = True
-        elif t == 68:                                        # Describe (the client's own)
+        elif t == m.DESCRIBE:                                # the client's own
             try:
                 kind = msg[5]
                 name, _ = _cstr(msg, 6)
             except (ValueError, IndexError):
                 kind, name = 83, b"\0"                      # malformed: an error answers it
-            self._push((K_DESC_S if kind == 83 else K_DESC_P, name))
-        elif t == 69:                                        # Execute
+            self._push((K_DESC_S if kind == m.TARGET_STATEMENT else K_DESC_P, name))
+        elif t == m.EXECUTE:
             try:
                 portal, _ = _cstr(msg, 5)
             except ValueError:
                 portal = b"\0"                              # malformed: an error answers it
             self._push((K_EXEC, portal))
-        elif t == 67:                                        # Close
+        elif t == m.CLOSE:
             try:
                 kind = msg[5]
                 name, _ = _cstr(msg, 6)
             except (ValueError, IndexError):
                 kind, name = 0, b"\0"                       # malformed: an error answers it
             self._push((K_CLOSE, kind, name))
-        elif t == 83:                                        # Sync
+        elif t == m.SYNC:
             self._push((K_SYNC,))
-        elif t == 81:                                        # Query: fseg += 1 queues it
+        elif t == m.QUERY:                                   # fseg += 1 queues it
             self.portals.pop(b"", None)
             self.stmts.pop(b"", None)
             sql = msg[5:-1]
@@ -574,7 +575,7 @@ class MaskState:
             if reads_masked:
                 self.masked_reads += 1
                 self.txn_tainted = True
-        elif t == 70 and reads_masked:                       # FunctionCall
+        elif t == m.FUNCTION_CALL and reads_masked:
             self.masked_reads += 1
             self.txn_tainted = True
         return None
@@ -657,7 +658,7 @@ class MaskState:
 
     def _apply_unseen(self, e: tuple) -> None:
         if e[0] == K_CLOSE:
-            (self.stmts if e[1] == 83 else self.portals).pop(e[2], None)
+            (self.stmts if e[1] == m.TARGET_STATEMENT else self.portals).pop(e[2], None)
 
     def _head(self) -> tuple | None:
         q = self.expect
@@ -676,12 +677,12 @@ class MaskState:
             return rw.feed(data)
         h = self._head()
         k = h[0] if h is not None else -1
-        if t == 116:                                         # 't' ParameterDescription
+        if t == m.PARAMETER_DESCRIPTION:
             if k == K_PDESC:
                 return None
             return rw.feed(data)
-        if t == 84 or t == 110:                              # 'T' RowDescription / NoData
-            desc = data if t == 84 else None
+        if t == m.ROW_DESCRIPTION or t == m.NO_DATA:
+            desc = data if t == m.ROW_DESCRIPTION else None
             if k == K_PDESC:
                 self.expect.popleft()
                 obj = h[2]
@@ -699,10 +700,10 @@ class MaskState:
             elif k == K_DESC_P:
                 self.expect.popleft()
                 self._arm()
-            elif t == 84:                                    # a Query's result
+            elif t == m.ROW_DESCRIPTION:                     # a Query's result
                 rw.set_plan(self.plan_for(data, None, h[1] if k == K_READY else None))
             return out
-        if t == 50:                                          # '2' BindComplete
+        if t == m.BIND_COMPLETE:
             out = rw.feed(data)
             if k == K_BIND:
                 self.expect.popleft()
@@ -710,11 +711,11 @@ class MaskState:
                 self.portals[h[1]] = (obj if obj is not None else ObjPlan(), h[3])
                 self._arm()
             return out
-        if t == 72:                                          # 'H' CopyOutResponse
+        if t == m.COPY_OUT_RESPONSE:
             out = rw.feed(data)
             self._copy_plan(data, h, k)
             return out
-        if t == 69:                                          # 'E'
+        if t == m.ERROR_RESPONSE:
             out = rw.feed(data)
             if k != K_READY and k != -1:
                 # Postgres skips the rest up to the Sync
@@ -724,22 +725,22 @@ class MaskState:
                     if e[0] == K_READY:
                         self._ready -= 1
             return out
-        if t == 67 or t == 115 or t == 73:                   # C, s, I: an Execute ends
+        if t == m.COMMAND_COMPLETE or t == m.PORTAL_SUSPENDED or t == m.EMPTY_QUERY_RESPONSE:
             out = rw.feed(data)
             if k == K_EXEC:
                 self.expect.popleft()
                 got = self.portals.get(h[1])
-                if t == 67 and got is not None:
+                if t == m.COMMAND_COMPLETE and got is not None:
                     self._declared(got[0], data)
                 self._arm()
-            elif k == K_READY and t == 67:
+            elif k == K_READY and t == m.COMMAND_COMPLETE:
                 self._declared(h[1], data)
             return out
         # 'Z'
         out = rw.feed(data)
         if self.s.in_flight() <= 0:
             self.masked_reads = 0
-            if data[5] == 73:                               # idle: the transaction ended
+            if data[5] == m.TX_IDLE:                        # the transaction ended
                 self.txn_tainted = False
         q = self.expect
         while q:
@@ -790,14 +791,14 @@ class MaskState:
 
     def _channel(self, t: int, data: bytes) -> bytes:
         ch = self.channels
-        if t == 69 or t == 78:                              # 'E' / 'N'
+        if t == m.ERROR_RESPONSE or t == m.NOTICE_RESPONSE:
             return ch.error(data, self.tainted())
-        if t == 65:                                         # 'A' NotificationResponse
+        if t == m.NOTIFICATION_RESPONSE:
             key = getattr(self.s, "upstream_key", None)
             own = key[0] if key and self.masks_on and (
                 self.txn_tainted or self.masked_reads > 0) else None
             return ch.notification(data, own)
-        if t == 83:                                         # 'S' ParameterStatus
+        if t == m.PARAMETER_STATUS:
             return ch.parameter_status(data, self.tainted())
         return ch.function_result(data, self.tainted())    # 'V' FunctionCallResponse
 

@@ -53,15 +53,9 @@ _TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release",
                         "prepare_transaction", "commit_prepared", "rollback_prepared"})
 # a RETURNING result held while its count is unknown: beyond this, refuse (fail closed)
 MAX_HELD_BYTES = 32 << 20
-
-_Z = ord("Z")
-_E = ord("E")
-_C = ord("C")
-_D = ord("D")
-_N = ord("N")
-_s = ord("s")
-_I = ord("I")
-_IDLE, _INBLOCK, _FAILED = ord("I"), ord("T"), ord("E")
+# what ends an Execute's result
+_EXECUTE_ENDS = (m.COMMAND_COMPLETE, m.ERROR_RESPONSE, m.PORTAL_SUSPENDED,
+                 m.EMPTY_QUERY_RESPONSE)
 
 
 class Plan:
@@ -245,7 +239,7 @@ _SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
 
 
 def _z(status: int) -> tuple[int, bytes]:
-    return (_Z, b"Z\0\0\0\x05" + bytes((status,)))
+    return (m.READY_FOR_QUERY, b"Z\0\0\0\x05" + bytes((status,)))
 
 
 def _code(msg: bytes) -> str:
@@ -359,8 +353,8 @@ class Guard:
 
     def on_close(self, msg: bytes) -> None:
         name = msg[6:msg.index(b"\0", 6)]
-        (self.stmts if msg[5] == 83 else self.portals).pop(name, None)
-        if msg[5] == 83:
+        (self.stmts if msg[5] == m.TARGET_STATEMENT else self.portals).pop(name, None)
+        if msg[5] == m.TARGET_STATEMENT:
             self.approved.pop(name, None)
 
     def on_query(self) -> None:
@@ -450,7 +444,7 @@ class Guard:
         ``later`` the rest of the batch."""
         s = self.s
         s._begin_hold(out, [])          # client_items holds the rest of the batch
-        if plan.by_tag and self._lane_free() and s.visible_status() == _INBLOCK \
+        if plan.by_tag and self._lane_free() and s.visible_status() == m.TX_IN_BLOCK \
                 and self._unanswered(s.held_items) == 1:
             # in a block, nothing else unanswered: _query_in_block, on the compiled lane
             self.lane = (plan, self._held_query_steps)
@@ -485,17 +479,17 @@ class Guard:
         while need > 0:                      # earlier statements still unanswered
             t, data = yield
             self._pass(t, data)
-            if t == _Z:
+            if t == m.READY_FOR_QUERY:
                 need -= 1
                 status = data[5]
-        if status == _FAILED:                # it fails anyway, as Postgres would have it
+        if status == m.TX_FAILED:            # it fails anyway, as Postgres would have it
             s.up.transport.write(msg)
             s._release_hold([])
             return
-        if status == _INBLOCK and plan.by_tag:
+        if status == m.TX_IN_BLOCK and plan.by_tag:
             yield from self._query_in_block(msg, plan)
             return
-        opened = status == _IDLE
+        opened = status == m.TX_IDLE
         pre = _query(b"BEGIN" if opened else b"SAVEPOINT " + SAVEPOINT.encode())
         snap = b"" if plan.by_tag else _query(plan.snapshot_sql())
         s.up.transport.write(pre + snap + msg + snap)
@@ -517,12 +511,12 @@ class Guard:
             if opened:
                 s.up.transport.write(_query(b"ROLLBACK"))
                 self.out.extend(buf)
-                self.out.append(_z(_IDLE))
+                self.out.append(_z(m.TX_IDLE))
                 s._release_hold([])
                 yield from self._swallow_query()
             else:
                 self.out.extend(buf)
-                self.out.append((_Z, z))
+                self.out.append((m.READY_FOR_QUERY, z))
                 s._release_hold([])
             return
         if count > plan.limit or every:
@@ -533,7 +527,7 @@ class Guard:
                 s.up.transport.write(_query(b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
                                      + _query(_FAIL_SQL))
             self.out.append(self._refusal(plan, count, every))
-            self.out.append(_z(_IDLE if opened else _FAILED))
+            self.out.append(_z(m.TX_IDLE if opened else m.TX_FAILED))
             s._release_hold([])
             yield from self._swallow_query()
             if not opened:
@@ -546,15 +540,15 @@ class Guard:
             s._release_hold([])
             while True:
                 t, data = yield
-                if t == _Z:
+                if t == m.READY_FOR_QUERY:
                     self._pass(t, data)
                     return
-                if t == _E:                  # a deferred constraint, a serialization error
+                if t == m.ERROR_RESPONSE:    # a deferred constraint, a serialization error
                     self._pass(t, data)
         else:
             s.up.transport.write(_query(b"RELEASE SAVEPOINT " + SAVEPOINT.encode()))
             self.out.extend(buf)
-            self.out.append((_Z, z))
+            self.out.append((m.READY_FOR_QUERY, z))
             s._release_hold([])
             yield from self._swallow_query()
 
@@ -591,7 +585,7 @@ class Guard:
         s = self.s
         every = None
         cands = plan.by_tag_candidates(count) if err is None and count <= plan.limit else []
-        if cands and z[5] == _INBLOCK:      # did it reach every row of its table?
+        if cands and z[5] == m.TX_IN_BLOCK:  # did it reach every row of its table?
             s.up.transport.write(_query(plan.probe_sql(cands)))
             _, perr = yield from self._swallow_query()
             every = cands[0][0] if perr is not None else plan.reached_whole(cands, self.last_row)
@@ -599,12 +593,12 @@ class Guard:
             self._log_over(plan, count, every)
             s.up.transport.write(_query(_FAIL_SQL))
             self.out.append(self._refusal(plan, count, every))
-            self.out.append(_z(_FAILED))
+            self.out.append(_z(m.TX_FAILED))
             s._release_hold([])
             yield from self._swallow_query()
             return
         self.out.extend(buf)
-        self.out.append((_Z, z))
+        self.out.append((m.READY_FOR_QUERY, z))
         s._release_hold([])
 
     def _swallow_query(self):
@@ -614,13 +608,13 @@ class Guard:
         self.last_row = []
         while True:
             t, data = yield
-            if t == _Z:
+            if t == m.READY_FOR_QUERY:
                 self._swallow_z()
                 return value, err
-            if t == _D:
+            if t == m.DATA_ROW:
                 self.last_row = _row_ints(data)
                 value = self.last_row[0] if self.last_row else 0
-            elif t == _E:
+            elif t == m.ERROR_RESPONSE:
                 err = data
 
     def _hold_result(self, plan: Plan, simple: bool):
@@ -634,18 +628,18 @@ class Guard:
             if t is None:
                 buf.append(data)
                 continue
-            if simple and t == _Z:
+            if simple and t == m.READY_FOR_QUERY:
                 return buf, count, err, data
-            if t == _C:
+            if t == m.COMMAND_COMPLETE:
                 count += _tag_rows(data)
-            elif t == _E:
+            elif t == m.ERROR_RESPONSE:
                 err = data
             held += len(data)
             if held <= MAX_HELD_BYTES:
                 buf.append((t, data))
             elif err is None:
                 count = max(count, plan.limit + 1)     # too much to hold: refuse
-            if not simple and t in (_C, _E, _s, _I):
+            if not simple and t in _EXECUTE_ENDS:
                 return buf, count, err, None
 
     # -- extended protocol
@@ -679,8 +673,8 @@ class Guard:
         pending, no strict audit record to wait for.)"""
         s = self.s
         return (self.seg_known and self.seg_exec == 0 and not self.chain
-                and s.visible_status() == _INBLOCK and self._unanswered(later) == 0
-                and bool(later) and later[0].__class__ is tuple and later[0][0] == 83
+                and s.visible_status() == m.TX_IN_BLOCK and self._unanswered(later) == 0
+                and bool(later) and later[0].__class__ is tuple and later[0][0] == m.SYNC
                 and not (s.server.audit_strict and s.tracker is not None))
 
     def _start_in_block(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
@@ -729,7 +723,7 @@ class Guard:
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
         while True:                          # up to the Sync's ReadyForQuery
             t, data = yield
-            if t == _Z:
+            if t == m.READY_FOR_QUERY:
                 z = data
                 break
             buf.append(data if t is None else (t, data))
@@ -743,16 +737,16 @@ class Guard:
         want = b"\0\x01" + struct.pack("!i", len(nonce)) + nonce
         while True:
             t, data = yield
-            if t == _D and data[5:] == want:
+            if t == m.DATA_ROW and data[5:] == want:
                 break
-            if t is None or t == _Z or t == _E:
+            if t is None or t == m.READY_FOR_QUERY or t == m.ERROR_RESPONSE:
                 for it in lag:
                     self._pass(*it)
                 lag.clear()
                 if need <= 0 and t is not None:
                     return (t, data)
                 self._pass(t, data)
-                if t == _Z:
+                if t == m.READY_FOR_QUERY:
                     need -= 1
                 continue
             lag.append((t, data))
@@ -770,14 +764,14 @@ class Guard:
         self.last_row = []
         while True:
             t, data = yield
-            if t == _D:
+            if t == m.DATA_ROW:
                 self.last_row = _row_ints(data)
                 value = self.last_row[0] if self.last_row else 0
-            elif t == _N:
+            elif t == m.NOTICE_RESPONSE:
                 notices.append(_code(data))
-            elif t == _E:
+            elif t == m.ERROR_RESPONSE:
                 return value, notices, data
-            elif t == 51:                    # '3' CloseComplete
+            elif t == m.CLOSE_COMPLETE:
                 closes += 1
                 if closes == 2:
                     return value, notices, None
@@ -786,7 +780,7 @@ class Guard:
         s = self.s
         first = yield from self._find_marker(need, nonce)
         if first is not None:                # skipped up to the Sync, like the Execute
-            if first[0] == _E:
+            if first[0] == m.ERROR_RESPONSE:
                 self._skipping()
             self._pass(*first)
             s._release_hold([])
@@ -794,7 +788,7 @@ class Guard:
         _, notices, err = yield from self._swallow_group()           # BEGIN
         if err is not None:                  # a failed block: what the Execute would get
             self._skipping()
-            self._pass(_E, err)
+            self._pass(m.ERROR_RESPONSE, err)
             s._release_hold([])
             return
         opened = "25001" not in notices
@@ -876,12 +870,12 @@ class Guard:
             if first is None:
                 _, _, err = yield from self._swallow_group()         # COMMIT
                 if err is not None:
-                    self._pass(_E, err)
+                    self._pass(m.ERROR_RESPONSE, err)
         while True:                          # the Sync's ReadyForQuery
             t, data = first if first is not None else (yield)
             first = None
-            if t == _Z:
-                self.out.append(_z(_IDLE))
+            if t == m.READY_FOR_QUERY:
+                self.out.append(_z(m.TX_IDLE))
                 break
             self._pass(t, data)
         yield from self._swallow_query()                              # ROLLBACK
@@ -915,12 +909,12 @@ class Guard:
 
     def _refusal(self, plan: Plan, count: int, every: str | None = None):
         if every:
-            return (_E, m.error_response(
+            return (m.ERROR_RESPONSE, m.error_response(
                 "42501", self._refusal_text(plan, count, every),
                 detail=f"rows changed: {count}; rows of {every} left as they were: none",
                 hint="Narrow the WHERE clause to the rows you mean to change; emptying or "
                      "rewriting a whole table is for a DBA (or a rule that allows it)."))
-        return (_E, m.error_response(
+        return (m.ERROR_RESPONSE, m.error_response(
             "42501", self._refusal_text(plan, count),
             detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "
                    f'"{plan.rule}" or the policy default)',

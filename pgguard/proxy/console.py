@@ -39,7 +39,7 @@ class ConsoleSession:
                      ("application_name", self.params.get("application_name", ""))):
             out.append(m.parameter_status(k, v))
         out.append(m.backend_key_data(0, 0))
-        out.append(m.ready_for_query(ord("I")))
+        out.append(m.ready_for_query(m.TX_IDLE))
         self.client.transport.write(b"".join(out))
         self._audit_event("connect")
         self.connected_at = time.monotonic()
@@ -73,14 +73,14 @@ class ConsoleSession:
                 t, payload = await c.read_message()
             except (ConnectionError, PgguardError):
                 break
-            if t == ord("X"):
+            if t == m.TERMINATE:
                 break
             out: list[bytes] = []
-            if t != ord("Q"):
+            if t != m.QUERY:
                 out.append(m.error_response(
                     "0A000", "the admin console speaks the simple query protocol only"))
-                if t in (ord("S"), ord("F")):
-                    out.append(m.ready_for_query(ord("I")))
+                if t == m.SYNC or t == m.FUNCTION_CALL:
+                    out.append(m.ready_for_query(m.TX_IDLE))
                 c.transport.write(b"".join(out))
                 continue
             sql = payload.rstrip(b"\0").decode("utf-8", "replace")
@@ -100,7 +100,7 @@ class ConsoleSession:
                 out.append(m.command_complete(r.tag))
             if not results and not out:
                 out.append(m.empty_query_response())
-            out.append(m.ready_for_query(ord("I")))
+            out.append(m.ready_for_query(m.TX_IDLE))
             c.transport.write(b"".join(out))
         self.close()
 

@@ -68,7 +68,7 @@ class Enforcement:
                 t, msg = it
                 if self.discarding:
                     # Postgres ignores everything after an error until Sync
-                    if t == 83:                 # 'S' Sync: ends the discarding
+                    if t == m.SYNC:             # ends the discarding
                         self.discarding = False
                         scan.set_interest(ALL_TYPES, False)
                         scan.set_interest(self.watch, True)
@@ -78,35 +78,35 @@ class Enforcement:
                             self.masking.frontend(83, msg)
                         if self.tracker is not None:
                             self.tracker.flog.append((msg, None, 0))
-                    elif t == 88:               # 'X' Terminate
+                    elif t == m.TERMINATE:
                         self._terminate_from_client(out, msg)
                         return
-                    elif t in (81, 70):         # a dropped Query/FunctionCall: no Z
+                    elif t == m.QUERY or t == m.FUNCTION_CALL:   # dropped: no Z
                         self.sync_adjust -= 1
                     continue
-                if (t == 81 or t == 80) and _pg_rejects(msg):
+                if (t == m.QUERY or t == m.PARSE) and _pg_rejects(msg):
                     # malformed as Postgres reads it: it runs nothing and answers
                     # with its own 08P01 ERROR, so it goes upstream unjudged
                     self._forward_rejected(t, msg, out)
-                elif t == 81:                   # 'Q' simple Query
+                elif t == m.QUERY:
                     n = len(out)
                     self._on_query(msg, out, items[i + 1:])
                     if strict and len(out) > n and out[-1] is msg:
                         self._hold_for_record(out, items[i + 1:])
                         return
-                elif t == 80:                   # 'P' Parse
+                elif t == m.PARSE:
                     self._on_parse(msg, out)
-                elif t == 88:                   # 'X' Terminate
+                elif t == m.TERMINATE:
                     self._terminate_from_client(out, msg)
                     return
-                elif t == 70 and self.fncalls is not None:  # 'F' FunctionCall
+                elif t == m.FUNCTION_CALL and self.fncalls is not None:
                     if self.fncalls.on_message(msg, out, items[i + 1:]):
                         return          # its function is looked up: the stream waits
                 else:                           # Bind / Describe / Execute / Sync / ...
                     guard = self.guard
                     plan = None
                     if guard is not None and guard.watching:
-                        if t == 66:             # 'B' Bind: the portal inherits the guard
+                        if t == m.BIND:         # the portal inherits the guard
                             guard.on_bind(msg)
                             again = guard.bind_needs_approval(msg)
                             if again is not None:   # an approval covers one execution
@@ -114,14 +114,14 @@ class Enforcement:
                                     again[0], msg, out, extended=True, sql=again[1],
                                     parse=again[2])
                                 continue
-                        elif t == 67:           # 'C' Close
+                        elif t == m.CLOSE:
                             guard.on_close(msg)
                             self._guard_watch()
-                        elif t == 69:           # 'E' Execute
+                        elif t == m.EXECUTE:
                             plan = guard.portal_plan(msg)
                             if plan is None:
                                 guard.on_execute()
-                        elif t == 83:           # 'S' Sync
+                        elif t == m.SYNC:
                             if guard.owe is not None:
                                 guard.before_sync(out, msg, items[i + 1:])
                                 self._guard_watch()
@@ -133,7 +133,7 @@ class Enforcement:
                         self.masking.frontend(t, it[1])
                     if self.tracker is not None:
                         self.tracker.flog.append((it[1], None, time.monotonic_ns()))
-                        if strict and t == 69 and plan is None:  # durable record first
+                        if strict and t == m.EXECUTE and plan is None:  # durable record first
                             self._hold_for_record(out, items[i + 1:])
                             return
                     if plan is not None:        # runs under the row limit
@@ -154,7 +154,7 @@ class Enforcement:
         out.append(msg)
         mask = self.masking
         if mask is not None:
-            if t == 81:
+            if t == m.QUERY:
                 mask.fseg += 1
             else:
                 mask.failed_parse()
@@ -461,14 +461,14 @@ class Enforcement:
             return self.bscan.count
         g = self.guard
         return self.z_count + (sum(1 for it in g.out if it.__class__ is tuple
-                                   and it[0] == 90) if g is not None else 0)
+                                   and it[0] == m.READY_FOR_QUERY) if g is not None else 0)
 
     def visible_status(self) -> int:
         """The transaction status of the last ReadyForQuery the client gets."""
         g = self.guard
         if g is not None:
             for it in reversed(g.out):
-                if it.__class__ is tuple and it[0] == 90:
+                if it.__class__ is tuple and it[0] == m.READY_FOR_QUERY:
                     return it[1][5]
         return self.bscan.status
 
@@ -505,10 +505,10 @@ class Enforcement:
                 out.append(it)
                 continue
             t, msg = it
-            if t == 84 and mask is not None and mask.stale(msg):
+            if t == m.ROW_DESCRIPTION and mask is not None and mask.stale(msg):
                 mask.hold_rows(out, [it, *seq])     # unknown table: read the catalog
                 return
-            if t == 90:                                  # 'Z' ReadyForQuery
+            if t == m.READY_FOR_QUERY:
                 self.z_count += 1
                 self.bscan.status = msg[5]
                 drop = False
@@ -519,14 +519,14 @@ class Enforcement:
                     drop = seen and extended             # answered our injected Query
                 if self.tracker is not None:
                     self.tracker.on_backend(t, msg)
-                if mask is not None and mask.ddl_pending and msg[5] == 73:    # idle
+                if mask is not None and mask.ddl_pending and msg[5] == m.TX_IDLE:
                     mask.ddl_pending = False    # its DDL is committed (or rolled back)
                     self.server.catalog_changed(self.database)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if not drop and msg is not None:
                     out.append(msg)
-            elif t == 69 and refusals and _is_marker(msg):  # 'E' ours
+            elif t == m.ERROR_RESPONSE and refusals and _is_marker(msg):  # ours
                 r = refusals[0]
                 r[3] = True
                 d = r[1]
@@ -574,7 +574,7 @@ def _pg_rejects(msg: bytes) -> bool:
     message's end (pq_getmsgend)."""
     n = len(msg)
     first = msg.find(b"\0", 5)
-    if msg[0] == 81:                                # Query: one string, nothing after
+    if msg[0] == m.QUERY:                            # one string, nothing after
         return first != n - 1
     if first < 0:                                   # Parse: name, text, count, OIDs
         return True

@@ -330,9 +330,9 @@ class Session(Enforcement, Holds, ConsoleSession):
         except SilentClose:
             # Postgres reads no password from it: a failed login (28P01), as there
             await self._login_failed("invalid password message length")
-        if t == ord("X"):
+        if t == m.TERMINATE:
             raise ConnectionResetError("client quit during authentication")
-        if t != ord("p"):
+        if t != m.PASSWORD_MESSAGE:
             raise ProtocolViolation(f"expected a password message, got type {chr(t)!r}")
         return payload
 
@@ -453,7 +453,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         out = [m.auth_request(m.AUTH_OK)]
         out.extend(status)
         out.append(m.backend_key_data(cpid, csecret))
-        out.append(m.ready_for_query(ord("I")))
+        out.append(m.ready_for_query(m.TX_IDLE))
         self.client.transport.write(b"".join(out))
         self.connected_at = time.monotonic()
         self._audit_event("connect")
@@ -585,7 +585,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.fscan.stream_keep = min(limits.max_message_size, STREAM_KEEP)
         self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
-        self.bscan.status = ord("I")
+        self.bscan.status = m.TX_IDLE
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
         self.fast_path(True)
         if self.tracker is not None:
@@ -735,7 +735,7 @@ class Session(Enforcement, Holds, ConsoleSession):
 
     def backend_chunk(self) -> None:
         """After each backend chunk while draining: close once idle."""
-        if self.bscan.status == 73 and self.in_flight() <= 0:
+        if self.bscan.status == m.TX_IDLE and self.in_flight() <= 0:
             self.terminate(ShuttingDown("terminating connection due to administrator command"))
 
     def in_flight(self) -> int:
@@ -767,7 +767,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             if self.violation is not None:
                 if self.violation:
                     self._send_error(self.violation)
-            elif self.bscan.last_type != 69:        # not after its own 'E' FATAL
+            elif self.bscan.last_type != m.ERROR_RESPONSE:  # not after its own FATAL
                 err = UpstreamUnavailable("server closed the connection unexpectedly",
                                           detail="the upstream database connection was lost")
                 self._send_error(err)
@@ -846,7 +846,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         up = self.up
         if up is not None and up.transport is not None and not up.transport.is_closing():
             try:
-                up.transport.write(m.TERMINATE)
+                up.transport.write(m.TERMINATE_MESSAGE)
             except Exception:
                 pass
             up.transport.close()

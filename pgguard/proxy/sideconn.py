@@ -41,7 +41,7 @@ async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, .
     err = None
     while True:
         t, payload = await proto.read_message()
-        if t == ord("D"):
+        if t == m.DATA_ROW:
             (n,) = struct.unpack_from("!h", payload)
             pos, row = 2, []
             for _ in range(n):
@@ -53,9 +53,9 @@ async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, .
                     row.append(payload[pos:pos + ln].decode("utf-8", "replace"))
                     pos += ln
             rows.append(tuple(row))
-        elif t == ord("E"):
+        elif t == m.ERROR_RESPONSE:
             err = m.parse_error_fields(payload)
-        elif t == ord("Z"):
+        elif t == m.READY_FOR_QUERY:
             break
     if err is not None:
         raise UpstreamError(err.get("M", "upstream error"), sqlstate=err.get("C", "XX000"),
@@ -75,18 +75,18 @@ async def describe(server: Server, database: str, sql: str) -> bytes | None:
         desc, err = None, None
         while True:
             t, payload = await proto.read_message()
-            if t == ord("T"):
+            if t == m.ROW_DESCRIPTION:
                 desc = b"T" + struct.pack("!I", len(payload) + 4) + payload
-            elif t == ord("E"):
+            elif t == m.ERROR_RESPONSE:
                 err = m.parse_error_fields(payload)
-            elif t == ord("Z"):
+            elif t == m.READY_FOR_QUERY:
                 break
         if err is not None:
             raise UpstreamError(err.get("M", "upstream error"), sqlstate=err.get("C", "XX000"))
         return desc
     finally:
         try:
-            proto.transport.write(m.TERMINATE)
+            proto.transport.write(m.TERMINATE_MESSAGE)
         finally:
             proto.transport.close()
 
@@ -103,7 +103,7 @@ async def run(server: Server, database: str, statements: list[str]) -> list[list
         return [await execute(proto, sql) for sql in statements]
     finally:
         try:
-            proto.transport.write(m.TERMINATE)
+            proto.transport.write(m.TERMINATE_MESSAGE)
         finally:
             proto.transport.close()
 
