@@ -26,7 +26,7 @@ README documents).
 
 Example::
 
-    lin = await analyse(server, "app", "SELECT id, lower(email) FROM c WHERE id > $1",
+    lin = await analyse(side, "app", "SELECT id, lower(email) FROM c WHERE id > $1",
                         (23,), {("public", "c"): frozenset({"email"})}, role=None)
     lin.masked   # (False, True)
 """
@@ -36,15 +36,25 @@ import asyncio
 import logging
 import re
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
 from ..protocol import messages as m
-if TYPE_CHECKING:
-    from ..proxy.server import Server
+from ..protocol.messages import parse_row_description
+from ..protocol.sqltext import ident
 
 log = logging.getLogger("pgguard.masking")
+
+
+class SideLink(Protocol):
+    """What masking asks of the upstream, given to it by the proxy (sideconn.SideLink):
+    statements on a fresh connection with the proxy's credentials, or a link to keep
+    (an object with ``transport`` and ``async read_message() -> (type, payload)``)."""
+
+    async def run(self, database: str, statements: list[str]) -> list[list[tuple]]: ...
+
+    async def connect(self, database: str, application_name: str) -> Any: ...
 
 __all__ = [
     "UNRESOLVED",
@@ -344,7 +354,7 @@ def remember(key: tuple, lin: Lineage) -> None:
 
 
 class _Link:
-    """One persistent side connection per (server, database), used one call at a time."""
+    """One persistent side connection per (side link, database), used one call at a time."""
 
     def __init__(self) -> None:
         self.proto = None
@@ -374,22 +384,21 @@ async def _until_ready(proto, count: int) -> list[tuple[int, bytes]]:
 
 
 def _row_fields(payload: bytes) -> list[tuple[int, int, int, int]]:
-    from .wire import parse_row_description
     return parse_row_description(b"T" + struct.pack("!I", len(payload) + 4) + payload)
 
 
-async def analyse(server: Server, database: str, sql: bytes, param_oids: tuple[int, ...],
+async def analyse(side: SideLink, database: str, sql: bytes, param_oids: tuple[int, ...],
                   masked_rel: dict, masked_cols: set[tuple[int, int]],
                   role: str | None = None) -> Lineage:
     """The lineage of one statement (see the module docstring); UNRESOLVED on failure."""
-    key = (id(server), database)
+    key = (id(side), database)
     link = _LINKS.get(key)
     if link is None:
         link = _LINKS[key] = _Link()
     async with link.lock:
         try:
             return await asyncio.wait_for(
-                _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
+                _analyse(side, database, link, sql, param_oids, masked_rel, masked_cols,
                          role), 10.0)
         except Exception as e:      # noqa: BLE001 - fail closed: everything derived masked
             log.debug("lineage: %r", e)
@@ -413,15 +422,12 @@ def _param_count(sql: bytes) -> int:
     return max((int(n[1:]) for n in _PARAM.findall(text)), default=0)
 
 
-async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
+async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_cols,
                    role) -> Lineage:
     """One round trip: prepare (under the role, read only), describe, EXPLAIN the generic
     plan, list the views and the functions/operators outside pg_catalog, roll back."""
-    from ..proxy.sideconn import _Owner, ident
-    from ..proxy.upstream import connect_upstream
     if link.proto is None or link.proto.transport.is_closing():
-        link.proto, _, _ = await connect_upstream(
-            _Owner(), server, database, {"application_name": "pgguard:lineage"})
+        link.proto = await side.connect(database, "pgguard:lineage")
     proto = link.proto
     setup = "BEGIN READ ONLY; SET LOCAL statement_timeout = '5s'"
     if role and role not in link.no_role:
@@ -443,7 +449,7 @@ async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_c
     if role and any(t == m.ERROR_RESPONSE for t, _ in got[:zs[0]]):
         # the role cannot be assumed from here: plan without it (still read only)
         link.no_role.add(role)
-        return await _analyse(server, database, link, sql, param_oids, masked_rel,
+        return await _analyse(side, database, link, sql, param_oids, masked_rel,
                               masked_cols, None)
     if any(t == m.ERROR_RESPONSE for t, _ in got[:zs[2]]):
         log.debug("lineage: %r", next(p for t, p in got if t == m.ERROR_RESPONSE)[:200])

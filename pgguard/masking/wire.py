@@ -14,14 +14,19 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .._core.rowmask import RowRewriter
-from ..errors import ConfigError
+from .._core.sqlshape import shape
+from ..config import Mask
+from ..errors import ConfigError, UpstreamUnavailable
 from ..protocol import messages as m
+from ..protocol.messages import parse_row_description
+from ..protocol.sqltext import literal
+from . import lineage as lg
 from .channels import Channels
 from .strategies import ACTION_DETECT, ColumnMask, build_plan, column_mask, copy_format
 
 if TYPE_CHECKING:
-    from ..config import Config, Identity, Mask
-    from ..proxy.server import Server
+    from ..config import Config, Identity
+    from .lineage import SideLink
 
 log = logging.getLogger("pgguard.masking")
 
@@ -64,14 +69,12 @@ def _like(glob: str) -> str:
     return "".join(out)
 
 
-async def load_catalog(server: Server, database: str) -> Catalog:
+async def load_catalog(side: SideLink, masks: list[Mask], database: str) -> Catalog:
     """Resolve the config's mask globs against the upstream catalog (side connection)."""
-    from ..proxy.sideconn import literal, run
-    masks = server.cfg.masks
     if not masks:
         return Catalog({}, {}, time.monotonic())
     likes = ", ".join(literal(_like(mk.column)) for mk in masks)
-    rows = (await run(server, database, [
+    rows = (await side.run(database, [
         "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname, a.attname "
         "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -90,10 +93,9 @@ async def load_catalog(server: Server, database: str) -> Catalog:
             if fnmatch.fnmatchcase(full, mk.column):
                 columns[(oid, attnum)] = mk
                 break
-    await _descendants(server, database, columns, tables)
+    await _descendants(side, database, columns, tables)
     # views (and views of views) over masked columns: RowDescription names the view's
     # own column, so every text-like column of such a view is masked as a whole
-    from ..config import Mask as _Mask
     frontier = set(columns)
     views: set[int] = set()
     derived: set[tuple[int, int]] = set()
@@ -101,7 +103,7 @@ async def load_catalog(server: Server, database: str) -> Catalog:
         if not frontier:
             break
         pairs = ", ".join(f"({o}, {a})" for o, a in sorted(frontier))
-        vrows = (await run(server, database, [
+        vrows = (await side.run(database, [
             "SELECT DISTINCT v.oid, n.nspname || '.' || v.relname, a.attnum, a.attname, "
             "t.typcategory, d.refobjid, d.refobjsubid "
             "FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
@@ -126,28 +128,27 @@ async def load_catalog(server: Server, database: str) -> Catalog:
                 tables[int(void)][1].append((int(attnum), attname))
             if cat in ("S", "U") and key not in columns:     # string and JSON-ish types
                 srcs = sources.get(int(void), [])
-                columns[key] = _Mask(
+                columns[key] = Mask(
                     column=f"{vname}.{attname}", strategy="redact",
                     except_groups=_common([mk.except_groups for mk in srcs]),
                     except_identities=_common([mk.except_identities for mk in srcs]))
                 frontier.add(key)
                 derived.add(key)
-    types, typed = await _masked_types(server, database, {o for o, _ in columns})
+    types, typed = await _masked_types(side, database, {o for o, _ in columns})
     cat = Catalog(columns, tables, time.monotonic(), frozenset(views), types)
     cat.derived = frozenset(derived)
     cat.typed = typed
     return cat
 
 
-async def _descendants(server: Server, database: str, columns: dict, tables: dict) -> None:
+async def _descendants(side: SideLink, database: str, columns: dict, tables: dict) -> None:
     """Partitions and inheritance children of tables with masked columns carry the same
     values: their columns of the same names get the same masks (a plan scans them by
     their own names, and a client can name them)."""
-    from ..proxy.sideconn import run
     parents = sorted({o for o, _ in columns})
     if not parents:
         return
-    rows = (await run(server, database, [(
+    rows = (await side.run(database, [(
         "WITH RECURSIVE d(child, top) AS ("
         f"SELECT i.inhrelid, i.inhparent FROM pg_inherits i WHERE i.inhparent IN "
         f"({', '.join(str(o) for o in parents)}) UNION "
@@ -167,15 +168,14 @@ async def _descendants(server: Server, database: str, columns: dict, tables: dic
             columns[(child, attnum)] = mk
 
 
-async def _masked_types(server: Server, database: str, oids: set[int]):
+async def _masked_types(side: SideLink, database: str, oids: set[int]):
     """Types whose values carry whole rows of tables with masked columns: the row types,
     their arrays and domains, and composite types with such a field (and so on):
     type OID -> the table OID; and the columns of such types in relations:
     (schema, relation, column, type OID)."""
-    from ..proxy.sideconn import run
     if not oids:
         return {}, []
-    rows = (await run(server, database, [
+    rows = (await side.run(database, [
         "SELECT c.reltype, c.oid FROM pg_class c WHERE c.reltype <> 0 AND c.oid IN ("
         + ", ".join(str(o) for o in sorted(oids)) + ")"]))[0]
     types = {int(t): int(o) for t, o in rows}
@@ -184,7 +184,7 @@ async def _masked_types(server: Server, database: str, oids: set[int]):
         if not frontier:
             break
         inlist = ", ".join(str(t) for t in sorted(frontier))
-        rows = (await run(server, database, [(
+        rows = (await side.run(database, [(
             "SELECT x.oid, COALESCE(NULLIF(x.typelem, 0), NULLIF(x.typbasetype, 0), "
             "(SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = x.typrelid AND "
             f"a.atttypid IN ({inlist}) AND NOT a.attisdropped LIMIT 1)) FROM pg_type x "
@@ -197,7 +197,7 @@ async def _masked_types(server: Server, database: str, oids: set[int]):
             if t not in types and via is not None and int(via) in types:
                 types[t] = frontier[t] = types[int(via)]
     inlist = ", ".join(str(t) for t in sorted(types))
-    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await run(server, database, [(
+    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await side.run(database, [(
         "SELECT n.nspname, c.relname, a.attname, a.atttypid FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE a.atttypid IN ({inlist}) AND a.attnum > 0 AND NOT a.attisdropped "
@@ -228,18 +228,6 @@ def hash_key(cfg: Config) -> bytes | None:
         raise ConfigError(f"masking.hash_key_env: environment variable {env} must hold at "
                           "least 16 characters for the hash strategy")
     return key.encode()
-
-
-def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
-    """(table OID, attnum, type OID, format) of each field of a RowDescription."""
-    (n,) = struct.unpack_from("!h", msg, 5)
-    pos, out = 7, []
-    for _ in range(n):
-        pos = msg.index(b"\0", pos) + 1
-        table, attnum, typ, _size, _mod, fmt = struct.unpack_from("!IhIhih", msg, pos)
-        out.append((table, attnum, typ, fmt))
-        pos += 18
-    return out
 
 
 # -- masking plans that belong to objects ------------------------------------------------
@@ -371,7 +359,6 @@ class MaskState:
         shape when the shape's analysis (literals as parameters) succeeded."""
         if not self.masks_on:
             return None
-        from . import lineage as lg
         query = lg.statement_query(sql, d)
         if query is None:
             return None
@@ -387,34 +374,31 @@ class MaskState:
         """Ask the planner (never raises: UNRESOLVED when it cannot answer): first the
         statement with its literals turned into parameters (valid for every text of
         its shape: no value can fold a column reference away), else the text itself."""
-        from . import lineage as lg
         query = lg.statement_query(sql, d)
         if query is None:
             return
         keys = self._lineage_keys(query, param_oids)
         args = (self._masked_rel, self._masked_cols, self._role())
-        server, db = self.s.server, self.s.database
+        side, db = self.s.server.side, self.s.database
         if len(keys) == 2:
             norm = lg.normalized(query)
             if norm is not None:
-                lin = await lg.analyse(server, db, norm, param_oids, *args)
+                lin = await lg.analyse(side, db, norm, param_oids, *args)
                 if lin.masked is not None:
                     self._learn(keys[1], lin)
                     return
                 if norm == query:       # no literals: the text's own answer
                     self._learn(keys[0], lin)
                     return
-        self._learn(keys[0], await lg.analyse(server, db, query, param_oids, *args))
+        self._learn(keys[0], await lg.analyse(side, db, query, param_oids, *args))
 
     def _learn(self, key: tuple, lin) -> None:
-        from . import lineage as lg
         lg.remember(key, lin)
         if len(self.lineage_keys) > 4096:
             self.lineage_keys.clear()
         self.lineage_keys[key] = lin
 
     def _lineage_keys(self, query: bytes, param_oids: tuple) -> tuple:
-        from .._core.sqlshape import shape
         base = self._lkey
         if base is None:
             base = self._lkey = (id(self.s.server), self.s.database, self.catalog.loaded,
@@ -431,7 +415,6 @@ class MaskState:
 
     def forget_lineage(self) -> None:
         """DDL went through this session: views and functions may differ now."""
-        from . import lineage as lg
         self.lineage_keys.clear()
         lg.forget()
 
@@ -474,7 +457,6 @@ class MaskState:
         if mk is None and derived and self.masks_on:
             # computed from what may be a masked column: masked as a whole (text: the
             # replacement; every other type, composites and arrays too: NULL)
-            from ..config import Mask
             mk = Mask(column="derived.value.column", strategy="redact")
         detect = self.detectors is not None and mk is None and not exempt
         return column_mask(mk, oid=typ, binary=fmt == 1, detect=detect, hash_key=self.key)
@@ -608,8 +590,7 @@ class MaskState:
         mo = _CURSOR_SQL.match(sql)
         if mo is None:
             return ObjPlan(lineage, reads)
-        from .lineage import named_statement
-        got = named_statement(sql.decode("utf-8", "replace"))
+        got = lg.named_statement(sql.decode("utf-8", "replace"))
         if got is None:
             return ObjPlan(None, True, _UNKNOWN)
         kind, name = got
@@ -866,7 +847,6 @@ class MaskState:
             cat = await s.server.mask_catalog(s.database, need)
         except Exception as e:      # noqa: BLE001 - fail closed: these rows never leave
             log.warning("session %s: mask catalog not read (%s); closing", s.id, e)
-            from ..errors import UpstreamUnavailable
             s.fail(UpstreamUnavailable("pgguard could not read the upstream catalog to "
                                        "apply masks", detail=str(e)[:300]))
             return

@@ -186,6 +186,18 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
     return out
 
 
+def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
+    """(table OID, attnum, type OID, format) of each field of a RowDescription."""
+    (n,) = struct.unpack_from("!h", msg, 5)
+    pos, out = 7, []
+    for _ in range(n):
+        pos = msg.index(b"\0", pos) + 1
+        table, attnum, typ, _size, _mod, fmt = struct.unpack_from("!IhIhih", msg, pos)
+        out.append((table, attnum, typ, fmt))
+        pos += 18
+    return out
+
+
 def parse_cstr(payload: bytes, pos: int = 0) -> tuple[str, int]:
     end = payload.index(b"\0", pos)
     return payload[pos:end].decode("utf-8", "replace"), end + 1

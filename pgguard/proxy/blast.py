@@ -42,6 +42,7 @@ from collections import deque
 from datetime import datetime, timezone
 
 from ..protocol import messages as m
+from .tracking import statement_record
 
 log = logging.getLogger("pgguard.session")
 
@@ -889,7 +890,6 @@ class Guard:
         s.server.count_statement("blocked")
         if s.tracker is not None and s.server.audit_strict:
             # strict records were written before the statement ran: add its outcome
-            from .tracking import statement_record
             rec = statement_record(s, plan.sql, plan.decision, "blocked",
                                    datetime.now(timezone.utc))
             rec.rule = "blast-radius"

@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timezone
 
 from .._core import FrameReader
+from ..approvals.console import AdminConsole
 from ..errors import AuthRejected, PgguardError
 from ..protocol import messages as m
 
@@ -28,7 +29,6 @@ class ConsoleSession:
             raise AuthRejected(f'identity "{self.identity_name}" may not use the admin '
                                'console (database "pgguard")',
                                hint=f"it is for humans in [admin] groups {cfg.admin.groups}")
-        from ..approvals.console import AdminConsole
         self._console = AdminConsole(self.server.approvals, admin_groups=cfg.admin.groups,
                                      sessions=self._console_sessions)
         out = [m.auth_request(m.AUTH_OK)]

@@ -10,13 +10,19 @@ import struct
 import time
 from datetime import UTC, datetime
 
+import orjson
+from pglast import parse_sql, parser
+from pglast.stream import RawStream
+
 from .._core.sqlshape import shape
 from .blast import has_txn_control, plan_for
 from ..errors import ProtocolViolation
 from ..masking import parking
 from ..masking.wire import MASK_BACKEND, PENDING
+from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
+from .tracking import REFUSAL_SYNC, statement_record
 
 log = logging.getLogger("pgguard.session")
 
@@ -183,7 +189,6 @@ class Enforcement:
         try:
             sql = raw.decode("utf-8")
         except UnicodeDecodeError:
-            from ..policy.rules import Decision
             return Decision(action="block", rule="encoding",
                             message='pgguard: statement refused by rule "encoding": the '
                                     "statement is not valid UTF-8",
@@ -392,7 +397,6 @@ class Enforcement:
             self.masking.fseg += 1
         self.server.count_statement(outcome)
         if self.tracker is not None:
-            from .tracking import REFUSAL_SYNC, statement_record
             rec = statement_record(self, sql, d, outcome, _now())
             rec.approver = approver
             rec.sqlstate = sqlstate
@@ -637,7 +641,6 @@ def _changes_role(d) -> bool:
 
 
 def _pinned_refusal(d):
-    from ..policy.rules import Decision
     st = next((st for st in d.statements if "opaque" in st.flags), None)
     if st is not None:
         why = next((r.text for r in st.reasons if r.flag == "opaque"), "")
@@ -660,7 +663,6 @@ def _pinned_refusal(d):
 
 
 def _readonly_refusal(d):
-    from ..policy.rules import Decision
     st = next(st for st in d.statements if _changes(st))
     what = "changes the database"
     if not (_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)):
@@ -677,7 +679,6 @@ def _readonly_refusal(d):
 
 
 def _mixed_txn_refusal(d):
-    from ..policy.rules import Decision
     return Decision(
         action="block", rule="blast-radius",
         message='pgguard: statement refused by rule "blast-radius": a query text that both '
@@ -744,8 +745,6 @@ def _copy_specs(mask, sql: str, reads: bool):
     None, CopyFormat) for a table (None: no masked column, the detectors scan it), or
     ("query", text, fmt, options) for a COPY (query) of masked data whose columns pgguard
     must learn first. A string: why the statement cannot be masked (refuse it)."""
-    import orjson
-    from pglast import parser
     try:
         stmts = orjson.loads(parser.parse_sql_json(sql))["stmts"]
     except Exception:       # noqa: BLE001 - unreadable here: refuse rather than leak
@@ -813,7 +812,6 @@ def _quote_ident(name: str) -> str:
 
 
 def _copy_refusal(why: str, d):
-    from ..policy.rules import Decision
     return Decision(
         action="block", rule="masking",
         message=f'pgguard: statement refused by rule "masking": {why}',
@@ -829,8 +827,6 @@ def _copy_refusal(why: str, d):
 def _copy_query_text(copy_sql: str, index: int = 0) -> str | None:
     """The query of the index-th statement, a COPY (query) TO ..., rendered back to SQL
     by pglast."""
-    from pglast import parse_sql
-    from pglast.stream import RawStream
     try:
         return RawStream()(parse_sql(copy_sql)[index].stmt.query)
     except Exception:       # noqa: BLE001

@@ -7,8 +7,13 @@ import asyncio
 import logging
 import time
 
+from ..approvals import hold
+from ..approvals.store import StoreUnavailable
 from ..errors import PgguardError
+from ..policy.rules import Decision
 from ..protocol import messages as m
+from .sideconn import describe
+from .tracking import Approved, fast_normalize
 
 log = logging.getLogger("pgguard.session")
 
@@ -58,7 +63,6 @@ class Holds:
         Parse message is ``parse``) until a human decides."""
         store = self.server.approvals
         if store is None:
-            from ..policy.rules import Decision
             self._refuse_any(Decision(
                 action="block", rule=d.rule, message=d.message, detail=d.detail,
                 hint="Approvals are not enabled on this pgguard (set [admin] token_env "
@@ -70,8 +74,6 @@ class Holds:
         self.approval = [task, None]
 
     async def _await_approval(self, store, d, msg, extended, sql, name, parse=None) -> None:
-        from ..approvals import hold
-        from .tracking import fast_normalize
         text = sql.decode("utf-8", "replace")
         fp = fast_normalize(sql)
         req = failure = None
@@ -105,8 +107,6 @@ class Holds:
             return
         out: list[bytes] = []
         if failure is not None:
-            from ..approvals.store import StoreUnavailable
-            from ..policy.rules import Decision
             if isinstance(failure, StoreUnavailable):
                 # a fleet's control database is away: nothing can be approved (fail closed)
                 refused = Decision(
@@ -127,7 +127,6 @@ class Holds:
             out.append(msg)
             self.server.count_statement("approved")
             if self.tracker is not None:
-                from .tracking import Approved
                 if parse is not None:   # the statement's record names this approver
                     self.tracker.flog.append((parse, Approved(d, approver), 0))
                 self.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
@@ -154,7 +153,6 @@ class Holds:
                 return
         else:
             err = hold.refusal(req)
-            from ..policy.rules import Decision
             refused = Decision(action="block", rule=d.rule, message=err.message,
                                detail=err.detail or "", hint=err.hint or "",
                                statements=d.statements)
@@ -174,7 +172,6 @@ class Holds:
         self.approval = [task, None]
 
     async def _copy_plan(self, msg: bytes, specs: list) -> None:
-        from .sideconn import describe
         out: list[bytes] = []
         mask = self.masking
         try:
@@ -188,7 +185,6 @@ class Holds:
                     specs[i] = mask.copy_query_spec(desc, fmt, opts, query)
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
-            from ..policy.rules import Decision
             mask.fseg -= 1          # the injected refusal counts its own ReadyForQuery
             self._inject_refusal(Decision(
                 action="block", rule="masking",
@@ -212,7 +208,6 @@ class Holds:
 
     async def _copy_parse_plan(self, msg: bytes, name: bytes, spec: tuple, reads: bool,
                                d) -> None:
-        from .sideconn import describe
         out: list[bytes] = []
         mask = self.masking
         _, query, fmt, opts = spec
@@ -226,7 +221,6 @@ class Holds:
             out.append(msg)
             out.append(injected)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
-            from ..policy.rules import Decision
             self._refuse_any(Decision(
                 action="block", rule="masking",
                 message='pgguard: statement refused by rule "masking": pgguard could not '

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets as _secrets
 import struct
 import time
 from collections import deque
@@ -12,16 +13,25 @@ from typing import TYPE_CHECKING, NoReturn
 
 from .._core import FrameError, FrameReader, MessageScan, Pipe
 from .._core.relay import StreamedPrefix
+from ..audit.record import AuditRecord
+from ..auth import scram, tokens
+from ..auth.revocations import guard_session
+from ..config import parse_duration, read_secret
 from ..errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
+from ..policy.classify import PreparedMemory
+from ..policy.views import SessionViews
 from ..protocol import messages as m
+from . import sideconn
 from .console import CONSOLE_DB, ConsoleSession
 from .enforce import Enforcement, _now
 from .blast import Guard
 from .fncall import FunctionCalls
 from .holds import Holds
-from ..masking.wire import MASK_BACKEND
+from ..masking.wire import MASK_BACKEND, MaskState, applies
+from .sideconn import UpstreamError, drop_role, execute
 from .startup import client_settings, tagged_app_name, under_policy, upstream_params
+from .tracking import StatementTracker
 from .upstream import UpstreamProtocol, connect_upstream
 
 if TYPE_CHECKING:
@@ -339,7 +349,6 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _scram(self, name: str) -> None:
         """SCRAM-SHA-256 against the identity's static secret (a fake verifier of the
         same shape for unknown names: no user enumeration)."""
-        from ..auth import scram
         c = self.client
         identity = self.server.cfg.identities.get(name)
         verifier = self.server.verifier_for(name)
@@ -372,7 +381,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         pgguard token or an OIDC JWT, or else the identity's static secret. A failure
         costs the same checks whatever the name (the secret's PBKDF2 runs against a fake
         verifier for names without one)."""
-        from ..auth import tokens
         server = self.server
         self.client.transport.write(m.auth_request(m.AUTH_CLEARTEXT))
         password = (await self._read_password_message()).rstrip(b"\0")
@@ -439,9 +447,8 @@ class Session(Enforcement, Holds, ConsoleSession):
             status = [_client_app_status(st, client_app or "") for st in status]
         role = self.identity.role if self.identity is not None else None
         if role:
-            from .sideconn import UpstreamError, execute, ident
             try:
-                await execute(self.up, f"SET ROLE {ident(role)}")
+                await execute(self.up, f"SET ROLE {sideconn.ident(role)}")
             except UpstreamError as e:
                 raise UpstreamUnavailable(f'pgguard could not assume role "{role}"',
                                           detail=e.message) from None
@@ -461,13 +468,9 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _upstream_role(self) -> tuple[str | None, str | None]:
         """The upstream login for this session: an ephemeral role when [upstream]
         provision is on, the identity's upstream_user, or the proxy's own (None)."""
-        from ..config import parse_duration, read_secret
         cfg = self.server.cfg
         ident = self.identity
         if cfg.upstream.provision:
-            import secrets as _secrets
-
-            from . import sideconn
             safe = re.sub(r"[^a-z0-9]", "", self.identity_name.lower())[:16] or "x"
             name = f"pgguard_{safe}_{int(time.time())}_{_secrets.token_hex(3)}"
             password = _secrets.token_urlsafe(24)
@@ -496,7 +499,6 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _setup_masking(self) -> None:
         """Masking for this identity: masks it is not exempt from, detectors unless its
         groups are exempt. None when nothing applies (the relay stays pass-through)."""
-        from ..masking.wire import MaskState, applies
         cfg, ident = self.server.cfg, self.identity
         masks_on = any(applies(mk, self.identity_name, ident) for mk in cfg.masks)
         dets = self.server.detectors
@@ -504,7 +506,6 @@ class Session(Enforcement, Holds, ConsoleSession):
             dets = None
         if not masks_on and dets is None:
             return
-        from .sideconn import UpstreamError
         try:
             catalog = await self.server.mask_catalog(self.database)
         except (UpstreamError, PgguardError, OSError) as e:
@@ -524,7 +525,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         """The database's view map, for rules that see through views, and its function
         names, for the blast-radius guard (fail closed: no session under a policy
         without them)."""
-        from .sideconn import UpstreamError
         try:
             await self.server.ready_views(self.database)
             await self.server.ready_function_names(self.database)
@@ -536,8 +536,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         c, up = self.client, self.up
         limits = self.server.cfg.limits
         if self._under_policy():
-            from ..policy.classify import PreparedMemory
-            from ..policy.views import SessionViews
             self.policy = self.server.policy
             self.prepared = PreparedMemory()
             self._cache = self.server.decision_cache(
@@ -549,14 +547,12 @@ class Session(Enforcement, Holds, ConsoleSession):
                                       lambda edges: server.views_published(db, edges))
             self.fncalls = FunctionCalls(self)
         if self.principal is not None:
-            from ..auth.revocations import guard_session
             p = self.principal
             self._unguard = guard_session(asyncio.get_running_loop(), self.server.revocations,
                                           p.identity, p.token_id, p.expires_at,
                                           self._end_by_token)
         audit = self.server.audit
         if audit is not None:
-            from .tracking import StatementTracker
             self.tracker = StatementTracker(self, audit)
             self.backend_events = self.tracker.on_events    # no Python loop per chunk
         self.watch = (b"QPF" if self.policy is not None else b"") + \
@@ -799,7 +795,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         audit = self.server.audit
         if audit is None:
             return
-        from ..audit.record import AuditRecord
         ident = self.identity
         audit.log(AuditRecord(
             session_id=self.id, event=event, ts=_now(), identity=self.identity_name,
@@ -810,7 +805,6 @@ class Session(Enforcement, Holds, ConsoleSession):
             **fields))
 
     async def _drop_provisioned(self, role: str) -> None:
-        from .sideconn import drop_role
         await asyncio.sleep(0.05)       # let the upstream backend see the Terminate
         await drop_role(self.server, self.database, role,
                         self.server.cfg.upstream.template_role)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import PgguardError
 from ..protocol import messages as m
+from ..protocol.sqltext import ident, literal  # noqa: F401 (sideconn's callers quote with these)
 from .upstream import connect_upstream
 
 if TYPE_CHECKING:
@@ -31,6 +32,24 @@ class _Owner:
 
     def upstream_lost(self, exc) -> None:
         pass
+
+
+class SideLink:
+    """What a service may ask of the upstream through the proxy's own credentials
+    (masking's catalog reads and lineage planner): it sees this object, never Server."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    async def run(self, database: str, statements: list[str]) -> list[list[tuple]]:
+        """Each statement on one fresh connection (see run())."""
+        return await run(self._server, database, statements)
+
+    async def connect(self, database: str, application_name: str) -> UpstreamProtocol:
+        """A logged-in link of the caller's own, to keep and close."""
+        proto, _, _ = await connect_upstream(_Owner(), self._server, database,
+                                             {"application_name": application_name})
+        return proto
 
 
 async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, ...]]:
@@ -184,16 +203,6 @@ async def rewrite_rows(server: Server, database: str) -> tuple[list[tuple], list
     view, language, source) of the functions of INSTEAD OF triggers."""
     rules, triggers = await run(server, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL])
     return rules, triggers
-
-
-def ident(name: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def literal(text: str) -> str:
-    """A quoted SQL string literal, safe whatever standard_conforming_strings says."""
-    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 async def drop_role(server: Server, database: str, role: str, successor: str | None,

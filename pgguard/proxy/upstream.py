@@ -9,6 +9,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .._core import FrameReader
+from ..auth import scram
 from ..errors import PgguardError, UpstreamUnavailable
 from ..protocol import messages as m
 from .startup import PACKET_KEYS as _PACKET_KEYS
@@ -210,7 +211,6 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
 
 def _answer_auth(proto: UpstreamProtocol, user: str, password: str | None, code: int,
                  data: bytes, scram_client):
-    from ..auth import scram
     try:
         if code == m.AUTH_CLEARTEXT:
             _need(password)
