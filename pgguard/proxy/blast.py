@@ -688,7 +688,7 @@ class Guard:
         out.append(msg)
         out.append(sync)
         if s.masking is not None:
-            s.masking.frontend(83, sync)
+            s.masking.frontend(m.SYNC, sync)
         if s.tracker is not None:
             s.tracker.flog.append((sync, None, 0))
         self.on_sync()

@@ -81,7 +81,7 @@ class Enforcement:
                         self.fast_path(True)
                         out.append(msg)
                         if self.masking is not None:    # its ReadyForQuery pairs too
-                            self.masking.frontend(83, msg)
+                            self.masking.frontend(m.SYNC, msg)
                         if self.tracker is not None:
                             self.tracker.flog.append((msg, None, 0))
                     elif t == m.TERMINATE:
@@ -280,7 +280,7 @@ class Enforcement:
                 self._inject_refusal(_copy_refusal(specs, d), out, extended=False,
                                      sql=msg[5:-1])
                 return False
-            mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
+            mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin)
             mask.query_copies(specs)
             mask.fseg += 1
             if any(sp[0] == "query" for sp in specs):
@@ -293,7 +293,7 @@ class Enforcement:
                                  for st in d.statements):
             self.server.catalog_changed(self.database, self)
             mask.forget_lineage()
-        mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
+        mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin)
         mask.fseg += 1
         return True
 
@@ -311,7 +311,7 @@ class Enforcement:
             self._hold_for_copy_parse(msg, out, name, specs[0], reads, d)
             return True
         out.append(msg)
-        out.append(mask.frontend(80, msg, _reads_masked(self, d, True)))
+        out.append(mask.frontend(m.PARSE, msg, _reads_masked(self, d, True)))
         mask.parsed_copy(specs[0] if specs else None)
         return True
 
@@ -360,7 +360,7 @@ class Enforcement:
                     lin = self.masking.lineage_now(msg[pos:end], d, oids)
                 out.append(msg)
                 if self.masking is not None:
-                    out.append(self.masking.frontend(80, msg, _reads_masked(self, d, True),
+                    out.append(self.masking.frontend(m.PARSE, msg, _reads_masked(self, d, True),
                                                      lin))
             if self.tracker is not None:
                 self.tracker.flog.append((msg, d, 0))

@@ -44,6 +44,7 @@ from pglast import keywords as _kw
 
 from .enforce import _reads_masked
 from ..policy.rules import Decision
+from ..protocol import messages as m
 from .tracking import statement_record
 
 if TYPE_CHECKING:
@@ -367,7 +368,7 @@ class FunctionCalls:
         if s.masking is not None:
             # a function outside pg_catalog may read anything (its body is not judged
             # here): its result is masked for a masked identity, like a masked read
-            s.masking.frontend(70, msg, _reads_masked(s, d)
+            s.masking.frontend(m.FUNCTION_CALL, msg, _reads_masked(s, d)
                                or not sql.startswith("SELECT pg_catalog."))
             s.masking.fseg += 1                 # answered by its own ReadyForQuery
         s.server.count_statement("allowed")

@@ -132,7 +132,7 @@ class Holds:
                 self.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
             if parse is not None:       # a Bind: its masking pairs as forwarded now
                 if self.masking is not None:
-                    self.masking.frontend(66, msg)
+                    self.masking.frontend(m.BIND, msg)
             elif extended and self.guard is not None:
                 # a Parse: each later Bind of it asks again
                 pname = name.encode() if isinstance(name, str) else (name or b"")
@@ -216,7 +216,7 @@ class Holds:
                                   f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
             await mask.lineage_load(query.encode(), None)
             # its read counts first: a computed column of masked data is masked whole
-            injected = mask.frontend(80, msg, reads)
+            injected = mask.frontend(m.PARSE, msg, reads)
             mask.parsed_copy(mask.copy_query_spec(desc, fmt, opts, query))
             out.append(msg)
             out.append(injected)
