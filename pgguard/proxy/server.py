@@ -40,6 +40,7 @@ from ..protocol import messages as m
 from . import sideconn
 from .cancel import CancelKeyCipher
 from .fncall import function_info
+from .services import Services
 from .session import ClientProtocol
 from .sideconn import SideLink
 from .upstream import unix_socket_path
@@ -684,8 +685,19 @@ class Server:
                                        sessions=self.sessions_info, token=self.admin_token)
         self.background(self._metrics_tick())
 
+    def _services(self) -> Services:
+        return Services(
+            cfg=self.cfg, policy=self.policy, approvals=self.approvals, audit=self.audit,
+            audit_strict=self.audit_strict, metrics=self.metrics, throttle=self.throttle,
+            detectors=self.detectors, mask_key=self.mask_key, side=self.side,
+            catalog_signal=self.catalog_signal, mask_catalog=self.mask_catalog,
+            catalog_changed=self.catalog_changed, count_statement=self.count_statement,
+            sessions=self.sessions, sessions_info=self.sessions_info)
+
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
+        # what sessions get: built once, after the audit log and the approval store
+        self.services = self._services()
         socks = [sock] if sock is not None else listen_sockets(self.cfg)
         for s in socks:
             srv = await loop.create_server(lambda: ClientProtocol(self), sock=s,

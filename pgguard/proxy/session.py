@@ -23,7 +23,7 @@ from ..policy.classify import PreparedMemory
 from ..policy.views import SessionViews
 from ..protocol import messages as m
 from . import sideconn
-from .console import CONSOLE_DB, ConsoleSession
+from .console import CONSOLE_DB, Console
 from .enforce import Enforcement, _now
 from .blast import Guard
 from .fncall import FunctionCalls
@@ -123,11 +123,12 @@ class ClientProtocol(asyncio.Protocol):
                 self.waiter = None
 
 
-class Session(Enforcement, Holds, ConsoleSession):
+class Session(Enforcement, Holds):
     """State of one client connection and its upstream link."""
 
     def __init__(self, server: Server, client: ClientProtocol) -> None:
         self.server = server
+        self.services = server.services
         self.client = client
         self.up: UpstreamProtocol | None = None
         self.fscan: MessageScan | None = None
@@ -180,6 +181,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         self.fncalls = None             # FunctionCall judge under a policy
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
+        self.console: Console | None = None     # database "pgguard": the admin console
         # a malformed frame from the client: None (none), False (Postgres answers it),
         # or the error pgguard sends once the upstream closed; _poison: its header,
         # waiting for a hold to end before it goes upstream
@@ -200,14 +202,17 @@ class Session(Enforcement, Holds, ConsoleSession):
                     return
                 await self._authenticate()
                 if self.database == CONSOLE_DB:
-                    self._console_start()
+                    self.console = Console(self, self.services)
+                    self.console.start()
+                    self._audit_event("connect")
+                    self.connected_at = time.monotonic()
                 else:
                     await self._connect_upstream()
                     await self._setup_masking()
                     if self._under_policy():
                         await self._setup_views()
             if self.database == CONSOLE_DB:
-                await self._console_loop()
+                await self.console.run()
                 return
             self._enter_relay()
         except PgguardError as e:
