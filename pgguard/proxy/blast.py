@@ -444,17 +444,17 @@ class Guard:
         """``msg`` (a Query) runs under the guard; ``out`` holds what precedes it,
         ``later`` the rest of the batch."""
         s = self.s
-        s._begin_hold(out, [])          # client_items holds the rest of the batch
+        s.holds.begin(out, [])          # client_items holds the rest of the batch
         if plan.by_tag and self._lane_free() and s.visible_status() == m.TX_IN_BLOCK \
-                and self._unanswered(s.held_items) == 1:
+                and self._unanswered(s.holds.items) == 1:
             # in a block, nothing else unanswered: _query_in_block, on the compiled lane
             self.lane = (plan, self._held_query_steps)
             s.up.transport.write(msg)
             s.up_pipe.hold_count(plan.lane_limit())
             return
         self._after_record(msg, lambda: self._start(self._query_steps(
-            msg, plan, self._unanswered(later if s.held_items is None
-                                        else s.held_items) - 1)), later)
+            msg, plan, self._unanswered(later if s.holds.items is None
+                                        else s.holds.items) - 1)), later)
 
     def _after_record(self, msg: bytes, fire, later: list) -> None:
         """``fire`` now, or under strict durability once the statement's audit record
@@ -469,7 +469,7 @@ class Guard:
             if s.closed:
                 return
             if f.cancelled() or f.exception() is not None:
-                s._record_durable(f)            # closes the session, saying why
+                s.holds.record_durable(f)            # closes the session, saying why
                 return
             fire()
         fut.add_done_callback(durable)
@@ -485,7 +485,7 @@ class Guard:
                 status = data[5]
         if status == m.TX_FAILED:            # it fails anyway, as Postgres would have it
             s.up.transport.write(msg)
-            s._release_hold([])
+            s.holds.release([])
             return
         if status == m.TX_IN_BLOCK and plan.by_tag:
             yield from self._query_in_block(msg, plan)
@@ -513,12 +513,12 @@ class Guard:
                 s.up.transport.write(_query(b"ROLLBACK"))
                 self.out.extend(buf)
                 self.out.append(_z(m.TX_IDLE))
-                s._release_hold([])
+                s.holds.release([])
                 yield from self._swallow_query()
             else:
                 self.out.extend(buf)
                 self.out.append((m.READY_FOR_QUERY, z))
-                s._release_hold([])
+                s.holds.release([])
             return
         if count > plan.limit or every:
             self._log_over(plan, count, every)
@@ -529,7 +529,7 @@ class Guard:
                                      + _query(_FAIL_SQL))
             self.out.append(self._refusal(plan, count, every))
             self.out.append(_z(m.TX_IDLE if opened else m.TX_FAILED))
-            s._release_hold([])
+            s.holds.release([])
             yield from self._swallow_query()
             if not opened:
                 yield from self._swallow_query()
@@ -538,7 +538,7 @@ class Guard:
             s.up.transport.write(_query(b"COMMIT"))
             self.out.extend(buf)
             self._swallow_z()                # the statement's own Z: COMMIT's answers
-            s._release_hold([])
+            s.holds.release([])
             while True:
                 t, data = yield
                 if t == m.READY_FOR_QUERY:
@@ -550,7 +550,7 @@ class Guard:
             s.up.transport.write(_query(b"RELEASE SAVEPOINT " + SAVEPOINT.encode()))
             self.out.extend(buf)
             self.out.append((m.READY_FOR_QUERY, z))
-            s._release_hold([])
+            s.holds.release([])
             yield from self._swallow_query()
 
     def _measured(self, plan: Plan, count: int, err, snapped, before: list[int]):
@@ -595,12 +595,12 @@ class Guard:
             s.up.transport.write(_query(_FAIL_SQL))
             self.out.append(self._refusal(plan, count, every))
             self.out.append(_z(m.TX_FAILED))
-            s._release_hold([])
+            s.holds.release([])
             yield from self._swallow_query()
             return
         self.out.extend(buf)
         self.out.append((m.READY_FOR_QUERY, z))
-        s._release_hold([])
+        s.holds.release([])
 
     def _swallow_query(self):
         """Swallow one injected Query's answers up to its ReadyForQuery: (the first
@@ -659,10 +659,10 @@ class Guard:
                + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
                + snap + msg + (_group(self._name(), plan.snapshot_sql()) if snap else b"")
                + _FLUSH)
-        s._begin_hold(out, [], later)
+        s.holds.begin(out, [], later)
 
         def fire() -> None:
-            need = self._unanswered(s.held_items or [])
+            need = self._unanswered(s.holds.items or [])
             s.up.transport.write(run)
             self._start(self._execute_steps(plan, need, nonce, bool(snap)))
         self._after_record(msg, fire, later)
@@ -692,7 +692,7 @@ class Guard:
         if s.tracker is not None:
             s.tracker.flog.append((sync, None, 0))
         self.on_sync()
-        s._begin_hold(out, [], later[1:])
+        s.holds.begin(out, [], later[1:])
         if self._lane_free():
             # the compiled lane: the upstream pipe holds the answers and counts the
             # tag; Python hears of it again only past the limit or on an error
@@ -712,7 +712,7 @@ class Guard:
     def lane_done(self) -> None:
         """The compiled lane forwarded the answers (within the limit): go on."""
         self.lane = None
-        self.s._release_hold([])
+        self.s.holds.release([])
 
     def lane_fallback(self) -> None:
         """The compiled lane met an error or a count past the limit: the answers it
@@ -784,13 +784,13 @@ class Guard:
             if first[0] == m.ERROR_RESPONSE:
                 self._skipping()
             self._pass(*first)
-            s._release_hold([])
+            s.holds.release([])
             return
         _, notices, err = yield from self._swallow_group()           # BEGIN
         if err is not None:                  # a failed block: what the Execute would get
             self._skipping()
             self._pass(m.ERROR_RESPONSE, err)
-            s._release_hold([])
+            s.holds.release([])
             return
         opened = "25001" not in notices
         yield from self._swallow_group()                              # SAVEPOINT
@@ -814,7 +814,7 @@ class Guard:
                 if opened:
                     self.owe = "rollback"
                 self.out.append(self._refusal(plan, count, cands[0][0]))
-                s._release_hold([])
+                s.holds.release([])
                 return
             every = plan.reached_whole(cands, self.last_row)
         if err is not None:
@@ -822,7 +822,7 @@ class Guard:
             self.out.extend(buf)
             if opened:
                 self.owe = "rollback"
-            s._release_hold([])
+            s.holds.release([])
             return
         if count > plan.limit or every:
             self._log_over(plan, count, every)
@@ -834,17 +834,17 @@ class Guard:
             if opened:
                 self.owe = None              # rolled back already
             self.out.append(self._refusal(plan, count, every))
-            s._release_hold([])
+            s.holds.release([])
             yield from self._swallow_group()
             yield from self._swallow_group()
             return
         self.out.extend(buf)
         if opened:
             self.owe = "commit"
-            s._release_hold([])
+            s.holds.release([])
             return
         s.up.transport.write(_group(self._name(), b"RELEASE SAVEPOINT " + SAVEPOINT.encode()))
-        s._release_hold([])
+        s.holds.release([])
         yield from self._swallow_group()
 
     def before_sync(self, out: list, sync: bytes, later: list) -> bool:

@@ -56,16 +56,16 @@ class Enforcement:
         """Frontend messages the scan withheld (Query, Parse, Terminate, and for the
         audit Bind/Execute/Sync) with the forwarded runs around them; everything while
         discarding after a refusal or holding for a durable audit record."""
-        if self.held is not None:
-            self._hold_more(items)
+        if self.holds.held is not None:
+            self.holds.more(items)
             return
         out: list[bytes] = []
         scan = self.fscan
         strict = self.server.audit_strict and self.tracker is not None
         while True:
             for i, it in enumerate(items):
-                if self.held is not None:       # a hold began: keep the rest, in order
-                    self._hold_more(items[i:])
+                if self.holds.held is not None:       # a hold began: keep the rest, in order
+                    self.holds.more(items[i:])
                     return
                 if it.__class__ is bytes:
                     if not self.discarding:
@@ -98,7 +98,7 @@ class Enforcement:
                     n = len(out)
                     self._on_query(msg, out, items[i + 1:])
                     if strict and len(out) > n and out[-1] is msg:
-                        self._hold_for_record(out, items[i + 1:])
+                        self.holds.for_record(out, items[i + 1:])
                         return
                 elif t == m.PARSE:
                     self._on_parse(msg, out)
@@ -116,7 +116,7 @@ class Enforcement:
                             guard.on_bind(msg)
                             again = guard.bind_needs_approval(msg)
                             if again is not None:   # an approval covers one execution
-                                self._hold_for_approval(
+                                self.holds.for_approval(
                                     again[0], msg, out, extended=True, sql=again[1],
                                     parse=again[2])
                                 continue
@@ -140,7 +140,7 @@ class Enforcement:
                     if self.tracker is not None:
                         self.tracker.flog.append((it[1], None, time.monotonic_ns()))
                         if strict and t == m.EXECUTE and plan is None:  # durable record first
-                            self._hold_for_record(out, items[i + 1:])
+                            self.holds.for_record(out, items[i + 1:])
                             return
                     if plan is not None:        # runs under the row limit
                         guard.start_execute(it[1], plan, out, items[i + 1:])
@@ -260,7 +260,7 @@ class Enforcement:
                 self.prepared.observe(d.statements)
             return
         if d.action == "approve":
-            self._hold_for_approval(d, msg, out, extended=False, sql=msg[5:-1])
+            self.holds.for_approval(d, msg, out, extended=False, sql=msg[5:-1])
             return
         # the client's Query is replaced by one that fails upstream: same Z count
         self._inject_refusal(d, out, extended=False, sql=msg[5:-1])
@@ -286,7 +286,7 @@ class Enforcement:
             if any(sp[0] == "query" for sp in specs):
                 # COPY (query): learn its columns first (side connection), then run it;
                 # the specs are completed in place (the Query's plan holds the list)
-                self._hold_for_copy_plan(msg, out, specs)
+                self.holds.for_copy_plan(msg, out, specs)
                 return False
             return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
@@ -308,7 +308,7 @@ class Enforcement:
             return False
         if specs and specs[0][0] == "query":
             # COPY (query): the stream waits while pgguard learns its columns
-            self._hold_for_copy_parse(msg, out, name, specs[0], reads, d)
+            self.holds.for_copy_parse(msg, out, name, specs[0], reads, d)
             return True
         out.append(msg)
         out.append(mask.frontend(m.PARSE, msg, _reads_masked(self, d, True)))
@@ -322,19 +322,19 @@ class Enforcement:
         again. False when it is known already (or not needed)."""
         if self.masking.lineage_now(msg[start:end], d, oids) is not PENDING:
             return False
-        self._begin_hold(out, [])
+        self.holds.begin(out, [])
         task = asyncio.get_running_loop().create_task(
             self._lineage_then(d, msg, start, end, oids))
-        self.approval = [task, None]
+        self.holds.approval = [task, None]
         return True
 
     async def _lineage_then(self, d, msg: bytes, start: int, end: int, oids: tuple) -> None:
         await self.masking.lineage_load(msg[start:end], d, oids)
-        self.approval = None
+        self.holds.approval = None
         if self.closed:
             return
-        self.held_items.insert(0, (msg[0], msg))
-        self._release_hold([])
+        self.holds.items.insert(0, (msg[0], msg))
+        self.holds.release([])
 
     def _on_parse(self, msg: bytes, out: list) -> None:
         try:
@@ -372,7 +372,7 @@ class Enforcement:
                 self._guard_watch()
             return
         if d.action == "approve":
-            self._hold_for_approval(d, msg, out, extended=True, sql=msg[pos:end], name=name)
+            self.holds.for_approval(d, msg, out, extended=True, sql=msg[pos:end], name=name)
             return
         self._refuse_any(d, out, True, msg[pos:end])
 

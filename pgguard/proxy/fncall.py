@@ -292,7 +292,7 @@ class FunctionCalls:
         s.client.transport.set_protocol(wait)
         task = asyncio.get_running_loop().create_task(
             self._resolve(msg, call, list(later), wait))
-        s.approval = [task, None]
+        s.holds.approval = [task, None]
         return True
 
     async def _resolve(self, msg: bytes, call: Call, later: list, wait: _Waiting) -> None:
@@ -306,7 +306,7 @@ class FunctionCalls:
             log.warning("session %s: looking up function OID %d failed: %s", s.id,
                         call.oid, e)
             failure = e
-        s.approval = None
+        s.holds.approval = None
         if s.closed:
             return
         transport = s.client.transport
@@ -316,8 +316,8 @@ class FunctionCalls:
         # go on in stream order: messages read after it, the scan's unread rest, then
         # what arrived meanwhile (through whoever reads the client now: another hold
         # may have begun)
-        if s.held is not None:          # held for an approval or a strict audit record
-            s.held_items[0:0] = later
+        if s.holds.held is not None:          # held for an approval or a strict audit record
+            s.holds.items[0:0] = later
         else:
             if out:
                 s.up.transport.write(b"".join(out))
@@ -358,7 +358,7 @@ class FunctionCalls:
         if d.action == "allow":
             self._forward(msg, d, out, sql)
         elif d.action == "approve":
-            s._hold_for_approval(d, msg, out, extended=False, sql=sql.encode())
+            s.holds.for_approval(d, msg, out, extended=False, sql=sql.encode())
         else:
             self._refuse(d, out, sql)
 
@@ -380,8 +380,8 @@ class FunctionCalls:
             out.pop()
             rec = statement_record(s, sql.encode(), d, "allowed",
                                    datetime.now(timezone.utc))
-            s._begin_hold(out, [msg])
-            s.server.audit.log_strict(rec).add_done_callback(s._record_durable)
+            s.holds.begin(out, [msg])
+            s.server.audit.log_strict(rec).add_done_callback(s.holds.record_durable)
 
     def _refuse(self, d: Decision, out: list, sql: str) -> None:
         # answered like a refused Query: an ErrorResponse, then ReadyForQuery

@@ -617,7 +617,7 @@ class Server:
         self.control.start()
 
         def stats() -> tuple[int, int]:
-            held = sum(1 for s in self.sessions if s.approval and s.approval[1])
+            held = sum(1 for s in self.sessions if s.holds.approval and s.holds.approval[1])
             return len(self.sessions), held
 
         self.metrics.gauge("pgguard_control_up",
@@ -673,7 +673,7 @@ class Server:
                         "application_name": s.params.get("application_name"),
                         "connected_at": s.started_wall, "state":
                             "relay" if s.bscan is not None else "startup",
-                        "waiting_approval": s.approval[1] if s.approval else None})
+                        "waiting_approval": s.holds.approval[1] if s.holds.approval else None})
         return out
 
     async def start_admin(self) -> None:

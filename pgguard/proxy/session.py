@@ -123,7 +123,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.waiter = None
 
 
-class Session(Enforcement, Holds):
+class Session(Enforcement):
     """State of one client connection and its upstream link."""
 
     def __init__(self, server: Server, client: ClientProtocol) -> None:
@@ -161,16 +161,13 @@ class Session(Enforcement, Holds):
         self.z_count = 0
         self.watch = b"X"
         self.tracker = None             # audit: statements in flight
-        self.held = None                # strict audit: messages waiting for durability
-        self.held_items = None
-        self.held_bytes = 0             # bytes the client sent while held (holds.py)
+        self.holds = Holds(self, self.services)     # statements held back (holds.py)
         self.principal = None           # token / OIDC login: who, scope, expiry
         self.masking = None             # MaskState when masks or detectors apply
         self.cancel_key = 0
         self.fast_reported = 0          # fast-path statements already counted in metrics
         self.provisioned = None         # ephemeral upstream role to drop at disconnect
         self.pinned_role = False        # the upstream role is chosen by pgguard
-        self.approval = None            # (task, request id) while a statement is held
         self.readonly = False
         self.guarded = False            # statements judged (startup.under_policy)
         self.guard = None               # the blast-radius guard, under a policy
@@ -712,7 +709,7 @@ class Session(Enforcement, Holds):
 
     def flush_poison(self) -> None:
         """Send the malformed frame's header upstream once nothing is held before it."""
-        if self._poison is None or self.held is not None or self.closed:
+        if self._poison is None or self.holds.held is not None or self.closed:
             return
         poison, self._poison = self._poison, None
         t = self.up.transport
@@ -830,8 +827,8 @@ class Session(Enforcement, Holds):
         if self.provisioned is not None:
             self.server.background(self._drop_provisioned(self.provisioned))
             self.provisioned = None
-        if self.approval is not None:
-            task, req_id = self.approval
+        if self.holds.approval is not None:
+            task, req_id = self.holds.approval
             task.cancel()
             if req_id is not None and self.server.approvals is not None:
                 self.server.approvals.withdraw(req_id)

@@ -45,6 +45,10 @@ class SideLink:
         """Each statement on one fresh connection (see run())."""
         return await run(self._server, database, statements)
 
+    async def describe(self, database: str, sql: str) -> bytes | None:
+        """The RowDescription of ``sql`` (see describe())."""
+        return await describe(self._server, database, sql)
+
     async def connect(self, database: str, application_name: str) -> UpstreamProtocol:
         """A logged-in link of the caller's own, to keep and close."""
         proto, _, _ = await connect_upstream(_Owner(), self._server, database,
