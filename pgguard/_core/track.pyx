@@ -1,5 +1,5 @@
 # The audit's statement tracker, compiled: pairs what the client sent with what the
-# server answered and emits one audit row per statement (see pgguard.tracking).
+# server answered and emits one audit row per statement (see pgguard.proxy.tracking).
 # cython: language_level=3
 
 from collections import deque
@@ -94,7 +94,7 @@ cdef class StatementTracker:
     ErrorResponse and ReadyForQuery in order. A completion pairs with the oldest
     unfinished statement; ReadyForQuery closes everything up to its sync point.
 
-    ``helpers`` is the Python side (``pgguard.tracking``): ``statement_record``,
+    ``helpers`` is the Python side (``pgguard.proxy.tracking``): ``statement_record``,
     ``statement_part``, ``session_columns``, ``Approved`` and ``parse_error_fields``.
     """
 

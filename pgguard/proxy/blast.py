@@ -1,6 +1,7 @@
-# The blast-radius guard: a row-changing statement of an identity under a policy runs
-# inside a savepoint (or a transaction pgguard opens); its measured row count decides
-# whether it is kept, or rolled back and refused with 42501.
+# The blast-radius guard: row-changing statements kept or rolled back by rows changed.
+# A row-changing statement of an identity under a policy runs inside a savepoint (or a
+# transaction pgguard opens); its measured row count decides whether it is kept, or
+# rolled back and refused with 42501.
 """How a guarded statement runs.
 
 Simple Query (one Query is one unit): the guard waits until every earlier statement has

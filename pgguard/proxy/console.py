@@ -1,5 +1,6 @@
-# The psql admin console: database "pgguard" answered by pgguard itself (PgBouncer
-# style) for humans in [admin] groups: SHOW APPROVALS, APPROVE, DENY, SHOW SESSIONS.
+# The psql admin console: database "pgguard", answered by pgguard itself.
+# PgBouncer style, for humans in [admin] groups: SHOW APPROVALS, APPROVE, DENY,
+# SHOW SESSIONS.
 from __future__ import annotations
 
 from datetime import datetime, timezone

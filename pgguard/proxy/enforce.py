@@ -1,5 +1,5 @@
-# What a session does with each statement it watches: policy decisions (cached, with a
-# compiled fast path), refusals that keep Postgres' transaction semantics exactly, and
+# The relay hooks: what a session does with each statement it watches.
+# Policy decisions (cached, with a compiled fast path), refusals that keep Postgres' transaction semantics exactly, and
 # the backend rewrite that turns a refusal's upstream error into the client's 42501.
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-# Statements held back on their way upstream: until a human approves them, or until
-# their audit record is durable (strict durability). Nothing after them is scanned
-# ahead while they wait, so the stream's order is kept.
+# Holds: statements kept back on their way upstream, and the client's stream after them.
+# Until a human approves them, until their audit record is durable (strict durability),
+# or until a catalog lookup answers. Nothing after them is scanned ahead while they
+# wait, so the stream's order is kept.
 from __future__ import annotations
 
 import asyncio

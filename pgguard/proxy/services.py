@@ -1,5 +1,6 @@
-# What a session needs of its worker process, in one typed object built once at startup
-# (Server.start): a session and its parts reach the services through it, not through Server.
+# Services: what a session needs of its worker process, as one typed object.
+# Built once at startup (Server.start); a session and its parts reach the services
+# through it, not through Server.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable

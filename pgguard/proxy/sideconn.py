@@ -1,5 +1,5 @@
-# The proxy's own upstream connections: simple statements outside any client session
-# (ephemeral role provisioning and its janitor, catalog lookups for the policy), and
+# Side connections: the proxy's own statements to the upstream, outside client traffic.
+# Simple statements outside any client session (ephemeral role provisioning and its janitor, catalog lookups for the policy), and
 # simple statements run on a session's upstream link before the client sees it (SET ROLE).
 from __future__ import annotations
 

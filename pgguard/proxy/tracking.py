@@ -1,5 +1,6 @@
-# The audit side of a session's statements: the compiled tracker (pgguard._core.track)
-# pairs frontend and backend messages; these helpers build the record columns.
+# Statement tracking: the audit record of each statement a session runs.
+# The compiled tracker (pgguard._core.track) pairs frontend and backend messages;
+# these helpers build the record columns.
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
-# The link to the real database: connect, TLS per sslmode, log in with the proxy's
-# own credentials, then relay backend chunks to the client.
+# The upstream link: the connection to the real database, and its login.
+# Connect, TLS per sslmode, log in with the proxy's own credentials (or the identity's),
+# then relay backend chunks to the client.
 from __future__ import annotations
 
 import asyncio
