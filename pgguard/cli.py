@@ -99,13 +99,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .proxy import server   # why: the proxy (uvloop, hyperscan, ...) loads for serve only
+    from .proxy import server  # why: the proxy and its dependencies load for serve only
     cfg = config.load(args.config)
     return server.run(cfg, workers=args.workers)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo          # why: the demo and the proxy load for demo only
+    from . import demo  # why: the demo and the proxy load for demo only
     return demo.main(port=args.port, directory=args.dir)
 
 
@@ -118,22 +118,22 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import cli as audit_cli     # why: duckdb and pyarrow load for audit only
+    from .audit import cli as audit_cli  # why: duckdb and pyarrow load for audit only
     return audit_cli.main(args.rest)
 
 
 def _cmd_approvals(args: argparse.Namespace) -> int:
-    from .approvals import cli as approvals_cli     # why: each command loads its own
+    from .approvals import cli as approvals_cli  # why: each command loads its own
     return approvals_cli.main(args.rest)
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
-    from .control import cli as control_cli     # why: each command loads its own
+    from .control import cli as control_cli  # why: each command loads its own
     return control_cli.main(args.rest)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from .auth import cli as token_cli      # why: each command loads its own
+    from .auth import cli as token_cli  # why: each command loads its own
     return token_cli.main(args.action, args.rest)
 
 

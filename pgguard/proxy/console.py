@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-
 from typing import TYPE_CHECKING
 
 from .._core import FrameReader

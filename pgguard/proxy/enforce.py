@@ -15,13 +15,13 @@ from pglast import parse_sql, parser
 from pglast.stream import RawStream
 
 from .._core.sqlshape import shape
-from .blast import has_txn_control, plan_for
 from ..errors import ProtocolViolation
 from ..masking import parking
 from ..masking.wire import MASK_BACKEND, PENDING
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
+from .blast import has_txn_control, plan_for
 from .tracking import REFUSAL_SYNC, statement_record
 
 log = logging.getLogger("pgguard.session")

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 from pglast import keywords as _kw
 
-from .enforce import _reads_masked
 from ..policy.rules import Decision
 from ..protocol import messages as m
+from .enforce import _reads_masked
 from .tracking import statement_record
 
 if TYPE_CHECKING:

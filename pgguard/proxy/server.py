@@ -797,7 +797,7 @@ def listen_sockets(cfg: Config, *, reuseport: bool = True) -> list[socket.socket
 
 def _install_uvloop() -> None:
     try:
-        import uvloop      # why: a hard dependency, but tests may run a worker without it
+        import uvloop  # why: only the serving process runs on it (not the CLI, not tests)
     except ImportError:      # pragma: no cover - uvloop is a hard dependency
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import PgguardError
 from ..protocol import messages as m
-from ..protocol.sqltext import ident, literal  # noqa: F401 (sideconn's callers quote with these)
+from ..protocol.sqltext import ident, literal
 from .upstream import connect_upstream
 
 if TYPE_CHECKING:
