@@ -417,7 +417,7 @@ class Guard:
     def _start(self, gen) -> None:
         # queued before it runs: whatever its first steps release queues behind it
         self.chain.append(gen)
-        self.s._divert_all()
+        self.s.enforce.divert_all()
         try:
             next(gen)
         except StopIteration:
@@ -434,7 +434,7 @@ class Guard:
         the scan has counted those in ``later`` too, which are not sent yet."""
         s = self.s
         ahead = sum(1 for it in later if it.__class__ is tuple and it[0] in _SYNC_TYPES)
-        return s.fscan.count + s.sync_adjust - ahead - s.visible_z()
+        return s.fscan.count + s.enforce.sync_adjust - ahead - s.enforce.visible_z()
 
     def _name(self) -> bytes:
         self.seq += 1
@@ -446,7 +446,7 @@ class Guard:
         ``later`` the rest of the batch."""
         s = self.s
         s.holds.begin(out, [])          # client_items holds the rest of the batch
-        if plan.by_tag and self._lane_free() and s.visible_status() == m.TX_IN_BLOCK \
+        if plan.by_tag and self._lane_free() and s.enforce.visible_status() == m.TX_IN_BLOCK \
                 and self._unanswered(s.holds.items) == 1:
             # in a block, nothing else unanswered: _query_in_block, on the compiled lane
             self.lane = (plan, self._held_query_steps)
@@ -477,7 +477,7 @@ class Guard:
 
     def _query_steps(self, msg: bytes, plan: Plan, need: int):
         s = self.s
-        status = s.visible_status()
+        status = s.enforce.visible_status()
         while need > 0:                      # earlier statements still unanswered
             t, data = yield
             self._pass(t, data)
@@ -675,7 +675,7 @@ class Guard:
         pending, no strict audit record to wait for.)"""
         s = self.s
         return (self.seg_known and self.seg_exec == 0 and not self.chain
-                and s.visible_status() == m.TX_IN_BLOCK and self._unanswered(later) == 0
+                and s.enforce.visible_status() == m.TX_IN_BLOCK and self._unanswered(later) == 0
                 and bool(later) and later[0].__class__ is tuple and later[0][0] == m.SYNC
                 and not (s.server.audit_strict and s.tracker is not None))
 
@@ -707,7 +707,7 @@ class Guard:
         masking, refusal or guard step reads the backend stream meanwhile, and no
         strict audit record is waited for."""
         s = self.s
-        return (s.masking is None and not s.refusals and not s.up_pipe.divert
+        return (s.masking is None and not s.enforce.refusals and not s.up_pipe.divert
                 and not self.chain and not (s.server.audit_strict and s.tracker is not None))
 
     def lane_done(self) -> None:

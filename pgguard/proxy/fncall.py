@@ -354,7 +354,7 @@ class FunctionCalls:
                 "or call it by name in SQL."), out, sql)
             return
         q = _query(sql)
-        d = _for_call(s._decide(q, 5, len(q) - 1), info, sql)
+        d = _for_call(s.enforce.decide(q, 5, len(q) - 1), info, sql)
         if d.action == "allow":
             self._forward(msg, d, out, sql)
         elif d.action == "approve":
@@ -385,7 +385,7 @@ class FunctionCalls:
 
     def _refuse(self, d: Decision, out: list, sql: str) -> None:
         # answered like a refused Query: an ErrorResponse, then ReadyForQuery
-        self.s._inject_refusal(d, out, extended=False, sql=sql.encode())
+        self.s.enforce.inject_refusal(d, out, extended=False, sql=sql.encode())
 
 
 class _Waiting(asyncio.Protocol):

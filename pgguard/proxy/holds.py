@@ -82,7 +82,7 @@ class Holds:
         s = self.s
         store = self.services.approvals
         if store is None:
-            s._refuse_any(Decision(
+            s.enforce.refuse_any(Decision(
                 action="block", rule=d.rule, message=d.message, detail=d.detail,
                 hint="Approvals are not enabled on this pgguard (set [admin] token_env "
                      "and start it with the token set)."), out, extended, sql)
@@ -141,7 +141,7 @@ class Holds:
                     message=f'pgguard: statement refused by rule "{d.rule}": the approval '
                             "could not be requested", detail=str(failure)[:300],
                     statements=d.statements)
-            s._refuse_any(refused, out, extended, sql, outcome="error")
+            s.enforce.refuse_any(refused, out, extended, sql, outcome="error")
         elif req is None or req.state == "approved":
             log.info("session %s: statement approved by %s", s.id, approver)
             out.append(msg)
@@ -157,7 +157,7 @@ class Holds:
                 # a Parse: each later Bind of it asks again
                 pname = name.encode() if isinstance(name, str) else (name or b"")
                 s.guard.on_approved_parse(pname, d, sql, msg)
-                s._guard_watch()
+                s.enforce.guard_watch()
             if name and s.prepared is not None and d.statements:
                 s.prepared.record(name, d.statements[0])
             if (not extended and self.services.audit_strict and s.tracker is not None
@@ -177,7 +177,7 @@ class Holds:
                                detail=err.detail or "", hint=err.hint or "",
                                statements=d.statements)
             outcome = {"denied": "denied", "timed_out": "timed_out"}.get(req.state, "error")
-            s._refuse_any(refused, out, extended, sql, outcome=outcome,
+            s.enforce.refuse_any(refused, out, extended, sql, outcome=outcome,
                           approver=req.approver, sqlstate=err.sqlstate)
         self.release(out)
 
@@ -207,7 +207,7 @@ class Holds:
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
             mask.fseg -= 1          # the injected refusal counts its own ReadyForQuery
-            s._inject_refusal(Decision(
+            s.enforce.inject_refusal(Decision(
                 action="block", rule="masking",
                 message='pgguard: statement refused by rule "masking": pgguard could not '
                         "work out which columns of this COPY (query) to mask",
@@ -243,7 +243,7 @@ class Holds:
             out.append(msg)
             out.append(injected)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
-            s._refuse_any(Decision(
+            s.enforce.refuse_any(Decision(
                 action="block", rule="masking",
                 message='pgguard: statement refused by rule "masking": pgguard could not '
                         "work out which columns of this COPY (query) to mask",

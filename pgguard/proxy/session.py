@@ -7,7 +7,6 @@ import re
 import secrets as _secrets
 import struct
 import time
-from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NoReturn
 
@@ -123,7 +122,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.waiter = None
 
 
-class Session(Enforcement):
+class Session:
     """State of one client connection and its upstream link."""
 
     def __init__(self, server: Server, client: ClientProtocol) -> None:
@@ -154,12 +153,10 @@ class Session(Enforcement):
         # policy state
         self.policy = None              # the engine, when statements are inspected
         self.prepared = None            # PREPARE / named Parse memory for EXECUTE
-        self.discarding = False         # after a refused Parse: drop until Sync
-        self.sync_adjust = 0            # upstream sync points minus fscan.count
-        self.refusals: deque = deque()  # injected refusals awaiting their answer
-        self.drop_next_z = False
-        self.z_count = 0
-        self.watch = b"X"
+        # the relay hooks and their bookkeeping (enforce.py); the pipes call these two
+        self.enforce = Enforcement(self, self.services)
+        self.client_items = self.enforce.client_items
+        self.backend_items = self.enforce.backend_items
         self.tracker = None             # audit: statements in flight
         self.holds = Holds(self, self.services)     # statements held back (holds.py)
         self.principal = None           # token / OIDC login: who, scope, expiry
@@ -171,8 +168,6 @@ class Session(Enforcement):
         self.readonly = False
         self.guarded = False            # statements judged (startup.under_policy)
         self.guard = None               # the blast-radius guard, under a policy
-        self._guarding = False          # Bind/Execute/Close/Sync watched for it
-        self._base_watch = b"X"
         self.views = None               # SessionViews under a policy
         self.own_cache = False          # decisions cached for this session alone
         self.fncalls = None             # FunctionCall judge under a policy
@@ -557,10 +552,7 @@ class Session(Enforcement):
         if audit is not None:
             self.tracker = StatementTracker(self, audit)
             self.backend_events = self.tracker.on_events    # no Python loop per chunk
-        self.watch = (b"QPF" if self.policy is not None else b"") + \
-            (b"QPBESF" if audit is not None else b"") + \
-            (b"QPBDES" if self.masking is not None else b"") + b"X"
-        self._base_watch = self.watch
+        self.enforce.relay_starts()
         if self.policy is not None:
             self.guard = Guard(self)
         # [limits] max_message_size bounds what something parses (policy, masking, the
@@ -569,7 +561,7 @@ class Session(Enforcement):
         # (the batched audit keeps a prefix of longer ones: the statement runs as sent)
         parsed = self.policy is not None or self.masking is not None or \
             self.server.audit_strict
-        self.fscan = MessageScan(interest=self.watch,
+        self.fscan = MessageScan(interest=self.enforce.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, pg_limits=m.FRONTEND_PG_LIMITS,
                                  max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
@@ -585,7 +577,7 @@ class Session(Enforcement):
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = m.TX_IDLE
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
-        self.fast_path(True)
+        self.enforce.fast_path(True)
         if self.tracker is not None:
             self.client_pipe.fast_log = self.tracker.flog
         self.up_pipe = Pipe(self.bscan, up.transport, c.transport, self, False)
@@ -605,31 +597,6 @@ class Session(Enforcement):
             return
         if rest:
             self.client_pipe.data_received(rest)
-
-    def fast_path(self, on: bool) -> None:
-        """Let the compiled client pipe forward what needs no Python (off while
-        discarding after a refusal): statements the policy's cached decision allows,
-        or all of them without a policy; with the audit, the extended-protocol messages
-        the tracker pairs too. Masking and the strict audit see each message in Python."""
-        pipe = self.client_pipe
-        if not on or self.server.audit_strict or self.masking is not None or self._guarding:
-            pipe.exact = pipe.shapes = pipe.log_types = None
-            pipe.allow_all = False
-            # while the blast-radius guard watches, Query/Parse go to Python, and only
-            # the Bind/Execute/Close/Sync that name nothing guarded are forwarded there
-            # (with the guard's bookkeeping): the unguarded statements of a session that
-            # prepared a guarded one pay no Python
-            pipe.guard = self.guard if on and self._guarding and not \
-                self.server.audit_strict and self.masking is None else None
-            return
-        pipe.guard = None
-        if self.policy is not None:
-            pipe.exact, pipe.shapes = self._cache
-        else:
-            pipe.allow_all = True
-        if self.tracker is not None:
-            # a FunctionCall is judged under a policy: never forwarded here then
-            pipe.log_types = b"BES" if self.policy is not None else b"BESF"
 
     def take_masked_cells(self) -> int:
         """Cells masked since the last call (for the audit record and /metrics)."""
@@ -743,7 +710,7 @@ class Session(Enforcement):
         skipped after an extended-protocol error until Sync (the audit's pairing
         counts those)."""
         skipped = self.tracker.skipped if self.tracker is not None else 0
-        return self.fscan.count + self.sync_adjust - self.bscan.count - skipped
+        return self.fscan.count + self.enforce.sync_adjust - self.bscan.count - skipped
 
     # -- shutdown and errors
     def begin_drain(self) -> None:
