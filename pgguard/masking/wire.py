@@ -379,7 +379,7 @@ class MaskState:
             return
         keys = self._lineage_keys(query, param_oids)
         args = (self._masked_rel, self._masked_cols, self._role())
-        side, db = self.s.server.side, self.s.database
+        side, db = self.s.services.side, self.s.database
         if len(keys) == 2:
             norm = lg.normalized(query)
             if norm is not None:
@@ -798,7 +798,7 @@ class MaskState:
         cat = self.catalog
         if not self.masks_apply() or getattr(cat, "known", None) is None:
             return False
-        if cat.generation != self.s.server.catalog_signal.generation():
+        if cat.generation != self.s.services.catalog_signal.generation():
             return True
         fresh = self._fresh
         if fresh is None:
@@ -818,7 +818,7 @@ class MaskState:
         """Some configured mask applies to this identity (whatever the catalog holds)."""
         if self._apply is None:
             self._apply = any(applies(mk, self.s.identity_name, self.s.identity)
-                              for mk in self.s.server.cfg.masks)
+                              for mk in self.s.services.cfg.masks)
         return self._apply
 
     def holding(self, items: list) -> bool:
@@ -844,7 +844,7 @@ class MaskState:
         s = self.s
         need = [t for t, _, _, _ in parse_row_description(rowdesc) if t]
         try:
-            cat = await s.server.mask_catalog(s.database, need)
+            cat = await s.services.mask_catalog(s.database, need)
         except Exception as e:      # noqa: BLE001 - fail closed: these rows never leave
             log.warning("session %s: mask catalog not read (%s); closing", s.id, e)
             s.fail(UpstreamUnavailable("pgguard could not read the upstream catalog to "
@@ -857,7 +857,7 @@ class MaskState:
             self.masks_on = self._apply and bool(cat.columns)
             self.plans.clear()
             self._fresh = None
-        if cat.generation == s.server.catalog_signal.generation():
+        if cat.generation == s.services.catalog_signal.generation():
             # read after every DDL so far and still unknown: created in a transaction
             # not committed yet, or dropped again; no mask applies to it
             self._resolved = self._resolved | {o for o in need if o not in cat.known}

@@ -461,10 +461,10 @@ class Guard:
         """``fire`` now, or under strict durability once the statement's audit record
         is on disk (the held stream waits meanwhile)."""
         s = self.s
-        if not (s.server.audit_strict and s.tracker is not None):
+        if not (s.services.audit_strict and s.tracker is not None):
             fire()
             return
-        fut = s.server.audit.log_strict(s.tracker.strict_record(msg))
+        fut = s.services.audit.log_strict(s.tracker.strict_record(msg))
 
         def durable(f) -> None:
             if s.closed:
@@ -677,7 +677,7 @@ class Guard:
         return (self.seg_known and self.seg_exec == 0 and not self.chain
                 and s.enforce.visible_status() == m.TX_IN_BLOCK and self._unanswered(later) == 0
                 and bool(later) and later[0].__class__ is tuple and later[0][0] == m.SYNC
-                and not (s.server.audit_strict and s.tracker is not None))
+                and not (s.services.audit_strict and s.tracker is not None))
 
     def _start_in_block(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
         """Inside a block, a statement the command tag counts needs nothing extra: it
@@ -708,7 +708,7 @@ class Guard:
         strict audit record is waited for."""
         s = self.s
         return (s.masking is None and not s.enforce.refusals and not s.up_pipe.divert
-                and not self.chain and not (s.server.audit_strict and s.tracker is not None))
+                and not self.chain and not (s.services.audit_strict and s.tracker is not None))
 
     def lane_done(self) -> None:
         """The compiled lane forwarded the answers (within the limit): go on."""
@@ -888,8 +888,8 @@ class Guard:
         log.info("session %s: %s changed %d rows (%s), limit %d: rolled back", s.id,
                  s.identity_name, count, "every row" if every else "over the limit",
                  plan.limit)
-        s.server.count_statement("blocked")
-        if s.tracker is not None and s.server.audit_strict:
+        s.services.count_statement("blocked")
+        if s.tracker is not None and s.services.audit_strict:
             # strict records were written before the statement ran: add its outcome
             rec = statement_record(s, plan.sql, plan.decision, "blocked",
                                    datetime.now(timezone.utc))
@@ -897,7 +897,7 @@ class Guard:
             rec.sqlstate = "42501"
             rec.rows = count
             rec.error = self._refusal_text(plan, count, every)
-            s.server.audit.log(rec)
+            s.services.audit.log(rec)
 
     @staticmethod
     def _refusal_text(plan: Plan, count: int, every: str | None = None) -> str:

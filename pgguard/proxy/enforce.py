@@ -118,7 +118,7 @@ class Enforcement:
             return
         out: list[bytes] = []
         scan = s.fscan
-        strict = s.server.audit_strict and s.tracker is not None
+        strict = s.services.audit_strict and s.tracker is not None
         while True:
             for i, it in enumerate(items):
                 if s.holds.held is not None:       # a hold began: keep the rest, in order
@@ -267,11 +267,11 @@ class Enforcement:
         if d.action != "block" and s.views is not None:
             self._catalog_effects(d)
         if s.guard is None or d.action != "allow" or self._plan(d) is None:
-            s.server.remember_decision(s._cache, msg, key, d)
+            s.services.remember_decision(s._cache, msg, key, d)
         else:
             # guarded statements never take the compiled fast path (its test is
             # action == "allow"), but their decision is not made again each time
-            s.server.remember_decision(s._cache, msg, key, Guarded(d))
+            s.services.remember_decision(s._cache, msg, key, Guarded(d))
         return d
 
 
@@ -282,7 +282,7 @@ class Enforcement:
         s = self.s
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
-        s.server.catalog_changed(s.database, s)
+        s.services.catalog_changed(s.database, s)
         if s.views.learn(d.statements):
             # this session's view knowledge differs from its peers' (and from what its
             # cached decisions saw): decide again, in a cache of its own
@@ -311,7 +311,7 @@ class Enforcement:
                 return
             if plan is None:
                 out.append(msg)
-            s.server.count_statement("allowed")
+            s.services.count_statement("allowed")
             if s.tracker is not None:
                 s.tracker.flog.append((msg, d, time.monotonic_ns()))
             if plan is not None:
@@ -354,7 +354,7 @@ class Enforcement:
             return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
-            s.server.catalog_changed(s.database, s)
+            s.services.catalog_changed(s.database, s)
             mask.forget_lineage()
         mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin)
         mask.fseg += 1
@@ -464,13 +464,13 @@ class Enforcement:
         out.append(_refusal_query(d))
         if s.masking is not None:
             s.masking.fseg += 1
-        s.server.count_statement(outcome)
+        s.services.count_statement(outcome)
         if s.tracker is not None:
             rec = statement_record(s, sql, d, outcome, _now())
             rec.approver = approver
             rec.sqlstate = sqlstate
             rec.error = d.message
-            s.server.audit.log(rec)
+            s.services.audit.log(rec)
             s.tracker.flog.append((REFUSAL_SYNC, None, 0))
         target = s.fscan.count + self.sync_adjust
         self.refusals.append([target, d, extended, False, sqlstate])
@@ -504,11 +504,11 @@ class Enforcement:
         s = self.s
         if d is None:
             return None
-        cfg = s.server.cfg.policy
+        cfg = s.services.cfg.policy
         default = cfg.agents_max_rows if s.identity.kind == "agent" else \
             cfg.humans_max_rows
         return plan_for(d, s.identity, sql, default,
-                        s.server.user_function_test(s.database))
+                        s.services.user_function_test(s.database))
 
     def _routed(self, items: list):
         """The backend items after the blast-radius guard took its own answers out
@@ -602,7 +602,7 @@ class Enforcement:
                     s.tracker.on_backend(t, msg)
                 if mask is not None and mask.ddl_pending and msg[5] == m.TX_IDLE:
                     mask.ddl_pending = False    # its DDL is committed (or rolled back)
-                    s.server.catalog_changed(s.database)
+                    s.services.catalog_changed(s.database)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if not drop and msg is not None:

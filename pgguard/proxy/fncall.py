@@ -281,7 +281,7 @@ class FunctionCalls:
             if s.tracker is not None:
                 s.tracker.flog.append((msg, None, time.monotonic_ns()))
             return False
-        info = s.server.cached_function(s.database, call.oid)
+        info = s.services.cached_function(s.database, call.oid)
         if info is not None:
             self._judge(msg, call, info, out)
             return False
@@ -299,7 +299,7 @@ class FunctionCalls:
         s = self.s
         info = failure = None
         try:
-            info = await s.server.resolve_function(s.database, call.oid)
+            info = await s.services.resolve_function(s.database, call.oid)
         except asyncio.CancelledError:
             raise
         except Exception as e:      # noqa: BLE001 - cannot tell what it calls: refuse
@@ -371,17 +371,17 @@ class FunctionCalls:
             s.masking.frontend(m.FUNCTION_CALL, msg, _reads_masked(s, d)
                                or not sql.startswith("SELECT pg_catalog."))
             s.masking.fseg += 1                 # answered by its own ReadyForQuery
-        s.server.count_statement("allowed")
+        s.services.count_statement("allowed")
         if s.tracker is None:
             return
         s.tracker.flog.append((msg, d, time.monotonic_ns()))
-        if s.server.audit_strict:
+        if s.services.audit_strict:
             # the record must be durable before the call goes upstream
             out.pop()
             rec = statement_record(s, sql.encode(), d, "allowed",
                                    datetime.now(timezone.utc))
             s.holds.begin(out, [msg])
-            s.server.audit.log_strict(rec).add_done_callback(s.holds.record_durable)
+            s.services.audit.log_strict(rec).add_done_callback(s.holds.record_durable)
 
     def _refuse(self, d: Decision, out: list, sql: str) -> None:
         # answered like a refused Query: an ErrorResponse, then ReadyForQuery

@@ -692,6 +692,9 @@ class Server:
             detectors=self.detectors, mask_key=self.mask_key, side=self.side,
             catalog_signal=self.catalog_signal, mask_catalog=self.mask_catalog,
             catalog_changed=self.catalog_changed, count_statement=self.count_statement,
+            remember_decision=self.remember_decision,
+            user_function_test=self.user_function_test,
+            cached_function=self.cached_function, resolve_function=self.resolve_function,
             sessions=self.sessions, sessions_info=self.sessions_info)
 
     async def start(self, sock: socket.socket | None = None) -> None:

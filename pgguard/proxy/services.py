@@ -44,5 +44,9 @@ class Services:
     mask_catalog: Callable[..., Awaitable[Catalog]]
     catalog_changed: Callable[..., None]
     count_statement: Callable[..., None]
+    remember_decision: Callable[..., None]              # into a session's decision cache
+    user_function_test: Callable[[str], Callable]       # for the blast-radius guard
+    cached_function: Callable[..., object]              # FunctionCall: OID -> function
+    resolve_function: Callable[..., Awaitable[object]]
     sessions: set                       # the worker's live sessions (read only)
     sessions_info: Callable[[], list[dict]]
