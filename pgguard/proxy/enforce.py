@@ -4,7 +4,6 @@
 # error into the client's 42501.
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import struct
@@ -388,18 +387,16 @@ class Enforcement:
         if s.masking.lineage_now(msg[start:end], d, oids) is not PENDING:
             return False
         s.holds.begin(out, [])
-        task = asyncio.get_running_loop().create_task(
-            self._lineage_then(d, msg, start, end, oids))
-        s.holds.approval = [task, None]
+        s.holds.side_task(self._lineage_then(d, msg, start, end, oids))
         return True
 
     async def _lineage_then(self, d, msg: bytes, start: int, end: int, oids: tuple) -> None:
         s = self.s
         await s.masking.lineage_load(msg[start:end], d, oids)
-        s.holds.approval = None
+        s.holds.side_task_done()
         if s.closed:
             return
-        s.holds.items.insert(0, (msg[0], msg))
+        s.holds.put_back([(msg[0], msg)])
         s.holds.release([])
 
     def _on_parse(self, msg: bytes, out: list) -> None:

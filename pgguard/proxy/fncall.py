@@ -290,9 +290,7 @@ class FunctionCalls:
             out.clear()
         wait = _Waiting(s)
         s.client.transport.set_protocol(wait)
-        task = asyncio.get_running_loop().create_task(
-            self._resolve(msg, call, list(later), wait))
-        s.holds.approval = [task, None]
+        s.holds.side_task(self._resolve(msg, call, list(later), wait))
         return True
 
     async def _resolve(self, msg: bytes, call: Call, later: list, wait: _Waiting) -> None:
@@ -306,7 +304,7 @@ class FunctionCalls:
             log.warning("session %s: looking up function OID %d failed: %s", s.id,
                         call.oid, e)
             failure = e
-        s.holds.approval = None
+        s.holds.side_task_done()
         if s.closed:
             return
         transport = s.client.transport
@@ -317,7 +315,7 @@ class FunctionCalls:
         # what arrived meanwhile (through whoever reads the client now: another hold
         # may have begun)
         if s.holds.held is not None:          # held for an approval or a strict audit record
-            s.holds.items[0:0] = later
+            s.holds.put_back(later)
         else:
             if out:
                 s.up.transport.write(b"".join(out))

@@ -74,6 +74,18 @@ class Holds:
             s.client_items(items)
         s.flush_poison()
 
+    # -- side tasks: what a hold waits on (an approval, a lookup) and can be cancelled
+    def side_task(self, coro) -> None:
+        """Run ``coro`` while the stream is held; the session cancels it if it ends."""
+        self.approval = [asyncio.get_running_loop().create_task(coro), None]
+
+    def side_task_done(self) -> None:
+        self.approval = None
+
+    def put_back(self, items: list) -> None:
+        """Messages taken out of the held stream go back in front of it, in order."""
+        self.items[0:0] = items
+
     # -- approvals: a statement held until a human decides
     def for_approval(self, d, msg: bytes, out: list, *, extended: bool, sql: bytes,
                      name: bytes = b"", parse: bytes | None = None) -> None:
