@@ -17,7 +17,9 @@ import argparse
 import os
 import sys
 
+from . import config
 from .errors import PgguardError
+from .policy import explain, replay
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -45,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config; errors name the key path")
     _add_config(p)
 
-    from .policy import explain as _explain
     p = sub.add_parser("explain", help="show how a statement is classified and decided",
-                       description=_explain.__doc__,
+                       description=explain.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config(p)
     p.add_argument("--identity", default=None, help="decide as this identity")
@@ -58,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CI gating); without it the exit status is 0 once explained")
     p.add_argument("sql", help="the SQL text")
 
-    from .policy import replay as _replay
-    _replay.add_parser(sub)
+    replay.add_parser(sub)
 
     p = sub.add_parser("token", help="issue or revoke short-lived agent tokens")
     p.add_argument("action", choices=["issue", "revoke"])
@@ -77,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from . import config
     cfg = config.load(args.config)
     # secret files must exist; unset env vars are only a warning (they may be set
     # where the proxy runs, not where the config is checked)
@@ -100,43 +99,41 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from . import config, server
+    from .proxy import server  # why: the proxy and its dependencies load for serve only
     cfg = config.load(args.config)
     return server.run(cfg, workers=args.workers)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from . import demo  # why: the demo and the proxy load for demo only
     return demo.main(port=args.port, directory=args.dir)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from .policy import explain
     return explain.main(args)
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:
-    from .policy import replay
     return replay.main(args)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import cli as audit_cli
+    from .audit import cli as audit_cli  # why: duckdb and pyarrow load for audit only
     return audit_cli.main(args.rest)
 
 
 def _cmd_approvals(args: argparse.Namespace) -> int:
-    from .approvals import cli as approvals_cli
+    from .approvals import cli as approvals_cli  # why: each command loads its own
     return approvals_cli.main(args.rest)
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
-    from .control import cli as control_cli
+    from .control import cli as control_cli  # why: each command loads its own
     return control_cli.main(args.rest)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from .auth import cli as token_cli
+    from .auth import cli as token_cli  # why: each command loads its own
     return token_cli.main(args.action, args.rest)
 
 

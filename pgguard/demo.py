@@ -50,8 +50,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import demo_data
+from . import config, demo_data
+from .approvals.hold import admin_url
+from .auth import tokens
 from .errors import PgguardError
+from .proxy import server
 
 DEFAULT_DIR = "pgguard-demo"
 LISTEN_ADDRESS = "127.0.0.1"
@@ -657,8 +660,6 @@ def _interrupt(signum, frame):
 
 def main(port: int = 6432, directory: str | None = None) -> int:
     """Run the demo until Ctrl-C. Example: ``main(port=6432, directory="pgguard-demo")``."""
-    from . import config, server
-
     if not 1 <= port <= 65535:
         raise DemoError("--port must be between 1 and 65535")
     problem = port_problem(port)
@@ -696,8 +697,6 @@ def main(port: int = 6432, directory: str | None = None) -> int:
         # the proxy reads these two secrets from the environment, as in production
         os.environ["PGGUARD_TOKEN_SECRET"] = passwords["token-secret"]
         os.environ["PGGUARD_ADMIN_TOKEN"] = passwords["admin-token"]
-        from .approvals.hold import admin_url
-        from .auth import tokens
         agent_token, _ = tokens.issue(cfg, AGENT, "15m", [DATABASE], "readwrite")
         text = banner(port=port, passwords=passwords, config_path=config_path,
                       pgdata=pg.pgdata, pg_version=version, psql=_psql_command(pg),

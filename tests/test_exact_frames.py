@@ -132,7 +132,7 @@ def test_malformed_function_calls_get_postgres_answer_and_call_nothing(frames_up
 
 
 def test_pg_rejects_reads_fields_as_postgres_does():
-    from pgguard.enforce import _pg_rejects
+    from pgguard.proxy.enforce import _pg_rejects
     assert not _pg_rejects(query("SELECT 1"))
     assert not _pg_rejects(parse("SELECT $1", types=[23]))
     assert not _pg_rejects(frame(b"P", cstr("") + cstr("SELECT 1") + b"\0\0"))

@@ -108,7 +108,7 @@ def _flood_decisions(proxy):
 
 
 def test_tracking_caches_bounded_by_bytes():
-    from pgguard import tracking
+    from pgguard.proxy import tracking
     tracking._NORMALIZED.clear()
     tracking._FINGERPRINTS.clear()
     for i in range(3000):
@@ -123,7 +123,7 @@ def test_tracking_caches_bounded_by_bytes():
 
 
 def test_server_decision_maps_bounded():
-    from pgguard import server
+    from pgguard.proxy import server
     d: dict = {}
     for i in range(2000):
         server._bounded_put(d, b"x" * 60000 + str(i).encode(), i, 60000)

@@ -105,7 +105,7 @@ def test_forged_cancel_keys_cancel_nothing(pg, proxy):
 
 
 def test_cipher_roundtrip_keeps_pid():
-    from pgguard.cancel import CancelKeyCipher
+    from pgguard.proxy.cancel import CancelKeyCipher
     c = CancelKeyCipher(b"k" * 32)
     seen = set()
     for pid in (1, 4242, 2**31 - 1, 77, 65536):

@@ -35,7 +35,7 @@ import pytest
 
 from pgguard import demo_data
 from pgguard.policy.classify import classify
-from pgguard.tracking import statement_columns
+from pgguard.proxy.tracking import statement_columns
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

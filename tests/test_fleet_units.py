@@ -9,10 +9,10 @@ import pytest
 from pgguard import config
 from pgguard.approvals.metrics import Registry
 from pgguard.auth.throttle import Throttle
-from pgguard.cancel import CancelKeyCipher
+from pgguard.proxy.cancel import CancelKeyCipher
 from pgguard.control.revocations import PgRevocationWatcher, RevocationsUnavailable
 from pgguard.errors import ConfigError
-from pgguard.server import shared_cancel_key
+from pgguard.proxy.server import shared_cancel_key
 
 
 # ---------------------------------------------------------------- [control] config

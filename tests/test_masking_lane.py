@@ -10,7 +10,7 @@ import urllib.request
 import psycopg
 import pytest
 import rawpg as r
-from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD
+from conftest import AGENT, AGENT_PASSWORD
 
 EMAILS = ["ada.lovelace@example.com", "grace.hopper@example.org"]
 SSNS = ["123-45-6789", "987-65-4321"]

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_USER
 from guarded import guarded_proxy
-from pgguard.fncall import MAX_INLINE, Call, FunctionInfo, Unrenderable, parse_call, render
+from pgguard.proxy.fncall import MAX_INLINE, Call, FunctionInfo, Unrenderable, parse_call, render
 from pgguard.policy.classify import classify
 from test_approvals_wire import api, pending_ids
 from rawpg import (SYNC, RawClient, bind, describe, errors, execute, function_call, parse,

@@ -452,7 +452,7 @@ def test_options_reader_agrees_with_postgres(pg, options):
     them as separate parameters (what pgguard sends for an identity not under a policy),
     end up with the same settings, or both refuse the connection."""
     from pgguard.errors import PgguardError
-    from pgguard.startup import option_settings
+    from pgguard.proxy.startup import option_settings
 
     def attempt(params):
         # a list of pairs may repeat a name, as pgguard's upstream packet does

@@ -11,6 +11,9 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from .framing import FrameError
 from .relay cimport MessageScan
+from .msgtypes cimport (BIND, CLOSE, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE,
+                        EXECUTE, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY, SYNC,
+                        TARGET_STATEMENT)
 from .relay import StreamedPrefix
 from .rowmask cimport RowRewriter
 from .sqlshape cimport shape_buf
@@ -96,7 +99,7 @@ cdef inline bint _well_formed(bytes msg):
     cdef const char* e
     if n < 6 or p[n - 1] != 0:
         return False
-    if p[0] == 81:
+    if p[0] == QUERY:
         return True
     e = <const char*>memchr(p + 5, 0, n - 5)
     return e != NULL and memchr(e + 1, 0, n - (e + 1 - p)) != NULL
@@ -146,7 +149,7 @@ cdef class Pipe:
         cdef const char* e
         d = self.exact.get(msg)
         if d is None:
-            if p[0] == 81:                       # 'Q': text up to the final NUL
+            if p[0] == QUERY:                    # text up to the final NUL
                 key = shape_buf(<const unsigned char*>p + 5, n - 6)
             else:                                # 'P': "" name, then the text
                 if n < 7 or p[5] != 0:
@@ -185,14 +188,14 @@ cdef class Pipe:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
         cdef const char* e
         cdef const char* e2
-        if t == 83:                             # 'S' Sync
+        if t == SYNC:
             if self._guard.owe is not None:
                 return False
             self._guard.on_sync()               # segment bookkeeping, skip state ended
             return True
         if n < 7:
             return False
-        if t == 66:                             # 'B' Bind: portal, statement
+        if t == BIND:                           # portal, statement
             e = <const char*>memchr(p + 5, 0, n - 5)
             if e == NULL:
                 return False
@@ -206,7 +209,7 @@ cdef class Pipe:
             # an approved statement's Bind asks again (Guard.bind_needs_approval)
             return name not in self._g_stmts and not (self._g_approved and
                                                       name in self._g_approved)
-        if t == 69:                             # 'E' Execute: portal, row limit
+        if t == EXECUTE:                        # portal, row limit
             e = <const char*>memchr(p + 5, 0, n - 5)
             if e == NULL:
                 return False
@@ -215,14 +218,14 @@ cdef class Pipe:
                 return False
             self._guard.seg_exec = self._guard.seg_exec + 1
             return True
-        if t == 67:                             # 'C' Close: kind, name
+        if t == CLOSE:                          # kind, name
             e = <const char*>memchr(p + 6, 0, n - 6)
             if e == NULL:
                 return False
             name = PyBytes_FromStringAndSize(p + 6, e - (p + 6))
-            if p[5] == 83 and self._g_approved and name in self._g_approved:
+            if p[5] == TARGET_STATEMENT and self._g_approved and name in self._g_approved:
                 return False
-            return name not in (self._g_stmts if p[5] == 83 else self._g_portals)
+            return name not in (self._g_stmts if p[5] == TARGET_STATEMENT else self._g_portals)
         return False
 
     def hold_count(self, long long limit):
@@ -254,15 +257,16 @@ cdef class Pipe:
                 return 2
             if pos + 1 + ln > n:
                 break
-            if t == 69:                                 # 'E'
+            if t == ERROR_RESPONSE:
                 return 2
-            if t == 90:                                 # 'Z'
+            if t == READY_FOR_QUERY:
                 self._held_pos = pos + 1 + ln
                 return 1 if self._held_counted and self._held_count <= self._hold_limit \
                     else 2
-            if not self._held_counted and (t == 67 or t == 73 or t == 115):
+            if not self._held_counted and (t == COMMAND_COMPLETE or t == EMPTY_QUERY_RESPONSE
+                                          or t == PORTAL_SUSPENDED):
                 self._held_counted = True
-                if t == 67:                             # 'C': "TAG ... N\0"
+                if t == COMMAND_COMPLETE:               # "TAG ... N\0"
                     sp = -1
                     for i in range(pos + 5, pos + ln):
                         if p[i] == 32:
@@ -358,7 +362,7 @@ cdef class Pipe:
                         self.fast_log.append((bytes(msg), None, _now_ns()))
                     continue
                 d = None
-                if t == 81 or t == 80:
+                if t == QUERY or t == PARSE:
                     if self.exact is not None:
                         d = self._cached_allow(msg)
                         ok = d is not None
@@ -366,7 +370,8 @@ cdef class Pipe:
                         ok = self.allow_all and _well_formed(msg)
                     if ok:
                         self._fast += 1
-                elif self._guard is not None and (t == 66 or t == 69 or t == 83 or t == 67):
+                elif self._guard is not None and (t == BIND or t == EXECUTE or t == SYNC
+                                                    or t == CLOSE):
                     ok = self._guard_passes(t, msg)
                 else:
                     ok = self.log_types is not None and \
@@ -610,7 +615,8 @@ cdef class Pipe:
         else:
             self._flush(out)
         if nz:
-            self._hooks.z_count = self._hooks.z_count + nz
+            enf = self._hooks.enforce      # the session's Enforcement part keeps the count
+            enf.z_count = enf.z_count + nz
         if events:
             self._hooks.backend_events(events)
         if fallback:

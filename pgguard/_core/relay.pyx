@@ -8,6 +8,8 @@ from libc.stdint cimport uint32_t, uint8_t
 from libc.string cimport memset
 
 from .answers cimport stash_header
+from .msgtypes cimport READY_FOR_QUERY
+
 from .framing import FrameError
 
 
@@ -239,7 +241,7 @@ cdef class MessageScan:
                 # the whole message is here: one slice, nothing collected
                 self._collect = False
                 self._remain = 0
-                if t == 90:
+                if t == READY_FOR_QUERY:
                     self._want_status = False
                     if need > 5:
                         self.status = <uint8_t>p[pos + 5]
@@ -287,7 +289,7 @@ cdef class MessageScan:
         self._cur_type = t
         self._remain = length - 4
         self._collect = self._interest[t]
-        self._want_status = t == 90      # 'Z' ReadyForQuery: keep its status byte
+        self._want_status = t == READY_FOR_QUERY     # keep its status byte
         self._streaming = False
         if self._collect:
             del self._hold[:]

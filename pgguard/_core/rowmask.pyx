@@ -10,6 +10,8 @@ from libc.string cimport memchr, memcmp, memcpy, memset
 import hashlib
 
 from .cbuf cimport _grow, _put, _putc
+from .msgtypes cimport (COMMAND_COMPLETE, COPY_DATA, DATA_ROW, EMPTY_QUERY_RESPONSE,
+                        ERROR_RESPONSE, PORTAL_SUSPENDED, READY_FOR_QUERY)
 from .framing import FrameError
 
 # what a plan knows of the column types (the Python side resolves kinds: strategies.py)
@@ -1192,7 +1194,8 @@ cdef class RowRewriter:
         if length < 4:
             raise FrameError(f"invalid message length {length} for message type {t}")
         self._remain = length - 4
-        if t == 67 or t == 69 or t == 73 or t == 115 or t == 90:
+        if (t == COMMAND_COMPLETE or t == ERROR_RESPONSE or t == EMPTY_QUERY_RESPONSE
+                or t == PORTAL_SUSPENDED or t == READY_FOR_QUERY):
             self._plan = None
         return 0
 
@@ -1283,7 +1286,8 @@ cdef class RowRewriter:
                 # begun raw without a plan: its header bytes so far are already out
                 self._hdr_raw = 0
                 self._begin_raw(t, length)
-            elif self._plan is not None and t == (68 if self._plan.mode == MODE_ROWS else 100):
+            elif self._plan is not None and t == (DATA_ROW if self._plan.mode == MODE_ROWS
+                                                  else COPY_DATA):
                 self._start_hold(self._hdr, 5, length)
                 run = pos
             else:

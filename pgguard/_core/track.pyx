@@ -1,5 +1,5 @@
 # The audit's statement tracker, compiled: pairs what the client sent with what the
-# server answered and emits one audit row per statement (see pgguard.tracking).
+# server answered and emits one audit row per statement (see pgguard.proxy.tracking).
 # cython: language_level=3
 
 from collections import deque
@@ -11,6 +11,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from .answers import answer_for
 from .sqlshape cimport shape_buf
+from .msgtypes cimport (BIND, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE,
+                        FUNCTION_CALL, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY, SYNC)
 
 import_datetime()
 
@@ -113,7 +115,7 @@ cdef class StatementTracker:
     ErrorResponse and ReadyForQuery in order. A completion pairs with the oldest
     unfinished statement; ReadyForQuery closes everything up to its sync point.
 
-    ``helpers`` is the Python side (``pgguard.tracking``): ``statement_record``,
+    ``helpers`` is the Python side (``pgguard.proxy.tracking``): ``statement_record``,
     ``statement_part``, ``session_columns``, ``Approved`` and ``parse_error_fields``.
     """
 
@@ -182,7 +184,7 @@ cdef class StatementTracker:
                 continue
             msg = <bytes>m
             t = <unsigned char>PyBytes_AS_STRING(msg)[0]
-            if t == 81:                                  # Query
+            if t == QUERY:
                 e = _Pending(msg[5:PyBytes_GET_SIZE(msg) - 1], (<tuple>item)[1],
                              (<tuple>item)[2], True, False)
                 e.skippable = True
@@ -216,7 +218,7 @@ cdef class StatementTracker:
                     self.portals[portal] = (name, e)
                 except ValueError:
                     pass
-            elif t == 69:                                # Execute
+            elif t == EXECUTE:
                 try:
                     portal = _cstr(msg, 5, &after)
                 except ValueError:
@@ -297,7 +299,7 @@ cdef class StatementTracker:
             self._extended_error(msg, (<tuple>got)[1], (<tuple>got)[2])
             return
         e = self._current()
-        if t == 69:                                      # ErrorResponse
+        if t == ERROR_RESPONSE:
             fields = self._error_fields(msg[5:])
             if e is None:
                 self.segment_error = True
@@ -311,12 +313,12 @@ cdef class StatementTracker:
             return
         if e is None:
             return
-        if t == 67:                                      # CommandComplete
+        if t == COMMAND_COMPLETE:
             e.rows += _rows(msg)
             if not e.sync:
                 self._emit(e)
                 e.done = True
-        elif t == 73 or t == 115:                        # EmptyQuery / PortalSuspended
+        elif t == EMPTY_QUERY_RESPONSE or t == PORTAL_SUSPENDED:
             if not e.sync:
                 self._emit(e)
                 e.done = True
@@ -369,7 +371,7 @@ cdef class StatementTracker:
         """The record of a Query or Execute about to be forwarded (strict mode)."""
         cdef Py_ssize_t after
         self._drain()
-        if msg[0] == 81:
+        if msg[0] == QUERY:
             # (no negative indices here: the core is compiled with wraparound off)
             sql = msg[5:PyBytes_GET_SIZE(msg) - 1]
             d = (<_Pending>self.pending[len(self.pending) - 1]).dec

@@ -34,7 +34,9 @@ from typing import Any, TextIO
 import orjson
 
 from ..cliparse import Parser as _Parser, UsageError as _UsageError
+from ..config import admin_token, load
 from ..errors import PgguardError
+from .hold import admin_url
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -128,8 +130,6 @@ def _client(args: argparse.Namespace) -> _Client:
     if cfg_path is None and url is None and os.path.exists("pgguard.toml"):
         cfg_path = "pgguard.toml"
     if cfg_path is not None:
-        from ..config import admin_token, load
-        from .hold import admin_url
         cfg = load(cfg_path)
         token_env, token_file = cfg.admin.token_env, cfg.admin.token_file
         token = admin_token(cfg)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..config import parse_duration
 from ..errors import PgguardError
 
 if TYPE_CHECKING:
@@ -334,7 +335,6 @@ class ApprovalStore:
     @classmethod
     def from_config(cls, cfg: Config) -> ApprovalStore:
         """The store named by ``[approvals] state_dir`` (relative to the config's dir)."""
-        from ..config import parse_duration
         a = cfg.approvals
         state_dir = Path(a.state_dir)
         if not state_dir.is_absolute():

@@ -54,7 +54,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..config import Config, parse_duration
+from ..config import Config, load, parse_duration
 from ..errors import PgguardError
 from . import page
 from .hold import admin_url
@@ -412,10 +412,11 @@ async def start_admin(cfg: Config, store: ApprovalStore, metrics: Registry | Non
     return await server.start(host, port)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, open_store=None) -> int:
     """``python -m pgguard.approvals.web -c pgguard.toml [--port N]``: the admin server
-    alone (approvals, web console, metrics) on the shared store, until Ctrl-C."""
-    from ..config import load
+    alone (approvals, web console, metrics) on the shared store, until Ctrl-C.
+    ``open_store(cfg)`` returns that store (the program's own, at the end of this file:
+    the control database's or SQLite's); without it, SQLite's."""
     p = argparse.ArgumentParser(prog="python -m pgguard.approvals.web",
                                 description=main.__doc__)
     p.add_argument("-c", "--config", required=True, metavar="FILE")
@@ -426,13 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load(args.config)
-        # a fleet's control database when [control] says so (imported here: control
-        # builds on this package)
-        from ..control import approval_store, open_link
-        link = open_link(cfg, role="admin")
-        store = approval_store(cfg, link)
-        if link is not None:
-            link.start()
+        store = (open_store or ApprovalStore.from_config)(cfg)
     except PgguardError as e:
         print(f"pgguard admin: {e.message}", file=sys.stderr)
         return 1
@@ -458,4 +453,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the program: a fleet's control database holds the store when [control] says so.
+    # Imported here, where nothing imports it: control builds on this package.
+    from ..control import approval_store, open_link
+
+    def _open_store(cfg):
+        link = open_link(cfg, role="admin")
+        store = approval_store(cfg, link)
+        if link is not None:
+            link.start()
+        return store
+
+    sys.exit(main(open_store=_open_store))

@@ -34,12 +34,14 @@ from typing import Any, TextIO
 import duckdb
 import orjson
 
+from .. import config
 from ..cliparse import Parser as _Parser, UsageError as _UsageError
 from ..errors import PgguardError
-from . import storage
+from . import report, storage
 from .query import fetch, open_audit, parse_when, rows_as_dicts
 from .record import UTC
 from .store import UPLOADED_DIR, Store, read_uploaded
+from .verify import verify, verify_store
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -140,7 +142,6 @@ class _Source:
                           include_wal=include_wal, store=self.store, instance=self.instance)
 
     def verify(self, allow_pruned: bool = False) -> Any:
-        from .verify import verify, verify_store
         if self.store is not None:
             return verify_store(self.store, root=self.root, instance=self.instance,
                                 allow_pruned=allow_pruned)
@@ -170,7 +171,6 @@ def _resolve(args: argparse.Namespace) -> _Source:
     if cfg_path is None:
         raise PgguardError("no audit directory: give -c pgguard.toml or --dir DIR "
                            "(or --store URI for an object store)")
-    from .. import config
     cfg = config.load(cfg_path)
     d = Path(cfg.audit.dir)
     root = d if d.is_absolute() else Path(cfg.base_dir) / d
@@ -467,8 +467,6 @@ def _cmd_verify(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
-    from . import report
-
     now = datetime.now(UTC)
     since = _when(args.since, now)
     until = _when(args.until, now) if args.until else now

@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 from collections import deque
+from datetime import datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ import msgspec
 
 from ..config import AuditConfig, parse_duration
 from . import ipc, storage
-from .record import FIELDS, AuditRecord
+from .record import FIELDS, UTC, AuditRecord, sanitize
 from .storage import AuditError
 from .writerproc import Tip as _Tip, _fix_ts, recover  # noqa: F401  (re-exported)
 
@@ -399,9 +400,6 @@ class AuditLog:
     def _append_slow(self, record: AuditRecord, fut: Any) -> None:
         # a value msgpack cannot carry (an int beyond 64 bits, a lone surrogate, an
         # unknown type): coerce here, noted in the record's error column
-        from datetime import datetime
-
-        from .record import UTC, sanitize
         fixed = sanitize(record, datetime.now(UTC))
         self._coerced += 1
         log.warning("audit: 1 malformed record(s) coerced (see their error column)")

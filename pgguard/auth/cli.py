@@ -28,8 +28,9 @@ import urllib.parse
 import orjson
 
 from .. import config as config_mod
+from ..control.revocations import revoke as revoke_shared
 from ..errors import PgguardError
-from . import revocations, tokens
+from . import oidc, revocations, tokens
 
 
 class _UsageError(Exception):
@@ -167,7 +168,6 @@ def _revoke(args: argparse.Namespace) -> int:
             raise PgguardError(f"cannot read that token: {e.reason}") from None
         token_id, expires_at = claims.token_id, claims.expires_at
     elif arg.count(".") == 2 and arg.startswith("eyJ"):
-        from . import oidc
         try:
             jclaims = oidc.peek_jwt(arg)
         except tokens.TokenInvalid as e:
@@ -185,7 +185,6 @@ def _revoke(args: argparse.Namespace) -> int:
         note = "live sessions using it end within a second"
     if cfg.control is not None:
         # a fleet: the control database records it and wakes every instance
-        from ..control.revocations import revoke as revoke_shared
         rec = revoke_shared(cfg, token_id, expires_at=expires_at)
     else:
         try:

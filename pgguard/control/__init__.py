@@ -25,17 +25,18 @@ from typing import TYPE_CHECKING
 
 from ..approvals.store import ApprovalStore
 from ..auth.revocations import RevocationWatcher
+from .approvals import PgApprovalStore
+from .link import ControlLink
+from .revocations import PgRevocationWatcher
 
 if TYPE_CHECKING:
     from ..config import Config
-    from .link import ControlLink
 
 
 def open_link(cfg: Config, role: str = "serve") -> ControlLink | None:
     """The control database link of ``[control]``, or None when there is none."""
     if cfg.control is None:
         return None
-    from .link import ControlLink
     return ControlLink.from_config(cfg, role=role)
 
 
@@ -43,7 +44,6 @@ def approval_store(cfg: Config, link: ControlLink | None) -> ApprovalStore:
     """The approval store: on the control database with a link, else SQLite."""
     if link is None:
         return ApprovalStore.from_config(cfg)
-    from .approvals import PgApprovalStore
     return PgApprovalStore.from_config(cfg, link)
 
 
@@ -51,5 +51,4 @@ def revocation_watcher(cfg: Config, link: ControlLink | None) -> RevocationWatch
     """The revocation list: pushed by the control database with a link, else the file."""
     if link is None:
         return RevocationWatcher.from_config(cfg)
-    from .revocations import PgRevocationWatcher
     return PgRevocationWatcher.from_config(cfg, link)

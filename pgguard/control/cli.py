@@ -24,6 +24,8 @@ import orjson
 from ..config import load, parse_duration
 from ..errors import PgguardError
 from . import open_link
+from .fleet import live_instances
+from .schema import migrate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +49,6 @@ def main(argv: list[str]) -> int:
         assert link is not None
         try:
             if args.action == "init":
-                from .schema import migrate
                 version = migrate(link)
                 out = {"schema": cfg.control.schema, "version": version}
                 if args.json:
@@ -55,7 +56,6 @@ def main(argv: list[str]) -> int:
                 else:
                     print(f"control schema {cfg.control.schema} is at version {version}")
                 return 0
-            from .fleet import live_instances
             rows = live_instances(link, parse_duration(cfg.control.instance_ttl))
         finally:
             link.close()

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..approvals.store import ApprovalError, StoreUnavailable
-from ..config import parse_duration
+from ..config import instance_name, parse_duration
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -171,7 +171,6 @@ class ControlLink:
         if not dsn:
             raise ConfigError(f"control.dsn_env: environment variable {c.dsn_env} is not set "
                               "(it holds the control database's connection string)")
-        from ..config import instance_name
         return cls(dsn, c.schema, connect_timeout=parse_duration(c.connect_timeout),
                    application_name=f"pgguard-{role} {instance_name(cfg)}"[:63])
 

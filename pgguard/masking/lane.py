@@ -14,8 +14,42 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._core.sqlshape import shape
+from ..errors import ProtocolViolation
+from ..protocol.messages import parse_row_description
+from . import lineage as lg
+
 _SAFE_KINDS = frozenset({"select"})
 
+
+
+class ObjPlan:
+    """The masking plan of a prepared statement, SQL cursor or simple Query: its
+    RowDescription (None: none known yet), its lineage (None: not analysed, every
+    column that is not a plain unmasked column is masked when it reads masked data),
+    whether it reads masked data, and the cursor a FETCH reads (its plan is the
+    cursor's)."""
+
+    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc", "safe")
+
+    def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
+                 declare: tuple | None = None) -> None:
+        self.rowdesc: bytes | None = None
+        self.lineage = lineage
+        self.reads = reads
+        self.fetch = fetch
+        # ("cursor" | "prepared", name, its ObjPlan) for DECLARE / PREPARE; fetch: the
+        # (kind, name) whose plan a FETCH / EXECUTE gets
+        self.declare = declare
+        # COPY TO STDOUT: ``copies`` the specs (plan entries or None, CopyFormat) of the
+        # COPYs of a Query, in order (taken as their CopyOutResponses come); ``copy`` the
+        # spec of a prepared COPY statement (every Execute of it)
+        self.copies: list | None = None
+        self.copy: tuple | None = None
+        self.safe = False           # the masking lane may run it (LaneState.safe_statement)
+
+
+PENDING = object()      # lineage_now: ask the planner first
 
 class LaneState:
     """Mixin of MaskState: the Python half of the compiled masking lane. ``lane`` is
@@ -34,7 +68,6 @@ class LaneState:
             return False
         if not self.masks_on:
             return True
-        from .wire import PENDING
         return lineage is not None and lineage is not PENDING and \
             lineage.masked is not None and not lineage.reads and not any(lineage.masked)
 
@@ -44,13 +77,11 @@ class LaneState:
         lane = self.lane
         if lane is None or not self.safe_statement(d, lineage, reads_masked):
             return
-        from .._core.sqlshape import shape
         key = shape(msg[5:-1])
         by_shape = key is not None
         if by_shape and self.masks_on:
             # the lineage holds for the shape only when it was learned for the shape
             keys = self._lineage_keys(lineage_query(msg[5:-1], d), ())
-            from . import lineage as lg
             by_shape = len(keys) == 2 and (
                 self.lineage_keys.get(keys[1]) or lg.cached(keys[1])) is lineage
         table, k = (lane.shapes, key) if by_shape else (lane.exact, msg)
@@ -91,7 +122,8 @@ class LaneState:
         s = self.s
         if self.expect or self._ready or self.fast_owed or self.txn_tainted or \
                 self.ddl_pending or self.held is not None or lane.z or \
-                s.in_flight() > 0 or s.refusals or s.held is not None or s.discarding:
+                s.in_flight() > 0 or s.enforce.refusals or s.holds.held is not None or \
+                s.enforce.discarding:
             return
         lane.idle = True
 
@@ -101,11 +133,9 @@ class LaneState:
         take over (the catalog is to be read again first)."""
         if self.stale(rowdesc):
             return False
-        from .wire import ObjPlan
         return self.plan_for(rowdesc, None, ObjPlan(None, False))
 
     def _owed_obj(self, rowdesc: bytes):
-        from .wire import ObjPlan
         return ObjPlan(_owed_lineage(self.catalog, rowdesc), True)
 
     def fast_channel(self, t: int, data: bytes) -> bytes:
@@ -128,7 +158,6 @@ class LaneState:
             rw.set_plan(self.plan_for(data, None, self._owed_obj(data)))
         elif t == 72:
             if self.masks_on:
-                from ..errors import ProtocolViolation
                 self.s.fail(ProtocolViolation("pgguard: a COPY answered a statement "
                                               "that reads no masked data"))
                 return None
@@ -149,13 +178,10 @@ def _owed_lineage(catalog, rowdesc: bytes):
     masked columns carries what the relation holds (its own mask, if any, applies); any
     other column (computed, or of such a view) is masked as derived. The lineage the lane
     judged the statement with may be stale (DDL moved the catalog generation)."""
-    from .lineage import Lineage
-    from .wire import parse_row_description
     views = getattr(catalog, "views", frozenset())
-    return Lineage(tuple(not (table and attnum > 0 and table not in views)
+    return lg.Lineage(tuple(not (table and attnum > 0 and table not in views)
                          for table, attnum, _, _ in parse_row_description(rowdesc)), True)
 
 
 def lineage_query(sql: bytes, d) -> bytes:
-    from .lineage import statement_query
-    return statement_query(sql, d) or sql
+    return lg.statement_query(sql, d) or sql

@@ -26,7 +26,7 @@ README documents).
 
 Example::
 
-    lin = await analyse(server, "app", "SELECT id, lower(email) FROM c WHERE id > $1",
+    lin = await analyse(side, "app", "SELECT id, lower(email) FROM c WHERE id > $1",
                         (23,), {("public", "c"): frozenset({"email"})}, role=None)
     lin.masked   # (False, True)
 """
@@ -36,14 +36,25 @@ import asyncio
 import logging
 import re
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-if TYPE_CHECKING:
-    from ..server import Server
+from ..protocol import messages as m
+from ..protocol.messages import parse_row_description
+from ..protocol.sqltext import ident
 
 log = logging.getLogger("pgguard.masking")
+
+
+class SideLink(Protocol):
+    """What masking asks of the upstream, given to it by the proxy (sideconn.SideLink):
+    statements on a fresh connection with the proxy's credentials, or a link to keep
+    (an object with ``transport`` and ``async read_message() -> (type, payload)``)."""
+
+    async def run(self, database: str, statements: list[str]) -> list[list[tuple]]: ...
+
+    async def connect(self, database: str, application_name: str) -> Any: ...
 
 __all__ = [
     "UNRESOLVED",
@@ -343,7 +354,7 @@ def remember(key: tuple, lin: Lineage) -> None:
 
 
 class _Link:
-    """One persistent side connection per (server, database), used one call at a time."""
+    """One persistent side connection per (side link, database), used one call at a time."""
 
     def __init__(self) -> None:
         self.proto = None
@@ -367,28 +378,27 @@ async def _until_ready(proto, count: int) -> list[tuple[int, bytes]]:
     while count:
         t, payload = await proto.read_message()
         got.append((t, payload))
-        if t == 90:
+        if t == m.READY_FOR_QUERY:
             count -= 1
     return got
 
 
 def _row_fields(payload: bytes) -> list[tuple[int, int, int, int]]:
-    from .wire import parse_row_description
     return parse_row_description(b"T" + struct.pack("!I", len(payload) + 4) + payload)
 
 
-async def analyse(server: Server, database: str, sql: bytes, param_oids: tuple[int, ...],
+async def analyse(side: SideLink, database: str, sql: bytes, param_oids: tuple[int, ...],
                   masked_rel: dict, masked_cols: set[tuple[int, int]],
                   role: str | None = None) -> Lineage:
     """The lineage of one statement (see the module docstring); UNRESOLVED on failure."""
-    key = (id(server), database)
+    key = (id(side), database)
     link = _LINKS.get(key)
     if link is None:
         link = _LINKS[key] = _Link()
     async with link.lock:
         try:
             return await asyncio.wait_for(
-                _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
+                _analyse(side, database, link, sql, param_oids, masked_rel, masked_cols,
                          role), 10.0)
         except Exception as e:      # noqa: BLE001 - fail closed: everything derived masked
             log.debug("lineage: %r", e)
@@ -412,15 +422,12 @@ def _param_count(sql: bytes) -> int:
     return max((int(n[1:]) for n in _PARAM.findall(text)), default=0)
 
 
-async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_cols,
+async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_cols,
                    role) -> Lineage:
     """One round trip: prepare (under the role, read only), describe, EXPLAIN the generic
     plan, list the views and the functions/operators outside pg_catalog, roll back."""
-    from ..sideconn import _Owner, ident
-    from ..upstream import connect_upstream
     if link.proto is None or link.proto.transport.is_closing():
-        link.proto, _, _ = await connect_upstream(
-            _Owner(), server, database, {"application_name": "pgguard:lineage"})
+        link.proto = await side.connect(database, "pgguard:lineage")
     proto = link.proto
     setup = "BEGIN READ ONLY; SET LOCAL statement_timeout = '5s'"
     if role and role not in link.no_role:
@@ -438,26 +445,26 @@ async def _analyse(server, database, link, sql, param_oids, masked_rel, masked_c
                           + _query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
                           + _frame(b"S", b"") + _query("ROLLBACK"))
     got = await _until_ready(proto, 5)
-    zs = [i for i, (t, _) in enumerate(got) if t == 90]
-    if role and any(t == 69 for t, _ in got[:zs[0]]):
+    zs = [i for i, (t, _) in enumerate(got) if t == m.READY_FOR_QUERY]
+    if role and any(t == m.ERROR_RESPONSE for t, _ in got[:zs[0]]):
         # the role cannot be assumed from here: plan without it (still read only)
         link.no_role.add(role)
-        return await _analyse(server, database, link, sql, param_oids, masked_rel,
+        return await _analyse(side, database, link, sql, param_oids, masked_rel,
                               masked_cols, None)
-    if any(t == 69 for t, _ in got[:zs[2]]):
-        log.debug("lineage: %r", next(p for t, p in got if t == 69)[:200])
+    if any(t == m.ERROR_RESPONSE for t, _ in got[:zs[2]]):
+        log.debug("lineage: %r", next(p for t, p in got if t == m.ERROR_RESPONSE)[:200])
         return UNRESOLVED
     fields = None
     for t, payload in got[zs[0] + 1:zs[1]]:
-        if t == 84:
+        if t == m.ROW_DESCRIPTION:
             fields = _row_fields(payload)
-        elif t == 110:
+        elif t == m.NO_DATA:
             fields = []
     sets: list[list[bytes]] = []
     for t, payload in got[zs[1] + 1:zs[2]]:
-        if t == 84:
+        if t == m.ROW_DESCRIPTION:
             sets.append([])
-        elif t == 68 and sets:
+        elif t == m.DATA_ROW and sets:
             (ln,) = struct.unpack_from("!i", payload, 2)
             sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
     if fields is None or len(sets) != 3 or not sets[0]:

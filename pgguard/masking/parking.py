@@ -36,6 +36,7 @@ import fnmatch
 import orjson
 from pglast import parser as _pg
 
+from ..policy.rules import Decision
 from .wire import applies
 
 # functions that keep their argument in the session or the database
@@ -239,7 +240,6 @@ def _sink(st, reads: _Reads) -> str | None:
 
 
 def _refusal(d, st, what: str, detail: str, hint: str):
-    from ..policy.rules import Decision
     return Decision(action="block", rule="masking",
                     message=f'pgguard: statement refused by rule "masking": {what}',
                     detail=detail, hint=hint, statements=d.statements,

@@ -15,14 +15,20 @@ from typing import TYPE_CHECKING
 
 from .._core.answers import answer_for
 from .._core.rowmask import RowRewriter
-from ..errors import ConfigError
+from .._core.sqlshape import shape
+from ..config import Mask
+from ..errors import ConfigError, UpstreamUnavailable
+from ..protocol import messages as m
+from ..protocol.messages import parse_row_description
+from ..protocol.sqltext import literal
+from . import lineage as lg
 from .channels import Channels
-from .lane import LaneState
+from .lane import PENDING, LaneState, ObjPlan  # noqa: F401 (PENDING re-exported)
 from .strategies import ACTION_DETECT, ColumnMask, build_plan, column_mask, copy_format
 
 if TYPE_CHECKING:
-    from ..config import Config, Identity, Mask
-    from ..server import Server
+    from ..config import Config, Identity
+    from .lineage import SideLink
 
 log = logging.getLogger("pgguard.masking")
 
@@ -65,14 +71,12 @@ def _like(glob: str) -> str:
     return "".join(out)
 
 
-async def load_catalog(server: Server, database: str) -> Catalog:
+async def load_catalog(side: SideLink, masks: list[Mask], database: str) -> Catalog:
     """Resolve the config's mask globs against the upstream catalog (side connection)."""
-    from ..sideconn import literal, run
-    masks = server.cfg.masks
     if not masks:
         return Catalog({}, {}, time.monotonic())
     likes = ", ".join(literal(_like(mk.column)) for mk in masks)
-    rows = (await run(server, database, [
+    rows = (await side.run(database, [
         "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname, a.attname "
         "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -91,10 +95,9 @@ async def load_catalog(server: Server, database: str) -> Catalog:
             if fnmatch.fnmatchcase(full, mk.column):
                 columns[(oid, attnum)] = mk
                 break
-    await _descendants(server, database, columns, tables)
+    await _descendants(side, database, columns, tables)
     # views (and views of views) over masked columns: RowDescription names the view's
     # own column, so every text-like column of such a view is masked as a whole
-    from ..config import Mask as _Mask
     frontier = set(columns)
     views: set[int] = set()
     derived: set[tuple[int, int]] = set()
@@ -102,7 +105,7 @@ async def load_catalog(server: Server, database: str) -> Catalog:
         if not frontier:
             break
         pairs = ", ".join(f"({o}, {a})" for o, a in sorted(frontier))
-        vrows = (await run(server, database, [
+        vrows = (await side.run(database, [
             "SELECT DISTINCT v.oid, n.nspname || '.' || v.relname, a.attnum, a.attname, "
             "t.typcategory, d.refobjid, d.refobjsubid "
             "FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
@@ -127,28 +130,27 @@ async def load_catalog(server: Server, database: str) -> Catalog:
                 tables[int(void)][1].append((int(attnum), attname))
             if cat in ("S", "U") and key not in columns:     # string and JSON-ish types
                 srcs = sources.get(int(void), [])
-                columns[key] = _Mask(
+                columns[key] = Mask(
                     column=f"{vname}.{attname}", strategy="redact",
                     except_groups=_common([mk.except_groups for mk in srcs]),
                     except_identities=_common([mk.except_identities for mk in srcs]))
                 frontier.add(key)
                 derived.add(key)
-    types, typed = await _masked_types(server, database, {o for o, _ in columns})
+    types, typed = await _masked_types(side, database, {o for o, _ in columns})
     cat = Catalog(columns, tables, time.monotonic(), frozenset(views), types)
     cat.derived = frozenset(derived)
     cat.typed = typed
     return cat
 
 
-async def _descendants(server: Server, database: str, columns: dict, tables: dict) -> None:
+async def _descendants(side: SideLink, database: str, columns: dict, tables: dict) -> None:
     """Partitions and inheritance children of tables with masked columns carry the same
     values: their columns of the same names get the same masks (a plan scans them by
     their own names, and a client can name them)."""
-    from ..sideconn import run
     parents = sorted({o for o, _ in columns})
     if not parents:
         return
-    rows = (await run(server, database, [(
+    rows = (await side.run(database, [(
         "WITH RECURSIVE d(child, top) AS ("
         f"SELECT i.inhrelid, i.inhparent FROM pg_inherits i WHERE i.inhparent IN "
         f"({', '.join(str(o) for o in parents)}) UNION "
@@ -168,15 +170,14 @@ async def _descendants(server: Server, database: str, columns: dict, tables: dic
             columns[(child, attnum)] = mk
 
 
-async def _masked_types(server: Server, database: str, oids: set[int]):
+async def _masked_types(side: SideLink, database: str, oids: set[int]):
     """Types whose values carry whole rows of tables with masked columns: the row types,
     their arrays and domains, and composite types with such a field (and so on):
     type OID -> the table OID; and the columns of such types in relations:
     (schema, relation, column, type OID)."""
-    from ..sideconn import run
     if not oids:
         return {}, []
-    rows = (await run(server, database, [
+    rows = (await side.run(database, [
         "SELECT c.reltype, c.oid FROM pg_class c WHERE c.reltype <> 0 AND c.oid IN ("
         + ", ".join(str(o) for o in sorted(oids)) + ")"]))[0]
     types = {int(t): int(o) for t, o in rows}
@@ -185,7 +186,7 @@ async def _masked_types(server: Server, database: str, oids: set[int]):
         if not frontier:
             break
         inlist = ", ".join(str(t) for t in sorted(frontier))
-        rows = (await run(server, database, [(
+        rows = (await side.run(database, [(
             "SELECT x.oid, COALESCE(NULLIF(x.typelem, 0), NULLIF(x.typbasetype, 0), "
             "(SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = x.typrelid AND "
             f"a.atttypid IN ({inlist}) AND NOT a.attisdropped LIMIT 1)) FROM pg_type x "
@@ -198,7 +199,7 @@ async def _masked_types(server: Server, database: str, oids: set[int]):
             if t not in types and via is not None and int(via) in types:
                 types[t] = frontier[t] = types[int(via)]
     inlist = ", ".join(str(t) for t in sorted(types))
-    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await run(server, database, [(
+    typed = [(ns, rel, att, int(t)) for ns, rel, att, t in (await side.run(database, [(
         "SELECT n.nspname, c.relname, a.attname, a.atttypid FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE a.atttypid IN ({inlist}) AND a.attnum > 0 AND NOT a.attisdropped "
@@ -231,18 +232,6 @@ def hash_key(cfg: Config) -> bytes | None:
     return key.encode()
 
 
-def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
-    """(table OID, attnum, type OID, format) of each field of a RowDescription."""
-    (n,) = struct.unpack_from("!h", msg, 5)
-    pos, out = 7, []
-    for _ in range(n):
-        pos = msg.index(b"\0", pos) + 1
-        table, attnum, typ, _size, _mod, fmt = struct.unpack_from("!IhIhih", msg, pos)
-        out.append((table, attnum, typ, fmt))
-        pos += 18
-    return out
-
-
 # -- masking plans that belong to objects ------------------------------------------------
 # Every frontend message that gets a response is queued (in forwarding order) with what it
 # means for masking; backend messages pop the queue. A prepared statement's plan (its
@@ -260,33 +249,6 @@ _CURSOR_SQL = re.compile(rb"\s*(declare|fetch|move|close|prepare|execute|dealloc
 _UNKNOWN = ("cursor", "\0unknown")
 
 
-class ObjPlan:
-    """The masking plan of a prepared statement, SQL cursor or simple Query: its
-    RowDescription (None: none known yet), its lineage (None: not analysed, every
-    column that is not a plain unmasked column is masked when it reads masked data),
-    whether it reads masked data, and the cursor a FETCH reads (its plan is the
-    cursor's)."""
-
-    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc", "safe")
-
-    def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
-                 declare: tuple | None = None) -> None:
-        self.rowdesc: bytes | None = None
-        self.lineage = lineage
-        self.reads = reads
-        self.fetch = fetch
-        # ("cursor" | "prepared", name, its ObjPlan) for DECLARE / PREPARE; fetch: the
-        # (kind, name) whose plan a FETCH / EXECUTE gets
-        self.declare = declare
-        # COPY TO STDOUT: ``copies`` the specs (plan entries or None, CopyFormat) of the
-        # COPYs of a Query, in order (taken as their CopyOutResponses come); ``copy`` the
-        # spec of a prepared COPY statement (every Execute of it)
-        self.copies: list | None = None
-        self.copy: tuple | None = None
-        self.safe = False           # the masking lane may run it (LaneState.safe_statement)
-
-
-PENDING = object()      # lineage_now: ask the planner first
 _REFUSE_ROWS = None     # a plan no DataRow fits: rows of an unknown portal end the session
 
 
@@ -379,7 +341,6 @@ class MaskState(LaneState):
         shape when the shape's analysis (literals as parameters) succeeded."""
         if not self.masks_on:
             return None
-        from . import lineage as lg
         query = lg.statement_query(sql, d)
         if query is None:
             return None
@@ -395,34 +356,31 @@ class MaskState(LaneState):
         """Ask the planner (never raises: UNRESOLVED when it cannot answer): first the
         statement with its literals turned into parameters (valid for every text of
         its shape: no value can fold a column reference away), else the text itself."""
-        from . import lineage as lg
         query = lg.statement_query(sql, d)
         if query is None:
             return
         keys = self._lineage_keys(query, param_oids)
         args = (self._masked_rel, self._masked_cols, self._role())
-        server, db = self.s.server, self.s.database
+        side, db = self.s.services.side, self.s.database
         if len(keys) == 2:
             norm = lg.normalized(query)
             if norm is not None:
-                lin = await lg.analyse(server, db, norm, param_oids, *args)
+                lin = await lg.analyse(side, db, norm, param_oids, *args)
                 if lin.masked is not None:
                     self._learn(keys[1], lin)
                     return
                 if norm == query:       # no literals: the text's own answer
                     self._learn(keys[0], lin)
                     return
-        self._learn(keys[0], await lg.analyse(server, db, query, param_oids, *args))
+        self._learn(keys[0], await lg.analyse(side, db, query, param_oids, *args))
 
     def _learn(self, key: tuple, lin) -> None:
-        from . import lineage as lg
         lg.remember(key, lin)
         if len(self.lineage_keys) > 4096:
             self.lineage_keys.clear()
         self.lineage_keys[key] = lin
 
     def _lineage_keys(self, query: bytes, param_oids: tuple) -> tuple:
-        from .._core.sqlshape import shape
         base = self._lkey
         if base is None:
             base = self._lkey = (id(self.s.server), self.s.database, self.catalog.loaded,
@@ -439,7 +397,6 @@ class MaskState(LaneState):
 
     def forget_lineage(self) -> None:
         """DDL went through this session: views and functions may differ now."""
-        from . import lineage as lg
         self.lineage_keys.clear()
         lg.forget()
         self.lane_forget()
@@ -486,7 +443,6 @@ class MaskState(LaneState):
         if mk is None and derived and self.masks_on:
             # computed from what may be a masked column: masked as a whole (text: the
             # replacement; every other type, composites and arrays too: NULL)
-            from ..config import Mask
             mk = Mask(column="derived.value.column", strategy="redact")
         detect = self.detectors is not None and mk is None and not exempt
         return column_mask(mk, oid=typ, binary=fmt == 1, detect=detect, hash_key=self.key)
@@ -533,7 +489,7 @@ class MaskState(LaneState):
         """``d``: the policy decision of a Query or Parse (the masking lane's test)."""
         if self.lane is not None:
             self.lane_dirty()
-        if t == 80:                                          # Parse
+        if t == m.PARSE:
             name, pos = _cstr(msg, 5)
             sql, _ = _cstr(msg, pos)
             obj = self._obj(sql, lineage, reads_masked)
@@ -550,7 +506,7 @@ class MaskState(LaneState):
             # learn its row shape now, in case the client executes without Describe
             self._push((K_PDESC, name, obj))
             return _describe_statement(name)
-        if t == 66:                                          # Bind
+        if t == m.BIND:
             try:
                 portal, pos = _cstr(msg, 5)
                 stmt, pos = _cstr(msg, pos)
@@ -563,29 +519,29 @@ class MaskState(LaneState):
             if stmt in self.reading_stmts:      # its executions read masked relations
                 self.masked_reads += 1
                 self.txn_tainted = True
-        elif t == 68:                                        # Describe (the client's own)
+        elif t == m.DESCRIBE:                                # the client's own
             try:
                 kind = msg[5]
                 name, _ = _cstr(msg, 6)
             except (ValueError, IndexError):
                 kind, name = 83, b"\0"                      # malformed: an error answers it
-            self._push((K_DESC_S if kind == 83 else K_DESC_P, name))
-        elif t == 69:                                        # Execute
+            self._push((K_DESC_S if kind == m.TARGET_STATEMENT else K_DESC_P, name))
+        elif t == m.EXECUTE:
             try:
                 portal, _ = _cstr(msg, 5)
             except ValueError:
                 portal = b"\0"                              # malformed: an error answers it
             self._push((K_EXEC, portal))
-        elif t == 67:                                        # Close
+        elif t == m.CLOSE:
             try:
                 kind = msg[5]
                 name, _ = _cstr(msg, 6)
             except (ValueError, IndexError):
                 kind, name = 0, b"\0"                       # malformed: an error answers it
             self._push((K_CLOSE, kind, name))
-        elif t == 83:                                        # Sync
+        elif t == m.SYNC:
             self._push((K_SYNC,))
-        elif t == 81:                                        # Query: fseg += 1 queues it
+        elif t == m.QUERY:                                   # fseg += 1 queues it
             self.portals.pop(b"", None)
             self.stmts.pop(b"", None)
             self.lane_stmt(b"", False)
@@ -596,7 +552,7 @@ class MaskState(LaneState):
             if reads_masked:
                 self.masked_reads += 1
                 self.txn_tainted = True
-        elif t == 70 and reads_masked:                       # FunctionCall
+        elif t == m.FUNCTION_CALL and reads_masked:
             self.masked_reads += 1
             self.txn_tainted = True
         return None
@@ -629,8 +585,7 @@ class MaskState(LaneState):
         mo = _CURSOR_SQL.match(sql)
         if mo is None:
             return ObjPlan(lineage, reads)
-        from .lineage import named_statement
-        got = named_statement(sql.decode("utf-8", "replace"))
+        got = lg.named_statement(sql.decode("utf-8", "replace"))
         if got is None:
             return ObjPlan(None, True, _UNKNOWN)
         kind, name = got
@@ -683,8 +638,8 @@ class MaskState(LaneState):
 
     def _apply_unseen(self, e: tuple) -> None:
         if e[0] == K_CLOSE:
-            (self.stmts if e[1] == 83 else self.portals).pop(e[2], None)
-            if e[1] == 83:
+            (self.stmts if e[1] == m.TARGET_STATEMENT else self.portals).pop(e[2], None)
+            if e[1] == m.TARGET_STATEMENT:
                 self.lane_stmt(e[2], False)
 
     def _head(self) -> tuple | None:
@@ -709,12 +664,12 @@ class MaskState(LaneState):
             return self.feed_owed(t, data)
         h = self._head()
         k = h[0] if h is not None else -1
-        if t == 116:                                         # 't' ParameterDescription
+        if t == m.PARAMETER_DESCRIPTION:
             if k == K_PDESC:
                 return None
             return rw.feed(data)
-        if t == 84 or t == 110:                              # 'T' RowDescription / NoData
-            desc = data if t == 84 else None
+        if t == m.ROW_DESCRIPTION or t == m.NO_DATA:
+            desc = data if t == m.ROW_DESCRIPTION else None
             if k == K_PDESC:
                 self.expect.popleft()
                 obj = h[2]
@@ -733,10 +688,10 @@ class MaskState(LaneState):
             elif k == K_DESC_P:
                 self.expect.popleft()
                 self._arm()
-            elif t == 84:                                    # a Query's result
+            elif t == m.ROW_DESCRIPTION:                     # a Query's result
                 rw.set_plan(self.plan_for(data, None, h[1] if k == K_READY else None))
             return out
-        if t == 50:                                          # '2' BindComplete
+        if t == m.BIND_COMPLETE:
             out = rw.feed(data)
             if k == K_BIND:
                 self.expect.popleft()
@@ -744,11 +699,11 @@ class MaskState(LaneState):
                 self.portals[h[1]] = (obj if obj is not None else ObjPlan(), h[3])
                 self._arm()
             return out
-        if t == 72:                                          # 'H' CopyOutResponse
+        if t == m.COPY_OUT_RESPONSE:
             out = rw.feed(data)
             self._copy_plan(data, h, k)
             return out
-        if t == 69:                                          # 'E'
+        if t == m.ERROR_RESPONSE:
             out = rw.feed(data)
             if got is not None:         # the model: which message it answers
                 extended = got[1] in _EXTENDED
@@ -764,15 +719,15 @@ class MaskState(LaneState):
                 if not q:
                     self._skip = True
             return out
-        if t == 67 or t == 115 or t == 73:                   # C, s, I: an Execute ends
+        if t == m.COMMAND_COMPLETE or t == m.PORTAL_SUSPENDED or t == m.EMPTY_QUERY_RESPONSE:
             out = rw.feed(data)
             if k == K_EXEC:
                 self.expect.popleft()
                 got = self.portals.get(h[1])
-                if t == 67 and got is not None:
+                if t == m.COMMAND_COMPLETE and got is not None:
                     self._declared(got[0], data)
                 self._arm()
-            elif k == K_READY and t == 67:
+            elif k == K_READY and t == m.COMMAND_COMPLETE:
                 self._declared(h[1], data)
             return out
         # 'Z'
@@ -780,7 +735,7 @@ class MaskState(LaneState):
         swallowed = got[1] if got is not None else 0    # Syncs a COPY took
         if self.s.in_flight() <= 0:
             self.masked_reads = 0
-            if data[5] == 73:                               # idle: the transaction ended
+            if data[5] == m.TX_IDLE:                        # the transaction ended
                 self.txn_tainted = False
         q = self.expect
         while q:
@@ -837,14 +792,14 @@ class MaskState(LaneState):
 
     def _channel(self, t: int, data: bytes) -> bytes:
         ch = self.channels
-        if t == 69 or t == 78:                              # 'E' / 'N'
+        if t == m.ERROR_RESPONSE or t == m.NOTICE_RESPONSE:
             return ch.error(data, self.tainted())
-        if t == 65:                                         # 'A' NotificationResponse
+        if t == m.NOTIFICATION_RESPONSE:
             key = getattr(self.s, "upstream_key", None)
             own = key[0] if key and self.masks_on and (
                 self.txn_tainted or self.masked_reads > 0) else None
             return ch.notification(data, own)
-        if t == 83:                                         # 'S' ParameterStatus
+        if t == m.PARAMETER_STATUS:
             return ch.parameter_status(data, self.tainted())
         return ch.function_result(data, self.tainted())    # 'V' FunctionCallResponse
 
@@ -863,7 +818,7 @@ class MaskState(LaneState):
         cat = self.catalog
         if not self.masks_apply() or getattr(cat, "known", None) is None:
             return False
-        if cat.generation != self.s.server.catalog_signal.generation():
+        if cat.generation != self.s.services.catalog_signal.generation():
             return True
         fresh = self._fresh
         if fresh is None:
@@ -883,7 +838,7 @@ class MaskState(LaneState):
         """Some configured mask applies to this identity (whatever the catalog holds)."""
         if self._apply is None:
             self._apply = any(applies(mk, self.s.identity_name, self.s.identity)
-                              for mk in self.s.server.cfg.masks)
+                              for mk in self.s.services.cfg.masks)
         return self._apply
 
     def holding(self, items: list) -> bool:
@@ -909,10 +864,9 @@ class MaskState(LaneState):
         s = self.s
         need = [t for t, _, _, _ in parse_row_description(rowdesc) if t]
         try:
-            cat = await s.server.mask_catalog(s.database, need)
+            cat = await s.services.mask_catalog(s.database, need)
         except Exception as e:      # noqa: BLE001 - fail closed: these rows never leave
             log.warning("session %s: mask catalog not read (%s); closing", s.id, e)
-            from ..errors import UpstreamUnavailable
             s.fail(UpstreamUnavailable("pgguard could not read the upstream catalog to "
                                        "apply masks", detail=str(e)[:300]))
             return
@@ -924,7 +878,7 @@ class MaskState(LaneState):
             self.plans.clear()
             self._fresh = None
             self.lane_forget()
-        if cat.generation == s.server.catalog_signal.generation():
+        if cat.generation == s.services.catalog_signal.generation():
             # read after every DDL so far and still unknown: created in a transaction
             # not committed yet, or dropped again; no mask applies to it
             self._resolved = self._resolved | {o for o in need if o not in cat.known}

@@ -84,9 +84,9 @@ def outcome_of_record(decision: str | None, approver: str | None) -> str | None:
 def _records(root: Path, since: datetime, until: datetime,
              identity: str | None, store: str | None = None,
              instance: str | None = None) -> list[dict[str, Any]]:
-    # duckdb and pyarrow are heavy: loaded only when the log is read
+    # why: duckdb and pyarrow are heavy: loaded only when the log is read
     from ..audit.query import open_audit, rows_as_dicts
-    from ..audit.store import Store
+    from ..audit.store import Store  # why: pyarrow, as above
     if store is None and not root.is_dir():
         raise PgguardError(f"no audit log at {root}")
     # with [audit] store: every instance's records in the store, and this one's local rest
@@ -222,7 +222,7 @@ def _print(rep: dict[str, Any], out: TextIO, since: datetime, until: datetime) -
 
 def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Entry point of ``pgguard policy replay``; see the module docstring."""
-    # duckdb and pyarrow are heavy: loaded only when the log is read
+    # why: duckdb and pyarrow are heavy: loaded only when the log is read
     from ..audit.query import parse_when
     out = out or sys.stdout
     cfg = load(args.config)

@@ -15,7 +15,7 @@ Where the edges come from:
 
 - the upstream catalog (``pg_rewrite`` joined to ``pg_depend``, and the bodies of
   plpgsql / SQL functions of INSTEAD OF triggers, read by the proxy per database:
-  ``pgguard.sideconn.rewrite_rows``, turned into a map by :meth:`ViewMap.from_rows`);
+  ``pgguard.proxy.sideconn.rewrite_rows``, turned into a map by :meth:`ViewMap.from_rows`);
 - the session's own statements (:func:`learned`): ``CREATE [OR REPLACE] [TEMP] VIEW``,
   ``CREATE RULE``, ``CREATE MATERIALIZED VIEW``, ``CREATE SCHEMA ... CREATE VIEW``,
   ``CREATE TRIGGER ... INSTEAD OF`` with a function the session created, renames and

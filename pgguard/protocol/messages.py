@@ -21,6 +21,57 @@ AUTH_SASL = 10
 AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
 
+# message type bytes, as ints (``msg[0]``; the same names as pgguard/_core/msgtypes.pxd).
+# Frontend (client -> server):
+QUERY = ord("Q")
+PARSE = ord("P")
+BIND = ord("B")
+DESCRIBE = ord("D")
+EXECUTE = ord("E")
+CLOSE = ord("C")
+SYNC = ord("S")
+FLUSH = ord("H")
+FUNCTION_CALL = ord("F")
+TERMINATE = ord("X")
+PASSWORD_MESSAGE = ord("p")         # also SASLInitialResponse / SASLResponse
+COPY_FAIL = ord("f")
+# Both directions:
+COPY_DATA = ord("d")
+COPY_DONE = ord("c")
+# Backend (server -> client):
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+PARAMETER_STATUS = ord("S")
+READY_FOR_QUERY = ord("Z")
+ERROR_RESPONSE = ord("E")
+NOTICE_RESPONSE = ord("N")
+NOTIFICATION_RESPONSE = ord("A")
+ROW_DESCRIPTION = ord("T")
+DATA_ROW = ord("D")
+NO_DATA = ord("n")
+COMMAND_COMPLETE = ord("C")
+EMPTY_QUERY_RESPONSE = ord("I")
+PORTAL_SUSPENDED = ord("s")
+PARSE_COMPLETE = ord("1")
+BIND_COMPLETE = ord("2")
+CLOSE_COMPLETE = ord("3")
+PARAMETER_DESCRIPTION = ord("t")
+COPY_IN_RESPONSE = ord("G")
+COPY_OUT_RESPONSE = ord("H")
+COPY_BOTH_RESPONSE = ord("W")
+FUNCTION_CALL_RESPONSE = ord("V")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+# what Describe and Close name (their first byte)
+TARGET_STATEMENT = ord("S")
+TARGET_PORTAL = ord("P")
+# ReadyForQuery's transaction status byte
+TX_IDLE = ord("I")
+TX_IN_BLOCK = ord("T")
+TX_FAILED = ord("E")
+# the answer to SSLRequest / GSSENCRequest
+SSL_ACCEPTED = ord("S")
+SSL_REFUSED = ord("N")
+
 # message types a client may send once authenticated
 FRONTEND_TYPES = b"BCdcfDEHFPQSX"
 # messages a client sends during authentication
@@ -54,7 +105,7 @@ def error_response(sqlstate: str, message: str, *, severity: str = "ERROR",
     return buf.take()
 
 
-def ready_for_query(status: int = ord("I")) -> bytes:
+def ready_for_query(status: int = TX_IDLE) -> bytes:
     return b"Z\x00\x00\x00\x05" + bytes((status,))
 
 
@@ -109,7 +160,7 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
     return b"p" + struct.pack("!I", len(body) + 4) + body
 
 
-TERMINATE = b"X\x00\x00\x00\x04"
+TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
 
 
 def parse_startup_params(payload: bytes) -> dict[str, str]:
@@ -132,6 +183,18 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
     for part in payload.split(b"\0"):
         if part:
             out[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return out
+
+
+def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
+    """(table OID, attnum, type OID, format) of each field of a RowDescription."""
+    (n,) = struct.unpack_from("!h", msg, 5)
+    pos, out = 7, []
+    for _ in range(n):
+        pos = msg.index(b"\0", pos) + 1
+        table, attnum, typ, _size, _mod, fmt = struct.unpack_from("!IhIhih", msg, pos)
+        out.append((table, attnum, typ, fmt))
+        pos += 18
     return out
 
 

@@ -1,5 +1,6 @@
-# The upstream startup packet: the client's parameters and `options` read as Postgres
-# reads them, judged against an allow-list, and rebuilt as the parameters pgguard sends.
+# The upstream startup packet: which startup settings of a client reach Postgres.
+# The client's parameters and `options` are read as Postgres reads them, judged against
+# an allow-list, and rebuilt as the parameters pgguard sends.
 """What a client's StartupMessage may ask of the upstream session.
 
 Postgres applies a StartupMessage in two steps: the ``options`` string first (split on
@@ -32,11 +33,11 @@ import fnmatch
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .errors import PgguardError, PolicyRefusal
-from .masking.wire import applies
+from ..errors import PgguardError, PolicyRefusal
+from ..masking.wire import applies
 
 if TYPE_CHECKING:
-    from .config import Identity
+    from ..config import Identity
     from .server import Server
 
 # StartupMessage keys Postgres reads as something other than a setting (matched exactly

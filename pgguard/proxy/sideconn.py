@@ -1,5 +1,5 @@
-# The proxy's own upstream connections: simple statements outside any client session
-# (ephemeral role provisioning and its janitor, catalog lookups for the policy), and
+# Side connections: the proxy's own statements to the upstream, outside client traffic.
+# Simple statements outside any client session (ephemeral role provisioning and its janitor, catalog lookups for the policy), and
 # simple statements run on a session's upstream link before the client sees it (SET ROLE).
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from .errors import PgguardError
-from .protocol import messages as m
+from ..errors import PgguardError
+from ..protocol import messages as m
+from ..protocol.sqltext import ident, literal
 from .upstream import connect_upstream
 
 if TYPE_CHECKING:
@@ -33,6 +34,28 @@ class _Owner:
         pass
 
 
+class SideLink:
+    """What a service may ask of the upstream through the proxy's own credentials
+    (masking's catalog reads and lineage planner): it sees this object, never Server."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    async def run(self, database: str, statements: list[str]) -> list[list[tuple]]:
+        """Each statement on one fresh connection (see run())."""
+        return await run(self._server, database, statements)
+
+    async def describe(self, database: str, sql: str) -> bytes | None:
+        """The RowDescription of ``sql`` (see describe())."""
+        return await describe(self._server, database, sql)
+
+    async def connect(self, database: str, application_name: str) -> UpstreamProtocol:
+        """A logged-in link of the caller's own, to keep and close."""
+        proto, _, _ = await connect_upstream(_Owner(), self._server, database,
+                                             {"application_name": application_name})
+        return proto
+
+
 async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, ...]]:
     """Run one simple Query on a logged-in link (still in its login phase); rows as text."""
     body = sql.encode() + b"\0"
@@ -41,7 +64,7 @@ async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, .
     err = None
     while True:
         t, payload = await proto.read_message()
-        if t == ord("D"):
+        if t == m.DATA_ROW:
             (n,) = struct.unpack_from("!h", payload)
             pos, row = 2, []
             for _ in range(n):
@@ -53,9 +76,9 @@ async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, .
                     row.append(payload[pos:pos + ln].decode("utf-8", "replace"))
                     pos += ln
             rows.append(tuple(row))
-        elif t == ord("E"):
+        elif t == m.ERROR_RESPONSE:
             err = m.parse_error_fields(payload)
-        elif t == ord("Z"):
+        elif t == m.READY_FOR_QUERY:
             break
     if err is not None:
         raise UpstreamError(err.get("M", "upstream error"), sqlstate=err.get("C", "XX000"),
@@ -75,18 +98,18 @@ async def describe(server: Server, database: str, sql: str) -> bytes | None:
         desc, err = None, None
         while True:
             t, payload = await proto.read_message()
-            if t == ord("T"):
+            if t == m.ROW_DESCRIPTION:
                 desc = b"T" + struct.pack("!I", len(payload) + 4) + payload
-            elif t == ord("E"):
+            elif t == m.ERROR_RESPONSE:
                 err = m.parse_error_fields(payload)
-            elif t == ord("Z"):
+            elif t == m.READY_FOR_QUERY:
                 break
         if err is not None:
             raise UpstreamError(err.get("M", "upstream error"), sqlstate=err.get("C", "XX000"))
         return desc
     finally:
         try:
-            proto.transport.write(m.TERMINATE)
+            proto.transport.write(m.TERMINATE_MESSAGE)
         finally:
             proto.transport.close()
 
@@ -103,7 +126,7 @@ async def run(server: Server, database: str, statements: list[str]) -> list[list
         return [await execute(proto, sql) for sql in statements]
     finally:
         try:
-            proto.transport.write(m.TERMINATE)
+            proto.transport.write(m.TERMINATE_MESSAGE)
         finally:
             proto.transport.close()
 
@@ -184,16 +207,6 @@ async def rewrite_rows(server: Server, database: str) -> tuple[list[tuple], list
     view, language, source) of the functions of INSTEAD OF triggers."""
     rules, triggers = await run(server, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL])
     return rules, triggers
-
-
-def ident(name: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def literal(text: str) -> str:
-    """A quoted SQL string literal, safe whatever standard_conforming_strings says."""
-    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 async def drop_role(server: Server, database: str, role: str, successor: str | None,

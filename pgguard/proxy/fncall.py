@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 from pglast import keywords as _kw
 
+from ..policy.rules import Decision
+from ..protocol import messages as m
 from .enforce import _reads_masked
-from .policy.rules import Decision
 from .tracking import statement_record
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ class FunctionCalls:
             if s.tracker is not None:
                 s.tracker.flog.append((msg, None, time.monotonic_ns()))
             return False
-        info = s.server.cached_function(s.database, call.oid)
+        info = s.services.cached_function(s.database, call.oid)
         if info is not None:
             self._judge(msg, call, info, out)
             return False
@@ -289,23 +290,21 @@ class FunctionCalls:
             out.clear()
         wait = _Waiting(s)
         s.client.transport.set_protocol(wait)
-        task = asyncio.get_running_loop().create_task(
-            self._resolve(msg, call, list(later), wait))
-        s.approval = [task, None]
+        s.holds.side_task(self._resolve(msg, call, list(later), wait))
         return True
 
     async def _resolve(self, msg: bytes, call: Call, later: list, wait: _Waiting) -> None:
         s = self.s
         info = failure = None
         try:
-            info = await s.server.resolve_function(s.database, call.oid)
+            info = await s.services.resolve_function(s.database, call.oid)
         except asyncio.CancelledError:
             raise
         except Exception as e:      # noqa: BLE001 - cannot tell what it calls: refuse
             log.warning("session %s: looking up function OID %d failed: %s", s.id,
                         call.oid, e)
             failure = e
-        s.approval = None
+        s.holds.side_task_done()
         if s.closed:
             return
         transport = s.client.transport
@@ -315,8 +314,8 @@ class FunctionCalls:
         # go on in stream order: messages read after it, the scan's unread rest, then
         # what arrived meanwhile (through whoever reads the client now: another hold
         # may have begun)
-        if s.held is not None:          # held for an approval or a strict audit record
-            s.held_items[0:0] = later
+        if s.holds.held is not None:          # held for an approval or a strict audit record
+            s.holds.put_back(later)
         else:
             if out:
                 s.up.transport.write(b"".join(out))
@@ -353,11 +352,11 @@ class FunctionCalls:
                 "or call it by name in SQL."), out, sql)
             return
         q = _query(sql)
-        d = _for_call(s._decide(q, 5, len(q) - 1), info, sql)
+        d = _for_call(s.enforce.decide(q, 5, len(q) - 1), info, sql)
         if d.action == "allow":
             self._forward(msg, d, out, sql)
         elif d.action == "approve":
-            s._hold_for_approval(d, msg, out, extended=False, sql=sql.encode())
+            s.holds.for_approval(d, msg, out, extended=False, sql=sql.encode())
         else:
             self._refuse(d, out, sql)
 
@@ -367,24 +366,24 @@ class FunctionCalls:
         if s.masking is not None:
             # a function outside pg_catalog may read anything (its body is not judged
             # here): its result is masked for a masked identity, like a masked read
-            s.masking.frontend(70, msg, _reads_masked(s, d)
+            s.masking.frontend(m.FUNCTION_CALL, msg, _reads_masked(s, d)
                                or not sql.startswith("SELECT pg_catalog."))
             s.masking.fseg += 1                 # answered by its own ReadyForQuery
-        s.server.count_statement("allowed")
+        s.services.count_statement("allowed")
         if s.tracker is None:
             return
         s.tracker.flog.append((msg, d, time.monotonic_ns()))
-        if s.server.audit_strict:
+        if s.services.audit_strict:
             # the record must be durable before the call goes upstream
             out.pop()
             rec = statement_record(s, sql.encode(), d, "allowed",
                                    datetime.now(timezone.utc))
-            s._begin_hold(out, [msg])
-            s.server.audit.log_strict(rec).add_done_callback(s._record_durable)
+            s.holds.begin(out, [msg])
+            s.services.audit.log_strict(rec).add_done_callback(s.holds.record_durable)
 
     def _refuse(self, d: Decision, out: list, sql: str) -> None:
         # answered like a refused Query: an ErrorResponse, then ReadyForQuery
-        self.s._inject_refusal(d, out, extended=False, sql=sql.encode())
+        self.s.enforce.inject_refusal(d, out, extended=False, sql=sql.encode())
 
 
 class _Waiting(asyncio.Protocol):

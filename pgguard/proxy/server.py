@@ -20,12 +20,30 @@ import time
 import zlib
 from pathlib import Path
 
+from ..approvals.metrics import Registry
+from ..approvals.store import StoreUnavailable
+from ..audit.writer import AuditLog
+from ..auth import oidc, throttle, tokens
+from ..auth.scram import ScramVerifier
+from ..auth.throttle import Throttle
+from ..config import Config, Mask, admin_token, instance_name, parse_duration, read_secret
+from ..control import approval_store, open_link, revocation_watcher
+from ..control.fleet import Heartbeat
+from ..control.schema import migrate
+from ..errors import ConfigError, ShuttingDown, TooManyConnections
+from ..masking.detectors import DetectorSet
+from ..masking.wire import CATALOG_TTL, hash_key, load_catalog
+from ..policy.cache import SHAREABLE_KINDS, DecisionCache
+from ..policy.rules import PolicyEngine
+from ..policy.views import CATALOG_KINDS, ViewMap
+from ..protocol import messages as m
+from . import sideconn
 from .cancel import CancelKeyCipher
-from .config import Config, admin_token, instance_name, parse_duration, read_secret
-from .control import approval_store, open_link, revocation_watcher
-from .errors import ConfigError, TooManyConnections
-from .policy.views import CATALOG_KINDS, ViewMap
-from .protocol import messages as m
+from .fncall import function_info
+from .services import Services
+from .session import ClientProtocol
+from .sideconn import SideLink
+from .upstream import unix_socket_path
 
 log = logging.getLogger("pgguard.server")
 
@@ -114,7 +132,6 @@ class Server:
 
     def __init__(self, cfg: Config, *, cancel_key: bytes | None = None,
                  worker: int = 0, catalog_signal: CatalogSignal | None = None) -> None:
-        from .auth.scram import ScramVerifier
         self.cfg = cfg
         self.worker = worker
         # DDL seen by any worker, and masked columns any worker found (shared mapping)
@@ -136,8 +153,6 @@ class Server:
                 self._verifiers[name] = ScramVerifier.from_password(pw)
         self.client_ssl = self._client_ssl()
         # bearer credentials: pgguard tokens (when a signing key is configured) and OIDC
-        from .auth import oidc, tokens
-        from .auth.throttle import Throttle
         # a fleet's shared state ([control]): one link per process, no connection yet
         self.control = open_link(cfg)
         self.heartbeat = None
@@ -152,8 +167,6 @@ class Server:
         self.throttle = Throttle.from_config(cfg)
         self.revocations = (revocation_watcher(cfg, self.control) if self.bearer_enabled
                             else None)
-        from .policy.cache import DecisionCache
-        from .policy.rules import PolicyEngine
         # the session keeps its own caches (raw message, shape) in front of the engine
         self.policy = PolicyEngine(cfg, cache=DecisionCache(0))
         self._decisions: dict[tuple[str, str, str], tuple[dict, dict]] = {}
@@ -171,11 +184,11 @@ class Server:
         self._background: set[asyncio.Task] = set()
         self._setup_metrics()
         # masking: detectors compiled once; catalogs per database, refreshed on a TTL
-        from .masking.detectors import DetectorSet
-        from .masking.wire import hash_key
         self.detectors = DetectorSet.from_config(cfg.detectors.builtin, cfg.detectors.custom)
         self.mask_key = hash_key(cfg)
         self._catalogs: dict[str, object] = {}
+        # what masking may ask of the upstream (catalog reads, the lineage planner)
+        self.side = SideLink(self)
         self._catalog_loads: dict[str, asyncio.Task] = {}
         # policy catalog knowledge per database: views (ViewMap and its refresh state),
         # functions by OID for FunctionCall (oid -> (FunctionInfo, loaded at))
@@ -204,7 +217,6 @@ class Server:
 
     # -- identities
     def verifier_for(self, name: str):
-        from .auth.scram import ScramVerifier
         v = self._verifiers.get(name)
         if v is None:
             # same shape and cost as a real one: no user enumeration
@@ -223,7 +235,6 @@ class Server:
         """The masked columns of a database. Read again when DDL went through any
         worker since (the shared generation), after CATALOG_TTL, or when a table OID
         in ``need`` is not one it knows; concurrent callers share one read."""
-        from .masking.wire import CATALOG_TTL
         cat = self._catalogs.get(database)
         if cat is not None and cat.generation == self.catalog_signal.generation() \
                 and time.monotonic() - cat.loaded <= CATALOG_TTL \
@@ -237,13 +248,10 @@ class Server:
         return await asyncio.shield(task)
 
     async def _read_mask_catalog(self, database: str):
-        from .config import Mask
-        from .masking.wire import load_catalog
-        from .sideconn import run
         sig = self.catalog_signal
         gen = sig.generation()          # a bump while reading makes this read stale
         old = self._catalogs.get(database)
-        cat = await load_catalog(self, database)
+        cat = await load_catalog(self.side, self.cfg.masks, database)
         cat.known, cat.generation = frozenset(), gen
         if not self.cfg.masks:
             self._catalogs[database] = cat
@@ -260,7 +268,7 @@ class Server:
                 "ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n "
                 "ON n.oid = c.relnamespace WHERE a.attnum > 0 AND NOT a.attisdropped "
                 f"AND c.oid IN ({', '.join(map(str, oids))}) ORDER BY 1, 2")
-        res = await run(self, database, stmts)
+        res = await sideconn.run(self, database, stmts)
         masks = self.cfg.masks
         added: dict[int, tuple[str, list]] = {}
         for oid, attnum, table, attname in (res[1] if oids else ()):
@@ -340,8 +348,7 @@ class Server:
         await self._load_function_names(database)
 
     async def _load_function_names(self, database: str) -> None:
-        from .sideconn import run
-        rows = (await run(self, database, [FUNCTION_NAMES_SQL]))[0]
+        rows = (await sideconn.run(self, database, [FUNCTION_NAMES_SQL]))[0]
         builtin = frozenset(r[0] for r in rows if r[1] == "t")
         other = frozenset(r[0] for r in rows if r[1] != "t")
         self._fn_names[database] = [builtin, other, False, time.monotonic()]
@@ -385,8 +392,6 @@ class Server:
     async def resolve_function(self, database: str, oid: int):
         """The FunctionInfo of ``oid`` read from the upstream catalog (None: no such
         function); raises when the catalog cannot be read."""
-        from . import sideconn
-        from .fncall import function_info
         info = function_info(oid, await sideconn.function_rows(self, database, oid))
         if info is not None:
             funcs = self._functions.setdefault(database, {})
@@ -448,7 +453,6 @@ class Server:
         await asyncio.shield(task)
 
     async def _read_views(self, database: str, st: _ViewState) -> None:
-        from . import sideconn
         started = time.monotonic()
         st.stale = False
         try:
@@ -480,7 +484,6 @@ class Server:
 
     # -- metrics (served on the admin port's /metrics, summed across workers)
     def _setup_metrics(self) -> None:
-        from .approvals.metrics import Registry
         m = self.metrics = Registry(instance_name(self.cfg))
         self.m_sessions = m.gauge("pgguard_sessions", "client sessions open")
         self.m_statements = m.counter("pgguard_statements_total",
@@ -538,7 +541,6 @@ class Server:
         with no session."""
         if not self.cfg.upstream.provision:
             return
-        from . import sideconn
         db = (self.cfg.upstream.databases or ["postgres"])[0]
         try:
             rows = (await sideconn.run(self, db, [
@@ -576,7 +578,6 @@ class Server:
 
     @staticmethod
     def remember_decision(cache: tuple[dict, dict], msg: bytes, key: bytes | None, d) -> None:
-        from .policy.cache import SHAREABLE_KINDS
         # not cached: anything the session's prepared-statement memory must see or
         # depends on (the compiled fast path forwards cache hits without Python), and
         # DDL (the session learns views from it; functions and views change)
@@ -625,7 +626,6 @@ class Server:
         except ValueError:
             return
         if self.approvals is not None:
-            from .approvals.store import StoreUnavailable
             try:
                 withdrawn = await asyncio.to_thread(self.approvals.withdraw_cancel_key,
                                                     (pid << 32) | secret)
@@ -639,7 +639,6 @@ class Server:
         try:
             async with asyncio.timeout(self.upstream_connect_timeout):
                 if up.host.startswith("/"):
-                    from .upstream import unix_socket_path
                     reader, writer = await asyncio.open_unix_connection(
                         unix_socket_path(up.host, up.port))
                 else:
@@ -656,11 +655,10 @@ class Server:
         """Listen to the control database and beat (a fleet member): every worker."""
         if self.control is None:
             return
-        from .control.fleet import Heartbeat
         self.control.start()
 
         def stats() -> tuple[int, int]:
-            held = sum(1 for s in self.sessions if s.approval and s.approval[1])
+            held = sum(1 for s in self.sessions if s.holds.approval and s.holds.approval[1])
             return len(self.sessions), held
 
         self.metrics.gauge("pgguard_control_up",
@@ -678,7 +676,6 @@ class Server:
         """Open this worker's audit stream (recovering leftover WAL first)."""
         if not self.cfg.audit.enabled:
             return
-        from .audit.writer import AuditLog
         self.audit = AuditLog(self.cfg.audit, self.cfg.base_dir, stream=f"w{self.worker}",
                               roll_seconds=parse_duration(self.cfg.audit.seal_interval),
                               instance=instance_name(self.cfg))
@@ -717,21 +714,35 @@ class Server:
                         "application_name": s.params.get("application_name"),
                         "connected_at": s.started_wall, "state":
                             "relay" if s.bscan is not None else "startup",
-                        "waiting_approval": s.approval[1] if s.approval else None})
+                        "waiting_approval": s.holds.approval[1] if s.holds.approval else None})
         return out
 
     async def start_admin(self) -> None:
         if self.approvals is None:
             return
-        from .approvals.web import start_admin
+        # why: aiohttp loads only when an admin page is configured
+        from ..approvals.web import start_admin
         self.admin = await start_admin(self.cfg, self.approvals, self.metrics,
                                        sessions=self.sessions_info, token=self.admin_token)
         self.background(self._metrics_tick())
         self.background(self._views_tick())
 
+    def _services(self) -> Services:
+        return Services(
+            cfg=self.cfg, policy=self.policy, approvals=self.approvals, audit=self.audit,
+            audit_strict=self.audit_strict, metrics=self.metrics, throttle=self.throttle,
+            detectors=self.detectors, mask_key=self.mask_key, side=self.side,
+            catalog_signal=self.catalog_signal, mask_catalog=self.mask_catalog,
+            catalog_changed=self.catalog_changed, count_statement=self.count_statement,
+            remember_decision=self.remember_decision,
+            user_function_test=self.user_function_test,
+            cached_function=self.cached_function, resolve_function=self.resolve_function,
+            sessions=self.sessions, sessions_info=self.sessions_info)
+
     async def start(self, sock: socket.socket | None = None) -> None:
-        from .session import ClientProtocol
         loop = asyncio.get_running_loop()
+        # what sessions get: built once, after the audit log and the approval store
+        self.services = self._services()
         socks = [sock] if sock is not None else listen_sockets(self.cfg)
         for s in socks:
             srv = await loop.create_server(lambda: ClientProtocol(self), sock=s,
@@ -752,7 +763,6 @@ class Server:
             async with asyncio.timeout(self.shutdown_timeout):
                 await self._idle.wait()
         except TimeoutError:
-            from .errors import ShuttingDown
             for s in list(self.sessions):
                 s.terminate(ShuttingDown("terminating connection due to administrator command"))
         await asyncio.sleep(0)
@@ -833,7 +843,7 @@ def listen_sockets(cfg: Config, *, reuseport: bool = True) -> list[socket.socket
 
 def _install_uvloop() -> None:
     try:
-        import uvloop
+        import uvloop  # why: only the serving process runs on it (not the CLI, not tests)
     except ImportError:      # pragma: no cover - uvloop is a hard dependency
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -899,7 +909,6 @@ def run(cfg: Config, workers: int = 1) -> int:
     if cfg.control is not None:
         # the schema is there (created or migrated) before any worker serves; the
         # link is closed again so no forked worker inherits its socket
-        from .control.schema import migrate
         link = open_link(cfg)
         try:
             version = migrate(link)
@@ -909,7 +918,6 @@ def run(cfg: Config, workers: int = 1) -> int:
                  version)
     cancel_key = shared_cancel_key(cfg) or secrets.token_bytes(32)
     # one login-throttling table for every worker (and every worker started later)
-    from .auth import throttle
     throttle.share()
     _install_uvloop()
     signal_map = CatalogSignal(workers)     # shared by the workers forked below

@@ -1,22 +1,33 @@
-# What a session does with each statement it watches: policy decisions (cached, with a
-# compiled fast path), refusals that keep Postgres' transaction semantics exactly, and
-# the backend rewrite that turns a refusal's upstream error into the client's 42501.
+# The relay hooks: what a session does with each statement it watches.
+# Policy decisions (cached, with a compiled fast path), refusals that keep Postgres'
+# transaction semantics exactly, and the backend rewrite that turns a refusal's upstream
+# error into the client's 42501.
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import struct
 import time
+from collections import deque
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from ._core.sqlshape import shape
+import orjson
+from pglast import parse_sql, parser
+from pglast.stream import RawStream
+
+from .._core.sqlshape import shape
+from ..errors import ProtocolViolation
+from ..masking import parking
+from ..masking.wire import MASK_BACKEND, PENDING
+from ..policy.rules import Decision
+from ..policy.views import CATALOG_KINDS
+from ..protocol import messages as m
 from .blast import has_txn_control, plan_for
-from .errors import ProtocolViolation
-from .masking import parking
-from .masking.wire import MASK_BACKEND, PENDING
-from .policy.views import CATALOG_KINDS
-from .protocol import messages as m
+from .tracking import REFUSAL_SYNC, statement_record
+
+if TYPE_CHECKING:
+    from .services import Services
 
 log = logging.getLogger("pgguard.session")
 
@@ -41,25 +52,88 @@ class Guarded:
 
 
 class Enforcement:
-    """Session mixin: the relay hooks for watched frontend messages and diverted
-    backend messages. Expects the Session's state (fscan, bscan, pipes, policy,
-    tracker, refusals...)."""
+    """A session's part: the relay hooks for watched frontend messages and diverted
+    backend messages. It owns the relay's bookkeeping of refusals and watching
+    (``discarding`` after a refused Parse until Sync, ``sync_adjust``, ``refusals``
+    awaiting their answer, ``z_count``, ``watch``); only its own methods change them.
+    The session's pipes call client_items()/backend_items() (the session hands them on
+    as its own attributes, no extra call)."""
+
+    def __init__(self, session, services: Services) -> None:
+        self.s = session
+        self.services = services
+        self.discarding = False         # after a refused Parse: drop until Sync
+        self.sync_adjust = 0            # upstream sync points minus fscan.count
+        self.refusals: deque = deque()  # injected refusals awaiting their answer
+        self.drop_next_z = False
+        self.z_count = 0
+        self.watch = b"X"
+        self._base_watch = b"X"
+        self._guarding = False          # Bind/Execute/Close/Sync watched for it
+
+    def relay_starts(self) -> None:
+        """What the client scan watches from the relay's start: what the policy, the
+        audit and masking each need to see in Python."""
+        s = self.s
+        self.watch = (b"QPF" if s.policy is not None else b"") + \
+            (b"QPBESF" if self.services.audit is not None else b"") + \
+            (b"QPBDES" if s.masking is not None else b"") + b"X"
+        self._base_watch = self.watch
+
+    def fast_path(self, on: bool) -> None:
+        """Let the compiled client pipe forward what needs no Python (off while
+        discarding after a refusal): statements the policy's cached decision allows,
+        or all of them without a policy; with the audit, the extended-protocol messages
+        the tracker pairs too. Masking and the strict audit see each message in Python."""
+        s = self.s
+        pipe = s.client_pipe
+        lane = pipe.mask
+        if lane is not None:        # masking: the lane, for statements that read no mask
+            lane.on = on and not self.services.audit_strict and not self._guarding and \
+                s.policy is not None
+            lane.idle = False
+            if lane.on:
+                pipe.exact, pipe.shapes = s._cache
+                pipe.guard = None
+                pipe.allow_all = False
+                pipe.log_types = b"BES" if s.tracker is not None else None
+                s.masking.maybe_idle()
+                return
+        if not on or self.services.audit_strict or s.masking is not None or self._guarding:
+            pipe.exact = pipe.shapes = pipe.log_types = None
+            pipe.allow_all = False
+            # while the blast-radius guard watches, Query/Parse go to Python, and only
+            # the Bind/Execute/Close/Sync that name nothing guarded are forwarded there
+            # (with the guard's bookkeeping): the unguarded statements of a session that
+            # prepared a guarded one pay no Python
+            pipe.guard = s.guard if on and self._guarding and not \
+                self.services.audit_strict and s.masking is None else None
+            return
+        pipe.guard = None
+        if s.policy is not None:
+            pipe.exact, pipe.shapes = s._cache
+        else:
+            pipe.allow_all = True
+        if s.tracker is not None:
+            # a FunctionCall is judged under a policy: never forwarded here then
+            pipe.log_types = b"BES" if s.policy is not None else b"BESF"
 
     # -- relay hooks (called by the compiled pipes)
     def client_items(self, items: list) -> None:
         """Frontend messages the scan withheld (Query, Parse, Terminate, and for the
         audit Bind/Execute/Sync) with the forwarded runs around them; everything while
         discarding after a refusal or holding for a durable audit record."""
-        if self.held is not None:
-            self._hold_more(items)
+        s = self.s
+        if s.holds.held is not None:
+            s.holds.more(items)
             return
         out: list[bytes] = []
-        scan = self.fscan
-        strict = self.server.audit_strict and self.tracker is not None
+        scan = s.fscan
+        strict = s.services.audit_strict and s.tracker is not None
         while True:
             for i, it in enumerate(items):
-                if self.held is not None:       # a hold began: keep the rest, in order
-                    self._hold_more(items[i:])
+                if s.holds.held is not None:       # a hold began: keep the rest, in order
+                    s.holds.more(items[i:])
                     return
                 if it.__class__ is bytes:
                     if not self.discarding:
@@ -68,73 +142,73 @@ class Enforcement:
                 t, msg = it
                 if self.discarding:
                     # Postgres ignores everything after an error until Sync
-                    if t == 83:                 # 'S' Sync: ends the discarding
+                    if t == m.SYNC:             # ends the discarding
                         self.discarding = False
                         scan.set_interest(ALL_TYPES, False)
                         scan.set_interest(self.watch, True)
                         self.fast_path(True)
                         out.append(msg)
-                        if self.masking is not None:    # its ReadyForQuery pairs too
-                            self.masking.frontend(83, msg)
-                        if self.tracker is not None:
-                            self.tracker.flog.append((msg, None, 0))
-                    elif t == 88:               # 'X' Terminate
+                        if s.masking is not None:    # its ReadyForQuery pairs too
+                            s.masking.frontend(m.SYNC, msg)
+                        if s.tracker is not None:
+                            s.tracker.flog.append((msg, None, 0))
+                    elif t == m.TERMINATE:
                         self._terminate_from_client(out, msg)
                         return
-                    elif t in (81, 70):         # a dropped Query/FunctionCall: no Z
+                    elif t == m.QUERY or t == m.FUNCTION_CALL:   # dropped: no Z
                         self.sync_adjust -= 1
                     continue
-                if (t == 81 or t == 80) and _pg_rejects(msg):
+                if (t == m.QUERY or t == m.PARSE) and _pg_rejects(msg):
                     # malformed as Postgres reads it: it runs nothing and answers
                     # with its own 08P01 ERROR, so it goes upstream unjudged
                     self._forward_rejected(t, msg, out)
-                elif t == 81:                   # 'Q' simple Query
+                elif t == m.QUERY:
                     n = len(out)
                     self._on_query(msg, out, items[i + 1:])
                     if strict and len(out) > n and out[-1] is msg:
-                        self._hold_for_record(out, items[i + 1:])
+                        s.holds.for_record(out, items[i + 1:])
                         return
-                elif t == 80:                   # 'P' Parse
+                elif t == m.PARSE:
                     self._on_parse(msg, out)
-                elif t == 88:                   # 'X' Terminate
+                elif t == m.TERMINATE:
                     self._terminate_from_client(out, msg)
                     return
-                elif t == 70 and self.fncalls is not None:  # 'F' FunctionCall
-                    if self.fncalls.on_message(msg, out, items[i + 1:]):
+                elif t == m.FUNCTION_CALL and s.fncalls is not None:
+                    if s.fncalls.on_message(msg, out, items[i + 1:]):
                         return          # its function is looked up: the stream waits
                 else:                           # Bind / Describe / Execute / Sync / ...
-                    guard = self.guard
+                    guard = s.guard
                     plan = None
                     if guard is not None and guard.watching:
-                        if t == 66:             # 'B' Bind: the portal inherits the guard
+                        if t == m.BIND:         # the portal inherits the guard
                             guard.on_bind(msg)
                             again = guard.bind_needs_approval(msg)
                             if again is not None:   # an approval covers one execution
-                                self._hold_for_approval(
+                                s.holds.for_approval(
                                     again[0], msg, out, extended=True, sql=again[1],
                                     parse=again[2])
                                 continue
-                        elif t == 67:           # 'C' Close
+                        elif t == m.CLOSE:
                             guard.on_close(msg)
-                            self._guard_watch()
-                        elif t == 69:           # 'E' Execute
+                            self.guard_watch()
+                        elif t == m.EXECUTE:
                             plan = guard.portal_plan(msg)
                             if plan is None:
                                 guard.on_execute()
-                        elif t == 83:           # 'S' Sync
+                        elif t == m.SYNC:
                             if guard.owe is not None:
                                 guard.before_sync(out, msg, items[i + 1:])
-                                self._guard_watch()
+                                self.guard_watch()
                                 msg = None
                             guard.on_sync()
                     if msg is not None and plan is None:
                         out.append(msg)
-                    if self.masking is not None:
-                        self.masking.frontend(t, it[1])
-                    if self.tracker is not None:
-                        self.tracker.flog.append((it[1], None, time.monotonic_ns()))
-                        if strict and t == 69 and plan is None:  # durable record first
-                            self._hold_for_record(out, items[i + 1:])
+                    if s.masking is not None:
+                        s.masking.frontend(t, it[1])
+                    if s.tracker is not None:
+                        s.tracker.flog.append((it[1], None, time.monotonic_ns()))
+                        if strict and t == m.EXECUTE and plan is None:  # durable record first
+                            s.holds.for_record(out, items[i + 1:])
                             return
                     if plan is not None:        # runs under the row limit
                         guard.start_execute(it[1], plan, out, items[i + 1:])
@@ -144,33 +218,36 @@ class Enforcement:
                 break
             items = scan.feed(rest)
         if out:
-            self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            s.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
     def _forward_rejected(self, t: int, msg: bytes, out: list) -> None:
         """A Query or Parse that Postgres refuses as malformed (_pg_rejects): sent on
         as it is, with the bookkeeping of a statement that fails (its error, then the
         Query's ReadyForQuery or the skip to Sync)."""
+        s = self.s
         out.append(msg)
-        mask = self.masking
+        mask = s.masking
         if mask is not None:
-            if t == 81:
+            if t == m.QUERY:
                 mask.fseg += 1
             else:
                 mask.failed_parse()
-        if self.tracker is not None:
-            self.tracker.flog.append((msg, None, time.monotonic_ns()))
+        if s.tracker is not None:
+            s.tracker.flog.append((msg, None, time.monotonic_ns()))
 
     def _terminate_from_client(self, out: list, msg: bytes) -> None:
+        s = self.s
         out.append(msg)
-        self.up.transport.write(b"".join(out))
-        self.close()
+        s.up.transport.write(b"".join(out))
+        s.close()
 
 
-    def _decide(self, msg: bytes, text_start: int, text_end: int):
+    def decide(self, msg: bytes, text_start: int, text_end: int):
         """The policy decision for the SQL text msg[text_start:text_end], cached by
         the raw bytes and by the literal-insensitive shape."""
-        exact, shapes = self._cache
+        s = self.s
+        exact, shapes = s._cache
         d = exact.get(msg)
         if d is not None:
             return d.decision if d.__class__ is Guarded else d
@@ -183,30 +260,29 @@ class Enforcement:
         try:
             sql = raw.decode("utf-8")
         except UnicodeDecodeError:
-            from .policy.rules import Decision
             return Decision(action="block", rule="encoding",
                             message='pgguard: statement refused by rule "encoding": the '
                                     "statement is not valid UTF-8",
                             detail=f"the bytes at offset {_bad_utf8_offset(raw)} do not "
                                    "decode as UTF-8",
                             hint="Send statements in UTF-8 (client_encoding = UTF8).")
-        d = self.policy.decide(sql, self.identity_name, self.identity, self.database,
-                               self.prepared, views=self.views.current()
-                               if self.views is not None else None)
-        if self.readonly and d.action == "allow" and not _reads_only(d):
+        d = s.policy.decide(sql, s.identity_name, s.identity, s.database,
+                               s.prepared, views=s.views.current()
+                               if s.views is not None else None)
+        if s.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
-        if self.pinned_role and _changes_role(d):     # whatever the policy said
+        if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
-        if d.action != "block" and self.masking is not None:
-            d = parking.judge(self, d, sql)     # no parking of masked values
-        if d.action != "block" and self.views is not None:
+        if d.action != "block" and s.masking is not None:
+            d = parking.judge(s, d, sql)     # no parking of masked values
+        if d.action != "block" and s.views is not None:
             self._catalog_effects(d)
-        if self.guard is None or d.action != "allow" or self._plan(d) is None:
-            self.server.remember_decision(self._cache, msg, key, d)
+        if s.guard is None or d.action != "allow" or self._plan(d) is None:
+            s.services.remember_decision(s._cache, msg, key, d)
         else:
             # guarded statements never take the compiled fast path (its test is
             # action == "allow"), but their decision is not made again each time
-            self.server.remember_decision(self._cache, msg, key, Guarded(d))
+            s.services.remember_decision(s._cache, msg, key, Guarded(d))
         return d
 
 
@@ -214,99 +290,103 @@ class Enforcement:
         """DDL let through: the catalog caches are stale; views it creates count for
         this session's next statements at once (and for other sessions when not
         temporary). Such decisions are never cached, so each one gets here."""
+        s = self.s
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
-        self.server.catalog_changed(self.database, self)
-        if self.views.learn(d.statements):
+        s.services.catalog_changed(s.database, s)
+        if s.views.learn(d.statements):
             # this session's view knowledge differs from its peers' (and from what its
             # cached decisions saw): decide again, in a cache of its own
-            self.own_cache = True
-            self._cache = ({}, {})
-            pipe = self.client_pipe
+            s.own_cache = True
+            s._cache = ({}, {})
+            pipe = s.client_pipe
             if pipe is not None and pipe.exact is not None:
-                pipe.exact, pipe.shapes = self._cache
+                pipe.exact, pipe.shapes = s._cache
 
     def _on_query(self, msg: bytes, out: list, later: list = ()) -> None:
-        d = self._decide(msg, 5, len(msg) - 1) if self.policy is not None else None
+        s = self.s
+        d = self.decide(msg, 5, len(msg) - 1) if s.policy is not None else None
         if d is None or d.action == "allow":
-            if self.masking is not None and self._lineage_wait(d, msg, 5, len(msg) - 1, (),
+            if s.masking is not None and self._lineage_wait(d, msg, 5, len(msg) - 1, (),
                                                                out):
                 return
             plan = None
-            if self.guard is not None:
-                self.guard.on_query()
+            if s.guard is not None:
+                s.guard.on_query()
                 plan = self._plan(d, msg[5:-1])
                 if plan is not None and len(d.statements) > 1 and has_txn_control(d):
-                    self._inject_refusal(_mixed_txn_refusal(d), out, extended=False,
+                    self.inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
-            if self.masking is not None and not self._mask_query(d, msg, out):
+            if s.masking is not None and not self._mask_query(d, msg, out):
                 return
             if plan is None:
                 out.append(msg)
-            self.server.count_statement("allowed")
-            if self.tracker is not None:
-                self.tracker.flog.append((msg, d, time.monotonic_ns()))
+            s.services.count_statement("allowed")
+            if s.tracker is not None:
+                s.tracker.flog.append((msg, d, time.monotonic_ns()))
             if plan is not None:
-                self.guard.start_query(msg, plan, out, list(later))
-                self._guard_watch()
-            if d is not None and self.prepared is not None and d.statements \
+                s.guard.start_query(msg, plan, out, list(later))
+                self.guard_watch()
+            if d is not None and s.prepared is not None and d.statements \
                     and _touches_prepared(d):
-                self.prepared.observe(d.statements)
+                s.prepared.observe(d.statements)
             return
         if d.action == "approve":
-            self._hold_for_approval(d, msg, out, extended=False, sql=msg[5:-1])
+            s.holds.for_approval(d, msg, out, extended=False, sql=msg[5:-1])
             return
         # the client's Query is replaced by one that fails upstream: same Z count
-        self._inject_refusal(d, out, extended=False, sql=msg[5:-1])
+        self.inject_refusal(d, out, extended=False, sql=msg[5:-1])
 
 
     def _mask_query(self, d, msg: bytes, out: list) -> bool:
         """Bookkeeping for a Query about to run under masking; False when it is refused
         instead (a COPY of masked data pgguard cannot mask) or held while pgguard learns
         the columns of a COPY (query)."""
-        mask = self.masking
-        reads = _reads_masked(self, d)
+        s = self.s
+        mask = s.masking
+        reads = _reads_masked(s, d)
         lin = mask.lineage_now(msg[5:-1], d)
         rows_reads = reads or _rows_unseen(d)
         if d is not None and any(st.kind == "copy" for st in d.statements):
             specs = _copy_specs(mask, msg[5:-1].decode("utf-8", "replace"), reads)
             if isinstance(specs, str):
-                self._inject_refusal(_copy_refusal(specs, d), out, extended=False,
+                self.inject_refusal(_copy_refusal(specs, d), out, extended=False,
                                      sql=msg[5:-1])
                 return False
-            mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin)
+            mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin)
             mask.query_copies(specs)
             mask.fseg += 1
             if any(sp[0] == "query" for sp in specs):
                 # COPY (query): learn its columns first (side connection), then run it;
                 # the specs are completed in place (the Query's plan holds the list)
-                self._hold_for_copy_plan(msg, out, specs)
+                s.holds.for_copy_plan(msg, out, specs)
                 return False
             return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
-            self.server.catalog_changed(self.database, self)
+            s.services.catalog_changed(s.database, s)
             mask.forget_lineage()
-        mask.frontend(81, msg, rows_reads, None if lin is PENDING else lin, d)
+        mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin, d)
         mask.fseg += 1
         return True
 
     def _mask_parse_copy(self, d, msg: bytes, name: bytes, sql: bytes, out: list) -> bool:
         """A COPY prepared through Parse: its plan is kept by statement name for every
         Bind/Execute of it; False when it is refused instead."""
-        mask = self.masking
-        reads = _reads_masked(self, d)
+        s = self.s
+        mask = s.masking
+        reads = _reads_masked(s, d)
         specs = _copy_specs(mask, sql.decode("utf-8", "replace"), reads)
         if isinstance(specs, str):
-            self._refuse_any(_copy_refusal(specs, d), out, True, sql)
+            self.refuse_any(_copy_refusal(specs, d), out, True, sql)
             return False
         if specs and specs[0][0] == "query":
             # COPY (query): the stream waits while pgguard learns its columns
-            self._hold_for_copy_parse(msg, out, name, specs[0], reads, d)
+            s.holds.for_copy_parse(msg, out, name, specs[0], reads, d)
             return True
         out.append(msg)
-        out.append(mask.frontend(80, msg, _reads_masked(self, d, True)))
+        out.append(mask.frontend(m.PARSE, msg, _reads_masked(s, d, True)))
         mask.parsed_copy(specs[0] if specs else None)
         return True
 
@@ -315,97 +395,100 @@ class Enforcement:
         """Masking needs the planner's lineage of a statement it has not seen: hold the
         stream (what came before goes on) until it is known, then take the message up
         again. False when it is known already (or not needed)."""
-        if self.masking.lineage_now(msg[start:end], d, oids) is not PENDING:
+        s = self.s
+        if s.masking.lineage_now(msg[start:end], d, oids) is not PENDING:
             return False
-        self._begin_hold(out, [])
-        task = asyncio.get_running_loop().create_task(
-            self._lineage_then(d, msg, start, end, oids))
-        self.approval = [task, None]
+        s.holds.begin(out, [])
+        s.holds.side_task(self._lineage_then(d, msg, start, end, oids))
         return True
 
     async def _lineage_then(self, d, msg: bytes, start: int, end: int, oids: tuple) -> None:
-        await self.masking.lineage_load(msg[start:end], d, oids)
-        self.approval = None
-        if self.closed:
+        s = self.s
+        await s.masking.lineage_load(msg[start:end], d, oids)
+        s.holds.side_task_done()
+        if s.closed:
             return
-        self.held_items.insert(0, (msg[0], msg))
-        self._release_hold([])
+        s.holds.put_back([(msg[0], msg)])
+        s.holds.release([])
 
     def _on_parse(self, msg: bytes, out: list) -> None:
+        s = self.s
         try:
             name, pos = m.parse_cstr(msg, 5)
             end = msg.index(b"\0", pos)
         except ValueError:
-            self.fail(ProtocolViolation("invalid Parse message"))
+            s.fail(ProtocolViolation("invalid Parse message"))
             return
-        d = self._decide(msg, pos, end) if self.policy is not None else None
+        d = self.decide(msg, pos, end) if s.policy is not None else None
         if d is None or d.action == "allow":
             lin = None
-            if self.masking is not None and d is not None and any(
+            if s.masking is not None and d is not None and any(
                     st.kind == "copy" for st in d.statements):
                 # a COPY: its plan is the COPY's spec (no lineage of its own)
                 if not self._mask_parse_copy(d, msg, name.encode() if isinstance(name, str)
                                              else name, msg[pos:end], out):
                     return
             else:
-                if self.masking is not None:
+                if s.masking is not None:
                     oids = _param_oids(msg, end + 1)
                     if self._lineage_wait(d, msg, pos, end, oids, out):
                         return
-                    lin = self.masking.lineage_now(msg[pos:end], d, oids)
+                    lin = s.masking.lineage_now(msg[pos:end], d, oids)
                 out.append(msg)
-                if self.masking is not None:
-                    out.append(self.masking.frontend(80, msg, _reads_masked(self, d, True),
-                                                     lin, d))
-            if self.tracker is not None:
-                self.tracker.flog.append((msg, d, 0))
-            if name and d is not None and self.prepared is not None and d.statements:
-                self.prepared.record(name, d.statements[0])
-            if self.guard is not None:
-                self.guard.on_parse(name.encode() if isinstance(name, str) else name,
+                if s.masking is not None:
+                    out.append(s.masking.frontend(m.PARSE, msg, _reads_masked(s, d, True),
+                                                  lin, d))
+            if s.tracker is not None:
+                s.tracker.flog.append((msg, d, 0))
+            if name and d is not None and s.prepared is not None and d.statements:
+                s.prepared.record(name, d.statements[0])
+            if s.guard is not None:
+                s.guard.on_parse(name.encode() if isinstance(name, str) else name,
                                     self._plan(d, msg[pos:end]))
-                self._guard_watch()
+                self.guard_watch()
             return
         if d.action == "approve":
-            self._hold_for_approval(d, msg, out, extended=True, sql=msg[pos:end], name=name)
+            s.holds.for_approval(d, msg, out, extended=True, sql=msg[pos:end], name=name)
             return
-        self._refuse_any(d, out, True, msg[pos:end])
+        self.refuse_any(d, out, True, msg[pos:end])
 
 
-    def _refuse_any(self, d, out: list, extended: bool, sql: bytes, **kw) -> None:
+    def refuse_any(self, d, out: list, extended: bool, sql: bytes, **kw) -> None:
+        s = self.s
         if extended:
             self.sync_adjust += 1
-            self._inject_refusal(d, out, extended=True, sql=sql, **kw)
+            self.inject_refusal(d, out, extended=True, sql=sql, **kw)
             self.discarding = True
-            self.fscan.set_interest(ALL_TYPES, True)
+            s.fscan.set_interest(ALL_TYPES, True)
             self.fast_path(False)       # each message to client_items until Sync
         else:
-            self._inject_refusal(d, out, extended=False, sql=sql, **kw)
+            self.inject_refusal(d, out, extended=False, sql=sql, **kw)
 
 
-    def _inject_refusal(self, d, out: list, extended: bool, sql: bytes = b"",
+    def inject_refusal(self, d, out: list, extended: bool, sql: bytes = b"",
                         outcome: str = "blocked", approver: str | None = None,
                         sqlstate: str = "42501") -> None:
-        log.info("session %s: %s refused by rule %s", self.id, self.identity_name, d.rule)
+        s = self.s
+        log.info("session %s: %s refused by rule %s", s.id, s.identity_name, d.rule)
         out.append(_refusal_query(d))
-        if self.masking is not None:
-            self.masking.fseg += 1
-        self.server.count_statement(outcome)
-        if self.tracker is not None:
-            from .tracking import REFUSAL_SYNC, statement_record
-            rec = statement_record(self, sql, d, outcome, _now())
+        if s.masking is not None:
+            s.masking.fseg += 1
+        s.services.count_statement(outcome)
+        if s.tracker is not None:
+            rec = statement_record(s, sql, d, outcome, _now())
             rec.approver = approver
             rec.sqlstate = sqlstate
             rec.error = d.message
-            self.server.audit.log(rec)
-            self.tracker.flog.append((REFUSAL_SYNC, None, 0))
-        target = self.fscan.count + self.sync_adjust
+            s.services.audit.log(rec)
+            s.tracker.flog.append((REFUSAL_SYNC, None, 0))
+        target = s.fscan.count + self.sync_adjust
         self.refusals.append([target, d, extended, False, sqlstate])
         self._divert_backend(True)
 
 
     def _divert_backend(self, on: bool) -> None:
-        pipe, scan = self.up_pipe, self.bscan
+        s = self.s
+        pipe, scan = s.up_pipe, s.bscan
         if on:
             if pipe.divert:
                 return
@@ -413,13 +496,13 @@ class Enforcement:
             scan.set_interest(ALL_TYPES, True)
             scan.set_withhold(True)
             pipe.divert = True
-        elif self.masking is not None:
+        elif s.masking is not None:
             if scan.at_boundary:
                 scan.set_interest(ALL_TYPES, False)
                 scan.set_interest(MASK_BACKEND, True)
         elif pipe.divert and scan.set_withhold(False):
             scan.set_interest(ALL_TYPES, False)
-            if self.tracker is not None:
+            if s.tracker is not None:
                 scan.set_interest(b"CEIsZ", True)
             pipe.divert = False
 
@@ -427,28 +510,31 @@ class Enforcement:
     def _plan(self, d, sql: bytes = b""):
         """The blast-radius guard's plan for decision ``d`` of this session (None: not
         guarded)."""
+        s = self.s
         if d is None:
             return None
-        cfg = self.server.cfg.policy
-        default = cfg.agents_max_rows if self.identity.kind == "agent" else \
+        cfg = s.services.cfg.policy
+        default = cfg.agents_max_rows if s.identity.kind == "agent" else \
             cfg.humans_max_rows
-        return plan_for(d, self.identity, sql, default,
-                        self.server.user_function_test(self.database))
+        return plan_for(d, s.identity, sql, default,
+                        s.services.user_function_test(s.database))
 
     def _routed(self, items: list):
         """The backend items after the blast-radius guard took its own answers out
         (one at a time: a guard step may release held client messages, which read the
         ReadyForQuery count as of that item)."""
-        guard = self.guard
+        s = self.s
+        guard = s.guard
         for it in items:
             if not guard.chain:
                 yield it
                 continue
             yield from guard.route(it)
 
-    def _divert_all(self) -> None:
+    def divert_all(self) -> None:
         """Every backend message to backend_items (the guard reads them all)."""
-        pipe, scan = self.up_pipe, self.bscan
+        s = self.s
+        pipe, scan = s.up_pipe, s.bscan
         if not pipe.divert:
             self.z_count = scan.count
         scan.set_interest(ALL_TYPES, True)
@@ -457,32 +543,35 @@ class Enforcement:
 
     def visible_z(self) -> int:
         """ReadyForQuery messages the client has been sent (or is being sent)."""
-        if not self.up_pipe.divert:
-            return self.bscan.count
-        g = self.guard
+        s = self.s
+        if not s.up_pipe.divert:
+            return s.bscan.count
+        g = s.guard
         return self.z_count + (sum(1 for it in g.out if it.__class__ is tuple
-                                   and it[0] == 90) if g is not None else 0)
+                                   and it[0] == m.READY_FOR_QUERY) if g is not None else 0)
 
     def visible_status(self) -> int:
         """The transaction status of the last ReadyForQuery the client gets."""
-        g = self.guard
+        s = self.s
+        g = s.guard
         if g is not None:
             for it in reversed(g.out):
-                if it.__class__ is tuple and it[0] == 90:
+                if it.__class__ is tuple and it[0] == m.READY_FOR_QUERY:
                     return it[1][5]
-        return self.bscan.status
+        return s.bscan.status
 
-    def _guard_watch(self) -> None:
+    def guard_watch(self) -> None:
         """Bind/Execute/Close/Sync reach Python while a guarded statement or portal
         exists (and no statement takes the compiled fast path meanwhile)."""
-        on = self.guard.watching
+        s = self.s
+        on = s.guard.watching
         if on == self._guarding:
             return
         self._guarding = on
-        self.guard.segment_unseen()     # earlier messages of this segment went unseen
+        s.guard.segment_unseen()     # earlier messages of this segment went unseen
         self.watch = self._base_watch + (b"BECS" if on else b"")
         if not self.discarding:
-            scan = self.fscan
+            scan = s.fscan
             scan.set_interest(ALL_TYPES, False)
             scan.set_interest(self.watch, True)
             self.fast_path(True)        # guard mode while on (see fast_path)
@@ -490,10 +579,11 @@ class Enforcement:
     def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
+        s = self.s
         out: list[bytes] = []
         refusals = self.refusals
-        mask = self.masking
-        guard = self.guard
+        mask = s.masking
+        guard = s.guard
         if mask is not None and mask.holding(items):
             return                      # rows wait for the mask catalog: keep order
         seq = iter(items if routed or guard is None or not guard.chain
@@ -505,46 +595,46 @@ class Enforcement:
                 out.append(it)
                 continue
             t, msg = it
-            if t == 84 and mask is not None and mask.stale(msg):
+            if t == m.ROW_DESCRIPTION and mask is not None and mask.stale(msg):
                 mask.hold_rows(out, [it, *seq])     # unknown table: read the catalog
                 return
-            if t == 90:                                  # 'Z' ReadyForQuery
+            if t == m.READY_FOR_QUERY:
                 self.z_count += 1
-                self.bscan.status = msg[5]
+                s.bscan.status = msg[5]
                 drop = False
                 if refusals and self.z_count >= refusals[0][0]:
                     target, d, extended, seen, _ = refusals.popleft()
-                    if not seen and self.tracker is not None:
-                        self.tracker.refusal_ignored()
+                    if not seen and s.tracker is not None:
+                        s.tracker.refusal_ignored()
                     drop = seen and extended             # answered our injected Query
-                if self.tracker is not None:
-                    self.tracker.on_backend(t, msg)
-                if mask is not None and mask.ddl_pending and msg[5] == 73:    # idle
+                if s.tracker is not None:
+                    s.tracker.on_backend(t, msg)
+                if mask is not None and mask.ddl_pending and msg[5] == m.TX_IDLE:
                     mask.ddl_pending = False    # its DDL is committed (or rolled back)
-                    self.server.catalog_changed(self.database)
+                    s.services.catalog_changed(s.database)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if not drop and msg is not None:
                     out.append(msg)
-            elif t == 69 and refusals and _is_marker(msg):  # 'E' ours
+            elif t == m.ERROR_RESPONSE and refusals and _is_marker(msg):  # ours
                 r = refusals[0]
                 r[3] = True
                 d = r[1]
                 out.append(m.error_response(r[4], d.message, detail=d.detail or None,
                                             hint=d.hint or None))
             else:
-                if self.tracker is not None and t in _TRACKED:
-                    self.tracker.on_backend(t, msg)
+                if s.tracker is not None and t in _TRACKED:
+                    s.tracker.on_backend(t, msg)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if msg is not None:
                     out.append(msg)
         if out:
-            self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            s.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if not refusals and (guard is None or not guard.chain):
             self._divert_backend(False)
-        if self.draining:
-            self.backend_chunk()
+        if s.draining:
+            s.backend_chunk()
 
 
 
@@ -574,7 +664,7 @@ def _pg_rejects(msg: bytes) -> bool:
     message's end (pq_getmsgend)."""
     n = len(msg)
     first = msg.find(b"\0", 5)
-    if msg[0] == 81:                                # Query: one string, nothing after
+    if msg[0] == m.QUERY:                            # one string, nothing after
         return first != n - 1
     if first < 0:                                   # Parse: name, text, count, OIDs
         return True
@@ -637,7 +727,6 @@ def _changes_role(d) -> bool:
 
 
 def _pinned_refusal(d):
-    from .policy.rules import Decision
     st = next((st for st in d.statements if "opaque" in st.flags), None)
     if st is not None:
         why = next((r.text for r in st.reasons if r.flag == "opaque"), "")
@@ -660,7 +749,6 @@ def _pinned_refusal(d):
 
 
 def _readonly_refusal(d):
-    from .policy.rules import Decision
     st = next(st for st in d.statements if _changes(st))
     what = "changes the database"
     if not (_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)):
@@ -677,7 +765,6 @@ def _readonly_refusal(d):
 
 
 def _mixed_txn_refusal(d):
-    from .policy.rules import Decision
     return Decision(
         action="block", rule="blast-radius",
         message='pgguard: statement refused by rule "blast-radius": a query text that both '
@@ -744,8 +831,6 @@ def _copy_specs(mask, sql: str, reads: bool):
     None, CopyFormat) for a table (None: no masked column, the detectors scan it), or
     ("query", text, fmt, options) for a COPY (query) of masked data whose columns pgguard
     must learn first. A string: why the statement cannot be masked (refuse it)."""
-    import orjson
-    from pglast import parser
     try:
         stmts = orjson.loads(parser.parse_sql_json(sql))["stmts"]
     except Exception:       # noqa: BLE001 - unreadable here: refuse rather than leak
@@ -813,7 +898,6 @@ def _quote_ident(name: str) -> str:
 
 
 def _copy_refusal(why: str, d):
-    from .policy.rules import Decision
     return Decision(
         action="block", rule="masking",
         message=f'pgguard: statement refused by rule "masking": {why}',
@@ -829,8 +913,6 @@ def _copy_refusal(why: str, d):
 def _copy_query_text(copy_sql: str, index: int = 0) -> str | None:
     """The query of the index-th statement, a COPY (query) TO ..., rendered back to SQL
     by pglast."""
-    from pglast import parse_sql
-    from pglast.stream import RawStream
     try:
         return RawStream()(parse_sql(copy_sql)[index].stmt.query)
     except Exception:       # noqa: BLE001

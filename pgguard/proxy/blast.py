@@ -1,6 +1,7 @@
-# The blast-radius guard: a row-changing statement of an identity under a policy runs
-# inside a savepoint (or a transaction pgguard opens); its measured row count decides
-# whether it is kept, or rolled back and refused with 42501.
+# The blast-radius guard: row-changing statements kept or rolled back by rows changed.
+# A row-changing statement of an identity under a policy runs inside a savepoint (or a
+# transaction pgguard opens); its measured row count decides whether it is kept, or
+# rolled back and refused with 42501.
 """How a guarded statement runs.
 
 Simple Query (one Query is one unit): the guard waits until every earlier statement has
@@ -41,7 +42,8 @@ import struct
 from collections import deque
 from datetime import datetime, timezone
 
-from .protocol import messages as m
+from ..protocol import messages as m
+from .tracking import statement_record
 
 log = logging.getLogger("pgguard.session")
 
@@ -53,15 +55,9 @@ _TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release",
                         "prepare_transaction", "commit_prepared", "rollback_prepared"})
 # a RETURNING result held while its count is unknown: beyond this, refuse (fail closed)
 MAX_HELD_BYTES = 32 << 20
-
-_Z = ord("Z")
-_E = ord("E")
-_C = ord("C")
-_D = ord("D")
-_N = ord("N")
-_s = ord("s")
-_I = ord("I")
-_IDLE, _INBLOCK, _FAILED = ord("I"), ord("T"), ord("E")
+# what ends an Execute's result
+_EXECUTE_ENDS = (m.COMMAND_COMPLETE, m.ERROR_RESPONSE, m.PORTAL_SUSPENDED,
+                 m.EMPTY_QUERY_RESPONSE)
 
 
 class Plan:
@@ -245,7 +241,7 @@ _SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
 
 
 def _z(status: int) -> tuple[int, bytes]:
-    return (_Z, b"Z\0\0\0\x05" + bytes((status,)))
+    return (m.READY_FOR_QUERY, b"Z\0\0\0\x05" + bytes((status,)))
 
 
 def _code(msg: bytes) -> str:
@@ -359,8 +355,8 @@ class Guard:
 
     def on_close(self, msg: bytes) -> None:
         name = msg[6:msg.index(b"\0", 6)]
-        (self.stmts if msg[5] == 83 else self.portals).pop(name, None)
-        if msg[5] == 83:
+        (self.stmts if msg[5] == m.TARGET_STATEMENT else self.portals).pop(name, None)
+        if msg[5] == m.TARGET_STATEMENT:
             self.approved.pop(name, None)
 
     def on_query(self) -> None:
@@ -421,7 +417,7 @@ class Guard:
     def _start(self, gen) -> None:
         # queued before it runs: whatever its first steps release queues behind it
         self.chain.append(gen)
-        self.s._divert_all()
+        self.s.enforce.divert_all()
         try:
             next(gen)
         except StopIteration:
@@ -438,7 +434,7 @@ class Guard:
         the scan has counted those in ``later`` too, which are not sent yet."""
         s = self.s
         ahead = sum(1 for it in later if it.__class__ is tuple and it[0] in _SYNC_TYPES)
-        return s.fscan.count + s.sync_adjust - ahead - s.visible_z()
+        return s.fscan.count + s.enforce.sync_adjust - ahead - s.enforce.visible_z()
 
     def _name(self) -> bytes:
         self.seq += 1
@@ -449,53 +445,53 @@ class Guard:
         """``msg`` (a Query) runs under the guard; ``out`` holds what precedes it,
         ``later`` the rest of the batch."""
         s = self.s
-        s._begin_hold(out, [])          # client_items holds the rest of the batch
-        if plan.by_tag and self._lane_free() and s.visible_status() == _INBLOCK \
-                and self._unanswered(s.held_items) == 1:
+        s.holds.begin(out, [])          # client_items holds the rest of the batch
+        if plan.by_tag and self._lane_free() and s.enforce.visible_status() == m.TX_IN_BLOCK \
+                and self._unanswered(s.holds.items) == 1:
             # in a block, nothing else unanswered: _query_in_block, on the compiled lane
             self.lane = (plan, self._held_query_steps)
             s.up.transport.write(msg)
             s.up_pipe.hold_count(plan.lane_limit())
             return
         self._after_record(msg, lambda: self._start(self._query_steps(
-            msg, plan, self._unanswered(later if s.held_items is None
-                                        else s.held_items) - 1)), later)
+            msg, plan, self._unanswered(later if s.holds.items is None
+                                        else s.holds.items) - 1)), later)
 
     def _after_record(self, msg: bytes, fire, later: list) -> None:
         """``fire`` now, or under strict durability once the statement's audit record
         is on disk (the held stream waits meanwhile)."""
         s = self.s
-        if not (s.server.audit_strict and s.tracker is not None):
+        if not (s.services.audit_strict and s.tracker is not None):
             fire()
             return
-        fut = s.server.audit.log_strict(s.tracker.strict_record(msg))
+        fut = s.services.audit.log_strict(s.tracker.strict_record(msg))
 
         def durable(f) -> None:
             if s.closed:
                 return
             if f.cancelled() or f.exception() is not None:
-                s._record_durable(f)            # closes the session, saying why
+                s.holds.record_durable(f)            # closes the session, saying why
                 return
             fire()
         fut.add_done_callback(durable)
 
     def _query_steps(self, msg: bytes, plan: Plan, need: int):
         s = self.s
-        status = s.visible_status()
+        status = s.enforce.visible_status()
         while need > 0:                      # earlier statements still unanswered
             t, data = yield
             self._pass(t, data)
-            if t == _Z:
+            if t == m.READY_FOR_QUERY:
                 need -= 1
                 status = data[5]
-        if status == _FAILED:                # it fails anyway, as Postgres would have it
+        if status == m.TX_FAILED:            # it fails anyway, as Postgres would have it
             s.up.transport.write(msg)
-            s._release_hold([])
+            s.holds.release([])
             return
-        if status == _INBLOCK and plan.by_tag:
+        if status == m.TX_IN_BLOCK and plan.by_tag:
             yield from self._query_in_block(msg, plan)
             return
-        opened = status == _IDLE
+        opened = status == m.TX_IDLE
         pre = _query(b"BEGIN" if opened else b"SAVEPOINT " + SAVEPOINT.encode())
         snap = b"" if plan.by_tag else _query(plan.snapshot_sql())
         s.up.transport.write(pre + snap + msg + snap)
@@ -517,13 +513,13 @@ class Guard:
             if opened:
                 s.up.transport.write(_query(b"ROLLBACK"))
                 self.out.extend(buf)
-                self.out.append(_z(_IDLE))
-                s._release_hold([])
+                self.out.append(_z(m.TX_IDLE))
+                s.holds.release([])
                 yield from self._swallow_query()
             else:
                 self.out.extend(buf)
-                self.out.append((_Z, z))
-                s._release_hold([])
+                self.out.append((m.READY_FOR_QUERY, z))
+                s.holds.release([])
             return
         if count > plan.limit or every:
             self._log_over(plan, count, every)
@@ -533,8 +529,8 @@ class Guard:
                 s.up.transport.write(_query(b"ROLLBACK TO SAVEPOINT " + SAVEPOINT.encode())
                                      + _query(_FAIL_SQL))
             self.out.append(self._refusal(plan, count, every))
-            self.out.append(_z(_IDLE if opened else _FAILED))
-            s._release_hold([])
+            self.out.append(_z(m.TX_IDLE if opened else m.TX_FAILED))
+            s.holds.release([])
             yield from self._swallow_query()
             if not opened:
                 yield from self._swallow_query()
@@ -543,19 +539,19 @@ class Guard:
             s.up.transport.write(_query(b"COMMIT"))
             self.out.extend(buf)
             self._swallow_z()                # the statement's own Z: COMMIT's answers
-            s._release_hold([])
+            s.holds.release([])
             while True:
                 t, data = yield
-                if t == _Z:
+                if t == m.READY_FOR_QUERY:
                     self._pass(t, data)
                     return
-                if t == _E:                  # a deferred constraint, a serialization error
+                if t == m.ERROR_RESPONSE:    # a deferred constraint, a serialization error
                     self._pass(t, data)
         else:
             s.up.transport.write(_query(b"RELEASE SAVEPOINT " + SAVEPOINT.encode()))
             self.out.extend(buf)
-            self.out.append((_Z, z))
-            s._release_hold([])
+            self.out.append((m.READY_FOR_QUERY, z))
+            s.holds.release([])
             yield from self._swallow_query()
 
     def _measured(self, plan: Plan, count: int, err, snapped, before: list[int]):
@@ -591,7 +587,7 @@ class Guard:
         s = self.s
         every = None
         cands = plan.by_tag_candidates(count) if err is None and count <= plan.limit else []
-        if cands and z[5] == _INBLOCK:      # did it reach every row of its table?
+        if cands and z[5] == m.TX_IN_BLOCK:  # did it reach every row of its table?
             s.up.transport.write(_query(plan.probe_sql(cands)))
             _, perr = yield from self._swallow_query()
             every = cands[0][0] if perr is not None else plan.reached_whole(cands, self.last_row)
@@ -599,13 +595,13 @@ class Guard:
             self._log_over(plan, count, every)
             s.up.transport.write(_query(_FAIL_SQL))
             self.out.append(self._refusal(plan, count, every))
-            self.out.append(_z(_FAILED))
-            s._release_hold([])
+            self.out.append(_z(m.TX_FAILED))
+            s.holds.release([])
             yield from self._swallow_query()
             return
         self.out.extend(buf)
-        self.out.append((_Z, z))
-        s._release_hold([])
+        self.out.append((m.READY_FOR_QUERY, z))
+        s.holds.release([])
 
     def _swallow_query(self):
         """Swallow one injected Query's answers up to its ReadyForQuery: (the first
@@ -614,13 +610,13 @@ class Guard:
         self.last_row = []
         while True:
             t, data = yield
-            if t == _Z:
+            if t == m.READY_FOR_QUERY:
                 self._swallow_z()
                 return value, err
-            if t == _D:
+            if t == m.DATA_ROW:
                 self.last_row = _row_ints(data)
                 value = self.last_row[0] if self.last_row else 0
-            elif t == _E:
+            elif t == m.ERROR_RESPONSE:
                 err = data
 
     def _hold_result(self, plan: Plan, simple: bool):
@@ -634,18 +630,18 @@ class Guard:
             if t is None:
                 buf.append(data)
                 continue
-            if simple and t == _Z:
+            if simple and t == m.READY_FOR_QUERY:
                 return buf, count, err, data
-            if t == _C:
+            if t == m.COMMAND_COMPLETE:
                 count += _tag_rows(data)
-            elif t == _E:
+            elif t == m.ERROR_RESPONSE:
                 err = data
             held += len(data)
             if held <= MAX_HELD_BYTES:
                 buf.append((t, data))
             elif err is None:
                 count = max(count, plan.limit + 1)     # too much to hold: refuse
-            if not simple and t in (_C, _E, _s, _I):
+            if not simple and t in _EXECUTE_ENDS:
                 return buf, count, err, None
 
     # -- extended protocol
@@ -664,10 +660,10 @@ class Guard:
                + _group(self._name(), b"SAVEPOINT " + SAVEPOINT.encode())
                + snap + msg + (_group(self._name(), plan.snapshot_sql()) if snap else b"")
                + _FLUSH)
-        s._begin_hold(out, [], later)
+        s.holds.begin(out, [], later)
 
         def fire() -> None:
-            need = self._unanswered(s.held_items or [])
+            need = self._unanswered(s.holds.items or [])
             s.up.transport.write(run)
             self._start(self._execute_steps(plan, need, nonce, bool(snap)))
         self._after_record(msg, fire, later)
@@ -679,9 +675,9 @@ class Guard:
         pending, no strict audit record to wait for.)"""
         s = self.s
         return (self.seg_known and self.seg_exec == 0 and not self.chain
-                and s.visible_status() == _INBLOCK and self._unanswered(later) == 0
-                and bool(later) and later[0].__class__ is tuple and later[0][0] == 83
-                and not (s.server.audit_strict and s.tracker is not None))
+                and s.enforce.visible_status() == m.TX_IN_BLOCK and self._unanswered(later) == 0
+                and bool(later) and later[0].__class__ is tuple and later[0][0] == m.SYNC
+                and not (s.services.audit_strict and s.tracker is not None))
 
     def _start_in_block(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
         """Inside a block, a statement the command tag counts needs nothing extra: it
@@ -693,11 +689,11 @@ class Guard:
         out.append(msg)
         out.append(sync)
         if s.masking is not None:
-            s.masking.frontend(83, sync)
+            s.masking.frontend(m.SYNC, sync)
         if s.tracker is not None:
             s.tracker.flog.append((sync, None, 0))
         self.on_sync()
-        s._begin_hold(out, [], later[1:])
+        s.holds.begin(out, [], later[1:])
         if self._lane_free():
             # the compiled lane: the upstream pipe holds the answers and counts the
             # tag; Python hears of it again only past the limit or on an error
@@ -711,13 +707,13 @@ class Guard:
         masking, refusal or guard step reads the backend stream meanwhile, and no
         strict audit record is waited for."""
         s = self.s
-        return (s.masking is None and not s.refusals and not s.up_pipe.divert
-                and not self.chain and not (s.server.audit_strict and s.tracker is not None))
+        return (s.masking is None and not s.enforce.refusals and not s.up_pipe.divert
+                and not self.chain and not (s.services.audit_strict and s.tracker is not None))
 
     def lane_done(self) -> None:
         """The compiled lane forwarded the answers (within the limit): go on."""
         self.lane = None
-        self.s._release_hold([])
+        self.s.holds.release([])
 
     def lane_fallback(self) -> None:
         """The compiled lane met an error or a count past the limit: the answers it
@@ -729,7 +725,7 @@ class Guard:
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)
         while True:                          # up to the Sync's ReadyForQuery
             t, data = yield
-            if t == _Z:
+            if t == m.READY_FOR_QUERY:
                 z = data
                 break
             buf.append(data if t is None else (t, data))
@@ -743,16 +739,16 @@ class Guard:
         want = b"\0\x01" + struct.pack("!i", len(nonce)) + nonce
         while True:
             t, data = yield
-            if t == _D and data[5:] == want:
+            if t == m.DATA_ROW and data[5:] == want:
                 break
-            if t is None or t == _Z or t == _E:
+            if t is None or t == m.READY_FOR_QUERY or t == m.ERROR_RESPONSE:
                 for it in lag:
                     self._pass(*it)
                 lag.clear()
                 if need <= 0 and t is not None:
                     return (t, data)
                 self._pass(t, data)
-                if t == _Z:
+                if t == m.READY_FOR_QUERY:
                     need -= 1
                 continue
             lag.append((t, data))
@@ -770,14 +766,14 @@ class Guard:
         self.last_row = []
         while True:
             t, data = yield
-            if t == _D:
+            if t == m.DATA_ROW:
                 self.last_row = _row_ints(data)
                 value = self.last_row[0] if self.last_row else 0
-            elif t == _N:
+            elif t == m.NOTICE_RESPONSE:
                 notices.append(_code(data))
-            elif t == _E:
+            elif t == m.ERROR_RESPONSE:
                 return value, notices, data
-            elif t == 51:                    # '3' CloseComplete
+            elif t == m.CLOSE_COMPLETE:
                 closes += 1
                 if closes == 2:
                     return value, notices, None
@@ -786,16 +782,16 @@ class Guard:
         s = self.s
         first = yield from self._find_marker(need, nonce)
         if first is not None:                # skipped up to the Sync, like the Execute
-            if first[0] == _E:
+            if first[0] == m.ERROR_RESPONSE:
                 self._skipping()
             self._pass(*first)
-            s._release_hold([])
+            s.holds.release([])
             return
         _, notices, err = yield from self._swallow_group()           # BEGIN
         if err is not None:                  # a failed block: what the Execute would get
             self._skipping()
-            self._pass(_E, err)
-            s._release_hold([])
+            self._pass(m.ERROR_RESPONSE, err)
+            s.holds.release([])
             return
         opened = "25001" not in notices
         yield from self._swallow_group()                              # SAVEPOINT
@@ -819,7 +815,7 @@ class Guard:
                 if opened:
                     self.owe = "rollback"
                 self.out.append(self._refusal(plan, count, cands[0][0]))
-                s._release_hold([])
+                s.holds.release([])
                 return
             every = plan.reached_whole(cands, self.last_row)
         if err is not None:
@@ -827,7 +823,7 @@ class Guard:
             self.out.extend(buf)
             if opened:
                 self.owe = "rollback"
-            s._release_hold([])
+            s.holds.release([])
             return
         if count > plan.limit or every:
             self._log_over(plan, count, every)
@@ -839,17 +835,17 @@ class Guard:
             if opened:
                 self.owe = None              # rolled back already
             self.out.append(self._refusal(plan, count, every))
-            s._release_hold([])
+            s.holds.release([])
             yield from self._swallow_group()
             yield from self._swallow_group()
             return
         self.out.extend(buf)
         if opened:
             self.owe = "commit"
-            s._release_hold([])
+            s.holds.release([])
             return
         s.up.transport.write(_group(self._name(), b"RELEASE SAVEPOINT " + SAVEPOINT.encode()))
-        s._release_hold([])
+        s.holds.release([])
         yield from self._swallow_group()
 
     def before_sync(self, out: list, sync: bytes, later: list) -> bool:
@@ -876,12 +872,12 @@ class Guard:
             if first is None:
                 _, _, err = yield from self._swallow_group()         # COMMIT
                 if err is not None:
-                    self._pass(_E, err)
+                    self._pass(m.ERROR_RESPONSE, err)
         while True:                          # the Sync's ReadyForQuery
             t, data = first if first is not None else (yield)
             first = None
-            if t == _Z:
-                self.out.append(_z(_IDLE))
+            if t == m.READY_FOR_QUERY:
+                self.out.append(_z(m.TX_IDLE))
                 break
             self._pass(t, data)
         yield from self._swallow_query()                              # ROLLBACK
@@ -892,17 +888,16 @@ class Guard:
         log.info("session %s: %s changed %d rows (%s), limit %d: rolled back", s.id,
                  s.identity_name, count, "every row" if every else "over the limit",
                  plan.limit)
-        s.server.count_statement("blocked")
-        if s.tracker is not None and s.server.audit_strict:
+        s.services.count_statement("blocked")
+        if s.tracker is not None and s.services.audit_strict:
             # strict records were written before the statement ran: add its outcome
-            from .tracking import statement_record
             rec = statement_record(s, plan.sql, plan.decision, "blocked",
                                    datetime.now(timezone.utc))
             rec.rule = "blast-radius"
             rec.sqlstate = "42501"
             rec.rows = count
             rec.error = self._refusal_text(plan, count, every)
-            s.server.audit.log(rec)
+            s.services.audit.log(rec)
 
     @staticmethod
     def _refusal_text(plan: Plan, count: int, every: str | None = None) -> str:
@@ -915,12 +910,12 @@ class Guard:
 
     def _refusal(self, plan: Plan, count: int, every: str | None = None):
         if every:
-            return (_E, m.error_response(
+            return (m.ERROR_RESPONSE, m.error_response(
                 "42501", self._refusal_text(plan, count, every),
                 detail=f"rows changed: {count}; rows of {every} left as they were: none",
                 hint="Narrow the WHERE clause to the rows you mean to change; emptying or "
                      "rewriting a whole table is for a DBA (or a rule that allows it)."))
-        return (_E, m.error_response(
+        return (m.ERROR_RESPONSE, m.error_response(
             "42501", self._refusal_text(plan, count),
             detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "
                    f'"{plan.rule}" or the policy default)',

@@ -1,5 +1,6 @@
-# The link to the real database: connect, TLS per sslmode, log in with the proxy's
-# own credentials, then relay backend chunks to the client.
+# The upstream link: the connection to the real database, and its login.
+# Connect, TLS per sslmode, log in with the proxy's own credentials (or the identity's),
+# then relay backend chunks to the client.
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +9,10 @@ import ssl
 import struct
 from typing import TYPE_CHECKING
 
-from ._core import FrameReader
-from .errors import PgguardError, UpstreamUnavailable
-from .protocol import messages as m
+from .._core import FrameReader
+from ..auth import scram
+from ..errors import PgguardError, UpstreamUnavailable
+from ..protocol import messages as m
 from .startup import PACKET_KEYS as _PACKET_KEYS
 
 if TYPE_CHECKING:
@@ -154,7 +156,7 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
     if ctx is not None:
         proto.transport.write(struct.pack("!II", 8, m.SSL_REQUEST))
         answer = await proto.read_byte()
-        if answer == ord("S"):
+        if answer == m.SSL_ACCEPTED:
             if proto.raw:
                 raise UpstreamUnavailable("upstream sent unencrypted data after SSL response")
             loop = asyncio.get_running_loop()
@@ -166,7 +168,7 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
                 log.warning("upstream TLS failed: %s", e)
                 raise UpstreamUnavailable("TLS handshake with the upstream database failed",
                                           detail=str(e)) from None
-        elif answer == ord("N"):
+        elif answer == m.SSL_REFUSED:
             if cfg.sslmode not in ("prefer",):
                 raise UpstreamUnavailable("the upstream database does not support TLS",
                                           detail=f"sslmode={cfg.sslmode}")
@@ -186,31 +188,30 @@ async def _login(proto: UpstreamProtocol, server: Server, database: str,
     scram_client = None
     while True:
         t, payload = await proto.read_message()
-        if t == ord("R"):
+        if t == m.AUTHENTICATION:
             (code,) = struct.unpack_from("!I", payload)
             if code == m.AUTH_OK:
                 continue
             scram_client = _answer_auth(proto, user, password, code, payload[4:],
                                         scram_client)
-        elif t == ord("S"):
+        elif t == m.PARAMETER_STATUS:
             status.append(b"S" + struct.pack("!I", len(payload) + 4) + payload)
-        elif t == ord("K"):
+        elif t == m.BACKEND_KEY_DATA:
             key = struct.unpack_from("!II", payload)
-        elif t == ord("Z"):
+        elif t == m.READY_FOR_QUERY:
             return proto, status, key
-        elif t == ord("E"):
+        elif t == m.ERROR_RESPONSE:
             raise _upstream_error(m.parse_error_fields(payload))
-        elif t == ord("N"):
+        elif t == m.NOTICE_RESPONSE:
             continue
-        elif t == ord("v"):
-            continue     # NegotiateProtocolVersion: we asked for 3.0, nothing to do
+        elif t == m.NEGOTIATE_PROTOCOL_VERSION:
+            continue     # we asked for 3.0, nothing to do
         else:
             raise UpstreamUnavailable(f"unexpected message {chr(t)!r} from upstream at login")
 
 
 def _answer_auth(proto: UpstreamProtocol, user: str, password: str | None, code: int,
                  data: bytes, scram_client):
-    from .auth import scram
     try:
         if code == m.AUTH_CLEARTEXT:
             _need(password)

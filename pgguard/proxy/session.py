@@ -4,25 +4,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets as _secrets
 import struct
 import time
-from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NoReturn
 
-from ._core import FrameError, FrameReader, MessageScan, Pipe
-from ._core.answers import Answers, AnswerWriter
-from ._core.relay import StreamedPrefix
-from .errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
+from .._core import FrameError, FrameReader, MessageScan, Pipe
+from .._core.answers import Answers, AnswerWriter
+from .._core.pipe import MaskLane
+from .._core.relay import StreamedPrefix
+from ..audit.record import AuditRecord
+from ..auth import scram, tokens
+from ..auth.revocations import guard_session
+from ..config import parse_duration, read_secret
+from ..errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
                      ShuttingDown, UpstreamUnavailable)
-from .protocol import messages as m
-from .console import CONSOLE_DB, ConsoleSession
+from ..policy.classify import PreparedMemory
+from ..policy.views import SessionViews
+from ..protocol import messages as m
+from . import sideconn
+from .console import CONSOLE_DB, Console
 from .enforce import Enforcement, _now
 from .blast import Guard
 from .fncall import FunctionCalls
 from .holds import Holds
-from .masking.wire import MASK_BACKEND
+from ..masking.wire import MASK_BACKEND, MaskState, applies
+from .sideconn import UpstreamError, drop_role, execute
 from .startup import client_settings, tagged_app_name, under_policy, upstream_params
+from .tracking import StatementTracker
 from .upstream import UpstreamProtocol, connect_upstream
 
 if TYPE_CHECKING:
@@ -114,11 +124,12 @@ class ClientProtocol(asyncio.Protocol):
                 self.waiter = None
 
 
-class Session(Enforcement, Holds, ConsoleSession):
+class Session:
     """State of one client connection and its upstream link."""
 
     def __init__(self, server: Server, client: ClientProtocol) -> None:
         self.server = server
+        self.services = server.services
         self.client = client
         self.up: UpstreamProtocol | None = None
         self.fscan: MessageScan | None = None
@@ -144,34 +155,28 @@ class Session(Enforcement, Holds, ConsoleSession):
         # policy state
         self.policy = None              # the engine, when statements are inspected
         self.prepared = None            # PREPARE / named Parse memory for EXECUTE
-        self.discarding = False         # after a refused Parse: drop until Sync
-        self.sync_adjust = 0            # upstream sync points minus fscan.count
-        self.refusals: deque = deque()  # injected refusals awaiting their answer
-        self.drop_next_z = False
-        self.z_count = 0
-        self.watch = b"X"
+        # the relay hooks and their bookkeeping (enforce.py); the pipes call these two
+        self.enforce = Enforcement(self, self.services)
+        self.client_items = self.enforce.client_items
+        self.backend_items = self.enforce.backend_items
         self.tracker = None             # audit: statements in flight
         self.answers = None             # what the upstream still owes (Answers)
-        self.held = None                # strict audit: messages waiting for durability
-        self.held_items = None
-        self.held_bytes = 0             # bytes the client sent while held (holds.py)
+        self.holds = Holds(self, self.services)     # statements held back (holds.py)
         self.principal = None           # token / OIDC login: who, scope, expiry
         self.masking = None             # MaskState when masks or detectors apply
         self.cancel_key = 0
         self.fast_reported = 0          # fast-path statements already counted in metrics
         self.provisioned = None         # ephemeral upstream role to drop at disconnect
         self.pinned_role = False        # the upstream role is chosen by pgguard
-        self.approval = None            # (task, request id) while a statement is held
         self.readonly = False
         self.guarded = False            # statements judged (startup.under_policy)
         self.guard = None               # the blast-radius guard, under a policy
-        self._guarding = False          # Bind/Execute/Close/Sync watched for it
-        self._base_watch = b"X"
         self.views = None               # SessionViews under a policy
         self.own_cache = False          # decisions cached for this session alone
         self.fncalls = None             # FunctionCall judge under a policy
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
+        self.console: Console | None = None     # database "pgguard": the admin console
         # a malformed frame from the client: None (none), False (Postgres answers it),
         # or the error pgguard sends once the upstream closed; _poison: its header,
         # waiting for a hold to end before it goes upstream
@@ -192,14 +197,17 @@ class Session(Enforcement, Holds, ConsoleSession):
                     return
                 await self._authenticate()
                 if self.database == CONSOLE_DB:
-                    self._console_start()
+                    self.console = Console(self, self.services)
+                    self.console.start()
+                    self._audit_event("connect")
+                    self.connected_at = time.monotonic()
                 else:
                     await self._connect_upstream()
                     await self._setup_masking()
                     if self._under_policy():
                         await self._setup_views()
             if self.database == CONSOLE_DB:
-                await self._console_loop()
+                await self.console.run()
                 return
             self._enter_relay()
         except PgguardError as e:
@@ -332,16 +340,15 @@ class Session(Enforcement, Holds, ConsoleSession):
         except SilentClose:
             # Postgres reads no password from it: a failed login (28P01), as there
             await self._login_failed("invalid password message length")
-        if t == ord("X"):
+        if t == m.TERMINATE:
             raise ConnectionResetError("client quit during authentication")
-        if t != ord("p"):
+        if t != m.PASSWORD_MESSAGE:
             raise ProtocolViolation(f"expected a password message, got type {chr(t)!r}")
         return payload
 
     async def _scram(self, name: str) -> None:
         """SCRAM-SHA-256 against the identity's static secret (a fake verifier of the
         same shape for unknown names: no user enumeration)."""
-        from .auth import scram
         c = self.client
         identity = self.server.cfg.identities.get(name)
         verifier = self.server.verifier_for(name)
@@ -374,7 +381,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         pgguard token or an OIDC JWT, or else the identity's static secret. A failure
         costs the same checks whatever the name (the secret's PBKDF2 runs against a fake
         verifier for names without one)."""
-        from .auth import tokens
         server = self.server
         self.client.transport.write(m.auth_request(m.AUTH_CLEARTEXT))
         password = (await self._read_password_message()).rstrip(b"\0")
@@ -441,9 +447,8 @@ class Session(Enforcement, Holds, ConsoleSession):
             status = [_client_app_status(st, client_app or "") for st in status]
         role = self.identity.role if self.identity is not None else None
         if role:
-            from .sideconn import UpstreamError, execute, ident
             try:
-                await execute(self.up, f"SET ROLE {ident(role)}")
+                await execute(self.up, f"SET ROLE {sideconn.ident(role)}")
             except UpstreamError as e:
                 raise UpstreamUnavailable(f'pgguard could not assume role "{role}"',
                                           detail=e.message) from None
@@ -455,7 +460,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         out = [m.auth_request(m.AUTH_OK)]
         out.extend(status)
         out.append(m.backend_key_data(cpid, csecret))
-        out.append(m.ready_for_query(ord("I")))
+        out.append(m.ready_for_query(m.TX_IDLE))
         self.client.transport.write(b"".join(out))
         self.connected_at = time.monotonic()
         self._audit_event("connect")
@@ -463,13 +468,9 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _upstream_role(self) -> tuple[str | None, str | None]:
         """The upstream login for this session: an ephemeral role when [upstream]
         provision is on, the identity's upstream_user, or the proxy's own (None)."""
-        from .config import parse_duration, read_secret
         cfg = self.server.cfg
         ident = self.identity
         if cfg.upstream.provision:
-            import secrets as _secrets
-
-            from . import sideconn
             safe = re.sub(r"[^a-z0-9]", "", self.identity_name.lower())[:16] or "x"
             name = f"pgguard_{safe}_{int(time.time())}_{_secrets.token_hex(3)}"
             password = _secrets.token_urlsafe(24)
@@ -498,7 +499,6 @@ class Session(Enforcement, Holds, ConsoleSession):
     async def _setup_masking(self) -> None:
         """Masking for this identity: masks it is not exempt from, detectors unless its
         groups are exempt. None when nothing applies (the relay stays pass-through)."""
-        from .masking.wire import MaskState, applies
         cfg, ident = self.server.cfg, self.identity
         masks_on = any(applies(mk, self.identity_name, ident) for mk in cfg.masks)
         dets = self.server.detectors
@@ -506,7 +506,6 @@ class Session(Enforcement, Holds, ConsoleSession):
             dets = None
         if not masks_on and dets is None:
             return
-        from .sideconn import UpstreamError
         try:
             catalog = await self.server.mask_catalog(self.database)
         except (UpstreamError, PgguardError, OSError) as e:
@@ -526,7 +525,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         """The database's view map, for rules that see through views, and its function
         names, for the blast-radius guard (fail closed: no session under a policy
         without them)."""
-        from .sideconn import UpstreamError
         try:
             await self.server.ready_views(self.database)
             await self.server.ready_function_names(self.database)
@@ -538,8 +536,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         c, up = self.client, self.up
         limits = self.server.cfg.limits
         if self._under_policy():
-            from .policy.classify import PreparedMemory
-            from .policy.views import SessionViews
             self.policy = self.server.policy
             self.prepared = PreparedMemory()
             self._cache = self.server.decision_cache(
@@ -551,20 +547,15 @@ class Session(Enforcement, Holds, ConsoleSession):
                                       lambda edges: server.views_published(db, edges))
             self.fncalls = FunctionCalls(self)
         if self.principal is not None:
-            from .auth.revocations import guard_session
             p = self.principal
             self._unguard = guard_session(asyncio.get_running_loop(), self.server.revocations,
                                           p.identity, p.token_id, p.expires_at,
                                           self._end_by_token)
         audit = self.server.audit
         if audit is not None:
-            from .tracking import StatementTracker
             self.tracker = StatementTracker(self, audit)
             self.backend_events = self.tracker.on_events    # no Python loop per chunk
-        self.watch = (b"QPF" if self.policy is not None else b"") + \
-            (b"QPBESF" if audit is not None else b"") + \
-            (b"QPBDES" if self.masking is not None else b"") + b"X"
-        self._base_watch = self.watch
+        self.enforce.relay_starts()
         if self.policy is not None:
             self.guard = Guard(self)
         # [limits] max_message_size bounds what something parses (policy, masking, the
@@ -573,7 +564,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         # (the batched audit keeps a prefix of longer ones: the statement runs as sent)
         parsed = self.policy is not None or self.masking is not None or \
             self.server.audit_strict
-        self.fscan = MessageScan(interest=self.watch,
+        self.fscan = MessageScan(interest=self.enforce.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, pg_limits=m.FRONTEND_PG_LIMITS,
                                  max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
@@ -587,7 +578,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             self.fscan.stream_keep = min(limits.max_message_size, STREAM_KEEP)
         self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
-        self.bscan.status = ord("I")
+        self.bscan.status = m.TX_IDLE
         # one model of what each message sent upstream is answered with (every write
         # upstream is told to it, every backend message's type too): in_flight, the
         # audit's pairing and masking follow it
@@ -599,7 +590,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         if self.masking is not None:
             self.masking.answers = self.answers.listen()
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
-        self.fast_path(True)
+        self.enforce.fast_path(True)
         if self.tracker is not None:
             self.client_pipe.fast_log = self.tracker.flog
         self.up_pipe = Pipe(self.bscan, up.transport, c.transport, self, False)
@@ -624,50 +615,12 @@ class Session(Enforcement, Holds, ConsoleSession):
     def _mask_lane(self) -> None:
         """The compiled masking lane (pipe.MaskLane, masking/lane.py): statements that
         read no masked column, and their answers, without Python."""
-        from ._core.pipe import MaskLane
         mask = self.masking
-        lane = MaskLane(mask, mask.rw, self.server.catalog_signal.mm)
+        lane = MaskLane(mask, mask.rw, self.services.catalog_signal.mm)
         lane.track = self.tracker is not None
         mask.lane = lane
         self.client_pipe.mask = self.up_pipe.mask = lane
-        self.fast_path(True)
-
-    def fast_path(self, on: bool) -> None:
-        """Let the compiled client pipe forward what needs no Python (off while
-        discarding after a refusal): statements the policy's cached decision allows,
-        or all of them without a policy; with the audit, the extended-protocol messages
-        the tracker pairs too. Masking and the strict audit see each message in Python."""
-        pipe = self.client_pipe
-        lane = pipe.mask
-        if lane is not None:        # masking: the lane, for statements that read no mask
-            lane.on = on and not self.server.audit_strict and not self._guarding and \
-                self.policy is not None
-            lane.idle = False
-            if lane.on:
-                pipe.exact, pipe.shapes = self._cache
-                pipe.guard = None
-                pipe.allow_all = False
-                pipe.log_types = b"BES" if self.tracker is not None else None
-                self.masking.maybe_idle()
-                return
-        if not on or self.server.audit_strict or self.masking is not None or self._guarding:
-            pipe.exact = pipe.shapes = pipe.log_types = None
-            pipe.allow_all = False
-            # while the blast-radius guard watches, Query/Parse go to Python, and only
-            # the Bind/Execute/Close/Sync that name nothing guarded are forwarded there
-            # (with the guard's bookkeeping): the unguarded statements of a session that
-            # prepared a guarded one pay no Python
-            pipe.guard = self.guard if on and self._guarding and not \
-                self.server.audit_strict and self.masking is None else None
-            return
-        pipe.guard = None
-        if self.policy is not None:
-            pipe.exact, pipe.shapes = self._cache
-        else:
-            pipe.allow_all = True
-        if self.tracker is not None:
-            # a FunctionCall is judged under a policy: never forwarded here then
-            pipe.log_types = b"BES" if self.policy is not None else b"BESF"
+        self.enforce.fast_path(True)
 
     def take_masked_cells(self) -> int:
         """Cells masked since the last call (for the audit record and /metrics)."""
@@ -747,7 +700,7 @@ class Session(Enforcement, Holds, ConsoleSession):
 
     def flush_poison(self) -> None:
         """Send the malformed frame's header upstream once nothing is held before it."""
-        if self._poison is None or self.held is not None or self.closed:
+        if self._poison is None or self.holds.held is not None or self.closed:
             return
         poison, self._poison = self._poison, None
         t = self.up.transport
@@ -771,7 +724,7 @@ class Session(Enforcement, Holds, ConsoleSession):
 
     def backend_chunk(self) -> None:
         """After each backend chunk while draining: close once idle."""
-        if self.bscan.status == 73 and self.in_flight() <= 0:
+        if self.bscan.status == m.TX_IDLE and self.in_flight() <= 0:
             self.terminate(ShuttingDown("terminating connection due to administrator command"))
 
     def in_flight(self) -> int:
@@ -801,7 +754,7 @@ class Session(Enforcement, Holds, ConsoleSession):
             if self.violation is not None:
                 if self.violation:
                     self._send_error(self.violation)
-            elif self.bscan.last_type != 69:        # not after its own 'E' FATAL
+            elif self.bscan.last_type != m.ERROR_RESPONSE:  # not after its own FATAL
                 err = UpstreamUnavailable("server closed the connection unexpectedly",
                                           detail="the upstream database connection was lost")
                 self._send_error(err)
@@ -833,7 +786,6 @@ class Session(Enforcement, Holds, ConsoleSession):
         audit = self.server.audit
         if audit is None:
             return
-        from .audit.record import AuditRecord
         ident = self.identity
         audit.log(AuditRecord(
             session_id=self.id, event=event, ts=_now(), identity=self.identity_name,
@@ -844,7 +796,6 @@ class Session(Enforcement, Holds, ConsoleSession):
             **fields))
 
     async def _drop_provisioned(self, role: str) -> None:
-        from .sideconn import drop_role
         await asyncio.sleep(0.05)       # let the upstream backend see the Terminate
         await drop_role(self.server, self.database, role,
                         self.server.cfg.upstream.template_role)
@@ -865,8 +816,8 @@ class Session(Enforcement, Holds, ConsoleSession):
         if self.provisioned is not None:
             self.server.background(self._drop_provisioned(self.provisioned))
             self.provisioned = None
-        if self.approval is not None:
-            task, req_id = self.approval
+        if self.holds.approval is not None:
+            task, req_id = self.holds.approval
             task.cancel()
             if req_id is not None and self.server.approvals is not None:
                 self.server.approvals.withdraw(req_id)
@@ -880,7 +831,7 @@ class Session(Enforcement, Holds, ConsoleSession):
         up = self.up
         if up is not None and up.transport is not None and not up.transport.is_closing():
             try:
-                up.transport.write(m.TERMINATE)
+                up.transport.write(m.TERMINATE_MESSAGE)
             except Exception:
                 pass
             up.transport.close()

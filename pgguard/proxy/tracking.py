@@ -1,5 +1,6 @@
-# The audit side of a session's statements: the compiled tracker (pgguard._core.track)
-# pairs frontend and backend messages; these helpers build the record columns.
+# Statement tracking: the audit record of each statement a session runs.
+# The compiled tracker (pgguard._core.track) pairs frontend and backend messages;
+# these helpers build the record columns.
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +9,12 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from ._core.sqlshape import shape
-from ._core.track import REFUSAL_SYNC  # noqa: F401 (re-exported)
-from ._core.track import StatementTracker as _Tracker
-from .audit.record import INTROSPECTION, AuditRecord, normalize
-from .policy.classify import is_system_relation
-from .protocol import messages as m
+from .._core.sqlshape import shape
+from .._core.track import REFUSAL_SYNC  # noqa: F401 (re-exported)
+from .._core.track import StatementTracker as _Tracker
+from ..audit.record import INTROSPECTION, AuditRecord, normalize
+from ..policy.classify import is_system_relation
+from ..protocol import messages as m
 
 if TYPE_CHECKING:
     from .session import Session

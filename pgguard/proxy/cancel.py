@@ -1,5 +1,5 @@
-# Cancel keys: the BackendKeyData a client sees carries the upstream backend's real
-# process id and, as its secret, the upstream's secret under a keyed permutation tweaked
+# Cancel keys: the BackendKeyData clients see, turned back into the upstream's on cancel.
+# The BackendKeyData a client sees carries the upstream backend's real process id and, as its secret, the upstream's secret under a keyed permutation tweaked
 # by that pid. Any worker (or instance sharing the key) turns a CancelRequest back into
 # the upstream's key without any shared state: the routing lives in the secret half.
 from __future__ import annotations
