@@ -16,6 +16,7 @@ from typing import Any
 
 from .._core.sqlshape import shape
 from ..errors import ProtocolViolation
+from ..protocol import messages as m
 from ..protocol.messages import parse_row_description
 from . import lineage as lg
 
@@ -154,19 +155,19 @@ class LaneState:
         """MaskState.feed for an answer of the lane (no entry in the response queue)."""
         rw = self.rw
         out = rw.feed(data)
-        if t == 84:
+        if t == m.ROW_DESCRIPTION:
             rw.set_plan(self.plan_for(data, None, self._owed_obj(data)))
-        elif t == 72:
+        elif t == m.COPY_OUT_RESPONSE:
             if self.masks_on:
                 self.s.fail(ProtocolViolation("pgguard: a COPY answered a statement "
                                               "that reads no masked data"))
                 return None
             self._copy_plan(data, None, -1)
-        elif t == 90:
+        elif t == m.READY_FOR_QUERY:
             self.fast_owed -= 1
             if self.s.in_flight() <= 0:
                 self.masked_reads = 0
-                if data[5] == 73:           # idle: the transaction ended
+                if data[5] == m.TX_IDLE:    # the transaction ended
                     self.txn_tainted = False
             self.maybe_idle()
         return out

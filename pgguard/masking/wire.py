@@ -654,7 +654,7 @@ class MaskState(LaneState):
         if not whole:
             return rw.feed(data)
         # the model's word on an ErrorResponse / ReadyForQuery (None: no model)
-        got = answer_for(self.answers, data) if (t == 69 or t == 90) and self.answers \
+        got = answer_for(self.answers, data) if (t == m.ERROR_RESPONSE or t == m.READY_FOR_QUERY) and self.answers \
             else None
         if t in CHANNEL_TYPES:      # scrubbed first; an ErrorResponse is paired below too
             data = self._channel(t, data)
