@@ -395,6 +395,37 @@ class MaskState(LaneState):
         return (getattr(ident, "role", None) or getattr(s, "provisioned", None)
                 or getattr(ident, "upstream_user", None))
 
+    def _catalog_replaced(self) -> None:
+        """The catalog was read again (DDL somewhere, perhaps behind pgguard's back):
+        what this session learned with the old one may no longer hold (a view redefined
+        over a masked column). The masked names are taken again, statements are analysed
+        again under new keys, and every plan already made (prepared statements, portals,
+        cursors, the results in flight) falls back to the conservative reading: no
+        lineage, reads masked data, so every column that is not a plain column of a
+        table without masks counts as derived from masked data."""
+        self._masked_rel, self._masked_cols = self._masked_names()
+        tables = {o for o, _ in self._masked_cols}
+        self._masked_types = frozenset(t for t, o in getattr(self.catalog, "types", {}).items()
+                                       if o in tables)
+        self._lkey = None
+        self.lineage_keys.clear()
+        lg.forget()
+
+        def stale(o) -> None:
+            if isinstance(o, ObjPlan):
+                o.lineage = None
+                o.reads = True
+            elif isinstance(o, (tuple, list)):
+                for x in o:
+                    if isinstance(x, ObjPlan):
+                        x.lineage = None
+                        x.reads = True
+        for table in (self.stmts, self.portals, self.cursors, self.sql_prepared):
+            for o in table.values():
+                stale(o)
+        for e in self.expect:
+            stale(e)
+
     def forget_lineage(self) -> None:
         """DDL went through this session: views and functions may differ now."""
         self.lineage_keys.clear()
@@ -878,6 +909,7 @@ class MaskState(LaneState):
             self.plans.clear()
             self._fresh = None
             self.lane_forget()
+            self._catalog_replaced()
         if cat.generation == s.services.catalog_signal.generation():
             # read after every DDL so far and still unknown: created in a transaction
             # not committed yet, or dropped again; no mask applies to it

@@ -685,7 +685,8 @@ class Server:
         """Background tasks, the admin server, the revocation watcher and the audit
         log, in that order; each bounded."""
         for t in list(self._background):
-            if t.get_coro().__name__ == "_metrics_tick" or t is self._heartbeat_task:
+            if t.get_coro().__name__ in ("_metrics_tick", "_views_tick") or \
+                    t is self._heartbeat_task:
                 t.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
