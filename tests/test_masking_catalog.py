@@ -6,6 +6,7 @@ import zlib
 import psycopg
 import pytest
 
+from conftest import HUMAN, HUMAN_PASSWORD
 from test_masking_parking import CLIENTS, run_client
 
 MASKS = """
@@ -82,7 +83,8 @@ def test_moved_table_stays_masked(pg, fr, client, kind, ddl, after, via):
     if via == "upstream":
         pg.execute(sql, dbname="appdb")
     else:
-        err, _ = run_client(client, fr, sql.split(";")[0])
+        # a human moves it (for a guarded agent a rename is destructive)
+        err, _ = run_client(client, fr, sql.split(";")[0], user=HUMAN, password=HUMAN_PASSWORD)
         assert err is None, err
         for rest in sql.split(";")[1:]:
             pg.execute(rest, dbname="appdb")
@@ -127,7 +129,8 @@ def test_table_renamed_into_a_mask_through_the_proxy(pg, fr, client):
     with psycopg.connect(fr.dsn(dbname="appdb"), autocommit=True) as open_conn:
         # not masked yet: the table's name matches no mask
         assert value in repr(open_conn.execute(f"SELECT ssn FROM plain_{tag}").fetchall())
-        err, _ = run_client(client, fr, f"ALTER TABLE plain_{tag} RENAME TO fr_{tag}")
+        err, _ = run_client(client, fr, f"ALTER TABLE plain_{tag} RENAME TO fr_{tag}",
+                            user=HUMAN, password=HUMAN_PASSWORD)
         assert err is None, err
         got = repr(open_conn.execute(f"SELECT ssn FROM fr_{tag}").fetchall())
         assert value not in got and value[-4:] in got, got
@@ -161,10 +164,12 @@ def test_ddl_through_one_worker_reaches_the_other(pg, make_proxy, change):
         ddl = {"rename-in": f"ALTER TABLE {src} RENAME TO fr_{tag}",
                "recreate": f"DROP TABLE {src}",
                "set-schema": f"ALTER TABLE {src} SET SCHEMA fr_other"}[change]
-        conns[0].execute(ddl)
-        if change == "recreate":
-            conns[0].execute(f"CREATE TABLE {src} (id int, name text, ssn text)")
-            conns[0].execute(f"INSERT INTO {src} VALUES (1, 'n1', '{value}')")
+        with psycopg.connect(p.dsn(HUMAN, HUMAN_PASSWORD, dbname="appdb"),
+                             autocommit=True) as human:     # an agent may not rename
+            human.execute(ddl)
+            if change == "recreate":
+                human.execute(f"CREATE TABLE {src} (id int, name text, ssn text)")
+                human.execute(f"INSERT INTO {src} VALUES (1, 'n1', '{value}')")
         target = {"rename-in": f"fr_{tag}", "recreate": src,
                   "set-schema": f"fr_other.{src}"}[change]
         assert value in repr(pg.execute(f"SELECT ssn FROM {target}", dbname="appdb"))
@@ -212,7 +217,7 @@ def test_table_moved_into_a_mask_in_a_transaction(pg, fr, client, move):
     else:
         make(pg, f"fr_other.fr_{tag}", value)
         ddl, target = f"ALTER TABLE fr_other.fr_{tag} SET SCHEMA public", f"fr_{tag}"
-    with psycopg.connect(fr.dsn(dbname="appdb")) as mover:
+    with psycopg.connect(fr.dsn(HUMAN, HUMAN_PASSWORD, dbname="appdb")) as mover:
         mover.execute(ddl)                              # open transaction
         read(client, fr, "SELECT 1")                    # catalog read before the commit
         mover.commit()

@@ -293,6 +293,8 @@ class MaskState(LaneState):
         # which message each ErrorResponse answers, the Syncs a COPY swallowed
         self.answers = None
         self.lineage_keys: dict = {}        # lineage analysed in this session
+        self._lin_fresh: set = set()        # ids of lineage analysed at _lin_fresh_gen
+        self._lin_fresh_gen = -1
         self._lkey: tuple | None = None
         self._masked_rel, self._masked_cols = self._masked_names()
         tables = {o for o, _ in self._masked_cols}
@@ -375,6 +377,12 @@ class MaskState(LaneState):
         self._learn(keys[0], await lg.analyse(side, db, query, param_oids, *args))
 
     def _learn(self, key: tuple, lin) -> None:
+        # lineage analysed since the catalog generation last moved holds for the catalog
+        # read at that generation (see _catalog_replaced)
+        gen = self.s.services.catalog_signal.generation()
+        if gen != self._lin_fresh_gen:
+            self._lin_fresh, self._lin_fresh_gen = set(), gen
+        self._lin_fresh.add(id(lin))
         lg.remember(key, lin)
         if len(self.lineage_keys) > 4096:
             self.lineage_keys.clear()
@@ -383,8 +391,10 @@ class MaskState(LaneState):
     def _lineage_keys(self, query: bytes, param_oids: tuple) -> tuple:
         base = self._lkey
         if base is None:
+            # per session (its id): a view redefined behind pgguard's back (no DDL it saw)
+            # is analysed again by every new session, never served from another's
             base = self._lkey = (id(self.s.server), self.s.database, self.catalog.loaded,
-                                 frozenset(self._masked_cols), self._role())
+                                 frozenset(self._masked_cols), self._role(), self.s.id)
         key = shape(query)
         exact = base + (b"x", query, param_oids)
         return (exact,) if key is None else (exact, base + (b"s", key, param_oids))
@@ -400,9 +410,11 @@ class MaskState(LaneState):
         what this session learned with the old one may no longer hold (a view redefined
         over a masked column). The masked names are taken again, statements are analysed
         again under new keys, and every plan already made (prepared statements, portals,
-        cursors, the results in flight) falls back to the conservative reading: no
-        lineage, reads masked data, so every column that is not a plain column of a
-        table without masks counts as derived from masked data."""
+        cursors, the results in flight) with a lineage analysed before the catalog's
+        generation (the last DDL pgguard saw) falls back to the conservative reading: no
+        lineage, so when the statement reads masked data every column that is not a
+        plain column of a table without masks counts as derived from it (a plain
+        column's own mask comes from the new catalog either way)."""
         self._masked_rel, self._masked_cols = self._masked_names()
         tables = {o for o, _ in self._masked_cols}
         self._masked_types = frozenset(t for t, o in getattr(self.catalog, "types", {}).items()
@@ -411,15 +423,19 @@ class MaskState(LaneState):
         self.lineage_keys.clear()
         lg.forget()
 
+        fresh = self._lin_fresh if self._lin_fresh_gen == self.catalog.generation else ()
+
+        def drop(x) -> None:
+            if isinstance(x, ObjPlan) and x.lineage is not None and \
+                    id(x.lineage) not in fresh:
+                x.lineage = None
+
         def stale(o) -> None:
-            if isinstance(o, ObjPlan):
-                o.lineage = None
-                o.reads = True
-            elif isinstance(o, (tuple, list)):
+            if isinstance(o, (tuple, list)):
                 for x in o:
-                    if isinstance(x, ObjPlan):
-                        x.lineage = None
-                        x.reads = True
+                    drop(x)
+            else:
+                drop(o)
         for table in (self.stmts, self.portals, self.cursors, self.sql_prepared):
             for o in table.values():
                 stale(o)
