@@ -296,12 +296,16 @@ class MaskState(LaneState):
         self._lin_fresh: set = set()        # ids of lineage analysed at _lin_fresh_gen
         self._lin_fresh_gen = -1
         self._lkey: tuple | None = None
-        self._masked_rel, self._masked_cols = self._masked_names()
-        tables = {o for o, _ in self._masked_cols}
-        self._masked_types = frozenset(t for t, o in getattr(catalog, "types", {}).items()
-                                       if o in tables)
+        self._take_masked_names()
 
     # -- which columns are masked for this identity
+    def _take_masked_names(self) -> None:
+        """The masked relations, columns and row types, from the current catalog."""
+        self._masked_rel, self._masked_cols = self._masked_names()
+        tables = {o for o, _ in self._masked_cols}
+        self._masked_types = frozenset(t for t, o in
+                                       getattr(self.catalog, "types", {}).items() if o in tables)
+
     def _masked_names(self):
         rel: dict[tuple[str, str], set[str]] = {}
         cols: set[tuple[int, int]] = set()
@@ -415,10 +419,7 @@ class MaskState(LaneState):
         lineage, so when the statement reads masked data every column that is not a
         plain column of a table without masks counts as derived from it (a plain
         column's own mask comes from the new catalog either way)."""
-        self._masked_rel, self._masked_cols = self._masked_names()
-        tables = {o for o, _ in self._masked_cols}
-        self._masked_types = frozenset(t for t, o in getattr(self.catalog, "types", {}).items()
-                                       if o in tables)
+        self._take_masked_names()
         self._lkey = None
         self.lineage_keys.clear()
         lg.forget()
