@@ -16,7 +16,7 @@ import run_asyncpg_suite as peer  # noqa: E402
 def test_asyncpg_suite_passes_through_pgguard(tmp_path):
     suite = peer.fetch_suite()
     modules = list(peer.DEFAULT_MODULES)
-    res = peer.compare_suite(suite, tmp_path, modules, timeout=1200, reruns=3)
+    res = peer.compare_suite(suite, tmp_path, modules, timeout=1200, reruns=15)
     print(peer.report(suite, modules, res))
     direct, through = res["direct"], res["pgguard"]
     passed_direct = sum(1 for o, _ in direct["results"].values() if o == "passed")

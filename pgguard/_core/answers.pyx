@@ -355,7 +355,10 @@ cdef class AnswerWriter:
         self._write(data)
 
     def writelines(self, list_of_data):
-        self.write(b"".join(list_of_data))
+        cdef list parts = [d if d.__class__ is bytes else bytes(d) for d in list_of_data]
+        for d in parts:
+            self.answers.sent(<bytes>d)
+        self.transport.writelines(parts)
 
     def __getattr__(self, name):
         return getattr(self.transport, name)

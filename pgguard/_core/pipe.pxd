@@ -54,6 +54,7 @@ cdef class Pipe:
     cdef public object transport
     cdef public object peer
     cdef object _peer_write
+    cdef object _peer_writelines
     # the Python session: client_items, backend_events, backend_chunk, frame_error,
     # client_gone, upstream_lost
     cdef object _hooks
@@ -81,6 +82,12 @@ cdef class Pipe:
     # portal, and a Sync that owes no end of block, are forwarded here with the guard's
     # own bookkeeping (Guard.on_execute / on_sync); the others go to the hooks
     cdef object _guard
+    # the upstream side: our transport's buffer is over its high-water mark (the client
+    # is not read until it drains)
+    cdef public bint writing_paused
+    # the client side: reading paused for one turn of the loop after a large chunk
+    cdef bint _yielded
+    cdef object _call_soon
     cdef dict _g_stmts
     cdef dict _g_portals
     cdef dict _g_approved
@@ -103,8 +110,9 @@ cdef class Pipe:
     cdef object _cached_allow(self, bytes msg)
     cdef bint _guard_passes(self, int t, bytes msg) except -1
     cdef int _hold_scan(self) except -1
-    cdef _client_chunk(self, list items)
+    cdef _client_chunk(self, list items, bytes data)
     cdef _mask_chunk(self, list items)
+    cdef _yield_turn(self)
     cdef _mask_answers(self, bytes data)
     cdef object _mask_plan(self, bytes msg)
     cdef object _mask_query_ok(self, bytes msg)

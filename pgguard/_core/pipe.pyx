@@ -9,6 +9,8 @@ from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+import asyncio
+
 from .framing import FrameError
 from .relay cimport MessageScan
 from .msgtypes cimport (BIND, CLOSE, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE,
@@ -20,6 +22,12 @@ from .sqlshape cimport shape_buf
 
 
 cdef object _MISSING = object()
+
+# a client chunk this large pauses reading the client for one turn of the loop: the
+# event loop reads one socket again and again while its reads fill the buffer, and an
+# ErrorResponse waiting on the upstream socket (which tells a pipelining client to stop
+# sending) would wait for the whole client stream
+cdef Py_ssize_t YIELD_BYTES = 65536
 
 
 cdef class MaskLane:
@@ -105,6 +113,22 @@ cdef inline bint _well_formed(bytes msg):
     return e != NULL and memchr(e + 1, 0, n - (e + 1 - p)) != NULL
 
 
+cdef inline bytes _log_form(bytes msg):
+    # what the audit reads of a Bind is its portal and statement names: a long one is
+    # logged as that prefix, so the parameters are not kept until the answers come
+    cdef const char* p = PyBytes_AS_STRING(msg)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+    cdef const char* e
+    if n <= 512 or p[0] != BIND:
+        return msg
+    e = <const char*>memchr(p + 5, 0, n - 5)
+    if e != NULL:
+        e = <const char*>memchr(e + 1, 0, n - (e + 1 - p))
+    if e == NULL:
+        return msg
+    return PyBytes_FromStringAndSize(p, e + 1 - p)
+
+
 cdef class Pipe:
     """One direction of an established session, installed with ``set_protocol``.
 
@@ -119,6 +143,7 @@ cdef class Pipe:
         self.transport = transport
         self.peer = peer
         self._peer_write = peer.write
+        self._peer_writelines = peer.writelines
         self._hooks = hooks
         self._client_side = client_side
         self.notify_chunks = False
@@ -135,6 +160,9 @@ cdef class Pipe:
         self._hold_limit = -1
         self._held = None
         self.mask = None
+        self.writing_paused = False
+        self._yielded = False
+        self._call_soon = None
 
     @property
     def fast_forwarded(self):
@@ -288,6 +316,7 @@ cdef class Pipe:
     def set_peer(self, peer):
         self.peer = peer
         self._peer_write = peer.write
+        self._peer_writelines = peer.writelines
 
     def connection_made(self, transport):
         self.transport = transport
@@ -297,6 +326,7 @@ cdef class Pipe:
         if self._client_side:
             if self._bad_seen:
                 return          # past a malformed frame: Postgres reads no further
+            whole = self.scan._hdr_fill == 0 and self.scan._remain == 0
             items = self.scan.feed(data)
             if self.divert:
                 if self.mask is not None:
@@ -307,11 +337,13 @@ cdef class Pipe:
             elif self.mask is not None and self.mask.on:
                 self._mask_chunk(items)
             else:
-                self._client_chunk(items)
+                self._client_chunk(items, data if whole else None)
             if self.scan.error is not None:
                 # what came before the malformed frame went its way first
                 self._bad_seen = True
                 self._hooks.frame_error(self.scan.error, self.scan.bad)
+            elif PyBytes_GET_SIZE(data) >= YIELD_BYTES and not self._yielded:
+                self._yield_turn()
             return
         cdef int r = 0
         if self._hold_limit >= 0 and not self.divert:
@@ -340,11 +372,15 @@ cdef class Pipe:
         if self.notify_chunks:
             self._hooks.backend_chunk()
 
-    cdef _client_chunk(self, list items):
+    cdef _client_chunk(self, list items, bytes data):
         # forward runs and cache-allowed statements; hand the rest (from the first
-        # message Python must see) to hooks.client_items, which takes scan.rest too
+        # message Python must see) to hooks.client_items, which takes scan.rest too.
+        # data is the chunk when it began at a message boundary: when every piece of it
+        # goes on unchanged it is written as it came (no join: a join of a large chunk
+        # costs a fresh allocation and a copy of every byte)
         cdef list out = []
         cdef Py_ssize_t i, n
+        cdef Py_ssize_t total = 0
         cdef bint ok
         cdef int t
         while True:
@@ -353,11 +389,13 @@ cdef class Pipe:
                 it = items[i]
                 if type(it) is bytes:
                     out.append(it)
+                    total += PyBytes_GET_SIZE(it)
                     continue
                 t = (<tuple>it)[0]
                 msg = (<tuple>it)[1]
                 if type(msg) is StreamedPrefix:
                     # forwarded already, as it came: only the audit hears of it
+                    data = None
                     if self.fast_log is not None:
                         self.fast_log.append((bytes(msg), None, _now_ns()))
                     continue
@@ -384,14 +422,20 @@ cdef class Pipe:
                     self._hooks.client_items(items if i == 0 else items[i:])
                     return
                 out.append(msg)
+                total += PyBytes_GET_SIZE(msg)
                 if self.fast_log is not None:
-                    self.fast_log.append((msg, d, _now_ns()))
+                    self.fast_log.append((_log_form(msg), d, _now_ns()))
             rest = self.scan.rest
             if rest is None:
                 break
+            data = None
             self.scan.rest = None
             items = self.scan.feed(rest)
-        self._flush(out)
+        if data is not None and total == PyBytes_GET_SIZE(data) and self.scan.error is None \
+                and self.scan._hdr_fill == 0 and self.scan._remain == 0:
+            self._peer_write(data)
+        else:
+            self._flush(out)
 
     cdef object _mask_query_ok(self, bytes msg):
         # the cached decision when it allows this Query and its text or shape is safe
@@ -515,7 +559,7 @@ cdef class Pipe:
                     if seglog:
                         now = _now_ns()
                         for m in seglog:
-                            self.fast_log.append((m, None, now))
+                            self.fast_log.append((_log_form(m), None, now))
                     seglog = None
             rest = self.scan.rest
             if rest is None:
@@ -632,7 +676,7 @@ cdef class Pipe:
         if len(out) == 1:
             self._peer_write(out[0])
         else:
-            self._peer_write(b"".join(out))
+            self._peer_writelines(out)      # one writev, no joined copy
 
     def eof_received(self):
         return False
@@ -643,10 +687,32 @@ cdef class Pipe:
         else:
             self._hooks.upstream_lost(exc)
 
+    cdef _yield_turn(self):
+        t = self.transport
+        if not t.is_reading() or t.get_protocol() is not self:
+            return          # paused by someone else, or handed over: theirs to resume
+        t.pause_reading()
+        self._yielded = True
+        if self._call_soon is None:
+            self._call_soon = asyncio.get_running_loop().call_soon
+        self._call_soon(self._end_turn)
+
+    def _end_turn(self):
+        self._yielded = False
+        t = self.transport
+        if self._bad_seen or t.is_closing() or t.get_protocol() is not self:
+            return
+        up = self.peer.get_protocol()
+        if type(up) is Pipe and (<Pipe>up).writing_paused:
+            return          # the upstream's resume_writing resumes us
+        t.resume_reading()
+
     def pause_writing(self):
         # our transport's buffer is full: stop reading from the peer
+        self.writing_paused = True
         self.peer.pause_reading()
 
     def resume_writing(self):
+        self.writing_paused = False
         if not self.peer.is_closing():
             self.peer.resume_reading()
