@@ -9,20 +9,16 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from libc.stdint cimport uint8_t, uint32_t, int32_t
 from libc.string cimport memset
 
-# frontend types
-DEF F_PARSE = 80        # 'P' -> ParseComplete '1'
-DEF F_BIND = 66         # 'B' -> BindComplete '2'
-DEF F_EXECUTE = 69      # 'E' -> DataRow* then 'C' / 'I' / 's'
-DEF F_DESCRIBE = 68     # 'D' -> ['t'] then 'T' / 'n'
-DEF F_CLOSE = 67        # 'C' -> CloseComplete '3'
-DEF F_SYNC = 83         # 'S' -> 'Z'
-DEF F_QUERY = 81        # 'Q' -> results then 'Z'
-DEF F_FCALL = 70        # 'F' -> 'V' then 'Z'
-DEF F_COPYDONE = 99     # 'c'
-DEF F_COPYFAIL = 102    # 'f'
-# backend types
-DEF B_ERROR = 69
-DEF B_READY = 90
+from .msgtypes cimport (BIND, BIND_COMPLETE, CLOSE, CLOSE_COMPLETE, COMMAND_COMPLETE,
+                        COPY_BOTH_RESPONSE, COPY_DATA, COPY_DONE, COPY_FAIL, COPY_IN_RESPONSE,
+                        DESCRIBE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE, FUNCTION_CALL,
+                        NO_DATA, NOTICE_RESPONSE, NOTIFICATION_RESPONSE, PARAMETER_STATUS,
+                        PARSE, PARSE_COMPLETE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY,
+                        ROW_DESCRIPTION, SYNC)
+
+# what answers each frontend message: Parse '1', Bind '2', Close '3', Describe ['t'] then
+# 'T' / 'n', Execute DataRow* then 'C' / 'I' / 's', Sync and Query 'Z', FunctionCall 'V'
+# then 'Z'; CopyData / CopyDone / CopyFail nothing
 # the longest message Postgres reads, length field included (postgres.c SocketBackend:
 # PQ_LARGE_MESSAGE_LIMIT; PQ_SMALL_MESSAGE_LIMIT for the small types): a longer header
 # (a frame pgguard or Postgres refuses) is no message, Postgres closes on it
@@ -37,30 +33,30 @@ cdef inline uint32_t _be32(const char* p) noexcept nogil:
 
 cdef inline bint _extended(uint8_t t) noexcept nogil:
     # an error answering one of these makes Postgres skip everything up to Sync
-    return t == F_PARSE or t == F_BIND or t == F_EXECUTE or t == F_DESCRIBE or \
-        t == F_CLOSE
+    return t == PARSE or t == BIND or t == EXECUTE or t == DESCRIBE or \
+        t == CLOSE
 
 
 cdef inline bint _large(uint8_t t) noexcept nogil:
-    return t == F_BIND or t == F_FCALL or t == F_PARSE or t == F_QUERY or t == 100
+    return t == BIND or t == FUNCTION_CALL or t == PARSE or t == QUERY or t == COPY_DATA
 
 
 cdef inline bint _readies(uint8_t t) noexcept nogil:
-    return t == F_SYNC or t == F_QUERY or t == F_FCALL
+    return t == SYNC or t == QUERY or t == FUNCTION_CALL
 
 
 cdef inline bint _closes(uint8_t f, uint8_t b) noexcept nogil:
     # backend message b is the last of frontend message f's answer (errors aside)
-    if f == F_PARSE:
-        return b == 49                          # '1'
-    if f == F_BIND:
-        return b == 50                          # '2'
-    if f == F_CLOSE:
-        return b == 51                          # '3'
-    if f == F_DESCRIBE:
-        return b == 84 or b == 110              # 'T' / 'n' ('t' comes before)
-    if f == F_EXECUTE:
-        return b == 67 or b == 73 or b == 115   # 'C' / 'I' / 's'
+    if f == PARSE:
+        return b == PARSE_COMPLETE
+    if f == BIND:
+        return b == BIND_COMPLETE
+    if f == CLOSE:
+        return b == CLOSE_COMPLETE
+    if f == DESCRIBE:
+        return b == ROW_DESCRIPTION or b == NO_DATA     # ('t' comes before)
+    if f == EXECUTE:
+        return b == COMMAND_COMPLETE or b == EMPTY_QUERY_RESPONSE or b == PORTAL_SUSPENDED
     return False
 
 
@@ -111,7 +107,7 @@ cdef class Answers:
         cdef Py_ssize_t i, j, cap
         cdef uint8_t* nt
         cdef int32_t* no
-        if not (_extended(t) or _readies(t) or t == F_COPYDONE or t == F_COPYFAIL):
+        if not (_extended(t) or _readies(t) or t == COPY_DONE or t == COPY_FAIL):
             return 0            # Flush, CopyData, Terminate: never answered
         if self._len == self._cap:
             cap = self._cap * 2
@@ -185,17 +181,17 @@ cdef class Answers:
         while self._len:
             t = self._type[self._head]
             if self.copy_in:
-                if t == F_COPYDONE or t == F_COPYFAIL:
+                if t == COPY_DONE or t == COPY_FAIL:
                     self.copy_in -= 1
-                elif t == F_SYNC:
+                elif t == SYNC:
                     self._swallowed += 1
                 self._pop()
                 continue
-            if t == F_COPYDONE or t == F_COPYFAIL:
+            if t == COPY_DONE or t == COPY_FAIL:
                 self._pop()
                 continue
-            if self.skipping and t != F_SYNC:
-                if t == F_QUERY or t == F_FCALL:
+            if self.skipping and t != SYNC:
+                if t == QUERY or t == FUNCTION_CALL:
                     self.skipped += 1
                 self._pop()
                 continue
@@ -204,21 +200,21 @@ cdef class Answers:
 
     cdef int back(self, uint8_t t) except -1:
         cdef uint8_t h
-        if t == 78 or t == 83 or t == 65:       # Notice, ParameterStatus, Notification
+        if t == NOTICE_RESPONSE or t == PARAMETER_STATUS or t == NOTIFICATION_RESPONSE:
             return 0
         if not self._started:
             self._settle()
         if self._len == 0:
-            if t == B_ERROR and self._listeners:
+            if t == ERROR_RESPONSE and self._listeners:
                 self._tell((69, 0, 0, None))    # answers nothing (a FATAL of its own)
-            elif t == B_READY:
+            elif t == READY_FOR_QUERY:
                 if self._listeners:
                     self._tell((90, self._swallowed, 0, None))
                 self._swallowed = 0
                 self.skipping = False
             return 0
         h = self._type[self._head]
-        if t == B_ERROR:
+        if t == ERROR_RESPONSE:
             if self._listeners:
                 self._tell((69, h, self._ord[self._head], None))
             if _extended(h):
@@ -227,7 +223,7 @@ cdef class Answers:
             else:
                 self._started = True            # Query / FunctionCall / Sync: Z ends it
             return 0
-        if t == B_READY:
+        if t == READY_FOR_QUERY:
             if self._listeners:
                 self._tell((90, self._swallowed, 0, None))
             self._swallowed = 0
@@ -238,7 +234,7 @@ cdef class Answers:
                     break
             self.skipping = False
             return 0
-        if t == 71 or t == 87:                  # CopyIn / CopyBoth: its data follows
+        if t == COPY_IN_RESPONSE or t == COPY_BOTH_RESPONSE:     # its data follows
             self.copy_in += 1
         if _closes(h, t):
             self._pop()
@@ -292,10 +288,10 @@ cdef class Answers:
             t = self._type[(self._head + i) % self._cap]
             i += 1
             if cp:
-                if t == F_COPYDONE or t == F_COPYFAIL:
+                if t == COPY_DONE or t == COPY_FAIL:
                     cp -= 1
                 continue
-            if t == F_COPYDONE or t == F_COPYFAIL or (skip and t != F_SYNC):
+            if t == COPY_DONE or t == COPY_FAIL or (skip and t != SYNC):
                 continue
             if _readies(t):
                 n += 1

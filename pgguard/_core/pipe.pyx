@@ -13,9 +13,11 @@ import asyncio
 
 from .framing import FrameError
 from .relay cimport MessageScan
-from .msgtypes cimport (BIND, CLOSE, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE,
-                        EXECUTE, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY, SYNC,
-                        TARGET_STATEMENT)
+from .msgtypes cimport (BIND, BIND_COMPLETE, CLOSE, COMMAND_COMPLETE, DATA_ROW, DESCRIBE,
+                        EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE, FUNCTION_CALL_RESPONSE,
+                        NO_DATA, NOTICE_RESPONSE, NOTIFICATION_RESPONSE, PARAMETER_DESCRIPTION,
+                        PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY,
+                        ROW_DESCRIPTION, SYNC, TARGET_PORTAL, TARGET_STATEMENT)
 from .relay import StreamedPrefix
 from .rowmask cimport RowRewriter
 from .sqlshape cimport shape_buf
@@ -498,26 +500,26 @@ cdef class Pipe:
                 if lane.idle and type(msg) is bytes:
                     p = PyBytes_AS_STRING(msg)
                     ln = PyBytes_GET_SIZE(msg)
-                    if t == 81:                         # 'Q'
+                    if t == QUERY:
                         if seg is None:
                             d = self._mask_query_ok(msg)
                             ok = d is not None
-                    elif t == 66:                       # 'B': unnamed portal, safe statement
+                    elif t == BIND:                     # unnamed portal, safe statement
                         if (step == 0 or step == 3) and ln >= 7 and p[5] == 0:
                             e = <const char*>memchr(p + 6, 0, ln - 6)
                             if e != NULL and PyBytes_FromStringAndSize(p + 6, e - (p + 6)) \
                                     in lane.stmts:
                                 ok = True
                                 step = 1
-                    elif t == 68:                       # 'D' of the unnamed portal
-                        if step == 1 and ln == 7 and p[5] == 80 and p[6] == 0:
+                    elif t == DESCRIBE:                 # of the unnamed portal
+                        if step == 1 and ln == 7 and p[5] == TARGET_PORTAL and p[6] == 0:
                             ok = True
                             step = 2
-                    elif t == 69:                       # 'E' of the unnamed portal
+                    elif t == EXECUTE:                  # of the unnamed portal
                         if step == 2 and ln >= 10 and p[5] == 0:
                             ok = True
                             step = 3
-                    elif t == 83:                       # 'S'
+                    elif t == SYNC:
                         ok = step == 3
                 if not ok:
                     if seg is not None:
@@ -532,7 +534,7 @@ cdef class Pipe:
                 logged = self.fast_log is not None and self.log_types is not None and \
                     memchr(PyBytes_AS_STRING(self.log_types), <int>t,
                            PyBytes_GET_SIZE(self.log_types)) != NULL
-                if t == 81:
+                if t == QUERY:
                     out.append(msg)
                     lane.z += 1
                     lane.dirty |= 3
@@ -548,7 +550,7 @@ cdef class Pipe:
                 seg.append(it)                  # as scanned: Python may get it back
                 if logged:
                     seglog.append(msg)
-                if t == 83:                             # the segment is whole: it goes
+                if t == SYNC:                           # the segment is whole: it goes
                     for x in seg:
                         out.append(x if type(x) is bytes else (<tuple>x)[1])
                     seg = None
@@ -620,7 +622,7 @@ cdef class Pipe:
                 continue
             t = (<tuple>it)[0]
             msg = (<tuple>it)[1]
-            if t == 84:                                 # 'T'
+            if t == ROW_DESCRIPTION:
                 plan = self._mask_plan(msg)
                 if plan is False:
                     fallback = True
@@ -631,12 +633,14 @@ cdef class Pipe:
                 out.append(x)
                 rw.set_plan(plan)
                 continue
-            if t == 69 or t == 78 or t == 65 or t == 83 or t == 86:     # E N A S V
+            if t == ERROR_RESPONSE or t == NOTICE_RESPONSE or t == NOTIFICATION_RESPONSE or \
+                    t == PARAMETER_STATUS or t == FUNCTION_CALL_RESPONSE:
                 x = rw.feed(lane.state.fast_channel(t, msg))
                 same = same and x is msg
                 out.append(x)
-            elif t == 68 or t == 67 or t == 73 or t == 115 or t == 90 or t == 110 \
-                    or t == 50 or t == 116:
+            elif t == DATA_ROW or t == COMMAND_COMPLETE or t == EMPTY_QUERY_RESPONSE or \
+                    t == PORTAL_SUSPENDED or t == READY_FOR_QUERY or t == NO_DATA or \
+                    t == BIND_COMPLETE or t == PARAMETER_DESCRIPTION:
                 x = rw.feed(msg)
                 same = same and x is msg
                 out.append(x)
@@ -644,10 +648,11 @@ cdef class Pipe:
                 fallback = True
                 rest = items[i:]
                 break
-            if events is not None and (t == 67 or t == 69 or t == 73 or t == 115 or
-                                       t == 90):
+            if events is not None and (t == COMMAND_COMPLETE or t == ERROR_RESPONSE or
+                                       t == EMPTY_QUERY_RESPONSE or t == PORTAL_SUSPENDED or
+                                       t == READY_FOR_QUERY):
                 events.append(it)
-            if t == 90:
+            if t == READY_FOR_QUERY:
                 nz += 1
                 lane.z -= 1
                 if lane.z == 0:

@@ -8,7 +8,7 @@ from libc.stdint cimport uint32_t, uint8_t
 from libc.string cimport memset
 
 from .answers cimport stash_header
-from .msgtypes cimport READY_FOR_QUERY
+from .msgtypes cimport ERROR_RESPONSE, READY_FOR_QUERY
 
 from .framing import FrameError
 
@@ -251,7 +251,7 @@ cdef class MessageScan:
                     run = pos + need
                 msg = data[pos:pos + need]
                 out.append((t, msg))
-                if self.model is not None and (t == 69 or t == 90):
+                if self.model is not None and (t == ERROR_RESPONSE or t == READY_FOR_QUERY):
                     self.model.note(msg)
                 pos += need
                 if self._stop[t] and self._withhold and pos < n:
@@ -321,5 +321,6 @@ cdef class MessageScan:
         del self._hold[:]
         self._collect = False
         out.append((self._cur_type, msg))
-        if self.model is not None and (self._cur_type == 69 or self._cur_type == 90):
+        if self.model is not None and (self._cur_type == ERROR_RESPONSE or
+                                       self._cur_type == READY_FOR_QUERY):
             self.model.note(msg)

@@ -12,7 +12,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from .answers import answer_for
 from .sqlshape cimport shape_buf
 from .msgtypes cimport (BIND, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE,
-                        FUNCTION_CALL, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY, SYNC)
+                        FUNCTION_CALL, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY, SYNC,
+                        TX_IDLE)
 
 import_datetime()
 
@@ -190,7 +191,7 @@ cdef class StatementTracker:
                 e.skippable = True
                 pending.append(e)
                 self._seg_p = self._seg_b = 0
-            elif t == 80:                                # Parse: remember the text
+            elif t == PARSE:                             # remember the text
                 # (an entry of its own: recorded only if Postgres refuses it)
                 e = _Pending(b"", (<tuple>item)[1], (<tuple>item)[2], False, True)
                 e.kind = K_PARSE
@@ -203,7 +204,7 @@ cdef class StatementTracker:
                     self.stmts[name] = (e.sql, e.dec, e)
                 except ValueError:
                     pass
-            elif t == 66:                                # Bind: portal -> statement
+            elif t == BIND:                              # portal -> statement
                 e = _Pending(b"", None, (<tuple>item)[2], False, True)
                 e.kind = K_BIND
                 e.ordinal = self._seg_b
@@ -228,7 +229,8 @@ cdef class StatementTracker:
                 e = _Pending(sql, dec, (<tuple>item)[2], False, False)
                 e.src = b
                 pending.append(e)
-            elif t == 70 and (<tuple>item)[1] is not None and (<tuple>item)[1].statements:
+            elif t == FUNCTION_CALL and (<tuple>item)[1] is not None and \
+                    (<tuple>item)[1].statements:
                 # FunctionCall judged by the policy: recorded as the SQL it stands for
                 # (the decision's statement text), answered by its own ReadyForQuery
                 dec = (<tuple>item)[1]
@@ -237,10 +239,10 @@ cdef class StatementTracker:
                 e.skippable = True
                 pending.append(e)
                 self._seg_p = self._seg_b = 0
-            elif t == 83 or t == 70:                     # Sync / FunctionCall
+            elif t == SYNC or t == FUNCTION_CALL:
                 e = _Pending(None, None, (<tuple>item)[2], True, True)
-                e.skippable = t == 70
-                if t == 83:
+                e.skippable = t == FUNCTION_CALL
+                if t == SYNC:
                     e.kind = K_SYNC
                 pending.append(e)
                 self._seg_p = self._seg_b = 0
@@ -268,10 +270,10 @@ cdef class StatementTracker:
         cdef long long swallowed = 0
         self._drain()
         pending = self.pending
-        got = answer_for(self.answers, msg) if self.answers and (t == 69 or t == 90) \
-            else None
-        if t == 90:                                      # ReadyForQuery
-            if self.ddl_seen and PyBytes_GET_SIZE(msg) > 5 and msg[5] == 73:    # idle
+        got = answer_for(self.answers, msg) if self.answers and (
+            t == ERROR_RESPONSE or t == READY_FOR_QUERY) else None
+        if t == READY_FOR_QUERY:
+            if self.ddl_seen and PyBytes_GET_SIZE(msg) > 5 and msg[5] == TX_IDLE:
                 self.ddl_seen = False
                 self.session.server.catalog_committed(self.session.database)
             if got is not None:
@@ -292,10 +294,10 @@ cdef class StatementTracker:
                     break
             self.segment_error = False
             return
-        if t == 67 and not self.ddl_seen and msg.startswith(_DDL_TAGS, 5):
+        if t == COMMAND_COMPLETE and not self.ddl_seen and msg.startswith(_DDL_TAGS, 5):
             self.ddl_seen = True
-        if t == 69 and got is not None and (<tuple>got)[1] != 69 and \
-                (<tuple>got)[1] != 81 and (<tuple>got)[1] != 70:
+        if t == ERROR_RESPONSE and got is not None and (<tuple>got)[1] != EXECUTE and \
+                (<tuple>got)[1] != QUERY and (<tuple>got)[1] != FUNCTION_CALL:
             self._extended_error(msg, (<tuple>got)[1], (<tuple>got)[2])
             return
         e = self._current()
@@ -329,9 +331,9 @@ cdef class StatementTracker:
         # the Execute that would have run it, when one follows in the segment); the
         # rest of the segment up to Sync is skipped (see on_backend's ReadyForQuery)
         cdef _Pending e, failed = None
-        cdef int kind = K_PARSE if target == 80 else K_BIND if target == 66 else -1
+        cdef int kind = K_PARSE if target == PARSE else K_BIND if target == BIND else -1
         cdef int n = 0
-        if target == 83 or target == 0:          # a Sync's (its commit) / a FATAL
+        if target == SYNC or target == 0:          # a Sync's (its commit) / a FATAL
             return
         self.segment_error = True
         if kind < 0:                             # Describe / Close: no statement ran
