@@ -185,3 +185,73 @@ def test_nested_imports_say_why():
     bad = [f"{i.source}:{i.line} imports {i.target}" for i in _imports()
            if i.nested and not i.typing_only and not i.why]
     assert not bad, "function-level imports without a '# why:' comment:\n" + "\n".join(bad)
+
+
+# the session's parts, and what else holds a session: each changes its own state only
+# (the session wires its parts together in proxy/session.py; everything else asks)
+_PART_MODULES = ["proxy/enforce.py", "proxy/holds.py", "proxy/blast.py", "proxy/fncall.py",
+                 "proxy/console.py", "proxy/tracking.py", "proxy/upstream.py",
+                 "proxy/startup.py", "proxy/sideconn.py", "proxy/cancel.py",
+                 "proxy/server.py", "masking/wire.py", "masking/lane.py",
+                 "masking/parking.py"]
+_SESSION_NAMES = {"s", "session", "sess"}
+
+
+def _root(node) -> ast.AST:
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node
+
+
+def _is_session(node) -> bool:
+    """``s``, ``session`` or ``self.s``: a session as the parts name it."""
+    return (isinstance(node, ast.Name) and node.id in _SESSION_NAMES) or (
+        isinstance(node, ast.Attribute) and node.attr == "s"
+        and isinstance(node.value, ast.Name) and node.value.id == "self")
+
+
+def _foreign_writes(tree: ast.AST) -> list[tuple[int, str]]:
+    """Assignments to an attribute reached through a session (``s.x = ``,
+    ``self.s.masking.y += ``), or through a name bound to one of its parts in the same
+    function (``mask = s.masking`` ... ``mask.y = ``)."""
+    out = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        parts = set()
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(
+                    node.targets[0], ast.Name) and isinstance(node.value, ast.Attribute) \
+                    and _is_session(node.value.value):
+                parts.add(node.targets[0].id)
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if not isinstance(el, (ast.Attribute, ast.Subscript)):
+                        continue
+                    r = el
+                    while isinstance(r, (ast.Attribute, ast.Subscript)) and \
+                            not _is_session(r.value):
+                        r = r.value
+                    through_session = isinstance(r, (ast.Attribute, ast.Subscript)) and \
+                        _is_session(r.value)
+                    root = _root(el)
+                    through_part = isinstance(root, ast.Name) and root.id in parts
+                    if through_session or through_part:
+                        out.append((node.lineno, ast.unparse(el)))
+    return out
+
+
+def test_parts_change_only_their_own_state():
+    """Who may change a session's state is read from one file: the parts (enforcement,
+    holds, guard, function calls, console, tracking, masking) and the server change
+    their own attributes only; what they need changed elsewhere they ask for by a
+    method (``s.divert_client(True)``, ``mask.owe_ready()``)."""
+    root = Path(__file__).resolve().parent.parent / "pgguard"
+    bad = []
+    for rel in _PART_MODULES:
+        tree = ast.parse((root / rel).read_text(encoding="utf-8"))
+        bad += [f"pgguard/{rel}:{line}: {what} = ..." for line, what in _foreign_writes(tree)]
+    assert not bad, "a part writes state that is not its own:\n" + "\n".join(bad)

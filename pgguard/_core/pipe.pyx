@@ -664,8 +664,7 @@ cdef class Pipe:
         else:
             self._flush(out)
         if nz:
-            enf = self._hooks.enforce      # the session's Enforcement part keeps the count
-            enf.z_count = enf.z_count + nz
+            self._hooks.lane_readies(nz)   # the session's Enforcement part counts them
         if events:
             self._hooks.backend_events(events)
         if fallback:

@@ -153,8 +153,8 @@ cdef class StatementTracker:
         self.pending = deque()
         self.stmts = {}
         self.portals = {}
-        self.strict = session.server.audit_strict
-        self.raw = session.server.cfg.audit.capture_literals
+        self.strict = session.services.audit_strict
+        self.raw = session.services.cfg.audit.capture_literals
         self._base = base
         self._mono0 = mono0
         self._fixed = None
@@ -275,7 +275,7 @@ cdef class StatementTracker:
         if t == READY_FOR_QUERY:
             if self.ddl_seen and PyBytes_GET_SIZE(msg) > 5 and msg[5] == TX_IDLE:
                 self.ddl_seen = False
-                self.session.server.catalog_committed(self.session.database)
+                self.session.services.catalog_committed(self.session.database)
             if got is not None:
                 swallowed = (<tuple>got)[1]     # Syncs a COPY took: no ReadyForQuery
             while pending:

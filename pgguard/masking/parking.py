@@ -368,6 +368,6 @@ def judge(session, d, sql: str):
         return d
     name, ident = session.identity_name, session.identity
     masked = masked_names(mask.catalog, name, ident)
-    globs = [tuple(mk.column.rsplit(".", 1)) for mk in session.server.cfg.masks
+    globs = [tuple(mk.column.rsplit(".", 1)) for mk in session.services.cfg.masks
              if applies(mk, name, ident) and mk.column.count(".") >= 2]
     return check(d, sql, masked, globs) or d

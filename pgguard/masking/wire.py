@@ -397,7 +397,7 @@ class MaskState(LaneState):
         if base is None:
             # per session (its id): a view redefined behind pgguard's back (no DDL it saw)
             # is analysed again by every new session, never served from another's
-            base = self._lkey = (id(self.s.server), self.s.database, self.catalog.loaded,
+            base = self._lkey = (id(self.s.services), self.s.database, self.catalog.loaded,
                                  frozenset(self._masked_cols), self._role(), self.s.id)
         key = shape(query)
         exact = base + (b"x", query, param_oids)
@@ -449,27 +449,29 @@ class MaskState(LaneState):
         lg.forget()
         self.lane_forget()
 
-    # -- the number of answers that end with ReadyForQuery (Query, FunctionCall, injected
-    # refusals): callers count them with fseg += 1 (and take one back with fseg -= 1)
-    @property
-    def fseg(self) -> int:
-        return self._ready
-
-    @fseg.setter
-    def fseg(self, value: int) -> None:
+    # -- answers that end with ReadyForQuery (Query, FunctionCall, injected refusals):
+    # the session's parts tell each one sent with owe_ready() (and take one back with
+    # unowe_ready()); the ReadyForQuery it is answered by ends its plan
+    def owe_ready(self) -> None:
+        """One more message sent upstream that Postgres answers with a ReadyForQuery."""
         if self._skip:          # Postgres skips it up to the Sync: no ReadyForQuery
             self._next = None
             return
-        while value > self._ready:
-            self._ready += 1
-            plan, self._next = self._next, None
-            self._push((K_READY, plan if plan is not None else ObjPlan()))
-        while value < self._ready:
-            self._ready -= 1
-            for i in range(len(self.expect) - 1, -1, -1):
-                if self.expect[i][0] == K_READY:
-                    del self.expect[i]
-                    break
+        self._ready += 1
+        plan, self._next = self._next, None
+        self._push((K_READY, plan if plan is not None else ObjPlan()))
+
+    def unowe_ready(self) -> None:
+        """The last owe_ready() is taken back (it was replaced by a refusal that owes its
+        own)."""
+        if self._skip:
+            self._next = None
+            return
+        self._ready -= 1
+        for i in range(len(self.expect) - 1, -1, -1):
+            if self.expect[i][0] == K_READY:
+                del self.expect[i]
+                break
 
     # -- planning
     def _entry(self, table: int, attnum: int, typ: int, fmt: int, derived=None):
@@ -589,7 +591,7 @@ class MaskState(LaneState):
             self._push((K_CLOSE, kind, name))
         elif t == m.SYNC:
             self._push((K_SYNC,))
-        elif t == m.QUERY:                                   # fseg += 1 queues it
+        elif t == m.QUERY:                                   # owe_ready() queues it
             self.portals.pop(b"", None)
             self.stmts.pop(b"", None)
             self.lane_stmt(b"", False)
@@ -607,7 +609,7 @@ class MaskState(LaneState):
 
     def query_copies(self, specs: list) -> None:
         """The COPY TO STDOUT specs of the Query just given to :meth:`frontend` (before
-        ``fseg += 1`` queues it); the list may be completed in place before it runs."""
+        ``owe_ready()`` queues it); the list may be completed in place before it runs."""
         if self._next is None:
             self._next = ObjPlan(None, True)
         self._next.copies = specs
@@ -860,6 +862,15 @@ class MaskState(LaneState):
     _resolved = frozenset()         # OIDs still unknown after a fresh read: not masked
     _apply = None                   # some mask applies to this identity
     ddl_pending = False             # DDL sent: the catalog is stale again at commit
+
+    def ddl_sent(self) -> None:
+        """DDL went upstream: the catalog is stale again when its transaction ends."""
+        self.ddl_pending = True
+
+    def ddl_committed(self) -> bool:
+        """The session is idle again: True (once) when DDL went upstream before."""
+        was, self.ddl_pending = self.ddl_pending, False
+        return was
 
     def stale(self, rowdesc: bytes) -> bool:
         """True when the catalog must be read again before this result's rows leave."""

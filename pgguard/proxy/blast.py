@@ -427,7 +427,7 @@ class Guard:
         self.out.append(msg if t is None else (t, msg))
 
     def _swallow_z(self) -> None:
-        self.s.bscan.count -= 1
+        self.s.swallow_ready()
 
     def _unanswered(self, later: list) -> int:
         """Sync points (Query, Sync, FunctionCall) sent upstream and not yet answered:

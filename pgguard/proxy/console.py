@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from .._core import FrameReader
 from ..approvals.console import AdminConsole
 from ..errors import AuthRejected, PgguardError
 from ..protocol import messages as m
@@ -75,10 +74,7 @@ class Console:
         """Answer simple Queries until the client quits; then close the session."""
         s = self.s
         c = s.client
-        rest = c.reader.take_rest()
-        c.reader = FrameReader(True, self.services.cfg.limits.max_message_size)
-        if rest:
-            c.reader.feed(rest)
+        c.renew_reader(self.services.cfg.limits.max_message_size)
         who = (s.identity_name, tuple(s.identity.groups))
         while not s.closed:
             try:

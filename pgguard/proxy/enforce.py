@@ -63,6 +63,12 @@ class Enforcement:
         self.s = session
         self.services = services
         self.discarding = False         # after a refused Parse: drop until Sync
+        # the decision cache the session decides through ((raw message -> decision,
+        # shape -> decision)): shared by the sessions of one identity, database and mode
+        # (given at relay start), or this session's own once its DDL taught it views
+        # its peers do not know; the compiled pipe holds the same two dicts
+        self.cache: tuple[dict, dict] = ({}, {})
+        self.own_cache = False
         self.sync_adjust = 0            # upstream sync points minus fscan.count
         self.refusals: deque = deque()  # injected refusals awaiting their answer
         self.drop_next_z = False
@@ -86,37 +92,29 @@ class Enforcement:
         or all of them without a policy; with the audit, the extended-protocol messages
         the tracker pairs too. Masking and the strict audit see each message in Python."""
         s = self.s
-        pipe = s.client_pipe
-        lane = pipe.mask
-        if lane is not None:        # masking: the lane, for statements that read no mask
-            lane.on = on and not self.services.audit_strict and not self._guarding and \
-                s.policy is not None
-            lane.idle = False
-            if lane.on:
-                pipe.exact, pipe.shapes = s._cache
-                pipe.guard = None
-                pipe.allow_all = False
-                pipe.log_types = b"BES" if s.tracker is not None else None
-                s.masking.maybe_idle()
-                return
-        if not on or self.services.audit_strict or s.masking is not None or self._guarding:
-            pipe.exact = pipe.shapes = pipe.log_types = None
-            pipe.allow_all = False
+        strict = self.services.audit_strict
+        logged = None if s.tracker is None else b"BES" if s.policy is not None else b"BESF"
+        if s.client_pipe.mask is not None and on and not strict and not self._guarding \
+                and s.policy is not None:
+            # masking: the lane, for statements that read no mask
+            exact, shapes = self.cache
+            s.set_fast_path(lane=True, exact=exact, shapes=shapes,
+                            log_types=b"BES" if s.tracker is not None else None)
+            s.masking.maybe_idle()
+            return
+        if not on or strict or s.masking is not None or self._guarding:
             # while the blast-radius guard watches, Query/Parse go to Python, and only
             # the Bind/Execute/Close/Sync that name nothing guarded are forwarded there
             # (with the guard's bookkeeping): the unguarded statements of a session that
             # prepared a guarded one pay no Python
-            pipe.guard = s.guard if on and self._guarding and not \
-                self.services.audit_strict and s.masking is None else None
-            return
-        pipe.guard = None
-        if s.policy is not None:
-            pipe.exact, pipe.shapes = s._cache
+            s.set_fast_path(guard=s.guard if on and self._guarding and not strict and
+                            s.masking is None else None)
+        elif s.policy is not None:
+            exact, shapes = self.cache
+            # a FunctionCall is judged under a policy: never forwarded there then
+            s.set_fast_path(exact=exact, shapes=shapes, log_types=logged)
         else:
-            pipe.allow_all = True
-        if s.tracker is not None:
-            # a FunctionCall is judged under a policy: never forwarded here then
-            pipe.log_types = b"BES" if s.policy is not None else b"BESF"
+            s.set_fast_path(allow_all=True, log_types=logged)
 
     # -- relay hooks (called by the compiled pipes)
     def client_items(self, items: list) -> None:
@@ -230,7 +228,7 @@ class Enforcement:
         mask = s.masking
         if mask is not None:
             if t == m.QUERY:
-                mask.fseg += 1
+                mask.owe_ready()
             else:
                 mask.failed_parse()
         if s.tracker is not None:
@@ -247,7 +245,7 @@ class Enforcement:
         """The policy decision for the SQL text msg[text_start:text_end], cached by
         the raw bytes and by the literal-insensitive shape."""
         s = self.s
-        exact, shapes = s._cache
+        exact, shapes = self.cache
         d = exact.get(msg)
         if d is not None:
             return d.decision if d.__class__ is Guarded else d
@@ -278,11 +276,11 @@ class Enforcement:
         if d.action != "block" and s.views is not None:
             self._catalog_effects(d)
         if s.guard is None or d.action != "allow" or self._plan(d) is None:
-            s.services.remember_decision(s._cache, msg, key, d)
+            s.services.remember_decision(self.cache, msg, key, d)
         else:
             # guarded statements never take the compiled fast path (its test is
             # action == "allow"), but their decision is not made again each time
-            s.services.remember_decision(s._cache, msg, key, Guarded(d))
+            s.services.remember_decision(self.cache, msg, key, Guarded(d))
         return d
 
 
@@ -293,15 +291,21 @@ class Enforcement:
         s = self.s
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
-        s.services.catalog_changed(s.database, s)
+        s.services.catalog_changed(s.database)
+        if s.masking is not None:
+            s.masking.ddl_sent()
         if s.views.learn(d.statements):
             # this session's view knowledge differs from its peers' (and from what its
             # cached decisions saw): decide again, in a cache of its own
-            s.own_cache = True
-            s._cache = ({}, {})
-            pipe = s.client_pipe
-            if pipe is not None and pipe.exact is not None:
-                pipe.exact, pipe.shapes = s._cache
+            self.own_cache = True
+            self.cache = ({}, {})
+            s.decide_through(self.cache)
+
+    def forget_decisions(self) -> None:
+        """Empty this session's own decision cache (its view map changed)."""
+        if self.own_cache:
+            self.cache[0].clear()
+            self.cache[1].clear()
 
     def _on_query(self, msg: bytes, out: list, later: list = ()) -> None:
         s = self.s
@@ -356,7 +360,7 @@ class Enforcement:
                 return False
             mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin)
             mask.query_copies(specs)
-            mask.fseg += 1
+            mask.owe_ready()
             if any(sp[0] == "query" for sp in specs):
                 # COPY (query): learn its columns first (side connection), then run it;
                 # the specs are completed in place (the Query's plan holds the list)
@@ -365,10 +369,11 @@ class Enforcement:
             return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
-            s.services.catalog_changed(s.database, s)
+            s.services.catalog_changed(s.database)
+            mask.ddl_sent()
             mask.forget_lineage()
         mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin, d)
-        mask.fseg += 1
+        mask.owe_ready()
         return True
 
     def _mask_parse_copy(self, d, msg: bytes, name: bytes, sql: bytes, out: list) -> bool:
@@ -472,7 +477,7 @@ class Enforcement:
         log.info("session %s: %s refused by rule %s", s.id, s.identity_name, d.rule)
         out.append(_refusal_query(d))
         if s.masking is not None:
-            s.masking.fseg += 1
+            s.masking.owe_ready()
         s.services.count_statement(outcome)
         if s.tracker is not None:
             rec = statement_record(s, sql, d, outcome, _now())
@@ -576,6 +581,10 @@ class Enforcement:
             scan.set_interest(self.watch, True)
             self.fast_path(True)        # guard mode while on (see fast_path)
 
+    def count_readies(self, n: int) -> None:
+        """ReadyForQuery messages forwarded outside Python (the masking lane)."""
+        self.z_count += n
+
     def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
@@ -600,7 +609,7 @@ class Enforcement:
                 return
             if t == m.READY_FOR_QUERY:
                 self.z_count += 1
-                s.bscan.status = msg[5]
+                s.upstream_ready(msg[5])
                 drop = False
                 if refusals and self.z_count >= refusals[0][0]:
                     target, d, extended, seen, _ = refusals.popleft()
@@ -609,8 +618,8 @@ class Enforcement:
                     drop = seen and extended             # answered our injected Query
                 if s.tracker is not None:
                     s.tracker.on_backend(t, msg)
-                if mask is not None and mask.ddl_pending and msg[5] == m.TX_IDLE:
-                    mask.ddl_pending = False    # its DDL is committed (or rolled back)
+                if mask is not None and msg[5] == m.TX_IDLE and mask.ddl_committed():
+                    # its DDL is committed (or rolled back)
                     s.services.catalog_changed(s.database)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)

@@ -277,7 +277,7 @@ class FunctionCalls:
             # error (42883 for an unknown OID, 42501, 08P01), then ReadyForQuery
             out.append(msg)
             if s.masking is not None:
-                s.masking.fseg += 1             # answered by its own ReadyForQuery
+                s.masking.owe_ready()             # answered by its own ReadyForQuery
             if s.tracker is not None:
                 s.tracker.flog.append((msg, None, time.monotonic_ns()))
             return False
@@ -368,7 +368,7 @@ class FunctionCalls:
             # here): its result is masked for a masked identity, like a masked read
             s.masking.frontend(m.FUNCTION_CALL, msg, _reads_masked(s, d)
                                or not sql.startswith("SELECT pg_catalog."))
-            s.masking.fseg += 1                 # answered by its own ReadyForQuery
+            s.masking.owe_ready()                 # answered by its own ReadyForQuery
         s.services.count_statement("allowed")
         if s.tracker is None:
             return

@@ -54,7 +54,7 @@ class Holds:
         self.items = []
         self.bytes = 0
         self.more(list(later))
-        s.client_pipe.divert = True
+        s.divert_client(True)
 
     def release(self, out: list) -> None:
         """Send ``out`` (the held message, or what replaces it), then go on with what
@@ -62,7 +62,7 @@ class Holds:
         s = self.s
         items = self.items
         self.held = self.items = None
-        s.client_pipe.divert = False
+        s.divert_client(False)
         if self.bytes > HOLD_BYTES:
             t = s.client.transport
             if t is not None and not t.is_closing() and s.violation is None:
@@ -218,7 +218,7 @@ class Holds:
                     specs[i] = mask.copy_query_spec(desc, fmt, opts, query)
             out.append(msg)
         except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
-            mask.fseg -= 1          # the injected refusal counts its own ReadyForQuery
+            mask.unowe_ready()          # the injected refusal counts its own ReadyForQuery
             s.enforce.inject_refusal(Decision(
                 action="block", rule="masking",
                 message='pgguard: statement refused by rule "masking": pgguard could not '

@@ -40,10 +40,10 @@ from ..protocol import messages as m
 from . import sideconn
 from .cancel import CancelKeyCipher
 from .fncall import function_info
-from .services import Services
+from .services import Front, Services
 from .session import ClientProtocol
 from .sideconn import SideLink
-from .upstream import unix_socket_path
+from .upstream import UpstreamLink, unix_socket_path
 
 log = logging.getLogger("pgguard.server")
 
@@ -144,6 +144,9 @@ class Server:
         self.upstream_connect_timeout = parse_duration(cfg.upstream.connect_timeout)
         self.upstream_password = read_secret(
             cfg, cfg.upstream.password_env, cfg.upstream.password_file, "upstream")
+        up = cfg.upstream
+        self.link = UpstreamLink(up, self.upstream_password, self.upstream_connect_timeout,
+                                 self.resolve_path(up.sslrootcert) if up.sslrootcert else None)
         self._fake_secret = secrets.token_bytes(32)
         self._verifiers: dict[str, ScramVerifier] = {}
         for name, ident in cfg.identities.items():
@@ -188,7 +191,7 @@ class Server:
         self.mask_key = hash_key(cfg)
         self._catalogs: dict[str, object] = {}
         # what masking may ask of the upstream (catalog reads, the lineage planner)
-        self.side = SideLink(self)
+        self.side = SideLink(self.link)
         self._catalog_loads: dict[str, asyncio.Task] = {}
         # policy catalog knowledge per database: views (ViewMap and its refresh state),
         # functions by OID for FunctionCall (oid -> (FunctionInfo, loaded at))
@@ -268,7 +271,7 @@ class Server:
                 "ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n "
                 "ON n.oid = c.relnamespace WHERE a.attnum > 0 AND NOT a.attisdropped "
                 f"AND c.oid IN ({', '.join(map(str, oids))}) ORDER BY 1, 2")
-        res = await sideconn.run(self, database, stmts)
+        res = await sideconn.run(self.link, database, stmts)
         masks = self.cfg.masks
         added: dict[int, tuple[str, list]] = {}
         for oid, attnum, table, attname in (res[1] if oids else ()):
@@ -292,14 +295,12 @@ class Server:
             self.forget_decisions(database)     # parking decisions name masked tables
         return cat
 
-    def catalog_changed(self, database: str, session=None) -> None:
+    def catalog_changed(self, database: str) -> None:
         """DDL passed through: every worker reads the mask catalog again before the
         next rows leave (the shared generation), functions are looked up again, the
-        view map read again soon. With the ``session`` that sends the DDL: once more
-        when its transaction ends (a catalog read in between saw the old state)."""
+        view map read again soon. (The session that sent it calls this once more when
+        its transaction ends: a catalog read in between saw the old state.)"""
         self.catalog_signal.bump()
-        if session is not None and session.masking is not None:
-            session.masking.ddl_pending = True
         self._catalogs.pop(database, None)
         self._functions.pop(database, None)
         names = self._fn_names.get(database)
@@ -348,7 +349,7 @@ class Server:
         await self._load_function_names(database)
 
     async def _load_function_names(self, database: str) -> None:
-        rows = (await sideconn.run(self, database, [FUNCTION_NAMES_SQL]))[0]
+        rows = (await sideconn.run(self.link, database, [FUNCTION_NAMES_SQL]))[0]
         builtin = frozenset(r[0] for r in rows if r[1] == "t")
         other = frozenset(r[0] for r in rows if r[1] != "t")
         self._fn_names[database] = [builtin, other, False, time.monotonic()]
@@ -392,7 +393,7 @@ class Server:
     async def resolve_function(self, database: str, oid: int):
         """The FunctionInfo of ``oid`` read from the upstream catalog (None: no such
         function); raises when the catalog cannot be read."""
-        info = function_info(oid, await sideconn.function_rows(self, database, oid))
+        info = function_info(oid, await sideconn.function_rows(self.link, database, oid))
         if info is not None:
             funcs = self._functions.setdefault(database, {})
             if len(funcs) >= 10_000:
@@ -439,9 +440,8 @@ class Server:
                 exact.clear()
                 shapes.clear()
         for s in self.sessions:
-            if s.database == database and s.own_cache:
-                s._cache[0].clear()
-                s._cache[1].clear()
+            if s.database == database:
+                s.enforce.forget_decisions()
 
     def _refresh_views(self, database: str, st: _ViewState) -> asyncio.Task:
         st.task = asyncio.get_running_loop().create_task(self._read_views(database, st))
@@ -456,7 +456,7 @@ class Server:
         started = time.monotonic()
         st.stale = False
         try:
-            rows, triggers = await sideconn.rewrite_rows(self, database)
+            rows, triggers = await sideconn.rewrite_rows(self.link, database)
         except BaseException as e:
             st.stale = True
             st.failed_at = time.monotonic()
@@ -511,17 +511,11 @@ class Server:
         child.inc(n)
 
     def _report_fast(self, session) -> None:
-        pipe = session.client_pipe
-        if pipe is None:
-            return
-        n = pipe.fast_forwarded - session.fast_reported
+        n, lane = session.take_fast_counts()
         if n:
-            session.fast_reported += n
             self.count_statement("allowed", n)
-        lane = pipe.mask
-        if lane is not None and lane.forwarded != lane.reported:
-            self.m_lane.inc(lane.forwarded - lane.reported)
-            lane.reported = lane.forwarded
+        if lane:
+            self.m_lane.inc(lane)
 
     async def _metrics_tick(self) -> None:
         # statements the compiled fast path forwarded, folded into the counter
@@ -543,7 +537,7 @@ class Server:
             return
         db = (self.cfg.upstream.databases or ["postgres"])[0]
         try:
-            rows = (await sideconn.run(self, db, [
+            rows = (await sideconn.run(self.link, db, [
                 "SELECT rolname, coalesce(rolvaliduntil < now(), false) FROM pg_roles r "
                 "WHERE rolname LIKE 'pgguard\\_%' AND NOT EXISTS (SELECT 1 FROM "
                 "pg_stat_activity a WHERE a.usename = r.rolname)"]))[0]
@@ -558,7 +552,7 @@ class Server:
                     and now - int(parts[-2]) < 60:
                 continue
             log.info("janitor: dropping leftover ephemeral role %s", name)
-            await sideconn.drop_role(self, db, name, self.cfg.upstream.template_role)
+            await sideconn.drop_role(self.link, db, name, self.cfg.upstream.template_role)
 
     # -- policy
     def policy_inspects(self, identity_name: str, identity, database: str) -> bool:
@@ -738,7 +732,20 @@ class Server:
             remember_decision=self.remember_decision,
             user_function_test=self.user_function_test,
             cached_function=self.cached_function, resolve_function=self.resolve_function,
-            sessions=self.sessions, sessions_info=self.sessions_info)
+            sessions=self.sessions, sessions_info=self.sessions_info,
+            front=Front(
+                admit=self.admit, forget=self.forget, next_session_id=self.next_session_id,
+                startup_timeout=self.startup_timeout, client_ssl=self.client_ssl,
+                cancel_cipher=self.cancel_cipher, forward_cancel=self.forward_cancel,
+                bearer_enabled=self.bearer_enabled, oidc=self.oidc,
+                verifier_for=self.verifier_for, has_secret=self.has_secret,
+                auth_failed=self.auth_failed),
+            link=self.link, revocations=self.revocations, background=self.background,
+            count_masked=self.m_masked.inc, policy_inspects=self.policy_inspects,
+            decision_cache=self.decision_cache, view_map=self.view_map,
+            views_published=self.views_published, ready_views=self.ready_views,
+            ready_function_names=self.ready_function_names,
+            catalog_committed=self.catalog_committed)
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -746,7 +753,7 @@ class Server:
         self.services = self._services()
         socks = [sock] if sock is not None else listen_sockets(self.cfg)
         for s in socks:
-            srv = await loop.create_server(lambda: ClientProtocol(self), sock=s,
+            srv = await loop.create_server(lambda: ClientProtocol(self.services), sock=s,
                                            backlog=self.cfg.listen.backlog)
             self._servers.append(srv)
         self._idle.set()

@@ -1,6 +1,6 @@
 # Services: what a session needs of its worker process, as one typed object.
 # Built once at startup (Server.start); a session and its parts reach the services
-# through it, not through Server.
+# through it (admission and authentication through its ``front``), never through Server.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
@@ -17,7 +17,32 @@ if TYPE_CHECKING:
     from ..masking.wire import Catalog
     from ..policy.rules import PolicyEngine
     from .server import CatalogSignal
+    from .cancel import CancelKeyCipher
     from .sideconn import SideLink
+    from .upstream import UpstreamLink
+
+
+@dataclass(frozen=True, slots=True)
+class Front:
+    """What a session's startup asks of its worker: admission, TLS, authentication,
+    cancel keys, and leaving. Example::
+
+        if not front.admit(session): ...
+        verifier = front.verifier_for(name)
+    """
+
+    admit: Callable[[object], bool]             # counted in, or refused (too many)
+    forget: Callable[[object], None]            # counted out at close
+    next_session_id: Callable[[], str]
+    startup_timeout: float                      # seconds, startup and login together
+    client_ssl: object | None                   # ssl.SSLContext when [listen] has TLS
+    cancel_cipher: CancelKeyCipher              # BackendKeyData the client sees
+    forward_cancel: Callable[[int, int], Awaitable[None]]
+    bearer_enabled: bool                        # tokens or OIDC accepted as passwords
+    oidc: object | None
+    verifier_for: Callable[[str], object]       # SCRAM verifier (a fake for unknown names)
+    has_secret: Callable[[str], bool]
+    auth_failed: Callable[..., Awaitable[None]]  # throttle, audit, metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +75,15 @@ class Services:
     resolve_function: Callable[..., Awaitable[object]]
     sessions: set                       # the worker's live sessions (read only)
     sessions_info: Callable[[], list[dict]]
+    front: Front
+    link: UpstreamLink                  # how this worker reaches Postgres
+    revocations: object | None          # token revocations watched (bearer tokens on)
+    background: Callable[..., None]     # a task the worker keeps until it ends
+    count_masked: Callable[[int], None]
+    policy_inspects: Callable[..., bool]
+    decision_cache: Callable[..., tuple]                # shared by identity, db, mode
+    view_map: Callable[[str], object]
+    views_published: Callable[[str, dict], None]
+    ready_views: Callable[[str], Awaitable[None]]
+    ready_function_names: Callable[[str], Awaitable[None]]
+    catalog_committed: Callable[[str], None]            # a session's DDL is committed

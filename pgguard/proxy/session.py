@@ -36,7 +36,7 @@ from .tracking import StatementTracker
 from .upstream import UpstreamProtocol, connect_upstream
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .services import Services
 
 log = logging.getLogger("pgguard.session")
 
@@ -67,10 +67,10 @@ class ClientProtocol(asyncio.Protocol):
     """The client's socket until the session relays; then a compiled Pipe takes over
     (``transport.set_protocol``)."""
 
-    __slots__ = ("server", "session", "transport", "phase", "reader", "waiter", "_lost")
+    __slots__ = ("services", "session", "transport", "phase", "reader", "waiter", "_lost")
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, services: Services) -> None:
+        self.services = services
         self.session: Session | None = None
         self.transport: asyncio.Transport | None = None
         self.phase = PH_STARTUP
@@ -82,7 +82,7 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         m.set_nodelay(transport)
-        self.session = Session(self.server, self)
+        self.session = Session(self.services, self)
         self.session.start()
 
     def data_received(self, data: bytes) -> None:
@@ -104,6 +104,14 @@ class ClientProtocol(asyncio.Protocol):
             self.session.client_gone()
 
     # -- handshake helpers
+    def renew_reader(self, max_len: int) -> None:
+        """Read typed messages up to ``max_len`` from now on (what the old reader holds
+        unread goes first)."""
+        rest = self.reader.take_rest()
+        self.reader = FrameReader(True, max_len)
+        if rest:
+            self.reader.feed(rest)
+
     async def read_message(self):
         while True:
             try:
@@ -127,9 +135,9 @@ class ClientProtocol(asyncio.Protocol):
 class Session:
     """State of one client connection and its upstream link."""
 
-    def __init__(self, server: Server, client: ClientProtocol) -> None:
-        self.server = server
-        self.services = server.services
+    def __init__(self, services: Services, client: ClientProtocol) -> None:
+        self.services = services
+        self.front = services.front
         self.client = client
         self.up: UpstreamProtocol | None = None
         self.fscan: MessageScan | None = None
@@ -137,7 +145,7 @@ class Session:
         self.client_pipe: Pipe | None = None
         self.up_pipe: Pipe | None = None
         self.task: asyncio.Task | None = None
-        self.id = server.next_session_id()
+        self.id = services.front.next_session_id()
         peer = client.transport.get_extra_info("peername")
         self.peer = peer
         self.client_addr = _fmt_addr(peer)
@@ -172,7 +180,6 @@ class Session:
         self.guarded = False            # statements judged (startup.under_policy)
         self.guard = None               # the blast-radius guard, under a policy
         self.views = None               # SessionViews under a policy
-        self.own_cache = False          # decisions cached for this session alone
         self.fncalls = None             # FunctionCall judge under a policy
         self._unguard = None            # cancels the token expiry/revocation guard
         self.connected_at = 0.0
@@ -185,13 +192,13 @@ class Session:
 
     # -- lifecycle
     def start(self) -> None:
-        if not self.server.admit(self):
+        if not self.front.admit(self):
             return
         self.task = asyncio.get_running_loop().create_task(self._startup())
 
     async def _startup(self) -> None:
         try:
-            async with asyncio.timeout(self.server.startup_timeout):
+            async with asyncio.timeout(self.front.startup_timeout):
                 ok = await self._negotiate()
                 if not ok:
                     return
@@ -240,7 +247,7 @@ class Session:
                 if c.reader.buffered:
                     # bytes after SSLRequest before the handshake: injection attempt
                     raise ProtocolViolation("received unencrypted data after SSL request")
-                ctx = self.server.client_ssl
+                ctx = self.front.client_ssl
                 if ctx is None or self.tls:
                     c.transport.write(b"N")
                     continue
@@ -257,7 +264,7 @@ class Session:
                 # a request of another length is dropped unanswered, as Postgres does
                 if len(payload) == 12:
                     pid, secret = struct.unpack_from("!II", payload, 4)
-                    await self.server.forward_cancel(pid, secret)
+                    await self.front.forward_cancel(pid, secret)
                 self.close()
                 return False
             major, minor = code >> 16, code & 0xFFFF
@@ -301,9 +308,9 @@ class Session:
         c.reader = FrameReader(True, MAX_AUTH_MESSAGE)
         if rest:
             c.reader.feed(rest)
-        server = self.server
+        sv, front = self.services, self.front
         name = self.identity_name
-        delay = server.throttle.delay_for(self.peer)
+        delay = sv.throttle.delay_for(self.peer)
         if delay is None:
             raise AuthRejected(
                 "too many failed authentication attempts from this address",
@@ -320,19 +327,19 @@ class Session:
                     c.transport.resume_reading()
         # the exchange depends on the connection only, never on the name: which names
         # exist, and which have a static secret, is not for a client to learn
-        if server.bearer_enabled and (
-                self.tls or (self.loopback and server.cfg.listen.allow_cleartext_loopback)):
+        if front.bearer_enabled and (
+                self.tls or (self.loopback and sv.cfg.listen.allow_cleartext_loopback)):
             await self._cleartext(name)
         else:
             await self._scram(name)
         identity = self.identity
-        allowed = server.cfg.upstream.databases
+        allowed = sv.cfg.upstream.databases
         if self.database != CONSOLE_DB and (
                 (allowed is not None and self.database not in allowed) or
                 (identity.databases is not None and self.database not in identity.databases)):
             raise AuthRejected(
                 f'database "{self.database}" is not allowed for identity "{name}"')
-        server.throttle.record_success(self.peer)
+        sv.throttle.record_success(self.peer)
 
     async def _read_password_message(self) -> bytes:
         try:
@@ -350,27 +357,27 @@ class Session:
         """SCRAM-SHA-256 against the identity's static secret (a fake verifier of the
         same shape for unknown names: no user enumeration)."""
         c = self.client
-        identity = self.server.cfg.identities.get(name)
-        verifier = self.server.verifier_for(name)
+        identity = self.services.cfg.identities.get(name)
+        verifier = self.front.verifier_for(name)
         c.transport.write(m.auth_request(m.AUTH_SASL, scram.MECHANISM.encode() + b"\0\0"))
         payload = await self._read_password_message()
         try:
             mech, pos = m.parse_cstr(payload)
             (n,) = struct.unpack_from("!i", payload, pos)
             data = payload[pos + 4:pos + 4 + n] if n >= 0 else b""
-            server = scram.ScramServer(verifier)
-            first = server.handle_initial(mech, data)
+            exchange = scram.ScramServer(verifier)
+            first = exchange.handle_initial(mech, data)
         except (ValueError, struct.error, scram.ScramError) as e:
             raise ProtocolViolation(f"malformed SCRAM message: {e}") from None
         c.transport.write(m.auth_request(m.AUTH_SASL_CONTINUE, first))
         payload = await self._read_password_message()
         try:
-            final = server.handle_final(payload)
+            final = exchange.handle_final(payload)
         except scram.ScramError as e:
             raise ProtocolViolation(f"malformed SCRAM message: {e}") from None
-        if final is None or identity is None or not self.server.has_secret(name):
+        if final is None or identity is None or not self.front.has_secret(name):
             hint = "pgguard tokens are accepted only over TLS (sslmode=require)" \
-                if self.server.bearer_enabled else None
+                if self.front.bearer_enabled else None
             await self._login_failed("password authentication failed", hint)
         c.transport.write(m.auth_request(m.AUTH_SASL_FINAL, final))
         self.identity = identity
@@ -381,13 +388,13 @@ class Session:
         pgguard token or an OIDC JWT, or else the identity's static secret. A failure
         costs the same checks whatever the name (the secret's PBKDF2 runs against a fake
         verifier for names without one)."""
-        server = self.server
+        sv, front = self.services, self.front
         self.client.transport.write(m.auth_request(m.AUTH_CLEARTEXT))
         password = (await self._read_password_message()).rstrip(b"\0")
         try:
             p = tokens.authenticate_password(
-                server.cfg, name, password, database=self.database,
-                revocations=server.revocations, oidc=server.oidc)
+                sv.cfg, name, password, database=self.database,
+                revocations=sv.revocations, oidc=front.oidc)
         except tokens.TokenInvalid as e:
             # a token-shaped password keeps its reason (expired, revoked ...) for the
             # audit; it does not depend on whether the name exists
@@ -398,11 +405,11 @@ class Session:
             self.identity = p.identity_config
             self.readonly = p.readonly
             return
-        verifier = server.verifier_for(name)
+        verifier = front.verifier_for(name)
         ok = await asyncio.get_running_loop().run_in_executor(
             None, verifier.verify_password, password)
-        identity = server.cfg.identities.get(name)
-        if not ok or identity is None or not server.has_secret(name):
+        identity = sv.cfg.identities.get(name)
+        if not ok or identity is None or not front.has_secret(name):
             await self._login_failed(bearer_reason or "password authentication failed")
         self.identity = identity
 
@@ -410,15 +417,15 @@ class Session:
         """The one answer to every failed login, whatever the name: 28P01, the same
         message, an auth_failed audit record, a throttled address."""
         self._audit_event("auth_failed", error=reason)
-        await self.server.auth_failed(self, reason)
+        await self.front.auth_failed(self, reason)
         raise AuthFailed(f'password authentication failed for user "{self.identity_name}"',
                          hint=hint)
 
     async def _connect_upstream(self) -> None:
         # judge the client's settings now that the identity is known, before anything
         # happens upstream (no connection, no provisioned role for a refused session)
-        cfg = self.server.cfg
-        guarded = self.guarded = under_policy(self.server, self.identity_name,
+        cfg = self.services.cfg
+        guarded = self.guarded = under_policy(self.services, self.identity_name,
                                               self.identity, self.database, self.readonly)
         try:
             params, client_app = upstream_params(client_settings(self.params),
@@ -441,7 +448,7 @@ class Session:
         elif client_app is not None:
             params.append(("application_name", client_app))
         user, password = await self._upstream_role()
-        self.up, status, key = await connect_upstream(self, self.server, self.database, params,
+        self.up, status, key = await connect_upstream(self, self.services.link, self.database, params,
                                                       user=user, password=password)
         if tag:
             status = [_client_app_status(st, client_app or "") for st in status]
@@ -455,7 +462,7 @@ class Session:
             self.pinned_role = True
         pid, secret = key
         self.upstream_key = key
-        cpid, csecret = self.server.cancel_cipher.encode(pid, secret)
+        cpid, csecret = self.front.cancel_cipher.encode(pid, secret)
         self.cancel_key = (cpid << 32) | csecret
         out = [m.auth_request(m.AUTH_OK)]
         out.extend(status)
@@ -468,7 +475,7 @@ class Session:
     async def _upstream_role(self) -> tuple[str | None, str | None]:
         """The upstream login for this session: an ephemeral role when [upstream]
         provision is on, the identity's upstream_user, or the proxy's own (None)."""
-        cfg = self.server.cfg
+        cfg = self.services.cfg
         ident = self.identity
         if cfg.upstream.provision:
             safe = re.sub(r"[^a-z0-9]", "", self.identity_name.lower())[:16] or "x"
@@ -478,7 +485,7 @@ class Session:
                 time.time() + parse_duration(cfg.auth.max_ttl)
             until_text = datetime.fromtimestamp(until, timezone.utc).isoformat()
             try:
-                await sideconn.run(self.server, self.database, [
+                await sideconn.run(self.services.link, self.database, [
                     f"CREATE ROLE {sideconn.ident(name)} LOGIN PASSWORD "
                     f"{sideconn.literal(password)} VALID UNTIL {sideconn.literal(until_text)} "
                     f"IN ROLE {sideconn.ident(cfg.upstream.template_role)}"])
@@ -499,21 +506,21 @@ class Session:
     async def _setup_masking(self) -> None:
         """Masking for this identity: masks it is not exempt from, detectors unless its
         groups are exempt. None when nothing applies (the relay stays pass-through)."""
-        cfg, ident = self.server.cfg, self.identity
+        cfg, ident = self.services.cfg, self.identity
         masks_on = any(applies(mk, self.identity_name, ident) for mk in cfg.masks)
-        dets = self.server.detectors
+        dets = self.services.detectors
         if dets is not None and set(cfg.detectors.except_groups) & set(ident.groups):
             dets = None
         if not masks_on and dets is None:
             return
         try:
-            catalog = await self.server.mask_catalog(self.database)
+            catalog = await self.services.mask_catalog(self.database)
         except (UpstreamError, PgguardError, OSError) as e:
             # fail closed: no way to know which columns to mask
             raise UpstreamUnavailable("pgguard could not read the upstream catalog to "
                                       "apply masks", detail=str(e)) from None
         self.masking = MaskState(self, catalog, masks_on and bool(catalog.columns), dets,
-                                 self.server.mask_key)
+                                 self.services.mask_key)
 
     def _under_policy(self) -> bool:
         """Whether this session's statements are judged (else the relay forwards them):
@@ -526,32 +533,32 @@ class Session:
         names, for the blast-radius guard (fail closed: no session under a policy
         without them)."""
         try:
-            await self.server.ready_views(self.database)
-            await self.server.ready_function_names(self.database)
+            await self.services.ready_views(self.database)
+            await self.services.ready_function_names(self.database)
         except (UpstreamError, PgguardError, OSError) as e:
             raise UpstreamUnavailable("pgguard could not read the upstream catalog's "
                                       "views", detail=str(e)) from None
 
     def _enter_relay(self) -> None:
         c, up = self.client, self.up
-        limits = self.server.cfg.limits
+        limits = self.services.cfg.limits
         if self._under_policy():
-            self.policy = self.server.policy
+            self.policy = self.services.policy
             self.prepared = PreparedMemory()
-            self._cache = self.server.decision_cache(
+            self.enforce.cache = self.services.decision_cache(
                 self.identity_name, self.database,
                 ("readonly" if self.readonly else "readwrite")
                 + (":pinned" if self.pinned_role else ""))
-            server, db = self.server, self.database
-            self.views = SessionViews(lambda: server.view_map(db),
-                                      lambda edges: server.views_published(db, edges))
+            sv, db = self.services, self.database
+            self.views = SessionViews(lambda: sv.view_map(db),
+                                      lambda edges: sv.views_published(db, edges))
             self.fncalls = FunctionCalls(self)
         if self.principal is not None:
             p = self.principal
-            self._unguard = guard_session(asyncio.get_running_loop(), self.server.revocations,
+            self._unguard = guard_session(asyncio.get_running_loop(), self.services.revocations,
                                           p.identity, p.token_id, p.expires_at,
                                           self._end_by_token)
-        audit = self.server.audit
+        audit = self.services.audit
         if audit is not None:
             self.tracker = StatementTracker(self, audit)
             self.backend_events = self.tracker.on_events    # no Python loop per chunk
@@ -563,7 +570,7 @@ class Session:
         # every message, and only Postgres' own bound applies
         # (the batched audit keeps a prefix of longer ones: the statement runs as sent)
         parsed = self.policy is not None or self.masking is not None or \
-            self.server.audit_strict
+            self.services.audit_strict
         self.fscan = MessageScan(interest=self.enforce.watch,
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, pg_limits=m.FRONTEND_PG_LIMITS,
@@ -629,7 +636,7 @@ class Session:
         cols, dets = self.masking.rw.take_counts()
         n = sum(cols) + sum(dets)
         if n:
-            self.server.m_masked.inc(n)
+            self.services.count_masked(n)
         return n
 
     def client_items(self, items: list) -> None:
@@ -707,6 +714,63 @@ class Session:
         if t is not None and not t.is_closing():
             t.write(poison)
 
+    def upstream_opened(self, proto) -> None:
+        """The upstream connection is open (its login follows): it closes with us."""
+        self.up = proto
+
+    def set_fast_path(self, *, exact: dict | None = None, shapes: dict | None = None,
+                      allow_all: bool = False, log_types: bytes | None = None,
+                      guard=None, lane: bool = False) -> None:
+        """What the compiled client pipe forwards without Python (Enforcement.fast_path
+        decides): Query/Parse whose decision in ``exact``/``shapes`` allows them, or
+        every well-formed one (``allow_all``); the message types it logs for the audit;
+        the blast-radius ``guard``'s Bind/Execute/Close/Sync; the masking ``lane``."""
+        pipe = self.client_pipe
+        if pipe.mask is not None:
+            pipe.mask.on = lane
+            pipe.mask.idle = False
+        pipe.exact, pipe.shapes, pipe.allow_all = exact, shapes, allow_all
+        pipe.log_types = log_types
+        pipe.guard = guard
+
+    def decide_through(self, cache: tuple[dict, dict]) -> None:
+        """The decision cache the compiled pipe reads, when it reads one."""
+        pipe = self.client_pipe
+        if pipe is not None and pipe.exact is not None:
+            pipe.exact, pipe.shapes = cache
+
+    def take_fast_counts(self) -> tuple[int, int]:
+        """Statements the compiled pipe, and the masking lane, forwarded since the last
+        call (for the metrics)."""
+        pipe = self.client_pipe
+        if pipe is None:
+            return 0, 0
+        n = pipe.fast_forwarded - self.fast_reported
+        self.fast_reported += n
+        lane, k = pipe.mask, 0
+        if lane is not None:
+            k = lane.forwarded - lane.reported
+            lane.reported = lane.forwarded
+        return n, k
+
+    # -- what the session's parts ask of the relay it owns (the pipes and scans)
+    def divert_client(self, on: bool) -> None:
+        """Every frontend message to Python (a hold), or back to the compiled pipe."""
+        self.client_pipe.divert = on
+
+    def upstream_ready(self, status: int) -> None:
+        """A ReadyForQuery Python forwarded: its transaction status is the session's."""
+        self.bscan.status = status
+
+    def swallow_ready(self) -> None:
+        """A ReadyForQuery the upstream sent and the client never sees (the guard's
+        own statement): not counted as one the client was answered."""
+        self.bscan.count -= 1
+
+    def lane_readies(self, n: int) -> None:
+        """ReadyForQuery messages the masking lane forwarded."""
+        self.enforce.count_readies(n)
+
     def backend_events(self, events: list) -> None:
         """Copies of backend messages the session watches (completions for the audit)."""
         tracker = self.tracker
@@ -783,7 +847,7 @@ class Session:
         self.close()
 
     def _audit_event(self, event: str, **fields) -> None:
-        audit = self.server.audit
+        audit = self.services.audit
         if audit is None:
             return
         ident = self.identity
@@ -792,13 +856,13 @@ class Session:
             identity_kind=ident.kind if ident is not None else None,
             client_addr=self.client_addr,
             application_name=self.params.get("application_name"), database=self.database,
-            upstream_user=self.server.cfg.upstream.user if event != "auth_failed" else None,
+            upstream_user=self.services.cfg.upstream.user if event != "auth_failed" else None,
             **fields))
 
     async def _drop_provisioned(self, role: str) -> None:
         await asyncio.sleep(0.05)       # let the upstream backend see the Terminate
-        await drop_role(self.server, self.database, role,
-                        self.server.cfg.upstream.template_role)
+        await drop_role(self.services.link, self.database, role,
+                        self.services.cfg.upstream.template_role)
 
     def _end_by_token(self, err) -> None:
         """The token expired or was revoked: FATAL at a message boundary, then close."""
@@ -814,13 +878,13 @@ class Session:
         if self._unguard is not None:
             self._unguard()
         if self.provisioned is not None:
-            self.server.background(self._drop_provisioned(self.provisioned))
+            self.services.background(self._drop_provisioned(self.provisioned))
             self.provisioned = None
         if self.holds.approval is not None:
             task, req_id = self.holds.approval
             task.cancel()
-            if req_id is not None and self.server.approvals is not None:
-                self.server.approvals.withdraw(req_id)
+            if req_id is not None and self.services.approvals is not None:
+                self.services.approvals.withdraw(req_id)
         if self.connected_at:
             self._audit_event("disconnect",
                               duration_us=int((time.monotonic() - self.connected_at) * 1e6))
@@ -838,7 +902,7 @@ class Session:
         t = self.client.transport
         if t is not None and not t.is_closing():
             t.close()
-        self.server.forget(self)
+        self.front.forget(self)
 
 
 def _pg_startup_layout(body: bytes) -> bool:

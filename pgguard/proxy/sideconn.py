@@ -14,8 +14,7 @@ from ..protocol.sqltext import ident, literal
 from .upstream import connect_upstream
 
 if TYPE_CHECKING:
-    from .server import Server
-    from .upstream import UpstreamProtocol
+    from .upstream import UpstreamLink, UpstreamProtocol
 
 log = logging.getLogger("pgguard.sideconn")
 
@@ -28,7 +27,9 @@ class _Owner:
     """Stands in for a client session while pgguard talks to the upstream itself."""
 
     id = "internal"
-    up = None
+
+    def upstream_opened(self, proto) -> None:
+        pass                    # the caller closes the link it gets back
 
     def upstream_lost(self, exc) -> None:
         pass
@@ -38,20 +39,20 @@ class SideLink:
     """What a service may ask of the upstream through the proxy's own credentials
     (masking's catalog reads and lineage planner): it sees this object, never Server."""
 
-    def __init__(self, server: Server) -> None:
-        self._server = server
+    def __init__(self, link: UpstreamLink) -> None:
+        self._link = link
 
     async def run(self, database: str, statements: list[str]) -> list[list[tuple]]:
         """Each statement on one fresh connection (see run())."""
-        return await run(self._server, database, statements)
+        return await run(self._link, database, statements)
 
     async def describe(self, database: str, sql: str) -> bytes | None:
         """The RowDescription of ``sql`` (see describe())."""
-        return await describe(self._server, database, sql)
+        return await describe(self._link, database, sql)
 
     async def connect(self, database: str, application_name: str) -> UpstreamProtocol:
         """A logged-in link of the caller's own, to keep and close."""
-        proto, _, _ = await connect_upstream(_Owner(), self._server, database,
+        proto, _, _ = await connect_upstream(_Owner(), self._link, database,
                                              {"application_name": application_name})
         return proto
 
@@ -86,11 +87,11 @@ async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, .
     return rows
 
 
-async def describe(server: Server, database: str, sql: str) -> bytes | None:
+async def describe(link: UpstreamLink, database: str, sql: str) -> bytes | None:
     """The RowDescription message of a query run on a side connection (None: no rows).
     Raises UpstreamError when it fails there."""
     owner = _Owner()
-    proto, _, _ = await connect_upstream(owner, server, database,
+    proto, _, _ = await connect_upstream(owner, link, database,
                                          {"application_name": "pgguard:internal"})
     try:
         body = sql.encode() + b"\0"
@@ -114,13 +115,13 @@ async def describe(server: Server, database: str, sql: str) -> bytes | None:
             proto.transport.close()
 
 
-async def run(server: Server, database: str, statements: list[str]) -> list[list[tuple]]:
+async def run(link: UpstreamLink, database: str, statements: list[str]) -> list[list[tuple]]:
     """Run statements on a fresh connection with the proxy's upstream credentials.
 
-    Example: ``await run(server, "app", ["SELECT 1"])`` -> ``[[("1",)]]``.
+    Example: ``await run(link, "app", ["SELECT 1"])`` -> ``[[("1",)]]``.
     """
     owner = _Owner()
-    proto, _, _ = await connect_upstream(owner, server, database,
+    proto, _, _ = await connect_upstream(owner, link, database,
                                          {"application_name": "pgguard:internal"})
     try:
         return [await execute(proto, sql) for sql in statements]
@@ -194,22 +195,22 @@ WHERE NOT t.tgisinternal AND (t.tgtype & 64) <> 0
 """
 
 
-async def function_rows(server: Server, database: str, oid: int) -> list[tuple]:
+async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tuple]:
     """The function with ``oid``: one row per declared argument (schema, name, kind,
     returns a set, argument type OID, type name), one with NULL type for a function of
     no arguments, none when no function has that OID."""
-    return (await run(server, database, [FUNCTION_SQL.format(oid=int(oid))]))[0]
+    return (await run(link, database, [FUNCTION_SQL.format(oid=int(oid))]))[0]
 
 
-async def rewrite_rows(server: Server, database: str) -> tuple[list[tuple], list[tuple]]:
+async def rewrite_rows(link: UpstreamLink, database: str) -> tuple[list[tuple], list[tuple]]:
     """(schema, relation, base schema, base relation) for every relation with rewrite
     rules (views, INSTEAD/ALSO rules) and each relation those rules use; and (schema,
     view, language, source) of the functions of INSTEAD OF triggers."""
-    rules, triggers = await run(server, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL])
+    rules, triggers = await run(link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL])
     return rules, triggers
 
 
-async def drop_role(server: Server, database: str, role: str, successor: str | None,
+async def drop_role(link: UpstreamLink, database: str, role: str, successor: str | None,
                     attempts: int = 6) -> bool:
     """Drop an ephemeral role once its sessions are gone (retrying while its backend
     exits); objects it owns go to ``successor``."""
@@ -220,11 +221,11 @@ async def drop_role(server: Server, database: str, role: str, successor: str | N
     delay = 0.05
     for _ in range(attempts):
         try:
-            exists = await run(server, database, [
+            exists = await run(link, database, [
                 f"SELECT 1 FROM pg_roles WHERE rolname = {literal(role)}"])
             if not exists[0]:
                 return True
-            await run(server, database, stmts)
+            await run(link, database, stmts)
             return True
         except (PgguardError, OSError) as e:
             log.debug("dropping role %s: %s", role, e)

@@ -38,7 +38,7 @@ from ..masking.wire import applies
 
 if TYPE_CHECKING:
     from ..config import Identity
-    from .server import Server
+    from .services import Services
 
 # StartupMessage keys Postgres reads as something other than a setting (matched exactly
 # there; any other spelling is a setting name, which a lower-cased name must not become)
@@ -224,20 +224,20 @@ def upstream_params(settings: list[Setting], *, guarded: bool, readonly: bool,
     return params, app
 
 
-def under_policy(server: Server, name: str, identity: Identity, database: str,
+def under_policy(services: Services, name: str, identity: Identity, database: str,
                  readonly: bool) -> bool:
     """True if something will parse this session's statements: a read-only scope, a
     role pgguard chooses, masks or detectors, or a policy that can refuse (the
     condition under which the session enters the relay with a policy)."""
-    cfg = server.cfg
+    cfg = services.cfg
     if readonly or cfg.upstream.provision or identity.upstream_user or identity.role:
         return True
     if any(applies(mk, name, identity) for mk in cfg.masks):
         return True
-    if server.detectors is not None and not set(cfg.detectors.except_groups) & set(
+    if services.detectors is not None and not set(cfg.detectors.except_groups) & set(
             identity.groups):
         return True
-    return server.policy_inspects(name, identity, database)
+    return services.policy_inspects(name, identity, database)
 
 
 def tagged_app_name(identity: str, client_app: str | None) -> str:

@@ -98,7 +98,7 @@ def session_columns(s: Session) -> tuple:
     """Record columns session_id .. event of a statement of session ``s``."""
     return (s.id, s.identity_name, s.identity.kind if s.identity is not None else None,
             s.client_addr, s.params.get("application_name"), s.database,
-            s.server.cfg.upstream.user, "statement")
+            s.services.cfg.upstream.user, "statement")
 
 
 # unqualified built-in functions that catalog queries (psql's among them) call; any other
@@ -162,7 +162,7 @@ def statement_record(s: Session, sql, d, decision: str, ts: datetime) -> AuditRe
     if isinstance(sql, bytes):
         norm = fast_normalize(sql)
         fp = fingerprint(norm)
-        sql = sql.decode("utf-8", "replace") if s.server.cfg.audit.capture_literals else norm
+        sql = sql.decode("utf-8", "replace") if s.services.cfg.audit.capture_literals else norm
     sid, ident, kind, addr, app, db, user, event = session_columns(s)
     rec = AuditRecord(
         session_id=sid, event=event, ts=ts, identity=ident, identity_kind=kind,

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import ssl
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .._core import FrameReader
@@ -16,13 +17,29 @@ from ..protocol import messages as m
 from .startup import PACKET_KEYS as _PACKET_KEYS
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..config import Upstream
     from .session import Session
 
 log = logging.getLogger("pgguard.upstream")
 
 PH_STARTUP = 0
 PH_RELAY = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLink:
+    """How a worker reaches Postgres, read once from [upstream] (the password read, the
+    root certificate's path resolved): what connect_upstream and the side connections
+    take. Example::
+
+        link = UpstreamLink(cfg.upstream, password, 5.0, None)
+        proto, status, key = await connect_upstream(owner, link, "app", {})
+    """
+
+    cfg: Upstream
+    password: str | None
+    connect_timeout: float
+    rootcert: str | None        # sslrootcert, resolved against the config's directory
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -90,12 +107,12 @@ def unix_socket_path(directory: str, port: int) -> str:
     return f"{directory.rstrip('/')}/.s.PGSQL.{port}"
 
 
-def _ssl_context(server: Server) -> ssl.SSLContext | None:
-    up = server.cfg.upstream
+def _ssl_context(link: UpstreamLink) -> ssl.SSLContext | None:
+    up = link.cfg
     if up.sslmode in ("disable", "allow") or up.host.startswith("/"):
         return None
     if up.sslmode in ("verify-ca", "verify-full"):
-        ctx = ssl.create_default_context(cafile=server.resolve_path(up.sslrootcert))
+        ctx = ssl.create_default_context(cafile=link.rootcert)
         ctx.check_hostname = up.sslmode == "verify-full"
         return ctx
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -104,7 +121,7 @@ def _ssl_context(server: Server) -> ssl.SSLContext | None:
     return ctx
 
 
-async def connect_upstream(session: Session, server: Server, database: str,
+async def connect_upstream(session: Session, link: UpstreamLink, database: str,
                            params: dict[str, str] | list[tuple[str, str]], *,
                            user: str | None = None,
                            password: str | None = None):
@@ -116,11 +133,11 @@ async def connect_upstream(session: Session, server: Server, database: str,
     Errors become UpstreamUnavailable (08006) or the upstream's own error when it
     is about the client's request (unknown database, too many connections).
     """
-    cfg = server.cfg.upstream
+    cfg = link.cfg
     pairs = list(params.items()) if isinstance(params, dict) else list(params)
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(server.upstream_connect_timeout):
+        async with asyncio.timeout(link.connect_timeout):
             if cfg.host.startswith("/"):
                 # a directory: the server's unix socket, as libpq reads host
                 transport, proto = await loop.create_unix_connection(
@@ -133,9 +150,9 @@ async def connect_upstream(session: Session, server: Server, database: str,
         raise UpstreamUnavailable(
             "could not connect to the upstream database",
             detail=f"connection to {cfg.host}:{cfg.port} failed") from None
-    session.up = proto
+    session.upstream_opened(proto)     # closed with the session from now on
     try:
-        return await _login(proto, server, database, pairs, user, password)
+        return await _login(proto, link, database, pairs, user, password)
     except (ConnectionError, OSError) as e:
         transport.close()
         raise UpstreamUnavailable("the upstream database closed the connection during login",
@@ -145,14 +162,14 @@ async def connect_upstream(session: Session, server: Server, database: str,
         raise
 
 
-async def _login(proto: UpstreamProtocol, server: Server, database: str,
+async def _login(proto: UpstreamProtocol, link: UpstreamLink, database: str,
                  params: list[tuple[str, str]], user: str | None = None,
                  password: str | None = None):
-    cfg = server.cfg.upstream
+    cfg = link.cfg
     user = user or cfg.user
     if password is None and user == cfg.user:
-        password = server.upstream_password
-    ctx = _ssl_context(server)
+        password = link.password
+    ctx = _ssl_context(link)
     if ctx is not None:
         proto.transport.write(struct.pack("!II", 8, m.SSL_REQUEST))
         answer = await proto.read_byte()
