@@ -131,6 +131,13 @@ cdef inline bytes _log_form(bytes msg):
     return PyBytes_FromStringAndSize(p, e + 1 - p)
 
 
+cdef object _writelines_of(peer):
+    # a TLS transport encrypts each piece of a writelines as a record of its own: join
+    if peer.get_extra_info("ssl_object") is not None:
+        return None
+    return peer.writelines
+
+
 cdef class Pipe:
     """One direction of an established session, installed with ``set_protocol``.
 
@@ -145,7 +152,7 @@ cdef class Pipe:
         self.transport = transport
         self.peer = peer
         self._peer_write = peer.write
-        self._peer_writelines = peer.writelines
+        self._peer_writelines = _writelines_of(peer)
         self._hooks = hooks
         self._client_side = client_side
         self.notify_chunks = False
@@ -318,7 +325,7 @@ cdef class Pipe:
     def set_peer(self, peer):
         self.peer = peer
         self._peer_write = peer.write
-        self._peer_writelines = peer.writelines
+        self._peer_writelines = _writelines_of(peer)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -675,12 +682,21 @@ cdef class Pipe:
             self._hooks.backend_chunk()
 
     cdef _flush(self, list out):
-        if not out:
+        cdef Py_ssize_t n = len(out)
+        cdef Py_ssize_t size = 0
+        if n == 0:
             return
-        if len(out) == 1:
+        if n == 1:
             self._peer_write(out[0])
-        else:
-            self._peer_writelines(out)      # one writev, no joined copy
+            return
+        if self._peer_writelines is not None:
+            for x in out:
+                size += len(x)
+            if size >= 8192 * n:
+                # large pieces (a pipeline of big Binds): one writev, no joined copy
+                self._peer_writelines(out)
+                return
+        self._peer_write(b"".join(out))
 
     def eof_received(self):
         return False
@@ -702,14 +718,14 @@ cdef class Pipe:
         self._call_soon(self._end_turn)
 
     def _end_turn(self):
+        # our own pause ends unless the session keeps the client paused for a reason
+        # of its own (whoever paused it then resumes it)
         self._yielded = False
         t = self.transport
-        if self._bad_seen or t.is_closing() or t.get_protocol() is not self:
+        if self._bad_seen or self.scan.error is not None or t.is_closing():
             return
-        up = self.peer.get_protocol()
-        if type(up) is Pipe and (<Pipe>up).writing_paused:
-            return          # the upstream's resume_writing resumes us
-        t.resume_reading()
+        if self._hooks.client_may_read():
+            t.resume_reading()
 
     def pause_writing(self):
         # our transport's buffer is full: stop reading from the peer

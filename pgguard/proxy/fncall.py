@@ -259,10 +259,16 @@ class FunctionCalls:
     waits unread (the scan stops after the FunctionCall and later bytes are kept raw),
     so every later message is read, counted and judged in order once it is decided."""
 
-    __slots__ = ("s",)
+    __slots__ = ("s", "_wait")
 
     def __init__(self, session: Session) -> None:
         self.s = session
+        self._wait: _Waiting | None = None       # reading the client during a lookup
+
+    def reads_paused(self) -> bool:
+        """True while the lookup's reader stopped reading the client (past WAIT_BUFFER):
+        it resumes the client itself when the lookup ends."""
+        return self._wait is not None and self._wait.paused
 
     def on_message(self, msg: bytes, out: list, later: list) -> bool:
         """Judge the FunctionCall ``msg`` (``out``: what goes upstream before it;
@@ -288,7 +294,7 @@ class FunctionCalls:
         if out:
             s.up.transport.write(b"".join(out))
             out.clear()
-        wait = _Waiting(s)
+        wait = self._wait = _Waiting(s)
         s.client.transport.set_protocol(wait)
         s.holds.side_task(self._resolve(msg, call, list(later), wait))
         return True
@@ -309,6 +315,7 @@ class FunctionCalls:
             return
         transport = s.client.transport
         transport.set_protocol(s.client_pipe)
+        self._wait = None
         out: list[bytes] = []
         self._judge(msg, call, info, out, failure)
         # go on in stream order: messages read after it, the scan's unread rest, then

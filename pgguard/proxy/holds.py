@@ -56,6 +56,11 @@ class Holds:
         self.more(list(later))
         s.divert_client(True)
 
+    def reads_held(self) -> bool:
+        """True while the hold keeps the client's socket unread (past HOLD_BYTES): its
+        release resumes it."""
+        return self.bytes > HOLD_BYTES
+
     def release(self, out: list) -> None:
         """Send ``out`` (the held message, or what replaces it), then go on with what
         the client sent meanwhile."""

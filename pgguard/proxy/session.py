@@ -739,6 +739,20 @@ class Session:
         if pipe is not None and pipe.exact is not None:
             pipe.exact, pipe.shapes = cache
 
+    def client_may_read(self) -> bool:
+        """Whether the client's socket may be read again (the compiled pipe paused it
+        for a loop turn): not when closed or past a malformed frame, nor while a part
+        keeps it paused (a hold past its bytes, a function lookup's reader past its
+        buffer, an upstream that cannot take more); those resume it themselves."""
+        if self.closed or self.violation is not None or self._poison is not None:
+            return False
+        if self.holds.reads_held():
+            return False
+        if self.fncalls is not None and self.fncalls.reads_paused():
+            return False
+        up = self.up_pipe
+        return up is None or not up.writing_paused
+
     def take_fast_counts(self) -> tuple[int, int]:
         """Statements the compiled pipe, and the masking lane, forwarded since the last
         call (for the metrics)."""
