@@ -98,8 +98,7 @@ class Enforcement:
                 and s.policy is not None:
             # masking: the lane, for statements that read no mask
             exact, shapes = self.cache
-            s.set_fast_path(lane=True, exact=exact, shapes=shapes,
-                            log_types=b"BES" if s.tracker is not None else None)
+            s.set_fast_path(lane=True, exact=exact, shapes=shapes, log_types=logged)
             s.masking.maybe_idle()
             return
         if not on or strict or s.masking is not None or self._guarding:
