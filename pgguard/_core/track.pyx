@@ -12,7 +12,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from .answers import answer_for
 from .sqlshape cimport shape_buf
 from .msgtypes cimport (BIND, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE,
-                        FUNCTION_CALL, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY, SYNC,
+                        FUNCTION_CALL, PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED, QUERY,
+                        READY_FOR_QUERY, SYNC,
                         TX_IDLE)
 
 import_datetime()
@@ -268,6 +269,9 @@ cdef class StatementTracker:
     def on_backend(self, int t, bytes msg):
         cdef _Pending e
         cdef long long swallowed = 0
+        if t == PARAMETER_STATUS:       # a reported setting (the session's pins)
+            self.session.parameter_reported(msg)
+            return
         self._drain()
         pending = self.pending
         got = answer_for(self.answers, msg) if self.answers and (

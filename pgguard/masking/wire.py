@@ -850,6 +850,7 @@ class MaskState(LaneState):
                 self.txn_tainted or self.masked_reads > 0) else None
             return ch.notification(data, own)
         if t == m.PARAMETER_STATUS:
+            self.s.parameter_reported(data)     # a pinned setting moved: session ends
             return ch.parameter_status(data, self.tainted())
         return ch.function_result(data, self.tainted())    # 'V' FunctionCallResponse
 

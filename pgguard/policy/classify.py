@@ -1812,6 +1812,16 @@ def _string(acc: _Acc, b: Any) -> None:
             cls = _func_class(s)
             if cls is not None:
                 acc.flag(cls[0], f"names {s}(), which {cls[1]}")
+            elif s == "set_config":
+                # an aggregate, operator or type that runs set_config() changes settings
+                # (standard_conforming_strings, default_transaction_read_only, role)
+                # with values pgguard never sees: the later call reads as a plain SELECT
+                acc.settings.append(("*", None))
+                acc.flag("privilege", "names set_config(), which changes settings with "
+                                      "values pgguard cannot see when it runs later")
+            elif s in _WRITING_FUNCS:
+                acc.flag("opaque", f"names {s}(), which writes when it runs later, "
+                                   "inside a call pgguard reads as a plain one")
 
 
 def _nested(tag: str) -> Any:

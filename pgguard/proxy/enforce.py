@@ -508,6 +508,8 @@ class Enforcement:
             scan.set_interest(ALL_TYPES, False)
             if s.tracker is not None:
                 scan.set_interest(b"CEIsZ", True)
+            if s.pinned is not None:
+                scan.set_interest(b"S", True)       # reported settings (Session.pinned)
             pipe.divert = False
 
 
@@ -631,6 +633,8 @@ class Enforcement:
                 out.append(m.error_response(r[4], d.message, detail=d.detail or None,
                                             hint=d.hint or None))
             else:
+                if t == m.PARAMETER_STATUS:
+                    s.parameter_reported(msg)       # a pinned setting moved: it ends
                 if s.tracker is not None and t in _TRACKED:
                     s.tracker.on_backend(t, msg)
                 if mask is not None:

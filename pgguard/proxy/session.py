@@ -31,6 +31,7 @@ from .fncall import FunctionCalls
 from .holds import Holds
 from ..masking.wire import MASK_BACKEND, MaskState, applies
 from .sideconn import UpstreamError, drop_role, execute
+from .pinned import PinnedSettings
 from .startup import client_settings, tagged_app_name, under_policy, upstream_params
 from .tracking import StatementTracker
 from .upstream import UpstreamProtocol, connect_upstream
@@ -178,6 +179,8 @@ class Session:
         self.pinned_role = False        # the upstream role is chosen by pgguard
         self.readonly = False
         self.guarded = False            # statements judged (startup.under_policy)
+        self.pinned = None              # PinnedSettings of a guarded session
+        self.end_reason = None          # why pgguard ended the session (audit)
         self.guard = None               # the blast-radius guard, under a policy
         self.views = None               # SessionViews under a policy
         self.fncalls = None             # FunctionCall judge under a policy
@@ -452,6 +455,8 @@ class Session:
                                                       user=user, password=password)
         if tag:
             status = [_client_app_status(st, client_app or "") for st in status]
+        if guarded:
+            self.pinned = PinnedSettings(status, self.readonly)
         role = self.identity.role if self.identity is not None else None
         if role:
             try:
@@ -583,7 +588,10 @@ class Session:
             self.fscan.set_stop(b"QP", False)
             self.fscan.stream_over = limits.max_message_size
             self.fscan.stream_keep = min(limits.max_message_size, STREAM_KEEP)
-        self.bscan = MessageScan(interest=b"CEIsZ" if audit is not None else b"",
+        # ParameterStatus too under a policy: a pinned setting reported changed ends
+        # the session (rare: only a change of a reported setting sends one)
+        self.bscan = MessageScan(interest=(b"CEIsZ" if audit is not None else b"")
+                                 + (b"S" if self.pinned is not None else b""),
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = m.TX_IDLE
         # one model of what each message sent upstream is answered with (every write
@@ -786,11 +794,28 @@ class Session:
         self.enforce.count_readies(n)
 
     def backend_events(self, events: list) -> None:
-        """Copies of backend messages the session watches (completions for the audit)."""
+        """Copies of backend messages the session watches (completions for the audit,
+        reported settings under a policy)."""
         tracker = self.tracker
         if tracker is not None:
             for t, msg in events:
                 tracker.on_backend(t, msg)
+        else:
+            for t, msg in events:
+                if t == m.PARAMETER_STATUS:
+                    self.parameter_reported(msg)
+
+    def parameter_reported(self, msg: bytes) -> None:
+        """A ParameterStatus from the upstream: a pinned setting that moved ends the
+        session at once, before another statement is judged on a wrong reading."""
+        pinned = self.pinned
+        if pinned is None or self.closed:
+            return
+        err = pinned.check(msg)
+        if err is not None:
+            log.warning("session %s (%s): %s", self.id, self.identity_name, err.message)
+            self.end_reason = err.message          # on the audit's disconnect record
+            self.terminate(err)
 
     def hold_done(self) -> None:
         """The upstream pipe's guard lane forwarded what it held (Guard.lane_done)."""
@@ -900,7 +925,7 @@ class Session:
             if req_id is not None and self.services.approvals is not None:
                 self.services.approvals.withdraw(req_id)
         if self.connected_at:
-            self._audit_event("disconnect",
+            self._audit_event("disconnect", error=self.end_reason,
                               duration_us=int((time.monotonic() - self.connected_at) * 1e6))
         self.client.phase = PH_CLOSED
         if self.task is not None and not self.task.done() \
