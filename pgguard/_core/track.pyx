@@ -4,10 +4,13 @@
 
 from collections import deque
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.datetime cimport import_datetime, timedelta_new
-from libc.string cimport memchr
+from datetime import datetime, timedelta, timezone
+from libc.string cimport memchr, memcpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+import msgspec
 
 from .answers import answer_for
 from .sqlshape cimport shape_buf
@@ -24,6 +27,49 @@ REFUSAL_SYNC = 0
 # all of them may keep (per session: a thousand sessions keep at most a thousand times it)
 cdef Py_ssize_t PART_TEXT_MAX = 8192
 cdef Py_ssize_t PARTS_BYTES = 1 << 20
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+# the head of a record's wire row: a msgpack array of the 26 AuditRecord fields
+# (FIELDS, see pgguard.audit.ipc), then its first field, event_id, empty
+cdef bytes _ROW_HEAD = b"\xdc\x00\x1a\xa0"
+cdef int ROW_FIELDS = 26
+
+
+cdef bytes _body(bytes enc, Py_ssize_t count):
+    # a msgpack array's encoding without its header: the concatenation of its items
+    return enc[1:] if count <= 15 else enc[3:]
+
+
+cdef int _put_ts(unsigned char* p, long long us) noexcept:
+    # a UTC instant as msgpack's timestamp extension, exactly as msgspec encodes a
+    # datetime: timestamp32 (whole seconds) or timestamp64 (nanoseconds, seconds < 2**34)
+    cdef long long sec = us // 1000000
+    cdef unsigned long long nsec = <unsigned long long>(us - sec * 1000000) * 1000
+    cdef unsigned long long v
+    cdef int i
+    if nsec == 0 and 0 <= sec < (1LL << 32):
+        p[0] = 0xd6
+        p[1] = 0xff
+        for i in range(4):
+            p[2 + i] = <unsigned char>((<unsigned long long>sec >> (8 * (3 - i))) & 0xff)
+        return 6
+    if 0 <= sec < (1LL << 34):
+        v = (nsec << 34) | <unsigned long long>sec
+        p[0] = 0xd7
+        p[1] = 0xff
+        for i in range(8):
+            p[2 + i] = <unsigned char>((v >> (8 * (7 - i))) & 0xff)
+        return 10
+    return -1
+
+
+def row_timestamp(long long us):
+    """_put_ts's bytes for ``us`` µs since the epoch (tests compare them with msgspec)."""
+    cdef unsigned char buf[16]
+    cdef int n = _put_ts(buf, us)
+    return None if n < 0 else PyBytes_FromStringAndSize(<char*>buf, n)
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -138,7 +184,12 @@ cdef class StatementTracker:
     cdef object _base           # wall clock at monotonic _mono0
     cdef long long _mono0
     cdef tuple _fixed           # session columns, set at the first record
-    cdef dict _parts            # shape -> (decision, statement columns)
+    cdef bytes _fixed_enc       # the same, msgpack-encoded (no array header)
+    cdef dict _parts            # shape -> (decision, statement columns encoded)
+    cdef object _last_sql, _last_dec, _last_part    # the last _part answer (prepared)
+    cdef object _enc            # msgpack encoder (what AuditLog.log_row would use)
+    cdef object _log_encoded    # AuditLog.log_encoded, or None: log_row
+    cdef long long _base_us     # _base in µs since the Unix epoch
     cdef Py_ssize_t _parts_bytes  # what _parts keeps, counted by its statements' size
     cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
     cdef object _bscan
@@ -164,6 +215,13 @@ cdef class StatementTracker:
         (self._h_record, self._h_part, self._h_session, self._approved,
          self._error_fields) = helpers
         self._log_row = audit.log_row
+        # rows are assembled from parts encoded once (see _emit); an audit without
+        # log_encoded gets tuples
+        self._log_encoded = getattr(audit, "log_encoded", None)
+        self._enc = msgspec.msgpack.Encoder(decimal_format="number").encode
+        self._base_us = (base - _EPOCH) // _US
+        self._fixed_enc = None
+        self._last_sql = None
         self._bscan = None
         self.answers = None
         self._seg_p = self._seg_b = 0
@@ -433,13 +491,65 @@ cdef class StatementTracker:
         fixed = self._fixed
         if fixed is None:
             fixed = self._fixed = self._h_session(s)
+        tail = (decision, dec.rule if dec is not None else None, approver, e.rows, out,
+                s.take_masked_cells() if self._masking else 0, duration, e.state, e.err,
+                "", "")
+        if self._log_encoded is not None and (<tuple>part)[1] is not None:
+            row = self._row(e.t0, <bytes>(<tuple>part)[1], tail)
+            if row is not None:
+                self._log_encoded(row)
+                return
         # the wire row: AuditRecord's fields in order (see pgguard.audit.ipc)
-        self._log_row(("", self.wall(e.t0)) + fixed + part + (
-            decision, dec.rule if dec is not None else None, approver, e.rows, out,
-            s.take_masked_cells() if self._masking else 0, duration, e.state, e.err,
-            "", ""))
+        self._log_row(("", self.wall(e.t0)) + fixed + (<tuple>part)[0] + tail)
+
+    cdef object _row(self, long long t0, bytes part_enc, tuple tail):
+        # the msgpack row log_row would encode, assembled from the session's and the
+        # statement's columns encoded once: only the time and the outcome are encoded
+        # here (None: a value only the slow path encodes, e.g. an int beyond 64 bits)
+        cdef unsigned char ts[16]
+        cdef int nts
+        cdef bytes fixed_enc, tail_enc, row
+        cdef Py_ssize_t n, k
+        cdef char* p
+        if t0 == 0:
+            t0 = _now_ns()
+        nts = _put_ts(ts, self._base_us + (t0 - self._mono0) // 1000)
+        if nts < 0:
+            return None
+        fixed_enc = self._fixed_enc
+        if fixed_enc is None:
+            fixed_enc = self._fixed_enc = _body(self._enc(self._fixed), len(self._fixed))
+        if 2 + len(self._fixed) + 5 + len(tail) != ROW_FIELDS:
+            return None
+        try:
+            tail_enc = self._enc(tail)
+        except Exception:
+            return None
+        n = 4 + nts + PyBytes_GET_SIZE(fixed_enc) + PyBytes_GET_SIZE(part_enc) + \
+            PyBytes_GET_SIZE(tail_enc) - 1
+        row = PyBytes_FromStringAndSize(NULL, n)
+        p = PyBytes_AS_STRING(row)
+        memcpy(p, PyBytes_AS_STRING(_ROW_HEAD), 4)
+        k = 4
+        memcpy(p + k, ts, nts)
+        k += nts
+        memcpy(p + k, PyBytes_AS_STRING(fixed_enc), PyBytes_GET_SIZE(fixed_enc))
+        k += PyBytes_GET_SIZE(fixed_enc)
+        memcpy(p + k, PyBytes_AS_STRING(part_enc), PyBytes_GET_SIZE(part_enc))
+        k += PyBytes_GET_SIZE(part_enc)
+        memcpy(p + k, PyBytes_AS_STRING(tail_enc) + 1, PyBytes_GET_SIZE(tail_enc) - 1)
+        return row
 
     cdef tuple _part(self, bytes sql, dec):
+        # (statement columns, their encoding): the last answer again for the same text
+        # object under the same decision (a prepared statement's Executes)
+        if sql is self._last_sql and dec is self._last_dec:
+            return self._last_part
+        got = self._part_of(sql, dec)
+        self._last_sql, self._last_dec, self._last_part = sql, dec, got
+        return got
+
+    cdef tuple _part_of(self, bytes sql, dec):
         cdef Py_ssize_t size
         # the statement columns (statement .. flags), cached per literal-insensitive
         # shape while the same decision object covers it
@@ -448,7 +558,11 @@ cdef class StatementTracker:
             hit = self._parts.get(key)
             if hit is not None and (<tuple>hit)[0] is dec:
                 return (<tuple>hit)[1]
-        part, cacheable = self._h_part(sql, dec, key)
+        cols, cacheable = self._h_part(sql, dec, key)
+        try:
+            part = (cols, _body(self._enc(cols), len(cols)))
+        except Exception:
+            part = (cols, None)
         # bounded by bytes, not entries: an entry keeps its decision (the statements'
         # texts) and its normalized text, about three times the statement's size; a
         # statement longer than PART_TEXT_MAX is likely unique and is not kept

@@ -356,6 +356,20 @@ class AuditLog:
         if n == self._wake_n:
             self._kick()
 
+    def log_encoded(self, row: bytes) -> None:
+        """``log_row`` for a row encoded by the caller: the msgpack array of the
+        record's fields in order, exactly what ``log_row`` would encode (the statement
+        tracker assembles it from parts encoded once per session and per statement
+        shape). The writer validates it like any other row."""
+        q = self._q
+        n = len(q)
+        if n >= self._limit:
+            self._overflow()
+            return
+        q.append(row)
+        if n == self._wake_n:
+            self._kick()
+
     def log_strict(self, record: AuditRecord) -> Any:
         """Enqueue *record* and return a future that resolves (to its ``event_id``) once
         the record is fsynced.
