@@ -36,6 +36,7 @@ def schema(pg):
     pg.execute("""
         DROP AGGREGATE IF EXISTS ps_cfg(text, bool); DROP AGGREGATE IF EXISTS ps_cfg2(text, bool);
         DROP AGGREGATE IF EXISTS ps_next(regclass);
+        DROP FUNCTION IF EXISTS ps_cfg_fn, ps_cfg2_fn;
         DROP OPERATOR IF EXISTS ===(text, text);
         DROP TABLE IF EXISTS ps_items; DROP SEQUENCE IF EXISTS ps_seq;
         CREATE TABLE ps_items (id int PRIMARY KEY, name text);
@@ -150,9 +151,14 @@ def test_aggregates_over_harmless_functions_still_pass(pg, guarded):
 # ----------------------------------------------------------------- 2. the watch
 
 def _dba_aggregate(pg, name="ps_cfg", setting="standard_conforming_strings"):
-    # created directly upstream, where pgguard judges nothing
+    # created directly upstream, where pgguard judges nothing: an aggregate over
+    # set_config (judged at the call by its support functions: refused) and a function
+    # in a language pgguard does not read (C's set_config itself, under another name:
+    # the route the watch is for)
     pg.execute(f"CREATE AGGREGATE {name}(text, bool) (sfunc = set_config, stype = text, "
-               f"initcond = '{setting}')", dbname=DB)
+               f"initcond = '{setting}'); "
+               f"CREATE FUNCTION {name}_fn(text, text, bool) "
+               "RETURNS text LANGUAGE internal AS 'set_config_by_name'", dbname=DB)
 
 
 def _backends(pg, app):
@@ -189,7 +195,7 @@ def test_psycopg_session_ends_when_the_setting_moves(pg, watched):
     c = psycopg.connect(watched.dsn(dbname=DB, application_name=app), autocommit=True)
     try:
         with pytest.raises(psycopg.Error) as e:
-            c.execute("SELECT ps_cfg('off', false)")
+            c.execute("SELECT ps_cfg_fn('standard_conforming_strings', 'off', false)")
             c.execute("SELECT 'a\\' , ' ; DROP TABLE ps_items CASCADE; -- '")
         assert "standard_conforming_strings" in str(e.value), e.value
         assert 'rule "settings"' in str(e.value)
@@ -209,7 +215,7 @@ def test_asyncpg_session_ends_when_the_setting_moves(pg, watched):
         try:
             with pytest.raises((asyncpg.PostgresError, ConnectionError,
                                 asyncpg.InterfaceError)) as e:
-                await conn.fetchval("SELECT ps_cfg('off', false)")
+                await conn.fetchval("SELECT ps_cfg_fn('standard_conforming_strings', 'off', false)")
                 await conn.execute("SELECT 'a\\' , ' ; DROP TABLE ps_items CASCADE; -- '")
             assert "standard_conforming_strings" in str(e.value) or conn.is_closed()
         finally:
@@ -224,7 +230,7 @@ def test_raw_client_reads_the_fatal_then_end_of_stream(pg, watched):
     c = RawClient.connect(watched.port, AGENT, AGENT_PASSWORD, database=DB,
                           application_name="ps-raw")
     try:
-        c.send(query("SELECT ps_cfg('off', false)"))
+        c.send(query("SELECT ps_cfg_fn('standard_conforming_strings', 'off', false)"))
         msgs = c.read_all()
         errs = errors(msgs)
         assert errs and errs[-1]["S"] == "FATAL", msgs
@@ -237,7 +243,7 @@ def test_raw_client_reads_the_fatal_then_end_of_stream(pg, watched):
 
 def test_psql_session_ends(pg, watched, psql_bin):
     _dba_aggregate(pg)
-    script = ("SELECT ps_cfg('off', false);\n"
+    script = ("SELECT ps_cfg_fn('standard_conforming_strings', 'off', false);\n"
               "SELECT 'a\\' , ' ; DROP TABLE ps_items CASCADE; -- ';\n")
     r = subprocess.run([psql_bin, "-X", watched.dsn(dbname=DB)], input=script,
                        capture_output=True, text=True, timeout=60)
@@ -246,15 +252,29 @@ def test_psql_session_ends(pg, watched, psql_bin):
 
 
 def test_client_encoding_route_ends_the_session(pg, watched):
-    pg.execute("CREATE AGGREGATE ps_cfg2(text, bool) (sfunc = set_config, stype = text, "
-               "initcond = 'client_encoding')", dbname=DB)
+    _dba_aggregate(pg)
     c = RawClient.connect(watched.port, AGENT, AGENT_PASSWORD, database=DB)
     try:
-        c.send(query("SELECT ps_cfg2('SJIS', false)"))
+        c.send(query("SELECT ps_cfg_fn('client_encoding', 'SJIS', false)"))
         errs = errors(c.read_all())
         assert errs and errs[-1]["S"] == "FATAL" and "client_encoding" in errs[-1]["M"], errs
     finally:
         c.close()
+
+
+def test_an_aggregate_over_set_config_is_refused_at_the_call(pg, watched):
+    """The DBA's aggregate is judged by what it runs: its support function set_config."""
+    _dba_aggregate(pg)
+    with psycopg.connect(watched.dsn(dbname=DB), autocommit=True) as c:
+        for sql in ("SELECT ps_cfg('off', false)",
+                    "SELECT ps_cfg(v, false) FROM (VALUES ('off')) x(v)",
+                    "SELECT 1 WHERE ps_cfg('off', false) IS NOT NULL",
+                    "WITH x AS (SELECT ps_cfg('off', false)) SELECT * FROM x"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                c.execute(sql)
+            assert "set_config" in (e.value.diag.message_detail or "") + \
+                e.value.diag.message_primary, e.value
+        assert c.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
 
 
 def test_a_human_without_a_policy_is_not_watched(pg, tmp_path_factory):
@@ -300,7 +320,7 @@ def test_readonly_token_session_ends_when_read_only_is_turned_off(pg, tproxy):
     try:
         assert c.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
         with pytest.raises(psycopg.Error) as e:
-            c.execute("SELECT ps_cfg('off', false)")
+            c.execute("SELECT ps_cfg_fn('default_transaction_read_only', 'off', false)")
             c.execute("SELECT nextval('ps_seq')")
         assert "default_transaction_read_only" in str(e.value)
         with pytest.raises(psycopg.OperationalError):

@@ -2263,3 +2263,72 @@ def _union(a: Statement, b: Statement) -> Statement:
         settings=merged(a.settings, b.settings),
         changes_rows=a.changes_rows or b.changes_rows,
         counted_by_tag=False)
+
+
+def classify_function_body(definition: str, what: str = "") -> Statement:
+    """What a call of a function runs, read from its definition: the ``CREATE
+    FUNCTION`` / ``CREATE PROCEDURE`` text (``pg_get_functiondef`` gives it, or the
+    statement that created it). The body is read exactly as the CREATE path reads it
+    (SQL and PL/pgSQL bodies: relations, kinds, functions and flags of what they run;
+    any other language ``opaque``, untrusted ones ``escape`` too), with parameter
+    defaults and SET clauses; the CREATE's own concerns (OR REPLACE, SECURITY DEFINER)
+    are not the call's. ``what`` names it in reasons (default ``function <name>``).
+    Never raises: a definition pgguard cannot read is ``opaque``.
+
+    Example::
+
+        >>> st = classify_function_body("CREATE FUNCTION f() RETURNS void LANGUAGE sql "
+        ...                             "AS 'DELETE FROM orders WHERE id > 0'")
+        >>> st.kinds, st.relations_written, st.flags
+        (('delete',), ('public.orders',), ('write',))
+    """
+    acc = _Acc(definition)
+    acc.literal = True
+    try:
+        stmts = _json.decode(_pg.parse_sql_json(definition)).get("stmts") or ()
+        node = stmts[0].get("stmt") if len(stmts) == 1 and type(stmts[0]) is dict else None
+        b = node.get("CreateFunctionStmt") if type(node) is dict else None
+    except _pg.ParseError as e:
+        b = None
+        acc.flag("opaque", f"{what or 'the function'}: its definition could not be parsed "
+                           f"({e.args[0] if e.args else e})")
+    if type(b) is dict:
+        kind = "procedure" if b.get("is_procedure") else "function"
+        what = what or f"{kind} {_dotted(b.get('funcname'))}"
+        opts = _defelems(b.get("options"))
+        lang = _lit(acc, opts["language"]) if "language" in opts else ""
+        lang = lang.lower() if type(lang) is str else "?"
+        if not lang:
+            lang = "sql" if b.get("sql_body") is not None else "?"
+        body: str | None = None
+        as_ = opts.get("as")
+        if type(as_) is dict and "List" in as_:
+            items = as_["List"].get("items") or ()
+            if items:
+                v = _lit(acc, items[0])
+                body = v if type(v) is str else None
+        params = frozenset(
+            p["FunctionParameter"]["name"] for p in b.get("parameters") or ()
+            if type(p) is dict and type(p.get("FunctionParameter")) is dict
+            and p["FunctionParameter"].get("name"))
+        _body_by_language(acc, lang, what, sql_body=b.get("sql_body"), sql_text=body,
+                          params=params)
+        # parameter defaults (evaluated by the call) and SET clauses (scoped to the call)
+        saved_ctx, saved_set = acc.ctx, acc.scoped_set
+        acc.ctx, acc.scoped_set = f"{what}: ", True
+        _utility_walk(acc, b, ("sql_body", "funcname", "options", "returnType"))
+        acc.ctx, acc.scoped_set = saved_ctx, saved_set
+        for o in b.get("options") or ():
+            d = o.get("DefElem") if type(o) is dict else None
+            if type(d) is dict and d.get("defname") == "set":
+                saved_ctx, saved_set = acc.ctx, acc.scoped_set
+                kinds = dict(acc.kinds)         # a SET clause is no statement of the call
+                acc.ctx, acc.scoped_set = f"{what}: ", True
+                _utility_walk(acc, d)
+                acc.ctx, acc.scoped_set, acc.kinds = saved_ctx, saved_set, kinds
+    elif not acc.flags:
+        acc.flag("opaque", f"{what or 'the function'}: pgguard found no function "
+                           "definition to read")
+    st = acc.build("")
+    return msgspec.structs.replace(st, kind=next((k for k in st.kinds if k != "select"),
+                                                 "select"))

@@ -73,7 +73,10 @@ from .cache import DecisionCache, shape_key, shareable
 from .classify import (DEFAULT_MAX_LENGTH, PolicyParseError, Statement, StatementTooLong,
                        classify)
 
+from .bodies import BodiesPending, BodiesUnreadable
+
 if TYPE_CHECKING:
+    from .bodies import Bodies
     from .views import ViewMap
 
 __all__ = ["Decision", "Verdict", "PolicyEngine", "SettingsPolicy", "GUARDED_FLAGS"]
@@ -399,8 +402,9 @@ class PolicyEngine:
 
     def decide(self, sql: str, identity_name: str, identity: Identity | None, database: str,
                prepared: Mapping[str, Statement] | None = None, *,
-               views: ViewMap | None = None) -> Decision:
-        """Decide ``sql`` for this identity and database; cached; never raises.
+               views: ViewMap | None = None, functions: Bodies | None = None) -> Decision:
+        """Decide ``sql`` for this identity and database; cached; never raises (but
+        BodiesPending: see below).
 
         ``prepared`` is the session's :class:`~pgguard.policy.classify.PreparedMemory`
         (or any name -> Statement mapping) so that SQL ``EXECUTE name`` is judged as what
@@ -408,11 +412,16 @@ class PolicyEngine:
         cached. ``views`` (a :class:`~pgguard.policy.views.ViewMap`) adds the relations
         behind each view to the relations a statement reads and writes before any rule
         matches; a decision made with a map is not cached here (the map changes under
-        it: the caller's caches must be emptied when it does).
+        it: the caller's caches must be emptied when it does). ``functions`` (a
+        :class:`~pgguard.policy.bodies.Bodies`) folds what called user functions run
+        into the statements that call them (after the view map, which it resolves the
+        bodies through); it raises :class:`~pgguard.policy.bodies.BodiesPending` when a
+        function must be read from the catalog first (decide again once it is); such
+        decisions are not cached here either.
         """
-        if views is not None:
+        if views is not None or functions is not None:
             return self.decide_uncached(sql, identity_name, identity, database, prepared,
-                                        views=views)
+                                        views=views, functions=functions)
         key = (sql, identity_name, database)
         d = self._exact.get(key)
         if d is not None:
@@ -443,11 +452,22 @@ class PolicyEngine:
 
     def decide_uncached(self, sql: str, identity_name: str, identity: Identity | None,
                         database: str, prepared: Mapping[str, Statement] | None = None, *,
-                        views: ViewMap | None = None) -> Decision:
+                        views: ViewMap | None = None,
+                        functions: Bodies | None = None) -> Decision:
         """Like :meth:`decide` without the cache (``pgguard explain``, tests)."""
         try:
             return self._decide(sql, identity_name, identity, database, prepared,
-                                views=views)
+                                views=views, functions=functions)
+        except BodiesPending:
+            raise
+        except BodiesUnreadable as e:
+            return Decision(
+                action="block", rule="function-body",
+                message='pgguard: statement refused by rule "function-body": pgguard could '
+                        f"not read the definition of {e.name}() from the upstream catalog",
+                detail=f"the catalog lookup failed: {e.error}",
+                hint="pgguard judges a call of a user function by what its body runs; "
+                     "try again in a moment, or send the statements the function runs.")
         except Exception as e:  # noqa: BLE001
             return self._internal_error(e)
 
@@ -455,7 +475,7 @@ class PolicyEngine:
 
     def _decide(self, sql: str, identity_name: str, identity: Identity | None,
                 database: str, prepared: Mapping[str, Statement] | None, *,
-                views: ViewMap | None = None) -> Decision:
+                views: ViewMap | None = None, functions: Bodies | None = None) -> Decision:
         if identity is None:
             identity = _GENERIC_AGENT
         try:
@@ -477,6 +497,8 @@ class PolicyEngine:
             return Decision(action="allow", rule="empty")
         if views is not None:
             stmts = views.expand(stmts)
+        if functions is not None and functions.needs(stmts):
+            stmts = functions.expand(stmts, views)
         rules = self._rules_for(identity_name, identity, database)
         mode = self.cfg.policy.agents if identity.kind == "agent" else self.cfg.policy.humans
         verdicts = []

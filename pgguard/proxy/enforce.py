@@ -4,6 +4,7 @@
 # error into the client's 42501.
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import struct
@@ -20,6 +21,7 @@ from .._core.sqlshape import shape
 from ..errors import ProtocolViolation
 from ..masking import parking
 from ..masking.wire import MASK_BACKEND, PENDING
+from ..policy.bodies import Bodies, BodiesPending, own_definitions
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
@@ -32,6 +34,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgguard.session")
 
 ALL_TYPES = bytes(range(256))
+# what decide() returns while a called user function's body is read from the catalog:
+# the statement is held and decided again once it is (never cached, never acted on)
+BODIES_PENDING = Decision(action="pending", rule="function-body")
+# function bodies a session remembers from its own CREATE FUNCTION statements
+OWN_BODIES_MAX = 1000
+# statement kinds of DDL that may change what a function name means
+_FUNCTION_DDL = re.compile(r"\b(function|procedure|routine|aggregate)\b", re.IGNORECASE)
+
 # a refusal reaches the upstream as a statement that raises this SQLSTATE, so the
 # upstream transaction fails exactly where the client is told; the backend path
 # turns that error into the client's 42501
@@ -76,6 +86,13 @@ class Enforcement:
         self.watch = b"X"
         self._base_watch = b"X"
         self._guarding = False          # Bind/Execute/Close/Sync watched for it
+        # calls of user functions: bodies this session created (by bare name), whether
+        # it sent function DDL (then a name the catalog does not show is opaque), and
+        # the names a pending decision waits for
+        self.own_bodies: dict = {}
+        self.function_ddl = False
+        self.pending_bodies: tuple = ()
+        self._fb: Bodies | None = None
 
     def relay_starts(self) -> None:
         """What the client scan watches from the relay's start: what the policy, the
@@ -263,9 +280,14 @@ class Enforcement:
                             detail=f"the bytes at offset {_bad_utf8_offset(raw)} do not "
                                    "decode as UTF-8",
                             hint="Send statements in UTF-8 (client_encoding = UTF8).")
-        d = s.policy.decide(sql, s.identity_name, s.identity, s.database,
-                               s.prepared, views=s.views.current()
-                               if s.views is not None else None)
+        try:
+            d = s.policy.decide(sql, s.identity_name, s.identity, s.database,
+                                s.prepared, views=s.views.current()
+                                if s.views is not None else None,
+                                functions=self._bodies())
+        except BodiesPending as e:      # a called function's body is read first
+            self.pending_bodies = e.names
+            return BODIES_PENDING
         if s.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
         if s.pinned_role and _changes_role(d):     # whatever the policy said
@@ -274,7 +296,9 @@ class Enforcement:
             d = parking.judge(s, d, sql)     # no parking of masked values
         if d.action != "block" and s.views is not None:
             self._catalog_effects(d)
-        if s.guard is None or d.action != "allow" or self._plan(d) is None:
+        if d.rule == "function-body":
+            pass                        # the catalog could not be read: not kept
+        elif s.guard is None or d.action != "allow" or self._plan(d) is None:
             s.services.remember_decision(self.cache, msg, key, d)
         else:
             # guarded statements never take the compiled fast path (its test is
@@ -282,6 +306,58 @@ class Enforcement:
             s.services.remember_decision(self.cache, msg, key, Guarded(d))
         return d
 
+
+    def _bodies(self) -> Bodies:
+        """How this session's decisions see into the user functions they call."""
+        s = self.s
+        services = s.services
+        db = s.database
+        test = services.user_function_test(db)
+        fb = self._fb
+        if fb is None or fb.is_user is not test or fb.strict_missing != self.function_ddl:
+            fb = self._fb = Bodies(test, lambda name: services.function_judgement(db, name),
+                                   self.own_bodies, self.function_ddl)
+        return fb
+
+    def bodies_wait(self, msg: bytes, out: list) -> None:
+        """decide() returned BODIES_PENDING for ``msg`` (a Query, Parse or
+        FunctionCall): hold the stream (what came before goes on), read the bodies,
+        then take the message up again."""
+        s = self.s
+        names = list(self.pending_bodies)
+        s.holds.begin(out, [])
+        s.holds.side_task(self._bodies_then(msg, names))
+
+    async def _bodies_then(self, msg: bytes, names: list) -> None:
+        s = self.s
+        try:
+            await s.services.load_function_bodies(s.database, names)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:      # noqa: BLE001 - the judgement refuses it (fail closed)
+            log.warning("session %s: reading function bodies failed: %s", s.id, e)
+        s.holds.side_task_done()
+        if s.closed:
+            return
+        s.holds.put_back([(msg[0], msg)])
+        s.holds.release([])
+
+    def _learn_functions(self, d) -> None:
+        """Function DDL let through: what this session's own calls run may differ
+        from what the catalog shows until its transaction commits."""
+        s = self.s
+        if not any(_FUNCTION_DDL.search(st.text) for st in d.statements):
+            return
+        own = own_definitions(d.statements)
+        if len(self.own_bodies) + len(own) > OWN_BODIES_MAX:
+            self.own_bodies.clear()
+        self.own_bodies.update(own)
+        if not self.function_ddl or own:
+            self.function_ddl = True
+            # decisions differ from the peers' now: decide again, in a cache of its own
+            self.own_cache = True
+            self.cache = ({}, {})
+            s.decide_through(self.cache)
 
     def _catalog_effects(self, d) -> None:
         """DDL let through: the catalog caches are stale; views it creates count for
@@ -293,6 +369,7 @@ class Enforcement:
         s.services.catalog_changed(s.database)
         if s.masking is not None:
             s.masking.ddl_sent()
+        self._learn_functions(d)
         if s.views.learn(d.statements):
             # this session's view knowledge differs from its peers' (and from what its
             # cached decisions saw): decide again, in a cache of its own
@@ -309,6 +386,9 @@ class Enforcement:
     def _on_query(self, msg: bytes, out: list, later: list = ()) -> None:
         s = self.s
         d = self.decide(msg, 5, len(msg) - 1) if s.policy is not None else None
+        if d is BODIES_PENDING:
+            self.bodies_wait(msg, out)
+            return
         if d is None or d.action == "allow":
             if s.masking is not None and self._lineage_wait(d, msg, 5, len(msg) - 1, (),
                                                                out):
@@ -424,6 +504,9 @@ class Enforcement:
             s.fail(ProtocolViolation("invalid Parse message"))
             return
         d = self.decide(msg, pos, end) if s.policy is not None else None
+        if d is BODIES_PENDING:
+            self.bodies_wait(msg, out)
+            return
         if d is None or d.action == "allow":
             lin = None
             if s.masking is not None and d is not None and any(

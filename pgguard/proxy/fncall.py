@@ -44,7 +44,7 @@ from pglast import keywords as _kw
 
 from ..policy.rules import Decision
 from ..protocol import messages as m
-from .enforce import _reads_masked
+from .enforce import BODIES_PENDING, _reads_masked
 from .tracking import statement_record
 
 if TYPE_CHECKING:
@@ -359,7 +359,13 @@ class FunctionCalls:
                 "or call it by name in SQL."), out, sql)
             return
         q = _query(sql)
-        d = _for_call(s.enforce.decide(q, 5, len(q) - 1), info, sql)
+        d = s.enforce.decide(q, 5, len(q) - 1)
+        if d is BODIES_PENDING:
+            # the function's body is read first (the stream is held), then this
+            # FunctionCall is taken up again and judged by what the body runs
+            s.enforce.bodies_wait(msg, out)
+            return
+        d = _for_call(d, info, sql)
         if d.action == "allow":
             self._forward(msg, d, out, sql)
         elif d.action == "approve":

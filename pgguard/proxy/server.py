@@ -33,6 +33,7 @@ from ..control.schema import migrate
 from ..errors import ConfigError, ShuttingDown, TooManyConnections
 from ..masking.detectors import DetectorSet
 from ..masking.wire import CATALOG_TTL, hash_key, load_catalog
+from ..policy.bodies import MAX_DEPTH, judgement, unreadable
 from ..policy.cache import SHAREABLE_KINDS, DecisionCache
 from ..policy.rules import PolicyEngine
 from ..policy.views import CATALOG_KINDS, ViewMap
@@ -65,6 +66,11 @@ FUNCTION_TTL = 60.0
 LEARNED_TTL = 600.0
 # after a failed background read of the view map, wait this long before the next try
 VIEW_MAP_RETRY = 5.0
+# function bodies judged for calls (per database and called name) are read again after
+# VIEW_MAP_TTL, and every second for BODIES_SETTLE seconds after DDL went by (a read in
+# between may predate the DDL's commit); at most BODIES_PER_DATABASE names are kept
+BODIES_SETTLE = 10.0
+BODIES_PER_DATABASE = 10_000
 # masked columns each worker remembers by table OID (so renames keep their mask)
 STICKY_PER_WORKER = 8192
 
@@ -200,6 +206,12 @@ class Server:
         self._no_views = ViewMap()
         # database -> [built-in names, other names, stale, loaded at, test]
         self._fn_names: dict[str, list] = {}
+        # calls of user functions: database -> called name -> [Judgement, read at]; DDL
+        # seen per database (a generation, and when); the re-reading task once started
+        self._bodies: dict[str, dict[str, list]] = {}
+        self._bodies_gen: dict[str, int] = {}
+        self._bodies_ddl: dict[str, float] = {}
+        self._bodies_ticking = False
         self._idle = asyncio.Event()
 
     def resolve_path(self, p: str) -> str:
@@ -309,6 +321,13 @@ class Server:
         st = self._views.get(database)
         if st is not None:
             st.stale = True
+        # function bodies may have changed (CREATE OR REPLACE, ALTER, DROP, renames, a
+        # view a body's name now means): read again at the next call; decisions made
+        # with them are forgotten (the compiled fast path would serve them unasked)
+        self._bodies_gen[database] = self._bodies_gen.get(database, 0) + 1
+        self._bodies_ddl[database] = time.monotonic()
+        if self._bodies.pop(database, None):
+            self.forget_decisions(database)
 
     def catalog_committed(self, database: str) -> None:
         """A session's DDL is committed (pgguard saw its CommandComplete, then the
@@ -381,6 +400,92 @@ class Server:
             await self._load_function_names(database)
         except Exception as e:      # noqa: BLE001 - keep the old names, say why
             log.warning("could not re-read function names of %s: %s", database, e)
+
+    # -- calls of user functions: judged by the bodies they run now
+    def function_judgement(self, database: str, name: str):
+        """The Judgement of the called ``name`` (pgguard.policy.bodies), or None when
+        it was not read yet (or DDL went by since)."""
+        hit = self._bodies.get(database, {}).get(name)
+        return None if hit is None else hit[0]
+
+    async def load_function_bodies(self, database: str, names: list) -> None:
+        """Read what calling ``names`` runs, and the user functions their bodies call
+        (to MAX_DEPTH levels), from the upstream catalog. A catalog that cannot be read
+        leaves a judgement that refuses the call (fail closed); read again later."""
+        test = self.user_function_test(database)
+        todo = list(dict.fromkeys(names))
+        if not self._bodies_ticking:
+            self._bodies_ticking = True
+            self.background(self._bodies_tick())
+        for _ in range(MAX_DEPTH + 1):
+            if not todo:
+                break
+            gen = self._bodies_gen.get(database, 0)
+            started = time.monotonic()
+            try:
+                rows = await sideconn.function_definitions(self.link, database, todo)
+            except Exception as e:      # noqa: BLE001 - cannot tell what it runs: refuse
+                log.warning("reading function definitions of %s failed: %s", database, e)
+                cache = self._bodies_cache(database)
+                for n in todo:
+                    cache[n] = [unreadable(n, str(e)), 0.0]
+                return
+            cache = self._bodies_cache(database)
+            # DDL went by during the read: keep it for this decision, re-read it soon
+            at = started if self._bodies_gen.get(database, 0) == gen else 0.0
+            nxt: list[str] = []
+            for n in todo:
+                j = judgement(n, rows.get(n, []))
+                cache[n] = [j, at]
+                nxt.extend(f for f in j.nested if test(f) and f not in cache)
+            todo = list(dict.fromkeys(nxt))
+
+    def _bodies_cache(self, database: str) -> dict:
+        cache = self._bodies.setdefault(database, {})
+        if len(cache) >= BODIES_PER_DATABASE:
+            cache.clear()
+            self.forget_decisions(database)
+        return cache
+
+    async def _bodies_tick(self) -> None:
+        # decisions served from the compiled caches never ask for the bodies: read them
+        # again on schedule (a function replaced directly upstream shows within
+        # VIEW_MAP_TTL), and soon after DDL went by; a body that changed forgets them
+        while True:
+            await asyncio.sleep(1.0)
+            for database, cache in list(self._bodies.items()):
+                if not any(s.database == database for s in self.sessions):
+                    # no one to re-read them for: decisions made with them go too
+                    self._bodies.pop(database, None)
+                    self.forget_decisions(database)
+                    continue
+                now = time.monotonic()
+                settle = self._bodies_ddl.get(database, -BODIES_SETTLE) + BODIES_SETTLE
+                names = [n for n, (j, at) in cache.items()
+                         if j.error or now - at > VIEW_MAP_TTL or at < settle]
+                if names:
+                    await self._reread_bodies(database, names)
+
+    async def _reread_bodies(self, database: str, names: list[str]) -> None:
+        gen = self._bodies_gen.get(database, 0)
+        started = time.monotonic()
+        try:
+            rows = await sideconn.function_definitions(self.link, database, names)
+        except Exception as e:      # noqa: BLE001 - keep what was read, try again later
+            log.warning("re-reading function definitions of %s failed: %s", database, e)
+            return
+        cache = self._bodies.get(database)
+        if cache is None or self._bodies_gen.get(database, 0) != gen:
+            return                  # dropped meanwhile: the next call reads them anew
+        changed = False
+        for n in names:
+            old = cache.get(n)
+            j = judgement(n, rows.get(n, []))
+            if old is None or old[0].digest != j.digest:
+                changed = True
+            cache[n] = [j, started]
+        if changed:
+            self.forget_decisions(database)
 
     # -- policy catalog: functions by OID (FunctionCall), views (rules see through them)
     def cached_function(self, database: str, oid: int):
@@ -679,7 +784,7 @@ class Server:
         """Background tasks, the admin server, the revocation watcher and the audit
         log, in that order; each bounded."""
         for t in list(self._background):
-            if t.get_coro().__name__ in ("_metrics_tick", "_views_tick") or \
+            if t.get_coro().__name__ in ("_metrics_tick", "_views_tick", "_bodies_tick") or \
                     t is self._heartbeat_task:
                 t.cancel()
         if self._background:
@@ -745,7 +850,9 @@ class Server:
             decision_cache=self.decision_cache, view_map=self.view_map,
             views_published=self.views_published, ready_views=self.ready_views,
             ready_function_names=self.ready_function_names,
-            catalog_committed=self.catalog_committed)
+            catalog_committed=self.catalog_committed,
+            function_judgement=self.function_judgement,
+            load_function_bodies=self.load_function_bodies)
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -87,3 +87,7 @@ class Services:
     ready_views: Callable[[str], Awaitable[None]]
     ready_function_names: Callable[[str], Awaitable[None]]
     catalog_committed: Callable[[str], None]            # a session's DDL is committed
+    # calls of user functions judged by their bodies (pgguard.policy.bodies): the
+    # judgement of a called name when read (else None), and reading names' bodies
+    function_judgement: Callable[[str, str], object]
+    load_function_bodies: Callable[[str, list], Awaitable[None]]

@@ -233,3 +233,57 @@ async def drop_role(link: UpstreamLink, database: str, role: str, successor: str
             delay = min(delay * 2, 1.0)
     log.warning("could not drop ephemeral role %s; the janitor will retry at next start", role)
     return False
+
+
+# every overload a called name may mean: a qualified name in its schema, a bare one in
+# any schema but the system ones (a superset of what a search_path reaches); the
+# definition (the CREATE text) of SQL and PL/pgSQL functions and procedures, and the
+# support functions of an aggregate (they run when it is called)
+FUNCTION_DEFINITIONS_SQL = """
+SELECT n.nspname, p.proname, p.oid, l.lanname, p.prokind, p.prosecdef, p.provolatile,
+       pg_catalog.array_to_string(p.proconfig, ', '),
+       CASE WHEN p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql')
+            THEN pg_catalog.pg_get_functiondef(p.oid) END,
+       (SELECT pg_catalog.string_agg(sn.nspname || '.' || s.proname, ',')
+        FROM pg_catalog.pg_aggregate a
+        JOIN pg_catalog.pg_proc s ON s.oid IN (a.aggtransfn, a.aggfinalfn, a.aggcombinefn,
+             a.aggserialfn, a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn)
+        JOIN pg_catalog.pg_namespace sn ON sn.oid = s.pronamespace
+        WHERE a.aggfnoid = p.oid),
+       {key}
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE {where}
+"""
+
+
+async def function_definitions(link: UpstreamLink, database: str,
+                               names: list[str]) -> dict[str, list[tuple]]:
+    """Called name -> rows of every overload it may mean (see FUNCTION_DEFINITIONS_SQL;
+    an empty list: none)."""
+    bare = sorted({n for n in names if "." not in n})
+    # a qualified name (schema.name, or database.schema.name) as the catalog keys it
+    qual: dict[str, list[str]] = {}
+    for n in names:
+        if "." in n:
+            parts = n.split(".")
+            qual.setdefault(f"{parts[-2]}.{parts[-1]}", []).append(n)
+    stmts = []
+    if bare:
+        stmts.append(FUNCTION_DEFINITIONS_SQL.format(
+            key="p.proname", where=f"p.proname IN ({', '.join(literal(n) for n in bare)}) "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"))
+    if qual:
+        pairs = ", ".join(f"({literal(s)}, {literal(p)})"
+                          for s, _, p in (k.partition(".") for k in sorted(qual)))
+        stmts.append(FUNCTION_DEFINITIONS_SQL.format(
+            key="n.nspname || '.' || p.proname",
+            where=f"(n.nspname, p.proname) IN ({pairs})"))
+    out: dict[str, list[tuple]] = {n: [] for n in names}
+    for i, res in enumerate(await run(link, database, stmts)):
+        qualified = bool(qual) and (i == 1 or not bare)
+        for row in res:
+            for called in (qual.get(row[10], ()) if qualified else (row[10],)):
+                out.setdefault(called, []).append(row[:10])
+    return out
