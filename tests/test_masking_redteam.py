@@ -205,7 +205,16 @@ HSTORE = [S("rowjson", "SELECT hstore(c) FROM customers c ORDER BY id", (0,)),
                          + COPY_MODES)
 @pytest.mark.parametrize("shape", HSTORE, ids=lambda s: s.id)
 def test_hstore_of_whole_rows(rproxy, hstore, pg, psql_bin, mode, shape):
-    got, blob = _run(mode, rproxy, shape.sql, psql_bin)
+    # hstore's functions are outside pg_catalog: given masked values (a whole row), the
+    # statement is refused as parking (test_masking_udf_sinks.py judges every client)
+    try:
+        got, blob = _run(mode, rproxy, shape.sql, psql_bin)
+    except (AssertionError, psycopg.Error) as e:
+        # (raw-later / pipeline: the refused Parse's later Bind answers 26000)
+        assert ('rule "masking"' in str(e) and "hstore()" in str(e)) or \
+            "'C': '26000'" in str(e), e
+        assert not any(v in str(e) for v in ("@example", "-43-", "-67-", "-88-")), e
+        return
     direct = direct_mode(pg, mode, shape.sql) if got is not None else None
     check(shape, got, blob, direct)
 

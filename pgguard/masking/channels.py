@@ -6,13 +6,19 @@
 *Tainted* means the statement the message answers read a relation with masked columns
 (under masks that apply to the identity). Then:
 
-- ErrorResponse / NoticeResponse: SQLSTATE, severity, position and Postgres' source
-  location are kept. The message keeps its wording with every quoted span and hex byte
-  dump dropped (``invalid input syntax for type integer: "***"``); a message the
-  statement wrote itself (PL/pgSQL ``RAISE``, PL error functions) is replaced by the
-  name of its error class, and so are the object-name fields it may set. DETAIL keeps
-  its shape only for integrity-constraint errors (``Key (***)=(***) already exists.``);
-  other details, CONTEXT (``W``) and the internal query (``q``) are withheld.
+- ErrorResponse / NoticeResponse: an allow-list. SQLSTATE, severity, position and
+  Postgres' source location are kept. The message is kept only when it is one of
+  Postgres' messages that have no slot for a value (``division by zero``, ``integer out
+  of range``...); any other is replaced by the name of its condition and a note
+  (``invalid_text_representation: message withheld by pgguard: the statement read
+  masked columns``): a value may stand in a message unquoted (``requested character
+  too large for encoding: 599316947``, ``large object 599316947 does not exist``,
+  ``date field value out of range: 599-13-01``), so no scrubbing of a message's text
+  can be shown to remove every one. A message the statement wrote itself (PL/pgSQL
+  ``RAISE``, PL error functions) is replaced by the name of its error class, and so
+  are the object-name fields it may set. DETAIL keeps its shape only for
+  integrity-constraint errors (``Key (***)=(***) already exists.``); other details,
+  HINT, CONTEXT (``W``) and the internal query (``q``) are withheld.
 - NotificationResponse sent by this session's own backend: the payload becomes
   ``****``.
 - ParameterStatus: the value becomes ``****`` (except the few settings whose values
@@ -31,7 +37,8 @@ from __future__ import annotations
 import re
 import struct
 
-__all__ = ["Channels", "REDACTED", "error_fields", "build_fields", "condition_class"]
+__all__ = ["Channels", "REDACTED", "error_fields", "build_fields", "condition_class",
+           "condition_name"]
 
 REDACTED = b"****"
 
@@ -59,6 +66,84 @@ _CLASSES = {
     "HV": "fdw_error", "P0": "plpgsql_error", "XX": "internal_error",
 }
 
+# condition names (Postgres' errcodes.txt) of the SQLSTATEs a value error may carry;
+# others are named by their class
+_CONDITIONS = {
+    "0A000": "feature_not_supported", "21000": "cardinality_violation",
+    "22000": "data_exception", "2202E": "array_subscript_error",
+    "22021": "character_not_in_repertoire", "22008": "datetime_field_overflow",
+    "22012": "division_by_zero", "22005": "error_in_assignment",
+    "2200B": "escape_character_conflict", "22022": "indicator_overflow",
+    "22015": "interval_field_overflow", "2201E": "invalid_argument_for_logarithm",
+    "22014": "invalid_argument_for_ntile_function",
+    "22016": "invalid_argument_for_nth_value_function",
+    "2201F": "invalid_argument_for_power_function",
+    "2201G": "invalid_argument_for_width_bucket_function",
+    "22018": "invalid_character_value_for_cast", "22007": "invalid_datetime_format",
+    "22019": "invalid_escape_character", "2200D": "invalid_escape_octet",
+    "22025": "invalid_escape_sequence", "22P06": "nonstandard_use_of_escape_character",
+    "22010": "invalid_indicator_parameter_value", "22023": "invalid_parameter_value",
+    "22013": "invalid_preceding_or_following_size",
+    "2201B": "invalid_regular_expression", "2201W": "invalid_row_count_in_limit_clause",
+    "2201X": "invalid_row_count_in_result_offset_clause",
+    "2202H": "invalid_tablesample_argument", "2202G": "invalid_tablesample_repeat",
+    "22009": "invalid_time_zone_displacement_value",
+    "2200C": "invalid_use_of_escape_character", "2200G": "most_specific_type_mismatch",
+    "22004": "null_value_not_allowed", "22002": "null_value_no_indicator_parameter",
+    "22003": "numeric_value_out_of_range", "2200H": "sequence_generator_limit_exceeded",
+    "22026": "string_data_length_mismatch", "22001": "string_data_right_truncation",
+    "22011": "substring_error", "22027": "trim_error", "22024": "unterminated_c_string",
+    "2200F": "zero_length_character_string", "22P01": "floating_point_exception",
+    "22P02": "invalid_text_representation", "22P03": "invalid_binary_representation",
+    "22P04": "bad_copy_file_format", "22P05": "untranslatable_character",
+    "2200L": "not_an_xml_document", "2200M": "invalid_xml_document",
+    "2200N": "invalid_xml_content", "2200S": "invalid_xml_comment",
+    "2200T": "invalid_xml_processing_instruction",
+    "22030": "duplicate_json_object_key_value",
+    "22031": "invalid_argument_for_sql_json_datetime_function",
+    "22032": "invalid_json_text", "22033": "invalid_sql_json_subscript",
+    "22034": "more_than_one_sql_json_item", "22035": "no_sql_json_item",
+    "22036": "non_numeric_sql_json_item", "22037": "non_unique_keys_in_a_json_object",
+    "22038": "singleton_sql_json_item_required", "22039": "sql_json_array_not_found",
+    "2203A": "sql_json_member_not_found", "2203B": "sql_json_number_not_found",
+    "2203C": "sql_json_object_not_found", "2203D": "too_many_json_array_elements",
+    "2203E": "too_many_json_object_members", "2203F": "sql_json_scalar_required",
+    "2203G": "sql_json_item_cannot_be_cast_to_target_type",
+    "23000": "integrity_constraint_violation", "23001": "restrict_violation",
+    "23502": "not_null_violation", "23503": "foreign_key_violation",
+    "23505": "unique_violation", "23514": "check_violation",
+    "23P01": "exclusion_violation", "25P02": "in_failed_sql_transaction",
+    "2F005": "function_executed_no_return_statement", "40001": "serialization_failure",
+    "40P01": "deadlock_detected", "42601": "syntax_error",
+    "42501": "insufficient_privilege", "42846": "cannot_coerce",
+    "42804": "datatype_mismatch", "42P18": "indeterminate_datatype",
+    "42703": "undefined_column", "42883": "undefined_function",
+    "42P01": "undefined_table", "42P02": "undefined_parameter",
+    "42704": "undefined_object", "42725": "ambiguous_function", "53200": "out_of_memory",
+    "54000": "program_limit_exceeded", "54001": "statement_too_complex",
+    "55P03": "lock_not_available", "57014": "query_canceled", "P0001": "raise_exception",
+    "P0002": "no_data_found", "P0003": "too_many_rows", "P0004": "assert_failure",
+}
+
+# Postgres' messages that have no slot for a value: kept as they are when tainted
+_SAFE_MESSAGES = frozenset({
+    b"division by zero", b"integer out of range", b"bigint out of range",
+    b"smallint out of range", b"OID out of range", b"value out of range: overflow",
+    b"value out of range: underflow", b"numeric field overflow", b"input is out of range",
+    b"timestamp out of range", b"date out of range", b"interval out of range",
+    b"array subscript out of range", b"negative substring length not allowed",
+    b"cannot take logarithm of zero", b"cannot take logarithm of a negative number",
+    b"cannot take square root of a negative number",
+    b"zero raised to a negative power is undefined",
+    b"a negative number raised to a non-integer power yields a complex result",
+    b"more than one row returned by a subquery used as an expression",
+    b"canceling statement due to statement timeout",
+    b"canceling statement due to user request",
+    b"current transaction is aborted, commands ignored until end of transaction block",
+    b"could not serialize access due to concurrent update", b"deadlock detected",
+})
+_WITHHELD = b": message withheld by pgguard: the statement read masked columns"
+
 # fields kept as they are when tainted: severity (both), SQLSTATE, cursor positions,
 # Postgres' source file, line and routine (server-generated, never data)
 _KEEP = frozenset(b"SVCPpFLR")
@@ -85,6 +170,13 @@ def condition_class(sqlstate: bytes | str) -> str:
     """The name of a SQLSTATE's class (``22P02`` -> ``data_exception``)."""
     code = sqlstate.decode("ascii", "replace") if isinstance(sqlstate, bytes) else sqlstate
     return _CLASSES.get(code[:2], "error")
+
+
+def condition_name(sqlstate: bytes | str) -> str:
+    """The condition name of a SQLSTATE (``22P02`` -> ``invalid_text_representation``),
+    else the name of its class."""
+    code = sqlstate.decode("ascii", "replace") if isinstance(sqlstate, bytes) else sqlstate
+    return _CONDITIONS.get(code) or condition_class(code)
 
 
 def error_fields(msg: bytes) -> list[tuple[int, bytes]]:
@@ -179,25 +271,21 @@ class Channels:
         for code, value in fields:
             if code in _KEEP:
                 out.append((code, value))
-            elif code == 77:                    # M message
+            elif code == 77:                    # M message: an allow-list
                 if user:
-                    value = cls + b": message withheld by pgguard: the statement read " \
-                                  b"masked columns"
-                else:
-                    value = scrub_text(value)
+                    value = cls + _WITHHELD
+                elif value not in _SAFE_MESSAGES:
+                    value = condition_name(sqlstate).encode() + _WITHHELD
                 out.append((code, value))
             elif code == 68:                    # D detail
                 if not user and sqlstate[:2] == b"23":
                     out.append((code, _scrub_parens(scrub_text(value))))
                 else:
                     out.append((code, _WITHHELD_DETAIL))
-            elif code == 72:                    # H hint
-                if not user:
-                    out.append((code, scrub_text(value)))
             elif code in _NAMES:
                 if not user:
                     out.append((code, value))
-            # W context, q internal query, and anything unknown: withheld
+            # H hint, W context, q internal query, and anything unknown: withheld
         return out
 
     # -- NotificationResponse 'A': pid, channel, payload

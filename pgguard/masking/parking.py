@@ -23,6 +23,21 @@ table named without a schema counts as the masked table of that name in any sche
 Bodies that cannot be read column by column (DO blocks, function bodies) and dynamic
 SQL (the ``opaque`` flag) are refused when they read a masked table at all, or could.
 
+Code is an allow-list: a statement that reads masked columns may call only built-in
+functions of pg_catalog (``Server.user_function_test``: a name outside pg_catalog, or
+not among the built-in names read from the catalog, or any name when they were not
+read, counts as code pgguard cannot see into) and no operator qualified outside
+pg_catalog; anything else may store or send what it is given, so it is refused::
+
+    SELECT rt_park(ssn) FROM customers                -- refused: a user function
+    SELECT rt_park2(c) FROM customers c               -- refused: a whole row to one
+    SELECT rt_park(name) FROM customers               -- passes: no masked column read
+
+DDL that makes ordinary syntax run a function on whatever it is applied to (CREATE
+CAST ... WITH FUNCTION, CREATE OPERATOR, a base type's I/O functions, a domain CHECK
+calling a non-built-in or a sink, transforms, conversions) is refused to a masked
+identity: ``ssn::int4`` or ``'c' ~~~ ssn`` would call it with no call in sight.
+
 Planner statistics keep sample values of every analysed column (``pg_stats``:
 ``most_common_vals``, ``histogram_bounds``, ``most_common_elems``; the extended and
 raw forms alike). A result row of pg_stats does not say on the wire which table it
@@ -41,9 +56,21 @@ from .wire import applies
 
 # functions that keep their argument in the session or the database
 # (pg_notify: the payload reaches every listening session, the agent's others included)
+# (setval, lo_create, advisory locks, restore points, replication slots and origins: the
+# value becomes a sequence's value, an OID, a lock key in pg_locks, a name)
 SINK_FUNCS = frozenset({"set_config", "lo_from_bytea", "lo_put", "lowrite", "lo_import",
                         "lo_export", "dblink_exec", "dblink", "pg_logical_emit_message",
-                        "pg_notify"})
+                        "pg_notify", "setval", "lo_create",
+                        "pg_advisory_lock", "pg_advisory_lock_shared",
+                        "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared",
+                        "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
+                        "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared",
+                        "pg_create_restore_point", "pg_create_physical_replication_slot",
+                        "pg_create_logical_replication_slot",
+                        "pg_copy_physical_replication_slot",
+                        "pg_copy_logical_replication_slot", "pg_replication_origin_create",
+                        "pg_replication_origin_session_setup",
+                        "pg_replication_origin_xact_setup"})
 # functions that read an open cursor's rows inside the server: the rows never pass the
 # wire as the cursor's own result, so its masking plan never applies to them
 CURSOR_READERS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
@@ -93,6 +120,9 @@ class _Reads:
         self.using: list[str] = []
         self.natural = False
         self.funcs: set[str] = set()
+        self.calls: set[str] = set()           # functions as written (schema.name)
+        self.operators: set[str] = set()       # OPERATOR(schema.op) outside pg_catalog
+        self.hooks: list[tuple[str, object]] = []   # DDL that hooks code into syntax
         self.hold = False
         self.rule_on: list[tuple[str | None, str]] = []   # CREATE RULE/TRIGGER relation
 
@@ -126,6 +156,14 @@ class _Reads:
                     names = v.get("funcname", [])
                     if names and "String" in names[-1]:
                         self.funcs.add(names[-1]["String"]["sval"].lower())
+                    self.calls.add(_dotted(names))
+                elif k in ("A_Expr", "SubLink") and v.get("name" if k == "A_Expr"
+                                                          else "operName"):
+                    op = v.get("name" if k == "A_Expr" else "operName")
+                    if len(op) > 1 and op[0].get("String", {}).get("sval") != "pg_catalog":
+                        self.operators.add(_dotted(op))
+                elif k in _HOOK_DDL:
+                    self.hooks.append((k, v))
                 elif k == "DeclareCursorStmt":
                     self.hold |= bool(v.get("options", 0) & _CURSOR_OPT_HOLD)
                 elif k in _TARGETED and "relation" in v:     # the target's columns too
@@ -136,6 +174,48 @@ class _Reads:
                     rel = v.get("relation", {})
                     self.rule_on.append((rel.get("schemaname"), rel.get("relname", "")))
                 stack.append(v)
+
+
+def _dotted(names) -> str:
+    """A qualified name as written (case kept: "Upper" is not pg_catalog.upper)."""
+    return ".".join(n["String"]["sval"] if "String" in n else "*" for n in names)
+
+
+# DDL that makes ordinary syntax run a function: a cast (``ssn::int4`` then calls it), an
+# operator (``'chan' ~~~ ssn``), a domain's CHECK (``ssn::dom`` evaluates it), a base
+# type's I/O functions, a transform, an encoding conversion (``convert``)
+_HOOK_DDL = frozenset({"CreateCastStmt", "DefineStmt", "CreateDomainStmt",
+                       "AlterDomainStmt", "CreateTransformStmt", "CreateConversionStmt"})
+
+
+def _hook(kind: str, v: dict, user_fn) -> str | None:
+    """What a statement of ``_HOOK_DDL`` would make ordinary syntax run, when that may be
+    code other than pg_catalog's side-effect free functions (None: nothing such)."""
+    if kind == "CreateCastStmt":
+        if v.get("func"):
+            return f"CREATE CAST ... WITH FUNCTION {_dotted(v['func'].get('objname', []))}"
+        return None
+    if kind == "DefineStmt":
+        what = v.get("kind", "")
+        if what == "OBJECT_OPERATOR":
+            return f"CREATE OPERATOR {_dotted(v.get('defnames', []))}"
+        if what == "OBJECT_TYPE" and v.get("definition"):
+            return f"CREATE TYPE {_dotted(v.get('defnames', []))} with I/O functions"
+        return None
+    if kind in ("CreateTransformStmt", "CreateConversionStmt"):
+        return "CREATE TRANSFORM" if kind == "CreateTransformStmt" else "CREATE CONVERSION"
+    # CREATE DOMAIN / ALTER DOMAIN: its CHECK runs at every cast to the domain
+    inner = _Reads()
+    inner.walk(v.get("constraints") if kind == "CreateDomainStmt" else v.get("def"))
+    calls = sorted(f for f in inner.calls if user_fn(f)
+                   or f.rsplit(".", 1)[-1].lower() in SINK_FUNCS) + sorted(inner.operators)
+    if calls:
+        return f"a domain CHECK that calls {', '.join(calls)}"
+    return None
+
+
+def _every_function(name: str) -> bool:
+    return True
 
 
 def _masked_scope(reads: _Reads, masked: dict[str, frozenset[str]]):
@@ -282,11 +362,14 @@ def _by_glob(d, masked: dict, globs) -> dict:
     return {**masked, **{r: _ColumnGlobs(tuple(g)) for r, g in extra.items()}}
 
 
-def check(d, sql: str, masked: dict[str, frozenset[str]], globs=()):
+def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None):
     """A refusal Decision when the allowed decision ``d`` for ``sql`` would park values
     of masked columns (or read statistics sample values); None when it may run.
     ``globs``: (table glob, column glob) of the masks that apply, for tables created
-    since the catalog was read."""
+    since the catalog was read. ``user_fn``: ``name -> bool``, whether a function name
+    (as written, ``schema.name`` or bare) may be one pgguard cannot see into (not a
+    built-in of pg_catalog); None: every function may be (fail closed)."""
+    user_fn = user_fn or _every_function
     masked = _by_glob(d, masked, globs)
     names = set(masked)
     bare = {t.split(".", 1)[1] for t in names}
@@ -298,6 +381,11 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=()):
                 "masking cannot follow them",
                 f"statement kind: {st.kind}; calls {', '.join(r + '()' for r in readers)}",
                 "FETCH from the cursor instead: its rows are masked on the way to you.")
+    if (names or globs) and any(k in ("create", "alter") for st in d.statements
+                                for k in (st.kind, *st.kinds)):
+        refusal = _hooks(d, sql, user_fn)
+        if refusal is not None:
+            return refusal
     if not any(r in names or r.split(".", 1)[-1] in bare or r.split(".", 1)[-1] in
                STATS_VALUES or "opaque" in st.flags
                for st in d.statements
@@ -343,16 +431,53 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=()):
                 d, st, "a trigger or rule on a table with masked columns sees every "
                 "masked value", f"statement kind: {st.kind}; on "
                 + ", ".join(f"{s or 'public'}.{r}" for s, r in reads.rule_on), _HINT)
+        cols = masked_reads(reads, masked)
+        unseen = [f"{f}()" for f in sorted(reads.calls) if user_fn(f)] + \
+            [f"operator {o}" for o in sorted(reads.operators)]
+        if cols and unseen:
+            return _refusal(
+                d, st, f"{st.kind.upper()} passes values of masked column {cols[0]} to "
+                f"{unseen[0]}, whose code pgguard cannot see into",
+                f"statement kind: {st.kind}; reads masked column(s) {', '.join(cols)}; "
+                f"calls {', '.join(unseen)}, not a built-in "
+                "function of pg_catalog (it may store or send what it is given)",
+                "Call your own functions and operators on unmasked columns only, or read "
+                "the masked columns with built-in functions; or ask an identity exempt "
+                "from the mask.")
         sink = _sink(st, reads)
         if sink is None:
             continue
-        cols = masked_reads(reads, masked)
         if cols:
             return _refusal(
                 d, st, f"{st.kind.upper()} would move values of masked column "
                 f"{cols[0]} out of reach of masking",
                 f"statement kind: {st.kind}; reads masked column(s) {', '.join(cols)}; "
                 f"{sink}", _HINT)
+    return None
+
+
+def _hooks(d, sql: str, user_fn):
+    """The refusal of DDL in ``sql`` that would make a cast, an operator or a type run
+    code on whatever it is applied to (masked values too), for a masked identity."""
+    try:
+        stmts = orjson.loads(_pg.parse_sql_json(sql)).get("stmts", [])
+    except Exception:       # noqa: BLE001 - the policy parsed it; check() judges the rest
+        return None
+    for i, raw in enumerate(stmts):
+        reads = _Reads()
+        reads.walk(raw.get("stmt"))
+        for kind, v in reads.hooks:
+            what = _hook(kind, v, user_fn)
+            if what is None:
+                continue
+            st = d.statements[i] if i < len(d.statements) else None
+            return _refusal(
+                d, st, f"{what} would run code on every value it is applied to, masked "
+                "values too, where masking cannot follow them",
+                f"statement kind: {st.kind if st else 'create'}; {what}",
+                "Casts, operators, types and domain checks that call functions may not "
+                "be created by an identity masked columns are hidden from; call the "
+                "function by name instead, or ask a database administrator.")
     return None
 
 
@@ -370,4 +495,5 @@ def judge(session, d, sql: str):
     masked = masked_names(mask.catalog, name, ident)
     globs = [tuple(mk.column.rsplit(".", 1)) for mk in session.services.cfg.masks
              if applies(mk, name, ident) and mk.column.count(".") >= 2]
-    return check(d, sql, masked, globs) or d
+    return check(d, sql, masked, globs,
+                 session.services.user_function_test(session.database)) or d
