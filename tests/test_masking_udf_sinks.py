@@ -254,3 +254,58 @@ def test_check_fails_closed_without_function_names():
     d = PolicyEngine(loads("")).decide(sql, "bot", Identity(), "app")
     r = check(d, sql, masked, user_fn=lambda n: n != "upper")
     assert r is not None and '"Upper"' not in r.message and "Upper()" in r.message
+
+
+# -- functions that already exist upstream and read masked columns themselves
+# (cust_ssn(int), cust_email(int): a DBA's functions, SELECT ssn/email FROM customers):
+# their results may be masked values in clear, so they may not be stored, sent or
+# handed to other code. The policy folds a called function's body into the statement,
+# so the statement "reads" customers through it.
+BODY_READS = [
+    "INSERT INTO rt_log SELECT cust_ssn(1)",
+    "INSERT INTO rt_log VALUES (cust_email(2))",
+    "UPDATE rt_log SET v = cust_ssn(3)",
+    "SELECT rt_park(cust_ssn(1))",
+    "SELECT rt_park(reverse(cust_email(1)))",
+    "WITH x AS (SELECT cust_ssn(2) AS s) INSERT INTO rt_log SELECT s FROM x",
+    "SELECT pg_notify('rt_chan', cust_email(3))",
+]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("sql", BODY_READS)
+def test_results_of_bodies_that_read_masked_columns_are_not_parked(env, pg, psql_bin, clean,
+                                                                   client, sql):
+    upstream(pg, "INSERT INTO rt_log VALUES ('seed')")
+    msgs, codes = run_mode(client, env, sql, psql_bin)
+    refused(msgs, codes)
+    assert leaks(msgs) == [], msgs
+    assert log_values(pg) == ["seed"]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("sql", ["SELECT cust_ssn(1)", "SELECT cust_email(2) AS e"])
+def test_result_of_such_a_body_read_back_is_masked(env, pg, psql_bin, clean, client, sql):
+    """Read straight back (no sink, no other code), the call passes and its result is
+    masked like any computed column of a masked read. (Two such calls in one statement
+    are refused: pgguard cannot tell whether one hands its value to the other.)"""
+    msgs, codes = run_mode(client, env, sql, psql_bin)
+    assert "42501" not in codes, msgs
+    assert leaks(msgs) == [], msgs
+
+
+@pytest.mark.parametrize("client", ["psycopg-text", "raw-simple", "raw-extended"])
+@pytest.mark.parametrize("builtin", ["abs", "upper", "md5", "length", "lower"])
+def test_a_function_shadowing_a_builtin_name_is_a_sink(env, pg, psql_bin, clean, client,
+                                                       builtin):
+    """In the same transaction, before any catalog read could show it: CREATE FUNCTION
+    abs(text) storing its argument, then abs(ssn)."""
+    pre = ["BEGIN",
+           f"CREATE FUNCTION {builtin}(x text, y int DEFAULT 0) RETURNS int LANGUAGE plpgsql "
+           "AS $$BEGIN INSERT INTO rt_log VALUES (reverse(x)); RETURN 1; END$$"]
+    msgs, codes = run_mode(client, env, f"SELECT {builtin}(ssn) FROM customers", psql_bin,
+                           pre=pre)
+    assert "42501" in codes, msgs
+    assert leaks(msgs) == [], msgs
+    assert log_values(pg) == []
+    upstream(pg, f"DROP FUNCTION IF EXISTS public.{builtin}(text, int)")

@@ -336,3 +336,97 @@ def test_reading_and_unruled_functions_still_run(pg, guarded):
             await a.close()
     asyncio.run(main())
     assert notes(pg) == [(1, "touched"), (2, "touched")]
+
+
+# ---------------------------------------------------------------- a review's routes
+# (each found by running it: an agent got a body past the judgement; now each is refused
+# or judged, and fb_orders keeps its rows: the autouse fixture checks upstream)
+
+def _fresh() -> tuple[str, str]:
+    n = next(_serial)
+    return f"fb_r{n}", f"fb_rv{n}"
+
+
+def _deleting(c, fn: str, view: str, args: str = "", name_sql: str | None = None):
+    """A function whose body deletes through ``view`` (created afterwards)."""
+    c.execute(f"CREATE FUNCTION {name_sql or fn}({args}) RETURNS bigint LANGUAGE plpgsql AS "
+              f"$$DECLARE n bigint; BEGIN DELETE FROM {view} WHERE id > 0; GET DIAGNOSTICS "
+              "n = ROW_COUNT; RETURN n; END$$")
+
+
+def test_a_quoted_name_with_a_dot_is_not_run_unjudged(pg, guarded):
+    fn, view = _fresh()
+    with conn(guarded) as c:
+        _deleting(c, fn, view, name_sql=f'"{fn}.x"')
+        c.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+    for sql in (f'SELECT "{fn}.x"()', f'SELECT public."{fn}.x"()',
+                f'SELECT 1 WHERE "{fn}.x"() > 0'):
+        with conn(guarded) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                c.execute(sql)
+            assert "catalog" in (e.value.diag.message_detail or "") + \
+                e.value.diag.message_primary
+    pg.execute(f'DROP VIEW {view}; DROP FUNCTION "{fn}.x"()', dbname=DB)
+
+
+PLANTING = [
+    "CREATE VIEW {obj} AS SELECT {fn}() AS x",
+    "CREATE TABLE {obj} (a int, b bigint DEFAULT {fn}())",
+    "CREATE TABLE {obj} (a int CHECK ({fn}() >= 0))",
+    "CREATE MATERIALIZED VIEW {obj} AS SELECT {fn}() AS x WITH NO DATA",
+    "CREATE DOMAIN {obj} AS bigint CHECK (VALUE > {fn}())",
+    "ALTER TABLE fb_notes ADD COLUMN {obj} bigint DEFAULT {fn}()",
+    "CREATE OPERATOR #@!# (leftarg = int, rightarg = int, function = {fn2})",
+    "CREATE CAST (fb_notes AS bigint) WITH FUNCTION {fn2}(int, int)",
+]
+
+
+@pytest.mark.parametrize("ddl", PLANTING)
+def test_definitions_that_keep_a_call_of_a_user_function_are_refused(pg, guarded, ddl):
+    fn, view = _fresh()
+    n = fn[4:]
+    with conn(guarded) as c:
+        _deleting(c, fn, view)
+        _deleting(c, fn + "b", view, args="a int, b int")
+        sql = ddl.format(obj=f"fb_o{n}", fn=fn, fn2=fn + "b", n=n)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute(sql)
+        assert "keeps a call of" in (e.value.diag.message_detail or "") + \
+            e.value.diag.message_primary, e.value.diag.message_detail
+        c.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+        # the object does not exist upstream: nothing runs the body later
+    assert pg.execute(f"SELECT count(*) FROM pg_class WHERE relname = 'fb_o{n}'",
+                      dbname=DB) == [(0,)]
+    assert pg.execute("SELECT count(*) FROM pg_operator WHERE oprname = '#@!#'",
+                      dbname=DB) == [(0,)]
+    assert pg.execute("SELECT count(*) FROM information_schema.columns WHERE "
+                      f"column_name = 'fb_o{n}'", dbname=DB) == [(0,)]
+    pg.execute(f"DROP VIEW {view}; DROP FUNCTION {fn}(), {fn}b(int, int)", dbname=DB)
+
+
+@pytest.mark.parametrize("builtin", ["upper", "length", "abs", "md5", "lower"])
+def test_a_function_shadowing_a_builtin_name_is_judged(pg, guarded, builtin):
+    """CREATE FUNCTION upper(int) (a body deleting through a view made afterwards, by
+    another session), then SELECT upper(1) from a third session at once (no catalog
+    read in between): the name is a built-in's, the overload is not."""
+    _, view = _fresh()
+    with conn(guarded) as a, conn(guarded) as b, conn(guarded) as c:
+        _deleting(a, builtin, view, args="int")
+        c.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            b.execute(f"SELECT {builtin}(2)")
+        held(e)
+        # the built-in itself is judged by the same bodies, so it waits for approval
+        # too while the shadow exists; dropped, the name is the built-in's again
+    pg.execute(f"DROP VIEW {view} CASCADE; DROP FUNCTION public.{builtin}(int) CASCADE",
+               dbname=DB)
+
+
+def test_a_rolled_back_shadow_leaves_the_builtin_usable(pg, guarded):
+    with conn(guarded) as c:
+        c.execute("BEGIN")
+        c.execute("CREATE FUNCTION count(text) RETURNS bigint LANGUAGE sql AS 'SELECT 1::bigint'")
+        c.execute("ROLLBACK")
+    with conn(guarded) as c:
+        assert c.execute("SELECT count(*) FROM fb_notes").fetchone() == (2,)
+        assert c.execute("SELECT upper('x')").fetchone() == ("X",)

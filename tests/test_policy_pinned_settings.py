@@ -25,7 +25,7 @@ import pytest
 
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD
 from guarded import guarded_proxy
-from rawpg import SYNC, RawClient, bind, errors, execute, parse, query
+from rawpg import SYNC, RawClient, bind, errors, execute, parse, query, rows
 
 DB = "appdb"
 SECRET = "test-token-secret-pinned-0123456789abcdef"
@@ -328,3 +328,35 @@ def test_readonly_token_session_ends_when_read_only_is_turned_off(pg, tproxy):
     finally:
         c.close()
     assert pg.execute("SELECT last_value, is_called FROM ps_seq", dbname=DB) == seq
+
+
+# ----------------------------------------------------------------- a pinned role
+
+@pytest.fixture(scope="module")
+def rproxy(pg, tmp_path_factory):
+    from conftest import Proxy
+    pg.execute("DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ps_low') "
+               "THEN CREATE ROLE ps_low NOLOGIN; GRANT ps_low TO app; END IF; END$$")
+    pg.execute("GRANT SELECT ON ps_items TO ps_low", dbname=DB)
+    tmp = tmp_path_factory.mktemp("pinned-role")
+    p = Proxy(pg, tmp, extra='[identities.lowbot]\nkind = "agent"\ngroups = ["agents"]\n'
+                             'password_env = "TEST_AGENT_PASSWORD"\nrole = "ps_low"\n').start()
+    yield p
+    p.stop()
+
+
+def test_a_role_escape_through_unseen_code_ends_the_session(pg, rproxy):
+    """The upstream user is a superuser; the identity's role is not. Leaving the role
+    through a C function pgguard does not read flips is_superuser: the session ends.
+    The client was told the role's is_superuser at login (not the login user's)."""
+    _dba_aggregate(pg)
+    pg.execute("GRANT EXECUTE ON FUNCTION ps_cfg_fn(text, text, bool) TO ps_low", dbname=DB)
+    c = RawClient.connect(rproxy.port, "lowbot", AGENT_PASSWORD, database=DB)
+    try:
+        assert rows(c.run("SELECT current_user"))[0] == [b"ps_low"]
+        assert c.params.get("is_superuser") == "off", c.params
+        c.send(query("SELECT ps_cfg_fn('role', 'none', false)"))
+        errs = errors(c.read_all())
+        assert errs and errs[-1]["S"] == "FATAL" and "is_superuser" in errs[-1]["M"], errs
+    finally:
+        c.close()

@@ -434,6 +434,22 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
         cols = masked_reads(reads, masked)
         unseen = [f"{f}()" for f in sorted(reads.calls) if user_fn(f)] + \
             [f"operator {o}" for o in sorted(reads.operators)]
+        own = {f"{sch or 'public'}.{rel}" for sch, rel, _alias in reads.ranges}
+        via_bodies = [t for t in touched if t not in own]
+        if not cols and via_bodies and unseen:
+            # a table with masked columns the statement's own text does not read: a
+            # called function's body reads it (the policy folds bodies in), so what it
+            # returns may be a masked value in clear. Read straight back it is masked as
+            # a computed column; stored, sent, or handed to other code it is not
+            sink = _sink(st, reads)
+            if sink is not None or len(unseen) > 1:
+                return _refusal(
+                    d, st, f"{st.kind.upper()} calls {', '.join(unseen)}, whose code reads "
+                    f"table {via_bodies[0]} with masked columns, and "
+                    + (sink if sink is not None else "passes values between functions "
+                       "pgguard cannot see into"),
+                    f"statement kind: {st.kind}; the function bodies read "
+                    f"{', '.join(via_bodies)}", _HINT)
         if cols and unseen:
             return _refusal(
                 d, st, f"{st.kind.upper()} passes values of masked column {cols[0]} to "

@@ -195,6 +195,26 @@ def own_definitions(stmts: Iterable[Statement]) -> dict[str, Statement]:
     return out
 
 
+_DEFINES_CODE = ("CreateFunctionStmt",)
+
+
+def _plants(st: Statement) -> bool:
+    """A CREATE or ALTER that stores what it calls (not a function's or an aggregate's
+    own definition: calls of those are judged by their bodies when they run)."""
+    if not ("create" in st.kinds or "alter" in st.kinds):
+        return False
+    try:
+        stmt = orjson.loads(_pg.parse_sql_json(st.text))["stmts"][0]["stmt"]
+    except Exception:       # noqa: BLE001 - unreadable here: it keeps whatever it calls
+        return True
+    tag, body = next(iter(stmt.items())) if type(stmt) is dict and stmt else ("", None)
+    if tag in _DEFINES_CODE:
+        return False
+    if tag == "DefineStmt" and type(body) is dict and body.get("kind") == "OBJECT_AGGREGATE":
+        return False
+    return True
+
+
 def _bare(name: str) -> str:
     return name.rpartition(".")[2]
 
@@ -208,16 +228,19 @@ class Bodies:
     ``strict_missing``: a name the catalog does not show is opaque (the session made
     function DDL the catalog may not show yet) rather than left to the guard."""
 
-    __slots__ = ("is_user", "lookup", "own", "strict_missing")
+    __slots__ = ("is_user", "lookup", "own", "strict_missing", "builtin")
 
     def __init__(self, is_user: Callable[[str], bool],
                  lookup: Callable[[str], Judgement | None],
                  own: Mapping[str, Statement] | None = None,
-                 strict_missing: bool = False) -> None:
+                 strict_missing: bool = False,
+                 builtin: Callable[[str], bool] | None = None) -> None:
         self.is_user = is_user
         self.lookup = lookup
         self.own = own or {}
         self.strict_missing = strict_missing
+        # an unqualified name pg_catalog has: with no other overload, the call runs it
+        self.builtin = builtin or (lambda name: False)
 
     def needs(self, stmts: Iterable[Statement]) -> bool:
         """Whether any statement calls a user function (then expand() matters)."""
@@ -237,6 +260,19 @@ class Bodies:
                 continue
             found: list[tuple[str, Statement]] = []
             extra: list[Reason] = []
+            if _plants(st):
+                # a definition that keeps the call for later (a view, a default, a
+                # check, an operator, a cast): later statements run it unjudged, and
+                # its body may change meaning by then
+                for f in calls:
+                    extra.append(Reason(
+                        "opaque", f"{st.kind.upper()} keeps a call of {f}() in a definition "
+                                  "(a view, a default or check, an operator, a cast, a "
+                                  "type): later statements would run it where pgguard "
+                                  "does not judge what it does; call the function "
+                                  "yourself where you need it"))
+                out.append(self._merged(st, found, extra, views))
+                continue
             for f in calls:
                 self._visit(f, (), found, extra, missing)
             out.append(self._merged(st, found, extra, views) if not missing else st)
@@ -271,12 +307,17 @@ class Bodies:
         own = self.own.get(_bare(name))
         if own is not None:
             found.append((name, own))
-        if j.found == 0 and own is None and self.strict_missing:
+        if j.found == 0 and own is None and not self.builtin(name):
+            # nothing by that name where pgguard looked: either no such function (the
+            # call would fail anyway) or one pgguard's reading of the name misses (a
+            # name with a dot or a quote in it, a schema it cannot see): never run
+            # unjudged
             extra.append(Reason(
-                "opaque", f"{name}() is not in the upstream catalog yet (a function this "
-                          "session created or renamed in a transaction not yet committed?): "
-                          "pgguard cannot see what it runs; commit the function first, "
-                          "then call it"))
+                "opaque", f"{name}() is not a function pgguard finds in the upstream "
+                          "catalog (not created yet, created in a transaction not yet "
+                          "committed, or a name it cannot resolve): pgguard cannot see "
+                          "what it runs; commit the function first and call it by its "
+                          "plain or schema-qualified name"))
         if j.body is not None:
             found.append((name, j.body))
         nxt = (*path, name)

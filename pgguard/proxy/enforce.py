@@ -91,6 +91,7 @@ class Enforcement:
         # the names a pending decision waits for
         self.own_bodies: dict = {}
         self.function_ddl = False
+        self._user_test = None          # the server's user-function test (_bodies)
         self.pending_bodies: tuple = ()
         self._fb: Bodies | None = None
 
@@ -312,12 +313,23 @@ class Enforcement:
         s = self.s
         services = s.services
         db = s.database
-        test = services.user_function_test(db)
+        self._user_test = services.user_function_test(db)
         fb = self._fb
-        if fb is None or fb.is_user is not test or fb.strict_missing != self.function_ddl:
-            fb = self._fb = Bodies(test, lambda name: services.function_judgement(db, name),
-                                   self.own_bodies, self.function_ddl)
+        if fb is None or fb.strict_missing != self.function_ddl:
+            fb = self._fb = Bodies(self.is_user_function,
+                                   lambda name: services.function_judgement(db, name),
+                                   self.own_bodies, self.function_ddl,
+                                   lambda name: services.builtin_function_name(db, name))
         return fb
+
+    def is_user_function(self, name: str) -> bool:
+        """Whether a called name may run code pgguard cannot see into: the server's
+        test (not a built-in of pg_catalog by the names last read), or a name this
+        session created itself (`CREATE FUNCTION upper(int)` shadows a built-in's name
+        before any catalog read could show it)."""
+        if self._user_test(name):
+            return True
+        return bool(self.own_bodies) and name.rpartition(".")[2] in self.own_bodies
 
     def bodies_wait(self, msg: bytes, out: list) -> None:
         """decide() returned BODIES_PENDING for ``msg`` (a Query, Parse or
@@ -352,6 +364,8 @@ class Enforcement:
         if len(self.own_bodies) + len(own) > OWN_BODIES_MAX:
             self.own_bodies.clear()
         self.own_bodies.update(own)
+        if own:
+            s.services.note_functions(s.database, own)     # every session, at once
         if not self.function_ddl or own:
             self.function_ddl = True
             # decisions differ from the peers' now: decide again, in a cache of its own

@@ -57,6 +57,7 @@ DECISION_TEXT_MAX = 64 * 1024
 # catalog knowledge of the policy, per database: the view map is read again after
 # VIEW_MAP_TTL (or DDL), a function found by OID is kept FUNCTION_TTL (or until DDL);
 # views a session announced stay in the map LEARNED_TTL whatever the catalog says
+FUNCTION_RECENT_TTL = 120.0     # s a created name counts before the catalog shows it
 VIEW_MAP_TTL = 30.0
 # every function name, and whether it is a built-in (pg_catalog) one
 FUNCTION_NAMES_SQL = ("SELECT p.proname, p.pronamespace = 'pg_catalog'::regnamespace "
@@ -206,6 +207,9 @@ class Server:
         self._no_views = ViewMap()
         # database -> [built-in names, other names, stale, loaded at, test]
         self._fn_names: dict[str, list] = {}
+        # names of functions sessions created through pgguard, by database (bare name
+        # -> when): user functions from that moment, before a catalog read shows them
+        self._fn_recent: dict[str, dict[str, float]] = {}
         # calls of user functions: database -> called name -> [Judgement, read at]; DDL
         # seen per database (a generation, and when); the re-reading task once started
         self._bodies: dict[str, dict[str, list]] = {}
@@ -372,6 +376,35 @@ class Server:
         builtin = frozenset(r[0] for r in rows if r[1] == "t")
         other = frozenset(r[0] for r in rows if r[1] != "t")
         self._fn_names[database] = [builtin, other, False, time.monotonic()]
+        recent = self._fn_recent.get(database)
+        if recent:
+            # the catalog shows them now; a name it does not show (a rolled-back
+            # CREATE) stops counting after a while, not at once (this read may have
+            # started before that CREATE committed)
+            now = time.monotonic()
+            for name in [n for n, at in recent.items()
+                         if n in other or now - at > FUNCTION_RECENT_TTL]:
+                del recent[name]
+
+    def builtin_function_name(self, database: str, name: str) -> bool:
+        """Whether an unqualified ``name`` is one of pg_catalog's (by the names last
+        read): a call of it that finds no other overload runs the built-in."""
+        hit = self._fn_names.get(database)
+        return hit is not None and "." not in name and name in hit[0]
+
+    def note_functions(self, database: str, names) -> None:
+        """Functions a session is creating through pgguard: every session counts
+        calls of these names as calls of user functions from now on (a catalog read
+        shows them only after the commit, and only when one runs)."""
+        recent = self._fn_recent.setdefault(database, {})
+        if len(recent) > 10_000:
+            recent.clear()
+        now = time.monotonic()
+        for n in names:
+            recent[n] = now
+        hit = self._fn_names.get(database)
+        if hit is not None:
+            hit[2] = True           # read the names again at the next test
 
     def user_function_test(self, database: str):
         """A test ``name -> bool``: may this call run code pgguard cannot see into (a
@@ -383,12 +416,13 @@ class Server:
         test = hit[4] if len(hit) > 4 else None
         if test is None:
             builtin, other = hit[0], hit[1]
+            recent = self._fn_recent.setdefault(database, {})
 
             def test(name: str) -> bool:
                 schema, dot, bare = name.rpartition(".")
                 if dot:
                     return schema != "pg_catalog"
-                return bare not in builtin or bare in other
+                return bare not in builtin or bare in other or bare in recent
             hit.append(test)
         if hit[2] or time.monotonic() - hit[3] > VIEW_MAP_TTL:
             hit[2], hit[3] = False, time.monotonic()    # one refresh at a time
@@ -836,6 +870,8 @@ class Server:
             catalog_changed=self.catalog_changed, count_statement=self.count_statement,
             remember_decision=self.remember_decision,
             user_function_test=self.user_function_test,
+            builtin_function_name=self.builtin_function_name,
+            note_functions=self.note_functions,
             cached_function=self.cached_function, resolve_function=self.resolve_function,
             sessions=self.sessions, sessions_info=self.sessions_info,
             front=Front(

@@ -90,4 +90,6 @@ class Services:
     # calls of user functions judged by their bodies (pgguard.policy.bodies): the
     # judgement of a called name when read (else None), and reading names' bodies
     function_judgement: Callable[[str, str], object]
+    builtin_function_name: Callable[[str, str], bool]
+    note_functions: Callable[[str, object], None]
     load_function_bodies: Callable[[str, list], Awaitable[None]]

@@ -455,16 +455,20 @@ class Session:
                                                       user=user, password=password)
         if tag:
             status = [_client_app_status(st, client_app or "") for st in status]
-        if guarded:
-            self.pinned = PinnedSettings(status, self.readonly)
         role = self.identity.role if self.identity is not None else None
         if role:
+            changed: list[bytes] = []
             try:
-                await execute(self.up, f"SET ROLE {sideconn.ident(role)}")
+                await execute(self.up, f"SET ROLE {sideconn.ident(role)}", status=changed)
             except UpstreamError as e:
                 raise UpstreamUnavailable(f'pgguard could not assume role "{role}"',
                                           detail=e.message) from None
             self.pinned_role = True
+            # what the role changed (is_superuser): the client is told the values in
+            # force, and the pins hold those, not the login's
+            status = _status_merged(status, changed)
+        if guarded:
+            self.pinned = PinnedSettings(status, self.readonly)
         pid, secret = key
         self.upstream_key = key
         cpid, csecret = self.front.cancel_cipher.encode(pid, secret)
@@ -974,6 +978,16 @@ def _bearer_shaped(password: bytes) -> bool:
     # a pgguard token or what could be a JWT: its refusal reason is worth auditing
     return password.startswith(b"pgg_") or (password.startswith(b"eyJ")
                                             and password.count(b".") == 2)
+
+
+def _status_merged(status: list[bytes], changed: list[bytes]) -> list[bytes]:
+    """ParameterStatus messages ``status`` with the values of ``changed`` in force (same
+    names replaced in place, new ones after)."""
+    def name(msg: bytes) -> bytes:
+        return msg[5:msg.find(b"\0", 5)]
+    new = {name(x): x for x in changed}
+    out = [new.pop(name(x), x) for x in status]
+    return out + list(new.values())
 
 
 def _client_app_status(msg: bytes, client_app: str) -> bytes:

@@ -57,8 +57,10 @@ class SideLink:
         return proto
 
 
-async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, ...]]:
-    """Run one simple Query on a logged-in link (still in its login phase); rows as text."""
+async def execute(proto: UpstreamProtocol, sql: str,
+                  status: list[bytes] | None = None) -> list[tuple[str | None, ...]]:
+    """Run one simple Query on a logged-in link (still in its login phase); rows as text.
+    ``status``: collects the ParameterStatus messages it causes (whole, framed)."""
     body = sql.encode() + b"\0"
     proto.transport.write(b"Q" + struct.pack("!I", len(body) + 4) + body)
     rows: list[tuple[str | None, ...]] = []
@@ -79,6 +81,8 @@ async def execute(proto: UpstreamProtocol, sql: str) -> list[tuple[str | None, .
             rows.append(tuple(row))
         elif t == m.ERROR_RESPONSE:
             err = m.parse_error_fields(payload)
+        elif t == m.PARAMETER_STATUS and status is not None:
+            status.append(b"S" + struct.pack("!I", len(payload) + 4) + payload)
         elif t == m.READY_FOR_QUERY:
             break
     if err is not None:
