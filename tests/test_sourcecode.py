@@ -248,7 +248,7 @@ def test_parts_change_only_their_own_state():
     """Who may change a session's state is read from one file: the parts (enforcement,
     holds, guard, function calls, console, tracking, masking) and the server change
     their own attributes only; what they need changed elsewhere they ask for by a
-    method (``s.divert_client(True)``, ``mask.owe_ready()``)."""
+    method (``s.upstream_ready(status)``, ``mask.owe_ready()``)."""
     root = Path(__file__).resolve().parent.parent / "pgguard"
     bad = []
     for rel in _PART_MODULES:

@@ -43,6 +43,7 @@ from collections import deque
 from datetime import datetime, timezone
 
 from ..protocol import messages as m
+from .holds import sync_points
 from .tracking import statement_record
 
 log = logging.getLogger("pgguard.session")
@@ -237,7 +238,6 @@ def _group(name: bytes, sql: bytes) -> bytes:
 
 
 _FLUSH = _frame(b"H", b"")
-_SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
 
 
 def _z(status: int) -> tuple[int, bytes]:
@@ -431,9 +431,10 @@ class Guard:
 
     def _unanswered(self, later: list) -> int:
         """Sync points (Query, Sync, FunctionCall) sent upstream and not yet answered:
-        the scan has counted those in ``later`` too, which are not sent yet."""
+        the scan has counted those in ``later`` too, which are not sent yet (a Sync
+        nobody watched among them is in a raw run)."""
         s = self.s
-        ahead = sum(1 for it in later if it.__class__ is tuple and it[0] in _SYNC_TYPES)
+        ahead = sync_points(later)
         return s.fscan.count + s.enforce.sync_adjust - ahead - s.enforce.visible_z()
 
     def _name(self) -> bytes:
@@ -443,7 +444,9 @@ class Guard:
     # -- simple Query
     def start_query(self, msg: bytes, plan: Plan, out: list, later: list) -> None:
         """``msg`` (a Query) runs under the guard; ``out`` holds what precedes it,
-        ``later`` the rest of the batch."""
+        ``later`` the rest of the batch: nothing, as the scan stops after each Query
+        (on the wire, and when a hold's stream goes on: Holds.release); what follows
+        stays raw, unread and uncounted, while the hold begun here lasts."""
         s = self.s
         s.holds.begin(out, [])          # client_items holds the rest of the batch
         if plan.by_tag and self._lane_free() and s.enforce.visible_status() == m.TX_IN_BLOCK \

@@ -1,7 +1,9 @@
 # Holds: statements kept back on their way upstream, and the client's stream after them.
 # Until a human approves them, until their audit record is durable (strict durability),
 # or until a catalog lookup answers. Nothing after them is scanned ahead while they
-# wait, so the stream's order is kept.
+# wait: the client's bytes are kept raw, and scanned (counted, judged) once the hold
+# ends, as if they arrived then. So the stream's order is kept, and whoever acts on a
+# message sees what follows it unread, exactly as on the wire.
 from __future__ import annotations
 
 import asyncio
@@ -26,57 +28,125 @@ log = logging.getLogger("pgguard.session")
 # hold ends (the kernel's buffers, then the client, wait)
 HOLD_BYTES = 1 << 20
 
+_SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
+
+
+def sync_points(items) -> int:
+    """The sync points (Query, Sync, FunctionCall) among ``items``, scan items from a
+    message boundary on (raw runs and (type, message) pairs), as the scan counted them:
+    those inside raw runs too (a Sync nobody watched still gets its ReadyForQuery).
+    A message's header is never split across items; its body may be."""
+    n = 0
+    remain = 0                      # bytes of the current raw message in later runs
+    for it in items:
+        if it.__class__ is not bytes:
+            if it[0] in _SYNC_TYPES:
+                n += 1
+            continue
+        size = len(it)
+        pos = remain
+        while pos + 5 <= size:
+            if it[pos] in _SYNC_TYPES:
+                n += 1
+            pos += 1 + int.from_bytes(it[pos + 1:pos + 5], "big")
+        remain = pos - size if pos > size else 0
+    return n
+
+
+class _Reader(asyncio.Protocol):
+    """Reads the client's socket while a statement is held: keeps the bytes raw
+    (unscanned, in order), and stops reading past HOLD_BYTES."""
+
+    def __init__(self, session) -> None:
+        self.s = session
+        self.data: list[bytes] = []
+        self.size = 0
+        self.paused = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+        self.size += len(data)
+        if self.size > HOLD_BYTES and not self.paused:
+            t = self.s.client.transport
+            if t is not None and not t.is_closing():
+                self.paused = True
+                t.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.s.client_gone()
+
+    # the client's socket cannot take more: stop reading the upstream (as the Pipe does)
+    def pause_writing(self) -> None:
+        self.s.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.s.up.transport
+        if not up.is_closing():
+            up.resume_reading()
+
 
 class Holds:
     """A session's part: statements held back on their way upstream. It owns the hold
-    (``held``: the held message(s), or None; ``items``: what the client sent meanwhile,
-    in order; ``bytes``: their size; ``approval``: [side task, request id] while one
-    runs); only its own methods change them. The session calls begin()/release() and
-    the for_*() holds; more() keeps the client's stream while held."""
+    (``held``: the held message(s), or None; ``items``: what the client sent after it
+    that the scan had read already (the rest of the batch it came in), in order;
+    ``reader``: the client's socket's reader meanwhile, which keeps the bytes that
+    come raw; ``approval``: [side task, request id] while one runs); only its own
+    methods change them. The session calls begin()/release() and the for_*() holds;
+    more() keeps what the scan hands on while held."""
 
     def __init__(self, session, services: Services) -> None:
         self.s = session
         self.services = services
         self.held: list | None = None
         self.items: list | None = None
-        self.bytes = 0
+        self.reader: _Reader | None = None
         self.approval: list | None = None
 
     def begin(self, out: list, held: list, later: list = ()) -> None:
         """Write what came before the held message, then keep the client's stream
-        (``later``: the rest of the batch, then anything scanned or arriving) until
-        release()."""
+        (``later``: the rest of the batch; the scan's unread rest and what arrives
+        stay raw) until release()."""
         s = self.s
         if out:
             s.up.transport.write(b"".join(out))
             out.clear()
         self.held = held
         self.items = []
-        self.bytes = 0
+        reader = self.reader = _Reader(s)
+        t = s.client.transport
+        if t is not None:
+            t.set_protocol(reader)
         self.more(list(later))
-        s.divert_client(True)
 
     def reads_held(self) -> bool:
         """True while the hold keeps the client's socket unread (past HOLD_BYTES): its
         release resumes it."""
-        return self.bytes > HOLD_BYTES
+        return self.reader is not None and self.reader.paused
 
     def release(self, out: list) -> None:
         """Send ``out`` (the held message, or what replaces it), then go on with what
-        the client sent meanwhile."""
+        the client sent meanwhile: the messages the scan had read, then the raw bytes,
+        through the client's reader of now (the compiled pipe, which scans them as
+        they had just arrived; or the reader of a hold that began meanwhile)."""
         s = self.s
-        items = self.items
-        self.held = self.items = None
-        s.divert_client(False)
-        if self.bytes > HOLD_BYTES:
-            t = s.client.transport
-            if t is not None and not t.is_closing() and s.violation is None:
-                t.resume_reading()
-        self.bytes = 0
+        items, reader = self.items, self.reader
+        self.held = self.items = self.reader = None
+        t = s.client.transport
+        if t is not None and reader is not None and t.get_protocol() is reader:
+            t.set_protocol(s.client_pipe)
         if out:
             s.up.transport.write(b"".join(out))
         if items:
             s.client_items(items)
+        if reader is not None:
+            if reader.data and not s.closed:
+                t.get_protocol().data_received(b"".join(reader.data))
+            if reader.paused and not s.closed and t is not None and not t.is_closing() \
+                    and s.violation is None and not self.reads_held():
+                t.resume_reading()
         s.flush_poison()
 
     # -- side tasks: what a hold waits on (an approval, a lookup) and can be cancelled
@@ -283,29 +353,16 @@ class Holds:
         fut.add_done_callback(self.record_durable)
 
     def more(self, items: list) -> None:
+        """Messages the scan read after the held one (the rest of their batch): kept in
+        order; the scan's unread rest goes to the raw bytes, first (nothing may be
+        scanned ahead: what follows a Query, Parse or FunctionCall is read once the
+        hold ends)."""
         s = self.s
-        held = self.items
-        n = len(held)
-        held.extend(items)
-        scan = s.fscan
-        rest = scan.take_rest()
-        while rest is not None:         # keep stream order: nothing may be scanned ahead
-            held.extend(scan.feed(rest))
-            rest = scan.take_rest()
-        self._count(held, n)
-
-    def _count(self, held: list, start: int) -> None:
-        """The one place that bounds what a session buffers while held: past
-        HOLD_BYTES, its socket is not read until the hold ends."""
-        s = self.s
-        size = 0
-        for it in held[start:]:
-            size += len(it) if it.__class__ is bytes else len(it[1])
-        self.bytes += size
-        if self.bytes > HOLD_BYTES:        # (again: a drained upstream resumes it)
-            t = s.client.transport
-            if t is not None and not t.is_closing():
-                t.pause_reading()
+        self.items.extend(items)
+        rest = s.fscan.take_rest()
+        if rest is not None:
+            self.reader.data.insert(0, rest)
+            self.reader.size += len(rest)
 
     def record_durable(self, fut) -> None:
         s = self.s

@@ -469,7 +469,11 @@ class Server:
             at = started if self._bodies_gen.get(database, 0) == gen else 0.0
             nxt: list[str] = []
             for n in todo:
-                j = judgement(n, rows.get(n, []))
+                try:
+                    j = judgement(n, rows.get(n, []))
+                except Exception as e:      # noqa: BLE001 - unjudgeable: refused, not retried
+                    log.warning("judging the definition of %s() failed: %s", n, e)
+                    j = unreadable(n, f"pgguard could not read its definition: {e}")
                 cache[n] = [j, at]
                 nxt.extend(f for f in j.nested if test(f) and f not in cache)
             todo = list(dict.fromkeys(nxt))

@@ -780,10 +780,6 @@ class Session:
         return n, k
 
     # -- what the session's parts ask of the relay it owns (the pipes and scans)
-    def divert_client(self, on: bool) -> None:
-        """Every frontend message to Python (a hold), or back to the compiled pipe."""
-        self.client_pipe.divert = on
-
     def upstream_ready(self, status: int) -> None:
         """A ReadyForQuery Python forwarded: its transaction status is the session's."""
         self.bscan.status = status
