@@ -429,3 +429,80 @@ def test_a_rolled_back_shadow_leaves_the_builtin_usable(pg, guarded):
     with conn(guarded) as c:
         assert c.execute("SELECT count(*) FROM fb_notes").fetchone() == (2,)
         assert c.execute("SELECT upper('x')").fetchone() == ("X",)
+
+
+# a statement prepared while its function's body was harmless, executed after a view
+# gave the body's name a new meaning: judged again at the Bind (the catalog moved)
+
+def _fresh_pair(pg, guarded):
+    """A function that deletes through ``view`` once it exists (0 before)."""
+    fn, view = _fresh()
+    with conn(guarded) as c:
+        c.execute(f"CREATE FUNCTION {fn}() RETURNS bigint LANGUAGE plpgsql AS $$DECLARE n "
+                  f"bigint := 0; BEGIN IF to_regclass('{view}') IS NOT NULL THEN DELETE FROM "
+                  f"{view} WHERE id > 0; GET DIAGNOSTICS n = ROW_COUNT; END IF; RETURN n; "
+                  "END$$")
+    return fn, view
+
+
+def test_prepared_before_the_view_raw(pg, guarded):
+    fn, view = _fresh_pair(pg, guarded)
+    c = RawClient.connect(guarded.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        c.send(parse(f"SELECT {fn}()", name="s1") + SYNC)
+        c.until_ready(1)
+        with conn(guarded) as other:
+            other.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+        c.send(bind("s1") + execute() + SYNC + query("SELECT 'tail'"))
+        got = c.until_ready(2)
+        errs = errors(got)
+        assert errs and errs[0]["C"] == "42501", got
+        assert "judged again at Bind" in errs[0]["M"], errs
+        assert [b"tail"] in rows(got)
+    finally:
+        c.close()
+    pg.execute(f"DROP VIEW {view}; DROP FUNCTION {fn}()", dbname=DB)
+
+
+def test_prepared_before_the_view_psycopg(pg, guarded):
+    fn, view = _fresh_pair(pg, guarded)
+    with conn(guarded) as c:
+        assert c.execute(f"SELECT {fn}()", prepare=True).fetchone() == (0,)
+        with conn(guarded) as other:
+            other.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(f"SELECT {fn}()", prepare=True)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    pg.execute(f"DROP VIEW {view}; DROP FUNCTION {fn}()", dbname=DB)
+
+
+def test_prepared_before_the_view_asyncpg(pg, guarded):
+    fn, view = _fresh_pair(pg, guarded)
+
+    async def main():
+        c = await asyncpg.connect(guarded.dsn(dbname=DB))
+        try:
+            stmt = await c.prepare(f"SELECT {fn}()")
+            assert await stmt.fetchval() == 0
+            other = await asyncpg.connect(guarded.dsn(dbname=DB))
+            await other.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+            await other.close()
+            for _ in range(2):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await stmt.fetchval()
+            assert await c.fetchval("SELECT 2") == 2
+        finally:
+            await c.close()
+    asyncio.run(main())
+    pg.execute(f"DROP VIEW {view}; DROP FUNCTION {fn}()", dbname=DB)
+
+
+def test_prepared_statements_still_run_after_unrelated_ddl(pg, guarded):
+    """The generation moves with any DDL: a harmless statement is judged again, and runs."""
+    with conn(guarded) as c:
+        for _ in range(3):
+            assert c.execute("SELECT fb_read()", prepare=True).fetchone() == (5,)
+        with conn(guarded) as other:
+            other.execute("CREATE TABLE IF NOT EXISTS fb_unrelated (a int)")
+        assert c.execute("SELECT fb_read()", prepare=True).fetchone() == (5,)
+    pg.execute("DROP TABLE IF EXISTS fb_unrelated", dbname=DB)

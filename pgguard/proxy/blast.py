@@ -73,11 +73,13 @@ class Plan:
     otherwise each table the statement writes is measured by the transaction's own
     per-table counters, read in the same snapshots as the total."""
 
-    __slots__ = ("limit", "rule", "by_tag", "decision", "sql", "target", "verb", "tables")
+    __slots__ = ("limit", "rule", "by_tag", "decision", "sql", "target", "verb", "tables",
+                 "gen")
 
     def __init__(self, limit: int, rule: str, by_tag: bool, decision=None,
                  sql: bytes = b"", target: str | None = None, verb: str = "",
-                 tables: tuple[str, ...] = ()) -> None:
+                 tables: tuple[str, ...] = (), gen: int | None = None) -> None:
+        self.gen = gen              # the decision generation it was made under (None: any)
         self.limit = limit
         self.rule = rule
         self.by_tag = by_tag
@@ -172,7 +174,7 @@ def _by_tag(st) -> bool:
 
 
 def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
-             user_function=None) -> Plan | None:
+             user_function=None, gen: int | None = None) -> Plan | None:
     """The guard's plan for an allowed decision, or None when it changes no rows or no
     limit applies. A statement that calls a function pgguard cannot see into (not a
     built-in: ``user_function(name)`` says) may change rows too: it runs under the
@@ -204,7 +206,8 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
         return None
     if not limit:
         return None
-    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql, target, verb, tuple(tables))
+    return Plan(limit, d.rule or "blast-radius", by_tag, d, sql, target, verb, tuple(tables),
+                gen)
 
 
 def has_txn_control(d) -> bool:
@@ -342,6 +345,16 @@ class Guard:
             self.stmts.pop(name, None)
         else:
             self.stmts[name] = plan
+
+    def stale_plan(self, msg: bytes, gen: int) -> tuple[bytes, Plan] | None:
+        """(statement name, plan) when the Bind ``msg`` names a prepared statement
+        whose plan was made under another decision generation than ``gen``."""
+        end = msg.index(b"\0", 5)
+        stmt = msg[end + 1:msg.index(b"\0", end + 1)]
+        plan = self.stmts.get(stmt)
+        if plan is None or plan.gen is None or plan.gen == gen:
+            return None
+        return stmt, plan
 
     def on_bind(self, msg: bytes) -> None:
         end = msg.index(b"\0", 5)

@@ -26,6 +26,7 @@ from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
 from .blast import has_txn_control, plan_for
+from .holds import sync_points
 from .tracking import REFUSAL_SYNC, statement_record
 
 if TYPE_CHECKING:
@@ -91,7 +92,6 @@ class Enforcement:
         # the names a pending decision waits for
         self.own_bodies: dict = {}
         self.function_ddl = False
-        self._user_test = None          # the server's user-function test (_bodies)
         self.pending_bodies: tuple = ()
         self._fb: Bodies | None = None
 
@@ -196,6 +196,11 @@ class Enforcement:
                     plan = None
                     if guard is not None and guard.watching:
                         if t == m.BIND:         # the portal inherits the guard
+                            stale = guard.stale_plan(
+                                msg, s.services.decision_generation(s.database))
+                            if stale is not None and not self._bind_again(
+                                    stale, msg, out, items[i + 1:]):
+                                continue        # refused, or waits for a catalog read
                             guard.on_bind(msg)
                             again = guard.bind_needs_approval(msg)
                             if again is not None:   # an approval covers one execution
@@ -313,7 +318,6 @@ class Enforcement:
         s = self.s
         services = s.services
         db = s.database
-        self._user_test = services.user_function_test(db)
         fb = self._fb
         if fb is None or fb.strict_missing != self.function_ddl:
             fb = self._fb = Bodies(self.is_user_function,
@@ -327,9 +331,36 @@ class Enforcement:
         test (not a built-in of pg_catalog by the names last read), or a name this
         session created itself (`CREATE FUNCTION upper(int)` shadows a built-in's name
         before any catalog read could show it)."""
-        if self._user_test(name):
+        s = self.s
+        if s.services.user_function_test(s.database)(name):
             return True
         return bool(self.own_bodies) and name.rpartition(".")[2] in self.own_bodies
+
+    def _bind_again(self, stale: tuple, msg: bytes, out: list, later: list) -> bool:
+        """A Bind of a statement prepared under an older decision generation (a view
+        or a function body it runs may mean something else now): judge its text again.
+        True: go on with the Bind (under the new plan). False: it was refused, or it
+        waits for function bodies to be read (then it is taken up again)."""
+        s = self.s
+        name, plan = stale
+        sql = plan.sql
+        q = b"Q" + struct.pack("!I", len(sql) + 5) + sql + b"\0"
+        d = self.decide(q, 5, len(q) - 1)
+        if d is BODIES_PENDING:
+            self.bodies_wait(msg, out)
+            return False
+        if d.action == "allow":
+            s.guard.on_parse(name, self._plan(d, sql))
+            self.guard_watch()
+            return True
+        self.refuse_any(Decision(
+            action="block", rule=d.rule, statements=d.statements,
+            message=d.message + (" (judged again at Bind: what the prepared statement "
+                                 "runs changed since it was prepared)"),
+            detail=d.detail, hint=(d.hint + " " if d.hint else "") +
+            "Prepare the statement again to be judged (and approved) afresh."),
+            out, True, sql, ahead=sync_points(later))
+        return False
 
     def bodies_wait(self, msg: bytes, out: list) -> None:
         """decide() returned BODIES_PENDING for ``msg`` (a Query, Parse or
@@ -568,7 +599,10 @@ class Enforcement:
 
     def inject_refusal(self, d, out: list, extended: bool, sql: bytes = b"",
                         outcome: str = "blocked", approver: str | None = None,
-                        sqlstate: str = "42501") -> None:
+                        sqlstate: str = "42501", ahead: int = 0) -> None:
+        """Send a statement that fails in place of a refused one. ``ahead``: sync
+        points the scan has already counted past the refused message (a Bind is not
+        a stop of the scan: what follows it in its batch is counted)."""
         s = self.s
         log.info("session %s: %s refused by rule %s", s.id, s.identity_name, d.rule)
         out.append(_refusal_query(d))
@@ -582,7 +616,7 @@ class Enforcement:
             rec.error = d.message
             s.services.audit.log(rec)
             s.tracker.flog.append((REFUSAL_SYNC, None, 0))
-        target = s.fscan.count + self.sync_adjust
+        target = s.fscan.count - ahead + self.sync_adjust
         self.refusals.append([target, d, extended, False, sqlstate])
         self._divert_backend(True)
 
@@ -619,8 +653,8 @@ class Enforcement:
         cfg = s.services.cfg.policy
         default = cfg.agents_max_rows if s.identity.kind == "agent" else \
             cfg.humans_max_rows
-        return plan_for(d, s.identity, sql, default,
-                        s.services.user_function_test(s.database))
+        return plan_for(d, s.identity, sql, default, self.is_user_function,
+                        s.services.decision_generation(s.database))
 
     def _routed(self, items: list):
         """The backend items after the blast-radius guard took its own answers out

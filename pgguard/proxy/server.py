@@ -210,6 +210,7 @@ class Server:
         # names of functions sessions created through pgguard, by database (bare name
         # -> when): user functions from that moment, before a catalog read shows them
         self._fn_recent: dict[str, dict[str, float]] = {}
+        self._decision_gen: dict[str, int] = {}     # see decision_generation
         # calls of user functions: database -> called name -> [Judgement, read at]; DDL
         # seen per database (a generation, and when); the re-reading task once started
         self._bodies: dict[str, dict[str, list]] = {}
@@ -317,6 +318,7 @@ class Server:
         view map read again soon. (The session that sent it calls this once more when
         its transaction ends: a catalog read in between saw the old state.)"""
         self.catalog_signal.bump()
+        self._decision_gen[database] = self._decision_gen.get(database, 0) + 1
         self._catalogs.pop(database, None)
         self._functions.pop(database, None)
         names = self._fn_names.get(database)
@@ -575,9 +577,16 @@ class Server:
         st.stale = True
         self.forget_decisions(database)
 
+    def decision_generation(self, database: str) -> int:
+        """Moves whenever what a decision of ``database`` rests on may have changed (DDL
+        through pgguard, a new view map, function bodies read again): a statement
+        prepared under an older generation is judged again at its next Bind."""
+        return self._decision_gen.get(database, 0)
+
     def forget_decisions(self, database: str) -> None:
         """Empty every decision cache of ``database`` (the view map changed under them);
         the compiled pipes hold the same dicts, so they miss from now on."""
+        self._decision_gen[database] = self._decision_gen.get(database, 0) + 1
         for (_, db, _), (exact, shapes) in self._decisions.items():
             if db == database:
                 exact.clear()
@@ -875,6 +884,7 @@ class Server:
             remember_decision=self.remember_decision,
             user_function_test=self.user_function_test,
             builtin_function_name=self.builtin_function_name,
+            decision_generation=self.decision_generation,
             note_functions=self.note_functions,
             cached_function=self.cached_function, resolve_function=self.resolve_function,
             sessions=self.sessions, sessions_info=self.sessions_info,

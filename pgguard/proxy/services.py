@@ -91,5 +91,6 @@ class Services:
     # judgement of a called name when read (else None), and reading names' bodies
     function_judgement: Callable[[str, str], object]
     builtin_function_name: Callable[[str, str], bool]
+    decision_generation: Callable[[str], int]
     note_functions: Callable[[str, object], None]
     load_function_bodies: Callable[[str, list], Awaitable[None]]
