@@ -70,6 +70,8 @@ UDF_CALLS = [
     "SELECT rt_park(replace(c.ssn, '-', '')) FROM customers c",
     "SELECT rt_park2(c) FROM customers c WHERE id = 2",
     "SELECT rt_park2(customers) FROM customers",
+    "SELECT c.rt_park2 FROM customers c WHERE id = 1",          # functional notation
+    "SELECT (c).rt_park2 FROM customers c",
     "SELECT id FROM customers WHERE rt_park(ssn) = 1",
     "SELECT (SELECT rt_park(email) FROM customers LIMIT 1)",
     "WITH x AS (SELECT ssn AS s FROM customers) SELECT rt_park(s) FROM x",

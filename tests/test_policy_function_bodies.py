@@ -506,3 +506,58 @@ def test_prepared_statements_still_run_after_unrelated_ddl(pg, guarded):
             other.execute("CREATE TABLE IF NOT EXISTS fb_unrelated (a int)")
         assert c.execute("SELECT fb_read()", prepare=True).fetchone() == (5,)
     pg.execute("DROP TABLE IF EXISTS fb_unrelated", dbname=DB)
+
+
+# o.f is f(o) when f takes o's row type ("functional notation"): a call all the same
+
+def _row_deleting(pg, guarded):
+    fn, view = _fresh()
+    with conn(guarded) as c:
+        c.execute(f"CREATE FUNCTION {fn}(o fb_orders) RETURNS int LANGUAGE plpgsql AS $$BEGIN "
+                  f"DELETE FROM {view} WHERE id = o.id; RETURN 1; END$$")
+        c.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+    return fn, view
+
+
+@pytest.mark.parametrize("form", ["SELECT o.{fn} FROM fb_orders o",
+                                  "SELECT (o).{fn} FROM fb_orders o",
+                                  "SELECT x.{fn} FROM (SELECT * FROM fb_orders) x",
+                                  "SELECT 1 FROM fb_orders o WHERE o.{fn} = 1",
+                                  "SELECT fb_orders.{fn} FROM fb_orders"])
+def test_functional_notation_is_a_call(pg, guarded, form):
+    fn, view = _row_deleting(pg, guarded)
+    calls_refused(guarded, form.format(fn=fn))
+    pg.execute(f"DROP VIEW {view}; DROP FUNCTION {fn}(fb_orders)", dbname=DB)
+
+
+def test_functional_notation_kept_in_a_view_is_refused(pg, guarded):
+    fn, view = _row_deleting(pg, guarded)
+    with conn(guarded) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(f"CREATE VIEW {view}_k AS SELECT o.{fn} FROM fb_orders o")
+        # columns selected the same way still read as columns
+        assert c.execute("SELECT o.id, (o).status FROM fb_orders o ORDER BY o.id "
+                         "LIMIT 1").fetchone() == (1, "new")
+    pg.execute(f"DROP VIEW {view}; DROP FUNCTION {fn}(fb_orders)", dbname=DB)
+
+
+def test_a_view_created_inside_a_function_body_is_seen_before_the_next_call(pg, guarded):
+    """A view made by a called body (its command tag says SELECT, not CREATE VIEW) is in
+    the view map before another session's call that writes through it is decided, even
+    when that call's "allowed" was cached from before the view existed."""
+    n = next(_serial)
+    mk, dl, w = f"fb_mk{n}", f"fb_dl{n}", f"fb_w{n}"
+    with conn(guarded) as c:
+        c.execute(f"CREATE FUNCTION {mk}() RETURNS int LANGUAGE sql AS $$CREATE VIEW {w} AS "
+                  "SELECT * FROM fb_orders; SELECT 1$$")
+        c.execute(f"CREATE FUNCTION {dl}() RETURNS int LANGUAGE plpgsql AS $$BEGIN DELETE "
+                  f"FROM {w} WHERE id > 0; RETURN 1; END$$")
+    with conn(guarded) as c2:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            c2.execute(f"SELECT {dl}()")        # allowed (no such view yet), and cached
+    with conn(guarded) as c3:
+        assert c3.execute(f"SELECT {mk}()").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c3.execute(f"SELECT {dl}()")
+        held(e)
+    pg.execute(f"DROP VIEW {w}; DROP FUNCTION {mk}(), {dl}()", dbname=DB)

@@ -307,6 +307,12 @@ cdef class StatementTracker:
                 self._seg_p = self._seg_b = 0
         flog.clear()
 
+    def note_ddl(self):
+        """A statement on its way upstream changes the catalog although its command tag
+        will not say so (DDL inside a called function's body): once the session is
+        idle, the proxy reads the catalog again, as after a DDL tag."""
+        self.ddl_seen = True
+
     def refusal_ignored(self):
         """An injected refusal Query the server skipped (an earlier error in the same
         pipeline): its sync marker will see no ReadyForQuery."""

@@ -434,6 +434,14 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
         cols = masked_reads(reads, masked)
         unseen = [f"{f}()" for f in sorted(reads.calls) if user_fn(f)] + \
             [f"operator {o}" for o in sorted(reads.operators)]
+        # o.f in functional notation: f(o), the whole row (the policy found f in the
+        # catalog and counts it among the statement's functions)
+        fcalls = [f"{f}()" for f in getattr(st, "field_calls", ())
+                  if f in st.functions and user_fn(f)]
+        if fcalls:
+            unseen += [f for f in fcalls if f not in unseen]
+            if not cols and touched:
+                cols = [f"{t}.* (whole rows given to {fcalls[0]} as o.f)" for t in touched]
         own = {f"{sch or 'public'}.{rel}" for sch, rel, _alias in reads.ranges}
         via_bodies = [t for t in touched if t not in own]
         if not cols and via_bodies and unseen:

@@ -245,7 +245,7 @@ class Bodies:
     def needs(self, stmts: Iterable[Statement]) -> bool:
         """Whether any statement calls a user function (then expand() matters)."""
         test = self.is_user
-        return any(test(f) for st in stmts for f in st.functions)
+        return any(test(f) for st in stmts for f in (*st.functions, *st.field_calls))
 
     def expand(self, stmts: Iterable[Statement],
                views: ViewMap | None = None) -> tuple[Statement, ...]:
@@ -255,6 +255,18 @@ class Bodies:
         missing: dict[str, None] = {}
         for st in stmts:
             calls = [f for f in st.functions if self.is_user(f)]
+            # o.f / (o).f: a call when the catalog has a user function of that name
+            # (then it is a call in functional notation; a column otherwise)
+            for f in st.field_calls:
+                if f in calls or not self.is_user(f):
+                    continue
+                j = self.lookup(f)
+                if j is None:
+                    missing[f] = None
+                elif j.error:
+                    raise BodiesUnreadable(f, j.error)
+                elif j.found or _bare(f) in self.own:
+                    calls.append(f)
             if not calls:
                 out.append(st)
                 continue
@@ -336,6 +348,8 @@ class Bodies:
         written = dict.fromkeys(st.relations_written)
         read = dict.fromkeys(st.relations_read)
         funcs = dict.fromkeys(st.functions)
+        for name, _body in found:
+            funcs[name] = None          # a call in functional notation (o.f) too
         flags = set(st.flags)
         reasons: list[Reason] = []
         settings = dict.fromkeys(st.settings)

@@ -182,6 +182,10 @@ class Statement(msgspec.Struct, frozen=True, kw_only=True):
     # changes: no data-modifying CTE, no function (or unusual operator) call, no nested
     # statement. Triggers and rules on the target are beyond what the text shows.
     counted_by_tag: bool = False
+    # names selected from a row (`o.f`, `(o).f`): a column, or a call f(o) in
+    # functional notation when f is a function of the row's type (the policy asks the
+    # catalog which)
+    field_calls: tuple[str, ...] = ()
 
     @property
     def literal_dependent(self) -> bool:
@@ -385,7 +389,7 @@ class _Acc:
     __slots__ = ("kind", "kinds", "writes", "reads", "funcs", "flags", "reasons", "literal",
                  "ctes", "rvwrite", "utility", "ctx", "text", "name", "prepared",
                  "writing_funcs", "sub_kind", "session", "settings", "changes_rows",
-                 "counted", "entered", "odd_ops", "plvars", "scoped_set")
+                 "counted", "entered", "odd_ops", "plvars", "scoped_set", "fields")
 
     def __init__(self, text: str = "", prepared: Mapping[str, Statement] | None = None,
                  plvars: frozenset[str] = frozenset()):
@@ -415,6 +419,7 @@ class _Acc:
         self.odd_ops = False                   # an operator that may run user code
         self.plvars = plvars                   # PL/pgSQL variables / function parameters
         self.scoped_set = False                # SET clauses of CREATE/ALTER FUNCTION
+        self.fields: dict[str, None] = {}      # o.f / (o).f: see Statement.field_calls
 
     def flag(self, flag: str, why: str) -> None:
         self.flags.add(flag)
@@ -486,7 +491,8 @@ class _Acc:
             settings=tuple(dict.fromkeys(self.settings)),
             changes_rows=self.changes_rows,
             counted_by_tag=(self.counted and self.changes_rows and self.entered == 1
-                            and not self.funcs and not self.odd_ops))
+                            and not self.funcs and not self.odd_ops),
+            field_calls=tuple(self.fields))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1873,6 +1879,31 @@ def _string(acc: _Acc, b: Any) -> None:
                                    "inside a call pgguard reads as a plain one")
 
 
+def _columnref(acc: _Acc, b: Any) -> None:
+    # rel.f (or schema.rel.f): f may be a function of rel's row type, called on it
+    fields = b.get("fields") if type(b) is dict else None
+    if fields and len(fields) >= 2:
+        f = _sval(fields[-1])
+        if f:
+            acc.fields[f] = None
+
+
+def _indirection(acc: _Acc, b: Any) -> None:
+    # (expr).f: f may be a function of expr's type, called on it
+    if type(b) is not dict:
+        return
+    for x in b.get("indirection") or ():
+        f = _sval(x)
+        if f:
+            acc.fields[f] = None
+    arg = b.get("arg")
+    if type(arg) is dict or type(arg) is list:
+        _walk(acc, arg)
+    for x in b.get("indirection") or ():
+        if type(x) is dict and "A_Indices" in x:
+            _walk(acc, x)
+
+
 def _nested(tag: str) -> Any:
     h = _STMT.get(tag)
     if h is not None:
@@ -2018,7 +2049,8 @@ _STMT: dict[str, Any] = {
 _NODE: dict[str, Any] = {
     "RangeVar": _rangevar, "FuncCall": _funccall,
     # leaves with nothing to find
-    "ColumnRef": None, "A_Const": None, "ParamRef": None, "A_Star": None,
+    "ColumnRef": _columnref, "A_Indirection": _indirection,
+    "A_Const": None, "ParamRef": None, "A_Star": None,
     "SQLValueFunction": None, "String": _string,
     "ResTarget": _res_target, "A_Expr": _a_expr, "BoolExpr": _args_node, "List": _list_node,
 }
@@ -2065,10 +2097,16 @@ def _jstr(s: str) -> str:
     return _json.decode('"' + s + '"') if "\\" in s else s
 
 
+_FIELD_SELECT = re.compile(r'"fields":\[\{"String":\{"sval":"(?:[^"\\]|\\.)*"\}\},\{"String"')
+
+
 def _fast_select(sql: str, js: str) -> Statement | None:
     # one statement, nothing nested (a WITH query always nests one), no SELECT INTO
-    # (intoClause comes before targetList in a SelectStmt)
+    # (intoClause comes before targetList in a SelectStmt); no o.f / (o).f (may be a
+    # call of f in functional notation: the slow path records them)
     if not js.startswith(_SELECT_HEAD) or js.find('Stmt"', _HEAD_END) >= 0:
+        return None
+    if '"A_Indirection"' in js or _FIELD_SELECT.search(js) is not None:
         return None
     t = js.find('"targetList":', _HEAD_END)
     if js.find('"intoClause":', _HEAD_END, t if t > 0 else len(js)) >= 0:

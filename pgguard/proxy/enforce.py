@@ -93,6 +93,7 @@ class Enforcement:
         self.own_bodies: dict = {}
         self.function_ddl = False
         self.pending_bodies: tuple = ()
+        self._views_wait = None         # the message decide() waited for the view map for
         self._fb: Bodies | None = None
 
     def relay_starts(self) -> None:
@@ -294,6 +295,13 @@ class Enforcement:
         except BodiesPending as e:      # a called function's body is read first
             self.pending_bodies = e.names
             return BODIES_PENDING
+        if self._views_wait is not msg and not s.services.views_fresh(s.database) and \
+                any(self.is_user_function(f) for st in d.statements for f in st.functions):
+            # what a called body writes is resolved through the view map, and the map
+            # is being read again (DDL went by): wait for it (once for this message)
+            self._views_wait = msg
+            self.pending_bodies = ()
+            return BODIES_PENDING
         if s.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
         if s.pinned_role and _changes_role(d):     # whatever the policy said
@@ -374,7 +382,10 @@ class Enforcement:
     async def _bodies_then(self, msg: bytes, names: list) -> None:
         s = self.s
         try:
-            await s.services.load_function_bodies(s.database, names)
+            if names:
+                await s.services.load_function_bodies(s.database, names)
+            if self._views_wait is msg:
+                await s.services.ready_views(s.database)
         except asyncio.CancelledError:
             raise
         except Exception as e:      # noqa: BLE001 - the judgement refuses it (fail closed)
@@ -412,6 +423,8 @@ class Enforcement:
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
         s.services.catalog_changed(s.database)
+        if s.tracker is not None:
+            s.tracker.note_ddl()        # read the catalog again once it is committed
         if s.masking is not None:
             s.masking.ddl_sent()
         self._learn_functions(d)

@@ -554,6 +554,12 @@ class Server:
                 time.monotonic() - st.loaded > VIEW_MAP_TTL:
             await self._load_views(database)
 
+    def views_fresh(self, database: str) -> bool:
+        """Whether the view map of ``database`` is read and no DDL went by since (no
+        read pending or in flight)."""
+        st = self._views.get(database)
+        return st is not None and st.map is not None and not st.stale and st.task is None
+
     def view_map(self, database: str):
         """The view map decisions expand with (refreshed in the background when stale)."""
         st = self._views.get(database)
@@ -885,6 +891,7 @@ class Server:
             user_function_test=self.user_function_test,
             builtin_function_name=self.builtin_function_name,
             decision_generation=self.decision_generation,
+            views_fresh=self.views_fresh,
             note_functions=self.note_functions,
             cached_function=self.cached_function, resolve_function=self.resolve_function,
             sessions=self.sessions, sessions_info=self.sessions_info,

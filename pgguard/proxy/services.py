@@ -92,5 +92,6 @@ class Services:
     function_judgement: Callable[[str, str], object]
     builtin_function_name: Callable[[str, str], bool]
     decision_generation: Callable[[str], int]
+    views_fresh: Callable[[str], bool]
     note_functions: Callable[[str, object], None]
     load_function_bodies: Callable[[str, list], Awaitable[None]]
