@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from conftest import AGENT, AGENT_PASSWORD
-from rawpg import SYNC, RawClient, bind, errors, execute, parse, tags
+from rawpg import SYNC, RawClient, bind, errors, execute, parse, query, tags
 from test_approvals_wire import RULES, api, cli, pending_ids
 
 DB = "appdb"
@@ -193,3 +193,29 @@ def test_strict_audit_records_every_approved_execution(pg, make_proxy):
     got = audit_rows(proxy, "SELECT decision, approver FROM audit WHERE event = 'statement' "
                             "AND statement LIKE 'UPDATE orders%'")
     assert sorted(got) == [("approved", "alice")] * 5, got
+
+
+def test_denied_rebind_then_a_query_in_the_same_write(pg, aproxy):
+    """A Bind refused at its second execution, with the Execute, the Sync and a
+    Query behind it in one write: one error and one ReadyForQuery for the segment, as
+    Postgres answers a failing Bind, then the Query's own rows and ReadyForQuery."""
+    ap = Approver(aproxy, deny_after=1)
+    ap.start()
+    c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        sql = "UPDATE orders SET status = 'q' || $1 WHERE id = $1::int"
+        c.send(parse(sql, name="sq") + SYNC)            # approved
+        assert not errors(c.until_ready())
+        c.send(bind(stmt="sq", params=[b"1"]) + execute() + SYNC)      # covered
+        assert "UPDATE 1" in tags(c.until_ready())
+        c.send(bind(stmt="sq", params=[b"2"]) + execute() + SYNC + query("SELECT 'tail'"))
+        msgs = c.until_ready(2)
+        kinds = [t for t, _ in msgs if t in (b"E", b"Z", b"D")]
+        assert kinds == [b"E", b"Z", b"D", b"Z"], msgs
+        assert [e["C"] for e in errors(msgs)] == ["42501"]
+        assert c.run("SELECT 1")[-1] == (b"Z", b"I")
+    finally:
+        c.close()
+        ap.stop = True
+        ap.join(5)
+    assert statuses(pg)[:2] == ["q1", "new"]

@@ -228,7 +228,8 @@ class Holds:
                     message=f'pgguard: statement refused by rule "{d.rule}": the approval '
                             "could not be requested", detail=str(failure)[:300],
                     statements=d.statements)
-            s.enforce.refuse_any(refused, out, extended, sql, outcome="error")
+            s.enforce.refuse_any(refused, out, extended, sql, outcome="error",
+                                 ahead=sync_points(self.items or ()))
         elif req is None or req.state == "approved":
             log.info("session %s: statement approved by %s", s.id, approver)
             out.append(msg)
@@ -264,8 +265,11 @@ class Holds:
                                detail=err.detail or "", hint=err.hint or "",
                                statements=d.statements)
             outcome = {"denied": "denied", "timed_out": "timed_out"}.get(req.state, "error")
+            # a Bind is no stop of the scan: what came behind it in its batch is
+            # counted already (a Query or Parse stops it: nothing is)
             s.enforce.refuse_any(refused, out, extended, sql, outcome=outcome,
-                          approver=req.approver, sqlstate=err.sqlstate)
+                                 approver=req.approver, sqlstate=err.sqlstate,
+                                 ahead=sync_points(self.items or ()))
         self.release(out)
 
 
