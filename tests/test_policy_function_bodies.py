@@ -125,6 +125,39 @@ def calls_refused(proxy, sql: str):
         assert c.execute("SELECT 1").fetchone() == (1,)
 
 
+def refused_everywhere(proxy, psql_bin, sql: str, code: str = "42501") -> None:
+    """psycopg simple and prepared, asyncpg (extended), a raw pipeline and psql: each
+    refused with ``code``, the session usable after."""
+    with conn(proxy) as c:
+        for prepare in (False, True):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                if prepare:
+                    c.execute(sql, prepare=True)
+                else:
+                    psycopg.ClientCursor(c).execute(sql)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+    async def main():
+        a = await asyncpg.connect(proxy.dsn(dbname=DB))
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await a.fetch(sql)
+            assert await a.fetchval("SELECT 2") == 2
+        finally:
+            await a.close()
+    asyncio.run(main())
+    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        c.send(parse(sql) + bind() + execute() + SYNC + query("SELECT 'tail'"))
+        got = c.until_ready(2)
+        assert [e["C"] for e in errors(got)] == [code], got
+        assert [b"tail"] in rows(got)
+    finally:
+        c.close()
+    r = run_psql(psql_bin, proxy.dsn(dbname=DB), "-c", sql)
+    assert r.returncode != 0 and "42501" not in r.stdout and "pgguard" in r.stderr, r
+
+
 _serial = iter(range(1, 1000))
 
 
@@ -381,7 +414,8 @@ PLANTING = [
 
 
 @pytest.mark.parametrize("ddl", PLANTING)
-def test_definitions_that_keep_a_call_of_a_user_function_are_refused(pg, guarded, ddl):
+def test_definitions_that_keep_a_call_of_a_user_function_are_refused(pg, guarded, psql_bin,
+                                                                     ddl):
     fn, view = _fresh()
     n = fn[4:]
     with conn(guarded) as c:
@@ -393,6 +427,7 @@ def test_definitions_that_keep_a_call_of_a_user_function_are_refused(pg, guarded
         assert "keeps a call of" in (e.value.diag.message_detail or "") + \
             e.value.diag.message_primary, e.value.diag.message_detail
         c.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
+    refused_everywhere(guarded, psql_bin, sql)
         # the object does not exist upstream: nothing runs the body later
     assert pg.execute(f"SELECT count(*) FROM pg_class WHERE relname = 'fb_o{n}'",
                       dbname=DB) == [(0,)]
@@ -404,7 +439,7 @@ def test_definitions_that_keep_a_call_of_a_user_function_are_refused(pg, guarded
 
 
 @pytest.mark.parametrize("builtin", ["upper", "length", "abs", "md5", "lower"])
-def test_a_function_shadowing_a_builtin_name_is_judged(pg, guarded, builtin):
+def test_a_function_shadowing_a_builtin_name_is_judged(pg, guarded, psql_bin, builtin):
     """CREATE FUNCTION upper(int) (a body deleting through a view made afterwards, by
     another session), then SELECT upper(1) from a third session at once (no catalog
     read in between): the name is a built-in's, the overload is not."""
@@ -415,8 +450,9 @@ def test_a_function_shadowing_a_builtin_name_is_judged(pg, guarded, builtin):
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
             b.execute(f"SELECT {builtin}(2)")
         held(e)
-        # the built-in itself is judged by the same bodies, so it waits for approval
-        # too while the shadow exists; dropped, the name is the built-in's again
+    # every client (the built-in of the name is judged by the same bodies while the
+    # shadow exists, so it waits for approval too)
+    refused_everywhere(guarded, psql_bin, f"SELECT {builtin}(3)")
     pg.execute(f"DROP VIEW {view} CASCADE; DROP FUNCTION public.{builtin}(int) CASCADE",
                dbname=DB)
 
@@ -524,9 +560,9 @@ def _row_deleting(pg, guarded):
                                   "SELECT x.{fn} FROM (SELECT * FROM fb_orders) x",
                                   "SELECT 1 FROM fb_orders o WHERE o.{fn} = 1",
                                   "SELECT fb_orders.{fn} FROM fb_orders"])
-def test_functional_notation_is_a_call(pg, guarded, form):
+def test_functional_notation_is_a_call(pg, guarded, psql_bin, form):
     fn, view = _row_deleting(pg, guarded)
-    calls_refused(guarded, form.format(fn=fn))
+    refused_everywhere(guarded, psql_bin, form.format(fn=fn))
     pg.execute(f"DROP VIEW {view}; DROP FUNCTION {fn}(fb_orders)", dbname=DB)
 
 

@@ -1721,21 +1721,7 @@ def _create_function(acc: _Acc, b: dict) -> None:
     if "security" in opts and _lit(acc, opts["security"]) == "true":
         acc.flag("privilege", f"SECURITY DEFINER {what} {name} runs with its owner's "
                  "privileges")
-    lang = _lit(acc, opts["language"]) if "language" in opts else ""
-    lang = lang.lower() if type(lang) is str else "?"
-    if not lang:
-        lang = "sql" if b.get("sql_body") is not None else "?"
-    body: str | None = None
-    as_ = opts.get("as")
-    if type(as_) is dict and "List" in as_:
-        items = as_["List"].get("items") or ()
-        if items:
-            v = _lit(acc, items[0])
-            body = v if type(v) is str else None
-    params = frozenset(
-        p["FunctionParameter"]["name"] for p in b.get("parameters") or ()
-        if type(p) is dict and type(p.get("FunctionParameter")) is dict
-        and p["FunctionParameter"].get("name"))
+    lang, body, params = _function_source(acc, b, opts)
     _body_by_language(acc, lang, f"{what} {name}", sql_body=b.get("sql_body"),
                       sql_text=body, params=params)
     # parameters, return type, SET clauses (the body string names no function by itself);
@@ -2352,6 +2338,27 @@ def _union(a: Statement, b: Statement) -> Statement:
         counted_by_tag=False)
 
 
+def _function_source(acc: _Acc, b: dict, opts: dict) -> tuple[str, str | None, frozenset]:
+    """A CreateFunctionStmt's language (lowercase; "?" unknown), its body text (AS
+    '...'; None for a SQL-standard body or a C symbol) and its parameter names."""
+    lang = _lit(acc, opts["language"]) if "language" in opts else ""
+    lang = lang.lower() if type(lang) is str else "?"
+    if not lang:
+        lang = "sql" if b.get("sql_body") is not None else "?"
+    body: str | None = None
+    as_ = opts.get("as")
+    if type(as_) is dict and "List" in as_:
+        items = as_["List"].get("items") or ()
+        if items:
+            v = _lit(acc, items[0])
+            body = v if type(v) is str else None
+    params = frozenset(
+        p["FunctionParameter"]["name"] for p in b.get("parameters") or ()
+        if type(p) is dict and type(p.get("FunctionParameter")) is dict
+        and p["FunctionParameter"].get("name"))
+    return lang, body, params
+
+
 def classify_function_body(definition: str, what: str = "") -> Statement:
     """What a call of a function runs, read from its definition: the ``CREATE
     FUNCTION`` / ``CREATE PROCEDURE`` text (``pg_get_functiondef`` gives it, or the
@@ -2383,21 +2390,7 @@ def classify_function_body(definition: str, what: str = "") -> Statement:
         kind = "procedure" if b.get("is_procedure") else "function"
         what = what or f"{kind} {_dotted(b.get('funcname'))}"
         opts = _defelems(b.get("options"))
-        lang = _lit(acc, opts["language"]) if "language" in opts else ""
-        lang = lang.lower() if type(lang) is str else "?"
-        if not lang:
-            lang = "sql" if b.get("sql_body") is not None else "?"
-        body: str | None = None
-        as_ = opts.get("as")
-        if type(as_) is dict and "List" in as_:
-            items = as_["List"].get("items") or ()
-            if items:
-                v = _lit(acc, items[0])
-                body = v if type(v) is str else None
-        params = frozenset(
-            p["FunctionParameter"]["name"] for p in b.get("parameters") or ()
-            if type(p) is dict and type(p.get("FunctionParameter")) is dict
-            and p["FunctionParameter"].get("name"))
+        lang, body, params = _function_source(acc, b, opts)
         _body_by_language(acc, lang, what, sql_body=b.get("sql_body"), sql_text=body,
                           params=params)
         # parameter defaults (evaluated by the call) and SET clauses (scoped to the call)

@@ -45,6 +45,7 @@ from pglast import keywords as _kw
 from ..policy.rules import Decision
 from ..protocol import messages as m
 from .enforce import BODIES_PENDING, _reads_masked
+from .holds import RawReader
 from .tracking import statement_record
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ class FunctionCalls:
 
     def __init__(self, session: Session) -> None:
         self.s = session
-        self._wait: _Waiting | None = None       # reading the client during a lookup
+        self._wait: RawReader | None = None       # reading the client during a lookup
 
     def reads_paused(self) -> bool:
         """True while the lookup's reader stopped reading the client (past WAIT_BUFFER):
@@ -294,12 +295,12 @@ class FunctionCalls:
         if out:
             s.up.transport.write(b"".join(out))
             out.clear()
-        wait = self._wait = _Waiting(s)
+        wait = self._wait = RawReader(s, WAIT_BUFFER)
         s.client.transport.set_protocol(wait)
         s.holds.side_task(self._resolve(msg, call, list(later), wait))
         return True
 
-    async def _resolve(self, msg: bytes, call: Call, later: list, wait: _Waiting) -> None:
+    async def _resolve(self, msg: bytes, call: Call, later: list, wait: RawReader) -> None:
         s = self.s
         info = failure = None
         try:
@@ -398,35 +399,3 @@ class FunctionCalls:
         # answered like a refused Query: an ErrorResponse, then ReadyForQuery
         self.s.enforce.inject_refusal(d, out, extended=False, sql=sql.encode())
 
-
-class _Waiting(asyncio.Protocol):
-    """Reads the client's socket while a FunctionCall's function is looked up: keeps
-    the bytes raw (unscanned, in order), and stops reading past WAIT_BUFFER."""
-
-    def __init__(self, session: Session) -> None:
-        self.s = session
-        self.data: list[bytes] = []
-        self.size = 0
-        self.paused = False
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-        self.size += len(data)
-        if self.size > WAIT_BUFFER and not self.paused:
-            self.paused = True
-            self.s.client.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.s.client_gone()
-
-    # the client's socket cannot take more: stop reading the upstream (as the Pipe does)
-    def pause_writing(self) -> None:
-        self.s.up.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        up = self.s.up.transport
-        if not up.is_closing():
-            up.resume_reading()

@@ -53,12 +53,14 @@ def sync_points(items) -> int:
     return n
 
 
-class _Reader(asyncio.Protocol):
-    """Reads the client's socket while a statement is held: keeps the bytes raw
-    (unscanned, in order), and stops reading past HOLD_BYTES."""
+class RawReader(asyncio.Protocol):
+    """Reads the client's socket while the stream waits (a held statement, a
+    FunctionCall's lookup): keeps the bytes raw (unscanned, in order) in ``data``, and
+    stops reading past ``limit`` bytes (``paused``; whoever ends the wait resumes)."""
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, limit: int = HOLD_BYTES) -> None:
         self.s = session
+        self.limit = limit
         self.data: list[bytes] = []
         self.size = 0
         self.paused = False
@@ -66,7 +68,7 @@ class _Reader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.data.append(data)
         self.size += len(data)
-        if self.size > HOLD_BYTES and not self.paused:
+        if self.size > self.limit and not self.paused:
             t = self.s.client.transport
             if t is not None and not t.is_closing():
                 self.paused = True
@@ -92,7 +94,7 @@ class Holds:
     """A session's part: statements held back on their way upstream. It owns the hold
     (``held``: the held message(s), or None; ``items``: what the client sent after it
     that the scan had read already (the rest of the batch it came in), in order;
-    ``reader``: the client's socket's reader meanwhile, which keeps the bytes that
+    ``reader``: the client's socket's RawReader meanwhile, which keeps the bytes that
     come raw; ``approval``: [side task, request id] while one runs); only its own
     methods change them. The session calls begin()/release() and the for_*() holds;
     more() keeps what the scan hands on while held."""
@@ -102,7 +104,7 @@ class Holds:
         self.services = services
         self.held: list | None = None
         self.items: list | None = None
-        self.reader: _Reader | None = None
+        self.reader: RawReader | None = None
         self.approval: list | None = None
 
     def begin(self, out: list, held: list, later: list = ()) -> None:
@@ -115,7 +117,7 @@ class Holds:
             out.clear()
         self.held = held
         self.items = []
-        reader = self.reader = _Reader(s)
+        reader = self.reader = RawReader(s)
         t = s.client.transport
         if t is not None:
             t.set_protocol(reader)
