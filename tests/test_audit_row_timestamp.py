@@ -69,3 +69,33 @@ def test_rows_through_the_proxy_read_back_exactly(pg, make_proxy):
         assert r[8] is None or r[3] == "23505", r
     coerced = audit_rows(proxy, "SELECT count(*) FROM audit WHERE error LIKE '%coerced%'")
     assert coerced == [(0,)]
+
+
+_INTS = [0, 1, 31, 32, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32,
+         (1 << 63) - 1, -1, -32, -33, -128, -129, -32768, -32769, -(1 << 31),
+         -(1 << 31) - 1, -(1 << 63)]
+_STRS = [None, "", "allowed", "x" * 31, "x" * 32, "é" * 100, "y" * 255, "y" * 256,
+         "z" * 65535, "z" * 65536, "日本語のエラー"]
+
+
+@pytest.mark.parametrize("i", range(len(_INTS)))
+def test_tail_bytes_are_msgspecs(i):
+    # the outcome columns the tracker encodes in C: byte for byte msgspec's encoding of
+    # the same values (decision .. error, then the two empty hashes), every int width
+    # and sign and every str length class
+    from pgguard._core.track import row_tail
+    n = _INTS[i]
+    s = _STRS[i % len(_STRS)]
+    for duration in (None, n, 5):
+        fields = ("error", s, _STRS[(i + 3) % len(_STRS)], n, abs(n) // 2, i * 1000,
+                  duration, _STRS[(i + 5) % len(_STRS)], s, "", "")
+        want = enc(fields)
+        want = want[1:] if len(fields) <= 15 else want[3:]
+        assert row_tail(*fields[:9]) == want, fields
+
+
+def test_tail_leaves_what_it_cannot_encode_to_msgspec():
+    from pgguard._core.track import row_tail
+    assert row_tail("allowed", None, None, 0, 0, 1 << 64, None, None, None) is None
+    assert row_tail("allowed", None, None, 0, 0, 0, None, None, "\ud800") is None
+    assert row_tail("allowed", 5, None, 0, 0, 0, None, None, None) is None

@@ -92,6 +92,9 @@ cdef class Pipe:
     cdef dict _g_portals
     cdef dict _g_approved
     cdef long long _fast
+    # the shape of the last Query text _cached_allow / _mask_query_ok computed (None:
+    # not computed), handed to the audit with the statement so it is not computed twice
+    cdef object _last_key
     # upstream side, the blast-radius guard's in-block lane (Guard._start_in_block):
     # the answers to one Execute + Sync are held here until their ReadyForQuery; the
     # first CommandComplete's row count within _hold_limit (-1: no hold) and no error:

@@ -163,6 +163,7 @@ cdef class Pipe:
         self.log_types = None
         self.fast_log = None
         self._fast = 0
+        self._last_key = None
         self._bad_seen = False
         self._guard = None
         self._g_stmts = self._g_portals = self._g_approved = None
@@ -184,10 +185,11 @@ cdef class Pipe:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
         cdef const char* q
         cdef const char* e
+        self._last_key = None
         d = self.exact.get(msg)
         if d is None:
             if p[0] == QUERY:                    # text up to the final NUL
-                key = shape_buf(<const unsigned char*>p + 5, n - 6)
+                key = self._last_key = shape_buf(<const unsigned char*>p + 5, n - 6)
             else:                                # 'P': "" name, then the text
                 if n < 7 or p[5] != 0:
                     return None
@@ -433,7 +435,10 @@ cdef class Pipe:
                 out.append(msg)
                 total += PyBytes_GET_SIZE(msg)
                 if self.fast_log is not None:
-                    self.fast_log.append((_log_form(msg), d, _now_ns()))
+                    if t == QUERY and d is not None and self._last_key is not None:
+                        self.fast_log.append((msg, d, _now_ns(), self._last_key))
+                    else:
+                        self.fast_log.append((_log_form(msg), d, _now_ns()))
             rest = self.scan.rest
             if rest is None:
                 break
@@ -452,6 +457,7 @@ cdef class Pipe:
         cdef MaskLane lane = self.mask
         cdef const char* p = PyBytes_AS_STRING(msg)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+        self._last_key = None
         if self.exact is None:
             return None
         d = self.exact.get(msg)
@@ -459,7 +465,7 @@ cdef class Pipe:
         if d is None or not safe:
             if not _well_formed(msg):
                 return None
-            key = shape_buf(<const unsigned char*>p + 5, n - 6)
+            key = self._last_key = shape_buf(<const unsigned char*>p + 5, n - 6)
             if key is None:
                 return None
             if d is None:
@@ -549,7 +555,10 @@ cdef class Pipe:
                     lane.forwarded += 1
                     self._fast += 1
                     if self.fast_log is not None:
-                        self.fast_log.append((msg, d, _now_ns()))
+                        if self._last_key is not None:
+                            self.fast_log.append((msg, d, _now_ns(), self._last_key))
+                        else:
+                            self.fast_log.append((msg, d, _now_ns()))
                     continue
                 if seg is None:
                     seg = []

@@ -5,6 +5,7 @@
 from collections import deque
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.datetime cimport import_datetime, timedelta_new
 from datetime import datetime, timedelta, timezone
 from libc.string cimport memchr, memcpy
@@ -13,6 +14,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 import msgspec
 
 from .answers import answer_for
+from .relay cimport MessageScan
 from .sqlshape cimport shape_buf
 from .msgtypes cimport (BIND, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE,
                         FUNCTION_CALL, PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED, QUERY,
@@ -65,6 +67,165 @@ cdef int _put_ts(unsigned char* p, long long us) noexcept:
     return -1
 
 
+cdef int TAIL_FIELDS = 11        # decision .. hash: what _row encodes per record
+
+
+cdef inline bint _utf8(obj, const char** p, Py_ssize_t* n) except -1:
+    # a str's UTF-8 (cached by the str), or NULL for None; False: any other type
+    if obj is None:
+        p[0] = NULL
+        n[0] = 0
+        return True
+    if obj.__class__ is not str:
+        return False
+    p[0] = PyUnicode_AsUTF8AndSize(obj, n)
+    return True
+
+
+cdef inline Py_ssize_t _str_size(const char* s, Py_ssize_t n) noexcept:
+    if s == NULL:
+        return 1
+    if n < 32:
+        return 1 + n
+    if n < 256:
+        return 2 + n
+    if n < 65536:
+        return 3 + n
+    return 5 + n
+
+
+cdef inline Py_ssize_t _put_str(unsigned char* p, const char* s, Py_ssize_t n) noexcept:
+    # msgpack nil, fixstr, str8, str16 or str32, as msgspec writes them
+    cdef Py_ssize_t h
+    if s == NULL:
+        p[0] = 0xc0
+        return 1
+    if n < 32:
+        p[0] = 0xa0 | <unsigned char>n
+        h = 1
+    elif n < 256:
+        p[0] = 0xd9
+        p[1] = <unsigned char>n
+        h = 2
+    elif n < 65536:
+        p[0] = 0xda
+        p[1] = <unsigned char>(n >> 8)
+        p[2] = <unsigned char>(n & 0xff)
+        h = 3
+    else:
+        p[0] = 0xdb
+        _be(p + 1, <unsigned long long>n, 4)
+        h = 5
+    memcpy(p + h, s, n)
+    return h + n
+
+
+cdef inline void _be(unsigned char* p, unsigned long long v, int width) noexcept:
+    cdef int i
+    for i in range(width):
+        p[i] = <unsigned char>((v >> (8 * (width - 1 - i))) & 0xff)
+
+
+cdef inline Py_ssize_t _int_size(long long v) noexcept:
+    if v >= 0:
+        return 1 if v < 128 else 2 if v < 256 else 3 if v < 65536 else \
+            5 if v < 4294967296LL else 9
+    return 1 if v >= -32 else 2 if v >= -128 else 3 if v >= -32768 else \
+        5 if v >= -2147483648LL else 9
+
+
+cdef inline Py_ssize_t _put_int(unsigned char* p, long long v) noexcept:
+    # msgpack's smallest form of v, as msgspec writes it
+    cdef unsigned long long u = <unsigned long long>v
+    if v >= 0:
+        if v < 128:
+            p[0] = <unsigned char>v
+            return 1
+        if v < 256:
+            p[0] = 0xcc
+            _be(p + 1, u, 1)
+            return 2
+        if v < 65536:
+            p[0] = 0xcd
+            _be(p + 1, u, 2)
+            return 3
+        if v < 4294967296LL:
+            p[0] = 0xce
+            _be(p + 1, u, 4)
+            return 5
+        p[0] = 0xcf
+        _be(p + 1, u, 8)
+        return 9
+    if v >= -32:
+        p[0] = <unsigned char>(v & 0xff)
+        return 1
+    if v >= -128:
+        p[0] = 0xd0
+        _be(p + 1, u, 1)
+        return 2
+    if v >= -32768:
+        p[0] = 0xd1
+        _be(p + 1, u, 2)
+        return 3
+    if v >= -2147483648LL:
+        p[0] = 0xd2
+        _be(p + 1, u, 4)
+        return 5
+    p[0] = 0xd3
+    _be(p + 1, u, 8)
+    return 9
+
+
+cdef object _tail(decision, rule, approver, long long rows, long long out, masked,
+                  duration, state, err):
+    # a record's last 11 fields (decision .. hash) as msgspec encodes them in its row
+    # (no array header), encoded here in C; None when one is not what the fast path
+    # knows (a str that is not UTF-8, an int beyond 64 bits, another type)
+    cdef const char* sp[5]
+    cdef Py_ssize_t sn[5]
+    cdef long long m, d = 0
+    cdef Py_ssize_t n = 2, k = 0, i
+    cdef bytes enc
+    cdef unsigned char* p
+    try:
+        if not _utf8(decision, &sp[0], &sn[0]) or not _utf8(rule, &sp[1], &sn[1]) or \
+                not _utf8(approver, &sp[2], &sn[2]) or not _utf8(state, &sp[3], &sn[3]) \
+                or not _utf8(err, &sp[4], &sn[4]):
+            return None
+        m = masked
+        if duration is not None:
+            d = duration
+    except (UnicodeError, OverflowError, TypeError):
+        return None
+    for i in range(5):
+        n += _str_size(sp[i], sn[i])
+    n += _int_size(rows) + _int_size(out) + _int_size(m) + \
+        (_int_size(d) if duration is not None else 1)
+    enc = PyBytes_FromStringAndSize(NULL, n)
+    p = <unsigned char*>PyBytes_AS_STRING(enc)
+    for i in range(3):                       # decision, rule, approver
+        k += _put_str(p + k, sp[i], sn[i])
+    k += _put_int(p + k, rows)
+    k += _put_int(p + k, out)
+    k += _put_int(p + k, m)
+    if duration is None:
+        p[k] = 0xc0
+        k += 1
+    else:
+        k += _put_int(p + k, d)
+    k += _put_str(p + k, sp[3], sn[3])       # sqlstate, error
+    k += _put_str(p + k, sp[4], sn[4])
+    p[k] = 0xa0                              # prev_hash, hash: the writer's
+    p[k + 1] = 0xa0
+    return enc
+
+
+def row_tail(decision, rule, approver, long long rows, long long out, masked, duration,
+             state, err):
+    """_tail's bytes (tests compare them with msgspec's encoding of the same fields)."""
+    return _tail(decision, rule, approver, rows, out, masked, duration, state, err)
+
+
 def row_timestamp(long long us):
     """_put_ts's bytes for ``us`` µs since the epoch (tests compare them with msgspec)."""
     cdef unsigned char buf[16]
@@ -87,6 +248,7 @@ cdef class _Pending:
     # one statement (sql is not None) or sync point (sync), oldest first
     cdef object sql         # bytes, or None for a sync marker
     cdef object dec         # the policy decision (or Approved), or None
+    cdef object key         # the text's shape, when the relay computed it (or None)
     cdef long long t0       # monotonic ns when forwarded (0: unknown)
     cdef long long rows
     cdef object state       # SQLSTATE of its error
@@ -112,6 +274,7 @@ cdef class _Pending:
         self.kind = K_STATEMENT
         self.ordinal = 0
         self.src = None
+        self.key = None
 
 
 cdef enum:
@@ -192,7 +355,7 @@ cdef class StatementTracker:
     cdef long long _base_us     # _base in µs since the Unix epoch
     cdef Py_ssize_t _parts_bytes  # what _parts keeps, counted by its statements' size
     cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
-    cdef object _bscan
+    cdef MessageScan _bscan
     cdef bint _masking          # the session masks (counts masked cells per record)
     # a DDL command completed in the session's current transaction: once it is idle,
     # the proxy reads the view map again (Server.catalog_committed)
@@ -248,6 +411,8 @@ cdef class StatementTracker:
                 e = _Pending(msg[5:PyBytes_GET_SIZE(msg) - 1], (<tuple>item)[1],
                              (<tuple>item)[2], True, False)
                 e.skippable = True
+                if len(<tuple>item) > 3:            # the relay's shape of the text
+                    e.key = (<tuple>item)[3]
                 pending.append(e)
                 self._seg_p = self._seg_b = 0
             elif t == PARSE:                             # remember the text
@@ -328,9 +493,14 @@ cdef class StatementTracker:
     def on_events(self, list events):
         """on_backend for each (type, message) of a relay chunk."""
         for ev in events:
-            self.on_backend((<tuple>ev)[0], (<tuple>ev)[1])
+            self._backend((<tuple>ev)[0], (<tuple>ev)[1])
 
     def on_backend(self, int t, bytes msg):
+        """A CommandComplete, EmptyQueryResponse, PortalSuspended, ErrorResponse,
+        ReadyForQuery or ParameterStatus from the server, in stream order."""
+        self._backend(t, msg)
+
+    cdef _backend(self, int t, bytes msg):
         cdef _Pending e
         cdef long long swallowed = 0
         if t == PARAMETER_STATUS:       # a reported setting (the session's pins)
@@ -469,7 +639,7 @@ cdef class StatementTracker:
         s = self.session
         now = _now_ns()
         if self._bscan is None:
-            self._bscan = s.bscan
+            self._bscan = <MessageScan?>s.bscan
             self._masking = s.masking is not None
         seen = self._bscan.bytes_seen
         out = seen - self.bytes_mark
@@ -482,7 +652,8 @@ cdef class StatementTracker:
         if e.state is not None:
             decision = "error"
         duration = (now - e.t0) // 1000 if e.t0 else None
-        part = self._part(e.sql, dec) if e.sql.__class__ is bytes and not self.raw else None
+        part = self._part(e.sql, dec, e.key) if e.sql.__class__ is bytes and not self.raw \
+            else None
         if part is None:            # text from elsewhere, or literals are captured
             rec = self._h_record(s, e.sql, dec, decision, self.wall(e.t0))
             rec.approver = approver
@@ -497,18 +668,20 @@ cdef class StatementTracker:
         fixed = self._fixed
         if fixed is None:
             fixed = self._fixed = self._h_session(s)
-        tail = (decision, dec.rule if dec is not None else None, approver, e.rows, out,
-                s.take_masked_cells() if self._masking else 0, duration, e.state, e.err,
-                "", "")
+        rule = dec.rule if dec is not None else None
+        masked = s.take_masked_cells() if self._masking else 0
         if self._log_encoded is not None and (<tuple>part)[1] is not None:
-            row = self._row(e.t0, <bytes>(<tuple>part)[1], tail)
+            row = self._row(e.t0, <bytes>(<tuple>part)[1], decision, rule, approver, e.rows,
+                            out, masked, duration, e.state, e.err)
             if row is not None:
                 self._log_encoded(row)
                 return
         # the wire row: AuditRecord's fields in order (see pgguard.audit.ipc)
-        self._log_row(("", self.wall(e.t0)) + fixed + (<tuple>part)[0] + tail)
+        self._log_row(("", self.wall(e.t0)) + fixed + (<tuple>part)[0] + (
+            decision, rule, approver, e.rows, out, masked, duration, e.state, e.err, "", ""))
 
-    cdef object _row(self, long long t0, bytes part_enc, tuple tail):
+    cdef object _row(self, long long t0, bytes part_enc, str decision, rule, approver,
+                     long long rows, long long out, masked, duration, state, err):
         # the msgpack row log_row would encode, assembled from the session's and the
         # statement's columns encoded once: only the time and the outcome are encoded
         # here (None: a value only the slow path encodes, e.g. an int beyond 64 bits)
@@ -525,14 +698,13 @@ cdef class StatementTracker:
         fixed_enc = self._fixed_enc
         if fixed_enc is None:
             fixed_enc = self._fixed_enc = _body(self._enc(self._fixed), len(self._fixed))
-        if 2 + len(self._fixed) + 5 + len(tail) != ROW_FIELDS:
+        if 2 + len(self._fixed) + 5 + TAIL_FIELDS != ROW_FIELDS:
             return None
-        try:
-            tail_enc = self._enc(tail)
-        except Exception:
+        tail_enc = _tail(decision, rule, approver, rows, out, masked, duration, state, err)
+        if tail_enc is None:
             return None
         n = 4 + nts + PyBytes_GET_SIZE(fixed_enc) + PyBytes_GET_SIZE(part_enc) + \
-            PyBytes_GET_SIZE(tail_enc) - 1
+            PyBytes_GET_SIZE(tail_enc)
         row = PyBytes_FromStringAndSize(NULL, n)
         p = PyBytes_AS_STRING(row)
         memcpy(p, PyBytes_AS_STRING(_ROW_HEAD), 4)
@@ -543,23 +715,26 @@ cdef class StatementTracker:
         k += PyBytes_GET_SIZE(fixed_enc)
         memcpy(p + k, PyBytes_AS_STRING(part_enc), PyBytes_GET_SIZE(part_enc))
         k += PyBytes_GET_SIZE(part_enc)
-        memcpy(p + k, PyBytes_AS_STRING(tail_enc) + 1, PyBytes_GET_SIZE(tail_enc) - 1)
+        memcpy(p + k, PyBytes_AS_STRING(tail_enc), PyBytes_GET_SIZE(tail_enc))
         return row
 
-    cdef tuple _part(self, bytes sql, dec):
+    cdef tuple _part(self, bytes sql, dec, key):
         # (statement columns, their encoding): the last answer again for the same text
         # object under the same decision (a prepared statement's Executes)
         if sql is self._last_sql and dec is self._last_dec:
             return self._last_part
-        got = self._part_of(sql, dec)
+        got = self._part_of(sql, dec, key)
         self._last_sql, self._last_dec, self._last_part = sql, dec, got
         return got
 
-    cdef tuple _part_of(self, bytes sql, dec):
+    cdef tuple _part_of(self, bytes sql, dec, key):
         cdef Py_ssize_t size
         # the statement columns (statement .. flags), cached per literal-insensitive
-        # shape while the same decision object covers it
-        key = shape_buf(<const unsigned char*>PyBytes_AS_STRING(sql), PyBytes_GET_SIZE(sql))
+        # shape while the same decision object covers it (key: the shape when the relay
+        # computed it already)
+        if key is None:
+            key = shape_buf(<const unsigned char*>PyBytes_AS_STRING(sql),
+                            PyBytes_GET_SIZE(sql))
         if key is not None:
             hit = self._parts.get(key)
             if hit is not None and (<tuple>hit)[0] is dec:
