@@ -61,7 +61,7 @@ PAIRS = [
      lambda pg, c: not app_name(pg, c).startswith("pgguard:alice")),
     ("SELECT set_config('statement_timeout', '5000', false)",
      "SELECT set_config('search_path', '5000', false)",
-     lambda pg, c: setting(c, "search_path") == '"$user", public'),
+     lambda pg, c: setting(c, "search_path") == "public"),
     ("SELECT set_config('lock_timeout', '1000', false)",
      "SELECT set_config('row_security', 'off', false)",
      lambda pg, c: setting(c, "row_security") == "on"),
@@ -140,7 +140,7 @@ def test_asyncpg_extended_protocol_cannot_prime(pg, guarded):
                 await conn.fetchval(primer)
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
                     await conn.fetchval(attack)
-            assert await conn.fetchval("SHOW search_path") == '"$user", public'
+            assert await conn.fetchval("SHOW search_path") == "public"
             assert await conn.fetchval("SHOW session_replication_role") == "origin"
             assert await conn.fetchval("SHOW row_security") == "on"
             assert await conn.fetchval("SHOW transform_null_equals") == "off"
@@ -172,7 +172,7 @@ def test_raw_parse_frames_cannot_prime(pg, guarded):
             assert errs and errs[0]["C"] == "42501", (attack, errs)
         msgs = c.run("SELECT current_setting('search_path'), "
                      "current_setting('standard_conforming_strings'), current_user")
-        assert rawpg.rows(msgs) == [[b'"$user", public', b"on", b"app"]]
+        assert rawpg.rows(msgs) == [[b"public", b"on", b"app"]]
     finally:
         c.close()
     assert count(pg) == 5

@@ -118,7 +118,7 @@ def test_psql_set_is_refused_and_session_keeps_its_settings(guarded, psql_bin):
                        "SELECT current_setting('session_replication_role'), "
                        "current_setting('search_path'), current_setting('row_security');\n")
     assert r.stderr.count('refused by rule "settings"') == 3, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == 'origin|"$user", public|on'
+    assert r.stdout.strip().splitlines()[-1] == 'origin|public|on'
 
 
 # --------------------------------------------------------------------------- set_config
@@ -197,7 +197,7 @@ def test_raw_parse_bind_execute_set_config(guarded):
             assert errs and errs[0]["C"] == "42501" and "settings" in errs[0]["M"], msgs
         msgs = c.run("SELECT current_setting('row_security'), current_setting('search_path'), "
                      "current_setting('standard_conforming_strings')")
-        assert rawpg.rows(msgs) == [[b"on", b'"$user", public', b"on"]]
+        assert rawpg.rows(msgs) == [[b"on", b"public", b"on"]]
     finally:
         c.close()
 

@@ -87,9 +87,12 @@ anywhere inside), ``Statement.counted_by_tag`` that its command tag counts all o
 read goes through one accessor): only then may a decision be shared by shape.
 
 Relation names are schema-qualified (``public.orders``). An unqualified name is reported
-as ``public.<name>`` (``pg_temp.<name>`` for CREATE TEMP TABLE): pgguard does not know the
-session's ``search_path``, so a session that changes it can make ``orders`` mean another
-schema's table (search_path is outside the default settings allow-list for this reason).
+as ``public.<name>`` (``pg_temp.<name>`` for CREATE TEMP TABLE): pgguard sends
+``search_path = public`` in the startup packet of every session under a policy (not the
+default ``"$user", public``), search_path is outside the default settings allow-list, and a
+function whose own SET search_path names other schemas is ``opaque``; a config that opens
+search_path in ``[policy] settings`` lets a session make ``orders`` mean another schema's
+table.
 Rules that must hold whatever the search_path should name the table without a schema
 (``relations = ["orders"]`` matches ``orders`` in any schema). An unqualified ``pg_*`` name
 is reported as ``pg_catalog.<name>``.
@@ -768,6 +771,15 @@ def _setting(acc: _Acc, name: str, value: str | None, how: str, *,
     escape concern whatever the allow-list says."""
     if session:
         acc.settings.append((name, value))
+    elif name == "search_path" and not resetting and not _plain_search_path(value):
+        # a function's own search_path resolves the names of its body, which pgguard
+        # reads as public.<name> (the path it pins for the session): another path can
+        # make "orders" mean a view or table pgguard never judged
+        acc.flag("opaque", f"{how} search_path to {value if value is not None else '?'} "
+                 "makes the unqualified names of the function's body resolve in other "
+                 "schemas than pgguard reads them in (public, after pg_catalog); qualify "
+                 "the names in the body and leave search_path out, or set it to "
+                 "pg_catalog, public")
     why = _PRIVILEGE_SETTINGS.get(name)
     if why is not None:
         acc.flag("privilege", f"{how} {name} {why}")
@@ -786,6 +798,31 @@ def _setting(acc: _Acc, name: str, value: str | None, how: str, *,
     elif v not in _UTF8_NAMES:
         acc.flag("escape", f"{how} client_encoding to {value or '?'}: encodings other than "
                  "UTF8 can hide quotes from pgguard's parser")
+
+
+_PLAIN_SCHEMAS = ("pg_catalog", "public", "pg_temp")
+
+
+def _plain_search_path(value: str | None) -> bool:
+    """A search_path under which an unqualified name means what pgguard reads it as:
+    only pg_catalog, public and pg_temp, pg_catalog (if named) before public; empty is
+    plain too (then only pg_catalog and pg_temp are searched)."""
+    if value is None:
+        return False
+    seen = []
+    for part in value.split(","):
+        p = part.strip()
+        if len(p) >= 2 and p[0] == p[-1] == '"':
+            p = p[1:-1].replace('""', '"')
+        else:
+            p = p.lower()
+        if p == "" and len(value.split(",")) == 1:
+            return True
+        if p not in _PLAIN_SCHEMAS:
+            return False
+        seen.append(p)
+    return not ("pg_catalog" in seen and "public" in seen
+                and seen.index("pg_catalog") > seen.index("public"))
 
 
 def _set_value(acc: _Acc, args: list | None) -> str | None:

@@ -46,8 +46,12 @@ PACKET_KEYS = frozenset({"user", "database", "options", "replication"})
 # never through pgguard, whoever asks: they change who the session is, or make it a
 # replication connection
 FORBIDDEN = frozenset({"role", "session_authorization", "replication"})
-# what the parser relies on, sent upstream for every session under a policy
-PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
+# what the parser relies on, sent upstream for every session under a policy; the
+# search_path is the one the classifier reads unqualified names in (public.<name>): not
+# the default "$user", public, under which a schema named like the upstream role (that
+# the agent may create) would shadow public's tables and views
+PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on",
+          "search_path": "public"}
 # settings a session under a policy may choose at startup: what libpq, psycopg, asyncpg,
 # pgjdbc and node-postgres send, and settings that only change formatting, timeouts or
 # planning (README, "Startup settings")
@@ -218,7 +222,11 @@ def upstream_params(settings: list[Setting], *, guarded: bool, readonly: bool,
         if s.name:          # an ignored switch (-T, -n ...) sets nothing
             params.append((s.name, s.value))
     if guarded:
-        params.extend(PINNED.items())
+        # a search_path the client chose passed the allow-list ([policy] settings opens
+        # it): the config's owner accepted that names resolve elsewhere
+        chosen = {name for name, _ in params}
+        params.extend((k, v) for k, v in PINNED.items()
+                      if k != "search_path" or k not in chosen)
     if readonly:
         params.append(("default_transaction_read_only", "on"))
     return params, app
