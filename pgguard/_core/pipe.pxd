@@ -92,6 +92,11 @@ cdef class Pipe:
     cdef dict _g_portals
     cdef dict _g_approved
     cdef long long _fast
+    # client side: while a hold or a function lookup keeps the stream, every chunk goes
+    # to this sink's data_received, unscanned (set here rather than swapping the
+    # transport's protocol: uvloop's set_protocol stops and starts reading, two epoll
+    # changes each time)
+    cdef object _raw_sink
     # the shape of the last Query text _cached_allow / _mask_query_ok computed (None:
     # not computed), handed to the audit with the statement so it is not computed twice
     cdef object _last_key

@@ -163,6 +163,7 @@ cdef class Pipe:
         self.log_types = None
         self.fast_log = None
         self._fast = 0
+        self._raw_sink = None
         self._last_key = None
         self._bad_seen = False
         self._guard = None
@@ -332,9 +333,27 @@ cdef class Pipe:
     def connection_made(self, transport):
         self.transport = transport
 
+    def sink_to(self, sink):
+        """Client side: hand every chunk from now on to ``sink.data_received``, raw
+        (a hold's or a lookup's RawReader), until :meth:`unsink`."""
+        self._raw_sink = sink
+
+    def unsink(self, sink):
+        """Scan what arrives again, if ``sink`` is still the one chunks go to."""
+        if self._raw_sink is sink:
+            self._raw_sink = None
+
+    @property
+    def reader(self):
+        """Whoever reads the client's chunks now: the sink, or this pipe."""
+        return self._raw_sink if self._raw_sink is not None else self
+
     def data_received(self, bytes data):
         cdef list items
         if self._client_side:
+            if self._raw_sink is not None:
+                self._raw_sink.data_received(data)
+                return
             if self._bad_seen:
                 return          # past a malformed frame: Postgres reads no further
             whole = self.scan._hdr_fill == 0 and self.scan._remain == 0
@@ -718,7 +737,7 @@ cdef class Pipe:
 
     cdef _yield_turn(self):
         t = self.transport
-        if not t.is_reading() or t.get_protocol() is not self:
+        if not t.is_reading() or t.get_protocol() is not self or self._raw_sink is not None:
             return          # paused by someone else, or handed over: theirs to resume
         t.pause_reading()
         self._yielded = True

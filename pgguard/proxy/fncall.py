@@ -296,7 +296,7 @@ class FunctionCalls:
             s.up.transport.write(b"".join(out))
             out.clear()
         wait = self._wait = RawReader(s, WAIT_BUFFER)
-        s.client.transport.set_protocol(wait)
+        s.client_pipe.sink_to(wait)
         s.holds.side_task(self._resolve(msg, call, list(later), wait))
         return True
 
@@ -315,7 +315,7 @@ class FunctionCalls:
         if s.closed:
             return
         transport = s.client.transport
-        transport.set_protocol(s.client_pipe)
+        s.client_pipe.unsink(wait)
         self._wait = None
         out: list[bytes] = []
         self._judge(msg, call, info, out, failure)
@@ -329,7 +329,7 @@ class FunctionCalls:
                 s.up.transport.write(b"".join(out))
             s.client_items(later)
         if wait.data and not s.closed:
-            transport.get_protocol().data_received(b"".join(wait.data))
+            s.client_pipe.reader.data_received(b"".join(wait.data))
         if wait.paused and not s.closed:
             transport.resume_reading()
 

@@ -53,10 +53,11 @@ def sync_points(items) -> int:
     return n
 
 
-class RawReader(asyncio.Protocol):
-    """Reads the client's socket while the stream waits (a held statement, a
-    FunctionCall's lookup): keeps the bytes raw (unscanned, in order) in ``data``, and
-    stops reading past ``limit`` bytes (``paused``; whoever ends the wait resumes)."""
+class RawReader:
+    """What the client sends while the stream waits (a held statement, a FunctionCall's
+    lookup): the client pipe hands each chunk here (``Pipe.sink_to``) instead of scanning
+    it; the bytes stay raw (unscanned, in order) in ``data``, and the socket is not read
+    past ``limit`` bytes (``paused``; whoever ends the wait resumes it)."""
 
     def __init__(self, session, limit: int = HOLD_BYTES) -> None:
         self.s = session
@@ -73,21 +74,6 @@ class RawReader(asyncio.Protocol):
             if t is not None and not t.is_closing():
                 self.paused = True
                 t.pause_reading()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.s.client_gone()
-
-    # the client's socket cannot take more: stop reading the upstream (as the Pipe does)
-    def pause_writing(self) -> None:
-        self.s.up.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        up = self.s.up.transport
-        if not up.is_closing():
-            up.resume_reading()
 
 
 class Holds:
@@ -118,9 +104,7 @@ class Holds:
         self.held = held
         self.items = []
         reader = self.reader = RawReader(s)
-        t = s.client.transport
-        if t is not None:
-            t.set_protocol(reader)
+        s.client_pipe.sink_to(reader)
         self.more(list(later))
 
     def reads_held(self) -> bool:
@@ -137,15 +121,16 @@ class Holds:
         items, reader = self.items, self.reader
         self.held = self.items = self.reader = None
         t = s.client.transport
-        if t is not None and reader is not None and t.get_protocol() is reader:
-            t.set_protocol(s.client_pipe)
+        pipe = s.client_pipe
+        if reader is not None:
+            pipe.unsink(reader)
         if out:
             s.up.transport.write(b"".join(out))
         if items:
             s.client_items(items)
         if reader is not None:
             if reader.data and not s.closed:
-                t.get_protocol().data_received(b"".join(reader.data))
+                pipe.reader.data_received(b"".join(reader.data))
             if reader.paused and not s.closed and t is not None and not t.is_closing() \
                     and s.violation is None and not self.reads_held():
                 t.resume_reading()
