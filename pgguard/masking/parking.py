@@ -38,6 +38,12 @@ CAST ... WITH FUNCTION, CREATE OPERATOR, a base type's I/O functions, a domain C
 calling a non-built-in or a sink, transforms, conversions) is refused to a masked
 identity: ``ssn::int4`` or ``'c' ~~~ ssn`` would call it with no call in sight.
 
+DDL that changes which relations return a masked table's rows, or the names its masks
+are found by, is refused to a masked identity: ``ALTER TABLE customers INHERIT t`` or
+``ALTER TABLE t ATTACH PARTITION customers`` (a scan of ``t`` returns customers' rows),
+NO INHERIT / DETACH PARTITION, and renaming or moving a masked table, a masked column or
+a schema holding one (a mask is found by the configuration's names).
+
 Planner statistics keep sample values of every analysed column (``pg_stats``:
 ``most_common_vals``, ``histogram_bounds``, ``most_common_elems``; the extended and
 raw forms alike). A result row of pg_stats does not say on the wire which table it
@@ -383,7 +389,7 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 "FETCH from the cursor instead: its rows are masked on the way to you.")
     if (names or globs) and any(k in ("create", "alter") for st in d.statements
                                 for k in (st.kind, *st.kinds)):
-        refusal = _hooks(d, sql, user_fn)
+        refusal = _hooks(d, sql, user_fn) or _moves(d, sql, masked, globs)
         if refusal is not None:
             return refusal
     if not any(r in names or r.split(".", 1)[-1] in bare or r.split(".", 1)[-1] in
@@ -502,6 +508,115 @@ def _hooks(d, sql: str, user_fn):
                 "Casts, operators, types and domain checks that call functions may not "
                 "be created by an identity masked columns are hidden from; call the "
                 "function by name instead, or ask a database administrator.")
+    return None
+
+
+# ALTER TABLE sub-commands that make a table a child or partition of another one, or
+# take it out of one (the table is the statement's own, or the PartitionCmd's)
+_INHERITANCE = {"AT_AddInherit": "INHERIT", "AT_DropInherit": "NO INHERIT",
+                "AT_AttachPartition": "ATTACH PARTITION",
+                "AT_DetachPartition": "DETACH PARTITION",
+                "AT_DetachPartitionFinalize": "DETACH PARTITION ... FINALIZE"}
+# (ALTER INDEX ... RENAME renames any relation, a table too)
+_RELATION_KINDS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW",
+                             "OBJECT_FOREIGN_TABLE", "OBJECT_COLUMN", "OBJECT_ATTRIBUTE",
+                             "OBJECT_INDEX"})
+
+
+def _masked_rel(rv, masked: dict, globs=()) -> dict:
+    """{table with masked columns a RangeVar may name: its masked columns} (a bare name:
+    in any schema; a name a mask's table glob matches counts too, known or not yet)."""
+    if not isinstance(rv, dict) or not rv.get("relname"):
+        return {}
+    schema, rel = rv.get("schemaname"), rv["relname"]
+    out = {t: masked[t] for t in masked if t == f"{schema}.{rel}" or
+           schema is None and t.split(".", 1)[1] == rel}
+    for table_glob, col_glob in globs:
+        s, _, r = table_glob.partition(".")
+        if fnmatch.fnmatchcase(rel, r) and (schema is None or fnmatch.fnmatchcase(schema, s)):
+            name = f"{schema or s}.{rel}"
+            out[name] = _ColumnGlobs(tuple(out.get(name, ())) + (col_glob,))
+    return out
+
+
+def _move(node: dict, masked: dict, globs) -> tuple[str, list[str]] | None:
+    """(what the statement does, the tables with masked columns it does it to) for DDL
+    that changes which relations return a masked table's rows, or the names its masks
+    are found by; None for anything else."""
+    if "AlterTableStmt" in node:
+        v = node["AlterTableStmt"]
+        for c in v.get("cmds", []):
+            cmd = c.get("AlterTableCmd", {})
+            verb = _INHERITANCE.get(cmd.get("subtype"))
+            if verb is None:
+                continue
+            part = cmd.get("def", {}).get("PartitionCmd")
+            child = part.get("name") if part is not None else v.get("relation")
+            hit = _masked_rel(child, masked, globs)
+            if hit:
+                return f"ALTER TABLE ... {verb}", sorted(hit)
+        return None
+    if "RenameStmt" in node:
+        v = node["RenameStmt"]
+        kind = v.get("renameType")
+        if kind == "OBJECT_SCHEMA":
+            old = v.get("subname") or ""
+            hit = sorted({t for t in masked if t.split(".", 1)[0] == old} |
+                         {g for g, _ in globs if fnmatch.fnmatchcase(old, g.split(".")[0])})
+            return ("ALTER SCHEMA ... RENAME", hit) if hit else None
+        if kind not in _RELATION_KINDS:
+            return None
+        hit = _masked_rel(v.get("relation"), masked, globs)
+        if kind in ("OBJECT_COLUMN", "OBJECT_ATTRIBUTE"):
+            col = v.get("subname") or ""
+            cols = sorted(f"{t}.{col}" for t, c in hit.items() if col in c)
+            return ("RENAME COLUMN", cols) if cols else None
+        return ("RENAME", sorted(hit)) if hit else None
+    if "AlterObjectSchemaStmt" in node:
+        v = node["AlterObjectSchemaStmt"]
+        hit = _masked_rel(v.get("relation"), masked, globs) \
+            if v.get("objectType") in _RELATION_KINDS else {}
+        return ("SET SCHEMA", sorted(hit)) if hit else None
+    return None
+
+
+def _moves(d, sql: str, masked: dict, globs=()):
+    """The refusal of DDL in ``sql`` that would let a masked table's rows out under a
+    relation no mask covers, for a masked identity: making it (or a table that carries
+    its rows) a child or partition of another table, whose scans then return its rows,
+    or taking it out of one; renaming it, a masked column of it or its schema, or moving
+    it to another schema (masks are found by the names of the configuration)."""
+    if not masked and not globs:
+        return None
+    try:
+        stmts = orjson.loads(_pg.parse_sql_json(sql)).get("stmts", [])
+    except Exception:       # noqa: BLE001 - the policy parsed it; check() judges the rest
+        return None
+    for i, raw in enumerate(stmts):
+        stack = [raw.get("stmt")]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, list):
+                stack.extend(n)
+                continue
+            if not isinstance(n, dict):
+                continue
+            hit = _move(n, masked, globs)
+            if hit is None:
+                stack.extend(n.values())
+                continue
+            what, tables = hit
+            st = d.statements[i] if i < len(d.statements) else None
+            return _refusal(
+                d, st, f"{what} of {tables[0]} would change which relations return "
+                "masked values, or the names their masks are found by",
+                f"statement kind: {st.kind if st else 'alter'}; {what} on "
+                f"{', '.join(tables)} (a table with masked columns, or one that carries "
+                "their rows)",
+                "A masked identity may not attach a table with masked columns to another "
+                "table (INHERIT, ATTACH PARTITION), detach it, or rename or move it or "
+                "its masked columns; ask a database administrator (and update the masks "
+                "in the configuration).")
     return None
 
 

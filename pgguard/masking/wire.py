@@ -95,7 +95,8 @@ async def load_catalog(side: SideLink, masks: list[Mask], database: str) -> Cata
             if fnmatch.fnmatchcase(full, mk.column):
                 columns[(oid, attnum)] = mk
                 break
-    await _descendants(side, database, columns, tables)
+    await _relatives(side, database, columns, tables)             # children, partitions
+    await _relatives(side, database, columns, tables, up=True)    # parents, and theirs
     # views (and views of views) over masked columns: RowDescription names the view's
     # own column, so every text-like column of such a view is masked as a whole
     frontier = set(columns)
@@ -143,31 +144,50 @@ async def load_catalog(side: SideLink, masks: list[Mask], database: str) -> Cata
     return cat
 
 
-async def _descendants(side: SideLink, database: str, columns: dict, tables: dict) -> None:
+async def _relatives(side: SideLink, database: str, columns: dict, tables: dict,
+                     up: bool = False) -> None:
     """Partitions and inheritance children of tables with masked columns carry the same
-    values: their columns of the same names get the same masks (a plan scans them by
-    their own names, and a client can name them)."""
-    parents = sorted({o for o, _ in columns})
-    if not parents:
+    values (down), and so do their parents and partitioned tables, whose scans return the
+    children's rows (up, recursively: grandparents too): their columns of the same names
+    get the same masks (a plan scans them by their own names, and a client can name
+    them). A parent whose other children hold nothing masked is masked as a whole."""
+    known = sorted({o for o, _ in columns})
+    if not known:
         return
+    # (the relative, the table with masked columns it carries the values of)
+    near, far = ("inhparent", "inhrelid") if up else ("inhrelid", "inhparent")
     rows = (await side.run(database, [(
-        "WITH RECURSIVE d(child, top) AS ("
-        f"SELECT i.inhrelid, i.inhparent FROM pg_inherits i WHERE i.inhparent IN "
-        f"({', '.join(str(o) for o in parents)}) UNION "
-        "SELECT i.inhrelid, d.top FROM pg_inherits i JOIN d ON i.inhparent = d.child) "
-        "SELECT d.child, d.top, n.nspname || '.' || c.relname, a.attnum, a.attname "
-        "FROM d JOIN pg_class c ON c.oid = d.child JOIN pg_namespace n "
-        "ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = d.child "
-        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY d.child, a.attnum")]))[0]
-    for child, top, name, attnum, attname in rows:
-        child, top, attnum = int(child), int(top), int(attnum)
-        if child in tables and (attnum, attname) in tables[child][1]:
-            continue
-        tables.setdefault(child, (name, []))[1].append((attnum, attname))
-        by_name = {n: a for a, n in tables.get(top, ("", []))[1]}
-        mk = columns.get((top, by_name.get(attname, -1)))
+        "WITH RECURSIVE d(rel, src) AS ("
+        f"SELECT i.{near}, i.{far} FROM pg_inherits i WHERE i.{far} IN "
+        f"({', '.join(str(o) for o in known)}) UNION "
+        f"SELECT i.{near}, d.src FROM pg_inherits i JOIN d ON i.{far} = d.rel) "
+        "SELECT d.rel, d.src, n.nspname || '.' || c.relname, a.attnum, a.attname "
+        "FROM d JOIN pg_class c ON c.oid = d.rel JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = d.rel "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY d.rel, d.src, a.attnum")]))[0]
+    names = {o: {n: a for a, n in attrs} for o, (_, attrs) in tables.items()}
+    for rel, src, name, attnum, attname in rows:
+        rel, src, attnum = int(rel), int(src), int(attnum)
+        attrs = tables.setdefault(rel, (name, []))[1]
+        if (attnum, attname) not in attrs:
+            attrs.append((attnum, attname))
+        mk = columns.get((src, names.get(src, {}).get(attname, -1)))
         if mk is not None:
-            columns[(child, attnum)] = mk
+            have = columns.get((rel, attnum))
+            columns[(rel, attnum)] = mk if have is None else _both(have, mk)
+
+
+def _both(a: Mask, b: Mask) -> Mask:
+    """The mask of a column that carries the values of columns masked by ``a`` and ``b``
+    (a parent of two masked tables): the same strategy when they agree, else redact;
+    exempt only who is exempt from both."""
+    if a == b:
+        return a
+    same = (a.strategy, a.keep, a.replacement) == (b.strategy, b.keep, b.replacement)
+    return Mask(column=a.column, strategy=a.strategy if same else "redact",
+                keep=a.keep, replacement=a.replacement if same else "****",
+                except_groups=_common([a.except_groups, b.except_groups]),
+                except_identities=_common([a.except_identities, b.except_identities]))
 
 
 async def _masked_types(side: SideLink, database: str, oids: set[int]):
@@ -920,18 +940,32 @@ class MaskState(LaneState):
         self._resolving = asyncio.get_running_loop().create_task(
             self._resolve(held[0][1]))
 
-    async def _resolve(self, rowdesc: bytes) -> None:
+    def catalog_behind(self) -> bool:
+        """DDL went through since this session's catalog was read (in any worker): what
+        a statement reads may be masked now (a table made a masked table's parent)."""
+        gen = getattr(self.catalog, "generation", None)
+        return self.masks_apply() and gen is not None and \
+            gen != self.s.services.catalog_signal.generation()
+
+    async def catch_up(self) -> None:
+        """Read the catalog again (shared with the other sessions) and use it."""
+        cat = await self._read_catalog(())
+        if cat is not None and not self.s.closed:
+            self._adopt(cat)
+
+    async def _read_catalog(self, need):
+        # None when it cannot be read: the session is closed (fail closed: nothing is
+        # judged on, or leaves under, the old one)
         s = self.s
-        need = [t for t, _, _, _ in parse_row_description(rowdesc) if t]
         try:
-            cat = await s.services.mask_catalog(s.database, need)
-        except Exception as e:      # noqa: BLE001 - fail closed: these rows never leave
+            return await s.services.mask_catalog(s.database, need)
+        except Exception as e:      # noqa: BLE001
             log.warning("session %s: mask catalog not read (%s); closing", s.id, e)
             s.fail(UpstreamUnavailable("pgguard could not read the upstream catalog to "
                                        "apply masks", detail=str(e)[:300]))
-            return
-        if s.closed:
-            return
+            return None
+
+    def _adopt(self, cat) -> None:
         if cat is not self.catalog:
             self.catalog = cat
             self.masks_on = self._apply and bool(cat.columns)
@@ -939,6 +973,14 @@ class MaskState(LaneState):
             self._fresh = None
             self.lane_forget()
             self._catalog_replaced()
+
+    async def _resolve(self, rowdesc: bytes) -> None:
+        s = self.s
+        need = [t for t, _, _, _ in parse_row_description(rowdesc) if t]
+        cat = await self._read_catalog(need)       # None: these rows never leave
+        if cat is None or s.closed:
+            return
+        self._adopt(cat)
         if cat.generation == s.services.catalog_signal.generation():
             # read after every DDL so far and still unknown: created in a transaction
             # not committed yet, or dropped again; no mask applies to it

@@ -771,7 +771,8 @@ def _setting(acc: _Acc, name: str, value: str | None, how: str, *,
     escape concern whatever the allow-list says."""
     if session:
         acc.settings.append((name, value))
-    elif name == "search_path" and not resetting and not _plain_search_path(value):
+    elif name == "search_path" and acc.scoped_set and not resetting and \
+            not _plain_search_path(value):
         # a function's own search_path resolves the names of its body, which pgguard
         # reads as public.<name> (the path it pins for the session): another path can
         # make "orders" mean a view or table pgguard never judged
@@ -1609,6 +1610,11 @@ def _rename(acc: _Acc, b: dict) -> None:
     kind = b.get("renameType") or ""
     if kind == "OBJECT_ROLE":
         acc.flag("privilege", "ALTER ROLE ... RENAME changes a role")
+    elif kind == "OBJECT_INDEX":
+        # Postgres renames any relation through ALTER INDEX ... RENAME (a table too, for
+        # compatibility): pgguard cannot tell which it names
+        _moved(acc, b, "OBJECT_TABLE", "ALTER INDEX ... RENAME (which renames a table "
+               "of that name too) of")
     else:
         _moved(acc, b, kind, "RENAME of")
     _utility_walk(acc, b)

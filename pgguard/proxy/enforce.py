@@ -94,6 +94,7 @@ class Enforcement:
         self.function_ddl = False
         self.pending_bodies: tuple = ()
         self._views_wait = None         # the message decide() waited for the view map for
+        self._masks_wait = None         # ... for the mask catalog for
         self._fb: Bodies | None = None
 
     def relay_starts(self) -> None:
@@ -302,6 +303,13 @@ class Enforcement:
             self._views_wait = msg
             self.pending_bodies = ()
             return BODIES_PENDING
+        if d.action != "block" and s.masking is not None and self._masks_wait is not msg \
+                and s.masking.catalog_behind():
+            # what may park masked values is judged on the catalog of now (DDL went by:
+            # a table may have become a masked table's parent)
+            self._masks_wait = msg
+            self.pending_bodies = ()
+            return BODIES_PENDING
         if s.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
         if s.pinned_role and _changes_role(d):     # whatever the policy said
@@ -386,6 +394,8 @@ class Enforcement:
                 await s.services.load_function_bodies(s.database, names)
             if self._views_wait is msg:
                 await s.services.ready_views(s.database)
+            if self._masks_wait is msg:
+                await s.masking.catch_up()
         except asyncio.CancelledError:
             raise
         except Exception as e:      # noqa: BLE001 - the judgement refuses it (fail closed)
