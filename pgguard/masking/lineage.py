@@ -11,18 +11,27 @@
 a value of a masked column (``masked``), and whether the statement reads a masked
 relation at all (``reads``). ``masked`` is None when the statement could not be
 analysed (unknown objects such as temporary tables, syntax EXPLAIN does not take, the
-side connection failing): callers mask every column they cannot prove clean.
+side connection failing, a plan node this module does not know: Custom Scan, a Foreign
+Scan of a join, ...): callers mask every column they cannot prove clean.
 
 A column is clean when it is a plain column of a base table (RowDescription names the
 table and attribute, and the table is an ordinary, partitioned or foreign table) that
 is not masked, or when its output expression references nothing tainted. Tainted are
 masked columns of scanned relations, whole-row references of relations with masked
 columns, every column of a subquery, CTE, function scan or VALUES whose plan touches a
-tainted expression, the results of tainted sub-plans, and calls of functions outside
-pg_catalog (their bodies are not seen; the plan is printed with an empty search_path so
-such calls are schema-qualified). ``count(...)`` as a whole output expression is clean:
-it cannot carry a value (it can still count rows matching a condition: an oracle the
-README documents).
+tainted expression, the results of tainted sub-plans, and calls of functions and
+operators outside pg_catalog (their bodies are not seen: by name, and every
+schema-qualified call). EXPLAIN does not print the expressions of a multi-row VALUES
+list (its Values Scan shows only "*VALUES*".column1): every column of one is tainted
+when the statement reads a masked relation (LATERAL VALUES may reference it) or its
+text names a function or operator outside pg_catalog. ``count(...)`` as a whole output
+expression is clean: it cannot carry a value (it can still count rows matching a
+condition: an oracle the README documents).
+
+Expression text (and statement text) is read by one scanner, as Postgres' lexer reads
+it: quoted names ("" escapes) and literals ('' escapes, E'', dollar quotes) are read
+whole, so nothing inside a name is taken for a literal or the reverse; an expression it
+cannot read unambiguously is tainted.
 
 Example::
 
@@ -96,18 +105,144 @@ def needs_lineage(d, sql: bytes) -> bool:
         b"; \t\r\n\0")
 
 
+# -- reading SQL and the expressions EXPLAIN prints ----------------------------------------
+# One scanner for every reader of SQL text or of plan expressions: a name is only ever
+# read whole (quotes undone), a literal only ever skipped whole, so that nothing inside
+# an identifier is taken for a literal and nothing inside a literal for a name.
+
+class _Tok(NamedTuple):
+    kind: str       # "name" (a word or a quoted identifier), "str", "param", "num", "op",
+    #                 "punct"
+    text: str       # as written
+    name: str       # what a name denotes: quotes undone, a word folded to lower case
+
+
+_NAME_CH = r"A-Za-z_\x80-\U0010ffff"
+_SCAN = re.compile(rf"""
+    (?P<space>[ \t\n\r\f\v]+|--[^\n\r]*)
+  | (?P<comment>/\*)
+  | (?P<uesc>[uU]&['"])
+  | (?P<ident>"(?:[^"]|"")+")
+  | (?P<estr>[eE]'(?:[^'\\]|''|\\.)*')
+  | (?P<str>'(?:[^']|'')*')
+  | (?P<param>\$[0-9]+)
+  | (?P<dollar>\$(?:[{_NAME_CH}][{_NAME_CH}0-9]*)?\$)
+  | (?P<word>[{_NAME_CH}][{_NAME_CH}0-9$]*)
+  | (?P<num>0[xXoObB][0-9A-Fa-f_]+
+      |(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][+-]?[0-9]+)?)
+  | (?P<op>(?:(?!--|/\*)[-+*/<>=~!@\#%^&|`?])+)
+  | (?P<punct>::|[()\[\],;.:])
+""", re.VERBOSE | re.DOTALL)
+_COMMENT_EDGE = re.compile(r"/\*|\*/")
+_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_OPERATOR_NAME = re.compile(r"[-+*/<>=~!@#%^&|`?]+")
+_NAMEDATALEN = 64
+
+
+def _name(name: str) -> str:
+    b = name.encode("utf-8", "surrogatepass")           # identifiers are truncated
+    return name if len(b) < _NAMEDATALEN else b[:_NAMEDATALEN - 1].decode("utf-8", "ignore")
+
+
+def _scan(text: str, sql: bool = False) -> list[_Tok] | None:
+    """The tokens of ``text`` (SQL when ``sql``, else an expression EXPLAIN printed), as
+    Postgres' lexer reads them, without spaces and comments. None when they cannot be
+    read unambiguously: an unterminated quote, literal or comment, a character outside
+    every token, U& strings and names (escapes), and in SQL a backslash in a plain
+    literal (its end depends on standard_conforming_strings; EXPLAIN doubles what it
+    must, so its literals end in the same place either way)."""
+    out: list[_Tok] = []
+    i, n = 0, len(text)
+    while i < n:
+        mo = _SCAN.match(text, i)
+        if mo is None or mo.lastgroup == "uesc":
+            return None
+        kind, tok, i = mo.lastgroup, mo.group(), mo.end()
+        if kind == "space":
+            continue
+        if kind == "comment":                       # /* ... */, nested
+            depth = 1
+            while depth:
+                edge = _COMMENT_EDGE.search(text, i)
+                if edge is None:
+                    return None
+                depth += 1 if edge.group() == "/*" else -1
+                i = edge.end()
+            continue
+        if kind == "dollar":                        # $tag$ ... $tag$
+            end = text.find(tok, i)
+            if end < 0:
+                return None
+            kind, tok, i = "str", text[mo.start():end + len(tok)], end + len(tok)
+        elif kind == "estr":
+            kind = "str"
+        elif kind == "str" and sql and "\\" in tok:
+            return None
+        if kind == "ident":
+            out.append(_Tok("name", tok, _name(tok[1:-1].replace('""', '"'))))
+        elif kind == "word":
+            out.append(_Tok("name", tok, _name(tok.translate(_LOWER))))
+        else:
+            out.append(_Tok(kind, tok, tok))
+    return out
+
+
+def _closing(toks: list[_Tok], start: int) -> int:
+    """Index of the parenthesis closing the one at ``start`` (-1: none)."""
+    depth = 0
+    for j in range(start, len(toks)):
+        if toks[j].text == "(":
+            depth += 1
+        elif toks[j].text == ")":
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
+
+
+def _refs(toks: list[_Tok]) -> set[str]:
+    """The parameters ($n) and sub-plans (SubPlan n, InitPlan n) the tokens name."""
+    out = set()
+    for i, t in enumerate(toks):
+        if t.kind == "param":
+            out.add(t.text)
+        elif t.text in ("SubPlan", "InitPlan") and i + 1 < len(toks) \
+                and toks[i + 1].kind == "num":
+            out.add(f"{t.text} {toks[i + 1].text}")
+    return out
+
+
+def _may_call(sql: str | None, opaque: frozenset) -> bool:
+    """Whether statement text may call a function or operator outside pg_catalog
+    (unreadable, or not given: it may)."""
+    if not opaque:
+        return False
+    toks = None if sql is None else _scan(sql, sql=True)
+    if toks is None:
+        return True
+    ops = [o for o in opaque if _OPERATOR_NAME.fullmatch(o)]
+    return any(t.kind == "name" and t.name in opaque
+               or t.kind == "op" and any(o in t.text for o in ops) for t in toks)
+
+
 # -- reading a plan ----------------------------------------------------------------------
 
-_LITERAL = re.compile(r"'(?:[^']|'')*'")
-_IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_\u0080-\uffff][\w$\u0080-\uffff]*)'
-_QUALIFIED = re.compile(rf"({_IDENT})\.({_IDENT}|\*)(\s*\()?")
-_PARAM = re.compile(r"\$\d+")
-_SUBPLAN = re.compile(r"\b(?:SubPlan|InitPlan) \d+")
-_COUNT = re.compile(r"count\(")
-_WORD = re.compile(_IDENT)
-_CHILD_ALIAS = re.compile(r"^(.+)_\d+$", re.DOTALL)
-_CALL = re.compile(rf"({_IDENT})\s*\(")
-_OPERATOR = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
+# plan nodes that scan a relation (named in "Relation Name": without it, not understood)
+_RELATION_SCANS = frozenset({
+    "Seq Scan", "Sample Scan", "Index Scan", "Index Only Scan", "Bitmap Heap Scan",
+    "Tid Scan", "Tid Range Scan", "Foreign Scan", "ModifyTable"})
+# plan nodes EXPLAIN prints every expression of that feeds their output columns
+_SHOWN = _RELATION_SCANS | frozenset({
+    "Result", "ProjectSet", "Append", "Merge Append", "Recursive Union", "BitmapAnd",
+    "BitmapOr", "Bitmap Index Scan", "Nested Loop", "Merge Join", "Hash Join", "Gather",
+    "Gather Merge", "Subquery Scan", "Function Scan", "Table Function Scan", "CTE Scan",
+    "WorkTable Scan", "Materialize", "Memoize", "Sort", "Incremental Sort", "Group",
+    "Aggregate", "WindowAgg", "Unique", "SetOp", "LockRows", "Limit", "Hash"})
+# plan nodes whose expressions EXPLAIN does not print (a VALUES list's): its columns may
+# carry whatever the statement reads, or what a function it calls returns
+_HIDDEN = frozenset({"Values Scan"})
+# node fields whose expressions feed the node's output columns
+_EXPR_FIELDS = ("Output", "Function Call", "Table Function Call")
 # names of functions and operators outside pg_catalog (user-defined, extensions): calls
 # of them are not seen into, so an output that calls one is masked
 _OPAQUE_SQL = ("SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace NOT IN "
@@ -115,14 +250,7 @@ _OPAQUE_SQL = ("SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace 
                "'information_schema'::pg_catalog.regnamespace) UNION "
                "SELECT o.oprname FROM pg_catalog.pg_operator o WHERE o.oprnamespace <> "
                "'pg_catalog'::pg_catalog.regnamespace")
-# node fields whose expressions feed the node's output columns
-_EXPR_FIELDS = ("Output", "Function Call", "Table Function Call")
-
-
-def _unquote(name: str) -> str:
-    if name.startswith('"'):
-        return name[1:-1].replace('""', '"')
-    return name
+_CHILD_ALIAS = re.compile(r"^(.+)_\d+$", re.DOTALL)
 
 
 def _nodes(plan: dict, out: list) -> list:
@@ -146,7 +274,8 @@ def _exprs(node: dict) -> list[str]:
 class _Taint:
     """What in one plan carries masked values (see the module docstring)."""
 
-    def __init__(self, root: dict, masked_rel: dict, opaque: frozenset = frozenset()) -> None:
+    def __init__(self, root: dict, masked_rel: dict, opaque: frozenset = frozenset(),
+                 sql: str | None = None) -> None:
         self.opaque = opaque                          # names of functions/operators not
         #                                               in pg_catalog: not seen into
         self.pairs: set[tuple[str, str]] = set()     # (alias, column) of masked columns
@@ -155,9 +284,15 @@ class _Taint:
         self.tokens: set[str] = set()                 # $n, SubPlan n, InitPlan n
         self.reads = False
         self.written = False                          # a write fed from masked values
+        self.unknown = False                          # a node not understood: unresolved
         self.root = root
         self.nodes = _nodes(root, [])
+        self._toks: dict[str, list[_Tok] | None] = {}
         for n in self.nodes:
+            kind = n.get("Node Type")
+            if kind not in _SHOWN and kind not in _HIDDEN or (
+                    kind in _RELATION_SCANS and "Relation Name" not in n):
+                self.unknown = True
             rel = n.get("Relation Name")
             if rel is None:
                 continue
@@ -176,53 +311,68 @@ class _Taint:
                     self.pairs.update((a, c) for c in cols)
         # a plan over one relation prints its columns without the alias
         self.bare = {c for _, c in self.pairs}
+        hidden = [n for n in self.nodes if n.get("Node Type") in _HIDDEN]
+        if hidden and (self.reads or _may_call(sql, opaque)):
+            # what a VALUES list computes is not printed: it may reference any relation
+            # the statement reads (LATERAL) or call what is not seen into
+            self.aliases.update(n.get("Alias", "") for n in hidden)
         for _ in range(len(self.nodes) + 2):          # to a fixed point
             if not self._spread():
                 break
+        # a plan with one range table entry prints its columns without the alias too
+        aliases = {n["Alias"] for n in self.nodes if "Alias" in n}
+        self.lone = len(aliases) == 1 and not aliases.isdisjoint(self.aliases)
+
+    def _scanned(self, text: str) -> list[_Tok] | None:
+        """The tokens of an expression EXPLAIN printed; None when unreadable (or its
+        parentheses do not balance)."""
+        if text not in self._toks:
+            toks = _scan(text)
+            depth = 0
+            for t in toks or ():
+                depth += (t.text == "(") - (t.text == ")")
+                if depth < 0:
+                    break
+            self._toks[text] = toks if depth == 0 else None
+        return self._toks[text]
 
     def expr(self, text: str) -> bool:
-        """Whether an output expression may carry a masked value."""
-        text = _LITERAL.sub("''", text)
-        for mo in _QUALIFIED.finditer(text):
-            a, c = _unquote(mo.group(1)), mo.group(2)
-            if mo.group(3):                           # schema.function(: not seen into
-                return True
-            if a in self.aliases:
-                return True
-            if c == "*":
-                if a in self.rows:
+        """Whether an expression may carry a masked value (unreadable: it may)."""
+        toks = self._scanned(text)
+        return toks is None or self._tainted(toks)
+
+    def _tainted(self, toks: list[_Tok]) -> bool:
+        if self.tokens and not self.tokens.isdisjoint(_refs(toks)):
+            return True
+        n = len(toks)
+        for i, t in enumerate(toks):
+            prev = toks[i - 1].text if i else ""
+            if t.kind == "op":
+                if t.text in self.opaque:
                     return True
-            elif (a, _unquote(c)) in self.pairs:
-                return True
-        if self.bare and self._bare(text):
-            return True
-        if self.opaque and self._calls_opaque(text):
-            return True
-        return bool(self.tokens) and (any(p in self.tokens for p in _PARAM.findall(text))
-                                      or any(s in self.tokens for s in _SUBPLAN.findall(text)))
-
-    def _bare(self, text: str) -> bool:
-        n = len(text)
-        for mo in _WORD.finditer(text):
-            name = _unquote(mo.group(0))
-            if name not in self.bare:
                 continue
-            i, j = mo.start(), mo.end()
-            if i and text[i - 1] == "." or text[max(0, i - 2):i] == "::":
-                continue                              # qualified, or a type name
-            while j < n and text[j] == " ":
-                j += 1
-            if j < n and text[j] in "(.":
-                continue                              # a function or a qualifier
-            return True
-        return False
-
-    def _calls_opaque(self, text: str) -> bool:
-        for mo in _CALL.finditer(text):
-            if _unquote(mo.group(1)) in self.opaque:
+            if t.kind != "name" or prev == ".":       # (a field of a value: read whole)
+                continue
+            chain, j = [t], i + 1                      # a.b, a.*, schema.f(, ...
+            while j < n and toks[j].text == ".":
+                if j + 1 == n or toks[j + 1].kind not in ("name", "op"):
+                    return True                        # not a name after a dot: unreadable
+                chain.append(toks[j + 1])
+                j += 2
+            call = j < n and toks[j].text == "("
+            if len(chain) == 1:
+                if call and t.name in self.opaque:
+                    return True
+                if not call and prev != "::" and t.name in self.bare:
+                    return True                        # a column printed without its alias
+                continue
+            a, c = chain[0].name, chain[-1]
+            if call or len(chain) > 2 or c.kind == "op" and c.text != "*":
+                return True            # schema.function(, OPERATOR(schema.op): not seen into
+            if a in self.aliases or (c.text == "*" and a in self.rows) \
+                    or (c.kind == "name" and (a, c.name) in self.pairs):
                 return True
-        ops = _OPERATOR.findall(text)
-        return any(op in self.opaque for op in ops)
+        return False
 
     def _subtree(self, node: dict) -> bool:
         return any(self.expr(e) for e in _exprs(node)) or any(
@@ -246,21 +396,28 @@ class _Taint:
             sub = n.get("Subplan Name")
             if sub is None or not self._subtree(n):
                 continue
-            new = set(_PARAM.findall(sub)) | set(_SUBPLAN.findall(sub))
-            if new - self.tokens:
-                self.tokens |= new                  # $n, SubPlan n, InitPlan n
-                changed = True
             if sub.startswith("CTE "):
-                cte = _unquote(sub[4:].strip())
+                cte = sub[4:]                       # the CTE's name as it is (not quoted)
                 for x in self.nodes:
                     a = x.get("Alias", cte)
                     if x.get("CTE Name") == cte and a not in self.aliases:
                         self.aliases.add(a)
                         changed = True
+                continue
+            toks = _scan(sub)
+            if toks is None:
+                self.unknown = True
+                continue
+            new = _refs(toks)                       # $n, SubPlan n, InitPlan n
+            if new - self.tokens:
+                self.tokens |= new
+                changed = True
         return changed
 
     def outputs(self, node: dict, n: int) -> list[bool] | None:
         """Taint of the first n output columns of node (None: cannot tell)."""
+        if self.lone:
+            return [True] * n
         out = node.get("Output")
         if isinstance(out, list):
             if len(out) < n:
@@ -279,50 +436,29 @@ class _Taint:
         return acc
 
     def _output(self, text: str) -> bool:
-        t = text.strip()
-        while t.startswith("(") and _closing(t, 0) == len(t) - 1:
-            t = t[1:-1].strip()
-        if _COUNT.match(t) and _closing(t, 5) == len(t) - 1:
+        toks = self._scanned(text)
+        if toks is None:
+            return True
+        while len(toks) > 1 and toks[0].text == "(" and _closing(toks, 0) == len(toks) - 1:
+            toks = toks[1:-1]
+        if len(toks) > 2 and toks[0].text == "count" and toks[1].text == "(" \
+                and _closing(toks, 1) == len(toks) - 1:
             return False          # a count cannot carry the value
-        return self.expr(t)
-
-
-def _closing(text: str, start: int) -> int:
-    """Index of the parenthesis closing the one at ``start`` (literals skipped)."""
-    depth, i, n = 0, start, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "'":
-            j = text.find("'", i + 1)
-            while j != -1 and j + 1 < n and text[j + 1] == "'":
-                j = text.find("'", j + 2)
-            if j == -1:
-                return -1
-            i = j
-        elif ch == '"':
-            j = text.find('"', i + 1)
-            if j == -1:
-                return -1
-            i = j
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return -1
+        return self._tainted(toks)
 
 
 def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
                     base_tables: set[int], masked_rel: dict,
                     masked_cols: set[tuple[int, int]],
-                    opaque: frozenset = frozenset()) -> Lineage:
+                    opaque: frozenset = frozenset(), sql: str | None = None) -> Lineage:
     """The lineage of a statement from its EXPLAIN (VERBOSE, FORMAT JSON) output, its
     RowDescription fields (table OID, attnum, type, format) and which of those table OIDs
-    are base tables."""
+    are base tables; ``sql``: its text (without it, a VALUES list is taken to call
+    whatever is in ``opaque``)."""
     root = plan_json[0]["Plan"]
-    taint = _Taint(root, masked_rel, opaque)
+    taint = _Taint(root, masked_rel, opaque, sql)
+    if taint.unknown:
+        return UNRESOLVED
     n = len(fields)
     outs = taint.outputs(root, n) if n else []
     masked = []
@@ -416,10 +552,10 @@ def _drop(link: _Link) -> None:
 
 
 def _param_count(sql: bytes) -> int:
-    """The highest $n of the text outside string literals (too high only makes the
-    EXPLAIN fail: unresolved, masked)."""
-    text = _LITERAL.sub("''", sql.decode("utf-8", "replace"))
-    return max((int(n[1:]) for n in _PARAM.findall(text)), default=0)
+    """The highest $n of the text outside literals, names and comments (wrong, or the
+    text unreadable, only makes the EXPLAIN fail: unresolved, masked)."""
+    toks = _scan(sql.decode("utf-8", "replace"), sql=True) or ()
+    return max((int(t.text[1:]) for t in toks if t.kind == "param"), default=0)
 
 
 async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_cols,
@@ -475,7 +611,8 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
     views = {int(r) for r in sets[1]}
     base = {t for t, _, _, _ in fields if t} - views
     opaque = frozenset(r.decode("utf-8", "replace") for r in sets[2])
-    return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque)
+    return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque,
+                           sql.decode("utf-8", "replace"))
 
 
 def normalized(sql: bytes) -> bytes | None:
