@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, run_psql
-from guarded import guarded_proxy
+from guarded import fails_everywhere, guarded_proxy
 from rawpg import SYNC, RawClient, bind, errors, execute, function_call, parse, query, rows
 
 DB = "appdb"
@@ -126,36 +126,7 @@ def calls_refused(proxy, sql: str):
 
 
 def refused_everywhere(proxy, psql_bin, sql: str, code: str = "42501") -> None:
-    """psycopg simple and prepared, asyncpg (extended), a raw pipeline and psql: each
-    refused with ``code``, the session usable after."""
-    with conn(proxy) as c:
-        for prepare in (False, True):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                if prepare:
-                    c.execute(sql, prepare=True)
-                else:
-                    psycopg.ClientCursor(c).execute(sql)
-        assert c.execute("SELECT 1").fetchone() == (1,)
-
-    async def main():
-        a = await asyncpg.connect(proxy.dsn(dbname=DB))
-        try:
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await a.fetch(sql)
-            assert await a.fetchval("SELECT 2") == 2
-        finally:
-            await a.close()
-    asyncio.run(main())
-    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
-    try:
-        c.send(parse(sql) + bind() + execute() + SYNC + query("SELECT 'tail'"))
-        got = c.until_ready(2)
-        assert [e["C"] for e in errors(got)] == [code], got
-        assert [b"tail"] in rows(got)
-    finally:
-        c.close()
-    r = run_psql(psql_bin, proxy.dsn(dbname=DB), "-c", sql)
-    assert r.returncode != 0 and "42501" not in r.stdout and "pgguard" in r.stderr, r
+    fails_everywhere(proxy, psql_bin, sql, DB, code)
 
 
 _serial = iter(range(1, 1000))
@@ -588,9 +559,8 @@ def test_a_view_created_inside_a_function_body_is_seen_before_the_next_call(pg, 
                   "SELECT * FROM fb_orders; SELECT 1$$")
         c.execute(f"CREATE FUNCTION {dl}() RETURNS int LANGUAGE plpgsql AS $$BEGIN DELETE "
                   f"FROM {w} WHERE id > 0; RETURN 1; END$$")
-    with conn(guarded) as c2:
-        with pytest.raises(psycopg.errors.UndefinedTable):
-            c2.execute(f"SELECT {dl}()")        # allowed (no such view yet), and cached
+    with conn(guarded) as c2, pytest.raises(psycopg.errors.UndefinedTable):
+        c2.execute(f"SELECT {dl}()")        # allowed (no such view yet), and cached
     with conn(guarded) as c3:
         assert c3.execute(f"SELECT {mk}()").fetchone() == (1,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:

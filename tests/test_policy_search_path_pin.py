@@ -14,8 +14,7 @@ import psycopg
 import pytest
 
 from conftest import AGENT, AGENT_PASSWORD, run_psql
-from guarded import guarded_proxy
-from rawpg import SYNC, RawClient, bind, errors, execute, parse, query, rows
+from guarded import fails_everywhere, guarded_proxy
 
 DB = "appdb"
 RULE = "agent-writes-to-sp-orders-need-approval"
@@ -61,36 +60,7 @@ def upstream_user(proxy) -> str:
 
 
 def every_client_fails(proxy, psql_bin, sql: str) -> None:
-    """psycopg simple and prepared, asyncpg, a raw pipeline and psql: each fails (a
-    refusal or Postgres' own error), and the session goes on."""
-    with conn(proxy) as c:
-        for prepare in (False, True):
-            with pytest.raises(psycopg.Error):
-                if prepare:
-                    c.execute(sql, prepare=True)
-                else:
-                    psycopg.ClientCursor(c).execute(sql)
-        assert c.execute("SELECT 1").fetchone() == (1,)
-
-    async def main():
-        a = await asyncpg.connect(proxy.dsn(dbname=DB))
-        try:
-            with pytest.raises(asyncpg.PostgresError):
-                await a.fetch(sql)
-            assert await a.fetchval("SELECT 2") == 2
-        finally:
-            await a.close()
-    asyncio.run(main())
-    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
-    try:
-        c.send(parse(sql) + bind() + execute() + SYNC + query("SELECT 'tail'"))
-        got = c.until_ready(2)
-        assert len(errors(got)) == 1, got
-        assert [b"tail"] in rows(got)
-    finally:
-        c.close()
-    r = run_psql(psql_bin, proxy.dsn(dbname=DB), "-c", sql)
-    assert r.returncode != 0, r
+    fails_everywhere(proxy, psql_bin, sql, DB, None)
 
 
 def test_guarded_sessions_run_with_search_path_public(pg, guarded, psql_bin):
