@@ -565,7 +565,10 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
     if link.proto is None or link.proto.transport.is_closing():
         link.proto = await side.connect(database, "pgguard:lineage")
     proto = link.proto
-    setup = "BEGIN READ ONLY; SET LOCAL statement_timeout = '5s'"
+    # names resolve as in the masked session, which pgguard starts with search_path =
+    # public (not the upstream's "$user", public: a schema named like the upstream role
+    # would make the plan read another table than the session does)
+    setup = "BEGIN READ ONLY; SET LOCAL statement_timeout = '5s'; SET LOCAL search_path = public"
     if role and role not in link.no_role:
         setup += f"; SET LOCAL ROLE {ident(role)}"
     nparams = max(_param_count(sql), len(param_oids))

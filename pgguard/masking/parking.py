@@ -97,6 +97,16 @@ STATS_VALUES = {
     "pg_statistic": frozenset({f"stavalues{i}" for i in range(1, 6)}),
     "pg_statistic_ext_data": frozenset({"stxdmcv", "stxdexpr"}),
 }
+# columns that carry other sessions' statement texts, literals and all (a DBA's
+# WHERE ssn = '...'): pg_stat_statements lives in its extension's schema, any schema
+ACTIVITY_VALUES = {
+    "pg_stat_activity": frozenset({"query"}),
+    "pg_stat_statements": frozenset({"query"}),
+}
+_ANY_SCHEMA = frozenset({"pg_stat_statements"})
+# functions that return other sessions' statement texts
+ACTIVITY_FUNCS = frozenset({"pg_stat_get_activity", "pg_stat_get_backend_activity",
+                            "pg_stat_statements"})
 
 
 def masked_names(catalog, identity_name: str, identity) -> dict[str, frozenset[str]]:
@@ -280,11 +290,12 @@ def masked_reads(reads: _Reads, masked: dict[str, frozenset[str]]) -> list[str]:
     return sorted(hits)
 
 
-def stats_reads(reads: _Reads) -> list[str]:
-    """Value columns of the planner statistics the tree reads."""
+def stats_reads(reads: _Reads, values: dict = STATS_VALUES) -> list[str]:
+    """Value columns of the planner statistics (or of ``values``: relation -> value
+    columns) the tree reads."""
     scope: dict[str, str] = {}
     for schema, rel, alias in reads.ranges:
-        if rel in STATS_VALUES and schema in (None, "pg_catalog"):
+        if rel in values and (schema in (None, "pg_catalog") or rel in _ANY_SCHEMA):
             for name in {alias, rel} - {None}:
                 scope[name] = rel
     if not scope:
@@ -301,8 +312,8 @@ def stats_reads(reads: _Reads) -> list[str]:
             tables, last = {scope[last]}, "*"
         for rel in tables:
             if last == "*":
-                hits.update(f"pg_catalog.{rel}.{c}" for c in STATS_VALUES[rel])
-            elif last in STATS_VALUES[rel]:
+                hits.update(f"pg_catalog.{rel}.{c}" for c in values[rel])
+            elif last in values[rel]:
                 hits.add(f"pg_catalog.{rel}.{last}")
     if reads.natural:
         hits.update(f"pg_catalog.{rel}.*" for rel in rels)
@@ -387,13 +398,21 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 "masking cannot follow them",
                 f"statement kind: {st.kind}; calls {', '.join(r + '()' for r in readers)}",
                 "FETCH from the cursor instead: its rows are masked on the way to you.")
+        texts = sorted({f.rsplit(".", 1)[-1] for f in st.functions} & ACTIVITY_FUNCS)
+        if texts and (names or globs):
+            return _refusal(
+                d, st, f"{texts[0]}() returns other sessions' statement texts, with the "
+                "literal values they were sent with",
+                f"statement kind: {st.kind}; calls {', '.join(t + '()' for t in texts)}",
+                "Read pg_stat_activity without its query column, or ask an identity "
+                "exempt from the masks.")
     if (names or globs) and any(k in ("create", "alter") for st in d.statements
                                 for k in (st.kind, *st.kinds)):
         refusal = _hooks(d, sql, user_fn) or _moves(d, sql, masked, globs)
         if refusal is not None:
             return refusal
     if not any(r in names or r.split(".", 1)[-1] in bare or r.split(".", 1)[-1] in
-               STATS_VALUES or "opaque" in st.flags
+               STATS_VALUES or r.split(".", 1)[-1] in ACTIVITY_VALUES or "opaque" in st.flags
                for st in d.statements
                for r in st.relations_read + st.relations_written + ("",)):
         return None                 # reads nothing masked: nothing to park
@@ -417,6 +436,14 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 f"reads {', '.join(stats)}",
                 "Read the statistics without their values (null_frac, n_distinct, "
                 "correlation, avg_width), or ask an identity exempt from the masks.")
+        texts = stats_reads(reads, ACTIVITY_VALUES)
+        if texts and (names or globs):
+            return _refusal(
+                d, st, "other sessions' statement texts carry the literal values they "
+                "were sent with, masked columns' values included",
+                f"reads {', '.join(texts)}",
+                "Read pg_stat_activity without its query column (pid, state, "
+                "wait_event, query_start...), or ask an identity exempt from the masks.")
         if not names:
             continue
         touched = sorted(r for r in st.relations_read + st.relations_written
