@@ -599,7 +599,9 @@ ALLOW = [
     ("ALTER SCHEMA public RENAME TO p2", "alter", "destructive", B),
     ("ALTER FUNCTION f(int) SET SCHEMA s2", "alter", "destructive", B),
     ("ALTER TABLE t RENAME CONSTRAINT c TO c2", "alter", "", A),
-    ("ALTER INDEX t_pkey RENAME TO t_pk", "alter", "", A),
+    # Postgres renames a table through ALTER INDEX ... RENAME too: not harmless
+    ("ALTER INDEX t_pkey RENAME TO t_pk", "alter", "destructive", B),
+    ("ALTER INDEX orders RENAME TO o2", "alter", "destructive", B),
     # a foreign key whose actions change this table's rows from statements on another
     ("ALTER TABLE orders ADD CONSTRAINT fk FOREIGN KEY (c) REFERENCES customers(id) "
      "ON DELETE CASCADE", "alter", "opaque", B),
