@@ -205,6 +205,52 @@ def test_garbage_startup_packet(proxy):
     assert reply == b""         # Postgres logs it and closes without a word
 
 
+def _packet(params: bytes) -> bytes:
+    body = struct.pack("!I", 196608) + params
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def _first_reply(port: int, packet: bytes) -> str:
+    """What a server answers a StartupMessage with: "layout" (08P01, the packet's
+    layout refused), "error" (another ErrorResponse), "auth" (an authentication
+    message: the packet was read), "silent" (closed without a word)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.sendall(packet)
+        reply = s.recv(65536)
+    except (socket.timeout, ConnectionResetError):
+        reply = b""
+    finally:
+        s.close()
+    if not reply:
+        return "silent"
+    if reply[:1] == b"R":
+        return "auth"
+    if b"C08P01" in reply and b"startup packet layout" in reply:
+        return "layout"
+    return "error"
+
+
+@pytest.mark.parametrize("tail, expect", [
+    # Postgres' walk (ProcessStartupPacket): a last name with no room for its value ends
+    # it, and the walk may end on the last byte: accepted, the name ignored (found by the
+    # long protocol fuzz: pgguard refused it)
+    (b"\x10", "read"),
+    (b"xyz", "layout"),           # a name with no value, not on the last byte
+    (b"", "layout"),              # no terminator at all
+    (b"\0", "read"),             # the plain terminator
+    (b"\0\0", "layout"),          # a byte after the terminator
+])
+def test_startup_layout_read_as_postgres_reads_it(pg, proxy, tail, expect):
+    from conftest import UPSTREAM_USER
+    for port, user in ((pg.port, UPSTREAM_USER), (proxy.port, AGENT)):
+        params = b"user\0" + user.encode() + b"\0database\0postgres\0"
+        params = params[:-1] if tail == b"" else params + tail
+        got = _first_reply(port, _packet(params))
+        want = {"read": ("auth", "error"), "layout": ("layout",)}[expect]
+        assert got in want, (port == pg.port and "postgres" or "pgguard", tail, got)
+
+
 def test_ssl_request_answered_N_without_tls(proxy):
     s = _raw(proxy)
     s.sendall(struct.pack("!II", 8, 80877103))

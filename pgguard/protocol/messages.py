@@ -164,16 +164,26 @@ TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
 
 
 def parse_startup_params(payload: bytes) -> dict[str, str]:
-    """Key/value pairs of a StartupMessage payload after the version int32."""
-    parts = payload.split(b"\0")
-    # the list ends with an empty name; a trailing "" pair comes from the final NULs
+    """Key/value pairs of a StartupMessage payload after the version int32, read as
+    Postgres' postmaster reads them (ProcessStartupPacket): the buffer has an implicit
+    NUL after its end; a name with no room for a value ends the walk (and is ignored);
+    the walk must end on the packet's last byte. ValueError otherwise."""
+    n, off = len(payload), 0
     params: dict[str, str] = {}
-    i = 0
-    while i + 1 < len(parts) and parts[i]:
-        params[parts[i].decode("utf-8", "replace")] = parts[i + 1].decode("utf-8", "replace")
-        i += 2
-    if i >= len(parts) or parts[i] != b"":
-        raise ValueError("startup packet is not NUL-terminated key/value pairs")
+    while off < n:
+        if payload[off] == 0:
+            break                               # the terminator
+        end = payload.find(b"\0", off)
+        val = (n if end < 0 else end) + 1
+        if val >= n:
+            break                               # a name with no value: checked below
+        vend = payload.find(b"\0", val)
+        vend = n if vend < 0 else vend
+        params[payload[off:val - 1].decode("utf-8", "replace")] = \
+            payload[val:vend].decode("utf-8", "replace")
+        off = vend + 1
+    if off != n - 1:
+        raise ValueError("expected terminator as last byte")
     return params
 
 

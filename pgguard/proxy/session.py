@@ -280,9 +280,6 @@ class Session:
                 raise PgguardError(
                     f"unsupported frontend protocol {major}.{minor}: "
                     "server supports 3.0 to 3.0", sqlstate="0A000", severity="FATAL")
-            if not _pg_startup_layout(payload[4:]):
-                raise ProtocolViolation("invalid startup packet layout: expected terminator "
-                                        "as last byte")
             try:
                 params = m.parse_startup_params(payload[4:])
             except ValueError as e:
@@ -942,19 +939,6 @@ class Session:
         if t is not None and not t.is_closing():
             t.close()
         self.front.forget(self)
-
-
-def _pg_startup_layout(body: bytes) -> bool:
-    """Postgres' own walk of the startup parameters: name/value pairs, then one NUL
-    that must be the packet's last byte."""
-    n, off = len(body), 0
-    while off < n and body[off]:
-        val = body.find(b"\0", off) + 1
-        if val <= 0 or val >= n:
-            return False
-        end = body.find(b"\0", val)
-        off = (n if end < 0 else end) + 1
-    return off == n - 1
 
 
 def _fmt_addr(peer) -> str:
