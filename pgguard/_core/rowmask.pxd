@@ -198,6 +198,8 @@ cdef class RowRewriter:
     cpdef set_plan(self, MaskPlan plan)
     cpdef clear_plan(self)
     cpdef bytes feed(self, bytes data)
+    cpdef long long take_total(self)
+    cdef void _reset_counts(self) noexcept
     cdef int _begin_raw(self, uint8_t t, Py_ssize_t length) except -1
     cdef int _add_row(self, const char* msg, Py_ssize_t length, Py_ssize_t off) except -1
     cdef int _start_hold(self, const char* s, Py_ssize_t n, Py_ssize_t length) except -1

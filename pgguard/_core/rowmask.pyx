@@ -1178,6 +1178,23 @@ cdef class RowRewriter:
         """``(per plan column, per detector id)`` masked cells since the last call."""
         cols = [self._counts[i] for i in range(self._counts_n)]
         dets = [self._det_counts[i] for i in range(self._det_n)]
+        self._reset_counts()
+        return cols, dets
+
+    cpdef long long take_total(self):
+        """The masked cells since the last call, all columns and detectors together
+        (what an audit record counts), without building the per-column lists."""
+        cdef long long n = 0
+        cdef int i
+        for i in range(self._counts_n):
+            n += self._counts[i]
+        for i in range(self._det_n):
+            n += self._det_counts[i]
+        if n:
+            self._reset_counts()
+        return n
+
+    cdef void _reset_counts(self) noexcept:
         if self._counts_cap:
             memset(self._counts, 0, self._counts_cap * sizeof(int64_t))
         memset(self._det_counts, 0, sizeof(self._det_counts))
@@ -1185,7 +1202,6 @@ cdef class RowRewriter:
         self._det_n = 0
         if self._plan is not None and self._plan.detectors is not None:
             self._det_n = len(self._plan.detectors.names)
-        return cols, dets
 
     # -- the stream ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import msgspec
 
 from .answers import answer_for
 from .relay cimport MessageScan
+from .rowmask cimport RowRewriter
 from .sqlshape cimport shape_buf
 from .msgtypes cimport (BIND, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE,
                         FUNCTION_CALL, PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED, QUERY,
@@ -357,6 +358,7 @@ cdef class StatementTracker:
     cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
     cdef MessageScan _bscan
     cdef bint _masking          # the session masks (counts masked cells per record)
+    cdef RowRewriter _rw        # its rewriter (the cells it masked since the last record)
     # a DDL command completed in the session's current transaction: once it is idle,
     # the proxy reads the view map again (Server.catalog_committed)
     cdef bint ddl_seen
@@ -641,6 +643,8 @@ cdef class StatementTracker:
         if self._bscan is None:
             self._bscan = <MessageScan?>s.bscan
             self._masking = s.masking is not None
+            if self._masking:
+                self._rw = <RowRewriter?>s.masking.rw
         seen = self._bscan.bytes_seen
         out = seen - self.bytes_mark
         self.bytes_mark = seen
@@ -669,7 +673,9 @@ cdef class StatementTracker:
         if fixed is None:
             fixed = self._fixed = self._h_session(s)
         rule = dec.rule if dec is not None else None
-        masked = s.take_masked_cells() if self._masking else 0
+        masked = self._rw.take_total() if self._masking else 0
+        if masked:
+            s.services.count_masked(masked)      # (Session.take_masked_cells, in C)
         if self._log_encoded is not None and (<tuple>part)[1] is not None:
             row = self._row(e.t0, <bytes>(<tuple>part)[1], decision, rule, approver, e.rows,
                             out, masked, duration, e.state, e.err)
