@@ -101,7 +101,9 @@ def test_schema_named_like_the_upstream_role_shadows_nothing(pg, guarded, psql_b
         pg.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', dbname=DB)
 
 
-FN_SETS = ["zz", "zz, public", '"$user", public', "public, zz", "public, pg_catalog"]
+FN_SETS = ["zz", "zz, public", '"$user", public', "public, zz", "public, pg_catalog",
+           # quoted, or a string constant: a schema "Public", not public (review of pass 9)
+           '"Public"', "'Public'", 'pg_catalog, "Public"']
 
 
 @pytest.mark.parametrize("path", FN_SETS)
@@ -110,10 +112,9 @@ def test_function_with_its_own_search_path_is_refused(pg, guarded, psql_bin, pat
     # the agent's schema; refused when created, altered into it, or (made by a DBA
     # upstream) called
     user = upstream_user(guarded)
-    pg.execute(f'CREATE SCHEMA IF NOT EXISTS zz; CREATE SCHEMA IF NOT EXISTS "{user}"; '
-               "CREATE OR REPLACE VIEW zz.sp_ov AS SELECT * FROM public.sp_orders; "
-               f'CREATE OR REPLACE VIEW "{user}".sp_ov AS SELECT * FROM public.sp_orders',
-               dbname=DB)
+    for schema in ("zz", f'"{user}"', '"Public"'):
+        pg.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}; CREATE OR REPLACE VIEW "
+                   f"{schema}.sp_ov AS SELECT * FROM public.sp_orders", dbname=DB)
     body = "UPDATE sp_ov SET status = 'refunded' WHERE id = 1 RETURNING 1"
     if path == "public, pg_catalog":        # sp_ov is not on that path: a plain body
         body = "SELECT 1"
@@ -140,8 +141,8 @@ def test_function_with_its_own_search_path_is_refused(pg, guarded, psql_bin, pat
             every_client_fails(guarded, psql_bin, call)
     finally:
         pg.execute("DROP FUNCTION IF EXISTS sp_zf(); DROP PROCEDURE IF EXISTS sp_zp(); "
-                   f'DROP SCHEMA IF EXISTS zz CASCADE; DROP SCHEMA IF EXISTS "{user}" CASCADE',
-                   dbname=DB)
+                   f'DROP SCHEMA IF EXISTS zz CASCADE; DROP SCHEMA IF EXISTS "{user}" CASCADE; '
+                   'DROP SCHEMA IF EXISTS "Public" CASCADE', dbname=DB)
 
 
 @pytest.mark.parametrize("path", ["pg_catalog, public", "''", "public", "public, pg_temp"])

@@ -765,14 +765,15 @@ def _set_config(acc: _Acc, args: list | None) -> None:
 
 
 def _setting(acc: _Acc, name: str, value: str | None, how: str, *,
-             resetting: bool = False, session: bool = True) -> None:
+             resetting: bool = False, session: bool = True,
+             parts: list[str] | None = None) -> None:
     """A setting the statement changes: recorded for the allow-list (``session``: for
     the session, not only inside a function) and flagged when it is a privilege or
     escape concern whatever the allow-list says."""
     if session:
         acc.settings.append((name, value))
     elif name == "search_path" and acc.scoped_set and not resetting and \
-            not _plain_search_path(value):
+            not _plain_search_path(parts):
         # a function's own search_path resolves the names of its body, which pgguard
         # reads as public.<name> (the path it pins for the session): another path can
         # make "orders" mean a view or table pgguard never judged
@@ -804,36 +805,37 @@ def _setting(acc: _Acc, name: str, value: str | None, how: str, *,
 _PLAIN_SCHEMAS = ("pg_catalog", "public", "pg_temp")
 
 
-def _plain_search_path(value: str | None) -> bool:
+def _plain_search_path(parts: list[str] | None) -> bool:
     """A search_path under which an unqualified name means what pgguard reads it as:
-    only pg_catalog, public and pg_temp, pg_catalog (if named) before public; empty is
-    plain too (then only pg_catalog and pg_temp are searched)."""
-    if value is None:
+    only pg_catalog, public and pg_temp, pg_catalog (if named) before public; a single
+    empty value is plain too (then only pg_catalog and pg_temp are searched). ``parts``
+    are the SET's values as the parse tree has them: an unquoted name already folded to
+    lower case, a quoted one or a string constant as written (Postgres quotes each as an
+    identifier: 'Public' and "Public" name a schema "Public", not public)."""
+    if parts is None:
         return False
-    seen = []
-    for part in value.split(","):
-        p = part.strip()
-        if len(p) >= 2 and p[0] == p[-1] == '"':
-            p = p[1:-1].replace('""', '"')
-        else:
-            p = p.lower()
-        if p == "" and len(value.split(",")) == 1:
-            return True
-        if p not in _PLAIN_SCHEMAS:
-            return False
-        seen.append(p)
-    return not ("pg_catalog" in seen and "public" in seen
-                and seen.index("pg_catalog") > seen.index("public"))
+    if parts == [""]:
+        return True
+    if any(p not in _PLAIN_SCHEMAS for p in parts):
+        return False
+    return not ("pg_catalog" in parts and "public" in parts
+                and parts.index("pg_catalog") > parts.index("public"))
 
 
-def _set_value(acc: _Acc, args: list | None) -> str | None:
-    """The literal value of SET name = v[, v...] (None when any part is not a literal)."""
+def _set_parts(acc: _Acc, args: list | None) -> list[str] | None:
+    """The values of SET name = v[, v...], one each (None when any is not a literal)."""
     parts = []
     for a in args or ():
         v = _lit(acc, a)
         if type(v) is not str:
             return None
         parts.append(v)
+    return parts
+
+
+def _set_value(acc: _Acc, args: list | None) -> str | None:
+    """The literal value of SET name = v[, v...] (None when any part is not a literal)."""
+    parts = _set_parts(acc, args)
     return ", ".join(parts) if parts else None
 
 
@@ -1356,7 +1358,9 @@ def _varset(acc: _Acc, b: dict) -> None:
         return
     how = "RESET" if kind == "VAR_RESET" else "SET"
     value = _set_value(acc, b.get("args")) if kind == "VAR_SET_VALUE" else None
-    _setting(acc, name, value, how, resetting=kind in ("VAR_RESET", "VAR_SET_DEFAULT"),
+    parts = _set_parts(acc, b.get("args")) if kind == "VAR_SET_VALUE" else None
+    _setting(acc, name, value, how, parts=parts,
+             resetting=kind in ("VAR_RESET", "VAR_SET_DEFAULT"),
              session=session)
     _walk(acc, b.get("args"))
 
