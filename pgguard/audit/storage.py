@@ -411,8 +411,11 @@ def build_table(body: bytes, parts: HashParts) -> pa.Table:
 # 15 % of the Parquet write's CPU, and larger files). Min/max statistics are kept for every
 # column a query filters or prunes on (time, event id, counts, names), not for the hashes.
 _UNIQUE = frozenset({"event_id", "ts", "prev_hash", "hash"})
-_DICTIONARY = [f.name for f in SCHEMA if f.name not in _UNIQUE]
-_STATISTICS = [f.name for f in SCHEMA if f.name not in ("prev_hash", "hash")]
+# (Parquet names a list column's values by their leaf path)
+_LEAF = {f.name: f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+         for f in SCHEMA}
+_DICTIONARY = [_LEAF[f.name] for f in SCHEMA if f.name not in _UNIQUE]
+_STATISTICS = [_LEAF[f.name] for f in SCHEMA if f.name not in ("prev_hash", "hash")]
 
 
 class ParquetSink:

@@ -336,6 +336,14 @@ def _sink(st, reads: _Reads) -> str | None:
     return None
 
 
+def _tree(sql: str) -> list | None:
+    """The statements' parse trees (None: the text does not parse)."""
+    try:
+        return orjson.loads(_pg.parse_sql_json(sql)).get("stmts", [])
+    except Exception:       # noqa: BLE001 - any parser failure: the caller fails closed
+        return None
+
+
 def _refusal(d, st, what: str, detail: str, hint: str):
     return Decision(action="block", rule="masking",
                     message=f'pgguard: statement refused by rule "masking": {what}',
@@ -416,10 +424,7 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                for st in d.statements
                for r in st.relations_read + st.relations_written + ("",)):
         return None                 # reads nothing masked: nothing to park
-    try:
-        stmts = orjson.loads(_pg.parse_sql_json(sql)).get("stmts", [])
-    except Exception:       # noqa: BLE001 - the policy parsed it; never let it pass unread
-        stmts = None
+    stmts = _tree(sql)
     if stmts is None or len(stmts) != len(d.statements):
         if any(r in names for st in d.statements for r in st.relations_read):
             return _refusal(d, None, "pgguard could not analyse which masked columns "
@@ -516,10 +521,10 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
 def _hooks(d, sql: str, user_fn):
     """The refusal of DDL in ``sql`` that would make a cast, an operator or a type run
     code on whatever it is applied to (masked values too), for a masked identity."""
-    try:
-        stmts = orjson.loads(_pg.parse_sql_json(sql)).get("stmts", [])
-    except Exception:       # noqa: BLE001 - the policy parsed it; check() judges the rest
-        return None
+    stmts = _tree(sql)
+    if stmts is None:       # the policy parsed it; should this parse fail: fail closed
+        return _refusal(d, None, "pgguard could not analyse this statement's DDL",
+                        "the statement could not be parsed again", _HINT)
     for i, raw in enumerate(stmts):
         reads = _Reads()
         reads.walk(raw.get("stmt"))
@@ -615,10 +620,10 @@ def _moves(d, sql: str, masked: dict, globs=()):
     it to another schema (masks are found by the names of the configuration)."""
     if not masked and not globs:
         return None
-    try:
-        stmts = orjson.loads(_pg.parse_sql_json(sql)).get("stmts", [])
-    except Exception:       # noqa: BLE001 - the policy parsed it; check() judges the rest
-        return None
+    stmts = _tree(sql)
+    if stmts is None:       # the policy parsed it; should this parse fail: fail closed
+        return _refusal(d, None, "pgguard could not analyse this statement's DDL",
+                        "the statement could not be parsed again", _HINT)
     for i, raw in enumerate(stmts):
         stack = [raw.get("stmt")]
         while stack:

@@ -948,10 +948,19 @@ class MaskState(LaneState):
             gen != self.s.services.catalog_signal.generation()
 
     async def catch_up(self) -> None:
-        """Read the catalog again (shared with the other sessions) and use it."""
-        cat = await self._read_catalog(())
-        if cat is not None and not self.s.closed:
+        """Read the catalog again (shared with the other sessions) and use it: one read
+        at the current generation (a read already in flight may predate the DDL)."""
+        sig = self.s.services.catalog_signal
+        for _ in range(3):
+            cat = await self._read_catalog(())
+            if cat is None or self.s.closed:
+                return
             self._adopt(cat)
+            if cat.generation == sig.generation():
+                return
+        self.s.fail(UpstreamUnavailable(
+            "pgguard could not read the upstream catalog to apply masks",
+            detail="the catalog kept changing while it was read (DDL in other sessions)"))
 
     async def _read_catalog(self, need):
         # None when it cannot be read: the session is closed (fail closed: nothing is

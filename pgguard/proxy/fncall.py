@@ -330,7 +330,9 @@ class FunctionCalls:
             s.client_items(later)
         if wait.data and not s.closed:
             s.client_pipe.reader.data_received(b"".join(wait.data))
-        if wait.paused and not s.closed:
+        if wait.paused and not s.closed and s.client_may_read():
+            # (not while a hold that began meanwhile keeps the socket unread: its
+            # release resumes it)
             transport.resume_reading()
 
     def _judge(self, msg: bytes, call: Call, info: FunctionInfo | None, out: list,

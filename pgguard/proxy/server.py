@@ -332,7 +332,9 @@ class Server:
         # with them are forgotten (the compiled fast path would serve them unasked)
         self._bodies_gen[database] = self._bodies_gen.get(database, 0) + 1
         self._bodies_ddl[database] = time.monotonic()
-        if self._bodies.pop(database, None):
+        if self._bodies.pop(database, None) or self.cfg.masks:
+            # with masks: a decision's parking judgement read the mask catalog of then
+            # (a table may have become a masked table's parent since)
             self.forget_decisions(database)
 
     def catalog_committed(self, database: str) -> None:
@@ -676,11 +678,20 @@ class Server:
             self.m_lane.inc(lane)
 
     async def _metrics_tick(self) -> None:
-        # statements the compiled fast path forwarded, folded into the counter
+        # statements the compiled fast path forwarded, folded into the counter; and DDL
+        # another worker passed (the shared catalog generation moved): with masks, the
+        # decisions cached here judged parking on the mask catalog of before
+        seen = self.catalog_signal.generation()
         while True:
             await asyncio.sleep(1.0)
             for s in list(self.sessions):
                 self._report_fast(s)
+            gen = self.catalog_signal.generation()
+            if gen != seen:
+                seen = gen
+                if self.cfg.masks:
+                    for db in {s.database for s in self.sessions}:
+                        self.forget_decisions(db)
 
     # -- background work that must finish before exit (dropping ephemeral roles)
     def background(self, coro) -> None:
