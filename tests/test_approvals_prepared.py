@@ -219,3 +219,52 @@ def test_denied_rebind_then_a_query_in_the_same_write(pg, aproxy):
         ap.stop = True
         ap.join(5)
     assert statuses(pg)[:2] == ["q1", "new"]
+
+
+@pytest.mark.parametrize("client", ["psycopg-simple", "raw-query", "psql"])
+def test_a_grant_window_does_not_lift_the_row_limit(pg, aproxy, psql_bin, client):
+    """Red team 11: a window granted on a statement that changed no row let the same
+    shape with other literals change every row of the table (an approved statement ran
+    without the blast-radius guard). What a window lets through runs under the guard:
+    the every-row check and the row limit refuse it; a narrow repeat still runs."""
+    from conftest import run_psql
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        done = []
+
+        def first():
+            psycopg.ClientCursor(c).execute(
+                "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 0")
+            done.append(1)
+        t = threading.Thread(target=first)
+        t.start()
+        (rid,) = pending_ids(aproxy)
+        r = cli(aproxy, "approve", str(rid), "--as", "alice", "--window", "5m")
+        assert r.returncode == 0, r.stderr
+        t.join(10)
+        assert done == [1]
+    wide = "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 1000"
+    narrow = "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 2"
+    if client == "psycopg-simple":
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                psycopg.ClientCursor(c).execute(wide)
+            assert "every row" in str(e.value) or "limit" in str(e.value), e.value
+            assert statuses(pg) == ["new"] * 10
+            psycopg.ClientCursor(c).execute(narrow)
+    elif client == "raw-query":
+        c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+        try:
+            c.send(query(wide))
+            assert [e["C"] for e in errors(c.until_ready())] == ["42501"]
+            assert statuses(pg) == ["new"] * 10
+            c.send(query(narrow))
+            assert "UPDATE 1" in tags(c.until_ready())
+        finally:
+            c.close()
+    else:
+        r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", wide)
+        assert r.returncode != 0 and "42501" not in r.stdout and "pgguard" in r.stderr, r
+        assert statuses(pg) == ["new"] * 10
+        r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", narrow)
+        assert r.returncode == 0, r.stderr
+    assert statuses(pg) == ["w0"] + ["new"] * 9

@@ -13,6 +13,7 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import msgspec
 import orjson
 from pglast import parse_sql, parser
 from pglast.stream import RawStream
@@ -95,6 +96,10 @@ class Enforcement:
         self.pending_bodies: tuple = ()
         self._views_wait = None         # the message decide() waited for the view map for
         self._masks_wait = None         # ... for the mask catalog for
+        # (Query message, Approved): a Query an approval window (a grant, matched by the
+        # statement's shape) lets through, taken up again to run under the blast-radius
+        # guard: its values are not the ones a human saw
+        self.granted: tuple | None = None
         self._fb: Bodies | None = None
 
     def relay_starts(self) -> None:
@@ -445,6 +450,16 @@ class Enforcement:
             self.cache = ({}, {})
             s.decide_through(self.cache)
 
+    def run_granted(self, msg: bytes, d, approved) -> bool:
+        """A Query an approval window let through without a human seeing its values:
+        True when it changes rows under a row limit, and is then taken up again (the
+        caller puts it back in the stream) to run under the blast-radius guard like an
+        allowed statement, recorded as approved."""
+        if self.s.guard is None or self._plan(d, msg[5:-1]) is None:
+            return False
+        self.granted = (msg, approved, d)
+        return True
+
     def forget_decisions(self) -> None:
         """Empty this session's own decision cache (its view map changed)."""
         if self.own_cache:
@@ -453,7 +468,14 @@ class Enforcement:
 
     def _on_query(self, msg: bytes, out: list, later: list = ()) -> None:
         s = self.s
-        d = self.decide(msg, 5, len(msg) - 1) if s.policy is not None else None
+        granted = self.granted
+        record = None                   # what the audit names as the decision
+        if granted is not None and granted[0] is msg:
+            self.granted = None
+            record = granted[1]
+            d = msgspec.structs.replace(granted[2], action="allow")
+        else:
+            d = self.decide(msg, 5, len(msg) - 1) if s.policy is not None else None
         if d is BODIES_PENDING:
             self.bodies_wait(msg, out)
             return
@@ -473,9 +495,10 @@ class Enforcement:
                 return
             if plan is None:
                 out.append(msg)
-            s.services.count_statement("allowed")
+            s.services.count_statement("allowed" if record is None else "approved")
             if s.tracker is not None:
-                s.tracker.flog.append((msg, d, time.monotonic_ns()))
+                s.tracker.flog.append((msg, d if record is None else record,
+                                       time.monotonic_ns()))
             if plan is not None:
                 s.guard.start_query(msg, plan, out, list(later))
                 self.guard_watch()
