@@ -889,6 +889,11 @@ class Guard:
                 _, _, err = yield from self._swallow_group()         # COMMIT
                 if err is not None:
                     self._pass(m.ERROR_RESPONSE, err)
+            elif first[0] == m.ERROR_RESPONSE and _code(first[1]) == "25P02":
+                # the marker itself, run in the block an earlier error failed (a refusal
+                # is a simple Query, which Postgres does not skip to the Sync): the
+                # client was told of that error; its COMMIT is skipped to the Sync
+                first = None
         while True:                          # the Sync's ReadyForQuery
             t, data = first if first is not None else (yield)
             first = None

@@ -169,7 +169,16 @@ class Enforcement:
                         scan.set_interest(ALL_TYPES, False)
                         scan.set_interest(self.watch, True)
                         self.fast_path(True)
-                        out.append(msg)
+                        guard = s.guard
+                        if guard is not None and guard.owe is not None:
+                            # the guard opened this implicit transaction's block: it
+                            # ends it around the Sync (rolled back: an error failed it)
+                            guard.before_sync(out, msg, items[i + 1:])
+                            self.guard_watch()
+                        else:
+                            out.append(msg)
+                        if guard is not None:
+                            guard.on_sync()
                         if s.masking is not None:    # its ReadyForQuery pairs too
                             s.masking.frontend(m.SYNC, msg)
                         if s.tracker is not None:
