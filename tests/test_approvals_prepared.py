@@ -268,3 +268,53 @@ def test_a_grant_window_does_not_lift_the_row_limit(pg, aproxy, psql_bin, client
         r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", narrow)
         assert r.returncode == 0, r.stderr
     assert statuses(pg) == ["w0"] + ["new"] * 9
+
+
+@pytest.mark.parametrize("client", ["psycopg", "psycopg-prepared", "asyncpg", "raw"])
+def test_an_approved_statement_with_placeholders_keeps_the_row_limit(pg, aproxy, client):
+    """Red team 11: the approver sees an extended-protocol statement's text with its
+    placeholders, not the values bound; the approved statement ran without the row
+    limit, and the values reached every row of the table. Its Executes now run under
+    the blast-radius guard: the every-row check refuses them, a narrow one runs."""
+    ap = Approver(aproxy)
+    ap.start()
+    wide = ("UPDATE orders SET status = $1 WHERE id > $2::int", ["every", 0])
+    narrow = ("UPDATE orders SET status = $1 WHERE id > $2::int", ["one", 9])
+    try:
+        if client.startswith("psycopg"):
+            prepare = client == "psycopg-prepared"
+            sql = wide[0].replace("$1", "%s").replace("$2::int", "%s::int")
+            with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    c.execute(sql, wide[1], prepare=prepare)
+                assert "every row" in str(e.value), e.value
+                assert statuses(pg) == ["new"] * 10
+                c.execute(sql, narrow[1], prepare=prepare)
+        elif client == "asyncpg":
+            async def go():
+                c = await asyncpg.connect(aproxy.dsn(dbname=DB))
+                try:
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await c.execute(wide[0], *wide[1])
+                    assert statuses(pg) == ["new"] * 10
+                    await c.execute(narrow[0], *narrow[1])
+                finally:
+                    await c.close()
+            asyncio.run(go())
+        else:
+            c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+            try:
+                c.send(parse(wide[0], name="w") + SYNC)
+                assert not errors(c.until_ready())
+                c.send(bind(stmt="w", params=[b"every", b"0"]) + execute() + SYNC)
+                assert [e["C"] for e in errors(c.until_ready())] == ["42501"]
+                assert statuses(pg) == ["new"] * 10
+                c.send(bind(stmt="w", params=[b"one", b"9"]) + execute() + SYNC)
+                assert "UPDATE 1" in tags(c.until_ready())
+                assert c.run("SELECT 1")[-1] == (b"Z", b"I")
+            finally:
+                c.close()
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert statuses(pg) == ["new"] * 9 + ["one"]

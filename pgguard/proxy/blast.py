@@ -321,8 +321,15 @@ class Guard:
         or a Sync owes the end of a block the guard opened)."""
         return bool(self.stmts or self.portals or self.owe or self.approved)
 
-    def on_approved_parse(self, name: bytes, d, sql: bytes, parse: bytes) -> None:
-        self.stmts.pop(name, None)
+    def on_approved_parse(self, name: bytes, d, sql: bytes, parse: bytes,
+                          plan: Plan | None = None) -> None:
+        """A Parse a human approved: each later Bind of it asks again, and ``plan`` (the
+        row limit: the approver saw placeholders, not the values bound) guards its
+        Executes."""
+        if plan is None:
+            self.stmts.pop(name, None)
+        else:
+            self.stmts[name] = plan
         self.approved[name] = [d, sql, parse, 1]
 
     def bind_needs_approval(self, msg: bytes) -> list | None:

@@ -217,13 +217,14 @@ class Enforcement:
                             if stale is not None and not self._bind_again(
                                     stale, msg, out, items[i + 1:]):
                                 continue        # refused, or waits for a catalog read
-                            guard.on_bind(msg)
                             again = guard.bind_needs_approval(msg)
                             if again is not None:   # an approval covers one execution
+                                # (its portal takes the statement's plan once approved)
                                 s.holds.for_approval(
                                     again[0], msg, out, extended=True, sql=again[1],
                                     parse=again[2])
                                 continue
+                            guard.on_bind(msg)
                         elif t == m.CLOSE:
                             guard.on_close(msg)
                             self.guard_watch()
@@ -698,6 +699,10 @@ class Enforcement:
                 scan.set_interest(b"S", True)       # reported settings (Session.pinned)
             pipe.divert = False
 
+
+    def plan_of(self, d, sql: bytes = b""):
+        """The blast-radius plan of decision ``d`` (None: not guarded)."""
+        return self._plan(d, sql)
 
     def _plan(self, d, sql: bytes = b""):
         """The blast-radius guard's plan for decision ``d`` of this session (None: not

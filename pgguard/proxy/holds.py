@@ -235,10 +235,13 @@ class Holds:
             if parse is not None:       # a Bind: its masking pairs as forwarded now
                 if s.masking is not None:
                     s.masking.frontend(m.BIND, msg)
+                if s.guard is not None:     # its Execute runs under the statement's plan
+                    s.guard.on_bind(msg)
             elif extended and s.guard is not None:
-                # a Parse: each later Bind of it asks again
+                # a Parse: each later Bind of it asks again, and its Executes run under
+                # the row limit (the approver saw placeholders, not the values bound)
                 pname = name.encode() if isinstance(name, str) else (name or b"")
-                s.guard.on_approved_parse(pname, d, sql, msg)
+                s.guard.on_approved_parse(pname, d, sql, msg, s.enforce.plan_of(d, sql))
                 s.enforce.guard_watch()
             if name and s.prepared is not None and d.statements:
                 s.prepared.record(name, d.statements[0])
