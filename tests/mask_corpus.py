@@ -310,6 +310,21 @@ def raw_connect(proxy_or_port, user=AGENT, password=AGENT_PASSWORD):
     return rawpg.RawClient.connect(port, user, password, database=DB)
 
 
+def copy_mode(proxy, sql: str, extended: bool):
+    """COPY (sql) TO STDOUT, as a Query or as Parse/Bind/Execute/Sync; every message."""
+    c = raw_connect(proxy)
+    try:
+        stmt = f"COPY ({sql}) TO STDOUT"
+        if extended:
+            c.send(rawpg.parse(stmt), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
+        else:
+            c.send(rawpg.query(stmt))
+        msgs = c.until_ready()
+        return None, msgs
+    finally:
+        c.close()
+
+
 def raw_later(port, sql, user=AGENT, password=AGENT_PASSWORD):
     """Parse with its own Sync; Bind/Execute later, three times, each after a Sync."""
     c = raw_connect(port, user, password)
@@ -464,3 +479,46 @@ def _direct_text(shape: Shape) -> list:
 def seed(pg) -> None:
     pg.execute(SEED, dbname=DB)
     _PG[:] = [pg]
+
+
+def plan_lineage(pg, sql: str, masked: dict[str, tuple[str, ...]], with_sql: bool = True):
+    """columns_tainted over what the upstream says about ``sql``, as the proxy asks it:
+    the statement described and its generic plan EXPLAINed directly upstream; ``masked``:
+    relation (as ``::regclass`` reads it) -> masked column names."""
+    import struct
+
+    from pgguard.masking.lineage import columns_tainted
+    from pgguard.masking.wire import parse_row_description
+    c = rawpg.RawClient.connect(pg.port, UPSTREAM_USER,
+                                UPSTREAM_PASSWORD, database=DB)
+    try:
+        c.send(rawpg.parse(sql, name="x"), rawpg.describe("S", "x"), rawpg.SYNC)
+        msgs = c.until_ready()
+        assert not rawpg.errors(msgs), rawpg.errors(msgs)
+        desc = next(p for t, p in msgs if t == b"T")
+        fields = parse_row_description(b"T" + struct.pack("!I", len(desc) + 4) + desc)
+    finally:
+        c.close()
+    with psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB), autocommit=True) as up:
+        up.execute("SET plan_cache_mode = force_generic_plan")
+        up.execute(f"PREPARE x AS {sql}")
+        plan = up.execute("EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE x").fetchone()[0]
+        cols = []
+        for rel, names in masked.items():
+            cols += up.execute(
+                "SELECT n.nspname, c.relname, a.attname, c.oid::int, a.attnum "
+                "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE a.attrelid = %s::regclass AND a.attname = ANY(%s)",
+                [rel, list(names)]).fetchall()
+        base = {r[0] for r in up.execute(
+            "SELECT oid::int FROM pg_class WHERE relkind IN ('r', 'p', 'f')").fetchall()}
+        opaque = frozenset(r[0] for r in up.execute(
+            "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace "
+            "UNION SELECT oprname FROM pg_operator "
+            "WHERE oprnamespace = 'public'::regnamespace").fetchall())
+    rel: dict = {}
+    for nsp, name, att, _, _ in cols:
+        rel.setdefault((nsp, name), set()).add(att)
+    return columns_tainted(plan, fields, base, {k: frozenset(v) for k, v in rel.items()},
+                           {(o, a) for *_, o, a in cols}, opaque, sql if with_sql else None)

@@ -150,21 +150,24 @@ def test_raw_named_statement_bound_again_later(pg, aproxy):
     assert [v for _, v in ap.decided] == ["approve", "approve", "approve", "deny"]
 
 
+def approved_with_window(proxy, run) -> None:
+    """``run()`` (a statement that asks for approval) on a thread, approved by alice
+    with a 5-minute window; returns once it has run."""
+    done = []
+    t = threading.Thread(target=lambda: (run(), done.append(1)))
+    t.start()
+    (rid,) = pending_ids(proxy)
+    r = cli(proxy, "approve", str(rid), "--as", "alice", "--window", "5m")
+    assert r.returncode == 0, r.stderr
+    t.join(10)
+    assert done == [1]
+
+
 def test_a_grant_window_lets_repeats_through_without_asking(pg, aproxy):
     """A time-boxed grant (JIT window) still covers repeats of the same statement."""
     with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
-        done = []
-
-        def first():
-            c.execute("UPDATE orders SET status = %s WHERE id = %s", ("g1", 1), prepare=True)
-            done.append(1)
-        t = threading.Thread(target=first)
-        t.start()
-        (rid,) = pending_ids(aproxy)
-        r = cli(aproxy, "approve", str(rid), "--as", "alice", "--window", "5m")
-        assert r.returncode == 0, r.stderr
-        t.join(10)
-        assert done == [1]
+        approved_with_window(aproxy, lambda: c.execute(
+            "UPDATE orders SET status = %s WHERE id = %s", ("g1", 1), prepare=True))
         for i in (2, 3, 4):
             c.execute("UPDATE orders SET status = %s WHERE id = %s", (f"g{i}", i), prepare=True)
     assert statuses(pg)[:4] == ["g1", "g2", "g3", "g4"]
@@ -229,19 +232,8 @@ def test_a_grant_window_does_not_lift_the_row_limit(pg, aproxy, psql_bin, client
     the every-row check and the row limit refuse it; a narrow repeat still runs."""
     from conftest import run_psql
     with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
-        done = []
-
-        def first():
-            psycopg.ClientCursor(c).execute(
-                "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 0")
-            done.append(1)
-        t = threading.Thread(target=first)
-        t.start()
-        (rid,) = pending_ids(aproxy)
-        r = cli(aproxy, "approve", str(rid), "--as", "alice", "--window", "5m")
-        assert r.returncode == 0, r.stderr
-        t.join(10)
-        assert done == [1]
+        approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(
+            "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 0"))
     wide = "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 1000"
     narrow = "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 2"
     if client == "psycopg-simple":
@@ -318,3 +310,39 @@ def test_an_approved_statement_with_placeholders_keeps_the_row_limit(pg, aproxy,
         ap.stop = True
         ap.join(5)
     assert statuses(pg) == ["new"] * 9 + ["one"]
+
+
+WINDOW_SHAPES = [
+    # (approved while it touched nothing, the same shape reaching every row)
+    ("UPDATE orders SET status = 'v1' WHERE id > 0 AND id < 0",
+     "UPDATE orders SET status = 'v1' WHERE id > 0 AND id < 1000"),
+    ("UPDATE orders SET status = 'v2' WHERE status = 'none'",
+     "UPDATE orders SET status = 'v2' WHERE status = 'new'"),
+    ("DELETE FROM orders WHERE id > 100", "DELETE FROM orders WHERE id > 0"),
+    ("UPDATE orders SET status = 'v4' WHERE id BETWEEN 100 AND 200",
+     "UPDATE orders SET status = 'v4' WHERE id BETWEEN 0 AND 100"),
+    ("UPDATE orders SET status = 'v5' WHERE id = ANY('{100}'::int[])",
+     "UPDATE orders SET status = 'v5' WHERE id = ANY('{1,2,3,4,5,6,7,8,9,10}'::int[])"),
+]
+
+
+@pytest.mark.parametrize("narrow, wide", WINDOW_SHAPES)
+def test_window_shapes_keep_the_every_row_check(pg, aproxy, psql_bin, narrow, wide):
+    """Five shapes of the red team's window attack, each through psycopg (simple and
+    extended), a raw Query and psql: the wide repeat is refused and no row changes."""
+    from conftest import run_psql
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(narrow))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            psycopg.ClientCursor(c).execute(wide)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(wide)         # extended: the window covers the Parse, the guard its Execute
+    rc = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        rc.send(query(wide))
+        assert [e["C"] for e in errors(rc.until_ready())] == ["42501"]
+    finally:
+        rc.close()
+    r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", wide)
+    assert r.returncode != 0 and "pgguard" in r.stderr, r
+    assert statuses(pg) == ["new"] * 10

@@ -5,14 +5,13 @@
 # values, DDL in the session is taken into account, cursors and prepared statements
 # keep their plans through DECLARE/FETCH/CLOSE, failed re-Parse, DEALLOCATE.
 import asyncio
-import struct
 
 import asyncpg
 import psycopg
 import pytest
 import rawpg
 from conftest import HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER, run_psql
-from mask_corpus import CUSTOMERS, DB, MASKS, leaks, raw_connect, seed
+from mask_corpus import CUSTOMERS, DB, MASKS, leaks, plan_lineage, raw_connect, seed
 
 EXTRA_SQL = """
 CREATE OR REPLACE FUNCTION leak_text(i int) RETURNS text LANGUAGE sql STABLE
@@ -51,32 +50,8 @@ def agent(proxy, **kw):
 
 def _analysis(pg, sql):
     """columns_tainted over what the upstream says about sql (as the proxy asks it)."""
-    from pgguard.masking.lineage import columns_tainted
-    from pgguard.masking.wire import parse_row_description
-    c = rawpg.RawClient.connect(pg.port, UPSTREAM_USER, UPSTREAM_PASSWORD, database=DB)
-    try:
-        c.send(rawpg.parse(sql, name="x"), rawpg.describe("S", "x"), rawpg.SYNC)
-        msgs = c.until_ready()
-        assert not rawpg.errors(msgs), rawpg.errors(msgs)
-        desc = next(p for t, p in msgs if t == b"T")
-        fields = parse_row_description(b"T" + struct.pack("!I", len(desc) + 4) + desc)
-    finally:
-        c.close()
-    with upstream(pg) as conn:
-        conn.execute("SET plan_cache_mode = force_generic_plan")
-        conn.execute(f"PREPARE x AS {sql}")
-        plan = conn.execute("EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE x").fetchone()[0]
-        oid = conn.execute("SELECT 'public.customers'::regclass::oid").fetchone()[0]
-        cols = conn.execute("SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s "
-                            "AND attname IN ('email', 'ssn', 'phone')", [oid]).fetchall()
-        base = {r[0] for r in conn.execute(
-            "SELECT oid::int FROM pg_class WHERE relkind IN ('r', 'p', 'f')").fetchall()}
-        opaque = frozenset(r[0] for r in conn.execute(
-            "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace "
-            "UNION SELECT oprname FROM pg_operator "
-            "WHERE oprnamespace = 'public'::regnamespace").fetchall())
-    rel = {("public", "customers"): frozenset(n for n, _ in cols)}
-    return columns_tainted(plan, fields, base, rel, {(oid, a) for _, a in cols}, opaque)
+    return plan_lineage(pg, sql, {"public.customers": ("email", "ssn", "phone")},
+                        with_sql=False)
 
 
 @pytest.mark.parametrize("sql, expect", [

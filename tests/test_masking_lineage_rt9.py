@@ -11,20 +11,20 @@
 # Every shape runs through psql, psycopg (text, binary, prepared three times, named
 # cursor), asyncpg, Parse/Bind/Execute later, and COPY (query) TO STDOUT (simple and
 # extended protocol); clean columns must come back exactly as from Postgres.
-import struct
 
 import psycopg
 import pytest
 import rawpg
 from conftest import UPSTREAM_PASSWORD, UPSTREAM_USER
 from mask_corpus import (
+    copy_mode,
+    plan_lineage,
     DB,
     MASKS,
     Shape,
     check,
     direct_mode,
     leaks,
-    raw_connect,
     run_mode,
     seed,
 )
@@ -140,18 +140,9 @@ def rt9proxy(pg, tmp_path_factory):
 
 
 def _copy(proxy, sql: str, extended: bool):
-    c = raw_connect(proxy)
-    try:
-        stmt = f"COPY ({sql}) TO STDOUT"
-        if extended:
-            c.send(rawpg.parse(stmt), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
-        else:
-            c.send(rawpg.query(stmt))
-        msgs = c.until_ready()
-        assert not rawpg.errors(msgs), rawpg.errors(msgs)
-        return None, msgs
-    finally:
-        c.close()
+    got, msgs = copy_mode(proxy, sql, extended)
+    assert not rawpg.errors(msgs), rawpg.errors(msgs)
+    return got, msgs
 
 
 def _run(mode, proxy, sql, psql_bin):
@@ -210,37 +201,8 @@ def test_simple_query_protocol(rt9proxy, pg, shape):
 
 def _lineage(pg, sql):
     """columns_tainted over what the upstream says about sql (as lineage.analyse asks)."""
-    from pgguard.masking.wire import parse_row_description
-    c = rawpg.RawClient.connect(pg.port, UPSTREAM_USER, UPSTREAM_PASSWORD, database=DB)
-    try:
-        c.send(rawpg.parse(sql, name="x"), rawpg.describe("S", "x"), rawpg.SYNC)
-        msgs = c.until_ready()
-        assert not rawpg.errors(msgs), rawpg.errors(msgs)
-        desc = next(p for t, p in msgs if t == b"T")
-        fields = parse_row_description(b"T" + struct.pack("!I", len(desc) + 4) + desc)
-    finally:
-        c.close()
-    with psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB), autocommit=True) as up:
-        up.execute("SET plan_cache_mode = force_generic_plan")
-        up.execute(f"PREPARE x AS {sql}")
-        plan = up.execute("EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE x").fetchone()[0]
-        cols = up.execute("SELECT attrelid::regclass::text, attname, attrelid::int, attnum "
-                          "FROM pg_attribute WHERE (attrelid = 'customers'::regclass AND "
-                          "attname IN ('email', 'ssn', 'phone')) OR (attrelid = "
-                          "%s::regclass AND attname = 'secret')", [QTABLE]).fetchall()
-        base = {r[0] for r in up.execute(
-            "SELECT oid::int FROM pg_class WHERE relkind IN ('r', 'p', 'f')").fetchall()}
-        opaque = frozenset(r[0] for r in up.execute(
-            "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace "
-            "UNION SELECT oprname FROM pg_operator "
-            "WHERE oprnamespace = 'public'::regnamespace").fetchall())
-    rel: dict = {}
-    for table, att, _, _ in cols:
-        name = "q'uo\"te" if table == QTABLE else table
-        rel.setdefault(("public", name), set()).add(att)
-    rel = {k: frozenset(v) for k, v in rel.items()}
-    return columns_tainted(plan, fields, base, rel, {(o, a) for _, _, o, a in cols}, opaque,
-                           sql)
+    return plan_lineage(pg, sql, {"public.customers": ("email", "ssn", "phone"),
+                                  QTABLE: ("secret",)})
 
 
 @pytest.mark.parametrize("shape", F4 + F6 + CLEAN, ids=lambda s: s.id)

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import rawpg
 from mask_corpus import (
+    copy_mode,
     CLEAN,
     DB,
     MASKS,
@@ -137,21 +138,6 @@ COPY_TABLES = [
     "COPY (SELECT * FROM wrap) TO STDOUT",
     "COPY (SELECT (w.c).email FROM wrap w) TO STDOUT (FORMAT csv)",
 ]
-
-
-def copy_mode(proxy, sql: str, extended: bool):
-    """COPY (sql) TO STDOUT, as a Query or as Parse/Bind/Execute/Sync; every message."""
-    c = raw_connect(proxy)
-    try:
-        stmt = f"COPY ({sql}) TO STDOUT"
-        if extended:
-            c.send(rawpg.parse(stmt), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
-        else:
-            c.send(rawpg.query(stmt))
-        msgs = c.until_ready()
-        return None, msgs
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
