@@ -26,7 +26,18 @@ list (its Values Scan shows only "*VALUES*".column1): every column of one is tai
 when the statement reads a masked relation (LATERAL VALUES may reference it) or its
 text names a function or operator outside pg_catalog. ``count(...)`` as a whole output
 expression is clean: it cannot carry a value (it can still count rows matching a
-condition: an oracle the README documents).
+condition: an oracle the README documents), unless a function named count exists
+outside pg_catalog (an aggregate count(text) of the agent's is picked for text and
+printed without its schema).
+
+A column-alias list renames a relation's columns in the plan (``FROM customers AS
+x(i, n, e, s)`` prints ssn as ``x.s``; ``x(ssn)`` prints the real ssn as ``x.ssn_1``).
+The lists of the statement's text and of the views over masked relations are mapped onto
+the relation's live columns in attnum order, as Postgres names them; a scan whose alias
+such a list may govern but cannot be mapped exactly (another relation by that alias, a
+partition printed under its parent's names, columns not known, text pglast cannot read)
+has every column tainted, and so has one the plan qualifies with a name the relation
+does not have (a renaming seen nowhere else: an inlined function body).
 
 Expression text (and statement text) is read by one scanner, as Postgres' lexer reads
 it: quoted names ("" escapes) and literals ('' escapes, E'', dollar quotes) are read
@@ -42,6 +53,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import struct
@@ -51,7 +63,7 @@ import orjson
 
 from ..protocol import messages as m
 from ..protocol.messages import parse_row_description
-from ..protocol.sqltext import ident
+from ..protocol.sqltext import ident, literal
 
 log = logging.getLogger("pgguard.masking")
 
@@ -251,6 +263,66 @@ _OPAQUE_SQL = ("SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace 
                "SELECT o.oprname FROM pg_catalog.pg_operator o WHERE o.oprnamespace <> "
                "'pg_catalog'::pg_catalog.regnamespace")
 _CHILD_ALIAS = re.compile(r"^(.+)_\d+$", re.DOTALL)
+# system columns a scan may print qualified by its alias (x.ctid)
+_SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
+
+
+def _alias_names(live: tuple[str, ...], colnames: tuple[str, ...]) -> list[str] | None:
+    """The names EXPLAIN prints a relation's live columns under (attnum order) when it
+    is named with the column-alias list ``colnames``: positional over the live columns
+    (a shorter list renames the first ones), each made unique within the relation by a
+    _n suffix as ruleutils does (FROM customers x(ssn): the real ssn prints as ssn_1).
+    None when a list longer than the columns or a name near the length limit makes
+    that uncertain."""
+    if len(colnames) > len(live):
+        return None
+    out: list[str] = []
+    used: set[str] = set()
+    for i, real in enumerate(live):
+        name = colnames[i] if i < len(colnames) else real
+        if name in used:
+            k = 1
+            while f"{name}_{k}" in used:
+                k += 1
+            name = f"{name}_{k}"
+        if len(name.encode("utf-8", "surrogatepass")) >= _NAMEDATALEN - 1:
+            return None
+        used.add(name)
+        out.append(name)
+    return out
+
+
+@functools.lru_cache(maxsize=2048)
+def renamings(sql: str | None) -> tuple[tuple[str | None, str, str, tuple[str, ...]], ...] | None:
+    """(schema, relation, alias, column names) of every relation the text names with a
+    column-alias list (FROM customers AS x(i, n, e, s)), as Postgres stores the names;
+    () for no text, None when the text cannot be parsed."""
+    if not sql:
+        return ()
+    from pglast import parser
+    try:
+        tree = orjson.loads(parser.parse_sql_json(sql))
+    except Exception:       # noqa: BLE001 - unreadable: the caller fails closed
+        return None
+    out = []
+    stack: list[Any] = [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(n)
+            continue
+        if not isinstance(n, dict):
+            continue
+        rv = n.get("RangeVar")
+        if isinstance(rv, dict):
+            cols = rv.get("alias", {}).get("colnames")
+            if cols:
+                out.append((None if rv.get("schemaname") is None else
+                            _name(rv["schemaname"]), _name(rv.get("relname", "")),
+                            _name(rv["alias"].get("aliasname", "")),
+                            tuple(_name(c.get("String", {}).get("sval", "")) for c in cols)))
+        stack.extend(n.values())
+    return tuple(out)
 
 
 def _nodes(plan: dict, out: list) -> list:
@@ -275,7 +347,8 @@ class _Taint:
     """What in one plan carries masked values (see the module docstring)."""
 
     def __init__(self, root: dict, masked_rel: dict, opaque: frozenset = frozenset(),
-                 sql: str | None = None) -> None:
+                 sql: str | None = None, columns: dict | None = None,
+                 renames: list | None = None) -> None:
         self.opaque = opaque                          # names of functions/operators not
         #                                               in pg_catalog: not seen into
         self.pairs: set[tuple[str, str]] = set()     # (alias, column) of masked columns
@@ -288,6 +361,7 @@ class _Taint:
         self.root = root
         self.nodes = _nodes(root, [])
         self._toks: dict[str, list[_Tok] | None] = {}
+        scans: list[tuple[tuple[str, str], set[str], frozenset]] = []
         for n in self.nodes:
             kind = n.get("Node Type")
             if kind not in _SHOWN and kind not in _HIDDEN or (
@@ -309,6 +383,11 @@ class _Taint:
                 for a in names:
                     self.rows.add(a)
                     self.pairs.update((a, c) for c in cols)
+                scans.append(((n.get("Schema", "public"), rel), names, cols))
+        # a column-alias list (FROM customers AS x(i, n, e, s)) renames the relation's
+        # columns: the plan prints them under the new names
+        for key, names, cols in scans:
+            self._renamed(key, names, cols, columns, renames)
         # a plan over one relation prints its columns without the alias
         self.bare = {c for _, c in self.pairs}
         hidden = [n for n in self.nodes if n.get("Node Type") in _HIDDEN]
@@ -322,6 +401,56 @@ class _Taint:
         # a plan with one range table entry prints its columns without the alias too
         aliases = {n["Alias"] for n in self.nodes if "Alias" in n}
         self.lone = len(aliases) == 1 and not aliases.isdisjoint(self.aliases)
+
+    def _renamed(self, key: tuple[str, str], names: set[str], cols: frozenset,
+                 columns: dict | None, renames: list | None) -> None:
+        """The names a scan of masked relation ``key`` (under plan aliases ``names``) may
+        print its masked columns under: the column-alias lists of the statement's text
+        and of the views over masked relations (``renames``: (schema, relation, alias,
+        column names) of every relation named with one; None: unknown), mapped onto the
+        relation's live columns in attnum order (``columns``) as Postgres does, or, when
+        that cannot be done exactly, every column of the alias (fail closed). A
+        reference qualified by the alias to a name the relation does not print is taken
+        for a renaming seen nowhere (a function body inlined): every column too."""
+        live = (columns or {}).get(key)
+        if renames is None:
+            self.aliases.update(names)                  # the text could not be read
+            return
+        printed = set(live or ())
+        for schema, rel, alias, colnames in renames:
+            if alias not in names:
+                continue
+            if rel != key[1] or schema not in (None, key[0]) or live is None:
+                # another relation by that alias (a partition scanned for its parent
+                # prints the parent's names), or columns not known: all of it
+                self.aliases.update(names)
+                return
+            got = _alias_names(live, colnames)
+            if got is None:
+                self.aliases.update(names)
+                return
+            printed.update(got)
+            for real, new in zip(live, got):
+                if real in cols:
+                    self.pairs.update((a, new) for a in names)
+        if live is None:
+            return
+        printed |= _SYSTEM_COLUMNS
+        for n in self.nodes:
+            for v in n.values():
+                for text in (v if isinstance(v, list) else (v,)):
+                    if not isinstance(text, str) or "." not in text:
+                        continue
+                    toks = self._scanned(text) or ()
+                    for i in range(len(toks) - 2):
+                        if toks[i].kind == "name" and toks[i].name in names \
+                                and toks[i + 1].text == "." and (i == 0 or toks[i - 1].text
+                                                                  != ".") \
+                                and toks[i + 2].kind == "name" \
+                                and toks[i + 2].name not in printed \
+                                and (i + 3 == len(toks) or toks[i + 3].text != "("):
+                            self.aliases.update(names)
+                            return
 
     def _scanned(self, text: str) -> list[_Tok] | None:
         """The tokens of an expression EXPLAIN printed; None when unreadable (or its
@@ -442,21 +571,32 @@ class _Taint:
         while len(toks) > 1 and toks[0].text == "(" and _closing(toks, 0) == len(toks) - 1:
             toks = toks[1:-1]
         if len(toks) > 2 and toks[0].text == "count" and toks[1].text == "(" \
-                and _closing(toks, 1) == len(toks) - 1:
-            return False          # a count cannot carry the value
+                and _closing(toks, 1) == len(toks) - 1 and "count" not in self.opaque:
+            return False          # a count cannot carry the value (pg_catalog's: a
+            #                       count(text) of the agent's may concatenate them)
         return self._tainted(toks)
 
 
 def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
                     base_tables: set[int], masked_rel: dict,
                     masked_cols: set[tuple[int, int]],
-                    opaque: frozenset = frozenset(), sql: str | None = None) -> Lineage:
+                    opaque: frozenset = frozenset(), sql: str | None = None,
+                    columns: dict | None = None, views: tuple[str, ...] = ()) -> Lineage:
     """The lineage of a statement from its EXPLAIN (VERBOSE, FORMAT JSON) output, its
     RowDescription fields (table OID, attnum, type, format) and which of those table OIDs
     are base tables; ``sql``: its text (without it, a VALUES list is taken to call
-    whatever is in ``opaque``)."""
+    whatever is in ``opaque``, and no column-alias list of its own is known);
+    ``columns``: {(schema, relation): its live column names in attnum order} of the
+    masked relations; ``views``: the definitions of the views over them (their
+    column-alias lists rename the columns the plan prints). A relation renamed by a
+    column-alias list that cannot be mapped exactly has every column masked."""
     root = plan_json[0]["Plan"]
-    taint = _Taint(root, masked_rel, opaque, sql)
+    renames = renamings(sql)
+    for v in views:
+        more = renamings(v)
+        renames = None if renames is None or more is None else renames + more
+    taint = _Taint(root, masked_rel, opaque, sql, columns,
+                   None if renames is None else list(renames))
     if taint.unknown:
         return UNRESOLVED
     n = len(fields)
@@ -578,7 +718,7 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {_STMT.decode()}"
                + (f"({', '.join(['NULL'] * nparams)})" if nparams else "")
                + "; SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relkind IN ('v', 'm'); "
-               + _OPAQUE_SQL)
+               + _OPAQUE_SQL + "; " + _columns_sql(masked_rel))
     proto.transport.write(_query(setup) + _frame(b"P", body)
                           + _frame(b"D", b"S" + _STMT + b"\0") + _frame(b"S", b"")
                           + _query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
@@ -606,7 +746,7 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
         elif t == m.DATA_ROW and sets:
             (ln,) = struct.unpack_from("!i", payload, 2)
             sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
-    if fields is None or len(sets) != 3 or not sets[0]:
+    if fields is None or len(sets) != 5 or not sets[0]:
         return UNRESOLVED
     if not fields:
         return Lineage((), False)
@@ -614,8 +754,34 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
     views = {int(r) for r in sets[1]}
     base = {t for t, _, _, _ in fields if t} - views
     opaque = frozenset(r.decode("utf-8", "replace") for r in sets[2])
+    columns = {}
+    for r in sets[3]:
+        schema, rel, names = orjson.loads(r)
+        columns[(schema, rel)] = tuple(names)
+    views = tuple(r.decode("utf-8", "replace") for r in sets[4])
     return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque,
-                           sql.decode("utf-8", "replace"))
+                           sql.decode("utf-8", "replace"), columns, views)
+
+
+def _columns_sql(masked_rel: dict) -> str:
+    """Two statements: the live columns (attnum order) of the masked relations, one JSON
+    [schema, relation, [names]] a row; the definitions of the views that read them
+    (their column-alias lists rename what the plan prints)."""
+    keys = ", ".join(f"({literal(s)}, {literal(r)})" for s, r in sorted(masked_rel))
+    rels = ("SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE "
+            + (f"(n.nspname::text, c.relname::text) IN (VALUES {keys})" if keys else "false"))
+    return ("SELECT pg_catalog.json_build_array(n.nspname, c.relname, "
+            "pg_catalog.array_agg(a.attname ORDER BY a.attnum))::text "
+            "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE a.attnum > 0 AND NOT a.attisdropped AND c.oid IN ({rels}) "
+            "GROUP BY n.nspname, c.relname; "
+            "SELECT DISTINCT pg_catalog.pg_get_viewdef(r.ev_class) FROM pg_catalog.pg_rewrite r "
+            "JOIN pg_catalog.pg_depend d ON d.objid = r.oid "
+            "AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+            "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+            f"WHERE d.refobjid IN ({rels}) AND r.ev_class <> d.refobjid")
 
 
 def normalized(sql: bytes) -> bytes | None:

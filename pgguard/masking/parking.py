@@ -17,7 +17,12 @@ a ColumnRef naming a masked column (qualified by a masked table's name or alias,
 unqualified), ``*`` / ``alias.*`` over a masked table, a whole-row reference to one
 (``SELECT c FROM customers c``, ``row_to_json(c)``), ``JOIN ... USING (ssn)`` and
 NATURAL JOIN. Any reference counts, wherever it is (a WHERE that selects rows by a
-masked value copies it a bit at a time). Names are compared conservatively: scopes are
+masked value copies it a bit at a time). A column-alias list renames the columns
+(``FROM customers AS x(i, n, e, s)``: ``x.s`` and a bare ``s`` are ssn): it is mapped
+onto the table's live columns in attnum order (the catalog's), and without that order
+every masked column counts as read through any name of the list; a join alias
+(``(customers JOIN orders ON ...) AS j``) qualifies the masked columns of the tables
+inside it, and its own column list counts every one of them. Names are compared conservatively: scopes are
 not separated, an unqualified column named like a masked one counts as masked, and a
 table named without a schema counts as the masked table of that name in any schema.
 Bodies that cannot be read column by column (DO blocks, function bodies) and dynamic
@@ -141,6 +146,12 @@ class _Reads:
         self.hooks: list[tuple[str, object]] = []   # DDL that hooks code into syntax
         self.hold = False
         self.rule_on: list[tuple[str | None, str]] = []   # CREATE RULE/TRIGGER relation
+        # relations named with a column-alias list (FROM customers AS x(i, n, e, s)):
+        # schema, relation, alias, the new names (positional over the live columns)
+        self.renamed: list[tuple[str | None, str, str, tuple[str, ...]]] = []
+        # joins with an alias ((a JOIN b ON ...) AS j, or j(c1, c2...)): alias, its
+        # column-alias list (None: none), the relations (and renamings) inside
+        self.joins: list[tuple[str, tuple[str, ...] | None, _Reads]] = []
 
     @staticmethod
     def only_rules(reads: _Reads) -> _Reads:
@@ -161,6 +172,9 @@ class _Reads:
                 if k == "RangeVar":
                     alias = v.get("alias", {}).get("aliasname")
                     self.ranges.append((v.get("schemaname"), v["relname"], alias))
+                    cols = _colnames(v.get("alias"))
+                    if cols is not None:
+                        self.renamed.append((v.get("schemaname"), v["relname"], alias, cols))
                 elif k == "ColumnRef":
                     self.refs.append([f["String"]["sval"] if "String" in f else "*"
                                       for f in v.get("fields", [])])
@@ -168,6 +182,11 @@ class _Reads:
                     self.natural |= bool(v.get("isNatural"))
                     self.using.extend(u["String"]["sval"] for u in v.get("usingClause", [])
                                       if "String" in u)
+                    if v.get("alias", {}).get("aliasname"):
+                        inner = _Reads()
+                        inner.walk([v.get("larg"), v.get("rarg")])
+                        self.joins.append((v["alias"]["aliasname"],
+                                           _colnames(v.get("alias")), inner))
                 elif k == "FuncCall":
                     names = v.get("funcname", [])
                     if names and "String" in names[-1]:
@@ -190,6 +209,14 @@ class _Reads:
                     rel = v.get("relation", {})
                     self.rule_on.append((rel.get("schemaname"), rel.get("relname", "")))
                 stack.append(v)
+
+
+def _colnames(alias) -> tuple[str, ...] | None:
+    """The column-alias list of an Alias node (None: none)."""
+    cols = (alias or {}).get("colnames")
+    if not cols:
+        return None
+    return tuple(c.get("String", {}).get("sval", "") for c in cols)
 
 
 def _dotted(names) -> str:
@@ -234,6 +261,11 @@ def _every_function(name: str) -> bool:
     return True
 
 
+def _tables_named(schema, rel, masked, by_rel) -> list[str]:
+    tables = [f"{schema}.{rel}"] if schema else by_rel.get(rel, [])
+    return [t for t in tables if t in masked]
+
+
 def _masked_scope(reads: _Reads, masked: dict[str, frozenset[str]]):
     """{name or alias a masked table goes by here: (table, its masked columns)}."""
     by_rel: dict[str, list[str]] = {}
@@ -241,11 +273,13 @@ def _masked_scope(reads: _Reads, masked: dict[str, frozenset[str]]):
         by_rel.setdefault(table.split(".", 1)[1], []).append(table)
     scope: dict[str, list[str]] = {}
     for schema, rel, alias in reads.ranges:
-        tables = [f"{schema}.{rel}"] if schema else by_rel.get(rel, [])
-        tables = [t for t in tables if t in masked]
-        for t in tables:
+        for t in _tables_named(schema, rel, masked, by_rel):
             for name in {alias, rel, f"{schema}.{rel}" if schema else None} - {None}:
                 scope.setdefault(name, []).append(t)
+    for alias, _cols, inner in reads.joins:     # j.ssn of (customers JOIN ...) AS j
+        for schema, rel, _a in inner.ranges:
+            for t in _tables_named(schema, rel, masked, by_rel):
+                scope.setdefault(alias, []).append(t)
     for schema, rel in reads.rule_on:          # NEW / OLD of a rule or trigger on it
         tables = [f"{schema}.{rel}"] if schema else by_rel.get(rel, [])
         for t in (t for t in tables if t in masked):
@@ -254,16 +288,81 @@ def _masked_scope(reads: _Reads, masked: dict[str, frozenset[str]]):
     return scope
 
 
-def masked_reads(reads: _Reads, masked: dict[str, frozenset[str]]) -> list[str]:
-    """schema.table.column of every masked column the tree reads (sorted)."""
+_UNKNOWN = None     # a renaming that cannot be mapped: every masked column
+
+
+def _renamings(reads: _Reads, masked: dict, order: dict | None):
+    """{(alias, table): [(new name -> real names, or _UNKNOWN; the alias list)]} of the
+    masked tables named with a column-alias list, and of the join aliases over them
+    (a join's own list is not mapped: every masked column inside it)."""
+    by_rel: dict[str, list[str]] = {}
+    for table in masked:
+        by_rel.setdefault(table.split(".", 1)[1], []).append(table)
+    out: dict[tuple[str, str], list] = {}
+
+    def table_renamings(r: _Reads):
+        got = []
+        for schema, rel, alias, cols in r.renamed:
+            for t in _tables_named(schema, rel, masked, by_rel):
+                live = (order or {}).get(t)
+                if live is None or len(cols) > len(live) or not isinstance(
+                        masked[t], (frozenset, set)):
+                    got.append((alias, t, _UNKNOWN, cols))
+                    continue
+                m: dict[str, set[str]] = {}
+                for i, real in enumerate(live):
+                    m.setdefault(cols[i] if i < len(cols) else real, set()).add(real)
+                got.append((alias, t, m, cols))
+        return got
+
+    for alias, t, m, cols in table_renamings(reads):
+        out.setdefault((alias, t), []).append((m, cols))
+    for alias, cols, inner in reads.joins:
+        if cols is not None:
+            for schema, rel, _a in inner.ranges:
+                for t in _tables_named(schema, rel, masked, by_rel):
+                    out.setdefault((alias, t), []).append((_UNKNOWN, cols))
+            continue
+        for _a, t, m, c in table_renamings(inner):  # j.s of (customers x(i,n,e,s) ...) j
+            out.setdefault((alias, t), []).append((m, c))
+    return out
+
+
+def masked_reads(reads: _Reads, masked: dict[str, frozenset[str]],
+                 order: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """schema.table.column of every masked column the tree reads (sorted). ``order``:
+    {schema.table: its live column names in attnum order}, to map column-alias lists
+    (FROM customers AS x(i, n, e, s): x.s is ssn) onto the real columns; a table whose
+    order is not known has every masked column read through any name its list gives."""
     scope = _masked_scope(reads, masked)
     if not scope:
         return []
     in_scope = {t for ts in scope.values() for t in ts}
+    renamed = _renamings(reads, masked, order)
     hits: set[str] = set()
 
     def every(tables) -> None:
         hits.update(f"{t}.{c}" for t in tables for c in masked[t])
+
+    def through(key: str, t: str, name: str) -> None:
+        """The masked columns of t that ``name`` may be, qualified by ``key``."""
+        if name in masked[t]:
+            hits.add(f"{t}.{name}")
+        for m, _cols in renamed.get((key, t), ()):
+            if m is _UNKNOWN:
+                every([t])
+            else:
+                hits.update(f"{t}.{c}" for c in m.get(name, ()) if c in masked[t])
+
+    def unqualified(name: str) -> None:
+        hits.update(f"{t}.{name}" for t in in_scope if name in masked[t])
+        for (_alias, t), entries in renamed.items():
+            for m, cols in entries:
+                if m is _UNKNOWN:
+                    if name in cols:
+                        every([t])
+                else:
+                    hits.update(f"{t}.{c}" for c in m.get(name, ()) if c in masked[t])
 
     for fields in reads.refs:
         if not fields:
@@ -275,16 +374,18 @@ def masked_reads(reads: _Reads, masked: dict[str, frozenset[str]]) -> list[str]:
             elif last in scope:                 # a whole row: SELECT c FROM customers c
                 every(scope[last])
             else:
-                hits.update(f"{t}.{last}" for t in in_scope if last in masked[t])
+                unqualified(last)
             continue
         qual = ".".join(fields[:-1])
-        tables = scope.get(qual) or scope.get(fields[-2], [])
+        key = qual if qual in scope else fields[-2]
+        tables = scope.get(key, [])
         if last == "*":
             every(tables)
         else:
-            hits.update(f"{t}.{last}" for t in tables if last in masked[t])
+            for t in tables:
+                through(key, t, last)
     for name in reads.using:
-        hits.update(f"{t}.{name}" for t in in_scope if name in masked[t])
+        unqualified(name)
     if reads.natural:
         every(in_scope)
     return sorted(hits)
@@ -387,13 +488,16 @@ def _by_glob(d, masked: dict, globs) -> dict:
     return {**masked, **{r: _ColumnGlobs(tuple(g)) for r, g in extra.items()}}
 
 
-def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None):
+def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None,
+          order: dict[str, tuple[str, ...]] | None = None):
     """A refusal Decision when the allowed decision ``d`` for ``sql`` would park values
     of masked columns (or read statistics sample values); None when it may run.
     ``globs``: (table glob, column glob) of the masks that apply, for tables created
     since the catalog was read. ``user_fn``: ``name -> bool``, whether a function name
     (as written, ``schema.name`` or bare) may be one pgguard cannot see into (not a
-    built-in of pg_catalog); None: every function may be (fail closed)."""
+    built-in of pg_catalog); None: every function may be (fail closed). ``order``:
+    {schema.table: live column names in attnum order}, to map column-alias lists onto
+    the masked columns (without it, every masked column is read through any of them)."""
     user_fn = user_fn or _every_function
     masked = _by_glob(d, masked, globs)
     names = set(masked)
@@ -469,7 +573,7 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 d, st, "a trigger or rule on a table with masked columns sees every "
                 "masked value", f"statement kind: {st.kind}; on "
                 + ", ".join(f"{s or 'public'}.{r}" for s, r in reads.rule_on), _HINT)
-        cols = masked_reads(reads, masked)
+        cols = masked_reads(reads, masked, order)
         unseen = [f"{f}()" for f in sorted(reads.calls) if user_fn(f)] + \
             [f"operator {o}" for o in sorted(reads.operators)]
         # o.f in functional notation: f(o), the whole row (the policy found f in the
@@ -667,4 +771,17 @@ def judge(session, d, sql: str):
     globs = [tuple(mk.column.rsplit(".", 1)) for mk in session.services.cfg.masks
              if applies(mk, name, ident) and mk.column.count(".") >= 2]
     return check(d, sql, masked, globs,
-                 session.services.user_function_test(session.database)) or d
+                 session.services.user_function_test(session.database),
+                 column_order(mask.catalog)) or d
+
+
+def column_order(catalog) -> dict[str, tuple[str, ...]]:
+    """{schema.table: its live column names in attnum order} of the catalog's tables
+    with masked columns (cached on the catalog object, replaced when read again)."""
+    memo = catalog.__dict__.get("_parking_order")
+    if memo is None:
+        memo = catalog.__dict__["_parking_order"] = {
+            table: tuple(n for _, n in sorted(attrs))
+            for oid, (table, attrs) in catalog.tables.items()
+            if oid not in getattr(catalog, "views", frozenset())}
+    return memo
