@@ -274,15 +274,18 @@ class Bodies:
             extra: list[Reason] = []
             if _plants(st):
                 # a definition that keeps the call for later (a view, a default, a
-                # check, an operator, a cast): later statements run it unjudged, and
-                # its body may change meaning by then
+                # check, an operator, a cast, a range type's subtype_diff, an operator
+                # class's support function, a handler): later statements run it
+                # unjudged (an INSERT into an indexed table, ANALYZE, the planning of a
+                # plain SELECT), and its body may change meaning by then
                 for f in calls:
                     extra.append(Reason(
                         "opaque", f"{st.kind.upper()} keeps a call of {f}() in a definition "
                                   "(a view, a default or check, an operator, a cast, a "
-                                  "type): later statements would run it where pgguard "
+                                  "type or range type, an operator class, a trigger or "
+                                  "handler): later statements would run it where pgguard "
                                   "does not judge what it does; call the function "
-                                  "yourself where you need it"))
+                                  "yourself where you need it, or name a built-in one"))
                 out.append(self._merged(st, found, extra, views))
                 continue
             for f in calls:

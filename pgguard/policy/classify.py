@@ -14,7 +14,13 @@ Flags (DESIGN.md section 4):
 ``destructive``
     DROP of any object, TRUNCATE, DELETE/UPDATE with no WHERE or a WHERE that reaches every
     row (below), ALTER TABLE ... DROP COLUMN / DROP CONSTRAINT, ALTER COLUMN ... TYPE (with
-    or without USING: the conversion may lose data), CREATE OR REPLACE of a function,
+    or without USING: the conversion may lose data), ALTER TABLE sub-commands that change
+    how every later write behaves or break it (SET / DROP DEFAULT, DROP NOT NULL, ADD /
+    DROP IDENTITY, SET GENERATED, ALTER CONSTRAINT, a constraint added NOT VALID, REPLICA
+    IDENTITY, SET STATISTICS and column options, SET STORAGE PLAIN, SET / DROP EXPRESSION)
+    and any sub-command pgguard does not know (an allow-list), the same for ALTER DOMAIN,
+    sequence changes that make a later nextval() fail or repeat (RESTART, a negative
+    INCREMENT, CYCLE, MINVALUE / MAXVALUE, AS), CREATE OR REPLACE of a function,
     procedure, view, rule or trigger (pgguard cannot know whether one exists, so it is
     taken as replacing one), lo_unlink / lo_put / lo_truncate(64) / lowrite, state that
     ROLLBACK does not restore (setval, ALTER SEQUENCE / identity column ... RESTART, SET
@@ -40,23 +46,27 @@ Flags (DESIGN.md section 4):
     GRANT, REVOKE, CREATE/ALTER/DROP ROLE, SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION,
     ``set_config('role', ...)`` (or with a name pgguard cannot read), DISCARD ALL (it
     resets the session authorization), ALTER ... OWNER TO, REASSIGN OWNED, ALTER DEFAULT
-    PRIVILEGES, row-level security (CREATE/ALTER POLICY, ALTER TABLE ... DISABLE ROW LEVEL
-    SECURITY), DISABLE TRIGGER / RULE, a view's security_barrier / security_invoker /
-    check_option, SECURITY DEFINER functions, ``session_replication_role``, and any write to a
-    system catalog relation (``pg_catalog``, ``information_schema``, ``pg_toast``; an
-    unqualified ``pg_*`` name is pg_catalog's, which is searched first): INSERT, UPDATE,
-    DELETE, MERGE, TRUNCATE, COPY FROM, ALTER, DROP, and CREATE/DROP TRIGGER or RULE on it.
+    PRIVILEGES, row-level security (CREATE/ALTER POLICY, ALTER TABLE ... ENABLE / DISABLE /
+    [NO] FORCE ROW LEVEL SECURITY), DISABLE TRIGGER / RULE, ENABLE REPLICA TRIGGER / RULE,
+    a view's security_barrier / security_invoker / check_option, SECURITY DEFINER
+    functions, ``session_replication_role``, and any write to a system catalog relation
+    (``pg_catalog``, ``information_schema``, ``pg_toast``; an unqualified ``pg_*`` name is
+    pg_catalog's, which is searched first): INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY
+    FROM, ALTER, DROP, and CREATE/DROP TRIGGER or RULE on it.
 ``escape``
     reaching outside the database: COPY TO/FROM PROGRAM or a server file, pg_read_file and
     the other server-file functions, lo_import/lo_export, dblink*, pg_terminate_backend,
     pg_cancel_backend, pg_reload_conf, ALTER SYSTEM, CREATE/ALTER EXTENSION, LOAD, untrusted
-    or C language functions, foreign servers, user mappings, subscriptions and publications,
-    pg_stat_reset* / pg_stat_statements_reset, and settings
+    or C language functions, foreign servers, user mappings, ALTER FOREIGN TABLE ...
+    OPTIONS, subscriptions and publications, pg_stat_reset* / pg_stat_statements_reset,
+    and settings
     that would make pgguard's parser read the text differently from the server
     (``standard_conforming_strings = off``, a client_encoding other than UTF8).
 ``opaque``
     SQL the proxy cannot see into: CREATE TRIGGER and CREATE RULE with actions (code that
-    runs later inside other sessions' statements), EXECUTE of a string in PL/pgSQL, CALL, DO blocks and
+    runs later inside other sessions' statements), CREATE EVENT TRIGGER, a statement type
+    pgguard does not know (it may store a function to run later), EXECUTE of a string in
+    PL/pgSQL, CALL, DO blocks and
     functions in languages other than plpgsql and sql, SQL EXECUTE of a statement this
     session was not seen preparing, query_to_xml() and other functions that run SQL text.
 ``write``
@@ -1471,9 +1481,19 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             continue
         sub = cmd.get("subtype", "")
         col = cmd.get("name") or ""
+        at_col = f"ALTER TABLE {target} ALTER COLUMN {col}"
         if sub == "AT_AddConstraint" or sub == "AT_AddColumn":
             _referential_actions(acc, target, cmd.get("def"))
-        if sub == "AT_DropColumn":
+            if _not_valid(cmd.get("def")):
+                acc.flag("destructive", f"ALTER TABLE {target} adds a constraint NOT VALID: "
+                         "the existing rows are never checked against it, so it can refuse "
+                         "every later write of the application (CHECK (amount < 0)); add it "
+                         "validated")
+        if sub in _AT_PLAIN:
+            pass
+        elif sub in _AT_DESTRUCTIVE:
+            acc.flag("destructive", _AT_DESTRUCTIVE[sub].format(t=target, c=col, at=at_col))
+        elif sub == "AT_DropColumn":
             acc.flag("destructive", f"ALTER TABLE {target} DROP COLUMN {col}".rstrip())
         elif sub == "AT_DropConstraint":
             acc.flag("destructive", f"ALTER TABLE {target} DROP CONSTRAINT {col}".rstrip())
@@ -1481,13 +1501,27 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             acc.flag("privilege", f"ALTER TABLE {target} OWNER TO changes the owner")
         elif sub in ("AT_DisableRowSecurity", "AT_NoForceRowSecurity"):
             acc.flag("privilege", f"ALTER TABLE {target} weakens row-level security")
+        elif sub in ("AT_EnableRowSecurity", "AT_ForceRowSecurity"):
+            acc.flag("privilege", f"ALTER TABLE {target} turns row-level security on: what "
+                     "every session sees and may write then depends on its policies")
         elif sub in _DISABLING_SUBTYPES:
             acc.flag("privilege", f"ALTER TABLE {target} {_DISABLING_SUBTYPES[sub]} (they may "
                      "enforce integrity or auditing for every session)")
-        elif sub == "AT_SetIdentity" and "restart" in _cmd_options(cmd):
-            acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} RESTART moves "
-                     "the identity sequence (not undone by ROLLBACK: later INSERTs can "
-                     "collide with existing keys)")
+        elif sub == "AT_ColumnDefault":
+            if cmd.get("def") is None:
+                acc.flag("destructive", f"{at_col} DROP DEFAULT: every later INSERT that "
+                         "leaves the column out, in every session, stores NULL or fails")
+            else:
+                acc.flag("destructive", f"{at_col} SET DEFAULT changes the value every later "
+                         "INSERT that leaves the column out stores, in every session")
+        elif sub == "AT_SetIdentity":
+            _identity_options(acc, at_col, _cmd_options(cmd))
+        elif sub == "AT_SetStorage":
+            how = _lit(acc, cmd.get("def"))
+            if type(how) is not str or how.lower() not in _HARMLESS_STORAGE:
+                acc.flag("destructive", f"{at_col} SET STORAGE {how if type(how) is str else '?'}"
+                         ": values stored inline only, so every later write of a long value "
+                         "fails")
         elif sub in _INHERITANCE_SUBTYPES:
             _inheritance_change(acc, target, sub, cmd.get("def"))
         elif sub == "AT_SetUnLogged":
@@ -1503,7 +1537,97 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} TYPE{using} "
                      "rewrites every value of the column (a lossy conversion or USING "
                      "can destroy it)")
+        elif sub in ("AT_GenericOptions", "AT_AlterColumnGenericOptions"):
+            acc.flag("escape", f"ALTER FOREIGN TABLE {target} OPTIONS changes where on the "
+                     "remote server its rows are read and written")
+        else:
+            # an allow-list: what pgguard does not know is refused as the strongest
+            acc.flag("destructive", f"ALTER TABLE {target}: pgguard does not know what the "
+                     f"sub-command {sub or '?'} does to the table, so it is refused as "
+                     "destructive; ask an administrator to run it")
     _utility_walk(acc, b)
+
+
+# ALTER TABLE sub-commands that lose no data and leave the table's existing use as it was
+# (new columns, indexes, validated constraints, storage and physical placement, switching
+# triggers and rules on); the others are judged one by one above, and one pgguard does
+# not know is refused as destructive
+_AT_PLAIN = frozenset({
+    "AT_AddColumn", "AT_AddColumnToView", "AT_SetNotNull", "AT_SetCompression",
+    "AT_AddIndex", "AT_AddConstraint", "AT_ValidateConstraint", "AT_AddIndexConstraint",
+    "AT_ClusterOn", "AT_DropCluster", "AT_SetLogged", "AT_DropOids", "AT_SetAccessMethod",
+    "AT_SetTableSpace", "AT_EnableTrig", "AT_EnableAlwaysTrig", "AT_EnableTrigAll",
+    "AT_EnableTrigUser", "AT_EnableRule", "AT_EnableAlwaysRule", "AT_AddOf", "AT_DropOf",
+})
+# ... and those that change how every later write behaves, or break it ({at}: ALTER
+# TABLE t ALTER COLUMN c)
+_AT_DESTRUCTIVE = {
+    "AT_DropIdentity": "{at} DROP IDENTITY drops the column's identity sequence: later "
+                       "INSERTs get no key, and an identity added back starts over at 1, "
+                       "colliding with existing keys",
+    "AT_AddIdentity": "{at} ADD GENERATED AS IDENTITY starts a new sequence (at 1 unless "
+                      "told otherwise) for a column that may already hold keys: later "
+                      "INSERTs can collide with existing keys",
+    "AT_DropNotNull": "{at} DROP NOT NULL lets every later write, in every session, store "
+                      "NULL where the application relies on a value",
+    "AT_DropExpression": "{at} DROP EXPRESSION stops computing the generated column: later "
+                         "writes leave it stale",
+    "AT_SetExpression": "{at} SET EXPRESSION rewrites every value of the generated column",
+    "AT_AlterConstraint": "ALTER TABLE {t} ALTER CONSTRAINT changes when (DEFERRABLE, "
+                          "INITIALLY DEFERRED) or whether the constraint is checked for "
+                          "every later write, in every session",
+    "AT_ReplicaIdentity": "ALTER TABLE {t} REPLICA IDENTITY changes what every later UPDATE "
+                          "and DELETE logs for replication (NOTHING makes them fail on a "
+                          "published table)",
+    "AT_SetStatistics": "{at} SET STATISTICS changes what ANALYZE gathers for the column, "
+                        "which every session's query plans rely on (0: nothing)",
+    "AT_SetOptions": "{at} SET (n_distinct ...) overrides the statistics every session's "
+                     "query plans rely on",
+    "AT_ResetOptions": "{at} RESET (n_distinct ...) changes the statistics every session's "
+                       "query plans rely on",
+}
+_HARMLESS_STORAGE = frozenset({"extended", "external", "main", "default"})
+
+
+def _not_valid(d: Any) -> bool:
+    """A constraint added NOT VALID (itself, or among a new column's constraints)."""
+    if type(d) is not dict:
+        return False
+    cons = d["ColumnDef"].get("constraints") if type(d.get("ColumnDef")) is dict else [d]
+    return any(type(c) is dict and type(c.get("Constraint")) is dict
+               and c["Constraint"].get("skip_validation") for c in cons or ())
+
+
+# sequence options that make a later nextval() fail or hand out a value again
+# (ALTER SEQUENCE and an identity column's SET ...): RESTART moves it, a negative
+# INCREMENT walks back over used keys, CYCLE wraps to them, MINVALUE / MAXVALUE / AS a
+# narrower type make it run out
+def _sequence_hazards(acc: _Acc, opts: dict[str, Any]) -> list[str]:
+    out = []
+    if "restart" in opts:
+        out.append("RESTART moves the sequence")
+    if "increment" in opts:
+        v = _lit(acc, opts["increment"])
+        if type(v) is not str or v.strip().startswith("-"):
+            out.append("a negative INCREMENT walks back over keys already used")
+    if opts.get("cycle") is not None and _lit(acc, opts["cycle"]) != "false":
+        out.append("CYCLE wraps around to keys already used")
+    for k in ("minvalue", "maxvalue"):
+        if opts.get(k) is not None:
+            out.append(f"{k.upper()} can make it run out")
+    if "as" in opts:
+        out.append("AS another type can make it run out")
+    return out
+
+
+def _identity_options(acc: _Acc, at_col: str, opts: dict[str, Any]) -> None:
+    hazards = _sequence_hazards(acc, opts)
+    if "generated" in opts:
+        hazards.append("SET GENERATED changes which later INSERTs of the column are "
+                       "refused (ALWAYS) or accepted")
+    if hazards:
+        acc.flag("destructive", f"{at_col}: {'; '.join(hazards)} (a sequence is not moved "
+                 "back by ROLLBACK: later INSERTs can fail or collide with existing keys)")
 
 
 _DISABLING_SUBTYPES = {
@@ -1511,6 +1635,11 @@ _DISABLING_SUBTYPES = {
     "AT_DisableTrigAll": "DISABLE TRIGGER ALL switches its triggers off",
     "AT_DisableTrigUser": "DISABLE TRIGGER USER switches its triggers off",
     "AT_DisableRule": "DISABLE RULE switches a rule off",
+    # a REPLICA trigger or rule fires only in replication sessions: off for every other
+    "AT_EnableReplicaTrig": "ENABLE REPLICA TRIGGER switches a trigger off for every "
+                            "session but replication's",
+    "AT_EnableReplicaRule": "ENABLE REPLICA RULE switches a rule off for every session but "
+                            "replication's",
 }
 _SECURITY_RELOPTIONS = frozenset({"security_barrier", "security_invoker", "check_option"})
 
@@ -1641,10 +1770,38 @@ def _alter_setting(acc: _Acc, b: dict, tag: str) -> None:
 
 def _alter_seq(acc: _Acc, b: dict) -> None:
     acc.enter("alter")
-    if "restart" in _defelems(b.get("options")):
-        acc.flag("destructive", f"ALTER SEQUENCE {_relname(b.get('sequence') or {})} RESTART "
-                 "moves the sequence (not undone by ROLLBACK: later INSERTs can collide "
-                 "with existing keys)")
+    hazards = _sequence_hazards(acc, _defelems(b.get("options")))
+    if hazards:
+        acc.flag("destructive", f"ALTER SEQUENCE {_relname(b.get('sequence') or {})}: "
+                 f"{'; '.join(hazards)} (not undone by ROLLBACK: later INSERTs can fail or "
+                 "collide with existing keys)")
+    _utility_walk(acc, b)
+
+
+# ALTER DOMAIN sub-commands (AlterDomainStmt.subtype) that change how every later write
+# of a column of the domain behaves; SET NOT NULL ('O') and VALIDATE ('V') pass, ADD
+# CONSTRAINT ('C') unless NOT VALID
+_DOMAIN_DESTRUCTIVE = {
+    "T": "SET / DROP DEFAULT changes the value every later INSERT that leaves a column of "
+         "the domain out stores",
+    "N": "DROP NOT NULL lets every later write store NULL in the domain's columns",
+    "X": "DROP CONSTRAINT removes a check every later write of the domain's columns passed",
+}
+
+
+def _alter_domain(acc: _Acc, b: dict) -> None:
+    acc.enter("alter")
+    sub = b.get("subtype", "")
+    name = _dotted(b.get("typeName"))
+    if sub in _DOMAIN_DESTRUCTIVE:
+        acc.flag("destructive", f"ALTER DOMAIN {name} {_DOMAIN_DESTRUCTIVE[sub]}")
+    elif sub == "C" and _not_valid(b.get("def")):
+        acc.flag("destructive", f"ALTER DOMAIN {name} adds a constraint NOT VALID: the "
+                 "existing values are never checked, so it can refuse every later write; "
+                 "add it validated")
+    elif sub not in ("O", "V", "C"):
+        acc.flag("destructive", f"ALTER DOMAIN {name}: pgguard does not know the "
+                 f"sub-command {sub or '?'}, so it is refused as destructive")
     _utility_walk(acc, b)
 
 
@@ -1771,6 +1928,7 @@ def _create_function(acc: _Acc, b: dict) -> None:
     lang, body, params = _function_source(acc, b, opts)
     _body_by_language(acc, lang, f"{what} {name}", sql_body=b.get("sql_body"),
                       sql_text=body, params=params)
+    _support_function(acc, b.get("options"))
     # parameters, return type, SET clauses (the body string names no function by itself);
     # a SET clause applies while the function runs: flagged, not a session setting
     saved = acc.scoped_set
@@ -1787,10 +1945,20 @@ def _alter_function(acc: _Acc, b: dict) -> None:
                 _lit(acc, d.get("arg")) == "true":
             acc.flag("privilege", "ALTER FUNCTION ... SECURITY DEFINER makes it run with "
                      "its owner's privileges")
+    _support_function(acc, b.get("actions"))
     saved = acc.scoped_set
     acc.scoped_set = True
     _utility_walk(acc, b)
     acc.scoped_set = saved
+
+
+def _support_function(acc: _Acc, options: list | None) -> None:
+    # SUPPORT f: the planner calls f for every later query that calls the function (a
+    # user one is refused by the bodies step, like any function a definition keeps)
+    for arg in _def_args(options, ("support",)):
+        parts = _fn_parts(arg)
+        if parts:
+            acc.funcs[_funcname(parts)] = None
 
 
 def _body_by_language(acc: _Acc, lang: str, what: str, *, sql_body: Any,
@@ -1826,8 +1994,9 @@ def _body_by_language(acc: _Acc, lang: str, what: str, *, sql_body: Any,
         acc.ctx = saved
 
 
-# functions an object runs later inside ordinary syntax (an operator's, a cast's, a
-# type's I/O, a text search parser's or template's), by the DefElem that names them
+# functions an object runs later inside ordinary syntax (an operator's, a type's I/O, a
+# range type's subtype_diff and canonical, a text search parser's or template's), by the
+# DefElem that names them (Postgres reads these names lower-case; compared lower-cased)
 _PLANTED_DEFS = {
     "OBJECT_OPERATOR": ("function", "procedure", "restrict", "join"),
     "OBJECT_TYPE": ("input", "output", "receive", "send", "typmod_in", "typmod_out",
@@ -1835,45 +2004,152 @@ _PLANTED_DEFS = {
     "OBJECT_TSPARSER": ("start", "gettoken", "end", "headline", "lextypes"),
     "OBJECT_TSTEMPLATE": ("init", "lexize"),
 }
+# CREATE TYPE ... AS RANGE: subtype_diff runs inside every GiST index insert and search
+# and in the planner's estimates of && (a plain SELECT), canonical in every range value
+# built (subtype_opclass, collation and multirange_type_name name no function)
+_RANGE_DEFS = ("subtype_diff", "canonical")
+# ALTER OPERATOR ... SET (restrict, join), ALTER TYPE ... SET (receive, send, ...)
+_ALTER_DEFS = _PLANTED_DEFS["OBJECT_OPERATOR"] + _PLANTED_DEFS["OBJECT_TYPE"]
+# DefineStmt kinds whose definition names no function called later: an aggregate's
+# support functions are judged at each call of the aggregate (pgguard.policy.bodies),
+# a collation, dictionary or configuration names no function at all (a dictionary's
+# template and a configuration's parser were judged when they were created)
+_DEFINES_NOTHING_PLANTED = frozenset({"OBJECT_AGGREGATE", "OBJECT_COLLATION",
+                                      "OBJECT_TSDICTIONARY", "OBJECT_TSCONFIGURATION"})
+
+
+def _fn_parts(arg: Any) -> list[str]:
+    """The name parts of a function named by a DefElem's value or an object field: a
+    TypeName (``f``, ``s.f``), a List or a plain list of Strings (``HANDLER s.f``), a
+    String (``function = 'f'``: Postgres takes a string constant as the name), an
+    ObjectWithArgs (``FUNCTION 1 f(int)``)."""
+    names: Any = None
+    if type(arg) is list:
+        names = arg
+    elif type(arg) is dict:
+        if type(arg.get("TypeName")) is dict:
+            names = arg["TypeName"].get("names")
+        elif type(arg.get("List")) is dict:
+            names = arg["List"].get("items")
+        elif type(arg.get("String")) is dict:
+            names = [arg]
+        elif type(arg.get("ObjectWithArgs")) is dict:
+            names = arg["ObjectWithArgs"].get("objname")
+        elif "objname" in arg:                     # an ObjectWithArgs field, untagged
+            names = arg.get("objname")
+    parts = [_sval(n) for n in names or ()]
+    return parts if parts and all(parts) and parts[-1].lower() != "none" else []
+
+
+def _def_args(elems: Any, names: tuple[str, ...]) -> list:
+    out = []
+    for e in elems or ():
+        d = e.get("DefElem") if type(e) is dict else None
+        if type(d) is dict and str(d.get("defname", "")).lower() in names:
+            out.append(d.get("arg"))
+    return out
+
+
+def _planted_define(b: dict) -> list:
+    kind = b.get("kind", "")
+    return _def_args(b.get("definition"), _PLANTED_DEFS.get(kind, ()))
+
+
+def _planted_items(b: dict) -> list:
+    # CREATE OPERATOR CLASS / ALTER OPERATOR FAMILY ... ADD: FUNCTION n f(...) items (an
+    # index's support functions, run by every later write to and search of the index);
+    # OPERATOR items name operators, judged when they were created
+    if b.get("isDrop"):
+        return []
+    out = []
+    for it in b.get("items") or ():
+        c = it.get("CreateOpClassItem") if type(it) is dict else None
+        if type(c) is dict and c.get("itemtype") == 2:
+            out.append(c.get("name"))
+    return out
+
+
+# utility statements that store a function to be called later, by name (not as a call
+# in an expression, which the walk records as a FuncCall): where each keeps the names
+_PLANTERS: dict[str, Any] = {
+    "DefineStmt": _planted_define,
+    "CreateRangeStmt": lambda b: _def_args(b.get("params"), _RANGE_DEFS),
+    "AlterOperatorStmt": lambda b: _def_args(b.get("options"), _ALTER_DEFS),
+    "AlterTypeStmt": lambda b: _def_args(b.get("options"), _ALTER_DEFS),
+    "CreateCastStmt": lambda b: [b.get("func")],
+    "CreateConversionStmt": lambda b: [b.get("func_name")],
+    "CreateOpClassStmt": _planted_items,
+    "AlterOpFamilyStmt": _planted_items,
+    "CreateTransformStmt": lambda b: [b.get("fromsql"), b.get("tosql")],
+    "CreateEventTrigStmt": lambda b: [b.get("funcname")],
+    "CreatePLangStmt": lambda b: [b.get("plhandler"), b.get("plinline"),
+                                  b.get("plvalidator")],
+    "CreateFdwStmt": lambda b: _def_args(b.get("func_options"), ("handler", "validator")),
+    "AlterFdwStmt": lambda b: _def_args(b.get("func_options"), ("handler", "validator")),
+    "CreateAmStmt": lambda b: [b.get("handler_name")],
+}
+
+# utility statements known to store no function by name: whatever expression they keep
+# (a default, a check, a policy's USING, a statistics expression, a publication's WHERE)
+# is a FuncCall the walk records, and a CREATE / ALTER that keeps a call of a user
+# function is refused by the bodies step (pgguard.policy.bodies). Names of functions in
+# COMMENT, ALTER ... OWNER / DEPENDS ON, ALTER EXTENSION ... ADD are no calls.
+# An allow-list: a statement type in neither table (a later Postgres's) is refused.
+_PLANTS_NOTHING = frozenset({
+    "AlterCollationStmt", "AlterDatabaseRefreshCollStmt", "AlterDatabaseStmt",
+    "AlterDefaultPrivilegesStmt", "AlterEnumStmt", "AlterEventTrigStmt",
+    "AlterExtensionContentsStmt", "AlterExtensionStmt", "AlterForeignServerStmt",
+    "AlterObjectDependsStmt", "AlterOwnerStmt", "AlterPolicyStmt", "AlterPublicationStmt",
+    "AlterRoleStmt", "AlterStatsStmt", "AlterSubscriptionStmt", "AlterTSConfigurationStmt",
+    "AlterTSDictionaryStmt", "AlterTableMoveAllStmt", "AlterTableSpaceOptionsStmt",
+    "AlterUserMappingStmt", "CheckPointStmt", "ClosePortalStmt", "ClusterStmt",
+    "CommentStmt", "CompositeTypeStmt", "ConstraintsSetStmt", "CreateDomainStmt",
+    "CreateEnumStmt", "CreateExtensionStmt", "CreateForeignServerStmt",
+    "CreateForeignTableStmt", "CreateOpFamilyStmt", "CreatePolicyStmt",
+    "CreatePublicationStmt", "CreateRoleStmt", "CreateSchemaStmt", "CreateSeqStmt",
+    "CreateStatsStmt", "CreateStmt", "CreateSubscriptionStmt", "CreateTableSpaceStmt",
+    "CreateUserMappingStmt", "CreatedbStmt", "DropOwnedStmt", "DropRoleStmt",
+    "DropSubscriptionStmt", "DropTableSpaceStmt", "DropUserMappingStmt", "DropdbStmt",
+    "ImportForeignSchemaStmt", "IndexStmt", "ListenStmt", "LoadStmt", "LockStmt",
+    "NotifyStmt", "PLAssignStmt", "ReassignOwnedStmt", "RefreshMatViewStmt",
+    "ReindexStmt", "ReplicaIdentityStmt", "ReturnStmt", "SecLabelStmt", "UnlistenStmt",
+    "VariableShowStmt",
+})
 
 
 def _planted(tag: str, acc: _Acc, b: dict) -> None:
     # the functions such an object names count among the statement's functions: a
     # user function there runs later unjudged (the policy refuses planting them)
-    elems: list = []
     if tag == "DefineStmt":
-        names = _PLANTED_DEFS.get(b.get("kind", ""), ())
-        elems = [e.get("DefElem") for e in b.get("definition") or () if type(e) is dict]
-        elems = [e for e in elems if type(e) is dict and e.get("defname") in names]
-    elif tag == "AlterOperatorStmt" or tag == "AlterTypeStmt":
-        elems = [e.get("DefElem") for e in b.get("options") or () if type(e) is dict]
-        elems = [e for e in elems if type(e) is dict and e.get("defname") in
-                 _PLANTED_DEFS["OBJECT_OPERATOR"] + _PLANTED_DEFS["OBJECT_TYPE"]]
-    elif tag == "CreateCastStmt" and type(b.get("func")) is dict:
-        elems = [{"arg": {"TypeName": {"names": b["func"].get("objname") or ()}}}]
-    elif tag == "CreateConversionStmt":
-        elems = [{"arg": {"TypeName": {"names": b.get("func_name") or ()}}}]
-    for e in elems:
-        arg = e.get("arg")
-        names = None
-        if type(arg) is dict:
-            tn = arg.get("TypeName")
-            if type(tn) is dict:
-                names = tn.get("names")
-            elif type(arg.get("List")) is dict:
-                names = arg["List"].get("items")
-        parts = [_sval(n) for n in names or ()]
-        if parts and all(parts) and parts[-1].lower() != "none":
+        kind = b.get("kind", "")
+        if kind not in _PLANTED_DEFS and kind not in _DEFINES_NOTHING_PLANTED:
+            _unknown_statement(acc, f"{tag} of kind {kind or '?'}")
+            return
+    for arg in _PLANTERS[tag](b):
+        parts = _fn_parts(arg)
+        if parts:
             acc.funcs[_funcname(parts)] = None
+
+
+def _unknown_statement(acc: _Acc, what: str) -> None:
+    acc.flag("opaque", f"pgguard does not know the statement type {what}: it cannot tell "
+             "whether the statement stores a function that runs later, where pgguard "
+             "does not judge it; ask an administrator to run it")
 
 
 def _utility(tag: str, acc: _Acc, b: dict) -> None:
     acc.enter(_utility_kind(tag))
     for flag, why in _UTILITY_FLAGS.get(tag, ()):
         acc.flag(flag, why)
-    if tag in ("DefineStmt", "AlterOperatorStmt", "AlterTypeStmt", "CreateCastStmt",
-               "CreateConversionStmt"):
+    if tag in _PLANTERS:
         _planted(tag, acc, b)
+    elif tag not in _PLANTS_NOTHING:
+        _unknown_statement(acc, tag)
+    if tag == "CreateEventTrigStmt":
+        fn = _dotted(b.get("funcname"))
+        acc.flag("opaque", f"CREATE EVENT TRIGGER {b.get('trigname', '')} makes every later "
+                 f"{b.get('eventname', 'DDL')} event, in every session, run {fn or '?'}(), "
+                 "where pgguard does not judge what it runs")
     if b.get("replace"):                   # CREATE OR REPLACE AGGREGATE, TRANSFORM, ...
         _replace_check(acc, b, tag[6:-4].upper() if tag.startswith("Create") else tag)
     _utility_walk(acc, b)
@@ -2070,6 +2346,7 @@ _STMT: dict[str, Any] = {
     "VariableSetStmt": _varset, "DiscardStmt": _discard, "GrantStmt": _grant,
     "GrantRoleStmt": _grant, "DropStmt": _drop, "TruncateStmt": _truncate,
     "AlterTableStmt": _alter_table, "RenameStmt": _rename, "AlterSeqStmt": _alter_seq,
+    "AlterDomainStmt": _alter_domain,
     "AlterObjectSchemaStmt": _set_schema,
     "AlterRoleSetStmt": _alter_role_set, "AlterDatabaseSetStmt": _alter_db_set,
     "AlterSystemStmt": _alter_system, "CallStmt": _call, "CreateTrigStmt": _create_trigger,
