@@ -114,8 +114,20 @@ cdef class Pipe:
     cdef bint _bad_seen
     # a masking session's compiled lane (None: no masking)
     cdef public MaskLane mask
+    # client side, under a policy: statement name -> the catalog generation (shared by
+    # the workers, bumped by DDL) its Parse was judged under. A Bind of a statement
+    # judged under another generation goes to the hooks, to be judged again (Postgres
+    # resolves its names again: a view or temporary object may shadow them now).
+    # None: not watched (see watch_statements)
+    cdef public dict stmt_gens
+    # the last unnamed Parse forwarded (its text, judged again at a stale Bind)
+    cdef public bytes unnamed_parse
+    cdef Py_buffer _sbuf
+    cdef bint _has_sbuf
 
     cdef object _cached_allow(self, bytes msg)
+    cdef long long _sig_gen(self) noexcept
+    cdef bint _bind_stale(self, bytes msg) except -1
     cdef bint _guard_passes(self, int t, bytes msg) except -1
     cdef int _hold_scan(self) except -1
     cdef _client_chunk(self, list items, bytes data)

@@ -39,6 +39,14 @@ class Pipe:
     guard: Any
     # a masking session's compiled lane (None: no masking)
     mask: MaskLane | None
+    # client side, under a policy: statement name -> the catalog generation its Parse
+    # was judged under (a Bind of one judged under another goes to the hooks)
+    stmt_gens: dict[bytes, int] | None
+    # the last unnamed Parse the pipe forwarded itself
+    unnamed_parse: bytes | None
+    def watch_statements(self, gens: dict[bytes, int], generation: Any) -> None: ...
+    @property
+    def generation(self) -> int: ...
     @property
     def fast_forwarded(self) -> int: ...
     # upstream side: hold the answers up to the next ReadyForQuery for the guard's

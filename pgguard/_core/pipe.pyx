@@ -174,6 +174,63 @@ cdef class Pipe:
         self.writing_paused = False
         self._yielded = False
         self._call_soon = None
+        self.stmt_gens = None
+        self.unnamed_parse = None
+        self._has_sbuf = False
+
+    def __dealloc__(self):
+        if self._has_sbuf:
+            PyBuffer_Release(&self._sbuf)
+
+    def watch_statements(self, dict gens, generation):
+        """Judge a Bind again when its statement was judged under an older catalog
+        generation: ``gens`` maps statement names to the generation (the first 8 bytes,
+        big-endian, of the buffer ``generation``) their Parse was judged under; this
+        pipe records the unnamed Parses it forwards itself."""
+        if self._has_sbuf:
+            PyBuffer_Release(&self._sbuf)
+            self._has_sbuf = False
+        PyObject_GetBuffer(generation, &self._sbuf, PyBUF_SIMPLE)
+        self._has_sbuf = True
+        if self._sbuf.len < 8:
+            raise ValueError("the generation buffer holds fewer than 8 bytes")
+        self.stmt_gens = gens
+
+    @property
+    def generation(self):
+        """The shared catalog generation (watch_statements), or -1."""
+        return self._sig_gen()
+
+    cdef long long _sig_gen(self) noexcept:
+        cdef const unsigned char* g
+        cdef unsigned long long v = 0
+        cdef int i
+        if not self._has_sbuf:
+            return -1
+        g = <const unsigned char*>self._sbuf.buf
+        for i in range(8):
+            v = (v << 8) | g[i]
+        return <long long>v
+
+    cdef bint _bind_stale(self, bytes msg) except -1:
+        # True: this Bind names a statement judged under another catalog generation
+        # (or is malformed: Python reads it)
+        cdef const char* p = PyBytes_AS_STRING(msg)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(msg)
+        cdef const char* e
+        cdef const char* e2
+        if not self.stmt_gens:
+            return False
+        if n < 7:
+            return True
+        e = <const char*>memchr(p + 5, 0, n - 5)
+        if e == NULL:
+            return True
+        e2 = <const char*>memchr(e + 1, 0, n - (e + 1 - p))
+        if e2 == NULL:
+            return True
+        g = self.stmt_gens.get(PyBytes_FromStringAndSize(e + 1, e2 - (e + 1)))
+        return g is not None and <long long>g != self._sig_gen()
 
     @property
     def fast_forwarded(self):
@@ -438,9 +495,17 @@ cdef class Pipe:
                         ok = self.allow_all and _well_formed(msg)
                     if ok:
                         self._fast += 1
+                        if t == PARSE and self.stmt_gens is not None:
+                            # (only an unnamed Parse is forwarded here)
+                            self.stmt_gens[b""] = self._sig_gen()
+                            self.unnamed_parse = msg
+                elif t == BIND and self.stmt_gens is not None and self._bind_stale(msg):
+                    ok = False                  # judged again by the hooks
                 elif self._guard is not None and (t == BIND or t == EXECUTE or t == SYNC
                                                     or t == CLOSE):
                     ok = self._guard_passes(t, msg)
+                elif t == BIND and self.stmt_gens is not None and self.exact is not None:
+                    ok = True                   # watched for its statement's generation
                 else:
                     ok = self.log_types is not None and \
                         memchr(PyBytes_AS_STRING(self.log_types), <int>t,
@@ -537,7 +602,8 @@ cdef class Pipe:
                             d = self._mask_query_ok(msg)
                             ok = d is not None
                     elif t == BIND:                     # unnamed portal, safe statement
-                        if (step == 0 or step == 3) and ln >= 7 and p[5] == 0:
+                        if (step == 0 or step == 3) and ln >= 7 and p[5] == 0 and not (
+                                self.stmt_gens is not None and self._bind_stale(msg)):
                             e = <const char*>memchr(p + 6, 0, ln - 6)
                             if e != NULL and PyBytes_FromStringAndSize(p + 6, e - (p + 6)) \
                                     in lane.stmts:

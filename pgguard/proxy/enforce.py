@@ -96,6 +96,13 @@ class Enforcement:
         self.pending_bodies: tuple = ()
         self._views_wait = None         # the message decide() waited for the view map for
         self._masks_wait = None         # ... for the mask catalog for
+        self._effects_of = None         # the DDL message whose catalog effects are done
+        self._rebind_q: bytes | None = None     # the Query a stale Bind is judged as
+        # prepared statements: name -> the catalog generation they were judged under
+        # (the compiled client pipe reads it at each Bind), and their texts (the
+        # unnamed statement's is the pipe's unnamed_parse)
+        self.stmt_gens: dict[bytes, int] = {}
+        self.stmt_texts: dict[bytes, bytes] = {}
         # (Query message, Approved): a Query an approval window (a grant, matched by the
         # statement's shape) lets through, taken up again to run under the blast-radius
         # guard: its values are not the ones a human saw
@@ -106,10 +113,92 @@ class Enforcement:
         """What the client scan watches from the relay's start: what the policy, the
         audit and masking each need to see in Python."""
         s = self.s
-        self.watch = (b"QPF" if s.policy is not None else b"") + \
+        # (under a policy a Bind is watched too: one of a statement judged before DDL
+        # went by is judged again, see stale_bind)
+        self.watch = (b"QPFB" if s.policy is not None else b"") + \
             (b"QPBESF" if self.services.audit is not None else b"") + \
             (b"QPBDES" if s.masking is not None else b"") + b"X"
         self._base_watch = self.watch
+
+    def watch_statements(self) -> None:
+        """Under a policy, from the relay's start: remember the catalog generation
+        each prepared statement was judged under (the compiled pipe records the unnamed
+        Parses it forwards), so a Bind after DDL judges its statement again."""
+        s = self.s
+        if s.policy is None:
+            return
+        s.client_pipe.watch_statements(self.stmt_gens, s.services.catalog_signal.mm)
+
+    def parsed(self, name: bytes, sql: bytes, msg: bytes) -> None:
+        """A Parse judged here goes upstream: note its text and generation."""
+        pipe = self.s.client_pipe
+        if pipe.stmt_gens is None:
+            return
+        self.stmt_gens[name] = pipe.generation
+        if name:
+            self.stmt_texts[name] = sql
+        else:
+            pipe.unnamed_parse = msg
+
+    def closed_statement(self, msg: bytes) -> None:
+        """A Close: forget a statement's text (a Bind of it fails upstream now)."""
+        if len(msg) > 6 and msg[5] == m.TARGET_STATEMENT:
+            name = msg[6:msg.find(b"\0", 6)]
+            self.stmt_gens.pop(name, None)
+            self.stmt_texts.pop(name, None)
+
+    def stale_bind(self, msg: bytes, out: list, later: list) -> bool:
+        """A Bind of a statement judged under an older catalog generation (DDL went by
+        since its Parse: Postgres resolves its names again, and a view or temporary
+        object may shadow them now): judge its text again. True: go on with the Bind.
+        False: refused, or it waits for the catalog (then it is taken up again)."""
+        gens = self.stmt_gens
+        if not gens:
+            return True
+        s = self.s
+        try:
+            end = msg.index(b"\0", 5)
+            name = msg[end + 1:msg.index(b"\0", end + 1)]
+        except ValueError:
+            return True                 # malformed: Postgres answers it
+        gen = gens.get(name)
+        now = s.client_pipe.generation
+        if gen is None or gen == now:
+            return True
+        if name:
+            sql = self.stmt_texts.get(name)
+        else:
+            parse = s.client_pipe.unnamed_parse
+            sql = None
+            if parse is not None:
+                try:
+                    _, pos = m.parse_cstr(parse, 5)
+                    sql = parse[pos:parse.index(b"\0", pos)]
+                except ValueError:
+                    sql = None
+        if sql is None:
+            return True
+        q = self._rebind_q
+        if q is None or q[5:-1] != sql:
+            q = self._rebind_q = b"Q" + struct.pack("!I", len(sql) + 5) + sql + b"\0"
+        d = self.decide(q, 5, len(q) - 1)
+        if d is BODIES_PENDING:
+            self.bodies_wait(msg, out, q)
+            return False
+        if d.action == "allow":
+            gens[name] = now
+            if s.guard is not None:
+                s.guard.on_parse(name, self._plan(d, sql))
+                self.guard_watch()
+            return True
+        self.refuse_any(Decision(
+            action="block", rule=d.rule, statements=d.statements,
+            message=d.message + (" (judged again at Bind: the catalog changed since the "
+                                 "statement was prepared)"),
+            detail=d.detail, hint=(d.hint + " " if d.hint else "") +
+            "Prepare the statement again to be judged (and approved) afresh."),
+            out, True, sql, ahead=sync_points(later))
+        return False
 
     def fast_path(self, on: bool) -> None:
         """Let the compiled client pipe forward what needs no Python (off while
@@ -208,6 +297,11 @@ class Enforcement:
                     if s.fncalls.on_message(msg, out, items[i + 1:]):
                         return          # its function is looked up: the stream waits
                 else:                           # Bind / Describe / Execute / Sync / ...
+                    if t == m.BIND and self.stmt_gens and not self.stale_bind(
+                            msg, out, items[i + 1:]):
+                        continue                # refused, or waits for a catalog read
+                    elif t == m.CLOSE and self.stmt_gens:
+                        self.closed_statement(msg)
                     guard = s.guard
                     plan = None
                     if guard is not None and guard.watching:
@@ -288,6 +382,8 @@ class Enforcement:
         d = exact.get(msg)
         if d is not None:
             return d.decision if d.__class__ is Guarded else d
+        if self._effects_of is not None and self._effects_of != msg:
+            self._effects_of = None     # another statement: the next DDL counts again
         raw = msg[text_start:text_end]
         key = shape(raw)
         if key is not None:
@@ -332,7 +428,7 @@ class Enforcement:
         if d.action != "block" and s.masking is not None:
             d = parking.judge(s, d, sql)     # no parking of masked values
         if d.action != "block" and s.views is not None:
-            self._catalog_effects(d)
+            self._catalog_effects(d, msg)
         if d.rule == "function-body":
             pass                        # the catalog could not be read: not kept
         elif s.guard is None or d.action != "allow" or self._plan(d) is None:
@@ -375,10 +471,14 @@ class Enforcement:
         s = self.s
         name, plan = stale
         sql = plan.sql
-        q = b"Q" + struct.pack("!I", len(sql) + 5) + sql + b"\0"
+        # the same message object each time this text is judged again: what decide()
+        # waited for (the view map, the mask catalog) is known by it
+        q = self._rebind_q
+        if q is None or q[5:-1] != sql:
+            q = self._rebind_q = b"Q" + struct.pack("!I", len(sql) + 5) + sql + b"\0"
         d = self.decide(q, 5, len(q) - 1)
         if d is BODIES_PENDING:
-            self.bodies_wait(msg, out)
+            self.bodies_wait(msg, out, q)
             return False
         if d.action == "allow":
             s.guard.on_parse(name, self._plan(d, sql))
@@ -393,23 +493,24 @@ class Enforcement:
             out, True, sql, ahead=sync_points(later))
         return False
 
-    def bodies_wait(self, msg: bytes, out: list) -> None:
+    def bodies_wait(self, msg: bytes, out: list, judged: bytes | None = None) -> None:
         """decide() returned BODIES_PENDING for ``msg`` (a Query, Parse or
-        FunctionCall): hold the stream (what came before goes on), read the bodies,
-        then take the message up again."""
+        FunctionCall; or for ``judged``, the text a Bind's statement is judged again
+        as): hold the stream (what came before goes on), read the bodies, then take
+        the message up again."""
         s = self.s
         names = list(self.pending_bodies)
         s.holds.begin(out, [])
-        s.holds.side_task(self._bodies_then(msg, names))
+        s.holds.side_task(self._bodies_then(msg, names, msg if judged is None else judged))
 
-    async def _bodies_then(self, msg: bytes, names: list) -> None:
+    async def _bodies_then(self, msg: bytes, names: list, judged: bytes) -> None:
         s = self.s
         try:
             if names:
                 await s.services.load_function_bodies(s.database, names)
-            if self._views_wait is msg:
+            if self._views_wait is judged:
                 await s.services.ready_views(s.database)
-            if self._masks_wait is msg:
+            if self._masks_wait is judged:
                 await s.masking.catch_up()
         except asyncio.CancelledError:
             raise
@@ -440,13 +541,21 @@ class Enforcement:
             self.cache = ({}, {})
             s.decide_through(self.cache)
 
-    def _catalog_effects(self, d) -> None:
+    def _catalog_effects(self, d, msg: bytes) -> None:
         """DDL let through: the catalog caches are stale; views it creates count for
         this session's next statements at once (and for other sessions when not
-        temporary). Such decisions are never cached, so each one gets here."""
+        temporary). Such decisions are never cached, so each one gets here.
+
+        Once per message: a statement decided again before it goes upstream (after a
+        wait for its lineage, the function bodies or the catalog) made the caches
+        stale already, and making them stale again would send it to wait once more,
+        for ever (a call of a function whose body runs DDL never got an answer)."""
         s = self.s
         if all(CATALOG_KINDS.isdisjoint(st.kinds) for st in d.statements):
             return
+        if self._effects_of is not None and self._effects_of == msg:
+            return
+        self._effects_of = msg
         s.services.catalog_changed(s.database)
         if s.tracker is not None:
             s.tracker.note_ddl()        # read the catalog again once it is committed
@@ -628,6 +737,7 @@ class Enforcement:
                                                   lin, d))
             if s.tracker is not None:
                 s.tracker.flog.append((msg, d, 0))
+            self.parsed(name.encode() if isinstance(name, str) else name, msg[pos:end], msg)
             if name and d is not None and s.prepared is not None and d.statements:
                 s.prepared.record(name, d.statements[0])
             if s.guard is not None:
@@ -1056,6 +1166,13 @@ def _copy_specs(mask, sql: str, reads: bool):
                 opts[de["defname"]] = text
             elif de["defname"] == "header":
                 opts["header"] = _copy_header(de)
+            elif de["defname"] == "encoding" and re.sub(
+                    r"[^0-9a-z]", "", (text or "").lower()) not in ("utf8", "unicode"):
+                # the masker splits fields on the bytes: in another encoding a character's
+                # second byte may read as a delimiter or an escape (SJIS), and a masked
+                # value lands in another column
+                return (f"COPY ... ENCODING {text!r}: the masker reads UTF-8 only; leave the "
+                        "ENCODING option out (or say 'UTF8') and convert on the client")
         if "query" in stmt:
             # under masks every COPY (query) is planned from its columns' types and
             # lineage (side connection), not only one that names a masked table: a

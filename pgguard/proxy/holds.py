@@ -242,6 +242,7 @@ class Holds:
                 # the row limit (the approver saw placeholders, not the values bound)
                 pname = name.encode() if isinstance(name, str) else (name or b"")
                 s.guard.on_approved_parse(pname, d, sql, msg, s.enforce.plan_of(d, sql))
+                s.enforce.parsed(pname, sql, msg)
                 s.enforce.guard_watch()
             if name and s.prepared is not None and d.statements:
                 s.prepared.record(name, d.statements[0])

@@ -606,6 +606,7 @@ class Session:
         if self.masking is not None:
             self.masking.answers = self.answers.listen()
         self.client_pipe = Pipe(self.fscan, c.transport, up.transport, self, True)
+        self.enforce.watch_statements()
         self.enforce.fast_path(True)
         if self.tracker is not None:
             self.client_pipe.fast_log = self.tracker.flog
