@@ -75,6 +75,13 @@ ACTIVITY = [
     "WITH q AS (SELECT query AS t FROM pg_stat_activity) SELECT reverse(t) FROM q",
     "SELECT reverse(query) FROM pg_stat_get_activity(NULL)",
     "SELECT reverse(pg_stat_get_backend_activity(s)) FROM pg_stat_get_backend_idset() s",
+    # (red team 13) a column-alias list or a join alias renames query out of sight
+    "SELECT reverse(q) FROM pg_stat_activity AS s(" +
+    ", ".join(f"a{i}" for i in range(1, 21)) + ", q) WHERE q LIKE '%ssn%'",
+    "SELECT reverse(j.query) FROM (pg_stat_activity JOIN pg_database d ON true) AS j",
+    "SELECT reverse(j.x21) FROM (pg_stat_activity a JOIN pg_database d ON d.oid = a.datid) "
+    "AS j(" + ", ".join(f"x{i}" for i in range(1, 22)) + ")",
+    "SELECT reverse(j::text) FROM (pg_stat_activity JOIN pg_database d ON true) AS j",
 ]
 
 

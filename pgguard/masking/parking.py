@@ -92,7 +92,10 @@ _CURSOR_OPT_HOLD = 0x0020
 # a generated column or a CHECK reads the table's columns, and a STORED generated column
 # keeps a copy of the value in clear under a name no mask covers)
 _TARGETED = frozenset({"UpdateStmt", "DeleteStmt", "MergeStmt", "InsertStmt",
-                       "AlterTableStmt"})
+                       "AlterTableStmt",
+                       # an expression index keeps its values (and its statistics show
+                       # them); a partial index's predicate reads the columns too
+                       "IndexStmt"})
 # value-carrying columns of the statistics relations (pg_catalog)
 STATS_VALUES = {
     "pg_stats": frozenset({"most_common_vals", "histogram_bounds", "most_common_elems"}),
@@ -418,6 +421,22 @@ def stats_reads(reads: _Reads, values: dict = STATS_VALUES) -> list[str]:
                 hits.add(f"pg_catalog.{rel}.{last}")
     if reads.natural:
         hits.update(f"pg_catalog.{rel}.*" for rel in rels)
+    # a column-alias list renames the value columns out of sight (`pg_stats AS s(a, b,
+    # ..., x)`): the whole relation counts as read through it (fail closed)
+    for schema, rel, _, _ in reads.renamed:
+        if rel in values and (schema in (None, "pg_catalog") or rel in _ANY_SCHEMA):
+            hits.update(f"pg_catalog.{rel}.{c}" for c in values[rel])
+    # a join alias hides the relations inside it: a value column (or the whole row, or
+    # any column when the join renames them) read through the alias counts
+    for jalias, jcols, inner in reads.joins:
+        inside = {rel for schema, rel, _ in inner.ranges if rel in values and (
+            schema in (None, "pg_catalog") or rel in _ANY_SCHEMA)}
+        for rel in inside:
+            through = [f for f in reads.refs if f and (f[0] == jalias or (
+                len(f) > 1 and f[-2] == jalias))]
+            if jcols is not None and through or any(
+                    len(f) == 1 or f[-1] == "*" or f[-1] in values[rel] for f in through):
+                hits.update(f"pg_catalog.{rel}.{c}" for c in values[rel])
     return sorted(hits)
 
 

@@ -1,0 +1,139 @@
+# Red team, round 13, judged by what the agent receives against the seeded values and by
+# the upstream catalog:
+#  F1 - pg_stats read under a column-alias list (`pg_stats AS s(a, ..., x)`) or through
+#       a join alias: the sample values of masked columns (histogram_bounds,
+#       most_common_vals) came back reversed or digit-shifted; the same statement naming
+#       the columns was refused. The statistics relations read through a renaming alias
+#       count as read whole now.
+#  F3 - CREATE INDEX on an expression of a masked column (`(id::text || reverse(ssn))`)
+#       was allowed: the index keeps the values, and its own statistics show them keyed
+#       by id. An index whose expressions or predicate read a masked column is refused
+#       to a masked identity (parking).
+import asyncio
+import subprocess
+
+import asyncpg
+import psycopg
+import pytest
+import rawpg
+from mask_corpus import DB, MASKS, leaks, raw_connect, run_mode, seed
+
+
+@pytest.fixture(scope="module")
+def rt13proxy(pg, tmp_path_factory):
+    from conftest import Proxy
+    seed(pg)
+    pg.execute("ANALYZE customers", dbname=DB)
+    p = Proxy(pg, tmp_path_factory.mktemp("mask-rt13"), extra=MASKS).start()
+    yield p
+    p.stop()
+
+
+_COLS = ", ".join(f"c{i}" for i in range(1, 15))
+STATS = [
+    "SELECT reverse(v) FROM pg_stats AS s(a, b, c, d, e, f, g, h, i, x), "
+    "unnest(x::text::text[]) v WHERE b = 'customers'",
+    "SELECT reverse(x::text) FROM pg_stats AS s(a, b, c, d, e, f, g, x) "
+    "WHERE b = 'customers'",
+    "SELECT reverse(j.histogram_bounds::text) FROM (pg_stats JOIN pg_namespace n "
+    "ON n.nspname = schemaname) AS j WHERE j.tablename = 'customers'",
+    f"SELECT reverse(j.c10::text) FROM (pg_stats s JOIN pg_namespace n "
+    f"ON n.nspname = s.schemaname) AS j({_COLS}) WHERE j.c2 = 'customers'",
+    "SELECT reverse(j::text) FROM (pg_stats JOIN pg_namespace n ON true) AS j "
+    "WHERE j.tablename = 'customers'",
+    "SELECT translate(m::text, '0123456789', 'abcdefghij') FROM pg_catalog.pg_stats "
+    "AS s(a, b, c, d, e, f, g, m) WHERE b = 'customers'",
+]
+
+
+@pytest.mark.parametrize("mode", ["psql", "psycopg-text", "psycopg-binary",
+                                  "psycopg-prepared", "asyncpg-fetch", "raw-later"])
+def test_statistics_under_a_renaming_alias_are_not_read(rt13proxy, pg, psql_bin, mode):
+    # the truth: the upstream's statistics hold the clear values
+    truth = pg.execute("SELECT histogram_bounds::text, most_common_vals::text FROM "
+                       "pg_stats WHERE tablename = 'customers'", dbname=DB)
+    assert leaks(truth), truth
+    for sql in STATS:
+        try:
+            if mode == "raw-later":     # the Parse alone: refused there
+                c = raw_connect(rt13proxy)
+                try:
+                    c.send(rawpg.parse(sql, name="s1"), rawpg.SYNC)
+                    blob = c.until_ready()
+                finally:
+                    c.close()
+            else:
+                _, blob = run_mode(mode, rt13proxy, sql, psql_bin)
+        except Exception as e:      # noqa: BLE001 - the client's own way of failing
+            blob = f"{e!r} {e}"
+        text = str(blob)
+        assert leaks(text) == [], (sql, leaks(text))
+        assert 'rule \\"masking\\"' in text or 'rule "masking"' in text, (mode, sql, text)
+    # the statistics' other columns stay readable
+    got, blob = run_mode(mode, rt13proxy, "SELECT attname, null_frac FROM pg_stats AS "
+                         "s WHERE tablename = 'customers' ORDER BY 1", psql_bin)
+    assert "42501" not in str(blob) and "ssn" in str(blob), blob
+
+
+INDEXES = [
+    "CREATE INDEX rt13_ix{n} ON customers ((id::text || ':' || reverse(ssn)))",
+    "CREATE INDEX rt13_ix{n} ON customers (lower(email))",
+    "CREATE INDEX rt13_ix{n} ON public.customers USING btree ((reverse(ssn)) DESC)",
+    "CREATE UNIQUE INDEX rt13_ix{n} ON customers ((id::text || translate(ssn, '0', 'z')))",
+    "CREATE INDEX rt13_ix{n} ON customers (id) WHERE ssn LIKE '7%'",
+    "CREATE INDEX rt13_ix{n} ON customers ((substr(ssn, 1, 3)), id)",
+]
+_n = iter(range(10_000))
+
+
+def _run_ddl(client, proxy, sql, psql_bin):
+    if client == "psql":
+        r = subprocess.run([psql_bin, proxy.dsn(dbname=DB), "-X", "-c", sql],
+                           capture_output=True, text=True, timeout=30)
+        return r.stdout + r.stderr
+    if client == "psycopg":
+        with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
+            try:
+                c.execute(sql, prepare=True)
+                return "ok"
+            except psycopg.Error as e:
+                return e.diag.message_primary or str(e)
+    if client == "asyncpg":
+        async def go():
+            c = await asyncpg.connect(proxy.dsn(dbname=DB))
+            try:
+                await c.execute(sql)
+                return "ok"
+            except asyncpg.PostgresError as e:
+                return str(e)
+            finally:
+                await c.close()
+        return asyncio.run(go())
+    c = raw_connect(proxy)
+    try:
+        c.send(rawpg.parse(sql), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
+        return str(rawpg.errors(c.until_ready()))
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("client", ["psql", "psycopg", "asyncpg", "raw"])
+@pytest.mark.parametrize("k", range(len(INDEXES)))
+def test_index_over_masked_values_is_refused(rt13proxy, pg, psql_bin, client, k):
+    n = next(_n)
+    sql = INDEXES[k].format(n=n)
+    said = _run_ddl(client, rt13proxy, sql, psql_bin)
+    made = pg.execute("SELECT count(*) FROM pg_class WHERE relname = %s", [f"rt13_ix{n}"],
+                      dbname=DB)[0][0]
+    assert made == 0, (sql, said)
+    assert "masking" in said, said
+
+
+def test_index_over_unmasked_columns_still_made(rt13proxy, pg):
+    with psycopg.connect(rt13proxy.dsn(dbname=DB), autocommit=True) as c:
+        c.execute("CREATE INDEX IF NOT EXISTS rt13_ok ON customers ((lower(name)))")
+        c.execute("CREATE INDEX IF NOT EXISTS rt13_ok2 ON customers (ssn)")  # a plain column
+    got = pg.execute("SELECT count(*) FROM pg_class WHERE relname IN ('rt13_ok', 'rt13_ok2')",
+                     dbname=DB)[0][0]
+    assert got == 2
+    pg.execute("DROP INDEX rt13_ok; DROP INDEX rt13_ok2", dbname=DB)
