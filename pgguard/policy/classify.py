@@ -277,6 +277,7 @@ _WRITING_FUNCS = frozenset({
     "lo_truncate", "lo_truncate64", "lowrite", "pg_notify", "pg_stat_reset",
     "pg_advisory_lock", "pg_advisory_xact_lock", "txid_current", "pg_current_xact_id",
 })
+WRITING_FUNCS = _WRITING_FUNCS
 
 # settings whose change is a privilege or escape concern (SET, set_config, ALTER ... SET)
 _PRIVILEGE_SETTINGS = {

@@ -23,6 +23,7 @@ from ..errors import ProtocolViolation
 from ..masking import parking
 from ..masking.wire import MASK_BACKEND, PENDING
 from ..policy.bodies import Bodies, BodiesPending, own_definitions
+from ..policy.classify import WRITING_FUNCS
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
@@ -423,6 +424,13 @@ class Enforcement:
             return BODIES_PENDING
         if s.readonly and d.action == "allow" and not _reads_only(d):
             d = _readonly_refusal(d)
+        if d.action != "block" and s.guard is not None and any(
+                st.kind in _LATER_KINDS for st in d.statements) and \
+                self._plan(d) is not None:
+            # a cursor's query runs at each FETCH/MOVE (or at COMMIT, WITH HOLD), a
+            # COPY's streams out: neither is a statement the guard can measure
+            d = unguarded_refusal(d, "DECLARE ... CURSOR" if any(
+                st.kind == "declare" for st in d.statements) else "COPY (query) TO")
         if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         if d.action != "block" and s.masking is not None:
@@ -961,7 +969,16 @@ _WRITE_FLAGS = frozenset({"write", "destructive", "privilege", "escape"})
 _CHANGING_KINDS = frozenset({
     "insert", "update", "delete", "merge", "create", "alter", "drop", "truncate", "grant",
     "revoke", "comment", "security_label", "reassign", "refresh", "vacuum", "cluster",
-    "reindex", "lock", "call", "do", "copy"})
+    "reindex", "lock", "call", "do", "copy",
+    # Postgres' read-only mode lets these through: a notification leaves the database,
+    # ANALYZE rewrites the statistics
+    "notify", "analyze"})
+
+
+def _writing_call(st) -> str | None:
+    """A built-in function the statement calls that changes state Postgres' read-only
+    mode does not guard (large objects, notifications, transaction ids, locks)."""
+    return next((f for f in st.functions if f.rsplit(".", 1)[-1] in WRITING_FUNCS), None)
 
 
 _ROLE_KINDS = frozenset({"set", "reset", "discard"})
@@ -1019,6 +1036,7 @@ def _changes(st) -> bool:
     # writes, or turns read-only mode off (a setting read-only may not be turned off to,
     # or a setting whose name pgguard cannot read)
     return bool(_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)
+                or _writing_call(st) is not None
                 or any(n == "*" or (n.endswith("transaction_read_only") and (
                     v is None or v.strip().lower() not in
                     ("on", "true", "yes", "1", "t", "tr", "tru", "y", "ye")))
@@ -1061,10 +1079,34 @@ def _pinned_refusal(d):
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
+# statements whose query runs later, or streams out, where the blast-radius guard
+# cannot measure the rows it changes
+_LATER_KINDS = frozenset({"declare", "copy"})
+
+
+def unguarded_refusal(d, how: str):
+    """A statement that may change rows (it writes, or calls a function pgguard cannot
+    see into) sent in a form whose row changes the blast-radius guard cannot measure."""
+    st = next((st for st in d.statements if st.functions), d.statements[0])
+    calls = ", ".join(f"{f}()" for f in st.functions[:5])
+    return Decision(
+        action="block", rule="blast-radius",
+        message=f'pgguard: statement refused by rule "blast-radius": {how} of a statement '
+                "that may change rows runs where the row limit cannot be measured",
+        detail=(f"it calls {calls}, which may change rows" if calls else
+                f"statement kind: {st.kind}; it changes rows"),
+        hint="Run it as a plain statement (SELECT f(), an UPDATE ...): it then runs "
+             "under the row limit.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
 def _readonly_refusal(d):
     st = next(st for st in d.statements if _changes(st))
     what = "changes the database"
-    if not (_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)):
+    call = _writing_call(st)
+    if call is not None:
+        what = f"calls {call}(), which changes the database"
+    elif not (_WRITE_FLAGS.intersection(st.flags) or _CHANGING_KINDS.intersection(st.kinds)):
         what = "would turn read-only mode off"
     return Decision(
         action="block", rule="readonly-scope",

@@ -44,7 +44,7 @@ from pglast import keywords as _kw
 
 from ..policy.rules import Decision
 from ..protocol import messages as m
-from .enforce import BODIES_PENDING, _reads_masked
+from .enforce import BODIES_PENDING, _reads_masked, unguarded_refusal
 from .holds import RawReader
 from .tracking import statement_record
 
@@ -369,6 +369,11 @@ class FunctionCalls:
             s.enforce.bodies_wait(msg, out)
             return
         d = _for_call(d, info, sql)
+        if d.action != "block" and s.guard is not None and \
+                s.enforce.plan_of(d, sql.encode()) is not None:
+            # the call may change rows (a function pgguard cannot see into, or one
+            # whose body writes) and a FunctionCall's changes are not measured
+            d = unguarded_refusal(d, "a FunctionCall message")
         if d.action == "allow":
             self._forward(msg, d, out, sql)
         elif d.action == "approve":
