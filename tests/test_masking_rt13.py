@@ -137,3 +137,54 @@ def test_index_over_unmasked_columns_still_made(rt13proxy, pg):
                      dbname=DB)[0][0]
     assert got == 2
     pg.execute("DROP INDEX rt13_ok; DROP INDEX rt13_ok2", dbname=DB)
+
+
+#  (red team 14) the same reads inside code: a DO block, a function body the agent
+#  creates or one a DBA made, RAISE'd as a NOTICE or parked in a table. Refused now.
+_HB = ("translate(histogram_bounds::text, '0123456789-', 'abcdefghijX') FROM pg_stats "
+       "WHERE tablename = 'customers'")
+CODE_READS = [
+    "DO $$DECLARE r text; BEGIN SELECT string_agg(" + _HB.replace(" FROM", ", ',') FROM", 1)
+    + " INTO r; RAISE NOTICE '%', r; END$$",
+    "DO $$BEGIN CREATE TABLE IF NOT EXISTS rt13_loot(v text); INSERT INTO rt13_loot "
+    "SELECT " + _HB + "; END$$",
+    "CREATE FUNCTION rt13_st() RETURNS text LANGUAGE sql AS $$SELECT string_agg("
+    + _HB.replace(" FROM", ", ',') FROM", 1) + "$$",
+    "DO $$DECLARE r record; BEGIN FOR r IN SELECT most_common_vals::text AS m FROM "
+    "pg_catalog.pg_stats WHERE tablename = 'customers' LOOP RAISE NOTICE '%', "
+    "reverse(r.m); END LOOP; END$$",
+    "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(reverse(query), ',') FROM "
+    "pg_stat_activity); END$$",
+    "SELECT rt13_dba_st()",
+]
+
+
+@pytest.fixture(scope="module")
+def dba_stats_function(rt13proxy, pg):
+    pg.execute("CREATE OR REPLACE FUNCTION rt13_dba_st() RETURNS text LANGUAGE sql AS "
+               "$$SELECT string_agg(" + _HB.replace(" FROM", ", ',') FROM", 1) + "$$; "
+               "GRANT EXECUTE ON FUNCTION rt13_dba_st() TO PUBLIC", dbname=DB)
+    yield
+    pg.execute("DROP FUNCTION IF EXISTS rt13_dba_st(); DROP FUNCTION IF EXISTS rt13_st(); "
+               "DROP TABLE IF EXISTS rt13_loot", dbname=DB)
+
+
+def _untranslate(text: str) -> str:
+    return text.translate(str.maketrans("abcdefghijX", "0123456789-"))
+
+
+@pytest.mark.parametrize("client", ["psql", "psycopg", "asyncpg", "raw"])
+@pytest.mark.parametrize("k", range(len(CODE_READS)))
+def test_statistics_read_inside_code_are_refused(rt13proxy, pg, psql_bin, dba_stats_function,
+                                                 client, k):
+    sql = CODE_READS[k]
+    said = _run_ddl(client, rt13proxy, sql, psql_bin)
+    got = said + _untranslate(said) + said[::-1]
+    assert leaks(got) == [], (sql, leaks(got))
+    assert "masking" in said, said
+    # nothing was parked or created upstream
+    made = pg.execute("SELECT count(*) FROM pg_class WHERE relname = 'rt13_loot'", dbname=DB)
+    assert made[0][0] == 0 or pg.execute("SELECT count(*) FROM rt13_loot",
+                                         dbname=DB)[0][0] == 0
+    assert pg.execute("SELECT count(*) FROM pg_proc WHERE proname = 'rt13_st'",
+                      dbname=DB)[0][0] == 0

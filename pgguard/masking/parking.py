@@ -572,6 +572,23 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 f"reads {', '.join(texts)}",
                 "Read pg_stat_activity without its query column (pid, state, "
                 "wait_event, query_start...), or ask an identity exempt from the masks.")
+        if (names or globs) and (st.kind in ("do", "call") or _creates_code(raw) or any(
+                user_fn(f) for f in reads.calls)):
+            # code reads them where the column check above cannot look (a DO block, a
+            # function's body): the statement texts and sample values come out in a
+            # NOTICE, a table, a return value
+            hidden = sorted(r for r in st.relations_read
+                            if r.split(".", 1)[-1] in STATS_VALUES
+                            or r.split(".", 1)[-1] in ACTIVITY_VALUES)
+            if hidden:
+                return _refusal(
+                    d, st, f"{st.kind.upper()} runs code that reads {hidden[0]}, whose "
+                    "values (planner samples, other sessions' statement texts) include "
+                    "masked columns' values",
+                    f"statement kind: {st.kind}; the code reads {', '.join(hidden)}",
+                    "Read these views directly, without their value columns; DO blocks, "
+                    "procedures and function bodies may not read them for a masked "
+                    "identity.")
         if not names:
             continue
         touched = sorted(r for r in st.relations_read + st.relations_written
