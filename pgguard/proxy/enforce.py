@@ -179,27 +179,11 @@ class Enforcement:
                     sql = None
         if sql is None:
             return True
-        q = self._rebind_q
-        if q is None or q[5:-1] != sql:
-            q = self._rebind_q = b"Q" + struct.pack("!I", len(sql) + 5) + sql + b"\0"
-        d = self.decide(q, 5, len(q) - 1)
-        if d is BODIES_PENDING:
-            self.bodies_wait(msg, out, q)
+        if not self._judge_again(name, sql, msg, out, later,
+                                 "the catalog changed since the statement was prepared"):
             return False
-        if d.action == "allow":
-            gens[name] = now
-            if s.guard is not None:
-                s.guard.on_parse(name, self._plan(d, sql))
-                self.guard_watch()
-            return True
-        self.refuse_any(Decision(
-            action="block", rule=d.rule, statements=d.statements,
-            message=d.message + (" (judged again at Bind: the catalog changed since the "
-                                 "statement was prepared)"),
-            detail=d.detail, hint=(d.hint + " " if d.hint else "") +
-            "Prepare the statement again to be judged (and approved) afresh."),
-            out, True, sql, ahead=sync_points(later))
-        return False
+        gens[name] = now
+        return True
 
     def fast_path(self, on: bool) -> None:
         """Let the compiled client pipe forward what needs no Python (off while
@@ -476,9 +460,17 @@ class Enforcement:
         or a function body it runs may mean something else now): judge its text again.
         True: go on with the Bind (under the new plan). False: it was refused, or it
         waits for function bodies to be read (then it is taken up again)."""
-        s = self.s
         name, plan = stale
-        sql = plan.sql
+        return self._judge_again(name, plan.sql, msg, out, later,
+                                 "what the prepared statement runs changed since it was "
+                                 "prepared")
+
+    def _judge_again(self, name: bytes, sql: bytes, msg: bytes, out: list, later: list,
+                     why: str) -> bool:
+        """Judge a prepared statement's text again at its Bind ``msg``. True: allowed
+        (the guard has its new plan). False: refused (the Bind fails, saying ``why``),
+        or it waits for function bodies or a catalog read (then it is taken up again)."""
+        s = self.s
         # the same message object each time this text is judged again: what decide()
         # waited for (the view map, the mask catalog) is known by it
         q = self._rebind_q
@@ -489,13 +481,13 @@ class Enforcement:
             self.bodies_wait(msg, out, q)
             return False
         if d.action == "allow":
-            s.guard.on_parse(name, self._plan(d, sql))
-            self.guard_watch()
+            if s.guard is not None:
+                s.guard.on_parse(name, self._plan(d, sql))
+                self.guard_watch()
             return True
         self.refuse_any(Decision(
             action="block", rule=d.rule, statements=d.statements,
-            message=d.message + (" (judged again at Bind: what the prepared statement "
-                                 "runs changed since it was prepared)"),
+            message=d.message + f" (judged again at Bind: {why})",
             detail=d.detail, hint=(d.hint + " " if d.hint else "") +
             "Prepare the statement again to be judged (and approved) afresh."),
             out, True, sql, ahead=sync_points(later))
