@@ -197,8 +197,11 @@ def test_hstore_of_whole_rows(rproxy, hstore, pg, psql_bin, mode, shape):
         got, blob = _run(mode, rproxy, shape.sql, psql_bin)
     except (AssertionError, psycopg.Error) as e:
         # (raw-later / pipeline: the refused Parse's later Bind answers 26000)
+        # (a named cursor over code pgguard cannot read is refused first: its rows are
+        # fetched where the row limit cannot measure them)
         assert ('rule "masking"' in str(e) and "hstore()" in str(e)) or \
-            "'C': '26000'" in str(e), e
+            "'C': '26000'" in str(e) or (
+                mode == "psycopg-named" and 'rule "blast-radius"' in str(e)), e
         assert not any(v in str(e) for v in ("@example", "-43-", "-67-", "-88-")), e
         return
     direct = direct_mode(pg, mode, shape.sql) if got is not None else None

@@ -14,7 +14,10 @@ import psycopg
 import pytest
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD
-from test_policy_guard_scope import readonly_dsn, sproxy  # noqa: F401 - a fixture
+import test_policy_guard_scope
+from test_policy_guard_scope import readonly_dsn
+
+sproxy = test_policy_guard_scope.sproxy       # the read-only token's proxy (a fixture)
 
 DB = "appdb"
 ROWS = 3000

@@ -100,10 +100,12 @@ class Enforcement:
         self._effects_of = None         # the DDL message whose catalog effects are done
         self._rebind_q: bytes | None = None     # the Query a stale Bind is judged as
         # prepared statements: name -> the catalog generation they were judged under
-        # (the compiled client pipe reads it at each Bind), and their texts (the
-        # unnamed statement's is the pipe's unnamed_parse)
+        # (the compiled client pipe reads it at each Bind), and their texts (an unnamed
+        # one the pipe forwarded itself since is its unnamed_parse, which was
+        # _unnamed_seen when this part last noted one)
         self.stmt_gens: dict[bytes, int] = {}
         self.stmt_texts: dict[bytes, bytes] = {}
+        self._unnamed_seen: bytes | None = None
         # (Query message, Approved): a Query an approval window (a grant, matched by the
         # statement's shape) lets through, taken up again to run under the blast-radius
         # guard: its values are not the ones a human saw
@@ -136,10 +138,9 @@ class Enforcement:
         if pipe.stmt_gens is None:
             return
         self.stmt_gens[name] = pipe.generation
-        if name:
-            self.stmt_texts[name] = sql
-        else:
-            pipe.unnamed_parse = msg
+        self.stmt_texts[name] = sql
+        if not name:
+            self._unnamed_seen = pipe.unnamed_parse
 
     def closed_statement(self, msg: bytes) -> None:
         """A Close: forget a statement's text (a Bind of it fails upstream now)."""
@@ -166,19 +167,16 @@ class Enforcement:
         now = s.client_pipe.generation
         if gen is None or gen == now:
             return True
-        if name:
-            sql = self.stmt_texts.get(name)
-        else:
-            parse = s.client_pipe.unnamed_parse
-            sql = None
-            if parse is not None:
-                try:
-                    _, pos = m.parse_cstr(parse, 5)
-                    sql = parse[pos:parse.index(b"\0", pos)]
-                except ValueError:
-                    sql = None
-        if sql is None:
-            return True
+        sql = self.stmt_texts.get(name)
+        parse = s.client_pipe.unnamed_parse
+        if not name and parse is not None and parse is not self._unnamed_seen:
+            try:                        # the compiled pipe forwarded a later one
+                _, pos = m.parse_cstr(parse, 5)
+                sql = parse[pos:parse.index(b"\0", pos)]
+            except ValueError:
+                sql = None
+        if sql is None:                 # (never expected) its text is not known: refuse
+            sql = b"/* a prepared statement whose text pgguard does not know */"
         if not self._judge_again(name, sql, msg, out, later,
                                  "the catalog changed since the statement was prepared"):
             return False
@@ -410,7 +408,7 @@ class Enforcement:
             d = _readonly_refusal(d)
         if d.action != "block" and s.guard is not None and any(
                 st.kind in _LATER_KINDS for st in d.statements) and \
-                self._plan(d) is not None:
+                self.unmeasurable(d):
             # a cursor's query runs at each FETCH/MOVE (or at COMMIT, WITH HOLD), a
             # COPY's streams out: neither is a statement the guard can measure
             d = unguarded_refusal(d, "DECLARE ... CURSOR" if any(
@@ -444,6 +442,30 @@ class Enforcement:
                                    self.own_bodies, self.function_ddl,
                                    lambda name: services.builtin_function_name(db, name))
         return fb
+
+    def unmeasurable(self, d) -> bool:
+        """Whether ``d``, run where the blast-radius guard cannot measure it (a cursor,
+        a COPY, a FunctionCall), may change rows: it changes rows itself or in a body
+        pgguard reads, or it calls code pgguard cannot read (another language, a body
+        not read) — what the guard would have measured."""
+        if self._plan(d) is None:
+            return False
+        if any(st.changes_rows for st in d.statements):
+            return True
+        s = self.s
+        todo = [f for st in d.statements for f in st.functions if self.is_user_function(f)]
+        seen: set[str] = set()
+        while todo:
+            f = todo.pop()
+            if f in seen:
+                continue
+            seen.add(f)
+            j = s.services.function_judgement(s.database, f)
+            if j is None or j.error or j.other_languages or j.body is None or \
+                    j.body.changes_rows or len(seen) > 64:
+                return True
+            todo.extend(n for n in j.nested if self.is_user_function(n))
+        return False
 
     def is_user_function(self, name: str) -> bool:
         """Whether a called name may run code pgguard cannot see into: the server's

@@ -369,8 +369,7 @@ class FunctionCalls:
             s.enforce.bodies_wait(msg, out)
             return
         d = _for_call(d, info, sql)
-        if d.action != "block" and s.guard is not None and \
-                s.enforce.plan_of(d, sql.encode()) is not None:
+        if d.action != "block" and s.guard is not None and s.enforce.unmeasurable(d):
             # the call may change rows (a function pgguard cannot see into, or one
             # whose body writes) and a FunctionCall's changes are not measured
             d = unguarded_refusal(d, "a FunctionCall message")
