@@ -32,6 +32,16 @@ cdef object _MISSING = object()
 cdef Py_ssize_t YIELD_BYTES = 65536
 
 
+cdef inline long long _big_endian_8(const void* buf) noexcept:
+    # the shared catalog generation: the first 8 bytes of the buffer, big-endian
+    cdef const unsigned char* g = <const unsigned char*>buf
+    cdef unsigned long long v = 0
+    cdef int i
+    for i in range(8):
+        v = (v << 8) | g[i]
+    return <long long>v
+
+
 cdef class MaskLane:
     """The compiled lane of a masking session (see the layout in pipe.pxd).
 
@@ -66,12 +76,7 @@ cdef class MaskLane:
             PyBuffer_Release(&self._gbuf)
 
     cdef long long _generation(self) noexcept:
-        cdef const unsigned char* g = <const unsigned char*>self._gbuf.buf
-        cdef unsigned long long v = 0
-        cdef int i
-        for i in range(8):
-            v = (v << 8) | g[i]
-        return <long long>v
+        return _big_endian_8(self._gbuf.buf)
 
     @property
     def generation(self):
@@ -202,15 +207,9 @@ cdef class Pipe:
         return self._sig_gen()
 
     cdef long long _sig_gen(self) noexcept:
-        cdef const unsigned char* g
-        cdef unsigned long long v = 0
-        cdef int i
         if not self._has_sbuf:
             return -1
-        g = <const unsigned char*>self._sbuf.buf
-        for i in range(8):
-            v = (v << 8) | g[i]
-        return <long long>v
+        return _big_endian_8(self._sbuf.buf)
 
     cdef bint _bind_stale(self, bytes msg) except -1:
         # True: this Bind names a statement judged under another catalog generation
