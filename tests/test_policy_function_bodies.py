@@ -6,6 +6,7 @@
 # as the superuser; near neighbours (functions that only read, or write a table no rule
 # names) keep working.
 import asyncio
+import threading
 
 import asyncpg
 import psycopg
@@ -566,4 +567,38 @@ def test_a_view_created_inside_a_function_body_is_seen_before_the_next_call(pg, 
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
             c3.execute(f"SELECT {dl}()")
         held(e)
+    pg.execute(f"DROP VIEW {w}; DROP FUNCTION {mk}(), {dl}()", dbname=DB)
+
+
+def test_a_view_map_read_begun_before_the_body_committed_is_not_trusted(pg, guarded):
+    """The view map read that was in flight when the body's view committed began before
+    it (it cannot show the view): the next call waits for the read that follows it.
+    The read's second half (the INSTEAD OF triggers) is held on a lock upstream until
+    after the commit, so the read is in flight across it every time."""
+    n = next(_serial)
+    mk, dl, w = f"fb_mk{n}", f"fb_dl{n}", f"fb_w{n}"
+    with conn(guarded) as c:
+        c.execute(f"CREATE FUNCTION {mk}() RETURNS int LANGUAGE sql AS $$CREATE VIEW {w} AS "
+                  "SELECT * FROM fb_orders; SELECT pg_sleep(2.5); SELECT 1$$")
+        c.execute(f"CREATE FUNCTION {dl}() RETURNS int LANGUAGE plpgsql AS $$BEGIN DELETE "
+                  f"FROM {w} WHERE id > 0; RETURN 1; END$$")
+    with conn(guarded) as c2, pytest.raises(psycopg.errors.UndefinedTable):
+        c2.execute(f"SELECT {dl}()")        # allowed (no such view yet), and cached
+    with conn(guarded) as c3, pg.connect(dbname=DB) as lock:
+        c3.execute("SELECT 1")
+        lock.autocommit = True
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE pg_catalog.pg_trigger IN ACCESS EXCLUSIVE MODE")
+        released = threading.Timer(1.0, lock.execute, ("COMMIT",))
+        try:
+            # during the body's sleep a read of the map begins and stops at the lock
+            assert c3.execute(f"SELECT {mk}()").fetchone() == (1,)
+            released.start()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                c3.execute(f"SELECT {dl}()")
+            held(e)
+        finally:
+            released.cancel()
+            released.join()
+            lock.execute("ROLLBACK")
     pg.execute(f"DROP VIEW {w}; DROP FUNCTION {mk}(), {dl}()", dbname=DB)

@@ -551,10 +551,16 @@ class Server:
     async def ready_views(self, database: str) -> None:
         """Make sure a fresh view map of ``database`` is at hand (a session under a
         policy starts only once it is); raises when the catalog cannot be read."""
-        st = self._views.get(database)
-        if st is None or st.map is None or st.stale or \
+        began = time.monotonic()
+        st = self._views.setdefault(database, _ViewState())
+        while st.map is None or st.stale or st.task is not None or \
                 time.monotonic() - st.loaded > VIEW_MAP_TTL:
+            # the read in flight may have begun before the DDL that made the map stale
+            # (its commit then starts another read as it ends): wait until a read begun
+            # after this call is done, or one failed since
             await self._load_views(database)
+            if st.map is not None and (st.loaded >= began or st.failed_at >= began):
+                return
 
     def views_fresh(self, database: str) -> bool:
         """Whether the view map of ``database`` is read and no DDL went by since (no
