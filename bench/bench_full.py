@@ -116,20 +116,22 @@ def run_pgbench(pgbench: Path, t: br.Target, mode: str, duration: int, clients: 
     if logdir is not None:
         prefix = logdir / f"lat-{t.name}-{secrets.token_hex(3)}"
         cmd[1:1] = ["-l", "--log-prefix", str(prefix)]
-    cpu0 = t.cpu()
+    cpu0 = t.cpu_split()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=t.env(),
                            timeout=duration + 60)
     except subprocess.TimeoutExpired:
         return {"value": None, "error": f"pgbench did not finish within {duration + 60}s"}
-    cpu1 = t.cpu()
+    cpu1 = t.cpu_split()
     m_tps, m_txn = br._TPS.search(r.stdout), br._PROCESSED.search(r.stdout)
     m_fail = br._FAILED.search(r.stdout)
     res: dict[str, Any] = {"value": float(m_tps.group(1)) if m_tps else None,
                            "txns": int(m_txn.group(1)) if m_txn else None,
                            "failed": int(m_fail.group(1)) if m_fail else None}
     if cpu0 is not None and cpu1 is not None and res["txns"]:
-        res["cpu_us_per_txn"] = round((cpu1 - cpu0) / res["txns"] * 1e6, 2)
+        per = {k: (cpu1[k] - cpu0[k]) / res["txns"] * 1e6 for k in cpu0}
+        res["cpu_us_per_txn"] = round(sum(per.values()), 2)
+        res.update({f"cpu_{k}_us": round(v, 2) for k, v in per.items()})
     if r.returncode != 0 or res["value"] is None:
         res["error"] = (f"pgbench exit {r.returncode}: "
                         + " | ".join((r.stderr.strip().splitlines() or ["(no stderr)"])[-3:]))
@@ -438,6 +440,7 @@ def report(meta: dict[str, Any], rows: list[Row], args: argparse.Namespace) -> d
                               "ratio": ratio_o, "goal": None})
     print("  subject / reference: " + "; ".join(f"{r.name}: {r.subject} / {r.reference}"
                                                for r in rows), file=out)
+    cpu_breakdown(rows, out)
     errors = [(r.name, n, s["error"]) for r in rows for n, ss in r.samples.items()
               for s in ss if s.get("error")]
     if errors:
@@ -445,6 +448,31 @@ def report(meta: dict[str, Any], rows: list[Row], args: argparse.Namespace) -> d
         for e in errors[:30]:
             print(f"  {e[0]} {e[1]}: {e[2]}", file=out)
     return {"table": table}
+
+
+def cpu_breakdown(rows: list[Row], out) -> None:
+    """Where each proxy's CPU per transaction goes (medians): user and system time of
+    the serving processes, and pgguard's audit writer; the kernel's share of a relay is
+    the same for both proxies, the rest is what pgguard does on top."""
+    keys = ("proxy_user", "proxy_sys", "writer_user", "writer_sys")
+    lines = []
+    for r in rows:
+        if r.test not in ("simple", "prepared", "tpcb", "tpcb-simple"):
+            continue
+        for name, ss in r.samples.items():
+            vals = [median(ss, f"cpu_{k}_us") for k in keys]
+            if any(v is None for v in vals):
+                continue
+            lines.append(f"  {r.name:<16}{name:<18}" + "".join(f"{fmt(v, 1):>10}" for v in vals)
+                         + f"{fmt(sum(vals), 1):>10}")
+    if not lines:
+        return
+    print("\nproxy CPU per transaction, µs (medians; /proc utime and stime of the process "
+          "tree)", file=out)
+    print(f"  {'row':<16}{'target':<18}" + "".join(f"{h:>10}" for h in (
+        "user", "system", "audit usr", "audit sys", "total")), file=out)
+    for line in lines:
+        print(line, file=out)
 
 
 if __name__ == "__main__":

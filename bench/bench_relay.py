@@ -166,8 +166,14 @@ def tail(path: Path, n: int = 25) -> str:
 
 def proc_tree_cpu(root_pid: int) -> float:
     """User+system CPU seconds of a process and all its live descendants (from /proc)."""
+    return sum(proc_tree_cpu_split(root_pid).values())
+
+
+def proc_tree_cpu_split(root_pid: int) -> dict[str, float]:
+    """The same, split: user and system CPU seconds of the serving processes and of
+    pgguard's audit writers (a descendant running ``pgguard.audit.writerproc``)."""
     parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
+    ticks: dict[int, tuple[int, int]] = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(stat) as f:
@@ -177,17 +183,25 @@ def proc_tree_cpu(root_pid: int) -> float:
         pid = int(stat.split("/")[2])
         fields = data[data.rindex(")") + 2:].split()
         parents[pid] = int(fields[1])
-        ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
-    total, todo = 0, [root_pid]
+        ticks[pid] = (int(fields[11]), int(fields[12]))     # utime, stime
+    split = dict.fromkeys(("proxy_user", "proxy_sys", "writer_user", "writer_sys"), 0)
+    todo = [root_pid]
     seen: set[int] = set()
     while todo:
         pid = todo.pop()
-        if pid in seen:
+        if pid in seen or pid not in ticks:
             continue
         seen.add(pid)
-        total += ticks.get(pid, 0)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                who = "writer" if b"audit.writerproc" in f.read() else "proxy"
+        except OSError:
+            who = "proxy"
+        split[f"{who}_user"] += ticks[pid][0]
+        split[f"{who}_sys"] += ticks[pid][1]
         todo.extend(c for c, p in parents.items() if p == pid)
-    return total / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    return {k: v / hz for k, v in split.items()}
 
 
 def stop_process_group(proc: subprocess.Popen, name: str, sig: int = signal.SIGTERM,
@@ -339,6 +353,9 @@ class Target:
     def cpu(self) -> float | None:
         return proc_tree_cpu(self.cpu_pid) if self.cpu_pid else None
 
+    def cpu_split(self) -> dict[str, float] | None:
+        return proc_tree_cpu_split(self.cpu_pid) if self.cpu_pid else None
+
 
 def find_pg_bindir(explicit: str | None) -> Path:
     candidates: list[Path] = []
@@ -488,6 +505,12 @@ class MultiTarget(Target):
 
     def cpu(self) -> float | None:
         return sum(proc_tree_cpu(p) for p in self.pids) if self.pids else None
+
+    def cpu_split(self) -> dict[str, float] | None:
+        if not self.pids:
+            return None
+        parts = [proc_tree_cpu_split(p) for p in self.pids]
+        return {k: sum(x[k] for x in parts) for k in parts[0]}
 
 
 def start_pgbouncer(exe: str, root: Path, pg: PostgresServer, name: str = "pgbouncer",
