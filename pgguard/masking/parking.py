@@ -155,6 +155,7 @@ class _Reads:
         # joins with an alias ((a JOIN b ON ...) AS j, or j(c1, c2...)): alias, its
         # column-alias list (None: none), the relations (and renamings) inside
         self.joins: list[tuple[str, tuple[str, ...] | None, _Reads]] = []
+        self.executes: list[str] = []          # prepared statements run by EXECUTE
 
     @staticmethod
     def only_rules(reads: _Reads) -> _Reads:
@@ -202,6 +203,8 @@ class _Reads:
                         self.operators.add(_dotted(op))
                 elif k in _HOOK_DDL:
                     self.hooks.append((k, v))
+                elif k == "ExecuteStmt":
+                    self.executes.append(v.get("name", ""))
                 elif k == "DeclareCursorStmt":
                     self.hold |= bool(v.get("options", 0) & _CURSOR_OPT_HOLD)
                 elif k in _TARGETED and "relation" in v:     # the target's columns too
@@ -529,6 +532,16 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 "masking cannot follow them",
                 f"statement kind: {st.kind}; calls {', '.join(r + '()' for r in readers)}",
                 "FETCH from the cursor instead: its rows are masked on the way to you.")
+        if (names or globs) and st.kind not in ("fetch", "move") and (
+                "fetch" in st.kinds or "move" in st.kinds):
+            # a body's FETCH reads any open cursor or protocol portal by its name (a
+            # refcursor argument, a string, a bound cursor variable left unopened)
+            return _refusal(
+                d, st, "code it runs FETCHes from a cursor inside the server, where "
+                "masking cannot follow the rows (any open cursor or portal, by name)",
+                f"statement kind: {st.kind}; the code (a DO block or a function body) "
+                "runs FETCH or MOVE",
+                "FETCH from the cursor yourself: its rows are masked on the way to you.")
         texts = sorted({f.rsplit(".", 1)[-1] for f in st.functions} & ACTIVITY_FUNCS)
         if texts and (names or globs):
             return _refusal(
@@ -649,6 +662,14 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
         sink = _sink(st, reads)
         if sink is None:
             continue
+        if touched and reads.executes:
+            # CREATE TABLE ... AS EXECUTE p: the columns are the prepared statement's,
+            # which this statement's text does not name
+            return _refusal(
+                d, st, f"{st.kind.upper()} runs prepared statement {reads.executes[0]}, "
+                f"which reads table {touched[0]} with masked columns, and {sink}",
+                f"statement kind: {st.kind}; EXECUTE {', '.join(reads.executes)}; reads "
+                f"{', '.join(touched)}", _HINT)
         if cols:
             return _refusal(
                 d, st, f"{st.kind.upper()} would move values of masked column "

@@ -1449,11 +1449,12 @@ def _truncate(acc: _Acc, b: dict) -> None:
 _FK_ACTIONS = {"c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 
 
-def _referential_actions(acc: _Acc, target: str, d: Any) -> None:
-    """A foreign key added to an existing table with ON DELETE/UPDATE CASCADE, SET NULL or
-    SET DEFAULT: later DELETEs and UPDATEs of the referenced table, in every session,
-    change rows of ``target`` without naming it, where no rule on ``target`` sees them
-    (like a trigger): opaque."""
+def _referential_actions(acc: _Acc, target: str, d: Any, verb: str = "ALTER TABLE") -> None:
+    """A foreign key with ON DELETE/UPDATE CASCADE, SET NULL or SET DEFAULT (added to an
+    existing table, or declared by CREATE TABLE): later DELETEs and UPDATEs of the
+    referenced table, in every session, change rows of ``target`` without naming it,
+    where no rule on ``target`` sees them and no command tag counts them (like a
+    trigger): opaque."""
     if type(d) is not dict:
         return
     cons = d.get("ColumnDef", {}).get("constraints") if "ColumnDef" in d else [d]
@@ -1467,7 +1468,7 @@ def _referential_actions(acc: _Acc, target: str, d: Any) -> None:
         if acts:
             pk = c.get("pktable")
             ref = _relname(pk) if type(pk) is dict else "?"
-            acc.flag("opaque", f"ALTER TABLE {target} adds a foreign key {' '.join(acts)}: "
+            acc.flag("opaque", f"{verb} {target} adds a foreign key {' '.join(acts)}: "
                      f"later changes to {ref}, in every session, change rows of {target} "
                      "without naming it")
 
@@ -1863,6 +1864,7 @@ def _query_holder(tag: str) -> Any:
         acc.enter(kind)
         if tag == "ViewStmt":
             _replace_check(acc, b, "VIEW " + _relname(b.get("view") or {}))
+            _temp_view_in_body(acc, b.get("view") or {})
         saved_w, saved_u = acc.rvwrite, acc.utility
         acc.rvwrite, acc.utility = True, True
         for k in ("view", "into"):
@@ -1874,6 +1876,24 @@ def _query_holder(tag: str) -> Any:
         acc.rvwrite, acc.utility = saved_w, saved_u
         _utility_walk(acc, b, ("view", "into", "query"))
     return handler
+
+
+def _temp_view_in_body(acc: _Acc, rv: dict) -> None:
+    """A function body that creates a TEMP view: the view's unqualified name reaches it
+    before any table of that name (the temporary schema is searched first), in the
+    calling session only, where pgguard cannot see it made (a body's statements never
+    pass through the proxy), so writes through that name would be judged as writes of
+    the table: opaque. (A top-level CREATE TEMP VIEW, or a DO block's, is learned.)"""
+    schema = rv.get("schemaname") or ""
+    temp = rv.get("relpersistence") == "t" or schema == "pg_temp" or \
+        _TEMP_SCHEMA.fullmatch(schema) is not None
+    if temp and " body: " in acc.ctx and "DO block body: " not in acc.ctx:
+        acc.flag("opaque", f"creates the temporary view {rv.get('relname', '')}: its name "
+                 "would stand for the view, not for the table pgguard judges, in the "
+                 "calling session; create it with CREATE TEMP VIEW yourself")
+
+
+_TEMP_SCHEMA = re.compile(r"pg_temp_\d+")
 
 
 def _rule(acc: _Acc, b: dict) -> None:
@@ -2153,6 +2173,10 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
                  "where pgguard does not judge what it runs")
     if b.get("replace"):                   # CREATE OR REPLACE AGGREGATE, TRANSFORM, ...
         _replace_check(acc, b, tag[6:-4].upper() if tag.startswith("Create") else tag)
+    if tag == "CreateStmt":
+        target = _relname(b.get("relation") or {})
+        for elt in b.get("tableElts") or ():
+            _referential_actions(acc, target, elt, "CREATE TABLE")
     _utility_walk(acc, b)
 
 
@@ -2261,6 +2285,10 @@ def _plwalk(acc: _Acc, node: Any) -> None:
             if k == "PLpgSQL_expr" and type(v) is dict:
                 _plexpr(acc, v)
                 continue
+            if k == "PLpgSQL_stmt_fetch" and type(v) is dict:
+                # FETCH/MOVE reads whatever portal the cursor variable names: one the
+                # body opened, or any of the session's open cursors and portals
+                acc.enter("move" if v.get("is_move") else "fetch")
             dyn = _PL_DYNAMIC.get(k)
             if dyn is None and type(v) is dict and "dynquery" in v:
                 dyn = "OPEN/RETURN QUERY ... EXECUTE of a string"
