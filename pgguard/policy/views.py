@@ -45,6 +45,7 @@ Example::
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -67,18 +68,25 @@ class ViewMap:
     """Relation -> relations its rewrite rules use (direct edges), resolved
     transitively on demand. Immutable: :meth:`merged` makes a new map."""
 
-    __slots__ = ("edges", "_closure")
+    __slots__ = ("edges", "_closure", "hidden")
 
-    def __init__(self, edges: Mapping[str, frozenset[str]] | None = None) -> None:
+    def __init__(self, edges: Mapping[str, frozenset[str]] | None = None,
+                 hidden: frozenset[str] = frozenset()) -> None:
         self.edges: dict[str, frozenset[str]] = dict(edges or {})
         self._closure: dict[str, tuple[str, ...]] = {}
+        # relations a change of which changes other rows no command tag counts: those
+        # referenced by a foreign key ON DELETE/UPDATE CASCADE, SET NULL or SET
+        # DEFAULT, and those with row triggers
+        self.hidden = hidden
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[Any, ...]],
-                  triggers: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
+                  triggers: Iterable[tuple[Any, ...]] = (),
+                  hidden: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
         """Rows of (schema, relation with rewrite rules, schema, relation they use), and
         of (schema, view, language, function source) for INSTEAD OF triggers: the
-        relations a plpgsql or SQL trigger function touches are behind the view too."""
+        relations a plpgsql or SQL trigger function touches are behind the view too;
+        and of (schema, relation) whose changes change rows unseen (``hidden``)."""
         edges: dict[str, set[str]] = {}
         for vs, vn, bs, bn in rows:
             if None in (vs, vn, bs, bn):
@@ -91,13 +99,16 @@ class ViewMap:
                 continue
             for name in _aliases(vs, vn):
                 edges.setdefault(name, set()).update(_body_relations(lang, src))
-        return cls({k: frozenset(v) for k, v in edges.items() if v})
+        unseen = frozenset(n for hs, hn in hidden if hs is not None and hn is not None
+                           for n in _aliases(hs, hn))
+        return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen)
 
     def __bool__(self) -> bool:
         return bool(self.edges)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ViewMap) and other.edges == self.edges
+        return isinstance(other, ViewMap) and other.edges == self.edges and \
+            other.hidden == self.hidden
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -111,7 +122,7 @@ class ViewMap:
         out = dict(self.edges)
         for k, v in edges.items():
             out[k] = out.get(k, _EMPTY) | v
-        return ViewMap(out)
+        return ViewMap(out, self.hidden)
 
     def bases(self, name: str) -> tuple[str, ...]:
         """Every relation ``name``'s rules reach, views of views included, nearest first
@@ -176,10 +187,13 @@ class ViewMap:
         return tuple(out)
 
 
+_TEMP_SCHEMA = re.compile(r"pg_temp_\d+")
+
+
 def _aliases(schema: str, name: str) -> tuple[str, ...]:
     # the session's temporary relation is reached unqualified (the classifier says
-    # public.<name> then)
-    if schema == "pg_temp":
+    # public.<name> then); its temporary schema may be named as pg_temp_N too
+    if schema == "pg_temp" or _TEMP_SCHEMA.fullmatch(schema):
         return (f"pg_temp.{name}", f"public.{name}")
     return (f"{schema}.{name}",)
 

@@ -174,18 +174,22 @@ def _by_tag(st) -> bool:
 
 
 def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
-             user_function=None, gen: int | None = None) -> Plan | None:
+             user_function=None, gen: int | None = None,
+             hidden: frozenset[str] = frozenset()) -> Plan | None:
     """The guard's plan for an allowed decision, or None when it changes no rows or no
     limit applies. A statement that calls a function pgguard cannot see into (not a
     built-in: ``user_function(name)`` says) may change rows too: it runs under the
-    guard as well, counted by the transaction's own tuple counters."""
+    guard as well, counted by the transaction's own tuple counters. So is one that
+    writes a relation in ``hidden`` (a cascading foreign key or a row trigger changes
+    rows its command tag does not count)."""
     if d is None:
         return None
     target, verb = None, ""
     tables: dict[str, None] = {}
     if any(_changes_rows(st) for st in d.statements):
         limit = d.max_rows
-        by_tag = len(d.statements) == 1 and _by_tag(d.statements[0])
+        by_tag = len(d.statements) == 1 and _by_tag(d.statements[0]) and not (
+            hidden and any(t in hidden for t in d.statements[0].relations_written))
         st = d.statements[0]
         # a plain UPDATE / DELETE: its target is the first relation written (a view's
         # base tables follow it)

@@ -846,7 +846,8 @@ class Enforcement:
         default = cfg.agents_max_rows if s.identity.kind == "agent" else \
             cfg.humans_max_rows
         return plan_for(d, s.identity, sql, default, self.is_user_function,
-                        s.services.decision_generation(s.database))
+                        s.services.decision_generation(s.database),
+                        s.views.current().hidden if s.views is not None else frozenset())
 
     def _routed(self, items: list):
         """The backend items after the blast-radius guard took its own answers out

@@ -199,6 +199,23 @@ WHERE NOT t.tgisinternal AND (t.tgtype & 64) <> 0
 """
 
 
+# relations whose changes change rows no command tag counts (the blast-radius guard
+# measures statements writing them by the transaction's tuple counters instead)
+HIDDEN_WRITES_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_constraint k
+JOIN pg_catalog.pg_class c ON c.oid = k.confrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+UNION
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_trigger t
+JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT t.tgisinternal
+"""
+
+
 async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tuple]:
     """The function with ``oid``: one row per declared argument (schema, name, kind,
     returns a set, argument type OID, type name), one with NULL type for a function of
@@ -206,12 +223,16 @@ async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tup
     return (await run(link, database, [FUNCTION_SQL.format(oid=int(oid))]))[0]
 
 
-async def rewrite_rows(link: UpstreamLink, database: str) -> tuple[list[tuple], list[tuple]]:
+async def rewrite_rows(link: UpstreamLink, database: str
+                       ) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """(schema, relation, base schema, base relation) for every relation with rewrite
-    rules (views, INSTEAD/ALSO rules) and each relation those rules use; and (schema,
-    view, language, source) of the functions of INSTEAD OF triggers."""
-    rules, triggers = await run(link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL])
-    return rules, triggers
+    rules (views, INSTEAD/ALSO rules) and each relation those rules use; (schema, view,
+    language, source) of the functions of INSTEAD OF triggers; and (schema, relation)
+    of the relations whose changes change rows unseen (cascading foreign keys, row
+    triggers)."""
+    rules, triggers, hidden = await run(link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL,
+                                                         HIDDEN_WRITES_SQL])
+    return rules, triggers, hidden
 
 
 async def drop_role(link: UpstreamLink, database: str, role: str, successor: str | None,
