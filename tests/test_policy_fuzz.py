@@ -221,15 +221,10 @@ def test_prepared_memory_never_understates(steps):
             else:
                 assert possible <= set(st_.flags) | {"opaque"}
         mem.observe([st_])
+        # DEALLOCATE / DISCARD may not run (an earlier error of the same Query skips
+        # them): a name keeps everything it was ever bound to
         if st_.kind == "prepare":
             bound.setdefault(st_.name, set()).update(st_.flags)
-        elif st_.kind == "deallocate":
-            if st_.name is None:
-                bound.clear()
-            else:
-                bound.pop(st_.name, None)
-        elif st_.kind == "discard":
-            bound.clear()
 
 
 @SETTINGS

@@ -570,7 +570,11 @@ class MaskState(LaneState):
                 self.reading_stmts.add(name)
                 self.masked_reads += 1
                 self.txn_tainted = True
-            else:
+            elif not name:
+                # the unnamed statement is replaced by any Parse (dropped even when the
+                # Parse fails); a named one Postgres may refuse to replace ("already
+                # exists"), or a SQL DEALLOCATE may not have run: a name that read
+                # masked data keeps counting as one
                 self.reading_stmts.discard(name)
             self._push((K_PARSE, name))
             # learn its row shape now, in case the client executes without Describe
@@ -660,6 +664,10 @@ class MaskState(LaneState):
             return ObjPlan(None, True, _UNKNOWN)
         kind, name = got
         table = "cursor" if kind in ("declare", "fetch", "close") else "prepared"
+        if kind == "prepare" and reads:
+            # a SQL PREPARE shares its name with the protocol's statements: a Bind of
+            # it reads masked data (counted from now, whatever becomes of the PREPARE)
+            self.reading_stmts.add(name.encode())
         if kind in ("declare", "prepare"):
             return ObjPlan(None, reads, None, (table, name, ObjPlan(lineage, reads)))
         if kind in ("close", "deallocate"):
@@ -849,8 +857,6 @@ class MaskState(LaneState):
                 for n in [name] if name is not None and kind == table else \
                         [n for n in objs if n]:
                     objs.pop(n, None)
-                    if kind == "prepared":
-                        self.reading_stmts.discard(n)
 
     # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
     #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing

@@ -254,7 +254,11 @@ _OPAQUE_FUNCS = {
         "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
         "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
         "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
-        "ts_stat", "ts_rewrite")
+        "ts_stat", "ts_rewrite",
+        # extensions' functions that run SQL given as text (tablefunc, pg_background,
+        # pg_cron): matched by name in any schema, as the built-ins are
+        "crosstab", "crosstab2", "crosstab3", "crosstab4", "connectby",
+        "pg_background_launch", "schedule", "schedule_in_database", "alter_job")
 }
 
 # functions that destroy data with no WHERE to narrow them (large objects live in
@@ -1604,6 +1608,20 @@ def _not_valid(d: Any) -> bool:
 # (ALTER SEQUENCE and an identity column's SET ...): RESTART moves it, a negative
 # INCREMENT walks back over used keys, CYCLE wraps to them, MINVALUE / MAXVALUE / AS a
 # narrower type make it run out
+# sequence options ALTER SEQUENCE / ALTER COLUMN ... SET may carry (an allow-list: any
+# other is a hazard); INCREMENT and CACHE up to _SEQ_STEP_MAX
+_SEQ_OPTIONS = frozenset({"restart", "increment", "cycle", "minvalue", "maxvalue", "as",
+                          "cache", "start", "owned_by", "sequence_name", "generated"})
+_SEQ_STEP_MAX = 1000
+
+
+def _small_count(v: Any) -> bool:
+    try:
+        return 1 <= int(str(v).strip()) <= _SEQ_STEP_MAX
+    except ValueError:
+        return False
+
+
 def _sequence_hazards(acc: _Acc, opts: dict[str, Any]) -> list[str]:
     out = []
     if "restart" in opts:
@@ -1612,6 +1630,14 @@ def _sequence_hazards(acc: _Acc, opts: dict[str, Any]) -> list[str]:
         v = _lit(acc, opts["increment"])
         if type(v) is not str or v.strip().startswith("-"):
             out.append("a negative INCREMENT walks back over keys already used")
+        elif not _small_count(v):
+            out.append(f"INCREMENT {v} can make it run out (at most {_SEQ_STEP_MAX} passes)")
+    if "cache" in opts and not _small_count(_lit(acc, opts["cache"])):
+        out.append(f"CACHE beyond {_SEQ_STEP_MAX} can make it run out (each session takes "
+                   "that many values)")
+    for k in opts:
+        if k not in _SEQ_OPTIONS:
+            out.append(f"pgguard does not know the sequence option {k.upper()}")
     if opts.get("cycle") is not None and _lit(acc, opts["cycle"]) != "false":
         out.append("CYCLE wraps around to keys already used")
     for k in ("minvalue", "maxvalue"):
@@ -2662,14 +2688,16 @@ class PreparedMemory(Mapping):
             self._by_name.pop(name, None)
 
     def observe(self, statements: list[Statement] | tuple[Statement, ...]) -> None:
-        """Update from statements the session ran: PREPARE, DEALLOCATE, DISCARD ALL."""
+        """Update from statements the session sends: what each PREPARE may make its name
+        mean (recorded when judged, whatever the outcome: a name is judged by the union
+        of everything it may mean)."""
         for st in statements:
             if st.kind == "prepare" and st.name is not None:
                 self.record(st.name, st)
-            elif st.kind == "deallocate":
-                self.forget(st.name)
-            elif st.kind == "discard" and "privilege" in st.flags:
-                self.forget(None)
+            # DEALLOCATE and DISCARD ALL forget nothing: they may not have run (an
+            # earlier error of the same Query or pipeline skips them, a failed block
+            # never runs them), and a name that keeps what it may still mean is judged
+            # by the union, never by less than the backend holds
 
 
 def _union(a: Statement, b: Statement) -> Statement:

@@ -390,6 +390,10 @@ class Enforcement:
         except BodiesPending as e:      # a called function's body is read first
             self.pending_bodies = e.names
             return BODIES_PENDING
+        if s.prepared is not None and d.statements and _touches_prepared(d):
+            # what a PREPARE may make its name mean, whatever becomes of it (refused,
+            # held for approval, failed upstream): names are judged by the union
+            s.prepared.observe(d.statements)
         if self._views_wait is not msg and not s.services.views_fresh(s.database) and \
                 any(self.is_user_function(f) for st in d.statements for f in st.functions):
             # what a called body writes is resolved through the view map, and the map

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from .services import Services
 
 log = logging.getLogger("pgguard.session")
+# bytes a client may have sent ahead while its session starts, before reading pauses
+STARTUP_BUFFER_MAX = 256 << 10
+# CancelRequests being forwarded (kept alive when their client is gone first)
+_CANCELS: set = set()
 
 # startup packets are small; Postgres caps their body (after the length) at 10000 bytes
 MAX_STARTUP_PACKET = 10000 + 4
@@ -68,7 +72,8 @@ class ClientProtocol(asyncio.Protocol):
     """The client's socket until the session relays; then a compiled Pipe takes over
     (``transport.set_protocol``)."""
 
-    __slots__ = ("services", "session", "transport", "phase", "reader", "waiter", "_lost")
+    __slots__ = ("services", "session", "transport", "phase", "reader", "waiter", "_lost",
+                 "_paused")
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -78,6 +83,7 @@ class ClientProtocol(asyncio.Protocol):
         self.reader = FrameReader(False, MAX_STARTUP_PACKET)
         self.waiter: asyncio.Future | None = None
         self._lost = False
+        self._paused = False        # reading paused in the startup phase (buffer full)
 
     # -- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -89,6 +95,12 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase == PH_STARTUP:
             self.reader.feed(data)
+            if self.reader.buffered > STARTUP_BUFFER_MAX and not self._paused:
+                # what a client pipelines before the relay starts waits in the kernel
+                # (read again when it starts), not in this process: memory stays
+                # bounded, and the relay's first chunk small
+                self._paused = True
+                self.transport.pause_reading()
             w = self.waiter
             if w is not None and not w.done():
                 w.set_result(None)
@@ -267,7 +279,13 @@ class Session:
                 # a request of another length is dropped unanswered, as Postgres does
                 if len(payload) == 12:
                     pid, secret = struct.unpack_from("!II", payload, 4)
-                    await self.front.forward_cancel(pid, secret)
+                    # shielded: a client that closes (or half-closes) right after
+                    # sending it closes this session first, and Postgres would still
+                    # have honoured the request
+                    task = asyncio.ensure_future(self.front.forward_cancel(pid, secret))
+                    _CANCELS.add(task)
+                    task.add_done_callback(_CANCELS.discard)
+                    await asyncio.shield(task)
                 self.close()
                 return False
             major, minor = code >> 16, code & 0xFFFF
@@ -628,6 +646,9 @@ class Session:
             return
         if rest:
             self.client_pipe.data_received(rest)
+        if c._paused and not c.transport.is_closing():
+            c._paused = False
+            c.transport.resume_reading()
 
     def _mask_lane(self) -> None:
         """The compiled masking lane (pipe.MaskLane, masking/lane.py): statements that

@@ -200,19 +200,25 @@ WHERE NOT t.tgisinternal AND (t.tgtype & 64) <> 0
 
 
 # relations whose changes change rows no command tag counts (the blast-radius guard
-# measures statements writing them by the transaction's tuple counters instead)
+# measures statements writing them by the transaction's tuple counters instead): those
+# a foreign key ON DELETE/UPDATE CASCADE, SET NULL or SET DEFAULT references, those with
+# a trigger or a non-SELECT rewrite rule (DO ALSO / INSTEAD), and every partitioned or
+# inheritance parent of one (a write through the parent reaches it)
 HIDDEN_WRITES_SQL = """
+WITH RECURSIVE h(oid) AS (
+  SELECT k.confrelid FROM pg_catalog.pg_constraint k
+  WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+  UNION
+  SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal
+  UNION
+  SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.ev_type <> '1'
+  UNION
+  SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN h ON h.oid = i.inhrelid
+)
 SELECT n.nspname, c.relname
-FROM pg_catalog.pg_constraint k
-JOIN pg_catalog.pg_class c ON c.oid = k.confrelid
+FROM h
+JOIN pg_catalog.pg_class c ON c.oid = h.oid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
-UNION
-SELECT n.nspname, c.relname
-FROM pg_catalog.pg_trigger t
-JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE NOT t.tgisinternal
 """
 
 

@@ -156,10 +156,18 @@ def statement_part(sql: bytes, d, key: bytes | None) -> tuple[tuple, bool]:
     return part, key is not None and _NORMALIZED.get(key).__class__ is str
 
 
+# the longest statement text an audit record keeps (the rest is counted, not kept)
+AUDIT_TEXT_MAX = 256 << 10
+
+
 def statement_record(s: Session, sql, d, decision: str, ts: datetime) -> AuditRecord:
     """An audit record for one statement of session ``s`` (``sql`` bytes or str)."""
     fp = None
     if isinstance(sql, bytes):
+        if len(sql) > AUDIT_TEXT_MAX:
+            # normalizing costs ~0.5 s per MB on the event loop (a 60 MB statement,
+            # refused as too long, stalled every session): the audit keeps its start
+            sql = sql[:AUDIT_TEXT_MAX] + b" /* ... %d bytes in all */" % len(sql)
         norm = fast_normalize(sql)
         fp = fingerprint(norm)
         sql = sql.decode("utf-8", "replace") if s.services.cfg.audit.capture_literals else norm
