@@ -346,3 +346,81 @@ def test_window_shapes_keep_the_every_row_check(pg, aproxy, psql_bin, narrow, wi
     r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", wide)
     assert r.returncode != 0 and "pgguard" in r.stderr, r
     assert statuses(pg) == ["new"] * 10
+
+
+DO_BLOCKS = [
+    "DO $$BEGIN UPDATE orders SET status = 'other' WHERE id > 0; END$$",
+    "DO $$BEGIN DELETE FROM orders; END$$",
+    "DO $x$BEGIN UPDATE orders SET status = 'w2' WHERE id = 2; END$x$",
+    "DO LANGUAGE plpgsql $$BEGIN UPDATE orders SET status = 'w3' WHERE id = 3; END$$",
+    "DO $$BEGIN UPDATE orders SET status = 'w1' WHERE id = 1; "
+    "UPDATE orders SET status = 'w4' WHERE id = 4; END$$",
+]
+
+
+def test_a_window_for_one_do_block_covers_no_other(pg, aproxy):
+    """A DO block's body is code, not a value: a window approved for one covers that
+    exact text only (red team 14: every DO block shared the fingerprint `DO $1`)."""
+    first = "DO $$BEGIN UPDATE orders SET status = 'w1' WHERE id = 1; END$$"
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(first))
+    assert statuses(pg)[0] == "w1"
+    for sql in DO_BLOCKS:
+        done = []
+
+        def run(sql=sql):
+            with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c2:
+                try:
+                    psycopg.ClientCursor(c2).execute(sql)
+                    done.append("ran")
+                except psycopg.Error as e:
+                    done.append(e.sqlstate)
+        t = threading.Thread(target=run)
+        t.start()
+        ids = pending_ids(aproxy, timeout=5)      # it asks a human again (or is refused)
+        if ids:
+            r = cli(aproxy, "deny", str(ids[0]), "--as", "alice")
+            assert r.returncode == 0, r.stderr
+        t.join(10)
+        assert done == ["42501"], (sql, done)
+    assert statuses(pg) == ["w1"] + ["new"] * 9
+    # the same text again is covered by the window
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        psycopg.ClientCursor(c).execute(first)
+
+
+def test_an_approval_given_after_ddl_runs_under_the_row_limit(pg, aproxy):
+    """The statement a human approved calls f(7); while it waited, the agent created an
+    overload f(int) whose body deletes 1,500 rows (red team 14). DDL went by while it
+    waited, so it runs under the row limit: the deletion is measured and rolled back."""
+    pg.execute("DROP TABLE IF EXISTS rt14_ev; CREATE TABLE rt14_ev (id int); "
+               "INSERT INTO rt14_ev SELECT generate_series(1, 1500); "
+               "DROP FUNCTION IF EXISTS rt14_calc(numeric), rt14_calc(int)", dbname=DB)
+    try:
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            c.execute("CREATE FUNCTION rt14_calc(numeric) RETURNS text LANGUAGE sql AS "
+                      "$$ SELECT 'calc' $$")
+        done = []
+
+        def run():
+            with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c2:
+                try:
+                    psycopg.ClientCursor(c2).execute(
+                        "UPDATE orders SET status = rt14_calc(7) WHERE id = 1")
+                    done.append("ran")
+                except psycopg.Error as e:
+                    done.append(e.sqlstate)
+        t = threading.Thread(target=run)
+        t.start()
+        (rid,) = pending_ids(aproxy)
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            c.execute("CREATE FUNCTION rt14_calc(int) RETURNS text LANGUAGE plpgsql AS "
+                      "$$BEGIN DELETE FROM rt14_ev WHERE id > 0; RETURN 'gone'; END$$")
+        r = cli(aproxy, "approve", str(rid), "--as", "alice")
+        assert r.returncode == 0, r.stderr
+        t.join(15)
+        assert pg.execute("SELECT count(*) FROM rt14_ev", dbname=DB) == [(1500,)], done
+        assert done == ["42501"], done
+    finally:
+        pg.execute("DROP TABLE IF EXISTS rt14_ev; "
+                   "DROP FUNCTION IF EXISTS rt14_calc(numeric), rt14_calc(int)", dbname=DB)
