@@ -9,13 +9,10 @@
 #  F2 - CREATE TABLE ... AS EXECUTE p copied the masked columns of a prepared statement
 #       into a new table (the CTAS text names no column). A statement that EXECUTEs a
 #       prepared statement reading masked tables into a sink is refused.
-import asyncio
-
-import asyncpg
 import psycopg
 import pytest
 import rawpg
-from conftest import run_psql
+from each_client import said
 from mask_corpus import DB, MASKS, leaks, raw_connect, seed
 
 FUNCS = """
@@ -76,73 +73,12 @@ def _masking(text: str) -> bool:
     return 'rule "masking"' in text or 'rule \\"masking\\"' in text
 
 
-def _psql(proxy, psql_bin, sqls: list[str]) -> str:
-    args = []
-    for s in sqls:
-        args += ["-c", s]
-    r = run_psql(psql_bin, proxy.dsn(dbname=DB), *args)
-    return r.stdout + r.stderr
-
-
-def _psycopg(proxy, sqls: list[str], binary: bool) -> str:
-    out = []
-    with psycopg.connect(proxy.dsn(dbname=DB)) as conn:
-        for s in sqls:
-            try:
-                conn.cursor(binary=binary).execute(s, prepare=binary or None)
-            except psycopg.Error as e:
-                out.append(str(e))
-                conn.rollback()
-        conn.commit()
-    return "\n".join(out)
-
-
-def _asyncpg(proxy, sqls: list[str]) -> str:
-    async def go():
-        conn = await asyncpg.connect(proxy.dsn(dbname=DB))
-        out = []
-        try:
-            for s in sqls:
-                try:
-                    await conn.execute(s)
-                except asyncpg.PostgresError as e:
-                    out.append(str(e))
-                    await conn.execute("ROLLBACK")
-            await conn.execute("COMMIT")
-        finally:
-            await conn.close()
-        return "\n".join(out)
-    return asyncio.run(go())
-
-
-def _raw(proxy, sqls: list[str]) -> str:
-    """The statement under test (the last but COMMIT) as Parse/Bind/Execute/Sync (the
-    unnamed statement), what prepares for it as simple Queries."""
-    c = raw_connect(proxy)
-    out = []
-    try:
-        for i, s in enumerate(sqls):
-            if i == len(sqls) - 2:
-                c.send(rawpg.parse(s), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
-            else:
-                c.send(rawpg.query(s))
-            out += [e.get("M", "") + " " + e.get("C", "") for e in rawpg.errors(c.until_ready())]
-    finally:
-        c.close()
-    return "\n".join(out)
-
-
-MODES = ["psql", "psycopg-text", "psycopg-binary", "asyncpg", "raw"]
+MODES = ["psql", "psycopg", "psycopg-binary", "asyncpg", "raw"]
 
 
 def _run(mode, proxy, psql_bin, sqls) -> str:
-    if mode == "psql":
-        return _psql(proxy, psql_bin, sqls)
-    if mode.startswith("psycopg"):
-        return _psycopg(proxy, sqls, mode == "psycopg-binary")
-    if mode == "asyncpg":
-        return _asyncpg(proxy, sqls)
-    return _raw(proxy, sqls)
+    """The statement under test (the last but COMMIT) extended in the raw mode."""
+    return said(mode, proxy, sqls, db=DB, psql_bin=psql_bin, extended_at=len(sqls) - 2)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -11,14 +11,11 @@
 #       approval); and a view created in the session's temporary schema named as
 #       pg_temp_N was not known as the session's. The first is opaque now, the second
 #       is learned as a TEMP view.
-import asyncio
-
-import asyncpg
 import psycopg
 import pytest
 
-import rawpg
 from conftest import AGENT, AGENT_PASSWORD, run_psql
+from each_client import MODES, said
 from guarded import guarded_proxy
 
 DB = "appdb"
@@ -43,46 +40,9 @@ def _dsn(proxy):
 
 
 def _run(mode, proxy, psql_bin, sqls: list[str]) -> str:
-    """The statements in turn through one client; what it said (errors included)."""
-    out: list[str] = []
-    if mode == "psql":
-        args = []
-        for s in sqls:
-            args += ["-c", s]
-        r = run_psql(psql_bin, _dsn(proxy), *args)
-        return r.stdout + r.stderr
-    if mode in ("psycopg", "psycopg-prepared"):
-        with psycopg.connect(_dsn(proxy), autocommit=True) as c:
-            for s in sqls:
-                try:
-                    c.execute(s, prepare=mode == "psycopg-prepared" or None)
-                except psycopg.Error as e:
-                    out.append(f"{e.sqlstate} {e}")
-        return "\n".join(out)
-    if mode == "asyncpg":
-        async def go():
-            c = await asyncpg.connect(_dsn(proxy))
-            try:
-                for s in sqls:
-                    try:
-                        await c.execute(s) if "$" not in s else await c.fetch(s)
-                    except asyncpg.PostgresError as e:
-                        out.append(f"{e.sqlstate} {e}")
-            finally:
-                await c.close()
-        asyncio.run(go())
-        return "\n".join(out)
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
-    try:
-        for s in sqls:
-            c.send(rawpg.parse(s), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
-            out += [f"{e.get('C')} {e.get('M')}" for e in rawpg.errors(c.until_ready())]
-    finally:
-        c.close()
-    return "\n".join(out)
+    return said(mode, proxy, sqls, db=DB, psql_bin=psql_bin)
 
 
-MODES = ["psql", "psycopg", "psycopg-prepared", "asyncpg", "raw"]
 
 # -- F1: an agent's CREATE TABLE declaring a cascading foreign key ------------------------
 

@@ -18,18 +18,17 @@
 #       statement refused as too long stalled the worker while its audit text was
 #       normalized; R3 - megabytes pipelined before the relay started were buffered
 #       unbounded and scanned quadratically, stalling every session.
-import asyncio
 import socket
 import struct
 import threading
 import time
 
-import asyncpg
 import psycopg
 import pytest
 
 import rawpg
-from conftest import AGENT, AGENT_PASSWORD, Proxy, run_psql
+from conftest import AGENT, AGENT_PASSWORD, Proxy
+from each_client import said
 from guarded import guarded_proxy
 from mask_corpus import DB as MDB, MASKS, leaks, raw_connect, seed
 
@@ -72,52 +71,17 @@ RESURRECT = [
 
 
 def _each(mode, proxy, sqls):
-    out = []
-    if mode == "psycopg":
-        with psycopg.connect(_dsn(proxy), autocommit=True) as c:
-            for s in sqls:
-                try:
-                    psycopg.ClientCursor(c).execute(s)
-                except psycopg.Error as e:
-                    out.append(f"{e.sqlstate} {e}")
-        return "\n".join(out)
-    if mode == "asyncpg":
-        async def go():
-            c = await asyncpg.connect(_dsn(proxy))
-            try:
-                for s in sqls:
-                    try:
-                        await c.execute(s)
-                    except asyncpg.PostgresError as e:
-                        out.append(f"{e.sqlstate} {e}")
-            finally:
-                await c.close()
-        asyncio.run(go())
-        return "\n".join(out)
-    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
-    try:
-        for i, s in enumerate(sqls):
-            if i == 0:      # the first PREPARE as an extended-protocol Parse
-                c.send(rawpg.parse(s), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
-            else:
-                c.send(rawpg.query(s))
-            out += [f"{e.get('C')} {e.get('M')}" for e in rawpg.errors(c.until_ready())]
-    finally:
-        c.close()
-    return "\n".join(out)
+    """The first statement (a PREPARE) extended in the raw mode, the rest simple."""
+    return said(mode, proxy, sqls, db=DB, extended_at=0)
 
 
 @pytest.mark.parametrize("mode", ["psql", "psycopg", "asyncpg", "raw"])
 @pytest.mark.parametrize("case", range(len(RESURRECT)))
 def test_a_prepared_name_keeps_what_it_may_mean(gproxy, events, psql_bin, mode, case):
     sqls = RESURRECT[case]
-    if mode == "psql":
-        said = run_psql(psql_bin, _dsn(gproxy), "-v", "ON_ERROR_STOP=0",
-                        *[a for s in sqls for a in ("-c", s)]).stderr
-    else:
-        said = _each(mode, gproxy, sqls)
-    assert events() == 3000, (mode, sqls, said)
-    assert "blast-radius" in said, said
+    out = said(mode, gproxy, sqls, db=DB, psql_bin=psql_bin, extended_at=0)
+    assert events() == 3000, (mode, sqls, out)
+    assert "blast-radius" in out, out
 
 
 # -- P2 ------------------------------------------------------------------------------------
@@ -148,10 +112,9 @@ def sequences(pg):
 @pytest.mark.parametrize("sql", SEQUENCES)
 def test_a_sequence_cannot_be_run_out(gproxy, sequences, psql_bin, mode, sql):
     before = sequences()
-    said = _each(mode, gproxy, [sql]) if mode != "psql" else \
-        run_psql(psql_bin, _dsn(gproxy), "-c", sql).stderr
-    assert sequences() == before, (mode, sql, said)
-    assert "42501" in said or "destructive" in said, said
+    out = said(mode, gproxy, [sql], db=DB, psql_bin=psql_bin)
+    assert sequences() == before, (mode, sql, out)
+    assert "42501" in out or "destructive" in out, out
 
 
 def test_a_small_increment_still_runs(gproxy, sequences):
@@ -225,10 +188,9 @@ def test_rows_rules_and_partition_cascades_change_count(gproxy, pg, psql_bin, mo
             c.execute("CREATE TEMP TABLE rt14_poke (x int)")   # DDL: the map is read again
         time.sleep(0.3)
         before = pg.execute(count, dbname=DB)
-        said = _each(mode, gproxy, [sql]) if mode != "psql" else \
-            run_psql(psql_bin, _dsn(gproxy), "-c", sql).stderr
-        assert pg.execute(count, dbname=DB) == before, (mode, kind, said)
-        assert "blast-radius" in said, said
+        out = said(mode, gproxy, [sql], db=DB, psql_bin=psql_bin)
+        assert pg.execute(count, dbname=DB) == before, (mode, kind, out)
+        assert "blast-radius" in out, out
     finally:
         pg.execute(_DROP, dbname=DB)
 
@@ -337,7 +299,7 @@ def test_a_cancel_from_a_client_that_half_closes_at_once_still_cancels(gproxy):
         c.send(rawpg.query("SELECT pg_sleep(10)"))
         time.sleep(0.5)
         s = socket.create_connection(("127.0.0.1", gproxy.port))
-        s.sendall(struct.pack("!iiii", 16, 80877102, pid, secret))
+        s.sendall(struct.pack("!iiII", 16, 80877102, pid, secret))
         s.shutdown(socket.SHUT_WR)
         s.close()
         t0 = time.monotonic()
