@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 import rawpg
-from conftest import AGENT, AGENT_PASSWORD, Proxy
+from conftest import AGENT, AGENT_PASSWORD, Proxy, run_psql
 from each_client import said
 from guarded import guarded_proxy
 from mask_corpus import DB as MDB, MASKS, leaks, raw_connect, seed
@@ -360,3 +360,130 @@ def test_a_flood_sent_before_the_relay_starts_does_not_stall_other_sessions(gpro
         done.set()
         s.close()
     assert other < 5, other
+
+
+# -- pass 3: INSERT / MERGE / COPY into a table with a trigger or rule -------------------
+
+INSERTS = {
+    "after-insert-trigger": ("""
+        CREATE TABLE rt14_docs (id int, status text);
+        CREATE FUNCTION rt14_tf() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN UPDATE rt14_pages SET body = 'x' WHERE doc = NEW.id; RETURN NEW; END$$;
+        CREATE TRIGGER rt14_t AFTER INSERT ON rt14_docs FOR EACH ROW EXECUTE FUNCTION rt14_tf();""",
+        "INSERT INTO rt14_docs VALUES (1, 'shipped')"),
+    "before-insert-trigger": ("""
+        CREATE TABLE rt14_docs (id int, status text);
+        CREATE FUNCTION rt14_tf() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN DELETE FROM rt14_pages WHERE doc = NEW.id; RETURN NEW; END$$;
+        CREATE TRIGGER rt14_t BEFORE INSERT ON rt14_docs FOR EACH ROW EXECUTE FUNCTION rt14_tf();""",
+        "INSERT INTO rt14_docs SELECT 1, 'a'"),
+    "also-rule-on-insert": ("""
+        CREATE TABLE rt14_docs (id int, status text);
+        CREATE RULE rt14_r AS ON INSERT TO rt14_docs DO ALSO DELETE FROM rt14_pages
+          WHERE doc = NEW.id;""",
+        "INSERT INTO rt14_docs VALUES (1, 'a')"),
+    "merge-insert": ("""
+        CREATE TABLE rt14_docs (id int, status text);
+        CREATE FUNCTION rt14_tf() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN DELETE FROM rt14_pages WHERE doc = NEW.id; RETURN NEW; END$$;
+        CREATE TRIGGER rt14_t AFTER INSERT ON rt14_docs FOR EACH ROW EXECUTE FUNCTION rt14_tf();""",
+        "MERGE INTO rt14_docs d USING (SELECT 1 AS id) s ON d.id = s.id "
+        "WHEN NOT MATCHED THEN INSERT VALUES (s.id, 'm')"),
+    "on-conflict-do-nothing": ("""
+        CREATE TABLE rt14_docs (id int PRIMARY KEY, status text);
+        CREATE FUNCTION rt14_tf() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN DELETE FROM rt14_pages WHERE doc = NEW.id; RETURN NEW; END$$;
+        CREATE TRIGGER rt14_t AFTER INSERT ON rt14_docs FOR EACH ROW EXECUTE FUNCTION rt14_tf();""",
+        "INSERT INTO rt14_docs VALUES (1, 'a') ON CONFLICT DO NOTHING"),
+}
+
+
+@pytest.mark.parametrize("mode", ["psql", "psycopg", "asyncpg", "raw"])
+@pytest.mark.parametrize("kind", sorted(INSERTS))
+def test_rows_an_insert_changes_through_triggers_and_rules_count(gproxy, pg, psql_bin, mode,
+                                                                 kind):
+    ddl, sql = INSERTS[kind]
+    pg.execute(_DROP + "; CREATE TABLE rt14_pages (doc int, body text); INSERT INTO "
+               "rt14_pages SELECT 1, 'p' FROM generate_series(1, 1500);" + ddl, dbname=DB)
+    try:
+        with psycopg.connect(_dsn(gproxy), autocommit=True) as c:
+            c.execute("CREATE TEMP TABLE rt14_poke (x int)")   # DDL: the map is read again
+        time.sleep(0.3)
+        count = "SELECT count(*) FILTER (WHERE body = 'p') FROM rt14_pages"
+        out = said(mode, gproxy, [sql], db=DB, psql_bin=psql_bin)
+        assert pg.execute(count, dbname=DB) == [(1500,)], (mode, kind, out)
+        assert pg.execute("SELECT count(*) FROM rt14_docs", dbname=DB) == [(0,)]
+        assert "blast-radius" in out, out
+    finally:
+        pg.execute(_DROP, dbname=DB)
+
+
+def test_copy_from_into_a_table_with_a_trigger_is_refused(gproxy, pg, psql_bin):
+    ddl, _ = INSERTS["before-insert-trigger"]
+    pg.execute(_DROP + "; CREATE TABLE rt14_pages (doc int, body text); INSERT INTO "
+               "rt14_pages SELECT 1, 'p' FROM generate_series(1, 1500);" + ddl, dbname=DB)
+    try:
+        with psycopg.connect(_dsn(gproxy), autocommit=True) as c:
+            c.execute("CREATE TEMP TABLE rt14_poke (x int)")
+            time.sleep(0.3)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                with c.cursor().copy("COPY rt14_docs FROM STDIN") as cp:
+                    cp.write_row((1, "a"))
+        r = run_psql(psql_bin, _dsn(gproxy), "-c", "\\copy rt14_docs FROM stdin", input="1\ta\n\\.\n")
+        assert r.returncode != 0 and "blast-radius" in r.stderr, r.stderr
+        assert pg.execute("SELECT count(*) FROM rt14_pages", dbname=DB) == [(1500,)]
+    finally:
+        pg.execute(_DROP, dbname=DB)
+
+
+# -- pass 3: a SQL-side plan kept for a name the protocol reused ----------------------------
+
+DERIVED = ("SELECT id, translate(ssn, '-', '') AS b, translate(email, '@', '_') AS d "
+           "FROM customers ORDER BY id")
+
+
+def test_a_reused_statement_name_gets_no_stale_plan_psycopg(mproxy):
+    with psycopg.connect(mproxy.dsn(dbname=MDB), autocommit=True) as c:
+        c.execute("PREPARE _pg3_0 AS SELECT 1::int AS id, 'b'::text AS b, 'd'::text AS d")
+        psycopg.ClientCursor(c).execute("SELECT 1; DEALLOCATE _pg3_0")
+        c.execute(DERIVED, prepare=True)
+        rows = c.execute("EXECUTE _pg3_0").fetchall()
+    assert leaks(rows) == [], rows
+
+
+REUSES = {
+    "close-statement": (["PREPARE q AS SELECT 1::int AS id, 'b'::text AS b, 'd'::text AS d"],
+                        rawpg.close("S", "q"), "q", "EXECUTE q"),
+    "deallocate-in-a-query": (["PREPARE q AS SELECT 1::int AS id, 'b'::text AS b, "
+                               "'d'::text AS d", "SELECT 1; DEALLOCATE q"], None, "q",
+                              "EXECUTE q"),
+    "close-portal": (["BEGIN", "DECLARE k CURSOR FOR SELECT 1::int, 'b'::text, 'd'::text"],
+                     rawpg.close("P", "k"), "k", "FETCH ALL FROM k"),
+    "close-in-a-query": (["BEGIN", "DECLARE k CURSOR FOR SELECT 1::int, 'b'::text, 'd'::text",
+                          "SELECT 1; CLOSE k"], None, "k", "FETCH ALL FROM k"),
+    "commit": (["BEGIN", "DECLARE k CURSOR FOR SELECT 1::int, 'b'::text, 'd'::text", "COMMIT",
+                "BEGIN"], None, "k", "FETCH ALL FROM k"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REUSES))
+def test_a_reused_name_gets_no_stale_plan_raw(mproxy, case):
+    before, close, name, read = REUSES[case]
+    c = raw_connect(mproxy)
+    try:
+        for q in before:
+            c.send(rawpg.query(q))
+            c.until_ready()
+        if close is not None:
+            c.send(close, rawpg.SYNC)
+            c.until_ready()
+        if read.startswith("EXECUTE"):
+            c.send(rawpg.parse(DERIVED, name=name), rawpg.SYNC)
+        else:
+            c.send(rawpg.parse(DERIVED), rawpg.bind(portal=name), rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.query(read))
+        got = c.until_ready()
+    finally:
+        c.close()
+    assert len(rawpg.rows(got)) == 3 and leaks(rawpg.rows(got)) == [], got

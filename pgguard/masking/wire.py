@@ -563,6 +563,9 @@ class MaskState(LaneState):
             name, pos = _cstr(msg, 5)
             sql, _ = _cstr(msg, pos)
             obj = self._obj(sql, lineage, reads_masked)
+            # the name is this statement's now (SQL PREPARE shares the namespace): a
+            # SQL EXECUTE of it gets no plan of an older PREPARE (unknown: masked)
+            self.sql_prepared.pop(name.decode("utf-8", "replace"), None)
             self.lane_stmt(name, False)     # until Postgres accepted it
             obj.safe = self.lane is not None and obj.fetch is None and \
                 obj.declare is None and self.safe_statement(d, lineage, reads_masked)
@@ -590,6 +593,9 @@ class MaskState(LaneState):
                 # Sync then); nothing here may fail on it
                 portal, stmt, formats = b"", b"\0", None
             self._push((K_BIND, portal, stmt, formats))
+            # the portal name is this Bind's now (SQL cursors share the namespace): a
+            # FETCH of it gets no plan of an older DECLARE (unknown: masked)
+            self.cursors.pop(portal.decode("utf-8", "replace"), None)
             if stmt in self.reading_stmts:      # its executions read masked relations
                 self.masked_reads += 1
                 self.txn_tainted = True
@@ -613,6 +619,8 @@ class MaskState(LaneState):
             except (ValueError, IndexError):
                 kind, name = 0, b"\0"                       # malformed: an error answers it
             self._push((K_CLOSE, kind, name))
+            (self.sql_prepared if kind == m.TARGET_STATEMENT else self.cursors).pop(
+                name.decode("utf-8", "replace"), None)
         elif t == m.SYNC:
             self._push((K_SYNC,))
         elif t == m.QUERY:                                   # owe_ready() queues it
@@ -852,6 +860,11 @@ class MaskState(LaneState):
                 name = d[1].encode()
             if self.lane is not None:
                 self.lane.stmts.clear()
+            if name is None:
+                # which SQL object, is not known either: none keeps its plan (unknown
+                # plans are masked whole)
+                for kind in ("prepared", "cursor") if tag.startswith(b"DISCARD") else (table,):
+                    (self.sql_prepared if kind == "prepared" else self.cursors).clear()
             for kind in ("prepared", "cursor") if tag.startswith(b"DISCARD") else (table,):
                 objs = self.stmts if kind == "prepared" else self.portals
                 for n in [name] if name is not None and kind == table else \

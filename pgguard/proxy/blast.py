@@ -203,6 +203,14 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
                 for t in st.relations_written:
                     if len(tables) < _MAX_TABLES:
                         tables[t] = None
+    elif hidden and any(t in hidden for st in d.statements for t in st.relations_written):
+        # an INSERT (or MERGE ... INSERT) into a relation whose triggers or rules change
+        # other rows: those count, by the transaction's tuple counters
+        limit, by_tag = d.max_rows or default_limit, False
+        for st in d.statements:
+            for t in st.relations_written:
+                if len(tables) < _MAX_TABLES:
+                    tables[t] = None
     elif user_function is not None and default_limit and any(
             user_function(f) for st in d.statements for f in st.functions):
         limit, by_tag = default_limit, False

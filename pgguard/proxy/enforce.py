@@ -417,6 +417,13 @@ class Enforcement:
             # COPY's streams out: neither is a statement the guard can measure
             d = unguarded_refusal(d, "DECLARE ... CURSOR" if any(
                 st.kind == "declare" for st in d.statements) else "COPY (query) TO")
+        if d.action != "block" and s.guard is not None and s.views is not None and any(
+                st.kind == "copy" and st.relations_written for st in d.statements):
+            hidden = s.views.current().hidden
+            if any(t in hidden for st in d.statements for t in st.relations_written):
+                # COPY FROM streams rows in: a trigger or rule of its table changes
+                # other rows where the guard cannot measure them
+                d = unguarded_refusal(d, "COPY FROM into a table with triggers or rules")
         if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         if d.action != "block" and s.masking is not None:
