@@ -2199,6 +2199,10 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
                  "where pgguard does not judge what it runs")
     if b.get("replace"):                   # CREATE OR REPLACE AGGREGATE, TRANSFORM, ...
         _replace_check(acc, b, tag[6:-4].upper() if tag.startswith("Create") else tag)
+    if tag == "AlterEnumStmt" and b.get("oldVal") is not None:
+        acc.flag("destructive", f"ALTER TYPE {_dotted(b.get('typeName'))} RENAME VALUE "
+                 f"changes every stored '{b.get('oldVal')}' of the type, and the old name "
+                 "stops existing (every statement naming it fails)")
     if tag == "CreateStmt":
         target = _relname(b.get("relation") or {})
         for elt in b.get("tableElts") or ():

@@ -68,21 +68,24 @@ class ViewMap:
     """Relation -> relations its rewrite rules use (direct edges), resolved
     transitively on demand. Immutable: :meth:`merged` makes a new map."""
 
-    __slots__ = ("edges", "_closure", "hidden")
+    __slots__ = ("edges", "_closure", "hidden", "foreign")
 
     def __init__(self, edges: Mapping[str, frozenset[str]] | None = None,
-                 hidden: frozenset[str] = frozenset()) -> None:
+                 hidden: frozenset[str] = frozenset(),
+                 foreign: frozenset[str] = frozenset()) -> None:
         self.edges: dict[str, frozenset[str]] = dict(edges or {})
         self._closure: dict[str, tuple[str, ...]] = {}
         # relations a change of which changes other rows no command tag counts: those
         # referenced by a foreign key ON DELETE/UPDATE CASCADE, SET NULL or SET
         # DEFAULT, and those with row triggers
         self.hidden = hidden
+        self.foreign = foreign      # foreign tables (their rows change in another server)
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[Any, ...]],
                   triggers: Iterable[tuple[Any, ...]] = (),
-                  hidden: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
+                  hidden: Iterable[tuple[Any, ...]] = (),
+                  foreign: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
         """Rows of (schema, relation with rewrite rules, schema, relation they use), and
         of (schema, view, language, function source) for INSTEAD OF triggers: the
         relations a plpgsql or SQL trigger function touches are behind the view too;
@@ -101,14 +104,16 @@ class ViewMap:
                 edges.setdefault(name, set()).update(_body_relations(lang, src))
         unseen = frozenset(n for hs, hn in hidden if hs is not None and hn is not None
                            for n in _aliases(hs, hn))
-        return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen)
+        remote = frozenset(n for fs, fn in foreign if fs is not None and fn is not None
+                           for n in _aliases(fs, fn))
+        return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen, remote)
 
     def __bool__(self) -> bool:
         return bool(self.edges)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ViewMap) and other.edges == self.edges and \
-            other.hidden == self.hidden
+            other.hidden == self.hidden and other.foreign == self.foreign
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -122,7 +127,7 @@ class ViewMap:
         out = dict(self.edges)
         for k, v in edges.items():
             out[k] = out.get(k, _EMPTY) | v
-        return ViewMap(out, self.hidden)
+        return ViewMap(out, self.hidden, self.foreign)
 
     def bases(self, name: str) -> tuple[str, ...]:
         """Every relation ``name``'s rules reach, views of views included, nearest first

@@ -424,6 +424,16 @@ class Enforcement:
                 # COPY FROM streams rows in: a trigger or rule of its table changes
                 # other rows where the guard cannot measure them
                 d = unguarded_refusal(d, "COPY FROM into a table with triggers or rules")
+        if d.action != "block" and s.guard is not None and s.views is not None:
+            remote = s.views.current().foreign
+            if remote and any(t in remote for st in d.statements
+                              for t in st.relations_written):
+                plan = self._plan(d)
+                if plan is not None and not plan.by_tag:
+                    # measured by this backend's tuple counters, which never see rows
+                    # changed in another server
+                    d = unguarded_refusal(d, "writing a foreign table (its rows change in "
+                                             "another server)")
         if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         if d.action != "block" and s.masking is not None:

@@ -222,6 +222,16 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 """
 
 
+# foreign tables: rows written there change in another server, where this backend's
+# tuple counters cannot see them
+FOREIGN_TABLES_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'f'
+"""
+
+
 async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tuple]:
     """The function with ``oid``: one row per declared argument (schema, name, kind,
     returns a set, argument type OID, type name), one with NULL type for a function of
@@ -230,15 +240,16 @@ async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tup
 
 
 async def rewrite_rows(link: UpstreamLink, database: str
-                       ) -> tuple[list[tuple], list[tuple], list[tuple]]:
+                       ) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple]]:
     """(schema, relation, base schema, base relation) for every relation with rewrite
     rules (views, INSTEAD/ALSO rules) and each relation those rules use; (schema, view,
     language, source) of the functions of INSTEAD OF triggers; and (schema, relation)
     of the relations whose changes change rows unseen (cascading foreign keys, row
-    triggers)."""
-    rules, triggers, hidden = await run(link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL,
-                                                         HIDDEN_WRITES_SQL])
-    return rules, triggers, hidden
+    triggers), and of foreign tables."""
+    rules, triggers, hidden, foreign = await run(
+        link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL, HIDDEN_WRITES_SQL,
+                         FOREIGN_TABLES_SQL])
+    return rules, triggers, hidden, foreign
 
 
 async def drop_role(link: UpstreamLink, database: str, role: str, successor: str | None,
