@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 import rawpg
-from conftest import AGENT, AGENT_PASSWORD, Proxy, run_psql
+from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER, Proxy, run_psql
 from each_client import said
 from guarded import guarded_proxy
 from mask_corpus import DB as MDB, MASKS, leaks, raw_connect, seed
@@ -506,8 +506,7 @@ FOREIGN_WRITES = [
 
 @pytest.fixture()
 def remote(pg):
-    from conftest import UPSTREAM_PASSWORD, UPSTREAM_USER
-    pg.execute(f"""
+    pg.execute("""
         DROP SCHEMA IF EXISTS rt14_remote CASCADE; DROP TABLE IF EXISTS rt14_big;
         DROP SERVER IF EXISTS rt14_loop CASCADE;
         CREATE TABLE rt14_big (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
