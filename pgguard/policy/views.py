@@ -197,8 +197,8 @@ _TEMP_SCHEMA = re.compile(r"pg_temp_\d+")
 
 def _aliases(schema: str, name: str) -> tuple[str, ...]:
     # the session's temporary relation is reached unqualified (the classifier says
-    # public.<name> then); its temporary schema may be named as pg_temp_N too
-    if schema == "pg_temp" or _TEMP_SCHEMA.fullmatch(schema):
+    # public.<name> then)
+    if schema == "pg_temp":
         return (f"pg_temp.{name}", f"public.{name}")
     return (f"{schema}.{name}",)
 
@@ -228,7 +228,9 @@ def _rv_names(rv: Any, default_schema: str | None = None) -> tuple[str, ...]:
         if rv.get("relpersistence") == "t":
             return _aliases("pg_temp", name)
         return (f"public.{name}",)
-    if rv.get("relpersistence") == "t":
+    if rv.get("relpersistence") == "t" or _TEMP_SCHEMA.fullmatch(schema):
+        # the session's own statement: its temporary schema named as pg_temp_N is
+        # pg_temp (the catalog's pg_temp_N of other sessions shadow nothing here)
         return _aliases("pg_temp", name)
     return _aliases(schema, name)
 
