@@ -1631,7 +1631,7 @@ def _sequence_hazards(acc: _Acc, opts: dict[str, Any]) -> list[str]:
         if type(v) is not str or v.strip().startswith("-"):
             out.append("a negative INCREMENT walks back over keys already used")
         elif not _small_count(v):
-            out.append(f"INCREMENT {v} can make it run out (at most {_SEQ_STEP_MAX} passes)")
+            out.append(f"INCREMENT {v} can make it run out (pgguard allows 1 to {_SEQ_STEP_MAX})")
     if "cache" in opts and not _small_count(_lit(acc, opts["cache"])):
         out.append(f"CACHE beyond {_SEQ_STEP_MAX} can make it run out (each session takes "
                    "that many values)")
