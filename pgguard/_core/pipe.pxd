@@ -91,6 +91,9 @@ cdef class Pipe:
     cdef dict _g_stmts
     cdef dict _g_portals
     cdef dict _g_approved
+    # the guard's current decision generation (a callable of no argument): a Bind of a
+    # statement whose plan was made under another one goes to the hooks
+    cdef object _g_gen_now
     cdef long long _fast
     # client side: while a hold or a function lookup keeps the stream, every chunk goes
     # to this sink's data_received, unscanned (set here rather than swapping the

@@ -276,6 +276,7 @@ cdef class Pipe:
         self._g_stmts = None if g is None else g.stmts
         self._g_portals = None if g is None else g.portals
         self._g_approved = None if g is None else g.approved
+        self._g_gen_now = None if g is None else g.generation_now
 
     cdef bint _guard_passes(self, int t, bytes msg) except -1:
         # True: nothing guarded in this Bind / Execute / Close / Sync (the guard's
@@ -298,13 +299,22 @@ cdef class Pipe:
             e2 = <const char*>memchr(e + 1, 0, n - (e + 1 - p))
             if e2 == NULL:
                 return False
-            if self._g_portals and PyBytes_FromStringAndSize(p + 5, e - (p + 5)) \
-                    in self._g_portals:
-                return False
             name = PyBytes_FromStringAndSize(e + 1, e2 - (e + 1))
             # an approved statement's Bind asks again (Guard.bind_needs_approval)
-            return name not in self._g_stmts and not (self._g_approved and
-                                                      name in self._g_approved)
+            if self._g_approved and name in self._g_approved:
+                return False
+            # Guard.on_bind here: the portal takes its statement's plan (or loses the
+            # plan of the portal it replaces), unless the plan was made under another
+            # decision generation (Guard.stale_plan: the hooks judge it again)
+            plan = self._g_stmts.get(name)
+            if plan is not None:
+                gen = plan.gen
+                if gen is not None and gen != self._g_gen_now():
+                    return False
+                self._g_portals[PyBytes_FromStringAndSize(p + 5, e - (p + 5))] = plan
+            elif self._g_portals:
+                self._g_portals.pop(PyBytes_FromStringAndSize(p + 5, e - (p + 5)), None)
+            return True
         if t == EXECUTE:                        # portal, row limit
             e = <const char*>memchr(p + 5, 0, n - 5)
             if e == NULL:
@@ -503,6 +513,22 @@ cdef class Pipe:
                 elif self._guard is not None and (t == BIND or t == EXECUTE or t == SYNC
                                                     or t == CLOSE):
                     ok = self._guard_passes(t, msg)
+                    if not ok and t == EXECUTE and i == n - 2 and self.scan.rest is None:
+                        # a guarded portal's Execute with its Sync last in the chunk:
+                        # the guard's in-block lane, when it can take it now
+                        # (Guard.lane_execute), forwards both from here
+                        nxt = items[i + 1]
+                        if type(nxt) is tuple and (<tuple>nxt)[0] == SYNC and \
+                                self._guard.lane_execute(msg, (<tuple>nxt)[1]):
+                            sync = (<tuple>nxt)[1]
+                            out.append(msg)
+                            out.append(sync)
+                            total += PyBytes_GET_SIZE(msg) + PyBytes_GET_SIZE(sync)
+                            if self.fast_log is not None:
+                                now = _now_ns()
+                                self.fast_log.append((msg, None, now))
+                                self.fast_log.append((sync, None, now))
+                            break
                 elif t == BIND and self.stmt_gens is not None and self.exact is not None:
                     ok = True                   # watched for its statement's generation
                 else:

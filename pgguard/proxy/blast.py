@@ -703,6 +703,37 @@ class Guard:
             self._start(self._execute_steps(plan, need, nonce, bool(snap)))
         self._after_record(msg, fire, later)
 
+    def generation_now(self) -> int:
+        """The decision generation a statement's plan must have been made under to
+        guard its portals as it is (the compiled pipe's Bind asks)."""
+        s = self.s
+        return s.services.decision_generation(s.database)
+
+    def lane_execute(self, msg: bytes, sync: bytes) -> bool:
+        """The compiled pipe's Execute ``msg`` of a guarded portal, with its Sync
+        last in the client's chunk (nothing scanned after it): when the in-block lane
+        can take it now (exactly what start_execute would send down _start_in_block's
+        lane), start the lane and the hold of the client's stream and return True: the
+        pipe then forwards both. False: the hooks get it, as before."""
+        if self._skip_seg or self.chain or self.owe is not None or not self.seg_known \
+                or self.seg_exec or msg[-4:] != b"\0\0\0\0":    # (row limit 0: all rows)
+            return False
+        plan = self.portals.get(msg[5:msg.index(b"\0", 5)])
+        if plan is None or not plan.by_tag or not self._lane_free():
+            return False
+        s = self.s
+        enf = s.enforce
+        # _in_block_now with the Sync as the rest of the batch (_lane_free: the upstream
+        # pipe does not divert, so the client has seen every ReadyForQuery counted)
+        if enf.visible_status() != m.TX_IN_BLOCK or \
+                s.fscan.count + enf.sync_adjust - 1 != enf.visible_z():
+            return False
+        self.seg_known, self.seg_exec = True, 0             # on_sync
+        s.holds.begin_clear()
+        self.lane = (plan, self._in_block_steps)
+        s.up_pipe.hold_count(plan.lane_limit())
+        return True
+
     def _in_block_now(self, later: list) -> bool:
         """Is the transaction status exactly known to be an open block here, with the
         Execute alone in its segment and its Sync right behind it? (Every earlier

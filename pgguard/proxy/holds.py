@@ -107,6 +107,15 @@ class Holds:
         s.client_pipe.sink_to(reader)
         self.more(list(later))
 
+    def begin_clear(self) -> None:
+        """``begin`` with nothing to write and nothing scanned after the held point
+        (the compiled pipe's guard lane)."""
+        s = self.s
+        self.held = []
+        self.items = []
+        reader = self.reader = RawReader(s)
+        s.client_pipe.sink_to(reader)
+
     def reads_held(self) -> bool:
         """True while the hold keeps the client's socket unread (past HOLD_BYTES): its
         release resumes it."""

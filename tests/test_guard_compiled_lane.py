@@ -1,0 +1,276 @@
+# The compiled pipe takes a guarded prepared statement's Bind, and its Execute + Sync in
+# a transaction block, without the Python hooks (issue 17: the guard must not cost the
+# common path). Attacks on that lane, judged by the rows upstream: a write past the row
+# limit never commits, whatever the client pipelines behind it, however it rebinds the
+# portal, whichever client sends it.
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import psycopg
+import pytest
+import rawpg
+from conftest import AGENT, AGENT_PASSWORD
+
+ROWS = 1500
+BIG = "UPDATE cl_t SET v = v + 1 WHERE id > $1"       # every row: past the limit
+SMALL = "UPDATE cl_t SET v = v + 1 WHERE id = $1"     # one row: kept
+SEL = "SELECT count(*) FROM cl_t WHERE id > $1"
+
+
+@pytest.fixture(scope="module", params=["audit", "noaudit"])
+def gproxy(request, pg, tmp_path_factory):
+    from conftest import Proxy
+    p = Proxy(pg, tmp_path_factory.mktemp("clane"),
+              audit_extra="enabled = false" if request.param == "noaudit" else "")
+    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture()
+def table(pg):
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS cl_t")
+        c.execute("CREATE TABLE cl_t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+        c.execute(f"INSERT INTO cl_t SELECT g, 0 FROM generate_series(1, {ROWS}) g")
+        c.execute("GRANT ALL ON cl_t TO PUBLIC")
+    yield
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS cl_t")
+
+
+def changed(pg) -> int:
+    """Rows of cl_t changed and committed, read directly upstream."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        return c.execute("SELECT count(*) FROM cl_t WHERE v <> 0").fetchone()[0]
+
+
+def client(gproxy) -> rawpg.RawClient:
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    c.send(rawpg.parse(BIG, "big"), rawpg.parse(SMALL, "small"), rawpg.parse(SEL, "sel"),
+           rawpg.SYNC)
+    assert not rawpg.errors(c.until_ready())
+    return c
+
+
+def refused(msgs) -> bool:
+    return any(e["C"] == "42501" and "blast-radius" in e["M"] for e in rawpg.errors(msgs))
+
+
+def lane_frames(stmt: str, param: bytes, portal: str = "") -> bytes:
+    return (rawpg.bind(stmt, [param], portal=portal) + rawpg.describe("P", portal)
+            + rawpg.execute(portal) + rawpg.SYNC)
+
+
+# -- class 1: what the client sends behind the lane's Sync waits for the count --------
+
+def _commit_query_right_behind(c):
+    c.send(lane_frames("big", b"0"))
+    c.send(rawpg.query("COMMIT"))                   # a second write, no wait
+    return c.until_ready(2)
+
+
+def _commit_extended_right_behind(c):
+    c.send(lane_frames("big", b"0"))
+    c.send(rawpg.parse("COMMIT", "cm") + rawpg.bind("cm") + rawpg.execute() + rawpg.SYNC)
+    return c.until_ready(2)
+
+
+def _commit_in_the_same_write(c):
+    c.send(lane_frames("big", b"0") + rawpg.query("COMMIT"))
+    return c.until_ready(2)
+
+
+def _commit_split_across_writes(c):
+    frames = lane_frames("big", b"0") + rawpg.query("COMMIT")
+    cut = len(frames) - 3                           # the COMMIT's frame cut in two
+    c.send(frames[:cut])
+    time.sleep(0.01)
+    c.send(frames[cut:])
+    return c.until_ready(2)
+
+
+def _small_then_big_then_commit(c):
+    c.send(lane_frames("small", b"7"))
+    c.send(lane_frames("big", b"0"))
+    c.send(rawpg.query("COMMIT"))
+    return c.until_ready(3)
+
+
+@pytest.mark.parametrize("attack", [
+    _commit_query_right_behind, _commit_extended_right_behind, _commit_in_the_same_write,
+    _commit_split_across_writes, _small_then_big_then_commit])
+def test_nothing_behind_the_lane_commits_a_refused_write(gproxy, pg, table, attack):
+    c = client(gproxy)
+    try:
+        c.send(rawpg.query("BEGIN"))
+        c.until_ready()
+        msgs = attack(c)
+        assert refused(msgs), msgs
+        assert c.status in (b"I", b"E")
+    finally:
+        c.close()
+    assert changed(pg) == 0
+
+
+# -- class 2: the portal's guard follows its Bind, whichever statement it names -------
+
+def _guarded_rebound_over_unguarded(c):
+    c.send(rawpg.bind("sel", [b"0"], portal="p") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.close("P", "p") + rawpg.bind("big", [b"0"], portal="p")
+           + rawpg.execute("p") + rawpg.SYNC)
+    return c.until_ready()
+
+
+def _closed_and_rebound_on_the_lane(c):
+    c.send(rawpg.bind("sel", [b"0"], portal="p") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.close("P", "p") + lane_frames("big", b"0", portal="p"))
+    return c.until_ready()
+
+
+def _unnamed_portal_after_unguarded_in_same_write(c):
+    c.send(rawpg.bind("sel", [b"0"]) + rawpg.execute() + rawpg.bind("big", [b"0"])
+           + rawpg.execute() + rawpg.SYNC)
+    return c.until_ready()
+
+
+def _guarded_portal_executed_later(c):
+    c.send(rawpg.bind("big", [b"0"], portal="later") + rawpg.SYNC)
+    c.until_ready()
+    for _ in range(3):
+        c.send(lane_frames("sel", b"0"))
+        c.until_ready()
+    c.send(rawpg.execute("later") + rawpg.SYNC)
+    return c.until_ready()
+
+
+def _guarded_after_small_on_same_portal(c):
+    c.send(lane_frames("small", b"3", portal="q"))
+    c.until_ready()
+    c.send(rawpg.close("P", "q") + lane_frames("big", b"0", portal="q"))
+    return c.until_ready()
+
+
+def _reparsed_name_after_ddl(c):
+    c.send(rawpg.query("CREATE TEMP TABLE cl_other (x int)"))
+    c.until_ready()
+    c.send(lane_frames("big", b"0"))
+    return c.until_ready()
+
+
+@pytest.mark.parametrize("attack", [
+    _guarded_rebound_over_unguarded, _unnamed_portal_after_unguarded_in_same_write,
+    _closed_and_rebound_on_the_lane,
+    _guarded_portal_executed_later, _guarded_after_small_on_same_portal,
+    _reparsed_name_after_ddl])
+def test_a_rebound_portal_keeps_its_statements_guard(gproxy, pg, table, attack):
+    c = client(gproxy)
+    try:
+        c.send(rawpg.query("BEGIN"))
+        c.until_ready()
+        msgs = attack(c)
+        assert refused(msgs), msgs
+        c.send(rawpg.query("COMMIT"))
+        c.until_ready()
+    finally:
+        c.close()
+    assert changed(pg) <= 1                   # at most the one row SMALL changed
+
+
+def test_a_guarded_portal_rebound_to_a_read_runs_the_read(gproxy, pg, table):
+    c = client(gproxy)
+    try:
+        c.send(rawpg.query("BEGIN"))
+        c.until_ready()
+        c.send(rawpg.bind("big", [b"0"], portal="r") + rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.close("P", "r") + rawpg.bind("sel", [b"0"], portal="r")
+               + rawpg.execute("r") + rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.rows(msgs) == [[str(ROWS).encode()]] and not rawpg.errors(msgs)
+        c.send(lane_frames("small", b"9"))
+        assert rawpg.tags(c.until_ready()) == ["UPDATE 1"]
+        c.send(rawpg.query("COMMIT"))
+        c.until_ready()
+    finally:
+        c.close()
+    assert changed(pg) == 1
+
+
+# -- class 3: real clients' prepared statements in a transaction ----------------------
+
+def test_psycopg_prepared_in_transaction(gproxy, pg, table):
+    with psycopg.connect(gproxy.dsn(AGENT, AGENT_PASSWORD)) as c:
+        for i in range(1, 6):               # prepared after the first runs, then reused
+            c.execute(SMALL.replace("$1", "%s"), (i,), prepare=True)
+        with pytest.raises(psycopg.Error) as e:
+            c.execute(BIG.replace("$1", "%s"), (0,), prepare=True)
+        assert e.value.sqlstate == "42501"
+        c.rollback()
+        for i in range(1, 6):
+            c.execute(SMALL.replace("$1", "%s"), (i,), prepare=True)
+        c.commit()
+    assert changed(pg) == 5
+
+
+def test_psycopg_pipeline_commit_behind_a_refused_write(gproxy, pg, table):
+    with psycopg.connect(gproxy.dsn(AGENT, AGENT_PASSWORD), autocommit=True) as c:
+        with pytest.raises(psycopg.Error):
+            with c.pipeline():
+                c.execute("BEGIN")
+                c.execute(SMALL.replace("$1", "%s"), (1,), prepare=True)
+                c.execute(BIG.replace("$1", "%s"), (0,), prepare=True)
+                c.execute("COMMIT")
+    assert changed(pg) == 0
+
+
+def test_asyncpg_prepared_in_transaction(gproxy, pg, table):
+    async def go():
+        c = await asyncpg.connect(gproxy.dsn(AGENT, AGENT_PASSWORD))
+        try:
+            small = await c.prepare(SMALL)
+            big = await c.prepare(BIG)
+            tr = c.transaction()
+            await tr.start()
+            for i in range(1, 4):
+                await small.fetch(i)
+            with pytest.raises(asyncpg.PostgresError) as e:
+                await big.fetch(0)
+            assert e.value.sqlstate == "42501"
+            await tr.rollback()
+            async with c.transaction():
+                for i in range(1, 4):
+                    await small.fetch(i)
+        finally:
+            await c.close()
+    asyncio.run(go())
+    assert changed(pg) == 3
+
+
+def test_pgbench_style_statements_many_times(gproxy, pg, table):
+    """The lane taken again and again: every small write kept, each big one refused."""
+    c = client(gproxy)
+    try:
+        for round_ in range(20):
+            c.send(rawpg.query("BEGIN"))
+            c.until_ready()
+            c.send(lane_frames("small", str(round_ + 1).encode()))
+            assert rawpg.tags(c.until_ready()) == ["UPDATE 1"]
+            c.send(lane_frames("sel", b"0"))
+            c.until_ready()
+            if round_ % 5 == 4:
+                c.send(lane_frames("big", b"0"))
+                assert refused(c.until_ready())
+                c.send(rawpg.query("ROLLBACK"))
+            else:
+                c.send(rawpg.query("COMMIT"))
+            c.until_ready()
+    finally:
+        c.close()
+    assert changed(pg) == 16
