@@ -13,22 +13,15 @@ import psycopg
 import pytest
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD
+import test_policy_blast_fastlane
 
 ROWS = 1500
 BIG = "UPDATE cl_t SET v = v + 1 WHERE id > $1"       # every row: past the limit
 SMALL = "UPDATE cl_t SET v = v + 1 WHERE id = $1"     # one row: kept
 SEL = "SELECT count(*) FROM cl_t WHERE id > $1"
 
-
-@pytest.fixture(scope="module", params=["audit", "noaudit"])
-def gproxy(request, pg, tmp_path_factory):
-    from conftest import Proxy
-    p = Proxy(pg, tmp_path_factory.mktemp("clane"),
-              audit_extra="enabled = false" if request.param == "noaudit" else "")
-    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
-    p.start()
-    yield p
-    p.stop()
+# the guarded proxy (agents = "guarded"), with and without the audit
+gproxy = test_policy_blast_fastlane.gproxy
 
 
 @pytest.fixture()
@@ -274,3 +267,99 @@ def test_pgbench_style_statements_many_times(gproxy, pg, table):
     finally:
         c.close()
     assert changed(pg) == 16
+
+
+# -- class 4: a simple Query the cached decision guards, in a block -------------------
+# (the compiled pipe hands it to Enforcement.query_lane: no client_items, no decide)
+
+BIG_Q = "UPDATE cl_t SET v = v + 1 WHERE id > {}"
+SMALL_Q = "UPDATE cl_t SET v = v + 1 WHERE id = {}"
+
+
+def _warm(c):
+    # the decisions cached: the same texts and shapes again take the compiled path
+    for i in (1, 2):
+        c.send(rawpg.query(SMALL_Q.format(i)))
+        assert rawpg.tags(c.until_ready()) == ["UPDATE 1"]
+
+
+def _q_commit_right_behind(c):
+    c.send(rawpg.query(BIG_Q.format(0)))
+    c.send(rawpg.query("COMMIT"))
+    return c.until_ready(2)
+
+
+def _q_commit_split(c):
+    frames = rawpg.query(BIG_Q.format(0)) + rawpg.query("COMMIT")
+    c.send(frames[:len(frames) - 4])
+    time.sleep(0.01)
+    c.send(frames[len(frames) - 4:])
+    return c.until_ready(2)
+
+
+def _q_other_literal_same_shape(c):
+    c.send(rawpg.query(BIG_Q.format(5)))        # a shape hit, another literal
+    c.send(rawpg.parse("COMMIT", "cm2") + rawpg.bind("cm2") + rawpg.execute() + rawpg.SYNC)
+    return c.until_ready(2)
+
+
+def _q_after_small_ones(c):
+    for i in range(3, 8):
+        c.send(rawpg.query(SMALL_Q.format(i)))
+        assert rawpg.tags(c.until_ready()) == ["UPDATE 1"]
+    c.send(rawpg.query(BIG_Q.format(0)))
+    c.send(rawpg.query("COMMIT"))
+    return c.until_ready(2)
+
+
+def _q_after_agent_ddl(c):
+    c.send(rawpg.query("CREATE TEMP TABLE cl_scratch (x int)"))   # decisions judged anew
+    c.until_ready()
+    c.send(rawpg.query(BIG_Q.format(0)))
+    c.send(rawpg.query("COMMIT"))
+    return c.until_ready(2)
+
+
+@pytest.mark.parametrize("attack", [
+    _q_commit_right_behind, _q_commit_split, _q_other_literal_same_shape,
+    _q_after_small_ones, _q_after_agent_ddl])
+def test_a_guarded_query_in_a_block_never_commits_past_the_limit(gproxy, pg, table, attack):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        c.send(rawpg.query("BEGIN"))
+        c.until_ready()
+        _warm(c)
+        msgs = attack(c)
+        assert refused(msgs), msgs
+    finally:
+        c.close()
+    assert changed(pg) == 0
+
+
+def test_psql_script_of_guarded_queries(gproxy, pg, table, psql_bin, tmp_path):
+    from conftest import run_psql
+    script = tmp_path / "s.sql"
+    script.write_text("BEGIN;\n" + "".join(SMALL_Q.format(i) + ";\n" for i in range(1, 6))
+                      + "COMMIT;\nBEGIN;\n" + SMALL_Q.format(9) + ";\n" + BIG_Q.format(0)
+                      + ";\nCOMMIT;\n")
+    r = run_psql(psql_bin, gproxy.dsn(AGENT, AGENT_PASSWORD), "-v", "ON_ERROR_STOP=0",
+                 "-f", str(script))
+    assert "blast-radius" in r.stderr
+    assert changed(pg) == 5             # the first block; the second rolled back whole
+
+
+def test_psycopg_simple_protocol_block(gproxy, pg, table):
+    with psycopg.connect(gproxy.dsn(AGENT, AGENT_PASSWORD)) as c:
+        cur = psycopg.ClientCursor(c)
+        for round_ in range(3):
+            for i in range(1, 4):
+                cur.execute(SMALL_Q.format(10 * round_ + i))
+                assert cur.rowcount == 1
+            if round_ == 1:
+                with pytest.raises(psycopg.Error) as e:
+                    cur.execute(BIG_Q.format(0))
+                assert e.value.sqlstate == "42501"
+                c.rollback()
+            else:
+                c.commit()
+    assert changed(pg) == 6

@@ -103,6 +103,15 @@ cdef class Pipe:
     # the shape of the last Query text _cached_allow / _mask_query_ok computed (None:
     # not computed), handed to the audit with the statement so it is not computed twice
     cdef object _last_key
+    # the cache entry _cached_allow found last, whatever its action (a guarded one is
+    # offered to guard_query)
+    cdef object _last_entry
+    # client side, a policy with the blast-radius guard: called with a Query whose
+    # cached decision is guarded, last in its chunk (everything before it written),
+    # the entry, and the text's shape when the entry was found by it (else None):
+    # True when it ran the Query itself on the guard's in-block lane
+    # (Enforcement.query_lane); None, or False: the hooks get it
+    cdef public object guard_query
     # upstream side, the blast-radius guard's in-block lane (Guard._start_in_block):
     # the answers to one Execute + Sync are held here until their ReadyForQuery; the
     # first CommandComplete's row count within _hold_limit (-1: no hold) and no error:

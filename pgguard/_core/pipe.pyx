@@ -243,6 +243,7 @@ cdef class Pipe:
         cdef const char* q
         cdef const char* e
         self._last_key = None
+        self._last_entry = None
         d = self.exact.get(msg)
         if d is None:
             if p[0] == QUERY:                    # text up to the final NUL
@@ -261,6 +262,7 @@ cdef class Pipe:
             if d is None:
                 return None
         if d.action != "allow":
+            self._last_entry = d
             return None
         return d
 
@@ -501,6 +503,7 @@ cdef class Pipe:
                         d = self._cached_allow(msg)
                         ok = d is not None
                     else:
+                        self._last_entry = None     # (of an earlier message)
                         ok = self.allow_all and _well_formed(msg)
                     if ok:
                         self._fast += 1
@@ -539,6 +542,13 @@ cdef class Pipe:
                     self._flush(out)
                     if self.mask is not None:
                         self.mask.idle = False
+                    if t == QUERY and self.guard_query is not None and i == n - 1 and \
+                            self.exact is not None and \
+                            self._last_entry is not None and self.scan.rest is None and \
+                            self._last_entry.action == "guarded" and \
+                            self.guard_query(msg, self._last_entry, self._last_key):
+                        self._last_entry = None
+                        return          # run on the guard's in-block lane
                     self._hooks.client_items(items if i == 0 else items[i:])
                     return
                 out.append(msg)

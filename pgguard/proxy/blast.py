@@ -492,6 +492,16 @@ class Guard:
             msg, plan, self._unanswered(later if s.holds.items is None
                                         else s.holds.items) - 1)), later)
 
+    def query_on_lane(self, msg: bytes, plan: Plan) -> None:
+        """Run the Query ``msg`` on the compiled lane now (Enforcement.query_lane found
+        that start_query would: a block open, nothing unanswered, the tag counts), the
+        client's stream held until its count is in."""
+        s = self.s
+        s.holds.begin_clear()
+        self.lane = (plan, self._held_query_steps)
+        s.up.transport.write(msg)
+        s.up_pipe.hold_count(plan.lane_limit())
+
     def _after_record(self, msg: bytes, fire, later: list) -> None:
         """``fire`` now, or under strict durability once the statement's audit record
         is on disk (the held stream waits meanwhile)."""

@@ -27,7 +27,7 @@ from ..policy.classify import WRITING_FUNCS
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
-from .blast import has_txn_control, plan_for
+from .blast import Plan, has_txn_control, plan_for
 from .holds import sync_points
 from .tracking import REFUSAL_SYNC, statement_record
 
@@ -76,6 +76,8 @@ class Enforcement:
         self.s = session
         self.services = services
         self.discarding = False         # after a refused Parse: drop until Sync
+        # query_lane's plans: id(decision) -> (decision, generation, view map, plan)
+        self._plans: dict[int, tuple] = {}
         # the decision cache the session decides through ((raw message -> decision,
         # shape -> decision)): shared by the sessions of one identity, database and mode
         # (given at relay start), or this session's own once its DDL taught it views
@@ -208,7 +210,8 @@ class Enforcement:
         elif s.policy is not None:
             exact, shapes = self.cache
             # a FunctionCall is judged under a policy: never forwarded there then
-            s.set_fast_path(exact=exact, shapes=shapes, log_types=logged)
+            s.set_fast_path(exact=exact, shapes=shapes, log_types=logged,
+                            guard_query=self.query_lane if s.guard is not None else None)
         else:
             s.set_fast_path(allow_all=True, log_types=logged)
 
@@ -674,6 +677,57 @@ class Enforcement:
         # the client's Query is replaced by one that fails upstream: same Z count
         self.inject_refusal(d, out, extended=False, sql=msg[5:-1])
 
+
+    def query_lane(self, msg: bytes, g: Guarded, key) -> bool:
+        """The compiled pipe's Query ``msg`` whose cached decision ``g`` the guard runs
+        (found by the text's shape ``key``, or by the text when None), last in its
+        chunk with everything before it written: when it can go down the
+        guard's in-block lane now (what _on_query then start_query would do with it:
+        a block open, nothing unanswered, a single statement its tag counts), run it
+        there and return True. False: nothing was done; the hooks get it as usual."""
+        s = self.s
+        guard = s.guard
+        exact, shapes = self.cache
+        if guard is None or s.masking is not None or self.discarding or \
+                self.granted is not None or s.holds.held is not None or \
+                (exact.get(msg) is not g if key is None else shapes.get(key) is not g):
+            return False
+        d = g.decision
+        if d.action != "allow" or len(d.statements) != 1 or _pg_rejects(msg):
+            return False
+        plan = self._lane_plan(d, msg[5:-1])
+        if plan is None or not plan.by_tag or not guard._lane_free() or \
+                self.visible_status() != m.TX_IN_BLOCK or \
+                s.fscan.count + self.sync_adjust - self.visible_z() != 1:
+            return False
+        guard.on_query()
+        s.services.count_statement("allowed")
+        if s.tracker is not None:     # (with the shape, as the compiled pipe logs it)
+            s.tracker.flog.append((msg, d, time.monotonic_ns()) if key is None else
+                                  (msg, d, time.monotonic_ns(), key))
+        guard.query_on_lane(msg, plan)
+        self.guard_watch()
+        if s.prepared is not None and _touches_prepared(d):
+            s.prepared.observe(d.statements)
+        return True
+
+    def _lane_plan(self, d, sql: bytes):
+        """``_plan(d, sql)``, its parts kept per decision while the decision
+        generation and the view map stay as they are (only the text differs)."""
+        s = self.s
+        gen = s.services.decision_generation(s.database)
+        views = s.views.current() if s.views is not None else None
+        got = self._plans.get(id(d))
+        if got is None or got[0] is not d or got[1] != gen or got[2] is not views:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            got = (d, gen, views, self._plan(d, sql))
+            self._plans[id(d)] = got
+        p = got[3]
+        if p is None:
+            return None
+        return Plan(p.limit, p.rule, p.by_tag, p.decision, sql, p.target, p.verb, p.tables,
+                    p.gen)
 
     def _mask_query(self, d, msg: bytes, out: list) -> bool:
         """Bookkeeping for a Query about to run under masking; False when it is refused

@@ -750,11 +750,13 @@ class Session:
 
     def set_fast_path(self, *, exact: dict | None = None, shapes: dict | None = None,
                       allow_all: bool = False, log_types: bytes | None = None,
-                      guard=None, lane: bool = False) -> None:
+                      guard=None, lane: bool = False, guard_query=None) -> None:
         """What the compiled client pipe forwards without Python (Enforcement.fast_path
         decides): Query/Parse whose decision in ``exact``/``shapes`` allows them, or
         every well-formed one (``allow_all``); the message types it logs for the audit;
-        the blast-radius ``guard``'s Bind/Execute/Close/Sync; the masking ``lane``."""
+        the blast-radius ``guard``'s Bind/Execute/Close/Sync; the masking ``lane``; the
+        guard's in-block lane for Queries whose cached decision it runs
+        (``guard_query``)."""
         pipe = self.client_pipe
         if pipe.mask is not None:
             pipe.mask.on = lane
@@ -762,6 +764,7 @@ class Session:
         pipe.exact, pipe.shapes, pipe.allow_all = exact, shapes, allow_all
         pipe.log_types = log_types
         pipe.guard = guard
+        pipe.guard_query = guard_query
 
     def decide_through(self, cache: tuple[dict, dict]) -> None:
         """The decision cache the compiled pipe reads, when it reads one."""
