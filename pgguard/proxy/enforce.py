@@ -411,7 +411,9 @@ class Enforcement:
             self._masks_wait = msg
             self.pending_bodies = ()
             return BODIES_PENDING
-        if s.readonly and d.action == "allow" and not _reads_only(d):
+        if s.readonly and d.action in ("allow", "approve") and not _reads_only(d):
+            # (a write that would wait for a human is refused at once: approved, the
+            # read-only session would refuse it anyway)
             d = _readonly_refusal(d)
         if d.action != "block" and s.guard is not None and any(
                 st.kind in _LATER_KINDS for st in d.statements) and \
