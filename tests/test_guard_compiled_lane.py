@@ -363,3 +363,193 @@ def test_psycopg_simple_protocol_block(gproxy, pg, table):
             else:
                 c.commit()
     assert changed(pg) == 6
+
+
+# -- class 5: the guard follows the names Postgres keeps ------------------------------
+# A Parse, Bind or Close that Postgres refuses or skips (after an earlier error of its
+# segment) leaves the old statement or portal in place: its guard must stay too.
+
+ALL = "UPDATE cl_t SET v = v + 1 WHERE id > $1"
+ERR = rawpg.parse("SELECT 1/0", "z0") + rawpg.bind("z0") + rawpg.execute()
+
+
+def _named_parse_refused(c):
+    c.send(rawpg.parse(ALL, "u") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.parse("SELECT 1", "u") + rawpg.SYNC)       # 42P05: u stays
+    c.until_ready()
+    c.send(rawpg.bind("u", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+    c.until_ready()
+
+
+def _named_parse_refused_in_block(c):
+    c.send(rawpg.parse(ALL, "u") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("BEGIN"))
+    c.until_ready()
+    c.send(rawpg.parse("SELECT 1", "u") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("ROLLBACK"))
+    c.until_ready()
+    c.send(rawpg.query("BEGIN"))
+    c.until_ready()
+    c.send(lane_frames("u", b"0"))
+    c.until_ready()
+    c.send(rawpg.query("COMMIT"))
+    c.until_ready()
+
+
+def _close_skipped_after_error(c):
+    c.send(rawpg.parse(ALL, "u") + rawpg.SYNC)
+    c.until_ready()
+    c.send(ERR + rawpg.close("S", "u") + rawpg.SYNC)        # skipped: u stays
+    c.until_ready()
+    c.send(rawpg.bind("u", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+    c.until_ready()
+
+
+def _unnamed_close_skipped_after_error(c):
+    c.send(rawpg.parse(ALL) + rawpg.SYNC)
+    c.until_ready()
+    c.send(ERR + rawpg.close("S", "") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+    c.until_ready()
+
+
+def _unnamed_parse_skipped_after_error(c):
+    c.send(rawpg.parse(ALL) + rawpg.SYNC)
+    c.until_ready()
+    c.send(ERR + rawpg.parse("SELECT 1") + rawpg.SYNC)       # skipped: "" stays
+    c.until_ready()
+    c.send(rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+    c.until_ready()
+
+
+def _query_skipped_after_error(c):
+    c.send(rawpg.parse(ALL) + rawpg.SYNC)
+    c.until_ready()
+    c.send(ERR + rawpg.query("SELECT 1"))                    # skipped until the Sync
+    time.sleep(0.2)
+    c.send(rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+    c.until_ready()
+
+
+def _portal_rebind_failed_then_rollback_to(c):
+    c.send(rawpg.parse(ALL, "u") + rawpg.parse("SELECT 1", "q") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("BEGIN"))
+    c.until_ready()
+    c.send(rawpg.bind("u", [b"0"], portal="p") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("SAVEPOINT a"))
+    c.until_ready()
+    c.send(rawpg.bind("q", portal="p") + rawpg.SYNC)          # 42P03: p stays
+    c.until_ready()
+    c.send(rawpg.query("ROLLBACK TO SAVEPOINT a"))
+    c.until_ready()
+    c.send(rawpg.execute("p") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("COMMIT"))
+    c.until_ready()
+
+
+def _unnamed_portal_bind_skipped_then_rollback_to(c):
+    c.send(rawpg.parse(ALL, "u") + rawpg.parse("SELECT 1", "q") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("BEGIN"))
+    c.until_ready()
+    c.send(rawpg.bind("u", [b"0"]) + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("SAVEPOINT a"))
+    c.until_ready()
+    c.send(ERR + rawpg.bind("q") + rawpg.SYNC)                # skipped: "" stays
+    c.until_ready()
+    c.send(rawpg.parse("ROLLBACK TO SAVEPOINT a", "rb") + rawpg.bind("rb", portal="r")
+           + rawpg.execute("r") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.execute("") + rawpg.SYNC)
+    c.until_ready()
+    c.send(rawpg.query("COMMIT"))
+    c.until_ready()
+
+
+@pytest.mark.parametrize("attack", [
+    _named_parse_refused, _named_parse_refused_in_block, _close_skipped_after_error,
+    _unnamed_close_skipped_after_error, _unnamed_parse_skipped_after_error,
+    _query_skipped_after_error, _portal_rebind_failed_then_rollback_to,
+    _unnamed_portal_bind_skipped_then_rollback_to])
+def test_a_kept_statement_or_portal_keeps_its_guard(gproxy, pg, table, attack):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        attack(c)
+        c.send(rawpg.query("SELECT 1"))         # the session still works
+        assert rawpg.rows(c.until_ready()) == [[b"1"]]
+    finally:
+        c.close()
+    assert changed(pg) == 0
+
+
+def test_a_closed_name_parsed_again_runs_its_new_statement(gproxy, pg, table):
+    """The kept guard measures by the counters: a read under a reused name still runs."""
+    c = client(gproxy)
+    try:
+        c.send(rawpg.close("S", "big") + rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.parse(SEL, "big") + rawpg.SYNC)
+        assert not rawpg.errors(c.until_ready())
+        c.send(rawpg.bind("big", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+        msgs = c.until_ready()
+        assert rawpg.rows(msgs) == [[str(ROWS).encode()]] and not rawpg.errors(msgs)
+        c.send(rawpg.close("S", "small") + rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.parse(SMALL, "small") + rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.bind("small", [b"4"]) + rawpg.execute() + rawpg.SYNC)
+        assert rawpg.tags(c.until_ready()) == ["UPDATE 1"]
+    finally:
+        c.close()
+    assert changed(pg) == 1
+
+
+# -- class 6: a guarded simple Query behind extended messages with no Sync ------------
+# What they run (a COMMIT, a BEGIN) comes first; the guard cannot know where the Query
+# would run: it is refused, and nothing of it commits.
+
+def _behind(c, ext: bytes, sql: str = BIG_Q.format(0), split: bool = False):
+    c.send(rawpg.query("BEGIN"))
+    c.until_ready()
+    _warm(c)
+    if split:
+        c.send(ext)
+        time.sleep(0.05)
+        c.send(rawpg.query(sql))
+    else:
+        c.send(ext + rawpg.query(sql))
+    msgs = c.until_ready()
+    c.send(rawpg.query("COMMIT"))
+    c.until_ready()
+    return msgs
+
+
+@pytest.mark.parametrize("ext,sql,split", [
+    (rawpg.parse("COMMIT") + rawpg.bind() + rawpg.execute(), BIG_Q.format(0), False),
+    (rawpg.parse("COMMIT") + rawpg.bind() + rawpg.execute(), BIG_Q.format(0), True),
+    (rawpg.parse("SELECT 1") + rawpg.bind() + rawpg.execute(), BIG_Q.format(0), False),
+    (rawpg.parse("") + rawpg.bind() + rawpg.execute(), BIG_Q.format(0), False),
+    (rawpg.parse("SHOW search_path") + rawpg.bind() + rawpg.execute(), BIG_Q.format(0), True),
+    (rawpg.parse("SELECT 1") + rawpg.bind() + rawpg.execute(),
+     "DELETE FROM cl_t WHERE id > 5", False),
+])
+def test_guarded_query_behind_unsynced_extended_messages(gproxy, pg, table, ext, sql, split):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        msgs = _behind(c, ext, sql, split)
+        assert refused(msgs) or any(e["C"] == "42501" for e in rawpg.errors(msgs)), msgs
+    finally:
+        c.close()
+    assert changed(pg) <= 2             # _warm's two rows (the extended COMMIT commits them)
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM cl_t").fetchone()[0] == ROWS

@@ -91,6 +91,7 @@ cdef class Pipe:
     cdef dict _g_stmts
     cdef dict _g_portals
     cdef dict _g_approved
+    cdef dict _g_ghosts
     # the guard's current decision generation (a callable of no argument): a Bind of a
     # statement whose plan was made under another one goes to the hooks
     cdef object _g_gen_now

@@ -278,6 +278,7 @@ cdef class Pipe:
         self._g_stmts = None if g is None else g.stmts
         self._g_portals = None if g is None else g.portals
         self._g_approved = None if g is None else g.approved
+        self._g_ghosts = None if g is None else g.portal_ghosts
         self._g_gen_now = None if g is None else g.generation_now
 
     cdef bint _guard_passes(self, int t, bytes msg) except -1:
@@ -315,7 +316,15 @@ cdef class Pipe:
                     return False
                 self._g_portals[PyBytes_FromStringAndSize(p + 5, e - (p + 5))] = plan
             elif self._g_portals:
-                self._g_portals.pop(PyBytes_FromStringAndSize(p + 5, e - (p + 5)), None)
+                portal = PyBytes_FromStringAndSize(p + 5, e - (p + 5))
+                old = self._g_portals.get(portal)
+                if old is not None:
+                    # the Bind may fail or be skipped: the replaced portal is kept as a
+                    # ghost (Guard.on_bind; the hooks when there are too many)
+                    if portal not in self._g_ghosts and len(self._g_ghosts) >= 1024:
+                        return False
+                    del self._g_portals[portal]
+                    self._g_ghosts[portal] = old
             return True
         if t == EXECUTE:                        # portal, row limit
             e = <const char*>memchr(p + 5, 0, n - 5)
@@ -371,8 +380,12 @@ cdef class Pipe:
                 self._held_pos = pos + 1 + ln
                 return 1 if self._held_counted and self._held_count <= self._hold_limit \
                     else 2
-            if not self._held_counted and (t == COMMAND_COMPLETE or t == EMPTY_QUERY_RESPONSE
-                                          or t == PORTAL_SUSPENDED):
+            if t == COMMAND_COMPLETE or t == EMPTY_QUERY_RESPONSE or t == PORTAL_SUSPENDED:
+                if self._held_counted:
+                    # a second result before the ReadyForQuery: answers of something
+                    # else than the one statement the lane was started for (e.g. an
+                    # unsynced Execute ahead of it): Python reads and counts them all
+                    return 2
                 self._held_counted = True
                 if t == COMMAND_COMPLETE:               # "TAG ... N\0"
                     sp = -1

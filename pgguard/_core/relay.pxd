@@ -59,6 +59,16 @@ cdef class MessageScan:
     # the type of the last message begun (e.g. 'E' when a backend's last word was an
     # ErrorResponse)
     cdef public int last_type
+    # frontend (track_sync set): an extended-protocol message (Parse, Bind, Describe,
+    # Execute, Close, Flush) was scanned since the last Sync, Query or FunctionCall
+    # (unsynced), and whether one was when the last Query began (query_unsynced): its
+    # answers, and what it did to the transaction, come before the Query's
+    cdef public bint track_sync
+    cdef public bint unsynced
+    cdef public bint query_unsynced
+    # and whether one was when the last extended-protocol message began (a Parse stops
+    # the scan: for it, whether it is the first of its segment)
+    cdef public bint before_unsynced
 
     # withhold mode: a message of an interesting type longer than stream_over (0: never)
     # is not held whole but forwarded as it comes; its header and first stream_keep body

@@ -284,6 +284,15 @@ cdef class MessageScan:
         self.last_type = t
         if self._counted[t]:
             self.count += 1
+        if self.track_sync:
+            if t == 81:                                 # Query
+                self.query_unsynced = self.unsynced
+                self.unsynced = False
+            elif t == 83 or t == 70:                    # Sync, FunctionCall
+                self.unsynced = False
+            elif t == 80 or t == 66 or t == 68 or t == 69 or t == 67 or t == 72:
+                self.before_unsynced = self.unsynced    # P B D E C H
+                self.unsynced = True
         if self.model is not None:
             self.model.back(t)
         self._cur_type = t

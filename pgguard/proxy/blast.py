@@ -42,6 +42,7 @@ import struct
 from collections import deque
 from datetime import datetime, timezone
 
+from ..errors import PgguardError
 from ..protocol import messages as m
 from .holds import sync_points
 from .tracking import statement_record
@@ -56,6 +57,8 @@ _TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release",
                         "prepare_transaction", "commit_prepared", "rollback_prepared"})
 # a RETURNING result held while its count is unknown: beyond this, refuse (fail closed)
 MAX_HELD_BYTES = 32 << 20
+# guarded portals replaced or closed that pgguard keeps (see Guard.portal_ghosts)
+MAX_GHOSTS = 1024
 # what ends an Execute's result
 _EXECUTE_ENDS = (m.COMMAND_COMPLETE, m.ERROR_RESPONSE, m.PORTAL_SUSPENDED,
                  m.EMPTY_QUERY_RESPONSE)
@@ -222,6 +225,16 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
                 gen)
 
 
+def maybe_plan(plan: Plan, other: Plan | None = None) -> Plan:
+    """A plan for an object that may be ``plan``'s statement (or ``other``'s): measured
+    by the transaction's tuple counters over the tables of both, which count whatever
+    statement runs (a SELECT changes nothing), under the lower limit. Never judged
+    again at Bind (its generation is None)."""
+    tables = plan.tables if other is None else tuple(dict.fromkeys(plan.tables + other.tables))
+    limit = plan.limit if other is None else min(plan.limit, other.limit)
+    return Plan(limit, plan.rule, False, plan.decision, plan.sql, None, "", tables, None)
+
+
 def has_txn_control(d) -> bool:
     return any(_TXN_KINDS.intersection(st.kinds or (st.kind,)) for st in d.statements)
 
@@ -294,7 +307,8 @@ class Guard:
     guarded, and the chain of steps that reads the backend stream while it works."""
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
-                 "seg_known", "seg_exec", "_skip_seg", "last_row", "approved", "lane")
+                 "seg_known", "seg_exec", "_skip_seg", "last_row", "approved", "lane",
+                 "portal_ghosts", "unnamed_ghost")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -325,13 +339,22 @@ class Guard:
         # (plan, Python steps) of an in-block statement whose answers the upstream
         # pipe holds (the steps take them over on an error or past the limit)
         self.lane: tuple | None = None
+        # plans whose object pgguard saw replaced or closed, where Postgres may have
+        # kept it: a Bind or Close it skipped after an earlier error of the segment, or
+        # a Bind that failed (a portal of a block comes back with ROLLBACK TO SAVEPOINT:
+        # revive() then guards it again, by the counters); the unnamed statement's plan
+        # when a Parse, Close or Query that would drop it may have been skipped (merged
+        # back at the next Sync)
+        self.portal_ghosts: dict[bytes, Plan] = {}
+        self.unnamed_ghost: Plan | None = None
 
     # -- frontend bookkeeping: state belongs to the statement and portal
     @property
     def watching(self) -> bool:
         """Bind/Execute/Close must reach Python (a guarded statement or portal exists,
         or a Sync owes the end of a block the guard opened)."""
-        return bool(self.stmts or self.portals or self.owe or self.approved)
+        return bool(self.stmts or self.portals or self.owe or self.approved
+                    or self.portal_ghosts or self.unnamed_ghost is not None)
 
     def on_approved_parse(self, name: bytes, d, sql: bytes, parse: bytes,
                           plan: Plan | None = None) -> None:
@@ -358,12 +381,33 @@ class Guard:
             return None
         return entry
 
-    def on_parse(self, name: bytes, plan: Plan | None) -> None:
+    def on_parse(self, name: bytes, plan: Plan | None, first: bool = True,
+                 again: bool = False) -> None:
+        """A Parse of ``name`` forwarded with the guard's ``plan`` for it (None: not
+        guarded). ``first``: nothing was sent before it in its segment (no earlier
+        error can make Postgres skip it). ``again``: the statement's own text judged
+        again at a Bind (its plan replaces the old one)."""
         self.approved.pop(name, None)
-        if plan is None:
-            self.stmts.pop(name, None)
-        else:
-            self.stmts[name] = plan
+        old = self.stmts.get(name)
+        if old is None or again:
+            if plan is None:
+                self.stmts.pop(name, None)
+            else:
+                self.stmts[name] = plan
+            return
+        if not name:
+            # Postgres drops the unnamed statement even when the Parse fails, unless it
+            # skips the Parse after an earlier error of the segment
+            if not first:
+                self._ghost_unnamed(old)
+            if plan is None:
+                del self.stmts[name]
+            else:
+                self.stmts[name] = plan
+            return
+        # a named statement that exists cannot be parsed again (42P05) unless a Close
+        # of it went first, which pgguard cannot be sure ran: either may run, measured
+        self.stmts[name] = maybe_plan(old, plan)
 
     def stale_plan(self, msg: bytes, gen: int) -> tuple[bytes, Plan] | None:
         """(statement name, plan) when the Bind ``msg`` names a prepared statement
@@ -381,21 +425,40 @@ class Guard:
         stmt = msg[end + 1:msg.index(b"\0", end + 1)]
         plan = self.stmts.get(stmt)
         if plan is None:
-            self.portals.pop(portal, None)
+            old = self.portals.pop(portal, None)
+            if old is not None:
+                self._ghost_portal(portal, old)
         else:
             self.portals[portal] = plan
 
     def on_close(self, msg: bytes) -> None:
         name = msg[6:msg.index(b"\0", 6)]
-        (self.stmts if msg[5] == m.TARGET_STATEMENT else self.portals).pop(name, None)
         if msg[5] == m.TARGET_STATEMENT:
             self.approved.pop(name, None)
+            old = self.stmts.get(name)
+            if old is None:
+                return
+            if name:                    # the Close may be skipped: either may run
+                self.stmts[name] = maybe_plan(old)
+            else:
+                del self.stmts[name]
+                self._ghost_unnamed(old)
+            return
+        old = self.portals.pop(name, None)
+        if old is not None:
+            self._ghost_portal(name, old)
 
     def on_query(self) -> None:
         # a simple Query drops the unnamed statement and portal, and ends the implicit
-        # transaction of any extended-protocol messages before it
-        self.stmts.pop(b"", None)
-        self.portals.pop(b"", None)
+        # transaction of any extended-protocol messages before it (Postgres skips it
+        # too, after an error of an unsynced segment: then they may live on)
+        old = self.stmts.pop(b"", None)
+        portal = self.portals.pop(b"", None)
+        if self.s.fscan.query_unsynced:
+            if old is not None:
+                self._ghost_unnamed(old)
+            if portal is not None:
+                self._ghost_portal(b"", portal)
         self.approved.pop(b"", None)
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
@@ -403,6 +466,33 @@ class Guard:
     def on_sync(self) -> None:
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
+        if self.unnamed_ghost is not None:
+            # the segment's Parse/Close of the unnamed statement may have been skipped
+            ghost, self.unnamed_ghost = self.unnamed_ghost, None
+            self.stmts[b""] = maybe_plan(ghost, self.stmts.get(b""))
+
+    def _ghost_unnamed(self, plan: Plan) -> None:
+        self.unnamed_ghost = plan if self.unnamed_ghost is None else \
+            maybe_plan(self.unnamed_ghost, plan)
+
+    def _ghost_portal(self, name: bytes, plan: Plan) -> None:
+        ghosts = self.portal_ghosts
+        if name not in ghosts and len(ghosts) >= MAX_GHOSTS:
+            self.s.fail(PgguardError(
+                f"pgguard: more than {MAX_GHOSTS} guarded portals replaced or closed "
+                "in this session; the blast-radius guard cannot follow them",
+                sqlstate="54000", severity="FATAL"))
+            return
+        ghosts[name] = plan
+
+    def revive(self) -> None:
+        """A ROLLBACK (TO SAVEPOINT) is about to run: a portal whose replacing Bind or
+        Close failed or was skipped is back; each one replaced or closed since is
+        guarded again (by the counters) until it is bound again."""
+        for name, plan in self.portal_ghosts.items():
+            if name not in self.portals:
+                self.portals[name] = maybe_plan(plan)
+        self.portal_ghosts.clear()
 
     def on_execute(self) -> None:
         self.seg_exec += 1

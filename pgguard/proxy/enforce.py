@@ -530,7 +530,7 @@ class Enforcement:
             return False
         if d.action == "allow":
             if s.guard is not None:
-                s.guard.on_parse(name, self._plan(d, sql))
+                s.guard.on_parse(name, self._plan(d, sql), again=True)
                 self.guard_watch()
             return True
         self.refuse_any(Decision(
@@ -652,10 +652,19 @@ class Enforcement:
                 return
             plan = None
             if s.guard is not None:
+                if d is not None and s.guard.portal_ghosts and _rolls_back(d):
+                    s.guard.revive()
                 s.guard.on_query()
                 plan = self._plan(d, msg[5:-1])
                 if plan is not None and len(d.statements) > 1 and has_txn_control(d):
                     self.inject_refusal(_mixed_txn_refusal(d), out, extended=False,
+                                         sql=msg[5:-1])
+                    return
+                if plan is not None and s.fscan.query_unsynced:
+                    # an Execute sent before it with no Sync runs first, and may have
+                    # ended or begun the transaction: the guard cannot know where it
+                    # would run the statement
+                    self.inject_refusal(_unsynced_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
             if s.masking is not None and not self._mask_query(d, msg, out):
@@ -695,7 +704,8 @@ class Enforcement:
                 (exact.get(msg) is not g if key is None else shapes.get(key) is not g):
             return False
         d = g.decision
-        if d.action != "allow" or len(d.statements) != 1 or _pg_rejects(msg):
+        if d.action != "allow" or len(d.statements) != 1 or s.fscan.query_unsynced or \
+                _pg_rejects(msg):
             return False
         plan = self._lane_plan(d, msg[5:-1])
         if plan is None or not plan.by_tag or not guard._lane_free() or \
@@ -840,8 +850,11 @@ class Enforcement:
             if name and d is not None and s.prepared is not None and d.statements:
                 s.prepared.record(name, d.statements[0])
             if s.guard is not None:
+                if d is not None and s.guard.portal_ghosts and _rolls_back(d):
+                    s.guard.revive()
                 s.guard.on_parse(name.encode() if isinstance(name, str) else name,
-                                    self._plan(d, msg[pos:end]))
+                                 self._plan(d, msg[pos:end]),
+                                 first=not s.fscan.before_unsynced)
                 self.guard_watch()
             return
         if d.action == "approve":
@@ -1220,6 +1233,25 @@ def _mixed_txn_refusal(d):
                "rolls it back past the limit; it cannot do that when the same query text "
                "also commits or rolls back",
         hint="Send BEGIN, COMMIT and the like as statements of their own.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _rolls_back(d) -> bool:
+    # ROLLBACK, ROLLBACK TO SAVEPOINT (and ABORT)
+    return any("rollback" in (st.kinds or (st.kind,)) for st in d.statements)
+
+
+def _unsynced_refusal(d):
+    return Decision(
+        action="block", rule="blast-radius",
+        message='pgguard: statement refused by rule "blast-radius": a row-changing simple '
+                "Query sent right after extended-protocol messages (Parse/Bind/Execute) "
+                "with no Sync between them",
+        detail="what those messages run (a COMMIT, a BEGIN) decides whether this statement "
+               "runs inside a transaction block; pgguard cannot know that before it runs "
+               "the statement, and so cannot keep its changes undone past the row limit",
+        hint="Send a Sync after the extended-protocol messages (end the pipeline), then "
+             "the statement.",
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 

@@ -599,6 +599,7 @@ class Session:
                                  valid=m.FRONTEND_TYPES, counted=m.FRONTEND_SYNC_TYPES,
                                  withhold=True, pg_limits=m.FRONTEND_PG_LIMITS,
                                  max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
+        self.fscan.track_sync = True     # (the guard's in-block statements ask)
         # a FunctionCall under a policy stops the scan too: it may hold the stream
         self.fscan.set_stop(b"QPF" if self.policy is not None else b"QP", True)
         if not parsed:
