@@ -59,6 +59,12 @@ def lane_frames(stmt: str, param: bytes, portal: str = "") -> bytes:
             + rawpg.execute(portal) + rawpg.SYNC)
 
 
+def _go(c, frames: bytes):
+    """Send ``frames`` in one write and read up to the next ReadyForQuery."""
+    c.send(frames)
+    return c.until_ready()
+
+
 # -- class 1: what the client sends behind the lane's Sync waits for the count --------
 
 def _commit_query_right_behind(c):
@@ -113,16 +119,14 @@ def test_nothing_behind_the_lane_commits_a_refused_write(gproxy, pg, table, atta
 # -- class 2: the portal's guard follows its Bind, whichever statement it names -------
 
 def _guarded_rebound_over_unguarded(c):
-    c.send(rawpg.bind("sel", [b"0"], portal="p") + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.bind("sel", [b"0"], portal="p") + rawpg.SYNC)
     c.send(rawpg.close("P", "p") + rawpg.bind("big", [b"0"], portal="p")
            + rawpg.execute("p") + rawpg.SYNC)
     return c.until_ready()
 
 
 def _closed_and_rebound_on_the_lane(c):
-    c.send(rawpg.bind("sel", [b"0"], portal="p") + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.bind("sel", [b"0"], portal="p") + rawpg.SYNC)
     c.send(rawpg.close("P", "p") + lane_frames("big", b"0", portal="p"))
     return c.until_ready()
 
@@ -134,8 +138,7 @@ def _unnamed_portal_after_unguarded_in_same_write(c):
 
 
 def _guarded_portal_executed_later(c):
-    c.send(rawpg.bind("big", [b"0"], portal="later") + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.bind("big", [b"0"], portal="later") + rawpg.SYNC)
     for _ in range(3):
         c.send(lane_frames("sel", b"0"))
         c.until_ready()
@@ -144,15 +147,13 @@ def _guarded_portal_executed_later(c):
 
 
 def _guarded_after_small_on_same_portal(c):
-    c.send(lane_frames("small", b"3", portal="q"))
-    c.until_ready()
+    _go(c, lane_frames("small", b"3", portal="q"))
     c.send(rawpg.close("P", "q") + lane_frames("big", b"0", portal="q"))
     return c.until_ready()
 
 
 def _reparsed_name_after_ddl(c):
-    c.send(rawpg.query("CREATE TEMP TABLE cl_other (x int)"))
-    c.until_ready()
+    _go(c, rawpg.query("CREATE TEMP TABLE cl_other (x int)"))
     c.send(lane_frames("big", b"0"))
     return c.until_ready()
 
@@ -374,106 +375,74 @@ ERR = rawpg.parse("SELECT 1/0", "z0") + rawpg.bind("z0") + rawpg.execute()
 
 
 def _named_parse_refused(c):
-    c.send(rawpg.parse(ALL, "u") + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.parse(ALL, "u") + rawpg.SYNC)
     c.send(rawpg.parse("SELECT 1", "u") + rawpg.SYNC)       # 42P05: u stays
     c.until_ready()
-    c.send(rawpg.bind("u", [b"0"]) + rawpg.execute() + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.bind("u", [b"0"]) + rawpg.execute() + rawpg.SYNC)
 
 
 def _named_parse_refused_in_block(c):
-    c.send(rawpg.parse(ALL, "u") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("BEGIN"))
-    c.until_ready()
-    c.send(rawpg.parse("SELECT 1", "u") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("ROLLBACK"))
-    c.until_ready()
-    c.send(rawpg.query("BEGIN"))
-    c.until_ready()
-    c.send(lane_frames("u", b"0"))
-    c.until_ready()
-    c.send(rawpg.query("COMMIT"))
-    c.until_ready()
+    _go(c, rawpg.parse(ALL, "u") + rawpg.SYNC)
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.parse("SELECT 1", "u") + rawpg.SYNC)
+    _go(c, rawpg.query("ROLLBACK"))
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, lane_frames("u", b"0"))
+    _go(c, rawpg.query("COMMIT"))
 
 
 def _close_skipped_after_error(c):
-    c.send(rawpg.parse(ALL, "u") + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.parse(ALL, "u") + rawpg.SYNC)
     c.send(ERR + rawpg.close("S", "u") + rawpg.SYNC)        # skipped: u stays
     c.until_ready()
-    c.send(rawpg.bind("u", [b"0"]) + rawpg.execute() + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.bind("u", [b"0"]) + rawpg.execute() + rawpg.SYNC)
 
 
 def _unnamed_close_skipped_after_error(c):
-    c.send(rawpg.parse(ALL) + rawpg.SYNC)
-    c.until_ready()
-    c.send(ERR + rawpg.close("S", "") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.parse(ALL) + rawpg.SYNC)
+    _go(c, ERR + rawpg.close("S", "") + rawpg.SYNC)
+    _go(c, rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
 
 
 def _unnamed_parse_skipped_after_error(c):
-    c.send(rawpg.parse(ALL) + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.parse(ALL) + rawpg.SYNC)
     c.send(ERR + rawpg.parse("SELECT 1") + rawpg.SYNC)       # skipped: "" stays
     c.until_ready()
-    c.send(rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
 
 
 def _query_skipped_after_error(c):
-    c.send(rawpg.parse(ALL) + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.parse(ALL) + rawpg.SYNC)
     c.send(ERR + rawpg.query("SELECT 1"))                    # skipped until the Sync
     time.sleep(0.2)
-    c.send(rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
-    c.until_ready()
+    _go(c, rawpg.SYNC)
+    _go(c, rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
 
 
 def _portal_rebind_failed_then_rollback_to(c):
-    c.send(rawpg.parse(ALL, "u") + rawpg.parse("SELECT 1", "q") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("BEGIN"))
-    c.until_ready()
-    c.send(rawpg.bind("u", [b"0"], portal="p") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("SAVEPOINT a"))
-    c.until_ready()
+    _go(c, rawpg.parse(ALL, "u") + rawpg.parse("SELECT 1", "q") + rawpg.SYNC)
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.bind("u", [b"0"], portal="p") + rawpg.SYNC)
+    _go(c, rawpg.query("SAVEPOINT a"))
     c.send(rawpg.bind("q", portal="p") + rawpg.SYNC)          # 42P03: p stays
     c.until_ready()
-    c.send(rawpg.query("ROLLBACK TO SAVEPOINT a"))
-    c.until_ready()
-    c.send(rawpg.execute("p") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("COMMIT"))
-    c.until_ready()
+    _go(c, rawpg.query("ROLLBACK TO SAVEPOINT a"))
+    _go(c, rawpg.execute("p") + rawpg.SYNC)
+    _go(c, rawpg.query("COMMIT"))
 
 
 def _unnamed_portal_bind_skipped_then_rollback_to(c):
-    c.send(rawpg.parse(ALL, "u") + rawpg.parse("SELECT 1", "q") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("BEGIN"))
-    c.until_ready()
-    c.send(rawpg.bind("u", [b"0"]) + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("SAVEPOINT a"))
-    c.until_ready()
+    _go(c, rawpg.parse(ALL, "u") + rawpg.parse("SELECT 1", "q") + rawpg.SYNC)
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.bind("u", [b"0"]) + rawpg.SYNC)
+    _go(c, rawpg.query("SAVEPOINT a"))
     c.send(ERR + rawpg.bind("q") + rawpg.SYNC)                # skipped: "" stays
     c.until_ready()
     c.send(rawpg.parse("ROLLBACK TO SAVEPOINT a", "rb") + rawpg.bind("rb", portal="r")
            + rawpg.execute("r") + rawpg.SYNC)
     c.until_ready()
-    c.send(rawpg.execute("") + rawpg.SYNC)
-    c.until_ready()
-    c.send(rawpg.query("COMMIT"))
-    c.until_ready()
+    _go(c, rawpg.execute("") + rawpg.SYNC)
+    _go(c, rawpg.query("COMMIT"))
 
 
 @pytest.mark.parametrize("attack", [
@@ -519,8 +488,7 @@ def test_a_closed_name_parsed_again_runs_its_new_statement(gproxy, pg, table):
 # would run: it is refused, and nothing of it commits.
 
 def _behind(c, ext: bytes, sql: str = BIG_Q.format(0), split: bool = False):
-    c.send(rawpg.query("BEGIN"))
-    c.until_ready()
+    _go(c, rawpg.query("BEGIN"))
     _warm(c)
     if split:
         c.send(ext)
@@ -529,8 +497,7 @@ def _behind(c, ext: bytes, sql: str = BIG_Q.format(0), split: bool = False):
     else:
         c.send(ext + rawpg.query(sql))
     msgs = c.until_ready()
-    c.send(rawpg.query("COMMIT"))
-    c.until_ready()
+    _go(c, rawpg.query("COMMIT"))
     return msgs
 
 
@@ -553,3 +520,138 @@ def test_guarded_query_behind_unsynced_extended_messages(gproxy, pg, table, ext,
     assert changed(pg) <= 2             # _warm's two rows (the extended COMMIT commits them)
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM cl_t").fetchone()[0] == ROWS
+
+
+# -- class 7: second pass: rollbacks by prepared statement, FunctionCalls Postgres
+# skips, SQL PREPARE bound by the protocol, SQL FETCH of a protocol portal ------------
+
+def _rollback_to_by_prepared_statement(c, rb: str = "ROLLBACK TO SAVEPOINT s"):
+    _go(c, rawpg.query("BEGIN"))
+    c.send(rawpg.parse(rb, "rb") + rawpg.SYNC)                  # parsed before any ghost
+    c.until_ready()
+    _go(c, rawpg.parse(ALL, "u") + rawpg.bind("u", [b"0"], portal="p") + rawpg.SYNC)
+    _go(c, rawpg.query("SAVEPOINT s"))
+    c.send(rawpg.parse("SELECT 1", "x") + rawpg.bind("x", portal="p") + rawpg.SYNC)  # 42P03
+    c.until_ready()
+    _go(c, rawpg.bind("rb") + rawpg.execute() + rawpg.SYNC)
+    _go(c, rawpg.execute("p") + rawpg.SYNC)
+    _go(c, rawpg.query("COMMIT"))
+
+
+def _rollback_to_short_form(c):
+    _rollback_to_by_prepared_statement(c, "ROLLBACK TO s")
+
+
+def _rollback_bound_early_executed_late(c):
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.parse("rollback transaction to savepoint s", "rb") + rawpg.SYNC)
+    _go(c, rawpg.parse(ALL, "u") + rawpg.bind("u", [b"0"], portal="p") + rawpg.SYNC)
+    _go(c, rawpg.query("SAVEPOINT s"))
+    c.send(rawpg.bind("rb", portal="r") + rawpg.SYNC)             # bound before the ghost
+    c.until_ready()
+    _go(c, rawpg.parse("SELECT 1", "x") + rawpg.bind("x", portal="p") + rawpg.SYNC)
+    c.send(rawpg.query("ROLLBACK TO SAVEPOINT s"))                 # p's rebind undone
+    c.until_ready()
+    _go(c, rawpg.parse("SELECT 1", "y") + rawpg.bind("y", portal="p") + rawpg.SYNC)  # 42P03
+    c.send(rawpg.execute("r") + rawpg.SYNC)                        # r: ROLLBACK TO (fails:
+    c.until_ready()                                                # the portal r died)
+    _go(c, rawpg.query("ROLLBACK TO SAVEPOINT s"))
+    _go(c, rawpg.execute("p") + rawpg.SYNC)
+    _go(c, rawpg.query("COMMIT"))
+
+
+def _function_call_skipped_then_query(c):
+    _go(c, rawpg.parse(ALL) + rawpg.SYNC)
+    c.send(rawpg.bind("missing") + rawpg.function_call(2026) + rawpg.query("SELECT 1")
+           + rawpg.SYNC)
+    c.until_ready()
+    _go(c, rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+
+
+def _function_call_skipped_then_parse(c):
+    _go(c, rawpg.parse(ALL) + rawpg.SYNC)
+    _go(c, ERR + rawpg.function_call(2026) + rawpg.parse("SELECT 1") + rawpg.SYNC)
+    _go(c, rawpg.bind("", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+
+
+def _sql_prepare_bound_by_protocol(c):
+    _go(c, rawpg.query("PREPARE sq AS UPDATE cl_t SET v = v + 1 WHERE id > $1"))
+    _go(c, rawpg.bind("sq", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+
+
+def _sql_prepare_bound_in_block(c):
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.query("PREPARE sq2 AS UPDATE cl_t SET v = v + 1 WHERE id > $1"))
+    _go(c, lane_frames("sq2", b"0"))
+    _go(c, rawpg.query("COMMIT"))
+
+
+def _sql_prepare_by_parse_bound_by_protocol(c):
+    c.send(rawpg.parse("PREPARE sq3 AS UPDATE cl_t SET v = v + 1 WHERE id > $1")
+           + rawpg.bind() + rawpg.execute() + rawpg.SYNC)
+    c.until_ready()
+    _go(c, rawpg.bind("sq3", [b"0"]) + rawpg.execute() + rawpg.SYNC)
+
+
+def _sql_fetch_of_guarded_portal(c, sql: str = "FETCH 1 FROM p"):
+    _go(c, rawpg.query("BEGIN"))
+    c.send(rawpg.parse(ALL + " RETURNING id", "ur") + rawpg.bind("ur", [b"0"], portal="p")
+           + rawpg.SYNC)
+    c.until_ready()
+    _go(c, rawpg.query(sql))
+    _go(c, rawpg.query("COMMIT"))
+
+
+def _sql_move_of_guarded_portal(c):
+    _sql_fetch_of_guarded_portal(c, "MOVE ALL IN p")
+
+
+def _sql_fetch_zero_of_guarded_portal(c):
+    _sql_fetch_of_guarded_portal(c, "FETCH FORWARD 0 FROM p")
+
+
+def _sql_fetch_extended_of_guarded_portal(c):
+    _go(c, rawpg.query("BEGIN"))
+    c.send(rawpg.parse(ALL + " RETURNING id", "ur") + rawpg.bind("ur", [b"0"], portal="p")
+           + rawpg.SYNC)
+    c.until_ready()
+    _go(c, rawpg.parse("FETCH 1 FROM p") + rawpg.bind() + rawpg.execute() + rawpg.SYNC)
+    _go(c, rawpg.query("COMMIT"))
+
+
+@pytest.mark.parametrize("attack", [
+    _rollback_to_by_prepared_statement, _rollback_to_short_form,
+    _rollback_bound_early_executed_late, _function_call_skipped_then_query,
+    _function_call_skipped_then_parse, _sql_prepare_bound_by_protocol,
+    _sql_prepare_bound_in_block, _sql_prepare_by_parse_bound_by_protocol,
+    _sql_fetch_of_guarded_portal, _sql_move_of_guarded_portal,
+    _sql_fetch_zero_of_guarded_portal, _sql_fetch_extended_of_guarded_portal])
+def test_second_pass_routes_keep_the_guard(gproxy, pg, table, attack):
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        attack(c)
+    finally:
+        c.close()
+    assert changed(pg) == 0
+
+
+@pytest.mark.parametrize("in_block", [False, True])
+def test_many_guarded_portals_over_many_transactions(gproxy, pg, table, in_block):
+    """Portals die with their transaction: a long session that binds, runs and closes
+    a guarded named portal per transaction is never cut off (its ghosts expire)."""
+    c = client(gproxy)
+    try:
+        for i in range(1, 1101):
+            if in_block:
+                c.send(rawpg.query("BEGIN"))
+                c.until_ready()
+            c.send(rawpg.bind("small", [str(i).encode()], portal=f"C_{i}")
+                   + rawpg.execute(f"C_{i}") + rawpg.close("P", f"C_{i}") + rawpg.SYNC)
+            msgs = c.until_ready()
+            assert rawpg.tags(msgs) == ["UPDATE 1"], msgs
+            if in_block:
+                c.send(rawpg.query("COMMIT"))
+                c.until_ready()
+    finally:
+        c.close()
+    assert changed(pg) == 1100

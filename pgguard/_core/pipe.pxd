@@ -92,6 +92,10 @@ cdef class Pipe:
     cdef dict _g_portals
     cdef dict _g_approved
     cdef dict _g_ghosts
+    # statements whose text rolls back, and portals bound to one (their Bind / Execute
+    # goes to the hooks: Guard.revive)
+    cdef set _g_rollbacks
+    cdef set _g_rb_portals
     # the guard's current decision generation (a callable of no argument): a Bind of a
     # statement whose plan was made under another one goes to the hooks
     cdef object _g_gen_now

@@ -279,6 +279,8 @@ cdef class Pipe:
         self._g_portals = None if g is None else g.portals
         self._g_approved = None if g is None else g.approved
         self._g_ghosts = None if g is None else g.portal_ghosts
+        self._g_rollbacks = None if g is None else g.rollbacks
+        self._g_rb_portals = None if g is None else g.rb_portals
         self._g_gen_now = None if g is None else g.generation_now
 
     cdef bint _guard_passes(self, int t, bytes msg) except -1:
@@ -303,8 +305,10 @@ cdef class Pipe:
             if e2 == NULL:
                 return False
             name = PyBytes_FromStringAndSize(e + 1, e2 - (e + 1))
-            # an approved statement's Bind asks again (Guard.bind_needs_approval)
-            if self._g_approved and name in self._g_approved:
+            # an approved statement's Bind asks again (Guard.bind_needs_approval); a
+            # statement that rolls back revives portals (Guard.on_bind)
+            if self._g_approved and name in self._g_approved or \
+                    self._g_rollbacks and name in self._g_rollbacks:
                 return False
             # Guard.on_bind here: the portal takes its statement's plan (or loses the
             # plan of the portal it replaces), unless the plan was made under another
@@ -324,14 +328,15 @@ cdef class Pipe:
                     if portal not in self._g_ghosts and len(self._g_ghosts) >= 1024:
                         return False
                     del self._g_portals[portal]
-                    self._g_ghosts[portal] = old
+                    self._g_ghosts[portal] = (old, self._guard.seg_no)
             return True
         if t == EXECUTE:                        # portal, row limit
             e = <const char*>memchr(p + 5, 0, n - 5)
             if e == NULL:
                 return False
-            if self._g_portals and PyBytes_FromStringAndSize(p + 5, e - (p + 5)) \
-                    in self._g_portals:
+            name = PyBytes_FromStringAndSize(p + 5, e - (p + 5))
+            if self._g_portals and name in self._g_portals or \
+                    self._g_rb_portals and name in self._g_rb_portals:
                 return False
             self._guard.seg_exec = self._guard.seg_exec + 1
             return True

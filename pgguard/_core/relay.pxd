@@ -60,9 +60,9 @@ cdef class MessageScan:
     # ErrorResponse)
     cdef public int last_type
     # frontend (track_sync set): an extended-protocol message (Parse, Bind, Describe,
-    # Execute, Close, Flush) was scanned since the last Sync, Query or FunctionCall
-    # (unsynced), and whether one was when the last Query began (query_unsynced): its
-    # answers, and what it did to the transaction, come before the Query's
+    # Execute, Close, Flush) was scanned since the last Sync (unsynced), and whether one
+    # was when the last Query began (query_unsynced): its answers, and what it did to the
+    # transaction, come before the Query's (or Postgres skips the Query, after an error)
     cdef public bint track_sync
     cdef public bint unsynced
     cdef public bint query_unsynced

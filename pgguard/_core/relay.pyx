@@ -285,10 +285,11 @@ cdef class MessageScan:
         if self._counted[t]:
             self.count += 1
         if self.track_sync:
+            # only a Sync ends what is unsynced: after an error Postgres skips a Query
+            # or a FunctionCall too, up to the Sync
             if t == 81:                                 # Query
                 self.query_unsynced = self.unsynced
-                self.unsynced = False
-            elif t == 83 or t == 70:                    # Sync, FunctionCall
+            elif t == 83:                               # Sync
                 self.unsynced = False
             elif t == 80 or t == 66 or t == 68 or t == 69 or t == 67 or t == 72:
                 self.before_unsynced = self.unsynced    # P B D E C H

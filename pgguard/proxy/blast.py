@@ -308,7 +308,7 @@ class Guard:
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
                  "seg_known", "seg_exec", "_skip_seg", "last_row", "approved", "lane",
-                 "portal_ghosts", "unnamed_ghost")
+                 "portal_ghosts", "unnamed_ghost", "seg_no", "rollbacks", "rb_portals")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -345,8 +345,13 @@ class Guard:
         # revive() then guards it again, by the counters); the unnamed statement's plan
         # when a Parse, Close or Query that would drop it may have been skipped (merged
         # back at the next Sync)
-        self.portal_ghosts: dict[bytes, Plan] = {}
+        self.portal_ghosts: dict[bytes, tuple[Plan, int]] = {}  # name -> (plan, seg_no)
         self.unnamed_ghost: Plan | None = None
+        self.seg_no = 0                         # sync points (Sync, Query) seen
+        # prepared statements whose text rolls back (ROLLBACK [TO SAVEPOINT]), and the
+        # portals bound to one: their Bind and Execute revive the ghosts
+        self.rollbacks: set[bytes] = set()
+        self.rb_portals: set[bytes] = set()
 
     # -- frontend bookkeeping: state belongs to the statement and portal
     @property
@@ -423,6 +428,11 @@ class Guard:
         end = msg.index(b"\0", 5)
         portal = msg[5:end]
         stmt = msg[end + 1:msg.index(b"\0", end + 1)]
+        if stmt in self.rollbacks:
+            self.rb_portals.add(portal)
+            self.revive()
+        else:
+            self.rb_portals.discard(portal)
         plan = self.stmts.get(stmt)
         if plan is None:
             old = self.portals.pop(portal, None)
@@ -448,6 +458,19 @@ class Guard:
         if old is not None:
             self._ghost_portal(name, old)
 
+    def on_rollback_parse(self, name: bytes, rolls_back: bool, first: bool) -> None:
+        """A Parse of ``name``: whether its text rolls back (its Binds and Executes
+        revive the ghosts). A name that may keep an older text keeps being watched."""
+        if rolls_back:
+            self.rollbacks.add(name)
+        elif not name and first:
+            self.rollbacks.discard(name)
+
+    def before_execute(self, msg: bytes) -> None:
+        """An Execute: of a portal bound to a statement that rolls back, ghosts revive."""
+        if self.rb_portals and msg[5:msg.index(b"\0", 5)] in self.rb_portals:
+            self.revive()
+
     def on_query(self) -> None:
         # a simple Query drops the unnamed statement and portal, and ends the implicit
         # transaction of any extended-protocol messages before it (Postgres skips it
@@ -462,10 +485,15 @@ class Guard:
         self.approved.pop(b"", None)
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
+        self._expire_ghosts()
 
     def on_sync(self) -> None:
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
+        if self.portal_ghosts:
+            self._expire_ghosts()
+        else:
+            self.seg_no += 1
         if self.unnamed_ghost is not None:
             # the segment's Parse/Close of the unnamed statement may have been skipped
             ghost, self.unnamed_ghost = self.unnamed_ghost, None
@@ -480,19 +508,39 @@ class Guard:
         if name not in ghosts and len(ghosts) >= MAX_GHOSTS:
             self.s.fail(PgguardError(
                 f"pgguard: more than {MAX_GHOSTS} guarded portals replaced or closed "
-                "in this session; the blast-radius guard cannot follow them",
+                "in one transaction; the blast-radius guard cannot follow them",
                 sqlstate="54000", severity="FATAL"))
             return
-        ghosts[name] = plan
+        ghosts[name] = (plan, self.seg_no)
+
+    def _expire_ghosts(self) -> None:
+        """At a sync point: when every earlier one is answered and the last answer
+        found no transaction block open, the portals of earlier segments are gone
+        (Postgres drops them at the end of their transaction): so are their ghosts.
+        Those of the segment this sync point ends may belong to a block it opened."""
+        s = self.s
+        enf = s.enforce
+        ghosts = self.portal_ghosts
+        if ghosts and enf.visible_status() == m.TX_IDLE and \
+                s.fscan.count + enf.sync_adjust - 1 == enf.visible_z():
+            for name in [k for k, (_, n) in ghosts.items() if n < self.seg_no]:
+                del ghosts[name]
+        self.seg_no += 1
 
     def revive(self) -> None:
-        """A ROLLBACK (TO SAVEPOINT) is about to run: a portal whose replacing Bind or
-        Close failed or was skipped is back; each one replaced or closed since is
+        """A ROLLBACK (TO SAVEPOINT) may run: a portal whose replacing Bind or Close
+        failed or was skipped comes back with it; each one replaced or closed is
         guarded again (by the counters) until it is bound again."""
-        for name, plan in self.portal_ghosts.items():
+        for name, (plan, _) in self.portal_ghosts.items():
             if name not in self.portals:
                 self.portals[name] = maybe_plan(plan)
         self.portal_ghosts.clear()
+
+    def on_sql_prepare(self, name: bytes, plan: Plan) -> None:
+        """A SQL PREPARE of ``name`` whose statement the guard measures (``plan``): a
+        protocol Bind of the name runs it."""
+        old = self.stmts.get(name)
+        self.stmts[name] = maybe_plan(plan, old)
 
     def on_execute(self) -> None:
         self.seg_exec += 1

@@ -309,6 +309,7 @@ class Enforcement:
                             guard.on_close(msg)
                             self.guard_watch()
                         elif t == m.EXECUTE:
+                            guard.before_execute(msg)
                             plan = guard.portal_plan(msg)
                             if plan is None:
                                 guard.on_execute()
@@ -660,6 +661,12 @@ class Enforcement:
                     self.inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
+                if _fetches_guarded(s.guard, d, msg[5:-1]):
+                    self.inject_refusal(unguarded_refusal(d, "FETCH or MOVE"), out,
+                                         extended=False, sql=msg[5:-1])
+                    return
+                if plan is not None:
+                    _sql_prepares(s.guard, d, plan)
                 if plan is not None and s.fscan.query_unsynced:
                     # an Execute sent before it with no Sync runs first, and may have
                     # ended or begun the transaction: the guard cannot know where it
@@ -826,6 +833,9 @@ class Enforcement:
         if d is BODIES_PENDING:
             self.bodies_wait(msg, out)
             return
+        if d is not None and d.action == "allow" and _fetches_guarded(s.guard, d,
+                                                                       msg[pos:end]):
+            d = unguarded_refusal(d, "FETCH or MOVE")
         if d is None or d.action == "allow":
             lin = None
             if s.masking is not None and d is not None and any(
@@ -850,11 +860,17 @@ class Enforcement:
             if name and d is not None and s.prepared is not None and d.statements:
                 s.prepared.record(name, d.statements[0])
             if s.guard is not None:
-                if d is not None and s.guard.portal_ghosts and _rolls_back(d):
-                    s.guard.revive()
-                s.guard.on_parse(name.encode() if isinstance(name, str) else name,
-                                 self._plan(d, msg[pos:end]),
-                                 first=not s.fscan.before_unsynced)
+                bname = name.encode() if isinstance(name, str) else name
+                first = not s.fscan.before_unsynced
+                plan = self._plan(d, msg[pos:end])
+                if d is not None:
+                    rolls = _rolls_back(d)
+                    if rolls and s.guard.portal_ghosts:
+                        s.guard.revive()
+                    s.guard.on_rollback_parse(bname, rolls, first)
+                    if plan is not None:
+                        _sql_prepares(s.guard, d, plan)
+                s.guard.on_parse(bname, plan, first=first)
                 self.guard_watch()
             return
         if d.action == "approve":
@@ -1234,6 +1250,29 @@ def _mixed_txn_refusal(d):
                "also commits or rolls back",
         hint="Send BEGIN, COMMIT and the like as statements of their own.",
         statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _sql_prepares(guard, d, plan) -> None:
+    # a SQL PREPARE of a statement the guard measures: its name is a protocol-level
+    # prepared statement too (a Bind of it runs it)
+    for st in d.statements:
+        if st.kind == "prepare" and st.name:
+            guard.on_sql_prepare(st.name.encode(), plan)
+
+
+def _fetches_guarded(guard, d, sql: bytes) -> bool:
+    # a SQL FETCH / MOVE of a protocol portal the guard measures (or may have to): it
+    # would run the portal's statement where its row count is not measured
+    if guard is None or not (guard.portals or guard.portal_ghosts) or not any(
+            st.kind in ("fetch", "move") for st in d.statements):
+        return False
+    try:
+        names = {getattr(r.stmt, "portalname", None) for r in parse_sql(
+            sql.decode("utf-8", "replace"))}
+    except Exception:                   # (judged already: it parsed then)
+        return True
+    return any(n is not None and (n.encode() in guard.portals
+                                  or n.encode() in guard.portal_ghosts) for n in names)
 
 
 def _rolls_back(d) -> bool:
