@@ -655,3 +655,83 @@ def test_many_guarded_portals_over_many_transactions(gproxy, pg, table, in_block
     finally:
         c.close()
     assert changed(pg) == 1100
+
+
+# -- class 8: third pass: code that FETCHes or PREPAREs, decisions already cached ----
+
+def _do_move_refcursor(c, body: str = "DECLARE c refcursor := 'p'; BEGIN MOVE FORWARD ALL "
+                                      "IN c; END"):
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.parse(ALL + " RETURNING id", "ur") + rawpg.bind("ur", [b"0"], portal="p")
+        + rawpg.SYNC)
+    _go(c, rawpg.query(f"DO $$ {body} $$"))
+    _go(c, rawpg.query("COMMIT"))
+
+
+def _do_fetch_loop(c):
+    _do_move_refcursor(c, "DECLARE c refcursor := 'p'; r record; BEGIN LOOP FETCH c INTO r; "
+                          "EXIT WHEN NOT FOUND; END LOOP; END")
+
+
+def _do_move_computed_name(c):
+    _do_move_refcursor(c, "DECLARE c refcursor := chr(112); BEGIN MOVE ALL IN c; END")
+
+
+def _do_move_by_parse(c):
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.parse(ALL + " RETURNING id", "ur") + rawpg.bind("ur", [b"0"], portal="p")
+        + rawpg.SYNC)
+    _go(c, rawpg.parse("DO $$ DECLARE c refcursor := 'p'; BEGIN MOVE ALL IN c; END $$")
+        + rawpg.bind() + rawpg.execute() + rawpg.SYNC)
+    _go(c, rawpg.query("COMMIT"))
+
+
+def _do_move_unnamed_portal(c):
+    _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.parse(ALL + " RETURNING id", "ur") + rawpg.bind("ur", [b"0"]) + rawpg.SYNC)
+    _go(c, rawpg.query("DO $$ DECLARE c refcursor := ''; BEGIN MOVE ALL IN c; END $$"))
+    _go(c, rawpg.query("COMMIT"))
+
+
+def _do_prepare_then_bind(c, in_block: bool = False):
+    if in_block:
+        _go(c, rawpg.query("BEGIN"))
+    _go(c, rawpg.query("DO $$ BEGIN PREPARE dp AS UPDATE cl_t SET v = v + 1 WHERE id > 0; "
+                       "END $$"))
+    _go(c, rawpg.bind("dp") + rawpg.execute() + rawpg.SYNC)
+    if in_block:
+        _go(c, rawpg.query("COMMIT"))
+
+
+def _do_prepare_then_bind_in_block(c):
+    _do_prepare_then_bind(c, True)
+
+
+def _do_prepare_by_parse_then_bind(c):
+    _go(c, rawpg.parse("DO $$ BEGIN PREPARE dp2 AS DELETE FROM cl_t WHERE id > 0; END $$")
+        + rawpg.bind() + rawpg.execute() + rawpg.SYNC)
+    _go(c, rawpg.bind("dp2") + rawpg.execute() + rawpg.SYNC)
+
+
+def _rollback_prepared_three_times(c):
+    # the same texts again: their decisions are cached by now
+    for _ in range(3):
+        _rollback_to_by_prepared_statement(c)
+        _go(c, rawpg.close("S", "rb") + rawpg.close("S", "u") + rawpg.close("S", "x")
+            + rawpg.SYNC)
+
+
+@pytest.mark.parametrize("attack", [
+    _do_move_refcursor, _do_fetch_loop, _do_move_computed_name, _do_move_by_parse,
+    _do_move_unnamed_portal, _do_prepare_then_bind, _do_prepare_then_bind_in_block,
+    _do_prepare_by_parse_then_bind, _rollback_prepared_three_times])
+def test_third_pass_routes_keep_the_guard(gproxy, pg, table, attack):
+    for _ in range(2):                      # the second time from the decision cache
+        c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+        try:
+            attack(c)
+        finally:
+            c.close()
+        assert changed(pg) == 0
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM cl_t").fetchone()[0] == ROWS

@@ -244,6 +244,8 @@ cdef class Pipe:
         cdef const char* e
         self._last_key = None
         self._last_entry = None
+        if p[0] == PARSE and (n < 7 or p[5] != 0):
+            return None                         # a named Parse: always the hooks'
         d = self.exact.get(msg)
         if d is None:
             if p[0] == QUERY:                    # text up to the final NUL

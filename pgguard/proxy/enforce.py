@@ -661,9 +661,11 @@ class Enforcement:
                     self.inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
-                if _fetches_guarded(s.guard, d, msg[5:-1]):
-                    self.inject_refusal(unguarded_refusal(d, "FETCH or MOVE"), out,
-                                         extended=False, sql=msg[5:-1])
+                if _fetches_guarded(s.guard, d, msg[5:-1]) or _prepares_inside(d):
+                    self.inject_refusal(unguarded_refusal(
+                        d, "FETCH or MOVE" if not _prepares_inside(d) else
+                        "PREPARE inside a DO block or function"), out,
+                        extended=False, sql=msg[5:-1])
                     return
                 if plan is not None:
                     _sql_prepares(s.guard, d, plan)
@@ -833,9 +835,11 @@ class Enforcement:
         if d is BODIES_PENDING:
             self.bodies_wait(msg, out)
             return
-        if d is not None and d.action == "allow" and _fetches_guarded(s.guard, d,
-                                                                       msg[pos:end]):
-            d = unguarded_refusal(d, "FETCH or MOVE")
+        if d is not None and d.action == "allow" and s.guard is not None:
+            if _prepares_inside(d):
+                d = unguarded_refusal(d, "PREPARE inside a DO block or function")
+            elif _fetches_guarded(s.guard, d, msg[pos:end]):
+                d = unguarded_refusal(d, "FETCH or MOVE")
         if d is None or d.action == "allow":
             lin = None
             if s.masking is not None and d is not None and any(
@@ -1252,6 +1256,12 @@ def _mixed_txn_refusal(d):
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
+def _prepares_inside(d) -> bool:
+    # a PREPARE run by a DO block's or a function's code: its name becomes a protocol
+    # prepared statement too, which a Bind runs, unseen by the guard
+    return any(st.kind != "prepare" and "prepare" in (st.kinds or ()) for st in d.statements)
+
+
 def _sql_prepares(guard, d, plan) -> None:
     # a SQL PREPARE of a statement the guard measures: its name is a protocol-level
     # prepared statement too (a Bind of it runs it)
@@ -1262,10 +1272,15 @@ def _sql_prepares(guard, d, plan) -> None:
 
 def _fetches_guarded(guard, d, sql: bytes) -> bool:
     # a SQL FETCH / MOVE of a protocol portal the guard measures (or may have to): it
-    # would run the portal's statement where its row count is not measured
+    # would run the portal's statement where its row count is not measured. In a DO
+    # block's or a function's code the cursor's name is a value (a refcursor): any
+    # FETCH / MOVE there counts while such a portal exists
     if guard is None or not (guard.portals or guard.portal_ghosts) or not any(
-            st.kind in ("fetch", "move") for st in d.statements):
+            "fetch" in (st.kinds or (st.kind,)) or "move" in (st.kinds or (st.kind,))
+            for st in d.statements):
         return False
+    if any(st.kind not in ("fetch", "move") for st in d.statements):
+        return True
     try:
         names = {getattr(r.stmt, "portalname", None) for r in parse_sql(
             sql.decode("utf-8", "replace"))}
