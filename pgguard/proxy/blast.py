@@ -59,6 +59,9 @@ _TXN_KINDS = frozenset({"begin", "commit", "rollback", "savepoint", "release",
 MAX_HELD_BYTES = 32 << 20
 # guarded portals replaced or closed that pgguard keeps (see Guard.portal_ghosts)
 MAX_GHOSTS = 1024
+# below this many, ghosts are not looked at for expiry at each sync point (they are
+# kept a while longer: a ghost only ever makes the guard measure more)
+GHOSTS_KEPT = 64
 # what ends an Execute's result
 _EXECUTE_ENDS = (m.COMMAND_COMPLETE, m.ERROR_RESPONSE, m.PORTAL_SUSPENDED,
                  m.EMPTY_QUERY_RESPONSE)
@@ -485,12 +488,15 @@ class Guard:
         self.approved.pop(b"", None)
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
-        self._expire_ghosts()
+        if len(self.portal_ghosts) > GHOSTS_KEPT:
+            self._expire_ghosts()
+        else:
+            self.seg_no += 1
 
     def on_sync(self) -> None:
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
-        if self.portal_ghosts:
+        if len(self.portal_ghosts) > GHOSTS_KEPT:
             self._expire_ghosts()
         else:
             self.seg_no += 1
