@@ -336,10 +336,11 @@ cdef class Pipe:
             e = <const char*>memchr(p + 5, 0, n - 5)
             if e == NULL:
                 return False
-            name = PyBytes_FromStringAndSize(p + 5, e - (p + 5))
-            if self._g_portals and name in self._g_portals or \
-                    self._g_rb_portals and name in self._g_rb_portals:
-                return False
+            if self._g_portals or self._g_rb_portals:     # (the name only when needed)
+                name = PyBytes_FromStringAndSize(p + 5, e - (p + 5))
+                if self._g_portals and name in self._g_portals or \
+                        self._g_rb_portals and name in self._g_rb_portals:
+                    return False
             self._guard.seg_exec = self._guard.seg_exec + 1
             return True
         if t == CLOSE:                          # kind, name

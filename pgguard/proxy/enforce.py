@@ -661,11 +661,11 @@ class Enforcement:
                     self.inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])
                     return
-                if _fetches_guarded(s.guard, d, msg[5:-1]) or _prepares_inside(d):
+                inside = _prepares_inside(d)
+                if inside or _fetches_guarded(s.guard, d, msg[5:-1]):
                     self.inject_refusal(unguarded_refusal(
-                        d, "FETCH or MOVE" if not _prepares_inside(d) else
-                        "PREPARE inside a DO block or function"), out,
-                        extended=False, sql=msg[5:-1])
+                        d, "PREPARE inside a DO block or function" if inside else
+                        "FETCH or MOVE"), out, extended=False, sql=msg[5:-1])
                     return
                 if plan is not None:
                     _sql_prepares(s.guard, d, plan)
