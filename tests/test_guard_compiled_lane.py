@@ -735,3 +735,42 @@ def test_third_pass_routes_keep_the_guard(gproxy, pg, table, attack):
         assert changed(pg) == 0
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM cl_t").fetchone()[0] == ROWS
+
+
+# -- class 9: a rollback in a failed block reaches Postgres, whatever ghost shares its
+# portal's name (pgjdbc: BEGIN, a guarded write, an error, ROLLBACK by Parse/Bind/Execute)
+
+def _failed_block_with_ghost(c, portal: str = "") -> None:
+    _go(c, rawpg.query("BEGIN"))
+    msgs = _go(c, rawpg.bind("small", [b"1"], portal=portal) + rawpg.execute(portal)
+               + rawpg.SYNC)                                    # a guarded portal
+    assert not rawpg.errors(msgs)
+    close = rawpg.close("P", portal) if portal else b""      # (a named one is closed)
+    msgs = _go(c, close + rawpg.bind("sel", [b"0"], portal=portal) + rawpg.execute(portal)
+               + rawpg.SYNC)                                    # replaced: a ghost
+    assert not rawpg.errors(msgs)
+    assert rawpg.errors(_go(c, rawpg.query("SELECT 1/0")))[0]["C"] == "22012"
+
+
+@pytest.mark.parametrize("portal,rollback", [
+    ("", rawpg.parse("ROLLBACK") + rawpg.bind() + rawpg.execute()),
+    ("", rawpg.parse("ROLLBACK", "rbn") + rawpg.bind("rbn") + rawpg.execute()),
+    ("", rawpg.parse("ABORT") + rawpg.bind() + rawpg.describe("P") + rawpg.execute()),
+    ("q", rawpg.close("P", "q") + rawpg.parse("ROLLBACK") + rawpg.bind(portal="q")
+     + rawpg.execute("q")),
+    ("q", rawpg.parse("rollback work", "rbq") + rawpg.close("P", "q")
+     + rawpg.bind("rbq", portal="q") + rawpg.execute("q") + rawpg.close("P", "q")),
+], ids=["unnamed", "named-statement", "abort", "named-portal", "named-both"])
+def test_a_rollback_in_a_failed_block_runs(gproxy, pg, table, portal, rollback):
+    for _ in range(3):                          # again from the decision cache
+        c = client(gproxy)
+        try:
+            _failed_block_with_ghost(c, portal)
+            msgs = _go(c, rollback + rawpg.SYNC)
+            assert not rawpg.errors(msgs), rawpg.errors(msgs)
+            assert msgs[-1] == (b"Z", b"I")     # the block is over, upstream
+            assert rawpg.rows(_go(c, rawpg.query("SELECT count(*) FROM cl_t")))[0] == \
+                [str(ROWS).encode()]
+        finally:
+            c.close()
+        assert changed(pg) == 0                 # the one-row write rolled back

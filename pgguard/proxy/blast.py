@@ -470,9 +470,13 @@ class Guard:
             self.rollbacks.discard(name)
 
     def before_execute(self, msg: bytes) -> None:
-        """An Execute: of a portal bound to a statement that rolls back, ghosts revive."""
-        if self.rb_portals and msg[5:msg.index(b"\0", 5)] in self.rb_portals:
-            self.revive()
+        """An Execute: of a portal bound to a statement that rolls back, ghosts revive,
+        but for the portal run here: its own Bind replaced the ghost of that name (had
+        that Bind been skipped, the block is failed and the old portal cannot run)."""
+        if self.rb_portals:
+            name = msg[5:msg.index(b"\0", 5)]
+            if name in self.rb_portals:
+                self.revive(name)
 
     def on_query(self) -> None:
         # a simple Query drops the unnamed statement and portal, and ends the implicit
@@ -533,14 +537,19 @@ class Guard:
                 del ghosts[name]
         self.seg_no += 1
 
-    def revive(self) -> None:
+    def revive(self, running: bytes | None = None) -> None:
         """A ROLLBACK (TO SAVEPOINT) may run: a portal whose replacing Bind or Close
         failed or was skipped comes back with it; each one replaced or closed is
-        guarded again (by the counters) until it is bound again."""
-        for name, (plan, _) in self.portal_ghosts.items():
-            if name not in self.portals:
+        guarded again (by the counters) until it is bound again. ``running``: the
+        portal that runs the rollback (its ghost is kept, not revived)."""
+        ghosts = self.portal_ghosts
+        kept = ghosts.get(running) if running is not None else None
+        for name, (plan, _) in ghosts.items():
+            if name not in self.portals and name != running:
                 self.portals[name] = maybe_plan(plan)
-        self.portal_ghosts.clear()
+        ghosts.clear()
+        if kept is not None:
+            ghosts[running] = kept
 
     def on_sql_prepare(self, name: bytes, plan: Plan) -> None:
         """A SQL PREPARE of ``name`` whose statement the guard measures (``plan``): a
