@@ -97,10 +97,10 @@ class Plan:
 
     def snapshot_sql(self) -> bytes:
         """The transaction's total of updated + deleted tuples, then per measured table
-        its updated and its deleted count."""
+        its updated, deleted and inserted count."""
         cols = b"".join(
             b", coalesce(pg_catalog.pg_stat_get_xact_tuples_%s(pg_catalog.to_regclass(%s)), 0)"
-            % (kind, _literal(_qualified(t))) for t in self.tables for kind in (b"updated", b"deleted"))
+            % (kind, _literal(_qualified(t))) for t in self.tables for kind in _PER_TABLE)
         return _SNAPSHOT_TOTAL + cols + _SNAPSHOT_FROM
 
     def lane_limit(self) -> int:
@@ -110,7 +110,8 @@ class Plan:
         return self.limit if self.target is None else min(self.limit, 1)
 
     def by_tag_candidates(self, count: int) -> list[tuple[str, int, int]]:
-        """(table, rows changed, rows updated) to measure after a tag-counted statement."""
+        """(table, rows changed, rows it left that it made: updated or inserted) to
+        measure after a tag-counted statement."""
         if self.target is None or count < 2:
             return []
         return [(self.target, count, count if self.verb == "update" else 0)]
@@ -119,28 +120,30 @@ class Plan:
         """The same from the per-table counters of two snapshots."""
         out = []
         for i, t in enumerate(self.tables):
-            j = 1 + 2 * i
-            if j + 1 >= len(before) or j + 1 >= len(after):
+            j = 1 + 3 * i
+            if j + 2 >= len(before) or j + 2 >= len(after):
                 break
             upd = after[j] - before[j]
             changed = upd + after[j + 1] - before[j + 1]
             if changed >= 2:
-                out.append((t, changed, upd))
+                out.append((t, changed, upd + after[j + 2] - before[j + 2]))
         return out
 
     @staticmethod
     def probe_sql(cands: list[tuple[str, int, int]]) -> bytes:
-        """One row: per candidate table, its visible rows (counted up to changed + 1)."""
+        """One row: per candidate table, its visible rows (counted up to one more than
+        the statement changed or made)."""
         return b"SELECT " + b", ".join(
             b"(SELECT count(*) FROM (SELECT 1 FROM %s LIMIT %d) pgguard_x)"
-            % (_qualified(t), changed + 1) for t, changed, _ in cands)
+            % (_qualified(t), max(changed, made) + 1) for t, changed, made in cands)
 
     @staticmethod
     def reached_whole(cands: list[tuple[str, int, int]], seen: list[int]) -> str | None:
         """The first table with no row left that the statement did not change (a DELETE
-        left it empty, an UPDATE changed all its rows), or None."""
-        for (t, _, upd), n in zip(cands, seen):
-            if n <= upd:
+        left it empty, an UPDATE changed all its rows; the rows a MERGE or an INSERT
+        ... ON CONFLICT inserted are its own), or None."""
+        for (t, _, made), n in zip(cands, seen):
+            if n <= made:
                 return t
         return None
 
@@ -148,6 +151,8 @@ class Plan:
 _SNAPSHOT_TOTAL = (b"SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_updated(c.oid) + "
                    b"pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)), 0)::int8")
 _SNAPSHOT_FROM = b" FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 't', 'm')"
+# per measured table (Plan.snapshot_sql, Plan.counter_candidates)
+_PER_TABLE = (b"updated", b"deleted", b"inserted")
 # at most this many tables measured one by one per statement (the rest: the total only)
 _MAX_TABLES = 8
 
@@ -194,12 +199,15 @@ def plan_for(d, identity, sql: bytes = b"", default_limit: int = 0,
     tables: dict[str, None] = {}
     if any(_changes_rows(st) for st in d.statements):
         limit = d.max_rows
-        by_tag = len(d.statements) == 1 and _by_tag(d.statements[0]) and not (
-            hidden and any(t in hidden for t in d.statements[0].relations_written))
         st = d.statements[0]
-        # a plain UPDATE / DELETE: its target is the first relation written (a view's
-        # base tables follow it)
-        if by_tag and st.kind in ("update", "delete") and st.relations_written:
+        # a plain UPDATE / DELETE: its tag counts the rows it changed, all of one table,
+        # its target, the first relation written (a view's base tables follow it). A
+        # MERGE's or an INSERT ... ON CONFLICT's tag counts inserted rows with them:
+        # whether it reached every row takes the table's own counters
+        by_tag = len(d.statements) == 1 and _by_tag(st) and \
+            st.kind in ("update", "delete") and bool(st.relations_written) and not (
+                hidden and any(t in hidden for t in st.relations_written))
+        if by_tag:
             target, verb = st.relations_written[0], st.kind
         # every table written by a statement that changes rows, measured by counters
         # when the tag does not count (CTEs, several statements, functions, portals
