@@ -103,6 +103,11 @@ class Plan:
             % (kind, _literal(_qualified(t))) for t in self.tables for kind in _PER_TABLE)
         return _SNAPSHOT_TOTAL + cols + _SNAPSHOT_FROM
 
+    def with_sql(self, sql: bytes) -> "Plan":
+        """The same plan for another text of its decision (the audit's)."""
+        return Plan(self.limit, self.rule, self.by_tag, self.decision, sql, self.target,
+                    self.verb, self.tables, self.gen)
+
     def lane_limit(self) -> int:
         """The count up to which the compiled lane may forward answers unread by Python:
         past 1 row a plain UPDATE / DELETE may have reached every row of its table, which
@@ -653,15 +658,17 @@ class Guard:
             msg, plan, self._unanswered(later if s.holds.items is None
                                         else s.holds.items) - 1)), later)
 
-    def query_on_lane(self, msg: bytes, plan: Plan) -> None:
+    def query_on_lane(self, msg: bytes, plan: Plan, limit: int) -> None:
         """Run the Query ``msg`` on the compiled lane now (Enforcement.query_lane found
         that start_query would: a block open, nothing unanswered, the tag counts), the
-        client's stream held until its count is in."""
+        client's stream held until its count is in. ``plan``: its decision's (made for
+        another text of it, maybe: lane_fallback gives it this one), ``limit`` its
+        lane_limit()."""
         s = self.s
         s.holds.begin_clear()
-        self.lane = (plan, self._held_query_steps)
+        self.lane = (plan, self._held_query_steps, msg)
         s.up.transport.write(msg)
-        s.up_pipe.hold_count(plan.lane_limit())
+        s.up_pipe.hold_count(limit)
 
     def _after_record(self, msg: bytes, fire, later: list) -> None:
         """``fire`` now, or under strict durability once the statement's audit record
@@ -955,8 +962,11 @@ class Guard:
     def lane_fallback(self) -> None:
         """The compiled lane met an error or a count past the limit: the answers it
         held are read next by the Python steps, as if they had just come."""
-        (plan, steps), self.lane = self.lane, None
-        self._start(steps(plan))
+        lane, self.lane = self.lane, None
+        plan = lane[0]
+        if len(lane) > 2 and plan.sql != lane[2][5:-1]:
+            plan = plan.with_sql(lane[2][5:-1])
+        self._start(lane[1](plan))
 
     def _in_block_steps(self, plan: Plan):
         buf, count, err, _ = yield from self._hold_result(plan, simple=False)

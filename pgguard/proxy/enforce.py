@@ -27,7 +27,7 @@ from ..policy.classify import WRITING_FUNCS
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
-from .blast import Plan, has_txn_control, plan_for
+from .blast import has_txn_control, plan_for
 from .holds import sync_points
 from .tracking import REFUSAL_SYNC, statement_record
 
@@ -78,6 +78,7 @@ class Enforcement:
         self.discarding = False         # after a refused Parse: drop until Sync
         # query_lane's plans: id(decision) -> (decision, generation, view map, plan)
         self._plans: dict[int, tuple] = {}
+        self.lane_allowed = 0           # statements query_lane ran (for the metrics)
         # the decision cache the session decides through ((raw message -> decision,
         # shape -> decision)): shared by the sessions of one identity, database and mode
         # (given at relay start), or this session's own once its DDL taught it views
@@ -704,7 +705,9 @@ class Enforcement:
         chunk with everything before it written: when it can go down the
         guard's in-block lane now (what _on_query then start_query would do with it:
         a block open, nothing unanswered, a single statement its tag counts), run it
-        there and return True. False: nothing was done; the hooks get it as usual."""
+        there and return True. False: nothing was done; the hooks get it as usual.
+        (It runs per guarded statement: what depends on the decision alone is kept
+        per decision, see _lane_entry.)"""
         s = self.s
         guard = s.guard
         exact, shapes = self.cache
@@ -713,28 +716,33 @@ class Enforcement:
                 (exact.get(msg) is not g if key is None else shapes.get(key) is not g):
             return False
         d = g.decision
+        # (_pg_rejects of a Query: its one string must end exactly at the message's end)
         if d.action != "allow" or len(d.statements) != 1 or s.fscan.query_unsynced or \
-                _pg_rejects(msg):
+                msg.find(b"\0", 5) != len(msg) - 1:
             return False
-        plan = self._lane_plan(d, msg[5:-1])
+        got = self._lane_entry(d, msg)
+        plan = got[3]
         if plan is None or not plan.by_tag or not guard._lane_free() or \
                 self.visible_status() != m.TX_IN_BLOCK or \
                 s.fscan.count + self.sync_adjust - self.visible_z() != 1:
             return False
         guard.on_query()
-        s.services.count_statement("allowed")
+        self.lane_allowed += 1          # (the metrics take it with the fast path's)
         if s.tracker is not None:     # (with the shape, as the compiled pipe logs it)
             s.tracker.flog.append((msg, d, time.monotonic_ns()) if key is None else
                                   (msg, d, time.monotonic_ns(), key))
-        guard.query_on_lane(msg, plan)
-        self.guard_watch()
-        if s.prepared is not None and _touches_prepared(d):
+        guard.query_on_lane(msg, plan, got[4])
+        if guard.watching != self._guarding:
+            self.guard_watch()
+        if got[5]:                      # PREPARE / DEALLOCATE / DISCARD
             s.prepared.observe(d.statements)
         return True
 
-    def _lane_plan(self, d, sql: bytes):
-        """``_plan(d, sql)``, its parts kept per decision while the decision
-        generation and the view map stay as they are (only the text differs)."""
+    def _lane_entry(self, d, msg: bytes) -> tuple:
+        """(d, generation, view map, plan, lane limit, touches prepared statements) of
+        decision ``d``, kept while the decision generation and the view map stay as
+        they are. The plan's text is the first statement's that made it: the lane
+        gives the running one's to a refusal (Guard.lane_fallback)."""
         s = self.s
         gen = s.services.decision_generation(s.database)
         views = s.views.current() if s.views is not None else None
@@ -742,13 +750,11 @@ class Enforcement:
         if got is None or got[0] is not d or got[1] != gen or got[2] is not views:
             if len(self._plans) >= 64:
                 self._plans.clear()
-            got = (d, gen, views, self._plan(d, sql))
+            plan = self._plan(d, msg[5:-1])
+            got = (d, gen, views, plan, plan.lane_limit() if plan is not None else 0,
+                   s.prepared is not None and _touches_prepared(d))
             self._plans[id(d)] = got
-        p = got[3]
-        if p is None:
-            return None
-        return Plan(p.limit, p.rule, p.by_tag, p.decision, sql, p.target, p.verb, p.tables,
-                    p.gen)
+        return got
 
     def _mask_query(self, d, msg: bytes, out: list) -> bool:
         """Bookkeeping for a Query about to run under masking; False when it is refused

@@ -793,7 +793,7 @@ class Session:
         pipe = self.client_pipe
         if pipe is None:
             return 0, 0
-        n = pipe.fast_forwarded - self.fast_reported
+        n = pipe.fast_forwarded + self.enforce.lane_allowed - self.fast_reported
         self.fast_reported += n
         lane, k = pipe.mask, 0
         if lane is not None:
