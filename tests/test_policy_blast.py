@@ -275,6 +275,54 @@ def test_strict_audit_records_guarded_statements(pg, table, tmp_path):
         ("blocked", "blast-radius", "42501", ROWS), ("blocked", "blast-radius", "42501", ROWS)]
 
 
+def test_batched_audit_records_a_refusal_as_blocked(pg, table, tmp_path):
+    """With the default (batched) audit, a statement the guard ran, measured and rolled
+    back is recorded as "blocked" by "blast-radius" with the rows it changed, whichever
+    lane ran it (autocommit, a block, the extended protocol, the compiled lanes with
+    their decisions cached, "every row"); the ones it let through as "allowed"."""
+    from conftest import Proxy
+    p = Proxy(pg, tmp_path)
+    p.config.write_text(p.config.read_text().replace('agents = "allow"', 'agents = "guarded"'))
+    p.start()
+    try:
+        with psycopg.connect(p.dsn(), autocommit=True) as c:
+            for _ in range(2):                  # the second time from the cache
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    c.execute("UPDATE blast_t SET v = v + 1 WHERE id > 0")
+            c.execute("UPDATE blast_t SET v = v + 1 WHERE id <= %s", (3,))
+        with psycopg.connect(p.dsn()) as c:     # in a block, prepared (extended)
+            for _ in range(3):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    c.execute("DELETE FROM blast_t WHERE id > %s", (0,), prepare=True)
+                c.rollback()
+        rc = rawpg.RawClient.connect(p.port, AGENT, AGENT_PASSWORD)
+        try:
+            for _ in range(3):                  # simple Query in a block: the Query lane
+                rc.run("BEGIN")
+                assert rawpg.errors(rc.run("UPDATE blast_t SET v = v + 2 WHERE id > 0"))
+                rc.run("ROLLBACK")
+        finally:
+            rc.close()
+        assert p.stop() == 0
+    finally:
+        p.stop()
+    assert truth(pg) == (ROWS, 3)
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pgguard", "audit", "sql", "--dir",
+                          str(p.audit_dir), "--json",
+                          "SELECT decision, rule, sqlstate, rows, statement FROM audit "
+                          "WHERE event = 'statement' AND statement LIKE '%blast_t%' "
+                          "ORDER BY event_id"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    recs = [tuple(r.values()) for r in json.loads(out.stdout)]
+    blocked = [r[:4] for r in recs if r[0] == "blocked"]
+    assert blocked == [("blocked", "blast-radius", "42501", ROWS)] * 8, recs
+    assert [r[:4] for r in recs if r[0] != "blocked"] == [("allowed", recs[2][1], None, 3)], recs
+
+
 FUNCTION_WRITES = [
     # a function the agent creates, its body narrowed in a way no classifier can judge
     ["CREATE FUNCTION pg_temp.bump() RETURNS void LANGUAGE sql AS "

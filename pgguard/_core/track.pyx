@@ -264,6 +264,7 @@ cdef class _Pending:
     cdef int kind
     cdef int ordinal            # a Parse's / Bind's: among its type since the last sync
     cdef _Pending src           # an Execute's Bind, a Bind's Parse (None: unknown)
+    cdef object refused         # (rule, rows) when its error is pgguard's own refusal
 
     def __cinit__(self, sql, dec, long long t0, bint sync, bint done):
         self.sql = sql
@@ -276,6 +277,7 @@ cdef class _Pending:
         self.ordinal = 0
         self.src = None
         self.key = None
+        self.refused = None
 
 
 cdef enum:
@@ -362,6 +364,9 @@ cdef class StatementTracker:
     # a DDL command completed in the session's current transaction: once it is idle,
     # the proxy reads the view map again (Server.catalog_committed)
     cdef bint ddl_seen
+    # (rule, rows): the next ErrorResponse is pgguard's refusal of the running statement
+    # after it ran (the blast-radius guard's, see refused_next)
+    cdef object _refused
 
     def __init__(self, session, audit, helpers, base, long long mono0):
         self.session = session
@@ -390,6 +395,13 @@ cdef class StatementTracker:
         self._bscan = None
         self.answers = None
         self._seg_p = self._seg_b = 0
+        self._refused = None
+
+    def refused_next(self, str rule, long long rows):
+        """The next ErrorResponse the client gets is pgguard's refusal (by ``rule``) of
+        the statement running now, which changed ``rows`` rows before it was rolled
+        back: its record says "blocked", not "error"."""
+        self._refused = (rule, rows)
 
     # -- frontend
     cdef _drain(self):
@@ -543,11 +555,13 @@ cdef class StatementTracker:
         e = self._current()
         if t == ERROR_RESPONSE:
             fields = self._error_fields(msg[5:])
+            refused, self._refused = self._refused, None
             if e is None:
                 self.segment_error = True
                 return
             e.state = fields.get("C")
             e.err = fields.get("M")
+            e.refused = refused
             if not e.sync:
                 self._emit(e)
                 e.done = True
@@ -634,7 +648,7 @@ cdef class StatementTracker:
         return self._base + timedelta_new(0, 0, (mono_ns - self._mono0) // 1000)
 
     cdef _emit(self, _Pending e):
-        cdef long long now, seen, out
+        cdef long long now, seen, out, rows
         cdef tuple part, fixed
         if self.strict:
             return
@@ -653,7 +667,12 @@ cdef class StatementTracker:
             decision, approver = "approved", dec.approver
         else:
             decision, approver = "allowed", None
-        if e.state is not None:
+        rule = dec.rule if dec is not None else None
+        rows = e.rows
+        if e.refused is not None:
+            decision, approver = "blocked", None
+            rule, rows = e.refused
+        elif e.state is not None:
             decision = "error"
         duration = (now - e.t0) // 1000 if e.t0 else None
         part = self._part(e.sql, dec, e.key) if e.sql.__class__ is bytes and not self.raw \
@@ -661,7 +680,8 @@ cdef class StatementTracker:
         if part is None:            # text from elsewhere, or literals are captured
             rec = self._h_record(s, e.sql, dec, decision, self.wall(e.t0))
             rec.approver = approver
-            rec.rows = e.rows
+            rec.rule = rule
+            rec.rows = rows
             rec.bytes_out = out
             rec.duration_us = duration
             rec.sqlstate = e.state
@@ -672,19 +692,18 @@ cdef class StatementTracker:
         fixed = self._fixed
         if fixed is None:
             fixed = self._fixed = self._h_session(s)
-        rule = dec.rule if dec is not None else None
         masked = self._rw.take_total() if self._masking else 0
         if masked:
             s.services.count_masked(masked)      # (Session.take_masked_cells, in C)
         if self._log_encoded is not None and (<tuple>part)[1] is not None:
-            row = self._row(e.t0, <bytes>(<tuple>part)[1], decision, rule, approver, e.rows,
+            row = self._row(e.t0, <bytes>(<tuple>part)[1], decision, rule, approver, rows,
                             out, masked, duration, e.state, e.err)
             if row is not None:
                 self._log_encoded(row)
                 return
         # the wire row: AuditRecord's fields in order (see pgguard.audit.ipc)
         self._log_row(("", self.wall(e.t0)) + fixed + (<tuple>part)[0] + (
-            decision, rule, approver, e.rows, out, masked, duration, e.state, e.err, "", ""))
+            decision, rule, approver, rows, out, masked, duration, e.state, e.err, "", ""))
 
     cdef object _row(self, long long t0, bytes part_enc, str decision, rule, approver,
                      long long rows, long long out, masked, duration, state, err):

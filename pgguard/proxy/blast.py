@@ -1141,7 +1141,9 @@ class Guard:
                  s.identity_name, count, "every row" if every else "over the limit",
                  plan.limit)
         s.services.count_statement("blocked")
-        if s.tracker is not None and s.services.audit_strict:
+        if s.tracker is not None and not s.services.audit_strict:
+            s.tracker.refused_next("blast-radius", count)   # (the refusal comes next)
+        elif s.tracker is not None:
             # strict records were written before the statement ran: add its outcome
             rec = statement_record(s, plan.sql, plan.decision, "blocked",
                                    datetime.now(timezone.utc))
