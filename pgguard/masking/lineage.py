@@ -343,6 +343,11 @@ def _exprs(node: dict) -> list[str]:
     return out
 
 
+# nodes whose rows come from several members: the plan prints their columns (and the
+# columns of every node above them) by the first member's expressions
+_SET_OPS = frozenset({"Append", "Merge Append", "SetOp", "Recursive Union"})
+
+
 class _Taint:
     """What in one plan carries masked values (see the module docstring)."""
 
@@ -544,13 +549,19 @@ class _Taint:
         return changed
 
     def outputs(self, node: dict, n: int) -> list[bool] | None:
-        """Taint of the first n output columns of node (None: cannot tell)."""
+        """Taint of the first n output columns of node (None: cannot tell). A set
+        operation's columns are its members' (its own Output, and that of every node
+        above it, prints the first member's expressions): once a member's columns carry
+        masked values, so does every column of the nodes above."""
         if self.lone:
             return [True] * n
         out = node.get("Output")
-        if isinstance(out, list):
+        kind = node.get("Node Type")
+        if isinstance(out, list) and kind not in _SET_OPS:
             if len(out) < n:
                 return None
+            if self._set_op_below(node):
+                return [True] * n
             return [self._output(e) for e in out[:n]]
         members = [c for c in node.get("Plans", ())
                    if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
@@ -563,6 +574,18 @@ class _Taint:
                 return None
             acc = [a or b for a, b in zip(acc, got)]
         return acc
+
+    def _set_op_below(self, node: dict) -> bool:
+        """A set operation under ``node`` (not in its InitPlans or SubPlans) whose
+        members carry masked values anywhere."""
+        for c in node.get("Plans", ()):
+            if c.get("Parent Relationship") in ("InitPlan", "SubPlan"):
+                continue
+            if c.get("Node Type") in _SET_OPS and self._subtree(c):
+                return True
+            if self._set_op_below(c):
+                return True
+        return False
 
     def _output(self, text: str) -> bool:
         toks = self._scanned(text)
