@@ -6,7 +6,7 @@
 # every client, COPY and a SQL cursor; a set operation over clean columns stays clear.
 import pytest
 import rawpg
-from mask_corpus import DB, MASKS, MODES, copy_mode, direct_mode, leaks, raw_connect, \
+from mask_corpus import MASKS, MODES, copy_mode, direct_mode, leaks, raw_connect, \
     run_mode, seed
 
 SET_OPS = [

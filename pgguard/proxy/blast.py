@@ -98,9 +98,8 @@ class Plan:
     def snapshot_sql(self) -> bytes:
         """The transaction's total of updated + deleted tuples, then per measured table
         its updated, deleted and inserted count."""
-        cols = b"".join(
-            b", coalesce(pg_catalog.pg_stat_get_xact_tuples_%s(pg_catalog.to_regclass(%s)), 0)"
-            % (kind, _literal(_qualified(t))) for t in self.tables for kind in _PER_TABLE)
+        cols = b"".join(_TREE_SUM % (_literal(sp), kind) for t in self.tables
+                        for sp in _spellings(t) for kind in _PER_TABLE)
         return _SNAPSHOT_TOTAL + cols + _SNAPSHOT_FROM
 
     def with_sql(self, sql: bytes) -> "Plan":
@@ -114,40 +113,61 @@ class Plan:
         only the Python steps measure."""
         return self.limit if self.target is None else min(self.limit, 1)
 
-    def by_tag_candidates(self, count: int) -> list[tuple[str, int, int]]:
-        """(table, rows changed, rows it left that it made: updated or inserted) to
-        measure after a tag-counted statement."""
+    def by_tag_candidates(self, count: int) -> list[tuple]:
+        """(table, rows changed, rows it left that it made: updated or inserted, the
+        table's name as the probe spells it, the spelling measured already that it may
+        name too, or None) to measure after a tag-counted statement (a ``public`` table
+        both ways, see _spellings: the tag does not say which)."""
         if self.target is None or count < 2:
             return []
-        return [(self.target, count, count if self.verb == "update" else 0)]
+        made = count if self.verb == "update" else 0
+        sps = _spellings(self.target)
+        # (the second spelling may name no relation, or the same one: see probe_sql)
+        return [(self.target, count, made, sp, sps[0] if i else None)
+                for i, sp in enumerate(sps)]
 
-    def counter_candidates(self, before: list[int], after: list[int]) -> list[tuple[str, int, int]]:
+    def counter_candidates(self, before: list[int], after: list[int]) -> list[tuple]:
         """The same from the per-table counters of two snapshots."""
         out = []
-        for i, t in enumerate(self.tables):
-            j = 1 + 3 * i
-            if j + 2 >= len(before) or j + 2 >= len(after):
-                break
-            upd = after[j] - before[j]
-            changed = upd + after[j + 1] - before[j + 1]
-            if changed >= 2:
-                out.append((t, changed, upd + after[j + 2] - before[j + 2]))
+        j = 1
+        for t in self.tables:
+            for sp in _spellings(t):
+                if j + 2 >= len(before) or j + 2 >= len(after):
+                    return out
+                upd = after[j] - before[j]
+                changed = upd + after[j + 1] - before[j + 1]
+                if changed >= 2:        # (it exists: its counters moved)
+                    out.append((t, changed, upd + after[j + 2] - before[j + 2], sp, None))
+                j += 3
         return out
 
     @staticmethod
-    def probe_sql(cands: list[tuple[str, int, int]]) -> bytes:
+    def probe_sql(cands: list[tuple]) -> bytes:
         """One row: per candidate table, its visible rows (counted up to one more than
-        the statement changed or made)."""
-        return b"SELECT " + b", ".join(
-            b"(SELECT count(*) FROM (SELECT 1 FROM %s LIMIT %d) pgguard_x)"
-            % (_qualified(t), max(changed, made) + 1) for t, changed, made in cands)
+        the statement changed or made). A spelling that may name no relation (or the
+        same as ``other``, measured already) is counted only when it names another
+        one, by a query run from a string (a missing relation fails a plain FROM)."""
+        cols = []
+        for _, changed, made, sp, other in cands:
+            n = max(changed, made) + 1
+            count = b"SELECT count(*) FROM (SELECT 1 FROM %s LIMIT %d) pgguard_x" % (sp, n)
+            if other is None:
+                cols.append(b"(" + count + b")")
+                continue
+            rel, oth = _literal(sp), _literal(other)
+            cols.append(
+                b"(CASE WHEN pg_catalog.to_regclass(%s) IS NULL OR pg_catalog.to_regclass(%s)"
+                b" = pg_catalog.to_regclass(%s) THEN %d ELSE (pg_catalog.xpath('//c/text()', "
+                b"pg_catalog.query_to_xml(%s, false, false, '')))[1]::text::int8 END)"
+                % (rel, rel, oth, n, _literal(count.replace(b"count(*)", b"count(*) AS c", 1))))
+        return b"SELECT " + b", ".join(cols)
 
     @staticmethod
-    def reached_whole(cands: list[tuple[str, int, int]], seen: list[int]) -> str | None:
+    def reached_whole(cands: list[tuple], seen: list[int]) -> str | None:
         """The first table with no row left that the statement did not change (a DELETE
         left it empty, an UPDATE changed all its rows; the rows a MERGE or an INSERT
         ... ON CONFLICT inserted are its own), or None."""
-        for (t, _, made), n in zip(cands, seen):
+        for (t, _, made, _, _), n in zip(cands, seen):
             if n <= made:
                 return t
         return None
@@ -158,19 +178,27 @@ _SNAPSHOT_TOTAL = (b"SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_upda
 _SNAPSHOT_FROM = b" FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 't', 'm')"
 # per measured table (Plan.snapshot_sql, Plan.counter_candidates)
 _PER_TABLE = (b"updated", b"deleted", b"inserted")
+# one of them, summed over the table's inheritance tree: a partitioned table's own
+# counters stay 0, an inheritance parent's count only its own rows, while the probe's
+# count of its rows sees the whole tree
+_TREE_SUM = (b", (WITH RECURSIVE pgguard_t(r) AS (SELECT pg_catalog.to_regclass(%s)::oid "
+             b"UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN pgguard_t "
+             b"ON i.inhparent = pgguard_t.r) SELECT coalesce(sum("
+             b"pg_catalog.pg_stat_get_xact_tuples_%s(pgguard_t.r)), 0)::int8 FROM pgguard_t)")
 # at most this many tables measured one by one per statement (the rest: the total only)
 _MAX_TABLES = 8
 
 
-def _qualified(name: str) -> bytes:
-    """A classifier relation name (schema.name) as a quoted SQL name that reaches the
-    relation the statement did: the classifier says ``public.x`` for an unqualified
-    ``x``, which the session's search path may find in its temporary schema first, so
-    ``public`` names stay unqualified (resolved as the statement's were)."""
+def _spellings(name: str) -> tuple[bytes, ...]:
+    """A classifier relation name (schema.name) as the quoted SQL names that may reach
+    the relation the statement did: the classifier says ``public.x`` both for
+    ``public.x`` and for an unqualified ``x``, which the session's search path finds in
+    its temporary schema first when it has one of that name; so a ``public`` table is
+    measured both ways (the same relation twice, unless a temporary table shadows it)."""
     schema, _, rel = name.partition(".")
     if schema == "public":
-        return _ident(rel)
-    return _ident(schema) + b"." + _ident(rel)
+        return (_ident(rel), _ident(schema) + b"." + _ident(rel))
+    return (_ident(schema) + b"." + _ident(rel),)
 
 
 def _ident(name: str) -> bytes:
