@@ -41,6 +41,8 @@ cdef enum CellKind:
                          # (always decodable); strategies make it NULL
     KIND_LITERAL = 5     # the same types in text format (rows): the detectors' labels go
                          # in place when no span touches the literal's syntax, else NULL
+    KIND_HEX = 6         # bytea in text format ("\x" + hex digits): the detectors scan
+                         # the bytes it spells; a validated match makes it NULL
 
 cdef enum PlanMode:
     MODE_ROWS = 0        # DataRow 'D'
@@ -97,6 +99,9 @@ ctypedef struct DetCell:
     uint64_t bits        # detectors (ids) whose prefilter ended inside it
     Py_ssize_t lo        # first and last such end offset, from the value's start
     Py_ssize_t hi
+    const char* dv       # what is scanned: the value (KIND_HEX: the bytes it spells)
+    Py_ssize_t dlen
+    Py_ssize_t hexoff    # KIND_HEX: where its bytes are in the batch's hex arena (or -1)
 
 
 cdef class MaskPlan:
@@ -168,6 +173,7 @@ cdef class RowRewriter:
     cdef Buf _tmp
     cdef Buf _tmp2
     cdef Buf _arena
+    cdef Buf _hex               # the bytes of the batch's KIND_HEX cells, decoded
     # the current batch (rows of one feed under one plan)
     cdef RowRef* _rows
     cdef Py_ssize_t _nrows

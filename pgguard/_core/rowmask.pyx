@@ -29,6 +29,7 @@ CELL_JSON = KIND_JSON
 CELL_JSONB_BINARY = KIND_JSONB_BIN
 CELL_WHOLE = KIND_WHOLE
 CELL_LITERAL = KIND_LITERAL
+CELL_HEX = KIND_HEX
 
 cdef enum:
     MAX_DETECTORS = 64
@@ -475,7 +476,7 @@ cdef class MaskPlan:
             col.strategy = int(c.strategy)
             col.kind = int(c.kind)
             col.keep = int(c.keep)
-            if col.action > ACT_DETECT or col.strategy > STRAT_HASH or col.kind > KIND_LITERAL:
+            if col.action > ACT_DETECT or col.strategy > STRAT_HASH or col.kind > KIND_HEX:
                 raise ValueError(f"column {i}: invalid action, strategy or kind")
             if col.keep < 0:
                 raise ValueError(f"column {i}: keep must not be negative")
@@ -484,7 +485,8 @@ cdef class MaskPlan:
             if self.mode != MODE_ROWS and col.kind == KIND_LITERAL:
                 col.kind = KIND_TEXT
             if col.action == ACT_STRATEGY and (col.kind == KIND_OTHER or col.kind == KIND_WHOLE
-                                               or col.kind == KIND_LITERAL):
+                                               or col.kind == KIND_LITERAL
+                                               or col.kind == KIND_HEX):
                 col.action = ACT_NULL
             if col.action == ACT_DETECT and (col.kind == KIND_OTHER or detectors is None):
                 col.action = ACT_NONE
@@ -1065,6 +1067,23 @@ def _on_match(unsigned int id, unsigned long long frm, unsigned long long to,
 
 # -- the rewriter ---------------------------------------------------------------------
 
+cdef Py_ssize_t _hex_bytes(const char* v, Py_ssize_t n) noexcept nogil:
+    # how many bytes a bytea's hex text ("\x" then pairs of hex digits) spells, or -1
+    cdef Py_ssize_t i
+    if n < 2 or v[0] != c'\\' or v[1] != c'x' or (n - 2) & 1:
+        return -1
+    for i in range(2, n):
+        if _hexval(v[i]) < 0:
+            return -1
+    return (n - 2) >> 1
+
+
+cdef void _hex_decode(const char* v, Py_ssize_t nbytes, char* out) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(nbytes):
+        out[i] = <char>((_hexval(v[2 * i]) << 4) | _hexval(v[2 * i + 1]))
+
+
 cdef inline bint _cell_changed(const ColPlan* col, const Cell* c) noexcept nogil:
     if col.action == ACT_DETECT:
         return c.repl != -1
@@ -1103,6 +1122,7 @@ cdef class RowRewriter:
         memset(&self._tmp, 0, sizeof(Buf))
         memset(&self._tmp2, 0, sizeof(Buf))
         memset(&self._arena, 0, sizeof(Buf))
+        memset(&self._hex, 0, sizeof(Buf))
         self._rows = NULL
         self._nrows = self._rows_cap = 0
         self._recs = NULL
@@ -1128,6 +1148,7 @@ cdef class RowRewriter:
         free(self._tmp.p)
         free(self._tmp2.p)
         free(self._arena.p)
+        free(self._hex.p)
         free(self._rows)
         free(self._recs)
         free(self._cells)
@@ -1408,6 +1429,7 @@ cdef class RowRewriter:
         self._arena.len = 0
         _shrink(&self._out, 4 << 20)
         _shrink(&self._arena, 4 << 20)
+        _shrink(&self._hex, 4 << 20)
         self.bytes_out += len(result)
         return result
 
@@ -1638,7 +1660,7 @@ cdef class RowRewriter:
         return 0
 
     cdef int _detect(self, MaskPlan plan) except -1:
-        cdef Py_ssize_t i, j, k, total = 0, lo, hi, mid, skip, cap
+        cdef Py_ssize_t i, j, k, total = 0, lo, hi, mid, skip, cap, hexlen = 0
         cdef Py_ssize_t nrows = self._nrows
         cdef RowRef* r
         cdef Rec* rec
@@ -1682,26 +1704,41 @@ cdef class RowRewriter:
                 d.cell = k + j
                 d.scan_off = total
                 d.bits = 0
-                total += c.val_len - skip + 1
+                d.dv = c.val + skip
+                d.dlen = c.val_len - skip
+                d.hexoff = -1
+                if col.kind == KIND_HEX and _hex_bytes(c.val, c.val_len) >= 0:
+                    d.dlen = _hex_bytes(c.val, c.val_len)
+                    d.hexoff = hexlen
+                    hexlen += d.dlen
+                total += d.dlen + 1
         if self._ndcells == 0:
             return 0
+        if hexlen:
+            # bytea in text format: the detectors read the bytes it spells
+            self._hex.len = 0
+            if hexlen > self._hex.cap:
+                _grow(&self._hex, hexlen)
+            for i in range(self._ndcells):
+                d = &self._dcells[i]
+                if d.hexoff >= 0:
+                    c = &self._cells[d.cell]
+                    _hex_decode(c.val + 2, d.dlen, self._hex.p + d.hexoff)
+                    d.dv = self._hex.p + d.hexoff
+            self._hex.len = hexlen
         if plan.pre_bits:
             # the digit prefilters, cell by cell, without a copy
             for i in range(self._ndcells):
                 d = &self._dcells[i]
-                c = &self._cells[d.cell]
-                skip = 1 if plan.cols[plan.act[d.cell % plan.nact]].kind == KIND_JSONB_BIN else 0
-                _digit_prefilter(c.val + skip, c.val_len - skip, plan.cc_id, plan.phone_id, d)
+                _digit_prefilter(d.dv, d.dlen, plan.cc_id, plan.phone_id, d)
         if plan._scan is not None:
             # one Hyperscan scan over the other prefilters: the cells joined by "\n"
             buf = PyBytes_FromStringAndSize(NULL, total)
             b = PyBytes_AS_STRING(buf)
             for i in range(self._ndcells):
                 d = &self._dcells[i]
-                c = &self._cells[d.cell]
-                skip = 1 if plan.cols[plan.act[d.cell % plan.nact]].kind == KIND_JSONB_BIN else 0
-                memcpy(b + d.scan_off, c.val + skip, c.val_len - skip)
-                b[d.scan_off + c.val_len - skip] = c'\n'
+                memcpy(b + d.scan_off, d.dv, d.dlen)
+                b[d.scan_off + d.dlen] = c'\n'
             hits.n = 0
             plan._scan(buf, _on_match, 0, hits)
             for i in range(hits.n):
@@ -1725,6 +1762,23 @@ cdef class RowRewriter:
             c = &self._cells[d.cell]
             col = &plan.cols[plan.act[d.cell % plan.nact]]
             skip = 1 if col.kind == KIND_JSONB_BIN else 0
+            if col.kind == KIND_HEX:
+                # found in the bytes it spells: the cell becomes NULL (validated first)
+                if (d.bits & ~plan.loc_bits) == 0:
+                    got = _native_mask(plan, d.dv, d.dlen, d.bits, &self._tmp, &bits)
+                    self._tmp.len = 0
+                    if got == 0:
+                        continue
+                    if got == 1:
+                        c.repl = -2
+                        self._count_dets(bits)
+                        continue
+                res = plan._mask_cell(PyBytes_FromStringAndSize(d.dv, d.dlen), d.bits, 0,
+                                      d.lo, d.hi)
+                if res is not None:
+                    c.repl = -2
+                    self._count_dets(<uint64_t>res[1])
+                continue
             if (d.bits & ~plan.loc_bits) == 0 and (col.kind == KIND_TEXT
                                                      or col.kind == KIND_WHOLE):
                 # located and validated in C

@@ -23,6 +23,7 @@ from .strategies import (
     ACTION_NULL,
     ACTION_STRATEGY,
     KIND_JSONB_BINARY,
+    KIND_HEX,
     KIND_LITERAL,
     KIND_OTHER,
     KIND_TEXT,
@@ -74,6 +75,15 @@ def _json_quote(v: bytes) -> bytes:
     return bytes(out)
 
 
+def _hex_bytes(value: bytes) -> bytes | None:
+    """The bytes a bytea's hex text spells (``\\x`` then pairs of hex digits), or None."""
+    digits = value[2:]
+    if not value.startswith(b"\\x") or len(digits) % 2 or \
+            digits.strip(b"0123456789abcdefABCDEF"):
+        return None
+    return bytes.fromhex(digits.decode("ascii"))
+
+
 class _Col:
     """A plan column with the same resolution the compiled plan applies."""
 
@@ -86,7 +96,7 @@ class _Col:
         if copy and self.kind == KIND_LITERAL:
             self.kind = KIND_TEXT
         if self.action == ACTION_STRATEGY and self.kind in (KIND_OTHER, KIND_WHOLE,
-                                                            KIND_LITERAL):
+                                                            KIND_LITERAL, KIND_HEX):
             self.action = ACTION_NULL
         if self.action == ACTION_DETECT and (self.kind == KIND_OTHER or not has_detectors):
             self.action = ACTION_NONE
@@ -163,6 +173,14 @@ class ReferenceRewriter:
 
     # -- values -------------------------------------------------------------------
 
+    def _count(self, hit: int) -> None:
+        i = 0
+        while hit:
+            if hit & 1:
+                self._det_counts[i] += 1
+            hit >>= 1
+            i += 1
+
     def _masked(self, col: _Col, value: bytes) -> bytes | None:
         """The masked value (wire form for rows, unescaped for COPY), None: unchanged."""
         prefix = b""
@@ -171,18 +189,22 @@ class ReferenceRewriter:
         if col.action == ACTION_DETECT:
             if not value:
                 return None
+            if col.kind == KIND_HEX:
+                # bytea in text format: the bytes it spells; found there, the cell is NULL
+                raw = _hex_bytes(value)
+                if raw is not None:
+                    got = self._det.mask_cell(raw, self._det.all_bits, 0)
+                    if got is None:
+                        return None
+                    self._count(got[1])
+                    return _NULL
             mode = 2 if col.kind == KIND_LITERAL else int(col.kind not in (KIND_TEXT,
                                                                          KIND_WHOLE))
             got = self._det.mask_cell(value, self._det.all_bits, mode)
             if got is None:
                 return None
             new, hit = got
-            i = 0
-            while hit:
-                if hit & 1:
-                    self._det_counts[i] += 1
-                hit >>= 1
-                i += 1
+            self._count(hit)
             return _NULL if new is None else prefix + new
         v = apply_strategy(col.strategy, value, col.keep, col.repl, col.key)
         if col.kind != KIND_TEXT:

@@ -51,6 +51,7 @@ __all__ = [
     "ACTION_NULL",
     "ACTION_STRATEGY",
     "KIND_JSON",
+    "KIND_HEX",
     "KIND_JSONB_BINARY",
     "KIND_LITERAL",
     "KIND_OTHER",
@@ -80,6 +81,8 @@ KIND_JSON = 2
 KIND_JSONB_BINARY = 3
 KIND_WHOLE = 4         # arrays, composites, records, xml (binary): scanned raw, NULL on a match
 KIND_LITERAL = 5       # the same in text format: labels in place when they fit, else NULL
+KIND_HEX = 6           # bytea in text format: the bytes it spells scanned, NULL on a match
+BYTEA_OID = 17
 
 # text, varchar, bpchar, name, unknown; 0: no type known (COPY): treated as text
 TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19, 705, 0})
@@ -121,6 +124,8 @@ def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> i
         return KIND_WHOLE
     if oid in SCALAR_OIDS:
         return KIND_OTHER
+    if oid == BYTEA_OID and not binary:
+        return KIND_HEX               # ("\x..."; binary bytea is its bytes: KIND_WHOLE)
     return KIND_WHOLE if binary else KIND_LITERAL
 
 
@@ -154,7 +159,7 @@ def column_mask(mask: Mask | None, *, oid: int = 25, binary: bool = False,
             return ColumnMask(ACTION_DETECT, kind=kind, rule="detectors")
         return ColumnMask(kind=kind)
     repl = mask.replacement.encode()
-    if mask.strategy == "null" or kind in (KIND_OTHER, KIND_WHOLE, KIND_LITERAL):
+    if mask.strategy == "null" or kind in (KIND_OTHER, KIND_WHOLE, KIND_LITERAL, KIND_HEX):
         return ColumnMask(ACTION_NULL, kind=kind, replacement=repl, rule=mask.column)
     key = b""
     if mask.strategy == "hash":
