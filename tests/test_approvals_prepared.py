@@ -424,3 +424,60 @@ def test_an_approval_given_after_ddl_runs_under_the_row_limit(pg, aproxy):
     finally:
         pg.execute("DROP TABLE IF EXISTS rt14_ev; "
                    "DROP FUNCTION IF EXISTS rt14_calc(numeric), rt14_calc(int)", dbname=DB)
+
+
+# -- a SQL PREPARE a human approved: its name is a protocol prepared statement too, and
+# every Bind of it (libpq's PQexecPrepared, a raw client) asks again, as EXECUTE does
+
+PREPARES = [
+    ("PREPARE d(int) AS DELETE FROM orders WHERE id = $1", "d", [b"1"]),
+    ("PREPARE u AS UPDATE orders SET status = 'x' WHERE id = 2", "u", []),
+    ("PREPARE u2(int, text) AS UPDATE orders SET status = $2 WHERE id = $1", "u2",
+     [b"3", b"y"]),
+    ("prepare dd(int) as delete from orders where id > $1", "dd", [b"5"]),
+    ("PREPARE m(int) AS MERGE INTO orders o USING (SELECT $1 AS id) s ON o.id = s.id "
+     "WHEN MATCHED THEN UPDATE SET status = 'm'", "m", [b"4"]),
+]
+
+
+def _state(pg):
+    return pg.execute("SELECT count(*), count(*) FILTER (WHERE status <> 'new') FROM orders",
+                      dbname=DB)[0]
+
+
+@pytest.mark.parametrize("sql,name,params", PREPARES)
+def test_an_approved_sql_prepare_is_asked_again_at_each_protocol_bind(pg, aproxy, sql, name,
+                                                                       params):
+    ap = Approver(aproxy, deny_after=1)     # the PREPARE approved, every later one denied
+    ap.start()
+    try:
+        c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+        try:
+            assert not errors(c.run(sql))
+            for _ in range(3):
+                c.send(bind(name, params) + execute() + SYNC)
+                msgs = c.until_ready()
+                assert errors(msgs) and errors(msgs)[0]["C"] == "42501", msgs
+        finally:
+            c.close()
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert _state(pg) == (10, 0)
+    assert [v for _, v in ap.decided] == ["approve", "deny", "deny", "deny"], ap.decided
+
+
+def test_libpq_exec_prepared_of_an_approved_prepare_runs_once_per_approval(pg, aproxy):
+    ap = Approver(aproxy)
+    ap.start()
+    try:
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            c.execute("PREPARE d(int) AS DELETE FROM orders WHERE id = $1")
+            for i in (1, 2, 3):
+                r = c.pgconn.exec_prepared(b"d", [str(i).encode()])
+                assert r.command_status == b"DELETE 1"
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert _state(pg) == (7, 0)
+    assert len(ap.decided) == 4, ap.decided       # the PREPARE, then each execution

@@ -248,6 +248,12 @@ def data_row(values: list[str | None]) -> bytes:
     return buf.take()
 
 
+def parse_message(name: bytes, sql: bytes) -> bytes:
+    """A Parse of ``sql`` as prepared statement ``name``, no parameter types given."""
+    body = name + b"\0" + sql + b"\0\0\0"
+    return b"P" + struct.pack("!I", len(body) + 4) + body
+
+
 def command_complete(tag: str) -> bytes:
     buf = WriteBuffer()
     buf.new_message(ord("C"))

@@ -406,15 +406,16 @@ class Guard:
                     or self.portal_ghosts or self.unnamed_ghost is not None)
 
     def on_approved_parse(self, name: bytes, d, sql: bytes, parse: bytes,
-                          plan: Plan | None = None) -> None:
-        """A Parse a human approved: each later Bind of it asks again, and ``plan`` (the
-        row limit: the approver saw placeholders, not the values bound) guards its
-        Executes."""
+                          plan: Plan | None = None, free: int = 1) -> None:
+        """A Parse a human approved: each later Bind of it asks again (but the first
+        ``free`` ones: the Parse's own Bind; none for a SQL PREPARE, whose approval
+        covered no execution), and ``plan`` (the row limit: the approver saw
+        placeholders, not the values bound) guards its Executes."""
         if plan is None:
             self.stmts.pop(name, None)
         else:
             self.stmts[name] = plan
-        self.approved[name] = [d, sql, parse, 1]
+        self.approved[name] = [d, sql, parse, free]
 
     def bind_needs_approval(self, msg: bytes) -> list | None:
         """The approval entry when the Bind ``msg`` needs a new approval (its statement

@@ -231,8 +231,8 @@ class Holds:
                     statements=d.statements)
             s.enforce.refuse_any(refused, out, extended, sql, outcome="error",
                                  ahead=sync_points(self.items or ()))
-        elif req is None and not extended and s.enforce.run_granted(
-                msg, d, Approved(d, approver)):
+        elif req is None and not extended and self._prepares_approved(d) and \
+                s.enforce.run_granted(msg, d, Approved(d, approver)):
             # a window (grant) matched the statement by its shape: the values are not
             # the ones a human saw, so it runs under the row limit like an allowed one
             log.info("session %s: statement let through by %s's window, guarded", s.id,
@@ -241,7 +241,7 @@ class Holds:
         elif req is not None and req.state == "approved" and not extended and \
                 self.services.decision_generation(s.database) != gen and any(
                     s.enforce.is_user_function(f) for st in d.statements
-                    for f in st.functions) and \
+                    for f in st.functions) and self._prepares_approved(d) and \
                 s.enforce.run_granted(msg, d, Approved(d, approver)):
             # DDL went by while it waited: a function it calls may run another body (a
             # new overload) than the one the approver's decision saw, so it runs under
@@ -269,6 +269,8 @@ class Holds:
                 s.guard.on_approved_parse(pname, d, sql, msg, s.enforce.plan_of(d, sql))
                 s.enforce.parsed(pname, sql, msg)
                 s.enforce.guard_watch()
+            elif not extended:
+                self._prepares_approved(d)
             if name and s.prepared is not None and d.statements:
                 s.prepared.record(name, d.statements[0])
             if (not extended and self.services.audit_strict and s.tracker is not None
@@ -295,6 +297,21 @@ class Holds:
                                  ahead=sync_points(self.items or ()))
         self.release(out)
 
+
+    def _prepares_approved(self, d) -> bool:
+        """A Query approved (or let through by a window) that SQL-PREPAREs: each name
+        is a protocol prepared statement too, and every Bind of it asks a human again,
+        as EXECUTE does (the approval covered the PREPARE, no execution). True."""
+        s = self.s
+        if s.guard is None:
+            return True
+        for st in d.statements:
+            if st.kind == "prepare" and st.name:
+                pname, text = st.name.encode(), st.text.encode()
+                s.guard.on_approved_parse(pname, d, text, m.parse_message(pname, text),
+                                          s.enforce.plan_of(d, text), free=0)
+        s.enforce.guard_watch()
+        return True
 
     # -- COPY (query) under masking: learn the query's columns before it runs
     def for_copy_plan(self, msg: bytes, out: list, specs: list) -> None:
