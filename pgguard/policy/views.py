@@ -85,11 +85,14 @@ class ViewMap:
     def from_rows(cls, rows: Iterable[tuple[Any, ...]],
                   triggers: Iterable[tuple[Any, ...]] = (),
                   hidden: Iterable[tuple[Any, ...]] = (),
-                  foreign: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
+                  foreign: Iterable[tuple[Any, ...]] = (),
+                  inherits: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
         """Rows of (schema, relation with rewrite rules, schema, relation they use), and
         of (schema, view, language, function source) for INSTEAD OF triggers: the
         relations a plpgsql or SQL trigger function touches are behind the view too;
-        and of (schema, relation) whose changes change rows unseen (``hidden``)."""
+        of (schema, relation) whose changes change rows unseen (``hidden``); and of
+        (schema, child, schema, parent) for partitions and inheritance children (a
+        statement on the parent reaches the child's rows: see :meth:`descendants`)."""
         edges: dict[str, set[str]] = {}
         for vs, vn, bs, bn in rows:
             if None in (vs, vn, bs, bn):
@@ -97,6 +100,11 @@ class ViewMap:
             base = f"{bs}.{bn}"
             for name in _aliases(vs, vn):
                 edges.setdefault(name, set()).add(base)
+        for cs, cn, ps, pn in inherits:
+            if None in (cs, cn, ps, pn):
+                continue
+            for parent in _aliases(ps, pn):
+                edges.setdefault(_CHILDREN + parent, set()).update(_aliases(cs, cn))
         for vs, vn, lang, src in triggers:
             if vs is None or vn is None:
                 continue
@@ -150,6 +158,22 @@ class ViewMap:
         self._closure[name] = out
         return out
 
+    def descendants(self, name: str) -> tuple[str, ...]:
+        """The partitions and inheritance children of ``name``, theirs included: a
+        statement on a parent (without ONLY) reads and changes their rows."""
+        edges = self.edges
+        if _CHILDREN + name not in edges:
+            return ()
+        seen: dict[str, None] = {}
+        todo = sorted(edges[_CHILDREN + name])
+        while todo:
+            n = todo.pop(0)
+            if n == name or n in seen:
+                continue
+            seen[n] = None
+            todo.extend(sorted(edges.get(_CHILDREN + n, ())))
+        return tuple(seen)
+
     def expand(self, stmts: Iterable[Statement]) -> tuple[Statement, ...]:
         """``stmts`` with each relation followed by the relations behind it. A view
         created by an earlier statement of the same text counts for the later ones."""
@@ -181,14 +205,15 @@ class ViewMap:
 
     def _names(self, names: tuple[str, ...]) -> tuple[str, ...] | None:
         edges = self.edges
-        if not edges or not any(n in edges for n in names):
+        if not edges or not any(n in edges or _CHILDREN + n in edges for n in names):
             return None
         out: dict[str, None] = {}
         for n in names:
-            out[n] = None
-            for b in self.bases(n):
-                if not b.startswith(_FUNCTION):
-                    out[b] = None
+            for r in (n, *self.descendants(n)):
+                out[r] = None
+                for b in self.bases(r):
+                    if not b.startswith(_FUNCTION):
+                        out[b] = None
         return tuple(out)
 
 
@@ -238,6 +263,9 @@ def _rv_names(rv: Any, default_schema: str | None = None) -> tuple[str, ...]:
 # a function's body, as a node of the map: a trigger's relation -> function -> relations
 # (never shown as a relation itself)
 _FUNCTION = "function:"
+# a parent's partitions and inheritance children, as a node of the map: "children:" +
+# parent -> its children (the reverse of their edges to it)
+_CHILDREN = "children:"
 _TRIGGER_INSTEAD = 64
 
 
@@ -270,7 +298,7 @@ def learned(st: Statement, known: ViewMap | None = None) -> dict[str, frozenset[
         tree = None
     tag, body = next(iter(tree.items())) if type(tree) is dict and tree else ("", {})
     names: tuple[str, ...] = ()
-    coarse = False
+    coarse = inherits = False
     if tag == "ViewStmt":
         names = _rv_names(body.get("view"))
     elif tag == "RuleStmt":
@@ -278,8 +306,10 @@ def learned(st: Statement, known: ViewMap | None = None) -> dict[str, frozenset[
     elif tag == "CreateStmt" and body.get("inhRelations"):
         # a partition or inheritance child holds rows of its parents: rules on them cover it
         names = _rv_names(body.get("relation"))
+        inherits = True
     elif tag == "AlterTableStmt":
         names = _attached(body)
+        inherits = True
     elif tag == "CreateTableAsStmt" and body.get("objtype") == "OBJECT_MATVIEW":
         names = _rv_names((body.get("into") or {}).get("rel"))
     elif tag == "CreateSchemaStmt":
@@ -323,6 +353,10 @@ def learned(st: Statement, known: ViewMap | None = None) -> dict[str, frozenset[
         behind = touched - ({n} if coarse else selves)
         if behind:
             edges[n] = frozenset(behind)
+            if inherits:            # and a statement on the parent reaches the child
+                for parent in behind - {n}:
+                    edges[_CHILDREN + parent] = edges.get(_CHILDREN + parent,
+                                                          _EMPTY) | {n}
     return edges
 
 

@@ -186,6 +186,17 @@ JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
 WHERE cn.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
+# a write to a parent (without ONLY) changes its children's rows too
+INHERITS_SQL = """
+SELECT cn.nspname, c.relname, pn.nspname, p.relname
+FROM pg_catalog.pg_inherits i
+JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid AND c.relkind IN ('r', 'p', 'f')
+JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_catalog.pg_class p ON p.oid = i.inhparent
+JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+WHERE cn.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
 # the functions INSTEAD OF triggers run (tgtype bit 6: TRIGGER_TYPE_INSTEAD)
 INSTEAD_TRIGGERS_SQL = """
 SELECT n.nspname, c.relname, l.lanname, p.prosrc
@@ -240,16 +251,18 @@ async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tup
 
 
 async def rewrite_rows(link: UpstreamLink, database: str
-                       ) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple]]:
+                       ) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple],
+                                  list[tuple]]:
     """(schema, relation, base schema, base relation) for every relation with rewrite
     rules (views, INSTEAD/ALSO rules) and each relation those rules use; (schema, view,
-    language, source) of the functions of INSTEAD OF triggers; and (schema, relation)
-    of the relations whose changes change rows unseen (cascading foreign keys, row
-    triggers), and of foreign tables."""
-    rules, triggers, hidden, foreign = await run(
+    language, source) of the functions of INSTEAD OF triggers; (schema, relation) of
+    the relations whose changes change rows unseen (cascading foreign keys, row
+    triggers), and of foreign tables; and (schema, child, schema, parent) of every
+    partition or inheritance child."""
+    rules, triggers, hidden, foreign, inherits = await run(
         link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL, HIDDEN_WRITES_SQL,
-                         FOREIGN_TABLES_SQL])
-    return rules, triggers, hidden, foreign
+                         FOREIGN_TABLES_SQL, INHERITS_SQL])
+    return rules, triggers, hidden, foreign, inherits
 
 
 async def drop_role(link: UpstreamLink, database: str, role: str, successor: str | None,
