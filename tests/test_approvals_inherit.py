@@ -3,15 +3,13 @@
 # partition of, whether a DBA made the tree (the catalog) or the agent's own approved
 # ALTER TABLE ... INHERIT did (red-team round 20: one approval of that ALTER let every
 # later UPDATE / DELETE of the parent change orders unasked). Judged by the rows upstream.
-import threading
-import time
-
 import psycopg
 import pytest
 
 from conftest import AGENT, AGENT_PASSWORD
 from each_client import said
-from test_approvals_wire import RULES, api
+from test_approvals_prepared import Approver as ApproverThread
+from test_approvals_wire import RULES
 
 DB = "appdb"
 
@@ -26,32 +24,13 @@ def orders(pg):
     pg.execute("DROP TABLE IF EXISTS orders, y_par, y_grand, y_part CASCADE", dbname=DB)
 
 
-class Approver(threading.Thread):
-    """Approves the requests for a statement that makes the tree (ALTER TABLE, CREATE
-    TABLE), denies every other one, and keeps what it saw."""
+def _tree_only(text: str) -> str:
+    """Approve what makes the tree (ALTER TABLE, CREATE TABLE), deny every other one."""
+    return "approve" if text.lstrip().upper().startswith(("ALTER", "CREATE")) else "deny"
 
-    def __init__(self, proxy):
-        super().__init__(daemon=True)
-        self.proxy = proxy
-        self.seen: list[tuple[str, str]] = []
-        self.stop = False
 
-    def run(self):
-        while not self.stop:
-            try:
-                items = api(self.proxy, "GET", "/api/approvals?state=pending")
-            except Exception:       # noqa: BLE001 - the admin server is starting
-                time.sleep(0.05)
-                continue
-            items = items.get("approvals", items) if isinstance(items, dict) else items
-            for it in items:
-                text = it.get("statement", "")
-                verb = "approve" if text.lstrip().upper().startswith(("ALTER", "CREATE")) \
-                    else "deny"
-                api(self.proxy, "POST", f"/api/approvals/{it['id']}/{verb}",
-                    {"approver": "alice"})
-                self.seen.append((verb, text))
-            time.sleep(0.05)
+def Approver(proxy):
+    return ApproverThread(proxy, decide=_tree_only)
 
 
 def untouched(pg) -> bool:

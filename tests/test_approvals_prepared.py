@@ -29,14 +29,16 @@ def orders(pg):
 
 
 class Approver(threading.Thread):
-    """Decides every pending request as it appears (approve, or deny those whose
-    statement parameters it was told to), counting them."""
+    """Decides every pending request as it appears (approve; deny once ``deny_after``
+    were decided; or what ``decide(statement text)`` says), counting them."""
 
-    def __init__(self, proxy, deny_after: int | None = None):
+    def __init__(self, proxy, deny_after: int | None = None, decide=None):
         super().__init__(daemon=True)
         self.proxy = proxy
         self.deny_after = deny_after
+        self.decide = decide
         self.decided: list[tuple[int, str]] = []
+        self.seen: list[tuple[str, str]] = []
         self.stop = False
 
     def run(self):
@@ -51,8 +53,11 @@ class Approver(threading.Thread):
                 verb = "approve"
                 if self.deny_after is not None and len(self.decided) >= self.deny_after:
                     verb = "deny"
+                if self.decide is not None:
+                    verb = self.decide(it.get("statement", ""))
                 api(self.proxy, "POST", f"/api/approvals/{it['id']}/{verb}", {"approver": "alice"})
                 self.decided.append((it["id"], verb))
+                self.seen.append((verb, it.get("statement", "")))
             time.sleep(0.05)
 
 

@@ -241,6 +241,22 @@ def test_humans_without_limit_and_inserts_unguarded(gproxy, pg, table):
     assert truth(pg) == (ROWS + 3000, ROWS)
 
 
+def _blast_records(p) -> list[tuple]:
+    """(decision, rule, sqlstate, rows, statement) of the audit's statement records
+    about blast_t, in order, read with `pgguard audit sql` as an auditor would."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pgguard", "audit", "sql", "--dir",
+                          str(p.audit_dir), "--json",
+                          "SELECT decision, rule, sqlstate, rows, statement FROM audit "
+                          "WHERE event = 'statement' AND statement LIKE '%blast_t%' "
+                          "ORDER BY event_id"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [tuple(r.values()) for r in json.loads(out.stdout)]
+
+
 def test_strict_audit_records_guarded_statements(pg, table, tmp_path):
     """Under strict durability a guarded statement runs only once its record is on disk,
     and every one of them (refused by the limit or not) is in the audit."""
@@ -259,16 +275,7 @@ def test_strict_audit_records_guarded_statements(pg, table, tmp_path):
     finally:
         p.stop()
     assert truth(pg) == (ROWS, 3)
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-m", "pgguard", "audit", "sql", "--dir",
-                          str(p.audit_dir), "--json",
-                          "SELECT decision, rule, sqlstate, rows FROM audit WHERE event = "
-                          "'statement' AND statement LIKE '%blast_t%' ORDER BY event_id"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    import json
-    recs = [tuple(r.values()) for r in json.loads(out.stdout)]
+    recs = [r[:4] for r in _blast_records(p)]
     # each statement's record (written before it ran), and each refusal's outcome
     assert [r for r in recs if r[0] == "allowed"].__len__() == 3, recs
     assert [r for r in recs if r[0] == "blocked"] == [
@@ -307,17 +314,7 @@ def test_batched_audit_records_a_refusal_as_blocked(pg, table, tmp_path):
     finally:
         p.stop()
     assert truth(pg) == (ROWS, 3)
-    import json
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-m", "pgguard", "audit", "sql", "--dir",
-                          str(p.audit_dir), "--json",
-                          "SELECT decision, rule, sqlstate, rows, statement FROM audit "
-                          "WHERE event = 'statement' AND statement LIKE '%blast_t%' "
-                          "ORDER BY event_id"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    recs = [tuple(r.values()) for r in json.loads(out.stdout)]
+    recs = _blast_records(p)
     blocked = [r[:4] for r in recs if r[0] == "blocked"]
     assert blocked == [("blocked", "blast-radius", "42501", ROWS)] * 8, recs
     assert [r[:4] for r in recs if r[0] != "blocked"] == [("allowed", recs[2][1], None, 3)], recs

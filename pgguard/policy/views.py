@@ -103,6 +103,8 @@ class ViewMap:
         for cs, cn, ps, pn in inherits:
             if None in (cs, cn, ps, pn):
                 continue
+            for child in _aliases(cs, cn):
+                edges.setdefault(child, set()).add(f"{ps}.{pn}")
             for parent in _aliases(ps, pn):
                 edges.setdefault(_CHILDREN + parent, set()).update(_aliases(cs, cn))
         for vs, vn, lang, src in triggers:

@@ -147,8 +147,8 @@ WHERE p.oid = {oid}
 ORDER BY a.ord
 """
 
-# one row per (relation with rewrite rules, relation those rules depend on), and per
-# (partition or inheritance child, parent); system schemas are left out (writes to them are flagged by the classifier itself)
+# one row per (relation with rewrite rules, relation those rules depend on); system
+# schemas are left out (writes to them are flagged by the classifier itself)
 REWRITE_MAP_SQL = """
 SELECT DISTINCT vn.nspname, v.relname, bn.nspname, b.relname
 FROM pg_catalog.pg_rewrite r
@@ -175,18 +175,10 @@ JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace
 WHERE vn.nspname NOT IN ('pg_catalog', 'information_schema')
   AND vn.nspname NOT LIKE 'pg\\_toast%'
   AND (bn.nspname IN ('pg_catalog', 'information_schema') OR bn.nspname LIKE 'pg\\_toast%')
-UNION
--- a partition or inheritance child holds rows of its parent: rules on the parent cover it
-SELECT DISTINCT cn.nspname, c.relname, pn.nspname, p.relname
-FROM pg_catalog.pg_inherits i
-JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid AND c.relkind IN ('r', 'p', 'f')
-JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
-JOIN pg_catalog.pg_class p ON p.oid = i.inhparent
-JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
-WHERE cn.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
-# a write to a parent (without ONLY) changes its children's rows too
+# a partition or inheritance child holds rows of its parent (rules on the parent cover
+# it), and a statement on the parent (without ONLY) reaches the child's rows
 INHERITS_SQL = """
 SELECT cn.nspname, c.relname, pn.nspname, p.relname
 FROM pg_catalog.pg_inherits i
