@@ -191,6 +191,12 @@ class ViewMap:
     def _expand_one(self, st: Statement) -> Statement:
         w = self._names(st.relations_written)
         r = self._names(st.relations_read)
+        # the partitions and children below what it reads or writes: their rows are
+        # reached too. Listed as read (rules match both lists), so that the row-limit
+        # guard, which measures each table written, measures the parent's tree once
+        below = self._below(st.relations_written + st.relations_read)
+        if below:
+            r = tuple(dict.fromkeys((st.relations_read if r is None else r) + below))
         if w is None and r is None:
             return st
         changes = {}
@@ -207,16 +213,29 @@ class ViewMap:
 
     def _names(self, names: tuple[str, ...]) -> tuple[str, ...] | None:
         edges = self.edges
-        if not edges or not any(n in edges or _CHILDREN + n in edges for n in names):
+        if not edges or not any(n in edges for n in names):
             return None
         out: dict[str, None] = {}
         for n in names:
-            for r in (n, *self.descendants(n)):
-                out[r] = None
-                for b in self.bases(r):
+            out[n] = None
+            for b in self.bases(n):
+                if not b.startswith(_FUNCTION):
+                    out[b] = None
+        return tuple(out)
+
+    def _below(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The partitions and children of ``names`` (and what their rules reach)."""
+        edges = self.edges
+        if not edges or not any(_CHILDREN + n in edges for n in names):
+            return ()
+        out: dict[str, None] = {}
+        for n in names:
+            for c in self.descendants(n):
+                out[c] = None
+                for b in self.bases(c):
                     if not b.startswith(_FUNCTION):
                         out[b] = None
-        return tuple(out)
+        return tuple(k for k in out if k not in names)
 
 
 _TEMP_SCHEMA = re.compile(r"pg_temp_\d+")
