@@ -586,7 +586,6 @@ cdef class StatementTracker:
         # rest of the segment up to Sync is skipped (see on_backend's ReadyForQuery)
         cdef _Pending e, failed = None
         cdef int kind = K_PARSE if target == PARSE else K_BIND if target == BIND else -1
-        cdef int n = 0
         if target == SYNC or target == 0:          # a Sync's (its commit) / a FATAL
             return
         self.segment_error = True
@@ -597,10 +596,9 @@ cdef class StatementTracker:
             if e.sync:
                 break
             if failed is None:
-                if e.kind == kind:
-                    if n == ordinal:
-                        failed = e
-                    n += 1
+                # (by its ordinal: answered entries before it may be gone, see _current)
+                if e.kind == kind and e.ordinal == ordinal:
+                    failed = e
             elif e.kind == K_STATEMENT and not e.done and e.src is not None and (
                     e.src is failed or e.src.src is failed):
                 failed = e                       # the Execute it would have run
@@ -614,8 +612,18 @@ cdef class StatementTracker:
         failed.done = True
 
     cdef _Pending _current(self):
+        # (called for an answer of a statement: every message before it is answered,
+        # so the answered entries in front — Parses, Binds, statements recorded — can
+        # go now, not at the Sync's ReadyForQuery: a pipeline of N statements with one
+        # Sync costs N steps, not N * N / 2)
         cdef _Pending e
-        for x in self.pending:
+        pending = self.pending
+        while pending:
+            e = <_Pending>pending[0]
+            if not e.done or e.sync:
+                break
+            pending.popleft()
+        for x in pending:
             e = <_Pending>x
             if not e.done and e.sql is not None:
                 return e
