@@ -16,12 +16,14 @@ DB = "appdb"
 
 @pytest.fixture(autouse=True)
 def orders(pg):
-    pg.execute("DROP TABLE IF EXISTS orders, y_par, y_grand, y_part CASCADE; "
+    pg.execute("DROP VIEW IF EXISTS y_view; "
+               "DROP TABLE IF EXISTS orders, y_par, y_grand, y_part CASCADE; "
                "CREATE TABLE orders (id int, status text);"
                "INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 10) g;"
                "GRANT ALL ON orders TO PUBLIC", dbname=DB)
     yield
-    pg.execute("DROP TABLE IF EXISTS orders, y_par, y_grand, y_part CASCADE", dbname=DB)
+    pg.execute("DROP VIEW IF EXISTS y_view; "
+               "DROP TABLE IF EXISTS orders, y_par, y_grand, y_part CASCADE", dbname=DB)
 
 
 def _tree_only(text: str) -> str:
@@ -61,6 +63,11 @@ TREES = {
                       "ALTER TABLE orders_tmp RENAME TO orders; "
                       "ALTER TABLE y_part ATTACH PARTITION orders FOR VALUES FROM (0) TO (1000);"
                       "GRANT ALL ON y_part TO PUBLIC", "y_part"),
+    # a view over the parent: what is below the view's base counts too
+    "dba-view-over-parent": ("CREATE TABLE y_par (id int, status text); "
+                             "ALTER TABLE orders INHERIT y_par; "
+                             "CREATE VIEW y_view AS SELECT * FROM y_par; "
+                             "GRANT ALL ON y_par, y_view TO PUBLIC", "y_view"),
 }
 
 

@@ -346,6 +346,9 @@ def _exprs(node: dict) -> list[str]:
 # nodes whose rows come from several members: the plan prints their columns (and the
 # columns of every node above them) by the first member's expressions
 _SET_OPS = frozenset({"Append", "Merge Append", "SetOp", "Recursive Union"})
+# nodes whose columns are their one child's, in the same places
+_PASS_THROUGH = frozenset({"Sort", "Incremental Sort", "Limit", "Unique", "LockRows",
+                           "Materialize", "Gather", "Gather Merge", "Memoize"})
 
 
 class _Taint:
@@ -560,9 +563,16 @@ class _Taint:
         if isinstance(out, list) and kind not in _SET_OPS:
             if len(out) < n:
                 return None
-            if self._set_op_below(node):
-                return [True] * n
-            return [self._output(e) for e in out[:n]]
+            own = [self._output(e) for e in out[:n]]
+            if not self._set_op_below(node):
+                return own
+            kids = [c for c in node.get("Plans", ())
+                    if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
+            if kind in _PASS_THROUGH and len(kids) == 1:
+                # its columns are its child's, in place: the members' taint by position
+                got = self.outputs(kids[0], n)
+                return None if got is None else [a or b for a, b in zip(own, got)]
+            return [True] * n
         members = [c for c in node.get("Plans", ())
                    if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
         if not members:
@@ -577,12 +587,18 @@ class _Taint:
 
     def _set_op_below(self, node: dict) -> bool:
         """A set operation under ``node`` (not in its InitPlans or SubPlans) whose
-        members carry masked values anywhere."""
+        members' columns carry masked values (a partitioned table's Append whose
+        members only filter on a masked column does not count)."""
         for c in node.get("Plans", ()):
             if c.get("Parent Relationship") in ("InitPlan", "SubPlan"):
                 continue
-            if c.get("Node Type") in _SET_OPS and self._subtree(c):
-                return True
+            if c.get("Node Type") in _SET_OPS:
+                first = next((m for m in c.get("Plans", ()) if isinstance(
+                    m.get("Output"), list)), None)
+                width = len(first["Output"]) if first is not None else 0
+                got = self.outputs(c, width) if width else None
+                if got is None and self._subtree(c) or got is not None and any(got):
+                    return True
             if self._set_op_below(c):
                 return True
         return False

@@ -190,14 +190,15 @@ class ReferenceRewriter:
             if not value:
                 return None
             if col.kind == KIND_HEX:
-                # bytea in text format: the bytes it spells; found there, the cell is NULL
+                # bytea in text format: the bytes it spells (or its text, when it is not
+                # hex); found there, the cell is NULL
                 raw = _hex_bytes(value)
-                if raw is not None:
-                    got = self._det.mask_cell(raw, self._det.all_bits, 0)
-                    if got is None:
-                        return None
-                    self._count(got[1])
-                    return _NULL
+                got = self._det.mask_cell(value if raw is None else raw,
+                                          self._det.all_bits, 0)
+                if got is None:
+                    return None
+                self._count(got[1])
+                return _NULL
             mode = 2 if col.kind == KIND_LITERAL else int(col.kind not in (KIND_TEXT,
                                                                          KIND_WHOLE))
             got = self._det.mask_cell(value, self._det.all_bits, mode)

@@ -194,7 +194,8 @@ class ViewMap:
         # the partitions and children below what it reads or writes: their rows are
         # reached too. Listed as read (rules match both lists), so that the row-limit
         # guard, which measures each table written, measures the parent's tree once
-        below = self._below(st.relations_written + st.relations_read)
+        below = self._below((st.relations_written if w is None else w)
+                            + (st.relations_read if r is None else r))
         if below:
             r = tuple(dict.fromkeys((st.relations_read if r is None else r) + below))
         if w is None and r is None:
