@@ -62,6 +62,15 @@ SHAPES = [
     "WHERE id IN (1, 3) ORDER BY id",
     "SELECT convert_to(upper(body), 'LATIN1') FROM plain_notes WHERE id IN (2, 3) ORDER BY id",
     "SELECT substring(body::bytea FROM 3) FROM plain_notes WHERE id IN (1, 3) ORDER BY id",
+    # a bytea's hex spelling inside text, arrays, records and JSON
+    "SELECT body::bytea::text FROM plain_notes WHERE id IN (1, 3) ORDER BY id",
+    "SELECT ARRAY[body::bytea] FROM plain_notes WHERE id IN (2, 3) ORDER BY id",
+    "SELECT ROW(n, convert_to(body, 'UTF8')) FROM plain_notes WHERE id IN (1, 3) ORDER BY id",
+    "SELECT to_json(body::bytea) FROM plain_notes WHERE id IN (2, 3) ORDER BY id",
+    "SELECT jsonb_build_object('k', ARRAY[body::bytea]) FROM plain_notes WHERE id IN (1, 3) "
+    "ORDER BY id",
+    "SELECT 'see ' || substring(body::bytea FROM 2)::text || ' end' FROM plain_notes "
+    "WHERE id IN (2, 3) ORDER BY id",
 ]
 
 

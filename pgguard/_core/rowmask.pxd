@@ -102,6 +102,10 @@ ctypedef struct DetCell:
     const char* dv       # what is scanned: the value (KIND_HEX: the bytes it spells)
     Py_ssize_t dlen
     Py_ssize_t hexoff    # KIND_HEX: where its bytes are in the batch's hex arena (or -1)
+    Py_ssize_t rawlen    # a hex view: the length of the value it was decoded from
+    bint view            # the value holds a bytea's hex spelling ("\\x" + hex digits, as
+                         # ::text, arrays, records and JSON of a bytea print it): what is
+                         # scanned is the value with those runs decoded; a match is NULL
 
 
 cdef class MaskPlan:

@@ -1078,6 +1078,45 @@ cdef Py_ssize_t _hex_bytes(const char* v, Py_ssize_t n) noexcept nogil:
     return (n - 2) >> 1
 
 
+DEF HEXRUN_MIN = 12     # hex digits after "\\x" that make a run worth decoding (6 bytes)
+
+
+cdef Py_ssize_t _hexview(const char* v, Py_ssize_t n, char* out) noexcept nogil:
+    # a text holding bytea hex runs ("\\x" then HEXRUN_MIN or more hex digits: how
+    # ::bytea::text, arrays, records and JSON of a bytea print it): its length with every
+    # run replaced by the bytes it spells (written to out unless NULL), or -1 if none
+    cdef Py_ssize_t i = 0, o = 0, j, k, run
+    cdef const char* s
+    cdef bint found = False
+    while i < n:
+        s = <const char*>memchr(v + i, c'\\', n - i)
+        if s == NULL:
+            break
+        j = s - v
+        if j + 1 < n and v[j + 1] == c'x':
+            k = j + 2
+            while k < n and _hexval(v[k]) >= 0:
+                k += 1
+            run = (k - j - 2) & ~(<Py_ssize_t>1)
+            if run >= HEXRUN_MIN:
+                if out != NULL:
+                    memcpy(out + o, v + i, j - i)
+                    _hex_decode(v + j + 2, run >> 1, out + o + (j - i))
+                o += (j - i) + (run >> 1)
+                i = j + 2 + run
+                found = True
+                continue
+        if out != NULL:
+            memcpy(out + o, v + i, j + 1 - i)
+        o += j + 1 - i
+        i = j + 1
+    if not found:
+        return -1
+    if out != NULL:
+        memcpy(out + o, v + i, n - i)
+    return o + (n - i)
+
+
 cdef void _hex_decode(const char* v, Py_ssize_t nbytes, char* out) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(nbytes):
@@ -1707,10 +1746,19 @@ cdef class RowRewriter:
                 d.dv = c.val + skip
                 d.dlen = c.val_len - skip
                 d.hexoff = -1
+                d.view = False
                 if col.kind == KIND_HEX and _hex_bytes(c.val, c.val_len) >= 0:
                     d.dlen = _hex_bytes(c.val, c.val_len)
                     d.hexoff = hexlen
                     hexlen += d.dlen
+                else:
+                    cap = _hexview(d.dv, d.dlen, NULL)
+                    if cap >= 0:
+                        d.rawlen = d.dlen
+                        d.dlen = cap
+                        d.view = True
+                        d.hexoff = hexlen
+                        hexlen += cap
                 total += d.dlen + 1
         if self._ndcells == 0:
             return 0
@@ -1721,7 +1769,10 @@ cdef class RowRewriter:
                 _grow(&self._hex, hexlen)
             for i in range(self._ndcells):
                 d = &self._dcells[i]
-                if d.hexoff >= 0:
+                if d.view:
+                    _hexview(d.dv, d.rawlen, self._hex.p + d.hexoff)
+                    d.dv = self._hex.p + d.hexoff
+                elif d.hexoff >= 0:
                     c = &self._cells[d.cell]
                     _hex_decode(c.val + 2, d.dlen, self._hex.p + d.hexoff)
                     d.dv = self._hex.p + d.hexoff
@@ -1762,7 +1813,7 @@ cdef class RowRewriter:
             c = &self._cells[d.cell]
             col = &plan.cols[plan.act[d.cell % plan.nact]]
             skip = 1 if col.kind == KIND_JSONB_BIN else 0
-            if col.kind == KIND_HEX:
+            if col.kind == KIND_HEX or d.view:
                 # found in the bytes it spells: the cell becomes NULL (validated first)
                 if (d.bits & ~plan.loc_bits) == 0:
                     got = _native_mask(plan, d.dv, d.dlen, d.bits, &self._tmp, &bits)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import struct
 
 from .strategies import (
@@ -82,6 +83,19 @@ def _hex_bytes(value: bytes) -> bytes | None:
             digits.strip(b"0123456789abcdefABCDEF"):
         return None
     return bytes.fromhex(digits.decode("ascii"))
+
+
+_HEX_RUN = re.compile(rb"\\x((?:[0-9a-fA-F]{2}){6,})")
+
+
+def _hex_view(value: bytes) -> bytes | None:
+    """*value* with every bytea hex run in it (``\\x`` then 12 or more hex digits, as
+    ``::text``, arrays, records and JSON of a bytea print it) replaced by the bytes it
+    spells, or None when it has none."""
+    if b"\\x" not in value:
+        return None
+    out, n = _HEX_RUN.subn(lambda m: bytes.fromhex(m.group(1).decode("ascii")), value)
+    return out if n else None
 
 
 class _Col:
@@ -189,10 +203,12 @@ class ReferenceRewriter:
         if col.action == ACTION_DETECT:
             if not value:
                 return None
-            if col.kind == KIND_HEX:
+            raw = _hex_bytes(value) if col.kind == KIND_HEX else None
+            if raw is None:
+                raw = _hex_view(value)
+            if col.kind == KIND_HEX or raw is not None:
                 # bytea in text format: the bytes it spells (or its text, when it is not
-                # hex); found there, the cell is NULL
-                raw = _hex_bytes(value)
+                # hex), or a text holding a bytea's hex; found there, the cell is NULL
                 got = self._det.mask_cell(value if raw is None else raw,
                                           self._det.all_bits, 0)
                 if got is None:
