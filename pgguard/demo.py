@@ -106,7 +106,8 @@ TRIES: tuple[Try, ...] = (
     Try("DELETE FROM orders;",
         "refused: a DELETE without WHERE is destructive", ready=True),
     Try("SELECT id, name, phone, notes FROM customers WHERE notes LIKE '%phone%' LIMIT 3;",
-        "the phone detector masks phone numbers, in the phone column and inside the notes",
+        "phone is masked as a column (last 4 digits kept), and the phone detector masks "
+        "the phone numbers inside the notes",
         ready=True),
     Try('{pgguard} audit sql -c {config} "SELECT ts, identity, decision, rule, statement '
         'FROM audit WHERE event = \'statement\' AND NOT coalesce(list_contains(flags, '
@@ -526,6 +527,12 @@ except_groups = ["dba"]
 
 [[masks]]
 column = "public.customers.card_number"
+strategy = "partial"
+keep = 4
+except_groups = ["dba"]
+
+[[masks]]
+column = "public.customers.phone"
 strategy = "partial"
 keep = 4
 except_groups = ["dba"]
