@@ -599,6 +599,13 @@ class MaskState(LaneState):
             if stmt in self.reading_stmts:      # its executions read masked relations
                 self.masked_reads += 1
                 self.txn_tainted = True
+            if self.masks_on and stmt not in self.stmts:
+                sql = self.sql_prepared.get(stmt.decode("utf-8", "replace"))
+                if sql is not None:
+                    # a Bind of a SQL PREPARE's statement (one namespace): no Parse told
+                    # its row shape, so ask for it now; the portal takes the PREPARE's plan
+                    self._push((K_PDESC, stmt, sql, portal, formats))
+                    return _describe_statement(stmt)
         elif t == m.DESCRIBE:                                # the client's own
             try:
                 kind = msg[5]
@@ -762,6 +769,8 @@ class MaskState(LaneState):
                 obj.rowdesc = desc
                 self.stmts[h[1]] = obj
                 self.lane_stmt(h[1], obj.safe)
+                if len(h) > 3:          # asked for a Bind of a SQL PREPARE's statement
+                    self.portals[h[3]] = (obj, h[4])
                 self._arm()
                 return None
             out = rw.feed(data)

@@ -323,7 +323,9 @@ class Enforcement:
                     if msg is not None and plan is None:
                         out.append(msg)
                     if s.masking is not None:
-                        s.masking.frontend(t, it[1])
+                        ask = s.masking.frontend(t, it[1])
+                        if ask is not None and msg is not None and plan is None:
+                            out.append(ask)     # a Bind's Describe (of a SQL PREPARE)
                     if s.tracker is not None:
                         s.tracker.flog.append((it[1], None, time.monotonic_ns()))
                         if strict and t == m.EXECUTE and plan is None:  # durable record first

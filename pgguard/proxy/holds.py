@@ -259,7 +259,9 @@ class Holds:
                 s.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
             if parse is not None:       # a Bind: its masking pairs as forwarded now
                 if s.masking is not None:
-                    s.masking.frontend(m.BIND, msg)
+                    ask = s.masking.frontend(m.BIND, msg)
+                    if ask is not None:     # a Bind's Describe (of a SQL PREPARE)
+                        out.append(ask)
                 if s.guard is not None:     # its Execute runs under the statement's plan
                     s.guard.on_bind(msg)
             elif extended and s.guard is not None:
