@@ -752,6 +752,12 @@ def _funccall(acc: _Acc, fc: dict) -> None:
     name = _funcname([_sval(n) for n in names])
     bare = _sval(names[-1]) if names else ""
     acc.funcs[name] = None
+    if name != bare and (fc.get("funcformat") == "COERCE_SQL_SYNTAX"
+                         or name == "pg_catalog.json_object"):
+        # SQL syntax the parser's grammar turns into a pg_catalog call: an older server's
+        # grammar may read the same words as a plain call, found by search_path
+        # (json_object(1, 2) on Postgres 15 runs public.json_object if there is one)
+        acc.funcs[bare] = None
     cls = _func_class(bare)
     if cls is not None:
         acc.flag(cls[0], f"{name}() {cls[1]}")
@@ -2415,6 +2421,30 @@ _STMT: dict[str, Any] = {
     "AlterFunctionStmt": _alter_function, "VacuumStmt": _vacuum, "FetchStmt": _fetch,
 }
 
+def _sql_json(name: str | None) -> Any:
+    # SQL/JSON syntax of the parser's grammar (Postgres 16-18): on an older server the
+    # same words are a plain call of whatever function the name finds by search_path
+    # (SELECT json_scalar(1) runs public.json_scalar there), so the call is recorded
+    def handler(acc: _Acc, b: dict) -> None:
+        fn = name if name is not None else _SQL_JSON_OPS.get(b.get("op"), "json_value")
+        acc.funcs[fn] = None
+        if type(b) is dict:
+            for v in b.values():
+                if type(v) is dict or type(v) is list:
+                    _walk(acc, v)
+    return handler
+
+
+_SQL_JSON_OPS = {"JSON_EXISTS_OP": "json_exists", "JSON_QUERY_OP": "json_query",
+                 "JSON_VALUE_OP": "json_value"}
+_SQL_JSON_NODES = {
+    "JsonScalarExpr": "json_scalar", "JsonParseExpr": "json",
+    "JsonSerializeExpr": "json_serialize", "JsonArrayConstructor": "json_array",
+    "JsonArrayQueryConstructor": "json_array", "JsonObjectConstructor": "json_object",
+    "JsonArrayAgg": "json_arrayagg", "JsonObjectAgg": "json_objectagg",
+    "JsonTable": "json_table", "MergeSupportFunc": "merge_action", "JsonFuncExpr": None,
+}
+
 _NODE: dict[str, Any] = {
     "RangeVar": _rangevar, "FuncCall": _funccall,
     # leaves with nothing to find
@@ -2426,7 +2456,9 @@ _NODE: dict[str, Any] = {
 for _tag in dir(_pgast):
     if _tag.endswith("Stmt") and _tag not in ("RawStmt", "SetOperationStmt"):
         _NODE[_tag] = _nested(_tag)
-del _tag
+for _tag, _fn in _SQL_JSON_NODES.items():
+    _NODE[_tag] = _sql_json(_fn)
+del _tag, _fn
 
 
 def _slices(sql: str, stmts: list) -> list[str]:
@@ -2477,6 +2509,9 @@ def _fast_select(sql: str, js: str) -> Statement | None:
         return None
     if '"A_Indirection"' in js or _FIELD_SELECT.search(js) is not None:
         return None
+    if '"Json' in js or '"MergeSupportFunc"' in js or '"COERCE_SQL_SYNTAX"' in js \
+            or '"json_object"' in js:
+        return None         # SQL syntax recorded as calls (_funccall, _sql_json)
     t = js.find('"targetList":', _HEAD_END)
     if js.find('"intoClause":', _HEAD_END, t if t > 0 else len(js)) >= 0:
         return None
