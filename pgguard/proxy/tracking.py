@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .._core.sqlshape import shape
 from .._core.track import REFUSAL_SYNC  # noqa: F401 (re-exported)
 from .._core.track import StatementTracker as _Tracker
-from ..audit.record import INTROSPECTION, AuditRecord, normalize
+from ..audit.record import _TOKEN, INTROSPECTION, AuditRecord, normalize
 from ..policy.classify import is_system_relation
 from ..protocol import messages as m
 
@@ -151,6 +151,9 @@ def statement_columns(d) -> tuple:
 def statement_part(sql: bytes, d, key: bytes | None) -> tuple[tuple, bool]:
     """Record columns statement .. flags of ``sql`` decided by ``d`` (literals
     normalized), and whether they hold for every text of its shape ``key``."""
+    if len(sql) > AUDIT_TEXT_MAX:
+        norm = fast_normalize(_audit_cut(sql))
+        return (norm, fingerprint(norm)) + statement_columns(d), False
     norm = fast_normalize(sql)
     part = (norm, fingerprint(norm)) + statement_columns(d)
     return part, key is not None and _NORMALIZED.get(key).__class__ is str
@@ -160,14 +163,25 @@ def statement_part(sql: bytes, d, key: bytes | None) -> tuple[tuple, bool]:
 AUDIT_TEXT_MAX = 256 << 10
 
 
+def _audit_cut(sql: bytes) -> bytes:
+    # normalizing costs ~0.4 s per MB on the event loop (a human's 50 MB Query stalled
+    # every session of the worker for 20 s): the audit keeps the statement's start, up to
+    # the literal, comment or quoted name the cut would leave open (whose text would
+    # otherwise make the whole record "not normalizable")
+    text = sql[:AUDIT_TEXT_MAX].decode("utf-8", "replace")
+    for m in _TOKEN.finditer(text):
+        if m.lastgroup == "bad":
+            text = text[:m.start()]
+            break
+    return text.encode() + b" /* ... %d bytes in all */" % len(sql)
+
+
 def statement_record(s: Session, sql, d, decision: str, ts: datetime) -> AuditRecord:
     """An audit record for one statement of session ``s`` (``sql`` bytes or str)."""
     fp = None
     if isinstance(sql, bytes):
-        if len(sql) > AUDIT_TEXT_MAX and d is not None and d.rule == "statement-too-long":
-            # normalizing costs ~0.5 s per MB on the event loop (a 60 MB statement,
-            # refused as too long, stalled every session): the audit keeps its start
-            sql = sql[:AUDIT_TEXT_MAX] + b" /* ... %d bytes in all */" % len(sql)
+        if len(sql) > AUDIT_TEXT_MAX:
+            sql = _audit_cut(sql)
         norm = fast_normalize(sql)
         fp = fingerprint(norm)
         sql = sql.decode("utf-8", "replace") if s.services.cfg.audit.capture_literals else norm
