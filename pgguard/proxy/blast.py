@@ -611,12 +611,22 @@ class Guard:
     def _skipping(self) -> None:
         self._skip_seg = True
 
-    def portal_plan(self, msg: bytes) -> Plan | None:
-        """The plan of the Execute ``msg``'s portal, unless Postgres is skipping to the
-        next Sync after an error (the Execute will not run)."""
+    def portal_plan(self, msg: bytes, later: list | None = None) -> Plan | None:
+        """The plan of the Execute ``msg``'s portal (``later``: the rest of the batch),
+        unless Postgres is skipping to the next Sync after an error (the Execute will
+        not run)."""
         if not self.portals or self._skip_seg:
             return None
-        return self.portals.get(msg[5:msg.index(b"\0", 5)])
+        plan = self.portals.get(msg[5:msg.index(b"\0", 5)])
+        if plan is not None and later is not None:
+            a = self.s.answers
+            if a is not None and a.skipping and a.owed() <= sync_points(later):
+                # an earlier message of this segment failed and its error went by
+                # before the guard started (a Flush, or a hold for the lineage): the
+                # guard's statements would be skipped too, unanswered, and the session
+                # would wait forever. Postgres skips this Execute anyway.
+                return None
+        return plan
 
     # -- backend: every message while a step is pending
     @property

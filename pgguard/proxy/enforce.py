@@ -311,7 +311,7 @@ class Enforcement:
                             self.guard_watch()
                         elif t == m.EXECUTE:
                             guard.before_execute(msg)
-                            plan = guard.portal_plan(msg)
+                            plan = guard.portal_plan(msg, items[i + 1:])
                             if plan is None:
                                 guard.on_execute()
                         elif t == m.SYNC:
