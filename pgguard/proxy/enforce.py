@@ -848,7 +848,10 @@ class Enforcement:
                 d = unguarded_refusal(d, "PREPARE inside a DO block or function")
             elif _fetches_guarded(s.guard, d, msg[pos:end]):
                 d = unguarded_refusal(d, "FETCH or MOVE")
-        if d is None or d.action == "allow":
+        # a statement needing approval is parsed at once (parsing runs nothing); each
+        # Bind of it asks a human, who sees the values it binds (not placeholders)
+        later_ok = d is not None and d.action == "approve" and s.guard is not None
+        if d is None or d.action == "allow" or later_ok:
             lin = None
             if s.masking is not None and d is not None and any(
                     st.kind == "copy" for st in d.statements):
@@ -883,6 +886,8 @@ class Enforcement:
                     if plan is not None:
                         _sql_prepares(s.guard, d, plan)
                 s.guard.on_parse(bname, plan, first=first)
+                if later_ok:
+                    s.guard.on_approved_parse(bname, d, msg[pos:end], msg, plan, free=0)
                 self.guard_watch()
             return
         if d.action == "approve":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,64 @@ log = logging.getLogger("pgguard.session")
 HOLD_BYTES = 1 << 20
 
 _SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
+
+
+BIND_VALUE_SHOWN = 200          # characters of one bound value an approver sees
+
+
+def bind_values(msg: bytes) -> str:
+    """What the Bind ``msg`` binds, for the human deciding on it: ``\n-- $1 = 'x',
+    $2 = NULL`` (text values as SQL literals, binary ones as hex, long ones cut)."""
+    try:
+        end = msg.index(b"\0", 5)
+        pos = msg.index(b"\0", end + 1) + 1
+        (nf,) = struct.unpack_from("!h", msg, pos)
+        fmts = struct.unpack_from(f"!{nf}h", msg, pos + 2)
+        pos += 2 + 2 * nf
+        (n,) = struct.unpack_from("!h", msg, pos)
+        pos += 2
+        shown = []
+        for i in range(n):
+            (ln,) = struct.unpack_from("!i", msg, pos)
+            pos += 4
+            if ln < 0:
+                shown.append(f"${i + 1} = NULL")
+                continue
+            raw = msg[pos:pos + ln]
+            pos += ln
+            binary = (fmts[i] if nf > 1 else fmts[0] if nf else 0) == 1
+            if binary:
+                # the type is the server's to know: printable bytes as text, int2 /
+                # int4 / int8 (the commonest binary values) also as an integer
+                text = _printable(raw[:BIND_VALUE_SHOWN])
+                v = ("'" + _shown(text) + "' (binary" if text is not None
+                     else "'\\x" + raw[:BIND_VALUE_SHOWN // 2].hex() + "' (binary")
+                if ln in (2, 4, 8):
+                    v += f"; as an integer: {int.from_bytes(raw, 'big', signed=True)}"
+                v += ")"
+            else:
+                v = "'" + _shown(raw[:BIND_VALUE_SHOWN].decode("utf-8", "replace")) + "'"
+            if ln > (BIND_VALUE_SHOWN // 2 if binary else BIND_VALUE_SHOWN):
+                v += f" (first of {ln} bytes)"
+            shown.append(f"${i + 1} = {v}")
+    except (ValueError, struct.error, IndexError):
+        return "\n-- parameters: (unreadable Bind)"
+    return "\n-- " + ", ".join(shown) if shown else ""
+
+
+def _shown(text: str) -> str:
+    # a SQL literal's inside, on one line: a value cannot draw lines of its own into
+    # what the approver reads
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text) \
+        .replace("'", "''")
+
+
+def _printable(raw: bytes) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
 
 
 def sync_points(items) -> int:
@@ -179,6 +238,7 @@ class Holds:
         s = self.s
         text = sql.decode("utf-8", "replace")
         fp = fast_normalize(sql)
+        shown = text + bind_values(msg) if parse is not None else text
         if not all(st.literal_free for st in d.statements):
             # a literal that is code (a DO block's body) or decides what runs: a window
             # covers this exact text only, never every statement of its shape
@@ -193,7 +253,7 @@ class Holds:
             if grant is None:
                 req = await asyncio.to_thread(
                     lambda: store.request(identity=s.identity_name,
-                                          database=s.database, statement=text,
+                                          database=s.database, statement=shown,
                                           fingerprint=fp, classification=hold.summarize(d),
                                           rule=d.rule, approvers=d.approvers,
                                           timeout_s=d.timeout, session_id=s.id,
