@@ -135,3 +135,28 @@ def test_a_clean_sql_prepare_bound_raw_is_byte_identical(proxy, pg, variant):
         assert rows == want
     elif variant == "describe-and-chunks" or variant == "three-times":
         assert rows == want
+
+
+def test_a_prepare_replaced_in_the_same_write_is_masked(proxy, pg):
+    """A clean PREPARE, then in one write: a Query that deallocates it and prepares the
+    name again over a masked column, and a Bind of the name. The Bind's rows are the new
+    statement's: never read with the old, clean plan."""
+    c = raw_connect(proxy)
+    try:
+        for i, new in enumerate(["SELECT reverse(ssn) FROM customers ORDER BY id",
+                                 "SELECT email || '' FROM customers ORDER BY id",
+                                 "SELECT upper(name) || ssn FROM customers ORDER BY id",
+                                 "SELECT (SELECT ssn FROM customers c2 WHERE c2.id = c.id) "
+                                 "FROM customers c ORDER BY id",
+                                 "SELECT concat(ssn) FROM customers ORDER BY id"]):
+            assert not rawpg.errors(c.run(f"PREPARE r{i} AS SELECT name FROM customers "
+                                          "ORDER BY id"))
+            c.send(rawpg.query(f"DEALLOCATE r{i}; PREPARE r{i} AS {new}"),
+                   rawpg.bind(f"r{i}"), rawpg.execute(), rawpg.SYNC)
+            msgs = c.until_ready(2)
+            assert not rawpg.errors(msgs), rawpg.errors(msgs)
+            assert rawpg.rows(msgs), new
+            assert leaks(msgs) == [], (new, leaks(msgs))
+        assert rawpg.rows(c.run("SELECT 41 + 1")) == [[b"42"]]
+    finally:
+        c.close()

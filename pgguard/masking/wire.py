@@ -766,11 +766,19 @@ class MaskState(LaneState):
             if k == K_PDESC:
                 self.expect.popleft()
                 obj = h[2]
+                if len(h) > 3:          # asked for a Bind of a SQL PREPARE's statement
+                    if self.sql_prepared.get(h[1].decode("utf-8", "replace")) is not obj:
+                        # DEALLOCATE / PREPARE of the name went by meanwhile: the rows
+                        # are another statement's, of unknown lineage (masked)
+                        obj = ObjPlan()
+                        obj.rowdesc = desc
+                        self.portals[h[3]] = (obj, h[4])
+                        self._arm()
+                        return None
+                    self.portals[h[3]] = (obj, h[4])
                 obj.rowdesc = desc
                 self.stmts[h[1]] = obj
                 self.lane_stmt(h[1], obj.safe)
-                if len(h) > 3:          # asked for a Bind of a SQL PREPARE's statement
-                    self.portals[h[3]] = (obj, h[4])
                 self._arm()
                 return None
             out = rw.feed(data)
