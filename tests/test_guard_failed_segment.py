@@ -101,3 +101,32 @@ def test_a_guarded_execute_after_a_failed_message_answers_as_postgres(
     assert got == want, (name, got, want)
     assert got[2] == [[b"42"]]
     assert _v(pg) == 0
+
+
+@pytest.mark.parametrize("shape", ["sync-first", "sync-alone", "two-syncs"])
+def test_after_a_sync_the_execute_runs_guarded(gproxy, pg, fs_table, shape):
+    """The failed segment ends at the client's Sync: an Execute behind it runs, so the
+    guard measures it (an UPDATE reaching every row is refused, nothing changes)."""
+    every = "UPDATE fs_t SET v = v + 1 WHERE id > 0"
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, timeout=10)
+    try:
+        c.send(rawpg.bind("nosuch", portal="x"), FLUSH)
+        assert b"E" in _drain(c)
+        run = [rawpg.parse(every), rawpg.bind(), rawpg.execute(), rawpg.SYNC]
+        if shape == "sync-first":
+            c.send(rawpg.SYNC, *run)
+            msgs = c.until_ready(2)
+        elif shape == "sync-alone":
+            c.send(rawpg.SYNC)
+            c.until_ready()
+            c.send(*run)
+            msgs = c.until_ready()
+        else:
+            c.send(rawpg.SYNC, rawpg.SYNC, *run, rawpg.SYNC)
+            msgs = c.until_ready(4)
+        errs = rawpg.errors(msgs)
+        assert errs and "every row" in errs[-1]["M"], errs
+        assert rawpg.rows(c.run("SELECT 41 + 1")) == [[b"42"]]
+    finally:
+        c.close()
+    assert _v(pg) == 0

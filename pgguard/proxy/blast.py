@@ -611,16 +611,16 @@ class Guard:
     def _skipping(self) -> None:
         self._skip_seg = True
 
-    def portal_plan(self, msg: bytes, later: list | None = None) -> Plan | None:
-        """The plan of the Execute ``msg``'s portal (``later``: the rest of the batch),
-        unless Postgres is skipping to the next Sync after an error (the Execute will
-        not run)."""
+    def portal_plan(self, msg: bytes, before: list | None = None) -> Plan | None:
+        """The plan of the Execute ``msg``'s portal (``before``: what precedes it in its
+        batch, not sent yet), unless Postgres is skipping to the next Sync after an
+        error (the Execute will not run)."""
         if not self.portals or self._skip_seg:
             return None
         plan = self.portals.get(msg[5:msg.index(b"\0", 5)])
-        if plan is not None and later is not None:
+        if plan is not None and before is not None:
             a = self.s.answers
-            if a is not None and a.skipping and a.owed() <= sync_points(later):
+            if a is not None and a.skipping and a.owed() == 0 and not sync_points(before):
                 # an earlier message of this segment failed and its error went by
                 # before the guard started (a Flush, or a hold for the lineage): the
                 # guard's statements would be skipped too, unanswered, and the session

@@ -311,7 +311,7 @@ class Enforcement:
                             self.guard_watch()
                         elif t == m.EXECUTE:
                             guard.before_execute(msg)
-                            plan = guard.portal_plan(msg, items[i + 1:])
+                            plan = guard.portal_plan(msg, items[:i])
                             if plan is None:
                                 guard.on_execute()
                         elif t == m.SYNC:
@@ -848,10 +848,7 @@ class Enforcement:
                 d = unguarded_refusal(d, "PREPARE inside a DO block or function")
             elif _fetches_guarded(s.guard, d, msg[pos:end]):
                 d = unguarded_refusal(d, "FETCH or MOVE")
-        # a statement needing approval is parsed at once (parsing runs nothing); each
-        # Bind of it asks a human, who sees the values it binds (not placeholders)
-        later_ok = d is not None and d.action == "approve" and s.guard is not None
-        if d is None or d.action == "allow" or later_ok:
+        if d is None or d.action == "allow":
             lin = None
             if s.masking is not None and d is not None and any(
                     st.kind == "copy" for st in d.statements):
@@ -886,8 +883,6 @@ class Enforcement:
                     if plan is not None:
                         _sql_prepares(s.guard, d, plan)
                 s.guard.on_parse(bname, plan, first=first)
-                if later_ok:
-                    s.guard.on_approved_parse(bname, d, msg[pos:end], msg, plan, free=0)
                 self.guard_watch()
             return
         if d.action == "approve":
