@@ -86,12 +86,7 @@ def test_a_write_to_a_parent_of_orders_asks(pg, make_proxy, psql_bin, tree, clie
         ap.stop = True
         ap.join(5)
     assert untouched(pg), (tree, client, out)
-    asked = [w.format(p=parent) for w in WRITES]
-    if parent == "y_view" and client == "psycopg-prepared":
-        # Postgres 15 refuses the Parse of a MERGE into a view: a client that parses
-        # before it binds never gets to a Bind, the point where a human is asked
-        asked = [w for w in asked if not w.startswith("MERGE")]
-    assert [v for v, _ in ap.seen] == ["deny"] * len(asked), (ap.seen, asked)
+    assert [v for v, _ in ap.seen] == ["deny"] * len(WRITES), ap.seen
 
 
 @pytest.mark.parametrize("client", ["psql", "psycopg", "raw"])

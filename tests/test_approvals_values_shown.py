@@ -1,9 +1,11 @@
 # A write needing approval sent with bound parameters (what psycopg, asyncpg and JDBC do):
 # the human deciding used to see only "UPDATE orders SET status = $1 WHERE id >= $2",
 # approving the Parse, and the agent chose the values (a red-team pass changed 999 rows,
-# under the row limit). The Parse now goes at once (it runs nothing); each Bind asks, and
-# the request shows the values it binds. Judged by what the approver saw and by the rows
-# upstream: an approver who approves only row 10 gets only row 10 changed.
+# under the row limit). The request now shows the values: a held Parse those of the Bind
+# that came with it (that execution is the one approved), a later Bind its own. Judged by
+# what the approver saw and by the rows upstream: an approver who approves only row 10
+# gets only row 10 changed. (A Parse sent alone, as asyncpg prepares, shows none: its
+# first execution runs under the row limit; test_approvals_prepared covers it.)
 import asyncio
 
 import asyncpg
@@ -19,6 +21,8 @@ BAD = ("cancelled", 2)      # reaches rows 2..10
 
 
 def decide(shown: str) -> str:
+    if "parameters not sent yet" in shown:      # asyncpg's prepare (then fetch(*GOOD))
+        return "approve"
     return "approve" if ("$2 = '10'" in shown or "as an integer: 10)" in shown) else "deny"
 
 
@@ -38,7 +42,8 @@ def _raw(proxy, binary: bool) -> None:
 
 def _psycopg(proxy, prepare) -> None:
     with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
-        for status, row in (BAD, GOOD, BAD, GOOD):
+        # prepare=True parses first, alone: that request covers the first execution
+        for status, row in ((GOOD,) if prepare else ()) + (BAD, GOOD, BAD, GOOD):
             try:
                 c.execute(SQL.replace("$1", "%s").replace("$2", "%s"), (status, row),
                           prepare=prepare)
@@ -47,11 +52,25 @@ def _psycopg(proxy, prepare) -> None:
                 assert row != 10
 
 
+def _rebind(proxy) -> None:
+    # a named statement approved with the values of its first Bind, bound again
+    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB, timeout=30)
+    try:
+        c.send(parse(SQL, "st", types=[25, 23]), bind("st", [b"ten", b"10"]), execute(), SYNC)
+        assert not errors(c.until_ready())
+        for status, row in (BAD, BAD, GOOD):
+            c.send(bind("st", [status.encode(), str(row).encode()]), execute(), SYNC)
+            assert bool(errors(c.until_ready())) == (row != 10)
+    finally:
+        c.close()
+
+
 def _asyncpg(proxy) -> None:
     async def go():
         conn = await asyncpg.connect(proxy.dsn(dbname=DB))
         try:
             stmt = await conn.prepare(SQL)
+            await stmt.fetch(*GOOD)     # the prepare's approval covers this execution
             for status, row in (BAD, GOOD, BAD):
                 try:
                     await stmt.fetch(status, row)
@@ -65,7 +84,7 @@ def _asyncpg(proxy) -> None:
 
 CLIENTS = {"raw-text": lambda p: _raw(p, False), "raw-binary": lambda p: _raw(p, True),
            "psycopg": lambda p: _psycopg(p, None), "psycopg-prepared": lambda p: _psycopg(p, True),
-           "asyncpg": _asyncpg}
+           "raw-rebind": lambda p: _rebind(p), "asyncpg": _asyncpg}
 
 
 import pytest  # noqa: E402
@@ -84,5 +103,5 @@ def test_the_approver_sees_the_values_each_execution_binds(pg, aproxy, client):
     # every execution was asked, and every request showed its values
     assert ap.seen and all(v == decide(shown) for v, shown in ap.seen), ap.seen
     assert all("$1 = 'cancelled'" in shown or "$1 = 'ten'" in shown
-               for _, shown in ap.seen), ap.seen
+               or "parameters not sent yet" in shown for _, shown in ap.seen), ap.seen
     assert sum(v == "deny" for v, _ in ap.seen) >= 2

@@ -238,7 +238,15 @@ class Holds:
         s = self.s
         text = sql.decode("utf-8", "replace")
         fp = fast_normalize(sql)
-        shown = text + bind_values(msg) if parse is not None else text
+        if parse is not None:               # a Bind: the values it binds
+            shown = text + bind_values(msg)
+        elif extended:                      # a Parse: its Bind's, when it came with it
+            bind = self._first_bind(name)
+            shown = text + (bind_values(bind) if bind is not None else
+                            "\n-- parameters not sent yet: the first execution runs under "
+                            "the row limit, each later one asks with its values")
+        else:
+            shown = text
         if not all(st.literal_free for st in d.statements):
             # a literal that is code (a DO block's body) or decides what runs: a window
             # covers this exact text only, never every statement of its shape
@@ -359,6 +367,37 @@ class Holds:
                                  ahead=sync_points(self.items or ()))
         self.release(out)
 
+
+    def _first_bind(self, name) -> bytes | None:
+        """The first Bind of the statement ``name`` (a Parse waiting for approval) among
+        what the client sent behind it, whole and in order: the execution the human
+        sees. None when there is none yet (or the name is parsed again, or a Query drops
+        the unnamed statement, before it)."""
+        stmt = name.encode() if isinstance(name, str) else (name or b"")
+        parts = [it if it.__class__ is bytes else it[1] for it in self.items or ()]
+        if self.reader is not None:
+            parts.extend(self.reader.data)
+        buf = b"".join(parts)
+        pos = 0
+        while pos + 5 <= len(buf):
+            t = buf[pos]
+            (ln,) = struct.unpack_from("!I", buf, pos + 1)
+            end = pos + 1 + ln
+            if ln < 4 or end > len(buf):
+                return None
+            try:
+                if t == m.BIND:
+                    e = buf.index(b"\0", pos + 5, end)
+                    if buf[e + 1:buf.index(b"\0", e + 1, end)] == stmt:
+                        return buf[pos:end]
+                elif t == m.PARSE and buf[pos + 5:buf.index(b"\0", pos + 5, end)] == stmt:
+                    return None
+                elif t == m.QUERY and not stmt:
+                    return None
+            except ValueError:
+                return None
+            pos = end
+        return None
 
     def _prepares_approved(self, d) -> bool:
         """A Query approved (or let through by a window) that SQL-PREPAREs: each name
