@@ -486,3 +486,47 @@ def test_libpq_exec_prepared_of_an_approved_prepare_runs_once_per_approval(pg, a
         ap.join(5)
     assert _state(pg) == (7, 0)
     assert len(ap.decided) == 4, ap.decided       # the PREPARE, then each execution
+
+
+PREPARED_WRITES = [
+    "PREPARE {n}(int) AS DELETE FROM orders WHERE id = $1",
+    "PREPARE {n}(int) AS UPDATE orders SET status = 'gone' WHERE id = $1",
+    "PREPARE {n}(int) AS DELETE FROM orders WHERE id >= $1",
+    "PREPARE {n}(int) AS UPDATE orders SET status = 'x' WHERE id IN (SELECT $1)",
+    "PREPARE {n}(int) AS WITH d AS (DELETE FROM orders WHERE id = $1 RETURNING 1) "
+    "SELECT count(*) FROM d",
+]
+
+
+@pytest.mark.parametrize("how", ["raw-bind", "libpq-exec-prepared"])
+def test_a_sql_prepare_sent_by_parse_asks_at_each_bind_of_its_name(pg, aproxy, how):
+    """A PREPARE sent through Parse/Bind/Execute, approved: the statement it creates is
+    a protocol prepared statement too, and each Bind of that name asks a human again."""
+    # the PREPARE itself is approved; an execution of it (values bound) is denied
+    ap = Approver(aproxy, decide=lambda st: "deny" if "-- $1 = " in st else "approve")
+    ap.start()
+    try:
+        for i, tmpl in enumerate(PREPARED_WRITES):
+            name = f"pw{i}"
+            c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB, timeout=30)
+            try:
+                c.send(parse(tmpl.format(n=name)), bind(), execute(), SYNC)
+                assert not errors(c.until_ready())
+                if how == "raw-bind":
+                    c.send(bind(stmt=name, params=[b"3"]), execute(), SYNC)
+                    assert errors(c.until_ready())
+                    assert not errors(c.run("SELECT 1"))
+            finally:
+                c.close()
+            if how == "libpq-exec-prepared":
+                with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as conn:
+                    conn.execute(tmpl.format(n=name))       # a Query: approved
+                    res = conn.pgconn.exec_prepared(name.encode(), [b"4"])
+                    assert res.status == psycopg.pq.ExecStatus.FATAL_ERROR
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert statuses(pg) == ["new"] * 10
+    denied = [v for v, _ in ap.seen].count("deny")
+    assert denied == len(PREPARED_WRITES), ap.seen

@@ -332,13 +332,14 @@ class Holds:
                         out.append(ask)
                 if s.guard is not None:     # its Execute runs under the statement's plan
                     s.guard.on_bind(msg)
+                    self._prepares_approved(d)  # a SQL PREPARE it runs: its Binds ask
             elif extended and s.guard is not None:
                 # a Parse: each later Bind of it asks again, and its Executes run under
                 # the row limit (the approver saw placeholders, not the values bound)
                 pname = name.encode() if isinstance(name, str) else (name or b"")
                 s.guard.on_approved_parse(pname, d, sql, msg, s.enforce.plan_of(d, sql))
                 s.enforce.parsed(pname, sql, msg)
-                s.enforce.guard_watch()
+                self._prepares_approved(d)      # a SQL PREPARE it runs: its Binds ask
             elif not extended:
                 self._prepares_approved(d)
             if name and s.prepared is not None and d.statements:
