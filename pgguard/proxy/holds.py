@@ -35,9 +35,31 @@ _SYNC_TYPES = frozenset(m.FRONTEND_SYNC_TYPES)
 BIND_VALUE_SHOWN = 200          # characters of one bound value an approver sees
 
 
-def bind_values(msg: bytes) -> str:
+# binary values pgguard can read by the type the Parse declared
+_BINARY = {16: lambda b: "true" if b == b"\x01" else "false",
+           21: lambda b: str(struct.unpack("!h", b)[0]), 23: lambda b: str(struct.unpack("!i", b)[0]),
+           20: lambda b: str(struct.unpack("!q", b)[0]), 700: lambda b: repr(struct.unpack("!f", b)[0]),
+           701: lambda b: repr(struct.unpack("!d", b)[0])}
+_TEXTUAL = frozenset({25, 1042, 1043, 19, 114, 3802})   # text, bpchar, varchar, name, json(b)
+
+
+def _parse_oids(parse: bytes | None) -> tuple:
+    # the parameter types a Parse message declares (0: left to the server)
+    if parse is None:
+        return ()
+    try:
+        pos = parse.index(b"\0", parse.index(b"\0", 5) + 1) + 1
+        (n,) = struct.unpack_from("!h", parse, pos)
+        return struct.unpack_from(f"!{n}I", parse, pos + 2) if n > 0 else ()
+    except (ValueError, struct.error):
+        return ()
+
+
+def bind_values(msg: bytes, parse: bytes | None = None) -> str:
     """What the Bind ``msg`` binds, for the human deciding on it: ``\n-- $1 = 'x',
-    $2 = NULL`` (text values as SQL literals, binary ones as hex, long ones cut)."""
+    $2 = NULL`` (text values as SQL literals; binary ones by the type the statement's
+    ``parse`` declares, else as text or hex saying the type is unknown; long ones cut)."""
+    oids = _parse_oids(parse)
     try:
         end = msg.index(b"\0", 5)
         pos = msg.index(b"\0", end + 1) + 1
@@ -56,14 +78,22 @@ def bind_values(msg: bytes) -> str:
             raw = msg[pos:pos + ln]
             pos += ln
             binary = (fmts[i] if nf > 1 else fmts[0] if nf else 0) == 1
-            if binary:
-                # the type is the server's to know: printable bytes as text, int2 /
-                # int4 / int8 (the commonest binary values) also as an integer
+            oid = oids[i] if i < len(oids) else 0
+            if binary and oid in _BINARY:
+                try:
+                    v = _BINARY[oid](raw)
+                except struct.error:
+                    v = "'\\x" + raw[:BIND_VALUE_SHOWN // 2].hex() + "' (binary, malformed)"
+            elif binary and oid in _TEXTUAL and _printable(raw[:BIND_VALUE_SHOWN]) is not None:
+                v = "'" + _shown(raw[:BIND_VALUE_SHOWN].decode()) + "'"
+            elif binary:
+                # the type is the server's to know: printable bytes as text, 2, 4 or 8
+                # bytes also as the integer they would be
                 text = _printable(raw[:BIND_VALUE_SHOWN])
-                v = ("'" + _shown(text) + "' (binary" if text is not None
-                     else "'\\x" + raw[:BIND_VALUE_SHOWN // 2].hex() + "' (binary")
+                v = ("'" + _shown(text) + "' (binary, type unknown" if text is not None
+                     else "'\\x" + raw[:BIND_VALUE_SHOWN // 2].hex() + "' (binary, type unknown")
                 if ln in (2, 4, 8):
-                    v += f"; as an integer: {int.from_bytes(raw, 'big', signed=True)}"
+                    v += f"; if an integer: {int.from_bytes(raw, 'big', signed=True)}"
                 v += ")"
             else:
                 v = "'" + _shown(raw[:BIND_VALUE_SHOWN].decode("utf-8", "replace")) + "'"
@@ -239,10 +269,10 @@ class Holds:
         text = sql.decode("utf-8", "replace")
         fp = fast_normalize(sql)
         if parse is not None:               # a Bind: the values it binds
-            shown = text + bind_values(msg)
+            shown = text + bind_values(msg, parse)
         elif extended:                      # a Parse: its Bind's, when it came with it
             bind = self._first_bind(name)
-            shown = text + (bind_values(bind) if bind is not None else
+            shown = text + (bind_values(bind, msg) if bind is not None else
                             "\n-- parameters not sent yet: the first execution runs under "
                             "the row limit, each later one asks with its values")
         else:
