@@ -71,6 +71,9 @@ SHAPES = [
     "ORDER BY id",
     "SELECT 'see ' || substring(body::bytea FROM 2)::text || ' end' FROM plain_notes "
     "WHERE id IN (2, 3) ORDER BY id",
+    # PII next to a hex run: found in the text itself too
+    "SELECT coalesce(substring(body FROM 'zq[^ ]*'), body) || '\\x303030303030' "
+    "FROM plain_notes WHERE id IN (1, 3) ORDER BY id",
 ]
 
 

@@ -1083,11 +1083,15 @@ DEF HEXRUN_MIN = 12     # hex digits after "\\x" that make a run worth decoding 
 
 cdef Py_ssize_t _hexview(const char* v, Py_ssize_t n, char* out) noexcept nogil:
     # a text holding bytea hex runs ("\\x" then HEXRUN_MIN or more hex digits: how
-    # ::bytea::text, arrays, records and JSON of a bytea print it): its length with every
-    # run replaced by the bytes it spells (written to out unless NULL), or -1 if none
-    cdef Py_ssize_t i = 0, o = 0, j, k, run
+    # ::bytea::text, arrays, records and JSON of a bytea print it): the text, a newline,
+    # then the text again with every run replaced by the bytes it spells (written to out
+    # unless NULL; both are scanned); its length, or -1 if there is no run
+    cdef Py_ssize_t i = 0, o = n + 1, j, k, run
     cdef const char* s
     cdef bint found = False
+    if out != NULL:
+        memcpy(out, v, n)
+        out[n] = c'\n'
     while i < n:
         s = <const char*>memchr(v + i, c'\\', n - i)
         if s == NULL:

@@ -89,13 +89,13 @@ _HEX_RUN = re.compile(rb"\\x((?:[0-9a-fA-F]{2}){6,})")
 
 
 def _hex_view(value: bytes) -> bytes | None:
-    """*value* with every bytea hex run in it (``\\x`` then 12 or more hex digits, as
-    ``::text``, arrays, records and JSON of a bytea print it) replaced by the bytes it
-    spells, or None when it has none."""
+    """*value*, a newline, and *value* with every bytea hex run in it (``\\x`` then 12
+    or more hex digits, as ``::text``, arrays, records and JSON of a bytea print it)
+    replaced by the bytes it spells; None when it has none."""
     if b"\\x" not in value:
         return None
     out, n = _HEX_RUN.subn(lambda m: bytes.fromhex(m.group(1).decode("ascii")), value)
-    return out if n else None
+    return value + b"\n" + out if n else None      # both are scanned
 
 
 class _Col:
