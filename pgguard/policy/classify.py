@@ -752,11 +752,10 @@ def _funccall(acc: _Acc, fc: dict) -> None:
     name = _funcname([_sval(n) for n in names])
     bare = _sval(names[-1]) if names else ""
     acc.funcs[name] = None
-    if name != bare and (fc.get("funcformat") == "COERCE_SQL_SYNTAX"
-                         or name == "pg_catalog.json_object"):
-        # SQL syntax the parser's grammar turns into a pg_catalog call: an older server's
-        # grammar may read the same words as a plain call, found by search_path
-        # (json_object(1, 2) on Postgres 15 runs public.json_object if there is one)
+    if name != bare and bare in _NEWER_SYNTAX and names and _sval(names[0]) == "pg_catalog":
+        # syntax of a newer grammar than the server's that the parser turns into a
+        # pg_catalog call: on Postgres 15 the same words are a plain call, found by
+        # search_path (json_object(1, 2) runs public.json_object if there is one)
         acc.funcs[bare] = None
     cls = _func_class(bare)
     if cls is not None:
@@ -2435,6 +2434,9 @@ def _sql_json(name: str | None) -> Any:
     return handler
 
 
+# pg_catalog calls the parser's grammar (Postgres 18) makes of words Postgres 15 reads
+# as a plain call (the older grammar pins EXTRACT, SUBSTRING, TRIM... to pg_catalog too)
+_NEWER_SYNTAX = frozenset({"json_object", "system_user"})
 _SQL_JSON_OPS = {"JSON_EXISTS_OP": "json_exists", "JSON_QUERY_OP": "json_query",
                  "JSON_VALUE_OP": "json_value"}
 _SQL_JSON_NODES = {
@@ -2509,8 +2511,8 @@ def _fast_select(sql: str, js: str) -> Statement | None:
         return None
     if '"A_Indirection"' in js or _FIELD_SELECT.search(js) is not None:
         return None
-    if '"Json' in js or '"MergeSupportFunc"' in js or '"COERCE_SQL_SYNTAX"' in js \
-            or '"json_object"' in js:
+    if '"Json' in js or '"MergeSupportFunc"' in js or '"json_object"' in js \
+            or '"system_user"' in js:
         return None         # SQL syntax recorded as calls (_funccall, _sql_json)
     t = js.find('"targetList":', _HEAD_END)
     if js.find('"intoClause":', _HEAD_END, t if t > 0 else len(js)) >= 0:
