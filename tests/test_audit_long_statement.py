@@ -32,6 +32,7 @@ def test_a_huge_statement_is_recorded_by_its_start(make_proxy):
     shapes = {
         "comment": "SELECT 1 /* hugecomment " + "x" * BIG + " */",
         "literal": "SELECT length('hugeliteral " + "y" * BIG + "')",
+        "behind": "/* " + "z" * BIG + " */\n-- pad\n" + " " * BIG + "SELECT 'behindcomments'",
     }
     answered: list[int] = []
     stop = threading.Event()
@@ -64,3 +65,6 @@ def test_a_huge_statement_is_recorded_by_its_start(make_proxy):
         recs = _records(proxy, f"{start}%/* ... {len(shapes[name])} bytes in all */")
         assert len(recs) == 1, name
     assert not _records(proxy, "%yyyyyyyyyy%")
+    # a statement behind huge leading comments and blanks is kept, not the comments
+    recs = _records(proxy, f"SELECT $1 /* ... {len(shapes['behind'])} bytes in all */")
+    assert len(recs) == 1, _records(proxy, "%bytes in all%")

@@ -168,7 +168,12 @@ def _audit_cut(sql: bytes) -> bytes:
     # every session of the worker for 20 s): the audit keeps the statement's start, up to
     # the literal, comment or quoted name the cut would leave open (whose text would
     # otherwise make the whole record "not normalizable")
-    text = sql[:AUDIT_TEXT_MAX].decode("utf-8", "replace")
+    body = sql.lstrip()
+    while body[:2] in (b"--", b"/*"):
+        # leading comments first (a statement behind 256 KiB of them is kept whole)
+        end = body.find(b"\n") if body[:2] == b"--" else body.find(b"*/") + 1
+        body = body[end + 1:].lstrip() if end > 0 else b""
+    text = body[:AUDIT_TEXT_MAX].decode("utf-8", "replace")
     for m in _TOKEN.finditer(text):
         if m.lastgroup == "bad":
             text = text[:m.start()]
