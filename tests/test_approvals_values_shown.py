@@ -13,7 +13,11 @@ import psycopg
 
 from conftest import AGENT, AGENT_PASSWORD
 from rawpg import SYNC, RawClient, bind, errors, execute, parse
-from test_approvals_prepared import DB, Approver, aproxy, orders, statuses  # noqa: F401
+import test_approvals_prepared
+from test_approvals_prepared import DB, Approver, statuses
+
+aproxy = test_approvals_prepared.aproxy
+orders = test_approvals_prepared.orders     # (autouse there: here too)
 
 SQL = "UPDATE orders SET status = $1 WHERE id >= $2"
 GOOD = ("ten", 10)          # reaches row 10 only

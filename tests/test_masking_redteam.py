@@ -280,13 +280,14 @@ def _bind_exec(name):
 
 @pytest.mark.parametrize("sql", MASKED_SQL)
 def test_sql_prepare_bound_over_the_protocol(rproxy, sql):
-    # PREPARE in SQL, then Bind/Execute of that name over the protocol: pgguard never saw
-    # its row shape, so its rows end the session; never in clear
+    # PREPARE in SQL, then Bind/Execute of that name over the protocol: pgguard asks
+    # Postgres for its row shape at the Bind, and the rows take the PREPARE's plan;
+    # never in clear, and the session goes on
     c = raw_connect(rproxy)
     try:
         msgs, ended = _steps(c, [(rawpg.query(f"PREPARE sq AS {sql}"),)]
                              + [_bind_exec("sq")] * 3)
-        assert ended and leaks(msgs) == [], msgs
+        assert not ended and len(rawpg.rows(msgs)) == 9 and leaks(msgs) == [], msgs
     finally:
         c.close()
     # the reverse: a protocol statement run by SQL EXECUTE: masked as unresolved
@@ -336,7 +337,8 @@ def test_name_swapped_by_sql_after_a_clean_parse(rproxy, sql, swap):
         more, ended = _steps(c, steps + [_bind_exec("sw")] * 2)
         msgs += more
         assert leaks(msgs) == [], msgs
-        assert ended or not rawpg.rows(more), more
+        # the new statement's rows come back masked, or the session ends: never clear
+        assert ended or rawpg.rows(more), more
     finally:
         c.close()
 

@@ -174,9 +174,9 @@ def _audit_cut(sql: bytes) -> bytes:
         end = body.find(b"\n") if body[:2] == b"--" else body.find(b"*/") + 1
         body = body[end + 1:].lstrip() if end > 0 else b""
     text = body[:AUDIT_TEXT_MAX].decode("utf-8", "replace")
-    for m in _TOKEN.finditer(text):
-        if m.lastgroup == "bad":
-            text = text[:m.start()]
+    for tok in _TOKEN.finditer(text):
+        if tok.lastgroup == "bad":
+            text = text[:tok.start()]
             break
     return text.encode() + b" /* ... %d bytes in all */" % len(sql)
 
