@@ -102,3 +102,25 @@ def test_the_builtins_of_those_names_still_run(gproxy, pg, named):
         c.close()
     assert not rawpg.errors(msgs), rawpg.errors(msgs)
     assert rawpg.rows(msgs) == [[b'{"a" : "1"}']]
+
+
+@pytest.mark.parametrize("call", ["json_scalar", "json", "json_serialize", "merge_action",
+                                  "json_exists", "in-a-cte"])
+def test_without_such_a_function_the_server_answers(gproxy, pg, call):
+    """No function of the name anywhere: nothing unseen can run, so pgguard does not
+    refuse; the server answers as it would directly (on Postgres 15 "does not exist",
+    on 17 and later the SQL/JSON result)."""
+    sql = CALLS[call]
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        try:
+            c.execute(sql)
+            want = None
+        except psycopg.Error as e:
+            want = e.sqlstate
+    r = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
+    try:
+        errs = rawpg.errors(r.run(sql))
+    finally:
+        r.close()
+    assert [e["C"] for e in errs] == ([want] if want else []), errs
+    assert not any("pgguard" in e["M"] for e in errs), errs

@@ -44,7 +44,8 @@ import msgspec
 import orjson
 from pglast import parser as _pg
 
-from .classify import FLAGS, Reason, Statement, classify, classify_function_body
+from .classify import FLAGS, SQL_SYNTAX_CALLS, Reason, Statement, classify, \
+    classify_function_body
 
 if TYPE_CHECKING:
     from .views import ViewMap
@@ -322,7 +323,8 @@ class Bodies:
         own = self.own.get(_bare(name))
         if own is not None:
             found.append((name, own))
-        if j.found == 0 and own is None and not self.builtin(name):
+        if j.found == 0 and own is None and not self.builtin(name) and \
+                name not in SQL_SYNTAX_CALLS:
             # nothing by that name where pgguard looked: either no such function (the
             # call would fail anyway) or one pgguard's reading of the name misses (a
             # name with a dot or a quote in it, a schema it cannot see): never run

@@ -2447,6 +2447,12 @@ _SQL_JSON_NODES = {
     "JsonTable": "json_table", "MergeSupportFunc": "merge_action", "JsonFuncExpr": None,
 }
 
+SQL_SYNTAX_CALLS = frozenset(
+    {n for n in _SQL_JSON_NODES.values() if n} | set(_SQL_JSON_OPS.values()) | _NEWER_SYNTAX)
+"""Names recorded for syntax a newer server runs itself: on an older one, calls of
+whatever function the name finds (none found: the server has the syntax, or the call
+fails there; nothing unseen runs)."""
+
 _NODE: dict[str, Any] = {
     "RangeVar": _rangevar, "FuncCall": _funccall,
     # leaves with nothing to find
