@@ -82,6 +82,34 @@ SINK_FUNCS = frozenset({"set_config", "lo_from_bytea", "lo_put", "lowrite", "lo_
                         "pg_copy_logical_replication_slot", "pg_replication_origin_create",
                         "pg_replication_origin_session_setup",
                         "pg_replication_origin_xact_setup"})
+# volatile built-ins that keep nothing of their arguments: every other volatile function
+# of pg_catalog (``provolatile = 'v'``, read from the server's catalog) counts as a sink
+# too (setseed: the value becomes the session's random state, which random() gives back
+# and which can be run backwards). Stable and immutable built-ins change no state.
+KEEPS_NOTHING = frozenset((
+    "random random_normal clock_timestamp timeofday gen_random_uuid uuidv4 uuidv7 "
+    "pg_sleep pg_sleep_for pg_sleep_until currval lastval pg_sequence_last_value "
+    "txid_status pg_xact_status pg_xact_commit_timestamp pg_last_committed_xact "
+    "pg_blocking_pids pg_safe_snapshot_blocking_pids pg_lock_status "
+    "pg_notification_queue_usage pg_is_in_recovery pg_jit_available "
+    "pg_relation_size pg_table_size pg_indexes_size pg_total_relation_size "
+    "pg_database_size pg_tablespace_size pg_partition_tree pg_partition_ancestors "
+    "pg_current_wal_lsn pg_current_wal_insert_lsn pg_current_wal_flush_lsn "
+    "pg_last_wal_receive_lsn pg_last_wal_replay_lsn pg_last_xact_replay_timestamp "
+    "pg_is_wal_replay_paused pg_get_wal_replay_pause_state pg_stat_have_stats "
+    "pg_collation_actual_version pg_database_collation_actual_version "
+    "pg_get_multixact_members pg_prepared_xact current_query").split())
+
+
+def sink_functions(volatile) -> frozenset:
+    """The built-in functions that keep what they are given where masking cannot follow:
+    SINK_FUNCS, plus each of ``volatile`` (pg_catalog's volatile names; None: not read)
+    that is not known to keep nothing."""
+    if not volatile:
+        return SINK_FUNCS
+    return SINK_FUNCS | (volatile - KEEPS_NOTHING)
+
+
 # functions that read an open cursor's rows inside the server: the rows never pass the
 # wire as the cursor's own result, so its masking plan never applies to them
 CURSOR_READERS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
@@ -443,13 +471,14 @@ def stats_reads(reads: _Reads, values: dict = STATS_VALUES) -> list[str]:
     return sorted(hits)
 
 
-def _sink(st, reads: _Reads) -> str | None:
-    """Where this statement puts what it reads, other than the client (None: nowhere)."""
+def _sink(st, reads: _Reads, sinks: frozenset = SINK_FUNCS) -> str | None:
+    """Where this statement puts what it reads, other than the client (None: nowhere);
+    ``sinks``: the functions that keep their arguments (sink_functions)."""
     if st.relations_written:
         return "writes " + ", ".join(st.relations_written)
     if "create" in st.kinds:
         return "creates an object that keeps what it reads"
-    funcs = sorted(reads.funcs & SINK_FUNCS)
+    funcs = sorted(reads.funcs & sinks)
     if funcs:
         return "calls " + ", ".join(f"{f}()" for f in funcs)
     if reads.hold:
@@ -511,7 +540,7 @@ def _by_glob(d, masked: dict, globs) -> dict:
 
 
 def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None,
-          order: dict[str, tuple[str, ...]] | None = None):
+          order: dict[str, tuple[str, ...]] | None = None, volatile=None):
     """A refusal Decision when the allowed decision ``d`` for ``sql`` would park values
     of masked columns (or read statistics sample values); None when it may run.
     ``globs``: (table glob, column glob) of the masks that apply, for tables created
@@ -519,8 +548,10 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
     (as written, ``schema.name`` or bare) may be one pgguard cannot see into (not a
     built-in of pg_catalog); None: every function may be (fail closed). ``order``:
     {schema.table: live column names in attnum order}, to map column-alias lists onto
-    the masked columns (without it, every masked column is read through any of them)."""
+    the masked columns (without it, every masked column is read through any of them).
+    ``volatile``: the names of pg_catalog's volatile functions (sink_functions)."""
     user_fn = user_fn or _every_function
+    sinks = sink_functions(volatile)
     masked = _by_glob(d, masked, globs)
     names = set(masked)
     bare = {t.split(".", 1)[1] for t in names}
@@ -640,7 +671,7 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
             # called function's body reads it (the policy folds bodies in), so what it
             # returns may be a masked value in clear. Read straight back it is masked as
             # a computed column; stored, sent, or handed to other code it is not
-            sink = _sink(st, reads)
+            sink = _sink(st, reads, sinks)
             if sink is not None or len(unseen) > 1:
                 return _refusal(
                     d, st, f"{st.kind.upper()} calls {', '.join(unseen)}, whose code reads "
@@ -659,7 +690,7 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 "Call your own functions and operators on unmasked columns only, or read "
                 "the masked columns with built-in functions; or ask an identity exempt "
                 "from the mask.")
-        sink = _sink(st, reads)
+        sink = _sink(st, reads, sinks)
         if sink is None:
             continue
         if touched and reads.executes:
@@ -829,7 +860,8 @@ def judge(session, d, sql: str):
              if applies(mk, name, ident) and mk.column.count(".") >= 2]
     return check(d, sql, masked, globs,
                  session.services.user_function_test(session.database),
-                 column_order(mask.catalog)) or d
+                 column_order(mask.catalog),
+                 session.services.volatile_builtins(session.database)) or d
 
 
 def column_order(catalog) -> dict[str, tuple[str, ...]]:

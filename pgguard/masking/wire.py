@@ -1107,14 +1107,7 @@ def _cstr(msg: bytes, pos: int) -> tuple[bytes, int]:
 
 def _result_formats(msg: bytes, pos: int) -> bytes:
     # skip parameter format codes and values; return the result format codes section
-    (n,) = struct.unpack_from("!h", msg, pos)
-    pos += 2 + 2 * n
-    (n,) = struct.unpack_from("!h", msg, pos)
-    pos += 2
-    for _ in range(n):
-        (ln,) = struct.unpack_from("!i", msg, pos)
-        pos += 4 + max(ln, 0)
-    return msg[pos:]
+    return msg[m.bind_parameters(msg, pos)[2]:]
 
 
 def _formats(section: bytes, nfields: int) -> list[int]:

@@ -208,6 +208,42 @@ def parse_row_description(msg: bytes) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def parse_param_oids(parse: bytes, pos: int | None = None) -> tuple:
+    """The parameter type OIDs a Parse message declares (0: left to the server); ``pos``:
+    where they start (after the query string's NUL), else found from the two names.
+    A malformed message declares none: ``()``."""
+    try:
+        if pos is None:
+            pos = parse.index(b"\0", parse.index(b"\0", 5) + 1) + 1
+        (n,) = struct.unpack_from("!h", parse, pos)
+        return struct.unpack_from(f"!{n}I", parse, pos + 2) if n > 0 else ()
+    except (ValueError, struct.error):
+        return ()
+
+
+def bind_parameters(bind: bytes, pos: int) -> tuple[tuple, list, int]:
+    """A Bind's parameters from ``pos`` (just after its statement name's NUL): (format
+    codes, values as bytes or None for NULL, where the result format codes start).
+    Raises ``struct.error`` or ``ValueError`` on a malformed message."""
+    (nf,) = struct.unpack_from("!h", bind, pos)
+    fmts = struct.unpack_from(f"!{nf}h", bind, pos + 2) if nf > 0 else ()
+    pos += 2 + 2 * nf
+    (n,) = struct.unpack_from("!h", bind, pos)
+    pos += 2
+    values: list = []
+    for _ in range(n):
+        (ln,) = struct.unpack_from("!i", bind, pos)
+        pos += 4
+        if ln < 0:
+            values.append(None)
+            continue
+        if pos + ln > len(bind):
+            raise ValueError("a Bind parameter runs past the message")
+        values.append(bind[pos:pos + ln])
+        pos += ln
+    return fmts, values, pos
+
+
 def parse_cstr(payload: bytes, pos: int = 0) -> tuple[str, int]:
     end = payload.index(b"\0", pos)
     return payload[pos:end].decode("utf-8", "replace"), end + 1

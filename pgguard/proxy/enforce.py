@@ -858,7 +858,7 @@ class Enforcement:
                     return
             else:
                 if s.masking is not None:
-                    oids = _param_oids(msg, end + 1)
+                    oids = m.parse_param_oids(msg, end + 1)
                     if self._lineage_wait(d, msg, pos, end, oids, out):
                         return
                     lin = s.masking.lineage_now(msg[pos:end], d, oids)
@@ -1135,15 +1135,6 @@ def _pg_rejects(msg: bytes) -> bool:
     if second < 0 or second + 3 > n:
         return True
     return second + 3 + 4 * int.from_bytes(msg[second + 1:second + 3], "big") != n
-
-
-def _param_oids(msg: bytes, pos: int) -> tuple:
-    """The parameter type OIDs a Parse declares (after its query string)."""
-    try:
-        (n,) = struct.unpack_from("!h", msg, pos)
-        return struct.unpack_from(f"!{n}I", msg, pos + 2) if n > 0 else ()
-    except struct.error:
-        return ()
 
 
 def _reads_masked(session, d, rows: bool = False) -> bool:

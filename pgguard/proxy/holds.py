@@ -43,40 +43,21 @@ _BINARY = {16: lambda b: "true" if b == b"\x01" else "false",
 _TEXTUAL = frozenset({25, 1042, 1043, 19, 114, 3802})   # text, bpchar, varchar, name, json(b)
 
 
-def _parse_oids(parse: bytes | None) -> tuple:
-    # the parameter types a Parse message declares (0: left to the server)
-    if parse is None:
-        return ()
-    try:
-        pos = parse.index(b"\0", parse.index(b"\0", 5) + 1) + 1
-        (n,) = struct.unpack_from("!h", parse, pos)
-        return struct.unpack_from(f"!{n}I", parse, pos + 2) if n > 0 else ()
-    except (ValueError, struct.error):
-        return ()
-
-
 def bind_values(msg: bytes, parse: bytes | None = None) -> str:
     """What the Bind ``msg`` binds, for the human deciding on it: ``\n-- $1 = 'x',
     $2 = NULL`` (text values as SQL literals; binary ones by the type the statement's
     ``parse`` declares, else as text or hex saying the type is unknown; long ones cut)."""
-    oids = _parse_oids(parse)
+    oids = m.parse_param_oids(parse) if parse is not None else ()
     try:
         end = msg.index(b"\0", 5)
-        pos = msg.index(b"\0", end + 1) + 1
-        (nf,) = struct.unpack_from("!h", msg, pos)
-        fmts = struct.unpack_from(f"!{nf}h", msg, pos + 2)
-        pos += 2 + 2 * nf
-        (n,) = struct.unpack_from("!h", msg, pos)
-        pos += 2
+        fmts, values, _ = m.bind_parameters(msg, msg.index(b"\0", end + 1) + 1)
+        nf = len(fmts)
         shown = []
-        for i in range(n):
-            (ln,) = struct.unpack_from("!i", msg, pos)
-            pos += 4
-            if ln < 0:
+        for i, raw in enumerate(values):
+            if raw is None:
                 shown.append(f"${i + 1} = NULL")
                 continue
-            raw = msg[pos:pos + ln]
-            pos += ln
+            ln = len(raw)
             binary = (fmts[i] if nf > 1 else fmts[0] if nf else 0) == 1
             oid = oids[i] if i < len(oids) else 0
             if binary and oid in _BINARY:

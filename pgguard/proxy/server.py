@@ -59,8 +59,10 @@ DECISION_TEXT_MAX = 64 * 1024
 # views a session announced stay in the map LEARNED_TTL whatever the catalog says
 FUNCTION_RECENT_TTL = 120.0     # s a created name counts before the catalog shows it
 VIEW_MAP_TTL = 30.0
-# every function name, and whether it is a built-in (pg_catalog) one
-FUNCTION_NAMES_SQL = ("SELECT p.proname, p.pronamespace = 'pg_catalog'::regnamespace "
+# every function name, whether it is a built-in (pg_catalog) one, and whether it is
+# volatile (a built-in that is not may change no state: Postgres' own marking)
+FUNCTION_NAMES_SQL = ("SELECT p.proname, p.pronamespace = 'pg_catalog'::regnamespace, "
+                      "p.provolatile = 'v' "
                       "FROM pg_catalog.pg_proc p WHERE p.pronamespace <> "
                       "'information_schema'::regnamespace")
 FUNCTION_TTL = 60.0
@@ -207,6 +209,7 @@ class Server:
         self._no_views = ViewMap()
         # database -> [built-in names, other names, stale, loaded at, test]
         self._fn_names: dict[str, list] = {}
+        self._fn_volatile: dict[str, frozenset] = {}
         # names of functions sessions created through pgguard, by database (bare name
         # -> when): user functions from that moment, before a catalog read shows them
         self._fn_recent: dict[str, dict[str, float]] = {}
@@ -379,6 +382,8 @@ class Server:
         rows = (await sideconn.run(self.link, database, [FUNCTION_NAMES_SQL]))[0]
         builtin = frozenset(r[0] for r in rows if r[1] == "t")
         other = frozenset(r[0] for r in rows if r[1] != "t")
+        self._fn_volatile[database] = frozenset(
+            r[0] for r in rows if r[1] == "t" and r[2] == "t")
         self._fn_names[database] = [builtin, other, False, time.monotonic()]
         recent = self._fn_recent.get(database)
         if recent:
@@ -409,6 +414,11 @@ class Server:
         hit = self._fn_names.get(database)
         if hit is not None:
             hit[2] = True           # read the names again at the next test
+
+    def volatile_builtins(self, database: str) -> frozenset | None:
+        """The names of pg_catalog's volatile functions in ``database`` (by the names
+        last read; None: not read yet)."""
+        return self._fn_volatile.get(database)
 
     def user_function_test(self, database: str):
         """A test ``name -> bool``: may this call run code pgguard cannot see into (a
@@ -908,6 +918,7 @@ class Server:
             remember_decision=self.remember_decision,
             user_function_test=self.user_function_test,
             builtin_function_name=self.builtin_function_name,
+            volatile_builtins=self.volatile_builtins,
             decision_generation=self.decision_generation,
             views_fresh=self.views_fresh,
             note_functions=self.note_functions,

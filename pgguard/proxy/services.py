@@ -91,6 +91,7 @@ class Services:
     # judgement of a called name when read (else None), and reading names' bodies
     function_judgement: Callable[[str, str], object]
     builtin_function_name: Callable[[str, str], bool]
+    volatile_builtins: Callable[[str], object]          # masking: functions that may keep
     decision_generation: Callable[[str], int]
     views_fresh: Callable[[str], bool]
     note_functions: Callable[[str, object], None]
