@@ -18,7 +18,7 @@ import os
 import sys
 
 from . import config
-from .errors import PgguardError
+from .errors import ConfigError, PgguardError
 from .policy import explain, replay
 
 
@@ -61,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay.add_parser(sub)
 
-    p = sub.add_parser("token", help="issue or revoke short-lived agent tokens")
-    p.add_argument("action", choices=["issue", "revoke"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser(
+        "token", help="issue or revoke short-lived agent tokens",
+        description="Issue and revoke short-lived pgguard tokens; "
+                    "'pgguard token issue --help' and 'pgguard token revoke --help' "
+                    "tell more.")
+    p.add_argument("action", choices=["issue", "revoke"], metavar="{issue,revoke}", nargs="?",
+                   help="issue: a token for an identity (-c FILE --identity NAME "
+                        "[--ttl 15m] [--database DB] [--json]); revoke: by token id or "
+                        "token (-c FILE ID)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     p = sub.add_parser("approvals", help="list, approve or deny held statements")
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -78,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
+    # the detectors compile as serve compiles them (an unknown name, a bad pattern)
+    from .masking.detectors import DetectorSet  # why: Hyperscan loads only when checking
+    try:
+        DetectorSet.from_config(cfg.detectors.builtin, cfg.detectors.custom)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
     # secret files must exist; unset env vars are only a warning (they may be set
     # where the proxy runs, not where the config is checked)
     secrets = [("upstream", cfg.upstream.password_env, cfg.upstream.password_file)]
@@ -89,7 +102,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         secrets.append(("listen.cancel_key_env", cfg.listen.cancel_key_env, None))
     for key, env, file in secrets:
         if file:
-            config.read_secret(cfg, None, file, key)
+            try:
+                config.read_secret(cfg, None, file, key)
+            except ConfigError as e:
+                raise ConfigError(f"{args.config}: {e}") from None
         elif env and env not in os.environ:
             print(f"pgguard check: warning: {key}: environment variable {env} is not set",
                   file=sys.stderr)
@@ -133,6 +149,10 @@ def _cmd_control(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
+    if args.action is None:
+        print("pgguard token: say what to do: issue or revoke (pgguard token --help)",
+              file=sys.stderr)
+        return 2
     from .auth import cli as token_cli  # why: each command loads its own
     return token_cli.main(args.action, args.rest)
 

@@ -5,6 +5,8 @@ import fnmatch
 import os
 import re
 import socket
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +28,18 @@ def parse_duration(text: str | int | float) -> float:
     if not m:
         raise ValueError(f"invalid duration {text!r} (use e.g. 250ms, 30s, 5m, 2h, 7d)")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _durations(obj: object, *fields: str) -> None:
+    # each named field must read as a duration; a bad one is named by its key
+    for f in fields:
+        value = getattr(obj, f)
+        if value is None:
+            continue
+        try:
+            parse_duration(value)
+        except ValueError as e:
+            raise ValueError(f"{f}: {e}") from None
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -86,9 +100,8 @@ class Approvals(_Base):
     webhook_retries: int = 5
 
     def __post_init__(self) -> None:
-        for value in (self.default_timeout, self.max_window, self.poll_interval,
-                      self.retention, self.webhook_timeout):
-            parse_duration(value)
+        _durations(self, "default_timeout", "max_window", "poll_interval", "retention",
+                   "webhook_timeout")
         if parse_duration(self.poll_interval) <= 0:
             raise ValueError("poll_interval must be positive")
         if self.webhook_retries < 0:
@@ -122,7 +135,7 @@ class Upstream(_Base):
             raise ValueError("provision = true needs template_role")
         if not 0 < self.port <= 65535:
             raise ValueError("port must be between 1 and 65535")
-        parse_duration(self.connect_timeout)
+        _durations(self, "connect_timeout")
         if self.sslmode in ("verify-ca", "verify-full") and not self.sslrootcert:
             raise ValueError(f"sslmode = {self.sslmode!r} needs sslrootcert")
 
@@ -158,8 +171,7 @@ class AuthOidc(_Base):
                 raise ValueError("jwks_url must be https:// (http:// only for loopback)")
         if not self.algorithms:
             raise ValueError("algorithms cannot be empty")
-        for d in (self.jwks_cache, self.jwks_timeout, self.leeway):
-            parse_duration(d)
+        _durations(self, "jwks_cache", "jwks_timeout", "leeway")
 
 
 class Auth(_Base):
@@ -193,8 +205,8 @@ class Auth(_Base):
                              f"(have: {', '.join(self.key_ids()) or 'none'})")
         if self.throttle_after < 0:
             raise ValueError("throttle_after cannot be negative")
-        for d in (self.throttle_window, self.throttle_delay, self.throttle_max_delay):
-            parse_duration(d)
+        _durations(self, "throttle_window", "throttle_delay", "throttle_max_delay",
+                   "default_ttl", "max_ttl")
         if not 0 < parse_duration(self.default_ttl) <= parse_duration(self.max_ttl):
             raise ValueError("default_ttl must be positive and at most max_ttl")
 
@@ -305,14 +317,13 @@ class Rule(_Base):
     max_rows: RowLimit | None = None
 
     def __post_init__(self) -> None:
-        if self.timeout is not None:
-            parse_duration(self.timeout)
+        _durations(self, "timeout")
 
 
 class Mask(_Base):
     column: str
     strategy: Literal["redact", "partial", "email", "hash", "null"] = "redact"
-    keep: int = 4
+    keep: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 4   # partial: trailing characters kept
     replacement: str = "****"
     except_groups: list[str] = msgspec.field(default_factory=list)
     except_identities: list[str] = msgspec.field(default_factory=list)
@@ -352,7 +363,7 @@ class AuditConfig(_Base):
     seal_interval: str = "60s"
 
     def __post_init__(self) -> None:
-        parse_duration(self.flush_interval)
+        _durations(self, "flush_interval", "seal_interval")
         if parse_duration(self.seal_interval) <= 0:
             raise ValueError("seal_interval must be positive")
         if self.store is not None and not re.match(r"^((s3|gs|gcs)://[^/]|file:///)", self.store):
@@ -391,9 +402,8 @@ class Control(_Base):
                              "(a-z, 0-9, _; at most 63 characters)")
         if not self.dsn_env:
             raise ValueError("dsn_env must name an environment variable")
-        for d in (self.revocation_grace, self.heartbeat_interval, self.instance_ttl,
-                  self.connect_timeout):
-            parse_duration(d)
+        _durations(self, "revocation_grace", "heartbeat_interval", "instance_ttl",
+                   "connect_timeout")
         if parse_duration(self.instance_ttl) <= parse_duration(self.heartbeat_interval):
             raise ValueError("instance_ttl must be longer than heartbeat_interval")
 
@@ -406,8 +416,7 @@ class Limits(_Base):
     shutdown_timeout: str = "30s"
 
     def __post_init__(self) -> None:
-        parse_duration(self.startup_timeout)
-        parse_duration(self.shutdown_timeout)
+        _durations(self, "startup_timeout", "shutdown_timeout")
         if self.max_message_size < 1024:
             raise ValueError("max_message_size must be at least 1024")
 
@@ -454,7 +463,57 @@ def _friendly(err: msgspec.ValidationError) -> str:
     if m:
         key = f"{path}.{m.group(1)}" if path else m.group(1)
         return f"{key}: required key is missing"
+    # a check of the table at ``path`` that names its key first ("port must be ...",
+    # "timeout: invalid duration ...")
+    m = re.match(r"([a-z][a-z0-9_]*)(:| must | cannot | needs | = )", text)
+    if m:
+        key = f"{path}.{m.group(1)}" if path else m.group(1)
+        return f"{key}: {text[m.end():].lstrip() if m.group(2) == ':' else text}"
+    m = re.match(r"Invalid enum value (.+)", text)
+    if m:
+        allowed = _choices(path)
+        if allowed:
+            return f"{path}: invalid value {m.group(1)} (one of: {', '.join(allowed)})"
     return f"{path or '(top level)'}: {text}"
+
+
+def _choices(path: str) -> list[str]:
+    """The values a Literal key at ``path`` (``masks[0].strategy``) takes, if it is one."""
+    typ: object = Config
+    for part in re.split(r"\.|(?=\[)", path.replace("[...]", "[*]")):
+        if not part:
+            continue
+        if part.startswith("["):
+            args = typing.get_args(typ)
+            typ = args[-1] if args else None
+            continue
+        hints = _hints(typ)
+        if part not in hints:
+            return []
+        typ = _unoptional(hints[part])
+        while typing.get_origin(typ) is list or typing.get_origin(typ) is Annotated:
+            if typing.get_origin(typ) is Annotated:
+                typ = typing.get_args(typ)[0]
+                continue
+            break
+    typ = _unoptional(typ)
+    if typing.get_origin(typ) is Literal:
+        return [str(a) for a in typing.get_args(typ)]
+    return []
+
+
+def _hints(typ) -> dict:
+    try:
+        return typing.get_type_hints(typ) if isinstance(typ, type) else {}
+    except Exception:       # noqa: BLE001 - an unresolvable hint: no choices to list
+        return {}
+
+
+def _unoptional(typ):
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return typ
 
 
 def _name_identity(text: str, msg: str) -> str:
@@ -530,12 +589,16 @@ def _check_references(cfg: Config, source: str) -> None:
             f"{source}: upstream: password_env and password_file exclude each other")
 
 
-def read_secret(cfg: Config, env: str | None, file: str | None, key_path: str) -> str | None:
-    """A secret from an environment variable or a file named in the config."""
+def read_secret(cfg: Config, env: str | None, file: str | None, key_path: str,
+                prefix: str = "") -> str | None:
+    """A secret from an environment variable or a file named in the config; errors name
+    the key: ``key_path`` is the key itself (``admin.token_file``) or its table's path
+    (``identities.alice``), whose keys are ``<prefix>password_env`` / ``_file``."""
     if env:
         value = os.environ.get(env)
         if value is None:
-            raise ConfigError(f"{key_path}: environment variable {env} is not set")
+            where = key_path if key_path.endswith("_env") else f"{key_path}.{prefix}password_env"
+            raise ConfigError(f"{where}: environment variable {env} is not set")
         return value
     if file:
         p = Path(file)
@@ -544,7 +607,8 @@ def read_secret(cfg: Config, env: str | None, file: str | None, key_path: str) -
         try:
             return p.read_text().rstrip("\r\n")
         except OSError as e:
-            raise ConfigError(f"{key_path}: cannot read secret file {p}: {e.strerror}") from None
+            where = key_path if key_path.endswith("_file") else f"{key_path}.{prefix}password_file"
+            raise ConfigError(f"{where}: cannot read secret file {p}: {e.strerror}") from None
     return None
 
 

@@ -69,16 +69,29 @@ durability = "batched"
 @pytest.mark.parametrize("text, message", [
     ("[listen]\nport = \"x\"\n", "listen.port: Expected `int`, got `str`"),
     ("[listen]\nprot = 1\n", "listen.prot: unknown key"),
-    ("[upstream]\nsslmode = \"sometimes\"\n", "upstream.sslmode: Invalid enum value 'sometimes'"),
+    ("[upstream]\nsslmode = \"sometimes\"\n", "upstream.sslmode: invalid value 'sometimes' "
+     "(one of: disable, allow, prefer, require, verify-ca, verify-full)"),
     ("[[rules]]\nname = \"a\"\naction = \"block\"\nwhen = { flags = [\"explosive\"] }\n",
-     "rules[0].when.flags[0]: Invalid enum value 'explosive'"),
+     "rules[0].when.flags[0]: invalid value 'explosive' (one of: "),
     ("[[rules]]\naction = \"block\"\n", "rules[0].name: required key is missing"),
     ("[[rules]]\nname = \"a\"\naction = \"approve\"\ntimeout = \"5 parsecs\"\n",
-     "rules[0]: invalid duration '5 parsecs'"),
-    ("[identities.bob]\nkind = \"robot\"\n", "identities.bob.kind: Invalid enum value 'robot'"),
+     "rules[0].timeout: invalid duration '5 parsecs'"),
+    ("[identities.bob]\nkind = \"robot\"\n",
+     "identities.bob.kind: invalid value 'robot' (one of: agent, human)"),
     ("[[masks]]\ncolumn = \"email\"\n", "masks[0]: column 'email' must be schema.table.column"),
     ("[listen]\nport = 1\n[listen]\nport = 2\n", "invalid TOML"),
-    ("[upstream]\nsslmode = \"verify-full\"\n", "upstream: sslmode = 'verify-full' needs sslrootcert"),
+    ("[upstream]\nsslmode = \"verify-full\"\n",
+     "upstream.sslmode: sslmode = 'verify-full' needs sslrootcert"),
+    ("[admin]\nport = 99999\n", "admin.port: port must be between 0 and 65535"),
+    ("[limits]\nshutdown_timeout = \"5 s x\"\n", "limits.shutdown_timeout: invalid duration"),
+    ("[[masks]]\ncolumn = \"public.t.c\"\nstrategy = \"sha\"\n",
+     "masks[0].strategy: invalid value 'sha' (one of: redact, partial, email, hash, null)"),
+    ("[[masks]]\ncolumn = \"public.t.c\"\nstrategy = \"partial\"\nkeep = -1\n",
+     "masks[0].keep: Expected `int` >= 0"),
+    ("[detectors]\nbuiltin = [\"email\", \"passport\"]\n",
+     "detectors.builtin[1]: unknown detector 'passport'"),
+    ("[detectors]\ncustom = [{ name = \"x\", pattern = 'EMP-(\\d' }]\n",
+     "detectors.custom[0].pattern: invalid regular expression"),
 ])
 def test_errors_name_the_key_path(tmp_path, text, message):
     r = check(tmp_path, text)
@@ -95,14 +108,14 @@ def test_missing_file(tmp_path):
 
 def test_secret_env_missing_is_reported_at_serve(tmp_path):
     cfg = config.loads('[upstream]\npassword_env = "PGGUARD_TEST_UNSET_VAR"\n')
-    with pytest.raises(ConfigError, match="upstream: environment variable PGGUARD_TEST_UNSET_VAR"):
+    with pytest.raises(ConfigError, match="upstream.password_env: environment variable PGGUARD_TEST_UNSET_VAR"):
         config.read_secret(cfg, cfg.upstream.password_env, None, "upstream")
 
 
 def test_missing_secret_file_is_an_error(tmp_path):
     r = check(tmp_path, '[identities.bot]\npassword_file = "nope.txt"\n')
     assert r.returncode == 1
-    assert "identities.bot: cannot read secret file" in r.stderr
+    assert "identities.bot.password_file: cannot read secret file" in r.stderr
 
 
 def test_serve_refuses_a_port_another_process_holds(tmp_path):

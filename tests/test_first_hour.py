@@ -351,6 +351,29 @@ def test_explain_exit_status(shell, demo):
         assert r.returncode == check_code, (sql, r.stdout)
 
 
+def test_explain_and_check_refuse_what_serve_refuses(shell, demo):
+    """explain of a database the proxy would not open is an error, not an ALLOW; check
+    compiles the detectors and bounds a mask's keep as serve does."""
+    cfg = demo.dir / "pgguard.toml"
+    r = shell.run(f"./dev pgguard explain -c {cfg} --database nope --identity ci-agent "
+                  "--check 'SELECT 1'")
+    assert r.returncode == 1 and "--database 'nope': not in upstream.databases" in r.stderr
+    text = cfg.read_text()
+    for broken, said in (
+            (text.replace('"jwt"]', '"jwt", "passport"]', 1),
+             "detectors.builtin[6]: unknown detector 'passport'"),
+            (text.replace("keep = 4", "keep = -1", 1), "masks[1].keep: Expected `int` >= 0"),
+            (text.replace('timeout = "5m"', 'timeout = "5 minutes"', 1),
+             "rules[1].timeout: invalid duration '5 minutes'")):
+        assert broken != text
+        bad = demo.dir / "broken.toml"
+        bad.write_text(broken)
+        r = shell.run(f"./dev pgguard check -c {bad}")
+        assert r.returncode == 1 and said in r.stderr, r.stderr
+    r = shell.run("./dev pgguard token")
+    assert r.returncode == 2 and "issue or revoke" in r.stderr, r.stderr
+
+
 def test_approvals_without_as_says_how(shell, demo):
     cfg = demo.dir / "pgguard.toml"
     held = _held_update(shell, demo)

@@ -40,7 +40,7 @@ from typing import Any, TextIO
 import msgspec
 
 from ..config import Identity, load
-from ..errors import PgguardError
+from ..errors import ConfigError, PgguardError
 from .rules import Decision, PolicyEngine
 
 __all__ = ["main", "explain", "EXIT_ALLOW", "EXIT_BLOCK", "EXIT_APPROVE"]
@@ -141,6 +141,15 @@ def main(args: argparse.Namespace) -> int:
     if database is None:
         dbs = cfg.upstream.databases
         database = dbs[0] if dbs else ""
+    elif cfg.upstream.databases is not None and database not in cfg.upstream.databases:
+        raise ConfigError(f"--database {database!r}: not in upstream.databases (the proxy "
+                          "refuses sessions to it)")
+    else:
+        ident = cfg.identities.get(args.identity) if args.identity else None
+        if ident is not None and ident.databases is not None and \
+                database not in ident.databases:
+            raise ConfigError(f"--database {database!r}: identity {args.identity!r} may not "
+                              f"use it (identities.{args.identity}.databases)")
     engine = PolicyEngine(cfg)
     d, report = explain(engine, args.sql, args.identity, database)
     if args.json:

@@ -522,7 +522,7 @@ class Session:
             return name, password
         if ident is not None and ident.upstream_user:
             pw = read_secret(cfg, ident.upstream_password_env, ident.upstream_password_file,
-                             f"identities.{self.identity_name}")
+                             f"identities.{self.identity_name}", "upstream_")
             self.pinned_role = True
             return ident.upstream_user, pw
         return None, None
