@@ -162,6 +162,10 @@ def test_sessions(root):
     a = rows["sess-aaaa-1"]
     assert a["identity"] == "ci-agent" and a["statements"] == 3 and a["refused"] == 1
     assert a["approved"] == 1 and a["ended"] is not None and a["masked_cells"] == 12
+    assert a["login"] is None
+    # a login that failed is a session that ended there, and says so
+    c = rows["sess-cccc-3"]
+    assert c["login"] == "auth_failed" and c["ended"] == c["started"], c
     code, out = run("--dir", str(root), "sessions", "--identity", "alice")
     assert code == 0 and "sess-bbbb-2" in out and "sess-aaaa-1" not in out
 

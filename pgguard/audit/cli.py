@@ -380,7 +380,10 @@ def _cmd_sessions(args: argparse.Namespace, src: _Source, out: TextIO) -> int:
         SELECT session_id, any_value(identity) AS identity,
                any_value(identity_kind) AS kind, any_value(client_addr) AS client_addr,
                any_value(application_name) AS application, any_value(database) AS database,
-               min(ts) AS started, max(ts) FILTER (event = 'disconnect') AS ended,
+               min(ts) AS started,
+               max(ts) FILTER (event IN ('disconnect', 'auth_failed')) AS ended,
+               CASE WHEN bool_or(event = 'auth_failed') AND NOT bool_or(event = 'connect')
+                    THEN 'auth_failed' END AS login,
                count(*) FILTER (event = 'statement') AS statements,
                count(*) FILTER (decision IN ('blocked', 'denied', 'timed_out')) AS refused,
                count(*) FILTER (decision = 'approved') AS approved,
