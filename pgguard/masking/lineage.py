@@ -675,6 +675,9 @@ class _Link:
         self.proto = None
         self.lock = asyncio.Lock()
         self.no_role: set[str] = set()
+        # a round trip was written and not read to its end (its caller was cancelled,
+        # or failed): the connection holds another statement's answers, never reused
+        self.unread = False
 
 
 _LINKS: dict[tuple[int, str], _Link] = {}
@@ -719,6 +722,13 @@ async def analyse(side: SideLink, database: str, sql: bytes, param_oids: tuple[i
             log.debug("lineage: %r", e)
             _drop(link)
             return UNRESOLVED
+        except BaseException:
+            # cancelled (the session that asked went away) in the middle of a round
+            # trip: its answers are still on the way, and the next statement analysed
+            # would read them as its own (another statement's lineage: masked columns in
+            # clear, clean ones masked, for every session of the worker)
+            _drop(link)
+            raise
 
 
 def _drop(link: _Link) -> None:
@@ -741,8 +751,11 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
                    role) -> Lineage:
     """One round trip: prepare (under the role, read only), describe, EXPLAIN the generic
     plan, list the views and the functions/operators outside pg_catalog, roll back."""
+    if link.unread:
+        _drop(link)
     if link.proto is None or link.proto.transport.is_closing():
         link.proto = await side.connect(database, "pgguard:lineage")
+        link.unread = False
     proto = link.proto
     # names resolve as in the masked session, which pgguard starts with search_path =
     # public (not the upstream's "$user", public: a schema named like the upstream role
@@ -762,7 +775,9 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
                           + _frame(b"D", b"S" + _STMT + b"\0") + _frame(b"S", b"")
                           + _query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
                           + _frame(b"S", b"") + _query("ROLLBACK"))
+    link.unread = True
     got = await _until_ready(proto, 5)
+    link.unread = False
     zs = [i for i, (t, _) in enumerate(got) if t == m.READY_FOR_QUERY]
     if role and any(t == m.ERROR_RESPONSE for t, _ in got[:zs[0]]):
         # the role cannot be assumed from here: plan without it (still read only)
