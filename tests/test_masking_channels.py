@@ -373,6 +373,64 @@ def test_parameter_status_of_unmasked_statements_untouched(env):
                         b"application_name\0mail [email]\0"], msgs
 
 
+ZONES = ["America/New_York", "Asia/Kolkata", "UTC", "Etc/GMT+5", "EST5EDT"]
+
+
+@pytest.mark.parametrize("zone", ZONES)
+def test_time_zone_reported_in_a_transaction_that_read_masked_columns(env, zone):
+    """A zone name is what clients decode every timestamptz by: it is reported as set,
+    while application_name set in the same place is still withheld."""
+    proxy, _ = env
+    c = connect(proxy.port)
+    try:
+        msgs = c.run("BEGIN")
+        msgs += c.run("SELECT name FROM customers WHERE id = 1")
+        msgs += c.run(f"SET TIME ZONE '{zone}'")
+        msgs += c.run("SET application_name = 'tool-7'")
+        msgs += c.run("COMMIT")
+    finally:
+        c.close()
+    statuses = [p for t, p in msgs if t == b"S"]
+    assert f"TimeZone\0{zone}\0".encode() in statuses, statuses
+    assert b"application_name\0****\0" in statuses, statuses
+
+
+def test_time_zone_through_clients_after_masked_reads(env):
+    proxy, _ = env
+    with psycopg.connect(proxy.dsn(dbname=DB)) as conn:
+        conn.execute("SELECT email FROM customers").fetchall()
+        conn.execute("SET TIME ZONE 'America/New_York'")
+        ts = conn.execute("SELECT '2026-01-15 12:00:00+00'::timestamptz").fetchone()[0]
+        assert conn.info.parameter_status("TimeZone") == "America/New_York"
+    assert ts.utcoffset().total_seconds() == -5 * 3600, ts
+
+    async def go():
+        c = await asyncpg.connect(proxy.dsn(dbname=DB))
+        try:
+            async with c.transaction():
+                await c.fetch("SELECT ssn FROM customers")
+                await c.execute("SET TIME ZONE 'Asia/Kolkata'")
+            return c.get_settings().TimeZone
+        finally:
+            await c.close()
+    assert asyncio.run(go()) == "Asia/Kolkata"
+
+
+def test_time_zone_not_a_zone_name_stays_withheld(env):
+    proxy, _ = env
+    c = connect(proxy.port)
+    try:
+        msgs = c.run("BEGIN")
+        msgs += c.run("SELECT name FROM customers WHERE id = 1")
+        msgs += c.run("SET TIME ZONE '<+0530>-5:30'")
+        msgs += c.run("ROLLBACK")
+    finally:
+        c.close()
+    statuses = [p for t, p in msgs if t == b"S" and p.startswith(b"TimeZone\0")]
+    # (the ROLLBACK's own report of the zone it restores is not tainted)
+    assert statuses and statuses[0] == b"TimeZone\0****\0", statuses
+
+
 # -- FunctionCallResponse
 
 def _fn_oid(pg, name):

@@ -22,7 +22,7 @@
 - NotificationResponse sent by this session's own backend: the payload becomes
   ``****``.
 - ParameterStatus: the value becomes ``****`` (except the few settings whose values
-  are keywords and that client libraries parse).
+  are keywords and that client libraries parse, and TimeZone when it is a zone name).
 - FunctionCallResponse: the result becomes ``****``.
 
 Whether tainted or not, every text that is left is scanned by the detectors and what
@@ -161,6 +161,12 @@ _KEYWORD_SETTINGS = frozenset({b"client_encoding", b"server_encoding", b"DateSty
                                b"standard_conforming_strings", b"in_hot_standby",
                                b"is_superuser", b"default_transaction_read_only",
                                b"scram_iterations"})
+
+# TimeZone: a zone name as the time zone database spells them (America/New_York, UTC,
+# Etc/GMT+5, EST5EDT) passes; client libraries decode every timestamptz by it (psycopg
+# fell back to UTC with '****'). Anything else it may hold (POSIX specs, offsets) is
+# replaced as before. Its only route from data is set_config(), a refused sink.
+_ZONE_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9_+\-]{0,39}(?:/[A-Za-z0-9_+\-]{1,40}){0,2}")
 
 _HEX_BYTES = re.compile(rb"0x[0-9A-Fa-f]{2}(?: 0x[0-9A-Fa-f]{2})*")
 _WITHHELD_DETAIL = b"pgguard: detail withheld: the statement read masked columns"
@@ -315,7 +321,8 @@ class Channels:
             value = msg[z + 1:z2]
         except ValueError:
             return msg
-        if tainted and value and name not in _KEYWORD_SETTINGS:
+        if tainted and value and name not in _KEYWORD_SETTINGS and not (
+                name == b"TimeZone" and _ZONE_NAME.fullmatch(value)):
             new = REDACTED
         else:
             new = self._scan(value)
