@@ -1,7 +1,7 @@
 # Error and notice texts of statements that read masked columns: an allow-list. Only what
 # provably carries no value is kept (SQLSTATE, severity, the condition's name, Postgres'
 # messages that have no slot for a value); the rest is withheld, saying so. A value that
-# stands in a message unquoted (chr, lo_get, make_date, setseed...) never reaches the
+# stands in a message unquoted (chr, make_date, make_time...) never reaches the
 # client; judged by every byte each client received (the clear values, their digits).
 import pytest
 
@@ -20,12 +20,8 @@ WITHHELD = b"message withheld by pgguard: the statement read masked columns"
 UNQUOTED = [
     ("SELECT chr(replace(ssn, '-', '')::int) FROM customers WHERE id = 1", "54000",
      "program_limit_exceeded"),
-    ("SELECT lo_get(replace(ssn, '-', '')::oid) FROM customers WHERE id = 1", "42704",
-     "undefined_object"),
     ("SELECT make_date(substr(ssn, 1, 3)::int, 13, 1) FROM customers WHERE id = 1",
      "22008", "datetime_field_overflow"),
-    ("SELECT setseed(replace(ssn, '-', '')::float8) FROM customers WHERE id = 1", "22023",
-     "invalid_parameter_value"),
     ("SELECT repeat('x', 1) FROM customers WHERE id = 1 AND "
      "chr(replace(ssn, '-', '')::int) > ''", "54000", "program_limit_exceeded"),
     ("SELECT make_time(substr(ssn, 5, 2)::int + 40, 0, 0) FROM customers WHERE id = 1",
@@ -33,6 +29,25 @@ UNQUOTED = [
     ("SELECT to_timestamp(replace(ssn, '-', '')::float8 * 1e9) FROM customers "
      "WHERE id = 1", "22008", "datetime_field_overflow"),
 ]
+
+
+# volatile built-ins that keep their argument (a large object's OID, the random seed):
+# refused before they run (masking.parking.sink_functions), so no error text at all
+REFUSED = [
+    "SELECT lo_get(replace(ssn, '-', '')::oid) FROM customers WHERE id = 1",
+    "SELECT setseed(replace(ssn, '-', '')::float8) FROM customers WHERE id = 1",
+]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("sql", REFUSED)
+def test_volatile_builtins_given_masked_values_are_refused(env, psql_bin, client, sql):
+    msgs, codes = run_mode(client, env, sql, psql_bin)
+    assert codes and set(codes) == {"42501"}, codes
+    assert leaks(msgs) == [], (client, sql)
+    digits = SSNS[0].replace("-", "")
+    text = b"".join(p for t, p in msgs if t in (b"E", b"N"))
+    assert not any(digits[i:i + 3].encode() in text for i in range(len(digits) - 2)), text
 
 
 @pytest.mark.parametrize("client", CLIENTS)

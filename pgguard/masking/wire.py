@@ -270,6 +270,8 @@ _UNKNOWN = ("cursor", "\0unknown")
 
 
 _REFUSE_ROWS = None     # a plan no DataRow fits: rows of an unknown portal end the session
+_AT_ANSWER = object()   # the plan of a Bind's statement is looked up when its shape comes
+_PARSED_NAMES_MAX = 4096
 
 
 def _refuse_rows():
@@ -297,6 +299,10 @@ class MaskState(LaneState):
         self.portals: dict[bytes, tuple[ObjPlan, bytes | None]] = {}
         self.cursors: dict[str, ObjPlan] = {}       # SQL cursors (DECLARE)
         self.sql_prepared: dict[str, ObjPlan] = {}  # SQL PREPARE (run with EXECUTE)
+        # names this session Parsed over the protocol (bounded): a Bind of a name in
+        # neither this nor stmts / sql_prepared binds a statement of unknown shape (a
+        # SQL PREPARE still on its way, one of a multi-statement Query)
+        self.parsed_names: set[bytes] = set()
         self.expect: deque = deque()                # what the backend answers next
         # -- other channels (channels.py): what in flight, or in this transaction, read
         # masked data (its errors, notices ... are scrubbed)
@@ -306,6 +312,7 @@ class MaskState(LaneState):
         self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
         self._next: ObjPlan | None = None   # the plan of the Query being forwarded
         self._ready = 0
+        self._early_syncs = 0       # Syncs a COPY took, let go before their model said
         # after an extended-protocol error whose Sync was not yet forwarded: what is
         # forwarded up to that Sync is skipped by Postgres, answered by nothing
         self._skip = False
@@ -579,6 +586,9 @@ class MaskState(LaneState):
                 # exists"), or a SQL DEALLOCATE may not have run: a name that read
                 # masked data keeps counting as one
                 self.reading_stmts.discard(name)
+            if len(self.parsed_names) >= _PARSED_NAMES_MAX:
+                self.parsed_names.clear()       # then unknown names are described again
+            self.parsed_names.add(name)
             self._push((K_PARSE, name))
             # learn its row shape now, in case the client executes without Describe
             self._push((K_PDESC, name, obj))
@@ -599,12 +609,25 @@ class MaskState(LaneState):
             if stmt in self.reading_stmts:      # its executions read masked relations
                 self.masked_reads += 1
                 self.txn_tainted = True
+            if self.masks_on and stmt != b"\0" and self._ready > 0:
+                # a Query is on its way before this Bind: a PREPARE, DEALLOCATE or
+                # DISCARD in it may change what the name is (its answer comes first)
+                self._push((K_PDESC, stmt, _AT_ANSWER, portal, formats))
+                return _describe_statement(stmt)
             if self.masks_on and stmt not in self.stmts:
                 sql = self.sql_prepared.get(stmt.decode("utf-8", "replace"))
                 if sql is not None:
                     # a Bind of a SQL PREPARE's statement (one namespace): no Parse told
                     # its row shape, so ask for it now; the portal takes the PREPARE's plan
-                    self._push((K_PDESC, stmt, sql, portal, formats))
+                    self._push((K_PDESC, stmt, _AT_ANSWER, portal, formats))
+                    return _describe_statement(stmt)
+                if stmt not in self.parsed_names and stmt != b"\0":
+                    # no Parse of it, no PREPARE run yet: one on its way (a PREPARE in
+                    # the same write), or one of a multi-statement Query. Its shape is
+                    # asked for; the plan is the PREPARE's in effect when the answer
+                    # comes (Postgres ran everything before this Bind by then), else
+                    # unknown (every column masked)
+                    self._push((K_PDESC, stmt, _AT_ANSWER, portal, formats))
                     return _describe_statement(stmt)
         elif t == m.DESCRIBE:                                # the client's own
             try:
@@ -756,6 +779,12 @@ class MaskState(LaneState):
         if self.fast_owed:
             return self.feed_owed(t, data)
         h = self._head()
+        while h is not None and h[0] == K_SYNC and t in _BEFORE_READY:
+            # an answer to a message after this Sync: a COPY FROM STDIN took the Sync
+            # (Postgres ignores one in copy-in), so it gets no ReadyForQuery
+            self.expect.popleft()
+            self._early_syncs += 1
+            h = self._head()
         k = h[0] if h is not None else -1
         if t == m.PARAMETER_DESCRIPTION:
             if k == K_PDESC:
@@ -767,9 +796,17 @@ class MaskState(LaneState):
                 self.expect.popleft()
                 obj = h[2]
                 if len(h) > 3:          # asked for a Bind of a SQL PREPARE's statement
-                    if self.sql_prepared.get(h[1].decode("utf-8", "replace")) is not obj:
-                        # DEALLOCATE / PREPARE of the name went by meanwhile: the rows
-                        # are another statement's, of unknown lineage (masked)
+                    # the plan is the PREPARE's in effect now: Postgres ran everything
+                    # before the Bind when it answers this, and a later PREPARE has not
+                    # answered yet (a DEALLOCATE / PREPARE / Parse of the name sent
+                    # before the Bind, in the same write or not, is accounted for; one
+                    # sent after it took the name away here already: unknown)
+                    obj = self.sql_prepared.get(h[1].decode("utf-8", "replace"))
+                    st = self.stmts.get(h[1])       # a protocol statement, still there
+                    if obj is None or st is not None and st is not obj:
+                        obj = st if obj is None else None
+                    if obj is None:
+                        # of unknown lineage (masked)
                         obj = ObjPlan()
                         obj.rowdesc = desc
                         self.portals[h[3]] = (obj, h[4])
@@ -836,6 +873,8 @@ class MaskState(LaneState):
         # 'Z'
         out = rw.feed(data)
         swallowed = got[1] if got is not None else 0    # Syncs a COPY took
+        # (those already let go above, answered past, are not skipped twice)
+        swallowed, self._early_syncs = max(0, swallowed - self._early_syncs), 0
         if self.s.in_flight() <= 0:
             self.masked_reads = 0
             if data[5] == m.TX_IDLE:                        # the transaction ended
@@ -1096,6 +1135,8 @@ class MaskState(LaneState):
 
 
 _PAIRED = frozenset(b"Ttn2HCEIsZ")
+# answers that come before a Sync's ReadyForQuery, never after it
+_BEFORE_READY = frozenset(b"Ttn2HCIs")
 # an error answering one of these makes Postgres skip everything up to Sync
 _EXTENDED = frozenset(b"PBEDC")
 

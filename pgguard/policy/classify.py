@@ -351,6 +351,10 @@ _UTILITY_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "AlterRoleSetStmt": (("privilege", "ALTER ROLE ... SET changes a role's settings"),),
     "AlterDatabaseSetStmt": (("privilege", "ALTER DATABASE ... SET changes the settings of "
                                            "every later session"),),
+    "AlterDatabaseStmt": (("destructive", "ALTER DATABASE changes how every session may "
+                                          "connect (CONNECTION LIMIT, ALLOW_CONNECTIONS, "
+                                          "IS_TEMPLATE) or where the database lives "
+                                          "(TABLESPACE): a limit of 1 locks everyone out"),),
     "DropRoleStmt": (("privilege", "DROP ROLE removes a role"),
                      ("destructive", "DROP ROLE removes a role")),
     "DropOwnedStmt": (("destructive", "DROP OWNED drops every object a role owns"),
@@ -1493,6 +1497,9 @@ def _alter_table(acc: _Acc, b: dict) -> None:
         sub = cmd.get("subtype", "")
         col = cmd.get("name") or ""
         at_col = f"ALTER TABLE {target} ALTER COLUMN {col}"
+        if sub == "AT_AddColumn" and _temp_type(cmd.get("def")):
+            acc.flag("destructive", f"ALTER TABLE {target} ADD COLUMN of a type in pg_temp: "
+                     "the column is dropped with the type when the session ends")
         if sub == "AT_AddConstraint" or sub == "AT_AddColumn":
             _referential_actions(acc, target, cmd.get("def"))
             if _not_valid(cmd.get("def")):
@@ -1568,7 +1575,7 @@ _AT_PLAIN = frozenset({
     "AT_AddIndex", "AT_AddConstraint", "AT_ValidateConstraint", "AT_AddIndexConstraint",
     "AT_ClusterOn", "AT_DropCluster", "AT_SetLogged", "AT_DropOids", "AT_SetAccessMethod",
     "AT_SetTableSpace", "AT_EnableTrig", "AT_EnableAlwaysTrig", "AT_EnableTrigAll",
-    "AT_EnableTrigUser", "AT_EnableRule", "AT_EnableAlwaysRule", "AT_AddOf", "AT_DropOf",
+    "AT_EnableTrigUser", "AT_EnableRule", "AT_EnableAlwaysRule", "AT_DropOf",
 })
 # ... and those that change how every later write behaves, or break it ({at}: ALTER
 # TABLE t ALTER COLUMN c)
@@ -1596,8 +1603,24 @@ _AT_DESTRUCTIVE = {
                      "query plans rely on",
     "AT_ResetOptions": "{at} RESET (n_distinct ...) changes the statistics every session's "
                        "query plans rely on",
+    "AT_AddOf": "ALTER TABLE {t} OF makes the table depend on the type: dropping the type "
+                "drops the table with it (a type in pg_temp is dropped when the session "
+                "ends)",
 }
 _HARMLESS_STORAGE = frozenset({"extended", "external", "main", "default"})
+
+
+def _temp_type(d: Any) -> bool:
+    """A column definition whose type is named in pg_temp (pg_temp, pg_temp_N)."""
+    if type(d) is not dict or type(d.get("ColumnDef")) is not dict:
+        return False
+    tn = d["ColumnDef"].get("typeName")
+    names = tn.get("TypeName", tn).get("names") if type(tn) is dict else None
+    for n in names or ():
+        v = n.get("String", {}).get("sval") if type(n) is dict else None
+        if type(v) is str and v.lower().startswith("pg_temp"):
+            return True
+    return False
 
 
 def _not_valid(d: Any) -> bool:
