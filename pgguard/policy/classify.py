@@ -1616,11 +1616,7 @@ def _temp_type(d: Any) -> bool:
         return False
     tn = d["ColumnDef"].get("typeName")
     names = tn.get("TypeName", tn).get("names") if type(tn) is dict else None
-    for n in names or ():
-        v = n.get("String", {}).get("sval") if type(n) is dict else None
-        if type(v) is str and v.lower().startswith("pg_temp"):
-            return True
-    return False
+    return any(_sval(n).lower().startswith("pg_temp") for n in names or ())
 
 
 def _not_valid(d: Any) -> bool:
