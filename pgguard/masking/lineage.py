@@ -24,11 +24,13 @@ operators outside pg_catalog (their bodies are not seen: by name, and every
 schema-qualified call). EXPLAIN does not print the expressions of a multi-row VALUES
 list (its Values Scan shows only "*VALUES*".column1): every column of one is tainted
 when the statement reads a masked relation (LATERAL VALUES may reference it) or its
-text names a function or operator outside pg_catalog. ``count(...)`` as a whole output
-expression is clean: it cannot carry a value (it can still count rows matching a
-condition: an oracle the README documents), unless a function named count exists
-outside pg_catalog (an aggregate count(text) of the agent's is picked for text and
-printed without its schema).
+text names a function or operator outside pg_catalog. A count is an aggregate like any
+other (``count(CASE WHEN g <= ascii(ssn) THEN 1 END)`` is a character's code). When the
+number of rows is itself decided by masked values (a function scan over them, a derived
+relation carrying them, a LIMIT or OFFSET computed when the statement runs), every
+computed column is tainted: ``count(*)`` over ``generate_series(1, ascii(ssn))`` is the
+value. A filter or join condition on a masked column is not followed (the README's
+oracles).
 
 A column-alias list renames a relation's columns in the plan (``FROM customers AS
 x(i, n, e, s)`` prints ssn as ``x.s``; ``x(ssn)`` prints the real ssn as ``x.ssn_1``).
@@ -255,6 +257,10 @@ _SHOWN = _RELATION_SCANS | frozenset({
 _HIDDEN = frozenset({"Values Scan"})
 # node fields whose expressions feed the node's output columns
 _EXPR_FIELDS = ("Output", "Function Call", "Table Function Call")
+# ... and those that decide which rows pass
+_ALL_EXPR_FIELDS = _EXPR_FIELDS + ("Filter", "Join Filter", "Hash Cond", "Merge Cond",
+                                   "Index Cond", "Recheck Cond", "One-Time Filter",
+                                   "Run Condition", "Sort Key", "Group Key")
 # names of functions and operators outside pg_catalog (user-defined, extensions): calls
 # of them are not seen into, so an output that calls one is masked
 _OPAQUE_SQL = ("SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace NOT IN "
@@ -409,6 +415,20 @@ class _Taint:
         # a plan with one range table entry prints its columns without the alias too
         aliases = {n["Alias"] for n in self.nodes if "Alias" in n}
         self.lone = len(aliases) == 1 and not aliases.isdisjoint(self.aliases)
+        # rows whose number a masked value decides: a function scan or a set-returning
+        # target list over masked values (generate_series(1, ascii(ssn))), a derived
+        # relation (subquery, CTE, recursive CTE) that carries them, a LIMIT / OFFSET
+        # computed from them. Whatever counts, sums or numbers such rows carries the
+        # value (count(*) gave back six digits of an SSN): every computed column of the
+        # statement is tainted
+        self.shaped = self.reads and (any(
+            n.get("Alias") in self.aliases and "Relation Name" not in n
+            or n.get("Node Type") == "ProjectSet" and self._subtree(n)
+            or n.get("Node Type") == "Recursive Union" and self._any_expr(n)
+            or n.get("Node Type") == "Limit" and any(
+                self._subtree(c) for c in n.get("Plans", ())
+                if c.get("Parent Relationship") in ("InitPlan", "SubPlan"))
+            for n in self.nodes) or _runtime_limit(sql))
 
     def _renamed(self, key: tuple[str, str], names: set[str], cols: frozenset,
                  columns: dict | None, renames: list | None) -> None:
@@ -511,6 +531,16 @@ class _Taint:
                 return True
         return False
 
+    def _any_expr(self, node: dict) -> bool:
+        # any expression of the subtree, its filters and join conditions included (what
+        # decides when a recursive CTE stops: how many rows it makes)
+        for field in _ALL_EXPR_FIELDS:
+            v = node.get(field)
+            for text in (v if isinstance(v, list) else (v,)):
+                if isinstance(text, str) and self.expr(text):
+                    return True
+        return any(self._any_expr(c) for c in node.get("Plans", ()))
+
     def _subtree(self, node: dict) -> bool:
         return any(self.expr(e) for e in _exprs(node)) or any(
             self._subtree(c) for c in node.get("Plans", ()))
@@ -604,16 +634,45 @@ class _Taint:
         return False
 
     def _output(self, text: str) -> bool:
+        # (a count of an expression over masked values is tainted like any aggregate:
+        # count(CASE WHEN g <= ascii(ssn) THEN 1 END) over generate_series(1, 255) is
+        # the character's code)
         toks = self._scanned(text)
-        if toks is None:
-            return True
-        while len(toks) > 1 and toks[0].text == "(" and _closing(toks, 0) == len(toks) - 1:
-            toks = toks[1:-1]
-        if len(toks) > 2 and toks[0].text == "count" and toks[1].text == "(" \
-                and _closing(toks, 1) == len(toks) - 1 and "count" not in self.opaque:
-            return False          # a count cannot carry the value (pg_catalog's: a
-            #                       count(text) of the agent's may concatenate them)
-        return self._tainted(toks)
+        return toks is None or self._tainted(toks)
+
+
+def _runtime_limit(sql: str | None) -> bool:
+    """A LIMIT or OFFSET of the statement that is computed when it runs (a column, a
+    sub-select, an expression), not a constant or a parameter; unreadable text: True."""
+    if sql is None:
+        return True
+    from pglast import parser
+    try:
+        tree = orjson.loads(parser.parse_sql_json(sql))
+    except Exception:       # noqa: BLE001 - unreadable: it may
+        return True
+    todo: list[Any] = [tree]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            for key in ("limitCount", "limitOffset"):
+                lim = v.get(key)
+                if lim is not None and not _fixed(lim):
+                    return True
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+    return False
+
+
+def _fixed(node: Any) -> bool:
+    # a constant, a parameter, or a cast of one (LIMIT 10, LIMIT $1, LIMIT '5'::int)
+    if not isinstance(node, dict):
+        return False
+    if "A_Const" in node or "ParamRef" in node:
+        return True
+    cast = node.get("TypeCast")
+    return isinstance(cast, dict) and _fixed(cast.get("arg"))
 
 
 def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
@@ -647,7 +706,7 @@ def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
         elif table and attnum > 0 and table in base_tables:
             masked.append((table, attnum) in masked_cols)    # a stored value, as it is
         else:
-            masked.append(True if outs is None else outs[i])
+            masked.append(True if outs is None or taint.shaped else outs[i])
     return Lineage(tuple(masked), taint.reads)
 
 

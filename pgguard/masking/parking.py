@@ -488,6 +488,39 @@ def _sink(st, reads: _Reads, sinks: frozenset = SINK_FUNCS) -> str | None:
     return None
 
 
+def _view_keeps_sink(d, sql: str, sinks: frozenset):
+    """The refusal of a view (or materialized view) whose query calls a function that
+    keeps what it is given: read under a statement over masked columns (a LIMIT of a
+    masked value's size), each row it yields runs the call once more (nextval, an
+    advisory lock, a notification channel): the count is the value, kept for later."""
+    stmts = _tree(sql)
+    for st, raw in zip(d.statements, stmts or ()):
+        node = raw.get("stmt") if isinstance(raw, dict) else None
+        if not isinstance(node, dict):
+            continue
+        body = None
+        if isinstance(node.get("ViewStmt"), dict):
+            body = node["ViewStmt"].get("query")
+        elif isinstance(node.get("CreateTableAsStmt"), dict) and \
+                node["CreateTableAsStmt"].get("objtype") == "OBJECT_MATVIEW":
+            body = node["CreateTableAsStmt"].get("query")
+        if body is None:
+            continue
+        reads = _Reads()
+        reads.walk(body)
+        kept = sorted(reads.funcs & sinks)
+        if kept:
+            return _refusal(
+                d, st, f"a view that calls {kept[0]}() keeps a call of a function that keeps "
+                "what it is given: read under a statement over masked columns, the number "
+                "of calls can carry a masked value",
+                f"statement kind: {st.kind}; the view calls "
+                + ", ".join(f"{f}()" for f in kept),
+                "Call such functions in your own statements (not over masked columns); "
+                "views may not keep calls of them for a masked identity.")
+    return None
+
+
 def _tree(sql: str) -> list | None:
     """The statements' parse trees (None: the text does not parse)."""
     try:
@@ -581,6 +614,10 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 f"statement kind: {st.kind}; calls {', '.join(t + '()' for t in texts)}",
                 "Read pg_stat_activity without its query column, or ask an identity "
                 "exempt from the masks.")
+    if (names or globs) and any(st.kind == "create" for st in d.statements):
+        refusal = _view_keeps_sink(d, sql, sinks)
+        if refusal is not None:
+            return refusal
     if (names or globs) and any(k in ("create", "alter") for st in d.statements
                                 for k in (st.kind, *st.kinds)):
         refusal = _hooks(d, sql, user_fn) or _moves(d, sql, masked, globs)
