@@ -373,7 +373,7 @@ def test_parameter_status_of_unmasked_statements_untouched(env):
                         b"application_name\0mail [email]\0"], msgs
 
 
-ZONES = ["America/New_York", "Asia/Kolkata", "UTC", "Etc/GMT+5", "EST5EDT"]
+ZONES = ["America/New_York", "Asia/Kolkata", "UTC", "Etc/GMT+5", "America/Argentina/Salta"]
 
 
 @pytest.mark.parametrize("zone", ZONES)
@@ -422,7 +422,7 @@ def test_time_zone_not_a_zone_name_stays_withheld(env):
     try:
         msgs = c.run("BEGIN")
         msgs += c.run("SELECT name FROM customers WHERE id = 1")
-        msgs += c.run("SET TIME ZONE '<+0530>-5:30'")
+        msgs += c.run("SET TIME ZONE 'XXX7'")             # a POSIX spec: any letters
         msgs += c.run("ROLLBACK")
     finally:
         c.close()

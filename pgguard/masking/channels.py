@@ -163,10 +163,10 @@ _KEYWORD_SETTINGS = frozenset({b"client_encoding", b"server_encoding", b"DateSty
                                b"scram_iterations"})
 
 # TimeZone: a zone name as the time zone database spells them (America/New_York, UTC,
-# Etc/GMT+5, EST5EDT) passes; client libraries decode every timestamptz by it (psycopg
+# Etc/GMT+5: Area/Location) passes; client libraries decode every timestamptz by it (psycopg
 # fell back to UTC with '****'). Anything else it may hold (POSIX specs, offsets) is
 # replaced as before. Its only route from data is set_config(), a refused sink.
-_ZONE_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9_+\-]{0,39}(?:/[A-Za-z0-9_+\-]{1,40}){0,2}")
+_ZONE_NAME = re.compile(rb"UTC|GMT|[A-Z][A-Za-z_]{1,30}(?:/[A-Z][A-Za-z0-9_+\-]{0,40}){1,2}")
 
 _HEX_BYTES = re.compile(rb"0x[0-9A-Fa-f]{2}(?: 0x[0-9A-Fa-f]{2})*")
 _WITHHELD_DETAIL = b"pgguard: detail withheld: the statement read masked columns"

@@ -184,6 +184,7 @@ class _Reads:
         # column-alias list (None: none), the relations (and renamings) inside
         self.joins: list[tuple[str, tuple[str, ...] | None, _Reads]] = []
         self.executes: list[str] = []          # prepared statements run by EXECUTE
+        self.exec_computed = False             # ... with an argument computed when run
 
     @staticmethod
     def only_rules(reads: _Reads) -> _Reads:
@@ -233,6 +234,7 @@ class _Reads:
                     self.hooks.append((k, v))
                 elif k == "ExecuteStmt":
                     self.executes.append(v.get("name", ""))
+                    self.exec_computed |= any(not _fixed_arg(a) for a in v.get("params") or ())
                 elif k == "DeclareCursorStmt":
                     self.hold |= bool(v.get("options", 0) & _CURSOR_OPT_HOLD)
                 elif k in _TARGETED and "relation" in v:     # the target's columns too
@@ -488,6 +490,20 @@ def _sink(st, reads: _Reads, sinks: frozenset = SINK_FUNCS) -> str | None:
     return None
 
 
+def _fixed_arg(node) -> bool:
+    # a literal, a parameter, or an operator / cast over them (EXECUTE p(1), p($1), p(-2))
+    if not isinstance(node, dict):
+        return False
+    if "A_Const" in node or "ParamRef" in node:
+        return True
+    if isinstance(node.get("TypeCast"), dict):
+        return _fixed_arg(node["TypeCast"].get("arg"))
+    e = node.get("A_Expr")
+    if isinstance(e, dict) and e.get("kind") == "AEXPR_OP":
+        return all(_fixed_arg(x) for x in (e.get("lexpr"), e.get("rexpr")) if x is not None)
+    return False
+
+
 def _view_keeps_sink(d, sql: str, sinks: frozenset):
     """The refusal of a view (or materialized view) whose query calls a function that
     keeps what it is given: read under a statement over masked columns (a LIMIT of a
@@ -703,6 +719,16 @@ def check(d, sql: str, masked: dict[str, frozenset[str]], globs=(), user_fn=None
                 cols = [f"{t}.* (whole rows given to {fcalls[0]} as o.f)" for t in touched]
         own = {f"{sch or 'public'}.{rel}" for sch, rel, _alias in reads.ranges}
         via_bodies = [t for t in touched if t not in own]
+        if reads.executes and reads.exec_computed and (cols or touched):
+            # EXECUTE p(<computed>): the arguments go into a statement planned apart,
+            # whose rows, and whatever it stores, follow the PREPARE's lineage, not the
+            # arguments' (EXECUTE p(ssn_of(1)) with p AS SELECT $1 returned it in clear)
+            return _refusal(
+                d, st, f"EXECUTE {reads.executes[0]}(...) computes its arguments over "
+                "tables with masked columns; the prepared statement is planned apart and "
+                "would return or keep them unmasked",
+                f"statement kind: {st.kind}; reads {', '.join(touched or cols)}",
+                "Pass constants or parameters to EXECUTE, or run the statement itself.")
         if not cols and via_bodies and unseen:
             # a table with masked columns the statement's own text does not read: a
             # called function's body reads it (the policy folds bodies in), so what it

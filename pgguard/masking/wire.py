@@ -755,8 +755,12 @@ class MaskState(LaneState):
     def _apply_unseen(self, e: tuple) -> None:
         if e[0] == K_CLOSE:
             (self.stmts if e[1] == m.TARGET_STATEMENT else self.portals).pop(e[2], None)
+            # (in answer order too: see _declared)
+            (self.sql_prepared if e[1] == m.TARGET_STATEMENT else self.cursors).pop(
+                e[2].decode("utf-8", "replace"), None)
             if e[1] == m.TARGET_STATEMENT:
                 self.lane_stmt(e[2], False)
+                self.parsed_names.discard(e[2])
 
     def _head(self) -> tuple | None:
         q = self.expect
@@ -815,6 +819,11 @@ class MaskState(LaneState):
                     self.portals[h[3]] = (obj, h[4])
                 obj.rowdesc = desc
                 self.stmts[h[1]] = obj
+                if len(h) == 3:
+                    # a protocol Parse of the name, answered: no SQL PREPARE's plan is the
+                    # name's now (one answered before it came back after the Parse was
+                    # sent, which removed it then)
+                    self.sql_prepared.pop(h[1].decode("utf-8", "replace"), None)
                 self.lane_stmt(h[1], obj.safe)
                 self._arm()
                 return None
@@ -926,6 +935,11 @@ class MaskState(LaneState):
                 for n in [name] if name is not None and kind == table else \
                         [n for n in objs if n]:
                     objs.pop(n, None)
+            if name is not None and tag.startswith((b"DEALLOCATE", b"CLOSE CURSOR")):
+                # in answer order: a PREPARE / DECLARE answered before this (in the same
+                # write) put its plan back after the removal made when it was sent
+                (self.sql_prepared if table == "prepared" else self.cursors).pop(
+                    name.decode("utf-8", "replace"), None)
 
     # -- other channels (ErrorResponse, NoticeResponse, NotificationResponse,
     #    ParameterStatus, FunctionCallResponse): channels.py does the scrubbing

@@ -140,6 +140,9 @@ def main(args: argparse.Namespace) -> int:
     database = getattr(args, "database", None)
     if database is None:
         dbs = cfg.upstream.databases
+        ident = cfg.identities.get(args.identity) if args.identity else None
+        if ident is not None and ident.databases:
+            dbs = [d for d in (dbs or ident.databases) if d in ident.databases]
         database = dbs[0] if dbs else ""
     elif cfg.upstream.databases is not None and database not in cfg.upstream.databases:
         raise ConfigError(f"--database {database!r}: not in upstream.databases (the proxy "
