@@ -196,6 +196,36 @@ def own_definitions(stmts: Iterable[Statement]) -> dict[str, Statement]:
     return out
 
 
+def created_functions(stmts: Iterable[Statement]) -> list[str]:
+    """Bare names of the functions, procedures and aggregates ``stmts`` create (at top
+    level, or among a CREATE SCHEMA's elements)."""
+    out: list[str] = []
+    for st in stmts:
+        if "create" not in st.kinds:
+            continue
+        try:
+            trees = [s["stmt"] for s in orjson.loads(_pg.parse_sql_json(st.text))["stmts"]]
+        except Exception:       # noqa: BLE001 - nothing readable: the policy refused it
+            continue
+        while trees:
+            tree = trees.pop()
+            if type(tree) is not dict:
+                continue
+            cs = tree.get("CreateSchemaStmt")
+            if type(cs) is dict:
+                trees.extend(cs.get("schemaElts") or ())
+            b = tree.get("CreateFunctionStmt")
+            names = b.get("funcname") if type(b) is dict else None
+            d = tree.get("DefineStmt")
+            if type(d) is dict and d.get("kind") == "OBJECT_AGGREGATE":
+                names = d.get("defnames")
+            parts = [n.get("String", {}).get("sval", "") for n in names or ()
+                     if type(n) is dict]
+            if parts and parts[-1]:
+                out.append(parts[-1])
+    return out
+
+
 _DEFINES_CODE = ("CreateFunctionStmt",)
 
 

@@ -184,6 +184,9 @@ class Statement(msgspec.Struct, frozen=True, kw_only=True):
     session_dependent: bool = False
     # changes no data, schema, privileges or server state
     readonly: bool = False
+    # schemas it creates (CREATE SCHEMA): one named like a role is first on that role's
+    # default search_path ("$user", public), ahead of public (the engine judges the names)
+    schemas_created: tuple[str, ...] = ()
     # every run-time setting (GUC) this statement changes for the session: (lowercase
     # name, literal value); value None when it is not a literal (or a RESET / DEFAULT);
     # name "*" when the name itself is not a literal (set_config(expr, ...))
@@ -411,7 +414,7 @@ class _Acc:
     __slots__ = ("kind", "kinds", "writes", "reads", "funcs", "flags", "reasons", "literal",
                  "ctes", "rvwrite", "utility", "ctx", "text", "name", "prepared",
                  "writing_funcs", "sub_kind", "session", "settings", "changes_rows",
-                 "counted", "entered", "odd_ops", "plvars", "scoped_set", "fields")
+                 "counted", "entered", "odd_ops", "plvars", "scoped_set", "fields", "schemas")
 
     def __init__(self, text: str = "", prepared: Mapping[str, Statement] | None = None,
                  plvars: frozenset[str] = frozenset()):
@@ -430,6 +433,7 @@ class _Acc:
         self.ctx = ""                          # prefix for reasons ("in a WITH query: ")
         self.text = text
         self.name: str | None = None
+        self.schemas: list[str] = []           # CREATE SCHEMA: the names created
         self.prepared = prepared
         self.writing_funcs = False
         self.sub_kind = False                  # next statement entered counts in kinds
@@ -514,7 +518,7 @@ class _Acc:
             changes_rows=self.changes_rows,
             counted_by_tag=(self.counted and self.changes_rows and self.entered == 1
                             and not self.funcs and not self.odd_ops),
-            field_calls=tuple(self.fields))
+            field_calls=tuple(self.fields), schemas_created=tuple(self.schemas))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -2227,6 +2231,16 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
         acc.flag("destructive", f"ALTER TYPE {_dotted(b.get('typeName'))} RENAME VALUE "
                  f"changes every stored '{b.get('oldVal')}' of the type, and the old name "
                  "stops existing (every statement naming it fails)")
+    if tag == "CreateSchemaStmt":
+        role = b.get("authrole")
+        role = role.get("RoleSpec", role) if type(role) is dict else None
+        owner = role.get("rolename") if type(role) is dict else None
+        if role is not None:
+            acc.flag("privilege", "CREATE SCHEMA ... AUTHORIZATION gives the schema to a role "
+                     f"({owner or role.get('roletype', '?')})")
+        name = b.get("schemaname") or owner
+        if type(name) is str:
+            acc.schemas.append(name)
     if tag == "CreateStmt":
         target = _relname(b.get("relation") or {})
         for elt in b.get("tableElts") or ():

@@ -70,8 +70,8 @@ import msgspec
 from ..config import DEFAULT_SETTINGS, Config, Identity, Rule, never_setting, parse_duration
 from ..errors import PolicyRefusal
 from .cache import DecisionCache, shape_key, shareable
-from .classify import (DEFAULT_MAX_LENGTH, PolicyParseError, Statement, StatementTooLong,
-                       classify)
+from .classify import (DEFAULT_MAX_LENGTH, FLAGS, PolicyParseError, Reason, Statement,
+                       StatementTooLong, classify)
 
 from .bodies import BodiesPending, BodiesUnreadable
 
@@ -473,6 +473,23 @@ class PolicyEngine:
 
     # -- decision -----------------------------------------------------------------------
 
+    def _role_schemas(self, st: Statement) -> Statement:
+        """``st``, destructive when it creates a schema named like a role pgguard logs in
+        as upstream: first on that role's default search_path ("$user", public), its
+        tables and functions would take the place of public's for every session of the
+        role that does not set a path (the application's, a human's through pgguard)."""
+        roles = {self.cfg.upstream.user} | {
+            i.upstream_user for i in self.cfg.identities.values() if i.upstream_user}
+        hit = [n for n in st.schemas_created if n in roles]
+        if not hit:
+            return st
+        why = (f"CREATE SCHEMA {hit[0]}: a schema named like the upstream role {hit[0]} "
+               f"comes first on its default search_path (\"$user\", public), so its "
+               "tables and functions would replace public's for every session of that role")
+        return msgspec.structs.replace(
+            st, flags=tuple(f for f in FLAGS if f in st.flags or f == "destructive"),
+            reasons=st.reasons + (Reason("destructive", why),))
+
     def _decide(self, sql: str, identity_name: str, identity: Identity | None,
                 database: str, prepared: Mapping[str, Statement] | None, *,
                 views: ViewMap | None = None, functions: Bodies | None = None) -> Decision:
@@ -499,6 +516,8 @@ class PolicyEngine:
             stmts = views.expand(stmts)
         if functions is not None and functions.needs(stmts):
             stmts = functions.expand(stmts, views)
+        if any(st.schemas_created for st in stmts):
+            stmts = tuple(self._role_schemas(st) for st in stmts)
         rules = self._rules_for(identity_name, identity, database)
         mode = self.cfg.policy.agents if identity.kind == "agent" else self.cfg.policy.humans
         verdicts = []

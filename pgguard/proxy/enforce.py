@@ -22,7 +22,7 @@ from .._core.sqlshape import shape
 from ..errors import ProtocolViolation
 from ..masking import parking
 from ..masking.wire import MASK_BACKEND, PENDING
-from ..policy.bodies import Bodies, BodiesPending, own_definitions
+from ..policy.bodies import Bodies, BodiesPending, created_functions, own_definitions
 from ..policy.classify import WRITING_FUNCS
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
@@ -445,6 +445,12 @@ class Enforcement:
                                              "another server)")
         if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
+        if d.action != "block" and s.identity is not None and s.identity.kind == "agent" \
+                and any(_FUNCTION_CREATE.search(st.text) for st in d.statements):
+            taken = [n for n in created_functions(d.statements)
+                     if s.services.function_name_taken(s.database, n)]
+            if taken:
+                d = _overload_refusal(d, taken[0])
         if d.action != "block" and s.masking is not None:
             d = parking.judge(s, d, sql)     # no parking of masked values
         if d.action != "block" and s.views is not None:
@@ -1179,6 +1185,23 @@ def _changes_role(d) -> bool:
                or ("privilege" in st.flags and (_ROLE_KINDS.intersection(st.kinds) or any(
                    f.endswith("set_config") for f in st.functions)))
                for st in d.statements)
+
+
+# CREATE [OR REPLACE] FUNCTION / PROCEDURE / AGGREGATE somewhere in a statement's text
+_FUNCTION_CREATE = re.compile(r"(?is)\bcreate\b.*\b(function|procedure|aggregate)\b")
+
+
+def _overload_refusal(d, name: str):
+    return Decision(
+        action="block", rule="no-destructive",
+        message='pgguard: statement refused by rule "no-destructive": it creates a '
+                f"function named {name}, and a function of that name exists: an overload "
+                "with closer argument types takes over other sessions' calls of it",
+        detail=f"CREATE of {name}(...): every session that calls {name} with arguments "
+               "the new one fits better (an int literal for a bigint parameter, text for "
+               "VARIADIC \"any\") would run it instead, built-ins of pg_catalog included",
+        hint="Give your function a name of its own.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
 def _pinned_refusal(d):

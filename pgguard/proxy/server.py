@@ -415,6 +415,14 @@ class Server:
         if hit is not None:
             hit[2] = True           # read the names again at the next test
 
+    def function_name_taken(self, database: str, name: str) -> bool:
+        """Whether a function (any schema, pg_catalog's included) is named ``name`` by
+        the names last read, or one a session created since (unread: True)."""
+        hit = self._fn_names.get(database)
+        if hit is None:
+            return True
+        return name in hit[0] or name in hit[1] or name in self._fn_recent.get(database, ())
+
     def volatile_builtins(self, database: str) -> frozenset | None:
         """The names of pg_catalog's volatile functions in ``database`` (by the names
         last read; None: not read yet)."""
@@ -919,6 +927,7 @@ class Server:
             user_function_test=self.user_function_test,
             builtin_function_name=self.builtin_function_name,
             volatile_builtins=self.volatile_builtins,
+            function_name_taken=self.function_name_taken,
             decision_generation=self.decision_generation,
             views_fresh=self.views_fresh,
             note_functions=self.note_functions,

@@ -92,6 +92,7 @@ class Services:
     function_judgement: Callable[[str, str], object]
     builtin_function_name: Callable[[str, str], bool]
     volatile_builtins: Callable[[str], object]          # masking: functions that may keep
+    function_name_taken: Callable[[str, str], bool]     # an overload would shadow it
     decision_generation: Callable[[str], int]
     views_fresh: Callable[[str], bool]
     note_functions: Callable[[str, object], None]
