@@ -152,7 +152,7 @@ REFUSE = [
     ("create function h() returns void language plpython3u as 'import os'", "create",
      "escape opaque", B),
     ("ALTER FUNCTION f() SECURITY DEFINER", "alter", "privilege", B),
-    ("ALTER FUNCTION f() SET role = admin", "alter", "privilege", B),
+    ("ALTER FUNCTION f() SET role = admin", "alter", "destructive privilege", B),
     ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET role = admin AS 'select 1'", "create",
      "privilege", B),
     ("CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM u", "create",

@@ -2012,14 +2012,31 @@ def _create_function(acc: _Acc, b: dict) -> None:
     acc.scoped_set = saved
 
 
+# ALTER FUNCTION options that leave what its calls do as it was (planner estimates)
+_HARMLESS_FUNCTION_OPTIONS = frozenset({"cost", "rows", "support", "security"})
+
+
 def _alter_function(acc: _Acc, b: dict) -> None:
     acc.enter("alter")
+    func = b.get("func") if type(b.get("func")) is dict else {}
+    func = func.get("ObjectWithArgs", func)
+    fn = _dotted(func.get("objname")) if type(func) is dict else "?"
     for a in b.get("actions") or ():
         d = a.get("DefElem") if type(a) is dict else None
-        if type(d) is dict and d.get("defname") == "security" and \
-                _lit(acc, d.get("arg")) == "true":
+        if type(d) is not dict:
+            continue
+        opt = d.get("defname")
+        if opt == "security" and _lit(acc, d.get("arg")) == "true":
             acc.flag("privilege", "ALTER FUNCTION ... SECURITY DEFINER makes it run with "
                      "its owner's privileges")
+        elif opt == "leakproof":
+            acc.flag("privilege", f"ALTER FUNCTION {fn} LEAKPROOF lets security barrier "
+                     "views and row-level security run it before their own checks")
+        elif opt not in _HARMLESS_FUNCTION_OPTIONS:
+            # an allow-list: SET / RESET of settings, STRICT, volatility, PARALLEL ...
+            acc.flag("destructive", f"ALTER FUNCTION {fn} {str(opt).upper()} changes what "
+                     "every session's calls of it do (a setting it runs under, what it "
+                     "returns for NULL input, whether the planner may fold or cache it)")
     _support_function(acc, b.get("actions"))
     saved = acc.scoped_set
     acc.scoped_set = True
