@@ -446,7 +446,8 @@ class Enforcement:
         if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         if d.action != "block" and s.identity is not None and s.identity.kind == "agent" \
-                and any(_FUNCTION_CREATE.search(st.text) for st in d.statements):
+                and any("create" in st.kinds and _FUNCTION_CREATE.search(st.text)
+                        for st in d.statements):
             taken = [n for n in created_functions(d.statements)
                      if s.services.function_name_taken(s.database, n)]
             if taken:
@@ -1187,8 +1188,8 @@ def _changes_role(d) -> bool:
                for st in d.statements)
 
 
-# CREATE [OR REPLACE] FUNCTION / PROCEDURE / AGGREGATE somewhere in a statement's text
-_FUNCTION_CREATE = re.compile(r"(?is)\bcreate\b.*\b(function|procedure|aggregate)\b")
+# (in a statement that creates something) a function, procedure or aggregate may be it
+_FUNCTION_CREATE = re.compile(r"(?i)\b(function|procedure|aggregate)\b")
 
 
 def _overload_refusal(d, name: str):
