@@ -222,13 +222,18 @@ def parse_param_oids(parse: bytes, pos: int | None = None) -> tuple:
 
 
 def bind_parameters(bind: bytes, pos: int) -> tuple[tuple, list, int]:
-    """A Bind's parameters from ``pos`` (just after its statement name's NUL): (format
-    codes, values as bytes or None for NULL, where the result format codes start).
-    Raises ``struct.error`` or ``ValueError`` on a malformed message."""
+    """A Bind's parameters from ``pos`` (just after its statement name's NUL), or a
+    FunctionCall's arguments (after its OID): (format codes, values as bytes or None for
+    NULL, where the result format code(s) start). Raises ``struct.error`` or
+    ``ValueError`` on a malformed message."""
     (nf,) = struct.unpack_from("!h", bind, pos)
+    if nf < 0:
+        raise ValueError("negative format count")
     fmts = struct.unpack_from(f"!{nf}h", bind, pos + 2) if nf > 0 else ()
     pos += 2 + 2 * nf
     (n,) = struct.unpack_from("!h", bind, pos)
+    if n < 0:
+        raise ValueError("negative value count")
     pos += 2
     values: list = []
     for _ in range(n):

@@ -110,27 +110,8 @@ class Call(NamedTuple):
 def parse_call(msg: bytes) -> Call:
     """The fields of a whole FunctionCall message; ValueError when it is malformed."""
     try:
-        (oid, nf) = struct.unpack_from("!Ih", msg, 5)
-        pos = 11
-        if nf < 0:
-            raise ValueError("negative format count")
-        formats = struct.unpack_from(f"!{nf}h", msg, pos)
-        pos += 2 * nf
-        (na,) = struct.unpack_from("!h", msg, pos)
-        pos += 2
-        if na < 0:
-            raise ValueError("negative argument count")
-        args: list[bytes | None] = []
-        for _ in range(na):
-            (n,) = struct.unpack_from("!i", msg, pos)
-            pos += 4
-            if n < 0:
-                args.append(None)
-                continue
-            if pos + n > len(msg):
-                raise ValueError("argument runs past the message")
-            args.append(msg[pos:pos + n])
-            pos += n
+        (oid,) = struct.unpack_from("!I", msg, 5)
+        formats, args, pos = m.bind_parameters(msg, 9)  # the same layout as a Bind's
         struct.unpack_from("!h", msg, pos)          # result format
         if pos + 2 != len(msg):
             raise ValueError("trailing bytes")
