@@ -395,12 +395,14 @@ def test_a_window_for_one_do_block_covers_no_other(pg, aproxy):
 
 
 def test_an_approval_given_after_ddl_runs_under_the_row_limit(pg, aproxy):
-    """The statement a human approved calls f(7); while it waited, the agent created an
-    overload f(int) whose body deletes 1,500 rows (red team 14). DDL went by while it
-    waited, so it runs under the row limit: the deletion is measured and rolled back."""
+    """The statement a human approved calls f(7); while it waited, the agent tried to
+    create an overload f(int) whose body deletes 1,500 rows (red team 14). An agent may
+    not create an overload of an existing name (round 15): the approved statement runs
+    the function the human saw."""
     pg.execute("DROP TABLE IF EXISTS rt14_ev; CREATE TABLE rt14_ev (id int); "
                "INSERT INTO rt14_ev SELECT generate_series(1, 1500); "
                "DROP FUNCTION IF EXISTS rt14_calc(numeric), rt14_calc(int)", dbname=DB)
+    (status,) = pg.execute("SELECT status FROM orders WHERE id = 1", dbname=DB)[0]
     try:
         with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
             c.execute("CREATE FUNCTION rt14_calc(numeric) RETURNS text LANGUAGE sql AS "
@@ -419,16 +421,19 @@ def test_an_approval_given_after_ddl_runs_under_the_row_limit(pg, aproxy):
         t.start()
         (rid,) = pending_ids(aproxy)
         with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
-            c.execute("CREATE FUNCTION rt14_calc(int) RETURNS text LANGUAGE plpgsql AS "
-                      "$$BEGIN DELETE FROM rt14_ev WHERE id > 0; RETURN 'gone'; END$$")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("CREATE FUNCTION rt14_calc(int) RETURNS text LANGUAGE plpgsql AS "
+                          "$$BEGIN DELETE FROM rt14_ev WHERE id > 0; RETURN 'gone'; END$$")
         r = cli(aproxy, "approve", str(rid), "--as", "alice")
         assert r.returncode == 0, r.stderr
         t.join(15)
         assert pg.execute("SELECT count(*) FROM rt14_ev", dbname=DB) == [(1500,)], done
-        assert done == ["42501"], done
+        assert done == ["ran"], done
+        assert pg.execute("SELECT status FROM orders WHERE id = 1", dbname=DB) == [("calc",)]
     finally:
         pg.execute("DROP TABLE IF EXISTS rt14_ev; "
                    "DROP FUNCTION IF EXISTS rt14_calc(numeric), rt14_calc(int)", dbname=DB)
+        pg.execute("UPDATE orders SET status = %s WHERE id = 1", (status,), dbname=DB)
 
 
 # -- a SQL PREPARE a human approved: its name is a protocol prepared statement too, and

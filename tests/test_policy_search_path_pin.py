@@ -86,7 +86,12 @@ def test_schema_named_like_the_upstream_role_shadows_nothing(pg, guarded, psql_b
     schema = upstream_user(guarded)
     try:
         with conn(guarded) as c:
-            c.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            # (round 15: the agent may not create it; someone else did)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        pg.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}" AUTHORIZATION "{schema}"',
+                   dbname=DB)
+        with conn(guarded) as c:
             c.execute(f'CREATE VIEW "{schema}".sp_ords AS SELECT * FROM public.sp_orders')
         for sql in ("UPDATE sp_ords SET status = 'refunded' WHERE id = 2",
                     "DELETE FROM sp_ords WHERE id = 3",

@@ -429,6 +429,22 @@ class _Taint:
                 self._subtree(c) for c in n.get("Plans", ())
                 if c.get("Parent Relationship") in ("InitPlan", "SubPlan"))
             for n in self.nodes) or _runtime_limit(sql))
+        # a condition, sort or grouping key that sets a masked value against a column of
+        # another row source (a generator, another table, the same table under another
+        # alias, a sub-plan's result): which rows meet, or which comes first, spells the
+        # value out in that column (JOIN generate_series(1, 255) g ON g = ascii(...) gave
+        # every character's code). Every column of such a statement is masked, stored
+        # ones included. A masked value set against a constant, or against the row's own
+        # columns, is the README's oracle and left alone.
+        # the $n sub-plans compute (InitPlan 1 (returns $0)): values of another row
+        # source; any other $n is a parameter of the statement (a constant to it)
+        self.computed = {x for n in self.nodes
+                         for x in re.findall(r"\$\d+", n.get("Subplan Name") or "")}
+        self.entangled = self.reads and any(
+            self._mixed(conj)
+            for n in self.nodes for field in _COND_FIELDS
+            for text in _as_list(n.get(field))
+            for conj in _conjuncts(self._scanned(text) if isinstance(text, str) else None))
 
     def _renamed(self, key: tuple[str, str], names: set[str], cols: frozenset,
                  columns: dict | None, renames: list | None) -> None:
@@ -530,6 +546,45 @@ class _Taint:
                     or (c.kind == "name" and (a, c.name) in self.pairs):
                 return True
         return False
+
+    def _mixed(self, toks: list[_Tok] | None) -> bool:
+        """Whether an expression sets something tainted against a value of another row
+        source (see ``entangled``); unreadable: it may."""
+        if toks is None:
+            return self.reads
+        if not self._tainted(toks):
+            return False
+        t_alias: set[str] = set()
+        c_alias: set[str] = set()
+        t_tok = c_tok = bare_clean = False
+        n = len(toks)
+        for i, t in enumerate(toks):
+            prev = toks[i - 1].text if i else ""
+            if t.kind == "param" or t.text in ("SubPlan", "InitPlan"):
+                ref = t.text if t.kind == "param" else \
+                    f"{t.text} {toks[i + 1].text}" if i + 1 < n else t.text
+                if ref in self.tokens:
+                    t_tok = True
+                elif t.kind != "param" or ref in self.computed:
+                    c_tok = True
+                continue
+            if t.kind != "name" or prev in (".", "::"):
+                continue
+            if i + 1 < n and toks[i + 1].text == "(":
+                continue                                # a call
+            if i + 2 < n and toks[i + 1].text == "." and toks[i + 2].kind == "name":
+                a, c = t.name, toks[i + 2].name
+                if i + 3 < n and toks[i + 3].text == "(":
+                    continue                            # schema.function(
+                if a in self.aliases or (a, c) in self.pairs:
+                    t_alias.add(a)
+                else:
+                    c_alias.add(a)
+            elif t.name in self.bare:
+                continue                                # a masked column of the one scan
+            elif t.name not in _SQL_WORDS:
+                bare_clean = True
+        return bool((c_alias - t_alias) or c_tok or (t_tok and (c_alias or bare_clean)))
 
     def _any_expr(self, node: dict) -> bool:
         # any expression of the subtree, its filters and join conditions included (what
@@ -641,6 +696,39 @@ class _Taint:
         return toks is None or self._tainted(toks)
 
 
+# plan fields holding conditions and keys: which rows meet, in which order, in which group
+_COND_FIELDS = ("Filter", "Join Filter", "Hash Cond", "Merge Cond", "Index Cond",
+                "Recheck Cond", "One-Time Filter", "Run Condition", "Sort Key",
+                "Presorted Key", "Group Key", "Hash Key")
+# words EXPLAIN prints in expressions that name no column
+_SQL_WORDS = frozenset(
+    "and or not is null true false case when then else end any all array in like ilike "
+    "similar to between distinct from collate some exists row interval at time zone with "
+    "without desc asc nulls first last using escape overlaps isnull notnull unknown "
+    "symmetric varying double precision character national cast".split())
+
+
+def _as_list(v) -> list:
+    return v if isinstance(v, list) else [v] if v is not None else []
+
+
+def _conjuncts(toks: list[_Tok] | None) -> list:
+    """The top-level AND operands of an expression's tokens (each a token list); None
+    (unreadable) as one."""
+    if toks is None:
+        return [None]
+    while len(toks) > 1 and toks[0].text == "(" and _closing(toks, 0) == len(toks) - 1:
+        toks = toks[1:-1]
+    out, start, depth = [], 0, 0
+    for i, t in enumerate(toks):
+        depth += (t.text == "(") - (t.text == ")")
+        if depth == 0 and t.kind == "name" and t.name == "and":
+            out.append(toks[start:i])
+            start = i + 1
+    out.append(toks[start:])
+    return out
+
+
 def _runtime_limit(sql: str | None) -> bool:
     """A LIMIT or OFFSET of the statement that is computed when it runs (a column, a
     sub-select, an expression), not a constant or a parameter; unreadable text: True."""
@@ -701,8 +789,10 @@ def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
     outs = taint.outputs(root, n) if n else []
     masked = []
     for i, (table, attnum, _typ, _fmt) in enumerate(fields):
-        if taint.written:
-            masked.append(True)     # rows written from masked values: all they return
+        if taint.written or taint.entangled:
+            # rows written from masked values, or chosen / ordered by masked values set
+            # against another row source's: all they return
+            masked.append(True)
         elif table and attnum > 0 and table in base_tables:
             masked.append((table, attnum) in masked_cols)    # a stored value, as it is
         else:

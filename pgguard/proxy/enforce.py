@@ -99,6 +99,7 @@ class Enforcement:
         self.function_ddl = False
         self.pending_bodies: tuple = ()
         self._views_wait = None         # the message decide() waited for the view map for
+        self._fnames_wait = None        # ... for a fresh read of the function names for
         self._masks_wait = None         # ... for the mask catalog for
         self._effects_of = None         # the DDL message whose catalog effects are done
         self._rebind_q: bytes | None = None     # the Query a stale Bind is judged as
@@ -450,6 +451,12 @@ class Enforcement:
                         for st in d.statements):
             taken = [n for n in created_functions(d.statements)
                      if s.services.function_name_taken(s.database, n)]
+            if taken and self._fnames_wait is not msg:
+                # the names may be older than a DROP (or a rolled-back CREATE): read them
+                # again, then decide (once for this message)
+                self._fnames_wait = msg
+                self.pending_bodies = ()
+                return BODIES_PENDING
             if taken:
                 d = _overload_refusal(d, taken[0])
         if d.action != "block" and s.masking is not None:
@@ -571,6 +578,8 @@ class Enforcement:
                 await s.services.ready_views(s.database)
             if self._masks_wait is judged:
                 await s.masking.catch_up()
+            if self._fnames_wait is judged:
+                await s.services.reload_function_names(s.database)
         except asyncio.CancelledError:
             raise
         except Exception as e:      # noqa: BLE001 - the judgement refuses it (fail closed)

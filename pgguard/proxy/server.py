@@ -417,11 +417,13 @@ class Server:
 
     def function_name_taken(self, database: str, name: str) -> bool:
         """Whether a function (any schema, pg_catalog's included) is named ``name`` by
-        the names last read, or one a session created since (unread: True)."""
+        the names last read (unread: True)."""
         hit = self._fn_names.get(database)
-        if hit is None:
-            return True
-        return name in hit[0] or name in hit[1] or name in self._fn_recent.get(database, ())
+        return hit is None or name in hit[0] or name in hit[1]
+
+    async def reload_function_names(self, database: str) -> None:
+        """Read the function names of ``database`` again now."""
+        await self._load_function_names(database)
 
     def volatile_builtins(self, database: str) -> frozenset | None:
         """The names of pg_catalog's volatile functions in ``database`` (by the names
@@ -928,6 +930,7 @@ class Server:
             builtin_function_name=self.builtin_function_name,
             volatile_builtins=self.volatile_builtins,
             function_name_taken=self.function_name_taken,
+            reload_function_names=self.reload_function_names,
             decision_generation=self.decision_generation,
             views_fresh=self.views_fresh,
             note_functions=self.note_functions,

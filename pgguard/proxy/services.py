@@ -93,6 +93,7 @@ class Services:
     builtin_function_name: Callable[[str, str], bool]
     volatile_builtins: Callable[[str], object]          # masking: functions that may keep
     function_name_taken: Callable[[str, str], bool]     # an overload would shadow it
+    reload_function_names: Callable[[str], Awaitable[None]]
     decision_generation: Callable[[str], int]
     views_fresh: Callable[[str], bool]
     note_functions: Callable[[str, object], None]

@@ -1,0 +1,103 @@
+# Red team, round 15 (helper 67): a clean column that spells a masked value out. A join,
+# filter, sort or grouping key that sets a masked expression against a column of another
+# row source (a generator, another table, the same table under another alias, a
+# sub-plan's result) returns that column, whose values are then the masked ones:
+#   SELECT c.id, string_agg(g::text, ',' ORDER BY i) FROM customers c, generate_series(1,
+#   64) i JOIN generate_series(1, 255) g ON g = ascii(substr(c.ssn, i, 1)) GROUP BY c.id
+# gave every customer's SSN (and email, card, phone) as character codes in one query.
+# Every column of such a statement is masked now, stored ones included; a masked value
+# set against a constant or the row's own columns (the README's oracle) is left alone.
+# Judged by the cells each client got against the same statement's answer, run directly.
+import psycopg
+import pytest
+from mask_corpus import CUSTOMERS, DB, MASKS, leaks, run_mode, seed
+
+MODES = ["psql", "psycopg-text", "psycopg-binary", "psycopg-prepared", "asyncpg-fetch",
+         "raw-later"]
+
+SHAPES = {
+    "join-codes": "SELECT c.id, string_agg(g::text, ',' ORDER BY i) FROM customers c "
+                  "CROSS JOIN generate_series(1, 12) i JOIN generate_series(1, 255) g "
+                  "ON g = ascii(substr(c.ssn, i, 1)) GROUP BY c.id ORDER BY c.id",
+    "join-count": "SELECT c.id, count(*) FROM customers c JOIN generate_series(1, 255) g "
+                  "ON g <= ascii(c.email) GROUP BY c.id ORDER BY c.id",
+    "join-sum-digits": "SELECT c.id, sum(1) FROM customers c JOIN generate_series(1, 9999) g "
+                       "ON g <= right(c.ssn, 4)::int GROUP BY c.id ORDER BY c.id",
+    "semi-join": "SELECT g FROM generate_series(1, 999) g WHERE g IN "
+                 "(SELECT substr(ssn, 1, 3)::int FROM customers) ORDER BY g",
+    "exists": "SELECT g FROM generate_series(1, 9999) g WHERE EXISTS (SELECT 1 FROM "
+              "customers c WHERE right(c.ssn, 4)::int = g) ORDER BY g",
+    "scalar-subplan": "SELECT c.id, (SELECT g FROM generate_series(0, 9999) g WHERE "
+                      "g = right(c.ssn, 4)::int) FROM customers c ORDER BY c.id",
+    "nearest-sort": "SELECT c.id, (SELECT g FROM generate_series(0, 9999) g ORDER BY "
+                    "abs(g - right(c.ssn, 4)::int) LIMIT 1) FROM customers c ORDER BY c.id",
+    "having": "SELECT g FROM customers c, generate_series(1, 255) g WHERE c.id = 1 "
+              "GROUP BY g HAVING g = max(ascii(substr(c.email, 2, 1)))",
+    "self-join": "SELECT c.id, p.score FROM customers c JOIN customers p "
+                 "ON p.score = right(replace(c.ssn, '-', ''), 2)::int ORDER BY c.id",
+    "initplan": "SELECT g FROM generate_series(1, 9999) g WHERE g = "
+                "(SELECT right(ssn, 4)::int FROM customers WHERE id = 2)",
+}
+
+
+@pytest.fixture(scope="module")
+def enproxy(pg, tmp_path_factory):
+    from conftest import Proxy
+    seed(pg)
+    # (the self-join's stored column: a score equal to the last two SSN digits of another)
+    pg.execute("UPDATE customers SET score = 56 WHERE id = 2", dbname=DB)
+    p = Proxy(pg, tmp_path_factory.mktemp("mask-entangled"), extra=MASKS).start()
+    yield p
+    p.stop()
+    pg.execute("UPDATE customers SET score = 23 WHERE id = 2", dbname=DB)
+
+
+def _cells(got, blob) -> set[str]:
+    if got is None:
+        return {c for line in str(blob).splitlines() for c in line.split("|")}
+    out: set[str] = set()
+
+    def walk(v):
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif v is not None:
+            out.add(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+    walk(got)
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_clean_column_set_against_masked_values_is_masked(enproxy, pg, psql_bin, mode,
+                                                            shape):
+    sql = SHAPES[shape]
+    with psycopg.connect(pg.dsn(dbname=DB)) as c:
+        truth = c.execute(sql).fetchall()
+    ids = {str(c[0]) for c in CUSTOMERS}
+    secret = {str(v) for r in truth for v in r if v is not None} - ids
+    assert secret, truth
+    got, blob = run_mode(mode, enproxy, sql, psql_bin)
+    assert leaks(blob) == [], (shape, mode)
+    shown = sorted(secret & _cells(got, blob))
+    assert shown == [], (shape, mode, shown)
+
+
+CLEAN = [
+    ("SELECT o.id, o.total FROM orders o JOIN customers c ON c.id = o.cust_id "
+     "WHERE c.email = 'zephyr.quill81@example.com'", [(10, 99.5)]),
+    ("SELECT id, name FROM customers WHERE ssn LIKE '7%' AND id > 0", [(1, "Ann")]),
+    ("SELECT c.name, o.note FROM customers c JOIN orders o ON o.cust_id = c.id "
+     "ORDER BY c.name", [("Ann", "first order"), ("Bob", "second"), ("Cyd", "third one")]),
+    ("SELECT id, name FROM customers ORDER BY ssn", [(3, "Cyd"), (2, "Bob"), (1, "Ann")]),
+    ("SELECT g, o.id FROM generate_series(1, 2) g JOIN orders o ON o.id = g + 9 "
+     "ORDER BY g", [(1, 10), (2, 11)]),
+]
+
+
+@pytest.mark.parametrize("sql,want", CLEAN)
+def test_joins_on_clean_keys_and_constant_filters_stay_clear(enproxy, sql, want):
+    with psycopg.connect(enproxy.dsn(dbname=DB)) as c:
+        rows = [tuple(float(v) if hasattr(v, "as_integer_ratio") and not isinstance(v, int)
+                      else v for v in r) for r in c.execute(sql).fetchall()]
+    assert rows == want
