@@ -65,6 +65,7 @@ SCHEMA_ROUTES = {
     "quoted": ['CREATE SCHEMA "{role}"'],
     "with-elements": ["CREATE SCHEMA {role} CREATE TABLE sh_orders (id bigint, total numeric)"],
     "in-a-block": ["BEGIN", "CREATE SCHEMA {role}", "COMMIT"],
+    "superuser": ["CREATE SCHEMA postgres"],          # a role that logs in directly
 }
 
 
@@ -75,7 +76,7 @@ def test_a_schema_named_like_the_upstream_role_is_refused(gproxy, pg, dba_object
     role = dba_objects
     got = said(mode, gproxy, [s.format(role=role) for s in SCHEMA_ROUTES[route]], db=DB,
                psql_bin=psql_bin)
-    assert _schemas(pg, role) == [], (route, mode, got)
+    assert _schemas(pg, role) == [] and _schemas(pg, "postgres") == [], (route, mode, got)
     # the application's default search_path still finds public's objects
     with psycopg.connect(pg.dsn(user=role, password=UPSTREAM_PASSWORD), autocommit=True) as c:
         assert c.execute("SELECT count(*) FROM sh_orders").fetchone() == (20,)

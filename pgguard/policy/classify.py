@@ -1504,6 +1504,17 @@ def _alter_table(acc: _Acc, b: dict) -> None:
         if sub == "AT_AddColumn" and _temp_type(cmd.get("def")):
             acc.flag("destructive", f"ALTER TABLE {target} ADD COLUMN of a type in pg_temp: "
                      "the column is dropped with the type when the session ends")
+        if sub == "AT_AddConstraint":
+            acc.flag("destructive", f"ALTER TABLE {target} ADD CONSTRAINT: a constraint on "
+                     "an existing table can refuse the application's later writes (a CHECK "
+                     "that holds today but not tomorrow, a foreign key to a table someone "
+                     "else controls, a UNIQUE or EXCLUDE over what it writes); ask an "
+                     "administrator to add it")
+        elif sub == "AT_AddColumn" and _gating_column(cmd.get("def")):
+            acc.flag("destructive", f"ALTER TABLE {target} ADD COLUMN {_gating_column(cmd.get('def'))}: "
+                     "a new column that can refuse the application's later writes, or "
+                     "computes something anew at each of them; add it plain (a constant "
+                     "DEFAULT may go with NOT NULL)")
         if sub == "AT_AddConstraint" or sub == "AT_AddColumn":
             _referential_actions(acc, target, cmd.get("def"))
             if _not_valid(cmd.get("def")):
@@ -1575,7 +1586,7 @@ def _alter_table(acc: _Acc, b: dict) -> None:
 # triggers and rules on); the others are judged one by one above, and one pgguard does
 # not know is refused as destructive
 _AT_PLAIN = frozenset({
-    "AT_AddColumn", "AT_AddColumnToView", "AT_SetNotNull", "AT_SetCompression",
+    "AT_AddColumn", "AT_AddColumnToView", "AT_SetCompression",
     "AT_AddIndex", "AT_AddConstraint", "AT_ValidateConstraint", "AT_AddIndexConstraint",
     "AT_ClusterOn", "AT_DropCluster", "AT_SetLogged", "AT_DropOids", "AT_SetAccessMethod",
     "AT_SetTableSpace", "AT_EnableTrig", "AT_EnableAlwaysTrig", "AT_EnableTrigAll",
@@ -1607,11 +1618,47 @@ _AT_DESTRUCTIVE = {
                      "query plans rely on",
     "AT_ResetOptions": "{at} RESET (n_distinct ...) changes the statistics every session's "
                        "query plans rely on",
+    "AT_SetNotNull": "{at} SET NOT NULL refuses every later write of the application that "
+                     "leaves the column out",
     "AT_AddOf": "ALTER TABLE {t} OF makes the table depend on the type: dropping the type "
                 "drops the table with it (a type in pg_temp is dropped when the session "
                 "ends)",
 }
 _HARMLESS_STORAGE = frozenset({"extended", "external", "main", "default"})
+
+
+def _gating_column(d: Any) -> str:
+    """What makes a new column able to refuse later writes ('' : nothing): a constraint
+    (CHECK, UNIQUE, PRIMARY KEY, REFERENCES, EXCLUDE), NOT NULL with no DEFAULT, a
+    generated expression, a DEFAULT that calls a function."""
+    if type(d) is not dict or type(d.get("ColumnDef")) is not dict:
+        return ""
+    cons = [c.get("Constraint") for c in d["ColumnDef"].get("constraints") or ()
+            if type(c) is dict and type(c.get("Constraint")) is dict]
+    kinds = {c.get("contype") for c in cons}
+    for c in cons:
+        kind = c.get("contype")
+        if kind in ("CONSTR_CHECK", "CONSTR_UNIQUE", "CONSTR_PRIMARY", "CONSTR_FOREIGN",
+                    "CONSTR_EXCLUSION", "CONSTR_GENERATED", "CONSTR_IDENTITY"):
+            return kind[7:].lower().replace("_", " ")
+        if kind == "CONSTR_NOTNULL" and "CONSTR_DEFAULT" not in kinds:
+            return "not null (no default)"
+        if kind == "CONSTR_DEFAULT" and _has_node(c.get("raw_expr"), "FuncCall"):
+            return "default calling a function"
+    return ""
+
+
+def _has_node(tree: Any, tag: str) -> bool:
+    todo = [tree]
+    while todo:
+        v = todo.pop()
+        if type(v) is dict:
+            if tag in v:
+                return True
+            todo.extend(v.values())
+        elif type(v) is list:
+            todo.extend(v)
+    return False
 
 
 def _temp_type(d: Any) -> bool:
@@ -1851,11 +1898,14 @@ def _alter_domain(acc: _Acc, b: dict) -> None:
     name = _dotted(b.get("typeName"))
     if sub in _DOMAIN_DESTRUCTIVE:
         acc.flag("destructive", f"ALTER DOMAIN {name} {_DOMAIN_DESTRUCTIVE[sub]}")
-    elif sub == "C" and _not_valid(b.get("def")):
-        acc.flag("destructive", f"ALTER DOMAIN {name} adds a constraint NOT VALID: the "
-                 "existing values are never checked, so it can refuse every later write; "
-                 "add it validated")
-    elif sub not in ("O", "V", "C"):
+    elif sub == "C":
+        acc.flag("destructive", f"ALTER DOMAIN {name} ADD CONSTRAINT can refuse every later "
+                 "write of a column of the domain (NOT VALID: the existing values are not "
+                 "even checked); ask an administrator to add it")
+    elif sub == "O":
+        acc.flag("destructive", f"ALTER DOMAIN {name} SET NOT NULL refuses every later write "
+                 "that leaves a column of the domain out")
+    elif sub != "V":
         acc.flag("destructive", f"ALTER DOMAIN {name}: pgguard does not know the "
                  f"sub-command {sub or '?'}, so it is refused as destructive")
     _utility_walk(acc, b)
@@ -2258,6 +2308,11 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
         name = b.get("schemaname") or owner
         if type(name) is str:
             acc.schemas.append(name)
+    if tag == "IndexStmt" and b.get("unique"):
+        acc.flag("destructive", f"CREATE UNIQUE INDEX on {_relname(b.get('relation') or {})} "
+                 "can refuse the application's later writes (a partial one over (true) "
+                 "admits one row more); ask an administrator, or declare the key in CREATE "
+                 "TABLE")
     if tag == "CreateStmt":
         target = _relname(b.get("relation") or {})
         for elt in b.get("tableElts") or ():

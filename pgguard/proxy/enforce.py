@@ -459,6 +459,11 @@ class Enforcement:
                 return BODIES_PENDING
             if taken:
                 d = _overload_refusal(d, taken[0])
+        if d.action != "block" and s.identity is not None and s.identity.kind == "agent":
+            roles = [n for st in d.statements for n in st.schemas_created
+                     if s.services.role_name(n)]
+            if roles:
+                d = _role_schema_refusal(d, roles[0])
         if d.action != "block" and s.masking is not None:
             d = parking.judge(s, d, sql)     # no parking of masked values
         if d.action != "block" and s.views is not None:
@@ -1199,6 +1204,18 @@ def _changes_role(d) -> bool:
 
 # (in a statement that creates something) a function, procedure or aggregate may be it
 _FUNCTION_CREATE = re.compile(r"(?i)\b(function|procedure|aggregate)\b")
+
+
+def _role_schema_refusal(d, name: str):
+    return Decision(
+        action="block", rule="no-destructive",
+        message='pgguard: statement refused by rule "no-destructive": it creates schema '
+                f"{name}, named like a role: first on that role's default search_path "
+                '("$user", public), its tables and functions would take the place of '
+                "public's in every session of the role",
+        detail=f"CREATE SCHEMA {name}: role {name} exists upstream",
+        hint="Give the schema a name no role has.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
 def _overload_refusal(d, name: str):

@@ -65,6 +65,8 @@ FUNCTION_NAMES_SQL = ("SELECT p.proname, p.pronamespace = 'pg_catalog'::regnames
                       "p.provolatile = 'v' "
                       "FROM pg_catalog.pg_proc p WHERE p.pronamespace <> "
                       "'information_schema'::regnamespace")
+# every role: a schema named like one is first on that role's default search_path
+ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
 FUNCTION_TTL = 60.0
 LEARNED_TTL = 600.0
 # after a failed background read of the view map, wait this long before the next try
@@ -210,6 +212,7 @@ class Server:
         # database -> [built-in names, other names, stale, loaded at, test]
         self._fn_names: dict[str, list] = {}
         self._fn_volatile: dict[str, frozenset] = {}
+        self._role_names: frozenset | None = None
         # names of functions sessions created through pgguard, by database (bare name
         # -> when): user functions from that moment, before a catalog read shows them
         self._fn_recent: dict[str, dict[str, float]] = {}
@@ -379,7 +382,9 @@ class Server:
         await self._load_function_names(database)
 
     async def _load_function_names(self, database: str) -> None:
-        rows = (await sideconn.run(self.link, database, [FUNCTION_NAMES_SQL]))[0]
+        rows, roles = await sideconn.run(self.link, database,
+                                         [FUNCTION_NAMES_SQL, ROLE_NAMES_SQL])
+        self._role_names = frozenset(r[0] for r in roles)
         builtin = frozenset(r[0] for r in rows if r[1] == "t")
         other = frozenset(r[0] for r in rows if r[1] != "t")
         self._fn_volatile[database] = frozenset(
@@ -420,6 +425,10 @@ class Server:
         the names last read (unread: True)."""
         hit = self._fn_names.get(database)
         return hit is None or name in hit[0] or name in hit[1]
+
+    def role_name(self, name: str) -> bool:
+        """Whether a role is named ``name`` (by the names last read; unread: True)."""
+        return self._role_names is None or name in self._role_names
 
     async def reload_function_names(self, database: str) -> None:
         """Read the function names of ``database`` again now."""
@@ -931,6 +940,7 @@ class Server:
             volatile_builtins=self.volatile_builtins,
             function_name_taken=self.function_name_taken,
             reload_function_names=self.reload_function_names,
+            role_name=self.role_name,
             decision_generation=self.decision_generation,
             views_fresh=self.views_fresh,
             note_functions=self.note_functions,

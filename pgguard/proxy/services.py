@@ -94,6 +94,7 @@ class Services:
     volatile_builtins: Callable[[str], object]          # masking: functions that may keep
     function_name_taken: Callable[[str, str], bool]     # an overload would shadow it
     reload_function_names: Callable[[str], Awaitable[None]]
+    role_name: Callable[[str], bool]                    # a schema of that name shadows
     decision_generation: Callable[[str], int]
     views_fresh: Callable[[str], bool]
     note_functions: Callable[[str, object], None]
