@@ -301,12 +301,16 @@ def test_result_of_such_a_body_read_back_is_masked(env, pg, psql_bin, clean, cli
 def test_a_function_shadowing_a_builtin_name_is_a_sink(env, pg, psql_bin, clean, client,
                                                        builtin):
     """In the same transaction, before any catalog read could show it: CREATE FUNCTION
-    abs(text) storing its argument, then abs(ssn)."""
+    abs(text) storing its argument, then abs(ssn). (Since round 15 the CREATE itself is
+    refused to an agent: an overload of an existing name.)"""
     pre = ["BEGIN",
            f"CREATE FUNCTION {builtin}(x text, y int DEFAULT 0) RETURNS int LANGUAGE plpgsql "
            "AS $$BEGIN INSERT INTO rt_log VALUES (reverse(x)); RETURN 1; END$$"]
-    msgs, codes = run_mode(client, env, f"SELECT {builtin}(ssn) FROM customers", psql_bin,
-                           pre=pre)
+    try:
+        msgs, codes = run_mode(client, env, f"SELECT {builtin}(ssn) FROM customers",
+                               psql_bin, pre=pre)
+    except psycopg.Error as e:          # the client stops at the refused CREATE
+        msgs, codes = [(b"E", str(e).encode())], [e.sqlstate]
     assert "42501" in codes, msgs
     assert leaks(msgs) == [], msgs
     assert log_values(pg) == []

@@ -207,7 +207,15 @@ REFUSE = [
     ("create table t (x text default pg_read_file('/etc/passwd'))", "create", "escape", B),
     ("ALTER TABLE t ADD COLUMN x text DEFAULT pg_read_file('/etc/passwd')", "alter",
      "destructive escape", B),
-    ("create operator ### (function = pg_read_file, rightarg = text)", "create", "escape", B),
+    ("create operator ### (function = pg_read_file, rightarg = text)", "create",
+     "destructive escape", B),
+    # operators, casts and default conversions take over other sessions' expressions
+    ("CREATE OPERATOR public.+ (leftarg = numeric, rightarg = integer, function = round)",
+     "create", "destructive", B),
+    ("CREATE CAST (text AS int) WITH FUNCTION f(text) AS IMPLICIT", "create",
+     "destructive", B),
+    ("CREATE DEFAULT CONVERSION cv FOR 'LATIN1' TO 'UTF8' FROM iso8859_1_to_utf8", "create",
+     "destructive", B),
     ("select query_to_xml('delete from t', true, true, '')", "select", "opaque", B),
     ("select ts_stat('select vector from docs')", "select", "opaque", B),
     # privilege

@@ -2308,6 +2308,16 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
         name = b.get("schemaname") or owner
         if type(name) is str:
             acc.schemas.append(name)
+    if tag == "DefineStmt" and b.get("kind") == "OBJECT_OPERATOR":
+        acc.flag("destructive", f"CREATE OPERATOR {_dotted(b.get('defnames'))}: an operator "
+                 "whose argument types fit an expression better than pg_catalog's takes over "
+                 "it in every session (amount + 10 could run round(amount, 10))")
+    if tag == "CreateCastStmt":
+        acc.flag("destructive", "CREATE CAST changes how values convert in every session's "
+                 "statements (an implicit or assignment cast is applied unasked)")
+    if tag == "CreateConversionStmt" and b.get("def"):
+        acc.flag("destructive", "CREATE DEFAULT CONVERSION changes how text converts between "
+                 "encodings for every session")
     if tag == "IndexStmt" and b.get("unique"):
         acc.flag("destructive", f"CREATE UNIQUE INDEX on {_relname(b.get('relation') or {})} "
                  "can refuse the application's later writes (a partial one over (true) "
