@@ -225,8 +225,10 @@ SHAPES = [
 # legitimate statements: every column must come back exactly as from Postgres itself
 CLEAN = [
     S("clean", "SELECT id, name, score FROM customers ORDER BY id", (), (0, 1, 2)),
-    S("clean", "SELECT count(*), count(email), count(DISTINCT ssn) FROM customers", (),
+    S("clean", "SELECT count(*), count(name), count(DISTINCT score) FROM customers", (),
       (0, 1, 2)),
+    S("count", "SELECT count(*), count(email), count(DISTINCT ssn) FROM customers", (1, 2),
+      (0,)),
     S("clean", "SELECT id, name FROM customers WHERE ssn LIKE '7%' ORDER BY id", (), (0, 1)),
     S("clean", "SELECT c.id, upper(c.name), c.score * 2 FROM customers c ORDER BY id", (),
       (0, 1, 2)),

@@ -448,7 +448,7 @@ def test_store_uri_is_checked(tmp_path, store, ok):
     if ok:
         assert "store must be" not in r.stdout + r.stderr
     else:
-        assert r.returncode != 0 and "audit: store must be" in r.stderr, r.stdout + r.stderr
+        assert r.returncode != 0 and "audit.store: store must be" in r.stderr, r.stdout + r.stderr
 
 
 def test_file_store_renames_into_place(tmp_path):

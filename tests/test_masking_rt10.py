@@ -39,11 +39,14 @@ def rt10proxy(pg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def role_schema(rt10proxy, pg):
-    """The agent's own schema named like the upstream role, holding an empty
-    customers table (both made through the proxy: allowed)."""
+    """A schema named like the upstream role, holding an empty customers table. An
+    agent may not create it (round 15); the upstream role did, directly."""
     with psycopg.connect(rt10proxy.dsn(dbname=DB), autocommit=True) as c:
         role = c.execute("SELECT current_user").fetchone()[0]
-        c.execute(f'CREATE SCHEMA IF NOT EXISTS "{role}"')
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(f'CREATE SCHEMA IF NOT EXISTS "{role}"')
+    pg.execute(f'CREATE SCHEMA IF NOT EXISTS "{role}" AUTHORIZATION "{role}"', dbname=DB)
+    with psycopg.connect(rt10proxy.dsn(dbname=DB), autocommit=True) as c:
         c.execute(f'CREATE TABLE IF NOT EXISTS "{role}".customers (id int, name text, '
                   "email text, ssn text, phone text, score int)")
     yield role

@@ -174,7 +174,7 @@ LEGIT = [
     "UPDATE pt_loose SET kind = 'x' WHERE id = 1",
     "SELECT count(*) FROM pt_events_p1",
     "DELETE FROM pt_loose WHERE id = 1",
-    "ALTER TABLE pt_events_p1 ADD CONSTRAINT pt_kind_ck CHECK (kind <> '')",
+    # (an ADD CONSTRAINT is destructive since round 15: test_policy_write_gates.py)
 ]
 
 

@@ -428,7 +428,8 @@ class _Taint:
             or n.get("Node Type") == "Limit" and any(
                 self._subtree(c) for c in n.get("Plans", ())
                 if c.get("Parent Relationship") in ("InitPlan", "SubPlan"))
-            for n in self.nodes) or _runtime_limit(sql))
+            for n in self.nodes) or any(n.get("Node Type") == "Limit" for n in self.nodes)
+            and _runtime_limit(sql))
         # a condition, sort or grouping key that sets a masked value against a column of
         # another row source (a generator, another table, the same table under another
         # alias, a sub-plan's result): which rows meet, or which comes first, spells the
