@@ -403,6 +403,23 @@ def run_mode(mode, proxy, sql, psql_bin=None):
     raise ValueError(mode)
 
 
+def cell_texts(got, blob) -> set[str]:
+    """Every cell value a client mode returned (run_mode's first result), as text; psql
+    (no result sets): the cells of its unaligned output."""
+    if got is None:
+        return {c for line in str(blob).splitlines() for c in line.split("|")}
+    out: set[str] = set()
+
+    def walk(v):
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif v is not None:
+            out.add(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+    walk(got)
+    return out
+
+
 def direct_mode(pg, mode, sql):
     """The same statement straight to Postgres, decoded the way ``mode`` decodes."""
     dsn = pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB)

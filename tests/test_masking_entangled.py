@@ -10,7 +10,7 @@
 # Judged by the cells each client got against the same statement's answer, run directly.
 import psycopg
 import pytest
-from mask_corpus import CUSTOMERS, DB, MASKS, leaks, run_mode, seed
+from mask_corpus import CUSTOMERS, DB, MASKS, cell_texts, leaks, run_mode, seed
 
 MODES = ["psql", "psycopg-text", "psycopg-binary", "psycopg-prepared", "asyncpg-fetch",
          "raw-later"]
@@ -52,20 +52,6 @@ def enproxy(pg, tmp_path_factory):
     pg.execute("UPDATE customers SET score = 23 WHERE id = 2", dbname=DB)
 
 
-def _cells(got, blob) -> set[str]:
-    if got is None:
-        return {c for line in str(blob).splitlines() for c in line.split("|")}
-    out: set[str] = set()
-
-    def walk(v):
-        if isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        elif v is not None:
-            out.add(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
-    walk(got)
-    return out
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -79,7 +65,7 @@ def test_a_clean_column_set_against_masked_values_is_masked(enproxy, pg, psql_bi
     assert secret, truth
     got, blob = run_mode(mode, enproxy, sql, psql_bin)
     assert leaks(blob) == [], (shape, mode)
-    shown = sorted(secret & _cells(got, blob))
+    shown = sorted(secret & cell_texts(got, blob))
     assert shown == [], (shape, mode, shown)
 
 

@@ -14,7 +14,7 @@
 # Judged by the bytes each client got against the true values read directly.
 import psycopg
 import pytest
-from mask_corpus import CUSTOMERS, DB, MASKS, flatten, leaks, run_mode, seed
+from mask_corpus import CUSTOMERS, DB, MASKS, cell_texts, flatten, leaks, run_mode, seed
 
 MODES = ["psql", "psycopg-text", "psycopg-binary", "psycopg-prepared", "asyncpg-fetch",
          "raw-later"]
@@ -71,25 +71,10 @@ def test_counted_rows_do_not_carry_masked_values(rcproxy, pg, psql_bin, mode, sh
     assert secret, truth
     got, blob = run_mode(mode, rcproxy, sql, psql_bin)
     assert leaks(blob) == [], (shape, mode)
-    cells = _cells(got, blob)
+    cells = cell_texts(got, blob)
     shown = sorted(secret & cells)
     assert shown == [], (shape, mode, shown, sorted(cells)[:40])
 
-
-def _cells(got, blob) -> set[str]:
-    """Every cell value the client got, as text (psql: its unaligned output)."""
-    if got is None:
-        return {c for line in str(blob).splitlines() for c in line.split("|")}
-    out: set[str] = set()
-
-    def walk(v):
-        if isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        elif v is not None:
-            out.add(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
-    walk(got)
-    return out
 
 
 CLEAN = [
