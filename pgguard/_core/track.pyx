@@ -355,6 +355,8 @@ cdef class StatementTracker:
     cdef object _last_sql, _last_dec, _last_part    # the last _part answer (prepared)
     cdef object _enc            # msgpack encoder (what AuditLog.log_row would use)
     cdef object _log_encoded    # AuditLog.log_encoded, or None: log_row
+    cdef object _q              # AuditLog.encoded_queue()'s queue, or None: _log_encoded
+    cdef Py_ssize_t _wake_n     # ... and the length at which the sender is woken
     cdef long long _base_us     # _base in µs since the Unix epoch
     cdef Py_ssize_t _parts_bytes  # what _parts keeps, counted by its statements' size
     cdef object _h_record, _h_part, _h_session, _approved, _error_fields, _log_row
@@ -388,6 +390,11 @@ cdef class StatementTracker:
         # rows are assembled from parts encoded once (see _emit); an audit without
         # log_encoded gets tuples
         self._log_encoded = getattr(audit, "log_encoded", None)
+        self._q = None
+        self._wake_n = 0
+        queue = getattr(audit, "encoded_queue", None)
+        if queue is not None and self._log_encoded is not None:
+            self._q, self._wake_n = queue()
         self._enc = msgspec.msgpack.Encoder(decimal_format="number").encode
         self._base_us = (base - _EPOCH) // _US
         self._fixed_enc = None
@@ -707,11 +714,25 @@ cdef class StatementTracker:
             row = self._row(e.t0, <bytes>(<tuple>part)[1], decision, rule, approver, rows,
                             out, masked, duration, e.state, e.err)
             if row is not None:
-                self._log_encoded(row)
+                if self._q is not None:
+                    self._enqueue(<bytes>row)
+                else:
+                    self._log_encoded(row)
                 return
         # the wire row: AuditRecord's fields in order (see pgguard.audit.ipc)
         self._log_row(("", self.wall(e.t0)) + fixed + (<tuple>part)[0] + (
             decision, rule, approver, rows, out, masked, duration, e.state, e.err, "", ""))
+
+    cdef inline void _enqueue(self, bytes row) except *:
+        # AuditLog.log_encoded, inline: no Python frame per statement
+        cdef Py_ssize_t n = len(self._q)
+        audit = self.audit
+        if n >= <Py_ssize_t>audit._limit:
+            audit._overflow()
+            return
+        self._q.append(row)
+        if n == self._wake_n:
+            audit._kick()
 
     cdef object _row(self, long long t0, bytes part_enc, str decision, rule, approver,
                      long long rows, long long out, masked, duration, state, err):

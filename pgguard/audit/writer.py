@@ -370,6 +370,13 @@ class AuditLog:
         if n == self._wake_n:
             self._kick()
 
+    def encoded_queue(self) -> tuple[deque, int]:
+        """The queue ``log_encoded`` appends to and the length at which it wakes the
+        sender: the compiled statement tracker appends its rows itself, taking the same
+        steps as ``log_encoded`` (refused and counted by ``_overflow`` at ``_limit``,
+        ``_kick`` at ``_wake_n``) without a Python call per statement."""
+        return self._q, self._wake_n
+
     def log_strict(self, record: AuditRecord) -> Any:
         """Enqueue *record* and return a future that resolves (to its ``event_id``) once
         the record is fsynced.
