@@ -37,6 +37,33 @@ SHAPES = {
                  "ON p.score = right(replace(c.ssn, '-', ''), 2)::int ORDER BY c.id",
     "initplan": "SELECT g FROM generate_series(1, 9999) g WHERE g = "
                 "(SELECT right(ssn, 4)::int FROM customers WHERE id = 2)",
+    # round 16 (helper 69): the comparison or the key is in the plan but not printed.
+    # An ALL / ANY sub-select prints as "(SubPlan 1)", without the test against g
+    "all-subplan": "SELECT c.id, string_agg(g::text, ',' ORDER BY p) FROM customers c, "
+                   "generate_series(1, 11) p, generate_series(32, 126) g WHERE "
+                   "g >= ALL (SELECT ascii(substr(x.ssn, p, 1)) FROM customers x WHERE "
+                   "x.id = c.id) AND g <= ALL (SELECT ascii(substr(x.ssn, p, 1)) FROM "
+                   "customers x WHERE x.id = c.id) GROUP BY c.id ORDER BY c.id",
+    "all-uncorrelated": "SELECT g FROM generate_series(1, 9999) g WHERE g >= ALL (SELECT "
+                        "right(ssn, 4)::int FROM customers WHERE id = 2) AND g <= ALL "
+                        "(SELECT right(ssn, 4)::int FROM customers WHERE id = 2)",
+    "hashed-subplan": "SELECT g FROM generate_series(1, 999) g WHERE g IN (SELECT "
+                      "substr(ssn, 1, 3)::int FROM customers) OR g < 0 ORDER BY g",
+    # the row a TID scan fetches, chosen by a masked value (TID Cond was not read)
+    "tid-cond": "SELECT c.id, (SELECT o.id FROM orders o WHERE o.ctid = ('(0,' || "
+                "(ascii(substr(c.ssn, 2, 1)) % 3 + 1) || ')')::tid) FROM customers c "
+                "ORDER BY c.id",
+    # a window frame's bound (count(*) OVER (?) in the plan)
+    "window-frame": "SELECT g, count(*) OVER (ORDER BY g ROWS BETWEEN CURRENT ROW AND "
+                    "(SELECT substr(replace(ssn, '-', ''), 1, 3)::int FROM customers "
+                    "WHERE id = 3) FOLLOWING) - 1 FROM generate_series(1, 600) g",
+    "window-frame-outer": "SELECT c.id, (SELECT count(*) OVER (ORDER BY g ROWS BETWEEN "
+                          "CURRENT ROW AND right(c.ssn, 4)::int FOLLOWING) FROM "
+                          "generate_series(1, 9999) g LIMIT 1) FROM customers c "
+                          "ORDER BY c.id",
+    "window-offset-initplan": "SELECT g, count(*) OVER (ORDER BY g RANGE BETWEEN CURRENT ROW"
+                              " AND (SELECT ascii(email) FROM customers WHERE id = 2) "
+                              "FOLLOWING) - 1 FROM generate_series(1, 300) g LIMIT 1",
 }
 
 

@@ -257,10 +257,17 @@ _SHOWN = _RELATION_SCANS | frozenset({
 _HIDDEN = frozenset({"Values Scan"})
 # node fields whose expressions feed the node's output columns
 _EXPR_FIELDS = ("Output", "Function Call", "Table Function Call")
-# ... and those that decide which rows pass
-_ALL_EXPR_FIELDS = _EXPR_FIELDS + ("Filter", "Join Filter", "Hash Cond", "Merge Cond",
-                                   "Index Cond", "Recheck Cond", "One-Time Filter",
-                                   "Run Condition", "Sort Key", "Group Key")
+# node fields that hold no expression: names, kinds, numbers. Every other field of a node
+# (Filter, Hash Cond, TID Cond, Order By, Cache Key, Sampling Parameters, Grouping Sets'
+# keys, a field a later Postgres adds ...) is read as a condition or key: which rows
+# meet, in which order, in which group
+_META_FIELDS = frozenset({
+    "Node Type", "Parent Relationship", "Subplan Name", "Custom Plan Provider",
+    "Relation Name", "Schema", "Alias", "Function Name", "Table Function Name",
+    "CTE Name", "Tuplestore Name", "Index Name", "Scan Direction", "Join Type",
+    "Strategy", "Partial Mode", "Command", "Operation", "Conflict Resolution",
+    "Conflict Arbiter Indexes", "Cache Mode", "Sampling Method", "Sort Method",
+    "Sort Space Type", "Plans", "Target Tables"} | set(_EXPR_FIELDS))
 # names of functions and operators outside pg_catalog (user-defined, extensions): calls
 # of them are not seen into, so an output that calls one is masked
 _OPAQUE_SQL = ("SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace NOT IN "
@@ -362,7 +369,7 @@ class _Taint:
 
     def __init__(self, root: dict, masked_rel: dict, opaque: frozenset = frozenset(),
                  sql: str | None = None, columns: dict | None = None,
-                 renames: list | None = None) -> None:
+                 renames: list | None = None, views: tuple[str, ...] = ()) -> None:
         self.opaque = opaque                          # names of functions/operators not
         #                                               in pg_catalog: not seen into
         self.pairs: set[tuple[str, str]] = set()     # (alias, column) of masked columns
@@ -418,7 +425,7 @@ class _Taint:
         # rows whose number a masked value decides: a function scan or a set-returning
         # target list over masked values (generate_series(1, ascii(ssn))), a derived
         # relation (subquery, CTE, recursive CTE) that carries them, a LIMIT / OFFSET
-        # computed from them. Whatever counts, sums or numbers such rows carries the
+        # or a window frame's bound computed from them. Whatever counts, sums or numbers such rows carries the
         # value (count(*) gave back six digits of an SSN): every computed column of the
         # statement is tainted
         self.shaped = self.reads and (any(
@@ -429,7 +436,9 @@ class _Taint:
                 self._subtree(c) for c in n.get("Plans", ())
                 if c.get("Parent Relationship") in ("InitPlan", "SubPlan"))
             for n in self.nodes) or any(n.get("Node Type") == "Limit" for n in self.nodes)
-            and _runtime_limit(sql))
+            and any(map(_runtime_limit, (sql, *views)))
+            or any(n.get("Node Type") == "WindowAgg" for n in self.nodes)
+            and any(map(_runtime_frame, (sql, *views))))
         # a condition, sort or grouping key that sets a masked value against a column of
         # another row source (a generator, another table, the same table under another
         # alias, a sub-plan's result): which rows meet, or which comes first, spells the
@@ -441,11 +450,17 @@ class _Taint:
         # source; any other $n is a parameter of the statement (a constant to it)
         self.computed = {x for n in self.nodes
                          for x in re.findall(r"\$\d+", n.get("Subplan Name") or "")}
+        # the sub-plans whose own result carries masked values: a condition naming one
+        # ((SubPlan 1), (hashed SubPlan 1)) compares that result with the row in a way
+        # EXPLAIN does not print (g >= ALL (SELECT ascii(substr(ssn, p, 1)) ...) printed
+        # as "(SubPlan 1)" spelled an SSN out in g)
+        self.returned = {n["Subplan Name"] for n in self.nodes
+                         if str(n.get("Subplan Name", "")).startswith("SubPlan ")
+                         and any(self.expr(e) for e in _exprs(n))}
         self.entangled = self.reads and any(
             self._mixed(conj)
-            for n in self.nodes for field in _COND_FIELDS
-            for text in _as_list(n.get(field))
-            for conj in _conjuncts(self._scanned(text) if isinstance(text, str) else None))
+            for n in self.nodes for text in _cond_texts(n)
+            for conj in _conjuncts(self._scanned(text)))
 
     def _renamed(self, key: tuple[str, str], names: set[str], cols: frozenset,
                  columns: dict | None, renames: list | None) -> None:
@@ -564,6 +579,8 @@ class _Taint:
             if t.kind == "param" or t.text in ("SubPlan", "InitPlan"):
                 ref = t.text if t.kind == "param" else \
                     f"{t.text} {toks[i + 1].text}" if i + 1 < n else t.text
+                if ref in self.returned:
+                    return True                         # a comparison not printed
                 if ref in self.tokens:
                     t_tok = True
                 elif t.kind != "param" or ref in self.computed:
@@ -590,11 +607,9 @@ class _Taint:
     def _any_expr(self, node: dict) -> bool:
         # any expression of the subtree, its filters and join conditions included (what
         # decides when a recursive CTE stops: how many rows it makes)
-        for field in _ALL_EXPR_FIELDS:
-            v = node.get(field)
-            for text in (v if isinstance(v, list) else (v,)):
-                if isinstance(text, str) and self.expr(text):
-                    return True
+        if any(self.expr(e) for e in _exprs(node)) or any(
+                self.expr(text) for text in _cond_texts(node)):
+            return True
         return any(self._any_expr(c) for c in node.get("Plans", ()))
 
     def _subtree(self, node: dict) -> bool:
@@ -697,20 +712,28 @@ class _Taint:
         return toks is None or self._tainted(toks)
 
 
-# plan fields holding conditions and keys: which rows meet, in which order, in which group
-_COND_FIELDS = ("Filter", "Join Filter", "Hash Cond", "Merge Cond", "Index Cond",
-                "Recheck Cond", "One-Time Filter", "Run Condition", "Sort Key",
-                "Presorted Key", "Group Key", "Hash Key")
+def _cond_texts(node: dict) -> list[str]:
+    """The texts of a node's conditions and keys: every string of every field but
+    ``_META_FIELDS`` (lists and nested groups, such as Grouping Sets, read through)."""
+    out: list[str] = []
+    todo: list[Any] = [v for k, v in node.items() if k not in _META_FIELDS]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            todo.extend(v)
+        elif isinstance(v, dict):
+            todo.extend(x for k, x in v.items() if k not in _META_FIELDS)
+    return out
+
+
 # words EXPLAIN prints in expressions that name no column
 _SQL_WORDS = frozenset(
     "and or not is null true false case when then else end any all array in like ilike "
     "similar to between distinct from collate some exists row interval at time zone with "
     "without desc asc nulls first last using escape overlaps isnull notnull unknown "
     "symmetric varying double precision character national cast".split())
-
-
-def _as_list(v) -> list:
-    return v if isinstance(v, list) else [v] if v is not None else []
 
 
 def _conjuncts(toks: list[_Tok] | None) -> list:
@@ -730,9 +753,25 @@ def _conjuncts(toks: list[_Tok] | None) -> list:
     return out
 
 
+# where a LIMIT / OFFSET and a window frame's bounds sit in the parse tree
+_LIMIT_KEYS = ("limitCount", "limitOffset")
+_FRAME_KEYS = ("startOffset", "endOffset")
+
+
 def _runtime_limit(sql: str | None) -> bool:
     """A LIMIT or OFFSET of the statement that is computed when it runs (a column, a
     sub-select, an expression), not a constant or a parameter; unreadable text: True."""
+    return _runtime(sql, _LIMIT_KEYS)
+
+
+def _runtime_frame(sql: str | None) -> bool:
+    """``_runtime_limit`` for the bounds of a window frame (ROWS BETWEEN CURRENT ROW AND
+    (SELECT ...) FOLLOWING): EXPLAIN prints a window function as count(*) OVER (?),
+    without them."""
+    return _runtime(sql, _FRAME_KEYS)
+
+
+def _runtime(sql: str | None, keys: tuple[str, ...]) -> bool:
     if sql is None:
         return True
     from pglast import parser
@@ -744,7 +783,7 @@ def _runtime_limit(sql: str | None) -> bool:
     while todo:
         v = todo.pop()
         if isinstance(v, dict):
-            for key in ("limitCount", "limitOffset"):
+            for key in keys:
                 lim = v.get(key)
                 if lim is not None and not _fixed(lim):
                     return True
@@ -783,7 +822,7 @@ def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
         more = renamings(v)
         renames = None if renames is None or more is None else renames + more
     taint = _Taint(root, masked_rel, opaque, sql, columns,
-                   None if renames is None else list(renames))
+                   None if renames is None else list(renames), views)
     if taint.unknown:
         return UNRESOLVED
     n = len(fields)
