@@ -132,19 +132,22 @@ class _Tok(NamedTuple):
 
 
 _NAME_CH = r"A-Za-z_\x80-\U0010ffff"
+# (possessive repeats over runs of characters: a repeat of a one-character alternative
+# keeps a backtracking entry per character, some 300 bytes each: the plan of SELECT
+# repeat('x', 6000000) prints the folded 6 MB constant, and reading it took 1.8 GB)
 _SCAN = re.compile(rf"""
     (?P<space>[ \t\n\r\f\v]+|--[^\n\r]*)
   | (?P<comment>/\*)
   | (?P<uesc>[uU]&['"])
-  | (?P<ident>"(?:[^"]|"")+")
-  | (?P<estr>[eE]'(?:[^'\\]|''|\\.)*')
-  | (?P<str>'(?:[^']|'')*')
+  | (?P<ident>"(?:[^"]++|"")++")
+  | (?P<estr>[eE]'(?:[^'\\]++|''|\\.)*+')
+  | (?P<str>'(?:[^']++|'')*+')
   | (?P<param>\$[0-9]+)
   | (?P<dollar>\$(?:[{_NAME_CH}][{_NAME_CH}0-9]*)?\$)
   | (?P<word>[{_NAME_CH}][{_NAME_CH}0-9$]*)
   | (?P<num>0[xXoObB][0-9A-Fa-f_]+
       |(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][+-]?[0-9]+)?)
-  | (?P<op>(?:(?!--|/\*)[-+*/<>=~!@\#%^&|`?])+)
+  | (?P<op>(?:(?!--|/\*)[-+*/<>=~!@\#%^&|`?])++)
   | (?P<punct>::|[()\[\],;.:])
 """, re.VERBOSE | re.DOTALL)
 _COMMENT_EDGE = re.compile(r"/\*|\*/")
@@ -843,6 +846,9 @@ def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
 # -- asking the upstream -----------------------------------------------------------------
 
 _CACHE: dict[tuple, Lineage] = {}
+# a plan printed longer than this is not read: its statement is unresolved (masked). A
+# folded constant makes a plan as long as the value (SELECT repeat('x', 100000000))
+PLAN_MAX = 4 << 20
 _CACHE_MAX = 8192
 _STMT = b"pgguard_lineage"
 
@@ -989,7 +995,7 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
         elif t == m.DATA_ROW and sets:
             (ln,) = struct.unpack_from("!i", payload, 2)
             sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
-    if fields is None or len(sets) != 5 or not sets[0]:
+    if fields is None or len(sets) != 5 or not sets[0] or len(sets[0][0]) > PLAN_MAX:
         return UNRESOLVED
     if not fields:
         return Lineage((), False)
