@@ -1524,6 +1524,11 @@ def _alter_table(acc: _Acc, b: dict) -> None:
                          "validated")
         if sub in _AT_PLAIN:
             pass
+        elif sub in _AT_ENABLING:
+            acc.flag("opaque", f"ALTER TABLE {target} {_AT_ENABLING[sub]} {col}".rstrip()
+                     + ": switches on code that runs at every later write of the table, in "
+                     "every session, where pgguard does not judge what it runs; ask an "
+                     "administrator")
         elif sub in _AT_DESTRUCTIVE:
             acc.flag("destructive", _AT_DESTRUCTIVE[sub].format(t=target, c=col, at=at_col))
         elif sub == "AT_DropColumn":
@@ -1589,9 +1594,15 @@ _AT_PLAIN = frozenset({
     "AT_AddColumn", "AT_AddColumnToView", "AT_SetCompression",
     "AT_AddIndex", "AT_AddConstraint", "AT_ValidateConstraint", "AT_AddIndexConstraint",
     "AT_ClusterOn", "AT_DropCluster", "AT_SetLogged", "AT_DropOids", "AT_SetAccessMethod",
-    "AT_SetTableSpace", "AT_EnableTrig", "AT_EnableAlwaysTrig", "AT_EnableTrigAll",
-    "AT_EnableTrigUser", "AT_EnableRule", "AT_EnableAlwaysRule", "AT_DropOf",
+    "AT_SetTableSpace", "AT_DropOf",
 })
+# ... and those that switch on code to run at every later write, in every session (a
+# trigger or rule its owner switched off, perhaps on purpose): opaque
+_AT_ENABLING = {
+    "AT_EnableTrig": "ENABLE TRIGGER", "AT_EnableAlwaysTrig": "ENABLE ALWAYS TRIGGER",
+    "AT_EnableTrigAll": "ENABLE TRIGGER ALL", "AT_EnableTrigUser": "ENABLE TRIGGER USER",
+    "AT_EnableRule": "ENABLE RULE", "AT_EnableAlwaysRule": "ENABLE ALWAYS RULE",
+}
 # ... and those that change how every later write behaves, or break it ({at}: ALTER
 # TABLE t ALTER COLUMN c)
 _AT_DESTRUCTIVE = {
@@ -1873,7 +1884,14 @@ def _alter_setting(acc: _Acc, b: dict, tag: str) -> None:
 
 def _alter_seq(acc: _Acc, b: dict) -> None:
     acc.enter("alter")
-    hazards = _sequence_hazards(acc, _defelems(b.get("options")))
+    opts = _defelems(b.get("options"))
+    hazards = _sequence_hazards(acc, opts)
+    owner = opts.get("owned_by")
+    items = owner.get("List", {}).get("items") if type(owner) is dict else None
+    if owner is not None and [_sval(i).lower() for i in items or ()] != ["none"]:
+        hazards.append("OWNED BY ties it to a column: dropping that column or its table (a "
+                       "temporary table when the session ends) drops the sequence and the "
+                       "DEFAULT of every column drawing from it")
     if hazards:
         acc.flag("destructive", f"ALTER SEQUENCE {_relname(b.get('sequence') or {})}: "
                  f"{'; '.join(hazards)} (not undone by ROLLBACK: later INSERTs can fail or "
@@ -2323,11 +2341,57 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
                  "can refuse the application's later writes (a partial one over (true) "
                  "admits one row more); ask an administrator, or declare the key in CREATE "
                  "TABLE")
+    if tag == "IndexStmt" and not b.get("unique") and (
+            b.get("whereClause") is not None or any(
+                type(p) is dict and type(p.get("IndexElem")) is dict
+                and p["IndexElem"].get("expr") is not None for p in b.get("indexParams") or ())):
+        acc.flag("destructive", f"CREATE INDEX on {_relname(b.get('relation') or {})} over an "
+                 "expression or with a WHERE predicate: Postgres computes it at every later "
+                 "write of the table, in every session, and refuses the write when it fails "
+                 "(CASE WHEN id > 1000 THEN 1 / (id - id) END); index plain columns, or ask "
+                 "an administrator")
+    if tag == "CreateStatsStmt" and any(
+            type(e) is dict and type(e.get("StatsElem")) is dict
+            and e["StatsElem"].get("expr") is not None for e in b.get("exprs") or ()):
+        acc.flag("destructive", "CREATE STATISTICS over an expression: every later ANALYZE of "
+                 "the table (autovacuum's too) computes it over the sampled rows and fails "
+                 "when it does; name plain columns, or ask an administrator")
+    if tag == "AlterObjectDependsStmt" and not b.get("remove"):
+        ext = _sval({"String": b.get("extname")}) or "?"
+        acc.flag("destructive", f"ALTER ... DEPENDS ON EXTENSION {ext}: a later DROP "
+                 "EXTENSION, even without CASCADE, drops the object with it")
+    if tag == "RefreshMatViewStmt" and b.get("skipData"):
+        acc.flag("destructive", f"REFRESH MATERIALIZED VIEW "
+                 f"{_relname(b.get('relation') or {})} WITH NO DATA empties it: every "
+                 "later read of it fails until someone refreshes it")
+    if tag in ("AlterTSConfigurationStmt", "AlterTSDictionaryStmt"):
+        acc.flag("destructive", "ALTER TEXT SEARCH CONFIGURATION / DICTIONARY changes how "
+                 "every session's text is split and matched: stored tsvectors and their "
+                 "indexes no longer match what searches look for; ask an administrator")
     if tag == "CreateStmt":
         target = _relname(b.get("relation") or {})
         for elt in b.get("tableElts") or ():
             _referential_actions(acc, target, elt, "CREATE TABLE")
+            for ref in _foreign_keys(elt):
+                acc.flag("destructive", f"CREATE TABLE {target} with a foreign key to {ref}: "
+                         f"it puts triggers on {ref} that refuse later DELETEs, key UPDATEs "
+                         f"and TRUNCATE of {ref}, in every session, while rows of {target} "
+                         "refer to them; ask an administrator")
     _utility_walk(acc, b)
+
+
+def _foreign_keys(d: Any) -> list[str]:
+    """The tables a column definition or table constraint of CREATE TABLE references."""
+    if type(d) is not dict:
+        return []
+    cons = d["ColumnDef"].get("constraints") if type(d.get("ColumnDef")) is dict else [d]
+    out = []
+    for c in cons or ():
+        c = c.get("Constraint") if type(c) is dict else None
+        if type(c) is dict and c.get("contype") == "CONSTR_FOREIGN":
+            pk = c.get("pktable")
+            out.append(_relname(pk) if type(pk) is dict else "?")
+    return out
 
 
 def _utility_walk(acc: _Acc, b: dict, skip: tuple[str, ...] = ()) -> None:
