@@ -61,6 +61,20 @@ SHAPES = {
                           "CURRENT ROW AND right(c.ssn, 4)::int FOLLOWING) FROM "
                           "generate_series(1, 9999) g LIMIT 1) FROM customers c "
                           "ORDER BY c.id",
+    # round 16 (helper 72): a column named by its number inside GROUPING SETS / CUBE /
+    # DISTINCT ON became a parameter in the statement analysed in its place (grouping by
+    # a constant), so the masked comparison it names was never seen
+    "grouping-sets-position": "SELECT c.id, p.p, max(g.g), min(g.g), grouping(g.g), "
+                              "(g.g <= ascii(substr(c.ssn, p.p, 1))) FROM customers c, "
+                              "generate_series(1::int, 11::int) p, generate_series(32::int, "
+                              "126::int) g GROUP BY c.id, GROUPING SETS ((g.g), (p.p, 6)) "
+                              "HAVING grouping(g.g) = 1 AND min(g.g) = 32 ORDER BY 1, 2",
+    "cube-position": "SELECT c.id, max(g.g), (g.g <= ascii(substr(c.ssn, 1, 1))) FROM "
+                     "customers c, generate_series(32::int, 126::int) g WHERE c.id = 1 "
+                     "GROUP BY c.id, CUBE (3) ORDER BY 3",
+    "distinct-on-position": "SELECT DISTINCT ON (2) g.g, (g.g = ascii(substr(c.ssn, 1, 1))) "
+                            "FROM customers c, generate_series(32::int, 126::int) g "
+                            "WHERE c.id = 1 ORDER BY 2, 1 DESC",
     "window-offset-initplan": "SELECT g, count(*) OVER (ORDER BY g RANGE BETWEEN CURRENT ROW"
                               " AND (SELECT ascii(email) FROM customers WHERE id = 2) "
                               "FOLLOWING) - 1 FROM generate_series(1, 300) g LIMIT 1",
@@ -114,3 +128,56 @@ def test_joins_on_clean_keys_and_constant_filters_stay_clear(enproxy, sql, want)
         rows = [tuple(float(v) if hasattr(v, "as_integer_ratio") and not isinstance(v, int)
                       else v for v in r) for r in c.execute(sql).fetchall()]
     assert rows == want
+
+
+# round 16 (helper 72): ORDER BY 1 and ORDER BY 3 have one literal-insensitive shape; the
+# lineage of the first (clean columns) was served to the second, which sorts by a masked
+# comparison: p and g came back in clear, in the order that spells the SSN
+PRIME = ("SELECT p.p, g.g, (g.g <= ascii(substr(c.ssn, p.p, 1))) FROM customers c, "
+         "generate_series(1::int, 11::int) p, generate_series(32::int, 126::int) g "
+         "WHERE c.id = 1 ORDER BY {} DESC, 1, 2 DESC")
+
+
+@pytest.mark.parametrize("mode", ["psycopg-text", "psycopg-prepared", "asyncpg", "raw"])
+def test_a_text_numbering_other_sort_columns_gets_its_own_lineage(enproxy, pg, mode):
+    first, second = PRIME.format(1), PRIME.format(3)
+    with psycopg.connect(pg.dsn(dbname=DB)) as c:
+        truth = c.execute(second).fetchall()
+    # what the order gives away: the leading rows of each p are the character's code
+    codes = {str(ord(ch)) for ch in CUSTOMERS[0][3]}
+    assert codes & {str(r[1]) for r in truth}
+    if mode.startswith("psycopg"):
+        with psycopg.connect(enproxy.dsn(dbname=DB), autocommit=True) as c:
+            prep = mode == "psycopg-prepared" or None
+            c.execute(first, prepare=prep).fetchall()
+            got = [c.execute(second, prepare=prep).fetchall() for _ in range(3)]
+    elif mode == "asyncpg":
+        import asyncio
+
+        import asyncpg
+
+        async def go():
+            c = await asyncpg.connect(enproxy.dsn(dbname=DB))
+            try:
+                await c.fetch(first)
+                return [[tuple(r) for r in await c.fetch(second)] for _ in range(3)]
+            finally:
+                await c.close()
+        got = asyncio.run(go())
+    else:
+        from conftest import AGENT, AGENT_PASSWORD
+        from rawpg import SYNC, RawClient, bind, execute, parse, rows
+        raw = RawClient.connect(enproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+        try:
+            raw.send(parse(first), bind(), execute(), SYNC)
+            raw.until_ready()
+            raw.send(parse(second), bind(), execute(), SYNC)
+            got = [[tuple(v.decode() if v is not None else None for v in r)
+                    for r in rows(raw.until_ready())]]
+        finally:
+            raw.close()
+    for result in got:
+        assert len(result) == len(truth)
+        # every cell masked (or NULL): no p, no g in clear
+        for row in result:
+            assert all(v is None or not str(v).isdigit() for v in row[:2]), (mode, row)

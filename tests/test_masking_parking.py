@@ -140,6 +140,17 @@ TABLES = [
     "INSERT INTO pk_sink SELECT 1, string_agg(x.email, ',') FROM pk_cust AS x",
     "INSERT INTO pk_sink SELECT id, name FROM pk_cust JOIN pk_sink USING (id) "
     "WHERE ssn LIKE '1%'",
+    # round 16 (helper 72): pgguard's parser reads a newer grammar than Postgres 15's,
+    # where a bare system_user is no keyword but the column an alias list renamed
+    "INSERT INTO pk_sink SELECT id, reverse(system_user) FROM pk_cust "
+    "AS x(id, name, email, \"system_user\")",
+    "INSERT INTO pk_sink SELECT id, system_user FROM pk_cust AS x(id, name, \"system_user\")",
+    "INSERT INTO pk_sink SELECT 1, (SELECT translate(system_user, '-', '+') FROM pk_cust "
+    "AS x(id, name, email, \"system_user\") WHERE id = 1)",
+    "UPDATE pk_sink SET v = system_user FROM pk_cust AS x(id, name, email, \"system_user\") "
+    "WHERE x.id = pk_sink.id",
+    "INSERT INTO pk_sink SELECT c.id, system_user FROM pk_cust AS c(id, n, e, "
+    "\"system_user\") JOIN pk_sink s ON s.id = c.id",
 ]
 
 

@@ -1033,6 +1033,54 @@ def _columns_sql(masked_rel: dict) -> str:
             f"WHERE d.refobjid IN ({rels}) AND r.ev_class <> d.refobjid")
 
 
+@functools.lru_cache(maxsize=1024)
+def positional(sql: bytes) -> bool:
+    """Whether the statement names output columns by number (ORDER BY 3, GROUP BY 2,
+    GROUPING SETS ((g), (p, 6)), DISTINCT ON (1)), at any level; unreadable: True. Such
+    a number is no value: the statement with its literals as parameters (normalized)
+    groups or sorts by a constant instead, and texts of one literal-insensitive shape
+    (sqlshape) sort by different columns, so neither stands for the text."""
+    from pglast import parser
+    try:
+        tree = orjson.loads(parser.parse_sql_json(sql.decode("utf-8")))
+    except Exception:       # noqa: BLE001 - unreadable: the caller analyses the text
+        return True
+    todo: list[Any] = [tree]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, list):
+            todo.extend(v)
+        elif isinstance(v, dict):
+            if any(map(_int_const, _group_items(v.get("groupClause")))) or any(
+                    map(_int_const, v.get("distinctClause") or ())):
+                return True
+            sort = v.get("SortBy")
+            if isinstance(sort, dict) and _int_const(sort.get("node")):
+                return True
+            todo.extend(v.values())
+    return False
+
+
+def _group_items(items: list | None) -> list:
+    """The expressions of a GROUP BY list, through grouping sets (GROUPING SETS, CUBE,
+    ROLLUP) and their parenthesized lists ((p, 6) is a row of two items)."""
+    out: list = []
+    todo = list(items or ())
+    while todo:
+        x = todo.pop()
+        inner = x.get("GroupingSet") or x.get("RowExpr") if isinstance(x, dict) else None
+        if isinstance(inner, dict):
+            todo.extend(inner.get("content") or inner.get("args") or ())
+        else:
+            out.append(x)
+    return out
+
+
+def _int_const(node: Any) -> bool:
+    return isinstance(node, dict) and isinstance(node.get("A_Const"), dict) \
+        and "ival" in node["A_Const"]
+
+
 def normalized(sql: bytes) -> bytes | None:
     """The statement with its literals as parameters ($n after its own), or None."""
     from pglast import parser

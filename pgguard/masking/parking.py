@@ -163,6 +163,11 @@ def masked_names(catalog, identity_name: str, identity) -> dict[str, frozenset[s
     return hit
 
 
+# SQL-syntax calls without parentheses the parser (a newer grammar) makes of words that
+# name columns on a Postgres 15 server
+_WORDS_BEFORE_16 = frozenset({"pg_catalog.system_user"})
+
+
 class _Reads:
     """What one parse tree reads: range variables, column references, USING lists."""
 
@@ -225,6 +230,12 @@ class _Reads:
                     if names and "String" in names[-1]:
                         self.funcs.add(names[-1]["String"]["sval"].lower())
                     self.calls.add(_dotted(names))
+                    if v.get("funcformat") == "COERCE_SQL_SYNTAX" and not v.get("args") \
+                            and _dotted(names) in _WORDS_BEFORE_16:
+                        # the parser reads a newer grammar than a Postgres 15 server's,
+                        # for which the bare word is a column (FROM customers AS
+                        # x(id, name, email, "system_user") renames ssn)
+                        self.refs.append([names[-1]["String"]["sval"]])
                 elif k in ("A_Expr", "SubLink") and v.get("name" if k == "A_Expr"
                                                           else "operName"):
                     op = v.get("name" if k == "A_Expr" else "operName")

@@ -395,7 +395,10 @@ class MaskState(LaneState):
         keys = self._lineage_keys(query, param_oids)
         args = (self._masked_rel, self._masked_cols, self._role())
         side, db = self.s.services.side, self.s.database
-        if len(keys) == 2:
+        # (a text naming output columns by number stands for itself only: see
+        # lineage.positional; its shape's key is never learned, so no text of the same
+        # shape finds it)
+        if len(keys) == 2 and not lg.positional(query):
             norm = lg.normalized(query)
             if norm is not None:
                 lin = await lg.analyse(side, db, norm, param_oids, *args)
