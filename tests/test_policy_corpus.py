@@ -455,7 +455,6 @@ ALLOW = [
     ("SELECT currval('orders_id_seq'), lastval()", "select", "", A),
     ("ALTER SEQUENCE orders_id_seq INCREMENT 2", "alter", "", A),
     ("ALTER TABLE orders SET LOGGED", "alter", "", A),
-    ("ALTER TABLE orders ENABLE TRIGGER USER", "alter", "", A),
     ("ALTER TABLE orders SET (autovacuum_enabled = false)", "alter", "", A),
     # keywords inside literals, comments, quoted identifiers
     ("SELECT 'DROP TABLE x'", "select", "", A),

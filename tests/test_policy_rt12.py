@@ -452,8 +452,6 @@ HARMLESS = [
     ("ALTER TABLE rt12_orders SET (fillfactor = 90)",
      "SELECT reloptions FROM pg_class WHERE relname = 'rt12_orders'", [(["fillfactor=90"],)],
      "ALTER TABLE rt12_orders RESET (fillfactor)"),
-    ("ALTER TABLE rt12_orders ENABLE TRIGGER rt12_stamp",
-     "SELECT tgenabled FROM pg_trigger WHERE tgname = 'rt12_stamp'", [("O",)], None),
 ]
 
 

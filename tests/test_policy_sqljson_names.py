@@ -84,9 +84,11 @@ def test_a_definition_keeping_such_a_call_is_refused(gproxy, pg, named, call):
     args = "id, id" if FUNCS[call] == "(int, int)" else "id"
     c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD)
     try:
-        # (an index expression: a CHECK added to an existing table is refused as
-        # destructive whatever it calls, since round 15)
-        msgs = c.run(f"CREATE INDEX sj_plant ON sj_t (({call}({args}) IS NOT NULL))")
+        # (a new table's generated column: a CHECK added to an existing table, and an
+        # index over an expression, are refused as destructive whatever they call, since
+        # rounds 15 and 16)
+        msgs = c.run(f"CREATE TABLE sj_plant (id int, g boolean GENERATED ALWAYS AS "
+                     f"({call}({args}) IS NOT NULL) STORED)")
     finally:
         c.close()
     errs = rawpg.errors(msgs)

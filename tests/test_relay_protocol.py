@@ -260,17 +260,37 @@ def test_ssl_request_answered_N_without_tls(proxy):
     s.close()
 
 
-def test_protocol_3_2_negotiated_down(proxy):
-    # libpq 17+ may ask for 3.2 or send _pq_ options; the proxy answers with 3.0
-    s = _raw(proxy)
-    body = struct.pack("!I", (3 << 16) | 2) + b"user\0ci-agent\0_pq_.foo\0bar\0\0"
-    s.sendall(struct.pack("!I", len(body) + 4) + body)
-    hdr = s.recv(5)
-    assert hdr[:1] == b"v"
-    body = s.recv(struct.unpack("!I", hdr[1:])[0] - 4)
-    minor, n = struct.unpack_from("!II", body)
-    assert (minor, n) == (0, 1) and b"_pq_.foo" in body
-    s.close()
+def _negotiation(port: int, version: int) -> tuple[int, list[bytes]]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        body = struct.pack("!I", version) + b"user\0ci-agent\0_pq_.foo\0bar\0\0"
+        s.sendall(struct.pack("!I", len(body) + 4) + body)
+        hdr = s.recv(5)
+        assert hdr[:1] == b"v", hdr
+        body = b""
+        want = struct.unpack("!I", hdr[1:])[0] - 4
+        while len(body) < want:
+            body += s.recv(want - len(body))
+        newest, n = struct.unpack_from("!II", body)
+        return newest, body[8:].split(b"\0")[:n]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("minor", [2, 5])
+def test_protocol_3_2_negotiated_down(proxy, pg, minor):
+    # libpq 18 may ask for 3.2 or send _pq_ options: the proxy answers as Postgres 15
+    # does, with the whole newest version it speaks (3.0, 196608), not the minor alone
+    asked = (3 << 16) | minor
+    direct = _negotiation(pg.port, asked)
+    assert _negotiation(proxy.port, asked) == direct == (196608, [b"_pq_.foo"])
+
+
+@pytest.mark.skipif(psycopg.pq.version() < 180000, reason="libpq 18 asks for protocol 3.2")
+def test_libpq_18_asking_for_protocol_3_2_connects(proxy):
+    with psycopg.connect(proxy.dsn(max_protocol_version="3.2")) as conn:
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+        assert conn.pgconn.protocol_version == 3
 
 
 def test_wrong_password_and_unknown_identity_look_the_same(proxy):

@@ -126,10 +126,13 @@ def backend_key_data(pid: int, secret: int) -> bytes:
     return b"K" + struct.pack("!III", 12, pid & 0xFFFFFFFF, secret & 0xFFFFFFFF)
 
 
-def negotiate_protocol_version(minor: int, unrecognized: list[str]) -> bytes:
+def negotiate_protocol_version(version: int, unrecognized: list[str]) -> bytes:
+    """NegotiateProtocolVersion: the newest protocol the server speaks for the major
+    version asked, as a whole version number (3.0 is 196608, what Postgres sends; libpq 18
+    read a bare 0 as a downgrade to before 3.0 and gave up)."""
     buf = WriteBuffer()
     buf.new_message(ord("v"))
-    buf.write_int32(minor)
+    buf.write_int32(version)
     buf.write_int32(len(unrecognized))
     for name in unrecognized:
         buf.write_str(name)

@@ -304,7 +304,7 @@ class Session:
                 raise ProtocolViolation(f"invalid startup packet layout: {e}") from None
             unknown = [k for k in params if k.startswith("_pq_.")]
             if minor > 0 or unknown:
-                c.transport.write(m.negotiate_protocol_version(0, unknown))
+                c.transport.write(m.negotiate_protocol_version(m.PROTOCOL_3_0, unknown))
             for k in unknown:
                 del params[k]
             self._check_params(params)
