@@ -11,6 +11,7 @@ cdef class Answers:
     cdef uint8_t* _type
     cdef int32_t* _ord
     cdef Py_ssize_t _cap, _head, _len
+    cdef Py_ssize_t _syncs          # Syncs among them
     cdef int32_t _seg[256]          # per type: messages sent since the last S/Q/F
     # the head has had part of its answer (it is not skipped or swallowed any more)
     cdef bint _started

@@ -88,6 +88,7 @@ cdef class Answers:
             raise MemoryError()
         self._head = 0
         self._len = 0
+        self._syncs = 0
         memset(self._seg, 0, sizeof(self._seg))
         self._started = False
         self.skipping = False
@@ -109,6 +110,13 @@ cdef class Answers:
         cdef int32_t* no
         if not (_extended(t) or _readies(t) or t == COPY_DONE or t == COPY_FAIL):
             return 0            # Flush, CopyData, Terminate: never answered
+        if self.skipping and self._syncs == 0 and _extended(t):
+            # after an error, before the Sync that ends the skip: Postgres reads and
+            # drops it, and so does the model (a client flooding Executes after an
+            # error would otherwise grow the ring without bound)
+            return 0
+        if t == SYNC:
+            self._syncs += 1
         if self._len == self._cap:
             cap = self._cap * 2
             nt = <uint8_t*>PyMem_Malloc(cap)
@@ -168,6 +176,8 @@ cdef class Answers:
 
     # -- backend
     cdef int _pop(self) except -1:
+        if self._type[self._head] == SYNC:
+            self._syncs -= 1
         self._head = (self._head + 1) % self._cap
         self._len -= 1
         self._started = False

@@ -30,6 +30,8 @@ cdef object _MISSING = object()
 # ErrorResponse waiting on the upstream socket (which tells a pipelining client to stop
 # sending) would wait for the whole client stream
 cdef Py_ssize_t YIELD_BYTES = 65536
+# client messages the audit's log may hold before the tracker reads them (log_full)
+cdef Py_ssize_t LOG_BOUND = 4096
 
 
 cdef inline long long _big_endian_8(const void* buf) noexcept:
@@ -463,6 +465,10 @@ cdef class Pipe:
                 self._hooks.frame_error(self.scan.error, self.scan.bad)
             elif PyBytes_GET_SIZE(data) >= YIELD_BYTES and not self._yielded:
                 self._yield_turn()
+            if self.fast_log is not None and len(self.fast_log) > LOG_BOUND:
+                # no answer may come for a long time (after an error Postgres skips to
+                # Sync, answering nothing): the log is read now, not at the next answer
+                self._hooks.log_full()
             return
         cdef int r = 0
         if self._hold_limit >= 0 and not self.divert:

@@ -317,6 +317,10 @@ cdef long long _rows(bytes msg):
     return v
 
 
+# entries kept for the messages of a pipeline after an error (see _drain)
+cdef Py_ssize_t SKIPPED_KEPT = 1024
+
+
 cdef class StatementTracker:
     """Turns the session's frontend log and backend events into audit records.
 
@@ -410,6 +414,10 @@ cdef class StatementTracker:
         back: its record says "blocked", not "error"."""
         self._refused = (rule, rows)
 
+    def read_log(self):
+        """Read the client messages logged so far (Session.log_full)."""
+        self._drain()
+
     # -- frontend
     cdef _drain(self):
         cdef list flog = self.flog
@@ -417,17 +425,33 @@ cdef class StatementTracker:
         cdef bytes msg, name, portal
         cdef int t
         cdef _Pending e
+        cdef bint skipping
         if not flog:
             return
         pending = self.pending
+        # after an error, Postgres skips every message up to the segment's Sync: while
+        # no Sync waits among the entries, the Parses, Binds and Executes that arrive
+        # now are skipped ones; beyond SKIPPED_KEPT entries they get none (a client
+        # flooding Executes after an error would otherwise make the session's memory
+        # grow without bound, where Postgres reads and drops them)
+        skipping = self.segment_error and len(pending) >= SKIPPED_KEPT
+        if skipping:
+            for x in pending:
+                if (<_Pending>x).sync:
+                    skipping = False
+                    break
         for item in flog:
             m = (<tuple>item)[0]
             if m.__class__ is not bytes:                 # REFUSAL_SYNC
                 pending.append(_Pending(None, None, (<tuple>item)[2], True, False))
                 self._seg_p = self._seg_b = 0
+                skipping = False
                 continue
             msg = <bytes>m
             t = <unsigned char>PyBytes_AS_STRING(msg)[0]
+            if skipping and (t == PARSE or t == BIND or t == EXECUTE):
+                continue
+            skipping = False if t == SYNC or t == QUERY or t == FUNCTION_CALL else skipping
             if t == QUERY:
                 e = _Pending(msg[5:PyBytes_GET_SIZE(msg) - 1], (<tuple>item)[1],
                              (<tuple>item)[2], True, False)

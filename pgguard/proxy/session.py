@@ -701,6 +701,13 @@ class Session:
         if scan.error is not None and self.violation is None:
             self.frame_error(scan.error, scan.bad)
 
+    def log_full(self) -> None:
+        """The client pipe's log of messages for the audit grew long with no answer to
+        read it (a pipeline after an error, which Postgres skips to Sync): the tracker
+        reads it now, keeping one entry per skipped message at most up to a bound."""
+        if self.tracker is not None:
+            self.tracker.read_log()
+
     def frame_error(self, e: FrameError, bad: bytes) -> None:
         """A malformed frame behind whatever came before it in the stream: that went
         its way; the frame's header goes upstream too, so Postgres itself answers it
