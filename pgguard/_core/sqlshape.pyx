@@ -99,7 +99,9 @@ cdef bytes _shape(const unsigned char* p, Py_ssize_t n, unsigned char* out):
             prev = 34
             continue
         if c == 45 and i + 1 < n and p[i + 1] == 45:      # -- comment: verbatim
-            while i < n and p[i] != 10:
+            # (to the end of the line, which a carriage return ends too, as in Postgres'
+            # scanner: a quote after --\r is a literal's, not the comment's)
+            while i < n and p[i] != 10 and p[i] != 13:
                 i += 1
             prev = 32
             continue

@@ -96,6 +96,9 @@ __all__ = [
 class Lineage(NamedTuple):
     masked: tuple[bool, ...] | None    # per result column; None: could not be analysed
     reads: bool                        # the statement reads a relation with masked columns
+    # why the statement is refused ("" : it is not): how many rows it returns, or which
+    # rows, is decided by masked values, which no masking of cells hides
+    refused: str = ""
 
 
 UNRESOLVED = Lineage(None, True)
@@ -348,6 +351,11 @@ def _nodes(plan: dict, out: list) -> list:
     return out
 
 
+def _as_outputs(node: dict) -> list[str]:
+    v = node.get("Output")
+    return v if isinstance(v, list) else [v] if isinstance(v, str) else []
+
+
 def _exprs(node: dict) -> list[str]:
     out: list[str] = []
     for f in _EXPR_FIELDS:
@@ -422,6 +430,9 @@ class _Taint:
         for _ in range(len(self.nodes) + 2):          # to a fixed point
             if not self._spread():
                 break
+        # the aliases of derived relations (not a table's scan)
+        self.derived = {n["Alias"] for n in self.nodes
+                        if "Alias" in n and "Relation Name" not in n}
         # a plan with one range table entry prints its columns without the alias too
         aliases = {n["Alias"] for n in self.nodes if "Alias" in n}
         self.lone = len(aliases) == 1 and not aliases.isdisjoint(self.aliases)
@@ -464,6 +475,32 @@ class _Taint:
             self._mixed(conj)
             for n in self.nodes for text in _cond_texts(n)
             for conj in _conjuncts(self._scanned(text)))
+        # the number of rows, or which stored rows come back, decided by masked values:
+        # a set-returning function over them (generate_series(1, ascii(ssn)) gave 53
+        # rows for a '5'), a recursive query stopping on them, a LIMIT / OFFSET computed
+        # from them (OFFSET <the SSN's digits> returned the stored id after them)
+        self.multiplied = ""
+        if self.reads:
+            for n in self.nodes:
+                kind = n.get("Node Type")
+                if kind in ("Function Scan", "Table Function Scan") and any(
+                        self.expr(e) for e in _exprs(n) if e not in _as_outputs(n)):
+                    self.multiplied = "a set-returning function over masked values"
+                elif kind == "ProjectSet" and any(self.expr(e) for e in _exprs(n)):
+                    self.multiplied = "a set-returning function over masked values"
+                elif kind == "Recursive Union" and self._any_cond(n):
+                    self.multiplied = "a recursive query whose steps depend on masked values"
+                elif kind == "Limit" and (any(map(_limit_columns, (sql, *views))) or any(
+                        self._subtree(c) for c in n.get("Plans", ())
+                        if c.get("Parent Relationship") in ("InitPlan", "SubPlan"))
+                        and any(map(_runtime_limit, (sql, *views)))):
+                    # (EXPLAIN does not print what a Limit computes: a column in a LIMIT
+                    # is an outer one, LATERAL, and any counts; a sub-select's sub-plan
+                    # hangs off the Limit with those of the rest of its query level, so
+                    # it counts when the text's LIMIT is not a constant)
+                    self.multiplied = "a LIMIT or OFFSET computed from masked values"
+                if self.multiplied:
+                    break
 
     def _renamed(self, key: tuple[str, str], names: set[str], cols: frozenset,
                  columns: dict | None, renames: list | None) -> None:
@@ -575,6 +612,7 @@ class _Taint:
             return False
         t_alias: set[str] = set()
         c_alias: set[str] = set()
+        derived: dict[str, set[str]] = {}
         t_tok = c_tok = bare_clean = False
         n = len(toks)
         for i, t in enumerate(toks):
@@ -599,13 +637,25 @@ class _Taint:
                     continue                            # schema.function(
                 if a in self.aliases or (a, c) in self.pairs:
                     t_alias.add(a)
+                    if a in self.derived:
+                        derived.setdefault(a, set()).add(c)
                 else:
                     c_alias.add(a)
             elif t.name in self.bare:
                 continue                                # a masked column of the one scan
             elif t.name not in _SQL_WORDS:
                 bare_clean = True
-        return bool((c_alias - t_alias) or c_tok or (t_tok and (c_alias or bare_clean)))
+        # two columns of one derived relation (a subquery, CTE or function scan carrying
+        # masked values): its rows may join several sources (SELECT o.id, ascii(c.ssn)
+        # AS v FROM orders o, customers c OFFSET 0) s WHERE s.id = s.v), so they are
+        # not one row's own columns
+        return bool((c_alias - t_alias) or c_tok or (t_tok and (c_alias or bare_clean))
+                    or any(len(cols) > 1 for cols in derived.values()))
+
+    def _any_cond(self, node: dict) -> bool:
+        # a condition or key of the subtree that reads masked values
+        return any(self.expr(text) for text in _cond_texts(node)) or any(
+            self._any_cond(c) for c in node.get("Plans", ()))
 
     def _any_expr(self, node: dict) -> bool:
         # any expression of the subtree, its filters and join conditions included (what
@@ -774,6 +824,36 @@ def _runtime_frame(sql: str | None) -> bool:
     return _runtime(sql, _FRAME_KEYS)
 
 
+def _limit_columns(sql: str | None) -> bool:
+    """A LIMIT or OFFSET naming a column outside a sub-select (an outer or LATERAL
+    column: LIMIT ascii(c.ssn)); unreadable text: True."""
+    if sql is None:
+        return True
+    from pglast import parser
+    try:
+        tree = orjson.loads(parser.parse_sql_json(sql))
+    except Exception:       # noqa: BLE001 - unreadable: it may
+        return True
+    todo: list[Any] = [tree]
+    limits: list[Any] = []
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            limits.extend(v[k] for k in _LIMIT_KEYS if v.get(k) is not None)
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+    while limits:
+        v = limits.pop()
+        if isinstance(v, dict):
+            if "ColumnRef" in v:
+                return True
+            limits.extend(x for k, x in v.items() if k != "SubLink")
+        elif isinstance(v, list):
+            limits.extend(v)
+    return False
+
+
 def _runtime(sql: str | None, keys: tuple[str, ...]) -> bool:
     if sql is None:
         return True
@@ -840,7 +920,7 @@ def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
             masked.append((table, attnum) in masked_cols)    # a stored value, as it is
         else:
             masked.append(True if outs is None or taint.shaped else outs[i])
-    return Lineage(tuple(masked), taint.reads)
+    return Lineage(tuple(masked), taint.reads, taint.multiplied)
 
 
 # -- asking the upstream -----------------------------------------------------------------

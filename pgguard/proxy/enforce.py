@@ -675,6 +675,11 @@ class Enforcement:
             if s.masking is not None and self._lineage_wait(d, msg, 5, len(msg) - 1, (),
                                                                out):
                 return
+            why = _shaped_by_masked(s, msg[5:-1], d, ())
+            if why:
+                self.inject_refusal(_shaped_refusal(why, d), out, extended=False,
+                                     sql=msg[5:-1])
+                return
             plan = None
             if s.guard is not None:
                 if d is not None and s.guard.portal_ghosts and _rolls_back(d):
@@ -883,6 +888,10 @@ class Enforcement:
                     if self._lineage_wait(d, msg, pos, end, oids, out):
                         return
                     lin = s.masking.lineage_now(msg[pos:end], d, oids)
+                    if lin is not None and lin is not PENDING and lin.refused:
+                        self.refuse_any(_shaped_refusal(lin.refused, d), out, True,
+                                        msg[pos:end])
+                        return
                 out.append(msg)
                 if s.masking is not None:
                     out.append(s.masking.frontend(m.PARSE, msg, _reads_masked(s, d, True),
@@ -1484,6 +1493,29 @@ def _copy_specs(mask, sql: str, reads: bool):
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _shaped_by_masked(s, sql: bytes, d, oids: tuple) -> str:
+    """Why the statement is refused by masking for the rows it returns ("" : it is
+    not; see lineage.Lineage.refused)."""
+    if s.masking is None:
+        return ""
+    lin = s.masking.lineage_now(sql, d, oids)
+    return lin.refused if lin is not None and lin is not PENDING else ""
+
+
+def _shaped_refusal(why: str, d):
+    return Decision(
+        action="block", rule="masking",
+        message=f'pgguard: statement refused by rule "masking": {why} decides how many '
+                "rows it returns, or which: the rows would carry the masked values",
+        detail="statement: "
+               + (", ".join(st.kind for st in d.statements) if d is not None and
+                  d.statements else "?")
+               + "; the number or choice of rows depends on masked columns",
+        hint="Keep set-returning functions, LIMIT / OFFSET and recursive steps free of "
+             "masked columns (constants or clean columns), or ask a DBA.",
+        statements=d.statements if d is not None else [])
 
 
 def _copy_refusal(why: str, d):
