@@ -593,7 +593,8 @@ ALLOW = [
     ("DEALLOCATE ALL", "deallocate", "", A),
     # schema changes that destroy nothing
     ("CREATE TABLE t (id int primary key)", "create", "", A, {"written": ["public.t"]}),
-    ("CREATE TABLE s.t (id int REFERENCES u(id))", "create", "", A),
+    # (a foreign key puts triggers on the table it references: destructive, round 16)
+    ("CREATE TABLE s.t (id int REFERENCES u(id))", "create", "destructive", B),
     ("CREATE INDEX ON t (a)", "create", "", A),
     ("CREATE VIEW v AS SELECT * FROM t", "create", "", A,
      {"written": ["public.v"], "read": ["public.t"]}),

@@ -184,9 +184,10 @@ NEIGHBOURS = [
     "ALTER TABLE rn_orders RENAME CONSTRAINT rn_orders_pkey TO rn_orders_pk",
     # (ADD CONSTRAINT ... FOREIGN KEY without actions: destructive since round 15, it can
     # refuse later writes; test_policy_write_gates.py)
-    # (a CASCADE declared by CREATE TABLE is opaque since round 14, as ADD is: class 2)
-    "CREATE TABLE rn_cust2 (id int PRIMARY KEY, c int REFERENCES rn_customers "
-    "ON DELETE RESTRICT)",
+    # (a CASCADE declared by CREATE TABLE is opaque since round 14, as ADD is: class 2;
+    # any foreign key to another table destructive since round 16, it gates that
+    # table's deletes: test_policy_later_harm.py)
+    "CREATE TABLE rn_cust2 (id int PRIMARY KEY, c int)",
 ]
 
 
