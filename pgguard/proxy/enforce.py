@@ -359,10 +359,13 @@ class Enforcement:
             s.tracker.flog.append((msg, None, time.monotonic_ns()))
 
     def _terminate_from_client(self, out: list, msg: bytes) -> None:
+        # Postgres answers every message before the Terminate, then closes: the client
+        # gets those answers (INSERT 0 1, the rows of a SELECT sent with it) before the
+        # proxy closes, when the upstream does
         s = self.s
         out.append(msg)
         s.up.transport.write(b"".join(out))
-        s.close()
+        s.close_after_upstream()
 
 
     def decide(self, msg: bytes, text_start: int, text_end: int):

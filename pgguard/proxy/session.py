@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from .services import Services
 
 log = logging.getLogger("pgguard.session")
+# after a client's Terminate, how long the proxy waits for Postgres to answer what came
+# before it and close, before it closes both sides itself
+TERMINATE_GRACE = 60.0
 # bytes a client may have sent ahead while its session starts, before reading pauses
 STARTUP_BUFFER_MAX = 256 << 10
 # CancelRequests being forwarded (kept alive when their client is gone first)
@@ -875,6 +878,21 @@ class Session:
             return
         self.up_pipe.notify_chunks = True
         self.backend_chunk()
+
+    def close_after_upstream(self) -> None:
+        """The client sent Terminate (written upstream): read nothing more from it, let
+        what Postgres still answers reach it, and close when the upstream closes (at
+        most TERMINATE_GRACE seconds later)."""
+        if self.closed:
+            return
+        self.violation = False          # the upstream's close is the expected end
+        t = self.client.transport
+        if t is not None and not t.is_closing():
+            try:
+                t.pause_reading()
+            except Exception:       # noqa: BLE001 - closing anyway
+                pass
+        asyncio.get_running_loop().call_later(TERMINATE_GRACE, self.close)
 
     def upstream_lost(self, exc) -> None:
         """The upstream closed. After its own FATAL (the last message it sent, relayed
