@@ -102,6 +102,11 @@ class Enforcement:
         self._fnames_wait = None        # ... for a fresh read of the function names for
         self._masks_wait = None         # ... for the mask catalog for
         self._effects_of = None         # the DDL message whose catalog effects are done
+        # a function body or DO block ran DDL that no catalog read can see before its
+        # transaction commits (a view over orders made inside mkw()): until then, and
+        # until the view map is read again after it, an agent's writes are refused (see
+        # _after_body_ddl). True, "reading" (the map is being read again), False
+        self.body_ddl: bool | str = False
         self._rebind_q: bytes | None = None     # the Query a stale Bind is judged as
         # prepared statements: name -> the catalog generation they were judged under
         # (the compiled client pipe reads it at each Bind), and their texts (an unnamed
@@ -393,6 +398,18 @@ class Enforcement:
                             detail=f"the bytes at offset {_bad_utf8_offset(raw)} do not "
                                    "decode as UTF-8",
                             hint="Send statements in UTF-8 (client_encoding = UTF8).")
+        if self.body_ddl and s.bscan.status == m.TX_IDLE and s.in_flight() <= 0:
+            # the body's DDL is committed (or rolled back): judge on a view map read
+            # after that, once (still being read: writes stay refused, _after_body_ddl)
+            if self.body_ddl is True:
+                self.body_ddl = "reading"
+                s.services.catalog_committed(s.database)
+            if s.services.views_fresh(s.database):
+                self.body_ddl = False
+            elif self._views_wait is not msg:
+                self._views_wait = msg
+                self.pending_bodies = ()
+                return BODIES_PENDING
         try:
             d = s.policy.decide(sql, s.identity_name, s.identity, s.database,
                                 s.prepared, views=s.views.current()
@@ -469,9 +486,13 @@ class Enforcement:
                 d = _role_schema_refusal(d, roles[0])
         if d.action != "block" and s.masking is not None:
             d = parking.judge(s, d, sql)     # no parking of masked values
+        if d.action != "block" and s.identity is not None and s.identity.kind == "agent":
+            refused = self._after_body_ddl(d)
+            if refused is not None:
+                return refused              # (not kept: it holds until a commit)
         if d.action != "block" and s.views is not None:
             self._catalog_effects(d, msg)
-        if d.rule == "function-body":
+        if d.rule == "function-body" or self.body_ddl:
             pass                        # the catalog could not be read: not kept
         elif s.guard is None or d.action != "allow" or self._plan(d) is None:
             s.services.remember_decision(self.cache, msg, key, d)
@@ -481,6 +502,19 @@ class Enforcement:
             s.services.remember_decision(self.cache, msg, key, Guarded(d))
         return d
 
+
+    def _after_body_ddl(self, d):
+        """A refusal of ``d`` when it writes rows after DDL ran inside a function body or
+        DO block in the same transaction (or earlier in the same Query): what the names
+        it writes mean (a view over orders made by the body) is invisible to every
+        catalog read until that transaction commits. None: ``d`` goes on."""
+        seen = bool(self.body_ddl)
+        for st in d.statements:
+            if seen and (st.relations_written or _WRITING_KINDS.intersection(st.kinds)):
+                return _body_ddl_refusal(d, st)
+            if _body_ddl(st):
+                seen = True
+        return None
 
     def _bodies(self) -> Bodies:
         """How this session's decisions see into the user functions they call."""
@@ -632,6 +666,12 @@ class Enforcement:
         if self._effects_of is not None and self._effects_of == msg:
             return
         self._effects_of = msg
+        if any(_body_ddl(st) for st in d.statements):
+            self.body_ddl = True
+            # decided again from now on (no cached decision skips _after_body_ddl)
+            self.own_cache = True
+            self.cache = ({}, {})
+            s.decide_through(self.cache)
         s.services.catalog_changed(s.database)
         if s.tracker is not None:
             s.tracker.note_ddl()        # read the catalog again once it is committed
@@ -1268,6 +1308,28 @@ def _pinned_refusal(d):
 # statements whose query runs later, or streams out, where the blast-radius guard
 # cannot measure the rows it changes
 _LATER_KINDS = frozenset({"declare", "copy"})
+
+
+_WRITING_KINDS = frozenset({"insert", "update", "delete", "merge", "truncate", "copy"})
+
+
+def _body_ddl(st) -> bool:
+    # DDL the statement runs through a function body or a DO block, not its own
+    return not CATALOG_KINDS.isdisjoint(st.kinds) and st.kind not in CATALOG_KINDS
+
+
+def _body_ddl_refusal(d, st):
+    return Decision(
+        action="block", rule="catalog",
+        message='pgguard: statement refused by rule "catalog": it writes rows after a '
+                "function body or DO block changed the catalog in the same transaction, "
+                "which pgguard cannot read until it commits (a view created there may "
+                "reach a guarded table)",
+        detail=f"statement: {st.kind}; writes "
+               + (", ".join(st.relations_written) or "rows"),
+        hint="COMMIT (or run the call on its own, outside a transaction block) first, "
+             "then write.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
 def unguarded_refusal(d, how: str):

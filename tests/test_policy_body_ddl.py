@@ -1,0 +1,131 @@
+# Red team, round 16 (helper 74):
+#   BEGIN; SELECT mkw(); UPDATE w SET status = 'refunded' WHERE id = 43; COMMIT
+# where mkw()'s body runs CREATE VIEW w AS SELECT * FROM orders: the UPDATE wrote orders
+# without the approval its rule asks (no catalog read sees the view before the commit);
+# one Query "SELECT mkw(); UPDATE w ..." and a body making an INHERITS child of orders
+# did the same. An agent's write after DDL in a function body or DO block, in the same
+# transaction or Query, is refused now (rule "catalog"). Also refused: a function whose
+# SET search_path puts pg_temp first (its body's CREATE VIEW made a temporary view that
+# shadowed names for the whole session), ADD COLUMN of a domain or with a DEFAULT that is
+# not a constant (a domain CHECK (VALUE < '<soon>') or DEFAULT 1 / (CASE WHEN
+# CURRENT_TIMESTAMP > '<soon>' ...) failed every later INSERT), cursor_to_xml() (it ran a
+# guarded UPDATE ... RETURNING portal to its end). Judged upstream: rows and catalog.
+import itertools
+
+import psycopg
+import pytest
+from each_client import MODES, said
+
+from guarded import guarded_proxy
+
+DB = "appdb"
+RULES = """
+[[rules]]
+name = "bd-orders-writes-blocked"
+when = { kind = "agent", statements = ["insert", "update", "delete", "merge"], relations = ["public.bd_orders"] }
+action = "block"
+"""
+_n = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def bproxy(pg, tmp_path_factory):
+    from conftest import UPSTREAM_USER
+    pg.execute("DROP TABLE IF EXISTS bd_orders CASCADE; CREATE TABLE bd_orders (id int "
+               "PRIMARY KEY, status text); INSERT INTO bd_orders VALUES (1, 'new'), "
+               f"(2, 'new'); ALTER TABLE bd_orders OWNER TO {UPSTREAM_USER}", dbname=DB)
+    with guarded_proxy(pg, tmp_path_factory.mktemp("body-ddl"), extra=RULES) as p:
+        yield p
+    pg.execute("DROP TABLE IF EXISTS bd_orders CASCADE", dbname=DB)
+
+
+def _orders(pg):
+    return pg.execute("SELECT tableoid::regclass::text, id, status FROM bd_orders "
+                      "ORDER BY id", dbname=DB)
+
+
+def _mk(n: int, body: str) -> str:
+    return (f"CREATE FUNCTION bd_mk{n}() RETURNS void LANGUAGE plpgsql AS "
+            f"$$BEGIN {body}; END$$")
+
+
+SCENARIOS = {
+    "view-in-transaction": lambda n: [
+        _mk(n, f"CREATE VIEW bd_w{n} AS SELECT * FROM bd_orders"), "BEGIN",
+        f"SELECT bd_mk{n}()", f"UPDATE bd_w{n} SET status = 'refunded' WHERE id = 1",
+        "COMMIT"],
+    "view-one-query": lambda n: [
+        _mk(n, f"CREATE VIEW bd_w{n} AS SELECT * FROM bd_orders"),
+        f"SELECT bd_mk{n}(); UPDATE bd_w{n} SET status = 'refunded' WHERE id = 2"],
+    "delete-through-view": lambda n: [
+        _mk(n, f"CREATE VIEW bd_w{n} AS SELECT * FROM bd_orders"), "BEGIN",
+        f"SELECT bd_mk{n}()", f"DELETE FROM bd_w{n} WHERE id > 0", "COMMIT"],
+    "inherits-child": lambda n: [
+        _mk(n, f"CREATE TABLE bd_kid{n} () INHERITS (bd_orders)"), "BEGIN",
+        f"SELECT bd_mk{n}()", f"INSERT INTO bd_kid{n} VALUES (900{n}, 'paid')", "COMMIT"],
+    "do-block": lambda n: [
+        "BEGIN", f"DO $$BEGIN CREATE VIEW bd_w{n} AS SELECT * FROM bd_orders; END$$",
+        f"UPDATE bd_w{n} SET status = 'refunded' WHERE id = 1", "COMMIT"],
+}
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "psycopg-prepared"])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_a_write_after_ddl_in_a_body_is_refused(bproxy, pg, psql_bin, mode, scenario):
+    before = _orders(pg)
+    n = next(_n)
+    got = said(mode, bproxy, SCENARIOS[scenario](n), db=DB, psql_bin=psql_bin)
+    assert 'rule "catalog"' in got or 'rule "bd-orders' in got, (scenario, mode, got)
+    assert _orders(pg) == before, (scenario, mode, got)
+
+
+def test_writes_after_the_commit_are_judged_on_the_new_catalog(bproxy, pg):
+    n = next(_n)
+    with psycopg.connect(bproxy.dsn(dbname=DB), autocommit=True) as c:
+        c.execute(_mk(n, f"CREATE VIEW bd_w{n} AS SELECT * FROM bd_orders"))
+        c.execute(f"SELECT bd_mk{n}()")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(f"UPDATE bd_w{n} SET status = 'refunded' WHERE id = 1")
+        # writes that reach no guarded table still go through, after the commit
+        c.execute(f"CREATE TABLE bd_own{n} (id int)")
+        c.execute(f"INSERT INTO bd_own{n} VALUES (1)")
+    assert pg.execute(f"SELECT count(*) FROM bd_own{n}", dbname=DB) == [(1,)]
+    assert [r[2] for r in _orders(pg)] == ["new", "new"]
+
+
+REFUSED = {
+    "search-path-pg-temp": "CREATE FUNCTION bd_tmp() RETURNS void LANGUAGE plpgsql SET "
+                           "search_path = pg_temp, public AS $$BEGIN CREATE VIEW bd_t7 AS "
+                           "SELECT * FROM public.bd_orders; END$$",
+    "domain-column": "ALTER TABLE bd_orders ADD COLUMN bd_c bd_dom",
+    "default-not-constant": "ALTER TABLE bd_orders ADD COLUMN bd_c int DEFAULT (1 / (CASE "
+                            "WHEN CURRENT_TIMESTAMP > '2000-01-01' THEN 0 ELSE 1 END))",
+    "default-operators": "ALTER TABLE bd_orders ADD COLUMN bd_c int DEFAULT 1 / 0",
+    "cursor-to-xml": "SELECT cursor_to_xml('bd_cur', 10, false, false, '')",
+}
+
+
+@pytest.fixture()
+def domain(pg):
+    from conftest import UPSTREAM_USER
+    pg.execute("DROP DOMAIN IF EXISTS bd_dom; CREATE DOMAIN bd_dom AS timestamptz DEFAULT "
+               "clock_timestamp() CHECK (VALUE < '2000-01-01'); "
+               f"ALTER DOMAIN bd_dom OWNER TO {UPSTREAM_USER}", dbname=DB)
+    yield
+    pg.execute("ALTER TABLE bd_orders DROP COLUMN IF EXISTS bd_c; DROP DOMAIN IF EXISTS "
+               "bd_dom; DROP FUNCTION IF EXISTS bd_tmp()", dbname=DB)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_ddl_that_shadows_or_gates_later_writes_is_refused(bproxy, pg, psql_bin, domain,
+                                                          mode, case):
+    got = said(mode, bproxy, [REFUSED[case]], db=DB, psql_bin=psql_bin)
+    assert "42501" in got or 'rule "' in got, (case, mode, got)
+    assert pg.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = "
+                      "'bd_orders'::regclass AND attname = 'bd_c'", dbname=DB) == [(0,)]
+    assert pg.execute("SELECT count(*) FROM pg_proc WHERE proname = 'bd_tmp'",
+                      dbname=DB) == [(0,)]
+    # the DBA's next insert goes through
+    pg.execute("INSERT INTO bd_orders VALUES (99, 'x'); DELETE FROM bd_orders WHERE id = 99",
+               dbname=DB)
