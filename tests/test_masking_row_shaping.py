@@ -31,7 +31,25 @@ SHAPED = {
     "recursive-stop": "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE "
                       "n < (SELECT ascii(substr(email, 1, 1)) FROM customers WHERE id = 1)) "
                       "SELECT n FROM r",
+    # round 16 (helper 76, review 75)
+    "recursive-dedup": "WITH RECURSIVE r(n) AS (SELECT 0 UNION SELECT least(n + 1, (SELECT "
+                       "ascii(substr(ssn, 1, 1)) FROM customers WHERE id = 1)) FROM r) "
+                       "SELECT 1 AS x FROM r",
+    "join-multiplied": "SELECT 1 AS x FROM customers c JOIN generate_series(1, 255) g ON "
+                       "g <= ascii(substr(c.ssn, 1, 1)) WHERE c.id = 1",
+    "filter-initplan": "SELECT g FROM generate_series(1, 999) g WHERE g <= (SELECT "
+                       "substr(ssn, 1, 3)::int FROM customers WHERE id = 1)",
+    "tablesample-seed": "SELECT id FROM orders TABLESAMPLE bernoulli(50) REPEATABLE ((SELECT "
+                        "ascii(substr(ssn, 1, 1)) FROM customers WHERE id = 1))",
+    "tablesample-fraction": "SELECT count(*) FROM orders TABLESAMPLE bernoulli((SELECT "
+                            "substr(ssn, 1, 2)::int FROM customers WHERE id = 1))",
+    "hash-group-order": "SELECT g FROM generate_series(1, 255) g, customers c WHERE c.id = 1 "
+                        "GROUP BY g, ascii(substr(c.ssn, 1, 1))",
 }
+# several statements in one Query: each one's rows are its own (review 75)
+MULTI = {k: "SELECT 1; " + SHAPED[k] for k in ("srf-lateral", "join-multiplied",
+                                                "offset-initplan", "recursive-dedup",
+                                                "filter-initplan")}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +89,14 @@ CLEAN = [
 ]
 
 
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "psycopg-prepared"])
+@pytest.mark.parametrize("shape", sorted(MULTI))
+def test_such_a_statement_behind_another_in_one_query_is_refused(shproxy, psql_bin, mode,
+                                                                 shape):
+    got = said(mode, shproxy, [MULTI[shape]], db=DB, psql_bin=psql_bin, extended_at=-1)
+    assert 'rule "masking"' in got, (shape, mode, got)
+
+
 @pytest.mark.parametrize("sql,want", CLEAN)
 def test_rows_decided_by_clean_values_still_come_back(shproxy, sql, want):
     with psycopg.connect(shproxy.dsn(dbname=DB)) as c:
@@ -82,3 +108,13 @@ def test_the_refused_shapes_do_spell_the_values_directly(pg):
     with psycopg.connect(pg.dsn(dbname=DB)) as c:
         n = len(c.execute(SHAPED["srf-lateral"]).fetchall())
     assert n == ord(CUSTOMERS[0][3][0])
+
+
+def test_a_set_returning_function_over_clean_values_beside_masked_columns_runs(shproxy):
+    # (its row count is the clean values'; review 75: it was refused for the masked
+    # column passed through beside it)
+    with psycopg.connect(shproxy.dsn(dbname=DB)) as c:
+        rows = c.execute("SELECT name, email, generate_series(1, 2) FROM customers "
+                         "WHERE id = 3").fetchall()
+    assert [r[0] for r in rows] == ["Cyd", "Cyd"]
+    assert all(r[1] != CUSTOMERS[2][2] for r in rows)

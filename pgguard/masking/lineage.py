@@ -105,7 +105,7 @@ UNRESOLVED = Lineage(None, True)
 
 # statement kinds whose result columns EXPLAIN can explain
 _EXPLAINABLE = frozenset({"select", "insert", "update", "delete", "merge"})
-_FIRST_WORD = re.compile(rb"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.DOTALL)
+_FIRST_WORD = re.compile(rb"\s*(?:--[^\n\r]*[\n\r]\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.DOTALL)
 _WORD_KINDS = {b"select": "select", b"with": "select", b"values": "select",
                b"table": "select", b"insert": "insert", b"update": "update",
                b"delete": "delete", b"merge": "merge"}
@@ -351,6 +351,16 @@ def _nodes(plan: dict, out: list) -> list:
     return out
 
 
+_SRF = "a set-returning function over masked values"
+
+
+def _child_outputs(node: dict) -> set[str]:
+    """What a node's children output: a ProjectSet passes them through unchanged."""
+    return {e for c in node.get("Plans", ())
+            if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")
+            for e in _as_outputs(c)}
+
+
 def _as_outputs(node: dict) -> list[str]:
     v = node.get("Output")
     return v if isinstance(v, list) else [v] if isinstance(v, str) else []
@@ -481,19 +491,28 @@ class _Taint:
         # from them (OFFSET <the SSN's digits> returned the stored id after them)
         self.multiplied = ""
         if self.reads:
+            texts = (sql, *views)
             for n in self.nodes:
                 kind = n.get("Node Type")
                 if kind in ("Function Scan", "Table Function Scan") and any(
                         self.expr(e) for e in _exprs(n) if e not in _as_outputs(n)):
-                    self.multiplied = "a set-returning function over masked values"
-                elif kind == "ProjectSet" and any(self.expr(e) for e in _exprs(n)):
-                    self.multiplied = "a set-returning function over masked values"
-                elif kind == "Recursive Union" and self._any_cond(n):
+                    self.multiplied = _SRF
+                elif kind == "ProjectSet" and any(
+                        self.expr(e) for e in _exprs(n) if e not in _child_outputs(n)):
+                    self.multiplied = _SRF
+                elif kind == "Sample Scan" and any(
+                        self.expr(e) for e in _cond_texts(n)):
+                    self.multiplied = "a TABLESAMPLE fraction or seed computed from masked values"
+                elif kind == "Recursive Union" and (self._any_masked_cond(n) or any(
+                        self._masked_ref(e) for c in n.get("Plans", ())
+                        for e in _as_outputs(c))):
+                    # (a step's own result computed from masked values: UNION's removal
+                    # of duplicates stops it, least(n + 1, <the code>) made code + 1 rows)
                     self.multiplied = "a recursive query whose steps depend on masked values"
-                elif kind == "Limit" and (any(map(_limit_columns, (sql, *views))) or any(
+                elif kind == "Limit" and (any(map(_limit_columns, texts)) or any(
                         self._subtree(c) for c in n.get("Plans", ())
                         if c.get("Parent Relationship") in ("InitPlan", "SubPlan"))
-                        and any(map(_runtime_limit, (sql, *views)))):
+                        and any(map(_runtime_limit, texts))):
                     # (EXPLAIN does not print what a Limit computes: a column in a LIMIT
                     # is an outer one, LATERAL, and any counts; a sub-select's sub-plan
                     # hangs off the Limit with those of the rest of its query level, so
@@ -501,6 +520,12 @@ class _Taint:
                     self.multiplied = "a LIMIT or OFFSET computed from masked values"
                 if self.multiplied:
                     break
+            if not self.multiplied and self.entangled:
+                # which rows pass a condition setting masked values against another row
+                # source is the values: JOIN generate_series(1, 255) g ON g <= ascii(ssn)
+                # returns as many rows as the code, whatever the cells say
+                self.multiplied = ("a condition, sort or grouping key setting masked values "
+                                   "against another row source's values")
 
     def _renamed(self, key: tuple[str, str], names: set[str], cols: frozenset,
                  columns: dict | None, renames: list | None) -> None:
@@ -652,10 +677,27 @@ class _Taint:
         return bool((c_alias - t_alias) or c_tok or (t_tok and (c_alias or bare_clean))
                     or any(len(cols) > 1 for cols in derived.values()))
 
-    def _any_cond(self, node: dict) -> bool:
-        # a condition or key of the subtree that reads masked values
-        return any(self.expr(text) for text in _cond_texts(node)) or any(
-            self._any_cond(c) for c in node.get("Plans", ()))
+    def _any_masked_cond(self, node: dict) -> bool:
+        # a condition or key of the subtree naming a masked column itself, or a value a
+        # sub-plan computes from masked values (not a derived relation's other columns:
+        # a recursive walk over ids of a table with masked columns is no such step)
+        return any(self._masked_ref(text) for text in _cond_texts(node)) or any(
+            self._any_masked_cond(c) for c in node.get("Plans", ()))
+
+    def _masked_ref(self, text: str) -> bool:
+        toks = self._scanned(text)
+        if toks is None or self.tokens and not self.tokens.isdisjoint(_refs(toks)):
+            return True
+        for i, t in enumerate(toks):
+            if t.kind != "name" or (i and toks[i - 1].text == "."):
+                continue
+            if i + 2 < len(toks) and toks[i + 1].text == "." and \
+                    (t.name, toks[i + 2].name) in self.pairs:
+                return True
+            if t.name in self.bare and not (i + 1 < len(toks) and
+                                            toks[i + 1].text in (".", "(")):
+                return True
+        return False
 
     def _any_expr(self, node: dict) -> bool:
         # any expression of the subtree, its filters and join conditions included (what
@@ -673,9 +715,17 @@ class _Taint:
         changed = False
         for n in self.nodes:
             alias = n.get("Alias")
+            kids = [c for c in n.get("Plans", ())
+                    if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
+            # (a sub-plan's values enter through the $n / SubPlan n its expressions name,
+            # tracked as tokens: the sub-plan itself does not make the alias carry them)
             if alias is not None and "Relation Name" not in n and alias not in self.aliases \
-                    and self._subtree(n):
-                self.aliases.add(alias)             # a subquery, function, VALUES ... scan
+                    and (any(self.expr(e) for e in _exprs(n))
+                         or any(self._subtree(c) or self._any_masked_cond(c) for c in kids)):
+                # a subquery, function, VALUES ... scan carrying masked values, or whose
+                # rows masked values choose (a LATERAL UNION ALL of SELECT 'a' WHERE
+                # substr(c.ssn, 1, 1) = '0' ... spelled every SSN in letters)
+                self.aliases.add(alias)
                 changed = True
             if n.get("Node Type") == "ModifyTable" and not self.written and any(
                     self._subtree(c) for c in n.get("Plans", ())):
@@ -685,7 +735,7 @@ class _Taint:
                 self.aliases.add(n.get("Alias", n.get("Relation Name", "")))
                 changed = True
             sub = n.get("Subplan Name")
-            if sub is None or not self._subtree(n):
+            if sub is None or not (self._subtree(n) or self._any_masked_cond(n)):
                 continue
             if sub.startswith("CTE "):
                 cte = sub[4:]                       # the CTE's name as it is (not quoted)
@@ -776,6 +826,11 @@ def _cond_texts(node: dict) -> list[str]:
             out.append(v)
         elif isinstance(v, list):
             todo.extend(v)
+            keys = [x for x in v if isinstance(x, str)]
+            if len(keys) > 1:
+                # a key of several items is one key: GROUP BY g, ascii(c.ssn) hashes
+                # both together (the rows' order gave the code away)
+                out.append(", ".join(keys))
         elif isinstance(v, dict):
             todo.extend(x for k, x in v.items() if k not in _META_FIELDS)
     return out
@@ -824,6 +879,7 @@ def _runtime_frame(sql: str | None) -> bool:
     return _runtime(sql, _FRAME_KEYS)
 
 
+@functools.lru_cache(maxsize=256)
 def _limit_columns(sql: str | None) -> bool:
     """A LIMIT or OFFSET naming a column outside a sub-select (an outer or LATERAL
     column: LIMIT ascii(c.ssn)); unreadable text: True."""
@@ -854,6 +910,7 @@ def _limit_columns(sql: str | None) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=512)
 def _runtime(sql: str | None, keys: tuple[str, ...]) -> bool:
     if sql is None:
         return True

@@ -377,7 +377,9 @@ class MaskState(LaneState):
         query = lg.statement_query(sql, d)
         if query is None:
             return None
-        for key in self._lineage_keys(query, param_oids):
+        for i, key in enumerate(self._lineage_keys(query, param_oids)):
+            if i and lg.positional(query):
+                break           # (its shape's entries stand for other texts: positional)
             lin = self.lineage_keys.get(key)
             if lin is None:
                 lin = lg.cached(key)

@@ -2421,6 +2421,8 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
         for elt in b.get("tableElts") or ():
             _referential_actions(acc, target, elt, "CREATE TABLE")
             for ref in _foreign_keys(elt):
+                if ref.rpartition(".")[2] == target.rpartition(".")[2]:
+                    continue        # a reference to itself (manager_id REFERENCES emp)
                 acc.flag("destructive", f"CREATE TABLE {target} with a foreign key to {ref}: "
                          f"it puts triggers on {ref} that refuse later DELETEs, key UPDATEs "
                          f"and TRUNCATE of {ref}, in every session, while rows of {target} "

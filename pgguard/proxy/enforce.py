@@ -718,7 +718,18 @@ class Enforcement:
             if s.masking is not None and self._lineage_wait(d, msg, 5, len(msg) - 1, (),
                                                                out):
                 return
-            why = _shaped_by_masked(s, msg[5:-1], d, ())
+            if s.masking is not None and d is not None and len(d.statements) > 1 \
+                    and _reads_masked(s, d):
+                # several statements: the cells of all are masked as a whole, but how
+                # many rows each returns is its own (SELECT 1; SELECT 1 FROM customers
+                # c, generate_series(1, ascii(c.ssn)) returned the code as a count)
+                subs = [st.text.encode() for st in d.statements]
+                if self._lineages_wait(msg, subs, out):
+                    return
+                why = next((w for w in (_shaped_by_masked(s, q, None, ()) for q in subs)
+                            if w), "")
+            else:
+                why = _shaped_by_masked(s, msg[5:-1], d, ())
             if why:
                 self.inject_refusal(_shaped_refusal(why, d), out, extended=False,
                                      sql=msg[5:-1])
@@ -894,6 +905,26 @@ class Enforcement:
     async def _lineage_then(self, d, msg: bytes, start: int, end: int, oids: tuple) -> None:
         s = self.s
         await s.masking.lineage_load(msg[start:end], d, oids)
+        s.holds.side_task_done()
+        if s.closed:
+            return
+        s.holds.put_back([(msg[0], msg)])
+        s.holds.release([])
+
+    def _lineages_wait(self, msg: bytes, subs: list[bytes], out: list) -> bool:
+        """``_lineage_wait`` for each statement of a Query holding several."""
+        s = self.s
+        todo = [q for q in subs if s.masking.lineage_now(q, None) is PENDING]
+        if not todo:
+            return False
+        s.holds.begin(out, [])
+        s.holds.side_task(self._lineages_then(msg, todo))
+        return True
+
+    async def _lineages_then(self, msg: bytes, todo: list[bytes]) -> None:
+        s = self.s
+        for q in todo:
+            await s.masking.lineage_load(q, None)
         s.holds.side_task_done()
         if s.closed:
             return

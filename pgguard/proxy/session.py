@@ -174,6 +174,9 @@ class Session:
         self.upstream_key: tuple[int, int] | None = None
         self.draining = False
         self.closed = False
+        # the client sent Terminate: the timer that closes if the upstream does not
+        # (close_after_upstream); nothing more the client sends is read
+        self.quitting: asyncio.TimerHandle | None = None
         self.started = time.monotonic()
         self.started_wall = time.time()
         # policy state
@@ -674,6 +677,8 @@ class Session:
         return n
 
     def client_items(self, items: list) -> None:
+        if self.quitting is not None:
+            return                      # after Terminate: Postgres reads no further
         scan = self.fscan
         if scan.stream_over and any(it.__class__ is tuple and it[1].__class__ is
                                     StreamedPrefix for it in items):
@@ -892,7 +897,7 @@ class Session:
                 t.pause_reading()
             except Exception:       # noqa: BLE001 - closing anyway
                 pass
-        asyncio.get_running_loop().call_later(TERMINATE_GRACE, self.close)
+        self.quitting = asyncio.get_running_loop().call_later(TERMINATE_GRACE, self.close)
 
     def upstream_lost(self, exc) -> None:
         """The upstream closed. After its own FATAL (the last message it sent, relayed
@@ -961,6 +966,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        if self.quitting is not None:
+            self.quitting.cancel()
         if self._unguard is not None:
             self._unguard()
         if self.provisioned is not None:
