@@ -815,22 +815,26 @@ class _Taint:
         return toks is None or self._tainted(toks)
 
 
+_GROUP_KEYS = ("Group Key", "Hash Key")
+
+
 def _cond_texts(node: dict) -> list[str]:
     """The texts of a node's conditions and keys: every string of every field but
     ``_META_FIELDS`` (lists and nested groups, such as Grouping Sets, read through)."""
     out: list[str] = []
     todo: list[Any] = [v for k, v in node.items() if k not in _META_FIELDS]
+    for k in _GROUP_KEYS:
+        keys = [x for x in node.get(k) or () if isinstance(x, str)]
+        if len(keys) > 1:
+            # a grouping key of several items is one key: GROUP BY g, ascii(c.ssn)
+            # hashes both together (the order of the groups gave the code away)
+            out.append(", ".join(keys))
     while todo:
         v = todo.pop()
         if isinstance(v, str):
             out.append(v)
         elif isinstance(v, list):
             todo.extend(v)
-            keys = [x for x in v if isinstance(x, str)]
-            if len(keys) > 1:
-                # a key of several items is one key: GROUP BY g, ascii(c.ssn) hashes
-                # both together (the rows' order gave the code away)
-                out.append(", ".join(keys))
         elif isinstance(v, dict):
             todo.extend(x for k, x in v.items() if k not in _META_FIELDS)
     return out
