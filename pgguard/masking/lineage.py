@@ -884,15 +884,22 @@ def _runtime_frame(sql: str | None) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
+def _tree(sql: str) -> dict | None:
+    """The parse tree of a statement text as JSON (None: unreadable), once per text for
+    the readers below."""
+    from pglast import parser
+    try:
+        return orjson.loads(parser.parse_sql_json(sql))
+    except Exception:       # noqa: BLE001 - unreadable: the callers fail closed
+        return None
+
+
+@functools.lru_cache(maxsize=256)
 def _limit_columns(sql: str | None) -> bool:
     """A LIMIT or OFFSET naming a column outside a sub-select (an outer or LATERAL
     column: LIMIT ascii(c.ssn)); unreadable text: True."""
-    if sql is None:
-        return True
-    from pglast import parser
-    try:
-        tree = orjson.loads(parser.parse_sql_json(sql))
-    except Exception:       # noqa: BLE001 - unreadable: it may
+    tree = None if sql is None else _tree(sql)
+    if tree is None:
         return True
     todo: list[Any] = [tree]
     limits: list[Any] = []
@@ -916,12 +923,8 @@ def _limit_columns(sql: str | None) -> bool:
 
 @functools.lru_cache(maxsize=512)
 def _runtime(sql: str | None, keys: tuple[str, ...]) -> bool:
-    if sql is None:
-        return True
-    from pglast import parser
-    try:
-        tree = orjson.loads(parser.parse_sql_json(sql))
-    except Exception:       # noqa: BLE001 - unreadable: it may
+    tree = None if sql is None else _tree(sql)
+    if tree is None:
         return True
     todo: list[Any] = [tree]
     while todo:
@@ -1181,11 +1184,12 @@ def positional(sql: bytes) -> bool:
     a number is no value: the statement with its literals as parameters (normalized)
     groups or sorts by a constant instead, and texts of one literal-insensitive shape
     (sqlshape) sort by different columns, so neither stands for the text."""
-    from pglast import parser
     try:
-        tree = orjson.loads(parser.parse_sql_json(sql.decode("utf-8")))
-    except Exception:       # noqa: BLE001 - unreadable: the caller analyses the text
-        return True
+        tree = _tree(sql.decode("utf-8"))
+    except UnicodeDecodeError:
+        tree = None
+    if tree is None:
+        return True                 # unreadable: the caller analyses the text
     todo: list[Any] = [tree]
     while todo:
         v = todo.pop()
