@@ -1671,12 +1671,28 @@ def _gating_column(d: Any) -> str:
             return "default that is not a constant"
     tn = d["ColumnDef"].get("typeName")
     tn = tn.get("TypeName", tn) if type(tn) is dict else None
-    names = [_sval(n).lower() for n in (tn.get("names") or ())] if type(tn) is dict else []
-    if names and names[0] != "pg_catalog" and names[-1] not in _BUILTIN_TYPES:
+    if not _builtin_type(tn):
+        names = [_sval(n) for n in (tn or {}).get("names") or ()]
         # a domain carries its own CHECK and DEFAULT (nextval, clock_timestamp() with
         # CHECK (VALUE < '<soon>')): pgguard cannot tell one from a type by the name
-        return f"of type {'.'.join(names)} (a domain's CHECK or DEFAULT can refuse later writes)"
+        return f"of type {'.'.join(names)} (a domain's CHECK or DEFAULT, a serial's sequence, " \
+               "can refuse later writes)"
     return ""
+
+
+def _builtin_type(tn: Any) -> bool:
+    """A type name that is pg_catalog's whatever the search_path: qualified by
+    pg_catalog, or one of its names as written (case as the parse tree has it: a quoted
+    "Int4" is a domain's name, not int4); serial types are not (a NOT NULL column drawing
+    from a new sequence, which runs out)."""
+    if type(tn) is not dict:
+        return False
+    names = [_sval(n) for n in tn.get("names") or ()]
+    if not names:
+        return False
+    if len(names) == 2 and names[0] == "pg_catalog":
+        return True
+    return len(names) == 1 and names[0] in _BUILTIN_TYPES
 
 
 def _constant(expr: Any) -> bool:
@@ -1687,7 +1703,8 @@ def _constant(expr: Any) -> bool:
         return True
     cast = expr.get("TypeCast")
     if type(cast) is dict:
-        return _constant(cast.get("arg"))
+        # (a cast to a domain runs its CHECK at every INSERT: 'x'::gd)
+        return _builtin_type(cast.get("typeName")) and _constant(cast.get("arg"))
     neg = expr.get("A_Expr")
     return type(neg) is dict and neg.get("lexpr") is None and _constant(neg.get("rexpr")) \
         and [_sval(n) for n in neg.get("name") or ()] in (["-"], ["+"])
@@ -1696,15 +1713,14 @@ def _constant(expr: Any) -> bool:
 # pg_catalog's type names as written unqualified (the SQL-standard spellings, int,
 # varchar, timestamp with time zone ..., parse to pg_catalog.* names already)
 _BUILTIN_TYPES = frozenset(
-    "text bpchar varchar char name citext int2 int4 int8 float4 float8 numeric money bool "
+    "text bpchar varchar char name int2 int4 int8 float4 float8 numeric money bool "
     "date time timetz timestamp timestamptz interval bytea json jsonb xml uuid inet cidr "
     "macaddr macaddr8 bit varbit tsvector tsquery point line lseg box path polygon circle "
     "int4range int8range numrange tsrange tstzrange daterange int4multirange "
     "int8multirange nummultirange tsmultirange tstzmultirange datemultirange oid regclass "
     "regtype regproc regprocedure regoper regoperator regnamespace regrole regconfig "
-    "regdictionary pg_lsn txid_snapshot pg_snapshot serial serial4 bigserial serial8 "
-    "smallserial serial2 int integer smallint bigint real float decimal boolean "
-    "character".split())
+    "regdictionary pg_lsn txid_snapshot pg_snapshot int integer smallint bigint real "
+    "float decimal boolean character".split())
 
 
 def _has_node(tree: Any, tag: str) -> bool:
