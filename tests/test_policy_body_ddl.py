@@ -12,6 +12,8 @@
 # guarded UPDATE ... RETURNING portal to its end). Judged upstream: rows and catalog.
 import itertools
 
+import rawpg
+
 import psycopg
 import pytest
 from each_client import MODES, said
@@ -142,3 +144,60 @@ def test_ddl_that_shadows_or_gates_later_writes_is_refused(bproxy, pg, psql_bin,
     # the DBA's next insert goes through
     pg.execute("INSERT INTO bd_orders VALUES (99, 'x'); DELETE FROM bd_orders WHERE id = 99",
                dbname=DB)
+
+
+# round 16 (helper 77): judged when it arrives, run later. Session B's
+#   SELECT pg_sleep(2); DELETE FROM w WHERE id > 0
+# was judged a write to an unknown public.w and allowed; session A then created w as a
+# view over the guarded table during the sleep, and B's DELETE went through it. A write
+# to a name the catalog does not know, behind other statements (in the Query, or in
+# flight before it), is refused now.
+RACES = {
+    "query": lambda n: [rawpg_query(f"SELECT pg_sleep(1.5); DELETE FROM bd_r{n} "
+                                    "WHERE id > 0")],
+    "insert-query": lambda n: [rawpg_query(f"SELECT pg_sleep(1.5); INSERT INTO bd_r{n} "
+                                           "VALUES (77, 'x')")],
+    "pipeline": lambda n: [rawpg.parse("SELECT pg_sleep(1.5)"), rawpg.bind(),
+                           rawpg.execute(), rawpg.parse(f"UPDATE bd_r{n} SET status = 'x'"),
+                           rawpg.bind(), rawpg.execute(), rawpg.SYNC],
+    "pipeline-synced": lambda n: [rawpg.query("SELECT pg_sleep(1.5)"),
+                                  rawpg.parse(f"DELETE FROM bd_r{n}"), rawpg.bind(),
+                                  rawpg.execute(), rawpg.SYNC],
+    "function-body": lambda n: [rawpg_query(f"SELECT pg_sleep(1.5); SELECT bd_del{n}()")],
+}
+
+
+def rawpg_query(sql):
+    return rawpg.query(sql)
+
+
+@pytest.mark.parametrize("race", sorted(RACES))
+def test_a_write_judged_before_its_name_exists_is_refused(bproxy, pg, race):
+    import threading
+    import time
+    from conftest import AGENT, AGENT_PASSWORD
+    n = next(_n)
+    before = _orders(pg)
+    if race == "function-body":
+        # (the body is judged when created: bd_r{n} does not exist then either)
+        with psycopg.connect(bproxy.dsn(dbname=DB), autocommit=True) as c:
+            try:
+                c.execute(f"CREATE FUNCTION bd_del{n}() RETURNS void LANGUAGE sql AS "
+                          f"'DELETE FROM bd_r{n} WHERE id > 0'")
+            except psycopg.Error:
+                return              # refused when created: nothing runs later
+    b = rawpg.RawClient.connect(bproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        b.sock.sendall(b"".join(RACES[race](n)))
+
+        def create():
+            time.sleep(0.4)
+            with psycopg.connect(bproxy.dsn(dbname=DB), autocommit=True) as a:
+                a.execute(f"CREATE VIEW bd_r{n} AS SELECT * FROM bd_orders")
+        t = threading.Thread(target=create)
+        t.start()
+        msgs = b.until_ready(2 if race == "pipeline-synced" else 1)
+        t.join()
+    finally:
+        b.close()
+    assert _orders(pg) == before, (race, msgs)

@@ -479,6 +479,19 @@ class Enforcement:
                 return BODIES_PENDING
             if taken:
                 d = _overload_refusal(d, taken[0])
+        if d.action != "block" and s.identity is not None and s.identity.kind == "agent" \
+                and (len(d.statements) > 1 or s.in_flight() > 0
+                     or s.fscan.before_unsynced):
+            # judged now, run later (after a slow statement before it): Postgres finds
+            # the names it writes then, and another session may have made one a view
+            # over a guarded table meanwhile (SELECT pg_sleep(4); DELETE FROM w50)
+            unknown = _unknown_writes(s, d)
+            if unknown and self._fnames_wait is not msg:
+                self._fnames_wait = msg         # read the names again first
+                self.pending_bodies = ()
+                return BODIES_PENDING
+            if unknown:
+                return _unknown_write_refusal(d, unknown[0])
         if d.action != "block" and s.identity is not None and s.identity.kind == "agent":
             roles = [n for st in d.statements for n in st.schemas_created
                      if s.services.role_name(n)]
@@ -1342,6 +1355,34 @@ _LATER_KINDS = frozenset({"declare", "copy"})
 
 
 _WRITING_KINDS = frozenset({"insert", "update", "delete", "merge", "truncate", "copy"})
+_ROW_KINDS = frozenset({"insert", "update", "delete", "merge"})
+
+
+def _unknown_writes(s, d) -> list[str]:
+    """Relations the statements write rows of that the catalog does not know and no
+    earlier statement of ``d`` creates."""
+    made: set[str] = set()
+    out = []
+    for st in d.statements:
+        if st.kind in _ROW_KINDS or _ROW_KINDS.intersection(st.kinds) and \
+                st.kind not in CATALOG_KINDS:
+            out += [r for r in st.relations_written
+                    if r not in made and not s.services.relation_known(s.database, r)]
+        if st.kind in CATALOG_KINDS:
+            made.update(st.relations_written)
+    return out
+
+
+def _unknown_write_refusal(d, name: str):
+    return Decision(
+        action="block", rule="catalog",
+        message=f'pgguard: statement refused by rule "catalog": it writes {name}, which '
+                "does not exist yet, behind other statements: Postgres finds the name "
+                "when it runs, and another session may create it meanwhile (as a view "
+                "over a guarded table)",
+        detail=f"writes {name}; the catalog read has no relation of that name",
+        hint=f"Create {name} first, or send the write on its own once it exists.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
 def _body_ddl(st) -> bool:

@@ -67,6 +67,12 @@ FUNCTION_NAMES_SQL = ("SELECT p.proname, p.pronamespace = 'pg_catalog'::regnames
                       "'information_schema'::regnamespace")
 # every role: a schema named like one is first on that role's default search_path
 ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
+# every relation, schema-qualified (temporary ones under pg_temp: an unqualified name
+# finds them first), for writes to names the catalog does not know (relation_known)
+RELATION_NAMES_SQL = (
+    "SELECT CASE WHEN n.nspname LIKE 'pg\\_temp\\_%' THEN 'pg_temp' ELSE n.nspname END "
+    "|| '.' || c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+    "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')")
 FUNCTION_TTL = 60.0
 LEARNED_TTL = 600.0
 # after a failed background read of the view map, wait this long before the next try
@@ -213,6 +219,7 @@ class Server:
         self._fn_names: dict[str, list] = {}
         self._fn_volatile: dict[str, frozenset] = {}
         self._role_names: frozenset | None = None
+        self._rel_names: dict[str, frozenset] = {}
         # names of functions sessions created through pgguard, by database (bare name
         # -> when): user functions from that moment, before a catalog read shows them
         self._fn_recent: dict[str, dict[str, float]] = {}
@@ -382,9 +389,10 @@ class Server:
         await self._load_function_names(database)
 
     async def _load_function_names(self, database: str) -> None:
-        rows, roles = await sideconn.run(self.link, database,
-                                         [FUNCTION_NAMES_SQL, ROLE_NAMES_SQL])
+        rows, roles, rels = await sideconn.run(
+            self.link, database, [FUNCTION_NAMES_SQL, ROLE_NAMES_SQL, RELATION_NAMES_SQL])
         self._role_names = frozenset(r[0] for r in roles)
+        self._rel_names[database] = frozenset(r[0] for r in rels)
         builtin = frozenset(r[0] for r in rows if r[1] == "t")
         other = frozenset(r[0] for r in rows if r[1] != "t")
         self._fn_volatile[database] = frozenset(
@@ -425,6 +433,15 @@ class Server:
         the names last read (unread: True)."""
         hit = self._fn_names.get(database)
         return hit is None or name in hit[0] or name in hit[1]
+
+    def relation_known(self, database: str, name: str) -> bool:
+        """Whether a relation is named ``name`` (schema.relation as the classifier
+        qualifies it) by the names last read, or a temporary one has its bare name
+        (unread: True)."""
+        names = self._rel_names.get(database)
+        if names is None:
+            return True
+        return name in names or f"pg_temp.{name.rpartition('.')[2]}" in names
 
     def role_name(self, name: str) -> bool:
         """Whether a role is named ``name`` (by the names last read; unread: True)."""
@@ -941,6 +958,7 @@ class Server:
             function_name_taken=self.function_name_taken,
             reload_function_names=self.reload_function_names,
             role_name=self.role_name,
+            relation_known=self.relation_known,
             decision_generation=self.decision_generation,
             views_fresh=self.views_fresh,
             note_functions=self.note_functions,

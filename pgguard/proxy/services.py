@@ -95,6 +95,7 @@ class Services:
     function_name_taken: Callable[[str, str], bool]     # an overload would shadow it
     reload_function_names: Callable[[str], Awaitable[None]]
     role_name: Callable[[str], bool]                    # a schema of that name shadows
+    relation_known: Callable[[str, str], bool]          # a write to it is judged now
     decision_generation: Callable[[str], int]
     views_fresh: Callable[[str], bool]
     note_functions: Callable[[str, object], None]
