@@ -201,3 +201,15 @@ def test_a_write_judged_before_its_name_exists_is_refused(bproxy, pg, race):
     finally:
         b.close()
     assert _orders(pg) == before, (race, msgs)
+
+
+def test_writes_to_what_the_same_query_creates_still_run(bproxy, pg):
+    n = next(_n)
+    with psycopg.connect(bproxy.dsn(dbname=DB), autocommit=True) as c:
+        cur = psycopg.ClientCursor(c)
+        cur.execute("CREATE TEMP TABLE bd_tt (id int); INSERT INTO bd_tt VALUES (1), (2)")
+        assert cur.execute("SELECT count(*) FROM bd_tt").fetchone() == (2,)
+        cur.execute(f"CREATE TABLE bd_new{n} (id int); INSERT INTO bd_new{n} VALUES (7)")
+        # and, in a later Query behind another statement, once the names are read again
+        cur.execute(f"SELECT 1; INSERT INTO bd_new{n} VALUES (8)")
+    assert pg.execute(f"SELECT count(*) FROM bd_new{n}", dbname=DB) == [(2,)]

@@ -1367,7 +1367,8 @@ def _unknown_writes(s, d) -> list[str]:
         if st.kind in _ROW_KINDS or _ROW_KINDS.intersection(st.kinds) and \
                 st.kind not in CATALOG_KINDS:
             out += [r for r in st.relations_written
-                    if r not in made and not s.services.relation_known(s.database, r)]
+                    if r not in made and f"pg_temp.{r.rpartition('.')[2]}" not in made
+                    and not s.services.relation_known(s.database, r)]
         if st.kind in CATALOG_KINDS:
             made.update(st.relations_written)
     return out
