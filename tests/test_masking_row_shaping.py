@@ -50,6 +50,10 @@ SHAPED = {
 MULTI = {k: "SELECT 1; " + SHAPED[k] for k in ("srf-lateral", "join-multiplied",
                                                 "offset-initplan", "recursive-dedup",
                                                 "filter-initplan")}
+# (a ';' inside a literal of the second statement: review 78)
+MULTI["semicolon-literal"] = ("SELECT 1; SELECT 1 FROM customers c CROSS JOIN LATERAL "
+                              "generate_series(1, ascii(substr(c.ssn, 1, 1))) g WHERE c.id = 1"
+                              " AND ';' <> ''")
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +122,13 @@ def test_a_set_returning_function_over_clean_values_beside_masked_columns_runs(s
                          "WHERE id = 3").fetchall()
     assert [r[0] for r in rows] == ["Cyd", "Cyd"]
     assert all(r[1] != CUSTOMERS[2][2] for r in rows)
+
+
+@pytest.mark.parametrize("mode", ["psql", "raw"])
+@pytest.mark.parametrize("shape", ["join-multiplied", "srf-lateral", "offset-initplan"])
+def test_a_copy_of_such_a_query_is_refused(shproxy, psql_bin, mode, shape):
+    # (its tag, COPY 53, is the count: review 78)
+    sql = f"COPY ({SHAPED[shape]}) TO STDOUT"
+    got = said(mode, shproxy, [sql], db=DB, psql_bin=psql_bin, extended_at=-1)
+    assert 'rule "masking"' in got, (shape, mode, got)
+    assert "COPY " not in got.replace("COPY (", ""), got

@@ -1146,6 +1146,9 @@ class MaskState(LaneState):
             return (None, cf)
         fields = parse_row_description(rowdesc)
         lin = self.lineage_now(query.encode(), None) if query is not None else None
+        if lin is not None and lin is not PENDING and lin.refused:
+            # (the callers refuse the COPY: its row count, COPY n, would carry them)
+            raise ValueError(f"{lin.refused} decides how many rows it copies")
         masked = lin.masked if lin is not None and lin is not PENDING else None
         if masked is not None and len(masked) != len(fields):
             masked = None

@@ -481,7 +481,7 @@ class Enforcement:
                 d = _overload_refusal(d, taken[0])
         if d.action != "block" and s.identity is not None and s.identity.kind == "agent" \
                 and (len(d.statements) > 1 or s.in_flight() > 0
-                     or s.fscan.before_unsynced):
+                     or s.fscan.before_unsynced or any(_body_writes(st) for st in d.statements)):
             # judged now, run later (after a slow statement before it): Postgres finds
             # the names it writes then, and another session may have made one a view
             # over a guarded table meanwhile (SELECT pg_sleep(4); DELETE FROM w50)
@@ -505,7 +505,11 @@ class Enforcement:
                 return refused              # (not kept: it holds until a commit)
         if d.action != "block" and s.views is not None:
             self._catalog_effects(d, msg)
-        if d.rule == "function-body" or self.body_ddl:
+        if d.rule == "function-body" or self.body_ddl or (
+                s.identity is not None and s.identity.kind == "agent"
+                and _unknown_writes(s, d)):
+            # (a write to a name the catalog does not know is judged again each time:
+            # sent later behind a slow statement, it must meet the check above)
             pass                        # the catalog could not be read: not kept
         elif s.guard is None or d.action != "allow" or self._plan(d) is None:
             s.services.remember_decision(self.cache, msg, key, d)
@@ -736,10 +740,10 @@ class Enforcement:
                 # several statements: the cells of all are masked as a whole, but how
                 # many rows each returns is its own (SELECT 1; SELECT 1 FROM customers
                 # c, generate_series(1, ascii(c.ssn)) returned the code as a count)
-                subs = [st.text.encode() for st in d.statements]
+                subs = [(st.text.encode(), _One(st)) for st in d.statements]
                 if self._lineages_wait(msg, subs, out):
                     return
-                why = next((w for w in (_shaped_by_masked(s, q, None, ()) for q in subs)
+                why = next((w for w in (_shaped_by_masked(s, q, one, ()) for q, one in subs)
                             if w), "")
             else:
                 why = _shaped_by_masked(s, msg[5:-1], d, ())
@@ -924,20 +928,20 @@ class Enforcement:
         s.holds.put_back([(msg[0], msg)])
         s.holds.release([])
 
-    def _lineages_wait(self, msg: bytes, subs: list[bytes], out: list) -> bool:
+    def _lineages_wait(self, msg: bytes, subs: list, out: list) -> bool:
         """``_lineage_wait`` for each statement of a Query holding several."""
         s = self.s
-        todo = [q for q in subs if s.masking.lineage_now(q, None) is PENDING]
+        todo = [(q, one) for q, one in subs if s.masking.lineage_now(q, one) is PENDING]
         if not todo:
             return False
         s.holds.begin(out, [])
         s.holds.side_task(self._lineages_then(msg, todo))
         return True
 
-    async def _lineages_then(self, msg: bytes, todo: list[bytes]) -> None:
+    async def _lineages_then(self, msg: bytes, todo: list) -> None:
         s = self.s
-        for q in todo:
-            await s.masking.lineage_load(q, None)
+        for q, one in todo:
+            await s.masking.lineage_load(q, one)
         s.holds.side_task_done()
         if s.closed:
             return
@@ -1355,7 +1359,22 @@ _LATER_KINDS = frozenset({"declare", "copy"})
 
 
 _WRITING_KINDS = frozenset({"insert", "update", "delete", "merge", "truncate", "copy"})
-_ROW_KINDS = frozenset({"insert", "update", "delete", "merge"})
+_ROW_KINDS = frozenset({"insert", "update", "delete", "merge", "copy"})
+
+
+class _One:
+    """A decision's statement on its own (lineage of one statement of several)."""
+    __slots__ = ("statements",)
+
+    def __init__(self, st) -> None:
+        self.statements = [st]
+
+
+def _body_writes(st) -> bool:
+    # rows written by a function body or DO block: PL/pgSQL finds each name when that
+    # statement of the body runs (after a pg_sleep before it)
+    return st.kind not in _ROW_KINDS and bool(_ROW_KINDS.intersection(st.kinds)) and \
+        st.kind not in CATALOG_KINDS
 
 
 def _unknown_writes(s, d) -> list[str]:

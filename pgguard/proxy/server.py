@@ -436,12 +436,12 @@ class Server:
 
     def relation_known(self, database: str, name: str) -> bool:
         """Whether a relation is named ``name`` (schema.relation as the classifier
-        qualifies it) by the names last read, or a temporary one has its bare name
-        (unread: True)."""
+        qualifies it) by the names last read (unread: True). Temporary relations are
+        not (any session's would do: a name qualified by public is not theirs)."""
         names = self._rel_names.get(database)
         if names is None:
             return True
-        return name in names or f"pg_temp.{name.rpartition('.')[2]}" in names
+        return name in names
 
     def role_name(self, name: str) -> bool:
         """Whether a role is named ``name`` (by the names last read; unread: True)."""
