@@ -11,7 +11,7 @@
 import asyncpg
 import psycopg
 import pytest
-from mask_corpus import CUSTOMERS, DB, MASKS, cell_texts, leaks, run_mode, seed
+from mask_corpus import CUSTOMERS, DB, MASKS, REFUSED, cell_texts, leaks, run_mode, seed
 
 MODES = ["psql", "psycopg-text", "psycopg-binary", "psycopg-prepared", "asyncpg-fetch",
          "raw-later"]
@@ -125,6 +125,8 @@ def test_a_clean_column_set_against_masked_values_is_masked(enproxy, pg, psql_bi
     # the cells say; masked before, which hid the cells only)
     try:
         got, blob = run_mode(mode, enproxy, sql, psql_bin)
+        if got is REFUSED:
+            return
     except (psycopg.Error, asyncpg.PostgresError, AssertionError) as e:
         # (psql's mode asserts its exit status: the refusal is in the message; raw-later
         # prepares first, and finds its statement refused when it binds it)

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import rawpg
 from mask_corpus import (
+    REFUSED,
     copy_mode,
     CLEAN,
     DB,
@@ -212,7 +213,10 @@ def test_hstore_of_whole_rows(rproxy, hstore, pg, psql_bin, mode, shape):
 @pytest.mark.parametrize("shape", SHAPES + CLEAN, ids=lambda s: s.id)
 def test_corpus_through_copy(rproxy, psql_bin, mode, shape):
     got, blob = _run(mode, rproxy, shape.sql, psql_bin)
-    assert not rawpg.errors(blob), rawpg.errors(blob)
+    errs = rawpg.errors(blob) if got is not REFUSED else []
+    if errs and all('rule "masking"' in e.get("M", "") for e in errs):
+        got = REFUSED           # (round 16: a COPY whose rows masked values count)
+    assert got is REFUSED or not errs, errs
     check(shape, got, blob, None)
 
 

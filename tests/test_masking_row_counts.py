@@ -14,7 +14,8 @@
 # Judged by the bytes each client got against the true values read directly.
 import psycopg
 import pytest
-from mask_corpus import CUSTOMERS, DB, MASKS, cell_texts, flatten, leaks, run_mode, seed
+from mask_corpus import (CUSTOMERS, DB, MASKS, REFUSED, cell_texts, flatten, leaks, run_mode,
+                         seed)
 
 MODES = ["psql", "psycopg-text", "psycopg-binary", "psycopg-prepared", "asyncpg-fetch",
          "raw-later"]
@@ -71,6 +72,8 @@ def test_counted_rows_do_not_carry_masked_values(rcproxy, pg, psql_bin, mode, sh
     assert secret, truth
     got, blob = run_mode(mode, rcproxy, sql, psql_bin)
     assert leaks(blob) == [], (shape, mode)
+    if got is REFUSED:
+        return                  # (round 16: rows counted by masked values are refused)
     cells = cell_texts(got, blob)
     shown = sorted(secret & cells)
     assert shown == [], (shape, mode, shown, sorted(cells)[:40])

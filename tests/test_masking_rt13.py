@@ -181,7 +181,7 @@ def test_statistics_read_inside_code_are_refused(rt13proxy, pg, psql_bin, dba_st
     said = _run_ddl(client, rt13proxy, sql, psql_bin)
     got = said + _untranslate(said) + said[::-1]
     assert leaks(got) == [], (sql, leaks(got))
-    assert "masking" in said, said
+    assert "masking" in said or 'rule "catalog"' in said, said  # (a write to a table the block creates: round 16)
     # nothing was parked or created upstream
     made = pg.execute("SELECT count(*) FROM pg_class WHERE relname = 'rt13_loot'", dbname=DB)
     assert made[0][0] == 0 or pg.execute("SELECT count(*) FROM rt13_loot",

@@ -109,8 +109,16 @@ def held(e, what: str = ""):
     """Refused: the approval the rule asks for timed out (nobody approved)."""
     d = e.value.diag
     assert d.sqlstate == "42501", d.message_primary
-    assert "timed out" in d.message_primary or RULE in d.message_primary, d.message_primary
+    # (or, since round 16, refused at once: a write to a name the catalog does not
+    # know yet, which a body finds only when it runs)
+    assert "timed out" in d.message_primary or RULE in d.message_primary or \
+        'rule "catalog"' in d.message_primary, d.message_primary
     return d
+
+
+def _unknown_refused(text: str) -> bool:
+    # round 16: a body writing a name the catalog does not know is refused when called
+    return 'rule "catalog"' in text
 
 
 def calls_refused(proxy, sql: str):
@@ -458,7 +466,9 @@ def test_prepared_before_the_view_raw(pg, guarded):
     c = RawClient.connect(guarded.port, AGENT, AGENT_PASSWORD, database=DB)
     try:
         c.send(parse(f"SELECT {fn}()", name="s1") + SYNC)
-        c.until_ready(1)
+        first = errors(c.until_ready(1))
+        if first and _unknown_refused(first[0]["M"]):
+            return
         with conn(guarded) as other:
             other.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
         c.send(bind("s1") + execute() + SYNC + query("SELECT 'tail'"))
@@ -475,7 +485,11 @@ def test_prepared_before_the_view_raw(pg, guarded):
 def test_prepared_before_the_view_psycopg(pg, guarded):
     fn, view = _fresh_pair(pg, guarded)
     with conn(guarded) as c:
-        assert c.execute(f"SELECT {fn}()", prepare=True).fetchone() == (0,)
+        try:
+            assert c.execute(f"SELECT {fn}()", prepare=True).fetchone() == (0,)
+        except psycopg.errors.InsufficientPrivilege as e:
+            assert _unknown_refused(str(e)), e
+            return
         with conn(guarded) as other:
             other.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -490,8 +504,12 @@ def test_prepared_before_the_view_asyncpg(pg, guarded):
     async def main():
         c = await asyncpg.connect(guarded.dsn(dbname=DB))
         try:
-            stmt = await c.prepare(f"SELECT {fn}()")
-            assert await stmt.fetchval() == 0
+            try:
+                stmt = await c.prepare(f"SELECT {fn}()")
+                assert await stmt.fetchval() == 0
+            except asyncpg.InsufficientPrivilegeError as e:
+                assert _unknown_refused(str(e)), e
+                return
             other = await asyncpg.connect(guarded.dsn(dbname=DB))
             await other.execute(f"CREATE VIEW {view} AS SELECT * FROM fb_orders")
             await other.close()

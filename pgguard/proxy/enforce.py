@@ -107,6 +107,9 @@ class Enforcement:
         # until the view map is read again after it, an agent's writes are refused (see
         # _after_body_ddl). True, "reading" (the map is being read again), False
         self.body_ddl: bool | str = False
+        # temporary relations this session created (bare names): the classifier calls
+        # an unqualified name public.<name>, and these are found first (_unknown_writes)
+        self.temp_names: set[str] = set()
         self._rebind_q: bytes | None = None     # the Query a stale Bind is judged as
         # prepared statements: name -> the catalog generation they were judged under
         # (the compiled client pipe reads it at each Bind), and their texts (an unnamed
@@ -485,7 +488,7 @@ class Enforcement:
             # judged now, run later (after a slow statement before it): Postgres finds
             # the names it writes then, and another session may have made one a view
             # over a guarded table meanwhile (SELECT pg_sleep(4); DELETE FROM w50)
-            unknown = _unknown_writes(s, d)
+            unknown = _unknown_writes(s, d, self.temp_names)
             if unknown and self._fnames_wait is not msg:
                 self._fnames_wait = msg         # read the names again first
                 self.pending_bodies = ()
@@ -507,7 +510,7 @@ class Enforcement:
             self._catalog_effects(d, msg)
         if d.rule == "function-body" or self.body_ddl or (
                 s.identity is not None and s.identity.kind == "agent"
-                and _unknown_writes(s, d)):
+                and _unknown_writes(s, d, self.temp_names)):
             # (a write to a name the catalog does not know is judged again each time:
             # sent later behind a slow statement, it must meet the check above)
             pass                        # the catalog could not be read: not kept
@@ -683,6 +686,12 @@ class Enforcement:
         if self._effects_of is not None and self._effects_of == msg:
             return
         self._effects_of = msg
+        for st in d.statements:
+            if st.kind == "create":
+                self.temp_names.update(r[8:] for r in st.relations_written
+                                       if r.startswith("pg_temp."))
+        if len(self.temp_names) > 10_000:
+            self.temp_names.clear()
         if any(_body_ddl(st) for st in d.statements):
             self.body_ddl = True
             # decided again from now on (no cached decision skips _after_body_ddl)
@@ -1371,15 +1380,15 @@ class _One:
 
 
 def _body_writes(st) -> bool:
-    # rows written by a function body or DO block: PL/pgSQL finds each name when that
-    # statement of the body runs (after a pg_sleep before it)
-    return st.kind not in _ROW_KINDS and bool(_ROW_KINDS.intersection(st.kinds)) and \
-        st.kind not in CATALOG_KINDS
+    # rows written by a DO block: PL/pgSQL finds each name when that statement of the
+    # block runs (after a pg_sleep before it). (A called function's body is judged when
+    # the function is created, and at each call through the view map: not here.)
+    return st.kind == "do" and bool(_ROW_KINDS.intersection(st.kinds))
 
 
-def _unknown_writes(s, d) -> list[str]:
-    """Relations the statements write rows of that the catalog does not know and no
-    earlier statement of ``d`` creates."""
+def _unknown_writes(s, d, temps: set[str] = frozenset()) -> list[str]:
+    """Relations the statements write rows of that the catalog does not know, no
+    earlier statement of ``d`` creates and are not the session's own temporary ones."""
     made: set[str] = set()
     out = []
     for st in d.statements:
@@ -1387,6 +1396,7 @@ def _unknown_writes(s, d) -> list[str]:
                 st.kind not in CATALOG_KINDS:
             out += [r for r in st.relations_written
                     if r not in made and f"pg_temp.{r.rpartition('.')[2]}" not in made
+                    and not (r.startswith("public.") and r[7:] in temps)
                     and not s.services.relation_known(s.database, r)]
         if st.kind in CATALOG_KINDS:
             made.update(st.relations_written)
