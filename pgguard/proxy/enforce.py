@@ -482,19 +482,22 @@ class Enforcement:
                 return BODIES_PENDING
             if taken:
                 d = _overload_refusal(d, taken[0])
-        if d.action != "block" and s.identity is not None and s.identity.kind == "agent" \
-                and (len(d.statements) > 1 or s.in_flight() > 0
-                     or s.fscan.before_unsynced or any(_body_writes(st) for st in d.statements)):
+        agent = s.identity is not None and s.identity.kind == "agent"
+        # writes to names the catalog does not know (read once: the check below, and
+        # such a decision is never kept)
+        unknown = _unknown_writes(s, d, self.temp_names) if agent and \
+            d.action != "block" else []
+        if unknown and (len(d.statements) > 1 or s.in_flight() > 0
+                        or s.fscan.before_unsynced
+                        or any(_body_writes(st) for st in d.statements)):
             # judged now, run later (after a slow statement before it): Postgres finds
             # the names it writes then, and another session may have made one a view
             # over a guarded table meanwhile (SELECT pg_sleep(4); DELETE FROM w50)
-            unknown = _unknown_writes(s, d, self.temp_names)
-            if unknown and self._fnames_wait is not msg:
+            if self._fnames_wait is not msg:
                 self._fnames_wait = msg         # read the names again first
                 self.pending_bodies = ()
                 return BODIES_PENDING
-            if unknown:
-                return _unknown_write_refusal(d, unknown[0])
+            return _unknown_write_refusal(d, unknown[0])
         if d.action != "block" and s.identity is not None and s.identity.kind == "agent":
             roles = [n for st in d.statements for n in st.schemas_created
                      if s.services.role_name(n)]
@@ -508,9 +511,7 @@ class Enforcement:
                 return refused              # (not kept: it holds until a commit)
         if d.action != "block" and s.views is not None:
             self._catalog_effects(d, msg)
-        if d.rule == "function-body" or self.body_ddl or (
-                s.identity is not None and s.identity.kind == "agent"
-                and _unknown_writes(s, d, self.temp_names)):
+        if d.rule == "function-body" or self.body_ddl or unknown:
             # (a write to a name the catalog does not know is judged again each time:
             # sent later behind a slow statement, it must meet the check above)
             pass                        # the catalog could not be read: not kept
