@@ -363,6 +363,28 @@ DO_BLOCKS = [
 ]
 
 
+def denied_when_asked(aproxy, sql: str) -> list:
+    """Run ``sql`` as the agent (simple protocol) on a thread; deny the approval it asks
+    for, if it asks. What the client got: ["ran"] or [its SQLSTATE]."""
+    done: list = []
+
+    def run():
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c2:
+            try:
+                psycopg.ClientCursor(c2).execute(sql)
+                done.append("ran")
+            except psycopg.Error as e:
+                done.append(e.sqlstate)
+    t = threading.Thread(target=run)
+    t.start()
+    ids = pending_ids(aproxy, timeout=5)      # it asks a human again (or is refused)
+    if ids:
+        r = cli(aproxy, "deny", str(ids[0]), "--as", "alice")
+        assert r.returncode == 0, r.stderr
+    t.join(10)
+    return done
+
+
 def test_a_window_for_one_do_block_covers_no_other(pg, aproxy):
     """A DO block's body is code, not a value: a window approved for one covers that
     exact text only (red team 14: every DO block shared the fingerprint `DO $1`)."""
@@ -371,23 +393,7 @@ def test_a_window_for_one_do_block_covers_no_other(pg, aproxy):
         approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(first))
     assert statuses(pg)[0] == "w1"
     for sql in DO_BLOCKS:
-        done = []
-
-        def run(sql=sql):
-            with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c2:
-                try:
-                    psycopg.ClientCursor(c2).execute(sql)
-                    done.append("ran")
-                except psycopg.Error as e:
-                    done.append(e.sqlstate)
-        t = threading.Thread(target=run)
-        t.start()
-        ids = pending_ids(aproxy, timeout=5)      # it asks a human again (or is refused)
-        if ids:
-            r = cli(aproxy, "deny", str(ids[0]), "--as", "alice")
-            assert r.returncode == 0, r.stderr
-        t.join(10)
-        assert done == ["42501"], (sql, done)
+        assert denied_when_asked(aproxy, sql) == ["42501"], sql
     assert statuses(pg) == ["w1"] + ["new"] * 9
     # the same text again is covered by the window
     with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:

@@ -92,6 +92,34 @@ SHAPES = {
                                 "'6' UNION ALL SELECT 2, 'b' WHERE substr(c.ssn, 2, 1) = '3' "
                                 "UNION ALL SELECT 2, 'c' WHERE substr(c.ssn, 2, 1) = '1') "
                                 "v(p, ch) GROUP BY c.id ORDER BY c.id",
+    # round 17 (helper 80): a masked column of the generator's own alias in the same
+    # condition (left(p.email, 0) is empty) hid that p.score was another row's column
+    "beside-join": "SELECT c.id, p.score FROM customers c JOIN customers p ON "
+                   "p.score::text = right(replace(c.ssn, '-', ''), 2) || left(p.email, 0) "
+                   "ORDER BY c.id",
+    "beside-exists": "SELECT p.score FROM customers p WHERE EXISTS (SELECT 1 FROM customers "
+                     "c WHERE p.score::text = right(replace(c.ssn, '-', ''), 2) || "
+                     "left(p.email, 0)) ORDER BY 1",
+    "beside-lateral": "SELECT c.id, x.score FROM customers c, LATERAL (SELECT p.score FROM "
+                      "customers p WHERE p.score::text = right(replace(c.ssn, '-', ''), 2) "
+                      "|| left(p.phone, 0)) x ORDER BY c.id",
+    "beside-case": "SELECT c.id, p.score FROM customers c JOIN customers p ON CASE WHEN "
+                   "p.email IS NULL THEN false ELSE p.score = right(replace(c.ssn, '-', ''),"
+                   " 2)::int END ORDER BY c.id",
+    "beside-sort": "SELECT c.id, p.score FROM customers c, customers p WHERE c.id = 1 "
+                   "ORDER BY (p.score::text = right(replace(c.ssn, '-', ''), 2) || "
+                   "left(p.email, 0)) DESC, p.id LIMIT 1",
+    "beside-group": "SELECT p.score FROM customers c, customers p WHERE c.id = 1 GROUP BY "
+                    "p.score, (p.score::text = right(replace(c.ssn, '-', ''), 2) || "
+                    "left(p.email, 0)) HAVING bool_or(p.score::text = right(replace(c.ssn, "
+                    "'-', ''), 2) || left(p.email, 0))",
+    # a derived relation's masked column and its clean generator column
+    "beside-derived": "SELECT s.g FROM (SELECT c.id, c.ssn, g FROM customers c, "
+                      "generate_series(1, 255) g WHERE c.id = 1 OFFSET 0) s WHERE "
+                      "ascii(substr(s.ssn, 1, 1)) = s.g",
+    "beside-cte": "WITH s AS MATERIALIZED (SELECT c.id, c.ssn, g FROM customers c, "
+                  "generate_series(1, 255) g WHERE c.id = 1) SELECT s.g FROM s WHERE "
+                  "ascii(substr(s.ssn, 2, 1)) = s.g",
     "window-offset-initplan": "SELECT g, count(*) OVER (ORDER BY g RANGE BETWEEN CURRENT ROW"
                               " AND (SELECT ascii(email) FROM customers WHERE id = 2) "
                               "FOLLOWING) - 1 FROM generate_series(1, 300) g LIMIT 1",

@@ -76,6 +76,23 @@ cdef bytes _shape(const unsigned char* p, Py_ssize_t n, unsigned char* out):
                         continue
                     break
                 j += 1
+            if escapes:
+                # a literal continued on a later line ('...' <newline> '...') keeps
+                # the escapes of its first part: E'a' + newline + '\' z ' is one string
+                # to Postgres (its \' an escaped quote) and would be two here: never
+                # shared
+                k = j + 1
+                while k < n:
+                    if p[k] == 32 or p[k] == 9 or p[k] == 10 or p[k] == 13 or \
+                            p[k] == 12 or p[k] == 11:
+                        k += 1
+                    elif p[k] == 45 and k + 1 < n and p[k + 1] == 45:
+                        while k < n and p[k] != 10 and p[k] != 13:
+                            k += 1
+                    else:
+                        break
+                if k < n and p[k] == 39:
+                    return None
             memcpy(out + o, p + start, i - start)
             o += i - start
             out[o] = 0

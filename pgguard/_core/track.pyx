@@ -17,9 +17,9 @@ from .answers import answer_for
 from .relay cimport MessageScan
 from .rowmask cimport RowRewriter
 from .sqlshape cimport shape_buf
-from .msgtypes cimport (BIND, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE,
-                        FUNCTION_CALL, PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED, QUERY,
-                        READY_FOR_QUERY, SYNC,
+from .msgtypes cimport (BIND, CLOSE, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE,
+                        EXECUTE, FUNCTION_CALL, PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED,
+                        QUERY, READY_FOR_QUERY, SYNC, TARGET_PORTAL, TARGET_STATEMENT,
                         TX_IDLE)
 
 import_datetime()
@@ -264,6 +264,7 @@ cdef class _Pending:
     cdef int kind
     cdef int ordinal            # a Parse's / Bind's: among its type since the last sync
     cdef _Pending src           # an Execute's Bind, a Bind's Parse (None: unknown)
+    cdef long long syncno       # a sync point's number (StatementTracker._syncs_sent)
     cdef object refused         # (rule, rows) when its error is pgguard's own refusal
 
     def __cinit__(self, sql, dec, long long t0, bint sync, bint done):
@@ -276,6 +277,7 @@ cdef class _Pending:
         self.kind = K_STATEMENT
         self.ordinal = 0
         self.src = None
+        self.syncno = 0
         self.key = None
         self.refused = None
 
@@ -285,6 +287,8 @@ cdef enum:
     K_PARSE = 1
     K_BIND = 2
     K_SYNC = 3
+    K_CLOSE_S = 4       # a Close of a statement: its name is forgotten once it ran
+    K_CLOSE_P = 5       # ... of a portal
 
 
 cdef bytes _cstr(bytes msg, Py_ssize_t pos, Py_ssize_t* after):
@@ -319,6 +323,15 @@ cdef long long _rows(bytes msg):
 
 # entries kept for the messages of a pipeline after an error (see _drain)
 cdef Py_ssize_t SKIPPED_KEPT = 1024
+# prepared statements whose texts one session keeps; past it the oldest is forgotten
+# (an Execute of it is recorded with a text saying so), so a client preparing names
+# without end cannot grow the proxy without bound
+STMTS_KEPT = 10_000
+# named portals kept before those of finished transactions are pruned
+PORTALS_PRUNE = 64
+_NO_PORTAL = (b"", None, 0)
+_FORGOTTEN = (b"(pgguard: the text of prepared statement \"%s\" was not kept: the "
+              b"session prepared more than 10000 statements)")
 
 
 cdef class StatementTracker:
@@ -342,7 +355,9 @@ cdef class StatementTracker:
     cdef readonly list flog
     cdef readonly object pending
     cdef dict stmts             # statement name -> (sql, decision, its Parse entry)
-    cdef dict portals           # portal -> (statement name, its Bind entry)
+    cdef dict portals           # portal -> (statement name, its Bind entry, sync no.)
+    cdef long long _syncs_sent  # sync points drained (Query, Sync, ...), numbered
+    cdef bint _forgot           # a statement's text was forgotten (STMTS_KEPT)
     # the session's expected-answers model's queue for this tracker (Answers.listen):
     # which message each ErrorResponse answers, the Syncs a COPY swallowed
     cdef public object answers
@@ -381,6 +396,8 @@ cdef class StatementTracker:
         self.pending = deque()
         self.stmts = {}
         self.portals = {}
+        self._syncs_sent = 0
+        self._forgot = False
         self.strict = session.services.audit_strict
         self.raw = session.services.cfg.audit.capture_literals
         self._base = base
@@ -423,7 +440,7 @@ cdef class StatementTracker:
         cdef list flog = self.flog
         cdef Py_ssize_t after, pos
         cdef bytes msg, name, portal
-        cdef int t
+        cdef int t, kind
         cdef _Pending e
         cdef bint skipping
         if not flog:
@@ -443,13 +460,16 @@ cdef class StatementTracker:
         for item in flog:
             m = (<tuple>item)[0]
             if m.__class__ is not bytes:                 # REFUSAL_SYNC
-                pending.append(_Pending(None, None, (<tuple>item)[2], True, False))
+                e = _Pending(None, None, (<tuple>item)[2], True, False)
+                self._syncs_sent += 1
+                e.syncno = self._syncs_sent
+                pending.append(e)
                 self._seg_p = self._seg_b = 0
                 skipping = False
                 continue
             msg = <bytes>m
             t = <unsigned char>PyBytes_AS_STRING(msg)[0]
-            if skipping and (t == PARSE or t == BIND or t == EXECUTE):
+            if skipping and (t == PARSE or t == BIND or t == EXECUTE or t == CLOSE):
                 continue
             skipping = False if t == SYNC or t == QUERY or t == FUNCTION_CALL else skipping
             if t == QUERY:
@@ -458,6 +478,8 @@ cdef class StatementTracker:
                 e.skippable = True
                 if len(<tuple>item) > 3:            # the relay's shape of the text
                     e.key = (<tuple>item)[3]
+                self._syncs_sent += 1
+                e.syncno = self._syncs_sent
                 pending.append(e)
                 self._seg_p = self._seg_b = 0
             elif t == PARSE:                             # remember the text
@@ -470,7 +492,11 @@ cdef class StatementTracker:
                 try:
                     name = _cstr(msg, 5, &pos)
                     e.sql = _cstr(msg, pos, &after)
-                    self.stmts[name] = (e.sql, e.dec, e)
+                    stmts = self.stmts
+                    if name and len(stmts) >= STMTS_KEPT and name not in stmts:
+                        del stmts[next(iter(stmts))]
+                        self._forgot = True
+                    stmts[name] = (e.sql, e.dec, e)
                 except ValueError:
                     pass
             elif t == BIND:                              # portal -> statement
@@ -485,7 +511,10 @@ cdef class StatementTracker:
                     got = self.stmts.get(name)
                     if got is not None:
                         e.sql, e.dec, e.src = got
-                    self.portals[portal] = (name, e)
+                    elif self._forgot and name:
+                        e.sql = _FORGOTTEN % (name,)
+                        self.stmts[name] = (e.sql, None, None)
+                    self.portals[portal] = (name, e, self._syncs_sent)
                 except ValueError:
                     pass
             elif t == EXECUTE:
@@ -493,7 +522,7 @@ cdef class StatementTracker:
                     portal = _cstr(msg, 5, &after)
                 except ValueError:
                     portal = b""
-                name, b = self.portals.get(portal, (b"", None))
+                name, b, _ = self.portals.get(portal, _NO_PORTAL)
                 sql, dec, _ = self.stmts.get(name, (b"", None, None))
                 e = _Pending(sql, dec, (<tuple>item)[2], False, False)
                 e.src = b
@@ -506,16 +535,49 @@ cdef class StatementTracker:
                 e = _Pending(dec.statements[0].text.encode(), dec, (<tuple>item)[2], True,
                              False)
                 e.skippable = True
+                self._syncs_sent += 1
+                e.syncno = self._syncs_sent
                 pending.append(e)
                 self._seg_p = self._seg_b = 0
+            elif t == CLOSE and PyBytes_GET_SIZE(msg) > 6:
+                # forgotten once Postgres ran it (an error before it skips it: the name
+                # lives on), and only if the name still means what it meant here
+                kind = <unsigned char>PyBytes_AS_STRING(msg)[5]
+                if kind != TARGET_STATEMENT and kind != TARGET_PORTAL:
+                    continue
+                try:
+                    name = _cstr(msg, 6, &after)
+                except ValueError:
+                    continue
+                e = _Pending(None, None, (<tuple>item)[2], False, True)
+                e.kind = K_CLOSE_S if kind == TARGET_STATEMENT else K_CLOSE_P
+                e.key = (name, (self.stmts if kind == TARGET_STATEMENT
+                                else self.portals).get(name))
+                pending.append(e)
             elif t == SYNC or t == FUNCTION_CALL:
                 e = _Pending(None, None, (<tuple>item)[2], True, True)
                 e.skippable = t == FUNCTION_CALL
                 if t == SYNC:
                     e.kind = K_SYNC
+                self._syncs_sent += 1
+                e.syncno = self._syncs_sent
                 pending.append(e)
                 self._seg_p = self._seg_b = 0
         flog.clear()
+
+    cdef _closed(self, _Pending e):
+        # a Close that ran upstream: its statement or portal is gone
+        d = self.stmts if e.kind == K_CLOSE_S else self.portals
+        name, was = <tuple>e.key
+        if was is not None and d.get(name) is was:
+            del d[name]
+
+    cdef _prune_portals(self, long long upto):
+        # a ReadyForQuery outside a transaction block after sync point `upto`: the
+        # portals bound before it are gone (they live until their transaction ends)
+        portals = self.portals
+        for k in [k for k, v in portals.items() if (<tuple>v)[2] < upto]:
+            del portals[k]
 
     def note_ddl(self):
         """A statement on its way upstream changes the catalog although its command tag
@@ -563,6 +625,10 @@ cdef class StatementTracker:
                 swallowed = (<tuple>got)[1]     # Syncs a COPY took: no ReadyForQuery
             while pending:
                 e = <_Pending>pending.popleft()
+                if e.kind >= K_CLOSE_S:
+                    if not self.segment_error:
+                        self._closed(e)
+                    continue
                 # after an extended-protocol error Postgres skips Queries and
                 # FunctionCalls too, until Sync: this ReadyForQuery is the Sync's
                 skipped = self.segment_error and e.skippable
@@ -574,6 +640,9 @@ cdef class StatementTracker:
                     if swallowed and e.kind == K_SYNC:
                         swallowed -= 1
                         continue
+                    if PyBytes_GET_SIZE(msg) > 5 and msg[5] == TX_IDLE and \
+                            len(self.portals) > PORTALS_PRUNE:
+                        self._prune_portals(e.syncno)
                     break
             self.segment_error = False
             return
@@ -654,6 +723,8 @@ cdef class StatementTracker:
             if not e.done or e.sync:
                 break
             pending.popleft()
+            if e.kind >= K_CLOSE_S:     # a message after it is answered: it ran
+                self._closed(e)
         for x in pending:
             e = <_Pending>x
             if not e.done and e.sql is not None:
@@ -672,7 +743,7 @@ cdef class StatementTracker:
             d = (<_Pending>self.pending[len(self.pending) - 1]).dec
         else:
             portal = _cstr(msg, 5, &after)
-            sql, d, _ = self.stmts.get(self.portals.get(portal, (b"", None))[0],
+            sql, d, _ = self.stmts.get(self.portals.get(portal, _NO_PORTAL)[0],
                                        (b"", None, None))
         if d is not None and d.__class__ is self._approved:
             rec = self._h_record(self.session, sql, d, "approved", self.wall(0))

@@ -674,7 +674,11 @@ class _Taint:
         # masked values): its rows may join several sources (SELECT o.id, ascii(c.ssn)
         # AS v FROM orders o, customers c OFFSET 0) s WHERE s.id = s.v), so they are
         # not one row's own columns
-        return bool((c_alias - t_alias) or c_tok or (t_tok and (c_alias or bare_clean))
+        # and any second alias: a clean column of one that also carries masked columns
+        # (b.id beside left(b.email, 0)) or a masked one (whose mask may keep characters
+        # in clear, right(b.card, 1)) spells out, row by row, the value it is set against
+        return bool(len(c_alias | t_alias) > 1 or c_tok
+                    or (t_tok and (c_alias or bare_clean))
                     or any(len(cols) > 1 for cols in derived.values()))
 
     def _any_masked_cond(self, node: dict) -> bool:

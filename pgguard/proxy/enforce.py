@@ -111,6 +111,8 @@ class Enforcement:
         # an unqualified name public.<name>, and these are found first (_unknown_writes)
         self.temp_names: set[str] = set()
         self._rebind_q: bytes | None = None     # the Query a stale Bind is judged as
+        # (a COPY (query) Query, its specs completed or why not): see _mask_query
+        self._copy_planned: tuple | None = None
         # prepared statements: name -> the catalog generation they were judged under
         # (the compiled client pipe reads it at each Bind), and their texts (an unnamed
         # one the pipe forwarded itself since is its unnamed_parse, which was
@@ -131,7 +133,7 @@ class Enforcement:
         # (under a policy a Bind is watched too: one of a statement judged before DDL
         # went by is judged again, see stale_bind)
         self.watch = (b"QPFB" if s.policy is not None else b"") + \
-            (b"QPBESF" if self.services.audit is not None else b"") + \
+            (b"QPBESFC" if self.services.audit is not None else b"") + \
             (b"QPBDES" if s.masking is not None else b"") + b"X"
         self._base_watch = self.watch
 
@@ -880,14 +882,28 @@ class Enforcement:
                 self.inject_refusal(_copy_refusal(specs, d), out, extended=False,
                                      sql=msg[5:-1])
                 return False
+            if any(sp[0] == "query" for sp in specs):
+                # COPY (query): its columns are learnt first (side connection), then the
+                # Query is taken up again and goes the way of every other (recorded,
+                # counted, written first in strict mode)
+                got, self._copy_planned = self._copy_planned, None
+                if got is None or got[0] is not msg:
+                    s.holds.begin(out, [])
+                    s.holds.side_task(self._copy_plan_then(msg, specs))
+                    return False
+                if isinstance(got[1], str):
+                    self.inject_refusal(Decision(
+                        action="block", rule="masking",
+                        message='pgguard: statement refused by rule "masking": pgguard '
+                                "could not work out which columns of this COPY (query) to "
+                                "mask",
+                        detail=got[1], hint="Use SELECT instead."), out, extended=False,
+                        sql=msg[5:-1])
+                    return False
+                specs = got[1]
             mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin)
             mask.query_copies(specs)
             mask.owe_ready()
-            if any(sp[0] == "query" for sp in specs):
-                # COPY (query): learn its columns first (side connection), then run it;
-                # the specs are completed in place (the Query's plan holds the list)
-                s.holds.for_copy_plan(msg, out, specs)
-                return False
             return True
         if d is not None and any(st.kind in ("create", "alter", "drop")
                                  for st in d.statements):
@@ -897,6 +913,28 @@ class Enforcement:
         mask.frontend(m.QUERY, msg, rows_reads, None if lin is PENDING else lin, d)
         mask.owe_ready()
         return True
+
+    async def _copy_plan_then(self, msg: bytes, specs: list) -> None:
+        # the columns of each COPY (query) of a Query, then the Query again (_mask_query)
+        s = self.s
+        mask = s.masking
+        got: list | str = specs
+        try:
+            for i, sp in enumerate(specs):
+                if sp[0] == "query":
+                    _, query, fmt, opts = sp
+                    desc = await s.services.side.describe(
+                        s.database, f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
+                    await mask.lineage_load(query.encode(), None)
+                    specs[i] = mask.copy_query_spec(desc, fmt, opts, query)
+        except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
+            got = str(e)[:300] or e.__class__.__name__
+        s.holds.side_task_done()
+        if s.closed:
+            return
+        self._copy_planned = (msg, got)
+        s.holds.put_back([(msg[0], msg)])
+        s.holds.release([])
 
     def _mask_parse_copy(self, d, msg: bytes, name: bytes, sql: bytes, out: list) -> bool:
         """A COPY prepared through Parse: its plan is kept by statement name for every

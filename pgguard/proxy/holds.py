@@ -262,6 +262,9 @@ class Holds:
             # a literal that is code (a DO block's body) or decides what runs: a window
             # covers this exact text only, never every statement of its shape
             fp = text
+        # and what the policy read in it: a window covers statements of the same kinds
+        # on the same relations only, whatever two texts' fingerprints have in common
+        fp = f"{fp}\n-- pgguard: {hold.summarize(d)}"
         gen = self.services.decision_generation(s.database)
         req = failure = None
         try:
@@ -427,41 +430,6 @@ class Holds:
         return True
 
     # -- COPY (query) under masking: learn the query's columns before it runs
-    def for_copy_plan(self, msg: bytes, out: list, specs: list) -> None:
-        """specs: enforce._copy_specs of the Query msg (the list its queued plan holds);
-        its COPY (query) entries are resolved on the side connection, then the Query goes
-        upstream."""
-        self.begin(out, [])
-        task = asyncio.get_running_loop().create_task(self._copy_plan(msg, specs))
-        self.approval = [task, None]
-
-    async def _copy_plan(self, msg: bytes, specs: list) -> None:
-        s = self.s
-        out: list[bytes] = []
-        mask = s.masking
-        try:
-            for i, sp in enumerate(specs):
-                if sp[0] == "query":
-                    _, query, fmt, opts = sp
-                    desc = await self.services.side.describe(
-                        s.database, f"SELECT * FROM ({query}) AS pgguard_copy LIMIT 0")
-                    await mask.lineage_load(query.encode(), None)
-                    # in place: the Query's plan (queued already) holds this list
-                    specs[i] = mask.copy_query_spec(desc, fmt, opts, query)
-            out.append(msg)
-        except Exception as e:      # noqa: BLE001 - cannot plan it: refuse, never leak
-            mask.unowe_ready()          # the injected refusal counts its own ReadyForQuery
-            s.enforce.inject_refusal(Decision(
-                action="block", rule="masking",
-                message='pgguard: statement refused by rule "masking": pgguard could not '
-                        "work out which columns of this COPY (query) to mask",
-                detail=str(e)[:300], hint="Use SELECT instead."), out, extended=False,
-                sql=msg[5:-1])
-        self.approval = None
-        if s.closed:
-            return
-        self.release(out)
-
     def for_copy_parse(self, msg: bytes, out: list, name: bytes, spec: tuple,
                        reads: bool, d) -> None:
         """A Parse of COPY (query) of masked data: its plan is learnt before the Parse
