@@ -225,3 +225,47 @@ def test_cli_verify_exit_codes(log_copy, capsys):
     import json
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False and doc["problems"][0]["kind"] == "missing_file"
+
+
+# Red team, round 17 (helper 81): the chain covers the rows, not the Parquet footer. Its
+# row-group statistics, rewritten in place (same length, so the file still reads), made
+# DuckDB skip whole row groups: `WHERE identity = 'ci-agent'` lost the agent's records
+# while `audit verify` passed. Verify now holds the footer to the rows.
+FOOTER_LIES = [("identity", b"ci-agent", b"aaaaaaaa"), ("decision", b"allowed", b"zzzzzzz"),
+               ("event", b"statement", b"aaaaaaaaa"), ("statement", b"SELECT $1", b"AAAAAAAAA"),
+               ("session_id", b"s1", b"zz")]
+
+
+@pytest.mark.parametrize("column,real,fake", FOOTER_LIES)
+def test_footer_statistics_that_hide_records_are_caught(log_copy, column, real, fake):
+    import duckdb
+    target = files(log_copy)[1]
+    value = real.decode()
+    query = (f"SELECT count(*) FROM read_parquet('{target}') WHERE {column} = '{value}'")
+    before = duckdb.sql(query).fetchall()[0][0]
+    assert before > 0
+    data = bytearray(target.read_bytes())
+    flen = int.from_bytes(data[-8:-4], "little")
+    start = len(data) - 8 - flen
+    footer = bytes(data[start:len(data) - 8])
+    assert real in footer, column
+    data[start:len(data) - 8] = footer.replace(real, fake)
+    target.write_bytes(bytes(data))
+    # the lie works on a reader that trusts the footer: the records are gone from it
+    assert duckdb.sql(query).fetchall()[0][0] < before
+    res = verify(log_copy)
+    assert not res.ok
+    # (the column's own statistics named; a value that is also a column name's text
+    # renames the column too, and that is named instead)
+    assert any(p.kind == "modified" and (column in p.message or "lacks columns" in p.message)
+               for p in res.problems), res.problems
+
+
+def test_deleted_last_file_and_head_together(log_copy):
+    # (round 17, helper 81: with the head gone too, verify had nothing to compare with)
+    files(log_copy)[-1].unlink()
+    for p in (log_copy / "_chain").iterdir():
+        p.unlink()
+    res = verify(log_copy)
+    assert not res.ok
+    assert any("missing head anchor" in p.message for p in res.problems), res.problems

@@ -16,6 +16,8 @@ Example (inside the session, after ``decision.action == "approve"``)::
 """
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PgguardError, PolicyRefusal
@@ -23,6 +25,26 @@ from .store import Request
 
 if TYPE_CHECKING:
     from ..config import Config
+
+
+_UNUSUAL = re.compile(r"[^\t\n\x20-\x7e]")
+
+
+def _escaped(m: re.Match) -> str:
+    ch = m.group()
+    if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        return ch
+    n = ord(ch)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def visible(text: str) -> str:
+    """``text`` as an approver may be shown it: control, format (bidi overrides,
+    zero-width), unassigned and separator characters spelled as escapes, so a terminal,
+    a browser or Slack shows what the statement says, not what its bytes make them draw.
+
+    Example: ``visible("DELETE /*\\x1b[8m*/")`` -> ``"DELETE /*\\\\x1b[8m*/"``."""
+    return _UNUSUAL.sub(_escaped, text)
 
 
 def summarize(decision: Any) -> str:

@@ -98,6 +98,44 @@ def _hash(prev: str | None, line: bytes | None) -> str | None:
         return None
 
 
+def _metadata_lie(meta: pq.FileMetaData, table: pa.Table) -> str | None:
+    """What a Parquet footer says of its rows that the rows do not bear out: row-group
+    sizes, each column chunk's null count and min/max statistics, and bloom filters or
+    page indexes (the writer makes none). None: it tells the truth."""
+    start = 0
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        part = table.slice(start, rg.num_rows)
+        start += rg.num_rows
+        for j in range(rg.num_columns):
+            c = rg.column(j)
+            path = c.path_in_schema
+            if c.bloom_filter_offset is not None or c.has_column_index or c.has_offset_index:
+                return f"row group {i} column {path}: a bloom filter or page index"
+            st = c.statistics
+            if st is None:
+                continue
+            top = path.split(".", 1)[0]
+            if top not in part.column_names:
+                return f"row group {i}: statistics of an unknown column {path}"
+            col = part.column(top)
+            nested = "." in path
+            if nested:
+                col = pc.list_flatten(col)
+            elif st.has_null_count and st.null_count != col.null_count:
+                return (f"row group {i} column {path}: the footer counts {st.null_count} "
+                        f"nulls, the rows hold {col.null_count}")
+            if st.has_min_max:
+                mm = pc.min_max(col)
+                lo, hi = mm["min"].as_py(), mm["max"].as_py()
+                if st.min != lo or st.max != hi:
+                    return (f"row group {i} column {path}: the footer's min/max "
+                            f"{st.min!r}..{st.max!r}, the rows' {lo!r}..{hi!r}")
+    if start != table.num_rows:
+        return f"the row groups count {start} rows, the file holds {table.num_rows}"
+    return None
+
+
 @dataclass
 class Problem:
     kind: str            # modified | deleted | reordered | missing_file | missing_tail |
@@ -271,6 +309,12 @@ class _Checker:
         self.report.last_seq = pf.seq
         before = len(self.result.problems)
         self.check_rows(name, table, boundary=True)
+        lie = _metadata_lie(f.metadata, table)
+        if lie:
+            # the chain covers the rows, not the footer; DuckDB skips row groups by the
+            # footer's statistics (and reads bloom filters and page indexes): a footer
+            # that misstates them hides records from every filtered query
+            self.problem("modified", f"modified: {name}: {lie}", file=name)
         if (written is not None and int(written) != table.num_rows
                 and len(self.result.problems) == before):
             self.problem("deleted", f"deleted: {name} holds {table.num_rows} records, "
@@ -389,6 +433,13 @@ def _check_stream(c: _Checker, files: list, head: storage.Head | None, wal: list
         c.check_file(pf)
         if c.full:
             break
+    if head is None and seen and not c.instance:
+        # (a writer moves the head with every file it seals: files without one lost it;
+        # in a store the head object may wait for its upload still)
+        c.problem("missing_file",
+                  f"missing head anchor: {stream} has sealed files but no _chain/{stream}.json"
+                  f": the last file(s) and the head may have been deleted together",
+                  file=c.prev_name)
     if head is not None:
         c.report.head_seq, c.report.head_hash = head.seq, head.last_hash
         last = c.report.last_seq or 0

@@ -275,8 +275,9 @@ class Holds:
             if grant is None:
                 req = await asyncio.to_thread(
                     lambda: store.request(identity=s.identity_name,
-                                          database=s.database, statement=shown,
-                                          fingerprint=fp, classification=hold.summarize(d),
+                                          database=s.database,
+                                          statement=hold.visible(shown), fingerprint=fp,
+                                          classification=hold.visible(hold.summarize(d)),
                                           rule=d.rule, approvers=d.approvers,
                                           timeout_s=d.timeout, session_id=s.id,
                                           cancel_key=s.cancel_key))
