@@ -304,3 +304,55 @@ def test_a_positional_text_reads_no_lineage_of_its_shape(enproxy):
             assert 'rule "masking"' in str(e)
             return
     assert all(r[1] is None or not str(r[1]).isdigit() for r in got), got
+
+
+# Red team, round 17 (helper 83): a UNION ALL of masked values and known ones, sorted.
+# Every cell of the masked column came back masked, but where each customer's row
+# (marked by its clean id, or by being the one NULL-free row) lands among the known values
+# is its value: one statement gave all 200 SSNs. EXPLAIN prints the sort key as the first
+# member's expression (customers.ssn), one alias. The order cannot be masked: refused.
+UNION_SORTS = {
+    # (round 9's f4 shape: masked in the cells, but the order and the deduplication
+    # against the names are the values)
+    "union-values-names": "SELECT u.v FROM (SELECT t.v FROM customers c, LATERAL (VALUES "
+                          "(reverse(c.ssn)), ('zz-const')) t(v) UNION SELECT name FROM "
+                          "customers) u ORDER BY 1",
+    "union-sort": "SELECT id AS mark, ssn COLLATE \"C\" AS v FROM customers WHERE id = 1 "
+                  "UNION ALL SELECT NULL, to_char(g, 'FM0') FROM generate_series(0, 9) g "
+                  "ORDER BY v, mark NULLS FIRST",
+    "union-sort-position": "SELECT id AS mark, ssn AS v FROM customers UNION ALL SELECT NULL, "
+                           "g::text FROM generate_series(0, 9) g ORDER BY 2",
+    "union-sort-desc-limit": "SELECT id AS mark, ssn AS v FROM customers UNION ALL SELECT "
+                             "NULL, g::text FROM generate_series(0, 9) g ORDER BY v DESC "
+                             "LIMIT 9",
+    "union-subquery": "SELECT mark, v FROM (SELECT id AS mark, ssn AS v FROM customers UNION "
+                      "ALL SELECT NULL, g::text FROM generate_series(0, 9) g) s ORDER BY v",
+    "union-cte": "WITH s AS (SELECT id AS mark, email AS v FROM customers UNION ALL SELECT "
+                 "NULL, chr(g) FROM generate_series(97, 122) g) SELECT mark, v FROM s "
+                 "ORDER BY v",
+    "union-no-clean-column": "SELECT ssn AS v, ssn AS mark FROM customers WHERE id = 1 UNION "
+                             "ALL SELECT g::text, NULL FROM generate_series(0, 9) g ORDER BY v",
+    "union-merge-append": "(SELECT id AS mark, ssn AS v FROM customers ORDER BY ssn) UNION ALL "
+                          "(SELECT NULL, g::text FROM generate_series(0, 9) g ORDER BY 2) "
+                          "ORDER BY v",
+    "union-window": "SELECT mark, row_number() OVER (ORDER BY v) FROM (SELECT id AS mark, ssn "
+                    "AS v FROM customers UNION ALL SELECT NULL, g::text FROM "
+                    "generate_series(0, 9) g) s",
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", sorted(UNION_SORTS))
+def test_a_sorted_union_of_masked_and_known_values_is_refused(enproxy, pg, psql_bin, mode,
+                                                             shape):
+    sql = UNION_SORTS[shape]
+    with psycopg.connect(pg.dsn(dbname=DB)) as c:
+        assert c.execute(sql).fetchall()        # (it runs directly)
+    try:
+        got, _ = run_mode(mode, enproxy, sql, psql_bin)
+    except (psycopg.Error, asyncpg.PostgresError, AssertionError) as e:
+        assert 'rule "masking"' in str(e) or (
+            mode == "raw-later" and "'26000'" in str(e)), (shape, mode, e)
+        return
+    # rows in the order Postgres sorted them by the real values: the order is the leak
+    assert got is REFUSED, (shape, mode, got)

@@ -126,9 +126,15 @@ def test_the_raw_rows_of_a_masked_branch_differ_from_the_truth(rt20proxy, pg):
     truth = [r[0] for r in direct_mode(pg, "raw-later", sql)]
     c = raw_connect(rt20proxy)
     try:
-        got = [r[0] for r in rawpg.rows(c.run(sql))]
+        msgs = c.run(sql)
     finally:
         c.close()
+    # (refused since round 17: UNION removes a masked value equal to a name, so which
+    # rows come back compares them; see test_masking_entangled.UNION_SORTS)
+    if rawpg.errors(msgs):
+        assert 'rule "masking"' in rawpg.errors(msgs)[0]["M"], msgs
+        return
+    got = [r[0] for r in rawpg.rows(msgs)]
     assert len(got) == len(truth) == 2
     secret = [v for v in truth if v != b"Ann"]
     assert secret and not set(got) & set(secret), (got, truth)

@@ -481,10 +481,10 @@ class _Taint:
         self.returned = {n["Subplan Name"] for n in self.nodes
                          if str(n.get("Subplan Name", "")).startswith("SubPlan ")
                          and any(self.expr(e) for e in _exprs(n))}
-        self.entangled = self.reads and any(
+        self.entangled = self.reads and (any(
             self._mixed(conj)
             for n in self.nodes for text in _cond_texts(n)
-            for conj in _conjuncts(self._scanned(text)))
+            for conj in _conjuncts(self._scanned(text))) or self._sorted_union(root))
         # the number of rows, or which stored rows come back, decided by masked values:
         # a set-returning function over them (generate_series(1, ascii(ssn)) gave 53
         # rows for a '5'), a recursive query stopping on them, a LIMIT / OFFSET computed
@@ -702,6 +702,28 @@ class _Taint:
                                             toks[i + 1].text in (".", "(")):
                 return True
         return False
+
+    def _sorted_union(self, node: dict, keyed: bool = False) -> bool:
+        # rows of a set operation mixing masked values with another row source's
+        # (UNION ALL of customers.ssn and generate_series' digits), ordered, grouped or
+        # numbered above it: where each masked row lands among the known values spells
+        # its value out, and EXPLAIN prints the key by the first member's expression
+        # only (Sort Key: customers.ssn), one alias to _mixed
+        kind = node.get("Node Type")
+        keyed = keyed or kind in ("Unique", "WindowAgg", "SetOp") or any(
+            k in node for k in ("Sort Key", "Group Key", "Presorted Key"))
+        if keyed and kind in ("Append", "Merge Append"):
+            kids = [c for c in node.get("Plans", ())
+                    if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
+            if len(kids) > 1 and any(self._subtree(c) for c in kids):
+                bases = set()
+                for c in kids:
+                    mo = _CHILD_ALIAS.match(c.get("Alias", "")) \
+                        if "Relation Name" in c else None
+                    bases.add(mo.group(1) if mo is not None else None)
+                if len(bases) > 1 or None in bases:   # not one table's partitions
+                    return True
+        return any(self._sorted_union(c, keyed) for c in node.get("Plans", ()))
 
     def _any_expr(self, node: dict) -> bool:
         # any expression of the subtree, its filters and join conditions included (what
