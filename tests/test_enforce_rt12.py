@@ -204,6 +204,33 @@ def _raw_shadow(proxy, sql, args, unnamed):
         c.close()
 
 
+def _raw_skipped_close(proxy, sql, args, portal_too=False):
+    """Round 17: a Close that Postgres skipped (an error earlier in its pipeline) made
+    pgguard forget the statement's generation: its Bind after DDL was not judged."""
+    name = next(_tables)
+    with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
+        _own(c, name)
+    q = sql.format(t=name).replace("%s", "$1")
+    c = raw_connect(proxy)
+    try:
+        p = [str(a).encode() for a in args(1)]
+        c.send(rawpg.parse(q, "s1"), rawpg.bind("s1", p), rawpg.execute(), rawpg.SYNC)
+        c.until_ready()
+        closes = [rawpg.close("S", "s1")] + ([rawpg.close("P", "")] if portal_too else [])
+        c.send(rawpg.parse("SELECT 1/0"), rawpg.bind(), rawpg.execute(), *closes,
+               rawpg.SYNC)
+        c.until_ready()
+        c.send(rawpg.parse(f"CREATE TEMP VIEW {name} AS SELECT * FROM vault", "ddl"),
+               rawpg.bind("ddl"), rawpg.execute(), rawpg.SYNC)
+        c.until_ready()
+        p = [str(a).encode() for a in args(2)]
+        c.send(rawpg.bind("s1", p), rawpg.execute(), rawpg.SYNC)
+        errs = rawpg.errors(c.until_ready())
+        return errs[0]["M"] if errs else None
+    finally:
+        c.close()
+
+
 def _renamed_by_peer(proxy, sql, args):
     """The table is renamed and a view over the vault takes its name, from another
     session, between the statement's Parse and its Bind."""
@@ -236,6 +263,8 @@ ROUTES = {
     "raw-named": lambda p, s, a: _raw_shadow(p, s, a, False),
     "raw-unnamed": lambda p, s, a: _raw_shadow(p, s, a, True),
     "peer-rename": _renamed_by_peer,
+    "raw-skipped-close": _raw_skipped_close,
+    "raw-skipped-closes": lambda p, s, a: _raw_skipped_close(p, s, a, True),
 }
 
 

@@ -120,6 +120,29 @@ SHAPES = {
     "beside-cte": "WITH s AS MATERIALIZED (SELECT c.id, c.ssn, g FROM customers c, "
                   "generate_series(1, 255) g WHERE c.id = 1) SELECT s.g FROM s WHERE "
                   "ascii(substr(s.ssn, 2, 1)) = s.g",
+    # round 17 (helper 85): the comparison made inside a derived relation, its result
+    # filtered above (WHERE s.hit): no condition of the plan compares the two
+    "inside-subquery": "SELECT s.cid, s.code FROM (SELECT c.id AS cid, k.score AS code, "
+                       "right(replace(c.ssn, '-', ''), 2)::int = k.score AS hit FROM "
+                       "customers c, customers k OFFSET 0) s WHERE s.hit",
+    "inside-cte": "WITH s AS MATERIALIZED (SELECT c.id AS cid, k.score AS code, "
+                  "right(replace(c.ssn, '-', ''), 2)::int - k.score AS d FROM customers c, "
+                  "customers k) SELECT cid, code FROM s WHERE d = 0",
+    "inside-lateral": "SELECT c.id, k.score FROM customers c, customers k, LATERAL (SELECT "
+                      "right(replace(c.ssn, '-', ''), 2)::int = k.score AS hit OFFSET 0) h "
+                      "WHERE h.hit",
+    "inside-values": "SELECT c.id, k.score FROM customers c, customers k, LATERAL (VALUES "
+                     "(right(replace(c.ssn, '-', ''), 2)::int = k.score), (false)) v(hit) "
+                     "WHERE v.hit",
+    "inside-record": "SELECT s.cid, s.code FROM (SELECT c.id AS cid, k.score AS code, "
+                     "(right(replace(c.ssn, '-', ''), 2)::int, k.score) AS r FROM customers "
+                     "c, customers k OFFSET 0) s WHERE (s.r).f1 = (s.r).f2",
+    "inside-case": "SELECT s.cid, s.code FROM (SELECT c.id AS cid, k.score AS code, CASE WHEN "
+                   "right(replace(c.ssn, '-', ''), 2)::int = k.score THEN 'y' END AS hit "
+                   "FROM customers c, customers k OFFSET 0) s WHERE s.hit IS NOT NULL",
+    "inside-join-lateral": "SELECT c.id, k.score FROM customers c CROSS JOIN customers k "
+                           "JOIN LATERAL (SELECT right(replace(c.ssn, '-', ''), 2)::int - "
+                           "k.score AS d OFFSET 0) h ON h.d = 0",
     "window-offset-initplan": "SELECT g, count(*) OVER (ORDER BY g RANGE BETWEEN CURRENT ROW"
                               " AND (SELECT ascii(email) FROM customers WHERE id = 2) "
                               "FOLLOWING) - 1 FROM generate_series(1, 300) g LIMIT 1",
@@ -312,6 +335,12 @@ def test_a_positional_text_reads_no_lineage_of_its_shape(enproxy):
 # is its value: one statement gave all 200 SSNs. EXPLAIN prints the sort key as the first
 # member's expression (customers.ssn), one alias. The order cannot be masked: refused.
 UNION_SORTS = {
+    # a LATERAL VALUES list is a union of rows too: sorted, its masked value lands
+    # among the constants (round 9's f4 shapes, sorted by the list's column)
+    "values-sort": "SELECT c.id, t.k FROM customers c, LATERAL (VALUES (1, '5'), (2, "
+                   "c.ssn), (3, '6')) t(k, v) ORDER BY c.id, t.v",
+    "values-sort-masked": "SELECT c.id, t.v FROM customers c, LATERAL (VALUES (c.ssn || ''),"
+                          " (upper(c.email))) t(v) ORDER BY 1, 2",
     # (round 9's f4 shape: masked in the cells, but the order and the deduplication
     # against the names are the values)
     "union-values-names": "SELECT u.v FROM (SELECT t.v FROM customers c, LATERAL (VALUES "

@@ -51,23 +51,25 @@ except_groups = ["dba"]
 """
 
 S = Shape
+# (sorted by a VALUES column mixing masked values with others' until round 17: refused
+# since, test_masking_entangled.UNION_SORTS; these keep the sort on the customer)
 F4 = [
     S("f4", "SELECT c.id, t.v FROM customers c CROSS JOIN LATERAL (VALUES (reverse(c.ssn)), "
             "(replace(c.email, '@', ' at ')), (reverse(c.phone))) t(v) WHERE c.id <= 2 "
-            "ORDER BY c.id, t.v", (1,), (0,)),
+            "ORDER BY c.id", (1,), (0,)),
     S("f4", "SELECT c.id, t.v FROM customers c, LATERAL (VALUES (c.ssn || ''), "
-            "(upper(c.email))) t(v) ORDER BY 1, 2", (1,), (0,)),
+            "(upper(c.email))) t(v) ORDER BY 1", (1,), (0,)),
     # constants and masked expressions in one list
     S("f4", "SELECT c.id, t.v FROM customers c, LATERAL (VALUES (1, 'const-a'), "
-            "(2, reverse(c.ssn)), (3, 'const-b')) t(k, v) ORDER BY 1, t.k", (1,), (0,)),
+            "(2, reverse(c.ssn)), (3, 'const-b')) t(k, v) ORDER BY 1", (1,), (0,)),
     # inside a subquery joined laterally, and inside a CTE
     S("f4", "SELECT c.id, s.v FROM customers c, LATERAL (SELECT x.v || '' AS v FROM "
-            "(VALUES (c.email), (c.phone)) x(v) OFFSET 0) s ORDER BY 1, 2", (1,), (0,)),
+            "(VALUES (c.email), (c.phone)) x(v) OFFSET 0) s ORDER BY 1", (1,), (0,)),
     S("f4", "WITH x AS MATERIALIZED (SELECT c.id, t.v FROM customers c, LATERAL (VALUES "
-            "(c.ssn), (c.email)) t(v)) SELECT id, reverse(v) FROM x ORDER BY 1, 2", (1,)),
+            "(c.ssn), (c.email)) t(v)) SELECT id, reverse(v) FROM x", (1,)),
     # a whole-row reference
     S("f4", "SELECT c.id, t.v FROM customers c, LATERAL (VALUES (row_to_json(c)::text), "
-            "(c::text)) t(v) ORDER BY 1, 2", (1,), (0,)),
+            "(c::text)) t(v) ORDER BY 1", (1,), (0,)),
     # in a set operation
     # (a UNION of a VALUES list's masked values and names, sorted: refused since round
     # 17, test_masking_entangled.UNION_SORTS)

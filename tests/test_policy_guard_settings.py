@@ -358,3 +358,52 @@ def test_config_refuses_never_allowed_settings(tmp_path):
                            capture_output=True, text=True, timeout=30)
         assert r.returncode != 0
         assert "policy.settings[" in r.stderr and "never" in r.stderr, r.stderr
+
+
+# Red team, round 17 (helper 82): a function's SET clause was not judged by the settings
+# rules (only privilege and escape settings were flagged): CREATE FUNCTION ... SET
+# application_name = 'pgguard:alice psql' made the agent's backend show as alice's while
+# it ran; SET row_security = off, transform_null_equals = on (never allowed) were stored
+# in pg_proc. Judged by pg_proc upstream.
+FUNCTION_SETS = [
+    "CREATE FUNCTION {f}() RETURNS int LANGUAGE sql SET application_name = "
+    "'pgguard:alice psql' AS 'SELECT 1'",
+    "CREATE FUNCTION {f}() RETURNS int LANGUAGE sql SET row_security = off AS 'SELECT 1'",
+    "CREATE FUNCTION {f}() RETURNS bigint LANGUAGE sql SET transform_null_equals = on "
+    "AS 'SELECT count(*) FROM gs_items WHERE name = NULL'",
+    "CREATE FUNCTION {f}() RETURNS int LANGUAGE sql SET check_function_bodies = off "
+    "AS 'SELECT 1'",
+    "CREATE PROCEDURE {f}() LANGUAGE sql SET application_name = 'pgguard:alice' "
+    "AS 'SELECT 1'",
+    "CREATE FUNCTION {f}() RETURNS int LANGUAGE plpgsql SET session_preload_libraries = "
+    "'x' AS 'BEGIN RETURN 1; END'",
+]
+
+
+@pytest.mark.parametrize("i", range(len(FUNCTION_SETS)))
+def test_a_functions_set_clause_is_judged_as_a_setting(pg, guarded, i):
+    name = f"gs_fset{i}"
+    pg.execute(f"DROP ROUTINE IF EXISTS {name}", dbname="appdb")
+    diag = refused(guarded, FUNCTION_SETS[i].format(f=name))
+    assert "setting" in (diag.message_primary + diag.message_detail).lower()
+    assert pg.execute(f"SELECT count(*) FROM pg_proc WHERE proname = '{name}'",
+                      dbname="appdb")[0][0] == 0
+
+
+# (helper 82) application_name values that pass for another identity's tag in
+# pg_stat_activity, whatever the separator
+LOOKALIKE_NAMES = ["pgguard alice psql", "pgguard-alice psql", "pgguard_alice", "PGGUARD:alice",
+                   "pgguard\uff1aalice", "pgguard;alice psql"]
+
+
+@pytest.mark.parametrize("value", LOOKALIKE_NAMES)
+def test_an_application_name_like_another_identitys_tag_is_refused(pg, guarded, value):
+    with psycopg.connect(guarded.dsn(dbname="appdb"), autocommit=True) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        for sql in (f"SET application_name = '{value}'",
+                    f"SELECT set_config('application_name', '{value}', false)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                psycopg.ClientCursor(conn).execute(sql)
+        shown = pg.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+                           (pid,))[0][0]
+    assert shown.startswith("pgguard:ci-agent"), shown

@@ -70,3 +70,26 @@ def test_a_window_covers_no_statement_the_lexer_reads_otherwise(pg, make_proxy, 
         sql = tmpl.format(id=ident)
         assert denied_when_asked(aproxy, sql) == ["42501"], sql
         assert statuses(pg) == want, sql
+
+
+# (helper 84) the normalizer's \d matched non-ASCII digits: $１$ ... $１$ (a dollar quote
+# to Postgres) read as a parameter, and a quote inside the body as a literal running on
+# over code: an UPDATE approved with a window let a different UPDATE through unasked
+DIGIT_WINDOW = ("UPDATE orders SET status = 'ok' WHERE id = (SELECT 10 WHERE {t}Henry "
+                "O'Brien{t} IS NOT NULL) AND status = 'new' -- per Dana's ticket")
+DIGIT_ATTACK = ("UPDATE orders SET status = 'gone' WHERE id = (SELECT 10 WHERE {t}Henry "
+                "O'Brien{t} IS NOT NULL) OR id <= 5 AND status <> 'new' -- per Dana's ticket")
+
+
+@pytest.mark.parametrize("digit", ["１", "٣", "५", "𝟙", "߂"])
+def test_a_window_covers_no_statement_behind_a_unicode_digit_tag(pg, make_proxy, digit):
+    aproxy = make_proxy(extra=RULES)
+    pg.execute("UPDATE orders SET status = 'old' WHERE id <= 5", dbname=DB)
+    tag = f"${digit}$"
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(
+            DIGIT_WINDOW.format(t=tag)))
+    want = statuses(pg)
+    assert want.count("ok") == 1
+    assert denied_when_asked(aproxy, DIGIT_ATTACK.format(t=tag)) == ["42501"]
+    assert statuses(pg) == want

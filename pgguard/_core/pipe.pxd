@@ -137,6 +137,8 @@ cdef class Pipe:
     # resolves its names again: a view or temporary object may shadow them now).
     # None: not watched (see watch_statements)
     cdef public dict stmt_gens
+    # a Bind of a name stmt_gens does not hold goes to Python too (names were forgotten)
+    cdef public bint unknown_stale
     # the last unnamed Parse forwarded (its text, judged again at a stale Bind)
     cdef public bytes unnamed_parse
     cdef Py_buffer _sbuf

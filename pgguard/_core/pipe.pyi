@@ -42,6 +42,8 @@ class Pipe:
     # client side, under a policy: statement name -> the catalog generation its Parse
     # was judged under (a Bind of one judged under another goes to the hooks)
     stmt_gens: dict[bytes, int] | None
+    unknown_stale: bool
+    def names_forgotten(self) -> None: ...
     # the last unnamed Parse the pipe forwarded itself
     unnamed_parse: bytes | None
     def watch_statements(self, gens: dict[bytes, int], generation: Any) -> None: ...

@@ -182,12 +182,18 @@ cdef class Pipe:
         self._yielded = False
         self._call_soon = None
         self.stmt_gens = None
+        self.unknown_stale = False
         self.unnamed_parse = None
         self._has_sbuf = False
 
     def __dealloc__(self):
         if self._has_sbuf:
             PyBuffer_Release(&self._sbuf)
+
+    def names_forgotten(self):
+        """Statement names were forgotten (the session keeps a bounded number): a Bind
+        of a name stmt_gens does not hold goes to the hooks from now on."""
+        self.unknown_stale = True
 
     def watch_statements(self, dict gens, generation):
         """Judge a Bind again when its statement was judged under an older catalog
@@ -231,7 +237,9 @@ cdef class Pipe:
         if e2 == NULL:
             return True
         g = self.stmt_gens.get(PyBytes_FromStringAndSize(e + 1, e2 - (e + 1)))
-        return g is not None and <long long>g != self._sig_gen()
+        if g is None:
+            return self.unknown_stale and e2 > e + 1
+        return <long long>g != self._sig_gen()
 
     @property
     def fast_forwarded(self):

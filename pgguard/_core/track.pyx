@@ -327,6 +327,7 @@ cdef Py_ssize_t SKIPPED_KEPT = 1024
 # (an Execute of it is recorded with a text saying so), so a client preparing names
 # without end cannot grow the proxy without bound
 STMTS_KEPT = 10_000
+STMTS_BYTES = 16 << 20          # ... and at most this much of their texts
 # named portals kept before those of finished transactions are pruned
 PORTALS_PRUNE = 64
 _NO_PORTAL = (b"", None, 0)
@@ -358,6 +359,7 @@ cdef class StatementTracker:
     cdef dict portals           # portal -> (statement name, its Bind entry, sync no.)
     cdef long long _syncs_sent  # sync points drained (Query, Sync, ...), numbered
     cdef bint _forgot           # a statement's text was forgotten (STMTS_KEPT)
+    cdef Py_ssize_t _stmts_bytes    # the texts stmts keeps
     # the session's expected-answers model's queue for this tracker (Answers.listen):
     # which message each ErrorResponse answers, the Syncs a COPY swallowed
     cdef public object answers
@@ -398,6 +400,7 @@ cdef class StatementTracker:
         self.portals = {}
         self._syncs_sent = 0
         self._forgot = False
+        self._stmts_bytes = 0
         self.strict = session.services.audit_strict
         self.raw = session.services.cfg.audit.capture_literals
         self._base = base
@@ -493,10 +496,17 @@ cdef class StatementTracker:
                     name = _cstr(msg, 5, &pos)
                     e.sql = _cstr(msg, pos, &after)
                     stmts = self.stmts
-                    if name and len(stmts) >= STMTS_KEPT and name not in stmts:
-                        del stmts[next(iter(stmts))]
-                        self._forgot = True
+                    old = stmts.get(name)
+                    if old is not None:
+                        self._stmts_bytes -= len((<tuple>old)[0])
+                    elif name:
+                        while stmts and (len(stmts) >= STMTS_KEPT or self._stmts_bytes +
+                                         len(e.sql) > STMTS_BYTES):
+                            k = next(iter(stmts))
+                            self._stmts_bytes -= len((<tuple>stmts.pop(k))[0])
+                            self._forgot = True
                     stmts[name] = (e.sql, e.dec, e)
+                    self._stmts_bytes += len(e.sql)
                 except ValueError:
                     pass
             elif t == BIND:                              # portal -> statement
@@ -513,7 +523,6 @@ cdef class StatementTracker:
                         e.sql, e.dec, e.src = got
                     elif self._forgot and name:
                         e.sql = _FORGOTTEN % (name,)
-                        self.stmts[name] = (e.sql, None, None)
                     self.portals[portal] = (name, e, self._syncs_sent)
                 except ValueError:
                     pass
@@ -524,6 +533,8 @@ cdef class StatementTracker:
                     portal = b""
                 name, b, _ = self.portals.get(portal, _NO_PORTAL)
                 sql, dec, _ = self.stmts.get(name, (b"", None, None))
+                if not sql and b is not None:
+                    sql = (<_Pending>b).sql        # (a text forgotten: says so)
                 e = _Pending(sql, dec, (<tuple>item)[2], False, False)
                 e.src = b
                 pending.append(e)
@@ -571,6 +582,8 @@ cdef class StatementTracker:
         name, was = <tuple>e.key
         if was is not None and d.get(name) is was:
             del d[name]
+            if e.kind == K_CLOSE_S:
+                self._stmts_bytes -= len((<tuple>was)[0])
 
     cdef _prune_portals(self, long long upto):
         # a ReadyForQuery outside a transaction block after sync point `upto`: the

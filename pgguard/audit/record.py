@@ -312,10 +312,14 @@ _TOKEN = re.compile(
       )
     | (?P<bad>  /\* | ['"] | (?<![\w$\x80-\U0010ffff])\$(?:[A-Za-z_\x80-\U0010ffff][\w\x80-\U0010ffff]*)?\$ )
     """,
-    re.X | re.S,
+    # (ASCII: to Postgres a digit is 0-9 and every other character >= U+0080 is an
+    # identifier's; \d matched '١', read $١$...$١$ as a parameter and a quote inside the
+    # dollar-quoted body as a literal running on over code: two UPDATEs of different
+    # code shared an approval window)
+    re.X | re.S | re.A,
 )
-_PARAM = re.compile(r"\$(\d+)")
-_HAS_LITERAL = re.compile(r"['\d$]")
+_PARAM = re.compile(r"\$(\d+)", re.A)
+_HAS_LITERAL = re.compile(r"['\d$]", re.A)
 _LITERAL_TOKENS = frozenset(("SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"))
 
 

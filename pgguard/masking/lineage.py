@@ -312,26 +312,54 @@ def _alias_names(live: tuple[str, ...], colnames: tuple[str, ...]) -> list[str] 
 
 
 @functools.lru_cache(maxsize=2048)
+def _parsed_dicts(sql: str) -> list | None:
+    """Every JSON object of pglast's parse tree of ``sql`` (None: it cannot be read)."""
+    from pglast import parser
+    try:
+        tree = orjson.loads(parser.parse_sql_json(sql))
+    except Exception:       # noqa: BLE001 - unreadable: the caller fails closed
+        return None
+    out: list[dict] = []
+    stack: list[Any] = [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(n)
+        elif isinstance(n, dict):
+            out.append(n)
+            stack.extend(n.values())
+    return out
+
+
+def _constant_values(sql: str | None) -> bool:
+    """Whether every VALUES list of the text holds constants only (literals, casts of
+    them, parameters): its rows then carry nothing of another row source. False when
+    the text cannot be read."""
+    nodes = _parsed_dicts(sql) if sql else None
+    if nodes is None:
+        return False
+    for n in nodes:
+        for row in (n.get("SelectStmt") or {}).get("valuesLists") or ():
+            for item in (row.get("List") or {}).get("items") or ():
+                cast = item.get("TypeCast")
+                if cast is not None:
+                    item = cast.get("arg") or {}
+                if not ("A_Const" in item or "ParamRef" in item):
+                    return False
+    return True
+
+
 def renamings(sql: str | None) -> tuple[tuple[str | None, str, str, tuple[str, ...]], ...] | None:
     """(schema, relation, alias, column names) of every relation the text names with a
     column-alias list (FROM customers AS x(i, n, e, s)), as Postgres stores the names;
     () for no text, None when the text cannot be parsed."""
     if not sql:
         return ()
-    from pglast import parser
-    try:
-        tree = orjson.loads(parser.parse_sql_json(sql))
-    except Exception:       # noqa: BLE001 - unreadable: the caller fails closed
+    nodes = _parsed_dicts(sql)
+    if nodes is None:
         return None
     out = []
-    stack: list[Any] = [tree]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, list):
-            stack.extend(n)
-            continue
-        if not isinstance(n, dict):
-            continue
+    for n in nodes:
         rv = n.get("RangeVar")
         if isinstance(rv, dict):
             cols = rv.get("alias", {}).get("colnames")
@@ -340,7 +368,6 @@ def renamings(sql: str | None) -> tuple[tuple[str | None, str, str, tuple[str, .
                             _name(rv["schemaname"]), _name(rv.get("relname", "")),
                             _name(rv["alias"].get("aliasname", "")),
                             tuple(_name(c.get("String", {}).get("sval", "")) for c in cols)))
-        stack.extend(n.values())
     return tuple(out)
 
 
@@ -400,6 +427,7 @@ class _Taint:
         self.reads = False
         self.written = False                          # a write fed from masked values
         self.unknown = False                          # a node not understood: unresolved
+        self.entangling: set[str] = set()             # see below
         self.root = root
         self.nodes = _nodes(root, [])
         self._toks: dict[str, list[_Tok] | None] = {}
@@ -481,6 +509,26 @@ class _Taint:
         self.returned = {n["Subplan Name"] for n in self.nodes
                          if str(n.get("Subplan Name", "")).startswith("SubPlan ")
                          and any(self.expr(e) for e in _exprs(n))}
+        # derived relations (subquery, CTE, VALUES, function scans) that compute a masked
+        # value against another row source's inside (ascii(substr(c.ssn, p.id, 1)) =
+        # k.id AS hit): a condition on any of their columns above (WHERE s.hit) chooses
+        # rows by that comparison, which no condition of the plan shows. A VALUES list
+        # carrying masked values prints none of its expressions: counted so too
+        if self.reads:
+            ctes = {n["Subplan Name"][4:]: n for n in self.nodes
+                    if str(n.get("Subplan Name", "")).startswith("CTE ")}
+            for n in self.nodes:
+                alias = n.get("Alias")
+                if alias is None or "Relation Name" in n or alias not in self.aliases:
+                    continue
+                inner = [c for c in n.get("Plans", ())
+                         if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
+                if n.get("CTE Name") in ctes:
+                    inner.append(ctes[n["CTE Name"]])
+                if n.get("Node Type") == "Values Scan" and len(self.rows | self.derived) > 1 \
+                        and not all(map(_constant_values, (sql, *views))) \
+                        or any(self._mixes_inside(c) for c in inner):
+                    self.entangling.add(alias)
         self.entangled = self.reads and (any(
             self._mixed(conj)
             for n in self.nodes for text in _cond_texts(n)
@@ -660,6 +708,8 @@ class _Taint:
                 a, c = t.name, toks[i + 2].name
                 if i + 3 < n and toks[i + 3].text == "(":
                     continue                            # schema.function(
+                if a in self.entangling:
+                    return True                         # a comparison made inside it
                 if a in self.aliases or (a, c) in self.pairs:
                     t_alias.add(a)
                     if a in self.derived:
@@ -702,6 +752,13 @@ class _Taint:
                                             toks[i + 1].text in (".", "(")):
                 return True
         return False
+
+    def _mixes_inside(self, node: dict) -> bool:
+        # an output expression of the subtree setting masked values against another row
+        # source's (see entangling)
+        return any(self._mixed(conj) for e in _exprs(node)
+                   for conj in _conjuncts(self._scanned(e))) or any(
+            self._mixes_inside(c) for c in node.get("Plans", ()))
 
     def _sorted_union(self, node: dict, keyed: bool = False) -> bool:
         # rows of a set operation mixing masked values with another row source's

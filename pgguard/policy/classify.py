@@ -803,7 +803,10 @@ def _setting(acc: _Acc, name: str, value: str | None, how: str, *,
     """A setting the statement changes: recorded for the allow-list (``session``: for
     the session, not only inside a function) and flagged when it is a privilege or
     escape concern whatever the allow-list says."""
-    if session:
+    if session or acc.scoped_set and name != "search_path":
+        # (a function's SET clause too: it holds while the function runs, and is judged
+        # by the same settings rules, at CREATE FUNCTION and at each call; its
+        # search_path has a rule of its own, below)
         acc.settings.append((name, value))
     elif name == "search_path" and acc.scoped_set and not resetting and \
             not _plain_search_path(parts):
@@ -1348,7 +1351,15 @@ def _fetch(acc: _Acc, b: dict) -> None:
 
 
 def _transaction(acc: _Acc, b: dict) -> None:
-    acc.enter(_TXN_KINDS.get(b.get("kind", ""), "transaction"))
+    kind = _TXN_KINDS.get(b.get("kind", ""), "transaction")
+    acc.enter(kind)
+    if kind == "prepare_transaction":
+        acc.flag("escape", "PREPARE TRANSACTION takes the transaction out of the session: "
+                 "its changes and locks outlive it, past the guard's checks, until any "
+                 "session commits or rolls it back")
+    elif kind in ("commit_prepared", "rollback_prepared"):
+        acc.flag("escape", f"{kind.replace('_', ' ').upper()} decides a prepared "
+                 "transaction, which may be another session's")
     _txn_modes(acc, b.get("options"), "transaction_", "BEGIN")
 
 
@@ -2948,9 +2959,11 @@ class PreparedMemory(Mapping):
         ('execute', 'delete')
     """
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, limit: int = 10_000, text_bytes: int = 16 << 20) -> None:
         self._by_name: dict[str, Statement] = {}
         self.limit = limit
+        self.text_bytes = text_bytes        # and at most this much of their texts
+        self._bytes = 0
 
     def __getitem__(self, name: str) -> Statement:
         return self._by_name[name]
@@ -2967,17 +2980,24 @@ class PreparedMemory(Mapping):
         old = self._by_name.get(name)
         if old is not None:
             body = _union(old, body)
-        elif len(self._by_name) >= self.limit:
+            self._bytes -= len(old.text)
+        else:
             # forgetting makes a later EXECUTE opaque: refused for agents, never allowed blind
-            self._by_name.pop(next(iter(self._by_name)))
+            while self._by_name and (len(self._by_name) >= self.limit or
+                                     self._bytes + len(body.text) > self.text_bytes):
+                self._bytes -= len(self._by_name.pop(next(iter(self._by_name))).text)
         self._by_name[name] = body
+        self._bytes += len(body.text)
 
     def forget(self, name: str | None) -> None:
         """DEALLOCATE name (None: DEALLOCATE ALL) or a protocol Close of a statement."""
         if name is None:
             self._by_name.clear()
+            self._bytes = 0
         else:
-            self._by_name.pop(name, None)
+            gone = self._by_name.pop(name, None)
+            if gone is not None:
+                self._bytes -= len(gone.text)
 
     def observe(self, statements: list[Statement] | tuple[Statement, ...]) -> None:
         """Update from statements the session sends: what each PREPARE may make its name

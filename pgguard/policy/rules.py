@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -265,9 +266,10 @@ class SettingsPolicy:
         if name == "application_name":
             if value is None:
                 return "pgguard cannot read the new application_name"
-            if v.startswith("pgguard:"):
-                return ("an application_name starting with pgguard: would pass for another "
-                        "identity in pg_stat_activity")
+            if unicodedata.normalize("NFKC", v).startswith("pgguard"):
+                return ("an application_name starting with pgguard (pgguard:, pgguard_, "
+                        "'pgguard alice') would pass for another identity's session in "
+                        "pg_stat_activity")
             return None
         if name in self.exact or (self.globs is not None and self.globs.match(name)):
             return None

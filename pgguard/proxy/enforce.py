@@ -42,6 +42,9 @@ ALL_TYPES = bytes(range(256))
 BODIES_PENDING = Decision(action="pending", rule="function-body")
 # function bodies a session remembers from its own CREATE FUNCTION statements
 OWN_BODIES_MAX = 1000
+# prepared statements whose generation and text a session keeps (see parsed)
+STMT_NAMES_KEPT = 10_000
+STMT_TEXT_BYTES = 16 << 20
 # statement kinds of DDL that may change what a function name means
 _FUNCTION_DDL = re.compile(r"\b(function|procedure|routine|aggregate)\b", re.IGNORECASE)
 
@@ -119,6 +122,8 @@ class Enforcement:
         # _unnamed_seen when this part last noted one)
         self.stmt_gens: dict[bytes, int] = {}
         self.stmt_texts: dict[bytes, bytes] = {}
+        self._texts_bytes = 0
+        self._forgot_names = False
         self._unnamed_seen: bytes | None = None
         # (Query message, Approved): a Query an approval window (a grant, matched by the
         # statement's shape) lets through, taken up again to run under the blast-radius
@@ -151,17 +156,35 @@ class Enforcement:
         pipe = self.s.client_pipe
         if pipe.stmt_gens is None:
             return
-        self.stmt_gens[name] = pipe.generation
-        self.stmt_texts[name] = sql
+        gens, texts = self.stmt_gens, self.stmt_texts
+        if name not in gens:
+            # at most STMT_NAMES_KEPT names and STMT_TEXT_BYTES of their texts: past
+            # them the oldest are forgotten, and a Bind of a name not known is judged
+            # as a statement whose text is not known (refused) from then on
+            while gens and (len(gens) >= STMT_NAMES_KEPT
+                            or self._texts_bytes + len(sql) > STMT_TEXT_BYTES):
+                old = next(iter(gens))
+                del gens[old]
+                self._texts_bytes -= len(texts.pop(old, b""))
+                if not self._forgot_names:
+                    self._forgot_names = True
+                    pipe.names_forgotten()
+        else:
+            self._texts_bytes -= len(texts.get(name, b""))
+        gens[name] = pipe.generation
+        texts[name] = sql
+        self._texts_bytes += len(sql)
         if not name:
             self._unnamed_seen = pipe.unnamed_parse
 
     def closed_statement(self, msg: bytes) -> None:
-        """A Close: forget a statement's text (a Bind of it fails upstream now)."""
+        """A Close of a statement: Postgres may not run it (an error earlier in its
+        pipeline skips it, and the name lives on), so the name is kept, as stale: a
+        later Bind of it is judged again (and fails upstream if the Close ran)."""
         if len(msg) > 6 and msg[5] == m.TARGET_STATEMENT:
             name = msg[6:msg.find(b"\0", 6)]
-            self.stmt_gens.pop(name, None)
-            self.stmt_texts.pop(name, None)
+            if name in self.stmt_gens:
+                self.stmt_gens[name] = -1
 
     def stale_bind(self, msg: bytes, out: list, later: list) -> bool:
         """A Bind of a statement judged under an older catalog generation (DDL went by
@@ -179,7 +202,7 @@ class Enforcement:
             return True                 # malformed: Postgres answers it
         gen = gens.get(name)
         now = s.client_pipe.generation
-        if gen is None or gen == now:
+        if gen is None and not (name and self._forgot_names) or gen == now:
             return True
         sql = self.stmt_texts.get(name)
         parse = s.client_pipe.unnamed_parse
@@ -189,8 +212,18 @@ class Enforcement:
                 sql = parse[pos:parse.index(b"\0", pos)]
             except ValueError:
                 sql = None
-        if sql is None:                 # (never expected) its text is not known: refuse
-            sql = b"/* a prepared statement whose text pgguard does not know */"
+        if sql is None:
+            # its text was forgotten (STMT_NAMES_KEPT): refuse, never forward unjudged
+            self.refuse_any(Decision(
+                action="block", rule="statement-memory",
+                message='pgguard: statement refused by rule "statement-memory": pgguard '
+                        "no longer knows what this prepared statement runs",
+                detail=f"this session prepared more than {STMT_NAMES_KEPT} statements "
+                       "(or their texts passed the memory kept for them); the oldest "
+                       "are forgotten",
+                hint="Prepare the statement again, and close statements no longer used."),
+                out, True, b"", ahead=sync_points(later))
+            return False
         if not self._judge_again(name, sql, msg, out, later,
                                  "the catalog changed since the statement was prepared"):
             return False

@@ -1,0 +1,61 @@
+# What the policy keeps of a session's prepared statements (round 17): the catalog
+# generation each was judged under, so that a Bind after DDL judges it again. A Close
+# Postgres skipped (an error earlier in the pipeline) made pgguard forget the name, and
+# its Bind after DDL ran unjudged (test_enforce_rt12's raw-skipped-close routes); names
+# are kept now, at most STMT_NAMES_KEPT, and past that a Bind of a forgotten name is
+# refused (its text is not known), never forwarded unjudged.
+import pytest
+from conftest import AGENT, AGENT_PASSWORD
+from rawpg import SYNC, RawClient, bind, errors, execute, parse, tags
+from test_policy_guard_settings import guarded_proxy
+
+
+@pytest.fixture
+def gproxy(pg, tmp_path):
+    p = guarded_proxy(pg, tmp_path)
+    yield p
+    p.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_a_forgotten_statement_name_is_refused_not_forwarded(gproxy):
+    proxy = gproxy
+    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD)
+    n = 10_050
+    for i in range(0, n, 1000):
+        c.send(b"".join(parse(f"SELECT {j} AS k{j % 5}", f"n{j}")
+                        for j in range(i, min(n, i + 1000))), SYNC)
+        assert not errors(c.until_ready())
+    # the newest names run as they are
+    c.send(bind(f"n{n - 1}"), execute(), SYNC)
+    assert tags(c.until_ready()) == ["SELECT 1"]
+    # the oldest was forgotten: refused by pgguard, with a reason
+    c.send(bind("n0"), execute(), SYNC)
+    errs = errors(c.until_ready())
+    assert errs and "pgguard" in errs[0]["M"], errs
+    # the session goes on
+    assert tags(c.run("SELECT 1")) == ["SELECT 1"]
+    c.close()
+
+
+def test_statement_names_cost_bounded_memory(gproxy):
+    proxy = gproxy
+    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD)
+    c.send(parse("SELECT 1", "warm"), SYNC)
+    c.until_ready()
+    before = _rss_mb(proxy.proc.pid)
+    pad = "x" * 8000
+    for i in range(0, 20_000, 500):
+        c.send(b"".join(parse(f"SELECT '{pad}' AS k{j}", f"b{j}")
+                        for j in range(i, i + 500)), SYNC)
+        c.until_ready()
+    grown = _rss_mb(proxy.proc.pid) - before
+    assert tags(c.run("SELECT 1")) == ["SELECT 1"]
+    c.close()
+    # 20,000 names with 8 KB texts: 160 MB of text if kept, three times (the policy's
+    # prepared-statement memory, the generation check, the audit's pairing)
+    assert grown < 120, grown
