@@ -178,19 +178,19 @@ def _asyncpg_shadow(proxy, sql, args):
     return asyncio.run(go())
 
 
-def _raw_shadow(proxy, sql, args, unnamed):
+def _raw_route(proxy, sql, args, stmt, between):
+    """Parse + run the statement, send ``between(q)`` (frames, then wait for ready), make
+    a temporary view over the vault shadow the table, then Bind the statement again."""
     name = next(_tables)
     with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
         _own(c, name)
     q = sql.format(t=name).replace("%s", "$1")
     c = raw_connect(proxy)
     try:
-        stmt = "" if unnamed else "s1"
         p = [str(a).encode() for a in args(1)]
-        # judged once (an unnamed Parse is then forwarded by the compiled pipe)
         c.send(rawpg.parse(q, stmt), rawpg.bind(stmt, p), rawpg.execute(), rawpg.SYNC)
         c.until_ready()
-        c.send(rawpg.parse(q, stmt), rawpg.SYNC)
+        c.send(*between(q))
         c.until_ready()
         # the DDL through another named statement (a Query would drop the unnamed one)
         c.send(rawpg.parse(f"CREATE TEMP VIEW {name} AS SELECT * FROM vault", "ddl"),
@@ -204,31 +204,18 @@ def _raw_shadow(proxy, sql, args, unnamed):
         c.close()
 
 
+def _raw_shadow(proxy, sql, args, unnamed):
+    stmt = "" if unnamed else "s1"
+    # judged once (an unnamed Parse is then forwarded by the compiled pipe)
+    return _raw_route(proxy, sql, args, stmt, lambda q: [rawpg.parse(q, stmt), rawpg.SYNC])
+
+
 def _raw_skipped_close(proxy, sql, args, portal_too=False):
     """Round 17: a Close that Postgres skipped (an error earlier in its pipeline) made
     pgguard forget the statement's generation: its Bind after DDL was not judged."""
-    name = next(_tables)
-    with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
-        _own(c, name)
-    q = sql.format(t=name).replace("%s", "$1")
-    c = raw_connect(proxy)
-    try:
-        p = [str(a).encode() for a in args(1)]
-        c.send(rawpg.parse(q, "s1"), rawpg.bind("s1", p), rawpg.execute(), rawpg.SYNC)
-        c.until_ready()
-        closes = [rawpg.close("S", "s1")] + ([rawpg.close("P", "")] if portal_too else [])
-        c.send(rawpg.parse("SELECT 1/0"), rawpg.bind(), rawpg.execute(), *closes,
-               rawpg.SYNC)
-        c.until_ready()
-        c.send(rawpg.parse(f"CREATE TEMP VIEW {name} AS SELECT * FROM vault", "ddl"),
-               rawpg.bind("ddl"), rawpg.execute(), rawpg.SYNC)
-        c.until_ready()
-        p = [str(a).encode() for a in args(2)]
-        c.send(rawpg.bind("s1", p), rawpg.execute(), rawpg.SYNC)
-        errs = rawpg.errors(c.until_ready())
-        return errs[0]["M"] if errs else None
-    finally:
-        c.close()
+    closes = [rawpg.close("S", "s1")] + ([rawpg.close("P", "")] if portal_too else [])
+    return _raw_route(proxy, sql, args, "s1", lambda q: [
+        rawpg.parse("SELECT 1/0"), rawpg.bind(), rawpg.execute(), *closes, rawpg.SYNC])
 
 
 def _renamed_by_peer(proxy, sql, args):
