@@ -332,7 +332,7 @@ STMTS_BYTES = 16 << 20          # ... and at most this much of their texts
 PORTALS_PRUNE = 64
 _NO_PORTAL = (b"", None, 0)
 _FORGOTTEN = (b"(pgguard: the text of prepared statement \"%s\" was not kept: the "
-              b"session's prepared statements passed what is kept of them, 10,000 "
+              b"prepared statements of the session passed what is kept of them: 10000 "
               b"statements or 16 MB of text)")
 
 
