@@ -143,6 +143,27 @@ SHAPES = {
     "inside-join-lateral": "SELECT c.id, k.score FROM customers c CROSS JOIN customers k "
                            "JOIN LATERAL (SELECT right(replace(c.ssn, '-', ''), 2)::int - "
                            "k.score AS d OFFSET 0) h ON h.d = 0",
+    # round 17 (helper 86): a whole-row reference (to_jsonb(t.*), c.*) on either side
+    # of the comparison was not counted as its row source
+    "whole-row-generator": "SELECT c.id, string_agg(chr(t.k % 95 + 32), '' ORDER BY t.k) "
+                           "FROM customers c, generate_series(0, 11 * 95 - 1) t(k) WHERE "
+                           "ascii(substr(c.ssn, t.k / 95 + 1, 1)) = t.k % 95 + 32 + "
+                           "0 * length(to_jsonb(t)::text) GROUP BY c.id ORDER BY c.id",
+    "whole-row-masked-side": "SELECT c.id, string_agg(chr(t.k % 95 + 32), '' ORDER BY t.k) "
+                             "FROM customers c, generate_series(0, 11 * 95 - 1) t(k) WHERE "
+                             "ascii(substr(to_jsonb(c)->>'ssn', t.k / 95 + 1, 1)) = "
+                             "t.k % 95 + 32 GROUP BY c.id ORDER BY c.id",
+    "whole-row-clean-subquery": "SELECT t.n FROM customers c, (SELECT n FROM "
+                                "generate_series(32, 126) n OFFSET 0) t WHERE c.id = 1 AND "
+                                "ascii(substr(c.ssn, 1, 1)) = (to_jsonb(t)->>'n')::int",
+    "whole-row-record": "SELECT t.n FROM customers c, (SELECT n FROM generate_series(32, 126)"
+                        " n OFFSET 0) t WHERE c.id = 1 AND ROW(ascii(substr(c.ssn, 1, 1))) "
+                        "= t",
+    "whole-row-text": "SELECT o.id FROM customers c, orders o WHERE c.id = 1 AND o.id = "
+                      "ascii(substr(c::text, strpos(c::text, '-') - 3, 1)) - 45",
+    "whole-row-in": "SELECT t.n FROM customers c, (SELECT n FROM generate_series(32, 126) n "
+                    "OFFSET 0) t WHERE c.id = 1 AND ascii(substr(c.ssn, 1, 1)) IN (SELECT "
+                    "(to_jsonb(t)->>'n')::int)",
     "window-offset-initplan": "SELECT g, count(*) OVER (ORDER BY g RANGE BETWEEN CURRENT ROW"
                               " AND (SELECT ascii(email) FROM customers WHERE id = 2) "
                               "FOLLOWING) - 1 FROM generate_series(1, 300) g LIMIT 1",
@@ -385,3 +406,22 @@ def test_a_sorted_union_of_masked_and_known_values_is_refused(enproxy, pg, psql_
         return
     # rows in the order Postgres sorted them by the real values: the order is the leak
     assert got is REFUSED, (shape, mode, got)
+
+
+# (helper 87) one table read twice by a UNION ALL and sorted: the rows are one table's,
+# as ORDER BY on it alone (the README's oracle), and stay allowed
+ONE_TABLE_UNIONS = [
+    "SELECT id, email FROM customers WHERE id < 2 UNION ALL SELECT id, email FROM customers "
+    "WHERE id > 2 ORDER BY id",
+    "SELECT u.id FROM (SELECT id, email FROM customers WHERE id < 2 UNION ALL SELECT id, "
+    "email FROM customers WHERE id > 2) u ORDER BY u.id",
+]
+
+
+@pytest.mark.parametrize("sql", ONE_TABLE_UNIONS)
+def test_a_sorted_union_of_one_table_stays_allowed(enproxy, pg, sql):
+    with psycopg.connect(pg.dsn(dbname=DB)) as c:
+        truth = c.execute(sql).fetchall()
+    with psycopg.connect(enproxy.dsn(dbname=DB), autocommit=True) as c:
+        got = c.execute(sql).fetchall()
+    assert [r[0] for r in got] == [r[0] for r in truth]

@@ -245,3 +245,33 @@ def test_a_view_in_the_sessions_temp_schema_by_its_number_is_known(gproxy, pg, p
         assert "approv" in said, said
     finally:
         pg.execute(f"DROP TABLE IF EXISTS {v} CASCADE", dbname=DB)
+
+
+# (round 17, helper 88) a table named like its parent in another schema passed as "a
+# reference to itself" (names compared without their schema): CREATE TABLE x.orders
+# (oid int REFERENCES public.orders) put triggers on orders refusing the app's DELETEs
+SAME_NAME = [
+    "CREATE TABLE rt14s{n}.rt14_p (id int, pid int REFERENCES public.rt14_p)",
+    "CREATE TABLE rt14s{n}.rt14_p (id int, pid int, FOREIGN KEY (pid) REFERENCES rt14_p (id))",
+    "CREATE TABLE rt14s{n}.rt14_p (id int, pid int REFERENCES public.rt14_p (id) "
+    "MATCH FULL)",
+    "CREATE TABLE rt14s{n}.rt14_p (id int, pid int, CONSTRAINT k FOREIGN KEY (pid) "
+    "REFERENCES \"public\".\"rt14_p\")",
+    "CREATE TABLE rt14s{n}.rt14_p (id int, pid int REFERENCES public.rt14_p DEFERRABLE)",
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", range(len(SAME_NAME)))
+def test_a_same_named_table_elsewhere_is_no_self_reference(gproxy, pg, psql_bin, parent,
+                                                            mode, case):
+    n = next(_n)
+    pg.execute(f"CREATE SCHEMA IF NOT EXISTS rt14s{n}; GRANT ALL ON SCHEMA rt14s{n} TO "
+               "PUBLIC", dbname=DB)
+    try:
+        said = _run(mode, gproxy, psql_bin, [SAME_NAME[case].format(n=n)])
+        made = pg.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND "
+                          "confrelid = 'public.rt14_p'::regclass", dbname=DB)
+    finally:
+        pg.execute(f"DROP SCHEMA rt14s{n} CASCADE", dbname=DB)
+    assert made == [(0,)], (mode, SAME_NAME[case], said)

@@ -6,7 +6,7 @@
 # refused (its text is not known), never forwarded unjudged.
 import pytest
 from conftest import AGENT, AGENT_PASSWORD
-from rawpg import SYNC, RawClient, bind, errors, execute, parse, tags
+from rawpg import SYNC, RawClient, bind, close, errors, execute, parse, tags
 from test_policy_guard_settings import guarded_proxy
 
 
@@ -59,3 +59,21 @@ def test_statement_names_cost_bounded_memory(gproxy):
     # 20,000 names with 8 KB texts: 160 MB of text if kept, three times (the policy's
     # prepared-statement memory, the generation check, the audit's pairing)
     assert grown < 120, grown
+
+
+def test_closed_statements_never_push_out_a_live_one(gproxy):
+    # (helper 87) closed names counted toward the bound and the oldest name went first:
+    # psycopg / asyncpg churning their caches past 10,000 statements had their hot
+    # statement refused. Closed names go first now.
+    proxy = gproxy
+    c = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD)
+    c.send(parse("SELECT 7 AS hot", "hot"), SYNC)
+    c.until_ready()
+    for i in range(0, 10_500, 500):
+        c.send(b"".join(parse(f"SELECT {j} AS k", f"c{j}") + close("S", f"c{j}")
+                        for j in range(i, i + 500)), SYNC)
+        assert not errors(c.until_ready())
+    for _ in range(2):
+        c.send(bind("hot"), execute(), SYNC)
+        assert tags(c.until_ready()) == ["SELECT 1"]
+    c.close()

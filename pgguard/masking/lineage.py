@@ -319,16 +319,7 @@ def _parsed_dicts(sql: str) -> list | None:
         tree = orjson.loads(parser.parse_sql_json(sql))
     except Exception:       # noqa: BLE001 - unreadable: the caller fails closed
         return None
-    out: list[dict] = []
-    stack: list[Any] = [tree]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, list):
-            stack.extend(n)
-        elif isinstance(n, dict):
-            out.append(n)
-            stack.extend(n.values())
-    return out
+    return _parsed_dicts_of(tree)
 
 
 def _constant_values(sql: str | None) -> bool:
@@ -347,6 +338,43 @@ def _constant_values(sql: str | None) -> bool:
                 if not ("A_Const" in item or "ParamRef" in item):
                     return False
     return True
+
+
+def _sublink_tests(sql: str | None) -> set[str] | None:
+    """The names the left-hand sides of the text's ANY / ALL / row-comparison sub-selects
+    reference (x IN (SELECT ...), (a, b) > ALL (...)): a plan prints such a test as
+    "(SubPlan n)", never the comparison. None: the text cannot be read."""
+    if not sql:
+        return set()
+    nodes = _parsed_dicts(sql)
+    if nodes is None:
+        return None
+    names: set[str] = set()
+    for n in nodes:
+        link = n.get("SubLink")
+        if not isinstance(link, dict) or link.get("subLinkType") not in (
+                "ANY_SUBLINK", "ALL_SUBLINK", "ROWCOMPARE_SUBLINK"):
+            continue
+        for x in _parsed_dicts_of(link.get("testexpr")):
+            for f in (x.get("ColumnRef") or {}).get("fields") or ():
+                if "A_Star" in f:
+                    names.add("*")
+                else:
+                    names.add(_name((f.get("String") or {}).get("sval", "")))
+    return names
+
+
+def _parsed_dicts_of(tree: Any) -> list[dict]:
+    out: list[dict] = []
+    stack: list[Any] = [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(n)
+        elif isinstance(n, dict):
+            out.append(n)
+            stack.extend(n.values())
+    return out
 
 
 def renamings(sql: str | None) -> tuple[tuple[str | None, str, str, tuple[str, ...]], ...] | None:
@@ -532,7 +560,8 @@ class _Taint:
         self.entangled = self.reads and (any(
             self._mixed(conj)
             for n in self.nodes for text in _cond_texts(n)
-            for conj in _conjuncts(self._scanned(text))) or self._sorted_union(root))
+            for conj in _conjuncts(self._scanned(text))) or self._sorted_union(root)
+            or self._masked_sublink_test(sql, views))
         # the number of rows, or which stored rows come back, decided by masked values:
         # a set-returning function over them (generate_series(1, ascii(ssn)) gave 53
         # rows for a '5'), a recursive query stopping on them, a LIMIT / OFFSET computed
@@ -704,6 +733,16 @@ class _Taint:
                 continue
             if i + 1 < n and toks[i + 1].text == "(":
                 continue                                # a call
+            if i + 2 < n and toks[i + 1].text == "." and toks[i + 2].text == "*":
+                # a whole row (to_jsonb(t.*), c.*::text): that row source, all of it
+                a = t.name
+                if a in self.entangling:
+                    return True
+                if a in self.aliases or a in self.rows:
+                    t_alias.add(a)
+                else:
+                    c_alias.add(a)
+                continue
             if i + 2 < n and toks[i + 1].text == "." and toks[i + 2].kind == "name":
                 a, c = t.name, toks[i + 2].name
                 if i + 3 < n and toks[i + 3].text == "(":
@@ -745,11 +784,23 @@ class _Taint:
         for i, t in enumerate(toks):
             if t.kind != "name" or (i and toks[i - 1].text == "."):
                 continue
-            if i + 2 < len(toks) and toks[i + 1].text == "." and \
-                    (t.name, toks[i + 2].name) in self.pairs:
+            if i + 2 < len(toks) and toks[i + 1].text == "." and (
+                    (t.name, toks[i + 2].name) in self.pairs or toks[i + 2].text == "*"
+                    and (t.name in self.rows or t.name in self.aliases)):
                 return True
             if t.name in self.bare and not (i + 1 < len(toks) and
                                             toks[i + 1].text in (".", "(")):
+                return True
+        return False
+
+    def _masked_sublink_test(self, sql: str | None, views: tuple[str, ...]) -> bool:
+        # a masked value tested against a sub-select's rows (ascii(ssn) IN (SELECT
+        # <generator>), > ALL (...)): the plan prints "(SubPlan n)" only, so which rows
+        # pass is read nowhere else; a whole row or any masked column's name counts
+        masked = self.bare | self.rows | self.aliases | {"*"}
+        for text in (sql, *views):
+            names = _sublink_tests(text)
+            if names is None or not names.isdisjoint(masked):
                 return True
         return False
 
@@ -775,9 +826,14 @@ class _Taint:
             if len(kids) > 1 and any(self._subtree(c) for c in kids):
                 bases = set()
                 for c in kids:
-                    mo = _CHILD_ALIAS.match(c.get("Alias", "")) \
-                        if "Relation Name" in c else None
-                    bases.add(mo.group(1) if mo is not None else None)
+                    if "Relation Name" not in c:
+                        bases.add(None)         # a computed member: another source
+                        continue
+                    # one table: scanned again (customers, customers_1) or by
+                    # partitions under its alias (c_1, c_2)
+                    alias = c.get("Alias", "")
+                    mo = _CHILD_ALIAS.match(alias)
+                    bases.add(mo.group(1) if mo is not None else alias)
                 if len(bases) > 1 or None in bases:   # not one table's partitions
                     return True
         return any(self._sorted_union(c, keyed) for c in node.get("Plans", ()))
@@ -1273,19 +1329,13 @@ def positional(sql: bytes) -> bool:
         tree = None
     if tree is None:
         return True                 # unreadable: the caller analyses the text
-    todo: list[Any] = [tree]
-    while todo:
-        v = todo.pop()
-        if isinstance(v, list):
-            todo.extend(v)
-        elif isinstance(v, dict):
-            if any(map(_int_const, _group_items(v.get("groupClause")))) or any(
-                    map(_int_const, v.get("distinctClause") or ())):
-                return True
-            sort = v.get("SortBy")
-            if isinstance(sort, dict) and _int_const(sort.get("node")):
-                return True
-            todo.extend(v.values())
+    for v in _parsed_dicts_of(tree):
+        if any(map(_int_const, _group_items(v.get("groupClause")))) or any(
+                map(_int_const, v.get("distinctClause") or ())):
+            return True
+        sort = v.get("SortBy")
+        if isinstance(sort, dict) and _int_const(sort.get("node")):
+            return True
     return False
 
 

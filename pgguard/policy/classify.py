@@ -2448,13 +2448,22 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
         for elt in b.get("tableElts") or ():
             _referential_actions(acc, target, elt, "CREATE TABLE")
             for ref in _foreign_keys(elt):
-                if ref.rpartition(".")[2] == target.rpartition(".")[2]:
-                    continue        # a reference to itself (manager_id REFERENCES emp)
+                if not acc.schemas and _in_public(ref) == _in_public(target):
+                    # a reference to itself (manager_id REFERENCES emp), schema and name
+                    # alike (x.orders REFERENCES public.orders is not; inside CREATE
+                    # SCHEMA an unqualified name may be either)
+                    continue
                 acc.flag("destructive", f"CREATE TABLE {target} with a foreign key to {ref}: "
                          f"it puts triggers on {ref} that refuse later DELETEs, key UPDATEs "
                          f"and TRUNCATE of {ref}, in every session, while rows of {target} "
                          "refer to them; ask an administrator")
     _utility_walk(acc, b)
+
+
+def _in_public(name: str) -> str:
+    # an unqualified relation name as a session under pgguard resolves it (search_path
+    # is pinned to public)
+    return name if "." in name else "public." + name
 
 
 def _foreign_keys(d: Any) -> list[str]:

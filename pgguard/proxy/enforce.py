@@ -124,6 +124,7 @@ class Enforcement:
         self.stmt_texts: dict[bytes, bytes] = {}
         self._texts_bytes = 0
         self._forgot_names = False
+        self._closed_names: dict[bytes, None] = {}  # closed names, oldest first
         self._unnamed_seen: bytes | None = None
         # (Query message, Approved): a Query an approval window (a grant, matched by the
         # statement's shape) lets through, taken up again to run under the blast-radius
@@ -156,20 +157,23 @@ class Enforcement:
         pipe = self.s.client_pipe
         if pipe.stmt_gens is None:
             return
-        gens, texts = self.stmt_gens, self.stmt_texts
+        gens, texts, closed = self.stmt_gens, self.stmt_texts, self._closed_names
         if name not in gens:
             # at most STMT_NAMES_KEPT names and STMT_TEXT_BYTES of their texts: past
-            # them the oldest are forgotten, and a Bind of a name not known is judged
-            # as a statement whose text is not known (refused) from then on
+            # them the oldest closed ones are forgotten first (a Bind of one fails
+            # upstream when its Close ran), then the oldest; a Bind of a name not known
+            # is refused from then on (its text is not known)
             while gens and (len(gens) >= STMT_NAMES_KEPT
                             or self._texts_bytes + len(sql) > STMT_TEXT_BYTES):
-                old = next(iter(gens))
+                old = next(iter(closed)) if closed else next(iter(gens))
+                closed.pop(old, None)
                 del gens[old]
                 self._texts_bytes -= len(texts.pop(old, b""))
                 if not self._forgot_names:
                     self._forgot_names = True
                     pipe.names_forgotten()
         else:
+            closed.pop(name, None)
             self._texts_bytes -= len(texts.get(name, b""))
         gens[name] = pipe.generation
         texts[name] = sql
@@ -185,6 +189,7 @@ class Enforcement:
             name = msg[6:msg.find(b"\0", 6)]
             if name in self.stmt_gens:
                 self.stmt_gens[name] = -1
+                self._closed_names[name] = None     # forgotten first (see parsed)
 
     def stale_bind(self, msg: bytes, out: list, later: list) -> bool:
         """A Bind of a statement judged under an older catalog generation (DDL went by
@@ -222,7 +227,8 @@ class Enforcement:
                        "(or their texts passed the memory kept for them); the oldest "
                        "are forgotten",
                 hint="Prepare the statement again, and close statements no longer used."),
-                out, True, b"", ahead=sync_points(later))
+                out, True, b"/* the prepared statement " + name.replace(b"*/", b"* /") +
+                b", forgotten */", ahead=sync_points(later))
             return False
         if not self._judge_again(name, sql, msg, out, later,
                                  "the catalog changed since the statement was prepared"):
