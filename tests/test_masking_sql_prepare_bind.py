@@ -160,3 +160,24 @@ def test_a_prepare_replaced_in_the_same_write_is_masked(proxy, pg):
         assert rawpg.rows(c.run("SELECT 41 + 1")) == [[b"42"]]
     finally:
         c.close()
+
+
+# (round 17, helper 87) a comment before PREPARE / EXECUTE hid them from the masking's
+# cursor-and-prepare bookkeeping: EXECUTE q returned NULL for a clean column
+COMMENTED = [
+    ("/*c*/ PREPARE cq1 AS SELECT id, name FROM customers WHERE id = $1", "EXECUTE cq1(1)"),
+    ("-- note\nPREPARE cq2 AS SELECT id, name FROM customers WHERE id = $1",
+     "/* run */ EXECUTE cq2(2)"),
+    ("/* a */ /* b */ PREPARE cq3 AS SELECT id, name FROM customers WHERE id = $1",
+     "-- x\n EXECUTE cq3(3)"),
+]
+
+
+@pytest.mark.parametrize("prepare,run", COMMENTED)
+def test_a_commented_sql_prepare_runs_as_it_would_directly(proxy, pg, prepare, run):
+    got = []
+    for dsn in (pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB), proxy.dsn(dbname=DB)):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            psycopg.ClientCursor(c).execute(prepare)
+            got.append(psycopg.ClientCursor(c).execute(run).fetchall())
+    assert got[1] == got[0] and got[0] and got[0][0][1] is not None, got

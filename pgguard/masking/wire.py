@@ -264,8 +264,10 @@ def hash_key(cfg: Config) -> bytes | None:
 # entries are popped when the next watched message arrives.
 K_PARSE, K_PDESC, K_DESC_S, K_DESC_P, K_BIND, K_EXEC, K_CLOSE, K_SYNC, K_READY = range(9)
 _UNSEEN = (K_PARSE, K_CLOSE)
-_CURSOR_SQL = re.compile(rb"\s*(declare|fetch|move|close|prepare|execute|deallocate)\b",
-                         re.IGNORECASE)
+# (after any leading comments: /*c*/ PREPARE q ... made q's EXECUTE unknown, NULL)
+_CURSOR_SQL = re.compile(rb"(?:\s+|--[^\n\r]*|/\*(?:[^*]|\*(?!/))*\*/)*"
+                         rb"(declare|fetch|move|close|prepare|execute|deallocate)\b",
+                         re.IGNORECASE | re.DOTALL)
 _UNKNOWN = ("cursor", "\0unknown")
 
 
