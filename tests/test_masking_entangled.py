@@ -164,6 +164,20 @@ SHAPES = {
     "whole-row-in": "SELECT t.n FROM customers c, (SELECT n FROM generate_series(32, 126) n "
                     "OFFSET 0) t WHERE c.id = 1 AND ascii(substr(c.ssn, 1, 1)) IN (SELECT "
                     "(to_jsonb(t)->>'n')::int)",
+    # round 17 (helper 89): grouping sets print their keys as lists inside "Grouping
+    # Sets", each item read alone: the hash order of (g, ascii(ssn)) gave the code
+    "grouping-sets-hash-order": "SELECT g.g FROM customers c, generate_series(40, 60) g "
+                                "WHERE c.id = 1 GROUP BY GROUPING SETS ((g.g, ascii(substr("
+                                "c.ssn, 1, 1))), (g.g))",
+    "cube-hash-order": "SELECT g.g FROM customers c, generate_series(40, 60) g WHERE c.id = 1"
+                       " GROUP BY CUBE ((g.g, ascii(substr(c.ssn, 1, 1))))",
+    "rollup-hash-order": "SELECT g.g FROM customers c, generate_series(40, 60) g WHERE "
+                         "c.id = 1 GROUP BY ROLLUP ((g.g, ascii(substr(c.ssn, 1, 1))))",
+    "grouping-sets-empty": "SELECT g.g FROM customers c, generate_series(40, 60) g WHERE "
+                           "c.id = 1 GROUP BY GROUPING SETS ((g.g, ascii(substr(c.ssn, 1, "
+                           "1))), ())",
+    "grouping-sets-stored": "SELECT o.id FROM customers c, orders o WHERE c.id = 1 GROUP BY "
+                            "GROUPING SETS ((o.id, c.ssn), (o.id))",
     "window-offset-initplan": "SELECT g, count(*) OVER (ORDER BY g RANGE BETWEEN CURRENT ROW"
                               " AND (SELECT ascii(email) FROM customers WHERE id = 2) "
                               "FOLLOWING) - 1 FROM generate_series(1, 300) g LIMIT 1",

@@ -962,12 +962,23 @@ def _cond_texts(node: dict) -> list[str]:
     ``_META_FIELDS`` (lists and nested groups, such as Grouping Sets, read through)."""
     out: list[str] = []
     todo: list[Any] = [v for k, v in node.items() if k not in _META_FIELDS]
-    for k in _GROUP_KEYS:
-        keys = [x for x in node.get(k) or () if isinstance(x, str)]
-        if len(keys) > 1:
-            # a grouping key of several items is one key: GROUP BY g, ascii(c.ssn)
-            # hashes both together (the order of the groups gave the code away)
-            out.append(", ".join(keys))
+    # every grouping key of the node, the grouping sets' too, is one key: GROUP BY g,
+    # ascii(c.ssn) hashes both together (the order of the groups gave the code away),
+    # and so do GROUPING SETS ((g, ascii(c.ssn)), (g)), CUBE and ROLLUP, whose keys
+    # EXPLAIN prints as lists inside "Grouping Sets"
+    keys: list[str] = []
+    stack: list[Any] = [node.get(k) for k in _GROUP_KEYS] + [node.get("Grouping Sets")]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            keys.append(v)
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.get(k) for k in ("Group Keys", "Hash Keys", "Group Key",
+                                             "Hash Key"))
+    if len(keys) > 1:
+        out.append(", ".join(keys))
     while todo:
         v = todo.pop()
         if isinstance(v, str):
