@@ -233,6 +233,11 @@ CLEAN = [
     ("SELECT id, name FROM customers ORDER BY ssn", [(3, "Cyd"), (2, "Bob"), (1, "Ann")]),
     ("SELECT g, o.id FROM generate_series(1, 2) g JOIN orders o ON o.id = g + 9 "
      "ORDER BY g", [(1, 10), (2, 11)]),
+    # (round 17: a clean column tested against a sub-select stays allowed)
+    ("SELECT c.id, c.name FROM customers c WHERE c.id IN (SELECT cust_id FROM orders WHERE "
+     "total > 10 OR cust_id = 0) ORDER BY c.id", [(1, "Ann"), (2, "Bob")]),
+    ("SELECT id FROM customers WHERE id > ALL (SELECT cust_id - 2 FROM orders) ORDER BY id",
+     [(2,), (3,)]),
 ]
 
 

@@ -340,28 +340,30 @@ def _constant_values(sql: str | None) -> bool:
     return True
 
 
-def _sublink_tests(sql: str | None) -> set[str] | None:
-    """The names the left-hand sides of the text's ANY / ALL / row-comparison sub-selects
-    reference (x IN (SELECT ...), (a, b) > ALL (...)): a plan prints such a test as
-    "(SubPlan n)", never the comparison. None: the text cannot be read."""
+def _sublink_tests(sql: str | None) -> set[tuple[str | None, str]] | None:
+    """The columns the left-hand sides of the text's ANY / ALL / row-comparison
+    sub-selects reference, as (qualifier or None, column or "*") (x IN (SELECT ...),
+    (a, b) > ALL (...)): a plan prints such a test as "(SubPlan n)", never the
+    comparison. None: the text cannot be read."""
     if not sql:
         return set()
     nodes = _parsed_dicts(sql)
     if nodes is None:
         return None
-    names: set[str] = set()
+    refs: set[tuple[str | None, str]] = set()
     for n in nodes:
         link = n.get("SubLink")
         if not isinstance(link, dict) or link.get("subLinkType") not in (
                 "ANY_SUBLINK", "ALL_SUBLINK", "ROWCOMPARE_SUBLINK"):
             continue
         for x in _parsed_dicts_of(link.get("testexpr")):
-            for f in (x.get("ColumnRef") or {}).get("fields") or ():
-                if "A_Star" in f:
-                    names.add("*")
-                else:
-                    names.add(_name((f.get("String") or {}).get("sval", "")))
-    return names
+            fields = (x.get("ColumnRef") or {}).get("fields") or ()
+            if not fields:
+                continue
+            names = ["*" if "A_Star" in f else _name((f.get("String") or {}).get("sval", ""))
+                     for f in fields]
+            refs.add((names[-2] if len(names) > 1 else None, names[-1]))
+    return refs
 
 
 def _parsed_dicts_of(tree: Any) -> list[dict]:
@@ -797,11 +799,15 @@ class _Taint:
         # a masked value tested against a sub-select's rows (ascii(ssn) IN (SELECT
         # <generator>), > ALL (...)): the plan prints "(SubPlan n)" only, so which rows
         # pass is read nowhere else; a whole row or any masked column's name counts
-        masked = self.bare | self.rows | self.aliases | {"*"}
+        whole = self.rows | self.aliases
         for text in (sql, *views):
-            names = _sublink_tests(text)
-            if names is None or not names.isdisjoint(masked):
+            refs = _sublink_tests(text)
+            if refs is None:
                 return True
+            for qual, col in refs:
+                if col == "*" or qual in self.aliases or (qual, col) in self.pairs or (
+                        qual is None and (col in self.bare or col in whole)):
+                    return True
         return False
 
     def _mixes_inside(self, node: dict) -> bool:
