@@ -93,10 +93,20 @@ def has_ssl_support(bindir: Path | None = None) -> bool:
     return b"SSL_CTX_new" in (bindir / "postgres").read_bytes()
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, never one this process handed out before: two
+    bind(0) probes in a row may get the same number (a proxy's port and its admin port
+    were once the same, and its clients reached the admin page half of the time)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _quote_conf(value) -> str:

@@ -1,4 +1,5 @@
 # `pgguard check`: a valid config passes; every mistake names its key path.
+import os
 import subprocess
 import sys
 
@@ -118,13 +119,18 @@ def test_missing_secret_file_is_an_error(tmp_path):
     assert "identities.bot.password_file: cannot read secret file" in r.stderr
 
 
-def test_serve_refuses_a_port_another_process_holds(tmp_path):
+def _holder():
+    """A listener with SO_REUSEPORT, as another pgguard's would be."""
     import socket
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind(("127.0.0.1", 0))
     holder.listen()
-    port = holder.getsockname()[1]
+    return holder, holder.getsockname()[1]
+
+
+def test_serve_refuses_a_port_another_process_holds(tmp_path):
+    holder, port = _holder()
     f = tmp_path / "p.toml"
     f.write_text(f"[listen]\nport = {port}\n[upstream]\nsslmode = \"disable\"\n")
     r = subprocess.run([sys.executable, "-m", "pgguard", "serve", "-c", str(f)],
@@ -132,3 +138,42 @@ def test_serve_refuses_a_port_another_process_holds(tmp_path):
     holder.close()
     assert r.returncode == 1
     assert f"listen: cannot bind 127.0.0.1:{port}" in r.stderr
+
+
+def _serve_once(tmp_path, text: str) -> subprocess.CompletedProcess:
+    f = tmp_path / "p.toml"
+    f.write_text(text)
+    env = dict(os.environ, PGGUARD_ADMIN_TOKEN="t0ken")
+    return subprocess.run([sys.executable, "-m", "pgguard", "serve", "-c", str(f)],
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+def _two_free_ports() -> tuple[int, int]:
+    import socket
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return a.getsockname()[1], b.getsockname()[1]
+
+
+def test_serve_refuses_an_admin_port_equal_to_its_listen_port(tmp_path):
+    # both were bound with SO_REUSEPORT: the kernel shared the port between the proxy
+    # and the admin page, and about half the clients got "invalid response to SSL
+    # negotiation: H" (the HTTP server's answer)
+    port, _ = _two_free_ports()
+    r = _serve_once(tmp_path, f'[listen]\nport = {port}\n[admin]\nport = {port}\n'
+                              '[upstream]\nsslmode = "disable"\n')
+    assert r.returncode == 1, r.stderr
+    assert f"admin.port: {port} is listen.port too" in r.stderr
+
+
+def test_serve_refuses_an_admin_port_another_process_serves(tmp_path):
+    holder, held = _holder()
+    port, _ = _two_free_ports()
+    try:
+        r = _serve_once(tmp_path, f'[listen]\nport = {port}\n[admin]\nport = {held}\n'
+                                  '[upstream]\nsslmode = "disable"\n')
+    finally:
+        holder.close()
+    assert r.returncode == 1, r.stderr
+    assert f"admin.port: cannot listen on 127.0.0.1:{held}" in r.stderr

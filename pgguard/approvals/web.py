@@ -55,7 +55,7 @@ import orjson
 from aiohttp import web
 
 from ..config import Config, load, parse_duration
-from ..errors import PgguardError
+from ..errors import ConfigError, PgguardError
 from . import page
 from .hold import admin_url
 from .metrics import Registry, SharedMetrics
@@ -375,23 +375,39 @@ class AdminServer:
                             content_type="application/json")
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket with SO_REUSEPORT, so every worker can serve the admin port."""
+def _listen(host: str, port: int, *, probe: bool = False) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so every worker can serve the admin port
+    (probe=True: bound only, without SO_REUSEPORT, before the workers start: a port
+    another process serves is refused instead of shared with it)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
+        if not probe and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
-        sock.listen(128)
-        sock.setblocking(False)
+        if not probe:
+            sock.listen(128)
+            sock.setblocking(False)
     except OSError as e:
         sock.close()
         raise PgguardError(f"admin: cannot listen on {host}:{port}: {e.strerror}") from None
     return sock
+
+
+def probe_admin(cfg: Config) -> socket.socket | None:
+    """Before any worker listens: bind ``[admin]``'s address and port without
+    SO_REUSEPORT (a held port raises ConfigError naming the key); the caller closes the
+    socket it returns. None when the port is 0 (picked when the server starts)."""
+    a = cfg.admin
+    if not a.port:
+        return None
+    try:
+        return _listen(a.address, a.port, probe=True)
+    except PgguardError as e:
+        raise ConfigError(f"admin.port: {e}".replace("admin: ", "", 1)) from None
 
 
 async def start_admin(cfg: Config, store: ApprovalStore, metrics: Registry | None = None, *,

@@ -1049,9 +1049,11 @@ class _ViewState:
         self.learned: dict[str, tuple[frozenset, float]] = {}
 
 
-def listen_sockets(cfg: Config, *, reuseport: bool = True) -> list[socket.socket]:
-    """Bound, listening sockets for [listen] (SO_REUSEPORT so workers share them;
-    reuseport=False probes that no other process holds the port)."""
+def listen_sockets(cfg: Config, *, probe: bool = False) -> list[socket.socket]:
+    """Bound, listening sockets for [listen] (SO_REUSEPORT so workers share them).
+    probe=True: bound only, without SO_REUSEPORT and not listening, so a port another
+    process serves (a pgguard included) is refused and no client is accepted by a
+    socket about to be closed."""
     lc = cfg.listen
     socks = []
     try:
@@ -1066,7 +1068,7 @@ def listen_sockets(cfg: Config, *, reuseport: bool = True) -> list[socket.socket
         seen.add((family, addr))
         s = socket.socket(family, type_, proto)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport and hasattr(socket, "SO_REUSEPORT"):
+        if not probe and hasattr(socket, "SO_REUSEPORT"):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -1074,12 +1076,41 @@ def listen_sockets(cfg: Config, *, reuseport: bool = True) -> list[socket.socket
             s.bind(addr)
         except OSError as e:
             s.close()
+            for other in socks:
+                other.close()
             raise ConfigError(f"listen: cannot bind {lc.address}:{lc.port}: {e.strerror}") \
                 from None
-        s.listen(lc.backlog)
-        s.setblocking(False)
+        if not probe:
+            s.listen(lc.backlog)
+            s.setblocking(False)
         socks.append(s)
     return socks
+
+
+def _addresses(host: str, port: int) -> set[tuple]:
+    """(family, address) pairs a passive bind of host:port covers; a wildcard covers its
+    whole family."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return set()        # the bind itself reports the name
+    return {(i[0], i[4][0]) for i in infos}
+
+
+def _same_port(cfg: Config) -> bool:
+    """Whether [admin] would listen where [listen] does: both bound with SO_REUSEPORT,
+    the kernel would share the port between the proxy and the admin page."""
+    lc, ac = cfg.listen, cfg.admin
+    if not ac.port or ac.port != lc.port:
+        return False
+    mine, admin = _addresses(lc.address, lc.port), _addresses(ac.address, ac.port)
+    wild = {"0.0.0.0", "::"}
+    for fam, addr in mine:
+        for fam2, addr2 in admin:
+            if fam == fam2 and (addr == addr2 or addr in wild or addr2 in wild):
+                return True
+    return False
 
 
 def _install_uvloop() -> None:
@@ -1142,11 +1173,26 @@ def run(cfg: Config, workers: int = 1) -> int:
     setup_logging()
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    # fail before forking on anything a worker would trip over; the probe binds
+    # fail before forking on anything a worker would trip over; the probes bind
     # without SO_REUSEPORT, so a port another pgguard already serves is refused
-    Server(cfg)
-    for s in listen_sockets(cfg, reuseport=False):
-        s.close()
+    server = Server(cfg)
+    probes = listen_sockets(cfg, probe=True)
+    try:
+        if server.approvals is not None:
+            # the admin port likewise: the proxy's own port, or one another process
+            # serves, would otherwise be shared through SO_REUSEPORT, and some clients
+            # would reach the other listener
+            if _same_port(cfg):
+                raise ConfigError(f"admin.port: {cfg.admin.port} is listen.port too (the "
+                                  "proxy and the admin page need a port each)")
+            from ..approvals.web import probe_admin   # why: aiohttp loads only with an admin page
+            admin = probe_admin(cfg)
+            if admin is not None:
+                probes.append(admin)
+    finally:
+        for s in probes:
+            s.close()
+        del server
     if cfg.control is not None:
         # the schema is there (created or migrated) before any worker serves; the
         # link is closed again so no forked worker inherits its socket
