@@ -168,7 +168,6 @@ _KEYWORD_SETTINGS = frozenset({b"client_encoding", b"server_encoding", b"DateSty
 # replaced as before. Its only route from data is set_config(), a refused sink.
 _ZONE_NAME = re.compile(rb"UTC|GMT|[A-Z][A-Za-z_]{1,30}(?:/[A-Z][A-Za-z0-9_+\-]{0,40}){1,2}")
 
-_HEX_BYTES = re.compile(rb"0x[0-9A-Fa-f]{2}(?: 0x[0-9A-Fa-f]{2})*")
 _WITHHELD_DETAIL = b"pgguard: detail withheld: the statement read masked columns"
 
 
@@ -201,43 +200,41 @@ def build_fields(t: int, fields: list[tuple[int, bytes]]) -> bytes:
     return bytes((t,)) + struct.pack("!I", len(body) + 4) + body
 
 
-def _scrub_quoted(text: bytes, q: int) -> bytes:
-    # from the first quote to the last: a value may hold quotes of its own; a lone
-    # quote drops everything after it
-    first = text.find(q)
-    if first < 0:
-        return text
-    last = text.rfind(q)
-    mark = bytes((q,))
-    if last == first:
-        return text[:first] + mark + b"***" + mark
-    return text[:first] + mark + b"***" + mark + text[last + 1:]
+# Postgres' integrity-violation details (class 23) that print values, as templates: a
+# value is printed as it is stored, unquoted, so its own brackets, quotes and commas
+# cannot be told from the template's (a name ending in ")" closed a bracket count and
+# the masked columns after it went out in clear). Each template keeps its fixed words
+# and what follows the values (a table's name, after the last separator) and every value
+# becomes ***; a detail that matches none is withheld whole.
+_DETAIL_TEMPLATES = tuple((re.compile(pattern, re.S), out) for pattern, out in (
+    (rb"Failing row contains \(.*\)\.", b"Failing row contains (***)."),
+    (rb"Partition key of the failing row contains \(.*\)\.",
+     b"Partition key of the failing row contains (***)."),
+    (rb"Key \(.*\) already exists\.", b"Key (***)=(***) already exists."),
+    (rb"Key \(.*\) is duplicated\.", b"Key (***)=(***) is duplicated."),
+    (rb"Key \(.*\) conflicts with existing key \(.*\)\.",
+     b"Key (***)=(***) conflicts with existing key (***)=(***)."),
+    (rb"Key \(.*\) conflicts with key \(.*\)\.", b"Key (***)=(***) conflicts with key (***)=(***)."),
+    (rb"Key \(.*\) is not present in table (\".*\")\.",
+     b"Key (***)=(***) is not present in table \\1."),
+    (rb"Key \(.*\) is still referenced from table (\".*\")\.",
+     b"Key (***)=(***) is still referenced from table \\1."),
+    # the same errors when the role may not see the values: nothing but names
+    (rb"Key is not present in table \"[^\"]*\"\.", None),
+    (rb"Key is still referenced from table \"[^\"]*\"\.", None),
+    (rb"Key conflicts with existing key\.", None),
+))
 
 
-def _scrub_parens(text: bytes) -> bytes:
-    # the contents of every outermost parenthesised group ("Key (email)=(...)",
-    # "Failing row contains (...)")
-    out = bytearray()
-    depth = 0
-    for ch in text:
-        if ch == 40:                            # (
-            if depth == 0:
-                out += b"(***"
-            depth += 1
-        elif ch == 41 and depth:                # )
-            depth -= 1
-            if depth == 0:
-                out += b")"
-        elif depth == 0:
-            out.append(ch)
-    if depth:
-        out += b")"
-    return bytes(out)
-
-
-def scrub_text(text: bytes) -> bytes:
-    """A Postgres message with the values it quotes dropped."""
-    return _HEX_BYTES.sub(b"0x**", _scrub_quoted(_scrub_quoted(text, 34), 39))
+def scrub_integrity_detail(text: bytes) -> bytes:
+    """An integrity violation's DETAIL with the values it prints replaced by ``***``
+    (``Key (email)=(a@b.c) already exists.`` -> ``Key (***)=(***) already exists.``); a text
+    no template matches is withheld."""
+    for pattern, out in _DETAIL_TEMPLATES:
+        m = pattern.fullmatch(text)
+        if m is not None:
+            return text if out is None else m.expand(out)
+    return _WITHHELD_DETAIL
 
 
 class Channels:
@@ -285,7 +282,7 @@ class Channels:
                 out.append((code, value))
             elif code == 68:                    # D detail
                 if not user and sqlstate[:2] == b"23":
-                    out.append((code, _scrub_parens(scrub_text(value))))
+                    out.append((code, scrub_integrity_detail(value)))
                 else:
                     out.append((code, _WITHHELD_DETAIL))
             elif code in _NAMES:
