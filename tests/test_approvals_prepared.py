@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from conftest import AGENT, AGENT_PASSWORD
-from rawpg import SYNC, RawClient, bind, errors, execute, parse, query, tags
+from rawpg import SYNC, RawClient, bind, close, errors, execute, parse, query, tags
 from test_approvals_wire import RULES, api, cli, pending_ids
 
 DB = "appdb"
@@ -541,3 +541,50 @@ def test_a_sql_prepare_sent_by_parse_asks_at_each_bind_of_its_name(pg, aproxy, h
     assert statuses(pg) == ["new"] * 10
     denied = [v for v, _ in ap.seen].count("deny")
     assert denied == len(PREPARED_WRITES), ap.seen
+
+
+# Red team, round 18 (helper 92): a Parse of the approved statement's name with another
+# text fails upstream (42P05: the name is taken), or is skipped after an earlier error,
+# and the approved UPDATE stays prepared; pgguard dropped the approval at the Parse, and
+# every later Bind ran the UPDATE without asking (a PREPARE's approval, which covers no
+# execution, too). Each Bind asks again; judged by the rows upstream.
+REPLAYS = {
+    "dup-parse": lambda name: [parse("SELECT 1", name=name), SYNC],
+    "dup-parse-param": lambda name: [parse("SELECT $1::int", name=name), SYNC],
+    "skipped-parse": lambda name: [query("SELECT 1"), parse("SELECT 1/0"), bind(),
+                                   execute(), parse("SELECT 1", name=name), SYNC],
+    "two-dups": lambda name: [parse("SELECT 1", name=name), parse("SELECT 2", name=name),
+                              SYNC],
+    "skipped-close-and-dup": lambda name: [parse("SELECT 1/0"), bind(), execute(),
+                                           close("S", name), parse("SELECT 1", name=name),
+                                           SYNC],
+}
+
+
+@pytest.mark.parametrize("how", ["parse", "sql-prepare"])
+@pytest.mark.parametrize("replay", REPLAYS)
+def test_a_failed_parse_of_the_name_does_not_lift_the_approval(pg, aproxy, replay, how):
+    ap = Approver(aproxy, deny_after=1)
+    ap.start()
+    c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        sql = "UPDATE orders SET status = 'replayed' WHERE id = $1::int"
+        if how == "parse":
+            c.send(parse(sql, name="ap"), bind(stmt="ap", params=[b"1"]), execute(), SYNC)
+            assert "UPDATE 1" in tags(c.until_ready())          # approved, covered
+        else:
+            assert not errors(c.run(f"PREPARE ap(int) AS {sql.replace('::int', '')}"))
+        frames = REPLAYS[replay]("ap")
+        c.send(*frames)
+        c.until_ready(sum(1 for f in frames if f in (SYNC,) or f[:1] == b"Q"))
+        for i in (2, 3):
+            c.send(bind(stmt="ap", params=[str(i).encode()]), execute(), SYNC)
+            msgs = c.until_ready()
+            assert [e["C"] for e in errors(msgs)] == ["42501"], msgs      # asked, denied
+        assert c.run("SELECT 1")[-1] == (b"Z", b"I")
+    finally:
+        c.close()
+        ap.stop = True
+        ap.join(5)
+    assert statuses(pg)[1:3] == ["new", "new"]
+    assert [v for _, v in ap.decided][1:] == ["deny", "deny"], ap.decided

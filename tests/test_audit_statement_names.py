@@ -117,3 +117,46 @@ def test_named_portals_of_finished_transactions_are_forgotten_open_ones_kept(mak
     assert proxy.stop() == 0
     got = _statements(proxy, "SELECT g FROM generate_series%")
     assert len(got) == 40 * 5 + 3, len(got)
+
+
+# Red team, round 18 (helper 93): a Parse of a name Postgres still has fails (42P05), or
+# is skipped after an earlier error, and the older statement stays; the audit took the
+# failed text as the name's, so three UPDATEs were recorded as "SELECT $1". Each
+# Execute's record carries the text that ran, judged against the rows that changed.
+DUP_ROUTES = {
+    "dup-parse": [parse("SELECT 'decoy'", "s1"), SYNC],
+    "dup-parses": [parse("SELECT 'decoy'", "s1"), parse("SELECT 'decoy2'", "s1"), SYNC],
+    "skipped-after-error": [parse("SELECT 1/0"), bind(), execute(),
+                            parse("SELECT 'decoy'", "s1"), SYNC],
+    "skipped-after-bad-bind": [bind("nope"), parse("SELECT 'decoy'", "s1"), SYNC],
+    "close-skipped-then-dup": [parse("SELECT 1/0"), bind(), execute(), close("S", "s1"),
+                               SYNC, parse("SELECT 'decoy'", "s1"), SYNC],
+}
+
+
+@pytest.mark.parametrize("user,password", [(AGENT, AGENT_PASSWORD), (HUMAN, HUMAN_PASSWORD)])
+@pytest.mark.parametrize("route", DUP_ROUTES)
+def test_a_failed_parse_leaves_the_statement_that_runs_recorded(make_proxy, pg, route, user,
+                                                                password):
+    pg.execute("DROP TABLE IF EXISTS dup_audit; CREATE TABLE dup_audit (id int, v text); "
+               "INSERT INTO dup_audit SELECT g, 'v' FROM generate_series(1, 9) g; "
+               "GRANT ALL ON dup_audit TO PUBLIC")
+    proxy = make_proxy()
+    c = RawClient.connect(proxy.port, user, password)
+    c.send(parse("UPDATE dup_audit SET v = 'hit' WHERE id = $1", "s1"), SYNC)
+    c.until_ready()
+    frames = DUP_ROUTES[route]
+    c.send(*frames)
+    c.until_ready(frames.count(SYNC))
+    for i in (1, 2, 3):
+        c.send(bind("s1", [str(i).encode()]), execute(), SYNC)
+        assert tags(c.until_ready()) == ["UPDATE 1"]
+    c.close()
+    assert proxy.stop() == 0
+    assert pg.execute("SELECT count(*) FROM dup_audit WHERE v = 'hit'")[0][0] == 3
+    got = _statements(proxy, "%dup_audit%")
+    ran = [r for r in got if r[0].startswith("UPDATE") and r[2] == 1 and r[1] is None]
+    assert len(ran) == 3, got
+    # (the decoys' literal is normalized away: 'SELECT $1'; none ran, none changed a row)
+    assert not [r for r in _statements(proxy, "SELECT $1") if r[2]], \
+        _statements(proxy, "SELECT $1")

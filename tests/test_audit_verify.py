@@ -269,3 +269,48 @@ def test_deleted_last_file_and_head_together(log_copy):
     res = verify(log_copy)
     assert not res.ok
     assert any("missing head anchor" in p.message for p in res.problems), res.problems
+
+
+# Red team, round 18 (helper 93): columns the chain does not cover, in front of the real
+# ones, with a name that differs only in case (IDENTITY, STATEMENT): DuckDB matches names
+# without case and read the forged column (`identity = 'bob'` everywhere, the UPDATEs
+# gone) while `audit verify` passed. A file must have exactly the audit schema.
+def _add_columns(path: Path, cols: list[tuple[str, object]], front: bool = True) -> None:
+    f = pq.ParquetFile(path)
+    meta = f.metadata.metadata
+    t = f.read()
+    for name, value in cols:
+        arr = pa.array([value] * t.num_rows)
+        t = t.add_column(0, name, arr) if front else t.append_column(name, arr)
+    pq.write_table(t.replace_schema_metadata(meta), path)
+
+
+EXTRA_COLUMNS = {
+    "case-twin-front": ([("IDENTITY", "bob"), ("STATEMENT", "SELECT 1")], True),
+    "case-twin-back": ([("Identity", "bob")], False),
+    "unknown-column": ([("note", "x")], False),
+    "exact-duplicate": ([("identity", "bob")], True),
+    "decision-twin": ([("DECISION", "allowed")], True),
+}
+
+
+@pytest.mark.parametrize("case", EXTRA_COLUMNS)
+def test_columns_the_chain_does_not_cover_are_caught(log_copy, case):
+    cols, front = EXTRA_COLUMNS[case]
+    _add_columns(files(log_copy)[1], cols, front)
+    res = verify(log_copy)
+    assert not res.ok, case
+    assert any(p.kind == "modified" for p in res.problems), res.problems
+
+
+def test_a_column_of_another_type_is_caught(log_copy):
+    target = files(log_copy)[0]
+    f = pq.ParquetFile(target)
+    meta = f.metadata.metadata
+    t = f.read()
+    i = t.schema.get_field_index("rows")
+    t = t.set_column(i, "rows", pa.compute.cast(t.column(i), pa.float64()))
+    pq.write_table(t.replace_schema_metadata(meta), target)
+    res = verify(log_copy)
+    assert not res.ok
+    assert any(p.kind == "modified" for p in res.problems), res.problems

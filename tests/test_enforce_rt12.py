@@ -218,6 +218,14 @@ def _raw_skipped_close(proxy, sql, args, portal_too=False):
         rawpg.parse("SELECT 1/0"), rawpg.bind(), rawpg.execute(), *closes, rawpg.SYNC])
 
 
+def _raw_dup_parse(proxy, sql, args):
+    """Round 18: a Parse of the name with a harmless text fails (42P05: the name is
+    taken) and the older statement stays; pgguard judged the Bind after DDL as the
+    failed text."""
+    return _raw_route(proxy, sql, args, "s1", lambda q: [
+        rawpg.parse("SELECT 1", "s1"), rawpg.SYNC])
+
+
 def _renamed_by_peer(proxy, sql, args):
     """The table is renamed and a view over the vault takes its name, from another
     session, between the statement's Parse and its Bind."""
@@ -252,6 +260,7 @@ ROUTES = {
     "peer-rename": _renamed_by_peer,
     "raw-skipped-close": _raw_skipped_close,
     "raw-skipped-closes": lambda p, s, a: _raw_skipped_close(p, s, a, True),
+    "raw-dup-parse": _raw_dup_parse,
 }
 
 

@@ -77,3 +77,61 @@ def test_closed_statements_never_push_out_a_live_one(gproxy):
         c.send(bind("hot"), execute(), SYNC)
         assert tags(c.until_ready()) == ["SELECT 1"]
     c.close()
+
+
+# Red team, round 18 (helper 93): a Parse of a name Postgres still has fails (42P05) and
+# leaves the older statement in place, but pgguard took the failed one's text as the
+# name's: after DDL, the Bind was judged again as that text, and its plan replaced the
+# guard's. "UPDATE t SET v = 'x' WHERE id > $1" then "SELECT 1" under the same name, a
+# CREATE TEMP TABLE, and the Bind with 0 changed every row past the blast-radius guard.
+# Both texts are judged now (either may run), and the guard measures whichever does.
+DUPS = {
+    "select": [parse("SELECT 1", "s1"), SYNC],
+    "select-param": [parse("SELECT $1::int AS k", "s1"), SYNC],
+    "small-update": [parse("UPDATE dup_items SET v = v WHERE id = -1", "s1"), SYNC],
+    "three-in-a-segment": [parse("SELECT 1", "s1"), parse("SELECT 2", "s1"),
+                           parse("SELECT 3", "s1"), SYNC],
+    "after-a-skipped-close": [parse("SELECT 1/0"), bind(), execute(), close("S", "s1"),
+                              parse("SELECT 1", "s1"), SYNC],
+    "close-skipped-then-dup": [parse("SELECT 1/0"), bind(), execute(), close("S", "s1"),
+                               SYNC, parse("SELECT 1", "s1"), SYNC],
+}
+
+
+@pytest.mark.parametrize("dup", DUPS)
+def test_a_failed_parse_of_a_live_name_does_not_replace_its_statement(gproxy, pg, dup):
+    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
+               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
+               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
+    try:
+        c.send(parse("UPDATE dup_items SET v = 'x' WHERE id > $1", "s1"), SYNC)
+        assert not errors(c.until_ready())
+        c.send(*DUPS[dup])
+        c.until_ready(DUPS[dup].count(SYNC))
+        assert not errors(c.run("CREATE TEMP TABLE dup_other (a int)"))
+        c.send(bind("s1", [b"0"]), execute(), SYNC)
+        errs = errors(c.until_ready())
+        assert tags(c.run("SELECT 1")) == ["SELECT 1"]      # the session goes on
+    finally:
+        c.close()
+    changed = pg.execute("SELECT count(*) FROM dup_items WHERE v = 'x'", dbname="appdb")
+    assert changed[0][0] == 0, (dup, errs)
+    assert errs and "blast-radius" in errs[0]["M"], errs
+
+
+def test_a_statement_prepared_once_still_runs_after_ddl(gproxy, pg):
+    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
+               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
+               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
+    try:
+        c.send(parse("UPDATE dup_items SET v = 'x' WHERE id = $1", "s1"), SYNC)
+        c.until_ready()
+        c.send(parse("SELECT 1", "s1"), SYNC)           # fails: the name is taken
+        assert errors(c.until_ready())[0]["C"] == "42P05"
+        assert not errors(c.run("CREATE TEMP TABLE dup_other2 (a int)"))
+        c.send(bind("s1", [b"7"]), execute(), SYNC)
+        assert tags(c.until_ready()) == ["UPDATE 1"]
+    finally:
+        c.close()

@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
-from .record import CONTENT_FIELDS, FIELDS, GENESIS, content_bytes
+from .record import CONTENT_FIELDS, FIELDS, GENESIS, SCHEMA, content_bytes
 from .store import RemoteFile, Store
 
 _BATCH = 65_536
@@ -96,6 +96,23 @@ def _hash(prev: str | None, line: bytes | None) -> str | None:
         return _sha(bytes.fromhex(prev) + line).hexdigest()    # type: ignore[arg-type,operator]
     except Exception:
         return None
+
+
+def _schema_difference(schema) -> str:
+    """What a file's columns have that pgguard does not write ('' when they are exactly
+    the audit schema's: names, order and types)."""
+    if schema.names == SCHEMA.names and all(
+            a.type == b.type for a, b in zip(schema, SCHEMA)):
+        return ""
+    extra = [n for n in schema.names if n not in SCHEMA.names]
+    twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if extra or twice:
+        return "columns pgguard does not write: " + ", ".join(extra + twice)
+    types = [f"{a.name} is {a.type}" for a in schema
+             if a.name in SCHEMA.names and a.type != SCHEMA.field(a.name).type]
+    if types:
+        return "column types changed: " + ", ".join(types)
+    return "columns reordered"
 
 
 def _metadata_lie(meta: pq.FileMetaData, table: pa.Table) -> str | None:
@@ -298,6 +315,16 @@ class _Checker:
             self.expected = None
             self.prev_name = name
             return
+        odd = _schema_difference(table.schema)
+        if odd:
+            # readers match names without case (DuckDB) or take the first of a name: an
+            # added IDENTITY, or a column twice, is what they read instead of the
+            # chained one
+            self.problem("modified", f"modified: {name}: {odd}", file=name)
+            if len(set(table.column_names)) != len(table.column_names):
+                self.expected = None        # (no column of the name can be trusted)
+                self.prev_name = name
+                return
         stored_seq = meta.get(b"pgguard.seq")
         if stored_seq is not None and stored_seq.decode() != str(pf.seq):
             self.problem("renamed", f"renamed: {name} was written as seq "

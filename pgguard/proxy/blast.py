@@ -279,6 +279,20 @@ def maybe_plan(plan: Plan, other: Plan | None = None) -> Plan:
     return Plan(limit, plan.rule, False, plan.decision, plan.sql, None, "", tables, None)
 
 
+def either_plan(plans: list) -> Plan | None:
+    """The plan for an object that may run any of several statements (one plan each,
+    None: not guarded): the only one, or maybe_plan over the guarded ones."""
+    if len(plans) == 1:
+        return plans[0]
+    guarded = [p for p in plans if p is not None]
+    if not guarded:
+        return None
+    plan = maybe_plan(guarded[0])
+    for other in guarded[1:]:
+        plan = maybe_plan(plan, other)
+    return plan
+
+
 def has_txn_control(d) -> bool:
     return any(_TXN_KINDS.intersection(st.kinds or (st.kind,)) for st in d.statements)
 
@@ -437,7 +451,11 @@ class Guard:
         guarded). ``first``: nothing was sent before it in its segment (no earlier
         error can make Postgres skip it). ``again``: the statement's own text judged
         again at a Bind (its plan replaces the old one)."""
-        self.approved.pop(name, None)
+        if again or not name and first:
+            # (a named Parse of a name still in use fails, 42P05, and one after an
+            # unsynced message may be skipped: the approved statement stays, and each
+            # Bind of the name asks again; a Close sure to run took the approval away)
+            self.approved.pop(name, None)
         old = self.stmts.get(name)
         if old is None or again:
             if plan is None:
@@ -489,7 +507,10 @@ class Guard:
     def on_close(self, msg: bytes) -> None:
         name = msg[6:msg.index(b"\0", 6)]
         if msg[5] == m.TARGET_STATEMENT:
-            self.approved.pop(name, None)
+            if not self.s.fscan.before_unsynced:
+                # (a Close after an unsynced message may be skipped: the approved
+                # statement lives on, and its Binds still ask)
+                self.approved.pop(name, None)
             old = self.stmts.get(name)
             if old is None:
                 return
@@ -531,7 +552,8 @@ class Guard:
                 self._ghost_unnamed(old)
             if portal is not None:
                 self._ghost_portal(b"", portal)
-        self.approved.pop(b"", None)
+        if not self.s.fscan.query_unsynced:
+            self.approved.pop(b"", None)    # (skipped, the approved one may live on)
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
         if len(self.portal_ghosts) > GHOSTS_KEPT:

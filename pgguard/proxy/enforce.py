@@ -27,7 +27,7 @@ from ..policy.classify import WRITING_FUNCS
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
-from .blast import has_txn_control, plan_for
+from .blast import either_plan, has_txn_control, plan_for
 from .holds import sync_points
 from .tracking import REFUSAL_SYNC, statement_record
 
@@ -45,6 +45,7 @@ OWN_BODIES_MAX = 1000
 # prepared statements whose generation and text a session keeps (see parsed)
 STMT_NAMES_KEPT = 10_000
 STMT_TEXT_BYTES = 16 << 20
+STMT_ALTS_KEPT = 4          # texts a name may still run besides its last Parse's
 # statement kinds of DDL that may change what a function name means
 _FUNCTION_DDL = re.compile(r"\b(function|procedure|routine|aggregate)\b", re.IGNORECASE)
 
@@ -113,7 +114,6 @@ class Enforcement:
         # temporary relations this session created (bare names): the classifier calls
         # an unqualified name public.<name>, and these are found first (_unknown_writes)
         self.temp_names: set[str] = set()
-        self._rebind_q: bytes | None = None     # the Query a stale Bind is judged as
         # (a COPY (query) Query, its specs completed or why not): see _mask_query
         self._copy_planned: tuple | None = None
         # prepared statements: name -> the catalog generation they were judged under
@@ -122,6 +122,12 @@ class Enforcement:
         # _unnamed_seen when this part last noted one)
         self.stmt_gens: dict[bytes, int] = {}
         self.stmt_texts: dict[bytes, bytes] = {}
+        # the texts a name held before a Parse that may have failed (a named Parse of a
+        # name Postgres still has fails, 42P05, and leaves the older statement; an
+        # unnamed one after an unsynced message may be skipped): any of them may run,
+        # so a stale Bind judges each (like the guard's maybe_plan)
+        self.stmt_alts: dict[bytes, list[bytes]] = {}
+        self._rebind_qs: dict[bytes, bytes] = {}    # text -> the Query it is judged as
         self._texts_bytes = 0
         self._forgot_names = False
         self._closed_names: dict[bytes, None] = {}  # closed names, oldest first
@@ -169,17 +175,36 @@ class Enforcement:
                 closed.pop(old, None)
                 del gens[old]
                 self._texts_bytes -= len(texts.pop(old, b""))
+                self._texts_bytes -= sum(map(len, self.stmt_alts.pop(old, ())))
                 if not self._forgot_names:
                     self._forgot_names = True
                     pipe.names_forgotten()
         else:
             closed.pop(name, None)
-            self._texts_bytes -= len(texts.get(name, b""))
+            before = texts.get(name)
+            if before is not None and before != sql and (
+                    name or self.s.fscan.before_unsynced):
+                self._keep_alternative(name, before)
+            else:
+                self._texts_bytes -= len(before or b"")
         gens[name] = pipe.generation
         texts[name] = sql
         self._texts_bytes += len(sql)
         if not name:
             self._unnamed_seen = pipe.unnamed_parse
+
+    def _keep_alternative(self, name: bytes, text: bytes) -> None:
+        # (its bytes stay counted: they move from stmt_texts to stmt_alts)
+        alts = self.stmt_alts.setdefault(name, [])
+        if text in alts:
+            self._texts_bytes -= len(text)
+            return
+        alts.append(text)
+        if len(alts) > STMT_ALTS_KEPT:
+            # more candidates than are judged again: the oldest goes, and the name is
+            # judged as unknown from then on (refused at a stale Bind, never guessed)
+            self._texts_bytes -= len(alts.pop(0))
+            alts.append(b"")
 
     def closed_statement(self, msg: bytes) -> None:
         """A Close of a statement: Postgres may not run it (an error earlier in its
@@ -217,7 +242,8 @@ class Enforcement:
                 sql = parse[pos:parse.index(b"\0", pos)]
             except ValueError:
                 sql = None
-        if sql is None:
+        texts = [sql, *self.stmt_alts.get(name, ())]
+        if sql is None or b"" in texts:
             # its text was forgotten (STMT_NAMES_KEPT): refuse, never forward unjudged
             self.refuse_any(Decision(
                 action="block", rule="statement-memory",
@@ -230,7 +256,7 @@ class Enforcement:
                 out, True, b"/* the prepared statement " + name.replace(b"*/", b"* /") +
                 b", forgotten */", ahead=sync_points(later))
             return False
-        if not self._judge_again(name, sql, msg, out, later,
+        if not self._judge_again(name, texts, msg, out, later,
                                  "the catalog changed since the statement was prepared"):
             return False
         gens[name] = now
@@ -635,33 +661,41 @@ class Enforcement:
                                  "what the prepared statement runs changed since it was "
                                  "prepared")
 
-    def _judge_again(self, name: bytes, sql: bytes, msg: bytes, out: list, later: list,
+    def _judge_again(self, name: bytes, texts: list, msg: bytes, out: list, later: list,
                      why: str) -> bool:
-        """Judge a prepared statement's text again at its Bind ``msg``. True: allowed
-        (the guard has its new plan). False: refused (the Bind fails, saying ``why``),
-        or it waits for function bodies or a catalog read (then it is taken up again)."""
+        """Judge a prepared statement's texts again at its Bind ``msg`` (the one it was
+        last prepared as, and those it may still be: see stmt_alts). True: every one is
+        allowed (the guard has a plan for whichever runs). False: one is refused (the
+        Bind fails, saying ``why``), or it waits for function bodies or a catalog read
+        (then it is taken up again)."""
         s = self.s
-        # the same message object each time this text is judged again: what decide()
-        # waited for (the view map, the mask catalog) is known by it
-        q = self._rebind_q
-        if q is None or q[5:-1] != sql:
-            q = self._rebind_q = b"Q" + struct.pack("!I", len(sql) + 5) + sql + b"\0"
-        d = self.decide(q, 5, len(q) - 1)
-        if d is BODIES_PENDING:
-            self.bodies_wait(msg, out, q)
-            return False
-        if d.action == "allow":
-            if s.guard is not None:
-                s.guard.on_parse(name, self._plan(d, sql), again=True)
-                self.guard_watch()
-            return True
-        self.refuse_any(Decision(
-            action="block", rule=d.rule, statements=d.statements,
-            message=d.message + f" (judged again at Bind: {why})",
-            detail=d.detail, hint=(d.hint + " " if d.hint else "") +
-            "Prepare the statement again to be judged (and approved) afresh."),
-            out, True, sql, ahead=sync_points(later))
-        return False
+        plans = []
+        for sql in texts:
+            # the same message object each time this text is judged again: what
+            # decide() waited for (the view map, the mask catalog) is known by it
+            q = self._rebind_qs.get(sql)
+            if q is None:
+                if len(self._rebind_qs) >= 2 * STMT_ALTS_KEPT:
+                    self._rebind_qs.clear()
+                q = self._rebind_qs[sql] = b"Q" + struct.pack("!I", len(sql) + 5) + sql + \
+                    b"\0"
+            d = self.decide(q, 5, len(q) - 1)
+            if d is BODIES_PENDING:
+                self.bodies_wait(msg, out, q)
+                return False
+            if d.action != "allow":
+                self.refuse_any(Decision(
+                    action="block", rule=d.rule, statements=d.statements,
+                    message=d.message + f" (judged again at Bind: {why})",
+                    detail=d.detail, hint=(d.hint + " " if d.hint else "") +
+                    "Prepare the statement again to be judged (and approved) afresh."),
+                    out, True, sql, ahead=sync_points(later))
+                return False
+            plans.append(self._plan(d, sql))
+        if s.guard is not None:
+            s.guard.on_parse(name, either_plan(plans), again=True)
+            self.guard_watch()
+        return True
 
     def bodies_wait(self, msg: bytes, out: list, judged: bytes | None = None) -> None:
         """decide() returned BODIES_PENDING for ``msg`` (a Query, Parse or
