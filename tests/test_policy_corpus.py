@@ -606,7 +606,9 @@ ALLOW = [
     ("ALTER VIEW v RENAME TO v2", "alter", "destructive", B),
     ("ALTER SCHEMA public RENAME TO p2", "alter", "destructive", B),
     ("ALTER FUNCTION f(int) SET SCHEMA s2", "alter", "destructive", B),
-    ("ALTER TABLE t RENAME CONSTRAINT c TO c2", "alter", "", A),
+    # ... and so does a constraint's rename (ON CONFLICT ON CONSTRAINT names it: round 18)
+    ("ALTER TABLE t RENAME CONSTRAINT c TO c2", "alter", "destructive", B),
+    ("ALTER DOMAIN d RENAME CONSTRAINT c TO c2", "alter", "destructive", B),
     # Postgres renames a table through ALTER INDEX ... RENAME too: not harmless
     ("ALTER INDEX t_pkey RENAME TO t_pk", "alter", "destructive", B),
     ("ALTER INDEX orders RENAME TO o2", "alter", "destructive", B),

@@ -181,7 +181,8 @@ def test_psql_script_and_the_write_after_it(pg, guarded, psql_bin):
 
 NEIGHBOURS = [
     "ALTER INDEX rn_orders_status SET (fillfactor = 90)",
-    "ALTER TABLE rn_orders RENAME CONSTRAINT rn_orders_pkey TO rn_orders_pk",
+    # (RENAME CONSTRAINT: destructive since round 18, an ON CONFLICT ON CONSTRAINT of the
+    # application fails after it; test_renamed_constraints_are_refused)
     # (ADD CONSTRAINT ... FOREIGN KEY without actions: destructive since round 15, it can
     # refuse later writes; test_policy_write_gates.py)
     # (a CASCADE declared by CREATE TABLE is opaque since round 14, as ADD is: class 2;
@@ -199,8 +200,6 @@ def test_near_neighbours_still_pass(pg, guarded, sql):
     if "fillfactor" in sql:
         assert pg.execute("SELECT reloptions FROM pg_class WHERE relname = "
                           "'rn_orders_status'", dbname=DB) == [(["fillfactor=90"],)]
-    elif "RENAME CONSTRAINT" in sql:
-        assert "rn_orders_pk" in [c[0] for c in cons]
     elif "CREATE TABLE" in sql:
         assert ("public", "rn_cust2") in rels
     else:
@@ -213,3 +212,27 @@ def test_a_human_may_still_rename(pg, guarded):
         c.execute("ALTER TABLE rn_orders RENAME TO rn_o2")
     assert pg.execute("SELECT relname FROM pg_class WHERE relname IN ('rn_orders', 'rn_o2')",
                       dbname=DB) == [("rn_o2",)]
+
+
+# Red team, round 18 (helper 90): a constraint's rename was allowed, and the application's
+# INSERT ... ON CONFLICT ON CONSTRAINT <its name> failed in every session after it (a
+# primary key's index is renamed with it). Judged by the catalog and the upsert.
+RENAMED_CONSTRAINTS = [
+    "ALTER TABLE rn_orders RENAME CONSTRAINT rn_orders_pkey TO rn_orders_pk",
+    "ALTER TABLE IF EXISTS rn_orders RENAME CONSTRAINT rn_orders_pkey TO x",
+    "ALTER TABLE public.rn_orders RENAME CONSTRAINT \"rn_orders_pkey\" TO y",
+    "ALTER TABLE ONLY rn_orders RENAME CONSTRAINT rn_orders_pkey TO z",
+    "BEGIN; ALTER TABLE rn_orders RENAME CONSTRAINT rn_orders_pkey TO w; COMMIT",
+]
+
+
+@pytest.mark.parametrize("sql", RENAMED_CONSTRAINTS)
+def test_renamed_constraints_are_refused(pg, guarded, psql_bin, sql):
+    r = subprocess.run([psql_bin, "-X", "-v", "ON_ERROR_STOP=1", guarded.dsn(dbname=DB),
+                        "-c", sql], capture_output=True, text=True, timeout=60)
+    assert "no-destructive" in r.stderr or "refused by rule" in r.stderr, r.stderr
+    rels, _cols, cons, *_ = upstream(pg)
+    assert "rn_orders_pkey" in [c[0] for c in cons]
+    # the application's upsert names it, and still works
+    pg.execute("INSERT INTO rn_orders (id, status) VALUES (1, 'paid') "
+               "ON CONFLICT ON CONSTRAINT rn_orders_pkey DO NOTHING", dbname=DB)

@@ -1937,6 +1937,17 @@ def _rename(acc: _Acc, b: dict) -> None:
         # compatibility): pgguard cannot tell which it names
         _moved(acc, b, "OBJECT_TABLE", "ALTER INDEX ... RENAME (which renames a table "
                "of that name too) of")
+    elif kind in ("OBJECT_TABCONSTRAINT", "OBJECT_DOMCONSTRAINT"):
+        # the application names its constraints (INSERT ... ON CONFLICT ON CONSTRAINT,
+        # the constraint an error names); a key's index is renamed with it (round 18)
+        obj = b.get("object")
+        items = obj.get("List", {}).get("items") if type(obj) is dict else None
+        owner = _moved_name(b, kind) if kind == "OBJECT_TABCONSTRAINT" else \
+            "domain " + ".".join(_sval(x) for x in items or ())
+        acc.flag("destructive", f"RENAME CONSTRAINT {b.get('subname') or '?'} of "
+                 f"{owner}: every later statement that names the "
+                 "constraint (INSERT ... ON CONFLICT ON CONSTRAINT), in every session, "
+                 "fails; a key's index is renamed with it")
     else:
         _moved(acc, b, kind, "RENAME of")
     _utility_walk(acc, b)
