@@ -67,7 +67,7 @@ CASES = {
         {"no_such_col_zz": "42703", "skipped_q": "skipped", "skipped_r": "skipped"}),
     "bind-error-query": (
         bind(stmt="no_such_stmt") + execute() + query("SELECT 1 AS skipped_q") + SYNC, 1,
-        {"": "26000", "skipped_q": "skipped"}),
+        {"no_such_stmt": "26000", "skipped_q": "skipped"}),
     "execute-error-functioncall": (
         parse("SELECT 1/0 AS div_zero") + bind() + execute() + function_call(NOW_OID)
         + SYNC, 1,

@@ -266,6 +266,10 @@ cdef class _Pending:
     cdef _Pending src           # an Execute's Bind, a Bind's Parse (None: unknown)
     cdef long long syncno       # a sync point's number (StatementTracker._syncs_sent)
     cdef object refused         # (rule, rows) when its error is pgguard's own refusal
+    # a Parse's: its statement name and what the name held before it (a tuple of
+    # stmts, or None), put back when Postgres fails or skips the Parse
+    cdef object name
+    cdef object prev
 
     def __cinit__(self, sql, dec, long long t0, bint sync, bint done):
         self.sql = sql
@@ -280,6 +284,8 @@ cdef class _Pending:
         self.syncno = 0
         self.key = None
         self.refused = None
+        self.name = None
+        self.prev = None
 
 
 cdef enum:
@@ -334,6 +340,17 @@ _NO_PORTAL = (b"", None, 0)
 _FORGOTTEN = (b"(pgguard: the text of prepared statement \"%s\" was not kept: the "
               b"prepared statements of the session passed what is kept of them: 10000 "
               b"statements or 16 MB of text)")
+_FCALL = b"/* pgguard: FunctionCall of the function with OID %d */"
+_SQL_PREPARED = (b"/* pgguard: prepared statement \"%s\", prepared by SQL PREPARE or "
+                 b"not known to pgguard: its text is in the record of its PREPARE */")
+_SQL_PORTAL = (b"/* pgguard: portal \"%s\", a cursor opened by SQL DECLARE or not known "
+               b"to pgguard: its query is in the record of its DECLARE */")
+
+
+cdef inline int _be32(const char* p) noexcept:
+    return <int>(((<unsigned int><unsigned char>p[0]) << 24) |
+                 ((<unsigned int><unsigned char>p[1]) << 16) |
+                 ((<unsigned int><unsigned char>p[2]) << 8) | (<unsigned char>p[3]))
 
 
 cdef class StatementTracker:
@@ -439,6 +456,21 @@ cdef class StatementTracker:
         """Read the client messages logged so far (Session.log_full)."""
         self._drain()
 
+    def abandon(self, str why):
+        """The session ends with statements Postgres has not answered (the client or
+        the server went away): each is recorded now, its outcome unknown (it may have
+        run), saying ``why``; nothing else of the session is recorded after this."""
+        cdef _Pending e
+        self._drain()
+        for x in self.pending:
+            e = <_Pending>x
+            if e.sql is None or e.done or e.kind != K_STATEMENT:
+                continue
+            e.err = why if e.err is None else e.err
+            e.done = True
+            self._emit(e)
+        self.pending.clear()
+
     # -- frontend
     cdef _drain(self):
         cdef list flog = self.flog
@@ -508,6 +540,8 @@ cdef class StatementTracker:
                             self._forgot = True
                     stmts[name] = (e.sql, e.dec, e)
                     self._stmts_bytes += len(e.sql)
+                    e.name = name
+                    e.prev = old
                 except ValueError:
                     pass
             elif t == BIND:                              # portal -> statement
@@ -524,6 +558,8 @@ cdef class StatementTracker:
                         e.sql, e.dec, e.src = got
                     elif self._forgot and name:
                         e.sql = _FORGOTTEN % (name,)
+                    elif name:
+                        e.sql = _SQL_PREPARED % (name.replace(b"*/", b"* /"),)
                     self.portals[portal] = (name, e, self._syncs_sent)
                 except ValueError:
                     pass
@@ -535,7 +571,9 @@ cdef class StatementTracker:
                 name, b, _ = self.portals.get(portal, _NO_PORTAL)
                 sql, dec, _ = self.stmts.get(name, (b"", None, None))
                 if not sql and b is not None:
-                    sql = (<_Pending>b).sql        # (a text forgotten: says so)
+                    sql = (<_Pending>b).sql        # (a text forgotten, or SQL's: says so)
+                elif b is None and portal:
+                    sql = _SQL_PORTAL % (portal.replace(b"*/", b"* /"),)
                 e = _Pending(sql, dec, (<tuple>item)[2], False, False)
                 e.src = b
                 pending.append(e)
@@ -566,11 +604,21 @@ cdef class StatementTracker:
                 e.key = (name, (self.stmts if kind == TARGET_STATEMENT
                                 else self.portals).get(name))
                 pending.append(e)
-            elif t == SYNC or t == FUNCTION_CALL:
+            elif t == FUNCTION_CALL:
+                # a FunctionCall no policy judged (a session under none): recorded by
+                # the function's OID, what the message names, answered by its own
+                # ReadyForQuery (round 18: these ran with no record at all)
+                e = _Pending(_FCALL % (_be32(PyBytes_AS_STRING(msg) + 5)
+                                       if PyBytes_GET_SIZE(msg) >= 9 else -1,),
+                             (<tuple>item)[1], (<tuple>item)[2], True, False)
+                e.skippable = True
+                self._syncs_sent += 1
+                e.syncno = self._syncs_sent
+                pending.append(e)
+                self._seg_p = self._seg_b = 0
+            elif t == SYNC:
                 e = _Pending(None, None, (<tuple>item)[2], True, True)
-                e.skippable = t == FUNCTION_CALL
-                if t == SYNC:
-                    e.kind = K_SYNC
+                e.kind = K_SYNC
                 self._syncs_sent += 1
                 e.syncno = self._syncs_sent
                 pending.append(e)
@@ -680,6 +728,7 @@ cdef class StatementTracker:
                 self._emit(e)
                 e.done = True
                 self.segment_error = True
+                self._unparse_after(e, False)
             return
         if e is None:
             return
@@ -698,7 +747,7 @@ cdef class StatementTracker:
         # A Parse's or Bind's: the statement it prepared is recorded with the error (as
         # the Execute that would have run it, when one follows in the segment); the
         # rest of the segment up to Sync is skipped (see on_backend's ReadyForQuery)
-        cdef _Pending e, failed = None
+        cdef _Pending e, failed = None, origin = None
         cdef int kind = K_PARSE if target == PARSE else K_BIND if target == BIND else -1
         if target == SYNC or target == 0:          # a Sync's (its commit) / a FATAL
             return
@@ -712,11 +761,14 @@ cdef class StatementTracker:
             if failed is None:
                 # (by its ordinal: answered entries before it may be gone, see _current)
                 if e.kind == kind and e.ordinal == ordinal:
-                    failed = e
+                    failed = origin = e
             elif e.kind == K_STATEMENT and not e.done and e.src is not None and (
                     e.src is failed or e.src.src is failed):
                 failed = e                       # the Execute it would have run
                 break
+        if origin is not None:
+            # the failed Parse prepared nothing, and the segment's later ones are skipped
+            self._unparse_after(origin, kind == K_PARSE)
         if failed is None or failed.done and failed.kind == K_STATEMENT:
             return
         fields = self._error_fields(msg[5:])
@@ -724,6 +776,39 @@ cdef class StatementTracker:
         failed.err = fields.get("M")
         self._emit(failed)
         failed.done = True
+
+    cdef _unparse_after(self, _Pending failed, bint itself):
+        # Postgres ran no Parse of the segment after ``failed`` (nor ``failed`` itself,
+        # when ``itself``): the names they prepared mean what they meant before (a
+        # Parse of a name still in use fails, 42P05, and leaves the older statement)
+        cdef _Pending e
+        cdef bint after = False
+        undone = []
+        for x in self.pending:
+            e = <_Pending>x
+            if e is failed:
+                after = True
+                if not itself:
+                    continue
+            if not after:
+                continue
+            if e.sync:
+                break
+            if e.kind == K_PARSE and e.name is not None:
+                undone.append(e)
+        # latest first: each puts back what the name held before it
+        for x in reversed(undone):
+            e = <_Pending>x
+            got = self.stmts.get(e.name)
+            if got is None or (<tuple>got)[2] is not e:
+                continue
+            self._stmts_bytes -= len((<tuple>got)[0])
+            if e.prev is None:
+                del self.stmts[e.name]
+            else:
+                self.stmts[e.name] = e.prev
+                self._stmts_bytes += len((<tuple>e.prev)[0])
+            e.name = None
 
     cdef _Pending _current(self):
         # (called for an answer of a statement: every message before it is answered,

@@ -978,6 +978,10 @@ class Session:
             task.cancel()
             if req_id is not None and self.services.approvals is not None:
                 self.services.approvals.withdraw(req_id)
+        if self.tracker is not None:
+            # what was sent upstream and not answered may have run: recorded, saying so
+            self.tracker.abandon("outcome unknown: the session ended before Postgres "
+                                 "answered (it may have run)")
         if self.connected_at:
             self._audit_event("disconnect", error=self.end_reason,
                               duration_us=int((time.monotonic() - self.connected_at) * 1e6))
