@@ -68,6 +68,9 @@ cdef class Pipe:
     # forwarded here without Python. None: every Query/Parse goes to the hooks
     cdef public dict exact
     cdef public dict shapes
+    # texts longer than this (bytes) are not looked up by shape: a shape cached from a
+    # short statement would let one past the policy's max_statement_size (0: no limit)
+    cdef public Py_ssize_t shape_max
     # client side, no policy: every well-formed Query / Parse is forwarded here (with
     # decision None) when exact is None
     cdef public bint allow_all

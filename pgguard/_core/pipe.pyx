@@ -166,6 +166,7 @@ cdef class Pipe:
         self.divert = False
         self.exact = None
         self.shapes = None
+        self.shape_max = 0
         self.allow_all = False
         self.log_types = None
         self.fast_log = None
@@ -258,6 +259,8 @@ cdef class Pipe:
             return None                         # a named Parse: always the hooks'
         d = self.exact.get(msg)
         if d is None:
+            if self.shape_max and n > self.shape_max:
+                return None                      # judged as it is (its length too)
             if p[0] == QUERY:                    # text up to the final NUL
                 key = self._last_key = shape_buf(<const unsigned char*>p + 5, n - 6)
             else:                                # 'P': "" name, then the text

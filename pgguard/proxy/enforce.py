@@ -454,7 +454,9 @@ class Enforcement:
         if self._effects_of is not None and self._effects_of != msg:
             self._effects_of = None     # another statement: the next DDL counts again
         raw = msg[text_start:text_end]
-        key = shape(raw)
+        # (a text past the policy's length limit is judged as itself: a short
+        # statement's shape would let it through)
+        key = shape(raw) if s.policy is None or len(raw) <= s.policy.max_length else None
         if key is not None:
             d = shapes.get(key)
             if d is not None:

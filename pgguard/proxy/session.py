@@ -778,6 +778,7 @@ class Session:
             pipe.mask.on = lane
             pipe.mask.idle = False
         pipe.exact, pipe.shapes, pipe.allow_all = exact, shapes, allow_all
+        pipe.shape_max = self.policy.max_length if self.policy is not None else 0
         pipe.log_types = log_types
         pipe.guard = guard
         pipe.guard_query = guard_query
