@@ -9,7 +9,7 @@ import asyncpg
 import psycopg
 import pytest
 from conftest import AGENT, AGENT_PASSWORD, run_psql
-from rawpg import SYNC, RawClient, bind, errors, execute, parse, query
+from rawpg import SYNC, RawClient, bind, errors, execute, parse
 
 LIMIT = 20_000
 
