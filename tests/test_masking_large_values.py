@@ -14,7 +14,7 @@ from mask_corpus import DB, MASKS, seed
 
 MB = 1 << 20
 # under lineage.PLAN_MAX (the plan is read) and over it (it is not)
-SIZES = (2 * MB, 8 * MB)
+SIZES = (MB // 2, 8 * MB)
 
 # (a size written as an expression: the statement with its literals as parameters,
 # repeat($1, $2 / $3), cannot be planned, so the text itself is, and its plan prints the

@@ -1148,7 +1148,11 @@ def columns_tainted(plan_json: list, fields: list[tuple[int, int, int, int]],
 _CACHE: dict[tuple, Lineage] = {}
 # a plan printed longer than this is not read: its statement is unresolved (masked). A
 # folded constant makes a plan as long as the value (SELECT repeat('x', 100000000))
-PLAN_MAX = 4 << 20
+PLAN_MAX = 1 << 20
+# ... and one printed longer than this is read on a thread: reading it takes a while (a
+# 2 MB plan of a 35,000-arm CASE took 3.4 s), and on the event loop every session of the
+# worker would wait (the thread gives the loop its turns)
+PLAN_INLINE = 64 << 10
 _CACHE_MAX = 8192
 _STMT = b"pgguard_lineage"
 
@@ -1258,7 +1262,10 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
     setup = "BEGIN READ ONLY; SET LOCAL statement_timeout = '5s'; SET LOCAL search_path = public"
     if role and role not in link.no_role:
         setup += f"; SET LOCAL ROLE {ident(role)}"
-    nparams = max(_param_count(sql), len(param_oids))
+    # (a long text's scan, like its plan's reading, on a thread: see PLAN_INLINE)
+    count = await asyncio.to_thread(_param_count, sql) if len(sql) > PLAN_INLINE else \
+        _param_count(sql)
+    nparams = max(count, len(param_oids))
     body = _STMT + b"\0" + sql + b"\0" + struct.pack(f"!h{len(param_oids)}I",
                                                      len(param_oids), *param_oids)
     explain = ("SET LOCAL plan_cache_mode = force_generic_plan; "
@@ -1308,8 +1315,11 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
         schema, rel, names = orjson.loads(r)
         columns[(schema, rel)] = tuple(names)
     views = tuple(r.decode("utf-8", "replace") for r in sets[4])
-    return columns_tainted(plan, fields, base, masked_rel, masked_cols, opaque,
-                           sql.decode("utf-8", "replace"), columns, views)
+    args = (plan, fields, base, masked_rel, masked_cols, opaque,
+            sql.decode("utf-8", "replace"), columns, views)
+    if len(sets[0][0]) > PLAN_INLINE:
+        return await asyncio.to_thread(columns_tainted, *args)
+    return columns_tainted(*args)
 
 
 def _columns_sql(masked_rel: dict) -> str:
