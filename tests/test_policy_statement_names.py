@@ -6,7 +6,7 @@
 # refused (its text is not known), never forwarded unjudged.
 import pytest
 from conftest import AGENT, AGENT_PASSWORD
-from rawpg import SYNC, RawClient, bind, close, errors, execute, parse, tags
+from rawpg import SYNC, RawClient, bind, close, errors, execute, parse, query, tags
 from test_policy_guard_settings import guarded_proxy
 
 
@@ -135,3 +135,43 @@ def test_a_statement_prepared_once_still_runs_after_ddl(gproxy, pg):
         assert tags(c.until_ready()) == ["UPDATE 1"]
     finally:
         c.close()
+
+
+# Red team, round 18 (helper 92): a Query (or FunctionCall) Postgres skipped after an
+# error earlier in its segment still counted as owed a ReadyForQuery, so the guard's next
+# statement waited for one ReadyForQuery too many: its answer never came, and the session
+# held everything the client sent after it. Judged by the answers the client gets and by
+# the rows upstream.
+SKIPPED = {
+    "query": [bind("nosuch"), query("SELECT 1"), SYNC],
+    "two-queries": [bind("nosuch"), query("SELECT 1"), query("SELECT 2"), SYNC],
+    "execute-error": [parse("SELECT 1/0"), bind(), execute(), query("SELECT 1"), SYNC],
+    "query-after-parse-error": [parse("SELEC 1"), query("SELECT 1"), SYNC],
+}
+FOLLOW = {
+    "extended": lambda: [parse("UPDATE dup_items SET v = 'y' WHERE id = $1"),
+                         bind("", [b"2"]), execute(), SYNC],
+    "simple": lambda: [query("UPDATE dup_items SET v = 'y' WHERE id = 2")],
+}
+
+
+@pytest.mark.parametrize("follow", FOLLOW)
+@pytest.mark.parametrize("skipped", SKIPPED)
+def test_a_skipped_query_does_not_stall_the_next_guarded_statement(gproxy, pg, skipped,
+                                                                   follow):
+    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
+               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
+               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
+    try:
+        c.send(parse("UPDATE dup_items SET v = v WHERE id = $1"), bind("", [b"1"]),
+               execute(), SYNC)
+        assert tags(c.until_ready()) == ["UPDATE 1"]
+        c.send(*SKIPPED[skipped])
+        assert errors(c.until_ready())
+        c.send(*FOLLOW[follow]())
+        assert tags(c.until_ready()) == ["UPDATE 1"]
+        assert tags(c.run("SELECT 1")) == ["SELECT 1"]
+    finally:
+        c.close()
+    assert pg.execute("SELECT v FROM dup_items WHERE id = 2", dbname="appdb") == [("y",)]

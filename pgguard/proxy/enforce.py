@@ -89,7 +89,7 @@ class Enforcement:
         # its peers do not know; the compiled pipe holds the same two dicts
         self.cache: tuple[dict, dict] = ({}, {})
         self.own_cache = False
-        self.sync_adjust = 0            # upstream sync points minus fscan.count
+        self._sync_adjust = 0           # see sync_adjust
         self.refusals: deque = deque()  # injected refusals awaiting their answer
         self.drop_next_z = False
         self.z_count = 0
@@ -137,6 +137,21 @@ class Enforcement:
         # guard: its values are not the ones a human saw
         self.granted: tuple | None = None
         self._fb: Bodies | None = None
+
+    @property
+    def sync_adjust(self) -> int:
+        """Sync points (Query, Sync, FunctionCall) Postgres answers, less those the
+        client scan counted: pgguard's own injected ones count, those it dropped do not,
+        and neither do the Queries and FunctionCalls Postgres skipped after an
+        extended-protocol error (round 18: a Query skipped in an earlier segment left
+        the guard waiting for its ReadyForQuery, and the session hung)."""
+        a = self.s.answers
+        return self._sync_adjust - (a.skipped if a is not None else 0)
+
+    @sync_adjust.setter
+    def sync_adjust(self, value: int) -> None:
+        a = self.s.answers
+        self._sync_adjust = value + (a.skipped if a is not None else 0)
 
     def relay_starts(self) -> None:
         """What the client scan watches from the relay's start: what the policy, the
