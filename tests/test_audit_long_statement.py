@@ -11,6 +11,7 @@ import sys
 import threading
 
 import psycopg
+import pytest
 import rawpg
 from conftest import HUMAN, HUMAN_PASSWORD
 
@@ -68,3 +69,36 @@ def test_a_huge_statement_is_recorded_by_its_start(make_proxy):
     # a statement behind huge leading comments and blanks is kept, not the comments
     recs = _records(proxy, f"SELECT $1 /* ... {len(shapes['behind'])} bytes in all */")
     assert len(recs) == 1, _records(proxy, "%bytes in all%")
+
+
+# Red team, round 18 (helper 93): past 256 KiB the record kept the text's start, so a
+# statement behind a long comment or literal was out of sight (`SELECT 1 /* 300 KB */;
+# UPDATE ...` recorded as `SELECT $1 /* ...`, and the UPDATE ran). The code is kept now,
+# literals and comments dropped (a compiled scan), and cut only when the code itself is
+# longer. Judged by the rows the hidden UPDATE changed and the record an auditor reads.
+HIDDEN = {
+    "behind-comment": "SELECT 1 /* " + "x" * (300 << 10) + " */; {upd}",
+    "behind-literal": "SELECT length('" + "y" * (300 << 10) + "'); {upd}",
+    "between-two": "SELECT length('" + "y" * (200 << 10) + "'); {upd}; SELECT 2 /* "
+                   + "z" * (200 << 10) + " */",
+    "line-comments": "SELECT 1;\n" + ("-- " + "w" * 1000 + "\n") * 300 + "{upd}",
+    "dollar-literal": "SELECT length($q$" + "v" * (300 << 10) + "$q$); {upd}",
+}
+
+
+@pytest.mark.parametrize("shape", HIDDEN)
+def test_a_statement_behind_a_long_literal_or_comment_is_recorded(make_proxy, pg, shape):
+    pg.execute("DROP TABLE IF EXISTS hidden_upd; CREATE TABLE hidden_upd (id int, v text);"
+               "INSERT INTO hidden_upd VALUES (1, 'v'); GRANT ALL ON hidden_upd TO PUBLIC")
+    proxy = make_proxy()
+    sql = HIDDEN[shape].format(upd="UPDATE hidden_upd SET v = 'hit' WHERE id = 1")
+    c = rawpg.RawClient.connect(proxy.port, HUMAN, HUMAN_PASSWORD, timeout=60)
+    try:
+        assert not rawpg.errors(c.run(sql))
+    finally:
+        c.close()
+    assert proxy.stop() == 0
+    assert pg.execute("SELECT v FROM hidden_upd") == [("hit",)]
+    recs = _records(proxy, "%UPDATE hidden_upd SET v = $% WHERE id = $%bytes in all */")
+    assert len(recs) == 1, _records(proxy, "%bytes in all%")
+    assert not _records(proxy, "%xxxxxxxxxx%") and not _records(proxy, "%yyyyyyyyyy%")
