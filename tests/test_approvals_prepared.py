@@ -588,3 +588,47 @@ def test_a_failed_parse_of_the_name_does_not_lift_the_approval(pg, aproxy, repla
         ap.join(5)
     assert statuses(pg)[1:3] == ["new", "new"]
     assert [v for _, v in ap.decided][1:] == ["deny", "deny"], ap.decided
+
+
+# Regression hunt, round 18 (helper 94): after the change above, an approval outlived the
+# statement it covered: the SELECTs of a psycopg pipeline behind an approved UPDATE (each
+# an unnamed Parse after unsynced messages) asked for approval of the UPDATE, showing
+# the SELECTs' values; a name DEALLOCATEd and prepared again asked at each Bind.
+def test_a_pipeline_behind_an_approved_write_asks_once(pg, aproxy):
+    ap = Approver(aproxy)
+    ap.start()
+    try:
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            with c.pipeline():
+                c.execute("UPDATE orders SET status = 'piped' WHERE id = %s", (2,))
+                a = c.execute("SELECT %s::int + 1", (10,))
+                b = c.execute("SELECT count(*) FROM orders WHERE id > %s", (0,))
+            assert a.fetchone() == (11,) and b.fetchone() == (10,)
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert len(ap.decided) == 1, ap.seen
+    assert statuses(pg)[1] == "piped"
+
+
+@pytest.mark.parametrize("reset", ["DEALLOCATE st1", "DEALLOCATE ALL",
+                                   "DEALLOCATE PREPARE st1"])
+def test_a_name_deallocated_and_prepared_again_asks_nothing(pg, aproxy, reset):
+    ap = Approver(aproxy)
+    ap.start()
+    c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        c.send(parse("UPDATE orders SET status = 'd' WHERE id = $1::int", name="st1"),
+               bind(stmt="st1", params=[b"1"]), execute(), SYNC)
+        assert "UPDATE 1" in tags(c.until_ready())
+        assert not errors(c.run(reset))
+        c.send(parse("SELECT $1::int AS v", name="st1"), SYNC)
+        assert not errors(c.until_ready())
+        for i in (5, 6):
+            c.send(bind(stmt="st1", params=[str(i).encode()]), execute(), SYNC)
+            assert tags(c.until_ready()) == ["SELECT 1"]
+    finally:
+        c.close()
+        ap.stop = True
+        ap.join(5)
+    assert len(ap.decided) == 1, ap.seen

@@ -160,3 +160,26 @@ def test_a_failed_parse_leaves_the_statement_that_runs_recorded(make_proxy, pg, 
     # (the decoys' literal is normalized away: 'SELECT $1'; none ran, none changed a row)
     assert not [r for r in _statements(proxy, "SELECT $1") if r[2]], \
         _statements(proxy, "SELECT $1")
+
+
+@pytest.mark.parametrize("user,password", [(AGENT, AGENT_PASSWORD), (HUMAN, HUMAN_PASSWORD)])
+def test_a_failed_unnamed_parse_leaves_no_older_text_behind(make_proxy, pg, user, password):
+    # (regression hunt, round 18: the older unnamed statement's text came back for the
+    # failed Parse, so the Bind's 26000 was recorded as the UPDATE tried again; Postgres
+    # drops the unnamed statement as an unnamed Parse begins, failing or not)
+    pg.execute("DROP TABLE IF EXISTS dup_audit2; CREATE TABLE dup_audit2 (id int); "
+               "INSERT INTO dup_audit2 VALUES (1); GRANT ALL ON dup_audit2 TO PUBLIC")
+    proxy = make_proxy()
+    c = RawClient.connect(proxy.port, user, password)
+    c.send(parse("UPDATE dup_audit2 SET id = id WHERE id = 1"), bind(), execute(), SYNC)
+    assert tags(c.until_ready()) == ["UPDATE 1"]
+    c.send(parse("SELECT FROM no_such_table_here"), SYNC)
+    c.until_ready()
+    c.send(bind(), execute(), SYNC)
+    c.until_ready()
+    c.close()
+    assert proxy.stop() == 0
+    recs = _statements(proxy, "%dup_audit2%")
+    assert [r for r in recs if r[1] is None] == [("UPDATE dup_audit2 SET id = id WHERE "
+                                                  "id = $1", None, 1)], recs
+    assert len(recs) == 1, recs

@@ -175,3 +175,64 @@ def test_a_skipped_query_does_not_stall_the_next_guarded_statement(gproxy, pg, s
     finally:
         c.close()
     assert pg.execute("SELECT v FROM dup_items WHERE id = 2", dbname="appdb") == [("y",)]
+
+
+# Regression hunt, round 18 (helper 94): the texts a name may still hold were kept past
+# the point Postgres settles them: a name closed (first in its segment: it runs) or
+# DEALLOCATEd and prepared again was judged against its old text after DDL (a SELECT
+# refused as the UPDATE it once was), and five reuses made every stale Bind of the name
+# "statement-memory"; the unnamed statement likewise across pipelines.
+RESETS = {
+    "close": lambda c: (c.send(close("S", "s1"), SYNC), c.until_ready()),
+    "deallocate": lambda c: c.run("DEALLOCATE s1"),
+    "deallocate-all": lambda c: c.run("DEALLOCATE ALL"),
+    "deallocate-prepare": lambda c: c.run("DEALLOCATE PREPARE s1"),
+}
+
+
+def _ddl_elsewhere(proxy, name: str) -> None:
+    other = RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database="appdb")
+    try:
+        assert not errors(other.run(f"CREATE TEMP TABLE {name} (a int)"))
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("times", [1, 6])
+@pytest.mark.parametrize("reset", RESETS)
+def test_a_name_prepared_again_after_it_is_gone_is_judged_as_itself(gproxy, pg, reset,
+                                                                    times):
+    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
+               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
+               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
+    try:
+        for i in range(times):
+            c.send(parse(f"UPDATE dup_items SET v = 'x{i}' WHERE id > $1", "s1"), SYNC)
+            assert not errors(c.until_ready())
+            RESETS[reset](c)
+        c.send(parse("SELECT $1::int AS v", "s1"), SYNC)
+        assert not errors(c.until_ready())
+        _ddl_elsewhere(gproxy, f"reuse_{reset.replace('-', '_')}_{times}")
+        c.send(bind("s1", [b"5"]), execute(), SYNC)
+        msgs = c.until_ready()
+        assert not errors(msgs), errors(msgs)
+        assert tags(msgs) == ["SELECT 1"]
+    finally:
+        c.close()
+
+
+def test_the_unnamed_statement_after_a_pipeline_of_them(gproxy, pg):
+    c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
+    try:
+        c.send(*[m for i in range(6) for m in (parse(f"SELECT {i} AS k{i}"), bind(),
+                                                execute())], SYNC)
+        assert tags(c.until_ready()) == ["SELECT 1"] * 6
+        c.send(parse("SELECT $1::int AS v"), SYNC)
+        assert not errors(c.until_ready())
+        _ddl_elsewhere(gproxy, "reuse_unnamed_pipeline")
+        c.send(bind("", [b"7"]), execute(), SYNC)
+        msgs = c.until_ready()
+        assert not errors(msgs) and tags(msgs) == ["SELECT 1"], msgs
+    finally:
+        c.close()

@@ -55,7 +55,9 @@ def test_messages_skipped_after_an_error_cost_no_memory(fproxy, pg, who, kind):
     user, pw = (AGENT, AGENT_PASSWORD) if who == "agent" else (HUMAN, HUMAN_PASSWORD)
     flood = _flood(kind)
     pids = _tree(fproxy.proc.pid)
-    c = rawpg.RawClient.connect(fproxy.port, user, pw, database=DB)
+    # (a generous read timeout: the flood is read through before the Sync is answered,
+    # seconds on a loaded machine; memory is what is judged)
+    c = rawpg.RawClient.connect(fproxy.port, user, pw, database=DB, timeout=120)
     try:
         _reset_peak(pids)
         before = _peak_kb(pids)

@@ -799,6 +799,10 @@ cdef class StatementTracker:
         # latest first: each puts back what the name held before it
         for x in reversed(undone):
             e = <_Pending>x
+            if e is failed and not e.name:
+                # (Postgres drops the unnamed statement as an unnamed Parse begins,
+                # failing or not: nothing of it comes back)
+                continue
             got = self.stmts.get(e.name)
             if got is None or (<tuple>got)[2] is not e:
                 continue

@@ -366,7 +366,8 @@ class Guard:
 
     __slots__ = ("s", "stmts", "portals", "chain", "seq", "owe", "out", "_skip_z",
                  "seg_known", "seg_exec", "_skip_seg", "last_row", "approved", "lane",
-                 "portal_ghosts", "unnamed_ghost", "seg_no", "rollbacks", "rb_portals")
+                 "portal_ghosts", "unnamed_ghost", "seg_no", "rollbacks", "rb_portals",
+                 "approved_ghost")
 
     def __init__(self, session) -> None:
         self.s = session
@@ -405,6 +406,7 @@ class Guard:
         # back at the next Sync)
         self.portal_ghosts: dict[bytes, tuple[Plan, int]] = {}  # name -> (plan, seg_no)
         self.unnamed_ghost: Plan | None = None
+        self.approved_ghost: list | None = None    # the unnamed one's, back at the Sync
         self.seg_no = 0                         # sync points (Sync, Query) seen
         # prepared statements whose text rolls back (ROLLBACK [TO SAVEPOINT]), and the
         # portals bound to one: their Bind and Execute revive the ghosts
@@ -417,7 +419,8 @@ class Guard:
         """Bind/Execute/Close must reach Python (a guarded statement or portal exists,
         or a Sync owes the end of a block the guard opened)."""
         return bool(self.stmts or self.portals or self.owe or self.approved
-                    or self.portal_ghosts or self.unnamed_ghost is not None)
+                    or self.portal_ghosts or self.unnamed_ghost is not None
+                    or self.approved_ghost is not None)
 
     def on_approved_parse(self, name: bytes, d, sql: bytes, parse: bytes,
                           plan: Plan | None = None, free: int = 1) -> None:
@@ -452,10 +455,17 @@ class Guard:
         error can make Postgres skip it). ``again``: the statement's own text judged
         again at a Bind (its plan replaces the old one)."""
         if again or not name and first:
-            # (a named Parse of a name still in use fails, 42P05, and one after an
-            # unsynced message may be skipped: the approved statement stays, and each
-            # Bind of the name asks again; a Close sure to run took the approval away)
             self.approved.pop(name, None)
+        elif not name:
+            # an unnamed Parse after an unsynced message: a Bind of this segment runs
+            # it (were it skipped, the Bind would be too), but one of a later segment
+            # may run the approved statement: it asks again from the Sync on
+            got = self.approved.pop(name, None)
+            if got is not None:
+                self.approved_ghost = got
+        # (a named Parse of a name still in use fails, 42P05: the approved statement
+        # stays, and each Bind of the name asks again; a Close sure to run, or a SQL
+        # DEALLOCATE, took the approval away)
         old = self.stmts.get(name)
         if old is None or again:
             if plan is None:
@@ -552,8 +562,9 @@ class Guard:
                 self._ghost_unnamed(old)
             if portal is not None:
                 self._ghost_portal(b"", portal)
-        if not self.s.fscan.query_unsynced:
-            self.approved.pop(b"", None)    # (skipped, the approved one may live on)
+        got = self.approved.pop(b"", None)
+        if got is not None and self.s.fscan.query_unsynced:
+            self.approved_ghost = got       # (skipped, the approved one lives on)
         self.seg_known, self.seg_exec = True, 0
         self._skip_seg = False
         if len(self.portal_ghosts) > GHOSTS_KEPT:
@@ -572,6 +583,20 @@ class Guard:
             # the segment's Parse/Close of the unnamed statement may have been skipped
             ghost, self.unnamed_ghost = self.unnamed_ghost, None
             self.stmts[b""] = maybe_plan(ghost, self.stmts.get(b""))
+        if self.approved_ghost is not None:
+            self.approved.setdefault(b"", self.approved_ghost)
+            self.approved_ghost = None
+
+    def deallocated(self, d) -> None:
+        """A SQL DEALLOCATE (a name, or ALL) that runs: the approvals of those names
+        are gone with them."""
+        for st in d.statements:
+            if st.kind == "deallocate":
+                if st.name is None:
+                    for name in [n for n in self.approved if n]:
+                        del self.approved[name]
+                else:
+                    self.approved.pop(st.name.encode(), None)
 
     def _ghost_unnamed(self, plan: Plan) -> None:
         self.unnamed_ghost = plan if self.unnamed_ghost is None else \

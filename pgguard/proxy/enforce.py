@@ -197,8 +197,12 @@ class Enforcement:
         else:
             closed.pop(name, None)
             before = texts.get(name)
-            if before is not None and before != sql and (
-                    name or self.s.fscan.before_unsynced):
+            if not name and not self.s.fscan.before_unsynced:
+                # first of its segment: Postgres drops the unnamed statement as the
+                # Parse begins, failing or not; what it held before is gone too
+                self._texts_bytes -= len(before or b"")
+                self._forget_alternatives(name)
+            elif before is not None and before != sql:
                 self._keep_alternative(name, before)
             else:
                 self._texts_bytes -= len(before or b"")
@@ -221,12 +225,44 @@ class Enforcement:
             self._texts_bytes -= len(alts.pop(0))
             alts.append(b"")
 
+    def _forget_alternatives(self, name: bytes) -> None:
+        self._texts_bytes -= sum(map(len, self.stmt_alts.pop(name, ())))
+
+    def _forget_name(self, name: bytes) -> None:
+        # Postgres has no statement of this name now
+        if self.stmt_gens.pop(name, None) is not None:
+            self._texts_bytes -= len(self.stmt_texts.pop(name, b""))
+        self._closed_names.pop(name, None)
+        self._forget_alternatives(name)
+
+    def deallocated(self, d) -> None:
+        """A Query with SQL DEALLOCATE (name or ALL) goes upstream: outside a failed
+        transaction it runs, and the names are gone (a Bind of one fails upstream)."""
+        if self.s.bscan.status == m.TX_FAILED:
+            return
+        for st in d.statements:
+            if st.kind != "deallocate":
+                continue
+            if st.name is None:
+                for name in [n for n in self.stmt_gens if n]:
+                    self._forget_name(name)
+            else:
+                self._forget_name(st.name.encode())
+        if self.s.guard is not None:
+            self.s.guard.deallocated(d)
+
     def closed_statement(self, msg: bytes) -> None:
         """A Close of a statement: Postgres may not run it (an error earlier in its
         pipeline skips it, and the name lives on), so the name is kept, as stale: a
-        later Bind of it is judged again (and fails upstream if the Close ran)."""
+        later Bind of it is judged again (and fails upstream if the Close ran). The
+        first message of its segment cannot be skipped: then the name is gone."""
         if len(msg) > 6 and msg[5] == m.TARGET_STATEMENT:
             name = msg[6:msg.find(b"\0", 6)]
+            if not self.s.fscan.before_unsynced:
+                # (the scan's view is this Close's, or a later message's of its
+                # segment: then unsynced, and the name is kept as below)
+                self._forget_name(name)
+                return
             if name in self.stmt_gens:
                 self.stmt_gens[name] = -1
                 self._closed_names[name] = None     # forgotten first (see parsed)
@@ -892,6 +928,8 @@ class Enforcement:
             if d is not None and s.prepared is not None and d.statements \
                     and _touches_prepared(d):
                 s.prepared.observe(d.statements)
+            if d is not None and any(st.kind == "deallocate" for st in d.statements):
+                self.deallocated(d)
             return
         if d.action == "approve":
             s.holds.for_approval(d, msg, out, extended=False, sql=msg[5:-1])

@@ -606,8 +606,10 @@ class Session:
                                  withhold=True, pg_limits=m.FRONTEND_PG_LIMITS,
                                  max_len=limits.max_message_size if parsed else PG_MAX_MESSAGE)
         self.fscan.track_sync = True     # (the guard's in-block statements ask)
-        # a FunctionCall under a policy stops the scan too: it may hold the stream
-        self.fscan.set_stop(b"QPF" if self.policy is not None else b"QP", True)
+        # a FunctionCall under a policy stops the scan too: it may hold the stream; and
+        # a Close, so that whether it is the first of its segment (it runs for sure:
+        # the statement is gone) is read for it, not for a later message
+        self.fscan.set_stop(b"QPFC" if self.policy is not None else b"QP", True)
         if not parsed:
             # nothing here changes the scan's interest mid-chunk: no stops, so no item
             # of a streamed message ever waits in the scan's rest
