@@ -444,3 +444,48 @@ def test_a_sorted_union_of_one_table_stays_allowed(enproxy, pg, sql):
     with psycopg.connect(enproxy.dsn(dbname=DB), autocommit=True) as c:
         got = c.execute(sql).fetchall()
     assert [r[0] for r in got] == [r[0] for r in truth]
+
+
+# Red team, round 18 (helper 95): a window function's value (from another row of its
+# partition) or a select-list generator's, set against a masked value inside a derived
+# relation, prints as a bare call, not another alias: the filter above it was "a masked
+# value against the row's own columns", and which stored rows it kept (ids of a cross
+# join's other table, or how many times each id came back) spelled every SSN, card and
+# email out, bit by bit, in one statement. Refused now. Judged by what each client got:
+# the refusal, never the rows (their number alone is the value).
+NUMBERED = {
+    "window-bits": "SELECT s.id, s.k FROM (SELECT c.id, o.id AS k, (ascii(substr(c.ssn, "
+                   "((row_number() OVER w - 1) / 7 + 1)::int, 1)) >> ((row_number() "
+                   "OVER w - 1) % 7)::int) & 1 AS x FROM customers c, rt18_rows o "
+                   "WINDOW w AS (PARTITION BY c.id ORDER BY o.id)) s WHERE s.x = 1 "
+                   "ORDER BY 1, 2",
+    "window-minus": "SELECT s.id FROM (SELECT c.id, ascii(substr(c.ssn, 1, 1)) - "
+                    "row_number() OVER (PARTITION BY c.id) AS x FROM customers c, "
+                    "rt18_rows o) s WHERE s.x > 43 ORDER BY 1",
+    "window-cte": "WITH s AS (SELECT c.id, ascii(substr(c.email, 2, 1)) - rank() OVER "
+                  "(PARTITION BY c.id ORDER BY o.id) AS x FROM customers c, rt18_rows o) "
+                  "SELECT id FROM s WHERE x > 0 ORDER BY 1",
+    "srf-minus": "SELECT s.id FROM (SELECT id, ascii(substr(ssn, 1, 1)) - "
+                 "generate_series(1, 60) AS x FROM customers) s WHERE s.x > 43 ORDER BY 1",
+    "srf-cte": "WITH s AS (SELECT id, ascii(substr(email, 2, 1)) - generate_series(1, 130) "
+               "AS x FROM customers) SELECT id FROM s WHERE x > 0 ORDER BY 1",
+    "srf-unnest": "SELECT s.id FROM (SELECT id, ascii(substr(ssn, 2, 1)) - "
+                  "unnest(array(SELECT generate_series(1, 60))) AS x FROM customers) s "
+                  "WHERE s.x > 43 ORDER BY 1",
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", sorted(NUMBERED))
+def test_a_numbered_or_generated_row_set_against_masked_values_is_refused(
+        enproxy, pg, psql_bin, mode, shape):
+    pg.execute("CREATE TABLE IF NOT EXISTS rt18_rows AS SELECT g AS id FROM "
+               "generate_series(101, 400) g; GRANT SELECT ON rt18_rows TO PUBLIC", dbname=DB)
+    sql = NUMBERED[shape]
+    try:
+        got, blob = run_mode(mode, enproxy, sql, psql_bin)
+    except (psycopg.Error, asyncpg.PostgresError, AssertionError) as e:
+        assert 'rule "masking"' in str(e) or (
+            mode == "raw-later" and "'26000'" in str(e)), (shape, mode, e)
+        return
+    assert got is REFUSED, (shape, mode, str(got)[:300])

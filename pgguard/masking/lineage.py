@@ -411,6 +411,23 @@ def _nodes(plan: dict, out: list) -> list:
 _SRF = "a set-returning function over masked values"
 
 
+_CALL_NAME = re.compile(r"(?:[\w$]+\.)?\"?([\w$]+)\"?\(")
+
+
+def _over_follows(toks: list, open_at: int) -> bool:
+    """Whether the call whose "(" is toks[open_at] is followed by OVER: a window
+    function."""
+    depth = 0
+    for j in range(open_at, len(toks)):
+        if toks[j].text == "(":
+            depth += 1
+        elif toks[j].text == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1 < len(toks) and toks[j + 1].text.upper() == "OVER"
+    return True                 # unbalanced: it may be
+
+
 def _child_outputs(node: dict) -> set[str]:
     """What a node's children output: a ProjectSet passes them through unchanged."""
     return {e for c in node.get("Plans", ())
@@ -460,6 +477,14 @@ class _Taint:
         self.entangling: set[str] = set()             # see below
         self.root = root
         self.nodes = _nodes(root, [])
+        # functions a ProjectSet runs as set-returning (generate_series(1, 60) in a
+        # select list): above it, each row holds another of their values, printed as
+        # a bare call; an expression setting one against a masked value compares it
+        # with another row source's values (see _mixed)
+        self.srfs: set[str] = {
+            m.group(1).lower() for n in self.nodes if n.get("Node Type") == "ProjectSet"
+            for e in _exprs(n) if e not in _child_outputs(n)
+            for m in [_CALL_NAME.match(e.lstrip("("))] if m is not None}
         self._toks: dict[str, list[_Tok] | None] = {}
         scans: list[tuple[tuple[str, str], set[str], frozenset]] = []
         for n in self.nodes:
@@ -734,7 +759,12 @@ class _Taint:
             if t.kind != "name" or prev in (".", "::"):
                 continue
             if i + 1 < n and toks[i + 1].text == "(":
-                continue                                # a call
+                # a call: a window function's value comes from other rows of its
+                # partition (row_number() OVER w numbered a cross join's rows and
+                # picked one bit of an SSN each), a set-returning one's from its series
+                if t.name.lower() in self.srfs or _over_follows(toks, i + 1):
+                    c_tok = True
+                continue
             if i + 2 < n and toks[i + 1].text == "." and toks[i + 2].text == "*":
                 # a whole row (to_jsonb(t.*), c.*::text): that row source, all of it
                 a = t.name
