@@ -416,16 +416,9 @@ _CALL_NAME = re.compile(r"(?:[\w$]+\.)?\"?([\w$]+)\"?\(")
 
 def _over_follows(toks: list, open_at: int) -> bool:
     """Whether the call whose "(" is toks[open_at] is followed by OVER: a window
-    function."""
-    depth = 0
-    for j in range(open_at, len(toks)):
-        if toks[j].text == "(":
-            depth += 1
-        elif toks[j].text == ")":
-            depth -= 1
-            if depth == 0:
-                return j + 1 < len(toks) and toks[j + 1].text.upper() == "OVER"
-    return True                 # unbalanced: it may be
+    function (unbalanced: it may be)."""
+    j = _closing(toks, open_at)
+    return j < 0 or j + 1 < len(toks) and toks[j + 1].text.upper() == "OVER"
 
 
 def _child_outputs(node: dict) -> set[str]:
