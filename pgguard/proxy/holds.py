@@ -36,7 +36,15 @@ BIND_VALUE_SHOWN = 200          # characters of one bound value an approver sees
 
 
 # binary values pgguard can read by the type the Parse declared
-_BINARY = {16: lambda b: "true" if b == b"\x01" else "false",
+def _bool(b: bytes) -> str:
+    # as Postgres' boolrecv reads it: one byte, any but 0 is true (round 18: 0x02 was
+    # shown to the approver as false and ran as true); another length fails the Bind
+    if len(b) != 1:
+        raise struct.error("a bool is one byte")
+    return "true" if b[0] else "false"
+
+
+_BINARY = {16: _bool,
            21: lambda b: str(struct.unpack("!h", b)[0]), 23: lambda b: str(struct.unpack("!i", b)[0]),
            20: lambda b: str(struct.unpack("!q", b)[0]), 700: lambda b: repr(struct.unpack("!f", b)[0]),
            701: lambda b: repr(struct.unpack("!d", b)[0])}
@@ -258,13 +266,19 @@ class Holds:
                             "the row limit, each later one asks with its values")
         else:
             shown = text
+        moved = s.pinned.changed_inputs() if s.pinned is not None else ""
+        if moved:
+            # how the literals read in this session (round 18: with DateStyle 'ISO, DMY'
+            # set first, '01/12/2024' meant December to Postgres and January to the
+            # approver): shown, and part of what a window matches
+            shown += f"\n-- session settings (literals read by them): {moved}"
         if not all(st.literal_free for st in d.statements):
             # a literal that is code (a DO block's body) or decides what runs: a window
             # covers this exact text only, never every statement of its shape
             fp = text
         # and what the policy read in it: a window covers statements of the same kinds
         # on the same relations only, whatever two texts' fingerprints have in common
-        fp = f"{fp}\n-- pgguard: {hold.summarize(d)}"
+        fp = f"{fp}\n-- pgguard: {hold.summarize(d)}" + (f"\n-- settings: {moved}" if moved else "")
         gen = self.services.decision_generation(s.database)
         req = failure = None
         try:

@@ -39,20 +39,37 @@ def _name_value(msg: bytes) -> tuple[bytes, bytes] | None:
     return msg[5:z], msg[z + 1:z2]
 
 
+# reported settings that change how a statement's literals read ('01/12/2024' is
+# January or December by DateStyle, a timestamptz literal moves with TimeZone): not
+# pinned (clients set them), but shown to an approver when they differ from login's
+_INPUTS = (b"DateStyle", b"TimeZone", b"IntervalStyle")
+
+
 class PinnedSettings:
     """What one guarded session's reported settings must stay at."""
 
-    __slots__ = ("pins",)
+    __slots__ = ("pins", "inputs", "login_inputs")
 
     def __init__(self, login_status: list[bytes], readonly: bool) -> None:
         pins = dict(_ALWAYS)
+        self.inputs: dict[bytes, bytes] = {}
         for msg in login_status:
             nv = _name_value(msg)
             if nv is not None and nv[0] in _AS_AT_LOGIN:
                 pins[nv[0]] = nv[1]
+            if nv is not None and nv[0] in _INPUTS:
+                self.inputs[nv[0]] = nv[1]
         if readonly:
             pins[b"default_transaction_read_only"] = b"on"
         self.pins = pins
+        self.login_inputs = dict(self.inputs)
+
+    def changed_inputs(self) -> str:
+        """The settings of _INPUTS that differ from what the session logged in with
+        (``DateStyle = 'ISO, DMY'``), '' when none does."""
+        return ", ".join(f"{n.decode()} = '{v.decode('utf-8', 'replace')}'"
+                         for n, v in self.inputs.items()
+                         if v != self.login_inputs.get(n))
 
     def check(self, msg: bytes) -> SettingMoved | None:
         """The refusal for a ParameterStatus that moves a pinned setting (None: fine)."""
@@ -60,6 +77,8 @@ class PinnedSettings:
         if nv is None:
             return None
         name, value = nv
+        if name in _INPUTS:
+            self.inputs[name] = value
         want = self.pins.get(name)
         if want is None or value == want:
             return None
