@@ -79,6 +79,12 @@ def test_closed_statements_never_push_out_a_live_one(gproxy):
     c.close()
 
 
+def _dup_items(pg) -> None:
+    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
+               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
+               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+
+
 # Red team, round 18 (helper 93): a Parse of a name Postgres still has fails (42P05) and
 # leaves the older statement in place, but pgguard took the failed one's text as the
 # name's: after DDL, the Bind was judged again as that text, and its plan replaced the
@@ -100,9 +106,7 @@ DUPS = {
 
 @pytest.mark.parametrize("dup", DUPS)
 def test_a_failed_parse_of_a_live_name_does_not_replace_its_statement(gproxy, pg, dup):
-    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
-               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
-               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    _dup_items(pg)
     c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
     try:
         c.send(parse("UPDATE dup_items SET v = 'x' WHERE id > $1", "s1"), SYNC)
@@ -121,9 +125,7 @@ def test_a_failed_parse_of_a_live_name_does_not_replace_its_statement(gproxy, pg
 
 
 def test_a_statement_prepared_once_still_runs_after_ddl(gproxy, pg):
-    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
-               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
-               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    _dup_items(pg)
     c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
     try:
         c.send(parse("UPDATE dup_items SET v = 'x' WHERE id = $1", "s1"), SYNC)
@@ -159,9 +161,7 @@ FOLLOW = {
 @pytest.mark.parametrize("skipped", SKIPPED)
 def test_a_skipped_query_does_not_stall_the_next_guarded_statement(gproxy, pg, skipped,
                                                                    follow):
-    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
-               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
-               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    _dup_items(pg)
     c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
     try:
         c.send(parse("UPDATE dup_items SET v = v WHERE id = $1"), bind("", [b"1"]),
@@ -202,9 +202,7 @@ def _ddl_elsewhere(proxy, name: str) -> None:
 @pytest.mark.parametrize("reset", RESETS)
 def test_a_name_prepared_again_after_it_is_gone_is_judged_as_itself(gproxy, pg, reset,
                                                                     times):
-    pg.execute("DROP TABLE IF EXISTS dup_items; CREATE TABLE dup_items (id int, v text); "
-               "INSERT INTO dup_items SELECT g, 'v' FROM generate_series(1, 50) g; "
-               "GRANT ALL ON dup_items TO PUBLIC", dbname="appdb")
+    _dup_items(pg)
     c = RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
     try:
         for i in range(times):
