@@ -986,37 +986,37 @@ class _Taint:
 _GROUP_KEYS = ("Group Key", "Hash Key")
 
 
+def _strings(values: list, inside) -> list[str]:
+    """Every string in ``values``, lists read through and a dict through the values
+    ``inside(dict)`` gives."""
+    out: list[str] = []
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(inside(v))
+    return out
+
+
+_SET_KEYS = ("Group Keys", "Hash Keys", "Group Key", "Hash Key")
+
+
 def _cond_texts(node: dict) -> list[str]:
     """The texts of a node's conditions and keys: every string of every field but
     ``_META_FIELDS`` (lists and nested groups, such as Grouping Sets, read through)."""
-    out: list[str] = []
-    todo: list[Any] = [v for k, v in node.items() if k not in _META_FIELDS]
     # every grouping key of the node, the grouping sets' too, is one key: GROUP BY g,
     # ascii(c.ssn) hashes both together (the order of the groups gave the code away),
     # and so do GROUPING SETS ((g, ascii(c.ssn)), (g)), CUBE and ROLLUP, whose keys
     # EXPLAIN prints as lists inside "Grouping Sets"
-    keys: list[str] = []
-    stack: list[Any] = [node.get(k) for k in _GROUP_KEYS] + [node.get("Grouping Sets")]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            keys.append(v)
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.get(k) for k in ("Group Keys", "Hash Keys", "Group Key",
-                                             "Hash Key"))
-    if len(keys) > 1:
-        out.append(", ".join(keys))
-    while todo:
-        v = todo.pop()
-        if isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, list):
-            todo.extend(v)
-        elif isinstance(v, dict):
-            todo.extend(x for k, x in v.items() if k not in _META_FIELDS)
-    return out
+    keys = _strings([node.get(k) for k in _GROUP_KEYS] + [node.get("Grouping Sets")],
+                    lambda d: (d.get(k) for k in _SET_KEYS))
+    out = [", ".join(keys)] if len(keys) > 1 else []
+    return out + _strings([v for k, v in node.items() if k not in _META_FIELDS],
+                          lambda d: (x for k, x in d.items() if k not in _META_FIELDS))
 
 
 # words EXPLAIN prints in expressions that name no column

@@ -238,7 +238,8 @@ class Enforcement:
     def deallocated(self, d) -> None:
         """A Query with SQL DEALLOCATE (name or ALL) goes upstream: outside a failed
         transaction it runs, and the names are gone (a Bind of one fails upstream)."""
-        if self.s.bscan.status == m.TX_FAILED:
+        if self.s.bscan.status == m.TX_FAILED or \
+                not any(st.kind == "deallocate" for st in d.statements):
             return
         for st in d.statements:
             if st.kind != "deallocate":
@@ -928,7 +929,6 @@ class Enforcement:
             if d is not None and s.prepared is not None and d.statements \
                     and _touches_prepared(d):
                 s.prepared.observe(d.statements)
-            if d is not None and any(st.kind == "deallocate" for st in d.statements):
                 self.deallocated(d)
             return
         if d.action == "approve":
