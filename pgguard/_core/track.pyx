@@ -329,6 +329,7 @@ cdef long long _rows(bytes msg):
 
 # entries kept for the messages of a pipeline after an error (see _drain)
 cdef Py_ssize_t SKIPPED_KEPT = 1024
+cdef bytes _SCS = b"standard_conforming_strings\0"
 # prepared statements whose texts one session keeps; past it the oldest is forgotten
 # (an Execute of it is recorded with a text saying so), so a client preparing names
 # without end cannot grow the proxy without bound
@@ -405,6 +406,10 @@ cdef class StatementTracker:
     # a DDL command completed in the session's current transaction: once it is idle,
     # the proxy reads the view map again (Server.catalog_committed)
     cdef bint ddl_seen
+    # standard_conforming_strings was reported off in this session (a session under no
+    # policy may turn it off): its statements are recorded as read either way
+    cdef bint _scs_off
+    cdef object _h_both
     # (rule, rows): the next ErrorResponse is pgguard's refusal of the running statement
     # after it ran (the blast-radius guard's, see refused_next)
     cdef object _refused
@@ -427,7 +432,8 @@ cdef class StatementTracker:
         self._parts = {}
         self._parts_bytes = 0
         (self._h_record, self._h_part, self._h_session, self._approved,
-         self._error_fields) = helpers
+         self._error_fields, self._h_both) = helpers
+        self._scs_off = False
         self._log_row = audit.log_row
         # rows are assembled from parts encoded once (see _emit); an audit without
         # log_encoded gets tuples
@@ -673,6 +679,8 @@ cdef class StatementTracker:
         cdef _Pending e
         cdef long long swallowed = 0
         if t == PARAMETER_STATUS:       # a reported setting (the session's pins)
+            if msg.startswith(_SCS, 5) and not msg.startswith(b"on\0", 5 + len(_SCS)):
+                self._scs_off = True
             self.session.parameter_reported(msg)
             return
         self._drain()
@@ -848,6 +856,10 @@ cdef class StatementTracker:
             portal = _cstr(msg, 5, &after)
             sql, d, _ = self.stmts.get(self.portals.get(portal, _NO_PORTAL)[0],
                                        (b"", None, None))
+        # a session under no policy may have turned standard_conforming_strings off in
+        # a statement whose report has not come yet (this one is sent before its answer)
+        if (self._scs_off or self.session.pinned is None) and not self.raw and sql:
+            sql = self._h_both(sql)
         if d is not None and d.__class__ is self._approved:
             rec = self._h_record(self.session, sql, d, "approved", self.wall(0))
             rec.approver = d.approver
@@ -888,10 +900,15 @@ cdef class StatementTracker:
         elif e.state is not None:
             decision = "error"
         duration = (now - e.t0) // 1000 if e.t0 else None
-        part = self._part(e.sql, dec, e.key) if e.sql.__class__ is bytes and not self.raw \
+        sql, key = e.sql, e.key
+        if self._scs_off and sql.__class__ is bytes and not self.raw:
+            sql = self._h_both(sql)
+            if sql is not e.sql:
+                key = None
+        part = self._part(sql, dec, key) if sql.__class__ is bytes and not self.raw \
             else None
         if part is None:            # text from elsewhere, or literals are captured
-            rec = self._h_record(s, e.sql, dec, decision, self.wall(e.t0))
+            rec = self._h_record(s, sql, dec, decision, self.wall(e.t0))
             rec.approver = approver
             rec.rule = rule
             rec.rows = rows

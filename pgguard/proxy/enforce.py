@@ -1372,10 +1372,10 @@ class Enforcement:
                 out.append(m.error_response(r[4], d.message, detail=d.detail or None,
                                             hint=d.hint or None))
             else:
-                if t == m.PARAMETER_STATUS:
+                if t == m.PARAMETER_STATUS and s.tracker is None:
                     s.parameter_reported(msg)       # a pinned setting moved: it ends
                 if s.tracker is not None and t in _TRACKED:
-                    s.tracker.on_backend(t, msg)
+                    s.tracker.on_backend(t, msg)    # (ParameterStatus: the same, first)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
                 if msg is not None:
@@ -1390,7 +1390,7 @@ class Enforcement:
 
 
 # backend messages the statement tracker pairs with statements
-_TRACKED = frozenset(b"CEIsZ")
+_TRACKED = frozenset(b"CEIsZS")
 
 
 _WRITE_FLAGS = frozenset({"write", "destructive", "privilege", "escape"})

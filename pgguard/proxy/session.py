@@ -618,8 +618,10 @@ class Session:
             self.fscan.stream_keep = min(limits.max_message_size, STREAM_KEEP)
         # ParameterStatus too under a policy: a pinned setting reported changed ends
         # the session (rare: only a change of a reported setting sends one)
+        # (and for the audit: standard_conforming_strings off changes how it reads)
         self.bscan = MessageScan(interest=(b"CEIsZ" if audit is not None else b"")
-                                 + (b"S" if self.pinned is not None else b""),
+                                 + (b"S" if self.pinned is not None or audit is not None
+                                    else b""),
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = m.TX_IDLE
         # one model of what each message sent upstream is answered with (every write

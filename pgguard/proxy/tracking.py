@@ -13,6 +13,7 @@ from .._core.sqlshape import shape
 from .._core.track import REFUSAL_SYNC  # noqa: F401 (re-exported)
 from .._core.track import StatementTracker as _Tracker
 from ..audit.record import _TOKEN, INTROSPECTION, AuditRecord, normalize
+from ..audit.scs import both_readings
 from ..policy.classify import is_system_relation
 from ..protocol import messages as m
 
@@ -219,4 +220,9 @@ def statement_record(s: Session, sql, d, decision: str, ts: datetime) -> AuditRe
     return rec
 
 
-_HELPERS = (statement_record, statement_part, session_columns, Approved, m.parse_error_fields)
+def _both_readings(sql: bytes) -> bytes:
+    return both_readings(sql, normalize)
+
+
+_HELPERS = (statement_record, statement_part, session_columns, Approved, m.parse_error_fields,
+            _both_readings)
