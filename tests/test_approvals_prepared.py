@@ -169,13 +169,24 @@ def approved_with_window(proxy, run) -> None:
 
 
 def test_a_grant_window_lets_repeats_through_without_asking(pg, aproxy):
-    """A time-boxed grant (JIT window) still covers repeats of the same statement."""
+    """A time-boxed grant (JIT window) covers repeats of the same statement, with the
+    same values, without asking; other values ask again (red team 19: a window on one
+    order's UPDATE let any other order's through)."""
+    # (psycopg sends each execution's Parse with its Bind: the approver sees the values,
+    # and a window covers them; a statement prepared ahead shows none, see above)
     with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
         approved_with_window(aproxy, lambda: c.execute(
-            "UPDATE orders SET status = %s WHERE id = %s", ("g1", 1), prepare=True))
-        for i in (2, 3, 4):
-            c.execute("UPDATE orders SET status = %s WHERE id = %s", (f"g{i}", i), prepare=True)
-    assert statuses(pg)[:4] == ["g1", "g2", "g3", "g4"]
+            "UPDATE orders SET status = %s WHERE id = %s", ("g1", 1), prepare=False))
+        pg.execute("UPDATE orders SET status = 'new' WHERE id = 1", dbname=DB)
+        for _ in range(3):
+            c.execute("UPDATE orders SET status = %s WHERE id = %s", ("g1", 1), prepare=False)
+        assert statuses(pg)[:2] == ["g1", "new"]
+        items = api(aproxy, "GET", "/api/approvals?state=pending")
+        assert (items.get("approvals", items) if isinstance(items, dict) else items) == []
+    for sql in ("UPDATE orders SET status = 'g1' WHERE id = 2",
+                "UPDATE orders SET status = 'g2' WHERE id = 1"):
+        assert denied_when_asked(aproxy, sql) == ["42501"], sql
+    assert statuses(pg)[:2] == ["g1", "new"]
 
 
 def test_strict_audit_records_every_approved_execution(pg, make_proxy):
@@ -231,39 +242,36 @@ def test_denied_rebind_then_a_query_in_the_same_write(pg, aproxy):
 
 @pytest.mark.parametrize("client", ["psycopg-simple", "raw-query", "psql"])
 def test_a_grant_window_does_not_lift_the_row_limit(pg, aproxy, psql_bin, client):
-    """Red team 11: a window granted on a statement that changed no row let the same
-    shape with other literals change every row of the table (an approved statement ran
-    without the blast-radius guard). What a window lets through runs under the guard:
-    the every-row check and the row limit refuse it; a narrow repeat still runs."""
+    """Red team 11: a window granted on a statement that changed no row let it change
+    every row of the table later (an approved statement ran without the blast-radius
+    guard). What a window lets through runs under the guard: the same text, once the
+    rows it reaches are every row of the table, is refused by the every-row check; once
+    they are one row again, it runs."""
     from conftest import run_psql
+    same = "UPDATE orders SET status = 'w0' WHERE status = 'none'"
     with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
-        approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(
-            "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 0"))
-    wide = "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 1000"
-    narrow = "UPDATE orders SET status = 'w0' WHERE id > 0 AND id < 2"
+        approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(same))
+    pg.execute("UPDATE orders SET status = 'none'", dbname=DB)
+    wide = statuses(pg)
     if client == "psycopg-simple":
         with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
             with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
-                psycopg.ClientCursor(c).execute(wide)
+                psycopg.ClientCursor(c).execute(same)
             assert "every row" in str(e.value) or "limit" in str(e.value), e.value
-            assert statuses(pg) == ["new"] * 10
-            psycopg.ClientCursor(c).execute(narrow)
     elif client == "raw-query":
         c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
         try:
-            c.send(query(wide))
+            c.send(query(same))
             assert [e["C"] for e in errors(c.until_ready())] == ["42501"]
-            assert statuses(pg) == ["new"] * 10
-            c.send(query(narrow))
-            assert "UPDATE 1" in tags(c.until_ready())
         finally:
             c.close()
     else:
-        r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", wide)
-        assert r.returncode != 0 and "42501" not in r.stdout and "pgguard" in r.stderr, r
-        assert statuses(pg) == ["new"] * 10
-        r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", narrow)
-        assert r.returncode == 0, r.stderr
+        r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", same)
+        assert r.returncode != 0 and "pgguard" in r.stderr, r
+    assert statuses(pg) == wide
+    pg.execute("UPDATE orders SET status = 'new' WHERE id > 1", dbname=DB)
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        psycopg.ClientCursor(c).execute(same)
     assert statuses(pg) == ["w0"] + ["new"] * 9
 
 
@@ -333,24 +341,34 @@ WINDOW_SHAPES = [
 
 @pytest.mark.parametrize("narrow, wide", WINDOW_SHAPES)
 def test_window_shapes_keep_the_every_row_check(pg, aproxy, psql_bin, narrow, wide):
-    """Five shapes of the red team's window attack, each through psycopg (simple and
-    extended), a raw Query and psql: the wide repeat is refused and no row changes."""
+    """Five shapes of the red team's window attacks (rounds 11 and 19), through psycopg
+    (simple and extended), a raw Query and psql: a window covers the statement it was
+    approved for, so the wide one asks a human again (denied here) and no row changes."""
     from conftest import run_psql
     with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
         approved_with_window(aproxy, lambda: psycopg.ClientCursor(c).execute(narrow))
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            psycopg.ClientCursor(c).execute(wide)
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            c.execute(wide)         # extended: the window covers the Parse, the guard its Execute
-    rc = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    before = statuses(pg)
+    ap = Approver(aproxy, decide=lambda _text: "deny")
+    ap.start()
     try:
-        rc.send(query(wide))
-        assert [e["C"] for e in errors(rc.until_ready())] == ["42501"]
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                psycopg.ClientCursor(c).execute(wide)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(wide)         # extended: held at its Parse, asked again
+        rc = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+        try:
+            rc.send(query(wide))
+            assert [e["C"] for e in errors(rc.until_ready())] == ["42501"]
+        finally:
+            rc.close()
+        r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", wide)
+        assert r.returncode != 0 and "pgguard" in r.stderr, r
     finally:
-        rc.close()
-    r = run_psql(psql_bin, aproxy.dsn(dbname=DB), "-c", wide)
-    assert r.returncode != 0 and "pgguard" in r.stderr, r
-    assert statuses(pg) == ["new"] * 10
+        ap.stop = True
+        ap.join(5)
+    assert len(ap.decided) == 4 and {v for _, v in ap.decided} == {"deny"}
+    assert statuses(pg) == before
 
 
 DO_BLOCKS = [

@@ -164,9 +164,17 @@ def test_jit_window_lets_repeats_through(pg, aproxy):
     assert r.returncode == 0, r.stderr
     t.join(15)
     assert box.get("result") == "UPDATE 1"
-    # same statement shape, new literal: no new request
-    assert agent(2) == "UPDATE 1"
-    assert status(pg, 2) == "paid"
+    # the same statement again: no new request
+    pg.execute("UPDATE orders SET status = 'new' WHERE id = 1", dbname="appdb")
+    assert agent(1) == "UPDATE 1"
+    assert status(pg, 1) == "paid"
+    # a new literal is another statement: asked for again (red team 19)
+    t, box = run_in_thread(lambda: agent(2))
+    (rid,) = pending_ids(aproxy)
+    r = cli(aproxy, "deny", str(rid), "--as", "alice")
+    assert r.returncode == 0, r.stderr
+    t.join(15)
+    assert status(pg, 2) == "new"
 
 
 def test_many_pending_at_once(pg, aproxy):

@@ -866,7 +866,8 @@ cdef class Pipe:
         self._peer_write(b"".join(out))
 
     def eof_received(self):
-        return False
+        # a client's half-close: the session may keep the socket open to answer it
+        return self._client_side and self._hooks.client_eof()
 
     def connection_lost(self, exc):
         if self._client_side:

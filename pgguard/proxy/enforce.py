@@ -27,7 +27,7 @@ from ..policy.classify import WRITING_FUNCS
 from ..policy.rules import Decision
 from ..policy.views import CATALOG_KINDS
 from ..protocol import messages as m
-from .blast import either_plan, has_txn_control, plan_for
+from .blast import MAX_TABLES, either_plan, has_txn_control, plan_for
 from .holds import sync_points
 from .tracking import REFUSAL_SYNC, statement_record
 
@@ -588,6 +588,10 @@ class Enforcement:
                     # changed in another server
                     d = unguarded_refusal(d, "writing a foreign table (its rows change in "
                                              "another server)")
+        if d.action != "block" and s.guard is not None:
+            plan = self._plan(d)
+            if plan is not None and len(plan.tables) > MAX_TABLES:
+                d = _too_many_tables_refusal(d, plan.tables)
         if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         if d.action != "block" and s.identity is not None and s.identity.kind == "agent" \
@@ -1614,6 +1618,19 @@ def unguarded_refusal(d, how: str):
                 f"statement kind: {st.kind}; it changes rows"),
         hint="Run it as a plain statement (SELECT f(), an UPDATE ...): it then runs "
              "under the row limit.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _too_many_tables_refusal(d, tables: tuple):
+    """A statement that writes more tables than the guard measures one by one."""
+    return Decision(
+        action="block", rule="blast-radius",
+        message=f'pgguard: statement refused by rule "blast-radius": it writes '
+                f"{len(tables)} tables, and the row limit is measured for at most "
+                f"{MAX_TABLES} tables a statement",
+        detail="tables written: " + ", ".join(tables[:12]) + (" ..." if len(tables) > 12
+                                                             else ""),
+        hint=f"Split it into statements that each write at most {MAX_TABLES} tables.",
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 

@@ -17,7 +17,7 @@ from ..approvals.store import StoreUnavailable
 from ..errors import PgguardError
 from ..policy.rules import Decision
 from ..protocol import messages as m
-from .tracking import Approved, fast_normalize
+from .tracking import Approved
 
 if TYPE_CHECKING:
     from .services import Services
@@ -256,7 +256,6 @@ class Holds:
     async def _await_approval(self, store, d, msg, extended, sql, name, parse=None) -> None:
         s = self.s
         text = sql.decode("utf-8", "replace")
-        fp = fast_normalize(sql)
         if parse is not None:               # a Bind: the values it binds
             shown = text + bind_values(msg, parse)
         elif extended:                      # a Parse: its Bind's, when it came with it
@@ -272,10 +271,11 @@ class Holds:
             # set first, '01/12/2024' meant December to Postgres and January to the
             # approver): shown, and part of what a window matches
             shown += f"\n-- session settings (literals read by them): {moved}"
-        if not all(st.literal_free for st in d.statements):
-            # a literal that is code (a DO block's body) or decides what runs: a window
-            # covers this exact text only, never every statement of its shape
-            fp = text
+        # a window covers this exact statement (its text, the values bound to it, the
+        # settings its literals read by), never other values of its shape (red team 19:
+        # a window on `... WHERE id = ANY('{49}')` let `ANY('{2,...,1000}')` through,
+        # 999 rows under the row limit): other values are another decision to ask for
+        fp = shown
         # and what the policy read in it: a window covers statements of the same kinds
         # on the same relations only, whatever two texts' fingerprints have in common
         fp = f"{fp}\n-- pgguard: {hold.summarize(d)}" + (f"\n-- settings: {moved}" if moved else "")

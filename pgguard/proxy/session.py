@@ -76,7 +76,7 @@ class ClientProtocol(asyncio.Protocol):
     (``transport.set_protocol``)."""
 
     __slots__ = ("services", "session", "transport", "phase", "reader", "waiter", "_lost",
-                 "_paused")
+                 "_paused", "eof")
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -87,6 +87,7 @@ class ClientProtocol(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self._lost = False
         self._paused = False        # reading paused in the startup phase (buffer full)
+        self.eof = False            # half-closed once logged in: the relay answers first
 
     # -- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -109,7 +110,15 @@ class ClientProtocol(asyncio.Protocol):
                 w.set_result(None)
 
     def eof_received(self):
-        return False
+        # after the login's ReadyForQuery the client may pipeline statements and
+        # half-close before the relay starts: they are answered (Session.client_eof);
+        # during the login an end of file ends it
+        s = self.session
+        if s is None or not s.connected_at or s.console is not None or \
+                self.transport.get_extra_info("sslcontext") is not None:
+            return False
+        self.eof = True
+        return True
 
     def connection_lost(self, exc) -> None:
         self._lost = True
@@ -657,6 +666,9 @@ class Session:
             return
         if rest:
             self.client_pipe.data_received(rest)
+        if c.eof and not self.client_eof():
+            self.close()
+            return
         if c._paused and not c.transport.is_closing():
             c._paused = False
             c.transport.resume_reading()
@@ -888,6 +900,20 @@ class Session:
             return
         self.up_pipe.notify_chunks = True
         self.backend_chunk()
+
+    def client_eof(self) -> bool:
+        """The client half-closed its socket (``shutdown(SHUT_WR)``) after whole
+        messages: Postgres would read its end of file after them and answer them
+        first, as before a Terminate; so the session goes on as if the client had sent
+        one (True: keep the socket open for the answers). Over TLS, or in the middle of
+        a message, the connection ends now (False)."""
+        t = self.client.transport
+        if self.closed or self.client.phase != PH_RELAY or t is None or \
+                t.get_extra_info("sslcontext") is not None or not self.fscan.at_boundary:
+            return False
+        if self.quitting is None:           # (not after the client's own Terminate)
+            self.client_pipe.data_received(m.TERMINATE_MESSAGE)
+        return not self.closed
 
     def close_after_upstream(self) -> None:
         """The client sent Terminate (written upstream): read nothing more from it, let

@@ -1,0 +1,95 @@
+# A client that half-closes its socket (shutdown(SHUT_WR)) after its last message:
+# Postgres reads the end of file after every message before it and answers them all,
+# then closes. pgguard closed the session at the end of file and the client lost the
+# answers of what it had sent (left open in session 18). Judged against Postgres
+# itself: the same bytes sent directly and through pgguard (a human, an agent with no
+# policy, an agent under the guarded default) get the same message types and rows, and
+# upstream holds the same rows.
+from __future__ import annotations
+
+import itertools
+import socket
+
+import pytest
+import rawpg
+from conftest import (AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD,
+                      UPSTREAM_USER)
+from exactlib import messages, read_until_closed
+
+_n = itertools.count(1)
+
+
+def _cases(tag: str) -> dict[str, bytes]:
+    ins = f"INSERT INTO half_close VALUES ('{tag}')"
+    return {
+        "select": rawpg.query("SELECT 'one' AS a, generate_series(1, 3) AS b"),
+        "insert": rawpg.query(ins),
+        "two-queries": rawpg.query("SELECT 1") + rawpg.query(ins),
+        "extended": rawpg.parse(ins.replace(f"'{tag}'", "$1"), types=[25])
+        + rawpg.bind(params=[tag.encode()]) + rawpg.execute() + rawpg.SYNC
+        + rawpg.parse("SELECT $1::int + 1", types=[23]) + rawpg.bind(params=[b"41"])
+        + rawpg.execute() + rawpg.SYNC,
+        "slow": rawpg.query(f"SELECT pg_sleep(0.4); {ins}"),
+        "open-block": rawpg.query("BEGIN") + rawpg.query(ins),     # rolled back at EOF
+        "error-then-more": rawpg.query("SELECT 1/0") + rawpg.query(ins),
+        "partial-message": rawpg.query(ins)[:-3],                  # nothing runs
+    }
+
+
+def _send_half_close(port: int, user: str, password: str | None, payload: bytes) -> list:
+    c = rawpg.RawClient.connect(port, user, password, database="appdb", timeout=20)
+    try:
+        c.sock.sendall(payload)
+        c.sock.shutdown(socket.SHUT_WR)
+        return [(t, p) for t, p in messages(c.buf + read_until_closed(c.sock, 20))]
+    finally:
+        c.sock.close()
+
+
+def _shape(msgs: list) -> list:
+    # message types, with the rows, tags and SQLSTATEs (the server's pids and times
+    # differ; a notice is not part of the answer to compare)
+    out = []
+    for t, p in msgs:
+        if t == b"E":
+            out.append(("E", rawpg.error_fields(p).get("C")))
+        elif t == b"D":
+            out.append(("D", tuple(rawpg.data_row(p))))
+        elif t == b"C":
+            out.append(("C", p))
+        elif t not in (b"N", b"S"):
+            out.append((t.decode(), b""))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gproxy(pg, tmp_path_factory):
+    from test_policy_guard_settings import guarded_proxy
+    p = guarded_proxy(pg, tmp_path_factory.mktemp("half-close"))
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def table(pg):
+    pg.execute("CREATE TABLE IF NOT EXISTS half_close (tag text)", dbname="appdb")
+    pg.execute(f"GRANT ALL ON half_close TO {UPSTREAM_USER}", dbname="appdb")
+
+
+@pytest.mark.parametrize("who", ["human", "agent", "guarded-agent"])
+@pytest.mark.parametrize("case", list(_cases("x")))
+def test_half_closed_client_gets_every_answer(proxy, gproxy, pg, table, case, who):
+    user, pw = (HUMAN, HUMAN_PASSWORD) if who == "human" else (AGENT, AGENT_PASSWORD)
+    if who == "guarded-agent":
+        proxy = gproxy
+    direct_tag, proxied_tag = f"d{next(_n)}", f"p{next(_n)}"
+    direct = _send_half_close(pg.port, UPSTREAM_USER, UPSTREAM_PASSWORD,
+                              _cases(direct_tag)[case])
+    proxied = _send_half_close(proxy.port, user, pw, _cases(proxied_tag)[case])
+    assert _shape(proxied) == _shape(direct), case
+
+    def stored(tag: str) -> int:
+        return pg.execute("SELECT count(*) FROM half_close WHERE tag = %s", (tag,),
+                          dbname="appdb")[0][0]
+    expected = {"select": 0, "open-block": 0, "partial-message": 0}.get(case, 1)
+    assert (stored(direct_tag), stored(proxied_tag)) == (expected, expected)
