@@ -858,7 +858,8 @@ cdef class StatementTracker:
                                        (b"", None, None))
         # a session under no policy may have turned standard_conforming_strings off in
         # a statement whose report has not come yet (this one is sent before its answer)
-        if (self._scs_off or self.session.pinned is None) and not self.raw and sql:
+        if (self._scs_off or self.session.pinned is None) and not self.raw and sql and \
+                b"\\" in <bytes>sql:
             sql = self._h_both(sql)
         if d is not None and d.__class__ is self._approved:
             rec = self._h_record(self.session, sql, d, "approved", self.wall(0))
@@ -901,7 +902,11 @@ cdef class StatementTracker:
             decision = "error"
         duration = (now - e.t0) // 1000 if e.t0 else None
         sql, key = e.sql, e.key
-        if self._scs_off and sql.__class__ is bytes and not self.raw:
+        # a session under no policy may turn standard_conforming_strings off, and
+        # Postgres reports it at the next ReadyForQuery only: a statement pipelined
+        # behind the change (no Sync between) is answered before the report (round 19)
+        if sql.__class__ is bytes and not self.raw and b"\\" in <bytes>sql and (
+                self._scs_off or s.pinned is None):
             sql = self._h_both(sql)
             if sql is not e.sql:
                 key = None
