@@ -327,7 +327,7 @@ class _Declined(Exception):
     pass
 
 
-def _normalize_regex(sql: str) -> str:
+def _normalize_regex(sql: str, depth: int = 0) -> str:
     spans: list[tuple[int, int]] = []
     max_param = 0
     for m in _TOKEN.finditer(sql):
@@ -340,10 +340,10 @@ def _normalize_regex(sql: str) -> str:
                 max_param = max(max_param, int(text[1:]))
         else:
             raise _Declined
-    return _splice(sql, spans, max_param)
+    return _splice(sql, spans, max_param, depth)
 
 
-def _normalize_scanner(sql: str) -> str:
+def _normalize_scanner(sql: str, depth: int = 0) -> str:
     from pglast import parser  # the real Postgres lexer (libpg_query)
 
     spans: list[tuple[int, int]] = []
@@ -353,25 +353,59 @@ def _normalize_scanner(sql: str) -> str:
             spans.append((tok.start, tok.end + 1))
         elif tok.name == "PARAM":
             max_param = max(max_param, int(sql[tok.start + 1:tok.end + 1]))
-    return _splice(sql, spans, max_param)
+    return _splice(sql, spans, max_param, depth)
 
 
-def _splice(sql: str, spans: list[tuple[int, int]], first: int) -> str:
+# a literal right after these words is code: a DO block's body, a function's body
+# (AS ...), dynamic SQL (EXECUTE '...' in a body), DO LANGUAGE x '...'
+_BODY_BEFORE = re.compile(r"(?i)(?:\b(?:DO|AS|EXECUTE)|\bLANGUAGE\s+[\w\x80-\uffff]+)\s*\Z")
+_BODY_DEPTH = 3
+
+
+def _body(lit: str) -> str | None:
+    """The text of a string literal (quoted, E'', U&'' or dollar-quoted)."""
+    if lit.startswith("$"):
+        tag_end = lit.index("$", 1) + 1
+        return lit[tag_end:len(lit) - tag_end]
+    if lit[:1] in "Ee" and lit[1:2] == "'":
+        inner = lit[2:-1]
+        return re.sub(r"\\(.)", r"\1", inner.replace("''", "'"), flags=re.S)
+    if lit[:2].upper() == "U&":
+        return lit[3:-1].replace("''", "'")        # (its \XXXX escapes as written)
+    if lit[:1] == "'":
+        return lit[1:-1].replace("''", "'")
+    return None
+
+
+def _splice(sql: str, spans: list[tuple[int, int]], first: int, depth: int = 0) -> str:
     if not spans:
         return sql
     out: list[str] = []
     last = 0
     n = first
     for start, end in spans:
-        n += 1
         out.append(sql[last:start])
-        out.append(f"${n}")
         last = end
+        if depth < _BODY_DEPTH and _BODY_BEFORE.search(sql, max(0, start - 80), start):
+            # code in a literal: kept, its own literals normalized (round 19: every DO
+            # block was recorded as `DO $1`, whatever it ran)
+            body = _body(sql[start:end])
+            if body is not None:
+                inner = normalize(body, depth + 1)
+                tag = "$pgguard$"
+                k = 0
+                while tag in inner:
+                    k += 1
+                    tag = f"$pgguard{k}$"
+                out.append(tag + inner + tag)
+                continue
+        n += 1
+        out.append(f"${n}")
     out.append(sql[last:])
     return "".join(out)
 
 
-def normalize(sql: str) -> str:
+def normalize(sql: str, depth: int = 0) -> str:
     """Replace every literal (strings, numbers, bit strings, dollar quotes) with ``$n``.
 
     Numbering continues after the highest ``$n`` already in the text, as in
@@ -386,11 +420,11 @@ def normalize(sql: str) -> str:
     if not _HAS_LITERAL.search(sql):
         return sql
     try:
-        return _normalize_regex(sql)
+        return _normalize_regex(sql, depth)
     except _Declined:
         pass
     try:
-        return _normalize_scanner(sql)
+        return _normalize_scanner(sql, depth)
     except Exception:  # pglast.parser.ParseError and anything odd: never log the text
         return f"<statement not normalizable: {len(sql)} chars>"
 
