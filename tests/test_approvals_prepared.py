@@ -650,3 +650,64 @@ def test_a_name_deallocated_and_prepared_again_asks_nothing(pg, aproxy, reset):
         ap.stop = True
         ap.join(5)
     assert len(ap.decided) == 1, ap.seen
+
+
+def test_a_window_covers_the_whole_values_not_what_the_approver_saw_of_them(pg, aproxy):
+    """Regression hunt (helper 101): a window was keyed by the request's text, where a
+    long bound value is cut; a value beginning like the approved one (its first 200
+    characters) and reaching 500 more rows ran unasked. The key holds the values whole."""
+    sql = "UPDATE orders SET status = 'lw' WHERE id = ANY(%s::int[])"
+    more = ",1,2,3,5,6,7,8,9,10"
+    approved = "{4" + " " * 400 + "}"
+    wider = "{4" + " " * (400 - len(more)) + more + "}"     # the same length
+    assert len(wider) == len(approved) and wider[:200] == approved[:200]
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        approved_with_window(aproxy, lambda: c.execute(sql, (approved,), prepare=False))
+    assert statuses(pg) == ["new"] * 3 + ["lw"] + ["new"] * 6
+    ap = Approver(aproxy, decide=lambda _text: "deny")
+    ap.start()
+    try:
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            for value in (wider, "{4" + " " * (399 - len(more)) + more + " }"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    c.execute(sql, (value,), prepare=False)
+            c.execute(sql, (approved,), prepare=False)         # the same: covered
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert len(ap.decided) == 2
+    assert statuses(pg) == ["new"] * 3 + ["lw"] + ["new"] * 6
+
+
+def _approved_once(proxy, run) -> None:
+    """``run()`` on a thread, its approval request approved by alice (no window)."""
+    t = threading.Thread(target=run)
+    t.start()
+    (rid,) = pending_ids(proxy)
+    assert cli(proxy, "approve", str(rid), "--as", "alice").returncode == 0
+    t.join(10)
+
+
+def test_a_window_on_execute_covers_no_other_prepared_statement(pg, aproxy):
+    """Regression hunt (helper 101): a window on `EXECUTE p(42)` covered the same text
+    after `DEALLOCATE p` and a new `PREPARE p` (398 rows changed unasked). What a SQL
+    EXECUTE runs may change while its text stays: no window covers it."""
+    with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+        cur = psycopg.ClientCursor(c)
+        _approved_once(aproxy, lambda: cur.execute(
+            "PREPARE p(int) AS UPDATE orders SET status = 'ex' WHERE id = $1"))
+        approved_with_window(aproxy, lambda: cur.execute("EXECUTE p(2)"))
+        assert statuses(pg)[1] == "ex"
+        cur.execute("DEALLOCATE p")
+        _approved_once(aproxy, lambda: cur.execute(
+            "PREPARE p(int) AS UPDATE orders SET status = 'ex2' WHERE id <> $1"))
+        ap = Approver(aproxy, decide=lambda _text: "deny")
+        ap.start()
+        try:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                cur.execute("EXECUTE p(2)")
+        finally:
+            ap.stop = True
+            ap.join(5)
+    assert [v for _, v in ap.decided] == ["deny"]
+    assert statuses(pg) == ["new", "ex"] + ["new"] * 8

@@ -92,3 +92,64 @@ def test_code_in_a_literal_is_in_the_record(cproxy, pg, psql_bin, client, who):
         assert not any(t.strip() == "DO $1" for t in texts)
     finally:
         cproxy.start()
+
+
+# (regression hunt, helper 101) where the code hid again: a comment between DO and its
+# body, the language's name quoted or a literal, blanks, E'' / U&'' escapes spelling the
+# body's own dollar quotes, EXECUTE ('...'), nesting; and a literal behind `-- as` on the
+# line before it was kept in clear
+HIDING = [
+    "DO /* why */ $$BEGIN {ins}; END$$",
+    "DO -- why */\n$$BEGIN {ins}; END$$",
+    'DO LANGUAGE "plpgsql" $$BEGIN {ins}; END$$',
+    "DO LANGUAGE 'plpgsql' $$BEGIN {ins}; END$$",
+    "DO" + " " * 300 + "$$BEGIN {ins}; END$$",
+    "DO E'BEGIN {ins_e}; END'",
+    "DO U&'BEGIN {ins_u}; END' UESCAPE '!'",
+    "DO $$BEGIN EXECUTE ('{ins_q}'); END$$",
+    "DO $a$BEGIN EXECUTE 'DO $b$BEGIN EXECUTE ''DO $c$BEGIN {ins_qq}; END$c$''; END$b$'; END$a$",
+]
+
+
+def _hiding(tag: str) -> list[str]:
+    ins = f"INSERT INTO cb_marks VALUES ($v${tag}$v$, $v$secret-{tag}$v$)"
+    quote, twice = "'", "''"
+    return [tmpl.format(ins=ins, ins_e=ins.replace("$", "\\x24"),
+                        ins_u=ins.replace("$", "!0024"), ins_q=ins.replace(quote, twice),
+                        ins_qq=ins.replace(quote, twice * 2)) for tmpl in HIDING]
+
+
+@pytest.mark.parametrize("client", ["psql", "raw"])
+def test_code_stays_in_sight_however_the_body_is_written(cproxy, pg, psql_bin, client):
+    tag = f"cb{next(_n)}"
+    sqls = _hiding(tag)
+    _send(client, cproxy, psql_bin, (HUMAN, HUMAN_PASSWORD), sqls)
+    ran = pg.execute("SELECT count(*) FROM cb_marks WHERE tag = %s", (tag,), dbname=DB)[0][0]
+    assert ran == len(sqls)
+    cproxy.stop()
+    try:
+        texts = [r[0] for r in audit_rows(
+            cproxy, "SELECT statement FROM audit WHERE event = 'statement' AND statement "
+                    f"LIKE 'DO%' ORDER BY event_id DESC LIMIT {len(sqls)}")]
+        assert len(texts) == len(sqls)
+        missing = [t for t in texts if "INSERT INTO cb_marks VALUES ($" not in t]
+        assert not missing, missing
+        assert not any("secret" in t for t in texts), texts
+    finally:
+        cproxy.start()
+
+
+def test_a_literal_after_a_comment_saying_as_is_normalized(cproxy, pg):
+    c = rawpg.RawClient.connect(cproxy.port, HUMAN, HUMAN_PASSWORD, database=DB)
+    try:
+        msgs = c.run("SELECT 1 AS cb_as_probe, -- as\n 'hidden.person@example.com' AS e")
+        assert rawpg.rows(msgs) == [[b"1", b"hidden.person@example.com"]]
+    finally:
+        c.close()
+    cproxy.stop()
+    try:
+        texts = [r[0] for r in audit_rows(cproxy, "SELECT statement FROM audit WHERE "
+                                                  "statement LIKE '%cb_as_probe%'")]
+        assert texts and not any("example.com" in t for t in texts), texts
+    finally:
+        cproxy.start()

@@ -135,8 +135,8 @@ def test_statements_read_with_the_setting_off_are_in_the_log(sproxy, pg, psql_bi
     sproxy.stop()
     try:
         # the auditor finds what ran: the UPDATE of this tag, the call of its sequence
-        assert _recorded(sproxy, f"UPDATE scs_marks SET n = n + $% WHERE tag = $%"), mode
-        assert _recorded(sproxy, f"nextval($%)"), mode
+        assert _recorded(sproxy, "UPDATE scs_marks SET n = n + $% WHERE tag = $%"), mode
+        assert _recorded(sproxy, "nextval($%)"), mode
         hidden = _recorded(sproxy, "standard_conforming_strings was off%scs_marks")
         assert hidden, mode
     finally:

@@ -12,9 +12,16 @@ import socket
 
 import pytest
 import rawpg
-from conftest import (AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_PASSWORD,
-                      UPSTREAM_USER)
+from conftest import (
+    AGENT,
+    AGENT_PASSWORD,
+    HUMAN,
+    HUMAN_PASSWORD,
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+)
 from exactlib import messages, read_until_closed
+from guarded import guarded_proxy
 
 _n = itertools.count(1)
 
@@ -64,10 +71,8 @@ def _shape(msgs: list) -> list:
 
 @pytest.fixture(scope="module")
 def gproxy(pg, tmp_path_factory):
-    from test_policy_guard_settings import guarded_proxy
-    p = guarded_proxy(pg, tmp_path_factory.mktemp("half-close"))
-    yield p
-    p.stop()
+    with guarded_proxy(pg, tmp_path_factory.mktemp("half-close")) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER
+from guarded import guarded_proxy
 from test_exact_half_close import _shape
 
 UPD = "UPDATE {t} SET v = v + 1 WHERE id = $1"
@@ -54,10 +55,8 @@ def _cases(t: str) -> dict[str, list[bytes]]:
 
 @pytest.fixture(scope="module")
 def gproxy(pg, tmp_path_factory):
-    from test_policy_guard_settings import guarded_proxy
-    p = guarded_proxy(pg, tmp_path_factory.mktemp("unnamed"))
-    yield p
-    p.stop()
+    with guarded_proxy(pg, tmp_path_factory.mktemp("unnamed")) as p:
+        yield p
 
 
 def _table(pg, name: str) -> None:

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD, UPSTREAM_USER, run_psql
+from guarded import guarded_proxy
 
 DB = "appdb"
 DUMMIES = [f"bmt_d{i}" for i in range(1, 9)]
@@ -42,10 +43,8 @@ CLIENTS = ["psql", "psycopg-simple", "psycopg-extended", "asyncpg", "raw"]
 
 @pytest.fixture(scope="module")
 def gproxy(pg, tmp_path_factory):
-    from test_policy_guard_settings import guarded_proxy
-    p = guarded_proxy(pg, tmp_path_factory.mktemp("many-tables"))
-    yield p
-    p.stop()
+    with guarded_proxy(pg, tmp_path_factory.mktemp("many-tables")) as p:
+        yield p
 
 
 @pytest.fixture

@@ -41,6 +41,11 @@ cdef class MessageScan:
     # counters Python reads after feed(): messages of counted types seen, and the
     # transaction status byte of the last ReadyForQuery ('I', 'T', 'E')
     cdef public long long count
+    # backend, for the audit: DataRows since the last completion; while .suspended is a
+    # list, the count at each PortalSuspended is appended to it (the statement tracker
+    # takes them in order: a suspended Execute's tag-less answer)
+    cdef long long _rows
+    cdef public object suspended
     cdef public int status
     # total bytes and messages seen, for metrics
     cdef public long long bytes_seen

@@ -18,6 +18,11 @@ class StreamedPrefix(bytes):
     header, its first body bytes, a note of its full size, and a final NUL."""
 
 
+# PortalSuspended row counts kept for the audit at most (one per suspended Execute not
+# yet paired: a pipeline of them; past this, later ones are counted 0)
+cdef Py_ssize_t SUSPENDED_KEPT = 4096
+
+
 cdef inline uint32_t _be32(const char* p) noexcept nogil:
     return ((<uint32_t><uint8_t>p[0]) << 24) | ((<uint32_t><uint8_t>p[1]) << 16) | \
            ((<uint32_t><uint8_t>p[2]) << 8) | (<uint32_t><uint8_t>p[3])
@@ -81,6 +86,8 @@ cdef class MessageScan:
         self.bytes_seen = 0
         self.messages = 0
         self.model = None
+        self._rows = 0
+        self.suspended = None
 
     cpdef set_interest(self, bytes types, bint on):
         cdef int i
@@ -284,6 +291,15 @@ cdef class MessageScan:
         self.last_type = t
         if self._counted[t]:
             self.count += 1
+        if self.suspended is not None:
+            if t == 68:                                 # DataRow
+                self._rows += 1
+            elif t == 115:                              # PortalSuspended
+                if len(self.suspended) < SUSPENDED_KEPT:
+                    self.suspended.append(self._rows)
+                self._rows = 0
+            elif t == 67 or t == 90 or t == 69 or t == 73:  # C Z E I
+                self._rows = 0
         if self.track_sync:
             # only a Sync ends what is unsynced: after an error Postgres skips a Query
             # or a FunctionCall too, up to the Sync

@@ -677,7 +677,10 @@ cdef class StatementTracker:
 
     cdef _backend(self, int t, bytes msg):
         cdef _Pending e
-        cdef long long swallowed = 0
+        cdef long long swallowed = 0, suspended_rows = 0
+        if t == PORTAL_SUSPENDED:       # its rows: the scan counted them (no tag)
+            suspended = self.session.bscan.suspended
+            suspended_rows = suspended.pop(0) if suspended else 0
         if t == PARAMETER_STATUS:       # a reported setting (the session's pins)
             if msg.startswith(_SCS, 5) and not msg.startswith(b"on\0", 5 + len(_SCS)):
                 self._scs_off = True
@@ -746,6 +749,8 @@ cdef class StatementTracker:
                 self._emit(e)
                 e.done = True
         elif t == EMPTY_QUERY_RESPONSE or t == PORTAL_SUSPENDED:
+            if t == PORTAL_SUSPENDED:
+                e.rows += suspended_rows
             if not e.sync:
                 self._emit(e)
                 e.done = True

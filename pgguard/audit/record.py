@@ -357,24 +357,106 @@ def _normalize_scanner(sql: str, depth: int = 0) -> str:
 
 
 # a literal right after these words is code: a DO block's body, a function's body
-# (AS ...), dynamic SQL (EXECUTE '...' in a body), DO LANGUAGE x '...'
-_BODY_BEFORE = re.compile(r"(?i)(?:\b(?:DO|AS|EXECUTE)|\bLANGUAGE\s+[\w\x80-\uffff]+)\s*\Z")
-_BODY_DEPTH = 3
+# (AS ...), dynamic SQL (EXECUTE '...', EXECUTE ('...'), format('...') in a body),
+# DO LANGUAGE x '...'; after LANGUAGE alone it is a language's name, and the literal
+# right after that one is the body
+_BODY_TAIL = re.compile(r"(?i)(?:^|[^\w$\x80-\U0010ffff])(?:DO|AS|EXECUTE(?:\s*\()*|format\s*\("
+                        r"|LANGUAGE\s+[\w$\x80-\U0010ffff]+)\Z")
+_LANG_TAIL = re.compile(r"(?i)(?:^|[^\w$\x80-\U0010ffff])LANGUAGE\Z")
+_QUOTED_NAME = re.compile(r'"(?:[^"]|"")*"')
+_BODY_DEPTH = 16
+_E_ESCAPE = re.compile(r"''|\\(x[0-9A-Fa-f]{1,2}|[0-7]{1,3}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|.)",
+                       re.S)
+_E_SIMPLE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
-def _body(lit: str) -> str | None:
-    """The text of a string literal (quoted, E'', U&'' or dollar-quoted)."""
+def _e_char(m: re.Match) -> str:
+    g = m.group(1)
+    if g is None:
+        return "'"
+    c = g[0]
+    try:
+        if c == "x" and len(g) > 1:
+            return chr(int(g[1:], 16))
+        if "0" <= c <= "7":
+            return chr(int(g, 8))
+        if c in "uU" and len(g) > 1:
+            return chr(int(g[1:], 16))
+    except (ValueError, OverflowError):
+        return "\ufffd"
+    return _E_SIMPLE.get(c, c)
+
+
+def _u_unescape(text: str, esc: str) -> str:
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c != esc:
+            out.append(c)
+            i += 1
+        elif text[i + 1:i + 2] == esc:
+            out.append(esc)
+            i += 2
+        else:
+            width = 7 if text[i + 1:i + 2] == "+" else 4
+            digits = text[i + 1 + (width == 7):i + 1 + width]
+            try:
+                out.append(chr(int(digits, 16)))
+                i += 1 + width
+            except (ValueError, OverflowError):
+                out.append(c)
+                i += 1
+    return "".join(out)
+
+
+def _body(lit: str, after: str) -> str | None:
+    """The text of a string literal (quoted, E'', U&'' or dollar-quoted), as Postgres
+    reads it; ``after``: what follows it (a UESCAPE clause)."""
     if lit.startswith("$"):
         tag_end = lit.index("$", 1) + 1
         return lit[tag_end:len(lit) - tag_end]
     if lit[:1] in "Ee" and lit[1:2] == "'":
-        inner = lit[2:-1]
-        return re.sub(r"\\(.)", r"\1", inner.replace("''", "'"), flags=re.S)
+        return _E_ESCAPE.sub(_e_char, lit[2:-1])
     if lit[:2].upper() == "U&":
-        return lit[3:-1].replace("''", "'")        # (its \XXXX escapes as written)
+        m = re.match(r"\s*UESCAPE\s*'([^'])'", after, re.I)
+        return _u_unescape(lit[3:-1].replace("''", "'"), m.group(1) if m else "\\")
     if lit[:1] == "'":
         return lit[1:-1].replace("''", "'")
     return None
+
+
+def _code_before(seg: str) -> str:
+    """The code a literal follows: ``seg`` (the text since the previous literal: no
+    string in it) without comments (nested ones too) and trailing blanks, quoted names
+    as ``x``: its last 200 characters."""
+    if '"' in seg:
+        seg = _QUOTED_NAME.sub("x", seg)
+    if "--" in seg or "/*" in seg:
+        out, i, n = [], 0, len(seg)
+        while i < n:
+            a, b = seg.find("--", i), seg.find("/*", i)
+            j = a if b < 0 or 0 <= a < b else b
+            if j < 0:
+                out.append(seg[i:])
+                break
+            out.append(seg[i:j])
+            out.append(" ")
+            if j == a:
+                e = seg.find("\n", j)
+                i = n if e < 0 else e
+                continue
+            depth, k = 1, j + 2
+            while depth and k < n:
+                o, c = seg.find("/*", k), seg.find("*/", k)
+                if c < 0:
+                    k = n
+                elif 0 <= o < c:
+                    depth, k = depth + 1, o + 2
+                else:
+                    depth, k = depth - 1, c + 2
+            i = k
+        seg = "".join(out)
+    return seg.rstrip()[-200:]
 
 
 def _splice(sql: str, spans: list[tuple[int, int]], first: int, depth: int = 0) -> str:
@@ -383,14 +465,17 @@ def _splice(sql: str, spans: list[tuple[int, int]], first: int, depth: int = 0) 
     out: list[str] = []
     last = 0
     n = first
+    lang = False                        # the previous literal was a language's name
     for start, end in spans:
         out.append(sql[last:start])
+        code = _code_before(sql[last:start])
         last = end
-        if depth < _BODY_DEPTH and _BODY_BEFORE.search(sql, max(0, start - 80), start):
+        if (lang and not code) or _BODY_TAIL.search(code):
+            lang = False
             # code in a literal: kept, its own literals normalized (round 19: every DO
             # block was recorded as `DO $1`, whatever it ran)
-            body = _body(sql[start:end])
-            if body is not None:
+            body = _body(sql[start:end], sql[end:end + 40])
+            if body is not None and depth < _BODY_DEPTH:
                 inner = normalize(body, depth + 1)
                 tag = "$pgguard$"
                 k = 0
@@ -399,6 +484,15 @@ def _splice(sql: str, spans: list[tuple[int, int]], first: int, depth: int = 0) 
                     tag = f"$pgguard{k}$"
                 out.append(tag + inner + tag)
                 continue
+            if body is not None:
+                n += 1
+                out.append(f"${n} /* pgguard: code nested deeper than {_BODY_DEPTH} "
+                           "levels, not shown */")
+                continue
+        lang = bool(_LANG_TAIL.search(code))
+        if lang:                        # a language's name: kept as written
+            out.append(sql[start:end])
+            continue
         n += 1
         out.append(f"${n}")
     out.append(sql[last:])

@@ -263,6 +263,7 @@ def hash_key(cfg: Config) -> bytes | None:
 # FETCH. ParseComplete and CloseComplete are not watched: they carry no rows, so their
 # entries are popped when the next watched message arrives.
 K_PARSE, K_PDESC, K_DESC_S, K_DESC_P, K_BIND, K_EXEC, K_CLOSE, K_SYNC, K_READY = range(9)
+K_CURSOR_DESC = 9       # pgguard's Describe of a SQL cursor's portal, before an Execute
 _UNSEEN = (K_PARSE, K_CLOSE)
 # (after any leading comments: /*c*/ PREPARE q ... made q's EXECUTE unknown, NULL)
 _CURSOR_SQL = re.compile(rb"(?:\s+|--[^\n\r]*|/\*(?:[^*]|\*(?!/))*\*/)*"
@@ -648,7 +649,20 @@ class MaskState(LaneState):
                 portal, _ = _cstr(msg, 5)
             except ValueError:
                 portal = b"\0"                              # malformed: an error answers it
+            ask = None
+            if self.masks_on and portal != b"\0" and not any(
+                    e[0] == K_BIND and e[1] == portal for e in self.expect) and (
+                    portal not in self.portals
+                    or portal.decode("utf-8", "replace") in self.cursors):
+                # a portal no Bind of the session made (or a SQL cursor's since: DECLARE
+                # took the name): a cursor's rows come to an Execute with no
+                # RowDescription (round 19: the rows met no plan, or a stale portal's,
+                # and the session failed). Its shape is asked for first (sent before the
+                # Execute); its plan is the cursor's lineage, else unknown
+                self._push((K_CURSOR_DESC, portal))
+                ask = _describe(b"P", portal)
             self._push((K_EXEC, portal))
+            return ask
         elif t == m.CLOSE:
             try:
                 kind = msg[5]
@@ -675,6 +689,15 @@ class MaskState(LaneState):
             self.masked_reads += 1
             self.txn_tainted = True
         return None
+
+    def unask(self) -> None:
+        """The Describe the last Execute's :meth:`frontend` asked for is not sent: its
+        answer is not expected (the portal's rows stay without a plan: refused)."""
+        q = self.expect
+        for i in range(len(q) - 1, -1, -1):
+            if q[i][0] == K_CURSOR_DESC:
+                del q[i]
+                return
 
     def query_copies(self, specs: list) -> None:
         """The COPY TO STDOUT specs of the Query just given to :meth:`frontend` (before
@@ -832,6 +855,13 @@ class MaskState(LaneState):
                     # sent, which removed it then)
                     self.sql_prepared.pop(h[1].decode("utf-8", "replace"), None)
                 self.lane_stmt(h[1], obj.safe)
+                self._arm()
+                return None
+            if k == K_CURSOR_DESC:      # ours: the client does not see it
+                self.expect.popleft()
+                obj = ObjPlan(None, True, ("cursor", h[1].decode("utf-8", "replace")))
+                obj.rowdesc = desc
+                self.portals[h[1]] = (obj, None)
                 self._arm()
                 return None
             out = rw.feed(data)
@@ -1185,6 +1215,10 @@ def _formats(section: bytes, nfields: int) -> list[int]:
     return codes[:nfields] + [0] * (nfields - n)
 
 
-def _describe_statement(name: bytes) -> bytes:
-    body = b"S" + name + b"\0"
+def _describe(kind: bytes, name: bytes) -> bytes:
+    body = kind + name + b"\0"
     return b"D" + struct.pack("!I", len(body) + 4) + body
+
+
+def _describe_statement(name: bytes) -> bytes:
+    return _describe(b"S", name)

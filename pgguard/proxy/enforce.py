@@ -40,6 +40,8 @@ ALL_TYPES = bytes(range(256))
 # what decide() returns while a called user function's body is read from the catalog:
 # the statement is held and decided again once it is (never cached, never acted on)
 BODIES_PENDING = Decision(action="pending", rule="function-body")
+# statements longer than this (bytes) are parsed and judged on a thread
+DECIDE_INLINE = 64 << 10
 # function bodies a session remembers from its own CREATE FUNCTION statements
 OWN_BODIES_MAX = 1000
 # prepared statements whose generation and text a session keeps (see parsed)
@@ -105,6 +107,11 @@ class Enforcement:
         self._views_wait = None         # the message decide() waited for the view map for
         self._fnames_wait = None        # ... for a fresh read of the function names for
         self._masks_wait = None         # ... for the mask catalog for
+        # a long text is judged on a thread (parsing ~1 MB into a tree took ~1 s, every
+        # session of the worker waiting): (msg, arguments) while it runs, then (msg,
+        # its decision or the exception it raised)
+        self._big_wait = None
+        self._big_done = None
         self._effects_of = None         # the DDL message whose catalog effects are done
         # a function body or DO block ran DDL that no catalog read can see before its
         # transaction commits (a view over orders made inside mkw()): until then, and
@@ -453,7 +460,12 @@ class Enforcement:
                     if s.masking is not None:
                         ask = s.masking.frontend(t, it[1])
                         if ask is not None and msg is not None and plan is None:
-                            out.append(ask)     # a Bind's Describe (of a SQL PREPARE)
+                            if t == m.EXECUTE:  # a cursor portal's Describe: first
+                                out.insert(len(out) - 1, ask)
+                            else:               # a Bind's Describe (of a SQL PREPARE)
+                                out.append(ask)
+                        elif ask is not None and t == m.EXECUTE:
+                            s.masking.unask()   # (not sent: the guard runs it)
                     if s.tracker is not None:
                         s.tracker.flog.append((it[1], None, time.monotonic_ns()))
                         if strict and t == m.EXECUTE and plan is None:  # durable record first
@@ -535,10 +547,23 @@ class Enforcement:
                 self.pending_bodies = ()
                 return BODIES_PENDING
         try:
-            d = s.policy.decide(sql, s.identity_name, s.identity, s.database,
-                                s.prepared, views=s.views.current()
-                                if s.views is not None else None,
-                                functions=self._bodies())
+            args = (sql, s.identity_name, s.identity, s.database, s.prepared)
+            kw = {"views": s.views.current() if s.views is not None else None,
+                  "functions": self._bodies()}
+            if len(raw) <= DECIDE_INLINE:
+                d = s.policy.decide(*args, **kw)
+            else:
+                done, self._big_done = self._big_done, None
+                if done is None:
+                    self._big_wait = (msg, args, kw)    # judged on a thread first
+                    self.pending_bodies = ()
+                    return BODIES_PENDING
+                if done[0] == msg:
+                    d = done[1]
+                    if isinstance(d, BaseException):
+                        raise d
+                else:       # not the text judged apart: here, never another round
+                    d = s.policy.decide(*args, **kw)
         except BodiesPending as e:      # a called function's body is read first
             self.pending_bodies = e.names
             return BODIES_PENDING
@@ -776,6 +801,10 @@ class Enforcement:
                 await s.masking.catch_up()
             if self._fnames_wait is judged:
                 await s.services.reload_function_names(s.database)
+            big = self._big_wait
+            if big is not None:         # (a FunctionCall's text is rendered again: equal)
+                self._big_wait = None
+                self._big_done = (big[0], await asyncio.to_thread(self._decide_apart, big))
         except asyncio.CancelledError:
             raise
         except Exception as e:      # noqa: BLE001 - the judgement refuses it (fail closed)
@@ -785,6 +814,15 @@ class Enforcement:
             return
         s.holds.put_back([(msg[0], msg)])
         s.holds.release([])
+
+    def _decide_apart(self, big: tuple):
+        """The policy's decision of a long text, on a worker thread (the event loop goes
+        on meanwhile): the decision, or the exception it raised (given to decide())."""
+        _, args, kw = big
+        try:
+            return self.s.policy.decide(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - handed back to decide() on the loop
+            return e
 
     def _learn_functions(self, d) -> None:
         """Function DDL let through: what this session's own calls run may differ

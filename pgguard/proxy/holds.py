@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -49,6 +51,15 @@ _BINARY = {16: _bool,
            20: lambda b: str(struct.unpack("!q", b)[0]), 700: lambda b: repr(struct.unpack("!f", b)[0]),
            701: lambda b: repr(struct.unpack("!d", b)[0])}
 _TEXTUAL = frozenset({25, 1042, 1043, 19, 114, 3802})   # text, bpchar, varchar, name, json(b)
+
+
+def _values_digest(bind: bytes) -> str:
+    """The parameters of a Bind, exactly (formats, values, result formats): a digest."""
+    try:
+        end = bind.index(b"\0", bind.index(b"\0", 5) + 1) + 1
+    except ValueError:
+        return "malformed"
+    return hashlib.sha256(bind[end:]).hexdigest()
 
 
 def bind_values(msg: bytes, parse: bytes | None = None) -> str:
@@ -256,11 +267,13 @@ class Holds:
     async def _await_approval(self, store, d, msg, extended, sql, name, parse=None) -> None:
         s = self.s
         text = sql.decode("utf-8", "replace")
+        bound = None                        # the Bind whose values it runs with
         if parse is not None:               # a Bind: the values it binds
+            bound = msg
             shown = text + bind_values(msg, parse)
         elif extended:                      # a Parse: its Bind's, when it came with it
-            bind = self._first_bind(name)
-            shown = text + (bind_values(bind, msg) if bind is not None else
+            bound = self._first_bind(name)
+            shown = text + (bind_values(bound, msg) if bound is not None else
                             "\n-- parameters not sent yet: the first execution runs under "
                             "the row limit, each later one asks with its values")
         else:
@@ -275,7 +288,16 @@ class Holds:
         # settings its literals read by), never other values of its shape (red team 19:
         # a window on `... WHERE id = ANY('{49}')` let `ANY('{2,...,1000}')` through,
         # 999 rows under the row limit): other values are another decision to ask for
-        fp = shown
+        # (the values whole, not as shown: a long one is cut there, and helper 101 sent
+        # one that began like the approved one; a Parse sent alone has none)
+        fp = text + (f"\n-- values: {_values_digest(bound)}" if bound is not None else
+                     "\n-- no values" if extended else "")
+        if moved:
+            fp += f"\n-- session settings: {moved}"
+        if any("execute" in (st.kinds or (st.kind,)) for st in d.statements):
+            # EXECUTE of a SQL-prepared name: what the name runs may change (DEALLOCATE,
+            # PREPARE again) while the text stays: no window covers it, each one asks
+            fp += f"\n-- asked once: {os.urandom(8).hex()}"
         # and what the policy read in it: a window covers statements of the same kinds
         # on the same relations only, whatever two texts' fingerprints have in common
         fp = f"{fp}\n-- pgguard: {hold.summarize(d)}" + (f"\n-- settings: {moved}" if moved else "")

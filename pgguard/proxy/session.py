@@ -633,6 +633,8 @@ class Session:
                                     else b""),
                                  counted=b"Z", withhold=False, max_len=0x7FFFFFFF)
         self.bscan.status = m.TX_IDLE
+        if audit is not None:           # a suspended Execute's rows, for its record
+            self.bscan.suspended = []
         # one model of what each message sent upstream is answered with (every write
         # upstream is told to it, every backend message's type too): in_flight, the
         # audit's pairing and masking follow it
