@@ -96,7 +96,9 @@ def test_settings_that_change_literals_are_shown_to_the_approver(pg, aproxy, set
     assert statuses(pg) == ["new"] * 10
 
 
-def test_no_settings_line_when_nothing_changed(pg, aproxy):
+def test_the_settings_line_is_there_when_nothing_changed(pg, aproxy):
+    # (round 19: settings chosen at login were never shown: the line was only for
+    # changes since; it is always there now, with the values in force)
     ap = Approver(aproxy, decide=lambda shown: "deny")
     ap.start()
     try:
@@ -107,4 +109,6 @@ def test_no_settings_line_when_nothing_changed(pg, aproxy):
     finally:
         ap.stop = True
         ap.join(5)
-    assert "session settings" not in ap.seen[0][1], ap.seen
+    shown = ap.seen[0][1]
+    assert "session settings" in shown and "DateStyle = 'ISO, MDY'" in shown, ap.seen
+    assert "TimeZone = '" in shown and "IntervalStyle = 'postgres'" in shown, ap.seen

@@ -153,3 +153,29 @@ def test_a_literal_after_a_comment_saying_as_is_normalized(cproxy, pg):
         assert texts and not any("example.com" in t for t in texts), texts
     finally:
         cproxy.start()
+
+
+@pytest.mark.parametrize("cmd", ["sql", "tail"])
+def test_the_auditors_terminal_gets_no_control_characters(cproxy, pg, cmd):
+    # (helper 103) escape sequences and carriage returns in a statement went to the
+    # auditor's terminal as they were: `SELECT 1 /*\x1b[2K\r*/, (SELECT count(ssn) ...)`
+    # drew over its own line
+    import subprocess
+    import sys
+    c = rawpg.RawClient.connect(cproxy.port, HUMAN, HUMAN_PASSWORD, database=DB)
+    try:
+        c.run("SELECT 1 AS cb_term /*\x1b[2K\r*/, (SELECT 2) AS hidden_part \u202e x")
+    finally:
+        c.close()
+    cproxy.stop()
+    try:
+        args = (["sql", "SELECT statement FROM audit WHERE statement LIKE '%cb_term%'"]
+                if cmd == "sql" else ["tail", "-n", "50"])
+        r = subprocess.run([sys.executable, "-m", "pgguard", "audit", *args, "--dir",
+                            str(cproxy.audit_dir)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "cb_term" in r.stdout and "hidden_part" in r.stdout, r.stdout
+        assert "\x1b" not in r.stdout and "\r" not in r.stdout and "\u202e" not in r.stdout
+        assert "\\x1b" in r.stdout and "\\u202e" in r.stdout, r.stdout
+    finally:
+        cproxy.start()

@@ -46,3 +46,6 @@ cdef enum:
     TX_IDLE = 73                # 'I'
     TX_IN_BLOCK = 84            # 'T'
     TX_FAILED = 69              # 'E'
+    # not on the wire: an event the masking lane adds for the statement tracker (the
+    # next ErrorResponse as the client gets it, scrubbed)
+    SCRUBBED_ERROR = 1

@@ -17,7 +17,8 @@ from .msgtypes cimport (BIND, BIND_COMPLETE, CLOSE, COMMAND_COMPLETE, DATA_ROW, 
                         EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, EXECUTE, FUNCTION_CALL_RESPONSE,
                         NO_DATA, NOTICE_RESPONSE, NOTIFICATION_RESPONSE, PARAMETER_DESCRIPTION,
                         PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED, QUERY, READY_FOR_QUERY,
-                        ROW_DESCRIPTION, SYNC, TARGET_PORTAL, TARGET_STATEMENT)
+                        ROW_DESCRIPTION, SCRUBBED_ERROR, SYNC, TARGET_PORTAL,
+                        TARGET_STATEMENT)
 from .relay import StreamedPrefix
 from .rowmask cimport RowRewriter
 from .sqlshape cimport shape_buf
@@ -812,6 +813,10 @@ cdef class Pipe:
                 x = rw.feed(lane.state.fast_channel(t, msg))
                 same = same and x is msg
                 out.append(x)
+                if t == ERROR_RESPONSE and events is not None and x is not msg:
+                    # the audit records the error as the client got it (scrubbed):
+                    # the original pairs it with its statement (by identity)
+                    events.append((SCRUBBED_ERROR, x))
             elif t == DATA_ROW or t == COMMAND_COMPLETE or t == EMPTY_QUERY_RESPONSE or \
                     t == PORTAL_SUSPENDED or t == READY_FOR_QUERY or t == NO_DATA or \
                     t == BIND_COMPLETE or t == PARAMETER_DESCRIPTION:

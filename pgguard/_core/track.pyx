@@ -19,8 +19,8 @@ from .rowmask cimport RowRewriter
 from .sqlshape cimport shape_buf
 from .msgtypes cimport (BIND, CLOSE, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE,
                         EXECUTE, FUNCTION_CALL, PARAMETER_STATUS, PARSE, PORTAL_SUSPENDED,
-                        QUERY, READY_FOR_QUERY, SYNC, TARGET_PORTAL, TARGET_STATEMENT,
-                        TX_IDLE)
+                        QUERY, READY_FOR_QUERY, SCRUBBED_ERROR, SYNC, TARGET_PORTAL,
+                        TARGET_STATEMENT, TX_IDLE)
 
 import_datetime()
 
@@ -409,6 +409,8 @@ cdef class StatementTracker:
     # standard_conforming_strings was reported off in this session (a session under no
     # policy may turn it off): its statements are recorded as read either way
     cdef bint _scs_off
+    # the next ErrorResponse as the client gets it (set by masking, else None)
+    cdef public object scrubbed
     cdef object _h_both
     # (rule, rows): the next ErrorResponse is pgguard's refusal of the running statement
     # after it ran (the blast-radius guard's, see refused_next)
@@ -434,6 +436,7 @@ cdef class StatementTracker:
         (self._h_record, self._h_part, self._h_session, self._approved,
          self._error_fields, self._h_both) = helpers
         self._scs_off = False
+        self.scrubbed = None
         self._log_row = audit.log_row
         # rows are assembled from parts encoded once (see _emit); an audit without
         # log_encoded gets tuples
@@ -678,6 +681,9 @@ cdef class StatementTracker:
     cdef _backend(self, int t, bytes msg):
         cdef _Pending e
         cdef long long swallowed = 0, suspended_rows = 0
+        if t == SCRUBBED_ERROR:         # the next ErrorResponse as the client got it
+            self.scrubbed = msg
+            return
         if t == PORTAL_SUSPENDED:       # its rows: the scan counted them (no tag)
             suspended = self.session.bscan.suspended
             suspended_rows = suspended.pop(0) if suspended else 0
@@ -727,7 +733,7 @@ cdef class StatementTracker:
             return
         e = self._current()
         if t == ERROR_RESPONSE:
-            fields = self._error_fields(msg[5:])
+            fields = self._error_fields(self._error_text(msg))
             refused, self._refused = self._refused, None
             if e is None:
                 self.segment_error = True
@@ -754,6 +760,14 @@ cdef class StatementTracker:
             if not e.sync:
                 self._emit(e)
                 e.done = True
+
+    cdef bytes _error_text(self, bytes msg):
+        # the ErrorResponse's fields as the client got them (masking scrubs them: a
+        # cast error quoting an SSN reached the log in clear, round 19), else as sent
+        got, self.scrubbed = self.scrubbed, None
+        if got is not None and PyBytes_GET_SIZE(got) > 5:
+            return (<bytes>got)[5:]
+        return msg[5:]
 
     cdef _extended_error(self, bytes msg, int target, int ordinal):
         # an ErrorResponse answering a Parse, Bind, Describe, Close or Sync (0: nothing).
@@ -784,7 +798,7 @@ cdef class StatementTracker:
             self._unparse_after(origin, kind == K_PARSE)
         if failed is None or failed.done and failed.kind == K_STATEMENT:
             return
-        fields = self._error_fields(msg[5:])
+        fields = self._error_fields(self._error_text(msg))
         failed.state = fields.get("C")
         failed.err = fields.get("M")
         self._emit(failed)

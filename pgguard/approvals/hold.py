@@ -35,6 +35,10 @@ def _escaped(m: re.Match) -> str:
     if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
         return ch
     n = ord(ch)
+    if ch == "\r":
+        # a line break to Postgres (it ends a -- comment): shown as one, and named
+        # (round 19: `-- note\rUPDATE ...` read as one comment line, and ran)
+        return "\\x0d\n"
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 

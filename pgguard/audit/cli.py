@@ -35,7 +35,9 @@ import duckdb
 import orjson
 
 from .. import config
-from ..cliparse import Parser as _Parser, UsageError as _UsageError
+from ..approvals.hold import visible
+from ..cliparse import Parser as _Parser
+from ..cliparse import UsageError as _UsageError
 from ..errors import PgguardError
 from . import report, storage
 from .query import fetch, open_audit, parse_when, rows_as_dicts
@@ -232,7 +234,9 @@ def _dumps(obj: Any) -> bytes:
 def _print_table(names: list[str], rows: list[tuple], out: TextIO, max_width: int = 80,
                  footer: bool = True) -> None:
     def clip(s: str) -> str:
-        s = s.replace("\n", "\\n")
+        # control and format characters spelled out: a statement's escape sequences,
+        # carriage returns or bidi overrides must not redraw the auditor's terminal
+        s = visible(s).replace("\n", "\\n")
         return s if not max_width or len(s) <= max_width else s[:max_width - 1] + "…"
 
     cells = [[clip(_fmt(v)) for v in r] for r in rows]
@@ -285,9 +289,9 @@ def _tail_line(r: dict) -> str:
         parts.append(f"sqlstate={r['sqlstate']}")
     line = "  ".join(parts)
     if r.get("statement"):
-        line += "  " + r["statement"].replace("\n", " ")
+        line += "  " + visible(r["statement"]).replace("\n", " ")
     if r.get("error"):
-        line += f"  error: {r['error']}"
+        line += "  error: " + visible(r["error"]).replace("\n", " ")
     return line
 
 

@@ -24,6 +24,11 @@ _SAFE_KINDS = frozenset({"select"})
 
 
 
+# the masking layer's response queue entries (MaskState.expect), by kind
+K_PARSE, K_PDESC, K_DESC_S, K_DESC_P, K_BIND, K_EXEC, K_CLOSE, K_SYNC, K_READY = range(9)
+K_CURSOR_DESC = 9       # pgguard's Describe of a SQL cursor's portal, before an Execute
+
+
 class ObjPlan:
     """The masking plan of a prepared statement, SQL cursor or simple Query: its
     RowDescription (None: none known yet), its lineage (None: not analysed, every
@@ -165,7 +170,10 @@ class LaneState:
             self._copy_plan(data, None, -1)
         elif t == m.READY_FOR_QUERY:
             self.fast_owed -= 1
-            if self.s.in_flight() <= 0:
+            # (idle by the answers still owed here, not the model's count, which has
+            # read the whole chunk already: see MaskState.feed)
+            if self.s.in_flight() <= 0 and self.fast_owed <= 0 and not any(
+                    e[0] == K_READY or e[0] == K_SYNC for e in self.expect):
                 self.masked_reads = 0
                 if data[5] == m.TX_IDLE:    # the transaction ended
                     self.txn_tainted = False

@@ -262,8 +262,8 @@ def hash_key(cfg: Config) -> bytes | None:
 # execution, after DEALLOCATE/re-Parse. SQL cursors keep the plan of their query for
 # FETCH. ParseComplete and CloseComplete are not watched: they carry no rows, so their
 # entries are popped when the next watched message arrives.
-K_PARSE, K_PDESC, K_DESC_S, K_DESC_P, K_BIND, K_EXEC, K_CLOSE, K_SYNC, K_READY = range(9)
-K_CURSOR_DESC = 9       # pgguard's Describe of a SQL cursor's portal, before an Execute
+from .lane import (K_BIND, K_CLOSE, K_CURSOR_DESC, K_DESC_P, K_DESC_S, K_EXEC,  # noqa: E402
+                   K_PARSE, K_PDESC, K_READY, K_SYNC)
 _UNSEEN = (K_PARSE, K_CLOSE)
 # (after any leading comments: /*c*/ PREPARE q ... made q's EXECUTE unknown, NULL)
 _CURSOR_SQL = re.compile(rb"(?:\s+|--[^\n\r]*|/\*(?:[^*]|\*(?!/))*\*/)*"
@@ -921,10 +921,6 @@ class MaskState(LaneState):
         swallowed = got[1] if got is not None else 0    # Syncs a COPY took
         # (those already let go above, answered past, are not skipped twice)
         swallowed, self._early_syncs = max(0, swallowed - self._early_syncs), 0
-        if self.s.in_flight() <= 0:
-            self.masked_reads = 0
-            if data[5] == m.TX_IDLE:                        # the transaction ended
-                self.txn_tainted = False
         q = self.expect
         while q:
             e = q.popleft()
@@ -936,6 +932,15 @@ class MaskState(LaneState):
                     swallowed -= 1
                     continue
                 break
+        # idle only once nothing sent is still to be answered, by this queue's own
+        # count: the model's (in_flight) has read the whole chunk already, later
+        # segments' ReadyForQuery included (round 19: two failing segments of a masked
+        # statement in one write; the second's error went out in clear)
+        if self.s.in_flight() <= 0 and not any(e[0] == K_READY or e[0] == K_SYNC
+                                               for e in q):
+            self.masked_reads = 0
+            if data[5] == m.TX_IDLE:                        # the transaction ended
+                self.txn_tainted = False
         self._arm()
         self.maybe_idle()
         return out
@@ -985,6 +990,12 @@ class MaskState(LaneState):
         relation with masked columns (a cursor or a prepared statement of the
         transaction may carry masked values into a later statement's messages)."""
         return self.masks_on and (self.masked_reads > 0 or self.txn_tainted)
+
+    def error_as_sent(self, data: bytes) -> bytes:
+        """The ErrorResponse ``data`` as :meth:`feed` will give it to the client now
+        (scrubbed when the statements in flight read masked data): what the audit
+        records of it."""
+        return self._channel(m.ERROR_RESPONSE, data)
 
     def _channel(self, t: int, data: bytes) -> bytes:
         ch = self.channels

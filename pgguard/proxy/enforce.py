@@ -1417,6 +1417,10 @@ class Enforcement:
                 if t == m.PARAMETER_STATUS and s.tracker is None:
                     s.parameter_reported(msg)       # a pinned setting moved: it ends
                 if s.tracker is not None and t in _TRACKED:
+                    if t == m.ERROR_RESPONSE and mask is not None:
+                        # recorded as the client gets it (the masking layer's pairing
+                        # follows the tracker's: feed() after it, as before)
+                        s.tracker.scrubbed = mask.error_as_sent(msg)
                     s.tracker.on_backend(t, msg)    # (ParameterStatus: the same, first)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)

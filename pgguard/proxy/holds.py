@@ -53,6 +53,10 @@ _BINARY = {16: _bool,
 _TEXTUAL = frozenset({25, 1042, 1043, 19, 114, 3802})   # text, bpchar, varchar, name, json(b)
 
 
+# how long an approval request waits for the statements sent before it to be answered
+SETTINGS_WAIT = 10.0
+
+
 def _values_digest(bind: bytes) -> str:
     """The parameters of a Bind, exactly (formats, values, result formats): a digest."""
     try:
@@ -259,13 +263,22 @@ class Holds:
                 hint="Approvals are not enabled on this pgguard (set [admin] token_env "
                      "and start it with the token set)."), out, extended, sql)
             return
+        # messages before it in its pipeline with no Sync between: what they change
+        # (SET DateStyle) is reported only at that Sync, after this statement ran
+        unsynced = s.fscan.before_unsynced if extended else s.fscan.query_unsynced
         self.begin(out, [])
         task = asyncio.get_running_loop().create_task(
-            self._await_approval(store, d, msg, extended, sql, name, parse))
+            self._await_approval(store, d, msg, extended, sql, name, parse, unsynced))
         self.approval = [task, None]
 
-    async def _await_approval(self, store, d, msg, extended, sql, name, parse=None) -> None:
+    async def _await_approval(self, store, d, msg, extended, sql, name, parse=None,
+                              unsynced: bool = False) -> None:
         s = self.s
+        # what was sent before it is answered first (a SET DateStyle in the same write
+        # changes how its literals read: round 19): the settings are read after that
+        deadline = time.monotonic() + SETTINGS_WAIT
+        while s.in_flight() > 0 and not s.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
         text = sql.decode("utf-8", "replace")
         bound = None                        # the Bind whose values it runs with
         if parse is not None:               # a Bind: the values it binds
@@ -278,11 +291,15 @@ class Holds:
                             "the row limit, each later one asks with its values")
         else:
             shown = text
-        moved = s.pinned.changed_inputs() if s.pinned is not None else ""
+        moved = s.pinned.inputs_text() if s.pinned is not None else ""
+        if unsynced or s.in_flight() > 0:
+            moved += ("; " if moved else "") + (
+                "and what the messages sent before it (not answered yet) set")
         if moved:
             # how the literals read in this session (round 18: with DateStyle 'ISO, DMY'
             # set first, '01/12/2024' meant December to Postgres and January to the
-            # approver): shown, and part of what a window matches
+            # approver): shown always (round 19: set at login, it was never shown), and
+            # part of what a window matches
             shown += f"\n-- session settings (literals read by them): {moved}"
         # a window covers this exact statement (its text, the values bound to it, the
         # settings its literals read by), never other values of its shape (red team 19:
@@ -294,7 +311,7 @@ class Holds:
                      "\n-- no values" if extended else "")
         if moved:
             fp += f"\n-- session settings: {moved}"
-        if any("execute" in (st.kinds or (st.kind,)) for st in d.statements):
+        if unsynced or any("execute" in (st.kinds or (st.kind,)) for st in d.statements):
             # EXECUTE of a SQL-prepared name: what the name runs may change (DEALLOCATE,
             # PREPARE again) while the text stays: no window covers it, each one asks
             fp += f"\n-- asked once: {os.urandom(8).hex()}"

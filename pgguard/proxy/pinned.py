@@ -41,14 +41,14 @@ def _name_value(msg: bytes) -> tuple[bytes, bytes] | None:
 
 # reported settings that change how a statement's literals read ('01/12/2024' is
 # January or December by DateStyle, a timestamptz literal moves with TimeZone): not
-# pinned (clients set them), but shown to an approver when they differ from login's
+# pinned (clients set them), but shown to an approver with every held statement
 _INPUTS = (b"DateStyle", b"TimeZone", b"IntervalStyle")
 
 
 class PinnedSettings:
     """What one guarded session's reported settings must stay at."""
 
-    __slots__ = ("pins", "inputs", "login_inputs")
+    __slots__ = ("pins", "inputs")
 
     def __init__(self, login_status: list[bytes], readonly: bool) -> None:
         pins = dict(_ALWAYS)
@@ -62,14 +62,12 @@ class PinnedSettings:
         if readonly:
             pins[b"default_transaction_read_only"] = b"on"
         self.pins = pins
-        self.login_inputs = dict(self.inputs)
 
-    def changed_inputs(self) -> str:
-        """The settings of _INPUTS that differ from what the session logged in with
-        (``DateStyle = 'ISO, DMY'``), '' when none does."""
+    def inputs_text(self) -> str:
+        """The settings of _INPUTS as the session has them now (``DateStyle = 'ISO,
+        DMY', TimeZone = 'UTC', ...``): what an approver reads literals by."""
         return ", ".join(f"{n.decode()} = '{v.decode('utf-8', 'replace')}'"
-                         for n, v in self.inputs.items()
-                         if v != self.login_inputs.get(n))
+                         for n, v in self.inputs.items())
 
     def check(self, msg: bytes) -> SettingMoved | None:
         """The refusal for a ParameterStatus that moves a pinned setting (None: fine)."""
