@@ -94,3 +94,24 @@ def test_a_carriage_return_is_shown_as_the_line_break_it_is(pg, aproxy):
         aproxy.dsn(dbname=DB), autocommit=True)).execute(sql)))
     assert seen and "-- one row\\x0d\nOR id > 0" in seen[0], seen
     assert statuses(pg) == ["new"] * 10
+
+
+@pytest.mark.parametrize("kind", ["view", "table"])
+def test_a_temporary_name_over_a_public_one_is_said(pg, aproxy, kind):
+    # (helper 103) a TEMP view named orders over other rows: the approver read
+    # public.orders, and an approved DELETE ... WHERE id = 777777 took 12 real orders
+    body = ("AS SELECT cust_id AS id, status FROM public.orders" if kind == "view"
+            else "(id int, status text)")
+
+    def run():
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            cur = psycopg.ClientCursor(c)
+            cur.execute("ALTER TABLE public.orders ADD COLUMN IF NOT EXISTS cust_id int")
+            cur.execute(f"CREATE TEMP {kind.upper()} orders {body}")
+            try:
+                cur.execute("DELETE FROM orders WHERE id = 777777")
+            except psycopg.Error:
+                pass
+    seen = _held(aproxy, run)
+    assert seen and "in this session orders name temporary objects" in seen[0], seen
+    assert statuses(pg) == ["new"] * 10

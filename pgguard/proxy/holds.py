@@ -53,6 +53,21 @@ _BINARY = {16: _bool,
 _TEXTUAL = frozenset({25, 1042, 1043, 19, 114, 3802})   # text, bpchar, varchar, name, json(b)
 
 
+def _shadowed(s, d) -> list[str]:
+    """The names ``d`` reads or writes as public.x that this session's own temporary
+    view or table of that name stands for (an unqualified name reaches it first)."""
+    views = s.views.current() if s.views is not None else None
+    temps = s.enforce.temp_names
+    out: list[str] = []
+    for st in d.statements:
+        for name in (*st.relations_written, *st.relations_read):
+            if name.startswith("public.") and name[7:] not in out and (
+                    name[7:] in temps or (views is not None and
+                                          "pg_temp." + name[7:] in views)):
+                out.append(name[7:])
+    return out
+
+
 # how long an approval request waits for the statements sent before it to be answered
 SETTINGS_WAIT = 10.0
 
@@ -311,6 +326,14 @@ class Holds:
                      "\n-- no values" if extended else "")
         if moved:
             fp += f"\n-- session settings: {moved}"
+        shadowed = _shadowed(s, d)
+        if shadowed:
+            # (round 19: a TEMP view named orders over other rows: the approver read
+            # public.orders, and the approved DELETE took 12 real orders through it)
+            note = ("\n-- in this session " + ", ".join(shadowed) + " name temporary "
+                    "objects of its own, not the public tables of that name")
+            shown += note
+            fp += note
         if unsynced or any("execute" in (st.kinds or (st.kind,)) for st in d.statements):
             # EXECUTE of a SQL-prepared name: what the name runs may change (DEALLOCATE,
             # PREPARE again) while the text stays: no window covers it, each one asks
