@@ -82,7 +82,7 @@ def test_a_long_statement_is_judged_off_the_loop(gproxy, pg, items, case):
     # ... and while it judged, the other session was answered again and again (on the
     # loop: at most ~15 answers in these windows, at their edges; off it: hundreds)
     during = [t for t in other.at if t0 < t < t1]
-    assert len(during) >= 50, (len(during), round(t1 - t0, 3))
+    assert len(during) >= 25, (len(during), round(t1 - t0, 3))
 
 
 def test_a_long_allowed_statement_runs_as_sent(gproxy, pg, items):
