@@ -410,7 +410,7 @@ cdef class StatementTracker:
     # policy may turn it off): its statements are recorded as read either way
     cdef bint _scs_off
     # the next ErrorResponse as the client gets it (set by masking, else None)
-    cdef public object scrubbed
+    cdef object scrubbed
     cdef object _h_both
     # (rule, rows): the next ErrorResponse is pgguard's refusal of the running statement
     # after it ran (the blast-radius guard's, see refused_next)
@@ -760,6 +760,11 @@ cdef class StatementTracker:
             if not e.sync:
                 self._emit(e)
                 e.done = True
+
+    def error_as_sent(self, bytes msg):
+        """The next ErrorResponse reaches the client as ``msg`` (masking scrubbed it):
+        its record keeps that text."""
+        self.scrubbed = msg
 
     cdef bytes _error_text(self, bytes msg):
         # the ErrorResponse's fields as the client got them (masking scrubs them: a

@@ -650,7 +650,7 @@ class MaskState(LaneState):
             except ValueError:
                 portal = b"\0"                              # malformed: an error answers it
             ask = None
-            if self.masks_on and portal != b"\0" and not any(
+            if self.masks_on and portal != b"\0" and len(msg) == len(portal) + 10 and not any(
                     e[0] == K_BIND and e[1] == portal for e in self.expect) and (
                     portal not in self.portals
                     or portal.decode("utf-8", "replace") in self.cursors):
@@ -658,7 +658,8 @@ class MaskState(LaneState):
                 # took the name): a cursor's rows come to an Execute with no
                 # RowDescription (round 19: the rows met no plan, or a stale portal's,
                 # and the session failed). Its shape is asked for first (sent before the
-                # Execute); its plan is the cursor's lineage, else unknown
+                # Execute); its plan is the cursor's lineage, else unknown. (Only for a
+                # well-formed Execute: Postgres answers a malformed one with 08P01 alone)
                 self._push((K_CURSOR_DESC, portal))
                 ask = _describe(b"P", portal)
             self._push((K_EXEC, portal))

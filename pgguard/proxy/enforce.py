@@ -1420,7 +1420,7 @@ class Enforcement:
                     if t == m.ERROR_RESPONSE and mask is not None:
                         # recorded as the client gets it (the masking layer's pairing
                         # follows the tracker's: feed() after it, as before)
-                        s.tracker.scrubbed = mask.error_as_sent(msg)
+                        s.tracker.error_as_sent(mask.error_as_sent(msg))
                     s.tracker.on_backend(t, msg)    # (ParameterStatus: the same, first)
                 if mask is not None:
                     msg = mask.feed(t, msg, True)
