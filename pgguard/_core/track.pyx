@@ -330,6 +330,14 @@ cdef long long _rows(bytes msg):
 # entries kept for the messages of a pipeline after an error (see _drain)
 cdef Py_ssize_t SKIPPED_KEPT = 1024
 cdef bytes _SCS = b"standard_conforming_strings\0"
+
+
+cdef bytes _error_text(bytes msg, scrubbed):
+    # an ErrorResponse's fields as the client got them (masking scrubs them: a cast
+    # error quoting an SSN reached the log in clear, round 19), else as sent
+    if scrubbed is not None and PyBytes_GET_SIZE(scrubbed) > 5:
+        return (<bytes>scrubbed)[5:]
+    return msg[5:]
 # prepared statements whose texts one session keeps; past it the oldest is forgotten
 # (an Execute of it is recorded with a text saying so), so a client preparing names
 # without end cannot grow the proxy without bound
@@ -687,6 +695,8 @@ cdef class StatementTracker:
         if t == PORTAL_SUSPENDED:       # its rows: the scan counted them (no tag)
             suspended = self.session.bscan.suspended
             suspended_rows = suspended.pop(0) if suspended else 0
+        # (the scrubbed text a masking session set is this error's, or nobody's)
+        scrubbed, self.scrubbed = self.scrubbed, None
         if t == PARAMETER_STATUS:       # a reported setting (the session's pins)
             if msg.startswith(_SCS, 5) and not msg.startswith(b"on\0", 5 + len(_SCS)):
                 self._scs_off = True
@@ -729,11 +739,11 @@ cdef class StatementTracker:
             self.ddl_seen = True
         if t == ERROR_RESPONSE and got is not None and (<tuple>got)[1] != EXECUTE and \
                 (<tuple>got)[1] != QUERY and (<tuple>got)[1] != FUNCTION_CALL:
-            self._extended_error(msg, (<tuple>got)[1], (<tuple>got)[2])
+            self._extended_error(msg, (<tuple>got)[1], (<tuple>got)[2], scrubbed)
             return
         e = self._current()
         if t == ERROR_RESPONSE:
-            fields = self._error_fields(self._error_text(msg))
+            fields = self._error_fields(_error_text(msg, scrubbed))
             refused, self._refused = self._refused, None
             if e is None:
                 self.segment_error = True
@@ -766,15 +776,7 @@ cdef class StatementTracker:
         its record keeps that text."""
         self.scrubbed = msg
 
-    cdef bytes _error_text(self, bytes msg):
-        # the ErrorResponse's fields as the client got them (masking scrubs them: a
-        # cast error quoting an SSN reached the log in clear, round 19), else as sent
-        got, self.scrubbed = self.scrubbed, None
-        if got is not None and PyBytes_GET_SIZE(got) > 5:
-            return (<bytes>got)[5:]
-        return msg[5:]
-
-    cdef _extended_error(self, bytes msg, int target, int ordinal):
+    cdef _extended_error(self, bytes msg, int target, int ordinal, scrubbed):
         # an ErrorResponse answering a Parse, Bind, Describe, Close or Sync (0: nothing).
         # A Parse's or Bind's: the statement it prepared is recorded with the error (as
         # the Execute that would have run it, when one follows in the segment); the
@@ -803,7 +805,7 @@ cdef class StatementTracker:
             self._unparse_after(origin, kind == K_PARSE)
         if failed is None or failed.done and failed.kind == K_STATEMENT:
             return
-        fields = self._error_fields(self._error_text(msg))
+        fields = self._error_fields(_error_text(msg, scrubbed))
         failed.state = fields.get("C")
         failed.err = fields.get("M")
         self._emit(failed)
