@@ -22,6 +22,9 @@ def mproxy(pg, tmp_path_factory):
 
 
 SEL = "SELECT email, ssn, name FROM customers ORDER BY id"
+CLEAN3 = "SELECT name AS email, name AS ssn, name FROM customers ORDER BY id"
+REOPEN = ("DO $$DECLARE r refcursor := '%s'; BEGIN CLOSE r; OPEN r FOR "
+          "SELECT email, ssn, name FROM customers ORDER BY id; END$$")
 CASES = {
     "in-block": [rawpg.query("BEGIN"), rawpg.query(f"DECLARE c CURSOR FOR {SEL}"),
                  rawpg.execute("c", 2) + rawpg.SYNC, rawpg.execute("c", 0) + rawpg.SYNC,
@@ -57,6 +60,37 @@ CASES = {
                          rawpg.execute("n", 0) + rawpg.SYNC, rawpg.query("COMMIT")],
     "one-write": [rawpg.query(f"BEGIN; DECLARE w CURSOR FOR {SEL}")
                   + rawpg.execute("w", 0) + rawpg.SYNC, rawpg.query("COMMIT")],
+    # round 20 (helper 105): the name of a protocol portal of an earlier transaction,
+    # a rolled-back savepoint's or one closed by SQL, declared again in the same write
+    # as the Execute (its DECLARE not answered yet when the Execute was sent)
+    "old-portal-same-write": [rawpg.parse(CLEAN3) + rawpg.bind(portal="a")
+                              + rawpg.execute("a", 1) + rawpg.SYNC
+                              + rawpg.query("BEGIN") + rawpg.query(f"DECLARE a CURSOR FOR {SEL}")
+                              + rawpg.execute("a", 0) + rawpg.SYNC, rawpg.query("COMMIT")],
+    "rolled-back-savepoint": [rawpg.query("BEGIN") + rawpg.query("SAVEPOINT s")
+                              + rawpg.parse(CLEAN3) + rawpg.bind(portal="e")
+                              + rawpg.execute("e", 1) + rawpg.SYNC + rawpg.query("ROLLBACK TO s")
+                              + rawpg.query(f"DECLARE e CURSOR FOR {SEL}")
+                              + rawpg.execute("e", 0) + rawpg.SYNC, rawpg.query("COMMIT")],
+    "closed-by-sql-same-query": [rawpg.query("BEGIN") + rawpg.parse(CLEAN3)
+                                 + rawpg.bind(portal="g") + rawpg.describe("P", "g")
+                                 + rawpg.execute("g", 1) + rawpg.SYNC
+                                 + rawpg.query(f"CLOSE g; DECLARE g CURSOR FOR {SEL}")
+                                 + rawpg.execute("g", 0) + rawpg.SYNC, rawpg.query("COMMIT")],
+    # a DO block closes the client's clean portal and opens a cursor of the same name
+    # and shape over masked columns: the portal's old plan must not be used
+    "reopened-by-do": [rawpg.query("BEGIN"), rawpg.parse(CLEAN3) + rawpg.bind(portal="d")
+                       + rawpg.execute("d", 1) + rawpg.SYNC, rawpg.query(REOPEN % "d"),
+                       rawpg.execute("d", 0) + rawpg.SYNC, rawpg.query("COMMIT")],
+    "reopened-by-do-one-write": [rawpg.query("BEGIN") + rawpg.parse(CLEAN3)
+                                 + rawpg.bind(portal="o") + rawpg.execute("o", 1)
+                                 + rawpg.SYNC + rawpg.query(REOPEN % "o")
+                                 + rawpg.execute("o", 0) + rawpg.SYNC, rawpg.query("COMMIT")],
+    "reopened-by-executed-do": [rawpg.query("BEGIN"), rawpg.parse(CLEAN3)
+                                + rawpg.bind(portal="x") + rawpg.execute("x", 1)
+                                + rawpg.parse(REOPEN % "x", "doer") + rawpg.bind("doer")
+                                + rawpg.execute() + rawpg.execute("x", 0) + rawpg.SYNC,
+                                rawpg.query("COMMIT")],
 }
 
 
@@ -67,9 +101,15 @@ def test_an_executed_cursor_portal_is_masked(mproxy, case):
     try:
         for step in CASES[case]:
             c.send(step)
-            got += c.until_ready(2 if case == "one-write" and step is CASES[case][0] else 1)
+            got += c.until_ready(max(1, step.count(rawpg.SYNC) + step.count(b"Q\0")))
         errs = rawpg.errors(got)
-        assert not errs, errs
+        if case.startswith("reopened-"):
+            # the DO block is refused (it reads a table with masked columns); what
+            # follows in its transaction is not run: nothing leaks either way
+            assert errs and errs[0]["C"] == "42501" and "masking" in errs[0]["M"], errs
+            assert {e["C"] for e in errs} <= {"42501", "25P02"}, errs
+        else:
+            assert not errs, errs
         rows = rawpg.rows(got)
         assert rows, got
         assert c.run("SELECT 1")[-1][0] == b"Z"         # the session is alive

@@ -72,10 +72,27 @@ class LaneState:
         st = d.statements[0]
         if st.kind not in _SAFE_KINDS or not _SAFE_KINDS.issuperset(st.kinds or ()):
             return False
+        if not self.pure_select(d):
+            return False                # (what the lane runs changes no portal)
         if not self.masks_on:
             return True
         return lineage is not None and lineage is not PENDING and \
             lineage.masked is not None and not lineage.reads and not any(lineage.masked)
+
+    def pure_select(self, d) -> bool:
+        """Whether statement ``d`` is one SELECT that calls no function pgguard cannot
+        see into: running it cannot close a portal or open a cursor (MaskState's
+        portal epochs)."""
+        if d is None or d.action != "allow" or len(d.statements) != 1:
+            return False
+        st = d.statements[0]
+        if st.kind != "select" or not _SAFE_KINDS.issuperset(st.kinds or ()) or \
+                "opaque" in st.flags:
+            return False
+        if not st.functions:
+            return True
+        user = self.s.services.user_function_test(self.s.database)
+        return not any(user(f) for f in st.functions)
 
     def note_query(self, msg: bytes, d, lineage, reads_masked: bool) -> None:
         """A Query Python forwards: when safe, the lane forwards its text (or every

@@ -71,6 +71,41 @@ def _like(glob: str) -> str:
     return "".join(out)
 
 
+# (database, mask column) said to match nothing already: said once per process
+_UNMATCHED_SAID: set[tuple[str, str]] = set()
+
+
+async def _warn_unmatched(side: SideLink, database: str, masks: list[Mask],
+                          matched: set[int]) -> None:
+    """Log, once, each [[masks]] entry that names no column of ``database``: a typo in
+    a column or table name masks nothing (the detectors are then all that stands
+    between the values and the client)."""
+    for i, mk in enumerate(masks):
+        if i in matched or (database, mk.column) in _UNMATCHED_SAID:
+            continue
+        _UNMATCHED_SAID.add((database, mk.column))
+        table, _, col = mk.column.rpartition(".")
+        have = ""
+        if not any(ch in table for ch in "*?["):
+            got = (await side.run(database, [
+                "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = "
+                f"pg_catalog.to_regclass({literal(_quoted_relation(table))}) "
+                "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"]))[0]
+            if got:
+                have = (f": table {table} has no column {col!r} (its columns: "
+                        f"{', '.join(r[0] for r in got)})")
+            else:
+                have = f": database {database} has no table {table}"
+        log.warning("masks[%d].column: %r matches no column in database %s%s; this mask "
+                    "masks nothing until the name is fixed in the config", i, mk.column,
+                    database, have)
+
+
+def _quoted_relation(name: str) -> str:
+    schema, _, rel = name.partition(".")
+    return ".".join('"' + p.replace('"', '""') + '"' for p in (schema, rel) if p)
+
+
 async def load_catalog(side: SideLink, masks: list[Mask], database: str) -> Catalog:
     """Resolve the config's mask globs against the upstream catalog (side connection)."""
     if not masks:
@@ -87,14 +122,18 @@ async def load_catalog(side: SideLink, masks: list[Mask], database: str) -> Cata
         "ORDER BY c.oid, a.attnum"]))[0]
     columns: dict[tuple[int, int], Mask] = {}
     tables: dict[int, tuple[str, list[tuple[int, str]]]] = {}
+    matched: set[int] = set()
     for oid, attnum, table, attname in rows:
         oid, attnum = int(oid), int(attnum)
         tables.setdefault(oid, (table, []))[1].append((attnum, attname))
         full = f"{table}.{attname}"
-        for mk in masks:                        # first matching [[masks]] entry wins
+        for i, mk in enumerate(masks):          # first matching [[masks]] entry wins
             if fnmatch.fnmatchcase(full, mk.column):
                 columns[(oid, attnum)] = mk
+                matched.add(i)
                 break
+    if len(matched) < len(masks):
+        await _warn_unmatched(side, database, masks, matched)
     await _relatives(side, database, columns, tables)             # children, partitions
     await _relatives(side, database, columns, tables, up=True)    # parents, and theirs
     # views (and views of views) over masked columns: RowDescription names the view's
@@ -275,6 +314,7 @@ _UNKNOWN = ("cursor", "\0unknown")
 _REFUSE_ROWS = None     # a plan no DataRow fits: rows of an unknown portal end the session
 _AT_ANSWER = object()   # the plan of a Bind's statement is looked up when its shape comes
 _PARSED_NAMES_MAX = 4096
+_PORTALS_TOUCHED_MAX = 4096
 
 
 def _refuse_rows():
@@ -315,6 +355,16 @@ class MaskState(LaneState):
         self.reading_stmts: set[bytes] = set()   # prepared statements that read masked data
         self._next: ObjPlan | None = None   # the plan of the Query being forwarded
         self._ready = 0
+        # a portal's plan holds while nothing that may run code (a Query, a
+        # FunctionCall, an Execute of a portal whose statement is not a plain SELECT of
+        # built-in functions: a function or DO block may CLOSE a portal and OPEN a
+        # cursor of the same name; a transaction end destroys it) came between its Bind
+        # (or its last Execute) and an Execute of it: _epoch counts those; _touched
+        # keeps each portal's (epoch, its statement is pure), bounded: a name it lost
+        # is asked about; _pure_stmts: whether each Parsed statement is pure
+        self._epoch = 0
+        self._touched: dict[bytes, tuple[int, bool]] = {}
+        self._pure_stmts: dict[bytes, bool] = {}
         self._early_syncs = 0       # Syncs a COPY took, let go before their model said
         # after an extended-protocol error whose Sync was not yet forwarded: what is
         # forwarded up to that Sync is skipped by Postgres, answered by nothing
@@ -577,7 +627,7 @@ class MaskState(LaneState):
         if t == m.PARSE:
             name, pos = _cstr(msg, 5)
             sql, _ = _cstr(msg, pos)
-            obj = self._obj(sql, lineage, reads_masked)
+            obj = self._obj(sql, lineage, reads_masked, d)
             # the name is this statement's now (SQL PREPARE shares the namespace): a
             # SQL EXECUTE of it gets no plan of an older PREPARE (unknown: masked)
             self.sql_prepared.pop(name.decode("utf-8", "replace"), None)
@@ -596,7 +646,9 @@ class MaskState(LaneState):
                 self.reading_stmts.discard(name)
             if len(self.parsed_names) >= _PARSED_NAMES_MAX:
                 self.parsed_names.clear()       # then unknown names are described again
+                self._pure_stmts.clear()
             self.parsed_names.add(name)
+            self._pure_stmts[name] = self.pure_select(d)
             self._push((K_PARSE, name))
             # learn its row shape now, in case the client executes without Describe
             self._push((K_PDESC, name, obj))
@@ -611,6 +663,9 @@ class MaskState(LaneState):
                 # Sync then); nothing here may fail on it
                 portal, stmt, formats = b"", b"\0", None
             self._push((K_BIND, portal, stmt, formats))
+            if len(self._touched) >= _PORTALS_TOUCHED_MAX:
+                self._touched.clear()
+            self._touched[portal] = (self._epoch, self._pure_stmts.get(stmt, False))
             # the portal name is this Bind's now (SQL cursors share the namespace): a
             # FETCH of it gets no plan of an older DECLARE (unknown: masked)
             self.cursors.pop(portal.decode("utf-8", "replace"), None)
@@ -650,12 +705,21 @@ class MaskState(LaneState):
             except ValueError:
                 portal = b"\0"                              # malformed: an error answers it
             ask = None
-            if self.masks_on and portal != b"\0" and len(msg) == len(portal) + 10 and not any(
-                    e[0] == K_BIND and e[1] == portal for e in self.expect) and (
-                    portal not in self.portals
-                    or portal.decode("utf-8", "replace") in self.cursors):
+            got = self._touched.get(portal)
+            stale = got is None or got[0] != self._epoch
+            pure = got is not None and got[1]
+            if not pure:
+                self._epoch += 1
+            if portal != b"\0":
+                self._touched[portal] = (self._epoch, pure)
+            if self.masks_on and portal != b"\0" and len(msg) == len(portal) + 10 and (
+                    stale or not any(e[0] == K_BIND and e[1] == portal for e in self.expect)
+                    and (portal not in self.portals
+                         or portal.decode("utf-8", "replace") in self.cursors)):
                 # a portal no Bind of the session made (or a SQL cursor's since: DECLARE
-                # took the name): a cursor's rows come to an Execute with no
+                # took the name), or one whose Bind is older than something that ran code
+                # (stale: a DO block may have closed it and opened a cursor of the name,
+                # round 20): a cursor's rows come to an Execute with no
                 # RowDescription (round 19: the rows met no plan, or a stale portal's,
                 # and the session failed). Its shape is asked for first (sent before the
                 # Execute); its plan is the cursor's lineage, else unknown. (Only for a
@@ -676,19 +740,22 @@ class MaskState(LaneState):
         elif t == m.SYNC:
             self._push((K_SYNC,))
         elif t == m.QUERY:                                   # owe_ready() queues it
+            self._epoch += 1
             self.portals.pop(b"", None)
             self.stmts.pop(b"", None)
             self.lane_stmt(b"", False)
             sql = msg[5:-1]
-            self._next = self._obj(sql, lineage, reads_masked)
+            self._next = self._obj(sql, lineage, reads_masked, d)
             if d is not None and self._next.fetch is None and self._next.declare is None:
                 self.note_query(msg, d, lineage, reads_masked)
             if reads_masked:
                 self.masked_reads += 1
                 self.txn_tainted = True
-        elif t == m.FUNCTION_CALL and reads_masked:
-            self.masked_reads += 1
-            self.txn_tainted = True
+        elif t == m.FUNCTION_CALL:
+            self._epoch += 1
+            if reads_masked:
+                self.masked_reads += 1
+                self.txn_tainted = True
         return None
 
     def unask(self) -> None:
@@ -714,17 +781,49 @@ class MaskState(LaneState):
                 e[2].copy = spec
                 return
 
-    def _reads(self, lineage, reads_masked: bool) -> bool:
+    def _reads(self, lineage, reads_masked: bool, d=None, sql: bytes = b"") -> bool:
         if lineage is not None:       # analysed: its answer; not analysable: fail closed
-            return lineage.reads if lineage.masked is not None else True
+            if lineage.masked is not None:
+                return lineage.reads
+            return not self._temp_only_clean(d, sql)
         return reads_masked or (self.masks_on and self.s.policy is None)
 
-    def _obj(self, sql: bytes, lineage, reads_masked: bool) -> ObjPlan:
+    def _temp_only_clean(self, d, sql: bytes) -> bool:
+        """A statement the planner could not analyse because it reads this session's own
+        temporary tables (the side connection does not see them; round 20: the agent
+        read NULL for every column of its own temp table, count(*) too): it reads
+        nothing masked when it is one SELECT of built-in functions whose relations are
+        such temporary tables (no masked value can be written into a table: refused)
+        and committed ordinary tables without masked columns. Anything else stays
+        unresolved (every computed column masked)."""
+        if not self.masks_on or not self.pure_select(d):
+            return False
+        s = self.s
+        names = self.catalog.names
+        text = sql.decode("utf-8", "replace").lower()
+        if any(n.rpartition(".")[2].lower() in text for n in names):
+            return False        # (it names a masked relation somewhere: not this way)
+        temps = s.enforce.temp_names
+        views = s.views.current() if s.views is not None else None
+        temp_seen = False
+        for r in d.statements[0].relations_read:
+            if r in names:
+                return False
+            schema, _, bare = r.partition(".")
+            if schema in ("public", "pg_temp") and bare in temps and not (
+                    views is not None and "pg_temp." + bare in views):
+                temp_seen = True        # (an unqualified name finds the temp table first)
+                continue
+            if schema == "pg_temp" or not s.services.plain_table(s.database, r):
+                return False
+        return temp_seen
+
+    def _obj(self, sql: bytes, lineage, reads_masked: bool, d=None) -> ObjPlan:
         """The plan of a statement about to be parsed or run. DECLARE and PREPARE carry
         their query's lineage for the cursor or prepared statement (registered once they
         have run); FETCH and EXECUTE name the one whose plan their rows get; CLOSE and
         DEALLOCATE forget (rows of an unknown one are masked as unresolved)."""
-        reads = self._reads(lineage, reads_masked)
+        reads = self._reads(lineage, reads_masked, d, sql)
         mo = _CURSOR_SQL.match(sql)
         if mo is None:
             return ObjPlan(lineage, reads)
@@ -860,6 +959,11 @@ class MaskState(LaneState):
                 return None
             if k == K_CURSOR_DESC:      # ours: the client does not see it
                 self.expect.popleft()
+                if desc is None and h[1] in self.portals:
+                    # no rows: not a cursor (a DO block cannot open one that returns
+                    # none); the portal the session bound, a COPY's with its plan
+                    self._arm()
+                    return None
                 obj = ObjPlan(None, True, ("cursor", h[1].decode("utf-8", "replace")))
                 obj.rowdesc = desc
                 self.portals[h[1]] = (obj, None)
