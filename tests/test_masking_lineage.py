@@ -110,9 +110,11 @@ def test_procedure_out_parameters_masked(pg, lproxy, psql_bin):
 def test_unresolved_statements_fail_closed(lproxy):
     # a temporary table is unknown to the side connection: the plan cannot be read, so
     # computed columns are masked (plain columns of known unmasked tables still pass)
+    # beside a masked table; over the session's own temporary tables alone nothing
+    # masked is read (none can be written there), and the values come back (round 20)
     with agent(lproxy) as conn:
         conn.execute("CREATE TEMP TABLE tmp_n AS SELECT 5 AS x")
-        assert conn.execute("SELECT x + 1 FROM tmp_n").fetchall() == [(None,)]
+        assert conn.execute("SELECT x + 1 FROM tmp_n").fetchall() == [(6,)]
         got = conn.execute("SELECT t.x, c.id, c.email || '' FROM tmp_n t, customers c "
                            "ORDER BY c.id").fetchall()
         assert [r[1] for r in got] == [1, 2, 3] and leaks(got) == []

@@ -1095,19 +1095,25 @@ def _dml_quals(acc: _Acc, b: dict) -> _Target:
 # --------------------------------------------------------------------------- statements
 
 def _push_ctes(acc: _Acc, with_clause: Any) -> bool:
+    """Walk a WITH list's queries, each with the CTE names it sees, and put every name
+    in scope for the statement it belongs to (the caller pops it). Without RECURSIVE a
+    CTE sees only the CTEs before it: a later sibling's name in its query is the real
+    relation (round 20: ``WITH a AS (SELECT ssn FROM customers), customers AS (SELECT
+    1) ...`` read customers unseen); with RECURSIVE it sees them all."""
     if type(with_clause) is not dict:
         return False
-    ctes = with_clause.get("ctes") or ()
-    names = frozenset(c["CommonTableExpr"].get("ctename", "") for c in ctes
-                      if type(c) is dict and "CommonTableExpr" in c)
-    acc.ctes.append(names)
+    ctes = [c["CommonTableExpr"] for c in with_clause.get("ctes") or ()
+            if type(c) is dict and type(c.get("CommonTableExpr")) is dict]
+    names = [c.get("ctename", "") for c in ctes]
+    recursive = bool(with_clause.get("recursive"))
     saved = acc.ctx
     acc.ctx = saved + "in a WITH query: "
-    for c in ctes:
-        cte = c.get("CommonTableExpr") if type(c) is dict else None
-        if type(cte) is dict:
-            _walk(acc, cte.get("ctequery"))
+    for i, cte in enumerate(ctes):
+        acc.ctes.append(frozenset(names if recursive else names[:i]))
+        _walk(acc, cte.get("ctequery"))
+        acc.ctes.pop()
     acc.ctx = saved
+    acc.ctes.append(frozenset(names))
     return True
 
 

@@ -33,6 +33,7 @@ class Front:
 
     admit: Callable[[object], bool]             # counted in, or refused (too many)
     forget: Callable[[object], None]            # counted out at close
+    logged_in: Callable[[object], bool]         # authenticated: counted, or refused
     next_session_id: Callable[[], str]
     startup_timeout: float                      # seconds, startup and login together
     client_ssl: object | None                   # ssl.SSLContext when [listen] has TLS
@@ -96,6 +97,7 @@ class Services:
     reload_function_names: Callable[[str], Awaitable[None]]
     role_name: Callable[[str], bool]                    # a schema of that name shadows
     relation_known: Callable[[str, str], bool]          # a write to it is judged now
+    plain_table: Callable[[str, str], bool]             # a committed table, not a view
     decision_generation: Callable[[str], int]
     views_fresh: Callable[[str], bool]
     note_functions: Callable[[str, object], None]
