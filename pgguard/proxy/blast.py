@@ -122,6 +122,9 @@ class Plan:
             return []
         made = count if self.verb == "update" else 0
         sps = _spellings(self.target)
+        if _ambiguous(self.target):
+            # no spelling is sure to name a relation: each is counted when it does
+            return [(self.target, count, made, sp, b"") for sp in sps]
         # (the second spelling may name no relation, or the same one: see probe_sql)
         return [(self.target, count, made, sp, sps[0] if i else None)
                 for i, sp in enumerate(sps)]
@@ -146,7 +149,8 @@ class Plan:
         """One row: per candidate table, its visible rows (counted up to one more than
         the statement changed or made). A spelling that may name no relation (or the
         same as ``other``, measured already) is counted only when it names another
-        one, by a query run from a string (a missing relation fails a plain FROM)."""
+        one, by a query run from a string (a missing relation fails a plain FROM);
+        ``other`` empty: counted when it names a relation at all."""
         cols = []
         for _, changed, made, sp, other in cands:
             n = max(changed, made) + 1
@@ -154,12 +158,14 @@ class Plan:
             if other is None:
                 cols.append(b"(" + count + b")")
                 continue
-            rel, oth = _literal(sp), _literal(other)
+            rel = _literal(sp)
+            same = b" OR pg_catalog.to_regclass(%s) = pg_catalog.to_regclass(%s)" % (
+                rel, _literal(other)) if other else b""
             cols.append(
-                b"(CASE WHEN pg_catalog.to_regclass(%s) IS NULL OR pg_catalog.to_regclass(%s)"
-                b" = pg_catalog.to_regclass(%s) THEN %d ELSE (pg_catalog.xpath('//c/text()', "
+                b"(CASE WHEN pg_catalog.to_regclass(%s) IS NULL%s"
+                b" THEN %d ELSE (pg_catalog.xpath('//c/text()', "
                 b"pg_catalog.query_to_xml(%s, false, false, '')))[1]::text::int8 END)"
-                % (rel, rel, oth, n, _literal(count.replace(b"count(*)", b"count(*) AS c", 1))))
+                % (rel, same, n, _literal(count.replace(b"count(*)", b"count(*) AS c", 1))))
         return b"SELECT " + b", ".join(cols)
 
     @staticmethod
@@ -196,11 +202,25 @@ def _spellings(name: str) -> tuple[bytes, ...]:
     the relation the statement did: the classifier says ``public.x`` both for
     ``public.x`` and for an unqualified ``x``, which the session's search path finds in
     its temporary schema first when it has one of that name; so a ``public`` table is
-    measured both ways (the same relation twice, unless a temporary table shadows it)."""
-    schema, _, rel = name.partition(".")
-    if schema == "public":
-        return (_ident(rel), _ident(schema) + b"." + _ident(rel))
-    return (_ident(schema) + b"." + _ident(rel),)
+    measured both ways (the same relation twice, unless a temporary table shadows it).
+    A name with more dots (a schema or table name holding one: ``"a.b".c``) is every
+    way of splitting it: the classifier's name does not say which dot separates schema
+    and table (red team 20: the first split named nothing, and the table went
+    unmeasured); a spelling naming no relation counts nothing."""
+    out: list[bytes] = []
+    i = name.find(".")
+    while i >= 0:
+        schema, rel = name[:i], name[i + 1:]
+        if schema == "public":
+            out.append(_ident(rel))
+        out.append(_ident(schema) + b"." + _ident(rel))
+        i = name.find(".", i + 1)
+    return tuple(out) if out else (_ident(name),)
+
+
+def _ambiguous(name: str) -> bool:
+    """Whether some spelling of ``name`` may name no relation at all (see _spellings)."""
+    return name.count(".") > 1
 
 
 def _ident(name: str) -> bytes:
