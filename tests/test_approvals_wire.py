@@ -150,6 +150,17 @@ def test_cancel_withdraws_the_request(pg, aproxy):
     assert conn.execute("SELECT 1").fetchone() == (1,)
     assert status(pg, 2) == "new"
     conn.close()
+    # the audit says what happened (round 20, helper 107: it said "error"), and a replay
+    # of the same policy finds nothing decided differently
+    aproxy.stop()
+    from exactlib import audit_rows
+    assert audit_rows(aproxy, "SELECT decision, rule FROM audit WHERE statement LIKE "
+                              "'UPDATE orders%'") == [("withdrawn", "orders-need-approval")]
+    r = subprocess.run([sys.executable, "-m", "pgguard", "policy", "replay", "-c",
+                        str(aproxy.config), "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["changes"] == [], r.stdout
 
 
 def test_jit_window_lets_repeats_through(pg, aproxy):

@@ -54,7 +54,7 @@ EVENT_AUDIT_DROPPED = "audit_dropped"
 EVENTS = (EVENT_CONNECT, EVENT_AUTH_FAILED, EVENT_STATEMENT, EVENT_DISCONNECT,
           EVENT_AUDIT_DROPPED)
 
-DECISIONS = ("allowed", "blocked", "approved", "denied", "timed_out", "error")
+DECISIONS = ("allowed", "blocked", "approved", "denied", "timed_out", "withdrawn", "error")
 
 # a statement longer than this is stored truncated, with a marker saying how long it was
 MAX_STATEMENT_CHARS = 1 << 20

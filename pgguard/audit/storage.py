@@ -254,6 +254,8 @@ class WalSegment:
     digests: list[bytes]      # raw chain digests of every record of those frames
     tail_bytes: int = 0       # bytes after the valid frames (torn or in progress)
     damaged: bool = False     # a complete frame failed its check and more data follows
+    bad_last: bool = False    # the last frame is complete and fails its check
+    bad_records: int = 0      # records that frame says it holds
     end_offset: int = 0       # file offset after the last valid frame
 
     @property
@@ -307,6 +309,10 @@ def read_wal(path: Path, resume: WalSegment | None = None) -> WalSegment:
         digests = chain_lines(prev, lines)
         if len(lines) != count or not digests or digests[-1] != digest:
             seg.damaged = start + blen < n
+            # complete to the last byte yet wrong: changed, or a write a crash cut
+            # short (the file grew to its length, the data did not all get there)
+            seg.bad_last = start + blen == n
+            seg.bad_records = count
             break
         seg.bodies.append(body)
         seg.digests.extend(digests)
@@ -462,6 +468,7 @@ class ParquetSink:
         self._writer.add_key_value_metadata({
             "pgguard.format": FORMAT_VERSION, "pgguard.stream": self.stream,
             "pgguard.seq": str(self.seq), "pgguard.records": str(self.records),
+            "pgguard.dt": self.dt,
             "pgguard.first_prev_hash": self.first_prev, "pgguard.last_hash": self.last_hash})
         self._writer.close()
         self._writer = None

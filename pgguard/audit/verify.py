@@ -115,6 +115,23 @@ def _schema_difference(schema) -> str:
     return "columns reordered"
 
 
+def _duckdb_unreadable(path: Path) -> str | None:
+    """Why DuckDB cannot read every row of the Parquet file at ``path`` (None: it can)."""
+    import duckdb   # why: loaded only when verifying
+    try:
+        con = duckdb.connect()
+        try:
+            # (every column's pages decoded: a count of each column's values)
+            con.execute("SELECT count(COLUMNS(*)) FROM read_parquet(?)",
+                        [str(path)]).fetchall()
+        finally:
+            con.close()
+    except Exception as e:     # noqa: BLE001 - any refusal is the answer
+        msg = str(e).strip().splitlines()
+        return msg[0] if msg else type(e).__name__
+    return None
+
+
 def _metadata_lie(meta: pq.FileMetaData, table: pa.Table) -> str | None:
     """What a Parquet footer says of its rows that the rows do not bear out: row-group
     sizes, each column chunk's null count and min/max statistics, and bloom filters or
@@ -298,6 +315,15 @@ class _Checker:
                          f"missing file: {self.stream} {missing} "
                          f"(between {self.prev_name} and {name})", file=name)
         self.expected_seq = pf.seq + 1
+        bad = None if remote else _duckdb_unreadable(pf.path)
+        if bad is not None:
+            # what the auditor's queries read it with (audit sql / tail, read_parquet):
+            # a footer pyarrow still reads may be one DuckDB refuses (round 20)
+            self.problem("unreadable", f"unreadable: {name}: DuckDB cannot read it: {bad}",
+                         file=name)
+            self.expected = None
+            self.prev_name = name
+            return
         try:
             f = pq.ParquetFile(self.store.open_input(pf.key) if remote  # type: ignore[union-attr]
                                else pf.path)
@@ -329,6 +355,12 @@ class _Checker:
         if stored_seq is not None and stored_seq.decode() != str(pf.seq):
             self.problem("renamed", f"renamed: {name} was written as seq "
                                     f"{stored_seq.decode()}", file=name)
+        stored_dt = meta.get(b"pgguard.dt")
+        here = getattr(pf, "dt", None)
+        if stored_dt is not None and here and stored_dt.decode() != here:
+            # a reader filtering on the dt= partition would not find its records
+            self.problem("renamed", f"moved: {name} was written under dt="
+                                    f"{stored_dt.decode()}", file=name)
         written = meta.get(b"pgguard.records")
         self.report.files += 1
         if self.report.first_seq is None:
@@ -360,6 +392,14 @@ class _Checker:
             self.problem("wal_damaged", f"modified: pending WAL {name}: a frame after record "
                                         f"{seg.records} does not match the hash written "
                                         f"with it", file=name, row=seg.records + 1)
+        elif seg.bad_last:
+            # (a frame being written is incomplete, not complete and wrong)
+            self.problem("wal_damaged", f"modified or cut: pending WAL {name}: its last "
+                                        f"frame ({seg.bad_records} records after record "
+                                        f"{seg.records}) does not match the hash written "
+                                        "with it: a change, or a write a crash cut short "
+                                        "(never acknowledged; pgguard sets it aside when it "
+                                        "starts again)", file=name, row=seg.records + 1)
         if self.expected is not None and seg.prev_hash != self.expected and seg.records:
             self.problem("deleted", f"deleted: chain break between {self.prev_name} and "
                                     f"pending WAL {name}", file=name)

@@ -451,7 +451,8 @@ class Holds:
             refused = Decision(action="block", rule=d.rule, message=err.message,
                                detail=err.detail or "", hint=err.hint or "",
                                statements=d.statements)
-            outcome = {"denied": "denied", "timed_out": "timed_out"}.get(req.state, "error")
+            outcome = {"denied": "denied", "timed_out": "timed_out",
+                       "withdrawn": "withdrawn"}.get(req.state, "error")
             # a Bind is no stop of the scan: what came behind it in its batch is
             # counted already (a Query or Parse stops it: nothing is)
             s.enforce.refuse_any(refused, out, extended, sql, outcome=outcome,
