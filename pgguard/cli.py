@@ -100,6 +100,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         secrets.append(("control.dsn_env", cfg.control.dsn_env, None))
     if cfg.listen.cancel_key_env:
         secrets.append(("listen.cancel_key_env", cfg.listen.cancel_key_env, None))
+    for name in cfg.identities:
+        try:
+            config.identity_secret(cfg, name)
+        except ConfigError as e:
+            if "is not set" not in str(e):      # (an unset variable: warned below)
+                raise ConfigError(f"{args.config}: {e}") from None
     for key, env, file in secrets:
         if file:
             try:
@@ -109,9 +115,42 @@ def _cmd_check(args: argparse.Namespace) -> int:
         elif env and env not in os.environ:
             print(f"pgguard check: warning: {key}: environment variable {env} is not set",
                   file=sys.stderr)
+    _check_serve_would_refuse(cfg, args.config)
     print(f"{args.config}: ok ({len(cfg.identities)} identities, {len(cfg.rules)} rules, "
           f"{len(cfg.masks)} masks)")
     return 0
+
+
+def _check_serve_would_refuse(cfg, path: str) -> None:
+    """What serve refuses (or runs without) that the config file alone tells: the same
+    errors and warnings, at check time."""
+    from .auth import tokens  # why: the token module loads only where tokens are used
+    a, ln = cfg.admin, cfg.listen
+    if a.port and a.port == ln.port and (a.token_env or a.token_file):
+        raise ConfigError(f"{path}: admin.port: {a.port} is listen.port too (the proxy and "
+                          "the admin page need a port each)")
+    for key in ("tls_cert", "tls_key"):
+        name = getattr(ln, key)
+        if name:
+            f = name if os.path.isabs(name) else os.path.join(cfg.base_dir, name)
+            if not os.path.isfile(f):
+                raise ConfigError(f"{path}: listen.{key}: no such file {f}")
+    keys_ready = False
+    for kid in cfg.auth.key_ids():
+        try:
+            tokens.load_key(cfg, kid)
+            keys_ready = True
+        except ConfigError as e:
+            if "is not set" not in str(e):
+                raise ConfigError(f"{path}: {e}") from None
+            print(f"pgguard check: warning: {e}", file=sys.stderr)
+    tokens_only = [n for n, i in cfg.identities.items()
+                   if not i.password_env and not i.password_file]
+    if tokens_only and not keys_ready and cfg.auth.oidc is None:
+        print(f"pgguard check: warning: {', '.join(tokens_only)} can log in only with "
+              "tokens, and no token key is set here (auth.token_secret_env names the "
+              "variable serve reads): their logins fail until it is set",
+              file=sys.stderr)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -191,3 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): quietly, as other command-line tools do (and
+        # without a second error when Python flushes stdout at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

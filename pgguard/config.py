@@ -1,6 +1,7 @@
 # The TOML configuration: typed msgspec Structs, loading, validation with key paths.
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import re
@@ -412,6 +413,14 @@ class Limits(_Base):
     # largest message a client may send (Postgres itself allows 1 GiB - 1)
     max_message_size: int = 64 * 1024 * 1024
     max_client_connections: int = 1000
+    # connections still logging in (startup, TLS, authentication) at once: beyond it a
+    # new connection is refused, so clients without credentials cannot take the slots
+    # of sessions (each waits at most startup_timeout)
+    max_logging_in: Annotated[int, msgspec.Meta(ge=1)] = 100
+    # sessions of agent identities at once, per worker process (0: no limit): agents
+    # reach Postgres as the same role as humans, and one agent token opening sessions in
+    # a loop would take every upstream connection slot, the DBA's too
+    agent_sessions: Annotated[int, msgspec.Meta(ge=0)] = 64
     startup_timeout: str = "15s"
     shutdown_timeout: str = "30s"
 
@@ -568,6 +577,44 @@ def _check_policy(cfg: Config, source: str) -> None:
                 f"session change: {never_setting(hit)}")
 
 
+# every statement kind the classifier reports (Statement.kind / kinds): what a rule's
+# ``when.statements`` may name (tests/test_config_rule_values.py keeps it in step)
+STATEMENT_KINDS = frozenset({
+    "alter", "analyze", "assign", "begin", "call", "checkpoint", "close", "cluster",
+    "comment", "commit", "commit_prepared", "copy", "create", "deallocate", "declare",
+    "delete", "discard", "do", "drop", "execute", "explain", "fetch", "grant", "insert",
+    "listen", "load", "lock", "merge", "move", "notify", "prepare", "prepare_transaction",
+    "reassign", "refresh", "reindex", "release", "reset", "return", "revoke", "rollback",
+    "rollback_prepared", "savepoint", "security_label", "select", "set", "show",
+    "transaction", "truncate", "unlisten", "update", "vacuum"})
+
+
+def _check_rule_values(cfg: Config, i: int, w: When, source: str) -> None:
+    """A value a rule can never meet is a typo that switches the rule off: refused."""
+    for j, kind in enumerate(w.statements or ()):
+        if kind.lower() not in STATEMENT_KINDS:
+            close = difflib.get_close_matches(kind.lower(), sorted(STATEMENT_KINDS), 3)
+            raise ConfigError(
+                f"{source}: rules[{i}].when.statements[{j}]: unknown statement kind "
+                f"{kind!r}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; kinds: {', '.join(sorted(STATEMENT_KINDS))}")
+    if w.groups and cfg.auth.oidc is None:
+        # (an OIDC provider may give groups no identity here has: not checked then)
+        known = {g for ident in cfg.identities.values() for g in ident.groups}
+        for j, g in enumerate(w.groups):
+            if g not in known:
+                raise ConfigError(
+                    f"{source}: rules[{i}].when.groups[{j}]: no identity is in group {g!r}"
+                    f" (groups: {', '.join(sorted(known)) or 'none'})")
+    allowed = cfg.upstream.databases
+    if w.databases and allowed:
+        for j, pat in enumerate(w.databases):
+            if not any(fnmatch.fnmatchcase(db, pat) for db in allowed):
+                raise ConfigError(
+                    f"{source}: rules[{i}].when.databases[{j}]: {pat!r} matches none of "
+                    f"upstream.databases ({', '.join(allowed)})")
+
+
 def _check_references(cfg: Config, source: str) -> None:
     _check_policy(cfg, source)
     for i, rule in enumerate(cfg.rules):
@@ -576,6 +623,7 @@ def _check_references(cfg: Config, source: str) -> None:
                 if name not in cfg.identities:
                     raise ConfigError(
                         f"{source}: rules[{i}].when.identity: unknown identity {name!r}")
+        _check_rule_values(cfg, i, rule.when, source)
     names = [r.name for r in cfg.rules]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -610,6 +658,20 @@ def read_secret(cfg: Config, env: str | None, file: str | None, key_path: str,
             where = key_path if key_path.endswith("_file") else f"{key_path}.{prefix}password_file"
             raise ConfigError(f"{where}: cannot read secret file {p}: {e.strerror}") from None
     return None
+
+
+def identity_secret(cfg: Config, name: str) -> str | None:
+    """An identity's static password (None: it has none, tokens only); ConfigError when
+    it is empty or blank: an empty password would let anyone log in as it."""
+    ident = cfg.identities[name]
+    pw = read_secret(cfg, ident.password_env, ident.password_file, f"identities.{name}")
+    if pw is not None and not pw.strip():
+        key = "password_env" if ident.password_env else "password_file"
+        raise ConfigError(
+            f"identities.{name}.{key}: the secret is empty: anyone could log in as "
+            f"{name}; write a password there, or remove the key (the identity then logs "
+            "in with tokens only)")
+    return pw
 
 
 def admin_token(cfg: Config) -> str | None:
