@@ -123,6 +123,13 @@ cdef class MessageScan:
     def withhold(self):
         return self._withhold
 
+    def release(self):
+        """The session ended: let go of a message still being gathered (up to
+        max_message_size; a closed session's objects wait for the cyclic collector)."""
+        self._hold = bytearray()
+        self._remain = 0
+        self._hdr_fill = 0
+
     def take_rest(self):
         r = self.rest
         self.rest = None

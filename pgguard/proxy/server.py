@@ -26,7 +26,8 @@ from ..audit.writer import AuditLog
 from ..auth import oidc, throttle, tokens
 from ..auth.scram import ScramVerifier
 from ..auth.throttle import Throttle
-from ..config import Config, Mask, admin_token, instance_name, parse_duration, read_secret
+from ..config import (Config, Mask, admin_token, identity_secret, instance_name, parse_duration,
+                      read_secret)
 from ..control import approval_store, open_link, revocation_watcher
 from ..control.fleet import Heartbeat
 from ..control.schema import migrate
@@ -71,7 +72,8 @@ ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
 # finds them first), for writes to names the catalog does not know (relation_known)
 RELATION_NAMES_SQL = (
     "SELECT CASE WHEN n.nspname LIKE 'pg\\_temp\\_%' THEN 'pg_temp' ELSE n.nspname END "
-    "|| '.' || c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+    "|| '.' || c.relname, c.relkind IN ('r', 'p') AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
     "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')")
 FUNCTION_TTL = 60.0
 LEARNED_TTL = 600.0
@@ -154,6 +156,8 @@ class Server:
         # DDL seen by any worker, and masked columns any worker found (shared mapping)
         self.catalog_signal = catalog_signal or CatalogSignal(1)
         self.sessions: set = set()
+        self._logging_in: set = set()       # admitted, not yet authenticated
+        self._agent_sessions: set = set()   # authenticated sessions of agent identities
         self._ids = itertools.count(1)
         self.cancel_cipher = CancelKeyCipher(cancel_key)
         self.startup_timeout = parse_duration(cfg.limits.startup_timeout)
@@ -167,8 +171,7 @@ class Server:
         self._fake_secret = secrets.token_bytes(32)
         self._verifiers: dict[str, ScramVerifier] = {}
         for name, ident in cfg.identities.items():
-            pw = read_secret(cfg, ident.password_env, ident.password_file,
-                             f"identities.{name}")
+            pw = identity_secret(cfg, name)
             if pw is not None:
                 self._verifiers[name] = ScramVerifier.from_password(pw)
         self.client_ssl = self._client_ssl()
@@ -220,6 +223,7 @@ class Server:
         self._fn_volatile: dict[str, frozenset] = {}
         self._role_names: frozenset | None = None
         self._rel_names: dict[str, frozenset] = {}
+        self._rel_tables: dict[str, frozenset] = {}     # ordinary / partitioned tables
         # names of functions sessions created through pgguard, by database (bare name
         # -> when): user functions from that moment, before a catalog read shows them
         self._fn_recent: dict[str, dict[str, float]] = {}
@@ -393,6 +397,7 @@ class Server:
             self.link, database, [FUNCTION_NAMES_SQL, ROLE_NAMES_SQL, RELATION_NAMES_SQL])
         self._role_names = frozenset(r[0] for r in roles)
         self._rel_names[database] = frozenset(r[0] for r in rels)
+        self._rel_tables[database] = frozenset(r[0] for r in rels if r[1] == "t")
         builtin = frozenset(r[0] for r in rows if r[1] == "t")
         other = frozenset(r[0] for r in rows if r[1] != "t")
         self._fn_volatile[database] = frozenset(
@@ -442,6 +447,12 @@ class Server:
         if names is None:
             return True
         return name in names
+
+    def plain_table(self, database: str, name: str) -> bool:
+        """Whether ``name`` is a committed ordinary or partitioned table (not a view), by
+        the names last read (unread: False)."""
+        tables = self._rel_tables.get(database)
+        return tables is not None and name in tables
 
     def role_name(self, name: str) -> bool:
         """Whether a role is named ``name`` (by the names last read; unread: True)."""
@@ -752,6 +763,18 @@ class Server:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def check_masks(self) -> None:
+        """At start, read each configured database's mask catalog once: a [[masks]]
+        entry naming no column is logged then (load_catalog), not at the first
+        session. An upstream that cannot be reached yet is only noted."""
+        for db in (self.cfg.upstream.databases or [])[:16]:
+            if any(ch in db for ch in "*?["):
+                continue
+            try:
+                await self.mask_catalog(db)
+            except Exception as e:      # (down, or the database missing): sessions say it
+                log.info("masks not checked against database %s yet: %s", db, e)
+
     async def janitor(self) -> None:
         """Drop ephemeral roles a crash left behind: pgguard_* roles older than a minute
         with no session."""
@@ -823,12 +846,40 @@ class Server:
         if len(self.sessions) >= self.cfg.limits.max_client_connections:
             session.fail(TooManyConnections("sorry, too many clients already"))
             return False
+        if len(self._logging_in) >= self.cfg.limits.max_logging_in:
+            session.fail(TooManyConnections(
+                "sorry, too many clients already",
+                detail=f"{len(self._logging_in)} connections are logging in "
+                       f"(limits.max_logging_in = {self.cfg.limits.max_logging_in})"))
+            return False
+        self._logging_in.add(session)
         self.sessions.add(session)
         self.m_sessions.inc()
         self._idle.clear()
         return True
 
+    def logged_in(self, session) -> bool:
+        """``session`` authenticated: no longer counted as logging in; an agent's
+        counted among the agents' sessions, or refused past limits.agent_sessions."""
+        self._logging_in.discard(session)
+        ident = session.identity
+        if ident is None or ident.kind != "agent":
+            return True
+        cap = self.cfg.limits.agent_sessions
+        if cap and len(self._agent_sessions) >= cap:
+            session.fail(TooManyConnections(
+                "too many sessions of agent identities",
+                detail=f"{len(self._agent_sessions)} agent sessions are open in this "
+                       f"worker (limits.agent_sessions = {cap})",
+                hint="Close idle sessions, or raise limits.agent_sessions; humans can "
+                     "still log in."))
+            return False
+        self._agent_sessions.add(session)
+        return True
+
     def forget(self, session) -> None:
+        self._logging_in.discard(session)
+        self._agent_sessions.discard(session)
         if session in self.sessions:
             self.m_sessions.dec()
             self._report_fast(session)
@@ -959,13 +1010,15 @@ class Server:
             reload_function_names=self.reload_function_names,
             role_name=self.role_name,
             relation_known=self.relation_known,
+            plain_table=self.plain_table,
             decision_generation=self.decision_generation,
             views_fresh=self.views_fresh,
             note_functions=self.note_functions,
             cached_function=self.cached_function, resolve_function=self.resolve_function,
             sessions=self.sessions, sessions_info=self.sessions_info,
             front=Front(
-                admit=self.admit, forget=self.forget, next_session_id=self.next_session_id,
+                admit=self.admit, forget=self.forget, logged_in=self.logged_in,
+                next_session_id=self.next_session_id,
                 startup_timeout=self.startup_timeout, client_ssl=self.client_ssl,
                 cancel_cipher=self.cancel_cipher, forward_cancel=self.forward_cancel,
                 bearer_enabled=self.bearer_enabled, oidc=self.oidc,
@@ -1144,6 +1197,8 @@ async def _serve(cfg: Config, cancel_key: bytes | None, worker: int,
         await server.start_admin()
         if worker == 0:
             server.background(server.janitor())
+            if cfg.masks and cfg.upstream.databases:
+                server.background(server.check_masks())
         log.info("pgguard worker %d (pid %d) listening on %s:%d, upstream %s:%d", worker,
                  os.getpid(), cfg.listen.address, cfg.listen.port, cfg.upstream.host,
                  cfg.upstream.port)

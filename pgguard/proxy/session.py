@@ -233,6 +233,8 @@ class Session:
                 if not ok:
                     return
                 await self._authenticate()
+                if not self.front.logged_in(self):
+                    return
                 if self.database == CONSOLE_DB:
                     self.console = Console(self, self.services)
                     self.console.start()
@@ -1032,6 +1034,9 @@ class Session:
         t = self.client.transport
         if t is not None and not t.is_closing():
             t.close()
+        for scan in (self.fscan, self.bscan):
+            if scan is not None:
+                scan.release()      # (a message half received: up to max_message_size)
         self.front.forget(self)
 
 

@@ -1,0 +1,84 @@
+# Round 20 (helper 106): one agent token opening sessions in a loop took every upstream
+# connection slot (every identity reaches Postgres as the same role), and the DBA could
+# not log in; connections that never authenticate (a startup packet trickled a byte at
+# a time) filled max_client_connections, and nobody could log in for as long as an
+# attacker kept reconnecting. Agents' sessions are capped (limits.agent_sessions), and
+# so are connections still logging in (limits.max_logging_in). Judged by who can log in
+# and by the sessions Postgres holds.
+from __future__ import annotations
+
+import socket
+import time
+
+import psycopg
+import pytest
+from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, Proxy
+
+
+@pytest.fixture
+def capped(pg, tmp_path):
+    p = Proxy(pg, tmp_path)
+    p.config.write_text(p.config.read_text().replace(
+        "[limits]", "[limits]\nagent_sessions = 3\nmax_logging_in = 4"))
+    p.start()
+    yield p
+    p.stop()
+
+
+def _upstream_sessions(pg) -> int:
+    return pg.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                      "'client backend' AND pid <> pg_backend_pid()")[0][0]
+
+
+def test_agents_cannot_take_every_session(capped, pg):
+    before = _upstream_sessions(pg)
+    agents = [psycopg.connect(capped.dsn(AGENT, AGENT_PASSWORD)) for _ in range(3)]
+    try:
+        for i in range(5):          # the fourth and later: refused, saying why
+            with pytest.raises(psycopg.OperationalError) as e:
+                psycopg.connect(capped.dsn(AGENT, AGENT_PASSWORD))
+            assert "too many sessions of agent identities" in str(e.value)
+        assert _upstream_sessions(pg) == before + 3
+        # the DBA still gets in, and the agents' sessions work
+        with psycopg.connect(capped.dsn(HUMAN, HUMAN_PASSWORD)) as h:
+            assert h.execute("SELECT 1").fetchone() == (1,)
+        assert all(a.execute("SELECT 2").fetchone() == (2,) for a in agents)
+    finally:
+        for a in agents:
+            a.close()
+    # their slots are free again (once pgguard saw them close)
+    _eventually(capped.dsn(AGENT, AGENT_PASSWORD))
+
+
+def _eventually(dsn: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with psycopg.connect(dsn) as c:
+                assert c.execute("SELECT 3").fetchone() == (3,)
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_connections_that_never_log_in_leave_room(capped):
+    # four connections send half a startup packet and wait: the fifth is refused until
+    # they end, sessions that logged in are not counted, and the DBA logs in meanwhile
+    with psycopg.connect(capped.dsn(HUMAN, HUMAN_PASSWORD)) as h:
+        stalled = []
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", capped.port))
+            s.sendall(b"\x00\x00\x00")
+            stalled.append(s)
+        time.sleep(0.5)
+        extra = socket.create_connection(("127.0.0.1", capped.port))
+        extra.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")       # SSLRequest
+        got = extra.recv(4096)
+        assert got[:1] == b"E" and b"53300" in got and b"max_logging_in" in got, got
+        extra.close()
+        assert h.execute("SELECT 1").fetchone() == (1,)
+        for s in stalled:
+            s.close()
+    _eventually(capped.dsn(HUMAN, HUMAN_PASSWORD))
