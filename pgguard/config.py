@@ -417,10 +417,12 @@ class Limits(_Base):
     # new connection is refused, so clients without credentials cannot take the slots
     # of sessions (each waits at most startup_timeout)
     max_logging_in: Annotated[int, msgspec.Meta(ge=1)] = 100
-    # sessions of agent identities at once, per worker process (0: no limit): agents
-    # reach Postgres as the same role as humans, and one agent token opening sessions in
-    # a loop would take every upstream connection slot, the DBA's too
-    agent_sessions: Annotated[int, msgspec.Meta(ge=0)] = 64
+    # sessions of agent identities at once (0: no limit): agents reach Postgres as the
+    # same role as humans, and one agent token opening sessions in a loop would take
+    # every upstream connection slot, the DBA's too. "auto": the upstream's
+    # max_connections less superuser_reserved_connections, less a tenth (at least 5)
+    # kept for everyone else, shared among the workers
+    agent_sessions: Annotated[int, msgspec.Meta(ge=0)] | Literal["auto"] = "auto"
     startup_timeout: str = "15s"
     shutdown_timeout: str = "30s"
 

@@ -100,3 +100,25 @@ def test_bytes_sent_while_throttled_are_not_buffered(make_proxy):
     # the kernel's socket buffers take a few MB; the proxy takes nothing more
     assert sent < 64 << 20, sent
     assert grown < 32 * 1024, grown
+
+
+def test_logging_in_as_another_name_does_not_reset_the_guesses(make_proxy):
+    # red team 20 (helper 110): one success (the agent's own password or token) after
+    # every few wrong guesses at another name reset the throttle: 400 guesses in 1.6 s
+    from conftest import AGENT_PASSWORD, HUMAN
+    proxy = make_proxy(extra=THROTTLE)
+    t0 = time.monotonic()
+    codes = []
+    for _ in range(4):
+        try:
+            RawClient.connect(proxy.port, HUMAN, "guess", timeout=30).close()
+            codes.append("ok")
+        except LoginError as e:
+            codes.append(e.fields.get("C"))
+        try:
+            RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, timeout=30).close()
+        except LoginError:
+            pass        # (refused while throttled: fine)
+    # after two failures every attempt waits (1 s, 2 s, ...) or is refused outright
+    assert time.monotonic() - t0 > 2.5 or "28000" in codes, (codes, time.monotonic() - t0)
+    assert "ok" not in codes

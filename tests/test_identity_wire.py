@@ -139,3 +139,41 @@ groups_claim = "groups"
                 make_token(sub="u-1", preferred_username="someone-else")):
         state, msg = connect_error(proxy.dsn(user="okta-bot", password=bad, dbname="appdb"))
         assert state == "28P01", msg
+
+
+# Red team, round 20 (helper 110): revoking or expiring a token ended the client's
+# connection, but the statement running upstream ran on and committed (and what the
+# client had pipelined behind it ran after the revocation). The backend is ended now.
+IN_FLIGHT = {
+    "insert-sleeping": "INSERT INTO rv_t SELECT 1 FROM pg_sleep(3)",
+    "after-a-sleep": "SELECT pg_sleep(3); INSERT INTO rv_t VALUES (2)",
+    "cte": "WITH s AS (SELECT pg_sleep(3)) INSERT INTO rv_t SELECT 3 FROM s",
+}
+
+
+@pytest.mark.parametrize("case", list(IN_FLIGHT))
+@pytest.mark.parametrize("how", ["revoked", "expired"])
+def test_a_statement_in_flight_does_not_outlive_its_token(pg, tproxy, case, how):
+    import threading
+    pg.execute("DROP TABLE IF EXISTS rv_t; CREATE TABLE rv_t (a int); "
+               "GRANT ALL ON rv_t TO PUBLIC", dbname="appdb")
+    ttl = ["--ttl", "2s"] if how == "expired" else []
+    t = token(tproxy, "--identity", "bot", "--database", "appdb", *ttl)
+    conn = psycopg.connect(t["dsn"], autocommit=True)
+    box = {}
+
+    def run():
+        try:
+            psycopg.ClientCursor(conn).execute(IN_FLIGHT[case])
+        except psycopg.Error as e:
+            box["error"] = e
+    th = threading.Thread(target=run)
+    th.start()
+    if how == "revoked":
+        time.sleep(0.5)
+        revoke(tproxy, t["token_id"])
+    th.join(10)
+    assert isinstance(box.get("error"), psycopg.OperationalError), box
+    time.sleep(4)       # past the sleep: had it run on, it would have committed by now
+    assert pg.execute("SELECT count(*) FROM rv_t", dbname="appdb") == [(0,)]
+    conn.close()

@@ -82,3 +82,33 @@ def test_connections_that_never_log_in_leave_room(capped):
         for s in stalled:
             s.close()
     _eventually(capped.dsn(HUMAN, HUMAN_PASSWORD))
+
+
+def test_auto_keeps_a_tenth_of_the_upstreams_slots_for_everyone_else():
+    from pgguard import config
+    from pgguard.proxy.server import agent_cap
+    assert config.loads("").limits.agent_sessions == "auto"
+    assert agent_cap(100, 3, 1) == 88          # 97 ordinary slots, 9 kept
+    assert agent_cap(100, 3, 2) == 44          # shared among two workers
+    assert agent_cap(20, 3, 1) == 12           # at least 5 kept
+    assert agent_cap(4, 3, 1) == 1
+    with pytest.raises(Exception, match="limits.agent_sessions"):
+        config.loads('[limits]\nagent_sessions = "lots"\n')
+
+
+def test_auto_reads_the_upstreams_limits(pg, tmp_path):
+    # the first agent login asks the upstream; the cap follows its max_connections (the
+    # refusal past a cap: test_agents_cannot_take_every_session)
+    from pgguard.proxy.server import agent_cap
+    p = Proxy(pg, tmp_path).start()
+    try:
+        with psycopg.connect(p.dsn(AGENT, AGENT_PASSWORD)) as c:
+            assert c.execute("SELECT 1").fetchone() == (1,)
+        deadline = time.monotonic() + 10
+        while "agents may hold" not in p.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        mc, res = pg.execute("SELECT current_setting('max_connections')::int, "
+                             "current_setting('superuser_reserved_connections')::int")[0]
+        assert f"agents may hold {agent_cap(mc, res, 1)} sessions" in p.output()
+    finally:
+        p.stop()

@@ -185,3 +185,25 @@ def test_shared_table_memory_is_fixed(clock):
     assert len(t) <= 128
     t.record_failure("10.9.9.9")
     assert t.failures("10.9.9.9") == 1
+
+
+def test_a_success_forgives_only_its_own_names_failures(clock):
+    # red team 20 (helper 110): a success cleared the address, so logging in with one's
+    # own token after every few guesses at alice's password kept the throttle off
+    t = make(clock)
+    for _ in range(2):
+        t.record_failure("10.0.0.9", name="alice")
+    t.record_success("10.0.0.9", "bot")
+    t.record_failure("10.0.0.9", name="alice")
+    assert t.failures("10.0.0.9") == 3 and t.delay_for("10.0.0.9") > 0
+    for _ in range(5):
+        t.record_success("10.0.0.9", "bot")
+        t.record_failure("10.0.0.9", name="alice")
+    assert t.failures("10.0.0.9") == 8
+    # a mistyped password of the name that then logs in is forgiven
+    t2 = make(clock)
+    for _ in range(2):
+        t2.record_failure("10.0.0.8", name="bob")
+    t2.record_failure("10.0.0.8", name="alice")
+    t2.record_success("10.0.0.8", "bob")
+    assert t2.failures("10.0.0.8") == 1

@@ -7,8 +7,10 @@ address waits: ``delay`` seconds, doubling with every further failure, at most
 attempt per delay, however many connections it opens at once; an attempt that would
 have to wait longer than ``max_delay`` for its turn is refused (``delay_for`` returns
 None) without its password being looked at. IPv6 addresses count per /64 (one host
-usually owns a whole /64). A success clears the address. At most ``max_entries``
-addresses are remembered (least recently seen go first).
+usually owns a whole /64). A success forgives the failures of the name it logged in as
+(a mistyped password), not those against other names: one valid token must not buy
+unlimited guesses at a DBA's password (red team 20). At most ``max_entries`` addresses
+(and address-name pairs) are remembered (least recently seen go first).
 
 Across worker processes: ``share()`` (called by the parent before it forks the
 workers) puts the table in a shared memory mapping of fixed size, slots locked with
@@ -208,6 +210,10 @@ def address_key(addr: object) -> str:
     return str(ip)
 
 
+def _pair(key: str, name: str) -> str:
+    return f"{key}\0{name}"
+
+
 class Throttle:
     """Failure counts and delays per source address; see the module docstring.
 
@@ -300,11 +306,20 @@ class Throttle:
             self._table.put(key, e)
             return start - now
 
-    def record_failure(self, addr: object, *, now: float | None = None) -> None:
-        """Count a failed authentication from ``addr``: ``t.record_failure(peer)``."""
+    def record_failure(self, addr: object, *, now: float | None = None,
+                       name: str | None = None) -> None:
+        """Count a failed authentication from ``addr`` (at user ``name``):
+        ``t.record_failure(peer, name="alice")``."""
         now = self._clock() if now is None else now
         key = address_key(addr)
         with self._table.lock():
+            if name is not None:
+                # (how many of the address's failures were at this name)
+                k2 = _pair(key, name)
+                e2 = self._table.get(k2) or _Entry(now)
+                e2.failures += 1
+                e2.last = now
+                self._table.put(k2, e2)
             e = self._get(key, now)
             if e is None:
                 e = _Entry(now)
@@ -315,10 +330,25 @@ class Throttle:
             e.not_before = max(e.not_before, now + self._penalty(e.failures))
             self._table.put(key, e)
 
-    def record_success(self, addr: object) -> None:
-        """Forget the failures of ``addr`` after it authenticated: ``t.record_success(peer)``."""
+    def record_success(self, addr: object, name: str | None = None) -> None:
+        """``addr`` authenticated (as ``name``): forget its failures at that name (all of
+        them when no name is given): ``t.record_success(peer, "alice")``."""
+        key = address_key(addr)
         with self._table.lock():
-            self._table.drop(address_key(addr))
+            if name is None:
+                self._table.drop(key)
+                return
+            k2 = _pair(key, name)
+            e2 = self._table.get(k2)
+            self._table.drop(k2)
+            e = self._table.get(key)
+            if e2 is None or e is None:
+                return
+            e.failures -= e2.failures
+            if e.failures <= 0:
+                self._table.drop(key)
+            else:
+                self._table.put(key, e)
 
     def failures(self, addr: object) -> int:
         """Failures counted for ``addr`` (tests, metrics): ``t.failures("10.0.0.7") -> 3``."""

@@ -158,6 +158,9 @@ class Server:
         self.sessions: set = set()
         self._logging_in: set = set()       # admitted, not yet authenticated
         self._agent_sessions: set = set()   # authenticated sessions of agent identities
+        cap = cfg.limits.agent_sessions
+        self._agent_cap: int | None = None if cap == "auto" else cap   # None: not read yet
+        self._agent_cap_read = 0.0          # when the upstream's limits were last asked
         self._ids = itertools.count(1)
         self.cancel_cipher = CancelKeyCipher(cancel_key)
         self.startup_timeout = parse_duration(cfg.limits.startup_timeout)
@@ -266,7 +269,7 @@ class Server:
     async def auth_failed(self, session, reason: str = "") -> None:
         log.info("authentication failed for %r from %s%s", session.identity_name,
                  session.client_addr, f": {reason}" if reason else "")
-        self.throttle.record_failure(session.peer)
+        self.throttle.record_failure(session.peer, name=session.identity_name)
 
     async def mask_catalog(self, database: str, need=()):
         """The masked columns of a database. Read again when DDL went through any
@@ -865,17 +868,35 @@ class Server:
         ident = session.identity
         if ident is None or ident.kind != "agent":
             return True
-        cap = self.cfg.limits.agent_sessions
+        cap = self._agent_cap
+        if cap is None and time.monotonic() - self._agent_cap_read > 60:
+            self._agent_cap_read = time.monotonic()
+            self.background(self._read_agent_cap(session.database))
         if cap and len(self._agent_sessions) >= cap:
             session.fail(TooManyConnections(
                 "too many sessions of agent identities",
                 detail=f"{len(self._agent_sessions)} agent sessions are open in this "
-                       f"worker (limits.agent_sessions = {cap})",
+                       f"worker (limits.agent_sessions = {self.cfg.limits.agent_sessions}"
+                       + (f": {cap} here" if self.cfg.limits.agent_sessions == "auto"
+                          else "") + ")",
                 hint="Close idle sessions, or raise limits.agent_sessions; humans can "
                      "still log in."))
             return False
         self._agent_sessions.add(session)
         return True
+
+    async def _read_agent_cap(self, database: str) -> None:
+        """limits.agent_sessions = "auto": the cap from the upstream's own limits."""
+        try:
+            rows = await self.side.run(database, [
+                "SELECT current_setting('max_connections')::int, "
+                "current_setting('superuser_reserved_connections')::int"])
+            self._agent_cap = agent_cap(int(rows[0][0][0]), int(rows[0][0][1]),
+                                        self.catalog_signal.workers)
+            log.info("agents may hold %d sessions in this worker (limits.agent_sessions = "
+                     "auto)", self._agent_cap)
+        except Exception as e:      # noqa: BLE001 - asked again a minute later
+            log.info("limits.agent_sessions: the upstream's limits not read yet: %s", e)
 
     def forget(self, session) -> None:
         self._logging_in.discard(session)
@@ -1221,6 +1242,15 @@ def setup_logging() -> None:
     level = os.environ.get("PGGUARD_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+
+
+def agent_cap(max_connections: int, reserved: int, workers: int) -> int:
+    """Agent sessions one worker admits under limits.agent_sessions = "auto": of the
+    upstream's ordinary connection slots, a tenth (at least 5) is kept for everyone
+    else, the rest shared among the workers. ``agent_cap(100, 3, 1) -> 88``."""
+    slots = max(1, max_connections - reserved)
+    agents = max(1, slots - max(5, slots // 10))
+    return max(1, -(-agents // max(1, workers)))
 
 
 def run(cfg: Config, workers: int = 1) -> int:

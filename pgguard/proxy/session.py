@@ -374,7 +374,7 @@ class Session:
                 (identity.databases is not None and self.database not in identity.databases)):
             raise AuthRejected(
                 f'database "{self.database}" is not allowed for identity "{name}"')
-        sv.throttle.record_success(self.peer)
+        sv.throttle.record_success(self.peer, name)
 
     async def _read_password_message(self) -> bytes:
         try:
@@ -991,11 +991,30 @@ class Session:
                         self.services.cfg.upstream.template_role)
 
     def _end_by_token(self, err) -> None:
-        """The token expired or was revoked: FATAL at a message boundary, then close."""
+        """The token expired or was revoked: FATAL at a message boundary, then close.
+        A statement still running upstream (and what the backend read behind it) is
+        stopped with its backend: closing the connection would let it run on and commit
+        (red team 20: INSERT ... FROM pg_sleep(5) committed after the revocation)."""
         log.info("session %s: %s", self.id, err.message)
+        if self.upstream_key is not None and self.answers is not None and self.in_flight() > 0:
+            self.services.background(self._stop_backend(self.upstream_key))
         if self.bscan is None or self.bscan.at_boundary:
             self._send_error(err)
         self.close()
+
+    async def _stop_backend(self, key: tuple[int, int]) -> None:
+        """pg_terminate_backend of this session's upstream backend (a cancel would let
+        the backend read on and run what the client pipelined behind the statement);
+        a CancelRequest when the proxy's role may not terminate it."""
+        try:
+            rows = await self.services.side.run(
+                self.database, [f"SELECT pg_catalog.pg_terminate_backend({int(key[0])})"])
+            if rows and rows[0] and rows[0][0][0] in ("t", True):
+                return
+        except Exception as e:      # noqa: BLE001 - fall back to the cancel
+            log.warning("session %s: could not end its upstream backend: %s", self.id, e)
+        cpid, csecret = self.front.cancel_cipher.encode(*key)
+        await self.front.forward_cancel(cpid, csecret)
 
     def close(self) -> None:
         if self.closed:
