@@ -741,6 +741,8 @@ class MaskState(LaneState):
             self._push((K_SYNC,))
         elif t == m.QUERY:                                   # owe_ready() queues it
             self._epoch += 1
+            # (a DEALLOCATE and PREPARE in it may give a name another statement)
+            self._pure_stmts.clear()
             self.portals.pop(b"", None)
             self.stmts.pop(b"", None)
             self.lane_stmt(b"", False)
