@@ -101,7 +101,8 @@ let focusId = null, timer = null, busy = false;
   if (!h) return;
   const p = new URLSearchParams(h);
   if (p.get("token")) localStorage.setItem(TOKEN_KEY, p.get("token"));
-  if (p.get("as")) localStorage.setItem(AS_KEY, p.get("as"));
+  // (a link never replaces the name this browser's human chose: helper 110)
+  if (p.get("as") && !localStorage.getItem(AS_KEY)) localStorage.setItem(AS_KEY, p.get("as"));
   if (p.get("id")) focusId = Number(p.get("id"));
   history.replaceState(null, "", location.pathname + location.search +
                        (focusId ? "#" + focusId : ""));
