@@ -416,7 +416,7 @@ class Limits(_Base):
     # connections still logging in (startup, TLS, authentication) at once: beyond it a
     # new connection is refused, so clients without credentials cannot take the slots
     # of sessions (each waits at most startup_timeout)
-    max_logging_in: Annotated[int, msgspec.Meta(ge=1)] = 100
+    max_logging_in: Annotated[int, msgspec.Meta(ge=1)] = 256
     # sessions of agent identities at once (0: no limit): agents reach Postgres as the
     # same role as humans, and one agent token opening sessions in a loop would take
     # every upstream connection slot, the DBA's too. "auto": the upstream's
