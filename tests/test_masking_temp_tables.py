@@ -163,10 +163,16 @@ SIBLING_WRITES = [
 
 
 @pytest.mark.parametrize("sql", SIBLING_WRITES)
-def test_a_sibling_cte_does_not_hide_a_masked_read_from_a_write(mproxy, pg, sql):
-    for client in ("psycopg", "asyncpg", "raw"):
+def test_a_sibling_cte_does_not_hide_a_masked_read_from_a_write(mproxy, pg, psql_bin, sql):
+    from conftest import run_psql
+    for client in ("psql", "psycopg", "asyncpg", "raw"):
         err = None
-        if client == "psycopg":
+        if client == "psql":
+            r = run_psql(psql_bin, mproxy.dsn(dbname=DB), "-c", "; ".join(SETUP), "-c", sql)
+            # (psql prints no SQLSTATE by default: the refusal's own text says it)
+            err = ("42501", r.stderr) if r.returncode and 'rule "masking"' in r.stderr \
+                else None
+        elif client == "psycopg":
             with psycopg.connect(mproxy.dsn(dbname=DB), autocommit=True) as c:
                 for q in SETUP:
                     c.execute(q)
