@@ -125,8 +125,9 @@ def _check_serve_would_refuse(cfg, path: str) -> None:
     """What serve refuses (or runs without) that the config file alone tells: the same
     errors and warnings, at check time."""
     from .auth import tokens  # why: the token module loads only where tokens are used
+    from .proxy.server import _same_port  # why: serve's own test, loaded for check only
     a, ln = cfg.admin, cfg.listen
-    if a.port and a.port == ln.port and (a.token_env or a.token_file):
+    if (a.token_env or a.token_file) and _same_port(cfg):
         raise ConfigError(f"{path}: admin.port: {a.port} is listen.port too (the proxy and "
                           "the admin page need a port each)")
     for key in ("tls_cert", "tls_key"):
