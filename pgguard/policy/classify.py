@@ -1350,6 +1350,67 @@ def _deallocate(acc: _Acc, b: dict) -> None:
 def _vacuum(acc: _Acc, b: dict) -> None:
     acc.enter("vacuum" if b.get("is_vacuumcmd") else "analyze")
     _utility_walk(acc, b)
+    if b.get("is_vacuumcmd") and _option_on(acc, b.get("options"), "full"):
+        rels = [_relname(r["VacuumRelation"]["relation"]) for r in b.get("rels") or ()
+                if type(r) is dict and type(r.get("VacuumRelation")) is dict
+                and type(r["VacuumRelation"].get("relation")) is dict]
+        what = ", ".join(rels) if rels else "every table of the database"
+        acc.flag("destructive", f"VACUUM FULL rewrites {what} under an ACCESS EXCLUSIVE "
+                 "lock: every read and write of it waits until the rewrite ends (an "
+                 "outage on a large table); plain VACUUM reclaims space without that lock")
+
+
+# LOCK TABLE modes (LockStmt.mode) that stop other sessions' writes or reads of the whole
+# table until the transaction ends: SHARE and stronger
+_LOCK_MODES = {5: "SHARE", 6: "SHARE ROW EXCLUSIVE", 7: "EXCLUSIVE", 8: "ACCESS EXCLUSIVE"}
+
+
+def _option_on(acc: _Acc, options: Any, name: str) -> bool:
+    """A DefElem option ``name`` is set and not plainly false (FULL, FULL true, FULL 1;
+    not FULL false / off / 0 / no): what cannot be read counts as set."""
+    for o in options or ():
+        d = o.get("DefElem") if type(o) is dict else None
+        if type(d) is not dict or str(d.get("defname", "")).lower() != name:
+            continue
+        arg = d.get("arg")
+        if arg is None:
+            return True
+        v = _lit(acc, arg)
+        if v is None and type(arg) is dict and type(arg.get("Integer")) is dict:
+            v = str(arg["Integer"].get("ival", 0))
+        return str(v).strip().lower() not in ("false", "off", "0", "no")
+    return False
+
+
+def _outage(acc: _Acc, tag: str, b: dict) -> None:
+    """CLUSTER, REINDEX (not CONCURRENTLY) and LOCK TABLE in SHARE mode or stronger take
+    locks that stop every other session's writes (or reads) of whole tables until they
+    end: the 2 a.m. outage an agent causes without destroying a row (destructive)."""
+    if tag == "ClusterStmt":
+        rel = b.get("relation")
+        what = _relname(rel) if type(rel) is dict else "every table clustered before"
+        acc.flag("destructive", f"CLUSTER rewrites {what} under an ACCESS EXCLUSIVE lock: "
+                 "every read and write of it waits until the rewrite ends (an outage on a "
+                 "large table)")
+    elif tag == "ReindexStmt":
+        if _option_on(acc, b.get("params"), "concurrently"):
+            return
+        rel = b.get("relation")
+        what = _relname(rel) if type(rel) is dict else (b.get("name") or "the database")
+        acc.flag("destructive", f"REINDEX of {what} blocks every write of the tables it "
+                 "reindexes (and reads through their indexes) until it ends; REINDEX "
+                 "(CONCURRENTLY) does not")
+    else:
+        mode = _LOCK_MODES.get(b.get("mode", 8) if type(b.get("mode")) is int else 8)
+        if mode is None:
+            return
+        rels = ", ".join(_relname(r["RangeVar"]) for r in b.get("relations") or ()
+                         if type(r) is dict and type(r.get("RangeVar")) is dict) or "?"
+        stops = "every read and write" if mode in ("ACCESS EXCLUSIVE",) else (
+            "every write" if mode != "EXCLUSIVE" else "every write and row lock")
+        acc.flag("destructive", f"LOCK TABLE {rels} IN {mode} MODE stops {stops} of it by "
+                 "other sessions until the transaction ends; lock the rows you change "
+                 "(SELECT ... FOR UPDATE) instead")
 
 
 def _fetch(acc: _Acc, b: dict) -> None:
@@ -2452,6 +2513,8 @@ def _utility(tag: str, acc: _Acc, b: dict) -> None:
         ext = _sval({"String": b.get("extname")}) or "?"
         acc.flag("destructive", f"ALTER ... DEPENDS ON EXTENSION {ext}: a later DROP "
                  "EXTENSION, even without CASCADE, drops the object with it")
+    if tag in ("ClusterStmt", "ReindexStmt", "LockStmt"):
+        _outage(acc, tag, b)
     if tag == "RefreshMatViewStmt" and b.get("skipData"):
         acc.flag("destructive", f"REFRESH MATERIALIZED VIEW "
                  f"{_relname(b.get('relation') or {})} WITH NO DATA empties it: every "
