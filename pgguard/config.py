@@ -128,8 +128,10 @@ class Upstream(_Base):
     template_role: str | None = None
     # what the upstream sees as application_name: "tag" = "pgguard:<identity> <client's
     # name>" (who is acting, in pg_stat_activity and the server log); "client" = the
-    # client's own name unchanged. Either way a client name starting "pgguard:" is refused.
-    application_name: Literal["tag", "client"] = "tag"
+    # client's own name unchanged; "agents" = tagged for agents, the client's own name for
+    # humans (whose SHOW application_name then answers exactly what they set, as direct).
+    # Either way a client name starting "pgguard:" is refused.
+    application_name: Literal["agents", "tag", "client"] = "agents"
 
     def __post_init__(self) -> None:
         if self.provision and not self.template_role:

@@ -10,7 +10,7 @@ import pytest
 from psycopg import sql as pgsql
 
 from certs import make_test_pki
-from conftest import AGENT, AGENT_PASSWORD, HUMAN, UPSTREAM_USER, Proxy
+from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, UPSTREAM_USER, Proxy
 from rawpg import LoginError, RawClient, cstr, frame, rows, startup_packet
 from test_audit_wire import audit_rows
 from test_policy_startup import SECRET, marker, raw_socket, token, upstream_logins, via
@@ -311,3 +311,45 @@ def test_application_name_status_is_the_clients_own(pg, proxies, client_mode):
                               "WHERE pid = pg_backend_pid()")) == [[upstream.encode()]]
         finally:
             c.close()
+
+
+@pytest.fixture(scope="module")
+def tag_all(pg, pki, tmp_path_factory):
+    p = _proxy(pg, tmp_path_factory.mktemp("tagall"), pki,
+               upstream_extra='application_name = "tag"')
+    yield p
+    p.stop()
+
+
+@pytest.mark.parametrize("client", ["psql", "psycopg", "asyncpg", "raw"])
+def test_a_humans_application_name_answers_as_postgres_does(pg, proxies, tag_all, client):
+    # the default ("agents") tags agents only: a human's SHOW, current_setting and
+    # pg_stat_activity hold exactly the name the client set (psycopg's pool tests check
+    # SHOW application_name); "tag" tags humans too
+    sql = ("SELECT current_setting('application_name'), (SELECT application_name FROM "
+           "pg_stat_activity WHERE pid = pg_backend_pid())")
+    mark = marker()
+    assert via(client, proxies["loop"], user=HUMAN, password=HUMAN_PASSWORD,
+               app=f"app {mark}", sql=sql) == ("ok", [f"app {mark}", f"app {mark}"])
+    mark = marker()
+    assert via(client, proxies["loop"], app=f"app {mark}", sql=sql) == \
+        ("ok", [f"pgguard:{AGENT} app {mark}"] * 2)
+    mark = marker()
+    assert via(client, tag_all, user=HUMAN, password=HUMAN_PASSWORD, app=f"app {mark}",
+               sql=sql) == ("ok", [f"pgguard:{HUMAN} app {mark}"] * 2)
+    # a human still cannot pose as an identity
+    out = via(client, proxies["loop"], user=HUMAN, password=HUMAN_PASSWORD,
+              app=f"pgguard:{AGENT} {mark}")
+    assert out[0] == "refused"
+
+
+def test_a_humans_reset_reports_its_own_name(proxies):
+    c = RawClient.connect(proxies["loop"].port, HUMAN, HUMAN_PASSWORD, application_name="mine")
+    try:
+        c.run("SET application_name = 'other'")
+        got = c.run("RESET application_name; SHOW application_name")
+        statuses = [p for t, p in got if t == b"S"]
+        assert statuses[-1] == b"application_name\0mine\0", statuses
+        assert rows(got) == [[b"mine"]]
+    finally:
+        c.close()

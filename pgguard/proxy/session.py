@@ -475,7 +475,9 @@ class Session:
             raise
         if client_app is not None:
             self.params["application_name"] = client_app    # what the audit shows
-        tag = cfg.upstream.application_name == "tag"
+        tag = cfg.upstream.application_name == "tag" or (
+            cfg.upstream.application_name == "agents" and self.identity is not None
+            and self.identity.kind == "agent")
         if tag:
             # the upstream's own logs and pg_stat_activity name who is acting
             params.append(("application_name", tagged_app_name(self.identity_name,
