@@ -1375,9 +1375,7 @@ def _option_on(acc: _Acc, options: Any, name: str) -> bool:
         arg = d.get("arg")
         if arg is None:
             return True
-        v = _lit(acc, arg)
-        if v is None and type(arg) is dict and type(arg.get("Integer")) is dict:
-            v = str(arg["Integer"].get("ival", 0))
+        v = _lit(acc, arg)                  # String, Integer, Boolean (else _NOVAL: on)
         return str(v).strip().lower() not in ("false", "off", "0", "no")
     return False
 
