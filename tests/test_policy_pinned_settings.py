@@ -262,6 +262,31 @@ def test_client_encoding_route_ends_the_session(pg, watched):
         c.close()
 
 
+@pytest.mark.parametrize("sql", [
+    "SET client_encoding TO 'UNICODE'", "SET NAMES 'UNICODE'",
+    "SELECT set_config('client_encoding', 'UNICODE', false)",
+    "BEGIN; SET LOCAL client_encoding = 'UNICODE'; COMMIT", "SET client_encoding = 'utf-8'",
+    "SET client_encoding TO 'unicode'"])
+def test_utf8_under_another_name_keeps_the_session(pg, watched, sql):
+    # Postgres reports client_encoding = 'UNICODE' as the client spelled it (for old JDBC
+    # drivers), not as UTF8: the same encoding, so the session goes on (psycopg2's
+    # test_quote sets it; the watch closed the session)
+    c = RawClient.connect(watched.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        got = c.run(sql)
+        assert errors(got) == [], got
+        assert rows(c.run("SELECT 'é', current_setting('client_encoding')"))[0][0] == \
+            "é".encode()
+    finally:
+        c.close()
+    # psycopg, after a startup packet that names it
+    with psycopg.connect(watched.dsn(AGENT, AGENT_PASSWORD, dbname=DB),
+                         client_encoding="UNICODE", autocommit=True) as conn:
+        conn.execute(sql)
+        assert conn.execute("SELECT name FROM ps_items WHERE id = 1").fetchone()[0] in \
+            ("one", "****e")
+
+
 def test_an_aggregate_over_set_config_is_refused_at_the_call(pg, watched):
     """The DBA's aggregate is judged by what it runs: its support function set_config."""
     _dba_aggregate(pg)

@@ -17,6 +17,9 @@ from ..errors import PgguardError
 
 # the reported name -> the value it must keep (bytes, as on the wire)
 _ALWAYS = {b"standard_conforming_strings": b"on", b"client_encoding": b"UTF8"}
+# reports that name a pinned value under another spelling: Postgres reports
+# client_encoding = 'UNICODE' as the client wrote it (for old JDBC drivers), not as UTF8
+_SAME = frozenset({(b"client_encoding", b"UNICODE")})
 # kept at what the login reported (a change means another role or superuser rights)
 _AS_AT_LOGIN = (b"is_superuser", b"session_authorization")
 
@@ -78,7 +81,7 @@ class PinnedSettings:
         if name in _INPUTS:
             self.inputs[name] = value
         want = self.pins.get(name)
-        if want is None or value == want:
+        if want is None or value == want or (name, value) in _SAME:
             return None
         n, v, w = (x.decode("utf-8", "replace") for x in (name, value, want))
         return SettingMoved(
