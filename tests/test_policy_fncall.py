@@ -590,3 +590,66 @@ def test_strict_audit_records_function_calls_before_they_run(pg, tmp_path):
     assert recs == [("SELECT pg_catalog.int4pl($1::integer, $2::integer)", "allowed"),
                     ("SELECT $1", "allowed"),
                     ("SELECT pg_catalog.pg_read_file($1)", "blocked")]
+
+
+# Red team, round 21 (helper 113, a protocol fuzzer): after any DDL of the session, an
+# agent's FunctionCall waited for the view map under a text object made anew at each
+# try, so the wait never counted as done: the call was never answered (131 s, until
+# another session's activity refreshed the map), and a client gone meanwhile left its
+# session and upstream connection behind.
+DDLS = ["CREATE TEMP TABLE fc_tmp (a int)", "CREATE TEMP VIEW fc_view AS SELECT 1 AS x",
+        "CREATE TABLE IF NOT EXISTS fc_tab (a int)",
+        "CREATE TABLE IF NOT EXISTS fc_tab (a int); CREATE INDEX IF NOT EXISTS fc_tab_a ON fc_tab (a)",
+        "CREATE TABLE IF NOT EXISTS fc_tab2 (a int); ALTER TABLE fc_tab2 ADD COLUMN b int"]
+
+
+@pytest.fixture(scope="module")
+def masked(pg, tmp_path_factory):
+    # under masks the wait was for the mask catalog (every DDL may make a masked parent)
+    pg.execute("CREATE TABLE IF NOT EXISTS fc_cust (id int, email text)", dbname=DB)
+    mask = '[[masks]]\ncolumn = "public.fc_cust.email"\nstrategy = "redact"\n'
+    with guarded_proxy(pg, tmp_path_factory.mktemp("fncall-masked"), RULES + mask) as p:
+        yield p
+
+
+@pytest.mark.parametrize("ddl", DDLS)
+@pytest.mark.parametrize("same_write", [False, True])
+@pytest.mark.parametrize("which", ["guarded", "masked"])
+def test_a_function_call_after_ddl_is_answered(pg, request, which, ddl, same_write):
+    pg.execute("DROP TABLE IF EXISTS fc_tab, fc_tab2", dbname=DB)
+    c = agent(request.getfixturevalue(which))
+    try:
+        started = time.monotonic()
+        if same_write:
+            c.send(query(ddl) + function_call(177, [b"2", b"3"]))
+            msgs = c.until_ready(2)
+        else:
+            assert errors(c.run(ddl)) == []
+            msgs = call(c, 177, [b"2", b"3"])
+        assert value(msgs) == b"5" and not errors(msgs), msgs
+        # and a refused one is refused, not left waiting
+        assert_refused(call(c, oid_of(pg, "pg_ls_dir(text)"), [b"."]), "pg_ls_dir")
+        assert time.monotonic() - started < 5
+        still_usable(c)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("which", ["guarded", "masked"])
+def test_a_malformed_frame_behind_a_looked_up_call_is_answered(pg, request, which):
+    # (helper 113) the frame error met when the stream was taken up again after the
+    # catalog lookup was noticed only at the client's next write: the session sat open
+    # and silent; Postgres answers the call, then 08P01 and closes
+    sigs = ("int48pl(int4, int8)", "int84pl(int8, int4)", "int24pl(int2, int4)") \
+        if which == "guarded" else ("int42pl(int4, int2)", "int28pl(int2, int8)")
+    for sig in sigs:
+        c = agent(request.getfixturevalue(which))
+        try:
+            started = time.monotonic()
+            c.send(function_call(oid_of(pg, sig), [b"2", b"3"]) + b"y\x00\x00\x00\x04")
+            msgs = c.read_all()
+            assert value(msgs) == b"5", msgs
+            assert errors(msgs)[-1]["C"] == "08P01", msgs
+            assert time.monotonic() - started < 5, msgs
+        finally:
+            c.close()

@@ -241,11 +241,15 @@ class FunctionCalls:
     waits unread (the scan stops after the FunctionCall and later bytes are kept raw),
     so every later message is read, counted and judged in order once it is decided."""
 
-    __slots__ = ("s", "_wait")
+    __slots__ = ("s", "_wait", "_rendered")
 
     def __init__(self, session: Session) -> None:
         self.s = session
         self._wait: RawReader | None = None       # reading the client during a lookup
+        # (FunctionCall message, the Query its call is judged as) while a decision waits
+        # for the catalog: the same text object again when the message is taken up again,
+        # since Enforcement.decide waits once per text object ("is"), not per value
+        self._rendered: tuple[bytes, bytes] | None = None
 
     def reads_paused(self) -> bool:
         """True while the lookup's reader stopped reading the client (past WAIT_BUFFER):
@@ -308,7 +312,7 @@ class FunctionCalls:
         else:
             if out:
                 s.up.transport.write(b"".join(out))
-            s.client_items(later)
+            s.resume_items(later)
         if wait.data and not s.closed:
             s.client_pipe.reader.data_received(b"".join(wait.data))
         if wait.paused and not s.closed and s.client_may_read():
@@ -342,13 +346,17 @@ class FunctionCalls:
                 "Send the arguments the function declares, in text or binary format; "
                 "or call it by name in SQL."), out, sql)
             return
-        q = _query(sql)
+        r = self._rendered
+        q = r[1] if r is not None and r[0] is msg else _query(sql)
         d = s.enforce.decide(q, 5, len(q) - 1)
         if d is BODIES_PENDING:
-            # the function's body is read first (the stream is held), then this
-            # FunctionCall is taken up again and judged by what the body runs
-            s.enforce.bodies_wait(msg, out)
+            # the function's body (or the view map, after DDL) is read first (the stream
+            # is held), then this FunctionCall is taken up again and judged by what the
+            # body runs: waited for under the text decide() saw, or the wait never ends
+            self._rendered = (msg, q)
+            s.enforce.bodies_wait(msg, out, q)
             return
+        self._rendered = None
         d = _for_call(d, info, sql)
         if d.action != "block" and s.guard is not None and s.enforce.unmeasurable(d):
             # the call may change rows (a function pgguard cannot see into, or one

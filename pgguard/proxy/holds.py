@@ -244,7 +244,7 @@ class Holds:
         if out:
             s.up.transport.write(b"".join(out))
         if items:
-            s.client_items(items)
+            s.resume_items(items)
         if reader is not None:
             if reader.data and not s.closed:
                 pipe.reader.data_received(b"".join(reader.data))

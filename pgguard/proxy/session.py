@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, NoReturn
 from .._core import FrameError, FrameReader, MessageScan, Pipe
 from .._core.answers import Answers, AnswerWriter
 from .._core.pipe import MaskLane
-from .._core.relay import StreamedPrefix
 from ..audit.record import AuditRecord
 from ..auth import scram, tokens
 from ..auth.revocations import guard_session
@@ -698,37 +697,14 @@ class Session:
             self.services.count_masked(n)
         return n
 
-    def client_items(self, items: list) -> None:
-        if self.quitting is not None:
-            return                      # after Terminate: Postgres reads no further
+    def resume_items(self, items: list) -> None:
+        """``client_items`` for a stream taken up again outside the client pipe's
+        ``data_received`` (a FunctionCall's catalog lookup or a hold ended): a malformed
+        frame the scan meets in its rest is answered as the pipe answers one (the pipe
+        checks only after the chunks it reads itself)."""
+        self.client_items(items)
         scan = self.fscan
-        if scan.stream_over and any(it.__class__ is tuple and it[1].__class__ is
-                                    StreamedPrefix for it in items):
-            self._streamed_items(items)
-        else:
-            Enforcement.client_items(self, items)
-            if scan.error is not None and self.violation is None:
-                # met while a hook fed the scan's rest (the compiled pipe sees the others)
-                self.frame_error(scan.error, scan.bad)
-
-    def _streamed_items(self, items: list) -> None:
-        """Items with messages streamed as they came (forwarded already): the others
-        go their usual way, each streamed one is logged for the audit in its place."""
-        scan = self.fscan
-        rest = scan.take_rest()         # scanned on only after every item here
-        start = 0
-        for i, it in enumerate(items):
-            if it.__class__ is tuple and it[1].__class__ is StreamedPrefix:
-                if i > start:
-                    Enforcement.client_items(self, items[start:i])
-                if self.closed:
-                    return
-                if self.tracker is not None:
-                    self.tracker.flog.append((bytes(it[1]), None, time.monotonic_ns()))
-                start = i + 1
-        scan.rest = rest
-        Enforcement.client_items(self, items[start:])
-        if scan.error is not None and self.violation is None:
+        if scan.error is not None and self.violation is None and not self.closed:
             self.frame_error(scan.error, scan.bad)
 
     def log_full(self) -> None:
