@@ -20,6 +20,9 @@ from pgguard.masking.detectors import BUILTIN, DetectorSet, luhn_ok
 from pgguard.masking.reference import ReferenceRewriter
 from pgguard.masking.strategies import (ACTION_DETECT, ACTION_NONE, ACTION_NULL,
                                         ACTION_STRATEGY, KIND_JSON, KIND_JSONB_BINARY,
+                                        KIND_FLOAT8_BINARY, KIND_FLOAT8_TEXT,
+                                        KIND_INT8_BINARY, KIND_NUMERIC_BINARY,
+                                        KIND_UINT8_BINARY,
                                         KIND_OTHER, KIND_TEXT, KIND_WHOLE, ColumnMask, build_plan,
                                         cell_kind, column_mask, copy_format, counts_by_rule)
 
@@ -686,12 +689,15 @@ def test_cell_kind():
     assert cell_kind(16385, textlike=True) == KIND_TEXT      # an extension type (citext)
     assert cell_kind(3802, binary=True) == KIND_JSONB_BINARY
     assert column_mask(Mask(column="a.b.c"), oid=1700).action == ACTION_NULL
-    # numeric/int8/float8/xid8 text can spell a card or phone number: scanned whole (a
-    # match is NULL); their binary forms, and int4, cannot
+    # numeric/int8/float8/xid8 can hold a card or phone number: scanned (a match is
+    # NULL) as the digits a client prints, in text and binary format; int4 cannot
     for oid in (1700, 20, 701, 5069):
         assert column_mask(None, oid=oid, detect=True).action == ACTION_DETECT
-        assert cell_kind(oid) == KIND_WHOLE and cell_kind(oid, binary=True) == KIND_OTHER
-        assert column_mask(None, oid=oid, binary=True, detect=True).action == ACTION_NONE
+        assert cell_kind(oid) == (KIND_FLOAT8_TEXT if oid == 701 else KIND_WHOLE)
+        assert cell_kind(oid, binary=True) in (KIND_INT8_BINARY, KIND_UINT8_BINARY,
+                                               KIND_NUMERIC_BINARY, KIND_FLOAT8_BINARY)
+        assert column_mask(None, oid=oid, binary=True, detect=True).action == ACTION_DETECT
+        assert column_mask(Mask(column="a.b.c"), oid=oid, binary=True).action == ACTION_NULL
     assert column_mask(None, oid=23, detect=True).action == ACTION_NONE
     assert column_mask(None, oid=25, detect=True).action == ACTION_DETECT
     with pytest.raises(ValueError, match="needs a key"):

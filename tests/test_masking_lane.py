@@ -437,9 +437,14 @@ def test_numbers_scanned_in_text(lproxy, pg, how):
     for k, rows in enumerate(got):
         row = rows[0]
         if how == "binary":
-            # binary forms spell no digits: untouched, byte for byte
-            assert row[0] == (4111111111111111 if k % 2 == 0 else 4111111111111112) \
-                .to_bytes(8, "big")
+            # a client decodes the binary forms to the same numbers: the card in an int8
+            # and a float8 and the phone-shaped numeric are NULL there too (helper 111);
+            # the others untouched, byte for byte
+            if k % 2 == 0:
+                assert row[0] is None and row[1] is None and row[2] is None, row
+                assert row[3] == (2147483647).to_bytes(4, "big"), row
+            else:
+                assert row[0] == (4111111111111112).to_bytes(8, "big"), row
             continue
         if k % 2 == 0:
             # the card in an int8 and a float8, the phone-shaped numeric: NULL; an int4 and

@@ -89,10 +89,12 @@ def the_error(msgs) -> dict[str, str]:
     return errs[0]
 
 
-def meets_standard(f: dict[str, str], rule: str, seen: list[str], where: str = "D") -> None:
-    """The one standard: 42501; the message names the rule; DETAIL (or, for approvals,
-    ``where``) names what was seen; HINT is a next step, not a repeat of the message."""
-    assert f.get("C") == "42501", f
+def meets_standard(f: dict[str, str], rule: str, seen: list[str], where: str = "D",
+                   code: str = "42501") -> None:
+    """The one standard: 42501 (a syntax error: 42601, as Postgres says it); the message
+    names the rule; DETAIL (or, for approvals, ``where``) names what was seen; HINT is a
+    next step, not a repeat of the message."""
+    assert f.get("C") == code, f
     assert f'rule "{rule}"' in f["M"] or f"rule {rule}" in f["M"], f
     assert f.get("D"), f"no DETAIL: {f}"
     for s in seen:
@@ -187,7 +189,11 @@ def test_masking_refuses_binary_copy_of_masked_data(rproxy):
 
 def test_parse_error_and_statement_too_long(rproxy):
     c = agent(rproxy)
-    meets_standard(the_error(run(c, "SELEC 1")), "parse-error", ["SELEC"])
+    f = the_error(run(c, "SELEC 1"))
+    meets_standard(f, "parse-error", ["SELEC"], code="42601")
+    assert f["P"] == "1", f             # where, as Postgres points at it
+    f = the_error(run(c, "SELECT 1 FROM t WHERE"))
+    assert (f["C"], f["P"]) == ("42601", "22"), f
     # (a shape of its own: a shape already decided is served from the cache unparsed)
     meets_standard(the_error(run(c, "SELECT '" + "x" * 5000 + "' AS too_long")),
                    "statement-too-long",
@@ -224,3 +230,38 @@ def test_approval_denial(pg, rproxy):
     assert upstream(pg, "SELECT count(*) FROM rt_held") == [(1,)]
     assert ADMIN_TOKEN
 
+
+
+@pytest.mark.parametrize("sql, pos", [("SELEC 1", 1), ("SELECT 1 FROM t WHERE", 22),
+                                      ("SELECT (1", 10), ("select * form t", 10),
+                                      ("UPDATE t SET = 1", 14)])
+def test_a_syntax_error_is_one_for_every_client(rproxy, pg, sql, pos):
+    # (helpers 111, 112: psycopg2's diagnostics test) an agent's unparseable statement
+    # comes back as Postgres answers it, 42601 with the position, so that clients raise
+    # their syntax-error class; the message still names pgguard's rule
+    import asyncio
+
+    import asyncpg
+    import psycopg
+    with psycopg.connect(rproxy.dsn(AGENT, AGENT_PASSWORD, dbname=DB), autocommit=True) as c:
+        for prepare in (False, True):
+            with pytest.raises(psycopg.errors.SyntaxError) as e:
+                c.execute(sql, prepare=prepare)
+            assert e.value.diag.statement_position == str(pos)
+            assert 'rule "parse-error"' in str(e.value)
+        # Postgres itself points at the same character
+        with psycopg.connect(pg.dsn(dbname=DB)) as direct:
+            with pytest.raises(psycopg.errors.SyntaxError) as e2:
+                direct.execute(sql)
+        assert e2.value.diag.statement_position == str(pos)
+
+    async def main():
+        a = await asyncpg.connect(rproxy.dsn(dbname=DB))
+        try:
+            with pytest.raises(asyncpg.PostgresSyntaxError) as e:
+                await a.fetch(sql)
+            assert e.value.position == str(pos)
+            assert await a.fetchval("SELECT 1") == 1
+        finally:
+            await a.close()
+    asyncio.run(main())

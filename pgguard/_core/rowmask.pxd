@@ -43,6 +43,12 @@ cdef enum CellKind:
                          # in place when no span touches the literal's syntax, else NULL
     KIND_HEX = 6         # bytea in text format ("\x" + hex digits): the detectors scan
                          # the bytes it spells; a validated match makes it NULL
+    KIND_INT8_BIN = 7    # int8 / xid8 / numeric / float8 in binary format: the detectors
+    KIND_UINT8_BIN = 8   # scan the decimal text a client prints of the value (a card
+    KIND_NUMERIC_BIN = 9 # number fits an int8); a validated match makes it NULL;
+    KIND_FLOAT8_BIN = 10 # strategies make it NULL
+    KIND_FLOAT8_TEXT = 11  # float8 in text format: the same digits, of the value its text
+                           # reads as ('4.111111111111111e+15' prints as 16 digits)
 
 cdef enum PlanMode:
     MODE_ROWS = 0        # DataRow 'D'

@@ -16,6 +16,11 @@ CELL_JSON: int
 CELL_JSONB_BINARY: int
 CELL_WHOLE: int
 CELL_LITERAL: int
+CELL_INT8_BINARY: int
+CELL_UINT8_BINARY: int
+CELL_NUMERIC_BINARY: int
+CELL_FLOAT8_BINARY: int
+CELL_FLOAT8_TEXT: int
 
 class _Column(Protocol):
     action: int

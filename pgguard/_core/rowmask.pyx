@@ -3,7 +3,10 @@
 # cython: language_level=3
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.math cimport fabs, floor, isfinite
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.stdlib cimport strtod
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset
 
@@ -30,6 +33,11 @@ CELL_JSONB_BINARY = KIND_JSONB_BIN
 CELL_WHOLE = KIND_WHOLE
 CELL_LITERAL = KIND_LITERAL
 CELL_HEX = KIND_HEX
+CELL_INT8_BINARY = KIND_INT8_BIN
+CELL_UINT8_BINARY = KIND_UINT8_BIN
+CELL_NUMERIC_BINARY = KIND_NUMERIC_BIN
+CELL_FLOAT8_BINARY = KIND_FLOAT8_BIN
+CELL_FLOAT8_TEXT = KIND_FLOAT8_TEXT
 
 cdef enum:
     MAX_DETECTORS = 64
@@ -476,7 +484,8 @@ cdef class MaskPlan:
             col.strategy = int(c.strategy)
             col.kind = int(c.kind)
             col.keep = int(c.keep)
-            if col.action > ACT_DETECT or col.strategy > STRAT_HASH or col.kind > KIND_HEX:
+            if col.action > ACT_DETECT or col.strategy > STRAT_HASH or \
+                    col.kind > KIND_FLOAT8_TEXT:
                 raise ValueError(f"column {i}: invalid action, strategy or kind")
             if col.keep < 0:
                 raise ValueError(f"column {i}: keep must not be negative")
@@ -486,7 +495,7 @@ cdef class MaskPlan:
                 col.kind = KIND_TEXT
             if col.action == ACT_STRATEGY and (col.kind == KIND_OTHER or col.kind == KIND_WHOLE
                                                or col.kind == KIND_LITERAL
-                                               or col.kind == KIND_HEX):
+                                               or col.kind >= KIND_HEX):
                 col.action = ACT_NULL
             if col.action == ACT_DETECT and (col.kind == KIND_OTHER or detectors is None):
                 col.action = ACT_NONE
@@ -1119,6 +1128,116 @@ cdef Py_ssize_t _hexview(const char* v, Py_ssize_t n, char* out) noexcept nogil:
     if out != NULL:
         memcpy(out + o, v + i, n - i)
     return o + (n - i)
+
+
+cdef inline Py_ssize_t _put_dec(char* out, Py_ssize_t o, uint64_t v, int width) noexcept nogil:
+    # v in decimal, at least width digits (zero-padded), at out + o unless out is NULL
+    cdef char t[24]
+    cdef int k = 0, i
+    while v or k < width or k == 0:
+        t[k] = <char>(48 + <int>(v % 10))
+        v //= 10
+        k += 1
+    if out != NULL:
+        for i in range(k):
+            out[o + i] = t[k - 1 - i]
+    return o + k
+
+
+cdef Py_ssize_t _digits_view(int kind, const char* v, Py_ssize_t n, char* out) noexcept nogil:
+    # the decimal text a client prints of a binary int8 / xid8 / numeric / float8 value
+    # (written to out unless NULL): its length, or -1 when it prints no digits (NaN,
+    # infinity, a malformed value). numeric as Postgres' numeric_out writes it; float8
+    # whole numbers below 1e19 in every digit (as clients print a double), others in the
+    # shortest %g that reads back the same
+    cdef uint64_t u = 0
+    cdef int64_t s
+    cdef double f
+    cdef Py_ssize_t o = 0, i
+    cdef int ndigits, weight, sign, dscale, dig, d, p
+    cdef char t[48]
+    if kind == KIND_FLOAT8_TEXT:
+        if n <= 0 or n >= <Py_ssize_t>sizeof(t):
+            return -1
+        memcpy(t, v, n)
+        t[n] = 0
+        f = strtod(t, NULL)
+        memcpy(&u, &f, 8)
+        kind = KIND_FLOAT8_BIN
+    elif kind == KIND_INT8_BIN or kind == KIND_UINT8_BIN or kind == KIND_FLOAT8_BIN:
+        if n != 8:
+            return -1
+        for i in range(8):
+            u = (u << 8) | <uint8_t>v[i]
+    if kind == KIND_INT8_BIN or kind == KIND_UINT8_BIN or kind == KIND_FLOAT8_BIN:
+        if kind == KIND_UINT8_BIN:
+            return _put_dec(out, 0, u, 1)
+        if kind == KIND_INT8_BIN:
+            s = <int64_t>u
+            if s < 0:
+                if out != NULL:
+                    out[0] = c'-'
+                return _put_dec(out, 1, <uint64_t>0 - u, 1)
+            return _put_dec(out, 0, u, 1)
+        memcpy(&f, &u, 8)
+        if not isfinite(f):
+            return -1
+        if f == floor(f) and fabs(f) < 1e19:
+            o = snprintf(t, sizeof(t), b"%.0f", f)
+        else:
+            for p in range(15, 18):
+                o = snprintf(t, sizeof(t), b"%.*g", p, f)
+                if strtod(t, NULL) == f:
+                    break
+        if o <= 0 or o >= <Py_ssize_t>sizeof(t):
+            return -1
+        if out != NULL:
+            memcpy(out, t, o)
+        return o
+    # numeric: ndigits, weight, sign, dscale (int16 each), then ndigits base-10000 digits
+    if n < 8:
+        return -1
+    ndigits = <int16_t>((<uint8_t>v[0] << 8) | <uint8_t>v[1])
+    weight = <int16_t>((<uint8_t>v[2] << 8) | <uint8_t>v[3])
+    sign = (<uint8_t>v[4] << 8) | <uint8_t>v[5]
+    dscale = <int16_t>((<uint8_t>v[6] << 8) | <uint8_t>v[7])
+    if ndigits < 0 or dscale < 0 or n != 8 + 2 * ndigits or \
+            (sign != 0 and sign != 0x4000):
+        return -1                       # NaN, infinities, or not a numeric
+    for i in range(ndigits):
+        if ((<uint8_t>v[8 + 2 * i] << 8) | <uint8_t>v[9 + 2 * i]) > 9999:
+            return -1
+    if sign == 0x4000:
+        if out != NULL:
+            out[0] = c'-'
+        o = 1
+    if weight < 0:
+        o = _put_dec(out, o, 0, 1)
+    else:
+        for d in range(weight + 1):
+            dig = ((<uint8_t>v[8 + 2 * d] << 8) | <uint8_t>v[9 + 2 * d]) if d < ndigits else 0
+            o = _put_dec(out, o, <uint64_t>dig, 1 if d == 0 else 4)
+    if dscale > 0:
+        if out != NULL:
+            out[o] = c'.'
+        o += 1
+        d = weight + 1
+        i = 0
+        while i < dscale:
+            dig = ((<uint8_t>v[8 + 2 * d] << 8) | <uint8_t>v[9 + 2 * d]) \
+                if 0 <= d < ndigits else 0
+            if dscale - i >= 4:
+                o = _put_dec(out, o, <uint64_t>dig, 4)
+                i += 4
+            else:
+                # the last group, cut to dscale digits
+                if out != NULL:
+                    _put_dec(t, 0, <uint64_t>dig, 4)
+                    memcpy(out + o, t, dscale - i)
+                o += dscale - i
+                i = dscale
+            d += 1
+    return o
 
 
 cdef void _hex_decode(const char* v, Py_ssize_t nbytes, char* out) noexcept nogil:
@@ -1755,6 +1874,17 @@ cdef class RowRewriter:
                     d.dlen = _hex_bytes(c.val, c.val_len)
                     d.hexoff = hexlen
                     hexlen += d.dlen
+                elif col.kind >= KIND_INT8_BIN:
+                    # a binary number: the digits a client prints of it
+                    cap = _digits_view(col.kind, d.dv, d.dlen, NULL)
+                    if cap < 0:
+                        self._ndcells -= 1
+                        continue
+                    d.rawlen = d.dlen
+                    d.dlen = cap
+                    d.view = True
+                    d.hexoff = hexlen
+                    hexlen += cap
                 else:
                     cap = _hexview(d.dv, d.dlen, NULL)
                     if cap >= 0:
@@ -1774,7 +1904,11 @@ cdef class RowRewriter:
             for i in range(self._ndcells):
                 d = &self._dcells[i]
                 if d.view:
-                    _hexview(d.dv, d.rawlen, self._hex.p + d.hexoff)
+                    col = &plan.cols[plan.act[d.cell % plan.nact]]
+                    if col.kind >= KIND_INT8_BIN:
+                        _digits_view(col.kind, d.dv, d.rawlen, self._hex.p + d.hexoff)
+                    else:
+                        _hexview(d.dv, d.rawlen, self._hex.p + d.hexoff)
                     d.dv = self._hex.p + d.hexoff
                 elif d.hexoff >= 0:
                     c = &self._cells[d.cell]

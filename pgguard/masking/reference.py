@@ -24,8 +24,12 @@ from .strategies import (
     ACTION_NULL,
     ACTION_STRATEGY,
     KIND_JSONB_BINARY,
+    KIND_FLOAT8_BINARY,
+    KIND_FLOAT8_TEXT,
     KIND_HEX,
+    KIND_INT8_BINARY,
     KIND_LITERAL,
+    KIND_NUMERIC_BINARY,
     KIND_OTHER,
     KIND_TEXT,
     KIND_WHOLE,
@@ -88,6 +92,53 @@ def _hex_bytes(value: bytes) -> bytes | None:
 _HEX_RUN = re.compile(rb"\\x((?:[0-9a-fA-F]{2}){6,})")
 
 
+def _digits_text(kind: int, value: bytes) -> bytes | None:
+    """The decimal text a client prints of a binary int8 / xid8 / numeric / float8 value
+    (None: it prints no digits: NaN, infinity, malformed)."""
+    if kind == KIND_FLOAT8_TEXT:
+        try:
+            value = struct.pack("!d", float(value.decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        kind = KIND_FLOAT8_BINARY
+    if kind != KIND_NUMERIC_BINARY:
+        if len(value) != 8:
+            return None
+        if kind == KIND_INT8_BINARY:
+            return str(struct.unpack("!q", value)[0]).encode()
+        if kind != KIND_FLOAT8_BINARY:
+            return str(struct.unpack("!Q", value)[0]).encode()
+        (f,) = struct.unpack("!d", value)
+        if f != f or f in (float("inf"), float("-inf")):
+            return None
+        if f == int(f) and abs(f) < 1e19:
+            return b"%.0f" % f
+        for p in (15, 16, 17):
+            t = b"%.*g" % (p, f)
+            if float(t) == f:
+                break
+        return t
+    if len(value) < 8:
+        return None
+    ndigits, weight, sign, dscale = struct.unpack_from("!hhHh", value)
+    if ndigits < 0 or dscale < 0 or len(value) != 8 + 2 * ndigits or sign not in (0, 0x4000):
+        return None
+    digits = struct.unpack_from(f"!{ndigits}H", value, 8)
+    if any(d > 9999 for d in digits):
+        return None
+    out = "-" if sign else ""
+    if weight < 0:
+        out += "0"
+    else:
+        out += "".join(str(digits[d] if d < ndigits else 0) if d == 0 else
+                       "%04d" % (digits[d] if d < ndigits else 0) for d in range(weight + 1))
+    if dscale > 0:
+        frac = "".join("%04d" % (digits[d] if 0 <= d < ndigits else 0)
+                       for d in range(weight + 1, weight + 1 + (dscale + 3) // 4))
+        out += "." + frac[:dscale]
+    return out.encode()
+
+
 def _hex_view(value: bytes) -> bytes | None:
     """*value*, a newline, and *value* with every bytea hex run in it (``\\x`` then 12
     or more hex digits, as ``::text``, arrays, records and JSON of a bytea print it)
@@ -109,8 +160,9 @@ class _Col:
             self.kind = 2
         if copy and self.kind == KIND_LITERAL:
             self.kind = KIND_TEXT
-        if self.action == ACTION_STRATEGY and self.kind in (KIND_OTHER, KIND_WHOLE,
-                                                            KIND_LITERAL, KIND_HEX):
+        if self.action == ACTION_STRATEGY and (self.kind in (KIND_OTHER, KIND_WHOLE,
+                                                             KIND_LITERAL)
+                                               or self.kind >= KIND_HEX):
             self.action = ACTION_NULL
         if self.action == ACTION_DETECT and (self.kind == KIND_OTHER or not has_detectors):
             self.action = ACTION_NONE
@@ -203,6 +255,15 @@ class ReferenceRewriter:
         if col.action == ACTION_DETECT:
             if not value:
                 return None
+            if col.kind >= KIND_INT8_BINARY:
+                # a binary number: the digits a client prints of it; found there: NULL
+                text = _digits_text(col.kind, value)
+                got = None if text is None else self._det.mask_cell(
+                    text, self._det.all_bits, 0)
+                if got is None:
+                    return None
+                self._count(got[1])
+                return _NULL
             raw = _hex_bytes(value) if col.kind == KIND_HEX else None
             if raw is None:
                 raw = _hex_view(value)

@@ -52,6 +52,11 @@ __all__ = [
     "ACTION_STRATEGY",
     "KIND_JSON",
     "KIND_HEX",
+    "KIND_INT8_BINARY",
+    "KIND_UINT8_BINARY",
+    "KIND_NUMERIC_BINARY",
+    "KIND_FLOAT8_BINARY",
+    "KIND_FLOAT8_TEXT",
     "KIND_JSONB_BINARY",
     "KIND_LITERAL",
     "KIND_OTHER",
@@ -82,6 +87,15 @@ KIND_JSONB_BINARY = 3
 KIND_WHOLE = 4         # arrays, composites, records, xml (binary): scanned raw, NULL on a match
 KIND_LITERAL = 5       # the same in text format: labels in place when they fit, else NULL
 KIND_HEX = 6           # bytea in text format: the bytes it spells scanned, NULL on a match
+# int8, xid8, numeric, float8 in binary format: the digits a client prints of the value
+# scanned (a card number fits an int8), NULL on a match
+KIND_INT8_BINARY = 7
+KIND_UINT8_BINARY = 8
+KIND_NUMERIC_BINARY = 9
+KIND_FLOAT8_BINARY = 10
+KIND_FLOAT8_TEXT = 11    # float8 in text format: the digits of the value its text reads as
+_DIGITS_BINARY = {20: KIND_INT8_BINARY, 5069: KIND_UINT8_BINARY, 1700: KIND_NUMERIC_BINARY,
+                  701: KIND_FLOAT8_BINARY}
 BYTEA_OID = 17
 
 # text, varchar, bpchar, name, unknown; 0: no type known (COPY): treated as text
@@ -99,8 +113,9 @@ SCALAR_OIDS = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 790, 1082, 1083, 11
 # scalar types whose text form can spell a detector match: credit_card's 13-19 digits fit
 # an int8, xid8, numeric or a float8 below 1e15 ("411111111111111"); phone's "123 567.1234"
 # shape is a numeric or float8 ("123567.1234"). In text format the detectors scan them and
-# a match makes the cell NULL (a label would not parse as the type); their binary forms
-# spell no digits. The other scalars cannot: int2/int4/oid/xid/cid have at most 10 digits
+# a match makes the cell NULL (a label would not parse as the type); in binary format they
+# scan the digits a client prints of the value (asyncpg decodes an int8 to the same
+# number), NULL on a match. The other scalars cannot: int2/int4/oid/xid/cid have at most 10 digits
 # and no separator, float4 at most 9 significant digits, money groups digits with commas,
 # date/time types break digit runs with ':' and have at most 2-digit groups around them.
 DIGIT_TEXT_OIDS = frozenset({20, 1700, 701, 5069})
@@ -120,8 +135,10 @@ def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> i
         return KIND_JSON              # binary json is its text
     if oid == JSONB_OID:
         return KIND_JSONB_BINARY if binary else KIND_JSON
-    if oid in DIGIT_TEXT_OIDS and not binary:
-        return KIND_WHOLE
+    if oid == 701 and not binary:
+        return KIND_FLOAT8_TEXT       # '4.111111111111111e+15' prints as 16 digits
+    if oid in DIGIT_TEXT_OIDS:
+        return _DIGITS_BINARY[oid] if binary else KIND_WHOLE
     if oid in SCALAR_OIDS:
         return KIND_OTHER
     if oid == BYTEA_OID and not binary:
@@ -159,7 +176,8 @@ def column_mask(mask: Mask | None, *, oid: int = 25, binary: bool = False,
             return ColumnMask(ACTION_DETECT, kind=kind, rule="detectors")
         return ColumnMask(kind=kind)
     repl = mask.replacement.encode()
-    if mask.strategy == "null" or kind in (KIND_OTHER, KIND_WHOLE, KIND_LITERAL, KIND_HEX):
+    if mask.strategy == "null" or kind in (KIND_OTHER, KIND_WHOLE, KIND_LITERAL) or \
+            kind >= KIND_HEX:
         return ColumnMask(ACTION_NULL, kind=kind, replacement=repl, rule=mask.column)
     key = b""
     if mask.strategy == "hash":

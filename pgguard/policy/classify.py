@@ -2934,6 +2934,8 @@ def _classify(sql: str, prepared: Mapping[str, Statement] | None, max_length: in
         msg = str(e.args[0]) if e.args else str(e)
         if pos is not None and pos > len(sql):
             pos = len(sql) or None
+        elif pos is None and msg.endswith("at end of input") and sql:
+            pos = len(sql) + 1          # where Postgres points: just past the text
         raise PolicyParseError(msg, pos) from None
     if _USE_FAST:
         st = _fast_select(sql, js)

@@ -91,12 +91,14 @@ _ERR_FIELDS = {
 
 def error_response(sqlstate: str, message: str, *, severity: str = "ERROR",
                    detail: str | None = None, hint: str | None = None,
-                   notice: bool = False) -> bytes:
-    """An ErrorResponse ('E') or, with notice=True, a NoticeResponse ('N')."""
+                   notice: bool = False, position: int | None = None) -> bytes:
+    """An ErrorResponse ('E') or, with notice=True, a NoticeResponse ('N'); ``position``:
+    the 1-based character of the statement text it points at (P)."""
     buf = WriteBuffer()
     buf.new_message(ord("N" if notice else "E"))
     for code, value in ((b"S", severity), (b"V", severity), (b"C", sqlstate),
-                        (b"M", message), (b"D", detail), (b"H", hint)):
+                        (b"M", message), (b"D", detail), (b"H", hint),
+                        (b"P", str(position) if position else None)):
         if value is not None:
             buf.write_byte(code[0])
             buf.write_cstr(value.replace("\0", "").encode())

@@ -1250,6 +1250,8 @@ class Enforcement:
         a stop of the scan: what follows it in its batch is counted)."""
         s = self.s
         log.info("session %s: %s refused by rule %s", s.id, s.identity_name, d.rule)
+        if d.rule == "parse-error" and sqlstate == "42501":
+            sqlstate = "42601"          # a syntax error, as Postgres says it (P: where)
         out.append(_refusal_query(d))
         if s.masking is not None:
             s.masking.owe_ready()
@@ -1412,7 +1414,8 @@ class Enforcement:
                 r[3] = True
                 d = r[1]
                 out.append(m.error_response(r[4], d.message, detail=d.detail or None,
-                                            hint=d.hint or None))
+                                            hint=d.hint or None,
+                                            position=d.position if r[4] == "42601" else None))
             else:
                 if t == m.PARAMETER_STATUS and s.tracker is None:
                     s.parameter_reported(msg)       # a pinned setting moved: it ends
