@@ -216,12 +216,16 @@ ANSWERED_STARTUPS = [
 
 @pytest.mark.parametrize("packet,code", ANSWERED_STARTUPS)
 def test_malformed_startup_answered_like_postgres(pg, proxy, packet, code):
+    said = []
     for port in (proxy.port, pg.port):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(packet)
         msgs = messages(read_until_closed(s))
         s.close()
         assert [errors([m])[0]["C"] for m in msgs if m[0] == b"E"] == [code], (port, msgs)
+        said.append([errors([m])[0]["M"] for m in msgs if m[0] == b"E"])
+    if code == "28000":             # (helper 112) Postgres' own words, not a paraphrase
+        assert said[0] == said[1], said
 
 
 def test_node_postgres_immediate_end_then_normal_login(proxy):

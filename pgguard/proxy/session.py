@@ -331,7 +331,7 @@ class Session:
         # who and where; the settings are judged once the identity is known (_connect_upstream)
         user = params.get("user")
         if not user:
-            raise AuthRejected("no user name specified in the startup packet")
+            raise AuthRejected("no PostgreSQL user name specified in startup packet")
         self.identity_name = user
         self.database = params.get("database") or user
 
