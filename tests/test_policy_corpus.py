@@ -646,6 +646,10 @@ ALLOW = [
     ("VACUUM (FULL true)", "vacuum", "destructive", B),
     ("VACUUM (FULL false, ANALYZE) t", "vacuum", "", A),
     ("VACUUM (FULL off) t", "vacuum", "", A),
+    ("VACUUM (FULL false, FULL) t", "vacuum", "destructive", B),    # the last one counts
+    ("VACUUM (FULL off, FULL on, VERBOSE) t", "vacuum", "destructive", B),
+    ("VACUUM (FULL, FULL false) t", "vacuum", "", A),
+    ("VACUUM (FULL 'maybe') t", "vacuum", "destructive", B),        # unread: on
     ("CLUSTER t USING t_pkey", "cluster", "destructive", B),
     ("CLUSTER", "cluster", "destructive", B),
     ("REINDEX TABLE t", "reindex", "destructive", B),
@@ -653,6 +657,9 @@ ALLOW = [
     ("REINDEX SCHEMA public", "reindex", "destructive", B),
     ("REINDEX TABLE CONCURRENTLY t", "reindex", "", A),
     ("REINDEX (CONCURRENTLY, VERBOSE) INDEX t_pkey", "reindex", "", A),
+    ("REINDEX (CONCURRENTLY, CONCURRENTLY false) TABLE t", "reindex", "destructive", B),
+    ("REINDEX (CONCURRENTLY off, CONCURRENTLY) TABLE t", "reindex", "", A),
+    ("REINDEX (CONCURRENTLY 'maybe') TABLE t", "reindex", "destructive", B),
     # everyday reads and writes
     ("LISTEN ch", "listen", "", A),
     ("NOTIFY ch, 'x'", "notify", "", A),

@@ -25,6 +25,9 @@ REWRITES = [
     "REINDEX TABLE lo_t",
     "REINDEX INDEX lo_t_pkey",
     "DO $$BEGIN EXECUTE 'REINDEX TABLE lo_t'; END$$",
+    # (helper 114) Postgres applies an option's last occurrence
+    "VACUUM (FULL false, FULL) lo_t",
+    "VACUUM (FULL off, FULL on, VERBOSE) lo_t",
 ]
 LOCKS = [
     "LOCK TABLE lo_t",

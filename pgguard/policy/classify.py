@@ -1365,19 +1365,23 @@ def _vacuum(acc: _Acc, b: dict) -> None:
 _LOCK_MODES = {5: "SHARE", 6: "SHARE ROW EXCLUSIVE", 7: "EXCLUSIVE", 8: "ACCESS EXCLUSIVE"}
 
 
-def _option_on(acc: _Acc, options: Any, name: str) -> bool:
-    """A DefElem option ``name`` is set and not plainly false (FULL, FULL true, FULL 1;
-    not FULL false / off / 0 / no): what cannot be read counts as set."""
+def _option_on(acc: _Acc, options: Any, name: str, unread: bool = True) -> bool:
+    """Whether DefElem option ``name`` is on as Postgres reads it: its last occurrence
+    decides (``VACUUM (FULL false, FULL)`` is FULL); FULL, FULL true, FULL 1 are on,
+    false / off / 0 / no off; a value pgguard cannot read counts as ``unread``."""
+    on = False
     for o in options or ():
         d = o.get("DefElem") if type(o) is dict else None
         if type(d) is not dict or str(d.get("defname", "")).lower() != name:
             continue
         arg = d.get("arg")
         if arg is None:
-            return True
-        v = _lit(acc, arg)                  # String, Integer, Boolean (else _NOVAL: on)
-        return str(v).strip().lower() not in ("false", "off", "0", "no")
-    return False
+            on = True
+            continue
+        v = str(_lit(acc, arg)).strip().lower()     # String, Integer, Boolean, or _NOVAL
+        on = True if v in ("true", "on", "1", "yes") else False \
+            if v in ("false", "off", "0", "no") else unread
+    return on
 
 
 def _outage(acc: _Acc, tag: str, b: dict) -> None:
@@ -1391,7 +1395,7 @@ def _outage(acc: _Acc, tag: str, b: dict) -> None:
                  "every read and write of it waits until the rewrite ends (an outage on a "
                  "large table)")
     elif tag == "ReindexStmt":
-        if _option_on(acc, b.get("params"), "concurrently"):
+        if _option_on(acc, b.get("params"), "concurrently", unread=False):
             return
         rel = b.get("relation")
         what = _relname(rel) if type(rel) is dict else (b.get("name") or "the database")
