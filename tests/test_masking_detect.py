@@ -251,3 +251,37 @@ def test_bytea_copied_out_is_scanned(env, pg, sql, fmt):
     assert leaks(msgs) == [], (fmt, sql)
     lines = b"".join(p for t, p in msgs if t == b"d").splitlines()
     assert len(lines) == 3
+
+
+@pytest.mark.parametrize("sql", [
+    "COPY plain_notes TO STDOUT (FORMAT binary)",
+    "COPY plain_notes (body) TO STDOUT WITH (FORMAT 'binary')",
+    "COPY plain_notes TO STDOUT BINARY",
+    "COPY (SELECT body FROM plain_notes) TO STDOUT (FORMAT binary)",
+    "COPY (SELECT 'write to zqalpha.7731@example.com' AS x) TO STDOUT (FORMAT binary)"])
+def test_binary_copy_under_detectors_is_refused(env, pg, sql):
+    """Red team, round 21 (helper 114): a binary COPY of a table without masked columns
+    skipped the detectors (they read text and csv fields): the emails and keys an agent
+    had copied into its own table came out in clear. Refused for an identity the
+    detectors watch, through a raw client (simple and extended) and psycopg; text and
+    csv COPY still run, masked."""
+    proxy, _ = env
+    c = rawpg.RawClient.connect(proxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        for msgs in (c.run(sql), (c.send(rawpg.parse(sql) + rawpg.bind() + rawpg.execute()
+                                         + rawpg.SYNC), c.until_ready())[1]):
+            assert [e["C"] for e in rawpg.errors(msgs)] == ["42501"], msgs
+            assert not [p for t, p in msgs if t == b"d"] and leaks(msgs) == [], msgs
+    finally:
+        c.close()
+    with psycopg.connect(proxy.dsn(AGENT, AGENT_PASSWORD, dbname=DB)) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with conn.cursor().copy(sql) as cp:
+                for _ in cp:
+                    pass
+        conn.rollback()
+        text = sql.replace("(FORMAT binary)", "(FORMAT csv)").replace(
+            "WITH (FORMAT 'binary')", "(FORMAT csv)").replace(" BINARY", "")
+        with conn.cursor().copy(text) as cp:
+            out = b"".join(bytes(b) for b in cp)
+        assert out and b"zqalpha.7731@example.com" not in out, out

@@ -1813,6 +1813,12 @@ def _copy_header(de: dict) -> bool:
     return False
 
 
+# (helper 114) binary COPY rows are not scanned (the detectors read text and csv fields):
+# for an identity the detectors watch, a binary COPY of any table carried PII in clear
+_BINARY_UNSCANNED = ("COPY in {fmt} format for an identity whose rows the detectors scan "
+                     "(they read text and csv fields, not binary tuples)")
+
+
 def _copy_specs(mask, sql: str, reads: bool):
     """The plan of every COPY ... TO STDOUT of a query text, in order: (plan entries or
     None, CopyFormat) for a table (None: no masked column, the detectors scan it), or
@@ -1855,6 +1861,8 @@ def _copy_specs(mask, sql: str, reads: bool):
             if fmt not in ("text", "csv"):
                 if mask.masks_on:
                     return f"COPY (query) in {fmt} format for an identity with masks"
+                if mask.detectors is not None:
+                    return _BINARY_UNSCANNED.format(fmt=fmt)
                 specs.append((None, None))
                 continue
             if not mask.masks_on:
@@ -1874,6 +1882,8 @@ def _copy_specs(mask, sql: str, reads: bool):
         if fmt not in ("text", "csv"):
             if (oid is not None or typed) and mask.masks_on:
                 return f"COPY in {fmt} format of a table with masked columns"
+            if mask.detectors is not None:
+                return _BINARY_UNSCANNED.format(fmt=fmt)
             specs.append((None, None))
             continue
         cols = [c["String"]["sval"] for c in stmt.get("attlist", [])] or None
