@@ -454,7 +454,9 @@ ALLOW = [
     ("SELECT nextval('orders_id_seq')", "select", "", A),
     ("SELECT currval('orders_id_seq'), lastval()", "select", "", A),
     ("ALTER SEQUENCE orders_id_seq INCREMENT 2", "alter", "", A),
-    ("ALTER TABLE orders SET LOGGED", "alter", "", A),
+    ("ALTER TABLE orders SET LOGGED", "alter", "destructive", B),      # a rewrite
+    ("ALTER TABLE orders SET TABLESPACE pg_default", "alter", "destructive", B),
+    ("ALTER TABLE orders SET ACCESS METHOD heap", "alter", "destructive", B),
     ("ALTER TABLE orders SET (autovacuum_enabled = false)", "alter", "", A),
     # keywords inside literals, comments, quoted identifiers
     ("SELECT 'DROP TABLE x'", "select", "", A),

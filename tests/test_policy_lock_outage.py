@@ -28,6 +28,9 @@ REWRITES = [
     # (helper 114) Postgres applies an option's last occurrence
     "VACUUM (FULL false, FULL) lo_t",
     "VACUUM (FULL off, FULL on, VERBOSE) lo_t",
+    # ALTER TABLE forms that rewrite it under the same lock
+    "ALTER TABLE lo_t SET ACCESS METHOD heap",
+    "ALTER TABLE lo_t SET TABLESPACE pg_default",
 ]
 LOCKS = [
     "LOCK TABLE lo_t",

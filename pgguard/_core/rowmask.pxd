@@ -109,6 +109,8 @@ ctypedef struct DetCell:
     Py_ssize_t dlen
     Py_ssize_t hexoff    # KIND_HEX: where its bytes are in the batch's hex arena (or -1)
     Py_ssize_t rawlen    # a hex view: the length of the value it was decoded from
+    int vkind            # what the view is: 0 a hex view, 1 a binary number's digits,
+                         # 2 a binary array's / record's bytes plus its numbers' digits
     bint view            # the value holds a bytea's hex spelling ("\\x" + hex digits, as
                          # ::text, arrays, records and JSON of a bytea print it): what is
                          # scanned is the value with those runs decoded; a match is NULL

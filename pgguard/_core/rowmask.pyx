@@ -7,6 +7,9 @@ from libc.math cimport fabs, floor, isfinite
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport strtod
+
+cdef extern from "<string.h>" nogil:
+    void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset
 
@@ -1240,6 +1243,168 @@ cdef Py_ssize_t _digits_view(int kind, const char* v, Py_ssize_t n, char* out) n
     return o
 
 
+cdef inline int _num_kind(uint32_t oid) noexcept nogil:
+    # a binary element's rendering by its type OID (0: not a number that can spell one)
+    if oid == 20:
+        return KIND_INT8_BIN
+    if oid == 5069:
+        return KIND_UINT8_BIN
+    if oid == 1700:
+        return KIND_NUMERIC_BIN
+    if oid == 701:
+        return KIND_FLOAT8_BIN
+    return 0
+
+
+cdef Py_ssize_t _bin_numbers(const char* v, Py_ssize_t n, char* out, Py_ssize_t o,
+                             int depth) noexcept nogil:
+    # the int8 / xid8 / numeric / float8 values inside a binary array or record (and the
+    # arrays and records nested in it), each as the digits a client prints of it and a
+    # newline, at out + o unless out is NULL: the new o, or -1 when v is not a well-formed
+    # binary array or record. An array carries its element type, a record each field's.
+    cdef Py_ssize_t pos, q, i, total, k
+    cdef int32_t ndim, ln, nf
+    cdef int kind
+    cdef uint32_t oid
+    if depth > 8 or n < 4:
+        return -1
+    # an array: ndim, flags, element type, (size, lower bound) per dimension, elements
+    ndim = <int32_t>_be32(v)
+    if 0 <= ndim <= 6 and n >= 12 + 8 * ndim and _be32(v + 4) <= 1:
+        oid = _be32(v + 8)
+        pos = 12
+        total = 1 if ndim else 0
+        for i in range(ndim):
+            ln = <int32_t>_be32(v + pos)
+            if ln < 0 or (ln and total > n // ln):
+                total = -1
+                break
+            total *= ln
+            pos += 8
+        if total >= 0 and total <= n:
+            q = o
+            kind = _num_kind(oid)
+            for i in range(total):
+                if pos + 4 > n:
+                    q = -1
+                    break
+                ln = <int32_t>_be32(v + pos)
+                pos += 4
+                if ln == -1:
+                    continue
+                if ln < 0 or pos + ln > n:
+                    q = -1
+                    break
+                q = _bin_element(kind, v + pos, ln, out, q, depth)
+                pos += ln
+            if q >= 0 and pos == n:
+                return q
+    # a record: field count, then (type, length, value) per field
+    nf = <int32_t>_be32(v)
+    if nf < 0 or nf > 1664:
+        return -1
+    pos = 4
+    q = o
+    for i in range(nf):
+        if pos + 8 > n:
+            return -1
+        oid = _be32(v + pos)
+        ln = <int32_t>_be32(v + pos + 4)
+        pos += 8
+        if ln == -1:
+            continue
+        if ln < 0 or pos + ln > n:
+            return -1
+        q = _bin_element(_num_kind(oid), v + pos, ln, out, q, depth)
+        pos += ln
+    return q if pos == n else -1
+
+
+cdef inline Py_ssize_t _bin_element(int kind, const char* v, Py_ssize_t n, char* out,
+                                    Py_ssize_t o, int depth) noexcept nogil:
+    # one element of _bin_numbers: a number's digits and a newline, a nested array or
+    # record's numbers, or nothing
+    cdef Py_ssize_t k, r
+    if kind:
+        k = _digits_view(kind, v, n, NULL if out == NULL else out + o)
+        if k < 0:
+            return o
+        if out != NULL:
+            out[o + k] = c'\n'
+        return o + k + 1
+    if n >= 4 and v[0] == 0:
+        r = _bin_numbers(v, n, out, o, depth + 1)
+        if r >= 0:
+            return r
+    return o
+
+
+cdef Py_ssize_t _binnum_view(const char* v, Py_ssize_t n, char* out) noexcept nogil:
+    # a binary array's or record's bytes, a newline, then the digits of the numbers in
+    # it (written to out unless NULL; both are scanned): its length, or -1 when it holds
+    # no such number (the bytes alone are scanned then, as before)
+    cdef Py_ssize_t o
+    if out != NULL:
+        memcpy(out, v, n)
+        out[n] = c'\n'
+    o = _bin_numbers(v, n, out, n + 1, 0)
+    if o <= n + 1:
+        return -1
+    return o
+
+
+cdef Py_ssize_t _expview(const char* v, Py_ssize_t n, char* out) noexcept nogil:
+    # a text holding numbers in exponent form with 12 to 18 digits before the point once
+    # expanded ('4.111111111111111e+15', as Postgres prints a float8 from 1e15 and a
+    # client reads it back as 16 digits): the text, a newline, then each such number's
+    # digits and a newline (written to out unless NULL): its length, or -1 if none
+    cdef const char* s
+    cdef Py_ssize_t i = 0, j, b, e, o = n + 1, k
+    cdef char t[48]
+    cdef char* endp
+    cdef double f
+    cdef int exp
+    if out != NULL:
+        memcpy(out, v, n)
+        out[n] = c'\n'
+    while i + 3 <= n:
+        s = <const char*>memmem(v + i, n - i, b"e+1", 3)
+        if s == NULL:
+            break
+        j = s - v
+        i = j + 1
+        if j == 0:
+            continue
+        # the mantissa before the 'e' (digits and one point), the exponent after it
+        b = j
+        while b > 0 and (48 <= <uint8_t>v[b - 1] <= 57 or v[b - 1] == c'.'):
+            b -= 1
+        if b > 0 and v[b - 1] == c'-':
+            b -= 1
+        e = j + 2
+        exp = 0
+        while e < n and 48 <= <uint8_t>v[e] <= 57 and e - j < 6:
+            exp = exp * 10 + (<uint8_t>v[e] - 48)
+            e += 1
+        if exp < 12 or exp > 18 or e - b >= <Py_ssize_t>sizeof(t) or b == j:
+            continue
+        memcpy(t, v + b, e - b)
+        t[e - b] = 0
+        f = strtod(t, &endp)
+        if endp != t + (e - b) or not isfinite(f) or fabs(f) >= 1e19:
+            continue                    # not one number ('1.2.3e+15'), or too large
+        k = snprintf(t, sizeof(t), b"%.0f", f)
+        if k <= 0 or k >= <Py_ssize_t>sizeof(t):
+            continue
+        if out != NULL:
+            memcpy(out + o, t, k)
+            out[o + k] = c'\n'
+        o += k + 1
+    if o == n + 1:
+        return -1
+    return o
+
+
 cdef void _hex_decode(const char* v, Py_ssize_t nbytes, char* out) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(nbytes):
@@ -1883,10 +2048,23 @@ cdef class RowRewriter:
                     d.rawlen = d.dlen
                     d.dlen = cap
                     d.view = True
+                    d.vkind = 1
                     d.hexoff = hexlen
                     hexlen += cap
                 else:
-                    cap = _hexview(d.dv, d.dlen, NULL)
+                    cap = -1
+                    d.vkind = 0
+                    if col.kind == KIND_WHOLE and d.dlen >= 4 and d.dv[0] == 0:
+                        # a binary array or record: its numbers' digits too
+                        cap = _binnum_view(d.dv, d.dlen, NULL)
+                        d.vkind = 2
+                    if cap < 0:
+                        cap = _hexview(d.dv, d.dlen, NULL)
+                        d.vkind = 0
+                    if cap < 0 and col.kind != KIND_JSONB_BIN:
+                        # a number in exponent form (4.111111111111111e+15): its digits
+                        cap = _expview(d.dv, d.dlen, NULL)
+                        d.vkind = 3
                     if cap >= 0:
                         d.rawlen = d.dlen
                         d.dlen = cap
@@ -1905,8 +2083,12 @@ cdef class RowRewriter:
                 d = &self._dcells[i]
                 if d.view:
                     col = &plan.cols[plan.act[d.cell % plan.nact]]
-                    if col.kind >= KIND_INT8_BIN:
+                    if d.vkind == 1:
                         _digits_view(col.kind, d.dv, d.rawlen, self._hex.p + d.hexoff)
+                    elif d.vkind == 2:
+                        _binnum_view(d.dv, d.rawlen, self._hex.p + d.hexoff)
+                    elif d.vkind == 3:
+                        _expview(d.dv, d.rawlen, self._hex.p + d.hexoff)
                     else:
                         _hexview(d.dv, d.rawlen, self._hex.p + d.hexoff)
                     d.dv = self._hex.p + d.hexoff

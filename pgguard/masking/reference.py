@@ -139,6 +139,107 @@ def _digits_text(kind: int, value: bytes) -> bytes | None:
     return out.encode()
 
 
+_NUM_KINDS = {20: KIND_INT8_BINARY, 5069: KIND_INT8_BINARY + 1, 1700: KIND_NUMERIC_BINARY,
+              701: KIND_FLOAT8_BINARY}
+
+
+def _bin_numbers(v: bytes, depth: int = 0) -> list[bytes] | None:
+    """The digits of the int8 / xid8 / numeric / float8 values inside a binary array or
+    record (nested ones too); None when *v* is neither, well formed."""
+    if depth > 8 or len(v) < 4:
+        return None
+    n = len(v)
+
+    def element(oid_kind, x: bytes, out: list) -> None:
+        if oid_kind:
+            t = _digits_text(oid_kind, x)
+            if t is not None:
+                out.append(t)
+        elif len(x) >= 4 and x[0] == 0:
+            got = _bin_numbers(x, depth + 1)
+            if got is not None:
+                out.extend(got)
+
+    (ndim,) = struct.unpack_from("!i", v)
+    if 0 <= ndim <= 6 and n >= 12 + 8 * ndim and struct.unpack_from("!I", v, 4)[0] <= 1:
+        (oid,) = struct.unpack_from("!I", v, 8)
+        pos, total = 12, (1 if ndim else 0)
+        for i in range(ndim):
+            (size,) = struct.unpack_from("!i", v, pos)
+            if size < 0 or (size and total > n // size):
+                total = -1
+                break
+            total *= size
+            pos += 8
+        if 0 <= total <= n:
+            out: list[bytes] = []
+            ok = True
+            for _ in range(total):
+                if pos + 4 > n:
+                    ok = False
+                    break
+                (ln,) = struct.unpack_from("!i", v, pos)
+                pos += 4
+                if ln == -1:
+                    continue
+                if ln < 0 or pos + ln > n:
+                    ok = False
+                    break
+                element(_NUM_KINDS.get(oid, 0), v[pos:pos + ln], out)
+                pos += ln
+            if ok and pos == n:
+                return out
+    (nf,) = struct.unpack_from("!i", v)
+    if nf < 0 or nf > 1664:
+        return None
+    pos, out = 4, []
+    for _ in range(nf):
+        if pos + 8 > n:
+            return None
+        oid, ln = struct.unpack_from("!Ii", v, pos)
+        pos += 8
+        if ln == -1:
+            continue
+        if ln < 0 or pos + ln > n:
+            return None
+        element(_NUM_KINDS.get(oid, 0), v[pos:pos + ln], out)
+        pos += ln
+    return out if pos == n else None
+
+
+def _binnum_view(value: bytes) -> bytes | None:
+    """*value*, a newline, then the digits of the numbers in it, each and a newline (a
+    binary array or record); None when it holds no such number."""
+    got = _bin_numbers(value)
+    if not got:
+        return None
+    return value + b"\n" + b"".join(t + b"\n" for t in got)
+
+
+_EXP_NUM = re.compile(rb"-?[0-9.]+e\+1[0-9]*")
+
+
+def _exp_view(value: bytes) -> bytes | None:
+    """*value*, a newline, then the digits of each number in exponent form with 13 to
+    19 digits once expanded (``4.111111111111111e+15``) and a newline; None if none."""
+    out = []
+    for m in _EXP_NUM.finditer(value):
+        tok = m.group(0)
+        mant, _, ex = tok.partition(b"e+")
+        if len(ex) > 4 or not 12 <= int(ex) <= 18:
+            continue
+        try:
+            f = float(tok)
+        except ValueError:
+            continue
+        if f != f or abs(f) >= 1e19:
+            continue
+        out.append(b"%.0f" % f)
+    if not out:
+        return None
+    return value + b"\n" + b"".join(t + b"\n" for t in out)
+
+
 def _hex_view(value: bytes) -> bytes | None:
     """*value*, a newline, and *value* with every bytea hex run in it (``\\x`` then 12
     or more hex digits, as ``::text``, arrays, records and JSON of a bytea print it)
@@ -265,8 +366,12 @@ class ReferenceRewriter:
                 self._count(got[1])
                 return _NULL
             raw = _hex_bytes(value) if col.kind == KIND_HEX else None
+            if raw is None and col.kind == KIND_WHOLE and value[:1] == b"\0":
+                raw = _binnum_view(value)   # a binary array or record: its numbers too
             if raw is None:
                 raw = _hex_view(value)
+            if raw is None and col.kind != KIND_JSONB_BINARY:
+                raw = _exp_view(value)      # a number in exponent form: its digits
             if col.kind == KIND_HEX or raw is not None:
                 # bytea in text format: the bytes it spells (or its text, when it is not
                 # hex), or a text holding a bytea's hex; found there, the cell is NULL

@@ -94,6 +94,9 @@ KIND_UINT8_BINARY = 8
 KIND_NUMERIC_BINARY = 9
 KIND_FLOAT8_BINARY = 10
 KIND_FLOAT8_TEXT = 11    # float8 in text format: the digits of the value its text reads as
+# int8[], numeric[], float8[], xid8[]: in text format a match makes the cell NULL (a
+# label inside '{4111111111111111}' would not parse as the element type)
+_DIGIT_ARRAY_OIDS = frozenset({1016, 1231, 1022, 271})
 _DIGITS_BINARY = {20: KIND_INT8_BINARY, 5069: KIND_UINT8_BINARY, 1700: KIND_NUMERIC_BINARY,
                   701: KIND_FLOAT8_BINARY}
 BYTEA_OID = 17
@@ -137,6 +140,8 @@ def cell_kind(oid: int, binary: bool = False, textlike: bool | None = None) -> i
         return KIND_JSONB_BINARY if binary else KIND_JSON
     if oid == 701 and not binary:
         return KIND_FLOAT8_TEXT       # '4.111111111111111e+15' prints as 16 digits
+    if oid in _DIGIT_ARRAY_OIDS and not binary:
+        return KIND_WHOLE             # a label would not parse as a number: NULL
     if oid in DIGIT_TEXT_OIDS:
         return _DIGITS_BINARY[oid] if binary else KIND_WHOLE
     if oid in SCALAR_OIDS:

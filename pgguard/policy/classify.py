@@ -1653,6 +1653,10 @@ def _alter_table(acc: _Acc, b: dict) -> None:
                          "fails")
         elif sub in _INHERITANCE_SUBTYPES:
             _inheritance_change(acc, target, sub, cmd.get("def"))
+        elif sub in _AT_REWRITES:
+            acc.flag("destructive", f"ALTER TABLE {target} {_AT_REWRITES[sub]} rewrites the "
+                     "table under an ACCESS EXCLUSIVE lock: every read and write of it waits "
+                     "until the rewrite ends (an outage on a large table)")
         elif sub == "AT_SetUnLogged":
             acc.flag("destructive", f"ALTER TABLE {target} SET UNLOGGED: an unlogged table is "
                      "emptied after a crash and is not replicated")
@@ -1684,9 +1688,12 @@ def _alter_table(acc: _Acc, b: dict) -> None:
 _AT_PLAIN = frozenset({
     "AT_AddColumn", "AT_AddColumnToView", "AT_SetCompression",
     "AT_AddIndex", "AT_AddConstraint", "AT_ValidateConstraint", "AT_AddIndexConstraint",
-    "AT_ClusterOn", "AT_DropCluster", "AT_SetLogged", "AT_DropOids", "AT_SetAccessMethod",
-    "AT_SetTableSpace", "AT_DropOf",
+    "AT_ClusterOn", "AT_DropCluster", "AT_DropOids", "AT_DropOf",
 })
+# ... and those that rewrite the whole table under an ACCESS EXCLUSIVE lock (an outage on a
+# large table, like VACUUM FULL)
+_AT_REWRITES = {"AT_SetLogged": "SET LOGGED", "AT_SetAccessMethod": "SET ACCESS METHOD",
+                "AT_SetTableSpace": "SET TABLESPACE"}
 # ... and those that switch on code to run at every later write, in every session (a
 # trigger or rule its owner switched off, perhaps on purpose): opaque
 _AT_ENABLING = {
