@@ -214,3 +214,19 @@ def test_copy_of_the_numbers(env, fmt):
     for exp in (b"4.111111111111111e+15", b"5.500005555555559e+15", b"3.78282246310005e+14"):
         assert exp not in out, out
     assert "4111111111111112" in lines[3], lines          # an innocent row, intact
+
+
+def test_psql(env, psql_bin):
+    # psql reads text: the same NULLs and labels, judged by every backend message it got
+    from masking_tap import psql_messages
+    _, tap = env
+    for sql in (SQL, CONTAINERS[0].format(i=1), CONTAINERS[3].format(i=2),
+                "SELECT f8::text, to_json(f8) FROM dg_nums WHERE id = 3",
+                "SELECT i8 FROM dg_nums WHERE id = 11"):
+        msgs = psql_messages(psql_bin, tap, sql)
+        blob = b"".join(p for _, p in msgs)
+        _no_binary_card(blob)
+        for exp in (b"4.111111111111111e+15", b"5.500005555555559e+15",
+                    b"3.78282246310005e+14"):
+            assert exp not in blob, (sql, blob)
+    assert b"4111111111111112" in blob          # the innocent number, as it is

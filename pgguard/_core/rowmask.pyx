@@ -1262,7 +1262,7 @@ cdef Py_ssize_t _bin_numbers(const char* v, Py_ssize_t n, char* out, Py_ssize_t 
     # arrays and records nested in it), each as the digits a client prints of it and a
     # newline, at out + o unless out is NULL: the new o, or -1 when v is not a well-formed
     # binary array or record. An array carries its element type, a record each field's.
-    cdef Py_ssize_t pos, q, i, total, k
+    cdef Py_ssize_t pos, q, i, total
     cdef int32_t ndim, ln, nf
     cdef int kind
     cdef uint32_t oid

@@ -32,6 +32,7 @@ from .strategies import (
     KIND_NUMERIC_BINARY,
     KIND_OTHER,
     KIND_TEXT,
+    KIND_UINT8_BINARY,
     KIND_WHOLE,
 )
 
@@ -139,7 +140,7 @@ def _digits_text(kind: int, value: bytes) -> bytes | None:
     return out.encode()
 
 
-_NUM_KINDS = {20: KIND_INT8_BINARY, 5069: KIND_INT8_BINARY + 1, 1700: KIND_NUMERIC_BINARY,
+_NUM_KINDS = {20: KIND_INT8_BINARY, 5069: KIND_UINT8_BINARY, 1700: KIND_NUMERIC_BINARY,
               701: KIND_FLOAT8_BINARY}
 
 
