@@ -3,6 +3,7 @@
 # columns they are exempt from (the detectors do not rescan them) and the detectors
 # everywhere else.
 import asyncio
+import subprocess
 
 import asyncpg
 import psycopg
@@ -259,7 +260,7 @@ def test_bytea_copied_out_is_scanned(env, pg, sql, fmt):
     "COPY plain_notes TO STDOUT BINARY",
     "COPY (SELECT body FROM plain_notes) TO STDOUT (FORMAT binary)",
     "COPY (SELECT 'write to zqalpha.7731@example.com' AS x) TO STDOUT (FORMAT binary)"])
-def test_binary_copy_under_detectors_is_refused(env, pg, sql):
+def test_binary_copy_under_detectors_is_refused(env, pg, psql_bin, sql):
     """Red team, round 21 (helper 114): a binary COPY of a table without masked columns
     skipped the detectors (they read text and csv fields): the emails and keys an agent
     had copied into its own table came out in clear. Refused for an identity the
@@ -285,3 +286,20 @@ def test_binary_copy_under_detectors_is_refused(env, pg, sql):
         with conn.cursor().copy(text) as cp:
             out = b"".join(bytes(b) for b in cp)
         assert out and b"zqalpha.7731@example.com" not in out, out
+
+    async def via_asyncpg():
+        import io
+        a = await asyncpg.connect(proxy.dsn(AGENT, AGENT_PASSWORD, dbname=DB))
+        try:
+            buf = io.BytesIO()
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await a.execute(sql)            # (asyncpg's copy API names the format itself)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await a.copy_from_table("plain_notes", output=buf, format="binary")
+            assert b"zqalpha" not in buf.getvalue()
+        finally:
+            await a.close()
+    asyncio.run(via_asyncpg())
+    r = subprocess.run([psql_bin, "-X", "-d", proxy.dsn(AGENT, AGENT_PASSWORD, dbname=DB),
+                        "-c", sql], capture_output=True, timeout=60)
+    assert r.returncode != 0 and b"zqalpha" not in r.stdout, r
