@@ -366,6 +366,89 @@ def _sublink_tests(sql: str | None) -> set[tuple[str | None, str]] | None:
     return refs
 
 
+def _exists_outer_refs(sql: str | None, columns: dict | None
+                       ) -> set[tuple[str | None, str]] | None:
+    """The columns of an outer query that the conditions of the text's EXISTS
+    sub-selects reference, as (qualifier or None, column): a qualifier the sub-select's
+    own FROM does not name, or a bare name that no masked relation of that FROM has
+    (``columns``: their live columns; another relation's are not known, so its bare
+    names count). None: the text cannot be read."""
+    if not sql:
+        return set()
+    nodes = _parsed_dicts(sql)
+    if nodes is None:
+        return None
+    refs: set[tuple[str | None, str]] = set()
+    for n in nodes:
+        link = n.get("SubLink")
+        if not isinstance(link, dict) or link.get("subLinkType") != "EXISTS_SUBLINK":
+            continue
+        sub = (link.get("subselect") or {}).get("SelectStmt")
+        if not isinstance(sub, dict):
+            return None                 # (a set operation: fail closed)
+        local: set[str] = set()
+        known: set[str] = set()
+        for x in _parsed_dicts_of(sub.get("fromClause")):
+            rv = x.get("RangeVar")
+            if isinstance(rv, dict):
+                rel = _name(rv.get("relname", ""))
+                local.add(_name((rv.get("alias") or {}).get("aliasname", "")) or rel)
+                local.add(rel)
+                schema = _name(rv["schemaname"]) if rv.get("schemaname") else None
+                for (sch, r), cols in (columns or {}).items():
+                    if r == rel and schema in (None, sch):
+                        known.update(cols)
+            for k in ("RangeSubselect", "RangeFunction", "RangeTableFunc", "JoinExpr"):
+                alias = (x.get(k) or {}).get("alias") if isinstance(x.get(k), dict) \
+                    else None
+                if isinstance(alias, dict) and alias.get("aliasname"):
+                    local.add(_name(alias["aliasname"]))
+        for part in ("whereClause", "havingClause", "targetList"):
+            for x in _parsed_dicts_of(sub.get(part)):
+                fields = (x.get("ColumnRef") or {}).get("fields") or ()
+                if not fields:
+                    continue
+                names = ["*" if "A_Star" in f else
+                         _name((f.get("String") or {}).get("sval", "")) for f in fields]
+                if len(names) > 1:
+                    if names[-2] not in local:
+                        refs.add((names[-2], names[-1]))
+                elif names[0] not in known:
+                    refs.add((None, names[0]))
+    return refs
+
+
+def _members(node: dict) -> list[dict]:
+    """A node's children that make its rows (not its InitPlans or SubPlans)."""
+    return [c for c in node.get("Plans", ())
+            if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
+
+
+_NUMBERED_ALIAS = re.compile(r"([\w$]+)_\d+\.")
+
+
+def _same_rows(members: list[dict]) -> bool:
+    """Whether a set operation's members print the same output expressions once a
+    scan's numbered alias is read as its table's (customers_1.id as customers.id; a
+    partitioned table's c_1.id, c_2.id): its columns are then what they print."""
+    outs = []
+    for mem in members:
+        out = mem.get("Output")
+        if not isinstance(out, list):
+            return False
+        outs.append([_NUMBERED_ALIAS.sub(r"\1.", e) if isinstance(e, str) else e
+                     for e in out])
+    return all(o == outs[0] for o in outs[1:])
+
+
+def _holds_run(seq: list[str], run: tuple[str, ...]) -> bool:
+    """Whether ``run`` occurs in ``seq`` as consecutive items."""
+    k = len(run)
+    first = run[0]
+    return any(seq[i] == first and tuple(seq[i:i + k]) == run
+               for i in range(len(seq) - k + 1))
+
+
 def _parsed_dicts_of(tree: Any) -> list[dict]:
     out: list[dict] = []
     stack: list[Any] = [tree]
@@ -581,7 +664,8 @@ class _Taint:
             self._mixed(conj)
             for n in self.nodes for text in _cond_texts(n)
             for conj in _conjuncts(self._scanned(text))) or self._sorted_union(root)
-            or self._masked_sublink_test(sql, views))
+            or self._masked_sublink_test(sql, views) or self._against_set_op()
+            or self._masked_exists_test(sql, views, columns))
         # the number of rows, or which stored rows come back, decided by masked values:
         # a set-returning function over them (generate_series(1, ascii(ssn)) gave 53
         # rows for a '5'), a recursive query stopping on them, a LIMIT / OFFSET computed
@@ -833,6 +917,73 @@ class _Taint:
                     return True
         return False
 
+    def _masked_exists_test(self, sql: str | None, views: tuple[str, ...],
+                            columns: dict | None) -> bool:
+        # EXISTS (SELECT 1 WHERE substr(c.ssn, 1, 1) = '5') outside a WHERE's top level
+        # (a select list, a CASE, an OR): the planner turns it into substr(c.ssn, 1, 1)
+        # = ANY (hashed SubPlan n) and EXPLAIN before Postgres 17 prints "(hashed
+        # SubPlan n)" only, never the test: a masked value of the outer row in the
+        # sub-select's conditions counts as tested against its rows (the IN case)
+        for text in (sql, *views):
+            refs = _exists_outer_refs(text, columns)
+            if refs is None:
+                return True
+            for qual, col in refs:
+                if qual in self.aliases or (qual, col) in self.pairs or (
+                        qual is None and col in self.bare):
+                    return True
+        return False
+
+    def _set_op_columns(self) -> list[tuple[str, ...]]:
+        # the columns of set operations whose members are not the same rows (a UNION
+        # ALL of constants, of values of several sources), as the plan prints them
+        # above the set operation: by the first member's expressions ('0'::text), which
+        # read as constants there
+        out = []
+        for n in self.nodes:
+            if n.get("Node Type") not in _SET_OPS:
+                continue
+            kids = _members(n)
+            if len(kids) < 2 or _same_rows(kids):
+                continue
+            first = kids[0].get("Output")
+            if not isinstance(first, list):
+                continue
+            for e in first:
+                toks = self._scanned(e) if isinstance(e, str) else None
+                if toks:
+                    out.append(tuple(t.text for t in toks))
+        return out
+
+    def _against_set_op(self) -> bool:
+        # a condition setting a masked value against such a column (JOIN (SELECT '0' e
+        # UNION ALL SELECT '1' ...) d ON substr(c.ssn, 1, 1) = d.e, printed "substr(c.ssn,
+        # 1, 1) = ('0'::text)", gave every digit of every SSN): it compares them with
+        # every member's values, another row source
+        cols = self._set_op_columns()
+        if not cols:
+            return False
+        for n in self.nodes:
+            for text in _cond_texts(n):
+                for conj in _conjuncts(self._scanned(text)):
+                    if conj is None:
+                        continue
+                    if not self._tainted(conj):
+                        continue
+                    seen = [t.text for t in conj]
+                    if any(_holds_run(seen, c) for c in cols):
+                        return True
+        return False
+
+    def _chooses_members(self, node: dict) -> bool:
+        # a set operation whose members are not the same rows and one of which has a
+        # condition on masked values (LATERAL (SELECT '0' WHERE substr(c.ssn, 1, 1) =
+        # '0' UNION ALL SELECT '1' WHERE ...) returned each SSN's digits): which
+        # member's values come back is the masked value, as a CASE over it would be
+        kids = _members(node)
+        return len(kids) > 1 and not _same_rows(kids) and any(
+            self._any_masked_cond(c) for c in kids)
+
     def _mixes_inside(self, node: dict) -> bool:
         # an output expression of the subtree setting masked values against another row
         # source's (see entangling)
@@ -949,6 +1100,8 @@ class _Taint:
                    if c.get("Parent Relationship") not in ("InitPlan", "SubPlan")]
         if not members:
             return None
+        if kind in _SET_OPS and self._chooses_members(node):
+            return [True] * n
         acc = [False] * n
         for c in members:
             got = self.outputs(c, n)
