@@ -12,7 +12,7 @@
 # constant unions on clean columns, EXISTS over clean columns and OR-ed oracles stay as
 # Postgres answers them.
 import pytest
-from mask_corpus import DB, MASKS, MODES, REFUSED, copy_mode, direct_mode, leaks, \
+from mask_corpus import MASKS, MODES, REFUSED, copy_mode, direct_mode, leaks, \
     raw_connect, run_mode, seed
 
 # the digits of '732-19-4856' and the other seeded SSNs sit at these places

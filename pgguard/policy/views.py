@@ -68,11 +68,12 @@ class ViewMap:
     """Relation -> relations its rewrite rules use (direct edges), resolved
     transitively on demand. Immutable: :meth:`merged` makes a new map."""
 
-    __slots__ = ("edges", "_closure", "hidden", "foreign")
+    __slots__ = ("edges", "_closure", "hidden", "foreign", "deferred")
 
     def __init__(self, edges: Mapping[str, frozenset[str]] | None = None,
                  hidden: frozenset[str] = frozenset(),
-                 foreign: frozenset[str] = frozenset()) -> None:
+                 foreign: frozenset[str] = frozenset(),
+                 deferred: frozenset[str] = frozenset()) -> None:
         self.edges: dict[str, frozenset[str]] = dict(edges or {})
         self._closure: dict[str, tuple[str, ...]] = {}
         # relations a change of which changes other rows no command tag counts: those
@@ -80,13 +81,16 @@ class ViewMap:
         # DEFAULT, and those with row triggers
         self.hidden = hidden
         self.foreign = foreign      # foreign tables (their rows change in another server)
+        # relations with deferrable user triggers (they may run at COMMIT)
+        self.deferred = deferred
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[Any, ...]],
                   triggers: Iterable[tuple[Any, ...]] = (),
                   hidden: Iterable[tuple[Any, ...]] = (),
                   foreign: Iterable[tuple[Any, ...]] = (),
-                  inherits: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
+                  inherits: Iterable[tuple[Any, ...]] = (),
+                  deferred: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
         """Rows of (schema, relation with rewrite rules, schema, relation they use), and
         of (schema, view, language, function source) for INSTEAD OF triggers: the
         relations a plpgsql or SQL trigger function touches are behind the view too;
@@ -116,14 +120,17 @@ class ViewMap:
                            for n in _aliases(hs, hn))
         remote = frozenset(n for fs, fn in foreign if fs is not None and fn is not None
                            for n in _aliases(fs, fn))
-        return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen, remote)
+        late = frozenset(n for ds, dn in deferred if ds is not None and dn is not None
+                         for n in _aliases(ds, dn))
+        return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen, remote, late)
 
     def __bool__(self) -> bool:
         return bool(self.edges)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ViewMap) and other.edges == self.edges and \
-            other.hidden == self.hidden and other.foreign == self.foreign
+            other.hidden == self.hidden and other.foreign == self.foreign and \
+            other.deferred == self.deferred
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -137,7 +144,7 @@ class ViewMap:
         out = dict(self.edges)
         for k, v in edges.items():
             out[k] = out.get(k, _EMPTY) | v
-        return ViewMap(out, self.hidden, self.foreign)
+        return ViewMap(out, self.hidden, self.foreign, self.deferred)
 
     def bases(self, name: str) -> tuple[str, ...]:
         """Every relation ``name``'s rules reach, views of views included, nearest first

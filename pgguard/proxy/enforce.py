@@ -613,6 +613,10 @@ class Enforcement:
                     # changed in another server
                     d = unguarded_refusal(d, "writing a foreign table (its rows change in "
                                              "another server)")
+        if d.action != "block" and s.guard is not None and s.views is not None:
+            views = s.views.current()
+            if views.deferred:
+                d = _deferred_refusal(d, views, self._plan(d))
         if d.action != "block" and s.guard is not None:
             plan = self._plan(d)
             if plan is not None and len(plan.tables) > MAX_TABLES:
@@ -1650,7 +1654,7 @@ def _body_ddl_refusal(d, st):
         statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
-def unguarded_refusal(d, how: str):
+def unguarded_refusal(d, how: str, hint: str | None = None):
     """A statement that may change rows (it writes, or calls a function pgguard cannot
     see into) sent in a form whose row changes the blast-radius guard cannot measure."""
     st = next((st for st in d.statements if st.functions), d.statements[0])
@@ -1661,9 +1665,33 @@ def unguarded_refusal(d, how: str):
                 "that may change rows runs where the row limit cannot be measured",
         detail=(f"it calls {calls}, which may change rows" if calls else
                 f"statement kind: {st.kind}; it changes rows"),
-        hint="Run it as a plain statement (SELECT f(), an UPDATE ...): it then runs "
-             "under the row limit.",
+        hint=hint or "Run it as a plain statement (SELECT f(), an UPDATE ...): it then "
+                     "runs under the row limit.",
         statements=d.statements, verdicts=d.verdicts, index=d.index)
+
+
+def _deferred_refusal(d, views, plan):
+    """``d``, or its refusal when what it writes may fire a deferrable trigger of a
+    user's: such a trigger runs at COMMIT (or at SET CONSTRAINTS ... IMMEDIATE), after
+    the guard counted the statement's rows (a one-row UPDATE answered "UPDATE 1" while
+    its trigger deleted 4,999 rows at COMMIT). ``views.deferred`` holds the tables with
+    one and those a cascading foreign key reaches one from; a statement measured by
+    the transaction's counters that calls a function or writes a table whose triggers
+    or rules write elsewhere may reach one too: refused as well (fail closed) while
+    the database has any."""
+    written = {t for st in d.statements for t in st.relations_written}
+    if not written.isdisjoint(views.deferred):
+        how = "writing a table with deferrable constraint triggers (they run at COMMIT, " \
+              "after the rows are counted)"
+    elif plan is not None and not plan.by_tag and (
+            not written or not written.isdisjoint(views.hidden)):
+        how = "a function call or a write whose triggers or rules write elsewhere, in a " \
+              "database with deferrable constraint triggers (they run at COMMIT, after " \
+              "the rows are counted),"
+    else:
+        return d
+    return unguarded_refusal(d, how, hint="Ask a DBA to run it, or to make the "
+                                          "constraint triggers NOT DEFERRABLE.")
 
 
 def _too_many_tables_refusal(d, tables: tuple):

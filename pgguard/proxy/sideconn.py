@@ -225,6 +225,30 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 """
 
 
+# relations with a deferrable trigger of a user's (CREATE CONSTRAINT TRIGGER ...
+# DEFERRABLE), every partitioned or inheritance parent of one, and every relation a
+# foreign key ON DELETE/UPDATE CASCADE, SET NULL or SET DEFAULT reaches one from: such
+# a trigger may run at COMMIT (INITIALLY DEFERRED, or SET CONSTRAINTS ... DEFERRED),
+# after the guard counted the statement's rows
+DEFERRED_TRIGGERS_SQL = """
+WITH RECURSIVE h(oid) AS (
+  SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal AND t.tgdeferrable
+  UNION
+  SELECT x.up FROM h JOIN (
+    SELECT i.inhrelid AS down, i.inhparent AS up FROM pg_catalog.pg_inherits i
+    UNION ALL
+    SELECT k.conrelid, k.confrelid FROM pg_catalog.pg_constraint k
+    WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd')
+                               OR k.confupdtype IN ('c', 'n', 'd'))
+  ) x ON x.down = h.oid
+)
+SELECT n.nspname, c.relname
+FROM h
+JOIN pg_catalog.pg_class c ON c.oid = h.oid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+"""
+
+
 # foreign tables: rows written there change in another server, where this backend's
 # tuple counters cannot see them
 FOREIGN_TABLES_SQL = """
@@ -244,17 +268,18 @@ async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tup
 
 async def rewrite_rows(link: UpstreamLink, database: str
                        ) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple],
-                                  list[tuple]]:
+                                  list[tuple], list[tuple]]:
     """(schema, relation, base schema, base relation) for every relation with rewrite
     rules (views, INSTEAD/ALSO rules) and each relation those rules use; (schema, view,
     language, source) of the functions of INSTEAD OF triggers; (schema, relation) of
     the relations whose changes change rows unseen (cascading foreign keys, row
     triggers), and of foreign tables; and (schema, child, schema, parent) of every
-    partition or inheritance child."""
-    rules, triggers, hidden, foreign, inherits = await run(
+    partition or inheritance child; (schema, relation) of the relations with deferrable
+    triggers of a user's (and their parents)."""
+    rules, triggers, hidden, foreign, inherits, deferred = await run(
         link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL, HIDDEN_WRITES_SQL,
-                         FOREIGN_TABLES_SQL, INHERITS_SQL])
-    return rules, triggers, hidden, foreign, inherits
+                         FOREIGN_TABLES_SQL, INHERITS_SQL, DEFERRED_TRIGGERS_SQL])
+    return rules, triggers, hidden, foreign, inherits, deferred
 
 
 async def drop_role(link: UpstreamLink, database: str, role: str, successor: str | None,
