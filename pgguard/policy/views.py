@@ -68,12 +68,13 @@ class ViewMap:
     """Relation -> relations its rewrite rules use (direct edges), resolved
     transitively on demand. Immutable: :meth:`merged` makes a new map."""
 
-    __slots__ = ("edges", "_closure", "hidden", "foreign", "deferred")
+    __slots__ = ("edges", "_closure", "hidden", "foreign", "deferred", "runs")
 
     def __init__(self, edges: Mapping[str, frozenset[str]] | None = None,
                  hidden: frozenset[str] = frozenset(),
                  foreign: frozenset[str] = frozenset(),
-                 deferred: frozenset[str] = frozenset()) -> None:
+                 deferred: frozenset[str] = frozenset(),
+                 runs: Mapping[str, Statement] | None = None) -> None:
         self.edges: dict[str, frozenset[str]] = dict(edges or {})
         self._closure: dict[str, tuple[str, ...]] = {}
         # relations a change of which changes other rows no command tag counts: those
@@ -83,6 +84,9 @@ class ViewMap:
         self.foreign = foreign      # foreign tables (their rows change in another server)
         # relations with deferrable user triggers (they may run at COMMIT)
         self.deferred = deferred
+        # views and materialized views whose definitions call functions: what the
+        # definition runs (a read of the view runs it, a REFRESH too)
+        self.runs: dict[str, Statement] = dict(runs or {})
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[Any, ...]],
@@ -90,7 +94,9 @@ class ViewMap:
                   hidden: Iterable[tuple[Any, ...]] = (),
                   foreign: Iterable[tuple[Any, ...]] = (),
                   inherits: Iterable[tuple[Any, ...]] = (),
-                  deferred: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
+                  deferred: Iterable[tuple[Any, ...]] = (),
+                  defs: Iterable[tuple[Any, ...]] = (),
+                  code: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
         """Rows of (schema, relation with rewrite rules, schema, relation they use), and
         of (schema, view, language, function source) for INSTEAD OF triggers: the
         relations a plpgsql or SQL trigger function touches are behind the view too;
@@ -122,15 +128,31 @@ class ViewMap:
                            for n in _aliases(fs, fn))
         late = frozenset(n for ds, dn in deferred if ds is not None and dn is not None
                          for n in _aliases(ds, dn))
-        return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen, remote, late)
+        runs: dict[str, Statement] = {}
+        for vs, vn, text in defs:
+            if vs is None or vn is None or text is None:
+                continue
+            st = _definition(text)
+            if st is not None:
+                for name in _aliases(vs, vn):
+                    runs[name] = st
+        for ts, tn, text in code:
+            if ts is None or tn is None or text is None:
+                continue
+            st = _definition(text)
+            if st is not None:
+                for name in _aliases(ts, tn):
+                    runs[_WRITE_CODE + name] = st
+        return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen, remote, late,
+                   runs)
 
     def __bool__(self) -> bool:
-        return bool(self.edges)
+        return bool(self.edges) or bool(self.runs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ViewMap) and other.edges == self.edges and \
             other.hidden == self.hidden and other.foreign == self.foreign and \
-            other.deferred == self.deferred
+            other.deferred == self.deferred and other.runs == self.runs
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -144,7 +166,7 @@ class ViewMap:
         out = dict(self.edges)
         for k, v in edges.items():
             out[k] = out.get(k, _EMPTY) | v
-        return ViewMap(out, self.hidden, self.foreign, self.deferred)
+        return ViewMap(out, self.hidden, self.foreign, self.deferred, self.runs)
 
     def bases(self, name: str) -> tuple[str, ...]:
         """Every relation ``name``'s rules reach, views of views included, nearest first
@@ -196,6 +218,53 @@ class ViewMap:
         return tuple(out)
 
     def _expand_one(self, st: Statement) -> Statement:
+        return self._with_runs(self._expand_rel(st))
+
+    def _with_runs(self, st: Statement) -> Statement:
+        """``st`` with what the definitions of the views it reaches call folded in:
+        ``SELECT * FROM v`` runs every function ``v``'s definition calls (a DBA's view
+        over ``wipe()`` deleted rows, one over ``pg_terminate_backend(pid)`` ended
+        sessions), and so does ``REFRESH MATERIALIZED VIEW v``. The calls are judged as
+        if the statement made them (user functions by their bodies, next)."""
+        runs = self.runs
+        if not runs:
+            return st
+        hit = {n: runs[n] for n in dict.fromkeys(st.relations_read + st.relations_written)
+               if n in runs}
+        if not _ROW_WRITES.isdisjoint(st.kinds) or st.kind in _ROW_WRITES:
+            # (a DDL on the table, ALTER or CREATE INDEX, runs none of it)
+            for n in st.relations_written:
+                if _WRITE_CODE + n in runs:
+                    hit[_WRITE_CODE + n] = runs[_WRITE_CODE + n]
+        if not hit:
+            return st
+        kinds = dict.fromkeys(st.kinds)
+        read = dict.fromkeys(st.relations_read)
+        funcs = dict.fromkeys(st.functions)
+        flags = set(st.flags)
+        reasons: list[Reason] = []
+        settings = dict.fromkeys(st.settings)
+        changes, readonly = st.changes_rows, st.readonly
+        for name, body in hit.items():
+            kinds.update(dict.fromkeys(body.kinds))
+            read.update(dict.fromkeys(body.relations_read))
+            funcs.update(dict.fromkeys(body.functions))
+            flags.update(body.flags)
+            settings.update(dict.fromkeys(body.settings))
+            changes = changes or body.changes_rows
+            readonly = readonly and body.readonly
+            what = f"writing {name[len(_WRITE_CODE):]}" if name.startswith(_WRITE_CODE) \
+                else f"view {name}"
+            reasons.extend(Reason(r.flag, f"{what} runs: {r.text}") for r in body.reasons)
+        # (the bodies of the user functions it calls are folded in next, by the caller's
+        # Bodies, which also stops counting its rows by the command tag)
+        return msgspec.structs.replace(
+            st, kinds=tuple(kinds), relations_read=tuple(read), functions=tuple(funcs),
+            flags=tuple(f for f in FLAGS if f in flags),
+            reasons=tuple(dict.fromkeys(reasons + list(st.reasons))),
+            settings=tuple(settings), changes_rows=changes, readonly=readonly)
+
+    def _expand_rel(self, st: Statement) -> Statement:
         w = self._names(st.relations_written)
         r = self._names(st.relations_read)
         # the partitions and children below what it reads or writes: their rows are
@@ -452,6 +521,34 @@ class SessionViews:
         if shared:
             self._publish(shared)
         return True
+
+
+# the key of the code a write to a table runs (triggers, defaults, checks) in runs
+_WRITE_CODE = "\0write:"
+# the statement kinds that write rows (and so run a table's triggers, defaults, checks)
+_ROW_WRITES = frozenset({"insert", "update", "delete", "merge", "copy"})
+_DEFINITIONS: dict[str, Statement | None] = {}
+_UNREADABLE = Statement(kind="select", flags=("opaque",), reasons=(Reason(
+    "opaque", "its definition could not be read by pgguard's parser"),))
+
+
+def _definition(text: str) -> Statement | None:
+    """What a view's definition (``pg_get_viewdef``) runs, as the classifier reads it;
+    None when it calls no function (its relations are the map's edges already).
+    Cached by text: the map is read again every few seconds."""
+    if text in _DEFINITIONS:
+        return _DEFINITIONS[text]
+    try:
+        got = classify(text)
+        st = got[0] if len(got) == 1 else _UNREADABLE
+    except Exception:       # noqa: BLE001 - unreadable: what it runs is not known
+        st = _UNREADABLE
+    if st is not _UNREADABLE and not st.functions and not st.flags:
+        st = None
+    if len(_DEFINITIONS) >= 20_000:
+        _DEFINITIONS.clear()
+    _DEFINITIONS[text] = st
+    return st
 
 
 def _is_temp_alias(name: str, edges: Mapping[str, frozenset[str]]) -> bool:

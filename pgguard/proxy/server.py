@@ -682,8 +682,7 @@ class Server:
         started = time.monotonic()
         st.stale = False
         try:
-            rows, triggers, hidden, foreign, inherits, deferred = await sideconn.rewrite_rows(
-                self.link, database)
+            read = await sideconn.rewrite_rows(self.link, database)
         except BaseException as e:
             st.stale = True
             st.failed_at = time.monotonic()
@@ -699,8 +698,7 @@ class Server:
         learned = {k: v for k, (v, at) in st.learned.items()
                    if started - at < LEARNED_TTL}
         st.learned = {k: st.learned[k] for k in learned}
-        new = ViewMap.from_rows(rows, triggers, hidden, foreign, inherits,
-                                deferred).merged(learned)
+        new = ViewMap.from_rows(*read).merged(learned)
         st.loaded = started
         if st.map is None:
             st.map = new

@@ -249,6 +249,42 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 """
 
 
+# the definitions of views and materialized views (a read of one runs the functions
+# its definition calls; a REFRESH runs them too)
+VIEW_DEFS_SQL = """
+SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid)
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
+# the code a write to a table runs besides the statement: its triggers' functions, its
+# columns' DEFAULT and generated expressions, its CHECK constraints; one SELECT of them
+# all per table (the classifier reads it: user functions are judged by their bodies)
+WRITE_CODE_SQL = """
+SELECT n.nspname, c.relname, 'SELECT ' || pg_catalog.string_agg(x.code, ', ' ORDER BY x.code)
+FROM (
+  SELECT t.tgrelid AS rel, pg_catalog.quote_ident(pn.nspname) || '.'
+         || pg_catalog.quote_ident(p.proname) || '()' AS code
+  FROM pg_catalog.pg_trigger t
+  JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+  JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
+  WHERE NOT t.tgisinternal
+  UNION ALL
+  SELECT d.adrelid, '(' || pg_catalog.pg_get_expr(d.adbin, d.adrelid) || ')'
+  FROM pg_catalog.pg_attrdef d
+  UNION ALL
+  SELECT k.conrelid, '(' || pg_catalog.pg_get_expr(k.conbin, k.conrelid) || ')'
+  FROM pg_catalog.pg_constraint k WHERE k.contype = 'c' AND k.conrelid <> 0
+) x
+JOIN pg_catalog.pg_class c ON c.oid = x.rel
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+GROUP BY n.nspname, c.relname
+"""
+
+
 # foreign tables: rows written there change in another server, where this backend's
 # tuple counters cannot see them
 FOREIGN_TABLES_SQL = """
@@ -268,18 +304,19 @@ async def function_rows(link: UpstreamLink, database: str, oid: int) -> list[tup
 
 async def rewrite_rows(link: UpstreamLink, database: str
                        ) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple],
-                                  list[tuple], list[tuple]]:
+                                  list[tuple], list[tuple], list[tuple], list[tuple]]:
     """(schema, relation, base schema, base relation) for every relation with rewrite
     rules (views, INSTEAD/ALSO rules) and each relation those rules use; (schema, view,
     language, source) of the functions of INSTEAD OF triggers; (schema, relation) of
     the relations whose changes change rows unseen (cascading foreign keys, row
     triggers), and of foreign tables; and (schema, child, schema, parent) of every
     partition or inheritance child; (schema, relation) of the relations with deferrable
-    triggers of a user's (and their parents)."""
-    rules, triggers, hidden, foreign, inherits, deferred = await run(
+    triggers of a user's (and their parents); (schema, view, definition) of every view
+    and materialized view; (schema, table, a SELECT of the code a write to it runs)."""
+    return tuple(await run(
         link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL, HIDDEN_WRITES_SQL,
-                         FOREIGN_TABLES_SQL, INHERITS_SQL, DEFERRED_TRIGGERS_SQL])
-    return rules, triggers, hidden, foreign, inherits, deferred
+                         FOREIGN_TABLES_SQL, INHERITS_SQL, DEFERRED_TRIGGERS_SQL,
+                         VIEW_DEFS_SQL, WRITE_CODE_SQL]))
 
 
 async def drop_role(link: UpstreamLink, database: str, role: str, successor: str | None,
