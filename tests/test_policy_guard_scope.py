@@ -239,3 +239,40 @@ def test_pinned_role_keeps_ordinary_work(sproxy):
         assert conn.execute("SELECT current_user").fetchone() == ("g_readers",)
         assert conn.execute("SELECT count(*) FROM gr_items").fetchone() == (2,)
         conn.execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+
+
+ADVISORY = ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
+            "pg_advisory_xact_lock_shared", "pg_try_advisory_lock",
+            "pg_try_advisory_lock_shared", "pg_try_advisory_xact_lock",
+            "pg_try_advisory_xact_lock_shared"]
+
+
+@pytest.mark.parametrize("fn", ADVISORY)
+def test_readonly_token_takes_no_advisory_lock(pg, sproxy, fn):
+    # round 22 (helper 118): a read-only transaction may take advisory locks, and six of
+    # the eight functions went through: a DBA's session then waited on the agent's lock.
+    # Judged by pg_locks while the agent's session (and its transaction) is open.
+    dsn = readonly_dsn(sproxy)
+    with psycopg.connect(dsn) as conn:                  # a transaction stays open
+        for args in ("(7101)", "(71, 2)", "($1)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                if args == "($1)":
+                    conn.execute(f"SELECT {fn}(%s::bigint)", (7102,), prepare=True)
+                else:
+                    conn.execute(f"SELECT {fn}{args}")
+            assert 'rule "readonly-scope"' in e.value.diag.message_primary
+            conn.rollback()
+        held = pg.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                          dbname="appdb")
+        assert held == [(0,)], held
+
+    async def main():
+        c = await asyncpg.connect(dsn)
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await c.fetchval(f"SELECT {fn}($1::bigint)", 7103)
+            assert pg.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                              dbname="appdb") == [(0,)]
+        finally:
+            await c.close()
+    asyncio.run(main())

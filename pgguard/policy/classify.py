@@ -283,11 +283,20 @@ _DESTRUCTIVE_FUNCS = {
               "existing keys)",
 }
 
-# functions that change state (for Statement.readonly)
+# functions that change state (for Statement.readonly): every advisory lock a read-only
+# transaction may still take (a read-only token's pg_try_advisory_lock held a lock a
+# DBA's session then waited on), the statistics resets, and what Postgres itself refuses
+# in a read-only transaction
 _WRITING_FUNCS = frozenset({
     "nextval", "setval", "lo_create", "lo_creat", "lo_unlink", "lo_put", "lo_from_bytea",
-    "lo_truncate", "lo_truncate64", "lowrite", "pg_notify", "pg_stat_reset",
-    "pg_advisory_lock", "pg_advisory_xact_lock", "txid_current", "pg_current_xact_id",
+    "lo_truncate", "lo_truncate64", "lowrite", "pg_notify", "txid_current",
+    "pg_current_xact_id",
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared",
+    "pg_stat_reset", "pg_stat_reset_shared", "pg_stat_reset_single_table_counters",
+    "pg_stat_reset_single_function_counters", "pg_stat_reset_slru",
+    "pg_stat_reset_replication_slot", "pg_stat_reset_subscription_stats",
 })
 WRITING_FUNCS = _WRITING_FUNCS
 
