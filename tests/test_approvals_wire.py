@@ -163,6 +163,48 @@ def test_cancel_withdraws_the_request(pg, aproxy):
     assert json.loads(r.stdout)["changes"] == [], r.stdout
 
 
+@pytest.mark.parametrize("client", ["raw-query", "raw-extended", "asyncpg"])
+def test_a_client_gone_while_held_leaves_a_withdrawn_record(pg, aproxy, client):
+    # round 22 (helper 118): the request was withdrawn, but the audit held only the
+    # session's connect and disconnect: no record of the statement at all
+    import asyncio
+    import socket
+
+    import asyncpg
+    import rawpg
+    from conftest import AGENT, AGENT_PASSWORD
+    sql = f"UPDATE orders SET status = 'gone-{client}' WHERE id = 1"
+    if client == "asyncpg":
+        async def go():
+            c = await asyncpg.connect(aproxy.dsn(dbname="appdb"))
+            task = asyncio.ensure_future(c.execute(sql))
+            await asyncio.to_thread(pending_ids, aproxy)
+            c.terminate()                       # the socket closed, no cancel
+            with pytest.raises(Exception):      # noqa: B017 - however asyncpg says it
+                await task
+        asyncio.run(go())
+    else:
+        c = rawpg.RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database="appdb")
+        if client == "raw-query":
+            c.send(rawpg.query(sql))
+        else:
+            c.send(rawpg.parse(sql), rawpg.bind(), rawpg.execute(), rawpg.SYNC)
+        pending_ids(aproxy)
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+    deadline = time.monotonic() + 10
+    while api(aproxy, "GET", "/api/approvals?state=pending") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status(pg) == "new"
+    aproxy.stop()
+    from exactlib import audit_rows
+    got = audit_rows(aproxy, "SELECT decision, rule, error FROM audit WHERE statement LIKE "
+                             "'UPDATE orders%'")
+    assert len(got) == 1, got
+    assert got[0][:2] == ("withdrawn", "orders-need-approval"), got
+    assert "the session ended while the statement waited for approval" in got[0][2]
+
+
 def test_jit_window_lets_repeats_through(pg, aproxy):
     def agent(oid):
         with psycopg.connect(aproxy.dsn(dbname="appdb"), autocommit=True) as conn:

@@ -12,6 +12,7 @@ import logging
 import os
 import struct
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ..approvals import hold
@@ -19,7 +20,7 @@ from ..approvals.store import StoreUnavailable
 from ..errors import PgguardError
 from ..policy.rules import Decision
 from ..protocol import messages as m
-from .tracking import Approved
+from .tracking import Approved, statement_record
 
 if TYPE_CHECKING:
     from .services import Services
@@ -200,6 +201,8 @@ class Holds:
         self.items: list | None = None
         self.reader: RawReader | None = None
         self.approval: list | None = None
+        # (decision, text) of the statement waiting for a human, until they decide
+        self.waiting: tuple | None = None
 
     def begin(self, out: list, held: list, later: list = ()) -> None:
         """Write what came before the held message, then keep the client's stream
@@ -285,6 +288,24 @@ class Holds:
         task = asyncio.get_running_loop().create_task(
             self._await_approval(store, d, msg, extended, sql, name, parse, unsynced))
         self.approval = [task, None]
+        self.waiting = (d, sql)
+
+    def abandoned(self) -> None:
+        """The session ends while a statement waits for a human (the client closed its
+        connection, or was ended): the request is withdrawn, and the statement recorded
+        as withdrawn, saying why (nothing of it ran upstream)."""
+        s = self.s
+        waiting, self.waiting = self.waiting, None
+        if waiting is None or s.tracker is None:
+            return
+        d, sql = waiting
+        req_id = self.approval[1] if self.approval is not None else None
+        rec = statement_record(s, sql, d, "withdrawn", datetime.now(timezone.utc))
+        rec.error = ("the session ended while the statement waited for approval" + (
+            f" (request #{req_id} withdrawn)" if req_id is not None else "") +
+            "; it did not run")
+        self.services.count_statement("withdrawn")
+        self.services.audit.log(rec)
 
     async def _await_approval(self, store, d, msg, extended, sql, name, parse=None,
                               unsynced: bool = False) -> None:
@@ -372,6 +393,7 @@ class Holds:
         self.approval = None
         if s.closed:
             return
+        self.waiting = None
         out: list[bytes] = []
         if failure is not None:
             if isinstance(failure, StoreUnavailable):

@@ -1010,6 +1010,7 @@ class Session:
             task.cancel()
             if req_id is not None and self.services.approvals is not None:
                 self.services.approvals.withdraw(req_id)
+            self.holds.abandoned()
         if self.tracker is not None:
             # what was sent upstream and not answered may have run: recorded, saying so
             self.tracker.abandon("outcome unknown: the session ended before Postgres "
