@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import psycopg
@@ -75,7 +76,18 @@ def test_connections_that_never_log_in_leave_room(capped):
         time.sleep(0.5)
         extra = socket.create_connection(("127.0.0.1", capped.port))
         extra.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")       # SSLRequest
-        got = extra.recv(4096)
+        # (answered as Postgres answers it: the TLS negotiation first, then the error
+        # after the startup packet, where every client reads it)
+        assert extra.recv(1) == b"N"
+        body = b"user\0alice\0database\0appdb\0\0"
+        extra.sendall(struct.pack("!II", 8 + len(body), 196608) + body)
+        got = b""
+        extra.settimeout(5)
+        while b"\0\0" not in got[5:]:
+            chunk = extra.recv(4096)
+            if not chunk:
+                break
+            got += chunk
         assert got[:1] == b"E" and b"53300" in got and b"max_logging_in" in got, got
         extra.close()
         assert h.execute("SELECT 1").fetchone() == (1,)

@@ -364,6 +364,54 @@ def test_too_many_connections(make_proxy):
     b.close()
 
 
+@pytest.mark.parametrize("sslmode", ["prefer", "require"])
+def test_too_many_connections_over_tls_says_so(make_proxy, pki, psql_bin, sslmode):
+    # round 22 (helper 118): the 53300 went out in place of the answer to SSLRequest,
+    # and libpq clients in sslmode=prefer / require said only "server sent an error
+    # response during SSL exchange". Now TLS is negotiated first, as Postgres does.
+    import asyncio
+
+    import asyncpg
+    proxy = make_proxy(listen_extra=f'tls_cert = "{pki["server_cert"]}"\n'
+                                    f'tls_key = "{pki["server_key"]}"')
+    text = proxy.config.read_text().replace("[limits]", "[limits]\nmax_client_connections = 2")
+    proxy.stop()
+    proxy.config.write_text(text)
+    proxy.start()
+    dsn = proxy.dsn(sslmode=sslmode)
+    with psycopg.connect(dsn) as held, psycopg.connect(dsn):
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(dsn)
+        assert "too many clients" in str(e.value), str(e.value)
+        r = run_psql(psql_bin, dsn, "-c", "SELECT 1")
+        assert r.returncode != 0 and "too many clients" in r.stderr, r.stderr
+
+        async def go():
+            with pytest.raises(asyncpg.TooManyConnectionsError):
+                await asyncpg.connect(dsn, ssl=sslmode)
+        asyncio.run(go())
+        assert held.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_cancel_is_honoured_at_the_connection_limit(make_proxy, pg):
+    # the CancelRequest comes on a connection of its own: at the limit it was refused
+    # like a login, and the running statement went on
+    proxy = make_proxy(extra="")
+    text = proxy.config.read_text().replace("[limits]", "[limits]\nmax_client_connections = 2")
+    proxy.stop()
+    proxy.config.write_text(text)
+    proxy.start()
+    with psycopg.connect(proxy.dsn()) as conn, psycopg.connect(proxy.dsn()):
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+        assert time.monotonic() - t0 < 10
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_human_identity_and_psql(proxy, psql_bin):
     r = run_psql(psql_bin, proxy.dsn(user=HUMAN, password=HUMAN_PASSWORD), "-Atc",
                  "SELECT 'hello ' || 'alice'")

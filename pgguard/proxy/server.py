@@ -842,14 +842,14 @@ class Server:
 
     def admit(self, session) -> bool:
         if self.shutting_down:
-            session.fail(TooManyConnections("the database system is shutting down",
-                                            sqlstate="57P03"))
+            session.refuse(TooManyConnections("the database system is shutting down",
+                                              sqlstate="57P03"))
             return False
         if len(self.sessions) >= self.cfg.limits.max_client_connections:
-            session.fail(TooManyConnections("sorry, too many clients already"))
+            session.refuse(TooManyConnections("sorry, too many clients already"))
             return False
         if len(self._logging_in) >= self.cfg.limits.max_logging_in:
-            session.fail(TooManyConnections(
+            session.refuse(TooManyConnections(
                 "sorry, too many clients already",
                 detail=f"{len(self._logging_in)} connections are logging in "
                        f"(limits.max_logging_in = {self.cfg.limits.max_logging_in})"))

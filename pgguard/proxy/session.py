@@ -225,6 +225,38 @@ class Session:
             return
         self.task = asyncio.get_running_loop().create_task(self._startup())
 
+    def refuse(self, err: PgguardError) -> None:
+        """Admission refused (too many clients, shutting down): answered as Postgres
+        answers it, after the TLS negotiation and the startup packet, so that a client
+        in sslmode=prefer or require reads the error (answered at once, libpq said only
+        "server sent an error response during SSL exchange"); a CancelRequest on such
+        a connection is still honoured. Past REFUSED_MAX such connections at once (or
+        after REFUSED_WAIT), the error goes at once."""
+        if len(_REFUSED) >= REFUSED_MAX:
+            self.fail(err)
+            return
+        _REFUSED.add(self)
+        self.task = asyncio.get_running_loop().create_task(self._refused(err))
+
+    async def _refused(self, err: PgguardError) -> None:
+        try:
+            async with asyncio.timeout(REFUSED_WAIT):
+                if not await self._negotiate():
+                    return
+            self.fail(err)
+        except (PgguardError, TimeoutError):
+            self.fail(err)
+        except (SilentClose, ConnectionError, OSError):
+            self.close()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except Exception:
+            log.exception("session %s: internal error refusing a connection", self.id)
+            self.close()
+        finally:
+            _REFUSED.discard(self)
+
     async def _startup(self) -> None:
         try:
             async with asyncio.timeout(self.front.startup_timeout):
@@ -1036,6 +1068,13 @@ class Session:
             if scan is not None:
                 scan.release()      # (a message half received: up to max_message_size)
         self.front.forget(self)
+
+
+# connections refused at admission still negotiating (see Session.refuse): at most so
+# many at once per worker, each for at most so long
+REFUSED_MAX = 64
+REFUSED_WAIT = 5.0
+_REFUSED: set = set()
 
 
 def _fmt_addr(peer) -> str:
