@@ -115,11 +115,21 @@ def test_pipeline_records_through_the_compiled_path(pg, make_proxy, table, rules
 
 def test_auth_failures_are_audited_without_the_password(pg, make_proxy):
     proxy = make_proxy()
+    proxy.stop()
+    proxy.config.write_text(proxy.config.read_text().replace(
+        "[upstream]", '[upstream]\ndatabases = ["appdb", "postgres"]', 1))
+    proxy.start()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(proxy.dsn(password="guess-Xy12"))
+    # (round 22, helper 118: the SQLSTATE the client got was not in the record, and a
+    # database the identity may not use left no record at all)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proxy.dsn(dbname="template1"))
     proxy.stop()
-    rows = audit_rows(proxy, "SELECT event, identity FROM audit WHERE event = 'auth_failed'")
-    assert rows == [("auth_failed", "ci-agent")]
+    rows = audit_rows(proxy, "SELECT event, identity, sqlstate FROM audit "
+                             "WHERE event = 'auth_failed' ORDER BY event_id")
+    assert rows == [("auth_failed", "ci-agent", "28P01"),
+                    ("auth_failed", "ci-agent", "28000")], rows
     blob = b"".join(p.read_bytes() for p in proxy.audit_dir.rglob("*") if p.is_file())
     assert b"guess-Xy12" not in blob and AGENT_PASSWORD.encode() not in blob
 

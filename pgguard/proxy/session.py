@@ -403,8 +403,10 @@ class Session:
         if self.database != CONSOLE_DB and (
                 (allowed is not None and self.database not in allowed) or
                 (identity.databases is not None and self.database not in identity.databases)):
-            raise AuthRejected(
+            e = AuthRejected(
                 f'database "{self.database}" is not allowed for identity "{name}"')
+            self._audit_event("auth_failed", error=e.message, sqlstate=e.sqlstate)
+            raise e
         sv.throttle.record_success(self.peer, name)
 
     async def _read_password_message(self) -> bytes:
@@ -482,7 +484,7 @@ class Session:
     async def _login_failed(self, reason: str, hint: str | None = None) -> NoReturn:
         """The one answer to every failed login, whatever the name: 28P01, the same
         message, an auth_failed audit record, a throttled address."""
-        self._audit_event("auth_failed", error=reason)
+        self._audit_event("auth_failed", error=reason, sqlstate=AuthFailed.sqlstate)
         await self.front.auth_failed(self, reason)
         raise AuthFailed(f'password authentication failed for user "{self.identity_name}"',
                          hint=hint)
