@@ -126,3 +126,24 @@ def test_what_stops_nobody_still_runs(gproxy, pg, table):
     assert after[0] == before[0]                  # the table was not rewritten
     assert after[1] != before[1]                  # the index was rebuilt (concurrently)
     assert pg.execute("SELECT v FROM lo_t WHERE id = 1", dbname=DB)[0][0] == 2
+
+
+AUTOVACUUM_OFF = [
+    "ALTER TABLE lo_t SET (autovacuum_enabled = false)",
+    "ALTER TABLE lo_t SET (toast.autovacuum_enabled = off)",
+    "ALTER TABLE lo_t SET (fillfactor = 90, autovacuum_enabled = 0)",
+    "ALTER TABLE IF EXISTS public.lo_t SET (autovacuum_enabled = no)",
+    "DO $$BEGIN EXECUTE 'ALTER TABLE lo_t SET (autovacuum_enabled = false)'; END$$",
+]
+
+
+@pytest.mark.parametrize("sql", AUTOVACUUM_OFF)
+def test_autovacuum_turned_off_is_refused(gproxy, pg, psql_bin, table, sql):
+    # round 22 (helper 116): a slow outage (bloat, then wraparound's emergency vacuum)
+    fails_everywhere(gproxy, psql_bin, sql, DB)
+    assert pg.execute("SELECT c.reloptions, t.reloptions FROM pg_class c LEFT JOIN pg_class t "
+                      "ON t.oid = c.reltoastrelid WHERE c.relname = 'lo_t'",
+                      dbname=DB) == [(None, None)]
+    with psycopg.connect(gproxy.dsn(AGENT, AGENT_PASSWORD, dbname=DB), autocommit=True) as c:
+        c.execute("ALTER TABLE lo_t SET (autovacuum_enabled = true, fillfactor = 95)")
+        c.execute("ALTER TABLE lo_t RESET (fillfactor)")

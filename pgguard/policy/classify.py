@@ -1674,6 +1674,10 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             if weakened:
                 acc.flag("privilege", f"ALTER {target} changes {', '.join(weakened)}, which "
                          "decides what leaks through a view")
+            if sub != "AT_ResetRelOptions" and _autovacuum_off(acc, cmd):
+                acc.flag("destructive", f"ALTER {target} SET (autovacuum_enabled = off): "
+                         "dead rows pile up and the table bloats, and only an emergency "
+                         "vacuum stops transaction ID wraparound (a slow outage)")
         elif sub == "AT_AlterColumnType":
             using = " ... USING" if _has_using(cmd) else ""
             acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} TYPE{using} "
@@ -1955,6 +1959,23 @@ def _cmd_options(cmd: dict) -> dict[str, Any]:
     if type(d) is dict and type(d.get("List")) is dict:
         return _defelems(d["List"].get("items"))
     return _defelems(d if type(d) is list else None)
+
+
+def _autovacuum_off(acc: _Acc, cmd: dict) -> bool:
+    """Whether an ALTER TABLE SET (...) turns autovacuum off for the table or its TOAST
+    table (``toast.autovacuum_enabled``); a value pgguard cannot read counts as off."""
+    d = cmd.get("def")
+    items = d["List"].get("items") if type(d) is dict and type(d.get("List")) is dict \
+        else d if type(d) is list else None
+    for o in items or ():
+        de = o.get("DefElem") if type(o) is dict else None
+        if type(de) is not dict or str(de.get("defname", "")).lower() != "autovacuum_enabled":
+            continue
+        arg = de.get("arg")
+        v = "on" if arg is None else str(_lit(acc, arg)).strip().lower()
+        if v not in ("true", "on", "1", "yes"):
+            return True
+    return False
 
 
 def _has_using(cmd: dict) -> bool:
