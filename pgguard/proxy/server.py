@@ -683,6 +683,9 @@ class Server:
         st.stale = False
         try:
             read = await sideconn.rewrite_rows(self.link, database)
+            # (off the loop: the definitions and defaults of a large schema take a while
+            # to read the first time; the map is set with no wait after this)
+            got = await asyncio.to_thread(ViewMap.from_rows, *read)
         except BaseException as e:
             st.stale = True
             st.failed_at = time.monotonic()
@@ -698,7 +701,7 @@ class Server:
         learned = {k: v for k, (v, at) in st.learned.items()
                    if started - at < LEARNED_TTL}
         st.learned = {k: st.learned[k] for k in learned}
-        new = ViewMap.from_rows(*read).merged(learned)
+        new = got.merged(learned)
         st.loaded = started
         if st.map is None:
             st.map = new
