@@ -73,7 +73,26 @@ def _exists_case(negate: bool = False, from_orders: bool = False) -> str:
         " AS v FROM customers c ORDER BY c.id"
 
 
+def _same_output(top_level: bool = False) -> str:
+    # (helper 119) members that print the same expression (g.g, g_1.g) but are chosen
+    # by masked conditions: the value is the member's, as a CASE's would be
+    def member(i, k):
+        return (f"SELECT g FROM generate_series(0, 9) g WHERE g = {k} AND "
+                f"substr(c.ssn, {i}, 1) = '{k}'")
+    if top_level:
+        return "SELECT id, string_agg(x::text, '' ORDER BY p) AS v FROM (" + " UNION ALL ".join(
+            f"SELECT c.id, {i} AS p, g AS x FROM generate_series(0, 9) g, customers c "
+            f"WHERE g = {k} AND substr(c.ssn, {i}, 1) = '{k}'"
+            for i in PLACES for k in range(10)) + ") s GROUP BY id ORDER BY id"
+    joins = " ".join(f"LEFT JOIN LATERAL ({' UNION ALL '.join(member(i, k) for k in range(10))})"
+                     f" d{i}(x) ON true" for i in PLACES)
+    cols = "||".join(f"coalesce(d{i}.x::text, '')" for i in PLACES)
+    return f"SELECT c.id, {cols} AS v FROM customers c {joins} ORDER BY c.id"
+
+
 LATERALS = [
+    _same_output(),
+    _same_output(top_level=True),
     _lateral(),
     _lateral(first="x"),
     _lateral(distinct=True),
@@ -98,7 +117,7 @@ EXISTS_TESTS = [
 ]
 
 # full values spelled out (leaks() finds the SSN's digits)
-SPELLED = UNION_JOINS + LATERALS[:4] + EXISTS_TESTS[:3]
+SPELLED = UNION_JOINS + LATERALS[:6] + EXISTS_TESTS[:3]
 EVERY = UNION_JOINS + LATERALS + EXISTS_TESTS
 
 # as Postgres answers them through the proxy too

@@ -981,8 +981,40 @@ class _Taint:
         # '0' UNION ALL SELECT '1' WHERE ...) returned each SSN's digits): which
         # member's values come back is the masked value, as a CASE over it would be
         kids = _members(node)
-        return len(kids) > 1 and not _same_rows(kids) and any(
-            self._any_masked_cond(c) for c in kids)
+        if len(kids) < 2 or not any(self._any_masked_cond(c) for c in kids):
+            return False
+        # members that print the same expressions are the same rows only as the scans of
+        # one table's partitions (or one table scanned again) are: each member a plain
+        # scan whose masked conditions name its own row. SELECT g FROM generate_series(0,
+        # 9) g WHERE g = 5 AND substr(c.ssn, 1, 1) = '5' UNION ALL ... printed g.g and
+        # g_1.g alike, and gave every digit back
+        return not (_same_rows(kids) and all(self._own_scan(c) for c in kids))
+
+    def _own_scan(self, node: dict) -> bool:
+        """A plain relation scan (its bitmap index scans aside) whose conditions name
+        masked values of its own alias only (no other alias, no sub-plan's value)."""
+        alias = node.get("Alias", node.get("Relation Name"))
+        if "Relation Name" not in node or node.get("Node Type") == "ModifyTable":
+            return False
+        stack = list(node.get("Plans", ()))
+        while stack:
+            c = stack.pop()
+            if c.get("Node Type") not in ("Bitmap Index Scan", "BitmapAnd", "BitmapOr"):
+                return False
+            stack.extend(c.get("Plans", ()))
+        texts = list(_cond_texts(node))
+        for c in node.get("Plans", ()):
+            texts += _cond_texts(c)
+        for text in texts:
+            toks = self._scanned(text)
+            if toks is None or self.tokens and not self.tokens.isdisjoint(_refs(toks)):
+                return False
+            for i in range(len(toks) - 2):
+                if toks[i].kind == "name" and toks[i + 1].text == "." and \
+                        toks[i].name != alias and (i == 0 or toks[i - 1].text != ".") and (
+                            toks[i].name in self.rows or toks[i].name in self.aliases):
+                    return False
+        return True
 
     def _mixes_inside(self, node: dict) -> bool:
         # an output expression of the subtree setting masked values against another row
