@@ -116,9 +116,41 @@ EXISTS_TESTS = [
     "THEN 'seven' END AS v FROM customers c ORDER BY c.id",
 ]
 
+# (helper 120) a masked value set against an aggregate of a generator's groups: the
+# group key spells each digit (count(*) = place * 10 + digit)
+_GROUPS = ("SELECT c.id, string_agg(({k} % 10)::text, '' ORDER BY {k}) AS v FROM (SELECT c.id, k "
+           "FROM customers c, generate_series(0, 119) g, generate_series(10, 119) k "
+           "WHERE g < k GROUP BY c.id, k HAVING substr(c.ssn, ({agg} / 10)::int, 1) = "
+           "({agg} % 10)::text) c GROUP BY c.id ORDER BY c.id")
+AGGREGATE_TESTS = [
+    _GROUPS.format(k="k", agg="count(*)"),
+    _GROUPS.format(k="k", agg="sum(1)"),
+    _GROUPS.format(k="k", agg="count(g)"),
+]
+
+
+def _renamed(source: str, ref: str) -> str:
+    # (helper 120) a masked column renamed by a subquery, CTE or LATERAL pulled up into
+    # the query, tested against a sub-select's rows: the plan shows "(SubPlan n)" only
+    def place(i):
+        return "CASE " + " ".join(
+            f"WHEN substr({ref}, {i}, 1) IN (SELECT k::text FROM generate_series({d}, {d}) "
+            f"k) THEN '{d}'" for d in range(10)) + " END"
+    return "SELECT c.id, " + "||".join(place(i) for i in PLACES) + \
+        f" AS v {source} ORDER BY c.id"
+
+
+RENAMED_TESTS = [
+    _renamed("FROM (SELECT id, ssn AS s FROM customers) c", "c.s"),
+    _renamed("FROM customers c0, LATERAL (SELECT c0.id, c0.ssn AS s) c", "c.s"),
+    "WITH x(i, s) AS (SELECT id, ssn FROM customers) " + _renamed(
+        "FROM x c", "c.s").replace("SELECT c.id", "SELECT c.i", 1).replace(
+        "ORDER BY c.id", "ORDER BY c.i"),
+]
+
 # full values spelled out (leaks() finds the SSN's digits)
-SPELLED = UNION_JOINS + LATERALS[:6] + EXISTS_TESTS[:3]
-EVERY = UNION_JOINS + LATERALS + EXISTS_TESTS
+SPELLED = UNION_JOINS + LATERALS[:6] + EXISTS_TESTS[:3] + AGGREGATE_TESTS + RENAMED_TESTS
+EVERY = UNION_JOINS + LATERALS + EXISTS_TESTS + AGGREGATE_TESTS + RENAMED_TESTS
 
 # as Postgres answers them through the proxy too
 CLEAN = [

@@ -497,6 +497,36 @@ _SRF = "a set-returning function over masked values"
 _CALL_NAME = re.compile(r"(?:[\w$]+\.)?\"?([\w$]+)\"?\(")
 
 
+# aggregates whose value comes from the rows of a group (EXPLAIN prints them by name)
+_AGGREGATES = frozenset(
+    "count sum avg min max array_agg string_agg bool_and bool_or every bit_and bit_or "
+    "bit_xor json_agg jsonb_agg json_object_agg jsonb_object_agg json_objectagg "
+    "json_arrayagg xmlagg stddev stddev_pop stddev_samp variance var_pop var_samp corr "
+    "covar_pop covar_samp regr_avgx regr_avgy regr_count regr_intercept regr_r2 "
+    "regr_slope regr_sxx regr_sxy regr_syy percentile_cont percentile_disc mode rank "
+    "dense_rank percent_rank cume_dist range_agg range_intersect_agg any_value "
+    "grouping".split())
+
+
+def _no_column_call(toks: list, open_at: int) -> bool:
+    """Whether the call whose "(" is toks[open_at] names no column in its arguments
+    (count(*), random(), sum(1)); unbalanced: it may."""
+    j = _closing(toks, open_at)
+    if j < 0:
+        return True
+    for k in range(open_at + 1, j):
+        t = toks[k]
+        if t.kind == "param" or t.text in ("SubPlan", "InitPlan"):
+            return False
+        if t.kind != "name" or toks[k - 1].text in (".", "::"):
+            continue
+        if k + 1 < j and toks[k + 1].text == "(":
+            continue                    # a nested call's name
+        if t.name not in _SQL_WORDS:
+            return False                # a column (qualified or bare)
+    return True
+
+
 def _over_follows(toks: list, open_at: int) -> bool:
     """Whether the call whose "(" is toks[open_at] is followed by OVER: a window
     function (unbalanced: it may be)."""
@@ -838,8 +868,13 @@ class _Taint:
             if i + 1 < n and toks[i + 1].text == "(":
                 # a call: a window function's value comes from other rows of its
                 # partition (row_number() OVER w numbered a cross join's rows and
-                # picked one bit of an SSN each), a set-returning one's from its series
-                if t.name.lower() in self.srfs or _over_follows(toks, i + 1):
+                # picked one bit of an SSN each), a set-returning one's from its series,
+                # an aggregate's from its group's rows (HAVING substr(c.ssn, count(*) /
+                # 10, 1) = (count(*) % 10)::text over a generator's groups gave every
+                # digit), and a call of no column (random(), a volatile one: folded
+                # constants are printed as constants) from nothing the row holds
+                if t.name.lower() in self.srfs or _over_follows(toks, i + 1) or \
+                        t.name.lower() in _AGGREGATES or _no_column_call(toks, i + 1):
                     c_tok = True
                 continue
             if i + 2 < n and toks[i + 1].text == "." and toks[i + 2].text == "*":
@@ -907,6 +942,7 @@ class _Taint:
         # <generator>), > ALL (...)): the plan prints "(SubPlan n)" only, so which rows
         # pass is read nowhere else; a whole row or any masked column's name counts
         whole = self.rows | self.aliases
+        known = None
         for text in (sql, *views):
             refs = _sublink_tests(text)
             if refs is None:
@@ -915,7 +951,33 @@ class _Taint:
                 if col == "*" or qual in self.aliases or (qual, col) in self.pairs or (
                         qual is None and (col in self.bare or col in whole)):
                     return True
+                if not self.reads:
+                    continue
+                # a name the plan does not print: a subquery, CTE or LATERAL that renamed
+                # a masked column was pulled up into the query ((SELECT id, ssn AS s FROM
+                # customers) c ... substr(c.s, 1, 1) IN (SELECT ...) gave every digit)
+                if known is None:
+                    known = self._printed_names()
+                if (qual is not None and qual not in known[0]) or \
+                        (qual is None and col not in known[1]):
+                    return True
         return False
+
+    def _printed_names(self) -> tuple[set[str], set[str]]:
+        """(the aliases and relation names the plan's scans print, the column names
+        its expressions print)."""
+        quals: set[str] = set()
+        cols: set[str] = set()
+        for n in self.nodes:
+            for k in ("Alias", "Relation Name", "CTE Name"):
+                if isinstance(n.get(k), str):
+                    quals.add(n[k])
+            for text in _exprs(n) + _cond_texts(n):
+                toks = self._scanned(text) or ()
+                for i, t in enumerate(toks):
+                    if t.kind == "name" and (i + 1 == len(toks) or toks[i + 1].text != "("):
+                        cols.add(t.name)
+        return quals, cols
 
     def _masked_exists_test(self, sql: str | None, views: tuple[str, ...],
                             columns: dict | None) -> bool:
