@@ -48,6 +48,19 @@ CREATE TRIGGER ec_log_t AFTER INSERT ON ec_log FOR EACH ROW EXECUTE FUNCTION ec_
 CREATE TABLE ec_def (id int, v int DEFAULT ec_ship(2));
 CREATE MATERIALIZED VIEW ec_mv AS SELECT ec_ship(4) AS a WITH NO DATA;
 CREATE TABLE ec_serial (id serial PRIMARY KEY, v text CHECK (length(v) < 10));
+-- (helper 119) one hop further: a function whose INSERT fires the trigger, a trigger on
+-- the partition the row goes to, a trigger on a table a cascading foreign key reaches
+CREATE OR REPLACE FUNCTION ec_ins_log() RETURNS int LANGUAGE sql AS
+  $$INSERT INTO ec_log VALUES ('y') RETURNING 1$$;
+DROP TABLE IF EXISTS ec_part, ec_fkc, ec_fkp CASCADE;
+CREATE TABLE ec_part (id int, v text) PARTITION BY LIST (id);
+CREATE TABLE ec_part_1 PARTITION OF ec_part FOR VALUES IN (1);
+CREATE TRIGGER ec_part_t AFTER INSERT ON ec_part_1 FOR EACH ROW EXECUTE FUNCTION ec_trg();
+CREATE TABLE ec_fkp (id int PRIMARY KEY);
+INSERT INTO ec_fkp VALUES (1), (2);
+CREATE TABLE ec_fkc (p int REFERENCES ec_fkp ON DELETE CASCADE);
+INSERT INTO ec_fkc VALUES (1);
+CREATE TRIGGER ec_fkc_t AFTER DELETE ON ec_fkc FOR EACH ROW EXECUTE FUNCTION ec_trg();
 GRANT ALL ON ALL TABLES IN SCHEMA public TO {user};
 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {user};
 ALTER MATERIALIZED VIEW ec_mv OWNER TO {user};
@@ -64,6 +77,9 @@ ATTEMPTS = [
     "INSERT INTO ec_def (id) VALUES (1)",
     "REFRESH MATERIALIZED VIEW ec_mv",
     "SELECT * FROM ec_v_term",
+    "SELECT ec_ins_log()",
+    "INSERT INTO ec_part VALUES (1, 'x')",
+    "DELETE FROM ec_fkp WHERE id = 1",
 ]
 
 
@@ -117,3 +133,64 @@ def test_the_statements_do_their_harm_upstream(eproxy, pg):
         st = c.execute("SELECT string_agg(status, ',' ORDER BY id) FROM ec_orders").fetchone()[0]
         c.rollback()
     assert n == 0 and st == "shipped,shipped,shipped,pending,pending,pending"
+
+
+# (helper 121) more code a DBA leaves in the schema: an operator over a writing function
+# (SELECT 1 = 'x'::varchar deleted every order), a domain's CHECK, an index expression,
+# a row-level security policy (run by a plain SELECT), an event trigger (run by the
+# agent's own CREATE TEMP TABLE). Each writes ec_orders, which the rule keeps read-only.
+MORE_SETUP = """
+CREATE OR REPLACE FUNCTION ec_w(i int) RETURNS bool LANGUAGE plpgsql AS
+  $$BEGIN UPDATE ec_orders SET status = 'shipped' WHERE id = i; RETURN true; END$$;
+CREATE OR REPLACE FUNCTION ec_opf(a int, b text) RETURNS bool LANGUAGE sql AS
+  $$SELECT ec_w(5)$$;
+CREATE OPERATOR === (LEFTARG = int, RIGHTARG = text, FUNCTION = ec_opf);
+CREATE DOMAIN ec_okint AS int CHECK (ec_w(VALUE));
+CREATE TABLE ec_dom (v ec_okint);
+CREATE OR REPLACE FUNCTION ec_ix(v int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS
+  $$BEGIN PERFORM ec_w(v); RETURN v; END$$;
+CREATE TABLE ec_idx (v int);
+CREATE INDEX ec_idx_f ON ec_idx ((ec_ix(v)));
+CREATE TABLE ec_rls (v int);
+INSERT INTO ec_rls VALUES (1);
+ALTER TABLE ec_rls ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ec_rls FORCE ROW LEVEL SECURITY;
+CREATE POLICY ec_p ON ec_rls USING (ec_w(3));
+CREATE OR REPLACE FUNCTION ec_evt() RETURNS event_trigger LANGUAGE plpgsql AS
+  $$BEGIN PERFORM ec_w(6); END$$;
+CREATE EVENT TRIGGER ec_evt ON ddl_command_start EXECUTE FUNCTION ec_evt();
+GRANT ALL ON ec_dom, ec_idx, ec_rls TO {user};
+ALTER TABLE ec_rls OWNER TO {user};
+"""
+MORE_DROP = """
+DROP EVENT TRIGGER IF EXISTS ec_evt;
+DROP TABLE IF EXISTS ec_dom, ec_idx, ec_rls;
+DROP OPERATOR IF EXISTS === (int, text);
+DROP DOMAIN IF EXISTS ec_okint;
+DROP FUNCTION IF EXISTS ec_opf(int, text), ec_ix(int), ec_evt(), ec_w(int);
+"""
+MORE = [
+    "SELECT 1 === 'x'",
+    "SELECT count(*) FROM ec_orders WHERE id === 'x'",
+    "INSERT INTO ec_dom VALUES (1)",
+    "INSERT INTO ec_idx VALUES (2)",
+    "SELECT * FROM ec_rls",
+    "CREATE TEMP TABLE ec_tmp (x int)",
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_operators_domains_indexes_policies_event_triggers(eproxy, pg, psql_bin, mode):
+    pg.execute(MORE_DROP, dbname=DB)
+    pg.execute(MORE_SETUP.format(user=UPSTREAM_USER), dbname=DB)
+    try:
+        # the catalog is read again after DDL through the proxy (a human's)
+        with psycopg.connect(eproxy.dsn("alice", "alice-pw-1c8", dbname=DB),
+                             autocommit=True) as h:
+            h.execute("CREATE TABLE IF NOT EXISTS ec_poke (x int)")
+        before = _truth(pg)
+        out = said(mode, eproxy, MORE, db=DB, psql_bin=psql_bin)
+        assert _truth(pg) == before, (mode, out)
+        assert out.count("pgguard: statement refused") >= len(MORE), (mode, out)
+    finally:
+        pg.execute(MORE_DROP, dbname=DB)

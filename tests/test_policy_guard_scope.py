@@ -276,3 +276,19 @@ def test_readonly_token_takes_no_advisory_lock(pg, sproxy, fn):
         finally:
             await c.close()
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("fn", ["brin_summarize_range('gr_brin', 0)",
+                                "brin_summarize_new_values('gr_brin')",
+                                "brin_desummarize_range('gr_brin', 0)",
+                                "gin_clean_pending_list('gr_brin')"])
+def test_readonly_token_runs_no_index_maintenance(pg, sproxy, fn):
+    # round 22 (helper 119): a read-only transaction may still run these (and a BRIN
+    # index's ranges changed under the DBA); the scope refuses them
+    pg.execute("CREATE INDEX IF NOT EXISTS gr_brin ON gr_items USING brin (id)",
+               dbname="appdb")
+    with psycopg.connect(readonly_dsn(sproxy), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(f"SELECT {fn}")
+        assert 'rule "readonly-scope"' in e.value.diag.message_primary
+        assert conn.execute("SELECT 1").fetchone() == (1,)

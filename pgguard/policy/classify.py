@@ -297,6 +297,9 @@ _WRITING_FUNCS = frozenset({
     "pg_stat_reset", "pg_stat_reset_shared", "pg_stat_reset_single_table_counters",
     "pg_stat_reset_single_function_counters", "pg_stat_reset_slru",
     "pg_stat_reset_replication_slot", "pg_stat_reset_subscription_stats",
+    # index maintenance a read-only transaction may still run
+    "brin_summarize_range", "brin_summarize_new_values", "brin_desummarize_range",
+    "gin_clean_pending_list",
 })
 WRITING_FUNCS = _WRITING_FUNCS
 

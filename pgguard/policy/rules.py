@@ -74,7 +74,7 @@ from .cache import DecisionCache, shape_key, shareable
 from .classify import (DEFAULT_MAX_LENGTH, FLAGS, PolicyParseError, Reason, Statement,
                        StatementTooLong, classify)
 
-from .bodies import BodiesPending, BodiesUnreadable
+from .bodies import MAX_DEPTH, BodiesPending, BodiesUnreadable
 
 if TYPE_CHECKING:
     from .bodies import Bodies
@@ -517,7 +517,16 @@ class PolicyEngine:
         if views is not None:
             stmts = views.expand(stmts)
         if functions is not None and functions.needs(stmts):
-            stmts = functions.expand(stmts, views)
+            # to a fixed point: a body's writes run their tables' triggers and defaults
+            # (folded by the view map), whose functions are judged by their bodies too
+            # (SELECT f() whose INSERT fired a DBA's trigger ran it unjudged)
+            for _ in range(MAX_DEPTH):
+                seen = [st.functions for st in stmts]
+                stmts = functions.expand(stmts, views)
+                if views is not None:
+                    stmts = views.expand(stmts)
+                if [st.functions for st in stmts] == seen:
+                    break
         if any(st.schemas_created for st in stmts):
             stmts = tuple(self._role_schemas(st) for st in stmts)
         rules = self._rules_for(identity_name, identity, database)

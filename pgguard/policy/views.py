@@ -96,7 +96,8 @@ class ViewMap:
                   inherits: Iterable[tuple[Any, ...]] = (),
                   deferred: Iterable[tuple[Any, ...]] = (),
                   defs: Iterable[tuple[Any, ...]] = (),
-                  code: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
+                  code: Iterable[tuple[Any, ...]] = (),
+                  glob: Iterable[tuple[Any, ...]] = ()) -> ViewMap:
         """Rows of (schema, relation with rewrite rules, schema, relation they use), and
         of (schema, view, language, function source) for INSTEAD OF triggers: the
         relations a plpgsql or SQL trigger function touches are behind the view too;
@@ -143,6 +144,10 @@ class ViewMap:
             if st is not None:
                 for name in _aliases(ts, tn):
                     runs[_WRITE_CODE + name] = st
+        for kind, text in glob:
+            st = _definition(text) if text is not None else None
+            if st is not None and kind in ("any", "ddl"):
+                runs[_ANY_CODE if kind == "any" else _DDL_CODE] = st
         return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen, remote, late,
                    runs)
 
@@ -231,9 +236,16 @@ class ViewMap:
             return st
         hit = {n: runs[n] for n in dict.fromkeys(st.relations_read + st.relations_written)
                if n in runs}
+        if _ANY_CODE in runs:
+            hit[_ANY_CODE] = runs[_ANY_CODE]
+        if _DDL_CODE in runs and (not _DDL_KINDS.isdisjoint(st.kinds) or st.kind in _DDL_KINDS):
+            hit[_DDL_CODE] = runs[_DDL_CODE]
         if not _ROW_WRITES.isdisjoint(st.kinds) or st.kind in _ROW_WRITES:
-            # (a DDL on the table, ALTER or CREATE INDEX, runs none of it)
-            for n in st.relations_written:
+            # (a DDL on the table, ALTER or CREATE INDEX, runs none of it); a write to a
+            # partitioned table or a parent runs the code of the partition or child its
+            # rows go to: any of them
+            for n in dict.fromkeys(st.relations_written + tuple(
+                    d for w in st.relations_written for d in self.descendants(w))):
                 if _WRITE_CODE + n in runs:
                     hit[_WRITE_CODE + n] = runs[_WRITE_CODE + n]
         if not hit:
@@ -254,7 +266,9 @@ class ViewMap:
             changes = changes or body.changes_rows
             readonly = readonly and body.readonly
             what = f"writing {name[len(_WRITE_CODE):]}" if name.startswith(_WRITE_CODE) \
-                else f"view {name}"
+                else "an operator or cast of the database" if name == _ANY_CODE \
+                else "an event trigger of the database" if name == _DDL_CODE \
+                else f"reading {name}"
             reasons.extend(Reason(r.flag, f"{what} runs: {r.text}") for r in body.reasons)
         # (the bodies of the user functions it calls are folded in next, by the caller's
         # Bodies, which also stops counting its rows by the command tag)
@@ -525,8 +539,15 @@ class SessionViews:
 
 # the key of the code a write to a table runs (triggers, defaults, checks) in runs
 _WRITE_CODE = "\0write:"
-# the statement kinds that write rows (and so run a table's triggers, defaults, checks)
-_ROW_WRITES = frozenset({"insert", "update", "delete", "merge", "copy"})
+# the statement kinds that write rows (and so run a table's triggers, defaults, checks,
+# index expressions, domain checks)
+_ROW_WRITES = frozenset({"insert", "update", "delete", "merge", "copy", "analyze"})
+# the keys of what runs beside any statement (user operators and casts), and beside DDL
+# (event triggers)
+_ANY_CODE = "\0any"
+_DDL_CODE = "\0ddl"
+_DDL_KINDS = frozenset({"create", "alter", "drop", "grant", "revoke", "comment",
+                        "security_label", "refresh"})
 _DEFINITIONS: dict[str, Statement | None] = {}
 _UNREADABLE = Statement(kind="select", flags=("opaque",), reasons=(Reason(
     "opaque", "its definition could not be read by pgguard's parser"),))

@@ -256,6 +256,43 @@ SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid)
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+UNION ALL
+SELECT n.nspname, c.relname, 'SELECT ' || pg_catalog.string_agg(
+    '(' || COALESCE(pg_catalog.pg_get_expr(p.polqual, p.polrelid), 'true')
+    || '), (' || COALESCE(pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid),
+                                    'true') || ')', ', ')
+FROM pg_catalog.pg_policy p
+JOIN pg_catalog.pg_class c ON c.oid = p.polrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relrowsecurity AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+GROUP BY n.nspname, c.relname
+"""
+
+# code that runs beside any statement: the functions of user operators and casts that
+# are not an extension's (a statement's operator or cast may resolve to one: SELECT 1 =
+# 'x'::varchar ran a DBA's writing function), and, beside DDL, event triggers' functions
+GLOBAL_CODE_SQL = """
+SELECT 'any', 'SELECT ' || pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(pn.nspname)
+       || '.' || pg_catalog.quote_ident(p.proname) || '()', ', ')
+FROM (SELECT o.oid, 'pg_operator'::pg_catalog.regclass AS cls, o.oprcode AS fn
+      FROM pg_catalog.pg_operator o
+      UNION ALL
+      SELECT c.oid, 'pg_cast'::pg_catalog.regclass, c.castfunc FROM pg_catalog.pg_cast c
+      WHERE c.castfunc <> 0) x
+JOIN pg_catalog.pg_proc p ON p.oid = x.fn
+JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
+WHERE pn.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = x.cls
+                  AND d.objid = x.oid AND d.deptype = 'e')
+HAVING pg_catalog.count(*) > 0
+UNION ALL
+SELECT 'ddl', 'SELECT ' || pg_catalog.string_agg(pg_catalog.quote_ident(pn.nspname) || '.'
+       || pg_catalog.quote_ident(p.proname) || '()', ', ')
+FROM pg_catalog.pg_event_trigger e
+JOIN pg_catalog.pg_proc p ON p.oid = e.evtfoid
+JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
+WHERE e.evtenabled <> 'D'
+HAVING pg_catalog.count(*) > 0
 """
 
 
@@ -263,8 +300,15 @@ WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_s
 # columns' DEFAULT and generated expressions, its CHECK constraints; one SELECT of them
 # all per table (the classifier reads it: user functions are judged by their bodies)
 WRITE_CODE_SQL = """
-SELECT n.nspname, c.relname, 'SELECT ' || pg_catalog.string_agg(x.code, ', ' ORDER BY x.code)
-FROM (
+WITH RECURSIVE reach(up, down) AS (
+  -- a write to "up" changes rows of "down" through cascading foreign keys: its code runs
+  SELECT k.confrelid, k.conrelid FROM pg_catalog.pg_constraint k
+  WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+  UNION
+  SELECT r.up, k.conrelid FROM reach r
+  JOIN pg_catalog.pg_constraint k ON k.confrelid = r.down AND k.contype = 'f'
+   AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+), own(rel, code) AS (
   SELECT t.tgrelid AS rel, pg_catalog.quote_ident(pn.nspname) || '.'
          || pg_catalog.quote_ident(p.proname) || '()' AS code
   FROM pg_catalog.pg_trigger t
@@ -277,7 +321,22 @@ FROM (
   UNION ALL
   SELECT k.conrelid, '(' || pg_catalog.pg_get_expr(k.conbin, k.conrelid) || ')'
   FROM pg_catalog.pg_constraint k WHERE k.contype = 'c' AND k.conrelid <> 0
-) x
+  UNION ALL
+  SELECT i.indrelid, '(' || pg_catalog.pg_get_expr(i.indexprs, i.indrelid) || ')'
+  FROM pg_catalog.pg_index i WHERE i.indexprs IS NOT NULL
+  UNION ALL
+  SELECT i.indrelid, '(' || pg_catalog.pg_get_expr(i.indpred, i.indrelid) || ')'
+  FROM pg_catalog.pg_index i WHERE i.indpred IS NOT NULL
+  UNION ALL
+  SELECT a.attrelid, '(' || pg_catalog.pg_get_expr(k.conbin, 0) || ')'
+  FROM pg_catalog.pg_attribute a
+  JOIN pg_catalog.pg_constraint k ON k.contypid = a.atttypid AND k.contype = 'c'
+  WHERE a.attnum > 0 AND NOT a.attisdropped
+)
+SELECT n.nspname, c.relname, 'SELECT ' || pg_catalog.string_agg(DISTINCT x.code, ', ')
+FROM (SELECT rel, code FROM own
+      UNION ALL
+      SELECT r.up, o.code FROM reach r JOIN own o ON o.rel = r.down) x
 JOIN pg_catalog.pg_class c ON c.oid = x.rel
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -312,11 +371,13 @@ async def rewrite_rows(link: UpstreamLink, database: str
     triggers), and of foreign tables; and (schema, child, schema, parent) of every
     partition or inheritance child; (schema, relation) of the relations with deferrable
     triggers of a user's (and their parents); (schema, view, definition) of every view
-    and materialized view; (schema, table, a SELECT of the code a write to it runs)."""
+    and materialized view (and a SELECT of the row-level security policies of each
+    table with them); (schema, table, a SELECT of the code a write to it runs); ("any"
+    or "ddl", a SELECT of what runs beside any statement or beside DDL)."""
     return tuple(await run(
         link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL, HIDDEN_WRITES_SQL,
                          FOREIGN_TABLES_SQL, INHERITS_SQL, DEFERRED_TRIGGERS_SQL,
-                         VIEW_DEFS_SQL, WRITE_CODE_SQL]))
+                         VIEW_DEFS_SQL, WRITE_CODE_SQL, GLOBAL_CODE_SQL]))
 
 
 async def drop_role(link: UpstreamLink, database: str, role: str, successor: str | None,
