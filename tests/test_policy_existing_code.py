@@ -159,15 +159,20 @@ CREATE POLICY ec_p ON ec_rls USING (ec_w(3));
 CREATE OR REPLACE FUNCTION ec_evt() RETURNS event_trigger LANGUAGE plpgsql AS
   $$BEGIN PERFORM ec_w(6); END$$;
 CREATE EVENT TRIGGER ec_evt ON ddl_command_start EXECUTE FUNCTION ec_evt();
-GRANT ALL ON ec_dom, ec_idx, ec_rls TO {user};
+CREATE OR REPLACE FUNCTION ec_noop() RETURNS trigger LANGUAGE plpgsql AS
+  $$BEGIN RETURN NULL; END$$;
+CREATE TABLE ec_when (v int);
+CREATE TRIGGER ec_when_t AFTER INSERT ON ec_when FOR EACH ROW WHEN (ec_w(4))
+  EXECUTE FUNCTION ec_noop();
+GRANT ALL ON ec_dom, ec_idx, ec_rls, ec_when TO {user};
 ALTER TABLE ec_rls OWNER TO {user};
 """
 MORE_DROP = """
 DROP EVENT TRIGGER IF EXISTS ec_evt;
-DROP TABLE IF EXISTS ec_dom, ec_idx, ec_rls;
+DROP TABLE IF EXISTS ec_dom, ec_idx, ec_rls, ec_when;
 DROP OPERATOR IF EXISTS === (int, text);
 DROP DOMAIN IF EXISTS ec_okint;
-DROP FUNCTION IF EXISTS ec_opf(int, text), ec_ix(int), ec_evt(), ec_w(int);
+DROP FUNCTION IF EXISTS ec_opf(int, text), ec_ix(int), ec_evt(), ec_noop(), ec_w(int);
 """
 MORE = [
     "SELECT 1 === 'x'",
@@ -176,6 +181,7 @@ MORE = [
     "INSERT INTO ec_idx VALUES (2)",
     "SELECT * FROM ec_rls",
     "CREATE TEMP TABLE ec_tmp (x int)",
+    "INSERT INTO ec_when VALUES (1)",
 ]
 
 

@@ -316,6 +316,11 @@ WITH RECURSIVE reach(up, down) AS (
   JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
   WHERE NOT t.tgisinternal
   UNION ALL
+  -- a trigger's WHEN condition, as its definition prints it
+  SELECT t.tgrelid, '(' || pg_catalog.substring(pg_catalog.pg_get_triggerdef(t.oid),
+                                                ' WHEN \\((.*)\\) EXECUTE ') || ')'
+  FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal AND t.tgqual IS NOT NULL
+  UNION ALL
   SELECT d.adrelid, '(' || pg_catalog.pg_get_expr(d.adbin, d.adrelid) || ')'
   FROM pg_catalog.pg_attrdef d
   UNION ALL
