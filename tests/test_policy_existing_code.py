@@ -142,9 +142,6 @@ def test_the_statements_do_their_harm_upstream(eproxy, pg):
 MORE_SETUP = """
 CREATE OR REPLACE FUNCTION ec_w(i int) RETURNS bool LANGUAGE plpgsql AS
   $$BEGIN UPDATE ec_orders SET status = 'shipped' WHERE id = i; RETURN true; END$$;
-CREATE OR REPLACE FUNCTION ec_opf(a int, b text) RETURNS bool LANGUAGE sql AS
-  $$SELECT ec_w(5)$$;
-CREATE OPERATOR === (LEFTARG = int, RIGHTARG = text, FUNCTION = ec_opf);
 CREATE DOMAIN ec_okint AS int CHECK (ec_w(VALUE));
 CREATE TABLE ec_dom (v ec_okint);
 CREATE OR REPLACE FUNCTION ec_ix(v int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS
@@ -156,9 +153,6 @@ INSERT INTO ec_rls VALUES (1);
 ALTER TABLE ec_rls ENABLE ROW LEVEL SECURITY;
 ALTER TABLE ec_rls FORCE ROW LEVEL SECURITY;
 CREATE POLICY ec_p ON ec_rls USING (ec_w(3));
-CREATE OR REPLACE FUNCTION ec_evt() RETURNS event_trigger LANGUAGE plpgsql AS
-  $$BEGIN PERFORM ec_w(6); END$$;
-CREATE EVENT TRIGGER ec_evt ON ddl_command_start EXECUTE FUNCTION ec_evt();
 CREATE OR REPLACE FUNCTION ec_noop() RETURNS trigger LANGUAGE plpgsql AS
   $$BEGIN RETURN NULL; END$$;
 CREATE TABLE ec_when (v int);
@@ -166,6 +160,16 @@ CREATE TRIGGER ec_when_t AFTER INSERT ON ec_when FOR EACH ROW WHEN (ec_w(4))
   EXECUTE FUNCTION ec_noop();
 GRANT ALL ON ec_dom, ec_idx, ec_rls, ec_when TO {user};
 ALTER TABLE ec_rls OWNER TO {user};
+"""
+GLOBAL_SETUP = """
+CREATE OR REPLACE FUNCTION ec_w(i int) RETURNS bool LANGUAGE plpgsql AS
+  $$BEGIN UPDATE ec_orders SET status = 'shipped' WHERE id = i; RETURN true; END$$;
+CREATE OR REPLACE FUNCTION ec_opf(a int, b text) RETURNS bool LANGUAGE sql AS
+  $$SELECT ec_w(5)$$;
+CREATE OPERATOR === (LEFTARG = int, RIGHTARG = text, FUNCTION = ec_opf);
+CREATE OR REPLACE FUNCTION ec_evt() RETURNS event_trigger LANGUAGE plpgsql AS
+  $$BEGIN PERFORM ec_w(6); END$$;
+CREATE EVENT TRIGGER ec_evt ON ddl_command_start EXECUTE FUNCTION ec_evt();
 """
 MORE_DROP = """
 DROP EVENT TRIGGER IF EXISTS ec_evt;
@@ -175,28 +179,34 @@ DROP DOMAIN IF EXISTS ec_okint;
 DROP FUNCTION IF EXISTS ec_opf(int, text), ec_ix(int), ec_evt(), ec_noop(), ec_w(int);
 """
 MORE = [
-    "SELECT 1 === 'x'",
-    "SELECT count(*) FROM ec_orders WHERE id === 'x'",
     "INSERT INTO ec_dom VALUES (1)",
     "INSERT INTO ec_idx VALUES (2)",
     "SELECT * FROM ec_rls",
-    "CREATE TEMP TABLE ec_tmp (x int)",
     "INSERT INTO ec_when VALUES (1)",
+]
+GLOBAL = [
+    "SELECT 1 === 'x'",
+    "SELECT count(*) FROM ec_orders WHERE id === 'x'",
+    "CREATE TEMP TABLE ec_tmp (x int)",
 ]
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_operators_domains_indexes_policies_event_triggers(eproxy, pg, psql_bin, mode):
+@pytest.mark.parametrize("what", ["tables", "global"])
+def test_operators_domains_indexes_policies_event_triggers(eproxy, pg, psql_bin, mode,
+                                                           what):
     pg.execute(MORE_DROP, dbname=DB)
-    pg.execute(MORE_SETUP.format(user=UPSTREAM_USER), dbname=DB)
+    pg.execute((MORE_SETUP if what == "tables" else GLOBAL_SETUP).format(
+        user=UPSTREAM_USER), dbname=DB)
+    attempts = MORE if what == "tables" else GLOBAL
     try:
         # the catalog is read again after DDL through the proxy (a human's)
         with psycopg.connect(eproxy.dsn("alice", "alice-pw-1c8", dbname=DB),
                              autocommit=True) as h:
             h.execute("CREATE TABLE IF NOT EXISTS ec_poke (x int)")
         before = _truth(pg)
-        out = said(mode, eproxy, MORE, db=DB, psql_bin=psql_bin)
+        out = said(mode, eproxy, attempts, db=DB, psql_bin=psql_bin)
         assert _truth(pg) == before, (mode, out)
-        assert out.count("pgguard: statement refused") >= len(MORE), (mode, out)
+        assert out.count("pgguard: statement refused") >= len(attempts), (mode, out)
     finally:
         pg.execute(MORE_DROP, dbname=DB)
