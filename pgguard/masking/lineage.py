@@ -345,25 +345,34 @@ def _sublink_tests(sql: str | None) -> set[tuple[str | None, str]] | None:
     sub-selects reference, as (qualifier or None, column or "*") (x IN (SELECT ...),
     (a, b) > ALL (...)): a plan prints such a test as "(SubPlan n)", never the
     comparison. None: the text cannot be read."""
+    links = _sublinks(sql, ("ANY_SUBLINK", "ALL_SUBLINK", "ROWCOMPARE_SUBLINK"))
+    if links is None:
+        return None
+    refs: set[tuple[str | None, str]] = set()
+    for link in links:
+        for x in _parsed_dicts_of(link.get("testexpr")):
+            names = _column_ref(x)
+            if names:
+                refs.add((names[-2] if len(names) > 1 else None, names[-1]))
+    return refs
+
+
+def _sublinks(sql: str | None, kinds: tuple[str, ...]) -> list[dict] | None:
+    """The text's sub-selects of the given SubLink kinds (None: unreadable text)."""
     if not sql:
-        return set()
+        return []
     nodes = _parsed_dicts(sql)
     if nodes is None:
         return None
-    refs: set[tuple[str | None, str]] = set()
-    for n in nodes:
-        link = n.get("SubLink")
-        if not isinstance(link, dict) or link.get("subLinkType") not in (
-                "ANY_SUBLINK", "ALL_SUBLINK", "ROWCOMPARE_SUBLINK"):
-            continue
-        for x in _parsed_dicts_of(link.get("testexpr")):
-            fields = (x.get("ColumnRef") or {}).get("fields") or ()
-            if not fields:
-                continue
-            names = ["*" if "A_Star" in f else _name((f.get("String") or {}).get("sval", ""))
-                     for f in fields]
-            refs.add((names[-2] if len(names) > 1 else None, names[-1]))
-    return refs
+    return [n["SubLink"] for n in nodes if isinstance(n.get("SubLink"), dict)
+            and n["SubLink"].get("subLinkType") in kinds]
+
+
+def _column_ref(x: dict) -> list[str]:
+    """The names of a ColumnRef node (a star as "*"); [] for any other node."""
+    fields = (x.get("ColumnRef") or {}).get("fields") or ()
+    return ["*" if "A_Star" in f else _name((f.get("String") or {}).get("sval", ""))
+            for f in fields]
 
 
 def _exists_outer_refs(sql: str | None, columns: dict | None
@@ -373,16 +382,11 @@ def _exists_outer_refs(sql: str | None, columns: dict | None
     own FROM does not name, or a bare name that no masked relation of that FROM has
     (``columns``: their live columns; another relation's are not known, so its bare
     names count). None: the text cannot be read."""
-    if not sql:
-        return set()
-    nodes = _parsed_dicts(sql)
-    if nodes is None:
+    links = _sublinks(sql, ("EXISTS_SUBLINK",))
+    if links is None:
         return None
     refs: set[tuple[str | None, str]] = set()
-    for n in nodes:
-        link = n.get("SubLink")
-        if not isinstance(link, dict) or link.get("subLinkType") != "EXISTS_SUBLINK":
-            continue
+    for link in links:
         sub = (link.get("subselect") or {}).get("SelectStmt")
         if not isinstance(sub, dict):
             return None                 # (a set operation: fail closed)
@@ -405,11 +409,9 @@ def _exists_outer_refs(sql: str | None, columns: dict | None
                     local.add(_name(alias["aliasname"]))
         for part in ("whereClause", "havingClause", "targetList"):
             for x in _parsed_dicts_of(sub.get(part)):
-                fields = (x.get("ColumnRef") or {}).get("fields") or ()
-                if not fields:
+                names = _column_ref(x)
+                if not names:
                     continue
-                names = ["*" if "A_Star" in f else
-                         _name((f.get("String") or {}).get("sval", "")) for f in fields]
                 if len(names) > 1:
                     if names[-2] not in local:
                         refs.add((names[-2], names[-1]))

@@ -130,20 +130,14 @@ class ViewMap:
         late = frozenset(n for ds, dn in deferred if ds is not None and dn is not None
                          for n in _aliases(ds, dn))
         runs: dict[str, Statement] = {}
-        for vs, vn, text in defs:
-            if vs is None or vn is None or text is None:
-                continue
-            st = _definition(text)
-            if st is not None:
-                for name in _aliases(vs, vn):
-                    runs[name] = st
-        for ts, tn, text in code:
-            if ts is None or tn is None or text is None:
-                continue
-            st = _definition(text)
-            if st is not None:
-                for name in _aliases(ts, tn):
-                    runs[_WRITE_CODE + name] = st
+        for rows, prefix in ((defs, ""), (code, _WRITE_CODE)):
+            for rs, rn, text in rows:
+                if rs is None or rn is None or text is None:
+                    continue
+                st = _definition(text)
+                if st is not None:
+                    for name in _aliases(rs, rn):
+                        runs[prefix + name] = st
         for kind, text in glob:
             st = _definition(text) if text is not None else None
             if st is not None and kind in ("any", "ddl"):
