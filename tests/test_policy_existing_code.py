@@ -164,6 +164,9 @@ ALTER TABLE ec_rls OWNER TO {user};
 GLOBAL_SETUP = """
 CREATE OR REPLACE FUNCTION ec_w(i int) RETURNS bool LANGUAGE plpgsql AS
   $$BEGIN UPDATE ec_orders SET status = 'shipped' WHERE id = i; RETURN true; END$$;
+CREATE OR REPLACE FUNCTION ec_castf(b bool) RETURNS bytea LANGUAGE plpgsql AS
+  $$BEGIN PERFORM ec_w(2); RETURN '\\x00'::bytea; END$$;
+CREATE CAST (bool AS bytea) WITH FUNCTION ec_castf(bool);
 CREATE OR REPLACE FUNCTION ec_opf(a int, b text) RETURNS bool LANGUAGE sql AS
   $$SELECT ec_w(5)$$;
 CREATE OPERATOR === (LEFTARG = int, RIGHTARG = text, FUNCTION = ec_opf);
@@ -173,6 +176,8 @@ CREATE EVENT TRIGGER ec_evt ON ddl_command_start EXECUTE FUNCTION ec_evt();
 """
 MORE_DROP = """
 DROP EVENT TRIGGER IF EXISTS ec_evt;
+DROP CAST IF EXISTS (bool AS bytea);
+DROP FUNCTION IF EXISTS ec_castf(bool);
 DROP TABLE IF EXISTS ec_dom, ec_idx, ec_rls, ec_when;
 DROP OPERATOR IF EXISTS === (int, text);
 DROP DOMAIN IF EXISTS ec_okint;
@@ -186,6 +191,8 @@ MORE = [
 ]
 GLOBAL = [
     "SELECT 1 === 'x'",
+    "SELECT true::bytea",
+    "SELECT CAST(id > 2 AS bytea) FROM ec_orders",
     "SELECT count(*) FROM ec_orders WHERE id === 'x'",
     "CREATE TEMP TABLE ec_tmp (x int)",
 ]

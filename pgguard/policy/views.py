@@ -68,7 +68,7 @@ class ViewMap:
     """Relation -> relations its rewrite rules use (direct edges), resolved
     transitively on demand. Immutable: :meth:`merged` makes a new map."""
 
-    __slots__ = ("edges", "_closure", "hidden", "foreign", "deferred", "runs")
+    __slots__ = ("edges", "_closure", "hidden", "foreign", "deferred", "runs", "used")
 
     def __init__(self, edges: Mapping[str, frozenset[str]] | None = None,
                  hidden: frozenset[str] = frozenset(),
@@ -87,6 +87,7 @@ class ViewMap:
         # views and materialized views whose definitions call functions: what the
         # definition runs (a read of the view runs it, a REFRESH too)
         self.runs: dict[str, Statement] = dict(runs or {})
+        self.used = tuple(k for k in self.runs if k.startswith(("\0op:", "\0cast:")))
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[Any, ...]],
@@ -140,8 +141,9 @@ class ViewMap:
                         runs[prefix + name] = st
         for kind, text in glob:
             st = _definition(text) if text is not None else None
-            if st is not None and kind in ("any", "ddl"):
-                runs[_ANY_CODE if kind == "any" else _DDL_CODE] = st
+            if st is not None and kind is not None and (
+                    kind == "ddl" or kind.startswith(("op:", "cast:"))):
+                runs["\0" + kind] = st
         return cls({k: frozenset(v) for k, v in edges.items() if v}, unseen, remote, late,
                    runs)
 
@@ -230,8 +232,15 @@ class ViewMap:
             return st
         hit = {n: runs[n] for n in dict.fromkeys(st.relations_read + st.relations_written)
                if n in runs}
-        if _ANY_CODE in runs:
-            hit[_ANY_CODE] = runs[_ANY_CODE]
+        if self.used:
+            # an operator used by its symbol, a cast by its target type's name: what
+            # the text names may resolve to a DBA's function (the implicit casts of an
+            # INSERT are not seen)
+            low = st.text.lower()
+            for key in self.used:
+                if key[4:] in low if key.startswith("\0op:") else \
+                        re.search(r"\b" + re.escape(key[6:]) + r"\b", low):
+                    hit[key] = runs[key]
         if _DDL_CODE in runs and (not _DDL_KINDS.isdisjoint(st.kinds) or st.kind in _DDL_KINDS):
             hit[_DDL_CODE] = runs[_DDL_CODE]
         if not _ROW_WRITES.isdisjoint(st.kinds) or st.kind in _ROW_WRITES:
@@ -260,7 +269,8 @@ class ViewMap:
             changes = changes or body.changes_rows
             readonly = readonly and body.readonly
             what = f"writing {name[len(_WRITE_CODE):]}" if name.startswith(_WRITE_CODE) \
-                else "an operator or cast of the database" if name == _ANY_CODE \
+                else f"operator {name[4:]}" if name.startswith("\0op:") \
+                else f"a cast to {name[6:]}" if name.startswith("\0cast:") \
                 else "an event trigger of the database" if name == _DDL_CODE \
                 else f"reading {name}"
             reasons.extend(Reason(r.flag, f"{what} runs: {r.text}") for r in body.reasons)
@@ -536,9 +546,8 @@ _WRITE_CODE = "\0write:"
 # the statement kinds that write rows (and so run a table's triggers, defaults, checks,
 # index expressions, domain checks)
 _ROW_WRITES = frozenset({"insert", "update", "delete", "merge", "copy", "analyze"})
-# the keys of what runs beside any statement (user operators and casts), and beside DDL
-# (event triggers)
-_ANY_CODE = "\0any"
+# the key of what runs beside DDL (event triggers); "\0op:<symbol>" and "\0cast:<type>"
+# those of user operators and casts
 _DDL_CODE = "\0ddl"
 _DDL_KINDS = frozenset({"create", "alter", "drop", "grant", "revoke", "comment",
                         "security_label", "refresh"})

@@ -268,23 +268,34 @@ WHERE c.relrowsecurity AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 GROUP BY n.nspname, c.relname
 """
 
-# code that runs beside any statement: the functions of user operators and casts that
-# are not an extension's (a statement's operator or cast may resolve to one: SELECT 1 =
-# 'x'::varchar ran a DBA's writing function), and, beside DDL, event triggers' functions
+# code that runs beside a statement: the functions of user operators (by symbol) and
+# casts (by target type) that are not an extension's (SELECT 1 === 'x' ran a DBA's
+# writing function), and, beside DDL, event triggers' functions
 GLOBAL_CODE_SQL = """
-SELECT 'any', 'SELECT ' || pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(pn.nspname)
-       || '.' || pg_catalog.quote_ident(p.proname) || '()', ', ')
-FROM (SELECT o.oid, 'pg_operator'::pg_catalog.regclass AS cls, o.oprcode AS fn
-      FROM pg_catalog.pg_operator o
-      UNION ALL
-      SELECT c.oid, 'pg_cast'::pg_catalog.regclass, c.castfunc FROM pg_catalog.pg_cast c
-      WHERE c.castfunc <> 0) x
-JOIN pg_catalog.pg_proc p ON p.oid = x.fn
+SELECT 'op:' || o.oprname, 'SELECT ' || pg_catalog.string_agg(DISTINCT
+       pg_catalog.quote_ident(pn.nspname) || '.' || pg_catalog.quote_ident(p.proname)
+       || '()', ', ')
+FROM pg_catalog.pg_operator o
+JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
 JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
 WHERE pn.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = x.cls
-                  AND d.objid = x.oid AND d.deptype = 'e')
-HAVING pg_catalog.count(*) > 0
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                  WHERE d.classid = 'pg_catalog.pg_operator'::pg_catalog.regclass
+                    AND d.objid = o.oid AND d.deptype = 'e')
+GROUP BY o.oprname
+UNION ALL
+SELECT 'cast:' || pg_catalog.lower(t.typname), 'SELECT ' || pg_catalog.string_agg(DISTINCT
+       pg_catalog.quote_ident(pn.nspname) || '.' || pg_catalog.quote_ident(p.proname)
+       || '()', ', ')
+FROM pg_catalog.pg_cast c
+JOIN pg_catalog.pg_type t ON t.oid = c.casttarget
+JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc
+JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
+WHERE pn.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                  WHERE d.classid = 'pg_catalog.pg_cast'::pg_catalog.regclass
+                    AND d.objid = c.oid AND d.deptype = 'e')
+GROUP BY t.typname
 UNION ALL
 SELECT 'ddl', 'SELECT ' || pg_catalog.string_agg(pg_catalog.quote_ident(pn.nspname) || '.'
        || pg_catalog.quote_ident(p.proname) || '()', ', ')
@@ -377,8 +388,9 @@ async def rewrite_rows(link: UpstreamLink, database: str
     partition or inheritance child; (schema, relation) of the relations with deferrable
     triggers of a user's (and their parents); (schema, view, definition) of every view
     and materialized view (and a SELECT of the row-level security policies of each
-    table with them); (schema, table, a SELECT of the code a write to it runs); ("any"
-    or "ddl", a SELECT of what runs beside any statement or beside DDL)."""
+    table with them); (schema, table, a SELECT of the code a write to it runs); ("op:"
+    symbol, "cast:" type or "ddl", a SELECT of what a statement using that operator, a
+    cast to that type, or DDL runs)."""
     return tuple(await run(
         link, database, [REWRITE_MAP_SQL, INSTEAD_TRIGGERS_SQL, HIDDEN_WRITES_SQL,
                          FOREIGN_TABLES_SQL, INHERITS_SQL, DEFERRED_TRIGGERS_SQL,
