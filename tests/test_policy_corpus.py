@@ -457,7 +457,7 @@ ALLOW = [
     ("ALTER TABLE orders SET LOGGED", "alter", "destructive", B),      # a rewrite
     ("ALTER TABLE orders SET TABLESPACE pg_default", "alter", "destructive", B),
     ("ALTER TABLE orders SET ACCESS METHOD heap", "alter", "destructive", B),
-    ("ALTER TABLE orders SET (autovacuum_enabled = false)", "alter", "", A),
+    ("ALTER TABLE orders SET (autovacuum_enabled = false)", "alter", "destructive", B),  # an outage
     # keywords inside literals, comments, quoted identifiers
     ("SELECT 'DROP TABLE x'", "select", "", A),
     ("SELECT 1 -- DROP TABLE x", "select", "", A),

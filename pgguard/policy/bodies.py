@@ -229,6 +229,12 @@ def created_functions(stmts: Iterable[Statement]) -> list[str]:
 _DEFINES_CODE = ("CreateFunctionStmt",)
 
 
+# statements that store nothing themselves (their kinds may hold a called body's CREATE,
+# folded in by an earlier round of expansion: the body is judged on its own)
+_RUNS_ONLY = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt",
+                        "CallStmt"})
+
+
 def _plants(st: Statement) -> bool:
     """A CREATE or ALTER that stores what it calls (not a function's or an aggregate's
     own definition: calls of those are judged by their bodies when they run)."""
@@ -239,7 +245,7 @@ def _plants(st: Statement) -> bool:
     except Exception:       # noqa: BLE001 - unreadable here: it keeps whatever it calls
         return True
     tag, body = next(iter(stmt.items())) if type(stmt) is dict and stmt else ("", None)
-    if tag in _DEFINES_CODE:
+    if tag in _DEFINES_CODE or tag in _RUNS_ONLY:
         return False
     if tag == "DefineStmt" and type(body) is dict and body.get("kind") == "OBJECT_AGGREGATE":
         return False
