@@ -272,30 +272,24 @@ GROUP BY n.nspname, c.relname
 # casts (by target type) that are not an extension's (SELECT 1 === 'x' ran a DBA's
 # writing function), and, beside DDL, event triggers' functions
 GLOBAL_CODE_SQL = """
-SELECT 'op:' || o.oprname, 'SELECT ' || pg_catalog.string_agg(DISTINCT
+WITH coded(key, cls, obj, fn) AS (
+  SELECT 'op:' || o.oprname, 'pg_catalog.pg_operator'::pg_catalog.regclass, o.oid, o.oprcode
+  FROM pg_catalog.pg_operator o
+  UNION ALL
+  SELECT 'cast:' || pg_catalog.lower(t.typname), 'pg_catalog.pg_cast'::pg_catalog.regclass,
+         c.oid, c.castfunc
+  FROM pg_catalog.pg_cast c JOIN pg_catalog.pg_type t ON t.oid = c.casttarget
+)
+SELECT x.key, 'SELECT ' || pg_catalog.string_agg(DISTINCT
        pg_catalog.quote_ident(pn.nspname) || '.' || pg_catalog.quote_ident(p.proname)
        || '()', ', ')
-FROM pg_catalog.pg_operator o
-JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
+FROM coded x
+JOIN pg_catalog.pg_proc p ON p.oid = x.fn
 JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
 WHERE pn.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                  WHERE d.classid = 'pg_catalog.pg_operator'::pg_catalog.regclass
-                    AND d.objid = o.oid AND d.deptype = 'e')
-GROUP BY o.oprname
-UNION ALL
-SELECT 'cast:' || pg_catalog.lower(t.typname), 'SELECT ' || pg_catalog.string_agg(DISTINCT
-       pg_catalog.quote_ident(pn.nspname) || '.' || pg_catalog.quote_ident(p.proname)
-       || '()', ', ')
-FROM pg_catalog.pg_cast c
-JOIN pg_catalog.pg_type t ON t.oid = c.casttarget
-JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc
-JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
-WHERE pn.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                  WHERE d.classid = 'pg_catalog.pg_cast'::pg_catalog.regclass
-                    AND d.objid = c.oid AND d.deptype = 'e')
-GROUP BY t.typname
+                  WHERE d.classid = x.cls AND d.objid = x.obj AND d.deptype = 'e')
+GROUP BY x.key
 UNION ALL
 SELECT 'ddl', 'SELECT ' || pg_catalog.string_agg(pg_catalog.quote_ident(pn.nspname) || '.'
        || pg_catalog.quote_ident(p.proname) || '()', ', ')
