@@ -217,3 +217,70 @@ def test_operators_domains_indexes_policies_event_triggers(eproxy, pg, psql_bin,
         assert out.count("pgguard: statement refused") >= len(attempts), (mode, out)
     finally:
         pg.execute(MORE_DROP, dbname=DB)
+
+
+# Red team, round 22 (helper 121), left open then: a DBA's function in C / `internal`
+# that is the code of a built-in under another name (CREATE FUNCTION ... LANGUAGE internal
+# AS 'pg_terminate_backend'): pgguard judges built-ins by name and did not read such a
+# body, so the alias ended sessions, unlinked large objects and read server files for an
+# agent (the alias carries none of the built-in's REVOKEs). Judged now as calls of every
+# function with the same code (same symbol of the same library).
+ALIAS_SETUP = """
+CREATE OR REPLACE FUNCTION ec_kill(int, bigint) RETURNS bool
+  LANGUAGE internal STRICT VOLATILE AS 'pg_terminate_backend';
+CREATE OR REPLACE FUNCTION ec_rm(oid) RETURNS int LANGUAGE internal STRICT AS 'be_lo_unlink';
+CREATE OR REPLACE FUNCTION ec_rd(text) RETURNS text LANGUAGE internal STRICT AS
+  'pg_read_file_all';
+CREATE OR REPLACE FUNCTION ec_up(text) RETURNS text LANGUAGE internal IMMUTABLE STRICT AS
+  'upper';
+SELECT lo_unlink(oid) FROM pg_largeobject_metadata WHERE oid = 424242;
+SELECT lo_create(424242);
+ALTER LARGE OBJECT 424242 OWNER TO {user};
+GRANT EXECUTE ON FUNCTION ec_kill(int, bigint), ec_rm(oid), ec_rd(text), ec_up(text)
+  TO {user};
+"""
+
+ALIASES = [
+    "SELECT ec_kill(pid, 0) FROM pg_stat_activity WHERE application_name = 'ec-victim'",
+    "SELECT ec_rm(424242)",
+    "SELECT ec_rm(oid) FROM pg_largeobject_metadata",
+    "SELECT ec_rd('PG_VERSION')",
+    "SELECT length(ec_rd('postgresql.conf')) > 0",
+]
+
+
+def _lo_left(pg) -> int:
+    return pg.execute("SELECT count(*) FROM pg_largeobject_metadata WHERE oid = 424242",
+                      dbname=DB)[0][0]
+
+
+def test_the_aliases_do_their_harm_upstream(eproxy, pg):
+    # the premise: through Postgres alone, as the agent's upstream role, the aliases work
+    pg.execute(ALIAS_SETUP.format(user=UPSTREAM_USER), dbname=DB)
+    with psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB),
+                         autocommit=True) as c:
+        assert c.execute("SELECT ec_rd('PG_VERSION')").fetchone()[0].strip().isdigit()
+        assert c.execute("SELECT ec_up('ab')").fetchone() == ("AB",)
+        c.execute("BEGIN")
+        assert c.execute("SELECT ec_rm(424242)").fetchone() == (1,)
+        c.execute("ROLLBACK")
+    assert _lo_left(pg) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_alias_of_a_built_in_is_judged_as_the_built_in(eproxy, pg, psql_bin, mode):
+    pg.execute(ALIAS_SETUP.format(user=UPSTREAM_USER), dbname=DB)
+    victim = psycopg.connect(pg.dsn(UPSTREAM_USER, UPSTREAM_PASSWORD, DB,
+                                    application_name="ec-victim"), autocommit=True)
+    try:
+        out = said(mode, eproxy, ALIASES, db=DB, psql_bin=psql_bin)
+        assert victim.execute("SELECT 1").fetchone() == (1,), (mode, out)
+        assert _lo_left(pg) == 1, (mode, out)
+        assert out.count("pgguard: statement refused") >= len(ALIASES), (mode, out)
+        assert "same code as pg_terminate_backend()" in out, (mode, out)
+        assert "same code as lo_unlink()" in out and "pg_read_file()" in out, (mode, out)
+        # an alias of harmless code still runs
+        with psycopg.connect(eproxy.dsn(dbname=DB), autocommit=True) as c:
+            assert c.execute("SELECT ec_up('ab')").fetchone() == ("AB",)
+    finally:
+        victim.close()

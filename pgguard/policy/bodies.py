@@ -126,6 +126,12 @@ def judgement(name: str, rows: list[tuple]) -> Judgement:
             # an aggregate's built-in support functions run on every call: judged as
             # calls of them (set_config: settings pgguard never sees change)
             bodies.append(_support_calls(what, builtin))
+        aliases = [a for a in ((row[10] if len(row) > 10 else None) or "").split(",") if a]
+        if aliases:
+            # C / internal code that is also another function's (pg_terminate_backend
+            # under a DBA's name, an extension's dblink_exec): judged as calls of those
+            # by name, not followed (they are the same code, not a body to read)
+            bodies.append(_support_calls(what, aliases, alias=lang))
         if lang in SEEN_LANGUAGES and definition:
             st = classify_function_body(definition, what)
             bodies.append(st)
@@ -138,7 +144,7 @@ def judgement(name: str, rows: list[tuple]) -> Judgement:
                      nested=tuple(nested), security_definer=secdef, digest=h.hexdigest())
 
 
-def _support_calls(what: str, names: list[str]) -> Statement:
+def _support_calls(what: str, names: list[str], alias: str | None = None) -> Statement:
     # "SELECT f(), g()" of the aggregate's built-in support functions, as the
     # classifier judges such calls (no literal argument: set_config's setting unknown)
     calls = ", ".join(
@@ -147,9 +153,11 @@ def _support_calls(what: str, names: list[str]) -> Statement:
     st = classify(f"SELECT {calls}")[0]
     if not st.flags and st.readonly:
         return st
+    listed = ", ".join(n.rpartition('.')[2] + '()' for n in names)
     lead = Reason(st.flags[0] if st.flags else "write",
-                  f"{what} is an aggregate whose support functions "
-                  f"({', '.join(n.rpartition('.')[2] + '()' for n in names)}) run on "
+                  f"{what} is written in {alias} as the same code as {listed}"
+                  if alias else
+                  f"{what} is an aggregate whose support functions ({listed}) run on "
                   "every row it reads, with values pgguard never sees")
     return msgspec.structs.replace(st, reasons=(lead, *st.reasons))
 

@@ -419,7 +419,9 @@ async def drop_role(link: UpstreamLink, database: str, role: str, successor: str
 # every overload a called name may mean: a qualified name in its schema, a bare one in
 # any schema but the system ones (a superset of what a search_path reaches); the
 # definition (the CREATE text) of SQL and PL/pgSQL functions and procedures, and the
-# support functions of an aggregate (they run when it is called)
+# support functions of an aggregate (they run when it is called); and for a function in
+# C or `internal`, the other functions (built-ins, an extension's) whose code it runs:
+# the same symbol of the same library (an alias a DBA made of pg_terminate_backend)
 FUNCTION_DEFINITIONS_SQL = """
 SELECT n.nspname, p.proname, p.oid, l.lanname, p.prokind, p.prosecdef, p.provolatile,
        pg_catalog.array_to_string(p.proconfig, ', '),
@@ -431,7 +433,13 @@ SELECT n.nspname, p.proname, p.oid, l.lanname, p.prokind, p.prosecdef, p.provola
              a.aggserialfn, a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn)
         JOIN pg_catalog.pg_namespace sn ON sn.oid = s.pronamespace
         WHERE a.aggfnoid = p.oid),
-       {key}
+       {key},
+       CASE WHEN l.lanname IN ('internal', 'c') THEN
+       (SELECT pg_catalog.string_agg(DISTINCT an.nspname || '.' || a.proname, ',')
+        FROM pg_catalog.pg_proc a
+        JOIN pg_catalog.pg_namespace an ON an.oid = a.pronamespace
+        WHERE a.prolang = p.prolang AND a.prosrc = p.prosrc AND a.proname <> p.proname
+          AND a.probin IS NOT DISTINCT FROM p.probin) END
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
@@ -466,5 +474,5 @@ async def function_definitions(link: UpstreamLink, database: str,
         qualified = bool(qual) and (i == 1 or not bare)
         for row in res:
             for called in (qual.get(row[10], ()) if qualified else (row[10],)):
-                out.setdefault(called, []).append(row[:10])
+                out.setdefault(called, []).append((*row[:10], row[11]))
     return out
