@@ -621,6 +621,8 @@ class Enforcement:
             plan = self._plan(d)
             if plan is not None and len(plan.tables) > MAX_TABLES:
                 d = _too_many_tables_refusal(d, plan.tables)
+            elif plan is not None and not plan.by_tag:
+                d = _uncounting_refusal(d)
         if s.pinned_role and _changes_role(d):     # whatever the policy said
             d = _pinned_refusal(d)
         if d.action != "block" and s.identity is not None and s.identity.kind == "agent" \
@@ -1692,6 +1694,36 @@ def _deferred_refusal(d, views, plan):
         return d
     return unguarded_refusal(d, how, hint="Ask a DBA to run it, or to make the "
                                           "constraint triggers NOT DEFERRABLE.")
+
+
+# what makes the transaction's tuple counters of a relation go away or start again
+# (a dropped or discarded relation has none left; TRUNCATE zeroes them; a renamed one
+# is another name's): in a statement measured by those counters, rows it changed
+# elsewhere would be offset (red team 23: UPDATE big ... WHERE id <= 4000; DISCARD TEMP
+# in one Query, after updates of a temporary table earlier in the transaction)
+_UNCOUNTING = frozenset({"discard", "drop", "truncate"})
+
+
+def _uncounting(st) -> bool:
+    kinds = st.kinds or (st.kind,)
+    return bool(_UNCOUNTING.intersection(kinds)) or (
+        "alter" in kinds and "destructive" in st.flags)
+
+
+def _uncounting_refusal(d):
+    st = next((st for st in d.statements if _uncounting(st)), None)
+    if st is None:
+        return d
+    what = st.text.strip().split(None, 2)
+    return Decision(
+        action="block", rule="blast-radius",
+        message=f'pgguard: statement refused by rule "blast-radius": its row limit is '
+                f"measured by the transaction's per-table row counters, and its "
+                f"{' '.join(what[:2]).upper()} drops, empties or renames a relation, "
+                f"which takes that relation's counters out of the count",
+        detail=f"statement: {st.text[:200]}",
+        hint="Send that statement on its own, before or after the one that changes rows.",
+        statements=d.statements, verdicts=d.verdicts, index=d.index)
 
 
 def _too_many_tables_refusal(d, tables: tuple):
