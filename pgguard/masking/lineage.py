@@ -1478,7 +1478,7 @@ def _row_fields(payload: bytes) -> list[tuple[int, int, int, int]]:
 
 async def analyse(side: SideLink, database: str, sql: bytes, param_oids: tuple[int, ...],
                   masked_rel: dict, masked_cols: set[tuple[int, int]],
-                  role: str | None = None) -> Lineage:
+                  role: str | None = None, on_drift=None) -> Lineage:
     """The lineage of one statement (see the module docstring); UNRESOLVED on failure."""
     key = (id(side), database)
     link = _LINKS.get(key)
@@ -1488,7 +1488,7 @@ async def analyse(side: SideLink, database: str, sql: bytes, param_oids: tuple[i
         try:
             return await asyncio.wait_for(
                 _analyse(side, database, link, sql, param_oids, masked_rel, masked_cols,
-                         role), 10.0)
+                         role, on_drift), 10.0)
         except Exception as e:      # noqa: BLE001 - fail closed: everything derived masked
             log.debug("lineage: %r", e)
             _drop(link)
@@ -1519,7 +1519,7 @@ def _param_count(sql: bytes) -> int:
 
 
 async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_cols,
-                   role) -> Lineage:
+                   role, on_drift=None) -> Lineage:
     """One round trip: prepare (under the role, read only), describe, EXPLAIN the generic
     plan, list the views and the functions/operators outside pg_catalog, roll back."""
     if link.unread:
@@ -1544,7 +1544,7 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {_STMT.decode()}"
                + (f"({', '.join(['NULL'] * nparams)})" if nparams else "")
                + "; SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relkind IN ('v', 'm'); "
-               + _OPAQUE_SQL + "; " + _columns_sql(masked_rel))
+               + _OPAQUE_SQL + "; " + _columns_sql(masked_rel, masked_cols))
     proto.transport.write(_query(setup) + _frame(b"P", body)
                           + _frame(b"D", b"S" + _STMT + b"\0") + _frame(b"S", b"")
                           + _query(explain) + _frame(b"C", b"S" + _STMT + b"\0")
@@ -1557,7 +1557,7 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
         # the role cannot be assumed from here: plan without it (still read only)
         link.no_role.add(role)
         return await _analyse(side, database, link, sql, param_oids, masked_rel,
-                              masked_cols, None)
+                              masked_cols, None, on_drift)
     if any(t == m.ERROR_RESPONSE for t, _ in got[:zs[2]]):
         log.debug("lineage: %r", next(p for t, p in got if t == m.ERROR_RESPONSE)[:200])
         return UNRESOLVED
@@ -1574,8 +1574,23 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
         elif t == m.DATA_ROW and sets:
             (ln,) = struct.unpack_from("!i", payload, 2)
             sets[-1].append(payload[6:6 + ln] if ln >= 0 else b"")
-    if fields is None or len(sets) != 5 or not sets[0] or len(sets[0][0]) > PLAN_MAX:
+    if fields is None or len(sets) != 6 or not sets[0] or len(sets[0][0]) > PLAN_MAX:
         return UNRESOLVED
+    # the masked columns by the names they have now: a DBA's RENAME (of a column or its
+    # table, or SET SCHEMA) directly upstream is in the plan before the mask catalog is
+    # read again (red team 23: replace(social, '-', '') came back in clear after ssn was
+    # renamed social); the names the session knew stay masked too
+    now: dict = {}
+    for r in sets[5]:
+        schema, rel, att = orjson.loads(r)
+        now.setdefault((schema, rel), set()).add(att)
+    drift = [k for k, atts in now.items() if not atts <= masked_rel.get(k, frozenset())]
+    if drift:
+        masked_rel = dict(masked_rel)
+        for k in drift:
+            masked_rel[k] = masked_rel.get(k, frozenset()) | now[k]
+        if on_drift is not None:
+            on_drift()
     if not fields:
         return Lineage((), False)
     plan = orjson.loads(sets[0][0])
@@ -1594,14 +1609,18 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
     return columns_tainted(*args)
 
 
-def _columns_sql(masked_rel: dict) -> str:
-    """Two statements: the live columns (attnum order) of the masked relations, one JSON
-    [schema, relation, [names]] a row; the definitions of the views that read them
-    (their column-alias lists rename what the plan prints)."""
+def _columns_sql(masked_rel: dict, masked_cols=()) -> str:
+    """Three statements: the live columns (attnum order) of the masked relations, one
+    JSON [schema, relation, [names]] a row; the definitions of the views that read them
+    (their column-alias lists rename what the plan prints); the masked columns (table
+    OID, attnum) by their names now, [schema, relation, column] a row."""
     keys = ", ".join(f"({literal(s)}, {literal(r)})" for s, r in sorted(masked_rel))
+    pairs = ", ".join(f"({int(o)}::oid, {int(a)}::int2)" for o, a in sorted(masked_cols))
+    oids = ", ".join(sorted({str(int(o)) for o, _ in masked_cols}))
     rels = ("SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
             "ON n.oid = c.relnamespace WHERE "
-            + (f"(n.nspname::text, c.relname::text) IN (VALUES {keys})" if keys else "false"))
+            + (f"(n.nspname::text, c.relname::text) IN (VALUES {keys})" if keys else "false")
+            + (f" OR c.oid IN ({oids})" if oids else ""))
     return ("SELECT pg_catalog.json_build_array(n.nspname, c.relname, "
             "pg_catalog.array_agg(a.attname ORDER BY a.attnum))::text "
             "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
@@ -1612,7 +1631,12 @@ def _columns_sql(masked_rel: dict) -> str:
             "JOIN pg_catalog.pg_depend d ON d.objid = r.oid "
             "AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
             "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
-            f"WHERE d.refobjid IN ({rels}) AND r.ev_class <> d.refobjid")
+            f"WHERE d.refobjid IN ({rels}) AND r.ev_class <> d.refobjid; "
+            "SELECT pg_catalog.json_build_array(n.nspname, c.relname, a.attname)::text "
+            "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE "
+            + (f"(a.attrelid, a.attnum) IN (VALUES {pairs}) AND NOT a.attisdropped"
+               if pairs else "false"))
 
 
 @functools.lru_cache(maxsize=1024)

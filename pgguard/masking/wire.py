@@ -376,6 +376,7 @@ class MaskState(LaneState):
         self._lin_fresh: set = set()        # ids of lineage analysed at _lin_fresh_gen
         self._lin_fresh_gen = -1
         self._lkey: tuple | None = None
+        self._drift_at = -1.0               # when _drifted last had the catalog read
         self._take_masked_names()
 
     # -- which columns are masked for this identity
@@ -448,7 +449,7 @@ class MaskState(LaneState):
         if query is None:
             return
         keys = self._lineage_keys(query, param_oids)
-        args = (self._masked_rel, self._masked_cols, self._role())
+        args = (self._masked_rel, self._masked_cols, self._role(), self._drifted)
         side, db = self.s.services.side, self.s.database
         # (a text naming output columns by number stands for itself only: see
         # lineage.positional; its shape's key is never learned, so no text of the same
@@ -464,6 +465,15 @@ class MaskState(LaneState):
                     self._learn(keys[0], lin)
                     return
         self._learn(keys[0], await lg.analyse(side, db, query, param_oids, *args))
+
+    def _drifted(self) -> None:
+        """The planner named a masked column (by table OID and attnum) otherwise than
+        this session's catalog does: renamed directly upstream. Every worker reads the
+        catalog again before its next decision (at most once a second from here)."""
+        now = time.monotonic()
+        if now - self._drift_at >= 1.0:
+            self._drift_at = now
+            self.s.services.catalog_signal.bump()
 
     def _learn(self, key: tuple, lin) -> None:
         # lineage analysed since the catalog generation last moved holds for the catalog
@@ -1186,10 +1196,14 @@ class MaskState(LaneState):
 
     def catalog_behind(self) -> bool:
         """DDL went through since this session's catalog was read (in any worker): what
-        a statement reads may be masked now (a table made a masked table's parent)."""
-        gen = getattr(self.catalog, "generation", None)
-        return self.masks_apply() and gen is not None and \
+        a statement reads may be masked now (a table made a masked table's parent); or
+        the catalog is older than CATALOG_TTL (DDL a DBA ran directly upstream: a masked
+        column renamed is named otherwise in what a statement says)."""
+        cat = self.catalog
+        gen = getattr(cat, "generation", None)
+        return self.masks_apply() and gen is not None and (
             gen != self.s.services.catalog_signal.generation()
+            or time.monotonic() - cat.loaded > CATALOG_TTL)
 
     async def catch_up(self) -> None:
         """Read the catalog again (shared with the other sessions) and use it: one read

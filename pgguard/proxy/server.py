@@ -328,7 +328,7 @@ class Server:
             for k, v in cat.columns.items()})
         self._catalogs[database] = cat
         if old is not None and (old.columns.keys() != cat.columns.keys()
-                                or old.names != cat.names):
+                                or old.names != cat.names or old.tables != cat.tables):
             self.forget_decisions(database)     # parking decisions name masked tables
         return cat
 
