@@ -99,6 +99,23 @@ def test_an_open_session_and_the_names_renamed_back(rt23proxy, pg, renamed):
         assert "masking" in str(e.value)
 
 
+def test_a_catalog_read_again_unchanged_keeps_what_sessions_learned(rt23proxy, pg):
+    # (the slow one) the read past the TTL finds nothing changed: a prepared statement's
+    # computed clean column still comes back as Postgres answers it, not masked as a
+    # statement whose lineage was dropped would be
+    sql = "SELECT id, upper(name) AS v FROM customers ORDER BY id"
+    want = direct_mode(pg, "psycopg-text", sql)
+    with psycopg.connect(rt23proxy.dsn(dbname=DB), autocommit=True) as c:
+        cur = c.cursor()
+        for _ in range(3):
+            assert [list(r) for r in cur.execute(sql, prepare=True).fetchall()] == want
+        time.sleep(CATALOG_TTL + 1)
+        # a statement judged now reads the catalog again (older than the TTL)
+        c.execute("SELECT id, lower(name) FROM customers WHERE id = 1").fetchall()
+        for _ in range(3):
+            assert [list(r) for r in cur.execute(sql, prepare=True).fetchall()] == want
+
+
 def test_a_statement_judged_before_a_swap_is_judged_again(rt23proxy, pg):
     # (the slow one: CATALOG_TTL) a text an open session ran before the DBA swapped the
     # names (name -> name_old, ssn -> name) is read again once the catalog is older than

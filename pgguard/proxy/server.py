@@ -88,6 +88,13 @@ BODIES_PER_DATABASE = 10_000
 STICKY_PER_WORKER = 8192
 
 
+def _same_masks(a, b) -> bool:
+    """Whether two reads of a database's mask catalog mask the same columns under the
+    same names (OIDs known aside)."""
+    return a.columns == b.columns and a.tables == b.tables and a.views == b.views \
+        and a.types == b.types and a.typed == b.typed and a.derived == b.derived
+
+
 class CatalogSignal:
     """Catalog freshness shared by the worker processes: an anonymous MAP_SHARED
     mapping made before they fork. Offset 0 holds a generation counter that DDL seen by
@@ -326,6 +333,13 @@ class Server:
         sig.remember(self.worker, database, {
             k: next((i for i, mk in enumerate(masks) if mk is v), 0xFFFF)
             for k, v in cat.columns.items()})
+        if old is not None and _same_masks(old, cat):
+            # read again (its TTL, a rename check) and nothing changed: the same object,
+            # so sessions keep what they learned with it (the lineage of their prepared
+            # statements: dropped, their computed columns would all come back masked)
+            old.known, old.generation, old.loaded = cat.known, gen, cat.loaded
+            self._catalogs[database] = old
+            return old
         self._catalogs[database] = cat
         if old is not None and (old.columns.keys() != cat.columns.keys()
                                 or old.names != cat.names or old.tables != cat.tables):
