@@ -99,6 +99,26 @@ def test_an_open_session_and_the_names_renamed_back(rt23proxy, pg, renamed):
         assert "masking" in str(e.value)
 
 
+@pytest.mark.parametrize("sql", [
+    "CREATE TEMP TABLE rt23_loot AS SELECT id, social FROM customers",
+    "CREATE TEMP TABLE rt23_loot AS SELECT id, reverse(contact) AS r FROM customers",
+    "SELECT id, social INTO TEMP rt23_loot FROM customers",
+    "CREATE TEMP TABLE rt23_loot (id int, s text); "
+    "INSERT INTO rt23_loot SELECT id, social FROM customers",
+    "CREATE MATERIALIZED VIEW rt23_mv AS SELECT id, social FROM customers",
+])
+def test_a_renamed_column_is_not_kept_in_clear(rt23proxy, pg, renamed, sql):
+    # right after the rename, in a session open before it: a statement that keeps
+    # values is judged by the masked columns' names of now
+    with psycopg.connect(rt23proxy.dsn(dbname=DB), autocommit=True) as c:
+        c.execute("SELECT 1")
+        with pytest.raises(psycopg.Error) as e:
+            psycopg.ClientCursor(c).execute(sql)
+        assert "masking" in str(e.value), str(e.value)
+    assert pg.execute("SELECT count(*) FROM pg_class WHERE relname = 'rt23_mv'",
+                      dbname=DB)[0][0] == 0
+
+
 def test_a_catalog_read_again_unchanged_keeps_what_sessions_learned(rt23proxy, pg):
     # (the slow one) the read past the TTL finds nothing changed: a prepared statement's
     # computed clean column still comes back as Postgres answers it, not masked as a
@@ -134,3 +154,99 @@ def test_a_statement_judged_before_a_swap_is_judged_again(rt23proxy, pg):
         finally:
             pg.execute("ALTER TABLE customers RENAME name TO ssn; "
                        "ALTER TABLE customers RENAME name_old TO name", dbname=DB)
+
+
+# (helper 125) DDL made directly upstream while agent sessions are open: a session that
+# only meets OIDs it knows never read the catalog again (its compiled lane forwarded the
+# rows of a view redefined over ssn; a masked column moved to a new attnum came back in
+# clear). The proxy checks a fingerprint of the catalog every CATALOG_WATCH seconds and
+# has every session read the catalog again when what it masks changed.
+def _watch_wait() -> None:
+    from pgguard.proxy import server
+    time.sleep(getattr(server, "CATALOG_WATCH", 2.0) * 2 + 1.5)
+
+
+def _fetch_all(proxy, sql: str, times: int = 3) -> list:
+    """What an open session gets: psycopg simple, prepared, binary; asyncpg prepared."""
+    import asyncio
+
+    import asyncpg
+    got: list = []
+    with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
+        for _ in range(times):
+            got += c.execute(sql).fetchall()
+            got += c.execute(sql, prepare=True).fetchall()
+            got += c.cursor(binary=True).execute(sql).fetchall()
+
+    async def go():
+        a = await asyncpg.connect(proxy.dsn(dbname=DB))
+        try:
+            st = await a.prepare(sql)
+            for _ in range(times):
+                got.extend(list(r.values()) for r in await st.fetch())
+        finally:
+            await a.close()
+    asyncio.run(go())
+    return got
+
+
+def test_a_view_redefined_upstream_under_open_sessions(rt23proxy, pg):
+    pg.execute("DROP VIEW IF EXISTS rt23_v; CREATE VIEW rt23_v AS SELECT id, upper(name) AS v, "
+               "length(name) AS n FROM customers; GRANT SELECT ON rt23_v TO PUBLIC", dbname=DB)
+    import asyncio
+
+    import asyncpg
+    sql = "SELECT id, v, n FROM rt23_v ORDER BY id"
+    loop = asyncio.new_event_loop()
+    try:
+        with psycopg.connect(rt23proxy.dsn(dbname=DB), autocommit=True) as c:
+            cur = c.cursor()
+            a = loop.run_until_complete(asyncpg.connect(rt23proxy.dsn(dbname=DB)))
+            st = loop.run_until_complete(a.prepare(sql))
+            try:
+                # clean: forwarded as Postgres answers it, the statement learned
+                for _ in range(3):
+                    assert cur.execute(sql, prepare=True).fetchall()[0][1] == "ANN"
+                    assert c.execute(sql).fetchall()[0][1] == "ANN"
+                    assert loop.run_until_complete(st.fetch())[0][1] == "ANN"
+                pg.execute("CREATE OR REPLACE VIEW rt23_v AS SELECT id, reverse(ssn) AS v, "
+                           "replace(ssn, '-', '')::int AS n FROM customers", dbname=DB)
+                assert leaks(direct_mode(pg, "psycopg-text", sql))
+                _watch_wait()
+                for _ in range(3):
+                    got = cur.execute(sql, prepare=True).fetchall() + c.execute(sql).fetchall()
+                    assert not leaks(got), leaks(got)
+                    got = [list(r.values()) for r in loop.run_until_complete(st.fetch())]
+                    assert not leaks(got), leaks(got)
+            finally:
+                loop.run_until_complete(a.close())
+        got = _fetch_all(rt23proxy, sql)
+        assert not leaks(got), leaks(got)
+    finally:
+        loop.close()
+        pg.execute("DROP VIEW IF EXISTS rt23_v", dbname=DB)
+
+
+def test_a_masked_column_moved_to_a_new_attnum_upstream(rt23proxy, pg):
+    sql = "SELECT id, ssn, phone FROM customers ORDER BY id"
+    try:
+        with psycopg.connect(rt23proxy.dsn(dbname=DB), autocommit=True) as c:
+            for _ in range(3):
+                assert not leaks(c.execute(sql).fetchall())
+            pg.execute("ALTER TABLE customers ADD COLUMN ssn_new text; "
+                       "UPDATE customers SET ssn_new = replace(ssn, '-', ''); "
+                       "ALTER TABLE customers DROP COLUMN ssn CASCADE; "
+                       "ALTER TABLE customers RENAME ssn_new TO ssn; "
+                       "ALTER TABLE customers ADD COLUMN phone_new text; "
+                       "UPDATE customers SET phone_new = replace(phone, '-', ''); "
+                       "ALTER TABLE customers DROP COLUMN phone CASCADE; "
+                       "ALTER TABLE customers RENAME phone_new TO phone", dbname=DB)
+            assert leaks(direct_mode(pg, "psycopg-text", sql))
+            _watch_wait()
+            for _ in range(3):
+                got = c.execute(sql).fetchall() + c.execute(sql, prepare=True).fetchall()
+                assert not leaks(got), leaks(got)
+        got = _fetch_all(rt23proxy, sql)
+        assert not leaks(got), leaks(got)
+    finally:
+        seed(pg)

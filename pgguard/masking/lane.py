@@ -36,7 +36,8 @@ class ObjPlan:
     whether it reads masked data, and the cursor a FETCH reads (its plan is the
     cursor's)."""
 
-    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc", "safe")
+    __slots__ = ("copies", "copy", "declare", "fetch", "lineage", "reads", "rowdesc", "safe",
+                 "src")
 
     def __init__(self, lineage=None, reads: bool = True, fetch: tuple | None = None,
                  declare: tuple | None = None) -> None:
@@ -53,6 +54,9 @@ class ObjPlan:
         self.copies: list | None = None
         self.copy: tuple | None = None
         self.safe = False           # the masking lane may run it (LaneState.safe_statement)
+        # a protocol-prepared statement's (text, parameter type OIDs): its lineage is
+        # asked for again when a catalog read dropped it (MaskState.relineage)
+        self.src: tuple | None = None
 
 
 PENDING = object()      # lineage_now: ask the planner first

@@ -54,6 +54,7 @@ class Catalog:
         self.views = views          # OIDs in tables that are views (their columns derive)
         self.types = types or {}    # type OID -> table OID whose whole rows it carries
         self.typed: list = []       # (schema, relation, column, type) of such types
+        self.fingerprint: str | None = None     # the catalog rows it was read from
         self.derived: frozenset = frozenset()   # view columns masked for their sources
 
 
@@ -377,6 +378,8 @@ class MaskState(LaneState):
         self._lin_fresh_gen = -1
         self._lkey: tuple | None = None
         self._drift_at = -1.0               # when _drifted last had the catalog read
+        self._drift_n = self._drift_seen = 0    # _drifted calls, and as _learn saw them
+        self._want_age = CATALOG_TTL        # how fresh a catalog catch_up reads
         self._take_masked_names()
 
     # -- which columns are masked for this identity
@@ -471,18 +474,25 @@ class MaskState(LaneState):
         this session's catalog does: renamed directly upstream. Every worker reads the
         catalog again before its next decision (at most once a second from here)."""
         now = time.monotonic()
+        self._drift_n += 1
         if now - self._drift_at >= 1.0:
             self._drift_at = now
             self.s.services.catalog_signal.bump()
 
     def _learn(self, key: tuple, lin) -> None:
         # lineage analysed since the catalog generation last moved holds for the catalog
-        # read at that generation (see _catalog_replaced)
-        gen = self.s.services.catalog_signal.generation()
-        if gen != self._lin_fresh_gen:
-            self._lin_fresh, self._lin_fresh_gen = set(), gen
-        self._lin_fresh.add(id(lin))
-        lg.remember(key, lin)
+        # read at that generation (see _catalog_replaced); one analysed while this
+        # session's masked names were behind the catalog's (_drifted: the old names
+        # counted too, masking more than they should) only until the catalog is read
+        # again: it is neither fresh nor shared
+        if self._drift_n != self._drift_seen:
+            self._drift_seen = self._drift_n
+        else:
+            gen = self.s.services.catalog_signal.generation()
+            if gen != self._lin_fresh_gen:
+                self._lin_fresh, self._lin_fresh_gen = set(), gen
+            self._lin_fresh.add(id(lin))
+            lg.remember(key, lin)
         if len(self.lineage_keys) > 4096:
             self.lineage_keys.clear()
         self.lineage_keys[key] = lin
@@ -537,6 +547,28 @@ class MaskState(LaneState):
                 stale(o)
         for e in self.expect:
             stale(e)
+
+    def relineage(self, name: bytes):
+        """A Bind of prepared statement ``name``: the lineage a catalog read dropped
+        (_catalog_replaced) is taken again, as at its Parse (Postgres plans the
+        statement again too: a view it reads may read masked columns now). Returns None
+        when done (or not needed), else the (text, parameter OIDs) to ask the planner
+        about first (lineage_load)."""
+        obj = self.stmts.get(name)
+        if obj is None or obj.src is None or obj.lineage is not None or not self.masks_on:
+            return None
+        sql, oids = obj.src
+        lin = self.lineage_now(sql, None, oids)
+        if lin is PENDING:
+            return obj.src
+        if lin is None:
+            obj.src = None              # not analysable: as at its Parse
+            return None
+        obj.lineage = lin
+        obj.reads = self._reads(lin, obj.reads, None, sql)
+        obj.safe = False                # (the lane learns it again at its next Parse)
+        self.lane_stmt(name, False)
+        return None
 
     def forget_lineage(self) -> None:
         """DDL went through this session: views and functions may differ now."""
@@ -636,8 +668,10 @@ class MaskState(LaneState):
             self.lane_dirty()
         if t == m.PARSE:
             name, pos = _cstr(msg, 5)
-            sql, _ = _cstr(msg, pos)
+            sql, pos = _cstr(msg, pos)
             obj = self._obj(sql, lineage, reads_masked, d)
+            if obj.fetch is None and obj.declare is None:
+                obj.src = (sql, m.parse_param_oids(msg, pos))
             # the name is this statement's now (SQL PREPARE shares the namespace): a
             # SQL EXECUTE of it gets no plan of an older PREPARE (unknown: masked)
             self.sql_prepared.pop(name.decode("utf-8", "replace"), None)
@@ -1194,23 +1228,31 @@ class MaskState(LaneState):
         self._resolving = asyncio.get_running_loop().create_task(
             self._resolve(held[0][1]))
 
-    def catalog_behind(self) -> bool:
+    def catalog_behind(self, max_age: float | None = None) -> bool:
         """DDL went through since this session's catalog was read (in any worker): what
         a statement reads may be masked now (a table made a masked table's parent); or
         the catalog is older than CATALOG_TTL (DDL a DBA ran directly upstream: a masked
-        column renamed is named otherwise in what a statement says)."""
+        column renamed is named otherwise in what a statement says); ``max_age``: a
+        shorter age for statements that may keep what they read (judged by names)."""
         cat = self.catalog
         gen = getattr(cat, "generation", None)
-        return self.masks_apply() and gen is not None and (
-            gen != self.s.services.catalog_signal.generation()
-            or time.monotonic() - cat.loaded > CATALOG_TTL)
+        if not self.masks_apply() or gen is None:
+            return False
+        if gen != self.s.services.catalog_signal.generation():
+            return True
+        age = CATALOG_TTL if max_age is None else max_age
+        if time.monotonic() - cat.loaded > age:
+            self._want_age = age        # (catch_up reads one at least this fresh)
+            return True
+        return False
 
     async def catch_up(self) -> None:
         """Read the catalog again (shared with the other sessions) and use it: one read
         at the current generation (a read already in flight may predate the DDL)."""
         sig = self.s.services.catalog_signal
+        age, self._want_age = self._want_age, CATALOG_TTL
         for _ in range(3):
-            cat = await self._read_catalog(())
+            cat = await self._read_catalog((), age)
             if cat is None or self.s.closed:
                 return
             self._adopt(cat)
@@ -1220,12 +1262,12 @@ class MaskState(LaneState):
             "pgguard could not read the upstream catalog to apply masks",
             detail="the catalog kept changing while it was read (DDL in other sessions)"))
 
-    async def _read_catalog(self, need):
+    async def _read_catalog(self, need, max_age: float = CATALOG_TTL):
         # None when it cannot be read: the session is closed (fail closed: nothing is
         # judged on, or leaves under, the old one)
         s = self.s
         try:
-            return await s.services.mask_catalog(s.database, need)
+            return await s.services.mask_catalog(s.database, need, max_age)
         except Exception as e:      # noqa: BLE001
             log.warning("session %s: mask catalog not read (%s); closing", s.id, e)
             s.fail(UpstreamUnavailable("pgguard could not read the upstream catalog to "

@@ -321,6 +321,47 @@ class Enforcement:
         gens[name] = now
         return True
 
+    def mask_bind(self, msg: bytes, out: list) -> bool:
+        """A Bind in a masked session (Python's path): the mask catalog read again
+        first when DDL moved it (in any worker, or directly upstream: see
+        Services._masks_tick; a session whose statements were all prepared before
+        never meets a RowDescription that would say so), and the statement's lineage
+        taken again when that read dropped it (Postgres plans the statement again: a
+        view it reads may read masked columns now). True: go on with the Bind. False:
+        it waits (then it is taken up again)."""
+        s = self.s
+        mask = s.masking
+        if not mask.masks_apply():
+            return True
+        if self._masks_wait is not msg and mask.catalog_behind():
+            self._masks_wait = msg
+            s.holds.begin(out, [])
+            s.holds.side_task(self._rebind_then(msg, None))
+            return False
+        try:
+            end = msg.index(b"\0", 5)
+            name = msg[end + 1:msg.index(b"\0", end + 1)]
+        except ValueError:
+            return True                 # malformed: Postgres answers it
+        src = mask.relineage(name)
+        if src is None:
+            return True
+        s.holds.begin(out, [])
+        s.holds.side_task(self._rebind_then(msg, src))
+        return False
+
+    async def _rebind_then(self, msg: bytes, src: tuple | None) -> None:
+        s = self.s
+        if src is None:
+            await s.masking.catch_up()
+        else:
+            await s.masking.lineage_load(src[0], None, src[1])
+        s.holds.side_task_done()
+        if s.closed:
+            return
+        s.holds.put_back([(msg[0], msg)])
+        s.holds.release([])
+
     def fast_path(self, on: bool) -> None:
         """Let the compiled client pipe forward what needs no Python (off while
         discarding after a refusal): statements the policy's cached decision allows,
@@ -422,6 +463,9 @@ class Enforcement:
                     if t == m.BIND and self.stmt_gens and not self.stale_bind(
                             msg, out, items[i + 1:]):
                         continue                # refused, or waits for a catalog read
+                    if t == m.BIND and s.masking is not None and not self.mask_bind(
+                            msg, out):
+                        continue                # waits for the catalog or the lineage
                     elif t == m.CLOSE and self.stmt_gens:
                         self.closed_statement(msg)
                     guard = s.guard
@@ -579,9 +623,11 @@ class Enforcement:
             self.pending_bodies = ()
             return BODIES_PENDING
         if d.action != "block" and s.masking is not None and self._masks_wait is not msg \
-                and s.masking.catalog_behind():
+                and s.masking.catalog_behind(None if _reads_only(d) else PARK_FRESH):
             # what may park masked values is judged on the catalog of now (DDL went by:
-            # a table may have become a masked table's parent)
+            # a table may have become a masked table's parent; a statement that writes is
+            # judged by masked columns' names at most PARK_FRESH old: a DBA may have
+            # renamed one directly upstream, CREATE TABLE loot AS SELECT social ...)
             self._masks_wait = msg
             self.pending_bodies = ()
             return BODIES_PENDING
@@ -1517,6 +1563,10 @@ def _changes(st) -> bool:
                     v is None or v.strip().lower() not in
                     ("on", "true", "yes", "1", "t", "tr", "tru", "y", "ye")))
                     for n, v in st.settings))
+
+
+# how old the mask catalog may be for judging a statement that writes (seconds)
+PARK_FRESH = 1.0
 
 
 def _reads_only(d) -> bool:

@@ -88,6 +88,16 @@ BODIES_PER_DATABASE = 10_000
 STICKY_PER_WORKER = 8192
 
 
+# how often masked sessions' catalogs are checked against DDL made directly upstream
+CATALOG_WATCH = 2.0
+# what changes when a column, a table, a view's definition or an inheritance link does
+# (each DDL writes new catalog rows): their count and the sum of their xmins
+CATALOG_FINGERPRINT_SQL = "SELECT pg_catalog.concat_ws('/', " + ", ".join(
+    f"(SELECT pg_catalog.count(*) || ':' || coalesce(pg_catalog.sum("
+    f"xmin::text::int8), 0) FROM pg_catalog.{t})"
+    for t in ("pg_class", "pg_attribute", "pg_rewrite", "pg_inherits", "pg_type")) + ")"
+
+
 def _same_masks(a, b) -> bool:
     """Whether two reads of a database's mask catalog mask the same columns under the
     same names (OIDs known aside)."""
@@ -278,13 +288,13 @@ class Server:
                  session.client_addr, f": {reason}" if reason else "")
         self.throttle.record_failure(session.peer, name=session.identity_name)
 
-    async def mask_catalog(self, database: str, need=()):
+    async def mask_catalog(self, database: str, need=(), max_age: float = CATALOG_TTL):
         """The masked columns of a database. Read again when DDL went through any
-        worker since (the shared generation), after CATALOG_TTL, or when a table OID
-        in ``need`` is not one it knows; concurrent callers share one read."""
+        worker since (the shared generation), after ``max_age`` (CATALOG_TTL), or when
+        a table OID in ``need`` is not one it knows; concurrent callers share one read."""
         cat = self._catalogs.get(database)
         if cat is not None and cat.generation == self.catalog_signal.generation() \
-                and time.monotonic() - cat.loaded <= CATALOG_TTL \
+                and time.monotonic() - cat.loaded <= max_age \
                 and all(o in cat.known for o in need):
             return cat
         task = self._catalog_loads.get(database)
@@ -298,7 +308,11 @@ class Server:
         sig = self.catalog_signal
         gen = sig.generation()          # a bump while reading makes this read stale
         old = self._catalogs.get(database)
+        # taken first: DDL after it moves it (see _masks_tick)
+        fingerprint = (await sideconn.run(self.link, database, [CATALOG_FINGERPRINT_SQL])
+                       )[0][0][0] if self.cfg.masks else None
         cat = await load_catalog(self.side, self.cfg.masks, database)
+        cat.fingerprint = fingerprint
         cat.known, cat.generation = frozenset(), gen
         if not self.cfg.masks:
             self._catalogs[database] = cat
@@ -338,6 +352,7 @@ class Server:
             # so sessions keep what they learned with it (the lineage of their prepared
             # statements: dropped, their computed columns would all come back masked)
             old.known, old.generation, old.loaded = cat.known, gen, cat.loaded
+            old.fingerprint = fingerprint
             self._catalogs[database] = old
             return old
         self._catalogs[database] = cat
@@ -399,6 +414,34 @@ class Server:
                 if st.stale or now - st.loaded > VIEW_MAP_TTL:
                     if any(s.database == database for s in self.sessions):
                         self._refresh_views(database, st)
+
+    async def _masks_tick(self) -> None:
+        # masked sessions' catalogs against DDL made directly upstream (a view redefined,
+        # a masked column moved to a new attnum, a table made a masked table's child):
+        # the sessions that are open never read the catalog again by themselves while
+        # every OID they meet is one it knows. A fingerprint of the catalog rows that
+        # say what a column holds is read every CATALOG_WATCH seconds; when it moves,
+        # the mask catalog is read again, and if that changed, every worker's sessions
+        # (and their compiled lanes) read it before their next rows leave.
+        while True:
+            await asyncio.sleep(CATALOG_WATCH)
+            dbs = {s.database for s in self.sessions if getattr(s, "masking", None) is not None}
+            for db in dbs:
+                old = self._catalogs.get(db)
+                if old is None or getattr(old, "fingerprint", None) is None:
+                    continue        # (being read: the read takes its own fingerprint)
+                try:
+                    fp = (await sideconn.run(self.link, db, [CATALOG_FINGERPRINT_SQL]))[0][0][0]
+                    if fp != old.fingerprint and self._catalogs.get(db) is old:
+                        cat = await self.mask_catalog(db, max_age=0.0)
+                        if cat is not old:
+                            log.info("masks: the catalog of database %s changed upstream; "
+                                     "sessions read it again", db)
+                            self.catalog_signal.bump()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:      # noqa: BLE001 - the next tick tries again
+                    log.debug("masks: catalog fingerprint of %s not read: %s", db, e)
 
     # -- function names: which calls the blast-radius guard must measure
     async def ready_function_names(self, database: str) -> None:
@@ -989,7 +1032,8 @@ class Server:
         """Background tasks, the admin server, the revocation watcher and the audit
         log, in that order; each bounded."""
         for t in list(self._background):
-            if t.get_coro().__name__ in ("_metrics_tick", "_views_tick", "_bodies_tick") or \
+            if t.get_coro().__name__ in ("_metrics_tick", "_views_tick", "_bodies_tick",
+                                         "_masks_tick") or \
                     t is self._heartbeat_task:
                 t.cancel()
         if self._background:
@@ -1031,6 +1075,8 @@ class Server:
                                        sessions=self.sessions_info, token=self.admin_token)
         self.background(self._metrics_tick())
         self.background(self._views_tick())
+        if self.cfg.masks:
+            self.background(self._masks_tick())
 
     def _services(self) -> Services:
         return Services(
