@@ -1747,29 +1747,28 @@ def _deferred_refusal(d, views, plan):
 
 
 # what makes the transaction's tuple counters of a relation go away or start again
-# (a dropped or discarded relation has none left; TRUNCATE zeroes them; a renamed one
-# is another name's): in a statement measured by those counters, rows it changed
+# (a dropped or discarded relation has none left; TRUNCATE zeroes them): in a statement
+# measured by those counters, rows it changed
 # elsewhere would be offset (red team 23: UPDATE big ... WHERE id <= 4000; DISCARD TEMP
 # in one Query, after updates of a temporary table earlier in the transaction)
 _UNCOUNTING = frozenset({"discard", "drop", "truncate"})
+_ROW_KINDS = frozenset({"insert", "update", "delete", "merge"})
 
 
 def _uncounting(st) -> bool:
-    kinds = st.kinds or (st.kind,)
-    return bool(_UNCOUNTING.intersection(kinds)) or (
-        "alter" in kinds and "destructive" in st.flags)
+    return bool(_UNCOUNTING.intersection(st.kinds or (st.kind,)))
 
 
 def _uncounting_refusal(d):
     st = next((st for st in d.statements if _uncounting(st)), None)
-    if st is None:
-        return d
+    if st is None or len(d.statements) == 1 and not _ROW_KINDS.intersection(st.kinds):
+        return d        # (alone, it changes no rows the counters would lose)
     what = st.text.strip().split(None, 2)
     return Decision(
         action="block", rule="blast-radius",
         message=f'pgguard: statement refused by rule "blast-radius": its row limit is '
                 f"measured by the transaction's per-table row counters, and its "
-                f"{' '.join(what[:2]).upper()} drops, empties or renames a relation, "
+                f"{' '.join(what[:2]).upper()} drops or empties a relation, "
                 f"which takes that relation's counters out of the count",
         detail=f"statement: {st.text[:200]}",
         hint="Send that statement on its own, before or after the one that changes rows.",
