@@ -193,8 +193,9 @@ class LaneState:
             self.fast_owed -= 1
             # (idle by the answers still owed here, not the model's count, which has
             # read the whole chunk already: see MaskState.feed)
-            if self.s.in_flight() <= 0 and self.fast_owed <= 0 and not any(
-                    e[0] == K_READY or e[0] == K_SYNC for e in self.expect):
+            if self.fast_owed <= 0 and not any(
+                    e[0] == K_READY or e[0] == K_SYNC for e in self.expect) and \
+                    self.s.in_flight() <= 0:
                 self.masked_reads = 0
                 if data[5] == m.TX_IDLE:    # the transaction ended
                     self.txn_tainted = False

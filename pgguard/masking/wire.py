@@ -757,7 +757,8 @@ class MaskState(LaneState):
             if portal != b"\0":
                 self._touched[portal] = (self._epoch, pure)
             if self.masks_on and portal != b"\0" and len(msg) == len(portal) + 10 and (
-                    stale or not any(e[0] == K_BIND and e[1] == portal for e in self.expect)
+                    stale or not any(e[0] == K_BIND and e[1] == portal
+                                     for e in reversed(self.expect))
                     and (portal not in self.portals
                          or portal.decode("utf-8", "replace") in self.cursors)):
                 # a portal no Bind of the session made (or a SQL cursor's since: DECLARE
@@ -1087,8 +1088,10 @@ class MaskState(LaneState):
         # count: the model's (in_flight) has read the whole chunk already, later
         # segments' ReadyForQuery included (round 19: two failing segments of a masked
         # statement in one write; the second's error went out in clear)
-        if self.s.in_flight() <= 0 and not any(e[0] == K_READY or e[0] == K_SYNC
-                                               for e in q):
+        # (the queue first: in a long pipeline it holds the next Sync at its head, while
+        # in_flight() counts the model's whole queue at each ReadyForQuery)
+        if not any(e[0] == K_READY or e[0] == K_SYNC for e in q) and \
+                self.s.in_flight() <= 0:
             self.masked_reads = 0
             if data[5] == m.TX_IDLE:                        # the transaction ended
                 self.txn_tainted = False

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import struct
@@ -404,10 +405,20 @@ class Enforcement:
         out: list[bytes] = []
         scan = s.fscan
         strict = s.services.audit_strict and s.tracker is not None
+        done = 0
         while True:
             for i, it in enumerate(items):
                 if s.holds.held is not None:       # a hold began: keep the rest, in order
                     s.holds.more(items[i:])
+                    return
+                done += 1
+                if done > CLIENT_SLICE and not self.discarding:
+                    # a long batch (a pipeline of thousands of messages in one write):
+                    # the rest waits for the next turn of the loop, so that one client
+                    # cannot keep every other session of the worker waiting (red team
+                    # 23: 50,000 Bind / Execute / Sync stalled logins for 12 s)
+                    s.holds.begin(out, [], items[i:])
+                    s.holds.side_task(self._next_turn())
                     return
                 if it.__class__ is bytes:
                     if not self.discarding:
@@ -447,7 +458,7 @@ class Enforcement:
                     self._forward_rejected(t, msg, out)
                 elif t == m.QUERY:
                     n = len(out)
-                    self._on_query(msg, out, items[i + 1:])
+                    self._on_query(msg, out, _Rest(items, i + 1))
                     if strict and len(out) > n and out[-1] is msg:
                         s.holds.for_record(out, items[i + 1:])
                         return
@@ -461,7 +472,7 @@ class Enforcement:
                         return          # its function is looked up: the stream waits
                 else:                           # Bind / Describe / Execute / Sync / ...
                     if t == m.BIND and self.stmt_gens and not self.stale_bind(
-                            msg, out, items[i + 1:]):
+                            msg, out, _Rest(items, i + 1)):
                         continue                # refused, or waits for a catalog read
                     if t == m.BIND and s.masking is not None and not self.mask_bind(
                             msg, out):
@@ -525,6 +536,13 @@ class Enforcement:
         if out:
             s.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
+
+    async def _next_turn(self) -> None:
+        await asyncio.sleep(0)
+        s = self.s
+        s.holds.side_task_done()
+        if not s.closed:
+            s.holds.release([])
 
     def _forward_rejected(self, t: int, msg: bytes, out: list) -> None:
         """A Query or Parse that Postgres refuses as malformed (_pg_rejects): sent on
@@ -1421,6 +1439,17 @@ class Enforcement:
         """ReadyForQuery messages forwarded outside Python (the masking lane)."""
         self.z_count += n
 
+    def _backend_rest(self, rest: list, routed: bool) -> None:
+        s = self.s
+        if s.closed:
+            return
+        mask = s.masking
+        self.backend_items(rest, routed)
+        if len(rest) <= BACKEND_SLICE and not s.closed and (
+                mask is None or mask.held is None):
+            # (a mask catalog read the rows wait for resumes reading itself)
+            s.up.transport.resume_reading()
+
     def backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
@@ -1431,6 +1460,14 @@ class Enforcement:
         guard = s.guard
         if mask is not None and mask.holding(items):
             return                      # rows wait for the mask catalog: keep order
+        if len(items) > BACKEND_SLICE and (routed or guard is None or not guard.chain) \
+                and not s.closed:
+            # the answers of a long pipeline: the rest after the next turn of the loop,
+            # the upstream unread meanwhile (nothing can come between them)
+            rest = items[BACKEND_SLICE:]
+            items = items[:BACKEND_SLICE]
+            s.up.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._backend_rest, rest, routed)
         seq = iter(items if routed or guard is None or not guard.chain
                    else self._routed(items))
         for it in seq:
@@ -1744,6 +1781,29 @@ def _deferred_refusal(d, views, plan):
         return d
     return unguarded_refusal(d, how, hint="Ask a DBA to run it, or to make the "
                                           "constraint triggers NOT DEFERRABLE.")
+
+
+# client messages (backend messages) Python takes in one turn of the event loop (then
+# the rest waits for the next)
+CLIENT_SLICE = 1024
+BACKEND_SLICE = 1024
+
+
+class _Rest:
+    """``items[start:]``, copied only when used: each message of a long pipeline took
+    the rest of its batch as a fresh list (red team 23: 50,000 Bind / Execute / Sync in
+    one write kept the worker busy for seconds, every other session waiting)."""
+
+    __slots__ = ("items", "start")
+
+    def __init__(self, items: list, start: int) -> None:
+        self.items, self.start = items, start
+
+    def __iter__(self):
+        return itertools.islice(self.items, self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.items) - self.start)
 
 
 # what makes the transaction's tuple counters of a relation go away or start again
