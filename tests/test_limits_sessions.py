@@ -96,6 +96,45 @@ def test_connections_that_never_log_in_leave_room(capped):
     _eventually(capped.dsn(HUMAN, HUMAN_PASSWORD))
 
 
+def test_connections_that_never_log_in_do_not_keep_logins_out(capped):
+    # (red team 23) they fill the slots and stay (or reconnect as soon as they are
+    # closed): a login still gets in, taking the slot of the oldest connection of the
+    # address that holds the most of them
+    stalled = []
+    try:
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", capped.port))
+            s.sendall(b"\x00\x00\x00")
+            stalled.append(s)
+        time.sleep(1.1)
+        # (all within the test config's startup_timeout, 5 s, which ends them anyway)
+        for round_ in range(2):
+            with psycopg.connect(capped.dsn(HUMAN, HUMAN_PASSWORD)) as h:
+                assert h.execute("SELECT 1").fetchone() == (1,)
+            # the stalled one closed for it, the attacker's way: a new one in its place
+            closed = []
+            for s in stalled:
+                s.settimeout(0.2)
+                try:
+                    if s.recv(1) == b"":
+                        closed.append(s)
+                except (TimeoutError, socket.timeout):
+                    pass
+                except OSError:
+                    closed.append(s)
+            assert len(closed) == 1, (round_, len(closed))
+            for s in closed:
+                stalled.remove(s)
+                s.close()
+                n = socket.create_connection(("127.0.0.1", capped.port))
+                n.sendall(b"\x00\x00\x00")
+                stalled.append(n)
+            time.sleep(1.1)
+    finally:
+        for s in stalled:
+            s.close()
+
+
 def test_auto_keeps_a_tenth_of_the_upstreams_slots_for_everyone_else():
     from pgguard import config
     from pgguard.proxy.server import agent_cap

@@ -88,6 +88,9 @@ BODIES_PER_DATABASE = 10_000
 STICKY_PER_WORKER = 8192
 
 
+# a connection logging in longer than this may be closed to admit a new one while
+# limits.max_logging_in are (see Services._crowding)
+CROWD_AGE = 1.0
 # how often masked sessions' catalogs are checked against DDL made directly upstream
 CATALOG_WATCH = 2.0
 # what changes when a column, a table, a view's definition or an inheritance link does
@@ -909,16 +912,45 @@ class Server:
             session.refuse(TooManyConnections("sorry, too many clients already"))
             return False
         if len(self._logging_in) >= self.cfg.limits.max_logging_in:
+            victim = self._crowding()
+            if victim is not None:
+                # the address holding the most of the slots gives up its oldest (red team
+                # 23: 256 connections that sent nothing kept every login out, refused for
+                # as long as their sender reconnected)
+                log.info("session %s from %s: still logging in after %.1f s while %d "
+                         "connections are; closed to admit a new one", victim.id,
+                         victim.client_addr, time.monotonic() - victim.admitted_at,
+                         len(self._logging_in))
+                self._logging_in.discard(victim)
+                victim.close()
+        if len(self._logging_in) >= self.cfg.limits.max_logging_in:
             session.refuse(TooManyConnections(
                 "sorry, too many clients already",
                 detail=f"{len(self._logging_in)} connections are logging in "
                        f"(limits.max_logging_in = {self.cfg.limits.max_logging_in})"))
             return False
+        session.admitted_at = time.monotonic()
         self._logging_in.add(session)
         self.sessions.add(session)
         self.m_sessions.inc()
         self._idle.clear()
         return True
+
+    def _crowding(self):
+        """The oldest connection still logging in, of the client address that holds
+        the most such connections, when it has waited longer than CROWD_AGE (a login
+        takes far less); None otherwise."""
+        by_host: dict = {}
+        for s in self._logging_in:
+            peer = s.peer
+            by_host.setdefault(peer[0] if isinstance(peer, tuple) else peer, []).append(s)
+        if not by_host:
+            return None
+        crowd = max(by_host.values(), key=len)
+        oldest = min(crowd, key=lambda s: s.admitted_at)
+        if len(crowd) < 2 or time.monotonic() - oldest.admitted_at < CROWD_AGE:
+            return None
+        return oldest
 
     def logged_in(self, session) -> bool:
         """``session`` authenticated: no longer counted as logging in; an agent's
