@@ -122,3 +122,26 @@ def test_logging_in_as_another_name_does_not_reset_the_guesses(make_proxy):
     # after two failures every attempt waits (1 s, 2 s, ...) or is refused outright
     assert time.monotonic() - t0 > 2.5 or "28000" in codes, (codes, time.monotonic() - t0)
     assert "ok" not in codes
+
+
+def test_refused_logins_are_in_the_audit(make_proxy):
+    # (red team 23) a login refused by the throttle left no record: 30 guesses showed as
+    # 12 auth_failed. Each address's refusals are recorded, at most one record a second,
+    # saying how many more were refused since the last one.
+    from exactlib import audit_rows
+    proxy = make_proxy(extra=THROTTLE)
+    for _ in range(2):
+        assert _burst(proxy.port, 1)[0][0] == "28P01"
+    got = _burst(proxy.port, 20)
+    refused = [r for r in got if r[0] == "28000"]
+    assert refused
+    time.sleep(1.1)
+    got += _burst(proxy.port, 5)
+    refused = [r for r in got if r[0] == "28000"]
+    proxy.stop()
+    rows = audit_rows(proxy, "SELECT error, sqlstate, identity FROM audit WHERE "
+                             "event = 'auth_failed' AND error LIKE 'too many failed%'")
+    assert rows and all(r[1] == "28000" and r[2] == AGENT for r in rows), rows
+    told = sum(1 + int(r[0].rsplit("(", 1)[1].split()[0]) if "more refused" in r[0] else 1
+               for r in rows)
+    assert 2 <= len(rows) <= len(refused) and told <= len(refused), (rows, len(refused))

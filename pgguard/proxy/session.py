@@ -379,11 +379,19 @@ class Session:
         name = self.identity_name
         delay = sv.throttle.delay_for(self.peer)
         if delay is None:
-            raise AuthRejected(
+            e = AuthRejected(
                 "too many failed authentication attempts from this address",
                 detail="Attempts from one address are answered one per throttle delay; "
                        "this one would have waited longer than [auth] throttle_max_delay.",
                 hint="Wait, then try again with the right credentials.")
+            said = _throttled_said(self.client_addr_host())
+            if said is not None:
+                # (at most one record a second per address: a flood of refused logins
+                # would otherwise be a flood of records; the count says how many)
+                self._audit_event("auth_failed", error=e.message + (
+                    f" ({said} more refused since the last record)" if said else ""),
+                    sqlstate=e.sqlstate)
+            raise e
         if delay:
             # nothing the client sends meanwhile is read (or buffered)
             c.transport.pause_reading()
@@ -982,6 +990,10 @@ class Session:
             t.write(m.error_response(err.sqlstate, err.message, severity=err.severity,
                                      detail=err.detail, hint=err.hint))
 
+    def client_addr_host(self) -> str:
+        peer = self.peer
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
     def client_gone(self) -> None:
         self.close()
 
@@ -1075,6 +1087,24 @@ class Session:
 
 # connections refused at admission still negotiating (see Session.refuse): at most so
 # many at once per worker, each for at most so long
+# throttled logins recorded: per client address, (when last recorded, refused since)
+_THROTTLED: dict[str, list] = {}
+
+
+def _throttled_said(host: str) -> int | None:
+    """How many throttled logins of ``host`` went unrecorded since its last record,
+    when one is due now (at most one a second per address); None: not yet."""
+    now = time.monotonic()
+    got = _THROTTLED.get(host)
+    if got is not None and now - got[0] < 1.0:
+        got[1] += 1
+        return None
+    if len(_THROTTLED) > 4096:
+        _THROTTLED.clear()
+    _THROTTLED[host] = [now, 0]
+    return 0 if got is None else got[1]
+
+
 REFUSED_MAX = 64
 REFUSED_WAIT = 5.0
 _REFUSED: set = set()
