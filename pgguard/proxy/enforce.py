@@ -285,10 +285,8 @@ class Enforcement:
         if not gens:
             return True
         s = self.s
-        try:
-            end = msg.index(b"\0", 5)
-            name = msg[end + 1:msg.index(b"\0", end + 1)]
-        except ValueError:
+        name = _bind_statement(msg)
+        if name is None:
             return True                 # malformed: Postgres answers it
         gen = gens.get(name)
         now = s.client_pipe.generation
@@ -339,10 +337,8 @@ class Enforcement:
             s.holds.begin(out, [])
             s.holds.side_task(self._rebind_then(msg, None))
             return False
-        try:
-            end = msg.index(b"\0", 5)
-            name = msg[end + 1:msg.index(b"\0", end + 1)]
-        except ValueError:
+        name = _bind_statement(msg)
+        if name is None:
             return True                 # malformed: Postgres answers it
         src = mask.relineage(name)
         if src is None:
@@ -1781,6 +1777,15 @@ def _deferred_refusal(d, views, plan):
         return d
     return unguarded_refusal(d, how, hint="Ask a DBA to run it, or to make the "
                                           "constraint triggers NOT DEFERRABLE.")
+
+
+def _bind_statement(msg: bytes) -> bytes | None:
+    """The statement name a Bind names (None: malformed)."""
+    try:
+        end = msg.index(b"\0", 5)
+        return msg[end + 1:msg.index(b"\0", end + 1)]
+    except ValueError:
+        return None
 
 
 # client messages (backend messages) Python takes in one turn of the event loop (then
