@@ -410,10 +410,11 @@ class Enforcement:
                 done += 1
                 if done > CLIENT_SLICE and not self.discarding:
                     # a long batch (a pipeline of thousands of messages in one write):
-                    # the rest waits for the next turn of the loop, so that one client
-                    # cannot keep every other session of the worker waiting (red team
-                    # 23: 50,000 Bind / Execute / Sync stalled logins for 12 s)
-                    s.holds.begin(out, [], items[i:])
+                    # the rest waits for the next turn of the loop (what arrives
+                    # meanwhile kept raw), so that one client cannot keep every other
+                    # session of the worker waiting (red team 23: 50,000 Bind /
+                    # Execute / Sync stalled logins for 12 s)
+                    s.holds.begin_turn(out, items[i:])
                     s.holds.side_task(self._next_turn())
                     return
                 if it.__class__ is bytes:
@@ -532,8 +533,8 @@ class Enforcement:
         if out:
             s.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-
     async def _next_turn(self) -> None:
+        # the rest of a long batch (client_items), at the next turn of the loop
         await asyncio.sleep(0)
         s = self.s
         s.holds.side_task_done()

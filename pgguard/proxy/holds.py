@@ -218,6 +218,20 @@ class Holds:
         s.client_pipe.sink_to(reader)
         self.more(list(later))
 
+    def begin_turn(self, out: list, later: list) -> None:
+        """``begin`` for the rest of a long batch taken up at the next turn of the loop
+        (Enforcement.client_items): the scan's unread rest stays in the scan (read
+        after ``later`` when the hold ends, never scanned twice); what arrives
+        meanwhile is kept raw behind it."""
+        s = self.s
+        if out:
+            s.up.transport.write(b"".join(out))
+            out.clear()
+        self.held = []
+        self.items = later
+        reader = self.reader = RawReader(s)
+        s.client_pipe.sink_to(reader)
+
     def begin_clear(self) -> None:
         """``begin`` with nothing to write and nothing scanned after the held point
         (the compiled pipe's guard lane)."""
