@@ -331,3 +331,55 @@ def test_password_message_of_impossible_length_fails_the_login(pg, proxy, bad):
         assert [errors([m])[0]["C"] for m in msgs] == ["28P01"], (port, msgs)
         assert f'password authentication failed for user "{user}"' in \
             errors(msgs)[0]["M"]
+
+
+def test_a_flood_of_forged_cancel_keys_keeps_logins_and_real_cancels(pg, proxy):
+    # (red team 23) each CancelRequest opened an upstream connection: forged keys sent
+    # from many threads filled Postgres' accept queue, logins failed, and a real cancel
+    # was lost (on the red team's machine; this flood, a few seconds long, did not make
+    # the test's Postgres refuse logins before the bound either). Keys of this worker's
+    # sessions always go; others within bounds (16 at once, 20 a second an address).
+    import random
+
+    stop = threading.Event()
+    sent = [0]
+
+    def flood():
+        while not stop.is_set():
+            try:
+                s = socket.create_connection(("127.0.0.1", proxy.port))
+                s.sendall(struct.pack("!IIII", 16, 80877102, random.randrange(1, 2**22),
+                                      random.randrange(2**32)))
+                s.close()
+                sent[0] += 1
+            except OSError:
+                pass
+
+    before = pg.execute("SELECT count(*) FROM pg_stat_activity")[0][0]
+    floods = [threading.Thread(target=flood) for _ in range(4)]
+    for t in floods:
+        t.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(5):      # logins go on
+            with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+                assert c.execute("SELECT 1").fetchone() == (1,)
+        # and a real cancel goes through (the key of a session of this worker)
+        with psycopg.connect(proxy.dsn()) as conn:
+            timer = threading.Timer(0.5, conn.cancel)
+            timer.start()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(30)")
+            conn.rollback()
+    finally:
+        stop.set()
+        for t in floods:
+            t.join(10)
+    assert sent[0] > 200, sent[0]
+    # no connection left over upstream from the flood
+    deadline = time.monotonic() + 10
+    while pg.execute("SELECT count(*) FROM pg_stat_activity")[0][0] > before + 1 and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pg.execute("SELECT count(*) FROM pg_stat_activity")[0][0] <= before + 1
+    assert proxy.output().count("could not forward a cancel request") <= 3

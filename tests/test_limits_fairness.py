@@ -14,7 +14,7 @@ import pytest
 import rawpg
 from conftest import AGENT, AGENT_PASSWORD
 from guarded import guarded_proxy
-from mask_corpus import MASKS
+from mask_corpus import MASKS, seed
 
 DB = "appdb"
 N = 30_000
@@ -22,6 +22,7 @@ N = 30_000
 
 @pytest.fixture(scope="module")
 def fproxy(pg, tmp_path_factory):
+    seed(pg)
     with guarded_proxy(pg, tmp_path_factory.mktemp("fairness"), extra=MASKS) as p:
         yield p
 

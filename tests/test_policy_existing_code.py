@@ -284,3 +284,34 @@ def test_an_alias_of_a_built_in_is_judged_as_the_built_in(eproxy, pg, psql_bin, 
             assert c.execute("SELECT ec_up('ab')").fetchone() == ("AB",)
     finally:
         victim.close()
+
+
+def test_an_alias_of_an_extensions_c_function_is_judged_whatever_the_library_path(
+        eproxy, pg):
+    # (red team 23, helper 127) the library was compared as a string: an alias of
+    # adminpack's pg_file_write naming 'adminpack', an absolute path or '.so' wrote files
+    # into the data directory for an agent. Compared by the library's file name now.
+    pg.execute("CREATE EXTENSION IF NOT EXISTS adminpack", dbname=DB)
+    prosrc, probin = pg.execute(
+        "SELECT prosrc, probin FROM pg_proc WHERE proname = 'pg_file_write'", dbname=DB)[0]
+    libdir = pg.execute("SELECT setting FROM pg_config WHERE name = 'PKGLIBDIR'",
+                        dbname=DB)[0][0]
+    spellings = [probin, "adminpack", f"{libdir}/adminpack.so", "$libdir/adminpack.so",
+                 f"{libdir}/../lib/adminpack"]
+    for i, lib in enumerate(spellings):
+        pg.execute(f"CREATE OR REPLACE FUNCTION ec_fw{i}(text, text, bool) RETURNS bigint "
+                   f"LANGUAGE c STRICT AS '{lib}', '{prosrc}'; "
+                   f"GRANT EXECUTE ON FUNCTION ec_fw{i}(text, text, bool) TO {UPSTREAM_USER}",
+                   dbname=DB)
+    try:
+        with psycopg.connect(eproxy.dsn(dbname=DB), autocommit=True) as c:
+            for i in range(len(spellings)):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    c.execute(f"SELECT ec_fw{i}('ec_written_{i}', 'x', false)")
+                assert "same code as pg_file_write()" in str(e.value), (spellings[i], e.value)
+        for i in range(len(spellings)):
+            assert pg.execute(f"SELECT count(*) FROM pg_ls_dir('.') f WHERE f = 'ec_written_{i}'",
+                              dbname=DB)[0][0] == 0
+    finally:
+        pg.execute("; ".join(f"DROP FUNCTION IF EXISTS ec_fw{i}(text, text, bool)"
+                             for i in range(len(spellings))), dbname=DB)

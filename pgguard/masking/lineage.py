@@ -63,6 +63,7 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
+from .._core.framing import FrameReader
 from ..protocol import messages as m
 from ..protocol.messages import parse_row_description
 from ..protocol.sqltext import ident, literal
@@ -1440,7 +1441,9 @@ def remember(key: tuple, lin: Lineage) -> None:
 
 
 class _Link:
-    """One persistent side connection per (side link, database), used one call at a time."""
+    """A persistent side connection of a (side link, database), used one call at a time
+    (LINKS_PER_DATABASE of them, so one session's slow plans do not hold every other
+    session's)."""
 
     def __init__(self) -> None:
         self.proto = None
@@ -1451,7 +1454,25 @@ class _Link:
         self.unread = False
 
 
-_LINKS: dict[tuple[int, str], _Link] = {}
+_LINKS: dict[tuple[int, str], list[_Link]] = {}
+LINKS_PER_DATABASE = 3
+# the largest message read on a lineage link: a plan beyond PLAN_MAX is not read anyway
+# (a constant of 100 MB in a select list made the plan that big: read whole, it took
+# the worker's memory and time; refused by its declared length, it is never buffered)
+LINK_MESSAGE_MAX = PLAN_MAX + (256 << 10)
+
+
+def _pick(key: tuple[int, str]) -> _Link:
+    links = _LINKS.get(key)
+    if links is None:
+        links = _LINKS[key] = [_Link()]
+    for link in links:
+        if not link.lock.locked():
+            return link
+    if len(links) < LINKS_PER_DATABASE:
+        links.append(_Link())
+        return links[-1]
+    return min(links, key=lambda k: len(getattr(k.lock, "_waiters", None) or ()))
 
 
 def _frame(t: bytes, body: bytes) -> bytes:
@@ -1480,10 +1501,7 @@ async def analyse(side: SideLink, database: str, sql: bytes, param_oids: tuple[i
                   masked_rel: dict, masked_cols: set[tuple[int, int]],
                   role: str | None = None, on_drift=None) -> Lineage:
     """The lineage of one statement (see the module docstring); UNRESOLVED on failure."""
-    key = (id(side), database)
-    link = _LINKS.get(key)
-    if link is None:
-        link = _LINKS[key] = _Link()
+    link = _pick((id(side), database))
     async with link.lock:
         try:
             return await asyncio.wait_for(
@@ -1527,6 +1545,8 @@ async def _analyse(side, database, link, sql, param_oids, masked_rel, masked_col
     if link.proto is None or link.proto.transport.is_closing():
         link.proto = await side.connect(database, "pgguard:lineage")
         link.unread = False
+        if link.proto.reader.buffered == 0:
+            link.proto.reader = FrameReader(True, LINK_MESSAGE_MAX)
     proto = link.proto
     # names resolve as in the masked session, which pgguard starts with search_path =
     # public (not the upstream's "$user", public: a schema named like the upstream role

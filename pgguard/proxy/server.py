@@ -88,11 +88,15 @@ BODIES_PER_DATABASE = 10_000
 STICKY_PER_WORKER = 8192
 
 
+# cancel requests forwarded upstream at once (each opens a connection), and from one
+# client address in a second, for keys that are not of this worker's sessions
+CANCEL_OPEN_MAX = 16
+CANCEL_RATE = 20
 # a connection logging in longer than this may be closed to admit a new one while
 # limits.max_logging_in are (see Services._crowding)
 CROWD_AGE = 1.0
 # how often masked sessions' catalogs are checked against DDL made directly upstream
-CATALOG_WATCH = 2.0
+CATALOG_WATCH = 1.0
 # what changes when a column, a table, a view's definition or an inheritance link does
 # (each DDL writes new catalog rows): their count and the sum of their xmins
 CATALOG_FINGERPRINT_SQL = "SELECT pg_catalog.concat_ws('/', " + ", ".join(
@@ -177,6 +181,10 @@ class Server:
         self.catalog_signal = catalog_signal or CatalogSignal(1)
         self.sessions: set = set()
         self._logging_in: set = set()       # admitted, not yet authenticated
+        self._cancels_open = 0              # upstream connections forwarding a cancel
+        self._cancel_rate: dict[str, list] = {}     # host -> [second began, count]
+        self._cancels_dropped = 0
+        self._cancel_said = -1e9            # when a cancel warning was last logged
         self._agent_sessions: set = set()   # authenticated sessions of agent identities
         cap = cfg.limits.agent_sessions
         self._agent_cap: int | None = None if cap == "auto" else cap   # None: not read yet
@@ -999,11 +1007,48 @@ class Server:
         if not self.sessions:
             self._idle.set()
 
-    async def forward_cancel(self, pid: int, secret: int) -> None:
+    async def forward_cancel(self, pid: int, secret: int, host: str = "") -> None:
         try:
             upid, usecret = self.cancel_cipher.decode(pid, secret)
         except ValueError:
             return
+        # a key of one of this worker's sessions always goes; others (a session of
+        # another worker, or a forged key: pgguard cannot tell them apart) within
+        # bounds: each opens an upstream connection, and a flood of them filled the
+        # upstream's accept queue until logins failed (red team 23)
+        mine = any(s.upstream_key == (upid, usecret) for s in self.sessions)
+        if not mine and not self._cancel_admit(host):
+            return
+        self._cancels_open += 1
+        try:
+            await self._forward_cancel(pid, secret, upid, usecret)
+        finally:
+            self._cancels_open -= 1
+
+    def _cancel_admit(self, host: str) -> bool:
+        now = time.monotonic()
+        if self._cancels_open >= CANCEL_OPEN_MAX:
+            self._cancel_dropped(now, "upstream cancel connections already open")
+            return False
+        got = self._cancel_rate.get(host)
+        if got is None or now - got[0] >= 1.0:
+            if len(self._cancel_rate) > 4096:
+                self._cancel_rate.clear()
+            self._cancel_rate[host] = [now, 1]
+            return True
+        got[1] += 1
+        if got[1] > CANCEL_RATE:
+            self._cancel_dropped(now, f"more than {CANCEL_RATE} a second from {host}")
+            return False
+        return True
+
+    def _cancel_dropped(self, now: float, why: str) -> None:
+        self._cancels_dropped += 1
+        if now - self._cancel_said >= 10.0:
+            self._cancel_said = now
+            log.warning("cancel requests dropped (%d so far): %s", self._cancels_dropped, why)
+
+    async def _forward_cancel(self, pid: int, secret: int, upid: int, usecret: int) -> None:
         if self.approvals is not None:
             try:
                 withdrawn = await asyncio.to_thread(self.approvals.withdraw_cancel_key,
@@ -1028,7 +1073,10 @@ class Server:
                 await reader.read()
                 writer.close()
         except (OSError, TimeoutError) as e:
-            log.warning("could not forward a cancel request upstream: %s", e)
+            now = time.monotonic()
+            if now - self._cancel_said >= 10.0:
+                self._cancel_said = now
+                log.warning("could not forward a cancel request upstream: %s", e)
 
     def start_control(self) -> None:
         """Listen to the control database and beat (a fleet member): every worker."""

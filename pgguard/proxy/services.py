@@ -38,7 +38,7 @@ class Front:
     startup_timeout: float                      # seconds, startup and login together
     client_ssl: object | None                   # ssl.SSLContext when [listen] has TLS
     cancel_cipher: CancelKeyCipher              # BackendKeyData the client sees
-    forward_cancel: Callable[[int, int], Awaitable[None]]
+    forward_cancel: Callable[..., Awaitable[None]]
     bearer_enabled: bool                        # tokens or OIDC accepted as passwords
     oidc: object | None
     verifier_for: Callable[[str], object]       # SCRAM verifier (a fake for unknown names)

@@ -331,7 +331,8 @@ class Session:
                     # shielded: a client that closes (or half-closes) right after
                     # sending it closes this session first, and Postgres would still
                     # have honoured the request
-                    task = asyncio.ensure_future(self.front.forward_cancel(pid, secret))
+                    task = asyncio.ensure_future(self.front.forward_cancel(
+                        pid, secret, self.client_addr_host()))
                     _CANCELS.add(task)
                     task.add_done_callback(_CANCELS.discard)
                     await asyncio.shield(task)

@@ -421,7 +421,8 @@ async def drop_role(link: UpstreamLink, database: str, role: str, successor: str
 # definition (the CREATE text) of SQL and PL/pgSQL functions and procedures, and the
 # support functions of an aggregate (they run when it is called); and for a function in
 # C or `internal`, the other functions (built-ins, an extension's) whose code it runs:
-# the same symbol of the same library (an alias a DBA made of pg_terminate_backend)
+# the same symbol of the same library, by the library's file name however the path is
+# spelled ('$libdir/adminpack', '/usr/lib/.../adminpack.so', 'adminpack')
 FUNCTION_DEFINITIONS_SQL = """
 SELECT n.nspname, p.proname, p.oid, l.lanname, p.prokind, p.prosecdef, p.provolatile,
        pg_catalog.array_to_string(p.proconfig, ', '),
@@ -439,7 +440,10 @@ SELECT n.nspname, p.proname, p.oid, l.lanname, p.prokind, p.prosecdef, p.provola
         FROM pg_catalog.pg_proc a
         JOIN pg_catalog.pg_namespace an ON an.oid = a.pronamespace
         WHERE a.prolang = p.prolang AND a.prosrc = p.prosrc AND a.proname <> p.proname
-          AND a.probin IS NOT DISTINCT FROM p.probin) END
+          AND pg_catalog.regexp_replace(pg_catalog.regexp_replace(
+                coalesce(a.probin, ''), '^.*/', ''), '\\.so$', '')
+            = pg_catalog.regexp_replace(pg_catalog.regexp_replace(
+                coalesce(p.probin, ''), '^.*/', ''), '\\.so$', '')) END
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
