@@ -119,6 +119,33 @@ def test_a_renamed_column_is_not_kept_in_clear(rt23proxy, pg, renamed, sql):
                       dbname=DB)[0][0] == 0
 
 
+@pytest.mark.parametrize("ddl,undo,sql", [
+    ("ALTER TABLE customers RENAME ssn TO social", "ALTER TABLE customers RENAME social TO ssn",
+     "INSERT INTO rt23_zc SELECT id, replace(social, '-', '') FROM customers"),
+    ("ALTER TABLE customers RENAME TO clients", "ALTER TABLE clients RENAME TO customers",
+     "INSERT INTO rt23_zc SELECT id, replace(ssn, '-', '') FROM clients"),
+    ("ALTER TABLE customers RENAME email TO contact",
+     "ALTER TABLE customers RENAME contact TO email",
+     "CREATE TEMP TABLE rt23_zc2 AS SELECT id, reverse(contact) AS v FROM customers"),
+], ids=["column", "table", "ctas"])
+def test_a_write_right_after_a_rename_upstream_is_judged_on_the_names_of_now(
+        rt23proxy, pg, ddl, undo, sql):
+    # (helper 127) the names were those of a catalog up to a second old: right after
+    # the rename, INSERT ... SELECT replace(social, '-', '') kept the clear values in a
+    # table the agent then read. A write that reads checks the catalog's fingerprint first.
+    with psycopg.connect(rt23proxy.dsn(dbname=DB), autocommit=True) as c:
+        c.execute("CREATE TEMP TABLE rt23_zc (id int, v text)")
+        assert c.execute("SELECT count(*) FROM customers").fetchone()[0] == 3
+        pg.execute(ddl, dbname=DB)
+        try:
+            with pytest.raises(psycopg.Error) as e:
+                c.execute(sql)
+            assert "masking" in str(e.value), str(e.value)
+            assert c.execute("SELECT count(*) FROM rt23_zc").fetchone() == (0,)
+        finally:
+            pg.execute(undo, dbname=DB)
+
+
 def test_a_catalog_read_again_unchanged_keeps_what_sessions_learned(rt23proxy, pg):
     # (the slow one) the read past the TTL finds nothing changed: a prepared statement's
     # computed clean column still comes back as Postgres answers it, not masked as a

@@ -380,6 +380,7 @@ class MaskState(LaneState):
         self._drift_at = -1.0               # when _drifted last had the catalog read
         self._drift_n = self._drift_seen = 0    # _drifted calls, and as _learn saw them
         self._want_age = CATALOG_TTL        # how fresh a catalog catch_up reads
+        self._verify = False                # catch_up checks the fingerprint first
         self._take_masked_names()
 
     # -- which columns are masked for this identity
@@ -1249,11 +1250,31 @@ class MaskState(LaneState):
             return True
         return False
 
+    def verify_next(self) -> None:
+        """The next catch_up checks the catalog's fingerprint first (and reads it again
+        only when it moved): for statements judged by masked columns' names."""
+        self._verify = True
+
     async def catch_up(self) -> None:
         """Read the catalog again (shared with the other sessions) and use it: one read
         at the current generation (a read already in flight may predate the DDL)."""
         sig = self.s.services.catalog_signal
         age, self._want_age = self._want_age, CATALOG_TTL
+        if self._verify:
+            self._verify = False
+            s = self.s
+            cat = self.catalog
+            try:
+                fp = await s.services.catalog_fingerprint(s.database)
+            except Exception as e:      # noqa: BLE001 - unknown: read the catalog
+                log.debug("session %s: catalog fingerprint not read: %s", s.id, e)
+                fp = None
+            if fp is not None and fp == getattr(cat, "fingerprint", None) and \
+                    cat.generation == sig.generation() and \
+                    time.monotonic() - cat.loaded <= age:
+                return
+            if fp != getattr(cat, "fingerprint", None):
+                age = 0.0
         for _ in range(3):
             cat = await self._read_catalog((), age)
             if cat is None or self.s.closed:

@@ -638,12 +638,16 @@ class Enforcement:
             self.pending_bodies = ()
             return BODIES_PENDING
         if d.action != "block" and s.masking is not None and self._masks_wait is not msg \
-                and s.masking.catalog_behind(None if _reads_only(d) else PARK_FRESH):
+                and (s.masking.catalog_behind() or (
+                    not _reads_only(d) and s.masking.masks_apply() and any(
+                        st.relations_read or st.functions for st in d.statements))):
             # what may park masked values is judged on the catalog of now (DDL went by:
-            # a table may have become a masked table's parent; a statement that writes is
-            # judged by masked columns' names at most PARK_FRESH old: a DBA may have
-            # renamed one directly upstream, CREATE TABLE loot AS SELECT social ...)
+            # a table may have become a masked table's parent); a statement that writes,
+            # on names checked against the catalog's fingerprint first (a DBA may have
+            # renamed a masked column or its table directly upstream: INSERT INTO zc
+            # SELECT replace(social, '-', '') ..., red team 23)
             self._masks_wait = msg
+            s.masking.verify_next()
             self.pending_bodies = ()
             return BODIES_PENDING
         if s.readonly and d.action in ("allow", "approve") and not _reads_only(d):
@@ -1597,10 +1601,6 @@ def _changes(st) -> bool:
                     v is None or v.strip().lower() not in
                     ("on", "true", "yes", "1", "t", "tr", "tru", "y", "ye")))
                     for n, v in st.settings))
-
-
-# how old the mask catalog may be for judging a statement that writes (seconds)
-PARK_FRESH = 1.0
 
 
 def _reads_only(d) -> bool:

@@ -426,6 +426,10 @@ class Server:
                     if any(s.database == database for s in self.sessions):
                         self._refresh_views(database, st)
 
+    async def catalog_fingerprint(self, database: str) -> str:
+        """The catalog fingerprint of ``database`` now (see CATALOG_FINGERPRINT_SQL)."""
+        return (await sideconn.run(self.link, database, [CATALOG_FINGERPRINT_SQL]))[0][0][0]
+
     async def _masks_tick(self) -> None:
         # masked sessions' catalogs against DDL made directly upstream (a view redefined,
         # a masked column moved to a new attnum, a table made a masked table's child):
@@ -442,7 +446,7 @@ class Server:
                 if old is None or getattr(old, "fingerprint", None) is None:
                     continue        # (being read: the read takes its own fingerprint)
                 try:
-                    fp = (await sideconn.run(self.link, db, [CATALOG_FINGERPRINT_SQL]))[0][0][0]
+                    fp = await self.catalog_fingerprint(db)
                     if fp != old.fingerprint and self._catalogs.get(db) is old:
                         cat = await self.mask_catalog(db, max_age=0.0)
                         if cat is not old:
@@ -1164,6 +1168,7 @@ class Server:
             audit_strict=self.audit_strict, metrics=self.metrics, throttle=self.throttle,
             detectors=self.detectors, mask_key=self.mask_key, side=self.side,
             catalog_signal=self.catalog_signal, mask_catalog=self.mask_catalog,
+            catalog_fingerprint=self.catalog_fingerprint,
             catalog_changed=self.catalog_changed, count_statement=self.count_statement,
             remember_decision=self.remember_decision,
             user_function_test=self.user_function_test,

@@ -68,6 +68,7 @@ class Services:
     catalog_signal: CatalogSignal       # DDL seen by any worker: catalogs are stale
     # the worker's per-database knowledge, kept by the server
     mask_catalog: Callable[..., Awaitable[Catalog]]
+    catalog_fingerprint: Callable[[str], Awaitable[str]]    # what DDL moves, now
     catalog_changed: Callable[..., None]
     count_statement: Callable[..., None]
     remember_decision: Callable[..., None]              # into a session's decision cache
