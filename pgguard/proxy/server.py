@@ -941,7 +941,6 @@ class Server:
                 detail=f"{len(self._logging_in)} connections are logging in "
                        f"(limits.max_logging_in = {self.cfg.limits.max_logging_in})"))
             return False
-        session.admitted_at = time.monotonic()
         self._logging_in.add(session)
         self.sessions.add(session)
         self.m_sessions.inc()

@@ -172,7 +172,7 @@ class Session:
         self.id = services.front.next_session_id()
         peer = client.transport.get_extra_info("peername")
         self.peer = peer
-        self.admitted_at = 0.0          # when the front admitted it (Services.admit)
+        self.admitted_at = time.monotonic()     # (admitted as it is made: Services.admit)
         self.client_addr = _fmt_addr(peer)
         self.loopback = _is_loopback(peer)
         self.tls = False
