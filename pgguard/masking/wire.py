@@ -379,7 +379,6 @@ class MaskState(LaneState):
         self._lkey: tuple | None = None
         self._drift_at = -1.0               # when _drifted last had the catalog read
         self._drift_n = self._drift_seen = 0    # _drifted calls, and as _learn saw them
-        self._want_age = CATALOG_TTL        # how fresh a catalog catch_up reads
         self._verify = False                # catch_up checks the fingerprint first
         self._take_masked_names()
 
@@ -1232,23 +1231,18 @@ class MaskState(LaneState):
         self._resolving = asyncio.get_running_loop().create_task(
             self._resolve(held[0][1]))
 
-    def catalog_behind(self, max_age: float | None = None) -> bool:
+    def catalog_behind(self) -> bool:
         """DDL went through since this session's catalog was read (in any worker): what
         a statement reads may be masked now (a table made a masked table's parent); or
         the catalog is older than CATALOG_TTL (DDL a DBA ran directly upstream: a masked
-        column renamed is named otherwise in what a statement says); ``max_age``: a
-        shorter age for statements that may keep what they read (judged by names)."""
+        column renamed is named otherwise in what a statement says)."""
         cat = self.catalog
         gen = getattr(cat, "generation", None)
         if not self.masks_apply() or gen is None:
             return False
         if gen != self.s.services.catalog_signal.generation():
             return True
-        age = CATALOG_TTL if max_age is None else max_age
-        if time.monotonic() - cat.loaded > age:
-            self._want_age = age        # (catch_up reads one at least this fresh)
-            return True
-        return False
+        return time.monotonic() - cat.loaded > CATALOG_TTL
 
     def verify_next(self) -> None:
         """The next catch_up checks the catalog's fingerprint first (and reads it again
@@ -1259,7 +1253,7 @@ class MaskState(LaneState):
         """Read the catalog again (shared with the other sessions) and use it: one read
         at the current generation (a read already in flight may predate the DDL)."""
         sig = self.s.services.catalog_signal
-        age, self._want_age = self._want_age, CATALOG_TTL
+        age = CATALOG_TTL
         if self._verify:
             self._verify = False
             s = self.s
