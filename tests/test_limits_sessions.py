@@ -14,6 +14,7 @@ import time
 import psycopg
 import pytest
 from conftest import AGENT, AGENT_PASSWORD, HUMAN, HUMAN_PASSWORD, Proxy
+from rawpg import RawClient, query, startup_packet
 
 
 @pytest.fixture
@@ -163,3 +164,102 @@ def test_auto_reads_the_upstreams_limits(pg, tmp_path):
         assert f"agents may hold {agent_cap(mc, res, 1)} sessions" in p.output()
     finally:
         p.stop()
+
+
+def _silent_from(addr: str, port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind((addr, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def test_a_login_in_progress_outlasts_silent_connections(capped):
+    # (red team 24) a client half-way through its login (answering the password
+    # request 2 s later: a slow SCRAM, a slow link) beside connections from the same
+    # address that sent nothing: the silent ones are closed for new logins, never it
+    slow = RawClient(socket.create_connection(("127.0.0.1", capped.port), timeout=10))
+    stalled = []
+    try:
+        # its startup packet sent; the SCRAM exchange (its answer to the server's
+        # request) comes seconds later
+        slow.send(startup_packet({"user": HUMAN, "database": "appdb"}))
+        time.sleep(0.1)
+        for _ in range(3):
+            stalled.append(socket.create_connection(("127.0.0.1", capped.port)))
+        time.sleep(1.1)
+        for _ in range(3):
+            with psycopg.connect(capped.dsn(HUMAN, HUMAN_PASSWORD)) as h:
+                assert h.execute("SELECT 1").fetchone() == (1,)
+            stalled.append(socket.create_connection(("127.0.0.1", capped.port)))
+            time.sleep(0.35)
+        slow.auth(HUMAN, HUMAN_PASSWORD)
+        assert slow.status == b"I"
+        slow.send(query("SELECT 7"))
+        assert slow.read()[0] == b"T" and slow.read() == (b"D", b"\0\x01\0\0\0\x017")
+    finally:
+        slow.sock.close()
+        for s in stalled:
+            s.close()
+
+
+def test_one_silent_connection_per_address_does_not_keep_logins_out(capped):
+    # (red team 24) the slots filled by one connection from each of four addresses
+    # (on a network: four hosts of a botnet, four addresses of an IPv6 /64)
+    stalled = [_silent_from(f"127.0.1.{i}", capped.port) for i in range(2, 6)]
+    try:
+        time.sleep(1.1)
+        with psycopg.connect(capped.dsn(HUMAN, HUMAN_PASSWORD)) as h:
+            assert h.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for s in stalled:
+            s.close()
+
+
+@pytest.fixture
+def patient(pg, tmp_path):
+    p = Proxy(pg, tmp_path)
+    p.config.write_text(p.config.read_text().replace(
+        "[limits]", "[limits]\nmax_logging_in = 4").replace(
+        'startup_timeout = "5s"', 'startup_timeout = "60s"'))
+    assert 'startup_timeout = "60s"' in p.config.read_text()
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_logins_stalled_at_the_password_from_many_addresses_give_way(patient):
+    # four addresses each start a login and never answer the password request: within
+    # the first seconds a new login is refused (they may be slow clients), after
+    # STALL_AGE (5 s) the longest-waiting gives way
+    stalled = []
+    try:
+        for i in range(2, 6):
+            s = socket.socket()
+            s.bind((f"127.0.1.{i}", 0))
+            s.connect(("127.0.0.1", patient.port))
+            s.sendall(startup_packet({"user": HUMAN, "database": "appdb"}))
+            s.settimeout(5)
+            assert s.recv(1) == b"R"
+            stalled.append(s)
+        time.sleep(1.5)
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(patient.dsn(HUMAN, HUMAN_PASSWORD))
+        assert "max_logging_in" in str(e.value)
+        time.sleep(4)
+        with psycopg.connect(patient.dsn(HUMAN, HUMAN_PASSWORD)) as h:
+            assert h.execute("SELECT 1").fetchone() == (1,)
+        gone = 0
+        for s in stalled:          # (the rest of the password request, then the end)
+            s.settimeout(0.2)
+            try:
+                while s.recv(4096):
+                    pass
+                gone += 1
+            except (TimeoutError, socket.timeout):
+                pass
+            except OSError:
+                gone += 1
+        assert gone == 1
+    finally:
+        for s in stalled:
+            s.close()

@@ -95,6 +95,10 @@ CANCEL_RATE = 20
 # a connection logging in longer than this may be closed to admit a new one while
 # limits.max_logging_in are (see Services._crowding)
 CROWD_AGE = 1.0
+# ... and one that has spoken, when every address holds only one such connection, after
+# this long (a login by token or password takes milliseconds; a slow SCRAM over a slow
+# link, a second or two)
+STALL_AGE = 5.0
 # how often masked sessions' catalogs are checked against DDL made directly upstream
 CATALOG_WATCH = 1.0
 # what changes when a column, a table, a view's definition or an inheritance link does
@@ -948,20 +952,29 @@ class Server:
         return True
 
     def _crowding(self):
-        """The oldest connection still logging in, of the client address that holds
-        the most such connections, when it has waited longer than CROWD_AGE (a login
-        takes far less); None otherwise."""
+        """The connection still logging in to close so that a new one may log in, or
+        None. Only one that has waited longer than CROWD_AGE (a login takes far less):
+        first one that has sent nothing at all (a client sends its startup packet as it
+        connects), of the address holding the most such; else the oldest of the
+        address holding the most, when it holds two or more; else (every address holds
+        one) the oldest, once it has waited STALL_AGE. A client in the middle of its
+        login (a slow SCRAM, a TLS handshake) goes after every silent connection, and
+        after the crowd of any address that holds more than one."""
+        now = time.monotonic()
+        due = [s for s in self._logging_in if now - s.admitted_at >= CROWD_AGE]
+        if not due:
+            return None
+        silent = [s for s in due if not s.client.heard]
+        pool = silent or due
         by_host: dict = {}
-        for s in self._logging_in:
+        for s in pool:
             peer = s.peer
             by_host.setdefault(peer[0] if isinstance(peer, tuple) else peer, []).append(s)
-        if not by_host:
-            return None
         crowd = max(by_host.values(), key=len)
-        oldest = min(crowd, key=lambda s: s.admitted_at)
-        if len(crowd) < 2 or time.monotonic() - oldest.admitted_at < CROWD_AGE:
-            return None
-        return oldest
+        if silent or len(crowd) >= 2:
+            return min(crowd, key=lambda s: s.admitted_at)
+        oldest = min(pool, key=lambda s: s.admitted_at)
+        return oldest if now - oldest.admitted_at >= STALL_AGE else None
 
     def logged_in(self, session) -> bool:
         """``session`` authenticated: no longer counted as logging in; an agent's
