@@ -961,8 +961,22 @@ class Enforcement:
         allowed statement, recorded as approved."""
         if self.s.guard is None or self._plan(d, msg[5:-1]) is None:
             return False
-        self.granted = (msg, approved, d)
+        self.granted = (msg, approved, d, True)
         return True
+
+    def run_approved(self, msg: bytes, d, approved) -> None:
+        """A Query a human approved, in a masked session: the caller puts it back in the
+        stream, where it takes an allowed statement's way (its lineage learnt, its
+        answers paired with its own plan, COPY columns, the strict record), recorded as
+        approved, with no row limit (the human saw its values). (Forwarded as it was,
+        its answers took the plan of the statement behind it: red team 24, clear SSNs.)"""
+        self.granted = (msg, approved, d, False)
+
+    def _granted_again(self, granted, msg: bytes) -> None:
+        # a granted Query waits (its lineage, its COPY's columns) and comes back: it
+        # comes back granted, not to be decided (and asked for) again
+        if granted is not None and granted[0] is msg:
+            self.granted = granted
 
     def forget_decisions(self) -> None:
         """Empty this session's own decision cache (its view map changed)."""
@@ -974,10 +988,12 @@ class Enforcement:
         s = self.s
         granted = self.granted
         record = None                   # what the audit names as the decision
+        guarded = True
         if granted is not None and granted[0] is msg:
             self.granted = None
             record = granted[1]
             d = msgspec.structs.replace(granted[2], action="allow")
+            guarded = granted[3]
         else:
             d = self.decide(msg, 5, len(msg) - 1) if s.policy is not None else None
         if d is BODIES_PENDING:
@@ -986,6 +1002,7 @@ class Enforcement:
         if d is None or d.action == "allow":
             if s.masking is not None and self._lineage_wait(d, msg, 5, len(msg) - 1, (),
                                                                out):
+                self._granted_again(granted, msg)
                 return
             if s.masking is not None and d is not None and len(d.statements) > 1 \
                     and _reads_masked(s, d):
@@ -994,6 +1011,7 @@ class Enforcement:
                 # c, generate_series(1, ascii(c.ssn)) returned the code as a count)
                 subs = [(st.text.encode(), _One(st)) for st in d.statements]
                 if self._lineages_wait(msg, subs, out):
+                    self._granted_again(granted, msg)
                     return
                 why = next((w for w in (_shaped_by_masked(s, q, one, ()) for q, one in subs)
                             if w), "")
@@ -1004,7 +1022,7 @@ class Enforcement:
                                      sql=msg[5:-1])
                 return
             plan = None
-            if s.guard is not None:
+            if s.guard is not None and guarded:
                 if d is not None and s.guard.portal_ghosts and _rolls_back(d):
                     s.guard.revive()
                 s.guard.on_query()
@@ -1029,6 +1047,8 @@ class Enforcement:
                                          sql=msg[5:-1])
                     return
             if s.masking is not None and not self._mask_query(d, msg, out):
+                if s.holds.approval is not None:    # its COPY's columns are learnt first
+                    self._granted_again(granted, msg)
                 return
             if plan is None:
                 out.append(msg)

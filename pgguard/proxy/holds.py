@@ -444,6 +444,12 @@ class Holds:
             log.info("session %s: statement approved by %s after DDL, guarded", s.id,
                      approver)
             self.put_back([(m.QUERY, msg)])
+        elif (req is None or req.state == "approved") and not extended and \
+                s.masking is not None:
+            log.info("session %s: statement approved by %s", s.id, approver)
+            self._prepares_approved(d)
+            s.enforce.run_approved(msg, d, Approved(d, approver))
+            self.put_back([(m.QUERY, msg)])
         elif req is None or req.state == "approved":
             log.info("session %s: statement approved by %s", s.id, approver)
             out.append(msg)

@@ -1,0 +1,120 @@
+# Red team, round 24: a Query a human approved was forwarded without the masking model
+# knowing it, so its answer took the plan of the statement sent behind it. Approved
+# `INSERT INTO orders ...; SELECT replace(ssn, '-', '') FROM customers` followed, in the
+# same write, by `SELECT name FROM customers WHERE id = 1` gave the agent every SSN in
+# clear (the plain SELECT's plan); an approved INSERT's own RETURNING came back NULL and
+# `****`. An approved Query now takes an allowed statement's way through masking (its
+# lineage learnt, its answers paired with its own plan). Judged by every byte the client
+# got and by the rows upstream.
+import subprocess
+
+import pytest
+import rawpg
+from conftest import UPSTREAM_USER
+from masking_tap import DB, NAMES, connect, leaks
+from test_approvals_prepared import Approver
+from test_masking_channels import masked_proxy, upstream
+
+RULE = """
+[[rules]]
+name = "orders-need-approval"
+when = { kind = "agent", statements = ["insert", "update"], relations = ["public.orders"] }
+action = "approve"
+timeout = "30s"
+"""
+
+INSERT = "INSERT INTO orders (customer_id, status) VALUES (1, 'new')"
+
+
+@pytest.fixture
+def aproxy(pg, make_proxy):
+    p = masked_proxy(pg, make_proxy, RULE)
+    pg.execute("DROP TABLE IF EXISTS orders; CREATE TABLE orders (id serial PRIMARY KEY, "
+               "customer_id int, status text)", dbname=DB)
+    pg.execute(f"ALTER TABLE orders OWNER TO {UPSTREAM_USER}", dbname=DB)
+    ap = Approver(p)
+    ap.start()
+    yield p
+    ap.stop = True
+    ap.join(5)
+
+
+def _rows(msgs):
+    """The text cells of every DataRow, in order."""
+    out = []
+    for t, p in msgs:
+        if t == b"D":
+            (n,) = rawpg.struct.unpack_from("!h", p)
+            pos, row = 2, []
+            for _ in range(n):
+                (ln,) = rawpg.struct.unpack_from("!i", p, pos)
+                pos += 4
+                row.append(None if ln < 0 else p[pos:pos + ln].decode())
+                pos += max(ln, 0)
+            out.append(tuple(row))
+    return out
+
+
+# (held Query, what is sent behind it in the same write, the rows of what is behind it)
+PIPELINES = {
+    "derived-then-plain-column": (
+        f"{INSERT}; SELECT replace(ssn, '-', '') FROM customers ORDER BY id",
+        ["SELECT name FROM customers WHERE id = 1"], [(NAMES[0],)]),
+    "derived-then-literal": (
+        f"{INSERT}; SELECT split_part(email, '@', 1) FROM customers ORDER BY id",
+        ["SELECT 'a'::text AS x"], [("a",)]),
+    "reversed-then-two": (
+        f"{INSERT}; SELECT reverse(ssn) AS x FROM customers ORDER BY id",
+        ["SELECT city FROM customers WHERE id = 2", "SELECT 7"], [("New York",), ("7",)]),
+    "update-returning-then-plain": (
+        "UPDATE orders SET status = 'seen' RETURNING status; "
+        "SELECT upper(email) FROM customers ORDER BY id",
+        ["SELECT name FROM customers WHERE id = 3"], [(NAMES[2],)]),
+    "returning-then-derived-then-plain": (
+        f"{INSERT} RETURNING id, status",
+        ["SELECT replace(ssn, '-', '') FROM customers ORDER BY id",
+         "SELECT name FROM customers WHERE id = 1"], [(NAMES[0],)]),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINES))
+def test_an_approved_query_keeps_its_own_masking_in_a_pipeline(pg, aproxy, case):
+    held, behind, want = PIPELINES[case]
+    pg.execute("INSERT INTO orders (customer_id, status) VALUES (2, 'old')", dbname=DB)
+    c = connect(aproxy.port)
+    try:
+        for q in behind:            # their analysis known (an attacker runs them first)
+            c.run(q)
+        c.send(rawpg.query(held), *(rawpg.query(q) for q in behind))
+        msgs = c.until_ready(1 + len(behind))
+    finally:
+        c.close()
+    assert not leaks(msgs), leaks(msgs)
+    assert not rawpg.errors(msgs), rawpg.errors(msgs)
+    rows = _rows(msgs)
+    # what is behind it comes back as Postgres sent it (its own plan: nothing masked)
+    assert rows[len(rows) - len(want):] == want, rows
+    # the held statement ran, once
+    assert upstream(pg, "SELECT count(*) FROM orders")[0][0] == (
+        2 if INSERT in held else 1)
+
+
+def test_an_approved_insert_returns_what_it_inserted(pg, aproxy, psql_bin):
+    # its RETURNING reads no masked column: the values Postgres returned
+    c = connect(aproxy.port)
+    try:
+        rows = _rows(c.run(f"{INSERT} RETURNING id, customer_id, status, -1 AS k"))
+    finally:
+        c.close()
+    (oid, cust, status), = upstream(pg, "SELECT id, customer_id, status FROM orders")
+    assert rows == [(str(oid), str(cust), status, "-1")]
+    # psql: a masked read in the same approved Query stays masked
+    r = subprocess.run([psql_bin, "-X", "-At", "-d", aproxy.dsn(dbname=DB), "-c",
+                        f"{INSERT} RETURNING status; SELECT ssn FROM customers ORDER BY id"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    # (several statements reading masked data: every text cell of the Query masked,
+    # as for an allowed one; the SSNs by their mask)
+    assert r.stdout.split()[-3:] == ["****6571", "****1234", "****3057"], r.stdout
+    assert not any(s in r.stdout for s in ("219-43-6571", "345-67-1234", "412-88-3057"))
+    assert upstream(pg, "SELECT count(*) FROM orders")[0][0] == 2
