@@ -972,6 +972,42 @@ class Enforcement:
         its answers took the plan of the statement behind it: red team 24, clear SSNs.)"""
         self.granted = (msg, approved, d, False)
 
+    @staticmethod
+    def _parse_parts(msg: bytes) -> tuple[int, int, tuple]:
+        pos = msg.index(b"\0", 5) + 1
+        end = msg.index(b"\0", pos)
+        return pos, end, m.parse_param_oids(msg, end + 1)
+
+    async def learn_approved_parse(self, msg: bytes, d) -> None:
+        """The lineage of a Parse a human approved, in a masked session (before
+        :meth:`mask_approved_parse`)."""
+        s = self.s
+        if s.masking is None or any(st.kind == "copy" for st in d.statements):
+            return
+        pos, end, oids = self._parse_parts(msg)
+        if s.masking.lineage_now(msg[pos:end], d, oids) is PENDING:
+            await s.masking.lineage_load(msg[pos:end], d, oids)
+
+    def mask_approved_parse(self, msg: bytes, d, out: list, ahead: int) -> bool:
+        """A Parse a human approved goes upstream (appended to ``out``) with its masking
+        plan, as an allowed one does (forwarded as it was, its Binds' rows were masked
+        as of an unknown statement); False: refused instead (its row count shaped by
+        masked data), the refusal in ``out`` (``ahead``: as for inject_refusal)."""
+        s = self.s
+        if s.masking is None or any(st.kind == "copy" for st in d.statements):
+            out.append(msg)
+            return True
+        pos, end, oids = self._parse_parts(msg)
+        lin = s.masking.lineage_now(msg[pos:end], d, oids)
+        if lin is not None and lin is not PENDING and lin.refused:
+            self.refuse_any(_shaped_refusal(lin.refused, d), out, True, msg[pos:end],
+                            ahead=ahead)
+            return False
+        out.append(msg)
+        out.append(s.masking.frontend(m.PARSE, msg, _reads_masked(s, d, True),
+                                      None if lin is PENDING else lin, d))
+        return True
+
     def _granted_again(self, granted, msg: bytes) -> None:
         # a granted Query waits (its lineage, its COPY's columns) and comes back: it
         # comes back granted, not to be decided (and asked for) again

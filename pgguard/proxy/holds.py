@@ -407,6 +407,11 @@ class Holds:
         self.approval = None
         if s.closed:
             return
+        if failure is None and (req is None or req.state == "approved") and extended \
+                and parse is None and s.masking is not None:
+            await s.enforce.learn_approved_parse(msg, d)     # (never raises)
+            if s.closed:
+                return
         self.waiting = None
         out: list[bytes] = []
         if failure is not None:
@@ -450,9 +455,14 @@ class Holds:
             self._prepares_approved(d)
             s.enforce.run_approved(msg, d, Approved(d, approver))
             self.put_back([(m.QUERY, msg)])
+        elif (req is None or req.state == "approved") and extended and parse is None \
+                and not s.enforce.mask_approved_parse(msg, d, out,
+                                                      sync_points(self.items or ())):
+            pass                # refused by masking (out holds the refusal)
         elif req is None or req.state == "approved":
             log.info("session %s: statement approved by %s", s.id, approver)
-            out.append(msg)
+            if not (extended and parse is None):
+                out.append(msg)             # (a Parse: appended with its masking plan)
             self.services.count_statement("approved")
             if s.tracker is not None:
                 if parse is not None:   # the statement's record names this approver
