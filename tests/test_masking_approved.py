@@ -174,3 +174,44 @@ def test_an_approved_parse_returns_what_it_inserted(pg, aproxy, client):
     assert all("*" in r[0] for r in rows[1:4]), rows
     assert rows[4:] == [(NAMES[0],)], rows
     assert not any(s.replace("-", "") in str(rows) for s in SSNS)
+
+
+@pytest.mark.parametrize("client", ["psycopg", "psycopg-pipeline", "asyncpg"])
+def test_an_approved_parse_is_not_masked_by_the_statement_before_it(pg, aproxy, client):
+    # (helper 132) the approved unnamed Parse took the plan of the unnamed statement
+    # parsed before it (two plain text columns): the e-mail address and
+    # SSN in free text, which the detectors find, came back in clear
+    pg.execute("INSERT INTO orders (customer_id, status) VALUES (1, 'new'), (2, 'new'), "
+               "(99, 'old'); ALTER TABLE customers ADD COLUMN notes text; "
+               "UPDATE customers SET notes = 'call ' || email || ', ssn ' || ssn", dbname=DB)
+    before = "SELECT status, status || '!' FROM orders WHERE customer_id = $1"
+    held = ("UPDATE orders o SET status = o.status FROM customers c "
+            "WHERE c.id = o.customer_id AND o.id = ANY($1) RETURNING c.notes, c.name")
+    if client.startswith("psycopg"):
+        import psycopg
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as c:
+            q = before.replace("$1", "%s")
+            if client == "psycopg":
+                assert c.execute(q, (99,)).fetchall() == [("old", "old!")]
+                rows = c.execute(held.replace("$1", "%s"), ([1, 2],)).fetchall()
+            else:
+                with c.pipeline():
+                    c.execute(q, (99,))
+                    cur = c.execute(held.replace("$1", "%s"), ([1, 2],))
+                rows = cur.fetchall()
+    else:
+        import asyncio
+
+        import asyncpg
+
+        async def main():
+            c = await asyncpg.connect(aproxy.dsn(dbname=DB), statement_cache_size=0)
+            try:
+                assert [tuple(r) for r in await c.fetch(before, 99)] == [("old", "old!")]
+                return [tuple(r) for r in await c.fetch(held, [1, 2])]
+            finally:
+                await c.close()
+        rows = asyncio.run(main())
+    text = repr(rows)
+    assert "zqalpha.7731@example.com" not in text and "219-43-6571" not in text, rows
+    assert sorted(r[1] for r in rows) == sorted(NAMES[:2]), rows
