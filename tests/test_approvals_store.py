@@ -363,3 +363,36 @@ def test_store_survives_fork(store):
     p.join(30)
     assert p.exitcode == 0
     assert store.get(r.id).state == "approved"
+
+
+def test_grant_rows_first_measurement_stands(store):
+    r = _ask(store)
+    done = store.decide(r.id, True, "alice", ["dba"], window_s=60)
+    assert store.check_grant("ci-agent", "app", "fp-1").max_rows is None
+    store.grant_rows(done.grant_id, 3)
+    store.grant_rows(done.grant_id, 900)        # a later run never raises it
+    g = store.check_grant("ci-agent", "app", "fp-1")
+    assert g.max_rows == 3 and g.as_json()["max_rows"] == 3
+
+
+def test_a_store_file_from_before_row_bounds_is_brought_up_to_date(tmp_path):
+    # a grants table without max_rows (pgguard before round 24): opened, it gains the
+    # column, and its grants read as not measured (a human is asked again)
+    import sqlite3
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE TABLE grants (id INTEGER PRIMARY KEY AUTOINCREMENT, identity TEXT "
+                  "NOT NULL, database TEXT NOT NULL, fingerprint TEXT NOT NULL, rule TEXT "
+                  "NOT NULL, approver TEXT NOT NULL, request_id INTEGER, granted_at REAL NOT "
+                  "NULL, expires_at REAL NOT NULL, revoked_at REAL)")
+        c.execute("INSERT INTO grants (identity, database, fingerprint, rule, approver, "
+                  "granted_at, expires_at) VALUES ('ci-agent', 'app', 'fp-old', 'r', "
+                  "'alice', 0, 1e12)")
+    s = ApprovalStore(path, admin_groups=["dba"])
+    try:
+        g = s.check_grant("ci-agent", "app", "fp-old")
+        assert g is not None and g.max_rows is None
+        s.grant_rows(g.id, 2)
+        assert s.check_grant("ci-agent", "app", "fp-old").max_rows == 2
+    finally:
+        s.close()

@@ -147,8 +147,10 @@ def control_rows(control_pg, sql, params=None):
 # ---------------------------------------------------------------- schema and health
 
 def test_schema_created_once_by_three_instances_starting_together(fleet, control_pg):
-    rows = control_rows(control_pg, "SELECT version FROM pgguard_control.schema_version")
-    assert rows == [(1,)]
+    from pgguard.control.schema import latest
+    rows = control_rows(control_pg, "SELECT version FROM pgguard_control.schema_version "
+                                    "ORDER BY version")
+    assert rows == [(v,) for v in range(1, latest() + 1)]
     tables = {r[0] for r in control_rows(
         control_pg, "SELECT tablename FROM pg_tables WHERE schemaname = 'pgguard_control'")}
     assert {"requests", "grants", "revocations", "instances", "schema_version"} <= tables
@@ -178,13 +180,15 @@ def test_control_init_is_idempotent_and_races_safely(fleet, control_pg):
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(5)]
     outs = [pr.communicate(timeout=60) for pr in procs]
     assert all(pr.returncode == 0 for pr in procs), outs
-    assert all(json.loads(o)["version"] == 1 for o, _ in outs)
+    from pgguard.control.schema import latest
+    assert all(json.loads(o)["version"] == latest() for o, _ in outs)
+    # (each version once: 1, approvals and windows; 2, windows' row bound)
     assert control_rows(control_pg, "SELECT count(*) FROM pgguard_init_race.schema_version"
-                        ) == [(1,)]
+                        ) == [(latest(),)]
     # and again, on an up-to-date schema
     r = subprocess.run([sys.executable, "-m", "pgguard", "control", "init", "-c", str(alt)],
                        capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 0 and "version 1" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"version {latest()}" in r.stdout, r.stderr
 
 
 def test_control_refuses_a_newer_schema_and_a_missing_dsn(fleet, control_pg):
@@ -373,6 +377,7 @@ def test_jit_window_granted_on_2_applies_on_3(fleet, pg):
     grants = api(i3, "GET", "/api/grants")
     grants = grants.get("grants", grants) if isinstance(grants, dict) else grants
     (g,) = [g for g in grants if g["request_id"] == rid]
+    assert g["max_rows"] == 1       # the approved run's count, for every instance
     api(i1, "POST", f"/api/grants/{g['id']}/revoke", {})
     # revoked on instance 1: instance 2 holds it again
     t, box = agent_update(i2, "UPDATE fleet_orders SET status = 'again' WHERE id = 5")

@@ -902,6 +902,13 @@ cdef class StatementTracker:
     cdef _emit(self, _Pending e):
         cdef long long now, seen, out, rows
         cdef tuple part, fixed
+        dec = e.dec
+        if dec is not None and dec.__class__ is self._approved and \
+                dec.on_rows is not None and e.state is None and e.refused is None:
+            # the run a window's approval measured (its later runs change at most as
+            # many rows): told once, strict mode too
+            told, dec.on_rows = dec.on_rows, None
+            told(e.rows)
         if self.strict:
             return
         s = self.session

@@ -197,6 +197,9 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True):
     granted_at: float
     expires_at: float
     revoked_at: float | None = None
+    # rows the approved run changed (its command's count): the window's later runs may
+    # change at most as many (None: not measured yet, or not countable)
+    max_rows: int | None = None
 
     @property
     def active(self) -> bool:
@@ -208,7 +211,7 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True):
             "fingerprint": self.fingerprint, "rule": self.rule, "approver": self.approver,
             "request_id": self.request_id, "granted_at": iso(self.granted_at),
             "expires_at": iso(self.expires_at), "revoked_at": iso(self.revoked_at),
-            "active": self.active,
+            "active": self.active, "max_rows": self.max_rows,
         }
 
 
@@ -248,7 +251,8 @@ CREATE TABLE IF NOT EXISTS grants (
     request_id  INTEGER,
     granted_at  REAL NOT NULL,
     expires_at  REAL NOT NULL,
-    revoked_at  REAL
+    revoked_at  REAL,
+    max_rows    INTEGER
 );
 CREATE INDEX IF NOT EXISTS grants_key ON grants (identity, database, fingerprint, expires_at);
 """
@@ -257,7 +261,7 @@ _REQ_COLS = ("id, identity, database, statement, fingerprint, classification, ru
              "approvers, session_id, requested_at, expires_at, state, decided_at, "
              "approver, reason, window_s, grant_id, cancel_key")
 _GRANT_COLS = ("id, identity, database, fingerprint, rule, approver, request_id, "
-               "granted_at, expires_at, revoked_at")
+               "granted_at, expires_at, revoked_at, max_rows")
 
 Listener = Callable[[str, Request], None]
 
@@ -278,10 +282,10 @@ def _request(row: tuple, now: float) -> Request:
 
 def _grant(row: tuple) -> Grant:
     (gid, identity, database, fp, rule, approver, request_id, granted_at, expires_at,
-     revoked_at) = row
+     revoked_at, max_rows) = row
     return Grant(id=gid, identity=identity, database=database, fingerprint=fp, rule=rule,
                  approver=approver, request_id=request_id, granted_at=granted_at,
-                 expires_at=expires_at, revoked_at=revoked_at)
+                 expires_at=expires_at, revoked_at=revoked_at, max_rows=max_rows)
 
 
 # --------------------------------------------------------------------------- store
@@ -638,6 +642,14 @@ class ApprovalStore:
             (identity, database, fingerprint, time.time())).fetchone()
         return None if row is None else _grant(row)
 
+    def grant_rows(self, grant_id: int, rows: int) -> None:
+        """The approved run of grant ``grant_id`` changed ``rows`` rows: its window's
+        later runs may change at most as many (the first measurement stands)."""
+        conn = self._conn()
+        with self._tx(conn):
+            conn.execute("UPDATE grants SET max_rows = ? WHERE id = ? AND max_rows IS NULL",
+                         (int(rows), int(grant_id)))
+
     def grants(self, *, active_only: bool = True) -> list[Grant]:
         """Grants, newest first (only unexpired, unrevoked ones unless ``active_only=False``)."""
         where = "WHERE expires_at > ? AND revoked_at IS NULL" if active_only else "WHERE ? > 0"
@@ -798,6 +810,9 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     for stmt in _SCHEMA.split(";"):
         if stmt.strip():
             conn.execute(stmt)
+    # a file made before windows were bounded by the approved run's row count
+    if "max_rows" not in {r[1] for r in conn.execute("PRAGMA table_info(grants)")}:
+        conn.execute("ALTER TABLE grants ADD COLUMN max_rows INTEGER")
 
 
 def _not_pending(req: Request) -> str:

@@ -79,6 +79,9 @@ MIGRATIONS: list[list[str]] = [
             last_seen  double precision NOT NULL,
             PRIMARY KEY (instance, worker))""",
     ],
+    [   # 2: a window's later runs change at most the rows its approved run changed
+        "ALTER TABLE {s}.grants ADD COLUMN max_rows bigint",
+    ],
 ]
 
 

@@ -80,7 +80,7 @@ class Plan:
     per-table counters, read in the same snapshots as the total."""
 
     __slots__ = ("limit", "rule", "by_tag", "decision", "sql", "target", "verb", "tables",
-                 "gen")
+                 "gen", "why")
 
     def __init__(self, limit: int, rule: str, by_tag: bool, decision=None,
                  sql: bytes = b"", target: str | None = None, verb: str = "",
@@ -94,6 +94,7 @@ class Plan:
         self.target = target        # a plain UPDATE / DELETE's table (tag count)
         self.verb = verb
         self.tables = tables        # the tables measured by their counters otherwise
+        self.why = ""               # where a limit other than max_rows comes from
 
     def snapshot_sql(self) -> bytes:
         """The transaction's total of updated + deleted tuples, then per measured table
@@ -104,8 +105,18 @@ class Plan:
 
     def with_sql(self, sql: bytes) -> "Plan":
         """The same plan for another text of its decision (the audit's)."""
-        return Plan(self.limit, self.rule, self.by_tag, self.decision, sql, self.target,
-                    self.verb, self.tables, self.gen)
+        p = Plan(self.limit, self.rule, self.by_tag, self.decision, sql, self.target,
+                 self.verb, self.tables, self.gen)
+        p.why = self.why
+        return p
+
+    def bounded(self, limit: int, why: str) -> "Plan":
+        """The same plan with a limit of at most ``limit`` rows, ``why`` saying whence
+        (an approval window: the rows its approved run changed)."""
+        p = self.with_sql(self.sql)
+        if limit < p.limit:
+            p.limit, p.why = limit, why
+        return p
 
     def lane_limit(self) -> int:
         """The count up to which the compiled lane may forward answers unread by Python:
@@ -1278,6 +1289,13 @@ class Guard:
                 detail=f"rows changed: {count}; rows of {every} left as they were: none",
                 hint="Narrow the WHERE clause to the rows you mean to change; emptying or "
                      "rewriting a whole table is for a DBA (or a rule that allows it)."))
+        if plan.why:
+            return (m.ERROR_RESPONSE, m.error_response(
+                "42501", self._refusal_text(plan, count),
+                detail=f"rows changed: {count}; limit: {plan.limit} ({plan.why})",
+                hint="A window covers runs of at most as many rows as the run a human "
+                     "approved; once it ends (or is revoked) the statement asks for "
+                     "approval again."))
         return (m.ERROR_RESPONSE, m.error_response(
             "42501", self._refusal_text(plan, count),
             detail=f"rows changed: {count}; limit: {plan.limit} (max_rows, from rule "

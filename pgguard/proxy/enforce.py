@@ -954,14 +954,14 @@ class Enforcement:
             self.cache = ({}, {})
             s.decide_through(self.cache)
 
-    def run_granted(self, msg: bytes, d, approved) -> bool:
+    def run_granted(self, msg: bytes, d, approved, bound=None) -> bool:
         """A Query an approval window let through without a human seeing its values:
         True when it changes rows under a row limit, and is then taken up again (the
         caller puts it back in the stream) to run under the blast-radius guard like an
         allowed statement, recorded as approved."""
         if self.s.guard is None or self._plan(d, msg[5:-1]) is None:
             return False
-        self.granted = (msg, approved, d, True)
+        self.granted = (msg, approved, d, True, bound)
         return True
 
     def run_approved(self, msg: bytes, d, approved) -> None:
@@ -970,7 +970,7 @@ class Enforcement:
         answers paired with its own plan, COPY columns, the strict record), recorded as
         approved, with no row limit (the human saw its values). (Forwarded as it was,
         its answers took the plan of the statement behind it: red team 24, clear SSNs.)"""
-        self.granted = (msg, approved, d, False)
+        self.granted = (msg, approved, d, False, None)
 
     @staticmethod
     def _parse_parts(msg: bytes) -> tuple[int, int, tuple]:
@@ -1024,12 +1024,12 @@ class Enforcement:
         s = self.s
         granted = self.granted
         record = None                   # what the audit names as the decision
-        guarded = True
+        guarded, bound = True, None
         if granted is not None and granted[0] is msg:
             self.granted = None
             record = granted[1]
             d = msgspec.structs.replace(granted[2], action="allow")
-            guarded = granted[3]
+            guarded, bound = granted[3], granted[4]
         else:
             d = self.decide(msg, 5, len(msg) - 1) if s.policy is not None else None
         if d is BODIES_PENDING:
@@ -1063,6 +1063,8 @@ class Enforcement:
                     s.guard.revive()
                 s.guard.on_query()
                 plan = self._plan(d, msg[5:-1])
+                if plan is not None and bound is not None:
+                    plan = plan.bounded(*bound)     # a window: its approved run's rows
                 if plan is not None and len(d.statements) > 1 and has_txn_control(d):
                     self.inject_refusal(_mixed_txn_refusal(d), out, extended=False,
                                          sql=msg[5:-1])

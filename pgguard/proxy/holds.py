@@ -140,6 +140,16 @@ def _printable(raw: bytes) -> str | None:
     return text if text.isprintable() else None
 
 
+def _bound(grant) -> tuple[int, str] | None:
+    """The row bound of a window's run: the rows its approved run changed (one at
+    least: a window approved while its statement matched nothing still covers a run
+    of one row, as the guard's every-row check does)."""
+    if grant is None or grant.max_rows is None:
+        return None
+    return max(grant.max_rows, 1), (f"as many as the run approved by {grant.approver} "
+                                    f"changed: window #{grant.id}")
+
+
 def sync_points(items) -> int:
     """The sync points (Query, Sync, FunctionCall) among ``items``, scan items from a
     message boundary on (raw runs and (type, message) pairs), as the scan counted them:
@@ -377,11 +387,16 @@ class Holds:
         # on the same relations only, whatever two texts' fingerprints have in common
         fp = f"{fp}\n-- pgguard: {hold.summarize(d)}" + (f"\n-- settings: {moved}" if moved else "")
         gen = self.services.decision_generation(s.database)
-        req = failure = None
+        req = failure = grant = None
         try:
             # off the loop: the store may be a fleet's control database
             grant = await asyncio.to_thread(store.check_grant, s.identity_name,
                                             s.database, fp)
+            if grant is not None and grant.max_rows is None and any(
+                    st.changes_rows for st in d.statements):
+                # the window's approved run is not measured (yet, or its rows could not
+                # be counted): how far a run may reach is not known, a human decides
+                grant = None
             approver = grant.approver if grant is not None else None
             if grant is None:
                 req = await asyncio.to_thread(
@@ -432,7 +447,7 @@ class Holds:
             s.enforce.refuse_any(refused, out, extended, sql, outcome="error",
                                  ahead=sync_points(self.items or ()))
         elif req is None and not extended and self._prepares_approved(d) and \
-                s.enforce.run_granted(msg, d, Approved(d, approver)):
+                s.enforce.run_granted(msg, d, Approved(d, approver), _bound(grant)):
             # a window (grant) matched the statement by its shape: the values are not
             # the ones a human saw, so it runs under the row limit like an allowed one
             log.info("session %s: statement let through by %s's window, guarded", s.id,
@@ -442,7 +457,7 @@ class Holds:
                 self.services.decision_generation(s.database) != gen and any(
                     s.enforce.is_user_function(f) for st in d.statements
                     for f in st.functions) and self._prepares_approved(d) and \
-                s.enforce.run_granted(msg, d, Approved(d, approver)):
+                s.enforce.run_granted(msg, d, self._approved(d, approver, req)):
             # DDL went by while it waited: a function it calls may run another body (a
             # new overload) than the one the approver's decision saw, so it runs under
             # the row limit like an allowed statement
@@ -453,7 +468,7 @@ class Holds:
                 s.masking is not None:
             log.info("session %s: statement approved by %s", s.id, approver)
             self._prepares_approved(d)
-            s.enforce.run_approved(msg, d, Approved(d, approver))
+            s.enforce.run_approved(msg, d, self._approved(d, approver, req))
             self.put_back([(m.QUERY, msg)])
         elif (req is None or req.state == "approved") and extended and parse is None \
                 and not s.enforce.mask_approved_parse(msg, d, out,
@@ -465,9 +480,10 @@ class Holds:
                 out.append(msg)             # (a Parse: appended with its masking plan)
             self.services.count_statement("approved")
             if s.tracker is not None:
+                rec = self._approved(d, approver, req)
                 if parse is not None:   # the statement's record names this approver
-                    s.tracker.flog.append((parse, Approved(d, approver), 0))
-                s.tracker.flog.append((msg, Approved(d, approver), time.monotonic_ns()))
+                    s.tracker.flog.append((parse, rec, 0))
+                s.tracker.flog.append((msg, rec, time.monotonic_ns()))
             if parse is not None:       # a Bind: its masking pairs as forwarded now
                 if s.masking is not None:
                     ask = s.masking.frontend(m.BIND, msg)
@@ -480,7 +496,10 @@ class Holds:
                 # a Parse: each later Bind of it asks again, and its Executes run under
                 # the row limit (the approver saw placeholders, not the values bound)
                 pname = name.encode() if isinstance(name, str) else (name or b"")
-                s.guard.on_approved_parse(pname, d, sql, msg, s.enforce.plan_of(d, sql))
+                plan = s.enforce.plan_of(d, sql)
+                if plan is not None and grant is not None and grant.max_rows is not None:
+                    plan = plan.bounded(*_bound(grant))
+                s.guard.on_approved_parse(pname, d, sql, msg, plan)
                 s.enforce.parsed(pname, sql, msg)
                 self._prepares_approved(d)      # a SQL PREPARE it runs: its Binds ask
             elif not extended:
@@ -512,6 +531,25 @@ class Holds:
                                  ahead=sync_points(self.items or ()))
         self.release(out)
 
+
+    def _approved(self, d, approver, req) -> Approved:
+        """The record of a statement a human approved: when the approval opened a
+        window, its run's row count bounds the window's later runs."""
+        gid = req.grant_id if req is not None else None
+        if gid is None:
+            return Approved(d, approver)
+        store = self.services.approvals
+        loop = asyncio.get_running_loop()
+        sid = self.s.id
+
+        def told(rows: int) -> None:
+            def done(f) -> None:
+                if f.exception() is not None:
+                    log.error("session %s: the row count of window #%s's approved run "
+                              "could not be kept (%s): the window asks again", sid, gid,
+                              f.exception())
+            loop.run_in_executor(None, store.grant_rows, gid, rows).add_done_callback(done)
+        return Approved(d, approver, on_rows=told)
 
     def _first_bind(self, name) -> bytes | None:
         """The first Bind of the statement ``name`` (a Parse waiting for approval) among

@@ -27,12 +27,14 @@ class Approved:
     """A decision a human approved (or a grant covered): the statement's record says
     ``approved`` and names the approver."""
 
-    __slots__ = ("rule", "statements", "approver")
+    __slots__ = ("rule", "statements", "approver", "on_rows")
 
-    def __init__(self, decision, approver: str | None) -> None:
+    def __init__(self, decision, approver: str | None, on_rows=None) -> None:
         self.rule = decision.rule
         self.statements = decision.statements
         self.approver = approver
+        # called once with the rows its run changed (the tracker; see holds' windows)
+        self.on_rows = on_rows
 
 
 def StatementTracker(session: Session, audit) -> _Tracker:
