@@ -361,12 +361,19 @@ def test_answers_model_follows_postgres(name, split):
 
 
 def test_answers_model_names_what_an_error_answers():
-    # the second Parse of the pipeline fails: (69, 'P', 1, msg); the Sync's
-    # ReadyForQuery after a COPY that swallowed one Sync: (90, 1, 0, msg) (msg: the
-    # backend scan's copy, None without a scan)
+    # the second Parse of the pipeline fails: (69, 'P', 1, msg), and the Sync's
+    # ReadyForQuery tells the one Query Postgres skipped up to it: (90, 0, 1, msg); the
+    # Sync's ReadyForQuery after a COPY that swallowed one Sync: (90, 1, 0, msg) (msg:
+    # the backend scan's copy, None without a scan)
     _, _, log = _model_run(parse("SELECT 1") + parse(BAD) + query("SELECT 1") + SYNC,
                            "1EZ")
-    assert log == [(69, ord("P"), 1, None), (90, 0, 0, None)]
+    assert log == [(69, ord("P"), 1, None), (90, 0, 1, None)]
+    # (skipped as of each ReadyForQuery, though the model read further)
+    _, _, log = _model_run(parse(BAD) + query("SELECT 1") + SYNC + query("SELECT 2")
+                           + parse(BAD) + query("SELECT 3") + query("SELECT 4") + SYNC,
+                           "EZTDCZEZ")
+    assert [e for e in log if e[0] == 90] == [(90, 0, 1, None), (90, 0, 1, None),
+                                              (90, 0, 3, None)]
     _, _, log = _model_run(COPY + SYNC + copy_data(b"1\n") + COPY_DONE + SYNC, "12GCZ")
     assert log == [(90, 1, 0, None)]
     _, _, log = _model_run(query("SELECT 1/0"), "EZ")

@@ -25,7 +25,7 @@ cdef class Answers:
     cdef public long long skipped
     # the listeners' queues (see listen()): per ErrorResponse (69, type of the message
     # it answers or 0, its ordinal, the message), per ReadyForQuery (90, Syncs a COPY
-    # swallowed since the last one, 0, the message)
+    # swallowed since the last one, skipped as of it, the message)
     cdef list _listeners
     cdef long long _swallowed
     # the writer side: a message header split across writes, body bytes still to come

@@ -219,7 +219,7 @@ cdef class Answers:
                 self._tell((69, 0, 0, None))    # answers nothing (a FATAL of its own)
             elif t == READY_FOR_QUERY:
                 if self._listeners:
-                    self._tell((90, self._swallowed, 0, None))
+                    self._tell((90, self._swallowed, self.skipped, None))
                 self._swallowed = 0
                 self.skipping = False
             return 0
@@ -235,7 +235,7 @@ cdef class Answers:
             return 0
         if t == READY_FOR_QUERY:
             if self._listeners:
-                self._tell((90, self._swallowed, 0, None))
+                self._tell((90, self._swallowed, self.skipped, None))
             self._swallowed = 0
             while self._len:
                 h = self._type[self._head]
@@ -271,8 +271,10 @@ cdef class Answers:
         """A deque that gets, per backend ErrorResponse, ``(69, type, ordinal, msg)``:
         the type of the frontend message it answers (0: none) and that message's
         ordinal among those of its type since the last Sync / Query / FunctionCall; per
-        ReadyForQuery ``(90, n, 0, msg)``: the Syncs a COPY swallowed since the last one
-        (they get no ReadyForQuery). ``msg`` is the backend scan's copy of the message:
+        ReadyForQuery ``(90, n, skipped, msg)``: the Syncs a COPY swallowed since the last
+        one (they get no ReadyForQuery), and the Queries and FunctionCalls Postgres
+        skipped up to this ReadyForQuery (``skipped`` as it was then: the model reads a
+        whole backend chunk before its listeners handle its messages). ``msg`` is the backend scan's copy of the message:
         the listener takes its entry with :func:`answer_for`."""
         from collections import deque
         q = deque(maxlen=LISTEN_MAX)

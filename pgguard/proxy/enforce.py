@@ -19,6 +19,7 @@ import orjson
 from pglast import parse_sql, parser
 from pglast.stream import RawStream
 
+from .._core.answers import answer_for
 from .._core.sqlshape import shape
 from ..errors import ProtocolViolation
 from ..masking import parking
@@ -94,6 +95,10 @@ class Enforcement:
         self.own_cache = False
         self._sync_adjust = 0           # see sync_adjust
         self.refusals: deque = deque()  # injected refusals awaiting their answer
+        # the expected-answers model's queue (Answers.listen), from the first refusal:
+        # per ReadyForQuery, the Queries and FunctionCalls Postgres skipped up to it
+        self._readies = None
+        self._skipped = 0
         self.drop_next_z = False
         self.z_count = 0
         self.watch = b"X"
@@ -1392,8 +1397,14 @@ class Enforcement:
             rec.error = d.message
             s.services.audit.log(rec)
             s.tracker.flog.append((REFUSAL_SYNC, None, 0))
-        target = s.fscan.count - ahead + self.sync_adjust
+        # its Query's place among the sync points sent upstream, those Postgres will
+        # skip counted too: which earlier ones it skips (after an error earlier in their
+        # pipeline) is known only from its answers, by the ReadyForQuery that ends them
+        target = s.fscan.count - ahead + self._sync_adjust
         self.refusals.append([target, d, extended, False, sqlstate])
+        if self._readies is None and s.answers is not None:
+            self._readies = s.answers.listen()
+            self._skipped = s.answers.skipped
         self._divert_backend(True)
 
 
@@ -1404,6 +1415,8 @@ class Enforcement:
             if pipe.divert:
                 return
             self.z_count = scan.count
+            if self._readies is not None and (s.masking is None or s.masking.held is None):
+                self._readies.clear()   # (the ReadyForQuery messages forwarded so far)
             scan.set_interest(ALL_TYPES, True)
             scan.set_withhold(True)
             pipe.divert = True
@@ -1448,6 +1461,14 @@ class Enforcement:
                 yield it
                 continue
             yield from guard.route(it)
+
+    def _skipped_by(self, msg: bytes) -> int:
+        """Queries and FunctionCalls Postgres skipped up to the ReadyForQuery ``msg``
+        (the model's count then: it reads a whole backend chunk ahead)."""
+        got = answer_for(self._readies, msg) if self._readies else None
+        if got is not None:
+            self._skipped = got[2]
+        return self._skipped    # (one the model did not tell: as of the last it did)
 
     def divert_all(self) -> None:
         """Every backend message to backend_items (the guard reads them all)."""
@@ -1543,11 +1564,21 @@ class Enforcement:
                 self.z_count += 1
                 s.upstream_ready(msg[5])
                 drop = False
-                if refusals and self.z_count >= refusals[0][0]:
-                    target, d, extended, seen, _ = refusals.popleft()
-                    if not seen and s.tracker is not None:
-                        s.tracker.refusal_ignored()
-                    drop = seen and extended             # answered our injected Query
+                if refusals:
+                    # the sync points upstream answered or skipped by this one
+                    done = self.z_count + self._skipped_by(msg)
+                    while refusals and refusals[0][0] <= done:
+                        target, _, extended, _, _ = refusals.popleft()
+                        if target < done:
+                            # Postgres skipped our injected Query (an error earlier in
+                            # its pipeline), as it skips the refused message
+                            if s.tracker is not None:
+                                s.tracker.refusal_ignored()
+                        else:
+                            # our injected Query's own, whatever its error said (in a
+                            # failed transaction: 25P02, not our marker): a refused
+                            # extended-protocol message gets none
+                            drop = extended
                 if s.tracker is not None:
                     s.tracker.on_backend(t, msg)
                 if mask is not None and msg[5] == m.TX_IDLE and mask.ddl_committed():
