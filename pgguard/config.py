@@ -427,9 +427,17 @@ class Limits(_Base):
     agent_sessions: Annotated[int, msgspec.Meta(ge=0)] | Literal["auto"] = "auto"
     startup_timeout: str = "15s"
     shutdown_timeout: str = "30s"
+    # a session idle in a transaction (all it sent answered, nothing more from the
+    # client) this long is ended and its transaction rolled back, its locks released:
+    # Postgres' idle_in_transaction_session_timeout is the client's to turn off (an
+    # agent's `SELECT ... FOR UPDATE` then waiting held every row it locked). Agents'
+    # sessions; everyone's ("0": never)
+    agent_idle_in_transaction: str = "5m"
+    idle_in_transaction: str = "0"
 
     def __post_init__(self) -> None:
-        _durations(self, "startup_timeout", "shutdown_timeout")
+        _durations(self, "startup_timeout", "shutdown_timeout", "agent_idle_in_transaction",
+                   "idle_in_transaction")
         if self.max_message_size < 1024:
             raise ValueError("max_message_size must be at least 1024")
 

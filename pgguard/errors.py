@@ -59,6 +59,14 @@ class TooManyConnections(PgguardError):
     severity = "FATAL"
 
 
+class IdleInTransaction(PgguardError):
+    """A session idle in a transaction past its limit: ended, its transaction rolled
+    back (Postgres' own word for it)."""
+
+    sqlstate = "25P03"
+    severity = "FATAL"
+
+
 class ShuttingDown(PgguardError):
     sqlstate = "57P01"
     severity = "FATAL"

@@ -101,6 +101,8 @@ CROWD_AGE = 1.0
 STALL_AGE = 5.0
 # how often masked sessions' catalogs are checked against DDL made directly upstream
 CATALOG_WATCH = 1.0
+# how often sessions are checked for idling in a transaction (limits.*idle_in_transaction)
+IDLE_TICK = 0.5
 # what changes when a column, a table, a view's definition or an inheritance link does
 # (each DDL writes new catalog rows): their count and the sum of their xmins
 CATALOG_FINGERPRINT_SQL = "SELECT pg_catalog.concat_ws('/', " + ", ".join(
@@ -1129,7 +1131,7 @@ class Server:
         log, in that order; each bounded."""
         for t in list(self._background):
             if t.get_coro().__name__ in ("_metrics_tick", "_views_tick", "_bodies_tick",
-                                         "_masks_tick") or \
+                                         "_masks_tick", "_idle_tick") or \
                     t is self._heartbeat_task:
                 t.cancel()
         if self._background:
@@ -1163,16 +1165,38 @@ class Server:
         return out
 
     async def start_admin(self) -> None:
+        # the watches run whether or not an admin page does (without approvals, masked
+        # sessions never saw DDL made directly upstream: the catalog check ran with the
+        # admin server only)
+        self.background(self._metrics_tick())
+        self.background(self._views_tick())
+        if self.cfg.masks:
+            self.background(self._masks_tick())
+        lim = self.cfg.limits
+        if parse_duration(lim.agent_idle_in_transaction) or \
+                parse_duration(lim.idle_in_transaction):
+            self.background(self._idle_tick())
         if self.approvals is None:
             return
         # why: aiohttp loads only when an admin page is configured
         from ..approvals.web import start_admin
         self.admin = await start_admin(self.cfg, self.approvals, self.metrics,
                                        sessions=self.sessions_info, token=self.admin_token)
-        self.background(self._metrics_tick())
-        self.background(self._views_tick())
-        if self.cfg.masks:
-            self.background(self._masks_tick())
+
+    async def _idle_tick(self) -> None:
+        # sessions idle in a transaction past limits.[agent_]idle_in_transaction end
+        # (see Session.idle_check): every IDLE_TICK seconds
+        lim = self.cfg.limits
+        agent, anyone = (parse_duration(lim.agent_idle_in_transaction),
+                         parse_duration(lim.idle_in_transaction))
+        while True:
+            await asyncio.sleep(IDLE_TICK)
+            now = time.monotonic()
+            for s in list(self.sessions):
+                ident = s.identity
+                limit = agent if ident is not None and ident.kind == "agent" else anyone
+                if limit:
+                    s.idle_check(now, limit)
 
     def _services(self) -> Services:
         return Services(

@@ -17,8 +17,8 @@ from ..audit.record import AuditRecord
 from ..auth import scram, tokens
 from ..auth.revocations import guard_session
 from ..config import parse_duration, read_secret
-from ..errors import (AuthFailed, AuthRejected, PgguardError, ProtocolViolation,
-                     ShuttingDown, UpstreamUnavailable)
+from ..errors import (AuthFailed, AuthRejected, IdleInTransaction, PgguardError,
+                     ProtocolViolation, ShuttingDown, UpstreamUnavailable)
 from ..policy.classify import PreparedMemory
 from ..policy.views import SessionViews
 from ..protocol import messages as m
@@ -188,6 +188,9 @@ class Session:
         # the client sent Terminate: the timer that closes if the upstream does not
         # (close_after_upstream); nothing more the client sends is read
         self.quitting: asyncio.TimerHandle | None = None
+        # (what the client and upstream had exchanged, since when) while idle in a
+        # transaction: see idle_check
+        self._idle: tuple | None = None
         self.started = time.monotonic()
         self.started_wall = time.time()
         # policy state
@@ -911,6 +914,37 @@ class Session:
         """After each backend chunk while draining: close once idle."""
         if self.bscan.status == m.TX_IDLE and self.in_flight() <= 0:
             self.terminate(ShuttingDown("terminating connection due to administrator command"))
+
+    def idle_check(self, now: float, limit: float) -> None:
+        """(Services, every half second.) End the session once it has been idle in a
+        transaction for ``limit`` seconds: everything it sent answered, not a byte more
+        from the client, the upstream's last ReadyForQuery saying in a transaction (or
+        failed one), no statement held (an approval, a lookup). Closing the upstream
+        connection rolls the transaction back and releases its locks, as Postgres'
+        idle_in_transaction_session_timeout would (which the client may turn off)."""
+        bs = self.bscan
+        if self.closed or bs is None or self.client.phase != PH_RELAY or \
+                bs.status not in (m.TX_IN_BLOCK, m.TX_FAILED) or self.in_flight() > 0 or \
+                self.holds.held is not None or self.holds.approval is not None:
+            self._idle = None
+            return
+        mark = (self.fscan.bytes_seen, bs.bytes_seen)
+        if self._idle is None or self._idle[0] != mark:
+            self._idle = (mark, now)
+            return
+        if now - self._idle[1] < limit:
+            return
+        ident = self.identity
+        key = "agent_idle_in_transaction" if ident is not None and ident.kind == "agent" \
+            else "idle_in_transaction"
+        log.info("session %s: idle in a transaction for %.0f s: ended (limits.%s)",
+                 self.id, now - self._idle[1], key)
+        self.terminate(IdleInTransaction(
+            "terminating connection due to idle-in-transaction timeout",
+            detail=f"pgguard: the session was idle in a transaction for {limit:g} s "
+                   f"(limits.{key}); its transaction is rolled back and its locks released",
+            hint="Commit or roll back before pausing: a transaction left open holds the "
+                 "rows it locked against everyone else."))
 
     def in_flight(self) -> int:
         """ReadyForQuery messages the upstream still owes, by Postgres' rules (the
