@@ -277,3 +277,34 @@ def test_a_masked_column_moved_to_a_new_attnum_upstream(rt23proxy, pg):
         assert not leaks(got), leaks(got)
     finally:
         seed(pg)
+
+
+def test_the_catalog_watch_runs_without_an_admin_server(pg, tmp_path):
+    # (round 24) the watches started with the admin server: a config with no admin
+    # token and no approval rule (no approvals store) never checked the catalog, and
+    # an open session kept a redefined view's new columns in clear
+    from conftest import Proxy
+    seed(pg)
+    p = Proxy(pg, tmp_path, extra=MASKS)
+    text = p.config.read_text().replace('token_env = "TEST_ADMIN_TOKEN"\n', "")
+    assert "TEST_ADMIN_TOKEN" not in text and "[[rules]]" not in text
+    p.config.write_text(text)
+    p.start()
+    sql = "SELECT id, v FROM rt24_v ORDER BY id"
+    try:
+        pg.execute("DROP VIEW IF EXISTS rt24_v; CREATE VIEW rt24_v AS SELECT id, upper(name) "
+                   "AS v FROM customers; GRANT SELECT ON rt24_v TO PUBLIC", dbname=DB)
+        with psycopg.connect(p.dsn(dbname=DB), autocommit=True) as c:
+            for _ in range(3):
+                assert c.execute(sql).fetchall()[0][1] == "ANN"
+                assert c.execute(sql, prepare=True).fetchall()[0][1] == "ANN"
+            pg.execute("CREATE OR REPLACE VIEW rt24_v AS SELECT id, reverse(ssn) AS v "
+                       "FROM customers", dbname=DB)
+            assert leaks(direct_mode(pg, "psycopg-text", sql))
+            _watch_wait()
+            for _ in range(3):
+                got = c.execute(sql).fetchall() + c.execute(sql, prepare=True).fetchall()
+                assert not leaks(got), leaks(got)
+    finally:
+        p.stop()
+        pg.execute("DROP VIEW IF EXISTS rt24_v", dbname=DB)
