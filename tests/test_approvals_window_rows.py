@@ -8,6 +8,7 @@
 # upstream.
 import sqlite3
 import threading
+import time
 
 import asyncpg
 import psycopg
@@ -21,6 +22,13 @@ from test_approvals_wire import api, pending_ids
 orders = test_approvals_prepared.orders     # (autouse there: here too)
 
 SQL = "UPDATE orders SET status = 'w' WHERE id IN (SELECT id FROM pick)"
+INSERTS = """
+[[rules]]
+name = "orders-inserts-need-approval"
+when = { kind = "agent", statements = ["insert"], relations = ["public.orders"] }
+action = "approve"
+timeout = "30s"
+"""
 
 
 @pytest.fixture(params=["batched", "strict"])
@@ -29,7 +37,7 @@ def wproxy(request, make_proxy, pg):
                f"ALTER TABLE pick OWNER TO {UPSTREAM_USER}; INSERT INTO pick VALUES (1)",
                dbname=DB)
     extra = 'durability = "strict"\n' if request.param == "strict" else ""
-    return make_proxy(extra=RULES, audit_extra=extra)
+    return make_proxy(extra=RULES + INSERTS, audit_extra=extra)
 
 
 def _widen(pg):
@@ -148,3 +156,87 @@ def test_a_window_whose_run_is_not_measured_yet_asks_a_human(pg, wproxy):
     t.join(10)
     assert out == ["42501"]
     assert statuses(pg) == ["w"] + ["new"] * 9      # (the approved run only)
+
+
+# (helper 133) the count that bounded a window was the whole Query's (a SELECT's rows
+# counted: 1000 for a run that changed none), and an INSERT's or a COPY's run was not
+# bounded at all. A window now covers only runs whose reach it can bound: a plain
+# UPDATE / DELETE (by its approved run's count), an INSERT of the values its text
+# spells, a statement that writes nothing; anything else asks every time.
+ASKED_AGAIN = {
+    "select-then-update": "SELECT id FROM orders; " + SQL,
+    "insert-select": "INSERT INTO orders (id, status) SELECT id + 100, 'ins' FROM pick",
+    "update-in-a-cte": "WITH u AS (UPDATE orders SET status = 'c' WHERE id IN "
+                       "(SELECT id FROM pick) RETURNING id) SELECT count(*) FROM u",
+    "two-updates": SQL + "; UPDATE orders SET status = 'z' WHERE id = 7",
+}
+
+
+@pytest.mark.parametrize("case", list(ASKED_AGAIN))
+def test_a_window_does_not_cover_what_it_cannot_bound(pg, wproxy, case):
+    sql = ASKED_AGAIN[case]
+    with psycopg.connect(wproxy.dsn(dbname=DB), autocommit=True) as c:
+        approved_with_window(wproxy, lambda: psycopg.ClientCursor(c).execute(sql))
+    before = pg.execute("SELECT id, status FROM orders ORDER BY id", dbname=DB)
+    _widen(pg)
+    out = []
+
+    def run():
+        with psycopg.connect(wproxy.dsn(dbname=DB), autocommit=True) as c:
+            try:
+                psycopg.ClientCursor(c).execute(sql)
+            except psycopg.errors.InsufficientPrivilege as e:
+                out.append(e.sqlstate)
+    t = threading.Thread(target=run)
+    t.start()
+    (rid,) = pending_ids(wproxy, want=1)        # asked, not covered
+    api(wproxy, "POST", f"/api/approvals/{rid}/deny", {"approver": "alice"})
+    t.join(10)
+    assert out == ["42501"]
+    assert pg.execute("SELECT id, status FROM orders ORDER BY id", dbname=DB) == before
+
+
+def test_a_window_covers_an_insert_of_the_values_its_text_spells(pg, wproxy):
+    sql = "INSERT INTO orders (id, status) VALUES (201, 'v'), (202, 'v')"
+    with psycopg.connect(wproxy.dsn(dbname=DB), autocommit=True) as c:
+        approved_with_window(wproxy, lambda: psycopg.ClientCursor(c).execute(sql))
+        psycopg.ClientCursor(c).execute(sql)            # no human asked
+    assert pg.execute("SELECT count(*) FROM orders WHERE id > 200", dbname=DB) == [(4,)]
+
+
+def test_a_window_rebind_after_ddl_is_judged_again_and_answered(pg, wproxy):
+    # (helper 133) a Bind of a prepared statement an approval (with a window) had let
+    # through, sent again after DDL moved the decision generation, raised TypeError in
+    # the Bind's judging again: the session stopped answering
+    from rawpg import SYNC, bind, execute, parse, tags
+    stop = threading.Event()
+
+    def approve_all():
+        while not stop.is_set():
+            for rid in _pending(wproxy):
+                api(wproxy, "POST", f"/api/approvals/{rid}/approve",
+                    {"approver": "alice", "window": "10m"})
+            time.sleep(0.05)
+    t = threading.Thread(target=approve_all, daemon=True)
+    t.start()
+    sql = SQL + " AND $1::int = 1"
+    c = RawClient.connect(wproxy.port, AGENT, AGENT_PASSWORD, database=DB, timeout=30)
+    try:
+        c.send(parse(sql, name="s1"), bind(stmt="s1", params=[b"1"]), execute(), SYNC)
+        assert "UPDATE 1" in tags(c.until_ready())
+        pg.execute("UPDATE orders SET status = 'new'", dbname=DB)
+        c.run("DROP TABLE IF EXISTS t24; CREATE TABLE t24 (x int)")    # DDL: a new generation
+        _widen(pg)
+        c.send(bind(stmt="s1", params=[b"1"]), execute(), SYNC)
+        got = c.until_ready()                           # answered, not hung
+        assert errors(got) and errors(got)[0]["C"] == "42501", got
+    finally:
+        stop.set()
+        c.close()
+    assert statuses(pg) == ["new"] * 10
+
+
+def _pending(proxy) -> list:
+    items = api(proxy, "GET", "/api/approvals?state=pending")
+    items = items.get("approvals", items) if isinstance(items, dict) else items
+    return [i["id"] for i in items]

@@ -123,3 +123,37 @@ def test_the_limit_reads_as_a_duration_and_says_its_key(tmp_path, pg):
     assert r.returncode != 0 and "limits.agent_idle_in_transaction" in r.stderr + r.stdout
 
 
+
+
+@pytest.mark.parametrize("trickle", ["flush", "sync", "partial-message", "copy-open"])
+def test_trickled_bytes_are_no_work(pg, iproxy, trickle):
+    # (helper 133) a Flush, a bare Sync or one byte of a message every 0.4 s kept the
+    # transaction and its locks; so did a COPY FROM STDIN left waiting for its data
+    import struct
+    r = RawClient.connect(iproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+    try:
+        r.run("BEGIN")
+        r.run(LOCKS[0])
+        if trickle == "copy-open":
+            sql = b"COPY locked FROM STDIN\0"
+            r.send(struct.pack("!cI", b"Q", 4 + len(sql)) + sql)
+            assert r.read()[0] == b"G"          # CopyInResponse: it waits for data
+        assert not _writable(pg)
+        deadline = time.monotonic() + 3.0
+        sent = 0
+        while time.monotonic() < deadline:
+            time.sleep(0.4)
+            try:
+                if trickle == "flush":
+                    r.send(b"H\0\0\0\x04")
+                elif trickle == "sync":
+                    r.send(b"S\0\0\0\x04")
+                elif trickle == "partial-message" and sent < 20:
+                    r.send(b"Q\0\0\0\xff"[sent:sent + 1] if sent < 5 else b"x")
+                sent += 1
+            except OSError:
+                break
+        assert _writable(pg)
+        assert _idle_sessions(pg) == 0
+    finally:
+        r.sock.close()

@@ -816,7 +816,7 @@ class Enforcement:
         True: go on with the Bind (under the new plan). False: it was refused, or it
         waits for function bodies to be read (then it is taken up again)."""
         name, plan = stale
-        return self._judge_again(name, plan.sql, msg, out, later,
+        return self._judge_again(name, [plan.sql], msg, out, later,
                                  "what the prepared statement runs changed since it was "
                                  "prepared")
 

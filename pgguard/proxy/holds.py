@@ -392,11 +392,15 @@ class Holds:
             # off the loop: the store may be a fleet's control database
             grant = await asyncio.to_thread(store.check_grant, s.identity_name,
                                             s.database, fp)
-            if grant is not None and grant.max_rows is None and any(
-                    st.changes_rows for st in d.statements):
-                # the window's approved run is not measured (yet, or its rows could not
-                # be counted): how far a run may reach is not known, a human decides
-                grant = None
+            if grant is not None:
+                kind = self._window_kind(d, sql)
+                if kind is None or kind == "counted" and grant.max_rows is None:
+                    # a window covers a run whose reach it can bound: no write, a plain
+                    # UPDATE / DELETE its approved run's count bounds (once counted),
+                    # an INSERT of the values in its text; anything else (INSERT ...
+                    # SELECT, COPY FROM, several statements, a function: helper 133
+                    # went past the bound with each) is asked for every time
+                    grant = None
             approver = grant.approver if grant is not None else None
             if grant is None:
                 req = await asyncio.to_thread(
@@ -457,7 +461,7 @@ class Holds:
                 self.services.decision_generation(s.database) != gen and any(
                     s.enforce.is_user_function(f) for st in d.statements
                     for f in st.functions) and self._prepares_approved(d) and \
-                s.enforce.run_granted(msg, d, self._approved(d, approver, req)):
+                s.enforce.run_granted(msg, d, self._approved(d, approver, req, sql)):
             # DDL went by while it waited: a function it calls may run another body (a
             # new overload) than the one the approver's decision saw, so it runs under
             # the row limit like an allowed statement
@@ -468,7 +472,7 @@ class Holds:
                 s.masking is not None:
             log.info("session %s: statement approved by %s", s.id, approver)
             self._prepares_approved(d)
-            s.enforce.run_approved(msg, d, self._approved(d, approver, req))
+            s.enforce.run_approved(msg, d, self._approved(d, approver, req, sql))
             self.put_back([(m.QUERY, msg)])
         elif (req is None or req.state == "approved") and extended and parse is None \
                 and not s.enforce.mask_approved_parse(msg, d, out,
@@ -480,7 +484,7 @@ class Holds:
                 out.append(msg)             # (a Parse: appended with its masking plan)
             self.services.count_statement("approved")
             if s.tracker is not None:
-                rec = self._approved(d, approver, req)
+                rec = self._approved(d, approver, req, sql)
                 if parse is not None:   # the statement's record names this approver
                     s.tracker.flog.append((parse, rec, 0))
                 s.tracker.flog.append((msg, rec, time.monotonic_ns()))
@@ -532,11 +536,35 @@ class Holds:
         self.release(out)
 
 
-    def _approved(self, d, approver, req) -> Approved:
+    def _window_kind(self, d, sql: bytes) -> str | None:
+        """How a window may cover runs of ``d``: "free" (it writes nothing, or inserts
+        only the rows its text spells), "counted" (one plain UPDATE / DELETE: its
+        command's count, bounded by the approved run's), None (not at all: its reach
+        depends on data or code the window cannot bound)."""
+        s = self.s
+        enf = s.enforce
+        calls = any(enf.is_user_function(f) for st in d.statements for f in st.functions)
+        writes = calls or any(st.changes_rows or st.relations_written or
+                              st.kind in ("insert", "copy", "merge", "call", "do")
+                              for st in d.statements)
+        if not writes:
+            return "free"
+        if len(d.statements) != 1 or calls:
+            return None
+        st = d.statements[0]
+        plan = enf.plan_of(d, sql)
+        if st.kind in ("update", "delete") and plan is not None and plan.by_tag:
+            return "counted"
+        if st.kind == "insert" and not st.relations_read and plan is None and \
+                not st.changes_rows and not st.kinds[1:]:
+            return "free"
+        return None
+
+    def _approved(self, d, approver, req, sql: bytes) -> Approved:
         """The record of a statement a human approved: when the approval opened a
         window, its run's row count bounds the window's later runs."""
         gid = req.grant_id if req is not None else None
-        if gid is None:
+        if gid is None or self._window_kind(d, sql) != "counted":
             return Approved(d, approver)
         store = self.services.approvals
         loop = asyncio.get_running_loop()

@@ -917,18 +917,23 @@ class Session:
 
     def idle_check(self, now: float, limit: float) -> None:
         """(Services, every half second.) End the session once it has been idle in a
-        transaction for ``limit`` seconds: everything it sent answered, not a byte more
-        from the client, the upstream's last ReadyForQuery saying in a transaction (or
-        failed one), no statement held (an approval, a lookup). Closing the upstream
+        transaction for ``limit`` seconds: the upstream's last ReadyForQuery saying in a
+        transaction (or a failed one), everything sent answered (or a COPY FROM STDIN
+        waiting for its data), no statement held (an approval, a lookup), and no
+        statement answered meanwhile: a Sync, a Flush or a byte of a message is no work
+        (helper 133 kept its locks so), a COPY's data is. Closing the upstream
         connection rolls the transaction back and releases its locks, as Postgres'
         idle_in_transaction_session_timeout would (which the client may turn off)."""
         bs = self.bscan
+        copy_in = bs is not None and bs.last_type == m.COPY_IN_RESPONSE
         if self.closed or bs is None or self.client.phase != PH_RELAY or \
-                bs.status not in (m.TX_IN_BLOCK, m.TX_FAILED) or self.in_flight() > 0 or \
+                bs.status not in (m.TX_IN_BLOCK, m.TX_FAILED) or \
+                (self.in_flight() > 0 and not copy_in) or \
                 self.holds.held is not None or self.holds.approval is not None:
             self._idle = None
             return
-        mark = (self.fscan.bytes_seen, bs.bytes_seen)
+        # answers other than ReadyForQuery (a statement's), and a COPY's data
+        mark = (bs.messages - bs.count, self.fscan.bytes_seen if copy_in else 0)
         if self._idle is None or self._idle[0] != mark:
             self._idle = (mark, now)
             return
