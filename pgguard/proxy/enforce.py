@@ -21,7 +21,7 @@ from pglast.stream import RawStream
 
 from .._core.answers import answer_for
 from .._core.sqlshape import shape
-from ..errors import ProtocolViolation
+from ..errors import PgguardError, ProtocolViolation
 from ..masking import parking
 from ..masking.wire import MASK_BACKEND, PENDING
 from ..policy.bodies import Bodies, BodiesPending, created_functions, own_definitions
@@ -396,6 +396,30 @@ class Enforcement:
 
     # -- relay hooks (called by the compiled pipes)
     def client_items(self, items: list) -> None:
+        """See _client_items; a fault in pgguard's own code ends the session saying
+        so, never leaves it unanswered (helper 133: a TypeError in a Bind's judging
+        again left the client's socket paused, the client waiting for ever)."""
+        try:
+            self._client_items(items)
+        except Exception as e:      # noqa: BLE001 - any fault: fail closed, loudly
+            self._fault(e)
+
+    def backend_items(self, items: list, routed: bool = False) -> None:
+        """See _backend_items; a fault ends the session (as client_items)."""
+        try:
+            self._backend_items(items, routed)
+        except Exception as e:      # noqa: BLE001 - any fault: fail closed, loudly
+            self._fault(e)
+
+    def _fault(self, e: Exception) -> None:
+        s = self.s
+        log.exception("session %s: internal error, the session is closed", s.id,
+                      exc_info=e)
+        s.fail(PgguardError("pgguard: internal error; the session is closed",
+                            detail=f"{e.__class__.__name__} (see the pgguard log for "
+                                   f"session {s.id})", sqlstate="XX000", severity="FATAL"))
+
+    def _client_items(self, items: list) -> None:
         """Frontend messages the scan withheld (Query, Parse, Terminate, and for the
         audit Bind/Execute/Sync) with the forwarded runs around them; everything while
         discarding after a refusal or holding for a durable audit record."""
@@ -1530,7 +1554,7 @@ class Enforcement:
             # (a mask catalog read the rows wait for resumes reading itself)
             s.up.transport.resume_reading()
 
-    def backend_items(self, items: list, routed: bool = False) -> None:
+    def _backend_items(self, items: list, routed: bool = False) -> None:
         """Diverted backend messages: rewrite our refusal errors, drop the extra
         ReadyForQuery a refused Parse leaves, forward the rest."""
         s = self.s
