@@ -173,7 +173,8 @@ def _silent_from(addr: str, port: int) -> socket.socket:
     return s
 
 
-def test_a_login_in_progress_outlasts_silent_connections(capped):
+@pytest.mark.parametrize("stall", [b"", b"\x00"])
+def test_a_login_in_progress_outlasts_silent_connections(capped, stall):
     # (red team 24) a client half-way through its login (answering the password
     # request 2 s later: a slow SCRAM, a slow link) beside connections from the same
     # address that sent nothing: the silent ones are closed for new logins, never it
@@ -184,13 +185,16 @@ def test_a_login_in_progress_outlasts_silent_connections(capped):
         # request) comes seconds later
         slow.send(startup_packet({"user": HUMAN, "database": "appdb"}))
         time.sleep(0.1)
+        # (nothing, or one byte of a startup packet: helper 133)
         for _ in range(3):
             stalled.append(socket.create_connection(("127.0.0.1", capped.port)))
+            stalled[-1].sendall(stall)
         time.sleep(1.1)
         for _ in range(3):
             with psycopg.connect(capped.dsn(HUMAN, HUMAN_PASSWORD)) as h:
                 assert h.execute("SELECT 1").fetchone() == (1,)
             stalled.append(socket.create_connection(("127.0.0.1", capped.port)))
+            stalled[-1].sendall(stall)
             time.sleep(0.35)
         slow.auth(HUMAN, HUMAN_PASSWORD)
         assert slow.status == b"I"

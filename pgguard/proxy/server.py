@@ -956,8 +956,9 @@ class Server:
     def _crowding(self):
         """The connection still logging in to close so that a new one may log in, or
         None. Only one that has waited longer than CROWD_AGE (a login takes far less):
-        first one that has sent nothing at all (a client sends its startup packet as it
-        connects), of the address holding the most such; else the oldest of the
+        first one whose startup packet has not come whole (a client sends it as it
+        connects; helper 133 sent one byte per connection), of the address holding the
+        most such; else the oldest of the
         address holding the most, when it holds two or more; else (every address holds
         one) the oldest, once it has waited STALL_AGE. A client in the middle of its
         login (a slow SCRAM, a TLS handshake) goes after every silent connection, and
@@ -966,7 +967,7 @@ class Server:
         due = [s for s in self._logging_in if now - s.admitted_at >= CROWD_AGE]
         if not due:
             return None
-        silent = [s for s in due if not s.client.heard]
+        silent = [s for s in due if not s.params]      # no startup packet read yet
         pool = silent or due
         by_host: dict = {}
         for s in pool:

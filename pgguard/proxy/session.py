@@ -75,7 +75,7 @@ class ClientProtocol(asyncio.Protocol):
     (``transport.set_protocol``)."""
 
     __slots__ = ("services", "session", "transport", "phase", "reader", "waiter", "_lost",
-                 "_paused", "eof", "heard")
+                 "_paused", "eof")
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -87,7 +87,6 @@ class ClientProtocol(asyncio.Protocol):
         self._lost = False
         self._paused = False        # reading paused in the startup phase (buffer full)
         self.eof = False            # half-closed once logged in: the relay answers first
-        self.heard = False          # any byte received (a login in progress, not a silent one)
 
     # -- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -98,7 +97,6 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase == PH_STARTUP:
-            self.heard = True
             self.reader.feed(data)
             if self.reader.buffered > STARTUP_BUFFER_MAX and not self._paused:
                 # what a client pipelines before the relay starts waits in the kernel
