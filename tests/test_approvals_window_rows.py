@@ -141,20 +141,7 @@ def test_a_window_whose_run_is_not_measured_yet_asks_a_human(pg, wproxy):
              if f.suffix in (".sqlite3", ".db", ".sqlite")]
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE grants SET max_rows = NULL")
-    out = []
-
-    def run():
-        with psycopg.connect(wproxy.dsn(dbname=DB), autocommit=True) as c:
-            try:
-                psycopg.ClientCursor(c).execute(SQL)
-            except psycopg.errors.InsufficientPrivilege as e:
-                out.append(e.sqlstate)
-    t = threading.Thread(target=run)
-    t.start()
-    (rid,) = pending_ids(wproxy)        # asked
-    api(wproxy, "POST", f"/api/approvals/{rid}/deny", {"approver": "alice"})
-    t.join(10)
-    assert out == ["42501"]
+    assert _asked_and_denied(wproxy, SQL) == ["42501"]
     assert statuses(pg) == ["w"] + ["new"] * 9      # (the approved run only)
 
 
@@ -179,20 +166,7 @@ def test_a_window_does_not_cover_what_it_cannot_bound(pg, wproxy, case):
         approved_with_window(wproxy, lambda: psycopg.ClientCursor(c).execute(sql))
     before = pg.execute("SELECT id, status FROM orders ORDER BY id", dbname=DB)
     _widen(pg)
-    out = []
-
-    def run():
-        with psycopg.connect(wproxy.dsn(dbname=DB), autocommit=True) as c:
-            try:
-                psycopg.ClientCursor(c).execute(sql)
-            except psycopg.errors.InsufficientPrivilege as e:
-                out.append(e.sqlstate)
-    t = threading.Thread(target=run)
-    t.start()
-    (rid,) = pending_ids(wproxy, want=1)        # asked, not covered
-    api(wproxy, "POST", f"/api/approvals/{rid}/deny", {"approver": "alice"})
-    t.join(10)
-    assert out == ["42501"]
+    assert _asked_and_denied(wproxy, sql) == ["42501"]      # asked, not covered
     assert pg.execute("SELECT id, status FROM orders ORDER BY id", dbname=DB) == before
 
 
@@ -234,6 +208,25 @@ def test_a_window_rebind_after_ddl_is_judged_again_and_answered(pg, wproxy):
         stop.set()
         c.close()
     assert statuses(pg) == ["new"] * 10
+
+
+def _asked_and_denied(proxy, sql: str) -> list:
+    """``sql`` run by the agent on a thread: it must ask a human (alice denies);
+    the SQLSTATEs the agent got."""
+    out = []
+
+    def run():
+        with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
+            try:
+                psycopg.ClientCursor(c).execute(sql)
+            except psycopg.errors.InsufficientPrivilege as e:
+                out.append(e.sqlstate)
+    t = threading.Thread(target=run)
+    t.start()
+    (rid,) = pending_ids(proxy)
+    api(proxy, "POST", f"/api/approvals/{rid}/deny", {"approver": "alice"})
+    t.join(10)
+    return out
 
 
 def _pending(proxy) -> list:
