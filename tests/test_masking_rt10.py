@@ -85,6 +85,11 @@ ACTIVITY = [
     "SELECT reverse(j.x21) FROM (pg_stat_activity a JOIN pg_database d ON d.oid = a.datid) "
     "AS j(" + ", ".join(f"x{i}" for i in range(1, 22)) + ")",
     "SELECT reverse(j::text) FROM (pg_stat_activity JOIN pg_database d ON true) AS j",
+    # (red team 25) the join alias's new names read unqualified
+    "SELECT reverse(q) FROM (pg_stat_activity CROSS JOIN (SELECT 1) z) AS j(" +
+    ", ".join(f"a{i}" for i in range(1, 21)) + ", q) WHERE q LIKE '%pg_sleep%'",
+    "SELECT reverse(q) FROM ((pg_stat_activity CROSS JOIN (SELECT 1) z) AS j0 "
+    "CROSS JOIN (SELECT 2) y) AS j(" + ", ".join(f"a{i}" for i in range(1, 21)) + ", q)",
 ]
 
 

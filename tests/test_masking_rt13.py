@@ -43,6 +43,13 @@ STATS = [
     "WHERE j.tablename = 'customers'",
     "SELECT translate(m::text, '0123456789', 'abcdefghij') FROM pg_catalog.pg_stats "
     "AS s(a, b, c, d, e, f, g, m) WHERE b = 'customers'",
+    # (red team 25) a join alias's column list, its new names read unqualified
+    "SELECT c, reverse(hb::text) FROM (pg_stats CROSS JOIN (SELECT 1) z) "
+    "AS j(a, b, c, d, e, f, g, h, i, hb) WHERE b = 'customers'",
+    "SELECT reverse(hb::text) FROM ((pg_stats CROSS JOIN (SELECT 1) z) AS j0 "
+    "CROSS JOIN (SELECT 2) y) AS j(a, b, c, d, e, f, g, h, i, hb) WHERE b = 'customers'",
+    "SELECT reverse(m::text) FROM (pg_catalog.pg_stats s JOIN pg_namespace n "
+    "ON n.nspname = s.schemaname) AS j(a, b, c, d, e, f, g, m) WHERE b = 'customers'",
 ]
 
 

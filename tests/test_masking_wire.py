@@ -65,7 +65,8 @@ def leaked(blob) -> list[str]:
     for v in SEEDED:
         for form in (v, v.encode().hex(), base64.b64encode(v.encode()).decode(),
                      v.replace("-", "")):
-            if form in text:
+            # (any case: upper() gives a lower-cased key back whole)
+            if form in text or form.lower() in text.lower():
                 found.append(form)
     return found
 
@@ -89,6 +90,7 @@ def rows(dsn, sql, **kw):
     "SELECT (SELECT email FROM cust WHERE id = 1)",
     "WITH x AS (SELECT email FROM cust) SELECT * FROM x",
     "SELECT notes FROM cust",
+    "SELECT lower(notes), initcap(notes) FROM cust",
 ])
 def test_no_seeded_value_leaves_in_clear(mproxy, sql):
     got = rows(mproxy.dsn(dbname="appdb"), sql)
@@ -114,6 +116,26 @@ def test_psycopg_binary_and_prepared(mproxy, mode):
         got = rows(dsn, "SELECT id, email, ssn, notes FROM cust WHERE id > %s", params=[0],
                    binary="binary" in mode, prepare="prepared" in mode)
         assert len(got) == 2 and leaked(got) == [], got
+
+
+@pytest.mark.parametrize("mode", ["text", "binary", "prepared-binary", "asyncpg"])
+def test_a_lower_cased_access_key_is_detected(mproxy, mode):
+    # (red team 25) lower(notes) came back as akiaiosfodnn7example: upper() is the key
+    sql = "SELECT id, lower(notes), lower(notes) || ' x' FROM cust WHERE id > 0"
+    dsn = mproxy.dsn(dbname="appdb")
+    for _ in range(3):
+        if mode == "asyncpg":
+            async def go():
+                conn = await asyncpg.connect(dsn)
+                try:
+                    return [tuple(r) for r in await conn.fetch(sql.replace("0", "$1"), 0)]
+                finally:
+                    await conn.close()
+            got = asyncio.run(go())
+        else:
+            got = rows(dsn, sql, binary="binary" in mode, prepare="prepared" in mode)
+        assert len(got) == 2 and leaked(got) == [], got
+        assert any("[aws_access_key]" in str(r) for r in got), got
 
 
 def test_asyncpg_statement_cache(mproxy):

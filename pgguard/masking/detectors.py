@@ -200,7 +200,9 @@ BUILTIN: dict[str, Detector] = {d.name: d for d in (
     Detector(
         "aws_access_key",
         rb"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}",
-        rb"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b"),
+        rb"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b",
+        # any case: a lower-cased key comes back whole through upper()
+        flags=_I, hs_flags=_HS_I),
     Detector(
         "jwt",
         rb"eyJ[A-Za-z0-9_-]{5}[A-Za-z0-9_-]*\.eyJ",

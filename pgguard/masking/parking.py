@@ -470,15 +470,18 @@ def stats_reads(reads: _Reads, values: dict = STATS_VALUES) -> list[str]:
     for schema, rel, _, _ in reads.renamed:
         if rel in values and (schema in (None, "pg_catalog") or rel in _ANY_SCHEMA):
             hits.update(f"pg_catalog.{rel}.{c}" for c in values[rel])
-    # a join alias hides the relations inside it: a value column (or the whole row, or
-    # any column when the join renames them) read through the alias counts
+    # a join alias hides the relations inside it: a value column (or the whole row)
+    # read through the alias counts; a join alias with a column-alias list renames
+    # them, and its new names are read unqualified as well as through the alias
+    # (`(pg_stats CROSS JOIN x) AS j(a, ..., hb)` then `SELECT hb`): the whole
+    # relation counts as read (fail closed, as for a list on the relation itself)
     for jalias, jcols, inner in reads.joins:
         inside = {rel for schema, rel, _ in inner.ranges if rel in values and (
             schema in (None, "pg_catalog") or rel in _ANY_SCHEMA)}
         for rel in inside:
             through = [f for f in reads.refs if f and (f[0] == jalias or (
                 len(f) > 1 and f[-2] == jalias))]
-            if jcols is not None and through or any(
+            if jcols is not None or any(
                     len(f) == 1 or f[-1] == "*" or f[-1] in values[rel] for f in through):
                 hits.update(f"pg_catalog.{rel}.{c}" for c in values[rel])
     return sorted(hits)
