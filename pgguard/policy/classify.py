@@ -2745,16 +2745,32 @@ def _constant_sql(acc: _Acc, expr: str) -> None:
     acc.ctx = saved
 
 
-def _assign_rhs(q: str) -> str | None:
-    """The expression of a PL/pgSQL assignment ``target := expr``."""
+def _assign_parts(q: str) -> tuple[list[str], str] | None:
+    """The parts of a PL/pgSQL assignment ``target := expr`` that run: the subscripts
+    of its target (``a[i]``, ``a[i:j]``, ``a[i][j]``: any expression, a call or a
+    scalar subquery included) and its expression. None: not read (fail closed)."""
     depth = 0
-    for tok in _pg.scan(q):
-        if tok.name in ("ASCII_40", "ASCII_91"):
+    subs: list[str] = []
+    start = -1                  # where the subscript part being read begins
+    for tok in _pg.scan(q):     # (scan() reports character offsets, end inclusive)
+        n = tok.name
+        if n == "ASCII_91":
+            if depth == 0:
+                start = tok.end + 1
             depth += 1
-        elif tok.name in ("ASCII_41", "ASCII_93"):
+        elif n == "ASCII_40":
+            if depth == 0:
+                return None     # a parenthesized target: not a form pgguard reads
+            depth += 1
+        elif n in ("ASCII_41", "ASCII_93"):
             depth -= 1
-        elif depth == 0 and tok.name in ("COLON_EQUALS", "ASCII_61"):
-            return q[tok.end + 1:]          # scan() reports character offsets
+            if depth == 0:
+                subs.append(q[start:tok.start])
+        elif depth == 1 and n == "ASCII_58":        # a slice's bounds
+            subs.append(q[start:tok.start])
+            start = tok.end + 1
+        elif depth == 0 and n in ("COLON_EQUALS", "ASCII_61"):
+            return [x for x in subs if x.strip()], q[tok.end + 1:]
     return None
 
 
@@ -2766,8 +2782,10 @@ def _plexpr(acc: _Acc, e: dict) -> None:
     elif mode == 2:
         sql = "SELECT " + q
     elif mode in (3, 4, 5):
-        rhs = _assign_rhs(q)
-        sql = None if rhs is None else "SELECT " + rhs
+        parts = _assign_parts(q)
+        # the target's subscripts first, the expression last (it may go on with FROM)
+        sql = None if parts is None else "SELECT " + "".join(
+            f"({x}), " for x in parts[0]) + parts[1]
     else:
         sql = None
     if sql is None:
