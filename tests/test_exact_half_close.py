@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import struct
 
 import pytest
 import rawpg
@@ -40,7 +41,23 @@ def _cases(tag: str) -> dict[str, bytes]:
         "open-block": rawpg.query("BEGIN") + rawpg.query(ins),     # rolled back at EOF
         "error-then-more": rawpg.query("SELECT 1/0") + rawpg.query(ins),
         "partial-message": rawpg.query(ins)[:-3],                  # nothing runs
+        # (red team 25) a whole message, then one left unfinished: the first is answered
+        # and runs, nothing of the second (pgguard's own Terminate, added behind it,
+        # finished it: the session waited for ever, or ran what its bytes then said)
+        "then-partial-header": rawpg.query(ins) + rawpg.query(ins)[:5],
+        "then-partial-type": rawpg.query(ins) + rawpg.query(ins)[:3],
+        "then-spliceable": rawpg.query("SELECT 1") + _unfinished(ins + " --", 2),
+        "then-spliceable-long": rawpg.query("SELECT 1") + _unfinished(ins + " --", 1),
+        "then-partial-parse": rawpg.query(ins) + rawpg.parse(ins)[:-4],
+        "then-partial-bind": rawpg.query(ins) + rawpg.parse(ins) + rawpg.bind()[:-2],
     }
+
+
+def _unfinished(sql: str, missing: int) -> bytes:
+    # a Query whose length counts ``missing`` bytes more than are sent (a Terminate's
+    # bytes 'X' and NUL, put behind it, would end it: a comment takes the 'X')
+    body = sql.encode()
+    return b"Q" + struct.pack("!I", 4 + len(body) + missing) + body
 
 
 def _send_half_close(port: int, user: str, password: str | None, payload: bytes) -> list:
@@ -96,5 +113,41 @@ def test_half_closed_client_gets_every_answer(proxy, gproxy, pg, table, case, wh
     def stored(tag: str) -> int:
         return pg.execute("SELECT count(*) FROM half_close WHERE tag = %s", (tag,),
                           dbname="appdb")[0][0]
-    expected = {"select": 0, "open-block": 0, "partial-message": 0}.get(case, 1)
+    expected = {"select": 0, "open-block": 0, "partial-message": 0, "then-spliceable": 0,
+                "then-spliceable-long": 0}.get(case, 1)
     assert (stored(direct_tag), stored(proxied_tag)) == (expected, expected)
+
+
+APPROVAL = """
+[[rules]]
+name = "half-close-approval"
+when = { kind = "agent", statements = ["insert"], relations = ["public.half_close_held"] }
+action = "approve"
+timeout = "1s"
+"""
+
+
+@pytest.fixture(scope="module")
+def aproxy(pg, tmp_path_factory):
+    pg.execute("CREATE TABLE IF NOT EXISTS half_close_held (tag text)", dbname="appdb")
+    pg.execute(f"GRANT ALL ON half_close_held TO {UPSTREAM_USER}", dbname="appdb")
+    with guarded_proxy(pg, tmp_path_factory.mktemp("half-close-held"), APPROVAL) as p:
+        yield p
+
+
+@pytest.mark.parametrize("tail", ["header", "spliceable"])
+def test_an_unfinished_message_behind_a_held_statement_never_runs(aproxy, pg, table, tail):
+    # the held statement keeps the client's later bytes raw while a human is asked:
+    # the end of file cuts the unfinished message there (nothing of it runs), the held
+    # statement is answered (its approval timed out), and the session ends
+    tag = f"h{next(_n)}"
+    ins = f"INSERT INTO half_close VALUES ('{tag}')"
+    later = rawpg.query(ins)[:5] if tail == "header" else _unfinished(ins + " --", 2)
+    got = _send_half_close(aproxy.port, AGENT, AGENT_PASSWORD,
+                           rawpg.query(f"INSERT INTO half_close_held VALUES ('{tag}')")
+                           + later)
+    shape = _shape(got)
+    assert shape and shape[0] == ("E", "42501") and shape[-1] == ("Z", b""), shape
+    assert pg.execute("SELECT (SELECT count(*) FROM half_close WHERE tag = %s), "
+                      "(SELECT count(*) FROM half_close_held WHERE tag = %s)", (tag, tag),
+                      dbname="appdb")[0] == (0, 0)

@@ -130,6 +130,23 @@ cdef class MessageScan:
         self._remain = 0
         self._hdr_fill = 0
 
+    def drop_partial(self):
+        """The stream ended (the client's end of file): forget a message it began and
+        did not finish, as Postgres does at the end of file. True when none is pending or
+        it was held whole here (nothing of it forwarded: it is dropped, and no longer
+        counted); False when its start was already forwarded (it cannot be taken back)."""
+        if self._hdr_fill == 0 and self._remain == 0:
+            return True
+        if self._hdr_sent or (self._remain and not self._collect) or self._streaming:
+            return False
+        if self._remain and self._counted[self._cur_type]:
+            self.count -= 1             # (counted at its header, in _begin)
+        self._hold = bytearray()
+        self._remain = 0
+        self._hdr_fill = 0
+        self._collect = False
+        return True
+
     def take_rest(self):
         r = self.rest
         self.rest = None

@@ -150,6 +150,17 @@ def _bound(grant) -> tuple[int, str] | None:
                                     f"changed: window #{grant.id}")
 
 
+def whole_prefix(raw: bytes) -> int:
+    """The length of the whole messages at the start of ``raw`` (from a boundary on)."""
+    pos, n = 0, len(raw)
+    while pos + 5 <= n:
+        end = pos + 1 + int.from_bytes(raw[pos + 1:pos + 5], "big")
+        if end > n:
+            break
+        pos = end
+    return pos
+
+
 def sync_points(items) -> int:
     """The sync points (Query, Sync, FunctionCall) among ``items``, scan items from a
     message boundary on (raw runs and (type, message) pairs), as the scan counted them:
@@ -227,6 +238,28 @@ class Holds:
         reader = self.reader = RawReader(s)
         s.client_pipe.sink_to(reader)
         self.more(list(later))
+
+    def cut_partial(self) -> None:
+        """The client's end of file: a message it began and did not finish, among the
+        bytes kept raw (the scan's unread rest, then what came meanwhile), is dropped:
+        Postgres reads the end of file there and runs nothing of it (a Terminate added
+        after it would finish it)."""
+        s = self.s
+        reader = self.reader
+        rest = s.fscan.rest
+        if reader is None and rest is None:
+            return
+        raw = (rest or b"") + (b"".join(reader.data) if reader is not None else b"")
+        cut = whole_prefix(raw)
+        if cut == len(raw):
+            return
+        raw = raw[:cut]
+        if rest is not None:
+            s.fscan.rest = raw or None
+            raw = b""
+        if reader is not None:
+            reader.data = [raw] if raw else []
+            reader.size = len(raw)
 
     def begin_turn(self, out: list, later: list) -> None:
         """``begin`` for the rest of a long batch taken up at the next turn of the loop

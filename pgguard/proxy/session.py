@@ -967,17 +967,31 @@ class Session:
         self.backend_chunk()
 
     def client_eof(self) -> bool:
-        """The client half-closed its socket (``shutdown(SHUT_WR)``) after whole
-        messages: Postgres would read its end of file after them and answer them
-        first, as before a Terminate; so the session goes on as if the client had sent
-        one (True: keep the socket open for the answers). Over TLS, or in the middle of
-        a message, the connection ends now (False)."""
+        """The client half-closed its socket (``shutdown(SHUT_WR)``): Postgres reads its
+        end of file after the whole messages, answers them first (as before a
+        Terminate), and runs nothing of a message left unfinished; so the session goes
+        on as if the client had sent a Terminate after its last whole message (True:
+        keep the socket open for the answers). A message whose start went upstream
+        already: the upstream is told of the end of file the same way, after it. Over
+        TLS, or when the upstream cannot be half-closed, the connection ends now
+        (False)."""
         t = self.client.transport
         if self.closed or self.client.phase != PH_RELAY or t is None or \
-                t.get_extra_info("sslcontext") is not None or not self.fscan.at_boundary:
+                t.get_extra_info("sslcontext") is not None:
             return False
-        if self.quitting is None:           # (not after the client's own Terminate)
-            self.client_pipe.data_received(m.TERMINATE_MESSAGE)
+        if self.quitting is not None:       # after the client's own Terminate
+            return not self.closed
+        if not self.fscan.drop_partial():
+            # its start is upstream: Postgres must read the end of file there itself
+            up = self.up.transport if self.up is not None else None
+            if self.holds.held is not None or up is None or up.is_closing() or \
+                    not up.can_write_eof():
+                return False
+            up.write_eof()
+            self.close_after_upstream()
+            return not self.closed
+        self.holds.cut_partial()
+        self.client_pipe.data_received(m.TERMINATE_MESSAGE)
         return not self.closed
 
     def close_after_upstream(self) -> None:
