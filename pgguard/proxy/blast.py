@@ -1232,6 +1232,44 @@ class Guard:
         self._start(self._sync_steps(need, nonce))
         return True
 
+    def commit_before(self, out: list, later: list) -> bool:
+        """A Query or FunctionCall (``later[0]``) while the guard owes the commit of the
+        block it opened, no Sync between: Postgres ends the implicit transaction at the
+        end of that message, the guarded write with it. The block is committed first;
+        the stream waits for the outcome: committed, the message goes on as sent (it
+        runs in a transaction of its own, its ReadyForQuery says where it left the
+        session); an earlier message of the segment failed instead, Postgres skips to
+        the Sync (the message too), and the block is rolled back there. False: that
+        is known already (nothing sent, the message goes on: Postgres skips it)."""
+        s = self.s
+        a = s.answers
+        if a is not None and a.skipping:
+            self.owe = "rollback"
+            return False
+        self.owe = None
+        need = self._unanswered(later)
+        nonce = os.urandom(8).hex().encode()
+        out.append(_group(self._name(), b"SELECT '" + nonce + b"'")
+                   + _group(self._name(), b"COMMIT") + _FLUSH)
+        s.holds.begin(out, [], later)
+        self._start(self._commit_steps(need, nonce))
+        return True
+
+    def _commit_steps(self, need: int, nonce: bytes):
+        s = self.s
+        first = yield from self._find_marker(need, nonce)
+        if first is None:
+            _, _, err = yield from self._swallow_group()         # COMMIT
+            if err is not None:     # (a deferred check: the block is gone, rolled back)
+                self._skipping()
+                self._pass(m.ERROR_RESPONSE, err)
+        else:
+            # skipped to the Sync, the marker and the COMMIT too: the Sync rolls back
+            self._skipping()
+            self.owe = "rollback"
+            self._pass(*first)
+        s.holds.release([])
+
     def _sync_steps(self, need: int, nonce: bytes):
         first = None
         if nonce:

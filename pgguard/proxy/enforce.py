@@ -478,6 +478,12 @@ class Enforcement:
                     elif t == m.QUERY or t == m.FUNCTION_CALL:   # dropped: no Z
                         self.sync_adjust -= 1
                     continue
+                if (t == m.QUERY or t == m.FUNCTION_CALL) and s.guard is not None and \
+                        s.guard.owe == "commit" and s.guard.commit_before(out, items[i:]):
+                    # a sync point right after the guard's write (no Sync between): its
+                    # block is committed first, as the implicit transaction would be
+                    self.guard_watch()
+                    return
                 if (t == m.QUERY or t == m.PARSE) and _pg_rejects(msg):
                     # malformed as Postgres reads it: it runs nothing and answers
                     # with its own 08P01 ERROR, so it goes upstream unjudged
