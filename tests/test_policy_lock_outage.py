@@ -134,6 +134,16 @@ AUTOVACUUM_OFF = [
     "ALTER TABLE lo_t SET (fillfactor = 90, autovacuum_enabled = 0)",
     "ALTER TABLE IF EXISTS public.lo_t SET (autovacuum_enabled = no)",
     "DO $$BEGIN EXECUTE 'ALTER TABLE lo_t SET (autovacuum_enabled = false)'; END$$",
+    # (red team 25) held back rather than off: the same slow outage
+    "ALTER TABLE lo_t SET (autovacuum_vacuum_threshold = 2000000000, "
+    "autovacuum_analyze_threshold = 2000000000)",
+    "ALTER TABLE lo_t SET (autovacuum_vacuum_scale_factor = 100)",
+    "ALTER TABLE lo_t SET (fillfactor = 90, autovacuum_vacuum_cost_limit = 1, "
+    "autovacuum_vacuum_cost_delay = 100)",
+    "ALTER TABLE lo_t SET (autovacuum_vacuum_insert_threshold = -1)",
+    "ALTER TABLE lo_t SET (toast.autovacuum_vacuum_threshold = 2000000000)",
+    "ALTER TABLE lo_t SET (vacuum_index_cleanup = off)",
+    "ALTER TABLE lo_t SET (autovacuum_freeze_max_age = 2000000000)",
 ]
 
 

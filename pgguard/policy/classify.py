@@ -1677,10 +1677,12 @@ def _alter_table(acc: _Acc, b: dict) -> None:
             if weakened:
                 acc.flag("privilege", f"ALTER {target} changes {', '.join(weakened)}, which "
                          "decides what leaks through a view")
-            if sub != "AT_ResetRelOptions" and _autovacuum_off(acc, cmd):
-                acc.flag("destructive", f"ALTER {target} SET (autovacuum_enabled = off): "
-                         "dead rows pile up and the table bloats, and only an emergency "
-                         "vacuum stops transaction ID wraparound (a slow outage)")
+            off = _autovacuum_off(acc, cmd) if sub != "AT_ResetRelOptions" else None
+            if off is not None:
+                acc.flag("destructive", f"ALTER {target} SET ({off}): autovacuum is turned "
+                         "off or held back: dead rows pile up and the table bloats, and "
+                         "only an emergency vacuum stops transaction ID wraparound (a slow "
+                         "outage; vacuum settings are a DBA's)")
         elif sub == "AT_AlterColumnType":
             using = " ... USING" if _has_using(cmd) else ""
             acc.flag("destructive", f"ALTER TABLE {target} ALTER COLUMN {col} TYPE{using} "
@@ -1964,21 +1966,31 @@ def _cmd_options(cmd: dict) -> dict[str, Any]:
     return _defelems(d if type(d) is list else None)
 
 
-def _autovacuum_off(acc: _Acc, cmd: dict) -> bool:
-    """Whether an ALTER TABLE SET (...) turns autovacuum off for the table or its TOAST
-    table (``toast.autovacuum_enabled``); a value pgguard cannot read counts as off."""
+def _autovacuum_off(acc: _Acc, cmd: dict) -> str | None:
+    """The option of an ALTER TABLE SET (...) that turns autovacuum off for the table or
+    its TOAST table (``toast.autovacuum_enabled``; a value pgguard cannot read counts as
+    off) or holds it back (any other ``autovacuum_*`` option: thresholds, scale
+    factors, cost limits and delays, freeze ages; ``vacuum_index_cleanup``,
+    ``vacuum_truncate``), as written; None: none."""
     d = cmd.get("def")
     items = d["List"].get("items") if type(d) is dict and type(d.get("List")) is dict \
         else d if type(d) is list else None
     for o in items or ():
         de = o.get("DefElem") if type(o) is dict else None
-        if type(de) is not dict or str(de.get("defname", "")).lower() != "autovacuum_enabled":
+        if type(de) is not dict:
             continue
-        arg = de.get("arg")
-        v = "on" if arg is None else str(_lit(acc, arg)).strip().lower()
-        if v not in ("true", "on", "1", "yes"):
-            return True
-    return False
+        name = str(de.get("defname", "")).lower()
+        space = de.get("defnamespace")
+        shown = f"{space}.{name}" if space else name
+        if name == "autovacuum_enabled":
+            arg = de.get("arg")
+            v = "on" if arg is None else str(_lit(acc, arg)).strip().lower()
+            if v not in ("true", "on", "1", "yes"):
+                return f"{shown} = off"
+        elif name.startswith("autovacuum_") or name in ("vacuum_index_cleanup",
+                                                         "vacuum_truncate"):
+            return shown
+    return None
 
 
 def _has_using(cmd: dict) -> bool:
