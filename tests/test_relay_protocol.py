@@ -441,3 +441,37 @@ def test_function_call_message(proxy):
     assert n == 4 and struct.unpack_from("!i", reply, 9) == (42,)
     s.sendall(b"X\x00\x00\x00\x04")
     assert _read_all(s) == b""
+
+
+def _refusal_after_n(port: int, payload: bytes) -> tuple[bytes, str | None, str | None]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.sendall(payload)
+        got = _read_all(s)
+    finally:
+        s.close()
+    if len(got) < 6 or got[1:2] != b"E":
+        return got[:1], None, repr(got[1:60])
+    fields = dict((f[:1].decode(), f[1:].decode()) for f in got[6:].split(b"\0") if f)
+    return got[:1], fields.get("C"), fields.get("M")
+
+
+def test_bytes_sent_ahead_of_the_ssl_answer(pg, proxy):
+    # (red team 25) the answer 'N' first, then Postgres' FATAL 08P01: pgguard sent the
+    # error without the 'N'
+    payload = struct.pack("!II", 8, 80877103) + _startup()
+    direct = _refusal_after_n(pg.port, payload)
+    assert direct[0] == b"N" and direct[1] == "08P01", direct       # the truth
+    assert _refusal_after_n(proxy.port, payload) == direct
+
+
+@pytest.mark.parametrize("lead", [
+    struct.pack("!II", 8, 80877104),                                # GSSENCRequest
+    struct.pack("!II", 8, 80877104) + struct.pack("!II", 8, 80877103),
+])
+def test_bytes_sent_ahead_of_the_gssapi_answer(proxy, lead):
+    # pgguard answers 'N' (no GSSAPI encryption), then what a Postgres answering 'N'
+    # says (be-secure-gssapi: this server's Postgres, built with GSSAPI, answers 'G'):
+    # pgguard went on reading the bytes as the next packet
+    assert _refusal_after_n(proxy.port, lead + _startup()) == (
+        b"N", "08P01", "received unencrypted data after GSSAPI encryption request")

@@ -65,6 +65,14 @@ PH_RELAY = 1
 PH_CLOSED = 2
 
 
+def _nothing_ahead(c, what: str) -> None:
+    if c.reader.buffered:
+        raise ProtocolViolation(
+            f"received unencrypted data after {what}",
+            detail="This could be either a client-software bug or evidence of an "
+                   "attempted man-in-the-middle attack.")
+
+
 class SilentClose(Exception):
     """Bytes Postgres drops the connection on without a word (a startup packet of
     impossible length, a frame of impossible length): log, close, answer nothing."""
@@ -311,13 +319,16 @@ class Session:
                 raise SilentClose("invalid length of startup packet")
             (code,) = struct.unpack_from("!I", payload)
             if code == m.SSL_REQUEST:
-                if c.reader.buffered:
-                    # bytes after SSLRequest before the handshake: injection attempt
-                    raise ProtocolViolation("received unencrypted data after SSL request")
                 ctx = self.front.client_ssl
                 if ctx is None or self.tls:
                     c.transport.write(b"N")
+                    # bytes sent before the answer: a client bug or an injection (told
+                    # after the answer, as Postgres tells it)
+                    _nothing_ahead(c, "SSL request")
                     continue
+                if c.reader.buffered:
+                    # bytes after SSLRequest before the handshake: injection attempt
+                    raise ProtocolViolation("received unencrypted data after SSL request")
                 c.transport.write(b"S")
                 loop = asyncio.get_running_loop()
                 new = await loop.start_tls(c.transport, c, ctx, server_side=True)
@@ -326,6 +337,7 @@ class Session:
                 continue
             if code == m.GSSENC_REQUEST:
                 c.transport.write(b"N")
+                _nothing_ahead(c, "GSSAPI encryption request")
                 continue
             if code == m.CANCEL_REQUEST:
                 # a request of another length is dropped unanswered, as Postgres does
