@@ -712,3 +712,54 @@ def test_a_window_on_execute_covers_no_other_prepared_statement(pg, aproxy):
             ap.join(5)
     assert [v for _, v in ap.decided] == ["deny"]
     assert statuses(pg) == ["new", "ex"] + ["new"] * 8
+
+
+INSERT_RULES = RULES.replace('statements = ["update", "delete"]',
+                             'statements = ["insert", "update", "delete"]')
+_GROW = ("INSERT INTO orders (id, status) SELECT g, 'grown' FROM generate_series(100, "
+         "99 + $1::int) g")
+
+
+def _first_asks_with_values(text: str) -> str:
+    # the request of the Parse alone says nothing runs free; the next shows the value
+    return "approve" if "parameters not sent yet" in text else "deny"
+
+
+def test_an_approved_parse_without_a_row_limit_asks_again_at_its_first_bind(pg, make_proxy):
+    # (red team 25, helper 139) a Parse sent alone (asyncpg, prepare=True, raw) was
+    # approved with "the first execution runs under the row limit": an INSERT ... SELECT
+    # has no row limit, and its first Bind ran with any value unasked (2,500 rows)
+    aproxy = make_proxy(extra=INSERT_RULES)
+    ap = Approver(aproxy, decide=_first_asks_with_values)
+    ap.start()
+
+    async def main():
+        conn = await asyncpg.connect(aproxy.dsn(dbname=DB))
+        try:
+            stmt = await conn.prepare(_GROW)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await stmt.fetch(2500)
+        finally:
+            await conn.close()
+    try:
+        asyncio.run(main())
+        c = RawClient.connect(aproxy.port, AGENT, AGENT_PASSWORD, database=DB)
+        try:
+            c.send(parse(_GROW, name="grow"), SYNC)
+            assert errors(c.until_ready()) == []            # approved, no values
+            c.send(bind("grow", [b"3000"]), execute(), SYNC)
+            assert [e["C"] for e in errors(c.until_ready())] == ["42501"]   # asked, denied
+        finally:
+            c.close()
+        with psycopg.connect(aproxy.dsn(dbname=DB), autocommit=True) as pc:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                pc.execute(_GROW.replace("$1", "%s"), (2000,), prepare=True)
+    finally:
+        ap.stop = True
+        ap.join(5)
+    assert pg.execute("SELECT count(*) FROM orders WHERE status = 'grown'",
+                      dbname=DB) == [(0,)]
+    verbs = [v for v, _ in ap.seen]
+    assert "deny" in verbs and all("runs under the row limit" not in t for _, t in ap.seen)
+    asked = [t for v, t in ap.seen if v == "deny"]
+    assert any("3000" in t for t in asked) and any("2500" in t for t in asked), asked

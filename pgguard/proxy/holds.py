@@ -379,9 +379,15 @@ class Holds:
             shown = text + bind_values(msg, parse)
         elif extended:                      # a Parse: its Bind's, when it came with it
             bound = self._first_bind(name)
+            # with no values seen, its first run is free only under a row limit (an
+            # INSERT ... SELECT has none: its first Bind asks with its values too)
+            unseen_free = s.guard is not None and s.enforce.plan_of(d, sql) is not None
             shown = text + (bind_values(bound, msg) if bound is not None else
                             "\n-- parameters not sent yet: the first execution runs under "
-                            "the row limit, each later one asks with its values")
+                            "the row limit, each later one asks with its values"
+                            if unseen_free else
+                            "\n-- parameters not sent yet: each execution asks again with "
+                            "its values")
         else:
             shown = text
         moved = s.pinned.inputs_text() if s.pinned is not None else ""
@@ -536,7 +542,9 @@ class Holds:
                 plan = s.enforce.plan_of(d, sql)
                 if plan is not None and grant is not None and grant.max_rows is not None:
                     plan = plan.bounded(*_bound(grant))
-                s.guard.on_approved_parse(pname, d, sql, msg, plan)
+                s.guard.on_approved_parse(pname, d, sql, msg, plan,
+                                          free=1 if bound is not None or plan is not None
+                                          else 0)
                 s.enforce.parsed(pname, sql, msg)
                 self._prepares_approved(d)      # a SQL PREPARE it runs: its Binds ask
             elif not extended:
