@@ -101,3 +101,38 @@ def test_the_row_is_not_left_locked(gproxy, pg, rows):
     finally:
         c.close()
     assert pg.execute("SELECT v FROM nosync WHERE id = 10", dbname=DB) == [("dba",)]
+
+
+_EVERY = (rawpg.parse("UPDATE nosync SET v = v WHERE id > 0") + rawpg.bind()
+          + rawpg.execute())                  # refused by the guard: reaches every row
+
+
+@pytest.mark.parametrize("between", ["query", "flush-query", "function-call", "twice"])
+def test_a_guard_refusal_before_the_query_does_not_hang(gproxy, pg, rows, between):
+    # (helper 138) the guard refused a later write of the segment (the every-row check):
+    # Postgres skips to the Sync, the Query too; pgguard sent its commit before the
+    # Query and waited for ever for an answer that could not come, the Sync held behind
+    # it, the row locked
+    then = {"query": rawpg.query("SELECT 1"),
+            "flush-query": rawpg.FLUSH + rawpg.query("SELECT 1"),
+            "function-call": rawpg.function_call(1317, [b"41"]),
+            # (the first write is committed before the first Query; the block the
+            # guard opens again for the second is failed by the refusal)
+            "twice": rawpg.query("SELECT 1") + _upd("twice", 12) + _EVERY
+            + rawpg.query("SELECT 2")}[between]
+    first = _upd("refused", 11) + (b"" if between == "twice" else _EVERY)
+    c = rawpg.RawClient.connect(gproxy.port, AGENT, AGENT_PASSWORD, database=DB, timeout=10)
+    try:
+        c.send(first + then + rawpg.SYNC)
+        got = c.until_ready(2 if between == "twice" else 1)
+        assert "42501" in [rawpg.error_fields(p).get("C") for t, p in got if t == b"E"], got
+        assert got[-1] == (b"Z", b"I"), got
+        assert rawpg.rows(c.run("SELECT 42")) == [[b"42"]]        # the session goes on
+        # the failed segment took the writes before the refusal with it, as in Postgres
+        assert pg.execute("SELECT count(*) FROM nosync WHERE v IN ('refused', 'twice')",
+                          dbname=DB) == [(1 if between == "twice" else 0,)]
+        with psycopg.connect(pg.dsn(dbname=DB), autocommit=True) as other:
+            other.execute("SET lock_timeout = '2s'")
+            other.execute("UPDATE nosync SET v = 'dba' WHERE id IN (11, 12)")
+    finally:
+        c.close()

@@ -113,6 +113,10 @@ def test_the_plain_subscript_forms_still_run(gproxy, pg, state):
     with psycopg.connect(gproxy.dsn(dbname=DB), autocommit=True) as c:
         c.execute(_do("a[1] := 2; a[2:3] := ARRAY[3, 4]; a[array_length(a, 1) + 1] := 5; "
                       "RAISE NOTICE '%', a;"))
+        # an expression that begins with DISTINCT / ALL (helper 138: refused as
+        # unparseable once the subscripts were read with it)
+        c.execute(_do("a[1] := DISTINCT 5; a[2] := ALL 6; "
+                      "a[3] := DISTINCT ON (r.a) r.a FROM rt25_rows r ORDER BY r.a LIMIT 1;"))
     assert _truth(pg) == (1000, 50, 0)
 
 

@@ -2795,9 +2795,11 @@ def _plexpr(acc: _Acc, e: dict) -> None:
         sql = "SELECT " + q
     elif mode in (3, 4, 5):
         parts = _assign_parts(q)
-        # the target's subscripts first, the expression last (it may go on with FROM)
-        sql = None if parts is None else "SELECT " + "".join(
-            f"({x}), " for x in parts[0]) + parts[1]
+        if parts is not None and parts[0]:
+            # the target's subscripts, read apart (the expression may begin with
+            # DISTINCT and go on with FROM)
+            _embedded(acc, "SELECT " + ", ".join(f"({x})" for x in parts[0]), acc.plvars)
+        sql = None if parts is None else "SELECT " + parts[1]
     else:
         sql = None
     if sql is None:

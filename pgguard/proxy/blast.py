@@ -1243,7 +1243,9 @@ class Guard:
         is known already (nothing sent, the message goes on: Postgres skips it)."""
         s = self.s
         a = s.answers
-        if a is not None and a.skipping:
+        if self._skip_seg or a is not None and a.skipping:
+            # (the guard's own refusal, sent already, fails it: its error is not read
+            # yet, and the marker would never come back)
             self.owe = "rollback"
             return False
         self.owe = None
