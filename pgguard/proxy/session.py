@@ -993,6 +993,10 @@ class Session:
             return False
         if self.quitting is not None:       # after the client's own Terminate
             return not self.closed
+        if self.holds.reader is not None and not self.fscan.at_boundary:
+            # a hold began behind a message the scan had begun: the bytes kept raw
+            # since go on it, with no boundary of their own to cut at
+            return False
         if not self.fscan.drop_partial():
             # its start is upstream: Postgres must read the end of file there itself
             up = self.up.transport if self.up is not None else None
