@@ -244,22 +244,15 @@ class Holds:
         bytes kept raw (the scan's unread rest, then what came meanwhile), is dropped:
         Postgres reads the end of file there and runs nothing of it (a Terminate added
         after it would finish it)."""
-        s = self.s
         reader = self.reader
-        rest = s.fscan.rest
-        if reader is None and rest is None:
+        if reader is None:          # (no hold: the scan keeps no unread rest)
             return
-        raw = (rest or b"") + (b"".join(reader.data) if reader is not None else b"")
-        cut = whole_prefix(raw)
-        if cut == len(raw):
-            return
-        raw = raw[:cut]
-        if rest is not None:
-            s.fscan.rest = raw or None
-            raw = b""
-        if reader is not None:
-            reader.data = [raw] if raw else []
-            reader.size = len(raw)
+        rest = self.s.fscan.take_rest()
+        raw = (rest or b"") + b"".join(reader.data)
+        # (the scan's rest goes in front of the raw bytes, as more() puts it)
+        raw = raw[:whole_prefix(raw)]
+        reader.data = [raw] if raw else []
+        reader.size = len(raw)
 
     def begin_turn(self, out: list, later: list) -> None:
         """``begin`` for the rest of a long batch taken up at the next turn of the loop
